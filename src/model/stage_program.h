@@ -1,0 +1,35 @@
+// A layer's forward as a short list of stages, each tagged compute or comm and
+// declaring the buffers it reads and writes (DESIGN.md §4). Run in order they are
+// the plain forward; two-batch overlap (src/tbo) interleaves two micro-batches'
+// programs without touching model code, deriving stream events from the
+// declared buffers.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace dsv4::model {
+
+enum class StageKind { kCompute, kComm };
+
+// A declared buffer: its name (for messages and lint) and its identity.
+struct BufferRef {
+  const char* name;
+  const void* data;
+};
+
+struct Stage {
+  std::string name;  // "L3.attn_core"
+  StageKind kind = StageKind::kCompute;
+  std::vector<BufferRef> reads;
+  std::vector<BufferRef> writes;
+  std::function<void()> run;
+};
+
+using StageProgram = std::vector<Stage>;
+
+// Runs every stage in program order.
+void run_in_order(const StageProgram& program);
+
+}  // namespace dsv4::model

@@ -1,0 +1,43 @@
+// The tensors a DeepSeek-V4 checkpoint must contain for a given config (spec §8):
+// name, dtype, shape, and how synthetic weights of that tensor are drawn. One list
+// serves checkpoint validation, the checkpoint writer and the in-memory builders.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "model/config.h"
+
+namespace dsv4::model {
+
+enum class WeightInit {
+  kNormal,      // mean + std * N(0,1), rounded to the tensor dtype (BF16/F32)
+  kFp8Weight,   // e4m3 weight quantized per 128x128 block from scaled Gaussians; its pair is the scale
+  kFp8Scale,    // the UE8M0 block scales of the paired kFp8Weight
+  kFp4Weight,   // packed e2m1 weight quantized per 32 along K; its pair is the scale
+  kFp4Scale,
+  kExpertIds,   // tid2eid: distinct expert ids per token
+};
+
+struct TensorSpec {
+  std::string name;
+  core::DType dtype;
+  std::vector<int64_t> shape;
+  WeightInit init = WeightInit::kNormal;
+  float mean = 0.0f;
+  float std = 0.0f;
+  std::string pair;     // weight <-> scale partner for FP8/FP4 tensors
+  int64_t logical_n = 0;  // FP8/FP4 weights: logical [N, K]
+  int64_t logical_k = 0;
+  int group = -1;       // -1 global, layer index, or L.. for MTP blocks: the shard grouping unit
+  std::string derivation;  // which config fields fix the shape, for error messages
+};
+
+std::vector<TensorSpec> checkpoint_tensor_specs(const ModelConfig& config);
+
+// Bytes of all tensors of a spec list.
+uint64_t total_bytes(const std::vector<TensorSpec>& specs);
+
+}  // namespace dsv4::model

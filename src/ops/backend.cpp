@@ -1,0 +1,321 @@
+// Contract checks shared by every backend, and the RoPE frequency table.
+#include "ops/backend.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace dsv4::ops {
+
+using core::DType;
+using core::Tensor;
+
+namespace {
+
+// Checks dtype, rank and every dimension (-1 = any) of an op argument.
+void expect(const Tensor& t, DType dtype, std::initializer_list<int64_t> dims, core::Device device, const char* op,
+            const char* arg) {
+  DSV4_CHECK(t.dtype() == dtype, "{}: {} has dtype {}, expected {}", op, arg, core::dtype_name(t.dtype()),
+             core::dtype_name(dtype));
+  DSV4_CHECK(t.ndim() == int(dims.size()), "{}: {} has shape {}, expected rank {}", op, arg, t.shape_string(),
+             dims.size());
+  int i = 0;
+  for (int64_t d : dims) {
+    DSV4_CHECK(d < 0 || t.size(i) == d, "{}: {} has shape {}, dimension {} should be {}", op, arg, t.shape_string(),
+               i, d);
+    ++i;
+  }
+  DSV4_CHECK(t.numel() == 0 || t.data() != nullptr, "{}: {} has no storage", op, arg);
+  DSV4_CHECK(t.device() == device, "{}: {} lives on the wrong device", op, arg);
+}
+
+void expect_float(const Tensor& t, std::initializer_list<int64_t> dims, core::Device device, const char* op,
+                  const char* arg) {
+  DSV4_CHECK(t.dtype() == DType::kBF16 || t.dtype() == DType::kF32, "{}: {} must be bf16 or f32, not {}", op, arg,
+             core::dtype_name(t.dtype()));
+  expect(t, t.dtype(), dims, device, op, arg);
+}
+
+void expect_quant(const QuantLinear& w, core::Device device, const char* op) {
+  if (w.format == QuantLinear::Format::kFp8Block128) {
+    expect(w.weight, DType::kF8E4M3, {w.n, w.k}, device, op, "weight");
+    expect(w.scale, DType::kF8E8M0, {(w.n + 127) / 128, (w.k + 127) / 128}, device, op, "weight scale");
+  } else {
+    DSV4_CHECK(w.k % 32 == 0, "{}: FP4 weight K={} is not a multiple of 32", op, w.k);
+    expect(w.weight, DType::kI8, {w.n, w.k / 2}, device, op, "weight");
+    expect(w.scale, DType::kF8E8M0, {w.n, w.k / 32}, device, op, "weight scale");
+  }
+}
+
+void expect_batch(const BatchView& b, int64_t rows, const char* op) {
+  DSV4_CHECK(b.num_tokens == rows, "{}: batch has {} token rows, tensors have {}", op, b.num_tokens, rows);
+  DSV4_CHECK(b.num_tokens == 0 || (b.positions != nullptr && b.token_seq != nullptr), "{}: batch without positions",
+             op);
+}
+
+}  // namespace
+
+void Backend::embed(const Tensor& table, const BatchView& batch, const Tensor& X) {
+  const auto d = device();
+  expect(table, DType::kBF16, {-1, -1}, d, "embed", "table");
+  expect(X, DType::kBF16, {batch.num_tokens, -1, table.size(1)}, d, "embed", "X");
+  do_embed(table, batch, X);
+}
+
+void Backend::rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y) {
+  const auto d = device();
+  expect(x, DType::kBF16, {-1, -1}, d, "rms_norm", "x");
+  expect(weight, DType::kBF16, {x.size(1)}, d, "rms_norm", "weight");
+  expect(y, DType::kBF16, {x.size(0), x.size(1)}, d, "rms_norm", "y");
+  do_rms_norm(x, weight, eps, y);
+}
+
+void Backend::q_norm_rope(const Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) {
+  expect(q, DType::kBF16, {-1, -1, -1}, device(), "q_norm_rope", "q");
+  DSV4_CHECK(rope.rope_dim > 0 && rope.rope_dim <= q.size(2), "q_norm_rope: rope_dim {} vs head_dim {}",
+             rope.rope_dim, q.size(2));
+  expect_batch(batch, q.size(0), "q_norm_rope");
+  do_q_norm_rope(q, batch, rope, eps);
+}
+
+void Backend::kv_rope_quant(const Tensor& kv, const BatchView& batch, const RopeTable& rope) {
+  expect(kv, DType::kBF16, {-1, -1}, device(), "kv_rope_quant", "kv");
+  DSV4_CHECK((kv.size(1) - rope.rope_dim) % 64 == 0, "kv_rope_quant: nope dims {} not a multiple of 64",
+             kv.size(1) - rope.rope_dim);
+  expect_batch(batch, kv.size(0), "kv_rope_quant");
+  do_kv_rope_quant(kv, batch, rope);
+}
+
+void Backend::hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x, const Tensor& post,
+                     const Tensor& comb) {
+  const auto d = device();
+  const int64_t hc = c.hc_mult, mix = (2 + hc) * hc;
+  expect(X, DType::kBF16, {-1, hc, -1}, d, "hc_pre", "X");
+  const int64_t T = X.size(0), D = X.size(2);
+  expect(w.fn, DType::kF32, {mix, hc * D}, d, "hc_pre", "fn");
+  expect(w.base, DType::kF32, {mix}, d, "hc_pre", "base");
+  expect(w.scale, DType::kF32, {3}, d, "hc_pre", "scale");
+  expect(x, DType::kBF16, {T, D}, d, "hc_pre", "x");
+  expect(post, DType::kF32, {T, hc}, d, "hc_pre", "post");
+  expect(comb, DType::kF32, {T, hc, hc}, d, "hc_pre", "comb");
+  do_hc_pre(X, w, c, x, post, comb);
+}
+
+void Backend::hc_post(const Tensor& f, const Tensor& R, const Tensor& post, const Tensor& comb, const Tensor& Y) {
+  const auto d = device();
+  expect(R, DType::kBF16, {-1, -1, -1}, d, "hc_post", "R");
+  const int64_t T = R.size(0), hc = R.size(1), D = R.size(2);
+  expect(f, DType::kBF16, {T, D}, d, "hc_post", "f");
+  expect(post, DType::kF32, {T, hc}, d, "hc_post", "post");
+  expect(comb, DType::kF32, {T, hc, hc}, d, "hc_post", "comb");
+  expect(Y, DType::kBF16, {T, hc, D}, d, "hc_post", "Y");
+  DSV4_CHECK(T == 0 || Y.data() != R.data(), "hc_post: Y aliases R");
+  do_hc_post(f, R, post, comb, Y);
+}
+
+void Backend::hc_head(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& y) {
+  const auto d = device();
+  const int64_t hc = c.hc_mult;
+  expect(X, DType::kBF16, {-1, hc, -1}, d, "hc_head", "X");
+  const int64_t T = X.size(0), D = X.size(2);
+  expect(w.fn, DType::kF32, {hc, hc * D}, d, "hc_head", "fn");
+  expect(w.base, DType::kF32, {hc}, d, "hc_head", "base");
+  expect(w.scale, DType::kF32, {1}, d, "hc_head", "scale");
+  expect(y, DType::kBF16, {T, D}, d, "hc_head", "y");
+  do_hc_head(X, w, c, y);
+}
+
+void Backend::linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
+  const auto d = device();
+  expect_quant(w, d, "linear");
+  DSV4_CHECK(w.k % 128 == 0, "linear: K={} is not a multiple of the 128-wide activation blocks", w.k);
+  expect(x, DType::kBF16, {-1, w.k}, d, "linear", "x");
+  expect(y, DType::kBF16, {x.size(0), w.n}, d, "linear", "y");
+  do_linear(x, w, y);
+}
+
+void Backend::linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
+  const auto d = device();
+  expect(w, DType::kBF16, {-1, -1}, d, "linear_bf16", "w");
+  expect_float(x, {-1, w.size(1)}, d, "linear_bf16", "x");
+  expect_float(y, {x.size(0), w.size(0)}, d, "linear_bf16", "y");
+  do_linear_bf16(x, w, y);
+}
+
+void Backend::grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
+  const auto d = device();
+  expect_quant(w, d, "grouped_linear");
+  DSV4_CHECK(w.format == QuantLinear::Format::kFp8Block128, "grouped_linear: weight must be FP8");
+  DSV4_CHECK(groups > 0 && w.n % groups == 0, "grouped_linear: {} rows not divisible into {} groups", w.n, groups);
+  expect(x, DType::kBF16, {-1, groups * w.k}, d, "grouped_linear", "x");
+  expect(y, DType::kBF16, {x.size(0), w.n}, d, "grouped_linear", "y");
+  do_grouped_linear(x, w, groups, y);
+}
+
+void Backend::compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
+                       const RopeTable& rope, float norm_eps, LayerCache& cache) {
+  const auto d = device();
+  DSV4_CHECK(w.ratio == 4 || w.ratio == 128, "compress: ratio {} must be 4 or 128", w.ratio);
+  DSV4_CHECK(!w.rotate || w.ratio == 4, "compress: the indexer compressor has ratio 4");
+  expect(a, DType::kF32, {batch.num_tokens, w.width()}, d, "compress", "a");
+  expect(g, DType::kF32, {batch.num_tokens, w.width()}, d, "compress", "g");
+  expect(w.ape, DType::kF32, {w.ratio, w.width()}, d, "compress", "ape");
+  expect(w.norm, DType::kBF16, {w.head_dim}, d, "compress", "norm");
+  const Tensor& rows = w.rotate ? cache.index_rows : cache.rows;
+  const Tensor& kv_state = w.rotate ? cache.index_kv_state : cache.kv_state;
+  DSV4_CHECK(rows.ndim() >= 2 && kv_state.ndim() == 3, "compress: cache has no {} storage",
+             w.rotate ? "indexer" : "compressor");
+  expect_batch(batch, a.size(0), "compress");
+  do_compress(a, g, w, batch, rope, norm_eps, cache);
+}
+
+void Backend::indexer_q(const Tensor& q, const BatchView& batch, const RopeTable& rope) {
+  expect(q, DType::kBF16, {-1, -1, -1}, device(), "indexer_q", "q");
+  const int64_t Di = q.size(2);
+  DSV4_CHECK((Di & (Di - 1)) == 0 && Di % 32 == 0, "indexer_q: head dim {} must be a power of two >= 32", Di);
+  expect_batch(batch, q.size(0), "indexer_q");
+  do_indexer_q(q, batch, rope);
+}
+
+void Backend::indexer_topk(const Tensor& q, const Tensor& weights, float weight_scale, const LayerCache& cache,
+                           const BatchView& batch, const Tensor& topk) {
+  const auto d = device();
+  expect(q, DType::kBF16, {-1, -1, -1}, d, "indexer_topk", "q");
+  expect(weights, DType::kBF16, {q.size(0), q.size(1)}, d, "indexer_topk", "weights");
+  expect(topk, DType::kI32, {q.size(0), -1}, d, "indexer_topk", "topk");
+  DSV4_CHECK(cache.index_rows.ndim() >= 2, "indexer_topk: cache has no indexer rows");
+  expect_batch(batch, q.size(0), "indexer_topk");
+  do_indexer_topk(q, weights, weight_scale, cache, batch, topk);
+}
+
+void Backend::sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache, const BatchView& batch,
+                               const Tensor& topk, const Tensor& sink, float softmax_scale, const RopeTable& rope,
+                               const Tensor& o) {
+  const auto d = device();
+  expect(q, DType::kBF16, {-1, -1, -1}, d, "sparse_attention", "q");
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2);
+  expect(kv, DType::kBF16, {T, Dh}, d, "sparse_attention", "kv");
+  expect(sink, DType::kF32, {H}, d, "sparse_attention", "sink");
+  expect(o, DType::kBF16, {T, H, Dh}, d, "sparse_attention", "o");
+  if (cache.ratio == 4) expect(topk, DType::kI32, {T, -1}, d, "sparse_attention", "topk");
+  DSV4_CHECK(cache.window.ndim() >= 2, "sparse_attention: cache has no window ring");
+  expect_batch(batch, T, "sparse_attention");
+  do_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o);
+}
+
+void Backend::window_commit(const Tensor& kv, const BatchView& batch, LayerCache& cache) {
+  expect(kv, DType::kBF16, {-1, -1}, device(), "window_commit", "kv");
+  expect_batch(batch, kv.size(0), "window_commit");
+  do_window_commit(kv, batch, cache);
+}
+
+void Backend::router(const Tensor& x, const Tensor& gate, const Tensor& bias, const Tensor& tid2eid,
+                     const BatchView& batch, const RouterConfig& config, const Tensor& weights, const Tensor& ids) {
+  const auto d = device();
+  expect(gate, DType::kBF16, {-1, -1}, d, "router", "gate");
+  const int64_t E = gate.size(0), D = gate.size(1), k = config.topk;
+  expect(x, DType::kBF16, {-1, D}, d, "router", "x");
+  const int64_t T = x.size(0);
+  const bool hash = tid2eid.ndim() > 0;
+  DSV4_CHECK(hash != (bias.ndim() > 0), "router: exactly one of bias and tid2eid must be given");
+  if (hash) expect(tid2eid, DType::kI64, {-1, k}, d, "router", "tid2eid");
+  else expect(bias, DType::kF32, {E}, d, "router", "bias");
+  DSV4_CHECK(k > 0 && k <= E, "router: topk {} with {} experts", k, E);
+  expect(weights, DType::kF32, {T, k}, d, "router", "weights");
+  expect(ids, DType::kI32, {T, k}, d, "router", "ids");
+  expect_batch(batch, T, "router");
+  do_router(x, gate, bias, tid2eid, batch, config, weights, ids);
+}
+
+void Backend::expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& row_weight, float swiglu_limit,
+                         const Tensor& y) {
+  const auto d = device();
+  expect_quant(w.w1, d, "expert_ffn w1");
+  expect_quant(w.w3, d, "expert_ffn w3");
+  expect_quant(w.w2, d, "expert_ffn w2");
+  expect(x, DType::kBF16, {-1, w.w1.k}, d, "expert_ffn", "x");
+  DSV4_CHECK(w.w2.k == w.w1.n && w.w3.n == w.w1.n && w.w2.n == w.w1.k, "expert_ffn: inconsistent expert shapes");
+  if (row_weight.ndim() > 0) expect(row_weight, DType::kF32, {x.size(0)}, d, "expert_ffn", "row_weight");
+  expect(y, DType::kBF16, {x.size(0), w.w2.n}, d, "expert_ffn", "y");
+  do_expert_ffn(x, w, row_weight, swiglu_limit, y);
+}
+
+void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                             const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
+                             float swiglu_limit, const Tensor& out) {
+  const auto d = device();
+  expect(x, DType::kBF16, {-1, -1}, d, "routed_experts", "x");
+  const int64_t R = x.size(0), D = x.size(1);
+  expect(ids, DType::kI32, {R, -1}, d, "routed_experts", "ids");
+  const int64_t k = ids.size(1);
+  expect(weights, DType::kF32, {R, k}, d, "routed_experts", "weights");
+  expect(out, DType::kBF16, {R, k, D}, d, "routed_experts", "out");
+  DSV4_CHECK(0 <= expert_begin && expert_begin <= expert_end && expert_end <= int64_t(experts.size()),
+             "routed_experts: expert range [{}, {}) outside {} experts", expert_begin, expert_end, experts.size());
+  for (int64_t e = expert_begin; e < expert_end; ++e)
+    DSV4_CHECK(experts[size_t(e)].w1.weight.data() != nullptr, "routed_experts: local expert {} is not bound", e);
+  do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
+}
+
+void Backend::moe_reduce(const Tensor& slot_out, const Tensor& ids, const Tensor& routed) {
+  const auto d = device();
+  expect(slot_out, DType::kBF16, {-1, -1, -1}, d, "moe_reduce", "slot_out");
+  const int64_t T = slot_out.size(0), k = slot_out.size(1), D = slot_out.size(2);
+  expect(ids, DType::kI32, {T, k}, d, "moe_reduce", "ids");
+  expect(routed, DType::kF32, {T, D}, d, "moe_reduce", "routed");
+  do_moe_reduce(slot_out, ids, routed);
+}
+
+void Backend::moe_output(const Tensor& routed, const Tensor& shared, const Tensor& y) {
+  const auto d = device();
+  expect(routed, DType::kF32, {-1, -1}, d, "moe_output", "routed");
+  expect(shared, DType::kBF16, {routed.size(0), routed.size(1)}, d, "moe_output", "shared");
+  expect(y, DType::kBF16, {routed.size(0), routed.size(1)}, d, "moe_output", "y");
+  do_moe_output(routed, shared, y);
+}
+
+void Backend::add_broadcast(const Tensor& e, const Tensor& h, const Tensor& X) {
+  const auto d = device();
+  expect(h, DType::kBF16, {-1, -1, -1}, d, "add_broadcast", "h");
+  expect(e, DType::kBF16, {h.size(0), h.size(2)}, d, "add_broadcast", "e");
+  expect(X, DType::kBF16, {h.size(0), h.size(1), h.size(2)}, d, "add_broadcast", "X");
+  do_add_broadcast(e, h, X);
+}
+
+void Backend::gather_rows(const Tensor& src, const Tensor& rows, const Tensor& dst) {
+  const auto d = device();
+  expect(rows, DType::kI32, {-1}, d, "gather_rows", "rows");
+  DSV4_CHECK(src.dtype() == dst.dtype() && src.ndim() == dst.ndim() && dst.size(0) == rows.size(0),
+             "gather_rows: src {} / dst {} / rows {} mismatch", src.shape_string(), dst.shape_string(),
+             rows.shape_string());
+  DSV4_CHECK(src.device() == d && dst.device() == d, "gather_rows: tensors on the wrong device");
+  do_gather_rows(src, rows, dst);
+}
+
+std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, double factor, int64_t original_seq_len,
+                                 double beta_fast, double beta_slow) {
+  // Reference arithmetic (spec §2.2): fp32 exponents and pow, the YaRN ramp in fp32.
+  const int64_t half = rope_dim / 2;
+  std::vector<float> freqs(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    float exponent = float(2 * i) / float(rope_dim);
+    freqs[size_t(i)] = 1.0f / std::pow(float(base), exponent);
+  }
+  if (!yarn) return freqs;
+  auto correction_dim = [&](double rotations) {
+    return double(rope_dim) * std::log(double(original_seq_len) / (rotations * 2.0 * M_PI)) / (2.0 * std::log(base));
+  };
+  double low = std::max(std::floor(correction_dim(beta_fast)), 0.0);
+  double high = std::min(std::ceil(correction_dim(beta_slow)), double(rope_dim - 1));
+  if (low == high) high += 0.001;
+  for (int64_t i = 0; i < half; ++i) {
+    float ramp = (float(i) - float(low)) / float(high - low);
+    ramp = std::min(std::max(ramp, 0.0f), 1.0f);
+    float smooth = 1.0f - ramp;
+    float f = freqs[size_t(i)];
+    freqs[size_t(i)] = f / float(factor) * (1.0f - smooth) + f * smooth;
+  }
+  return freqs;
+}
+
+}  // namespace dsv4::ops

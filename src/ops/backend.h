@@ -1,0 +1,202 @@
+// The op contracts. Every op is a public, non-virtual member that checks its
+// contract (shapes, dtypes, devices) once, for every backend, and then calls the
+// backend's implementation (do_*). The CPU backend is the reference that defines
+// what correct means; the CUDA backend must agree with it (tests/ops).
+//
+// Conventions: activations are row-major with one row per token; "bf16" tensors
+// hold raw bfloat16 bits; every op accepts 0 rows; ops never allocate.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "ops/batch.h"
+#include "ops/weights.h"
+
+namespace dsv4::ops {
+
+struct HcConfig {
+  int64_t hc_mult = 4;
+  int64_t sinkhorn_iters = 20;
+  float hc_eps = 1e-6f;
+  float norm_eps = 1e-6f;
+};
+
+// Rotary table of one layer type (spec §1.3, §2.2): inv_freq f32 [Dr/2] on the device.
+struct RopeTable {
+  core::Tensor inv_freq;
+  int64_t rope_dim = 0;
+};
+
+enum class ScoringFunc : uint8_t { kSqrtSoftplus, kSigmoid, kSoftmax };
+
+struct RouterConfig {
+  ScoringFunc scoring = ScoringFunc::kSqrtSoftplus;
+  int64_t topk = 0;
+  float route_scale = 1.0f;
+  bool normalize = true;  // renormalise the selected scores (not for softmax)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual core::Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory ------------------------------------------------------------------
+  virtual core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) = 0;
+  virtual void upload(const core::Tensor& dst, const void* host, size_t bytes) = 0;
+  virtual void download(void* host, const core::Tensor& src, size_t bytes) = 0;
+  virtual void fill_zero(const core::Tensor& t) = 0;
+  virtual void synchronize() = 0;
+  // Storage for one layer's per-sequence state (see ops/batch.h).
+  virtual LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) = 0;
+
+  // ---- ops ---------------------------------------------------------------------
+  // X[t, i, :] = table[token_ids[t]] for every stream i (spec §3). table bf16 [V, D], X bf16 [T, hc, D].
+  void embed(const core::Tensor& table, const BatchView& batch, const core::Tensor& X);
+
+  // y = bf16(w * x * rsqrt(mean(x^2) + eps)) per row (spec §2.1). x, y bf16 [T, N]; w bf16 [N].
+  void rms_norm(const core::Tensor& x, const core::Tensor& weight, float eps, const core::Tensor& y);
+
+  // Weight-less per-head RMS norm of q in bf16 arithmetic, then forward RoPE of the
+  // last rope_dim of each head at the token's position (spec §5.1). q bf16 [T, H, Dh], in place.
+  void q_norm_rope(const core::Tensor& q, const BatchView& batch, const RopeTable& rope, float eps);
+
+  // KV row finish (spec §5.2): forward RoPE of the last rope_dim, FP8 e4m3 QAT
+  // simulation (block 64, UE8M0) of the rest. kv bf16 [T, Dh], in place.
+  void kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope);
+
+  // mHC pre (spec §4.1): x bf16 [T, D], post f32 [T, hc], comb f32 [T, hc, hc] from X bf16 [T, hc, D].
+  void hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
+              const core::Tensor& post, const core::Tensor& comb);
+  // mHC post (spec §4.2): Y[j] = bf16(post_j f + sum_i comb[i][j] R_i). Y must not alias R.
+  void hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post, const core::Tensor& comb,
+               const core::Tensor& Y);
+  // mHC head (spec §4.3): y bf16 [T, D] from X bf16 [T, hc, D].
+  void hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& y);
+
+  // Quantized linear (spec §2.7, §2.8): activations quantized to e4m3 per 128 with
+  // UE8M0 scales, fp32 accumulation, bf16 out. x bf16 [T, K], y bf16 [T, N].
+  void linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y);
+  // Plain linear with a bf16 weight [N, K]: x bf16 or f32 [T, K] (upcast), fp32
+  // accumulation, y bf16 or f32 [T, N] (compressor, router, indexer weights, LM head).
+  void linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y);
+  // Grouped low-rank output projection wo_a (spec §5.6): the FP8 weight [G*R, C]
+  // is used dequantized and the activation is not quantized (bf16 einsum):
+  // y[t, g*R + r] = bf16(sum_c x[t, g*C + c] * W[g*R + r, c]). x bf16 [T, G*C], y bf16 [T, G*R].
+  void grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y);
+
+  // Compressor step (spec §5.3) for this step's tokens: a, g f32 [T, c*d] are the
+  // wkv/wgate projections. Updates the per-sequence state, emits every row due
+  // in the step (pooling, RMSNorm, RoPE at j*m, QAT simulation) into cache.rows
+  // (main) or cache.index_rows (indexer, w.rotate).
+  void compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w, const BatchView& batch,
+                const RopeTable& rope, float norm_eps, LayerCache& cache);
+
+  // Indexer query (spec §5.4): RoPE on the last rope_dim of each head, Hadamard,
+  // FP4 QAT simulation. q bf16 [T, Hi, Di], in place.
+  void indexer_q(const core::Tensor& q, const BatchView& batch, const RopeTable& rope);
+  // Indexer scores and causal top-k (spec §5.4) with the reference's bf16 score
+  // arithmetic, ties to the lower row. weights bf16 [T, Hi] (weights_proj output,
+  // multiplied here by weight_scale); topk i32 [T, index_topk], -1 where unused.
+  void indexer_topk(const core::Tensor& q, const core::Tensor& weights, float weight_scale, const LayerCache& cache,
+                    const BatchView& batch, const core::Tensor& topk);
+
+  // Sparse attention with sink (spec §5.5) over the window (this step's rows `kv`
+  // for positions in the step, the ring for older ones) and the compressed rows
+  // (CSA: the rows in `topk`; HCA: every visible row), then inverse RoPE of the
+  // output at the query position (spec §5.6). q, o bf16 [T, H, Dh]; kv bf16 [T, Dh];
+  // sink f32 [H]; topk i32 [T, K] or undefined.
+  void sparse_attention(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
+                        const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
+                        float softmax_scale, const RopeTable& rope, const core::Tensor& o);
+  // Stores the last min(W, len) KV rows of each sequence of the step in its window ring.
+  void window_commit(const core::Tensor& kv, const BatchView& batch, LayerCache& cache);
+
+  // Router (spec §6.1): scores = score_func(fp32(x) @ fp32(gate)^T); selection by
+  // top-k of scores + bias, or by tid2eid[token] in hash layers (bias undefined);
+  // weights from the unbiased scores, renormalised, times route_scale.
+  // x bf16 [T, D], gate bf16 [E, D], bias f32 [E], tid2eid i64 [V, k];
+  // weights f32 [T, k], ids i32 [T, k].
+  void router(const core::Tensor& x, const core::Tensor& gate, const core::Tensor& bias, const core::Tensor& tid2eid,
+              const BatchView& batch, const RouterConfig& config, const core::Tensor& weights,
+              const core::Tensor& ids);
+
+  // SwiGLU expert with the clamp (spec §6.2) on every row: y = w2(bf16(row_weight
+  // * silu(min(g, limit)) * clamp(u, +-limit))). x, y bf16 [R, D]; row_weight f32 [R]
+  // or undefined (shared expert). limit 0 disables the clamp.
+  void expert_ffn(const core::Tensor& x, const ExpertWeights& w, const core::Tensor& row_weight, float swiglu_limit,
+                  const core::Tensor& y);
+  // Routed experts for each (row, slot) whose expert is in [expert_begin,
+  // expert_end): out[r, s] = expert_ffn(x[r]) with weight weights[r, s]; slots of
+  // other experts are set to zero. `experts` is indexed by global expert id (only
+  // the local range needs to be bound). x bf16 [R, D], ids i32 [R, k], weights f32
+  // [R, k], out bf16 [R, k, D].
+  void routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
+                      const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
+                      float swiglu_limit, const core::Tensor& out);
+  // Routed sum (spec §6.2, reference order): routed[t] = sum over the slots of row
+  // t in ascending expert id of fp32(slot_out[t, s]); slots with id < 0 are
+  // skipped. slot_out bf16 [T, k, D], ids i32 [T, k], routed f32 [T, D].
+  void moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed);
+  // MoE output: y = bf16(routed + fp32(shared)). routed f32, shared, y bf16 [T, D].
+  void moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y);
+
+  // MTP input (spec §3.1): X[t, i] = bf16(e[t] + h[t, i]). e bf16 [T, D], h, X bf16 [T, hc, D].
+  void add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X);
+  // dst[i] = src[rows[i]]; rows i32 [R] on the device.
+  void gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst);
+
+ protected:
+  virtual void do_embed(const core::Tensor& table, const BatchView& batch, const core::Tensor& X) = 0;
+  virtual void do_rms_norm(const core::Tensor& x, const core::Tensor& weight, float eps, const core::Tensor& y) = 0;
+  virtual void do_q_norm_rope(const core::Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) = 0;
+  virtual void do_kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope) = 0;
+  virtual void do_hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
+                         const core::Tensor& post, const core::Tensor& comb) = 0;
+  virtual void do_hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post,
+                          const core::Tensor& comb, const core::Tensor& Y) = 0;
+  virtual void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
+                          const core::Tensor& y) = 0;
+  virtual void do_linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y) = 0;
+  virtual void do_linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y) = 0;
+  virtual void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups,
+                                 const core::Tensor& y) = 0;
+  virtual void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w,
+                           const BatchView& batch, const RopeTable& rope, float norm_eps, LayerCache& cache) = 0;
+  virtual void do_indexer_q(const core::Tensor& q, const BatchView& batch, const RopeTable& rope) = 0;
+  virtual void do_indexer_topk(const core::Tensor& q, const core::Tensor& weights, float weight_scale,
+                               const LayerCache& cache, const BatchView& batch, const core::Tensor& topk) = 0;
+  virtual void do_sparse_attention(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
+                                   const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
+                                   float softmax_scale, const RopeTable& rope, const core::Tensor& o) = 0;
+  virtual void do_window_commit(const core::Tensor& kv, const BatchView& batch, LayerCache& cache) = 0;
+  virtual void do_router(const core::Tensor& x, const core::Tensor& gate, const core::Tensor& bias,
+                         const core::Tensor& tid2eid, const BatchView& batch, const RouterConfig& config,
+                         const core::Tensor& weights, const core::Tensor& ids) = 0;
+  virtual void do_expert_ffn(const core::Tensor& x, const ExpertWeights& w, const core::Tensor& row_weight,
+                             float swiglu_limit, const core::Tensor& y) = 0;
+  virtual void do_routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
+                                 const std::vector<ExpertWeights>& experts, int64_t expert_begin,
+                                 int64_t expert_end, float swiglu_limit, const core::Tensor& out) = 0;
+  virtual void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) = 0;
+  virtual void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) = 0;
+  virtual void do_add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X) = 0;
+  virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
+};
+
+// The RoPE inverse frequencies of spec §2.2 in the reference's fp32 arithmetic.
+// yarn=false: plain base^(-2i/d) (ratio-0 layers and the MTP block).
+std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, double factor, int64_t original_seq_len,
+                                 double beta_fast, double beta_slow);
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads = 1);
+// Defined in CUDA builds only (src/ops/cuda).
+std::unique_ptr<Backend> make_cuda_backend(int device);
+
+}  // namespace dsv4::ops

@@ -1,0 +1,303 @@
+// CPU reference: memory, element-wise ops, norms, mHC and linears.
+#include "ops/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "ops/cpu/cpu_kernels.h"
+#include "ops/cpu/primitives.h"
+
+namespace dsv4::ops {
+
+using core::bf16_to_float;
+using core::DType;
+using core::float_to_bf16;
+using core::Tensor;
+using cpu::dot_f32;
+using cpu::dot_f32_bf16;
+
+CpuBackend::CpuBackend(int num_threads) : pool_(num_threads) {}
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+
+Tensor CpuBackend::empty(DType dtype, std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(dtype, shape); }
+
+void CpuBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
+  DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
+  if (bytes) std::memcpy(dst.data(), host, bytes);
+}
+
+void CpuBackend::download(void* host, const Tensor& src, size_t bytes) {
+  DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
+  if (bytes) std::memcpy(host, src.data(), bytes);
+}
+
+void CpuBackend::fill_zero(const Tensor& t) {
+  if (t.nbytes()) std::memset(t.data(), 0, t.nbytes());
+}
+
+LayerCache CpuBackend::allocate_cache(const CacheGeometry& g, int64_t ratio) {
+  LayerCache c;
+  c.ratio = ratio;
+  c.window = Tensor::zeros_cpu(DType::kBF16, {g.num_slots, g.window, g.head_dim});
+  if (ratio > 0) {
+    const int64_t coff = ratio == 4 ? 2 : 1;
+    c.rows = Tensor::zeros_cpu(DType::kBF16, {g.num_pages, kPageTokens / ratio, g.head_dim});
+    c.kv_state = Tensor::zeros_cpu(DType::kF32, {g.num_slots, coff * ratio, coff * g.head_dim});
+    c.score_state = Tensor::zeros_cpu(DType::kF32, {g.num_slots, coff * ratio, coff * g.head_dim});
+  }
+  if (ratio == 4) {
+    c.index_rows = Tensor::zeros_cpu(DType::kBF16, {g.num_pages, kPageTokens / 4, g.index_head_dim});
+    c.index_kv_state = Tensor::zeros_cpu(DType::kF32, {g.num_slots, 8, 2 * g.index_head_dim});
+    c.index_score_state = Tensor::zeros_cpu(DType::kF32, {g.num_slots, 8, 2 * g.index_head_dim});
+  }
+  return c;
+}
+
+void CpuBackend::do_embed(const Tensor& table, const BatchView& batch, const Tensor& X) {
+  const int64_t T = X.size(0), hc = X.size(1), D = X.size(2), V = table.size(0);
+  for (int64_t t = 0; t < T; ++t) {
+    const int32_t id = batch.token_ids[t];
+    DSV4_CHECK(id >= 0 && id < V, "embed: token id {} outside the vocabulary of {}", id, V);
+    for (int64_t i = 0; i < hc; ++i)
+      std::memcpy(X.as<uint16_t>() + (t * hc + i) * D, table.as<uint16_t>() + int64_t(id) * D, size_t(D) * 2);
+  }
+}
+
+void CpuBackend::do_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y) {
+  const int64_t T = x.size(0), N = x.size(1);
+  pool_.parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      ref::rms_norm_bf16(x.as<uint16_t>() + t * N, weight.as<uint16_t>(), N, eps, y.as<uint16_t>() + t * N);
+  });
+}
+
+void CpuBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) {
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), rd = rope.rope_dim;
+  const float* inv_freq = rope.inv_freq.as<float>();
+  pool_.parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int32_t pos = batch.positions[t];
+      for (int64_t h = 0; h < H; ++h) {
+        uint16_t* v = q.as<uint16_t>() + (t * H + h) * Dh;
+        // The reference normalises the bf16 tensor in bf16 arithmetic: every
+        // intermediate (square, mean, +eps, rsqrt, product) is rounded to bf16.
+        float sum = 0.0f;
+        for (int64_t i = 0; i < Dh; ++i) {
+          float a = bf16_to_float(v[i]);
+          sum += core::round_bf16(a * a);
+        }
+        const float mean = core::round_bf16(sum / float(Dh));
+        const float r = core::round_bf16(1.0f / std::sqrt(core::round_bf16(mean + eps)));
+        for (int64_t i = 0; i < Dh; ++i) v[i] = float_to_bf16(bf16_to_float(v[i]) * r);
+        if (pos >= 0) ref::rope_bf16(v + Dh - rd, rd / 2, inv_freq, pos, false);
+      }
+    }
+  });
+}
+
+void CpuBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, const RopeTable& rope) {
+  const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
+  for (int64_t t = 0; t < T; ++t) {
+    uint16_t* v = kv.as<uint16_t>() + t * Dh;
+    if (batch.positions[t] >= 0) ref::rope_bf16(v + Dh - rd, rd / 2, rope.inv_freq.as<float>(), batch.positions[t], false);
+    ref::fp8_sim_bf16(v, Dh - rd, 64);
+  }
+}
+
+namespace {
+// mixes[j] = rsqrt(mean(x^2) + eps) * (fn[j] . x) over the flattened streams.
+void hc_mixes(const float* xf, int64_t n, const float* fn, int64_t mix, float norm_eps, float* mixes) {
+  const float r = 1.0f / std::sqrt(dot_f32(xf, xf, n) / float(n) + norm_eps);
+  for (int64_t j = 0; j < mix; ++j) mixes[j] = dot_f32(fn + j * n, xf, n) * r;
+}
+}  // namespace
+
+void CpuBackend::do_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
+                           const Tensor& post, const Tensor& comb) {
+  const int64_t T = X.size(0), hc = X.size(1), D = X.size(2), mix = (2 + hc) * hc;
+  const float* scale = w.scale.as<float>();
+  const float* base = w.base.as<float>();
+  pool_.parallel_for(T, [&](int64_t b, int64_t e) {
+    std::vector<float> xf(static_cast<size_t>(hc * D)), mixes(static_cast<size_t>(mix)), pre(static_cast<size_t>(hc));
+    for (int64_t t = b; t < e; ++t) {
+      cpu::bf16_row_to_float(X.as<uint16_t>() + t * hc * D, hc * D, xf.data());
+      hc_mixes(xf.data(), hc * D, w.fn.as<float>(), mix, c.norm_eps, mixes.data());
+      for (int64_t i = 0; i < hc; ++i) {
+        pre[size_t(i)] = ref::sigmoid(mixes[size_t(i)] * scale[0] + base[i]) + c.hc_eps;
+        post.as<float>()[t * hc + i] = 2.0f * ref::sigmoid(mixes[size_t(hc + i)] * scale[1] + base[hc + i]);
+      }
+      float* cm = comb.as<float>() + t * hc * hc;
+      for (int64_t i = 0; i < hc * hc; ++i) cm[i] = mixes[size_t(2 * hc + i)] * scale[2] + base[2 * hc + i];
+      ref::sinkhorn(cm, hc, c.sinkhorn_iters, c.hc_eps);
+      // x = sum_i pre_i * R_i over the un-normalised streams (spec §4.1).
+      for (int64_t d = 0; d < D; ++d) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < hc; ++i) s += pre[size_t(i)] * xf[size_t(i * D + d)];
+        x.as<uint16_t>()[t * D + d] = float_to_bf16(s);
+      }
+    }
+  });
+}
+
+void CpuBackend::do_hc_post(const Tensor& f, const Tensor& R, const Tensor& post, const Tensor& comb, const Tensor& Y) {
+  const int64_t T = R.size(0), hc = R.size(1), D = R.size(2);
+  pool_.parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* p = post.as<float>() + t * hc;
+      const float* cm = comb.as<float>() + t * hc * hc;
+      const uint16_t* r = R.as<uint16_t>() + t * hc * D;
+      for (int64_t j = 0; j < hc; ++j)
+        for (int64_t d = 0; d < D; ++d) {
+          // Output stream j sums over the FIRST index of comb (spec §4.2).
+          float mixed = 0.0f;
+          for (int64_t i = 0; i < hc; ++i) mixed += cm[i * hc + j] * bf16_to_float(r[i * D + d]);
+          const float a = p[j] * bf16_to_float(f.as<uint16_t>()[t * D + d]);
+          Y.as<uint16_t>()[(t * hc + j) * D + d] = float_to_bf16(a + mixed);
+        }
+    }
+  });
+}
+
+void CpuBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& y) {
+  const int64_t T = X.size(0), hc = X.size(1), D = X.size(2);
+  std::vector<float> xf(static_cast<size_t>(hc * D)), mixes(static_cast<size_t>(hc)), pre(static_cast<size_t>(hc));
+  for (int64_t t = 0; t < T; ++t) {
+    cpu::bf16_row_to_float(X.as<uint16_t>() + t * hc * D, hc * D, xf.data());
+    hc_mixes(xf.data(), hc * D, w.fn.as<float>(), hc, c.norm_eps, mixes.data());
+    for (int64_t i = 0; i < hc; ++i)
+      pre[size_t(i)] = ref::sigmoid(mixes[size_t(i)] * w.scale.as<float>()[0] + w.base.as<float>()[i]) + c.hc_eps;
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.0f;
+      for (int64_t i = 0; i < hc; ++i) s += pre[size_t(i)] * xf[size_t(i * D + d)];
+      y.as<uint16_t>()[t * D + d] = float_to_bf16(s);
+    }
+  }
+}
+
+namespace {
+// Shape, format, addresses and sampled bytes of a quantized weight.
+uint64_t fingerprint(const QuantLinear& w) {
+  uint64_t h = uint64_t(w.n) * 1000003u + uint64_t(w.k) * 31u + uint64_t(w.format);
+  h ^= uint64_t(reinterpret_cast<uintptr_t>(w.scale.data())) * 0x9e3779b97f4a7c15ull;
+  const auto sample = [&](const core::Tensor& t) {
+    const size_t n = t.nbytes();
+    const uint8_t* p = t.as<uint8_t>();
+    for (size_t i = 0; i < 64 && n > 0; ++i) h = (h ^ p[(i * 2654435761u) % n]) * 0x100000001b3ull;
+  };
+  sample(w.weight);
+  sample(w.scale);
+  return h;
+}
+}  // namespace
+
+const float* CpuBackend::dequantized(const QuantLinear& w) {
+  const uint64_t fp = fingerprint(w);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  auto it = dequant_cache_.find(w.weight.data());
+  if (it != dequant_cache_.end() && it->second->fingerprint == fp) return it->second->values.data();
+  auto entry = std::make_unique<Dequantized>();
+  entry->weight_owner = w.weight.owner();
+  entry->scale_owner = w.scale.owner();
+  entry->fingerprint = fp;
+  entry->values.resize(size_t(w.n * w.k));
+  float* W = entry->values.data();
+  const uint8_t* q = w.weight.as<uint8_t>();
+  const uint8_t* s = w.scale.as<uint8_t>();
+  if (w.format == QuantLinear::Format::kFp8Block128) {
+    const int64_t kb = (w.k + 127) / 128;
+    for (int64_t n = 0; n < w.n; ++n)
+      for (int64_t k = 0; k < w.k; ++k)
+        W[n * w.k + k] = core::e4m3_to_float(q[n * w.k + k]) * core::e8m0_to_float(s[(n / 128) * kb + k / 128]);
+  } else {
+    for (int64_t n = 0; n < w.n; ++n)
+      for (int64_t k = 0; k < w.k; ++k) {
+        const uint8_t byte = q[n * (w.k / 2) + k / 2];
+        const uint8_t nibble = (k % 2 == 0) ? (byte & 0xf) : (byte >> 4);  // low nibble = even k (spec §2.8)
+        W[n * w.k + k] = core::e2m1_to_float(nibble) * core::e8m0_to_float(s[n * (w.k / 32) + k / 32]);
+      }
+  }
+  const float* p = W;
+  dequant_cache_[w.weight.data()] = std::move(entry);
+  return p;
+}
+
+void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
+  const float* W = dequantized(w);
+  const int64_t K = w.k, N = w.n;
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    std::vector<float> xf(static_cast<size_t>(K)), xq(static_cast<size_t>(K));
+    std::vector<uint8_t> codes(static_cast<size_t>(K));
+    std::vector<int> exps(static_cast<size_t>(K / 128));
+    for (int64_t r = b; r < e; ++r) {
+      // Activation quantization per 128 (spec §2.4); q * 2^e is exact in fp32.
+      cpu::bf16_row_to_float(x + r * K, K, xf.data());
+      ref::act_quant_fp8(xf.data(), K, 128, codes.data(), exps.data());
+      for (int64_t k = 0; k < K; ++k)
+        xq[size_t(k)] = core::e4m3_to_float(codes[size_t(k)]) * core::pow2_float(exps[size_t(k / 128)]);
+      for (int64_t n = 0; n < N; ++n) y[r * N + n] = float_to_bf16(dot_f32(xq.data(), W + n * K, K));
+    }
+  });
+}
+
+void CpuBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
+  quant_linear_rows(x.as<uint16_t>(), x.size(0), w, y.as<uint16_t>());
+}
+
+void CpuBackend::do_linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  const bool x_f32 = x.dtype() == DType::kF32, y_f32 = y.dtype() == DType::kF32;
+  // Rows are few and N can be large (the LM head): split over N.
+  std::vector<float> xf(static_cast<size_t>(T * K));
+  for (int64_t t = 0; t < T; ++t) {
+    if (x_f32) std::memcpy(xf.data() + t * K, x.as<float>() + t * K, size_t(K) * 4);
+    else cpu::bf16_row_to_float(x.as<uint16_t>() + t * K, K, xf.data() + t * K);
+  }
+  pool_.parallel_for(N, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const uint16_t* wr = w.as<uint16_t>() + n * K;
+      for (int64_t t = 0; t < T; ++t) {
+        const float v = dot_f32_bf16(xf.data() + t * K, wr, K);
+        if (y_f32) y.as<float>()[t * N + n] = v;
+        else y.as<uint16_t>()[t * N + n] = float_to_bf16(v);
+      }
+    }
+  }, 256);
+}
+
+void CpuBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
+  const float* W = dequantized(w);
+  const int64_t T = x.size(0), C = w.k, R = w.n / groups;
+  pool_.parallel_for(T, [&](int64_t b, int64_t e) {
+    std::vector<float> xf(static_cast<size_t>(groups * C));
+    for (int64_t t = b; t < e; ++t) {
+      cpu::bf16_row_to_float(x.as<uint16_t>() + t * groups * C, groups * C, xf.data());
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t r = 0; r < R; ++r)
+          y.as<uint16_t>()[t * w.n + g * R + r] = float_to_bf16(dot_f32(xf.data() + g * C, W + (g * R + r) * C, C));
+    }
+  });
+}
+
+void CpuBackend::do_add_broadcast(const Tensor& e, const Tensor& h, const Tensor& X) {
+  const int64_t T = h.size(0), hc = h.size(1), D = h.size(2);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < hc; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        X.as<uint16_t>()[(t * hc + i) * D + d] =
+            float_to_bf16(bf16_to_float(e.as<uint16_t>()[t * D + d]) + bf16_to_float(h.as<uint16_t>()[(t * hc + i) * D + d]));
+}
+
+void CpuBackend::do_gather_rows(const Tensor& src, const Tensor& rows, const Tensor& dst) {
+  const size_t row_bytes = src.size(0) == 0 ? 0 : src.nbytes() / size_t(src.size(0));
+  for (int64_t i = 0; i < rows.size(0); ++i) {
+    const int32_t r = rows.as<int32_t>()[i];
+    DSV4_CHECK(r >= 0 && r < src.size(0), "gather_rows: row {} outside [0, {})", r, src.size(0));
+    std::memcpy(static_cast<char*>(dst.data()) + size_t(i) * row_bytes,
+                static_cast<const char*>(src.data()) + size_t(r) * row_bytes, row_bytes);
+  }
+}
+
+}  // namespace dsv4::ops

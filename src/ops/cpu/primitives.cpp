@@ -1,0 +1,135 @@
+#include "ops/cpu/primitives.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/dtype.h"
+#include "ops/cpu/cpu_kernels.h"
+
+namespace dsv4::ops::ref {
+
+using core::bf16_to_float;
+using core::float_to_bf16;
+
+namespace {
+float block_amax(const float* x, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  return amax;
+}
+// The reference multiplies by fp32(1/format_max), it does not divide.
+constexpr float kFp8MaxInv = 1.0f / 448.0f;
+constexpr float kFp4MaxInv = 1.0f / 6.0f;
+constexpr float kFp4AmaxFloor = 6.0f * 1.1754943508222875e-38f;  // 6 * 2^-126
+}  // namespace
+
+int fp8_block_exponent(const float* x, int64_t n) {
+  return core::ceil_log2_bits(std::max(block_amax(x, n), 1e-4f) * kFp8MaxInv);
+}
+
+int fp4_block_exponent(const float* x, int64_t n) {
+  return core::ceil_log2_bits(std::max(block_amax(x, n), kFp4AmaxFloor) * kFp4MaxInv);
+}
+
+void act_quant_fp8(const float* x, int64_t n, int64_t block, uint8_t* q, int* exponents) {
+  for (int64_t b = 0; b * block < n; ++b) {
+    const float* xb = x + b * block;
+    const int e = fp8_block_exponent(xb, block);
+    const float inv = core::pow2_float(-e);
+    for (int64_t i = 0; i < block; ++i) q[b * block + i] = core::float_to_e4m3(std::clamp(xb[i] * inv, -448.0f, 448.0f));
+    exponents[b] = e;
+  }
+}
+
+void fp8_sim_bf16(uint16_t* x, int64_t n, int64_t block) {
+  float v[128];
+  for (int64_t b = 0; b < n; b += block) {
+    for (int64_t i = 0; i < block; ++i) v[i] = bf16_to_float(x[b + i]);
+    const int e = fp8_block_exponent(v, block);
+    const float inv = core::pow2_float(-e), s = core::pow2_float(e);
+    for (int64_t i = 0; i < block; ++i) {
+      float q = core::e4m3_to_float(core::float_to_e4m3(std::clamp(v[i] * inv, -448.0f, 448.0f)));
+      x[b + i] = float_to_bf16(q * s);
+    }
+  }
+}
+
+void fp4_sim_bf16(uint16_t* x, int64_t n, int64_t block) {
+  float v[128];
+  for (int64_t b = 0; b < n; b += block) {
+    for (int64_t i = 0; i < block; ++i) v[i] = bf16_to_float(x[b + i]);
+    const int e = fp4_block_exponent(v, block);
+    const float inv = core::pow2_float(-e), s = core::pow2_float(e);
+    for (int64_t i = 0; i < block; ++i) {
+      float q = core::e2m1_to_float(core::float_to_e2m1(std::clamp(v[i] * inv, -6.0f, 6.0f)));
+      x[b + i] = float_to_bf16(q * s);
+    }
+  }
+}
+
+void rms_norm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, uint16_t* y) {
+  std::vector<float> v(static_cast<size_t>(n));
+  cpu::bf16_row_to_float(x, n, v.data());
+  const float r = 1.0f / std::sqrt(cpu::dot_f32(v.data(), v.data(), n) / float(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(bf16_to_float(w[i]) * (v[size_t(i)] * r));
+}
+
+void rope_bf16(uint16_t* slice, int64_t half, const float* inv_freq, int64_t pos, bool inverse) {
+  for (int64_t i = 0; i < half; ++i) {
+    // torch.outer(t, freqs) in fp32, then polar(): cos/sin of the fp32 angle.
+    const float angle = float(pos) * inv_freq[i];
+    const float c = float(std::cos(double(angle)));
+    float s = float(std::sin(double(angle)));
+    if (inverse) s = -s;
+    const float a = bf16_to_float(slice[2 * i]), b = bf16_to_float(slice[2 * i + 1]);
+    slice[2 * i] = float_to_bf16(a * c - b * s);
+    slice[2 * i + 1] = float_to_bf16(a * s + b * c);
+  }
+}
+
+void hadamard_bf16(uint16_t* x, int64_t n) {
+  std::vector<double> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[size_t(i)] = bf16_to_float(x[i]);
+  // Sylvester order: butterflies over strides 1, 2, 4, ... give H_n x.
+  for (int64_t h = 1; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        double a = v[size_t(j)], b = v[size_t(j + h)];
+        v[size_t(j)] = a + b;
+        v[size_t(j + h)] = a - b;
+      }
+  const double scale = 1.0 / std::sqrt(double(n));
+  for (int64_t i = 0; i < n; ++i) x[i] = float_to_bf16(float(v[size_t(i)] * scale));
+}
+
+void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps) {
+  for (int64_t i = 0; i < hc; ++i) {  // softmax over j of each row, + eps
+    float* row = comb + i * hc;
+    float m = row[0];
+    for (int64_t j = 1; j < hc; ++j) m = std::max(m, row[j]);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < hc; ++j) {
+      row[j] = std::exp(row[j] - m);
+      sum += row[j];
+    }
+    for (int64_t j = 0; j < hc; ++j) row[j] = row[j] / sum + eps;
+  }
+  auto normalize_columns = [&] {
+    for (int64_t j = 0; j < hc; ++j) {
+      float sum = 0.0f;
+      for (int64_t i = 0; i < hc; ++i) sum += comb[i * hc + j];
+      for (int64_t i = 0; i < hc; ++i) comb[i * hc + j] /= (sum + eps);
+    }
+  };
+  normalize_columns();
+  for (int64_t it = 1; it < iters; ++it) {
+    for (int64_t i = 0; i < hc; ++i) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < hc; ++j) sum += comb[i * hc + j];
+      for (int64_t j = 0; j < hc; ++j) comb[i * hc + j] /= (sum + eps);
+    }
+    normalize_columns();
+  }
+}
+
+}  // namespace dsv4::ops::ref

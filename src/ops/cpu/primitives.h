@@ -1,0 +1,50 @@
+// Scalar reference primitives of spec §2 (quantization, RoPE, Hadamard,
+// Sinkhorn). Plain code in the reference's arithmetic; the CPU backend is built
+// from these and the primitive tests check them against closed forms.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace dsv4::ops::ref {
+
+// ---- activation quantization (spec §2.4, §2.5) ---------------------------------
+// UE8M0 exponent of a block: ceil(log2(max(amax, floor) * (1 / format_max))).
+int fp8_block_exponent(const float* x, int64_t n);  // format max 448, floor 1e-4
+int fp4_block_exponent(const float* x, int64_t n);  // format max 6, floor 6 * 2^-126
+
+// Quantizes n = blocks * block values: q receives e4m3 codes, exponents one UE8M0
+// exponent per block.
+void act_quant_fp8(const float* x, int64_t n, int64_t block, uint8_t* q, int* exponents);
+
+// In-place QAT simulation on bf16 values: x <- bf16(float(e4m3(clamp(x/s))) * s),
+// block by block (spec §2.4, "in-place variant").
+void fp8_sim_bf16(uint16_t* x, int64_t n, int64_t block);
+// Same with e2m1 and blocks of 32 (spec §2.5).
+void fp4_sim_bf16(uint16_t* x, int64_t n, int64_t block);
+
+// ---- RMSNorm (spec §2.1) -------------------------------------------------------
+// y = bf16(w * (x * rsqrt(mean(x^2) + eps))) in fp32.
+void rms_norm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, uint16_t* y);
+
+// ---- RoPE (spec §2.3) --------------------------------------------------------
+// Rotates the interleaved pairs (2i, 2i+1) of a bf16 slice of length 2*half by
+// angle(pos, i) = fp32(pos * inv_freq[i]); inverse rotates by the conjugate.
+void rope_bf16(uint16_t* slice, int64_t half, const float* inv_freq, int64_t pos, bool inverse);
+
+// ---- Hadamard (spec §2.6) ----------------------------------------------------
+// x <- bf16(H_n x * n^-1/2) on a bf16 vector, n a power of two.
+void hadamard_bf16(uint16_t* x, int64_t n);
+
+// ---- Sinkhorn (spec §4.1) ----------------------------------------------------
+// comb [hc*hc] row-major logits -> doubly (approximately) stochastic matrix:
+// row softmax + eps, column normalisation, then iters-1 (row, column) passes.
+void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps);
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+// torch.nn.functional.softplus with its default threshold of 20.
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+}  // namespace dsv4::ops::ref

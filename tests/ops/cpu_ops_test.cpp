@@ -1,0 +1,345 @@
+// CPU reference ops against direct formulas in double precision (the
+// reference's rounding points emulated where it rounds).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "model/synthetic_weights.h"
+#include "op_test_util.h"
+#include "ops/backend.h"
+#include "ops/cpu/primitives.h"
+
+namespace dsv4::ops {
+namespace {
+
+using core::DType;
+using core::Tensor;
+using testing::bf;
+using testing::Rng;
+
+QuantLinear make_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
+  model::TensorSpec s;
+  s.name = "test.w" + std::to_string(seed);
+  s.logical_n = n;
+  s.logical_k = k;
+  s.std = 1.0f / std::sqrt(float(k));
+  QuantLinear q;
+  q.n = n;
+  q.k = k;
+  if (fp4) {
+    q.format = QuantLinear::Format::kFp4Group32;
+    q.weight = Tensor::empty_cpu(DType::kI8, {n, k / 2});
+    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {n, k / 32});
+    model::fill_fp4_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
+  } else {
+    q.weight = Tensor::empty_cpu(DType::kF8E4M3, {n, k});
+    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
+    model::fill_fp8_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
+  }
+  return q;
+}
+
+double weight_value(const QuantLinear& q, int64_t n, int64_t k) {
+  if (q.format == QuantLinear::Format::kFp8Block128)
+    return core::e4m3_to_float(q.weight.as<uint8_t>()[n * q.k + k]) *
+           core::e8m0_to_float(q.scale.as<uint8_t>()[(n / 128) * ((q.k + 127) / 128) + k / 128]);
+  uint8_t byte = q.weight.as<uint8_t>()[n * (q.k / 2) + k / 2];
+  return core::e2m1_to_float(k % 2 ? byte >> 4 : byte & 15) * core::e8m0_to_float(q.scale.as<uint8_t>()[n * (q.k / 32) + k / 32]);
+}
+
+// Closed form of spec §2.7: per-128 act quant, exact products, one bf16 rounding.
+std::vector<float> linear_reference(const Tensor& x, const QuantLinear& q) {
+  const int64_t T = x.size(0), K = q.k;
+  std::vector<float> out(static_cast<size_t>(T * q.n));
+  std::vector<float> xf(static_cast<size_t>(K));
+  std::vector<uint8_t> codes(static_cast<size_t>(K));
+  std::vector<int> exps(static_cast<size_t>(K / 128));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t k = 0; k < K; ++k) xf[size_t(k)] = bf(x, t * K + k);
+    ref::act_quant_fp8(xf.data(), K, 128, codes.data(), exps.data());
+    for (int64_t n = 0; n < q.n; ++n) {
+      double acc = 0;
+      for (int64_t k = 0; k < K; ++k)
+        acc += double(core::e4m3_to_float(codes[size_t(k)])) * std::ldexp(1.0, exps[size_t(k / 128)]) * weight_value(q, n, k);
+      out[size_t(t * q.n + n)] = float(acc);
+    }
+  }
+  return out;
+}
+
+// bf16 results may differ from the double closed form by the fp32 summation
+// error before rounding: allow one bf16 ulp plus a small absolute slack.
+void expect_bf16_close(float got, float want, const char* what, int64_t i) {
+  EXPECT_NEAR(got, want, std::fabs(want) * 0.0079f + 1e-5f) << what << " element " << i;
+}
+
+class CpuOps : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be = make_cpu_backend(2);
+};
+
+TEST_F(CpuOps, Fp8AndFp4LinearMatchClosedForm) {
+  Rng rng(1);
+  for (bool fp4 : {false, true})
+    for (int64_t rows : {0, 1, 3}) {
+      QuantLinear w = make_quant(192, 256, fp4, 11 + fp4);
+      Tensor x = rng.bf16({rows, 256}, 2.0f), y = Tensor::empty_cpu(DType::kBF16, {rows, 192});
+      testing::poison(y);
+      be->linear(x, w, y);
+      auto want = linear_reference(x, w);
+      for (int64_t i = 0; i < y.numel(); ++i) expect_bf16_close(bf(y, i), core::round_bf16(want[size_t(i)]), "linear", i);
+    }
+}
+
+TEST_F(CpuOps, GroupedLinearUsesDequantizedWeightsWithoutActQuant) {
+  Rng rng(2);
+  QuantLinear w = make_quant(256, 128, false, 21);  // 2 groups of 128 outputs, 128 inputs each
+  Tensor x = rng.bf16({3, 256}), y = Tensor::empty_cpu(DType::kBF16, {3, 256});
+  be->grouped_linear(x, w, 2, y);
+  for (int64_t t = 0; t < 3; ++t)
+    for (int64_t g = 0; g < 2; ++g)
+      for (int64_t r = 0; r < 128; ++r) {
+        double acc = 0;
+        for (int64_t c = 0; c < 128; ++c) acc += double(bf(x, t * 256 + g * 128 + c)) * weight_value(w, g * 128 + r, c);
+        expect_bf16_close(bf(y, t * 256 + g * 128 + r), core::round_bf16(float(acc)), "grouped", r);
+      }
+}
+
+TEST_F(CpuOps, HcPreMatchesSpecFormula) {
+  Rng rng(3);
+  const int64_t T = 2, hc = 4, D = 128, mix = 24;
+  HcConfig c;
+  HcWeights w{rng.f32({mix, hc * D}, 1.0f / 22.6f), rng.f32({mix}, 0.5f), rng.f32({3}, 0.1f, 1.0f)};
+  Tensor X = rng.bf16({T, hc, D}, 3.0f);
+  Tensor x = Tensor::empty_cpu(DType::kBF16, {T, D}), post = Tensor::empty_cpu(DType::kF32, {T, hc}),
+         comb = Tensor::empty_cpu(DType::kF32, {T, hc, hc});
+  be->hc_pre(X, w, c, x, post, comb);
+  for (int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (int64_t i = 0; i < hc * D; ++i) ss += double(bf(X, t * hc * D + i)) * bf(X, t * hc * D + i);
+    const double r = 1.0 / std::sqrt(ss / double(hc * D) + 1e-6);
+    std::vector<double> mixes(mix);
+    for (int64_t j = 0; j < mix; ++j) {
+      double a = 0;
+      for (int64_t i = 0; i < hc * D; ++i) a += double(w.fn.as<float>()[j * hc * D + i]) * bf(X, t * hc * D + i);
+      mixes[size_t(j)] = a * r;
+    }
+    auto sig = [](double v) { return 1.0 / (1.0 + std::exp(-v)); };
+    const float* s = w.scale.as<float>();
+    const float* b = w.base.as<float>();
+    for (int64_t i = 0; i < hc; ++i) {
+      EXPECT_NEAR(post.as<float>()[t * hc + i], 2.0 * sig(mixes[size_t(hc + i)] * s[1] + b[hc + i]), 1e-5);
+      const double pre_i = sig(mixes[size_t(i)] * s[0] + b[i]) + 1e-6;
+      (void)pre_i;
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      double acc = 0;
+      for (int64_t i = 0; i < hc; ++i) acc += (sig(mixes[size_t(i)] * s[0] + b[i]) + 1e-6) * bf(X, (t * hc + i) * D + d);
+      expect_bf16_close(bf(x, t * D + d), core::round_bf16(float(acc)), "hc_pre x", d);
+    }
+    // comb: Sinkhorn of the logits (checked in detail in primitives_test).
+    std::vector<float> logits(16);
+    for (int64_t i = 0; i < 16; ++i) logits[size_t(i)] = float(mixes[size_t(2 * hc + i)] * s[2] + b[2 * hc + i]);
+    ref::sinkhorn(logits.data(), 4, 20, 1e-6f);
+    for (int64_t i = 0; i < 16; ++i) EXPECT_NEAR(comb.as<float>()[t * 16 + i], logits[size_t(i)], 1e-4);
+  }
+}
+
+TEST_F(CpuOps, HcPostSumsOverTheFirstIndexOfComb) {
+  Rng rng(4);
+  const int64_t T = 2, hc = 4, D = 64;
+  Tensor f = rng.bf16({T, D}), R = rng.bf16({T, hc, D}), post = rng.f32({T, hc}), comb = rng.f32({T, hc, hc});
+  Tensor Y = Tensor::empty_cpu(DType::kBF16, {T, hc, D});
+  be->hc_post(f, R, post, comb, Y);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < hc; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        double acc = double(post.as<float>()[t * hc + j]) * bf(f, t * D + d);
+        for (int64_t i = 0; i < hc; ++i) acc += double(comb.as<float>()[(t * hc + i) * hc + j]) * bf(R, (t * hc + i) * D + d);
+        expect_bf16_close(bf(Y, (t * hc + j) * D + d), core::round_bf16(float(acc)), "hc_post", d);
+      }
+}
+
+TEST_F(CpuOps, SparseAttentionWithSinkOverWindowRingAndCompressedRows) {
+  // One HCA layer, window 4; a 2-token step at positions 300, 301 of a sequence in
+  // slot 1: keys = window (ring for 298, 299; this step's rows for 300, 301) + the
+  // 2 compressed rows visible at p >= 255.
+  Rng rng(5);
+  const int64_t H = 2, Dh = 128, W = 4;
+  CacheGeometry g{3, 8, W, Dh, 128};
+  LayerCache cache = be->allocate_cache(g, 128);
+  Rng fill(6);
+  for (int64_t i = 0; i < cache.window.numel(); ++i) cache.window.as<uint16_t>()[i] = core::float_to_bf16(fill.normal());
+  for (int64_t i = 0; i < cache.rows.numel(); ++i) cache.rows.as<uint16_t>()[i] = core::float_to_bf16(fill.normal());
+  testing::HostBatch hb({{1, 300, 2}}, 4);
+  hb.block_table = {5, 6, 7, 0};  // pages of sequence 0
+  const BatchView batch = hb.view();
+  Tensor q = rng.bf16({2, H, Dh}, 0.3f), kv = rng.bf16({2, Dh}), sink = rng.f32({H});
+  Tensor o = Tensor::empty_cpu(DType::kBF16, {2, H, Dh});
+  RopeTable rope{Tensor::empty_cpu(DType::kF32, {32}), 64};
+  auto inv = rope_inv_freq(64, 160000, true, 16, 65536, 32, 1);
+  std::copy(inv.begin(), inv.end(), rope.inv_freq.as<float>());
+  const float scale = 1.0f / std::sqrt(float(Dh));
+  be->sparse_attention(q, kv, cache, batch, Tensor(), sink, scale, rope, o);
+  for (int64_t t = 0; t < 2; ++t) {
+    const int64_t p = 300 + t;
+    std::vector<const uint16_t*> keys;
+    for (int64_t qp = p - W + 1; qp <= p; ++qp)
+      keys.push_back(qp >= 300 ? kv.as<uint16_t>() + (qp - 300) * Dh : cache.window.as<uint16_t>() + (1 * W + qp % W) * Dh);
+    // HCA row j lives on page block_table[j*128/256], row j % 2 of it.
+    for (int64_t j = 0; j < (p + 1) / 128; ++j) keys.push_back(cache.rows.as<uint16_t>() + (5 * 2 + j) * Dh);
+    ASSERT_EQ(keys.size(), 6u);
+    for (int64_t h = 0; h < H; ++h) {
+      std::vector<double> l;
+      double mx = -1e30;
+      for (auto* k : keys) {
+        double a = 0;
+        for (int64_t i = 0; i < Dh; ++i) a += double(bf(q, (t * H + h) * Dh + i)) * core::bf16_to_float(k[i]);
+        l.push_back(a * scale);
+        mx = std::max(mx, l.back());
+      }
+      double denom = std::exp(double(sink.as<float>()[h]) - mx);
+      std::vector<double> acc(size_t(Dh), 0.0);
+      for (size_t u = 0; u < keys.size(); ++u) {
+        const double pr = std::exp(l[u] - mx);
+        denom += pr;
+        for (int64_t i = 0; i < Dh; ++i) acc[size_t(i)] += double(core::round_bf16(float(pr))) * core::bf16_to_float(keys[u][i]);
+      }
+      std::vector<uint16_t> want(static_cast<size_t>(Dh));
+      for (int64_t i = 0; i < Dh; ++i) want[size_t(i)] = core::float_to_bf16(float(acc[size_t(i)] / denom));
+      ref::rope_bf16(want.data() + Dh - 64, 32, rope.inv_freq.as<float>(), p, true);
+      for (int64_t i = 0; i < Dh; ++i)
+        EXPECT_NEAR(bf(o, (t * H + h) * Dh + i), core::bf16_to_float(want[size_t(i)]),
+                    0.016f * std::fabs(core::bf16_to_float(want[size_t(i)])) + 1e-3f)
+            << "t " << t << " h " << h << " i " << i;
+    }
+  }
+}
+
+TEST_F(CpuOps, IndexerTopkIsCausalAndBreaksTiesLow) {
+  // One CSA layer; queries at positions 7 and 10 see 2 rows each ((p+1)//4);
+  // position 13 sees 3. Rows are built so that per-head logits are known.
+  const int64_t Hi = 1, Di = 32;
+  CacheGeometry g{1, 1, 4, 128, Di};
+  LayerCache cache = be->allocate_cache(g, 4);
+  auto set_row = [&](int64_t j, float v) {
+    for (int64_t i = 0; i < Di; ++i) cache.index_rows.as<uint16_t>()[j * Di + i] = core::float_to_bf16(i == 0 ? v : 0.0f);
+  };
+  set_row(0, 1.0f);
+  set_row(1, 2.0f);
+  set_row(2, 2.0f);  // ties with row 1
+  set_row(3, 9.0f);  // not yet visible to any query
+  testing::HostBatch hb({{0, 7, 1}, {0, 10, 1}, {0, 13, 1}}, 1);
+  for (auto& b : hb.block_table) b = 0;
+  Tensor q = Tensor::zeros_cpu(DType::kBF16, {3, Hi, Di}), w = Tensor::empty_cpu(DType::kBF16, {3, Hi});
+  for (int t = 0; t < 3; ++t) {
+    q.as<uint16_t>()[t * Di] = core::float_to_bf16(1.0f);
+    w.as<uint16_t>()[t] = core::float_to_bf16(1.0f);
+  }
+  Tensor topk = Tensor::empty_cpu(DType::kI32, {3, 2});
+  be->indexer_topk(q, w, 1.0f, cache, hb.view(), topk);
+  const int32_t* k = topk.as<int32_t>();
+  EXPECT_EQ(k[0], 1);  // p=7: rows {0, 1}; 1 scores higher
+  EXPECT_EQ(k[1], 0);
+  EXPECT_EQ(k[2], 1);  // p=10: rows {0, 1}
+  EXPECT_EQ(k[3], 0);
+  EXPECT_EQ(k[4], 1);  // p=13: rows {0, 1, 2}; 1 and 2 tie -> the lower first, row 3 invisible
+  EXPECT_EQ(k[5], 2);
+  // With a negative query every ReLU'd score is 0: all tie, lowest rows win.
+  for (int t = 0; t < 3; ++t) q.as<uint16_t>()[t * Di] = core::float_to_bf16(-1.0f);
+  Tensor topk3 = Tensor::empty_cpu(DType::kI32, {3, 4});
+  be->indexer_topk(q, w, 1.0f, cache, hb.view(), topk3);
+  EXPECT_EQ(std::vector<int32_t>(topk3.as<int32_t>() + 8, topk3.as<int32_t>() + 12), (std::vector<int32_t>{0, 1, 2, -1}));
+}
+
+TEST_F(CpuOps, RouterSelectsByBiasButWeightsByScores) {
+  const int64_t E = 4, D = 128;
+  Tensor gate = Tensor::zeros_cpu(DType::kBF16, {E, D}), x = Tensor::zeros_cpu(DType::kBF16, {2, D});
+  // Logit of expert e = e - 1 for a row x = e_0.
+  for (int64_t e = 0; e < E; ++e) gate.as<uint16_t>()[e * D] = core::float_to_bf16(float(e) - 1.0f);
+  x.as<uint16_t>()[0] = core::float_to_bf16(1.0f);
+  x.as<uint16_t>()[D] = core::float_to_bf16(1.0f);
+  Tensor bias = Tensor::zeros_cpu(DType::kF32, {E});
+  bias.as<float>()[0] = 10.0f;  // selects expert 0 despite its low score
+  testing::HostBatch hb({{0, 0, 2}}, 1);
+  RouterConfig rc;
+  rc.topk = 2;
+  rc.route_scale = 1.5f;
+  Tensor w = Tensor::empty_cpu(DType::kF32, {2, 2}), ids = Tensor::empty_cpu(DType::kI32, {2, 2});
+  be->router(x, gate, bias, Tensor(), hb.view(), rc, w, ids);
+  auto score = [](double l) { return std::sqrt(std::log1p(std::exp(l))); };
+  EXPECT_EQ(ids.as<int32_t>()[0], 0);
+  EXPECT_EQ(ids.as<int32_t>()[1], 3);
+  const double s0 = score(-1), s3 = score(2);
+  EXPECT_NEAR(w.as<float>()[0], 1.5 * s0 / (s0 + s3), 1e-6);
+  EXPECT_NEAR(w.as<float>()[1], 1.5 * s3 / (s0 + s3), 1e-6);
+  // Hash routing takes ids from tid2eid by token id; weights still from the scores.
+  Tensor tid2eid = Tensor::empty_cpu(DType::kI64, {1000, 2});
+  for (int64_t t = 0; t < 1000; ++t) {
+    tid2eid.as<int64_t>()[2 * t] = t % 4;
+    tid2eid.as<int64_t>()[2 * t + 1] = (t + 1) % 4;
+  }
+  be->router(x, gate, Tensor(), tid2eid, hb.view(), rc, w, ids);
+  for (int64_t r = 0; r < 2; ++r) {
+    const int64_t tok = hb.token_ids[size_t(r)];
+    EXPECT_EQ(ids.as<int32_t>()[r * 2], tok % 4);
+    EXPECT_EQ(ids.as<int32_t>()[r * 2 + 1], (tok + 1) % 4);
+    const double a = score(double(tok % 4) - 1), b = score(double((tok + 1) % 4) - 1);
+    EXPECT_NEAR(w.as<float>()[r * 2], 1.5 * a / (a + b), 1e-6);
+  }
+}
+
+TEST_F(CpuOps, ExpertAppliesTheSwigluClampAndWeightBeforeW2) {
+  Rng rng(7);
+  ExpertWeights ew{make_quant(128, 128, true, 31), make_quant(128, 128, true, 32), make_quant(128, 128, true, 33)};
+  Tensor x = rng.bf16({2, 128}, 4.0f), rw = rng.f32({2}, 0.3f, 0.5f), y = Tensor::empty_cpu(DType::kBF16, {2, 128});
+  const float limit = 0.5f;  // small, so both clamp branches fire
+  be->expert_ffn(x, ew, rw, limit, y);
+  auto g = linear_reference(x, ew.w1), u = linear_reference(x, ew.w3);
+  Tensor h = Tensor::empty_cpu(DType::kBF16, {2, 128});
+  int clamped = 0;
+  for (int64_t i = 0; i < 256; ++i) {
+    float gate = core::round_bf16(g[size_t(i)]), up = core::round_bf16(u[size_t(i)]);
+    clamped += (gate > limit) + (std::fabs(up) > limit);
+    up = std::clamp(up, -limit, limit);
+    gate = std::min(gate, limit);
+    h.as<uint16_t>()[i] = core::float_to_bf16(rw.as<float>()[i / 128] * (gate / (1 + std::exp(-gate))) * up);
+  }
+  EXPECT_GT(clamped, 10);
+  auto want = linear_reference(h, ew.w2);
+  for (int64_t i = 0; i < 256; ++i) expect_bf16_close(bf(y, i), core::round_bf16(want[size_t(i)]), "expert", i);
+}
+
+TEST_F(CpuOps, MoeReduceAddsInAscendingExpertOrder) {
+  // fp32: (2^24 + 1) + -2^24 = 0, but (-2^24 + 2^24) + 1 = 1; the reference order gives 0.
+  const int64_t D = 1;
+  Tensor slots = Tensor::empty_cpu(DType::kBF16, {1, 3, D}), ids = Tensor::empty_cpu(DType::kI32, {1, 3});
+  const float vals[3] = {-16777216.0f, 16777216.0f, 1.0f};
+  const int32_t eids[3] = {5, 0, 1};
+  for (int i = 0; i < 3; ++i) {
+    slots.as<uint16_t>()[i] = core::float_to_bf16(vals[i]);
+    ids.as<int32_t>()[i] = eids[i];
+  }
+  Tensor routed = Tensor::empty_cpu(DType::kF32, {1, D});
+  be->moe_reduce(slots, ids, routed);
+  EXPECT_EQ(routed.as<float>()[0], 0.0f);
+}
+
+TEST_F(CpuOps, EveryOpAcceptsZeroRows) {
+  Tensor x0 = Tensor::empty_cpu(DType::kBF16, {0, 256});
+  QuantLinear w = make_quant(128, 256, false, 41);
+  Tensor y0 = Tensor::empty_cpu(DType::kBF16, {0, 128});
+  EXPECT_NO_THROW(be->linear(x0, w, y0));
+  Tensor rn = Tensor::empty_cpu(DType::kBF16, {256});
+  EXPECT_NO_THROW(be->rms_norm(x0, rn, 1e-6f, x0));
+  testing::HostBatch hb({}, 1);
+  RouterConfig rc;
+  rc.topk = 2;
+  Tensor gate = Tensor::zeros_cpu(DType::kBF16, {4, 256});
+  Tensor wts = Tensor::empty_cpu(DType::kF32, {0, 2}), ids = Tensor::empty_cpu(DType::kI32, {0, 2});
+  EXPECT_NO_THROW(be->router(x0, gate, Tensor::zeros_cpu(DType::kF32, {4}), Tensor(), hb.view(), rc, wts, ids));
+}
+
+}  // namespace
+}  // namespace dsv4::ops

@@ -1,0 +1,81 @@
+// Helpers for op tests: random tensors from a printed seed, bf16 conversions,
+// a hand-built batch view.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/tensor.h"
+#include "ops/batch.h"
+#include "test_util.h"
+
+namespace dsv4::testing {
+
+class Rng {
+ public:
+  explicit Rng(uint64_t salt) : gen_(test_seed() ^ (salt * 0x9e3779b97f4a7c15ull)) {}
+  float normal(float std = 1.0f) { return std::normal_distribution<float>(0.0f, std)(gen_); }
+  int64_t uniform_int(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(gen_); }
+  // bf16 tensor of N(0, std) values.
+  core::Tensor bf16(std::initializer_list<int64_t> shape, float std = 1.0f) {
+    core::Tensor t = core::Tensor::empty_cpu(core::DType::kBF16, shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.as<uint16_t>()[i] = core::float_to_bf16(normal(std));
+    return t;
+  }
+  core::Tensor f32(std::initializer_list<int64_t> shape, float std = 1.0f, float mean = 0.0f) {
+    core::Tensor t = core::Tensor::empty_cpu(core::DType::kF32, shape);
+    for (int64_t i = 0; i < t.numel(); ++i) t.as<float>()[i] = mean + normal(std);
+    return t;
+  }
+
+ private:
+  std::mt19937_64 gen_;
+};
+
+inline float bf(const core::Tensor& t, int64_t i) { return core::bf16_to_float(t.as<uint16_t>()[i]); }
+
+// Poisons a tensor so unwritten outputs show up.
+inline void poison(const core::Tensor& t) { std::memset(t.data(), 0x7f, t.nbytes()); }
+
+// A batch of sequences with given (slot, start, length), rows in order, pages
+// 0.. assigned to sequence s as s * pages_per_seq + b.
+struct HostBatch {
+  std::vector<int32_t> token_ids, positions, token_seq, seq_begin, seq_len, seq_start, seq_slot, block_table;
+  int32_t max_blocks = 0;
+  HostBatch(const std::vector<std::array<int32_t, 3>>& seqs, int32_t pages_per_seq) : max_blocks(pages_per_seq) {
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      auto [slot, start, len] = seqs[s];
+      seq_begin.push_back(int32_t(positions.size()));
+      seq_len.push_back(len);
+      seq_start.push_back(start);
+      seq_slot.push_back(slot);
+      for (int32_t i = 0; i < len; ++i) {
+        token_ids.push_back(int32_t((start + i) * 7 % 1000));
+        positions.push_back(start + i);
+        token_seq.push_back(int32_t(s));
+      }
+      for (int32_t b = 0; b < pages_per_seq; ++b) block_table.push_back(int32_t(s) * pages_per_seq + b);
+    }
+  }
+  ops::BatchView view() const {
+    ops::BatchView v;
+    v.num_tokens = int32_t(positions.size());
+    v.num_seqs = int32_t(seq_begin.size());
+    v.max_blocks = max_blocks;
+    v.token_ids = token_ids.data();
+    v.positions = positions.data();
+    v.token_seq = token_seq.data();
+    v.seq_begin = seq_begin.data();
+    v.seq_len = seq_len.data();
+    v.seq_start_pos = seq_start.data();
+    v.seq_slot = seq_slot.data();
+    v.block_table = block_table.data();
+    return v;
+  }
+};
+
+}  // namespace dsv4::testing

@@ -1,0 +1,44 @@
+// Shared helpers for tests: temp directories and the tiny model in memory.
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <filesystem>
+#include <memory>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace dsv4::testing {
+
+inline std::string temp_dir(const std::string& name) {
+  const char* base = std::getenv("DSV4_TEST_TMP");
+  std::filesystem::path p = std::filesystem::path(base ? base : "/tmp") / name;
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+// The `tiny` preset's synthetic weights (seed 1), built once per test binary.
+inline const model::SyntheticWeightStore& tiny_weights() {
+  static const auto store = std::make_unique<model::SyntheticWeightStore>(model::preset_config("tiny"), 1);
+  return *store;
+}
+
+// Fresh random seed per run, printed so a failure can be replayed with DSV4_TEST_SEED.
+inline uint64_t test_seed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("DSV4_TEST_SEED");
+    uint64_t s = env ? std::strtoull(env, nullptr, 10) : uint64_t(std::random_device{}());
+    std::fprintf(stderr, "[test seed %llu; rerun with DSV4_TEST_SEED=%llu]\n", (unsigned long long)s,
+                 (unsigned long long)s);
+    return s;
+  }();
+  return seed;
+}
+
+}  // namespace dsv4::testing

@@ -1,0 +1,42 @@
+// dsv4: a serving engine for DeepSeek-V4 on NVIDIA Hopper.
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "core/error.h"
+#include "tools/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "dsv4: DeepSeek-V4 (V4-Flash, V4-Pro) inference engine.\n"
+      "Loads Hugging Face checkpoints (FP8 dense, FP4 experts); runs on the CPU\n"
+      "(reference) or NVIDIA Hopper GPUs."};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "dsv4 0.1.0");
+  std::vector<std::pair<CLI::App*, dsv4::tools::Command>> commands;
+  auto add = [&](const char* name, const char* help, auto adder) {
+    CLI::App* sub = app.add_subcommand(name, help);
+    commands.emplace_back(sub, adder(*sub));
+  };
+  add("make-checkpoint", "Write a synthetic checkpoint in the official HF layout", dsv4::tools::add_make_checkpoint);
+  add("generate", "Generate tokens for one or more prompts given as token ids", dsv4::tools::add_generate);
+  add("info", "Validate a checkpoint and print its configuration", dsv4::tools::add_info);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& [sub, run] : commands)
+      if (sub->parsed()) return run();
+  } catch (const dsv4::core::Error& e) {
+    std::fprintf(stderr, "dsv4: error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dsv4: unexpected error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}
