@@ -38,11 +38,11 @@ void fill_fp8_rows(const TensorSpec& w, uint64_t seed, int64_t row_begin, int64_
       float amax = 0.0f;
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) {
-          float v = fp8_weight_value(seed, stream, w.std, K, n0 + r, k0 + c);
+          float v = core::fp8_weight_value(seed, stream, w.std, K, n0 + r, k0 + c);
           block[size_t(r * 128 + c)] = v;
           amax = std::max(amax, std::fabs(v));
         }
-      const int e = weight_scale_exponent(amax, 1.0f / 448.0f, 1e-4f);
+      const int e = core::weight_scale_exponent(amax, 1.0f / 448.0f, 1e-4f);
       const float inv = core::pow2_float(-e);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < cols; ++c) {
@@ -64,10 +64,10 @@ void fill_fp4_rows(const TensorSpec& w, uint64_t seed, int64_t row_begin, int64_
     for (int64_t g = 0; g < groups; ++g) {
       float amax = 0.0f;
       for (int i = 0; i < 32; ++i) {
-        v[i] = fp4_weight_value(seed, stream, w.std, K, n, g * 32 + i);
+        v[i] = core::fp4_weight_value(seed, stream, w.std, K, n, g * 32 + i);
         amax = std::max(amax, std::fabs(v[i]));
       }
-      const int e = weight_scale_exponent(amax, 1.0f / 6.0f, 6.0f * 1.1754943508222875e-38f);
+      const int e = core::weight_scale_exponent(amax, 1.0f / 6.0f, 6.0f * 1.1754943508222875e-38f);
       const float inv = core::pow2_float(-e);
       uint8_t* row = weight_out + r * (K / 2) + g * 16;
       for (int i = 0; i < 32; i += 2) {
@@ -84,7 +84,7 @@ void fill_expert_ids(const TensorSpec& spec, uint64_t seed, int64_t num_experts,
                      int64_t* out) {
   const uint64_t stream = core::stream_id(spec.name);
   const int64_t k = spec.shape[1];
-  for (int64_t r = 0; r < row_count; ++r) expert_ids_row(seed, stream, row_begin + r, num_experts, k, out + r * k);
+  for (int64_t r = 0; r < row_count; ++r) core::expert_ids_row(seed, stream, row_begin + r, num_experts, k, out + r * k);
 }
 
 }  // namespace dsv4::model

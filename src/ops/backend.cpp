@@ -53,7 +53,21 @@ void expect_batch(const BatchView& b, int64_t rows, const char* op) {
              op);
 }
 
+class CallGraph final : public Graph {
+ public:
+  explicit CallGraph(std::function<void()> body) : body_(std::move(body)) {}
+  void replay() override { body_(); }
+
+ private:
+  std::function<void()> body_;
+};
+
 }  // namespace
+
+std::unique_ptr<Graph> Backend::capture(const std::function<void()>& body) {
+  body();
+  return std::make_unique<CallGraph>(body);
+}
 
 void Backend::embed(const Tensor& table, const BatchView& batch, const Tensor& X) {
   const auto d = device();

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -41,6 +42,14 @@ struct RouterConfig {
   bool normalize = true;  // renormalise the selected scores (not for softmax)
 };
 
+// A recorded sequence of ops that can be replayed (a CUDA graph on the GPU; on
+// the CPU the recorded function is simply called again).
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  virtual void replay() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -55,6 +64,9 @@ class Backend {
   virtual void synchronize() = 0;
   // Storage for one layer's per-sequence state (see ops/batch.h).
   virtual LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) = 0;
+  // Records `body` (which issues ops only: no host reads of device data, no
+  // allocation) for replay. Every buffer it touches must keep its address.
+  virtual std::unique_ptr<Graph> capture(const std::function<void()>& body);
 
   // ---- ops ---------------------------------------------------------------------
   // X[t, i, :] = table[token_ids[t]] for every stream i (spec §3). table bf16 [V, D], X bf16 [T, hc, D].

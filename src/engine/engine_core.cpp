@@ -1,0 +1,200 @@
+#include "engine/engine_core.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/error.h"
+
+namespace dsv4::engine {
+
+EngineCore::EngineCore(ModelRunner& runner, const SchedulerConfig& config, int32_t eos_token_id)
+    : runner_(runner),
+      slots_(int32_t(runner.options().cache.num_slots)),
+      pages_(int32_t(runner.options().cache.num_pages)),
+      scheduler_(config, slots_, pages_),
+      eos_(eos_token_id),
+      vocab_(runner.model().config().vocab_size) {
+  const RunnerOptions& o = runner.options();
+  DSV4_CHECK(config.max_num_batched_tokens <= o.max_tokens_per_step, "token budget {} above the runner's {}",
+             config.max_num_batched_tokens, o.max_tokens_per_step);
+  DSV4_CHECK(config.max_num_seqs <= o.max_seqs_per_step && config.max_num_seqs <= o.max_logit_rows,
+             "max_num_seqs {} above the runner's limits", config.max_num_seqs);
+  DSV4_CHECK(pages_for_positions(config.max_model_len) <= o.max_blocks_per_seq,
+             "max_model_len {} needs more pages per sequence than the runner's {}", config.max_model_len,
+             o.max_blocks_per_seq);
+}
+
+int64_t EngineCore::submit(RequestParams params, TokenCallback on_token, std::string* error) {
+  auto r = std::make_shared<Request>();
+  r->id = next_id_++;
+  r->params = std::move(params);
+  r->on_token = std::move(on_token);
+  r->tokens = r->params.prompt;
+  r->num_prompt = int32_t(r->tokens.size());
+  r->arrival = Clock::now();
+  std::string reason;
+  for (int32_t t : r->params.prompt)
+    if (t < 0 || t >= vocab_) reason = fmt::format("prompt token id {} is outside the vocabulary [0, {})", t, vocab_);
+  if (reason.empty() && r->params.max_tokens < 1) reason = "max_tokens must be at least 1";
+  if (reason.empty()) scheduler_.validate(*r, &reason);
+  if (!reason.empty()) {
+    if (error) *error = reason;
+    TokenEvent e;
+    e.request_id = r->id;
+    e.finished = true;
+    e.reason = FinishReason::kError;
+    e.error = reason;
+    e.prompt_tokens = r->num_prompt;
+    if (r->on_token) r->on_token(e);
+    return -1;
+  }
+  ++pending_;
+  std::lock_guard<std::mutex> lock(inbox_mutex_);
+  inbox_.push_back(r);
+  return r->id;
+}
+
+void EngineCore::cancel(int64_t request_id) {
+  std::lock_guard<std::mutex> lock(inbox_mutex_);
+  cancels_.push_back(request_id);
+}
+
+bool EngineCore::has_work() const { return pending_.load() > 0; }
+
+void EngineCore::finish(Request& r, FinishReason reason, const std::string& error) {
+  if (r.finished) return;
+  r.finished = true;
+  scheduler_.release(r);
+  live_.erase(r.id);
+  --pending_;
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    ++stats_.finished_requests;
+  }
+  TokenEvent e;
+  e.request_id = r.id;
+  e.finished = true;
+  e.reason = reason;
+  e.error = error;
+  e.prompt_tokens = r.num_prompt;
+  e.completion_tokens = r.num_generated();
+  if (r.on_token) r.on_token(e);
+}
+
+void EngineCore::abort_all(const std::string& error) {
+  std::vector<std::shared_ptr<Request>> all;
+  {
+    std::lock_guard<std::mutex> lock(inbox_mutex_);
+    for (auto& r : inbox_) all.push_back(r);
+    inbox_.clear();
+    cancels_.clear();
+  }
+  for (auto& [id, r] : live_) all.push_back(r);
+  for (auto& r : all) finish(*r, error.empty() ? FinishReason::kCancelled : FinishReason::kError, error);
+}
+
+ScheduledStep EngineCore::prepare() {
+  std::vector<std::shared_ptr<Request>> arrived;
+  std::vector<int64_t> cancels;
+  {
+    std::lock_guard<std::mutex> lock(inbox_mutex_);
+    arrived.swap(inbox_);
+    cancels.swap(cancels_);
+  }
+  for (auto& r : arrived) {
+    live_[r->id] = r;
+    scheduler_.add(r);
+  }
+  for (int64_t id : cancels) {
+    auto it = live_.find(id);
+    if (it != live_.end()) finish(*it->second, FinishReason::kCancelled);
+  }
+  ScheduledStep step = scheduler_.schedule();
+  publish_queue_stats();
+  return step;
+}
+
+void EngineCore::execute(ScheduledStep& step) {
+  const auto start = Clock::now();
+  StepMetadata meta = build_step_metadata(step.slices);
+  logits_.clear();
+  runner_.step(meta, &logits_);
+  scheduler_.commit(step);
+  size_t row = 0;
+  int64_t generated = 0;
+  for (size_t k = 0; k < step.slices.size(); ++k) {
+    if (!step.slices[k].want_logits) continue;
+    Request& r = *step.requests[k];
+    const float* logits = logits_.data() + (row++) * size_t(vocab_);
+    if (r.finished) continue;
+    const int64_t position = int64_t(r.tokens.size());
+    const int32_t token = sample_token(logits, vocab_, r.params.sampling, position);
+    r.tokens.push_back(token);
+    ++generated;
+    const auto now = Clock::now();
+    if (r.num_generated() == 1) r.first_token = now;
+    r.last_token = now;
+    FinishReason reason = FinishReason::kNone;
+    if ((!r.params.ignore_eos && token == eos_) ||
+        std::find(r.params.stop_token_ids.begin(), r.params.stop_token_ids.end(), token) !=
+            r.params.stop_token_ids.end())
+      reason = FinishReason::kStop;
+    else if (r.num_generated() >= r.params.max_tokens)
+      reason = FinishReason::kLength;
+    TokenEvent e;
+    e.request_id = r.id;
+    e.token = token;
+    e.prompt_tokens = r.num_prompt;
+    e.completion_tokens = r.num_generated();
+    if (reason != FinishReason::kNone) {
+      // The last token travels with the finish event.
+      r.finished = true;
+      scheduler_.release(r);
+      live_.erase(r.id);
+      --pending_;
+      e.finished = true;
+      e.reason = reason;
+      {
+        std::lock_guard<std::mutex> lock(stats_mutex_);
+        ++stats_.finished_requests;
+      }
+    }
+    if (r.on_token) r.on_token(e);
+  }
+  publish_queue_stats();
+  const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  ++stats_.steps;
+  stats_.prompt_tokens += step.num_prefill_tokens;
+  stats_.generated_tokens += generated;
+  stats_.last_step_ms = ms;
+}
+
+bool EngineCore::step() {
+  ScheduledStep s = prepare();
+  if (s.empty()) return false;
+  execute(s);
+  return true;
+}
+
+EngineStats EngineCore::stats() const {
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    s = stats_;
+  }
+  std::lock_guard<std::mutex> lock(inbox_mutex_);
+  s.waiting += int64_t(inbox_.size());
+  return s;
+}
+
+void EngineCore::publish_queue_stats() {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  stats_.running = int64_t(scheduler_.num_running());
+  stats_.waiting = int64_t(scheduler_.num_waiting());
+  stats_.kv_usage = scheduler_.kv_usage();
+  stats_.free_pages = pages_.num_free();
+  stats_.preemptions = scheduler_.num_preemptions();
+}
+
+}  // namespace dsv4::engine

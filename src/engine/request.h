@@ -1,0 +1,61 @@
+// A generation request as the engine tracks it: tokens, cache state, output
+// callback, timestamps. Owned by the engine; the server only submits and cancels.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/sampler.h"
+
+namespace dsv4::engine {
+
+enum class FinishReason { kNone, kLength, kStop, kCancelled, kError };
+const char* finish_reason_name(FinishReason reason);  // "length", "stop", ...
+
+struct RequestParams {
+  std::vector<int32_t> prompt;
+  int32_t max_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int32_t> stop_token_ids;  // besides EOS
+  bool ignore_eos = false;
+};
+
+// One event per generated token; the last event of a request has finished set
+// (and may carry no token when the request ends without one: cancel, error).
+struct TokenEvent {
+  int64_t request_id = 0;
+  int32_t token = -1;
+  bool finished = false;
+  FinishReason reason = FinishReason::kNone;
+  std::string error;
+  int32_t prompt_tokens = 0;
+  int32_t completion_tokens = 0;
+};
+
+using TokenCallback = std::function<void(const TokenEvent&)>;
+using Clock = std::chrono::steady_clock;
+
+struct Request {
+  int64_t id = 0;
+  RequestParams params;
+  TokenCallback on_token;
+  std::vector<int32_t> tokens;  // prompt then generated
+  int32_t num_prompt = 0;
+  int32_t num_computed = 0;     // leading tokens whose state is in the caches
+  int32_t slot = -1;            // state slot while admitted
+  std::vector<int32_t> pages;   // pages of compressed rows while admitted
+  int32_t num_preemptions = 0;
+  std::atomic<bool> cancelled{false};
+  bool finished = false;
+  Clock::time_point arrival, first_token, last_token;
+
+  int32_t num_generated() const { return int32_t(tokens.size()) - num_prompt; }
+  // Tokens still to run before the next token can be sampled.
+  int32_t num_pending() const { return int32_t(tokens.size()) - num_computed; }
+};
+
+}  // namespace dsv4::engine
