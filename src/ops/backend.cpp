@@ -1,7 +1,10 @@
 // Contract checks shared by every backend, and the RoPE frequency table.
 #include "ops/backend.h"
 
+#include <chrono>
 #include <cmath>
+
+#include "core/random.h"
 
 #include "core/error.h"
 
@@ -64,8 +67,37 @@ class CallGraph final : public Graph {
 
 }  // namespace
 
+namespace {
+class HostTimer final : public Timer {
+ public:
+  void start() override { start_ = std::chrono::steady_clock::now(); }
+  void stop() override { stop_ = std::chrono::steady_clock::now(); }
+  double elapsed_ms() override { return std::chrono::duration<double, std::milli>(stop_ - start_).count(); }
+
+ private:
+  std::chrono::steady_clock::time_point start_, stop_;
+};
+}  // namespace
+
+std::unique_ptr<Timer> Backend::make_timer() { return std::make_unique<HostTimer>(); }
+
+void Backend::randomize_cache(LayerCache& cache, uint64_t seed) {
+  // Host-side fill for host-format caches (bf16 rows, f32 states): N(0,1).
+  DSV4_CHECK(device() == core::Device::kCpu, "randomize_cache needs a device implementation");
+  uint64_t stream = 1;
+  for (Tensor* t : {&cache.window, &cache.rows, &cache.index_rows, &cache.kv_state, &cache.score_state,
+                    &cache.index_kv_state, &cache.index_score_state}) {
+    ++stream;
+    if (t->ndim() == 0) continue;
+    for (int64_t i = 0; i < t->numel(); ++i) {
+      const float v = core::random_normal(seed, stream, uint64_t(i));
+      if (t->dtype() == DType::kBF16) t->as<uint16_t>()[i] = core::float_to_bf16(v);
+      else t->as<float>()[i] = v;
+    }
+  }
+}
+
 std::unique_ptr<Graph> Backend::capture(const std::function<void()>& body) {
-  body();
   return std::make_unique<CallGraph>(body);
 }
 
@@ -304,6 +336,20 @@ void Backend::gather_rows(const Tensor& src, const Tensor& rows, const Tensor& d
              rows.shape_string());
   DSV4_CHECK(src.device() == d && dst.device() == d, "gather_rows: tensors on the wrong device");
   do_gather_rows(src, rows, dst);
+}
+
+void Backend::gather_slots(const Tensor& src, const Tensor& index, const Tensor& dst) {
+  const auto d = device();
+  expect(src, DType::kBF16, {-1, -1, -1}, d, "gather_slots", "src");
+  expect(index, DType::kI32, {-1, src.size(1)}, d, "gather_slots", "index");
+  expect(dst, DType::kBF16, {index.size(0), src.size(1), src.size(2)}, d, "gather_slots", "dst");
+  do_gather_slots(src, index, dst);
+}
+
+void Backend::copy(const Tensor& dst, const Tensor& src) {
+  DSV4_CHECK(dst.nbytes() >= src.nbytes(), "copy: {} bytes into a tensor of {}", src.nbytes(), dst.nbytes());
+  DSV4_CHECK(src.device() == device() && dst.device() == device(), "copy: tensors on the wrong device");
+  do_copy(dst, src);
 }
 
 std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, double factor, int64_t original_seq_len,

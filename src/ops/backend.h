@@ -50,6 +50,16 @@ class Graph {
   virtual void replay() = 0;
 };
 
+// Device-side time between two points of the stream (CUDA events on the GPU).
+class Timer {
+ public:
+  virtual ~Timer() = default;
+  virtual void start() = 0;
+  virtual void stop() = 0;
+  // Waits for the stop point; milliseconds between start and stop.
+  virtual double elapsed_ms() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -64,8 +74,16 @@ class Backend {
   virtual void synchronize() = 0;
   // Storage for one layer's per-sequence state (see ops/batch.h).
   virtual LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) = 0;
+  // Bytes allocate_cache takes per state slot and per page for one layer (sizing
+  // the pools from a memory budget).
+  struct CacheCost {
+    int64_t per_slot = 0;
+    int64_t per_page = 0;
+  };
+  virtual CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const = 0;
   // Records `body` (which issues ops only: no host reads of device data, no
-  // allocation) for replay. Every buffer it touches must keep its address.
+  // allocation) for replay; recording does not execute it. Every buffer it
+  // touches must keep its address.
   virtual std::unique_ptr<Graph> capture(const std::function<void()>& body);
 
   // ---- ops ---------------------------------------------------------------------
@@ -163,6 +181,18 @@ class Backend {
   void add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X);
   // dst[i] = src[rows[i]]; rows i32 [R] on the device.
   void gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst);
+  // dst[t, s, :] = src[index[t, s], s, :], or zeros where index[t, s] < 0 (the
+  // expert-parallel combine puts returned expert outputs back in slot order).
+  // src bf16 [R, k, D], index i32 [T, k], dst bf16 [T, k, D].
+  void gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst);
+  // Byte copy between tensors of this device (dst at least as large as src).
+  void copy(const core::Tensor& dst, const core::Tensor& src);
+  // Makes this backend's device current on the calling thread (rank threads call it once).
+  virtual void bind_to_current_thread() {}
+  virtual std::unique_ptr<Timer> make_timer();
+  // Fills every row and state of a cache with random valid content (benchmarks:
+  // a decode step at context C without prefilling C tokens; never zeros).
+  virtual void randomize_cache(LayerCache& cache, uint64_t seed);
 
  protected:
   virtual void do_embed(const core::Tensor& table, const BatchView& batch, const core::Tensor& X) = 0;
@@ -200,6 +230,8 @@ class Backend {
   virtual void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) = 0;
   virtual void do_add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X) = 0;
   virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
+  virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
+  virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;
 };
 
 // The RoPE inverse frequencies of spec §2.2 in the reference's fp32 arithmetic.

@@ -56,6 +56,21 @@ LayerCache CpuBackend::allocate_cache(const CacheGeometry& g, int64_t ratio) {
   return c;
 }
 
+Backend::CacheCost CpuBackend::cache_cost(const CacheGeometry& g, int64_t ratio) const {
+  CacheCost c;
+  c.per_slot = g.window * g.head_dim * 2;
+  if (ratio > 0) {
+    const int64_t coff = ratio == 4 ? 2 : 1;
+    c.per_page = kPageTokens / ratio * g.head_dim * 2;
+    c.per_slot += 2 * coff * ratio * coff * g.head_dim * 4;
+  }
+  if (ratio == 4) {
+    c.per_page += kPageTokens / 4 * g.index_head_dim * 2;
+    c.per_slot += 2 * 8 * 2 * g.index_head_dim * 4;
+  }
+  return c;
+}
+
 void CpuBackend::do_embed(const Tensor& table, const BatchView& batch, const Tensor& X) {
   const int64_t T = X.size(0), hc = X.size(1), D = X.size(2), V = table.size(0);
   for (int64_t t = 0; t < T; ++t) {
@@ -298,6 +313,25 @@ void CpuBackend::do_gather_rows(const Tensor& src, const Tensor& rows, const Ten
     std::memcpy(static_cast<char*>(dst.data()) + size_t(i) * row_bytes,
                 static_cast<const char*>(src.data()) + size_t(r) * row_bytes, row_bytes);
   }
+}
+
+void CpuBackend::do_gather_slots(const Tensor& src, const Tensor& index, const Tensor& dst) {
+  const int64_t T = dst.size(0), k = dst.size(1), D = dst.size(2);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t s = 0; s < k; ++s) {
+      const int32_t r = index.as<int32_t>()[t * k + s];
+      uint16_t* out = dst.as<uint16_t>() + (t * k + s) * D;
+      if (r < 0) {
+        std::memset(out, 0, size_t(D) * 2);
+        continue;
+      }
+      DSV4_CHECK(r < src.size(0), "gather_slots: row {} outside [0, {})", r, src.size(0));
+      std::memcpy(out, src.as<uint16_t>() + (int64_t(r) * k + s) * D, size_t(D) * 2);
+    }
+}
+
+void CpuBackend::do_copy(const Tensor& dst, const Tensor& src) {
+  if (src.nbytes()) std::memcpy(dst.data(), src.data(), src.nbytes());
 }
 
 }  // namespace dsv4::ops

@@ -26,6 +26,7 @@ class CpuBackend final : public Backend {
   void fill_zero(const core::Tensor& t) override;
   void synchronize() override {}
   LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) override;
+  CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const override;
 
  protected:
   void do_embed(const core::Tensor& table, const BatchView& batch, const core::Tensor& X) override;
@@ -61,6 +62,8 @@ class CpuBackend final : public Backend {
   void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) override;
   void do_add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X) override;
   void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) override;
+  void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) override;
+  void do_copy(const core::Tensor& dst, const core::Tensor& src) override;
 
  private:
   // Dequantized fp32 copy of a quantized weight (exact: e4m3/e2m1 times a power

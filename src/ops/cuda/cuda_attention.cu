@@ -1,0 +1,1752 @@
+// CUDA attention family (spec §5.2-§5.8): compress, indexer_q, indexer_topk,
+// sparse_attention, window_commit. Design, roofline arithmetic and register
+// counts: docs/design/cuda-attention.md.
+//
+// Cached rows are the lossless records of ops/kv_format.h: a KV row is e4m3 nope
+// values + bf16 rope values + one UE8M0 byte per 64 nope values (584 B at
+// Dh = 512), an indexer row packed e2m1 + one UE8M0 byte per 32 (68 B at Di = 128).
+// Encoders take the block exponent of ref::fp8_block_exponent / fp4_block_exponent
+// from the values they are given (pre-simulation values in the compressor, which
+// reproduces the reference's simulation exactly; already simulated bf16 values in
+// window_commit, where the recomputed exponent can be one smaller than the one
+// the simulation used, e.g. when a block's amax rounded down to 224 * 2^e, and the
+// codes then are the simulated codes times 2: the decoded values are identical).
+//
+// Two implementations of attention, indexer scoring/top-k and the compressor:
+//   fast    (default) tensor-core (mma.sync bf16) attention and indexer scoring,
+//           a closed-form parallel compressor, a radix-select top-k;
+//   simple  (DSV4_CUDA_KERNELS=simple, read once) scalar kernels that follow the
+//           CPU reference loop by loop (same key order, same fp32 summation order
+//           where it is reproducible), a token-by-token compressor state machine,
+//           and a CUB segmented radix sort for the top-k.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <type_traits>
+
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include "core/dtype.h"
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/kv_format.h"
+
+namespace dsv4::ops {
+
+using core::Tensor;
+
+namespace {
+
+// ---- kernel selection ---------------------------------------------------------
+std::atomic<int> g_kernel_mode{-1};  // -1 unread, 0 fast, 1 simple
+
+bool use_simple_kernels() {
+  int mode = g_kernel_mode.load(std::memory_order_relaxed);
+  if (mode < 0) {
+    const char* env = std::getenv("DSV4_CUDA_KERNELS");
+    int want = (env != nullptr && std::string_view(env) == "simple") ? 1 : 0;
+    int expected = -1;
+    g_kernel_mode.compare_exchange_strong(expected, want);
+    mode = g_kernel_mode.load();
+  }
+  return mode == 1;
+}
+
+}  // namespace
+
+// Test hook (tests/ops/cuda_attention_test.cpp declares it): selects the simple
+// (true) or fast (false) kernels of this file, overriding DSV4_CUDA_KERNELS.
+void cuda_attention_use_simple_kernels(bool simple) { g_kernel_mode.store(simple ? 1 : 0); }
+
+namespace {
+
+// ---- shared helpers ------------------------------------------------------------
+constexpr int kRope = 64;  // rope dims of a cached KV record (the CUDA caches are allocated with it)
+constexpr float kFp8MaxInv = 1.0f / 448.0f;
+constexpr float kFp4MaxInv = 1.0f / 6.0f;
+constexpr float kFp4AmaxFloor = 6.0f * 1.1754943508222875e-38f;  // 6 * 2^-126, as ref::fp4_block_exponent
+constexpr unsigned kFull = 0xffffffffu;
+
+void check_launch(cudaStream_t stream) {
+  DSV4_CUDA_CHECK(cudaGetLastError());
+#ifndef NDEBUG
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+__device__ __forceinline__ float bf2f(uint16_t h) { return core::bf16_to_float(h); }
+__device__ __forceinline__ uint16_t f2bf(float x) { return core::float_to_bf16(x); }
+__device__ __forceinline__ float round_bf(float x) { return core::round_bf16(x); }
+// exp in double, rounded to fp32: agrees with a correctly rounded expf (the
+// reference's std::exp) except in rare double-rounding cases.
+__device__ __forceinline__ float exp_ref(float x) { return float(exp(double(x))); }
+
+__device__ __forceinline__ void rope_cos_sin(int64_t pos, float inv_freq, float* c, float* s) {
+  const float angle = __fmul_rn(float(pos), inv_freq);
+  *c = float(cos(double(angle)));
+  *s = float(sin(double(angle)));
+}
+// RoPE of one pair of bf16-valued floats (spec §2.3); results rounded to bf16.
+__device__ __forceinline__ void rope_pair_f(float* a, float* b, float c, float s) {
+  const float x = *a, y = *b;
+  *a = round_bf(__fsub_rn(__fmul_rn(x, c), __fmul_rn(y, s)));
+  *b = round_bf(__fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c)));
+}
+
+// core::e2m1_to_float without its lookup table (a run-time index into a local
+// array would live in local memory): magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6.
+__device__ __forceinline__ float e2m1_value(uint32_t nibble) {
+  const uint32_t m = nibble & 7u, e = m >> 1, frac = m & 1u;
+  const float mag = e == 0 ? 0.5f * float(frac) : (1.0f + 0.5f * float(frac)) * core::pow2_float(int(e) - 1);
+  return (nibble & 8u) ? -mag : mag;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+// cpu::dot_f32 in its exact order (16 lanes of sequential unfused fp32 sums,
+// then the fixed pairwise tree, then the tail): lane u of each half-warp owns
+// accumulator lane u; the xor butterfly over 1, 2, 4, 8 is reduce8(acc0) + reduce8(acc1).
+// Every lane returns the result. a, b: shared or global fp32 arrays of n values.
+__device__ float warp_dot_cpu_order(const float* a, const float* b, int n) {
+  const int u = threadIdx.x & 15;
+  float acc = 0.0f;
+  const int blocks = n / 16;
+  for (int k = 0; k < blocks; ++k) acc = __fadd_rn(acc, __fmul_rn(a[16 * k + u], b[16 * k + u]));
+  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 1));
+  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 2));
+  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 4));
+  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 8));
+  for (int i = blocks * 16; i < n; ++i) acc = __fadd_rn(acc, __fmul_rn(a[i], b[i]));
+  return acc;
+}
+
+// ---- record codecs -------------------------------------------------------------
+// KV record (kv_format.h) of one row from its values v[0, Dh) (fp32 holding the
+// values to store; the rope part must be bf16-exact). One warp.
+__device__ void warp_encode_kv_record(const float* v, int Dh, int row_bytes, uint8_t* dst) {
+  const int lane = threadIdx.x & 31, nope = Dh - kRope, scale_off = nope + 2 * kRope;
+  for (int b = 0; b < nope / 64; ++b) {
+    const float x0 = v[b * 64 + 2 * lane], x1 = v[b * 64 + 2 * lane + 1];
+    const float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
+    const int e = core::ceil_log2_bits(__fmul_rn(fmaxf(amax, 1e-4f), kFp8MaxInv));
+    const float inv = core::pow2_float(-e);
+    const uint8_t c0 = core::float_to_e4m3(fminf(fmaxf(__fmul_rn(x0, inv), -448.0f), 448.0f));
+    const uint8_t c1 = core::float_to_e4m3(fminf(fmaxf(__fmul_rn(x1, inv), -448.0f), 448.0f));
+    *reinterpret_cast<uint16_t*>(dst + b * 64 + 2 * lane) = uint16_t(c0 | (uint16_t(c1) << 8));
+    if (lane == 0) dst[scale_off + b] = core::e8m0_from_exponent(e);
+  }
+  for (int i = lane; i < kRope / 2; i += 32) {
+    const uint32_t pair = uint32_t(f2bf(v[nope + 2 * i])) | (uint32_t(f2bf(v[nope + 2 * i + 1])) << 16);
+    *reinterpret_cast<uint32_t*>(dst + nope + 4 * i) = pair;
+  }
+  for (int i = scale_off + nope / 64 + lane; i < row_bytes; i += 32) dst[i] = 0;
+}
+
+// Indexer K record from its (post-Hadamard, bf16-exact) values v[0, Di). One warp.
+__device__ void warp_encode_index_record(const float* v, int Di, uint8_t* dst) {
+  const int lane = threadIdx.x & 31;
+  for (int b = 0; b < Di / 32; ++b) {
+    const float x = v[b * 32 + lane];
+    const float amax = warp_max(fabsf(x));
+    const int e = core::ceil_log2_bits(__fmul_rn(fmaxf(amax, kFp4AmaxFloor), kFp4MaxInv));
+    const float inv = core::pow2_float(-e);
+    const uint8_t code = core::float_to_e2m1(fminf(fmaxf(__fmul_rn(x, inv), -6.0f), 6.0f));
+    const uint8_t hi = uint8_t(__shfl_down_sync(kFull, uint32_t(code), 1));
+    if ((lane & 1) == 0) dst[(b * 32 + lane) / 2] = uint8_t(code | (hi << 4));  // low nibble = even element
+    if (lane == 0) dst[Di / 2 + b] = core::e8m0_from_exponent(e);
+  }
+}
+
+// Element i of a KV record as fp32 (exact: e4m3 * 2^e, or the bf16 rope value).
+__device__ __forceinline__ float kv_record_value(const uint8_t* rec, int Dh, int i) {
+  const int nope = Dh - kRope;
+  if (i < nope) return __fmul_rn(core::e4m3_to_float(rec[i]), core::e8m0_to_float(rec[nope + 2 * kRope + i / 64]));
+  return bf2f(*reinterpret_cast<const uint16_t*>(rec + nope + 2 * (i - nope)));
+}
+
+// Element i of an indexer record as fp32 (exact).
+__device__ __forceinline__ float index_record_value(const uint8_t* rec, int Di, int i) {
+  const uint8_t byte = rec[i / 2];
+  const uint8_t nib = (i & 1) ? uint8_t(byte >> 4) : uint8_t(byte & 15);
+  return __fmul_rn(e2m1_value(nib), core::e8m0_to_float(rec[Di / 2 + i / 32]));
+}
+
+// Compressed row j of sequence s: its record, or null where the block table has
+// no valid page for it (the CPU reference throws there).
+__device__ __forceinline__ const uint8_t* paged_record(const uint8_t* rows, int64_t num_pages, int64_t per_page,
+                                                       int64_t row_bytes, const int32_t* block_table,
+                                                       int32_t max_blocks, int32_t s, int64_t j) {
+  if (j < 0) return nullptr;
+  const int64_t blk = j / per_page;
+  if (blk >= max_blocks) return nullptr;
+  const int32_t page = block_table[int64_t(s) * max_blocks + blk];
+  if (page < 0 || page >= num_pages) return nullptr;
+  return rows + (int64_t(page) * per_page + j % per_page) * row_bytes;
+}
+
+// ---- inline PTX ----------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+// D = A(16x16 bf16, row) * B(16x8 bf16, col) + D, fp32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// Two fp32 -> one register of two bf16 (low half = lo, the lower column).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  return uint32_t(f2bf(lo)) | (uint32_t(f2bf(hi)) << 16);
+}
+
+// ================================================================================
+// window_commit: the last min(W, len) rows of each sequence into its ring.
+// One warp per token row (rows not among the last W of their sequence exit).
+// Roofline: T*Dh*2 bytes read, <= T*584 written; launch-bound at decode.
+// ================================================================================
+struct WindowCommitArgs {
+  const uint16_t* kv;
+  const int32_t *token_seq, *seq_begin, *seq_len, *seq_start_pos, *seq_slot;
+  uint8_t* window;
+  int64_t T, W, Dh, row_bytes;
+};
+
+__global__ void window_commit_kernel(WindowCommitArgs a) {
+  extern __shared__ float wc_buf[];  // [warps][Dh]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
+  if (t >= a.T) return;
+  const int32_t s = a.token_seq[t];
+  if (s < 0) return;
+  const int64_t i = t - a.seq_begin[s], len = a.seq_len[s];
+  if (i < 0 || i >= len || i < len - a.W) return;
+  const int64_t pos = int64_t(a.seq_start_pos[s]) + i;
+  float* v = wc_buf + warp * a.Dh;
+  for (int64_t k = lane; k < a.Dh; k += 32) v[k] = bf2f(a.kv[t * a.Dh + k]);
+  __syncwarp();
+  uint8_t* dst = a.window + (int64_t(a.seq_slot[s]) * a.W + pos % a.W) * a.row_bytes;
+  warp_encode_kv_record(v, int(a.Dh), int(a.row_bytes), dst);
+}
+
+// ================================================================================
+// indexer_q: RoPE of the last rd dims, Hadamard, FP4 simulation, per (token, head).
+// One warp per head; lane l owns values [l*EPL, (l+1)*EPL). The Hadamard runs in
+// double in the reference's butterfly order (exact for bf16 inputs).
+// Roofline: 2*T*Hi*Di*2 bytes (4 MB at T = 256): bandwidth-bound.
+// ================================================================================
+template <int EPL>
+__global__ void indexer_q_kernel(uint16_t* __restrict__ q, int64_t rows /* T*Hi */, int64_t Hi,
+                                 const int32_t* __restrict__ positions, const float* __restrict__ inv_freq, int rd) {
+  constexpr int Di = 32 * EPL;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int32_t pos = positions[row / Hi];
+  uint16_t* v = q + row * Di + lane * EPL;
+  float x[EPL];
+#pragma unroll
+  for (int k = 0; k < EPL; ++k) x[k] = bf2f(v[k]);
+  if (pos >= 0) {
+#pragma unroll
+    for (int k = 0; k < EPL; k += 2) {
+      const int d = lane * EPL + k;
+      if (d >= Di - rd) {
+        float c, s;
+        rope_cos_sin(pos, inv_freq[(d - (Di - rd)) / 2], &c, &s);
+        rope_pair_f(&x[k], &x[k + 1], c, s);
+      }
+    }
+  }
+  double h[EPL];
+#pragma unroll
+  for (int k = 0; k < EPL; ++k) h[k] = double(x[k]);
+  // Butterflies over strides 1, 2, 4, ...: v[j] = a + b, v[j + s] = a - b for j with bit s clear.
+#pragma unroll
+  for (int s = 1; s < EPL; s <<= 1) {
+#pragma unroll
+    for (int k = 0; k < EPL; ++k)
+      if ((k & s) == 0) {
+        const double a = h[k], b = h[k + s];
+        h[k] = a + b;
+        h[k + s] = a - b;
+      }
+  }
+#pragma unroll
+  for (int ls = 1; ls < 32; ls <<= 1) {  // stride ls * EPL: partner lane = lane ^ ls
+    const bool upper = (lane & ls) != 0;
+#pragma unroll
+    for (int k = 0; k < EPL; ++k) {
+      const double other = __shfl_xor_sync(kFull, h[k], ls);
+      h[k] = upper ? other - h[k] : h[k] + other;
+    }
+  }
+  const double scale = 1.0 / sqrt(double(Di));
+#pragma unroll
+  for (int k = 0; k < EPL; ++k) x[k] = round_bf(float(h[k] * scale));
+  // FP4 simulation per 32 values = 32 / EPL lanes.
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < EPL; ++k) amax = fmaxf(amax, fabsf(x[k]));
+#pragma unroll
+  for (int o = 1; o < 32 / EPL; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(kFull, amax, o));
+  const int e = core::ceil_log2_bits(__fmul_rn(fmaxf(amax, kFp4AmaxFloor), kFp4MaxInv));
+  const float inv = core::pow2_float(-e), sc = core::pow2_float(e);
+#pragma unroll
+  for (int k = 0; k < EPL; ++k) {
+    const float qv = e2m1_value(core::float_to_e2m1(fminf(fmaxf(__fmul_rn(x[k], inv), -6.0f), 6.0f)));
+    v[k] = f2bf(__fmul_rn(qv, sc));
+  }
+}
+
+// ================================================================================
+// compress (spec §5.3). Both paths share the pooling arithmetic (pool_feature) and
+// the row finish (compress_finish_row), so they agree bit for bit.
+//   simple: one CTA per sequence runs the reference state machine token by token.
+//   fast:   compress_emit_kernel pools every due row in parallel (one CTA per
+//           emitting token) from this step's a/g rows and the state as it was
+//           before the step; then compress_state_kernel writes the state the
+//           token-by-token machine would leave (per column, no token loop).
+// Roofline (decode, T = 256, CSA main d = 512): reads a, g 2 x 1 MB, writes the
+// 2 state rows per token (8 KB); an emitting token reads 8 candidates x 512 x 2 f32
+// and writes one 584 B row. HCA emissions read 128 x 512 x 2 f32 (512 KB) each.
+// ================================================================================
+struct CompressArgs {
+  const float *a, *g, *ape;
+  const uint16_t* norm;
+  const float* inv_freq;
+  float* kv_state;  // [slots, state_rows, width]
+  float* score_state;
+  uint8_t* rows;    // [pages, per_page, row_bytes]
+  const int32_t *positions, *token_seq, *seq_begin, *seq_len, *seq_start_pos, *seq_slot, *block_table;
+  int32_t max_blocks;
+  int64_t T, m, d, width, state_rows, rd, num_pages, per_page, row_bytes;
+  bool rotate;
+  float eps;
+};
+
+constexpr int kCompressThreads = 256;
+constexpr int kMaxCompressDim = 512;
+
+// Softmax-weighted pooling of one feature over its candidates, in the reference's
+// order: max, then the sum of exp, then the sum of kv * (exp / z). get(c, &kv, &score).
+template <class Get>
+__device__ __forceinline__ float pool_feature(int n, const Get& get) {
+  float kv, sc;
+  get(0, &kv, &sc);
+  float mx = sc;
+  for (int c = 1; c < n; ++c) {
+    get(c, &kv, &sc);
+    mx = fmaxf(mx, sc);
+  }
+  float z = 0.0f;
+  for (int c = 0; c < n; ++c) {
+    get(c, &kv, &sc);
+    z = __fadd_rn(z, exp_ref(__fsub_rn(sc, mx)));
+  }
+  float acc = 0.0f;
+  for (int c = 0; c < n; ++c) {
+    get(c, &kv, &sc);
+    acc = __fadd_rn(acc, __fmul_rn(kv, __fdiv_rn(exp_ref(__fsub_rn(sc, mx)), z)));
+  }
+  return acc;
+}
+
+struct CompressSmem {
+  float pooled[kMaxCompressDim];
+  float v[kMaxCompressDim];
+  double h[kMaxCompressDim];
+  float r;
+};
+
+// Finishes compressed row j (RMSNorm of bf16(pooled), RoPE at j*m, FP8 or
+// Hadamard + FP4 simulation) and stores its record. Called by every thread of
+// the block with sm.pooled filled; dst may be null (no valid page).
+__device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int64_t j, uint8_t* dst) {
+  const int d = int(a.d), rd = int(a.rd);
+  const int tid = threadIdx.x, nt = blockDim.x;
+  for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(sm.pooled[f]);
+  __syncthreads();
+  if (tid < 32) {
+    const float ss = warp_dot_cpu_order(sm.v, sm.v, d);
+    if (tid == 0) sm.r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, float(d)), a.eps)));
+  }
+  __syncthreads();
+  const float r = sm.r;
+  for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(__fmul_rn(bf2f(a.norm[f]), __fmul_rn(sm.v[f], r)));
+  __syncthreads();
+  for (int i = tid; i < rd / 2; i += nt) {  // spec §5.3: rotated at j*m, the window's first token
+    float c, s;
+    rope_cos_sin(j * a.m, a.inv_freq[i], &c, &s);
+    rope_pair_f(&sm.v[d - rd + 2 * i], &sm.v[d - rd + 2 * i + 1], c, s);
+  }
+  __syncthreads();
+  if (!a.rotate) {
+    if (tid < 32 && dst != nullptr) warp_encode_kv_record(sm.v, d, int(a.row_bytes), dst);
+    return;
+  }
+  for (int f = tid; f < d; f += nt) sm.h[f] = double(sm.v[f]);
+  __syncthreads();
+  for (int s = 1; s < d; s <<= 1) {
+    for (int i = tid; i < d / 2; i += nt) {
+      const int k = (i / s) * 2 * s + (i % s);
+      const double x = sm.h[k], y = sm.h[k + s];
+      sm.h[k] = x + y;
+      sm.h[k + s] = x - y;
+    }
+    __syncthreads();
+  }
+  const double scale = 1.0 / sqrt(double(d));
+  for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(float(sm.h[f] * scale));
+  __syncthreads();
+  if (tid < 32 && dst != nullptr) warp_encode_index_record(sm.v, d, dst);
+}
+
+__device__ __forceinline__ uint8_t* compress_dst(const CompressArgs& a, int32_t s, int64_t j) {
+  return const_cast<uint8_t*>(
+      paged_record(a.rows, a.num_pages, a.per_page, a.row_bytes, a.block_table, a.max_blocks, s, j));
+}
+
+// simple: the reference state machine, one CTA per sequence, tokens in order.
+__global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(CompressArgs a) {
+  __shared__ CompressSmem sm;
+  const int32_t s = blockIdx.x;
+  const int32_t len = a.seq_len[s];
+  if (len <= 0) return;
+  const int64_t m = a.m, d = a.d, width = a.width;
+  const bool overlap = m == 4;
+  float* kvs = a.kv_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
+  float* scs = a.score_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
+  const float neg_inf = -INFINITY;
+  for (int32_t i = 0; i < len; ++i) {
+    const int64_t t = a.seq_begin[s] + i, p = a.positions[t];
+    const int64_t slot_row = overlap ? m + p % m : p % m;
+    for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
+      kvs[slot_row * width + c] = a.a[t * width + c];
+      scs[slot_row * width + c] = __fadd_rn(a.g[t * width + c], a.ape[(p % m) * width + c]);
+    }
+    __syncthreads();
+    if ((p + 1) % m != 0) continue;  // uniform over the block
+    const int64_t j = p / m;
+    for (int64_t f = threadIdx.x; f < d; f += blockDim.x) {
+      if (overlap) {
+        sm.pooled[f] = pool_feature(int(2 * m), [&](int c, float* kv, float* sc) {
+          if (c < m) {  // previous window, first half (absent for row 0)
+            *kv = j > 0 ? kvs[c * width + f] : 0.0f;
+            *sc = j > 0 ? scs[c * width + f] : neg_inf;
+          } else {  // current window, second half
+            *kv = kvs[c * width + d + f];
+            *sc = scs[c * width + d + f];
+          }
+        });
+      } else {
+        sm.pooled[f] = pool_feature(int(m), [&](int c, float* kv, float* sc) {
+          *kv = kvs[c * width + f];
+          *sc = scs[c * width + f];
+        });
+      }
+    }
+    __syncthreads();
+    if (overlap) {  // the current window becomes the previous one
+      for (int64_t c = threadIdx.x; c < m * width; c += blockDim.x) {
+        kvs[c] = kvs[m * width + c];
+        scs[c] = scs[m * width + c];
+      }
+    }
+    __syncthreads();
+    compress_finish_row(sm, a, j, compress_dst(a, s, j));
+    __syncthreads();
+  }
+}
+
+// fast (1/2): one CTA per token that completes a row. Position q of the
+// sequence is this step's row begin + (q - start) if q >= start, else the
+// state: for ratio 4 the current-window rows m + q % m hold positions of window
+// start / m and rows 0..m-1 the window before it; for ratio 128 row q % m.
+__global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a) {
+  __shared__ CompressSmem sm;
+  const int64_t t = blockIdx.x;
+  const int32_t s = a.token_seq[t];
+  const int64_t p = a.positions[t], m = a.m, d = a.d, width = a.width;
+  if (s < 0 || p < 0 || (p + 1) % m != 0) return;
+  const int64_t j = p / m, start = a.seq_start_pos[s], begin = a.seq_begin[s];
+  const bool overlap = m == 4;
+  const float* kvs = a.kv_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
+  const float* scs = a.score_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
+  const int64_t window_start = (start / m) * m;  // first position of the state's current window
+  auto value = [&](int64_t q, int64_t col, float* kv, float* sc) {
+    if (q >= start) {
+      const int64_t row = begin + (q - start);
+      *kv = a.a[row * width + col];
+      *sc = __fadd_rn(a.g[row * width + col], a.ape[(q % m) * width + col]);
+    } else {
+      const int64_t srow = overlap ? (q >= window_start ? m + q % m : q % m) : q % m;
+      *kv = kvs[srow * width + col];
+      *sc = scs[srow * width + col];
+    }
+  };
+  const float neg_inf = -INFINITY;
+  for (int64_t f = threadIdx.x; f < d; f += blockDim.x) {
+    if (overlap) {
+      sm.pooled[f] = pool_feature(int(2 * m), [&](int c, float* kv, float* sc) {
+        if (c < m) {
+          if (j > 0) {
+            value((j - 1) * m + c, f, kv, sc);
+          } else {
+            *kv = 0.0f;
+            *sc = neg_inf;
+          }
+        } else {
+          value(j * m + (c - m), d + f, kv, sc);
+        }
+      });
+    } else {
+      sm.pooled[f] = pool_feature(int(m), [&](int c, float* kv, float* sc) { value(j * m + c, f, kv, sc); });
+    }
+  }
+  __syncthreads();
+  compress_finish_row(sm, a, j, compress_dst(a, s, j));
+}
+
+// fast (2/2): the state after the step, per column (runs after compress_emit_kernel,
+// which reads the state as it was before the step). Current-window row of residue r:
+// the last position q < start + len with q % m == r, if it is in this step.
+// Ratio 4, previous-window rows: the window of the last emission in the step.
+// Grid: (column blocks, sequences); ratio 128 also spreads the 128 rows over y.
+__global__ void compress_state_kernel(CompressArgs a) {
+  const int32_t s = blockIdx.y;
+  const int32_t len = a.seq_len[s];
+  if (len <= 0) return;
+  const int64_t m = a.m, width = a.width;
+  const bool overlap = m == 4;
+  const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], last = start + len - 1;
+  float* kvs = a.kv_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
+  float* scs = a.score_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
+  // Largest q <= last with q % m == r (-1 if none).
+  auto last_with_residue = [&](int64_t r) -> int64_t { return last < r ? -1 : last - ((last - r) % m); };
+  auto step_value = [&](int64_t q, int64_t col, float* kv, float* sc) {
+    const int64_t row = begin + (q - start);
+    *kv = a.a[row * width + col];
+    *sc = __fadd_rn(a.g[row * width + col], a.ape[(q % m) * width + col]);
+  };
+  if (!overlap) {
+    for (int64_t r = blockIdx.z; r < m; r += gridDim.z) {
+      const int64_t q = last_with_residue(r);
+      if (q < start) continue;
+      for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < width;
+           col += int64_t(gridDim.x) * blockDim.x) {
+        float kv, sc;
+        step_value(q, col, &kv, &sc);
+        kvs[r * width + col] = kv;
+        scs[r * width + col] = sc;
+      }
+    }
+    return;
+  }
+  if (blockIdx.z != 0) return;
+  const int64_t emit = last_with_residue(m - 1);  // last position that completed a row
+  for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < width;
+       col += int64_t(gridDim.x) * blockDim.x) {
+    float old_kv[4], old_sc[4];  // the state's current window before the step
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      old_kv[r] = kvs[(4 + r) * width + col];
+      old_sc[r] = scs[(4 + r) * width + col];
+    }
+    if (emit >= start) {
+      const int64_t w0 = (emit / 4) * 4;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        float kv = old_kv[r], sc = old_sc[r];
+        if (w0 + r >= start) step_value(w0 + r, col, &kv, &sc);
+        kvs[r * width + col] = kv;
+        scs[r * width + col] = sc;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t q = last_with_residue(r);
+      if (q < start) continue;
+      float kv, sc;
+      step_value(q, col, &kv, &sc);
+      kvs[(4 + r) * width + col] = kv;
+      scs[(4 + r) * width + col] = sc;
+    }
+  }
+}
+
+// ================================================================================
+// indexer_topk (spec §5.4). Scores are bf16 like the reference: per head
+// bf16(q_h . k_j), ReLU, bf16(x * w_h), a sequential fp32 sum over the heads,
+// bf16. A score is kept as a 16-bit key (order-preserving map of the bf16 bits),
+// so top-k is a selection on 16-bit keys with ties to the lower row.
+//   simple: one CTA per token, one warp per row, fp32 dot products in the exact
+//           cpu::dot_f32 order (scores equal the reference bit for bit), then a
+//           CUB segmented radix sort of (key, ~row) per token.
+//   fast:   tensor-core scoring (mma m16n8k16 bf16: heads x rows, K = Di), CTAs of
+//           256 rows (fixed, so a row's score never depends on the batch) that also
+//           build a 256-bin histogram of the keys' high bytes; then one CTA per
+//           token selects by two radix passes (high byte, low byte), collects ties
+//           in row order, and bitonic-sorts the <= K winners.
+// Roofline (decode, context 4096 -> 1024 rows/token, Hi = 64, Di = 128): 68 B +
+// 16 KFLOP per row; T = 256: 17.8 MB, 4.3 GFLOP -> ~6 us of HBM, ~10 us of mma.sync.
+// 1M context: 256K rows = 17 MB per token.
+// ================================================================================
+__device__ __forceinline__ uint16_t score_key(float score_bf16) {
+  uint16_t b = f2bf(score_bf16);
+  if (b == 0x8000u) b = 0;  // -0 == +0
+  return (b & 0x8000u) ? uint16_t(~b) : uint16_t(b | 0x8000u);
+}
+
+__device__ __forceinline__ int64_t visible_rows(int32_t s, int32_t p, int64_t max_rows) {
+  if (s < 0 || p < 0) return 0;
+  const int64_t n = (int64_t(p) + 1) / 4;
+  return n < max_rows ? n : max_rows;
+}
+
+struct TopkArgs {
+  const uint16_t* q;        // [T, Hi, Di] (token offset applied)
+  const uint16_t* weights;  // [T, Hi]
+  float weight_scale;
+  const uint8_t* rows;      // index rows [pages, 64, row_bytes]
+  const int32_t *positions, *token_seq, *block_table;  // positions/token_seq with the token offset applied
+  int32_t max_blocks;
+  int64_t num_pages, row_bytes, Hi, Di, K, T /* tokens of this launch */, max_rows;
+  int32_t* topk;            // [T, K] (offset applied)
+  uint16_t* keys16;         // fast: [T, max_rows]
+  uint32_t* hist;           // fast: [T, 256]
+  uint64_t* keys64;         // simple: [T, max_rows]
+  uint64_t* keys64_sorted;  // simple
+  int* seg_begin;           // simple: [T]
+  int* seg_end;
+};
+
+// simple scoring (also the fast path's fallback for shapes the mma kernel does not
+// take): kComposite writes (key << 32 | ~row) for the CUB sort, else key16 + histogram.
+template <int DI, bool kComposite>
+__global__ void __launch_bounds__(256) index_score_simple_kernel(TopkArgs a) {
+  constexpr int kB = DI / 16;  // values per lane and head
+  extern __shared__ float qs[];  // [Hi][DI] fp32, then w[Hi]
+  __shared__ uint32_t hist_s[256];
+  const int64_t t = blockIdx.x;
+  const int32_t s = a.token_seq[t], p = a.positions[t];
+  const int64_t n = visible_rows(s, p, a.max_rows), Hi = a.Hi;
+  if (n == 0) return;
+  float* w = qs + Hi * DI;
+  for (int64_t i = threadIdx.x; i < Hi * DI; i += blockDim.x) qs[i] = bf2f(a.q[t * Hi * DI + i]);
+  for (int64_t h = threadIdx.x; h < Hi; h += blockDim.x)
+    w[h] = round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale));
+  if (!kComposite)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist_s[i] = 0;
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, u = lane & 15, half = lane >> 4;
+  for (int64_t j = warp; j < n; j += blockDim.x >> 5) {
+    const uint8_t* rec = paged_record(a.rows, a.num_pages, 64, a.row_bytes, a.block_table, a.max_blocks, s, j);
+    float score = 0.0f;
+    if (rec != nullptr) {
+      float k[kB];
+#pragma unroll
+      for (int b = 0; b < kB; ++b) k[b] = index_record_value(rec, DI, 16 * b + u);
+      float sum = 0.0f;
+      for (int64_t hp = 0; hp < (Hi + 1) / 2; ++hp) {
+        const int64_t h = 2 * hp + half;
+        const bool real = h < Hi;
+        const float* qh = qs + (real ? h : 0) * DI;
+        float acc = 0.0f;
+#pragma unroll
+        for (int b = 0; b < kB; ++b) acc = __fadd_rn(acc, __fmul_rn(qh[16 * b + u], k[b]));
+        acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 1));
+        acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 2));
+        acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 4));
+        acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 8));
+        const float logit = round_bf(acc);
+        const float relu = logit < 0.0f ? 0.0f : logit;  // std::max(logit, 0.0f)
+        const float c = real ? round_bf(__fmul_rn(relu, w[h])) : 0.0f;
+        const float c_hi = __shfl_sync(kFull, c, 16);  // head 2hp + 1
+        sum = __fadd_rn(sum, __shfl_sync(kFull, c, 0));
+        if (2 * hp + 1 < Hi) sum = __fadd_rn(sum, c_hi);
+      }
+      score = round_bf(sum);
+    }
+    const uint16_t key = rec != nullptr ? score_key(score) : uint16_t(0);
+    if (lane == 0) {
+      if (kComposite) {
+        a.keys64[t * a.max_rows + j] = (uint64_t(key) << 32) | uint64_t(~uint32_t(j));
+      } else {
+        a.keys16[t * a.max_rows + j] = key;
+        atomicAdd(&hist_s[key >> 8], 1u);
+      }
+    }
+  }
+  if (!kComposite) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+      if (hist_s[i] != 0) atomicAdd(&a.hist[t * 256 + i], hist_s[i]);
+  }
+}
+
+// fast scoring: grid (row chunks of 256, tokens), 4 warps; warp w owns heads
+// [16w, 16w + 16) (A fragments in registers for the whole CTA), each page of 64
+// rows is staged by cp.async, decoded to bf16 and multiplied as 8 n-tiles.
+constexpr int kScoreChunk = 256;
+constexpr int kScoreDi = 128;
+constexpr int kScoreHeads = 64;
+constexpr int kQsStride = kScoreDi + 8;   // bf16
+constexpr int kCStride = 72;              // fp32, contributions [head][row]
+constexpr int kIndexRowBytes = kScoreDi / 2 + kScoreDi / 32;  // 68
+constexpr int kPageBytes = 64 * kIndexRowBytes;               // 4352
+
+struct ScoreSmem {
+  uint16_t qs[kScoreHeads * kQsStride];
+  uint16_t ks[64 * kQsStride];
+  __align__(16) uint8_t raw[2][kPageBytes];
+  float contrib[kScoreHeads * kCStride];
+  float w[kScoreHeads];
+  float e2m1[16];
+  uint32_t hist[256];
+};
+
+__global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
+  extern __shared__ __align__(16) unsigned char score_smem_raw[];
+  ScoreSmem& sm = *reinterpret_cast<ScoreSmem*>(score_smem_raw);
+  const int64_t t = blockIdx.y, chunk0 = int64_t(blockIdx.x) * kScoreChunk;
+  const int32_t s = a.token_seq[t], p = a.positions[t];
+  const int64_t n = visible_rows(s, p, a.max_rows);
+  if (chunk0 >= n) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  const int64_t Hi = a.Hi;
+  // Query (zero rows for heads >= Hi), weights, tables.
+  for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
+    const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
+    *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
+  }
+  for (int h = tid; h < kScoreHeads; h += blockDim.x)
+    sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
+  if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
+  for (int i = tid; i < 256; i += blockDim.x) sm.hist[i] = 0;
+  const int64_t rows_here = (n - chunk0) < kScoreChunk ? (n - chunk0) : kScoreChunk;
+  const int pages = int((rows_here + 63) / 64);
+  auto page_ptr = [&](int pg) -> const uint8_t* {
+    const int64_t blk = (chunk0 >> 6) + pg;
+    if (blk >= a.max_blocks) return nullptr;
+    const int32_t page = a.block_table[int64_t(s) * a.max_blocks + blk];
+    if (page < 0 || page >= a.num_pages) return nullptr;
+    return a.rows + int64_t(page) * kPageBytes;
+  };
+  auto issue = [&](int pg) {
+    const uint8_t* src = page_ptr(pg);
+    if (src != nullptr)
+      for (int i = tid; i < kPageBytes / 16; i += blockDim.x) cp_async16(&sm.raw[pg & 1][16 * i], src + 16 * i);
+    cp_async_commit();
+  };
+  issue(0);
+  __syncthreads();
+  uint32_t afrag[kScoreDi / 16][4];
+#pragma unroll
+  for (int ks = 0; ks < kScoreDi / 16; ++ks) {
+    const uint16_t* q0 = &sm.qs[(warp * 16 + g) * kQsStride + ks * 16 + 2 * tig];
+    afrag[ks][0] = lds32(q0);
+    afrag[ks][1] = lds32(q0 + 8 * kQsStride);
+    afrag[ks][2] = lds32(q0 + 8);
+    afrag[ks][3] = lds32(q0 + 8 * kQsStride + 8);
+  }
+  for (int pg = 0; pg < pages; ++pg) {
+    if (pg + 1 < pages) {
+      issue(pg + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bool valid_page = page_ptr(pg) != nullptr;
+    const int64_t row0 = chunk0 + int64_t(pg) * 64;
+    {  // decode: thread -> (row tid / 2, half tid % 2: 64 values)
+      const int r = tid >> 1, hf = tid & 1;
+      uint16_t* out = &sm.ks[r * kQsStride + hf * 64];
+      if (valid_page && row0 + r < n) {
+        const uint8_t* rec = &sm.raw[pg & 1][r * kIndexRowBytes];
+        const float s0 = core::e8m0_to_float(rec[kScoreDi / 2 + 2 * hf]);
+        const float s1 = core::e8m0_to_float(rec[kScoreDi / 2 + 2 * hf + 1]);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {  // 8 values from 4 packed bytes
+          const uint32_t packed = *reinterpret_cast<const uint32_t*>(rec + hf * 32 + 4 * c);
+          const float sc = c < 4 ? s0 : s1;
+          uint32_t ow[4];
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const uint32_t byte = (packed >> (8 * b)) & 0xffu;
+            ow[b] = pack_bf16(__fmul_rn(sm.e2m1[byte & 15], sc), __fmul_rn(sm.e2m1[byte >> 4], sc));
+          }
+          *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < 8; ++c) *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    __syncthreads();
+    float acc[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kScoreDi / 16; ++ks) {
+        const uint16_t* k0 = &sm.ks[(nt * 8 + g) * kQsStride + ks * 16 + 2 * tig];
+        mma_bf16(acc[nt], afrag[ks], lds32(k0), lds32(k0 + 8));
+      }
+    }
+    // Per-head contributions bf16(relu(bf16(logit)) * w_h) -> contrib[h][row].
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int h = warp * 16 + g + 8 * hh;
+        float c2[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float logit = round_bf(acc[nt][2 * hh + e]);
+          const float relu = logit < 0.0f ? 0.0f : logit;
+          c2[e] = round_bf(__fmul_rn(relu, sm.w[h]));
+        }
+        *reinterpret_cast<float2*>(&sm.contrib[h * kCStride + nt * 8 + 2 * tig]) = make_float2(c2[0], c2[1]);
+      }
+    __syncthreads();
+    if (tid < 64 && row0 + tid < n) {
+      uint16_t key = 0;
+      if (valid_page) {
+        float sum = 0.0f;
+        for (int64_t h = 0; h < Hi; ++h) sum = __fadd_rn(sum, sm.contrib[h * kCStride + tid]);
+        key = score_key(round_bf(sum));
+      }
+      a.keys16[t * a.max_rows + row0 + tid] = key;
+      atomicAdd(&sm.hist[key >> 8], 1u);
+    }
+    // The next iteration's first barrier orders these reads before ks/contrib are rewritten.
+  }
+  __syncthreads();
+  for (int i = tid; i < 256; i += blockDim.x)
+    if (sm.hist[i] != 0) atomicAdd(&a.hist[t * 256 + i], sm.hist[i]);
+}
+
+// fast selection: one CTA per token.
+constexpr int kSelectThreads = 512;
+
+__global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a, int sort_size /* pow2 >= K */) {
+  extern __shared__ uint64_t sel[];  // [sort_size]
+  __shared__ uint32_t hist_s[256];
+  __shared__ int s_bin, s_need, s_count, s_taken;
+  __shared__ int warp_counts[kSelectThreads / 32];
+  const int64_t t = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
+  const int64_t K = a.K;
+  const int64_t keep = n < K ? n : K;
+  int32_t* out = a.topk + t * K;
+  if (keep == 0) {
+    for (int64_t i = tid; i < K; i += blockDim.x) out[i] = -1;
+    return;
+  }
+  const uint16_t* keys = a.keys16 + t * a.max_rows;
+  // 1. High byte: the bin holding the keep-th largest key.
+  for (int i = tid; i < 256; i += blockDim.x) hist_s[i] = a.hist[t * 256 + i];
+  for (int i = tid; i < sort_size; i += blockDim.x) sel[i] = 0;  // 0 sorts below every real entry
+  if (tid == 0) s_count = 0;
+  __syncthreads();
+  if (tid == 0) {
+    int64_t above = 0;
+    int bin = 0;
+    for (int b = 255; b >= 0; --b) {
+      if (above + hist_s[b] >= keep) {
+        bin = b;
+        break;
+      }
+      above += hist_s[b];
+    }
+    s_bin = bin;
+    s_need = int(keep - above);  // still needed from the bin
+  }
+  __syncthreads();
+  const int hi_bin = s_bin;
+  __syncthreads();
+  for (int i = tid; i < 256; i += blockDim.x) hist_s[i] = 0;
+  __syncthreads();
+  auto push = [&](uint16_t key, int64_t j) {
+    const int slot = atomicAdd(&s_count, 1);
+    if (slot < keep) sel[slot] = (uint64_t(key) << 32) | uint64_t(~uint32_t(j));
+  };
+  // 2. Keys above the bin are in; the bin's keys are histogrammed by low byte.
+  for (int64_t j = tid; j < n; j += blockDim.x) {
+    const uint16_t key = keys[j];
+    const int hb = key >> 8;
+    if (hb > hi_bin) push(key, j);
+    else if (hb == hi_bin) atomicAdd(&hist_s[key & 255], 1u);
+  }
+  __syncthreads();
+  if (tid == 0) {
+    int need = s_need, bin = 0;
+    for (int b = 255; b >= 0; --b) {
+      if (int(hist_s[b]) >= need) {
+        bin = b;
+        break;
+      }
+      need -= int(hist_s[b]);
+    }
+    s_bin = (hi_bin << 8) | bin;  // the threshold key
+    s_need = need;                // rows with exactly the threshold key still needed, lowest rows first
+    s_taken = 0;
+  }
+  __syncthreads();
+  const int thr = s_bin, need_eq = s_need;
+  // 3. Keys above the threshold within the bin; ties in row order.
+  const int warp = tid >> 5, lane = tid & 31;
+  for (int64_t base = 0; base < n; base += blockDim.x) {
+    const int64_t j = base + tid;
+    const uint16_t key = j < n ? keys[j] : 0;
+    if (j < n && (key >> 8) == hi_bin && key > thr) push(key, j);
+    const bool eq = j < n && key == thr;
+    const unsigned ballot = __ballot_sync(kFull, eq);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = s_taken;
+    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    before += __popc(ballot & ((1u << lane) - 1u));
+    if (eq && before < need_eq) push(key, j);
+    __syncthreads();
+    if (tid == 0) {
+      int total = 0;
+      for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_counts[w];
+      s_taken += total;
+    }
+    __syncthreads();
+  }
+  // 4. Bitonic sort, descending: larger key first, then lower row (larger ~row).
+  for (int k = 2; k <= sort_size; k <<= 1) {
+    for (int jj = k >> 1; jj > 0; jj >>= 1) {
+      for (int i = tid; i < sort_size; i += blockDim.x) {
+        const int ixj = i ^ jj;
+        if (ixj > i) {
+          const uint64_t x = sel[i], y = sel[ixj];
+          const bool descending_block = (i & k) == 0;
+          if (descending_block ? (x < y) : (x > y)) {
+            sel[i] = y;
+            sel[ixj] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  for (int64_t i = tid; i < K; i += blockDim.x)
+    out[i] = (i < keep && sel[i] != 0) ? int32_t(~uint32_t(sel[i] & 0xffffffffu)) : -1;
+}
+
+// simple selection: CUB segmented sort of the composite keys, then extraction.
+__global__ void topk_segments_kernel(TopkArgs a) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.T; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
+    a.seg_begin[t] = int(t * a.max_rows);
+    a.seg_end[t] = int(t * a.max_rows + n);
+  }
+}
+
+__global__ void topk_extract_kernel(TopkArgs a) {
+  const int64_t t = blockIdx.x;
+  const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
+  const int64_t keep = n < a.K ? n : a.K;
+  for (int64_t i = threadIdx.x; i < a.K; i += blockDim.x)
+    a.topk[t * a.K + i] =
+        i < keep ? int32_t(~uint32_t(a.keys64_sorted[t * a.max_rows + i] & 0xffffffffu)) : int32_t(-1);
+}
+
+// ================================================================================
+// sparse_attention (spec §5.5, §5.6). Key u of query t: u < n_win = min(W, p+1)
+// is window position p - n_win + 1 + u (this step's kv row if >= the sequence's
+// start, else the ring); then the compressed rows (CSA: the valid entries of the
+// token's top-k row in order; HCA: rows 0 .. (p+1)/128 - 1).
+// ================================================================================
+struct AttnArgs {
+  const uint16_t* q;   // [T, H, Dh]
+  const uint16_t* kv;  // [T, Dh]
+  const uint8_t* window;
+  const uint8_t* rows;
+  const int32_t* topk;  // [T, K] or null
+  const float* sink;
+  const float* inv_freq;
+  uint16_t* o;
+  const int32_t *positions, *token_seq, *seq_begin, *seq_start_pos, *seq_slot, *block_table;
+  int32_t max_blocks;
+  int64_t T, H, Dh, W, row_bytes, num_pages, per_page, ratio, K, max_keys;
+  float scale;
+};
+
+// Resolved key: a KV record (type 1), a bf16 row of this step (type 2), or none (0).
+struct KeyRef {
+  const uint8_t* ptr;
+  int type;
+};
+
+__device__ __forceinline__ KeyRef resolve_key(const AttnArgs& a, int32_t s, int64_t p, int64_t start, int64_t begin,
+                                              int64_t slot, int64_t n_win, const int32_t* comp, int64_t u) {
+  KeyRef k{nullptr, 0};
+  if (u < n_win) {
+    const int64_t pos = p - n_win + 1 + u;
+    if (pos >= start) {
+      k.ptr = reinterpret_cast<const uint8_t*>(a.kv + (begin + (pos - start)) * a.Dh);
+      k.type = 2;
+    } else {
+      k.ptr = a.window + (slot * a.W + pos % a.W) * a.row_bytes;
+      k.type = 1;
+    }
+    return k;
+  }
+  const int64_t c = u - n_win;
+  const int64_t j = a.ratio == 4 ? int64_t(comp[c]) : c;
+  k.ptr = paged_record(a.rows, a.num_pages, a.per_page, a.row_bytes, a.block_table, a.max_blocks, s, j);
+  k.type = k.ptr != nullptr ? 1 : 0;
+  return k;
+}
+
+__device__ __forceinline__ float key_value(const KeyRef& k, int Dh, int i) {
+  return k.type == 2 ? bf2f(reinterpret_cast<const uint16_t*>(k.ptr)[i]) : kv_record_value(k.ptr, Dh, i);
+}
+
+// Collects the valid entries of the token's top-k row, in order, into comp[];
+// returns their count (every thread). Block-wide.
+__device__ int compact_topk(const AttnArgs& a, int64_t t, int32_t* comp, int* counter) {
+  if (threadIdx.x == 0) *counter = 0;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int n = 0;
+    for (int64_t base = 0; base < a.K; base += 32) {
+      const int32_t j = base + lane < a.K ? a.topk[t * a.K + base + lane] : -1;
+      const unsigned ballot = __ballot_sync(kFull, j >= 0);
+      if (j >= 0) comp[n + __popc(ballot & ((1u << lane) - 1u))] = j;
+      n += __popc(ballot);
+    }
+    if (lane == 0) *counter = n;
+  }
+  __syncthreads();
+  return *counter;
+}
+
+// simple: one CTA per (token, head), the reference loop: logits in the cpu::dot_f32
+// order, the max, P = exp(l - M) (fp32 denominator summed in key order by one
+// thread), bf16(P) times the values in key order per output dimension.
+__global__ void __launch_bounds__(256) attention_simple_kernel(AttnArgs a) {
+  extern __shared__ __align__(16) unsigned char attn_simple_smem[];
+  const int64_t t = blockIdx.x, h = blockIdx.y, Dh = a.Dh;
+  float* qf = reinterpret_cast<float*>(attn_simple_smem);  // [Dh]
+  float* logit = qf + Dh;                                     // [max_keys]
+  const uint8_t** kptr = reinterpret_cast<const uint8_t**>(logit + ((a.max_keys + 1) / 2) * 2);  // [max_keys]
+  int* ktype = reinterpret_cast<int*>(kptr + a.max_keys);     // [max_keys]
+  int32_t* comp = ktype + a.max_keys;                         // [K]
+  __shared__ int s_count;
+  __shared__ float s_max, s_denom;
+  uint16_t* out = a.o + (t * a.H + h) * Dh;
+  const int32_t s = a.token_seq[t];
+  const int64_t p = a.positions[t];
+  if (s < 0 || p < 0) {
+    for (int64_t i = threadIdx.x; i < Dh; i += blockDim.x) out[i] = 0;
+    return;
+  }
+  const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
+  int64_t n_comp = 0;
+  if (a.ratio == 4) n_comp = compact_topk(a, t, comp, &s_count);
+  else if (a.ratio == 128) n_comp = (p + 1) / 128;
+  int64_t n = n_win + n_comp;
+  if (n > a.max_keys) n = a.max_keys;  // host sizes max_keys for every visible key
+  for (int64_t i = threadIdx.x; i < Dh; i += blockDim.x) qf[i] = bf2f(a.q[(t * a.H + h) * Dh + i]);
+  for (int64_t u = threadIdx.x; u < n; u += blockDim.x) {
+    const KeyRef k = resolve_key(a, s, p, start, begin, slot, n_win, comp, u);
+    kptr[u] = k.ptr;
+    ktype[u] = k.type;
+  }
+  __syncthreads();
+  for (int64_t u = threadIdx.x; u < n; u += blockDim.x) {
+    const KeyRef k{kptr[u], ktype[u]};
+    if (k.type == 0) {
+      logit[u] = -INFINITY;
+      continue;
+    }
+    float acc0[8], acc1[8];
+#pragma unroll
+    for (int l = 0; l < 8; ++l) acc0[l] = acc1[l] = 0.0f;
+    for (int64_t b = 0; b + 16 <= Dh; b += 16) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) {
+        acc0[l] = __fadd_rn(acc0[l], __fmul_rn(qf[b + l], key_value(k, int(Dh), int(b + l))));
+        acc1[l] = __fadd_rn(acc1[l], __fmul_rn(qf[b + 8 + l], key_value(k, int(Dh), int(b + 8 + l))));
+      }
+    }
+    auto reduce8 = [](const float (&v)[8]) {
+      return __fadd_rn(__fadd_rn(__fadd_rn(v[0], v[1]), __fadd_rn(v[2], v[3])),
+                       __fadd_rn(__fadd_rn(v[4], v[5]), __fadd_rn(v[6], v[7])));
+    };
+    float dot = __fadd_rn(reduce8(acc0), reduce8(acc1));
+    for (int64_t i = (Dh / 16) * 16; i < Dh; ++i) dot = __fadd_rn(dot, __fmul_rn(qf[i], key_value(k, int(Dh), int(i))));
+    logit[u] = __fmul_rn(dot, a.scale);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float mx = -INFINITY;
+    for (int64_t u = 0; u < n; ++u) mx = fmaxf(mx, logit[u]);
+    s_max = mx;
+  }
+  __syncthreads();
+  const float mx = s_max;
+  for (int64_t u = threadIdx.x; u < n; u += blockDim.x) logit[u] = exp_ref(__fsub_rn(logit[u], mx));  // P_u
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float den = 0.0f;
+    for (int64_t u = 0; u < n; ++u) den = __fadd_rn(den, logit[u]);
+    s_denom = __fadd_rn(den, exp_ref(__fsub_rn(a.sink[h], mx)));
+  }
+  __syncthreads();
+  const float den = s_denom;
+  const int64_t rope_begin = Dh - kRope;
+  for (int64_t i2 = threadIdx.x; i2 < Dh / 2; i2 += blockDim.x) {
+    const int64_t i = 2 * i2;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    for (int64_t u = 0; u < n; ++u) {
+      const KeyRef k{kptr[u], ktype[u]};
+      if (k.type == 0) continue;
+      const float pb = round_bf(logit[u]);
+      acc0 = __fadd_rn(acc0, __fmul_rn(pb, key_value(k, int(Dh), int(i))));
+      acc1 = __fadd_rn(acc1, __fmul_rn(pb, key_value(k, int(Dh), int(i + 1))));
+    }
+    float o0 = round_bf(__fdiv_rn(acc0, den)), o1 = round_bf(__fdiv_rn(acc1, den));
+    if (i >= rope_begin) {  // spec §5.6: de-rotate at the query position
+      float c, sn;
+      rope_cos_sin(p, a.inv_freq[(i - rope_begin) / 2], &c, &sn);
+      rope_pair_f(&o0, &o1, c, -sn);
+    }
+    out[i] = f2bf(o0);
+    out[i + 1] = f2bf(o1);
+  }
+}
+
+// fast: one CTA per (token, group of MT x 16 heads); MT x 4 warps. Keys stream
+// through shared memory 32 at a time: records are staged by cp.async one chunk
+// ahead and decoded once per CTA into a bf16 tile. Warp (mt, r): S partial for
+// m-tile mt over dims [r*DH/4, (r+1)*DH/4) (mma), partials summed through shared
+// memory in r order, online softmax (fp32, running max), bf16(P) . V over its
+// quarter of the output dims (mma, V fragments by ldmatrix.trans).
+constexpr int kKeysPerChunk = 32;
+constexpr int kSStride = 40;  // fp32
+
+template <int DH, int MT>
+struct AttnLayout {
+  static constexpr int kRowBytes = (DH - kRope + 2 * kRope + (DH - kRope) / 64 + 7) / 8 * 8;
+  static constexpr int kStride = DH + 8;  // bf16, Q and K tiles
+  static constexpr int kThreads = MT * 128;
+  static constexpr size_t kQ = size_t(MT) * 16 * kStride * 2;
+  static constexpr size_t kK = size_t(kKeysPerChunk) * kStride * 2;
+  static constexpr size_t kRaw = size_t(2) * kKeysPerChunk * kRowBytes;
+  static constexpr size_t kS = size_t(MT) * 4 * 16 * kSStride * 4;
+  static constexpr size_t kOffK = kQ;
+  static constexpr size_t kOffRaw = kOffK + kK;
+  static constexpr size_t kOffS = (kOffRaw + kRaw + 15) / 16 * 16;
+  static constexpr size_t kOffPtr = kOffS + kS;                                  // [2][32] pointers
+  static constexpr size_t kOffType = kOffPtr + 2 * kKeysPerChunk * 8;           // [2][32] int
+  static constexpr size_t kOffLut = kOffType + 2 * kKeysPerChunk * 4;           // [256] fp32 e4m3
+  static constexpr size_t kOffRope = kOffLut + 256 * 4;                         // [32] cos, [32] sin
+  static constexpr size_t kOffComp = kOffRope + kRope * 4;                      // [K] int
+  static size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 16; }
+};
+
+template <int DH, int MT>
+__global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups) {
+  using L = AttnLayout<DH, MT>;
+  constexpr int kQuarter = DH / 4;
+  constexpr int kQkSteps = kQuarter / 16;  // k-steps of 16 dims per warp in S
+  constexpr int kONt = kQuarter / 8;       // n-tiles of 8 output dims per warp
+  static_assert(kONt % 2 == 0, "output n-tiles come in ldmatrix pairs");
+  extern __shared__ __align__(16) unsigned char attn_smem[];
+  uint16_t* Qs = reinterpret_cast<uint16_t*>(attn_smem);
+  uint16_t* Ks = reinterpret_cast<uint16_t*>(attn_smem + L::kOffK);
+  uint8_t* raw = attn_smem + L::kOffRaw;
+  float* Sp = reinterpret_cast<float*>(attn_smem + L::kOffS);
+  const uint8_t** kptr = reinterpret_cast<const uint8_t**>(attn_smem + L::kOffPtr);
+  int* ktype = reinterpret_cast<int*>(attn_smem + L::kOffType);
+  float* lut = reinterpret_cast<float*>(attn_smem + L::kOffLut);
+  float* rope_c = reinterpret_cast<float*>(attn_smem + L::kOffRope);
+  float* rope_s = rope_c + kRope / 2;
+  int32_t* comp = reinterpret_cast<int32_t*>(attn_smem + L::kOffComp);
+  __shared__ int s_count;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  const int mt = warp >> 2, r = warp & 3;
+  const int64_t t = blockIdx.x / head_groups, h0 = int64_t(blockIdx.x % head_groups) * MT * 16;
+  const int64_t H = a.H;
+  const int32_t s = a.token_seq[t];
+  const int64_t p = a.positions[t];
+  if (s < 0 || p < 0) {  // pad rows: zeros
+    for (int64_t i = tid; i < int64_t(MT) * 16 * DH; i += blockDim.x) {
+      const int64_t h = h0 + i / DH;
+      if (h < H) a.o[(t * H + h) * DH + i % DH] = 0;
+    }
+    return;
+  }
+  const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
+  int64_t n_comp = 0;
+  if (a.ratio == 4) n_comp = compact_topk(a, t, comp, &s_count);
+  else if (a.ratio == 128) n_comp = (p + 1) / 128;
+  const int64_t n_keys = n_win + n_comp;
+  const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
+
+  for (int64_t i = tid; i < int64_t(MT) * 16 * (DH / 8); i += blockDim.x) {
+    const int64_t hl = i / (DH / 8), c = (i % (DH / 8)) * 8, h = h0 + hl;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < H) v = *reinterpret_cast<const uint4*>(a.q + (t * H + h) * DH + c);
+    *reinterpret_cast<uint4*>(Qs + hl * L::kStride + c) = v;
+  }
+  for (int i = tid; i < 256; i += blockDim.x) lut[i] = core::e4m3_to_float(uint8_t(i));
+  for (int i = tid; i < kRope / 2; i += blockDim.x) {
+    float c, sn;
+    rope_cos_sin(p, a.inv_freq[i], &c, &sn);
+    rope_c[i] = c;
+    rope_s[i] = sn;
+  }
+  auto resolve = [&](int64_t chunk, int buf) {  // warp 0
+    const int64_t u = chunk * kKeysPerChunk + lane;
+    KeyRef k{nullptr, 0};
+    if (u < n_keys) k = resolve_key(a, s, p, start, begin, slot, n_win, comp, u);
+    kptr[buf * kKeysPerChunk + lane] = k.ptr;
+    ktype[buf * kKeysPerChunk + lane] = k.type;
+  };
+  auto issue = [&](int buf) {  // all threads: records of the resolved chunk
+    constexpr int kPieces = L::kRowBytes / 8;
+    for (int i = tid; i < kKeysPerChunk * kPieces; i += blockDim.x) {
+      const int k = i / kPieces, piece = i % kPieces;
+      if (ktype[buf * kKeysPerChunk + k] == 1)
+        cp_async8(raw + (size_t(buf) * kKeysPerChunk + k) * L::kRowBytes + 8 * piece,
+                  kptr[buf * kKeysPerChunk + k] + 8 * piece);
+    }
+    cp_async_commit();
+  };
+  __syncthreads();  // comp[] (compact_topk ends with a barrier), Qs, tables
+  if (warp == 0) resolve(0, 0);
+  __syncthreads();
+  issue(0);
+
+  float o[kONt][4];
+#pragma unroll
+  for (int nt = 0; nt < kONt; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int buf = int(c & 1);
+    __syncthreads();  // the previous chunk's readers of ktype/kptr[buf ^ 1] and of Ks are done
+    if (warp == 0 && c + 1 < chunks) resolve(c + 1, buf ^ 1);
+    __syncthreads();
+    if (c + 1 < chunks) issue(buf ^ 1);
+    else cp_async_commit();  // an empty group keeps the wait count uniform
+    cp_async_wait<1>();
+    __syncthreads();
+    // Decode the chunk into Ks: thread -> (key = i % 32, 8 dims = i / 32).
+    for (int i = tid; i < kKeysPerChunk * (DH / 8); i += blockDim.x) {
+      const int k = i % kKeysPerChunk, d0 = (i / kKeysPerChunk) * 8;
+      const int type = ktype[buf * kKeysPerChunk + k];
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (type == 1) {
+        const uint8_t* rec = raw + (size_t(buf) * kKeysPerChunk + k) * L::kRowBytes;
+        constexpr int kNope = DH - kRope;
+        if (d0 < kNope) {
+          const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
+          const float sc = core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]);
+          const uint32_t cw[2] = {codes.x, codes.y};
+          uint32_t vw[4];
+#pragma unroll
+          for (int w2 = 0; w2 < 4; ++w2) {
+            const uint32_t word = cw[w2 >> 1] >> (16 * (w2 & 1));
+            vw[w2] = pack_bf16(__fmul_rn(lut[word & 0xffu], sc), __fmul_rn(lut[(word >> 8) & 0xffu], sc));
+          }
+          v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+        } else {
+          const uint2* src = reinterpret_cast<const uint2*>(rec + kNope + 2 * (d0 - kNope));
+          const uint2 x0 = src[0], x1 = src[1];
+          v = make_uint4(x0.x, x0.y, x1.x, x1.y);
+        }
+      } else if (type == 2) {
+        v = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(kptr[buf * kKeysPerChunk + k]) + d0);
+      }
+      *reinterpret_cast<uint4*>(Ks + k * L::kStride + d0) = v;
+    }
+    __syncthreads();
+    // S partials: m-tile mt, dims of quarter r, 4 n-tiles of 8 keys.
+    {
+      float sacc[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kQkSteps; ++ks) {
+        const int kk = r * kQuarter + ks * 16 + 2 * tig;
+        const uint16_t* q0 = Qs + (mt * 16 + g) * L::kStride + kk;
+        const uint32_t af[4] = {lds32(q0), lds32(q0 + 8 * L::kStride), lds32(q0 + 8), lds32(q0 + 8 * L::kStride + 8)};
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const uint16_t* k0 = Ks + (nt * 8 + g) * L::kStride + kk;
+          mma_bf16(sacc[nt], af, lds32(k0), lds32(k0 + 8));
+        }
+      }
+      float* sp = Sp + ((mt * 4 + r) * 16) * kSStride;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        *reinterpret_cast<float2*>(sp + g * kSStride + nt * 8 + 2 * tig) = make_float2(sacc[nt][0], sacc[nt][1]);
+        *reinterpret_cast<float2*>(sp + (g + 8) * kSStride + nt * 8 + 2 * tig) = make_float2(sacc[nt][2], sacc[nt][3]);
+      }
+    }
+    __syncthreads();
+    // Full S for rows g, g + 8 of the m-tile at this thread's fragment positions.
+    float sv[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sv[nt][e] = 0.0f;
+#pragma unroll
+      for (int rr = 0; rr < 4; ++rr) {
+        const float* sp = Sp + ((mt * 4 + rr) * 16) * kSStride;
+        const float2 x0 = *reinterpret_cast<const float2*>(sp + g * kSStride + nt * 8 + 2 * tig);
+        const float2 x1 = *reinterpret_cast<const float2*>(sp + (g + 8) * kSStride + nt * 8 + 2 * tig);
+        sv[nt][0] += x0.x;
+        sv[nt][1] += x0.y;
+        sv[nt][2] += x1.x;
+        sv[nt][3] += x1.y;
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = nt * 8 + 2 * tig + (e & 1);
+        sv[nt][e] = ktype[buf * kKeysPerChunk + key] != 0 ? sv[nt][e] * a.scale : -INFINITY;
+      }
+    }
+    float cmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      cmax[0] = fmaxf(cmax[0], fmaxf(sv[nt][0], sv[nt][1]));
+      cmax[1] = fmaxf(cmax[1], fmaxf(sv[nt][2], sv[nt][3]));
+    }
+    float alpha[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
+      cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
+      const float m_new = fmaxf(m_run[hh], cmax[hh]);  // finite: chunk 0 holds the query's own key
+      alpha[hh] = expf(m_run[hh] - m_new);
+      m_run[hh] = m_new;
+    }
+    float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sv[nt][e] = expf(sv[nt][e] - m_run[e >> 1]);
+        psum[e >> 1] += sv[nt][e];
+      }
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      psum[hh] += __shfl_xor_sync(kFull, psum[hh], 1);
+      psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
+      l_run[hh] = l_run[hh] * alpha[hh] + psum[hh];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kONt; ++nt) {
+      o[nt][0] *= alpha[0];
+      o[nt][1] *= alpha[0];
+      o[nt][2] *= alpha[1];
+      o[nt][3] *= alpha[1];
+    }
+    // bf16(P) as A fragments: k-step ks covers keys 16ks .. 16ks + 15 = n-tiles 2ks, 2ks + 1.
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      pa[ks][0] = pack_bf16(sv[2 * ks][0], sv[2 * ks][1]);
+      pa[ks][1] = pack_bf16(sv[2 * ks][2], sv[2 * ks][3]);
+      pa[ks][2] = pack_bf16(sv[2 * ks + 1][0], sv[2 * ks + 1][1]);
+      pa[ks][3] = pack_bf16(sv[2 * ks + 1][2], sv[2 * ks + 1][3]);
+    }
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+      for (int np = 0; np < kONt / 2; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, Ks + (ks * 16 + (lane & 15)) * L::kStride + r * kQuarter + np * 16 + (lane >> 4) * 8);
+        mma_bf16(o[2 * np], pa[ks], b[0], b[1]);
+        mma_bf16(o[2 * np + 1], pa[ks], b[2], b[3]);
+      }
+  }
+  cp_async_wait<0>();
+
+  // o / (l + exp(sink - m)), bf16, inverse RoPE of the last 64 dims at p (spec §5.6).
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int64_t h = h0 + mt * 16 + g + 8 * hh;
+    if (h >= H) continue;
+    const float den = l_run[hh] + expf(a.sink[h] - m_run[hh]);
+    uint16_t* oh = a.o + (t * H + h) * DH;
+#pragma unroll
+    for (int nt = 0; nt < kONt; ++nt) {
+      const int d = r * kQuarter + nt * 8 + 2 * tig;
+      float x0 = round_bf(__fdiv_rn(o[nt][2 * hh], den)), x1 = round_bf(__fdiv_rn(o[nt][2 * hh + 1], den));
+      if (d >= DH - kRope) {
+        const int pair = (d - (DH - kRope)) / 2;
+        rope_pair_f(&x0, &x1, rope_c[pair], -rope_s[pair]);
+      }
+      *reinterpret_cast<uint32_t*>(oh + d) = pack_bf16(x0, x1);
+    }
+  }
+}
+
+}  // namespace
+
+// ---- launchers -------------------------------------------------------------------
+
+void CudaBackend::do_window_commit(const Tensor& kv, const BatchView& batch, LayerCache& cache) {
+  const int64_t T = kv.size(0), Dh = kv.size(1);
+  if (T == 0) return;
+  const int64_t W = cache.window.size(1), row_bytes = cache.window.size(2);
+  DSV4_CHECK(row_bytes == kv_row_bytes(Dh, kRope) && Dh % 64 == 0 && Dh > kRope,
+             "window_commit: ring rows of {} bytes do not hold head_dim {}", row_bytes, Dh);
+  WindowCommitArgs a{kv.as<uint16_t>(), batch.token_seq, batch.seq_begin, batch.seq_len, batch.seq_start_pos,
+                     batch.seq_slot, cache.window.as<uint8_t>(), T, W, Dh, row_bytes};
+  const int warps = 8;
+  const size_t smem = size_t(warps) * size_t(Dh) * sizeof(float);
+  allow_smem(window_commit_kernel, smem);
+  window_commit_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, smem, stream_>>>(a);
+  check_launch(stream_);
+}
+
+void CudaBackend::do_indexer_q(const Tensor& q, const BatchView& batch, const RopeTable& rope) {
+  const int64_t T = q.size(0), Hi = q.size(1), Di = q.size(2), rd = rope.rope_dim;
+  if (T == 0 || Hi == 0) return;
+  DSV4_CHECK(rd % 2 == 0 && rd <= Di, "indexer_q: rope_dim {} with head dim {}", rd, Di);
+  const int64_t rows = T * Hi;
+  const int warps = 8;
+  const unsigned grid = unsigned((rows + warps - 1) / warps);
+  uint16_t* qp = q.as<uint16_t>();
+  const float* f = rope.inv_freq.as<float>();
+  switch (Di) {
+    case 64: indexer_q_kernel<2><<<grid, warps * 32, 0, stream_>>>(qp, rows, Hi, batch.positions, f, int(rd)); break;
+    case 128: indexer_q_kernel<4><<<grid, warps * 32, 0, stream_>>>(qp, rows, Hi, batch.positions, f, int(rd)); break;
+    case 256: indexer_q_kernel<8><<<grid, warps * 32, 0, stream_>>>(qp, rows, Hi, batch.positions, f, int(rd)); break;
+    default: core::fail("indexer_q: head dim {} is not supported by the CUDA backend (64, 128, 256)", Di);
+  }
+  check_launch(stream_);
+}
+
+void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
+                              const RopeTable& rope, float norm_eps, LayerCache& cache) {
+  const int64_t T = a.size(0);
+  if (T == 0 || batch.num_seqs == 0) return;
+  Tensor& kv_state = w.rotate ? cache.index_kv_state : cache.kv_state;
+  Tensor& score_state = w.rotate ? cache.index_score_state : cache.score_state;
+  const Tensor& rows = w.rotate ? cache.index_rows : cache.rows;
+  const int64_t m = w.ratio, d = w.head_dim, rd = rope.rope_dim;
+  const int64_t expect_bytes = w.rotate ? index_row_bytes(d) : kv_row_bytes(d, kRope);
+  if (w.rotate)
+    DSV4_CHECK(d >= 32 && d <= kMaxCompressDim && (d & (d - 1)) == 0,
+               "compress: indexer head_dim {} must be a power of two in [32, {}]", d, kMaxCompressDim);
+  else
+    DSV4_CHECK(d > kRope && d <= kMaxCompressDim && d % 64 == 0,
+               "compress: head_dim {} must be a multiple of 64 in ({}, {}]", d, kRope, kMaxCompressDim);
+  DSV4_CHECK(w.rotate || rd == kRope, "compress: the KV record layout needs rope_dim {}, got {}", kRope, rd);
+  DSV4_CHECK(rd % 2 == 0 && rd <= d, "compress: rope_dim {} with head_dim {}", rd, d);
+  DSV4_CHECK(rows.ndim() == 3 && rows.size(1) == kPageTokens / m && rows.size(2) == expect_bytes,
+             "compress: cache rows {} do not hold {}-byte records of {} rows per page", rows.shape_string(),
+             expect_bytes, kPageTokens / m);
+  DSV4_CHECK(kv_state.size(1) == (m == 4 ? 2 * m : m) && kv_state.size(2) == w.width(),
+             "compress: state {} does not match ratio {} width {}", kv_state.shape_string(), m, w.width());
+  CompressArgs args;
+  args.a = a.as<float>();
+  args.g = g.as<float>();
+  args.ape = w.ape.as<float>();
+  args.norm = w.norm.as<uint16_t>();
+  args.inv_freq = rope.inv_freq.as<float>();
+  args.kv_state = kv_state.as<float>();
+  args.score_state = score_state.as<float>();
+  args.rows = rows.as<uint8_t>();
+  args.positions = batch.positions;
+  args.token_seq = batch.token_seq;
+  args.seq_begin = batch.seq_begin;
+  args.seq_len = batch.seq_len;
+  args.seq_start_pos = batch.seq_start_pos;
+  args.seq_slot = batch.seq_slot;
+  args.block_table = batch.block_table;
+  args.max_blocks = batch.max_blocks;
+  args.T = T;
+  args.m = m;
+  args.d = d;
+  args.width = w.width();
+  args.state_rows = kv_state.size(1);
+  args.rd = rd;
+  args.num_pages = rows.size(0);
+  args.per_page = rows.size(1);
+  args.row_bytes = rows.size(2);
+  args.rotate = w.rotate;
+  args.eps = norm_eps;
+  if (use_simple_kernels()) {
+    compress_simple_kernel<<<unsigned(batch.num_seqs), kCompressThreads, 0, stream_>>>(args);
+    check_launch(stream_);
+    return;
+  }
+  compress_emit_kernel<<<unsigned(T), kCompressThreads, 0, stream_>>>(args);
+  check_launch(stream_);
+  const int threads = 256;
+  const unsigned col_blocks = unsigned((args.width + threads - 1) / threads);
+  const dim3 grid(col_blocks, unsigned(batch.num_seqs), m == 4 ? 1u : 16u);
+  compress_state_kernel<<<grid, threads, 0, stream_>>>(args);
+  check_launch(stream_);
+}
+
+namespace {
+// Tokens per launch so that the per-token scratch stays under ~64 MB.
+int64_t topk_tokens_per_launch(int64_t T, int64_t bytes_per_token) {
+  const int64_t budget = int64_t(64) << 20;
+  int64_t n = budget / (bytes_per_token > 0 ? bytes_per_token : 1);
+  n = n < 1 ? 1 : n;
+  n = n > 65535 ? 65535 : n;  // grid.y of the scoring kernel
+  return n < T ? n : T;
+}
+}  // namespace
+
+void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float weight_scale, const LayerCache& cache,
+                                  const BatchView& batch, const Tensor& topk) {
+  const int64_t T = q.size(0), Hi = q.size(1), Di = q.size(2), K = topk.size(1);
+  if (T == 0 || K == 0) return;
+  const Tensor& rows = cache.index_rows;
+  DSV4_CHECK(rows.ndim() == 3 && rows.size(1) == kPageTokens / 4 && rows.size(2) == index_row_bytes(Di),
+             "indexer_topk: index rows {} do not hold {}-byte records", rows.shape_string(), index_row_bytes(Di));
+  DSV4_CHECK(Di == 32 || Di == 64 || Di == 128 || Di == 256, "indexer_topk: head dim {} not supported", Di);
+  DSV4_CHECK(K <= 16384, "indexer_topk: top-{} is more than the CUDA selection takes (16384)", K);
+  const int64_t max_rows = std::max<int64_t>(int64_t(batch.max_blocks) * (kPageTokens / 4), 1);
+  DSV4_CHECK(max_rows * 4 < (int64_t(1) << 31), "indexer_topk: {} rows per sequence overflow the row ids", max_rows);
+  const bool simple = use_simple_kernels();
+  TopkArgs a{};
+  a.weight_scale = weight_scale;
+  a.rows = rows.as<uint8_t>();
+  a.block_table = batch.block_table;
+  a.max_blocks = batch.max_blocks;
+  a.num_pages = rows.size(0);
+  a.row_bytes = rows.size(2);
+  a.Hi = Hi;
+  a.Di = Di;
+  a.K = K;
+  a.max_rows = max_rows;
+  const bool mma_ok = Di == kScoreDi && Hi <= kScoreHeads && aligned16(q.data()) && aligned16(rows.data());
+  const int64_t bytes_per_token = simple ? max_rows * 16 : max_rows * 2 + 256 * 4;
+  const int64_t chunk = topk_tokens_per_launch(T, bytes_per_token);
+  auto launch_simple_score = [&](auto kComposite, unsigned grid) {
+    constexpr bool kC = decltype(kComposite)::value;
+    const size_t smem = size_t(Hi * Di + Hi) * sizeof(float);
+    switch (Di) {
+#define DSV4_SCORE_CASE(DI)                                                             \
+  case DI:                                                                              \
+    allow_smem(index_score_simple_kernel<DI, kC>, smem);                                \
+    index_score_simple_kernel<DI, kC><<<grid, 256, smem, stream_>>>(a);                  \
+    break;
+      DSV4_SCORE_CASE(32)
+      DSV4_SCORE_CASE(64)
+      DSV4_SCORE_CASE(128)
+      DSV4_SCORE_CASE(256)
+#undef DSV4_SCORE_CASE
+    }
+    check_launch(stream_);
+  };
+  if (simple) {
+    uint64_t* keys = static_cast<uint64_t*>(scratch("topk_keys64", size_t(chunk * max_rows) * 8));
+    uint64_t* sorted = static_cast<uint64_t*>(scratch("topk_keys64_sorted", size_t(chunk * max_rows) * 8));
+    int* seg = static_cast<int*>(scratch("topk_segments", size_t(2 * chunk) * sizeof(int)));
+    size_t temp_bytes = 0;
+    DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
+        nullptr, temp_bytes, keys, sorted, int(chunk * max_rows), int(chunk), seg, seg + chunk, 0, 48, stream_));
+    void* temp = scratch("topk_cub_temp", std::max<size_t>(temp_bytes, 16));
+    for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+      const int64_t n = std::min(chunk, T - t0);
+      a.q = q.as<uint16_t>() + t0 * Hi * Di;
+      a.weights = weights.as<uint16_t>() + t0 * Hi;
+      a.positions = batch.positions + t0;
+      a.token_seq = batch.token_seq + t0;
+      a.topk = topk.as<int32_t>() + t0 * K;
+      a.T = n;
+      a.keys64 = keys;
+      a.keys64_sorted = sorted;
+      a.seg_begin = seg;
+      a.seg_end = seg + chunk;
+      topk_segments_kernel<<<unsigned((n + 255) / 256), 256, 0, stream_>>>(a);
+      check_launch(stream_);
+      launch_simple_score(std::true_type{}, unsigned(n));
+      size_t bytes = 0;
+      DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
+          nullptr, bytes, keys, sorted, int(n * max_rows), int(n), seg, seg + chunk, 0, 48, stream_));
+      DSV4_CHECK(bytes <= std::max<size_t>(temp_bytes, 16), "indexer_topk: CUB wants {} bytes, {} reserved", bytes,
+                 temp_bytes);
+      bytes = std::max<size_t>(temp_bytes, 16);
+      DSV4_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeysDescending(
+          temp, bytes, keys, sorted, int(n * max_rows), int(n), seg, seg + chunk, 0, 48, stream_));
+      topk_extract_kernel<<<unsigned(n), 256, 0, stream_>>>(a);
+      check_launch(stream_);
+    }
+    return;
+  }
+  uint16_t* keys = static_cast<uint16_t*>(scratch("topk_keys16", size_t(chunk * max_rows) * 2));
+  uint32_t* hist = static_cast<uint32_t*>(scratch("topk_hist", size_t(chunk) * 256 * 4));
+  int sort_size = 1;
+  while (sort_size < K) sort_size <<= 1;
+  const size_t select_smem = size_t(sort_size) * 8;
+  allow_smem(topk_select_kernel, select_smem);
+  const size_t score_smem = sizeof(ScoreSmem);
+  allow_smem(index_score_mma_kernel, score_smem);
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t n = std::min(chunk, T - t0);
+    a.q = q.as<uint16_t>() + t0 * Hi * Di;
+    a.weights = weights.as<uint16_t>() + t0 * Hi;
+    a.positions = batch.positions + t0;
+    a.token_seq = batch.token_seq + t0;
+    a.topk = topk.as<int32_t>() + t0 * K;
+    a.T = n;
+    a.keys16 = keys;
+    a.hist = hist;
+    DSV4_CUDA_CHECK(cudaMemsetAsync(hist, 0, size_t(n) * 256 * 4, stream_));
+    if (mma_ok) {
+      const dim3 grid(unsigned((max_rows + kScoreChunk - 1) / kScoreChunk), unsigned(n));
+      index_score_mma_kernel<<<grid, 128, score_smem, stream_>>>(a);
+      check_launch(stream_);
+    } else {
+      launch_simple_score(std::false_type{}, unsigned(n));
+    }
+    topk_select_kernel<<<unsigned(n), kSelectThreads, select_smem, stream_>>>(a, sort_size);
+    check_launch(stream_);
+  }
+}
+
+namespace {
+
+template <int DH, int MT>
+void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, int64_t T, int64_t H, size_t smem_limit) {
+  using L = AttnLayout<DH, MT>;
+  const int head_groups = int((H + MT * 16 - 1) / (MT * 16));
+  const size_t smem = L::bytes(a.K);
+  DSV4_CHECK(smem <= smem_limit, "sparse_attention: top-{} needs {} bytes of shared memory, the device allows {}", a.K,
+             smem, smem_limit);
+  allow_smem(attention_mma_kernel<DH, MT>, smem);
+  attention_mma_kernel<DH, MT><<<unsigned(T * head_groups), L::kThreads, smem, stream>>>(a, head_groups);
+  check_launch(stream);
+}
+
+template <int DH>
+void launch_attention_mma_mt(cudaStream_t stream, const AttnArgs& a, int64_t T, int64_t H, int num_sms,
+                             size_t smem_limit) {
+  // Per-head results do not depend on how heads are grouped into CTAs (each
+  // m-tile's arithmetic is the same), so the group size may follow the batch.
+  const int64_t tiles = (H + 15) / 16;
+  const bool wide = T * tiles > 2 * int64_t(num_sms);
+  if (!wide || tiles == 1) return launch_attention_mma<DH, 1>(stream, a, T, H, smem_limit);
+  if (tiles == 2 || tiles == 3) return launch_attention_mma<DH, 2>(stream, a, T, H, smem_limit);
+  return launch_attention_mma<DH, 4>(stream, a, T, H, smem_limit);
+}
+
+}  // namespace
+
+void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache,
+                                      const BatchView& batch, const Tensor& topk, const Tensor& sink,
+                                      float softmax_scale, const RopeTable& rope, const Tensor& o) {
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2);
+  if (T == 0 || H == 0) return;
+  DSV4_CHECK(rope.rope_dim == kRope, "sparse_attention: the KV record layout needs rope_dim {}, got {}", kRope,
+             rope.rope_dim);
+  DSV4_CHECK(Dh % 64 == 0 && Dh > kRope, "sparse_attention: head_dim {} not supported", Dh);
+  const int64_t row_bytes = kv_row_bytes(Dh, kRope);
+  DSV4_CHECK(cache.window.ndim() == 3 && cache.window.size(2) == row_bytes,
+             "sparse_attention: window ring {} does not hold {}-byte records", cache.window.shape_string(), row_bytes);
+  const int64_t m = cache.ratio;
+  DSV4_CHECK(m == 0 || m == 4 || m == 128, "sparse_attention: ratio {}", m);
+  if (m > 0)
+    DSV4_CHECK(cache.rows.ndim() == 3 && cache.rows.size(1) == kPageTokens / m && cache.rows.size(2) == row_bytes,
+               "sparse_attention: compressed rows {} do not hold {}-byte records", cache.rows.shape_string(),
+               row_bytes);
+  AttnArgs a{};
+  a.q = q.as<uint16_t>();
+  a.kv = kv.as<uint16_t>();
+  a.window = cache.window.as<uint8_t>();
+  a.rows = m > 0 ? cache.rows.as<uint8_t>() : nullptr;
+  a.topk = m == 4 ? topk.as<int32_t>() : nullptr;
+  a.sink = sink.as<float>();
+  a.inv_freq = rope.inv_freq.as<float>();
+  a.o = o.as<uint16_t>();
+  a.positions = batch.positions;
+  a.token_seq = batch.token_seq;
+  a.seq_begin = batch.seq_begin;
+  a.seq_start_pos = batch.seq_start_pos;
+  a.seq_slot = batch.seq_slot;
+  a.block_table = batch.block_table;
+  a.max_blocks = batch.max_blocks;
+  a.T = T;
+  a.H = H;
+  a.Dh = Dh;
+  a.W = cache.window.size(1);
+  a.row_bytes = row_bytes;
+  a.num_pages = m > 0 ? cache.rows.size(0) : 0;
+  a.per_page = m > 0 ? kPageTokens / m : 1;
+  a.ratio = m;
+  a.K = m == 4 ? topk.size(1) : 0;
+  a.scale = softmax_scale;
+  // Every key a query can see: the window plus the top-k, or every HCA row the block table covers.
+  a.max_keys = a.W + (m == 4 ? a.K : m == 128 ? int64_t(batch.max_blocks) * (kPageTokens / 128) : 0);
+  const bool simple = use_simple_kernels();
+  const bool mma_ok = (Dh == 512 || Dh == 128) && aligned16(q.data()) && aligned16(kv.data());
+  if (simple || !mma_ok) {
+    const size_t smem = size_t(Dh) * 4 + size_t((a.max_keys + 1) / 2 * 2) * 4 + size_t(a.max_keys) * (8 + 4) +
+                        size_t(a.K) * 4 + 16;
+    DSV4_CHECK(smem <= size_t(properties().sharedMemPerBlockOptin),
+               "sparse_attention: {} keys per query exceed the simple kernel's shared memory", a.max_keys);
+    allow_smem(attention_simple_kernel, smem);
+    attention_simple_kernel<<<dim3(unsigned(T), unsigned(H)), 256, smem, stream_>>>(a);
+    check_launch(stream_);
+    return;
+  }
+  const size_t limit = properties().sharedMemPerBlockOptin;
+  if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, T, H, properties().multiProcessorCount, limit);
+  else launch_attention_mma_mt<128>(stream_, a, T, H, properties().multiProcessorCount, limit);
+}
+
+}  // namespace dsv4::ops

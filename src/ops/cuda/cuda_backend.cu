@@ -1,0 +1,186 @@
+// CUDA backend: device memory, streams, caches, graph capture, scratch.
+#include "ops/cuda/cuda_backend.h"
+
+#include <map>
+#include <string>
+
+#include "ops/cuda/cuda_check.h"
+#include "ops/kv_format.h"
+
+namespace dsv4::ops {
+
+using core::DType;
+using core::Tensor;
+
+struct CudaBackend::Scratch {
+  std::map<std::string, Tensor> buffers;
+};
+
+bool cuda_device_available(std::string* why) {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    if (why) *why = e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device";
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+
+CudaBackend::CudaBackend(int device) : device_(device), scratch_(std::make_unique<Scratch>()) {
+  std::string why;
+  if (!cuda_device_available(&why)) core::fail("CUDA backend: {}", why);
+  DSV4_CUDA_CHECK(cudaSetDevice(device));
+  DSV4_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
+  if (props_.major != 9)
+    core::fail("CUDA backend: device {} ({}) has compute capability {}.{}; this build targets Hopper (sm_90a)", device,
+               props_.name, props_.major, props_.minor);
+  DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
+  stream_ = own_stream_;
+  DSV4_CUBLAS_CHECK(cublasLtCreate(&cublaslt_));
+  workspace_ = empty_bytes(64ull << 20);
+}
+
+CudaBackend::~CudaBackend() {
+  if (own_stream_) cudaStreamSynchronize(own_stream_);
+  scratch_.reset();
+  workspace_ = Tensor();
+  if (cublaslt_) cublasLtDestroy(cublaslt_);
+  if (own_stream_) cudaStreamDestroy(own_stream_);
+}
+
+Tensor CudaBackend::empty_bytes(size_t bytes) { return empty(DType::kU8, {int64_t(bytes)}); }
+
+Tensor CudaBackend::empty(DType dtype, std::initializer_list<int64_t> shape) {
+  Tensor t(nullptr, dtype, shape, core::Device::kCuda);
+  void* p = nullptr;
+  const size_t bytes = std::max<size_t>(t.nbytes(), 256);
+  DSV4_CUDA_CHECK(cudaSetDevice(device_));
+  cudaError_t e = cudaMalloc(&p, bytes);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    core::fail("out of GPU memory on device {}: allocating {:.3f} GB for a tensor of shape {} ({:.3f} GB free of {:.3f})",
+               device_, double(bytes) / 1e9, t.shape_string(), double(free_b) / 1e9, double(total_b) / 1e9);
+  }
+  const int dev = device_;
+  std::shared_ptr<void> owner(p, [dev](void* q) {
+    cudaSetDevice(dev);
+    cudaFree(q);
+  });
+  return Tensor(p, dtype, t.shape(), t.ndim(), core::Device::kCuda, owner);
+}
+
+void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
+  DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
+  if (bytes == 0) return;
+  // Pageable host memory: the copy is staged before the call returns, so the
+  // caller may reuse its buffer at once.
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, bytes, cudaMemcpyHostToDevice, stream_));
+}
+
+void CudaBackend::download(void* host, const Tensor& src, size_t bytes) {
+  DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
+  if (bytes == 0) return;
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(host, src.data(), bytes, cudaMemcpyDeviceToHost, stream_));
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::fill_zero(const Tensor& t) {
+  if (t.nbytes()) DSV4_CUDA_CHECK(cudaMemsetAsync(t.data(), 0, t.nbytes(), stream_));
+}
+
+void CudaBackend::synchronize() { DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+LayerCache CudaBackend::allocate_cache(const CacheGeometry& g, int64_t ratio) {
+  constexpr int64_t kRope = 64;
+  LayerCache c;
+  c.ratio = ratio;
+  const int64_t row = kv_row_bytes(g.head_dim, kRope);
+  c.window = empty(DType::kU8, {g.num_slots, g.window, row});
+  fill_zero(c.window);
+  if (ratio > 0) {
+    const int64_t coff = ratio == 4 ? 2 : 1;
+    c.rows = empty(DType::kU8, {g.num_pages, kPageTokens / ratio, row});
+    c.kv_state = empty(DType::kF32, {g.num_slots, coff * ratio, coff * g.head_dim});
+    c.score_state = empty(DType::kF32, {g.num_slots, coff * ratio, coff * g.head_dim});
+    fill_zero(c.rows);
+    fill_zero(c.kv_state);
+    fill_zero(c.score_state);
+  }
+  if (ratio == 4) {
+    c.index_rows = empty(DType::kU8, {g.num_pages, kPageTokens / 4, index_row_bytes(g.index_head_dim)});
+    c.index_kv_state = empty(DType::kF32, {g.num_slots, 8, 2 * g.index_head_dim});
+    c.index_score_state = empty(DType::kF32, {g.num_slots, 8, 2 * g.index_head_dim});
+    fill_zero(c.index_rows);
+    fill_zero(c.index_kv_state);
+    fill_zero(c.index_score_state);
+  }
+  return c;
+}
+
+Backend::CacheCost CudaBackend::cache_cost(const CacheGeometry& g, int64_t ratio) const {
+  constexpr int64_t kRope = 64;
+  const int64_t row = kv_row_bytes(g.head_dim, kRope);
+  CacheCost c;
+  c.per_slot = g.window * row;
+  if (ratio > 0) {
+    const int64_t coff = ratio == 4 ? 2 : 1;
+    c.per_page = kPageTokens / ratio * row;
+    c.per_slot += 2 * coff * ratio * coff * g.head_dim * 4;
+  }
+  if (ratio == 4) {
+    c.per_page += kPageTokens / 4 * index_row_bytes(g.index_head_dim);
+    c.per_slot += 2 * 8 * 2 * g.index_head_dim * 4;
+  }
+  return c;
+}
+
+namespace {
+class CudaGraph final : public Graph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream) : exec_(exec), stream_(stream) {}
+  ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
+  void replay() override { DSV4_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+};
+}  // namespace
+
+std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
+  DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    body();
+  } catch (...) {
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(stream_, &g);
+    if (g) cudaGraphDestroy(g);
+    throw;
+  }
+  cudaGraph_t graph = nullptr;
+  DSV4_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaGraphDestroy(graph);
+  return std::make_unique<CudaGraph>(exec, stream_);
+}
+
+void* CudaBackend::scratch(const char* name, size_t bytes) {
+  Tensor& t = scratch_->buffers[name];
+  if (t.nbytes() < bytes) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
+    DSV4_CHECK(status == cudaStreamCaptureStatusNone,
+               "scratch '{}' must grow to {} bytes during graph capture; run the step eagerly first", name, bytes);
+    DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    t = empty_bytes(bytes);
+  }
+  return t.data();
+}
+
+}  // namespace dsv4::ops

@@ -1,0 +1,570 @@
+// CUDA backend: linear, linear_bf16, grouped_linear, expert_ffn, routed_experts,
+// router (spec §2.7, §2.8, §5.6, §6). Launch code only; the kernels live in
+// linear_kernels.cuh and the design with its roofline numbers in
+// docs/design/cuda-linear.md.
+//
+// Two implementations of every op: the fast one (tensor-core GEMM, device-built
+// expert tile lists) and a simple one (one warp per output element) selected by
+// DSV4_CUDA_KERNELS=simple, read once at first use. The fast path also falls back
+// to the simple kernels for shapes or alignments it does not cover (noted at each
+// `*_fast_ok`). Neither path synchronises, reads device data on the host or
+// allocates outside CudaBackend::scratch, so every op can be captured in a graph
+// once it has run eagerly with its largest shapes.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/linear_kernels.cuh"
+
+namespace dsv4::ops {
+
+namespace lk = linear_kernels;
+using core::DType;
+using core::Tensor;
+using lk::WFmt;
+
+// Test hook (declared by tests/ops/cuda_linear_test.cpp): -1 follows
+// DSV4_CUDA_KERNELS (the default), 0 forces the fast kernels, 1 the simple ones.
+void cuda_linear_force_path(int path);
+
+namespace {
+
+std::atomic<int> g_force_path{-1};
+
+bool simple_path() {
+  const int forced = g_force_path.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  static const bool from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_KERNELS");
+    return v != nullptr && std::strcmp(v, "simple") == 0;
+  }();
+  return from_env;
+}
+
+// The launch error always; in debug builds also a sync (skipped while capturing).
+void launch_check(cudaStream_t stream) {
+  DSV4_CUDA_CHECK(cudaGetLastError());
+#ifndef NDEBUG
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+}
+
+// Scratch of this file, one buffer per (name, stream) so that ops issued on two
+// streams never share one. `fresh` reports a new allocation (contents undefined).
+void* scratch_on(CudaBackend& be, const char* name, size_t bytes, bool* fresh = nullptr) {
+  char key[128];
+  std::snprintf(key, sizeof key, "linear.%s@%p", name, static_cast<void*>(be.stream()));
+  void* before = fresh ? be.scratch(key, 0) : nullptr;
+  void* p = be.scratch(key, std::max<size_t>(bytes, 16));
+  if (fresh) *fresh = p != before;
+  return p;
+}
+
+template <typename T>
+T* scratch_as(CudaBackend& be, const char* name, int64_t count) {
+  return static_cast<T*>(scratch_on(be, name, size_t(count) * sizeof(T)));
+}
+
+bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+unsigned blocks_for_warps(int64_t warps, int64_t cap = int64_t(1) << 30) {
+  return unsigned(std::clamp<int64_t>((warps + 7) / 8, 1, cap));  // 8 warps per 256-thread block
+}
+
+constexpr int64_t kSimpleBlocks = 8192;  // grid-stride simple kernels
+
+// ---- activation quantization -----------------------------------------------------------
+void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows, int64_t k, uint8_t* q, float* s) {
+  const int64_t items = rows * (k / 128);
+  if (items == 0) return;
+  lk::act_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s);
+  launch_check(be.stream());
+}
+
+// ---- the tensor-core GEMM ---------------------------------------------------------------
+// Number of K slices S: a function of (weight row tiles, stages) only, never of M
+// (the bit-identity rule). Enough slices that tiles * S reaches ~256 CTAs at decode.
+// `mult` is the number of tiles expected per weight (routed experts: several
+// experts are busy at once).
+int slices_for(int64_t n_tiles, int64_t stages, int64_t mult) {
+  int s = 1;
+  while (s < lk::kMaxSlices && n_tiles * mult * s < 256 && stages % (2 * s) == 0) s *= 2;
+  return s;
+}
+
+// Split launches write S fp32 partials per output; beyond this many bytes the
+// CTAs walk their slices in sequence instead.
+constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
+
+int nt_for_rows(int64_t rows) { return rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
+
+bool is_quant(WFmt f) { return f == WFmt::kFp8 || f == WFmt::kFp4; }
+
+// Raises a kernel's dynamic shared-memory limit once per device (done on the
+// first, eager, use: before any capture).
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& done) {
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (done.load(std::memory_order_acquire) & bit) return;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.fetch_or(bit, std::memory_order_acq_rel);
+}
+
+template <WFmt F, int NT, bool kTwo>
+void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
+  constexpr int smem = lk::gemm_smem_bytes<F, NT>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
+  lk::gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p);
+  launch_check(be.stream());
+}
+
+template <WFmt F, int NT, bool kTwo>
+void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
+  constexpr int smem = lk::gemm_smem_bytes<F, NT>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::expert_gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
+  lk::expert_gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
+  launch_check(be.stream());
+}
+
+template <WFmt F>
+void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two) {
+  switch (nt) {
+    case 1: return two ? launch_plain<F, 1, true>(be, p, grid) : launch_plain<F, 1, false>(be, p, grid);
+    case 2: return two ? launch_plain<F, 2, true>(be, p, grid) : launch_plain<F, 2, false>(be, p, grid);
+    case 4: return two ? launch_plain<F, 4, true>(be, p, grid) : launch_plain<F, 4, false>(be, p, grid);
+    default: return two ? launch_plain<F, 8, true>(be, p, grid) : launch_plain<F, 8, false>(be, p, grid);
+  }
+}
+
+template <WFmt F>
+void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two,
+                     const lk::ExpertTable& table) {
+  switch (nt) {
+    case 1: return two ? launch_expert<F, 1, true>(be, p, grid, table) : launch_expert<F, 1, false>(be, p, grid, table);
+    case 2: return two ? launch_expert<F, 2, true>(be, p, grid, table) : launch_expert<F, 2, false>(be, p, grid, table);
+    default: return two ? launch_expert<F, 4, true>(be, p, grid, table) : launch_expert<F, 4, false>(be, p, grid, table);
+  }
+}
+
+// Partial sums and arrival counters for split launches. Counters are zeroed when
+// the buffer is (re)allocated; the last CTA of each tile resets its counter.
+void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, int64_t tiles) {
+  p.partial = scratch_as<float>(be, "partial", int64_t(p.split) * rows * cols);
+  p.partial_rows = rows;
+  p.partial_cols = cols;
+  // Zero the whole allocation (scratch_on rounds small requests up), not just this launch's tiles.
+  const size_t bytes = std::max<size_t>(size_t(tiles) * sizeof(int), 16);
+  bool fresh = false;
+  p.counters = static_cast<int*>(scratch_on(be, "counters", bytes, &fresh));
+  if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, bytes, be.stream()));
+}
+
+// Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
+void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
+  const int stage_k = is_quant(fmt) ? 128 : 64;
+  DSV4_CHECK(p.k % stage_k == 0 && p.k > 0, "gemm: K={} not a multiple of {}", p.k, stage_k);
+  const int64_t stages = p.k / stage_k;
+  p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
+  const int64_t n_tiles = int64_t(p.groups) * p.tiles_per_group;
+  p.slices = slices_for(n_tiles, stages, 1);
+  const int nt = nt_for_rows(p.m);
+  const int64_t m_tiles = (p.m + 8 * nt - 1) / (8 * nt);
+  DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
+  // Split the slices over CTAs when the tiles alone do not fill one wave (decode,
+  // small N) and the partials stay small; otherwise each CTA walks all slices.
+  // Both give the same bits.
+  const int64_t cols = int64_t(p.groups) * p.n;
+  const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
+                     int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
+  p.split = split ? p.slices : 1;
+  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles);
+  const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
+  const bool two = !split && p.slices > 1;
+  switch (fmt) {
+    case WFmt::kFp8: return dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two);
+    case WFmt::kFp4: return dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two);
+    case WFmt::kBf16: return dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two);
+    case WFmt::kFp8Bf16: return dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two);
+  }
+}
+
+WFmt quant_fmt(const QuantLinear& w) { return w.format == QuantLinear::Format::kFp4Group32 ? WFmt::kFp4 : WFmt::kFp8; }
+
+// Fast path of a quantized weight: 16-byte aligned weight rows for cp.async,
+// 4-byte aligned FP4 scale rows, the FP8 block-scale row fits in smem, int sizes.
+bool quant_fast_ok(const QuantLinear& w) {
+  const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
+  return w.k % 128 == 0 && w.k > 0 && w.n > 0 && w.n < (int64_t(1) << 30) && w.k < (int64_t(1) << 30) &&
+         aligned(w.weight.data(), 16) && (fp4 ? aligned(w.scale.data(), 4) : (w.k + 127) / 128 <= lk::kMaxScaleBlocks);
+}
+
+// y[m * ldy + n] = bf16(xq[m] . W[n]) for pre-quantized activations.
+void quant_gemm(CudaBackend& be, const QuantLinear& w, const uint8_t* xq, const float* xs, int64_t M, uint16_t* y,
+                int64_t ldy) {
+  const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
+  if (simple_path() || !quant_fast_ok(w)) {
+    lk::simple_quant_linear_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, be.stream()>>>(
+        xq, xs, M, w.k, w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), fp4 ? 1 : 0, w.n, y, ldy);
+    launch_check(be.stream());
+    return;
+  }
+  lk::GemmParams p{};
+  p.w0 = p.w1 = w.weight.as<uint8_t>();
+  p.s0 = p.s1 = w.scale.as<uint8_t>();
+  p.w_row_bytes = fp4 ? w.k / 2 : w.k;
+  p.s_row_stride = fp4 ? w.k / 32 : (w.k + 127) / 128;
+  p.n = int(w.n);
+  p.n_split = int(w.n);
+  p.k = int(w.k);
+  p.groups = 1;
+  p.a = xq;
+  p.a_row_bytes = w.k;
+  p.a_scale = xs;
+  p.a_scale_stride = w.k / 128;
+  p.m = int(M);
+  p.y = y;
+  p.ldy = ldy;
+  run_gemm(be, quant_fmt(w), p);
+}
+
+// Fast path of a bf16 GEMM: bf16 activations (f32 ones use the simple kernel), K a
+// multiple of the 64-wide stage, 16-byte aligned rows.
+bool bf16_fast_ok(const Tensor& x, const Tensor& w) {
+  const int64_t K = w.size(1);
+  return x.dtype() == DType::kBF16 && K % 64 == 0 && K > 0 && K < (int64_t(1) << 30) &&
+         w.size(0) < (int64_t(1) << 30) && aligned(x.data(), 16) && aligned(w.data(), 16);
+}
+
+void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  if (simple_path() || !bf16_fast_ok(x, w)) {
+    lk::simple_linear_bf16_kernel<<<blocks_for_warps(M * N, kSimpleBlocks), 256, 0, be.stream()>>>(
+        x.data(), x.dtype() == DType::kF32 ? 1 : 0, w.as<uint16_t>(), M, N, K, y, y_f32 ? 1 : 0);
+    launch_check(be.stream());
+    return;
+  }
+  lk::GemmParams p{};
+  p.w0 = p.w1 = w.as<uint8_t>();
+  p.w_row_bytes = 2 * K;
+  p.n = int(N);
+  p.n_split = int(N);
+  p.k = int(K);
+  p.groups = 1;
+  p.a = x.as<uint8_t>();
+  p.a_row_bytes = 2 * K;
+  p.m = int(M);
+  p.y = y;
+  p.ldy = N;
+  p.y_f32 = y_f32 ? 1 : 0;
+  run_gemm(be, WFmt::kBf16, p);
+}
+
+// Expert GEMM over the device tile list, one launch per chunk of <= kMaxTableExperts
+// local experts. p describes n, n_split, k, activations and output; entries(e, ptrs)
+// fills the 4 table pointers of local expert e.
+template <typename Entries>
+void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
+                     int64_t max_tiles, int nt, const Entries& entries) {
+  const int64_t stages = p.k / 128;
+  p.groups = 1;
+  p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
+  const int64_t n_tiles = p.tiles_per_group;
+  p.slices = slices_for(n_tiles, stages, 4);
+  const bool split = p.slices > 1 && int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
+  p.split = split ? p.slices : 1;
+  if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
+  const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
+  const bool two = !split && p.slices > 1;
+  auto table = std::make_unique<lk::ExpertTable>();
+  for (int64_t c0 = 0; c0 < num_local; c0 += lk::kMaxTableExperts) {
+    const int64_t c1 = std::min<int64_t>(num_local, c0 + lk::kMaxTableExperts);
+    std::memset(table.get(), 0, sizeof(lk::ExpertTable));
+    for (int64_t e = c0; e < c1; ++e) entries(e, table->p[e - c0]);
+    p.chunk_begin = int(c0);
+    p.chunk_end = int(c1);
+    if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4>(be, p, grid, nt, two, *table);
+    else dispatch_expert<WFmt::kFp8>(be, p, grid, nt, two, *table);
+  }
+}
+
+}  // namespace
+
+void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
+
+// ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
+void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
+  const int64_t M = x.size(0), K = w.k;
+  if (M == 0 || w.n == 0) return;
+  if (K == 0) return fill_zero(y);
+  uint8_t* xq = scratch_as<uint8_t>(*this, "xq", M * K);
+  float* xs = scratch_as<float>(*this, "xs", M * (K / 128));
+  quantize_rows(*this, x.as<uint16_t>(), K, M, K, xq, xs);
+  quant_gemm(*this, w, xq, xs, M, y.as<uint16_t>(), w.n);
+}
+
+// ---- linear_bf16 ------------------------------------------------------------------------
+void CudaBackend::do_linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
+  if (x.size(0) == 0 || w.size(0) == 0) return;
+  if (w.size(1) == 0) return fill_zero(y);
+  bf16_gemm(*this, x, w, y.data(), y.dtype() == DType::kF32);
+}
+
+// ---- grouped_linear (spec §5.6) -------------------------------------------------------
+void CudaBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
+  const int64_t M = x.size(0), G = groups, R = w.n / groups, C = w.k;
+  if (M == 0 || w.n == 0) return;
+  if (C == 0) return fill_zero(y);
+  // Fast path: 64-wide stages, each CTA's 128 rows inside one 128-row scale block.
+  const bool fast = !simple_path() && C % 64 == 0 && (G == 1 || R % 128 == 0) && (C + 127) / 128 <= lk::kMaxScaleBlocks &&
+                    w.n < (int64_t(1) << 30) && G * C < (int64_t(1) << 30) && aligned(x.data(), 16) &&
+                    aligned(w.weight.data(), 16);
+  if (!fast) {
+    lk::simple_grouped_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, stream()>>>(
+        x.as<uint16_t>(), w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), M, G, R, C, y.as<uint16_t>());
+    launch_check(stream());
+    return;
+  }
+  lk::GemmParams p{};
+  p.w0 = p.w1 = w.weight.as<uint8_t>();
+  p.s0 = p.s1 = w.scale.as<uint8_t>();
+  p.w_row_bytes = C;
+  p.s_row_stride = (C + 127) / 128;
+  p.n = int(R);
+  p.n_split = int(R);
+  p.k = int(C);
+  p.groups = int(G);
+  p.a = x.as<uint8_t>();
+  p.a_row_bytes = 2 * G * C;
+  p.a_group_bytes = 2 * C;
+  p.m = int(M);
+  p.y = y.data();
+  p.ldy = G * R;
+  run_gemm(*this, WFmt::kFp8Bf16, p);
+}
+
+// ---- expert_ffn: the shared expert (spec §6.2) -------------------------------------------
+void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& row_weight, float limit,
+                                const Tensor& y) {
+  const int64_t R = x.size(0), D = w.w1.k, I = w.w1.n;
+  if (R == 0) return;
+  DSV4_CHECK(D % 128 == 0 && I % 128 == 0 && D > 0 && I > 0,
+             "expert_ffn: D={} and I={} must be positive multiples of 128 (activation blocks)", D, I);
+  const float* rw = row_weight.ndim() > 0 ? row_weight.as<float>() : nullptr;
+  uint8_t* xq = scratch_as<uint8_t>(*this, "ffn.xq", R * D);
+  float* xs = scratch_as<float>(*this, "ffn.xs", R * (D / 128));
+  uint16_t* gu = scratch_as<uint16_t>(*this, "ffn.gu", R * 2 * I);
+  uint8_t* hq = scratch_as<uint8_t>(*this, "ffn.hq", R * I);
+  float* hs = scratch_as<float>(*this, "ffn.hs", R * (I / 128));
+  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs);
+  const bool fast = !simple_path() && quant_fast_ok(w.w1) && quant_fast_ok(w.w3) && quant_fast_ok(w.w2) &&
+                    w.w1.format == w.w3.format && 2 * I < (int64_t(1) << 30);
+  if (!fast) {
+    quant_gemm(*this, w.w1, xq, xs, R, gu, 2 * I);      // simple kernels when simple_path();
+    quant_gemm(*this, w.w3, xq, xs, R, gu + I, 2 * I);  // else per-weight fallback
+    uint16_t* h = scratch_as<uint16_t>(*this, "ffn.h", R * I);
+    lk::simple_swiglu_kernel<<<unsigned(std::min<int64_t>((R * I + 255) / 256, kSimpleBlocks)), 256, 0, stream()>>>(
+        gu, rw, R, I, limit, h);
+    launch_check(stream());
+    quantize_rows(*this, h, I, R, I, hq, hs);
+    quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D);
+    return;
+  }
+  // gate | up as one GEMM over the stacked rows [w1; w3] (I % 128 == 0: a CTA reads one of them).
+  lk::GemmParams p{};
+  const bool fp4 = w.w1.format == QuantLinear::Format::kFp4Group32;
+  p.w0 = w.w1.weight.as<uint8_t>();
+  p.s0 = w.w1.scale.as<uint8_t>();
+  p.w1 = w.w3.weight.as<uint8_t>();
+  p.s1 = w.w3.scale.as<uint8_t>();
+  p.w_row_bytes = fp4 ? D / 2 : D;
+  p.s_row_stride = fp4 ? D / 32 : (D + 127) / 128;
+  p.n = int(2 * I);
+  p.n_split = int(I);
+  p.k = int(D);
+  p.groups = 1;
+  p.a = xq;
+  p.a_row_bytes = D;
+  p.a_scale = xs;
+  p.a_scale_stride = D / 128;
+  p.m = int(R);
+  p.y = gu;
+  p.ldy = 2 * I;
+  run_gemm(*this, quant_fmt(w.w1), p);
+  lk::swiglu_quant_kernel<<<blocks_for_warps(R * (I / 128)), 256, 0, stream()>>>(gu, R, I, nullptr, rw, nullptr,
+                                                                                  limit, hq, hs);
+  launch_check(stream());
+  quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D);
+}
+
+// ---- routed_experts (spec §6.2) ---------------------------------------------------------
+void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                    const std::vector<ExpertWeights>& experts, int64_t expert_begin,
+                                    int64_t expert_end, float limit, const Tensor& out) {
+  const int64_t R = x.size(0), D = x.size(1), k = ids.size(1), P = R * k;
+  const int64_t num_local = expert_end - expert_begin;
+  if (P == 0 || D == 0) return;
+  if (num_local == 0) return fill_zero(out);
+  const ExpertWeights& first = experts[size_t(expert_begin)];
+  const int64_t I = first.w1.n;
+  const auto fmt13 = first.w1.format, fmt2 = first.w2.format;
+  for (int64_t e = expert_begin; e < expert_end; ++e) {
+    const ExpertWeights& ew = experts[size_t(e)];
+    DSV4_CHECK(ew.w1.n == I && ew.w3.n == I && ew.w1.k == D && ew.w3.k == D && ew.w2.n == D && ew.w2.k == I &&
+                   ew.w1.format == fmt13 && ew.w3.format == fmt13 && ew.w2.format == fmt2,
+               "routed_experts: expert {} differs in shape or format from expert {} (x has D={})", e, expert_begin,
+               D);
+  }
+  DSV4_CHECK(D % 128 == 0 && I % 128 == 0 && I > 0, "routed_experts: D={} and I={} must be multiples of 128", D, I);
+  DSV4_CHECK(P < (int64_t(1) << 30) && expert_end < (int64_t(1) << 30), "routed_experts: {} pairs too many", P);
+  const int* id = ids.as<int32_t>();
+  uint16_t* o = out.as<uint16_t>();
+  const cudaStream_t s = stream();
+
+  lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(
+      id, P, int(expert_begin), int(expert_end), o, D, (D % 8 == 0 && aligned(o, 16)) ? 1 : 0);
+  launch_check(s);
+  uint8_t* xq = scratch_as<uint8_t>(*this, "moe.xq", R * D);
+  float* xs = scratch_as<float>(*this, "moe.xs", R * (D / 128));
+  uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
+  float* hs = scratch_as<float>(*this, "moe.hs", P * (I / 128));
+  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs);
+  const bool fp4_13 = fmt13 == QuantLinear::Format::kFp4Group32, fp4_2 = fmt2 == QuantLinear::Format::kFp4Group32;
+
+  // Tile rows per expert from the average load (any choice gives the same bits).
+  const int64_t avg = (P + num_local - 1) / num_local;
+  const int nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
+  const int64_t bm = 8 * nt;
+  // Sum over busy experts of ceil(count / bm) <= (P + busy * (bm - 1)) / bm.
+  const int64_t max_tiles = std::min<int64_t>(P, (P + std::min(num_local, P) * (bm - 1)) / bm);
+  bool fast = !simple_path() && num_local <= 2048 && max_tiles <= 65535 && 2 * I < (int64_t(1) << 30);
+  for (int64_t e = expert_begin; fast && e < expert_end; ++e) {
+    const ExpertWeights& ew = experts[size_t(e)];
+    fast = quant_fast_ok(ew.w1) && quant_fast_ok(ew.w3) && quant_fast_ok(ew.w2);
+  }
+
+  if (!fast) {
+    // Simple: one warp per (pair, output); expert tables in chunks of global ids.
+    uint16_t* h = scratch_as<uint16_t>(*this, "moe.h", P * I);
+    auto table = std::make_unique<lk::ExpertTable>();
+    for (int64_t c0 = expert_begin; c0 < expert_end; c0 += lk::kMaxTableExperts) {
+      const int64_t c1 = std::min<int64_t>(expert_end, c0 + lk::kMaxTableExperts);
+      std::memset(table.get(), 0, sizeof(lk::ExpertTable));
+      for (int64_t e = c0; e < c1; ++e) {
+        const ExpertWeights& ew = experts[size_t(e)];
+        table->p[e - c0][0] = ew.w1.weight.as<uint8_t>();
+        table->p[e - c0][1] = ew.w1.scale.as<uint8_t>();
+        table->p[e - c0][2] = ew.w3.weight.as<uint8_t>();
+        table->p[e - c0][3] = ew.w3.scale.as<uint8_t>();
+      }
+      lk::simple_expert_gateup_kernel<<<blocks_for_warps(P * I, kSimpleBlocks), 256, 0, s>>>(
+          id, P, int(k), int(c0), int(c1), *table, fp4_13 ? 1 : 0, xq, xs, D, I, limit, weights.as<float>(), h);
+      launch_check(s);
+    }
+    quantize_rows(*this, h, I, P, I, hq, hs);  // rows of non-local pairs are quantized too, and never read
+    for (int64_t c0 = expert_begin; c0 < expert_end; c0 += lk::kMaxTableExperts) {
+      const int64_t c1 = std::min<int64_t>(expert_end, c0 + lk::kMaxTableExperts);
+      std::memset(table.get(), 0, sizeof(lk::ExpertTable));
+      for (int64_t e = c0; e < c1; ++e) {
+        table->p[e - c0][0] = experts[size_t(e)].w2.weight.as<uint8_t>();
+        table->p[e - c0][1] = experts[size_t(e)].w2.scale.as<uint8_t>();
+      }
+      lk::simple_expert_down_kernel<<<blocks_for_warps(P * D, kSimpleBlocks), 256, 0, s>>>(
+          id, P, int(c0), int(c1), *table, fp4_2 ? 1 : 0, hq, hs, I, D, o);
+      launch_check(s);
+    }
+    return;
+  }
+
+  // Fast: device counting sort -> per-expert tiles -> gate/up GEMM -> SwiGLU+quant -> w2 GEMM.
+  int* pair_list = scratch_as<int>(*this, "moe.pairs", P);
+  int* token_rows = scratch_as<int>(*this, "moe.tokens", P);
+  int4* tiles = scratch_as<int4>(*this, "moe.tiles", max_tiles);
+  int* counts = scratch_as<int>(*this, "moe.counts", 2);  // {tiles, compact rows}
+  uint16_t* gu = scratch_as<uint16_t>(*this, "moe.gu", P * 2 * I);
+  lk::expert_prep_kernel<<<1, 1024, size_t(16 * num_local), s>>>(id, int(P), int(k), int(expert_begin),
+                                                                 int(num_local), int(bm), int(max_tiles), pair_list,
+                                                                 token_rows, tiles, counts, counts + 1);
+  launch_check(s);
+
+  lk::GemmParams p{};
+  p.w_row_bytes = fp4_13 ? D / 2 : D;
+  p.s_row_stride = fp4_13 ? D / 32 : (D + 127) / 128;
+  p.n = int(2 * I);
+  p.n_split = int(I);
+  p.k = int(D);
+  p.a = xq;
+  p.a_row_bytes = D;
+  p.a_scale = xs;
+  p.a_scale_stride = D / 128;
+  p.in_rows = token_rows;
+  p.y = gu;
+  p.ldy = 2 * I;
+  p.tiles = tiles;
+  p.num_tiles = counts;
+  run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt,
+                  [&](int64_t e, const uint8_t** ptr) {
+                    const ExpertWeights& ew = experts[size_t(expert_begin + e)];
+                    ptr[0] = ew.w1.weight.as<uint8_t>();
+                    ptr[1] = ew.w1.scale.as<uint8_t>();
+                    ptr[2] = ew.w3.weight.as<uint8_t>();
+                    ptr[3] = ew.w3.scale.as<uint8_t>();
+                  });
+
+  lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
+                                                                          pair_list, limit, hq, hs);
+  launch_check(s);
+
+  lk::GemmParams q{};
+  q.w_row_bytes = fp4_2 ? I / 2 : I;
+  q.s_row_stride = fp4_2 ? I / 32 : (I + 127) / 128;
+  q.n = int(D);
+  q.n_split = int(D);
+  q.k = int(I);
+  q.a = hq;
+  q.a_row_bytes = I;
+  q.a_scale = hs;
+  q.a_scale_stride = I / 128;
+  q.y = o;
+  q.ldy = D;
+  q.out_rows = pair_list;
+  q.tiles = tiles;
+  q.num_tiles = counts;
+  run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt,
+                  [&](int64_t e, const uint8_t** ptr) {
+                    const ExpertWeights& ew = experts[size_t(expert_begin + e)];
+                    ptr[0] = ptr[2] = ew.w2.weight.as<uint8_t>();
+                    ptr[1] = ptr[3] = ew.w2.scale.as<uint8_t>();
+                  });
+}
+
+// ---- router (spec §6.1) ----------------------------------------------------------------
+void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bias, const Tensor& tid2eid,
+                            const BatchView& batch, const RouterConfig& config, const Tensor& weights,
+                            const Tensor& ids) {
+  const int64_t T = x.size(0), E = gate.size(0), k = config.topk;
+  if (T == 0) return;
+  DSV4_CHECK(E <= 6144, "router: {} experts exceed the 6144 the select kernel holds in shared memory", E);
+  float* logits = scratch_as<float>(*this, "router.logits", T * E);
+  if (gate.size(1) == 0) DSV4_CUDA_CHECK(cudaMemsetAsync(logits, 0, size_t(T * E) * sizeof(float), stream()));
+  else bf16_gemm(*this, x, gate, logits, true);
+  const bool hash = tid2eid.ndim() > 0;
+  const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
+  lk::router_select_kernel<<<unsigned(T), 32, size_t(2 * E) * sizeof(float), stream()>>>(
+      logits, int(E), int(k), scoring, config.normalize ? 1 : 0, config.route_scale,
+      hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
+      weights.as<float>(), ids.as<int32_t>());
+  launch_check(stream());
+}
+
+}  // namespace dsv4::ops

@@ -1,0 +1,806 @@
+// CUDA pointwise ops: embed, gather_rows, add_broadcast, rms_norm, q_norm_rope,
+// kv_rope_quant, hc_pre / hc_post / hc_head, moe_reduce, moe_output.
+// Design, roofline arithmetic and register counts: docs/design/cuda-attention.md.
+//
+// Numerics follow the CPU reference (src/ops/cpu) rounding point by rounding
+// point. Where the reference's fp32 arithmetic is reproducible at no real cost
+// the kernels reproduce it exactly: products and sums that the reference keeps
+// unfused use __fmul_rn / __fadd_rn (nvcc would otherwise contract them into
+// FMAs), RoPE takes cos/sin of the fp32 angle in double like the reference, and
+// the per-head q norm sums its bf16 squares sequentially in the reference order.
+// Long fp32 reductions (rms_norm, the 24 mHC mixes) use a fixed tree instead: the
+// result is deterministic and independent of the batch (the two-batch-overlap
+// bit-identity rule) but may differ from the reference by fp32 rounding.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_check.h"
+
+namespace dsv4::ops {
+
+using core::Tensor;
+
+namespace {
+
+// ---- shared helpers ------------------------------------------------------------
+
+// Launch error always; in debug builds also a synchronisation (outside graph
+// capture, where synchronising is illegal) so a faulting kernel is named here.
+void check_launch(cudaStream_t stream) {
+  DSV4_CUDA_CHECK(cudaGetLastError());
+#ifndef NDEBUG
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
+#endif
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
+
+unsigned grid_for(int64_t work_items, int threads) {
+  const int64_t blocks = (work_items + threads - 1) / threads;
+  return unsigned(blocks < 1 ? 1 : (blocks > 65536 * 8 ? 65536 * 8 : blocks));
+}
+
+__device__ __forceinline__ float bf2f(uint16_t h) { return core::bf16_to_float(h); }
+__device__ __forceinline__ uint16_t f2bf(float x) { return core::float_to_bf16(x); }
+__device__ __forceinline__ float round_bf(float x) { return core::round_bf16(x); }
+
+// VEC bf16 values through one aligned access (VEC = 8: 16 bytes, 2: 4 bytes, 1: 2 bytes).
+template <int VEC>
+struct BfVec {
+  uint16_t v[VEC];
+};
+template <int VEC>
+__device__ __forceinline__ BfVec<VEC> load_bf(const uint16_t* p) {
+  BfVec<VEC> r;
+  if constexpr (VEC == 8) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      r.v[2 * i] = uint16_t(w[i] & 0xffffu);
+      r.v[2 * i + 1] = uint16_t(w[i] >> 16);
+    }
+  } else if constexpr (VEC == 2) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+    r.v[0] = uint16_t(w & 0xffffu);
+    r.v[1] = uint16_t(w >> 16);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) r.v[i] = p[i];
+  }
+  return r;
+}
+template <int VEC>
+__device__ __forceinline__ void store_bf(uint16_t* p, const BfVec<VEC>& r) {
+  if constexpr (VEC == 8) {
+    uint4 u;
+    u.x = uint32_t(r.v[0]) | (uint32_t(r.v[1]) << 16);
+    u.y = uint32_t(r.v[2]) | (uint32_t(r.v[3]) << 16);
+    u.z = uint32_t(r.v[4]) | (uint32_t(r.v[5]) << 16);
+    u.w = uint32_t(r.v[6]) | (uint32_t(r.v[7]) << 16);
+    *reinterpret_cast<uint4*>(p) = u;
+  } else if constexpr (VEC == 2) {
+    *reinterpret_cast<uint32_t*>(p) = uint32_t(r.v[0]) | (uint32_t(r.v[1]) << 16);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p[i] = r.v[i];
+  }
+}
+
+// cos/sin of the fp32 angle pos * inv_freq[i], evaluated in double and rounded to
+// fp32 exactly as ref::rope_bf16 does (torch.polar on the fp32 angle).
+__device__ __forceinline__ void rope_cos_sin(int64_t pos, float inv_freq, float* c, float* s) {
+  const float angle = __fmul_rn(float(pos), inv_freq);
+  *c = float(cos(double(angle)));
+  *s = float(sin(double(angle)));
+}
+
+// One interleaved RoPE pair on bf16 values (spec §2.3), unfused like the reference.
+__device__ __forceinline__ void rope_pair(uint16_t* a, uint16_t* b, float c, float s) {
+  const float x = bf2f(*a), y = bf2f(*b);
+  *a = f2bf(__fsub_rn(__fmul_rn(x, c), __fmul_rn(y, s)));
+  *b = f2bf(__fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c)));
+}
+
+// Deterministic block sum (fixed tree: lanes by xor, then warps in order).
+__device__ float block_sum(float v, float* red /* [32] */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // red may still be read by a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < warps; ++w) total += red[w];
+  return total;
+}
+
+// ---- embed ---------------------------------------------------------------------
+// Roofline: T*D*2 bytes read, T*hc*D*2 written (decode: negligible; launch-bound).
+template <int VEC>
+__global__ void embed_kernel(const uint16_t* __restrict__ table, int64_t V, const int32_t* __restrict__ ids,
+                             int64_t hc, int64_t D, uint16_t* __restrict__ X) {
+  const int64_t t = blockIdx.x;
+  const int32_t id = ids[t];
+  const bool valid = id >= 0 && id < V;  // an invalid id (the CPU throws) gives zero rows
+  for (int64_t c = threadIdx.x; c < D / VEC; c += blockDim.x) {
+    BfVec<VEC> v;
+    if (valid) {
+      v = load_bf<VEC>(table + int64_t(id) * D + c * VEC);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v.v[i] = 0;
+    }
+    for (int64_t i = 0; i < hc; ++i) store_bf<VEC>(X + (t * hc + i) * D + c * VEC, v);
+  }
+}
+
+// ---- gather_rows ---------------------------------------------------------------
+template <typename U>
+__global__ void gather_rows_kernel(const U* __restrict__ src, int64_t src_rows, const int32_t* __restrict__ rows,
+                                   int64_t units_per_row, U* __restrict__ dst) {
+  const int64_t i = blockIdx.x;
+  const int32_t r = rows[i];
+  U* out = dst + i * units_per_row;
+  if (r < 0 || r >= src_rows) {  // the CPU throws; the GPU writes a zero row
+    for (int64_t u = threadIdx.x; u < units_per_row; u += blockDim.x) out[u] = U{};
+    return;
+  }
+  const U* in = src + int64_t(r) * units_per_row;
+  for (int64_t u = threadIdx.x; u < units_per_row; u += blockDim.x) out[u] = in[u];
+}
+
+// ---- add_broadcast -------------------------------------------------------------
+template <int VEC>
+__global__ void add_broadcast_kernel(const uint16_t* __restrict__ e, const uint16_t* __restrict__ h, int64_t T,
+                                     int64_t hc, int64_t D, uint16_t* __restrict__ X) {
+  const int64_t chunks = T * hc * D / VEC;
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t idx = c * VEC, t = idx / (hc * D), d = idx % D;
+    const BfVec<VEC> a = load_bf<VEC>(e + t * D + d), b = load_bf<VEC>(h + idx);
+    BfVec<VEC> y;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) y.v[i] = f2bf(__fadd_rn(bf2f(a.v[i]), bf2f(b.v[i])));
+    store_bf<VEC>(X + idx, y);
+  }
+}
+
+// ---- rms_norm ------------------------------------------------------------------
+// One CTA per row. Roofline: 2*N*2 bytes per row (+ weight from L2); at D=4096 a
+// decode row is 16 KB: launch-bound at small T, bandwidth-bound from ~T=512.
+// y may alias x: every element is read by the thread that later writes it, and
+// the reads of the first pass finish before the block-wide reduction barrier.
+template <int VEC>
+__global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
+                                uint16_t* y) {
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  const uint16_t* xr = x + row * N;
+  uint16_t* yr = y + row * N;
+  float ss = 0.0f;
+  for (int64_t c = threadIdx.x; c < N / VEC; c += blockDim.x) {
+    const BfVec<VEC> v = load_bf<VEC>(xr + c * VEC);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float a = bf2f(v.v[i]);
+      ss = fmaf(a, a, ss);
+    }
+  }
+  const float total = block_sum(ss, red);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(N)), eps)));
+  for (int64_t c = threadIdx.x; c < N / VEC; c += blockDim.x) {
+    const BfVec<VEC> v = load_bf<VEC>(xr + c * VEC), wv = load_bf<VEC>(w + c * VEC);
+    BfVec<VEC> o;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o.v[i] = f2bf(__fmul_rn(bf2f(wv.v[i]), __fmul_rn(bf2f(v.v[i]), r)));
+    store_bf<VEC>(yr + c * VEC, o);
+  }
+}
+
+// ---- q_norm_rope ---------------------------------------------------------------
+// One CTA per token holding the token's H x Dh query in shared memory (rows
+// padded by 8 values so the per-head sequential sums are bank-conflict free).
+// The reference normalises in bf16 arithmetic with a sequential fp32 sum of the
+// bf16-rounded squares; one thread per head reproduces that order exactly.
+// Roofline: 2*H*Dh*2 bytes per token (64 KB read + 64 KB written at H=64, Dh=512);
+// the per-head chains (Dh dependent adds, ~1 us) overlap other CTAs' memory traffic.
+template <int VEC>
+__global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
+                                   const float* __restrict__ inv_freq, int64_t H, int64_t Dh, int64_t rd,
+                                   float eps) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t stride = Dh + 8;
+  uint16_t* qs = reinterpret_cast<uint16_t*>(smem_raw);                                   // [H][Dh + 8]
+  float* rs = reinterpret_cast<float*>(smem_raw + ((H * stride * 2 + 15) / 16) * 16);    // [H]
+  float* cs = rs + H;                                                                     // [rd/2] cos
+  float* sn = cs + rd / 2;                                                                // [rd/2] sin
+  const int64_t t = blockIdx.x;
+  const int32_t pos = positions[t];
+  uint16_t* qt = q + t * H * Dh;
+  const int64_t per_head = Dh / VEC;
+  for (int64_t c = threadIdx.x; c < H * per_head; c += blockDim.x) {
+    const int64_t h = c / per_head, i = (c % per_head) * VEC;
+    store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + h * Dh + i));
+  }
+  if (pos >= 0)
+    for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
+  __syncthreads();
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    const uint16_t* v = qs + h * stride;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < Dh; i += VEC) {
+      const BfVec<VEC> b = load_bf<VEC>(v + i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float a = bf2f(b.v[k]);
+        sum = __fadd_rn(sum, round_bf(__fmul_rn(a, a)));
+      }
+    }
+    const float mean = round_bf(__fdiv_rn(sum, float(Dh)));
+    rs[h] = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+  }
+  __syncthreads();
+  const int64_t rope_begin = Dh - rd;
+  for (int64_t c = threadIdx.x; c < H * per_head; c += blockDim.x) {
+    const int64_t h = c / per_head, i = (c % per_head) * VEC;
+    BfVec<VEC> b = load_bf<VEC>(qs + h * stride + i);
+    const float r = rs[h];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) b.v[k] = f2bf(__fmul_rn(bf2f(b.v[k]), r));
+    if (pos >= 0 && i + VEC > rope_begin) {
+#pragma unroll
+      for (int k = 0; k < VEC; k += 2) {
+        const int64_t d = i + k;  // even; rope_begin is even, so pairs never straddle a vector
+        if (d >= rope_begin) {
+          const int64_t pair = (d - rope_begin) / 2;
+          rope_pair(&b.v[k], &b.v[k + 1], cs[pair], sn[pair]);
+        }
+      }
+    }
+    store_bf<VEC>(qt + h * Dh + i, b);
+  }
+}
+
+// ---- kv_rope_quant -------------------------------------------------------------
+// One warp per row; lane l of pass k owns the 8 values [8(32k+l), 8(32k+l)+8), so a
+// 64-value FP8 block is 8 consecutive lanes and its amax is 3 xor-shuffles.
+// Forward RoPE of the last rd dims, then the FP8 QAT simulation (block 64, UE8M0)
+// of the rest, exactly ref::fp8_sim_bf16. Roofline: 2*Dh*2 bytes per row.
+__device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale) {
+  const int e = core::ceil_log2_bits(fmaxf(amax, 1e-4f) * (1.0f / 448.0f));
+  *scale = core::pow2_float(e);
+  return core::pow2_float(-e);
+}
+
+__global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const int32_t* __restrict__ positions,
+                                     const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= T) return;  // whole warps exit together
+  const int32_t pos = positions[row];
+  uint16_t* v = kv + row * Dh;
+  const int64_t nope = Dh - rd;
+  for (int64_t base = 0; base < Dh; base += 256) {
+    const int64_t i = base + 8 * lane;
+    const bool in_row = i < Dh;
+    BfVec<8> b;
+    if (in_row) b = load_bf<8>(v + i);
+    else
+#pragma unroll
+      for (int k = 0; k < 8; ++k) b.v[k] = 0;
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(bf2f(b.v[k])));
+    // Blocks of 64 are 8 aligned lanes; every lane takes part in the shuffles.
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (!in_row) continue;
+    if (i < nope) {
+      float s;
+      const float inv = fp8_exponent_scale_inv(amax, &s);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float x = fminf(fmaxf(__fmul_rn(bf2f(b.v[k]), inv), -448.0f), 448.0f);
+        b.v[k] = f2bf(__fmul_rn(core::e4m3_to_float(core::float_to_e4m3(x)), s));
+      }
+    } else if (pos >= 0) {
+#pragma unroll
+      for (int k = 0; k < 8; k += 2) {
+        const int64_t pair = (i + k - nope) / 2;
+        float c, s;
+        rope_cos_sin(pos, inv_freq[pair], &c, &s);
+        rope_pair(&b.v[k], &b.v[k + 1], c, s);
+      }
+    }
+    store_bf<8>(v + i, b);
+  }
+}
+
+// ---- mHC: hc_pre / hc_head -----------------------------------------------------
+// Stage 1 (hc_mix_partial_kernel) is a skinny GEMM mixes[t, j] = fn[j] . X[t] over
+// K = hc*D, split into fixed slices of kHcSlice = 128 values (S = K/128 = 128 at
+// D = 4096): CTA (slice, 32-row tile) stages fn[:, slice] (24 x 128 f32) and the
+// tile's X in shared memory; lane j of each warp computes mix j (lane `mix`: the
+// sum of squares) for 4 rows. fn (1.5 MB) is read from HBM once per step and
+// from L2 by the other row tiles. Stage 2 (hc_finish_kernel) adds the S partials
+// in slice order (deterministic, independent of T), applies the norm, sigmoid
+// and Sinkhorn (one thread, the reference order) and forms x = sum_i pre_i R_i.
+// Roofline at D = 4096, T = 256: fn 1.5 MB + X 2 x 8 MB -> ~6 us at 3 TB/s; at
+// T = 1 the 1.5 MB of fn over 128 CTAs, ~2-3 us.
+constexpr int kHcSlice = 128;
+constexpr int kHcRowTile = 32;
+constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
+
+__global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn,
+                                                             int64_t rows, int64_t n, int mix,
+                                                             float* __restrict__ partial) {
+  __shared__ float fn_s[31][kHcSlice + 1];
+  __shared__ float x_s[kHcRowTile][kHcSlice + 1];
+  const int64_t slice = blockIdx.x, k0 = slice * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowTile;
+  for (int idx = threadIdx.x; idx < mix * kHcSlice; idx += blockDim.x) {
+    const int j = idx / kHcSlice, k = idx % kHcSlice;
+    fn_s[j][k] = fn[int64_t(j) * n + k0 + k];
+  }
+  for (int idx = threadIdx.x; idx < kHcRowTile * kHcSlice; idx += blockDim.x) {
+    const int r = idx / kHcSlice, k = idx % kHcSlice;
+    x_s[r][k] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + k]) : 0.0f;
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane > mix) return;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int rb = warp * 4;  // 8 warps x 4 rows = the 32-row tile
+  for (int k = 0; k < kHcSlice; ++k) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const float xv = x_s[rb + r][k];
+      const float wv = lane < mix ? fn_s[lane][k] : xv;
+      acc[r] = fmaf(wv, xv, acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    if (r0 + rb + r < rows) partial[(slice * kHcMaxRowsPerLaunch + (r0 + rb + r)) * 32 + lane] = acc[r];
+}
+
+__device__ __forceinline__ float sigmoid_ref(float x) {
+  // ref::sigmoid: 1 / (1 + exp(-x)); exp in double rounds like a correctly rounded expf.
+  const float e = float(exp(-double(x)));
+  return __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
+}
+
+// ref::sinkhorn on a register matrix (HC is a template parameter so the arrays stay in registers).
+template <int HC>
+__device__ void sinkhorn_ref(float (&c)[HC * HC], int64_t iters, float eps) {
+#pragma unroll
+  for (int i = 0; i < HC; ++i) {
+    float m = c[i * HC];
+#pragma unroll
+    for (int j = 1; j < HC; ++j) m = fmaxf(m, c[i * HC + j]);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      c[i * HC + j] = float(exp(double(__fsub_rn(c[i * HC + j], m))));
+      sum = __fadd_rn(sum, c[i * HC + j]);
+    }
+#pragma unroll
+    for (int j = 0; j < HC; ++j) c[i * HC + j] = __fadd_rn(__fdiv_rn(c[i * HC + j], sum), eps);
+  }
+  auto normalize_columns = [&] {
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < HC; ++i) sum = __fadd_rn(sum, c[i * HC + j]);
+      const float den = __fadd_rn(sum, eps);
+#pragma unroll
+      for (int i = 0; i < HC; ++i) c[i * HC + j] = __fdiv_rn(c[i * HC + j], den);
+    }
+  };
+  normalize_columns();
+  for (int64_t it = 1; it < iters; ++it) {
+#pragma unroll
+    for (int i = 0; i < HC; ++i) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < HC; ++j) sum = __fadd_rn(sum, c[i * HC + j]);
+      const float den = __fadd_rn(sum, eps);
+#pragma unroll
+      for (int j = 0; j < HC; ++j) c[i * HC + j] = __fdiv_rn(c[i * HC + j], den);
+    }
+    normalize_columns();
+  }
+}
+
+struct HcFinishArgs {
+  const uint16_t* X;      // [rows, HC, D]
+  const float* partial;   // [S, kHcMaxRowsPerLaunch, 32]
+  const float* base;      // [mix]
+  const float* scale;     // [3] (pre) or [1] (head)
+  int64_t slices, D;
+  float norm_eps, hc_eps;
+  int64_t sinkhorn_iters;
+  uint16_t* x;            // [rows, D]
+  float* post;            // [rows, HC] (pre only)
+  float* comb;            // [rows, HC, HC] (pre only)
+};
+
+// One CTA per row. kHead: hc_head (pre weights only, no post/comb).
+template <int HC, bool kHead, int VEC>
+__global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
+  constexpr int kMix = kHead ? HC : (2 + HC) * HC;
+  __shared__ float raw[kMix + 1];
+  __shared__ float pre[HC];
+  const int64_t t = blockIdx.x;
+  const int64_t n = HC * a.D;
+  if (threadIdx.x <= kMix) {
+    float s = 0.0f;
+    for (int64_t sl = 0; sl < a.slices; ++sl) s = __fadd_rn(s, a.partial[(sl * kHcMaxRowsPerLaunch + t) * 32 + threadIdx.x]);
+    raw[threadIdx.x] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps)));
+#pragma unroll
+    for (int i = 0; i < HC; ++i)
+      pre[i] = __fadd_rn(sigmoid_ref(__fadd_rn(__fmul_rn(__fmul_rn(raw[i], r), a.scale[0]), a.base[i])), a.hc_eps);
+    raw[kMix] = r;
+  }
+  __syncthreads();
+  if (!kHead && threadIdx.x < 32) {
+    if (threadIdx.x == 0) {
+      const float r = raw[kMix];
+#pragma unroll
+      for (int i = 0; i < HC; ++i)
+        a.post[t * HC + i] =
+            __fmul_rn(2.0f, sigmoid_ref(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + i], r), a.scale[1]), a.base[HC + i])));
+      float c[HC * HC];
+#pragma unroll
+      for (int i = 0; i < HC * HC; ++i)
+        c[i] = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + i], r), a.scale[2]), a.base[2 * HC + i]);
+      sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
+#pragma unroll
+      for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
+    }
+    return;  // warp 0 does the Sinkhorn while the other warps form x
+  }
+  const int first = kHead ? 0 : 32;
+  float p[HC];
+#pragma unroll
+  for (int i = 0; i < HC; ++i) p[i] = pre[i];
+  for (int64_t c = int64_t(threadIdx.x) - first; c < a.D / VEC; c += int64_t(blockDim.x) - first) {
+    BfVec<VEC> xs[HC];
+#pragma unroll
+    for (int i = 0; i < HC; ++i) xs[i] = load_bf<VEC>(a.X + (t * HC + i) * a.D + c * VEC);
+    BfVec<VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      float s = 0.0f;
+#pragma unroll
+      for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], bf2f(xs[i].v[k])));
+      o.v[k] = f2bf(s);
+    }
+    store_bf<VEC>(a.x + t * a.D + c * VEC, o);
+  }
+}
+
+// ---- hc_post -------------------------------------------------------------------
+// Y[t, j] = bf16(post_j f + sum_i comb[i][j] R_i): one thread per 8 values of a row
+// across all HC streams. Roofline: (1 + 2 HC) * D * 2 bytes per row (~150 KB at
+// D = 4096, HC = 4): bandwidth-bound, 16-byte accesses.
+template <int HC, int VEC>
+__global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* __restrict__ R,
+                               const float* __restrict__ post, const float* __restrict__ comb, int64_t T, int64_t D,
+                               uint16_t* __restrict__ Y) {
+  const int64_t chunks = T * (D / VEC);
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = c / (D / VEC), d = (c % (D / VEC)) * VEC;
+    const BfVec<VEC> fv = load_bf<VEC>(f + t * D + d);
+    BfVec<VEC> rv[HC];
+#pragma unroll
+    for (int i = 0; i < HC; ++i) rv[i] = load_bf<VEC>(R + (t * HC + i) * D + d);
+    const float* cm = comb + t * HC * HC;
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      const float pj = post[t * HC + j];
+      BfVec<VEC> o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        float mixed = 0.0f;
+#pragma unroll
+        for (int i = 0; i < HC; ++i) mixed = __fadd_rn(mixed, __fmul_rn(cm[i * HC + j], bf2f(rv[i].v[k])));
+        o.v[k] = f2bf(__fadd_rn(__fmul_rn(pj, bf2f(fv.v[k])), mixed));
+      }
+      store_bf<VEC>(Y + (t * HC + j) * D + d, o);
+    }
+  }
+}
+
+// ---- moe_reduce / moe_output ---------------------------------------------------
+// routed[t] = sum of the row's slots in ascending expert id (stable), ids < 0
+// skipped. One CTA per row; thread 0 orders the k slots (insertion sort, stable).
+// Roofline: (k * 2 + 4) * D bytes per row.
+constexpr int kMaxMoeSlots = 64;
+
+template <int VEC>
+__global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const int32_t* __restrict__ ids, int64_t k,
+                                  int64_t D, float* __restrict__ routed) {
+  __shared__ int order[kMaxMoeSlots];
+  __shared__ int count;
+  const int64_t t = blockIdx.x;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int s = 0; s < k; ++s) {
+      const int32_t id = ids[t * k + s];
+      if (id < 0) continue;
+      int pos = n++;
+      while (pos > 0 && ids[t * k + order[pos - 1]] > id) {  // strictly greater: equal ids keep slot order
+        order[pos] = order[pos - 1];
+        --pos;
+      }
+      order[pos] = s;
+    }
+    count = n;
+  }
+  __syncthreads();
+  const int n = count;
+  for (int64_t c = threadIdx.x; c < D / VEC; c += blockDim.x) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+    for (int s = 0; s < n; ++s) {
+      const BfVec<VEC> v = load_bf<VEC>(slot_out + (t * k + order[s]) * D + c * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], bf2f(v.v[i]));
+    }
+    float* out = routed + t * D + c * VEC;
+    if constexpr (VEC == 8) {
+      reinterpret_cast<float4*>(out)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      reinterpret_cast<float4*>(out)[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) out[i] = acc[i];
+    }
+  }
+}
+
+template <int VEC>
+__global__ void moe_output_kernel(const float* __restrict__ routed, const uint16_t* __restrict__ shared, int64_t n,
+                                  uint16_t* __restrict__ y) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < n / VEC; c += int64_t(gridDim.x) * blockDim.x) {
+    const BfVec<VEC> s = load_bf<VEC>(shared + c * VEC);
+    BfVec<VEC> o;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o.v[i] = f2bf(__fadd_rn(routed[c * VEC + i], bf2f(s.v[i])));
+    store_bf<VEC>(y + c * VEC, o);
+  }
+}
+
+}  // namespace
+
+// ---- launchers -------------------------------------------------------------------
+
+void CudaBackend::do_embed(const Tensor& table, const BatchView& batch, const Tensor& X) {
+  const int64_t T = X.size(0), hc = X.size(1), D = X.size(2), V = table.size(0);
+  if (T == 0 || hc == 0 || D == 0) return;
+  const bool v8 = D % 8 == 0 && aligned16(table.data()) && aligned16(X.data());
+  if (v8)
+    embed_kernel<8><<<unsigned(T), 128, 0, stream_>>>(table.as<uint16_t>(), V, batch.token_ids, hc, D,
+                                                     X.as<uint16_t>());
+  else
+    embed_kernel<1><<<unsigned(T), 128, 0, stream_>>>(table.as<uint16_t>(), V, batch.token_ids, hc, D,
+                                                     X.as<uint16_t>());
+  check_launch(stream_);
+}
+
+void CudaBackend::do_gather_rows(const Tensor& src, const Tensor& rows, const Tensor& dst) {
+  const int64_t R = rows.size(0), src_rows = src.size(0);
+  if (R == 0) return;
+  const size_t row_bytes = src_rows == 0 ? 0 : src.nbytes() / size_t(src_rows);
+  DSV4_CHECK(dst.nbytes() == size_t(R) * row_bytes, "gather_rows: dst holds {} bytes, {} rows of {} expected",
+             dst.nbytes(), R, row_bytes);
+  if (row_bytes == 0) return;
+  if (row_bytes % 16 == 0 && aligned16(src.data()) && aligned16(dst.data()))
+    gather_rows_kernel<uint4><<<unsigned(R), 128, 0, stream_>>>(src.as<uint4>(), src_rows, rows.as<int32_t>(),
+                                                                int64_t(row_bytes / 16), dst.as<uint4>());
+  else
+    gather_rows_kernel<uint8_t><<<unsigned(R), 128, 0, stream_>>>(src.as<uint8_t>(), src_rows, rows.as<int32_t>(),
+                                                                  int64_t(row_bytes), dst.as<uint8_t>());
+  check_launch(stream_);
+}
+
+void CudaBackend::do_add_broadcast(const Tensor& e, const Tensor& h, const Tensor& X) {
+  const int64_t T = h.size(0), hc = h.size(1), D = h.size(2);
+  if (T * hc * D == 0) return;
+  const bool v8 = D % 8 == 0 && aligned16(e.data()) && aligned16(h.data()) && aligned16(X.data());
+  const int threads = 256;
+  if (v8)
+    add_broadcast_kernel<8><<<grid_for(T * hc * D / 8, threads), threads, 0, stream_>>>(
+        e.as<uint16_t>(), h.as<uint16_t>(), T, hc, D, X.as<uint16_t>());
+  else
+    add_broadcast_kernel<1><<<grid_for(T * hc * D, threads), threads, 0, stream_>>>(
+        e.as<uint16_t>(), h.as<uint16_t>(), T, hc, D, X.as<uint16_t>());
+  check_launch(stream_);
+}
+
+void CudaBackend::do_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y) {
+  const int64_t T = x.size(0), N = x.size(1);
+  if (T == 0 || N == 0) return;
+  const bool v8 = N % 8 == 0 && aligned16(x.data()) && aligned16(y.data()) && aligned16(weight.data());
+  if (v8)
+    rms_norm_kernel<8><<<unsigned(T), 256, 0, stream_>>>(x.as<uint16_t>(), weight.as<uint16_t>(), N, eps,
+                                                         y.as<uint16_t>());
+  else
+    rms_norm_kernel<1><<<unsigned(T), 256, 0, stream_>>>(x.as<uint16_t>(), weight.as<uint16_t>(), N, eps,
+                                                         y.as<uint16_t>());
+  check_launch(stream_);
+}
+
+void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) {
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), rd = rope.rope_dim;
+  if (T == 0 || H == 0) return;
+  DSV4_CHECK(Dh % 2 == 0 && rd % 2 == 0, "q_norm_rope: head_dim {} and rope_dim {} must be even", Dh, rd);
+  const size_t smem = size_t((H * (Dh + 8) * 2 + 15) / 16 * 16) + size_t(H + rd) * sizeof(float);
+  DSV4_CHECK(smem <= size_t(properties().sharedMemPerBlockOptin),
+             "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", H, Dh, smem);
+  const bool v8 = Dh % 8 == 0 && aligned16(q.data());
+  const int threads = 256;
+  if (v8) {
+    if (smem > 48 * 1024)
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(q_norm_rope_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(smem)));
+    q_norm_rope_kernel<8><<<unsigned(T), threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
+                                                                   rope.inv_freq.as<float>(), H, Dh, rd, eps);
+  } else {
+    DSV4_CHECK(aligned4(q.data()), "q_norm_rope: q is not 4-byte aligned");
+    if (smem > 48 * 1024)
+      DSV4_CUDA_CHECK(cudaFuncSetAttribute(q_norm_rope_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(smem)));
+    q_norm_rope_kernel<2><<<unsigned(T), threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
+                                                                   rope.inv_freq.as<float>(), H, Dh, rd, eps);
+  }
+  check_launch(stream_);
+}
+
+void CudaBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, const RopeTable& rope) {
+  const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
+  if (T == 0) return;
+  DSV4_CHECK(Dh % 8 == 0 && rd % 2 == 0 && aligned16(kv.data()),
+             "kv_rope_quant: head_dim {} must be a multiple of 8, rope_dim {} even, kv 16-byte aligned", Dh, rd);
+  const int warps = 8;
+  kv_rope_quant_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, 0, stream_>>>(
+      kv.as<uint16_t>(), T, batch.positions, rope.inv_freq.as<float>(), Dh, rd);
+  check_launch(stream_);
+}
+
+namespace {
+
+// The two mHC stages for rows [0, T) in launches of at most kHcMaxRowsPerLaunch rows.
+template <int HC, bool kHead>
+void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
+               const Tensor& post, const Tensor& comb) {
+  const int64_t T = X.size(0), D = X.size(2), n = HC * D;
+  constexpr int kMix = kHead ? HC : (2 + HC) * HC;
+  static_assert(kMix <= 31, "one lane per mix plus one for the sum of squares");
+  DSV4_CHECK(n % kHcSlice == 0, "hc: hc*D = {} must be a multiple of {}", n, kHcSlice);
+  const int64_t slices = n / kHcSlice;
+  float* partial = static_cast<float*>(
+      be.scratch("hc_partial", size_t(slices) * kHcMaxRowsPerLaunch * 32 * sizeof(float)));
+  const bool v8 = D % 8 == 0 && aligned16(X.data()) && aligned16(x.data());
+  for (int64_t r0 = 0; r0 < T; r0 += kHcMaxRowsPerLaunch) {
+    const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
+    const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
+    hc_mix_partial_kernel<<<dim3(unsigned(slices), unsigned((rows + kHcRowTile - 1) / kHcRowTile)), 256, 0,
+                            be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial);
+    check_launch(be.stream());
+    HcFinishArgs a;
+    a.X = Xr;
+    a.partial = partial;
+    a.base = w.base.as<float>();
+    a.scale = w.scale.as<float>();
+    a.slices = slices;
+    a.D = D;
+    a.norm_eps = c.norm_eps;
+    a.hc_eps = c.hc_eps;
+    a.sinkhorn_iters = c.sinkhorn_iters;
+    a.x = x.as<uint16_t>() + r0 * D;
+    a.post = kHead ? nullptr : post.as<float>() + r0 * HC;
+    a.comb = kHead ? nullptr : comb.as<float>() + r0 * HC * HC;
+    if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), 256, 0, be.stream()>>>(a);
+    else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), 256, 0, be.stream()>>>(a);
+    check_launch(be.stream());
+  }
+}
+
+template <bool kHead>
+void hc_dispatch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
+                 const Tensor& post, const Tensor& comb) {
+  switch (c.hc_mult) {
+    case 1: return hc_launch<1, kHead>(be, X, w, c, x, post, comb);
+    case 2: return hc_launch<2, kHead>(be, X, w, c, x, post, comb);
+    case 3: return hc_launch<3, kHead>(be, X, w, c, x, post, comb);
+    case 4: return hc_launch<4, kHead>(be, X, w, c, x, post, comb);
+    default: core::fail("hc_pre/hc_head: hc_mult {} is not supported by the CUDA backend (1..4)", c.hc_mult);
+  }
+}
+
+}  // namespace
+
+void CudaBackend::do_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& x,
+                            const Tensor& post, const Tensor& comb) {
+  if (X.size(0) == 0) return;
+  hc_dispatch<false>(*this, X, w, config, x, post, comb);
+}
+
+void CudaBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& y) {
+  if (X.size(0) == 0) return;
+  hc_dispatch<true>(*this, X, w, config, y, Tensor(), Tensor());
+}
+
+namespace {
+template <int HC>
+void hc_post_launch(cudaStream_t stream, const Tensor& f, const Tensor& R, const Tensor& post, const Tensor& comb,
+                    const Tensor& Y) {
+  const int64_t T = R.size(0), D = R.size(2);
+  const bool v8 = D % 8 == 0 && aligned16(f.data()) && aligned16(R.data()) && aligned16(Y.data());
+  const int threads = 256;
+  if (v8)
+    hc_post_kernel<HC, 8><<<grid_for(T * D / 8, threads), threads, 0, stream>>>(
+        f.as<uint16_t>(), R.as<uint16_t>(), post.as<float>(), comb.as<float>(), T, D, Y.as<uint16_t>());
+  else
+    hc_post_kernel<HC, 1><<<grid_for(T * D, threads), threads, 0, stream>>>(
+        f.as<uint16_t>(), R.as<uint16_t>(), post.as<float>(), comb.as<float>(), T, D, Y.as<uint16_t>());
+  check_launch(stream);
+}
+}  // namespace
+
+void CudaBackend::do_hc_post(const Tensor& f, const Tensor& R, const Tensor& post, const Tensor& comb,
+                             const Tensor& Y) {
+  const int64_t T = R.size(0), hc = R.size(1), D = R.size(2);
+  if (T == 0 || D == 0 || hc == 0) return;
+  switch (hc) {
+    case 1: return hc_post_launch<1>(stream_, f, R, post, comb, Y);
+    case 2: return hc_post_launch<2>(stream_, f, R, post, comb, Y);
+    case 3: return hc_post_launch<3>(stream_, f, R, post, comb, Y);
+    case 4: return hc_post_launch<4>(stream_, f, R, post, comb, Y);
+    default: core::fail("hc_post: {} streams are not supported by the CUDA backend (1..4)", hc);
+  }
+}
+
+void CudaBackend::do_moe_reduce(const Tensor& slot_out, const Tensor& ids, const Tensor& routed) {
+  const int64_t T = slot_out.size(0), k = slot_out.size(1), D = slot_out.size(2);
+  if (T == 0 || D == 0) return;
+  DSV4_CHECK(k <= kMaxMoeSlots, "moe_reduce: {} slots per row, at most {}", k, kMaxMoeSlots);
+  const bool v8 = D % 8 == 0 && aligned16(slot_out.data()) && aligned16(routed.data());
+  if (v8)
+    moe_reduce_kernel<8><<<unsigned(T), 128, 0, stream_>>>(slot_out.as<uint16_t>(), ids.as<int32_t>(), k, D,
+                                                           routed.as<float>());
+  else
+    moe_reduce_kernel<1><<<unsigned(T), 128, 0, stream_>>>(slot_out.as<uint16_t>(), ids.as<int32_t>(), k, D,
+                                                           routed.as<float>());
+  check_launch(stream_);
+}
+
+void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, const Tensor& y) {
+  const int64_t n = routed.numel();
+  if (n == 0) return;
+  const bool v8 = n % 8 == 0 && aligned16(routed.data()) && aligned16(shared.data()) && aligned16(y.data());
+  const int threads = 256;
+  if (v8)
+    moe_output_kernel<8><<<grid_for(n / 8, threads), threads, 0, stream_>>>(routed.as<float>(),
+                                                                           shared.as<uint16_t>(), n,
+                                                                           y.as<uint16_t>());
+  else
+    moe_output_kernel<1><<<grid_for(n, threads), threads, 0, stream_>>>(routed.as<float>(), shared.as<uint16_t>(),
+                                                                       n, y.as<uint16_t>());
+  check_launch(stream_);
+}
+
+}  // namespace dsv4::ops

@@ -1,0 +1,929 @@
+// Device code of the linear family; cuda_linear.cu launches it (spec §2.4, §2.7,
+// §2.8, §5.6, §6). Design and roofline numbers: docs/design/cuda-linear.md.
+//
+//   act_quant_kernel      bf16 rows -> e4m3 codes + per-128 power-of-two scales (spec §2.4)
+//   gemm_kernel           the tensor-core GEMM behind linear, linear_bf16, grouped_linear, experts
+//   expert_gemm_kernel    the same GEMM over a device-built list of (expert, rows) tiles
+//   swiglu_quant_kernel   clamp + SwiGLU + routing weight, bf16, then quantization for w2 (spec §6.2)
+//   expert_prep_kernel    counting sort of the (row, slot) pairs by local expert, tile list
+//   zero_nonlocal_kernel  zero output rows of pairs routed to no local expert
+//   router_select_kernel  score function, top-k or hash ids, weights (spec §6.1)
+//   simple_*              one warp per output element, fp32 FMA: the DSV4_CUDA_KERNELS=simple path
+//
+// Accumulation order of the GEMM (the two-batch-overlap bit-identity rule): an
+// output element is computed as
+//     p_s   = sum over the 32-byte chunks c of slice s, in order, of fmaf(mma_c, scale_c, p_s)
+//     out   = ((0 + p_0) + p_1) + ... + p_{S-1}
+// where mma_c is one m16n8k32 (e4m3) or m16n8k16 (bf16) tensor-core product started
+// from a zero accumulator, scale_c the exact power-of-two product of the weight and
+// activation scales of that chunk, and S the number of K slices, a function of
+// (N, K) only (cuda_linear.cu: slices_for). Tile sizes, the split of slices over
+// CTAs (partials reduced in slice order by the last CTA of a tile) or their
+// sequential walk inside one CTA (a second accumulator set) never change this
+// sequence, so a row's output does not depend on M or on the row's position.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace dsv4::ops::linear_kernels {
+
+// ---- weight formats ---------------------------------------------------------------
+enum class WFmt : int {
+  kFp8 = 0,      // e4m3 [N, K], UE8M0 [ceil(N/128), ceil(K/128)]; activations e4m3 + per-128 scales
+  kFp4 = 1,      // e2m1 packed [N, K/2] (low nibble = even k), UE8M0 [N, K/32]; activations as kFp8
+  kBf16 = 2,     // bf16 [N, K]; bf16 activations, no scales
+  kFp8Bf16 = 3,  // e4m3 weight used dequantized (exact in bf16) with bf16 activations (wo_a, spec §5.6)
+};
+
+// One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
+// values) = 4 chunks of 32 bytes, one MMA each.
+template <WFmt F>
+struct FmtTraits;
+template <>
+struct FmtTraits<WFmt::kFp8> {
+  static constexpr bool kQuantAct = true, kBlockScale = true, kRowScale = false;
+  static constexpr int kStageK = 128, kWBytes = 128, kWStride = 160;
+};
+template <>
+struct FmtTraits<WFmt::kFp4> {
+  static constexpr bool kQuantAct = true, kBlockScale = false, kRowScale = true;
+  static constexpr int kStageK = 128, kWBytes = 64, kWStride = 80;
+};
+template <>
+struct FmtTraits<WFmt::kBf16> {
+  static constexpr bool kQuantAct = false, kBlockScale = false, kRowScale = false;
+  static constexpr int kStageK = 64, kWBytes = 128, kWStride = 160;
+};
+template <>
+struct FmtTraits<WFmt::kFp8Bf16> {
+  static constexpr bool kQuantAct = false, kBlockScale = true, kRowScale = false;
+  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80;
+};
+
+constexpr int kThreads = 128;          // 4 warps, 32 weight rows each
+constexpr int kTileN = 128;            // weight rows (output columns) per CTA
+constexpr int kStages = 3;             // cp.async pipeline depth
+constexpr int kAStride = 160;          // activation smem row stride: 128 bytes + 32 (conflict-free 8-byte reads)
+constexpr int kMaxScaleBlocks = 256;   // FP8 block-scale row kept in smem: K <= 32768
+constexpr int kMaxSlices = 32;
+constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
+
+// Dynamic shared memory of gemm_kernel<F, NT, *>; the layout is carved in gemm_tile.
+template <WFmt F, int NT>
+__host__ __device__ constexpr int gemm_smem_bytes() {
+  using T = FmtTraits<F>;
+  return kStages * kTileN * T::kWStride + kStages * 8 * NT * kAStride + (T::kRowScale ? kStages * kTileN * 4 : 0) +
+         (T::kQuantAct ? kStages * 8 * NT * 4 : 0) + (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16;
+}
+
+// Per-local-expert weight pointers: {w1.weight, w1.scale, w3.weight, w3.scale}
+// for gate/up, {w2.weight, w2.scale, -, -} for the down projection.
+struct ExpertTable {
+  const uint8_t* p[kMaxTableExperts][4];
+};
+
+struct GemmParams {
+  // Weights: `groups` blocks of n rows of k values; for the gate/up pair, rows
+  // >= n_split come from (w1, s1) at row - n_split (n_split = n otherwise).
+  const uint8_t* w0;
+  const uint8_t* s0;
+  const uint8_t* w1;
+  const uint8_t* s1;
+  int64_t w_row_bytes;   // bytes of one weight row
+  int64_t s_row_stride;  // FP8: scale bytes per 128-row block (ceil(k/128)); FP4: k/32
+  int n;                 // weight rows per group = output columns per group
+  int n_split;
+  int k;                 // reduction length per group
+  int groups;
+  int tiles_per_group;   // ceil(n / kTileN)
+  // Activations: row r of group g starts at a + r * a_row_bytes + g * a_group_bytes.
+  const uint8_t* a;
+  int64_t a_row_bytes;
+  int64_t a_group_bytes;
+  const float* a_scale;  // quantized activations: [rows, a_scale_stride] powers of two
+  int64_t a_scale_stride;
+  const int* in_rows;    // optional gather: tile row i reads activation row in_rows[row_base + i]
+  int m;                 // activation rows (plain launches)
+  // Output: element (row, col) at y[out_row * ldy + col], col = g * n + weight row.
+  void* y;
+  int64_t ldy;
+  int y_f32;
+  const int* out_rows;   // optional scatter: out_row = out_rows[row_base + i]
+  // K slices (see the header comment): slices = S; split = S (one slice per CTA,
+  // blockIdx.z) or 1 (each CTA walks all slices).
+  int slices;
+  int split;
+  float* partial;        // [split, partial_rows, partial_cols] when split > 1
+  int64_t partial_rows;
+  int64_t partial_cols;
+  int* counters;         // per tile arrival counters, zero between launches
+  // Expert launches: tile list {local expert, first compact row, rows, -}.
+  const int4* tiles;
+  const int* num_tiles;
+  int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
+  int chunk_end;
+};
+
+// ---- small helpers ------------------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// std::clamp as the CPU reference calls it (same result for every non-NaN input).
+__device__ __forceinline__ float clamp_ref(float x, float lo, float hi) { return x < lo ? lo : (hi < x ? hi : x); }
+
+// ref::silu / ref::sigmoid / ref::softplus with the device expf / log1pf (may differ from
+// the host libm by an ulp).
+__device__ __forceinline__ float silu_ref(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float softplus_ref(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// UE8M0 exponent of an activation block (spec §2.4: amax floored at 1e-4, times fp32(1/448)).
+__device__ __forceinline__ int act_exponent(float amax) {
+  return core::ceil_log2_bits(fmaxf(amax, 1e-4f) * (1.0f / 448.0f));
+}
+
+__device__ __forceinline__ uint32_t quant4_e4m3(const float (&v)[4], float inv) {
+  uint32_t packed = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) packed |= uint32_t(core::float_to_e4m3(clamp_ref(v[i] * inv, -448.0f, 448.0f))) << (8 * i);
+  return packed;
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 8 e2m1 nibbles (nibble i = element i, low nibble first, spec §2.8) -> 8 e4m3
+// bytes in element order (exact: every e2m1 value is an e4m3 value).
+__device__ __forceinline__ uint2 fp4x8_to_e4m3x8(uint32_t w) {
+  // e4m3 codes of the magnitudes {0, 0.5, 1, 1.5} and {2, 3, 4, 6}.
+  constexpr uint32_t kLo = 0x3C383000u, kHi = 0x4C484440u;
+  uint32_t out[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t x = (w >> (16 * h)) & 0xFFFFu;       // four nibbles
+    const uint32_t mag = __byte_perm(kLo, kHi, x & 0x7777u);  // byte i = table[nibble i & 7]
+    uint32_t spread = (x | (x << 8)) & 0x00FF00FFu;          // nibbles -> one per byte
+    spread = (spread | (spread << 4)) & 0x0F0F0F0Fu;
+    out[h] = mag | ((spread & 0x08080808u) << 4);           // nibble sign bit 3 -> byte bit 7
+  }
+  return make_uint2(out[0], out[1]);
+}
+
+// 4 e4m3 bytes -> 4 bf16 (two words, element order), exact.
+__device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t w) {
+  uint32_t out[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const unsigned short pair = static_cast<unsigned short>((w >> (16 * h)) & 0xFFFFu);
+    uint32_t halves;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
+    const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
+    const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
+    out[h] = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+             (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  }
+  return make_uint2(out[0], out[1]);
+}
+
+// d = A * B with a zero accumulator. A 16x32 e4m3 (row), B 32x8 e4m3 (col).
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
+}
+
+// d = A * B with a zero accumulator. A 16x16 bf16 (row), B 16x8 bf16 (col).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %11, %12, %13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
+}
+
+// ---- fragment loads -------------------------------------------------------------------
+// The reduction index inside one 32-byte chunk is permuted identically for A and B
+// (a dot product does not care which slot a k lands in): lane (g = lane/4, t = lane%4)
+// takes the 8 MMA-format bytes at chunk offset 8t of its rows. Their low word goes to
+// the fragment slots of logical k 4t..4t+3 (e4m3) / 2t..2t+1 (bf16), their high word
+// to logical k 16+4t.. (e4m3) / 8+2t.. (bf16): A regs {a0, a2} for row g, {a1, a3}
+// for row g+8; B regs {b0, b1} for column g.
+//
+// w_rows: the warp's first weight row in the stage buffer; i: which 16-row half.
+template <WFmt F>
+__device__ __forceinline__ void load_a_frag(const uint8_t* w_rows, int j, int i, int g, int t, uint32_t (&a)[4]) {
+  using T = FmtTraits<F>;
+  const uint8_t* lo_row = w_rows + (16 * i + g) * T::kWStride;
+  const uint8_t* hi_row = lo_row + 8 * T::kWStride;
+  uint2 lo, hi;
+  if constexpr (T::kWBytes == 128) {  // kFp8, kBf16: stored as MMA bytes
+    lo = *reinterpret_cast<const uint2*>(lo_row + 32 * j + 8 * t);
+    hi = *reinterpret_cast<const uint2*>(hi_row + 32 * j + 8 * t);
+  } else {  // kFp4 (4 bytes = 8 nibbles), kFp8Bf16 (4 e4m3 = 4 bf16): expand 4 stored bytes
+    const uint32_t lo_raw = *reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t);
+    const uint32_t hi_raw = *reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t);
+    if constexpr (F == WFmt::kFp4) {
+      lo = fp4x8_to_e4m3x8(lo_raw);
+      hi = fp4x8_to_e4m3x8(hi_raw);
+    } else {
+      lo = e4m3x4_to_bf16x4(lo_raw);
+      hi = e4m3x4_to_bf16x4(hi_raw);
+    }
+  }
+  a[0] = lo.x;
+  a[1] = hi.x;
+  a[2] = lo.y;
+  a[3] = hi.y;
+}
+
+// ---- the GEMM ---------------------------------------------------------------------
+// One CTA: kTileN = 128 weight rows (4 warps x 32) x BM = 8*NT activation rows, over
+// the stages of its K range, 3-stage cp.async pipeline (weights and activations
+// staged in padded smem rows: conflict-free fragment reads), mma.sync with fresh
+// accumulators per 32-byte chunk, fp32 partial sums per (row, column) in registers.
+template <WFmt F, int NT, bool kTwoSets>
+__device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
+                                          const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
+                                          int rows, int tile_id) {
+  using T = FmtTraits<F>;
+  constexpr int BM = 8 * NT;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* s_w = smem;                                      // [kStages][kTileN][kWStride]
+  uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;      // [kStages][BM][kAStride]
+  uint8_t* s_ws = s_a + kStages * BM * kAStride;            // FP4: [kStages][kTileN][4] scale bytes
+  float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? kStages * kTileN * 4 : 0));  // [kStages][BM]
+  uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
+  int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
+  int* s_flag = s_rows + BM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = tile_n * kTileN;  // first weight row of the tile inside its group
+  const int valid_n = min(kTileN, p.n - n0);
+  const bool second = n0 >= p.n_split;  // gate/up pair: this tile reads w3 (host keeps n_split % 128 == 0)
+  const uint8_t* w = second ? w1 : w0;
+  const uint8_t* sc = second ? s1 : s0;
+  const int64_t wrow0 = int64_t(group) * p.n + n0 - (second ? p.n_split : 0);
+  const int64_t col0 = int64_t(group) * p.n + n0;
+
+  const int stages_total = p.k / T::kStageK;
+  const int per_slice = stages_total / p.slices;
+  const int slice = p.split > 1 ? int(blockIdx.z) : 0;
+  const int st_begin = slice * per_slice;
+  const int iters = p.split > 1 ? per_slice : stages_total;
+
+  if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
+  if constexpr (T::kBlockScale) {
+    // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
+    const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
+    for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = srow[i];
+  }
+  __syncthreads();
+
+  auto load_stage = [&](int st, int buf) {
+    constexpr int kChunksPerRow = T::kWBytes / 16;
+    uint8_t* dw = s_w + buf * kTileN * T::kWStride;
+#pragma unroll
+    for (int i = 0; i < kTileN * kChunksPerRow / kThreads; ++i) {
+      const int c = tid + i * kThreads;
+      const int r = c / kChunksPerRow, part = c % kChunksPerRow;
+      const bool ok = r < valid_n;
+      const uint8_t* src = ok ? w + (wrow0 + r) * p.w_row_bytes + int64_t(st) * T::kWBytes + part * 16 : w;
+      cp_async16(dw + r * T::kWStride + part * 16, src, ok ? 16 : 0);
+    }
+    if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
+      const bool ok = tid < valid_n;
+      const uint8_t* src = ok ? sc + (wrow0 + tid) * p.s_row_stride + int64_t(st) * 4 : sc;
+      cp_async4(s_ws + (buf * kTileN + tid) * 4, src, ok ? 4 : 0);
+    }
+    uint8_t* da = s_a + buf * BM * kAStride;
+    for (int c = tid; c < BM * 8; c += kThreads) {
+      const int r = c >> 3, part = c & 7;
+      const int src_row = s_rows[r];
+      const bool ok = src_row >= 0;
+      const uint8_t* src =
+          ok ? p.a + int64_t(src_row) * p.a_row_bytes + group * p.a_group_bytes + int64_t(st) * 128 + part * 16 : p.a;
+      cp_async16(da + r * kAStride + part * 16, src, ok ? 16 : 0);
+    }
+    if constexpr (T::kQuantAct) {
+      if (tid < BM) {
+        const int src_row = s_rows[tid];
+        const bool ok = src_row >= 0;
+        const float* src = ok ? p.a_scale + int64_t(src_row) * p.a_scale_stride + st : p.a_scale;
+        cp_async4(s_as + buf * BM + tid, src, ok ? 4 : 0);
+      }
+    }
+  };
+
+  float cur[2][NT][4];
+  float tot[2][NT][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) cur[i][q][e] = tot[i][q][e] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < iters) load_stage(st_begin + s, s);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < iters; ++it) {
+    cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
+    __syncthreads();               // ... for every thread, and stage it-1's buffer is free
+    {
+      const int nxt = it + kStages - 1;
+      if (nxt < iters) load_stage(st_begin + nxt, nxt % kStages);
+      cp_async_commit();
+    }
+    const int buf = it % kStages, st = st_begin + it;
+    const uint8_t* wb = s_w + (buf * kTileN + warp * 32) * T::kWStride;
+    const uint8_t* ab = s_a + buf * BM * kAStride;
+    float as[NT][2];
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
+    }
+    float wsc = 1.0f;
+    if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[2][4];
+      load_a_frag<F>(wb, j, 0, g, t, a[0]);
+      load_a_frag<F>(wb, j, 1, g, t, a[1]);
+      float ws[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          ws[i][h] = 1.0f;
+          if constexpr (T::kRowScale)
+            ws[i][h] = core::e8m0_to_float(s_ws[(buf * kTileN + warp * 32 + 16 * i + g + 8 * h) * 4 + j]);
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < NT; ++q) {
+        const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          float d[4];
+          if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
+          else mma_bf16(d, a[i], b.x, b.y);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            // Element e of the fragment: weight row 16i + g + 8(e/2), activation column 8q + 2t + e%2.
+            float s;
+            if constexpr (F == WFmt::kFp8) s = wsc * as[q][e & 1];
+            else if constexpr (F == WFmt::kFp4) s = ws[i][e >> 1] * as[q][e & 1];
+            else if constexpr (F == WFmt::kFp8Bf16) s = wsc;
+            else s = 1.0f;
+            cur[i][q][e] = fmaf(d[e], s, cur[i][q][e]);
+          }
+        }
+      }
+    }
+    if constexpr (kTwoSets) {
+      if ((it + 1) % per_slice == 0) {  // slice boundary: fold p_s into the running total
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int q = 0; q < NT; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              tot[i][q][e] += cur[i][q][e];
+              cur[i][q][e] = 0.0f;
+            }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  auto store = [&](int c, int r, float v) {  // c: tile activation row, r: tile weight row
+    const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
+    const int64_t idx = orow * p.ldy + col0 + r;
+    if (p.y_f32) static_cast<float*>(p.y)[idx] = v;
+    else static_cast<uint16_t*>(p.y)[idx] = core::float_to_bf16(v);
+  };
+
+  if (p.split > 1) {
+    float* part = p.partial + int64_t(slice) * p.partial_rows * p.partial_cols;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 32 + 16 * i + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+          if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
+        }
+    // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *s_flag = atomicAdd(p.counters + tile_id, 1) == p.split - 1;
+    __syncthreads();
+    if (!*s_flag) return;
+    __threadfence();
+    for (int e = tid; e < kTileN * BM; e += kThreads) {
+      const int r = e % kTileN, c = e / kTileN;
+      if (r >= valid_n || c >= rows) continue;
+      float v = 0.0f;
+      for (int s = 0; s < p.split; ++s)
+        v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+      store(c, r, v);
+    }
+    if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = warp * 32 + 16 * i + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+          if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
+        }
+  }
+}
+
+// Plain / grouped GEMM: grid (groups * tiles_per_group, ceil(m / BM), split).
+// Roofline: N*K weight bytes streamed once per BM-row tile, 2*M*N*K FLOPs; wq_b
+// (33.6 MB FP8) is 11.2 µs at 3 TB/s up to M = 64, mma.sync-bound past M ~ 165.
+template <WFmt F, int NT, bool kTwoSets>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
+  constexpr int BM = 8 * NT;
+  const int group = int(blockIdx.x) / p.tiles_per_group, tile_n = int(blockIdx.x) % p.tiles_per_group;
+  const int row_base = int(blockIdx.y) * BM;
+  const int rows = min(BM, p.m - row_base);
+  gemm_tile<F, NT, kTwoSets>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
+                             int(blockIdx.y * gridDim.x + blockIdx.x));
+}
+
+// Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
+// a tile of the device-built list; CTAs past its end (or of experts outside this
+// launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
+// on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
+// expert at M = 256).
+template <WFmt F, int NT, bool kTwoSets>
+__global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const GemmParams p,
+                                                                const __grid_constant__ ExpertTable table) {
+  if (int(blockIdx.y) >= *p.num_tiles) return;
+  const int4 tile = p.tiles[blockIdx.y];
+  if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
+  const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
+  gemm_tile<F, NT, kTwoSets>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
+                             int(blockIdx.y * gridDim.x + blockIdx.x));
+}
+
+// ---- activation quantization (spec §2.4) ----------------------------------------------
+// One warp per (row, 128-block), 4 values per lane; q [rows, k] codes, scale
+// [rows, k/128] = 2^e. Roofline: reads 2 B and writes 1 B per element, < 1 µs at decode.
+__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
+                                 uint8_t* __restrict__ q, float* __restrict__ scale) {
+  const int64_t blocks = k / 128;
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (wid >= rows * blocks) return;
+  const int64_t r = wid / blocks, b = wid % blocks;
+  const uint16_t* src = x + r * ldx + b * 128 + lane * 4;
+  float v[4];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[i] = core::bf16_to_float(src[i]);
+    amax = fmaxf(amax, fabsf(v[i]));
+  }
+  amax = warp_max(amax);
+  const int e = act_exponent(amax);
+  *reinterpret_cast<uint32_t*>(q + r * k + b * 128 + lane * 4) = quant4_e4m3(v, core::pow2_float(-e));
+  if (lane == 0) scale[r * blocks + b] = core::pow2_float(e);
+}
+
+// ---- SwiGLU + quantization (spec §6.2) ----------------------------------------------
+// gu [rows, 2I] bf16 = (gate | up); h = bf16(w * silu(min(gate, L)) * clamp(up, +-L)),
+// quantized per 128 for w2. Row weight rw[rw_index[c]] (routed) or rw[c] or none.
+// Rows c >= *num_rows (when given) are skipped. One warp per (row, 128-block).
+// Roofline: reads 4 B, writes ~1 B per h element: 6 x 2048 elements at decode, negligible.
+__global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
+                                    const int* num_rows, const float* rw, const int* rw_index, float limit,
+                                    uint8_t* __restrict__ hq, float* __restrict__ hs) {
+  const int64_t blocks = inter / 128;
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (wid >= rows * blocks) return;
+  const int64_t c = wid / blocks, b = wid % blocks;
+  if (num_rows && c >= *num_rows) return;
+  const uint16_t* gr = gu + c * 2 * inter + b * 128 + lane * 4;
+  const uint16_t* ur = gr + inter;
+  const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
+  float h[4];
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float gate = core::bf16_to_float(gr[i]), up = core::bf16_to_float(ur[i]);
+    if (limit > 0.0f) {  // up clamped both ways, gate only from above
+      up = clamp_ref(up, -limit, limit);
+      gate = limit < gate ? limit : gate;
+    }
+    float act = silu_ref(gate) * up;
+    if (rw) act = weight * act;
+    h[i] = core::round_bf16(act);
+    amax = fmaxf(amax, fabsf(h[i]));
+  }
+  amax = warp_max(amax);
+  const int e = act_exponent(amax);
+  *reinterpret_cast<uint32_t*>(hq + c * inter + b * 128 + lane * 4) = quant4_e4m3(h, core::pow2_float(-e));
+  if (lane == 0) hs[c * blocks + b] = core::pow2_float(e);
+}
+
+// ---- routed-expert bookkeeping ----------------------------------------------------------
+// One CTA of 1024 threads. Counting sort of the pairs p = r*k + s with a local expert
+// (ids[p] - expert_begin in [0, num_local)) into compact rows grouped by expert
+// (pair_list[c] = p, token_rows[c] = r; the order inside an expert is not
+// deterministic and does not matter: every row's result is computed alone), and the
+// tile list {expert, first compact row, rows <= bm, 0} of ceil(count/bm) tiles per
+// expert. Shared memory: 4 * num_local ints. Roofline: one CTA, O(pairs + experts)
+// work; a few µs of latency per step.
+__global__ void __launch_bounds__(1024) expert_prep_kernel(const int* __restrict__ ids, int num_pairs, int k,
+                                                           int expert_begin, int num_local, int bm, int max_tiles,
+                                                           int* __restrict__ pair_list, int* __restrict__ token_rows,
+                                                           int4* __restrict__ tiles, int* num_tiles, int* num_rows) {
+  extern __shared__ int s_int[];
+  int* cnt = s_int;
+  int* roff = s_int + num_local;
+  int* toff = s_int + 2 * num_local;
+  int* cursor = s_int + 3 * num_local;
+  __shared__ int s_warp[32][2];
+  __shared__ int s_total[2];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nthreads = blockDim.x;
+
+  for (int e = tid; e < num_local; e += nthreads) cnt[e] = cursor[e] = 0;
+  __syncthreads();
+  for (int p = tid; p < num_pairs; p += nthreads) {
+    const int e = ids[p] - expert_begin;
+    if (e >= 0 && e < num_local) atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+
+  // Exclusive scans of the counts and of the tile counts: contiguous chunk per thread.
+  const int per = (num_local + nthreads - 1) / nthreads;
+  const int e0 = min(num_local, tid * per), e1 = min(num_local, e0 + per);
+  int a = 0, b = 0;
+  for (int e = e0; e < e1; ++e) {
+    a += cnt[e];
+    b += (cnt[e] + bm - 1) / bm;
+  }
+  int ia = a, ib = b;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int xa = __shfl_up_sync(0xffffffffu, ia, o), xb = __shfl_up_sync(0xffffffffu, ib, o);
+    if (lane >= o) {
+      ia += xa;
+      ib += xb;
+    }
+  }
+  if (lane == 31) {
+    s_warp[warp][0] = ia;
+    s_warp[warp][1] = ib;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = nthreads / 32;
+    const int va = lane < nwarps ? s_warp[lane][0] : 0, vb = lane < nwarps ? s_warp[lane][1] : 0;
+    int sa = va, sb = vb;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int xa = __shfl_up_sync(0xffffffffu, sa, o), xb = __shfl_up_sync(0xffffffffu, sb, o);
+      if (lane >= o) {
+        sa += xa;
+        sb += xb;
+      }
+    }
+    if (lane < nwarps) {
+      s_warp[lane][0] = sa - va;
+      s_warp[lane][1] = sb - vb;
+    }
+    if (lane == 31) {
+      s_total[0] = sa;
+      s_total[1] = sb;
+    }
+  }
+  __syncthreads();
+  int pa = s_warp[warp][0] + ia - a, pb = s_warp[warp][1] + ib - b;
+  for (int e = e0; e < e1; ++e) {
+    roff[e] = pa;
+    toff[e] = pb;
+    pa += cnt[e];
+    pb += (cnt[e] + bm - 1) / bm;
+  }
+  __syncthreads();
+
+  for (int p = tid; p < num_pairs; p += nthreads) {
+    const int e = ids[p] - expert_begin;
+    if (e >= 0 && e < num_local) {
+      const int pos = roff[e] + atomicAdd(&cursor[e], 1);
+      pair_list[pos] = p;
+      token_rows[pos] = p / k;
+    }
+  }
+  for (int e = tid; e < num_local; e += nthreads) {
+    const int c = cnt[e];
+    for (int j = 0; j * bm < c; ++j) {
+      const int ti = toff[e] + j;
+      if (ti < max_tiles) tiles[ti] = make_int4(e, roff[e] + j * bm, min(bm, c - j * bm), 0);
+    }
+  }
+  if (tid == 0) {
+    *num_tiles = min(s_total[1], max_tiles);
+    *num_rows = s_total[0];
+  }
+}
+
+// out[p, :] = 0 for every pair whose id is outside [expert_begin, expert_end). One warp per pair.
+// Roofline: writes 2*d bytes per non-local pair (none on one GPU except pads).
+__global__ void zero_nonlocal_kernel(const int* __restrict__ ids, int64_t num_pairs, int expert_begin, int expert_end,
+                                     uint16_t* __restrict__ out, int64_t d, int vec16) {
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < num_pairs; p += nwarps) {
+    const int id = ids[p];
+    if (id >= expert_begin && id < expert_end) continue;
+    uint16_t* row = out + p * d;
+    if (vec16) {
+      for (int64_t i = lane; i < d / 8; i += 32) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
+    } else {
+      for (int64_t i = lane; i < d; i += 32) row[i] = 0;
+    }
+  }
+}
+
+// ---- router (spec §6.1) --------------------------------------------------------------
+// One warp per token row; shared memory 2 * E floats. logits [T, E] fp32 from the gate
+// GEMM. Scores as ref (sqrt(softplus) / sigmoid / softmax with the sum in expert
+// order), selection by top-k of scores + bias with ties to the lower id, or
+// tid2eid[token] (bias == nullptr), weights = scores[ids] / sum (normalize) * scale,
+// summed in slot order. Pad rows (position < 0): ids -1, weights 0.
+// Roofline: reads 4E bytes per row, k argmax rounds over E/32 values per lane; ~1 µs.
+__global__ void router_select_kernel(const float* __restrict__ logits, int num_experts, int k, int scoring,
+                                     int normalize, float route_scale, const float* __restrict__ bias,
+                                     const int64_t* __restrict__ tid2eid, const int32_t* __restrict__ token_ids,
+                                     const int32_t* __restrict__ positions, float* __restrict__ weights,
+                                     int32_t* __restrict__ ids) {
+  extern __shared__ float s_f[];
+  float* score = s_f;
+  float* biased = s_f + num_experts;
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x;
+  float* wt = weights + row * k;
+  int32_t* it = ids + row * k;
+  if (positions[row] < 0) {
+    for (int i = lane; i < k; i += 32) {
+      wt[i] = 0.0f;
+      it[i] = -1;
+    }
+    return;
+  }
+  const float* lg = logits + row * num_experts;
+  for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
+  __syncwarp();
+  if (scoring == 0) {  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
+    for (int i = lane; i < num_experts; i += 32) score[i] = sqrtf(softplus_ref(score[i]));
+  } else if (scoring == 1) {
+    for (int i = lane; i < num_experts; i += 32) score[i] = sigmoid_ref(score[i]);
+  } else {
+    float mx = -INFINITY;
+    for (int i = lane; i < num_experts; i += 32) mx = fmaxf(mx, score[i]);
+    mx = warp_max(mx);
+    __syncwarp();
+    if (lane == 0) {  // the reference's sequential sum
+      float z = 0.0f;
+      for (int i = 0; i < num_experts; ++i) z += (score[i] = expf(score[i] - mx));
+      biased[0] = z;
+    }
+    __syncwarp();
+    const float z = biased[0];
+    __syncwarp();
+    for (int i = lane; i < num_experts; i += 32) score[i] /= z;
+  }
+  __syncwarp();
+  if (tid2eid) {
+    if (lane == 0) {
+      // tid2eid is int64; ids never pass through a float type (spec §12.13).
+      const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
+      for (int i = 0; i < k; ++i) it[i] = int32_t(tr[i]);
+    }
+  } else {
+    for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias[i];
+    __syncwarp();
+    for (int sel = 0; sel < k; ++sel) {
+      float bv = -INFINITY;
+      int bi = 0x7fffffff;
+      for (int i = lane; i < num_experts; i += 32) {
+        const float v = biased[i];
+        if (v > bv || (v == bv && i < bi)) {
+          bv = v;
+          bi = i;
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+          bv = ov;
+          bi = oi;
+        }
+      }
+      if (lane == 0) {
+        it[sel] = bi;
+        biased[bi] = -INFINITY;  // taken
+      }
+      __syncwarp();
+    }
+  }
+  __syncwarp();
+  if (lane == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      const int id = it[i];
+      const float s = (id >= 0 && id < num_experts) ? score[id] : 0.0f;
+      wt[i] = s;
+      sum += s;
+    }
+    for (int i = 0; i < k; ++i) {
+      float v = wt[i];
+      if (normalize) v = v / sum;
+      wt[i] = v * route_scale;
+    }
+  }
+}
+
+// ---- simple reference kernels (DSV4_CUDA_KERNELS=simple) --------------------------------
+// Obviously-correct and slow: one warp per output element, lanes stride over K with
+// fp32 fmaf on the exact dequantized values, then a butterfly sum. Roofline: none
+// intended; the weights are re-read once per activation row.
+
+// Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix with K columns.
+__device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* ws, int fp4, int64_t n, int64_t kk,
+                                              int64_t K) {
+  if (fp4) {
+    const uint8_t byte = w[n * (K / 2) + kk / 2];
+    const uint8_t nibble = (kk & 1) ? (byte >> 4) : (byte & 0xf);  // low nibble = even k
+    return core::e2m1_to_float(nibble) * core::e8m0_to_float(ws[n * (K / 32) + kk / 32]);
+  }
+  return core::e4m3_to_float(w[n * K + kk]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
+}
+
+// sum_k xq[kk] * 2^e[kk/128] * W[n, kk] over one quantized activation row (all lanes get the sum).
+__device__ __forceinline__ float simple_qdot(const uint8_t* xq, const float* xs, const uint8_t* w, const uint8_t* ws,
+                                             int fp4, int64_t n, int64_t K, int lane) {
+  float acc = 0.0f;
+  for (int64_t kk = lane; kk < K; kk += 32)
+    acc = fmaf(core::e4m3_to_float(xq[kk]) * xs[kk / 128], weight_value(w, ws, fp4, n, kk, K), acc);
+  return warp_sum(acc);
+}
+
+// y[m * ldy + n] = bf16(xq[m] . W[n]) for m < M, n < N.
+__global__ void simple_quant_linear_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int64_t M,
+                                           int64_t K, const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws,
+                                           int fp4, int64_t N, uint16_t* __restrict__ y, int64_t ldy) {
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < M * N; o += nwarps) {
+    const int64_t m = o / N, n = o % N;
+    const float v = simple_qdot(xq + m * K, xs + m * (K / 128), w, ws, fp4, n, K, lane);
+    if (lane == 0) y[m * ldy + n] = core::float_to_bf16(v);
+  }
+}
+
+// y[m, n] = fp32(x[m]) . fp32(W[n]) with x bf16 or f32, W bf16, y bf16 or f32.
+__global__ void simple_linear_bf16_kernel(const void* __restrict__ x, int x_f32, const uint16_t* __restrict__ w,
+                                          int64_t M, int64_t N, int64_t K, void* __restrict__ y, int y_f32) {
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < M * N; o += nwarps) {
+    const int64_t m = o / N, n = o % N;
+    float acc = 0.0f;
+    for (int64_t kk = lane; kk < K; kk += 32) {
+      const float xv = x_f32 ? static_cast<const float*>(x)[m * K + kk]
+                             : core::bf16_to_float(static_cast<const uint16_t*>(x)[m * K + kk]);
+      acc = fmaf(xv, core::bf16_to_float(w[n * K + kk]), acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      if (y_f32) static_cast<float*>(y)[m * N + n] = acc;
+      else static_cast<uint16_t*>(y)[m * N + n] = core::float_to_bf16(acc);
+    }
+  }
+}
+
+// y[m, g*R + r] = bf16(sum_c x[m, g*C + c] * Wdeq[g*R + r, c]) (spec §5.6).
+__global__ void simple_grouped_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
+                                      const uint8_t* __restrict__ ws, int64_t M, int64_t G, int64_t R, int64_t C,
+                                      uint16_t* __restrict__ y) {
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  const int64_t N = G * R;
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < M * N; o += nwarps) {
+    const int64_t m = o / N, n = o % N, grp = n / R;
+    const uint16_t* xr = x + m * G * C + grp * C;
+    float acc = 0.0f;
+    for (int64_t c = lane; c < C; c += 32)
+      acc = fmaf(core::bf16_to_float(xr[c]), weight_value(w, ws, 0, n, c, C), acc);
+    acc = warp_sum(acc);
+    if (lane == 0) y[m * N + n] = core::float_to_bf16(acc);
+  }
+}
+
+// h[r, i] = bf16(rw[r] * silu(min(g, L)) * clamp(u, +-L)) from gu [R, 2I] = (g | u).
+__global__ void simple_swiglu_kernel(const uint16_t* __restrict__ gu, const float* __restrict__ rw, int64_t R,
+                                     int64_t inter, float limit, uint16_t* __restrict__ h) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < R * inter; o += stride) {
+    const int64_t r = o / inter, i = o % inter;
+    float gate = core::bf16_to_float(gu[r * 2 * inter + i]), up = core::bf16_to_float(gu[r * 2 * inter + inter + i]);
+    if (limit > 0.0f) {
+      up = clamp_ref(up, -limit, limit);
+      gate = limit < gate ? limit : gate;
+    }
+    float act = silu_ref(gate) * up;
+    if (rw) act = rw[r] * act;
+    h[r * inter + i] = core::float_to_bf16(act);
+  }
+}
+
+// Routed experts, simple path, gate/up + SwiGLU: h[p, i] for every pair p whose expert
+// is in [chunk_begin, chunk_end) (global ids; table entry id - chunk_begin).
+__global__ void simple_expert_gateup_kernel(const int* __restrict__ ids, int64_t num_pairs, int k, int chunk_begin,
+                                            int chunk_end, const __grid_constant__ ExpertTable table, int fp4,
+                                            const uint8_t* __restrict__ xq, const float* __restrict__ xs, int64_t D,
+                                            int64_t inter, float limit, const float* __restrict__ weights,
+                                            uint16_t* __restrict__ h) {
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < num_pairs * inter; o += nwarps) {
+    const int64_t p = o / inter, i = o % inter;
+    const int id = ids[p];
+    if (id < chunk_begin || id >= chunk_end) continue;
+    const uint8_t* const* e = table.p[id - chunk_begin];
+    const int64_t r = p / k;
+    const float g = simple_qdot(xq + r * D, xs + r * (D / 128), e[0], e[1], fp4, i, D, lane);
+    const float u = simple_qdot(xq + r * D, xs + r * (D / 128), e[2], e[3], fp4, i, D, lane);
+    float gate = core::round_bf16(g), up = core::round_bf16(u);  // linear outputs are bf16
+    if (limit > 0.0f) {
+      up = clamp_ref(up, -limit, limit);
+      gate = limit < gate ? limit : gate;
+    }
+    const float act = weights[p] * (silu_ref(gate) * up);
+    if (lane == 0) h[p * inter + i] = core::float_to_bf16(act);
+  }
+}
+
+// Routed experts, simple path, down projection: out[p, d] for local pairs in the chunk.
+__global__ void simple_expert_down_kernel(const int* __restrict__ ids, int64_t num_pairs, int chunk_begin,
+                                          int chunk_end, const __grid_constant__ ExpertTable table, int fp4,
+                                          const uint8_t* __restrict__ hq, const float* __restrict__ hs, int64_t inter,
+                                          int64_t D, uint16_t* __restrict__ out) {
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < num_pairs * D; o += nwarps) {
+    const int64_t p = o / D, d = o % D;
+    const int id = ids[p];
+    if (id < chunk_begin || id >= chunk_end) continue;
+    const uint8_t* const* e = table.p[id - chunk_begin];
+    const float v = simple_qdot(hq + p * inter, hs + p * (inter / 128), e[0], e[1], fp4, d, inter, lane);
+    if (lane == 0) out[p * D + d] = core::float_to_bf16(v);
+  }
+}
+
+}  // namespace dsv4::ops::linear_kernels

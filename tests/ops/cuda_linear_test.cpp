@@ -1,0 +1,733 @@
+// CUDA linear family (linear, linear_bf16, grouped_linear, expert_ffn,
+// routed_experts, router) against the CPU reference, for both kernel paths
+// (fast and DSV4_CUDA_KERNELS=simple), plus batch invariance (a row's output
+// does not depend on its batch), graph capture and the GPU synthetic-weight
+// builders.
+//
+// Tolerances (the GPU sums in a different order; tensor-core products are exact
+// and every MMA starts from a zero accumulator, so the difference is fp32
+// rounding of the partial sums):
+//   bf16 outputs of one GEMM   |gpu - cpu| <= 2 bf16 ulp(cpu) + 1e-3 * rms(cpu row)
+//   fp32 outputs               |gpu - cpu| <= 1e-5 * max|cpu row|
+//   expert outputs             |gpu - cpu| <= 2 bf16 ulp(cpu) + 2e-2 * rms(cpu row): a 1-ulp change of
+//                              the bf16 gate/up can move one e4m3 code of h (12.5% of that element)
+//   router                     ids equal where the (k, k+1) and in-top-k gaps of the biased scores
+//                              exceed 1e-4 (others skipped, counted); weights within 1e-5 + 1e-4 relative
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/random.h"
+#include "cuda_test_util.h"
+#include "model/synthetic_weights.h"
+#include "model/weight_spec.h"
+#include "op_test_util.h"
+#include "ops/backend.h"
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_synthetic.h"
+
+namespace dsv4::ops {
+// Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
+void cuda_linear_force_path(int path);
+}  // namespace dsv4::ops
+
+namespace dsv4::testing {
+namespace {
+
+using core::DType;
+using core::Tensor;
+using ops::ExpertWeights;
+using ops::QuantLinear;
+
+const std::vector<int64_t> kRows = {0, 1, 3, 16, 64, 65, 256, 512};
+
+// ---- setup -------------------------------------------------------------------------
+struct Env {
+  std::unique_ptr<ops::Backend> cpu = ops::make_cpu_backend(8);
+  std::unique_ptr<ops::Backend> owned = ops::make_cuda_backend(0);
+  ops::CudaBackend& cuda = static_cast<ops::CudaBackend&>(*owned);
+};
+
+// Parameter: 0 = fast kernels, 1 = simple kernels.
+class CudaLinear : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    DSV4_REQUIRE_CUDA();
+    ops::cuda_linear_force_path(GetParam());
+  }
+  void TearDown() override { ops::cuda_linear_force_path(-1); }
+  const char* path() const { return GetParam() == 0 ? "fast" : "simple"; }
+};
+
+INSTANTIATE_TEST_SUITE_P(Paths, CudaLinear, ::testing::Values(0, 1),
+                         [](const ::testing::TestParamInfo<int>& info) { return info.param == 0 ? "fast" : "simple"; });
+
+uint64_t draw_seed(Rng& rng) { return uint64_t(rng.uniform_int(1, int64_t(1) << 40)); }
+
+QuantLinear host_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
+  model::TensorSpec s;
+  s.name = "cuda_linear_test.w" + std::to_string(seed);
+  s.logical_n = n;
+  s.logical_k = k;
+  s.std = 1.0f / std::sqrt(float(std::max<int64_t>(k, 1)));
+  QuantLinear q;
+  q.n = n;
+  q.k = k;
+  if (fp4) {
+    q.format = QuantLinear::Format::kFp4Group32;
+    q.weight = Tensor::empty_cpu(DType::kI8, {n, k / 2});
+    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {n, k / 32});
+    if (n > 0 && k > 0) model::fill_fp4_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
+  } else {
+    q.format = QuantLinear::Format::kFp8Block128;
+    q.weight = Tensor::empty_cpu(DType::kF8E4M3, {n, k});
+    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
+    if (n > 0 && k > 0) model::fill_fp8_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
+  }
+  return q;
+}
+
+QuantLinear device_quant(ops::Backend& cuda, const QuantLinear& h) {
+  QuantLinear d = h;
+  d.weight = to_device(cuda, h.weight);
+  d.scale = to_device(cuda, h.scale);
+  return d;
+}
+
+ExpertWeights host_expert(int64_t d, int64_t inter, bool fp4_13, bool fp4_2, Rng& rng) {
+  ExpertWeights e;
+  e.w1 = host_quant(inter, d, fp4_13, draw_seed(rng));
+  e.w3 = host_quant(inter, d, fp4_13, draw_seed(rng));
+  e.w2 = host_quant(d, inter, fp4_2, draw_seed(rng));
+  return e;
+}
+
+ExpertWeights device_expert(ops::Backend& cuda, const ExpertWeights& h) {
+  return ExpertWeights{device_quant(cuda, h.w1), device_quant(cuda, h.w2), device_quant(cuda, h.w3)};
+}
+
+Tensor host_copy(const Tensor& t) {
+  Tensor c = Tensor::empty_cpu(t.dtype(), t.shape(), t.ndim());
+  if (t.nbytes()) std::memcpy(c.data(), t.data(), t.nbytes());
+  return c;
+}
+
+// ---- comparisons ---------------------------------------------------------------------
+double bf16_ulp(double v) {
+  if (v == 0.0) return 0.0;
+  int e = 0;
+  std::frexp(v, &e);  // |v| in [2^(e-1), 2^e)
+  return std::ldexp(1.0, e - 1 - 7);
+}
+
+double value_at(const Tensor& t, int64_t i) {
+  return t.dtype() == DType::kF32 ? double(t.as<float>()[i]) : double(core::bf16_to_float(t.as<uint16_t>()[i]));
+}
+
+// Compares [rows, cols] element by element; bf16: ulps * ulp(ref) + slack * rms(row); f32: f32_rel * max|row|.
+void expect_close(const Tensor& ref, const Tensor& got, double ulps, double slack, const std::string& what,
+                  double f32_rel = 1e-5) {
+  ASSERT_EQ(ref.numel(), got.numel()) << what;
+  ASSERT_EQ(ref.dtype(), got.dtype()) << what;
+  if (ref.numel() == 0) return;
+  const int64_t cols = ref.size(ref.ndim() - 1), rows = ref.numel() / cols;
+  int64_t bad = 0, exact = 0;
+  double worst = 0.0;
+  std::string first_bad;
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0.0, mx = 0.0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double v = value_at(ref, r * cols + c);
+      ss += v * v;
+      mx = std::max(mx, std::fabs(v));
+    }
+    const double rms = std::sqrt(ss / double(cols));
+    for (int64_t c = 0; c < cols; ++c) {
+      const double a = value_at(ref, r * cols + c), b = value_at(got, r * cols + c);
+      const double tol = ref.dtype() == DType::kF32 ? f32_rel * mx : ulps * bf16_ulp(a) + slack * rms;
+      const double err = std::fabs(a - b);
+      if (a == b) ++exact;
+      if (!(err <= tol)) {
+        if (bad++ == 0) first_bad = "row " + std::to_string(r) + " col " + std::to_string(c) + ": cpu " +
+                                    std::to_string(a) + " gpu " + std::to_string(b) + " tol " + std::to_string(tol);
+      }
+      if (tol > 0) worst = std::max(worst, err / tol);
+    }
+  }
+  std::printf("  %-48s exact %5.1f%%  worst err/tol %.3f\n", what.c_str(), 100.0 * double(exact) / double(ref.numel()),
+              worst);
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.numel() << " outside tolerance; first at " << first_bad;
+}
+
+void expect_bitwise(const Tensor& a, const Tensor& b, const std::string& what) {
+  ASSERT_EQ(a.nbytes(), b.nbytes()) << what;
+  if (a.nbytes() == 0) return;
+  const uint8_t* pa = a.as<uint8_t>();
+  const uint8_t* pb = b.as<uint8_t>();
+  size_t diff = 0, first = 0;
+  for (size_t i = 0; i < a.nbytes(); ++i)
+    if (pa[i] != pb[i] && diff++ == 0) first = i;
+  EXPECT_EQ(diff, 0u) << what << ": " << diff << " bytes differ, first at byte " << first;
+}
+
+// Bytes of a host tensor's rows [begin, begin + count).
+Tensor host_rows(const Tensor& t, int64_t begin, int64_t count) { return host_copy(t.rows(begin, count)); }
+
+
+std::string shape_str(int64_t m, int64_t n, int64_t k) {
+  return "M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k);
+}
+
+struct Shape {
+  int64_t n, k;
+};
+
+// Host and device copies of a batch's routing metadata (the router reads
+// positions and token_ids; the contract wants token_seq too).
+struct Batch {
+  std::vector<int32_t> token_ids, positions, token_seq;
+  Tensor d_token_ids, d_positions, d_token_seq;
+  Batch(ops::Backend& cuda, int64_t rows, Rng& rng, int64_t vocab, int64_t pad_every) {
+    for (int64_t t = 0; t < rows; ++t) {
+      const bool pad = pad_every > 0 && t % pad_every == pad_every - 1;
+      token_ids.push_back(int32_t(rng.uniform_int(0, vocab - 1)));
+      positions.push_back(pad ? -1 : int32_t(t));
+      token_seq.push_back(pad ? -1 : 0);
+    }
+    auto dev = [&](const std::vector<int32_t>& v) {
+      Tensor h = Tensor::empty_cpu(DType::kI32, {int64_t(v.size())});
+      if (!v.empty()) std::memcpy(h.data(), v.data(), v.size() * 4);
+      return to_device(cuda, h);
+    };
+    d_token_ids = dev(token_ids);
+    d_positions = dev(positions);
+    d_token_seq = dev(token_seq);
+  }
+  ops::BatchView view(bool device, int64_t begin, int64_t count) const {
+    ops::BatchView v;
+    v.num_tokens = int32_t(count);
+    v.num_seqs = count > 0 ? 1 : 0;
+    v.token_ids = (device ? d_token_ids.as<int32_t>() : token_ids.data()) + begin;
+    v.positions = (device ? d_positions.as<int32_t>() : positions.data()) + begin;
+    v.token_seq = (device ? d_token_seq.as<int32_t>() : token_seq.data()) + begin;
+    return v;
+  }
+};
+
+// k distinct random experts per row; each slot is a pad (-1) with probability 1/10;
+// `hot` >= 0 puts that expert in slot 0 of every row.
+Tensor random_ids(Rng& rng, int64_t rows, int64_t k, int64_t experts, int64_t hot) {
+  Tensor ids = Tensor::empty_cpu(DType::kI32, {rows, k});
+  std::vector<int32_t> perm(static_cast<size_t>(experts));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int64_t i = 0; i < k; ++i) std::swap(perm[size_t(i)], perm[size_t(rng.uniform_int(i, experts - 1))]);
+    if (hot >= 0) {
+      auto it = std::find(perm.begin(), perm.end(), int32_t(hot));
+      std::swap(*it, perm[0]);
+    }
+    for (int64_t i = 0; i < k; ++i)
+      ids.as<int32_t>()[r * k + i] = (i > 0 && rng.uniform_int(0, 9) == 0) ? -1 : perm[size_t(i)];
+  }
+  return ids;
+}
+
+Tensor random_weights(Rng& rng, int64_t rows, int64_t k) {
+  Tensor w = Tensor::empty_cpu(DType::kF32, {rows, k});
+  for (int64_t i = 0; i < w.numel(); ++i) w.as<float>()[i] = 0.1f + 0.9f * float(rng.uniform_int(0, 1 << 20)) / float(1 << 20);
+  return w;
+}
+
+// ---- linear ---------------------------------------------------------------------------
+void check_quant_linear(bool fp4, uint64_t salt) {
+  Env env;
+  Rng rng(salt);
+  // K slices S = 2, 1 (odd stage count), 16, 2; N not a multiple of the 128-row tile.
+  // Accumulation modes: S = 1 one pass; slices split over CTAs (small grids); slices
+  // walked in sequence with a second accumulator set ((1000, 2048) and (4096, 256)
+  // at 512 rows).
+  const std::vector<int64_t> few = {1, 65, 256, 512};
+  for (const auto& [s, rows] : std::vector<std::pair<Shape, std::vector<int64_t>>>{
+           {Shape{200, 256}, kRows}, {Shape{300, 384}, kRows}, {Shape{1000, 2048}, few}, {Shape{4096, 256}, few}}) {
+    const QuantLinear hw = host_quant(s.n, s.k, fp4, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, s.k});
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, s.n});
+      poison(ref);
+      env.cpu->linear(x, hw, ref);
+      Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, s.n});
+      env.cuda.linear(to_device(env.cuda, x), dw, y);
+      expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
+                   std::string(fp4 ? "fp4" : "fp8") + " linear " + shape_str(M, s.n, s.k));
+    }
+  }
+}
+
+TEST_P(CudaLinear, Fp8LinearMatchesCpu) { check_quant_linear(false, 0x10); }
+
+TEST_P(CudaLinear, Fp4LinearMatchesCpu) { check_quant_linear(true, 0x11); }
+
+TEST_P(CudaLinear, LinearWithEmptyReductionWritesZeros) {
+  Env env;
+  Rng rng(0x12);
+  const QuantLinear hw = host_quant(70, 0, false, 1);
+  const Tensor x = Tensor::empty_cpu(DType::kBF16, {3, 0});
+  Tensor ref = Tensor::empty_cpu(DType::kBF16, {3, 70});
+  poison(ref);
+  env.cpu->linear(x, hw, ref);
+  Tensor y = device_poisoned(env.cuda, DType::kBF16, {3, 70});
+  env.cuda.linear(to_device(env.cuda, x), device_quant(env.cuda, hw), y);
+  expect_bitwise(ref, to_host(env.cuda, y), "K=0 linear");
+}
+
+// ---- linear_bf16 -------------------------------------------------------------------------
+TEST_P(CudaLinear, Bf16LinearMatchesCpu) {
+  Env env;
+  Rng rng(0x20);
+  struct Case {
+    int64_t n, k;
+    bool x_f32, y_f32;
+  };
+  // K = 4096 with N = 129: 32 slices; K = 200 and f32 x take the simple kernel in the fast path.
+  for (const Case c : {Case{200, 256, false, true}, Case{200, 256, false, false}, Case{129, 4096, false, true},
+                       Case{1000, 200, false, true}, Case{100, 256, true, false}}) {
+    const Tensor hw = rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k)));
+    const Tensor dw = to_device(env.cuda, hw);
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    for (int64_t M : kRows) {
+      if (c.k >= 4096 && (M == 3 || M == 64 || M == 512)) continue;
+      const Tensor x = c.x_f32 ? rng.f32({M, c.k}) : rng.bf16({M, c.k});
+      Tensor ref = Tensor::empty_cpu(ydt, {M, c.n});
+      poison(ref);
+      env.cpu->linear_bf16(x, hw, ref);
+      Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
+      env.cuda.linear_bf16(to_device(env.cuda, x), dw, y);
+      expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
+                   std::string("bf16 linear x ") + (c.x_f32 ? "f32" : "bf16") + " y " + (c.y_f32 ? "f32 " : "bf16 ") +
+                       shape_str(M, c.n, c.k));
+    }
+  }
+}
+
+// ---- grouped_linear ----------------------------------------------------------------------
+TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
+  Env env;
+  Rng rng(0x30);
+  struct Case {
+    int64_t g, r, c;
+  };
+  // R = 96 takes the simple kernel in the fast path (tiles would straddle scale blocks).
+  for (const Case c : {Case{2, 128, 256}, Case{8, 128, 512}, Case{1, 200, 320}, Case{4, 96, 128}}) {
+    const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : kRows) {
+      const Tensor x = rng.bf16({M, c.g * c.c});
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
+      poison(ref);
+      env.cpu->grouped_linear(x, hw, c.g, ref);
+      Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
+      env.cuda.grouped_linear(to_device(env.cuda, x), dw, c.g, y);
+      expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
+                   "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c));
+    }
+  }
+}
+
+// ---- expert_ffn ------------------------------------------------------------------------
+TEST_P(CudaLinear, ExpertFfnMatchesCpu) {
+  Env env;
+  Rng rng(0x40);
+  struct Case {
+    bool fp4_13, fp4_2, weighted;
+    float limit, x_std;
+  };
+  // x_std 6 pushes gate/up past the clamp limit of 10 often.
+  for (const Case c : {Case{false, false, false, 10.0f, 1.0f}, Case{true, true, true, 10.0f, 6.0f},
+                       Case{true, true, true, 0.0f, 1.0f}, Case{true, false, false, 10.0f, 6.0f}}) {
+    const int64_t D = 256, I = 256;
+    const ExpertWeights he = host_expert(D, I, c.fp4_13, c.fp4_2, rng);
+    const ExpertWeights de = device_expert(env.cuda, he);
+    for (int64_t M : kRows) {
+      const Tensor x = rng.bf16({M, D}, c.x_std);
+      const Tensor rw = c.weighted ? random_weights(rng, M, 1).reshape({M}) : Tensor();
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, D});
+      poison(ref);
+      env.cpu->expert_ffn(x, he, rw, c.limit, ref);
+      Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
+      env.cuda.expert_ffn(to_device(env.cuda, x), de, c.weighted ? to_device(env.cuda, rw) : Tensor(), c.limit, y);
+      expect_close(ref, to_host(env.cuda, y), 2.0, 2e-2,
+                   std::string("expert_ffn ") + (c.fp4_13 ? "fp4" : "fp8") + "/" + (c.fp4_2 ? "fp4" : "fp8") +
+                       (c.weighted ? " weighted" : "") + " limit " + std::to_string(int(c.limit)) + " M=" +
+                       std::to_string(M));
+    }
+  }
+}
+
+// ---- routed_experts --------------------------------------------------------------------
+struct MoeCase {
+  int64_t experts, begin, end, k, d, inter;
+  bool fp4;
+  int64_t hot;  // expert in slot 0 of every row (many rows on one expert), or -1
+};
+
+void check_routed(const MoeCase& c, const std::vector<int64_t>& rows, uint64_t salt) {
+  Env env;
+  Rng rng(salt);
+  std::vector<ExpertWeights> hex(size_t(c.experts)), dex(size_t(c.experts));
+  for (int64_t e = c.begin; e < c.end; ++e) {  // only the local range is bound
+    hex[size_t(e)] = host_expert(c.d, c.inter, c.fp4, c.fp4, rng);
+    dex[size_t(e)] = device_expert(env.cuda, hex[size_t(e)]);
+  }
+  for (int64_t R : rows) {
+    const Tensor x = rng.bf16({R, c.d}, 2.0f);
+    const Tensor ids = random_ids(rng, R, c.k, c.experts, c.hot);
+    const Tensor w = random_weights(rng, R, c.k);
+    Tensor ref = Tensor::empty_cpu(DType::kBF16, {R, c.k, c.d});
+    poison(ref);
+    env.cpu->routed_experts(x, ids, w, hex, c.begin, c.end, 10.0f, ref);
+    Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
+    env.cuda.routed_experts(to_device(env.cuda, x), to_device(env.cuda, ids), to_device(env.cuda, w), dex, c.begin,
+                            c.end, 10.0f, out);
+    expect_close(ref, to_host(env.cuda, out), 2.0, 2e-2,
+                 "routed E=" + std::to_string(c.experts) + " [" + std::to_string(c.begin) + "," +
+                     std::to_string(c.end) + ") k=" + std::to_string(c.k) + (c.fp4 ? " fp4" : " fp8") +
+                     (c.hot >= 0 ? " hot" : "") + " R=" + std::to_string(R));
+  }
+}
+
+TEST_P(CudaLinear, RoutedExpertsMatchCpu) {
+  const std::vector<int64_t> rows = {0, 1, 3, 16, 64, 65, 256};
+  check_routed(MoeCase{12, 2, 10, 4, 256, 256, true, -1}, rows, 0x50);    // EP slice: non-local ids get zeros
+  check_routed(MoeCase{8, 0, 8, 2, 256, 128, false, 3}, rows, 0x51);      // FP8 experts, one hot expert
+  check_routed(MoeCase{16, 0, 16, 6, 128, 256, true, 5}, {512}, 0x52);   // 3072 pairs, one hot expert: 512 rows
+}
+
+TEST_P(CudaLinear, RoutedExpertsSpanSeveralPointerTables) {
+  // 400 local experts > 384 per launch: two table chunks.
+  check_routed(MoeCase{400, 0, 400, 6, 128, 128, true, -1}, {64}, 0x53);
+}
+
+// ---- router ------------------------------------------------------------------------------
+struct RouterCase {
+  ops::ScoringFunc scoring;
+  bool normalize, hash;
+  float scale;
+};
+
+// Scores of spec §6.1 in double (for the near-tie test only).
+void scores_in_place(ops::ScoringFunc f, std::vector<double>& s) {
+  if (f == ops::ScoringFunc::kSoftmax) {
+    const double mx = *std::max_element(s.begin(), s.end());
+    double z = 0.0;
+    for (double& v : s) z += (v = std::exp(v - mx));
+    for (double& v : s) v /= z;
+    return;
+  }
+  for (double& v : s)
+    v = f == ops::ScoringFunc::kSigmoid ? 1.0 / (1.0 + std::exp(-v)) : std::sqrt(v > 20.0 ? v : std::log1p(std::exp(v)));
+}
+
+TEST_P(CudaLinear, RouterMatchesCpu) {
+  Env env;
+  Rng rng(0x60);
+  const int64_t E = 64, D = 256, k = 6, V = 1000;
+  const Tensor gate = rng.bf16({E, D}, 0.05f);
+  const Tensor bias = rng.f32({E}, 0.1f);
+  Tensor tid2eid = Tensor::empty_cpu(DType::kI64, {V, k});
+  for (int64_t v = 0; v < V; ++v) {  // distinct ids per row
+    std::vector<int32_t> perm(static_cast<size_t>(E));
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int64_t i = 0; i < k; ++i) std::swap(perm[size_t(i)], perm[size_t(rng.uniform_int(i, E - 1))]);
+    for (int64_t i = 0; i < k; ++i) tid2eid.as<int64_t>()[v * k + i] = perm[size_t(i)];
+  }
+  const Tensor d_gate = to_device(env.cuda, gate), d_bias = to_device(env.cuda, bias);
+  const Tensor d_tid2eid = to_device(env.cuda, tid2eid);
+  for (const RouterCase rc : {RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, false, 1.5f},
+                              RouterCase{ops::ScoringFunc::kSigmoid, true, false, 1.0f},
+                              RouterCase{ops::ScoringFunc::kSoftmax, false, false, 1.0f},
+                              RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, true, 2.5f}}) {
+    ops::RouterConfig cfg;
+    cfg.scoring = rc.scoring;
+    cfg.topk = k;
+    cfg.route_scale = rc.scale;
+    cfg.normalize = rc.normalize;
+    for (int64_t T : kRows) {
+      const Tensor x = rng.bf16({T, D});
+      const Batch batch(env.cuda, T, rng, V, 7);
+      Tensor wr = Tensor::empty_cpu(DType::kF32, {T, k}), ir = Tensor::empty_cpu(DType::kI32, {T, k});
+      poison(wr);
+      poison(ir);
+      env.cpu->router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(), batch.view(false, 0, T), cfg,
+                      wr, ir);
+      Tensor wg = device_poisoned(env.cuda, DType::kF32, {T, k}), ig = device_poisoned(env.cuda, DType::kI32, {T, k});
+      env.cuda.router(to_device(env.cuda, x), d_gate, rc.hash ? Tensor() : d_bias, rc.hash ? d_tid2eid : Tensor(),
+                      batch.view(true, 0, T), cfg, wg, ig);
+      const Tensor wh = to_host(env.cuda, wg), ih = to_host(env.cuda, ig);
+      int64_t skipped = 0, bad_ids = 0, bad_w = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!rc.hash && batch.positions[size_t(t)] >= 0) {
+          // Skip rows whose selection is a near-tie in the reference's own arithmetic.
+          std::vector<double> biased(static_cast<size_t>(E));
+          for (int64_t e = 0; e < E; ++e) {
+            double s = 0.0;
+            for (int64_t d = 0; d < D; ++d) s += double(bf(x, t * D + d)) * double(bf(gate, e * D + d));
+            biased[size_t(e)] = s;
+          }
+          scores_in_place(rc.scoring, biased);
+          for (int64_t e = 0; e < E; ++e) biased[size_t(e)] += double(bias.as<float>()[e]);
+          std::sort(biased.begin(), biased.end(), std::greater<>());
+          bool tie = false;
+          for (int64_t i = 0; i < k; ++i) tie = tie || biased[size_t(i)] - biased[size_t(i + 1)] < 1e-4;
+          if (tie) {
+            ++skipped;
+            continue;
+          }
+        }
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t j = t * k + i;
+          if (ir.as<int32_t>()[j] != ih.as<int32_t>()[j]) {
+            ++bad_ids;
+            continue;
+          }
+          const double a = wr.as<float>()[j], b = wh.as<float>()[j];
+          if (!(std::fabs(a - b) <= 1e-5 + 1e-4 * std::fabs(a))) ++bad_w;
+        }
+      }
+      EXPECT_EQ(bad_ids, 0) << "router ids, T=" << T << " scoring " << int(rc.scoring) << " hash " << rc.hash;
+      EXPECT_EQ(bad_w, 0) << "router weights, T=" << T << " scoring " << int(rc.scoring) << " hash " << rc.hash;
+      EXPECT_LE(skipped * 10, std::max<int64_t>(T, 10)) << "too many near-tie rows skipped";
+    }
+  }
+}
+
+// ---- batch invariance (two-batch-overlap rule) -------------------------------------------
+// Each op runs on a batch of 257 rows, then on single rows and small sub-batches;
+// the sub-runs must reproduce the batch's rows bit for bit.
+TEST_P(CudaLinear, RowResultsDoNotDependOnTheBatch) {
+  Env env;
+  Rng rng(0x70);
+  auto& cuda = env.cuda;
+  const int64_t B = 257;
+  const std::vector<std::pair<int64_t, int64_t>> subs = {{0, 1}, {1, 1}, {100, 1}, {255, 1}, {256, 1},
+                                                         {100, 3}, {0, 16}, {200, 57}};
+  // Runs `op(begin, count, out)` for the whole batch and every sub-range, comparing rows.
+  auto check = [&](const std::string& what, DType dt, std::initializer_list<int64_t> row_shape, const auto& op) {
+    std::vector<int64_t> full_shape = {B};
+    full_shape.insert(full_shape.end(), row_shape.begin(), row_shape.end());
+    int64_t row_numel = 1;
+    for (int64_t d : row_shape) row_numel *= d;
+    auto make = [&](int64_t rows) {  // poisoned device tensor [rows, row_shape...]
+      std::vector<int64_t> s = full_shape;
+      s[0] = rows;
+      Tensor t = cuda.empty(dt, {rows * row_numel});
+      cudaMemsetAsync(t.data(), 0x7f, t.nbytes(), cuda.stream());
+      return Tensor(t.data(), dt, s.data(), int(s.size()), core::Device::kCuda, t.owner());
+    };
+    Tensor full = make(B);
+    op(int64_t(0), B, full);
+    const Tensor full_h = to_host(cuda, full);
+    for (const auto& [b, c] : subs) {
+      Tensor part = make(c);
+      op(b, c, part);
+      expect_bitwise(host_rows(full_h, b, c), to_host(cuda, part),
+                     what + " rows [" + std::to_string(b) + ", " + std::to_string(b + c) + ")");
+    }
+  };
+
+  // Small sub-batches split their K slices over CTAs; the 257-row batch walks them in
+  // sequence where its tiles fill a wave (N = 4096) and splits otherwise.
+  for (const bool fp4 : {false, true}) {
+    for (const Shape s : {Shape{4096, 512}, Shape{1000, 2048}}) {
+      const QuantLinear w = device_quant(cuda, host_quant(s.n, s.k, fp4, draw_seed(rng)));
+      const Tensor x = to_device(cuda, rng.bf16({B, s.k}));
+      check(std::string(fp4 ? "fp4" : "fp8") + " linear N=" + std::to_string(s.n), DType::kBF16, {s.n},
+            [&](int64_t b, int64_t c, const Tensor& y) { cuda.linear(x.rows(b, c), w, y); });
+    }
+  }
+  {  // bf16 linear: f32 out with 32 slices (router / compressor family), bf16 out sequential at 257 rows
+    const Tensor w1 = to_device(cuda, rng.bf16({129, 4096}, 1.0f / 64.0f)), w2 = to_device(cuda, rng.bf16({4096, 128}, 0.09f));
+    const Tensor x1 = to_device(cuda, rng.bf16({B, 4096})), x2 = to_device(cuda, rng.bf16({B, 128}));
+    check("bf16 linear f32", DType::kF32, {129}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.linear_bf16(x1.rows(b, c), w1, y); });
+    check("bf16 linear bf16", DType::kBF16, {4096}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.linear_bf16(x2.rows(b, c), w2, y); });
+  }
+  {  // grouped
+    const QuantLinear w = device_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
+    const Tensor x = to_device(cuda, rng.bf16({B, 2 * 256}));
+    check("grouped", DType::kBF16, {256}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.grouped_linear(x.rows(b, c), w, 2, y); });
+  }
+  {  // shared expert with row weights
+    const ExpertWeights e = device_expert(cuda, host_expert(256, 256, true, true, rng));
+    const Tensor x = to_device(cuda, rng.bf16({B, 256}, 4.0f)), rw = to_device(cuda, random_weights(rng, B, 1).reshape({B}));
+    check("expert_ffn", DType::kBF16, {256}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.expert_ffn(x.rows(b, c), e, rw.rows(b, c), 10.0f, y); });
+  }
+  {  // routed experts, I = 2048: the 2056 pairs of the batch walk their K slices in
+     // sequence (partials would exceed 32 MB), single rows split them
+    const int64_t E = 8, k = 8;
+    std::vector<ExpertWeights> ex(static_cast<size_t>(E));
+    for (auto& e : ex) e = device_expert(cuda, host_expert(256, 2048, true, true, rng));
+    const Tensor x = to_device(cuda, rng.bf16({B, 256}, 2.0f));
+    const Tensor ids = to_device(cuda, random_ids(rng, B, k, E, -1)), w = to_device(cuda, random_weights(rng, B, k));
+    check("routed_experts", DType::kBF16, {k, 256}, [&](int64_t b, int64_t c, const Tensor& y) {
+      cuda.routed_experts(x.rows(b, c), ids.rows(b, c), w.rows(b, c), ex, 0, E, 10.0f, y);
+    });
+  }
+  {  // router (weights; the ids are integers computed from them)
+    const int64_t E = 64, k = 6;
+    const Tensor gate = to_device(cuda, rng.bf16({E, 256}, 0.05f)), bias = to_device(cuda, rng.f32({E}, 0.1f));
+    const Tensor x = to_device(cuda, rng.bf16({B, 256}));
+    const Batch batch(cuda, B, rng, 1000, 9);
+    ops::RouterConfig cfg;
+    cfg.topk = k;
+    cfg.route_scale = 1.5f;
+    Tensor ids_full = cuda.empty(DType::kI32, {B, k});
+    check("router weights", DType::kF32, {k}, [&](int64_t b, int64_t c, const Tensor& wt) {
+      Tensor ids = ids_full.rows(b, c);
+      cuda.router(x.rows(b, c), gate, bias, Tensor(), batch.view(true, b, c), cfg, wt, ids);
+    });
+  }
+}
+
+// ---- graph capture -----------------------------------------------------------------------
+TEST_P(CudaLinear, GraphReplayEqualsEager) {
+  Env env;
+  Rng rng(0x80);
+  auto& cuda = env.cuda;
+  const int64_t M = 16, E = 8, k = 4, D = 256;
+  const QuantLinear w8 = device_quant(cuda, host_quant(1000, 2048, false, draw_seed(rng)));
+  const Tensor wb = to_device(cuda, rng.bf16({129, 4096}, 1.0f / 64.0f));
+  const QuantLinear wg = device_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
+  const ExpertWeights shared = device_expert(cuda, host_expert(D, 256, false, false, rng));
+  std::vector<ExpertWeights> ex(static_cast<size_t>(E));
+  for (auto& e : ex) e = device_expert(cuda, host_expert(D, 256, true, true, rng));
+  const Tensor gate = to_device(cuda, rng.bf16({E, D}, 0.05f)), bias = to_device(cuda, rng.f32({E}, 0.1f));
+  const Batch batch(cuda, M, rng, 1000, 5);
+  ops::RouterConfig cfg;
+  cfg.topk = k;
+
+  Tensor x8 = cuda.empty(DType::kBF16, {M, 2048}), xb = cuda.empty(DType::kBF16, {M, 4096});
+  Tensor xg = cuda.empty(DType::kBF16, {M, 512}), xd = cuda.empty(DType::kBF16, {M, D});
+  Tensor ids = cuda.empty(DType::kI32, {M, k}), rw = cuda.empty(DType::kF32, {M, k});
+  std::vector<Tensor> outs = {cuda.empty(DType::kBF16, {M, 1000}), cuda.empty(DType::kF32, {M, 129}),
+                              cuda.empty(DType::kBF16, {M, 256}),  cuda.empty(DType::kBF16, {M, D}),
+                              cuda.empty(DType::kBF16, {M, k, D}), cuda.empty(DType::kF32, {M, k}),
+                              cuda.empty(DType::kI32, {M, k})};
+  auto fill_inputs = [&] {
+    cuda.upload(x8, rng.bf16({M, 2048}).data(), x8.nbytes());
+    cuda.upload(xb, rng.bf16({M, 4096}).data(), xb.nbytes());
+    cuda.upload(xg, rng.bf16({M, 512}).data(), xg.nbytes());
+    cuda.upload(xd, rng.bf16({M, D}, 2.0f).data(), xd.nbytes());
+    cuda.upload(ids, random_ids(rng, M, k, E, -1).data(), ids.nbytes());
+    cuda.upload(rw, random_weights(rng, M, k).data(), rw.nbytes());
+  };
+  auto body = [&] {
+    cuda.linear(x8, w8, outs[0]);
+    cuda.linear_bf16(xb, wb, outs[1]);
+    cuda.grouped_linear(xg, wg, 2, outs[2]);
+    cuda.expert_ffn(xd, shared, Tensor(), 10.0f, outs[3]);
+    cuda.routed_experts(xd, ids, rw, ex, 0, E, 10.0f, outs[4]);
+    cuda.router(xd, gate, bias, Tensor(), batch.view(true, 0, M), cfg, outs[5], outs[6]);
+  };
+  auto poison_all = [&] {
+    for (const Tensor& t : outs) cudaMemsetAsync(t.data(), 0x7f, t.nbytes(), cuda.stream());
+  };
+  fill_inputs();
+  body();  // eager first: scratch buffers reach their sizes before capture
+  auto graph = cuda.capture(body);
+  for (int round = 0; round < 3; ++round) {
+    if (round > 0) fill_inputs();
+    poison_all();
+    body();
+    std::vector<Tensor> eager;
+    for (const Tensor& t : outs) eager.push_back(to_host(cuda, t));
+    for (int rep = 0; rep < 2; ++rep) {  // replays reuse the split counters: they must be reset
+      poison_all();
+      graph->replay();
+      cuda.synchronize();
+      for (size_t i = 0; i < outs.size(); ++i)
+        expect_bitwise(eager[i], to_host(cuda, outs[i]),
+                       "graph output " + std::to_string(i) + " round " + std::to_string(round) + " replay " +
+                           std::to_string(rep));
+    }
+  }
+}
+
+// ---- synthetic weights --------------------------------------------------------------------
+double differing_fraction(const Tensor& a, const Tensor& b) {
+  size_t diff = 0;
+  for (size_t i = 0; i < a.nbytes(); ++i) diff += a.as<uint8_t>()[i] != b.as<uint8_t>()[i];
+  return a.nbytes() ? double(diff) / double(a.nbytes()) : 0.0;
+}
+
+TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  Rng rng(0x90);
+  const uint64_t seed = draw_seed(rng);
+  auto report = [](const std::string& what, double frac) {
+    std::printf("  %-40s differing bytes %.5f%%\n", what.c_str(), 100.0 * frac);
+    EXPECT_LT(frac, 1e-3) << what;  // device logf / cosf / exp2f may round an ulp differently
+  };
+  for (const DType dt : {DType::kBF16, DType::kF32}) {
+    model::TensorSpec s;
+    s.name = dt == DType::kBF16 ? "syn.normal_bf16" : "syn.normal_f32";
+    s.dtype = dt;
+    s.shape = {1000, 37};
+    s.mean = 0.25f;
+    s.std = 2.0f;
+    Tensor h = Tensor::empty_cpu(dt, {1000, 37});
+    model::fill_normal(s, seed, 0, h.numel(), h.data());
+    Tensor d = cuda.empty(dt, {1000, 37});
+    ops::cuda_synthetic::fill_normal(cuda, d, seed, core::stream_id(s.name), s.mean, s.std);
+    report(s.name, differing_fraction(h, to_host(cuda, d)));
+  }
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{300, 500}, {256, 1024}}) {
+    model::TensorSpec s;
+    s.name = "syn.fp8." + std::to_string(n);
+    s.logical_n = n;
+    s.logical_k = k;
+    s.std = 0.02f;
+    Tensor hw = Tensor::empty_cpu(DType::kF8E4M3, {n, k});
+    Tensor hs = Tensor::empty_cpu(DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
+    model::fill_fp8_rows(s, seed, 0, n, hw.as<uint8_t>(), hs.as<uint8_t>());
+    Tensor dw = cuda.empty(DType::kF8E4M3, {n, k}), ds = cuda.empty(DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
+    ops::cuda_synthetic::fill_fp8_weight(cuda, dw, ds, n, k, seed, core::stream_id(s.name), s.std);
+    report(s.name + " weight", differing_fraction(hw, to_host(cuda, dw)));
+    report(s.name + " scale", differing_fraction(hs, to_host(cuda, ds)));
+  }
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{77, 512}, {256, 2048}}) {
+    model::TensorSpec s;
+    s.name = "syn.fp4." + std::to_string(n);
+    s.logical_n = n;
+    s.logical_k = k;
+    s.std = 0.05f;
+    Tensor hw = Tensor::empty_cpu(DType::kI8, {n, k / 2}), hs = Tensor::empty_cpu(DType::kF8E8M0, {n, k / 32});
+    model::fill_fp4_rows(s, seed, 0, n, hw.as<uint8_t>(), hs.as<uint8_t>());
+    Tensor dw = cuda.empty(DType::kI8, {n, k / 2}), ds = cuda.empty(DType::kF8E8M0, {n, k / 32});
+    ops::cuda_synthetic::fill_fp4_weight(cuda, dw, ds, n, k, seed, core::stream_id(s.name), s.std);
+    report(s.name + " weight", differing_fraction(hw, to_host(cuda, dw)));
+    report(s.name + " scale", differing_fraction(hs, to_host(cuda, ds)));
+  }
+  {
+    model::TensorSpec s;
+    s.name = "syn.tid2eid";
+    s.dtype = DType::kI64;
+    s.shape = {1000, 6};
+    Tensor h = Tensor::empty_cpu(DType::kI64, {1000, 6});
+    model::fill_expert_ids(s, seed, 64, 0, 1000, h.as<int64_t>());
+    Tensor d = cuda.empty(DType::kI64, {1000, 6});
+    ops::cuda_synthetic::fill_expert_ids(cuda, d, seed, core::stream_id(s.name), 64);
+    expect_bitwise(h, to_host(cuda, d), "expert ids (integer math: exact)");
+  }
+}
+
+}  // namespace
+}  // namespace dsv4::testing

@@ -1,0 +1,445 @@
+// CUDA pointwise ops (src/ops/cuda/cuda_pointwise.cu) against the CPU reference
+// on fresh random inputs, outputs poisoned first, shapes from 0 to 257 rows.
+//
+// Tolerances:
+//  * bit for bit where the kernel repeats the reference's arithmetic exactly:
+//    embed, gather_rows, add_broadcast, hc_post, moe_reduce, moe_output, the
+//    FP8 part of kv_rope_quant, and q_norm_rope / kv RoPE (cos/sin of the fp32
+//    angle in double on both sides: a 1-ulp disagreement would need the two
+//    libraries' double results to straddle an fp32 rounding boundary, so we
+//    allow a handful of 1-ulp elements and report them);
+//  * rms_norm, hc_pre, hc_head: the kernels reduce in a fixed tree, not the
+//    reference's 16-lane order, so fp32 sums differ by rounding: bf16 outputs
+//    within 1 ulp, fp32 mHC weights within 2e-5 relative (comb after Sinkhorn 1e-4 absolute).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "op_test_util.h"
+#include "ops/backend.h"
+#include "ops/cpu/primitives.h"
+#include "ops/cuda/cuda_backend.h"
+
+namespace dsv4::ops {
+namespace {
+
+using core::DType;
+using core::Tensor;
+using testing::Rng;
+
+const std::vector<int64_t> kRows = {0, 1, 3, 16, 65, 257};
+
+// ---- helpers -----------------------------------------------------------------------
+
+// Distance in bf16 ulps (monotone integer map of the bits; -0 == +0).
+int64_t bf16_ulps(uint16_t a, uint16_t b) {
+  auto key = [](uint16_t x) -> int32_t { return (x & 0x8000u) ? -int32_t(x & 0x7fffu) : int32_t(x); };
+  return std::abs(int64_t(key(a)) - int64_t(key(b)));
+}
+
+void expect_bits_equal(const Tensor& got, const Tensor& want, const char* what) {
+  ASSERT_EQ(got.nbytes(), want.nbytes()) << what;
+  if (got.nbytes() == 0) return;
+  const auto* g = got.as<uint8_t>();
+  const auto* w = want.as<uint8_t>();
+  size_t first = got.nbytes();
+  int64_t count = 0;
+  for (size_t i = 0; i < got.nbytes(); ++i)
+    if (g[i] != w[i]) {
+      if (first == got.nbytes()) first = i;
+      ++count;
+    }
+  EXPECT_EQ(count, 0) << what << ": " << count << " differing bytes, first at byte " << first;
+}
+
+// bf16 tensors within max_ulps; at most max_off elements may differ at all.
+void expect_bf16_close(const Tensor& got, const Tensor& want, int64_t max_ulps, int64_t max_off, const char* what) {
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  int64_t off = 0, worst = 0, worst_i = -1;
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const int64_t u = bf16_ulps(got.as<uint16_t>()[i], want.as<uint16_t>()[i]);
+    if (u != 0) ++off;
+    if (u > worst) {
+      worst = u;
+      worst_i = i;
+    }
+  }
+  EXPECT_LE(worst, max_ulps) << what << ": element " << worst_i << " got " << testing::bf(got, worst_i) << " want "
+                             << testing::bf(want, worst_i);
+  EXPECT_LE(off, max_off) << what << ": " << off << " of " << got.numel() << " elements differ";
+  if (off > 0) std::fprintf(stderr, "[%s: %lld of %lld bf16 elements differ by <= %lld ulp]\n", what, (long long)off,
+                            (long long)got.numel(), (long long)worst);
+}
+
+void expect_f32_close(const Tensor& got, const Tensor& want, double rel, double abs, const char* what) {
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  for (int64_t i = 0; i < got.numel(); ++i) {
+    const double g = got.as<float>()[i], w = want.as<float>()[i];
+    ASSERT_NEAR(g, w, rel * std::fabs(w) + abs) << what << " element " << i;
+  }
+}
+
+Tensor copy_host(const Tensor& t) {
+  Tensor c = Tensor::empty_cpu(t.dtype(), t.shape(), t.ndim());
+  if (t.nbytes()) std::memcpy(c.data(), t.data(), t.nbytes());
+  return c;
+}
+
+// A batch: sequences of the given lengths at the given start positions, then pad rows.
+struct TestBatch {
+  std::vector<int32_t> token_ids, positions, token_seq, seq_begin, seq_len, seq_start, seq_slot, block_table;
+  int32_t max_blocks = 1;
+  BatchView view() const {
+    BatchView v;
+    v.num_tokens = int32_t(positions.size());
+    v.num_seqs = int32_t(seq_begin.size());
+    v.max_blocks = max_blocks;
+    v.token_ids = token_ids.data();
+    v.positions = positions.data();
+    v.token_seq = token_seq.data();
+    v.seq_begin = seq_begin.data();
+    v.seq_len = seq_len.data();
+    v.seq_start_pos = seq_start.data();
+    v.seq_slot = seq_slot.data();
+    v.block_table = block_table.data();
+    return v;
+  }
+};
+
+// `rows` token rows: sequences of random lengths and starts, the last rows pad rows
+// (position -1) when rows > 2. Token ids random in [0, vocab).
+TestBatch random_batch(int64_t rows, Rng& rng, int64_t vocab = 1000) {
+  TestBatch b;
+  const int64_t pads = rows > 2 ? std::min<int64_t>(3, rows / 4) : 0;
+  int64_t left = rows - pads;
+  int32_t s = 0;
+  while (left > 0) {
+    const int32_t len = int32_t(std::min<int64_t>(left, rng.uniform_int(1, 40)));
+    const int32_t start = int32_t(rng.uniform_int(0, 5000));
+    b.seq_begin.push_back(int32_t(b.positions.size()));
+    b.seq_len.push_back(len);
+    b.seq_start.push_back(start);
+    b.seq_slot.push_back(s);
+    b.block_table.push_back(0);
+    for (int32_t i = 0; i < len; ++i) {
+      b.positions.push_back(start + i);
+      b.token_seq.push_back(s);
+      b.token_ids.push_back(int32_t(rng.uniform_int(0, vocab - 1)));
+    }
+    left -= len;
+    ++s;
+  }
+  for (int64_t i = 0; i < pads; ++i) {
+    b.positions.push_back(-1);
+    b.token_seq.push_back(-1);
+    b.token_ids.push_back(0);
+  }
+  return b;
+}
+
+// Device copies of a batch's arrays and a view of them.
+struct DeviceBatch {
+  std::vector<Tensor> keep;
+  BatchView view;
+};
+
+DeviceBatch upload_batch(Backend& cuda, const TestBatch& b) {
+  DeviceBatch d;
+  auto up = [&](const std::vector<int32_t>& v) -> const int32_t* {
+    Tensor h = Tensor::empty_cpu(DType::kI32, {std::max<int64_t>(int64_t(v.size()), 1)});
+    if (!v.empty()) std::memcpy(h.data(), v.data(), v.size() * 4);
+    d.keep.push_back(testing::to_device(cuda, h));
+    return d.keep.back().as<int32_t>();
+  };
+  d.view = b.view();
+  d.view.token_ids = up(b.token_ids);
+  d.view.positions = up(b.positions);
+  d.view.token_seq = up(b.token_seq);
+  d.view.seq_begin = up(b.seq_begin);
+  d.view.seq_len = up(b.seq_len);
+  d.view.seq_start_pos = up(b.seq_start);
+  d.view.seq_slot = up(b.seq_slot);
+  d.view.block_table = up(b.block_table);
+  return d;
+}
+
+RopeTable host_rope(bool yarn) {
+  RopeTable r{Tensor::empty_cpu(DType::kF32, {32}), 64};
+  auto f = yarn ? rope_inv_freq(64, 160000, true, 16, 65536, 32, 1) : rope_inv_freq(64, 10000, false, 1, 65536, 32, 1);
+  std::copy(f.begin(), f.end(), r.inv_freq.as<float>());
+  return r;
+}
+
+class CudaPointwise : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    DSV4_REQUIRE_CUDA();
+    cuda_ = make_cuda_backend(0);
+    cpu_ = make_cpu_backend(4);
+  }
+  CudaBackend& cuda() { return static_cast<CudaBackend&>(*cuda_); }
+  Backend& cpu() { return *cpu_; }
+  Tensor dev(const Tensor& h) { return testing::to_device(cuda(), h); }
+  Tensor host(const Tensor& d) { return testing::to_host(cuda(), d); }
+  Tensor poisoned(DType t, std::initializer_list<int64_t> shape) { return testing::device_poisoned(cuda(), t, shape); }
+  RopeTable dev_rope(const RopeTable& r) { return RopeTable{dev(r.inv_freq), r.rope_dim}; }
+
+  std::unique_ptr<Backend> cuda_, cpu_;
+};
+
+// ---- embed, gather, add_broadcast ------------------------------------------------
+
+TEST_F(CudaPointwise, EmbedMatchesCpuBitwise) {
+  Rng rng(201);
+  for (int64_t D : {256, 100})
+    for (int64_t rows : kRows) {
+      const int64_t V = 500, hc = 4;
+      Tensor table = rng.bf16({V, D});
+      TestBatch b = random_batch(rows, rng, V);
+      DeviceBatch db = upload_batch(cuda(), b);
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {rows, hc, D});
+      testing::poison(want);
+      cpu().embed(table, b.view(), want);
+      Tensor X = poisoned(DType::kBF16, {rows, hc, D});
+      cuda().embed(dev(table), db.view, X);
+      expect_bits_equal(host(X), want, "embed");
+    }
+}
+
+TEST_F(CudaPointwise, GatherRowsMatchesCpuBitwise) {
+  Rng rng(202);
+  for (int64_t D : {64, 3})  // 512-byte rows (16-byte path) and 24-byte rows (byte path)
+    for (int64_t R : kRows) {
+      const int64_t src_rows = 300;
+      Tensor src = rng.bf16({src_rows, 4, D});
+      Tensor rows = Tensor::empty_cpu(DType::kI32, {R});
+      for (int64_t i = 0; i < R; ++i) rows.as<int32_t>()[i] = int32_t(rng.uniform_int(0, src_rows - 1));
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {R, 4, D});
+      cpu().gather_rows(src, rows, want);
+      Tensor got = poisoned(DType::kBF16, {R, 4, D});
+      cuda().gather_rows(dev(src), dev(rows), got);
+      expect_bits_equal(host(got), want, "gather_rows");
+    }
+}
+
+TEST_F(CudaPointwise, AddBroadcastMatchesCpuBitwise) {
+  Rng rng(203);
+  for (int64_t D : {256, 36})
+    for (int64_t T : kRows) {
+      Tensor e = rng.bf16({T, D}), h = rng.bf16({T, 4, D}, 2.0f);
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {T, 4, D});
+      cpu().add_broadcast(e, h, want);
+      Tensor got = poisoned(DType::kBF16, {T, 4, D});
+      cuda().add_broadcast(dev(e), dev(h), got);
+      expect_bits_equal(host(got), want, "add_broadcast");
+    }
+}
+
+// ---- norms and RoPE ----------------------------------------------------------------
+
+TEST_F(CudaPointwise, RmsNormWithinOneUlpAndInPlaceEqualsOutOfPlace) {
+  Rng rng(204);
+  for (int64_t N : {4096, 1024, 512, 100})
+    for (int64_t T : kRows) {
+      Tensor x = rng.bf16({T, N}, 3.0f), w = rng.bf16({N}, 0.2f);
+      for (int64_t i = 0; i < N; ++i) w.as<uint16_t>()[i] = core::float_to_bf16(1.0f + testing::bf(w, i));
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {T, N});
+      cpu().rms_norm(x, w, 1e-6f, want);
+      Tensor dw = dev(w), dx = dev(x);
+      Tensor got = poisoned(DType::kBF16, {T, N});
+      cuda().rms_norm(dx, dw, 1e-6f, got);
+      const Tensor got_h = host(got);
+      expect_bf16_close(got_h, want, 1, T * N / 100 + 1, "rms_norm");
+      cuda().rms_norm(dx, dw, 1e-6f, dx);  // in place
+      expect_bits_equal(host(dx), got_h, "rms_norm in place");
+    }
+}
+
+TEST_F(CudaPointwise, QNormRopeMatchesCpu) {
+  Rng rng(205);
+  struct Shape {
+    int64_t H, Dh;
+  };
+  for (Shape sh : {Shape{64, 512}, Shape{4, 128}, Shape{3, 70}})
+    for (int64_t T : kRows) {
+      const RopeTable rope = host_rope(true);
+      TestBatch b = random_batch(T, rng);
+      DeviceBatch db = upload_batch(cuda(), b);
+      Tensor q = rng.bf16({T, sh.H, sh.Dh}, 2.0f);
+      Tensor want = copy_host(q);
+      cpu().q_norm_rope(want, b.view(), rope, 1e-6f);
+      Tensor dq = dev(q);
+      cuda().q_norm_rope(dq, db.view, dev_rope(rope), 1e-6f);
+      expect_bf16_close(host(dq), want, 1, 4, "q_norm_rope");
+    }
+}
+
+TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
+  Rng rng(206);
+  for (int64_t Dh : {512, 128})
+    for (int64_t T : kRows) {
+      const RopeTable rope = host_rope(Dh == 512);
+      TestBatch b = random_batch(T, rng);
+      DeviceBatch db = upload_batch(cuda(), b);
+      Tensor kv = rng.bf16({T, Dh}, 1.5f);
+      // Some blocks tiny (the 1e-4 amax floor) and some large.
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < 64; ++i) {
+          kv.as<uint16_t>()[t * Dh + i] = core::float_to_bf16(testing::bf(kv, t * Dh + i) * 1e-6f);
+          if (Dh > 128) kv.as<uint16_t>()[t * Dh + 64 + i] = core::float_to_bf16(testing::bf(kv, t * Dh + 64 + i) * 3e4f);
+        }
+      Tensor want = copy_host(kv);
+      cpu().kv_rope_quant(want, b.view(), rope);
+      Tensor dkv = dev(kv);
+      cuda().kv_rope_quant(dkv, db.view, dev_rope(rope));
+      expect_bf16_close(host(dkv), want, 1, 4, "kv_rope_quant");
+    }
+}
+
+// ---- mHC -----------------------------------------------------------------------------
+
+struct HcCase {
+  int64_t hc, D, iters;
+};
+
+HcWeights random_hc_weights(Rng& rng, int64_t hc, int64_t D, bool head) {
+  const int64_t mix = head ? hc : (2 + hc) * hc;
+  return HcWeights{rng.f32({mix, hc * D}, 1.0f / std::sqrt(float(hc * D))), rng.f32({mix}, 0.5f),
+                   rng.f32({head ? 1 : 3}, 0.1f, 1.0f)};
+}
+
+TEST_F(CudaPointwise, HcPreMatchesCpu) {
+  Rng rng(207);
+  for (HcCase c : {HcCase{4, 4096, 20}, HcCase{4, 256, 20}, HcCase{4, 256, 1}, HcCase{2, 64, 20}})
+    for (int64_t T : {0, 1, 3, 16, 65, 257, 600}) {  // 600: two launches of the 512-row partial buffer
+      if (c.D == 4096 && T > 257) continue;
+      HcConfig cfg;
+      cfg.hc_mult = c.hc;
+      cfg.sinkhorn_iters = c.iters;
+      const HcWeights w = random_hc_weights(rng, c.hc, c.D, false);
+      const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)};
+      Tensor X = rng.bf16({T, c.hc, c.D}, 3.0f);
+      Tensor x = Tensor::empty_cpu(DType::kBF16, {T, c.D}), post = Tensor::empty_cpu(DType::kF32, {T, c.hc}),
+             comb = Tensor::empty_cpu(DType::kF32, {T, c.hc, c.hc});
+      cpu().hc_pre(X, w, cfg, x, post, comb);
+      Tensor gx = poisoned(DType::kBF16, {T, c.D}), gpost = poisoned(DType::kF32, {T, c.hc}),
+             gcomb = poisoned(DType::kF32, {T, c.hc, c.hc});
+      cuda().hc_pre(dev(X), dw, cfg, gx, gpost, gcomb);
+      expect_bf16_close(host(gx), x, 1, T * c.D / 50 + 1, "hc_pre x");
+      expect_f32_close(host(gpost), post, 2e-5, 1e-6, "hc_pre post");
+      expect_f32_close(host(gcomb), comb, 1e-4, 1e-4, "hc_pre comb");
+    }
+}
+
+TEST_F(CudaPointwise, HcHeadMatchesCpu) {
+  Rng rng(208);
+  for (HcCase c : {HcCase{4, 4096, 0}, HcCase{4, 256, 0}})
+    for (int64_t T : kRows) {
+      HcConfig cfg;
+      cfg.hc_mult = c.hc;
+      const HcWeights w = random_hc_weights(rng, c.hc, c.D, true);
+      Tensor X = rng.bf16({T, c.hc, c.D}, 3.0f);
+      Tensor y = Tensor::empty_cpu(DType::kBF16, {T, c.D});
+      cpu().hc_head(X, w, cfg, y);
+      Tensor gy = poisoned(DType::kBF16, {T, c.D});
+      cuda().hc_head(dev(X), HcWeights{dev(w.fn), dev(w.base), dev(w.scale)}, cfg, gy);
+      expect_bf16_close(host(gy), y, 1, T * c.D / 50 + 1, "hc_head");
+    }
+}
+
+TEST_F(CudaPointwise, HcPostMatchesCpuBitwise) {
+  Rng rng(209);
+  for (int64_t D : {4096, 40})
+    for (int64_t T : kRows) {
+      const int64_t hc = 4;
+      Tensor f = rng.bf16({T, D}), R = rng.bf16({T, hc, D}, 2.0f), post = rng.f32({T, hc}, 0.5f, 1.0f),
+             comb = rng.f32({T, hc, hc}, 0.3f, 0.25f);
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {T, hc, D});
+      cpu().hc_post(f, R, post, comb, want);
+      Tensor got = poisoned(DType::kBF16, {T, hc, D});
+      cuda().hc_post(dev(f), dev(R), dev(post), dev(comb), got);
+      expect_bits_equal(host(got), want, "hc_post");
+    }
+}
+
+// ---- MoE combine -----------------------------------------------------------------------
+
+TEST_F(CudaPointwise, MoeReduceAddsInAscendingExpertOrderBitwise) {
+  Rng rng(210);
+  for (int64_t k : {6, 8})
+    for (int64_t T : kRows) {
+      const int64_t D = 256;
+      Tensor slots = rng.bf16({T, k, D}, 4.0f), ids = Tensor::empty_cpu(DType::kI32, {T, k});
+      for (int64_t i = 0; i < T * k; ++i) {
+        const int64_t r = rng.uniform_int(0, 9);
+        ids.as<int32_t>()[i] = r == 0 ? -1 : int32_t(rng.uniform_int(0, 255));  // some skipped slots
+      }
+      if (T > 0) {  // equal ids keep slot order; large cancelling values expose any other order
+        ids.as<int32_t>()[0] = 7;
+        ids.as<int32_t>()[1] = 7;
+        slots.as<uint16_t>()[0] = core::float_to_bf16(16777216.0f);
+        slots.as<uint16_t>()[D] = core::float_to_bf16(-16777216.0f);
+      }
+      Tensor want = Tensor::empty_cpu(DType::kF32, {T, D});
+      cpu().moe_reduce(slots, ids, want);
+      Tensor got = poisoned(DType::kF32, {T, D});
+      cuda().moe_reduce(dev(slots), dev(ids), got);
+      expect_bits_equal(host(got), want, "moe_reduce");
+    }
+}
+
+TEST_F(CudaPointwise, MoeOutputMatchesCpuBitwise) {
+  Rng rng(211);
+  for (int64_t D : {4096, 20})
+    for (int64_t T : kRows) {
+      Tensor routed = rng.f32({T, D}, 2.0f), shared = rng.bf16({T, D});
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {T, D});
+      cpu().moe_output(routed, shared, want);
+      Tensor got = poisoned(DType::kBF16, {T, D});
+      cuda().moe_output(dev(routed), dev(shared), got);
+      expect_bits_equal(host(got), want, "moe_output");
+    }
+}
+
+// ---- batch independence ------------------------------------------------------------------
+
+// A row's outputs are bit-identical alone and inside a batch of 257 (fixed
+// reduction splits, no dependence on T or the row's index).
+TEST_F(CudaPointwise, RowResultsDoNotDependOnTheBatch) {
+  Rng rng(212);
+  const int64_t T = 257, D = 4096, hc = 4, pick = 130;
+  HcConfig cfg;
+  const HcWeights w = random_hc_weights(rng, hc, D, false);
+  const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)};
+  Tensor X = rng.bf16({T, hc, D}, 3.0f), norm_w = rng.bf16({D});
+  Tensor dX = dev(X), dnorm = dev(norm_w);
+  Tensor x = poisoned(DType::kBF16, {T, D}), post = poisoned(DType::kF32, {T, hc}),
+         comb = poisoned(DType::kF32, {T, hc, hc}), xn = poisoned(DType::kBF16, {T, D});
+  cuda().hc_pre(dX, dw, cfg, x, post, comb);
+  cuda().rms_norm(x, dnorm, 1e-6f, xn);
+  Tensor x1 = poisoned(DType::kBF16, {1, D}), post1 = poisoned(DType::kF32, {1, hc}),
+         comb1 = poisoned(DType::kF32, {1, hc, hc}), xn1 = poisoned(DType::kBF16, {1, D});
+  cuda().hc_pre(dX.rows(pick, 1), dw, cfg, x1, post1, comb1);
+  cuda().rms_norm(x1, dnorm, 1e-6f, xn1);
+  expect_bits_equal(host(x1), copy_host(host(x).rows(pick, 1)), "hc_pre x alone vs batch");
+  expect_bits_equal(host(post1), copy_host(host(post).rows(pick, 1)), "hc_pre post alone vs batch");
+  expect_bits_equal(host(comb1), copy_host(host(comb).rows(pick, 1)), "hc_pre comb alone vs batch");
+  expect_bits_equal(host(xn1), copy_host(host(xn).rows(pick, 1)), "rms_norm alone vs batch");
+}
+
+TEST_F(CudaPointwise, EveryOpAcceptsZeroRows) {
+  const Tensor e = cuda().empty(DType::kBF16, {0, 64});
+  const Tensor w = cuda().empty(DType::kBF16, {64});
+  EXPECT_NO_THROW(cuda().rms_norm(e, w, 1e-6f, e));
+  EXPECT_NO_THROW(cuda().moe_output(cuda().empty(DType::kF32, {0, 64}), e, e));
+  cuda().synchronize();
+}
+
+}  // namespace
+}  // namespace dsv4::ops
