@@ -1,0 +1,651 @@
+#include "serve/openai_api.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <random>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+#include "serve/chat_template.h"
+
+namespace dsv4::serve {
+
+using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;  // responses keep OpenAI's key order
+
+std::string dump_json(const nlohmann::json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+namespace {
+
+std::string dump_ordered(const ojson& j) { return j.dump(-1, ' ', false, ojson::error_handler_t::replace); }
+
+uint64_t random_u64() {
+  thread_local std::mt19937_64 rng([] {
+    std::random_device rd;
+    return (uint64_t(rd()) << 32) ^ rd() ^ std::hash<std::thread::id>{}(std::this_thread::get_id()) ^
+           uint64_t(std::chrono::steady_clock::now().time_since_epoch().count());
+  }());
+  return rng();
+}
+
+// A value as the client sent it, shortened for messages.
+std::string show(const json& v) {
+  std::string s = dump_json(v);
+  if (s.size() > 96) {
+    size_t cut = 93;
+    while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;  // not inside a UTF-8 sequence
+    s = s.substr(0, cut) + "...";
+  }
+  return s;
+}
+
+[[noreturn]] void bad(const std::string& field, const std::string& expected, const json& got) {
+  throw ApiError(400, fmt::format("{} must be {}, got {}", field, expected, show(got)), field);
+}
+
+[[noreturn]] void missing(const std::string& field, const std::string& expected) {
+  throw ApiError(400, fmt::format("{} is required: {}", field, expected), field);
+}
+
+// The field, or null when absent or JSON null (OpenAI clients send null for "default").
+const json* find(const json& obj, const char* name) {
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return nullptr;
+  return &*it;
+}
+
+bool integral(const json& v) {
+  if (v.is_number_integer()) return true;
+  if (!v.is_number_float()) return false;
+  const double d = v.get<double>();
+  return std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15;
+}
+
+// Integer value of an integral JSON number, saturated to int64.
+int64_t to_int64(const json& v) {
+  if (v.is_number_unsigned()) return int64_t(std::min<uint64_t>(v.get<uint64_t>(), uint64_t(INT64_MAX)));
+  if (v.is_number_integer()) return v.get<int64_t>();
+  return int64_t(v.get<double>());
+}
+
+bool get_bool(const json& body, const char* name, bool fallback) {
+  const json* v = find(body, name);
+  if (!v) return fallback;
+  if (!v->is_boolean()) bad(name, "true or false", *v);
+  return v->get<bool>();
+}
+
+std::optional<int64_t> get_int(const json& body, const char* name, int64_t lo, int64_t hi, const std::string& expected) {
+  const json* v = find(body, name);
+  if (!v) return std::nullopt;
+  if (!integral(*v)) bad(name, expected, *v);
+  const int64_t x = to_int64(*v);
+  if (x < lo || x > hi) bad(name, expected, *v);
+  return x;
+}
+
+double get_number(const json& body, const char* name, double fallback, double lo, double hi, bool lo_open,
+                  const std::string& expected) {
+  const json* v = find(body, name);
+  if (!v) return fallback;
+  if (!v->is_number()) bad(name, expected, *v);
+  const double x = v->get<double>();
+  if (!std::isfinite(x) || x > hi || x < lo || (lo_open && x == lo)) bad(name, expected, *v);
+  return x;
+}
+
+std::string number_text(double v) {
+  if (v == std::floor(v)) return fmt::format("{}", int64_t(v));
+  return fmt::format("{}", v);
+}
+
+// Fields this server cannot honour are refused rather than silently ignored,
+// unless they carry their neutral value.
+void reject_unsupported(const json& body) {
+  auto neutral_number = [&](const char* name, double neutral) {
+    const json* v = find(body, name);
+    if (!v) return;
+    if (!v->is_number()) bad(name, "a number", *v);
+    if (v->get<double>() != neutral)
+      throw ApiError(400, fmt::format("{} is not supported by this server; leave it out or send {}", name,
+                                      number_text(neutral)),
+                     name);
+  };
+  auto only_one = [&](const char* name) {
+    const json* v = find(body, name);
+    if (!v) return;
+    if (!integral(*v) || to_int64(*v) != 1)
+      bad(name, "1 (this server generates one choice per request)", *v);
+  };
+  only_one("n");
+  only_one("best_of");
+  neutral_number("presence_penalty", 0);
+  neutral_number("frequency_penalty", 0);
+  neutral_number("repetition_penalty", 1);
+  neutral_number("min_p", 0);
+  neutral_number("min_tokens", 0);
+  if (const json* v = find(body, "echo"); v && !(v->is_boolean() && !v->get<bool>()))
+    throw ApiError(400, fmt::format("echo is not supported by this server; leave it out or send false, got {}", show(*v)),
+                   "echo");
+  if (const json* v = find(body, "use_beam_search"); v && !(v->is_boolean() && !v->get<bool>()))
+    throw ApiError(400, "use_beam_search is not supported by this server", "use_beam_search");
+  if (const json* v = find(body, "logprobs"); v && !(v->is_boolean() && !v->get<bool>()))
+    throw ApiError(400, fmt::format("logprobs is not supported by this server yet, got {}", show(*v)), "logprobs");
+  if (const json* v = find(body, "top_logprobs"); v && !(integral(*v) && to_int64(*v) == 0))
+    throw ApiError(400, fmt::format("top_logprobs is not supported by this server yet, got {}", show(*v)),
+                   "top_logprobs");
+  if (const json* v = find(body, "logit_bias"); v && !(v->is_object() && v->empty()))
+    throw ApiError(400, "logit_bias is not supported by this server", "logit_bias");
+  if (const json* v = find(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty()))
+    throw ApiError(400, "suffix is not supported by this server", "suffix");
+  if (const json* v = find(body, "tools"); v && !(v->is_array() && v->empty()))
+    throw ApiError(400, "tools (function calling) are not supported by this server yet", "tools");
+  if (const json* v = find(body, "response_format"); v) {
+    const json* type = v->is_object() ? find(*v, "type") : nullptr;
+    if (!type || *type != "text")
+      throw ApiError(400,
+                     fmt::format("response_format must be {{\"type\": \"text\"}} (structured output is not supported), got {}",
+                                 show(*v)),
+                     "response_format");
+  }
+}
+
+void check_model(const json& body, const ModelInfo& model) {
+  const json* v = find(body, "model");
+  if (!v) return;  // the one served model
+  if (!v->is_string()) bad("model", fmt::format("a string naming the served model (\"{}\")", model.name), *v);
+  if (v->get<std::string>() != model.name)
+    throw ApiError(404, fmt::format("The model `{}` does not exist; this server serves `{}`", v->get<std::string>(),
+                                    model.name),
+                   "model", "model_not_found");
+}
+
+std::vector<int32_t> token_ids(const json& arr, const std::string& field, int64_t vocab) {
+  std::vector<int32_t> ids;
+  ids.reserve(arr.size());
+  for (size_t i = 0; i < arr.size(); ++i) {
+    const json& t = arr[i];
+    if (!integral(t) || to_int64(t) < 0 || to_int64(t) >= vocab)
+      bad(fmt::format("{}[{}]", field, i), fmt::format("a token id in [0, {})", vocab), t);
+    ids.push_back(int32_t(to_int64(t)));
+  }
+  return ids;
+}
+
+std::vector<int32_t> encode_prompt_text(const std::string& text, const ModelInfo& model) {
+  if (!model.tokenizer)
+    throw ApiError(400,
+                   "prompt is text, but this server runs without a tokenizer (start it with --tokenizer DIR); send "
+                   "the prompt as an array of token ids",
+                   "prompt");
+  // Completions get the BOS the DeepSeek tokenizer config adds (add_bos_token), as HF does.
+  std::vector<int32_t> ids = model.tokenizer->encode(text, /*allow_special=*/true);
+  if (ids.empty() || ids.front() != model.tokenizer->bos_id()) ids.insert(ids.begin(), model.tokenizer->bos_id());
+  return ids;
+}
+
+std::vector<int32_t> parse_prompt(const json& body, const ModelInfo& model) {
+  const char* expected = "a string or an array of token ids";
+  auto it = body.find("prompt");
+  if (it == body.end() || it->is_null()) missing("prompt", expected);
+  const json* p = &*it;
+  std::string field = "prompt";
+  // A batch of one is accepted; longer batches are not (n = 1, one choice per request).
+  if (p->is_array() && p->size() == 1 && ((*p)[0].is_string() || (*p)[0].is_array())) {
+    p = &(*p)[0];
+    field = "prompt[0]";
+  } else if (p->is_array() && !p->empty() && ((*p)[0].is_string() || (*p)[0].is_array())) {
+    throw ApiError(400,
+                   fmt::format("prompt must be one prompt ({}); batches of {} prompts are not supported, send one "
+                               "request per prompt",
+                               expected, p->size()),
+                   "prompt");
+  }
+  std::vector<int32_t> ids;
+  if (p->is_string()) {
+    if (p->get<std::string>().empty()) bad(field, "a non-empty string or array of token ids", *p);
+    ids = encode_prompt_text(p->get<std::string>(), model);
+  } else if (p->is_array()) {
+    if (p->empty()) bad(field, "a non-empty string or array of token ids", *p);
+    ids = token_ids(*p, field, model.vocab_size);
+  } else {
+    bad(field, expected, *p);
+  }
+  return ids;
+}
+
+std::vector<ChatMessage> parse_messages(const json& body) {
+  const char* expected = "a non-empty array of {\"role\", \"content\"} objects";
+  auto it = body.find("messages");
+  if (it == body.end() || it->is_null()) missing("messages", expected);
+  if (!it->is_array() || it->empty()) bad("messages", expected, *it);
+  std::vector<ChatMessage> messages;
+  for (size_t i = 0; i < it->size(); ++i) {
+    const json& m = (*it)[i];
+    const std::string field = fmt::format("messages[{}]", i);
+    if (!m.is_object()) bad(field, "an object with \"role\" and \"content\"", m);
+    auto role = m.find("role");
+    if (role == m.end() || role->is_null()) missing(field + ".role", "one of system, user, assistant");
+    if (!role->is_string() || (*role != "system" && *role != "user" && *role != "assistant"))
+      bad(field + ".role", "one of system, user, assistant", *role);
+    ChatMessage msg;
+    msg.role = role->get<std::string>();
+    auto content = m.find("content");
+    const std::string cfield = field + ".content";
+    if (content == m.end() || content->is_null()) {
+      if (msg.role != "assistant") missing(cfield, "a string or an array of text parts");
+    } else if (content->is_string()) {
+      msg.content = content->get<std::string>();
+    } else if (content->is_array()) {
+      for (size_t j = 0; j < content->size(); ++j) {
+        const json& part = (*content)[j];
+        const std::string pfield = fmt::format("{}[{}]", cfield, j);
+        if (!part.is_object()) bad(pfield, "a {\"type\": \"text\", \"text\": ...} object", part);
+        auto type = part.find("type");
+        if (type == part.end() || *type != "text")
+          bad(pfield + ".type", "\"text\" (this server takes text only)", type == part.end() ? json(nullptr) : *type);
+        auto text = part.find("text");
+        if (text == part.end() || !text->is_string())
+          bad(pfield + ".text", "a string", text == part.end() ? json(nullptr) : *text);
+        if (j) msg.content += "\n";
+        msg.content += text->get<std::string>();
+      }
+    } else {
+      bad(cfield, "a string or an array of text parts", *content);
+    }
+    messages.push_back(std::move(msg));
+  }
+  return messages;
+}
+
+// Sampling, stops and stream options shared by both endpoints.
+void parse_common(const json& body, const ModelInfo& model, ApiRequest& r) {
+  engine::SamplingParams& s = r.params.sampling;
+  s.temperature = float(get_number(body, "temperature", 1.0, 0.0, 2.0, false, "a number in [0, 2]"));
+  s.top_p = float(get_number(body, "top_p", 1.0, 0.0, 1.0, true, "a number in (0, 1]"));
+  if (auto k = get_int(body, "top_k", -1, INT32_MAX, "an integer >= -1 (-1 or 0: no limit)")) s.top_k = int32_t(std::max<int64_t>(*k, 0));
+  if (const json* v = find(body, "seed")) {
+    if (!integral(*v)) bad("seed", "an integer", *v);
+    s.seed = v->is_number_unsigned() ? v->get<uint64_t>() : uint64_t(to_int64(*v));
+  } else {
+    s.seed = random_u64();
+  }
+
+  if (const json* v = find(body, "stop")) {
+    if (v->is_string()) {
+      if (v->get<std::string>().empty()) bad("stop", "a non-empty string or an array of non-empty strings", *v);
+      r.stop.push_back(v->get<std::string>());
+    } else if (v->is_array()) {
+      for (size_t i = 0; i < v->size(); ++i) {
+        const json& x = (*v)[i];
+        if (!x.is_string() || x.get<std::string>().empty()) bad(fmt::format("stop[{}]", i), "a non-empty string", x);
+        r.stop.push_back(x.get<std::string>());
+      }
+    } else {
+      bad("stop", "a string or an array of strings", *v);
+    }
+    if (!r.stop.empty() && !model.tokenizer)
+      throw ApiError(400, "stop strings need a tokenizer, and this server runs without one; use stop_token_ids",
+                     "stop");
+  }
+  if (const json* v = find(body, "stop_token_ids")) {
+    if (!v->is_array()) bad("stop_token_ids", "an array of token ids", *v);
+    r.params.stop_token_ids = token_ids(*v, "stop_token_ids", model.vocab_size);
+  }
+
+  r.stream = get_bool(body, "stream", false);
+  if (const json* v = find(body, "stream_options")) {
+    if (!v->is_object()) bad("stream_options", "an object such as {\"include_usage\": true}", *v);
+    if (!r.stream) throw ApiError(400, "stream_options is only allowed with \"stream\": true", "stream_options");
+    if (const json* u = find(*v, "include_usage")) {
+      if (!u->is_boolean()) bad("stream_options.include_usage", "true or false", *u);
+      r.include_usage = u->get<bool>();
+    }
+  }
+  r.params.ignore_eos = get_bool(body, "ignore_eos", false);
+  r.skip_special_tokens = get_bool(body, "skip_special_tokens", true);
+  r.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", false);
+  r.return_token_ids = get_bool(body, "return_token_ids", false);
+  reject_unsupported(body);
+}
+
+// max_tokens against the context: prompt + max_tokens <= max_model_len.
+void fit_length(ApiRequest& r, const ModelInfo& model, std::optional<int64_t> requested, int64_t fallback,
+                const char* prompt_field, const char* max_field) {
+  const int64_t prompt = int64_t(r.params.prompt.size());
+  const int64_t limit = model.max_model_len;
+  if (prompt >= limit)
+    throw ApiError(400,
+                   fmt::format("This model's maximum context length is {} tokens, but the {} has {} tokens, which "
+                               "leaves no room for the completion. Please shorten the {}.",
+                               limit, prompt_field, prompt, prompt_field),
+                   prompt_field);
+  int64_t max_tokens = requested ? *requested : std::min(fallback, limit - prompt);
+  if (prompt + max_tokens > limit)
+    throw ApiError(400,
+                   fmt::format("This model's maximum context length is {} tokens. However, you requested {} tokens "
+                               "({} in the {}, {} in the completion). Please reduce the length of the {} or {}.",
+                               limit, prompt + max_tokens, prompt, prompt_field, max_tokens, prompt_field, max_field),
+                   max_field);
+  r.params.max_tokens = int32_t(max_tokens);
+}
+
+}  // namespace
+
+std::string ApiError::body() const { return error_body(status_, what(), param_, code_); }
+
+std::string error_body(int status, const std::string& message, const std::string& param, const std::string& code) {
+  ojson e;
+  e["message"] = message;
+  e["type"] = status >= 500 ? "server_error" : "invalid_request_error";
+  e["param"] = param.empty() ? ojson(nullptr) : ojson(param);
+  e["code"] = code.empty() ? ojson(nullptr) : ojson(code);
+  ojson body;
+  body["error"] = e;
+  return dump_ordered(body);
+}
+
+nlohmann::json parse_json_body(std::string_view body) {
+  if (body.find_first_not_of(" \t\r\n") == std::string_view::npos)
+    throw ApiError(400, "the request body is empty; expected a JSON object");
+  json j;
+  try {
+    j = json::parse(body);
+  } catch (const json::parse_error& e) {
+    std::string what = e.what();
+    if (auto p = what.find("] "); what.rfind("[json.exception", 0) == 0 && p != std::string::npos)
+      what = what.substr(p + 2);
+    throw ApiError(400, fmt::format("the request body is not valid JSON: {}", what));
+  }
+  if (!j.is_object()) throw ApiError(400, fmt::format("the request body must be a JSON object, got {}", show(j)));
+  return j;
+}
+
+ApiRequest parse_completion_request(const nlohmann::json& body, const ModelInfo& model) {
+  ApiRequest r;
+  r.kind = ApiKind::kCompletion;
+  check_model(body, model);
+  r.params.prompt = parse_prompt(body, model);
+  const auto max_tokens = get_int(body, "max_tokens", 1, INT32_MAX, "an integer >= 1");
+  parse_common(body, model, r);
+  fit_length(r, model, max_tokens, 16, "prompt", "max_tokens");
+  return r;
+}
+
+ApiRequest parse_chat_request(const nlohmann::json& body, const ModelInfo& model) {
+  ApiRequest r;
+  r.kind = ApiKind::kChat;
+  check_model(body, model);
+  std::vector<ChatMessage> messages = parse_messages(body);
+  const bool add_generation_prompt = get_bool(body, "add_generation_prompt", true);
+  auto max_tokens = get_int(body, "max_completion_tokens", 1, INT32_MAX, "an integer >= 1");
+  const char* max_field = "max_completion_tokens";
+  if (auto legacy = get_int(body, "max_tokens", 1, INT32_MAX, "an integer >= 1"); legacy && !max_tokens) {
+    max_tokens = legacy;
+    max_field = "max_tokens";
+  }
+  parse_common(body, model, r);
+  if (!model.tokenizer)
+    throw ApiError(400,
+                   "chat completions need a tokenizer, and this server runs without one (start it with --tokenizer "
+                   "DIR); use /v1/completions with token ids",
+                   "messages");
+  std::string text;
+  try {
+    text = apply_chat_template(messages, add_generation_prompt);
+  } catch (const core::Error& e) {
+    throw ApiError(400, fmt::format("messages: {}", e.what()), "messages");
+  }
+  r.params.prompt = model.tokenizer->encode(text, /*allow_special=*/true);
+  fit_length(r, model, max_tokens, INT32_MAX, "messages", max_field);
+  return r;
+}
+
+// --- TextOutput ---
+
+TextOutput::TextOutput(const Tokenizer* tokenizer, std::vector<std::string> stop, bool include_stop,
+                       bool skip_special)
+    : stop_(std::move(stop)), include_stop_(include_stop) {
+  if (tokenizer) detok_.emplace(*tokenizer, skip_special);
+}
+
+std::string TextOutput::push(int32_t token) {
+  if (stopped_ || !detok_) return {};
+  held_ += detok_->push(token);
+  return release(false);
+}
+
+std::string TextOutput::finish() {
+  if (stopped_ || !detok_) return {};
+  held_ += detok_->flush();
+  return release(true);
+}
+
+std::string TextOutput::release(bool final) {
+  size_t best = std::string::npos, best_len = 0;
+  for (const std::string& s : stop_) {
+    const size_t pos = held_.find(s);
+    if (pos < best) {
+      best = pos;
+      best_len = s.size();
+    }
+  }
+  if (best != std::string::npos) {
+    stopped_ = true;
+    std::string out = held_.substr(0, best + (include_stop_ ? best_len : 0));
+    held_.clear();
+    return out;
+  }
+  if (final) return std::exchange(held_, {});
+  // Keep the longest suffix that is a proper prefix of some stop string: any
+  // match still to come starts there (a longer one would already be complete).
+  size_t keep = 0;
+  for (const std::string& s : stop_)
+    for (size_t k = std::min(s.size() - 1, held_.size()); k > keep; --k)
+      if (held_.compare(held_.size() - k, k, s, 0, k) == 0) {
+        keep = k;
+        break;
+      }
+  std::string out = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return out;
+}
+
+// --- responses ---
+
+std::string make_response_id(ApiKind kind) {
+  return fmt::format("{}-{:016x}{:016x}", kind == ApiKind::kChat ? "chatcmpl" : "cmpl", random_u64(), random_u64());
+}
+
+ResponseBuilder::ResponseBuilder(const ApiRequest& request, const ModelInfo& model, std::string id, int64_t created)
+    : kind_(request.kind),
+      id_(std::move(id)),
+      model_(model.name),
+      created_(created),
+      prompt_(request.params.prompt),
+      stop_token_ids_(request.params.stop_token_ids),
+      eos_(model.eos_token_id),
+      ignore_eos_(request.params.ignore_eos),
+      include_stop_(request.include_stop_str_in_output),
+      include_usage_(request.stream && request.include_usage),
+      return_token_ids_(request.return_token_ids),
+      text_out_(model.tokenizer, request.stop, request.include_stop_str_in_output, request.skip_special_tokens) {}
+
+ResponseBuilder::Delta ResponseBuilder::apply(const engine::TokenEvent& e) {
+  Delta d;
+  if (done_) return d;
+  if (e.token >= 0) {
+    ++completion_tokens_;
+    d.ids.push_back(e.token);
+    // The token that stopped generation (EOS, stop_token_ids) is not part of the text.
+    const bool stop_token =
+        e.finished && e.reason == engine::FinishReason::kStop &&
+        ((!ignore_eos_ && e.token == eos_) ||
+         std::find(stop_token_ids_.begin(), stop_token_ids_.end(), e.token) != stop_token_ids_.end());
+    if (!stop_token || include_stop_) d.text = text_out_.push(e.token);
+    if (text_out_.stopped()) {
+      done_ = d.last = true;
+      finish_reason_ = "stop";
+      needs_cancel_ = !e.finished;
+      return d;
+    }
+  }
+  if (e.finished) {
+    d.text += text_out_.finish();
+    done_ = d.last = true;
+    switch (e.reason) {
+      case engine::FinishReason::kLength: finish_reason_ = "length"; break;
+      case engine::FinishReason::kStop: finish_reason_ = "stop"; break;
+      case engine::FinishReason::kCancelled:
+        error_ = "the request was cancelled before it finished (the server is shutting down)";
+        error_status_ = 503;
+        break;
+      default:
+        error_ = e.error.empty() ? "generation failed" : e.error;
+        error_status_ = 500;
+        break;
+    }
+    if (error_.empty() && text_out_.stopped()) finish_reason_ = "stop";
+  }
+  return d;
+}
+
+namespace {
+
+ojson usage_json(int32_t prompt, int32_t completion) {
+  ojson u;
+  u["prompt_tokens"] = prompt;
+  u["completion_tokens"] = completion;
+  u["total_tokens"] = prompt + completion;
+  return u;
+}
+
+ojson head(const std::string& id, const char* object, int64_t created, const std::string& model) {
+  ojson c;
+  c["id"] = id;
+  c["object"] = object;
+  c["created"] = created;
+  c["model"] = model;
+  return c;
+}
+
+std::string sse_ordered(const ojson& data) { return "data: " + dump_ordered(data) + "\n\n"; }
+
+}  // namespace
+
+std::string ResponseBuilder::stream_start() {
+  if (kind_ != ApiKind::kChat) return {};
+  ojson c = head(id_, "chat.completion.chunk", created_, model_);
+  ojson choice;
+  choice["index"] = 0;
+  choice["delta"] = {{"role", "assistant"}, {"content", ""}};
+  choice["logprobs"] = nullptr;
+  choice["finish_reason"] = nullptr;
+  c["choices"] = ojson::array({choice});
+  if (include_usage_) c["usage"] = nullptr;
+  return sse_ordered(c);
+}
+
+std::string ResponseBuilder::stream_event(const engine::TokenEvent& event) {
+  if (done_) return {};
+  const Delta d = apply(event);
+  if (!error_.empty()) {
+    return "data: " + error_body(error_status_, error_) + "\n\n" + "data: [DONE]\n\n";
+  }
+  const bool chat = kind_ == ApiKind::kChat;
+  ojson c = head(id_, chat ? "chat.completion.chunk" : "text_completion", created_, model_);
+  ojson choice;
+  choice["index"] = 0;
+  if (chat) {
+    ojson delta = ojson::object();
+    if (!d.text.empty() || !d.last) delta["content"] = d.text;
+    choice["delta"] = delta;
+  } else {
+    choice["text"] = d.text;
+  }
+  choice["logprobs"] = nullptr;
+  choice["finish_reason"] = d.last ? ojson(finish_reason_) : ojson(nullptr);
+  if (return_token_ids_) choice["token_ids"] = d.ids;
+  c["choices"] = ojson::array({choice});
+  if (include_usage_) c["usage"] = nullptr;
+  std::string out = sse_ordered(c);
+  if (d.last) {
+    if (include_usage_) {
+      ojson u = head(id_, chat ? "chat.completion.chunk" : "text_completion", created_, model_);
+      u["choices"] = ojson::array();
+      u["usage"] = usage_json(prompt_tokens(), completion_tokens_);
+      out += sse_ordered(u);
+    }
+    out += "data: [DONE]\n\n";
+  }
+  return out;
+}
+
+std::string ResponseBuilder::stream_abort(const std::string& message) {
+  if (done_) return {};
+  done_ = true;
+  error_ = message;
+  error_status_ = 503;
+  return "data: " + error_body(error_status_, error_) + "\n\n" + "data: [DONE]\n\n";
+}
+
+void ResponseBuilder::add_event(const engine::TokenEvent& event) {
+  if (done_) return;
+  Delta d = apply(event);
+  text_ += d.text;
+  output_ids_.insert(output_ids_.end(), d.ids.begin(), d.ids.end());
+}
+
+int ResponseBuilder::final_status() const {
+  if (!error_.empty()) return error_status_;
+  return done_ ? 200 : 500;
+}
+
+std::string ResponseBuilder::final_body() const {
+  if (!error_.empty()) return error_body(error_status_, error_);
+  if (!done_) return error_body(500, "the request ended without a result");
+  const bool chat = kind_ == ApiKind::kChat;
+  ojson r = head(id_, chat ? "chat.completion" : "text_completion", created_, model_);
+  ojson choice;
+  choice["index"] = 0;
+  if (chat) {
+    ojson message;
+    message["role"] = "assistant";
+    message["content"] = text_;
+    choice["message"] = message;
+  } else {
+    choice["text"] = text_;
+  }
+  choice["logprobs"] = nullptr;
+  choice["finish_reason"] = finish_reason_;
+  if (return_token_ids_) {
+    choice["token_ids"] = output_ids_;
+    if (!chat) choice["prompt_token_ids"] = prompt_;
+  }
+  r["choices"] = ojson::array({choice});
+  if (return_token_ids_ && chat) r["prompt_token_ids"] = prompt_;
+  r["usage"] = usage_json(prompt_tokens(), completion_tokens_);
+  return dump_ordered(r);
+}
+
+std::string models_body(const ModelInfo& model, int64_t created) {
+  ojson m;
+  m["id"] = model.name;
+  m["object"] = "model";
+  m["created"] = created;
+  m["owned_by"] = "dsv4";
+  m["root"] = model.name;
+  m["parent"] = nullptr;
+  m["max_model_len"] = model.max_model_len;
+  ojson list;
+  list["object"] = "list";
+  list["data"] = ojson::array({m});
+  return dump_ordered(list);
+}
+
+}  // namespace dsv4::serve
