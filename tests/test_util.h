@@ -3,6 +3,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <unistd.h>
 #include <random>
 #include <filesystem>
 #include <memory>
@@ -15,9 +16,11 @@
 
 namespace dsv4::testing {
 
+// A fresh directory per process: ctest runs tests in parallel, each in its own
+// process, and two of them must never share (or delete) each other's files.
 inline std::string temp_dir(const std::string& name) {
   const char* base = std::getenv("DSV4_TEST_TMP");
-  std::filesystem::path p = std::filesystem::path(base ? base : "/tmp") / name;
+  std::filesystem::path p = std::filesystem::path(base ? base : "/tmp") / (name + "." + std::to_string(::getpid()));
   std::filesystem::remove_all(p);
   std::filesystem::create_directories(p);
   return p.string();

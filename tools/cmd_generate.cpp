@@ -1,13 +1,13 @@
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "core/error.h"
 #include "core/npy.h"
-#include "engine/generator.h"
-#include "engine/model_loader.h"
-#include "engine/model_runner.h"
+#include "engine/engine_builder.h"
 #include "tools/commands.h"
 
 namespace dsv4::tools {
@@ -40,7 +40,7 @@ std::vector<int32_t> parse_ids(const std::string& text, size_t index) {
 
 Command add_generate(CLI::App& app) {
   struct Options {
-    std::string model_dir, preset, backend = "cpu", dump_logits;
+    std::string model_dir, preset, backend = "auto", dump_logits, moe = "allgather";
     uint64_t weight_seed = 0;
     std::vector<std::string> prompts;
     int32_t max_new_tokens = 16;
@@ -50,17 +50,23 @@ Command add_generate(CLI::App& app) {
     int threads = 1;
     int32_t prefill_chunk = 256;
     int32_t max_tokens_per_step = 512;
+    int dp = 1;
+    bool expert_parallel = false;
+    bool no_graphs = false;
   };
   auto o = std::make_shared<Options>();
   app.description(
-      "Generate tokens for prompts given as token ids. All prompts run as one batch. Prints the generated\n"
-      "ids of each prompt on its own line, space-separated, in input order. Exactly --max-new-tokens are\n"
-      "generated per prompt (EOS does not stop offline generation).");
+      "Generate tokens for prompts given as token ids. All prompts run as one batch (spread over the\n"
+      "data-parallel ranks with --dp). Prints the generated ids of each prompt on its own line,\n"
+      "space-separated, in input order. Exactly --max-new-tokens are generated per prompt (EOS does not\n"
+      "stop offline generation).");
   auto* model = app.add_option("--model", o->model_dir, "Checkpoint directory (HF layout)");
   auto* preset = app.add_option("--preset", o->preset, "Use a preset with synthetic weights instead of --model");
   model->excludes(preset);
   app.add_option("--random-weights", o->weight_seed, "Seed of the synthetic weights (with --preset)")->needs(preset);
-  app.add_option("--backend", o->backend, "cpu or cuda")->default_val("cpu")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--backend", o->backend, "cpu, cuda, or auto (cuda when a GPU is usable)")
+      ->default_val("auto")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   app.add_option("--prompt-ids", o->prompts,
                  "Comma-separated token ids of one prompt, e.g. 0,17,42; repeat the option for more prompts")
       ->required()
@@ -78,54 +84,88 @@ Command add_generate(CLI::App& app) {
   app.add_option("--dump-logits", o->dump_logits,
                  "Write a float32 .npy [num_prompts, max_new_tokens, vocab]: entry [s, i] is the logits row new "
                  "token i of prompt s was chosen from (i = 0: the last prompt position)");
-  app.add_option("--threads", o->threads, "CPU backend threads")->default_val(1)->check(CLI::Range(1, 256));
+  app.add_option("--dp", o->dp, "Data-parallel attention ranks (threads on the CPU, one GPU each on CUDA)")
+      ->default_val(1)
+      ->check(CLI::Range(1, 64));
+  app.add_flag("--enable-expert-parallel", o->expert_parallel,
+               "Split the routed experts over the --dp ranks (otherwise every rank holds all experts)");
+  app.add_option("--moe", o->moe, "Expert-parallel MoE path: allgather (all-gather + reduce-scatter) or alltoall "
+                                  "(dispatch/combine, bit-identical to one rank)")
+      ->default_val("allgather")
+      ->check(CLI::IsMember({"allgather", "alltoall"}));
+  app.add_option("--threads", o->threads, "CPU backend threads per rank")->default_val(1)->check(CLI::Range(1, 256));
   app.add_option("--prefill-chunk", o->prefill_chunk, "Prompt tokens per sequence per step")
       ->default_val(256)
       ->check(CLI::Range(1, 1 << 20));
-  app.add_option("--max-tokens-per-step", o->max_tokens_per_step, "Token rows per step")
+  app.add_option("--max-tokens-per-step", o->max_tokens_per_step, "Token rows per step and rank")
       ->default_val(512)
       ->check(CLI::Range(1, 1 << 20));
+  app.add_flag("--no-cuda-graphs", o->no_graphs, "Run decode steps eagerly instead of replaying CUDA graphs");
   return [o] {
     if (o->model_dir.empty() && o->preset.empty()) core::fail("give --model DIR or --preset NAME --random-weights SEED");
-    std::vector<engine::GenerateRequest> requests;
+    std::vector<engine::RequestParams> requests;
     int64_t longest = 0;
     for (size_t i = 0; i < o->prompts.size(); ++i) {
-      engine::GenerateRequest r;
+      engine::RequestParams r;
       r.prompt = parse_ids(o->prompts[i], i);
-      r.max_new_tokens = o->max_new_tokens;
+      r.max_tokens = o->max_new_tokens;
+      r.ignore_eos = true;
+      r.return_logits = !o->dump_logits.empty();
       r.sampling.temperature = o->temperature;
       r.sampling.top_p = o->top_p;
       r.sampling.top_k = o->top_k;
       r.sampling.seed = o->seed + i;
-      longest = std::max<int64_t>(longest, int64_t(r.prompt.size()) + r.max_new_tokens);
+      longest = std::max<int64_t>(longest, int64_t(r.prompt.size()) + r.max_tokens);
       requests.push_back(std::move(r));
     }
-    auto backend = make_backend(o->backend, o->threads);
-    engine::ModelSource source{o->model_dir, o->preset, o->weight_seed};
-    auto loaded = engine::load_model(source, *backend);
-    const int64_t V = loaded->config.vocab_size;
+    const int n = int(requests.size());
+    engine::EngineBuildOptions eo;
+    eo.source = engine::ModelSource{o->model_dir, o->preset, o->weight_seed};
+    eo.backend = o->backend == "auto" ? default_backend_name() : o->backend;
+    eo.threads = o->threads;
+    eo.dp = o->dp;
+    eo.moe = o->expert_parallel ? engine::parse_moe_mode(o->moe) : engine::MoeMode::kLocal;
+    const int per_rank = (n + o->dp - 1) / o->dp;
+    eo.max_num_seqs = std::max(per_rank, 1);
+    eo.max_num_batched_tokens = std::max(o->max_tokens_per_step, eo.max_num_seqs);
+    eo.prefill_chunk = o->prefill_chunk;
+    eo.max_model_len = int32_t(longest);
+    eo.use_graphs = !o->no_graphs;
+    auto engine = engine::build_serving_engine(eo);
+    const int64_t V = engine->config().vocab_size;
 
-    engine::RunnerOptions ro;
-    ro.max_tokens_per_step = o->max_tokens_per_step;
-    ro.max_seqs_per_step = int32_t(std::max<size_t>(requests.size(), 1));
-    ro.max_logit_rows = ro.max_seqs_per_step;
-    ro.max_blocks_per_seq = std::max(1, engine::pages_for_positions(longest));
-    ro.cache.num_slots = int64_t(requests.size());
-    ro.cache.num_pages = int64_t(requests.size()) * ro.max_blocks_per_seq;
-    engine::ModelRunner runner(loaded->config, loaded->weights, *backend, ro);
-    engine::IndexPool slots(int32_t(ro.cache.num_slots)), pages(int32_t(ro.cache.num_pages));
-
-    // Logits rows arrive out of order across prompts; keep them until written.
+    std::mutex mutex;
+    std::condition_variable done_cv;
+    int done = 0;
+    std::string error;
+    std::vector<std::vector<int32_t>> outputs(static_cast<size_t>(n));
     std::vector<std::vector<float>> dump;
-    if (!o->dump_logits.empty()) dump.assign(requests.size(), std::vector<float>(size_t(o->max_new_tokens * V)));
-    engine::GenerateOptions go;
-    go.prefill_chunk = o->prefill_chunk;
-    auto observer = [&](int s, int i, const float* row, int32_t) {
-      if (!dump.empty()) std::copy(row, row + V, dump[size_t(s)].begin() + int64_t(i) * V);
-    };
-    const auto outputs = engine::generate(runner, slots, pages, requests, go, observer);
+    if (!o->dump_logits.empty()) dump.assign(size_t(n), std::vector<float>(size_t(o->max_new_tokens * V)));
+    for (int i = 0; i < n; ++i) {
+      engine->submit(requests[size_t(i)], [&, i](const engine::TokenEvent& e) {
+        std::lock_guard<std::mutex> lock(mutex);
+        if (e.token >= 0) {
+          auto& out = outputs[size_t(i)];
+          if (e.logits != nullptr && !dump.empty())
+            std::copy(e.logits, e.logits + V, dump[size_t(i)].begin() + int64_t(out.size()) * V);
+          out.push_back(e.token);
+        }
+        if (e.finished) {
+          if (e.reason == engine::FinishReason::kError && error.empty())
+            error = fmt::format("prompt {}: {}", i, e.error);
+          ++done;
+          done_cv.notify_all();
+        }
+      });
+    }
+    {
+      std::unique_lock<std::mutex> lock(mutex);
+      done_cv.wait(lock, [&] { return done == n; });
+    }
+    engine->shutdown(true);
+    if (!error.empty()) core::fail("{}", error);
     if (!dump.empty()) {
-      core::NpyWriter writer(o->dump_logits, {int64_t(requests.size()), o->max_new_tokens, V});
+      core::NpyWriter writer(o->dump_logits, {int64_t(n), o->max_new_tokens, V});
       for (const auto& rows : dump) writer.append(rows.data(), rows.size());
       writer.close();
     }

@@ -2,19 +2,23 @@
 
 #include "core/error.h"
 #include "tools/commands.h"
+#if DSV4_HAVE_CUDA
+#include "ops/cuda/cuda_backend.h"
+#endif
 
 namespace dsv4::tools {
 
 std::unique_ptr<ops::Backend> make_backend(const std::string& name, int threads) {
   if (name == "cpu") return ops::make_cpu_backend(threads);
-  if (name == "cuda") {
-#if DSV4_HAVE_CUDA
-    return ops::make_cuda_backend(0);
-#else
-    core::fail("--backend cuda: this build of dsv4 has no CUDA backend (configure with nvcc available)");
-#endif
-  }
+  if (name == "cuda") return ops::make_cuda_backend(0);
   core::fail("--backend must be cpu or cuda, not \"{}\"", name);
+}
+
+std::string default_backend_name() {
+#if DSV4_HAVE_CUDA
+  if (ops::cuda_device_available()) return "cuda";
+#endif
+  return "cpu";
 }
 
 uint64_t parse_size(const std::string& text, const char* option) {

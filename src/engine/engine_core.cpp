@@ -107,18 +107,32 @@ ScheduledStep EngineCore::prepare() {
   }
   for (int64_t id : cancels) {
     auto it = live_.find(id);
-    if (it != live_.end()) finish(*it->second, FinishReason::kCancelled);
+    if (it == live_.end()) continue;
+    // finish() erases the map entry; keep the request alive past that.
+    const std::shared_ptr<Request> keep = it->second;
+    finish(*keep, FinishReason::kCancelled);
   }
   ScheduledStep step = scheduler_.schedule();
   publish_queue_stats();
   return step;
 }
 
-void EngineCore::execute(ScheduledStep& step) {
+bool EngineCore::graph_eligible(const ScheduledStep& step, int32_t padded_rows) const {
+  // Decode-only steps whose padded size has a bucket.
+  for (const auto& s : step.slices)
+    if (s.num_tokens != 1 || !s.want_logits) return false;
+  return runner_.decode_bucket(padded_rows) > 0;
+}
+
+void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bool allow_graph) {
   const auto start = Clock::now();
-  StepMetadata meta = build_step_metadata(step.slices);
   logits_.clear();
-  runner_.step(meta, &logits_);
+  if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
+    // The runner pads a graph step to its bucket itself.
+    runner_.step(build_step_metadata(step.slices), &logits_, nullptr, true, padding.rows);
+  } else {
+    runner_.step(build_step_metadata(step.slices, padding), &logits_, nullptr, false);
+  }
   scheduler_.commit(step);
   size_t row = 0;
   int64_t generated = 0;
@@ -146,6 +160,10 @@ void EngineCore::execute(ScheduledStep& step) {
     e.token = token;
     e.prompt_tokens = r.num_prompt;
     e.completion_tokens = r.num_generated();
+    if (r.params.return_logits) {
+      e.logits = logits;
+      e.vocab = vocab_;
+    }
     if (reason != FinishReason::kNone) {
       // The last token travels with the finish event.
       r.finished = true;

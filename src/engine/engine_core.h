@@ -46,7 +46,11 @@ class EngineCore {
   // schedules; execute() runs it (also with an empty step, which every op and
   // collective accepts) and emits tokens.
   ScheduledStep prepare();
-  void execute(ScheduledStep& step);
+  // `padding` pads the step (data-parallel ranks run the step's DP-max rows);
+  // `allow_graph` must be agreed by all ranks.
+  void execute(ScheduledStep& step, const MetadataPadding& padding = {}, bool allow_graph = true);
+  // Whether this rank's part of the step could replay a graph.
+  bool graph_eligible(const ScheduledStep& step, int32_t padded_rows) const;
   // prepare + execute; false when there was nothing to do.
   bool step();
 

@@ -19,9 +19,13 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     moe = local_moe_.get();
   }
   moe_ = moe;
-  caches_ = model_->allocate_caches(options_.cache);
+  // One extra state slot that padded graph steps point their empty sequences at.
+  ops::CacheGeometry geometry = options_.cache;
+  geometry.num_slots += 1;
+  caches_ = model_->allocate_caches(geometry);
   buffers_ = model_->allocate_buffers(options_.max_tokens_per_step, options_.max_logit_rows, 0);
-  const int64_t cap = options_.max_tokens_per_step, seqs = options_.max_seqs_per_step;
+  const int64_t cap = options_.max_tokens_per_step;
+  const int64_t seqs = std::max<int64_t>(options_.max_seqs_per_step, options_.use_graphs ? cap : 0);
   mtp_input_ = backend.empty(DType::kBF16, {cap, config.hc_mult, config.hidden_size});
   token_ids_ = backend.empty(DType::kI32, {cap});
   positions_ = backend.empty(DType::kI32, {cap});
@@ -37,8 +41,7 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {
   const int32_t T = m.num_tokens(), S = m.num_seqs();
   DSV4_CHECK(T <= options_.max_tokens_per_step, "step has {} tokens, the runner holds {}", T,
              options_.max_tokens_per_step);
-  DSV4_CHECK(S <= options_.max_seqs_per_step, "step has {} sequences, the runner holds {}", S,
-             options_.max_seqs_per_step);
+  DSV4_CHECK(S <= seq_begin_.size(0), "step has {} sequences, the runner holds {}", S, seq_begin_.size(0));
   DSV4_CHECK(m.max_blocks <= options_.max_blocks_per_seq, "step needs {} pages per sequence, the runner holds {}",
              m.max_blocks, options_.max_blocks_per_seq);
   DSV4_CHECK(int64_t(m.logit_rows.size()) <= options_.max_logit_rows, "step wants {} logits rows, the runner holds {}",
@@ -73,9 +76,62 @@ void ModelRunner::download_logits(int64_t rows, std::vector<float>* logits) {
   backend_.download(logits->data(), buffers_->logits.rows(0, rows), logits->size() * sizeof(float));
 }
 
-void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden) {
-  const ops::BatchView batch = upload_metadata(meta);
+int32_t ModelRunner::decode_bucket(int32_t rows) const {
+  if (!options_.use_graphs || !moe_->graph_capturable() || rows <= 0) return 0;
+  for (int32_t b : options_.graph_buckets)
+    if (b >= rows && b <= options_.max_tokens_per_step && b <= options_.max_logit_rows) return b;
+  return 0;
+}
+
+int32_t ModelRunner::graph_bucket(const StepMetadata& meta, int32_t min_rows) const {
+  const int32_t T = meta.num_tokens();
+  if (meta.num_seqs() != T || int32_t(meta.logit_rows.size()) != T) return 0;  // decode steps only
+  return decode_bucket(std::max(T, min_rows));
+}
+
+void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden,
+                       bool allow_graph, int32_t min_graph_rows) {
   const int64_t R = int64_t(meta.logit_rows.size());
+  const int32_t bucket = hidden == nullptr && allow_graph ? graph_bucket(meta, min_graph_rows) : 0;
+  if (bucket > 0) {
+    // Pad to the bucket: pad rows and empty sequences at the reserved slot,
+    // a fixed block-table stride, logits rows for every row.
+    StepMetadata padded = meta;
+    while (padded.num_tokens() < bucket) {
+      padded.token_ids.push_back(0);
+      padded.positions.push_back(-1);
+      padded.token_seq.push_back(-1);
+    }
+    std::vector<int32_t> table;
+    for (int32_t s = 0; s < meta.num_seqs(); ++s)
+      for (int32_t b = 0; b < options_.max_blocks_per_seq; ++b)
+        table.push_back(b < meta.max_blocks ? meta.block_table[size_t(s * meta.max_blocks + b)] : -1);
+    padded.max_blocks = options_.max_blocks_per_seq;
+    while (padded.num_seqs() < bucket) {
+      padded.seq_begin.push_back(padded.num_tokens());
+      padded.seq_len.push_back(0);
+      padded.seq_start_pos.push_back(0);
+      padded.seq_slot.push_back(pad_slot());
+      for (int32_t b = 0; b < options_.max_blocks_per_seq; ++b) table.push_back(-1);
+    }
+    padded.block_table = std::move(table);
+    while (int32_t(padded.logit_rows.size()) < bucket) padded.logit_rows.push_back(0);
+    const ops::BatchView batch = upload_metadata(padded);
+    auto it = graphs_.find(bucket);
+    if (it == graphs_.end()) {
+      // First step of this bucket: run it eagerly (also sizes every scratch
+      // buffer), then record the same program for the next ones.
+      model::StageProgram program = model_->step_program(*buffers_, batch, bucket, caches_, *moe_);
+      model::run_in_order(program);
+      graphs_[bucket] = backend_.capture([program] { model::run_in_order(program); });
+    } else {
+      it->second->replay();
+    }
+    download_logits(R, logits);
+    backend_.synchronize();
+    return;
+  }
+  const ops::BatchView batch = upload_metadata(meta);
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
   model::run_in_order(program);
   download_logits(R, logits);
@@ -85,6 +141,37 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
     backend_.download(hidden->data(), X, X.nbytes());
   }
   backend_.synchronize();
+}
+
+void ModelRunner::step_eager_with_hook(const StepMetadata& meta,
+                                       const std::function<void(const model::Stage&, bool)>& on_stage) {
+  const ops::BatchView batch = upload_metadata(meta);
+  const int64_t R = int64_t(meta.logit_rows.size());
+  model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
+  for (const model::Stage& stage : program) {
+    on_stage(stage, false);
+    stage.run();
+    on_stage(stage, true);
+  }
+  backend_.synchronize();
+}
+
+std::vector<double> ModelRunner::time_graph_replays(const StepMetadata& meta, int warmup, int iters) {
+  const int32_t bucket = graph_bucket(meta, 0);
+  DSV4_CHECK(bucket == meta.num_tokens(), "time_graph_replays needs a decode step of exactly a bucket's size "
+             "({} rows) with graphs enabled", meta.num_tokens());
+  step(meta, nullptr);  // records the graph if this bucket has none yet
+  auto& graph = *graphs_.at(bucket);
+  for (int i = 0; i < warmup; ++i) graph.replay();
+  auto timer = backend_.make_timer();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    timer->start();
+    graph.replay();
+    timer->stop();
+    ms.push_back(timer->elapsed_ms());
+  }
+  return ms;
 }
 
 void ModelRunner::mtp_step(const StepMetadata& meta, const std::vector<uint16_t>& hidden, std::vector<float>* logits) {

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -19,6 +21,10 @@ struct RunnerOptions {
   int32_t max_logit_rows = 64;
   int32_t max_blocks_per_seq = 16;   // pages per sequence: max context = 256 * this
   ops::CacheGeometry cache;          // num_slots, num_pages (window/dims filled from the config)
+  // Decode steps (one token per sequence) replay one captured graph per bucket
+  // of padded batch size; other steps run eagerly.
+  bool use_graphs = false;
+  std::vector<int32_t> graph_buckets = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
 };
 
 class ModelRunner {
@@ -33,13 +39,36 @@ class ModelRunner {
 
   // One main-model step. `logits` receives [meta.logit_rows.size(), V] floats;
   // `hidden`, if given, the final hyper-streams of every row (bf16 bits, [T, hc, D]).
-  void step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden = nullptr);
+  // allow_graph = false forces the eager path (data-parallel ranks must agree on
+  // graph vs eager: whether a collective is captured must be uniform).
+  // min_graph_rows: replay a bucket of at least this many rows (data-parallel
+  // ranks replay the bucket of the step's DP max, also with 0 rows of their own).
+  void step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden = nullptr,
+            bool allow_graph = true, int32_t min_graph_rows = 0);
+  // The bucket step() would replay for a decode-only step of `rows` rows (0: none).
+  int32_t decode_bucket(int32_t rows) const;
+  // Runs every stage of one step eagerly, calling `on_stage(stage, after)` before
+  // (after = false) and after (after = true) each (benchmark breakdowns). No
+  // logits are downloaded.
+  void step_eager_with_hook(const StepMetadata& meta,
+                            const std::function<void(const model::Stage&, bool after)>& on_stage);
+  // Benchmarks: the step's graph (recorded on first use, like step()) replayed
+  // `warmup` times, then `iters` times with each replay timed on the device.
+  std::vector<double> time_graph_replays(const StepMetadata& meta, int warmup, int iters);
+  // Buffers of the micro-batch (benchmarks read router ids from them).
+  model::MicroBatchBuffers& buffers() { return *buffers_; }
+  std::vector<ops::LayerCache>& caches() { return caches_; }
+  int32_t pad_slot() const { return int32_t(options_.cache.num_slots); }
+  size_t num_graphs() const { return graphs_.size(); }
+
   // One MTP-block step: meta.token_ids are the NEXT tokens, `hidden` the main
   // model's final hyper-streams at meta's rows.
   void mtp_step(const StepMetadata& meta, const std::vector<uint16_t>& hidden, std::vector<float>* logits);
 
  private:
   ops::BatchView upload_metadata(const StepMetadata& meta);
+  // The bucket a decode-only step replays, or 0 to run eagerly.
+  int32_t graph_bucket(const StepMetadata& meta, int32_t min_rows) const;
   void download_logits(int64_t rows, std::vector<float>* logits);
 
   model::ModelConfig config_;
@@ -53,6 +82,7 @@ class ModelRunner {
   core::Tensor mtp_input_;
   // Step metadata on the device.
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
+  std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
 };
 
 }  // namespace dsv4::engine

@@ -22,6 +22,7 @@ struct RequestParams {
   SamplingParams sampling;
   std::vector<int32_t> stop_token_ids;  // besides EOS
   bool ignore_eos = false;
+  bool return_logits = false;  // token events carry the logits row they were sampled from
 };
 
 // One event per generated token; the last event of a request has finished set
@@ -34,6 +35,10 @@ struct TokenEvent {
   std::string error;
   int32_t prompt_tokens = 0;
   int32_t completion_tokens = 0;
+  // With RequestParams::return_logits: the row [vocab] the token was chosen from,
+  // valid during the callback only.
+  const float* logits = nullptr;
+  int64_t vocab = 0;
 };
 
 using TokenCallback = std::function<void(const TokenEvent&)>;

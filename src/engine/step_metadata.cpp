@@ -23,13 +23,18 @@ ops::BatchView StepMetadata::host_view() const {
   return v;
 }
 
-StepMetadata build_step_metadata(const std::vector<SequenceSlice>& slices, int32_t pad_rows_to) {
+StepMetadata build_step_metadata(const std::vector<SequenceSlice>& slices, const MetadataPadding& padding) {
   StepMetadata m;
   for (const auto& s : slices) {
     DSV4_CHECK(s.block_table != nullptr, "sequence slice without a block table");
     m.max_blocks = std::max(m.max_blocks, int32_t(s.block_table->size()));
   }
   m.max_blocks = std::max(m.max_blocks, 1);
+  if (padding.max_blocks > 0) {
+    DSV4_CHECK(m.max_blocks <= padding.max_blocks, "a slice holds {} pages, the fixed stride is {}", m.max_blocks,
+               padding.max_blocks);
+    m.max_blocks = padding.max_blocks;
+  }
   for (size_t i = 0; i < slices.size(); ++i) {
     const SequenceSlice& s = slices[i];
     DSV4_CHECK(s.num_tokens > 0 && s.state_slot >= 0 && s.start_pos >= 0,
@@ -51,10 +56,18 @@ StepMetadata build_step_metadata(const std::vector<SequenceSlice>& slices, int32
     for (int32_t b = 0; b < m.max_blocks; ++b)
       m.block_table.push_back(b < int32_t(s.block_table->size()) ? (*s.block_table)[size_t(b)] : -1);
   }
-  while (m.num_tokens() < pad_rows_to) {
+  while (m.num_tokens() < padding.rows) {
     m.token_ids.push_back(0);
     m.positions.push_back(-1);
     m.token_seq.push_back(-1);
+  }
+  while (m.num_seqs() < padding.seqs) {
+    DSV4_CHECK(padding.pad_slot >= 0, "padding sequences need a reserved state slot");
+    m.seq_begin.push_back(m.num_tokens());
+    m.seq_len.push_back(0);
+    m.seq_start_pos.push_back(0);
+    m.seq_slot.push_back(padding.pad_slot);
+    for (int32_t b = 0; b < m.max_blocks; ++b) m.block_table.push_back(-1);
   }
   return m;
 }

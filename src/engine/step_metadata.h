@@ -34,8 +34,15 @@ struct StepMetadata {
   ops::BatchView host_view() const;
 };
 
-// Rows of each slice are contiguous and in slice order. `pad_rows_to` appends
-// pad rows (position -1, token 0, sequence -1) up to that many rows.
-StepMetadata build_step_metadata(const std::vector<SequenceSlice>& slices, int32_t pad_rows_to = 0);
+struct MetadataPadding {
+  int32_t rows = 0;        // append pad rows (position -1, token 0, sequence -1) up to this many
+  int32_t seqs = 0;        // append empty sequences (length 0) up to this many ...
+  int32_t pad_slot = -1;   // ... that point at this (reserved) state slot
+  int32_t max_blocks = 0;  // fixed block-table stride (0: the longest slice's)
+};
+
+// Rows of each slice are contiguous and in slice order. CUDA graphs replay a
+// bucket with fixed shapes: `padding` makes every array that size.
+StepMetadata build_step_metadata(const std::vector<SequenceSlice>& slices, const MetadataPadding& padding = {});
 
 }  // namespace dsv4::engine

@@ -32,6 +32,8 @@ class MoeExecutor {
   virtual void append_dispatch(StageProgram& program, const MoeStageIo& io) = 0;
   virtual void append_experts(StageProgram& program, const MoeStageIo& io) = 0;
   virtual void append_combine(StageProgram& program, const MoeStageIo& io) = 0;
+  // False when a stage needs host-side data (counts) and so cannot be captured in a graph.
+  virtual bool graph_capturable() const { return true; }
 };
 
 // Every expert on this rank: no communication.

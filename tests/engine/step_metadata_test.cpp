@@ -12,7 +12,9 @@ TEST(StepMetadata, RowsAreContiguousPerSequenceWithPadding) {
   std::vector<int32_t> p0 = {3}, p1 = {1, 2};
   SequenceSlice a{2, 10, t0.data(), 3, &p0, true, false};
   SequenceSlice b{0, 300, t1.data(), 1, &p1, true, false};
-  StepMetadata m = build_step_metadata({a, b}, 6);
+  MetadataPadding pad;
+  pad.rows = 6;
+  StepMetadata m = build_step_metadata({a, b}, pad);
   EXPECT_EQ(m.token_ids, (std::vector<int32_t>{5, 6, 7, 9, 0, 0}));
   EXPECT_EQ(m.positions, (std::vector<int32_t>{10, 11, 12, 300, -1, -1}));
   EXPECT_EQ(m.token_seq, (std::vector<int32_t>{0, 0, 0, 1, -1, -1}));
@@ -21,6 +23,14 @@ TEST(StepMetadata, RowsAreContiguousPerSequenceWithPadding) {
   EXPECT_EQ(m.max_blocks, 2);
   EXPECT_EQ(m.block_table, (std::vector<int32_t>{3, -1, 1, 2}));
   EXPECT_EQ(m.logit_rows, (std::vector<int32_t>{2, 3}));
+  pad.seqs = 4;
+  pad.pad_slot = 9;
+  pad.max_blocks = 3;
+  StepMetadata g = build_step_metadata({a, b}, pad);
+  EXPECT_EQ(g.seq_len, (std::vector<int32_t>{3, 1, 0, 0}));
+  EXPECT_EQ(g.seq_slot, (std::vector<int32_t>{2, 0, 9, 9}));
+  EXPECT_EQ(g.block_table.size(), 12u);
+  EXPECT_EQ(g.block_table[3], 1);
 }
 
 TEST(StepMetadata, RejectsSlicesBeyondTheirPages) {

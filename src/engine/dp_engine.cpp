@@ -1,0 +1,267 @@
+#include "engine/dp_engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "core/error.h"
+#include "parallel/expert_parallel.h"
+#include "parallel/inprocess_communicator.h"
+#if DSV4_HAVE_NCCL
+#include "ops/cuda/cuda_backend.h"
+#include "parallel/nccl_communicator.h"
+#endif
+
+namespace dsv4::engine {
+
+MoeMode parse_moe_mode(const std::string& name) {
+  if (name == "local") return MoeMode::kLocal;
+  if (name == "allgather") return MoeMode::kAllGather;
+  if (name == "alltoall") return MoeMode::kAllToAll;
+  core::fail("--moe must be allgather, alltoall or local, not \"{}\"", name);
+}
+
+const char* moe_mode_name(MoeMode mode) {
+  switch (mode) {
+    case MoeMode::kLocal: return "local";
+    case MoeMode::kAllGather: return "allgather";
+    case MoeMode::kAllToAll: return "alltoall";
+  }
+  return "?";
+}
+
+struct DpServingEngine::Rank {
+  int index = 0;
+  std::unique_ptr<ops::Backend> backend;
+  std::shared_ptr<LoadedModel> model;
+  std::unique_ptr<model::MoeExecutor> moe;
+  std::unique_ptr<ModelRunner> runner;
+  std::unique_ptr<EngineCore> core;
+  std::atomic<int64_t> queued{0};  // submitted, not finished (for routing)
+};
+
+DpServingEngine::DpServingEngine(const DpEngineOptions& options) : options_(options) {
+  const int W = options.dp;
+  if (W < 1) core::fail("--dp must be at least 1, got {}", W);
+  const bool cuda = options.backend == "cuda";
+  if (cuda) {
+#if DSV4_HAVE_NCCL
+    parallel::ClusterSpec spec;
+    spec.gpus_per_node = W;
+    int devices = 0;
+    cudaGetDeviceCount(&devices);
+    if (devices < W) core::fail("--dp {} needs {} GPUs, this machine has {}", W, W, devices);
+    if (W > 1) {
+      parallel::NcclOptions nccl;
+      nccl.comm = options.comm;
+      parallel::ClusterPlan plan;
+      plan.world_size = W;
+      for (int r = 0; r < W; ++r) plan.local.push_back({r, r});
+      plan.unique_id = parallel::nccl_unique_id();
+      for (auto& c : parallel::create_nccl_communicators(plan, nccl)) comms_.push_back(std::move(c));
+    }
+#else
+    core::fail("--backend cuda with --dp needs a build with CUDA and NCCL");
+#endif
+  } else if (W > 1) {
+    comms_ = parallel::make_inprocess_group(W, options.comm);
+  }
+  for (int r = 0; r < W; ++r) {
+    auto rank = std::make_unique<Rank>();
+    rank->index = r;
+    rank->backend = cuda ? ops::make_cuda_backend(r) : ops::make_cpu_backend(options.threads_per_rank);
+    rank->backend->bind_to_current_thread();
+    int64_t eb = 0, ee = -1;
+    if (W > 1 && options.moe != MoeMode::kLocal) {
+      const model::ModelConfig probe =
+          options.source.checkpoint_dir.empty() ? model::preset_config(options.source.preset) : model::ModelConfig{};
+      const int64_t E = options.source.checkpoint_dir.empty()
+                            ? probe.n_routed_experts
+                            : model::Checkpoint(options.source.checkpoint_dir).config().n_routed_experts;
+      std::tie(eb, ee) = parallel::expert_range(E, W, r);
+    }
+    rank->model = load_model(options.source, *rank->backend, eb, ee);
+    config_ = rank->model->config;
+    if (W > 1 && options.moe != MoeMode::kLocal) {
+      parallel::ExpertParallelShape shape;
+      shape.max_rows = options.runner.max_tokens_per_step;
+      shape.topk = config_.num_experts_per_tok;
+      shape.hidden = config_.hidden_size;
+      shape.num_experts = config_.n_routed_experts;
+#if DSV4_HAVE_NCCL
+      if (cuda)
+        static_cast<parallel::NcclCommunicator&>(*comms_[size_t(r)])
+            .set_stream(static_cast<ops::CudaBackend&>(*rank->backend).stream());
+#endif
+      if (options.moe == MoeMode::kAllGather)
+        rank->moe = std::make_unique<parallel::AllGatherMoeExecutor>(*comms_[size_t(r)], *rank->backend, shape);
+      else
+        rank->moe = std::make_unique<parallel::AllToAllMoeExecutor>(*comms_[size_t(r)], *rank->backend, shape);
+    }
+    rank->runner = std::make_unique<ModelRunner>(config_, rank->model->weights, *rank->backend, options.runner,
+                                                 rank->moe.get());
+    rank->core = std::make_unique<EngineCore>(*rank->runner, options.scheduler, options.eos_token_id);
+    ranks_.push_back(std::move(rank));
+  }
+  for (auto& rank : ranks_) threads_.emplace_back([this, r = rank.get()] { run_rank(*r); });
+}
+
+DpServingEngine::~DpServingEngine() { shutdown(false); }
+
+int64_t DpServingEngine::submit(RequestParams params, TokenCallback on_token, std::string* error) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!accepting_) {
+      const std::string why = failure_.empty() ? "the server is shutting down" : "the engine failed: " + failure_;
+      if (error) *error = why;
+      TokenEvent e;
+      e.finished = true;
+      e.reason = FinishReason::kError;
+      e.error = why;
+      if (on_token) on_token(e);
+      return -1;
+    }
+  }
+  // The least loaded rank: fewest queued requests, then the most free cache.
+  Rank* best = ranks_[0].get();
+  EngineStats best_stats = best->core->stats();
+  for (auto& r : ranks_) {
+    const EngineStats s = r->core->stats();
+    if (r->queued < best->queued || (r->queued == best->queued && s.free_pages > best_stats.free_pages)) {
+      best = r.get();
+      best_stats = s;
+    }
+  }
+  Rank* rank = best;
+  ++rank->queued;
+  const int index = rank->index;
+  auto wrapped = [rank, index, cb = std::move(on_token)](const TokenEvent& e) {
+    TokenEvent g = e;
+    g.request_id = e.request_id * kRankStride + index;
+    if (e.finished) --rank->queued;
+    if (cb) cb(g);
+  };
+  const int64_t id = rank->core->submit(std::move(params), wrapped, error);
+  // Rank threads test has_work() under mutex_ before they sleep; taking it here
+  // orders this submit before or after that test, so the notify is not lost.
+  { std::lock_guard<std::mutex> lock(mutex_); }
+  wake_.notify_all();
+  return id < 0 ? -1 : id * kRankStride + index;
+}
+
+void DpServingEngine::cancel(int64_t request_id) {
+  const int r = int(request_id % kRankStride);
+  if (r < 0 || r >= num_ranks()) return;
+  ranks_[size_t(r)]->core->cancel(request_id / kRankStride);
+  wake_.notify_all();
+}
+
+EngineStats DpServingEngine::stats() const {
+  EngineStats total;
+  int64_t pages = 0;
+  for (const auto& r : ranks_) {
+    const EngineStats s = r->core->stats();
+    total.running += s.running;
+    total.waiting += s.waiting;
+    total.free_pages += s.free_pages;
+    total.steps = std::max(total.steps, s.steps);
+    total.prompt_tokens += s.prompt_tokens;
+    total.generated_tokens += s.generated_tokens;
+    total.finished_requests += s.finished_requests;
+    total.preemptions += s.preemptions;
+    total.last_step_ms = std::max(total.last_step_ms, s.last_step_ms);
+    pages += r->runner->options().cache.num_pages;
+  }
+  total.kv_usage = pages ? 1.0 - double(total.free_pages) / double(pages) : 0.0;
+  return total;
+}
+
+std::string DpServingEngine::failure() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failure_;
+}
+
+void DpServingEngine::fail_all(const std::string& error) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (failure_.empty()) failure_ = error;
+    accepting_ = false;
+    stopping_ = true;
+  }
+  for (auto& c : comms_) c->abort(error);
+  wake_.notify_all();
+}
+
+void DpServingEngine::run_rank(Rank& rank) {
+  rank.backend->bind_to_current_thread();
+  parallel::Communicator* comm = comms_.empty() ? nullptr : comms_[size_t(rank.index)].get();
+  const bool lockstep = comm != nullptr && options_.moe != MoeMode::kLocal;
+  try {
+    for (int64_t iteration = 0;; ++iteration) {
+      if (options_.rank_step_hook && !options_.rank_step_hook(rank.index, iteration)) return;
+      bool stopping = false, abort = false;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait_for(lock, std::chrono::milliseconds(20), [&] {
+          if (stopping_ || abort_) return true;
+          for (auto& r : ranks_)
+            if (r->core->has_work()) return true;
+          return false;
+        });
+        stopping = stopping_;
+        abort = abort_;
+      }
+      if (abort) rank.core->abort_all();
+      ScheduledStep step = rank.core->prepare();
+      if (!lockstep) {
+        if (!step.empty()) rank.core->execute(step);
+        if (stopping && !rank.core->has_work()) return;
+        continue;
+      }
+      // One small collective: the step's DP max of rows, whether any rank has
+      // queued work or is stopping, and whether every rank can replay a graph.
+      const int32_t rows = step.num_tokens;
+      int64_t agree[4] = {rows, rank.core->has_work() ? 1 : 0, stopping ? 1 : 0, 0};
+      comm->all_reduce_host(agree, 3, parallel::ReduceOp::kMax);
+      const int32_t dp_rows = int32_t(agree[0]);
+      if (dp_rows == 0) {
+        if (agree[2] && !agree[1]) return;  // every rank stopping and drained
+        continue;
+      }
+      int64_t no_graph = rank.core->graph_eligible(step, dp_rows) ? 0 : 1;
+      comm->all_reduce_host(&no_graph, 1, parallel::ReduceOp::kMax);
+      MetadataPadding pad;
+      pad.rows = dp_rows;
+      rank.core->execute(step, pad, no_graph == 0);
+      if (options_.check_ledger) comm->check_ledger("step");
+    }
+  } catch (const std::exception& e) {
+    // Communicator errors already name the rank; others get it here.
+    const std::string prefix = fmt::format("rank {}: ", rank.index);
+    const std::string what = e.what();
+    const std::string msg = what.rfind(prefix, 0) == 0 ? what : prefix + what;
+    std::fprintf(stderr, "dsv4: %s\n", msg.c_str());
+    fail_all(msg);
+    rank.core->abort_all(msg);
+  }
+}
+
+void DpServingEngine::shutdown(bool drain) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    accepting_ = false;
+    stopping_ = true;
+    abort_ = abort_ || !drain;
+  }
+  wake_.notify_all();
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+  threads_.clear();
+  // Every rank thread has exited, so the cores are ours: whatever is still
+  // queued or running (a rank that left early, a drain cut short) gets its
+  // final event rather than silence.
+  const std::string why = failure();
+  for (auto& rank : ranks_) rank->core->abort_all(why.empty() ? std::string() : "the engine failed: " + why);
+}
+
+}  // namespace dsv4::engine

@@ -1,0 +1,86 @@
+#include "engine/engine_builder.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "engine/kv_pool.h"
+#include "model/checkpoint.h"
+
+namespace dsv4::engine {
+
+namespace {
+
+model::ModelConfig config_of(const ModelSource& source) {
+  if (!source.checkpoint_dir.empty()) return model::Checkpoint(source.checkpoint_dir).config();
+  return model::preset_config(source.preset);
+}
+
+}  // namespace
+
+std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o) {
+  const model::ModelConfig config = config_of(o.source);
+  SchedulerConfig sc;
+  sc.max_num_seqs = o.max_num_seqs;
+  sc.max_num_batched_tokens = o.max_num_batched_tokens;
+  sc.prefill_chunk = std::min(o.prefill_chunk, o.max_num_batched_tokens);
+  sc.max_model_len = o.max_model_len > 0 ? o.max_model_len
+                                         : int32_t(std::min<int64_t>(config.max_position_embeddings, 32768));
+  if (sc.max_model_len > config.max_position_embeddings)
+    core::fail("--max-model-len {} exceeds the model's max_position_embeddings {}", sc.max_model_len,
+               config.max_position_embeddings);
+
+  RunnerOptions ro;
+  ro.max_tokens_per_step = o.max_num_batched_tokens;
+  ro.max_seqs_per_step = o.max_num_seqs;
+  ro.max_logit_rows = o.max_num_seqs;
+  ro.max_blocks_per_seq = pages_for_positions(sc.max_model_len);
+  ro.cache.num_slots = o.max_num_seqs;
+  ro.use_graphs = o.use_graphs && o.backend == "cuda";
+  int64_t pages = o.kv_cache_pages;
+  if (pages == 0 && o.kv_cache_memory > 0) {
+    // Bytes per page and per slot summed over the layers, in the backend's format.
+    auto probe = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(1);
+    ops::CacheGeometry g{1, 1, config.sliding_window, config.head_dim, config.index_head_dim};
+    int64_t per_page = 0, per_slot = 0;
+    for (int64_t l = 0; l < config.num_layers_with_mtp(); ++l) {
+      const auto c = probe->cache_cost(g, config.compress_ratio(l));
+      per_page += c.per_page;
+      per_slot += c.per_slot;
+    }
+    const int64_t budget = int64_t(o.kv_cache_memory) - per_slot * (o.max_num_seqs + 1);
+    if (budget <= 0 || per_page == 0)
+      core::fail("--kv-cache-memory {} bytes does not even hold the {} state slots ({} bytes each)", o.kv_cache_memory,
+                 o.max_num_seqs, per_slot);
+    pages = budget / per_page;
+  }
+  if (pages == 0) pages = int64_t(o.max_num_seqs) * ro.max_blocks_per_seq;
+  ro.cache.num_pages = pages;
+
+  DpEngineOptions dp;
+  dp.dp = o.dp;
+  dp.moe = o.moe;
+  dp.backend = o.backend;
+  dp.threads_per_rank = o.threads;
+  dp.source = o.source;
+  dp.scheduler = sc;
+  dp.runner = ro;
+  dp.comm = o.comm;
+  dp.eos_token_id = int32_t(config.eos_token_id);
+  dp.check_ledger = o.check_ledger;
+  if (o.dp == 1) {
+    auto backend = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(o.threads);
+    auto loaded = load_model(o.source, *backend);
+    // The runner keeps references to the backend and the weights: own them together.
+    struct Owned {
+      std::unique_ptr<ops::Backend> backend;
+      std::shared_ptr<LoadedModel> model;
+    };
+    auto owned = std::make_shared<Owned>(Owned{std::move(backend), loaded});
+    auto runner = std::shared_ptr<ModelRunner>(
+        new ModelRunner(loaded->config, loaded->weights, *owned->backend, ro), [owned](ModelRunner* r) { delete r; });
+    return std::make_unique<LocalServingEngine>(runner, sc, dp.eos_token_id);
+  }
+  return std::make_unique<DpServingEngine>(dp);
+}
+
+}  // namespace dsv4::engine

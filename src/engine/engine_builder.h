@@ -1,0 +1,34 @@
+// Builds the serving engine the CLI commands run (generate, serve, bench):
+// one rank (LocalServingEngine) or data-parallel ranks (DpServingEngine), with
+// the pools sized from the request limits or from a cache-memory budget.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/dp_engine.h"
+#include "engine/serving_engine.h"
+
+namespace dsv4::engine {
+
+struct EngineBuildOptions {
+  ModelSource source;
+  std::string backend = "cpu";        // "cpu" or "cuda"
+  int threads = 1;                    // CPU backend threads per rank
+  int dp = 1;
+  MoeMode moe = MoeMode::kAllGather;  // with dp > 1
+  int32_t max_num_seqs = 64;          // per rank
+  int32_t max_num_batched_tokens = 512;
+  int32_t prefill_chunk = 512;
+  int32_t max_model_len = 0;          // 0: min(max_position_embeddings, 32768)
+  int64_t kv_cache_pages = 0;         // per rank; 0: from kv_cache_memory, or enough for max_num_seqs full-length
+  uint64_t kv_cache_memory = 0;       // per rank, bytes (0: unused)
+  bool use_graphs = true;             // decode steps replay CUDA graphs (CUDA backend only)
+  parallel::CommOptions comm;
+  bool check_ledger = false;
+};
+
+std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& options);
+
+}  // namespace dsv4::engine
