@@ -8,12 +8,15 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <thread>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "engine/dp_ranks.h"
 #include "engine/kv_pool.h"
+#include "parallel/expert_parallel.h"
 #include "engine/model_loader.h"
 #include "engine/model_runner.h"
 #include "model/weight_spec.h"
@@ -34,6 +37,11 @@ struct BenchOptions {
   int warmup = 20;
   int replays = 200;
   int threads = 1;
+  int dp = 1;
+  std::string moe = "allgather";
+  int nccl_max_ctas = 0;
+  double comm_timeout_s = 120;
+  bool use_graphs = true;
   std::string json;
 };
 
@@ -99,6 +107,83 @@ std::map<std::string, uint64_t> tensor_bytes(const model::ModelConfig& c) {
   return out;
 }
 
+// One rank's measurement of one batch size.
+struct RankRun {
+  std::vector<double> step_ms;                 // graph replays (or eager steps where not capturable)
+  std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
+  double comm_ms = 0;                          // eager: stages tagged communication
+  std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
+  uint64_t kv_bytes = 0;
+  bool graphs = false;
+};
+
+// B sequences decoding their token at position p on `runner`, caches random.
+RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
+                     int64_t p, int warmup, int replays, bool graphs, int rank) {
+  RankRun out;
+  out.graphs = graphs;
+  const int32_t blocks = runner.options().max_blocks_per_seq;
+  for (size_t l = 0; l < runner.caches().size(); ++l) backend.randomize_cache(runner.caches()[l], 1000 + l + 7919 * rank);
+  std::vector<std::vector<int32_t>> pages(static_cast<size_t>(B)), tokens(static_cast<size_t>(B));
+  std::vector<engine::SequenceSlice> slices;
+  for (int32_t s = 0; s < B; ++s) {
+    for (int32_t b = 0; b < blocks; ++b) pages[size_t(s)].push_back(s * blocks + b);
+    tokens[size_t(s)] = {int32_t((uint64_t(s + B * rank) * 2654435761u + 7) % uint64_t(c.vocab_size))};
+    engine::SequenceSlice sl;
+    sl.state_slot = s;
+    sl.start_pos = int32_t(p);
+    sl.tokens = tokens[size_t(s)].data();
+    sl.num_tokens = 1;
+    sl.block_table = &pages[size_t(s)];
+    sl.want_logits = true;
+    slices.push_back(sl);
+  }
+  const engine::StepMetadata meta = engine::build_step_metadata(slices);
+  out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
+                       : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
+
+  // Eager, event-timed run: per-stage times and the routing of every layer.
+  out.touched.resize(static_cast<size_t>(c.num_hidden_layers));
+  auto timer = backend.make_timer();
+  const std::regex layer_prefix("^L([0-9]+)\\.");
+  const int64_t k = c.num_experts_per_tok;
+  runner.step_eager_with_hook(meta, [&](const model::Stage& stage, bool after) {
+    if (!after) {
+      timer->start();
+      return;
+    }
+    timer->stop();
+    const double ms = timer->elapsed_ms();
+    const std::string kind = std::regex_replace(stage.name, layer_prefix, "");
+    out.stage_ms[kind] += ms;
+    if (stage.kind == model::StageKind::kComm) out.comm_ms += ms;
+    std::smatch m;
+    if (kind == "attn_core" && std::regex_search(stage.name, m, layer_prefix)) {
+      const int64_t l = std::stoll(m[1]);
+      std::vector<int32_t> ids(size_t(B * k));
+      backend.download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
+      out.touched[size_t(l)].insert(ids.begin(), ids.end());
+    }
+  });
+
+  const int64_t row_bytes = ops::kv_row_bytes(c.head_dim, c.qk_rope_head_dim);
+  const int64_t index_row = ops::index_row_bytes(c.index_head_dim);
+  const int64_t window = std::min<int64_t>(p + 1, c.sliding_window);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const int64_t ratio = c.compress_ratio(l);
+    int64_t keys = window;
+    if (ratio == 4) {
+      const int64_t n_c = (p + 1) / 4;
+      keys += std::min(c.index_topk, n_c);
+      out.kv_bytes += uint64_t(B) * uint64_t(n_c * index_row);  // the indexer scans every row
+    } else if (ratio == 128) {
+      keys += (p + 1) / 128;
+    }
+    out.kv_bytes += uint64_t(B) * uint64_t(keys * row_bytes);
+  }
+  return out;
+}
+
 }  // namespace
 
 Command add_bench_decode(CLI::App& app) {
@@ -121,25 +206,53 @@ Command add_bench_decode(CLI::App& app) {
   app.add_option("--replays", o->replays, "Timed graph replays (median reported)")->default_val(200)->check(
       CLI::Range(1, 100000));
   app.add_option("--threads", o->threads, "CPU backend threads")->default_val(1);
+  app.add_option("--dp", o->dp, "Data-parallel ranks (CUDA: one GPU each, NCCL; CPU: in-process ranks); "
+                 "--batch is then per rank")->default_val(1)->check(CLI::Range(1, 64));
+  app.add_option("--moe", o->moe, "With --dp > 1: allgather or alltoall (experts split over the ranks)")
+      ->default_val("allgather")->check(CLI::IsMember({"allgather", "alltoall"}));
+  app.add_option("--nccl-max-ctas", o->nccl_max_ctas, "Cap on NCCL's CTAs per collective (0: NCCL's default)")
+      ->default_val(0)->check(CLI::Range(0, 64));
+  app.add_option("--comm-timeout", o->comm_timeout_s, "Seconds a collective may wait for a peer before failing")
+      ->default_val(120)->check(CLI::Range(1.0, 3600.0));
+  app.add_flag("!--no-cuda-graphs", o->use_graphs, "Time eager steps instead of graph replays");
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o] {
-    auto backend = make_backend(o->backend == "auto" ? default_backend_name() : o->backend, o->threads);
+    const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
     const std::vector<int32_t> batches = parse_list(o->batches, "--batch");
-    std::fprintf(stderr, "bench decode: loading %s on %s...\n", o->model_dir.empty() ? o->preset.c_str() : o->model_dir.c_str(),
-                 backend->name().c_str());
-    engine::ModelSource source{o->model_dir, o->model_dir.empty() ? o->preset : "", o->weight_seed};
-    auto loaded = engine::load_model(source, *backend);
-    const model::ModelConfig& c = loaded->config;
-    const double copy_bw = measure_copy_bandwidth(*backend);
+    const int32_t max_batch = *std::max_element(batches.begin(), batches.end());
+    engine::DpRanksOptions dro;
+    dro.dp = o->dp;
+    dro.moe = o->dp > 1 ? engine::parse_moe_mode(o->moe) : engine::MoeMode::kLocal;
+    dro.backend = backend_name;
+    dro.threads_per_rank = o->threads;
+    dro.source = engine::ModelSource{o->model_dir, o->model_dir.empty() ? o->preset : "", o->weight_seed};
+    dro.max_rows = max_batch;
+    dro.comm.timeout = std::chrono::milliseconds(int64_t(o->comm_timeout_s * 1000));
+    dro.nccl_max_ctas = o->nccl_max_ctas;
+    std::fprintf(stderr, "bench decode: loading %s on %s x %d...\n",
+                 o->model_dir.empty() ? o->preset.c_str() : o->model_dir.c_str(), backend_name.c_str(), o->dp);
+    engine::DpRanks dp = engine::build_dp_ranks(dro);
+    const model::ModelConfig& c = dp.config;
+    const int W = o->dp;
+    const double copy_bw = measure_copy_bandwidth(*dp.ranks[0]->backend);
     std::fprintf(stderr, "bench decode: copy bandwidth %.0f GB/s (read + write)\n", copy_bw / 1e9);
     const auto sizes = tensor_bytes(c);
-    const int64_t row_bytes = ops::kv_row_bytes(c.head_dim, c.qk_rope_head_dim);
-    const int64_t index_row = ops::index_row_bytes(c.index_head_dim);
-    const int64_t k = c.num_experts_per_tok, p = o->context;
+    const int64_t p = o->context;
+
+    // Dense weights every rank reads whole (the routed experts are counted from the routing).
+    uint64_t dense = 0;
+    for (const auto& [name, n] : sizes) {
+      if (name.rfind("mtp.", 0) == 0 || name.find(".ffn.experts.") != std::string::npos || name == "embed.weight")
+        continue;
+      dense += n;
+    }
+    const uint64_t per_expert = sizes.at("layers.0.ffn.experts.0.w1.weight") + sizes.at("layers.0.ffn.experts.0.w1.scale") +
+                                sizes.at("layers.0.ffn.experts.0.w2.weight") + sizes.at("layers.0.ffn.experts.0.w2.scale") +
+                                sizes.at("layers.0.ffn.experts.0.w3.weight") + sizes.at("layers.0.ffn.experts.0.w3.scale");
 
     nlohmann::json results = nlohmann::json::array();
-    std::printf("%-6s %10s %10s %10s %10s %8s   %s\n", "batch", "step ms", "tok/s", "GB moved", "GB/s", "x roof",
-                "stage ms (eager, event-timed)");
+    std::printf("%-6s %10s %10s %10s %10s %8s %8s   %s\n", "batch", "step ms", "tok/s", "GB moved", "GB/s", "x roof",
+                "comm %", "stage ms (eager, event-timed, rank 0)");
     for (int32_t B : batches) {
       engine::RunnerOptions ro;
       ro.max_tokens_per_step = B;
@@ -148,109 +261,92 @@ Command add_bench_decode(CLI::App& app) {
       ro.max_blocks_per_seq = engine::pages_for_positions(p + 1);
       ro.cache.num_slots = B;
       ro.cache.num_pages = int64_t(B) * ro.max_blocks_per_seq;
-      ro.use_graphs = true;
+      const bool graphs = o->use_graphs && dp.ranks[0]->backend->device() == core::Device::kCuda &&
+                          (dp.ranks[0]->moe == nullptr || dp.ranks[0]->moe->graph_capturable());
+      ro.use_graphs = graphs;
       ro.graph_buckets = {B};
-      engine::ModelRunner runner(c, loaded->weights, *backend, ro);
-      for (size_t l = 0; l < runner.caches().size(); ++l) backend->randomize_cache(runner.caches()[l], 1000 + l);
-      // B sequences, each decoding its token at position `context`.
-      std::vector<std::vector<int32_t>> pages(static_cast<size_t>(B)), tokens(static_cast<size_t>(B));
-      std::vector<engine::SequenceSlice> slices;
-      for (int32_t s = 0; s < B; ++s) {
-        for (int32_t b = 0; b < ro.max_blocks_per_seq; ++b) pages[size_t(s)].push_back(s * ro.max_blocks_per_seq + b);
-        tokens[size_t(s)] = {int32_t((uint64_t(s) * 2654435761u + 7) % uint64_t(c.vocab_size))};
-        engine::SequenceSlice sl;
-        sl.state_slot = s;
-        sl.start_pos = int32_t(p);
-        sl.tokens = tokens[size_t(s)].data();
-        sl.num_tokens = 1;
-        sl.block_table = &pages[size_t(s)];
-        sl.want_logits = true;
-        slices.push_back(sl);
-      }
-      const engine::StepMetadata meta = engine::build_step_metadata(slices);
-      const std::vector<double> ms = runner.time_graph_replays(meta, o->warmup, o->replays);
-      const double step_ms = median(ms);
+      // Every rank steps in its own thread (collectives pair up across them).
+      std::vector<RankRun> runs(static_cast<size_t>(W));
+      std::vector<std::string> errors(static_cast<size_t>(W));
+      std::vector<std::thread> threads;
+      for (int r = 0; r < W; ++r)
+        threads.emplace_back([&, r] {
+          engine::DpRank& rank = *dp.ranks[size_t(r)];
+          try {
+            rank.backend->bind_to_current_thread();
+            engine::ModelRunner runner(c, rank.model->weights, *rank.backend, ro, rank.moe.get());
+            runs[size_t(r)] = measure_rank(runner, *rank.backend, c, B, p, o->warmup, o->replays, graphs, r);
+          } catch (const std::exception& e) {
+            errors[size_t(r)] = e.what();
+            for (auto& comm : dp.comms) comm->abort(fmt::format("rank {}: {}", r, e.what()));
+          }
+        });
+      for (auto& t : threads) t.join();
+      for (int r = 0; r < W; ++r)
+        if (!errors[size_t(r)].empty()) core::fail("bench decode, batch {}, rank {}: {}", B, r, errors[size_t(r)]);
 
-      // Eager, event-timed run: per-stage times and the routing of every layer.
-      std::map<std::string, double> stage_ms;
+      // Bytes per GPU: dense weights + the local experts any rank's rows touch + own KV.
       std::vector<std::set<int32_t>> touched(static_cast<size_t>(c.num_hidden_layers));
-      auto timer = backend->make_timer();
-      const std::regex layer_prefix("^L([0-9]+)\\.");
-      runner.step_eager_with_hook(meta, [&](const model::Stage& stage, bool after) {
-        if (!after) {
-          timer->start();
-          return;
-        }
-        timer->stop();
-        const std::string kind = std::regex_replace(stage.name, layer_prefix, "");
-        stage_ms[kind] += timer->elapsed_ms();
-        std::smatch m;
-        if (kind == "attn_core" && std::regex_search(stage.name, m, layer_prefix)) {
-          const int64_t l = std::stoll(m[1]);
-          std::vector<int32_t> ids(size_t(B * k));
-          backend->download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
-          touched[size_t(l)].insert(ids.begin(), ids.end());
-        }
-      });
-
-      // Bytes the step must move.
-      uint64_t weights = 0, experts_bytes = 0, kv = 0;
-      for (const auto& [name, n] : sizes) {
-        if (name.rfind("mtp.", 0) == 0) continue;
-        if (name.find(".ffn.experts.") != std::string::npos) continue;
-        if (name == "embed.weight") continue;
-        weights += n;
+      for (const auto& run : runs)
+        for (size_t l = 0; l < touched.size(); ++l) touched[l].insert(run.touched[l].begin(), run.touched[l].end());
+      uint64_t worst_total = 0, worst_experts = 0, worst_kv = 0;
+      size_t worst_touched = 0;
+      double step_ms = 0, comm_ms = 0;
+      for (int r = 0; r < W; ++r) {
+        int64_t eb = 0, ee = c.n_routed_experts;
+        if (dp.ranks[size_t(r)]->moe) std::tie(eb, ee) = parallel::expert_range(c.n_routed_experts, W, r);
+        size_t n = 0;
+        for (const auto& t : touched)
+          for (int32_t e : t) n += (e >= eb && e < ee) ? 1 : 0;
+        const uint64_t experts = n * per_expert, kv = runs[size_t(r)].kv_bytes;
+        const uint64_t total = dense + uint64_t(B) * uint64_t(c.hidden_size) * 2 + experts + kv;
+        if (total > worst_total) worst_total = total, worst_experts = experts, worst_kv = kv, worst_touched = n;
+        step_ms = std::max(step_ms, median(runs[size_t(r)].step_ms));
+        comm_ms = std::max(comm_ms, runs[size_t(r)].comm_ms);
       }
-      weights += uint64_t(B) * uint64_t(c.hidden_size) * 2;  // the embedding rows read
-      const uint64_t per_expert = sizes.at("layers.0.ffn.experts.0.w1.weight") + sizes.at("layers.0.ffn.experts.0.w1.scale") +
-                                  sizes.at("layers.0.ffn.experts.0.w2.weight") + sizes.at("layers.0.ffn.experts.0.w2.scale") +
-                                  sizes.at("layers.0.ffn.experts.0.w3.weight") + sizes.at("layers.0.ffn.experts.0.w3.scale");
-      size_t num_touched = 0;
-      for (const auto& t : touched) num_touched += t.size();
-      experts_bytes = num_touched * per_expert;
-      const int64_t window = std::min<int64_t>(p + 1, c.sliding_window);
-      for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-        const int64_t ratio = c.compress_ratio(l);
-        int64_t keys = window;
-        if (ratio == 4) {
-          const int64_t n_c = (p + 1) / 4;
-          keys += std::min(c.index_topk, n_c);
-          kv += uint64_t(B) * uint64_t(n_c * index_row);  // the indexer scans every row
-        } else if (ratio == 128) {
-          keys += (p + 1) / 128;
-        }
-        kv += uint64_t(B) * uint64_t(keys * row_bytes);
-      }
-      const uint64_t total = weights + experts_bytes + kv;
-      const double roofline_ms = double(total) / copy_bw * 1e3;
+      double eager_ms = 0;
+      for (const auto& [name, t] : runs[0].stage_ms) eager_ms += t;
+      const double comm_share = eager_ms > 0 ? runs[0].comm_ms / eager_ms : 0.0;
+      const double roofline_ms = double(worst_total) / copy_bw * 1e3;
       std::string breakdown;
-      for (const auto& [name, t] : stage_ms) breakdown += fmt::format("{}={:.3f} ", name, t);
-      std::printf("%-6d %10.3f %10.0f %10.3f %10.0f %8.2f   %s\n", B, step_ms, B / (step_ms * 1e-3), total / 1e9,
-                  total / (step_ms * 1e-3) / 1e9, step_ms / roofline_ms, breakdown.c_str());
+      for (const auto& [name, t] : runs[0].stage_ms) breakdown += fmt::format("{}={:.3f} ", name, t);
+      std::printf("%-6d %10.3f %10.0f %10.3f %10.0f %8.2f %8.1f   %s\n", B, step_ms, W * B / (step_ms * 1e-3),
+                  worst_total / 1e9, worst_total / (step_ms * 1e-3) / 1e9, step_ms / roofline_ms, 100 * comm_share,
+                  breakdown.c_str());
       std::fflush(stdout);
       nlohmann::json r;
-      r["batch"] = B;
+      r["batch_per_rank"] = B;
       r["context"] = p;
-      r["step_ms_median"] = step_ms;
-      r["step_ms_min"] = *std::min_element(ms.begin(), ms.end());
-      r["step_ms_max"] = *std::max_element(ms.begin(), ms.end());
-      r["replays"] = ms.size();
-      r["tokens_per_s"] = B / (step_ms * 1e-3);
-      r["bytes"] = {{"weights_dense", weights}, {"experts", experts_bytes}, {"experts_touched", num_touched},
-                    {"kv", kv}, {"total", total}};
+      r["graphs"] = graphs;
+      r["step_ms_median"] = step_ms;  // slowest rank's median
+      r["step_ms_min"] = *std::min_element(runs[0].step_ms.begin(), runs[0].step_ms.end());
+      r["step_ms_max"] = *std::max_element(runs[0].step_ms.begin(), runs[0].step_ms.end());
+      r["timed_steps"] = runs[0].step_ms.size();
+      r["tokens_per_s"] = W * B / (step_ms * 1e-3);
+      r["bytes_per_gpu"] = {{"weights_dense", dense}, {"experts", worst_experts}, {"experts_touched", worst_touched},
+                            {"kv", worst_kv}, {"total", worst_total}};
       r["roofline_ms"] = roofline_ms;
       r["ratio_to_roofline"] = step_ms / roofline_ms;
-      r["achieved_gb_s"] = total / (step_ms * 1e-3) / 1e9;
-      r["stage_ms_eager"] = stage_ms;
+      r["achieved_gb_s"] = worst_total / (step_ms * 1e-3) / 1e9;
+      r["stage_ms_eager_rank0"] = runs[0].stage_ms;
+      r["eager_step_ms_rank0"] = eager_ms;
+      r["comm_ms_eager"] = comm_ms;
+      r["comm_ms_per_layer_eager"] = comm_ms / double(c.num_hidden_layers);
+      r["comm_share_eager"] = comm_share;
       results.push_back(r);
     }
     if (!o->json.empty()) {
       nlohmann::json out;
       out["preset"] = o->model_dir.empty() ? o->preset : o->model_dir;
-      out["backend"] = backend->name();
+      out["backend"] = backend_name;
+      out["dp"] = W;
+      out["moe"] = W > 1 ? o->moe : "local";
+      out["nccl_max_ctas"] = o->nccl_max_ctas;
       out["copy_bandwidth_gb_s"] = copy_bw / 1e9;
       out["results"] = results;
-      std::ofstream(o->json) << out.dump(2) << "\n";
+      std::ofstream f(o->json);
+      f << out.dump(2) << "\n";
+      if (!f.flush()) core::fail("--json {}: cannot write the file", o->json);
     }
     return 0;
   };

@@ -5,101 +5,36 @@
 #include <cstdio>
 
 #include "core/error.h"
-#include "parallel/expert_parallel.h"
-#include "parallel/inprocess_communicator.h"
-#if DSV4_HAVE_NCCL
-#include "ops/cuda/cuda_backend.h"
-#include "parallel/nccl_communicator.h"
-#endif
 
 namespace dsv4::engine {
 
-MoeMode parse_moe_mode(const std::string& name) {
-  if (name == "local") return MoeMode::kLocal;
-  if (name == "allgather") return MoeMode::kAllGather;
-  if (name == "alltoall") return MoeMode::kAllToAll;
-  core::fail("--moe must be allgather, alltoall or local, not \"{}\"", name);
-}
-
-const char* moe_mode_name(MoeMode mode) {
-  switch (mode) {
-    case MoeMode::kLocal: return "local";
-    case MoeMode::kAllGather: return "allgather";
-    case MoeMode::kAllToAll: return "alltoall";
-  }
-  return "?";
-}
-
 struct DpServingEngine::Rank {
+  DpRank* base = nullptr;
   int index = 0;
-  std::unique_ptr<ops::Backend> backend;
-  std::shared_ptr<LoadedModel> model;
-  std::unique_ptr<model::MoeExecutor> moe;
   std::unique_ptr<ModelRunner> runner;
   std::unique_ptr<EngineCore> core;
   std::atomic<int64_t> queued{0};  // submitted, not finished (for routing)
 };
 
 DpServingEngine::DpServingEngine(const DpEngineOptions& options) : options_(options) {
-  const int W = options.dp;
-  if (W < 1) core::fail("--dp must be at least 1, got {}", W);
-  const bool cuda = options.backend == "cuda";
-  if (cuda) {
-#if DSV4_HAVE_NCCL
-    parallel::ClusterSpec spec;
-    spec.gpus_per_node = W;
-    int devices = 0;
-    cudaGetDeviceCount(&devices);
-    if (devices < W) core::fail("--dp {} needs {} GPUs, this machine has {}", W, W, devices);
-    if (W > 1) {
-      parallel::NcclOptions nccl;
-      nccl.comm = options.comm;
-      parallel::ClusterPlan plan;
-      plan.world_size = W;
-      for (int r = 0; r < W; ++r) plan.local.push_back({r, r});
-      plan.unique_id = parallel::nccl_unique_id();
-      for (auto& c : parallel::create_nccl_communicators(plan, nccl)) comms_.push_back(std::move(c));
-    }
-#else
-    core::fail("--backend cuda with --dp needs a build with CUDA and NCCL");
-#endif
-  } else if (W > 1) {
-    comms_ = parallel::make_inprocess_group(W, options.comm);
-  }
-  for (int r = 0; r < W; ++r) {
+  DpRanksOptions ro;
+  ro.dp = options.dp;
+  ro.moe = options.moe;
+  ro.backend = options.backend;
+  ro.threads_per_rank = options.threads_per_rank;
+  ro.source = options.source;
+  ro.max_rows = options.runner.max_tokens_per_step;
+  ro.comm = options.comm;
+  ro.nccl_max_ctas = options.nccl_max_ctas;
+  dp_ = build_dp_ranks(ro);
+  config_ = dp_.config;
+  for (auto& base : dp_.ranks) {
     auto rank = std::make_unique<Rank>();
-    rank->index = r;
-    rank->backend = cuda ? ops::make_cuda_backend(r) : ops::make_cpu_backend(options.threads_per_rank);
-    rank->backend->bind_to_current_thread();
-    int64_t eb = 0, ee = -1;
-    if (W > 1 && options.moe != MoeMode::kLocal) {
-      const model::ModelConfig probe =
-          options.source.checkpoint_dir.empty() ? model::preset_config(options.source.preset) : model::ModelConfig{};
-      const int64_t E = options.source.checkpoint_dir.empty()
-                            ? probe.n_routed_experts
-                            : model::Checkpoint(options.source.checkpoint_dir).config().n_routed_experts;
-      std::tie(eb, ee) = parallel::expert_range(E, W, r);
-    }
-    rank->model = load_model(options.source, *rank->backend, eb, ee);
-    config_ = rank->model->config;
-    if (W > 1 && options.moe != MoeMode::kLocal) {
-      parallel::ExpertParallelShape shape;
-      shape.max_rows = options.runner.max_tokens_per_step;
-      shape.topk = config_.num_experts_per_tok;
-      shape.hidden = config_.hidden_size;
-      shape.num_experts = config_.n_routed_experts;
-#if DSV4_HAVE_NCCL
-      if (cuda)
-        static_cast<parallel::NcclCommunicator&>(*comms_[size_t(r)])
-            .set_stream(static_cast<ops::CudaBackend&>(*rank->backend).stream());
-#endif
-      if (options.moe == MoeMode::kAllGather)
-        rank->moe = std::make_unique<parallel::AllGatherMoeExecutor>(*comms_[size_t(r)], *rank->backend, shape);
-      else
-        rank->moe = std::make_unique<parallel::AllToAllMoeExecutor>(*comms_[size_t(r)], *rank->backend, shape);
-    }
-    rank->runner = std::make_unique<ModelRunner>(config_, rank->model->weights, *rank->backend, options.runner,
-                                                 rank->moe.get());
+    rank->base = base.get();
+    rank->index = base->index;
+    base->backend->bind_to_current_thread();
+    rank->runner = std::make_unique<ModelRunner>(config_, base->model->weights, *base->backend, options.runner,
+                                                 base->moe.get());
     rank->core = std::make_unique<EngineCore>(*rank->runner, options.scheduler, options.eos_token_id);
     ranks_.push_back(std::move(rank));
   }
@@ -188,13 +123,13 @@ void DpServingEngine::fail_all(const std::string& error) {
     accepting_ = false;
     stopping_ = true;
   }
-  for (auto& c : comms_) c->abort(error);
+  for (auto& c : dp_.comms) c->abort(error);
   wake_.notify_all();
 }
 
 void DpServingEngine::run_rank(Rank& rank) {
-  rank.backend->bind_to_current_thread();
-  parallel::Communicator* comm = comms_.empty() ? nullptr : comms_[size_t(rank.index)].get();
+  rank.base->backend->bind_to_current_thread();
+  parallel::Communicator* comm = rank.base->comm;
   const bool lockstep = comm != nullptr && options_.moe != MoeMode::kLocal;
   try {
     for (int64_t iteration = 0;; ++iteration) {

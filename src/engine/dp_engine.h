@@ -15,15 +15,12 @@
 #include <thread>
 #include <vector>
 
+#include "engine/dp_ranks.h"
 #include "engine/model_loader.h"
 #include "engine/serving_engine.h"
 #include "parallel/communicator.h"
 
 namespace dsv4::engine {
-
-enum class MoeMode { kLocal, kAllGather, kAllToAll };
-MoeMode parse_moe_mode(const std::string& name);  // "local", "allgather", "alltoall"
-const char* moe_mode_name(MoeMode mode);
 
 struct DpEngineOptions {
   int dp = 1;
@@ -34,6 +31,7 @@ struct DpEngineOptions {
   SchedulerConfig scheduler;
   RunnerOptions runner;               // per rank
   parallel::CommOptions comm;
+  int nccl_max_ctas = 0;              // 0: NCCL's default
   int32_t eos_token_id = 1;
   bool check_ledger = false;          // compare every step's collective ledger across ranks
   // Tests: called by every rank before each step; returning false makes that
@@ -68,7 +66,7 @@ class DpServingEngine final : public ServingEngine {
 
   DpEngineOptions options_;
   model::ModelConfig config_;
-  std::vector<std::unique_ptr<parallel::Communicator>> comms_;
+  DpRanks dp_;
   std::vector<std::unique_ptr<Rank>> ranks_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;

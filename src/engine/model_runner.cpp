@@ -174,6 +174,19 @@ std::vector<double> ModelRunner::time_graph_replays(const StepMetadata& meta, in
   return ms;
 }
 
+std::vector<double> ModelRunner::time_eager_steps(const StepMetadata& meta, int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) step(meta, nullptr, nullptr, false);
+  auto timer = backend_.make_timer();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    timer->start();
+    step(meta, nullptr, nullptr, false);
+    timer->stop();
+    ms.push_back(timer->elapsed_ms());
+  }
+  return ms;
+}
+
 void ModelRunner::mtp_step(const StepMetadata& meta, const std::vector<uint16_t>& hidden, std::vector<float>* logits) {
   const ops::BatchView batch = upload_metadata(meta);
   const int64_t R = int64_t(meta.logit_rows.size());

@@ -63,6 +63,9 @@ class ModelRunner {
 
   // One MTP-block step: meta.token_ids are the NEXT tokens, `hidden` the main
   // model's final hyper-streams at meta's rows.
+  // Benchmarks of steps that cannot be recorded (host-sized MoE exchange):
+  // `warmup` eager steps, then `iters` eager steps, each timed on the device.
+  std::vector<double> time_eager_steps(const StepMetadata& meta, int warmup, int iters);
   void mtp_step(const StepMetadata& meta, const std::vector<uint16_t>& hidden, std::vector<float>* logits);
 
  private:

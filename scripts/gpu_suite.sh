@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
+#   scripts/gpu_suite.sh OUT_DIR STEP...
+# Steps: build, tests, parity, dp, bench1, bench2, serve, memcheck (in the order given).
+# Every step writes its log under OUT_DIR and a PASS/FAIL/SKIP line to
+# OUT_DIR/summary.txt; a failing step does not stop the next one.
+# A split-form httplib (Debian's) and its libraries may be carried in .carry/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: scripts/gpu_suite.sh OUT_DIR STEP...}"
+shift
+mkdir -p "$out"
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$PWD/.carry/lib"
+export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$PWD/.carry/lib"
+export NCCL_NVLS_ENABLE=0
+B=build-gpu
+D=$B/tools/dsv4
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+
+note() { echo "$*" | tee -a "$out/summary.txt"; }
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  if timeout "$limit" "$@" >"$out/$name.log" 2>"$out/$name.err"; then
+    note "PASS $name ($((SECONDS - t0)) s)"
+  else
+    note "FAIL $name rc=$? ($((SECONDS - t0)) s): tail of $name.log and $name.err:"
+    tail -n 25 "$out/$name.log" "$out/$name.err" | sed 's/^/    /' | tee -a "$out/summary.txt"
+  fi
+}
+
+for s in "$@"; do
+  case "$s" in
+    build)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
+        >>"$out/summary.txt" 2>&1
+      note "commit ${DSV4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+      step configure 300 cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON
+      step build 600 cmake --build $B -j "$(nproc)"
+      ;;
+    tests)  # every GPU test: op-vs-reference matrix, model parity, graph == eager, NCCL, kill test
+      step gpu-tests 600 ctest --test-dir $B -L gpu --output-on-failure --timeout 400
+      ;;
+    parity)  # the CLI on CUDA against the CPU reference: greedy ids of 4 prompts (one > 300 tokens)
+      ids=$(python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(129280)) for _ in range(310)))")
+      args=(--preset tiny --random-weights 1 --prompt-ids 0,17,42 --prompt-ids 5,6,7,8,9,10,11 --prompt-ids "$ids"
+            --prompt-ids 100,200,300,400,500 --max-new-tokens 64 --temperature 0)
+      step parity-cpu 300 $D generate --backend cpu --threads 8 "${args[@]}"
+      step parity-cuda 300 $D generate --backend cuda "${args[@]}"
+      if [ -s "$out/parity-cpu.log" ] && cmp -s "$out/parity-cpu.log" "$out/parity-cuda.log"; then
+        note "PASS parity: CUDA greedy ids == CPU greedy ids (4 prompts x 64 tokens)"
+      else
+        note "FAIL parity: CUDA and CPU greedy ids differ (see parity-*.log)"
+      fi
+      ;;
+    dp)  # --dp 2 with NCCL against one GPU: all-to-all bit for bit, all-gather within fp32 rounding
+      if [ "$gpus" -lt 2 ]; then note "SKIP dp: needs 2 GPUs, have $gpus"; continue; fi
+      args=(--preset tiny --random-weights 1 --prompt-ids 0,17,42 --prompt-ids 5,6,7,8,9,10,11,12,13
+            --prompt-ids 100,200,300 --prompt-ids 9,8,7 --prompt-ids 1,2 --max-new-tokens 100 --temperature 0)
+      step dp1 300 $D generate --backend cuda --dp 1 --no-cuda-graphs "${args[@]}" --dump-logits /tmp/dp1.npy
+      step dp2-alltoall 300 $D generate --backend cuda --dp 2 --enable-expert-parallel --moe alltoall "${args[@]}" \
+        --dump-logits /tmp/dp2a.npy
+      step dp2-allgather 300 $D generate --backend cuda --dp 2 --enable-expert-parallel --moe allgather "${args[@]}" \
+        --dump-logits /tmp/dp2g.npy
+      if cmp -s /tmp/dp1.npy /tmp/dp2a.npy; then note "PASS dp2 alltoall logits == dp1 bit for bit (5 seqs x 100)"
+      else note "FAIL dp2 alltoall logits differ from dp1"; fi
+      python3 -c "
+import numpy as np
+a, b = np.load('/tmp/dp1.npy'), np.load('/tmp/dp2g.npy')
+print('dp2 allgather vs dp1: shape', a.shape, 'max abs diff', float(np.abs(a - b).max()), 'identical', bool((a == b).all()))
+" 2>&1 | tee -a "$out/summary.txt"
+      ;;
+    bench1)  # single-GPU decode against the roofline (issue 7)
+      step bench-1g 500 $D bench decode --preset bench-1g --random-weights 1 --batch 1,16,64,256 --context 4096 \
+        --json "$out/bench-1g.json"
+      sed 's/^/    /' "$out/bench-1g.log" >>"$out/summary.txt"
+      ;;
+    bench2)  # 2-GPU decode, both MoE paths, communication share (issue 3)
+      if [ "$gpus" -lt 2 ]; then note "SKIP bench2: needs 2 GPUs"; continue; fi
+      for moe in allgather alltoall; do
+        step bench-2g-$moe 500 $D bench decode --preset bench-2g --random-weights 1 --dp 2 --moe $moe \
+          --batch 16,64,256,512 --context 4096 --replays 50 --json "$out/bench-2g-$moe.json"
+        sed 's/^/    /' "$out/bench-2g-$moe.log" >>"$out/summary.txt"
+      done
+      ;;
+    serve)  # the server on 2 GPUs, expert parallel, load from bench serve (issue 4)
+      if [ "$gpus" -lt 2 ] || [ ! -x $D ]; then note "SKIP serve"; continue; fi
+      $D serve --preset bench-2g --random-weights 1 --backend cuda --dp 2 --moe allgather --port 8123 \
+        --max-num-seqs 512 --max-model-len 2048 --kv-cache-memory 24G >"$out/serve-server.log" 2>&1 &
+      server=$!
+      for _ in $(seq 1 180); do curl -sf localhost:8123/health >/dev/null 2>&1 && break; sleep 1; done
+      for c in 64 256 1024; do
+        step serve-c$c 300 $D bench serve --port 8123 --num-prompts $((c * 2)) --concurrency $c --input-len 256 \
+          --output-len 64 --seed 1 --json "$out/serve-c$c.json"
+        tail -n 30 "$out/serve-c$c.log" | sed 's/^/    /' >>"$out/summary.txt"
+      done
+      curl -s localhost:8123/metrics >"$out/serve-metrics.txt" 2>&1
+      kill -INT $server; wait $server
+      ;;
+    memcheck)  # compute-sanitizer over the GPU op tests and one model run
+      step memcheck-ops 500 compute-sanitizer --tool memcheck --error-exitcode 1 $B/tests/ops/cuda_ops_test
+      step memcheck-model 300 compute-sanitizer --tool memcheck --error-exitcode 1 $D generate --backend cuda \
+        --preset tiny --random-weights 1 --prompt-ids 0,17,42 --prompt-ids 5,6,7,8 --max-new-tokens 8 --temperature 0
+      ;;
+    *) note "unknown step $s" ;;
+  esac
+done
