@@ -397,9 +397,16 @@ std::vector<float> reference_scores(const Tensor& q /* [T, Hi, Di] */, const Ten
   return out;
 }
 
-// A valid top-min(K, n) of `scores` within one bf16 ulp, sorted within one ulp, -1 filled.
+// A valid top-min(K, n) of `scores`, sorted, -1 filled; "within" means one bf16
+// ulp or 2^-8 of the largest |score| (the fast path sums the products in another
+// order, so scores near zero can move many ulps while moving little).
 void expect_valid_topk(const int32_t* sel, int64_t K, const std::vector<float>& scores, const std::string& what) {
   const int64_t n = int64_t(scores.size()), keep = std::min(K, n);
+  float scale = 0;
+  for (float v : scores) scale = std::max(scale, std::fabs(v));
+  auto within = [scale](float lo, float hi) {
+    return bf16_ulps(float_to_bf16(lo), float_to_bf16(hi)) <= 1 || double(hi) - double(lo) <= scale / 256.0;
+  };
   std::vector<char> chosen(static_cast<size_t>(n), 0);
   float min_sel = INFINITY;
   for (int64_t i = 0; i < K; ++i) {
@@ -413,13 +420,12 @@ void expect_valid_topk(const int32_t* sel, int64_t K, const std::vector<float>& 
     const float sc = scores[size_t(sel[i])];
     min_sel = std::min(min_sel, sc);
     if (i > 0) {
-      ASSERT_LE(bf16_ulps(float_to_bf16(sc), float_to_bf16(std::max(sc, scores[size_t(sel[i - 1])]))), 1)
-          << what << " not sorted at slot " << i;
+      ASSERT_TRUE(within(sc, std::max(sc, scores[size_t(sel[i - 1])]))) << what << " not sorted at slot " << i;
     }
   }
   for (int64_t j = 0; j < n; ++j) {
     if (!chosen[size_t(j)] && scores[size_t(j)] > min_sel) {
-      ASSERT_LE(bf16_ulps(float_to_bf16(scores[size_t(j)]), float_to_bf16(min_sel)), 1)
+      ASSERT_TRUE(within(min_sel, scores[size_t(j)]))
           << what << ": row " << j << " (score " << scores[size_t(j)] << ") left out above " << min_sel;
     }
   }
