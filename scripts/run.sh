@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The main job of the README: set up, build, write the `tiny` checkpoint and
-# generate from it on the CPU reference backend (no GPU, no download beyond the
-# package registries).
+# The main job of the README: set up, build, and start the OpenAI-compatible
+# server on the embedded default (the `tiny` preset with synthetic weights; CUDA
+# when a GPU is usable, else the CPU reference backend) with the real DeepSeek
+# tokenizer. No download beyond the package registries. Ctrl-C stops it.
+# Extra arguments go to `dsv4 serve` (e.g. --port 8080, --model DIR, --dp 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-model=build/models/tiny
-if [ ! -f "$model/model.safetensors.index.json" ]; then
-  build/tools/dsv4 make-checkpoint --preset tiny --seed 0 --out "$model"
-fi
-echo "dsv4 generate --model $model --backend cpu --prompt-ids 0,17,42 --prompt-ids 0,1000,2000,3000 --max-new-tokens 16"
-build/tools/dsv4 generate --model "$model" --backend cpu --prompt-ids 0,17,42 --prompt-ids 0,1000,2000,3000 \
-  --max-new-tokens 16 --temperature 0
+DSV4_TOKENIZER_DIR="$(scripts/fetch_tokenizer.sh)"
+export DSV4_TOKENIZER_DIR
+exec build/tools/dsv4 serve --preset tiny --random-weights 0 --backend auto --port "${PORT:-8000}" "$@"
