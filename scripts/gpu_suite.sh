@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
-# Steps: build, tests, parity, dp, bench1, bench2, serve, memcheck (in the order given).
+# Steps: build, tests, parity, dp, bench1, bench2, serve, profile, memcheck (in the order given).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
@@ -107,6 +107,14 @@ print('dp2 allgather vs dp1: shape', a.shape, 'max abs diff', float(np.abs(a - b
       done
       curl -s localhost:8123/metrics >"$out/serve-metrics.txt" 2>&1
       kill -INT $server; wait $server
+      ;;
+    profile)  # ncu: every kernel of one eager bench-1g decode step (time, DRAM bytes), batch 1 and 64
+      for b in ${PROFILE_BATCHES:-1 64}; do
+        step profile-b$b 300 ncu --profile-from-start off --csv --metrics \
+          gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size,launch__block_size \
+          $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 --no-cuda-graphs \
+          --replays 1 --warmup 0 --profile
+      done
       ;;
     memcheck)  # compute-sanitizer over the GPU op tests and one model run
       step memcheck-ops ${MEMCHECK_S:-500} compute-sanitizer --tool memcheck --error-exitcode 1 $B/tests/ops/cuda_ops_test

@@ -42,6 +42,7 @@ struct BenchOptions {
   int nccl_max_ctas = 0;
   double comm_timeout_s = 120;
   bool use_graphs = true;
+  bool profile = false;
   std::string json;
 };
 
@@ -119,7 +120,7 @@ struct RankRun {
 
 // B sequences decoding their token at position p on `runner`, caches random.
 RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
-                     int64_t p, int warmup, int replays, bool graphs, int rank) {
+                     int64_t p, int warmup, int replays, bool graphs, int rank, bool profile) {
   RankRun out;
   out.graphs = graphs;
   const int32_t blocks = runner.options().max_blocks_per_seq;
@@ -147,6 +148,7 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
   auto timer = backend.make_timer();
   const std::regex layer_prefix("^L([0-9]+)\\.");
   const int64_t k = c.num_experts_per_tok;
+  if (profile) backend.profiler_collect(true);
   runner.step_eager_with_hook(meta, [&](const model::Stage& stage, bool after) {
     if (!after) {
       timer->start();
@@ -165,6 +167,7 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
       out.touched[size_t(l)].insert(ids.begin(), ids.end());
     }
   });
+  if (profile) backend.profiler_collect(false);
 
   const int64_t row_bytes = ops::kv_row_bytes(c.head_dim, c.qk_rope_head_dim);
   const int64_t index_row = ops::index_row_bytes(c.index_head_dim);
@@ -215,6 +218,9 @@ Command add_bench_decode(CLI::App& app) {
   app.add_option("--comm-timeout", o->comm_timeout_s, "Seconds a collective may wait for a peer before failing")
       ->default_val(120)->check(CLI::Range(1.0, 3600.0));
   app.add_flag("!--no-cuda-graphs", o->use_graphs, "Time eager steps instead of graph replays");
+  app.add_flag("--profile", o->profile,
+               "Bracket the event-timed eager step for a profiler started with collection off "
+               "(ncu --profile-from-start off ...)");
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o] {
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
@@ -275,7 +281,7 @@ Command add_bench_decode(CLI::App& app) {
           try {
             rank.backend->bind_to_current_thread();
             engine::ModelRunner runner(c, rank.model->weights, *rank.backend, ro, rank.moe.get());
-            runs[size_t(r)] = measure_rank(runner, *rank.backend, c, B, p, o->warmup, o->replays, graphs, r);
+            runs[size_t(r)] = measure_rank(runner, *rank.backend, c, B, p, o->warmup, o->replays, graphs, r, o->profile);
           } catch (const std::exception& e) {
             errors[size_t(r)] = e.what();
             for (auto& comm : dp.comms) comm->abort(fmt::format("rank {}: {}", r, e.what()));

@@ -189,6 +189,9 @@ class Backend {
   void copy(const core::Tensor& dst, const core::Tensor& src);
   // Makes this backend's device current on the calling thread (rank threads call it once).
   virtual void bind_to_current_thread() {}
+  // Brackets work for an external profiler started with collection off (ncu
+  // --profile-from-start off); no-op where there is none.
+  virtual void profiler_collect(bool on) {}
   virtual std::unique_ptr<Timer> make_timer();
   // Fills every row and state of a cache with random valid content (benchmarks:
   // a decode step at context C without prefilling C tokens; never zeros).

@@ -201,17 +201,23 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
   const ModelSource source{*dir_, "", 0};
   auto cpu_model = load_model(source, *cpu);
   auto cuda_model = load_model(source, *cuda);
-  const auto prompt = requests()[2].prompt;  // 301 tokens
-  const int32_t T = int32_t(prompt.size());
+  // A 301-token prefill, then 8 single-token decode steps of the same sequence.
+  std::vector<int32_t> tokens = requests()[2].prompt;
+  const int32_t prompt_len = int32_t(tokens.size());
+  for (int i = 0; i < 8; ++i) tokens.push_back(tokens[size_t(i * 31)]);
   std::vector<int32_t> pages = {0, 1, 2, 3};
-  SequenceSlice sl;
-  sl.state_slot = 0;
-  sl.start_pos = 0;
-  sl.tokens = prompt.data();
-  sl.num_tokens = T;
-  sl.block_table = &pages;
-  sl.want_logits = true;
-  const StepMetadata meta = build_step_metadata({sl});
+  std::vector<StepMetadata> steps;
+  for (int32_t pos = 0; pos < int32_t(tokens.size()); pos += pos == 0 ? prompt_len : 1) {
+    SequenceSlice sl;
+    sl.state_slot = 0;
+    sl.start_pos = pos;
+    sl.tokens = tokens.data() + pos;
+    sl.num_tokens = pos == 0 ? prompt_len : 1;
+    sl.block_table = &pages;
+    sl.want_logits = true;
+    steps.push_back(build_step_metadata({sl}));
+  }
+  int32_t T = 0;
   auto watched = [](model::MicroBatchBuffers& b) {
     return std::vector<std::pair<std::string, core::Tensor*>>{
         {"X", &b.X},       {"X_alt", &b.X_alt},           {"xn", &b.xn},         {"post", &b.post},
@@ -231,8 +237,15 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
     be.download(v.data(), rows, v.size());
     return v;
   };
-  // CPU: every watched buffer a stage reads (before it) and writes (after it).
   auto cpu_runner = runner(*cpu, *cpu_model, false);
+  auto cuda_runner = runner(*cuda, *cuda_model, false);
+  double worst = 0;
+  std::string worst_where;
+  for (size_t step = 0; step < steps.size(); ++step) {
+  const StepMetadata& meta = steps[step];
+  T = meta.num_tokens();
+  std::printf("-- step %zu: %d token(s) from position %d\n", step, T, meta.positions[0]);
+  // CPU: every watched buffer a stage reads (before it) and writes (after it).
   std::vector<Bytes> before, after;
   std::vector<std::string> names;
   cpu_runner->step_eager_with_hook(meta, [&](const model::Stage& stage, bool done) {
@@ -242,10 +255,7 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
     (done ? after : before).push_back(std::move(snap));
     if (done) names.push_back(stage.name);
   });
-  auto cuda_runner = runner(*cuda, *cuda_model, false);
   size_t st = 0;
-  double worst = 0;
-  std::string worst_where;
   cuda_runner->step_eager_with_hook(meta, [&](const model::Stage& stage, bool done) {
     ASSERT_LT(st, names.size());
     ASSERT_EQ(stage.name, names[st]);
@@ -300,7 +310,7 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
       } else {
         const double rel = std::sqrt(num / std::max(den, 1e-30));
         std::snprintf(buf, sizeof buf, " %s=%.1e", name.c_str(), rel);
-        if (rel > worst) worst = rel, worst_where = stage.name + " " + name;
+        if (rel > worst) worst = rel, worst_where = "step " + std::to_string(step) + " " + stage.name + " " + name;
         EXPECT_LE(rel, kStageTolerance) << "stage " << stage.name << " buffer " << name;
       }
       line += buf;
@@ -309,6 +319,7 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
     ++st;
   });
   EXPECT_EQ(st, names.size());
+  }
   std::printf("worst stage error (teacher-forced): %.2e at %s (tolerance %.0e)\n", worst, worst_where.c_str(),
               kStageTolerance);
 }

@@ -420,7 +420,9 @@ void expect_valid_topk(const int32_t* sel, int64_t K, const std::vector<float>& 
     const float sc = scores[size_t(sel[i])];
     min_sel = std::min(min_sel, sc);
     if (i > 0) {
-      ASSERT_TRUE(within(sc, std::max(sc, scores[size_t(sel[i - 1])]))) << what << " not sorted at slot " << i;
+      ASSERT_TRUE(within(sc, std::max(sc, scores[size_t(sel[i - 1])])))
+          << what << " not sorted at slot " << i << ": row " << sel[i - 1] << " score " << scores[size_t(sel[i - 1])]
+          << " before row " << sel[i] << " score " << sc << " (largest |score| " << scale << ", " << n << " rows)";
     }
   }
   for (int64_t j = 0; j < n; ++j) {

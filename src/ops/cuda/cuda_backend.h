@@ -37,6 +37,7 @@ class CudaBackend final : public Backend {
   CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const override;
   std::unique_ptr<Graph> capture(const std::function<void()>& body) override;
   void bind_to_current_thread() override;
+  void profiler_collect(bool on) override;
   std::unique_ptr<Timer> make_timer() override;
   void randomize_cache(LayerCache& cache, uint64_t seed) override;
 

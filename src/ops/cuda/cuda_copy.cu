@@ -1,5 +1,7 @@
 // Byte copies and the slot gather of the expert-parallel combine.
 // gather_slots: memory-bound, 2 x T*k*D*2 bytes; one CTA per (row, slot), 16-byte accesses.
+#include <cuda_profiler_api.h>
+
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
 
@@ -24,6 +26,11 @@ __global__ void gather_slots_kernel(const uint4* __restrict__ src, const int32_t
 }  // namespace
 
 void CudaBackend::bind_to_current_thread() { DSV4_CUDA_CHECK(cudaSetDevice(device_)); }
+
+void CudaBackend::profiler_collect(bool on) {
+  DSV4_CUDA_CHECK(cudaStreamSynchronize(stream()));
+  DSV4_CUDA_CHECK(on ? cudaProfilerStart() : cudaProfilerStop());
+}
 
 void CudaBackend::do_copy(const core::Tensor& dst, const core::Tensor& src) {
   if (src.nbytes())
