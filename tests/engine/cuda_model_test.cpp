@@ -3,8 +3,9 @@
 // lengths (one past 300 tokens, so the indexer is selective and the ratio-128
 // compressor has emitted rows), chunked prefill and 100 decode steps.
 // - every stage, fed the CPU's inputs, within 1e-2 relative L2 of the CPU's outputs;
-// - teacher-forced decode (the CPU's greedy tokens fed to both): every logits
-//   row within kRelL2Tolerance (see there why it is a few percent, not 1e-3);
+// - teacher-forced decode (the CPU's greedy tokens fed to both): logits rows
+//   within kRelL2Mean / kRelL2Worst, argmax equal on most rows (see there why
+//   this is a few percent, not 1e-3);
 // - CUDA graph replay == eager CUDA, bit for bit, over the same generation.
 #include <gtest/gtest.h>
 
@@ -34,7 +35,10 @@ constexpr int kDecodeSteps = 100;
 // tiny's random weights: each stage alone is within ~1e-3 (the teacher-forced
 // stage test), but a ~1e-4 difference flips FP8 activation roundings (12.5%
 // steps) in the next linear, which grows it x3-x10 per layer.
-constexpr double kRelL2Tolerance = 0.15;
+// Measured on an H200 (2026-11-28, 400 rows): mean 0.098-0.100, worst 0.39-0.51,
+// argmax equal on 79-81% of rows. A wrong kernel (a layer's output off, a wrong
+// key attended) gives ~1.0 relative error and argmax agreement near zero.
+constexpr double kRelL2Mean = 0.15, kRelL2Worst = 0.75, kArgmaxAgreement = 0.7;
 constexpr double kStageTolerance = 1e-2;  // one stage from identical inputs
 
 using Logits = std::vector<std::vector<std::vector<float>>>;  // [seq][token][vocab]
@@ -165,11 +169,13 @@ TEST_F(CudaTinyModel, TeacherForcedDecodeMatchesCpuReference) {
       ++rows;
       const auto argmax = [](const std::vector<float>& v) { return std::max_element(v.begin(), v.end()) - v.begin(); };
       argmax_agree += argmax(got[s][i]) == argmax(ref[s][i]);
-      EXPECT_LE(rel, kRelL2Tolerance) << "sequence " << s << " token " << i;
+      EXPECT_LE(rel, kRelL2Worst) << "sequence " << s << " token " << i;
     }
   }
-  std::printf("teacher-forced logits, %zu rows: relative L2 error mean %.3e worst %.3e (tolerance %.2f); "
-              "argmax agrees on %zu rows\n", rows, sum / double(rows), worst, kRelL2Tolerance, argmax_agree);
+  std::printf("teacher-forced logits, %zu rows: relative L2 error mean %.3e worst %.3e; argmax agrees on %zu rows\n",
+              rows, sum / double(rows), worst, argmax_agree);
+  EXPECT_LE(sum / double(rows), kRelL2Mean);
+  EXPECT_GE(double(argmax_agree), kArgmaxAgreement * double(rows));
 }
 
 TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
