@@ -47,7 +47,8 @@ for s in "$@"; do
       step build 600 cmake --build $B -j "$(nproc)"
       ;;
     tests)  # every GPU test: op-vs-reference matrix, model parity, graph == eager, NCCL, kill test
-      step gpu-tests 600 ctest --test-dir $B -L gpu --no-tests=error --output-on-failure --timeout 400
+      step gpu-tests 600 ctest --test-dir $B -L gpu -R "${GPU_TESTS_REGEX:-.}" --no-tests=error --output-on-failure \
+        --timeout 400
       ;;
     parity)  # the CLI on CUDA against the CPU reference: greedy ids of 4 prompts (one > 300 tokens)
       ids=$(python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(129280)) for _ in range(310)))")
@@ -87,7 +88,7 @@ print('dp2 allgather vs dp1: shape', a.shape, 'max abs diff', float(np.abs(a - b
       if [ "$gpus" -lt 2 ]; then note "SKIP bench2: needs 2 GPUs"; continue; fi
       for moe in allgather alltoall; do
         step bench-2g-$moe 500 $D bench decode --preset bench-2g --random-weights 1 --dp 2 --moe $moe \
-          --batch 16,64,256,512 --context 4096 --replays 50 --json "$out/bench-2g-$moe.json"
+          --batch "${BENCH2_BATCHES:-16,64,256,512}" --context 4096 --replays 50 --json "$out/bench-2g-$moe.json"
         sed 's/^/    /' "$out/bench-2g-$moe.log" >>"$out/summary.txt"
       done
       ;;
