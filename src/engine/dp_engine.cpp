@@ -47,14 +47,8 @@ int64_t DpServingEngine::submit(RequestParams params, TokenCallback on_token, st
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!accepting_) {
-      const std::string why = failure_.empty() ? "the server is shutting down" : "the engine failed: " + failure_;
-      if (error) *error = why;
-      TokenEvent e;
-      e.finished = true;
-      e.reason = FinishReason::kError;
-      e.error = why;
-      if (on_token) on_token(e);
-      return -1;
+      return reject_request(failure_.empty() ? "the server is shutting down" : "the engine failed: " + failure_,
+                            on_token, error);
     }
   }
   // The least loaded rank: fewest queued requests, then the most free cache.

@@ -11,20 +11,24 @@ LocalServingEngine::LocalServingEngine(std::shared_ptr<ModelRunner> runner, cons
   thread_ = std::thread([this] { loop(); });
 }
 
+int64_t reject_request(const std::string& why, const TokenCallback& on_token, std::string* error) {
+  if (error) *error = why;
+  TokenEvent e;
+  e.finished = true;
+  e.reason = FinishReason::kError;
+  e.error = why;
+  if (on_token) on_token(e);
+  return -1;
+}
+
 LocalServingEngine::~LocalServingEngine() { shutdown(false); }
 
 int64_t LocalServingEngine::submit(RequestParams params, TokenCallback on_token, std::string* error) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!accepting_) {
-      const std::string why = fatal_.empty() ? "the server is shutting down" : "the engine failed: " + fatal_;
-      if (error) *error = why;
-      TokenEvent e;
-      e.finished = true;
-      e.reason = FinishReason::kError;
-      e.error = why;
-      if (on_token) on_token(e);
-      return -1;
+      return reject_request(fatal_.empty() ? "the server is shutting down" : "the engine failed: " + fatal_,
+                            on_token, error);
     }
   }
   const int64_t id = core_.submit(std::move(params), std::move(on_token), error);

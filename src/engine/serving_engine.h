@@ -15,6 +15,10 @@
 
 namespace dsv4::engine {
 
+// What submit() does with a request it cannot take: `error` set, the callback
+// given a finished event carrying it, -1 returned.
+int64_t reject_request(const std::string& why, const TokenCallback& on_token, std::string* error);
+
 class ServingEngine {
  public:
   virtual ~ServingEngine() = default;

@@ -95,7 +95,19 @@ class CudaTinyModel : public ::testing::Test {
     return out;
   }
 
+  // Both backends with the same checkpoint loaded (only where a GPU is usable).
+  void SetUp() override {
+    if (!ops::cuda_device_available()) return;
+    cpu_ = ops::make_cpu_backend(int(std::max(1u, std::thread::hardware_concurrency())));
+    cuda_ = ops::make_cuda_backend(0);
+    const ModelSource source{*dir_, "", 0};
+    cpu_model_ = load_model(source, *cpu_);
+    cuda_model_ = load_model(source, *cuda_);
+  }
+
   static std::string* dir_;
+  std::unique_ptr<ops::Backend> cpu_, cuda_;
+  std::shared_ptr<LoadedModel> cpu_model_, cuda_model_;
 };
 std::string* CudaTinyModel::dir_ = nullptr;
 
@@ -104,11 +116,10 @@ TEST_F(CudaTinyModel, TeacherForcedDecodeMatchesCpuReference) {
   // same prompts (chunks of 97) and decodes the CPU's tokens, batched, so every
   // logits row has the same inputs on both sides.
   DSV4_REQUIRE_CUDA();
-  auto cpu = ops::make_cpu_backend(int(std::max(1u, std::thread::hardware_concurrency())));
-  auto cuda = ops::make_cuda_backend(0);
-  const ModelSource source{*dir_, "", 0};
-  auto cpu_model = load_model(source, *cpu);
-  auto cuda_model = load_model(source, *cuda);
+  auto& cpu = cpu_;
+  auto& cuda = cuda_;
+  auto& cpu_model = cpu_model_;
+  auto& cuda_model = cuda_model_;
   Logits ref;
   const auto ref_tokens = run(*runner(*cpu, *cpu_model, false), ref);
   const auto reqs = requests();
@@ -180,11 +191,9 @@ TEST_F(CudaTinyModel, TeacherForcedDecodeMatchesCpuReference) {
 
 TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
   DSV4_REQUIRE_CUDA();
-  auto cuda = ops::make_cuda_backend(0);
-  auto model = load_model(ModelSource{*dir_, "", 0}, *cuda);
   Logits eager, replayed;
-  auto eager_runner = runner(*cuda, *model, false);
-  auto graph_runner = runner(*cuda, *model, true);
+  auto eager_runner = runner(*cuda_, *cuda_model_, false);
+  auto graph_runner = runner(*cuda_, *cuda_model_, true);
   const auto a = run(*eager_runner, eager);
   const auto b = run(*graph_runner, replayed);
   EXPECT_GE(graph_runner->num_graphs(), 1u);
@@ -202,11 +211,10 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
 // test is where kernel errors show up undiluted.
 TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
   DSV4_REQUIRE_CUDA();
-  auto cpu = ops::make_cpu_backend(int(std::max(1u, std::thread::hardware_concurrency())));
-  auto cuda = ops::make_cuda_backend(0);
-  const ModelSource source{*dir_, "", 0};
-  auto cpu_model = load_model(source, *cpu);
-  auto cuda_model = load_model(source, *cuda);
+  auto& cpu = cpu_;
+  auto& cuda = cuda_;
+  auto& cpu_model = cpu_model_;
+  auto& cuda_model = cuda_model_;
   // A 301-token prefill, then 8 single-token decode steps of the same sequence.
   std::vector<int32_t> tokens = requests()[2].prompt;
   const int32_t prompt_len = int32_t(tokens.size());

@@ -71,16 +71,6 @@ constexpr float kFp4MaxInv = 1.0f / 6.0f;
 constexpr float kFp4AmaxFloor = 6.0f * 1.1754943508222875e-38f;  // 6 * 2^-126, as ref::fp4_block_exponent
 constexpr unsigned kFull = 0xffffffffu;
 
-void check_launch(cudaStream_t stream) {
-  DSV4_CUDA_CHECK(cudaGetLastError());
-#ifndef NDEBUG
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-#endif
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 template <typename K>
 void allow_smem(K kernel, size_t bytes) {

@@ -1,6 +1,8 @@
 // Checked CUDA / cuBLAS calls: every call names itself in the error.
 #pragma once
 
+#include <cstdint>
+
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -22,14 +24,21 @@
                          int(dsv4_st_));                                                          \
   } while (0)
 
-// After every launch: the launch error always; in debug builds also a device sync,
-// so a faulting kernel is named where it runs.
-#ifdef NDEBUG
-#define DSV4_CUDA_LAUNCH_CHECK() DSV4_CUDA_CHECK(cudaGetLastError())
-#else
-#define DSV4_CUDA_LAUNCH_CHECK()               \
-  do {                                         \
-    DSV4_CUDA_CHECK(cudaGetLastError());       \
-    DSV4_CUDA_CHECK(cudaDeviceSynchronize());  \
-  } while (0)
+namespace dsv4::ops {
+
+// After every launch: the launch error always; in debug builds also a sync of
+// the stream, so a faulting kernel is named where it runs (skipped while the
+// stream is being captured into a graph, where synchronising is illegal).
+inline void check_launch(cudaStream_t stream) {
+  DSV4_CUDA_CHECK(cudaGetLastError());
+#ifndef NDEBUG
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
 #endif
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+inline bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
+
+}  // namespace dsv4::ops

@@ -43,7 +43,7 @@ void CudaBackend::do_gather_slots(const core::Tensor& src, const core::Tensor& i
   if (T == 0 || k == 0) return;
   gather_slots_kernel<<<unsigned(T * k), 128, 0, stream_>>>(src.as<uint4>(), index.as<int32_t>(), dst.as<uint4>(), k,
                                                              D / 8);
-  DSV4_CUDA_LAUNCH_CHECK();
+  check_launch(stream_);
 }
 
 }  // namespace dsv4::ops
@@ -132,7 +132,7 @@ void CudaBackend::randomize_cache(LayerCache& cache, uint64_t seed) {
     const dim3 block(32, 8);
     random_kv_rows_kernel<<<unsigned((num_rows + 7) / 8), block, 0, stream_>>>(
         t.as<uint8_t>(), num_rows, row_bytes, head_dim - kRope, kRope, seed ^ salt);
-    DSV4_CUDA_LAUNCH_CHECK();
+    check_launch(stream_);
   };
   kv_rows(cache.window, 11);
   kv_rows(cache.rows, 12);
@@ -142,14 +142,14 @@ void CudaBackend::randomize_cache(LayerCache& cache, uint64_t seed) {
     const dim3 block(32, 8);
     random_index_rows_kernel<<<unsigned((num_rows + 7) / 8), block, 0, stream_>>>(
         cache.index_rows.as<uint8_t>(), num_rows, row_bytes, di, seed ^ 13);
-    DSV4_CUDA_LAUNCH_CHECK();
+    check_launch(stream_);
   }
   uint64_t stream = 20;
   for (core::Tensor* t : {&cache.kv_state, &cache.score_state, &cache.index_kv_state, &cache.index_score_state}) {
     ++stream;
     if (t->ndim() == 0 || t->numel() == 0) continue;
     random_f32_kernel<<<1024, 256, 0, stream_>>>(t->as<float>(), t->numel(), seed, stream);
-    DSV4_CUDA_LAUNCH_CHECK();
+    check_launch(stream_);
   }
 }
 

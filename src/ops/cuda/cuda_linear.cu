@@ -48,15 +48,6 @@ bool simple_path() {
   return from_env;
 }
 
-// The launch error always; in debug builds also a sync (skipped while capturing).
-void launch_check(cudaStream_t stream) {
-  DSV4_CUDA_CHECK(cudaGetLastError());
-#ifndef NDEBUG
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-#endif
-}
 
 // Scratch of this file, one buffer per (name, stream) so that ops issued on two
 // streams never share one. `fresh` reports a new allocation (contents undefined).
@@ -87,7 +78,7 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
   const int64_t items = rows * (k / 128);
   if (items == 0) return;
   lk::act_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s);
-  launch_check(be.stream());
+  check_launch(be.stream());
 }
 
 // ---- the tensor-core GEMM ---------------------------------------------------------------
@@ -125,7 +116,7 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
   lk::gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p);
-  launch_check(be.stream());
+  check_launch(be.stream());
 }
 
 template <WFmt F, int NT, bool kTwo>
@@ -134,7 +125,7 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::expert_gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
   lk::expert_gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
-  launch_check(be.stream());
+  check_launch(be.stream());
 }
 
 template <WFmt F>
@@ -216,7 +207,7 @@ void quant_gemm(CudaBackend& be, const QuantLinear& w, const uint8_t* xq, const 
   if (simple_path() || !quant_fast_ok(w)) {
     lk::simple_quant_linear_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, be.stream()>>>(
         xq, xs, M, w.k, w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), fp4 ? 1 : 0, w.n, y, ldy);
-    launch_check(be.stream());
+    check_launch(be.stream());
     return;
   }
   lk::GemmParams p{};
@@ -251,7 +242,7 @@ void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool 
   if (simple_path() || !bf16_fast_ok(x, w)) {
     lk::simple_linear_bf16_kernel<<<blocks_for_warps(M * N, kSimpleBlocks), 256, 0, be.stream()>>>(
         x.data(), x.dtype() == DType::kF32 ? 1 : 0, w.as<uint16_t>(), M, N, K, y, y_f32 ? 1 : 0);
-    launch_check(be.stream());
+    check_launch(be.stream());
     return;
   }
   lk::GemmParams p{};
@@ -332,7 +323,7 @@ void CudaBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64
   if (!fast) {
     lk::simple_grouped_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, stream()>>>(
         x.as<uint16_t>(), w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), M, G, R, C, y.as<uint16_t>());
-    launch_check(stream());
+    check_launch(stream());
     return;
   }
   lk::GemmParams p{};
@@ -375,7 +366,7 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
     uint16_t* h = scratch_as<uint16_t>(*this, "ffn.h", R * I);
     lk::simple_swiglu_kernel<<<unsigned(std::min<int64_t>((R * I + 255) / 256, kSimpleBlocks)), 256, 0, stream()>>>(
         gu, rw, R, I, limit, h);
-    launch_check(stream());
+    check_launch(stream());
     quantize_rows(*this, h, I, R, I, hq, hs);
     quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D);
     return;
@@ -403,7 +394,7 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
   run_gemm(*this, quant_fmt(w.w1), p);
   lk::swiglu_quant_kernel<<<blocks_for_warps(R * (I / 128)), 256, 0, stream()>>>(gu, R, I, nullptr, rw, nullptr,
                                                                                   limit, hq, hs);
-  launch_check(stream());
+  check_launch(stream());
   quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D);
 }
 
@@ -433,7 +424,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
 
   lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(
       id, P, int(expert_begin), int(expert_end), o, D, (D % 8 == 0 && aligned(o, 16)) ? 1 : 0);
-  launch_check(s);
+  check_launch(s);
   uint8_t* xq = scratch_as<uint8_t>(*this, "moe.xq", R * D);
   float* xs = scratch_as<float>(*this, "moe.xs", R * (D / 128));
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
@@ -469,7 +460,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
       }
       lk::simple_expert_gateup_kernel<<<blocks_for_warps(P * I, kSimpleBlocks), 256, 0, s>>>(
           id, P, int(k), int(c0), int(c1), *table, fp4_13 ? 1 : 0, xq, xs, D, I, limit, weights.as<float>(), h);
-      launch_check(s);
+      check_launch(s);
     }
     quantize_rows(*this, h, I, P, I, hq, hs);  // rows of non-local pairs are quantized too, and never read
     for (int64_t c0 = expert_begin; c0 < expert_end; c0 += lk::kMaxTableExperts) {
@@ -481,7 +472,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
       }
       lk::simple_expert_down_kernel<<<blocks_for_warps(P * D, kSimpleBlocks), 256, 0, s>>>(
           id, P, int(c0), int(c1), *table, fp4_2 ? 1 : 0, hq, hs, I, D, o);
-      launch_check(s);
+      check_launch(s);
     }
     return;
   }
@@ -495,7 +486,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   lk::expert_prep_kernel<<<1, 1024, size_t(16 * num_local), s>>>(id, int(P), int(k), int(expert_begin),
                                                                  int(num_local), int(bm), int(max_tiles), pair_list,
                                                                  token_rows, tiles, counts, counts + 1);
-  launch_check(s);
+  check_launch(s);
 
   lk::GemmParams p{};
   p.w_row_bytes = fp4_13 ? D / 2 : D;
@@ -523,7 +514,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
 
   lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
                                                                           pair_list, limit, hq, hs);
-  launch_check(s);
+  check_launch(s);
 
   lk::GemmParams q{};
   q.w_row_bytes = fp4_2 ? I / 2 : I;
@@ -564,7 +555,7 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
       logits, int(E), int(k), scoring, config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
       weights.as<float>(), ids.as<int32_t>());
-  launch_check(stream());
+  check_launch(stream());
 }
 
 }  // namespace dsv4::ops

@@ -28,19 +28,6 @@ namespace {
 
 // ---- shared helpers ------------------------------------------------------------
 
-// Launch error always; in debug builds also a synchronisation (outside graph
-// capture, where synchronising is illegal) so a faulting kernel is named here.
-void check_launch(cudaStream_t stream) {
-  DSV4_CUDA_CHECK(cudaGetLastError());
-#ifndef NDEBUG
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
-  if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
-#endif
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
 
 unsigned grid_for(int64_t work_items, int threads) {
   const int64_t blocks = (work_items + threads - 1) / threads;
