@@ -53,6 +53,7 @@ Command add_generate(CLI::App& app) {
     int dp = 1;
     bool expert_parallel = false;
     bool no_graphs = false;
+    ParallelFlags parallel;
   };
   auto o = std::make_shared<Options>();
   app.description(
@@ -101,6 +102,7 @@ Command add_generate(CLI::App& app) {
       ->default_val(512)
       ->check(CLI::Range(1, 1 << 20));
   app.add_flag("--no-cuda-graphs", o->no_graphs, "Run decode steps eagerly instead of replaying CUDA graphs");
+  add_parallel_flags(app, o->parallel);
   return [o] {
     if (o->model_dir.empty() && o->preset.empty()) core::fail("give --model DIR or --preset NAME --random-weights SEED");
     std::vector<engine::RequestParams> requests;
@@ -131,6 +133,7 @@ Command add_generate(CLI::App& app) {
     eo.prefill_chunk = o->prefill_chunk;
     eo.max_model_len = int32_t(longest);
     eo.use_graphs = !o->no_graphs;
+    apply_parallel_flags(o->parallel, eo);
     auto engine = engine::build_serving_engine(eo);
     const int64_t V = engine->config().vocab_size;
 

@@ -116,6 +116,7 @@ Command add_serve(CLI::App& app) {
     int64_t kv_cache_pages = 0;
     int threads = 0, dp = 1, http_threads = 512;
     double shutdown_grace = 30.0;
+    ParallelFlags parallel;
   };
   auto o = std::make_shared<Options>();
   app.footer(
@@ -178,6 +179,7 @@ Command add_serve(CLI::App& app) {
                  "Seconds in-flight requests may keep running after SIGINT/SIGTERM before they are cancelled")
       ->default_val(30.0)
       ->check(CLI::Range(0.0, 86400.0));
+  add_parallel_flags(app, o->parallel);
 
   return [o] {
     serve::HttpServer* server_ptr = nullptr;  // read by the signal handler under its lock
@@ -211,6 +213,7 @@ Command add_serve(CLI::App& app) {
     eo.threads = o->dp > 1 ? std::max(1, threads / o->dp) : threads;
     eo.dp = o->dp;
     eo.moe = engine::parse_moe_mode(o->moe);
+    apply_parallel_flags(o->parallel, eo);
     eo.max_num_seqs = o->max_num_seqs;
     eo.max_num_batched_tokens = o->max_num_batched_tokens;
     eo.prefill_chunk = o->max_num_batched_tokens;

@@ -8,6 +8,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "engine/engine_builder.h"
 #include "ops/backend.h"
 
 namespace dsv4::tools {
@@ -30,6 +31,18 @@ std::unique_ptr<ops::Backend> make_backend(const std::string& name, int threads)
 
 // "cuda" when this build has the CUDA backend and a GPU is usable, else "cpu".
 std::string default_backend_name();
+
+// Flags of the data-parallel group shared by generate and serve: several nodes,
+// the collective timeout, NCCL's CTA cap.
+struct ParallelFlags {
+  int nnodes = 1, node_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29533;
+  double comm_timeout_s = 120;
+  int nccl_max_ctas = 0;
+};
+void add_parallel_flags(CLI::App& app, ParallelFlags& flags);
+void apply_parallel_flags(const ParallelFlags& flags, engine::EngineBuildOptions& options);
 
 // "4096", "64M", "5G", "auto" (0).
 uint64_t parse_size(const std::string& text, const char* option);

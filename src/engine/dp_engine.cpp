@@ -26,6 +26,10 @@ DpServingEngine::DpServingEngine(const DpEngineOptions& options) : options_(opti
   ro.max_rows = options.runner.max_tokens_per_step;
   ro.comm = options.comm;
   ro.nccl_max_ctas = options.nccl_max_ctas;
+  ro.nnodes = options.nnodes;
+  ro.node_rank = options.node_rank;
+  ro.master_addr = options.master_addr;
+  ro.master_port = options.master_port;
   dp_ = build_dp_ranks(ro);
   config_ = dp_.config;
   for (auto& base : dp_.ranks) {

@@ -32,6 +32,9 @@ struct DpEngineOptions {
   RunnerOptions runner;               // per rank
   parallel::CommOptions comm;
   int nccl_max_ctas = 0;              // 0: NCCL's default
+  int nnodes = 1, node_rank = 0;      // several nodes: see DpRanksOptions
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29533;
   int32_t eos_token_id = 1;
   bool check_ledger = false;          // compare every step's collective ledger across ranks
   // Tests: called by every rank before each step; returning false makes that

@@ -1,5 +1,7 @@
 #include "engine/dp_ranks.h"
 
+#include <cstdio>
+
 #include "core/error.h"
 #include "model/checkpoint.h"
 #include "parallel/expert_parallel.h"
@@ -28,47 +30,69 @@ const char* moe_mode_name(MoeMode mode) {
 }
 
 DpRanks build_dp_ranks(const DpRanksOptions& options) {
-  const int W = options.dp;
-  if (W < 1) core::fail("--dp must be at least 1, got {}", W);
+  const int L = options.dp;  // ranks in this process
+  if (L < 1) core::fail("--dp must be at least 1, got {}", L);
   if (options.backend != "cpu" && options.backend != "cuda")
     core::fail("backend must be cpu or cuda, not \"{}\"", options.backend);
+  if (options.nnodes < 1) core::fail("--nnodes must be at least 1, got {}", options.nnodes);
+  if (options.node_rank < 0 || options.node_rank >= options.nnodes)
+    core::fail("--node-rank {} is outside 0..{} (--nnodes {})", options.node_rank, options.nnodes - 1, options.nnodes);
   const bool cuda = options.backend == "cuda";
+  if (options.nnodes > 1 && !cuda) core::fail("--nnodes {} needs --backend cuda (NCCL)", options.nnodes);
   DpRanks out;
+  out.world_size = L * options.nnodes;
+  int rank_offset = 0;
   if (cuda) {
 #if DSV4_HAVE_NCCL
     int devices = 0;
     if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
-    if (devices < W) core::fail("--dp {} needs {} GPUs, this machine has {}", W, W, devices);
-    if (W > 1) {
+    if (devices < L) core::fail("--dp {} needs {} GPUs, this machine has {}", L, L, devices);
+    if (out.world_size > 1) {
       parallel::NcclOptions nccl;
       nccl.comm = options.comm;
       nccl.max_ctas = options.nccl_max_ctas;
       parallel::ClusterPlan plan;
-      plan.world_size = W;
-      for (int r = 0; r < W; ++r) plan.local.push_back({r, r});
-      plan.unique_id = parallel::nccl_unique_id();
+      if (options.nnodes > 1) {
+        parallel::ClusterSpec spec;
+        spec.nnodes = options.nnodes;
+        spec.node_rank = options.node_rank;
+        spec.gpus_per_node = L;
+        spec.master_addr = options.master_addr;
+        spec.master_port = options.master_port;
+        std::fprintf(stderr, "dsv4: node %d of %d: waiting for the cluster at %s:%d...\n", options.node_rank,
+                     options.nnodes, options.master_addr.c_str(), options.master_port);
+        plan = parallel::bootstrap_nccl(spec);
+        std::fprintf(stderr, "dsv4: %s\n", parallel::describe(spec, plan).c_str());
+      } else {
+        plan.world_size = L;
+        for (int r = 0; r < L; ++r) plan.local.push_back({r, r});
+        plan.unique_id = parallel::nccl_unique_id();
+      }
+      rank_offset = plan.rank_offset;
       for (auto& c : parallel::create_nccl_communicators(plan, nccl)) out.comms.push_back(std::move(c));
     }
 #else
-    if (W > 1) core::fail("--backend cuda with --dp {} needs a build with CUDA and NCCL", W);
+    if (out.world_size > 1) core::fail("--backend cuda with --dp {} needs a build with CUDA and NCCL", L);
 #endif
-  } else if (W > 1) {
-    out.comms = parallel::make_inprocess_group(W, options.comm);
+  } else if (L > 1) {
+    out.comms = parallel::make_inprocess_group(L, options.comm);
   }
+  const int W = out.world_size;
   const bool split = W > 1 && options.moe != MoeMode::kLocal;
   int64_t num_experts = 0;
   if (split)
     num_experts = options.source.checkpoint_dir.empty()
                       ? model::preset_config(options.source.preset).n_routed_experts
                       : model::Checkpoint(options.source.checkpoint_dir).config().n_routed_experts;
-  for (int r = 0; r < W; ++r) {
+  for (int r = 0; r < L; ++r) {
     auto rank = std::make_unique<DpRank>();
     rank->index = r;
+    rank->global_rank = rank_offset + r;
     rank->comm = out.comms.empty() ? nullptr : out.comms[size_t(r)].get();
     rank->backend = cuda ? ops::make_cuda_backend(r) : ops::make_cpu_backend(options.threads_per_rank);
     rank->backend->bind_to_current_thread();
     int64_t eb = 0, ee = -1;
-    if (split) std::tie(eb, ee) = parallel::expert_range(num_experts, W, r);
+    if (split) std::tie(eb, ee) = parallel::expert_range(num_experts, W, rank->global_rank);
     rank->model = load_model(options.source, *rank->backend, eb, ee);
     out.config = rank->model->config;
     if (split) {

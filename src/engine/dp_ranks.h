@@ -12,6 +12,7 @@
 #include "engine/model_loader.h"
 #include "model/moe_executor.h"
 #include "ops/backend.h"
+#include "parallel/bootstrap.h"
 #include "parallel/communicator.h"
 
 namespace dsv4::engine {
@@ -21,7 +22,7 @@ MoeMode parse_moe_mode(const std::string& name);  // "local", "allgather", "allt
 const char* moe_mode_name(MoeMode mode);
 
 struct DpRanksOptions {
-  int dp = 1;
+  int dp = 1;                         // ranks in this process (GPUs of this node)
   MoeMode moe = MoeMode::kAllGather;  // kLocal: every rank holds every expert (pure data parallel)
   std::string backend = "cpu";        // "cpu": in-process ranks; "cuda": rank r on GPU r, NCCL
   int threads_per_rank = 1;           // CPU backend threads
@@ -29,10 +30,17 @@ struct DpRanksOptions {
   int64_t max_rows = 512;             // rows per rank per step (sizes the MoE exchange buffers)
   parallel::CommOptions comm;
   int nccl_max_ctas = 0;              // 0: NCCL's default
+  // Several nodes (CUDA): every node runs this process with its node_rank; node 0
+  // hands out the NCCL id over TCP at master_addr:master_port. The world is
+  // nnodes * dp ranks, the experts split over all of them.
+  int nnodes = 1, node_rank = 0;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29533;
 };
 
 struct DpRank {
-  int index = 0;
+  int index = 0;        // in this process
+  int global_rank = 0;  // in the world (== index on one node)
   std::unique_ptr<ops::Backend> backend;
   std::shared_ptr<LoadedModel> model;
   std::unique_ptr<model::MoeExecutor> moe;   // null: every expert local
@@ -41,6 +49,7 @@ struct DpRank {
 
 struct DpRanks {
   model::ModelConfig config;
+  int world_size = 1;
   std::vector<std::unique_ptr<parallel::Communicator>> comms;
   std::vector<std::unique_ptr<DpRank>> ranks;
 };

@@ -65,9 +65,14 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   dp.scheduler = sc;
   dp.runner = ro;
   dp.comm = o.comm;
+  dp.nccl_max_ctas = o.nccl_max_ctas;
+  dp.nnodes = o.nnodes;
+  dp.node_rank = o.node_rank;
+  dp.master_addr = o.master_addr;
+  dp.master_port = o.master_port;
   dp.eos_token_id = int32_t(config.eos_token_id);
   dp.check_ledger = o.check_ledger;
-  if (o.dp == 1) {
+  if (o.dp == 1 && o.nnodes == 1) {
     auto backend = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(o.threads);
     auto loaded = load_model(o.source, *backend);
     // The runner keeps references to the backend and the weights: own them together.

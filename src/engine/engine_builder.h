@@ -26,6 +26,10 @@ struct EngineBuildOptions {
   uint64_t kv_cache_memory = 0;       // per rank, bytes (0: unused)
   bool use_graphs = true;             // decode steps replay CUDA graphs (CUDA backend only)
   parallel::CommOptions comm;
+  int nccl_max_ctas = 0;              // 0: NCCL's default
+  int nnodes = 1, node_rank = 0;      // several nodes (CUDA): node 0 at master_addr:master_port
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29533;
   bool check_ledger = false;
 };
 
