@@ -129,6 +129,10 @@ void DpServingEngine::run_rank(Rank& rank) {
   rank.base->backend->bind_to_current_thread();
   parallel::Communicator* comm = rank.base->comm;
   const bool lockstep = comm != nullptr && options_.moe != MoeMode::kLocal;
+  // Whether the last agreement saw work anywhere in the group: then this rank
+  // steps again at once, even with nothing of its own (ranks on other nodes are
+  // not in ranks_ and cannot wake it).
+  bool group_busy = false;
   try {
     for (int64_t iteration = 0;; ++iteration) {
       if (options_.rank_step_hook && !options_.rank_step_hook(rank.index, iteration)) return;
@@ -136,7 +140,7 @@ void DpServingEngine::run_rank(Rank& rank) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait_for(lock, std::chrono::milliseconds(20), [&] {
-          if (stopping_ || abort_) return true;
+          if (stopping_ || abort_ || group_busy) return true;
           for (auto& r : ranks_)
             if (r->core->has_work()) return true;
           return false;
@@ -154,11 +158,14 @@ void DpServingEngine::run_rank(Rank& rank) {
       // One small collective: the step's DP max of rows, whether any rank has
       // queued work or is stopping, and whether every rank can replay a graph.
       const int32_t rows = step.num_tokens;
-      int64_t agree[4] = {rows, rank.core->has_work() ? 1 : 0, stopping ? 1 : 0, 0};
+      // {max rows, any rank has work, any rank still running}: the group stops
+      // only when every rank (on every node) is stopping and none has work left.
+      int64_t agree[4] = {rows, rank.core->has_work() ? 1 : 0, stopping ? 0 : 1, 0};
       comm->all_reduce_host(agree, 3, parallel::ReduceOp::kMax);
       const int32_t dp_rows = int32_t(agree[0]);
+      group_busy = dp_rows > 0 || agree[1] != 0;
       if (dp_rows == 0) {
-        if (agree[2] && !agree[1]) return;  // every rank stopping and drained
+        if (agree[2] == 0 && agree[1] == 0) return;  // every rank stopping and drained
         continue;
       }
       int64_t no_graph = rank.core->graph_eligible(step, dp_rows) ? 0 : 1;
