@@ -9,8 +9,7 @@
 namespace dsv4::engine {
 
 struct DpServingEngine::Rank {
-  DpRank* base = nullptr;
-  int index = 0;
+  DpRank* base = nullptr;  // backend, model, MoE executor, communicator
   std::unique_ptr<ModelRunner> runner;
   std::unique_ptr<EngineCore> core;
   std::atomic<int64_t> queued{0};  // submitted, not finished (for routing)
@@ -35,7 +34,6 @@ DpServingEngine::DpServingEngine(const DpEngineOptions& options) : options_(opti
   for (auto& base : dp_.ranks) {
     auto rank = std::make_unique<Rank>();
     rank->base = base.get();
-    rank->index = base->index;
     base->backend->bind_to_current_thread();
     rank->runner = std::make_unique<ModelRunner>(config_, base->model->weights, *base->backend, options.runner,
                                                  base->moe.get());
@@ -67,7 +65,7 @@ int64_t DpServingEngine::submit(RequestParams params, TokenCallback on_token, st
   }
   Rank* rank = best;
   ++rank->queued;
-  const int index = rank->index;
+  const int index = rank->base->index;
   auto wrapped = [rank, index, cb = std::move(on_token)](const TokenEvent& e) {
     TokenEvent g = e;
     g.request_id = e.request_id * kRankStride + index;
@@ -135,7 +133,7 @@ void DpServingEngine::run_rank(Rank& rank) {
   bool group_busy = false;
   try {
     for (int64_t iteration = 0;; ++iteration) {
-      if (options_.rank_step_hook && !options_.rank_step_hook(rank.index, iteration)) return;
+      if (options_.rank_step_hook && !options_.rank_step_hook(rank.base->index, iteration)) return;
       bool stopping = false, abort = false;
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -177,7 +175,7 @@ void DpServingEngine::run_rank(Rank& rank) {
     }
   } catch (const std::exception& e) {
     // Communicator errors already name the rank; others get it here.
-    const std::string prefix = fmt::format("rank {}: ", rank.index);
+    const std::string prefix = fmt::format("rank {}: ", rank.base->global_rank);
     const std::string what = e.what();
     const std::string msg = what.rfind(prefix, 0) == 0 ? what : prefix + what;
     std::fprintf(stderr, "dsv4: %s\n", msg.c_str());

@@ -177,26 +177,8 @@ void expect_quantized_rows_close(const std::vector<uint16_t>& got, const std::ve
 
 // ---- batches over persistent sequences ----------------------------------------------------
 
-struct TestBatch {
-  std::vector<int32_t> token_ids, positions, token_seq, seq_begin, seq_len, seq_start, seq_slot, block_table;
-  int32_t max_blocks = 1;
-  BatchView view() const {
-    BatchView v;
-    v.num_tokens = int32_t(positions.size());
-    v.num_seqs = int32_t(seq_begin.size());
-    v.max_blocks = max_blocks;
-    v.token_ids = token_ids.data();
-    v.positions = positions.data();
-    v.token_seq = token_seq.data();
-    v.seq_begin = seq_begin.data();
-    v.seq_len = seq_len.data();
-    v.seq_start_pos = seq_start.data();
-    v.seq_slot = seq_slot.data();
-    v.block_table = block_table.data();
-    return v;
-  }
-  int64_t rows() const { return int64_t(positions.size()); }
-};
+using testing::BatchArrays;
+using TestBatch = BatchArrays;
 
 struct Sequence {
   int32_t slot;
@@ -252,37 +234,10 @@ std::vector<Sequence> make_sequences(const std::vector<std::pair<int32_t, int32_
   return seqs;
 }
 
-struct DeviceBatch {
-  std::vector<Tensor> keep;
-  BatchView view;
-};
+using testing::DeviceBatch;
+using testing::upload_batch;
 
-DeviceBatch upload_batch(Backend& cuda, const TestBatch& b) {
-  DeviceBatch d;
-  auto up = [&](const std::vector<int32_t>& v) -> const int32_t* {
-    Tensor h = Tensor::empty_cpu(DType::kI32, {std::max<int64_t>(int64_t(v.size()), 1)});
-    if (!v.empty()) std::memcpy(h.data(), v.data(), v.size() * 4);
-    d.keep.push_back(testing::to_device(cuda, h));
-    return d.keep.back().as<int32_t>();
-  };
-  d.view = b.view();
-  d.view.token_ids = up(b.token_ids);
-  d.view.positions = up(b.positions);
-  d.view.token_seq = up(b.token_seq);
-  d.view.seq_begin = up(b.seq_begin);
-  d.view.seq_len = up(b.seq_len);
-  d.view.seq_start_pos = up(b.seq_start);
-  d.view.seq_slot = up(b.seq_slot);
-  d.view.block_table = up(b.block_table);
-  return d;
-}
-
-RopeTable host_rope(bool yarn) {
-  RopeTable r{Tensor::empty_cpu(DType::kF32, {32}), 64};
-  auto f = yarn ? rope_inv_freq(64, 160000, true, 16, 65536, 32, 1) : rope_inv_freq(64, 10000, false, 1, 65536, 32, 1);
-  std::copy(f.begin(), f.end(), r.inv_freq.as<float>());
-  return r;
-}
+using testing::host_rope;
 
 Tensor copy_host(const Tensor& t) {
   Tensor c = Tensor::empty_cpu(t.dtype(), t.shape(), t.ndim());

@@ -2,13 +2,17 @@
 // between the CPU reference backend and the CUDA backend.
 #pragma once
 
+#include <algorithm>
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
 #include "core/tensor.h"
 #include "ops/backend.h"
 #include "ops/cuda/cuda_backend.h"
+#include "op_test_util.h"
 
 namespace dsv4::testing {
 
@@ -40,6 +44,41 @@ inline core::Tensor device_poisoned(ops::CudaBackend& cuda, core::DType dtype, s
   core::Tensor t = cuda.empty(dtype, shape);
   cudaMemsetAsync(t.data(), 0x7f, t.nbytes(), cuda.stream());
   return t;
+}
+
+// Device copies of a batch's arrays and a view of them.
+struct DeviceBatch {
+  std::vector<core::Tensor> keep;
+  ops::BatchView view;
+};
+
+inline DeviceBatch upload_batch(ops::Backend& cuda, const BatchArrays& b) {
+  DeviceBatch d;
+  auto up = [&](const std::vector<int32_t>& v) -> const int32_t* {
+    core::Tensor h = core::Tensor::empty_cpu(core::DType::kI32, {std::max<int64_t>(int64_t(v.size()), 1)});
+    if (!v.empty()) std::memcpy(h.data(), v.data(), v.size() * 4);
+    d.keep.push_back(to_device(cuda, h));
+    return d.keep.back().as<int32_t>();
+  };
+  d.view = b.view();
+  d.view.token_ids = up(b.token_ids);
+  d.view.positions = up(b.positions);
+  d.view.token_seq = up(b.token_seq);
+  d.view.seq_begin = up(b.seq_begin);
+  d.view.seq_len = up(b.seq_len);
+  d.view.seq_start_pos = up(b.seq_start);
+  d.view.seq_slot = up(b.seq_slot);
+  d.view.block_table = up(b.block_table);
+  return d;
+}
+
+// A host RoPE table over the last 64 dims: plain (base 10000) or YaRN (V4's compressed-layer policy).
+inline ops::RopeTable host_rope(bool yarn) {
+  ops::RopeTable r{core::Tensor::empty_cpu(core::DType::kF32, {32}), 64};
+  auto f = yarn ? ops::rope_inv_freq(64, 160000, true, 16, 65536, 32, 1)
+                : ops::rope_inv_freq(64, 10000, false, 1, 65536, 32, 1);
+  std::copy(f.begin(), f.end(), r.inv_freq.as<float>());
+  return r;
 }
 
 }  // namespace dsv4::testing

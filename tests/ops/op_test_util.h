@@ -41,26 +41,10 @@ inline float bf(const core::Tensor& t, int64_t i) { return core::bf16_to_float(t
 // Poisons a tensor so unwritten outputs show up.
 inline void poison(const core::Tensor& t) { std::memset(t.data(), 0x7f, t.nbytes()); }
 
-// A batch of sequences with given (slot, start, length), rows in order, pages
-// 0.. assigned to sequence s as s * pages_per_seq + b.
-struct HostBatch {
+// The host arrays behind a BatchView, and the view of them.
+struct BatchArrays {
   std::vector<int32_t> token_ids, positions, token_seq, seq_begin, seq_len, seq_start, seq_slot, block_table;
-  int32_t max_blocks = 0;
-  HostBatch(const std::vector<std::array<int32_t, 3>>& seqs, int32_t pages_per_seq) : max_blocks(pages_per_seq) {
-    for (size_t s = 0; s < seqs.size(); ++s) {
-      auto [slot, start, len] = seqs[s];
-      seq_begin.push_back(int32_t(positions.size()));
-      seq_len.push_back(len);
-      seq_start.push_back(start);
-      seq_slot.push_back(slot);
-      for (int32_t i = 0; i < len; ++i) {
-        token_ids.push_back(int32_t((start + i) * 7 % 1000));
-        positions.push_back(start + i);
-        token_seq.push_back(int32_t(s));
-      }
-      for (int32_t b = 0; b < pages_per_seq; ++b) block_table.push_back(int32_t(s) * pages_per_seq + b);
-    }
-  }
+  int32_t max_blocks = 1;
   ops::BatchView view() const {
     ops::BatchView v;
     v.num_tokens = int32_t(positions.size());
@@ -75,6 +59,28 @@ struct HostBatch {
     v.seq_slot = seq_slot.data();
     v.block_table = block_table.data();
     return v;
+  }
+  int64_t rows() const { return int64_t(positions.size()); }
+};
+
+// A batch of sequences with given (slot, start, length), rows in order, pages
+// 0.. assigned to sequence s as s * pages_per_seq + b.
+struct HostBatch : BatchArrays {
+  HostBatch(const std::vector<std::array<int32_t, 3>>& seqs, int32_t pages_per_seq) {
+    max_blocks = pages_per_seq;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      auto [slot, start, len] = seqs[s];
+      seq_begin.push_back(int32_t(positions.size()));
+      seq_len.push_back(len);
+      seq_start.push_back(start);
+      seq_slot.push_back(slot);
+      for (int32_t i = 0; i < len; ++i) {
+        token_ids.push_back(int32_t((start + i) * 7 % 1000));
+        positions.push_back(start + i);
+        token_seq.push_back(int32_t(s));
+      }
+      for (int32_t b = 0; b < pages_per_seq; ++b) block_table.push_back(int32_t(s) * pages_per_seq + b);
+    }
   }
 };
 
