@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
-# Steps: build, tests, parity, dp, bench1, bench2, serve, profile, memcheck (in the order given).
+# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, memcheck (in the order given).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
@@ -77,6 +77,32 @@ for s in "$@"; do
 import numpy as np
 a, b = np.load('/tmp/dp1.npy'), np.load('/tmp/dp2g.npy')
 print('dp2 allgather vs dp1: shape', a.shape, 'max abs diff', float(np.abs(a - b).max()), 'identical', bool((a == b).all()))
+" 2>&1 | tee -a "$out/summary.txt"
+      ;;
+    multinode)  # two processes as two nodes (one GPU each, TCP bootstrap on localhost) against one GPU
+      if [ "$gpus" -lt 2 ]; then note "SKIP multinode: needs 2 GPUs, have $gpus"; continue; fi
+      common=(--preset tiny --random-weights 1 --max-new-tokens 100 --temperature 0 --backend cuda --dp 1
+              --nnodes 2 --enable-expert-parallel --moe alltoall --master-addr 127.0.0.1 --master-port 29611
+              --comm-timeout 60)
+      # Node 1 gets fewer and shorter prompts: it runs idle steps while node 0 still has work.
+      node0=(--prompt-ids 0,17,42 --prompt-ids 5,6,7,8,9,10,11,12,13 --prompt-ids 100,200,300)
+      node1=(--prompt-ids 9,8,7 --prompt-ids 1,2)
+      step mn-ref 300 $D generate --backend cuda --dp 1 --no-cuda-graphs --preset tiny --random-weights 1 \
+        --max-new-tokens 100 --temperature 0 "${node0[@]}" "${node1[@]}" --dump-logits /tmp/mnref.npy
+      CUDA_VISIBLE_DEVICES=1 timeout 300 $D generate "${common[@]}" --node-rank 1 "${node1[@]}" \
+        --dump-logits /tmp/mn1.npy >"$out/mn-node1.log" 2>"$out/mn-node1.err" &
+      node1_pid=$!
+      step mn-node0 300 env CUDA_VISIBLE_DEVICES=0 $D generate "${common[@]}" --node-rank 0 "${node0[@]}" \
+        --dump-logits /tmp/mn0.npy
+      if wait $node1_pid; then note "PASS mn-node1"; else note "FAIL mn-node1: $(tail -n 5 "$out/mn-node1.err")"; fi
+      cat "$out/mn-node0.log" "$out/mn-node1.log" >"$out/mn-both.log"
+      if [ -s "$out/mn-ref.log" ] && cmp -s "$out/mn-ref.log" "$out/mn-both.log"; then
+        note "PASS multinode: greedy ids of the two nodes == one GPU (5 prompts x 100 tokens)"
+      else note "FAIL multinode: greedy ids differ from one GPU (mn-ref.log vs mn-both.log)"; fi
+      python3 -c "
+import numpy as np
+a = np.load('/tmp/mnref.npy'); b = np.concatenate([np.load('/tmp/mn0.npy'), np.load('/tmp/mn1.npy')])
+print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.shape == b.shape and bool((a == b).all()))
 " 2>&1 | tee -a "$out/summary.txt"
       ;;
     bench1)  # single-GPU decode against the roofline (issue 7)
