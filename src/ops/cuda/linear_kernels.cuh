@@ -21,6 +21,10 @@
 // CTAs (partials reduced in slice order by the last CTA of a tile) or their
 // sequential walk inside one CTA (a second accumulator set) never change this
 // sequence, so a row's output does not depend on M or on the row's position.
+// FP4 weights (a scale per row and 32 values, activations one per 128) group the
+// chunks of one 128-wide stage first: q = sum over its 4 chunks, in order, of
+// fmaf(mma_c, 2^(weight scale_c), q), then p_s = fmaf(q, 2^(activation scale), p_s);
+// the same rule holds.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -181,21 +185,43 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// prmt.b32 in its default mode: byte n of the result is byte (sel nibble n & 7) of
+// {b, a}, or, when the nibble's bit 3 is set, that byte's sign bit replicated.
+// (__byte_perm documents only the 3-bit selection, hence the asm.)
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
 // 8 e2m1 nibbles (nibble i = element i, low nibble first, spec §2.8) -> 8 e4m3
-// bytes in element order (exact: every e2m1 value is an e4m3 value).
+// bytes in element order (exact: every e2m1 value is an e4m3 value). 11 integer
+// ops for 8 values: one prmt looks up 4 magnitudes; a second prmt over the whole
+// nibbles yields 0x80 for a positive nibble (the table byte) and 0xFF for a
+// negative one (bit 3 set: sign replicated), whose bit 0 shifted to bit 7 is the
+// sign of the e4m3 code.
 __device__ __forceinline__ uint2 fp4x8_to_e4m3x8(uint32_t w) {
   // e4m3 codes of the magnitudes {0, 0.5, 1, 1.5} and {2, 3, 4, 6}.
-  constexpr uint32_t kLo = 0x3C383000u, kHi = 0x4C484440u;
-  uint32_t out[2];
+  constexpr uint32_t kLo = 0x3C383000u, kHi = 0x4C484440u, kSign = 0x80808080u;
+  const uint32_t mag = w & 0x77777777u;
+  const uint32_t m0 = prmt(kLo, kHi, mag), m1 = prmt(kLo, kHi, mag >> 16);
+  const uint32_t s0 = prmt(kSign, kSign, w), s1 = prmt(kSign, kSign, w >> 16);
+  return make_uint2(m0 | ((s0 << 7) & kSign), m1 | ((s1 << 7) & kSign));
+}
+
+// The 4 UE8M0 scale bytes of one FP4 weight row for one stage (byte j: elements
+// 32j..32j+31) as floats 2^(b-127), exact. Bytes 1..254 are a shift; a word holding
+// 0 (2^-127, subnormal) or 255 (NaN) takes core::e8m0_to_float.
+__device__ __forceinline__ void e8m0x4_to_float(uint32_t w, float (&f)[4]) {
+  if (__vcmpeq4(w, 0u) | __vcmpeq4(w, 0xFFFFFFFFu)) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t x = (w >> (16 * h)) & 0xFFFFu;       // four nibbles
-    const uint32_t mag = __byte_perm(kLo, kHi, x & 0x7777u);  // byte i = table[nibble i & 7]
-    uint32_t spread = (x | (x << 8)) & 0x00FF00FFu;          // nibbles -> one per byte
-    spread = (spread | (spread << 4)) & 0x0F0F0F0Fu;
-    out[h] = mag | ((spread & 0x08080808u) << 4);           // nibble sign bit 3 -> byte bit 7
+    for (int j = 0; j < 4; ++j) f[j] = core::e8m0_to_float(uint8_t(w >> (8 * j)));
+    return;
   }
-  return make_uint2(out[0], out[1]);
+  f[0] = __uint_as_float((w << 23) & 0x7F800000u);
+  f[1] = __uint_as_float((w << 15) & 0x7F800000u);
+  f[2] = __uint_as_float((w << 7) & 0x7F800000u);
+  f[3] = __uint_as_float((w >> 1) & 0x7F800000u);
 }
 
 // 4 e4m3 bytes -> 4 bf16 (two words, element order), exact.
@@ -375,40 +401,66 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
       for (int e = 0; e < 2; ++e) as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
     }
-    float wsc = 1.0f;
-    if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
+    if constexpr (F == WFmt::kFp4) {
+      // q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
+      // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
+      float wsf[2][2][4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t a[2][4];
-      load_a_frag<F>(wb, j, 0, g, t, a[0]);
-      load_a_frag<F>(wb, j, 1, g, t, a[1]);
-      float ws[2][2];
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+        for (int h = 0; h < 2; ++h)
+          e8m0x4_to_float(*reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + warp * 32 + 16 * i + g + 8 * h) * 4),
+                          wsf[i][h]);
+      float q_acc[2][NT][4];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          ws[i][h] = 1.0f;
-          if constexpr (T::kRowScale)
-            ws[i][h] = core::e8m0_to_float(s_ws[(buf * kTileN + warp * 32 + 16 * i + g + 8 * h) * 4 + j]);
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[2][4];
+        load_a_frag<F>(wb, j, 0, g, t, a[0]);
+        load_a_frag<F>(wb, j, 1, g, t, a[1]);
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+          const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float d[4];
+            mma_e4m3(d, a[i], b.x, b.y);
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              q_acc[i][q][e] = j == 0 ? d[e] * wsf[i][e >> 1][0] : fmaf(d[e], wsf[i][e >> 1][j], q_acc[i][q][e]);
+          }
         }
       }
 #pragma unroll
-      for (int q = 0; q < NT; ++q) {
-        const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          float d[4];
-          if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
-          else mma_bf16(d, a[i], b.x, b.y);
+        for (int q = 0; q < NT; ++q)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // Element e of the fragment: weight row 16i + g + 8(e/2), activation column 8q + 2t + e%2.
-            float s;
-            if constexpr (F == WFmt::kFp8) s = wsc * as[q][e & 1];
-            else if constexpr (F == WFmt::kFp4) s = ws[i][e >> 1] * as[q][e & 1];
-            else if constexpr (F == WFmt::kFp8Bf16) s = wsc;
-            else s = 1.0f;
-            cur[i][q][e] = fmaf(d[e], s, cur[i][q][e]);
+          for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]);
+    } else {
+      float wsc = 1.0f;
+      if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[2][4];
+        load_a_frag<F>(wb, j, 0, g, t, a[0]);
+        load_a_frag<F>(wb, j, 1, g, t, a[1]);
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+          const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float d[4];
+            if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
+            else mma_bf16(d, a[i], b.x, b.y);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              // Element e of the fragment: weight row 16i + g + 8(e/2), activation column 8q + 2t + e%2.
+              float s;
+              if constexpr (F == WFmt::kFp8) s = wsc * as[q][e & 1];
+              else if constexpr (F == WFmt::kFp8Bf16) s = wsc;
+              else s = 1.0f;
+              cur[i][q][e] = fmaf(d[e], s, cur[i][q][e]);
+            }
           }
         }
       }
