@@ -39,7 +39,13 @@ constexpr int kDecodeSteps = 100;
 // argmax equal on 79-81% of rows. A wrong kernel (a layer's output off, a wrong
 // key attended) gives ~1.0 relative error and argmax agreement near zero.
 constexpr double kRelL2Mean = 0.15, kRelL2Worst = 0.75, kArgmaxAgreement = 0.7;
-constexpr double kStageTolerance = 1e-2;  // one stage from identical inputs
+// One stage from identical inputs. Most stages stay within ~1e-3, but a stage with
+// an FP8 requantization inside (the routed experts' h) can flip one e4m3 code
+// when its fp32 sums differ in the last bit; with tiny's 128-wide h one flip of a
+// block's largest value moves the stage ~1.5e-2. Measured on an H200 (2026-11-28,
+// 7 seeds): worst stage 9.6e-4 to 1.6e-2, always the routed experts; the seed
+// 605658395 gives 1.37e-2 both before and after the FP4 GEMM rewrite (de90b22).
+constexpr double kStageTolerance = 5e-2;
 
 using Logits = std::vector<std::vector<std::vector<float>>>;  // [seq][token][vocab]
 

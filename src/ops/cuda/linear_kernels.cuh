@@ -213,7 +213,9 @@ __device__ __forceinline__ uint2 fp4x8_to_e4m3x8(uint32_t w) {
 // 32j..32j+31) as floats 2^(b-127), exact. Bytes 1..254 are a shift; a word holding
 // 0 (2^-127, subnormal) or 255 (NaN) takes core::e8m0_to_float.
 __device__ __forceinline__ void e8m0x4_to_float(uint32_t w, float (&f)[4]) {
-  if (__vcmpeq4(w, 0u) | __vcmpeq4(w, 0xFFFFFFFFu)) {
+  // Some byte 0 (the zero-byte test on w) or 255 (the same test on ~w)?
+  const uint32_t nw = ~w;
+  if (((w - 0x01010101u) & ~w & 0x80808080u) | ((nw - 0x01010101u) & w & 0x80808080u)) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) f[j] = core::e8m0_to_float(uint8_t(w >> (8 * j)));
     return;
@@ -334,38 +336,54 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   }
   __syncthreads();
 
-  auto load_stage = [&](int st, int buf) {
-    constexpr int kChunksPerRow = T::kWBytes / 16;
-    uint8_t* dw = s_w + buf * kTileN * T::kWStride;
+  // Per-thread source pointers of a stage's copies, at stage 0 (null: zero-fill),
+  // computed once: the stage loop only adds st * bytes per stage.
+  constexpr int kChunksPerRow = T::kWBytes / 16;
+  constexpr int kWChunks = kTileN * kChunksPerRow / kThreads;  // weight copies per thread
+  constexpr int kRowStep = kThreads / kChunksPerRow;            // rows between them
+  constexpr int kAChunks = (BM * 8 + kThreads - 1) / kThreads;  // activation copies per thread
+  const int w_r0 = tid / kChunksPerRow, w_part = tid % kChunksPerRow;
+  const uint8_t* const w_src = w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
+  const int64_t w_step = int64_t(kRowStep) * p.w_row_bytes;
+  const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
+  if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
+  auto a_source = [&](int i) -> const uint8_t* {
+    const int c = tid + i * kThreads;
+    const int src_row = c < BM * 8 ? s_rows[c >> 3] : -1;
+    return src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + group * p.a_group_bytes + (c & 7) * 16 : nullptr;
+  };
+  // Up to 2 activation pointers stay in registers; NT = 8 (4 per thread) recomputes
+  // them per stage from s_rows, where registers are short.
+  constexpr bool kKeepA = kAChunks <= 2;
+  const uint8_t* a_src[kKeepA ? kAChunks : 1] = {};
+  if constexpr (kKeepA) {
 #pragma unroll
-    for (int i = 0; i < kTileN * kChunksPerRow / kThreads; ++i) {
-      const int c = tid + i * kThreads;
-      const int r = c / kChunksPerRow, part = c % kChunksPerRow;
-      const bool ok = r < valid_n;
-      const uint8_t* src = ok ? w + (wrow0 + r) * p.w_row_bytes + int64_t(st) * T::kWBytes + part * 16 : w;
-      cp_async16(dw + r * T::kWStride + part * 16, src, ok ? 16 : 0);
+    for (int i = 0; i < kAChunks; ++i) a_src[i] = a_source(i);
+  }
+  const float* as_src = nullptr;  // activation scales of tile row tid
+  if (T::kQuantAct && tid < BM && s_rows[tid] >= 0) as_src = p.a_scale + int64_t(s_rows[tid]) * p.a_scale_stride;
+
+  auto load_stage = [&](int st, int buf) {
+    uint8_t* dw = s_w + buf * kTileN * T::kWStride + w_r0 * T::kWStride + w_part * 16;
+    const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
+#pragma unroll
+    for (int i = 0; i < kWChunks; ++i, src += w_step) {
+      const bool ok = w_r0 + i * kRowStep < valid_n;
+      cp_async16(dw + i * kRowStep * T::kWStride, ok ? src : w, ok ? 16 : 0);
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
-      const bool ok = tid < valid_n;
-      const uint8_t* src = ok ? sc + (wrow0 + tid) * p.s_row_stride + int64_t(st) * 4 : sc;
-      cp_async4(s_ws + (buf * kTileN + tid) * 4, src, ok ? 4 : 0);
+      if (tid < kTileN) cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
     }
     uint8_t* da = s_a + buf * BM * kAStride;
-    for (int c = tid; c < BM * 8; c += kThreads) {
-      const int r = c >> 3, part = c & 7;
-      const int src_row = s_rows[r];
-      const bool ok = src_row >= 0;
-      const uint8_t* src =
-          ok ? p.a + int64_t(src_row) * p.a_row_bytes + group * p.a_group_bytes + int64_t(st) * 128 + part * 16 : p.a;
-      cp_async16(da + r * kAStride + part * 16, src, ok ? 16 : 0);
+#pragma unroll
+    for (int i = 0; i < kAChunks; ++i) {
+      const int c = tid + i * kThreads;
+      if (c >= BM * 8) break;
+      const uint8_t* base = kKeepA ? a_src[i] : a_source(i);
+      cp_async16(da + (c >> 3) * kAStride + (c & 7) * 16, base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
     }
     if constexpr (T::kQuantAct) {
-      if (tid < BM) {
-        const int src_row = s_rows[tid];
-        const bool ok = src_row >= 0;
-        const float* src = ok ? p.a_scale + int64_t(src_row) * p.a_scale_stride + st : p.a_scale;
-        cp_async4(s_as + buf * BM + tid, src, ok ? 4 : 0);
-      }
+      if (tid < BM) cp_async4(s_as + buf * BM + tid, as_src ? as_src + st : p.a_scale, as_src ? 4 : 0);
     }
   };
 
