@@ -272,7 +272,11 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = p.tiles_per_group;
   p.slices = slices_for(n_tiles, stages, 4);
-  const bool split = p.slices > 1 && int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
+  // Split the slices over CTAs only where the tiles alone leave SMs idle (a few
+  // busy experts); with many busy experts each CTA walks its slices, which saves
+  // the partial sums and halves the CTAs. Both give the same bits.
+  const bool split = p.slices > 1 && n_tiles * max_tiles < 4 * be.properties().multiProcessorCount &&
+                     int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
   if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
