@@ -199,7 +199,7 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
 // With `presquare` (when twice the query fits in shared memory) every thread first
 // writes the bf16-rounded squares next to the query, so each head's chain is only
 // its Dh dependent adds (~2k cycles) instead of load, square, round and add per
-// value (~35 us a token on an H200 at batch 1, where one CTA is the whole grid).
+// value.
 // Roofline: 2*H*Dh*2 bytes per token (64 KB read + 64 KB written at H=64, Dh=512).
 template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
@@ -216,10 +216,12 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   const int64_t t = blockIdx.x;
   const int32_t pos = positions[t];
   uint16_t* qt = q + t * H * Dh;
-  const int64_t per_head = Dh / VEC;
-  for (int64_t c = threadIdx.x; c < H * per_head; c += blockDim.x) {
-    const int64_t h = c / per_head, i = (c % per_head) * VEC;
-    const BfVec<VEC> v = load_bf<VEC>(qt + h * Dh + i);
+  // 32-bit indices: a 64-bit division is ~70 instructions, and these loops run
+  // H * Dh / VEC / blockDim times per thread (host: H * Dh < 2^31).
+  const int per_head = int(Dh / VEC), total = int(H) * per_head;
+  for (int c = threadIdx.x; c < total; c += blockDim.x) {
+    const int h = c / per_head, i = (c - h * per_head) * VEC;
+    const BfVec<VEC> v = load_bf<VEC>(qt + int64_t(h) * Dh + i);
     store_bf<VEC>(qs + h * stride + i, v);
     if (presquare) {
       BfVec<VEC> s2;
@@ -259,8 +261,8 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   }
   __syncthreads();
   const int64_t rope_begin = Dh - rd;
-  for (int64_t c = threadIdx.x; c < H * per_head; c += blockDim.x) {
-    const int64_t h = c / per_head, i = (c % per_head) * VEC;
+  for (int c = threadIdx.x; c < total; c += blockDim.x) {
+    const int h = c / per_head, i = (c - h * per_head) * VEC;
     BfVec<VEC> b = load_bf<VEC>(qs + h * stride + i);
     const float r = rs[h];
 #pragma unroll
@@ -275,7 +277,7 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
         }
       }
     }
-    store_bf<VEC>(qt + h * Dh + i, b);
+    store_bf<VEC>(qt + int64_t(h) * Dh + i, b);
   }
 }
 
@@ -700,6 +702,7 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), rd = rope.rope_dim;
   if (T == 0 || H == 0) return;
   DSV4_CHECK(Dh % 2 == 0 && rd % 2 == 0, "q_norm_rope: head_dim {} and rope_dim {} must be even", Dh, rd);
+  DSV4_CHECK(H * Dh < (int64_t(1) << 31), "q_norm_rope: {} heads x {} dims exceed 32-bit indexing", H, Dh);
   const size_t plane = size_t((H * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(H + rd) * sizeof(float);
   const size_t limit = size_t(properties().sharedMemPerBlockOptin);
   DSV4_CHECK(plane + tables <= limit, "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", H, Dh,
