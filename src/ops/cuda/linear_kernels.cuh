@@ -419,60 +419,39 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
       for (int e = 0; e < 2; ++e) as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
     }
+    // FP4: q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
+    // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
+    float wsf[2][2][4];
+    float q_acc[2][NT][4];
     if constexpr (F == WFmt::kFp4) {
-      // q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
-      // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
-      float wsf[2][2][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           e8m0x4_to_float(*reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + warp * 32 + 16 * i + g + 8 * h) * 4),
                           wsf[i][h]);
-      float q_acc[2][NT][4];
+    }
+    float wsc = 1.0f;
+    if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t a[2][4];
-        load_a_frag<F>(wb, j, 0, g, t, a[0]);
-        load_a_frag<F>(wb, j, 1, g, t, a[1]);
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[2][4];
+      load_a_frag<F>(wb, j, 0, g, t, a[0]);
+      load_a_frag<F>(wb, j, 1, g, t, a[1]);
 #pragma unroll
-        for (int q = 0; q < NT; ++q) {
-          const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+      for (int q = 0; q < NT; ++q) {
+        const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float d[4];
-            mma_e4m3(d, a[i], b.x, b.y);
+        for (int i = 0; i < 2; ++i) {
+          float d[4];
+          if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
+          else mma_bf16(d, a[i], b.x, b.y);
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
+          for (int e = 0; e < 4; ++e) {
+            // Element e of the fragment: weight row 16i + g + 8(e/2), activation column 8q + 2t + e%2.
+            if constexpr (F == WFmt::kFp4) {
               q_acc[i][q][e] = j == 0 ? d[e] * wsf[i][e >> 1][0] : fmaf(d[e], wsf[i][e >> 1][j], q_acc[i][q][e]);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int q = 0; q < NT; ++q)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]);
-    } else {
-      float wsc = 1.0f;
-      if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t a[2][4];
-        load_a_frag<F>(wb, j, 0, g, t, a[0]);
-        load_a_frag<F>(wb, j, 1, g, t, a[1]);
-#pragma unroll
-        for (int q = 0; q < NT; ++q) {
-          const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float d[4];
-            if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
-            else mma_bf16(d, a[i], b.x, b.y);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              // Element e of the fragment: weight row 16i + g + 8(e/2), activation column 8q + 2t + e%2.
+            } else {
               float s;
               if constexpr (F == WFmt::kFp8) s = wsc * as[q][e & 1];
               else if constexpr (F == WFmt::kFp8Bf16) s = wsc;
@@ -482,6 +461,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           }
         }
       }
+    }
+    if constexpr (F == WFmt::kFp4) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]);
     }
     if constexpr (kTwoSets) {
       if ((it + 1) % per_slice == 0) {  // slice boundary: fold p_s into the running total
