@@ -198,8 +198,8 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
 // bf16-rounded squares; one thread per head reproduces that order exactly.
 // With `presquare` (when twice the query fits in shared memory) every thread first
 // writes the bf16-rounded squares next to the query, so each head's chain is only
-// its Dh dependent adds (~2k cycles) instead of load, square, round and add per
-// value.
+// its Dh dependent adds. Measured at batch 1 (one CTA, H200, ncu): 34 us before,
+// 28 us after this and the 32-bit indices; the remainder is not yet profiled.
 // Roofline: 2*H*Dh*2 bytes per token (64 KB read + 64 KB written at H=64, Dh=512).
 template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
