@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -30,6 +31,7 @@
 #include "model/weight_spec.h"
 #include "op_test_util.h"
 #include "ops/backend.h"
+#include "ops/cpu/primitives.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_synthetic.h"
 
@@ -119,6 +121,48 @@ Tensor host_copy(const Tensor& t) {
   return c;
 }
 
+// ---- FP8 requantization flips -------------------------------------------------------------
+// The expert's gate/up are rounded to bf16 and h = bf16(silu(gate) * up) is quantized
+// to e4m3 for w2 (spec §6.2). Where the GPU's and the CPU's fp32 sums of a gate/up
+// value differ in the last bits across a bf16 rounding point, h's e4m3 code can flip
+// (one 6-12% step) and the whole output row moves by up to a few percent: measured
+// with DSV4_TEST_SEED=2133546755 (routed, fp8, hot, R=64, pair 95): the GPU row is the
+// CPU row with gate[30] one bf16 ulp lower, bit for bit. Such a row is excused only
+// if exactly that holds: some gate or up value moved by one ulp reproduces `got`.
+bool one_flip_explains(ops::Backend& cpu, const uint16_t* x_row, int64_t d, const ExpertWeights& w,
+                       const float* row_weight, float limit, const uint16_t* got) {
+  const int64_t inter = w.w1.n;
+  Tensor x = Tensor::empty_cpu(DType::kBF16, {1, d});
+  std::memcpy(x.data(), x_row, size_t(d) * 2);
+  Tensor g = Tensor::empty_cpu(DType::kBF16, {1, inter}), u = Tensor::empty_cpu(DType::kBF16, {1, inter});
+  cpu.linear(x, w.w1, g);
+  cpu.linear(x, w.w3, u);
+  Tensor h = Tensor::empty_cpu(DType::kBF16, {1, inter}), y = Tensor::empty_cpu(DType::kBF16, {1, d});
+  for (int which = 0; which < 2; ++which)
+    for (int64_t i = 0; i < inter; ++i)
+      for (const int step : {-1, 1}) {
+        for (int64_t j = 0; j < inter; ++j) {  // as CpuBackend::do_expert_ffn, with value i of gate or up moved
+          uint16_t gb = g.as<uint16_t>()[j], ub = u.as<uint16_t>()[j];
+          if (j == i) (which == 0 ? gb : ub) = uint16_t(int(which == 0 ? gb : ub) + step);
+          float gate = core::bf16_to_float(gb), up = core::bf16_to_float(ub);
+          if (limit > 0.0f) {
+            up = std::clamp(up, -limit, limit);
+            gate = std::min(gate, limit);
+          }
+          float act = ops::ref::silu(gate) * up;
+          if (row_weight != nullptr) act = *row_weight * act;
+          h.as<uint16_t>()[j] = core::float_to_bf16(act);
+        }
+        cpu.linear(h, w.w2, y);
+        if (std::memcmp(y.data(), got, size_t(d) * 2) == 0) {
+          std::printf("    excused: the row equals the CPU row with %s[%lld] %+d bf16 ulp (an e4m3 flip of h)\n",
+                      which == 0 ? "gate" : "up", static_cast<long long>(i), step);
+          return true;
+        }
+      }
+  return false;
+}
+
 // ---- comparisons ---------------------------------------------------------------------
 double bf16_ulp(double v) {
   if (v == 0.0) return 0.0;
@@ -132,16 +176,20 @@ double value_at(const Tensor& t, int64_t i) {
 }
 
 // Compares [rows, cols] element by element; bf16: ulps * ulp(ref) + slack * rms(row); f32: f32_rel * max|row|.
+// A row outside the tolerance is not counted when `excused(row)` says why (and prints it).
 void expect_close(const Tensor& ref, const Tensor& got, double ulps, double slack, const std::string& what,
-                  double f32_rel = 1e-5) {
+                  double f32_rel = 1e-5, const std::function<bool(int64_t)>& excused = {}) {
   ASSERT_EQ(ref.numel(), got.numel()) << what;
   ASSERT_EQ(ref.dtype(), got.dtype()) << what;
   if (ref.numel() == 0) return;
   const int64_t cols = ref.size(ref.ndim() - 1), rows = ref.numel() / cols;
-  int64_t bad = 0, exact = 0;
+  int64_t bad = 0, exact = 0, excused_rows = 0;
   double worst = 0.0;
   std::string first_bad;
   for (int64_t r = 0; r < rows; ++r) {
+    int64_t row_bad = 0;
+    std::string row_first;
+    double row_worst = 0.0;
     double ss = 0.0, mx = 0.0;
     for (int64_t c = 0; c < cols; ++c) {
       const double v = value_at(ref, r * cols + c);
@@ -155,14 +203,22 @@ void expect_close(const Tensor& ref, const Tensor& got, double ulps, double slac
       const double err = std::fabs(a - b);
       if (a == b) ++exact;
       if (!(err <= tol)) {
-        if (bad++ == 0) first_bad = "row " + std::to_string(r) + " col " + std::to_string(c) + ": cpu " +
-                                    std::to_string(a) + " gpu " + std::to_string(b) + " tol " + std::to_string(tol);
+        if (row_bad++ == 0) row_first = "row " + std::to_string(r) + " col " + std::to_string(c) + ": cpu " +
+                                        std::to_string(a) + " gpu " + std::to_string(b) + " tol " + std::to_string(tol);
       }
-      if (tol > 0) worst = std::max(worst, err / tol);
+      if (tol > 0) row_worst = std::max(row_worst, err / tol);
     }
+    if (row_bad > 0 && excused && excused(r)) {
+      ++excused_rows;
+      continue;
+    }
+    if (row_bad > 0 && bad == 0) first_bad = row_first;
+    bad += row_bad;
+    worst = std::max(worst, row_worst);
   }
-  std::printf("  %-48s exact %5.1f%%  worst err/tol %.3f\n", what.c_str(), 100.0 * double(exact) / double(ref.numel()),
-              worst);
+  std::printf("  %-48s exact %5.1f%%  worst err/tol %.3f%s\n", what.c_str(),
+              100.0 * double(exact) / double(ref.numel()), worst,
+              excused_rows ? ("  (" + std::to_string(excused_rows) + " row(s) excused)").c_str() : "");
   EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << ref.numel() << " outside tolerance; first at " << first_bad;
 }
 
@@ -363,10 +419,16 @@ TEST_P(CudaLinear, ExpertFfnMatchesCpu) {
       env.cpu->expert_ffn(x, he, rw, c.limit, ref);
       Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
       env.cuda.expert_ffn(to_device(env.cuda, x), de, c.weighted ? to_device(env.cuda, rw) : Tensor(), c.limit, y);
-      expect_close(ref, to_host(env.cuda, y), 2.0, 2e-2,
+      const Tensor got = to_host(env.cuda, y);
+      expect_close(ref, got, 2.0, 2e-2,
                    std::string("expert_ffn ") + (c.fp4_13 ? "fp4" : "fp8") + "/" + (c.fp4_2 ? "fp4" : "fp8") +
                        (c.weighted ? " weighted" : "") + " limit " + std::to_string(int(c.limit)) + " M=" +
-                       std::to_string(M));
+                       std::to_string(M),
+                   1e-5, [&](int64_t r) {
+                     return one_flip_explains(*env.cpu, x.as<uint16_t>() + r * D, D, he,
+                                              c.weighted ? rw.as<float>() + r : nullptr, c.limit,
+                                              got.as<uint16_t>() + r * D);
+                   });
     }
   }
 }
@@ -396,10 +458,18 @@ void check_routed(const MoeCase& c, const std::vector<int64_t>& rows, uint64_t s
     Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
     env.cuda.routed_experts(to_device(env.cuda, x), to_device(env.cuda, ids), to_device(env.cuda, w), dex, c.begin,
                             c.end, 10.0f, out);
-    expect_close(ref, to_host(env.cuda, out), 2.0, 2e-2,
+    const Tensor got = to_host(env.cuda, out);
+    const auto flip = [&](int64_t pair) {  // output row `pair` = (token pair / k, slot pair % k)
+      const int32_t e = ids.as<int32_t>()[pair];
+      if (e < c.begin || e >= c.end) return false;
+      return one_flip_explains(*env.cpu, x.as<uint16_t>() + (pair / c.k) * c.d, c.d, hex[size_t(e)],
+                               w.as<float>() + pair, 10.0f, got.as<uint16_t>() + pair * c.d);
+    };
+    expect_close(ref, got, 2.0, 2e-2,
                  "routed E=" + std::to_string(c.experts) + " [" + std::to_string(c.begin) + "," +
                      std::to_string(c.end) + ") k=" + std::to_string(c.k) + (c.fp4 ? " fp4" : " fp8") +
-                     (c.hot >= 0 ? " hot" : "") + " R=" + std::to_string(R));
+                     (c.hot >= 0 ? " hot" : "") + " R=" + std::to_string(R),
+                 1e-5, flip);
   }
 }
 
@@ -739,6 +809,42 @@ TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {
     ops::cuda_synthetic::fill_expert_ids(cuda, d, seed, core::stream_id(s.name), 64);
     expect_bitwise(h, to_host(cuda, d), "expert ids (integer math: exact)");
   }
+}
+
+// The excuse of expect_close for expert rows (CPU only): a row made by moving one gate
+// value by one bf16 ulp, chosen so that h's e4m3 code flips, is recognised; the same
+// row with one more changed bit, or against another expert, is not.
+TEST(ExpertFlipExcuse, AcceptsOnlyAOneUlpGateOrUpFlip) {
+  auto cpu = ops::make_cpu_backend(1);
+  Rng rng(0x54);
+  const int64_t D = 256, I = 128;
+  const ExpertWeights expert = host_expert(D, I, false, false, rng), other = host_expert(D, I, false, false, rng);
+  const Tensor x = rng.bf16({1, D}, 2.0f);
+  const float weight = 0.5f;
+  Tensor g = Tensor::empty_cpu(DType::kBF16, {1, I}), u = Tensor::empty_cpu(DType::kBF16, {1, I});
+  cpu->linear(x, expert.w1, g);
+  cpu->linear(x, expert.w3, u);
+  auto output = [&](int64_t moved) {  // gate[moved] one ulp up (-1: none)
+    Tensor h = Tensor::empty_cpu(DType::kBF16, {1, I}), y = Tensor::empty_cpu(DType::kBF16, {1, D});
+    for (int64_t j = 0; j < I; ++j) {
+      const float gate = std::min(core::bf16_to_float(uint16_t(g.as<uint16_t>()[j] + (j == moved))), 10.0f);
+      const float up = std::clamp(core::bf16_to_float(u.as<uint16_t>()[j]), -10.0f, 10.0f);
+      h.as<uint16_t>()[j] = core::float_to_bf16(weight * (ops::ref::silu(gate) * up));
+    }
+    cpu->linear(h, expert.w2, y);
+    return y;
+  };
+  const Tensor base = output(-1);
+  Tensor flipped;
+  for (int64_t i = 0; i < I && !flipped.data(); ++i) {
+    Tensor y = output(i);
+    if (std::memcmp(y.data(), base.data(), y.nbytes()) != 0) flipped = y;
+  }
+  ASSERT_TRUE(flipped.data() != nullptr) << "no one-ulp gate change moved the output";
+  EXPECT_TRUE(one_flip_explains(*cpu, x.as<uint16_t>(), D, expert, &weight, 10.0f, flipped.as<uint16_t>()));
+  EXPECT_FALSE(one_flip_explains(*cpu, x.as<uint16_t>(), D, other, &weight, 10.0f, flipped.as<uint16_t>()));
+  flipped.as<uint16_t>()[100] ^= 0x40;
+  EXPECT_FALSE(one_flip_explains(*cpu, x.as<uint16_t>(), D, expert, &weight, 10.0f, flipped.as<uint16_t>()));
 }
 
 }  // namespace
