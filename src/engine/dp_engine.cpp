@@ -16,19 +16,8 @@ struct DpServingEngine::Rank {
 };
 
 DpServingEngine::DpServingEngine(const DpEngineOptions& options) : options_(options) {
-  DpRanksOptions ro;
-  ro.dp = options.dp;
-  ro.moe = options.moe;
-  ro.backend = options.backend;
-  ro.threads_per_rank = options.threads_per_rank;
-  ro.source = options.source;
+  DpRanksOptions ro = options.ranks;
   ro.max_rows = options.runner.max_tokens_per_step;
-  ro.comm = options.comm;
-  ro.nccl_max_ctas = options.nccl_max_ctas;
-  ro.nnodes = options.nnodes;
-  ro.node_rank = options.node_rank;
-  ro.master_addr = options.master_addr;
-  ro.master_port = options.master_port;
   dp_ = build_dp_ranks(ro);
   config_ = dp_.config;
   for (auto& base : dp_.ranks) {
@@ -126,7 +115,7 @@ void DpServingEngine::fail_all(const std::string& error) {
 void DpServingEngine::run_rank(Rank& rank) {
   rank.base->backend->bind_to_current_thread();
   parallel::Communicator* comm = rank.base->comm;
-  const bool lockstep = comm != nullptr && options_.moe != MoeMode::kLocal;
+  const bool lockstep = comm != nullptr && options_.ranks.moe != MoeMode::kLocal;
   // Whether the last agreement saw work anywhere in the group: then this rank
   // steps again at once, even with nothing of its own (ranks on other nodes are
   // not in ranks_ and cannot wake it).

@@ -23,18 +23,10 @@
 namespace dsv4::engine {
 
 struct DpEngineOptions {
-  int dp = 1;
-  MoeMode moe = MoeMode::kAllGather;  // kLocal: every rank holds every expert (pure data parallel)
-  std::string backend = "cpu";        // "cpu": in-process ranks; "cuda": rank r on GPU r, NCCL
-  int threads_per_rank = 1;           // CPU backend threads
-  ModelSource source;
+  DpRanksOptions ranks;               // dp, MoE path, backend, model, communication, nodes
+                                      // (ranks.max_rows is taken from runner.max_tokens_per_step)
   SchedulerConfig scheduler;
   RunnerOptions runner;               // per rank
-  parallel::CommOptions comm;
-  int nccl_max_ctas = 0;              // 0: NCCL's default
-  int nnodes = 1, node_rank = 0;      // several nodes: see DpRanksOptions
-  std::string master_addr = "127.0.0.1";
-  int master_port = 29533;
   int32_t eos_token_id = 1;
   bool check_ledger = false;          // compare every step's collective ledger across ranks
   // Tests: called by every rank before each step; returning false makes that

@@ -57,19 +57,19 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   ro.cache.num_pages = pages;
 
   DpEngineOptions dp;
-  dp.dp = o.dp;
-  dp.moe = o.moe;
-  dp.backend = o.backend;
-  dp.threads_per_rank = o.threads;
-  dp.source = o.source;
+  dp.ranks.dp = o.dp;
+  dp.ranks.moe = o.moe;
+  dp.ranks.backend = o.backend;
+  dp.ranks.threads_per_rank = o.threads;
+  dp.ranks.source = o.source;
+  dp.ranks.comm = o.comm;
+  dp.ranks.nccl_max_ctas = o.nccl_max_ctas;
+  dp.ranks.nnodes = o.nnodes;
+  dp.ranks.node_rank = o.node_rank;
+  dp.ranks.master_addr = o.master_addr;
+  dp.ranks.master_port = o.master_port;
   dp.scheduler = sc;
   dp.runner = ro;
-  dp.comm = o.comm;
-  dp.nccl_max_ctas = o.nccl_max_ctas;
-  dp.nnodes = o.nnodes;
-  dp.node_rank = o.node_rank;
-  dp.master_addr = o.master_addr;
-  dp.master_port = o.master_port;
   dp.eos_token_id = int32_t(config.eos_token_id);
   dp.check_ledger = o.check_ledger;
   if (o.dp == 1 && o.nnodes == 1) {

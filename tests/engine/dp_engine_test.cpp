@@ -165,9 +165,9 @@ TEST(DpEngineFailure, VanishedRankMakesTheOthersFailFast) {
   EngineBuildOptions o = options(3, MoeMode::kAllGather);
   o.comm.timeout = std::chrono::milliseconds(400);
   DpEngineOptions dp;
-  dp.dp = 3;
-  dp.moe = MoeMode::kAllGather;
-  dp.source = o.source;
+  dp.ranks.dp = 3;
+  dp.ranks.moe = MoeMode::kAllGather;
+  dp.ranks.source = o.source;
   dp.scheduler.max_num_seqs = 4;
   dp.scheduler.max_num_batched_tokens = 128;
   dp.scheduler.prefill_chunk = 64;
@@ -178,7 +178,7 @@ TEST(DpEngineFailure, VanishedRankMakesTheOthersFailFast) {
   dp.runner.max_blocks_per_seq = 2;
   dp.runner.cache.num_slots = 4;
   dp.runner.cache.num_pages = 8;
-  dp.comm = o.comm;
+  dp.ranks.comm = o.comm;
   dp.rank_step_hook = [](int rank, int64_t step) { return !(rank == 1 && step == 6); };  // rank 1 dies
   DpServingEngine engine(dp);
   auto reqs = workload();
