@@ -11,6 +11,8 @@
 
 #include <gtest/gtest.h>
 
+#include "test_seed.h"
+
 #include "model/config.h"
 #include "model/weights.h"
 
@@ -32,16 +34,5 @@ inline const model::SyntheticWeightStore& tiny_weights() {
   return *store;
 }
 
-// Fresh random seed per run, printed so a failure can be replayed with DSV4_TEST_SEED.
-inline uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("DSV4_TEST_SEED");
-    uint64_t s = env ? std::strtoull(env, nullptr, 10) : uint64_t(std::random_device{}());
-    std::fprintf(stderr, "[test seed %llu; rerun with DSV4_TEST_SEED=%llu]\n", (unsigned long long)s,
-                 (unsigned long long)s);
-    return s;
-  }();
-  return seed;
-}
 
 }  // namespace dsv4::testing

@@ -19,25 +19,7 @@ using testing::bf;
 using testing::Rng;
 
 QuantLinear make_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
-  model::TensorSpec s;
-  s.name = "test.w" + std::to_string(seed);
-  s.logical_n = n;
-  s.logical_k = k;
-  s.std = 1.0f / std::sqrt(float(k));
-  QuantLinear q;
-  q.n = n;
-  q.k = k;
-  if (fp4) {
-    q.format = QuantLinear::Format::kFp4Group32;
-    q.weight = Tensor::empty_cpu(DType::kI8, {n, k / 2});
-    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {n, k / 32});
-    model::fill_fp4_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
-  } else {
-    q.weight = Tensor::empty_cpu(DType::kF8E4M3, {n, k});
-    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
-    model::fill_fp8_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
-  }
-  return q;
+  return testing::synthetic_quant("test.w", n, k, fp4, seed);
 }
 
 double weight_value(const QuantLinear& q, int64_t n, int64_t k) {

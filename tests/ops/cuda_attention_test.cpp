@@ -458,27 +458,18 @@ Tensor random_topk(const TestBatch& b, int64_t K, Rng& rng) {
 
 // ---- fixture ---------------------------------------------------------------------------------------
 
-class CudaAttention : public ::testing::TestWithParam<bool> {
+class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::CudaAndCpuBackends {
  protected:
   void SetUp() override {
     DSV4_REQUIRE_CUDA();
-    cuda_ = make_cuda_backend(0);
-    cpu_ = make_cpu_backend(8);
+    create(8);
     cuda_attention_use_simple_kernels(GetParam());
   }
   void TearDown() override {
     if (cuda_) cuda_attention_use_simple_kernels(false);
   }
   bool simple() const { return GetParam(); }
-  CudaBackend& cuda() { return static_cast<CudaBackend&>(*cuda_); }
-  Backend& cpu() { return *cpu_; }
-  Tensor dev(const Tensor& h) { return testing::to_device(cuda(), h); }
-  Tensor host(const Tensor& d) { return testing::to_host(cuda(), d); }
-  Tensor poisoned(DType t, std::initializer_list<int64_t> shape) { return testing::device_poisoned(cuda(), t, shape); }
-  RopeTable dev_rope(const RopeTable& r) { return RopeTable{dev(r.inv_freq), r.rope_dim}; }
   std::string tag(const std::string& what) const { return what + (simple() ? " [simple]" : " [fast]"); }
-
-  std::unique_ptr<Backend> cuda_, cpu_;
 };
 
 // ---- records ---------------------------------------------------------------------------------------

@@ -74,26 +74,7 @@ INSTANTIATE_TEST_SUITE_P(Paths, CudaLinear, ::testing::Values(0, 1),
 uint64_t draw_seed(Rng& rng) { return uint64_t(rng.uniform_int(1, int64_t(1) << 40)); }
 
 QuantLinear host_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
-  model::TensorSpec s;
-  s.name = "cuda_linear_test.w" + std::to_string(seed);
-  s.logical_n = n;
-  s.logical_k = k;
-  s.std = 1.0f / std::sqrt(float(std::max<int64_t>(k, 1)));
-  QuantLinear q;
-  q.n = n;
-  q.k = k;
-  if (fp4) {
-    q.format = QuantLinear::Format::kFp4Group32;
-    q.weight = Tensor::empty_cpu(DType::kI8, {n, k / 2});
-    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {n, k / 32});
-    if (n > 0 && k > 0) model::fill_fp4_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
-  } else {
-    q.format = QuantLinear::Format::kFp8Block128;
-    q.weight = Tensor::empty_cpu(DType::kF8E4M3, {n, k});
-    q.scale = Tensor::empty_cpu(DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
-    if (n > 0 && k > 0) model::fill_fp8_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
-  }
-  return q;
+  return synthetic_quant("cuda_linear_test.w", n, k, fp4, seed);
 }
 
 QuantLinear device_quant(ops::Backend& cuda, const QuantLinear& h) {

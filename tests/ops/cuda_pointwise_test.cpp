@@ -146,21 +146,12 @@ using testing::upload_batch;
 
 using testing::host_rope;
 
-class CudaPointwise : public ::testing::Test {
+class CudaPointwise : public ::testing::Test, protected testing::CudaAndCpuBackends {
  protected:
   void SetUp() override {
     DSV4_REQUIRE_CUDA();
-    cuda_ = make_cuda_backend(0);
-    cpu_ = make_cpu_backend(4);
+    create(4);
   }
-  CudaBackend& cuda() { return static_cast<CudaBackend&>(*cuda_); }
-  Backend& cpu() { return *cpu_; }
-  Tensor dev(const Tensor& h) { return testing::to_device(cuda(), h); }
-  Tensor host(const Tensor& d) { return testing::to_host(cuda(), d); }
-  Tensor poisoned(DType t, std::initializer_list<int64_t> shape) { return testing::device_poisoned(cuda(), t, shape); }
-  RopeTable dev_rope(const RopeTable& r) { return RopeTable{dev(r.inv_freq), r.rope_dim}; }
-
-  std::unique_ptr<Backend> cuda_, cpu_;
 };
 
 // ---- embed, gather, add_broadcast ------------------------------------------------

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,26 @@ inline core::Tensor device_poisoned(ops::CudaBackend& cuda, core::DType dtype, s
   cudaMemsetAsync(t.data(), 0x7f, t.nbytes(), cuda.stream());
   return t;
 }
+
+// The two backends of an op-vs-reference fixture and the moves between them.
+// A fixture derives from it and calls create() in SetUp after DSV4_REQUIRE_CUDA().
+class CudaAndCpuBackends {
+ protected:
+  void create(int cpu_threads) {
+    cuda_ = ops::make_cuda_backend(0);
+    cpu_ = ops::make_cpu_backend(cpu_threads);
+  }
+  ops::CudaBackend& cuda() { return static_cast<ops::CudaBackend&>(*cuda_); }
+  ops::Backend& cpu() { return *cpu_; }
+  core::Tensor dev(const core::Tensor& h) { return to_device(cuda(), h); }
+  core::Tensor host(const core::Tensor& d) { return to_host(cuda(), d); }
+  core::Tensor poisoned(core::DType t, std::initializer_list<int64_t> shape) {
+    return device_poisoned(cuda(), t, shape);
+  }
+  ops::RopeTable dev_rope(const ops::RopeTable& r) { return ops::RopeTable{dev(r.inv_freq), r.rope_dim}; }
+
+  std::unique_ptr<ops::Backend> cuda_, cpu_;
+};
 
 // Device copies of a batch's arrays and a view of them.
 struct DeviceBatch {

@@ -2,15 +2,20 @@
 // a hand-built batch view.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
 #include "core/tensor.h"
+#include "model/synthetic_weights.h"
+#include "model/weight_spec.h"
 #include "ops/batch.h"
+#include "ops/weights.h"
 #include "test_util.h"
 
 namespace dsv4::testing {
@@ -83,5 +88,30 @@ struct HostBatch : BatchArrays {
     }
   }
 };
+
+// A host weight [n, k] in FP8 (128x128 block scales) or FP4 (per-32 scales) with
+// make-checkpoint's synthetic values; `name` and `seed` pick the values.
+inline ops::QuantLinear synthetic_quant(const std::string& name, int64_t n, int64_t k, bool fp4, uint64_t seed) {
+  model::TensorSpec s;
+  s.name = name + std::to_string(seed);
+  s.logical_n = n;
+  s.logical_k = k;
+  s.std = 1.0f / std::sqrt(float(std::max<int64_t>(k, 1)));
+  ops::QuantLinear q;
+  q.n = n;
+  q.k = k;
+  if (fp4) {
+    q.format = ops::QuantLinear::Format::kFp4Group32;
+    q.weight = core::Tensor::empty_cpu(core::DType::kI8, {n, k / 2});
+    q.scale = core::Tensor::empty_cpu(core::DType::kF8E8M0, {n, k / 32});
+    if (n > 0 && k > 0) model::fill_fp4_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
+  } else {
+    q.format = ops::QuantLinear::Format::kFp8Block128;
+    q.weight = core::Tensor::empty_cpu(core::DType::kF8E4M3, {n, k});
+    q.scale = core::Tensor::empty_cpu(core::DType::kF8E8M0, {(n + 127) / 128, (k + 127) / 128});
+    if (n > 0 && k > 0) model::fill_fp8_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
+  }
+  return q;
+}
 
 }  // namespace dsv4::testing

@@ -16,6 +16,7 @@
 
 #include "parallel/communicator.h"
 #include "parallel/inprocess_communicator.h"
+#include "test_seed.h"
 
 namespace dsv4::parallel {
 namespace {
@@ -25,16 +26,7 @@ using core::Tensor;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-uint64_t test_seed() {
-  static const uint64_t seed = [] {
-    const char* env = std::getenv("DSV4_TEST_SEED");
-    uint64_t s = env ? std::strtoull(env, nullptr, 10) : uint64_t(std::random_device{}());
-    std::fprintf(stderr, "[test seed %llu; rerun with DSV4_TEST_SEED=%llu]\n", (unsigned long long)s,
-                 (unsigned long long)s);
-    return s;
-  }();
-  return seed;
-}
+using dsv4::testing::test_seed;
 
 CommOptions opts(int timeout_ms = 10000, bool ledger = false) {
   CommOptions o;
