@@ -93,9 +93,9 @@ void CpuBackend::do_compress(const Tensor& a, const Tensor& g, const CompressorW
           float mx = cand_score[0];
           for (int c = 1; c < n; ++c) mx = std::max(mx, cand_score[c]);
           float z = 0.0f;
-          for (int c = 0; c < n; ++c) z += std::exp(cand_score[c] - mx);
+          for (int c = 0; c < n; ++c) z += core::exp_f32_via_f64(cand_score[c] - mx);
           float acc = 0.0f;
-          for (int c = 0; c < n; ++c) acc += cand_kv[c] * (std::exp(cand_score[c] - mx) / z);
+          for (int c = 0; c < n; ++c) acc += cand_kv[c] * (core::exp_f32_via_f64(cand_score[c] - mx) / z);
           pooled[size_t(f)] = acc;
         }
         if (overlap) {  // the current window becomes the previous one
@@ -216,13 +216,13 @@ void CpuBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const La
         std::fill(acc.begin(), acc.end(), 0.0f);
         float denom = 0.0f;
         for (size_t u = 0; u < n; ++u) {
-          const float pr = std::exp(logits[u] - mx);
+          const float pr = core::exp_f32_via_f64(logits[u] - mx);
           denom += pr;
           const float pb = core::round_bf16(pr);
           const float* v = kf.data() + u * size_t(Dh);
           for (int64_t i = 0; i < Dh; ++i) acc[size_t(i)] += pb * v[i];
         }
-        denom += std::exp(sink.as<float>()[h] - mx);
+        denom += core::exp_f32_via_f64(sink.as<float>()[h] - mx);
         uint16_t* oh = out + h * Dh;
         for (int64_t i = 0; i < Dh; ++i) oh[i] = float_to_bf16(acc[size_t(i)] / denom);
         ref::rope_bf16(oh + Dh - rd, rd / 2, rope.inv_freq.as<float>(), p, true);  // de-rotate (spec §5.6)

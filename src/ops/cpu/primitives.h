@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/dtype.h"
+
 namespace dsv4::ops::ref {
 
 // ---- activation quantization (spec §2.4, §2.5) ---------------------------------
@@ -42,7 +44,7 @@ void hadamard_bf16(uint16_t* x, int64_t n);
 // row softmax + eps, column normalisation, then iters-1 (row, column) passes.
 void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps);
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float sigmoid(float x) { return 1.0f / (1.0f + core::exp_f32_via_f64(-x)); }
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 // torch.nn.functional.softplus with its default threshold of 20.
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }

@@ -81,9 +81,8 @@ void allow_smem(K kernel, size_t bytes) {
 __device__ __forceinline__ float bf2f(uint16_t h) { return core::bf16_to_float(h); }
 __device__ __forceinline__ uint16_t f2bf(float x) { return core::float_to_bf16(x); }
 __device__ __forceinline__ float round_bf(float x) { return core::round_bf16(x); }
-// exp in double, rounded to fp32: agrees with a correctly rounded expf (the
-// reference's std::exp) except in rare double-rounding cases.
-__device__ __forceinline__ float exp_ref(float x) { return float(exp(double(x))); }
+// The reference's exp (core::exp_f32_via_f64).
+__device__ __forceinline__ float exp_ref(float x) { return core::exp_f32_via_f64(x); }
 
 __device__ __forceinline__ void rope_cos_sin(int64_t pos, float inv_freq, float* c, float* s) {
   const float angle = __fmul_rn(float(pos), inv_freq);

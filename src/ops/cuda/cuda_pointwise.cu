@@ -384,8 +384,8 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
 }
 
 __device__ __forceinline__ float sigmoid_ref(float x) {
-  // ref::sigmoid: 1 / (1 + exp(-x)); exp in double rounds like a correctly rounded expf.
-  const float e = float(exp(-double(x)));
+  // ref::sigmoid: 1 / (1 + exp(-x)), the exp as the reference computes it.
+  const float e = core::exp_f32_via_f64(-x);
   return __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
 }
 
@@ -400,7 +400,7 @@ __device__ void sinkhorn_ref(float (&c)[HC * HC], int64_t iters, float eps) {
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < HC; ++j) {
-      c[i * HC + j] = float(exp(double(__fsub_rn(c[i * HC + j], m))));
+      c[i * HC + j] = core::exp_f32_via_f64(__fsub_rn(c[i * HC + j], m));
       sum = __fadd_rn(sum, c[i * HC + j]);
     }
 #pragma unroll
@@ -459,7 +459,7 @@ __device__ float sinkhorn_warp(float v, int64_t iters, float eps) {
   float m = __shfl_sync(kAll, v, i * HC);
 #pragma unroll
   for (int k = 1; k < HC; ++k) m = fmaxf(m, __shfl_sync(kAll, v, i * HC + k));
-  v = float(exp(double(__fsub_rn(v, m))));
+  v = core::exp_f32_via_f64(__fsub_rn(v, m));
   v = __fadd_rn(__fdiv_rn(v, row_sum(v)), eps);
   v = __fdiv_rn(v, __fadd_rn(col_sum(v), eps));
   for (int64_t it = 1; it < iters; ++it) {
