@@ -104,7 +104,9 @@ class CudaTinyModel : public ::testing::Test {
   // Both backends with the same checkpoint loaded (only where a GPU is usable).
   void SetUp() override {
     if (!ops::cuda_device_available()) return;
-    cpu_ = ops::make_cpu_backend(int(std::max(1u, std::thread::hardware_concurrency())));
+    // The reference sums FP4 GEMM chunks as the CUDA FP4 kernel's FP8 wgmma does.
+    cpu_ = ops::make_cpu_backend(int(std::max(1u, std::thread::hardware_concurrency())),
+                                 ops::QuantDotModel::kHopperWgmma);
     cuda_ = ops::make_cuda_backend(0);
     const ModelSource source{*dir_, "", 0};
     cpu_model_ = load_model(source, *cpu_);

@@ -323,5 +323,65 @@ TEST_F(CpuOps, EveryOpAcceptsZeroRows) {
   EXPECT_NO_THROW(be->router(x0, gate, Tensor::zeros_cpu(DType::kF32, {4}), Tensor(), hb.view(), rc, wts, ids));
 }
 
+// The Hopper FP8 dot-product model against hand-computed cases: terms aligned to
+// the largest product exponent and truncated toward zero 13 bits below it, the sum
+// truncated to 14 significant bits.
+TEST(HopperDot, AlignsTruncatesAndKeepsFourteenBits) {
+  const auto code = [](float v) { return core::float_to_e4m3(v); };
+  uint8_t a[32], b[32];
+  const auto fill = [&](float va, float vb) {
+    for (int k = 0; k < 32; ++k) {
+      a[k] = code(va);
+      b[k] = code(vb);
+    }
+  };
+  // 32 equal products: exact (32 * 1.5 * 2 = 96).
+  fill(1.5f, 2.0f);
+  EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 96.0f);
+  // A product 2^-14 below the largest is truncated away; at 2^-13 it survives.
+  fill(0.0f, 0.0f);
+  a[0] = code(1.0f), b[0] = code(1.0f);
+  a[1] = code(0x1p-7f), b[1] = code(0x1p-7f);  // 2^-14
+  EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 1.0f);
+  b[1] = code(0x1p-6f);  // 2^-13: the last kept bit
+  EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 1.0f + 0x1p-13f);
+  // Truncation toward zero for a negative term: -(1 + 2^-13 + 2^-14) keeps -(1 + 2^-13).
+  a[0] = code(-1.0f);
+  a[1] = code(-0x1p-7f), b[1] = code(0x1p-6f);  // -2^-13
+  a[2] = code(-0x1p-7f), b[2] = code(0x1p-7f);  // -2^-14: dropped
+  EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), -(1.0f + 0x1p-13f));
+  // The sum keeps 14 significant bits: 2 + 2^-13 (15 bits at the sum's scale) -> 2.
+  fill(0.0f, 0.0f);
+  a[0] = code(1.0f), b[0] = code(1.0f);
+  a[1] = code(1.0f), b[1] = code(1.0f);
+  a[2] = code(0x1p-7f), b[2] = code(0x1p-6f);  // 2^-13
+  EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 2.0f);
+  // A lone product of two e4m3 subnormals is exact: 2^-9 * 2^-9.
+  fill(0.0f, 0.0f);
+  a[0] = code(0x1p-9f), b[0] = code(0x1p-9f);
+  EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 0x1p-18f);
+}
+
+// QuantDotModel::kHopperWgmma changes FP4 GEMMs only, and where no product is
+// truncated it equals the exact sum.
+TEST(HopperDot, CpuBackendModelOnlyTouchesFp4Chunks) {
+  auto exact = make_cpu_backend(1), hopper = make_cpu_backend(1, QuantDotModel::kHopperWgmma);
+  const int64_t N = 3, K = 256;
+  QuantLinear w;
+  w.format = QuantLinear::Format::kFp4Group32;
+  w.n = N;
+  w.k = K;
+  w.weight = Tensor::empty_cpu(DType::kI8, {N, K / 2});
+  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {N, K / 32});
+  for (int64_t i = 0; i < N * K / 2; ++i) w.weight.as<uint8_t>()[i] = uint8_t(0x22 + (i % 3));  // 1.0 / 1.5 / 2.0 pairs
+  for (int64_t i = 0; i < N * K / 32; ++i) w.scale.as<uint8_t>()[i] = uint8_t(120 + i % 5);
+  Tensor x = Tensor::empty_cpu(DType::kBF16, {2, K});
+  for (int64_t i = 0; i < 2 * K; ++i) x.as<uint16_t>()[i] = core::float_to_bf16(i % 2 ? 0.5f : 1.0f);
+  Tensor y0 = Tensor::empty_cpu(DType::kBF16, {2, N}), y1 = Tensor::empty_cpu(DType::kBF16, {2, N});
+  exact->linear(x, w, y0);
+  hopper->linear(x, w, y1);
+  for (int64_t i = 0; i < 2 * N; ++i) EXPECT_EQ(y0.as<uint16_t>()[i], y1.as<uint16_t>()[i]) << i;
+}
+
 }  // namespace
 }  // namespace dsv4::ops

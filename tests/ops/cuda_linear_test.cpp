@@ -51,11 +51,19 @@ using ops::QuantLinear;
 const std::vector<int64_t> kRows = {0, 1, 3, 16, 64, 65, 256, 512};
 
 // ---- setup -------------------------------------------------------------------------
+// cpu: the spec's fp32 arithmetic (the simple kernels match it); cpu_hopper: FP4 GEMM
+// chunks summed as the FP8 wgmma of the fast FP4 kernel does (QuantDotModel).
 struct Env {
   std::unique_ptr<ops::Backend> cpu = ops::make_cpu_backend(8);
+  std::unique_ptr<ops::Backend> cpu_hopper = ops::make_cpu_backend(8, ops::QuantDotModel::kHopperWgmma);
   std::unique_ptr<ops::Backend> owned = ops::make_cuda_backend(0);
   ops::CudaBackend& cuda = static_cast<ops::CudaBackend&>(*owned);
 };
+
+// The CPU reference of the kernel path the running test forces (fast: the FP8 wgmma
+// model for FP4 GEMMs; simple: fp32).
+int g_forced_path = 0;
+ops::Backend& ref_backend(Env& env) { return g_forced_path == 0 ? *env.cpu_hopper : *env.cpu; }
 
 // Parameter: 0 = fast kernels, 1 = simple kernels.
 class CudaLinear : public ::testing::TestWithParam<int> {
@@ -63,6 +71,7 @@ class CudaLinear : public ::testing::TestWithParam<int> {
   void SetUp() override {
     DSV4_REQUIRE_CUDA();
     ops::cuda_linear_force_path(GetParam());
+    g_forced_path = GetParam();
   }
   void TearDown() override { ops::cuda_linear_force_path(-1); }
   const char* path() const { return GetParam() == 0 ? "fast" : "simple"; }
@@ -299,7 +308,7 @@ void check_quant_linear(bool fp4, uint64_t salt) {
       const Tensor x = rng.bf16({M, s.k});
       Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, s.n});
       poison(ref);
-      env.cpu->linear(x, hw, ref);
+      ref_backend(env).linear(x, hw, ref);
       Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, s.n});
       env.cuda.linear(to_device(env.cuda, x), dw, y);
       expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
@@ -319,7 +328,7 @@ TEST_P(CudaLinear, LinearWithEmptyReductionWritesZeros) {
   const Tensor x = Tensor::empty_cpu(DType::kBF16, {3, 0});
   Tensor ref = Tensor::empty_cpu(DType::kBF16, {3, 70});
   poison(ref);
-  env.cpu->linear(x, hw, ref);
+  ref_backend(env).linear(x, hw, ref);
   Tensor y = device_poisoned(env.cuda, DType::kBF16, {3, 70});
   env.cuda.linear(to_device(env.cuda, x), device_quant(env.cuda, hw), y);
   expect_bitwise(ref, to_host(env.cuda, y), "K=0 linear");
@@ -344,7 +353,7 @@ TEST_P(CudaLinear, Bf16LinearMatchesCpu) {
       const Tensor x = c.x_f32 ? rng.f32({M, c.k}) : rng.bf16({M, c.k});
       Tensor ref = Tensor::empty_cpu(ydt, {M, c.n});
       poison(ref);
-      env.cpu->linear_bf16(x, hw, ref);
+      ref_backend(env).linear_bf16(x, hw, ref);
       Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
       env.cuda.linear_bf16(to_device(env.cuda, x), dw, y);
       expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
@@ -369,7 +378,7 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
       poison(ref);
-      env.cpu->grouped_linear(x, hw, c.g, ref);
+      ref_backend(env).grouped_linear(x, hw, c.g, ref);
       Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
       env.cuda.grouped_linear(to_device(env.cuda, x), dw, c.g, y);
       expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
@@ -397,7 +406,7 @@ TEST_P(CudaLinear, ExpertFfnMatchesCpu) {
       const Tensor rw = c.weighted ? random_weights(rng, M, 1).reshape({M}) : Tensor();
       Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, D});
       poison(ref);
-      env.cpu->expert_ffn(x, he, rw, c.limit, ref);
+      ref_backend(env).expert_ffn(x, he, rw, c.limit, ref);
       Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
       env.cuda.expert_ffn(to_device(env.cuda, x), de, c.weighted ? to_device(env.cuda, rw) : Tensor(), c.limit, y);
       const Tensor got = to_host(env.cuda, y);
@@ -406,7 +415,7 @@ TEST_P(CudaLinear, ExpertFfnMatchesCpu) {
                        (c.weighted ? " weighted" : "") + " limit " + std::to_string(int(c.limit)) + " M=" +
                        std::to_string(M),
                    1e-5, [&](int64_t r) {
-                     return one_flip_explains(*env.cpu, x.as<uint16_t>() + r * D, D, he,
+                     return one_flip_explains(ref_backend(env), x.as<uint16_t>() + r * D, D, he,
                                               c.weighted ? rw.as<float>() + r : nullptr, c.limit,
                                               got.as<uint16_t>() + r * D);
                    });
@@ -435,7 +444,7 @@ void check_routed(const MoeCase& c, const std::vector<int64_t>& rows, uint64_t s
     const Tensor w = random_weights(rng, R, c.k);
     Tensor ref = Tensor::empty_cpu(DType::kBF16, {R, c.k, c.d});
     poison(ref);
-    env.cpu->routed_experts(x, ids, w, hex, c.begin, c.end, 10.0f, ref);
+    ref_backend(env).routed_experts(x, ids, w, hex, c.begin, c.end, 10.0f, ref);
     Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
     env.cuda.routed_experts(to_device(env.cuda, x), to_device(env.cuda, ids), to_device(env.cuda, w), dex, c.begin,
                             c.end, 10.0f, out);
@@ -443,7 +452,7 @@ void check_routed(const MoeCase& c, const std::vector<int64_t>& rows, uint64_t s
     const auto flip = [&](int64_t pair) {  // output row `pair` = (token pair / k, slot pair % k)
       const int32_t e = ids.as<int32_t>()[pair];
       if (e < c.begin || e >= c.end) return false;
-      return one_flip_explains(*env.cpu, x.as<uint16_t>() + (pair / c.k) * c.d, c.d, hex[size_t(e)],
+      return one_flip_explains(ref_backend(env), x.as<uint16_t>() + (pair / c.k) * c.d, c.d, hex[size_t(e)],
                                w.as<float>() + pair, 10.0f, got.as<uint16_t>() + pair * c.d);
     };
     expect_close(ref, got, 2.0, 2e-2,
@@ -516,8 +525,8 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
       Tensor wr = Tensor::empty_cpu(DType::kF32, {T, k}), ir = Tensor::empty_cpu(DType::kI32, {T, k});
       poison(wr);
       poison(ir);
-      env.cpu->router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(), batch.view(false, 0, T), cfg,
-                      wr, ir);
+      ref_backend(env).router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(),
+                              batch.view(false, 0, T), cfg, wr, ir);
       Tensor wg = device_poisoned(env.cuda, DType::kF32, {T, k}), ig = device_poisoned(env.cuda, DType::kI32, {T, k});
       env.cuda.router(to_device(env.cuda, x), d_gate, rc.hash ? Tensor() : d_bias, rc.hash ? d_tid2eid : Tensor(),
                       batch.view(true, 0, T), cfg, wg, ig);

@@ -18,9 +18,11 @@ using core::Tensor;
 using cpu::dot_f32;
 using cpu::dot_f32_bf16;
 
-CpuBackend::CpuBackend(int num_threads) : pool_(num_threads) {}
+CpuBackend::CpuBackend(int num_threads, QuantDotModel fp4_dot) : pool_(num_threads), fp4_dot_(fp4_dot) {}
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, QuantDotModel fp4_dot) {
+  return std::make_unique<CpuBackend>(num_threads, fp4_dot);
+}
 
 Tensor CpuBackend::empty(DType dtype, std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(dtype, shape); }
 
@@ -239,7 +241,49 @@ const float* CpuBackend::dequantized(const QuantLinear& w) {
   return p;
 }
 
+// Per output: for each 128-wide stage, q = the 4 chunk sums (Hopper's FP8 dot of the
+// 2^-6-scaled e4m3 weight codes and the activation codes) folded in order with
+// fmaf(d, 2^(weight scale), q), then p = fmaf(q, 2^(activation exponent) * 64, p);
+// out = bf16(0 + p). The CUDA FP4 GEMM's order (linear_kernels.cuh), K slices aside
+// (they regroup the fp32 sum of p, a 2^-24-level difference).
+void CpuBackend::fp4_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
+  const int64_t K = w.k, N = w.n;
+  std::vector<uint8_t> wc(static_cast<size_t>(N * K));  // e4m3 codes of 2^-6 x the weights
+  const uint8_t* q = w.weight.as<uint8_t>();
+  for (int64_t i = 0; i < N * K; ++i) {
+    const uint8_t byte = q[i / 2];
+    wc[size_t(i)] = ref::e2m1_to_e4m3_div64((i % 2 == 0) ? (byte & 0xf) : (byte >> 4));
+  }
+  const uint8_t* s = w.scale.as<uint8_t>();
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    std::vector<float> xf(static_cast<size_t>(K));
+    std::vector<uint8_t> codes(static_cast<size_t>(K));
+    std::vector<int> exps(static_cast<size_t>(K / 128));
+    for (int64_t r = b; r < e; ++r) {
+      cpu::bf16_row_to_float(x + r * K, K, xf.data());
+      ref::act_quant_fp8(xf.data(), K, 128, codes.data(), exps.data());
+      for (int64_t n = 0; n < N; ++n) {
+        float p = 0.0f;
+        for (int64_t st = 0; st < K / 128; ++st) {
+          float qs = 0.0f;
+          for (int64_t c = 0; c < 4; ++c) {
+            const int64_t k0 = st * 128 + c * 32;
+            const float d = ref::hopper_e4m3_dot32(wc.data() + n * K + k0, codes.data() + k0);
+            const float ws = core::e8m0_to_float(s[n * (K / 32) + k0 / 32]);
+            qs = c == 0 ? d * ws : std::fma(d, ws, qs);
+          }
+          p = std::fma(qs, core::pow2_float(exps[size_t(st)]) * 64.0f, p);
+        }
+        y[r * N + n] = float_to_bf16(0.0f + p);
+      }
+    }
+  });
+}
+
 void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
+  if (w.format == QuantLinear::Format::kFp4Group32 && fp4_dot_ == QuantDotModel::kHopperWgmma && w.k % 128 == 0) {
+    return fp4_linear_rows_hopper(x, rows, w, y);
+  }
   const float* W = dequantized(w);
   const int64_t K = w.k, N = w.n;
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {

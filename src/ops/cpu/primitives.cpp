@@ -1,7 +1,9 @@
 #include "ops/cpu/primitives.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 
 #include "core/dtype.h"
 #include "ops/cpu/cpu_kernels.h"
@@ -102,6 +104,43 @@ void hadamard_bf16(uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = float_to_bf16(float(v[size_t(i)] * scale));
 }
 
+float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b) {
+  // An e4m3 code as sig * 2^(ne - 3): ne the exponent the tensor core aligns on
+  // (-6 for subnormals), sig the integer significand. NaN codes are not modelled.
+  const auto decode = [](uint8_t x, int* sig, int* ne) {
+    const int e = (x >> 3) & 15, m = x & 7;
+    *sig = e == 0 ? m : 8 + m;
+    *ne = (e == 0 ? 1 : e) - 7;
+  };
+  int sig[32], ne[32];
+  bool neg[32];
+  int ne_max = INT32_MIN;
+  for (int k = 0; k < 32; ++k) {
+    int sa, ea, sb, eb;
+    decode(a[k], &sa, &ea);
+    decode(b[k], &sb, &eb);
+    sig[k] = sa * sb;  // product = sig * 2^(ne - 6), sig < 2^8
+    ne[k] = ea + eb;
+    neg[k] = ((a[k] ^ b[k]) & 0x80) != 0;
+    if (sig[k] != 0) ne_max = std::max(ne_max, ne[k]);
+  }
+  if (ne_max == INT32_MIN) return 0.0f;
+  // Terms in units of 2^(ne_max - 13): sig * 2^(ne - ne_max + 7), truncated toward zero.
+  int64_t sum = 0;
+  for (int k = 0; k < 32; ++k) {
+    if (sig[k] == 0) continue;
+    const int shift = ne[k] - ne_max + 7;
+    const int64_t t = shift >= 0 ? int64_t(sig[k]) << shift : (shift > -32 ? int64_t(sig[k] >> -shift) : 0);
+    sum += neg[k] ? -t : t;
+  }
+  uint64_t mag = sum < 0 ? uint64_t(-sum) : uint64_t(sum);
+  int bits = 0;
+  while (bits < 64 && (mag >> bits) != 0) ++bits;
+  if (bits > 14) mag = (mag >> (bits - 14)) << (bits - 14);  // 14 significant bits, toward zero
+  const float v = std::ldexp(float(mag), ne_max - 13);
+  return sum < 0 ? -v : v;
+}
+
 void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps) {
   for (int64_t i = 0; i < hc; ++i) {  // softmax over j of each row, + eps
     float* row = comb + i * hc;
@@ -109,7 +148,7 @@ void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps) {
     for (int64_t j = 1; j < hc; ++j) m = std::max(m, row[j]);
     float sum = 0.0f;
     for (int64_t j = 0; j < hc; ++j) {
-      row[j] = std::exp(row[j] - m);
+      row[j] = core::exp_f32_via_f64(row[j] - m);
       sum += row[j];
     }
     for (int64_t j = 0; j < hc; ++j) row[j] = row[j] / sum + eps;

@@ -20,6 +20,21 @@ int fp4_block_exponent(const float* x, int64_t n);  // format max 6, floor 6 * 2
 // exponent per block.
 void act_quant_fp8(const float* x, int64_t n, int64_t block, uint8_t* q, int* exponents);
 
+// ---- Hopper's FP8 tensor-core dot product --------------------------------------
+// sum_{k<32} a_k * b_k of e4m3 codes as one Hopper wgmma k32 (.f32 result) computes
+// it, bit for bit per the MMA-Sim model (Xie et al., arXiv:2511.10909): exact
+// products, all aligned to the largest product exponent and truncated toward zero
+// to 13 fractional bits below it, summed exactly, the sum truncated to 14
+// significant bits. The CUDA backend's FP4 GEMM runs on this instruction; the
+// CPU backend can model it (make_cpu_backend, QuantDotModel::kHopperWgmma).
+float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b);
+
+// The e4m3 code of 2^-6 x an e2m1 value (exact: the nibble's bits placed in the
+// e4m3 exponent and mantissa), the form the CUDA FP4 GEMM feeds the tensor core.
+inline uint8_t e2m1_to_e4m3_div64(uint8_t nibble) {
+  return uint8_t(((nibble & 8) << 4) | ((nibble & 7) << 2));
+}
+
 // In-place QAT simulation on bf16 values: x <- bf16(float(e4m3(clamp(x/s))) * s),
 // block by block (spec §2.4, "in-place variant").
 void fp8_sim_bf16(uint16_t* x, int64_t n, int64_t block);

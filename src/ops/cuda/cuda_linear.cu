@@ -74,10 +74,12 @@ unsigned blocks_for_warps(int64_t warps, int64_t cap = int64_t(1) << 30) {
 constexpr int64_t kSimpleBlocks = 8192;  // grid-stride simple kernels
 
 // ---- activation quantization -----------------------------------------------------------
-void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows, int64_t k, uint8_t* q, float* s) {
+// split_pairs: the layout the FP4 GEMM reads (lk::store_quant4); element order otherwise.
+void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows, int64_t k, uint8_t* q, float* s,
+                   bool split_pairs) {
   const int64_t items = rows * (k / 128);
   if (items == 0) return;
-  lk::act_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s);
+  lk::act_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s, split_pairs ? 1 : 0);
   check_launch(be.stream());
 }
 
@@ -134,7 +136,9 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
     case 1: return two ? launch_plain<F, 1, true>(be, p, grid) : launch_plain<F, 1, false>(be, p, grid);
     case 2: return two ? launch_plain<F, 2, true>(be, p, grid) : launch_plain<F, 2, false>(be, p, grid);
     case 4: return two ? launch_plain<F, 4, true>(be, p, grid) : launch_plain<F, 4, false>(be, p, grid);
-    default: return two ? launch_plain<F, 8, true>(be, p, grid) : launch_plain<F, 8, false>(be, p, grid);
+    default:
+      if constexpr (F == WFmt::kFp4) DSV4_CHECK(false, "gemm: FP4 tiles hold at most 32 rows (nt {})", nt);
+      else return two ? launch_plain<F, 8, true>(be, p, grid) : launch_plain<F, 8, false>(be, p, grid);
   }
 }
 
@@ -169,7 +173,8 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = int64_t(p.groups) * p.tiles_per_group;
   p.slices = slices_for(n_tiles, stages, 1);
-  const int nt = nt_for_rows(p.m);
+  // FP4 (wgmma) tiles stop at 32 rows: 64 would need 256 accumulator registers.
+  const int nt = fmt == WFmt::kFp4 ? std::min(nt_for_rows(p.m), 4) : nt_for_rows(p.m);
   const int64_t m_tiles = (p.m + 8 * nt - 1) / (8 * nt);
   DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
   // Split the slices over CTAs when the tiles alone do not fill one wave (decode,
@@ -200,11 +205,19 @@ bool quant_fast_ok(const QuantLinear& w) {
          aligned(w.weight.data(), 16) && (fp4 ? aligned(w.scale.data(), 4) : (w.k + 127) / 128 <= lk::kMaxScaleBlocks);
 }
 
-// y[m * ldy + n] = bf16(xq[m] . W[n]) for pre-quantized activations.
+// Whether w runs on the FP4 tensor-core GEMM, which reads its activations in the
+// split-pairs layout (quantize_rows); every other path reads them in element order.
+bool fp4_gemm_path(const QuantLinear& w) {
+  return w.format == QuantLinear::Format::kFp4Group32 && !simple_path() && quant_fast_ok(w);
+}
+
+// y[m * ldy + n] = bf16(xq[m] . W[n]) for pre-quantized activations, in the split-pairs
+// layout when split_pairs (then w must take the FP4 GEMM), in element order otherwise.
 void quant_gemm(CudaBackend& be, const QuantLinear& w, const uint8_t* xq, const float* xs, int64_t M, uint16_t* y,
-                int64_t ldy) {
+                int64_t ldy, bool split_pairs) {
   const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
-  if (simple_path() || !quant_fast_ok(w)) {
+  DSV4_CHECK(!split_pairs || fp4_gemm_path(w), "quant_gemm: split-pairs activations for a weight off the FP4 GEMM");
+  if (simple_path() || !quant_fast_ok(w) || fp4 != split_pairs) {
     lk::simple_quant_linear_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, be.stream()>>>(
         xq, xs, M, w.k, w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), fp4 ? 1 : 0, w.n, y, ldy);
     check_launch(be.stream());
@@ -304,8 +317,9 @@ void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor&
   if (K == 0) return fill_zero(y);
   uint8_t* xq = scratch_as<uint8_t>(*this, "xq", M * K);
   float* xs = scratch_as<float>(*this, "xs", M * (K / 128));
-  quantize_rows(*this, x.as<uint16_t>(), K, M, K, xq, xs);
-  quant_gemm(*this, w, xq, xs, M, y.as<uint16_t>(), w.n);
+  const bool split = fp4_gemm_path(w);
+  quantize_rows(*this, x.as<uint16_t>(), K, M, K, xq, xs, split);
+  quant_gemm(*this, w, xq, xs, M, y.as<uint16_t>(), w.n, split);
 }
 
 // ---- linear_bf16 ------------------------------------------------------------------------
@@ -361,18 +375,19 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
   uint16_t* gu = scratch_as<uint16_t>(*this, "ffn.gu", R * 2 * I);
   uint8_t* hq = scratch_as<uint8_t>(*this, "ffn.hq", R * I);
   float* hs = scratch_as<float>(*this, "ffn.hs", R * (I / 128));
-  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs);
   const bool fast = !simple_path() && quant_fast_ok(w.w1) && quant_fast_ok(w.w3) && quant_fast_ok(w.w2) &&
                     w.w1.format == w.w3.format && 2 * I < (int64_t(1) << 30);
+  const bool split13 = fast && fp4_gemm_path(w.w1), split2 = fp4_gemm_path(w.w2);
+  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, split13);
   if (!fast) {
-    quant_gemm(*this, w.w1, xq, xs, R, gu, 2 * I);      // simple kernels when simple_path();
-    quant_gemm(*this, w.w3, xq, xs, R, gu + I, 2 * I);  // else per-weight fallback
+    quant_gemm(*this, w.w1, xq, xs, R, gu, 2 * I, false);      // simple kernels when simple_path();
+    quant_gemm(*this, w.w3, xq, xs, R, gu + I, 2 * I, false);  // else per-weight fallback
     uint16_t* h = scratch_as<uint16_t>(*this, "ffn.h", R * I);
     lk::simple_swiglu_kernel<<<unsigned(std::min<int64_t>((R * I + 255) / 256, kSimpleBlocks)), 256, 0, stream()>>>(
         gu, rw, R, I, limit, h);
     check_launch(stream());
-    quantize_rows(*this, h, I, R, I, hq, hs);
-    quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D);
+    quantize_rows(*this, h, I, R, I, hq, hs, split2);
+    quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D, split2);
     return;
   }
   // gate | up as one GEMM over the stacked rows [w1; w3] (I % 128 == 0: a CTA reads one of them).
@@ -397,9 +412,9 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
   p.ldy = 2 * I;
   run_gemm(*this, quant_fmt(w.w1), p);
   lk::swiglu_quant_kernel<<<blocks_for_warps(R * (I / 128)), 256, 0, stream()>>>(gu, R, I, nullptr, rw, nullptr,
-                                                                                  limit, hq, hs);
+                                                                                  limit, hq, hs, split2 ? 1 : 0);
   check_launch(stream());
-  quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D);
+  quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D, split2);
 }
 
 // ---- routed_experts (spec §6.2) ---------------------------------------------------------
@@ -433,7 +448,6 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   float* xs = scratch_as<float>(*this, "moe.xs", R * (D / 128));
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
   float* hs = scratch_as<float>(*this, "moe.hs", P * (I / 128));
-  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs);
   const bool fp4_13 = fmt13 == QuantLinear::Format::kFp4Group32, fp4_2 = fmt2 == QuantLinear::Format::kFp4Group32;
 
   // Tile rows per expert from the average load (any choice gives the same bits).
@@ -448,6 +462,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     fast = quant_fast_ok(ew.w1) && quant_fast_ok(ew.w3) && quant_fast_ok(ew.w2);
   }
 
+  // The fast path's FP4 GEMMs read split-pairs activations; the simple kernels element order.
+  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fast && fp4_13);
   if (!fast) {
     // Simple: one warp per (pair, output); expert tables in chunks of global ids.
     uint16_t* h = scratch_as<uint16_t>(*this, "moe.h", P * I);
@@ -466,7 +482,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
           id, P, int(k), int(c0), int(c1), *table, fp4_13 ? 1 : 0, xq, xs, D, I, limit, weights.as<float>(), h);
       check_launch(s);
     }
-    quantize_rows(*this, h, I, P, I, hq, hs);  // rows of non-local pairs are quantized too, and never read
+    quantize_rows(*this, h, I, P, I, hq, hs, false);  // rows of non-local pairs are quantized too, and never read
     for (int64_t c0 = expert_begin; c0 < expert_end; c0 += lk::kMaxTableExperts) {
       const int64_t c1 = std::min<int64_t>(expert_end, c0 + lk::kMaxTableExperts);
       std::memset(table.get(), 0, sizeof(lk::ExpertTable));
@@ -517,7 +533,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
                   });
 
   lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
-                                                                          pair_list, limit, hq, hs);
+                                                                          pair_list, limit, hq, hs, fp4_2 ? 1 : 0);
   check_launch(s);
 
   lk::GemmParams q{};

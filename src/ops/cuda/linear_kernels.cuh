@@ -24,7 +24,13 @@
 // FP4 weights (a scale per row and 32 values, activations one per 128) group the
 // chunks of one 128-wide stage first: q = sum over its 4 chunks, in order, of
 // fmaf(mma_c, 2^(weight scale_c), q), then p_s = fmaf(q, 2^(activation scale), p_s);
-// the same rule holds.
+// the same rule holds. For FP4, mma_c is one wgmma k32 on e4m3 codes, whose sum is
+// Hopper's FP8 one (products aligned to the largest and truncated 13 bits below it,
+// the sum truncated to 14 bits: ref::hopper_e4m3_dot32, the CPU reference's
+// QuantDotModel::kHopperWgmma). The kernel decodes FP4 weights as 2^-6 x their value
+// (a cheaper decode) and multiplies the activation scale by 2^6: every mma_c and q
+// is then exactly 2^-6 x the above and p_s the same number, unless a partial sum
+// falls into fp32's subnormal range (weight scales below ~2^-100).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -195,18 +201,16 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 }
 
 // 8 e2m1 nibbles (nibble i = element i, low nibble first, spec §2.8) -> 8 e4m3
-// bytes in element order (exact: every e2m1 value is an e4m3 value). 11 integer
-// ops for 8 values: one prmt looks up 4 magnitudes; a second prmt over the whole
-// nibbles yields 0x80 for a positive nibble (the table byte) and 0xFF for a
-// negative one (bit 3 set: sign replicated), whose bit 0 shifted to bit 7 is the
-// sign of the e4m3 code.
-__device__ __forceinline__ uint2 fp4x8_to_e4m3x8(uint32_t w) {
-  // e4m3 codes of the magnitudes {0, 0.5, 1, 1.5} and {2, 3, 4, 6}.
-  constexpr uint32_t kLo = 0x3C383000u, kHi = 0x4C484440u, kSign = 0x80808080u;
-  const uint32_t mag = w & 0x77777777u;
-  const uint32_t m0 = prmt(kLo, kHi, mag), m1 = prmt(kLo, kHi, mag >> 16);
-  const uint32_t s0 = prmt(kSign, kSign, w), s1 = prmt(kSign, kSign, w >> 16);
-  return make_uint2(m0 | ((s0 << 7) & kSign), m1 | ((s1 << 7) & kSign));
+// bytes worth 2^-6 x the e2m1 values, exactly: the nibble's exponent and mantissa
+// bits (e1 e0 m) placed at e4m3 bits 4..2 read as exponent e (bias 7) and mantissa
+// m00, i.e. 2^(e-7)(1 + m/2) = 2^-6 * 2^(e-1)(1 + m/2), and for e = 0 the e4m3
+// subnormal m/2 * 2^-6; the sign goes to bit 7. 7 integer ops for 8 values.
+// Element order: .x holds the even elements (low nibbles) 0, 2, 4, 6, .y the odd
+// ones; the activations are stored to match (split_pairs, store_quant4).
+__device__ __forceinline__ uint2 fp4x8_to_e4m3x8_div64(uint32_t w) {
+  const uint32_t even = ((w << 2) & 0x1C1C1C1Cu) | ((w << 4) & 0x80808080u);
+  const uint32_t odd = ((w >> 2) & 0x1C1C1C1Cu) | (w & 0x80808080u);
+  return make_uint2(even, odd);
 }
 
 // The 4 UE8M0 scale bytes of one FP4 weight row for one stage (byte j: elements
@@ -258,20 +262,77 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
 }
 
+// ---- wgmma (sm_90a) ----------------------------------------------------------------------
+// Hopper runs mma.sync on e4m3 as f16 HMMA after unpacking both operands (2 HMMA and
+// 12 conversions per m16n8k32); wgmma takes e4m3 natively. The FP4 GEMM uses
+// m64nNk32 with A (decoded weights) in registers and B (activations) in shared
+// memory, no swizzle: 8-row x 16-byte core matrices of 128 contiguous bytes, the
+// two of one 32-byte K chunk 128 bytes apart (leading offset), the 8-row groups
+// 256 bytes apart (stride offset).
+__device__ __forceinline__ uint64_t wgmma_desc_b(uint32_t smem_addr) {
+  return uint64_t((smem_addr & 0x3FFFFu) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t(256 >> 4) << 32);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// d = A * B (the accumulator input is ignored: scale-d = 0), A 64x32 e4m3 in
+// registers (the m16n8k32 A layout per warp), B 32 x 8*NT e4m3 from shared memory.
+// d[4q + e]: row 16*warp + g + 8*(e/2), column 8q + 2t + e%2.
+template <int NT>
+__device__ __forceinline__ void wgmma_e4m3(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t desc);
+template <>
+__device__ __forceinline__ void wgmma_e4m3<1>(float (&d)[4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma_e4m3<2>(float (&d)[8], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, "
+      "%12, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+template <>
+__device__ __forceinline__ void wgmma_e4m3<4>(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
+      "%12, %13, %14, %15}, {%16, %17, %18, %19}, %20, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+// Byte offset of 16-byte activation piece c (tile row c / 8, piece c % 8 of the
+// 128-byte stage row) in the wgmma B layout of a stage: chunk j = piece / 2 holds
+// NT 8-row groups of two core matrices each.
+template <int NT>
+__device__ __forceinline__ int wgmma_b_offset(int c) {
+  return (((c & 7) >> 1) * NT + (c >> 6)) * 256 + (c & 1) * 128 + ((c >> 3) & 7) * 16;
+}
+
 // ---- fragment loads -------------------------------------------------------------------
 // The reduction index inside one 32-byte chunk is permuted identically for A and B
 // (a dot product does not care which slot a k lands in): lane (g = lane/4, t = lane%4)
 // takes the 8 MMA-format bytes at chunk offset 8t of its rows. Their low word goes to
 // the fragment slots of logical k 4t..4t+3 (e4m3) / 2t..2t+1 (bf16), their high word
 // to logical k 16+4t.. (e4m3) / 8+2t.. (bf16): A regs {a0, a2} for row g, {a1, a3}
-// for row g+8; B regs {b0, b1} for column g.
+// for row g+8; B regs {b0, b1} for column g. FP4 (wgmma, B read from shared memory
+// in the activations' own order): the 4 stored bytes at chunk offset 4t hold elements
+// 8t..8t+7; the even ones go to k 4t..4t+3 and the odd ones to k 16+4t.., so each
+// 32-byte chunk of the activations is stored as its 16 even elements, then its 16
+// odd ones (split_pairs, store_quant4).
 //
-// w_rows: the warp's first weight row in the stage buffer; i: which 16-row half.
+// lo_row / hi_row: the stage-buffer rows of fragment rows g and g + 8.
 template <WFmt F>
-__device__ __forceinline__ void load_a_frag(const uint8_t* w_rows, int j, int i, int g, int t, uint32_t (&a)[4]) {
+__device__ __forceinline__ void load_a_frag(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
+                                            uint32_t (&a)[4]) {
   using T = FmtTraits<F>;
-  const uint8_t* lo_row = w_rows + (16 * i + g) * T::kWStride;
-  const uint8_t* hi_row = lo_row + 8 * T::kWStride;
   uint2 lo, hi;
   if constexpr (T::kWBytes == 128) {  // kFp8, kBf16: stored as MMA bytes
     lo = *reinterpret_cast<const uint2*>(lo_row + 32 * j + 8 * t);
@@ -280,8 +341,8 @@ __device__ __forceinline__ void load_a_frag(const uint8_t* w_rows, int j, int i,
     const uint32_t lo_raw = *reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t);
     const uint32_t hi_raw = *reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t);
     if constexpr (F == WFmt::kFp4) {
-      lo = fp4x8_to_e4m3x8(lo_raw);
-      hi = fp4x8_to_e4m3x8(hi_raw);
+      lo = fp4x8_to_e4m3x8_div64(lo_raw);
+      hi = fp4x8_to_e4m3x8_div64(hi_raw);
     } else {
       lo = e4m3x4_to_bf16x4(lo_raw);
       hi = e4m3x4_to_bf16x4(hi_raw);
@@ -314,6 +375,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   int* s_flag = s_rows + BM;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  // FP4 runs on wgmma (two m64 halves of the 128-row tile, warp w owning rows 16w..16w+15
+  // of each); the others on mma.sync (warp w owning rows 32w..32w+31).
+  constexpr bool kWgmma = F == WFmt::kFp4;
+  // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
+  auto tile_row = [&](int i, int h) { return (kWgmma ? 64 * i + 16 * warp : 32 * warp + 16 * i) + g + 8 * h; };
   const int n0 = tile_n * kTileN;  // first weight row of the tile inside its group
   const int valid_n = min(kTileN, p.n - n0);
   const bool second = n0 >= p.n_split;  // gate/up pair: this tile reads w3 (host keeps n_split % 128 == 0)
@@ -380,7 +446,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       const int c = tid + i * kThreads;
       if (c >= BM * 8) break;
       const uint8_t* base = kKeepA ? a_src[i] : a_source(i);
-      cp_async16(da + (c >> 3) * kAStride + (c & 7) * 16, base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
+      const int off = kWgmma ? wgmma_b_offset<NT>(c) : (c >> 3) * kAStride + (c & 7) * 16;
+      cp_async16(da + off, base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
     }
     if constexpr (T::kQuantAct) {
       if (tid < BM) cp_async4(s_as + buf * BM + tid, as_src ? as_src + st : p.a_scale, as_src ? 4 : 0);
@@ -389,6 +456,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   float cur[2][NT][4];
   float tot[2][NT][4];
+  // wgmma: the chunks of a stage go out in groups of kBatch (one wait per group), each
+  // chunk into its own accumulators: kBatch * 2 * 4NT registers.
+  constexpr int kBatch = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  float wg_d[kWgmma ? kBatch : 1][2][kWgmma ? 4 * NT : 1] = {};
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -404,6 +475,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
+    if constexpr (kWgmma) fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     {
       const int nxt = it + kStages - 1;
@@ -411,13 +483,15 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       cp_async_commit();
     }
     const int buf = it % kStages, st = st_begin + it;
-    const uint8_t* wb = s_w + (buf * kTileN + warp * 32) * T::kWStride;
     const uint8_t* ab = s_a + buf * BM * kAStride;
     float as[NT][2];
 #pragma unroll
     for (int q = 0; q < NT; ++q) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
+      for (int e = 0; e < 2; ++e) {
+        as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
+        if constexpr (F == WFmt::kFp4) as[q][e] *= 64.0f;  // the decoded weights are 2^-6 x e2m1
+      }
     }
     // FP4: q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
     // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
@@ -428,30 +502,68 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          e8m0x4_to_float(*reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + warp * 32 + 16 * i + g + 8 * h) * 4),
-                          wsf[i][h]);
+          e8m0x4_to_float(*reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + tile_row(i, h)) * 4), wsf[i][h]);
     }
     float wsc = 1.0f;
     if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
+    if constexpr (kWgmma) {
+      // kBatch chunks: decode their fragments, issue both halves of each, one wait,
+      // then fold the results in chunk order (the accumulation rule is unchanged).
+      // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
+      // activation column 8q + 2t + e % 2.
+      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      uint32_t a[2][4];
-      load_a_frag<F>(wb, j, 0, g, t, a[0]);
-      load_a_frag<F>(wb, j, 1, g, t, a[1]);
+      for (int j0 = 0; j0 < 4; j0 += kBatch) {
+        uint32_t a[kBatch][2][4];
 #pragma unroll
-      for (int q = 0; q < NT; ++q) {
-        const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+        for (int c = 0; c < kBatch; ++c)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint8_t* row = s_w + (buf * kTileN + tile_row(i, 0)) * T::kWStride;
+            load_a_frag<F>(row, row + 8 * T::kWStride, j0 + c, t, a[c][i]);
+          }
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < kBatch; ++c) {
+          const uint64_t desc = wgmma_desc_b(b_base + (j0 + c) * NT * 256);
+          wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
+          wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int c = 0; c < kBatch; ++c)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int q = 0; q < NT; ++q)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int jj = j0 + c;
+                const float d = wg_d[c][i][4 * q + e];
+                q_acc[i][q][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][q][e]);
+              }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[2][4];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          float d[4];
-          if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
-          else mma_bf16(d, a[i], b.x, b.y);
+          const uint8_t* row = s_w + (buf * kTileN + tile_row(i, 0)) * T::kWStride;
+          load_a_frag<F>(row, row + 8 * T::kWStride, j, t, a[i]);
+        }
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // Element e of the fragment: weight row 16i + g + 8(e/2), activation column 8q + 2t + e%2.
-            if constexpr (F == WFmt::kFp4) {
-              q_acc[i][q][e] = j == 0 ? d[e] * wsf[i][e >> 1][0] : fmaf(d[e], wsf[i][e >> 1][j], q_acc[i][q][e]);
-            } else {
+        for (int q = 0; q < NT; ++q) {
+          const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            float d[4];
+            if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
+            else mma_bf16(d, a[i], b.x, b.y);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              // Element e of the fragment: weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
               float s;
               if constexpr (F == WFmt::kFp8) s = wsc * as[q][e & 1];
               else if constexpr (F == WFmt::kFp8Bf16) s = wsc;
@@ -501,7 +613,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int q = 0; q < NT; ++q)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = warp * 32 + 16 * i + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+          const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
           if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
         }
     // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
@@ -527,7 +639,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int q = 0; q < NT; ++q)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = warp * 32 + 16 * i + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+          const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
           if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
         }
   }
@@ -562,11 +674,27 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const GemmParams 
                              int(blockIdx.y * gridDim.x + blockIdx.x));
 }
 
+// A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
+// block: in element order, or with split_pairs (the FP4 GEMM's layout, see
+// load_a_frag) each 32-byte chunk as its 16 even elements, then its 16 odd ones.
+// Lanes 2m and 2m+1 hold elements 8m..8m+7 of a chunk: they swap words, and the
+// even lane stores the even elements at 4m, the odd lane the odd ones at 16 + 4m.
+__device__ __forceinline__ void store_quant4(uint8_t* block, int lane, uint32_t codes, int split_pairs) {
+  if (!split_pairs) {
+    *reinterpret_cast<uint32_t*>(block + 4 * lane) = codes;
+    return;
+  }
+  const uint32_t other = __shfl_xor_sync(0xffffffffu, codes, 1);
+  const int l = lane & 7;
+  const uint32_t word = (l & 1) ? prmt(other, codes, 0x7531u) : prmt(codes, other, 0x6420u);
+  *reinterpret_cast<uint32_t*>(block + 32 * (lane >> 3) + 16 * (l & 1) + 4 * (l >> 1)) = word;
+}
+
 // ---- activation quantization (spec §2.4) ----------------------------------------------
 // One warp per (row, 128-block), 4 values per lane; q [rows, k] codes, scale
 // [rows, k/128] = 2^e. Roofline: reads 2 B and writes 1 B per element, < 1 µs at decode.
 __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
-                                 uint8_t* __restrict__ q, float* __restrict__ scale) {
+                                 uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs) {
   const int64_t blocks = k / 128;
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -582,7 +710,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
   }
   amax = warp_max(amax);
   const int e = act_exponent(amax);
-  *reinterpret_cast<uint32_t*>(q + r * k + b * 128 + lane * 4) = quant4_e4m3(v, core::pow2_float(-e));
+  store_quant4(q + r * k + b * 128, lane, quant4_e4m3(v, core::pow2_float(-e)), split_pairs);
   if (lane == 0) scale[r * blocks + b] = core::pow2_float(e);
 }
 
@@ -593,7 +721,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
 // Roofline: reads 4 B, writes ~1 B per h element: 6 x 2048 elements at decode, negligible.
 __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
                                     const int* num_rows, const float* rw, const int* rw_index, float limit,
-                                    uint8_t* __restrict__ hq, float* __restrict__ hs) {
+                                    uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
   const int64_t blocks = inter / 128;
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -619,7 +747,7 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
   }
   amax = warp_max(amax);
   const int e = act_exponent(amax);
-  *reinterpret_cast<uint32_t*>(hq + c * inter + b * 128 + lane * 4) = quant4_e4m3(h, core::pow2_float(-e));
+  store_quant4(hq + c * inter + b * 128, lane, quant4_e4m3(h, core::pow2_float(-e)), split_pairs);
   if (lane == 0) hs[c * blocks + b] = core::pow2_float(e);
 }
 
