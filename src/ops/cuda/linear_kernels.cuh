@@ -438,7 +438,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       cp_async16(dw + i * kRowStep * T::kWStride, ok ? src : w, ok ? 16 : 0);
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
-      if (tid < kTileN) cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
+      static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
+      cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
     }
     uint8_t* da = s_a + buf * BM * kAStride;
 #pragma unroll
