@@ -2,6 +2,8 @@
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
 # Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, memcheck (in the order given).
+# Environment: GPU_TESTS_REGEX (ctest -R), BENCH2_BATCHES, PROFILE_BATCHES, MEMCHECK_S (time limit) and
+# MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
@@ -144,7 +146,8 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
       done
       ;;
     memcheck)  # compute-sanitizer over the GPU op tests and one model run
-      step memcheck-ops ${MEMCHECK_S:-500} compute-sanitizer --tool memcheck --error-exitcode 1 $B/tests/ops/cuda_ops_test
+      step memcheck-ops ${MEMCHECK_S:-500} compute-sanitizer --tool memcheck --error-exitcode 1 $B/tests/ops/cuda_ops_test \
+        --gtest_filter="${MEMCHECK_FILTER:-*}"
       step memcheck-model 300 compute-sanitizer --tool memcheck --error-exitcode 1 $D generate --backend cuda \
         --preset tiny --random-weights 1 --prompt-ids 0,17,42 --prompt-ids 5,6,7,8 --max-new-tokens 8 --temperature 0
       ;;
