@@ -109,11 +109,6 @@ void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& don
   const uint64_t bit = uint64_t(1) << (device & 63);
   if (done.load(std::memory_order_acquire) & bit) return;
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  // All of the unified L1 as shared memory, so that it never caps the CTAs per SM
-  // (ncu, default carveout: 4 FP4 expert CTAs of 37 KB); the weights and activations
-  // bypass L1 (cp.async.cg).
-  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       int(cudaSharedmemCarveoutMaxShared)));
   done.fetch_or(bit, std::memory_order_acq_rel);
 }
 
