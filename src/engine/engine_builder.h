@@ -9,6 +9,7 @@
 
 #include "engine/dp_engine.h"
 #include "engine/serving_engine.h"
+#include "ops/backend.h"
 
 namespace dsv4::engine {
 
@@ -16,6 +17,8 @@ struct EngineBuildOptions {
   ModelSource source;
   std::string backend = "cpu";        // "cpu" or "cuda"
   int threads = 1;                    // CPU backend threads per rank
+  // CPU backend: FP4 GEMM chunks summed in fp32 (the spec) or as the CUDA backend's FP8 wgmma does.
+  ops::QuantDotModel cpu_fp4_dot = ops::QuantDotModel::kExact;
   int dp = 1;
   MoeMode moe = MoeMode::kAllGather;  // with dp > 1
   int32_t max_num_seqs = 64;          // per rank

@@ -148,6 +148,30 @@ TEST_F(DpEngine, AllGatherMatchesOneRankWithinFp32Rounding) {
   }
 }
 
+// The CPU backend's FP4 dot model (generate --cpu-fp4-dot hopper) reaches the backend
+// of a single rank and of every data-parallel rank: two all-to-all ranks with the
+// Hopper model equal one rank with it bit for bit, and both differ from the fp32
+// reference (tiny's experts are FP4).
+TEST_F(DpEngine, CpuFp4DotModelReachesEveryRank) {
+  auto reqs = workload();
+  reqs.resize(3);
+  for (auto& r : reqs) r.max_tokens = 3;
+  EngineBuildOptions one = options(1, MoeMode::kLocal), two = options(2, MoeMode::kAllToAll);
+  one.cpu_fp4_dot = two.cpu_fp4_dot = ops::QuantDotModel::kHopperWgmma;
+  const Result r1 = run(*build_serving_engine(one), reqs), r2 = run(*build_serving_engine(two), reqs);
+  bool differs = false;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(r1.errors[i], "");
+    EXPECT_EQ(r2.errors[i], "");
+    ASSERT_EQ(r2.tokens[i], r1.tokens[i]) << "request " << i;
+    ASSERT_EQ(r2.logits[i], r1.logits[i]) << "request " << i;
+    ASSERT_FALSE(r1.logits[i].empty());
+    // The first logits row depends on the prompt only: comparable with the reference.
+    differs = differs || r1.logits[i][0] != reference_->logits[i][0];
+  }
+  EXPECT_TRUE(differs) << "the Hopper model changed no logit: it did not reach the CPU backend";
+}
+
 TEST_F(DpEngine, IdleRanksRunEmptySteps) {
   // Two requests over three ranks: rank 2 never has work but must join every step.
   auto reqs = workload();
