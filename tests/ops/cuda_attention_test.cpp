@@ -46,6 +46,8 @@
 namespace dsv4::ops {
 // Defined in cuda_attention.cu: selects the simple (true) or fast (false) kernels.
 void cuda_attention_use_simple_kernels(bool simple);
+// Defined in cuda_attention.cu: false keeps each row of the fast attention in one CTA.
+void cuda_attention_split_keys(bool enabled);
 
 namespace {
 
@@ -466,7 +468,10 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
     cuda_attention_use_simple_kernels(GetParam());
   }
   void TearDown() override {
-    if (cuda_) cuda_attention_use_simple_kernels(false);
+    if (cuda_) {
+      cuda_attention_use_simple_kernels(false);
+      cuda_attention_split_keys(true);
+    }
   }
   bool simple() const { return GetParam(); }
   std::string tag(const std::string& what) const { return what + (simple() ? " [simple]" : " [fast]"); }
@@ -830,6 +835,51 @@ TEST_P(CudaAttention, SparseAttentionMatchesCpu) {
         if (t->ndim() > 0)
           for (int64_t i = 0; i < t->numel(); ++i) vmax = std::max(vmax, std::fabs(testing::bf(*t, i)));
       expect_attention_close(host(got), want, b, sh.H, sh.Dh, vmax, simple(), tag("sparse_attention " + name));
+    }
+}
+
+// A few rows spread their key segments over CTAs (partials + combine kernel);
+// forced into one CTA each, the same rows fold the segments in registers. Same
+// bits either way (two-batch overlap needs a row's output independent of its
+// batch), and both match the CPU.
+TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
+  if (simple()) GTEST_SKIP() << "the simple kernel does not split keys";
+  Rng rng(313);
+  for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{16, 128, 128, 64}, AttnShape{20, 512, 16, 64}})
+    for (int64_t ratio : {0, 4, 128}) {
+      const std::string name = "H " + std::to_string(sh.H) + " Dh " + std::to_string(sh.Dh) + " ratio " +
+                               std::to_string(ratio);
+      const int64_t pages = 24;
+      CacheGeometry geo{6, pages, sh.W, sh.Dh, 128};
+      Caches c = make_caches(cpu(), cuda(), geo, ratio, rng);
+      auto seqs = make_sequences({{4, 6}, {1, 6}, {0, 6}, {2, 6}}, pages, rng);
+      // Decode rows with 1 to 10 key segments, and a pad row.
+      TestBatch b = make_batch(seqs, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1);
+      DeviceBatch db = upload_batch(cuda(), b);
+      Tensor q = rng.bf16({b.rows(), sh.H, sh.Dh}, ratio == 128 ? 3.0f : 1.0f);
+      Tensor kv = rng.bf16({b.rows(), sh.Dh});
+      const RopeTable rope = host_rope(ratio > 0);
+      cpu().kv_rope_quant(kv, b.view(), rope);
+      Tensor sink = rng.f32({sh.H}, 1.0f);
+      Tensor topk = ratio == 4 ? random_topk(b, sh.K, rng) : Tensor();
+      const float scale = 1.0f / std::sqrt(float(sh.Dh));
+      Tensor want = Tensor::empty_cpu(DType::kBF16, {b.rows(), sh.H, sh.Dh});
+      cpu().sparse_attention(q, kv, c.cpu, b.view(), topk, sink, scale, rope, want);
+      Tensor got_split = poisoned(DType::kBF16, {b.rows(), sh.H, sh.Dh});
+      Tensor got_one = poisoned(DType::kBF16, {b.rows(), sh.H, sh.Dh});
+      const Tensor dq = dev(q), dkv = dev(kv), dtopk = ratio == 4 ? dev(topk) : Tensor(), dsink = dev(sink);
+      const RopeTable drope = dev_rope(rope);
+      cuda().sparse_attention(dq, dkv, c.gpu, db.view, dtopk, dsink, scale, drope, got_split);
+      cuda_attention_split_keys(false);
+      cuda().sparse_attention(dq, dkv, c.gpu, db.view, dtopk, dsink, scale, drope, got_one);
+      cuda_attention_split_keys(true);
+      const Tensor hs = host(got_split), ho = host(got_one);
+      expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + name));
+      float vmax = 0.0f;
+      for (const Tensor* t : {&c.cpu.window, &c.cpu.rows, &kv})
+        if (t->ndim() > 0)
+          for (int64_t i = 0; i < t->numel(); ++i) vmax = std::max(vmax, std::fabs(testing::bf(*t, i)));
+      expect_attention_close(hs, want, b, sh.H, sh.Dh, vmax, simple(), tag("split sparse_attention " + name));
     }
 }
 

@@ -63,6 +63,15 @@ bool use_simple_kernels() {
 void cuda_attention_use_simple_kernels(bool simple) { g_kernel_mode.store(simple ? 1 : 0); }
 
 namespace {
+std::atomic<bool> g_split_disabled{false};
+bool attention_split_disabled() { return g_split_disabled.load(std::memory_order_relaxed); }
+}  // namespace
+
+// Test hook: false keeps every row of the fast sparse attention in one CTA, so a
+// test can check that spreading a row's key segments over CTAs changes no bit.
+void cuda_attention_split_keys(bool enabled) { g_split_disabled.store(!enabled); }
+
+namespace {
 
 // ---- shared helpers ------------------------------------------------------------
 constexpr int kRope = 64;  // rope dims of a cached KV record (the CUDA caches are allocated with it)
@@ -1154,7 +1163,47 @@ __global__ void __launch_bounds__(256) attention_simple_kernel(AttnArgs a) {
   }
 }
 
-// fast: one CTA per (token, group of MT x 16 heads); MT x 4 warps. Keys stream
+// Key segments: a row's keys are cut into segments of kSegmentKeys; each segment
+// runs the online softmax from scratch to its own (o, m, l), and the segments are
+// folded in segment order by fold_weights/fold_value. One CTA may walk all of a
+// row's segments (folding in registers) or several CTAs may each take some and
+// leave partials for attention_combine_kernel; the arithmetic is the same, so a
+// row's output does not depend on the batch it came in (two-batch overlap relies
+// on this) while one token at a time still spreads over many SMs.
+constexpr int kSegmentChunks = 2;
+constexpr int kSegmentKeys = kSegmentChunks * 32;
+
+struct FoldWeights {
+  float a, b, m;  // running scale, segment scale, new running max
+};
+
+// m = -inf (no valid key yet / in the segment) gives that side the weight 0.
+__device__ __forceinline__ FoldWeights fold_weights(float m_run, float m_seg) {
+  const float m = fmaxf(m_run, m_seg);
+  const float ref = m == -INFINITY ? 0.0f : m;
+  return {expf(m_run - ref), expf(m_seg - ref), m};
+}
+
+__device__ __forceinline__ float fold_value(float run, float seg, const FoldWeights& w) {
+  return __fmaf_rn(seg, w.b, __fmul_rn(run, w.a));
+}
+
+// The softmax denominator with the head's sink (spec §5.6).
+__device__ __forceinline__ float attention_denominator(float l, float m, float sink) {
+  return __fadd_rn(l, expf(sink - m));
+}
+
+// Where split CTAs leave their segments: o [T][H][max_segs][DH] fp32, (m, l)
+// [T][H][max_segs][2], and each row's segment count [T] (0 for pad rows).
+struct AttnSplit {
+  int nsplit;  // CTAs per (token, head group); 1: no partials
+  int max_segs;
+  float* o;
+  float* ml;
+  int32_t* segs;
+};
+
+// fast: one CTA per (token, group of MT x 16 heads, split); MT x 4 warps. Keys stream
 // through shared memory 32 at a time: records are staged by cp.async one chunk
 // ahead and decoded once per CTA into a bf16 tile. Warp (mt, r): S partial for
 // m-tile mt over dims [r*DH/4, (r+1)*DH/4) (mma), partials summed through shared
@@ -1184,7 +1233,7 @@ struct AttnLayout {
 };
 
 template <int DH, int MT>
-__global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups) {
+__global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups, AttnSplit sp) {
   using L = AttnLayout<DH, MT>;
   constexpr int kQuarter = DH / 4;
   constexpr int kQkSteps = kQuarter / 16;  // k-steps of 16 dims per warp in S
@@ -1205,11 +1254,17 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int mt = warp >> 2, r = warp & 3;
-  const int64_t t = blockIdx.x / head_groups, h0 = int64_t(blockIdx.x % head_groups) * MT * 16;
+  const bool split = MT == 1 && sp.nsplit > 1;  // the launcher splits only with one m-tile
+  const int split_id = int(blockIdx.x % unsigned(sp.nsplit));
+  const int64_t tg = blockIdx.x / unsigned(sp.nsplit);
+  const int64_t t = tg / head_groups, h0 = int64_t(tg % head_groups) * MT * 16;
+  const bool row_leader = split && split_id == 0 && tg % head_groups == 0 && tid == 0;
   const int64_t H = a.H;
   const int32_t s = a.token_seq[t];
   const int64_t p = a.positions[t];
-  if (s < 0 || p < 0) {  // pad rows: zeros
+  if (s < 0 || p < 0) {  // pad rows: zeros (split: the combine kernel writes them)
+    if (row_leader) sp.segs[t] = 0;
+    if (split) return;
     for (int64_t i = tid; i < int64_t(MT) * 16 * DH; i += blockDim.x) {
       const int64_t h = h0 + i / DH;
       if (h < H) a.o[(t * H + h) * DH + i % DH] = 0;
@@ -1223,6 +1278,20 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   else if (a.ratio == 128) n_comp = (p + 1) / 128;
   const int64_t n_keys = n_win + n_comp;
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
+  const int64_t n_segs = (chunks + kSegmentChunks - 1) / kSegmentChunks;
+  if (row_leader) sp.segs[t] = int32_t(n_segs);
+  // This CTA's chunks: those of segments split_id, split_id + nsplit, ...
+  int64_t my_chunks = chunks;
+  if (split) {
+    my_chunks = 0;
+    for (int64_t g2 = split_id; g2 < n_segs; g2 += sp.nsplit)
+      my_chunks += chunks - g2 * kSegmentChunks < kSegmentChunks ? chunks - g2 * kSegmentChunks : kSegmentChunks;
+  }
+  if (my_chunks == 0) return;  // uniform over the CTA
+  auto chunk_of = [&](int64_t i) {
+    if (!split) return i;
+    return (split_id + (i / kSegmentChunks) * sp.nsplit) * kSegmentChunks + i % kSegmentChunks;
+  };
 
   for (int64_t i = tid; i < int64_t(MT) * 16 * (DH / 8); i += blockDim.x) {
     const int64_t hl = i / (DH / 8), c = (i % (DH / 8)) * 8, h = h0 + hl;
@@ -1255,21 +1324,43 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     cp_async_commit();
   };
   __syncthreads();  // comp[] (compact_topk ends with a barrier), Qs, tables
-  if (warp == 0) resolve(0, 0);
+  if (warp == 0) resolve(chunk_of(0), 0);
   __syncthreads();
   issue(0);
 
+  // (o, m, l) of the current segment; (O, M, L) the fold of the finished ones.
+  // With 4 m-tiles (512 threads, 128 registers each) the fold would not fit in
+  // registers next to o (ptxas spills inside the chunk loop), so it lives in
+  // local memory, touched only once per segment.
+  constexpr bool kFoldInLocal = MT == 4;
   float o[kONt][4];
+  float O_reg[kFoldInLocal ? 1 : kONt][4] = {};
+  volatile float O_loc[kFoldInLocal ? kONt * 4 : 1];
+  auto O_get = [&](int nt, int e) -> float {
+    if constexpr (kFoldInLocal) return O_loc[nt * 4 + e];
+    else return O_reg[nt][e];
+  };
+  auto O_set = [&](int nt, int e, float v) {
+    if constexpr (kFoldInLocal) O_loc[nt * 4 + e] = v;
+    else O_reg[nt][e] = v;
+  };
 #pragma unroll
-  for (int nt = 0; nt < kONt; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+  for (int nt = 0; nt < kONt; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      o[nt][e] = 0.0f;
+      O_set(nt, e, 0.0f);
+    }
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  float M_fold[2] = {-INFINITY, -INFINITY}, L_fold[2] = {0.0f, 0.0f};
 
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int buf = int(c & 1);
+  for (int64_t i = 0; i < my_chunks; ++i) {
+    const int64_t c = chunk_of(i);
+    const int buf = int(i & 1);
     __syncthreads();  // the previous chunk's readers of ktype/kptr[buf ^ 1] and of Ks are done
-    if (warp == 0 && c + 1 < chunks) resolve(c + 1, buf ^ 1);
+    if (warp == 0 && i + 1 < my_chunks) resolve(chunk_of(i + 1), buf ^ 1);
     __syncthreads();
-    if (c + 1 < chunks) issue(buf ^ 1);
+    if (i + 1 < my_chunks) issue(buf ^ 1);
     else cp_async_commit();  // an empty group keeps the wait count uniform
     cp_async_wait<1>();
     __syncthreads();
@@ -1355,13 +1446,15 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       cmax[0] = fmaxf(cmax[0], fmaxf(sv[nt][0], sv[nt][1]));
       cmax[1] = fmaxf(cmax[1], fmaxf(sv[nt][2], sv[nt][3]));
     }
-    float alpha[2];
+    float alpha[2], m_ref[2];
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
       cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
-      const float m_new = fmaxf(m_run[hh], cmax[hh]);  // finite: chunk 0 holds the query's own key
-      alpha[hh] = expf(m_run[hh] - m_new);
+      const float m_new = fmaxf(m_run[hh], cmax[hh]);
+      // -inf while the segment has no valid key yet: its P and the old scale are 0.
+      m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
+      alpha[hh] = expf(m_run[hh] - m_ref[hh]);
       m_run[hh] = m_new;
     }
     float psum[2] = {0.0f, 0.0f};
@@ -1369,7 +1462,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sv[nt][e] = expf(sv[nt][e] - m_run[e >> 1]);
+        sv[nt][e] = expf(sv[nt][e] - m_ref[e >> 1]);
         psum[e >> 1] += sv[nt][e];
       }
 #pragma unroll
@@ -1403,20 +1496,51 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
         mma_bf16(o[2 * np], pa[ks], b[0], b[1]);
         mma_bf16(o[2 * np + 1], pa[ks], b[2], b[3]);
       }
+    if (c % kSegmentChunks == kSegmentChunks - 1 || c + 1 == chunks) {  // the segment is done
+      const int64_t seg = c / kSegmentChunks;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        if (split) {
+          const int64_t h = h0 + mt * 16 + g + 8 * hh;
+          if (h < H) {
+            const int64_t row = (t * H + h) * sp.max_segs + seg;
+#pragma unroll
+            for (int nt = 0; nt < kONt; ++nt)
+              *reinterpret_cast<float2*>(sp.o + row * DH + r * kQuarter + nt * 8 + 2 * tig) =
+                  make_float2(o[nt][2 * hh], o[nt][2 * hh + 1]);
+            if (r == 0 && tig == 0) *reinterpret_cast<float2*>(sp.ml + row * 2) = make_float2(m_run[hh], l_run[hh]);
+          }
+        } else {
+          const FoldWeights w = fold_weights(M_fold[hh], m_run[hh]);
+#pragma unroll
+          for (int nt = 0; nt < kONt; ++nt) {
+            O_set(nt, 2 * hh, fold_value(O_get(nt, 2 * hh), o[nt][2 * hh], w));
+            O_set(nt, 2 * hh + 1, fold_value(O_get(nt, 2 * hh + 1), o[nt][2 * hh + 1], w));
+          }
+          L_fold[hh] = fold_value(L_fold[hh], l_run[hh], w);
+          M_fold[hh] = w.m;
+        }
+#pragma unroll
+        for (int nt = 0; nt < kONt; ++nt) o[nt][2 * hh] = o[nt][2 * hh + 1] = 0.0f;
+        m_run[hh] = -INFINITY;
+        l_run[hh] = 0.0f;
+      }
+    }
   }
   cp_async_wait<0>();
+  if (split) return;  // attention_combine_kernel finishes the rows
 
-  // o / (l + exp(sink - m)), bf16, inverse RoPE of the last 64 dims at p (spec §5.6).
+  // O / (L + exp(sink - M)), bf16, inverse RoPE of the last 64 dims at p (spec §5.6).
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int64_t h = h0 + mt * 16 + g + 8 * hh;
     if (h >= H) continue;
-    const float den = l_run[hh] + expf(a.sink[h] - m_run[hh]);
+    const float den = attention_denominator(L_fold[hh], M_fold[hh], a.sink[h]);
     uint16_t* oh = a.o + (t * H + h) * DH;
 #pragma unroll
     for (int nt = 0; nt < kONt; ++nt) {
       const int d = r * kQuarter + nt * 8 + 2 * tig;
-      float x0 = round_bf(__fdiv_rn(o[nt][2 * hh], den)), x1 = round_bf(__fdiv_rn(o[nt][2 * hh + 1], den));
+      float x0 = round_bf(__fdiv_rn(O_get(nt, 2 * hh), den)), x1 = round_bf(__fdiv_rn(O_get(nt, 2 * hh + 1), den));
       if (d >= DH - kRope) {
         const int pair = (d - (DH - kRope)) / 2;
         rope_pair_f(&x0, &x1, rope_c[pair], -rope_s[pair]);
@@ -1424,6 +1548,60 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       *reinterpret_cast<uint32_t*>(oh + d) = pack_bf16(x0, x1);
     }
   }
+}
+
+// Finishes rows whose segments split CTAs left in AttnSplit: folds them in segment
+// order exactly as attention_mma_kernel folds in registers, then O / (L + exp(sink
+// - M)), bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread.
+template <int DH>
+__global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
+  const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
+  const int d = 4 * threadIdx.x;
+  uint16_t* out = a.o + (t * a.H + h) * DH + d;
+  const int32_t n_segs = sp.segs[t];
+  if (n_segs == 0) {  // pad row
+    *reinterpret_cast<uint2*>(out) = make_uint2(0, 0);
+    return;
+  }
+  const int64_t row0 = (t * a.H + h) * sp.max_segs;
+  float O[4] = {0.0f, 0.0f, 0.0f, 0.0f}, M = -INFINITY, L = 0.0f;
+  constexpr int kBatch = 4;  // segments loaded before they are folded
+  for (int32_t s0 = 0; s0 < n_segs; s0 += kBatch) {
+    float4 ov[kBatch];
+    float2 ml[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (s0 + k < n_segs) {
+        ov[k] = *reinterpret_cast<const float4*>(sp.o + (row0 + s0 + k) * DH + d);
+        ml[k] = *reinterpret_cast<const float2*>(sp.ml + (row0 + s0 + k) * 2);
+      }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (s0 + k < n_segs) {
+        const FoldWeights w = fold_weights(M, ml[k].x);
+        O[0] = fold_value(O[0], ov[k].x, w);
+        O[1] = fold_value(O[1], ov[k].y, w);
+        O[2] = fold_value(O[2], ov[k].z, w);
+        O[3] = fold_value(O[3], ov[k].w, w);
+        L = fold_value(L, ml[k].y, w);
+        M = w.m;
+      }
+  }
+  const float den = attention_denominator(L, M, a.sink[h]);
+  const int64_t p = a.positions[t];
+  uint32_t packed[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    float x0 = round_bf(__fdiv_rn(O[2 * k], den)), x1 = round_bf(__fdiv_rn(O[2 * k + 1], den));
+    const int dk = d + 2 * k;
+    if (dk >= DH - kRope) {
+      float c, sn;
+      rope_cos_sin(p, a.inv_freq[(dk - (DH - kRope)) / 2], &c, &sn);
+      rope_pair_f(&x0, &x1, c, -sn);
+    }
+    packed[k] = pack_bf16(x0, x1);
+  }
+  *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
 }
 
 }  // namespace
@@ -1651,27 +1829,35 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
 namespace {
 
 template <int DH, int MT>
-void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, int64_t T, int64_t H, size_t smem_limit) {
+void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, const AttnSplit& sp, int64_t T, int64_t H,
+                          size_t smem_limit) {
   using L = AttnLayout<DH, MT>;
   const int head_groups = int((H + MT * 16 - 1) / (MT * 16));
   const size_t smem = L::bytes(a.K);
   DSV4_CHECK(smem <= smem_limit, "sparse_attention: top-{} needs {} bytes of shared memory, the device allows {}", a.K,
              smem, smem_limit);
   allow_smem(attention_mma_kernel<DH, MT>, smem);
-  attention_mma_kernel<DH, MT><<<unsigned(T * head_groups), L::kThreads, smem, stream>>>(a, head_groups);
+  attention_mma_kernel<DH, MT>
+      <<<unsigned(T * head_groups * sp.nsplit), L::kThreads, smem, stream>>>(a, head_groups, sp);
   check_launch(stream);
+  if (sp.nsplit > 1) {
+    attention_combine_kernel<DH><<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
+    check_launch(stream);
+  }
 }
 
+// Per-head results depend neither on how heads are grouped into CTAs (each
+// m-tile's arithmetic is the same) nor on how a row's key segments are spread
+// over CTAs (one fold order), so both may follow the batch: few rows spread
+// their segments over the SMs, many rows take one CTA per 16-64 heads.
 template <int DH>
-void launch_attention_mma_mt(cudaStream_t stream, const AttnArgs& a, int64_t T, int64_t H, int num_sms,
-                             size_t smem_limit) {
-  // Per-head results do not depend on how heads are grouped into CTAs (each
-  // m-tile's arithmetic is the same), so the group size may follow the batch.
+void launch_attention_mma_mt(cudaStream_t stream, const AttnArgs& a, AttnSplit sp, int64_t T, int64_t H,
+                             int num_sms, size_t smem_limit) {
   const int64_t tiles = (H + 15) / 16;
   const bool wide = T * tiles > 2 * int64_t(num_sms);
-  if (!wide || tiles == 1) return launch_attention_mma<DH, 1>(stream, a, T, H, smem_limit);
-  if (tiles == 2 || tiles == 3) return launch_attention_mma<DH, 2>(stream, a, T, H, smem_limit);
-  return launch_attention_mma<DH, 4>(stream, a, T, H, smem_limit);
+  if (sp.nsplit > 1 || !wide || tiles == 1) return launch_attention_mma<DH, 1>(stream, a, sp, T, H, smem_limit);
+  if (tiles == 2 || tiles == 3) return launch_attention_mma<DH, 2>(stream, a, sp, T, H, smem_limit);
+  return launch_attention_mma<DH, 4>(stream, a, sp, T, H, smem_limit);
 }
 
 }  // namespace
@@ -1734,8 +1920,22 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     return;
   }
   const size_t limit = properties().sharedMemPerBlockOptin;
-  if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, T, H, properties().multiProcessorCount, limit);
-  else launch_attention_mma_mt<128>(stream_, a, T, H, properties().multiProcessorCount, limit);
+  const int num_sms = properties().multiProcessorCount;
+  // Split a row's key segments over CTAs while the rows alone would not fill the
+  // SMs, and while the partials stay small (they cost a write and a read).
+  AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
+  const int64_t row_ctas = T * ((H + 15) / 16);
+  const int64_t max_segs = (a.max_keys + kSegmentKeys - 1) / kSegmentKeys;
+  const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
+  if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= (size_t(64) << 20)) {
+    sp.nsplit = int(std::min<int64_t>(max_segs, (num_sms + row_ctas - 1) / row_ctas));
+    sp.max_segs = int(max_segs);
+    sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
+    sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
+    sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
+  }
+  if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
+  else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
 }
 
 }  // namespace dsv4::ops

@@ -172,7 +172,8 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
 
 void* CudaBackend::scratch(const char* name, size_t bytes) {
   Tensor& t = scratch_->buffers[name];
-  if (t.nbytes() < bytes) {
+  // A default Tensor is a 4-byte scalar without storage: test the pointer too.
+  if (t.data() == nullptr || t.nbytes() < bytes) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
     DSV4_CHECK(status == cudaStreamCaptureStatusNone,
