@@ -1089,8 +1089,10 @@ __global__ void __launch_bounds__(256) attention_simple_kernel(AttnArgs a) {
   const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
   const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
   int64_t n_comp = 0;
+  // HCA rows past the block table resolve to nothing; not counting them keeps
+  // n_keys <= max_keys (the split's partial buffers are sized by it).
   if (a.ratio == 4) n_comp = compact_topk(a, t, comp, &s_count);
-  else if (a.ratio == 128) n_comp = (p + 1) / 128;
+  else if (a.ratio == 128) n_comp = min((p + 1) / 128, int64_t(a.max_blocks) * a.per_page);
   int64_t n = n_win + n_comp;
   if (n > a.max_keys) n = a.max_keys;  // host sizes max_keys for every visible key
   for (int64_t i = threadIdx.x; i < Dh; i += blockDim.x) qf[i] = bf2f(a.q[(t * a.H + h) * Dh + i]);
@@ -1166,7 +1168,7 @@ __global__ void __launch_bounds__(256) attention_simple_kernel(AttnArgs a) {
 // Key segments: a row's keys are cut into segments of kSegmentKeys; each segment
 // runs the online softmax from scratch to its own (o, m, l), and the segments are
 // folded in segment order by fold_weights/fold_value. One CTA may walk all of a
-// row's segments (folding in registers) or several CTAs may each take some and
+// row's segments (folding as it goes) or several CTAs may each take some and
 // leave partials for attention_combine_kernel; the arithmetic is the same, so a
 // row's output does not depend on the batch it came in (two-batch overlap relies
 // on this) while one token at a time still spreads over many SMs.
@@ -1274,8 +1276,10 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
   const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
   int64_t n_comp = 0;
+  // HCA rows past the block table resolve to nothing; not counting them keeps
+  // n_keys <= max_keys (the split's partial buffers are sized by it).
   if (a.ratio == 4) n_comp = compact_topk(a, t, comp, &s_count);
-  else if (a.ratio == 128) n_comp = (p + 1) / 128;
+  else if (a.ratio == 128) n_comp = min((p + 1) / 128, int64_t(a.max_blocks) * a.per_page);
   const int64_t n_keys = n_win + n_comp;
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t n_segs = (chunks + kSegmentChunks - 1) / kSegmentChunks;
