@@ -126,6 +126,31 @@ TEST(Hadamard, SylvesterOrderAndNormalisation) {
   for (int i = 0; i < 128; ++i) EXPECT_NEAR(bf16_to_float(h[size_t(i)]), x[size_t(i)], 2e-2);
 }
 
+// The Q norm's sum runs in 32 interleaved partials then a pairwise tree (what a
+// warp's butterfly computes), not left to right: 2^24 + 1 + 1 is 2^24 + 2 when
+// the ones sit in lanes 1 and 3 (they meet first), 2^24 added left to right.
+TEST(QNormSum, InterleavedPartialsThenPairwiseTree) {
+  EXPECT_EQ(ref::sum_bf16_squares_lanes32(nullptr, 0), 0.0f);
+  std::vector<float> x(64, 0.0f);
+  x[0] = 4096.0f;  // square 2^24
+  x[1] = 1.0f;
+  x[3] = 1.0f;
+  auto v = to_bf16(x);
+  EXPECT_EQ(ref::sum_bf16_squares_lanes32(v.data(), 64), 16777218.0f);
+  // Otherwise a sum of the bf16-rounded squares.
+  for (int64_t n : {1, 31, 33, 512, 1000}) {
+    std::vector<float> y(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) y[size_t(i)] = std::sin(0.71f * float(i) + 0.3f) * 3.0f;
+    auto b = to_bf16(y);
+    double want = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = bf16_to_float(b[size_t(i)]);
+      want += double(core::round_bf16(a * a));
+    }
+    EXPECT_NEAR(ref::sum_bf16_squares_lanes32(b.data(), n), want, 1e-6 * want) << "n " << n;
+  }
+}
+
 TEST(Sinkhorn, ReferenceOrderGivesDoublyStochastic) {
   std::vector<float> logits = {0.1f, 2.0f, -1.0f, 0.5f, 1.5f, 0.0f, 0.3f, -0.2f,
                                -2.0f, 0.7f, 1.1f, 0.4f, 0.9f, -0.6f, 0.2f, 1.8f};

@@ -101,11 +101,7 @@ void CpuBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const R
         uint16_t* v = q.as<uint16_t>() + (t * H + h) * Dh;
         // The reference normalises the bf16 tensor in bf16 arithmetic: every
         // intermediate (square, mean, +eps, rsqrt, product) is rounded to bf16.
-        float sum = 0.0f;
-        for (int64_t i = 0; i < Dh; ++i) {
-          float a = bf16_to_float(v[i]);
-          sum += core::round_bf16(a * a);
-        }
+        const float sum = ref::sum_bf16_squares_lanes32(v, Dh);
         const float mean = core::round_bf16(sum / float(Dh));
         const float r = core::round_bf16(1.0f / std::sqrt(core::round_bf16(mean + eps)));
         for (int64_t i = 0; i < Dh; ++i) v[i] = float_to_bf16(bf16_to_float(v[i]) * r);

@@ -76,6 +76,17 @@ void rms_norm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, u
   for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(bf16_to_float(w[i]) * (v[size_t(i)] * r));
 }
 
+float sum_bf16_squares_lanes32(const uint16_t* x, int64_t n) {
+  float p[32] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = bf16_to_float(x[i]);
+    p[i % 32] += core::round_bf16(a * a);
+  }
+  for (int off = 16; off >= 1; off /= 2)
+    for (int l = 0; l < off; ++l) p[l] += p[l + off];
+  return p[0];
+}
+
 void rope_bf16(uint16_t* slice, int64_t half, const float* inv_freq, int64_t pos, bool inverse) {
   for (int64_t i = 0; i < half; ++i) {
     // torch.outer(t, freqs) in fp32, then polar(): cos/sin of the fp32 angle.

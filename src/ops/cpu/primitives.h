@@ -45,6 +45,13 @@ void fp4_sim_bf16(uint16_t* x, int64_t n, int64_t block);
 // y = bf16(w * (x * rsqrt(mean(x^2) + eps))) in fp32.
 void rms_norm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, uint16_t* y);
 
+// The per-head Q norm's sum (spec §5.1, weight-less, in bf16 arithmetic): the
+// bf16-rounded squares summed in fp32 in a fixed parallel order, element i into
+// partial i mod 32 (each partial in index order), then the partials pairwise,
+// p[l] + p[l + 16], then + 8, 4, 2, 1. One warp's xor-shuffle butterfly gives
+// exactly this, so the GPU matches it bit for bit without a 512-long chain.
+float sum_bf16_squares_lanes32(const uint16_t* x, int64_t n);
+
 // ---- RoPE (spec §2.3) --------------------------------------------------------
 // Rotates the interleaved pairs (2i, 2i+1) of a bf16 slice of length 2*half by
 // angle(pos, i) = fp32(pos * inv_freq[i]); inverse rotates by the conjugate.

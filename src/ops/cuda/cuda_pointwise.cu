@@ -192,72 +192,55 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
 }
 
 // ---- q_norm_rope ---------------------------------------------------------------
-// One CTA per token holding the token's H x Dh query in shared memory (rows
-// padded by 8 values so the per-head sequential sums are bank-conflict free).
-// The reference normalises in bf16 arithmetic with a sequential fp32 sum of the
-// bf16-rounded squares; one thread per head reproduces that order exactly.
-// With `presquare` (when twice the query fits in shared memory) every thread first
-// writes the bf16-rounded squares next to the query, so each head's chain is only
-// its Dh dependent adds. Measured at batch 1 (one CTA, H200, ncu): 34 us before,
-// 28 us after this and the 32-bit indices; the remainder is not yet profiled.
+// One CTA per (token, group of up to 8 heads) holding those heads' query rows in
+// shared memory (rows padded by 8 values); 8 warps, one head per warp. The
+// reference normalises in bf16 arithmetic; its sum of the bf16-rounded squares
+// runs in the fixed order of ref::sum_bf16_squares_lanes32 (32 interleaved
+// partials, then a pairwise tree), which a warp reproduces with an xor-shuffle
+// butterfly: 16 dependent adds per lane at Dh = 512 instead of the 512-long chain
+// of one thread per head in one CTA per token (28 us at batch 1, most of it that
+// chain).
 // Roofline: 2*H*Dh*2 bytes per token (64 KB read + 64 KB written at H=64, Dh=512).
 template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
-                                   const float* __restrict__ inv_freq, int64_t H, int64_t Dh, int64_t rd,
-                                   float eps, int presquare) {
+                                   const float* __restrict__ inv_freq, int64_t H_all, int64_t Dh, int64_t rd,
+                                   float eps, int64_t heads_per_cta) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t stride = Dh + 8;
-  const int64_t plane = (H * stride * 2 + 15) / 16 * 16;                                  // bytes
+  const int64_t h0 = int64_t(blockIdx.y) * heads_per_cta;
+  const int64_t H = H_all - h0 < heads_per_cta ? H_all - h0 : heads_per_cta;  // this CTA's heads
+  const int64_t plane = (heads_per_cta * stride * 2 + 15) / 16 * 16;                      // bytes
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem_raw);                                   // [H][Dh + 8]
-  uint16_t* sq = reinterpret_cast<uint16_t*>(smem_raw + plane);                           // [H][Dh + 8] squares
-  float* rs = reinterpret_cast<float*>(smem_raw + (presquare ? 2 : 1) * plane);           // [H]
+  float* rs = reinterpret_cast<float*>(smem_raw + plane);                                 // [H]
   float* cs = rs + H;                                                                     // [rd/2] cos
   float* sn = cs + rd / 2;                                                                // [rd/2] sin
   const int64_t t = blockIdx.x;
   const int32_t pos = positions[t];
-  uint16_t* qt = q + t * H * Dh;
+  uint16_t* qt = q + (t * H_all + h0) * Dh;
   // 32-bit indices: a 64-bit division is ~70 instructions, and these loops run
   // H * Dh / VEC / blockDim times per thread (host: H * Dh < 2^31).
   const int per_head = int(Dh / VEC), total = int(H) * per_head;
   for (int c = threadIdx.x; c < total; c += blockDim.x) {
     const int h = c / per_head, i = (c - h * per_head) * VEC;
-    const BfVec<VEC> v = load_bf<VEC>(qt + int64_t(h) * Dh + i);
-    store_bf<VEC>(qs + h * stride + i, v);
-    if (presquare) {
-      BfVec<VEC> s2;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const float a = bf2f(v.v[k]);
-        s2.v[k] = f2bf(__fmul_rn(a, a));
-      }
-      store_bf<VEC>(sq + h * stride + i, s2);
-    }
+    store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
   }
   if (pos >= 0)
     for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
   __syncthreads();
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+  const int lane = threadIdx.x & 31, warps = int(blockDim.x >> 5), dh = int(Dh);
+  for (int h = int(threadIdx.x >> 5); h < int(H); h += warps) {
+    const uint16_t* v = qs + h * stride;
     float sum = 0.0f;
-    if (presquare) {
-      const uint16_t* v = sq + h * stride;
-      for (int64_t i = 0; i < Dh; i += VEC) {
-        const BfVec<VEC> b = load_bf<VEC>(v + i);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) sum = __fadd_rn(sum, bf2f(b.v[k]));
-      }
-    } else {
-      const uint16_t* v = qs + h * stride;
-      for (int64_t i = 0; i < Dh; i += VEC) {
-        const BfVec<VEC> b = load_bf<VEC>(v + i);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const float a = bf2f(b.v[k]);
-          sum = __fadd_rn(sum, round_bf(__fmul_rn(a, a)));
-        }
-      }
+    for (int i = lane; i < dh; i += 32) {
+      const float a = bf2f(v[i]);
+      sum = __fadd_rn(sum, round_bf(__fmul_rn(a, a)));
     }
-    const float mean = round_bf(__fdiv_rn(sum, float(Dh)));
-    rs[h] = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, off));
+    if (lane == 0) {
+      const float mean = round_bf(__fdiv_rn(sum, float(Dh)));
+      rs[h] = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+    }
   }
   __syncthreads();
   const int64_t rope_begin = Dh - rd;
@@ -703,29 +686,28 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   if (T == 0 || H == 0) return;
   DSV4_CHECK(Dh % 2 == 0 && rd % 2 == 0, "q_norm_rope: head_dim {} and rope_dim {} must be even", Dh, rd);
   DSV4_CHECK(H * Dh < (int64_t(1) << 31), "q_norm_rope: {} heads x {} dims exceed 32-bit indexing", H, Dh);
-  const size_t plane = size_t((H * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(H + rd) * sizeof(float);
+  const int64_t hpc = std::min<int64_t>(H, 8);  // heads per CTA: one per warp
+  const size_t plane = size_t((hpc * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(hpc + rd) * sizeof(float);
   const size_t limit = size_t(properties().sharedMemPerBlockOptin);
-  DSV4_CHECK(plane + tables <= limit, "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", H, Dh,
+  DSV4_CHECK(plane + tables <= limit, "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", hpc, Dh,
              plane + tables);
-  const int presquare = 2 * plane + tables <= limit ? 1 : 0;
-  const size_t smem = (presquare ? 2 : 1) * plane + tables;
+  const size_t smem = plane + tables;
   const bool v8 = Dh % 8 == 0 && aligned16(q.data());
   const int threads = 256;
+  const dim3 grid(unsigned(T), unsigned((H + hpc - 1) / hpc));
   if (v8) {
     if (smem > 48 * 1024)
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(q_norm_rope_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(smem)));
-    q_norm_rope_kernel<8><<<unsigned(T), threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
-                                                                   rope.inv_freq.as<float>(), H, Dh, rd, eps,
-                                                                   presquare);
+    q_norm_rope_kernel<8><<<grid, threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
+                                                            rope.inv_freq.as<float>(), H, Dh, rd, eps, hpc);
   } else {
     DSV4_CHECK(aligned4(q.data()), "q_norm_rope: q is not 4-byte aligned");
     if (smem > 48 * 1024)
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(q_norm_rope_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(smem)));
-    q_norm_rope_kernel<2><<<unsigned(T), threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
-                                                                   rope.inv_freq.as<float>(), H, Dh, rd, eps,
-                                                                   presquare);
+    q_norm_rope_kernel<2><<<grid, threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
+                                                            rope.inv_freq.as<float>(), H, Dh, rd, eps, hpc);
   }
   check_launch(stream_);
 }
