@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -802,39 +803,60 @@ struct AttnShape {
   int64_t H, Dh, W, K;
 };
 
+// One sparse-attention case on both backends' caches: random queries, step KV
+// rows, sinks and (CSA) top-k for the batch `chunks` + `pads` describes, and the
+// CPU's output.
+struct AttnCase {
+  Caches c;
+  TestBatch b;
+  DeviceBatch db;
+  Tensor q, kv, sink, topk, want;
+  RopeTable rope;
+  float scale = 0.0f, vmax = 0.0f;  // vmax: the largest |value| of any key
+  std::string name;
+};
+
+AttnCase make_attention_case(Backend& cpu, Backend& cuda, AttnShape sh, int64_t ratio,
+                             const std::vector<Chunk>& chunks, int pads, Rng& rng,
+                             const std::function<void(TestBatch&)>& edit_batch = {}) {
+  AttnCase a;
+  a.name = "H " + std::to_string(sh.H) + " Dh " + std::to_string(sh.Dh) + " ratio " + std::to_string(ratio);
+  const int64_t pages = 24;
+  CacheGeometry geo{6, pages, sh.W, sh.Dh, 128};
+  a.c = make_caches(cpu, cuda, geo, ratio, rng);
+  auto seqs = make_sequences({{4, 6}, {1, 6}, {0, 6}, {2, 6}}, pages, rng);
+  a.b = make_batch(seqs, chunks, pads);
+  if (edit_batch) edit_batch(a.b);
+  a.db = upload_batch(cuda, a.b);
+  a.q = rng.bf16({a.b.rows(), sh.H, sh.Dh}, ratio == 128 ? 3.0f : 1.0f);
+  a.kv = rng.bf16({a.b.rows(), sh.Dh});
+  a.rope = host_rope(ratio > 0);
+  cpu.kv_rope_quant(a.kv, a.b.view(), a.rope);
+  a.sink = rng.f32({sh.H}, 1.0f);
+  if (ratio == 4) a.topk = random_topk(a.b, sh.K, rng);
+  a.scale = 1.0f / std::sqrt(float(sh.Dh));
+  a.want = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+  cpu.sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, a.want);
+  for (const Tensor* t : {&a.c.cpu.window, &a.c.cpu.rows, &a.kv})
+    if (t->ndim() > 0)
+      for (int64_t i = 0; i < t->numel(); ++i) a.vmax = std::max(a.vmax, std::fabs(testing::bf(*t, i)));
+  return a;
+}
+
 TEST_P(CudaAttention, SparseAttentionMatchesCpu) {
   Rng rng(310);
   for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{4, 128, 16, 8}, AttnShape{20, 512, 16, 64}})
     for (int64_t ratio : {0, 4, 128}) {
-      const std::string name = "H " + std::to_string(sh.H) + " Dh " + std::to_string(sh.Dh) + " ratio " +
-                               std::to_string(ratio);
-      const int64_t pages = 24;
-      CacheGeometry geo{6, pages, sh.W, sh.Dh, 128};
-      Caches c = make_caches(cpu(), cuda(), geo, ratio, rng);
-      auto seqs = make_sequences({{4, 6}, {1, 6}, {0, 6}, {2, 6}}, pages, rng);
       // Decode rows (window from the ring, wrapped), a prefill chunk that starts
       // mid-stream (window split between ring and step rows), a new sequence, pads.
       // 176 rows: the fast kernel groups 4 m-tiles per CTA at H = 64 and 2 at H = 20.
-      TestBatch b = make_batch(seqs, {{0, 1400, 1}, {1, 700, 150}, {2, 0, 20}, {3, 3, 1}, {0, 1100, 1}}, 3);
-      b.seq_slot[4] = 3;  // another sequence at a different slot reading seq 0's pages
-      DeviceBatch db = upload_batch(cuda(), b);
-      Tensor q = rng.bf16({b.rows(), sh.H, sh.Dh}, ratio == 128 ? 3.0f : 1.0f);
-      Tensor kv = rng.bf16({b.rows(), sh.Dh});
-      const RopeTable rope = host_rope(ratio > 0);
-      cpu().kv_rope_quant(kv, b.view(), rope);
-      Tensor sink = rng.f32({sh.H}, 1.0f);
-      Tensor topk = ratio == 4 ? random_topk(b, sh.K, rng) : Tensor();
-      const float scale = 1.0f / std::sqrt(float(sh.Dh));
-      Tensor want = Tensor::empty_cpu(DType::kBF16, {b.rows(), sh.H, sh.Dh});
-      cpu().sparse_attention(q, kv, c.cpu, b.view(), topk, sink, scale, rope, want);
-      Tensor got = poisoned(DType::kBF16, {b.rows(), sh.H, sh.Dh});
-      cuda().sparse_attention(dev(q), dev(kv), c.gpu, db.view, ratio == 4 ? dev(topk) : Tensor(), dev(sink), scale,
-                              dev_rope(rope), got);
-      float vmax = 0.0f;
-      for (const Tensor* t : {&c.cpu.window, &c.cpu.rows, &kv})
-        if (t->ndim() > 0)
-          for (int64_t i = 0; i < t->numel(); ++i) vmax = std::max(vmax, std::fabs(testing::bf(*t, i)));
-      expect_attention_close(host(got), want, b, sh.H, sh.Dh, vmax, simple(), tag("sparse_attention " + name));
+      AttnCase a = make_attention_case(
+          cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 150}, {2, 0, 20}, {3, 3, 1}, {0, 1100, 1}}, 3, rng,
+          [](TestBatch& b) { b.seq_slot[4] = 3; });  // another sequence at a different slot reading seq 0's pages
+      Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      cuda().sparse_attention(dev(a.q), dev(a.kv), a.c.gpu, a.db.view, ratio == 4 ? dev(a.topk) : Tensor(),
+                              dev(a.sink), a.scale, dev_rope(a.rope), got);
+      expect_attention_close(host(got), a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("sparse_attention " + a.name));
     }
 }
 
@@ -847,39 +869,20 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
   Rng rng(313);
   for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{16, 128, 128, 64}, AttnShape{20, 512, 16, 64}})
     for (int64_t ratio : {0, 4, 128}) {
-      const std::string name = "H " + std::to_string(sh.H) + " Dh " + std::to_string(sh.Dh) + " ratio " +
-                               std::to_string(ratio);
-      const int64_t pages = 24;
-      CacheGeometry geo{6, pages, sh.W, sh.Dh, 128};
-      Caches c = make_caches(cpu(), cuda(), geo, ratio, rng);
-      auto seqs = make_sequences({{4, 6}, {1, 6}, {0, 6}, {2, 6}}, pages, rng);
       // Decode rows with 1 to 10 key segments, and a pad row.
-      TestBatch b = make_batch(seqs, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1);
-      DeviceBatch db = upload_batch(cuda(), b);
-      Tensor q = rng.bf16({b.rows(), sh.H, sh.Dh}, ratio == 128 ? 3.0f : 1.0f);
-      Tensor kv = rng.bf16({b.rows(), sh.Dh});
-      const RopeTable rope = host_rope(ratio > 0);
-      cpu().kv_rope_quant(kv, b.view(), rope);
-      Tensor sink = rng.f32({sh.H}, 1.0f);
-      Tensor topk = ratio == 4 ? random_topk(b, sh.K, rng) : Tensor();
-      const float scale = 1.0f / std::sqrt(float(sh.Dh));
-      Tensor want = Tensor::empty_cpu(DType::kBF16, {b.rows(), sh.H, sh.Dh});
-      cpu().sparse_attention(q, kv, c.cpu, b.view(), topk, sink, scale, rope, want);
-      Tensor got_split = poisoned(DType::kBF16, {b.rows(), sh.H, sh.Dh});
-      Tensor got_one = poisoned(DType::kBF16, {b.rows(), sh.H, sh.Dh});
-      const Tensor dq = dev(q), dkv = dev(kv), dtopk = ratio == 4 ? dev(topk) : Tensor(), dsink = dev(sink);
-      const RopeTable drope = dev_rope(rope);
-      cuda().sparse_attention(dq, dkv, c.gpu, db.view, dtopk, dsink, scale, drope, got_split);
+      AttnCase a =
+          make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1, rng);
+      Tensor got_split = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      Tensor got_one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
+      const RopeTable drope = dev_rope(a.rope);
+      cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_split);
       cuda_attention_split_keys(false);
-      cuda().sparse_attention(dq, dkv, c.gpu, db.view, dtopk, dsink, scale, drope, got_one);
+      cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_one);
       cuda_attention_split_keys(true);
       const Tensor hs = host(got_split), ho = host(got_one);
-      expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + name));
-      float vmax = 0.0f;
-      for (const Tensor* t : {&c.cpu.window, &c.cpu.rows, &kv})
-        if (t->ndim() > 0)
-          for (int64_t i = 0; i < t->numel(); ++i) vmax = std::max(vmax, std::fabs(testing::bf(*t, i)));
-      expect_attention_close(hs, want, b, sh.H, sh.Dh, vmax, simple(), tag("split sparse_attention " + name));
+      expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + a.name));
+      expect_attention_close(hs, a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("split sparse_attention " + a.name));
     }
 }
 
