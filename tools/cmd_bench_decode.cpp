@@ -114,7 +114,9 @@ struct RankRun {
   std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
   double comm_ms = 0;                          // eager: stages tagged communication
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
-  uint64_t kv_bytes = 0;
+  uint64_t kv_bytes = 0;                       // kv_index_bytes + kv_attention_bytes
+  uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (attn_pre)
+  uint64_t kv_attention_bytes = 0;             // KV records attention reads (attn_core)
   bool graphs = false;
 };
 
@@ -178,12 +180,13 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
     if (ratio == 4) {
       const int64_t n_c = (p + 1) / 4;
       keys += std::min(c.index_topk, n_c);
-      out.kv_bytes += uint64_t(B) * uint64_t(n_c * index_row);  // the indexer scans every row
+      out.kv_index_bytes += uint64_t(B) * uint64_t(n_c * index_row);  // the indexer scans every row
     } else if (ratio == 128) {
       keys += (p + 1) / 128;
     }
-    out.kv_bytes += uint64_t(B) * uint64_t(keys * row_bytes);
+    out.kv_attention_bytes += uint64_t(B) * uint64_t(keys * row_bytes);
   }
+  out.kv_bytes = out.kv_index_bytes + out.kv_attention_bytes;
   return out;
 }
 
@@ -196,7 +199,8 @@ Command add_bench_decode(CLI::App& app) {
       "(caches filled with random valid content), replayed from its CUDA graph; reports the median step\n"
       "time over --replays replays after --warmup, tokens/s, a per-stage breakdown (event-timed eager run),\n"
       "the bytes the step must move (weights actually touched given the routing, KV read) and the ratio\n"
-      "to the memory roofline (bytes / device-to-device copy bandwidth measured in the same run).");
+      "to the memory roofline (bytes / device-to-device copy bandwidth measured in the same run), and each\n"
+      "stage's eager time against its own bytes' roofline, furthest first.");
   app.add_option("--preset", o->preset, "Model preset with synthetic weights")->default_val("bench-1g");
   app.add_option("--model", o->model_dir, "Checkpoint directory instead of a preset");
   app.add_option("--random-weights", o->weight_seed, "Seed of the synthetic weights")->default_val(1);
@@ -245,12 +249,15 @@ Command add_bench_decode(CLI::App& app) {
     const auto sizes = tensor_bytes(c);
     const int64_t p = o->context;
 
-    // Dense weights every rank reads whole (the routed experts are counted from the routing).
+    // Dense weights every rank reads whole, by the stage that reads them (the routed
+    // experts are counted from the routing, the embedding by rows).
     uint64_t dense = 0;
+    std::map<std::string, uint64_t> dense_by_stage;
     for (const auto& [name, n] : sizes) {
-      if (name.rfind("mtp.", 0) == 0 || name.find(".ffn.experts.") != std::string::npos || name == "embed.weight")
-        continue;
+      const std::string stage = model::decode_stage_of_tensor(name);
+      if (stage.empty() || stage == "experts" || stage == "embed") continue;
       dense += n;
+      dense_by_stage[stage] += n;
     }
     const uint64_t per_expert = sizes.at("layers.0.ffn.experts.0.w1.weight") + sizes.at("layers.0.ffn.experts.0.w1.scale") +
                                 sizes.at("layers.0.ffn.experts.0.w2.weight") + sizes.at("layers.0.ffn.experts.0.w2.scale") +
@@ -312,6 +319,32 @@ Command add_bench_decode(CLI::App& app) {
       }
       double eager_ms = 0;
       for (const auto& [name, t] : runs[0].stage_ms) eager_ms += t;
+      // Rank 0's bytes per stage against its eager stage times: which stages are
+      // furthest from their own roofline (eager times include launch gaps).
+      std::map<std::string, uint64_t> stage_bytes = dense_by_stage;
+      {
+        int64_t eb = 0, ee = c.n_routed_experts;
+        if (dp.ranks[0]->moe) std::tie(eb, ee) = parallel::expert_range(c.n_routed_experts, W, 0);
+        size_t n = 0;
+        for (const auto& t : touched)
+          for (int32_t e : t) n += (e >= eb && e < ee) ? 1 : 0;
+        stage_bytes["experts"] += n * per_expert;
+        stage_bytes["attn_pre"] += runs[0].kv_index_bytes;
+        stage_bytes["attn_core"] += runs[0].kv_attention_bytes;
+        stage_bytes["embed"] += uint64_t(B) * uint64_t(c.hidden_size) * 2;
+      }
+      nlohmann::json stage_roof_ms = nlohmann::json::object(), stage_ratio = nlohmann::json::object();
+      std::vector<std::pair<double, std::string>> by_ratio;
+      for (const auto& [name, bytes] : stage_bytes) {
+        const auto t = runs[0].stage_ms.find(name);
+        if (bytes == 0 || t == runs[0].stage_ms.end()) continue;
+        const double roof = double(bytes) / copy_bw * 1e3;
+        stage_roof_ms[name] = roof;
+        stage_ratio[name] = t->second / roof;
+        by_ratio.push_back({t->second / roof, fmt::format("{}={:.3f}/{:.3f}={:.1f}x", name, t->second, roof,
+                                                          t->second / roof)});
+      }
+      std::sort(by_ratio.rbegin(), by_ratio.rend());
       const double comm_share = eager_ms > 0 ? runs[0].comm_ms / eager_ms : 0.0;
       const double roofline_ms = double(worst_total) / copy_bw * 1e3;
       std::string breakdown;
@@ -319,6 +352,9 @@ Command add_bench_decode(CLI::App& app) {
       std::printf("%-6d %10.3f %10.0f %10.3f %10.0f %8.2f %8.1f   %s\n", B, step_ms, W * B / (step_ms * 1e-3),
                   worst_total / 1e9, worst_total / (step_ms * 1e-3) / 1e9, step_ms / roofline_ms, 100 * comm_share,
                   breakdown.c_str());
+      std::string furthest;
+      for (const auto& [ratio, text] : by_ratio) furthest += text + " ";
+      std::printf("%-6s stage ms / its roofline ms (eager, rank 0, furthest first): %s\n", "", furthest.c_str());
       std::fflush(stdout);
       nlohmann::json r;
       r["batch_per_rank"] = B;
@@ -335,6 +371,9 @@ Command add_bench_decode(CLI::App& app) {
       r["ratio_to_roofline"] = step_ms / roofline_ms;
       r["achieved_gb_s"] = worst_total / (step_ms * 1e-3) / 1e9;
       r["stage_ms_eager_rank0"] = runs[0].stage_ms;
+      r["stage_bytes_rank0"] = stage_bytes;
+      r["stage_roofline_ms_rank0"] = stage_roof_ms;
+      r["stage_ratio_to_roofline_eager_rank0"] = stage_ratio;
       r["eager_step_ms_rank0"] = eager_ms;
       r["comm_ms_eager"] = comm_ms;
       r["comm_ms_per_layer_eager"] = comm_ms / double(c.num_hidden_layers);

@@ -1,8 +1,11 @@
 #include "model/weight_spec.h"
 
 #include <cmath>
+#include <string_view>
 
 #include <fmt/format.h>
+
+#include "core/error.h"
 
 namespace dsv4::model {
 
@@ -207,6 +210,26 @@ uint64_t total_bytes(const std::vector<TensorSpec>& specs) {
     total += n;
   }
   return total;
+}
+
+std::string decode_stage_of_tensor(const std::string& name) {
+  auto starts = [&](std::string_view prefix) { return name.rfind(prefix, 0) == 0; };
+  if (starts("mtp.")) return "";
+  if (name == "embed.weight") return "embed";
+  if (name == "head.weight" || name == "norm.weight" || starts("hc_head_")) return "logits";
+  if (!starts("layers.")) core::fail("decode_stage_of_tensor: '{}' is not a tensor the stage map knows", name);
+  const size_t dot = name.find('.', 7);
+  const std::string local = dot == std::string::npos ? "" : name.substr(dot + 1);  // after "layers.L."
+  auto is = [&](std::string_view prefix) { return local.rfind(prefix, 0) == 0; };
+  // attn_core: attention output (wo_a, wo_b, sink), hc_post, then the FFN's
+  // hc_pre, ffn_norm and the router (docs/ARCHITECTURE.md, the forward pass).
+  if (is("attn.wo_a") || is("attn.wo_b") || is("attn.attn_sink") || is("hc_ffn_") || is("ffn_norm.") ||
+      is("ffn.gate."))
+    return "attn_core";
+  if (is("hc_attn_") || is("attn_norm.") || is("attn.")) return "attn_pre";
+  if (is("ffn.shared_experts.")) return "shared_expert";
+  if (is("ffn.experts.")) return "experts";
+  core::fail("decode_stage_of_tensor: '{}' is not a tensor the stage map knows", name);
 }
 
 }  // namespace dsv4::model

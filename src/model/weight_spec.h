@@ -40,4 +40,13 @@ std::vector<TensorSpec> checkpoint_tensor_specs(const ModelConfig& config);
 // Bytes of all tensors of a spec list.
 uint64_t total_bytes(const std::vector<TensorSpec>& specs);
 
+// The decode step's stage (a name of Transformer::step_program's stages without
+// the layer prefix: attn_pre, attn_core, shared_expert, experts, logits, embed)
+// that reads a checkpoint tensor, or "" for tensors the main decode step does not
+// read (the MTP block). Routed experts are "experts" and the embedding table
+// "embed", though a step reads only the experts its rows route to and one embed
+// row per token. Fails on a name it does not know, so a new tensor cannot go
+// uncounted in a benchmark's bytes per stage.
+std::string decode_stage_of_tensor(const std::string& name);
+
 }  // namespace dsv4::model

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -218,6 +219,34 @@ TEST(Checkpoint, SingleFileCheckpointsLoad) {
   Checkpoint single(d);
   EXPECT_NO_THROW(single.validate(specs));
   EXPECT_EQ(single.num_files(), 1u);
+}
+
+// Every checkpoint tensor belongs to one decode stage (the MTP block to none), so
+// `bench decode` counts each weight byte once against the stage that reads it.
+TEST(WeightSpec, EveryTensorHasADecodeStage) {
+  const std::set<std::string> stages = {"attn_pre", "attn_core", "shared_expert", "experts", "logits", "embed"};
+  for (const char* preset : {"tiny", "bench-1g"}) {
+    std::map<std::string, uint64_t> bytes;
+    for (const TensorSpec& s : checkpoint_tensor_specs(preset_config(preset))) {
+      const std::string stage = decode_stage_of_tensor(s.name);
+      if (s.name.rfind("mtp.", 0) == 0) {
+        EXPECT_EQ(stage, "") << s.name;
+        continue;
+      }
+      EXPECT_TRUE(stages.count(stage)) << preset << ": " << s.name << " -> '" << stage << "'";
+      bytes[stage] += total_bytes({s});
+    }
+    for (const std::string& st : stages) EXPECT_GT(bytes[st], 0u) << preset << ": no weights in " << st;
+  }
+  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wq_b.scale"), "attn_pre");
+  EXPECT_EQ(decode_stage_of_tensor("layers.3.hc_attn_fn"), "attn_pre");
+  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wo_b.weight"), "attn_core");
+  EXPECT_EQ(decode_stage_of_tensor("layers.0.ffn.gate.tid2eid"), "attn_core");
+  EXPECT_EQ(decode_stage_of_tensor("layers.12.hc_ffn_base"), "attn_core");
+  EXPECT_EQ(decode_stage_of_tensor("layers.1.ffn.experts.7.w2.scale"), "experts");
+  EXPECT_EQ(decode_stage_of_tensor("hc_head_fn"), "logits");
+  EXPECT_THROW(decode_stage_of_tensor("layers.0.ffn.mystery.weight"), core::Error);
+  EXPECT_THROW(decode_stage_of_tensor("lm_head.weight"), core::Error);
 }
 
 }  // namespace
