@@ -114,7 +114,6 @@ struct RankRun {
   std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
   double comm_ms = 0;                          // eager: stages tagged communication
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
-  uint64_t kv_bytes = 0;                       // kv_index_bytes + kv_attention_bytes
   uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (attn_pre)
   uint64_t kv_attention_bytes = 0;             // KV records attention reads (attn_core)
   bool graphs = false;
@@ -186,7 +185,6 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
     }
     out.kv_attention_bytes += uint64_t(B) * uint64_t(keys * row_bytes);
   }
-  out.kv_bytes = out.kv_index_bytes + out.kv_attention_bytes;
   return out;
 }
 
@@ -302,7 +300,7 @@ Command add_bench_decode(CLI::App& app) {
       std::vector<std::set<int32_t>> touched(static_cast<size_t>(c.num_hidden_layers));
       for (const auto& run : runs)
         for (size_t l = 0; l < touched.size(); ++l) touched[l].insert(run.touched[l].begin(), run.touched[l].end());
-      uint64_t worst_total = 0, worst_experts = 0, worst_kv = 0;
+      uint64_t worst_total = 0, worst_experts = 0, worst_kv = 0, rank0_experts = 0;
       size_t worst_touched = 0;
       double step_ms = 0, comm_ms = 0;
       for (int r = 0; r < W; ++r) {
@@ -311,7 +309,9 @@ Command add_bench_decode(CLI::App& app) {
         size_t n = 0;
         for (const auto& t : touched)
           for (int32_t e : t) n += (e >= eb && e < ee) ? 1 : 0;
-        const uint64_t experts = n * per_expert, kv = runs[size_t(r)].kv_bytes;
+        const uint64_t experts = n * per_expert;
+        const uint64_t kv = runs[size_t(r)].kv_index_bytes + runs[size_t(r)].kv_attention_bytes;
+        if (r == 0) rank0_experts = experts;
         const uint64_t total = dense + uint64_t(B) * uint64_t(c.hidden_size) * 2 + experts + kv;
         if (total > worst_total) worst_total = total, worst_experts = experts, worst_kv = kv, worst_touched = n;
         step_ms = std::max(step_ms, median(runs[size_t(r)].step_ms));
@@ -322,17 +322,10 @@ Command add_bench_decode(CLI::App& app) {
       // Rank 0's bytes per stage against its eager stage times: which stages are
       // furthest from their own roofline (eager times include launch gaps).
       std::map<std::string, uint64_t> stage_bytes = dense_by_stage;
-      {
-        int64_t eb = 0, ee = c.n_routed_experts;
-        if (dp.ranks[0]->moe) std::tie(eb, ee) = parallel::expert_range(c.n_routed_experts, W, 0);
-        size_t n = 0;
-        for (const auto& t : touched)
-          for (int32_t e : t) n += (e >= eb && e < ee) ? 1 : 0;
-        stage_bytes["experts"] += n * per_expert;
-        stage_bytes["attn_pre"] += runs[0].kv_index_bytes;
-        stage_bytes["attn_core"] += runs[0].kv_attention_bytes;
-        stage_bytes["embed"] += uint64_t(B) * uint64_t(c.hidden_size) * 2;
-      }
+      stage_bytes["experts"] += rank0_experts;
+      stage_bytes["attn_pre"] += runs[0].kv_index_bytes;
+      stage_bytes["attn_core"] += runs[0].kv_attention_bytes;
+      stage_bytes["embed"] += uint64_t(B) * uint64_t(c.hidden_size) * 2;
       nlohmann::json stage_roof_ms = nlohmann::json::object(), stage_ratio = nlohmann::json::object();
       std::vector<std::pair<double, std::string>> by_ratio;
       for (const auto& [name, bytes] : stage_bytes) {
