@@ -57,7 +57,7 @@ for s in "$@"; do
       args=(--preset tiny --random-weights 1 --prompt-ids 0,17,42 --prompt-ids 5,6,7,8,9,10,11 --prompt-ids "$ids"
             --prompt-ids 100,200,300,400,500 --max-new-tokens 64 --temperature 0)
       step parity-cpu 300 $D generate --backend cpu --threads 8 "${args[@]}"
-      step parity-cpu-hopper 300 $D generate --backend cpu --threads 8 --cpu-fp4-dot hopper "${args[@]}"
+      step parity-cpu-hopper 300 $D generate --backend cpu --threads 8 --cpu-quant-dot hopper "${args[@]}"
       step parity-cuda 300 $D generate --backend cuda "${args[@]}"
       # Against the fp32 reference and against the CPU that sums FP4 chunks as the CUDA kernel does.
       for ref in cpu cpu-hopper; do

@@ -40,7 +40,7 @@ std::vector<int32_t> parse_ids(const std::string& text, size_t index) {
 
 Command add_generate(CLI::App& app) {
   struct Options {
-    std::string model_dir, preset, backend = "auto", dump_logits, moe = "allgather", cpu_fp4_dot = "fp32";
+    std::string model_dir, preset, backend = "auto", dump_logits, moe = "allgather", cpu_quant_dot = "fp32";
     uint64_t weight_seed = 0;
     std::vector<std::string> prompts;
     int32_t max_new_tokens = 16;
@@ -95,10 +95,10 @@ Command add_generate(CLI::App& app) {
       ->default_val("allgather")
       ->check(CLI::IsMember({"allgather", "alltoall"}));
   app.add_option("--threads", o->threads, "CPU backend threads per rank")->default_val(1)->check(CLI::Range(1, 256));
-  app.add_option("--cpu-fp4-dot", o->cpu_fp4_dot,
-                 "CPU backend: sum each 32-wide chunk of an FP4 GEMM in fp32 (the spec's arithmetic) or as Hopper's "
-                 "FP8 wgmma does (hopper: truncated alignment, 14-bit sums), which is what the CUDA backend computes; "
-                 "for comparing a CPU run with a GPU run")
+  app.add_option("--cpu-quant-dot,--cpu-fp4-dot", o->cpu_quant_dot,
+                 "CPU backend: sum each 32-wide chunk of an FP8 or FP4 GEMM in fp32 (the spec's arithmetic) or as "
+                 "Hopper's FP8 wgmma does (hopper: truncated alignment, 14-bit sums), which is what the CUDA backend "
+                 "computes; for comparing a CPU run with a GPU run (--cpu-fp4-dot: the older name)")
       ->default_val("fp32")
       ->check(CLI::IsMember({"fp32", "hopper"}));
   app.add_option("--prefill-chunk", o->prefill_chunk, "Prompt tokens per sequence per step")
@@ -131,9 +131,9 @@ Command add_generate(CLI::App& app) {
     eo.source = engine::ModelSource{o->model_dir, o->preset, o->weight_seed};
     eo.backend = o->backend == "auto" ? default_backend_name() : o->backend;
     eo.threads = o->threads;
-    if (o->cpu_fp4_dot != "fp32" && eo.backend != "cpu")
-      core::fail("--cpu-fp4-dot {} applies to the CPU backend; this run uses --backend {}", o->cpu_fp4_dot, eo.backend);
-    eo.cpu_fp4_dot = o->cpu_fp4_dot == "hopper" ? ops::QuantDotModel::kHopperWgmma : ops::QuantDotModel::kExact;
+    if (o->cpu_quant_dot != "fp32" && eo.backend != "cpu")
+      core::fail("--cpu-quant-dot {} applies to the CPU backend; this run uses --backend {}", o->cpu_quant_dot, eo.backend);
+    eo.cpu_quant_dot = o->cpu_quant_dot == "hopper" ? ops::QuantDotModel::kHopperWgmma : ops::QuantDotModel::kExact;
     eo.dp = o->dp;
     eo.moe = o->expert_parallel ? engine::parse_moe_mode(o->moe) : engine::MoeMode::kLocal;
     const int per_rank = (n + o->dp - 1) / o->dp;

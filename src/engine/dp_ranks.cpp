@@ -89,7 +89,7 @@ DpRanks build_dp_ranks(const DpRanksOptions& options) {
     rank->index = r;
     rank->global_rank = rank_offset + r;
     rank->comm = out.comms.empty() ? nullptr : out.comms[size_t(r)].get();
-    rank->backend = cuda ? ops::make_cuda_backend(r) : ops::make_cpu_backend(options.threads_per_rank, options.cpu_fp4_dot);
+    rank->backend = cuda ? ops::make_cuda_backend(r) : ops::make_cpu_backend(options.threads_per_rank, options.cpu_quant_dot);
     rank->backend->bind_to_current_thread();
     int64_t eb = 0, ee = -1;
     if (split) std::tie(eb, ee) = parallel::expert_range(num_experts, W, rank->global_rank);

@@ -26,7 +26,7 @@ struct DpRanksOptions {
   MoeMode moe = MoeMode::kAllGather;  // kLocal: every rank holds every expert (pure data parallel)
   std::string backend = "cpu";        // "cpu": in-process ranks; "cuda": rank r on GPU r, NCCL
   int threads_per_rank = 1;           // CPU backend threads
-  ops::QuantDotModel cpu_fp4_dot = ops::QuantDotModel::kExact;  // CPU backend: how FP4 GEMM chunks are summed
+  ops::QuantDotModel cpu_quant_dot = ops::QuantDotModel::kExact;  // CPU backend: how FP8 / FP4 GEMM chunks are summed
   ModelSource source;
   int64_t max_rows = 512;             // rows per rank per step (sizes the MoE exchange buffers)
   parallel::CommOptions comm;

@@ -61,7 +61,7 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   dp.ranks.moe = o.moe;
   dp.ranks.backend = o.backend;
   dp.ranks.threads_per_rank = o.threads;
-  dp.ranks.cpu_fp4_dot = o.cpu_fp4_dot;
+  dp.ranks.cpu_quant_dot = o.cpu_quant_dot;
   dp.ranks.source = o.source;
   dp.ranks.comm = o.comm;
   dp.ranks.nccl_max_ctas = o.nccl_max_ctas;
@@ -74,7 +74,7 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   dp.eos_token_id = int32_t(config.eos_token_id);
   dp.check_ledger = o.check_ledger;
   if (o.dp == 1 && o.nnodes == 1) {
-    auto backend = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(o.threads, o.cpu_fp4_dot);
+    auto backend = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(o.threads, o.cpu_quant_dot);
     auto loaded = load_model(o.source, *backend);
     // The runner keeps references to the backend and the weights: own them together.
     struct Owned {

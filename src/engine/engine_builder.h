@@ -18,7 +18,7 @@ struct EngineBuildOptions {
   std::string backend = "cpu";        // "cpu" or "cuda"
   int threads = 1;                    // CPU backend threads per rank
   // CPU backend: FP4 GEMM chunks summed in fp32 (the spec) or as the CUDA backend's FP8 wgmma does.
-  ops::QuantDotModel cpu_fp4_dot = ops::QuantDotModel::kExact;
+  ops::QuantDotModel cpu_quant_dot = ops::QuantDotModel::kExact;
   int dp = 1;
   MoeMode moe = MoeMode::kAllGather;  // with dp > 1
   int32_t max_num_seqs = 64;          // per rank

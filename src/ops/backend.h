@@ -242,12 +242,12 @@ class Backend {
 std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, double factor, int64_t original_seq_len,
                                  double beta_fast, double beta_slow);
 
-// How the CPU backend sums each 32-wide chunk of an FP4 GEMM: in fp32 (kExact, the
-// spec's arithmetic), or as the Hopper FP8 wgmma the CUDA backend's FP4 GEMM runs on
-// does (ref::hopper_e4m3_dot32, then the CUDA kernel's scale order), which the
-// CUDA tests compare against.
+// How the CPU backend sums each 32-wide chunk of an FP8 or FP4 GEMM (linear and the
+// experts): in fp32 (kExact, the spec's arithmetic), or as the Hopper FP8 wgmma the
+// CUDA backend's quantized GEMMs run on does (ref::hopper_e4m3_dot32, then the CUDA
+// kernel's scale order), which the CUDA tests compare against.
 enum class QuantDotModel { kExact, kHopperWgmma };
-std::unique_ptr<Backend> make_cpu_backend(int num_threads = 1, QuantDotModel fp4_dot = QuantDotModel::kExact);
+std::unique_ptr<Backend> make_cpu_backend(int num_threads = 1, QuantDotModel quant_dot = QuantDotModel::kExact);
 // Defined in CUDA builds only (src/ops/cuda).
 std::unique_ptr<Backend> make_cuda_backend(int device);
 

@@ -148,16 +148,16 @@ TEST_F(DpEngine, AllGatherMatchesOneRankWithinFp32Rounding) {
   }
 }
 
-// The CPU backend's FP4 dot model (generate --cpu-fp4-dot hopper) reaches the backend
-// of a single rank and of every data-parallel rank: two all-to-all ranks with the
-// Hopper model equal one rank with it bit for bit, and both differ from the fp32
-// reference (tiny's experts are FP4).
-TEST_F(DpEngine, CpuFp4DotModelReachesEveryRank) {
+// The CPU backend's quantized-dot model (generate --cpu-quant-dot hopper) reaches the
+// backend of a single rank and of every data-parallel rank: two all-to-all ranks with
+// the Hopper model equal one rank with it bit for bit, and both differ from the fp32
+// reference (tiny's linears are FP8, its experts FP4).
+TEST_F(DpEngine, CpuQuantDotModelReachesEveryRank) {
   auto reqs = workload();
   reqs.resize(3);
   for (auto& r : reqs) r.max_tokens = 3;
   EngineBuildOptions one = options(1, MoeMode::kLocal), two = options(2, MoeMode::kAllToAll);
-  one.cpu_fp4_dot = two.cpu_fp4_dot = ops::QuantDotModel::kHopperWgmma;
+  one.cpu_quant_dot = two.cpu_quant_dot = ops::QuantDotModel::kHopperWgmma;
   const Result r1 = run(*build_serving_engine(one), reqs), r2 = run(*build_serving_engine(two), reqs);
   bool differs = false;
   for (size_t i = 0; i < reqs.size(); ++i) {

@@ -362,25 +362,59 @@ TEST(HopperDot, AlignsTruncatesAndKeepsFourteenBits) {
   EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 0x1p-18f);
 }
 
-// QuantDotModel::kHopperWgmma changes FP4 GEMMs only, and where no product is
-// truncated it equals the exact sum.
-TEST(HopperDot, CpuBackendModelOnlyTouchesFp4Chunks) {
+// Where no product is truncated, QuantDotModel::kHopperWgmma equals the exact sum,
+// for FP4 and FP8 weights.
+TEST(HopperDot, CpuBackendModelEqualsExactWithoutTruncation) {
   auto exact = make_cpu_backend(1), hopper = make_cpu_backend(1, QuantDotModel::kHopperWgmma);
   const int64_t N = 3, K = 256;
+  for (const bool fp4 : {true, false}) {
+    QuantLinear w;
+    w.format = fp4 ? QuantLinear::Format::kFp4Group32 : QuantLinear::Format::kFp8Block128;
+    w.n = N;
+    w.k = K;
+    if (fp4) {
+      w.weight = Tensor::empty_cpu(DType::kI8, {N, K / 2});
+      w.scale = Tensor::empty_cpu(DType::kF8E8M0, {N, K / 32});
+      for (int64_t i = 0; i < N * K / 2; ++i) w.weight.as<uint8_t>()[i] = uint8_t(0x22 + (i % 3));  // 1.0 / 1.5 / 2.0
+    } else {
+      w.weight = Tensor::empty_cpu(DType::kF8E4M3, {N, K});
+      w.scale = Tensor::empty_cpu(DType::kF8E8M0, {1, K / 128});
+      const float values[3] = {1.0f, 1.5f, 2.0f};
+      for (int64_t i = 0; i < N * K; ++i) w.weight.as<uint8_t>()[i] = core::float_to_e4m3(values[i % 3]);
+    }
+    for (int64_t i = 0; i < w.scale.numel(); ++i) w.scale.as<uint8_t>()[i] = uint8_t(120 + i % 5);
+    Tensor x = Tensor::empty_cpu(DType::kBF16, {2, K});
+    for (int64_t i = 0; i < 2 * K; ++i) x.as<uint16_t>()[i] = core::float_to_bf16(i % 2 ? 0.5f : 1.0f);
+    Tensor y0 = Tensor::empty_cpu(DType::kBF16, {2, N}), y1 = Tensor::empty_cpu(DType::kBF16, {2, N});
+    exact->linear(x, w, y0);
+    hopper->linear(x, w, y1);
+    for (int64_t i = 0; i < 2 * N; ++i) EXPECT_EQ(y0.as<uint16_t>()[i], y1.as<uint16_t>()[i]) << (fp4 ? "fp4 " : "fp8 ") << i;
+  }
+}
+
+// The model reaches FP8 linears: +1 - 1 + 2^-14 in one chunk (activation codes 256,
+// -256, 2 at scale 2^-8) is 2^-14 exactly, but the tensor core aligns the 2^-6
+// product 14 binades below the largest and drops it.
+TEST(HopperDot, CpuBackendModelTruncatesFp8Chunks) {
+  auto exact = make_cpu_backend(1), hopper = make_cpu_backend(1, QuantDotModel::kHopperWgmma);
+  const int64_t K = 128;
   QuantLinear w;
-  w.format = QuantLinear::Format::kFp4Group32;
-  w.n = N;
+  w.format = QuantLinear::Format::kFp8Block128;
+  w.n = 1;
   w.k = K;
-  w.weight = Tensor::empty_cpu(DType::kI8, {N, K / 2});
-  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {N, K / 32});
-  for (int64_t i = 0; i < N * K / 2; ++i) w.weight.as<uint8_t>()[i] = uint8_t(0x22 + (i % 3));  // 1.0 / 1.5 / 2.0 pairs
-  for (int64_t i = 0; i < N * K / 32; ++i) w.scale.as<uint8_t>()[i] = uint8_t(120 + i % 5);
-  Tensor x = Tensor::empty_cpu(DType::kBF16, {2, K});
-  for (int64_t i = 0; i < 2 * K; ++i) x.as<uint16_t>()[i] = core::float_to_bf16(i % 2 ? 0.5f : 1.0f);
-  Tensor y0 = Tensor::empty_cpu(DType::kBF16, {2, N}), y1 = Tensor::empty_cpu(DType::kBF16, {2, N});
+  w.weight = Tensor::zeros_cpu(DType::kF8E4M3, {1, K});
+  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {1, 1});
+  w.scale.as<uint8_t>()[0] = 127;  // 2^0
+  for (int i = 0; i < 3; ++i) w.weight.as<uint8_t>()[i] = core::float_to_e4m3(i < 2 ? 1.0f : 0x1p-7f);
+  Tensor x = Tensor::zeros_cpu(DType::kBF16, {1, K});
+  x.as<uint16_t>()[0] = core::float_to_bf16(1.0f);
+  x.as<uint16_t>()[1] = core::float_to_bf16(-1.0f);
+  x.as<uint16_t>()[2] = core::float_to_bf16(0x1p-7f);
+  Tensor y0 = Tensor::empty_cpu(DType::kBF16, {1, 1}), y1 = Tensor::empty_cpu(DType::kBF16, {1, 1});
   exact->linear(x, w, y0);
   hopper->linear(x, w, y1);
-  for (int64_t i = 0; i < 2 * N; ++i) EXPECT_EQ(y0.as<uint16_t>()[i], y1.as<uint16_t>()[i]) << i;
+  EXPECT_EQ(core::bf16_to_float(y0.as<uint16_t>()[0]), 0x1p-14f);
+  EXPECT_EQ(core::bf16_to_float(y1.as<uint16_t>()[0]), 0.0f);
 }
 
 }  // namespace

@@ -18,10 +18,10 @@ using core::Tensor;
 using cpu::dot_f32;
 using cpu::dot_f32_bf16;
 
-CpuBackend::CpuBackend(int num_threads, QuantDotModel fp4_dot) : pool_(num_threads), fp4_dot_(fp4_dot) {}
+CpuBackend::CpuBackend(int num_threads, QuantDotModel quant_dot) : pool_(num_threads), quant_dot_(quant_dot) {}
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads, QuantDotModel fp4_dot) {
-  return std::make_unique<CpuBackend>(num_threads, fp4_dot);
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, QuantDotModel quant_dot) {
+  return std::make_unique<CpuBackend>(num_threads, quant_dot);
 }
 
 Tensor CpuBackend::empty(DType dtype, std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(dtype, shape); }
@@ -276,9 +276,38 @@ void CpuBackend::fp4_linear_rows_hopper(const uint16_t* x, int64_t rows, const Q
   });
 }
 
+// Per output: p = sum over the 32-wide chunks c, in order, of fmaf(d_c, 2^(weight
+// block scale) * 2^(activation exponent), p), d_c Hopper's FP8 dot of the weight and
+// activation codes; out = bf16(0 + p). The CUDA FP8 GEMM's order (linear_kernels.cuh),
+// K slices aside (as for FP4).
+void CpuBackend::fp8_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
+  const int64_t K = w.k, N = w.n, kb = K / 128;
+  const uint8_t* wc = w.weight.as<uint8_t>();
+  const uint8_t* s = w.scale.as<uint8_t>();
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    std::vector<float> xf(static_cast<size_t>(K));
+    std::vector<uint8_t> codes(static_cast<size_t>(K));
+    std::vector<int> exps(static_cast<size_t>(kb));
+    for (int64_t r = b; r < e; ++r) {
+      cpu::bf16_row_to_float(x + r * K, K, xf.data());
+      ref::act_quant_fp8(xf.data(), K, 128, codes.data(), exps.data());
+      for (int64_t n = 0; n < N; ++n) {
+        float p = 0.0f;
+        for (int64_t st = 0; st < kb; ++st) {
+          const float scale = core::e8m0_to_float(s[(n / 128) * kb + st]) * core::pow2_float(exps[size_t(st)]);
+          for (int64_t k0 = st * 128; k0 < st * 128 + 128; k0 += 32)
+            p = std::fma(ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0), scale, p);
+        }
+        y[r * N + n] = float_to_bf16(0.0f + p);
+      }
+    }
+  });
+}
+
 void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
-  if (w.format == QuantLinear::Format::kFp4Group32 && fp4_dot_ == QuantDotModel::kHopperWgmma && w.k % 128 == 0) {
-    return fp4_linear_rows_hopper(x, rows, w, y);
+  if (quant_dot_ == QuantDotModel::kHopperWgmma && w.k % 128 == 0 && w.k > 0) {
+    if (w.format == QuantLinear::Format::kFp4Group32) return fp4_linear_rows_hopper(x, rows, w, y);
+    return fp8_linear_rows_hopper(x, rows, w, y);
   }
   const float* W = dequantized(w);
   const int64_t K = w.k, N = w.n;

@@ -16,7 +16,7 @@ namespace dsv4::ops {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads, QuantDotModel fp4_dot = QuantDotModel::kExact);
+  explicit CpuBackend(int num_threads, QuantDotModel quant_dot = QuantDotModel::kExact);
 
   core::Device device() const override { return core::Device::kCpu; }
   std::string name() const override { return "cpu"; }
@@ -74,11 +74,12 @@ class CpuBackend final : public Backend {
   // y[r] = bf16(sum_k xdeq[r, k] * W[n, k]) with x quantized per 128 first.
   void quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
 
-  // quant_linear_rows for FP4 weights under QuantDotModel::kHopperWgmma.
+  // quant_linear_rows under QuantDotModel::kHopperWgmma (K a multiple of 128).
   void fp4_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
+  void fp8_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
 
   core::ThreadPool pool_;
-  QuantDotModel fp4_dot_;
+  QuantDotModel quant_dot_;
   std::mutex cache_mutex_;
   struct Dequantized {
     std::shared_ptr<void> weight_owner, scale_owner;

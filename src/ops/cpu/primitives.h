@@ -25,7 +25,7 @@ void act_quant_fp8(const float* x, int64_t n, int64_t block, uint8_t* q, int* ex
 // it, bit for bit per the MMA-Sim model (Xie et al., arXiv:2511.10909): exact
 // products, all aligned to the largest product exponent and truncated toward zero
 // to 13 fractional bits below it, summed exactly, the sum truncated to 14
-// significant bits. The CUDA backend's FP4 GEMM runs on this instruction; the
+// significant bits. The CUDA backend's FP8 and FP4 GEMMs run on this instruction; the
 // CPU backend can model it (make_cpu_backend, QuantDotModel::kHopperWgmma).
 float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b);
 

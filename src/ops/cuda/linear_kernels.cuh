@@ -51,29 +51,43 @@ enum class WFmt : int {
   kFp8Bf16 = 3,  // e4m3 weight used dequantized (exact in bf16) with bf16 activations (wo_a, spec §5.6)
 };
 
+// How a format's tile products run (sm_90a). Hopper has no e4m3 mma.sync (the
+// compiler emulates it with 12 conversions and 2 f16 HMMAs per m16n8k32), so every
+// e4m3 product runs on wgmma: with both operands in shared memory where the weight
+// bytes are the MMA bytes (FP8, bf16), with A in registers where they need a decode
+// (FP4). FP8-as-bf16 (wo_a) keeps bf16 mma.sync (native on Hopper) after an exact
+// e4m3 -> bf16 conversion in registers.
+enum class Mma : int { kSync, kWgmmaRegA, kWgmmaSmemA };
+
 // One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
-// values) = 4 chunks of 32 bytes, one MMA each.
+// values) = 4 chunks of 32 bytes, one MMA each. kWStride: bytes per weight row in
+// a stage buffer (padded for conflict-free fragment reads; the wgmma shared-memory
+// layout needs no padding).
 template <WFmt F>
 struct FmtTraits;
 template <>
 struct FmtTraits<WFmt::kFp8> {
   static constexpr bool kQuantAct = true, kBlockScale = true, kRowScale = false;
-  static constexpr int kStageK = 128, kWBytes = 128, kWStride = 160;
+  static constexpr int kStageK = 128, kWBytes = 128, kWStride = 128;
+  static constexpr Mma kMma = Mma::kWgmmaSmemA;
 };
 template <>
 struct FmtTraits<WFmt::kFp4> {
   static constexpr bool kQuantAct = true, kBlockScale = false, kRowScale = true;
   static constexpr int kStageK = 128, kWBytes = 64, kWStride = 80;
+  static constexpr Mma kMma = Mma::kWgmmaRegA;
 };
 template <>
 struct FmtTraits<WFmt::kBf16> {
   static constexpr bool kQuantAct = false, kBlockScale = false, kRowScale = false;
-  static constexpr int kStageK = 64, kWBytes = 128, kWStride = 160;
+  static constexpr int kStageK = 64, kWBytes = 128, kWStride = 128;
+  static constexpr Mma kMma = Mma::kWgmmaSmemA;
 };
 template <>
 struct FmtTraits<WFmt::kFp8Bf16> {
   static constexpr bool kQuantAct = false, kBlockScale = true, kRowScale = false;
   static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80;
+  static constexpr Mma kMma = Mma::kSync;
 };
 
 constexpr int kThreads = 128;          // 4 warps, 32 weight rows each
@@ -246,14 +260,6 @@ __device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t w) {
   return make_uint2(out[0], out[1]);
 }
 
-// d = A * B with a zero accumulator. A 16x32 e4m3 (row), B 32x8 e4m3 (col).
-__device__ __forceinline__ void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%10, %11, %12, %13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
-}
-
 // d = A * B with a zero accumulator. A 16x16 bf16 (row), B 16x8 bf16 (col).
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -264,12 +270,12 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------
 // Hopper runs mma.sync on e4m3 as f16 HMMA after unpacking both operands (2 HMMA and
-// 12 conversions per m16n8k32); wgmma takes e4m3 natively. The FP4 GEMM uses
-// m64nNk32 with A (decoded weights) in registers and B (activations) in shared
-// memory, no swizzle: 8-row x 16-byte core matrices of 128 contiguous bytes, the
-// two of one 32-byte K chunk 128 bytes apart (leading offset), the 8-row groups
-// 256 bytes apart (stride offset).
-__device__ __forceinline__ uint64_t wgmma_desc_b(uint32_t smem_addr) {
+// 12 conversions per m16n8k32); wgmma takes e4m3 natively. Operands in shared memory
+// (the activations always, the FP8 / bf16 weights too) use the K-major layout
+// without swizzle: 8-row x 16-byte core matrices of 128 contiguous bytes, the two of
+// one 32-byte K chunk 128 bytes apart (leading offset), the 8-row groups 256 bytes
+// apart (stride offset). One descriptor form serves A and B.
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
   return uint64_t((smem_addr & 0x3FFFFu) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t(256 >> 4) << 32);
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -308,6 +314,101 @@ __device__ __forceinline__ void wgmma_e4m3<4>(float (&d)[16], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
+// d = A * B (scale-d = 0), both from shared memory: A 64 weight rows x 32 bytes, B
+// 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16). Same d layout as wgmma_e4m3.
+template <WFmt F, int NT>
+__device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64_t db);
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 1>(float (&d)[4], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3}, "
+      "%4, %5, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 2>(float (&d)[8], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "%8, %9, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 4>(float (&d)[16], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "%16, %17, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 8>(float (&d)[32], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, 0, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 1>(float (&d)[4], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3}, "
+      "%4, %5, 0, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 2>(float (&d)[8], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "%8, %9, 0, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 4>(float (&d)[16], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "%16, %17, 0, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db));
+}
+template <>
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 8>(float (&d)[32], uint64_t da, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, 0, 1, 1, 0, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db));
+}
+
+
+// Byte offset of 16-byte piece `part` (0..7) of tile weight row r of a stage in the
+// wgmma A layout: chunk j = part / 2 holds the 16 8-row groups of the 128-row tile,
+// two core matrices each, so rows 64i.. of chunk j start at j * 4096 + i * 2048.
+__device__ __forceinline__ int wgmma_a_offset(int r, int part) {
+  return (part >> 1) * 4096 + (r >> 3) * 256 + (part & 1) * 128 + (r & 7) * 16;
+}
+
 // Byte offset of 16-byte activation piece c (tile row c / 8, piece c % 8 of the
 // 128-byte stage row) in the wgmma B layout of a stage: chunk j = piece / 2 holds
 // NT 8-row groups of two core matrices each.
@@ -316,37 +417,32 @@ __device__ __forceinline__ int wgmma_b_offset(int c) {
   return (((c & 7) >> 1) * NT + (c >> 6)) * 256 + (c & 1) * 128 + ((c >> 3) & 7) * 16;
 }
 
-// ---- fragment loads -------------------------------------------------------------------
-// The reduction index inside one 32-byte chunk is permuted identically for A and B
-// (a dot product does not care which slot a k lands in): lane (g = lane/4, t = lane%4)
-// takes the 8 MMA-format bytes at chunk offset 8t of its rows. Their low word goes to
-// the fragment slots of logical k 4t..4t+3 (e4m3) / 2t..2t+1 (bf16), their high word
-// to logical k 16+4t.. (e4m3) / 8+2t.. (bf16): A regs {a0, a2} for row g, {a1, a3}
-// for row g+8; B regs {b0, b1} for column g. FP4 (wgmma, B read from shared memory
-// in the activations' own order): the 4 stored bytes at chunk offset 4t hold elements
-// 8t..8t+7; the even ones go to k 4t..4t+3 and the odd ones to k 16+4t.., so each
-// 32-byte chunk of the activations is stored as its 16 even elements, then its 16
-// odd ones (split_pairs, store_quant4).
+// ---- fragment loads (A in registers: FP4 on wgmma, FP8-as-bf16 on mma.sync) ----------
+// Lane (g = lane/4, t = lane%4) reads the 4 stored bytes at offset 4t of 16-byte piece
+// j of its rows g and g + 8 and expands them to 8 MMA-format bytes; their low word
+// goes to the fragment slots of logical k 4t..4t+3 (e4m3) / 2t..2t+1 (bf16), their
+// high word to logical k 16+4t.. (e4m3) / 8+2t.. (bf16): A regs {a0, a2} for row g,
+// {a1, a3} for row g+8. The B operand must hold the same k in the same slots:
+// FP8-as-bf16 (mma.sync) reads 8 activation bytes at chunk offset 8t into {b0, b1};
+// FP4 (wgmma, B read from shared memory in the activations' own order) needs each
+// 32-byte chunk of the activations stored as its 16 even elements, then its 16 odd
+// ones (split_pairs, store_quant4), since the 8 nibbles at 4t are elements 8t..8t+7
+// and the even ones go to k 4t..4t+3.
 //
 // lo_row / hi_row: the stage-buffer rows of fragment rows g and g + 8.
 template <WFmt F>
 __device__ __forceinline__ void load_a_frag(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
                                             uint32_t (&a)[4]) {
-  using T = FmtTraits<F>;
+  static_assert(F == WFmt::kFp4 || F == WFmt::kFp8Bf16, "FP8 and bf16 weights are read by wgmma from shared memory");
+  const uint32_t lo_raw = *reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t);
+  const uint32_t hi_raw = *reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t);
   uint2 lo, hi;
-  if constexpr (T::kWBytes == 128) {  // kFp8, kBf16: stored as MMA bytes
-    lo = *reinterpret_cast<const uint2*>(lo_row + 32 * j + 8 * t);
-    hi = *reinterpret_cast<const uint2*>(hi_row + 32 * j + 8 * t);
-  } else {  // kFp4 (4 bytes = 8 nibbles), kFp8Bf16 (4 e4m3 = 4 bf16): expand 4 stored bytes
-    const uint32_t lo_raw = *reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t);
-    const uint32_t hi_raw = *reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t);
-    if constexpr (F == WFmt::kFp4) {
-      lo = fp4x8_to_e4m3x8_div64(lo_raw);
-      hi = fp4x8_to_e4m3x8_div64(hi_raw);
-    } else {
-      lo = e4m3x4_to_bf16x4(lo_raw);
-      hi = e4m3x4_to_bf16x4(hi_raw);
-    }
+  if constexpr (F == WFmt::kFp4) {
+    lo = fp4x8_to_e4m3x8_div64(lo_raw);
+    hi = fp4x8_to_e4m3x8_div64(hi_raw);
+  } else {
+    lo = e4m3x4_to_bf16x4(lo_raw);
+    hi = e4m3x4_to_bf16x4(hi_raw);
   }
   a[0] = lo.x;
   a[1] = hi.x;
@@ -355,10 +451,11 @@ __device__ __forceinline__ void load_a_frag(const uint8_t* lo_row, const uint8_t
 }
 
 // ---- the GEMM ---------------------------------------------------------------------
-// One CTA: kTileN = 128 weight rows (4 warps x 32) x BM = 8*NT activation rows, over
-// the stages of its K range, 3-stage cp.async pipeline (weights and activations
-// staged in padded smem rows: conflict-free fragment reads), mma.sync with fresh
-// accumulators per 32-byte chunk, fp32 partial sums per (row, column) in registers.
+// One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
+// its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
+// from a zero accumulator (wgmma: two m64 halves of the tile, warp w owning rows
+// 16w..16w+15 of each; mma.sync: warp w owning rows 32w..32w+31), fp32 partial sums
+// per (row, column) in registers.
 template <WFmt F, int NT, bool kTwoSets>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
@@ -366,7 +463,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   using T = FmtTraits<F>;
   constexpr int BM = 8 * NT;
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* s_w = smem;                                      // [kStages][kTileN][kWStride]
+  uint8_t* s_w = smem;  // [kStages][kTileN][kWStride], wgmma_a_offset order for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;      // [kStages][BM][kAStride]
   uint8_t* s_ws = s_a + kStages * BM * kAStride;            // FP4: [kStages][kTileN][4] scale bytes
   float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? kStages * kTileN * 4 : 0));  // [kStages][BM]
@@ -375,9 +472,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   int* s_flag = s_rows + BM;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  // FP4 runs on wgmma (two m64 halves of the 128-row tile, warp w owning rows 16w..16w+15
-  // of each); the others on mma.sync (warp w owning rows 32w..32w+31).
-  constexpr bool kWgmma = F == WFmt::kFp4;
+  constexpr bool kWgmma = T::kMma != Mma::kSync, kSmemA = T::kMma == Mma::kWgmmaSmemA;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
   auto tile_row = [&](int i, int h) { return (kWgmma ? 64 * i + 16 * warp : 32 * warp + 16 * i) + g + 8 * h; };
   const int n0 = tile_n * kTileN;  // first weight row of the tile inside its group
@@ -430,12 +525,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   if (T::kQuantAct && tid < BM && s_rows[tid] >= 0) as_src = p.a_scale + int64_t(s_rows[tid]) * p.a_scale_stride;
 
   auto load_stage = [&](int st, int buf) {
-    uint8_t* dw = s_w + buf * kTileN * T::kWStride + w_r0 * T::kWStride + w_part * 16;
+    uint8_t* dw = s_w + buf * kTileN * T::kWStride;
     const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
 #pragma unroll
     for (int i = 0; i < kWChunks; ++i, src += w_step) {
-      const bool ok = w_r0 + i * kRowStep < valid_n;
-      cp_async16(dw + i * kRowStep * T::kWStride, ok ? src : w, ok ? 16 : 0);
+      const int r = w_r0 + i * kRowStep;
+      const bool ok = r < valid_n;
+      const int off = kSmemA ? wgmma_a_offset(r, w_part) : r * T::kWStride + w_part * 16;
+      cp_async16(dw + off, ok ? src : w, ok ? 16 : 0);
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
@@ -458,8 +555,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   float cur[2][NT][4];
   float tot[2][NT][4];
   // wgmma: the chunks of a stage go out in groups of kBatch (one wait per group), each
-  // chunk into its own accumulators: kBatch * 2 * 4NT registers.
-  constexpr int kBatch = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  // chunk into its own accumulators: kBatch * 2 * 4NT registers (A in registers takes
+  // 8 more per chunk, hence the smaller groups).
+  constexpr int kBatch = kSmemA ? (NT <= 2 ? 4 : 8 / NT) : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
   float wg_d[kWgmma ? kBatch : 1][2][kWgmma ? 4 * NT : 1] = {};
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -507,7 +605,36 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     float wsc = 1.0f;
     if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
-    if constexpr (kWgmma) {
+    if constexpr (kSmemA) {
+      // kBatch chunks, both halves of each, one wait, then each result scaled and
+      // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p) (bf16: scale 1).
+      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kTileN * T::kWStride));
+      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+#pragma unroll
+      for (int j0 = 0; j0 < 4; j0 += kBatch) {
+        wgmma_fence();
+#pragma unroll
+        for (int c = 0; c < kBatch; ++c) {
+          const uint64_t db = wgmma_desc(b_base + (j0 + c) * NT * 256);
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc(a_base + (j0 + c) * 4096 + i * 2048), db);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int c = 0; c < kBatch; ++c)
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int q = 0; q < NT; ++q)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const float s = T::kQuantAct ? wsc * as[q][e & 1] : 1.0f;
+                cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], s, cur[i][q][e]);
+              }
+      }
+    } else if constexpr (kWgmma) {
       // kBatch chunks: decode their fragments, issue both halves of each, one wait,
       // then fold the results in chunk order (the accumulation rule is unchanged).
       // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
@@ -526,7 +653,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c) {
-          const uint64_t desc = wgmma_desc_b(b_base + (j0 + c) * NT * 256);
+          const uint64_t desc = wgmma_desc(b_base + (j0 + c) * NT * 256);
           wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
           wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
         }
@@ -560,17 +687,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             float d[4];
-            if constexpr (T::kQuantAct) mma_e4m3(d, a[i], b.x, b.y);
-            else mma_bf16(d, a[i], b.x, b.y);
+            mma_bf16(d, a[i], b.x, b.y);
+            // Element e of the fragment: weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              // Element e of the fragment: weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
-              float s;
-              if constexpr (F == WFmt::kFp8) s = wsc * as[q][e & 1];
-              else if constexpr (F == WFmt::kFp8Bf16) s = wsc;
-              else s = 1.0f;
-              cur[i][q][e] = fmaf(d[e], s, cur[i][q][e]);
-            }
+            for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(d[e], wsc, cur[i][q][e]);
           }
         }
       }
@@ -646,17 +766,20 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   }
 }
 
-// Plain / grouped GEMM: grid (groups * tiles_per_group, ceil(m / BM), split).
-// Roofline: N*K weight bytes streamed once per BM-row tile, 2*M*N*K FLOPs; wq_b
-// (33.6 MB FP8) is 11.2 µs at 3 TB/s up to M = 64, mma.sync-bound past M ~ 165.
+// Plain / grouped GEMM: grid (groups * tiles_per_group, ceil(m / BM), split), run
+// with the row tile varying fastest in launch order, so that the row tiles of one
+// weight tile are resident together and read its bytes from DRAM once (the LM head
+// at M = 256 is 1 GB, four times L2 and more). Roofline: N*K weight bytes once,
+// 2*M*N*K FLOPs; wq_b (33.6 MB FP8) is 8 µs at 4.2 TB/s.
 template <WFmt F, int NT, bool kTwoSets>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int BM = 8 * NT;
-  const int group = int(blockIdx.x) / p.tiles_per_group, tile_n = int(blockIdx.x) % p.tiles_per_group;
-  const int row_base = int(blockIdx.y) * BM;
+  const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
+  const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
+  const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
+  const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
-  gemm_tile<F, NT, kTwoSets>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
-                             int(blockIdx.y * gridDim.x + blockIdx.x));
+  gemm_tile<F, NT, kTwoSets>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows, linear);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
