@@ -102,8 +102,9 @@ constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table pass
 template <WFmt F, int NT>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
-  return kStages * kTileN * T::kWStride + kStages * 8 * NT * kAStride + (T::kRowScale ? kStages * kTileN * 4 : 0) +
-         (T::kQuantAct ? kStages * 8 * NT * 4 : 0) + (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16;
+  return 1024 /* alignment slack */ + kStages * kTileN * T::kWStride + kStages * 8 * NT * kAStride +
+         (T::kRowScale ? kStages * kTileN * 4 : 0) + (T::kQuantAct ? kStages * 8 * NT * 4 : 0) +
+         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16;
 }
 
 // Per-local-expert weight pointers: {w1.weight, w1.scale, w3.weight, w3.scale}
@@ -271,13 +272,19 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------
 // Hopper runs mma.sync on e4m3 as f16 HMMA after unpacking both operands (2 HMMA and
 // 12 conversions per m16n8k32); wgmma takes e4m3 natively. Operands in shared memory
-// (the activations always, the FP8 / bf16 weights too) use the K-major layout
-// without swizzle: 8-row x 16-byte core matrices of 128 contiguous bytes, the two of
-// one 32-byte K chunk 128 bytes apart (leading offset), the 8-row groups 256 bytes
-// apart (stride offset). One descriptor form serves A and B.
+// (the activations always, the FP8 / bf16 weights too) use the K-major layout with
+// the 128-byte swizzle: a stage row is 128 bytes, its 16-byte piece p stored at piece
+// p ^ (row % 8), 8-row atoms of 1024 bytes (stride offset; 1024-aligned, since the
+// tensor core applies the XOR to address bits 4-6 from bits 7-9). The descriptor of
+// the 32-byte K chunk j starts 32j bytes into the rows. The layout without swizzle
+// (8x16-byte core matrices) was measured first: its wgmma reads conflict ~7-way in
+// shared memory, and the bf16 LM head at batch 1 ran at half the copy bandwidth.
 __device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
-  return uint64_t((smem_addr & 0x3FFFFu) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t(256 >> 4) << 32);
+  return uint64_t((smem_addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
 }
+// Byte offset of 16-byte piece p (0..7) of row r in a swizzled stage buffer.
+__device__ __forceinline__ int sw128_offset(int r, int p) { return r * 128 + ((p ^ (r & 7)) << 4); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -402,21 +409,6 @@ __device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 8>(float (&d)[32], uint64_
 }
 
 
-// Byte offset of 16-byte piece `part` (0..7) of tile weight row r of a stage in the
-// wgmma A layout: chunk j = part / 2 holds the 16 8-row groups of the 128-row tile,
-// two core matrices each, so rows 64i.. of chunk j start at j * 4096 + i * 2048.
-__device__ __forceinline__ int wgmma_a_offset(int r, int part) {
-  return (part >> 1) * 4096 + (r >> 3) * 256 + (part & 1) * 128 + (r & 7) * 16;
-}
-
-// Byte offset of 16-byte activation piece c (tile row c / 8, piece c % 8 of the
-// 128-byte stage row) in the wgmma B layout of a stage: chunk j = piece / 2 holds
-// NT 8-row groups of two core matrices each.
-template <int NT>
-__device__ __forceinline__ int wgmma_b_offset(int c) {
-  return (((c & 7) >> 1) * NT + (c >> 6)) * 256 + (c & 1) * 128 + ((c >> 3) & 7) * 16;
-}
-
 // ---- fragment loads (A in registers: FP4 on wgmma, FP8-as-bf16 on mma.sync) ----------
 // Lane (g = lane/4, t = lane%4) reads the 4 stored bytes at offset 4t of 16-byte piece
 // j of its rows g and g + 8 and expands them to 8 MMA-format bytes; their low word
@@ -462,17 +454,22 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
   constexpr int BM = 8 * NT;
-  extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* s_w = smem;  // [kStages][kTileN][kWStride], wgmma_a_offset order for kWgmmaSmemA
-  uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;      // [kStages][BM][kAStride]
-  uint8_t* s_ws = s_a + kStages * BM * kAStride;            // FP4: [kStages][kTileN][4] scale bytes
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  // wgmma: 1024-aligned (the swizzle atoms; gemm_smem_bytes reserves the slack), and
+  // every stage buffer below is a multiple of 1024 bytes.
+  constexpr bool kWgmma = T::kMma != Mma::kSync, kSmemA = T::kMma == Mma::kWgmmaSmemA;
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
+  uint8_t* smem = kWgmma ? smem_raw + ((1024 - misalign) & 1023) : smem_raw;
+  constexpr int kAStage = kWgmma ? BM * 128 : BM * kAStride;  // activation bytes per stage
+  uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
+  uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;  // [kStages][kAStage]
+  uint8_t* s_ws = s_a + kStages * BM * kAStride;        // FP4: [kStages][kTileN][4] scale bytes
   float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? kStages * kTileN * 4 : 0));  // [kStages][BM]
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
   int* s_flag = s_rows + BM;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  constexpr bool kWgmma = T::kMma != Mma::kSync, kSmemA = T::kMma == Mma::kWgmmaSmemA;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
   auto tile_row = [&](int i, int h) { return (kWgmma ? 64 * i + 16 * warp : 32 * warp + 16 * i) + g + 8 * h; };
   const int n0 = tile_n * kTileN;  // first weight row of the tile inside its group
@@ -531,20 +528,20 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     for (int i = 0; i < kWChunks; ++i, src += w_step) {
       const int r = w_r0 + i * kRowStep;
       const bool ok = r < valid_n;
-      const int off = kSmemA ? wgmma_a_offset(r, w_part) : r * T::kWStride + w_part * 16;
+      const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
       cp_async16(dw + off, ok ? src : w, ok ? 16 : 0);
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
       cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
     }
-    uint8_t* da = s_a + buf * BM * kAStride;
+    uint8_t* da = s_a + buf * kAStage;
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
       const int c = tid + i * kThreads;
       if (c >= BM * 8) break;
       const uint8_t* base = kKeepA ? a_src[i] : a_source(i);
-      const int off = kWgmma ? wgmma_b_offset<NT>(c) : (c >> 3) * kAStride + (c & 7) * 16;
+      const int off = kWgmma ? sw128_offset(c >> 3, c & 7) : (c >> 3) * kAStride + (c & 7) * 16;
       cp_async16(da + off, base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
     }
     if constexpr (T::kQuantAct) {
@@ -582,7 +579,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       cp_async_commit();
     }
     const int buf = it % kStages, st = st_begin + it;
-    const uint8_t* ab = s_a + buf * BM * kAStride;
+    const uint8_t* ab = s_a + buf * kAStage;
     float as[NT][2];
 #pragma unroll
     for (int q = 0; q < NT; ++q) {
@@ -615,10 +612,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c) {
-          const uint64_t db = wgmma_desc(b_base + (j0 + c) * NT * 256);
+          const uint64_t db = wgmma_desc(b_base + (j0 + c) * 32);
 #pragma unroll
           for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc(a_base + (j0 + c) * 4096 + i * 2048), db);
+            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc(a_base + i * 64 * 128 + (j0 + c) * 32), db);
         }
         wgmma_commit();
         wgmma_wait_all();
@@ -653,7 +650,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c) {
-          const uint64_t desc = wgmma_desc(b_base + (j0 + c) * NT * 256);
+          const uint64_t desc = wgmma_desc(b_base + (j0 + c) * 32);
           wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
           wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
         }
