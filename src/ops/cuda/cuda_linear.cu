@@ -152,12 +152,16 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
   }
 }
 
-// Partial sums and arrival counters for split launches. Counters are zeroed when
-// the buffer is (re)allocated; the last CTA of each tile resets its counter.
-void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, int64_t tiles) {
+// Partial sums and arrival counters for split launches (last_cta_fold = false: no
+// counters, the caller launches split_fold_kernel). Counters are zeroed when the
+// buffer is (re)allocated; the last CTA of each tile resets its counter.
+void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, int64_t tiles,
+                bool last_cta_fold = true) {
   p.partial = scratch_as<float>(be, "partial", int64_t(p.split) * rows * cols);
   p.partial_rows = rows;
   p.partial_cols = cols;
+  p.counters = nullptr;
+  if (!last_cta_fold) return;
   // Zero the whole allocation (scratch_on rounds small requests up), not just this launch's tiles.
   const size_t bytes = std::max<size_t>(size_t(tiles) * sizeof(int), 16);
   bool fresh = false;
@@ -184,14 +188,24 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
-  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles);
+  // The fold of a split: by each tile's last CTA while it reads at most 64 partials
+  // per thread (S x rows <= 64), by split_fold_kernel beyond (same order, same bits).
+  const bool fold_launch = split && int64_t(p.slices) * p.m > 64;
+  DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
+  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {
-    case WFmt::kFp8: return dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two);
-    case WFmt::kFp4: return dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two);
-    case WFmt::kBf16: return dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two);
-    case WFmt::kFp8Bf16: return dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two);
+    case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two); break;
+    case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two); break;
+    case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two); break;
+    case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two); break;
+  }
+  if (fold_launch) {
+    const int64_t outputs = p.m * cols;
+    lk::split_fold_kernel<<<unsigned((outputs + 255) / 256), 256, 0, be.stream()>>>(p.partial, p.split, p.m, cols,
+                                                                                  p.y, p.ldy, p.y_f32);
+    check_launch(be.stream());
   }
 }
 

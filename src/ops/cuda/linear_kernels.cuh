@@ -62,48 +62,56 @@ enum class Mma : int { kSync, kWgmmaRegA, kWgmmaSmemA };
 // One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
 // values) = 4 chunks of 32 bytes, one MMA each. kWStride: bytes per weight row in
 // a stage buffer (padded for conflict-free fragment reads; the wgmma shared-memory
-// layout needs no padding).
+// layout needs no padding). kStages: cp.async pipeline depth (FP4's stages hold half
+// the bytes, so it keeps one more in flight at the same 4 CTAs per SM).
 template <WFmt F>
 struct FmtTraits;
 template <>
 struct FmtTraits<WFmt::kFp8> {
   static constexpr bool kQuantAct = true, kBlockScale = true, kRowScale = false;
-  static constexpr int kStageK = 128, kWBytes = 128, kWStride = 128;
+  static constexpr int kStageK = 128, kWBytes = 128, kWStride = 128, kStages = 3;
   static constexpr Mma kMma = Mma::kWgmmaSmemA;
 };
 template <>
 struct FmtTraits<WFmt::kFp4> {
   static constexpr bool kQuantAct = true, kBlockScale = false, kRowScale = true;
-  static constexpr int kStageK = 128, kWBytes = 64, kWStride = 80;
+  static constexpr int kStageK = 128, kWBytes = 64, kWStride = 80, kStages = 4;
   static constexpr Mma kMma = Mma::kWgmmaRegA;
 };
 template <>
 struct FmtTraits<WFmt::kBf16> {
   static constexpr bool kQuantAct = false, kBlockScale = false, kRowScale = false;
-  static constexpr int kStageK = 64, kWBytes = 128, kWStride = 128;
+  static constexpr int kStageK = 64, kWBytes = 128, kWStride = 128, kStages = 3;
   static constexpr Mma kMma = Mma::kWgmmaSmemA;
 };
 template <>
 struct FmtTraits<WFmt::kFp8Bf16> {
   static constexpr bool kQuantAct = false, kBlockScale = true, kRowScale = false;
-  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80;
+  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80, kStages = 3;
   static constexpr Mma kMma = Mma::kSync;
 };
 
 constexpr int kThreads = 128;          // 4 warps, 32 weight rows each
 constexpr int kTileN = 128;            // weight rows (output columns) per CTA
-constexpr int kStages = 3;             // cp.async pipeline depth
 constexpr int kAStride = 160;          // activation smem row stride: 128 bytes + 32 (conflict-free 8-byte reads)
 constexpr int kMaxScaleBlocks = 256;   // FP8 block-scale row kept in smem: K <= 32768
 constexpr int kMaxSlices = 32;
 constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
 
+// Activation bytes of one stage buffer: wgmma reads 128-byte swizzled rows, mma.sync
+// padded ones.
+template <WFmt F, int NT>
+__host__ __device__ constexpr int gemm_a_stage_bytes() {
+  return FmtTraits<F>::kMma != Mma::kSync ? 8 * NT * 128 : 8 * NT * kAStride;
+}
+
 // Dynamic shared memory of gemm_kernel<F, NT, *>; the layout is carved in gemm_tile.
 template <WFmt F, int NT>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
-  return 1024 /* alignment slack */ + kStages * kTileN * T::kWStride + kStages * 8 * NT * kAStride +
-         (T::kRowScale ? kStages * kTileN * 4 : 0) + (T::kQuantAct ? kStages * 8 * NT * 4 : 0) +
+  constexpr int S = T::kStages;
+  return 1024 /* alignment slack */ + S * kTileN * T::kWStride + S * gemm_a_stage_bytes<F, NT>() +
+         (T::kRowScale ? S * kTileN * 4 : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16;
 }
 
@@ -147,7 +155,7 @@ struct GemmParams {
   float* partial;        // [split, partial_rows, partial_cols] when split > 1
   int64_t partial_rows;
   int64_t partial_cols;
-  int* counters;         // per tile arrival counters, zero between launches
+  int* counters;         // per tile arrival counters, zero between launches; null: split_fold_kernel folds
   // Expert launches: tile list {local expert, first compact row, rows, -}.
   const int4* tiles;
   const int* num_tiles;
@@ -460,10 +468,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr bool kWgmma = T::kMma != Mma::kSync, kSmemA = T::kMma == Mma::kWgmmaSmemA;
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
   uint8_t* smem = kWgmma ? smem_raw + ((1024 - misalign) & 1023) : smem_raw;
-  constexpr int kAStage = kWgmma ? BM * 128 : BM * kAStride;  // activation bytes per stage
+  constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<F, NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;  // [kStages][kAStage]
-  uint8_t* s_ws = s_a + kStages * BM * kAStride;        // FP4: [kStages][kTileN][4] scale bytes
+  uint8_t* s_ws = s_a + kStages * kAStage;              // FP4: [kStages][kTileN][4] scale bytes
   float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? kStages * kTileN * 4 : 0));  // [kStages][BM]
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
@@ -734,6 +742,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
           if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
         }
+    if (p.counters == nullptr) return;  // split_fold_kernel folds them (large row counts)
     // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
     __threadfence();
     __syncthreads();
@@ -777,6 +786,22 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
   gemm_tile<F, NT, kTwoSets>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows, linear);
+}
+
+// The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
+// + ... + p_{S-1}, the order the tile's last CTA (and the sequential mode) uses. The
+// last CTA of a tile would read S x BM x 128 partials alone (1 MB at M = 64, S = 32:
+// ~100 µs); here one thread per output reads its S partials, coalesced over columns.
+__global__ void split_fold_kernel(const float* __restrict__ partial, int split, int64_t rows, int64_t cols,
+                                  void* y, int64_t ldy, int y_f32) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * cols) return;
+  float v = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < split; ++s) v += __ldcg(partial + int64_t(s) * rows * cols + i);
+  const int64_t idx = (i / cols) * ldy + i % cols;
+  if (y_f32) static_cast<float*>(y)[idx] = v;
+  else static_cast<uint16_t*>(y)[idx] = core::float_to_bf16(v);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
