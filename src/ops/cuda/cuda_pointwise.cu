@@ -340,13 +340,30 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   __shared__ float fn_s[31][kHcSlice + 1];
   __shared__ float x_s[kHcRowTile][kHcSlice + 1];
   const int64_t slice = blockIdx.x, k0 = slice * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowTile;
-  for (int idx = threadIdx.x; idx < mix * kHcSlice; idx += blockDim.x) {
-    const int j = idx / kHcSlice, k = idx % kHcSlice;
-    fn_s[j][k] = fn[int64_t(j) * n + k0 + k];
+  // Every load of the tile is issued before the first is used: the kernel is one
+  // DRAM round trip, not one per loop iteration (15-26 µs a launch when looped).
+  constexpr int kFnPer = 31 * kHcSlice / 256 + 1, kXPer = kHcRowTile * kHcSlice / 256;
+  static_assert(kHcRowTile * kHcSlice % 256 == 0, "whole x tile per pass");
+  float fv[kFnPer], xv[kXPer];
+#pragma unroll
+  for (int u = 0; u < kFnPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u;
+    fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
   }
-  for (int idx = threadIdx.x; idx < kHcRowTile * kHcSlice; idx += blockDim.x) {
-    const int r = idx / kHcSlice, k = idx % kHcSlice;
-    x_s[r][k] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + k]) : 0.0f;
+#pragma unroll
+  for (int u = 0; u < kXPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
+    xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kFnPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u;
+    if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
+  }
+#pragma unroll
+  for (int u = 0; u < kXPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u;
+    x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
   }
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -475,7 +492,10 @@ __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
   const int64_t n = HC * a.D;
   if (threadIdx.x <= kMix) {
     float s = 0.0f;
-    for (int64_t sl = 0; sl < a.slices; ++sl) s = __fadd_rn(s, a.partial[(sl * kHcMaxRowsPerLaunch + t) * 32 + threadIdx.x]);
+    // In slice order; unrolled so that 16 loads are in flight, not one.
+#pragma unroll 16
+    for (int sl = 0; sl < int(a.slices); ++sl)
+      s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + threadIdx.x]);
     raw[threadIdx.x] = s;
   }
   __syncthreads();
@@ -571,15 +591,20 @@ template <int VEC>
 __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const int32_t* __restrict__ ids, int64_t k,
                                   int64_t D, float* __restrict__ routed) {
   __shared__ int order[kMaxMoeSlots];
+  __shared__ int32_t row_ids[kMaxMoeSlots];
   __shared__ int count;
   const int64_t t = blockIdx.x;
+  // The row's ids in shared memory first: the sort's reads would otherwise be a
+  // chain of dependent global loads (~14 µs a launch).
+  for (int s = int(threadIdx.x); s < k; s += blockDim.x) row_ids[s] = ids[t * k + s];
+  __syncthreads();
   if (threadIdx.x == 0) {
     int n = 0;
     for (int s = 0; s < k; ++s) {
-      const int32_t id = ids[t * k + s];
+      const int32_t id = row_ids[s];
       if (id < 0) continue;
       int pos = n++;
-      while (pos > 0 && ids[t * k + order[pos - 1]] > id) {  // strictly greater: equal ids keep slot order
+      while (pos > 0 && row_ids[order[pos - 1]] > id) {  // strictly greater: equal ids keep slot order
         order[pos] = order[pos - 1];
         --pos;
       }
@@ -593,6 +618,7 @@ __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const i
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+#pragma unroll 8
     for (int s = 0; s < n; ++s) {
       const BfVec<VEC> v = load_bf<VEC>(slot_out + (t * k + order[s]) * D + c * VEC);
 #pragma unroll

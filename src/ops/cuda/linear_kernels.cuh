@@ -329,91 +329,100 @@ __device__ __forceinline__ void wgmma_e4m3<4>(float (&d)[16], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
-// d = A * B (scale-d = 0), both from shared memory: A 64 weight rows x 32 bytes, B
-// 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16). Same d layout as wgmma_e4m3.
+// d = A * B + (scale_d ? d : 0), both operands from shared memory: A 64 weight rows
+// x 32 bytes, B 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16). Same d layout
+// as wgmma_e4m3.
 template <WFmt F, int NT>
-__device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64_t db);
+__device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64_t db, int scale_d);
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 1>(float (&d)[4], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 1>(float (&d)[4], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {"
       "%0, %1, %2, %3}, "
-      "%4, %5, 0, 1, 1;\n"
+      "%4, %5, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 2>(float (&d)[8], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 2>(float (&d)[8], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {"
       "%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "%8, %9, 0, 1, 1;\n"
+      "%8, %9, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 4>(float (&d)[16], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 4>(float (&d)[16], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "%16, %17, 0, 1, 1;\n"
+      "%16, %17, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 8>(float (&d)[32], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 8>(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, 0, 1, 1;\n"
+      "%32, %33, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 1>(float (&d)[4], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 1>(float (&d)[4], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3}, "
-      "%4, %5, 0, 1, 1, 0, 0;\n"
+      "%4, %5, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 2>(float (&d)[8], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 2>(float (&d)[8], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "%8, %9, 0, 1, 1, 0, 0;\n"
+      "%8, %9, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 4>(float (&d)[16], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 4>(float (&d)[16], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "%16, %17, 0, 1, 1, 0, 0;\n"
+      "%16, %17, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 8>(float (&d)[32], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 8>(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
   asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, 0, 1, 1, 0, 0;\n"
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db));
+      : "l"(da), "l"(db), "r"(scale_d));
 }
 
 
@@ -562,7 +571,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // wgmma: the chunks of a stage go out in groups of kBatch (one wait per group), each
   // chunk into its own accumulators: kBatch * 2 * 4NT registers (A in registers takes
   // 8 more per chunk, hence the smaller groups).
-  constexpr int kBatch = kSmemA ? (NT <= 2 ? 4 : 8 / NT) : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
+  // bf16 has no scales to apply: its slice sum p_s stays in the tensor core's
+  // accumulators from the first chunk to the last (no per-chunk fold, 1 set).
+  constexpr bool kTcSum = F == WFmt::kBf16;
+  constexpr int kBatch =
+      kTcSum ? 1 : kSmemA ? (NT <= 2 ? 4 : 8 / NT) : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
   float wg_d[kWgmma ? kBatch : 1][2][kWgmma ? 4 * NT : 1] = {};
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -610,9 +623,33 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     float wsc = 1.0f;
     if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
-    if constexpr (kSmemA) {
+    if constexpr (kTcSum) {
+      // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
+      // 0 on the slice's first chunk); copied out at the slice's end.
+      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kTileN * T::kWStride));
+      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      const bool first = it % per_slice == 0;
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t db = wgmma_desc(b_base + j * 32);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc(a_base + i * 64 * 128 + j * 32), db, first && j == 0 ? 0 : 1);
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      if ((it + 1) % per_slice == 0) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int q = 0; q < NT; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) cur[i][q][e] = wg_d[0][i][4 * q + e];
+      }
+    } else if constexpr (kSmemA) {
       // kBatch chunks, both halves of each, one wait, then each result scaled and
-      // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p) (bf16: scale 1).
+      // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p).
       const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kTileN * T::kWStride));
       const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
 #pragma unroll
@@ -623,7 +660,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           const uint64_t db = wgmma_desc(b_base + (j0 + c) * 32);
 #pragma unroll
           for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc(a_base + i * 64 * 128 + (j0 + c) * 32), db);
+            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc(a_base + i * 64 * 128 + (j0 + c) * 32), db, 0);
         }
         wgmma_commit();
         wgmma_wait_all();
@@ -634,10 +671,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
             for (int q = 0; q < NT; ++q)
 #pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const float s = T::kQuantAct ? wsc * as[q][e & 1] : 1.0f;
-                cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], s, cur[i][q][e]);
-              }
+              for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]);
       }
     } else if constexpr (kWgmma) {
       // kBatch chunks: decode their fragments, issue both halves of each, one wait,
