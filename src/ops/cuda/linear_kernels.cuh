@@ -4,6 +4,7 @@
 //   act_quant_kernel      bf16 rows -> e4m3 codes + per-128 power-of-two scales (spec §2.4)
 //   gemm_kernel           the tensor-core GEMM behind linear, linear_bf16, grouped_linear, experts
 //   expert_gemm_kernel    the same GEMM over a device-built list of (expert, rows) tiles
+//   split_fold_kernel     the slice fold of a split GEMM with many rows
 //   swiglu_quant_kernel   clamp + SwiGLU + routing weight, bf16, then quantization for w2 (spec §6.2)
 //   expert_prep_kernel    counting sort of the (row, slot) pairs by local expert, tile list
 //   zero_nonlocal_kernel  zero output rows of pairs routed to no local expert
@@ -14,23 +15,28 @@
 // output element is computed as
 //     p_s   = sum over the 32-byte chunks c of slice s, in order, of fmaf(mma_c, scale_c, p_s)
 //     out   = ((0 + p_0) + p_1) + ... + p_{S-1}
-// where mma_c is one m16n8k32 (e4m3) or m16n8k16 (bf16) tensor-core product started
-// from a zero accumulator, scale_c the exact power-of-two product of the weight and
-// activation scales of that chunk, and S the number of K slices, a function of
-// (N, K) only (cuda_linear.cu: slices_for). Tile sizes, the split of slices over
-// CTAs (partials reduced in slice order by the last CTA of a tile) or their
-// sequential walk inside one CTA (a second accumulator set) never change this
-// sequence, so a row's output does not depend on M or on the row's position.
+// where mma_c is one wgmma k32 (e4m3) product started from a zero accumulator,
+// scale_c the exact power-of-two product of the weight and activation scales of
+// that chunk, and S the number of K slices, a function of (N, K) only
+// (cuda_linear.cu: slices_for). The e4m3 sum is Hopper's (products aligned to the
+// largest and truncated 13 bits below it, the sum truncated to 14 bits:
+// ref::hopper_e4m3_dot32, the CPU reference's QuantDotModel::kHopperWgmma; the
+// tests check FP8 and FP4 GEMMs against it bit for bit where S = 1). bf16 has no
+// scales: p_s is the tensor core's own running sum over the slice's k16 chunks
+// (wgmma with scale-d = 1 after the first). FP8-as-bf16 (wo_a) has one scale per
+// 64-wide stage: the tensor core sums the stage's 4 k16 chunks, then
+// p_s = fmaf(d_stage, 2^(w block), p_s). Tile sizes, the
+// split of slices over CTAs (partials folded in slice order by the last CTA of a
+// tile or by split_fold_kernel) or their sequential walk inside one CTA (a second
+// accumulator set) never change this sequence, so a row's output does not depend
+// on M or on the row's position.
 // FP4 weights (a scale per row and 32 values, activations one per 128) group the
 // chunks of one 128-wide stage first: q = sum over its 4 chunks, in order, of
 // fmaf(mma_c, 2^(weight scale_c), q), then p_s = fmaf(q, 2^(activation scale), p_s);
-// the same rule holds. For FP4, mma_c is one wgmma k32 on e4m3 codes, whose sum is
-// Hopper's FP8 one (products aligned to the largest and truncated 13 bits below it,
-// the sum truncated to 14 bits: ref::hopper_e4m3_dot32, the CPU reference's
-// QuantDotModel::kHopperWgmma). The kernel decodes FP4 weights as 2^-6 x their value
-// (a cheaper decode) and multiplies the activation scale by 2^6: every mma_c and q
-// is then exactly 2^-6 x the above and p_s the same number, unless a partial sum
-// falls into fp32's subnormal range (weight scales below ~2^-100).
+// the same rule holds. The kernel decodes FP4 weights as 2^-6 x their value (a
+// cheaper decode) and multiplies the activation scale by 2^6: every mma_c and q is
+// then exactly 2^-6 x the above and p_s the same number, unless a partial sum falls
+// into fp32's subnormal range (weight scales below ~2^-100).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -51,13 +57,12 @@ enum class WFmt : int {
   kFp8Bf16 = 3,  // e4m3 weight used dequantized (exact in bf16) with bf16 activations (wo_a, spec §5.6)
 };
 
-// How a format's tile products run (sm_90a). Hopper has no e4m3 mma.sync (the
-// compiler emulates it with 12 conversions and 2 f16 HMMAs per m16n8k32), so every
-// e4m3 product runs on wgmma: with both operands in shared memory where the weight
-// bytes are the MMA bytes (FP8, bf16), with A in registers where they need a decode
-// (FP4). FP8-as-bf16 (wo_a) keeps bf16 mma.sync (native on Hopper) after an exact
-// e4m3 -> bf16 conversion in registers.
-enum class Mma : int { kSync, kWgmmaRegA, kWgmmaSmemA };
+// How a format's tile products run (sm_90a): every format runs on wgmma (Hopper has
+// no e4m3 mma.sync: the compiler emulates it with 12 conversions and 2 f16 HMMAs per
+// m16n8k32), with both operands in shared memory where the weight bytes are the MMA
+// bytes (FP8, bf16), with A in registers where they need a decode (FP4 nibbles,
+// FP8-as-bf16's e4m3 -> bf16).
+enum class Mma : int { kWgmmaRegA, kWgmmaSmemA };
 
 // One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
 // values) = 4 chunks of 32 bytes, one MMA each. kWStride: bytes per weight row in
@@ -88,21 +93,19 @@ template <>
 struct FmtTraits<WFmt::kFp8Bf16> {
   static constexpr bool kQuantAct = false, kBlockScale = true, kRowScale = false;
   static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80, kStages = 3;
-  static constexpr Mma kMma = Mma::kSync;
+  static constexpr Mma kMma = Mma::kWgmmaRegA;
 };
 
 constexpr int kThreads = 128;          // 4 warps, 32 weight rows each
 constexpr int kTileN = 128;            // weight rows (output columns) per CTA
-constexpr int kAStride = 160;          // activation smem row stride: 128 bytes + 32 (conflict-free 8-byte reads)
 constexpr int kMaxScaleBlocks = 256;   // FP8 block-scale row kept in smem: K <= 32768
 constexpr int kMaxSlices = 32;
 constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
 
-// Activation bytes of one stage buffer: wgmma reads 128-byte swizzled rows, mma.sync
-// padded ones.
+// Activation bytes of one stage buffer: 8*NT rows of 128 bytes (128-byte swizzle).
 template <WFmt F, int NT>
 __host__ __device__ constexpr int gemm_a_stage_bytes() {
-  return FmtTraits<F>::kMma != Mma::kSync ? 8 * NT * 128 : 8 * NT * kAStride;
+  return 8 * NT * 128;
 }
 
 // Dynamic shared memory of gemm_kernel<F, NT, *>; the layout is carved in gemm_tile.
@@ -253,30 +256,6 @@ __device__ __forceinline__ void e8m0x4_to_float(uint32_t w, float (&f)[4]) {
   f[3] = __uint_as_float((w >> 1) & 0x7F800000u);
 }
 
-// 4 e4m3 bytes -> 4 bf16 (two words, element order), exact.
-__device__ __forceinline__ uint2 e4m3x4_to_bf16x4(uint32_t w) {
-  uint32_t out[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const unsigned short pair = static_cast<unsigned short>((w >> (16 * h)) & 0xFFFFu);
-    uint32_t halves;
-    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
-    const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
-    const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
-    out[h] = uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-             (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-  }
-  return make_uint2(out[0], out[1]);
-}
-
-// d = A * B with a zero accumulator. A 16x16 bf16 (row), B 16x8 bf16 (col).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%10, %11, %12, %13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f), "f"(0.0f), "f"(0.0f), "f"(0.0f));
-}
-
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------
 // Hopper runs mma.sync on e4m3 as f16 HMMA after unpacking both operands (2 HMMA and
 // 12 conversions per m16n8k32); wgmma takes e4m3 natively. Operands in shared memory
@@ -328,6 +307,57 @@ __device__ __forceinline__ void wgmma_e4m3<4>(float (&d)[16], const uint32_t (&a
         "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
+
+// d = A * B + (scale_d ? d : 0), A 64x16 bf16 in registers (the m16n8k16 A layout per
+// warp), B 16 x 8*NT bf16 from shared memory. Same d layout as wgmma_e4m3.
+template <int NT>
+__device__ __forceinline__ void wgmma_bf16_rs(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t db, int scale_d);
+template <>
+__device__ __forceinline__ void wgmma_bf16_rs<1>(float (&d)[4], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_bf16_rs<2>(float (&d)[8], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_bf16_rs<4>(float (&d)[16], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_bf16_rs<8>(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
+
 
 // d = A * B + (scale_d ? d : 0), both operands from shared memory: A 64 weight rows
 // x 32 bytes, B 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16). Same d layout
@@ -426,45 +456,50 @@ __device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 8>(float (&d)[32], uint64_
 }
 
 
-// ---- fragment loads (A in registers: FP4 on wgmma, FP8-as-bf16 on mma.sync) ----------
-// Lane (g = lane/4, t = lane%4) reads the 4 stored bytes at offset 4t of 16-byte piece
-// j of its rows g and g + 8 and expands them to 8 MMA-format bytes; their low word
-// goes to the fragment slots of logical k 4t..4t+3 (e4m3) / 2t..2t+1 (bf16), their
-// high word to logical k 16+4t.. (e4m3) / 8+2t.. (bf16): A regs {a0, a2} for row g,
-// {a1, a3} for row g+8. The B operand must hold the same k in the same slots:
-// FP8-as-bf16 (mma.sync) reads 8 activation bytes at chunk offset 8t into {b0, b1};
-// FP4 (wgmma, B read from shared memory in the activations' own order) needs each
-// 32-byte chunk of the activations stored as its 16 even elements, then its 16 odd
-// ones (split_pairs, store_quant4), since the 8 nibbles at 4t are elements 8t..8t+7
-// and the even ones go to k 4t..4t+3.
+// ---- fragment loads (A in registers) ---------------------------------------------------
+// Lane (g = lane/4, t = lane%4) fills the A registers of rows g and g + 8 of its warp's
+// 16 rows: {a0, a2} for row g, {a1, a3} for row g + 8 (lo_row / hi_row: their
+// stage-buffer rows). B comes from shared memory in the activations' own order, so
+// the registers must hold the k the hardware assigns to them.
 //
-// lo_row / hi_row: the stage-buffer rows of fragment rows g and g + 8.
-template <WFmt F>
-__device__ __forceinline__ void load_a_frag(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
-                                            uint32_t (&a)[4]) {
-  static_assert(F == WFmt::kFp4 || F == WFmt::kFp8Bf16, "FP8 and bf16 weights are read by wgmma from shared memory");
-  const uint32_t lo_raw = *reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t);
-  const uint32_t hi_raw = *reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t);
-  uint2 lo, hi;
-  if constexpr (F == WFmt::kFp4) {
-    lo = fp4x8_to_e4m3x8_div64(lo_raw);
-    hi = fp4x8_to_e4m3x8_div64(hi_raw);
-  } else {
-    lo = e4m3x4_to_bf16x4(lo_raw);
-    hi = e4m3x4_to_bf16x4(hi_raw);
-  }
+// FP4 (k32 e4m3): a0 holds logical k 4t..4t+3, a2 k 16+4t..16+4t+3. The 4 stored bytes
+// at 16j + 4t are elements 8t..8t+7 of chunk j; their even elements go to a0 and the
+// odd ones to a2, so the activations store each 32-byte chunk as its 16 even elements,
+// then its 16 odd ones (split_pairs, store_quant4).
+__device__ __forceinline__ void load_a_frag_fp4(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
+                                                uint32_t (&a)[4]) {
+  const uint2 lo = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t));
+  const uint2 hi = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t));
   a[0] = lo.x;
   a[1] = hi.x;
   a[2] = lo.y;
   a[3] = hi.y;
 }
 
+// FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j (16
+// e4m3 bytes at 16j), each pair converted exactly to two bf16.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(const uint8_t* p) {
+  const unsigned short pair = *reinterpret_cast<const unsigned short*>(p);
+  uint32_t halves;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
+  const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
+  const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+}
+__device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
+                                                      uint32_t (&a)[4]) {
+  a[0] = e4m3x2_to_bf16x2(lo_row + 16 * j + 2 * t);
+  a[1] = e4m3x2_to_bf16x2(hi_row + 16 * j + 2 * t);
+  a[2] = e4m3x2_to_bf16x2(lo_row + 16 * j + 8 + 2 * t);
+  a[3] = e4m3x2_to_bf16x2(hi_row + 16 * j + 8 + 2 * t);
+}
+
 // ---- the GEMM ---------------------------------------------------------------------
 // One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
-// from a zero accumulator (wgmma: two m64 halves of the tile, warp w owning rows
-// 16w..16w+15 of each; mma.sync: warp w owning rows 32w..32w+31), fp32 partial sums
-// per (row, column) in registers.
+// (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
+// partial sums per (row, column) in registers.
 template <WFmt F, int NT, bool kTwoSets>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
@@ -472,11 +507,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   using T = FmtTraits<F>;
   constexpr int BM = 8 * NT;
   extern __shared__ __align__(16) uint8_t smem_raw[];
-  // wgmma: 1024-aligned (the swizzle atoms; gemm_smem_bytes reserves the slack), and
-  // every stage buffer below is a multiple of 1024 bytes.
-  constexpr bool kWgmma = T::kMma != Mma::kSync, kSmemA = T::kMma == Mma::kWgmmaSmemA;
+  // 1024-aligned (the swizzle atoms; gemm_smem_bytes reserves the slack), and every
+  // stage buffer below is a multiple of 1024 bytes.
+  constexpr bool kSmemA = T::kMma == Mma::kWgmmaSmemA;
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
-  uint8_t* smem = kWgmma ? smem_raw + ((1024 - misalign) & 1023) : smem_raw;
+  uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
   constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<F, NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;  // [kStages][kAStage]
@@ -488,7 +523,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
-  auto tile_row = [&](int i, int h) { return (kWgmma ? 64 * i + 16 * warp : 32 * warp + 16 * i) + g + 8 * h; };
+  auto tile_row = [&](int i, int h) { return 64 * i + 16 * warp + g + 8 * h; };
   const int n0 = tile_n * kTileN;  // first weight row of the tile inside its group
   const int valid_n = min(kTileN, p.n - n0);
   const bool second = n0 >= p.n_split;  // gate/up pair: this tile reads w3 (host keeps n_split % 128 == 0)
@@ -558,8 +593,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       const int c = tid + i * kThreads;
       if (c >= BM * 8) break;
       const uint8_t* base = kKeepA ? a_src[i] : a_source(i);
-      const int off = kWgmma ? sw128_offset(c >> 3, c & 7) : (c >> 3) * kAStride + (c & 7) * 16;
-      cp_async16(da + off, base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
+      cp_async16(da + sw128_offset(c >> 3, c & 7), base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
     }
     if constexpr (T::kQuantAct) {
       if (tid < BM) cp_async4(s_as + buf * BM + tid, as_src ? as_src + st : p.a_scale, as_src ? 4 : 0);
@@ -573,10 +607,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // 8 more per chunk, hence the smaller groups).
   // bf16 has no scales to apply: its slice sum p_s stays in the tensor core's
   // accumulators from the first chunk to the last (no per-chunk fold, 1 set).
-  constexpr bool kTcSum = F == WFmt::kBf16;
-  constexpr int kBatch =
-      kTcSum ? 1 : kSmemA ? (NT <= 2 ? 4 : 8 / NT) : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
-  float wg_d[kWgmma ? kBatch : 1][2][kWgmma ? 4 * NT : 1] = {};
+  constexpr bool kTcSum = F == WFmt::kBf16;  // (FP8-as-bf16 sums a stage: one scale per 64-wide stage)
+  // FP8 at 64 rows without the second accumulator set: 2 chunks per wait (248
+  // registers; shared memory holds it at 2 CTAs per SM either way).
+  constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 ? 1
+                         : kSmemA ? (NT <= 2 ? 4 : NT == 8 && !kTwoSets ? 2 : 8 / NT)
+                                  : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
+  float wg_d[kBatch][2][4 * NT] = {};
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -592,7 +629,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
-    if constexpr (kWgmma) fence_proxy_async();
+    fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     {
       const int nxt = it + kStages - 1;
@@ -673,7 +710,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
               for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]);
       }
-    } else if constexpr (kWgmma) {
+    } else if constexpr (F == WFmt::kFp4) {
       // kBatch chunks: decode their fragments, issue both halves of each, one wait,
       // then fold the results in chunk order (the accumulation rule is unchanged).
       // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
@@ -687,7 +724,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const uint8_t* row = s_w + (buf * kTileN + tile_row(i, 0)) * T::kWStride;
-            load_a_frag<F>(row, row + 8 * T::kWStride, j0 + c, t, a[c][i]);
+            load_a_frag_fp4(row, row + 8 * T::kWStride, j0 + c, t, a[c][i]);
           }
         wgmma_fence();
 #pragma unroll
@@ -712,27 +749,33 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
               }
       }
     } else {
+      // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
+      // summed by the tensor core, then p = fmaf(d_stage, 2^(w block), p).
+      static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
+      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      uint32_t a[4][2][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t a[2][4];
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const uint8_t* row = s_w + (buf * kTileN + tile_row(i, 0)) * T::kWStride;
-          load_a_frag<F>(row, row + 8 * T::kWStride, j, t, a[i]);
+          load_a_frag_e4m3_bf16(row, row + 8 * T::kWStride, j, t, a[j][i]);
         }
+      wgmma_fence();
 #pragma unroll
-        for (int q = 0; q < NT; ++q) {
-          const uint2 b = *reinterpret_cast<const uint2*>(ab + (8 * q + g) * kAStride + 32 * j + 8 * t);
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t db = wgmma_desc(b_base + j * 32);
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            float d[4];
-            mma_bf16(d, a[i], b.x, b.y);
-            // Element e of the fragment: weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
-#pragma unroll
-            for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(d[e], wsc, cur[i][q][e]);
-          }
-        }
+        for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
       }
+      wgmma_commit();
+      wgmma_wait_all();
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]);
     }
     if constexpr (F == WFmt::kFp4) {
 #pragma unroll
