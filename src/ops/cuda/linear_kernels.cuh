@@ -278,183 +278,91 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// d = A * B (the accumulator input is ignored: scale-d = 0), A 64x32 e4m3 in
-// registers (the m16n8k32 A layout per warp), B 32 x 8*NT e4m3 from shared memory.
-// d[4q + e]: row 16*warp + g + 8*(e/2), column 8q + 2t + e%2.
+// The wgmma wrappers. d holds the m64nN accumulators, N/2 floats per thread:
+// d[4q + e] is row 16*warp + g + 8*(e/2), column 8q + 2t + e%2 of the 64 x N tile.
+// DSV4_WG_NAMES_R / DSV4_WG_D_R: the asm names and constraints of R = 4*NT of them
+// (operands %0..%R-1; the other operands follow from %R on).
+#define DSV4_WG_NAMES_4 "%0, %1, %2, %3"
+#define DSV4_WG_NAMES_8 DSV4_WG_NAMES_4 ", %4, %5, %6, %7"
+#define DSV4_WG_NAMES_16 DSV4_WG_NAMES_8 ", %8, %9, %10, %11, %12, %13, %14, %15"
+#define DSV4_WG_NAMES_32 \
+  DSV4_WG_NAMES_16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define DSV4_WG_D_4 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+#define DSV4_WG_D_8 DSV4_WG_D_4, "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+#define DSV4_WG_D_16 \
+  DSV4_WG_D_8, "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+#define DSV4_WG_D_32                                                                                              \
+  DSV4_WG_D_16, "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]),      \
+      "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), \
+      "+f"(d[31])
+
+// d = A * B (scale-d = 0), A 64x32 e4m3 in registers (the m16n8k32 A layout per
+// warp), B 32 x 8*NT e4m3 from shared memory. A: "{%R..%R+3}", B's descriptor %R+4.
 template <int NT>
 __device__ __forceinline__ void wgmma_e4m3(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t desc);
-template <>
-__device__ __forceinline__ void wgmma_e4m3<1>(float (&d)[4], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, {%4, %5, %6, %7}, %8, 0, 1, 1;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_e4m3<2>(float (&d)[8], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, "
-      "%12, 0, 1, 1;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
-template <>
-__device__ __forceinline__ void wgmma_e4m3<4>(float (&d)[16], const uint32_t (&a)[4], uint64_t desc) {
-  asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "
-      "%12, %13, %14, %15}, {%16, %17, %18, %19}, %20, 0, 1, 1;\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
-}
+#define DSV4_WGMMA_E4M3_RS(NT, N, R, OPS)                                                                         \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_e4m3<NT>(float (&d)[R], const uint32_t (&a)[4], uint64_t desc) {         \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 {" DSV4_WG_NAMES_##R "}, " OPS \
+                 ", 0, 1, 1;\n"                                                                                   \
+                 : DSV4_WG_D_##R                                                                                  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));                                      \
+  }
+DSV4_WGMMA_E4M3_RS(1, 8, 4, "{%4, %5, %6, %7}, %8")
+DSV4_WGMMA_E4M3_RS(2, 16, 8, "{%8, %9, %10, %11}, %12")
+DSV4_WGMMA_E4M3_RS(4, 32, 16, "{%16, %17, %18, %19}, %20")
+#undef DSV4_WGMMA_E4M3_RS
 
 // d = A * B + (scale_d ? d : 0), A 64x16 bf16 in registers (the m16n8k16 A layout per
-// warp), B 16 x 8*NT bf16 from shared memory. Same d layout as wgmma_e4m3.
+// warp), B 16 x 8*NT bf16 from shared memory. A, B's descriptor, then scale_d (PRED).
 template <int NT>
 __device__ __forceinline__ void wgmma_bf16_rs(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t db, int scale_d);
-template <>
-__device__ __forceinline__ void wgmma_bf16_rs<1>(float (&d)[4], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, %8, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_bf16_rs<2>(float (&d)[8], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "{%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_bf16_rs<4>(float (&d)[16], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_bf16_rs<8>(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
-}
-
+#define DSV4_WGMMA_BF16_RS(NT, N, R, OPS, PRED)                                                                   \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_bf16_rs<NT>(float (&d)[R], const uint32_t (&a)[4], uint64_t db,          \
+                                                    int scale_d) {                                                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                               \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" DSV4_WG_NAMES_##R "}, " OPS        \
+                 ", p, 1, 1, 0;\n}\n"                                                                             \
+                 : DSV4_WG_D_##R                                                                                  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));                          \
+  }
+DSV4_WGMMA_BF16_RS(1, 8, 4, "{%4, %5, %6, %7}, %8", "%9")
+DSV4_WGMMA_BF16_RS(2, 16, 8, "{%8, %9, %10, %11}, %12", "%13")
+DSV4_WGMMA_BF16_RS(4, 32, 16, "{%16, %17, %18, %19}, %20", "%21")
+DSV4_WGMMA_BF16_RS(8, 64, 32, "{%32, %33, %34, %35}, %36", "%37")
+#undef DSV4_WGMMA_BF16_RS
 
 // d = A * B + (scale_d ? d : 0), both operands from shared memory: A 64 weight rows
-// x 32 bytes, B 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16). Same d layout
-// as wgmma_e4m3.
+// x 32 bytes, B 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16, not
+// transposed). The two descriptors (OPS), then scale_d (PRED).
 template <WFmt F, int NT>
 __device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64_t db, int scale_d);
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 1>(float (&d)[4], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3}, "
-      "%4, %5, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 2>(float (&d)[8], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "%8, %9, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 4>(float (&d)[16], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "%16, %17, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kFp8, 8>(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 1>(float (&d)[4], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3}, "
-      "%4, %5, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 2>(float (&d)[8], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7}, "
-      "%8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 4>(float (&d)[16], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
-      "%16, %17, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-template <>
-__device__ __forceinline__ void wgmma_ss<WFmt::kBf16, 8>(float (&d)[32], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-
+#define DSV4_WGMMA_SS(F, NT, SHAPE, TAIL, R, OPS, PRED)                                                          \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void wgmma_ss<F, NT>(float (&d)[R], uint64_t da, uint64_t db, int scale_d) {       \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                               \
+                 "wgmma.mma_async.sync.aligned." SHAPE " {" DSV4_WG_NAMES_##R "}, " OPS ", p, 1, 1" TAIL ";\n}\n" \
+                 : DSV4_WG_D_##R                                                                                  \
+                 : "l"(da), "l"(db), "r"(scale_d));                                                               \
+  }
+DSV4_WGMMA_SS(WFmt::kFp8, 1, "m64n8k32.f32.e4m3.e4m3", "", 4, "%4, %5", "%6")
+DSV4_WGMMA_SS(WFmt::kFp8, 2, "m64n16k32.f32.e4m3.e4m3", "", 8, "%8, %9", "%10")
+DSV4_WGMMA_SS(WFmt::kFp8, 4, "m64n32k32.f32.e4m3.e4m3", "", 16, "%16, %17", "%18")
+DSV4_WGMMA_SS(WFmt::kFp8, 8, "m64n64k32.f32.e4m3.e4m3", "", 32, "%32, %33", "%34")
+DSV4_WGMMA_SS(WFmt::kBf16, 1, "m64n8k16.f32.bf16.bf16", ", 0, 0", 4, "%4, %5", "%6")
+DSV4_WGMMA_SS(WFmt::kBf16, 2, "m64n16k16.f32.bf16.bf16", ", 0, 0", 8, "%8, %9", "%10")
+DSV4_WGMMA_SS(WFmt::kBf16, 4, "m64n32k16.f32.bf16.bf16", ", 0, 0", 16, "%16, %17", "%18")
+DSV4_WGMMA_SS(WFmt::kBf16, 8, "m64n64k16.f32.bf16.bf16", ", 0, 0", 32, "%32, %33", "%34")
+#undef DSV4_WGMMA_SS
+#undef DSV4_WG_NAMES_4
+#undef DSV4_WG_NAMES_8
+#undef DSV4_WG_NAMES_16
+#undef DSV4_WG_NAMES_32
+#undef DSV4_WG_D_4
+#undef DSV4_WG_D_8
+#undef DSV4_WG_D_16
+#undef DSV4_WG_D_32
 
 // ---- fragment loads (A in registers) ---------------------------------------------------
 // Lane (g = lane/4, t = lane%4) fills the A registers of rows g and g + 8 of its warp's
