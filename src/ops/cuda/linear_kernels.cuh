@@ -404,6 +404,17 @@ __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, con
 }
 
 // ---- the GEMM ---------------------------------------------------------------------
+// fn(i, q, e) for each of a thread's 2 x NT x 4 accumulator elements, unrolled:
+// weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
+template <int NT, typename Fn>
+__device__ __forceinline__ void for_each_acc(Fn&& fn) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) fn(i, q, e);
+}
 // One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
@@ -522,12 +533,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                          : kSmemA ? (NT <= 2 ? 4 : 8 / NT)
                                   : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
   float wg_d[kBatch][2][4 * NT] = {};
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) cur[i][q][e] = tot[i][q][e] = 0.0f;
+  for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -584,14 +590,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
       wgmma_commit();
       wgmma_wait_all();
-      if ((it + 1) % per_slice == 0) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int q = 0; q < NT; ++q)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) cur[i][q][e] = wg_d[0][i][4 * q + e];
-      }
+      if ((it + 1) % per_slice == 0)
+        for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; });
     } else if constexpr (kSmemA) {
       // kBatch chunks, both halves of each, one wait, then each result scaled and
       // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p).
@@ -611,12 +611,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         wgmma_wait_all();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c)
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int q = 0; q < NT; ++q)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]);
+          for_each_acc<NT>([&](int i, int q, int e) {
+            cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]);
+          });
       }
     } else if constexpr (F == WFmt::kFp4) {
       // kBatch chunks: decode their fragments, issue both halves of each, one wait,
@@ -645,16 +642,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         wgmma_wait_all();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c)
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int q = 0; q < NT; ++q)
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int jj = j0 + c;
-                const float d = wg_d[c][i][4 * q + e];
-                q_acc[i][q][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][q][e]);
-              }
+          for_each_acc<NT>([&](int i, int q, int e) {
+            const int jj = j0 + c;
+            const float d = wg_d[c][i][4 * q + e];
+            q_acc[i][q][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][q][e]);
+          });
       }
     } else {
       // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
@@ -678,32 +670,16 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
       wgmma_commit();
       wgmma_wait_all();
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int q = 0; q < NT; ++q)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]);
+      for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
     }
-    if constexpr (F == WFmt::kFp4) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int q = 0; q < NT; ++q)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]);
-    }
+    if constexpr (F == WFmt::kFp4)
+      for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]); });
     if constexpr (kTwoSets) {
       if ((it + 1) % per_slice == 0) {  // slice boundary: fold p_s into the running total
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int q = 0; q < NT; ++q)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              tot[i][q][e] += cur[i][q][e];
-              cur[i][q][e] = 0.0f;
-            }
+        for_each_acc<NT>([&](int i, int q, int e) {
+          tot[i][q][e] += cur[i][q][e];
+          cur[i][q][e] = 0.0f;
+        });
       }
     }
   }
@@ -718,15 +694,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   if (p.split > 1) {
     float* part = p.partial + int64_t(slice) * p.partial_rows * p.partial_cols;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int q = 0; q < NT; ++q)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
-          if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
-        }
+    for_each_acc<NT>([&](int i, int q, int e) {
+      const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
+      if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
+    });
     if (p.counters == nullptr) return;  // split_fold_kernel folds them (large row counts)
     // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
     __threadfence();
@@ -745,15 +716,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int q = 0; q < NT; ++q)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
-          if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
-        }
+    for_each_acc<NT>([&](int i, int q, int e) {
+      const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
+      if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
+    });
   }
 }
 
