@@ -17,7 +17,7 @@ struct EngineBuildOptions {
   ModelSource source;
   std::string backend = "cpu";        // "cpu" or "cuda"
   int threads = 1;                    // CPU backend threads per rank
-  // CPU backend: FP4 GEMM chunks summed in fp32 (the spec) or as the CUDA backend's FP8 wgmma does.
+  // CPU backend: FP8 / FP4 GEMM chunks summed in fp32 (the spec) or as the CUDA backend's FP8 wgmma does.
   ops::QuantDotModel cpu_quant_dot = ops::QuantDotModel::kExact;
   int dp = 1;
   MoeMode moe = MoeMode::kAllGather;  // with dp > 1

@@ -521,14 +521,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   float cur[2][NT][4];
   float tot[2][NT][4];
-  // wgmma: the chunks of a stage go out in groups of kBatch (one wait per group), each
-  // chunk into its own accumulators: kBatch * 2 * 4NT registers (A in registers takes
-  // 8 more per chunk, hence the smaller groups).
-  // bf16 has no scales to apply: its slice sum p_s stays in the tensor core's
-  // accumulators from the first chunk to the last (no per-chunk fold, 1 set).
-  constexpr bool kTcSum = F == WFmt::kBf16;  // (FP8-as-bf16 sums a stage: one scale per 64-wide stage)
-  // (FP8 at 64 rows with 2 chunks per wait, 248 registers, measured slower: the
-  // shared expert +7-8% at batch 64 and 256, dc3e1df.)
+  // The chunks of a stage go out in groups of kBatch (one wait per group), each chunk
+  // into its own accumulators: kBatch x 2 x 4NT registers (FP4's A in registers takes
+  // 8 more per chunk, hence its smaller groups; FP8 at 64 rows with 2 chunks per wait,
+  // 248 registers, measured slower in dc3e1df's run). bf16 has no scales: its slice
+  // sum p_s stays in the tensor core's accumulators (kTcSum, one set); FP8-as-bf16
+  // sums each 64-wide stage there (one scale per stage).
+  constexpr bool kTcSum = F == WFmt::kBf16;
   constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 ? 1
                          : kSmemA ? (NT <= 2 ? 4 : 8 / NT)
                                   : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
