@@ -1,6 +1,7 @@
 // CUDA backend: device memory, streams, caches, graph capture, scratch.
 #include "ops/cuda/cuda_backend.h"
 
+#include <cstdio>
 #include <map>
 #include <string>
 
@@ -171,7 +172,11 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
 }
 
 void* CudaBackend::scratch(const char* name, size_t bytes) {
-  Tensor& t = scratch_->buffers[name];
+  // One buffer per (name, stream): ops issued on two streams of one backend (the two
+  // micro-batches of two-batch overlap) never share one.
+  char key[192];
+  std::snprintf(key, sizeof key, "%s@%p", name, static_cast<void*>(stream_));
+  Tensor& t = scratch_->buffers[key];
   // A default Tensor is a 4-byte scalar without storage: test the pointer too.
   if (t.data() == nullptr || t.nbytes() < bytes) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;

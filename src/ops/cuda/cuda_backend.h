@@ -100,8 +100,9 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Scratch> scratch_;
 
  public:
-  // Kernels that need scratch memory get it here (grown on first use, before
-  // any capture; growing during capture is an error).
+  // Kernels that need scratch memory get it here: one buffer per (name, current
+  // stream), grown on first use, before any capture (growing during capture is an
+  // error).
   void* scratch(const char* name, size_t bytes);
 };
 

@@ -49,11 +49,11 @@ bool simple_path() {
 }
 
 
-// Scratch of this file, one buffer per (name, stream) so that ops issued on two
-// streams never share one. `fresh` reports a new allocation (contents undefined).
+// Scratch of this file (CudaBackend::scratch keeps one buffer per name and stream).
+// `fresh` reports a new allocation (contents undefined).
 void* scratch_on(CudaBackend& be, const char* name, size_t bytes, bool* fresh = nullptr) {
   char key[128];
-  std::snprintf(key, sizeof key, "linear.%s@%p", name, static_cast<void*>(be.stream()));
+  std::snprintf(key, sizeof key, "linear.%s", name);
   void* before = fresh ? be.scratch(key, 0) : nullptr;
   void* p = be.scratch(key, std::max<size_t>(bytes, 16));
   if (fresh) *fresh = p != before;
