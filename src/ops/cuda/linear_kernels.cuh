@@ -103,7 +103,7 @@ constexpr int kMaxSlices = 32;
 constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
 
 // Activation bytes of one stage buffer: 8*NT rows of 128 bytes (128-byte swizzle).
-template <WFmt F, int NT>
+template <int NT>
 __host__ __device__ constexpr int gemm_a_stage_bytes() {
   return 8 * NT * 128;
 }
@@ -113,7 +113,7 @@ template <WFmt F, int NT>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
   constexpr int S = T::kStages;
-  return 1024 /* alignment slack */ + S * kTileN * T::kWStride + S * gemm_a_stage_bytes<F, NT>() +
+  return 1024 /* alignment slack */ + S * kTileN * T::kWStride + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? S * kTileN * 4 : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16;
 }
@@ -431,7 +431,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr bool kSmemA = T::kMma == Mma::kWgmmaSmemA;
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
-  constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<F, NT>();  // activation bytes per stage
+  constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;  // [kStages][kAStage]
   uint8_t* s_ws = s_a + kStages * kAStage;              // FP4: [kStages][kTileN][4] scale bytes
