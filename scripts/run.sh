@@ -9,4 +9,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 DSV4_TOKENIZER_DIR="$(scripts/fetch_tokenizer.sh)"
 export DSV4_TOKENIZER_DIR
-exec build/tools/dsv4 serve --preset tiny --random-weights 0 --backend auto --port "${PORT:-8000}" "$@"
+# Defaults only for what the caller did not pass (a second --port or a --preset
+# next to --model would be refused by `dsv4 serve`).
+has() { local flag=$1; shift; for a in "$@"; do [[ $a == "$flag" || $a == "$flag="* ]] && return 0; done; return 1; }
+defaults=()
+has --model "$@" || has --preset "$@" || defaults+=(--preset tiny --random-weights 0)
+has --backend "$@" || defaults+=(--backend auto)
+has --port "$@" || defaults+=(--port "${PORT:-8000}")
+exec build/tools/dsv4 serve "${defaults[@]}" "$@"
