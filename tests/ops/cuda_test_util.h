@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -24,6 +25,12 @@ namespace dsv4::testing {
     if (!::dsv4::ops::cuda_device_available(&dsv4_why_))                           \
       GTEST_SKIP() << "no CUDA device (" << dsv4_why_ << "): GPU test skipped";   \
   } while (0)
+
+// Whether DSV4_CUDA_PDL=0 turned programmatic dependent launch off for captured graphs.
+inline bool pdl_disabled() {
+  const char* v = std::getenv("DSV4_CUDA_PDL");
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
 
 // A device copy of a host tensor (same dtype and shape).
 inline core::Tensor to_device(ops::Backend& cuda, const core::Tensor& host) {

@@ -2,8 +2,11 @@
 #include "ops/cuda/cuda_backend.h"
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "ops/cuda/cuda_check.h"
 #include "ops/kv_format.h"
@@ -153,6 +156,71 @@ class CudaGraph final : public Graph {
 };
 }  // namespace
 
+namespace {
+// DSV4_CUDA_PDL=0 keeps captured graphs' plain edges (read once).
+bool programmatic_launch_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_CUDA_PDL");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+bool is_ops_kernel(cudaGraphNode_t node) {
+  cudaGraphNodeType type{};
+  DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+  if (type != cudaGraphNodeTypeKernel) return false;
+  cudaKernelNodeParams params{};
+  DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &params));
+  const char* name = nullptr;
+  if (cudaFuncGetName(&name, params.func) != cudaSuccess || name == nullptr) {
+    cudaGetLastError();  // clear the error it left
+    return false;
+  }
+  return std::strncmp(name, "_ZN4dsv4", 8) == 0;  // namespace dsv4
+}
+
+// Programmatic dependent launch for a captured graph: each edge between two kernels
+// whose downstream kernel is one of ours (every one starts with wait_for_predecessor(),
+// grid_dependency.cuh) becomes a programmatic edge, so the downstream kernel is
+// launched once every block of the upstream one has exited or called
+// allow_dependents_to_launch() (the GEMMs, after their main loop) instead of after
+// the whole grid has finished and flushed. Other kernels (CUB, NCCL) do not wait,
+// so edges into them stay plain; memset and copy nodes keep theirs. The edge from
+// the upstream kernel's launch completion (its blocks have all started) was measured
+// first and was slower (bench-1g batch 1: 2.94 ms against 2.49 ms without PDL):
+// every waiting kernel counts as started, so whole chains of small kernels became
+// resident at once, waiting, and held the SMs' resources.
+// Returns the number of edges converted.
+int make_kernel_edges_programmatic(cudaGraph_t graph) {
+  size_t n = 0;
+  DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &n));
+  std::vector<cudaGraphNode_t> from(n), to(n);
+  std::vector<cudaGraphEdgeData> data(n);
+  DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &n));
+  std::map<cudaGraphNode_t, bool> ours;
+  auto is_ours = [&](cudaGraphNode_t node) {
+    auto it = ours.find(node);
+    if (it == ours.end()) it = ours.emplace(node, is_ops_kernel(node)).first;
+    return it->second;
+  };
+  int converted = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i])) continue;
+    cudaGraphNodeType type{};
+    DSV4_CUDA_CHECK(cudaGraphNodeGetType(from[i], &type));
+    if (type != cudaGraphNodeTypeKernel) continue;
+    DSV4_CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[i], &to[i], &data[i], 1));
+    cudaGraphEdgeData edge{};
+    edge.from_port = cudaGraphKernelNodePortProgrammatic;
+    edge.type = cudaGraphDependencyTypeProgrammatic;
+    DSV4_CUDA_CHECK(cudaGraphAddDependencies(graph, &from[i], &to[i], &edge, 1));
+    ++converted;
+  }
+  return converted;
+}
+}  // namespace
+
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
@@ -166,6 +234,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   cudaGraph_t graph = nullptr;
   DSV4_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
   cudaGraphExec_t exec = nullptr;
+  last_capture_programmatic_edges_ = programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph) : 0;
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
   return std::make_unique<CudaGraph>(exec, stream_);

@@ -35,7 +35,11 @@ class CudaBackend final : public Backend {
   void synchronize() override;
   LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) override;
   CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const override;
+  // Captures body's work as one graph; kernel-to-kernel edges become programmatic
+  // (dependent launch, see grid_dependency.cuh) unless DSV4_CUDA_PDL=0.
   std::unique_ptr<Graph> capture(const std::function<void()>& body) override;
+  // How many edges the last capture made programmatic (tests).
+  int last_capture_programmatic_edges() const { return last_capture_programmatic_edges_; }
   void bind_to_current_thread() override;
   void profiler_collect(bool on) override;
   std::unique_ptr<Timer> make_timer() override;
@@ -90,6 +94,7 @@ class CudaBackend final : public Backend {
  private:
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
+  int last_capture_programmatic_edges_ = 0;
   cudaStream_t own_stream_ = nullptr;
   cudaDeviceProp props_{};
   cublasLtHandle_t cublaslt_ = nullptr;

@@ -4,6 +4,7 @@
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/grid_dependency.cuh"
 
 namespace dsv4::ops {
 
@@ -11,6 +12,7 @@ namespace {
 
 __global__ void gather_slots_kernel(const uint4* __restrict__ src, const int32_t* __restrict__ index,
                                     uint4* __restrict__ dst, int64_t k, int64_t vecs_per_row) {
+  wait_for_predecessor();
   const int64_t ts = blockIdx.x;  // (row t, slot s) = ts
   const int64_t s = ts % k;
   const int32_t r = index[ts];
@@ -84,6 +86,7 @@ class EventTimer final : public Timer {
 // UE8M0 scales between 2^-8 and 1.
 __global__ void random_kv_rows_kernel(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t nope,
                                       int64_t rope, uint64_t seed) {
+  wait_for_predecessor();
   const int64_t r = blockIdx.x * int64_t(blockDim.y) + threadIdx.y;
   if (r >= num_rows) return;
   uint8_t* row = rows + r * row_bytes;
@@ -102,6 +105,7 @@ __global__ void random_kv_rows_kernel(uint8_t* rows, int64_t num_rows, int64_t r
 // Indexer records: random e2m1 nibbles, UE8M0 scales between 2^-4 and 1.
 __global__ void random_index_rows_kernel(uint8_t* rows, int64_t num_rows, int64_t row_bytes, int64_t di,
                                          uint64_t seed) {
+  wait_for_predecessor();
   const int64_t r = blockIdx.x * int64_t(blockDim.y) + threadIdx.y;
   if (r >= num_rows) return;
   uint8_t* row = rows + r * row_bytes;
@@ -112,6 +116,7 @@ __global__ void random_index_rows_kernel(uint8_t* rows, int64_t num_rows, int64_
 }
 
 __global__ void random_f32_kernel(float* out, int64_t n, uint64_t seed, uint64_t stream) {
+  wait_for_predecessor();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = core::random_normal(seed, stream, uint64_t(i));
 }

@@ -19,6 +19,7 @@
 #include "core/dtype.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/grid_dependency.cuh"
 
 namespace dsv4::ops {
 
@@ -114,6 +115,7 @@ __device__ float block_sum(float v, float* red /* [32] */) {
 template <int VEC>
 __global__ void embed_kernel(const uint16_t* __restrict__ table, int64_t V, const int32_t* __restrict__ ids,
                              int64_t hc, int64_t D, uint16_t* __restrict__ X) {
+  wait_for_predecessor();
   const int64_t t = blockIdx.x;
   const int32_t id = ids[t];
   const bool valid = id >= 0 && id < V;  // an invalid id (the CPU throws) gives zero rows
@@ -133,6 +135,7 @@ __global__ void embed_kernel(const uint16_t* __restrict__ table, int64_t V, cons
 template <typename U>
 __global__ void gather_rows_kernel(const U* __restrict__ src, int64_t src_rows, const int32_t* __restrict__ rows,
                                    int64_t units_per_row, U* __restrict__ dst) {
+  wait_for_predecessor();
   const int64_t i = blockIdx.x;
   const int32_t r = rows[i];
   U* out = dst + i * units_per_row;
@@ -148,6 +151,7 @@ __global__ void gather_rows_kernel(const U* __restrict__ src, int64_t src_rows, 
 template <int VEC>
 __global__ void add_broadcast_kernel(const uint16_t* __restrict__ e, const uint16_t* __restrict__ h, int64_t T,
                                      int64_t hc, int64_t D, uint16_t* __restrict__ X) {
+  wait_for_predecessor();
   const int64_t chunks = T * hc * D / VEC;
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
     const int64_t idx = c * VEC, t = idx / (hc * D), d = idx % D;
@@ -167,6 +171,7 @@ __global__ void add_broadcast_kernel(const uint16_t* __restrict__ e, const uint1
 template <int VEC>
 __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
                                 uint16_t* y) {
+  wait_for_predecessor();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   const uint16_t* xr = x + row * N;
@@ -205,6 +210,7 @@ template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
                                    const float* __restrict__ inv_freq, int64_t H_all, int64_t Dh, int64_t rd,
                                    float eps, int64_t heads_per_cta) {
+  wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t stride = Dh + 8;
   const int64_t h0 = int64_t(blockIdx.y) * heads_per_cta;
@@ -277,6 +283,7 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
 
 __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const int32_t* __restrict__ positions,
                                      const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
+  wait_for_predecessor();
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= T) return;  // whole warps exit together
@@ -337,6 +344,7 @@ constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512
 __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn,
                                                              int64_t rows, int64_t n, int mix,
                                                              float* __restrict__ partial) {
+  wait_for_predecessor();
   __shared__ float fn_s[31][kHcSlice + 1];
   __shared__ float x_s[kHcRowTile][kHcSlice + 1];
   const int64_t slice = blockIdx.x, k0 = slice * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowTile;
@@ -485,6 +493,7 @@ struct HcFinishArgs {
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
 template <int HC, bool kHead, int VEC>
 __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
+  wait_for_predecessor();
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   __shared__ float raw[kMix + 1];
   __shared__ float pre[HC];
@@ -558,6 +567,7 @@ template <int HC, int VEC>
 __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* __restrict__ R,
                                const float* __restrict__ post, const float* __restrict__ comb, int64_t T, int64_t D,
                                uint16_t* __restrict__ Y) {
+  wait_for_predecessor();
   const int64_t chunks = T * (D / VEC);
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = c / (D / VEC), d = (c % (D / VEC)) * VEC;
@@ -591,6 +601,7 @@ constexpr int kMaxMoeSlots = 64;
 template <int VEC>
 __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const int32_t* __restrict__ ids, int64_t k,
                                   int64_t D, float* __restrict__ routed) {
+  wait_for_predecessor();
   __shared__ int order[kMaxMoeSlots];
   __shared__ int32_t row_ids[kMaxMoeSlots];
   __shared__ int count;
@@ -639,6 +650,7 @@ __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const i
 template <int VEC>
 __global__ void moe_output_kernel(const float* __restrict__ routed, const uint16_t* __restrict__ shared, int64_t n,
                                   uint16_t* __restrict__ y) {
+  wait_for_predecessor();
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < n / VEC; c += int64_t(gridDim.x) * blockDim.x) {
     const BfVec<VEC> s = load_bf<VEC>(shared + c * VEC);
     BfVec<VEC> o;

@@ -14,6 +14,7 @@
 #include "core/synthetic_values.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/grid_dependency.cuh"
 
 namespace dsv4::ops::cuda_synthetic {
 
@@ -28,6 +29,7 @@ __device__ __forceinline__ float clamp_ref(float x, float lo, float hi) { return
 // Roofline: writes 2 or 4 B per element, ~100 integer/SFU instructions each (compute-bound, ~0.1 ns/element).
 __global__ void fill_normal_kernel(void* out, int64_t n, int f32, uint64_t seed, uint64_t stream, float mean,
                                    float std) {
+  wait_for_predecessor();
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const float v = __fadd_rn(mean, __fmul_rn(std, core::random_normal(seed, stream, uint64_t(i))));
@@ -40,6 +42,7 @@ __global__ void fill_normal_kernel(void* out, int64_t n, int f32, uint64_t seed,
 // (values recomputed rather than staged: they are pure functions of the index).
 __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int64_t K,
                                                        uint64_t seed, uint64_t stream, float std) {
+  wait_for_predecessor();
   const int64_t kb = (K + 127) / 128;
   const int64_t n0 = int64_t(blockIdx.y) * 128, k0 = int64_t(blockIdx.x) * 128;
   const int64_t rows = min(int64_t(128), N - n0), cols = min(int64_t(128), K - k0);
@@ -67,6 +70,7 @@ __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t*
 // the byte (low nibble = even k, spec §2.8).
 __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int64_t K, uint64_t seed, uint64_t stream,
                                 float std) {
+  wait_for_predecessor();
   const int64_t groups = K / 32;
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -86,6 +90,7 @@ __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int6
 
 __global__ void fill_expert_ids_kernel(int64_t* out, int64_t rows, int64_t k, uint64_t seed, uint64_t stream,
                                        int64_t num_experts) {
+  wait_for_predecessor();
   const int64_t step = int64_t(gridDim.x) * blockDim.x;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < rows; t += step)
     core::expert_ids_row(seed, stream, t, num_experts, k, out + t * k);

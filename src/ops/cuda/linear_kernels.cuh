@@ -46,6 +46,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "ops/cuda/grid_dependency.cuh"
 
 namespace dsv4::ops::linear_kernels {
 
@@ -429,7 +430,7 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
 // partial sums per (row, column) in registers.
-template <WFmt F, int NT, bool kTwoSets>
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
@@ -467,14 +468,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int st_begin = slice * per_slice;
   const int iters = p.split > 1 ? per_slice : stages_total;
 
-  if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
-  if constexpr (T::kBlockScale) {
-    // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
-    const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
-    for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = srow[i];
-  }
-  __syncthreads();
-
   // Per-thread source pointers of a stage's copies, at stage 0 (null: zero-fill),
   // computed once: the stage loop only adds st * bytes per stage.
   constexpr int kChunksPerRow = T::kWBytes / 16;
@@ -486,6 +479,39 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int64_t w_step = int64_t(kRowStep) * p.w_row_bytes;
   const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
+  auto load_weights = [&](int st, int buf) {
+    uint8_t* dw = s_w + buf * kTileN * T::kWStride;
+    const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
+#pragma unroll
+    for (int i = 0; i < kWChunks; ++i, src += w_step) {
+      const int r = w_r0 + i * kRowStep;
+      const bool ok = r < valid_n;
+      const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
+      cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
+    }
+    if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
+      static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
+      cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
+    }
+  };
+
+  // Plain GEMMs read weights nobody writes: their first stages stream in before the
+  // wait for the kernel that produces the activations (programmatic dependent launch:
+  // the wait returns once that kernel has finished). Expert GEMMs wait at entry: their
+  // tile list is the predecessor's output.
+  if constexpr (kEarlyWeights) {
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s)
+      if (s < iters) load_weights(st_begin + s, s);
+    wait_for_predecessor();
+  }
+  if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
+  if constexpr (T::kBlockScale) {
+    // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
+    const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
+    for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = srow[i];
+  }
+  __syncthreads();
   auto a_source = [&](int i) -> const uint8_t* {
     const int c = tid + i * kThreads;
     const int src_row = c < BM * 8 ? s_rows[c >> 3] : -1;
@@ -502,20 +528,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const float* as_src = nullptr;  // activation scales of tile row tid
   if (T::kQuantAct && tid < BM && s_rows[tid] >= 0) as_src = p.a_scale + int64_t(s_rows[tid]) * p.a_scale_stride;
 
-  auto load_stage = [&](int st, int buf) {
-    uint8_t* dw = s_w + buf * kTileN * T::kWStride;
-    const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
-#pragma unroll
-    for (int i = 0; i < kWChunks; ++i, src += w_step) {
-      const int r = w_r0 + i * kRowStep;
-      const bool ok = r < valid_n;
-      const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
-      cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
-    }
-    if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
-      static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
-      cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
-    }
+  auto load_acts = [&](int st, int buf) {
     uint8_t* da = s_a + buf * kAStage;
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
@@ -546,7 +559,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < iters) load_stage(st_begin + s, s);
+    if (s < iters) {
+      if (!kEarlyWeights) load_weights(st_begin + s, s);
+      load_acts(st_begin + s, s);
+    }
     cp_async_commit();
   }
 
@@ -556,7 +572,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     {
       const int nxt = it + kStages - 1;
-      if (nxt < iters) load_stage(st_begin + nxt, nxt % kStages);
+      if (nxt < iters) {
+        load_weights(st_begin + nxt, nxt % kStages);
+        load_acts(st_begin + nxt, nxt % kStages);
+      }
       cp_async_commit();
     }
     const int buf = it % kStages, st = st_begin + it;
@@ -693,6 +712,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   }
   cp_async_wait<0>();
+  allow_dependents_to_launch();  // only the epilogue is left
 
   auto store = [&](int c, int r, float v) {  // c: tile activation row, r: tile weight row
     const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
@@ -739,13 +759,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 // 2*M*N*K FLOPs; wq_b (33.6 MB FP8) is 8 µs at 4.2 TB/s.
 template <WFmt F, int NT, bool kTwoSets>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
-  constexpr int BM = 8 * NT;
+  constexpr int BM = 8 * NT;  // gemm_tile waits for the predecessor after its first weight copies
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
   const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
   const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
   const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
-  gemm_tile<F, NT, kTwoSets>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows, linear);
+  gemm_tile<F, NT, kTwoSets, true>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows, linear);
 }
 
 // The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
@@ -754,6 +774,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 // ~100 µs); here one thread per output reads its S partials, coalesced over columns.
 __global__ void split_fold_kernel(const float* __restrict__ partial, int split, int64_t rows, int64_t cols,
                                   void* y, int64_t ldy, int y_f32) {
+  wait_for_predecessor();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
   float v = 0.0f;
@@ -772,11 +793,12 @@ __global__ void split_fold_kernel(const float* __restrict__ partial, int split, 
 template <WFmt F, int NT, bool kTwoSets>
 __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
+  wait_for_predecessor();
   if (int(blockIdx.y) >= *p.num_tiles) return;
   const int4 tile = p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
-  gemm_tile<F, NT, kTwoSets>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
+  gemm_tile<F, NT, kTwoSets, false>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
                              int(blockIdx.y * gridDim.x + blockIdx.x));
 }
 
@@ -801,6 +823,7 @@ __device__ __forceinline__ void store_quant4(uint8_t* block, int lane, uint32_t 
 // [rows, k/128] = 2^e. Roofline: reads 2 B and writes 1 B per element, < 1 µs at decode.
 __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
                                  uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs) {
+  wait_for_predecessor();
   const int64_t blocks = k / 128;
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -828,6 +851,7 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
 __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
                                     const int* num_rows, const float* rw, const int* rw_index, float limit,
                                     uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
+  wait_for_predecessor();
   const int64_t blocks = inter / 128;
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -869,6 +893,7 @@ __global__ void __launch_bounds__(1024) expert_prep_kernel(const int* __restrict
                                                            int expert_begin, int num_local, int bm, int max_tiles,
                                                            int* __restrict__ pair_list, int* __restrict__ token_rows,
                                                            int4* __restrict__ tiles, int* num_tiles, int* num_rows) {
+  wait_for_predecessor();
   extern __shared__ int s_int[];
   int* cnt = s_int;
   int* roff = s_int + num_local;
@@ -964,6 +989,7 @@ __global__ void __launch_bounds__(1024) expert_prep_kernel(const int* __restrict
 // Roofline: writes 2*d bytes per non-local pair (none on one GPU except pads).
 __global__ void zero_nonlocal_kernel(const int* __restrict__ ids, int64_t num_pairs, int expert_begin, int expert_end,
                                      uint16_t* __restrict__ out, int64_t d, int vec16) {
+  wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < num_pairs; p += nwarps) {
@@ -990,6 +1016,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
                                      const int64_t* __restrict__ tid2eid, const int32_t* __restrict__ token_ids,
                                      const int32_t* __restrict__ positions, float* __restrict__ weights,
                                      int32_t* __restrict__ ids) {
+  wait_for_predecessor();
   extern __shared__ float s_f[];
   float* score = s_f;
   float* biased = s_f + num_experts;
@@ -1108,6 +1135,7 @@ __device__ __forceinline__ float simple_qdot(const uint8_t* xq, const float* xs,
 __global__ void simple_quant_linear_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int64_t M,
                                            int64_t K, const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws,
                                            int fp4, int64_t N, uint16_t* __restrict__ y, int64_t ldy) {
+  wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < M * N; o += nwarps) {
@@ -1120,6 +1148,7 @@ __global__ void simple_quant_linear_kernel(const uint8_t* __restrict__ xq, const
 // y[m, n] = fp32(x[m]) . fp32(W[n]) with x bf16 or f32, W bf16, y bf16 or f32.
 __global__ void simple_linear_bf16_kernel(const void* __restrict__ x, int x_f32, const uint16_t* __restrict__ w,
                                           int64_t M, int64_t N, int64_t K, void* __restrict__ y, int y_f32) {
+  wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < M * N; o += nwarps) {
@@ -1142,6 +1171,7 @@ __global__ void simple_linear_bf16_kernel(const void* __restrict__ x, int x_f32,
 __global__ void simple_grouped_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ w,
                                       const uint8_t* __restrict__ ws, int64_t M, int64_t G, int64_t R, int64_t C,
                                       uint16_t* __restrict__ y) {
+  wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int64_t N = G * R;
@@ -1159,6 +1189,7 @@ __global__ void simple_grouped_kernel(const uint16_t* __restrict__ x, const uint
 // h[r, i] = bf16(rw[r] * silu(min(g, L)) * clamp(u, +-L)) from gu [R, 2I] = (g | u).
 __global__ void simple_swiglu_kernel(const uint16_t* __restrict__ gu, const float* __restrict__ rw, int64_t R,
                                      int64_t inter, float limit, uint16_t* __restrict__ h) {
+  wait_for_predecessor();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t o = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; o < R * inter; o += stride) {
     const int64_t r = o / inter, i = o % inter;
@@ -1180,6 +1211,7 @@ __global__ void simple_expert_gateup_kernel(const int* __restrict__ ids, int64_t
                                             const uint8_t* __restrict__ xq, const float* __restrict__ xs, int64_t D,
                                             int64_t inter, float limit, const float* __restrict__ weights,
                                             uint16_t* __restrict__ h) {
+  wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < num_pairs * inter; o += nwarps) {
@@ -1205,6 +1237,7 @@ __global__ void simple_expert_down_kernel(const int* __restrict__ ids, int64_t n
                                           int chunk_end, const __grid_constant__ ExpertTable table, int fp4,
                                           const uint8_t* __restrict__ hq, const float* __restrict__ hs, int64_t inter,
                                           int64_t D, uint16_t* __restrict__ out) {
+  wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < num_pairs * D; o += nwarps) {
