@@ -1097,7 +1097,9 @@ TEST_P(CudaAttention, GraphReplayEqualsEager) {
   cuda().synchronize();
   std::unique_ptr<Graph> graph = cuda().capture(body);
   // The replay runs with programmatic (early-launched) kernels unless disabled.
-  if (!testing::pdl_disabled()) EXPECT_GT(cuda().last_capture_programmatic_edges(), 5);
+  if (!testing::pdl_disabled()) {
+    EXPECT_GT(cuda().last_capture_programmatic_edges(), 5);
+  }
   graph->replay();
   const std::vector<Tensor> replayed = outputs();
   for (size_t i = 0; i < eager.size(); ++i)

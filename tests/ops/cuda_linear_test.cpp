@@ -706,7 +706,9 @@ TEST_P(CudaLinear, GraphReplayEqualsEager) {
   body();  // eager first: scratch buffers reach their sizes before capture
   auto graph = cuda.capture(body);
   // The replays below run with programmatic (early-launched) kernels unless disabled.
-  if (!pdl_disabled()) EXPECT_GT(cuda.last_capture_programmatic_edges(), 10);
+  if (!pdl_disabled()) {
+    EXPECT_GT(cuda.last_capture_programmatic_edges(), 10);
+  }
   for (int round = 0; round < 3; ++round) {
     if (round > 0) fill_inputs();
     poison_all();
