@@ -1098,7 +1098,7 @@ TEST_P(CudaAttention, GraphReplayEqualsEager) {
   std::unique_ptr<Graph> graph = cuda().capture(body);
   // The replay runs with programmatic (early-launched) kernels unless disabled.
   if (!testing::pdl_disabled()) {
-    EXPECT_GT(cuda().last_capture_programmatic_edges(), 5);
+    EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
   }
   graph->replay();
   const std::vector<Tensor> replayed = outputs();

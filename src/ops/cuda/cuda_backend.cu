@@ -180,13 +180,13 @@ bool is_ops_kernel(cudaGraphNode_t node) {
   return std::strncmp(name, "_ZN4dsv4", 8) == 0;  // namespace dsv4
 }
 
-// Programmatic dependent launch for a captured graph: each edge between two kernels
-// whose downstream kernel is one of ours (every one starts with wait_for_predecessor(),
-// grid_dependency.cuh) becomes a programmatic edge, so the downstream kernel is
-// launched once every block of the upstream one has exited or called
-// allow_dependents_to_launch() (the GEMMs, after their main loop) instead of after
-// the whole grid has finished and flushed. Other kernels (CUB, NCCL) do not wait,
-// so edges into them stay plain; memset and copy nodes keep theirs. The edge from
+// Programmatic dependent launch for a captured graph: each edge between two of our
+// kernels (every one calls wait_for_predecessor(), grid_dependency.cuh) becomes a
+// programmatic edge, so the downstream kernel is launched once every block of the
+// upstream one has exited or called allow_dependents_to_launch() (the GEMMs, after
+// their main loop) instead of after the whole grid has finished and flushed. Edges
+// to or from other kernels (CUB; NCCL, whose collectives were not run this way on
+// two GPUs) and memset or copy nodes stay plain. The edge from
 // the upstream kernel's launch completion (its blocks have all started) was measured
 // first and was slower (bench-1g batch 1: 2.94 ms against 2.49 ms without PDL):
 // every waiting kernel counts as started, so whole chains of small kernels became
@@ -206,10 +206,7 @@ int make_kernel_edges_programmatic(cudaGraph_t graph) {
   };
   int converted = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i])) continue;
-    cudaGraphNodeType type{};
-    DSV4_CUDA_CHECK(cudaGraphNodeGetType(from[i], &type));
-    if (type != cudaGraphNodeTypeKernel) continue;
+    if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i]) || !is_ours(from[i])) continue;
     DSV4_CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[i], &to[i], &data[i], 1));
     cudaGraphEdgeData edge{};
     edge.from_port = cudaGraphKernelNodePortProgrammatic;
