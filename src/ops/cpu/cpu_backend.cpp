@@ -237,52 +237,26 @@ const float* CpuBackend::dequantized(const QuantLinear& w) {
   return p;
 }
 
-// Per output: for each 128-wide stage, q = the 4 chunk sums (Hopper's FP8 dot of the
-// 2^-6-scaled e4m3 weight codes and the activation codes) folded in order with
-// fmaf(d, 2^(weight scale), q), then p = fmaf(q, 2^(activation exponent) * 64, p);
-// out = bf16(0 + p). The CUDA FP4 GEMM's order (linear_kernels.cuh), K slices aside
-// (they regroup the fp32 sum of p, a 2^-24-level difference).
-void CpuBackend::fp4_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
-  const int64_t K = w.k, N = w.n;
-  std::vector<uint8_t> wc(static_cast<size_t>(N * K));  // e4m3 codes of 2^-6 x the weights
-  const uint8_t* q = w.weight.as<uint8_t>();
-  for (int64_t i = 0; i < N * K; ++i) {
-    const uint8_t byte = q[i / 2];
-    wc[size_t(i)] = ref::e2m1_to_e4m3_div64((i % 2 == 0) ? (byte & 0xf) : (byte >> 4));
-  }
-  const uint8_t* s = w.scale.as<uint8_t>();
-  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
-    std::vector<float> xf(static_cast<size_t>(K));
-    std::vector<uint8_t> codes(static_cast<size_t>(K));
-    std::vector<int> exps(static_cast<size_t>(K / 128));
-    for (int64_t r = b; r < e; ++r) {
-      cpu::bf16_row_to_float(x + r * K, K, xf.data());
-      ref::act_quant_fp8(xf.data(), K, 128, codes.data(), exps.data());
-      for (int64_t n = 0; n < N; ++n) {
-        float p = 0.0f;
-        for (int64_t st = 0; st < K / 128; ++st) {
-          float qs = 0.0f;
-          for (int64_t c = 0; c < 4; ++c) {
-            const int64_t k0 = st * 128 + c * 32;
-            const float d = ref::hopper_e4m3_dot32(wc.data() + n * K + k0, codes.data() + k0);
-            const float ws = core::e8m0_to_float(s[n * (K / 32) + k0 / 32]);
-            qs = c == 0 ? d * ws : std::fma(d, ws, qs);
-          }
-          p = std::fma(qs, core::pow2_float(exps[size_t(st)]) * 64.0f, p);
-        }
-        y[r * N + n] = float_to_bf16(0.0f + p);
-      }
-    }
-  });
-}
-
-// Per output: p = sum over the 32-wide chunks c, in order, of fmaf(d_c, 2^(weight
-// block scale) * 2^(activation exponent), p), d_c Hopper's FP8 dot of the weight and
-// activation codes; out = bf16(0 + p). The CUDA FP8 GEMM's order (linear_kernels.cuh),
-// K slices aside (as for FP4).
-void CpuBackend::fp8_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
+// quant_linear_rows under QuantDotModel::kHopperWgmma: each 32-wide chunk summed as
+// Hopper's FP8 dot (ref::hopper_e4m3_dot32) of the weight and activation codes, the
+// chunk sums scaled and added in the CUDA GEMM's order (linear_kernels.cuh), K slices
+// aside (they regroup the fp32 sum of p, a 2^-24-level difference); out = bf16(0 + p).
+//   FP8: p = fmaf(d_c, 2^(weight block scale) * 2^(activation exponent), p) per chunk.
+//   FP4: per 128-wide stage, q = the 4 chunk sums of the 2^-6-scaled e4m3 weight codes
+//        folded with fmaf(d, 2^(weight scale), q), then p = fmaf(q, 2^(act. exp.) * 64, p).
+void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
   const int64_t K = w.k, N = w.n, kb = K / 128;
-  const uint8_t* wc = w.weight.as<uint8_t>();
+  const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
+  std::vector<uint8_t> fp4_codes;  // FP4: e4m3 codes of 2^-6 x the weights
+  if (fp4) {
+    fp4_codes.resize(static_cast<size_t>(N * K));
+    const uint8_t* q = w.weight.as<uint8_t>();
+    for (int64_t i = 0; i < N * K; ++i) {
+      const uint8_t byte = q[i / 2];
+      fp4_codes[size_t(i)] = ref::e2m1_to_e4m3_div64((i % 2 == 0) ? (byte & 0xf) : (byte >> 4));
+    }
+  }
+  const uint8_t* wc = fp4 ? fp4_codes.data() : w.weight.as<uint8_t>();
   const uint8_t* s = w.scale.as<uint8_t>();
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     std::vector<float> xf(static_cast<size_t>(K));
@@ -294,9 +268,21 @@ void CpuBackend::fp8_linear_rows_hopper(const uint16_t* x, int64_t rows, const Q
       for (int64_t n = 0; n < N; ++n) {
         float p = 0.0f;
         for (int64_t st = 0; st < kb; ++st) {
-          const float scale = core::e8m0_to_float(s[(n / 128) * kb + st]) * core::pow2_float(exps[size_t(st)]);
-          for (int64_t k0 = st * 128; k0 < st * 128 + 128; k0 += 32)
-            p = std::fma(ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0), scale, p);
+          const float xs = core::pow2_float(exps[size_t(st)]);
+          if (fp4) {
+            float qs = 0.0f;
+            for (int64_t c = 0; c < 4; ++c) {
+              const int64_t k0 = st * 128 + c * 32;
+              const float d = ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0);
+              const float ws = core::e8m0_to_float(s[n * (K / 32) + k0 / 32]);
+              qs = c == 0 ? d * ws : std::fma(d, ws, qs);
+            }
+            p = std::fma(qs, xs * 64.0f, p);
+          } else {
+            const float scale = core::e8m0_to_float(s[(n / 128) * kb + st]) * xs;
+            for (int64_t k0 = st * 128; k0 < st * 128 + 128; k0 += 32)
+              p = std::fma(ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0), scale, p);
+          }
         }
         y[r * N + n] = float_to_bf16(0.0f + p);
       }
@@ -306,8 +292,7 @@ void CpuBackend::fp8_linear_rows_hopper(const uint16_t* x, int64_t rows, const Q
 
 void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
   if (quant_dot_ == QuantDotModel::kHopperWgmma && w.k % 128 == 0 && w.k > 0) {
-    if (w.format == QuantLinear::Format::kFp4Group32) return fp4_linear_rows_hopper(x, rows, w, y);
-    return fp8_linear_rows_hopper(x, rows, w, y);
+    return quant_linear_rows_hopper(x, rows, w, y);
   }
   const float* W = dequantized(w);
   const int64_t K = w.k, N = w.n;

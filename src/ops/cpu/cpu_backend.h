@@ -75,8 +75,7 @@ class CpuBackend final : public Backend {
   void quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
 
   // quant_linear_rows under QuantDotModel::kHopperWgmma (K a multiple of 128).
-  void fp4_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
-  void fp8_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
+  void quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
 
   core::ThreadPool pool_;
   QuantDotModel quant_dot_;
