@@ -38,6 +38,8 @@
 namespace dsv4::ops {
 // Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
 void cuda_linear_force_path(int path);
+int64_t cuda_linear_tma_launches();
+void cuda_linear_force_tma(int on);
 }  // namespace dsv4::ops
 
 namespace dsv4::testing {
@@ -477,6 +479,45 @@ TEST_P(CudaLinear, RoutedExpertsMatchCpu) {
 TEST_P(CudaLinear, RoutedExpertsSpanSeveralPointerTables) {
   // 400 local experts > 384 per launch: two table chunks.
   check_routed(MoeCase{400, 0, 400, 6, 128, 128, true, -1}, {64}, 0x53);
+}
+
+// The FP4 expert GEMM's two ways of bringing in weight stages (TMA, the default where
+// the experts' weights lie whole rows apart; cp.async otherwise) give the same bits,
+// on split and walked slices, partial and hot tiles. The test also checks that the
+// TMA runs happened.
+TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x54);
+  struct Case {
+    int64_t experts, d, inter, k, hot;
+    int min_tma;  // TMA launches expected per call: w2 rows of 192 bytes need not lie whole rows apart
+  };
+  for (const Case& c : {Case{12, 256, 256, 4, -1, 2}, Case{16, 512, 384, 6, 5, 1}, Case{40, 128, 128, 6, -1, 2}}) {
+    std::vector<ExpertWeights> dex(size_t(c.experts));
+    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
+    for (int64_t R : {1, 7, 64, 300}) {
+      const Tensor x = to_device(env.cuda, rng.bf16({R, c.d}, 2.0f));
+      const Tensor ids = to_device(env.cuda, random_ids(rng, R, c.k, c.experts, c.hot));
+      const Tensor w = to_device(env.cuda, random_weights(rng, R, c.k));
+      Tensor got[2];
+      for (int tma : {0, 1}) {
+        ops::cuda_linear_force_tma(tma);
+        const int64_t before = ops::cuda_linear_tma_launches();
+        got[tma] = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
+        env.cuda.routed_experts(x, ids, w, dex, 0, c.experts, 10.0f, got[tma]);
+        const int64_t launches = ops::cuda_linear_tma_launches() - before;
+        if (tma == 0) EXPECT_EQ(launches, 0);
+        else EXPECT_GE(launches, c.min_tma) << "d=" << c.d << " I=" << c.inter;
+      }
+      ops::cuda_linear_force_tma(-1);
+      expect_bitwise(to_host(env.cuda, got[0]), to_host(env.cuda, got[1]),
+                     "fp4 experts TMA vs cp.async d=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
+                         " R=" + std::to_string(R));
+    }
+  }
+  ops::cuda_linear_force_path(-1);
 }
 
 // ---- router ------------------------------------------------------------------------------

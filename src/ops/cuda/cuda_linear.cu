@@ -17,6 +17,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
+
+#include <cudaTypedefs.h>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_backend.h"
@@ -33,6 +36,10 @@ using lk::WFmt;
 // Test hook (declared by tests/ops/cuda_linear_test.cpp): -1 follows
 // DSV4_CUDA_KERNELS (the default), 0 forces the fast kernels, 1 the simple ones.
 void cuda_linear_force_path(int path);
+// Test hooks: FP4 expert GEMM launches so far that took their weights by TMA; -1
+// follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
+int64_t cuda_linear_tma_launches();
+void cuda_linear_force_tma(int on);
 
 namespace {
 
@@ -121,12 +128,13 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   check_launch(be.stream());
 }
 
-template <WFmt F, int NT, bool kTwo>
-void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
+template <WFmt F, int NT, bool kTwo, bool kTma>
+void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table,
+                   const lk::ExpertTma& tma) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT>();
   static std::atomic<uint64_t> done{0};
-  allow_smem(lk::expert_gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
-  lk::expert_gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
+  allow_smem(lk::expert_gemm_kernel<F, NT, kTwo, kTma>, smem, be.device_index(), done);
+  lk::expert_gemm_kernel<F, NT, kTwo, kTma><<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);
   check_launch(be.stream());
 }
 
@@ -142,14 +150,90 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
   }
 }
 
-template <WFmt F>
+template <WFmt F, bool kTma>
 void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two,
-                     const lk::ExpertTable& table) {
+                     const lk::ExpertTable& table, const lk::ExpertTma& tma) {
   switch (nt) {
-    case 1: return two ? launch_expert<F, 1, true>(be, p, grid, table) : launch_expert<F, 1, false>(be, p, grid, table);
-    case 2: return two ? launch_expert<F, 2, true>(be, p, grid, table) : launch_expert<F, 2, false>(be, p, grid, table);
-    default: return two ? launch_expert<F, 4, true>(be, p, grid, table) : launch_expert<F, 4, false>(be, p, grid, table);
+    case 1:
+      return two ? launch_expert<F, 1, true, kTma>(be, p, grid, table, tma)
+                 : launch_expert<F, 1, false, kTma>(be, p, grid, table, tma);
+    case 2:
+      return two ? launch_expert<F, 2, true, kTma>(be, p, grid, table, tma)
+                 : launch_expert<F, 2, false, kTma>(be, p, grid, table, tma);
+    default:
+      return two ? launch_expert<F, 4, true, kTma>(be, p, grid, table, tma)
+                 : launch_expert<F, 4, false, kTma>(be, p, grid, table, tma);
   }
+}
+
+// ---- TMA maps of FP4 expert weights (lk::ExpertTma) --------------------------------------
+std::atomic<int64_t> g_tma_launches{0};
+std::atomic<int> g_force_tma{-1};
+
+// DSV4_CUDA_TMA=0: the FP4 expert GEMM copies its weights with cp.async (A/B runs).
+bool tma_enabled() {
+  const int forced = g_force_tma.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  static const bool on = [] {
+    const char* v = std::getenv("DSV4_CUDA_TMA");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t e =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return PFN_cuTensorMapEncodeTiled_v12000(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// One side's map over the weights `ptrs` (one per expert, `rows` x row_bytes each):
+// false when they do not lie a whole number of rows apart or the span does not fit
+// the TMA's int32 row coordinate.
+bool encode_side(const std::vector<const uint8_t*>& ptrs, int64_t rows, int64_t row_bytes, CUtensorMap& map,
+                 const uint8_t*& base) {
+  if (ptrs.empty()) return true;
+  base = *std::min_element(ptrs.begin(), ptrs.end());
+  int64_t span = 0;
+  for (const uint8_t* q : ptrs) {
+    const int64_t off = q - base;
+    if (off % row_bytes != 0) return false;
+    span = std::max(span, off / row_bytes + rows);
+  }
+  if (span >= (int64_t(1) << 31) || !aligned(base, 16)) return false;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(span)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {lk::FmtTraits<WFmt::kFp4>::kWBytes, lk::kTileN};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(base), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Maps for the FP4 expert GEMM of one table chunk, or false (cp.async copies):
+// whole 128-row tiles only (a box never reaches past an expert's rows), each side's
+// experts a whole number of rows apart.
+bool build_expert_tma(const lk::GemmParams& p, const lk::ExpertTable& table, int64_t count, lk::ExpertTma& tma) {
+  if (!tma_enabled() || p.n % lk::kTileN != 0 || p.n_split % lk::kTileN != 0 || p.w_row_bytes % 16 != 0) return false;
+  std::vector<const uint8_t*> side[2];
+  for (int64_t e = 0; e < count; ++e) {
+    if (table.p[e][0] != nullptr) side[0].push_back(table.p[e][0]);
+    if (table.p[e][2] != nullptr) side[1].push_back(table.p[e][2]);
+  }
+  std::memset(&tma, 0, sizeof tma);
+  return encode_side(side[0], p.n_split, p.w_row_bytes, tma.map[0], tma.base[0]) &&
+         encode_side(side[1], p.n - p.n_split, p.w_row_bytes, tma.map[1], tma.base[1]);
 }
 
 // Partial sums and arrival counters for split launches (last_cta_fold = false: no
@@ -309,20 +393,29 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   auto table = std::make_unique<lk::ExpertTable>();
+  auto tma = std::make_unique<lk::ExpertTma>();
   for (int64_t c0 = 0; c0 < num_local; c0 += lk::kMaxTableExperts) {
     const int64_t c1 = std::min<int64_t>(num_local, c0 + lk::kMaxTableExperts);
     std::memset(table.get(), 0, sizeof(lk::ExpertTable));
     for (int64_t e = c0; e < c1; ++e) entries(e, table->p[e - c0]);
     p.chunk_begin = int(c0);
     p.chunk_end = int(c1);
-    if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4>(be, p, grid, nt, two, *table);
-    else dispatch_expert<WFmt::kFp8>(be, p, grid, nt, two, *table);
+    if (fmt == WFmt::kFp4 && build_expert_tma(p, *table, c1 - c0, *tma)) {
+      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, two, *table, *tma);
+      g_tma_launches.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      std::memset(tma.get(), 0, sizeof(lk::ExpertTma));
+      if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, two, *table, *tma);
+      else dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, two, *table, *tma);
+    }
   }
 }
 
 }  // namespace
 
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
+int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
 
 // ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
 void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {

@@ -39,6 +39,7 @@
 // into fp32's subnormal range (weight scales below ~2^-100).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -116,13 +117,24 @@ __host__ __device__ constexpr int gemm_smem_bytes() {
   constexpr int S = T::kStages;
   return 1024 /* alignment slack */ + S * kTileN * T::kWStride + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? S * kTileN * 4 : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
-         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16;
+         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0);
 }
 
 // Per-local-expert weight pointers: {w1.weight, w1.scale, w3.weight, w3.scale}
 // for gate/up, {w2.weight, w2.scale, -, -} for the down projection.
 struct ExpertTable {
   const uint8_t* p[kMaxTableExperts][4];
+};
+
+// FP4 expert weights fetched by the tensor-memory accelerator (TMA): one 2-D map per
+// weight side (w1 / w2, w3) over [rows, k/2] bytes starting at base[side], which
+// covers every expert of the launch: each expert's weight starts a whole number of
+// rows after base (cudaMalloc'd tensors are 2 MB-aligned; the host checks it, else
+// the launch takes the cp.async copies). The box is one stage: 128 rows x 64 bytes,
+// stored with the 64-byte swizzle (16-byte piece c of row r at c ^ ((r >> 1) & 3)).
+struct ExpertTma {
+  CUtensorMap map[2];
+  const uint8_t* base[2];
 };
 
 struct GemmParams {
@@ -226,6 +238,46 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// mbarrier + bulk tensor copy (sm_90). The stage's weight bytes arrive through the
+// TMA: one thread posts the expected byte count and issues the copy; every thread
+// waits for the barrier's phase to flip.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+// Initialised barriers made visible to the async proxy (the TMA's complete_tx).
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(a),
+      "r"(parity)
+      : "memory");
+}
+// Box {x, y} of a 2-D map (x: inner coordinate in elements) into shared memory.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(d),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(b)
+      : "memory");
+}
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
 // prmt.b32 in its default mode: byte n of the result is byte (sel nibble n & 7) of
@@ -385,10 +437,12 @@ DSV4_WGMMA_SS(WFmt::kBf16, 8, "m64n64k16.f32.bf16.bf16", ", 0, 0", 32, "%32, %33
 // at 16j + 4t are elements 8t..8t+7 of chunk j; their even elements go to a0 and the
 // odd ones to a2, so the activations store each 32-byte chunk as its 16 even elements,
 // then its 16 odd ones (split_pairs, store_quant4).
-__device__ __forceinline__ void load_a_frag_fp4(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
+// `piece`: where chunk j's 16 bytes sit in the row (j, or j ^ ((row >> 1) & 3) in a
+// TMA stage with the 64-byte swizzle; rows g and g + 8 share it).
+__device__ __forceinline__ void load_a_frag_fp4(const uint8_t* lo_row, const uint8_t* hi_row, int piece, int t,
                                                 uint32_t (&a)[4]) {
-  const uint2 lo = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(lo_row + 16 * j + 4 * t));
-  const uint2 hi = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(hi_row + 16 * j + 4 * t));
+  const uint2 lo = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(lo_row + 16 * piece + 4 * t));
+  const uint2 hi = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(hi_row + 16 * piece + 4 * t));
   a[0] = lo.x;
   a[1] = hi.x;
   a[2] = lo.y;
@@ -429,12 +483,18 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
-// partial sums per (row, column) in registers.
-template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights>
+// partial sums per (row, column) in registers. kTmaW (FP4 experts): the weight
+// stages come by TMA from tma->map[side] at row tma_row[side] + the tile's first row.
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
-                                          int rows, int tile_id) {
+                                          int rows, int tile_id, const ExpertTma* tma = nullptr, int tma_row0 = 0,
+                                          int tma_row1 = 0) {
   using T = FmtTraits<F>;
+  static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
+  // Bytes between weight rows in a stage buffer: TMA stages are dense (swizzled), the
+  // cp.async ones padded to kWStride; stage buffers stay kTileN * kWStride apart.
+  constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
   constexpr int BM = 8 * NT;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // 1024-aligned (the swizzle atoms; gemm_smem_bytes reserves the slack), and every
@@ -450,6 +510,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
   int* s_flag = s_rows + BM;
+  uint64_t* s_mbar = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(s_flag + 1) + 7) & ~uintptr_t(7));
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
@@ -461,6 +522,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const uint8_t* sc = second ? s1 : s0;
   const int64_t wrow0 = int64_t(group) * p.n + n0 - (second ? p.n_split : 0);
   const int64_t col0 = int64_t(group) * p.n + n0;
+  const CUtensorMap* wmap = kTmaW ? &tma->map[second ? 1 : 0] : nullptr;
+  const int wmap_row = kTmaW ? int((second ? tma_row1 : tma_row0) + wrow0) : 0;
 
   const int stages_total = p.k / T::kStageK;
   const int per_slice = stages_total / p.slices;
@@ -481,13 +544,20 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kTileN * T::kWStride;
-    const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
+    if constexpr (kTmaW) {
+      if (tid == 0) {  // the host sends only whole 128-row tiles this way
+        mbar_expect_tx(s_mbar + buf, kTileN * T::kWBytes);
+        tma_load_2d(dw, wmap, st * T::kWBytes, wmap_row, s_mbar + buf);
+      }
+    } else {
+      const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
 #pragma unroll
-    for (int i = 0; i < kWChunks; ++i, src += w_step) {
-      const int r = w_r0 + i * kRowStep;
-      const bool ok = r < valid_n;
-      const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
-      cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
+      for (int i = 0; i < kWChunks; ++i, src += w_step) {
+        const int r = w_r0 + i * kRowStep;
+        const bool ok = r < valid_n;
+        const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
+        cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
+      }
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
@@ -510,6 +580,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
     const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
     for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = srow[i];
+  }
+  if constexpr (kTmaW) {
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + s, 1);
+      mbar_init_fence();
+      tma_prefetch_map(wmap);
+    }
   }
   __syncthreads();
   auto a_source = [&](int i) -> const uint8_t* {
@@ -568,6 +645,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   for (int it = 0; it < iters; ++it) {
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
+    if constexpr (kTmaW) mbar_wait(s_mbar + it % kStages, (it / kStages) & 1);
     fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     {
@@ -649,6 +727,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
       // activation column 8q + 2t + e % 2.
       const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      const int swz = kTmaW ? (g >> 1) & 3 : 0;  // (tile_row >> 1) & 3
 #pragma unroll
       for (int j0 = 0; j0 < 4; j0 += kBatch) {
         uint32_t a[kBatch][2][4];
@@ -656,8 +735,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         for (int c = 0; c < kBatch; ++c)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const uint8_t* row = s_w + (buf * kTileN + tile_row(i, 0)) * T::kWStride;
-            load_a_frag_fp4(row, row + 8 * T::kWStride, j0 + c, t, a[c][i]);
+            const uint8_t* row = s_w + buf * kTileN * T::kWStride + tile_row(i, 0) * kWRow;
+            load_a_frag_fp4(row, row + 8 * kWRow, (j0 + c) ^ swz, t, a[c][i]);
           }
         wgmma_fence();
 #pragma unroll
@@ -790,16 +869,23 @@ __global__ void split_fold_kernel(const float* __restrict__ partial, int split, 
 // launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
 // on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
 // expert at M = 256).
-template <WFmt F, int NT, bool kTwoSets>
+// kTma (FP4): weight stages by TMA through tma's maps (see ExpertTma).
+template <WFmt F, int NT, bool kTwoSets, bool kTma>
 __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const GemmParams p,
-                                                                const __grid_constant__ ExpertTable table) {
+                                                                const __grid_constant__ ExpertTable table,
+                                                                const __grid_constant__ ExpertTma tma) {
   wait_for_predecessor();
   if (int(blockIdx.y) >= *p.num_tiles) return;
   const int4 tile = p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
-  gemm_tile<F, NT, kTwoSets, false>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
-                             int(blockIdx.y * gridDim.x + blockIdx.x));
+  int tma_row0 = 0, tma_row1 = 0;  // map rows of the expert's first weight row (host-checked to fit an int)
+  if constexpr (kTma) {
+    tma_row0 = int((e[0] - tma.base[0]) / p.w_row_bytes);
+    if (e[2] != nullptr) tma_row1 = int((e[2] - tma.base[1]) / p.w_row_bytes);
+  }
+  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
+                                          int(blockIdx.y * gridDim.x + blockIdx.x), &tma, tma_row0, tma_row1);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
