@@ -131,7 +131,7 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
 template <WFmt F, int NT, bool kTwo, bool kTma>
 void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table,
                    const lk::ExpertTma& tma) {
-  constexpr int smem = lk::gemm_smem_bytes<F, NT>();
+  constexpr int smem = lk::gemm_smem_bytes<F, NT, kTma>();
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::expert_gemm_kernel<F, NT, kTwo, kTma>, smem, be.device_index(), done);
   lk::expert_gemm_kernel<F, NT, kTwo, kTma><<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);

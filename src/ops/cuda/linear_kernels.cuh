@@ -110,12 +110,13 @@ __host__ __device__ constexpr int gemm_a_stage_bytes() {
   return 8 * NT * 128;
 }
 
-// Dynamic shared memory of gemm_kernel<F, NT, *>; the layout is carved in gemm_tile.
-template <WFmt F, int NT>
+// Dynamic shared memory of gemm_kernel<F, NT, *> (kTmaW: expert_gemm_kernel with TMA
+// weight stages, whose rows are dense); the layout is carved in gemm_tile.
+template <WFmt F, int NT, bool kTmaW = false>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
   constexpr int S = T::kStages;
-  return 1024 /* alignment slack */ + S * kTileN * T::kWStride + S * gemm_a_stage_bytes<NT>() +
+  return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? S * kTileN * 4 : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0);
 }
@@ -243,20 +244,21 @@ __device__ __forceinline__ void cp_async_wait() {
 // mbarrier + bulk tensor copy (sm_90). The stage's weight bytes arrive through the
 // TMA: one thread posts the expected byte count and issues the copy; every thread
 // waits for the barrier's phase to flip.
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Barriers by shared-memory address (computed once, outside the stage loop).
+__device__ __forceinline__ void mbar_init(uint32_t a, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
 }
 // Initialised barriers made visible to the async proxy (the TMA's complete_tx).
 __device__ __forceinline__ void mbar_init_fence() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+__device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
@@ -268,9 +270,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 // Box {x, y} of a 2-D map (x: inner coordinate in elements) into shared memory.
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+__device__ __forceinline__ void tma_load_2d(uint32_t d, const CUtensorMap* map, int x, int y, uint32_t b) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(d),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(b)
@@ -302,21 +302,29 @@ __device__ __forceinline__ uint2 fp4x8_to_e4m3x8_div64(uint32_t w) {
   return make_uint2(even, odd);
 }
 
-// The 4 UE8M0 scale bytes of one FP4 weight row for one stage (byte j: elements
-// 32j..32j+31) as floats 2^(b-127), exact. Bytes 1..254 are a shift; a word holding
-// 0 (2^-127, subnormal) or 255 (NaN) takes core::e8m0_to_float.
-__device__ __forceinline__ void e8m0x4_to_float(uint32_t w, float (&f)[4]) {
-  // Some byte 0 (the zero-byte test on w) or 255 (the same test on ~w)?
-  const uint32_t nw = ~w;
-  if (((w - 0x01010101u) & ~w & 0x80808080u) | ((nw - 0x01010101u) & w & 0x80808080u)) {
+// UE8M0 scale words (4 bytes each: one FP4 weight row's scales for one stage, byte j
+// for elements 32j..32j+31) as floats 2^(b-127), exact. Bytes 1..254 are a shift;
+// 0 (2^-127, subnormal) and 255 (NaN) take core::e8m0_to_float. One test for all W
+// words (a branch per word cost ~7 instructions each in the FP4 stage loop).
+template <int W>
+__device__ __forceinline__ void e8m0_words_to_float(const uint32_t (&w)[W], float (&f)[W][4]) {
+  uint32_t special = 0;  // some byte 0 (the zero-byte test on w) or 255 (the same test on ~w)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) f[j] = core::e8m0_to_float(uint8_t(w >> (8 * j)));
+  for (int i = 0; i < W; ++i) special |= ((w[i] - 0x01010101u) & ~w[i]) | ((~w[i] - 0x01010101u) & w[i]);
+  if (special & 0x80808080u) {
+#pragma unroll
+    for (int i = 0; i < W; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f[i][j] = core::e8m0_to_float(uint8_t(w[i] >> (8 * j)));
     return;
   }
-  f[0] = __uint_as_float((w << 23) & 0x7F800000u);
-  f[1] = __uint_as_float((w << 15) & 0x7F800000u);
-  f[2] = __uint_as_float((w << 7) & 0x7F800000u);
-  f[3] = __uint_as_float((w >> 1) & 0x7F800000u);
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    f[i][0] = __uint_as_float((w[i] << 23) & 0x7F800000u);
+    f[i][1] = __uint_as_float((w[i] << 15) & 0x7F800000u);
+    f[i][2] = __uint_as_float((w[i] << 7) & 0x7F800000u);
+    f[i][3] = __uint_as_float((w[i] >> 1) & 0x7F800000u);
+  }
 }
 
 // ---- wgmma (sm_90a) ----------------------------------------------------------------------
@@ -495,6 +503,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // Bytes between weight rows in a stage buffer: TMA stages are dense (swizzled), the
   // cp.async ones padded to kWStride; stage buffers stay kTileN * kWStride apart.
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
+  constexpr int kWStage = kTileN * kWRow;  // a multiple of 1024
   constexpr int BM = 8 * NT;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // 1024-aligned (the swizzle atoms; gemm_smem_bytes reserves the slack), and every
@@ -504,13 +513,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
   constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
-  uint8_t* s_a = s_w + kStages * kTileN * T::kWStride;  // [kStages][kAStage]
+  uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]
   uint8_t* s_ws = s_a + kStages * kAStage;              // FP4: [kStages][kTileN][4] scale bytes
   float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? kStages * kTileN * 4 : 0));  // [kStages][BM]
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
   int* s_flag = s_rows + BM;
-  uint64_t* s_mbar = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(s_flag + 1) + 7) & ~uintptr_t(7));
+  // FP4 TMA stages: one 8-byte mbarrier per stage buffer, by shared address.
+  const uint32_t s_mbar = (smem_u32(s_flag + 1) + 7) & ~7u;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
@@ -543,11 +553,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
   auto load_weights = [&](int st, int buf) {
-    uint8_t* dw = s_w + buf * kTileN * T::kWStride;
+    uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
       if (tid == 0) {  // the host sends only whole 128-row tiles this way
-        mbar_expect_tx(s_mbar + buf, kTileN * T::kWBytes);
-        tma_load_2d(dw, wmap, st * T::kWBytes, wmap_row, s_mbar + buf);
+        mbar_expect_tx(s_mbar + 8 * buf, kTileN * T::kWBytes);
+        tma_load_2d(smem_u32(dw), wmap, st * T::kWBytes, wmap_row, s_mbar + 8 * buf);
       }
     } else {
       const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
@@ -583,7 +593,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   }
   if constexpr (kTmaW) {
     if (tid == 0) {
-      for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + s, 1);
+      for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + 8 * s, 1);
       mbar_init_fence();
       tma_prefetch_map(wmap);
     }
@@ -643,9 +653,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     cp_async_commit();
   }
 
+  // Position of stage `it` in its slice (a counter: `it % per_slice` cost an integer
+  // division per stage).
+  int slice_pos = 0;
   for (int it = 0; it < iters; ++it) {
+    const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+    slice_pos = slice_last ? 0 : slice_pos + 1;
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
-    if constexpr (kTmaW) mbar_wait(s_mbar + it % kStages, (it / kStages) & 1);
+    if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (it % kStages), (it / kStages) & 1);
     fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     {
@@ -672,20 +687,29 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     float wsf[2][2][4];
     float q_acc[2][NT][4];
     if constexpr (F == WFmt::kFp4) {
+      uint32_t words[4];
+      float f[4][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          e8m0x4_to_float(*reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + tile_row(i, h)) * 4), wsf[i][h]);
+          words[2 * i + h] = *reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + tile_row(i, h)) * 4);
+      e8m0_words_to_float(words, f);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) wsf[i][h][j] = f[2 * i + h][j];
     }
     float wsc = 1.0f;
     if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
     if constexpr (kTcSum) {
       // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
       // 0 on the slice's first chunk); copied out at the slice's end.
-      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kTileN * T::kWStride));
+      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage));
       const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
-      const bool first = it % per_slice == 0;
+      const bool first = slice_first;
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -696,12 +720,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
       wgmma_commit();
       wgmma_wait_all();
-      if ((it + 1) % per_slice == 0)
+      if (slice_last)
         for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; });
     } else if constexpr (kSmemA) {
       // kBatch chunks, both halves of each, one wait, then each result scaled and
       // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p).
-      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kTileN * T::kWStride));
+      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage));
       const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
 #pragma unroll
       for (int j0 = 0; j0 < 4; j0 += kBatch) {
@@ -735,7 +759,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         for (int c = 0; c < kBatch; ++c)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const uint8_t* row = s_w + buf * kTileN * T::kWStride + tile_row(i, 0) * kWRow;
+            const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
             load_a_frag_fp4(row, row + 8 * kWRow, (j0 + c) ^ swz, t, a[c][i]);
           }
         wgmma_fence();
@@ -765,7 +789,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          const uint8_t* row = s_w + (buf * kTileN + tile_row(i, 0)) * T::kWStride;
+          const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
           load_a_frag_e4m3_bf16(row, row + 8 * T::kWStride, j, t, a[j][i]);
         }
       wgmma_fence();
@@ -782,7 +806,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if constexpr (F == WFmt::kFp4)
       for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]); });
     if constexpr (kTwoSets) {
-      if ((it + 1) % per_slice == 0) {  // slice boundary: fold p_s into the running total
+      if (slice_last) {  // slice boundary: fold p_s into the running total
         for_each_acc<NT>([&](int i, int q, int e) {
           tot[i][q][e] += cur[i][q][e];
           cur[i][q][e] = 0.0f;
