@@ -594,8 +594,11 @@ __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* _
 
 // ---- moe_reduce / moe_output ---------------------------------------------------
 // routed[t] = sum of the row's slots in ascending expert id (stable), ids < 0
-// skipped. One CTA per row; thread 0 orders the k slots (insertion sort, stable).
-// Roofline: (k * 2 + 4) * D bytes per row.
+// skipped. CTA (row, column block of 128 x VEC values): its thread 0 orders the k
+// slots (insertion sort, stable), then one thread per VEC columns. Roofline:
+// (k * 2 + 4) * D bytes per row. One CTA per row took ~14 µs at batch 1 (ncu,
+// real clocks), 4 per row (D = 4096) spread the row's loads over 4 SMs.
+constexpr int kMoeReduceThreads = 128;
 constexpr int kMaxMoeSlots = 64;
 
 template <int VEC>
@@ -606,8 +609,6 @@ __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const i
   __shared__ int32_t row_ids[kMaxMoeSlots];
   __shared__ int count;
   const int64_t t = blockIdx.x;
-  // The row's ids in shared memory first, so the sort reads no global memory. (The
-  // launch's ~15 µs at batch 1 under ncu did not move with this: not understood yet.)
   for (int s = int(threadIdx.x); s < k; s += blockDim.x) row_ids[s] = ids[t * k + s];
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -626,7 +627,8 @@ __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const i
   }
   __syncthreads();
   const int n = count;
-  for (int64_t c = threadIdx.x; c < D / VEC; c += blockDim.x) {
+  const int64_t c = int64_t(blockIdx.y) * kMoeReduceThreads + threadIdx.x;
+  if (c < D / VEC) {
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
@@ -861,12 +863,15 @@ void CudaBackend::do_moe_reduce(const Tensor& slot_out, const Tensor& ids, const
   if (T == 0 || D == 0) return;
   DSV4_CHECK(k <= kMaxMoeSlots, "moe_reduce: {} slots per row, at most {}", k, kMaxMoeSlots);
   const bool v8 = D % 8 == 0 && aligned16(slot_out.data()) && aligned16(routed.data());
+  const int64_t col_blocks = (D / (v8 ? 8 : 1) + kMoeReduceThreads - 1) / kMoeReduceThreads;
+  DSV4_CHECK(col_blocks <= 65535, "moe_reduce: D={} too large", D);
+  const dim3 grid{unsigned(T), unsigned(col_blocks), 1};
   if (v8)
-    moe_reduce_kernel<8><<<unsigned(T), 128, 0, stream_>>>(slot_out.as<uint16_t>(), ids.as<int32_t>(), k, D,
-                                                           routed.as<float>());
+    moe_reduce_kernel<8><<<grid, kMoeReduceThreads, 0, stream_>>>(slot_out.as<uint16_t>(), ids.as<int32_t>(), k, D,
+                                                                  routed.as<float>());
   else
-    moe_reduce_kernel<1><<<unsigned(T), 128, 0, stream_>>>(slot_out.as<uint16_t>(), ids.as<int32_t>(), k, D,
-                                                           routed.as<float>());
+    moe_reduce_kernel<1><<<grid, kMoeReduceThreads, 0, stream_>>>(slot_out.as<uint16_t>(), ids.as<int32_t>(), k, D,
+                                                                  routed.as<float>());
   check_launch(stream_);
 }
 
