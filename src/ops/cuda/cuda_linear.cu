@@ -253,19 +253,6 @@ void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, 
   if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, bytes, be.stream()));
 }
 
-// Plain GEMMs with at most this many weight bytes prefetch them into L2 at once
-// (lk::GemmParams::l2_prefetch; H100 / H200 have 50 MB of L2). DSV4_CUDA_L2_PREFETCH=0
-// turns it off (A/B runs).
-constexpr int64_t kL2PrefetchBytes = int64_t(32) << 20;
-
-bool l2_prefetch_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_CUDA_L2_PREFETCH");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
 // Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
 void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const int stage_k = is_quant(fmt) ? 128 : 64;
@@ -290,8 +277,6 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const bool fold_launch = split && int64_t(p.slices) * p.m > 64;
   DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
   if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch);
-  p.l2_prefetch = l2_prefetch_enabled() && int64_t(p.groups) * p.n * p.w_row_bytes <= kL2PrefetchBytes &&
-                  p.w_row_bytes % 16 == 0 && aligned(p.w0, 16) && aligned(p.w1, 16);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {

@@ -178,9 +178,6 @@ struct GemmParams {
   const int* num_tiles;
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
-  // Plain GEMMs whose weights fit in L2: each CTA of the first row tile asks the L2
-  // for all of its weight bytes before waiting for its predecessor.
-  int l2_prefetch;
 };
 
 // ---- small helpers ------------------------------------------------------------------
@@ -278,11 +275,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t d, const CUtensorMap* map, 
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(d),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(b)
       : "memory");
-}
-// Bulk prefetch of global bytes into L2 (no completion to wait for; 16-byte aligned
-// address, a multiple of 16 bytes).
-__device__ __forceinline__ void prefetch_l2_bulk(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
@@ -588,11 +580,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // the wait returns once that kernel has finished). Expert GEMMs wait at entry: their
   // tile list is the predecessor's output.
   if constexpr (kEarlyWeights) {
-    // The whole K range of the tile's rows requested at once: the DRAM streams at
-    // full rate from the start instead of kStages - 1 stages ahead of the math.
-    if (p.l2_prefetch && row_base == 0 && tid < valid_n)
-      prefetch_l2_bulk(w + (wrow0 + tid) * p.w_row_bytes + int64_t(st_begin) * T::kWBytes,
-                       uint32_t(iters) * T::kWBytes);
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s)
       if (s < iters) load_weights(st_begin + s, s);
