@@ -375,9 +375,9 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   }
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane > mix) return;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const int rb = warp * 4;  // 8 warps x 4 rows = the 32-row tile
+  if (lane > mix || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int k = 0; k < kHcSlice; ++k) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
@@ -491,21 +491,39 @@ struct HcFinishArgs {
 };
 
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
+// The row's partials (S x 32 floats, 128 bytes per slice 128 KB apart) are first
+// copied to shared memory by every thread, 16 bytes each, all loads in flight at
+// once; the kMix + 1 sums then read them in slice order. (Each summing thread
+// loading its own column, 16 loads at a time, took 8 dependent memory round trips:
+// ~11 µs a launch at batch 1, ncu at the GPU's own clocks.)
+constexpr int kHcMaxStagedSlices = 256;  // 32 KB of shared memory; more slices load directly
 template <int HC, bool kHead, int VEC>
 __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
   wait_for_predecessor();
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
+  static_assert(kMix < 32, "the sums of one slice fit its 32 partials");
   __shared__ float raw[kMix + 1];
   __shared__ float pre[HC];
+  __shared__ float4 staged[kHcMaxStagedSlices * 8];
   const int64_t t = blockIdx.x;
   const int64_t n = HC * a.D;
+  const int slices = int(a.slices);
+  const bool stage = slices <= kHcMaxStagedSlices;
+  if (stage) {
+    for (int i = int(threadIdx.x); i < slices * 8; i += int(blockDim.x))
+      staged[i] = reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
+    __syncthreads();
+  }
   if (threadIdx.x <= kMix) {
-    float s = 0.0f;
-    // In slice order; unrolled so that 16 loads are in flight, not one. (The launch's
-    // ~13 µs at batch 1 did not move with this: they are the Sinkhorn's.)
+    float s = 0.0f;  // in slice order
+    if (stage) {
+      const float* st = reinterpret_cast<const float*>(staged);
+      for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, st[sl * 32 + threadIdx.x]);
+    } else {
 #pragma unroll 16
-    for (int sl = 0; sl < int(a.slices); ++sl)
-      s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + threadIdx.x]);
+      for (int sl = 0; sl < slices; ++sl)
+        s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + threadIdx.x]);
+    }
     raw[threadIdx.x] = s;
   }
   __syncthreads();
