@@ -1399,11 +1399,24 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
           const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
           const float sc = core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]);
           const uint32_t cw[2] = {codes.x, codes.y};
-          uint32_t vw[4];
+          float f[8];
+          uint32_t low = 0;  // the low 16 bits of all 8 products
 #pragma unroll
-          for (int w2 = 0; w2 < 4; ++w2) {
-            const uint32_t word = cw[w2 >> 1] >> (16 * (w2 & 1));
-            vw[w2] = pack_bf16(__fmul_rn(lut[word & 0xffu], sc), __fmul_rn(lut[(word >> 8) & 0xffu], sc));
+          for (int e = 0; e < 8; ++e) {
+            f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
+            low |= __float_as_uint(f[e]);
+          }
+          // An e4m3 value times a power of two is exact in bf16 unless it falls below
+          // bf16's normal range (or is a NaN): then the upper 16 bits are the rounded
+          // value, one byte permute per pair instead of two roundings (~60 of the
+          // decode's ~100 instructions per 8 values, ncu at batch 64).
+          uint32_t vw[4];
+          if ((low & 0xffffu) == 0) {
+#pragma unroll
+            for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
+          } else {
+#pragma unroll
+            for (int w2 = 0; w2 < 4; ++w2) vw[w2] = pack_bf16(f[2 * w2], f[2 * w2 + 1]);
           }
           v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
         } else {
