@@ -45,14 +45,22 @@ namespace {
 
 std::atomic<int> g_force_path{-1};
 
+// Whether environment variable `name` is set to `value` (callers keep the answer
+// in a static: read once).
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+// A switch a test hook may force: -1 follows the environment, 0 / 1 force it.
+bool forced_or(const std::atomic<int>& forced, bool from_env) {
+  const int f = forced.load(std::memory_order_relaxed);
+  return f >= 0 ? f == 1 : from_env;
+}
+
 bool simple_path() {
-  const int forced = g_force_path.load(std::memory_order_relaxed);
-  if (forced >= 0) return forced == 1;
-  static const bool from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_KERNELS");
-    return v != nullptr && std::strcmp(v, "simple") == 0;
-  }();
-  return from_env;
+  static const bool from_env = env_is("DSV4_CUDA_KERNELS", "simple");
+  return forced_or(g_force_path, from_env);
 }
 
 
@@ -172,13 +180,8 @@ std::atomic<int> g_force_tma{-1};
 
 // DSV4_CUDA_TMA=0: the FP4 expert GEMM copies its weights with cp.async (A/B runs).
 bool tma_enabled() {
-  const int forced = g_force_tma.load(std::memory_order_relaxed);
-  if (forced >= 0) return forced == 1;
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_CUDA_TMA");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
+  static const bool from_env = !env_is("DSV4_CUDA_TMA", "0");
+  return forced_or(g_force_tma, from_env);
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -205,7 +208,7 @@ bool encode_side(const std::vector<const uint8_t*>& ptrs, int64_t rows, int64_t 
   base = *std::min_element(ptrs.begin(), ptrs.end());
   int64_t span = 0;
   for (const uint8_t* q : ptrs) {
-    const int64_t off = q - base;
+    const int64_t off = int64_t(reinterpret_cast<uintptr_t>(q) - reinterpret_cast<uintptr_t>(base));  // other allocations
     if (off % row_bytes != 0) return false;
     span = std::max(span, off / row_bytes + rows);
   }

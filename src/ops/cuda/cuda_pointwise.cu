@@ -491,7 +491,7 @@ struct HcFinishArgs {
 };
 
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
-// The row's partials (S x 32 floats, 128 bytes per slice 128 KB apart) are first
+// The row's partials (S x 32 floats, 128 bytes per slice, 64 KB apart) are first
 // copied to shared memory by every thread, 16 bytes each, all loads in flight at
 // once; the kMix + 1 sums then read them in slice order. (Each summing thread
 // loading its own column, 16 loads at a time, took 8 dependent memory round trips:

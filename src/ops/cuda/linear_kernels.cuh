@@ -501,7 +501,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
   // Bytes between weight rows in a stage buffer: TMA stages are dense (swizzled), the
-  // cp.async ones padded to kWStride; stage buffers stay kTileN * kWStride apart.
+  // cp.async ones padded to kWStride (gemm_smem_bytes sizes both).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
   constexpr int kWStage = kTileN * kWRow;  // a multiple of 1024
   constexpr int BM = 8 * NT;
@@ -904,9 +904,12 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(const GemmParams 
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
   int tma_row0 = 0, tma_row1 = 0;  // map rows of the expert's first weight row (host-checked to fit an int)
-  if constexpr (kTma) {
-    tma_row0 = int((e[0] - tma.base[0]) / p.w_row_bytes);
-    if (e[2] != nullptr) tma_row1 = int((e[2] - tma.base[1]) / p.w_row_bytes);
+  if constexpr (kTma) {  // (addresses, not pointer differences: the experts are separate allocations)
+    const auto row_of = [&](const uint8_t* w, const uint8_t* base) {
+      return int((reinterpret_cast<uintptr_t>(w) - reinterpret_cast<uintptr_t>(base)) / uint64_t(p.w_row_bytes));
+    };
+    tma_row0 = row_of(e[0], tma.base[0]);
+    if (e[2] != nullptr) tma_row1 = row_of(e[2], tma.base[1]);
   }
   gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
                                           int(blockIdx.y * gridDim.x + blockIdx.x), &tma, tma_row0, tma_row1);
