@@ -129,23 +129,24 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
       {{"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}, {"cq", b.cq.data()},
        {"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", b.topk.data()}, {"cache", &cache}},
       [&be, &w, &cache, &c, this, batch, X, x, xn, post, comb, cq_raw, cq, q, kv, topk, rope, eps, T, Dh, H, &b] {
+        // Linears of one input go in pairs (one activation quantization, one launch
+        // where the backend can): q_a with kv, q_b with the indexer's q, wkv with wgate.
         be.hc_pre(X, w.hc_attn, hc_config_, x, post, comb);
         be.rms_norm(x, w.attn_norm, eps, xn);
-        be.linear(xn, w.wq_a, cq_raw);
+        be.linear_pair(xn, w.wq_a, cq_raw, w.wkv, kv);
         be.rms_norm(cq_raw, w.q_norm, eps, cq);
-        be.linear(cq, w.wq_b, q.reshape({T, H * Dh}));
+        const int64_t Hi = c.index_n_heads, Di = c.index_head_dim;
+        Tensor iq = w.ratio == 4 ? b.idx_q.rows(0, T) : Tensor();
+        if (w.ratio == 4) be.linear_pair(cq, w.wq_b, q.reshape({T, H * Dh}), w.index_wq_b, iq.reshape({T, Hi * Di}));
+        else be.linear(cq, w.wq_b, q.reshape({T, H * Dh}));
         be.q_norm_rope(q, batch, rope, eps);
-        be.linear(xn, w.wkv, kv);
         be.rms_norm(kv, w.kv_norm, eps, kv);
         be.kv_rope_quant(kv, batch, rope);
         if (w.ratio == 4) {
-          const int64_t Hi = c.index_n_heads, Di = c.index_head_dim;
-          Tensor iq = b.idx_q.rows(0, T), iw = b.idx_w.rows(0, T), ia = b.idx_a.rows(0, T), ig = b.idx_g.rows(0, T);
-          be.linear(cq, w.index_wq_b, iq.reshape({T, Hi * Di}));
+          Tensor iw = b.idx_w.rows(0, T), ia = b.idx_a.rows(0, T), ig = b.idx_g.rows(0, T);
           be.indexer_q(iq, batch, rope);
           be.linear_bf16(xn, w.index_weights_proj, iw);
-          be.linear_bf16(xn, w.index_compressor.wkv, ia);
-          be.linear_bf16(xn, w.index_compressor.wgate, ig);
+          be.linear_bf16_pair(xn, w.index_compressor.wkv, ia, w.index_compressor.wgate, ig);
           be.compress(ia, ig, w.index_compressor, batch, rope, eps, cache);
           be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk);
         }
@@ -153,8 +154,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
           const int64_t width = w.compressor.width();
           Tensor a = b.comp_a.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
           Tensor g = b.comp_g.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
-          be.linear_bf16(xn, w.compressor.wkv, a);
-          be.linear_bf16(xn, w.compressor.wgate, g);
+          be.linear_bf16_pair(xn, w.compressor.wkv, a, w.compressor.wgate, g);
           be.compress(a, g, w.compressor, batch, rope, eps, cache);
         }
       }});

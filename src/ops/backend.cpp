@@ -188,6 +188,42 @@ void Backend::linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
   do_linear_bf16(x, w, y);
 }
 
+void Backend::linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
+                          const Tensor& yb) {
+  const auto d = device();
+  expect_quant(wa, d, "linear_pair (first weight)");
+  expect_quant(wb, d, "linear_pair (second weight)");
+  DSV4_CHECK(wa.k == wb.k, "linear_pair: the weights take K={} and K={}; one input needs one K", wa.k, wb.k);
+  DSV4_CHECK(wa.k % 128 == 0, "linear_pair: K={} is not a multiple of the 128-wide activation blocks", wa.k);
+  expect(x, DType::kBF16, {-1, wa.k}, d, "linear_pair", "x");
+  expect(ya, DType::kBF16, {x.size(0), wa.n}, d, "linear_pair", "ya");
+  expect(yb, DType::kBF16, {x.size(0), wb.n}, d, "linear_pair", "yb");
+  do_linear_pair(x, wa, ya, wb, yb);
+}
+
+void Backend::linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& ya, const Tensor& wb,
+                               const Tensor& yb) {
+  const auto d = device();
+  expect(wa, DType::kBF16, {-1, -1}, d, "linear_bf16_pair", "wa");
+  expect(wb, DType::kBF16, {-1, wa.size(1)}, d, "linear_bf16_pair", "wb");
+  expect_float(x, {-1, wa.size(1)}, d, "linear_bf16_pair", "x");
+  expect_float(ya, {x.size(0), wa.size(0)}, d, "linear_bf16_pair", "ya");
+  expect_float(yb, {x.size(0), wb.size(0)}, d, "linear_bf16_pair", "yb");
+  do_linear_bf16_pair(x, wa, ya, wb, yb);
+}
+
+void Backend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
+                             const Tensor& yb) {
+  do_linear(x, wa, ya);
+  do_linear(x, wb, yb);
+}
+
+void Backend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& ya, const Tensor& wb,
+                                  const Tensor& yb) {
+  do_linear_bf16(x, wa, ya);
+  do_linear_bf16(x, wb, yb);
+}
+
 void Backend::grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
   const auto d = device();
   expect_quant(w, d, "grouped_linear");

@@ -116,6 +116,14 @@ class Backend {
   // Plain linear with a bf16 weight [N, K]: x bf16 or f32 [T, K] (upcast), fp32
   // accumulation, y bf16 or f32 [T, N] (compressor, router, indexer weights, LM head).
   void linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y);
+  // Two linears of one input: ya = linear(x, wa), yb = linear(x, wb), with the same
+  // results as two calls (the activations are quantized once; a backend may run both
+  // products as one launch). Both weights take the same K.
+  void linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                   const core::Tensor& yb);
+  // The same for linear_bf16: ya = linear_bf16(x, wa), yb = linear_bf16(x, wb).
+  void linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya, const core::Tensor& wb,
+                        const core::Tensor& yb);
   // Grouped low-rank output projection wo_a (spec §5.6): the FP8 weight [G*R, C]
   // is used dequantized and the activation is not quantized (bf16 einsum):
   // y[t, g*R + r] = bf16(sum_c x[t, g*C + c] * W[g*R + r, c]). x bf16 [T, G*C], y bf16 [T, G*R].
@@ -210,6 +218,11 @@ class Backend {
                           const core::Tensor& y) = 0;
   virtual void do_linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y) = 0;
   virtual void do_linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y) = 0;
+  // Default: the two products one after the other.
+  virtual void do_linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya,
+                              const QuantLinear& wb, const core::Tensor& yb);
+  virtual void do_linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya,
+                                   const core::Tensor& wb, const core::Tensor& yb);
   virtual void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups,
                                  const core::Tensor& y) = 0;
   virtual void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w,

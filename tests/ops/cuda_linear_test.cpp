@@ -340,6 +340,95 @@ TEST_P(CudaLinear, LinearWithEmptyReductionWritesZeros) {
   expect_bitwise(ref, to_host(env.cuda, y), "K=0 linear");
 }
 
+// ---- linear_pair ---------------------------------------------------------------------------
+// Two weights on one input (one quantization, one stacked launch on the fast path):
+// each output against the reference, and against two single CUDA linears bit for
+// bit where the stacked launch keeps each weight's K-slice count (all cases below
+// but the last, where the first weight's rows are not a whole number of tiles and
+// the pair takes two launches anyway).
+TEST_P(CudaLinear, LinearPairMatchesCpuAndTwoLinears) {
+  Env env;
+  Rng rng(0x13);
+  struct Case {
+    int64_t na, nb, k;
+    bool fp4;
+  };
+  // (1024, 512, 4096): wq_a and wkv of Flash at 32 slices (split, folded by the tile's
+  // last CTA or by split_fold_kernel); K = 384: one slice, the Hopper model bit for
+  // bit; nb off the tile; an FP4 pair and na off the tile take two launches.
+  for (const Case c : {Case{1024, 512, 4096, false}, Case{256, 128, 384, false}, Case{128, 200, 256, false},
+                       Case{256, 128, 256, true}, Case{200, 256, 256, false}}) {
+    const QuantLinear ha = host_quant(c.na, c.k, c.fp4, draw_seed(rng)), hb = host_quant(c.nb, c.k, c.fp4, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    for (int64_t M : {0, 1, 3, 16, 65, 256}) {
+      const Tensor x = rng.bf16({M, c.k});
+      const Tensor dx = to_device(env.cuda, x);
+      Tensor ref_a = Tensor::empty_cpu(DType::kBF16, {M, c.na}), ref_b = Tensor::empty_cpu(DType::kBF16, {M, c.nb});
+      poison(ref_a);
+      poison(ref_b);
+      ref_backend(env).linear_pair(x, ha, ref_a, hb, ref_b);
+      Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, c.na}), yb = device_poisoned(env.cuda, DType::kBF16, {M, c.nb});
+      env.cuda.linear_pair(dx, da, ya, db, yb);
+      Tensor sa = device_poisoned(env.cuda, DType::kBF16, {M, c.na}), sb = device_poisoned(env.cuda, DType::kBF16, {M, c.nb});
+      env.cuda.linear(dx, da, sa);
+      env.cuda.linear(dx, db, sb);
+      const std::string what = std::string(c.fp4 ? "fp4" : "fp8") + " linear_pair M=" + std::to_string(M) + " N=" +
+                               std::to_string(c.na) + "+" + std::to_string(c.nb) + " K=" + std::to_string(c.k);
+      const Tensor got_a = to_host(env.cuda, ya), got_b = to_host(env.cuda, yb);
+      expect_close(ref_a, got_a, 2.0, 1e-3, what + " (first)");
+      expect_close(ref_b, got_b, 2.0, 1e-3, what + " (second)");
+      expect_bitwise(to_host(env.cuda, sa), got_a, what + " (first) vs one linear");
+      expect_bitwise(to_host(env.cuda, sb), got_b, what + " (second) vs one linear");
+      if (g_forced_path == 0 && c.k == 384 && !c.fp4) {
+        expect_bitwise(ref_a, got_a, what + " (first) vs the Hopper model");
+        expect_bitwise(ref_b, got_b, what + " (second) vs the Hopper model");
+      }
+    }
+  }
+}
+
+TEST_P(CudaLinear, Bf16LinearPairMatchesCpu) {
+  Env env;
+  Rng rng(0x21);
+  struct Case {
+    int64_t na, nb, k;
+    bool y_f32;
+  };
+  // The compressor's wkv/wgate pairs of Flash (f32 out; (1024, 1024) stacks 16 tiles,
+  // so its K-slice count differs from a single weight's: reference only), a bf16 pair
+  // with nb = 64 (a partial tile), and na off the tile (two launches).
+  for (const Case c : {Case{256, 256, 4096, true}, Case{1024, 1024, 4096, true}, Case{128, 64, 256, false},
+                       Case{100, 128, 256, false}}) {
+    const Tensor ha = rng.bf16({c.na, c.k}, 1.0f / std::sqrt(float(c.k)));
+    const Tensor hb = rng.bf16({c.nb, c.k}, 1.0f / std::sqrt(float(c.k)));
+    const Tensor da = to_device(env.cuda, ha), db = to_device(env.cuda, hb);
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    const bool same_slices = !(c.na == 1024 && c.nb == 1024);
+    for (int64_t M : {0, 1, 16, 65}) {
+      const Tensor x = rng.bf16({M, c.k});
+      const Tensor dx = to_device(env.cuda, x);
+      Tensor ref_a = Tensor::empty_cpu(ydt, {M, c.na}), ref_b = Tensor::empty_cpu(ydt, {M, c.nb});
+      poison(ref_a);
+      poison(ref_b);
+      ref_backend(env).linear_bf16_pair(x, ha, ref_a, hb, ref_b);
+      Tensor ya = device_poisoned(env.cuda, ydt, {M, c.na}), yb = device_poisoned(env.cuda, ydt, {M, c.nb});
+      env.cuda.linear_bf16_pair(dx, da, ya, db, yb);
+      const std::string what = "bf16 linear_pair M=" + std::to_string(M) + " N=" + std::to_string(c.na) + "+" +
+                               std::to_string(c.nb) + " K=" + std::to_string(c.k);
+      const Tensor got_a = to_host(env.cuda, ya), got_b = to_host(env.cuda, yb);
+      expect_close(ref_a, got_a, 2.0, 1e-3, what + " (first)");
+      expect_close(ref_b, got_b, 2.0, 1e-3, what + " (second)");
+      if (same_slices) {
+        Tensor sa = device_poisoned(env.cuda, ydt, {M, c.na}), sb = device_poisoned(env.cuda, ydt, {M, c.nb});
+        env.cuda.linear_bf16(dx, da, sa);
+        env.cuda.linear_bf16(dx, db, sb);
+        expect_bitwise(to_host(env.cuda, sa), got_a, what + " (first) vs one linear");
+        expect_bitwise(to_host(env.cuda, sb), got_b, what + " (second) vs one linear");
+      }
+    }
+  }
+}
+
 // ---- linear_bf16 -------------------------------------------------------------------------
 TEST_P(CudaLinear, Bf16LinearMatchesCpu) {
   Env env;

@@ -66,6 +66,10 @@ class CudaBackend final : public Backend {
   void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& y) override;
   void do_linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y) override;
   void do_linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y) override;
+  void do_linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                      const core::Tensor& yb) override;
+  void do_linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya,
+                           const core::Tensor& wb, const core::Tensor& yb) override;
   void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y) override;
   void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w, const BatchView& batch,
                    const RopeTable& rope, float norm_eps, LayerCache& cache) override;

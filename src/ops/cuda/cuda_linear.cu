@@ -272,6 +272,8 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   // small N) and the partials stay small; otherwise each CTA walks all slices.
   // Both give the same bits.
   const int64_t cols = int64_t(p.groups) * p.n;
+  DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
+             "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
@@ -290,8 +292,8 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   }
   if (fold_launch) {
     const int64_t outputs = p.m * cols;
-    lk::split_fold_kernel<<<unsigned((outputs + 255) / 256), 256, 0, be.stream()>>>(p.partial, p.split, p.m, cols,
-                                                                                  p.y, p.ldy, p.y_f32);
+    lk::split_fold_kernel<<<unsigned((outputs + 255) / 256), 256, 0, be.stream()>>>(
+        p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
     check_launch(be.stream());
   }
 }
@@ -312,18 +314,10 @@ bool fp4_gemm_path(const QuantLinear& w) {
   return w.format == QuantLinear::Format::kFp4Group32 && !simple_path() && quant_fast_ok(w);
 }
 
-// y[m * ldy + n] = bf16(xq[m] . W[n]) for pre-quantized activations, in the split-pairs
-// layout when split_pairs (then w must take the FP4 GEMM), in element order otherwise.
-void quant_gemm(CudaBackend& be, const QuantLinear& w, const uint8_t* xq, const float* xs, int64_t M, uint16_t* y,
-                int64_t ldy, bool split_pairs) {
+// GEMM parameters of an FP8 / FP4 weight on pre-quantized activations xq / xs (M rows).
+lk::GemmParams quant_params(const QuantLinear& w, const uint8_t* xq, const float* xs, int64_t M, uint16_t* y,
+                            int64_t ldy) {
   const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
-  DSV4_CHECK(!split_pairs || fp4_gemm_path(w), "quant_gemm: split-pairs activations for a weight off the FP4 GEMM");
-  if (simple_path() || !quant_fast_ok(w) || fp4 != split_pairs) {
-    lk::simple_quant_linear_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, be.stream()>>>(
-        xq, xs, M, w.k, w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), fp4 ? 1 : 0, w.n, y, ldy);
-    check_launch(be.stream());
-    return;
-  }
   lk::GemmParams p{};
   p.w0 = p.w1 = w.weight.as<uint8_t>();
   p.s0 = p.s1 = w.scale.as<uint8_t>();
@@ -340,7 +334,22 @@ void quant_gemm(CudaBackend& be, const QuantLinear& w, const uint8_t* xq, const 
   p.m = int(M);
   p.y = y;
   p.ldy = ldy;
-  run_gemm(be, quant_fmt(w), p);
+  return p;
+}
+
+// y[m * ldy + n] = bf16(xq[m] . W[n]) for pre-quantized activations, in the split-pairs
+// layout when split_pairs (then w must take the FP4 GEMM), in element order otherwise.
+void quant_gemm(CudaBackend& be, const QuantLinear& w, const uint8_t* xq, const float* xs, int64_t M, uint16_t* y,
+                int64_t ldy, bool split_pairs) {
+  const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
+  DSV4_CHECK(!split_pairs || fp4_gemm_path(w), "quant_gemm: split-pairs activations for a weight off the FP4 GEMM");
+  if (simple_path() || !quant_fast_ok(w) || fp4 != split_pairs) {
+    lk::simple_quant_linear_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, be.stream()>>>(
+        xq, xs, M, w.k, w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), fp4 ? 1 : 0, w.n, y, ldy);
+    check_launch(be.stream());
+    return;
+  }
+  run_gemm(be, quant_fmt(w), quant_params(w, xq, xs, M, y, ldy));
 }
 
 // Fast path of a bf16 GEMM: bf16 activations (f32 ones use the simple kernel), K a
@@ -351,14 +360,8 @@ bool bf16_fast_ok(const Tensor& x, const Tensor& w) {
          w.size(0) < (int64_t(1) << 30) && aligned(x.data(), 16) && aligned(w.data(), 16);
 }
 
-void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32) {
+lk::GemmParams bf16_params(const Tensor& x, const Tensor& w, void* y, bool y_f32) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
-  if (simple_path() || !bf16_fast_ok(x, w)) {
-    lk::simple_linear_bf16_kernel<<<blocks_for_warps(M * N, kSimpleBlocks), 256, 0, be.stream()>>>(
-        x.data(), x.dtype() == DType::kF32 ? 1 : 0, w.as<uint16_t>(), M, N, K, y, y_f32 ? 1 : 0);
-    check_launch(be.stream());
-    return;
-  }
   lk::GemmParams p{};
   p.w0 = p.w1 = w.as<uint8_t>();
   p.w_row_bytes = 2 * K;
@@ -372,7 +375,31 @@ void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool 
   p.y = y;
   p.ldy = N;
   p.y_f32 = y_f32 ? 1 : 0;
-  run_gemm(be, WFmt::kBf16, p);
+  return p;
+}
+
+void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32) {
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  if (simple_path() || !bf16_fast_ok(x, w)) {
+    lk::simple_linear_bf16_kernel<<<blocks_for_warps(M * N, kSimpleBlocks), 256, 0, be.stream()>>>(
+        x.data(), x.dtype() == DType::kF32 ? 1 : 0, w.as<uint16_t>(), M, N, K, y, y_f32 ? 1 : 0);
+    check_launch(be.stream());
+    return;
+  }
+  run_gemm(be, WFmt::kBf16, bf16_params(x, w, y, y_f32));
+}
+
+// Two weights' rows stacked into one launch: rows [0, na) from the first (p), the
+// rest from the second (q), whose outputs go to q.y (linear_pair). The host keeps na
+// a multiple of the 128-row tile, so that a CTA reads one weight.
+lk::GemmParams stacked(lk::GemmParams p, const lk::GemmParams& q) {
+  p.w1 = q.w0;
+  p.s1 = q.s0;
+  p.n_split = p.n;
+  p.n = p.n + q.n;
+  p.y1 = q.y;
+  p.ldy1 = q.ldy;
+  return p;
 }
 
 // Expert GEMM over the device tile list, one launch per chunk of <= kMaxTableExperts
@@ -432,11 +459,42 @@ void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor&
   quant_gemm(*this, w, xq, xs, M, y.as<uint16_t>(), w.n, split);
 }
 
+// ---- linear_pair: one quantization, one launch when both weights take the FP8 GEMM ----------
+void CudaBackend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
+                                 const Tensor& yb) {
+  const int64_t M = x.size(0), K = wa.k;
+  const bool fp8 = wa.format == QuantLinear::Format::kFp8Block128 && wb.format == wa.format;
+  if (M == 0 || wa.n == 0 || wb.n == 0 || simple_path() || !fp8 || !quant_fast_ok(wa) || !quant_fast_ok(wb) ||
+      wa.n % lk::kTileN != 0 || wa.n + wb.n >= (int64_t(1) << 30)) {
+    Backend::do_linear_pair(x, wa, ya, wb, yb);
+    return;
+  }
+  uint8_t* xq = scratch_as<uint8_t>(*this, "xq", M * K);
+  float* xs = scratch_as<float>(*this, "xs", M * (K / 128));
+  quantize_rows(*this, x.as<uint16_t>(), K, M, K, xq, xs, false);
+  run_gemm(*this, WFmt::kFp8,
+           stacked(quant_params(wa, xq, xs, M, ya.as<uint16_t>(), wa.n),
+                   quant_params(wb, xq, xs, M, yb.as<uint16_t>(), wb.n)));
+}
+
 // ---- linear_bf16 ------------------------------------------------------------------------
 void CudaBackend::do_linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
   if (x.size(0) == 0 || w.size(0) == 0) return;
   if (w.size(1) == 0) return fill_zero(y);
   bf16_gemm(*this, x, w, y.data(), y.dtype() == DType::kF32);
+}
+
+void CudaBackend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& ya, const Tensor& wb,
+                                      const Tensor& yb) {
+  if (x.size(0) == 0) return;
+  if (simple_path() || !bf16_fast_ok(x, wa) || !bf16_fast_ok(x, wb) || ya.dtype() != yb.dtype() ||
+      wa.size(0) % lk::kTileN != 0 || wb.size(0) == 0 || wa.size(1) == 0 ||
+      wa.size(0) + wb.size(0) >= (int64_t(1) << 30)) {
+    Backend::do_linear_bf16_pair(x, wa, ya, wb, yb);
+    return;
+  }
+  const bool f32 = ya.dtype() == DType::kF32;
+  run_gemm(*this, WFmt::kBf16, stacked(bf16_params(x, wa, ya.data(), f32), bf16_params(x, wb, yb.data(), f32)));
 }
 
 // ---- grouped_linear (spec §5.6) -------------------------------------------------------

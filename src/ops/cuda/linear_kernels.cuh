@@ -160,9 +160,13 @@ struct GemmParams {
   int64_t a_scale_stride;
   const int* in_rows;    // optional gather: tile row i reads activation row in_rows[row_base + i]
   int m;                 // activation rows (plain launches)
-  // Output: element (row, col) at y[out_row * ldy + col], col = g * n + weight row.
+  // Output: element (row, col) at y[out_row * ldy + col], col = g * n + weight row;
+  // with y1 set (one group), columns >= n_split go to y1[out_row * ldy1 + col - n_split]
+  // instead (two linears of one input, linear_pair).
   void* y;
   int64_t ldy;
+  void* y1;
+  int64_t ldy1;
   int y_f32;
   const int* out_rows;   // optional scatter: out_row = out_rows[row_base + i]
   // K slices (see the header comment): slices = S; split = S (one slice per CTA,
@@ -817,11 +821,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   cp_async_wait<0>();
   allow_dependents_to_launch();  // only the epilogue is left
 
+  const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
+  void* const y_out = to_y1 ? p.y1 : p.y;
+  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? col0 - p.n_split : col0;
   auto store = [&](int c, int r, float v) {  // c: tile activation row, r: tile weight row
     const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
-    const int64_t idx = orow * p.ldy + col0 + r;
-    if (p.y_f32) static_cast<float*>(p.y)[idx] = v;
-    else static_cast<uint16_t*>(p.y)[idx] = core::float_to_bf16(v);
+    const int64_t idx = orow * ld_out + col_out + r;
+    if (p.y_f32) static_cast<float*>(y_out)[idx] = v;
+    else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
   };
 
   if (p.split > 1) {
@@ -875,17 +882,21 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 // + ... + p_{S-1}, the order the tile's last CTA (and the sequential mode) uses. The
 // last CTA of a tile would read S x BM x 128 partials alone (1 MB at M = 64, S = 32:
 // ~100 µs); here one thread per output reads its S partials, coalesced over columns.
+// Columns >= n_split go to y1 when it is set (GemmParams::y1).
 __global__ void split_fold_kernel(const float* __restrict__ partial, int split, int64_t rows, int64_t cols,
-                                  void* y, int64_t ldy, int y_f32) {
+                                  void* y, int64_t ldy, void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
   wait_for_predecessor();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
   float v = 0.0f;
 #pragma unroll 8
   for (int s = 0; s < split; ++s) v += __ldcg(partial + int64_t(s) * rows * cols + i);
-  const int64_t idx = (i / cols) * ldy + i % cols;
-  if (y_f32) static_cast<float*>(y)[idx] = v;
-  else static_cast<uint16_t*>(y)[idx] = core::float_to_bf16(v);
+  const int64_t row = i / cols, col = i % cols;
+  const bool second = y1 != nullptr && col >= n_split;
+  void* const out = second ? y1 : y;
+  const int64_t idx = second ? row * ldy1 + col - n_split : row * ldy + col;
+  if (y_f32) static_cast<float*>(out)[idx] = v;
+  else static_cast<uint16_t*>(out)[idx] = core::float_to_bf16(v);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
