@@ -131,8 +131,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
       [&be, &w, &cache, &c, this, batch, X, x, xn, post, comb, cq_raw, cq, q, kv, topk, rope, eps, T, Dh, H, &b] {
         // Linears of one input go in pairs (one activation quantization, one launch
         // where the backend can): q_a with kv, q_b with the indexer's q, wkv with wgate.
-        be.hc_pre(X, w.hc_attn, hc_config_, x, post, comb);
-        be.rms_norm(x, w.attn_norm, eps, xn);
+        be.hc_pre_norm(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb);
         be.linear_pair(xn, w.wq_a, cq_raw, w.wkv, kv);
         be.rms_norm(cq_raw, w.q_norm, eps, cq);
         const int64_t Hi = c.index_n_heads, Di = c.index_head_dim;
@@ -176,8 +175,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
         be.hc_post(attn_out, X, post, comb, X_alt);
-        be.hc_pre(X_alt, w.hc_ffn, hc_config_, x, post, comb);
-        be.rms_norm(x, w.ffn_norm, eps, xn);
+        be.hc_pre_norm(X_alt, w.hc_ffn, hc_config_, w.ffn_norm, eps, x, xn, post, comb);
         be.router(xn, w.gate, w.gate_bias, w.tid2eid, batch, router_config_, rw, rid);
       }});
 

@@ -147,6 +147,30 @@ void Backend::hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, con
   do_hc_pre(X, w, c, x, post, comb);
 }
 
+void Backend::hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight, float eps,
+                          const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb) {
+  const auto d = device();
+  const int64_t hc = c.hc_mult, mix = (2 + hc) * hc;
+  expect(X, DType::kBF16, {-1, hc, -1}, d, "hc_pre_norm", "X");
+  const int64_t T = X.size(0), D = X.size(2);
+  expect(w.fn, DType::kF32, {mix, hc * D}, d, "hc_pre_norm", "fn");
+  expect(w.base, DType::kF32, {mix}, d, "hc_pre_norm", "base");
+  expect(w.scale, DType::kF32, {3}, d, "hc_pre_norm", "scale");
+  expect(norm_weight, DType::kBF16, {D}, d, "hc_pre_norm", "norm_weight");
+  expect(x, DType::kBF16, {T, D}, d, "hc_pre_norm", "x");
+  expect(xn, DType::kBF16, {T, D}, d, "hc_pre_norm", "xn");
+  expect(post, DType::kF32, {T, hc}, d, "hc_pre_norm", "post");
+  expect(comb, DType::kF32, {T, hc, hc}, d, "hc_pre_norm", "comb");
+  DSV4_CHECK(x.data() != xn.data() || T == 0, "hc_pre_norm: x and xn must be different buffers");
+  do_hc_pre_norm(X, w, c, norm_weight, eps, x, xn, post, comb);
+}
+
+void Backend::do_hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight,
+                             float eps, const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb) {
+  do_hc_pre(X, w, c, x, post, comb);
+  do_rms_norm(x, norm_weight, eps, xn);
+}
+
 void Backend::hc_post(const Tensor& f, const Tensor& R, const Tensor& post, const Tensor& comb, const Tensor& Y) {
   const auto d = device();
   expect(R, DType::kBF16, {-1, -1, -1}, d, "hc_post", "R");

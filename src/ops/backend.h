@@ -104,6 +104,11 @@ class Backend {
   // mHC pre (spec §4.1): x bf16 [T, D], post f32 [T, hc], comb f32 [T, hc, hc] from X bf16 [T, hc, D].
   void hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
               const core::Tensor& post, const core::Tensor& comb);
+  // hc_pre, then xn = rms_norm(x, norm_weight, eps): the sublayer's input as the
+  // next linears take it (a backend may do both in one pass; x is written too).
+  void hc_pre_norm(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& norm_weight,
+                   float eps, const core::Tensor& x, const core::Tensor& xn, const core::Tensor& post,
+                   const core::Tensor& comb);
   // mHC post (spec §4.2): Y[j] = bf16(post_j f + sum_i comb[i][j] R_i). Y must not alias R.
   void hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post, const core::Tensor& comb,
                const core::Tensor& Y);
@@ -212,6 +217,10 @@ class Backend {
   virtual void do_kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope) = 0;
   virtual void do_hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
                          const core::Tensor& post, const core::Tensor& comb) = 0;
+  // Default: do_hc_pre, then do_rms_norm.
+  virtual void do_hc_pre_norm(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
+                              const core::Tensor& norm_weight, float eps, const core::Tensor& x,
+                              const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb);
   virtual void do_hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post,
                           const core::Tensor& comb, const core::Tensor& Y) = 0;
   virtual void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config,

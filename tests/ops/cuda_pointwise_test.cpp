@@ -298,6 +298,47 @@ TEST_F(CudaPointwise, HcPreMatchesCpu) {
     }
 }
 
+// hc_pre_norm = hc_pre, then rms_norm: against the CPU (within the two ops'
+// tolerances) and against the two CUDA ops bit for bit (one launch pair on the
+// fast path, the row norm shared with rms_norm_kernel). D = 260 is not a multiple
+// of 8 and takes the two ops.
+TEST_F(CudaPointwise, HcPreNormEqualsHcPreThenRmsNorm) {
+  Rng rng(211);
+  for (HcCase c : {HcCase{4, 4096, 20}, HcCase{4, 256, 20}, HcCase{2, 64, 20}, HcCase{4, 260, 20}})
+    for (int64_t T : {0, 1, 3, 16, 65, 257, 600}) {
+      if (c.D == 4096 && T > 257) continue;
+      HcConfig cfg;
+      cfg.hc_mult = c.hc;
+      cfg.sinkhorn_iters = c.iters;
+      const HcWeights w = random_hc_weights(rng, c.hc, c.D, false);
+      const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)};
+      const Tensor X = rng.bf16({T, c.hc, c.D}, 3.0f), nw = rng.bf16({c.D}, 0.2f);
+      for (int64_t i = 0; i < c.D; ++i) nw.as<uint16_t>()[i] = core::float_to_bf16(1.0f + testing::bf(nw, i));
+      const Tensor dX = dev(X), dnw = dev(nw);
+      const float eps = 1e-6f;
+      Tensor x = Tensor::empty_cpu(DType::kBF16, {T, c.D}), xn = Tensor::empty_cpu(DType::kBF16, {T, c.D}),
+             post = Tensor::empty_cpu(DType::kF32, {T, c.hc}), comb = Tensor::empty_cpu(DType::kF32, {T, c.hc, c.hc});
+      cpu().hc_pre_norm(X, w, cfg, nw, eps, x, xn, post, comb);
+      Tensor gx = poisoned(DType::kBF16, {T, c.D}), gxn = poisoned(DType::kBF16, {T, c.D}),
+             gpost = poisoned(DType::kF32, {T, c.hc}), gcomb = poisoned(DType::kF32, {T, c.hc, c.hc});
+      cuda().hc_pre_norm(dX, dw, cfg, dnw, eps, gx, gxn, gpost, gcomb);
+      const std::string what = "hc_pre_norm D=" + std::to_string(c.D) + " T=" + std::to_string(T);
+      expect_bf16_close(host(gx), x, 1, T * c.D / 50 + 1, (what + " x").c_str(), bf16_rms(x));
+      // xn: the CPU norm of the GPU's x (x itself may differ by an ulp, see hc_pre).
+      Tensor want_xn = Tensor::empty_cpu(DType::kBF16, {T, c.D});
+      cpu().rms_norm(host(gx), nw, eps, want_xn);
+      expect_bf16_close(host(gxn), want_xn, 1, T * c.D / 100 + 1, (what + " xn").c_str());
+      Tensor sx = poisoned(DType::kBF16, {T, c.D}), sxn = poisoned(DType::kBF16, {T, c.D}),
+             spost = poisoned(DType::kF32, {T, c.hc}), scomb = poisoned(DType::kF32, {T, c.hc, c.hc});
+      cuda().hc_pre(dX, dw, cfg, sx, spost, scomb);
+      cuda().rms_norm(sx, dnw, eps, sxn);
+      expect_bits_equal(host(gx), host(sx), (what + " x vs hc_pre").c_str());
+      expect_bits_equal(host(gxn), host(sxn), (what + " xn vs hc_pre + rms_norm").c_str());
+      expect_bits_equal(host(gpost), host(spost), (what + " post vs hc_pre").c_str());
+      expect_bits_equal(host(gcomb), host(scomb), (what + " comb vs hc_pre").c_str());
+    }
+}
+
 TEST_F(CudaPointwise, HcHeadMatchesCpu) {
   Rng rng(208);
   for (HcCase c : {HcCase{4, 4096, 0}, HcCase{4, 256, 0}})

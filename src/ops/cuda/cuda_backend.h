@@ -61,6 +61,9 @@ class CudaBackend final : public Backend {
   void do_kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope) override;
   void do_hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
                  const core::Tensor& post, const core::Tensor& comb) override;
+  void do_hc_pre_norm(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
+                      const core::Tensor& norm_weight, float eps, const core::Tensor& x, const core::Tensor& xn,
+                      const core::Tensor& post, const core::Tensor& comb) override;
   void do_hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post, const core::Tensor& comb,
                   const core::Tensor& Y) override;
   void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& y) override;

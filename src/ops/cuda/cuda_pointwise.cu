@@ -168,14 +168,11 @@ __global__ void add_broadcast_kernel(const uint16_t* __restrict__ e, const uint1
 // decode row is 16 KB: launch-bound at small T, bandwidth-bound from ~T=512.
 // y may alias x: every element is read by the thread that later writes it, and
 // the reads of the first pass finish before the block-wide reduction barrier.
+// rms_norm of one row by the whole block (256 threads), shared with hc_finish_kernel
+// (hc_pre_norm), so that both give the same bits.
 template <int VEC>
-__global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
-                                uint16_t* y) {
-  wait_for_predecessor();
-  __shared__ float red[32];
-  const int64_t row = blockIdx.x;
-  const uint16_t* xr = x + row * N;
-  uint16_t* yr = y + row * N;
+__device__ void rms_norm_row(const uint16_t* xr, const uint16_t* __restrict__ w, int64_t N, float eps, uint16_t* yr,
+                             float* red /* [32] */) {
   float ss = 0.0f;
   for (int64_t c = threadIdx.x; c < N / VEC; c += blockDim.x) {
     const BfVec<VEC> v = load_bf<VEC>(xr + c * VEC);
@@ -194,6 +191,15 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
     for (int i = 0; i < VEC; ++i) o.v[i] = f2bf(__fmul_rn(bf2f(wv.v[i]), __fmul_rn(bf2f(v.v[i]), r)));
     store_bf<VEC>(yr + c * VEC, o);
   }
+}
+
+template <int VEC>
+__global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
+                                uint16_t* y) {
+  wait_for_predecessor();
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  rms_norm_row<VEC>(x + row * N, w, N, eps, y + row * N, red);
 }
 
 // ---- q_norm_rope ---------------------------------------------------------------
@@ -489,6 +495,10 @@ struct HcFinishArgs {
   uint16_t* x;            // [rows, D]
   float* post;            // [rows, HC] (pre only)
   float* comb;            // [rows, HC, HC] (pre only)
+  // hc_pre_norm: xn = rms_norm(x, norm_w, rms_eps) [rows, D]; null: x only.
+  const uint16_t* norm_w;
+  float rms_eps;
+  uint16_t* xn;
 };
 
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
@@ -556,26 +566,30 @@ __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
 #pragma unroll
       for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
     }
-    return;  // warp 0 does the Sinkhorn while the other warps form x
-  }
-  const int first = kHead ? 0 : 32;
-  float p[HC];
+  } else {  // warp 0 does the Sinkhorn while the other warps form x
+    const int first = kHead ? 0 : 32;
+    float p[HC];
 #pragma unroll
-  for (int i = 0; i < HC; ++i) p[i] = pre[i];
-  for (int64_t c = int64_t(threadIdx.x) - first; c < a.D / VEC; c += int64_t(blockDim.x) - first) {
-    BfVec<VEC> xs[HC];
+    for (int i = 0; i < HC; ++i) p[i] = pre[i];
+    for (int64_t c = int64_t(threadIdx.x) - first; c < a.D / VEC; c += int64_t(blockDim.x) - first) {
+      BfVec<VEC> xs[HC];
 #pragma unroll
-    for (int i = 0; i < HC; ++i) xs[i] = load_bf<VEC>(a.X + (t * HC + i) * a.D + c * VEC);
-    BfVec<VEC> o;
+      for (int i = 0; i < HC; ++i) xs[i] = load_bf<VEC>(a.X + (t * HC + i) * a.D + c * VEC);
+      BfVec<VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      float s = 0.0f;
+      for (int k = 0; k < VEC; ++k) {
+        float s = 0.0f;
 #pragma unroll
-      for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], bf2f(xs[i].v[k])));
-      o.v[k] = f2bf(s);
+        for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], bf2f(xs[i].v[k])));
+        o.v[k] = f2bf(s);
+      }
+      store_bf<VEC>(a.x + t * a.D + c * VEC, o);
     }
-    store_bf<VEC>(a.x + t * a.D + c * VEC, o);
   }
+  if (a.xn == nullptr) return;
+  __syncthreads();  // hc_pre_norm: the row's x is written (and visible to the block)
+  __shared__ float red[32];
+  rms_norm_row<VEC>(a.x + t * a.D, a.norm_w, a.D, a.rms_eps, a.xn + t * a.D, red);
 }
 
 // ---- hc_post -------------------------------------------------------------------
@@ -786,9 +800,16 @@ void CudaBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, con
 namespace {
 
 // The two mHC stages for rows [0, T) in launches of at most kHcMaxRowsPerLaunch rows.
+// norm (hc_pre_norm): xn = rms_norm(x, norm->weight, norm->eps) in the same launch.
+struct HcNorm {
+  const Tensor* weight;
+  float eps;
+  const Tensor* xn;
+};
+
 template <int HC, bool kHead>
 void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
-               const Tensor& post, const Tensor& comb) {
+               const Tensor& post, const Tensor& comb, const HcNorm* norm) {
   const int64_t T = X.size(0), D = X.size(2), n = HC * D;
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   static_assert(kMix <= 31, "one lane per mix plus one for the sum of squares");
@@ -816,6 +837,9 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     a.x = x.as<uint16_t>() + r0 * D;
     a.post = kHead ? nullptr : post.as<float>() + r0 * HC;
     a.comb = kHead ? nullptr : comb.as<float>() + r0 * HC * HC;
+    a.norm_w = norm ? norm->weight->as<uint16_t>() : nullptr;
+    a.rms_eps = norm ? norm->eps : 0.0f;
+    a.xn = norm ? norm->xn->as<uint16_t>() + r0 * D : nullptr;
     if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), 256, 0, be.stream()>>>(a);
     else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), 256, 0, be.stream()>>>(a);
     check_launch(be.stream());
@@ -824,12 +848,12 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
 
 template <bool kHead>
 void hc_dispatch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
-                 const Tensor& post, const Tensor& comb) {
+                 const Tensor& post, const Tensor& comb, const HcNorm* norm = nullptr) {
   switch (c.hc_mult) {
-    case 1: return hc_launch<1, kHead>(be, X, w, c, x, post, comb);
-    case 2: return hc_launch<2, kHead>(be, X, w, c, x, post, comb);
-    case 3: return hc_launch<3, kHead>(be, X, w, c, x, post, comb);
-    case 4: return hc_launch<4, kHead>(be, X, w, c, x, post, comb);
+    case 1: return hc_launch<1, kHead>(be, X, w, c, x, post, comb, norm);
+    case 2: return hc_launch<2, kHead>(be, X, w, c, x, post, comb, norm);
+    case 3: return hc_launch<3, kHead>(be, X, w, c, x, post, comb, norm);
+    case 4: return hc_launch<4, kHead>(be, X, w, c, x, post, comb, norm);
     default: core::fail("hc_pre/hc_head: hc_mult {} is not supported by the CUDA backend (1..4)", c.hc_mult);
   }
 }
@@ -840,6 +864,20 @@ void CudaBackend::do_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig&
                             const Tensor& post, const Tensor& comb) {
   if (X.size(0) == 0) return;
   hc_dispatch<false>(*this, X, w, config, x, post, comb);
+}
+
+void CudaBackend::do_hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& norm_weight,
+                                 float eps, const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb) {
+  if (X.size(0) == 0) return;
+  // One launch pair when the row norm can run as rms_norm_kernel<8> does (same bits).
+  const int64_t D = X.size(2);
+  if (D % 8 != 0 || !aligned16(X.data()) || !aligned16(x.data()) || !aligned16(xn.data()) ||
+      !aligned16(norm_weight.data())) {
+    Backend::do_hc_pre_norm(X, w, config, norm_weight, eps, x, xn, post, comb);
+    return;
+  }
+  const HcNorm norm{&norm_weight, eps, &xn};
+  hc_dispatch<false>(*this, X, w, config, x, post, comb, &norm);
 }
 
 void CudaBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& y) {
