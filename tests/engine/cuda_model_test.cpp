@@ -2,7 +2,8 @@
 // one): the same checkpoint loaded on both backends, four prompts of different
 // lengths (one past 300 tokens, so the indexer is selective and the ratio-128
 // compressor has emitted rows), chunked prefill and 100 decode steps.
-// - every stage, fed the CPU's inputs, within 1e-2 relative L2 of the CPU's outputs;
+// - every stage, fed the CPU's inputs, within kStageTolerance relative L2 of the
+//   CPU's outputs (router weights of rows whose top-k flipped on a near tie left out);
 // - teacher-forced decode (the CPU's greedy tokens fed to both): logits rows
 //   within kRelL2Mean / kRelL2Worst, argmax equal on most rows (see there why
 //   this is a few percent, not 1e-3);
@@ -247,9 +248,10 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
         {"topk", &b.topk}, {"router_w", &b.router_w},     {"router_ids", &b.router_ids},
         {"routed", &b.routed}, {"shared_out", &b.shared_out}, {"attn_out", &b.attn_out}};
   };
-  auto touches = [](const std::vector<model::BufferRef>& refs, const std::string& name) {
+  // By address: stages name a buffer by their own role (the experts read xn as "moe_x").
+  auto touches = [](const std::vector<model::BufferRef>& refs, const core::Tensor* t) {
     for (const auto& r : refs)
-      if (name == r.name) return true;
+      if (r.data == t->data()) return true;
     return false;
   };
   using Bytes = std::map<std::string, std::vector<uint8_t>>;
@@ -273,7 +275,7 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
   cpu_runner->step_eager_with_hook(meta, [&](const model::Stage& stage, bool done) {
     Bytes snap;
     for (const auto& [name, t] : watched(cpu_runner->buffers()))
-      if (touches(done ? stage.writes : stage.reads, name)) snap[name] = download(*cpu, t);
+      if (touches(done ? stage.writes : stage.reads, t)) snap[name] = download(*cpu, t);
     (done ? after : before).push_back(std::move(snap));
     if (done) names.push_back(stage.name);
   });
@@ -290,6 +292,20 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
       return;
     }
     std::string line = stage.name + ":";
+    // A router whose input moved by ~1e-3 may pick another expert where two scores
+    // nearly tie; such rows' router weights are not comparable and are left out
+    // (counted: a wrong router would flip most rows of the 301-token prefill).
+    std::vector<bool> flipped(size_t(T), false);
+    if (auto it = after[st].find("router_ids"); it != after[st].end()) {
+      const std::vector<uint8_t> got = download(*cuda, &cuda_runner->buffers().router_ids);
+      const int64_t k = cuda_runner->buffers().router_ids.size(1);
+      int64_t n_flipped = 0;
+      for (int64_t r = 0; r < T; ++r) {
+        flipped[size_t(r)] = std::memcmp(&got[size_t(r * k * 4)], &it->second[size_t(r * k * 4)], size_t(k * 4)) != 0;
+        n_flipped += flipped[size_t(r)];
+      }
+      EXPECT_LE(n_flipped, 1 + T / 100) << "stage " << stage.name << ": router ids differ on " << n_flipped << " rows";
+    }
     for (const auto& [name, t] : bufs) {
       auto it = after[st].find(name);
       if (it == after[st].end()) continue;
@@ -298,7 +314,9 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
       double num = 0, den = 0;
       size_t mismatched = 0;
       const size_t n = ref.size() / core::dtype_size(t->dtype());
+      const size_t per_row = T > 0 ? n / size_t(T) : 1;
       for (size_t i = 0; i < n; ++i) {
+        if (name == "router_w" && flipped[i / per_row]) continue;
         double a = 0, b = 0;
         switch (t->dtype()) {
           case core::DType::kF32: {
