@@ -132,36 +132,35 @@ void Backend::kv_rope_quant(const Tensor& kv, const BatchView& batch, const Rope
   do_kv_rope_quant(kv, batch, rope);
 }
 
+namespace {
+// hc_pre's contract, shared with hc_pre_norm (op: the name in the messages).
+void expect_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x, const Tensor& post,
+                   const Tensor& comb, core::Device d, const char* op) {
+  const int64_t hc = c.hc_mult, mix = (2 + hc) * hc;
+  expect(X, DType::kBF16, {-1, hc, -1}, d, op, "X");
+  const int64_t T = X.size(0), D = X.size(2);
+  expect(w.fn, DType::kF32, {mix, hc * D}, d, op, "fn");
+  expect(w.base, DType::kF32, {mix}, d, op, "base");
+  expect(w.scale, DType::kF32, {3}, d, op, "scale");
+  expect(x, DType::kBF16, {T, D}, d, op, "x");
+  expect(post, DType::kF32, {T, hc}, d, op, "post");
+  expect(comb, DType::kF32, {T, hc, hc}, d, op, "comb");
+}
+}  // namespace
+
 void Backend::hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x, const Tensor& post,
                      const Tensor& comb) {
-  const auto d = device();
-  const int64_t hc = c.hc_mult, mix = (2 + hc) * hc;
-  expect(X, DType::kBF16, {-1, hc, -1}, d, "hc_pre", "X");
-  const int64_t T = X.size(0), D = X.size(2);
-  expect(w.fn, DType::kF32, {mix, hc * D}, d, "hc_pre", "fn");
-  expect(w.base, DType::kF32, {mix}, d, "hc_pre", "base");
-  expect(w.scale, DType::kF32, {3}, d, "hc_pre", "scale");
-  expect(x, DType::kBF16, {T, D}, d, "hc_pre", "x");
-  expect(post, DType::kF32, {T, hc}, d, "hc_pre", "post");
-  expect(comb, DType::kF32, {T, hc, hc}, d, "hc_pre", "comb");
+  expect_hc_pre(X, w, c, x, post, comb, device(), "hc_pre");
   do_hc_pre(X, w, c, x, post, comb);
 }
 
 void Backend::hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight, float eps,
                           const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb) {
   const auto d = device();
-  const int64_t hc = c.hc_mult, mix = (2 + hc) * hc;
-  expect(X, DType::kBF16, {-1, hc, -1}, d, "hc_pre_norm", "X");
-  const int64_t T = X.size(0), D = X.size(2);
-  expect(w.fn, DType::kF32, {mix, hc * D}, d, "hc_pre_norm", "fn");
-  expect(w.base, DType::kF32, {mix}, d, "hc_pre_norm", "base");
-  expect(w.scale, DType::kF32, {3}, d, "hc_pre_norm", "scale");
-  expect(norm_weight, DType::kBF16, {D}, d, "hc_pre_norm", "norm_weight");
-  expect(x, DType::kBF16, {T, D}, d, "hc_pre_norm", "x");
-  expect(xn, DType::kBF16, {T, D}, d, "hc_pre_norm", "xn");
-  expect(post, DType::kF32, {T, hc}, d, "hc_pre_norm", "post");
-  expect(comb, DType::kF32, {T, hc, hc}, d, "hc_pre_norm", "comb");
-  DSV4_CHECK(x.data() != xn.data() || T == 0, "hc_pre_norm: x and xn must be different buffers");
+  expect_hc_pre(X, w, c, x, post, comb, d, "hc_pre_norm");
+  expect(norm_weight, DType::kBF16, {x.size(1)}, d, "hc_pre_norm", "norm_weight");
+  expect(xn, DType::kBF16, {x.size(0), x.size(1)}, d, "hc_pre_norm", "xn");
+  DSV4_CHECK(x.data() != xn.data() || x.size(0) == 0, "hc_pre_norm: x and xn must be different buffers");
   do_hc_pre_norm(X, w, c, norm_weight, eps, x, xn, post, comb);
 }
 

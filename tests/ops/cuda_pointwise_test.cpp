@@ -267,6 +267,12 @@ TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
 
 struct HcCase {
   int64_t hc, D, iters;
+  HcConfig config() const {
+    HcConfig cfg;
+    cfg.hc_mult = hc;
+    cfg.sinkhorn_iters = iters;
+    return cfg;
+  }
 };
 
 HcWeights random_hc_weights(Rng& rng, int64_t hc, int64_t D, bool head) {
@@ -280,9 +286,7 @@ TEST_F(CudaPointwise, HcPreMatchesCpu) {
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{4, 256, 20}, HcCase{4, 256, 1}, HcCase{2, 64, 20}})
     for (int64_t T : {0, 1, 3, 16, 65, 257, 600}) {  // 600: two launches of the 512-row partial buffer
       if (c.D == 4096 && T > 257) continue;
-      HcConfig cfg;
-      cfg.hc_mult = c.hc;
-      cfg.sinkhorn_iters = c.iters;
+      const HcConfig cfg = c.config();
       const HcWeights w = random_hc_weights(rng, c.hc, c.D, false);
       const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)};
       Tensor X = rng.bf16({T, c.hc, c.D}, 3.0f);
@@ -306,9 +310,7 @@ TEST_F(CudaPointwise, HcPreNormEqualsHcPreThenRmsNorm) {
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{4, 256, 20}, HcCase{2, 64, 20}, HcCase{4, 256, 1}})
     for (int64_t T : {0, 1, 3, 16, 65, 257, 600}) {
       if (c.D == 4096 && T > 257) continue;
-      HcConfig cfg;
-      cfg.hc_mult = c.hc;
-      cfg.sinkhorn_iters = c.iters;
+      const HcConfig cfg = c.config();
       const HcWeights w = random_hc_weights(rng, c.hc, c.D, false);
       const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)};
       const Tensor X = rng.bf16({T, c.hc, c.D}, 3.0f), nw = rng.bf16({c.D}, 0.2f);
