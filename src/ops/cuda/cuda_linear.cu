@@ -103,9 +103,19 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
 // (the bit-identity rule). Enough slices that tiles * S reaches ~256 CTAs at decode.
 // `mult` is the number of tiles expected per weight (routed experts: several
 // experts are busy at once).
+// Experiment knob (temporary): DSV4_SLICE_TARGET replaces the 256-CTA target of plain GEMMs.
+int64_t slice_target(int64_t mult) {
+  static const int64_t v = [] {
+    const char* e = std::getenv("DSV4_SLICE_TARGET");
+    const int64_t n = e ? std::atoll(e) : 256;
+    return n >= 16 && n <= 1024 ? n : int64_t(256);
+  }();
+  return mult == 1 ? v : 256;
+}
+
 int slices_for(int64_t n_tiles, int64_t stages, int64_t mult) {
   int s = 1;
-  while (s < lk::kMaxSlices && n_tiles * mult * s < 256 && stages % (2 * s) == 0) s *= 2;
+  while (s < lk::kMaxSlices && n_tiles * mult * s < slice_target(mult) && stages % (2 * s) == 0) s *= 2;
   return s;
 }
 
@@ -612,9 +622,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   uint16_t* o = out.as<uint16_t>();
   const cudaStream_t s = stream();
 
-  lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(
-      id, P, int(expert_begin), int(expert_end), o, D, (D % 8 == 0 && aligned(o, 16)) ? 1 : 0);
-  check_launch(s);
+  const int vec16 = (D % 8 == 0 && aligned(o, 16)) ? 1 : 0;
   uint8_t* xq = scratch_as<uint8_t>(*this, "moe.xq", R * D);
   float* xs = scratch_as<float>(*this, "moe.xs", R * (D / 128));
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
@@ -633,9 +641,11 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     fast = quant_fast_ok(ew.w1) && quant_fast_ok(ew.w3) && quant_fast_ok(ew.w2);
   }
 
-  // The fast path's FP4 GEMMs read split-pairs activations; the simple kernels element order.
-  quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fast && fp4_13);
   if (!fast) {
+    lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
+                                                                              int(expert_end), o, D, vec16);
+    check_launch(s);
+    quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, false);  // the simple kernels read element order
     // Simple: one warp per (pair, output); expert tables in chunks of global ids.
     uint16_t* h = scratch_as<uint16_t>(*this, "moe.h", P * I);
     auto table = std::make_unique<lk::ExpertTable>();
@@ -674,9 +684,32 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   int4* tiles = scratch_as<int4>(*this, "moe.tiles", max_tiles);
   int* counts = scratch_as<int>(*this, "moe.counts", 2);  // {tiles, compact rows}
   uint16_t* gu = scratch_as<uint16_t>(*this, "moe.gu", P * 2 * I);
-  lk::expert_prep_kernel<<<1, 1024, size_t(16 * num_local), s>>>(id, int(P), int(k), int(expert_begin),
-                                                                 int(num_local), int(bm), int(max_tiles), pair_list,
-                                                                 token_rows, tiles, counts, counts + 1);
+  // One launch: the tile list (block 0), x quantized (split pairs for the FP4 GEMM),
+  // the non-local pairs' outputs zeroed.
+  lk::MoePrepArgs prep{};
+  prep.ids = id;
+  prep.num_pairs = int(P);
+  prep.k = int(k);
+  prep.expert_begin = int(expert_begin);
+  prep.num_local = int(num_local);
+  prep.bm = int(bm);
+  prep.max_tiles = int(max_tiles);
+  prep.pair_list = pair_list;
+  prep.token_rows = token_rows;
+  prep.tiles = tiles;
+  prep.num_tiles = counts;
+  prep.num_rows = counts + 1;
+  prep.x = x.as<uint16_t>();
+  prep.rows = R;
+  prep.d = D;
+  prep.q = xq;
+  prep.scale = xs;
+  prep.split_pairs = fp4_13 ? 1 : 0;
+  prep.out = o;
+  prep.vec16 = vec16;
+  const int64_t warp_items = R * (D / 128) + P;
+  const unsigned extra_blocks = unsigned(std::clamp<int64_t>((warp_items + 31) / 32, 1, 1024));
+  lk::moe_prep_kernel<<<1 + extra_blocks, 1024, size_t(16 * num_local), s>>>(prep);
   check_launch(s);
 
   lk::GemmParams p{};

@@ -6,8 +6,10 @@
 //   expert_gemm_kernel    the same GEMM over a device-built list of (expert, rows) tiles
 //   split_fold_kernel     the slice fold of a split GEMM with many rows
 //   swiglu_quant_kernel   clamp + SwiGLU + routing weight, bf16, then quantization for w2 (spec §6.2)
-//   expert_prep_kernel    counting sort of the (row, slot) pairs by local expert, tile list
-//   zero_nonlocal_kernel  zero output rows of pairs routed to no local expert
+//   moe_prep_kernel       routed experts' preparation in one launch: counting sort of the
+//                         (row, slot) pairs by local expert and the tile list, x quantized,
+//                         output rows of pairs routed to no local expert zeroed
+//   zero_nonlocal_kernel  the last of those alone (simple path)
 //   router_select_kernel  score function, top-k or hash ids, weights (spec §6.1)
 //   simple_*              one warp per output element, fp32 FMA: the DSV4_CUDA_KERNELS=simple path
 //
@@ -469,8 +471,9 @@ __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(const uint8_t* p) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
   const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
   const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
-  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  // One packing conversion (F2FP) for both halves, low in the low half: every step is exact.
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&b);
 }
 __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
                                                       uint32_t (&a)[4]) {
@@ -845,12 +848,21 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __syncthreads();
     if (!*s_flag) return;
     __threadfence();
+    // All S partials of an output are loaded before the first add (one L2 round trip,
+    // not S / unroll of them: this fold is the tail of every split launch), then
+    // added in slice order.
     for (int e = tid; e < kTileN * BM; e += kThreads) {
       const int r = e % kTileN, c = e / kTileN;
       if (r >= valid_n || c >= rows) continue;
+      const float* src = p.partial + int64_t(row_base + c) * p.partial_cols + col0 + r;
+      const int64_t slice_stride = p.partial_rows * p.partial_cols;
+      float part[kMaxSlices];
+#pragma unroll
+      for (int s = 0; s < kMaxSlices; ++s) part[s] = s < p.split ? __ldcg(src + s * slice_stride) : 0.0f;
       float v = 0.0f;
-      for (int s = 0; s < p.split; ++s)
-        v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+#pragma unroll
+      for (int s = 0; s < kMaxSlices; ++s)
+        if (s < p.split) v += part[s];
       store(c, r, v);
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
@@ -888,9 +900,13 @@ __global__ void split_fold_kernel(const float* __restrict__ partial, int split, 
   wait_for_predecessor();
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
+  float part[kMaxSlices];  // every load in flight before the first add, then slice order
+#pragma unroll
+  for (int s = 0; s < kMaxSlices; ++s) part[s] = s < split ? __ldcg(partial + int64_t(s) * rows * cols + i) : 0.0f;
   float v = 0.0f;
-#pragma unroll 8
-  for (int s = 0; s < split; ++s) v += __ldcg(partial + int64_t(s) * rows * cols + i);
+#pragma unroll
+  for (int s = 0; s < kMaxSlices; ++s)
+    if (s < split) v += part[s];
   const int64_t row = i / cols, col = i % cols;
   const bool second = y1 != nullptr && col >= n_split;
   void* const out = second ? y1 : y;
@@ -945,13 +961,11 @@ __device__ __forceinline__ void store_quant4(uint8_t* block, int lane, uint32_t 
 // ---- activation quantization (spec §2.4) ----------------------------------------------
 // One warp per (row, 128-block), 4 values per lane; q [rows, k] codes, scale
 // [rows, k/128] = 2^e. Roofline: reads 2 B and writes 1 B per element, < 1 µs at decode.
-__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
-                                 uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs) {
-  wait_for_predecessor();
+// Work item `wid` (< rows * k/128) of a warp: one (row, 128-block).
+__device__ __forceinline__ void act_quant_item(const uint16_t* __restrict__ x, int64_t ldx, int64_t k,
+                                               uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs,
+                                               int64_t wid, int lane) {
   const int64_t blocks = k / 128;
-  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (wid >= rows * blocks) return;
   const int64_t r = wid / blocks, b = wid % blocks;
   const uint16_t* src = x + r * ldx + b * 128 + lane * 4;
   float v[4];
@@ -965,6 +979,14 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
   const int e = act_exponent(amax);
   store_quant4(q + r * k + b * 128, lane, quant4_e4m3(v, core::pow2_float(-e)), split_pairs);
   if (lane == 0) scale[r * blocks + b] = core::pow2_float(e);
+}
+
+__global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
+                                 uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs) {
+  wait_for_predecessor();
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (wid >= rows * (k / 128)) return;
+  act_quant_item(x, ldx, k, q, scale, split_pairs, wid, threadIdx.x & 31);
 }
 
 // ---- SwiGLU + quantization (spec §6.2) ----------------------------------------------
@@ -1006,18 +1028,17 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
 }
 
 // ---- routed-expert bookkeeping ----------------------------------------------------------
-// One CTA of 1024 threads. Counting sort of the pairs p = r*k + s with a local expert
+// One CTA of 1024 threads (block 0 of moe_prep_kernel). Counting sort of the pairs p = r*k + s with a local expert
 // (ids[p] - expert_begin in [0, num_local)) into compact rows grouped by expert
 // (pair_list[c] = p, token_rows[c] = r; the order inside an expert is not
 // deterministic and does not matter: every row's result is computed alone), and the
 // tile list {expert, first compact row, rows <= bm, 0} of ceil(count/bm) tiles per
 // expert. Shared memory: 4 * num_local ints. Roofline: one CTA, O(pairs + experts)
 // work; a few µs of latency per step.
-__global__ void __launch_bounds__(1024) expert_prep_kernel(const int* __restrict__ ids, int num_pairs, int k,
-                                                           int expert_begin, int num_local, int bm, int max_tiles,
-                                                           int* __restrict__ pair_list, int* __restrict__ token_rows,
-                                                           int4* __restrict__ tiles, int* num_tiles, int* num_rows) {
-  wait_for_predecessor();
+__device__ __forceinline__ void expert_prep_block(const int* __restrict__ ids, int num_pairs, int k, int expert_begin,
+                                                  int num_local, int bm, int max_tiles, int* __restrict__ pair_list,
+                                                  int* __restrict__ token_rows, int4* __restrict__ tiles,
+                                                  int* num_tiles, int* num_rows) {
   extern __shared__ int s_int[];
   int* cnt = s_int;
   int* roff = s_int + num_local;
@@ -1111,20 +1132,64 @@ __global__ void __launch_bounds__(1024) expert_prep_kernel(const int* __restrict
 
 // out[p, :] = 0 for every pair whose id is outside [expert_begin, expert_end). One warp per pair.
 // Roofline: writes 2*d bytes per non-local pair (none on one GPU except pads).
+__device__ __forceinline__ void zero_nonlocal_pair(const int* __restrict__ ids, int64_t p, int expert_begin,
+                                                   int expert_end, uint16_t* __restrict__ out, int64_t d, int vec16,
+                                                   int lane) {
+  const int id = ids[p];
+  if (id >= expert_begin && id < expert_end) return;
+  uint16_t* row = out + p * d;
+  if (vec16) {
+    for (int64_t i = lane; i < d / 8; i += 32) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
+  } else {
+    for (int64_t i = lane; i < d; i += 32) row[i] = 0;
+  }
+}
+
 __global__ void zero_nonlocal_kernel(const int* __restrict__ ids, int64_t num_pairs, int expert_begin, int expert_end,
                                      uint16_t* __restrict__ out, int64_t d, int vec16) {
   wait_for_predecessor();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
-  for (int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < num_pairs; p += nwarps) {
-    const int id = ids[p];
-    if (id >= expert_begin && id < expert_end) continue;
-    uint16_t* row = out + p * d;
-    if (vec16) {
-      for (int64_t i = lane; i < d / 8; i += 32) reinterpret_cast<uint4*>(row)[i] = make_uint4(0, 0, 0, 0);
-    } else {
-      for (int64_t i = lane; i < d; i += 32) row[i] = 0;
-    }
+  for (int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < num_pairs; p += nwarps)
+    zero_nonlocal_pair(ids, p, expert_begin, expert_end, out, d, vec16, lane);
+}
+
+// The routed experts' three preparations in one launch of 1024-thread blocks (they
+// were three launches of a few µs each at decode): block 0 builds the tile list as
+// expert_prep_block; the warps of the other blocks quantize x's (row, 128-block)
+// items as act_quant_kernel, then zero the non-local pairs as zero_nonlocal_kernel.
+// Same code per item, so the same bits.
+struct MoePrepArgs {
+  const int* ids;
+  int num_pairs, k, expert_begin, num_local, bm, max_tiles;
+  int* pair_list;
+  int* token_rows;
+  int4* tiles;
+  int* num_tiles;
+  int* num_rows;
+  const uint16_t* x;  // act_quant: rows x d
+  int64_t rows, d;
+  uint8_t* q;
+  float* scale;
+  int split_pairs;
+  uint16_t* out;  // zero_nonlocal: num_pairs x d
+  int vec16;
+};
+
+__global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
+  wait_for_predecessor();
+  if (blockIdx.x == 0) {
+    expert_prep_block(a.ids, a.num_pairs, a.k, a.expert_begin, a.num_local, a.bm, a.max_tiles, a.pair_list,
+                      a.token_rows, a.tiles, a.num_tiles, a.num_rows);
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  const int64_t quant_items = a.rows * (a.d / 128), items = quant_items + a.num_pairs;
+  const int64_t nwarps = (int64_t(gridDim.x) - 1) * (blockDim.x >> 5);
+  for (int64_t w = (int64_t(blockIdx.x) - 1) * (blockDim.x >> 5) + (threadIdx.x >> 5); w < items; w += nwarps) {
+    if (w < quant_items) act_quant_item(a.x, a.d, a.d, a.q, a.scale, a.split_pairs, w, lane);
+    else zero_nonlocal_pair(a.ids, w - quant_items, a.expert_begin, a.expert_begin + a.num_local, a.out, a.d, a.vec16,
+                            lane);
   }
 }
 
