@@ -103,19 +103,9 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
 // (the bit-identity rule). Enough slices that tiles * S reaches ~256 CTAs at decode.
 // `mult` is the number of tiles expected per weight (routed experts: several
 // experts are busy at once).
-// Experiment knob (temporary): DSV4_SLICE_TARGET replaces the 256-CTA target of plain GEMMs.
-int64_t slice_target(int64_t mult) {
-  static const int64_t v = [] {
-    const char* e = std::getenv("DSV4_SLICE_TARGET");
-    const int64_t n = e ? std::atoll(e) : 256;
-    return n >= 16 && n <= 1024 ? n : int64_t(256);
-  }();
-  return mult == 1 ? v : 256;
-}
-
 int slices_for(int64_t n_tiles, int64_t stages, int64_t mult) {
   int s = 1;
-  while (s < lk::kMaxSlices && n_tiles * mult * s < slice_target(mult) && stages % (2 * s) == 0) s *= 2;
+  while (s < lk::kMaxSlices && n_tiles * mult * s < 256 && stages % (2 * s) == 0) s *= 2;
   return s;
 }
 

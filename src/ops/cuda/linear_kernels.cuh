@@ -6,10 +6,8 @@
 //   expert_gemm_kernel    the same GEMM over a device-built list of (expert, rows) tiles
 //   split_fold_kernel     the slice fold of a split GEMM with many rows
 //   swiglu_quant_kernel   clamp + SwiGLU + routing weight, bf16, then quantization for w2 (spec §6.2)
-//   moe_prep_kernel       routed experts' preparation in one launch: counting sort of the
-//                         (row, slot) pairs by local expert and the tile list, x quantized,
-//                         output rows of pairs routed to no local expert zeroed
-//   zero_nonlocal_kernel  the last of those alone (simple path)
+//   expert_prep_kernel    counting sort of the (row, slot) pairs by local expert, tile list
+//   zero_nonlocal_kernel  zero output rows of pairs routed to no local expert
 //   router_select_kernel  score function, top-k or hash ids, weights (spec §6.1)
 //   simple_*              one warp per output element, fp32 FMA: the DSV4_CUDA_KERNELS=simple path
 //
@@ -471,9 +469,8 @@ __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(const uint8_t* p) {
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
   const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
   const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
-  // One packing conversion (F2FP) for both halves, low in the low half: every step is exact.
-  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&b);
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
 }
 __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
                                                       uint32_t (&a)[4]) {
@@ -848,21 +845,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __syncthreads();
     if (!*s_flag) return;
     __threadfence();
-    // All S partials of an output are loaded before the first add (one L2 round trip,
-    // not S / unroll of them: this fold is the tail of every split launch), then
-    // added in slice order.
     for (int e = tid; e < kTileN * BM; e += kThreads) {
       const int r = e % kTileN, c = e / kTileN;
       if (r >= valid_n || c >= rows) continue;
-      const float* src = p.partial + int64_t(row_base + c) * p.partial_cols + col0 + r;
-      const int64_t slice_stride = p.partial_rows * p.partial_cols;
-      float part[kMaxSlices];
-#pragma unroll
-      for (int s = 0; s < kMaxSlices; ++s) part[s] = s < p.split ? __ldcg(src + s * slice_stride) : 0.0f;
       float v = 0.0f;
-#pragma unroll
-      for (int s = 0; s < kMaxSlices; ++s)
-        if (s < p.split) v += part[s];
+      for (int s = 0; s < p.split; ++s)
+        v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
       store(c, r, v);
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
