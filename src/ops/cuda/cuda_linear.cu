@@ -618,6 +618,13 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
   float* hs = scratch_as<float>(*this, "moe.hs", P * (I / 128));
   const bool fp4_13 = fmt13 == QuantLinear::Format::kFp4Group32, fp4_2 = fmt2 == QuantLinear::Format::kFp4Group32;
+  // Outputs of pairs routed to no local expert zeroed, x quantized (split pairs: the FP4 GEMM's layout).
+  auto zero_nonlocal_and_quantize = [&](bool split_pairs) {
+    lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
+                                                                              int(expert_end), o, D, vec16);
+    check_launch(s);
+    quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, split_pairs);
+  };
 
   // Tile rows per expert from the average load (any choice gives the same bits).
   const int64_t avg = (P + num_local - 1) / num_local;
@@ -632,10 +639,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   }
 
   if (!fast) {
-    lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
-                                                                              int(expert_end), o, D, vec16);
-    check_launch(s);
-    quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, false);  // the simple kernels read element order
+    zero_nonlocal_and_quantize(false);  // the simple kernels read element order
     // Simple: one warp per (pair, output); expert tables in chunks of global ids.
     uint16_t* h = scratch_as<uint16_t>(*this, "moe.h", P * I);
     auto table = std::make_unique<lk::ExpertTable>();
@@ -679,12 +683,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // tile list alone in block 0): measured in one A/B run, one launch was 0.8% / 0.6%
   // faster at batch 1 / 16 and 0.8% slower at batch 64 (caf5932). Same bits either way.
   const bool one_launch = R <= 32;
-  if (!one_launch) {
-    lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
-                                                                              int(expert_end), o, D, vec16);
-    check_launch(s);
-    quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fp4_13);
-  }
+  if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
   lk::MoePrepArgs prep{};
   prep.ids = id;
   prep.num_pairs = int(P);
