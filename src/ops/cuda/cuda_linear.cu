@@ -684,27 +684,11 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // faster at batch 1 / 16 and 0.8% slower at batch 64 (caf5932). Same bits either way.
   const bool one_launch = R <= 32;
   if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
-  lk::MoePrepArgs prep{};
-  prep.ids = id;
-  prep.num_pairs = int(P);
-  prep.k = int(k);
-  prep.expert_begin = int(expert_begin);
-  prep.num_local = int(num_local);
-  prep.bm = int(bm);
-  prep.max_tiles = int(max_tiles);
-  prep.pair_list = pair_list;
-  prep.token_rows = token_rows;
-  prep.tiles = tiles;
-  prep.num_tiles = counts;
-  prep.num_rows = counts + 1;
-  prep.x = x.as<uint16_t>();
-  prep.rows = R;
-  prep.d = D;
-  prep.q = xq;
-  prep.scale = xs;
-  prep.split_pairs = fp4_13 ? 1 : 0;
-  prep.out = o;
-  prep.vec16 = vec16;
+  const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
+                             .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
+                             .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
+                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = R, .d = D, .q = xq, .scale = xs,
+                             .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16};
   const int64_t warp_items = R * (D / 128) + P;
   const unsigned extra_blocks = one_launch ? unsigned(std::clamp<int64_t>((warp_items + 31) / 32, 1, 1024)) : 0;
   lk::moe_prep_kernel<<<1 + extra_blocks, 1024, size_t(16 * num_local), s>>>(prep);
