@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A/B decode benchmark on one machine: the working tree against variants of it,
+# each variant the tree with a patch applied (e.g. one change reverted), benched
+# alternately so that the machine's drift falls on both sides alike.
+#
+#   scripts/ab_bench.sh OUT NAME=PATCH [NAME=PATCH...]
+#
+# PATCH is applied with `git apply` (forward) to a copy of the tree; to measure a
+# change by its removal, pass its reverse: `git diff NEW OLD -- FILES > rev.patch`.
+# The tree itself is built in build-gpu (as scripts/gpu_suite.sh does), each
+# variant in /tmp/ab_NAME/b. Writes OUT/NAME-ROUND.json (the bench's JSON) and
+# prints step ms (median of the graph replays) per batch for every run.
+# Environment: ROUNDS (default 2), BATCHES (default 1,16,64,256), PRESET (default
+# bench-1g), CONTEXT (default 4096), CMAKE_ARGS (default -DDSV4_CUDA=ON), BENCH_ARGS
+# (more `bench decode` options, e.g. "--backend cpu --threads 8" for a CPU run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:?usage: scripts/ab_bench.sh OUT NAME=PATCH [NAME=PATCH...]}"
+shift
+[ $# -gt 0 ] || { echo "ab_bench: give at least one NAME=PATCH variant" >&2; exit 2; }
+mkdir -p "$out"
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$PWD/.carry/lib"
+export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$PWD/.carry/lib"
+read -r -a cmake_args <<<"${CMAKE_ARGS:--DDSV4_CUDA=ON}"
+read -r -a bench_args <<<"${BENCH_ARGS:-}"
+rounds="${ROUNDS:-2}"
+
+build() {  # build SRC_DIR BUILD_DIR LOG
+  cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" >"$3" 2>&1 &&
+    cmake --build "$2" -j "$(nproc)" --target dsv4 >>"$3" 2>&1 ||
+    { echo "ab_bench: build of $1 failed, tail of $3:" >&2; tail -n 20 "$3" >&2; exit 1; }
+}
+
+names=(base)
+bins=("$PWD/build-gpu/tools/dsv4")
+echo "building the tree in build-gpu"
+build . build-gpu "$out/build-base.log"
+for v in "$@"; do
+  name="${v%%=*}" patch="${v#*=}"
+  [ -n "$name" ] && [ "$name" != "$v" ] && [ -f "$patch" ] || { echo "ab_bench: bad variant '$v' (NAME=PATCH, PATCH a file)" >&2; exit 2; }
+  src="/tmp/ab_$name"
+  rm -rf "$src" && mkdir -p "$src"
+  tar cf - --exclude=./build --exclude=./build-gpu --exclude=./.git . | tar xf - -C "$src"
+  patch_abs="$(cd "$(dirname "$patch")" && pwd)/$(basename "$patch")"
+  (cd "$src" && git apply "$patch_abs") || { echo "ab_bench: $patch does not apply to the tree" >&2; exit 1; }
+  echo "building variant $name ($patch)"
+  build "$src" "$src/b" "$out/build-$name.log"
+  names+=("$name")
+  bins+=("$src/b/tools/dsv4")
+done
+
+echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)"
+for ((r = 1; r <= rounds; ++r)); do
+  for i in "${!names[@]}"; do
+    json="$out/${names[$i]}-$r.json"
+    "${bins[$i]}" bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}" \
+      --context "${CONTEXT:-4096}" "${bench_args[@]}" --json "$json" >"$out/${names[$i]}-$r.log" 2>&1 ||
+      { echo "ab_bench: bench of ${names[$i]} failed, see $out/${names[$i]}-$r.log" >&2; exit 1; }
+    python3 - "$json" "${names[$i]}-$r" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+ms = " ".join("%.3f" % (r["roofline_ms"] * r["ratio_to_roofline"]) for r in d["results"])
+print("%-14s %s (%.0f)" % (sys.argv[2], ms, d["copy_bandwidth_gb_s"]))
+EOF
+  done
+done
