@@ -160,7 +160,12 @@ void Backend::hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c
   expect_hc_pre(X, w, c, x, post, comb, d, "hc_pre_norm");
   expect(norm_weight, DType::kBF16, {x.size(1)}, d, "hc_pre_norm", "norm_weight");
   expect(xn, DType::kBF16, {x.size(0), x.size(1)}, d, "hc_pre_norm", "xn");
-  DSV4_CHECK(x.data() != xn.data() || x.size(0) == 0, "hc_pre_norm: x and xn must be different buffers");
+  auto overlap = [](const Tensor& a, const Tensor& b) {
+    const auto* pa = static_cast<const uint8_t*>(a.data());
+    const auto* pb = static_cast<const uint8_t*>(b.data());
+    return a.nbytes() > 0 && b.nbytes() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
+  };
+  DSV4_CHECK(!overlap(x, xn) && !overlap(xn, X) && !overlap(x, X), "hc_pre_norm: x, xn and X must not overlap");
   do_hc_pre_norm(X, w, c, norm_weight, eps, x, xn, post, comb);
 }
 

@@ -106,6 +106,7 @@ class Backend {
               const core::Tensor& post, const core::Tensor& comb);
   // hc_pre, then xn = rms_norm(x, norm_weight, eps): the sublayer's input as the
   // next linears take it (a backend may do both in one pass; x is written too).
+  // x, xn and X must not overlap.
   void hc_pre_norm(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& norm_weight,
                    float eps, const core::Tensor& x, const core::Tensor& xn, const core::Tensor& post,
                    const core::Tensor& comb);
@@ -121,9 +122,10 @@ class Backend {
   // Plain linear with a bf16 weight [N, K]: x bf16 or f32 [T, K] (upcast), fp32
   // accumulation, y bf16 or f32 [T, N] (compressor, router, indexer weights, LM head).
   void linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y);
-  // Two linears of one input: ya = linear(x, wa), yb = linear(x, wb), with the same
-  // results as two calls (the activations are quantized once; a backend may run both
-  // products as one launch). Both weights take the same K.
+  // Two linears of one input: ya = linear(x, wa), yb = linear(x, wb), the same math as
+  // two calls. The activations are quantized once; a backend may run both products as
+  // one launch, which may regroup an output's fp32 partial sums (within the linear's
+  // tolerance, still independent of the batch). Both weights take the same K.
   void linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
                    const core::Tensor& yb);
   // The same for linear_bf16: ya = linear_bf16(x, wa), yb = linear_bf16(x, wb).
