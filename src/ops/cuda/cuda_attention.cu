@@ -24,8 +24,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <string_view>
 #include <type_traits>
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -48,8 +46,7 @@ std::atomic<int> g_kernel_mode{-1};  // -1 unread, 0 fast, 1 simple
 bool use_simple_kernels() {
   int mode = g_kernel_mode.load(std::memory_order_relaxed);
   if (mode < 0) {
-    const char* env = std::getenv("DSV4_CUDA_KERNELS");
-    int want = (env != nullptr && std::string_view(env) == "simple") ? 1 : 0;
+    int want = env_is("DSV4_CUDA_KERNELS", "simple") ? 1 : 0;
     int expected = -1;
     g_kernel_mode.compare_exchange_strong(expected, want);
     mode = g_kernel_mode.load();
@@ -1406,10 +1403,11 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
             f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
             low |= __float_as_uint(f[e]);
           }
-          // An e4m3 value times a power of two is exact in bf16 unless it falls below
-          // bf16's normal range (or is a NaN): then the upper 16 bits are the rounded
-          // value, one byte permute per pair instead of two roundings (~60 of the
-          // decode's ~100 instructions per 8 values, ncu at batch 64).
+          // An e4m3 value times a power of two is exact in bf16 (the product's low 16
+          // bits are zero) unless it falls below bf16's normal range or is a NaN. When
+          // all 8 are exact, their upper 16 bits are the bf16 values: one byte permute
+          // per pair instead of two roundings (~60 of the decode's ~100 instructions per
+          // 8 values, ncu at batch 64); otherwise the rounding pack.
           uint32_t vw[4];
           if ((low & 0xffffu) == 0) {
 #pragma unroll

@@ -2,7 +2,6 @@
 #include "ops/cuda/cuda_backend.h"
 
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -159,10 +158,7 @@ class CudaGraph final : public Graph {
 namespace {
 // DSV4_CUDA_PDL=0 keeps captured graphs' plain edges (read once).
 bool programmatic_launch_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_CUDA_PDL");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = !env_is("DSV4_CUDA_PDL", "0");
   return on;
 }
 

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -36,6 +38,13 @@ inline void check_launch(cudaStream_t stream) {
   DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
   if (status == cudaStreamCaptureStatusNone) DSV4_CUDA_CHECK(cudaStreamSynchronize(stream));
 #endif
+}
+
+// Whether environment variable `name` is set to `value` (the kernel switches;
+// callers keep the answer in a static: read once).
+inline bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -45,13 +45,6 @@ namespace {
 
 std::atomic<int> g_force_path{-1};
 
-// Whether environment variable `name` is set to `value` (callers keep the answer
-// in a static: read once).
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
-
 // A switch a test hook may force: -1 follows the environment, 0 / 1 force it.
 bool forced_or(const std::atomic<int>& forced, bool from_env) {
   const int f = forced.load(std::memory_order_relaxed);

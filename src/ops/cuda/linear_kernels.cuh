@@ -6,8 +6,10 @@
 //   expert_gemm_kernel    the same GEMM over a device-built list of (expert, rows) tiles
 //   split_fold_kernel     the slice fold of a split GEMM with many rows
 //   swiglu_quant_kernel   clamp + SwiGLU + routing weight, bf16, then quantization for w2 (spec §6.2)
-//   expert_prep_kernel    counting sort of the (row, slot) pairs by local expert, tile list
-//   zero_nonlocal_kernel  zero output rows of pairs routed to no local expert
+//   moe_prep_kernel       routed experts' preparation: counting sort of the (row, slot) pairs
+//                         by local expert and the tile list (block 0); up to 32 rows also x
+//                         quantized and the rows of pairs routed to no local expert zeroed
+//   zero_nonlocal_kernel  that zeroing alone (beyond 32 rows, and the simple path)
 //   router_select_kernel  score function, top-k or hash ids, weights (spec §6.1)
 //   simple_*              one warp per output element, fp32 FMA: the DSV4_CUDA_KERNELS=simple path
 //
