@@ -352,6 +352,7 @@ __device__ __forceinline__ int sw128_offset(int r, int p) { return r * 128 + ((p
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 // Shared-memory writes of the generic proxy (cp.async) made visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -644,6 +645,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // sum p_s stays in the tensor core's accumulators (kTcSum, one set); FP8-as-bf16
   // sums each 64-wide stage there (one scale per stage).
   constexpr bool kTcSum = F == WFmt::kBf16;
+  // bf16 keeps one stage's tensor-core products in flight across the loop's wait and
+  // sync (its running sum needs no registers between stages): the next copies go out
+  // after the stage's products are issued, into the buffer of stage it-1, once those
+  // are done. The sum is the same sequence of wgmmas, so the bits do not change.
+  constexpr bool kLoadAfter = kTcSum;
   constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 ? 1
                          : kSmemA ? (NT <= 2 ? 4 : 8 / NT)
                                   : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
@@ -669,14 +675,16 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (it % kStages), (it / kStages) & 1);
     fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
-    {
+    // (bf16: free once its tensor-core products are done, see kLoadAfter)
+    auto load_next = [&] {
       const int nxt = it + kStages - 1;
       if (nxt < iters) {
         load_weights(st_begin + nxt, nxt % kStages);
         load_acts(st_begin + nxt, nxt % kStages);
       }
       cp_async_commit();
-    }
+    };
+    if constexpr (!kLoadAfter) load_next();
     const int buf = it % kStages, st = st_begin + it;
     const uint8_t* ab = s_a + buf * kAStage;
     float as[NT][2];
@@ -725,9 +733,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc(a_base + i * 64 * 128 + j * 32), db, first && j == 0 ? 0 : 1);
       }
       wgmma_commit();
-      wgmma_wait_all();
-      if (slice_last)
+      if (slice_last) {
+        wgmma_wait_all();
         for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; });
+      } else {
+        wgmma_wait_1();  // this stage's products run on while stage it-1's are done ...
+      }
+      __syncthreads();   // ... in every warp: its buffer takes the next copies
+      load_next();
     } else if constexpr (kSmemA) {
       // kBatch chunks, both halves of each, one wait, then each result scaled and
       // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p).
@@ -821,6 +834,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   }
   cp_async_wait<0>();
+  if constexpr (kLoadAfter) wgmma_wait_all();  // (a no-op: the last stage ends a slice; ptxas cannot know)
   allow_dependents_to_launch();  // only the epilogue is left
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
