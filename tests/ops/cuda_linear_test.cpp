@@ -40,6 +40,7 @@ namespace dsv4::ops {
 void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 }  // namespace dsv4::ops
 
 namespace dsv4::testing {
@@ -607,6 +608,16 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
     }
   }
   ops::cuda_linear_force_path(-1);
+}
+
+// The activation quantizers (act_quant, swiglu_quant, moe_prep) cast with the
+// hardware's e4m3 conversion; it must give the reference cast's bits
+// (core::float_to_e4m3 after the clamp to +-448) for every float.
+TEST(CudaE4m3, HardwareCastEqualsTheReferenceCast) {
+  DSV4_REQUIRE_CUDA();
+  uint32_t first = 0;
+  const int64_t mismatches = ops::cuda_e4m3_cast_mismatches(&first);
+  EXPECT_EQ(mismatches, 0) << "first mismatching float bits 0x" << std::hex << first;
 }
 
 // ---- router ------------------------------------------------------------------------------

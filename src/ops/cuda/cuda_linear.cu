@@ -40,6 +40,10 @@ void cuda_linear_force_path(int path);
 // follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+// Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
+// hardware e4m3 cast (lk::e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
+// the first such bit pattern in *first.
+int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 
 namespace {
 
@@ -442,6 +446,39 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
 int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
+
+namespace {
+__global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (uint64_t(1) << 32);
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    const float x = __uint_as_float(uint32_t(i));
+    const float a[4] = {x, -x, x * 0.001953125f, x * 1.5f};  // each position, other values too
+    const uint32_t hw = lk::e4m3x4_sat(a[0], a[1], a[2], a[3]);
+    bool same = true;
+#pragma unroll
+    for (int b = 0; b < 4; ++b)
+      same &= ((hw >> (8 * b)) & 0xffu) == core::float_to_e4m3(lk::clamp_ref(a[b], -448.0f, 448.0f));
+    if (!same && atomicAdd(count, 1ull) == 0) *first = uint32_t(i);
+  }
+}
+}  // namespace
+
+int64_t cuda_e4m3_cast_mismatches(uint32_t* first) {
+  unsigned long long* d_count = nullptr;
+  uint32_t* d_first = nullptr;
+  DSV4_CUDA_CHECK(cudaMalloc(&d_count, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMalloc(&d_first, sizeof(uint32_t)));
+  DSV4_CUDA_CHECK(cudaMemset(d_count, 0, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMemset(d_first, 0, sizeof(uint32_t)));
+  e4m3_cast_mismatch_kernel<<<4096, 256>>>(d_count, d_first);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  unsigned long long count = 0;
+  DSV4_CUDA_CHECK(cudaMemcpy(&count, d_count, sizeof count, cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaMemcpy(first, d_first, sizeof(uint32_t), cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaFree(d_count));
+  DSV4_CUDA_CHECK(cudaFree(d_first));
+  return int64_t(count);
+}
 
 // ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
 void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
