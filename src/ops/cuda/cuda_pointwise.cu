@@ -388,8 +388,8 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   const int rb = warp * 4;  // 8 warps x 4 rows = the 32-row tile
   if (lane > mix || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
   // Four k per shared-memory read (one float4 of fn, one broadcast float4 of x per
-  // row): one read per 4 FMAs instead of 5 per 4, the loop's bound (ncu at batch
-  // 256: 42 µs a launch). The FMA order per output is still k = 0, 1, ..., 127.
+  // row): one read per 4 FMAs instead of 5 per 4, which bounded the loop (ncu at
+  // batch 256: 42 µs a launch before). The FMA order per output is still k = 0..127.
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const bool sum_sq = lane == mix;
   for (int k = 0; k < kHcSlice; k += 4) {
