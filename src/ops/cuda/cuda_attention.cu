@@ -31,6 +31,7 @@
 #include "core/dtype.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/kv_format.h"
 
@@ -144,9 +145,10 @@ __device__ void warp_encode_kv_record(const float* v, int Dh, int row_bytes, uin
     const float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
     const int e = core::ceil_log2_bits(__fmul_rn(fmaxf(amax, 1e-4f), kFp8MaxInv));
     const float inv = core::pow2_float(-e);
-    const uint8_t c0 = core::float_to_e4m3(fminf(fmaxf(__fmul_rn(x0, inv), -448.0f), 448.0f));
-    const uint8_t c1 = core::float_to_e4m3(fminf(fmaxf(__fmul_rn(x1, inv), -448.0f), 448.0f));
-    *reinterpret_cast<uint16_t*>(dst + b * 64 + 2 * lane) = uint16_t(c0 | (uint16_t(c1) << 8));
+    // Clamped first (a NaN becomes -448), then the hardware cast: the reference cast's bits.
+    const uint32_t codes = e4m3x2_sat(fminf(fmaxf(__fmul_rn(x0, inv), -448.0f), 448.0f),
+                                      fminf(fmaxf(__fmul_rn(x1, inv), -448.0f), 448.0f));
+    *reinterpret_cast<uint16_t*>(dst + b * 64 + 2 * lane) = uint16_t(codes);
     if (lane == 0) dst[scale_off + b] = core::e8m0_from_exponent(e);
   }
   for (int i = lane; i < kRope / 2; i += 32) {

@@ -41,7 +41,7 @@ void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
-// hardware e4m3 cast (lk::e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
+// hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 
@@ -453,7 +453,7 @@ __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* f
        i += uint64_t(gridDim.x) * blockDim.x) {
     const float x = __uint_as_float(uint32_t(i));
     const float a[4] = {x, -x, x * 0.001953125f, x * 1.5f};  // each position, other values too
-    const uint32_t hw = lk::e4m3x4_sat(a[0], a[1], a[2], a[3]);
+    const uint32_t hw = e4m3x4_sat(a[0], a[1], a[2], a[3]);
     bool same = true;
 #pragma unroll
     for (int b = 0; b < 4; ++b)
