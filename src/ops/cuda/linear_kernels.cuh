@@ -723,14 +723,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // 0 on the slice's first chunk); copied out at the slice's end.
       const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage));
       const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
-      const bool first = slice_first;
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint64_t db = wgmma_desc(b_base + j * 32);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc(a_base + i * 64 * 128 + j * 32), db, first && j == 0 ? 0 : 1);
+          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc(a_base + i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
       }
       wgmma_commit();
       if (slice_last) {
@@ -809,7 +808,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-          load_a_frag_e4m3_bf16(row, row + 8 * T::kWStride, j, t, a[j][i]);
+          load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
         }
       wgmma_fence();
 #pragma unroll
