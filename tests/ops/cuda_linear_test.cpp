@@ -40,6 +40,8 @@ namespace dsv4::ops {
 void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+int64_t cuda_linear_shared_decode_launches();
+void cuda_linear_force_shared_decode(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 }  // namespace dsv4::ops
 
@@ -607,6 +609,53 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
                          " R=" + std::to_string(R));
     }
   }
+  ops::cuda_linear_force_path(-1);
+}
+
+// FP4 experts in 16-row tiles whose two 8-row groups share each weight decode give
+// the bits of 8-row tiles: experts of 1-8, 9-16 and more than 16 rows (a hot expert),
+// weights by TMA and by cp.async, split and walked slices. The test also checks that
+// the 16-row launches happened.
+TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x55);
+  struct Case {
+    int64_t experts, d, inter, k, hot;
+    std::vector<int64_t> rows;  // each keeps the average load <= 8 rows an expert (8-row groups)
+  };
+  const Case cases[] = {{16, 256, 256, 6, -1, {1, 7, 20}},  // at R = 20, 7.5 rows an expert on average
+                        {40, 512, 384, 6, 5, {12, 30}},     // hot expert 5: 12 rows, then 30 (16 + 14)
+                        {96, 256, 256, 8, -1, {64, 90}}};   // gate/up walks its slices at R = 90
+  for (const Case& c : cases) {
+    std::vector<ExpertWeights> dex(size_t(c.experts));
+    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
+    for (int64_t R : c.rows) {
+      const Tensor x = to_device(env.cuda, rng.bf16({R, c.d}, 2.0f));
+      const Tensor ids = to_device(env.cuda, random_ids(rng, R, c.k, c.experts, c.hot));
+      const Tensor w = to_device(env.cuda, random_weights(rng, R, c.k));
+      for (int tma : {0, 1}) {
+        ops::cuda_linear_force_tma(tma);
+        Tensor got[2];
+        for (int shared : {0, 1}) {
+          ops::cuda_linear_force_shared_decode(shared);
+          const int64_t before = ops::cuda_linear_shared_decode_launches();
+          got[shared] = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
+          env.cuda.routed_experts(x, ids, w, dex, 0, c.experts, 10.0f, got[shared]);
+          const int64_t launches = ops::cuda_linear_shared_decode_launches() - before;
+          if (shared == 0) EXPECT_EQ(launches, 0);
+          else EXPECT_EQ(launches, 2) << "gate/up and down in 16-row tiles, R=" << R;
+        }
+        expect_bitwise(to_host(env.cuda, got[0]), to_host(env.cuda, got[1]),
+                       "fp4 experts 16-row vs 8-row tiles E=" + std::to_string(c.experts) +
+                           " d=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
+                           " R=" + std::to_string(R) + " tma=" + std::to_string(tma));
+      }
+    }
+  }
+  ops::cuda_linear_force_shared_decode(-1);
+  ops::cuda_linear_force_tma(-1);
   ops::cuda_linear_force_path(-1);
 }
 

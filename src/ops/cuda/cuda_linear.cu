@@ -40,6 +40,10 @@ void cuda_linear_force_path(int path);
 // follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+// Test hooks: FP4 expert GEMM launches so far in 16-row tiles of one decode (two row
+// groups); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
+int64_t cuda_linear_shared_decode_launches();
+void cuda_linear_force_shared_decode(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -133,13 +137,14 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   check_launch(be.stream());
 }
 
-template <WFmt F, int NT, bool kTwo, bool kTma>
+template <WFmt F, int NT, bool kTwo, bool kTma, int kRowGroups = 1>
 void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table,
                    const lk::ExpertTma& tma) {
-  constexpr int smem = lk::gemm_smem_bytes<F, NT, kTma>();
+  constexpr int smem = lk::gemm_smem_bytes<F, NT * kRowGroups, kTma>();  // (sized by the tile's rows)
   static std::atomic<uint64_t> done{0};
-  allow_smem(lk::expert_gemm_kernel<F, NT, kTwo, kTma>, smem, be.device_index(), done);
-  lk::expert_gemm_kernel<F, NT, kTwo, kTma><<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);
+  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kRowGroups>;
+  allow_smem(kernel, smem, be.device_index(), done);
+  kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);
   check_launch(be.stream());
 }
 
@@ -155,9 +160,18 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
   }
 }
 
+// row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for both 8-row groups.
 template <WFmt F, bool kTma>
-void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two,
+void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, int row_groups, bool two,
                      const lk::ExpertTable& table, const lk::ExpertTma& tma) {
+  if constexpr (F == WFmt::kFp4) {
+    if (row_groups == 2) {
+      DSV4_CHECK(nt == 1, "expert gemm: row groups take 8-row groups (nt {})", nt);
+      return two ? launch_expert<F, 1, true, kTma, 2>(be, p, grid, table, tma)
+                 : launch_expert<F, 1, false, kTma, 2>(be, p, grid, table, tma);
+    }
+  }
+  DSV4_CHECK(row_groups == 1, "expert gemm: {} row groups need FP4 weights", row_groups);
   switch (nt) {
     case 1:
       return two ? launch_expert<F, 1, true, kTma>(be, p, grid, table, tma)
@@ -174,11 +188,28 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
 // ---- TMA maps of FP4 expert weights (lk::ExpertTma) --------------------------------------
 std::atomic<int64_t> g_tma_launches{0};
 std::atomic<int> g_force_tma{-1};
+std::atomic<int64_t> g_shared_decode_launches{0};
+std::atomic<int> g_force_shared_decode{-1};
 
 // DSV4_CUDA_TMA=0: the FP4 expert GEMM copies its weights with cp.async (A/B runs).
 bool tma_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_TMA", "0");
   return forced_or(g_force_tma, from_env);
+}
+
+// FP4 experts in 16-row tiles of two 8-row groups, each weight fragment decoded once
+// for both: pays where experts often hold 9-16 rows (~15% of them at an average of
+// 6), costs instructions in every CTA where none does. On bench-1g (H200, first
+// version): step -3.4% at batch 256 (6 rows an expert on average), +5% at batch 64
+// (2). DSV4_CUDA_SHARED_DECODE=0 / 1 turns it off / on at every load (A/B runs).
+constexpr int64_t kSharedDecodeMinAvgRows = 6;
+bool shared_decode_wanted(int64_t avg_rows) {
+  static const int from_env = env_is("DSV4_CUDA_SHARED_DECODE", "0")   ? 0
+                              : env_is("DSV4_CUDA_SHARED_DECODE", "1") ? 1
+                                                                       : -1;
+  const int forced = g_force_shared_decode.load(std::memory_order_relaxed);
+  const int mode = forced >= 0 ? forced : from_env;
+  return mode < 0 ? avg_rows >= kSharedDecodeMinAvgRows : mode == 1;
 }
 
 PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
@@ -407,7 +438,7 @@ lk::GemmParams stacked(lk::GemmParams p, const lk::GemmParams& q) {
 // fills the 4 table pointers of local expert e.
 template <typename Entries>
 void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
-                     int64_t max_tiles, int nt, const Entries& entries) {
+                     int64_t max_tiles, int nt, int row_groups, const Entries& entries) {
   const int64_t stages = p.k / 128;
   p.groups = 1;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
@@ -431,13 +462,14 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
     p.chunk_begin = int(c0);
     p.chunk_end = int(c1);
     if (fmt == WFmt::kFp4 && build_expert_tma(p, *table, c1 - c0, *tma)) {
-      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, two, *table, *tma);
+      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, row_groups, two, *table, *tma);
       g_tma_launches.fetch_add(1, std::memory_order_relaxed);
     } else {
       std::memset(tma.get(), 0, sizeof(lk::ExpertTma));
-      if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, two, *table, *tma);
-      else dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, two, *table, *tma);
+      if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, row_groups, two, *table, *tma);
+      else dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, row_groups, two, *table, *tma);
     }
+    if (row_groups > 1) g_shared_decode_launches.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -446,6 +478,8 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
 int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {
@@ -659,7 +693,9 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // Tile rows per expert from the average load (any choice gives the same bits).
   const int64_t avg = (P + num_local - 1) / num_local;
   const int nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
-  const int64_t bm = 8 * nt;
+  // FP4 with 8-row groups: tiles of 16 rows, decoded once (shared_decode_wanted).
+  const int row_groups = nt == 1 && fp4_13 && fp4_2 && shared_decode_wanted(avg) ? 2 : 1;
+  const int64_t bm = 8 * nt * row_groups;
   // Sum over busy experts of ceil(count / bm) <= (P + busy * (bm - 1)) / bm.
   const int64_t max_tiles = std::min<int64_t>(P, (P + std::min(num_local, P) * (bm - 1)) / bm);
   bool fast = !simple_path() && num_local <= 2048 && max_tiles <= 65535 && 2 * I < (int64_t(1) << 30);
@@ -739,7 +775,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   p.ldy = 2 * I;
   p.tiles = tiles;
   p.num_tiles = counts;
-  run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt,
+  run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
                   [&](int64_t e, const uint8_t** ptr) {
                     const ExpertWeights& ew = experts[size_t(expert_begin + e)];
                     ptr[0] = ew.w1.weight.as<uint8_t>();
@@ -767,7 +803,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   q.out_rows = pair_list;
   q.tiles = tiles;
   q.num_tiles = counts;
-  run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt,
+  run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   [&](int64_t e, const uint8_t** ptr) {
                     const ExpertWeights& ew = experts[size_t(expert_begin + e)];
                     ptr[0] = ptr[2] = ew.w2.weight.as<uint8_t>();
