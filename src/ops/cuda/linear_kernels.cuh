@@ -106,6 +106,9 @@ constexpr int kTileN = 128;            // weight rows (output columns) per CTA
 constexpr int kMaxScaleBlocks = 256;   // FP8 block-scale row kept in smem: K <= 32768
 constexpr int kMaxSlices = 32;
 constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
+// FP4 row scales (4 bytes a row per stage) come kScaleStages stages at a time: one
+// 32-byte sector a row, into one of two buffers (see gemm_tile).
+constexpr int kScaleStages = 8, kScaleRowBytes = 4 * kScaleStages;
 
 // Activation bytes of one stage buffer: 8*NT rows of 128 bytes (128-byte swizzle).
 template <int NT>
@@ -120,7 +123,7 @@ __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
   constexpr int S = T::kStages;
   return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
-         (T::kRowScale ? S * kTileN * 4 : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
+         (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0);
 }
 
@@ -526,8 +529,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NQ>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]
-  uint8_t* s_ws = s_a + kStages * kAStage;              // FP4: [kStages][kTileN][4] scale bytes
-  float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? kStages * kTileN * 4 : 0));  // [kStages][BM]
+  uint8_t* s_ws = s_a + kStages * kAStage;  // FP4: [2][kTileN][kScaleRowBytes] scale bytes
+  float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0));  // [kStages][BM]
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
   int* s_flag = s_rows + BM;
@@ -564,6 +567,15 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int64_t w_step = int64_t(kRowStep) * p.w_row_bytes;
   const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
+  // FP4 row scales: stage st's 4 bytes of row r sit at byte (st % kScaleStages) * 4 of
+  // row r in buffer (st / kScaleStages) % 2. Where the rows are 16-byte aligned, the
+  // CTA's first stage and every stage that starts a group copy the group's 32 bytes
+  // (one request a row per 8 stages, not a 4-byte one per stage, which filled L1 and
+  // L2 with requests); otherwise each stage copies its own 4. A group's buffer is
+  // written again kScaleStages stages later, by the load of a stage kStages - 1
+  // ahead, after the group's last stage is done.
+  const bool ws_sectors = T::kRowScale && p.s_row_stride % 16 == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0;
+  const int ws_row_bytes = stages_total * 4;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
@@ -583,7 +595,19 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
-      cp_async4(s_ws + (buf * kTileN + tid) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
+      static_assert(kScaleStages >= kStages, "a scale buffer is rewritten only after its stages are done");
+      uint8_t* dst = s_ws + (((st / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+      if (!ws_sectors) {
+        cp_async4(dst + (st % kScaleStages) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
+      } else if (st % kScaleStages == 0 || st == st_begin) {
+        const int first = (st / kScaleStages) * kScaleRowBytes;  // the group's first byte in the row
+        const int left = ws_src ? ws_row_bytes - first : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int n = min(max(left - 16 * h, 0), 16);
+          cp_async16(dst + 16 * h, n > 0 ? ws_src + first + 16 * h : sc, n);
+        }
+      }
     }
   };
 
@@ -715,7 +739,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          words[2 * i + h] = *reinterpret_cast<const uint32_t*>(s_ws + (buf * kTileN + tile_row(i, h)) * 4);
+          words[2 * i + h] = *reinterpret_cast<const uint32_t*>(
+              s_ws + (((st / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (st % kScaleStages) * 4);
       e8m0_words_to_float(words, f);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
