@@ -568,13 +568,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
   // FP4 row scales: stage st's 4 bytes of row r sit at byte (st % kScaleStages) * 4 of
-  // row r in buffer (st / kScaleStages) % 2. Where the rows are 16-byte aligned, the
-  // CTA's first stage and every stage that starts a group copy the group's 32 bytes
-  // (one request a row per 8 stages, not a 4-byte one per stage, which filled L1 and
-  // L2 with requests); otherwise each stage copies its own 4. A group's buffer is
+  // row r in buffer (st / kScaleStages) % 2. Where the rows are 16-byte aligned and
+  // the CTA walks a group's worth of stages or more, its first stage and every stage
+  // that starts a group copy the group's 32 bytes (one request a row per 8 stages, not
+  // a 4-byte one per stage); otherwise each stage copies its own 4. A group's buffer is
   // written again kScaleStages stages later, by the load of a stage kStages - 1
   // ahead, after the group's last stage is done.
-  const bool ws_sectors = T::kRowScale && p.s_row_stride % 16 == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0;
+  const bool ws_sectors = T::kRowScale && iters >= kScaleStages && p.s_row_stride % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(sc) % 16 == 0;
   const int ws_row_bytes = stages_total * 4;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kWStage;
@@ -984,8 +985,16 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
     tma_row0 = row_of(e[0], tma.base[0]);
     if (e[2] != nullptr) tma_row1 = row_of(e[2], tma.base[1]);
   }
+  const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);
+  if constexpr (kRowGroups > 1) {
+    if (tile.z <= 8 * NT) {  // one group's rows: the one-group tile, which runs fewer instructions a stage
+      gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id,
+                                              &tma, tma_row0, tma_row1);
+      return;
+    }
+  }
   gemm_tile<F, NT, kTwoSets, false, kTma, kRowGroups>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
-                                          int(blockIdx.y * gridDim.x + blockIdx.x), &tma, tma_row0, tma_row1);
+                                                      tile_id, &tma, tma_row0, tma_row1);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
