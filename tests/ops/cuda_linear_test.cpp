@@ -568,6 +568,14 @@ TEST_P(CudaLinear, RoutedExpertsMatchCpu) {
   check_routed(MoeCase{16, 0, 16, 6, 128, 256, true, 5}, {512}, 0x52);   // 3072 pairs, one hot expert: 512 rows
 }
 
+// FP4 row scales come 8 stages (32 bytes a row) at a time where the rows are 16-byte
+// aligned and a CTA walks >= 8 stages: a walk of 12 stages (a full group, then half
+// of one), and split slices of 12 stages that start inside a group (stage 12).
+TEST_P(CudaLinear, RoutedExpertsWithWholeGroupScaleCopies) {
+  check_routed(MoeCase{64, 0, 64, 6, 1536, 512, true, -1}, {64}, 0x56);  // walked: 8 x 84 tiles
+  check_routed(MoeCase{8, 0, 8, 6, 3072, 2048, true, -1}, {2}, 0x57);    // split in 2 slices of 12 stages
+}
+
 TEST_P(CudaLinear, RoutedExpertsSpanSeveralPointerTables) {
   // 400 local experts > 384 per launch: two table chunks.
   check_routed(MoeCase{400, 0, 400, 6, 128, 128, true, -1}, {64}, 0x53);
