@@ -569,8 +569,8 @@ TEST_P(CudaLinear, RoutedExpertsMatchCpu) {
 }
 
 // FP4 row scales come 8 stages (32 bytes a row) at a time where the rows are 16-byte
-// aligned and a CTA walks >= 8 stages: a walk of 12 stages (a full group, then half
-// of one), and split slices of 12 stages that start inside a group (stage 12).
+// aligned and a CTA walks all of K, >= 8 stages: a walk of 12 stages (a full group,
+// then half of one); split slices of 12 stages copy stage by stage.
 TEST_P(CudaLinear, RoutedExpertsWithWholeGroupScaleCopies) {
   check_routed(MoeCase{64, 0, 64, 6, 1536, 512, true, -1}, {64}, 0x56);  // walked: 8 x 84 tiles
   check_routed(MoeCase{8, 0, 8, 6, 3072, 2048, true, -1}, {2}, 0x57);    // split in 2 slices of 12 stages
