@@ -200,10 +200,11 @@ bool tma_enabled() {
 // FP4 experts in 16-row tiles of two 8-row groups, each weight fragment decoded once
 // for both: pays where experts often hold 9-16 rows (~15% of them at an average of
 // 6); where none does, the launch's 128-register cap and its two code paths cost a
-// little. On bench-1g (H200, e7ec4eb): step -5.0% at batch 256 (6 rows an expert on
-// average), +0.6% / +0.9% at batch 16 / 64 when forced on.
-// DSV4_CUDA_SHARED_DECODE=0 / 1 turns it off / on at every load (A/B runs).
-constexpr int64_t kSharedDecodeMinAvgRows = 6;
+// little. Step on bench-1g (H200), on against off, by the average rows an expert:
+// 1 (batch 16) +0.6%, 2 (64) +0.9% (e7ec4eb); 3 (128) -0.7%, 5 (192) -2.3%,
+// 6 (256) -4.9% (55d3f51). DSV4_CUDA_SHARED_DECODE=0 / 1 turns it off / on at every
+// load (A/B runs).
+constexpr int64_t kSharedDecodeMinAvgRows = 3;
 bool shared_decode_wanted(int64_t avg_rows) {
   static const int from_env = env_is("DSV4_CUDA_SHARED_DECODE", "0")   ? 0
                               : env_is("DSV4_CUDA_SHARED_DECODE", "1") ? 1
