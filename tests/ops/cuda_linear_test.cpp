@@ -581,6 +581,22 @@ TEST_P(CudaLinear, RoutedExpertsSpanSeveralPointerTables) {
   check_routed(MoeCase{400, 0, 400, 6, 128, 128, true, -1}, {64}, 0x53);
 }
 
+// Device inputs of routed_experts for R tokens, and one run of it into a poisoned output.
+struct RoutedInputs {
+  Tensor x, ids, w;
+};
+RoutedInputs device_routed_inputs(Env& env, Rng& rng, int64_t R, int64_t d, int64_t k, int64_t experts,
+                                  int64_t hot) {
+  return {to_device(env.cuda, rng.bf16({R, d}, 2.0f)), to_device(env.cuda, random_ids(rng, R, k, experts, hot)),
+          to_device(env.cuda, random_weights(rng, R, k))};
+}
+Tensor run_routed(Env& env, const RoutedInputs& in, const std::vector<ExpertWeights>& dex) {
+  const int64_t R = in.x.size(0), d = in.x.size(1), k = in.ids.size(1);
+  Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, k, d});
+  env.cuda.routed_experts(in.x, in.ids, in.w, dex, 0, int64_t(dex.size()), 10.0f, out);
+  return to_host(env.cuda, out);
+}
+
 // The FP4 expert GEMM's two ways of bringing in weight stages (TMA, the default where
 // the experts' weights lie whole rows apart; cp.async otherwise) give the same bits,
 // on split and walked slices, partial and hot tiles. The test also checks that the
@@ -598,21 +614,18 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
     std::vector<ExpertWeights> dex(size_t(c.experts));
     for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
     for (int64_t R : {1, 7, 64, 300}) {
-      const Tensor x = to_device(env.cuda, rng.bf16({R, c.d}, 2.0f));
-      const Tensor ids = to_device(env.cuda, random_ids(rng, R, c.k, c.experts, c.hot));
-      const Tensor w = to_device(env.cuda, random_weights(rng, R, c.k));
+      const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
       Tensor got[2];
       for (int tma : {0, 1}) {
         ops::cuda_linear_force_tma(tma);
         const int64_t before = ops::cuda_linear_tma_launches();
-        got[tma] = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
-        env.cuda.routed_experts(x, ids, w, dex, 0, c.experts, 10.0f, got[tma]);
+        got[tma] = run_routed(env, in, dex);
         const int64_t launches = ops::cuda_linear_tma_launches() - before;
         if (tma == 0) EXPECT_EQ(launches, 0);
         else EXPECT_GE(launches, c.min_tma) << "d=" << c.d << " I=" << c.inter;
       }
       ops::cuda_linear_force_tma(-1);
-      expect_bitwise(to_host(env.cuda, got[0]), to_host(env.cuda, got[1]),
+      expect_bitwise(got[0], got[1],
                      "fp4 experts TMA vs cp.async d=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
                          " R=" + std::to_string(R));
     }
@@ -640,22 +653,19 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
     std::vector<ExpertWeights> dex(size_t(c.experts));
     for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
     for (int64_t R : c.rows) {
-      const Tensor x = to_device(env.cuda, rng.bf16({R, c.d}, 2.0f));
-      const Tensor ids = to_device(env.cuda, random_ids(rng, R, c.k, c.experts, c.hot));
-      const Tensor w = to_device(env.cuda, random_weights(rng, R, c.k));
+      const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
       for (int tma : {0, 1}) {
         ops::cuda_linear_force_tma(tma);
         Tensor got[2];
         for (int shared : {0, 1}) {
           ops::cuda_linear_force_shared_decode(shared);
           const int64_t before = ops::cuda_linear_shared_decode_launches();
-          got[shared] = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
-          env.cuda.routed_experts(x, ids, w, dex, 0, c.experts, 10.0f, got[shared]);
+          got[shared] = run_routed(env, in, dex);
           const int64_t launches = ops::cuda_linear_shared_decode_launches() - before;
           if (shared == 0) EXPECT_EQ(launches, 0);
           else EXPECT_EQ(launches, 2) << "gate/up and down in 16-row tiles, R=" << R;
         }
-        expect_bitwise(to_host(env.cuda, got[0]), to_host(env.cuda, got[1]),
+        expect_bitwise(got[0], got[1],
                        "fp4 experts 16-row vs 8-row tiles E=" + std::to_string(c.experts) +
                            " d=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
                            " R=" + std::to_string(R) + " tma=" + std::to_string(tma));
