@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A/B decode benchmark on one machine: the working tree against variants of it,
-# each variant the tree with a patch applied (e.g. one change reverted), benched
-# alternately so that the machine's drift falls on both sides alike.
+# each variant the tree with a patch applied (e.g. one change reverted) or the
+# tree's own binary under environment settings, benched alternately so that the
+# machine's drift falls on both sides alike.
 #
-#   scripts/ab_bench.sh OUT NAME=PATCH [NAME=PATCH...]
+#   scripts/ab_bench.sh OUT NAME=PATCH|NAME=env:VAR=VALUE[,VAR=VALUE...] [...]
 #
 # PATCH is applied with `git apply` (forward) to a copy of the tree; to measure a
 # change by its removal, pass its reverse: `git diff NEW OLD -- FILES > rev.patch`.
+# env: variants need no build (e.g. off=env:DSV4_CUDA_SHARED_DECODE=0).
 # The tree itself is built in build-gpu (as scripts/gpu_suite.sh does), each
 # variant in /tmp/ab_NAME/b. Writes OUT/NAME-ROUND.json (the bench's JSON) and
 # prints step ms (median of the graph replays) per batch for every run.
@@ -31,13 +33,31 @@ build() {  # build SRC_DIR BUILD_DIR LOG
     { echo "ab_bench: build of $1 failed, tail of $3:" >&2; tail -n 20 "$3" >&2; exit 1; }
 }
 
+env_re='^[A-Za-z_][A-Za-z0-9_]*=[^,]*(,[A-Za-z_][A-Za-z0-9_]*=[^,]*)*$'
+for v in "$@"; do  # every variant checked before the first build
+  name="${v%%=*}" spec="${v#*=}"
+  if [ -n "$name" ] && [ "$name" != "$v" ] && [ "${spec#env:}" != "$spec" ]; then
+    [[ "${spec#env:}" =~ $env_re ]] || { echo "ab_bench: bad variant '$v' (NAME=env:VAR=VALUE[,VAR=VALUE...])" >&2; exit 2; }
+  else
+    [ -n "$name" ] && [ "$name" != "$v" ] && [ -f "$spec" ] ||
+      { echo "ab_bench: bad variant '$v' (NAME=PATCH, PATCH a file, or NAME=env:VAR=VALUE)" >&2; exit 2; }
+  fi
+done
+
 names=(base)
 bins=("$PWD/build-gpu/tools/dsv4")
+envs=("")
 echo "building the tree in build-gpu"
 build . build-gpu "$out/build-base.log"
 for v in "$@"; do
   name="${v%%=*}" patch="${v#*=}"
-  [ -n "$name" ] && [ "$name" != "$v" ] && [ -f "$patch" ] || { echo "ab_bench: bad variant '$v' (NAME=PATCH, PATCH a file)" >&2; exit 2; }
+  if [ "${patch#env:}" != "$patch" ]; then  # the tree's binary under these settings
+    settings="${patch#env:}"
+    names+=("$name")
+    bins+=("$PWD/build-gpu/tools/dsv4")
+    envs+=("${settings//,/ }")
+    continue
+  fi
   src="/tmp/ab_$name"
   rm -rf "$src" && mkdir -p "$src"
   tar cf - --exclude=./build --exclude=./build-gpu --exclude=./.git . | tar xf - -C "$src"
@@ -47,13 +67,15 @@ for v in "$@"; do
   build "$src" "$src/b" "$out/build-$name.log"
   names+=("$name")
   bins+=("$src/b/tools/dsv4")
+  envs+=("")
 done
 
 echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)"
 for ((r = 1; r <= rounds; ++r)); do
   for i in "${!names[@]}"; do
     json="$out/${names[$i]}-$r.json"
-    "${bins[$i]}" bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}" \
+    read -r -a vars <<<"${envs[$i]}"
+    env ${vars[@]+"${vars[@]}"} "${bins[$i]}" bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}" \
       --context "${CONTEXT:-4096}" "${bench_args[@]}" --json "$json" >"$out/${names[$i]}-$r.log" 2>&1 ||
       { echo "ab_bench: bench of ${names[$i]} failed, see $out/${names[$i]}-$r.log" >&2; exit 1; }
     python3 - "$json" "${names[$i]}-$r" <<'EOF'
