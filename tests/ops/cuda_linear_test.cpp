@@ -42,6 +42,8 @@ int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
+int64_t cuda_linear_wide_launches();
+void cuda_linear_force_wide(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 }  // namespace dsv4::ops
 
@@ -674,6 +676,105 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
   }
   ops::cuda_linear_force_shared_decode(-1);
   ops::cuda_linear_force_tma(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// FP8 linears, linear pairs, the shared expert's gate/up and bf16 GEMMs in the wide
+// tiles (128 weight rows x 128 or 64 activation rows) give the bits of gemm_kernel's tiles: one K slice and several
+// (walked, the running total in shared memory), partial weight and row tiles, bf16
+// and f32 outputs, a stacked pair with its second output. Where K = 384 (one slice)
+// the FP8 results are also the Hopper model's bit for bit. The test checks that the
+// wide launches happened.
+TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x56);
+  const std::vector<int64_t> rows = {1, 65, 128, 200, 257};
+  // Runs `op` with the wide tiles off, then forced on (128-row tiles from 65 rows, then
+  // 64-row tiles only; expecting `launches` of them each time), and compares each output
+  // tensor bit for bit.
+  auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
+    std::vector<Tensor> got[3];
+    for (int wide : {0, 1, 2}) {
+      ops::cuda_linear_force_wide(wide);
+      const int64_t before = ops::cuda_linear_wide_launches();
+      for (const Tensor& t : op()) got[wide].push_back(to_host(env.cuda, t));
+      EXPECT_EQ(ops::cuda_linear_wide_launches() - before, wide ? launches : 0) << what;
+    }
+    ops::cuda_linear_force_wide(-1);
+    for (int wide : {1, 2})
+      for (size_t i = 0; i < got[0].size(); ++i)
+        expect_bitwise(got[0][i], got[wide][i],
+                       what + (wide == 1 ? " wide" : " wide 64-row") + " vs small tiles (output " + std::to_string(i) +
+                           ")");
+    return got[1];
+  };
+  struct QuantCase {
+    int64_t n, k;
+  };
+  // S = 1 with a partial weight tile; S = 4 walked; 32 slices (Flash's wq_a shape).
+  for (const QuantCase c : {QuantCase{200, 384}, QuantCase{1000, 2048}, QuantCase{1024, 4096}}) {
+    const QuantLinear hw = host_quant(c.n, c.k, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, c.k});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "fp8 linear " + shape_str(M, c.n, c.k);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+        env.cuda.linear(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      if (c.k == 384) {
+        Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.n});
+        env.cpu_hopper->linear(x, hw, ref);
+        expect_bitwise(ref, got[0], what + " wide vs the Hopper model");
+      }
+    }
+  }
+  {  // wq_a + wkv of Flash: one stacked launch, the second weight to its own output
+    const QuantLinear ha = host_quant(1024, 4096, false, draw_seed(rng)), hb = host_quant(512, 4096, false, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    for (int64_t M : {1, 130, 256}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, 4096}));
+      compare("fp8 linear_pair M=" + std::to_string(M), 1, [&] {
+        Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, 1024}), yb = device_poisoned(env.cuda, DType::kBF16, {M, 512});
+        env.cuda.linear_pair(dx, da, ya, db, yb);
+        return std::vector<Tensor>{ya, yb};
+      });
+    }
+  }
+  {  // the shared expert (FP8): gate | up stacked (n_split), then the down projection
+    const int64_t D = 256, I = 384;
+    const ExpertWeights de = device_expert(env.cuda, host_expert(D, I, false, false, rng));
+    for (int64_t M : {1, 130, 300}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, D}, 3.0f));
+      compare("fp8 expert_ffn M=" + std::to_string(M), 2, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
+        env.cuda.expert_ffn(dx, de, Tensor(), 10.0f, y);
+        return std::vector<Tensor>{y};
+      });
+    }
+  }
+  struct Bf16Case {
+    int64_t n, k;
+    bool y_f32;
+  };
+  // 4 slices of one stage (f32 out), one slice of 3 stages (bf16 out), 32 slices of two
+  // stages with a partial tile (f32 out).
+  for (const Bf16Case c : {Bf16Case{200, 256, true}, Bf16Case{384, 192, false}, Bf16Case{129, 4096, true}}) {
+    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    for (int64_t M : rows) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
+      compare(std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k), 1, [&] {
+        Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
+        env.cuda.linear_bf16(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+    }
+  }
   ops::cuda_linear_force_path(-1);
 }
 

@@ -24,6 +24,7 @@
 #include "core/error.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/gemm_wide_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
 
 namespace dsv4::ops {
@@ -44,6 +45,12 @@ void cuda_linear_force_tma(int on);
 // groups); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
+// Test hooks: plain GEMM launches so far in wide tiles (gemm_wide_kernel); -1
+// follows DSV4_CUDA_WIDE_GEMM (the default), 0 forces them off, 1 on for every FP8
+// and bf16 plain GEMM of one group, whatever its rows (64-row tiles up to 64 rows),
+// 2 on in 64-row tiles only.
+int64_t cuda_linear_wide_launches();
+void cuda_linear_force_wide(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -185,6 +192,65 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
   }
 }
 
+// ---- wide tiles (gemm_wide_kernel) ---------------------------------------------------------
+std::atomic<int64_t> g_wide_launches{0};
+std::atomic<int> g_force_wide{-1};
+
+// FP8 linears and bf16 GEMMs of one group take wide tiles (128 weight rows x 128
+// activation rows, or x 64) from this many rows, where those tiles fill the GPU's
+// SMs: 128-row tiles where they make a wave, else 64-row ones where those make 7/8 of
+// one (N = 4096 at 256 rows: 128 CTAs on 132 SMs); gemm_kernel's smaller tiles
+// otherwise. Returns the tile's rows, or 0. DSV4_CUDA_WIDE_GEMM=0 turns wide tiles
+// off; =1 on for every such GEMM (64-row tiles up to 64 rows), whatever its size.
+constexpr int64_t kWideMinRows = 128;
+int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n_tiles) {
+  if ((fmt != WFmt::kFp8 && fmt != WFmt::kBf16) || p.groups != 1) return 0;
+  static const int from_env = env_is("DSV4_CUDA_WIDE_GEMM", "0")   ? 0
+                              : env_is("DSV4_CUDA_WIDE_GEMM", "1") ? 1
+                                                                   : -1;
+  const int forced = g_force_wide.load(std::memory_order_relaxed);
+  const int mode = forced >= 0 ? forced : from_env;
+  if (mode >= 0) return mode == 0 ? 0 : mode == 2 || p.m <= 64 ? 64 : 128;
+  if (p.m < kWideMinRows) return 0;
+  const int64_t sms = be.properties().multiProcessorCount;
+  if (n_tiles * ((p.m + 127) / 128) >= sms) return 128;
+  if (8 * n_tiles * ((p.m + 63) / 64) >= 7 * sms) return 64;
+  return 0;
+}
+
+// Pipeline stages of the wide tiles: as many as shared memory holds (one CTA an SM:
+// its copies in flight are the SM's), 6 for 64-row tiles, 5 (one K slice) or 4 (the
+// running totals take 64 KB) for 128-row ones. DSV4_CUDA_WIDE_STAGES=4: 4 for all (A/B
+// runs).
+bool wide_stages_forced_4() {
+  static const bool on = env_is("DSV4_CUDA_WIDE_STAGES", "4");
+  return on;
+}
+
+template <WFmt F, int R, bool kTwo, int S>
+void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
+  constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo, S>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::gemm_wide_kernel<F, R, kTwo, S>, smem, be.device_index(), done);
+  lk::gemm_wide_kernel<F, R, kTwo, S><<<grid, lk::kWideThreads, smem, be.stream()>>>(p);
+  check_launch(be.stream());
+  g_wide_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
+template <WFmt F, int R, bool kTwo>
+void launch_wide_staged(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
+  constexpr int kDeep = R == 64 ? 6 : kTwo ? 4 : 5;
+  if (wide_stages_forced_4()) return launch_wide<F, R, kTwo, 4>(be, p, grid);
+  return launch_wide<F, R, kTwo, kDeep>(be, p, grid);
+}
+
+template <WFmt F>
+void dispatch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int rows, bool two) {
+  if (rows == 128)
+    return two ? launch_wide_staged<F, 128, true>(be, p, grid) : launch_wide_staged<F, 128, false>(be, p, grid);
+  return two ? launch_wide_staged<F, 64, true>(be, p, grid) : launch_wide_staged<F, 64, false>(be, p, grid);
+}
+
 // ---- TMA maps of FP4 expert weights (lk::ExpertTma) --------------------------------------
 std::atomic<int64_t> g_tma_launches{0};
 std::atomic<int> g_force_tma{-1};
@@ -294,6 +360,18 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = int64_t(p.groups) * p.tiles_per_group;
   p.slices = slices_for(n_tiles, stages, 1);
+  const int64_t cols = int64_t(p.groups) * p.n;
+  DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
+             "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
+  if (const int wide_rows = wide_gemm_rows(be, fmt, p, n_tiles); wide_rows > 0) {  // all slices walked
+    const int64_t m_tiles = (p.m + wide_rows - 1) / wide_rows;
+    DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
+    p.split = 1;
+    const dim3 grid{unsigned(n_tiles), unsigned(m_tiles)};
+    if (fmt == WFmt::kFp8) dispatch_wide<WFmt::kFp8>(be, p, grid, wide_rows, p.slices > 1);
+    else dispatch_wide<WFmt::kBf16>(be, p, grid, wide_rows, p.slices > 1);
+    return;
+  }
   // FP4 (wgmma) tiles stop at 32 rows: 64 would need 256 accumulator registers. FP8
   // beyond 128 rows: 32-row tiles measured 2% faster at batch 256 (one wgmma wait per
   // 2 chunks instead of per chunk), 64-row tiles 1% faster at batch 64 (e0338ef).
@@ -304,9 +382,6 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   // Split the slices over CTAs when the tiles alone do not fill one wave (decode,
   // small N) and the partials stay small; otherwise each CTA walks all slices.
   // Both give the same bits.
-  const int64_t cols = int64_t(p.groups) * p.n;
-  DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
-             "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
@@ -482,6 +557,8 @@ int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_orde
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {

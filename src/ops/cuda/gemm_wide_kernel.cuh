@@ -1,0 +1,295 @@
+// The wide-tile GEMM for many activation rows (FP8 linears and bf16 GEMMs from 128
+// rows): a CTA of two warpgroups computes 128 weight rows x 128 activation rows, each
+// warpgroup one m64n128 wgmma per 32-byte K chunk. Same accumulation sequence per
+// output element as gemm_tile (linear_kernels.cuh, header comment), so a row's output
+// is the same bits whichever kernel computes it; only the tile shape changes.
+//
+// Why (docs/design/cuda-linear.md, "Wide tiles"): at 256 rows gemm_tile's 32-row
+// tiles issue m64n32 wgmmas, whose shared-memory operand reads (2 KB of weights and
+// 1 KB of activations per 131 kFLOP) take longer than the product, and each weight
+// tile is loaded once per 32 rows. An m64n128 wgmma reads 6 KB per 524 kFLOP, and the
+// fold of one warpgroup (64 FFMA a thread per chunk) runs while the other's product
+// does.
+#pragma once
+
+#include "ops/cuda/linear_kernels.cuh"
+
+namespace dsv4::ops::linear_kernels {
+
+constexpr int kWideThreads = 256;  // two warpgroups, 64 weight rows each
+static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
+
+// Dynamic shared memory of gemm_wide_kernel<F, R, kTwoSets, S> (R activation rows a
+// tile, S pipeline stages): weight and activation stage buffers (128 and R rows x 128
+// bytes, 128-byte swizzle; the output tile is staged in them at the end), the running
+// totals over K slices (kTwoSets), FP8 activation scales and the tile's block-scale row.
+template <WFmt F, int R, bool kTwoSets, int S>
+__host__ __device__ constexpr int gemm_wide_smem_bytes() {
+  constexpr bool kQuant = F == WFmt::kFp8;
+  return 1024 /* alignment slack */ + S * (kTileN + R) * 128 + (kTwoSets ? kWideThreads * (R / 2) * 4 : 0) +
+         (kQuant ? S * R * 4 + kMaxScaleBlocks : 0);
+}
+
+// d = A * B + (scale_d ? d : 0), both from shared memory: A 64 weight rows x 32 bytes,
+// B 32 bytes x 128 activation rows (e4m3: k32; bf16: k16). d[4q + e]: row 16 * warp +
+// g + 8 * (e / 2) of the warpgroup's 64, column 8q + 2t + e % 2.
+#define DSV4_WIDE_NAMES                                                                                           \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "   \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "    \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define DSV4_WIDE_D8(b)                                                                                            \
+  "+f"(d[b]), "+f"(d[b + 1]), "+f"(d[b + 2]), "+f"(d[b + 3]), "+f"(d[b + 4]), "+f"(d[b + 5]), "+f"(d[b + 6]), \
+      "+f"(d[b + 7])
+#define DSV4_WIDE_D                                                                                            \
+  DSV4_WIDE_D8(0), DSV4_WIDE_D8(8), DSV4_WIDE_D8(16), DSV4_WIDE_D8(24), DSV4_WIDE_D8(32), DSV4_WIDE_D8(40), \
+      DSV4_WIDE_D8(48), DSV4_WIDE_D8(56)
+template <WFmt F>
+__device__ __forceinline__ void wgmma_wide(float (&d)[64], uint64_t da, uint64_t db, int scale_d);
+template <>
+__device__ __forceinline__ void wgmma_wide<WFmt::kFp8>(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {" DSV4_WIDE_NAMES "}, %64, %65, p, 1, 1;\n}\n"
+               : DSV4_WIDE_D
+               : "l"(da), "l"(db), "r"(scale_d));
+}
+template <>
+__device__ __forceinline__ void wgmma_wide<WFmt::kBf16>(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" DSV4_WIDE_NAMES
+               "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+               : DSV4_WIDE_D
+               : "l"(da), "l"(db), "r"(scale_d));
+}
+#undef DSV4_WIDE_NAMES
+#undef DSV4_WIDE_D8
+#undef DSV4_WIDE_D
+// The m64nRk32 (e4m3) / m64nRk16 (bf16) product of a warpgroup, R = 64 or 128.
+template <WFmt F, int R>
+__device__ __forceinline__ void wide_mma(float (&d)[R / 2], uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (R == 128) wgmma_wide<F>(d, da, db, scale_d);
+  else wgmma_ss<F, 8>(d, da, db, scale_d);
+}
+
+// Plain GEMM of one group (FP8 or bf16) in tiles of 128 weight rows x R activation
+// rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid (tiles over n,
+// ceil(m / R)), the row tile fastest in launch order (as gemm_kernel). Every CTA
+// walks all K slices (no split): per slice p_s from zero, tot += p_s at its end.
+//   FP8:  p_s = fmaf(mma_c, 2^w * 2^x, p_s) per 32-byte chunk c, each mma_c from zero;
+//   bf16: p_s = the tensor core's running sum over the slice's k16 chunks.
+// All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage)
+// into an S-stage pipeline: one CTA an SM (registers), so its stages in flight are
+// the SM's.
+template <WFmt F, int R, bool kTwoSets, int S>
+__global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
+  static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
+  static_assert(S >= 3 && gemm_wide_smem_bytes<F, R, kTwoSets, S>() <= 227 * 1024, "wide tiles: stages");
+  constexpr int NQ = R / 8, NA = R / 2, kAPieces = R / 32;  // 8-column groups, accumulators, act copies
+  static_assert(F == WFmt::kFp8 || F == WFmt::kBf16, "wide tiles: FP8 and bf16 weights (both operands in smem)");
+  using T = FmtTraits<F>;
+  constexpr bool kQuant = F == WFmt::kFp8;
+  constexpr int kStageBytes = kTileN * 128;  // weights; the activations' buffer is the same size
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
+  uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
+  uint8_t* s_w = smem;                                                       // [stages][128 rows][128 B]
+  uint8_t* s_a = s_w + S * kStageBytes;                                      // [S][R rows][128 B]
+  float* s_tot = reinterpret_cast<float*>(s_a + S * R * 128);                // kTwoSets: [NA][256] totals
+  float* s_as = s_tot + (kTwoSets ? NA * kWideThreads : 0);                  // FP8: [S][R]
+  uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (kQuant ? S * R : 0));   // block-scale row
+
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
+  const int m_tile = linear % int(gridDim.y), tile_n = linear / int(gridDim.y);
+  const int row_base = m_tile * R, rows = min(R, p.m - row_base);
+  const int n0 = tile_n * kTileN, valid_n = min(kTileN, p.n - n0);
+  const bool second = n0 >= p.n_split;  // a stacked pair: this tile reads w1 (host keeps n_split % 128 == 0)
+  const uint8_t* w = second ? p.w1 : p.w0;
+  const uint8_t* sc = second ? p.s1 : p.s0;
+  const int64_t wrow0 = n0 - (second ? p.n_split : 0);
+  const int stages_total = p.k / T::kStageK, per_slice = stages_total / p.slices;
+
+  // Copies: piece c_part of rows c_row + 32 i, for weights (i < 4) and activations (i < R / 32).
+  const int c_row = tid >> 3, c_part = tid & 7;
+  const uint8_t* const w_src = w + (wrow0 + c_row) * p.w_row_bytes + c_part * 16;
+  const int64_t w_step = 32 * p.w_row_bytes;
+  auto load_weights = [&](int st, int buf) {
+    uint8_t* dw = s_w + buf * kStageBytes;
+    const uint8_t* src = w_src + int64_t(st) * 128;
+#pragma unroll
+    for (int i = 0; i < 4; ++i, src += w_step) {
+      const int r = c_row + 32 * i;
+      const bool ok = r < valid_n;
+      cp_async16_l2_128(dw + sw128_offset(r, c_part), ok ? src : w, ok ? 16 : 0);
+    }
+  };
+  // The weights nobody writes stream in before the wait for the activations' producer.
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s)
+    if (s < stages_total) load_weights(s, s);
+  wait_for_predecessor();
+  // Source row of tile row r (-1 past the rows: zero-filled); no shared copy, so the
+  // prologue has no barrier: the loop's first one orders the block-scale stores below.
+  auto source_row = [&](int r) { return r < rows ? (p.in_rows ? p.in_rows[row_base + r] : row_base + r) : -1; };
+  if constexpr (kQuant) {  // the tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0)
+    const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
+    for (int i = tid; i < p.s_row_stride; i += kWideThreads) s_bs[i] = srow[i];
+  }
+  const uint8_t* a_src[kAPieces];
+#pragma unroll
+  for (int i = 0; i < kAPieces; ++i) {
+    const int src_row = source_row(c_row + 32 * i);
+    a_src[i] = src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + c_part * 16 : nullptr;
+  }
+  const float* as_src = nullptr;  // FP8: activation scales of tile row tid
+  if (kQuant && tid < R) {
+    const int src_row = source_row(tid);
+    if (src_row >= 0) as_src = p.a_scale + int64_t(src_row) * p.a_scale_stride;
+  }
+  auto load_acts = [&](int st, int buf) {
+    uint8_t* da = s_a + buf * R * 128;
+#pragma unroll
+    for (int i = 0; i < kAPieces; ++i)
+      cp_async16(da + sw128_offset(c_row + 32 * i, c_part), a_src[i] ? a_src[i] + int64_t(st) * 128 : p.a,
+                 a_src[i] ? 16 : 0);
+    if constexpr (kQuant) {
+      if (tid < R) cp_async4(s_as + buf * R + tid, as_src ? as_src + st : p.a_scale, as_src ? 4 : 0);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < stages_total) load_acts(s, s);
+    cp_async_commit();
+  }
+
+  // p_s and the wgmma results in registers; the running total over slices (kTwoSets)
+  // in shared memory, each thread's own column (FP8 at R = 128 uses 242 registers).
+  float cur[NA], d[kQuant ? 2 : 1][NA];
+#pragma unroll
+  for (int i = 0; i < NA; ++i) {
+    cur[i] = d[0][i] = 0.0f;
+    if constexpr (kQuant) d[kQuant ? 1 : 0][i] = 0.0f;
+  }
+  if constexpr (kTwoSets) {
+#pragma unroll
+    for (int i = 0; i < NA; ++i) s_tot[i * kWideThreads + tid] = 0.0f;
+  }
+  int slice_pos = 0;  // position of stage `it` in its slice
+  for (int it = 0; it < stages_total; ++it) {
+    const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+    slice_pos = slice_last ? 0 : slice_pos + 1;
+    cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
+    fence_proxy_async();
+    __syncthreads();  // ... for every thread; FP8: every warpgroup is done with stage it-1's buffer
+    auto load_next = [&] {  // into the buffer of stage it-1
+      const int nxt = it + S - 1;
+      if (nxt < stages_total) {
+        load_weights(nxt, nxt % S);
+        load_acts(nxt, nxt % S);
+      }
+      cp_async_commit();
+    };
+    if constexpr (kQuant) load_next();
+    const int buf = it % S;
+    const uint32_t a_base = smem_u32(s_w + buf * kStageBytes + wg * 64 * 128);
+    const uint32_t b_base = smem_u32(s_a + buf * R * 128);
+    if constexpr (kQuant) {
+      // The chunk scale 2^w * 2^x of each of the thread's 32 columns, once per stage.
+      const float wsc = core::e8m0_to_float(s_bs[it]);
+      float csc[NQ][2];
+#pragma unroll
+      for (int q = 0; q < NQ; ++q) {
+        const float2 as = *reinterpret_cast<const float2*>(s_as + buf * R + 8 * q + 2 * t);
+        csc[q][0] = wsc * as.x;
+        csc[q][1] = wsc * as.y;
+      }
+      // Two chunks in flight: chunk j + 1's product runs while chunk j's is folded.
+      wgmma_fence();
+      wide_mma<F, R>(d[0], wgmma_desc(a_base), wgmma_desc(b_base), 0);
+      wgmma_commit();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (j < 3) {
+          wgmma_fence();
+          wide_mma<F, R>(d[(j + 1) & 1], wgmma_desc(a_base + 32 * (j + 1)), wgmma_desc(b_base + 32 * (j + 1)), 0);
+          wgmma_commit();
+          wgmma_wait_1();
+        } else {
+          wgmma_wait_all();
+        }
+#pragma unroll
+        for (int q = 0; q < NQ; ++q)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(d[j & 1][4 * q + e], csc[q][e & 1], cur[4 * q + e]);
+      }
+    } else {
+      // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
+      // products stay in flight across the next stage's wait and barrier; the copies
+      // then go into stage it-1's buffer once every warpgroup's products on it are done.
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        wide_mma<F, R>(d[0], wgmma_desc(a_base + 32 * j), wgmma_desc(b_base + 32 * j), slice_first && j == 0 ? 0 : 1);
+      wgmma_commit();
+      if (slice_last) {
+        wgmma_wait_all();
+#pragma unroll
+        for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
+      } else {
+        wgmma_wait_1();
+      }
+      __syncthreads();
+      load_next();
+    }
+    if constexpr (kTwoSets) {
+      if (slice_last) {  // slice boundary: fold p_s into the running total
+#pragma unroll
+        for (int i = 0; i < NA; ++i) {
+          s_tot[i * kWideThreads + tid] += cur[i];
+          cur[i] = 0.0f;
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  if constexpr (!kQuant) wgmma_wait_all();  // (a no-op: the last stage ends a slice)
+  allow_dependents_to_launch();  // only the epilogue is left
+
+  const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
+  void* const y_out = to_y1 ? p.y1 : p.y;
+  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? n0 - p.n_split : n0;
+  // The output tile goes through shared memory (the stage buffers, free once every
+  // warpgroup is past its last products): each thread's R / 2 values scattered over
+  // R / 4 rows become whole 16-byte pieces of output rows. Row stride padded by 16 bytes:
+  // the scattered stores hit distinct banks.
+  const int esize = p.y_f32 ? 4 : 2, stride = kTileN * esize + 16;
+  __syncthreads();
+#pragma unroll
+  for (int q = 0; q < NQ; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = 64 * wg + 16 * warp + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+      const float v = kTwoSets ? s_tot[(4 * q + e) * kWideThreads + tid] : 0.0f + cur[4 * q + e];
+      if (p.y_f32) *reinterpret_cast<float*>(smem + c * stride + 4 * r) = v;
+      else *reinterpret_cast<uint16_t*>(smem + c * stride + 2 * r) = core::float_to_bf16(v);
+    }
+  __syncthreads();
+  // 16-byte pieces: 8 a row (f32) or 16 (bf16), whole where the row and the piece allow.
+  const int pieces = kTileN * esize / 16, per = 16 / esize;
+  const bool vec = (ld_out * esize) % 16 == 0 && (col_out * esize) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(y_out) % 16 == 0;
+  for (int i = tid; i < rows * pieces; i += kWideThreads) {
+    const int c = i / pieces, piece = i % pieces, r0 = piece * per;
+    if (r0 >= valid_n) continue;
+    const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
+    uint8_t* dst = static_cast<uint8_t*>(y_out) + (orow * ld_out + col_out + r0) * esize;
+    const uint8_t* src = smem + c * stride + r0 * esize;
+    if (vec && r0 + per <= valid_n) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int k = 0; k < per && r0 + k < valid_n; ++k)
+        for (int b = 0; b < esize; ++b) dst[k * esize + b] = src[k * esize + b];
+    }
+  }
+}
+
+}  // namespace dsv4::ops::linear_kernels
