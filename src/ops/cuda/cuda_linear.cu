@@ -218,37 +218,21 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   return 0;
 }
 
-// Pipeline stages of the wide tiles: as many as shared memory holds (one CTA an SM:
-// its copies in flight are the SM's), 6 for 64-row tiles, 5 (one K slice) or 4 (the
-// running totals take 64 KB) for 128-row ones. DSV4_CUDA_WIDE_STAGES=4: 4 for all (A/B
-// runs).
-bool wide_stages_forced_4() {
-  static const bool on = env_is("DSV4_CUDA_WIDE_STAGES", "4");
-  return on;
-}
-
-template <WFmt F, int R, bool kTwo, int S>
+template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo, S>();
+  constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
   static std::atomic<uint64_t> done{0};
-  allow_smem(lk::gemm_wide_kernel<F, R, kTwo, S>, smem, be.device_index(), done);
-  lk::gemm_wide_kernel<F, R, kTwo, S><<<grid, lk::kWideThreads, smem, be.stream()>>>(p);
+  allow_smem(lk::gemm_wide_kernel<F, R, kTwo>, smem, be.device_index(), done);
+  lk::gemm_wide_kernel<F, R, kTwo><<<grid, lk::kWideThreads, smem, be.stream()>>>(p);
   check_launch(be.stream());
   g_wide_launches.fetch_add(1, std::memory_order_relaxed);
-}
-
-template <WFmt F, int R, bool kTwo>
-void launch_wide_staged(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  constexpr int kDeep = R == 64 ? 6 : kTwo ? 4 : 5;
-  if (wide_stages_forced_4()) return launch_wide<F, R, kTwo, 4>(be, p, grid);
-  return launch_wide<F, R, kTwo, kDeep>(be, p, grid);
 }
 
 template <WFmt F>
 void dispatch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int rows, bool two) {
   if (rows == 128)
-    return two ? launch_wide_staged<F, 128, true>(be, p, grid) : launch_wide_staged<F, 128, false>(be, p, grid);
-  return two ? launch_wide_staged<F, 64, true>(be, p, grid) : launch_wide_staged<F, 64, false>(be, p, grid);
+    return two ? launch_wide<F, 128, true>(be, p, grid) : launch_wide<F, 128, false>(be, p, grid);
+  return two ? launch_wide<F, 64, true>(be, p, grid) : launch_wide<F, 64, false>(be, p, grid);
 }
 
 // ---- TMA maps of FP4 expert weights (lk::ExpertTma) --------------------------------------

@@ -17,13 +17,16 @@
 namespace dsv4::ops::linear_kernels {
 
 constexpr int kWideThreads = 256;  // two warpgroups, 64 weight rows each
+// cp.async pipeline depth (24 or 32 KB a stage). 5-6 stages, as many as shared memory
+// holds at one CTA an SM, measured no faster at batch 128 and 256 (e100797's run).
+constexpr int kWideStages = 4;
 static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
 
-// Dynamic shared memory of gemm_wide_kernel<F, R, kTwoSets, S> (R activation rows a
+// Dynamic shared memory of gemm_wide_kernel<F, R, kTwoSets> (R activation rows a
 // tile, S pipeline stages): weight and activation stage buffers (128 and R rows x 128
 // bytes, 128-byte swizzle; the output tile is staged in them at the end), the running
 // totals over K slices (kTwoSets), FP8 activation scales and the tile's block-scale row.
-template <WFmt F, int R, bool kTwoSets, int S>
+template <WFmt F, int R, bool kTwoSets, int S = kWideStages>
 __host__ __device__ constexpr int gemm_wide_smem_bytes() {
   constexpr bool kQuant = F == WFmt::kFp8;
   return 1024 /* alignment slack */ + S * (kTileN + R) * 128 + (kTwoSets ? kWideThreads * (R / 2) * 4 : 0) +
@@ -76,13 +79,13 @@ __device__ __forceinline__ void wide_mma(float (&d)[R / 2], uint64_t da, uint64_
 // walks all K slices (no split): per slice p_s from zero, tot += p_s at its end.
 //   FP8:  p_s = fmaf(mma_c, 2^w * 2^x, p_s) per 32-byte chunk c, each mma_c from zero;
 //   bf16: p_s = the tensor core's running sum over the slice's k16 chunks.
-// All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage)
-// into an S-stage pipeline: one CTA an SM (registers), so its stages in flight are
-// the SM's.
-template <WFmt F, int R, bool kTwoSets, int S>
+// All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage).
+// One CTA an SM (registers: up to 246 a thread for FP8 at R = 128).
+template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
+  constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
-  static_assert(S >= 3 && gemm_wide_smem_bytes<F, R, kTwoSets, S>() <= 227 * 1024, "wide tiles: stages");
+  static_assert(gemm_wide_smem_bytes<F, R, kTwoSets>() <= 227 * 1024, "wide tiles: shared memory");
   constexpr int NQ = R / 8, NA = R / 2, kAPieces = R / 32;  // 8-column groups, accumulators, act copies
   static_assert(F == WFmt::kFp8 || F == WFmt::kBf16, "wide tiles: FP8 and bf16 weights (both operands in smem)");
   using T = FmtTraits<F>;
