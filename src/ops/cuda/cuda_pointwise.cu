@@ -353,7 +353,6 @@ constexpr int kHcSlice = 128;
 constexpr int kHcRowTile = 32;
 constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
 
-template <int kSlicesPerCta>
 __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn,
                                                              int64_t rows, int64_t n, int mix,
                                                              float* __restrict__ partial) {
@@ -362,76 +361,58 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   constexpr int kPad = kHcSlice + 4;
   __shared__ __align__(16) float fn_s[31][kPad];
   __shared__ __align__(16) float x_s[kHcRowTile][kPad];
-  const int64_t r0 = int64_t(blockIdx.y) * kHcRowTile;
-  // Every load of a slice is issued before the first is used: one DRAM round trip
+  const int64_t slice = blockIdx.x, k0 = slice * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowTile;
+  // Every load of the tile is issued before the first is used: one DRAM round trip
   // instead of one per loop iteration (ncu at batch 1: 15 -> 12 µs a launch). fn is
-  // a weight: the first slice's loads go out before the wait for the predecessor
-  // (dependent launch). A CTA of several slices (large batches) loads the next slice
-  // into registers while it computes the current one from shared memory.
+  // a weight: its loads go out before the wait for the predecessor (dependent launch).
   constexpr int kFnPer = 31 * kHcSlice / 256 + 1, kXPer = kHcRowTile * kHcSlice / 256;
   static_assert(kHcRowTile * kHcSlice % 256 == 0, "whole x tile per pass");
   float fv[kFnPer], xv[kXPer];
-  auto load_fn = [&](int64_t k0) {
 #pragma unroll
-    for (int u = 0; u < kFnPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u;
-      fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
-    }
-  };
-  auto load_x = [&](int64_t k0) {
-#pragma unroll
-    for (int u = 0; u < kXPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
-      xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
-    }
-  };
-  const int64_t first_slice = int64_t(blockIdx.x) * kSlicesPerCta;
-  load_fn(first_slice * kHcSlice);
+  for (int u = 0; u < kFnPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u;
+    fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
+  }
   wait_for_predecessor();
-  load_x(first_slice * kHcSlice);
+#pragma unroll
+  for (int u = 0; u < kXPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
+    xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kFnPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u;
+    if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
+  }
+#pragma unroll
+  for (int u = 0; u < kXPer; ++u) {
+    const int idx = int(threadIdx.x) + 256 * u;
+    x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
+  }
+  __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rb = warp * 4;  // 8 warps x 4 rows = the 32-row tile
-  const bool active = lane <= mix && r0 + rb < rows;  // (warps past the last row: nothing to write)
+  if (lane > mix || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
+  // Four k per shared-memory read (one float4 of fn, one broadcast float4 of x per
+  // row): one read per 4 FMAs instead of 5 per 4, which bounded the loop (ncu at
+  // batch 256: 42 µs a launch before). The FMA order per output is still k = 0..127.
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   const bool sum_sq = lane == mix;
-  for (int sl = 0; sl < kSlicesPerCta; ++sl) {
-    const int64_t slice = first_slice + sl;
-    if (sl > 0) __syncthreads();  // every warp is done with the previous slice's tile
+  for (int k = 0; k < kHcSlice; k += 4) {
+    const float4 w4 = sum_sq ? make_float4(0.0f, 0.0f, 0.0f, 0.0f) : *reinterpret_cast<const float4*>(&fn_s[lane][k]);
 #pragma unroll
-    for (int u = 0; u < kFnPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u;
-      if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
+    for (int r = 0; r < 4; ++r) {
+      const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
+      const float4 wv = sum_sq ? x4 : w4;
+      acc[r] = fmaf(wv.x, x4.x, acc[r]);
+      acc[r] = fmaf(wv.y, x4.y, acc[r]);
+      acc[r] = fmaf(wv.z, x4.z, acc[r]);
+      acc[r] = fmaf(wv.w, x4.w, acc[r]);
     }
-#pragma unroll
-    for (int u = 0; u < kXPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u;
-      x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
-    }
-    __syncthreads();
-    if (sl + 1 < kSlicesPerCta) {  // the next slice's loads run under this one's FMAs
-      load_fn((slice + 1) * kHcSlice);
-      load_x((slice + 1) * kHcSlice);
-    }
-    if (!active) continue;
-    // Four k per shared-memory read (one float4 of fn, one broadcast float4 of x per
-    // row): one read per 4 FMAs instead of 5 per 4, which bounded the loop (ncu at
-    // batch 256: 42 µs a launch before). The FMA order per output is still k = 0..127.
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k = 0; k < kHcSlice; k += 4) {
-      const float4 w4 = sum_sq ? make_float4(0.0f, 0.0f, 0.0f, 0.0f) : *reinterpret_cast<const float4*>(&fn_s[lane][k]);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
-        const float4 wv = sum_sq ? x4 : w4;
-        acc[r] = fmaf(wv.x, x4.x, acc[r]);
-        acc[r] = fmaf(wv.y, x4.y, acc[r]);
-        acc[r] = fmaf(wv.z, x4.z, acc[r]);
-        acc[r] = fmaf(wv.w, x4.w, acc[r]);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-      if (r0 + rb + r < rows) partial[(slice * kHcMaxRowsPerLaunch + (r0 + rb + r)) * 32 + lane] = acc[r];
   }
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    if (r0 + rb + r < rows) partial[(slice * kHcMaxRowsPerLaunch + (r0 + rb + r)) * 32 + lane] = acc[r];
 }
 
 __device__ __forceinline__ float sigmoid_ref(float x) {
@@ -843,16 +824,6 @@ struct HcNorm {
   const Tensor* xn;
 };
 
-// Slices of hc_mix_partial_kernel a CTA computes (its partials are the same bits
-// either way): 4 from 128 rows, where the 128 x 4+ row-tile CTAs of one slice each
-// would be one short load-then-compute chain apiece (29 µs a launch at batch 256,
-// ncu, 4c208c0); 1 below, where the CTAs are few anyway. DSV4_CUDA_HC_SLICES=1 keeps
-// one slice a CTA at every batch (A/B runs).
-int hc_slices_per_cta(int64_t rows, int64_t slices) {
-  static const bool one = env_is("DSV4_CUDA_HC_SLICES", "1");
-  return !one && rows >= 128 && slices % 4 == 0 ? 4 : 1;
-}
-
 template <int HC, bool kHead>
 void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
                const Tensor& post, const Tensor& comb, const HcNorm* norm) {
@@ -867,14 +838,8 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
   for (int64_t r0 = 0; r0 < T; r0 += kHcMaxRowsPerLaunch) {
     const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
     const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
-    const dim3 mix_grid(unsigned(slices), unsigned((rows + kHcRowTile - 1) / kHcRowTile));
-    const int per_cta = hc_slices_per_cta(rows, slices);
-    if (per_cta == 4) {
-      hc_mix_partial_kernel<4><<<dim3(mix_grid.x / 4, mix_grid.y), 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows,
-                                                                                         n, kMix, partial);
-    } else {
-      hc_mix_partial_kernel<1><<<mix_grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial);
-    }
+    hc_mix_partial_kernel<<<dim3(unsigned(slices), unsigned((rows + kHcRowTile - 1) / kHcRowTile)), 256, 0,
+                            be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial);
     check_launch(be.stream());
     HcFinishArgs a;
     a.X = Xr;
