@@ -4,7 +4,7 @@
 // output element as gemm_tile (linear_kernels.cuh, header comment), so a row's output
 // is the same bits whichever kernel computes it; only the tile shape changes.
 //
-// Why (docs/design/cuda-linear.md, "Wide tiles"): at 256 rows gemm_tile's 32-row
+// Why (docs/design/cuda-linear.md, "Wide tiles from 128 rows"): at 256 rows gemm_tile's 32-row
 // tiles issue m64n32 wgmmas, whose shared-memory operand reads (2 KB of weights and
 // 1 KB of activations per 131 kFLOP) take longer than the product, and each weight
 // tile is loaded once per 32 rows. An m64n128 wgmma reads 6 KB per 524 kFLOP, and the
@@ -23,7 +23,7 @@ constexpr int kWideStages = 4;
 static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
 
 // Dynamic shared memory of gemm_wide_kernel<F, R, kTwoSets> (R activation rows a
-// tile, S pipeline stages): weight and activation stage buffers (128 and R rows x 128
+// tile, S pipeline stages): the weight and activation stage buffers (128 and R rows x 128
 // bytes, 128-byte swizzle; the output tile is staged in them at the end), the running
 // totals over K slices (kTwoSets), FP8 activation scales and the tile's block-scale row.
 template <WFmt F, int R, bool kTwoSets, int S = kWideStages>
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
     const uint32_t a_base = smem_u32(s_w + buf * kStageBytes + wg * 64 * 128);
     const uint32_t b_base = smem_u32(s_a + buf * R * 128);
     if constexpr (kQuant) {
-      // The chunk scale 2^w * 2^x of each of the thread's 32 columns, once per stage.
+      // The chunk scale 2^w * 2^x of each of the thread's R / 4 columns, once per stage.
       const float wsc = core::e8m0_to_float(s_bs[it]);
       float csc[NQ][2];
 #pragma unroll
