@@ -92,12 +92,18 @@ double bf16_rms(const Tensor& t) {
   return t.numel() ? std::sqrt(s / double(t.numel())) : 0.0;
 }
 
+// f32 tensors within rel * |want| + abs; reports how many differ in any bit (hc_pre's
+// reference sums in the kernels' order, so none should: printed, not yet required).
 void expect_f32_close(const Tensor& got, const Tensor& want, double rel, double abs, const char* what) {
   ASSERT_EQ(got.numel(), want.numel()) << what;
+  int64_t off = 0;
   for (int64_t i = 0; i < got.numel(); ++i) {
     const double g = got.as<float>()[i], w = want.as<float>()[i];
     ASSERT_NEAR(g, w, rel * std::fabs(w) + abs) << what << " element " << i;
+    off += std::memcmp(got.as<float>() + i, want.as<float>() + i, sizeof(float)) != 0;
   }
+  if (off > 0)
+    std::fprintf(stderr, "[%s: %lld of %lld f32 elements differ]\n", what, (long long)off, (long long)got.numel());
 }
 
 Tensor copy_host(const Tensor& t) {

@@ -121,10 +121,15 @@ void CpuBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, cons
 }
 
 namespace {
-// mixes[j] = rsqrt(mean(x^2) + eps) * (fn[j] . x) over the flattened streams.
+// mixes[j] = rsqrt(mean(x^2) + eps) * (fn[j] . x) over the flattened streams. The
+// dot products take the CUDA kernels' order (128-wide slices of fused multiply-adds,
+// cpu::dots_in_slices_of_128; the spec fixes the math, not the order), and the rest
+// is the same sequence of IEEE operations as hc_finish_kernel, so the two backends'
+// mixes, post, comb and x are meant to agree bit for bit (the CUDA tests report it).
 void hc_mixes(const float* xf, int64_t n, const float* fn, int64_t mix, float norm_eps, float* mixes) {
-  const float r = 1.0f / std::sqrt(dot_f32(xf, xf, n) / float(n) + norm_eps);
-  for (int64_t j = 0; j < mix; ++j) mixes[j] = dot_f32(fn + j * n, xf, n) * r;
+  cpu::dots_in_slices_of_128(fn, xf, n, mix, mixes);  // mixes[mix]: x . x (the buffer holds mix + 1)
+  const float r = 1.0f / std::sqrt(mixes[mix] / float(n) + norm_eps);
+  for (int64_t j = 0; j < mix; ++j) mixes[j] = mixes[j] * r;
 }
 }  // namespace
 
@@ -134,7 +139,7 @@ void CpuBackend::do_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& 
   const float* scale = w.scale.as<float>();
   const float* base = w.base.as<float>();
   pool_.parallel_for(T, [&](int64_t b, int64_t e) {
-    std::vector<float> xf(static_cast<size_t>(hc * D)), mixes(static_cast<size_t>(mix)), pre(static_cast<size_t>(hc));
+    std::vector<float> xf(static_cast<size_t>(hc * D)), mixes(static_cast<size_t>(mix + 1)), pre(static_cast<size_t>(hc));
     for (int64_t t = b; t < e; ++t) {
       cpu::bf16_row_to_float(X.as<uint16_t>() + t * hc * D, hc * D, xf.data());
       hc_mixes(xf.data(), hc * D, w.fn.as<float>(), mix, c.norm_eps, mixes.data());
@@ -176,7 +181,7 @@ void CpuBackend::do_hc_post(const Tensor& f, const Tensor& R, const Tensor& post
 
 void CpuBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& y) {
   const int64_t T = X.size(0), hc = X.size(1), D = X.size(2);
-  std::vector<float> xf(static_cast<size_t>(hc * D)), mixes(static_cast<size_t>(hc)), pre(static_cast<size_t>(hc));
+  std::vector<float> xf(static_cast<size_t>(hc * D)), mixes(static_cast<size_t>(hc + 1)), pre(static_cast<size_t>(hc));
   for (int64_t t = 0; t < T; ++t) {
     cpu::bf16_row_to_float(X.as<uint16_t>() + t * hc * D, hc * D, xf.data());
     hc_mixes(xf.data(), hc * D, w.fn.as<float>(), hc, c.norm_eps, mixes.data());

@@ -34,6 +34,28 @@ __attribute__((target_clones("avx2", "default"))) inline float dot_f32(const flo
   return s;
 }
 
+// out[j] = a[j] . x for the `rows` rows of a (n floats each), and out[rows] = x . x,
+// each summed in the CUDA mHC kernels' order (hc_mix_partial_kernel, then
+// hc_finish_kernel): 128-wide slices of k, each a chain of fused multiply-adds in k
+// order from zero, the slices added in order from zero. A fused multiply-add has one
+// correct result, so both clones and the GPU give the same bits.
+__attribute__((target_clones("fma", "default"))) inline void dots_in_slices_of_128(const float* a, const float* x,
+                                                                                   int64_t n, int64_t rows,
+                                                                                   float* out) {
+  constexpr int64_t kSlice = 128;
+  for (int64_t j = 0; j <= rows; ++j) {
+    const float* w = j < rows ? a + j * n : x;
+    float total = 0.0f;
+    for (int64_t k0 = 0; k0 < n; k0 += kSlice) {
+      const int64_t k1 = k0 + kSlice < n ? k0 + kSlice : n;
+      float acc = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) acc = __builtin_fmaf(w[k], x[k], acc);
+      total += acc;
+    }
+    out[j] = total;
+  }
+}
+
 inline v8f load_bf16x8(const uint16_t* p) {
   v8h h;
   std::memcpy(&h, p, 16);
