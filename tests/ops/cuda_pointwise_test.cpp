@@ -8,13 +8,11 @@
 //    angle in double on both sides: a 1-ulp disagreement would need the two
 //    libraries' double results to straddle an fp32 rounding boundary, so we
 //    allow a handful of 1-ulp elements and report them);
-//  * rms_norm: the kernel reduces in a fixed tree, not the reference's 16-lane
-//    order, so fp32 sums differ by rounding: bf16 outputs within 1 ulp;
-//  * hc_pre, hc_head: the reference now sums in the kernels' order (128-wide
-//    slices of fused multiply-adds), so they should agree bit for bit; until a GPU
-//    run shows it, the old tolerances stay (bf16 within 1 ulp, fp32 mHC weights
-//    within 2e-5 relative, comb after Sinkhorn 1e-4 absolute) and the differing
-//    elements are printed.
+//  * rms_norm, hc_pre, hc_head: the reference now sums in the kernels' orders (the
+//    row norm's 256 FMA chains and trees; 128-wide slices of FMAs for the mixes),
+//    so they should agree bit for bit; until a GPU run shows it, the old
+//    tolerances stay (bf16 within 1 ulp, fp32 mHC weights within 2e-5 relative,
+//    comb after Sinkhorn 1e-4 absolute) and the differing elements are printed.
 #include <gtest/gtest.h>
 
 #include <algorithm>

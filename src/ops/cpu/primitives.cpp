@@ -69,10 +69,32 @@ void fp4_sim_bf16(uint16_t* x, int64_t n, int64_t block) {
   }
 }
 
+float sum_squares_as_cuda_rows(const float* v, int64_t n) {
+  constexpr int kThreads = 256, kLanes = 32;
+  const int64_t vec = n % 8 == 0 ? 8 : 1, chunks = n / vec;
+  float total = 0.0f;
+  for (int w = 0; w < kThreads / kLanes; ++w) {
+    float lane[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      float ss = 0.0f;
+      for (int64_t c = w * kLanes + l; c < chunks; c += kThreads)
+        for (int64_t i = 0; i < vec; ++i) ss = std::fma(v[c * vec + i], v[c * vec + i], ss);
+      lane[l] = ss;
+    }
+    for (int o = kLanes / 2; o > 0; o /= 2) {
+      float next[kLanes];
+      for (int l = 0; l < kLanes; ++l) next[l] = lane[l] + lane[l ^ o];
+      std::copy(next, next + kLanes, lane);
+    }
+    total += lane[0];
+  }
+  return total;
+}
+
 void rms_norm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, uint16_t* y) {
   std::vector<float> v(static_cast<size_t>(n));
   cpu::bf16_row_to_float(x, n, v.data());
-  const float r = 1.0f / std::sqrt(cpu::dot_f32(v.data(), v.data(), n) / float(n) + eps);
+  const float r = 1.0f / std::sqrt(sum_squares_as_cuda_rows(v.data(), n) / float(n) + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(bf16_to_float(w[i]) * (v[size_t(i)] * r));
 }
 

@@ -42,8 +42,14 @@ void fp8_sim_bf16(uint16_t* x, int64_t n, int64_t block);
 void fp4_sim_bf16(uint16_t* x, int64_t n, int64_t block);
 
 // ---- RMSNorm (spec §2.1) -------------------------------------------------------
-// y = bf16(w * (x * rsqrt(mean(x^2) + eps))) in fp32.
+// y = bf16(w * (x * rsqrt(mean(x^2) + eps))) in fp32. The sum of squares runs in the
+// CUDA row norm's order (sum_squares_as_cuda_rows), the rest is the same IEEE sequence.
 void rms_norm_bf16(const uint16_t* x, const uint16_t* w, int64_t n, float eps, uint16_t* y);
+// sum of v[i]^2 in the order of the CUDA row norm (rms_norm_row, 256 threads): thread c
+// chains fused multiply-adds over its chunks c, c + 256, ... of 8 values (of 1 value
+// when n % 8 != 0), each warp adds its 32 partials by an xor butterfly (offsets 16, 8,
+// 4, 2, 1; lane 0's sum), and the 8 warp sums are added in order from zero.
+float sum_squares_as_cuda_rows(const float* v, int64_t n);
 
 // The per-head Q norm's sum (spec §5.1, weight-less, in bf16 arithmetic): the
 // bf16-rounded squares summed in fp32 in a fixed parallel order, element i into
