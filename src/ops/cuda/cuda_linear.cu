@@ -60,11 +60,15 @@ namespace {
 
 std::atomic<int> g_force_path{-1};
 
-// A switch a test hook may force: -1 follows the environment, 0 / 1 force it.
-bool forced_or(const std::atomic<int>& forced, bool from_env) {
+// A switch a test hook may force: the hook's value when set (>= 0), else the
+// environment's (env_mode: "0" -> 0, "1" -> 1, otherwise -1, the automatic choice).
+int forced_mode(const std::atomic<int>& forced, int from_env) {
   const int f = forced.load(std::memory_order_relaxed);
-  return f >= 0 ? f == 1 : from_env;
+  return f >= 0 ? f : from_env;
 }
+int env_mode(const char* name) { return env_is(name, "0") ? 0 : env_is(name, "1") ? 1 : -1; }
+// The same for an on/off switch: -1 follows the environment, 0 / 1 force it.
+bool forced_or(const std::atomic<int>& forced, bool from_env) { return forced_mode(forced, from_env ? 1 : 0) == 1; }
 
 bool simple_path() {
   static const bool from_env = env_is("DSV4_CUDA_KERNELS", "simple");
@@ -205,11 +209,8 @@ std::atomic<int> g_force_wide{-1};
 constexpr int64_t kWideMinRows = 128;
 int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n_tiles) {
   if ((fmt != WFmt::kFp8 && fmt != WFmt::kBf16) || p.groups != 1) return 0;
-  static const int from_env = env_is("DSV4_CUDA_WIDE_GEMM", "0")   ? 0
-                              : env_is("DSV4_CUDA_WIDE_GEMM", "1") ? 1
-                                                                   : -1;
-  const int forced = g_force_wide.load(std::memory_order_relaxed);
-  const int mode = forced >= 0 ? forced : from_env;
+  static const int from_env = env_mode("DSV4_CUDA_WIDE_GEMM");
+  const int mode = forced_mode(g_force_wide, from_env);
   if (mode >= 0) return mode == 0 ? 0 : mode == 2 || p.m <= 64 ? 64 : 128;
   if (p.m < kWideMinRows) return 0;
   const int64_t sms = be.properties().multiProcessorCount;
@@ -256,11 +257,8 @@ bool tma_enabled() {
 // load (A/B runs).
 constexpr int64_t kSharedDecodeMinAvgRows = 3;
 bool shared_decode_wanted(int64_t avg_rows) {
-  static const int from_env = env_is("DSV4_CUDA_SHARED_DECODE", "0")   ? 0
-                              : env_is("DSV4_CUDA_SHARED_DECODE", "1") ? 1
-                                                                       : -1;
-  const int forced = g_force_shared_decode.load(std::memory_order_relaxed);
-  const int mode = forced >= 0 ? forced : from_env;
+  static const int from_env = env_mode("DSV4_CUDA_SHARED_DECODE");
+  const int mode = forced_mode(g_force_shared_decode, from_env);
   return mode < 0 ? avg_rows >= kSharedDecodeMinAvgRows : mode == 1;
 }
 
