@@ -22,6 +22,8 @@
 #include <functional>
 #include <numeric>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -599,6 +601,16 @@ Tensor run_routed(Env& env, const RoutedInputs& in, const std::vector<ExpertWeig
   return to_host(env.cuda, out);
 }
 
+// `op`'s result with a test hook's switch forced to `value`, and the launches the hook's
+// counter saw meanwhile.
+template <typename Op>
+auto run_forced(void (*force)(int), int64_t (*launches)(), int value, Op&& op) {
+  force(value);
+  const int64_t before = launches();
+  auto out = op();
+  return std::make_pair(std::move(out), launches() - before);
+}
+
 // The FP4 expert GEMM's two ways of bringing in weight stages (TMA, the default where
 // the experts' weights lie whole rows apart; cp.async otherwise) give the same bits,
 // on split and walked slices, partial and hot tiles. The test also checks that the
@@ -619,10 +631,9 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
       const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
       Tensor got[2];
       for (int tma : {0, 1}) {
-        ops::cuda_linear_force_tma(tma);
-        const int64_t before = ops::cuda_linear_tma_launches();
-        got[tma] = run_routed(env, in, dex);
-        const int64_t launches = ops::cuda_linear_tma_launches() - before;
+        int64_t launches = 0;
+        std::tie(got[tma], launches) = run_forced(ops::cuda_linear_force_tma, ops::cuda_linear_tma_launches, tma,
+                                                  [&] { return run_routed(env, in, dex); });
         if (tma == 0) EXPECT_EQ(launches, 0);
         else EXPECT_GE(launches, c.min_tma) << "d=" << c.d << " I=" << c.inter;
       }
@@ -660,10 +671,10 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
         ops::cuda_linear_force_tma(tma);
         Tensor got[2];
         for (int shared : {0, 1}) {
-          ops::cuda_linear_force_shared_decode(shared);
-          const int64_t before = ops::cuda_linear_shared_decode_launches();
-          got[shared] = run_routed(env, in, dex);
-          const int64_t launches = ops::cuda_linear_shared_decode_launches() - before;
+          int64_t launches = 0;
+          std::tie(got[shared], launches) =
+              run_forced(ops::cuda_linear_force_shared_decode, ops::cuda_linear_shared_decode_launches, shared,
+                         [&] { return run_routed(env, in, dex); });
           if (shared == 0) EXPECT_EQ(launches, 0);
           else EXPECT_EQ(launches, 2) << "gate/up and down in 16-row tiles, R=" << R;
         }
@@ -697,10 +708,9 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
     std::vector<Tensor> got[3];
     for (int wide : {0, 1, 2}) {
-      ops::cuda_linear_force_wide(wide);
-      const int64_t before = ops::cuda_linear_wide_launches();
-      for (const Tensor& t : op()) got[wide].push_back(to_host(env.cuda, t));
-      EXPECT_EQ(ops::cuda_linear_wide_launches() - before, wide ? launches : 0) << what;
+      const auto [outputs, seen] = run_forced(ops::cuda_linear_force_wide, ops::cuda_linear_wide_launches, wide, op);
+      for (const Tensor& t : outputs) got[wide].push_back(to_host(env.cuda, t));
+      EXPECT_EQ(seen, wide ? launches : 0) << what;
     }
     ops::cuda_linear_force_wide(-1);
     for (int wide : {1, 2})
