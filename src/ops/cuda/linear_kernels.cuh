@@ -504,9 +504,11 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // partial sums per (row, column) in registers. kTmaW (FP4 experts): the weight
 // stages come by TMA from tma->map[side] at row tma_row[side] + the tile's first row.
 // kRowGroups (FP4 experts): the tile holds that many groups of 8*NT activation rows,
-// and each decoded weight fragment feeds every group that has rows, one wgmma batch
-// after the other: an expert of 9-16 rows decodes and loads its weights once, not
-// once per 8-row tile. Each output element sees the same chunk sequence either way.
+// and each decoded weight fragment feeds every group, one wgmma batch after the
+// other: an expert of 9-16 rows decodes and loads its weights once, not once per
+// 8-row tile. Each output element sees the same chunk sequence either way. The
+// caller sends only tiles of more than 8*NT*(kRowGroups - 1) rows this way
+// (expert_gemm_kernel: smaller ones take the one-group path), so no group is empty.
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, int kRowGroups = 1>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
@@ -653,9 +655,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const float* as_src = nullptr;  // activation scales of tile row tid
   if (T::kQuantAct && tid < BM && s_rows[tid] >= 0) as_src = p.a_scale + int64_t(s_rows[tid]) * p.a_scale_stride;
 
-  // 16-byte pieces of a stage to copy: row groups with no rows are never read (their
-  // wgmmas are skipped).
-  const int a_pieces = kRowGroups == 1 ? BM * 8 : min(BM, (rows + 8 * NT - 1) / (8 * NT) * (8 * NT)) * 8;
+  // 16-byte pieces of a stage: BM rows of 8 (threads past them, at BM * 8 < 128, copy nothing).
+  constexpr int a_pieces = BM * 8;
   auto load_acts = [&](int st, int buf) {
     uint8_t* da = s_a + buf * kAStage;
 #pragma unroll
@@ -818,7 +819,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           }
 #pragma unroll
         for (int rg = 0; rg < kRowGroups; ++rg) {
-          if (rg > 0 && rows <= 8 * NT * rg) break;  // (the same for the whole CTA) no rows left
           wgmma_fence();
 #pragma unroll
           for (int c = 0; c < kBatch; ++c) {  // a group's rows start 8 NT rows (whole 1024-byte atoms) apart
