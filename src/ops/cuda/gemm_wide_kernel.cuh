@@ -23,12 +23,13 @@ constexpr int kWideStages = 4;
 static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
 
 // Dynamic shared memory of gemm_wide_kernel<F, R, kTwoSets> (R activation rows a
-// tile, S pipeline stages): the weight and activation stage buffers (128 and R rows x 128
-// bytes, 128-byte swizzle; the output tile is staged in them at the end), the running
-// totals over K slices (kTwoSets), FP8 activation scales and the tile's block-scale row.
-template <WFmt F, int R, bool kTwoSets, int S = kWideStages>
+// tile): the weight and activation stage buffers (128 and R rows x 128 bytes, 128-byte
+// swizzle; the output tile is staged in them at the end), the running totals over K
+// slices (kTwoSets), FP8 activation scales and the tile's block-scale row.
+template <WFmt F, int R, bool kTwoSets>
 __host__ __device__ constexpr int gemm_wide_smem_bytes() {
   constexpr bool kQuant = F == WFmt::kFp8;
+  constexpr int S = kWideStages;
   return 1024 /* alignment slack */ + S * (kTileN + R) * 128 + (kTwoSets ? kWideThreads * (R / 2) * 4 : 0) +
          (kQuant ? S * R * 4 + kMaxScaleBlocks : 0);
 }
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
 #pragma unroll
   for (int i = 0; i < NA; ++i) {
     cur[i] = d[0][i] = 0.0f;
-    if constexpr (kQuant) d[kQuant ? 1 : 0][i] = 0.0f;
+    if constexpr (kQuant) d[1][i] = 0.0f;
   }
   if constexpr (kTwoSets) {
 #pragma unroll
