@@ -535,12 +535,16 @@ struct ServerEnv {
     so.keep_alive_timeout_s = 1;
     return so;
   }
-  // Waits until nothing runs or waits and every page is free; false after `timeout`.
+  // Waits until nothing runs or waits, every page is free and the server holds
+  // no request; false after `timeout`. A streamed request's ticket is released
+  // by the server thread after the last chunk is written, so a client can read
+  // [DONE] a moment before the server's in-flight count drops.
   bool wait_idle(std::chrono::milliseconds timeout) const {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     while (std::chrono::steady_clock::now() < deadline) {
       const auto s = engine->stats();
-      if (s.running == 0 && s.waiting == 0 && s.free_pages == kPages) return true;
+      const bool server_idle = !server || server->num_inflight() == 0;
+      if (s.running == 0 && s.waiting == 0 && s.free_pages == kPages && server_idle) return true;
       std::this_thread::sleep_for(10ms);
     }
     return false;
