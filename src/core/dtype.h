@@ -43,12 +43,6 @@ DSV4_HD float bits_float(uint32_t u) {
   return x;
 }
 
-// exp of an fp32 value computed in double and rounded to fp32: a correctly rounded
-// expf except in double-rounding cases (~2^-29 of inputs). The reference and the
-// CUDA kernels that must match it bit for bit both use it; glibc's expf is within
-// 0.502 ulp, so it disagrees with a correctly rounded result now and then.
-DSV4_HD float exp_f32_via_f64(float x) { return float(exp(double(x))); }
-
 // ---- bfloat16 -----------------------------------------------------------------
 DSV4_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 

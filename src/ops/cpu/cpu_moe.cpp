@@ -43,7 +43,7 @@ void CpuBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bi
         case ScoringFunc::kSoftmax: {
           const float mx = *std::max_element(scores.begin(), scores.end());
           float z = 0.0f;
-          for (auto& s : scores) z += (s = std::exp(s - mx));
+          for (auto& s : scores) z += (s = core::exp_f32_via_f64(s - mx));  // as the CUDA router
           for (auto& s : scores) s /= z;
           break;
         }

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/scalar_math.h"
 
 namespace dsv4::ops::ref {
 
@@ -72,9 +73,10 @@ void hadamard_bf16(uint16_t* x, int64_t n);
 // row softmax + eps, column normalisation, then iters-1 (row, column) passes.
 void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps);
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + core::exp_f32_via_f64(-x)); }
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+// The CUDA kernels call the same definitions (core/scalar_math.h).
+inline float sigmoid(float x) { return core::sigmoid_f32(x); }
+inline float silu(float x) { return core::silu_f32(x); }
 // torch.nn.functional.softplus with its default threshold of 20.
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+inline float softplus(float x) { return core::softplus_f32(x); }
 
 }  // namespace dsv4::ops::ref

@@ -29,6 +29,7 @@
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include "core/dtype.h"
+#include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/e4m3_cast.cuh"

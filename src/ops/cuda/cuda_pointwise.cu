@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/e4m3_cast.cuh"
@@ -415,11 +416,6 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
     if (r0 + rb + r < rows) partial[(slice * kHcMaxRowsPerLaunch + (r0 + rb + r)) * 32 + lane] = acc[r];
 }
 
-__device__ __forceinline__ float sigmoid_ref(float x) {
-  // ref::sigmoid: 1 / (1 + exp(-x)), the exp as the reference computes it.
-  const float e = core::exp_f32_via_f64(-x);
-  return __fdiv_rn(1.0f, __fadd_rn(1.0f, e));
-}
 
 // ref::sinkhorn on a register matrix (HC is a template parameter so the arrays stay in registers).
 template <int HC>
@@ -559,7 +555,7 @@ __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps)));
 #pragma unroll
     for (int i = 0; i < HC; ++i)
-      pre[i] = __fadd_rn(sigmoid_ref(__fadd_rn(__fmul_rn(__fmul_rn(raw[i], r), a.scale[0]), a.base[i])), a.hc_eps);
+      pre[i] = __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[i], r), a.scale[0]), a.base[i])), a.hc_eps);
     raw[kMix] = r;
   }
   __syncthreads();
@@ -568,7 +564,7 @@ __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
     const int lane = int(threadIdx.x);
     if (lane < HC)
       a.post[t * HC + lane] = __fmul_rn(
-          2.0f, sigmoid_ref(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + lane], r), a.scale[1]), a.base[HC + lane])));
+          2.0f, core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + lane], r), a.scale[1]), a.base[HC + lane])));
     if constexpr (HC * HC <= 32) {
       const int e = lane < HC * HC ? lane : 0;
       const float c = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + e], r), a.scale[2]), a.base[2 * HC + e]);

@@ -49,6 +49,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/scalar_math.h"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 
@@ -206,11 +207,6 @@ __device__ __forceinline__ float warp_max(float v) {
 // std::clamp as the CPU reference calls it (same result for every non-NaN input).
 __device__ __forceinline__ float clamp_ref(float x, float lo, float hi) { return x < lo ? lo : (hi < x ? hi : x); }
 
-// ref::silu / ref::sigmoid / ref::softplus with the device expf / log1pf (may differ from
-// the host libm by an ulp).
-__device__ __forceinline__ float silu_ref(float x) { return x / (1.0f + expf(-x)); }
-__device__ __forceinline__ float sigmoid_ref(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float softplus_ref(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 // UE8M0 exponent of an activation block (spec §2.4: amax floored at 1e-4, times fp32(1/448)).
 __device__ __forceinline__ int act_exponent(float amax) {
@@ -1073,7 +1069,7 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
       up = clamp_ref(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
-    float act = silu_ref(gate) * up;
+    float act = core::silu_f32(gate) * up;
     if (rw) act = weight * act;
     h[i] = core::round_bf16(act);
     amax = fmaxf(amax, fabsf(h[i]));
@@ -1281,9 +1277,9 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
   for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
   __syncwarp();
   if (scoring == 0) {  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
-    for (int i = lane; i < num_experts; i += 32) score[i] = sqrtf(softplus_ref(score[i]));
+    for (int i = lane; i < num_experts; i += 32) score[i] = sqrtf(core::softplus_f32(score[i]));
   } else if (scoring == 1) {
-    for (int i = lane; i < num_experts; i += 32) score[i] = sigmoid_ref(score[i]);
+    for (int i = lane; i < num_experts; i += 32) score[i] = core::sigmoid_f32(score[i]);
   } else {
     float mx = -INFINITY;
     for (int i = lane; i < num_experts; i += 32) mx = fmaxf(mx, score[i]);
@@ -1291,7 +1287,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
     __syncwarp();
     if (lane == 0) {  // the reference's sequential sum
       float z = 0.0f;
-      for (int i = 0; i < num_experts; ++i) z += (score[i] = expf(score[i] - mx));
+      for (int i = 0; i < num_experts; ++i) z += (score[i] = core::exp_f32_via_f64(score[i] - mx));
       biased[0] = z;
     }
     __syncwarp();
@@ -1444,7 +1440,7 @@ __global__ void simple_swiglu_kernel(const uint16_t* __restrict__ gu, const floa
       up = clamp_ref(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
-    float act = silu_ref(gate) * up;
+    float act = core::silu_f32(gate) * up;
     if (rw) act = rw[r] * act;
     h[r * inter + i] = core::float_to_bf16(act);
   }
@@ -1473,7 +1469,7 @@ __global__ void simple_expert_gateup_kernel(const int* __restrict__ ids, int64_t
       up = clamp_ref(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
-    const float act = weights[p] * (silu_ref(gate) * up);
+    const float act = weights[p] * (core::silu_f32(gate) * up);
     if (lane == 0) h[p * inter + i] = core::float_to_bf16(act);
   }
 }
