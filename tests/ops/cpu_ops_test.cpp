@@ -362,6 +362,62 @@ TEST(HopperDot, AlignsTruncatesAndKeepsFourteenBits) {
   EXPECT_EQ(ref::hopper_e4m3_dot32(a, b), 0x1p-18f);
 }
 
+// The Hopper bf16 k16 step against hand-computed cases: products keep the exponent
+// e_a + e_b, the accumulator joins the alignment, every term is truncated toward
+// zero 25 bits below the largest exponent, the sum truncated toward zero to fp32.
+TEST(HopperBf16Step, AlignsTruncatesAndRoundsTowardZero) {
+  const auto h = [](float v) { return core::float_to_bf16(v); };
+  uint16_t a[16], b[16];
+  const auto clear = [&] {
+    for (int k = 0; k < 16; ++k) a[k] = b[k] = h(0.0f);
+  };
+  // Small integers: every term and the sum exact, signs and c included.
+  clear();
+  for (int k = 0; k < 16; ++k) {
+    a[k] = h(float(k - 7));
+    b[k] = h(float((k % 5) - 2));
+  }
+  double exact = 100.0;
+  for (int k = 0; k < 16; ++k) exact += double(k - 7) * double((k % 5) - 2);
+  EXPECT_EQ(ref::hopper_bf16_mma16(100.0f, a, b), float(exact));
+  // The final rounding is toward zero: 1 + 1.5 * 2^-24 gives 1 (IEEE fp32 would give 1 + 2^-23).
+  clear();
+  a[0] = h(0x1.8p-24f), b[0] = h(1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(1.0f, a, b), 1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(-1.0f, a, b), -1.0f + 0x1p-23f);  // -(1 - 1.5 * 2^-24) toward zero
+  // Each term is truncated on its own, 25 bits below c's exponent: 15 products of
+  // 1.5 * 2^-25 keep 2^-25 each, the sum 1 + 15 * 2^-25 then truncates to 1 + 3 * 2^-23
+  // (the exact sum truncated would be 1 + 5 * 2^-23).
+  clear();
+  for (int k = 0; k < 15; ++k) a[k] = h(0x1.8p-25f), b[k] = h(1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(1.0f, a, b), 1.0f + 3 * 0x1p-23f);
+  // A product's exponent is e_a + e_b, not normalised: 1.5 * 1.5 = 2.25 aligns on 2^0,
+  // so eight products of 2^-25 keep their bits (2^-22 in all); aligned on 2^1 they would vanish.
+  clear();
+  a[0] = h(1.5f), b[0] = h(1.5f);
+  for (int k = 1; k < 9; ++k) a[k] = h(0x1p-25f), b[k] = h(1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(0.0f, a, b), 2.25f + 0x1p-22f);
+  // A large accumulator sets the alignment: 2^-26 below 2^0 is dropped, a product at 2^-25 kept.
+  clear();
+  a[0] = h(0x1p-26f), b[0] = h(1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(1.0f, a, b), 1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(0.0f, a, b), 0x1p-26f);  // alone it is exact
+  // Cancellation to zero gives +0; non-finite inputs follow IEEE's class.
+  clear();
+  a[0] = h(3.0f), b[0] = h(-1.0f);
+  EXPECT_EQ(core::float_bits(ref::hopper_bf16_mma16(3.0f, a, b)), 0u);
+  a[1] = h(INFINITY), b[1] = h(1.0f);
+  EXPECT_EQ(ref::hopper_bf16_mma16(0.0f, a, b), INFINITY);
+  b[1] = h(0.0f);
+  EXPECT_TRUE(std::isnan(ref::hopper_bf16_mma16(0.0f, a, b)));
+  // A longer K chains steps with the result as the next accumulator.
+  uint16_t a32[32], b32[32];
+  for (int k = 0; k < 32; ++k) a32[k] = h(0x1.8p-25f), b32[k] = h(1.0f);
+  a32[0] = h(1.0f);
+  EXPECT_EQ(ref::hopper_bf16_dot(0.0f, a32, b32, 32),
+            ref::hopper_bf16_mma16(ref::hopper_bf16_mma16(0.0f, a32, b32), a32 + 16, b32 + 16));
+}
+
 // Where no product is truncated, QuantDotModel::kHopperWgmma equals the exact sum,
 // for FP4 and FP8 weights.
 TEST(HopperDot, CpuBackendModelEqualsExactWithoutTruncation) {

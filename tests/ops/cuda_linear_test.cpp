@@ -47,6 +47,8 @@ void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
+void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
+                         float* d_wgmma);
 }  // namespace dsv4::ops
 
 namespace dsv4::testing {
@@ -796,6 +798,63 @@ TEST(CudaE4m3, HardwareCastEqualsTheReferenceCast) {
   uint32_t first = 0;
   const int64_t mismatches = ops::cuda_e4m3_cast_mismatches(&first);
   EXPECT_EQ(mismatches, 0) << "first mismatching float bits 0x" << std::hex << first;
+}
+
+// The CPU model of Hopper's bf16 k16 step (ref::hopper_bf16_mma16) against the
+// hardware's mma.sync m16n8k16 and wgmma m64n8k16, bit for bit, on random operands:
+// products of one scale with a zero accumulator, exponents spread over 2^+-8 with a
+// spread accumulator, an accumulator 2^12 above the products, and one that cancels
+// the products' sum (results far below the terms).
+TEST(CudaMma, Bf16StepEqualsTheHopperModel) {
+  DSV4_REQUIRE_CUDA();
+  Rng rng(0x3a);
+  constexpr int64_t kBlocks = 256;
+  std::vector<uint16_t> a(size_t(kBlocks * 64 * 16)), b(size_t(kBlocks * 8 * 16));
+  std::vector<float> c(size_t(kBlocks * 64 * 8)), d_mma(c.size()), d_wgmma(c.size());
+  const auto spread = [&](int64_t span) { return std::ldexp(rng.normal(), int(rng.uniform_int(-span, span))); };
+  for (int64_t blk = 0; blk < kBlocks; ++blk) {
+    const int kind = int(blk % 4);
+    uint16_t* ab = a.data() + blk * 64 * 16;
+    uint16_t* bb = b.data() + blk * 8 * 16;
+    for (int i = 0; i < 64 * 16; ++i) ab[i] = core::float_to_bf16(kind == 1 ? spread(8) : rng.normal());
+    for (int i = 0; i < 8 * 16; ++i) bb[i] = core::float_to_bf16(kind == 1 ? spread(8) : rng.normal());
+    for (int i = 0; i < 64; ++i)
+      for (int j = 0; j < 8; ++j) {
+        double dot = 0.0;
+        for (int k = 0; k < 16; ++k) dot += double(core::bf16_to_float(ab[i * 16 + k])) * core::bf16_to_float(bb[j * 16 + k]);
+        float& cij = c[size_t((blk * 64 + i) * 8 + j)];
+        cij = kind == 0 ? 0.0f : kind == 1 ? spread(10) : kind == 2 ? std::ldexp(rng.normal(), 12) : -float(dot);
+      }
+  }
+  ops::cuda_bf16_mma_probe(a.data(), b.data(), c.data(), kBlocks, d_mma.data(), d_wgmma.data());
+  int64_t mma_diff = 0, wgmma_diff = 0, fp32_diff = 0;
+  std::string first;
+  for (int64_t blk = 0; blk < kBlocks; ++blk)
+    for (int i = 0; i < 64; ++i)
+      for (int j = 0; j < 8; ++j) {
+        const size_t o = size_t((blk * 64 + i) * 8 + j);
+        const uint16_t* ar = a.data() + (blk * 64 + i) * 16;
+        const uint16_t* bc = b.data() + (blk * 8 + j) * 16;
+        const float model = ops::ref::hopper_bf16_mma16(c[o], ar, bc);
+        float fp32 = c[o];  // IEEE fp32, one fma per product, for scale
+        for (int k = 0; k < 16; ++k) fp32 = std::fma(core::bf16_to_float(ar[k]), core::bf16_to_float(bc[k]), fp32);
+        const bool m = core::float_bits(model) != core::float_bits(d_mma[o]);
+        const bool w = core::float_bits(model) != core::float_bits(d_wgmma[o]);
+        mma_diff += m;
+        wgmma_diff += w;
+        fp32_diff += core::float_bits(fp32) != core::float_bits(d_wgmma[o]);
+        if ((m || w) && first.empty()) {
+          char line[256];
+          std::snprintf(line, sizeof line, "block %lld (kind %lld) row %d col %d: c %a, model %a, mma.sync %a, wgmma %a",
+                        (long long)blk, (long long)(blk % 4), i, j, c[o], model, d_mma[o], d_wgmma[o]);
+          first = line;
+        }
+      }
+  EXPECT_EQ(mma_diff, 0) << first;
+  EXPECT_EQ(wgmma_diff, 0) << first;
+  std::printf("bf16 k16 step, %zu cases: model != mma.sync %lld, != wgmma %lld; a sequential fp32 fma chain "
+              "differs from wgmma in %lld\n",
+              c.size(), (long long)mma_diff, (long long)wgmma_diff, (long long)fp32_diff);
 }
 
 // ---- router ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "core/dtype.h"
+#include "core/error.h"
 #include "ops/cpu/cpu_kernels.h"
 
 namespace dsv4::ops::ref {
@@ -172,6 +173,73 @@ float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b) {
   if (bits > 14) mag = (mag >> (bits - 14)) << (bits - 14);  // 14 significant bits, toward zero
   const float v = std::ldexp(float(mag), ne_max - 13);
   return sum < 0 ? -v : v;
+}
+
+float hopper_bf16_mma16(float c, const uint16_t* a, const uint16_t* b) {
+  // A finite value as sig * 2^(e - shift): e its unbiased exponent (-126 for
+  // subnormals and zero, as the tensor core aligns them), sig the integer significand.
+  bool finite = std::isfinite(c);
+  for (int k = 0; k < 16 && finite; ++k)
+    finite = std::isfinite(core::bf16_to_float(a[k])) && std::isfinite(core::bf16_to_float(b[k]));
+  if (!finite) {
+    float s = c;
+    for (int k = 0; k < 16; ++k) s += core::bf16_to_float(a[k]) * core::bf16_to_float(b[k]);
+    return std::isnan(s) ? core::bits_float(0x7fffffffu) : s;
+  }
+  const auto bf16_parts = [](uint16_t x, int* sig, int* e) {  // x = sig * 2^(e - 7)
+    const int field = (x >> 7) & 0xff, m = x & 0x7f;
+    *sig = field == 0 ? m : 128 + m;
+    *e = (field == 0 ? 1 : field) - 127;
+  };
+  const uint32_t cu = core::float_bits(c);
+  const int c_field = int((cu >> 23) & 0xff);
+  const int64_t c_sig = c_field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000);  // * 2^(e_c - 23)
+  const int e_c = (c_field == 0 ? 1 : c_field) - 127;
+  int sig[16], ep[16];
+  int e_max = c_sig == 0 ? -126 : e_c;
+  for (int k = 0; k < 16; ++k) {
+    int sa, ea, sb, eb;
+    bf16_parts(a[k], &sa, &ea);
+    bf16_parts(b[k], &sb, &eb);
+    sig[k] = sa * sb;  // the product is sig * 2^(ep - 14), sig < 2^16
+    ep[k] = ea + eb;
+    e_max = std::max(e_max, sig[k] == 0 ? -126 : ep[k]);
+  }
+  // Terms in units of 2^(e_max - 25), truncated toward zero (on the magnitude).
+  const auto aligned = [](int64_t magnitude, int shift) -> int64_t {  // magnitude * 2^shift, toward zero
+    if (shift >= 0) return magnitude << shift;
+    return -shift >= 63 ? 0 : magnitude >> -shift;
+  };
+  int64_t sum = 0;
+  for (int k = 0; k < 16; ++k) {
+    if (sig[k] == 0) continue;
+    const int64_t t = aligned(sig[k], ep[k] - e_max + 11);
+    sum += ((a[k] ^ b[k]) & 0x8000) ? -t : t;
+  }
+  if (c_sig != 0) {
+    const int64_t t = aligned(c_sig, e_c - e_max + 2);
+    sum += (cu & 0x80000000u) ? -t : t;
+  }
+  if (sum == 0) return 0.0f;
+  uint64_t mag = sum < 0 ? uint64_t(-sum) : uint64_t(sum);
+  int unit = e_max - 25;  // mag * 2^unit
+  int bits = 0;
+  while (bits < 64 && (mag >> bits) != 0) ++bits;
+  // Toward zero to 24 significant bits, or to fp32's subnormal spacing 2^-149.
+  const int drop = std::max(bits - 24, -149 - unit);
+  if (drop > 0) {
+    mag = drop >= 64 ? 0 : mag >> drop;
+    unit += drop;
+  }
+  const double v = std::ldexp(double(mag), unit);  // exact: mag < 2^24
+  const float f = v >= 0x1p128 ? INFINITY : float(v);
+  return sum < 0 ? -f : f;
+}
+
+float hopper_bf16_dot(float c, const uint16_t* a, const uint16_t* b, int64_t k) {
+  DSV4_CHECK(k % 16 == 0, "hopper_bf16_dot: k={} is not a multiple of 16", k);
+  for (int64_t i = 0; i < k; i += 16) c = hopper_bf16_mma16(c, a + i, b + i);
+  return c;
 }
 
 void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps) {

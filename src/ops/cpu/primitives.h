@@ -30,6 +30,20 @@ void act_quant_fp8(const float* x, int64_t n, int64_t block, uint8_t* q, int* ex
 // CPU backend can model it (make_cpu_backend, QuantDotModel::kHopperWgmma).
 float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b);
 
+// ---- Hopper's bf16 tensor-core step -----------------------------------------------
+// c + sum_{k<16} a_k * b_k of bf16 values as one Hopper k16 step (wgmma m64nNk16 or
+// mma.sync m16n8k16, .f32 accumulator) computes it, per MMA-Sim (Xie et al.,
+// arXiv:2511.10909, T-FDPA with F = 25, RZ to fp32; the same parameters in Khattak &
+// Mikaitis, arXiv:2512.07004): exact products with exponents e_a + e_b (significands
+// in [1, 4)), the accumulator c joining the alignment, every term truncated toward
+// zero 25 fractional bits below the largest exponent (zero terms count as 2^-126),
+// the sum exact, then truncated toward zero to fp32. A longer K chains steps with
+// the result as the next c. Non-finite inputs give the IEEE sum's class (NaN as
+// 0x7fffffff); an exact zero sum gives +0.
+float hopper_bf16_mma16(float c, const uint16_t* a, const uint16_t* b);
+// c chained through hopper_bf16_mma16 over k values (k a multiple of 16).
+float hopper_bf16_dot(float c, const uint16_t* a, const uint16_t* b, int64_t k);
+
 // The e4m3 code of 2^-6 x an e2m1 value (exact: the nibble's bits placed in the
 // e4m3 exponent and mantissa), the form the CUDA FP4 GEMM feeds the tensor core.
 inline uint8_t e2m1_to_e4m3_div64(uint8_t nibble) {

@@ -1,0 +1,92 @@
+// Test hook: one bf16 tensor-core step on the hardware, so the tests can hold the
+// CPU model of it (ref::hopper_bf16_mma16) against both instructions the kernels
+// use: mma.sync m16n8k16 (the attention kernel) and wgmma m64n8k16 (the GEMMs).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/wgmma.cuh"
+
+namespace dsv4::ops {
+
+// Per block b: D = A B + C with A [64][16] bf16 (row-major), B [8][16] bf16 (column n
+// holds k contiguously), C and D [64][8] fp32, computed once by mma.sync (warp w the
+// rows 16w..16w+15) into d_mma and once by one warpgroup wgmma into d_wgmma. Host
+// pointers; `blocks` blocks.
+void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
+                         float* d_wgmma);
+
+namespace {
+
+namespace tc = tensor_core;
+
+__global__ void __launch_bounds__(128) bf16_mma_probe_kernel(const uint16_t* __restrict__ A,
+                                                             const uint16_t* __restrict__ B,
+                                                             const float* __restrict__ C, float* __restrict__ Dm,
+                                                             float* __restrict__ Dw) {
+  __shared__ __align__(1024) uint8_t raw[2048];
+  // The 128-byte swizzle needs a 1024-byte aligned atom.
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
+  uint8_t* bs = raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
+  const int64_t blk = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const uint16_t* a = A + blk * 64 * 16;
+  const uint16_t* b = B + blk * 8 * 16;
+  const float* c = C + blk * 64 * 8;
+  {  // B as wgmma reads it: row n of 128 bytes, k at byte 2k, 16-byte piece p stored at p ^ (n % 8)
+    const int n = tid >> 4, k = tid & 15;
+    *reinterpret_cast<uint16_t*>(bs + tc::sw128_offset(n, k >> 3) + (k & 7) * 2) = b[n * 16 + k];
+  }
+  tc::fence_proxy_async();
+  __syncthreads();
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  const auto pair = [](const uint16_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 16); };
+  // The m16n8k16 A layout: {row g, k 2t}, {row g+8, k 2t}, {row g, k 8+2t}, {row g+8, k 8+2t}.
+  const uint32_t af[4] = {pair(a + r0 * 16 + 2 * t), pair(a + r1 * 16 + 2 * t), pair(a + r0 * 16 + 8 + 2 * t),
+                          pair(a + r1 * 16 + 8 + 2 * t)};
+  // B (".col"): k 2t, 2t+1 and 8+2t, 9+2t of column g.
+  const uint32_t bf[2] = {pair(b + g * 16 + 2 * t), pair(b + g * 16 + 8 + 2 * t)};
+  const int o[4] = {r0 * 8 + 2 * t, r0 * 8 + 2 * t + 1, r1 * 8 + 2 * t, r1 * 8 + 2 * t + 1};
+  float d[4] = {c[o[0]], c[o[1]], c[o[2]], c[o[3]]};
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(af[0]), "r"(af[1]), "r"(af[2]), "r"(af[3]), "r"(bf[0]), "r"(bf[1]));
+  for (int e = 0; e < 4; ++e) Dm[blk * 64 * 8 + o[e]] = d[e];
+  float w[4] = {c[o[0]], c[o[1]], c[o[2]], c[o[3]]};  // the wgmma accumulator layout is the same
+  tc::wgmma_fence();
+  tc::wgmma_bf16_rs<1>(w, af, tc::wgmma_desc(static_cast<uint32_t>(__cvta_generic_to_shared(bs))), 1);
+  tc::wgmma_commit();
+  tc::wgmma_wait_all();
+  for (int e = 0; e < 4; ++e) Dw[blk * 64 * 8 + o[e]] = w[e];
+}
+
+}  // namespace
+
+void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
+                         float* d_wgmma) {
+  if (blocks <= 0) return;
+  const size_t na = size_t(blocks) * 64 * 16, nb = size_t(blocks) * 8 * 16, nc = size_t(blocks) * 64 * 8;
+  uint16_t *da = nullptr, *db = nullptr;
+  float *dc = nullptr, *dm = nullptr, *dw = nullptr;
+  DSV4_CUDA_CHECK(cudaMalloc(&da, na * 2));
+  DSV4_CUDA_CHECK(cudaMalloc(&db, nb * 2));
+  DSV4_CUDA_CHECK(cudaMalloc(&dc, nc * 4));
+  DSV4_CUDA_CHECK(cudaMalloc(&dm, nc * 4));
+  DSV4_CUDA_CHECK(cudaMalloc(&dw, nc * 4));
+  DSV4_CUDA_CHECK(cudaMemcpy(da, a, na * 2, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(db, b, nb * 2, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(dc, c, nc * 4, cudaMemcpyHostToDevice));
+  bf16_mma_probe_kernel<<<unsigned(blocks), 128>>>(da, db, dc, dm, dw);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  DSV4_CUDA_CHECK(cudaMemcpy(d_mma, dm, nc * 4, cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaMemcpy(d_wgmma, dw, nc * 4, cudaMemcpyDeviceToHost));
+  for (void* p : {static_cast<void*>(da), static_cast<void*>(db), static_cast<void*>(dc), static_cast<void*>(dm),
+                  static_cast<void*>(dw)})
+    DSV4_CUDA_CHECK(cudaFree(p));
+}
+
+}  // namespace dsv4::ops
