@@ -4,11 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <random>
 
 #include "model/synthetic_weights.h"
 #include "op_test_util.h"
 #include "ops/backend.h"
 #include "ops/cpu/primitives.h"
+#include "ops/gemm_order.h"
 
 namespace dsv4::ops {
 namespace {
@@ -471,6 +473,72 @@ TEST(HopperDot, CpuBackendModelTruncatesFp8Chunks) {
   hopper->linear(x, w, y1);
   EXPECT_EQ(core::bf16_to_float(y0.as<uint16_t>()[0]), 0x1p-14f);
   EXPECT_EQ(core::bf16_to_float(y1.as<uint16_t>()[0]), 0.0f);
+}
+
+// The K slices of the CUDA GEMMs (ops/gemm_order.h) at the model's shapes: enough
+// slices for ~256 CTAs, whole stages per slice, at most 32.
+TEST(HopperGemmOrder, SlicesFollowTheLaunchNotTheRows) {
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024), 4096 / 128, 1), 32);       // Flash wq_a: 8 tiles
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1), 32);  // wq_a + wkv stacked: 12 tiles
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(2048 + 2048), 4096 / 128, 1), 8);  // 32 tiles stacked; 16 alone
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(32768), 1024 / 128, 1), 1);        // wq_b: 256 tiles
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(4096), 2048 / 128, 4), 2);         // routed w2: 32 tiles x 4
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(200), 384 / 128, 1), 1);           // 3 stages: odd
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024, 8), 4096 / 64, 1), 4);      // wo_a, 8 groups
+}
+
+// The bf16 and FP8-as-bf16 GEMMs under kHopperWgmma are the chained tensor-core steps
+// per K slice, the slices added in order from zero; the exact backend differs.
+TEST(HopperGemmOrder, CpuBackendModelsBf16AndGroupedGemms) {
+  auto exact = make_cpu_backend(2), hopper = make_cpu_backend(2, QuantDotModel::kHopperWgmma);
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t T = 3, N = 200, K = 256;  // 2 tiles, 4 stages: S = 4 slices of 64
+  ASSERT_EQ(gemm_k_slices(gemm_weight_tiles(N), K / 64, 1), 4);
+  Tensor x = Tensor::empty_cpu(DType::kBF16, {T, K}), w = Tensor::empty_cpu(DType::kBF16, {N, K});
+  for (int64_t i = 0; i < x.numel(); ++i) x.as<uint16_t>()[i] = core::float_to_bf16(normal(gen));
+  for (int64_t i = 0; i < w.numel(); ++i) w.as<uint16_t>()[i] = core::float_to_bf16(normal(gen));
+  Tensor y = Tensor::empty_cpu(DType::kF32, {T, N}), y_exact = Tensor::empty_cpu(DType::kF32, {T, N});
+  hopper->linear_bf16(x, w, y);
+  exact->linear_bf16(x, w, y_exact);
+  int64_t differ = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      float want = 0.0f;
+      for (int64_t s = 0; s < 4; ++s)
+        want += ref::hopper_bf16_dot(0.0f, w.as<uint16_t>() + n * K + 64 * s, x.as<uint16_t>() + t * K + 64 * s, 64);
+      ASSERT_EQ(core::float_bits(y.as<float>()[t * N + n]), core::float_bits(want)) << t << " " << n;
+      differ += y.as<float>()[t * N + n] != y_exact.as<float>()[t * N + n];
+    }
+  EXPECT_GT(differ, 0);
+
+  // grouped (wo_a): 2 groups of 128 rows, C = 128: 2 stages of 64 with the block scale of their 128 columns.
+  const int64_t G = 2, R = 128, C = 128;
+  QuantLinear q;
+  q.format = QuantLinear::Format::kFp8Block128;
+  q.n = G * R;
+  q.k = C;
+  q.weight = Tensor::empty_cpu(DType::kF8E4M3, {G * R, C});
+  q.scale = Tensor::empty_cpu(DType::kF8E8M0, {G * R / 128, 1});
+  for (int64_t i = 0; i < q.weight.numel(); ++i) q.weight.as<uint8_t>()[i] = core::float_to_e4m3(normal(gen));
+  for (int64_t i = 0; i < q.scale.numel(); ++i) q.scale.as<uint8_t>()[i] = uint8_t(120 + i);
+  Tensor xg = Tensor::empty_cpu(DType::kBF16, {T, G * C}), yg = Tensor::empty_cpu(DType::kBF16, {T, G * R});
+  for (int64_t i = 0; i < xg.numel(); ++i) xg.as<uint16_t>()[i] = core::float_to_bf16(normal(gen));
+  const int slices = gemm_k_slices(gemm_weight_tiles(R, G), C / 64, 1);
+  ASSERT_EQ(slices, 2);
+  hopper->grouped_linear(xg, q, G, yg);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t row = 0; row < G * R; ++row) {
+      std::vector<uint16_t> wr(static_cast<size_t>(C));
+      for (int64_t k = 0; k < C; ++k)
+        wr[size_t(k)] = core::float_to_bf16(core::e4m3_to_float(q.weight.as<uint8_t>()[row * C + k]));
+      const float scale = core::e8m0_to_float(q.scale.as<uint8_t>()[row / 128]);
+      float want = 0.0f;
+      for (int64_t st = 0; st < 2; ++st)  // one stage per slice
+        want += std::fma(ref::hopper_bf16_dot(0.0f, wr.data() + 64 * st, xg.as<uint16_t>() + t * G * C + (row / R) * C + 64 * st, 64),
+                         scale, 0.0f);
+      ASSERT_EQ(yg.as<uint16_t>()[t * G * R + row], core::float_to_bf16(want)) << t << " " << row;
+    }
 }
 
 }  // namespace

@@ -325,9 +325,9 @@ void check_quant_linear(bool fp4, uint64_t salt) {
       const std::string what = std::string(fp4 ? "fp4" : "fp8") + " linear " + shape_str(M, s.n, s.k);
       const Tensor got = to_host(env.cuda, y);
       expect_close(ref, got, 2.0, 1e-3, what);
-      // K = 384 is 3 stages, one K slice: nothing regroups the sum, so the tensor-core
-      // GEMM must be the Hopper model bit for bit (which checks the model itself).
-      if (g_forced_path == 0 && s.k == 384) expect_bitwise(ref, got, what + " vs the Hopper model");
+      // The tensor-core GEMM is the Hopper model bit for bit, its K slices included
+      // (ops/gemm_order.h), which checks the model itself.
+      if (g_forced_path == 0) expect_bitwise(ref, got, what + " vs the Hopper model");
     }
   }
 }
@@ -362,9 +362,9 @@ TEST_P(CudaLinear, LinearPairMatchesCpuAndTwoLinears) {
     int64_t na, nb, k;
     bool fp4;
   };
-  // (1024, 512, 4096): wq_a and wkv of Flash at 32 slices (split, folded by the tile's
-  // last CTA or by split_fold_kernel); K = 384: one slice, the Hopper model bit for
-  // bit; nb off the tile; an FP4 pair and na off the tile take two launches.
+  // (1024, 512, 4096): wq_a and wkv of Flash stacked, 32 slices (split, folded by the
+  // tile's last CTA or by split_fold_kernel); K = 384: one slice; nb off the tile; an
+  // FP4 pair and na off the tile take two launches.
   for (const Case c : {Case{1024, 512, 4096, false}, Case{256, 128, 384, false}, Case{128, 200, 256, false},
                        Case{256, 128, 256, true}, Case{200, 256, 256, false}}) {
     const QuantLinear ha = host_quant(c.na, c.k, c.fp4, draw_seed(rng)), hb = host_quant(c.nb, c.k, c.fp4, draw_seed(rng));
@@ -388,7 +388,7 @@ TEST_P(CudaLinear, LinearPairMatchesCpuAndTwoLinears) {
       expect_close(ref_b, got_b, 2.0, 1e-3, what + " (second)");
       expect_bitwise(to_host(env.cuda, sa), got_a, what + " (first) vs one linear");
       expect_bitwise(to_host(env.cuda, sb), got_b, what + " (second) vs one linear");
-      if (g_forced_path == 0 && c.k == 384 && !c.fp4) {
+      if (g_forced_path == 0) {  // the stacked launch's K slices included
         expect_bitwise(ref_a, got_a, what + " (first) vs the Hopper model");
         expect_bitwise(ref_b, got_b, what + " (second) vs the Hopper model");
       }
@@ -404,8 +404,9 @@ TEST_P(CudaLinear, Bf16LinearPairMatchesCpu) {
     bool y_f32;
   };
   // The compressor's wkv/wgate pairs of Flash (f32 out; (1024, 1024) stacks 16 tiles,
-  // so its K-slice count differs from a single weight's: reference only), a bf16 pair
-  // with nb = 64 (a partial tile), and na off the tile (two launches).
+  // so its K-slice count differs from a single weight's: the model follows the
+  // stacked launch), a bf16 pair with nb = 64 (a partial tile), and na off the tile
+  // (two launches).
   for (const Case c : {Case{256, 256, 4096, true}, Case{1024, 1024, 4096, true}, Case{128, 64, 256, false},
                        Case{100, 128, 256, false}}) {
     const Tensor ha = rng.bf16({c.na, c.k}, 1.0f / std::sqrt(float(c.k)));
@@ -427,6 +428,10 @@ TEST_P(CudaLinear, Bf16LinearPairMatchesCpu) {
       const Tensor got_a = to_host(env.cuda, ya), got_b = to_host(env.cuda, yb);
       expect_close(ref_a, got_a, 2.0, 1e-3, what + " (first)");
       expect_close(ref_b, got_b, 2.0, 1e-3, what + " (second)");
+      if (g_forced_path == 0) {
+        expect_bitwise(ref_a, got_a, what + " (first) vs the Hopper model");
+        expect_bitwise(ref_b, got_b, what + " (second) vs the Hopper model");
+      }
       if (same_slices) {
         Tensor sa = device_poisoned(env.cuda, ydt, {M, c.na}), sb = device_poisoned(env.cuda, ydt, {M, c.nb});
         env.cuda.linear_bf16(dx, da, sa);
@@ -460,9 +465,12 @@ TEST_P(CudaLinear, Bf16LinearMatchesCpu) {
       ref_backend(env).linear_bf16(x, hw, ref);
       Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
       env.cuda.linear_bf16(to_device(env.cuda, x), dw, y);
-      expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
-                   std::string("bf16 linear x ") + (c.x_f32 ? "f32" : "bf16") + " y " + (c.y_f32 ? "f32 " : "bf16 ") +
-                       shape_str(M, c.n, c.k));
+      const std::string what = std::string("bf16 linear x ") + (c.x_f32 ? "f32" : "bf16") + " y " +
+                               (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
+      const Tensor got = to_host(env.cuda, y);
+      expect_close(ref, got, 2.0, 1e-3, what);
+      // On the tensor cores (bf16 x, K a multiple of 64) the GEMM is the Hopper model bit for bit.
+      if (g_forced_path == 0 && !c.x_f32 && c.k % 64 == 0) expect_bitwise(ref, got, what + " vs the Hopper model");
     }
   }
 }
@@ -485,8 +493,11 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
       ref_backend(env).grouped_linear(x, hw, c.g, ref);
       Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
       env.cuda.grouped_linear(to_device(env.cuda, x), dw, c.g, y);
-      expect_close(ref, to_host(env.cuda, y), 2.0, 1e-3,
-                   "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c));
+      const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
+      const Tensor got = to_host(env.cuda, y);
+      expect_close(ref, got, 2.0, 1e-3, what);
+      // The FP8-as-bf16 tensor-core GEMM (not R = 96) is the Hopper model bit for bit.
+      if (g_forced_path == 0 && (c.g == 1 || c.r % 128 == 0)) expect_bitwise(ref, got, what + " vs the Hopper model");
     }
   }
 }
@@ -523,6 +534,8 @@ TEST_P(CudaLinear, ExpertFfnMatchesCpu) {
                                               c.weighted ? rw.as<float>() + r : nullptr, c.limit,
                                               got.as<uint16_t>() + r * D);
                    });
+      // The fast path's GEMMs, SwiGLU and quantization are the Hopper model's bit for bit.
+      if (g_forced_path == 0) expect_bitwise(ref, got, "expert_ffn M=" + std::to_string(M) + " vs the Hopper model");
     }
   }
 }
@@ -564,6 +577,7 @@ void check_routed(const MoeCase& c, const std::vector<int64_t>& rows, uint64_t s
                      std::to_string(c.end) + ") k=" + std::to_string(c.k) + (c.fp4 ? " fp4" : " fp8") +
                      (c.hot >= 0 ? " hot" : "") + " R=" + std::to_string(R),
                  1e-5, flip);
+    if (g_forced_path == 0) expect_bitwise(ref, got, "routed R=" + std::to_string(R) + " vs the Hopper model");
   }
 }
 

@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/primitives.h"
+#include "ops/gemm_order.h"
 
 namespace dsv4::ops {
 
@@ -244,13 +245,15 @@ const float* CpuBackend::dequantized(const QuantLinear& w) {
 
 // quant_linear_rows under QuantDotModel::kHopperWgmma: each 32-wide chunk summed as
 // Hopper's FP8 dot (ref::hopper_e4m3_dot32) of the weight and activation codes, the
-// chunk sums scaled and added in the CUDA GEMM's order (linear_kernels.cuh), K slices
-// aside (they regroup the fp32 sum of p, a 2^-24-level difference); out = bf16(0 + p).
+// chunk sums scaled and added in the CUDA GEMM's order (linear_kernels.cuh): each of
+// the S K slices (ops/gemm_order.h) from zero, then out = bf16(((0 + p_0) + p_1) + ...).
 //   FP8: p = fmaf(d_c, 2^(weight block scale) * 2^(activation exponent), p) per chunk.
 //   FP4: per 128-wide stage, q = the 4 chunk sums of the 2^-6-scaled e4m3 weight codes
 //        folded with fmaf(d, 2^(weight scale), q), then p = fmaf(q, 2^(act. exp.) * 64, p).
-void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
-  const int64_t K = w.k, N = w.n, kb = K / 128;
+void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y,
+                                          int slices) {
+  const int64_t K = w.k, N = w.n, kb = K / 128, per_slice = kb / slices;
+  DSV4_CHECK(slices > 0 && kb % slices == 0, "quant_linear_rows_hopper: {} stages in {} slices", kb, slices);
   const bool fp4 = w.format == QuantLinear::Format::kFp4Group32;
   std::vector<uint8_t> fp4_codes;  // FP4: e4m3 codes of 2^-6 x the weights
   if (fp4) {
@@ -271,33 +274,39 @@ void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const
       cpu::bf16_row_to_float(x + r * K, K, xf.data());
       ref::act_quant_fp8(xf.data(), K, 128, codes.data(), exps.data());
       for (int64_t n = 0; n < N; ++n) {
-        float p = 0.0f;
-        for (int64_t st = 0; st < kb; ++st) {
-          const float xs = core::pow2_float(exps[size_t(st)]);
-          if (fp4) {
-            float qs = 0.0f;
-            for (int64_t c = 0; c < 4; ++c) {
-              const int64_t k0 = st * 128 + c * 32;
-              const float d = ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0);
-              const float ws = core::e8m0_to_float(s[n * (K / 32) + k0 / 32]);
-              qs = c == 0 ? d * ws : std::fma(d, ws, qs);
+        float total = 0.0f;
+        for (int64_t sl = 0; sl < slices; ++sl) {
+          float p = 0.0f;
+          for (int64_t st = sl * per_slice; st < (sl + 1) * per_slice; ++st) {
+            const float xs = core::pow2_float(exps[size_t(st)]);
+            if (fp4) {
+              float qs = 0.0f;
+              for (int64_t c = 0; c < 4; ++c) {
+                const int64_t k0 = st * 128 + c * 32;
+                const float d = ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0);
+                const float ws = core::e8m0_to_float(s[n * (K / 32) + k0 / 32]);
+                qs = c == 0 ? d * ws : std::fma(d, ws, qs);
+              }
+              p = std::fma(qs, xs * 64.0f, p);
+            } else {
+              const float scale = core::e8m0_to_float(s[(n / 128) * kb + st]) * xs;
+              for (int64_t k0 = st * 128; k0 < st * 128 + 128; k0 += 32)
+                p = std::fma(ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0), scale, p);
             }
-            p = std::fma(qs, xs * 64.0f, p);
-          } else {
-            const float scale = core::e8m0_to_float(s[(n / 128) * kb + st]) * xs;
-            for (int64_t k0 = st * 128; k0 < st * 128 + 128; k0 += 32)
-              p = std::fma(ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0), scale, p);
           }
+          total += p;
         }
-        y[r * N + n] = float_to_bf16(0.0f + p);
+        y[r * N + n] = float_to_bf16(total);
       }
     }
   });
 }
 
-void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y) {
+void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y,
+                                   int64_t launch_rows, int tile_mult) {
   if (quant_dot_ == QuantDotModel::kHopperWgmma && w.k % 128 == 0 && w.k > 0) {
-    return quant_linear_rows_hopper(x, rows, w, y);
+    const int slices = gemm_k_slices(gemm_weight_tiles(launch_rows > 0 ? launch_rows : w.n), w.k / 128, tile_mult);
+    return quant_linear_rows_hopper(x, rows, w, y, slices);
   }
   const float* W = dequantized(w);
   const int64_t K = w.k, N = w.n;
@@ -320,7 +329,43 @@ void CpuBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& 
   quant_linear_rows(x.as<uint16_t>(), x.size(0), w, y.as<uint16_t>());
 }
 
+void CpuBackend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
+                                const Tensor& yb) {
+  // The CUDA backend stacks two FP8 weights into one launch when the first fills whole tiles.
+  const bool stacked = wa.format == QuantLinear::Format::kFp8Block128 && wb.format == wa.format &&
+                       wa.n % kGemmTileRows == 0 && wb.n > 0;
+  const int64_t launch_rows = stacked ? wa.n + wb.n : 0;
+  quant_linear_rows(x.as<uint16_t>(), x.size(0), wa, ya.as<uint16_t>(), launch_rows);
+  quant_linear_rows(x.as<uint16_t>(), x.size(0), wb, yb.as<uint16_t>(), launch_rows);
+}
+
+// linear_bf16 under kHopperWgmma: each of the S K slices (64-wide stages) summed by
+// the chained bf16 tensor-core steps from zero (ref::hopper_bf16_dot), the slice sums
+// added in order from zero (linear_kernels.cuh).
+bool CpuBackend::linear_bf16_hopper(const Tensor& x, const Tensor& w, const Tensor& y, int64_t launch_rows) {
+  const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
+  if (quant_dot_ != QuantDotModel::kHopperWgmma || x.dtype() != DType::kBF16 || K % 64 != 0 || K == 0) return false;
+  const int slices = gemm_k_slices(gemm_weight_tiles(launch_rows > 0 ? launch_rows : N), K / 64, 1);
+  const int64_t per_slice = K / slices;
+  const bool y_f32 = y.dtype() == DType::kF32;
+  pool_.parallel_for(N, [&](int64_t b, int64_t e) {
+    for (int64_t n = b; n < e; ++n) {
+      const uint16_t* wr = w.as<uint16_t>() + n * K;
+      for (int64_t t = 0; t < T; ++t) {
+        const uint16_t* xr = x.as<uint16_t>() + t * K;
+        float total = 0.0f;
+        for (int64_t sl = 0; sl < slices; ++sl)
+          total += ref::hopper_bf16_dot(0.0f, wr + sl * per_slice, xr + sl * per_slice, per_slice);
+        if (y_f32) y.as<float>()[t * N + n] = total;
+        else y.as<uint16_t>()[t * N + n] = float_to_bf16(total);
+      }
+    }
+  }, 256);
+  return true;
+}
+
 void CpuBackend::do_linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
+  if (linear_bf16_hopper(x, w, y, 0)) return;
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   const bool x_f32 = x.dtype() == DType::kF32, y_f32 = y.dtype() == DType::kF32;
   // Rows are few and N can be large (the LM head): split over N.
@@ -341,9 +386,51 @@ void CpuBackend::do_linear_bf16(const Tensor& x, const Tensor& w, const Tensor& 
   }, 256);
 }
 
+void CpuBackend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& ya, const Tensor& wb,
+                                     const Tensor& yb) {
+  // The CUDA backend stacks the two weights into one launch when the first fills
+  // whole tiles and both outputs have one type.
+  const bool stacked = wa.size(0) % kGemmTileRows == 0 && wb.size(0) > 0 && ya.dtype() == yb.dtype();
+  const int64_t launch_rows = stacked ? wa.size(0) + wb.size(0) : 0;
+  if (!linear_bf16_hopper(x, wa, ya, launch_rows)) do_linear_bf16(x, wa, ya);
+  if (!linear_bf16_hopper(x, wb, yb, launch_rows)) do_linear_bf16(x, wb, yb);
+}
+
+// grouped_linear under kHopperWgmma (the CUDA backend's FP8-as-bf16 GEMM: C a multiple
+// of 64, each 128-row scale block inside one group): per 64-wide stage the e4m3
+// weights, exact in bf16, and the bf16 activations summed by the chained tensor-core
+// steps from zero, then p = fmaf(d_stage, 2^(weight block scale), p); slices as above.
 void CpuBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
-  const float* W = dequantized(w);
   const int64_t T = x.size(0), C = w.k, R = w.n / groups;
+  if (quant_dot_ == QuantDotModel::kHopperWgmma && C % 64 == 0 && C > 0 && (groups == 1 || R % 128 == 0)) {
+    const int64_t stages = C / 64, cb = (C + 127) / 128;
+    const int slices = gemm_k_slices(gemm_weight_tiles(R, groups), stages, 1);
+    const int64_t per_slice = stages / slices;
+    const uint8_t* codes = w.weight.as<uint8_t>();
+    const uint8_t* sc = w.scale.as<uint8_t>();
+    pool_.parallel_for(groups * R, [&](int64_t b, int64_t e) {
+      std::vector<uint16_t> wr(static_cast<size_t>(C));
+      for (int64_t row = b; row < e; ++row) {
+        for (int64_t k = 0; k < C; ++k) wr[size_t(k)] = float_to_bf16(core::e4m3_to_float(codes[row * C + k]));
+        const int64_t g = row / R;
+        for (int64_t t = 0; t < T; ++t) {
+          const uint16_t* xr = x.as<uint16_t>() + t * groups * C + g * C;
+          float total = 0.0f;
+          for (int64_t sl = 0; sl < slices; ++sl) {
+            float p = 0.0f;
+            for (int64_t st = sl * per_slice; st < (sl + 1) * per_slice; ++st) {
+              const float d = ref::hopper_bf16_dot(0.0f, wr.data() + st * 64, xr + st * 64, 64);
+              p = std::fma(d, core::e8m0_to_float(sc[(row / 128) * cb + st / 2]), p);
+            }
+            total += p;
+          }
+          y.as<uint16_t>()[t * w.n + row] = float_to_bf16(total);
+        }
+      }
+    });
+    return;
+  }
+  const float* W = dequantized(w);
   pool_.parallel_for(T, [&](int64_t b, int64_t e) {
     std::vector<float> xf(static_cast<size_t>(groups * C));
     for (int64_t t = b; t < e; ++t) {

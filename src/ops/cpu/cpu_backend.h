@@ -40,6 +40,12 @@ class CpuBackend final : public Backend {
   void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& y) override;
   void do_linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y) override;
   void do_linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y) override;
+  // The pairs differ from two single calls only under kHopperWgmma, where the model
+  // follows the CUDA backend's launch of both weights as one (its K slices).
+  void do_linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                      const core::Tensor& yb) override;
+  void do_linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya,
+                           const core::Tensor& wb, const core::Tensor& yb) override;
   void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y) override;
   void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w, const BatchView& batch,
                    const RopeTable& rope, float norm_eps, LayerCache& cache) override;
@@ -72,10 +78,19 @@ class CpuBackend final : public Backend {
   // hit a stale copy.
   const float* dequantized(const QuantLinear& w);
   // y[r] = bf16(sum_k xdeq[r, k] * W[n, k]) with x quantized per 128 first.
-  void quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
-
-  // quant_linear_rows under QuantDotModel::kHopperWgmma (K a multiple of 128).
-  void quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y);
+  // launch_rows / tile_mult: for kHopperWgmma, the weight rows of the CUDA launch the
+  // GEMM belongs to (0: w.n; a stacked pair counts both) and gemm_k_slices' tile_mult.
+  void quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y, int64_t launch_rows = 0,
+                         int tile_mult = 1);
+  // quant_linear_rows under QuantDotModel::kHopperWgmma (K a multiple of 128) in
+  // `slices` K slices.
+  void quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y, int slices);
+  // linear_bf16 under kHopperWgmma, where the CUDA backend takes its tensor-core GEMM
+  // (bf16 x, K a multiple of 64): false where it does not.
+  bool linear_bf16_hopper(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y, int64_t launch_rows);
+  // do_expert_ffn with gemm_k_slices' tile_mult (1 shared expert, 4 routed experts).
+  void expert_ffn(const core::Tensor& x, const ExpertWeights& w, const core::Tensor& row_weight, float swiglu_limit,
+                  const core::Tensor& y, int tile_mult);
 
   core::ThreadPool pool_;
   QuantDotModel quant_dot_;

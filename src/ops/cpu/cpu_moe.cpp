@@ -77,10 +77,18 @@ void CpuBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bi
 
 void CpuBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& row_weight, float limit,
                                const Tensor& y) {
+  expert_ffn(x, w, row_weight, limit, y, 1);
+}
+
+void CpuBackend::expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& row_weight, float limit,
+                            const Tensor& y, int tile_mult) {
   const int64_t R = x.size(0), I = w.w1.n;
   std::vector<uint16_t> g(static_cast<size_t>(R * I)), u(static_cast<size_t>(R * I)), h(static_cast<size_t>(R * I));
-  quant_linear_rows(x.as<uint16_t>(), R, w.w1, g.data());
-  quant_linear_rows(x.as<uint16_t>(), R, w.w3, u.data());
+  // The CUDA backend runs gate and up as one launch over the stacked [w1; w3] (the
+  // Hopper model's K slices count both).
+  const int64_t gate_up_rows = w.w1.format == w.w3.format ? 2 * I : 0;
+  quant_linear_rows(x.as<uint16_t>(), R, w.w1, g.data(), gate_up_rows, tile_mult);
+  quant_linear_rows(x.as<uint16_t>(), R, w.w3, u.data(), gate_up_rows, tile_mult);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < I; ++i) {
       float gate = bf16_to_float(g[size_t(r * I + i)]), up = bf16_to_float(u[size_t(r * I + i)]);
@@ -92,7 +100,7 @@ void CpuBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const Te
       if (row_weight.ndim() > 0) act = row_weight.as<float>()[r] * act;  // routing weight before w2
       h[size_t(r * I + i)] = float_to_bf16(act);
     }
-  quant_linear_rows(h.data(), R, w.w2, y.as<uint16_t>());
+  quant_linear_rows(h.data(), R, w.w2, y.as<uint16_t>(), 0, tile_mult);
 }
 
 void CpuBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
@@ -113,7 +121,7 @@ void CpuBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Ten
       std::memcpy(xs.as<uint16_t>() + i * D, x.as<uint16_t>() + (slots[size_t(i)] / k) * D, size_t(D) * 2);
       ws.as<float>()[i] = weights.as<float>()[slots[size_t(i)]];
     }
-    do_expert_ffn(xs, experts[size_t(e)], ws, limit, ys);
+    expert_ffn(xs, experts[size_t(e)], ws, limit, ys, 4);  // the CUDA expert GEMMs' tile_mult
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(out.as<uint16_t>() + slots[size_t(i)] * D, ys.as<uint16_t>() + i * D, size_t(D) * 2);
   }

@@ -26,6 +26,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/gemm_wide_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
+#include "ops/gemm_order.h"
 
 namespace dsv4::ops {
 
@@ -112,14 +113,9 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
 
 // ---- the tensor-core GEMM ---------------------------------------------------------------
 // Number of K slices S: a function of (weight row tiles, stages) only, never of M
-// (the bit-identity rule). Enough slices that tiles * S reaches ~256 CTAs at decode.
-// `mult` is the number of tiles expected per weight (routed experts: several
-// experts are busy at once).
-int slices_for(int64_t n_tiles, int64_t stages, int64_t mult) {
-  int s = 1;
-  while (s < lk::kMaxSlices && n_tiles * mult * s < 256 && stages % (2 * s) == 0) s *= 2;
-  return s;
-}
+// (the bit-identity rule); ops/gemm_order.h, shared with the CPU backend's model.
+static_assert(lk::kTileN == kGemmTileRows && lk::kMaxSlices == kGemmMaxSlices, "ops/gemm_order.h's tile and slices");
+int slices_for(int64_t n_tiles, int64_t stages, int64_t mult) { return gemm_k_slices(n_tiles, stages, mult); }
 
 // Split launches write S fp32 partials per output; beyond this many bytes the
 // CTAs walk their slices in sequence instead.

@@ -1,0 +1,33 @@
+// The K order of the CUDA backend's tensor-core GEMMs, the part of it that depends
+// on the launch (docs/design/cuda-linear.md, linear_kernels.cuh's header comment):
+// an output's K range is cut into S equal slices of whole stages, each slice summed
+// on its own from zero and the slice sums added in order, ((0 + p_0) + p_1) + ...
+// S is a function of the launch's weight tiles and K only, never of the rows M, so a
+// row's bits do not depend on its batch. The CUDA launcher and the CPU backend's
+// model of it (QuantDotModel::kHopperWgmma) both take S from here.
+#pragma once
+
+#include <cstdint>
+
+namespace dsv4::ops {
+
+constexpr int64_t kGemmTileRows = 128;  // weight rows (output columns) of one tile
+constexpr int kGemmMaxSlices = 32;
+
+// Weight tiles of a launch over `rows` weight rows per group (two weights stacked
+// into one launch count together).
+constexpr int64_t gemm_weight_tiles(int64_t rows, int64_t groups = 1) {
+  return groups * ((rows + kGemmTileRows - 1) / kGemmTileRows);
+}
+
+// S: doubled while the launch's CTAs (weight tiles x slices x tile_mult) stay under
+// ~256 and the stages (K / 128 quantized, K / 64 bf16) still divide evenly.
+// tile_mult counts the row tiles expected per weight tile (4 for the routed experts,
+// where several experts are busy at once; 1 otherwise).
+constexpr int gemm_k_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult) {
+  int s = 1;
+  while (s < kGemmMaxSlices && weight_tiles * tile_mult * s < 256 && stages % (2 * s) == 0) s *= 2;
+  return s;
+}
+
+}  // namespace dsv4::ops
