@@ -96,9 +96,10 @@ Command add_generate(CLI::App& app) {
       ->check(CLI::IsMember({"allgather", "alltoall"}));
   app.add_option("--threads", o->threads, "CPU backend threads per rank")->default_val(1)->check(CLI::Range(1, 256));
   app.add_option("--cpu-quant-dot,--cpu-fp4-dot", o->cpu_quant_dot,
-                 "CPU backend: sum each 32-wide chunk of an FP8 or FP4 GEMM in fp32 (the spec's arithmetic) or as "
-                 "Hopper's FP8 wgmma does (hopper: truncated alignment, 14-bit sums), which is what the CUDA backend "
-                 "computes; for comparing a CPU run with a GPU run (--cpu-fp4-dot: the older name)")
+                 "CPU backend: run the GEMMs in fp32 (the spec's arithmetic) or as the CUDA backend's Hopper "
+                 "tensor-core GEMMs do (hopper: FP8 chunks with truncated alignment and 14-bit sums, bf16 steps "
+                 "truncated toward zero, the CUDA launch's K slices); for comparing a CPU run with a GPU run "
+                 "(--cpu-fp4-dot: the older name)")
       ->default_val("fp32")
       ->check(CLI::IsMember({"fp32", "hopper"}));
   app.add_option("--prefill-chunk", o->prefill_chunk, "Prompt tokens per sequence per step")

@@ -266,10 +266,11 @@ class Backend {
 std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, double factor, int64_t original_seq_len,
                                  double beta_fast, double beta_slow);
 
-// How the CPU backend sums each 32-wide chunk of an FP8 or FP4 GEMM (linear and the
-// experts): in fp32 (kExact, the spec's arithmetic), or as the Hopper FP8 wgmma the
-// CUDA backend's quantized GEMMs run on does (ref::hopper_e4m3_dot32, then the CUDA
-// kernel's scale order), which the CUDA tests compare against.
+// How the CPU backend sums its GEMMs (linear, pairs, grouped, bf16, the experts): in
+// fp32 (kExact, the spec's arithmetic), or as the CUDA backend's Hopper tensor-core
+// GEMMs do (kHopperWgmma: ref::hopper_e4m3_dot32 per FP8 chunk, ref::hopper_bf16_mma16
+// per bf16 step, the CUDA kernels' scale order and K slices, ops/gemm_order.h), which
+// the CUDA tests compare against bit for bit.
 enum class QuantDotModel { kExact, kHopperWgmma };
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 1, QuantDotModel quant_dot = QuantDotModel::kExact);
 // Defined in CUDA builds only (src/ops/cuda).
