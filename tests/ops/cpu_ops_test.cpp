@@ -145,6 +145,50 @@ TEST_F(CpuOps, HcPostSumsOverTheFirstIndexOfComb) {
       }
 }
 
+// The model of the CUDA tensor-core attention (kHopperWgmma: chunks of 32 keys,
+// online softmax per 64-key segment, tensor-core sums) against the reference's
+// attention: within the fast kernel's documented tolerance (2 bf16 ulp + 4e-3 of
+// the largest |v| per element, relative L2 below 1e-2 per head), over 130 keys
+// (5 chunks, 3 segments, the last chunk partial).
+TEST_F(CpuOps, HopperAttentionModelStaysWithinTheFastKernelTolerance) {
+  Rng rng(15);
+  const int64_t H = 3, W = 128;
+  for (const int64_t Dh : {128, 512}) {
+    auto hopper = make_cpu_backend(2, QuantDotModel::kHopperWgmma);
+    CacheGeometry g{3, 8, W, Dh, 128};
+    LayerCache cache = be->allocate_cache(g, 128);
+    for (int64_t i = 0; i < cache.window.numel(); ++i) cache.window.as<uint16_t>()[i] = core::float_to_bf16(rng.normal());
+    for (int64_t i = 0; i < cache.rows.numel(); ++i) cache.rows.as<uint16_t>()[i] = core::float_to_bf16(rng.normal());
+    testing::HostBatch hb({{1, 300, 2}}, 4);
+    hb.block_table = {5, 6, 7, 0};
+    const BatchView batch = hb.view();
+    Tensor q = rng.bf16({2, H, Dh}, 2.0f), kv = rng.bf16({2, Dh}), sink = rng.f32({H});
+    RopeTable rope{Tensor::empty_cpu(DType::kF32, {32}), 64};
+    auto inv = rope_inv_freq(64, 160000, true, 16, 65536, 32, 1);
+    std::copy(inv.begin(), inv.end(), rope.inv_freq.as<float>());
+    const float scale = 1.0f / std::sqrt(float(Dh));
+    Tensor want = Tensor::empty_cpu(DType::kBF16, {2, H, Dh}), got = Tensor::empty_cpu(DType::kBF16, {2, H, Dh});
+    be->sparse_attention(q, kv, cache, batch, Tensor(), sink, scale, rope, want);
+    hopper->sparse_attention(q, kv, cache, batch, Tensor(), sink, scale, rope, got);
+    float vmax = 0.0f;
+    for (const Tensor* t : {&cache.window, &cache.rows, &kv})
+      for (int64_t i = 0; i < t->numel(); ++i) vmax = std::max(vmax, std::fabs(bf(*t, i)));
+    int64_t differ = 0;
+    for (int64_t row = 0; row < 2 * H; ++row) {
+      double err = 0.0, norm = 0.0;
+      for (int64_t i = 0; i < Dh; ++i) {
+        const float w = bf(want, row * Dh + i), o = bf(got, row * Dh + i);
+        EXPECT_LE(std::fabs(o - w), 2.0f * std::ldexp(std::fabs(w), -7) + 4e-3f * vmax) << "Dh " << Dh << " row " << row << " i " << i;
+        err += double(o - w) * double(o - w);
+        norm += double(w) * double(w);
+        differ += o != w;
+      }
+      EXPECT_LT(std::sqrt(err / norm), 1e-2) << "Dh " << Dh << " row " << row;
+    }
+    EXPECT_GT(differ, 0) << "the model should not be the reference's arithmetic";
+  }
+}
+
 TEST_F(CpuOps, SparseAttentionWithSinkOverWindowRingAndCompressedRows) {
   // One HCA layer, window 4; a 2-token step at positions 300, 301 of a sequence in
   // slot 1: keys = window (ring for 298, 299; this step's rows for 300, 301) + the

@@ -24,7 +24,8 @@
 //    reference kernel does the same), so each output may move by up to 2^-8 of
 //    the largest |v|: 2 ulp + 4e-3 vmax per element; per (token, head) the
 //    relative L2 error must stay below 1e-2 (simple: 4e-3), which a missing or
-//    extra key would exceed. Pad rows are exactly zero.
+//    extra key would exceed. Pad rows are exactly zero. The fast kernel must also
+//    equal the CPU's model of it (QuantDotModel::kHopperWgmma) bit for bit.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -857,6 +858,12 @@ TEST_P(CudaAttention, SparseAttentionMatchesCpu) {
       cuda().sparse_attention(dev(a.q), dev(a.kv), a.c.gpu, a.db.view, ratio == 4 ? dev(a.topk) : Tensor(),
                               dev(a.sink), a.scale, dev_rope(a.rope), got);
       expect_attention_close(host(got), a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("sparse_attention " + a.name));
+      if (!simple()) {  // the tensor-core kernel is the CPU's model of it bit for bit
+        const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
+        Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+        hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
+        expect_bytes_equal(host(got).data(), model.data(), model.nbytes(), tag("sparse_attention vs the Hopper model, " + a.name));
+      }
     }
 }
 

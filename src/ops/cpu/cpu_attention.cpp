@@ -38,6 +38,83 @@ const uint16_t* ring_row(const Tensor& window, int32_t slot, int64_t pos) {
   return window.as<uint16_t>() + (int64_t(slot) * W + pos % W) * Dh;
 }
 
+// One head of sparse attention as the CUDA backend's tensor-core kernel computes it
+// (attention_mma_kernel, docs/design/cuda-attention.md), for QuantDotModel::kHopperWgmma.
+// Keys go in chunks of 32, two chunks a segment. Per key, the logit is the four
+// quarter dot products (each chained bf16 tensor-core steps from zero) added in
+// quarter order, times the scale. Per chunk: the running max, alpha = exp(m_old -
+// m_new), P = exp(s - m_new), the chunk's P sum in the kernel's lane order, l =
+// fma(l, alpha, sum), o = o * alpha then two tensor-core steps of bf16(P) with the
+// values. Per segment end: (O, L, M) folded with fma(o, e^(m - M'), O e^(M - M')).
+// Then bf16(O / (L + exp(sink - M))) and the inverse RoPE. exp is core::exp_f32_via_f64
+// on both sides. keys: the bf16 rows (values = keys, MQA); out: Dh bf16.
+void attention_head_hopper(const uint16_t* q, const std::vector<const uint16_t*>& keys, int64_t Dh, float scale,
+                           float sink, uint16_t* out) {
+  constexpr int64_t kChunk = 32, kSegmentChunks = 2;
+  const int64_t n = int64_t(keys.size()), quarter = Dh / 4;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> O(static_cast<size_t>(Dh), 0.0f), o(static_cast<size_t>(Dh), 0.0f);
+  float M = -inf, L = 0.0f, m_run = -inf, l_run = 0.0f;
+  float sv[kChunk];
+  uint16_t pb[kChunk];
+  std::vector<uint16_t> vcol(kChunk);
+  for (int64_t c = 0; c < chunks; ++c) {
+    float cmax = -inf;
+    for (int64_t j = 0; j < kChunk; ++j) {
+      const int64_t u = c * kChunk + j;
+      if (u >= n) {
+        sv[j] = -inf;
+        continue;
+      }
+      float x = 0.0f;
+      for (int64_t r = 0; r < 4; ++r) x += ref::hopper_bf16_dot(0.0f, q + r * quarter, keys[size_t(u)] + r * quarter, quarter);
+      sv[j] = x * scale;
+      cmax = std::max(cmax, sv[j]);
+    }
+    const float m_new = std::max(m_run, cmax);
+    const float m_ref = m_new == -inf ? 0.0f : m_new;
+    const float alpha = core::exp_f32_via_f64(m_run - m_ref);
+    m_run = m_new;
+    for (int64_t j = 0; j < kChunk; ++j) sv[j] = core::exp_f32_via_f64(sv[j] - m_ref);
+    // Lane t of a quad sums keys 8nt + 2t, 8nt + 2t + 1 for nt = 0..3; the quad adds (t0 + t1) + (t2 + t3).
+    float part[4];
+    for (int64_t t = 0; t < 4; ++t) {
+      part[t] = 0.0f;
+      for (int64_t nt = 0; nt < 4; ++nt) {
+        part[t] += sv[nt * 8 + 2 * t];
+        part[t] += sv[nt * 8 + 2 * t + 1];
+      }
+    }
+    l_run = std::fma(l_run, alpha, (part[0] + part[1]) + (part[2] + part[3]));
+    for (int64_t j = 0; j < kChunk; ++j) pb[j] = float_to_bf16(sv[j]);
+    for (int64_t d = 0; d < Dh; ++d) {
+      float acc = o[size_t(d)] * alpha;
+      for (int64_t ks = 0; ks < 2; ++ks) {
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t u = c * kChunk + ks * 16 + j;
+          vcol[size_t(j)] = u < n ? keys[size_t(u)][d] : uint16_t(0);
+        }
+        acc = ref::hopper_bf16_mma16(acc, pb + ks * 16, vcol.data());
+      }
+      o[size_t(d)] = acc;
+    }
+    if (c % kSegmentChunks == kSegmentChunks - 1 || c + 1 == chunks) {  // fold the segment
+      const float m = std::max(M, m_run);
+      const float ref_m = m == -inf ? 0.0f : m;
+      const float wa = core::exp_f32_via_f64(M - ref_m), wb = core::exp_f32_via_f64(m_run - ref_m);
+      for (int64_t d = 0; d < Dh; ++d) O[size_t(d)] = std::fma(o[size_t(d)], wb, O[size_t(d)] * wa);
+      L = std::fma(l_run, wb, L * wa);
+      M = m;
+      std::fill(o.begin(), o.end(), 0.0f);
+      m_run = -inf;
+      l_run = 0.0f;
+    }
+  }
+  const float den = L + core::exp_f32_via_f64(sink - M);
+  for (int64_t d = 0; d < Dh; ++d) out[d] = float_to_bf16(O[size_t(d)] / den);
+}
+
 }  // namespace
 
 void CpuBackend::do_compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
@@ -199,6 +276,14 @@ void CpuBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const La
       } else if (cache.ratio == 128) {
         for (int64_t j = 0; j < (int64_t(p) + 1) / 128; ++j)
           keys.push_back(paged_row<const uint16_t>(cache.rows, batch, s, j, 128));
+      }
+      if (quant_dot_ == QuantDotModel::kHopperWgmma && (Dh == 512 || Dh == 128)) {  // the CUDA mma kernel's head sizes
+        for (int64_t h = 0; h < H; ++h) {
+          uint16_t* oh = out + h * Dh;
+          attention_head_hopper(q.as<uint16_t>() + (t * H + h) * Dh, keys, Dh, softmax_scale, sink.as<float>()[h], oh);
+          ref::rope_bf16(oh + Dh - rd, rd / 2, rope.inv_freq.as<float>(), p, true);  // de-rotate (spec §5.6)
+        }
+        continue;
       }
       const size_t n = keys.size();
       kf.resize(n * size_t(Dh));
