@@ -727,6 +727,12 @@ TEST_P(CudaAttention, IndexerTopkMatchesCpu) {
     }
     std::fprintf(stderr, "[indexer_topk Hi %lld Di %lld K %lld: %lld of %lld tokens differ from the CPU order]\n",
                  (long long)sh.Hi, (long long)sh.Di, (long long)sh.K, (long long)differing, (long long)b.rows());
+    if (!simple()) {  // the tensor-core scores (Di = 128) are the CPU's model of them: the same selection
+      const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
+      Tensor model = Tensor::empty_cpu(DType::kI32, {b.rows(), sh.K});
+      hopper->indexer_topk(q, w, scale, c.cpu, b.view(), model);
+      if (sh.Di == 128) expect_bytes_equal(g.data(), model.data(), model.nbytes(), tag("indexer_topk vs the Hopper model"));
+    }
   }
 }
 

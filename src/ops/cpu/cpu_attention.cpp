@@ -212,6 +212,8 @@ void CpuBackend::do_indexer_q(const Tensor& q, const BatchView& batch, const Rop
 void CpuBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float weight_scale, const LayerCache& cache,
                                  const BatchView& batch, const Tensor& topk) {
   const int64_t T = q.size(0), Hi = q.size(1), Di = q.size(2), K = topk.size(1);
+  // The shapes the CUDA backend scores on its tensor cores (index_score_mma_kernel).
+  const bool hopper_scores = quant_dot_ == QuantDotModel::kHopperWgmma && Di == 128 && Hi <= 64;
   pool_.parallel_for(T, [&](int64_t b, int64_t e) {
     std::vector<float> qf(static_cast<size_t>(Hi * Di)), kf(static_cast<size_t>(Di)), w(static_cast<size_t>(Hi)), scores;
     std::vector<int32_t> order;
@@ -226,11 +228,15 @@ void CpuBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float w
         w[size_t(h)] = core::round_bf16(bf16_to_float(weights.as<uint16_t>()[t * Hi + h]) * weight_scale);
       scores.assign(size_t(n_c), 0.0f);
       for (int64_t j = 0; j < n_c; ++j) {
-        cpu::bf16_row_to_float(paged_row<const uint16_t>(cache.index_rows, batch, s, j, 4), Di, kf.data());
+        const uint16_t* row = paged_row<const uint16_t>(cache.index_rows, batch, s, j, 4);
+        cpu::bf16_row_to_float(row, Di, kf.data());
         // The reference scores in bf16: per-head logit, ReLU, times weight, sum.
         float sum = 0.0f;
         for (int64_t h = 0; h < Hi; ++h) {
-          const float logit = core::round_bf16(cpu::dot_f32(qf.data() + h * Di, kf.data(), Di));
+          // kHopperWgmma: the CUDA scoring kernel's logit, chained bf16 tensor-core steps.
+          const float dot = hopper_scores ? ref::hopper_bf16_dot(0.0f, q.as<uint16_t>() + (t * Hi + h) * Di, row, Di)
+                                          : cpu::dot_f32(qf.data() + h * Di, kf.data(), Di);
+          const float logit = core::round_bf16(dot);
           sum += core::round_bf16(std::max(logit, 0.0f) * w[size_t(h)]);
         }
         scores[size_t(j)] = core::round_bf16(sum);

@@ -8,6 +8,7 @@
 #include "ops/cpu/cpu_backend.h"
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/primitives.h"
+#include "ops/gemm_order.h"
 
 namespace dsv4::ops {
 
@@ -20,6 +21,9 @@ void CpuBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bi
                            const Tensor& ids) {
   const int64_t T = x.size(0), E = gate.size(0), D = gate.size(1), k = config.topk;
   const bool hash = tid2eid.ndim() > 0;
+  // kHopperWgmma: the logits as the CUDA backend's tensor-core GEMM computes them (D a multiple of its 64-wide stage).
+  const bool hopper_logits = quant_dot_ == QuantDotModel::kHopperWgmma && D % 64 == 0 && D > 0;
+  const int logit_slices = hopper_logits ? gemm_k_slices(gemm_weight_tiles(E), D / 64, 1) : 1;
   pool_.parallel_for(T, [&](int64_t b, int64_t e) {
     std::vector<float> xf(static_cast<size_t>(D)), scores(static_cast<size_t>(E)), biased(static_cast<size_t>(E));
     std::vector<int32_t> order(static_cast<size_t>(E));
@@ -32,7 +36,18 @@ void CpuBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bi
         continue;
       }
       cpu::bf16_row_to_float(x.as<uint16_t>() + t * D, D, xf.data());
-      for (int64_t i = 0; i < E; ++i) scores[size_t(i)] = cpu::dot_f32_bf16(xf.data(), gate.as<uint16_t>() + i * D, D);
+      if (hopper_logits) {  // the CUDA router's logits: its bf16 tensor-core GEMM, K slices included
+        const int64_t per_slice = D / logit_slices;
+        for (int64_t i = 0; i < E; ++i) {
+          float v = 0.0f;
+          for (int64_t sl = 0; sl < logit_slices; ++sl)
+            v += ref::hopper_bf16_dot(0.0f, gate.as<uint16_t>() + i * D + sl * per_slice,
+                                      x.as<uint16_t>() + t * D + sl * per_slice, per_slice);
+          scores[size_t(i)] = v;
+        }
+      } else {
+        for (int64_t i = 0; i < E; ++i) scores[size_t(i)] = cpu::dot_f32_bf16(xf.data(), gate.as<uint16_t>() + i * D, D);
+      }
       switch (config.scoring) {
         case ScoringFunc::kSqrtSoftplus:
           for (auto& s : scores) s = std::sqrt(ref::softplus(s));  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
