@@ -32,6 +32,10 @@ DSV4_HD float div_rn(float a, float b) {
 #endif
 }
 
+// std::clamp(x, lo, hi) as the CPU reference calls it: NaN stays NaN (fminf/fmaxf
+// would turn it into a bound).
+DSV4_HD float clamp_f32(float x, float lo, float hi) { return x < lo ? lo : (hi < x ? hi : x); }
+
 // 1 / (1 + exp(-x)).
 DSV4_HD float sigmoid_f32(float x) { return div_rn(1.0f, add_rn(1.0f, exp_f32_via_f64(-x))); }
 

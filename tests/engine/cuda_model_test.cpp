@@ -7,7 +7,9 @@
 // - teacher-forced decode (the CPU's greedy tokens fed to both): logits rows
 //   within kRelL2Mean / kRelL2Worst, argmax equal on most rows (see there why
 //   this is a few percent, not 1e-3);
-// - CUDA graph replay == eager CUDA, bit for bit, over the same generation.
+// - CUDA graph replay == eager CUDA, bit for bit, over the same generation;
+// - free-running greedy generation equal to the CPU's model of the GPU arithmetic
+//   (QuantDotModel::kHopperWgmma), tokens and logits bit for bit.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -209,6 +211,32 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
   ASSERT_EQ(a, b);
   for (size_t s = 0; s < eager.size(); ++s)
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], replayed[s][i]) << "sequence " << s << " token " << i;
+}
+
+// The parity criterion in code: free-running greedy generation (chunked
+// prefill, then 100 decode steps, CUDA graphs as served) gives the same tokens on
+// the GPU as on the CPU model of its arithmetic (QuantDotModel::kHopperWgmma, see
+// docs/design/cuda-linear.md "A bit-exact CPU model of every GEMM"), for four
+// prompts of different lengths, and every logits row equal bit for bit.
+TEST_F(CudaTinyModel, GreedyGenerationEqualsTheHopperModelBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Logits ref, got;
+  const auto want = run(*runner(*cpu_, *cpu_model_, false), ref);
+  const auto have = run(*runner(*cuda_, *cuda_model_, true), got);
+  ASSERT_EQ(want.size(), have.size());
+  size_t rows = 0, equal_rows = 0;
+  for (size_t s = 0; s < want.size(); ++s) {
+    size_t same = 0;
+    while (same < want[s].size() && same < have[s].size() && want[s][same] == have[s][same]) ++same;
+    std::printf("sequence %zu: %zu of %zu greedy tokens equal before the first difference\n", s, same, want[s].size());
+    EXPECT_EQ(want[s], have[s]) << "sequence " << s << " first differs at token " << same;
+    for (size_t i = 0; i < std::min(ref[s].size(), got[s].size()); ++i) {
+      ++rows;
+      equal_rows += std::memcmp(ref[s][i].data(), got[s][i].data(), ref[s][i].size() * sizeof(float)) == 0;
+    }
+  }
+  std::printf("logits rows equal bit for bit: %zu of %zu\n", equal_rows, rows);
+  EXPECT_EQ(equal_rows, rows);
 }
 
 // One prefill step of a 301-token prompt, stage by stage, teacher-forced: each

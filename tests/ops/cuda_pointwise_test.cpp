@@ -271,6 +271,27 @@ TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
     }
 }
 
+// A NaN in the quantized part stays NaN on both backends (std::clamp passes it to
+// the e4m3 cast; a fminf/fmaxf clamp turned it into -448 before).
+TEST_F(CudaPointwise, KvRopeQuantKeepsANanAsTheCpuDoes) {
+  Rng rng(207);
+  const int64_t T = 3, Dh = 128;
+  const RopeTable rope = host_rope(false);
+  TestBatch b = random_batch(T, rng);
+  DeviceBatch db = upload_batch(cuda(), b);
+  Tensor kv = rng.bf16({T, Dh}, 1.5f);
+  kv.as<uint16_t>()[Dh + 5] = core::float_to_bf16(NAN);
+  Tensor want = copy_host(kv);
+  cpu().kv_rope_quant(want, b.view(), rope);
+  Tensor dkv = dev(kv);
+  cuda().kv_rope_quant(dkv, db.view, dev_rope(rope));
+  const Tensor got = host(dkv);
+  ASSERT_TRUE(std::isnan(testing::bf(want, Dh + 5)));
+  EXPECT_TRUE(std::isnan(testing::bf(got, Dh + 5))) << "GPU gave " << testing::bf(got, Dh + 5);
+  for (int64_t i = 0; i < T * Dh; ++i)
+    if (i != Dh + 5) EXPECT_FALSE(std::isnan(testing::bf(got, i))) << i;
+}
+
 // ---- mHC -----------------------------------------------------------------------------
 
 struct HcCase {

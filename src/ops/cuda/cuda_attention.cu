@@ -146,9 +146,9 @@ __device__ void warp_encode_kv_record(const float* v, int Dh, int row_bytes, uin
     const float amax = warp_max(fmaxf(fabsf(x0), fabsf(x1)));
     const int e = core::ceil_log2_bits(__fmul_rn(fmaxf(amax, 1e-4f), kFp8MaxInv));
     const float inv = core::pow2_float(-e);
-    // Clamped first (a NaN becomes -448), then the hardware cast: the reference cast's bits.
-    const uint32_t codes = e4m3x2_sat(fminf(fmaxf(__fmul_rn(x0, inv), -448.0f), 448.0f),
-                                      fminf(fmaxf(__fmul_rn(x1, inv), -448.0f), 448.0f));
+    // Clamped first as std::clamp (a NaN stays NaN), then the hardware cast: the reference cast's bits.
+    const uint32_t codes = e4m3x2_sat(core::clamp_f32(__fmul_rn(x0, inv), -448.0f, 448.0f),
+                                      core::clamp_f32(__fmul_rn(x1, inv), -448.0f, 448.0f));
     *reinterpret_cast<uint16_t*>(dst + b * 64 + 2 * lane) = uint16_t(codes);
     if (lane == 0) dst[scale_off + b] = core::e8m0_from_exponent(e);
   }
@@ -167,7 +167,7 @@ __device__ void warp_encode_index_record(const float* v, int Di, uint8_t* dst) {
     const float amax = warp_max(fabsf(x));
     const int e = core::ceil_log2_bits(__fmul_rn(fmaxf(amax, kFp4AmaxFloor), kFp4MaxInv));
     const float inv = core::pow2_float(-e);
-    const uint8_t code = core::float_to_e2m1(fminf(fmaxf(__fmul_rn(x, inv), -6.0f), 6.0f));
+    const uint8_t code = core::float_to_e2m1(core::clamp_f32(__fmul_rn(x, inv), -6.0f, 6.0f));
     const uint8_t hi = uint8_t(__shfl_down_sync(kFull, uint32_t(code), 1));
     if ((lane & 1) == 0) dst[(b * 32 + lane) / 2] = uint8_t(code | (hi << 4));  // low nibble = even element
     if (lane == 0) dst[Di / 2 + b] = core::e8m0_from_exponent(e);
@@ -331,7 +331,7 @@ __global__ void indexer_q_kernel(uint16_t* __restrict__ q, int64_t rows /* T*Hi 
   const float inv = core::pow2_float(-e), sc = core::pow2_float(e);
 #pragma unroll
   for (int k = 0; k < EPL; ++k) {
-    const float qv = e2m1_value(core::float_to_e2m1(fminf(fmaxf(__fmul_rn(x[k], inv), -6.0f), 6.0f)));
+    const float qv = e2m1_value(core::float_to_e2m1(core::clamp_f32(__fmul_rn(x[k], inv), -6.0f, 6.0f)));
     v[k] = f2bf(__fmul_rn(qv, sc));
   }
 }

@@ -548,7 +548,7 @@ __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* f
     bool same = true;
 #pragma unroll
     for (int b = 0; b < 4; ++b)
-      same &= ((hw >> (8 * b)) & 0xffu) == core::float_to_e4m3(lk::clamp_ref(a[b], -448.0f, 448.0f));
+      same &= ((hw >> (8 * b)) & 0xffu) == core::float_to_e4m3(core::clamp_f32(a[b], -448.0f, 448.0f));
     if (!same && atomicAdd(count, 1ull) == 0) *first = uint32_t(i);
   }
 }

@@ -318,10 +318,10 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
       const float inv = fp8_exponent_scale_inv(amax, &s);
 #pragma unroll
       for (int k = 0; k < 8; k += 2) {
-        // Clamped first (a NaN becomes -448 here), then the hardware cast: the
+        // Clamped first as std::clamp (a NaN stays NaN), then the hardware cast: the
         // reference cast's bits (e4m3_cast.cuh).
-        const float x0 = fminf(fmaxf(__fmul_rn(bf2f(b.v[k]), inv), -448.0f), 448.0f);
-        const float x1 = fminf(fmaxf(__fmul_rn(bf2f(b.v[k + 1]), inv), -448.0f), 448.0f);
+        const float x0 = core::clamp_f32(__fmul_rn(bf2f(b.v[k]), inv), -448.0f, 448.0f);
+        const float x1 = core::clamp_f32(__fmul_rn(bf2f(b.v[k + 1]), inv), -448.0f, 448.0f);
         const uint32_t c = e4m3x2_sat(x0, x1);
         b.v[k] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c)), s));
         b.v[k + 1] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c >> 8)), s));

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/random.h"
+#include "core/scalar_math.h"
 #include "core/synthetic_values.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
@@ -23,8 +24,6 @@ namespace {
 using core::DType;
 using core::Tensor;
 
-// std::clamp as the CPU generator calls it (same for every non-NaN input).
-__device__ __forceinline__ float clamp_ref(float x, float lo, float hi) { return x < lo ? lo : (hi < x ? hi : x); }
 
 // Roofline: writes 2 or 4 B per element, ~100 integer/SFU instructions each (compute-bound, ~0.1 ns/element).
 __global__ void fill_normal_kernel(void* out, int64_t n, int f32, uint64_t seed, uint64_t stream, float mean,
@@ -61,7 +60,7 @@ __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t*
   for (int64_t i = threadIdx.x; i < rows * cols; i += blockDim.x) {
     const int64_t r = i / cols, c = i % cols;
     const float v = core::fp8_weight_value(seed, stream, std, K, n0 + r, k0 + c);
-    weight[(n0 + r) * K + k0 + c] = core::float_to_e4m3(clamp_ref(v * inv, -448.0f, 448.0f));
+    weight[(n0 + r) * K + k0 + c] = core::float_to_e4m3(core::clamp_f32(v * inv, -448.0f, 448.0f));
   }
   if (threadIdx.x == 0) scale[int64_t(blockIdx.y) * kb + blockIdx.x] = core::e8m0_from_exponent(e);
 }
@@ -81,7 +80,7 @@ __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int6
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const int e = core::weight_scale_exponent(amax, 1.0f / 6.0f, 6.0f * 1.1754943508222875e-38f);
-    const uint32_t code = core::float_to_e2m1(clamp_ref(v * core::pow2_float(-e), -6.0f, 6.0f));
+    const uint32_t code = core::float_to_e2m1(core::clamp_f32(v * core::pow2_float(-e), -6.0f, 6.0f));
     const uint32_t hi = __shfl_down_sync(0xffffffffu, code, 1);
     if ((lane & 1) == 0) weight[n * (K / 2) + g * 16 + lane / 2] = uint8_t(code | (hi << 4));
     if (lane == 0) scale[n * groups + g] = core::e8m0_from_exponent(e);

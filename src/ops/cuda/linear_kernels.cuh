@@ -205,9 +205,6 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// std::clamp as the CPU reference calls it (same result for every non-NaN input).
-__device__ __forceinline__ float clamp_ref(float x, float lo, float hi) { return x < lo ? lo : (hi < x ? hi : x); }
-
 
 // UE8M0 exponent of an activation block (spec §2.4: amax floored at 1e-4, times fp32(1/448)).
 __device__ __forceinline__ int act_exponent(float amax) {
@@ -984,7 +981,7 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
   for (int i = 0; i < 4; ++i) {
     float gate = core::bf16_to_float(gr[i]), up = core::bf16_to_float(ur[i]);
     if (limit > 0.0f) {  // up clamped both ways, gate only from above
-      up = clamp_ref(up, -limit, limit);
+      up = core::clamp_f32(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
     float act = core::silu_f32(gate) * up;
@@ -1355,7 +1352,7 @@ __global__ void simple_swiglu_kernel(const uint16_t* __restrict__ gu, const floa
     const int64_t r = o / inter, i = o % inter;
     float gate = core::bf16_to_float(gu[r * 2 * inter + i]), up = core::bf16_to_float(gu[r * 2 * inter + inter + i]);
     if (limit > 0.0f) {
-      up = clamp_ref(up, -limit, limit);
+      up = core::clamp_f32(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
     float act = core::silu_f32(gate) * up;
@@ -1384,7 +1381,7 @@ __global__ void simple_expert_gateup_kernel(const int* __restrict__ ids, int64_t
     const float u = simple_qdot(xq + r * D, xs + r * (D / 128), e[2], e[3], fp4, i, D, lane);
     float gate = core::round_bf16(g), up = core::round_bf16(u);  // linear outputs are bf16
     if (limit > 0.0f) {
-      up = clamp_ref(up, -limit, limit);
+      up = core::clamp_f32(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
     const float act = weights[p] * (core::silu_f32(gate) * up);
