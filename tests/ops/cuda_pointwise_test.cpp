@@ -288,8 +288,10 @@ TEST_F(CudaPointwise, KvRopeQuantKeepsANanAsTheCpuDoes) {
   const Tensor got = host(dkv);
   ASSERT_TRUE(std::isnan(testing::bf(want, Dh + 5)));
   EXPECT_TRUE(std::isnan(testing::bf(got, Dh + 5))) << "GPU gave " << testing::bf(got, Dh + 5);
-  for (int64_t i = 0; i < T * Dh; ++i)
-    if (i != Dh + 5) EXPECT_FALSE(std::isnan(testing::bf(got, i))) << i;
+  for (int64_t i = 0; i < T * Dh; ++i) {
+    if (i == Dh + 5) continue;
+    EXPECT_FALSE(std::isnan(testing::bf(got, i))) << i;
+  }
 }
 
 // ---- mHC -----------------------------------------------------------------------------

@@ -46,8 +46,9 @@ const uint16_t* ring_row(const Tensor& window, int32_t slot, int64_t pos) {
 // m_new), P = exp(s - m_new), the chunk's P sum in the kernel's lane order, l =
 // fma(l, alpha, sum), o = o * alpha then two tensor-core steps of bf16(P) with the
 // values. Per segment end: (O, L, M) folded with fma(o, e^(m - M'), O e^(M - M')).
-// Then bf16(O / (L + exp(sink - M))) and the inverse RoPE. exp is core::exp_f32_via_f64
-// on both sides. keys: the bf16 rows (values = keys, MQA); out: Dh bf16.
+// Then bf16(O / (L + exp(sink - M))); the caller de-rotates. exp is
+// core::exp_f32_portable on both sides (fp32 operations only: the kernel evaluates
+// one per score). keys: the bf16 rows (values = keys, MQA); out: Dh bf16.
 void attention_head_hopper(const uint16_t* q, const std::vector<const uint16_t*>& keys, int64_t Dh, float scale,
                            float sink, uint16_t* out) {
   constexpr int64_t kChunk = 32, kSegmentChunks = 2;
@@ -74,9 +75,9 @@ void attention_head_hopper(const uint16_t* q, const std::vector<const uint16_t*>
     }
     const float m_new = std::max(m_run, cmax);
     const float m_ref = m_new == -inf ? 0.0f : m_new;
-    const float alpha = core::exp_f32_via_f64(m_run - m_ref);
+    const float alpha = core::exp_f32_portable(m_run - m_ref);
     m_run = m_new;
-    for (int64_t j = 0; j < kChunk; ++j) sv[j] = core::exp_f32_via_f64(sv[j] - m_ref);
+    for (int64_t j = 0; j < kChunk; ++j) sv[j] = core::exp_f32_portable(sv[j] - m_ref);
     // Lane t of a quad sums keys 8nt + 2t, 8nt + 2t + 1 for nt = 0..3; the quad adds (t0 + t1) + (t2 + t3).
     float part[4];
     for (int64_t t = 0; t < 4; ++t) {
@@ -102,7 +103,7 @@ void attention_head_hopper(const uint16_t* q, const std::vector<const uint16_t*>
     if (c % kSegmentChunks == kSegmentChunks - 1 || c + 1 == chunks) {  // fold the segment
       const float m = std::max(M, m_run);
       const float ref_m = m == -inf ? 0.0f : m;
-      const float wa = core::exp_f32_via_f64(M - ref_m), wb = core::exp_f32_via_f64(m_run - ref_m);
+      const float wa = core::exp_f32_portable(M - ref_m), wb = core::exp_f32_portable(m_run - ref_m);
       for (int64_t d = 0; d < Dh; ++d) O[size_t(d)] = std::fma(o[size_t(d)], wb, O[size_t(d)] * wa);
       L = std::fma(l_run, wb, L * wa);
       M = m;
@@ -111,7 +112,7 @@ void attention_head_hopper(const uint16_t* q, const std::vector<const uint16_t*>
       l_run = 0.0f;
     }
   }
-  const float den = L + core::exp_f32_via_f64(sink - M);
+  const float den = L + core::exp_f32_portable(sink - M);
   for (int64_t d = 0; d < Dh; ++d) out[d] = float_to_bf16(O[size_t(d)] / den);
 }
 

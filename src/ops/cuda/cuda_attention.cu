@@ -1195,7 +1195,7 @@ struct FoldWeights {
 __device__ __forceinline__ FoldWeights fold_weights(float m_run, float m_seg) {
   const float m = fmaxf(m_run, m_seg);
   const float ref = m == -INFINITY ? 0.0f : m;
-  return {core::exp_f32_via_f64(m_run - ref), core::exp_f32_via_f64(m_seg - ref), m};
+  return {core::exp_f32_portable(m_run - ref), core::exp_f32_portable(m_seg - ref), m};
 }
 
 __device__ __forceinline__ float fold_value(float run, float seg, const FoldWeights& w) {
@@ -1204,7 +1204,7 @@ __device__ __forceinline__ float fold_value(float run, float seg, const FoldWeig
 
 // The softmax denominator with the head's sink (spec §5.6).
 __device__ __forceinline__ float attention_denominator(float l, float m, float sink) {
-  return __fadd_rn(l, core::exp_f32_via_f64(sink - m));
+  return __fadd_rn(l, core::exp_f32_portable(sink - m));
 }
 
 // Where split CTAs leave their segments: o [T][H][max_segs][DH] fp32, (m, l)
@@ -1491,7 +1491,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       const float m_new = fmaxf(m_run[hh], cmax[hh]);
       // -inf while the segment has no valid key yet: its P and the old scale are 0.
       m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
-      alpha[hh] = core::exp_f32_via_f64(m_run[hh] - m_ref[hh]);
+      alpha[hh] = core::exp_f32_portable(m_run[hh] - m_ref[hh]);
       m_run[hh] = m_new;
     }
     float psum[2] = {0.0f, 0.0f};
@@ -1499,7 +1499,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sv[nt][e] = core::exp_f32_via_f64(sv[nt][e] - m_ref[e >> 1]);
+        sv[nt][e] = core::exp_f32_portable(sv[nt][e] - m_ref[e >> 1]);
         psum[e >> 1] += sv[nt][e];
       }
 #pragma unroll
