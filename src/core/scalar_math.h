@@ -1,8 +1,9 @@
 // Scalar functions whose bits both backends must agree on: the CPU reference and
-// the CUDA kernels call these very definitions, so exp, sigmoid, SiLU and softplus
-// give the same fp32 result on either side (the host's expf and the device's expf
-// are different approximations; both within an ulp or so, rarely equal on ties of
-// a later argmax or quantization step).
+// the CUDA kernels call these very definitions, so exp, sigmoid, SiLU, softplus and
+// clamp give the same fp32 result on either side. (The host's and the device's expf
+// are different approximations, each within about an ulp; a last-bit difference can
+// flip a later bf16 rounding, FP8 quantization step or argmax.) No a * b + c appears
+// outside an explicit fmaf, so neither compiler can contract differently.
 #pragma once
 
 #include <cmath>
