@@ -50,6 +50,8 @@ namespace dsv4::ops {
 void cuda_attention_use_simple_kernels(bool simple);
 // Defined in cuda_attention.cu: false keeps each row of the fast attention in one CTA.
 void cuda_attention_split_keys(bool enabled);
+void cuda_attention_use_wgmma(int mode);
+int64_t cuda_attention_wgmma_launches();
 
 namespace {
 
@@ -473,6 +475,7 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
     if (cuda_) {
       cuda_attention_use_simple_kernels(false);
       cuda_attention_split_keys(true);
+      cuda_attention_use_wgmma(-1);
     }
   }
   bool simple() const { return GetParam(); }
@@ -904,6 +907,40 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
 // Per step, on both backends: kv_rope_quant, (CSA: indexer compressor, indexer_q,
 // top-k), main compressor, sparse attention, window commit. The GPU attention runs
 // on the CPU's top-k (uploaded), so its output is compared for the same keys; the
+// The wgmma sparse attention (V4-Flash's 64 heads x 512 dims, one CTA a row) computes
+// attention_mma_kernel's bits by construction (docs/design/cuda-attention.md): the
+// same rows forced through each kernel must give the same bytes, and the CPU's
+// Hopper model. Decode rows with 1 to 10 key segments (odd chunk counts included),
+// a prefill chunk, a pad row; every ratio.
+TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
+  if (simple()) GTEST_SKIP() << "a fast-path kernel";
+  Rng rng(314);
+  const AttnShape sh{64, 512, 128, 512};
+  for (int64_t ratio : {0, 4, 128}) {
+    AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
+                                     {{0, 1400, 1}, {1, 700, 40}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng);
+    const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
+    const RopeTable drope = dev_rope(a.rope);
+    cuda_attention_split_keys(false);  // one CTA a row: the wgmma kernel's case
+    Tensor got_mma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    Tensor got_wgmma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    cuda_attention_use_wgmma(0);
+    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_mma);
+    const int64_t before = cuda_attention_wgmma_launches();
+    cuda_attention_use_wgmma(1);
+    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma);
+    cuda_attention_use_wgmma(-1);
+    cuda_attention_split_keys(true);
+    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 1) << "the wgmma kernel did not run";
+    const Tensor hm = host(got_mma), hw = host(got_wgmma);
+    expect_bytes_equal(hw.data(), hm.data(), hm.nbytes(), tag("wgmma vs mma.sync attention, " + a.name));
+    const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
+    Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
+    expect_bytes_equal(hw.data(), model.data(), model.nbytes(), tag("wgmma attention vs the Hopper model, " + a.name));
+  }
+}
+
 // GPU top-k is checked on its own (bitwise on the simple path, valid top-k on the fast).
 TEST_P(CudaAttention, LayerMatchesCpuAcrossSteps) {
   Rng rng(311);

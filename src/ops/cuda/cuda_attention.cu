@@ -34,6 +34,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
+#include "ops/cuda/wgmma.cuh"
 #include "ops/kv_format.h"
 
 namespace dsv4::ops {
@@ -70,6 +71,22 @@ bool attention_split_disabled() { return g_split_disabled.load(std::memory_order
 // Test hook: false keeps every row of the fast sparse attention in one CTA, so a
 // test can check that spreading a row's key segments over CTAs changes no bit.
 void cuda_attention_split_keys(bool enabled) { g_split_disabled.store(!enabled); }
+
+namespace {
+std::atomic<int> g_wgmma_forced{-1};
+std::atomic<int64_t> g_wgmma_launches{0};
+// The wgmma sparse attention (Dh 512, 64 heads, one CTA a row): off unless
+// DSV4_CUDA_ATTN_WGMMA=1 or a test forces it (not yet measured on a GPU).
+bool attention_wgmma_wanted() {
+  const int f = g_wgmma_forced.load(std::memory_order_relaxed);
+  return f >= 0 ? f == 1 : env_is("DSV4_CUDA_ATTN_WGMMA", "1");
+}
+}  // namespace
+
+// Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA, 0 / 1 force the wgmma sparse attention
+// off / on; its launches so far.
+void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
+int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 
 namespace {
 
@@ -1246,6 +1263,52 @@ struct AttnLayout {
   static size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 16; }
 };
 
+// Dims d0 .. d0 + 7 of one key as 8 bf16 values (one uint4): a staged KV record's
+// e4m3 codes times their UE8M0 block scale (type 1), its bf16 rope part, this step's
+// bf16 kv row (type 2, row16) or zeros (type 0, a missing key). Both tensor-core
+// attention kernels decode through it, so their key tiles hold the same bits.
+template <int DH>
+__device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const uint16_t* row16, int d0,
+                                             const float* lut) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (type == 1) {
+    constexpr int kNope = DH - kRope;
+    if (d0 < kNope) {
+      const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
+      const float sc = core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]);
+      const uint32_t cw[2] = {codes.x, codes.y};
+      float f[8];
+      uint32_t low = 0;  // the low 16 bits of all 8 products
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
+        low |= __float_as_uint(f[e]);
+      }
+      // An e4m3 value times a power of two is exact in bf16 (the product's low 16
+      // bits are zero) unless it falls below bf16's normal range or is a NaN. When
+      // all 8 are exact, their upper 16 bits are the bf16 values: one byte permute
+      // per pair instead of two roundings (~60 of the decode's ~100 instructions per
+      // 8 values, ncu at batch 64); otherwise the rounding pack.
+      uint32_t vw[4];
+      if ((low & 0xffffu) == 0) {
+#pragma unroll
+        for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
+      } else {
+#pragma unroll
+        for (int w2 = 0; w2 < 4; ++w2) vw[w2] = pack_bf16(f[2 * w2], f[2 * w2 + 1]);
+      }
+      v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+    } else {
+      const uint2* src = reinterpret_cast<const uint2*>(rec + kNope + 2 * (d0 - kNope));
+      const uint2 x0 = src[0], x1 = src[1];
+      v = make_uint4(x0.x, x0.y, x1.x, x1.y);
+    }
+  } else if (type == 2) {
+    v = *reinterpret_cast<const uint4*>(row16 + d0);
+  }
+  return v;
+}
+
 template <int DH, int MT>
 __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups, AttnSplit sp) {
   wait_for_predecessor();
@@ -1391,43 +1454,8 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     for (int i = tid; i < kKeysPerChunk * (DH / 8); i += blockDim.x) {
       const int k = i % kKeysPerChunk, d0 = (i / kKeysPerChunk) * 8;
       const int type = ktype[buf * kKeysPerChunk + k];
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (type == 1) {
-        const uint8_t* rec = raw + (size_t(buf) * kKeysPerChunk + k) * L::kRowBytes;
-        constexpr int kNope = DH - kRope;
-        if (d0 < kNope) {
-          const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
-          const float sc = core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]);
-          const uint32_t cw[2] = {codes.x, codes.y};
-          float f[8];
-          uint32_t low = 0;  // the low 16 bits of all 8 products
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
-            low |= __float_as_uint(f[e]);
-          }
-          // An e4m3 value times a power of two is exact in bf16 (the product's low 16
-          // bits are zero) unless it falls below bf16's normal range or is a NaN. When
-          // all 8 are exact, their upper 16 bits are the bf16 values: one byte permute
-          // per pair instead of two roundings (~60 of the decode's ~100 instructions per
-          // 8 values, ncu at batch 64); otherwise the rounding pack.
-          uint32_t vw[4];
-          if ((low & 0xffffu) == 0) {
-#pragma unroll
-            for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
-          } else {
-#pragma unroll
-            for (int w2 = 0; w2 < 4; ++w2) vw[w2] = pack_bf16(f[2 * w2], f[2 * w2 + 1]);
-          }
-          v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
-        } else {
-          const uint2* src = reinterpret_cast<const uint2*>(rec + kNope + 2 * (d0 - kNope));
-          const uint2 x0 = src[0], x1 = src[1];
-          v = make_uint4(x0.x, x0.y, x1.x, x1.y);
-        }
-      } else if (type == 2) {
-        v = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(kptr[buf * kKeysPerChunk + k]) + d0);
-      }
+      const uint4 v = decode_key8<DH>(type, raw + (size_t(buf) * kKeysPerChunk + k) * L::kRowBytes,
+                                      reinterpret_cast<const uint16_t*>(kptr[buf * kKeysPerChunk + k]), d0, lut);
       *reinterpret_cast<uint4*>(Ks + k * L::kStride + d0) = v;
     }
     __syncthreads();
@@ -1642,6 +1670,338 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
   *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
 }
 
+
+// ================================================================================
+// sparse_attention on wgmma for V4-Flash's shape (Dh = 512, 64 heads): one CTA per
+// token, four warpgroups; docs/design/cuda-attention.md, "Next: sparse attention on
+// wgmma". It computes attention_mma_kernel's bits (a row's 64-key segments folded
+// in order without a split), so the CPU's Hopper model and the byte comparison with
+// that kernel both test it:
+//  * the segment's 64 keys are decoded once into a K tile (8 buffers of 64 keys x 64
+//    dims, 128-byte swizzle); Q sits in the same layout for the whole row;
+//  * S: warpgroup r chains the 8 k16 steps of dims quarter r from zero (m64n64,
+//    both operands from shared memory); warpgroups 1-3 leave their partials in
+//    shared memory and warpgroup 0 adds (((0 + p0) + p1) + p2) + p3 at its own
+//    fragment positions, the present kernel's order;
+//  * warpgroup 0 runs the online softmax per 32-key chunk (its accumulator layout is
+//    the m16n8 tile's, so the lane sums are the present kernel's) and leaves
+//    bf16(P) [head][key] and alpha per head in shared memory;
+//  * O transposed: warpgroup r owns dims 128r .. 128r + 127 as two m64n64 tiles
+//    (rows dims, columns heads); per chunk o *= alpha(head), then two k16 steps with
+//    A = V^T from the K tile (ldmatrix.trans into the m16n8k16 A layout) and
+//    B = bf16(P) from shared memory (K-major, heads as rows): the same k16 products
+//    and accumulator as the present kernel's two mma.sync steps;
+//  * the segment fold and the output as in attention_mma_kernel, the fold O in
+//    local memory (touched once a segment; 512 threads leave 128 registers each).
+// The next segment's records are fetched (cp.async) while the current one computes.
+namespace wg_attn {
+constexpr int kDh = 512, kHeads = 64, kSegKeys = 64, kThreads = 512;
+constexpr int kBuf = 64 * 128;  // 64 rows x 64 bf16, one swizzled buffer
+constexpr int kRowBytes = AttnLayout<kDh, 1>::kRowBytes;
+constexpr size_t kOffQ = 0;                               // Q [64 heads][512 dims], 8 buffers; output tile at the end
+constexpr size_t kOffK = kOffQ + 8 * kBuf;                // the segment's keys, 8 buffers
+constexpr size_t kOffS = kOffK + 8 * kBuf;                // S partials of warpgroups 1-3 [3][128][32] fp32; bf16(P)
+constexpr size_t kOffRaw = kOffS + 3 * 128 * 32 * 4;      // staged records [64][kRowBytes]
+constexpr size_t kOffPtr = (kOffRaw + size_t(kSegKeys) * kRowBytes + 15) / 16 * 16;  // [2][64] key pointers
+constexpr size_t kOffType = kOffPtr + 2 * kSegKeys * 8;  // [2][64] key types
+constexpr size_t kOffHead = kOffType + 2 * kSegKeys * 4;  // per head: alpha of chunk 0, of chunk 1, fold a, b, denominator
+constexpr size_t kOffLut = kOffHead + 5 * kHeads * 4;     // [256] e4m3 values
+constexpr size_t kOffRope = kOffLut + 256 * 4;            // [32] cos, [32] sin
+constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
+// + 1024: the base is aligned up to the swizzle atom inside the allocation.
+inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
+}  // namespace wg_attn
+
+__device__ __forceinline__ void wg0_barrier() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+
+__global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a) {
+  namespace W = wg_attn;
+  namespace tc = tensor_core;
+  wait_for_predecessor();
+  extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
+  unsigned char* sm = wg_smem_raw + ((1024u - (smem_addr(wg_smem_raw) & 1023u)) & 1023u);
+  uint8_t* Qs = sm + W::kOffQ;
+  uint8_t* Ks = sm + W::kOffK;
+  float* Sp = reinterpret_cast<float*>(sm + W::kOffS);
+  uint8_t* Ps = sm + W::kOffS;  // bf16(P) [64 heads][64 keys], over the partials warpgroup 0 has read
+  uint8_t* raw = sm + W::kOffRaw;
+  const uint8_t** kptr = reinterpret_cast<const uint8_t**>(sm + W::kOffPtr);
+  int* ktype = reinterpret_cast<int*>(sm + W::kOffType);
+  float* alpha_s = reinterpret_cast<float*>(sm + W::kOffHead);  // [2][64]: a chunk's writes never meet the other's reads
+  float* fold_a = alpha_s + 2 * W::kHeads;
+  float* fold_b = fold_a + W::kHeads;
+  float* den_s = fold_b + W::kHeads;
+  float* lut = reinterpret_cast<float*>(sm + W::kOffLut);
+  float* rope_c = reinterpret_cast<float*>(sm + W::kOffRope);
+  float* rope_s = rope_c + kRope / 2;
+  int32_t* comp = reinterpret_cast<int32_t*>(sm + W::kOffComp);
+  __shared__ int s_count;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wg = tid >> 7, wt = tid & 127, ww = wt >> 5;
+  const int64_t tok = blockIdx.x;
+  uint16_t* out = a.o + tok * W::kHeads * W::kDh;
+  const int32_t s = a.token_seq[tok];
+  const int64_t p = a.positions[tok];
+  if (s < 0 || p < 0) {  // pad rows: zeros
+    for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
+    return;
+  }
+  const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
+  int64_t n_comp = 0;
+  if (a.ratio == 4) n_comp = compact_topk(a, tok, comp, &s_count);
+  else if (a.ratio == 128) n_comp = min((p + 1) / 128, int64_t(a.max_blocks) * a.per_page);
+  const int64_t n_keys = n_win + n_comp;
+  const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
+  const int64_t segs = (n_keys + W::kSegKeys - 1) / W::kSegKeys;
+
+  for (int i = tid; i < W::kHeads * (W::kDh / 8); i += W::kThreads) {  // Q: 16-byte piece pc of head h
+    const int h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
+    const uint4 v = *reinterpret_cast<const uint4*>(a.q + (tok * W::kHeads + h) * W::kDh + 8 * pc);
+    *reinterpret_cast<uint4*>(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7)) = v;
+  }
+  for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
+  for (int i = tid; i < kRope / 2; i += W::kThreads) {
+    float c, sn;
+    rope_cos_sin(p, a.inv_freq[i], &c, &sn);
+    rope_c[i] = c;
+    rope_s[i] = sn;
+  }
+  auto resolve = [&](int64_t seg, int buf) {  // warp 0: the segment's 64 keys, two per lane
+    for (int k = lane; k < W::kSegKeys; k += 32) {
+      const int64_t u = seg * W::kSegKeys + k;
+      KeyRef kr{nullptr, 0};
+      if (u < n_keys) kr = resolve_key(a, s, p, start, begin, slot, n_win, comp, u);
+      kptr[buf * W::kSegKeys + k] = kr.ptr;
+      ktype[buf * W::kSegKeys + k] = kr.type;
+    }
+  };
+  auto issue = [&](int buf) {  // all threads: a warp per key, its lanes on the record's 8-byte pieces
+    for (int k = warp; k < W::kSegKeys; k += W::kThreads / 32) {
+      if (ktype[buf * W::kSegKeys + k] != 1) continue;  // uniform over the warp
+      const uint8_t* src = kptr[buf * W::kSegKeys + k];
+      uint8_t* dst = raw + size_t(k) * W::kRowBytes;
+      for (int piece = lane; piece < W::kRowBytes / 8; piece += 32) cp_async8(dst + 8 * piece, src + 8 * piece);
+    }
+    cp_async_commit();
+  };
+  __syncthreads();  // comp[], Q, tables
+  if (warp == 0) resolve(0, 0);
+  __syncthreads();
+  issue(0);
+
+  // o[mb]: dims 128 wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at index 4q + e.
+  float o[2][32];
+  volatile float O_fold[64];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    o[0][i] = o[1][i] = 0.0f;
+    O_fold[i] = O_fold[32 + i] = 0.0f;
+  }
+  // Warpgroup 0's softmax state for its rows (heads 16 ww + g, + 8).
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  float M_fold[2] = {-INFINITY, -INFINITY}, L_fold[2] = {0.0f, 0.0f};
+  const uint32_t q_base = smem_addr(Qs), k_base = smem_addr(Ks), p_base = smem_addr(Ps);
+
+  for (int64_t seg = 0; seg < segs; ++seg) {
+    const int buf = int(seg & 1);
+    cp_async_wait<0>();
+    __syncthreads();  // the records are here; the previous segment's readers of Ks and P are done
+    for (int i = tid; i < W::kSegKeys * (W::kDh / 8); i += W::kThreads) {  // key k, dims 8 pc ..
+      const int k = i % W::kSegKeys, pc = i / W::kSegKeys;
+      const uint4 v = decode_key8<W::kDh>(ktype[buf * W::kSegKeys + k], raw + size_t(k) * W::kRowBytes,
+                                          reinterpret_cast<const uint16_t*>(kptr[buf * W::kSegKeys + k]), 8 * pc, lut);
+      *reinterpret_cast<uint4*>(Ks + (pc >> 3) * W::kBuf + tc::sw128_offset(k, pc & 7)) = v;
+    }
+    tc::fence_proxy_async();
+    __syncthreads();  // the K tile is complete and the staging buffer free
+    if (seg + 1 < segs && warp == 0) resolve(seg + 1, buf ^ 1);
+    __syncthreads();
+    if (seg + 1 < segs) issue(buf ^ 1);
+
+    // S partial of dims quarter wg (buffers 2 wg, 2 wg + 1): 8 chained k16 steps from zero.
+    float acc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+    tc::wgmma_fence();
+#pragma unroll
+    for (int bb = 0; bb < 2; ++bb)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t off = uint32_t((2 * wg + bb) * W::kBuf + 32 * j);
+        tc::wgmma_bf16_ss<8>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off), (bb | j) != 0 ? 1 : 0);
+      }
+    tc::wgmma_commit();
+    tc::wgmma_wait_all();
+    if (wg > 0) {
+      float4* dst = reinterpret_cast<float4*>(Sp + (size_t(wg - 1) * 128 + wt) * 32);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dst[i] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+    }
+    __syncthreads();
+    if (wg == 0) {  // the full S at this thread's fragment positions, scaled, missing keys at -inf
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        float x = 0.0f + acc[i];
+#pragma unroll
+        for (int r = 0; r < 3; ++r) x += Sp[(size_t(r) * 128 + wt) * 32 + i];
+        const int key = 8 * (i >> 2) + 2 * t + (i & 1);
+        acc[i] = ktype[buf * W::kSegKeys + key] != 0 ? x * a.scale : -INFINITY;
+      }
+      wg0_barrier();  // every partial read before bf16(P) overwrites the first
+    }
+    // The segment's chunks (the row's last segment may hold one). Warpgroup 0 runs the
+    // softmax of both chunks first (chunk 1's needs only chunk 0's running max and
+    // sum), so S need not stay live across the products.
+    const int seg_chunks = 2 * seg + 1 < chunks ? 2 : 1;
+    if (wg == 0) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if (c == seg_chunks) break;
+        // Rows hh (heads 16 ww + g + 8 hh), keys 32c + 8qq + 2t + e: the present kernel's n-tile nt = qq.
+        float cmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int qq = 0; qq < 4; ++qq) {
+          const int q = 4 * c + qq;
+          cmax[0] = fmaxf(cmax[0], fmaxf(acc[4 * q], acc[4 * q + 1]));
+          cmax[1] = fmaxf(cmax[1], fmaxf(acc[4 * q + 2], acc[4 * q + 3]));
+        }
+        float alpha[2], m_ref[2];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
+          cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
+          const float m_new = fmaxf(m_run[hh], cmax[hh]);
+          m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
+          alpha[hh] = core::exp_f32_portable(m_run[hh] - m_ref[hh]);
+          m_run[hh] = m_new;
+        }
+        float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int qq = 0; qq < 4; ++qq)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = 4 * (4 * c + qq) + e;
+            acc[i] = core::exp_f32_portable(acc[i] - m_ref[e >> 1]);
+            psum[e >> 1] += acc[i];
+          }
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          psum[hh] += __shfl_xor_sync(kFull, psum[hh], 1);
+          psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
+          l_run[hh] = __fmaf_rn(l_run[hh], alpha[hh], psum[hh]);
+        }
+        const int h0 = 16 * ww + g;
+#pragma unroll
+        for (int qq = 0; qq < 4; ++qq) {
+          const int q = 4 * c + qq;  // keys 8q .. 8q + 7: piece q of the 128-byte row
+          *reinterpret_cast<uint32_t*>(Ps + tc::sw128_offset(h0, q) + 4 * t) = pack_bf16(acc[4 * q], acc[4 * q + 1]);
+          *reinterpret_cast<uint32_t*>(Ps + tc::sw128_offset(h0 + 8, q) + 4 * t) =
+              pack_bf16(acc[4 * q + 2], acc[4 * q + 3]);
+        }
+        if (t == 0) {
+          alpha_s[c * W::kHeads + h0] = alpha[0];
+          alpha_s[c * W::kHeads + h0 + 8] = alpha[1];
+        }
+      }
+    }
+    tc::fence_proxy_async();
+    __syncthreads();  // bf16(P) and alpha of the segment's chunks
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      if (c == seg_chunks) break;
+      // o *= alpha(head), then keys 32c .. 32c + 31 as two k16 steps onto o.
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        const float a0 = alpha_s[c * W::kHeads + 8 * q + 2 * t], a1 = alpha_s[c * W::kHeads + 8 * q + 2 * t + 1];
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+          o[mb][4 * q] *= a0;
+          o[mb][4 * q + 1] *= a1;
+          o[mb][4 * q + 2] *= a0;
+          o[mb][4 * q + 3] *= a1;
+        }
+      }
+      // A = V^T (dims x keys) for keys 16j .. 16j + 15, j = 2c + jj: matrix m of
+      // ldmatrix.x4.trans = keys 16j + 8 (m / 2) .., dims + 8 (m % 2). All four
+      // fragments are loaded before the fence (registers a wgmma reads stay untouched).
+      uint32_t af[2][2][4];
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb) {
+          const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
+          const int dim = 128 * wg + 64 * mb + 16 * ww + 8 * (m & 1);
+          ldmatrix_x4_trans(af[jj][mb], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
+        }
+      tc::wgmma_fence();
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+        for (int mb = 0; mb < 2; ++mb)
+          tc::wgmma_bf16_rs<8>(o[mb], af[jj][mb], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
+      tc::wgmma_commit();
+      tc::wgmma_wait_all();
+    }
+    // The segment is done: fold (o, m, l) into (O, M, L) in segment order.
+    if (wg == 0) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const FoldWeights w = fold_weights(M_fold[hh], m_run[hh]);
+        L_fold[hh] = fold_value(L_fold[hh], l_run[hh], w);
+        M_fold[hh] = w.m;
+        m_run[hh] = -INFINITY;
+        l_run[hh] = 0.0f;
+        if (t == 0) {
+          fold_a[16 * ww + g + 8 * hh] = w.a;
+          fold_b[16 * ww + g + 8 * hh] = w.b;
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int h = 8 * (i >> 2) + 2 * t + (i & 1);
+        const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
+        O_fold[32 * mb + i] = fold_value(O_fold[32 * mb + i], o[mb][i], w);
+        o[mb][i] = 0.0f;
+      }
+  }
+  cp_async_wait<0>();
+
+  // O / (L + exp(sink - M)), bf16, staged as [head][dim] over Q; then the inverse RoPE
+  // of the last 64 dims at p and the store, a pair of dims per thread and step.
+  if (wg == 0 && t == 0) {
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int h = 16 * ww + g + 8 * hh;
+      den_s[h] = attention_denominator(L_fold[hh], M_fold[hh], a.sink[h]);
+    }
+  }
+  __syncthreads();
+  uint16_t* tile = reinterpret_cast<uint16_t*>(Qs);
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int h = 8 * (i >> 2) + 2 * t + (i & 1);
+      const int d = 128 * wg + 64 * mb + 16 * ww + g + 8 * ((i >> 1) & 1);
+      tile[h * W::kDh + d] = f2bf(__fdiv_rn(O_fold[32 * mb + i], den_s[h]));
+    }
+  __syncthreads();
+  for (int i = tid; i < W::kHeads * (W::kDh / 2); i += W::kThreads) {
+    const int h = i / (W::kDh / 2), d = 2 * (i % (W::kDh / 2));
+    float x0 = bf2f(tile[h * W::kDh + d]), x1 = bf2f(tile[h * W::kDh + d + 1]);
+    if (d >= W::kDh - kRope) {
+      const int pair = (d - (W::kDh - kRope)) / 2;
+      rope_pair_f(&x0, &x1, rope_c[pair], -rope_s[pair]);
+    }
+    *reinterpret_cast<uint32_t*>(out + h * W::kDh + d) = pack_bf16(x0, x1);
+  }
+}
 }  // namespace
 
 // ---- launchers -------------------------------------------------------------------
@@ -1971,6 +2331,15 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
     sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
     sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
+  }
+  // V4-Flash's shape with one CTA a row: the wgmma kernel (the same bits), where switched on.
+  if (Dh == wg_attn::kDh && H == wg_attn::kHeads && sp.nsplit == 1 && attention_wgmma_wanted() &&
+      wg_attn::bytes(a.K) <= limit) {
+    allow_smem(attention_wgmma_kernel, wg_attn::bytes(a.K));
+    attention_wgmma_kernel<<<unsigned(T), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a);
+    check_launch(stream_);
+    g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+    return;
   }
   if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
   else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);

@@ -335,26 +335,13 @@ using namespace tensor_core;
 
 // d = A * B + (scale_d ? d : 0), both operands from shared memory: A 64 weight rows
 // x 32 bytes, B 32 bytes x 8*NT activation rows (e4m3: k32; bf16: k16, not
-// transposed). The two descriptors (OPS), then scale_d (PRED).
+// transposed); ops/cuda/wgmma.cuh's wrappers per format.
 template <WFmt F, int NT>
-__device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64_t db, int scale_d);
-#define DSV4_WGMMA_SS(F, NT, SHAPE, TAIL, R, OPS, PRED)                                                          \
-  template <>                                                                                                     \
-  __device__ __forceinline__ void wgmma_ss<F, NT>(float (&d)[R], uint64_t da, uint64_t db, int scale_d) {       \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                               \
-                 "wgmma.mma_async.sync.aligned." SHAPE " {" DSV4_WG_NAMES_##R "}, " OPS ", p, 1, 1" TAIL ";\n}\n" \
-                 : DSV4_WG_D_##R                                                                                  \
-                 : "l"(da), "l"(db), "r"(scale_d));                                                               \
-  }
-DSV4_WGMMA_SS(WFmt::kFp8, 1, "m64n8k32.f32.e4m3.e4m3", "", 4, "%4, %5", "%6")
-DSV4_WGMMA_SS(WFmt::kFp8, 2, "m64n16k32.f32.e4m3.e4m3", "", 8, "%8, %9", "%10")
-DSV4_WGMMA_SS(WFmt::kFp8, 4, "m64n32k32.f32.e4m3.e4m3", "", 16, "%16, %17", "%18")
-DSV4_WGMMA_SS(WFmt::kFp8, 8, "m64n64k32.f32.e4m3.e4m3", "", 32, "%32, %33", "%34")
-DSV4_WGMMA_SS(WFmt::kBf16, 1, "m64n8k16.f32.bf16.bf16", ", 0, 0", 4, "%4, %5", "%6")
-DSV4_WGMMA_SS(WFmt::kBf16, 2, "m64n16k16.f32.bf16.bf16", ", 0, 0", 8, "%8, %9", "%10")
-DSV4_WGMMA_SS(WFmt::kBf16, 4, "m64n32k16.f32.bf16.bf16", ", 0, 0", 16, "%16, %17", "%18")
-DSV4_WGMMA_SS(WFmt::kBf16, 8, "m64n64k16.f32.bf16.bf16", ", 0, 0", 32, "%32, %33", "%34")
-#undef DSV4_WGMMA_SS
+__device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64_t db, int scale_d) {
+  static_assert(F == WFmt::kFp8 || F == WFmt::kBf16, "shared-memory A: FP8 or bf16 weights");
+  if constexpr (F == WFmt::kFp8) wgmma_e4m3_ss<NT>(d, da, db, scale_d);
+  else wgmma_bf16_ss<NT>(d, da, db, scale_d);
+}
 
 // ---- fragment loads (A in registers) ---------------------------------------------------
 // Lane (g = lane/4, t = lane%4) fills the A registers of rows g and g + 8 of its warp's

@@ -89,4 +89,29 @@ DSV4_WGMMA_BF16_RS(4, 32, 16, "{%16, %17, %18, %19}, %20", "%21")
 DSV4_WGMMA_BF16_RS(8, 64, 32, "{%32, %33, %34, %35}, %36", "%37")
 #undef DSV4_WGMMA_BF16_RS
 
+// d = A * B + (scale_d ? d : 0), both operands from shared memory, K-major with the
+// 128-byte swizzle: A 64 rows x 32 bytes, B 32 bytes x 8*NT rows (e4m3: k32; bf16:
+// k16). The two descriptors, then scale_d (a predicate).
+template <int NT>
+__device__ __forceinline__ void wgmma_e4m3_ss(float (&d)[4 * NT], uint64_t da, uint64_t db, int scale_d);
+template <int NT>
+__device__ __forceinline__ void wgmma_bf16_ss(float (&d)[4 * NT], uint64_t da, uint64_t db, int scale_d);
+#define DSV4_WGMMA_SS(NAME, NT, SHAPE, TAIL, R, OPS, PRED)                                                       \
+  template <>                                                                                                     \
+  __device__ __forceinline__ void NAME<NT>(float (&d)[R], uint64_t da, uint64_t db, int scale_d) {              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                               \
+                 "wgmma.mma_async.sync.aligned." SHAPE " {" DSV4_WG_NAMES_##R "}, " OPS ", p, 1, 1" TAIL ";\n}\n" \
+                 : DSV4_WG_D_##R                                                                                  \
+                 : "l"(da), "l"(db), "r"(scale_d));                                                               \
+  }
+DSV4_WGMMA_SS(wgmma_e4m3_ss, 1, "m64n8k32.f32.e4m3.e4m3", "", 4, "%4, %5", "%6")
+DSV4_WGMMA_SS(wgmma_e4m3_ss, 2, "m64n16k32.f32.e4m3.e4m3", "", 8, "%8, %9", "%10")
+DSV4_WGMMA_SS(wgmma_e4m3_ss, 4, "m64n32k32.f32.e4m3.e4m3", "", 16, "%16, %17", "%18")
+DSV4_WGMMA_SS(wgmma_e4m3_ss, 8, "m64n64k32.f32.e4m3.e4m3", "", 32, "%32, %33", "%34")
+DSV4_WGMMA_SS(wgmma_bf16_ss, 1, "m64n8k16.f32.bf16.bf16", ", 0, 0", 4, "%4, %5", "%6")
+DSV4_WGMMA_SS(wgmma_bf16_ss, 2, "m64n16k16.f32.bf16.bf16", ", 0, 0", 8, "%8, %9", "%10")
+DSV4_WGMMA_SS(wgmma_bf16_ss, 4, "m64n32k16.f32.bf16.bf16", ", 0, 0", 16, "%16, %17", "%18")
+DSV4_WGMMA_SS(wgmma_bf16_ss, 8, "m64n64k16.f32.bf16.bf16", ", 0, 0", 32, "%32, %33", "%34")
+#undef DSV4_WGMMA_SS
+
 }  // namespace dsv4::ops::tensor_core
