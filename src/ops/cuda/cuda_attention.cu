@@ -1263,6 +1263,44 @@ struct AttnLayout {
   static size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 16; }
 };
 
+// The online softmax of one 32-key chunk for a thread's two rows, in the m16n8
+// accumulator layout (v[4 nt + e] is key 8 nt + 2t + e % 2 of row e / 2): the
+// chunk's max over the quad, m_new = max(m_run, it) (its reference 0 while no key
+// is valid: a chunk of missing keys gives P = 0, not NaN), alpha = exp(m_run -
+// m_new), v <- P = exp(v - m_new) in place, and l = fma(l, alpha, sum of P) with the
+// thread's sum in (nt, e) order and then the quad butterfly. Both tensor-core
+// attention kernels run it: their bits agree.
+__device__ __forceinline__ void chunk_softmax(float* v, float (&m_run)[2], float (&l_run)[2], float (&alpha)[2]) {
+  float cmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    cmax[0] = fmaxf(cmax[0], fmaxf(v[4 * nt], v[4 * nt + 1]));
+    cmax[1] = fmaxf(cmax[1], fmaxf(v[4 * nt + 2], v[4 * nt + 3]));
+  }
+  float m_ref[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
+    cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
+    const float m_new = fmaxf(m_run[hh], cmax[hh]);
+    m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
+    alpha[hh] = core::exp_f32_portable(m_run[hh] - m_ref[hh]);
+    m_run[hh] = m_new;
+  }
+  float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    v[i] = core::exp_f32_portable(v[i] - m_ref[(i >> 1) & 1]);
+    psum[(i >> 1) & 1] += v[i];
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    psum[hh] += __shfl_xor_sync(kFull, psum[hh], 1);
+    psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
+    l_run[hh] = __fmaf_rn(l_run[hh], alpha[hh], psum[hh]);
+  }
+}
+
 // Dims d0 .. d0 + 7 of one key as 8 bf16 values (one uint4): a staged KV record's
 // e4m3 codes times their UE8M0 block scale (type 1), its bf16 rope part, this step's
 // bf16 kv row (type 2, row16) or zeros (type 0, a missing key). Both tensor-core
@@ -1505,37 +1543,8 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
         sv[nt][e] = ktype[buf * kKeysPerChunk + key] != 0 ? sv[nt][e] * a.scale : -INFINITY;
       }
     }
-    float cmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      cmax[0] = fmaxf(cmax[0], fmaxf(sv[nt][0], sv[nt][1]));
-      cmax[1] = fmaxf(cmax[1], fmaxf(sv[nt][2], sv[nt][3]));
-    }
-    float alpha[2], m_ref[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
-      cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
-      const float m_new = fmaxf(m_run[hh], cmax[hh]);
-      // -inf while the segment has no valid key yet: its P and the old scale are 0.
-      m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
-      alpha[hh] = core::exp_f32_portable(m_run[hh] - m_ref[hh]);
-      m_run[hh] = m_new;
-    }
-    float psum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sv[nt][e] = core::exp_f32_portable(sv[nt][e] - m_ref[e >> 1]);
-        psum[e >> 1] += sv[nt][e];
-      }
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      psum[hh] += __shfl_xor_sync(kFull, psum[hh], 1);
-      psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
-      l_run[hh] = __fmaf_rn(l_run[hh], alpha[hh], psum[hh]);
-    }
+    float alpha[2];
+    chunk_softmax(&sv[0][0], m_run, l_run, alpha);
 #pragma unroll
     for (int nt = 0; nt < kONt; ++nt) {
       o[nt][0] *= alpha[0];
@@ -1683,8 +1692,8 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
 //    both operands from shared memory); warpgroups 1-3 leave their partials in
 //    shared memory and warpgroup 0 adds (((0 + p0) + p1) + p2) + p3 at its own
 //    fragment positions, the present kernel's order;
-//  * warpgroup 0 runs the online softmax per 32-key chunk (its accumulator layout is
-//    the m16n8 tile's, so the lane sums are the present kernel's) and leaves
+//  * warpgroup 0 runs the online softmax per 32-key chunk (chunk_softmax, shared with
+//    the present kernel: its accumulator layout is the m16n8 tile's) and leaves
 //    bf16(P) [head][key] and alpha per head in shared memory;
 //  * O transposed: warpgroup r owns dims 128r .. 128r + 127 as two m64n64 tiles
 //    (rows dims, columns heads); per chunk o *= alpha(head), then two k16 steps with
@@ -1718,7 +1727,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   namespace W = wg_attn;
   namespace tc = tensor_core;
   wait_for_predecessor();
-  extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
+  extern __shared__ __align__(16) unsigned char wg_smem_raw[];  // aligned to the swizzle atom below
   unsigned char* sm = wg_smem_raw + ((1024u - (smem_addr(wg_smem_raw) & 1023u)) & 1023u);
   uint8_t* Qs = sm + W::kOffQ;
   uint8_t* Ks = sm + W::kOffK;
@@ -1859,39 +1868,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         if (c == seg_chunks) break;
-        // Rows hh (heads 16 ww + g + 8 hh), keys 32c + 8qq + 2t + e: the present kernel's n-tile nt = qq.
-        float cmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int qq = 0; qq < 4; ++qq) {
-          const int q = 4 * c + qq;
-          cmax[0] = fmaxf(cmax[0], fmaxf(acc[4 * q], acc[4 * q + 1]));
-          cmax[1] = fmaxf(cmax[1], fmaxf(acc[4 * q + 2], acc[4 * q + 3]));
-        }
-        float alpha[2], m_ref[2];
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
-          cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
-          const float m_new = fmaxf(m_run[hh], cmax[hh]);
-          m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
-          alpha[hh] = core::exp_f32_portable(m_run[hh] - m_ref[hh]);
-          m_run[hh] = m_new;
-        }
-        float psum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int qq = 0; qq < 4; ++qq)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = 4 * (4 * c + qq) + e;
-            acc[i] = core::exp_f32_portable(acc[i] - m_ref[e >> 1]);
-            psum[e >> 1] += acc[i];
-          }
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          psum[hh] += __shfl_xor_sync(kFull, psum[hh], 1);
-          psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
-          l_run[hh] = __fmaf_rn(l_run[hh], alpha[hh], psum[hh]);
-        }
+        // Rows hh (heads 16 ww + g + 8 hh), keys 32c + 8qq + 2t + e: the mma.sync kernel's n-tile nt = qq.
+        float alpha[2];
+        chunk_softmax(acc + 16 * c, m_run, l_run, alpha);
         const int h0 = 16 * ww + g;
 #pragma unroll
         for (int qq = 0; qq < 4; ++qq) {
