@@ -7,6 +7,7 @@
 #include <random>
 
 #include "model/synthetic_weights.h"
+#include "mma_model_variants.h"
 #include "op_test_util.h"
 #include "ops/backend.h"
 #include "ops/cpu/primitives.h"
@@ -462,6 +463,29 @@ TEST(HopperBf16Step, AlignsTruncatesAndRoundsTowardZero) {
   a32[0] = h(1.0f);
   EXPECT_EQ(ref::hopper_bf16_dot(0.0f, a32, b32, 32),
             ref::hopper_bf16_mma16(ref::hopper_bf16_mma16(0.0f, a32, b32), a32 + 16, b32 + 16));
+}
+
+// The diagnostic variants the GPU test tries on a mismatch (mma_model_variants.h)
+// reduce to the model at its parameters, on random steps of spread exponents.
+TEST(HopperBf16Step, DiagnosticVariantAtTheModelsParametersIsTheModel) {
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> spread(-12, 12);
+  uint16_t a[16], b[16];
+  int64_t differ_rne = 0;
+  for (int it = 0; it < 20000; ++it) {
+    for (int k = 0; k < 16; ++k) {
+      a[k] = core::float_to_bf16(std::ldexp(normal(gen), spread(gen)));
+      b[k] = core::float_to_bf16(std::ldexp(normal(gen), spread(gen)));
+    }
+    const float c = it % 3 == 0 ? 0.0f : std::ldexp(normal(gen), spread(gen));
+    const float model = ref::hopper_bf16_mma16(c, a, b);
+    ASSERT_EQ(core::float_bits(testing::bf16_step_variant(c, a, b, {})), core::float_bits(model)) << it;
+    testing::Bf16StepVariant rne;
+    rne.round_nearest = true;
+    differ_rne += testing::bf16_step_variant(c, a, b, rne) != model;
+  }
+  EXPECT_GT(differ_rne, 0);  // the variants do differ
 }
 
 // Where no product is truncated, QuantDotModel::kHopperWgmma equals the exact sum,

@@ -29,6 +29,7 @@
 #include "core/dtype.h"
 #include "core/random.h"
 #include "cuda_test_util.h"
+#include "mma_model_variants.h"
 #include "model/synthetic_weights.h"
 #include "model/weight_spec.h"
 #include "op_test_util.h"
@@ -866,6 +867,26 @@ TEST(CudaMma, Bf16StepEqualsTheHopperModel) {
       }
   EXPECT_EQ(mma_diff, 0) << first;
   EXPECT_EQ(wgmma_diff, 0) << first;
+  if (mma_diff + wgmma_diff > 0) {  // which variant of the model would the hardware match?
+    for (const int bits : {24, 25, 26, 27, 28})
+      for (const bool rne : {false, true})
+        for (const bool c_in : {true, false}) {
+          const testing::Bf16StepVariant v{bits, rne, c_in};
+          int64_t vm = 0, vw = 0;
+          for (int64_t blk = 0; blk < kBlocks; ++blk)
+            for (int i = 0; i < 64; ++i)
+              for (int j = 0; j < 8; ++j) {
+                const size_t o = size_t((blk * 64 + i) * 8 + j);
+                const float x = testing::bf16_step_variant(c[o], a.data() + (blk * 64 + i) * 16,
+                                                           b.data() + (blk * 8 + j) * 16, v);
+                vm += core::float_bits(x) != core::float_bits(d_mma[o]);
+                vw += core::float_bits(x) != core::float_bits(d_wgmma[o]);
+              }
+          std::printf("variant: %d bits below the largest, final %s, c %s: differs from mma.sync %lld, wgmma %lld\n",
+                      bits, rne ? "nearest" : "toward zero", c_in ? "aligned" : "added after", (long long)vm,
+                      (long long)vw);
+        }
+  }
   std::printf("bf16 k16 step, %zu cases: model != mma.sync %lld, != wgmma %lld; a sequential fp32 fma chain "
               "differs from wgmma in %lld\n",
               c.size(), (long long)mma_diff, (long long)wgmma_diff, (long long)fp32_diff);

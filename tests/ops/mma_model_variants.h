@@ -1,0 +1,81 @@
+// Variants of Hopper's bf16 k16 step model (ref::hopper_bf16_mma16), for diagnosis
+// only: if the hardware ever disagrees with the model, the GPU test reports which
+// variant would match, so the next fix is one measurement away. The default
+// parameters are the model itself (a CPU test checks that).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+
+#include "core/dtype.h"
+
+namespace dsv4::testing {
+
+struct Bf16StepVariant {
+  int frac_bits = 25;            // bits kept below the largest exponent, per term
+  bool round_nearest = false;    // final rounding to fp32: nearest-even instead of toward zero
+  bool c_in_alignment = true;    // false: the products' sum (rounded as above) + c in IEEE fp32
+};
+
+// c + sum_{k<16} a_k b_k (bf16 a, b) under a variant; finite inputs only.
+inline float bf16_step_variant(float c, const uint16_t* a, const uint16_t* b, const Bf16StepVariant& v) {
+  const auto parts = [](uint16_t x, int64_t* sig, int* e) {  // x = sig * 2^(e - 7)
+    const int field = (x >> 7) & 0xff, m = x & 0x7f;
+    *sig = field == 0 ? m : 128 + m;
+    *e = (field == 0 ? 1 : field) - 127;
+  };
+  const uint32_t cu = core::float_bits(v.c_in_alignment ? c : 0.0f);
+  const int c_field = int((cu >> 23) & 0xff);
+  const int64_t c_sig = c_field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000);
+  const int e_c = (c_field == 0 ? 1 : c_field) - 127;
+  int64_t sig[16];
+  int ep[16];
+  int e_max = c_sig == 0 ? -126 : e_c;
+  for (int k = 0; k < 16; ++k) {
+    int64_t sa, sb;
+    int ea, eb;
+    parts(a[k], &sa, &ea);
+    parts(b[k], &sb, &eb);
+    sig[k] = sa * sb;  // * 2^(ep - 14)
+    ep[k] = ea + eb;
+    e_max = std::max(e_max, sig[k] == 0 ? -126 : ep[k]);
+  }
+  // Terms in units of 2^(e_max - F), truncated toward zero; __int128 for wide F.
+  const int F = v.frac_bits;
+  const auto aligned = [](__int128 mag, int shift) -> __int128 {
+    if (shift >= 0) return shift >= 100 ? 0 : mag << shift;
+    return -shift >= 120 ? 0 : mag >> -shift;
+  };
+  __int128 sum = 0;
+  for (int k = 0; k < 16; ++k) {
+    if (sig[k] == 0) continue;
+    const __int128 term = aligned(sig[k], ep[k] - 14 - e_max + F);
+    sum += ((a[k] ^ b[k]) & 0x8000) ? -term : term;
+  }
+  if (c_sig != 0) {
+    const __int128 term = aligned(c_sig, e_c - 23 - e_max + F);
+    sum += (cu & 0x80000000u) ? -term : term;
+  }
+  float result = 0.0f;
+  if (sum != 0) {
+    unsigned __int128 mag = sum < 0 ? (unsigned __int128)(-sum) : (unsigned __int128)sum;
+    int unit = e_max - F, bits = 0;
+    while (bits < 127 && (mag >> bits) != 0) ++bits;
+    const int drop = std::max(bits - 24, -149 - unit);
+    if (drop > 0) {
+      const unsigned __int128 kept = drop >= 127 ? 0 : mag >> drop;
+      const unsigned __int128 rest = drop >= 127 ? mag : mag - (kept << drop);
+      const unsigned __int128 half = (unsigned __int128)1 << (drop - 1 > 126 ? 126 : drop - 1);
+      mag = kept;
+      if (v.round_nearest && drop <= 126 && (rest > half || (rest == half && (kept & 1)))) mag += 1;
+      unit += drop;
+    }
+    const double d = std::ldexp(double(uint64_t(mag)), unit);
+    result = float(sum < 0 ? -d : d);
+  }
+  return v.c_in_alignment ? result : c + result;
+}
+
+}  // namespace dsv4::testing
