@@ -1263,6 +1263,19 @@ struct AttnLayout {
   static size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 16; }
 };
 
+// A row's keys for the tensor-core kernels: the window, min(W, p + 1) (*n_win), then
+// the compressed rows (CSA: the valid top-k entries, compacted into comp[] in order;
+// HCA: (p + 1) / 128, capped at the block table: rows past it resolve to nothing,
+// and not counting them keeps the count <= max_keys, which sizes the split's
+// partials). Returns the count; block-wide (the CSA compaction has barriers).
+__device__ int64_t row_keys(const AttnArgs& a, int64_t t, int64_t p, int32_t* comp, int* counter, int64_t* n_win) {
+  *n_win = p + 1 < a.W ? p + 1 : a.W;
+  int64_t n_comp = 0;
+  if (a.ratio == 4) n_comp = compact_topk(a, t, comp, counter);
+  else if (a.ratio == 128) n_comp = min((p + 1) / 128, int64_t(a.max_blocks) * a.per_page);
+  return *n_win + n_comp;
+}
+
 // The online softmax of one 32-key chunk for a thread's two rows, in the m16n8
 // accumulator layout (v[4 nt + e] is key 8 nt + 2t + e % 2 of row e / 2): the
 // chunk's max over the quad, m_new = max(m_run, it) (its reference 0 while no key
@@ -1388,13 +1401,8 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     return;
   }
   const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
-  const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
-  int64_t n_comp = 0;
-  // HCA rows past the block table resolve to nothing; not counting them keeps
-  // n_keys <= max_keys (the split's partial buffers are sized by it).
-  if (a.ratio == 4) n_comp = compact_topk(a, t, comp, &s_count);
-  else if (a.ratio == 128) n_comp = min((p + 1) / 128, int64_t(a.max_blocks) * a.per_page);
-  const int64_t n_keys = n_win + n_comp;
+  int64_t n_win = 0;
+  const int64_t n_keys = row_keys(a, t, p, comp, &s_count, &n_win);
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t n_segs = (chunks + kSegmentChunks - 1) / kSegmentChunks;
   if (row_leader) sp.segs[t] = int32_t(n_segs);
@@ -1757,11 +1765,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     return;
   }
   const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
-  const int64_t n_win = p + 1 < a.W ? p + 1 : a.W;
-  int64_t n_comp = 0;
-  if (a.ratio == 4) n_comp = compact_topk(a, tok, comp, &s_count);
-  else if (a.ratio == 128) n_comp = min((p + 1) / 128, int64_t(a.max_blocks) * a.per_page);
-  const int64_t n_keys = n_win + n_comp;
+  int64_t n_win = 0;
+  const int64_t n_keys = row_keys(a, tok, p, comp, &s_count, &n_win);
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t segs = (n_keys + W::kSegKeys - 1) / W::kSegKeys;
 
