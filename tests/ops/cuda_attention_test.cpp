@@ -902,11 +902,6 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
     }
 }
 
-// ---- a whole layer over several steps -----------------------------------------------------------------
-
-// Per step, on both backends: kv_rope_quant, (CSA: indexer compressor, indexer_q,
-// top-k), main compressor, sparse attention, window commit. The GPU attention runs
-// on the CPU's top-k (uploaded), so its output is compared for the same keys; the
 // The wgmma sparse attention (V4-Flash's 64 heads x 512 dims, one CTA a row) computes
 // attention_mma_kernel's bits by construction (docs/design/cuda-attention.md): the
 // same rows forced through each kernel must give the same bytes, and the CPU's
@@ -941,6 +936,11 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
   }
 }
 
+// ---- a whole layer over several steps -----------------------------------------------------------------
+
+// Per step, on both backends: kv_rope_quant, (CSA: indexer compressor, indexer_q,
+// top-k), main compressor, sparse attention, window commit. The GPU attention runs
+// on the CPU's top-k (uploaded), so its output is compared for the same keys; the
 // GPU top-k is checked on its own (bitwise on the simple path, valid top-k on the fast).
 TEST_P(CudaAttention, LayerMatchesCpuAcrossSteps) {
   Rng rng(311);
