@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/wgmma.cuh"
