@@ -20,6 +20,13 @@ constexpr int64_t gemm_weight_tiles(int64_t rows, int64_t groups = 1) {
   return groups * ((rows + kGemmTileRows - 1) / kGemmTileRows);
 }
 
+// Whether two weights share one launch (linear_pair, linear_bf16_pair): the first
+// must fill whole tiles, so that each CTA reads one weight, and the second have rows.
+// The launch's weight tiles then count both.
+constexpr bool gemm_pair_stacks(int64_t first_rows, int64_t second_rows) {
+  return first_rows % kGemmTileRows == 0 && second_rows > 0;
+}
+
 // S: doubled while the launch's CTAs (weight tiles x slices x tile_mult) stay under
 // ~256 and the stages (K / 128 quantized, K / 64 bf16) still divide evenly.
 // tile_mult counts the row tiles expected per weight tile (4 for the routed experts,

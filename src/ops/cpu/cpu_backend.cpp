@@ -331,9 +331,9 @@ void CpuBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& 
 
 void CpuBackend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
                                 const Tensor& yb) {
-  // The CUDA backend stacks two FP8 weights into one launch when the first fills whole tiles.
+  // The CUDA backend stacks two FP8 weights into one launch (gemm_pair_stacks).
   const bool stacked = wa.format == QuantLinear::Format::kFp8Block128 && wb.format == wa.format &&
-                       wa.n % kGemmTileRows == 0 && wb.n > 0;
+                       gemm_pair_stacks(wa.n, wb.n);
   const int64_t launch_rows = stacked ? wa.n + wb.n : 0;
   quant_linear_rows(x.as<uint16_t>(), x.size(0), wa, ya.as<uint16_t>(), launch_rows);
   quant_linear_rows(x.as<uint16_t>(), x.size(0), wb, yb.as<uint16_t>(), launch_rows);
@@ -388,9 +388,9 @@ void CpuBackend::do_linear_bf16(const Tensor& x, const Tensor& w, const Tensor& 
 
 void CpuBackend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& ya, const Tensor& wb,
                                      const Tensor& yb) {
-  // The CUDA backend stacks the two weights into one launch when the first fills
-  // whole tiles and both outputs have one type.
-  const bool stacked = wa.size(0) % kGemmTileRows == 0 && wb.size(0) > 0 && ya.dtype() == yb.dtype();
+  // The CUDA backend stacks the two weights into one launch (gemm_pair_stacks) when
+  // both outputs have one type.
+  const bool stacked = gemm_pair_stacks(wa.size(0), wb.size(0)) && ya.dtype() == yb.dtype();
   const int64_t launch_rows = stacked ? wa.size(0) + wb.size(0) : 0;
   if (!linear_bf16_hopper(x, wa, ya, launch_rows)) do_linear_bf16(x, wa, ya);
   if (!linear_bf16_hopper(x, wb, yb, launch_rows)) do_linear_bf16(x, wb, yb);

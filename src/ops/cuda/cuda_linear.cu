@@ -113,9 +113,9 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
 
 // ---- the tensor-core GEMM ---------------------------------------------------------------
 // Number of K slices S: a function of (weight row tiles, stages) only, never of M
-// (the bit-identity rule); ops/gemm_order.h, shared with the CPU backend's model.
+// (the bit-identity rule): gemm_k_slices (ops/gemm_order.h), shared with the CPU
+// backend's model.
 static_assert(lk::kTileN == kGemmTileRows && lk::kMaxSlices == kGemmMaxSlices, "ops/gemm_order.h's tile and slices");
-int slices_for(int64_t n_tiles, int64_t stages, int64_t mult) { return gemm_k_slices(n_tiles, stages, mult); }
 
 // Split launches write S fp32 partials per output; beyond this many bytes the
 // CTAs walk their slices in sequence instead.
@@ -337,7 +337,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const int64_t stages = p.k / stage_k;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = int64_t(p.groups) * p.tiles_per_group;
-  p.slices = slices_for(n_tiles, stages, 1);
+  p.slices = gemm_k_slices(n_tiles, stages, 1);
   const int64_t cols = int64_t(p.groups) * p.n;
   DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
              "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
@@ -498,7 +498,7 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   p.groups = 1;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = p.tiles_per_group;
-  p.slices = slices_for(n_tiles, stages, 4);
+  p.slices = gemm_k_slices(n_tiles, stages, 4);
   // Split the slices over CTAs only where the tiles alone leave SMs idle (a few
   // busy experts); with many busy experts each CTA walks its slices, which saves
   // the partial sums and halves the CTAs. Both give the same bits.
@@ -588,8 +588,8 @@ void CudaBackend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const T
                                  const Tensor& yb) {
   const int64_t M = x.size(0), K = wa.k;
   const bool fp8 = wa.format == QuantLinear::Format::kFp8Block128 && wb.format == wa.format;
-  if (M == 0 || wa.n == 0 || wb.n == 0 || simple_path() || !fp8 || !quant_fast_ok(wa) || !quant_fast_ok(wb) ||
-      wa.n % lk::kTileN != 0 || wa.n + wb.n >= (int64_t(1) << 30)) {
+  if (M == 0 || wa.n == 0 || !gemm_pair_stacks(wa.n, wb.n) || simple_path() || !fp8 || !quant_fast_ok(wa) ||
+      !quant_fast_ok(wb) || wa.n + wb.n >= (int64_t(1) << 30)) {
     Backend::do_linear_pair(x, wa, ya, wb, yb);
     return;
   }
@@ -612,7 +612,7 @@ void CudaBackend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const T
                                       const Tensor& yb) {
   if (x.size(0) == 0) return;
   if (simple_path() || !bf16_fast_ok(x, wa) || !bf16_fast_ok(x, wb) || ya.dtype() != yb.dtype() ||
-      wa.size(0) % lk::kTileN != 0 || wb.size(0) == 0 || wa.size(1) == 0 ||
+      !gemm_pair_stacks(wa.size(0), wb.size(0)) || wa.size(1) == 0 ||
       wa.size(0) + wb.size(0) >= (int64_t(1) << 30)) {
     Backend::do_linear_bf16_pair(x, wa, ya, wb, yb);
     return;

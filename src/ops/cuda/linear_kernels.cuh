@@ -20,7 +20,7 @@
 // where mma_c is one wgmma k32 (e4m3) product started from a zero accumulator,
 // scale_c the exact power-of-two product of the weight and activation scales of
 // that chunk, and S the number of K slices, a function of (N, K) only
-// (cuda_linear.cu: slices_for). The e4m3 sum is Hopper's (products aligned to the
+// (ops/gemm_order.h: gemm_k_slices). The e4m3 sum is Hopper's (products aligned to the
 // largest and truncated 13 bits below it, the sum truncated to 14 bits:
 // ref::hopper_e4m3_dot32, the CPU reference's QuantDotModel::kHopperWgmma; the
 // tests check FP8 and FP4 GEMMs against it bit for bit where S = 1). bf16 has no
