@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
 # Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, memcheck (in the order given).
-# Environment: GPU_TESTS_REGEX (ctest -R), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
+# Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
 # base, the default, or none: the clocks the GPU runs at), MEMCHECK_S (time limit) and
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
@@ -50,8 +50,8 @@ for s in "$@"; do
       step build 600 cmake --build $B -j "$(nproc)"
       ;;
     tests)  # every GPU test: op-vs-reference matrix, model parity, graph == eager, NCCL, kill test
-      step gpu-tests 600 ctest --test-dir $B -L gpu -R "${GPU_TESTS_REGEX:-.}" --no-tests=error --output-on-failure \
-        --timeout 400
+      step gpu-tests 600 ctest --test-dir $B -L gpu -R "${GPU_TESTS_REGEX:-.}" -j "${GPU_TESTS_J:-1}" --no-tests=error \
+        --output-on-failure --timeout 400
       ;;
     parity)  # the CLI on CUDA against the CPU reference: greedy ids of 4 prompts (one > 300 tokens)
       ids=$(python3 -c "import random; r=random.Random(7); print(','.join(str(r.randrange(129280)) for _ in range(310)))")

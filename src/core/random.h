@@ -9,6 +9,7 @@
 #include <string_view>
 
 #include "core/dtype.h"
+#include "core/scalar_math.h"
 
 namespace dsv4::core {
 
@@ -28,11 +29,15 @@ DSV4_HD float random_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
   return float(random_bits(seed, stream, index) >> 40) * (1.0f / 16777216.0f);
 }
 
-// Standard normal via Box-Muller over two uniforms.
+// Standard normal via Box-Muller over two uniforms. The log and cos are the
+// portable fp32 ones, so the CPU generator and the GPU builders draw the same bits
+// (with the libm / CUDA logf and cosf, about 1 value in 1e4 differed by an ulp,
+// and a model built on the GPU then diverged from the same model built on the CPU
+// after a few greedy tokens).
 DSV4_HD float random_normal(uint64_t seed, uint64_t stream, uint64_t index) {
-  float u1 = 1.0f - random_uniform(seed, stream, 2 * index);  // (0, 1]
-  float u2 = random_uniform(seed, stream, 2 * index + 1);
-  return sqrtf(-2.0f * logf(u1)) * cosf(6.2831853071795864f * u2);
+  const float u1 = 1.0f - random_uniform(seed, stream, 2 * index);  // (0, 1], exact
+  const float u2 = random_uniform(seed, stream, 2 * index + 1);
+  return sqrt_rn(-2.0f * log_f32_portable(u1)) * cos_2pi_portable(u2);
 }
 
 // FNV-1a, to turn a tensor name into a stream id.

@@ -20,31 +20,94 @@ DSV4_HD float exp_f32_via_f64(float x) { return float(exp(double(x))); }
 // 2^e for e in [-126, 127], from the exponent bits.
 DSV4_HD float exp2i_f32(int e) { return bits_float(uint32_t(e + 127) << 23); }
 
-// exp(x) from IEEE fp32 operations alone (explicit fmaf, multiplies, one add, rintf
+// exp(x) from IEEE fp32 operations alone (explicit fmaf, multiplies, adds, rintf
 // and exponent bits), so the host and the GPU compute the same bits at fp32 speed,
 // where exp_f32_via_f64 costs a double-precision exp (half-rate or slower units).
-// Cody-Waite reduction x = n ln2 + r with ln2 in two parts, then Cephes' expf
-// minimax polynomial (S. Moshier, Cephes Math Library: C1 = 0.693359375,
-// C2 = -2.12194440e-4, the six coefficients below), then 2^n applied as two exact
-// power-of-two factors so that subnormal results round once. Within 1 ulp of exp
-// for every fp32 input (checked exhaustively against exp in double rounded once:
-// 0.8% of the inputs in range are 1 ulp off; tests/core samples it). For the hot
-// loops of the tensor-core attention and the SwiGLU; NaN stays NaN, -inf gives 0.
+// exp(x) = 2^t with t = x log2(e) = n + f, |f| <= 1/2: t is rounded once, and the
+// product's rounding error (an fmaf, exact) and log2(e)'s low part go back into f,
+// then Cephes' exp2f minimax polynomial (S. Moshier, Cephes Math Library: the six
+// coefficients below) and n added to the exponent bits. About 16 operations (the
+// device's expf is ~4-8, the Cody-Waite version this replaced ~26: the tensor-core
+// attention evaluates one per score). Within 1 ulp of exp for x in [-86.6, 88.0]
+// (results 2^-125 .. 2^127; tests/core sweeps the range); below it 0 (no
+// subnormal results), above it inf, NaN stays NaN.
 DSV4_HD float exp_f32_portable(float x) {
-  if (!(x > -104.0f)) return x != x ? x : 0.0f;  // below -103.98 exp rounds to 0
-  if (x > 88.72283935546875f) return INFINITY;   // above ln(FLT_MAX)
-  const float n = rintf(x * 1.44269504088896341f);
-  float r = fmaf(n, -0.693359375f, x);
-  r = fmaf(n, 2.12194440e-4f, r);
-  float p = 1.9875691500e-4f;
-  p = fmaf(p, r, 1.3981999507e-3f);
-  p = fmaf(p, r, 8.3334519073e-3f);
-  p = fmaf(p, r, 4.1665795894e-2f);
-  p = fmaf(p, r, 1.6666665459e-1f);
-  p = fmaf(p, r, 5.0000001201e-1f);
-  const float y = fmaf(p, r * r, r) + 1.0f;
-  const int e = int(n), e1 = e / 2;
-  return (y * exp2i_f32(e1)) * exp2i_f32(e - e1);
+  const float t = x * 1.44269504088896341f;
+  if (!(t >= -125.0f)) return t != t ? t : 0.0f;
+  if (t > 127.0f) return INFINITY;
+  const float n = rintf(t);
+  const float f = (t - n) + fmaf(x, 1.925963033500011e-8f, fmaf(x, 1.44269504088896341f, -t));
+  float p = 1.535336188319500e-4f;
+  p = fmaf(p, f, 1.339887440266574e-3f);
+  p = fmaf(p, f, 9.618437357674640e-3f);
+  p = fmaf(p, f, 5.550332471162809e-2f);
+  p = fmaf(p, f, 2.402264791363012e-1f);
+  p = fmaf(p, f, 6.931472028550421e-1f);
+  p = fmaf(p, f, 1.0f);                                           // 2^f in [0.70, 1.42]
+  return bits_float(float_bits(p) + (uint32_t(int32_t(n)) << 23));  // biased exponent stays in 1 .. 254
+}
+
+// log(x) from IEEE fp32 operations alone, for the synthetic weights' Box-Muller
+// draw, which the CPU generator and the GPU builders must produce bit for bit (the
+// host's logf and the device's are different approximations). x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), f = m - 1 (exact), Cephes' logf minimax polynomial in f
+// (S. Moshier, Cephes Math Library: the nine coefficients below, ln2 split as
+// 0.693359375 - 2.12194440e-4), every multiply-add an explicit fmaf. Within 2 ulp
+// of log on the synthetic uniforms' grid (tests/core checks all 2^24 of them).
+// Subnormals are scaled up first; 0 gives -inf, negatives and NaN give NaN.
+DSV4_HD float log_f32_portable(float x) {
+  if (!(x > 0.0f)) return x == 0.0f ? -INFINITY : (x - x) / (x - x);
+  if (x == INFINITY) return x;
+  int e = 0;
+  if (x < 1.17549435e-38f) x *= 8388608.0f, e = -23;  // 2^23: subnormal to normal, exact
+  const uint32_t b = float_bits(x);
+  e += int(b >> 23) - 127;
+  float m = bits_float((b & 0x7fffffu) | 0x3f800000u);  // [1, 2)
+  if (m > 1.41421356f) m *= 0.5f, ++e;
+  const float f = m - 1.0f;  // exact (Sterbenz)
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = fmaf(p, f, -1.1514610310e-1f);
+  p = fmaf(p, f, 1.1676998740e-1f);
+  p = fmaf(p, f, -1.2420140846e-1f);
+  p = fmaf(p, f, 1.4249322787e-1f);
+  p = fmaf(p, f, -1.6668057665e-1f);
+  p = fmaf(p, f, 2.0000714765e-1f);
+  p = fmaf(p, f, -2.4999993993e-1f);
+  p = fmaf(p, f, 3.3333331174e-1f);
+  const float ef = float(e);
+  float y = (p * f) * z;
+  y = fmaf(ef, -2.12194440e-4f, y);
+  y = fmaf(-0.5f, z, y);
+  return fmaf(ef, 0.693359375f, f + y);
+}
+
+// cos(2 pi u) from IEEE fp32 operations alone (see log_f32_portable for why).
+// u = n/4 + r with |r| <= 1/8 (both steps exact for |u| < 2^21), theta = 2 pi r
+// rounded once, then Cephes' sinf / cosf polynomials on [-pi/4, pi/4] (S. Moshier)
+// picked and signed by the quadrant n mod 4. Within a few 1e-8 of cos(2 pi u).
+DSV4_HD float cos_2pi_portable(float u) {
+  const float n = rintf(u * 4.0f);
+  const float r = u - n * 0.25f;
+  const float t = r * 6.28318530717958648f, z = t * t;
+  const float s = fmaf(fmaf(fmaf(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f) * z, t, t);
+  const float c = fmaf(fmaf(fmaf(2.443315711809948e-5f, z, -1.388731625493765e-3f), z, 4.166664568298827e-2f) * z, z,
+                       fmaf(-0.5f, z, 1.0f));
+  switch (int(n - 4.0f * floorf(n * 0.25f))) {  // n mod 4, also for negative n
+    case 0: return c;
+    case 1: return -s;
+    case 2: return -c;
+    default: return s;
+  }
+}
+
+// IEEE fp32 square root, rounded to nearest, also under nvcc's fast-math flags.
+DSV4_HD float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
 }
 
 // IEEE fp32 add and divide, rounded to nearest, also under nvcc's fast-math flags.
