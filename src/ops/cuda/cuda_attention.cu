@@ -1316,10 +1316,11 @@ __device__ __forceinline__ void chunk_softmax(float* v, float (&m_run)[2], float
 
 // Dims d0 .. d0 + 7 of one key as 8 bf16 values (one uint4): a staged KV record's
 // e4m3 codes times their UE8M0 block scale (type 1), its bf16 rope part, this step's
-// bf16 kv row (type 2, row16) or zeros (type 0, a missing key). Both tensor-core
-// attention kernels decode through it, so their key tiles hold the same bits.
+// bf16 kv row (type 2, the row *row_ptr points at; read only then) or zeros (type 0,
+// a missing key). Both tensor-core attention kernels decode through it, so their key
+// tiles hold the same bits.
 template <int DH>
-__device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const uint16_t* row16, int d0,
+__device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const uint8_t* const* row_ptr, int d0,
                                              const float* lut) {
   uint4 v = make_uint4(0, 0, 0, 0);
   if (type == 1) {
@@ -1355,7 +1356,7 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
       v = make_uint4(x0.x, x0.y, x1.x, x1.y);
     }
   } else if (type == 2) {
-    v = *reinterpret_cast<const uint4*>(row16 + d0);
+    v = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(*row_ptr) + d0);
   }
   return v;
 }
@@ -1501,7 +1502,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       const int k = i % kKeysPerChunk, d0 = (i / kKeysPerChunk) * 8;
       const int type = ktype[buf * kKeysPerChunk + k];
       const uint4 v = decode_key8<DH>(type, raw + (size_t(buf) * kKeysPerChunk + k) * L::kRowBytes,
-                                      reinterpret_cast<const uint16_t*>(kptr[buf * kKeysPerChunk + k]), d0, lut);
+                                      kptr + buf * kKeysPerChunk + k, d0, lut);
       *reinterpret_cast<uint4*>(Ks + k * L::kStride + d0) = v;
     }
     __syncthreads();
@@ -1825,7 +1826,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     for (int i = tid; i < W::kSegKeys * (W::kDh / 8); i += W::kThreads) {  // key k, dims 8 pc ..
       const int k = i % W::kSegKeys, pc = i / W::kSegKeys;
       const uint4 v = decode_key8<W::kDh>(ktype[buf * W::kSegKeys + k], raw + size_t(k) * W::kRowBytes,
-                                          reinterpret_cast<const uint16_t*>(kptr[buf * W::kSegKeys + k]), 8 * pc, lut);
+                                          kptr + buf * W::kSegKeys + k, 8 * pc, lut);
       *reinterpret_cast<uint4*>(Ks + (pc >> 3) * W::kBuf + tc::sw128_offset(k, pc & 7)) = v;
     }
     tc::fence_proxy_async();
