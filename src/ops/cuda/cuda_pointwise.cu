@@ -343,8 +343,8 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 // Stage 1 (hc_mix_partial_kernel) is a skinny GEMM mixes[t, j] = fn[j] . X[t] over
 // K = hc*D, split into fixed slices of kHcSlice = 128 values (S = K/128 = 128 at
 // D = 4096): CTA (slice, 32-row tile) stages fn[:, slice] (24 x 128 f32) and the
-// tile's X in shared memory; lane j of each warp computes mix j (lane `mix`: the
-// sum of squares) for 4 rows. fn (1.5 MB) is read from HBM once per step and
+// tile's X in shared memory; lane j of each warp computes mix j for 4 rows (lanes
+// mix .. mix + 3: the 4 rows' sums of squares). fn (1.5 MB) is read from HBM once per step and
 // from L2 by the other row tiles. Stage 2 (hc_finish_kernel) adds the S partials
 // in slice order (deterministic, independent of T), applies the norm, sigmoid
 // and Sinkhorn (one thread, the reference order) and forms x = sum_i pre_i R_i.
@@ -393,27 +393,39 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rb = warp * 4;  // 8 warps x 4 rows = the 32-row tile
-  if (lane > mix || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
-  // Four k per shared-memory read (one float4 of fn, one broadcast float4 of x per
-  // row): one read per 4 FMAs instead of 5 per 4, which bounded the loop (ncu at
-  // batch 256: 42 µs a launch before). The FMA order per output is still k = 0..127.
+  // Lanes 0 .. mix-1: mix `lane` of the warp's 4 rows (fn row `lane` against each
+  // x row). Lanes mix .. mix+3: the sum of squares of row rb + (lane - mix), as the
+  // same loop with that x row in place of the fn row (acc[lane - mix] is then x . x;
+  // the other three are discarded). The operand row is picked once, not per row and
+  // k: a select per FMA had made the ALU pipe the limit (ncu at batch 256: issue
+  // slots 59% busy, ALU the busiest pipe, 29 us a launch). Same FMA order per output
+  // as before: k = 0 .. 127, four at a time in x, y, z, w order.
+  if (lane >= mix + 4 || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
+  const float* wrow = lane < mix ? &fn_s[lane][0] : &x_s[rb + lane - mix][0];
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  const bool sum_sq = lane == mix;
   for (int k = 0; k < kHcSlice; k += 4) {
-    const float4 w4 = sum_sq ? make_float4(0.0f, 0.0f, 0.0f, 0.0f) : *reinterpret_cast<const float4*>(&fn_s[lane][k]);
+    const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
-      const float4 wv = sum_sq ? x4 : w4;
-      acc[r] = fmaf(wv.x, x4.x, acc[r]);
-      acc[r] = fmaf(wv.y, x4.y, acc[r]);
-      acc[r] = fmaf(wv.z, x4.z, acc[r]);
-      acc[r] = fmaf(wv.w, x4.w, acc[r]);
+      acc[r] = fmaf(w4.x, x4.x, acc[r]);
+      acc[r] = fmaf(w4.y, x4.y, acc[r]);
+      acc[r] = fmaf(w4.z, x4.z, acc[r]);
+      acc[r] = fmaf(w4.w, x4.w, acc[r]);
     }
   }
+  float* out = partial + slice * kHcMaxRowsPerLaunch * 32;
+  if (lane < mix) {
 #pragma unroll
-  for (int r = 0; r < 4; ++r)
-    if (r0 + rb + r < rows) partial[(slice * kHcMaxRowsPerLaunch + (r0 + rb + r)) * 32 + lane] = acc[r];
+    for (int r = 0; r < 4; ++r)
+      if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + lane] = acc[r];
+  } else {
+    const int r = lane - mix;  // slot `mix` of row rb + r: its sum of squares
+    float v = acc[0];
+#pragma unroll
+    for (int i = 1; i < 4; ++i) v = r == i ? acc[i] : v;
+    if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + mix] = v;
+  }
 }
 
 
@@ -825,7 +837,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
                const Tensor& post, const Tensor& comb, const HcNorm* norm) {
   const int64_t T = X.size(0), D = X.size(2), n = HC * D;
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
-  static_assert(kMix <= 31, "one lane per mix plus one for the sum of squares");
+  static_assert(kMix <= 28, "one lane per mix plus four for the sums of squares (hc_mix_partial_kernel)");
   DSV4_CHECK(n % kHcSlice == 0, "hc: hc*D = {} must be a multiple of {}", n, kHcSlice);
   const int64_t slices = n / kHcSlice;
   float* partial = static_cast<float*>(
