@@ -33,7 +33,9 @@ DSV4_HD float exp2i_f32(int e) { return bits_float(uint32_t(e + 127) << 23); }
 // subnormal results), above it inf, NaN stays NaN.
 // Branch-free (the range ends are selects after the polynomial): the attention
 // evaluates 16 independent exps per thread and chunk, and early returns made nvcc
-// emit branches around each, which serialized them (the kernel ran 13-20% slower).
+// emit branches around each (~100 more PTX branches in the kernel). With this and
+// one decode fix the kernel went from 1871 to 1781 us a step at batch 256 (ncu,
+// H200; docs/BENCHMARKS.md, tenth session).
 DSV4_HD float exp_f32_portable(float x) {
   const float t = x * 1.44269504088896341f;
   const float n = rintf(fminf(fmaxf(t, -125.0f), 127.0f));  // finite also for NaN / inf (fmaxf drops a NaN)
