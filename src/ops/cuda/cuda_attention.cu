@@ -1756,7 +1756,12 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   __shared__ int s_count;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int wg = tid >> 7, wt = tid & 127, ww = wt >> 5;
+  // wg through a shuffle from lane 0: ptxas then knows it is warp-uniform, and the
+  // `if (wg == 0)` softmax block is no divergent path around the accumulators. With
+  // tid >> 7 it serialized the P.V wgmmas ("C7520 ... WG.AR in divergent path"), the
+  // likely reason this kernel measured 1-3% slower than attention_mma_kernel
+  // (docs/BENCHMARKS.md, tenth session). CUTLASS takes its warp-group index the same way.
+  const int wg = __shfl_sync(kFull, tid >> 7, 0), wt = tid & 127, ww = wt >> 5;
   const int64_t tok = blockIdx.x;
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
   const int32_t s = a.token_seq[tok];
