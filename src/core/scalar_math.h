@@ -144,8 +144,20 @@ DSV4_HD float sigmoid_f32(float x) { return div_rn(1.0f, add_rn(1.0f, exp_f32_vi
 // routed experts' SwiGLU evaluates it per intermediate value).
 DSV4_HD float silu_f32(float x) { return div_rn(x, add_rn(1.0f, exp_f32_portable(-x))); }
 
-// torch.nn.functional.softplus with its default threshold of 20: log(1 + e^x) in
-// double, rounded once to fp32.
-DSV4_HD float softplus_f32(float x) { return x > 20.0f ? x : float(log1p(exp(double(x)))); }
+// log(1 + y) for y > -1 from the portable log: u = 1 + y rounded, then
+// log(u) * y / (u - 1), which cancels u's rounding error (Goldberg, "What every
+// computer scientist should know about floating-point arithmetic", thm. 4); y itself
+// where u rounds to 1. Within a few ulp.
+DSV4_HD float log1p_f32_portable(float y) {
+  const float u = add_rn(1.0f, y);
+  const float r = log_f32_portable(u) * div_rn(y, u - 1.0f);
+  return u == 1.0f ? y : r;
+}
+
+// torch.nn.functional.softplus with its default threshold of 20: log1p(exp(x)) from
+// the portable fp32 exp and log1p, within a few ulp. (Until the tenth session: in
+// double, rounded once; a double exp and log1p per expert made the router kernel
+// ~2.4 us a launch slower than the device's fp32 functions, ncu on the H200.)
+DSV4_HD float softplus_f32(float x) { return x > 20.0f ? x : log1p_f32_portable(exp_f32_portable(x)); }
 
 }  // namespace dsv4::core

@@ -85,6 +85,24 @@ TEST(LogCosPortable, SpecialValuesAndQuadrants) {
     EXPECT_NEAR(cos_2pi_portable(u), std::cos(6.283185307179586476925 * u), 2e-7) << u;
 }
 
+// softplus (the sqrtsoftplus router's score) and log1p from fp32 operations, against
+// double: a dense sweep of the router's range and of log1p's.
+TEST(SoftplusPortable, WithinFewUlpOfDouble) {
+  int64_t worst_sp = 0, worst_l1p = 0;
+  for (float x = -86.0f; x <= 25.0f; x += 1.0f / 8192.0f) {
+    const float want = x > 20.0f ? x : float(std::log1p(std::exp(double(x))));
+    worst_sp = std::max(worst_sp, ulps(softplus_f32(x), want));
+  }
+  for (float y = -0.999f; y < 0.0f; y += 1e-5f) worst_l1p = std::max(worst_l1p, ulps(log1p_f32_portable(y), float(std::log1p(double(y)))));
+  for (float y = 1e-30f; y < 1e30f; y *= 1.001f) worst_l1p = std::max(worst_l1p, ulps(log1p_f32_portable(y), float(std::log1p(double(y)))));
+  std::printf("softplus_f32 worst %lld ulp, log1p_f32_portable worst %lld ulp\n", (long long)worst_sp, (long long)worst_l1p);
+  EXPECT_LE(worst_sp, 4);
+  EXPECT_LE(worst_l1p, 3);
+  EXPECT_EQ(softplus_f32(30.0f), 30.0f);
+  EXPECT_EQ(softplus_f32(-100.0f), 0.0f);  // exp underflows to 0 below -86.6 (true value < 1e-43)
+  EXPECT_EQ(log1p_f32_portable(0.0f), 0.0f);
+}
+
 TEST(ScalarMath, ClampKeepsNanAndSiluUsesThePortableExp) {
   EXPECT_TRUE(std::isnan(clamp_f32(NAN, -448.0f, 448.0f)));
   EXPECT_EQ(clamp_f32(500.0f, -448.0f, 448.0f), 448.0f);
