@@ -60,7 +60,9 @@ for s in "$@"; do
       step parity-cpu 300 $D generate --backend cpu --threads 8 "${args[@]}"
       step parity-cpu-hopper 300 $D generate --backend cpu --threads 8 --cpu-quant-dot hopper "${args[@]}"
       step parity-cuda 300 $D generate --backend cuda "${args[@]}"
-      # Against the fp32 reference and against the CPU that sums FP4 chunks as the CUDA kernel does.
+      # The check: against the CPU run in the CUDA kernels' arithmetic (--cpu-quant-dot hopper: tensor-core sums,
+      # K slices), which must give the same ids. Against the fp32 reference (the spec's arithmetic) the ids part
+      # after a few tokens (FP8 rounding flips amplify last-bit differences), reported as INFO.
       for ref in cpu cpu-hopper; do
         if [ -s "$out/parity-$ref.log" ] && cmp -s "$out/parity-$ref.log" "$out/parity-cuda.log"; then
           note "PASS parity ($ref): CUDA greedy ids == CPU greedy ids (4 prompts x 64 tokens)"
@@ -74,7 +76,9 @@ def prefix(x, y):
     while n < min(len(x), len(y)) and x[n] == y[n]: n += 1
     return n
 print(' '.join(str(prefix(x, y)) for x, y in zip(a, b)))" "$out/parity-$ref.log" "$out/parity-cuda.log" 2>&1)
-          note "FAIL parity ($ref): CUDA and CPU greedy ids differ; tokens agreeing per prompt: $agree of 64"
+          verdict=FAIL
+          [ "$ref" = cpu ] && verdict=INFO
+          note "$verdict parity ($ref): CUDA and CPU greedy ids differ; tokens agreeing per prompt: $agree of 64"
         fi
       done
       ;;
