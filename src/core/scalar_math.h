@@ -95,12 +95,12 @@ DSV4_HD float log_f32_portable(float x) {
 // picked and signed by the quadrant n mod 4. Within a few 1e-8 of cos(2 pi u).
 DSV4_HD float cos_2pi_portable(float u) {
   const float n = rintf(u * 4.0f);
-  const float r = u - n * 0.25f;
+  const float r = fmaf(n, -0.25f, u);  // exact
   const float t = r * 6.28318530717958648f, z = t * t;
   const float s = fmaf(fmaf(fmaf(-1.9515295891e-4f, z, 8.3321608736e-3f), z, -1.6666654611e-1f) * z, t, t);
   const float c = fmaf(fmaf(fmaf(2.443315711809948e-5f, z, -1.388731625493765e-3f), z, 4.166664568298827e-2f) * z, z,
                        fmaf(-0.5f, z, 1.0f));
-  switch (int(n - 4.0f * floorf(n * 0.25f))) {  // n mod 4, also for negative n
+  switch (int(fmaf(-4.0f, floorf(n * 0.25f), n))) {  // n mod 4, also for negative n
     case 0: return c;
     case 1: return -s;
     case 2: return -c;

@@ -14,7 +14,7 @@ namespace dsv4::core {
 // Per 128x128 block gain 2^u, u uniform in [-1, 1): spreads block scales over
 // several binades so the UE8M0 paths see different exponents.
 DSV4_HD float fp8_block_gain(uint64_t seed, uint64_t stream, int64_t block_index) {
-  const float u = random_uniform(seed, stream ^ 0x5bd1e995ull, uint64_t(block_index)) * 2.0f - 1.0f;  // exact
+  const float u = fmaf(random_uniform(seed, stream ^ 0x5bd1e995ull, uint64_t(block_index)), 2.0f, -1.0f);  // exact
   return exp_f32_portable(u * 0.693147180559945f);  // not exp2f: the host's and the device's differ in last bits
 }
 
