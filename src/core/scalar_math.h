@@ -17,9 +17,6 @@ namespace dsv4::core {
 // exp are each within an ulp of double, so the fp32 results agree except there too.
 DSV4_HD float exp_f32_via_f64(float x) { return float(exp(double(x))); }
 
-// 2^e for e in [-126, 127], from the exponent bits.
-DSV4_HD float exp2i_f32(int e) { return bits_float(uint32_t(e + 127) << 23); }
-
 // exp(x) from IEEE fp32 operations alone (explicit fmaf, multiplies, adds, rintf
 // and exponent bits), so the host and the GPU compute the same bits at fp32 speed,
 // where exp_f32_via_f64 costs a double-precision exp (half-rate or slower units).

@@ -428,7 +428,6 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   }
 }
 
-
 // ref::sinkhorn on a register matrix (HC is a template parameter so the arrays stay in registers).
 template <int HC>
 __device__ void sinkhorn_ref(float (&c)[HC * HC], int64_t iters, float eps) {
