@@ -206,7 +206,8 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
 
 // ---- q_norm_rope ---------------------------------------------------------------
 // One CTA per (token, group of up to 8 heads) holding those heads' query rows in
-// shared memory (rows padded by 8 values); 8 warps, one head per warp. The
+// shared memory (rows padded by 8 values); 8 warps, one head per warp, each from
+// its row's load to its store. The
 // reference normalises in bf16 arithmetic; its sum of the bf16-rounded squares
 // runs in the fixed order of ref::sum_bf16_squares_lanes32 (32 interleaved
 // partials, then a pairwise tree), which a warp reproduces with an xor-shuffle
@@ -225,25 +226,25 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   const int64_t H = H_all - h0 < heads_per_cta ? H_all - h0 : heads_per_cta;  // this CTA's heads
   const int64_t plane = (heads_per_cta * stride * 2 + 15) / 16 * 16;                      // bytes
   uint16_t* qs = reinterpret_cast<uint16_t*>(smem_raw);                                   // [H][Dh + 8]
-  float* rs = reinterpret_cast<float*>(smem_raw + plane);                                 // [H]
-  float* cs = rs + H;                                                                     // [rd/2] cos
+  float* cs = reinterpret_cast<float*>(smem_raw + plane);                                 // [rd/2] cos
   float* sn = cs + rd / 2;                                                                // [rd/2] sin
   const int64_t t = blockIdx.x;
   const int32_t pos = positions[t];
   uint16_t* qt = q + (t * H_all + h0) * Dh;
-  // 32-bit indices: a 64-bit division is ~70 instructions, and these loops run
-  // H * Dh / VEC / blockDim times per thread (host: H * Dh < 2^31).
-  const int per_head = int(Dh / VEC), total = int(H) * per_head;
-  for (int c = threadIdx.x; c < total; c += blockDim.x) {
-    const int h = c / per_head, i = (c - h * per_head) * VEC;
-    store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
-  }
+  // Warp w owns heads w, w + warps, ... (one at 8 heads a CTA) from load to store, so
+  // only the RoPE table is shared across warps: a warp's own row needs __syncwarp,
+  // not a block barrier. (A flat (head, chunk) loop over the block cost a 32-bit
+  // division per chunk and two block barriers: ncu at batch 256 had the kernel
+  // issue-bound, 25 µs a launch.) The loads are issued before the table's trig.
+  const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5), dh = int(Dh);
+  for (int h = warp; h < int(H); h += warps)
+    for (int i = lane * VEC; i < dh; i += 32 * VEC) store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
   if (pos >= 0)
     for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
-  __syncthreads();
-  const int lane = threadIdx.x & 31, warps = int(blockDim.x >> 5), dh = int(Dh);
-  for (int h = int(threadIdx.x >> 5); h < int(H); h += warps) {
-    const uint16_t* v = qs + h * stride;
+  __syncthreads();  // the table (and each warp's row)
+  const int64_t rope_begin = Dh - rd;
+  for (int h = warp; h < int(H); h += warps) {
+    uint16_t* v = qs + h * stride;
     float sum = 0.0f;
     for (int i = lane; i < dh; i += 32) {
       const float a = bf2f(v[i]);
@@ -251,30 +252,25 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
     }
 #pragma unroll
     for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, off));
-    if (lane == 0) {
-      const float mean = round_bf(__fdiv_rn(sum, float(Dh)));
-      rs[h] = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
-    }
-  }
-  __syncthreads();
-  const int64_t rope_begin = Dh - rd;
-  for (int c = threadIdx.x; c < total; c += blockDim.x) {
-    const int h = c / per_head, i = (c - h * per_head) * VEC;
-    BfVec<VEC> b = load_bf<VEC>(qs + h * stride + i);
-    const float r = rs[h];
+    // Every lane holds the same sum (the butterfly adds the same pairs in every lane).
+    const float mean = round_bf(__fdiv_rn(sum, float(Dh)));
+    const float r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+    for (int i = lane * VEC; i < dh; i += 32 * VEC) {
+      BfVec<VEC> b = load_bf<VEC>(v + i);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) b.v[k] = f2bf(__fmul_rn(bf2f(b.v[k]), r));
-    if (pos >= 0 && i + VEC > rope_begin) {
+      for (int k = 0; k < VEC; ++k) b.v[k] = f2bf(__fmul_rn(bf2f(b.v[k]), r));
+      if (pos >= 0 && i + VEC > rope_begin) {
 #pragma unroll
-      for (int k = 0; k < VEC; k += 2) {
-        const int64_t d = i + k;  // even; rope_begin is even, so pairs never straddle a vector
-        if (d >= rope_begin) {
-          const int64_t pair = (d - rope_begin) / 2;
-          rope_pair(&b.v[k], &b.v[k + 1], cs[pair], sn[pair]);
+        for (int k = 0; k < VEC; k += 2) {
+          const int64_t d = i + k;  // even; rope_begin is even, so pairs never straddle a vector
+          if (d >= rope_begin) {
+            const int64_t pair = (d - rope_begin) / 2;
+            rope_pair(&b.v[k], &b.v[k + 1], cs[pair], sn[pair]);
+          }
         }
       }
+      store_bf<VEC>(qt + int64_t(h) * Dh + i, b);
     }
-    store_bf<VEC>(qt + int64_t(h) * Dh + i, b);
   }
 }
 
@@ -531,38 +527,118 @@ struct HcFinishArgs {
 // once; the kMix + 1 sums then read them in slice order. (Each summing thread
 // loading its own column, 16 loads at a time, took 8 dependent memory round trips:
 // ~11 µs a launch at batch 1, ncu at the GPU's own clocks.)
+//
+// The kernel is a latency chain (one CTA per row; ~10 µs a launch at every batch
+// size before, ncu): its memory reads are therefore all issued at entry (the norm
+// weights before the dependency wait, the row's X and the partials after it), the
+// x pass keeps X and its x in registers for the norm (no reload), and with !kHead a
+// ninth warp computes post and the Sinkhorn comb while warps 0-7 form x and xn
+// (before, the norm waited for the Sinkhorn at a block barrier). The arithmetic and
+// its order are unchanged: x, xn, post and comb keep their bits (the x pass and the
+// norm use rms_norm_row's thread partition, c = tid, tid + 256, ..., and block_sum's
+// warp order).
 constexpr int kHcMaxStagedSlices = 256;  // 32 KB of shared memory; more slices load directly
+constexpr int kHcXThreads = 256;         // warps 0-7: x and xn, as rms_norm_row's 256 threads
+constexpr int kHcChunksInRegisters = 2;  // x chunks a thread holds: D <= 4096 at VEC = 8 in one pass
+
+// VEC bf16 values held two to a 32-bit register (BfVec<8> takes eight registers
+// once unpacked: hc_finish_kernel's X, weights and x at HC = 4 spilled with it).
+template <int VEC>
+struct BfRegs {
+  uint32_t w[(VEC + 1) / 2];
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    if constexpr (VEC == 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p);
+      w[0] = u.x, w[1] = u.y, w[2] = u.z, w[3] = u.w;
+    } else if constexpr (VEC == 2) {
+      w[0] = *reinterpret_cast<const uint32_t*>(p);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) set(e, p[e]);
+    }
+  }
+  __device__ __forceinline__ void store(uint16_t* p) const {
+    if constexpr (VEC == 8) {
+      *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else if constexpr (VEC == 2) {
+      *reinterpret_cast<uint32_t*>(p) = w[0];
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) p[e] = get(e);
+    }
+  }
+  __device__ __forceinline__ uint16_t get(int e) const { return uint16_t((e & 1) ? w[e >> 1] >> 16 : w[e >> 1]); }
+  __device__ __forceinline__ void set(int e, uint16_t h) {
+    w[e >> 1] = (e & 1) ? (w[e >> 1] & 0xffffu) | (uint32_t(h) << 16) : (w[e >> 1] & 0xffff0000u) | h;
+  }
+};
+
+// block_sum over warps 0-7 only (named barrier 1), while warp 8 runs the Sinkhorn.
+__device__ __forceinline__ float x_warps_sum(float v, float* red /* [8] */) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) red[warp] = v;
+  asm volatile("bar.sync 1, %0;" ::"n"(kHcXThreads) : "memory");
+  float total = 0.0f;
+  for (int w = 0; w < kHcXThreads / 32; ++w) total += red[w];
+  return total;
+}
+
 template <int HC, bool kHead, int VEC>
-__global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
-  wait_for_predecessor();
+__global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinishArgs a) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
+  constexpr int kRegs = kHcChunksInRegisters;
   static_assert(kMix < 32, "the sums of one slice fit its 32 partials");
   __shared__ float raw[kMix + 1];
   __shared__ float pre[HC];
+  __shared__ float red[kHcXThreads / 32];
   __shared__ float4 staged[kHcMaxStagedSlices * 8];
+  const int tid = int(threadIdx.x);
+  const bool x_thread = tid < kHcXThreads;
   const int64_t t = blockIdx.x;
   const int64_t n = HC * a.D;
+  const int chunks = int(a.D / VEC);
+  const bool norm = a.xn != nullptr;
+  // Chunk k of this thread in a pass starting at chunk `base`: base + tid + 256 k.
+  auto chunk = [&](int base, int k) { return base + tid + kHcXThreads * k; };
+  BfRegs<VEC> wv[kRegs];  // the first pass's norm weights (weights: no kernel writes them)
+  if (norm && x_thread) {
+#pragma unroll
+    for (int k = 0; k < kRegs; ++k)
+      if (chunk(0, k) < chunks) wv[k].load(a.norm_w + int64_t(chunk(0, k)) * VEC);
+  }
+  wait_for_predecessor();
+  BfRegs<VEC> xs[kRegs][HC];  // the first pass's X
+  auto load_x = [&](int base) {
+#pragma unroll
+    for (int k = 0; k < kRegs; ++k)
+      if (chunk(base, k) < chunks) {
+#pragma unroll
+        for (int i = 0; i < HC; ++i) xs[k][i].load(a.X + (t * HC + i) * a.D + int64_t(chunk(base, k)) * VEC);
+      }
+  };
+  if (x_thread) load_x(0);
   const int slices = int(a.slices);
   const bool stage = slices <= kHcMaxStagedSlices;
   if (stage) {
-    for (int i = int(threadIdx.x); i < slices * 8; i += int(blockDim.x))
+    for (int i = tid; i < slices * 8; i += int(blockDim.x))
       staged[i] = reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
     __syncthreads();
   }
-  if (threadIdx.x <= kMix) {
+  if (tid <= kMix) {
     float s = 0.0f;  // in slice order
     if (stage) {
       const float* st = reinterpret_cast<const float*>(staged);
-      for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, st[sl * 32 + threadIdx.x]);
+      for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, st[sl * 32 + tid]);
     } else {
 #pragma unroll 16
-      for (int sl = 0; sl < slices; ++sl)
-        s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + threadIdx.x]);
+      for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + tid]);
     }
-    raw[threadIdx.x] = s;
+    raw[tid] = s;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (tid == 0) {
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps)));
 #pragma unroll
     for (int i = 0; i < HC; ++i)
@@ -570,50 +646,75 @@ __global__ void __launch_bounds__(256) hc_finish_kernel(HcFinishArgs a) {
     raw[kMix] = r;
   }
   __syncthreads();
-  if (!kHead && threadIdx.x < 32) {
-    const float r = raw[kMix];
-    const int lane = int(threadIdx.x);
-    if (lane < HC)
-      a.post[t * HC + lane] = __fmul_rn(
-          2.0f, core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + lane], r), a.scale[1]), a.base[HC + lane])));
-    if constexpr (HC * HC <= 32) {
-      const int e = lane < HC * HC ? lane : 0;
-      const float c = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + e], r), a.scale[2]), a.base[2 * HC + e]);
-      const float v = sinkhorn_warp<HC>(c, a.sinkhorn_iters, a.hc_eps);
-      if (lane < HC * HC) a.comb[t * HC * HC + lane] = v;
-    } else if (lane == 0) {
-      float c[HC * HC];
+  if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb
+    if constexpr (!kHead) {
+      const float r = raw[kMix];
+      const int lane = tid - kHcXThreads;
+      if (lane < HC)
+        a.post[t * HC + lane] = __fmul_rn(
+            2.0f, core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + lane], r), a.scale[1]), a.base[HC + lane])));
+      if constexpr (HC * HC <= 32) {
+        const int e = lane < HC * HC ? lane : 0;
+        const float c = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + e], r), a.scale[2]), a.base[2 * HC + e]);
+        const float v = sinkhorn_warp<HC>(c, a.sinkhorn_iters, a.hc_eps);
+        if (lane < HC * HC) a.comb[t * HC * HC + lane] = v;
+      } else if (lane == 0) {
+        float c[HC * HC];
 #pragma unroll
-      for (int i = 0; i < HC * HC; ++i)
-        c[i] = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + i], r), a.scale[2]), a.base[2 * HC + i]);
-      sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
+        for (int i = 0; i < HC * HC; ++i)
+          c[i] = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + i], r), a.scale[2]), a.base[2 * HC + i]);
+        sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
 #pragma unroll
-      for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
+        for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
+      }
     }
-  } else {  // warp 0 does the Sinkhorn while the other warps form x
-    const int first = kHead ? 0 : 32;
-    float p[HC];
+    return;
+  }
+  // Warps 0-7: x = sum_i pre_i X_i (bf16), and for the norm the sum of squares of x
+  // in rms_norm_row's order (this thread's chunks ascending, their values in order).
+  float p[HC];
 #pragma unroll
-    for (int i = 0; i < HC; ++i) p[i] = pre[i];
-    for (int64_t c = int64_t(threadIdx.x) - first; c < a.D / VEC; c += int64_t(blockDim.x) - first) {
-      BfVec<VEC> xs[HC];
+  for (int i = 0; i < HC; ++i) p[i] = pre[i];
+  constexpr int kPass = kHcXThreads * kRegs;
+  BfRegs<VEC> xo[kRegs];  // the last pass's x
+  float ss = 0.0f;
+  for (int base = 0; base < chunks; base += kPass) {
+    if (base > 0) load_x(base);
 #pragma unroll
-      for (int i = 0; i < HC; ++i) xs[i] = load_bf<VEC>(a.X + (t * HC + i) * a.D + c * VEC);
-      BfVec<VEC> o;
+    for (int k = 0; k < kRegs; ++k) {
+      const int c = chunk(base, k);
+      if (c >= chunks) continue;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
+      for (int e = 0; e < VEC; ++e) {
         float s = 0.0f;
 #pragma unroll
-        for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], bf2f(xs[i].v[k])));
-        o.v[k] = f2bf(s);
+        for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], bf2f(xs[k][i].get(e))));
+        xo[k].set(e, f2bf(s));
+        const float xv = bf2f(xo[k].get(e));
+        ss = fmaf(xv, xv, ss);
       }
-      store_bf<VEC>(a.x + t * a.D + c * VEC, o);
+      xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
     }
   }
-  if (a.xn == nullptr) return;
-  __syncthreads();  // hc_pre_norm: the row's x is written (and visible to the block)
-  __shared__ float red[32];
-  rms_norm_row<VEC>(a.x + t * a.D, a.norm_w, a.D, a.rms_eps, a.xn + t * a.D, red);
+  if (!norm) return;
+  // hc_pre_norm: xn = rms_norm(x), rms_norm_row's arithmetic.
+  const float total = x_warps_sum(ss, red);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(a.D)), a.rms_eps)));
+  const int last = (chunks - 1) / kPass * kPass;  // the pass whose x is in xo
+  for (int base = 0; base < chunks; base += kPass) {
+#pragma unroll
+    for (int k = 0; k < kRegs; ++k) {
+      const int c = chunk(base, k);
+      if (c >= chunks) continue;
+      // Earlier passes (D > 4096 at VEC = 8, or VEC < 8): this thread's own x, reloaded.
+      BfRegs<VEC> v = xo[k], w = wv[k], o;
+      if (base != last) v.load(a.x + t * a.D + int64_t(c) * VEC);
+      if (base != 0) w.load(a.norm_w + int64_t(c) * VEC);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) o.set(e, f2bf(__fmul_rn(bf2f(w.get(e)), __fmul_rn(bf2f(v.get(e)), r))));
+      o.store(a.xn + t * a.D + int64_t(c) * VEC);
+    }
+  }
 }
 
 // ---- hc_post -------------------------------------------------------------------
@@ -785,7 +886,7 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   DSV4_CHECK(Dh % 2 == 0 && rd % 2 == 0, "q_norm_rope: head_dim {} and rope_dim {} must be even", Dh, rd);
   DSV4_CHECK(H * Dh < (int64_t(1) << 31), "q_norm_rope: {} heads x {} dims exceed 32-bit indexing", H, Dh);
   const int64_t hpc = std::min<int64_t>(H, 8);  // heads per CTA: one per warp
-  const size_t plane = size_t((hpc * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(hpc + rd) * sizeof(float);
+  const size_t plane = size_t((hpc * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(rd) * sizeof(float);
   const size_t limit = size_t(properties().sharedMemPerBlockOptin);
   DSV4_CHECK(plane + tables <= limit, "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", hpc, Dh,
              plane + tables);
@@ -864,8 +965,9 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     a.norm_w = norm ? norm->weight->as<uint16_t>() : nullptr;
     a.rms_eps = norm ? norm->eps : 0.0f;
     a.xn = norm ? norm->xn->as<uint16_t>() + r0 * D : nullptr;
-    if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), 256, 0, be.stream()>>>(a);
-    else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), 256, 0, be.stream()>>>(a);
+    const unsigned threads = kHead ? kHcXThreads : kHcXThreads + 32;  // + the Sinkhorn warp
+    if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), threads, 0, be.stream()>>>(a);
+    else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), threads, 0, be.stream()>>>(a);
     check_launch(be.stream());
   }
 }
