@@ -377,9 +377,16 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
     case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two); break;
   }
   if (fold_launch) {
-    const int64_t outputs = p.m * cols;
-    lk::split_fold_kernel<<<unsigned((outputs + 255) / 256), 256, 0, be.stream()>>>(
-        p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+    const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
+    const int v = v4 ? 4 : 1;
+    const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
+                         unsigned(std::min<int64_t>(p.m, 65535)));
+    if (v4)
+      lk::split_fold_kernel<4><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
+          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+    else
+      lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
+          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
     check_launch(be.stream());
   }
 }

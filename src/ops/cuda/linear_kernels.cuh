@@ -837,26 +837,55 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 // The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
 // + ... + p_{S-1}, the order the tile's last CTA (and the sequential mode) uses. The
 // last CTA of a tile would read S x BM x 128 partials alone (1 MB at M = 64, S = 32:
-// ~100 µs); here one thread per output reads its S partials, coalesced over columns.
-// Columns >= n_split go to y1 when it is set (GemmParams::y1).
-__global__ void split_fold_kernel(const float* __restrict__ partial, int split, int64_t rows, int64_t cols,
-                                  void* y, int64_t ldy, void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
+// ~100 µs); here a thread folds V consecutive columns of one row (V = 4: 16-byte
+// loads), eight slices' loads in flight before their adds. Grid (column blocks, rows):
+// no index division (a 64-bit division per output and one output per thread made the
+// launch issue-bound, ~6 µs each at M = 64 by ncu). Columns >= n_split go to y1 when
+// it is set (GemmParams::y1); a V-column group never straddles it (n_split % V == 0).
+constexpr int kFoldThreads = 128;
+template <int V>
+__global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* __restrict__ partial, int split,
+                                                                  int64_t rows, int64_t cols, void* y, int64_t ldy,
+                                                                  void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
   wait_for_predecessor();
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * cols) return;
-  float part[kMaxSlices];  // every load in flight before the first add, then slice order
-#pragma unroll
-  for (int s = 0; s < kMaxSlices; ++s) part[s] = s < split ? __ldcg(partial + int64_t(s) * rows * cols + i) : 0.0f;
-  float v = 0.0f;
-#pragma unroll
-  for (int s = 0; s < kMaxSlices; ++s)
-    if (s < split) v += part[s];
-  const int64_t row = i / cols, col = i % cols;
+  const int64_t col = (int64_t(blockIdx.x) * kFoldThreads + threadIdx.x) * V;
+  if (col >= cols) return;
   const bool second = y1 != nullptr && col >= n_split;
   void* const out = second ? y1 : y;
-  const int64_t idx = second ? row * ldy1 + col - n_split : row * ldy + col;
-  if (y_f32) static_cast<float*>(out)[idx] = v;
-  else static_cast<uint16_t*>(out)[idx] = core::float_to_bf16(v);
+  const int64_t ld = second ? ldy1 : ldy, c0 = second ? col - n_split : col;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    const float* src = partial + row * cols + col;
+    float v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = 0.0f;
+    // Eight slices' loads in flight at a time (all 32 at once took 144 registers).
+    for (int s0 = 0; s0 < split; s0 += 8) {
+      float part[8][V];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (s0 + j >= split) break;
+        const float* q = src + int64_t(s0 + j) * rows * cols;
+        if constexpr (V == 4) {
+          const float4 x = __ldcg(reinterpret_cast<const float4*>(q));
+          part[j][0] = x.x, part[j][1] = x.y, part[j][2] = x.z, part[j][3] = x.w;
+        } else {
+          part[j][0] = __ldcg(q);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (s0 + j >= split) break;
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] += part[j][e];
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const int64_t idx = row * ld + c0 + e;
+      if (y_f32) static_cast<float*>(out)[idx] = v[e];
+      else static_cast<uint16_t*>(out)[idx] = core::float_to_bf16(v[e]);
+    }
+  }
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
