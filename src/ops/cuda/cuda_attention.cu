@@ -1259,7 +1259,10 @@ struct AttnLayout {
   static constexpr size_t kOffType = kOffPtr + 2 * kKeysPerChunk * 8;           // [2][32] int
   static constexpr size_t kOffLut = kOffType + 2 * kKeysPerChunk * 4;           // [256] fp32 e4m3
   static constexpr size_t kOffRope = kOffLut + 256 * 4;                         // [32] cos, [32] sin
-  static constexpr size_t kOffComp = kOffRope + kRope * 4;                      // [K] int
+  static constexpr int kPStride = kKeysPerChunk + 8;                            // bf16, P rows
+  static constexpr size_t kOffP = kOffRope + kRope * 4;                         // [MT*16][kPStride] bf16(P)
+  static constexpr size_t kOffRowStats = kOffP + size_t(MT) * 16 * kPStride * 2;  // [4][MT*16] fp32
+  static constexpr size_t kOffComp = kOffRowStats + 4 * size_t(MT) * 16 * 4;    // [K] int
   static size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 16; }
 };
 
@@ -1312,6 +1315,41 @@ __device__ __forceinline__ void chunk_softmax(float* v, float (&m_run)[2], float
     psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
     l_run[hh] = __fmaf_rn(l_run[hh], alpha[hh], psum[hh]);
   }
+}
+
+// chunk_softmax's arithmetic with the work spread over the CTA instead of repeated
+// by the four warps of an m-tile (at batch 256 the four copies were ~40% of the mma
+// kernel's instructions, ncu). Thread (row, tig, half) of the 8 threads of a row holds
+// the row's keys 8 nt + 2 tig + e for nt = 2 half, 2 half + 1 and e = 0, 1 (in v, that
+// order): the keys of quad lane tig in chunk_softmax, split in two. Every step matches
+// chunk_softmax's operands and order, so the bits are the same: the max over the 8
+// threads (order-free), m_new, alpha, P = exp(v - m_ref) per key, and each tig's sum of
+// its 8 P in (nt, e) order, formed in both halves from the pair's values (shuffle),
+// then the butterfly over tig ^ 1 and tig ^ 2. All 8 threads of the row end with the
+// same m_run, l_run and alpha.
+__device__ __forceinline__ void row_softmax4(float (&v)[4], float& m_run, float& l_run, float& alpha) {
+  float cmax = fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3]));
+  cmax = fmaxf(cmax, __shfl_xor_sync(kFull, cmax, 1));  // the other half
+  cmax = fmaxf(cmax, __shfl_xor_sync(kFull, cmax, 2));  // tig ^ 1
+  cmax = fmaxf(cmax, __shfl_xor_sync(kFull, cmax, 4));  // tig ^ 2
+  const float m_new = fmaxf(m_run, cmax);
+  const float m_ref = m_new == -INFINITY ? 0.0f : m_new;
+  alpha = core::exp_f32_portable(m_run - m_ref);
+  m_run = m_new;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = core::exp_f32_portable(v[i] - m_ref);
+  float w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = __shfl_xor_sync(kFull, v[i], 1);
+  const bool upper = threadIdx.x & 1;  // half 1: keys of nt 2, 3
+  float psum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) psum += upper ? w[i] : v[i];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) psum += upper ? v[i] : w[i];
+  psum += __shfl_xor_sync(kFull, psum, 2);
+  psum += __shfl_xor_sync(kFull, psum, 4);
+  l_run = __fmaf_rn(l_run, alpha, psum);
 }
 
 // Dims d0 .. d0 + 7 of one key as 8 bf16 values (one uint4): a staged KV record's
@@ -1380,10 +1418,19 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   float* rope_c = reinterpret_cast<float*>(attn_smem + L::kOffRope);
   float* rope_s = rope_c + kRope / 2;
   int32_t* comp = reinterpret_cast<int32_t*>(attn_smem + L::kOffComp);
+  uint32_t* Pw = reinterpret_cast<uint32_t*>(attn_smem + L::kOffP);  // bf16 pairs, L::kPStride / 2 words a row
+  float* row_alpha = reinterpret_cast<float*>(attn_smem + L::kOffRowStats);
+  float* row_wa = row_alpha + MT * 16;  // the segment fold's weights
+  float* row_wb = row_wa + MT * 16;
+  float* row_den = row_wb + MT * 16;
   __shared__ int s_count;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int mt = warp >> 2, r = warp & 3;
+  // The softmax role of this thread (row_softmax4): row sr of the CTA's MT x 16, its
+  // quad lane stig and key half shalf.
+  const int sr = tid >> 3, stig = (tid >> 1) & 3, shalf = tid & 1;
+  constexpr int kPWords = L::kPStride / 2;
   const bool split = MT == 1 && sp.nsplit > 1;  // the launcher splits only with one m-tile
   const int split_id = int(blockIdx.x % unsigned(sp.nsplit));
   const int64_t tg = blockIdx.x / unsigned(sp.nsplit);
@@ -1484,8 +1531,8 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       o[nt][e] = 0.0f;
       O_set(nt, e, 0.0f);
     }
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
-  float M_fold[2] = {-INFINITY, -INFINITY}, L_fold[2] = {0.0f, 0.0f};
+  // Softmax state of row sr (every thread of the row holds the same values).
+  float m_run = -INFINITY, l_run = 0.0f, M_fold = -INFINITY, L_fold = 0.0f;
 
   for (int64_t i = 0; i < my_chunks; ++i) {
     const int64_t c = chunk_of(i);
@@ -1530,30 +1577,53 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       }
     }
     __syncthreads();
-    // Full S for rows g, g + 8 of the m-tile at this thread's fragment positions.
-    float sv[4][4];
+    // Softmax of row sr, keys 8 nt + 2 stig + e (nt = 2 shalf + j): S as the sum of
+    // the four dim-quarter partials in quarter order, scaled, -inf for missing keys.
+    const bool seg_end = c % kSegmentChunks == kSegmentChunks - 1 || c + 1 == chunks;
+    {
+      const int smt = sr >> 4, srl = sr & 15;
+      float sv[4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+      for (int j = 0; j < 2; ++j) {
+        const int col = (2 * shalf + j) * 8 + 2 * stig;
+        float x0 = 0.0f, x1 = 0.0f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sv[nt][e] = 0.0f;
-#pragma unroll
-      for (int rr = 0; rr < 4; ++rr) {
-        const float* sp = Sp + ((mt * 4 + rr) * 16) * kSStride;
-        const float2 x0 = *reinterpret_cast<const float2*>(sp + g * kSStride + nt * 8 + 2 * tig);
-        const float2 x1 = *reinterpret_cast<const float2*>(sp + (g + 8) * kSStride + nt * 8 + 2 * tig);
-        sv[nt][0] += x0.x;
-        sv[nt][1] += x0.y;
-        sv[nt][2] += x1.x;
-        sv[nt][3] += x1.y;
+        for (int rr = 0; rr < 4; ++rr) {
+          const float2 x = *reinterpret_cast<const float2*>(Sp + ((smt * 4 + rr) * 16 + srl) * kSStride + col);
+          x0 += x.x;
+          x1 += x.y;
+        }
+        sv[2 * j] = ktype[buf * kKeysPerChunk + col] != 0 ? x0 * a.scale : -INFINITY;
+        sv[2 * j + 1] = ktype[buf * kKeysPerChunk + col + 1] != 0 ? x1 * a.scale : -INFINITY;
       }
+      float alpha;
+      row_softmax4(sv, m_run, l_run, alpha);
+      // bf16(P) for the P.V warps: the A-fragment words of keys 8 nt + 2 stig, + 1.
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = nt * 8 + 2 * tig + (e & 1);
-        sv[nt][e] = ktype[buf * kKeysPerChunk + key] != 0 ? sv[nt][e] * a.scale : -INFINITY;
+      for (int j = 0; j < 2; ++j) Pw[sr * kPWords + (2 * shalf + j) * 4 + stig] = pack_bf16(sv[2 * j], sv[2 * j + 1]);
+      const bool writer = stig == 0 && shalf == 0;
+      if (writer) row_alpha[sr] = alpha;
+      if (seg_end) {  // the segment is done: its (m, l) into the fold (or the split's partials)
+        const int64_t h = h0 + sr;
+        if (split) {
+          if (writer && h < H)
+            *reinterpret_cast<float2*>(sp.ml + ((t * H + h) * sp.max_segs + c / kSegmentChunks) * 2) =
+                make_float2(m_run, l_run);
+        } else {
+          const FoldWeights w = fold_weights(M_fold, m_run);
+          if (writer) {
+            row_wa[sr] = w.a;
+            row_wb[sr] = w.b;
+          }
+          L_fold = fold_value(L_fold, l_run, w);
+          M_fold = w.m;
+        }
+        m_run = -INFINITY;
+        l_run = 0.0f;
       }
     }
-    float alpha[2];
-    chunk_softmax(&sv[0][0], m_run, l_run, alpha);
+    __syncthreads();  // P and the row factors
+    float alpha[2] = {row_alpha[mt * 16 + g], row_alpha[mt * 16 + g + 8]};
 #pragma unroll
     for (int nt = 0; nt < kONt; ++nt) {
       o[nt][0] *= alpha[0];
@@ -1561,14 +1631,15 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       o[nt][2] *= alpha[1];
       o[nt][3] *= alpha[1];
     }
-    // bf16(P) as A fragments: k-step ks covers keys 16ks .. 16ks + 15 = n-tiles 2ks, 2ks + 1.
+    // bf16(P) as A fragments: k-step ks covers keys 16ks .. 16ks + 15.
     uint32_t pa[2][4];
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
-      pa[ks][0] = pack_bf16(sv[2 * ks][0], sv[2 * ks][1]);
-      pa[ks][1] = pack_bf16(sv[2 * ks][2], sv[2 * ks][3]);
-      pa[ks][2] = pack_bf16(sv[2 * ks + 1][0], sv[2 * ks + 1][1]);
-      pa[ks][3] = pack_bf16(sv[2 * ks + 1][2], sv[2 * ks + 1][3]);
+      const uint32_t* p0 = Pw + (mt * 16 + g) * kPWords + 8 * ks + tig;
+      pa[ks][0] = p0[0];
+      pa[ks][1] = p0[8 * kPWords];
+      pa[ks][2] = p0[4];
+      pa[ks][3] = p0[8 * kPWords + 4];
     }
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks)
@@ -1579,34 +1650,30 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
         mma_bf16(o[2 * np], pa[ks], b[0], b[1]);
         mma_bf16(o[2 * np + 1], pa[ks], b[2], b[3]);
       }
-    if (c % kSegmentChunks == kSegmentChunks - 1 || c + 1 == chunks) {  // the segment is done
+    if (seg_end) {
       const int64_t seg = c / kSegmentChunks;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
+        const int row = mt * 16 + g + 8 * hh;
         if (split) {
-          const int64_t h = h0 + mt * 16 + g + 8 * hh;
+          const int64_t h = h0 + row;
           if (h < H) {
-            const int64_t row = (t * H + h) * sp.max_segs + seg;
+            const int64_t prow = (t * H + h) * sp.max_segs + seg;
 #pragma unroll
             for (int nt = 0; nt < kONt; ++nt)
-              *reinterpret_cast<float2*>(sp.o + row * DH + r * kQuarter + nt * 8 + 2 * tig) =
+              *reinterpret_cast<float2*>(sp.o + prow * DH + r * kQuarter + nt * 8 + 2 * tig) =
                   make_float2(o[nt][2 * hh], o[nt][2 * hh + 1]);
-            if (r == 0 && tig == 0) *reinterpret_cast<float2*>(sp.ml + row * 2) = make_float2(m_run[hh], l_run[hh]);
           }
         } else {
-          const FoldWeights w = fold_weights(M_fold[hh], m_run[hh]);
+          const FoldWeights w{row_wa[row], row_wb[row], 0.0f};
 #pragma unroll
           for (int nt = 0; nt < kONt; ++nt) {
             O_set(nt, 2 * hh, fold_value(O_get(nt, 2 * hh), o[nt][2 * hh], w));
             O_set(nt, 2 * hh + 1, fold_value(O_get(nt, 2 * hh + 1), o[nt][2 * hh + 1], w));
           }
-          L_fold[hh] = fold_value(L_fold[hh], l_run[hh], w);
-          M_fold[hh] = w.m;
         }
 #pragma unroll
         for (int nt = 0; nt < kONt; ++nt) o[nt][2 * hh] = o[nt][2 * hh + 1] = 0.0f;
-        m_run[hh] = -INFINITY;
-        l_run[hh] = 0.0f;
       }
     }
   }
@@ -1614,11 +1681,13 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   if (split) return;  // attention_combine_kernel finishes the rows
 
   // O / (L + exp(sink - M)), bf16, inverse RoPE of the last 64 dims at p (spec §5.6).
+  if (stig == 0 && shalf == 0 && h0 + sr < H) row_den[sr] = attention_denominator(L_fold, M_fold, a.sink[h0 + sr]);
+  __syncthreads();
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int64_t h = h0 + mt * 16 + g + 8 * hh;
     if (h >= H) continue;
-    const float den = attention_denominator(L_fold[hh], M_fold[hh], a.sink[h]);
+    const float den = row_den[mt * 16 + g + 8 * hh];
     uint16_t* oh = a.o + (t * H + h) * DH;
 #pragma unroll
     for (int nt = 0; nt < kONt; ++nt) {
