@@ -1077,21 +1077,59 @@ __device__ __forceinline__ float key_value(const KeyRef& k, int Dh, int i) {
 // Collects the valid entries of the token's top-k row, in order, into comp[];
 // returns their count (every thread). Block-wide.
 __device__ int compact_topk(const AttnArgs& a, int64_t t, int32_t* comp, int* counter) {
-  if (threadIdx.x == 0) *counter = 0;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    int n = 0;
-    for (int64_t base = 0; base < a.K; base += 32) {
-      const int32_t j = base + lane < a.K ? a.topk[t * a.K + base + lane] : -1;
-      const unsigned ballot = __ballot_sync(kFull, j >= 0);
-      if (j >= 0) comp[n + __popc(ballot & ((1u << lane) - 1u))] = j;
-      n += __popc(ballot);
+  // Blocks of 32 entries; warp w takes blocks w, w + warps, ... Every warp loads all
+  // its blocks first (one memory round trip; warp 0 alone walking the 16 blocks of
+  // K = 512 was a chain of dependent loads, ~18% of a batch-1 CSA launch's samples,
+  // ncu), counts each block's valid entries, and after a barrier writes them at
+  // the block's offset (the counts of the blocks before it): the order is the row's.
+  constexpr int kMaxBlocksPerWarp = 8;
+  constexpr int kMaxBlocks = 64;
+  __shared__ int block_valid[kMaxBlocks];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int blocks = int((a.K + 31) / 32);
+  if (blocks > kMaxBlocks || blocks > warps * kMaxBlocksPerWarp) {  // not at the models' top-k sizes
+    if (threadIdx.x == 0) *counter = 0;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      int n = 0;
+      for (int64_t base = 0; base < a.K; base += 32) {
+        const int32_t j = base + lane < a.K ? a.topk[t * a.K + base + lane] : -1;
+        const unsigned ballot = __ballot_sync(kFull, j >= 0);
+        if (j >= 0) comp[n + __popc(ballot & ((1u << lane) - 1u))] = j;
+        n += __popc(ballot);
+      }
+      if (lane == 0) *counter = n;
     }
-    if (lane == 0) *counter = n;
+    __syncthreads();
+    return *counter;
+  }
+  int32_t j[kMaxBlocksPerWarp];
+#pragma unroll
+  for (int i = 0; i < kMaxBlocksPerWarp; ++i) {
+    const int64_t e = int64_t(warp + i * warps) * 32 + lane;
+    j[i] = warp + i * warps < blocks && e < a.K ? a.topk[t * a.K + e] : -1;
+  }
+  unsigned ballot[kMaxBlocksPerWarp];
+#pragma unroll
+  for (int i = 0; i < kMaxBlocksPerWarp; ++i) {
+    ballot[i] = __ballot_sync(kFull, j[i] >= 0);
+    if (lane == 0 && warp + i * warps < blocks) block_valid[warp + i * warps] = __popc(ballot[i]);
   }
   __syncthreads();
-  return *counter;
+  int total = 0;  // valid entries of the blocks before block b, for each of this warp's blocks in turn
+  int next = warp;
+  for (int b = 0; b < blocks; ++b) {
+    if (b == next) {
+      const int i = (b - warp) / warps;
+#pragma unroll
+      for (int k = 0; k < kMaxBlocksPerWarp; ++k)
+        if (k == i && j[k] >= 0) comp[total + __popc(ballot[k] & ((1u << lane) - 1u))] = j[k];
+      next += warps;
+    }
+    total += block_valid[b];
+  }
+  __syncthreads();
+  return total;
 }
 
 // simple: one CTA per (token, head), the reference loop: logits in the cpu::dot_f32

@@ -347,62 +347,104 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 // Roofline at D = 4096, T = 256: fn 1.5 MB + X 2 x 8 MB -> ~6 us at 3 TB/s; at
 // T = 1 the 1.5 MB of fn over 128 CTAs, ~2-3 us.
 constexpr int kHcSlice = 128;
-constexpr int kHcRowTile = 32;
 constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
 
-__global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn,
+// kRows rows per warp, 8 warps: 32-row tiles, or 64-row tiles from 65 rows where
+// mix + 8 <= 32 (at batch 256 the 32-row tiles made 1024 CTAs, 1.3 waves of 6 CTAs
+// an SM, each a load round trip then its FMAs: ~27 µs a launch, ncu; 64-row tiles
+// are 512 CTAs, one wave of 4 an SM, and read each fn value once per 8 rows).
+template <int kRows>
+__global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0) hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn,
                                                              int64_t rows, int64_t n, int mix,
                                                              float* __restrict__ partial) {
+  constexpr int kHcRowTile = 8 * kRows;
+  constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
   // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
   // l's fn row starts 4 banks after lane l-1's (conflict-free 128-bit reads).
   constexpr int kPad = kHcSlice + 4;
-  __shared__ __align__(16) float fn_s[31][kPad];
+  __shared__ __align__(16) float fn_s[kMaxMix][kPad];
   __shared__ __align__(16) float x_s[kHcRowTile][kPad];
   const int64_t slice = blockIdx.x, k0 = slice * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowTile;
   // Every load of the tile is issued before the first is used: one DRAM round trip
   // instead of one per loop iteration (ncu at batch 1: 15 -> 12 µs a launch). fn is
   // a weight: its loads go out before the wait for the predecessor (dependent launch).
-  constexpr int kFnPer = 31 * kHcSlice / 256 + 1, kXPer = kHcRowTile * kHcSlice / 256;
-  static_assert(kHcRowTile * kHcSlice % 256 == 0, "whole x tile per pass");
-  float fv[kFnPer], xv[kXPer];
+  if constexpr (kRows == 8) {
+    // fn by cp.async straight into shared memory, X by 16-byte loads (the host checks
+    // both are 16-byte aligned): 16 registers in flight a thread instead of 44 (with
+    // 2- and 4-byte loads into registers: 118 registers, two CTAs an SM).
+    constexpr int kFnVec = kMaxMix * kHcSlice / 4 / 256, kXVec = kHcRowTile * kHcSlice / 8 / 256;
+    static_assert(kMaxMix * kHcSlice % 1024 == 0 && kHcRowTile * kHcSlice % 2048 == 0, "whole tiles per pass");
 #pragma unroll
-  for (int u = 0; u < kFnPer; ++u) {
-    const int idx = int(threadIdx.x) + 256 * u;
-    fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
-  }
-  wait_for_predecessor();
+    for (int u = 0; u < kFnVec; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u, row = idx / (kHcSlice / 4), c = (idx % (kHcSlice / 4)) * 4;
+      if (row < mix)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))),
+                     "l"(fn + int64_t(row) * n + k0 + c));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    wait_for_predecessor();
+    uint4 xv[kXVec];
 #pragma unroll
-  for (int u = 0; u < kXPer; ++u) {
-    const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
-    xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
-  }
+    for (int u = 0; u < kXVec; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u, r = idx / (kHcSlice / 8), c = (idx % (kHcSlice / 8)) * 8;
+      xv[u] = r0 + r < rows ? *reinterpret_cast<const uint4*>(X + (r0 + r) * n + k0 + c) : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
-  for (int u = 0; u < kFnPer; ++u) {
-    const int idx = int(threadIdx.x) + 256 * u;
-    if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
-  }
+    for (int u = 0; u < kXVec; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u, r = idx / (kHcSlice / 8), c = (idx % (kHcSlice / 8)) * 8;
+      const uint32_t w[4] = {xv[u].x, xv[u].y, xv[u].z, xv[u].w};
 #pragma unroll
-  for (int u = 0; u < kXPer; ++u) {
-    const int idx = int(threadIdx.x) + 256 * u;
-    x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
+      for (int e = 0; e < 4; ++e) {
+        x_s[r][c + 2 * e] = bf2f(uint16_t(w[e] & 0xffffu));
+        x_s[r][c + 2 * e + 1] = bf2f(uint16_t(w[e] >> 16));
+      }
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+  } else {
+    constexpr int kFnPer = (kMaxMix * kHcSlice + 255) / 256, kXPer = kHcRowTile * kHcSlice / 256;
+    static_assert(kHcRowTile * kHcSlice % 256 == 0, "whole x tile per pass");
+    float fv[kFnPer], xv[kXPer];
+#pragma unroll
+    for (int u = 0; u < kFnPer; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u;
+      fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
+    }
+    wait_for_predecessor();
+#pragma unroll
+    for (int u = 0; u < kXPer; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
+      xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < kFnPer; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u;
+      if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
+    }
+#pragma unroll
+    for (int u = 0; u < kXPer; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u;
+      x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
+    }
   }
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int rb = warp * 4;  // 8 warps x 4 rows = the 32-row tile
-  // Lanes 0 .. mix-1: mix `lane` of the warp's 4 rows (fn row `lane` against each
-  // x row). Lanes mix .. mix+3: the sum of squares of row rb + (lane - mix), as the
-  // same loop with that x row in place of the fn row (acc[lane - mix] is then x . x;
-  // the other three are discarded). The operand row is picked once, not per row and
+  const int rb = warp * kRows;  // 8 warps x kRows rows = the tile
+  // Lanes 0 .. mix-1: mix `lane` of the warp's kRows rows (fn row `lane` against each
+  // x row). Lanes mix .. mix+kRows-1: the sum of squares of row rb + (lane - mix), as
+  // the same loop with that x row in place of the fn row (acc[lane - mix] is then
+  // x . x; the others are discarded). The operand row is picked once, not per row and
   // k: a select per FMA had made the ALU pipe the limit (ncu at batch 256: issue
   // slots 59% busy, ALU the busiest pipe, 29 us a launch). Same FMA order per output
   // as before: k = 0 .. 127, four at a time in x, y, z, w order.
-  if (lane >= mix + 4 || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
+  if (lane >= mix + kRows || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
   const float* wrow = lane < mix ? &fn_s[lane][0] : &x_s[rb + lane - mix][0];
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
   for (int k = 0; k < kHcSlice; k += 4) {
     const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < kRows; ++r) {
       const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
       acc[r] = fmaf(w4.x, x4.x, acc[r]);
       acc[r] = fmaf(w4.y, x4.y, acc[r]);
@@ -413,13 +455,13 @@ __global__ void __launch_bounds__(256) hc_mix_partial_kernel(const uint16_t* __r
   float* out = partial + slice * kHcMaxRowsPerLaunch * 32;
   if (lane < mix) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int r = 0; r < kRows; ++r)
       if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + lane] = acc[r];
   } else {
     const int r = lane - mix;  // slot `mix` of row rb + r: its sum of squares
     float v = acc[0];
 #pragma unroll
-    for (int i = 1; i < 4; ++i) v = r == i ? acc[i] : v;
+    for (int i = 1; i < kRows; ++i) v = r == i ? acc[i] : v;
     if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + mix] = v;
   }
 }
@@ -573,13 +615,16 @@ struct BfRegs {
   }
 };
 
-// block_sum over warps 0-7 only (named barrier 1), while warp 8 runs the Sinkhorn.
+// A barrier of warps 0-7 only (named barrier 1), while warp 8 runs the Sinkhorn.
+__device__ __forceinline__ void x_warps_barrier() { asm volatile("bar.sync 1, %0;" ::"n"(kHcXThreads) : "memory"); }
+
+// block_sum over warps 0-7 only.
 __device__ __forceinline__ float x_warps_sum(float v, float* red /* [8] */) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) red[warp] = v;
-  asm volatile("bar.sync 1, %0;" ::"n"(kHcXThreads) : "memory");
+  x_warps_barrier();
   float total = 0.0f;
   for (int w = 0; w < kHcXThreads / 32; ++w) total += red[w];
   return total;
@@ -638,17 +683,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
     raw[tid] = s;
   }
   __syncthreads();
-  if (tid == 0) {
-    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps)));
-#pragma unroll
-    for (int i = 0; i < HC; ++i)
-      pre[i] = __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[i], r), a.scale[0]), a.base[i])), a.hc_eps);
-    raw[kMix] = r;
-  }
-  __syncthreads();
-  if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb
+  // The mix's norm factor, formed by each thread that needs it (the same bits).
+  auto norm_factor = [&] { return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps))); };
+  if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
     if constexpr (!kHead) {
-      const float r = raw[kMix];
+      const float r = norm_factor();
       const int lane = tid - kHcXThreads;
       if (lane < HC)
         a.post[t * HC + lane] = __fmul_rn(
@@ -670,6 +709,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
     }
     return;
   }
+  if (tid < HC) {
+    const float r = norm_factor();
+    pre[tid] = __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[tid], r), a.scale[0]), a.base[tid])), a.hc_eps);
+  }
+  x_warps_barrier();
   // Warps 0-7: x = sum_i pre_i X_i (bf16), and for the norm the sum of squares of x
   // in rms_norm_row's order (this thread's chunks ascending, their values in order).
   float p[HC];
@@ -946,8 +990,12 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
   for (int64_t r0 = 0; r0 < T; r0 += kHcMaxRowsPerLaunch) {
     const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
     const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
-    hc_mix_partial_kernel<<<dim3(unsigned(slices), unsigned((rows + kHcRowTile - 1) / kHcRowTile)), 256, 0,
-                            be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial);
+    if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
+      hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
+          Xr, w.fn.as<float>(), rows, n, kMix, partial);
+    else
+      hc_mix_partial_kernel<4><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
+          Xr, w.fn.as<float>(), rows, n, kMix, partial);
     check_launch(be.stream());
     HcFinishArgs a;
     a.X = Xr;
