@@ -232,13 +232,14 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   const int32_t pos = positions[t];
   uint16_t* qt = q + (t * H_all + h0) * Dh;
   // Warp w owns heads w, w + warps, ... (one at 8 heads a CTA) from load to store, so
-  // only the RoPE table is shared across warps: a warp's own row needs __syncwarp,
-  // not a block barrier. (A flat (head, chunk) loop over the block cost a 32-bit
+  // only the RoPE table is shared across warps: one block barrier, which also orders
+  // each warp's own row. (A flat (head, chunk) loop over the block cost a 32-bit
   // division per chunk and two block barriers: ncu at batch 256 had the kernel
   // issue-bound, 25 µs a launch.) The loads are issued before the table's trig.
   const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5), dh = int(Dh);
   for (int h = warp; h < int(H); h += warps)
-    for (int i = lane * VEC; i < dh; i += 32 * VEC) store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
+    for (int i = lane * VEC; i < dh; i += 32 * VEC)
+      store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
   if (pos >= 0)
     for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
   __syncthreads();  // the table (and each warp's row)
@@ -353,10 +354,13 @@ constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512
 // mix + 8 <= 32 (at batch 256 the 32-row tiles made 1024 CTAs, 1.3 waves of 6 CTAs
 // an SM, each a load round trip then its FMAs: ~27 µs a launch, ncu; 64-row tiles
 // are 512 CTAs, one wave of 4 an SM, and read each fn value once per 8 rows).
+// Launch bounds: 4 CTAs an SM for the 64-row tiles (64 registers, 28 bytes of spill
+// in the staging; 76 registers and 3 CTAs without); no minimum (0) for the 32-row
+// tiles, which take 64 registers without spilling only then.
 template <int kRows>
-__global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0) hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn,
-                                                             int64_t rows, int64_t n, int mix,
-                                                             float* __restrict__ partial) {
+__global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
+    hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
+                          int mix, float* __restrict__ partial) {
   constexpr int kHcRowTile = 8 * kRows;
   constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
   // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
@@ -378,8 +382,8 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0) hc_mix_partial_kernel
     for (int u = 0; u < kFnVec; ++u) {
       const int idx = int(threadIdx.x) + 256 * u, row = idx / (kHcSlice / 4), c = (idx % (kHcSlice / 4)) * 4;
       if (row < mix)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))),
-                     "l"(fn + int64_t(row) * n + k0 + c));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                     ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))), "l"(fn + int64_t(row) * n + k0 + c));
     }
     asm volatile("cp.async.commit_group;\n" ::);
     wait_for_predecessor();
@@ -678,7 +682,8 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
       for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, st[sl * 32 + tid]);
     } else {
 #pragma unroll 16
-      for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + tid]);
+      for (int sl = 0; sl < slices; ++sl)
+        s = __fadd_rn(s, a.partial[(int64_t(sl) * kHcMaxRowsPerLaunch + t) * 32 + tid]);
     }
     raw[tid] = s;
   }
@@ -711,7 +716,8 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
   }
   if (tid < HC) {
     const float r = norm_factor();
-    pre[tid] = __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[tid], r), a.scale[0]), a.base[tid])), a.hc_eps);
+    pre[tid] =
+        __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[tid], r), a.scale[0]), a.base[tid])), a.hc_eps);
   }
   x_warps_barrier();
   // Warps 0-7: x = sum_i pre_i X_i (bf16), and for the norm the sum of squares of x
