@@ -1275,9 +1275,12 @@ struct AttnSplit {
 // fast: one CTA per (token, group of MT x 16 heads, split); MT x 4 warps. Keys stream
 // through shared memory 32 at a time: records are staged by cp.async one chunk
 // ahead and decoded once per CTA into a bf16 tile. Warp (mt, r): S partial for
-// m-tile mt over dims [r*DH/4, (r+1)*DH/4) (mma), partials summed through shared
-// memory in r order, online softmax (fp32, running max), bf16(P) . V over its
-// quarter of the output dims (mma, V fragments by ldmatrix.trans).
+// m-tile mt over dims [r*DH/4, (r+1)*DH/4) (mma) into shared memory; then every
+// thread sums the partials of 4 keys of one row in r order and runs that row's
+// online softmax with the row's 7 other threads (row_softmax4: fp32, running max);
+// bf16(P) and the row factors go through shared memory; warp (mt, r) computes
+// bf16(P) . V over its quarter of the output dims (mma, V fragments by
+// ldmatrix.trans).
 constexpr int kKeysPerChunk = 32;
 constexpr int kSStride = 40;  // fp32
 
