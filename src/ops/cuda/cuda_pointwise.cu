@@ -600,6 +600,8 @@ struct BfRegs {
       w[0] = *reinterpret_cast<const uint32_t*>(p);
     } else {
 #pragma unroll
+      for (int i = 0; i < (VEC + 1) / 2; ++i) w[i] = 0;
+#pragma unroll
       for (int e = 0; e < VEC; ++e) set(e, p[e]);
     }
   }
@@ -726,7 +728,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
 #pragma unroll
   for (int i = 0; i < HC; ++i) p[i] = pre[i];
   constexpr int kPass = kHcXThreads * kRegs;
-  BfRegs<VEC> xo[kRegs];  // the last pass's x
+  BfRegs<VEC> xo[kRegs] = {};  // the last pass's x
   float ss = 0.0f;
   for (int base = 0; base < chunks; base += kPass) {
     if (base > 0) load_x(base);
@@ -757,7 +759,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
       const int c = chunk(base, k);
       if (c >= chunks) continue;
       // Earlier passes (D > 4096 at VEC = 8, or VEC < 8): this thread's own x, reloaded.
-      BfRegs<VEC> v = xo[k], w = wv[k], o;
+      BfRegs<VEC> v = xo[k], w = wv[k], o{};
       if (base != last) v.load(a.x + t * a.D + int64_t(c) * VEC);
       if (base != 0) w.load(a.norm_w + int64_t(c) * VEC);
 #pragma unroll
