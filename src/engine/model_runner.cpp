@@ -92,7 +92,7 @@ int32_t ModelRunner::graph_bucket(const StepMetadata& meta, int32_t min_rows) co
 void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden,
                        bool allow_graph, int32_t min_graph_rows) {
   const int64_t R = int64_t(meta.logit_rows.size());
-  const int32_t bucket = hidden == nullptr && allow_graph ? graph_bucket(meta, min_graph_rows) : 0;
+  const int32_t bucket = hidden == nullptr && allow_graph && !observer_ ? graph_bucket(meta, min_graph_rows) : 0;
   if (bucket > 0) {
     // Pad to the bucket: pad rows and empty sequences at the reserved slot,
     // a fixed block-table stride, logits rows for every row.
@@ -133,7 +133,15 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
   }
   const ops::BatchView batch = upload_metadata(meta);
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
-  model::run_in_order(program);
+  if (observer_) {
+    for (const model::Stage& stage : program) {
+      observer_(meta, stage, false);
+      stage.run();
+      observer_(meta, stage, true);
+    }
+  } else {
+    model::run_in_order(program);
+  }
   download_logits(R, logits);
   if (hidden != nullptr) {
     const core::Tensor X = buffers_->X.rows(0, batch.num_tokens);

@@ -52,6 +52,10 @@ class ModelRunner {
   // logits are downloaded.
   void step_eager_with_hook(const StepMetadata& meta,
                             const std::function<void(const model::Stage&, bool after)>& on_stage);
+  // Debugging (tests that locate where two backends part): while an observer is
+  // set, every step() runs eagerly and calls it before and after each stage.
+  using StageObserver = std::function<void(const StepMetadata&, const model::Stage&, bool after)>;
+  void set_stage_observer(StageObserver observer) { observer_ = std::move(observer); }
   // Benchmarks: the step's graph (recorded on first use, like step()) replayed
   // `warmup` times, then `iters` times with each replay timed on the device.
   std::vector<double> time_graph_replays(const StepMetadata& meta, int warmup, int iters);
@@ -86,6 +90,7 @@ class ModelRunner {
   // Step metadata on the device.
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
+  StageObserver observer_;
 };
 
 }  // namespace dsv4::engine
