@@ -10,10 +10,13 @@
 // Tolerances:
 //  * records: lossless. encode(decode(x)) and decode(encode(x)) are exact for
 //    values on the FP8 / FP4 grids; window_commit rows decode bit for bit.
-//  * indexer_q, compressed rows: the kernels repeat the reference arithmetic
-//    (double Hadamard, unfused fp32, exp via double); an element may differ by one
-//    quantization step of its block (FP8/FP4) when an exp or cos/sin rounds
-//    differently, which must stay rare (reported). States: bitwise.
+//  * compressed rows: bitwise (the kernels repeat the reference arithmetic:
+//    double Hadamard, unfused fp32, exp via double, the row norm's sum order).
+//    Until the twelfth session they were allowed one row in 50 off by a
+//    quantization step, which hid a row norm summed in another order (a rare
+//    top-k flip in the model-level bit-for-bit test found it). States: bitwise.
+//  * indexer_q: an element may differ by one quantization step of its block when
+//    a cos/sin rounds differently, which must stay rare (reported).
 //  * indexer_topk: simple = bitwise; fast scores with tensor-core dot products,
 //    so two rows may swap across a bf16 rounding boundary: each selected set is
 //    checked against the host-recomputed reference scores (a valid top-k within
@@ -642,9 +645,8 @@ TEST_P(CudaAttention, CompressMatchesCpuAcrossSteps) {
       const int64_t dd = kind.d;
       const auto got = download_rows(cuda(), grows, dd, kind.rotate);
       const auto want = host_values(crows);
-      const int64_t rows = int64_t(want.size()) / dd;
-      expect_quantized_rows_close(got, want, dd, kind.rotate ? dd : dd - kRope, kind.rotate ? 32 : 64, kind.rotate,
-                                  rows / 50 + 1, tag(name + " rows"));
+      expect_quantized_rows_close(got, want, dd, kind.rotate ? dd : dd - kRope, kind.rotate ? 32 : 64, kind.rotate, 0,
+                                  tag(name + " rows"));
     }
   }
 }
@@ -975,10 +977,8 @@ TEST_P(CudaAttention, LayerMatchesCpuAcrossSteps) {
           cuda().compress(dev(ia), dev(ig), dicw, db.view, drope, 1e-6f, c.gpu);
           const auto got_rows = download_rows(cuda(), c.gpu.index_rows, Di, true);
           const auto want_rows = host_values(c.cpu.index_rows);
-          expect_quantized_rows_close(got_rows, want_rows, Di, Di, 32, true, int64_t(want_rows.size()) / Di / 50 + 1,
-                                      sname + " index rows");
-          // From here on both sides score the same rows (a rare one-step difference
-          // in a row would otherwise move the top-k legitimately).
+          expect_quantized_rows_close(got_rows, want_rows, Di, Di, 32, true, 0, sname + " index rows");
+          // From here on both sides score the same rows, also after a failure above.
           upload_rows(cuda(), c.cpu.index_rows, c.gpu.index_rows, Di, true);
           Tensor iq = rng.bf16({T, Hi, Di}, 2.0f), iw = rng.bf16({T, Hi});
           Tensor diq = dev(iq);
@@ -1007,8 +1007,7 @@ TEST_P(CudaAttention, LayerMatchesCpuAcrossSteps) {
           cuda().compress(dev(a), dev(g), dcw, db.view, drope, 1e-6f, c.gpu);
           const auto got_rows = download_rows(cuda(), c.gpu.rows, sh.Dh, false);
           const auto want_rows = host_values(c.cpu.rows);
-          expect_quantized_rows_close(got_rows, want_rows, sh.Dh, sh.Dh - kRope, 64, false,
-                                      int64_t(want_rows.size()) / sh.Dh / 50 + 1, sname + " rows");
+          expect_quantized_rows_close(got_rows, want_rows, sh.Dh, sh.Dh - kRope, 64, false, 0, sname + " rows");
           upload_rows(cuda(), c.cpu.rows, c.gpu.rows, sh.Dh, false);  // attention below reads identical rows
           expect_bytes_equal(host(c.gpu.kv_state).data(), c.cpu.kv_state.data(), c.cpu.kv_state.nbytes(),
                              sname + " kv_state");

@@ -32,6 +32,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/wgmma.cuh"
@@ -134,23 +135,6 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
   return v;
-}
-
-// cpu::dot_f32 in its exact order (16 lanes of sequential unfused fp32 sums,
-// then the fixed pairwise tree, then the tail): lane u of each half-warp owns
-// accumulator lane u; the xor butterfly over 1, 2, 4, 8 is reduce8(acc0) + reduce8(acc1).
-// Every lane returns the result. a, b: shared or global fp32 arrays of n values.
-__device__ float warp_dot_cpu_order(const float* a, const float* b, int n) {
-  const int u = threadIdx.x & 15;
-  float acc = 0.0f;
-  const int blocks = n / 16;
-  for (int k = 0; k < blocks; ++k) acc = __fadd_rn(acc, __fmul_rn(a[16 * k + u], b[16 * k + u]));
-  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 1));
-  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 2));
-  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 4));
-  acc = __fadd_rn(acc, __shfl_xor_sync(kFull, acc, 8));
-  for (int i = blocks * 16; i < n; ++i) acc = __fadd_rn(acc, __fmul_rn(a[i], b[i]));
-  return acc;
 }
 
 // ---- record codecs -------------------------------------------------------------
@@ -380,6 +364,7 @@ struct CompressArgs {
 };
 
 constexpr int kCompressThreads = 256;
+static_assert(kCompressThreads == 256, "the row norm's sum order (block_sum_squares) is that of 256 threads");
 constexpr int kMaxCompressDim = 512;
 
 // Softmax-weighted pooling of one feature over its candidates, in the reference's
@@ -410,7 +395,7 @@ struct CompressSmem {
   float pooled[kMaxCompressDim];
   float v[kMaxCompressDim];
   double h[kMaxCompressDim];
-  float r;
+  float red[32];
 };
 
 // Finishes compressed row j (RMSNorm of bf16(pooled), RoPE at j*m, FP8 or
@@ -421,12 +406,11 @@ __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int
   const int tid = threadIdx.x, nt = blockDim.x;
   for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(sm.pooled[f]);
   __syncthreads();
-  if (tid < 32) {
-    const float ss = warp_dot_cpu_order(sm.v, sm.v, d);
-    if (tid == 0) sm.r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, float(d)), a.eps)));
-  }
-  __syncthreads();
-  const float r = sm.r;
+  // ref::rms_norm_bf16's sum of squares (the row norm's order, block_sum_squares):
+  // an order of its own here left one compressed row in a few hundred a bf16 ulp off
+  // the reference, so the indexer's top-k could differ on a near tie.
+  const float ss = block_sum_squares(sm.v, d, sm.red);
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, float(d)), a.eps)));
   for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(__fmul_rn(bf2f(a.norm[f]), __fmul_rn(sm.v[f], r)));
   __syncthreads();
   for (int i = tid; i < rd / 2; i += nt) {  // spec §5.3: rotated at j*m, the window's first token

@@ -20,6 +20,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 
@@ -97,19 +98,6 @@ __device__ __forceinline__ void rope_pair(uint16_t* a, uint16_t* b, float c, flo
   const float x = bf2f(*a), y = bf2f(*b);
   *a = f2bf(__fsub_rn(__fmul_rn(x, c), __fmul_rn(y, s)));
   *b = f2bf(__fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c)));
-}
-
-// Deterministic block sum (fixed tree: lanes by xor, then warps in order).
-__device__ float block_sum(float v, float* red /* [32] */) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
-  __syncthreads();  // red may still be read by a previous call
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-  for (int w = 0; w < warps; ++w) total += red[w];
-  return total;
 }
 
 // ---- embed ---------------------------------------------------------------------
