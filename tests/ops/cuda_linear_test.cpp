@@ -307,13 +307,17 @@ Tensor random_weights(Rng& rng, int64_t rows, int64_t k) {
 void check_quant_linear(bool fp4, uint64_t salt) {
   Env env;
   Rng rng(salt);
-  // K slices S = 2, 1 (odd stage count), 16, 2; N not a multiple of the 128-row tile.
-  // Accumulation modes: S = 1 one pass; slices split over CTAs (small grids); slices
-  // walked in sequence with a second accumulator set ((1000, 2048) and (4096, 256)
-  // at 512 rows).
+  // K slices S = 2, 1 (odd stage count), 16, 2, 8; N not a multiple of the 128-row tile.
+  // Accumulation modes: S = 1 one pass; slices split over CTAs (small grids), folded
+  // inside a cluster (S <= 8) or through global memory (S = 16); slices walked in
+  // sequence with a second accumulator set ((1000, 2048) and (4096, 256) at 512 rows).
   const std::vector<int64_t> few = {1, 65, 256, 512};
   for (const auto& [s, rows] : std::vector<std::pair<Shape, std::vector<int64_t>>>{
-           {Shape{200, 256}, kRows}, {Shape{300, 384}, kRows}, {Shape{1000, 2048}, few}, {Shape{4096, 256}, few}}) {
+           {Shape{200, 256}, kRows},
+           {Shape{300, 384}, kRows},
+           {Shape{1000, 2048}, few},
+           {Shape{4096, 256}, few},
+           {Shape{1024, 1024}, few}}) {
     const QuantLinear hw = host_quant(s.n, s.k, fp4, draw_seed(rng));
     const QuantLinear dw = device_quant(env.cuda, hw);
     for (int64_t M : rows) {
