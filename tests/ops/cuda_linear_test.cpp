@@ -309,7 +309,7 @@ void check_quant_linear(bool fp4, uint64_t salt) {
   Rng rng(salt);
   // K slices S = 2, 1 (odd stage count), 16, 2, 8; N not a multiple of the 128-row tile.
   // Accumulation modes: S = 1 one pass; slices split over CTAs (small grids), folded
-  // inside a cluster (S <= 8) or through global memory (S = 16); slices walked in
+  // by the tile's last CTA (S x rows <= 64) or by split_fold_kernel; slices walked in
   // sequence with a second accumulator set ((1000, 2048) and (4096, 256) at 512 rows).
   const std::vector<int64_t> few = {1, 65, 256, 512};
   for (const auto& [s, rows] : std::vector<std::pair<Shape, std::vector<int64_t>>>{

@@ -17,7 +17,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
 #include <vector>
 
 #include <cudaTypedefs.h>
@@ -136,51 +135,12 @@ void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& don
   done.fetch_or(bit, std::memory_order_acq_rel);
 }
 
-// The split fold inside a thread-block cluster (GemmParams::cluster_fold): on unless
-// DSV4_CUDA_CLUSTER_FOLD=0 (read once), for S <= 8 slices (the portable cluster size).
-bool cluster_fold_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DSV4_CUDA_CLUSTER_FOLD");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return on;
-}
-
 template <WFmt F, int NT, bool kTwo>
 void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT>();
   static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::gemm_kernel<F, NT, kTwo>;
-  allow_smem(kernel, smem, be.device_index(), done);
-  if (p.cluster_fold) {
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(lk::kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = be.stream();
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = 1;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = grid.z;
-    cfg.attrs = &cluster;
-    cfg.numAttrs = 1;
-    // Whether clusters of this size fit at all: asked once per kernel and size, on the
-    // first (eager) use, not inside a capture.
-    static std::atomic<uint32_t> checked{0};  // bit log2(S)
-    const uint32_t bit = 1u << (grid.z == 2 ? 0 : grid.z == 4 ? 1 : grid.z == 8 ? 2 : 3);
-    DSV4_CHECK(bit < 8u, "gemm: a cluster fold of {} slices (at most 8)", grid.z);
-    if (!(checked.load(std::memory_order_acquire) & bit)) {
-      int clusters = 0;
-      DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
-      DSV4_CHECK(clusters > 0, "gemm: clusters of {} CTAs of {} bytes of shared memory do not fit on this GPU "
-                 "(DSV4_CUDA_CLUSTER_FOLD=0 folds through global memory instead)", grid.z, smem);
-      checked.fetch_or(bit, std::memory_order_acq_rel);
-    }
-    DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
-    return;
-  }
-  kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p);
+  allow_smem(lk::gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
+  lk::gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p);
   check_launch(be.stream());
 }
 
@@ -405,12 +365,9 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   p.split = split ? p.slices : 1;
   // The fold of a split: by each tile's last CTA while it reads at most 64 partials
   // per thread (S x rows <= 64), by split_fold_kernel beyond (same order, same bits).
-  // With S <= 8, the tile's S CTAs as one cluster, folding over distributed shared
-  // memory instead (no partials in global memory, no fold launch; the same sum).
-  p.cluster_fold = split && p.split <= 8 && cluster_fold_enabled();
-  const bool fold_launch = split && !p.cluster_fold && int64_t(p.slices) * p.m > 64;
+  const bool fold_launch = split && int64_t(p.slices) * p.m > 64;
   DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
-  if (split && !p.cluster_fold) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch);
+  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {

@@ -185,9 +185,6 @@ struct GemmParams {
   int64_t partial_rows;
   int64_t partial_cols;
   int* counters;         // per tile arrival counters, zero between launches; null: split_fold_kernel folds
-  // split > 1, launched as clusters of the tile's S CTAs (1 x 1 x S): the slices are
-  // folded inside the cluster over distributed shared memory (no partial, no counter).
-  int cluster_fold;
   // Expert launches: tile list {local expert, first compact row, rows, -}.
   const int4* tiles;
   const int* num_tiles;
@@ -210,28 +207,6 @@ __device__ __forceinline__ float warp_max(float v) {
 
 
 // UE8M0 exponent of an activation block (spec §2.4: amax floored at 1e-4, times fp32(1/448)).
-// Thread-block cluster: a barrier of every thread of the cluster (release / acquire:
-// shared-memory writes before it are visible to the cluster's readers after it),
-// the address of the same shared variable in CTA `rank`, and a 16-byte load there.
-__device__ __forceinline__ void cluster_barrier() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t cluster_shared_address(const void* p, uint32_t rank) {
-  uint32_t out;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-               : "=r"(out)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
-  return out;
-}
-__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-
 __device__ __forceinline__ int act_exponent(float amax) {
   return core::ceil_log2_bits(fmaxf(amax, 1e-4f) * (1.0f / 448.0f));
 }
@@ -812,36 +787,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
   };
 
-  if constexpr (kEarlyWeights && kRowGroups == 1 && !kTmaW) {  // plain GEMMs (gemm_kernel) only
-    if (p.split > 1 && p.cluster_fold) {
-      // The tile's S slices are one cluster (rank = slice). Each CTA leaves its slice
-      // sums in its own shared memory (the stage buffers: every copy and product is
-      // done once all warps pass the barrier), then folds 1/S of the tile's outputs,
-      // reading the S partials in slice order: v = ((0 + p_0) + p_1) + ..., the sum of
-      // split_fold_kernel and of the last-CTA fold, so the bits are the same.
-      float* part_s = reinterpret_cast<float*>(smem);  // [BM][kTileN]
-      __syncthreads();
-      for_each_acc<NQ>([&](int i, int q, int e) {
-        part_s[(8 * q + 2 * t + (e & 1)) * kTileN + tile_row(i, e >> 1)] = cur[i][q][e];
-      });
-      cluster_barrier();
-      const int S = p.split, chunk = kTileN * BM / S;  // outputs a CTA folds (S <= 8: a multiple of 4)
-      for (int o = slice * chunk + 4 * tid; o < (slice + 1) * chunk; o += 4 * kThreads) {
-        const int c = o / kTileN, r = o % kTileN;
-        if (c >= rows || r >= valid_n) continue;
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int s = 0; s < S; ++s) {
-          const float4 x = ld_cluster_f32x4(cluster_shared_address(part_s + o, uint32_t(s)));
-          v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
-        }
-#pragma unroll
-        for (int k = 0; k < 4; ++k)
-          if (r + k < valid_n) store(c, r + k, v[k]);
-      }
-      cluster_barrier();  // no CTA leaves while another still reads its partials
-      return;
-    }
-  }
   if (p.split > 1) {
     float* part = p.partial + int64_t(slice) * p.partial_rows * p.partial_cols;
     for_each_acc<NQ>([&](int i, int q, int e) {
@@ -881,7 +826,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 template <WFmt F, int NT, bool kTwoSets>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int BM = 8 * NT;  // gemm_tile waits for the predecessor after its first weight copies
-  static_assert(gemm_smem_bytes<F, NT>() - 1024 >= BM * kTileN * 4, "the cluster fold's partial tile fits");
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
   const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
   const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
