@@ -1,6 +1,7 @@
-// The fixed-order fp32 block reduction of the row kernels, and the sum of squares
-// every RMSNorm on the GPU takes (rms_norm_row, hc_pre_norm, the compressors'
-// row norm): one order, so that each equals ref::sum_squares_as_cuda_rows bit for bit.
+// The fixed-order fp32 block reduction of the row kernels (block_sum), and the
+// compressors' RMSNorm sum of squares from values in memory (block_sum_squares).
+// rms_norm_row and hc_pre_norm form their sums in the same order from bf16 rows:
+// every RMSNorm on the GPU equals ref::sum_squares_as_cuda_rows bit for bit.
 #pragma once
 
 namespace dsv4::ops {

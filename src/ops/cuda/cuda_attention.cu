@@ -406,9 +406,9 @@ __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int
   const int tid = threadIdx.x, nt = blockDim.x;
   for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(sm.pooled[f]);
   __syncthreads();
-  // ref::rms_norm_bf16's sum of squares (the row norm's order, block_sum_squares):
-  // an order of its own here left one compressed row in a few hundred a bf16 ulp off
-  // the reference, so the indexer's top-k could differ on a near tie.
+  // ref::rms_norm_bf16's sum of squares (the row norm's order, block_sum_squares).
+  // An order of its own here left a rare row a quantization step off the reference
+  // (1 of 468 indexer rows in a tiny generation), enough to flip a near-tie top-k.
   const float ss = block_sum_squares(sm.v, d, sm.red);
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, float(d)), a.eps)));
   for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(__fmul_rn(bf2f(a.norm[f]), __fmul_rn(sm.v[f], r)));
