@@ -711,12 +711,13 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
   ops::cuda_linear_force_path(-1);
 }
 
-// FP8 linears, linear pairs, the shared expert's gate/up and bf16 GEMMs in the wide
-// tiles (128 weight rows x 128 or 64 activation rows) give the bits of gemm_kernel's tiles: one K slice and several
-// (walked, the running total in shared memory), partial weight and row tiles, bf16
-// and f32 outputs, a stacked pair with its second output. Where K = 384 (one slice)
-// the FP8 results are also the Hopper model's bit for bit. The test checks that the
-// wide launches happened.
+// FP8 linears, linear pairs, the shared expert's gate/up, bf16 GEMMs and grouped
+// FP8-as-bf16 GEMMs (wo_a) in the wide tiles (128 weight rows x 128 or 64 activation
+// rows) give the bits of gemm_kernel's tiles: one K slice and several (walked, the
+// running total in shared memory), partial weight and row tiles, bf16 and f32
+// outputs, a stacked pair with its second output. Where K = 384 (one slice) the FP8
+// results, and the grouped ones everywhere, are also the Hopper model's bit for bit.
+// The test checks that the wide launches happened.
 TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
@@ -804,6 +805,30 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
         env.cuda.linear_bf16(dx, dw, y);
         return std::vector<Tensor>{y};
       });
+    }
+  }
+  struct GroupedCase {
+    int64_t g, r, c;
+  };
+  // wo_a's grouped FP8-as-bf16 GEMM (its wide path is opt-in until measured; the hook
+  // forces it here): 8 groups (S = 8, walked), 2 groups (S = 4), one group with a
+  // partial weight tile and K = 320 (5 stages, a block scale over 2). Also the Hopper
+  // model's bits.
+  for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
+    const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, c.g * c.c});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
+        env.cuda.grouped_linear(dx, dw, c.g, y);
+        return std::vector<Tensor>{y};
+      });
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
+      env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
+      expect_bitwise(ref, got[0], what + " wide vs the Hopper model");
     }
   }
   ops::cuda_linear_force_path(-1);

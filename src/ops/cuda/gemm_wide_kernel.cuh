@@ -22,16 +22,25 @@ constexpr int kWideThreads = 256;  // two warpgroups, 64 weight rows each
 constexpr int kWideStages = 4;
 static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
 
+// Bytes between weight rows in a stage buffer: 128 (FP8, bf16: 128-byte swizzle, read
+// by wgmma) or FP8-as-bf16's 64 e4m3 bytes padded to 80 (read as A fragments).
+template <WFmt F>
+__host__ __device__ constexpr int wide_weight_row_bytes() {
+  return F == WFmt::kFp8Bf16 ? FmtTraits<F>::kWStride : 128;
+}
+
 // Dynamic shared memory of gemm_wide_kernel<F, R, kTwoSets> (R activation rows a
-// tile): the weight and activation stage buffers (128 and R rows x 128 bytes, 128-byte
-// swizzle; the output tile is staged in them at the end), the running totals over K
-// slices (kTwoSets), FP8 activation scales and the tile's block-scale row.
+// tile): the weight and activation stage buffers (128 and R rows; activations 128
+// bytes a row with the 128-byte swizzle; the output tile is staged in them at the
+// end), the running totals over K slices (kTwoSets), FP8 activation scales and the
+// tile's block-scale row (FP8, FP8-as-bf16).
 template <WFmt F, int R, bool kTwoSets>
 __host__ __device__ constexpr int gemm_wide_smem_bytes() {
   constexpr bool kQuant = F == WFmt::kFp8;
   constexpr int S = kWideStages;
-  return 1024 /* alignment slack */ + S * (kTileN + R) * 128 + (kTwoSets ? kWideThreads * (R / 2) * 4 : 0) +
-         (kQuant ? S * R * 4 + kMaxScaleBlocks : 0);
+  return 1024 /* alignment slack */ + S * (kTileN * wide_weight_row_bytes<F>() + R * 128) +
+         (kTwoSets ? kWideThreads * (R / 2) * 4 : 0) + (kQuant ? S * R * 4 : 0) +
+         (FmtTraits<F>::kBlockScale ? kMaxScaleBlocks : 0);
 }
 
 // d = A * B + (scale_d ? d : 0), both from shared memory: A 64 weight rows x 32 bytes,
@@ -64,6 +73,15 @@ __device__ __forceinline__ void wgmma_wide<WFmt::kBf16>(float (&d)[64], uint64_t
                : DSV4_WIDE_D
                : "l"(da), "l"(db), "r"(scale_d));
 }
+// The same with A (64 weight rows x k16, bf16) in registers, in the m16n8k16 A layout per warp.
+__device__ __forceinline__ void wgmma_wide_bf16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db,
+                                                   int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" DSV4_WIDE_NAMES
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+               : DSV4_WIDE_D
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));
+}
 #undef DSV4_WIDE_NAMES
 #undef DSV4_WIDE_D8
 #undef DSV4_WIDE_D
@@ -73,29 +91,43 @@ __device__ __forceinline__ void wide_mma(float (&d)[R / 2], uint64_t da, uint64_
   if constexpr (R == 128) wgmma_wide<F>(d, da, db, scale_d);
   else wgmma_ss<F, 8>(d, da, db, scale_d);
 }
+// The m64nRk16 bf16 product with A from registers, R = 64 or 128.
+template <int R>
+__device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+  if constexpr (R == 128) wgmma_wide_bf16_rs(d, a, db, scale_d);
+  else wgmma_bf16_rs<8>(d, a, db, scale_d);
+}
 
-// Plain GEMM of one group (FP8 or bf16) in tiles of 128 weight rows x R activation
-// rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid (tiles over n,
-// ceil(m / R)), the row tile fastest in launch order (as gemm_kernel). Every CTA
-// walks all K slices (no split): per slice p_s from zero, tot += p_s at its end.
+// Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
+// activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid
+// (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
+// gemm_kernel). Every CTA walks all K slices (no split): per slice p_s from zero,
+// tot += p_s at its end.
 //   FP8:  p_s = fmaf(mma_c, 2^w * 2^x, p_s) per 32-byte chunk c, each mma_c from zero;
-//   bf16: p_s = the tensor core's running sum over the slice's k16 chunks.
-// All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage).
-// One CTA an SM (registers: up to 246 a thread for FP8 at R = 128).
+//   bf16: p_s = the tensor core's running sum over the slice's k16 chunks;
+//   FP8-as-bf16 (wo_a, grouped): the e4m3 weights decoded to bf16 A fragments, a
+//         stage's 4 k16 chunks summed by the tensor core from zero, then
+//         p_s = fmaf(d_stage, 2^w, p_s): gemm_tile's sequence.
+// All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage;
+// FP8-as-bf16: 2 weight pieces). One CTA an SM (registers: up to 246 a thread for FP8
+// at R = 128).
 template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
   constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
   static_assert(gemm_wide_smem_bytes<F, R, kTwoSets>() <= 227 * 1024, "wide tiles: shared memory");
   constexpr int NQ = R / 8, NA = R / 2, kAPieces = R / 32;  // 8-column groups, accumulators, act copies
-  static_assert(F == WFmt::kFp8 || F == WFmt::kBf16, "wide tiles: FP8 and bf16 weights (both operands in smem)");
+  static_assert(F == WFmt::kFp8 || F == WFmt::kBf16 || F == WFmt::kFp8Bf16, "wide tiles: FP8, bf16, FP8-as-bf16");
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
-  constexpr int kStageBytes = kTileN * 128;  // weights; the activations' buffer is the same size
+  constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS)
+  constexpr int kWRow = wide_weight_row_bytes<F>();
+  constexpr int kStageBytes = kTileN * kWRow;  // weights (a multiple of 1024)
+  static_assert(kStageBytes % 1024 == 0, "the activation stages stay 1024-aligned");
   extern __shared__ __align__(16) uint8_t smem_raw[];
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
-  uint8_t* s_w = smem;                                                       // [stages][128 rows][128 B]
+  uint8_t* s_w = smem;                                                       // [stages][128 rows][kWRow B]
   uint8_t* s_a = s_w + S * kStageBytes;                                      // [S][R rows][128 B]
   float* s_tot = reinterpret_cast<float*>(s_a + S * R * 128);                // kTwoSets: [NA][256] totals
   float* s_as = s_tot + (kTwoSets ? NA * kWideThreads : 0);                  // FP8: [S][R]
@@ -103,27 +135,32 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
 
   const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
-  const int m_tile = linear % int(gridDim.y), tile_n = linear / int(gridDim.y);
+  const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
+  // Groups (wo_a) only on the FP8-as-bf16 path; the others keep their one group's arithmetic.
+  const int group = kRegA ? n_tile / p.tiles_per_group : 0, tile_n = kRegA ? n_tile % p.tiles_per_group : n_tile;
   const int row_base = m_tile * R, rows = min(R, p.m - row_base);
   const int n0 = tile_n * kTileN, valid_n = min(kTileN, p.n - n0);
   const bool second = n0 >= p.n_split;  // a stacked pair: this tile reads w1 (host keeps n_split % 128 == 0)
   const uint8_t* w = second ? p.w1 : p.w0;
   const uint8_t* sc = second ? p.s1 : p.s0;
-  const int64_t wrow0 = n0 - (second ? p.n_split : 0);
+  const int64_t wrow0 = kRegA ? int64_t(group) * p.n + n0 : n0 - (second ? p.n_split : 0);  // (no pair when grouped)
+  const int64_t col0 = kRegA ? int64_t(group) * p.n + n0 : n0;
   const int stages_total = p.k / T::kStageK, per_slice = stages_total / p.slices;
 
-  // Copies: piece c_part of rows c_row + 32 i, for weights (i < 4) and activations (i < R / 32).
+  // Copies: piece c_part of rows c_row + 32 i, for weights (i < 4) and activations (i < R / 32);
+  // FP8-as-bf16 weights: piece tid % 4 of rows tid / 4 and tid / 4 + 64.
   const int c_row = tid >> 3, c_part = tid & 7;
-  const uint8_t* const w_src = w + (wrow0 + c_row) * p.w_row_bytes + c_part * 16;
-  const int64_t w_step = 32 * p.w_row_bytes;
+  const int w_r0 = kRegA ? tid >> 2 : c_row, w_part = kRegA ? tid & 3 : c_part;
+  const uint8_t* const w_src = w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
+  const int64_t w_step = (kRegA ? 64 : 32) * p.w_row_bytes;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kStageBytes;
-    const uint8_t* src = w_src + int64_t(st) * 128;
+    const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
 #pragma unroll
-    for (int i = 0; i < 4; ++i, src += w_step) {
-      const int r = c_row + 32 * i;
+    for (int i = 0; i < (kRegA ? 2 : 4); ++i, src += w_step) {
+      const int r = w_r0 + (kRegA ? 64 : 32) * i;
       const bool ok = r < valid_n;
-      cp_async16_l2_128(dw + sw128_offset(r, c_part), ok ? src : w, ok ? 16 : 0);
+      cp_async16_l2_128(dw + (kRegA ? r * kWRow + w_part * 16 : sw128_offset(r, w_part)), ok ? src : w, ok ? 16 : 0);
     }
   };
   // The weights nobody writes stream in before the wait for the activations' producer.
@@ -134,7 +171,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   // Source row of tile row r (-1 past the rows: zero-filled); no shared copy, so the
   // prologue has no barrier: the loop's first one orders the block-scale stores below.
   auto source_row = [&](int r) { return r < rows ? (p.in_rows ? p.in_rows[row_base + r] : row_base + r) : -1; };
-  if constexpr (kQuant) {  // the tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0)
+  if constexpr (T::kBlockScale) {  // the tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0)
     const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
     for (int i = tid; i < p.s_row_stride; i += kWideThreads) s_bs[i] = srow[i];
   }
@@ -142,7 +179,9 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
 #pragma unroll
   for (int i = 0; i < kAPieces; ++i) {
     const int src_row = source_row(c_row + 32 * i);
-    a_src[i] = src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + c_part * 16 : nullptr;
+    a_src[i] = src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + (kRegA ? group * p.a_group_bytes : 0) +
+                                  c_part * 16
+                            : nullptr;
   }
   const float* as_src = nullptr;  // FP8: activation scales of tile row tid
   if (kQuant && tid < R) {
@@ -192,11 +231,26 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       }
       cp_async_commit();
     };
-    if constexpr (kQuant) load_next();
+    if constexpr (kQuant || kRegA) load_next();
     const int buf = it % S;
-    const uint32_t a_base = smem_u32(s_w + buf * kStageBytes + wg * 64 * 128);
+    const uint32_t a_base = smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow);
     const uint32_t b_base = smem_u32(s_a + buf * R * 128);
-    if constexpr (kQuant) {
+    if constexpr (kRegA) {
+      // The warpgroup's 64 weight rows of the stage as bf16 A fragments (4 k16 chunks),
+      // the chunks summed by the tensor core from zero, then one fold with the block scale.
+      const float wsc = core::e8m0_to_float(s_bs[it / 2]);
+      const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
+      uint32_t a[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, a[j]);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc(b_base + 32 * j), j == 0 ? 0 : 1);
+      wgmma_commit();
+      wgmma_wait_all();
+#pragma unroll
+      for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[0][i], wsc, cur[i]);
+    } else if constexpr (kQuant) {
       // The chunk scale 2^w * 2^x of each of the thread's R / 4 columns, once per stage.
       const float wsc = core::e8m0_to_float(s_bs[it]);
       float csc[NQ][2];
@@ -255,12 +309,12 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
     }
   }
   cp_async_wait<0>();
-  if constexpr (!kQuant) wgmma_wait_all();  // (a no-op: the last stage ends a slice)
+  if constexpr (!kQuant && !kRegA) wgmma_wait_all();  // (a no-op: the last stage ends a slice)
   allow_dependents_to_launch();  // only the epilogue is left
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
   void* const y_out = to_y1 ? p.y1 : p.y;
-  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? n0 - p.n_split : n0;
+  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? col0 - p.n_split : col0;
   // The output tile goes through shared memory (the stage buffers, free once every
   // warpgroup is past its last products): each thread's R / 2 values scattered over
   // R / 4 rows become whole 16-byte pieces of output rows. Row stride padded by 16 bytes:
