@@ -9,7 +9,8 @@
 //   this is a few percent, not 1e-3);
 // - CUDA graph replay == eager CUDA, bit for bit, over the same generation;
 // - free-running greedy generation equal to the CPU's model of the GPU arithmetic
-//   (QuantDotModel::kHopperWgmma), tokens and logits bit for bit.
+//   (QuantDotModel::kHopperWgmma), tokens and logits bit for bit; where it fails it
+//   says where (DivergenceLocator: the first stage whose buffers differ).
 #include <gtest/gtest.h>
 
 #include <cmath>
