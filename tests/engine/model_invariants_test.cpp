@@ -1,12 +1,13 @@
 // Model invariants on `tiny` (CPU reference): decode == prefill at the same
 // position, chunked == one-shot prefill, batched == alone, reruns identical,
 // MTP decode == MTP prefill. Rows are computed independently, so all of these
-// hold bit for bit.
+// hold bit for bit. Also the divergence locator the GPU parity test relies on.
 #include <gtest/gtest.h>
 
 #include <map>
 #include <random>
 
+#include "engine/divergence_locator.h"
 #include "engine/generator.h"
 #include "engine/kv_pool.h"
 #include "engine/model_runner.h"
@@ -23,7 +24,8 @@ class TinyModel : public ::testing::Test {
     weights_ = model::bind_weights(config_, testing::tiny_weights().lookup(), 0, config_.n_routed_experts);
   }
 
-  std::unique_ptr<ModelRunner> runner(int32_t max_tokens = 512, int32_t slots = 4, bool graphs = false) {
+  std::unique_ptr<ModelRunner> runner(int32_t max_tokens = 512, int32_t slots = 4, bool graphs = false,
+                                      ops::Backend* backend = nullptr) {
     RunnerOptions o;
     o.use_graphs = graphs;
     o.max_tokens_per_step = max_tokens;
@@ -32,7 +34,7 @@ class TinyModel : public ::testing::Test {
     o.max_blocks_per_seq = 4;
     o.cache.num_slots = slots;
     o.cache.num_pages = slots * 4;
-    return std::make_unique<ModelRunner>(config_, weights_, *backend_, o);
+    return std::make_unique<ModelRunner>(config_, weights_, backend ? *backend : *backend_, o);
   }
 
   std::vector<int32_t> random_tokens(int n, uint64_t salt) {
@@ -196,6 +198,38 @@ TEST_F(TinyModel, PaddedGraphDecodeEqualsEager) {
     ASSERT_EQ(a, b) << "decode step " << step;
   }
   EXPECT_GE(graphs->num_graphs(), 2u);
+}
+
+// The divergence locator (engine/divergence_locator.h, which the GPU's bit-for-bit
+// parity test runs when it fails) on two CPU arithmetic models: the plain dot
+// products and the model of the Hopper tensor cores part at the first quantized
+// linear (layer 0's attention input stage), not before; one model run twice never
+// parts.
+TEST_F(TinyModel, DivergenceLocatorFindsWhereTwoArithmeticsPart) {
+  auto hopper = ops::make_cpu_backend(2, ops::QuantDotModel::kHopperWgmma);
+  GenerateRequest q;
+  q.prompt = random_tokens(40, 7);
+  q.max_new_tokens = 3;
+  auto generate_once = [&](ModelRunner& r) {
+    IndexPool slots(4), pages(16);
+    generate(r, slots, pages, {q}, GenerateOptions{}, {});
+  };
+  for (const bool same : {false, true}) {
+    auto a = runner();
+    auto b = runner(512, 4, false, same ? nullptr : hopper.get());
+    testing::DivergenceLocator locate(*a, *b);
+    locate.record();
+    generate_once(*a);
+    locate.compare(4);
+    generate_once(*b);
+    locate.stop();
+    if (same) {
+      EXPECT_TRUE(locate.differences().empty()) << locate.differences().front();
+    } else {
+      ASSERT_FALSE(locate.differences().empty());
+      EXPECT_EQ(locate.differences().front().rfind("L0.attn_pre ", 0), 0u) << locate.differences().front();
+    }
+  }
 }
 
 TEST_F(TinyModel, RerunsAreIdentical) {
