@@ -160,7 +160,8 @@ class DivergenceLocator {
     std::string row_list;
     for (size_t r : rows) {
       if (row_list.size() > 40) { row_list += " ..."; break; }
-      row_list += (row_list.empty() ? "" : ",") + std::to_string(r);
+      if (!row_list.empty()) row_list += ',';
+      row_list += std::to_string(r);
     }
     char buf[320];
     std::snprintf(buf, sizeof buf,
