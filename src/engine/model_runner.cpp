@@ -133,15 +133,8 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
   }
   const ops::BatchView batch = upload_metadata(meta);
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
-  if (observer_) {
-    for (const model::Stage& stage : program) {
-      observer_(meta, stage, false);
-      stage.run();
-      observer_(meta, stage, true);
-    }
-  } else {
-    model::run_in_order(program);
-  }
+  if (observer_) model::run_in_order(program, [&](const model::Stage& s, bool after) { observer_(meta, s, after); });
+  else model::run_in_order(program);
   download_logits(R, logits);
   if (hidden != nullptr) {
     const core::Tensor X = buffers_->X.rows(0, batch.num_tokens);
@@ -156,11 +149,7 @@ void ModelRunner::step_eager_with_hook(const StepMetadata& meta,
   const ops::BatchView batch = upload_metadata(meta);
   const int64_t R = int64_t(meta.logit_rows.size());
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
-  for (const model::Stage& stage : program) {
-    on_stage(stage, false);
-    stage.run();
-    on_stage(stage, true);
-  }
+  model::run_in_order(program, on_stage);
   backend_.synchronize();
 }
 

@@ -29,7 +29,9 @@ struct Stage {
 
 using StageProgram = std::vector<Stage>;
 
-// Runs every stage in program order.
-void run_in_order(const StageProgram& program);
+// Runs every stage in program order; `around`, if set, is called before (after =
+// false) and after (after = true) each stage (debugging, benchmark breakdowns).
+void run_in_order(const StageProgram& program,
+                  const std::function<void(const Stage&, bool after)>& around = nullptr);
 
 }  // namespace dsv4::model
