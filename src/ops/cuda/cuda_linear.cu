@@ -202,9 +202,10 @@ std::atomic<int> g_force_wide{-1};
 // one (N = 4096 at 256 rows: 128 CTAs on 132 SMs); gemm_kernel's smaller tiles
 // otherwise. Returns the tile's rows, or 0. DSV4_CUDA_WIDE_GEMM=0 turns wide tiles
 // off; =1 on for every such GEMM (64-row tiles up to 64 rows), whatever its size.
-// The grouped FP8-as-bf16 GEMM (wo_a) has a wide path too, built in the twelfth
-// session and not yet run on a GPU: only the test hook or DSV4_CUDA_WIDE_GEMM=1 /
-// DSV4_CUDA_WIDE_WO_A=1 take it until it is measured.
+// The grouped FP8-as-bf16 GEMM (wo_a) takes the same wide tiles: at 256 rows 70 µs a
+// launch against 97 on gemm_kernel's 64-row tiles (ncu, H200), step -0.7% at 256,
+// equal at 128 (BENCHMARKS.md, thirteenth session). DSV4_CUDA_WIDE_WO_A=0 keeps wo_a
+// on the small tiles (A/B runs).
 constexpr int64_t kWideMinRows = 128;
 int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n_tiles) {
   const bool wo_a = fmt == WFmt::kFp8Bf16;
@@ -212,7 +213,7 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   static const int from_env = env_mode("DSV4_CUDA_WIDE_GEMM");
   const int mode = forced_mode(g_force_wide, from_env);
   if (mode >= 0) return mode == 0 ? 0 : mode == 2 || p.m <= 64 ? 64 : 128;
-  static const bool wo_a_wide = env_mode("DSV4_CUDA_WIDE_WO_A") == 1;
+  static const bool wo_a_wide = env_mode("DSV4_CUDA_WIDE_WO_A") != 0;
   if (wo_a && !wo_a_wide) return 0;
   if (p.m < kWideMinRows) return 0;
   const int64_t sms = be.properties().multiProcessorCount;
