@@ -47,8 +47,6 @@ int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
-int64_t cuda_linear_multi_col_launches();
-void cuda_linear_force_expert_cols(int cols);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
@@ -710,52 +708,6 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
   }
   ops::cuda_linear_force_shared_decode(-1);
   ops::cuda_linear_force_tma(-1);
-  ops::cuda_linear_force_path(-1);
-}
-
-// FP4 expert CTAs that walk 2 or 4 weight tiles (one pipeline across them) give the
-// bits of one tile a CTA: gate/up tiles on both sides of the pair's split inside one
-// CTA, row scales by 32-byte sectors (16 and 32 stages a tile) and by 4-byte copies
-// (4, 5 and 8 stages), 16-row tiles (two 8-row groups) and 32-row ones, a hot
-// expert, and launches that keep one tile a CTA (split slices at one row, a 3-stage
-// down projection). Where a case's tiles are many enough for no split, the test
-// checks that the multi-tile launches happened.
-TEST(CudaLinearColTiles, Fp4ExpertsWalkingSeveralWeightTilesEqualOneTileBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  Env env;
-  Rng rng(0x58);
-  struct Case {
-    int64_t experts, d, inter, k, hot, rows;
-    bool multi;  // some launch walks several tiles a CTA
-  };
-  const Case cases[] = {
-      {48, 640, 768, 6, -1, 40, true},    // gate/up: 12 tiles of 5 stages, 16-row tiles; down split
-      {48, 640, 768, 6, -1, 1, false},    // split slices everywhere
-      {24, 2048, 1024, 6, 3, 120, true},  // gate/up 16 stages (sectors), down 8 (4-byte copies), 32-row tiles
-      {64, 512, 384, 6, -1, 300, true},   // gate/up 6 tiles of 4 stages; down 3 stages: one tile a CTA
-      {8, 4096, 512, 6, -1, 330, true}};  // gate/up 32 stages (sectors), down 4
-  for (const Case& c : cases) {
-    std::vector<ExpertWeights> dex(size_t(c.experts));
-    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
-    const RoutedInputs in = device_routed_inputs(env, rng, c.rows, c.d, c.k, c.experts, c.hot);
-    const std::string what = "E=" + std::to_string(c.experts) + " d=" + std::to_string(c.d) +
-                             " I=" + std::to_string(c.inter) + " R=" + std::to_string(c.rows);
-    const auto [one, one_launches] = run_forced(ops::cuda_linear_force_expert_cols, ops::cuda_linear_multi_col_launches,
-                                                1, [&] { return run_routed(env, in, dex); });
-    EXPECT_EQ(one_launches, 0) << what;
-    for (int cols : {2, 4}) {
-      const auto [got, launches] = run_forced(ops::cuda_linear_force_expert_cols, ops::cuda_linear_multi_col_launches,
-                                              cols, [&] { return run_routed(env, in, dex); });
-      if (c.multi) {
-        EXPECT_GE(launches, 1) << what << " cols=" << cols;
-      } else {
-        EXPECT_EQ(launches, 0) << what << " cols=" << cols;
-      }
-      expect_bitwise(one, got, "fp4 experts " + std::to_string(cols) + " weight tiles a CTA vs 1, " + what);
-    }
-  }
-  ops::cuda_linear_force_expert_cols(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -52,11 +52,6 @@ void cuda_linear_force_shared_decode(int on);
 // 2 on in 64-row tiles only.
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
-// Test hooks: FP4 expert GEMM launches so far whose CTAs walk more than one weight
-// tile (expert_col_tiles); -1 follows DSV4_CUDA_EXPERT_COLS (the default), c >= 1
-// asks for c tiles a CTA (halved until the launch allows it).
-int64_t cuda_linear_multi_col_launches();
-void cuda_linear_force_expert_cols(int cols);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -264,31 +259,6 @@ bool tma_enabled() {
 // 6 (256) -4.9% (55d3f51). DSV4_CUDA_SHARED_DECODE=0 / 1 turns it off / on at every
 // load (A/B runs).
 constexpr int64_t kSharedDecodeMinAvgRows = 3;
-// Weight tiles each CTA of a TMA expert launch walks, one pipeline across them
-// (gemm_tile's col_tiles): a CTA's start and drain, ~2.5 µs of the SM's bandwidth
-// each time, are paid once per that many tiles. Requested from DSV4_CUDA_EXPERT_COLS
-// (a power of two; default kExpertColTiles) or the test hook, then halved until the
-// launch allows it: no split slices, a tile of at least kStages stages (and no stage
-// count 16 j + 1..3, below), and a whole number of CTAs over the n tiles. Any choice
-// gives the same bits.
-constexpr int kExpertColTiles = 2;
-std::atomic<int> g_force_expert_cols{-1};
-std::atomic<int64_t> g_multi_col_launches{0};
-int expert_col_tiles(const lk::GemmParams& p, int64_t n_tiles, int64_t stages) {
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_EXPERT_COLS");
-    return v != nullptr && std::atoi(v) >= 1 ? std::atoi(v) : kExpertColTiles;
-  }();
-  const int forced = g_force_expert_cols.load(std::memory_order_relaxed);
-  int c = forced >= 1 ? forced : from_env;
-  // A 4-byte row-scale slot serves stages st and st + 16 of a tile, so stage st of the
-  // next tile reuses it (iters - 16 j) stages after its last use here: at least kStages.
-  constexpr int64_t kPipe = lk::FmtTraits<WFmt::kFp4>::kStages, kSlots = 2 * lk::kScaleStages;
-  if (p.split > 1 || stages < kPipe || (stages % kSlots != 0 && stages % kSlots < kPipe)) return 1;
-  while (c > 1 && n_tiles % c != 0) c /= 2;
-  return std::max(c, 1);
-}
-
 bool shared_decode_wanted(int64_t avg_rows) {
   static const int from_env = env_mode("DSV4_CUDA_SHARED_DECODE");
   const int mode = forced_mode(g_force_shared_decode, from_env);
@@ -562,15 +532,10 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
     p.chunk_begin = int(c0);
     p.chunk_end = int(c1);
     if (fmt == WFmt::kFp4 && build_expert_tma(p, *table, c1 - c0, *tma)) {
-      lk::GemmParams pc = p;
-      pc.col_tiles = expert_col_tiles(p, n_tiles, stages);
-      const dim3 grid_c(unsigned(n_tiles / pc.col_tiles), grid.y, grid.z);
-      dispatch_expert<WFmt::kFp4, true>(be, pc, grid_c, nt, row_groups, two, *table, *tma);
+      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, row_groups, two, *table, *tma);
       g_tma_launches.fetch_add(1, std::memory_order_relaxed);
-      if (pc.col_tiles > 1) g_multi_col_launches.fetch_add(1, std::memory_order_relaxed);
     } else {
       std::memset(tma.get(), 0, sizeof(lk::ExpertTma));
-      p.col_tiles = 1;
       if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, row_groups, two, *table, *tma);
       else dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, row_groups, two, *table, *tma);
     }
@@ -587,8 +552,6 @@ int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.l
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_multi_col_launches() { return g_multi_col_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_expert_cols(int cols) { g_force_expert_cols.store(cols, std::memory_order_relaxed); }
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {

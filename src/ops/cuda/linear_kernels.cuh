@@ -118,14 +118,6 @@ __host__ __device__ constexpr int gemm_a_stage_bytes() {
   return 8 * NT * 128;
 }
 
-// What loads of an expert CTA's later column tiles need (gemm_tile's col_tiles), kept
-// in shared memory: the row-group kernel has no registers to spare for them.
-struct ExpertCols {
-  const uint8_t* scale[2];  // the expert's row scales, first and second weight of the pair
-  int tma_row[2];           // map row of each weight's first row
-  int row_base, rows;       // the tile's activation rows (for the stores inside the stage loop)
-};
-
 // Dynamic shared memory of gemm_kernel<F, NT, *> (kTmaW: expert_gemm_kernel with TMA
 // weight stages, whose rows are dense); the layout is carved in gemm_tile.
 template <WFmt F, int NT, bool kTmaW = false>
@@ -134,8 +126,7 @@ __host__ __device__ constexpr int gemm_smem_bytes() {
   constexpr int S = T::kStages;
   return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
-         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0) +
-         (kTmaW ? int(sizeof(ExpertCols)) : 0);
+         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0);
 }
 
 // Per-local-expert weight pointers: {w1.weight, w1.scale, w3.weight, w3.scale}
@@ -196,7 +187,6 @@ struct GemmParams {
   int* counters;         // per tile arrival counters, zero between launches; null: split_fold_kernel folds
   // Expert launches: tile list {local expert, first compact row, rows, -}.
   const int4* tiles;
-  int col_tiles;         // TMA expert launches: weight tiles a CTA walks (blockIdx.x * col_tiles on); 0 or 1: one
   const int* num_tiles;
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
@@ -417,17 +407,11 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // 8-row tile. Each output element sees the same chunk sequence either way. The
 // caller sends only tiles of more than 8*NT*(kRowGroups - 1) rows this way
 // (expert_gemm_kernel: smaller ones take the one-group path), so no group is empty.
-// col_tiles (kTmaW, a CTA that walks all of K): the CTA runs weight tiles tile_n ..
-// tile_n + col_tiles - 1 against the same activation rows, one pipeline across them:
-// the next tile's first stages are in flight while this one's last stages multiply
-// and its outputs are stored, so a CTA's start and drain (~2.5 µs each, which the
-// expert launches paid once per 128 x 2K-4K tile) are paid once per col_tiles tiles.
-// Each output element sees the same sequence of operations either way.
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, int kRowGroups = 1>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id, const ExpertTma* tma = nullptr, int tma_row0 = 0,
-                                          int tma_row1 = 0, int col_tiles = 1) {
+                                          int tma_row1 = 0) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
   // Bytes between weight rows in a stage buffer: TMA stages are dense (swizzled), the
@@ -452,8 +436,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   int* s_flag = s_rows + BM;
   // FP4 TMA stages: one 8-byte mbarrier per stage buffer, by shared address.
   const uint32_t s_mbar = (smem_u32(s_flag + 1) + 7) & ~7u;
-  ExpertCols* const s_cols = reinterpret_cast<ExpertCols*>(reinterpret_cast<uint8_t*>(s_flag + 1) +
-                                                           (s_mbar - smem_u32(s_flag + 1)) + 8 * kStages);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
@@ -473,12 +455,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int slice = p.split > 1 ? int(blockIdx.z) : 0;
   const int st_begin = slice * per_slice;
   const int iters = p.split > 1 ? per_slice : stages_total;
-  // Several column tiles (the host's choice, expert_col_tiles): TMA weights only
-  // (every tile whole: valid_n = 128), the CTA walks all of K, and a stage buffer, its
-  // mbarrier and its 4-byte row-scale slot are next written at least kStages stages
-  // after their last use (a tile of at least kStages stages, not 16 j + 1..3).
-  if constexpr (!kTmaW) col_tiles = 1;
-  const int total_iters = iters * col_tiles;
 
   // Per-thread source pointers of a stage's copies, at stage 0 (null: zero-fill),
   // computed once: the stage loop only adds st * bytes per stage.
@@ -489,7 +465,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int w_r0 = tid / kChunksPerRow, w_part = tid % kChunksPerRow;
   const uint8_t* const w_src = w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
   const int64_t w_step = int64_t(kRowStep) * p.w_row_bytes;
-  const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid (of the column tile last loaded)
+  const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
   // FP4 row scales: stage st's 4 bytes of row r sit at byte (st % kScaleStages) * 4 of
   // row r in buffer (st / kScaleStages) % 2. Where the rows are 16-byte aligned and
@@ -499,32 +475,15 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // copies measured 0.6% faster at batch 1, where the expert CTAs split their slices).
   // A group's buffer is written again kScaleStages stages later, by the load of a
   // stage kStages - 1 ahead, after the group's last stage is done.
-  // Across column tiles, each tile's stage st keeps its buffer (st / kScaleStages) % 2:
-  // sectors need an even number of groups a tile (else the next tile's first group
-  // would overwrite a buffer this tile's last group still reads).
   const bool ws_sectors = T::kRowScale && p.split == 1 && stages_total >= kScaleStages &&
-                          p.s_row_stride % 16 == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0 &&
-                          (col_tiles == 1 || stages_total % (2 * kScaleStages) == 0) &&
-                          (col_tiles == 1 || (reinterpret_cast<uintptr_t>(s0) % 16 == 0 &&
-                                              reinterpret_cast<uintptr_t>(s1) % 16 == 0));
+                          p.s_row_stride % 16 == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0;
   const int ws_row_bytes = stages_total * 4;
-  // Column tile c (< col_tiles) of this CTA: its side (gate/up pair) and first weight row.
-  auto tile_second = [&](int c) { return n0 + c * kTileN >= p.n_split; };
-  auto tile_wrow0 = [&](int c) {
-    return int64_t(group) * p.n + n0 + c * kTileN - (tile_second(c) ? p.n_split : 0);
-  };
-  auto load_weights = [&](int c, int st, int buf) {
+  auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
       if (tid == 0) {  // the host sends only whole 128-row tiles this way
         mbar_expect_tx(s_mbar + 8 * buf, kTileN * T::kWBytes);
-        if (c == 0) {
-          tma_load_2d(smem_u32(dw), wmap, st * T::kWBytes, wmap_row, s_mbar + 8 * buf);
-        } else {
-          const bool sec = tile_second(c);
-          tma_load_2d(smem_u32(dw), &tma->map[sec ? 1 : 0], st * T::kWBytes, int(s_cols->tma_row[sec ? 1 : 0] + tile_wrow0(c)),
-                      s_mbar + 8 * buf);
-        }
+        tma_load_2d(smem_u32(dw), wmap, st * T::kWBytes, wmap_row, s_mbar + 8 * buf);
       }
     } else {
       const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
@@ -561,7 +520,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   if constexpr (kEarlyWeights) {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s)
-      if (s < iters) load_weights(0, st_begin + s, s);
+      if (s < iters) load_weights(st_begin + s, s);
     wait_for_predecessor();
   }
   if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
@@ -573,13 +532,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   if constexpr (kTmaW) {
     if (tid == 0) {
       for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + 8 * s, 1);
-      if (col_tiles > 1) *s_cols = ExpertCols{{s0, s1}, {tma_row0, tma_row1}, row_base, rows};
       mbar_init_fence();
       tma_prefetch_map(wmap);
-      if (col_tiles > 1 && p.n_split < p.n) {  // the pair's other side (its map is set)
-        tma_prefetch_map(&tma->map[0]);
-        tma_prefetch_map(&tma->map[1]);
-      }
     }
   }
   __syncthreads();
@@ -635,46 +589,22 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   static_assert(kRowGroups == 1 || (F == WFmt::kFp4 && kBatch == 4), "row groups: FP4, one decode per stage");
   float wg_d[kBatch][2][4 * NT] = {};
   for_each_acc<NQ>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
-  // Output element (tile activation row c, tile weight row r) of column tile tc.
-  // (tile_base, tile_rows: row_base and rows, which the column tiles' stores inside
-  // the stage loop read from shared memory.)
-  auto store = [&](int tc, int tile_base, int c, int r, float v) {
-    const bool to_y1 = tile_second(tc) && p.y1 != nullptr;  // linear_pair: the second weight's own output
-    void* const y_out = to_y1 ? p.y1 : p.y;
-    const int64_t col_tc = col0 + tc * kTileN;
-    const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? col_tc - p.n_split : col_tc;
-    const int64_t orow = p.out_rows ? p.out_rows[tile_base + c] : tile_base + c;
-    const int64_t idx = orow * ld_out + col_out + r;
-    if (p.y_f32) static_cast<float*>(y_out)[idx] = v;
-    else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
-  };
-  auto store_tile = [&](int tc, int tile_base, int tile_rows) {
-    for_each_acc<NQ>([&](int i, int q, int e) {
-      const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
-      if (r < valid_n && c < tile_rows) store(tc, tile_base, c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
-    });
-  };
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < iters) {  // (col_tiles > 1: iters >= kStages, so these are all tile 0's)
-      if (!kEarlyWeights) load_weights(0, st_begin + s, s);
+    if (s < iters) {
+      if (!kEarlyWeights) load_weights(st_begin + s, s);
       load_acts(st_begin + s, s);
     }
     cp_async_commit();
   }
 
   // Position of stage `it` in its slice (a counter: `it % per_slice` cost an integer
-  // division per stage), its stage in its column tile and that tile; the same for
-  // the next load (iteration it + kStages - 1).
-  int slice_pos = 0, tile_pos = 0, col = 0;
-  for (int it = 0; it < total_iters; ++it) {
+  // division per stage).
+  int slice_pos = 0;
+  for (int it = 0; it < iters; ++it) {
     const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
     slice_pos = slice_last ? 0 : slice_pos + 1;
-    // (one column tile without TMA: the compiler drops the counters)
-    const int it_tile = kTmaW ? tile_pos : it;
-    const bool tile_last = kTmaW && tile_pos == iters - 1;
-    if constexpr (kTmaW) tile_pos = tile_last ? 0 : tile_pos + 1;
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
     if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (it % kStages), (it / kStages) & 1);
     fence_proxy_async();
@@ -682,21 +612,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // (bf16: free once its tensor-core products are done, see kLoadAfter)
     auto load_next = [&] {
       const int nxt = it + kStages - 1;
-      if (nxt < total_iters) {
-        // Its column tile and stage: this tile's, or (col_tiles > 1, iters >= kStages) the next one's.
-        int load_col = col, load_pos = it_tile + kStages - 1;
-        if (load_pos >= iters) {
-          load_pos -= iters, ++load_col;
-          if (T::kRowScale && load_pos == 0 && ws_src != nullptr)  // (col_tiles > 1: every row valid)
-            ws_src = s_cols->scale[tile_second(load_col) ? 1 : 0] + (tile_wrow0(load_col) + tid) * p.s_row_stride;
-        }
-        load_weights(load_col, st_begin + load_pos, nxt % kStages);
-        load_acts(st_begin + load_pos, nxt % kStages);
+      if (nxt < iters) {
+        load_weights(st_begin + nxt, nxt % kStages);
+        load_acts(st_begin + nxt, nxt % kStages);
       }
       cp_async_commit();
     };
     if constexpr (!kLoadAfter) load_next();
-    const int buf = it % kStages, st = st_begin + it_tile;
+    const int buf = it % kStages, st = st_begin + it;
     const uint8_t* ab = s_a + buf * kAStage;
     float as[NQ][2];
 #pragma unroll
@@ -849,17 +772,20 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         });
       }
     }
-    if constexpr (kTmaW) {
-      if (tile_last && col < col_tiles - 1) {  // a column tile done; the next one's stages are in flight
-        store_tile(col, s_cols->row_base, s_cols->rows);
-        for_each_acc<NQ>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
-        ++col;
-      }
-    }
   }
   cp_async_wait<0>();
   if constexpr (kLoadAfter) wgmma_wait_all();  // (a no-op: the last stage ends a slice; ptxas cannot know)
   allow_dependents_to_launch();  // only the epilogue is left
+
+  const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
+  void* const y_out = to_y1 ? p.y1 : p.y;
+  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? col0 - p.n_split : col0;
+  auto store = [&](int c, int r, float v) {  // c: tile activation row, r: tile weight row
+    const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
+    const int64_t idx = orow * ld_out + col_out + r;
+    if (p.y_f32) static_cast<float*>(y_out)[idx] = v;
+    else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
+  };
 
   if (p.split > 1) {
     float* part = p.partial + int64_t(slice) * p.partial_rows * p.partial_cols;
@@ -881,11 +807,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       float v = 0.0f;
       for (int s = 0; s < p.split; ++s)
         v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
-      store(0, row_base, c, r, v);
+      store(c, r, v);
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
-    store_tile(col, row_base, rows);  // (the last column tile)
+    for_each_acc<NQ>([&](int i, int q, int e) {
+      const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
+      if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
+    });
   }
 }
 
@@ -959,11 +888,11 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
   }
 }
 
-// Expert GEMM: grid (tiles over n / col_tiles, max tiles of the list, split). blockIdx.y
-// picks a tile of the device-built list, blockIdx.x its col_tiles weight tiles; CTAs
-// past the list's end (or of experts outside this launch's table) exit at once.
-// Roofline: each busy expert's weights (13.37 MB FP4 on Flash) read once per BM-row
-// tile; memory-bound at every batch (<= ~6 rows per expert at M = 256).
+// Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
+// a tile of the device-built list; CTAs past its end (or of experts outside this
+// launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
+// on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
+// expert at M = 256).
 // kTma (FP4): weight stages by TMA through tma's maps (see ExpertTma). kRowGroups
 // (FP4): tiles of up to 8*NT*kRowGroups rows, each weight fragment decoded once.
 // 8-row groups keep 4 CTAs an SM (<= 128 registers): their throughput comes from
@@ -986,17 +915,15 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
     if (e[2] != nullptr) tma_row1 = row_of(e[2], tma.base[1]);
   }
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);
-  const int col_tiles = kTma ? max(p.col_tiles, 1) : 1;
-  const int tile_n = int(blockIdx.x) * col_tiles;
   if constexpr (kRowGroups > 1) {
     if (tile.z <= 8 * NT) {  // one group's rows: the one-group tile, which runs fewer instructions a stage
-      gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id, &tma,
-                                              tma_row0, tma_row1, col_tiles);
+      gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id,
+                                              &tma, tma_row0, tma_row1);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kRowGroups>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id,
-                                                      &tma, tma_row0, tma_row1, col_tiles);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kRowGroups>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
+                                                      tile_id, &tma, tma_row0, tma_row1);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
