@@ -216,8 +216,6 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   static const bool wo_a_wide = env_mode("DSV4_CUDA_WIDE_WO_A") != 0;
   if (wo_a && !wo_a_wide) return 0;
   if (p.m < kWideMinRows) return 0;
-  static const bool wo_a_128 = env_is("DSV4_CUDA_WIDE_WO_A", "128");  // experiment: 128-row tiles for wo_a
-  if (wo_a && wo_a_128) return 128;
   const int64_t sms = be.properties().multiProcessorCount;
   if (n_tiles * ((p.m + 127) / 128) >= sms) return 128;
   if (8 * n_tiles * ((p.m + 63) / 64) >= 7 * sms) return 64;
