@@ -118,24 +118,12 @@ __host__ __device__ constexpr int gemm_a_stage_bytes() {
   return 8 * NT * 128;
 }
 
-// Pipeline depth of a gemm_tile of 8*NT activation rows: the format's, plus
-// DSV4_GEMM_EXTRA_STAGES (a build-time experiment, default 0) for FP8, FP8-as-bf16
-// and bf16 tiles of <= 16 rows, whose CTAs are few at decode batches and keep too
-// few weight bytes in flight each (2 x 8-16 KB).
-#ifndef DSV4_GEMM_EXTRA_STAGES
-#define DSV4_GEMM_EXTRA_STAGES 0
-#endif
-template <WFmt F, int NT>
-__host__ __device__ constexpr int gemm_stages() {
-  return FmtTraits<F>::kStages + (F != WFmt::kFp4 && NT <= 2 ? DSV4_GEMM_EXTRA_STAGES : 0);
-}
-
 // Dynamic shared memory of gemm_kernel<F, NT, *> (kTmaW: expert_gemm_kernel with TMA
 // weight stages, whose rows are dense); the layout is carved in gemm_tile.
 template <WFmt F, int NT, bool kTmaW = false>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
-  constexpr int S = gemm_stages<F, NT>();
+  constexpr int S = T::kStages;
   return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0);
@@ -438,7 +426,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr bool kSmemA = T::kMma == Mma::kWgmmaSmemA;
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
-  constexpr int kStages = gemm_stages<F, NQ>(), kAStage = gemm_a_stage_bytes<NQ>();  // activation bytes per stage
+  constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NQ>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]
   uint8_t* s_ws = s_a + kStages * kAStage;  // FP4: [2][kTileN][kScaleRowBytes] scale bytes
