@@ -144,12 +144,12 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   check_launch(be.stream());
 }
 
-template <WFmt F, int NT, bool kTwo, bool kTma, int kRowGroups = 1>
+template <WFmt F, int NT, bool kTwo, bool kTma, int kRowGroups = 1, bool kOneTile = false>
 void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table,
                    const lk::ExpertTma& tma) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT * kRowGroups, kTma>();  // (sized by the tile's rows)
   static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kRowGroups>;
+  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kRowGroups, kOneTile>;
   allow_smem(kernel, smem, be.device_index(), done);
   kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);
   check_launch(be.stream());
@@ -174,6 +174,10 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
   if constexpr (F == WFmt::kFp4) {
     if (row_groups == 2) {
       DSV4_CHECK(nt == 1, "expert gemm: row groups take 8-row groups (nt {})", nt);
+      static const bool one_tile = env_is("DSV4_CUDA_RG_ONE_TILE", "1");  // experiment
+      if (one_tile)
+        return two ? launch_expert<F, 1, true, kTma, 2, true>(be, p, grid, table, tma)
+                   : launch_expert<F, 1, false, kTma, 2, true>(be, p, grid, table, tma);
       return two ? launch_expert<F, 1, true, kTma, 2>(be, p, grid, table, tma)
                  : launch_expert<F, 1, false, kTma, 2>(be, p, grid, table, tma);
     }

@@ -897,7 +897,7 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // (FP4): tiles of up to 8*NT*kRowGroups rows, each weight fragment decoded once.
 // 8-row groups keep 4 CTAs an SM (<= 128 registers): their throughput comes from
 // the CTAs in flight.
-template <WFmt F, int NT, bool kTwoSets, bool kTma, int kRowGroups = 1>
+template <WFmt F, int NT, bool kTwoSets, bool kTma, int kRowGroups = 1, bool kGroupsAsOneTile = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table,
                                                                 const __grid_constant__ ExpertTma tma) {
@@ -919,6 +919,11 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
     if (tile.z <= 8 * NT) {  // one group's rows: the one-group tile, which runs fewer instructions a stage
       gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id,
                                               &tma, tma_row0, tma_row1);
+      return;
+    }
+    if constexpr (kGroupsAsOneTile) {  // experiment: the rows as one tile of 8*NT*kRowGroups (wider wgmmas)
+      gemm_tile<F, NT * kRowGroups, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y,
+                                                           tile.z, tile_id, &tma, tma_row0, tma_row1);
       return;
     }
   }
