@@ -46,6 +46,9 @@ void cuda_linear_force_tma(int on);
 // groups); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
+// Test hook: -1 follows DSV4_CUDA_RG_ONE_TILE (the default: on), 0 / 1 force the
+// 16-row tiles of those launches to run as two 8-row groups / as one 16-row tile.
+void cuda_linear_force_rows16_one_tile(int on);
 // Test hooks: plain GEMM launches so far in wide tiles (gemm_wide_kernel); -1
 // follows DSV4_CUDA_WIDE_GEMM (the default), 0 forces them off, 1 on for every FP8
 // and bf16 plain GEMM of one group, whatever its rows (64-row tiles up to 64 rows),
@@ -167,15 +170,16 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
   }
 }
 
-// row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for both 8-row groups.
+bool rows16_one_tile();
+
+// row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
 template <WFmt F, bool kTma>
 void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, int row_groups, bool two,
                      const lk::ExpertTable& table, const lk::ExpertTma& tma) {
   if constexpr (F == WFmt::kFp4) {
     if (row_groups == 2) {
       DSV4_CHECK(nt == 1, "expert gemm: row groups take 8-row groups (nt {})", nt);
-      static const bool one_tile = env_is("DSV4_CUDA_RG_ONE_TILE", "1");  // experiment
-      if (one_tile)
+      if (rows16_one_tile())
         return two ? launch_expert<F, 1, true, kTma, 2, true>(be, p, grid, table, tma)
                    : launch_expert<F, 1, false, kTma, 2, true>(be, p, grid, table, tma);
       return two ? launch_expert<F, 1, true, kTma, 2>(be, p, grid, table, tma)
@@ -255,14 +259,26 @@ bool tma_enabled() {
   return forced_or(g_force_tma, from_env);
 }
 
-// FP4 experts in 16-row tiles of two 8-row groups, each weight fragment decoded once
-// for both: pays where experts often hold 9-16 rows (~15% of them at an average of
+// FP4 experts in 16-row tiles, each weight fragment decoded once for all 16 rows
+// (measured as two 8-row groups, the seventh session's form): pays where experts often hold 9-16 rows (~15% of them at an average of
 // 6); where none does, the launch's 128-register cap and its two code paths cost a
 // little. Step on bench-1g (H200), on against off, by the average rows an expert:
 // 1 (batch 16) +0.6%, 2 (64) +0.9% (e7ec4eb); 3 (128) -0.7%, 5 (192) -2.3%,
 // 6 (256) -4.9% (55d3f51). DSV4_CUDA_SHARED_DECODE=0 / 1 turns it off / on at every
 // load (A/B runs).
 constexpr int64_t kSharedDecodeMinAvgRows = 3;
+// Those launches run a tile of 9-16 rows as one 16-row tile (gemm_tile NT = 2: n16
+// wgmmas, two chunks a wait; expert_gemm_kernel's kGroupsAsOneTile) rather than as
+// two 8-row groups (n8 wgmmas, four chunks a wait a group): H200, bench-1g, two rounds
+// each (thirteenth session), step 10.49 against 10.61 ms at batch 128, 13.06 against
+// 13.16-13.27 at 192, 13.99-14.00 against 14.13-14.20 at 256; the expert GEMMs at 256
+// 630 / 338 against 645 / 347 us (gate/up / down, ncu). Same bits.
+// DSV4_CUDA_RG_ONE_TILE=0 keeps the two groups (A/B runs).
+std::atomic<int> g_force_rows16_one_tile{-1};
+bool rows16_one_tile() {
+  static const bool from_env = !env_is("DSV4_CUDA_RG_ONE_TILE", "0");
+  return forced_or(g_force_rows16_one_tile, from_env);
+}
 bool shared_decode_wanted(int64_t avg_rows) {
   static const int from_env = env_mode("DSV4_CUDA_SHARED_DECODE");
   const int mode = forced_mode(g_force_shared_decode, from_env);
@@ -554,6 +570,7 @@ int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_orde
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_rows16_one_tile(int on) { g_force_rows16_one_tile.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 

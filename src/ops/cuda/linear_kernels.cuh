@@ -894,9 +894,12 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
 // expert at M = 256).
 // kTma (FP4): weight stages by TMA through tma's maps (see ExpertTma). kRowGroups
-// (FP4): tiles of up to 8*NT*kRowGroups rows, each weight fragment decoded once.
-// 8-row groups keep 4 CTAs an SM (<= 128 registers): their throughput comes from
-// the CTAs in flight.
+// (FP4): tiles of up to 8*NT*kRowGroups rows, each weight fragment decoded once:
+// tiles of more than 8*NT rows run as one tile of 8*NT*kRowGroups rows (with
+// kGroupsAsOneTile: n16 wgmmas, two chunks a wait) or as kRowGroups groups of 8*NT
+// (n8 wgmmas a group, four chunks a wait); smaller ones as one 8*NT-row tile. The
+// bits are the same. 8-row groups keep 4 CTAs an SM (<= 128 registers): their
+// throughput comes from the CTAs in flight.
 template <WFmt F, int NT, bool kTwoSets, bool kTma, int kRowGroups = 1, bool kGroupsAsOneTile = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table,
@@ -921,7 +924,7 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
                                               &tma, tma_row0, tma_row1);
       return;
     }
-    if constexpr (kGroupsAsOneTile) {  // experiment: the rows as one tile of 8*NT*kRowGroups (wider wgmmas)
+    if constexpr (kGroupsAsOneTile) {
       gemm_tile<F, NT * kRowGroups, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y,
                                                            tile.z, tile_id, &tma, tma_row0, tma_row1);
       return;
