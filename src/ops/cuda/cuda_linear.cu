@@ -259,10 +259,11 @@ bool tma_enabled() {
   return forced_or(g_force_tma, from_env);
 }
 
-// FP4 experts in 16-row tiles, each weight fragment decoded once for all 16 rows
-// (measured as two 8-row groups, the seventh session's form): pays where experts often hold 9-16 rows (~15% of them at an average of
-// 6); where none does, the launch's 128-register cap and its two code paths cost a
-// little. Step on bench-1g (H200), on against off, by the average rows an expert:
+// FP4 experts in 16-row tiles, each weight fragment decoded once for all 16 rows:
+// pays where experts often hold 9-16 rows (~15% of them at an average of 6); where
+// none does, the launch's 128-register cap and its two code paths cost a little.
+// Step on bench-1g (H200), on against off (as two 8-row groups, the seventh
+// session's form), by the average rows an expert:
 // 1 (batch 16) +0.6%, 2 (64) +0.9% (e7ec4eb); 3 (128) -0.7%, 5 (192) -2.3%,
 // 6 (256) -4.9% (55d3f51). DSV4_CUDA_SHARED_DECODE=0 / 1 turns it off / on at every
 // load (A/B runs).
