@@ -16,6 +16,8 @@ Command add_bench(CLI::App& app) {
   };
   child("decode", "Time the decode step of a model at given batch sizes and context against the roofline",
         add_bench_decode);
+  child("phases", "Time dependent phases on one GPU: grid barriers in one kernel against one kernel a phase",
+        add_bench_phases);
 #if DSV4_HAVE_SERVE
   child("serve", "Load-test a running OpenAI-compatible server (dsv4 serve, vLLM, ...)", add_bench_serve);
 #endif

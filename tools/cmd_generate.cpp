@@ -184,7 +184,10 @@ Command add_generate(CLI::App& app) {
     }
     for (const auto& ids : outputs) {
       std::string line;
-      for (size_t i = 0; i < ids.size(); ++i) line += (i ? " " : "") + std::to_string(ids[i]);
+      for (size_t i = 0; i < ids.size(); ++i) {  // (appends: GCC 12 warns -Wrestrict on the concatenation)
+        if (i) line += ' ';
+        line += std::to_string(ids[i]);
+      }
       std::printf("%s\n", line.c_str());
     }
     return 0;

@@ -18,9 +18,10 @@ using Command = std::function<int()>;
 Command add_make_checkpoint(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_info(CLI::App& app);
-// `dsv4 bench`: registers its children (decode, serve) on `app` and runs the parsed one.
+// `dsv4 bench`: registers its children (decode, phases, serve) on `app` and runs the parsed one.
 Command add_bench(CLI::App& app);
 Command add_bench_decode(CLI::App& app);
+Command add_bench_phases(CLI::App& app);
 #if DSV4_HAVE_SERVE
 Command add_serve(CLI::App& app);
 Command add_bench_serve(CLI::App& app);
