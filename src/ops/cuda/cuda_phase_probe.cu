@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/random.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/grid_dependency.cuh"
 
@@ -18,16 +19,9 @@ namespace {
 constexpr int kProbeThreads = 512;
 constexpr int kUnroll = 8;  // 16-byte loads in flight a thread: 64 KB a CTA
 
-__host__ __device__ inline uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 __global__ void fill_kernel(uint64_t* __restrict__ out, int64_t words, uint64_t seed) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = splitmix64(seed + uint64_t(i));
+    out[i] = core::mix64(seed + uint64_t(i));
 }
 
 // A grid-wide barrier for a cooperative launch (every CTA resident): arrive on a
@@ -155,7 +149,7 @@ double median(std::vector<double> v) {
 uint64_t phase_probe_expected_checksum(int64_t bytes, uint64_t seed) {
   uint64_t s = 0;
   for (int64_t i = 0; i < bytes / 8; ++i) {
-    const uint64_t w = splitmix64(seed + uint64_t(i));
+    const uint64_t w = core::mix64(seed + uint64_t(i));
     s += (w & 0xffffffffu) + (w >> 32);
   }
   return s;
