@@ -45,7 +45,6 @@ int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
-void cuda_linear_force_rows16_one_tile(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
@@ -669,8 +668,7 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
 }
 
 // FP4 experts in 16-row tiles that share each weight decode (tiles of 9-16 rows as
-// two 8-row groups, or as one 16-row tile, the default) give the bits of 8-row
-// tiles: experts of 1-8, 9-16 and more than 16 rows (a hot expert), weights by TMA
+// one 16-row tile) give the bits of 8-row tiles: experts of 1-8, 9-16 and more than 16 rows (a hot expert), weights by TMA
 // and by cp.async, split and walked slices. The test also checks that the 16-row
 // launches happened.
 TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitForBit) {
@@ -692,28 +690,23 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
       const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
       for (int tma : {0, 1}) {
         ops::cuda_linear_force_tma(tma);
-        // [0]: 8-row tiles; [1 + one_tile]: 16-row tiles as two 8-row groups / as one tile.
-        Tensor got[3];
-        for (int v : {0, 1, 2}) {
-          const int shared = v == 0 ? 0 : 1;
-          if (v > 0) ops::cuda_linear_force_rows16_one_tile(v - 1);
+        // [0]: 8-row tiles; [1]: 16-row tiles.
+        Tensor got[2];
+        for (int shared : {0, 1}) {
           int64_t launches = 0;
-          std::tie(got[v], launches) =
+          std::tie(got[shared], launches) =
               run_forced(ops::cuda_linear_force_shared_decode, ops::cuda_linear_shared_decode_launches, shared,
                          [&] { return run_routed(env, in, dex); });
           if (shared == 0) EXPECT_EQ(launches, 0);
           else EXPECT_EQ(launches, 2) << "gate/up and down in 16-row tiles, R=" << R;
         }
-        for (int v : {1, 2})
-          expect_bitwise(got[0], got[v],
-                         std::string("fp4 experts 16-row tiles ") + (v == 2 ? "as one tile" : "in two groups") +
-                             " vs 8-row tiles E=" + std::to_string(c.experts) + " d=" + std::to_string(c.d) +
-                             " I=" + std::to_string(c.inter) + " R=" + std::to_string(R) +
-                             " tma=" + std::to_string(tma));
+        expect_bitwise(got[0], got[1],
+                       "fp4 experts 16-row tiles vs 8-row tiles E=" + std::to_string(c.experts) +
+                           " d=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) + " R=" + std::to_string(R) +
+                           " tma=" + std::to_string(tma));
       }
     }
   }
-  ops::cuda_linear_force_rows16_one_tile(-1);
   ops::cuda_linear_force_shared_decode(-1);
   ops::cuda_linear_force_tma(-1);
   ops::cuda_linear_force_path(-1);

@@ -46,9 +46,6 @@ void cuda_linear_force_tma(int on);
 // groups); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
-// Test hook: -1 follows DSV4_CUDA_RG_ONE_TILE (the default: on), 0 / 1 force the
-// 16-row tiles of those launches to run as two 8-row groups / as one 16-row tile.
-void cuda_linear_force_rows16_one_tile(int on);
 // Test hooks: plain GEMM launches so far in wide tiles (gemm_wide_kernel); -1
 // follows DSV4_CUDA_WIDE_GEMM (the default), 0 forces them off, 1 on for every FP8
 // and bf16 plain GEMM of one group, whatever its rows (64-row tiles up to 64 rows),
@@ -147,12 +144,12 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   check_launch(be.stream());
 }
 
-template <WFmt F, int NT, bool kTwo, bool kTma, int kRowGroups = 1, bool kOneTile = false>
+template <WFmt F, int NT, bool kTwo, bool kTma, bool kSixteen = false>
 void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table,
                    const lk::ExpertTma& tma) {
-  constexpr int smem = lk::gemm_smem_bytes<F, NT * kRowGroups, kTma>();  // (sized by the tile's rows)
+  constexpr int smem = lk::gemm_smem_bytes<F, NT * (kSixteen ? 2 : 1), kTma>();  // (sized by the tile's rows)
   static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kRowGroups, kOneTile>;
+  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kSixteen>;
   allow_smem(kernel, smem, be.device_index(), done);
   kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);
   check_launch(be.stream());
@@ -170,8 +167,6 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
   }
 }
 
-bool rows16_one_tile();
-
 // row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
 template <WFmt F, bool kTma>
 void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, int row_groups, bool two,
@@ -179,11 +174,8 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
   if constexpr (F == WFmt::kFp4) {
     if (row_groups == 2) {
       DSV4_CHECK(nt == 1, "expert gemm: row groups take 8-row groups (nt {})", nt);
-      if (rows16_one_tile())
-        return two ? launch_expert<F, 1, true, kTma, 2, true>(be, p, grid, table, tma)
-                   : launch_expert<F, 1, false, kTma, 2, true>(be, p, grid, table, tma);
-      return two ? launch_expert<F, 1, true, kTma, 2>(be, p, grid, table, tma)
-                 : launch_expert<F, 1, false, kTma, 2>(be, p, grid, table, tma);
+      return two ? launch_expert<F, 1, true, kTma, true>(be, p, grid, table, tma)
+                 : launch_expert<F, 1, false, kTma, true>(be, p, grid, table, tma);
     }
   }
   DSV4_CHECK(row_groups == 1, "expert gemm: {} row groups need FP4 weights", row_groups);
@@ -269,17 +261,12 @@ bool tma_enabled() {
 // load (A/B runs).
 constexpr int64_t kSharedDecodeMinAvgRows = 3;
 // Those launches run a tile of 9-16 rows as one 16-row tile (gemm_tile NT = 2: n16
-// wgmmas, two chunks a wait; expert_gemm_kernel's kGroupsAsOneTile) rather than as
-// two 8-row groups (n8 wgmmas, four chunks a wait a group): H200, bench-1g, two rounds
-// each (thirteenth session), step 10.49 against 10.61 ms at batch 128, 13.06 against
-// 13.16-13.27 at 192, 13.99-14.00 against 14.13-14.20 at 256; the expert GEMMs at 256
-// 630 / 338 against 645 / 347 us (gate/up / down, ncu). Same bits.
-// DSV4_CUDA_RG_ONE_TILE=0 keeps the two groups (A/B runs).
-std::atomic<int> g_force_rows16_one_tile{-1};
-bool rows16_one_tile() {
-  static const bool from_env = !env_is("DSV4_CUDA_RG_ONE_TILE", "0");
-  return forced_or(g_force_rows16_one_tile, from_env);
-}
+// wgmmas, two chunks a wait). The form it replaced, two 8-row groups sharing each
+// decoded fragment (n8 wgmmas, four chunks a wait a group), was slower at every
+// batch that takes it, in two sessions (H200, bench-1g, ms a step): 10.49 / 13.06 /
+// 13.99-14.00 against 10.61 / 13.16-13.27 / 14.13-14.20 at 128 / 192 / 256, then
+// 10.37 / 12.93-12.98 / 13.88-13.95 against 10.50 / 13.11 / 14.05 (BENCHMARKS.md,
+// thirteenth and fourteenth sessions). Same bits.
 bool shared_decode_wanted(int64_t avg_rows) {
   static const int from_env = env_mode("DSV4_CUDA_SHARED_DECODE");
   const int mode = forced_mode(g_force_shared_decode, from_env);
@@ -571,7 +558,6 @@ int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_orde
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
-void cuda_linear_force_rows16_one_tile(int on) { g_force_rows16_one_tile.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 

@@ -396,18 +396,12 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) fn(i, q, e);
 }
-// One CTA: kTileN = 128 weight rows x BM = 8*NT*kRowGroups activation rows, over the stages of
+// One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
 // partial sums per (row, column) in registers. kTmaW (FP4 experts): the weight
 // stages come by TMA from tma->map[side] at row tma_row[side] + the tile's first row.
-// kRowGroups (FP4 experts): the tile holds that many groups of 8*NT activation rows,
-// and each decoded weight fragment feeds every group, one wgmma batch after the
-// other: an expert of 9-16 rows decodes and loads its weights once, not once per
-// 8-row tile. Each output element sees the same chunk sequence either way. The
-// caller sends only tiles of more than 8*NT*(kRowGroups - 1) rows this way
-// (expert_gemm_kernel: smaller ones take the one-group path), so no group is empty.
-template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, int kRowGroups = 1>
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id, const ExpertTma* tma = nullptr, int tma_row0 = 0,
@@ -418,15 +412,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // cp.async ones padded to kWStride (gemm_smem_bytes sizes both).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
   constexpr int kWStage = kTileN * kWRow;  // a multiple of 1024
-  // NQ: 8-row column groups of the tile (its accumulators); one wgmma covers NT of them.
-  constexpr int NQ = NT * kRowGroups, BM = 8 * NQ;
+  constexpr int BM = 8 * NT;  // NT 8-row column groups of accumulators, one wgmma for all of them
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // 1024-aligned (the swizzle atoms; gemm_smem_bytes reserves the slack), and every
   // stage buffer below is a multiple of 1024 bytes.
   constexpr bool kSmemA = T::kMma == Mma::kWgmmaSmemA;
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
-  constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NQ>();  // activation bytes per stage
+  constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]
   uint8_t* s_ws = s_a + kStages * kAStage;  // FP4: [2][kTileN][kScaleRowBytes] scale bytes
@@ -569,8 +562,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   };
 
-  float cur[2][NQ][4];
-  float tot[2][NQ][4];
+  float cur[2][NT][4];
+  float tot[2][NT][4];
   // The chunks of a stage go out in groups of kBatch (one wait per group), each chunk
   // into its own accumulators: kBatch x 2 x 4NT registers (FP4's A in registers takes
   // 8 more per chunk, hence its smaller groups; FP8 at 64 rows with 2 chunks per wait,
@@ -586,9 +579,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 ? 1
                          : kSmemA ? (NT <= 2 ? 4 : 8 / NT)
                                   : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
-  static_assert(kRowGroups == 1 || (F == WFmt::kFp4 && kBatch == 4), "row groups: FP4, one decode per stage");
   float wg_d[kBatch][2][4 * NT] = {};
-  for_each_acc<NQ>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
+  for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -621,9 +613,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if constexpr (!kLoadAfter) load_next();
     const int buf = it % kStages, st = st_begin + it;
     const uint8_t* ab = s_a + buf * kAStage;
-    float as[NQ][2];
+    float as[NT][2];
 #pragma unroll
-    for (int q = 0; q < NQ; ++q) {
+    for (int q = 0; q < NT; ++q) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
@@ -633,7 +625,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // FP4: q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
     // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
     float wsf[2][2][4];
-    float q_acc[2][NQ][4];
+    float q_acc[2][NT][4];
     if constexpr (F == WFmt::kFp4) {
       uint32_t words[4];
       float f[4][4];
@@ -699,10 +691,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           });
       }
     } else if constexpr (F == WFmt::kFp4) {
-      // kBatch chunks: decode their fragments; per row group, issue both halves of
-      // each, one wait, then fold the results in chunk order (the accumulation rule is
-      // unchanged). Fragment element e of wg_d[c][i][4q + e]: weight row
-      // tile_row(i, e / 2), activation column 8 (NT rg + q) + 2t + e % 2.
+      // kBatch chunks: decode their fragments, issue both halves of each, one wait,
+      // then fold the results in chunk order (the accumulation rule is unchanged).
+      // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
+      // activation column 8q + 2t + e % 2.
       const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
       const int swz = kTmaW ? (g >> 1) & 3 : 0;  // (tile_row >> 1) & 3
 #pragma unroll
@@ -715,30 +707,25 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
             const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
             load_a_frag_fp4(row, row + 8 * kWRow, (j0 + c) ^ swz, t, a[c][i]);
           }
+        wgmma_fence();
 #pragma unroll
-        for (int rg = 0; rg < kRowGroups; ++rg) {
-          wgmma_fence();
-#pragma unroll
-          for (int c = 0; c < kBatch; ++c) {  // a group's rows start 8 NT rows (whole 1024-byte atoms) apart
-            const uint64_t desc = wgmma_desc(b_base + rg * 8 * NT * 128 + (j0 + c) * 32);
-            wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
-            wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
-          }
-          wgmma_commit();
-          wgmma_wait_all();
-#pragma unroll
-          for (int c = 0; c < kBatch; ++c)
-            for_each_acc<NT>([&](int i, int q, int e) {
-              const int jj = j0 + c, qq = NT * rg + q;
-              const float d = wg_d[c][i][4 * q + e];
-              q_acc[i][qq][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][qq][e]);
-            });
-          if (j0 + kBatch == 4)  // the stage's chunks are in: p = fmaf(q, 2^(x block), p)
-            for_each_acc<NT>([&](int i, int q, int e) {
-              const int qq = NT * rg + q;
-              cur[i][qq][e] = fmaf(q_acc[i][qq][e], as[qq][e & 1], cur[i][qq][e]);
-            });
+        for (int c = 0; c < kBatch; ++c) {
+          const uint64_t desc = wgmma_desc(b_base + (j0 + c) * 32);
+          wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
+          wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
         }
+        wgmma_commit();
+        wgmma_wait_all();
+#pragma unroll
+        for (int c = 0; c < kBatch; ++c)
+          for_each_acc<NT>([&](int i, int q, int e) {
+            const int jj = j0 + c;
+            const float d = wg_d[c][i][4 * q + e];
+            q_acc[i][q][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][q][e]);
+          });
+        if (j0 + kBatch == 4)  // the stage's chunks are in: p = fmaf(q, 2^(x block), p)
+          for_each_acc<NT>(
+              [&](int i, int q, int e) { cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]); });
       }
     } else {
       // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
@@ -766,7 +753,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     if constexpr (kTwoSets) {
       if (slice_last) {  // slice boundary: fold p_s into the running total
-        for_each_acc<NQ>([&](int i, int q, int e) {
+        for_each_acc<NT>([&](int i, int q, int e) {
           tot[i][q][e] += cur[i][q][e];
           cur[i][q][e] = 0.0f;
         });
@@ -789,7 +776,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   if (p.split > 1) {
     float* part = p.partial + int64_t(slice) * p.partial_rows * p.partial_cols;
-    for_each_acc<NQ>([&](int i, int q, int e) {
+    for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
     });
@@ -811,7 +798,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
-    for_each_acc<NQ>([&](int i, int q, int e) {
+    for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
     });
@@ -893,14 +880,13 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
 // on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
 // expert at M = 256).
-// kTma (FP4): weight stages by TMA through tma's maps (see ExpertTma). kRowGroups
-// (FP4): tiles of up to 8*NT*kRowGroups rows, each weight fragment decoded once:
-// tiles of more than 8*NT rows run as one tile of 8*NT*kRowGroups rows (with
-// kGroupsAsOneTile: n16 wgmmas, two chunks a wait) or as kRowGroups groups of 8*NT
-// (n8 wgmmas a group, four chunks a wait); smaller ones as one 8*NT-row tile. The
-// bits are the same. 8-row groups keep 4 CTAs an SM (<= 128 registers): their
-// throughput comes from the CTAs in flight.
-template <WFmt F, int NT, bool kTwoSets, bool kTma, int kRowGroups = 1, bool kGroupsAsOneTile = false>
+// kTma (FP4): weight stages by TMA through tma's maps (see ExpertTma).
+// kSixteenRowTiles (FP4, NT = 1): the list's tiles hold up to 16 rows; those of more
+// than 8 run as one 16-row tile (gemm_tile NT = 2: n16 wgmmas, two chunks a wait), so
+// an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
+// tiles. The bits are the same. The kernel keeps 4 CTAs an SM (<= 128 registers)
+// either way: its throughput comes from the CTAs in flight.
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table,
                                                                 const __grid_constant__ ExpertTma tma) {
@@ -918,20 +904,16 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
     if (e[2] != nullptr) tma_row1 = row_of(e[2], tma.base[1]);
   }
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);
-  if constexpr (kRowGroups > 1) {
-    if (tile.z <= 8 * NT) {  // one group's rows: the one-group tile, which runs fewer instructions a stage
-      gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id,
-                                              &tma, tma_row0, tma_row1);
-      return;
-    }
-    if constexpr (kGroupsAsOneTile) {
-      gemm_tile<F, NT * kRowGroups, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y,
-                                                           tile.z, tile_id, &tma, tma_row0, tma_row1);
+  static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
+  if constexpr (kSixteenRowTiles) {
+    if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
+      gemm_tile<F, 2 * NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
+                                                  tile_id, &tma, tma_row0, tma_row1);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kRowGroups>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
-                                                      tile_id, &tma, tma_row0, tma_row1);
+  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id,
+                                          &tma, tma_row0, tma_row1);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
