@@ -3,7 +3,8 @@
 #   scripts/gpu_suite.sh OUT_DIR STEP...
 # Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, memcheck (in the order given).
 # Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
-# base, the default, or none: the clocks the GPU runs at), MEMCHECK_S (time limit) and
+# base, the default, or none: the clocks the GPU runs at), NCU_CACHE (ncu --cache-control: all, the default,
+# flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step), MEMCHECK_S (time limit) and
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
@@ -157,7 +158,8 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
       ;;
     profile)  # ncu: every kernel of one eager bench-1g decode step (time, DRAM bytes), batch 1 and 64
       for b in ${PROFILE_BATCHES:-1 64}; do
-        step profile-b$b 300 ncu --profile-from-start off --clock-control "${NCU_CLOCK:-base}" --csv --metrics \
+        step profile-b$b 300 ncu --profile-from-start off --clock-control "${NCU_CLOCK:-base}" \
+          --cache-control "${NCU_CACHE:-all}" --csv --metrics \
           gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size,launch__block_size \
           $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 --no-cuda-graphs \
           --replays 1 --warmup 0 --profile

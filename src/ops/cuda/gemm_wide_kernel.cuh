@@ -98,6 +98,14 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
   else wgmma_bf16_rs<8>(d, a, db, scale_d);
 }
 
+// FP8 chunk products a warpgroup keeps in flight, each in its own accumulators: at R =
+// 64 (32 registers a set) all four chunks of a stage go out at once and are folded as
+// they land; at R = 128 (64 a set) registers hold two.
+template <WFmt F, int R>
+__host__ __device__ constexpr int wide_fp8_queue_default() {
+  return F == WFmt::kFp8 && R == 64 ? 4 : 2;
+}
+
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
 // activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
@@ -111,7 +119,8 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
 // All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage;
 // FP8-as-bf16: 2 weight pieces). One CTA an SM (registers: up to 246 a thread for FP8
 // at R = 128).
-template <WFmt F, int R, bool kTwoSets>
+// kQueue (FP8): 2 or 4 chunk products in flight a warpgroup, see wide_fp8_queue_default.
+template <WFmt F, int R, bool kTwoSets, int kQueue = 2>
 __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
   constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
@@ -121,6 +130,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
   constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS)
+  static_assert(kQueue == 2 || (kQueue == 4 && kQuant && R == 64), "four chunks in flight: FP8 at R = 64");
   constexpr int kWRow = wide_weight_row_bytes<F>();
   constexpr int kStageBytes = kTileN * kWRow;  // weights (a multiple of 1024)
   static_assert(kStageBytes % 1024 == 0, "the activation stages stay 1024-aligned");
@@ -206,11 +216,13 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
 
   // p_s and the wgmma results in registers; the running total over slices (kTwoSets)
   // in shared memory, each thread's own column (FP8 at R = 128 uses 242 registers).
-  float cur[NA], d[kQuant ? 2 : 1][NA];
+  constexpr int kSets = kQuant ? kQueue : 1;
+  float cur[NA], d[kSets][NA];
 #pragma unroll
   for (int i = 0; i < NA; ++i) {
-    cur[i] = d[0][i] = 0.0f;
-    if constexpr (kQuant) d[1][i] = 0.0f;
+    cur[i] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kSets; ++j) d[j][i] = 0.0f;
   }
   if constexpr (kTwoSets) {
 #pragma unroll
@@ -260,24 +272,46 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
         csc[q][0] = wsc * as.x;
         csc[q][1] = wsc * as.y;
       }
-      // Two chunks in flight: chunk j + 1's product runs while chunk j's is folded.
-      wgmma_fence();
-      wide_mma<F, R>(d[0], wgmma_desc(a_base), wgmma_desc(b_base), 0);
-      wgmma_commit();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (j < 3) {
-          wgmma_fence();
-          wide_mma<F, R>(d[(j + 1) & 1], wgmma_desc(a_base + 32 * (j + 1)), wgmma_desc(b_base + 32 * (j + 1)), 0);
-          wgmma_commit();
-          wgmma_wait_1();
-        } else {
-          wgmma_wait_all();
-        }
+      auto fold = [&](const float(&dj)[NA]) {  // p = fmaf(mma_c, 2^w * 2^x, p), chunks in order
 #pragma unroll
         for (int q = 0; q < NQ; ++q)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(d[j & 1][4 * q + e], csc[q][e & 1], cur[4 * q + e]);
+          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(dj[4 * q + e], csc[q][e & 1], cur[4 * q + e]);
+      };
+      if constexpr (kQueue == 4) {
+        // The stage's four chunks go out together (one commit group each); each is
+        // folded as soon as it and those before it are done.
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          wide_mma<F, R>(d[j], wgmma_desc(a_base + 32 * j), wgmma_desc(b_base + 32 * j), 0);
+          wgmma_commit();
+        }
+        wgmma_wait<3>();
+        fold(d[0]);
+        wgmma_wait<2>();
+        fold(d[1]);
+        wgmma_wait<1>();
+        fold(d[2]);
+        wgmma_wait<0>();
+        fold(d[3]);
+      } else {
+        // Two chunks in flight: chunk j + 1's product runs while chunk j's is folded.
+        wgmma_fence();
+        wide_mma<F, R>(d[0], wgmma_desc(a_base), wgmma_desc(b_base), 0);
+        wgmma_commit();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (j < 3) {
+            wgmma_fence();
+            wide_mma<F, R>(d[(j + 1) & 1], wgmma_desc(a_base + 32 * (j + 1)), wgmma_desc(b_base + 32 * (j + 1)), 0);
+            wgmma_commit();
+            wgmma_wait_1();
+          } else {
+            wgmma_wait_all();
+          }
+          fold(d[j & 1]);
+        }
       }
     } else {
       // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
