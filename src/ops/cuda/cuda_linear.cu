@@ -201,8 +201,7 @@ std::atomic<int> g_force_wide{-1};
 // SMs: 128-row tiles where they make a wave, else 64-row ones where those make 7/8 of
 // one (N = 4096 at 256 rows: 128 CTAs on 132 SMs); gemm_kernel's smaller tiles
 // otherwise. Returns the tile's rows, or 0. DSV4_CUDA_WIDE_GEMM=0 turns wide tiles
-// off; =1 on for every such GEMM (64-row tiles up to 64 rows), whatever its size;
-// =64 on for every such GEMM in 64-row tiles.
+// off; =1 on for every such GEMM (64-row tiles up to 64 rows), whatever its size.
 // The grouped FP8-as-bf16 GEMM (wo_a) takes the same wide tiles: at 256 rows 70 µs a
 // launch against 97 on gemm_kernel's 64-row tiles (ncu, H200), step -0.7% at 256,
 // equal at 128 (BENCHMARKS.md, thirteenth session). DSV4_CUDA_WIDE_WO_A=0 keeps wo_a
@@ -211,7 +210,7 @@ constexpr int64_t kWideMinRows = 128;
 int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n_tiles) {
   const bool wo_a = fmt == WFmt::kFp8Bf16;
   if (!wo_a && ((fmt != WFmt::kFp8 && fmt != WFmt::kBf16) || p.groups != 1)) return 0;
-  static const int from_env = env_is("DSV4_CUDA_WIDE_GEMM", "64") ? 2 : env_mode("DSV4_CUDA_WIDE_GEMM");
+  static const int from_env = env_mode("DSV4_CUDA_WIDE_GEMM");
   const int mode = forced_mode(g_force_wide, from_env);
   if (mode >= 0) return mode == 0 ? 0 : mode == 2 || p.m <= 64 ? 64 : 128;
   static const bool wo_a_wide = env_mode("DSV4_CUDA_WIDE_WO_A") != 0;
@@ -223,26 +222,14 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   return 0;
 }
 
-// FP8 wide tiles of 64 rows keep four chunk products in flight a warpgroup
-// (wide_fp8_queue_default); DSV4_CUDA_WIDE_QUEUE=2 keeps two (A/B runs).
-template <WFmt F, int R, bool kTwo, int kQueue>
-void launch_wide_queue(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
-  static std::atomic<uint64_t> done{0};
-  allow_smem(lk::gemm_wide_kernel<F, R, kTwo, kQueue>, smem, be.device_index(), done);
-  lk::gemm_wide_kernel<F, R, kTwo, kQueue><<<grid, lk::kWideThreads, smem, be.stream()>>>(p);
-  check_launch(be.stream());
-  g_wide_launches.fetch_add(1, std::memory_order_relaxed);
-}
-
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  constexpr int kQueue = lk::wide_fp8_queue_default<F, R>();
-  if constexpr (kQueue != 2) {
-    static const bool deep = !env_is("DSV4_CUDA_WIDE_QUEUE", "2");
-    if (deep) return launch_wide_queue<F, R, kTwo, kQueue>(be, p, grid);
-  }
-  launch_wide_queue<F, R, kTwo, 2>(be, p, grid);
+  constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::gemm_wide_kernel<F, R, kTwo>, smem, be.device_index(), done);
+  lk::gemm_wide_kernel<F, R, kTwo><<<grid, lk::kWideThreads, smem, be.stream()>>>(p);
+  check_launch(be.stream());
+  g_wide_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 template <WFmt F>

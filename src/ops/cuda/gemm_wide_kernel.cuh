@@ -98,14 +98,6 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
   else wgmma_bf16_rs<8>(d, a, db, scale_d);
 }
 
-// FP8 chunk products a warpgroup keeps in flight, each in its own accumulators: at R =
-// 64 (32 registers a set) all four chunks of a stage go out at once and are folded as
-// they land; at R = 128 (64 a set) registers hold two.
-template <WFmt F, int R>
-__host__ __device__ constexpr int wide_fp8_queue_default() {
-  return F == WFmt::kFp8 && R == 64 ? 4 : 2;
-}
-
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
 // activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
@@ -119,8 +111,7 @@ __host__ __device__ constexpr int wide_fp8_queue_default() {
 // All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage;
 // FP8-as-bf16: 2 weight pieces). One CTA an SM (registers: up to 246 a thread for FP8
 // at R = 128).
-// kQueue (FP8): 2 or 4 chunk products in flight a warpgroup, see wide_fp8_queue_default.
-template <WFmt F, int R, bool kTwoSets, int kQueue = 2>
+template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
   constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
@@ -130,7 +121,12 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
   constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS)
-  static_assert(kQueue == 2 || (kQueue == 4 && kQuant && R == 64), "four chunks in flight: FP8 at R = 64");
+  // FP8 chunk products a warpgroup keeps in flight, each in its own accumulators: at
+  // R = 64 (32 registers a set) the stage's four go out at once and are folded as they
+  // land; at R = 128 (64 a set) registers hold two. Four against two at 256 rows (H200,
+  // ncu): wo_b 52.4 against 53.6 µs, the shared expert's gate/up 30.6 against 31.0; the
+  // step unchanged (BENCHMARKS.md, fourteenth session).
+  constexpr int kQueue = kQuant && R == 64 ? 4 : 2;
   constexpr int kWRow = wide_weight_row_bytes<F>();
   constexpr int kStageBytes = kTileN * kWRow;  // weights (a multiple of 1024)
   static_assert(kStageBytes % 1024 == 0, "the activation stages stay 1024-aligned");
@@ -173,17 +169,23 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       cp_async16_l2_128(dw + (kRegA ? r * kWRow + w_part * 16 : sw128_offset(r, w_part)), ok ? src : w, ok ? 16 : 0);
     }
   };
-  // The weights nobody writes stream in before the wait for the activations' producer.
+  // The weights nobody writes (and their block-scale row) stream in before the wait for
+  // the activations' producer.
 #pragma unroll
   for (int s = 0; s < S - 1; ++s)
     if (s < stages_total) load_weights(s, s);
+  // The tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0).
+  const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
+  bool scale_row_copied = false;
+  if constexpr (T::kBlockScale)
+    scale_row_copied = copy_scale_row_async(s_bs, scale_row, p.s_row_stride, tid, kWideThreads);
   wait_for_predecessor();
   // Source row of tile row r (-1 past the rows: zero-filled); no shared copy, so the
   // prologue has no barrier: the loop's first one orders the block-scale stores below.
   auto source_row = [&](int r) { return r < rows ? (p.in_rows ? p.in_rows[row_base + r] : row_base + r) : -1; };
-  if constexpr (T::kBlockScale) {  // the tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0)
-    const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
-    for (int i = tid; i < p.s_row_stride; i += kWideThreads) s_bs[i] = srow[i];
+  if constexpr (T::kBlockScale) {
+    if (!scale_row_copied)
+      for (int i = tid; i < p.s_row_stride; i += kWideThreads) s_bs[i] = scale_row[i];
   }
   const uint8_t* a_src[kAPieces];
 #pragma unroll

@@ -250,6 +250,25 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+
+// The tile's block-scale row (FP8 weights: a UE8M0 byte per 128-wide K block) copied
+// into shared memory by cp.async, in 16- or 4-byte pieces, where the row and the
+// buffer allow it (the same answer in every thread). A weight, so the copy can go out
+// before the dependency wait; it lands with the copy group committed next, i.e. with
+// the first stage. Returns false where the caller must copy the row itself. (Copied
+// after the wait with byte loads, it cost every launch a memory round trip before the
+// first activation copies: ncu put the prologue at a large part of a batch-1 GEMM.)
+__device__ __forceinline__ bool copy_scale_row_async(uint8_t* s_bs, const uint8_t* srow, int bytes, int tid,
+                                                     int threads) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(srow) | smem_u32(s_bs);
+  const int piece = bytes % 16 == 0 && a % 16 == 0 ? 16 : bytes % 4 == 0 && a % 4 == 0 ? 4 : 0;
+  if (piece == 0) return false;
+  for (int i = piece * tid; i < bytes; i += piece * threads) {
+    if (piece == 16) cp_async16(s_bs + i, srow + i, 16);
+    else cp_async4(s_bs + i, srow + i, 4);
+  }
+  return true;
+}
 // Barriers by shared-memory address (computed once, outside the stage loop).
 __device__ __forceinline__ void mbar_init(uint32_t a, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
@@ -510,17 +529,21 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // wait for the kernel that produces the activations (programmatic dependent launch:
   // the wait returns once that kernel has finished). Expert GEMMs wait at entry: their
   // tile list is the predecessor's output.
+  // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
+  const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
+  bool scale_row_copied = false;
   if constexpr (kEarlyWeights) {
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s)
       if (s < iters) load_weights(st_begin + s, s);
+    if constexpr (T::kBlockScale)
+      scale_row_copied = copy_scale_row_async(s_bs, scale_row, p.s_row_stride, tid, kThreads);
     wait_for_predecessor();
   }
   if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
   if constexpr (T::kBlockScale) {
-    // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
-    const uint8_t* srow = sc + (wrow0 / 128) * p.s_row_stride;
-    for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = srow[i];
+    if (!scale_row_copied)
+      for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = scale_row[i];
   }
   if constexpr (kTmaW) {
     if (tid == 0) {
@@ -788,13 +811,36 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __syncthreads();
     if (!*s_flag) return;
     __threadfence();
-    for (int e = tid; e < kTileN * BM; e += kThreads) {
-      const int r = e % kTileN, c = e / kTileN;
+    // Each output is ((0 + p_0) + p_1) + ... + p_{S-1}. A thread folds 4 adjacent
+    // outputs of a row at a time with 16-byte loads, 8 slices' loads in flight before
+    // their adds (one load a slice, each its own round trip to L2, had made this fold
+    // the tail of every batch-1 GEMM: 32 slices x 8 outputs a thread).
+    const int64_t slice_stride = int64_t(p.partial_rows) * p.partial_cols;
+    const bool vec = p.partial_cols % 4 == 0 && col0 % 4 == 0 && reinterpret_cast<uintptr_t>(p.partial) % 16 == 0;
+    for (int e = tid; e < kTileN / 4 * BM; e += kThreads) {
+      const int r = (e % (kTileN / 4)) * 4, c = e / (kTileN / 4);
       if (r >= valid_n || c >= rows) continue;
-      float v = 0.0f;
-      for (int s = 0; s < p.split; ++s)
-        v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
-      store(c, r, v);
+      const float* src = p.partial + int64_t(row_base + c) * p.partial_cols + col0 + r;
+      const int n = min(4, valid_n - r);
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (vec && n == 4) {
+        int s = 0;
+        for (; s + 8 <= p.split; s += 8) {
+          float4 x[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) x[u] = __ldcg(reinterpret_cast<const float4*>(src + (s + u) * slice_stride));
+#pragma unroll
+          for (int u = 0; u < 8; ++u) v[0] += x[u].x, v[1] += x[u].y, v[2] += x[u].z, v[3] += x[u].w;
+        }
+        for (; s < p.split; ++s) {
+          const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * slice_stride));
+          v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
+        }
+      } else {
+        for (int s = 0; s < p.split; ++s)
+          for (int k = 0; k < n; ++k) v[k] += __ldcg(src + s * slice_stride + k);
+      }
+      for (int k = 0; k < n; ++k) store(c, r + k, v[k]);
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
