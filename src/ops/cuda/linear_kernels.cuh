@@ -811,36 +811,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __syncthreads();
     if (!*s_flag) return;
     __threadfence();
-    // Each output is ((0 + p_0) + p_1) + ... + p_{S-1}. A thread folds 4 adjacent
-    // outputs of a row at a time with 16-byte loads, 8 slices' loads in flight before
-    // their adds (one load a slice, each its own round trip to L2, had made this fold
-    // the tail of every batch-1 GEMM: 32 slices x 8 outputs a thread).
-    const int64_t slice_stride = int64_t(p.partial_rows) * p.partial_cols;
-    const bool vec = p.partial_cols % 4 == 0 && col0 % 4 == 0 && reinterpret_cast<uintptr_t>(p.partial) % 16 == 0;
-    for (int e = tid; e < kTileN / 4 * BM; e += kThreads) {
-      const int r = (e % (kTileN / 4)) * 4, c = e / (kTileN / 4);
+    for (int e = tid; e < kTileN * BM; e += kThreads) {
+      const int r = e % kTileN, c = e / kTileN;
       if (r >= valid_n || c >= rows) continue;
-      const float* src = p.partial + int64_t(row_base + c) * p.partial_cols + col0 + r;
-      const int n = min(4, valid_n - r);
-      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (vec && n == 4) {
-        int s = 0;
-        for (; s + 8 <= p.split; s += 8) {
-          float4 x[8];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) x[u] = __ldcg(reinterpret_cast<const float4*>(src + (s + u) * slice_stride));
-#pragma unroll
-          for (int u = 0; u < 8; ++u) v[0] += x[u].x, v[1] += x[u].y, v[2] += x[u].z, v[3] += x[u].w;
-        }
-        for (; s < p.split; ++s) {
-          const float4 x = __ldcg(reinterpret_cast<const float4*>(src + s * slice_stride));
-          v[0] += x.x, v[1] += x.y, v[2] += x.z, v[3] += x.w;
-        }
-      } else {
-        for (int s = 0; s < p.split; ++s)
-          for (int k = 0; k < n; ++k) v[k] += __ldcg(src + s * slice_stride + k);
-      }
-      for (int k = 0; k < n; ++k) store(c, r + k, v[k]);
+      float v = 0.0f;
+      for (int s = 0; s < p.split; ++s)
+        v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+      store(c, r, v);
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
