@@ -897,13 +897,14 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
                             const Tensor& ids) {
   const int64_t T = x.size(0), E = gate.size(0), k = config.topk;
   if (T == 0) return;
-  DSV4_CHECK(E <= 6144, "router: {} experts exceed the 6144 the select kernel holds in shared memory", E);
+  DSV4_CHECK((2 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
+             "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   float* logits = scratch_as<float>(*this, "router.logits", T * E);
   if (gate.size(1) == 0) DSV4_CUDA_CHECK(cudaMemsetAsync(logits, 0, size_t(T * E) * sizeof(float), stream()));
   else bf16_gemm(*this, x, gate, logits, true);
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
-  lk::router_select_kernel<<<unsigned(T), 32, size_t(2 * E) * sizeof(float), stream()>>>(
+  lk::router_select_kernel<<<unsigned(T), 32, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
       logits, int(E), int(k), scoring, config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
       weights.as<float>(), ids.as<int32_t>());

@@ -1191,12 +1191,14 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 }
 
 // ---- router (spec §6.1) --------------------------------------------------------------
-// One warp per token row; shared memory 2 * E floats. logits [T, E] fp32 from the gate
+// One warp per token row; shared memory 2 * E + 2 * k floats. logits [T, E] fp32 from the gate
 // GEMM. Scores as ref (sqrt(softplus) / sigmoid / softmax with the sum in expert
 // order), selection by top-k of scores + bias with ties to the lower id, or
 // tid2eid[token] (bias == nullptr), weights = scores[ids] / sum (normalize) * scale,
 // summed in slot order. Pad rows (position < 0): ids -1, weights 0.
 // Roofline: reads 4E bytes per row, k argmax rounds over E/32 values per lane; ~1 µs.
+// The chosen ids and their scores stay in shared memory until the final stores (read
+// back from the output rows, each was a global round trip of lane 0's chain).
 __global__ void router_select_kernel(const float* __restrict__ logits, int num_experts, int k, int scoring,
                                      int normalize, float route_scale, const float* __restrict__ bias,
                                      const int64_t* __restrict__ tid2eid, const int32_t* __restrict__ token_ids,
@@ -1206,6 +1208,8 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
   extern __shared__ float s_f[];
   float* score = s_f;
   float* biased = s_f + num_experts;
+  int* s_ids = reinterpret_cast<int*>(s_f + 2 * num_experts);  // [k] the chosen ids, slot order
+  float* s_wt = s_f + 2 * num_experts + k;                      // [k] their scores
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
   float* wt = weights + row * k;
@@ -1244,7 +1248,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
     if (lane == 0) {
       // tid2eid is int64; ids never pass through a float type (spec §12.13).
       const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
-      for (int i = 0; i < k; ++i) it[i] = int32_t(tr[i]);
+      for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
     }
   } else {
     for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias[i];
@@ -1269,26 +1273,30 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
         }
       }
       if (lane == 0) {
-        it[sel] = bi;
+        s_ids[sel] = bi;
         biased[bi] = -INFINITY;  // taken
       }
       __syncwarp();
     }
   }
   __syncwarp();
-  if (lane == 0) {
+  if (lane == 0) {  // the sum in slot order
     float sum = 0.0f;
     for (int i = 0; i < k; ++i) {
-      const int id = it[i];
-      const float s = (id >= 0 && id < num_experts) ? score[id] : 0.0f;
-      wt[i] = s;
-      sum += s;
+      const int id = s_ids[i];
+      const float sc = (id >= 0 && id < num_experts) ? score[id] : 0.0f;
+      s_wt[i] = sc;
+      sum += sc;
     }
-    for (int i = 0; i < k; ++i) {
-      float v = wt[i];
-      if (normalize) v = v / sum;
-      wt[i] = v * route_scale;
-    }
+    biased[0] = sum;  // (biased is done with)
+  }
+  __syncwarp();
+  const float sum = biased[0];
+  for (int i = lane; i < k; i += 32) {
+    float v = s_wt[i];
+    if (normalize) v = v / sum;
+    wt[i] = v * route_scale;
+    it[i] = s_ids[i];
   }
 }
 
