@@ -876,6 +876,46 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
 // fast selection: one CTA per token.
 constexpr int kSelectThreads = 512;
 
+// Warp-wide (every lane gets the answer): the highest bin b of a 256-bin histogram with
+// hist[b] + hist[b + 1] + ... + hist[255] >= want, and above = hist[b + 1] + ... + hist[255];
+// b = 0 with above = the whole sum when no bin reaches want. Lane l sums bins 255 - 8l
+// down to 248 - 8l, a shuffle scan finds the lane whose bins reach want, and that lane
+// walks its 8 bins. (One thread walking the 256 bins, a dependent shared-memory load
+// per bin, twice per token, was a serial tail of every selection.)
+__device__ __forceinline__ void find_top_bin(const uint32_t* hist, int64_t want, int lane, int& bin,
+                                             int64_t& above) {
+  long long own = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) own += hist[255 - 8 * lane - i];
+  long long incl = own;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const long long v = __shfl_up_sync(kFull, incl, o);
+    if (lane >= o) incl += v;
+  }
+  const unsigned hit = __ballot_sync(kFull, incl >= want);
+  if (hit == 0) {
+    bin = 0;
+    above = __shfl_sync(kFull, incl, 31);
+    return;
+  }
+  const int owner = __ffs(int(hit)) - 1;
+  long long acc = incl - own;  // the bins above this lane's
+  int b = 0;
+  if (lane == owner) {
+    for (int i = 0; i < 8; ++i) {
+      const int bb = 255 - 8 * lane - i;
+      if (acc + hist[bb] >= want) {
+        b = bb;
+        break;
+      }
+      acc += hist[bb];
+    }
+  }
+  bin = __shfl_sync(kFull, b, owner);
+  above = __shfl_sync(kFull, acc, owner);
+}
+
 __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a, int sort_size /* pow2 >= K */) {
   wait_for_predecessor();
   extern __shared__ uint64_t sel[];  // [sort_size]
@@ -898,18 +938,14 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a,
   for (int i = tid; i < sort_size; i += blockDim.x) sel[i] = 0;  // 0 sorts below every real entry
   if (tid == 0) s_count = 0;
   __syncthreads();
-  if (tid == 0) {
-    int64_t above = 0;
+  if (tid < 32) {
     int bin = 0;
-    for (int b = 255; b >= 0; --b) {
-      if (above + hist_s[b] >= keep) {
-        bin = b;
-        break;
-      }
-      above += hist_s[b];
+    int64_t above = 0;
+    find_top_bin(hist_s, keep, tid, bin, above);
+    if (tid == 0) {
+      s_bin = bin;
+      s_need = int(keep - above);  // still needed from the bin
     }
-    s_bin = bin;
-    s_need = int(keep - above);  // still needed from the bin
   }
   __syncthreads();
   const int hi_bin = s_bin;
@@ -928,18 +964,17 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a,
     else if (hb == hi_bin) atomicAdd(&hist_s[key & 255], 1u);
   }
   __syncthreads();
-  if (tid == 0) {
-    int need = s_need, bin = 0;
-    for (int b = 255; b >= 0; --b) {
-      if (int(hist_s[b]) >= need) {
-        bin = b;
-        break;
-      }
-      need -= int(hist_s[b]);
+  if (tid < 32) {
+    const int want = s_need;
+    int bin = 0;
+    int64_t above = 0;
+    find_top_bin(hist_s, want, tid, bin, above);
+    __syncwarp();  // every lane has read s_need
+    if (tid == 0) {
+      s_bin = (hi_bin << 8) | bin;  // the threshold key
+      s_need = int(want - above);   // rows with exactly the threshold key still needed, lowest rows first
+      s_taken = 0;
     }
-    s_bin = (hi_bin << 8) | bin;  // the threshold key
-    s_need = need;                // rows with exactly the threshold key still needed, lowest rows first
-    s_taken = 0;
   }
   __syncthreads();
   const int thr = s_bin, need_eq = s_need;
