@@ -42,8 +42,8 @@ void cuda_linear_force_path(int path);
 // follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
-// Test hooks: FP4 expert GEMM launches so far in 16-row tiles of one decode (two row
-// groups); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
+// Test hooks: FP4 expert GEMM launches so far in 16-row tiles (one weight decode for
+// up to 16 rows); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 // Test hooks: plain GEMM launches so far in wide tiles (gemm_wide_kernel); -1
@@ -173,7 +173,7 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
                      const lk::ExpertTable& table, const lk::ExpertTma& tma) {
   if constexpr (F == WFmt::kFp4) {
     if (row_groups == 2) {
-      DSV4_CHECK(nt == 1, "expert gemm: row groups take 8-row groups (nt {})", nt);
+      DSV4_CHECK(nt == 1, "expert gemm: 16-row tiles replace 8-row ones only (nt {})", nt);
       return two ? launch_expert<F, 1, true, kTma, true>(be, p, grid, table, tma)
                  : launch_expert<F, 1, false, kTma, true>(be, p, grid, table, tma);
     }
@@ -773,7 +773,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // Tile rows per expert from the average load (any choice gives the same bits).
   const int64_t avg = (P + num_local - 1) / num_local;
   const int nt = avg <= 8 ? 1 : avg <= 16 ? 2 : 4;
-  // FP4 with 8-row groups: tiles of 16 rows, decoded once (shared_decode_wanted).
+  // FP4 with 8-row tiles: 16-row tiles instead, each decoded once (shared_decode_wanted).
   const int row_groups = nt == 1 && fp4_13 && fp4_2 && shared_decode_wanted(avg) ? 2 : 1;
   const int64_t bm = 8 * nt * row_groups;
   // Sum over busy experts of ceil(count / bm) <= (P + busy * (bm - 1)) / bm.
