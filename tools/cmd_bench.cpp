@@ -18,6 +18,8 @@ Command add_bench(CLI::App& app) {
         add_bench_decode);
   child("phases", "Time dependent phases on one GPU: grid barriers in one kernel against one kernel a phase",
         add_bench_phases);
+  child("linears", "Time one linear inside a captured chain of them against its bytes (the per-launch cost)",
+        add_bench_linears);
 #if DSV4_HAVE_SERVE
   child("serve", "Load-test a running OpenAI-compatible server (dsv4 serve, vLLM, ...)", add_bench_serve);
 #endif

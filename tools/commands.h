@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -18,10 +19,11 @@ using Command = std::function<int()>;
 Command add_make_checkpoint(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_info(CLI::App& app);
-// `dsv4 bench`: registers its children (decode, phases, serve) on `app` and runs the parsed one.
+// `dsv4 bench`: registers its children (decode, phases, linears, serve) on `app` and runs the parsed one.
 Command add_bench(CLI::App& app);
 Command add_bench_decode(CLI::App& app);
 Command add_bench_phases(CLI::App& app);
+Command add_bench_linears(CLI::App& app);
 #if DSV4_HAVE_SERVE
 Command add_serve(CLI::App& app);
 Command add_bench_serve(CLI::App& app);
@@ -47,5 +49,16 @@ void apply_parallel_flags(const ParallelFlags& flags, engine::EngineBuildOptions
 
 // "4096", "64M", "5G", "auto" (0).
 uint64_t parse_size(const std::string& text, const char* option);
+
+// "1,16,64,256": positive integers; a clear error naming the option otherwise.
+std::vector<int32_t> parse_list(const std::string& text, const char* option);
+
+// The middle value (the upper one of an even count); 0 for none.
+double median(std::vector<double> v);
+
+// Device-to-device copy bandwidth of the backend's device (bytes read + written per
+// second, median of 10 copies of 1 GB of random bytes; 64 MB on the CPU): the
+// roofline denominator of the benchmarks.
+double measure_copy_bandwidth(ops::Backend& be);
 
 }  // namespace dsv4::tools

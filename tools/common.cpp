@@ -1,4 +1,8 @@
+#include <algorithm>
 #include <cctype>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
 
 #include "core/error.h"
 #include "tools/commands.h"
@@ -63,6 +67,57 @@ uint64_t parse_size(const std::string& text, const char* option) {
   else if (!unit.empty()) core::fail("{}: unknown unit \"{}\" in \"{}\" (use K, M or G)", option, unit, text);
   if (v <= 0) core::fail("{}: size must be positive, got \"{}\"", option, text);
   return uint64_t(v * mult);
+}
+
+std::vector<int32_t> parse_list(const std::string& text, const char* option) {
+  std::vector<int32_t> out;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t comma = text.find(',', pos);
+    std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    try {
+      size_t used = 0;
+      int v = std::stoi(item, &used);
+      if (used != item.size() || v <= 0) throw std::invalid_argument("");
+      out.push_back(v);
+    } catch (...) {
+      core::fail("{}: \"{}\" is not a positive integer (expected a list such as 1,16,64,256)", option, item);
+    }
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return out;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// Device-to-device copy bandwidth (bytes read + written per second), the roofline denominator.
+double measure_copy_bandwidth(ops::Backend& be) {
+  const int64_t bytes = be.device() == core::Device::kCuda ? (1ll << 30) : (64ll << 20);
+  core::Tensor a = be.empty(core::DType::kU8, {bytes}), b = be.empty(core::DType::kU8, {bytes});
+  {
+    // Random bytes: never time on zeros (some memory paths compress them).
+    std::vector<uint8_t> host(static_cast<size_t>(bytes));
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < host.size(); i += 8) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      std::memcpy(host.data() + i, &x, std::min<size_t>(8, host.size() - i));
+    }
+    be.upload(a, host.data(), host.size());
+  }
+  be.copy(b, a);
+  auto timer = be.make_timer();
+  std::vector<double> ms;
+  for (int i = 0; i < 10; ++i) {
+    timer->start();
+    be.copy(b, a);
+    timer->stop();
+    ms.push_back(timer->elapsed_ms());
+  }
+  return 2.0 * double(bytes) / (median(ms) * 1e-3);
 }
 
 }  // namespace dsv4::tools
