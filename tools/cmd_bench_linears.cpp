@@ -68,6 +68,13 @@ std::vector<Shape> parse_shapes(const std::string& text, bool fp8) {
 // Random bytes for a weight: e4m3 codes without NaN (0x7f / 0xff), UE8M0 scales of
 // 2^-10 .. 2^-3, bf16 values of magnitude < 1. Never zeros: some memory paths compress them.
 void fill_host(std::vector<uint8_t>& host, core::DType dtype, uint64_t seed, uint64_t stream) {
+  if (dtype == core::DType::kBF16) {
+    for (size_t i = 0; i + 1 < host.size(); i += 2) {
+      const uint16_t h = core::float_to_bf16(core::random_uniform(seed, stream, i / 2) * 2.0f - 1.0f);
+      std::memcpy(&host[i], &h, 2);
+    }
+    return;
+  }
   for (size_t i = 0; i < host.size(); i += 8) {
     uint64_t r = core::random_bits(seed, stream, i / 8);
     for (size_t b = 0; b < 8 && i + b < host.size(); ++b, r >>= 8) {
@@ -77,12 +84,6 @@ void fill_host(std::vector<uint8_t>& host, core::DType dtype, uint64_t seed, uin
       host[i + b] = v;
     }
   }
-  if (dtype == core::DType::kBF16)
-    for (size_t i = 0; i + 1 < host.size(); i += 2) {
-      const float f = core::random_uniform(seed, stream ^ 0xbf16, i / 2) * 2.0f - 1.0f;
-      const uint16_t h = core::float_to_bf16(f);
-      std::memcpy(&host[i], &h, 2);
-    }
 }
 
 core::Tensor random_tensor(ops::Backend& be, core::DType dtype, std::initializer_list<int64_t> shape, uint64_t seed,
