@@ -63,7 +63,7 @@ struct RankRun {
   std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
   double comm_ms = 0;                          // eager: stages tagged communication
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
-  uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (attn_pre)
+  uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (index_topk)
   uint64_t kv_attention_bytes = 0;             // KV records attention reads (attn_core)
   bool graphs = false;
 };
@@ -110,7 +110,7 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
     out.stage_ms[kind] += ms;
     if (stage.kind == model::StageKind::kComm) out.comm_ms += ms;
     std::smatch m;
-    if (kind == "attn_core" && std::regex_search(stage.name, m, layer_prefix)) {
+    if (kind == "router" && std::regex_search(stage.name, m, layer_prefix)) {
       const int64_t l = std::stoll(m[1]);
       std::vector<int32_t> ids(size_t(B * k));
       backend.download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
@@ -272,7 +272,7 @@ Command add_bench_decode(CLI::App& app) {
       // furthest from their own roofline (eager times include launch gaps).
       std::map<std::string, uint64_t> stage_bytes = dense_by_stage;
       stage_bytes["experts"] += rank0_experts;
-      stage_bytes["attn_pre"] += runs[0].kv_index_bytes;
+      stage_bytes["index_topk"] += runs[0].kv_index_bytes;
       stage_bytes["attn_core"] += runs[0].kv_attention_bytes;
       stage_bytes["embed"] += uint64_t(B) * uint64_t(c.hidden_size) * 2;
       nlohmann::json stage_roof_ms = nlohmann::json::object(), stage_ratio = nlohmann::json::object();

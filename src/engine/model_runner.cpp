@@ -1,6 +1,7 @@
 #include "engine/model_runner.h"
 
 #include "core/error.h"
+#include "engine/stage_lanes.h"
 
 namespace dsv4::engine {
 
@@ -122,8 +123,8 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
       // First step of this bucket: run it eagerly (also sizes every scratch
       // buffer), then record the same program for the next ones.
       model::StageProgram program = model_->step_program(*buffers_, batch, bucket, caches_, *moe_);
-      model::run_in_order(program);
-      graphs_[bucket] = backend_.capture([program] { model::run_in_order(program); });
+      run_on_lanes(program, backend_);
+      graphs_[bucket] = backend_.capture([this, program] { run_on_lanes(program, backend_); });
     } else {
       it->second->replay();
     }
@@ -134,7 +135,7 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
   const ops::BatchView batch = upload_metadata(meta);
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
   if (observer_) model::run_in_order(program, [&](const model::Stage& s, bool after) { observer_(meta, s, after); });
-  else model::run_in_order(program);
+  else run_on_lanes(program, backend_);
   download_logits(R, logits);
   if (hidden != nullptr) {
     const core::Tensor X = buffers_->X.rows(0, batch.num_tokens);
@@ -192,7 +193,7 @@ void ModelRunner::mtp_step(const StepMetadata& meta, const std::vector<uint16_t>
              batch.num_tokens);
   backend_.upload(X_main, hidden.data(), X_main.nbytes());
   model::StageProgram program = model_->mtp_program(*buffers_, X_main, batch, R, caches_, *moe_);
-  model::run_in_order(program);
+  run_on_lanes(program, backend_);
   download_logits(R, logits);
   backend_.synchronize();
 }

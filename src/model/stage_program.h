@@ -34,4 +34,9 @@ using StageProgram = std::vector<Stage>;
 void run_in_order(const StageProgram& program,
                   const std::function<void(const Stage&, bool after)>& around = nullptr);
 
+// For each stage, the earlier stages it must follow: those that write a buffer it
+// reads or writes, or read a buffer it writes (by identity; null buffers are
+// ignored). Ascending indices.
+std::vector<std::vector<int>> stage_dependencies(const StageProgram& program);
+
 }  // namespace dsv4::model

@@ -123,61 +123,106 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   Tensor attn_out = b.attn_out.rows(0, T), topk = b.topk.rows(0, T);
   const std::string L = fmt::format("L{}", w.index);
 
-  // A0: hc_pre, projections, compressors and indexer (spec §5.1–§5.4).
+  // The attention's stages (spec §5.1–§5.6). Each declares the buffers it reads and
+  // writes, the cache by part, so that stages that do not depend on each other can
+  // run at once (engine/stage_lanes.h) and two micro-batches can interleave (TBO):
+  // the q path, the indexer, the KV row and the compressor each need only attn_in.
+  const BufferRef cache_window{"cache.window", cache.window.data()};
+  const BufferRef cache_rows{"cache.rows", cache.rows.data()};
+  const BufferRef cache_index_rows{"cache.index_rows", cache.index_rows.data()};
+  const BufferRef cache_states[4] = {{"cache.kv_state", cache.kv_state.data()},
+                                     {"cache.score_state", cache.score_state.data()},
+                                     {"cache.index_kv_state", cache.index_kv_state.data()},
+                                     {"cache.index_score_state", cache.index_score_state.data()}};
+  const int64_t Hi = c.index_n_heads, Di = c.index_head_dim;
+  const bool csa = w.ratio == 4;  // the indexer's layers
+  Tensor iq = csa ? b.idx_q.rows(0, T) : Tensor();
+  Tensor iw = csa ? b.idx_w.rows(0, T) : Tensor(), ia = csa ? b.idx_a.rows(0, T) : Tensor();
+  Tensor ig = csa ? b.idx_g.rows(0, T) : Tensor();
+
+  // hc_pre, then the projections of xn that the q path and the KV row need. Linears
+  // of one input go in pairs (one activation quantization, one launch where the
+  // backend can): q_a with kv, q_b with the indexer's q, wkv with wgate.
   program.push_back(Stage{
-      L + ".attn_pre", StageKind::kCompute, {{"X", b.X.data()}},
-      {{"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}, {"cq", b.cq.data()},
-       {"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", b.topk.data()}, {"cache", &cache}},
-      [&be, &w, &cache, &c, this, batch, X, x, xn, post, comb, cq_raw, cq, q, kv, topk, rope, eps, T, Dh, H, &b] {
-        // Linears of one input go in pairs (one activation quantization, one launch
-        // where the backend can): q_a with kv, q_b with the indexer's q, wkv with wgate.
+      L + ".attn_in", StageKind::kCompute, {{"X", b.X.data()}},
+      {{"x", b.x.data()}, {"xn", b.xn.data()}, {"post", b.post.data()}, {"comb", b.comb.data()},
+       {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
+      [&be, &w, this, X, x, xn, post, comb, cq_raw, kv, eps] {
         be.hc_pre_norm(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb);
         be.linear_pair(xn, w.wq_a, cq_raw, w.wkv, kv);
+      }});
+  // q (and the indexer's q): norm, q_b, RoPE.
+  program.push_back(Stage{
+      L + ".attn_q", StageKind::kCompute, {{"cq_raw", b.cq_raw.data()}},
+      {{"cq", b.cq.data()}, {"q", b.q.data()}, {"idx_q", iq.data()}},
+      [&be, &w, batch, cq_raw, cq, q, iq, rope, eps, T, Dh, H, Hi, Di, csa] {
         be.rms_norm(cq_raw, w.q_norm, eps, cq);
-        const int64_t Hi = c.index_n_heads, Di = c.index_head_dim;
-        Tensor iq = w.ratio == 4 ? b.idx_q.rows(0, T) : Tensor();
-        if (w.ratio == 4) be.linear_pair(cq, w.wq_b, q.reshape({T, H * Dh}), w.index_wq_b, iq.reshape({T, Hi * Di}));
+        if (csa) be.linear_pair(cq, w.wq_b, q.reshape({T, H * Dh}), w.index_wq_b, iq.reshape({T, Hi * Di}));
         else be.linear(cq, w.wq_b, q.reshape({T, H * Dh}));
         be.q_norm_rope(q, batch, rope, eps);
-        be.rms_norm(kv, w.kv_norm, eps, kv);
-        be.kv_rope_quant(kv, batch, rope);
-        if (w.ratio == 4) {
-          Tensor iw = b.idx_w.rows(0, T), ia = b.idx_a.rows(0, T), ig = b.idx_g.rows(0, T);
-          be.indexer_q(iq, batch, rope);
+        if (csa) be.indexer_q(iq, batch, rope);
+      }});
+  if (csa) {
+    // The indexer's compressor and weights, then its top-k (which needs the q path).
+    program.push_back(Stage{
+        L + ".index_in", StageKind::kCompute, {{"xn", b.xn.data()}},
+        {{"idx_w", iw.data()}, {"idx_a", ia.data()}, {"idx_g", ig.data()}, cache_index_rows, cache_states[2],
+         cache_states[3]},
+        [&be, &w, &cache, batch, xn, iw, ia, ig, rope, eps] {
           be.linear_bf16(xn, w.index_weights_proj, iw);
           be.linear_bf16_pair(xn, w.index_compressor.wkv, ia, w.index_compressor.wgate, ig);
           be.compress(ia, ig, w.index_compressor, batch, rope, eps, cache);
-          be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk);
-        }
-        if (w.ratio > 0) {
-          const int64_t width = w.compressor.width();
-          Tensor a = b.comp_a.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
-          Tensor g = b.comp_g.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
+        }});
+  }
+  // The KV row: norm, RoPE, FP8 quantization (written to the window after attention).
+  program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}}, {{"kv", b.kv.data()}},
+                          [&be, &w, batch, kv, rope, eps] {
+                            be.rms_norm(kv, w.kv_norm, eps, kv);
+                            be.kv_rope_quant(kv, batch, rope);
+                          }});
+  if (csa) {
+    program.push_back(Stage{
+        L + ".index_topk", StageKind::kCompute,
+        {{"idx_q", iq.data()}, {"idx_w", iw.data()}, cache_index_rows}, {{"topk", b.topk.data()}},
+        [&be, this, &cache, batch, iq, iw, topk] { be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk); }});
+  }
+  if (w.ratio > 0) {
+    const int64_t width = w.compressor.width();
+    Tensor a = b.comp_a.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
+    Tensor g = b.comp_g.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
+    program.push_back(Stage{
+        L + ".compress", StageKind::kCompute, {{"xn", b.xn.data()}},
+        {{"comp_a", b.comp_a.data()}, {"comp_g", b.comp_g.data()}, cache_rows, cache_states[0], cache_states[1]},
+        [&be, &w, &cache, batch, xn, a, g, rope, eps] {
           be.linear_bf16_pair(xn, w.compressor.wkv, a, w.compressor.wgate, g);
           be.compress(a, g, w.compressor, batch, rope, eps, cache);
-        }
-      }});
+        }});
+  }
 
-  // A1: attention core, output projections, hc_post; then the FFN's hc_pre and router.
-  Tensor rw = b.router_w.rows(0, T), rid = b.router_ids.rows(0, T);
+  // Attention, the output projections and hc_post; then the FFN's hc_pre.
   program.push_back(Stage{
       L + ".attn_core", StageKind::kCompute,
-      {{"X", b.X.data()}, {"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", b.topk.data()}, {"post", b.post.data()},
-       {"comb", b.comb.data()}, {"cache", &cache}},
-      {{"X_alt", b.X_alt.data()}, {"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()},
-       {"router_w", b.router_w.data()}, {"router_ids", b.router_ids.data()}, {"cache", &cache}},
-      [&be, &w, &cache, &c, this, batch, X, X_alt, x, xn, post, comb, q, kv, topk, attn_o, z, attn_out, rw, rid, rope,
-       eps] {
-        be.sparse_attention(q, kv, cache, batch, w.ratio == 4 ? topk : Tensor(), w.attn_sink, softmax_scale_, rope,
-                            attn_o);
+      {{"X", b.X.data()}, {"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", csa ? b.topk.data() : nullptr},
+       {"post", b.post.data()}, {"comb", b.comb.data()}, cache_window, cache_rows},
+      {{"attn_o", b.attn_o.data()}, {"z", b.z.data()}, {"attn_out", b.attn_out.data()}, {"X_alt", b.X_alt.data()},
+       {"x", b.x.data()}, {"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}, cache_window},
+      [&be, &w, &cache, &c, this, batch, X, X_alt, x, xn, post, comb, q, kv, topk, attn_o, z, attn_out, rope, eps,
+       csa] {
+        be.sparse_attention(q, kv, cache, batch, csa ? topk : Tensor(), w.attn_sink, softmax_scale_, rope, attn_o);
         be.window_commit(kv, batch, cache);
         const int64_t T2 = attn_o.size(0);
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
         be.hc_post(attn_out, X, post, comb, X_alt);
         be.hc_pre_norm(X_alt, w.hc_ffn, hc_config_, w.ffn_norm, eps, x, xn, post, comb);
-        be.router(xn, w.gate, w.gate_bias, w.tid2eid, batch, router_config_, rw, rid);
       }});
+  // The router (the shared expert does not need it).
+  Tensor rw = b.router_w.rows(0, T), rid = b.router_ids.rows(0, T);
+  program.push_back(Stage{L + ".router", StageKind::kCompute, {{"xn", b.xn.data()}},
+                          {{"router_w", b.router_w.data()}, {"router_ids", b.router_ids.data()}},
+                          [&be, &w, this, batch, xn, rw, rid] {
+                            be.router(xn, w.gate, w.gate_bias, w.tid2eid, batch, router_config_, rw, rid);
+                          }});
 
   MoeStageIo io;
   io.micro_batch = b.micro_batch;

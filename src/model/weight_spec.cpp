@@ -221,12 +221,15 @@ std::string decode_stage_of_tensor(const std::string& name) {
   const size_t dot = name.find('.', 7);
   const std::string local = dot == std::string::npos ? "" : name.substr(dot + 1);  // after "layers.L."
   auto is = [&](std::string_view prefix) { return local.rfind(prefix, 0) == 0; };
-  // attn_core: attention output (wo_a, wo_b, sink), hc_post, then the FFN's
-  // hc_pre, ffn_norm and the router (docs/ARCHITECTURE.md, the forward pass).
-  if (is("attn.wo_a") || is("attn.wo_b") || is("attn.attn_sink") || is("hc_ffn_") || is("ffn_norm.") ||
-      is("ffn.gate."))
-    return "attn_core";
-  if (is("hc_attn_") || is("attn_norm.") || is("attn.")) return "attn_pre";
+  // Transformer::append_layer's stages (docs/ARCHITECTURE.md, the forward pass).
+  if (is("hc_attn_") || is("attn_norm.") || is("attn.wq_a") || is("attn.wkv")) return "attn_in";
+  if (is("attn.q_norm.") || is("attn.wq_b") || is("attn.indexer.wq_b")) return "attn_q";
+  if (is("attn.kv_norm.")) return "attn_kv";
+  if (is("attn.indexer.")) return "index_in";  // weights_proj and the indexer's compressor
+  if (is("attn.compressor.")) return "compress";
+  // attn_core: attention output (wo_a, wo_b, sink), hc_post, then the FFN's hc_pre and ffn_norm.
+  if (is("attn.wo_a") || is("attn.wo_b") || is("attn.attn_sink") || is("hc_ffn_") || is("ffn_norm.")) return "attn_core";
+  if (is("ffn.gate.")) return "router";
   if (is("ffn.shared_experts.")) return "shared_expert";
   if (is("ffn.experts.")) return "experts";
   core::fail("decode_stage_of_tensor: '{}' is not a tensor the stage map knows", name);

@@ -41,7 +41,8 @@ std::vector<TensorSpec> checkpoint_tensor_specs(const ModelConfig& config);
 uint64_t total_bytes(const std::vector<TensorSpec>& specs);
 
 // The decode step's stage (a name of Transformer::step_program's stages without
-// the layer prefix: attn_pre, attn_core, shared_expert, experts, logits, embed)
+// the layer prefix: attn_in, attn_q, index_in, attn_kv, compress, attn_core,
+// router, shared_expert, experts, logits, embed)
 // that reads a checkpoint tensor, or "" for tensors the main decode step does not
 // read (the MTP block). Routed experts are "experts" and the embedding table
 // "embed", though a step reads only the experts its rows route to and one embed

@@ -81,6 +81,10 @@ class HostTimer final : public Timer {
 
 std::unique_ptr<Timer> Backend::make_timer() { return std::make_unique<HostTimer>(); }
 
+void Backend::set_lane(int lane) {
+  DSV4_CHECK(lane >= 0 && lane < num_lanes(), "lane {} of a backend with {} lane(s)", lane, num_lanes());
+}
+
 void Backend::randomize_cache(LayerCache& cache, uint64_t seed) {
   // Host-side fill for host-format caches (bf16 rows, f32 states): N(0,1).
   DSV4_CHECK(device() == core::Device::kCpu, "randomize_cache needs a device implementation");

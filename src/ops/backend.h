@@ -208,6 +208,20 @@ class Backend {
   // --profile-from-start off); no-op where there is none.
   virtual void profiler_collect(bool on) {}
   virtual std::unique_ptr<Timer> make_timer();
+
+  // ---- lanes: independent stages of one step at once ----------------------------
+  // Ops issue on the lane selected last. Lane 0 is the backend's current stream; a
+  // backend with more lanes runs each beside it (engine/stage_lanes.h decides which
+  // stages go where, from their declared buffers). mark_lane() marks everything
+  // issued so far on the current lane and returns the mark's id; after
+  // wait_for_mark(id), work issued on the current lane starts only once the mark is
+  // reached. clear_marks() lets ids be reused (a new step). A backend that runs ops
+  // as they are issued (the CPU) has one lane and nothing to mark.
+  virtual int num_lanes() const { return 1; }
+  virtual void set_lane(int lane);
+  virtual int mark_lane() { return 0; }
+  virtual void wait_for_mark(int /*mark*/) {}
+  virtual void clear_marks() {}
   // Fills every row and state of a cache with random valid content (benchmarks:
   // a decode step at context C without prefilling C tokens; never zeros).
   virtual void randomize_cache(LayerCache& cache, uint64_t seed);

@@ -211,6 +211,12 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
   const auto a = run(*eager_runner, eager);
   const auto b = run(*graph_runner, replayed);
   EXPECT_GE(graph_runner->num_graphs(), 1u);
+  // The routed experts ran beside the shared expert (engine/stage_lanes.h): each
+  // layer's lanes join before its ffn_post.
+  auto& cuda = static_cast<ops::CudaBackend&>(*cuda_);
+  if (cuda.num_lanes() > 1) {
+    EXPECT_GE(cuda.last_capture_joins(), int(cuda_model_->config.num_hidden_layers));
+  }
   ASSERT_EQ(a, b);
   for (size_t s = 0; s < eager.size(); ++s)
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], replayed[s][i]) << "sequence " << s << " token " << i;

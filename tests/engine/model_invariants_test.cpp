@@ -227,7 +227,7 @@ TEST_F(TinyModel, DivergenceLocatorFindsWhereTwoArithmeticsPart) {
       EXPECT_TRUE(locate.differences().empty()) << locate.differences().front();
     } else {
       ASSERT_FALSE(locate.differences().empty());
-      EXPECT_EQ(locate.differences().front().rfind("L0.attn_pre ", 0), 0u) << locate.differences().front();
+      EXPECT_EQ(locate.differences().front().rfind("L0.attn_in ", 0), 0u) << locate.differences().front();
     }
   }
 }

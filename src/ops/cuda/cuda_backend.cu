@@ -48,6 +48,11 @@ CudaBackend::CudaBackend(int device) : device_(device), scratch_(std::make_uniqu
 
 CudaBackend::~CudaBackend() {
   if (own_stream_) cudaStreamSynchronize(own_stream_);
+  for (auto& [main, side] : side_streams_) {
+    cudaStreamSynchronize(side);
+    cudaStreamDestroy(side);
+  }
+  for (cudaEvent_t e : marks_) cudaEventDestroy(e);
   scratch_.reset();
   workspace_ = Tensor();
   if (cublaslt_) cublasLtDestroy(cublaslt_);
@@ -188,12 +193,43 @@ bool is_ops_kernel(cudaGraphNode_t node) {
 // every waiting kernel counts as started, so whole chains of small kernels became
 // resident at once, waiting, and held the SMs' resources.
 // Returns the number of edges converted.
-int make_kernel_edges_programmatic(cudaGraph_t graph) {
+//
+// Where lanes fork or join (engine/stage_lanes.h), the edges stay plain: only an
+// edge that is its upstream node's one way out and its downstream node's one way in
+// is converted. (Each such edge is the single-stream case measured above; a kernel
+// with several programmatic edges in or out was not.)
+struct GraphEdges {
+  std::vector<cudaGraphNode_t> from, to;
+  std::vector<cudaGraphEdgeData> data;
+  std::map<cudaGraphNode_t, int> out_degree, in_degree;
+};
+
+GraphEdges graph_edges(cudaGraph_t graph) {
   size_t n = 0;
   DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, nullptr, nullptr, nullptr, &n));
-  std::vector<cudaGraphNode_t> from(n), to(n);
-  std::vector<cudaGraphEdgeData> data(n);
-  DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, from.data(), to.data(), data.data(), &n));
+  GraphEdges e;
+  e.from.resize(n);
+  e.to.resize(n);
+  e.data.resize(n);
+  DSV4_CUDA_CHECK(cudaGraphGetEdges(graph, e.from.data(), e.to.data(), e.data.data(), &n));
+  for (size_t i = 0; i < n; ++i) {
+    ++e.out_degree[e.from[i]];
+    ++e.in_degree[e.to[i]];
+  }
+  return e;
+}
+
+int count_joins(const GraphEdges& e) {
+  int joins = 0;
+  for (const auto& [node, d] : e.in_degree) joins += d >= 2 ? 1 : 0;
+  return joins;
+}
+
+int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
+  const size_t n = e.from.size();
+  auto& from = e.from;
+  auto& to = e.to;
+  auto& data = e.data;
   std::map<cudaGraphNode_t, bool> ours;
   auto is_ours = [&](cudaGraphNode_t node) {
     auto it = ours.find(node);
@@ -203,6 +239,7 @@ int make_kernel_edges_programmatic(cudaGraph_t graph) {
   int converted = 0;
   for (size_t i = 0; i < n; ++i) {
     if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i]) || !is_ours(from[i])) continue;
+    if (e.out_degree[from[i]] != 1 || e.in_degree[to[i]] != 1) continue;
     DSV4_CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[i], &to[i], &data[i], 1));
     cudaGraphEdgeData edge{};
     edge.from_port = cudaGraphKernelNodePortProgrammatic;
@@ -227,7 +264,10 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   cudaGraph_t graph = nullptr;
   DSV4_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
   cudaGraphExec_t exec = nullptr;
-  last_capture_programmatic_edges_ = programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph) : 0;
+  GraphEdges edges = graph_edges(graph);
+  last_capture_joins_ = count_joins(edges);
+  last_capture_programmatic_edges_ =
+      programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
   return std::make_unique<CudaGraph>(exec, stream_);
@@ -249,6 +289,40 @@ void* CudaBackend::scratch(const char* name, size_t bytes) {
     t = empty_bytes(bytes);
   }
   return t.data();
+}
+
+int CudaBackend::num_lanes() const {
+  static const int lanes = env_is("DSV4_CUDA_LANES", "1") ? 1 : 2;
+  return lanes;
+}
+
+void CudaBackend::set_lane(int lane) {
+  Backend::set_lane(lane);
+  if (lane == lane_) return;
+  if (lane_ == 0) lane0_stream_ = stream_;
+  if (lane == 0) {
+    stream_ = lane0_stream_;
+  } else {
+    cudaStream_t& side = side_streams_[lane0_stream_];
+    if (side == nullptr) DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    stream_ = side;
+  }
+  lane_ = lane;
+}
+
+int CudaBackend::mark_lane() {
+  if (next_mark_ == int(marks_.size())) {
+    cudaEvent_t e = nullptr;
+    DSV4_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    marks_.push_back(e);
+  }
+  DSV4_CUDA_CHECK(cudaEventRecord(marks_[size_t(next_mark_)], stream_));
+  return next_mark_++;
+}
+
+void CudaBackend::wait_for_mark(int mark) {
+  DSV4_CHECK(mark >= 0 && mark < next_mark_, "lane mark {} was not made (marks made: {})", mark, next_mark_);
+  DSV4_CUDA_CHECK(cudaStreamWaitEvent(stream_, marks_[size_t(mark)], 0));
 }
 
 }  // namespace dsv4::ops

@@ -13,6 +13,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -40,6 +41,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Graph> capture(const std::function<void()>& body) override;
   // How many edges the last capture made programmatic (tests).
   int last_capture_programmatic_edges() const { return last_capture_programmatic_edges_; }
+  // How many nodes of the last capture wait on two or more others (lanes joining; tests).
+  int last_capture_joins() const { return last_capture_joins_; }
   void bind_to_current_thread() override;
   void profiler_collect(bool on) override;
   std::unique_ptr<Timer> make_timer() override;
@@ -47,8 +50,18 @@ class CudaBackend final : public Backend {
 
   int device_index() const { return device_; }
   cudaStream_t stream() const { return stream_; }
-  // Ops issue on the current stream; TBO switches it between compute and comm streams.
+  // Ops issue on the current stream; TBO switches it between compute and comm streams
+  // (on lane 0: a lane's stream is derived from it).
   void set_stream(cudaStream_t s) { stream_ = s; }
+  // Lane 1 is a second stream for each lane-0 stream (so two micro-batches of
+  // two-batch overlap would each have their own), created on first use; marks are
+  // events without timing, reused after clear_marks(). DSV4_CUDA_LANES=1 keeps one
+  // lane (A/B runs; read once).
+  int num_lanes() const override;
+  void set_lane(int lane) override;
+  int mark_lane() override;
+  void wait_for_mark(int mark) override;
+  void clear_marks() override { next_mark_ = 0; }
   const cudaDeviceProp& properties() const { return props_; }
   cublasLtHandle_t cublaslt() const { return cublaslt_; }
   void* cublas_workspace() const { return workspace_.data(); }
@@ -102,6 +115,12 @@ class CudaBackend final : public Backend {
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   int last_capture_programmatic_edges_ = 0;
+  int last_capture_joins_ = 0;
+  int lane_ = 0;
+  cudaStream_t lane0_stream_ = nullptr;  // lane 0's stream while another lane is current
+  std::map<cudaStream_t, cudaStream_t> side_streams_;
+  std::vector<cudaEvent_t> marks_;
+  int next_mark_ = 0;
   cudaStream_t own_stream_ = nullptr;
   cudaDeviceProp props_{};
   cublasLtHandle_t cublaslt_ = nullptr;

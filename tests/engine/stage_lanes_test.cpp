@@ -1,0 +1,151 @@
+// engine/stage_lanes.h: which stages run beside which, from their declared buffers.
+// The plan is checked against model::stage_dependencies on a layer-shaped program
+// and on random programs: every dependency is either earlier on the same lane or
+// covered by a wait for a mark made at or after it on the other lane.
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+
+#include "engine/stage_lanes.h"
+#include "test_seed.h"
+
+namespace dsv4::engine {
+namespace {
+
+using model::BufferRef;
+using model::Stage;
+using model::StageKind;
+using model::StageProgram;
+
+// Stand-ins for buffer identities.
+char g_buffers[16];
+const void* buf(int i) { return &g_buffers[i]; }
+
+Stage stage(std::string name, std::vector<int> reads, std::vector<int> writes, StageKind kind = StageKind::kCompute) {
+  Stage s;
+  s.name = std::move(name);
+  s.kind = kind;
+  for (int r : reads) s.reads.push_back(BufferRef{"r", r < 0 ? nullptr : buf(r)});
+  for (int w : writes) s.writes.push_back(BufferRef{"w", w < 0 ? nullptr : buf(w)});
+  s.run = [] {};
+  return s;
+}
+
+// Every dependency honoured: same lane and earlier, or a wait on this stage's lane,
+// at this stage or before it, for a stage of the dependency's lane at or after it.
+void expect_honours_dependencies(const StageProgram& program, const LanePlan& plan) {
+  const auto deps = model::stage_dependencies(program);
+  ASSERT_EQ(plan.steps.size(), program.size());
+  for (size_t i = 0; i < program.size(); ++i) {
+    const int lane = plan.steps[i].lane;
+    for (int w : plan.steps[i].waits) {
+      EXPECT_LT(w, int(i));
+      EXPECT_NE(plan.steps[size_t(w)].lane, lane) << "stage " << i << " waits on its own lane";
+      EXPECT_TRUE(plan.steps[size_t(w)].mark) << "stage " << w << " is waited for but not marked";
+    }
+    for (int d : deps[i]) {
+      ASSERT_LT(d, int(i));
+      if (plan.steps[size_t(d)].lane == lane) continue;
+      bool covered = false;
+      for (size_t j = 0; j <= i && !covered; ++j)
+        if (plan.steps[j].lane == lane)
+          for (int w : plan.steps[j].waits) covered |= w >= d && plan.steps[size_t(w)].lane == plan.steps[size_t(d)].lane;
+      EXPECT_TRUE(covered) << "stage " << i << " (lane " << lane << ") does not wait for stage " << d;
+    }
+  }
+  // At the end lane 0 has waited for every stage of lane 1.
+  int last1 = -1, synced = plan.final_wait;
+  for (size_t i = 0; i < program.size(); ++i) {
+    if (plan.steps[i].lane == 1) {
+      last1 = int(i);
+    } else {
+      for (int w : plan.steps[i].waits) synced = std::max(synced, w);
+    }
+  }
+  EXPECT_GE(synced, last1);
+  if (plan.final_wait >= 0) {
+    EXPECT_TRUE(plan.steps[size_t(plan.final_wait)].mark);
+  }
+}
+
+// Buffers: 0 X, 1 xn, 2 ids, 3 shared_out, 4 routed.
+StageProgram two_layers() {
+  StageProgram p;
+  for (int l = 0; l < 2; ++l) {
+    p.push_back(stage("attn", {0}, {1, 2}));
+    p.push_back(stage("shared_expert", {1}, {3}));
+    p.push_back(stage("experts", {1, 2}, {4}));
+    p.push_back(stage("ffn_post", {4, 3}, {0}));
+  }
+  return p;
+}
+
+TEST(StageLanes, RoutedExpertsRunBesideTheSharedExpert) {
+  const StageProgram p = two_layers();
+  const LanePlan plan = plan_lanes(p, 2);
+  const std::vector<int> lanes = {0, 0, 1, 0, 0, 0, 1, 0};
+  for (size_t i = 0; i < p.size(); ++i) EXPECT_EQ(plan.steps[i].lane, lanes[i]) << p[i].name << " " << i;
+  EXPECT_EQ(plan.steps[2].waits, std::vector<int>{0});  // experts after attn, not after the shared expert
+  EXPECT_EQ(plan.steps[3].waits, std::vector<int>{2});  // ffn_post joins
+  EXPECT_EQ(plan.steps[6].waits, std::vector<int>{4});
+  EXPECT_EQ(plan.steps[7].waits, std::vector<int>{6});
+  EXPECT_EQ(plan.final_wait, -1);
+  expect_honours_dependencies(p, plan);
+}
+
+TEST(StageLanes, OneLaneOrACommunicationStageKeepsProgramOrderOnLaneZero) {
+  StageProgram p = two_layers();
+  const LanePlan one = plan_lanes(p, 1);
+  for (const LaneStep& s : one.steps) {
+    EXPECT_EQ(s.lane, 0);
+    EXPECT_TRUE(s.waits.empty());
+  }
+  EXPECT_EQ(one.final_wait, -1);
+  p.insert(p.begin() + 2, stage("dispatch", {1, 2}, {5}, StageKind::kComm));
+  for (const LaneStep& s : plan_lanes(p, 2).steps) EXPECT_EQ(s.lane, 0);
+}
+
+TEST(StageLanes, ATrailingSideStageIsJoinedAtTheEnd) {
+  StageProgram p;
+  p.push_back(stage("a", {0}, {1}));
+  p.push_back(stage("b", {1}, {2}));
+  p.push_back(stage("c", {1}, {3}));  // beside b
+  const LanePlan plan = plan_lanes(p, 2);
+  EXPECT_EQ(plan.steps[2].lane, 1);
+  EXPECT_EQ(plan.final_wait, 2);
+  expect_honours_dependencies(p, plan);
+}
+
+TEST(StageLanes, RandomProgramsHonourEveryDependency) {
+  std::mt19937_64 g(testing::test_seed());
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n = 1 + int(g() % 40), buffers = 1 + int(g() % 8);
+    StageProgram p;
+    for (int i = 0; i < n; ++i) {
+      std::vector<int> r, w;
+      for (int k = int(g() % 4); k > 0; --k) r.push_back(int(g() % (buffers + 1)) - 1);  // -1: a null buffer
+      for (int k = int(g() % 3); k > 0; --k) w.push_back(int(g() % (buffers + 1)) - 1);
+      p.push_back(stage(fmt::format("s{}", i), r, w));
+    }
+    const LanePlan plan = plan_lanes(p, 2);
+    SCOPED_TRACE(fmt::format("trial {}", trial));
+    expect_honours_dependencies(p, plan);
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+TEST(StageLanes, RunsEveryStageOnceInProgramOrderOnTheCpu) {
+  auto be = ops::make_cpu_backend(1);
+  StageProgram p = two_layers();
+  std::vector<int> order;
+  for (size_t i = 0; i < p.size(); ++i) p[i].run = [&order, i] { order.push_back(int(i)); };
+  run_on_lanes(p, *be);
+  ASSERT_EQ(order.size(), p.size());
+  for (size_t i = 0; i < order.size(); ++i) EXPECT_EQ(order[i], int(i));
+  EXPECT_THROW(be->set_lane(1), std::exception);
+}
+
+}  // namespace
+}  // namespace dsv4::engine
