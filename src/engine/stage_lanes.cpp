@@ -32,6 +32,9 @@ LanePlan plan_lanes(const model::StageProgram& program, int num_lanes) {
     int wait = -1;  // the latest stage of the other lane this one needs
     for (int s : d)
       if (plan.steps[size_t(s)].lane != lane) wait = std::max(wait, s);
+    // Lane 1 always starts from a point of lane 0, even for a stage that needs
+    // nothing: a captured graph takes in a second stream only through such a wait.
+    if (lane == 1 && last[1] < 0 && wait < 0) wait = last[0];
     if (wait > synced[lane]) {  // (a lane's marks are cumulative: the latest covers the earlier)
       step.waits.push_back(wait);
       plan.steps[size_t(wait)].mark = true;

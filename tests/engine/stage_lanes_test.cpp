@@ -5,11 +5,16 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <map>
 #include <random>
+#include <set>
 #include <string>
 
+#include "engine/model_runner.h"
 #include "engine/stage_lanes.h"
+#include "model/weights.h"
 #include "test_seed.h"
+#include "test_util.h"
 
 namespace dsv4::engine {
 namespace {
@@ -118,6 +123,17 @@ TEST(StageLanes, ATrailingSideStageIsJoinedAtTheEnd) {
   expect_honours_dependencies(p, plan);
 }
 
+TEST(StageLanes, LaneOneForksFromLaneZeroEvenWithoutADependency) {
+  StageProgram p;
+  p.push_back(stage("a", {0}, {1}));
+  p.push_back(stage("b", {1}, {2}));
+  p.push_back(stage("free", {5}, {6}));  // reads and writes what no other stage touches
+  const LanePlan plan = plan_lanes(p, 2);
+  EXPECT_EQ(plan.steps[2].lane, 1);
+  EXPECT_EQ(plan.steps[2].waits, std::vector<int>{1});
+  expect_honours_dependencies(p, plan);
+}
+
 TEST(StageLanes, RandomProgramsHonourEveryDependency) {
   std::mt19937_64 g(testing::test_seed());
   for (int trial = 0; trial < 2000; ++trial) {
@@ -132,6 +148,11 @@ TEST(StageLanes, RandomProgramsHonourEveryDependency) {
     const LanePlan plan = plan_lanes(p, 2);
     SCOPED_TRACE(fmt::format("trial {}", trial));
     expect_honours_dependencies(p, plan);
+    for (size_t i = 0; i < p.size(); ++i)
+      if (plan.steps[i].lane == 1) {  // the first stage of lane 1 waits for lane 0
+        EXPECT_FALSE(plan.steps[i].waits.empty());
+        break;
+      }
     if (::testing::Test::HasFailure()) return;
   }
 }
@@ -145,6 +166,47 @@ TEST(StageLanes, RunsEveryStageOnceInProgramOrderOnTheCpu) {
   ASSERT_EQ(order.size(), p.size());
   for (size_t i = 0; i < order.size(); ++i) EXPECT_EQ(order[i], int(i));
   EXPECT_THROW(be->set_lane(1), std::exception);
+}
+
+// The model's own step program (tiny: CSA, HCA and window-only layers): which
+// stages go beside which, and every dependency honoured.
+TEST(StageLanes, TinyDecodeStepPutsTheSideChainsOnLaneOne) {
+  const model::ModelConfig config = model::preset_config("tiny");
+  const model::ModelWeights weights =
+      model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
+  auto be = ops::make_cpu_backend(1);
+  RunnerOptions o;
+  o.max_tokens_per_step = 4;
+  o.max_seqs_per_step = 4;
+  o.max_logit_rows = 4;
+  o.max_blocks_per_seq = 4;
+  o.cache.num_slots = 4;
+  o.cache.num_pages = 16;
+  ModelRunner runner(config, weights, *be, o);
+  model::LocalMoeExecutor moe(*be);
+  ops::BatchView batch;  // the program is only planned here, never run
+  batch.num_tokens = 4;
+  batch.num_seqs = 4;
+  const model::StageProgram p = runner.model().step_program(runner.buffers(), batch, 4, runner.caches(), moe);
+  const LanePlan plan = plan_lanes(p, 2);
+  expect_honours_dependencies(p, plan);
+  const std::map<std::string, int> lane_of = {{"attn_in", 0}, {"attn_q", 0}, {"index_in", 1},    {"attn_kv", 1},
+                                              {"index_topk", 0}, {"compress", 1}, {"attn_core", 0}, {"router", 0},
+                                              {"shared_expert", 1}, {"experts", 0},  {"ffn_post", 0}};
+  std::set<std::string> seen;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const std::string& name = p[i].name;
+    const size_t dot = name.find('.');
+    if (name[0] != 'L' || dot == std::string::npos) {
+      EXPECT_EQ(plan.steps[i].lane, 0) << name;  // embed, logits
+      continue;
+    }
+    const std::string kind = name.substr(dot + 1);
+    ASSERT_TRUE(lane_of.count(kind)) << "a stage this test does not know: " << name;
+    EXPECT_EQ(plan.steps[i].lane, lane_of.at(kind)) << name;
+    seen.insert(kind);
+  }
+  EXPECT_EQ(seen.size(), lane_of.size()) << "tiny should have every kind of layer stage";
 }
 
 }  // namespace
