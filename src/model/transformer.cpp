@@ -199,23 +199,31 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         }});
   }
 
-  // Attention, the output projections and hc_post; then the FFN's hc_pre.
+  // Sparse attention over the window and the compressed rows.
   program.push_back(Stage{
       L + ".attn_core", StageKind::kCompute,
-      {{"X", b.X.data()}, {"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", csa ? b.topk.data() : nullptr},
-       {"post", b.post.data()}, {"comb", b.comb.data()}, cache_window, cache_rows},
-      {{"attn_o", b.attn_o.data()}, {"z", b.z.data()}, {"attn_out", b.attn_out.data()}, {"X_alt", b.X_alt.data()},
-       {"x", b.x.data()}, {"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}, cache_window},
-      [&be, &w, &cache, &c, this, batch, X, X_alt, x, xn, post, comb, q, kv, topk, attn_o, z, attn_out, rope, eps,
-       csa] {
+      {{"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", csa ? b.topk.data() : nullptr}, cache_window, cache_rows},
+      {{"attn_o", b.attn_o.data()}},
+      [&be, &w, &cache, this, batch, q, kv, topk, attn_o, rope, csa] {
         be.sparse_attention(q, kv, cache, batch, csa ? topk : Tensor(), w.attn_sink, softmax_scale_, rope, attn_o);
-        be.window_commit(kv, batch, cache);
+      }});
+  // The output projections and hc_post; then the FFN's hc_pre.
+  program.push_back(Stage{
+      L + ".attn_out", StageKind::kCompute,
+      {{"attn_o", b.attn_o.data()}, {"X", b.X.data()}, {"post", b.post.data()}, {"comb", b.comb.data()}},
+      {{"z", b.z.data()}, {"attn_out", b.attn_out.data()}, {"X_alt", b.X_alt.data()}, {"x", b.x.data()},
+       {"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}},
+      [&be, &w, &c, this, X, X_alt, x, xn, post, comb, attn_o, z, attn_out, eps] {
         const int64_t T2 = attn_o.size(0);
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
         be.hc_post(attn_out, X, post, comb, X_alt);
         be.hc_pre_norm(X_alt, w.hc_ffn, hc_config_, w.ffn_norm, eps, x, xn, post, comb);
       }});
+  // The KV row into the window, once attention has read the rows it replaces.
+  program.push_back(Stage{L + ".window_commit", StageKind::kCompute, {{"kv", b.kv.data()}, cache_window},
+                          {cache_window},
+                          [&be, &cache, batch, kv] { be.window_commit(kv, batch, cache); }});
   // The router (the shared expert does not need it).
   Tensor rw = b.router_w.rows(0, T), rid = b.router_ids.rows(0, T);
   program.push_back(Stage{L + ".router", StageKind::kCompute, {{"xn", b.xn.data()}},

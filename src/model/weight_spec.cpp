@@ -227,8 +227,9 @@ std::string decode_stage_of_tensor(const std::string& name) {
   if (is("attn.kv_norm.")) return "attn_kv";
   if (is("attn.indexer.")) return "index_in";  // weights_proj and the indexer's compressor
   if (is("attn.compressor.")) return "compress";
-  // attn_core: attention output (wo_a, wo_b, sink), hc_post, then the FFN's hc_pre and ffn_norm.
-  if (is("attn.wo_a") || is("attn.wo_b") || is("attn.attn_sink") || is("hc_ffn_") || is("ffn_norm.")) return "attn_core";
+  if (is("attn.attn_sink")) return "attn_core";
+  // attn_out: the output projections, hc_post, then the FFN's hc_pre and ffn_norm.
+  if (is("attn.wo_a") || is("attn.wo_b") || is("hc_ffn_") || is("ffn_norm.")) return "attn_out";
   if (is("ffn.gate.")) return "router";
   if (is("ffn.shared_experts.")) return "shared_expert";
   if (is("ffn.experts.")) return "experts";

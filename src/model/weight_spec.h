@@ -42,7 +42,8 @@ uint64_t total_bytes(const std::vector<TensorSpec>& specs);
 
 // The decode step's stage (a name of Transformer::step_program's stages without
 // the layer prefix: attn_in, attn_q, index_in, attn_kv, compress, attn_core,
-// router, shared_expert, experts, logits, embed)
+// attn_out, router, shared_expert, experts, logits, embed; index_topk and
+// window_commit read no weights)
 // that reads a checkpoint tensor, or "" for tensors the main decode step does not
 // read (the MTP block). Routed experts are "experts" and the embedding table
 // "embed", though a step reads only the experts its rows route to and one embed

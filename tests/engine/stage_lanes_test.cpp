@@ -191,7 +191,8 @@ TEST(StageLanes, TinyDecodeStepPutsTheSideChainsOnLaneOne) {
   const LanePlan plan = plan_lanes(p, 2);
   expect_honours_dependencies(p, plan);
   const std::map<std::string, int> lane_of = {{"attn_in", 0}, {"attn_q", 0}, {"index_in", 1},    {"attn_kv", 1},
-                                              {"index_topk", 0}, {"compress", 1}, {"attn_core", 0}, {"router", 0},
+                                              {"index_topk", 0}, {"compress", 1}, {"attn_core", 0}, {"attn_out", 0},
+                                              {"window_commit", 1}, {"router", 0},
                                               {"shared_expert", 1}, {"experts", 0},  {"ffn_post", 0}};
   std::set<std::string> seen;
   for (size_t i = 0; i < p.size(); ++i) {

@@ -224,8 +224,8 @@ TEST(Checkpoint, SingleFileCheckpointsLoad) {
 // Every checkpoint tensor belongs to one decode stage (the MTP block to none), so
 // `bench decode` counts each weight byte once against the stage that reads it.
 TEST(WeightSpec, EveryTensorHasADecodeStage) {
-  const std::set<std::string> stages = {"attn_in",   "attn_q", "index_in",      "attn_kv", "compress", "attn_core",
-                                        "router",    "shared_expert", "experts", "logits", "embed"};
+  const std::set<std::string> stages = {"attn_in", "attn_q",  "index_in",      "attn_kv", "compress", "attn_core",
+                                        "attn_out", "router", "shared_expert", "experts", "logits",   "embed"};
   for (const char* preset : {"tiny", "bench-1g"}) {
     std::map<std::string, uint64_t> bytes;
     for (const TensorSpec& s : checkpoint_tensor_specs(preset_config(preset))) {
@@ -246,9 +246,10 @@ TEST(WeightSpec, EveryTensorHasADecodeStage) {
   EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.kv_norm.weight"), "attn_kv");
   EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wkv.weight"), "attn_in");
   EXPECT_EQ(decode_stage_of_tensor("layers.3.hc_attn_fn"), "attn_in");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wo_b.weight"), "attn_core");
+  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wo_b.weight"), "attn_out");
+  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.attn_sink"), "attn_core");
   EXPECT_EQ(decode_stage_of_tensor("layers.0.ffn.gate.tid2eid"), "router");
-  EXPECT_EQ(decode_stage_of_tensor("layers.12.hc_ffn_base"), "attn_core");
+  EXPECT_EQ(decode_stage_of_tensor("layers.12.hc_ffn_base"), "attn_out");
   EXPECT_EQ(decode_stage_of_tensor("layers.1.ffn.experts.7.w2.scale"), "experts");
   EXPECT_EQ(decode_stage_of_tensor("hc_head_fn"), "logits");
   EXPECT_THROW(decode_stage_of_tensor("layers.0.ffn.mystery.weight"), core::Error);

@@ -34,8 +34,8 @@ def main():
         stages = r["stage_bytes_rank0"]
         if sum(stages.values()) != r["bytes_per_gpu"]["total"]:
             fail("batch %d: stage bytes %d != total %d" % (b, sum(stages.values()), r["bytes_per_gpu"]["total"]))
-        for name in ("attn_in", "attn_q", "index_in", "attn_kv", "index_topk", "compress", "attn_core", "router",
-                     "shared_expert", "experts", "logits", "embed"):
+        for name in ("attn_in", "attn_q", "index_in", "attn_kv", "index_topk", "compress", "attn_core", "attn_out",
+                     "router", "shared_expert", "experts", "logits", "embed"):
             if stages.get(name, 0) <= 0:
                 fail("batch %d: no bytes for stage %s" % (b, name))
             roof = stages[name] / bw * 1e3
