@@ -259,10 +259,9 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
       L + ".ffn_post", StageKind::kCompute,
       {{"routed", b.routed.data()}, {"shared_out", b.shared_out.data()}, {"X_alt", b.X_alt.data()},
        {"post", b.post.data()}, {"comb", b.comb.data()}},
-      {{"X", b.X.data()}},
+      {{"moe_out", b.moe_out.data()}, {"X", b.X.data()}},
       [&be, routed, shared_out, moe_out, X, X_alt, post, comb] {
-        be.moe_output(routed, shared_out, moe_out);
-        be.hc_post(moe_out, X_alt, post, comb, X);
+        be.moe_output_hc_post(routed, shared_out, X_alt, post, comb, moe_out, X);
       }});
 }
 

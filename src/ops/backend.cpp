@@ -388,6 +388,27 @@ void Backend::moe_output(const Tensor& routed, const Tensor& shared, const Tenso
   do_moe_output(routed, shared, y);
 }
 
+void Backend::moe_output_hc_post(const Tensor& routed, const Tensor& shared, const Tensor& R, const Tensor& post,
+                                 const Tensor& comb, const Tensor& y, const Tensor& Y) {
+  const auto d = device();
+  expect(R, DType::kBF16, {-1, -1, -1}, d, "moe_output_hc_post", "R");
+  const int64_t T = R.size(0), hc = R.size(1), D = R.size(2);
+  expect(routed, DType::kF32, {T, D}, d, "moe_output_hc_post", "routed");
+  expect(shared, DType::kBF16, {T, D}, d, "moe_output_hc_post", "shared");
+  expect(y, DType::kBF16, {T, D}, d, "moe_output_hc_post", "y");
+  expect(post, DType::kF32, {T, hc}, d, "moe_output_hc_post", "post");
+  expect(comb, DType::kF32, {T, hc, hc}, d, "moe_output_hc_post", "comb");
+  expect(Y, DType::kBF16, {T, hc, D}, d, "moe_output_hc_post", "Y");
+  DSV4_CHECK(T == 0 || Y.data() != R.data(), "moe_output_hc_post: Y aliases R");
+  do_moe_output_hc_post(routed, shared, R, post, comb, y, Y);
+}
+
+void Backend::do_moe_output_hc_post(const Tensor& routed, const Tensor& shared, const Tensor& R, const Tensor& post,
+                                    const Tensor& comb, const Tensor& y, const Tensor& Y) {
+  do_moe_output(routed, shared, y);
+  do_hc_post(y, R, post, comb, Y);
+}
+
 void Backend::add_broadcast(const Tensor& e, const Tensor& h, const Tensor& X) {
   const auto d = device();
   expect(h, DType::kBF16, {-1, -1, -1}, d, "add_broadcast", "h");

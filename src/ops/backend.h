@@ -191,6 +191,11 @@ class Backend {
   void moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed);
   // MoE output: y = bf16(routed + fp32(shared)). routed f32, shared, y bf16 [T, D].
   void moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y);
+  // A layer's FFN output in one op: y = moe_output(routed, shared), then
+  // Y = hc_post(y, R, post, comb) (the contracts of both).
+  void moe_output_hc_post(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& R,
+                          const core::Tensor& post, const core::Tensor& comb, const core::Tensor& y,
+                          const core::Tensor& Y);
 
   // MTP input (spec §3.1): X[t, i] = bf16(e[t] + h[t, i]). e bf16 [T, D], h, X bf16 [T, hc, D].
   void add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X);
@@ -269,6 +274,10 @@ class Backend {
                                  int64_t expert_end, float swiglu_limit, const core::Tensor& out) = 0;
   virtual void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) = 0;
   virtual void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) = 0;
+  // Default: do_moe_output, then do_hc_post.
+  virtual void do_moe_output_hc_post(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& R,
+                                     const core::Tensor& post, const core::Tensor& comb, const core::Tensor& y,
+                                     const core::Tensor& Y);
   virtual void do_add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X) = 0;
   virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "model/synthetic_weights.h"
@@ -144,6 +145,29 @@ TEST_F(CpuOps, HcPostSumsOverTheFirstIndexOfComb) {
         for (int64_t i = 0; i < hc; ++i) acc += double(comb.as<float>()[(t * hc + i) * hc + j]) * bf(R, (t * hc + i) * D + d);
         expect_bf16_close(bf(Y, (t * hc + j) * D + d), core::round_bf16(float(acc)), "hc_post", d);
       }
+}
+
+// The fused FFN output is moe_output then hc_post, and checks both contracts by name.
+TEST_F(CpuOps, MoeOutputHcPostIsMoeOutputThenHcPost) {
+  Rng rng(5);
+  const int64_t T = 3, hc = 4, D = 64;
+  Tensor routed = rng.f32({T, D}), shared = rng.bf16({T, D}), R = rng.bf16({T, hc, D}), post = rng.f32({T, hc}),
+         comb = rng.f32({T, hc, hc});
+  Tensor y = Tensor::empty_cpu(DType::kBF16, {T, D}), Y = Tensor::empty_cpu(DType::kBF16, {T, hc, D});
+  Tensor want_y = Tensor::empty_cpu(DType::kBF16, {T, D}), want = Tensor::empty_cpu(DType::kBF16, {T, hc, D});
+  be->moe_output_hc_post(routed, shared, R, post, comb, y, Y);
+  be->moe_output(routed, shared, want_y);
+  be->hc_post(want_y, R, post, comb, want);
+  EXPECT_EQ(std::memcmp(y.data(), want_y.data(), want_y.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(Y.data(), want.data(), want.nbytes()), 0);
+  Tensor bad_post = rng.f32({T, hc + 1});
+  try {
+    be->moe_output_hc_post(routed, shared, R, bad_post, comb, y, Y);
+    ADD_FAILURE() << "a post of the wrong shape was accepted";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moe_output_hc_post"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("post"), std::string::npos) << e.what();
+  }
 }
 
 // The model of the CUDA tensor-core attention (kHopperWgmma: chunks of 32 keys,

@@ -3,7 +3,7 @@
 //
 // Tolerances:
 //  * bit for bit where the kernel repeats the reference's arithmetic exactly:
-//    embed, gather_rows, add_broadcast, hc_post, moe_reduce, moe_output, the
+//    embed, gather_rows, add_broadcast, hc_post, moe_reduce, moe_output (and fused with hc_post), the
 //    FP8 part of kv_rope_quant, and q_norm_rope / kv RoPE (cos/sin of the fp32
 //    angle in double on both sides: a 1-ulp disagreement would need the two
 //    libraries' double results to straddle an fp32 rounding boundary, so we
@@ -443,6 +443,24 @@ TEST_F(CudaPointwise, MoeOutputMatchesCpuBitwise) {
       cuda().moe_output(dev(routed), dev(shared), got);
       expect_bits_equal(host(got), want, "moe_output");
     }
+}
+
+// The fused ffn_post (one kernel on the GPU) against the CPU's two ops, y and Y.
+TEST_F(CudaPointwise, MoeOutputHcPostMatchesCpuBitwise) {
+  Rng rng(212);
+  for (int64_t D : {4096, 20})
+    for (int64_t hc : {4, 1})
+      for (int64_t T : kRows) {
+        Tensor routed = rng.f32({T, D}, 2.0f), shared = rng.bf16({T, D}), R = rng.bf16({T, hc, D}, 2.0f);
+        Tensor post = rng.f32({T, hc}, 0.5f, 1.0f), comb = rng.f32({T, hc, hc}, 0.3f, 0.25f);
+        Tensor want_y = Tensor::empty_cpu(DType::kBF16, {T, D}), want = Tensor::empty_cpu(DType::kBF16, {T, hc, D});
+        cpu().moe_output(routed, shared, want_y);
+        cpu().hc_post(want_y, R, post, comb, want);
+        Tensor got_y = poisoned(DType::kBF16, {T, D}), got = poisoned(DType::kBF16, {T, hc, D});
+        cuda().moe_output_hc_post(dev(routed), dev(shared), dev(R), dev(post), dev(comb), got_y, got);
+        expect_bits_equal(host(got_y), want_y, "moe_output_hc_post y");
+        expect_bits_equal(host(got), want, "moe_output_hc_post Y");
+      }
 }
 
 // ---- batch independence ------------------------------------------------------------------

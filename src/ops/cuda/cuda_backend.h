@@ -106,6 +106,9 @@ class CudaBackend final : public Backend {
                          float swiglu_limit, const core::Tensor& out) override;
   void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) override;
   void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) override;
+  void do_moe_output_hc_post(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& R,
+                             const core::Tensor& post, const core::Tensor& comb, const core::Tensor& y,
+                             const core::Tensor& Y) override;
   void do_add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X) override;
   void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) override;
   void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) override;

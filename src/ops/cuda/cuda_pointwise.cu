@@ -761,15 +761,32 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
 // Y[t, j] = bf16(post_j f + sum_i comb[i][j] R_i): one thread per 8 values of a row
 // across all HC streams. Roofline: (1 + 2 HC) * D * 2 bytes per row (~150 KB at
 // D = 4096, HC = 4): bandwidth-bound, 16-byte accesses.
-template <int HC, int VEC>
+// kFromMoe (moe_output_hc_post): f is formed here as moe_output does, f = bf16(routed
+// + shared), and also stored to y, one launch instead of two on the layer's critical
+// path; the same bits.
+struct MoeOutputArgs {
+  const float* routed = nullptr;    // [T, D]
+  const uint16_t* shared = nullptr;  // [T, D]
+  uint16_t* y = nullptr;             // [T, D]
+};
+
+template <int HC, int VEC, bool kFromMoe = false>
 __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* __restrict__ R,
                                const float* __restrict__ post, const float* __restrict__ comb, int64_t T, int64_t D,
-                               uint16_t* __restrict__ Y) {
+                               uint16_t* __restrict__ Y, const MoeOutputArgs moe = {}) {
   wait_for_predecessor();
   const int64_t chunks = T * (D / VEC);
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = c / (D / VEC), d = (c % (D / VEC)) * VEC;
-    const BfVec<VEC> fv = load_bf<VEC>(f + t * D + d);
+    BfVec<VEC> fv;
+    if constexpr (kFromMoe) {
+      const BfVec<VEC> sv = load_bf<VEC>(moe.shared + t * D + d);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) fv.v[k] = f2bf(__fadd_rn(moe.routed[t * D + d + k], bf2f(sv.v[k])));
+      store_bf<VEC>(moe.y + t * D + d, fv);
+    } else {
+      fv = load_bf<VEC>(f + t * D + d);
+    }
     BfVec<VEC> rv[HC];
 #pragma unroll
     for (int i = 0; i < HC; ++i) rv[i] = load_bf<VEC>(R + (t * HC + i) * D + d);
@@ -1082,6 +1099,38 @@ void CudaBackend::do_hc_post(const Tensor& f, const Tensor& R, const Tensor& pos
     case 3: return hc_post_launch<3>(stream_, f, R, post, comb, Y);
     case 4: return hc_post_launch<4>(stream_, f, R, post, comb, Y);
     default: core::fail("hc_post: {} streams are not supported by the CUDA backend (1..4)", hc);
+  }
+}
+
+namespace {
+template <int HC>
+void moe_output_hc_post_launch(cudaStream_t stream, const Tensor& routed, const Tensor& shared, const Tensor& R,
+                               const Tensor& post, const Tensor& comb, const Tensor& y, const Tensor& Y) {
+  const int64_t T = R.size(0), D = R.size(2);
+  const MoeOutputArgs moe{routed.as<float>(), shared.as<uint16_t>(), y.as<uint16_t>()};
+  const bool v8 = D % 8 == 0 && aligned16(routed.data()) && aligned16(shared.data()) && aligned16(y.data()) &&
+                  aligned16(R.data()) && aligned16(Y.data());
+  const int threads = 256;
+  if (v8)
+    hc_post_kernel<HC, 8, true><<<grid_for(T * D / 8, threads), threads, 0, stream>>>(
+        nullptr, R.as<uint16_t>(), post.as<float>(), comb.as<float>(), T, D, Y.as<uint16_t>(), moe);
+  else
+    hc_post_kernel<HC, 1, true><<<grid_for(T * D, threads), threads, 0, stream>>>(
+        nullptr, R.as<uint16_t>(), post.as<float>(), comb.as<float>(), T, D, Y.as<uint16_t>(), moe);
+  check_launch(stream);
+}
+}  // namespace
+
+void CudaBackend::do_moe_output_hc_post(const Tensor& routed, const Tensor& shared, const Tensor& R,
+                                        const Tensor& post, const Tensor& comb, const Tensor& y, const Tensor& Y) {
+  const int64_t T = R.size(0), hc = R.size(1), D = R.size(2);
+  if (T == 0 || D == 0 || hc == 0) return;
+  switch (hc) {
+    case 1: return moe_output_hc_post_launch<1>(stream_, routed, shared, R, post, comb, y, Y);
+    case 2: return moe_output_hc_post_launch<2>(stream_, routed, shared, R, post, comb, y, Y);
+    case 3: return moe_output_hc_post_launch<3>(stream_, routed, shared, R, post, comb, y, Y);
+    case 4: return moe_output_hc_post_launch<4>(stream_, routed, shared, R, post, comb, y, Y);
+    default: core::fail("moe_output_hc_post: {} streams are not supported by the CUDA backend (1..4)", hc);
   }
 }
 
