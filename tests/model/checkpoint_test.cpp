@@ -239,19 +239,22 @@ TEST(WeightSpec, EveryTensorHasADecodeStage) {
     }
     for (const std::string& st : stages) EXPECT_GT(bytes[st], 0u) << preset << ": no weights in " << st;
   }
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wq_b.scale"), "attn_q");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.indexer.wq_b.weight"), "attn_q");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.indexer.compressor.ape"), "index_in");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.compressor.wkv.weight"), "compress");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.kv_norm.weight"), "attn_kv");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wkv.weight"), "attn_in");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.hc_attn_fn"), "attn_in");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.wo_b.weight"), "attn_out");
-  EXPECT_EQ(decode_stage_of_tensor("layers.3.attn.attn_sink"), "attn_core");
-  EXPECT_EQ(decode_stage_of_tensor("layers.0.ffn.gate.tid2eid"), "router");
-  EXPECT_EQ(decode_stage_of_tensor("layers.12.hc_ffn_base"), "attn_out");
-  EXPECT_EQ(decode_stage_of_tensor("layers.1.ffn.experts.7.w2.scale"), "experts");
-  EXPECT_EQ(decode_stage_of_tensor("hc_head_fn"), "logits");
+  const std::pair<const char*, const char*> expected[] = {
+      {"layers.3.attn.wq_b.scale", "attn_q"},
+      {"layers.3.attn.indexer.wq_b.weight", "attn_q"},
+      {"layers.3.attn.indexer.compressor.ape", "index_in"},
+      {"layers.3.attn.compressor.wkv.weight", "compress"},
+      {"layers.3.attn.kv_norm.weight", "attn_kv"},
+      {"layers.3.attn.wkv.weight", "attn_in"},
+      {"layers.3.hc_attn_fn", "attn_in"},
+      {"layers.3.attn.wo_b.weight", "attn_out"},
+      {"layers.3.attn.attn_sink", "attn_core"},
+      {"layers.0.ffn.gate.tid2eid", "router"},
+      {"layers.12.hc_ffn_base", "attn_out"},
+      {"layers.1.ffn.experts.7.w2.scale", "experts"},
+      {"hc_head_fn", "logits"},
+  };
+  for (const auto& [tensor, stage] : expected) EXPECT_EQ(decode_stage_of_tensor(tensor), stage) << tensor;
   EXPECT_THROW(decode_stage_of_tensor("layers.0.ffn.mystery.weight"), core::Error);
   EXPECT_THROW(decode_stage_of_tensor("lm_head.weight"), core::Error);
 }
