@@ -1,11 +1,12 @@
-// Runs a step's stages on the backend's lanes: a stage that does not depend on the
-// one before it (by the buffers the stages declare, model::stage_dependencies) runs
-// beside it, on the other lane, and waits only for the stages it does depend on.
-// In a decode step that puts a layer's routed experts beside its shared expert, so
-// the two chains of small launches (and the routed GEMMs' tails) overlap. Issue order
-// stays program order, so a backend with one lane (the CPU) runs the program exactly
-// as run_in_order does; the results never depend on the lanes (every stage reads
-// only what its dependencies wrote).
+// Runs a step's stages on the backend's lanes. A stage that needs the latest stage
+// of neither lane (by the buffers the stages declare, model::stage_dependencies)
+// goes on lane 1, beside lane 0's chain, and waits only for the stages it does
+// depend on. In a decode step that puts the KV row, the compressors and the
+// indexer's inputs beside the q path, the window commit beside the output
+// projections, and the shared expert beside the router and the routed experts
+// (docs/design/stage-lanes.md). Issue order stays program order, so a backend with
+// one lane (the CPU) runs the program exactly as run_in_order does; the results
+// never depend on the lanes (every stage reads only what its dependencies wrote).
 #pragma once
 
 #include <vector>
@@ -31,7 +32,8 @@ struct LanePlan {
 LanePlan plan_lanes(const model::StageProgram& program, int num_lanes);
 
 // Runs program by plan_lanes(program, backend.num_lanes()); ends on lane 0 with every
-// lane's work ordered before what is issued next.
+// lane's work ordered before what is issued next. One program at a time per backend
+// (it reuses the backend's marks).
 void run_on_lanes(const model::StageProgram& program, ops::Backend& backend);
 
 }  // namespace dsv4::engine

@@ -181,23 +181,7 @@ bool is_ops_kernel(cudaGraphNode_t node) {
   return std::strncmp(name, "_ZN4dsv4", 8) == 0;  // namespace dsv4
 }
 
-// Programmatic dependent launch for a captured graph: each edge between two of our
-// kernels (every one calls wait_for_predecessor(), grid_dependency.cuh) becomes a
-// programmatic edge, so the downstream kernel is launched once every block of the
-// upstream one has exited or called allow_dependents_to_launch() (the GEMMs, after
-// their main loop) instead of after the whole grid has finished and flushed. Edges
-// to or from other kernels (CUB; NCCL, whose collectives were not run this way on
-// two GPUs) and memset or copy nodes stay plain. The edge from
-// the upstream kernel's launch completion (its blocks have all started) was measured
-// first and was slower (bench-1g batch 1: 2.94 ms against 2.49 ms without PDL):
-// every waiting kernel counts as started, so whole chains of small kernels became
-// resident at once, waiting, and held the SMs' resources.
-// Returns the number of edges converted.
-//
-// Where lanes fork or join (engine/stage_lanes.h), the edges stay plain: only an
-// edge that is its upstream node's one way out and its downstream node's one way in
-// is converted. (Each such edge is the single-stream case measured above; a kernel
-// with several programmatic edges in or out was not.)
+// A captured graph's edges and the number of edges into and out of each node.
 struct GraphEdges {
   std::vector<cudaGraphNode_t> from, to;
   std::vector<cudaGraphEdgeData> data;
@@ -225,6 +209,22 @@ int count_joins(const GraphEdges& e) {
   return joins;
 }
 
+// Programmatic dependent launch for a captured graph: each edge between two of our
+// kernels (every one calls wait_for_predecessor(), grid_dependency.cuh) becomes a
+// programmatic edge, so the downstream kernel is launched once every block of the
+// upstream one has exited or called allow_dependents_to_launch() (the GEMMs, after
+// their main loop) instead of after the whole grid has finished and flushed. Edges
+// to or from other kernels (CUB; NCCL, whose collectives were not run this way on
+// two GPUs) and memset or copy nodes stay plain. The edge from
+// the upstream kernel's launch completion (its blocks have all started) was measured
+// first and was slower (bench-1g batch 1: 2.94 ms against 2.49 ms without PDL):
+// every waiting kernel counts as started, so whole chains of small kernels became
+// resident at once, waiting, and held the SMs' resources.
+// Where lanes fork or join (engine/stage_lanes.h), the edges stay plain: only an
+// edge that is its upstream node's one way out and its downstream node's one way in
+// is converted. (Each such edge is the single-stream case measured above; a kernel
+// with several programmatic edges in or out was not.)
+// Returns the number of edges converted.
 int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   const size_t n = e.from.size();
   auto& from = e.from;
