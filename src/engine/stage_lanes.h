@@ -1,7 +1,7 @@
 // Runs a step's stages on the backend's lanes. A stage that needs the latest stage
-// of neither lane (by the buffers the stages declare, model::stage_dependencies)
-// goes on lane 1, beside lane 0's chain, and waits only for the stages it does
-// depend on. In a decode step that puts the KV row, the compressors and the
+// of no lane (by the buffers the stages declare, model::stage_dependencies) goes on
+// a side lane, beside lane 0's chain, and waits only for the stages it does depend
+// on. In a decode step that puts the KV row, the compressors and the
 // indexer's inputs beside the q path, the window commit beside the output
 // projections, and the shared expert beside the router and the routed experts
 // (docs/design/stage-lanes.md). Issue order stays program order, so a backend with
@@ -23,11 +23,13 @@ struct LaneStep {
 };
 
 struct LanePlan {
-  std::vector<LaneStep> steps;  // one per stage, in program order
-  int final_wait = -1;          // the stage lane 0 waits for at the end (-1: none)
+  std::vector<LaneStep> steps;   // one per stage, in program order
+  std::vector<int> final_waits;  // the stages lane 0 waits for at the end (the other lanes' last ones)
 };
 
-// Two lanes at most. A program with a communication stage stays on lane 0: every
+constexpr int kMaxLanes = 3;
+
+// Up to kMaxLanes lanes. A program with a communication stage stays on lane 0: every
 // rank must issue its collectives in one order on one stream.
 LanePlan plan_lanes(const model::StageProgram& program, int num_lanes);
 

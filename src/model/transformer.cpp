@@ -174,18 +174,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
           be.compress(ia, ig, w.index_compressor, batch, rope, eps, cache);
         }});
   }
-  // The KV row: norm, RoPE, FP8 quantization (written to the window after attention).
-  program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}}, {{"kv", b.kv.data()}},
-                          [&be, &w, batch, kv, rope, eps] {
-                            be.rms_norm(kv, w.kv_norm, eps, kv);
-                            be.kv_rope_quant(kv, batch, rope);
-                          }});
-  if (csa) {
-    program.push_back(Stage{
-        L + ".index_topk", StageKind::kCompute,
-        {{"idx_q", iq.data()}, {"idx_w", iw.data()}, cache_index_rows}, {{"topk", b.topk.data()}},
-        [&be, this, &cache, batch, iq, iw, topk] { be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk); }});
-  }
   if (w.ratio > 0) {
     const int64_t width = w.compressor.width();
     Tensor a = b.comp_a.rows(0, T).reshape({T * 2 * Dh}).rows(0, T * width).reshape({T, width});
@@ -199,6 +187,18 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         }});
   }
 
+  // The KV row: norm, RoPE, FP8 quantization (written to the window after attention).
+  program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}}, {{"kv", b.kv.data()}},
+                          [&be, &w, batch, kv, rope, eps] {
+                            be.rms_norm(kv, w.kv_norm, eps, kv);
+                            be.kv_rope_quant(kv, batch, rope);
+                          }});
+  if (csa) {
+    program.push_back(Stage{
+        L + ".index_topk", StageKind::kCompute,
+        {{"idx_q", iq.data()}, {"idx_w", iw.data()}, cache_index_rows}, {{"topk", b.topk.data()}},
+        [&be, this, &cache, batch, iq, iw, topk] { be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk); }});
+  }
   // Sparse attention over the window and the compressed rows.
   program.push_back(Stage{
       L + ".attn_core", StageKind::kCompute,

@@ -60,19 +60,24 @@ void expect_honours_dependencies(const StageProgram& program, const LanePlan& pl
       EXPECT_TRUE(covered) << "stage " << i << " (lane " << lane << ") does not wait for stage " << d;
     }
   }
-  // At the end lane 0 has waited for every stage of lane 1.
-  int last1 = -1, synced = plan.final_wait;
+  // At the end lane 0 has waited for every stage of the other lanes.
+  std::map<int, int> last, synced;  // per side lane: its last stage, the latest of it lane 0 waited for
+  auto lane0_waits_for = [&](int w) {
+    const int m = plan.steps[size_t(w)].lane;
+    synced[m] = std::max(synced.count(m) ? synced[m] : -1, w);
+  };
   for (size_t i = 0; i < program.size(); ++i) {
-    if (plan.steps[i].lane == 1) {
-      last1 = int(i);
+    if (plan.steps[i].lane != 0) {
+      last[plan.steps[i].lane] = int(i);
     } else {
-      for (int w : plan.steps[i].waits) synced = std::max(synced, w);
+      for (int w : plan.steps[i].waits) lane0_waits_for(w);
     }
   }
-  EXPECT_GE(synced, last1);
-  if (plan.final_wait >= 0) {
-    EXPECT_TRUE(plan.steps[size_t(plan.final_wait)].mark);
+  for (int w : plan.final_waits) {
+    EXPECT_TRUE(plan.steps[size_t(w)].mark);
+    lane0_waits_for(w);
   }
+  for (const auto& [m, l] : last) EXPECT_GE(synced.count(m) ? synced[m] : -1, l) << "lane " << m << " is not joined";
 }
 
 // Buffers: 0 X, 1 xn, 2 ids, 3 shared_out, 4 routed.
@@ -96,7 +101,7 @@ TEST(StageLanes, RoutedExpertsRunBesideTheSharedExpert) {
   EXPECT_EQ(plan.steps[3].waits, std::vector<int>{2});  // ffn_post joins
   EXPECT_EQ(plan.steps[6].waits, std::vector<int>{4});
   EXPECT_EQ(plan.steps[7].waits, std::vector<int>{6});
-  EXPECT_EQ(plan.final_wait, -1);
+  EXPECT_TRUE(plan.final_waits.empty());
   expect_honours_dependencies(p, plan);
 }
 
@@ -107,7 +112,7 @@ TEST(StageLanes, OneLaneOrACommunicationStageKeepsProgramOrderOnLaneZero) {
     EXPECT_EQ(s.lane, 0);
     EXPECT_TRUE(s.waits.empty());
   }
-  EXPECT_EQ(one.final_wait, -1);
+  EXPECT_TRUE(one.final_waits.empty());
   p.insert(p.begin() + 2, stage("dispatch", {1, 2}, {5}, StageKind::kComm));
   for (const LaneStep& s : plan_lanes(p, 2).steps) EXPECT_EQ(s.lane, 0);
 }
@@ -119,7 +124,7 @@ TEST(StageLanes, ATrailingSideStageIsJoinedAtTheEnd) {
   p.push_back(stage("c", {1}, {3}));  // beside b
   const LanePlan plan = plan_lanes(p, 2);
   EXPECT_EQ(plan.steps[2].lane, 1);
-  EXPECT_EQ(plan.final_wait, 2);
+  EXPECT_EQ(plan.final_waits, std::vector<int>{2});
   expect_honours_dependencies(p, plan);
 }
 
@@ -145,14 +150,16 @@ TEST(StageLanes, RandomProgramsHonourEveryDependency) {
       for (int k = int(g() % 3); k > 0; --k) w.push_back(int(g() % (buffers + 1)) - 1);
       p.push_back(stage(fmt::format("s{}", i), r, w));
     }
-    const LanePlan plan = plan_lanes(p, 2);
-    SCOPED_TRACE(fmt::format("trial {}", trial));
-    expect_honours_dependencies(p, plan);
-    for (size_t i = 0; i < p.size(); ++i)
-      if (plan.steps[i].lane == 1) {  // the first stage of lane 1 waits for lane 0
-        EXPECT_FALSE(plan.steps[i].waits.empty());
-        break;
-      }
+    for (int lanes : {2, 3}) {
+      const LanePlan plan = plan_lanes(p, lanes);
+      SCOPED_TRACE(fmt::format("trial {}, {} lanes", trial, lanes));
+      expect_honours_dependencies(p, plan);
+      std::set<int> started;  // the first stage of each side lane waits for something
+      for (size_t i = 0; i < p.size(); ++i)
+        if (plan.steps[i].lane != 0 && started.insert(plan.steps[i].lane).second) {
+          EXPECT_FALSE(plan.steps[i].waits.empty());
+        }
+    }
     if (::testing::Test::HasFailure()) return;
   }
 }
@@ -190,6 +197,12 @@ TEST(StageLanes, TinyDecodeStepPutsTheSideChainsOnLaneOne) {
   const model::StageProgram p = runner.model().step_program(runner.buffers(), batch, 4, runner.caches(), moe);
   const LanePlan plan = plan_lanes(p, 2);
   expect_honours_dependencies(p, plan);
+  // Three lanes: the side chains spread over lanes 1 and 2.
+  const LanePlan three = plan_lanes(p, 3);
+  expect_honours_dependencies(p, three);
+  std::set<int> side;
+  for (const LaneStep& st : three.steps) side.insert(st.lane);
+  EXPECT_EQ(side, (std::set<int>{0, 1, 2}));
   const std::map<std::string, int> lane_of = {{"attn_in", 0}, {"attn_q", 0}, {"index_in", 1},    {"attn_kv", 1},
                                               {"index_topk", 0}, {"compress", 1}, {"attn_core", 0}, {"attn_out", 0},
                                               {"window_commit", 1}, {"router", 0},

@@ -292,7 +292,7 @@ void* CudaBackend::scratch(const char* name, size_t bytes) {
 }
 
 int CudaBackend::num_lanes() const {
-  static const int lanes = env_is("DSV4_CUDA_LANES", "1") ? 1 : 2;
+  static const int lanes = env_is("DSV4_CUDA_LANES", "1") ? 1 : env_is("DSV4_CUDA_LANES", "2") ? 2 : 3;
   return lanes;
 }
 
@@ -303,7 +303,7 @@ void CudaBackend::set_lane(int lane) {
   if (lane == 0) {
     stream_ = lane0_stream_;
   } else {
-    cudaStream_t& side = side_streams_[lane0_stream_];
+    cudaStream_t& side = side_streams_[{lane0_stream_, lane}];
     if (side == nullptr) DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     stream_ = side;
   }

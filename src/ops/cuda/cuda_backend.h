@@ -53,10 +53,10 @@ class CudaBackend final : public Backend {
   // Ops issue on the current stream; TBO switches it between compute and comm streams
   // (on lane 0: a lane's stream is derived from it).
   void set_stream(cudaStream_t s) { stream_ = s; }
-  // Lane 1 is a second stream for each lane-0 stream (so two micro-batches of
-  // two-batch overlap would each have their own), created on first use; marks are
-  // events without timing, reused after clear_marks(). DSV4_CUDA_LANES=1 keeps one
-  // lane (A/B runs; read once).
+  // Lanes 1 and 2 are streams of their own for each lane-0 stream (so two
+  // micro-batches of two-batch overlap would each have theirs), created on first
+  // use; marks are events without timing, reused after clear_marks().
+  // DSV4_CUDA_LANES=1, 2 or 3 sets how many (A/B runs; read once; default 3).
   int num_lanes() const override;
   void set_lane(int lane) override;
   int mark_lane() override;
@@ -121,7 +121,7 @@ class CudaBackend final : public Backend {
   int last_capture_joins_ = 0;
   int lane_ = 0;
   cudaStream_t lane0_stream_ = nullptr;  // lane 0's stream while another lane is current
-  std::map<cudaStream_t, cudaStream_t> side_streams_;
+  std::map<std::pair<cudaStream_t, int>, cudaStream_t> side_streams_;  // (lane 0's stream, lane)
   std::vector<cudaEvent_t> marks_;
   int next_mark_ = 0;
   cudaStream_t own_stream_ = nullptr;
