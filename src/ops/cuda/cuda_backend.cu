@@ -292,7 +292,13 @@ void* CudaBackend::scratch(const char* name, size_t bytes) {
 }
 
 int CudaBackend::num_lanes() const {
-  static const int lanes = env_is("DSV4_CUDA_LANES", "1") ? 1 : env_is("DSV4_CUDA_LANES", "2") ? 2 : 3;
+  static const int lanes = [] {
+    const char* v = std::getenv("DSV4_CUDA_LANES");
+    if (v == nullptr || *v == '\0') return 3;
+    const std::string s(v);
+    if (s != "1" && s != "2" && s != "3") core::fail("DSV4_CUDA_LANES='{}': expected 1, 2 or 3 (lanes of a step)", s);
+    return s[0] - '0';
+  }();
   return lanes;
 }
 

@@ -56,7 +56,8 @@ class CudaBackend final : public Backend {
   // Lanes 1 and 2 are streams of their own for each lane-0 stream (so two
   // micro-batches of two-batch overlap would each have theirs), created on first
   // use; marks are events without timing, reused after clear_marks().
-  // DSV4_CUDA_LANES=1, 2 or 3 sets how many (A/B runs; read once; default 3).
+  // DSV4_CUDA_LANES=1, 2 or 3 sets how many (A/B runs; read once; default 3; any
+  // other value is an error).
   int num_lanes() const override;
   void set_lane(int lane) override;
   int mark_lane() override;
