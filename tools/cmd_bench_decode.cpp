@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <regex>
 #include <set>
@@ -331,9 +330,7 @@ Command add_bench_decode(CLI::App& app) {
       out["nccl_max_ctas"] = o->nccl_max_ctas;
       out["copy_bandwidth_gb_s"] = copy_bw / 1e9;
       out["results"] = results;
-      std::ofstream f(o->json);
-      f << out.dump(2) << "\n";
-      if (!f.flush()) core::fail("--json {}: cannot write the file", o->json);
+      write_json_file(out, o->json, "--json");
     }
     return 0;
   };

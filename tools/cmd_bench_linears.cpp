@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -41,10 +41,7 @@ struct Shape {
 // "1024x4096,32768x1024": N x K pairs (weight rows x input width).
 std::vector<Shape> parse_shapes(const std::string& text, bool fp8) {
   std::vector<Shape> out;
-  size_t pos = 0;
-  while (pos <= text.size()) {
-    const size_t comma = text.find(',', pos);
-    const std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+  for (const std::string& item : split_commas(text)) {
     const size_t x = item.find('x');
     Shape s{0, 0};
     try {
@@ -59,8 +56,6 @@ std::vector<Shape> parse_shapes(const std::string& text, bool fp8) {
     if (fp8 && s.k % 128 != 0) core::fail("--shapes: {}: K = {} must be a multiple of 128 for FP8 weights", item, s.k);
     if (!fp8 && s.k % 64 != 0) core::fail("--shapes: {}: K = {} must be a multiple of 64 for bf16 weights", item, s.k);
     out.push_back(s);
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
   }
   return out;
 }
@@ -215,9 +210,7 @@ Command add_bench_linears(CLI::App& app) {
                                   {"bytes", r.bytes},
                                   {"us_per_linear", r.us},
                                   {"us_above_bytes", r.us - double(r.bytes) / copy_bw * 1e6}});
-      std::ofstream f(o->json);
-      f << out.dump(2) << "\n";
-      if (!f.flush()) core::fail("--json {}: cannot write the file", o->json);
+      write_json_file(out, o->json, "--json");
     }
     return 0;
   };

@@ -1,7 +1,6 @@
 // dsv4 bench phases: what dependent phases cost on one GPU, persistent (grid
 // barriers) against one kernel a phase (docs/design/batch1-persistent.md).
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <string>
 
@@ -97,9 +96,7 @@ Command add_bench_phases(CLI::App& app) {
       out["persistent_prefetch"] = run_json(r.persistent_prefetch);
       out["graph"] = run_json(r.graph);
       out["graph_prefetch"] = run_json(r.graph_prefetch);
-      std::ofstream f(o->json);
-      f << out.dump(2) << "\n";
-      if (!f.flush()) core::fail("--json {}: cannot write the file", o->json);
+      write_json_file(out, o->json, "--json");
     }
     if (!all_ok) core::fail("bench phases: a variant's checksum differs from the host's (see WRONG above)");
     return 0;

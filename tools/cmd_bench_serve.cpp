@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
 #include <limits>
 #include <mutex>
 #include <random>
@@ -446,10 +445,7 @@ Command add_bench_serve(CLI::App& app) {
       j["ttfts"] = ttft_list;
       j["itls"] = itl_list;
       j["errors"] = errors;
-      std::ofstream out(o->json_path);
-      if (!out) core::fail("--json {}: cannot write the file", o->json_path);
-      out << j.dump(2) << "\n";
-      if (!out.flush()) core::fail("--json {}: write failed", o->json_path);
+      write_json_file(j, o->json_path, "--json");
       std::fprintf(stderr, "dsv4 bench serve: results written to %s\n", o->json_path.c_str());
     }
     return completed > 0 ? 0 : 1;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json_fwd.hpp>
 
 #include "engine/engine_builder.h"
 #include "ops/backend.h"
@@ -50,8 +51,15 @@ void apply_parallel_flags(const ParallelFlags& flags, engine::EngineBuildOptions
 // "4096", "64M", "5G", "auto" (0).
 uint64_t parse_size(const std::string& text, const char* option);
 
+// The items of a comma-separated list, empty ones included ("" is one empty item).
+std::vector<std::string> split_commas(const std::string& text);
+
 // "1,16,64,256": positive integers; a clear error naming the option otherwise.
 std::vector<int32_t> parse_list(const std::string& text, const char* option);
+
+// Writes `value` (indented) to `path`; a clear error naming `option` and the file
+// when it cannot be opened or written.
+void write_json_file(const nlohmann::json& value, const std::string& path, const char* option);
 
 // The middle value (the upper one of an even count); 0 for none.
 double median(std::vector<double> v);

@@ -1,8 +1,11 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <fstream>
 #include <stdexcept>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "tools/commands.h"
@@ -69,12 +72,20 @@ uint64_t parse_size(const std::string& text, const char* option) {
   return uint64_t(v * mult);
 }
 
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  size_t pos = 0;
+  while (true) {
+    const size_t comma = text.find(',', pos);
+    out.push_back(text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos));
+    if (comma == std::string::npos) return out;
+    pos = comma + 1;
+  }
+}
+
 std::vector<int32_t> parse_list(const std::string& text, const char* option) {
   std::vector<int32_t> out;
-  size_t pos = 0;
-  while (pos <= text.size()) {
-    size_t comma = text.find(',', pos);
-    std::string item = text.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+  for (const std::string& item : split_commas(text)) {
     try {
       size_t used = 0;
       int v = std::stoi(item, &used);
@@ -83,10 +94,15 @@ std::vector<int32_t> parse_list(const std::string& text, const char* option) {
     } catch (...) {
       core::fail("{}: \"{}\" is not a positive integer (expected a list such as 1,16,64,256)", option, item);
     }
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
   }
   return out;
+}
+
+void write_json_file(const nlohmann::json& value, const std::string& path, const char* option) {
+  std::ofstream f(path);
+  if (!f) core::fail("{} {}: cannot open the file for writing", option, path);
+  f << value.dump(2) << "\n";
+  if (!f.flush()) core::fail("{} {}: cannot write the file", option, path);
 }
 
 double median(std::vector<double> v) {
