@@ -65,6 +65,19 @@ class CallGraph final : public Graph {
   std::function<void()> body_;
 };
 
+// linear_pair's contract; wb == nullptr: linear's (op: the name in the messages).
+void expect_linears(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear* wb, const Tensor* yb,
+                    core::Device d, const std::string& op, const char* x_name = "x") {
+  expect_quant(wa, d, (wb ? op + " (first weight)" : op).c_str());
+  if (wb) {
+    expect_quant(*wb, d, (op + " (second weight)").c_str());
+    DSV4_CHECK(wa.k == wb->k, "{}: the weights take K={} and K={}; one input needs one K", op, wa.k, wb->k);
+  }
+  DSV4_CHECK(wa.k % 128 == 0, "{}: K={} is not a multiple of the 128-wide activation blocks", op, wa.k);
+  expect(x, DType::kBF16, {-1, wa.k}, d, op.c_str(), x_name);
+  expect(ya, DType::kBF16, {x.size(0), wa.n}, d, op.c_str(), wb ? "ya" : "y");
+  if (wb) expect(*yb, DType::kBF16, {x.size(0), wb->n}, d, op.c_str(), "yb");
+}
 }  // namespace
 
 namespace {
@@ -112,6 +125,15 @@ void Backend::embed(const Tensor& table, const BatchView& batch, const Tensor& X
   do_embed(table, batch, X);
 }
 
+namespace {
+// rms_norm's contract (op: the name in the messages).
+void expect_rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, core::Device d, const char* op) {
+  expect(x, DType::kBF16, {-1, -1}, d, op, "x");
+  expect(weight, DType::kBF16, {x.size(1)}, d, op, "norm_weight");
+  expect(y, DType::kBF16, {x.size(0), x.size(1)}, d, op, "xn");
+}
+}  // namespace
+
 void Backend::rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y) {
   const auto d = device();
   expect(x, DType::kBF16, {-1, -1}, d, "rms_norm", "x");
@@ -158,19 +180,45 @@ void Backend::hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, con
   do_hc_pre(X, w, c, x, post, comb);
 }
 
-void Backend::hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight, float eps,
-                          const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb) {
-  const auto d = device();
-  expect_hc_pre(X, w, c, x, post, comb, d, "hc_pre_norm");
-  expect(norm_weight, DType::kBF16, {x.size(1)}, d, "hc_pre_norm", "norm_weight");
-  expect(xn, DType::kBF16, {x.size(0), x.size(1)}, d, "hc_pre_norm", "xn");
+namespace {
+// hc_pre_norm's contract (op: the name in the messages).
+void expect_hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight,
+                        const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb, core::Device d,
+                        const char* op) {
+  expect_hc_pre(X, w, c, x, post, comb, d, op);
+  expect(norm_weight, DType::kBF16, {x.size(1)}, d, op, "norm_weight");
+  expect(xn, DType::kBF16, {x.size(0), x.size(1)}, d, op, "xn");
   auto overlap = [](const Tensor& a, const Tensor& b) {
     const auto* pa = static_cast<const uint8_t*>(a.data());
     const auto* pb = static_cast<const uint8_t*>(b.data());
     return a.nbytes() > 0 && b.nbytes() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
   };
-  DSV4_CHECK(!overlap(x, xn) && !overlap(xn, X) && !overlap(x, X), "hc_pre_norm: x, xn and X must not overlap");
+  DSV4_CHECK(!overlap(x, xn) && !overlap(xn, X) && !overlap(x, X), "{}: x, xn and X must not overlap", op);
+}
+}  // namespace
+
+void Backend::hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight, float eps,
+                          const Tensor& x, const Tensor& xn, const Tensor& post, const Tensor& comb) {
+  expect_hc_pre_norm(X, w, c, norm_weight, x, xn, post, comb, device(), "hc_pre_norm");
   do_hc_pre_norm(X, w, c, norm_weight, eps, x, xn, post, comb);
+}
+
+void Backend::hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w, const HcConfig& c,
+                                      const Tensor& norm_weight, float eps, const Tensor& x, const Tensor& xn,
+                                      const Tensor& post, const Tensor& comb, const QuantLinear& wa, const Tensor& ya,
+                                      const QuantLinear& wb, const Tensor& yb) {
+  const auto d = device();
+  expect_hc_pre_norm(X, w, c, norm_weight, x, xn, post, comb, d, "hc_pre_norm_linear_pair");
+  expect_linears(xn, wa, ya, &wb, &yb, d, "hc_pre_norm_linear_pair", "xn");
+  do_hc_pre_norm_linear_pair(X, w, c, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
+}
+
+void Backend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w, const HcConfig& c,
+                                         const Tensor& norm_weight, float eps, const Tensor& x, const Tensor& xn,
+                                         const Tensor& post, const Tensor& comb, const QuantLinear& wa,
+                                         const Tensor& ya, const QuantLinear& wb, const Tensor& yb) {
+  do_hc_pre_norm(X, w, c, norm_weight, eps, x, xn, post, comb);
+  do_linear_pair(xn, wa, ya, wb, yb);
 }
 
 void Backend::do_hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& norm_weight,
@@ -220,17 +268,34 @@ void Backend::linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
   do_linear_bf16(x, w, y);
 }
 
+
 void Backend::linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
                           const Tensor& yb) {
-  const auto d = device();
-  expect_quant(wa, d, "linear_pair (first weight)");
-  expect_quant(wb, d, "linear_pair (second weight)");
-  DSV4_CHECK(wa.k == wb.k, "linear_pair: the weights take K={} and K={}; one input needs one K", wa.k, wb.k);
-  DSV4_CHECK(wa.k % 128 == 0, "linear_pair: K={} is not a multiple of the 128-wide activation blocks", wa.k);
-  expect(x, DType::kBF16, {-1, wa.k}, d, "linear_pair", "x");
-  expect(ya, DType::kBF16, {x.size(0), wa.n}, d, "linear_pair", "ya");
-  expect(yb, DType::kBF16, {x.size(0), wb.n}, d, "linear_pair", "yb");
+  expect_linears(x, wa, ya, &wb, &yb, device(), "linear_pair");
   do_linear_pair(x, wa, ya, wb, yb);
+}
+
+void Backend::rms_norm_linear(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& xn,
+                              const QuantLinear& w, const Tensor& y) {
+  const auto d = device();
+  expect_rms_norm(x, norm_weight, xn, d, "rms_norm_linear");
+  expect_linears(xn, w, y, nullptr, nullptr, d, "rms_norm_linear", "xn");
+  do_rms_norm_linear(x, norm_weight, eps, xn, w, y, nullptr, nullptr);
+}
+
+void Backend::rms_norm_linear_pair(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& xn,
+                                   const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb, const Tensor& yb) {
+  const auto d = device();
+  expect_rms_norm(x, norm_weight, xn, d, "rms_norm_linear_pair");
+  expect_linears(xn, wa, ya, &wb, &yb, d, "rms_norm_linear_pair", "xn");
+  do_rms_norm_linear(x, norm_weight, eps, xn, wa, ya, &wb, &yb);
+}
+
+void Backend::do_rms_norm_linear(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& xn,
+                                 const QuantLinear& wa, const Tensor& ya, const QuantLinear* wb, const Tensor* yb) {
+  do_rms_norm(x, norm_weight, eps, xn);
+  if (wb) do_linear_pair(xn, wa, ya, *wb, *yb);
+  else do_linear(xn, wa, ya);
 }
 
 void Backend::linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& ya, const Tensor& wb,

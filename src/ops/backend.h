@@ -128,6 +128,23 @@ class Backend {
   // tolerance, still independent of the batch). Both weights take the same K.
   void linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
                    const core::Tensor& yb);
+  // A norm and the linears that read its output, as one op so that a backend can
+  // quantize the activations while it forms them (one launch less on a layer's
+  // critical path at small batch). The same math and bits as the ops in sequence:
+  //   rms_norm_linear:         xn = rms_norm(x, norm_weight, eps); y = linear(xn, w)
+  //   rms_norm_linear_pair:    xn = rms_norm(x, norm_weight, eps); linear_pair(xn, wa, ya, wb, yb)
+  //   hc_pre_norm_linear_pair: hc_pre_norm(X, ...) (x, xn, post, comb); linear_pair(xn, wa, ya, wb, yb)
+  // with the contracts of those ops (xn is written too).
+  void rms_norm_linear(const core::Tensor& x, const core::Tensor& norm_weight, float eps, const core::Tensor& xn,
+                       const QuantLinear& w, const core::Tensor& y);
+  void rms_norm_linear_pair(const core::Tensor& x, const core::Tensor& norm_weight, float eps, const core::Tensor& xn,
+                            const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                            const core::Tensor& yb);
+  void hc_pre_norm_linear_pair(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
+                               const core::Tensor& norm_weight, float eps, const core::Tensor& x,
+                               const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb,
+                               const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                               const core::Tensor& yb);
   // The same for linear_bf16: ya = linear_bf16(x, wa), yb = linear_bf16(x, wb).
   void linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya, const core::Tensor& wb,
                         const core::Tensor& yb);
@@ -253,6 +270,15 @@ class Backend {
                               const QuantLinear& wb, const core::Tensor& yb);
   virtual void do_linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya,
                                    const core::Tensor& wb, const core::Tensor& yb);
+  // Defaults: the ops in sequence. wb == nullptr: rms_norm_linear (one weight).
+  virtual void do_rms_norm_linear(const core::Tensor& x, const core::Tensor& norm_weight, float eps,
+                                  const core::Tensor& xn, const QuantLinear& wa, const core::Tensor& ya,
+                                  const QuantLinear* wb, const core::Tensor* yb);
+  virtual void do_hc_pre_norm_linear_pair(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
+                                          const core::Tensor& norm_weight, float eps, const core::Tensor& x,
+                                          const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb,
+                                          const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                                          const core::Tensor& yb);
   virtual void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups,
                                  const core::Tensor& y) = 0;
   virtual void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w,

@@ -170,6 +170,60 @@ TEST_F(CpuOps, MoeOutputHcPostIsMoeOutputThenHcPost) {
   }
 }
 
+// The norm + linear ops are their parts in sequence (the contract a backend's fused
+// version must keep), and their contract errors name the op and the tensor.
+TEST_F(CpuOps, NormLinearOpsAreTheirPartsInSequence) {
+  Rng rng(6);
+  const int64_t T = 3, hc = 4, D = 256, Na = 128, Nb = 384;
+  const QuantLinear wa = make_quant(Na, D, false, 61), wb = make_quant(Nb, D, false, 62);
+  auto equal = [](const Tensor& a, const Tensor& b) { return std::memcmp(a.data(), b.data(), a.nbytes()) == 0; };
+  auto bf16 = [&](std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(DType::kBF16, shape); };
+  Tensor x = rng.bf16({T, D}, 3.0f), norm_w = rng.bf16({D});
+  {
+    Tensor xn = bf16({T, D}), ya = bf16({T, Na}), yb = bf16({T, Nb});
+    Tensor want_xn = bf16({T, D}), want_a = bf16({T, Na}), want_b = bf16({T, Nb});
+    be->rms_norm(x, norm_w, 1e-6f, want_xn);
+    be->linear_pair(want_xn, wa, want_a, wb, want_b);
+    be->rms_norm_linear_pair(x, norm_w, 1e-6f, xn, wa, ya, wb, yb);
+    EXPECT_TRUE(equal(xn, want_xn) && equal(ya, want_a) && equal(yb, want_b)) << "rms_norm_linear_pair";
+    Tensor y1 = bf16({T, Na}), want_1 = bf16({T, Na});
+    be->linear(want_xn, wa, want_1);
+    be->rms_norm_linear(x, norm_w, 1e-6f, xn, wa, y1);
+    EXPECT_TRUE(equal(xn, want_xn) && equal(y1, want_1)) << "rms_norm_linear";
+    try {
+      be->rms_norm_linear_pair(x, norm_w, 1e-6f, bf16({T, D + 128}), wa, ya, wb, yb);
+      ADD_FAILURE() << "an xn of the wrong shape was accepted";
+    } catch (const core::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("rms_norm_linear_pair"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("xn"), std::string::npos) << e.what();
+    }
+  }
+  {
+    HcConfig c;
+    const int64_t mix = (2 + hc) * hc;
+    HcWeights w{rng.f32({mix, hc * D}, 1.0f / 22.6f), rng.f32({mix}, 0.5f), rng.f32({3}, 0.1f, 1.0f)};
+    Tensor X = rng.bf16({T, hc, D}, 3.0f);
+    auto f32 = [](std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(DType::kF32, shape); };
+    Tensor hx = bf16({T, D}), xn = bf16({T, D}), post = f32({T, hc}), comb = f32({T, hc, hc});
+    Tensor ya = bf16({T, Na}), yb = bf16({T, Nb});
+    Tensor want_x = bf16({T, D}), want_xn = bf16({T, D}), want_post = f32({T, hc}), want_comb = f32({T, hc, hc});
+    Tensor want_a = bf16({T, Na}), want_b = bf16({T, Nb});
+    be->hc_pre_norm(X, w, c, norm_w, 1e-6f, want_x, want_xn, want_post, want_comb);
+    be->linear_pair(want_xn, wa, want_a, wb, want_b);
+    be->hc_pre_norm_linear_pair(X, w, c, norm_w, 1e-6f, hx, xn, post, comb, wa, ya, wb, yb);
+    EXPECT_TRUE(equal(hx, want_x) && equal(xn, want_xn) && equal(post, want_post) && equal(comb, want_comb) &&
+                equal(ya, want_a) && equal(yb, want_b))
+        << "hc_pre_norm_linear_pair";
+    try {
+      be->hc_pre_norm_linear_pair(X, w, c, norm_w, 1e-6f, hx, xn, post, comb, wa, ya, wb, bf16({T, Nb + 1}));
+      ADD_FAILURE() << "a yb of the wrong shape was accepted";
+    } catch (const core::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("hc_pre_norm_linear_pair"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("yb"), std::string::npos) << e.what();
+    }
+  }
+}
+
 // The model of the CUDA tensor-core attention (kHopperWgmma: chunks of 32 keys,
 // online softmax per 64-key segment, tensor-core sums) against the reference's
 // attention: within the fast kernel's documented tolerance (2 bf16 ulp + 4e-3 of

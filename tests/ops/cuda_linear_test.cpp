@@ -401,6 +401,77 @@ TEST_P(CudaLinear, LinearPairMatchesCpuAndTwoLinears) {
   }
 }
 
+// ---- a norm and the linears after it as one op -----------------------------------------------
+// rms_norm_linear(_pair) and hc_pre_norm_linear_pair (fast path: the norm kernel
+// quantizes its output for the GEMM) against the same ops run one after another on the
+// GPU, bit for bit, and against the Hopper model on the fast path. Rows past 512 take
+// hc's second launch; K = 256 is tiny's, 1024 the q path's, 4096 the layer input's.
+TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
+  Env env;
+  Rng rng(0x31);
+  struct Case {
+    int64_t na, nb, k;
+  };
+  // 7168: Pro's hidden size, hc_finish in two passes of registers.
+  for (const Case c : {Case{1024, 512, 4096}, Case{512, 256, 1024}, Case{128, 128, 256}, Case{256, 128, 7168}}) {
+    const QuantLinear ha = host_quant(c.na, c.k, false, draw_seed(rng)), hb = host_quant(c.nb, c.k, false, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    const int64_t hc = 4, mix = (2 + hc) * hc;
+    const ops::HcWeights hw{rng.f32({mix, hc * c.k}, 1.0f / std::sqrt(float(hc * c.k))), rng.f32({mix}, 0.5f),
+                            rng.f32({3}, 0.1f, 1.0f)};
+    const ops::HcWeights dhw{to_device(env.cuda, hw.fn), to_device(env.cuda, hw.base), to_device(env.cuda, hw.scale)};
+    const ops::HcConfig cfg;
+    const Tensor norm_w = rng.bf16({c.k}), dnorm = to_device(env.cuda, norm_w);
+    for (int64_t M : {0, 1, 3, 16, 65, 256, 600}) {
+      if (M > 256 && c.k != 4096) continue;
+      const std::string what = std::string(path()) + " M=" + std::to_string(M) + " N=" + std::to_string(c.na) + "+" +
+                               std::to_string(c.nb) + " K=" + std::to_string(c.k);
+      auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) { return device_poisoned(env.cuda, t, shape); };
+      auto same = [&](const Tensor& a, const Tensor& b, const std::string& name) {
+        expect_bitwise(to_host(env.cuda, a), to_host(env.cuda, b), name + " " + what);
+      };
+      // rms_norm_linear_pair / rms_norm_linear
+      const Tensor x = rng.bf16({M, c.k}, 3.0f), dx = to_device(env.cuda, x);
+      Tensor xn = poisoned(DType::kBF16, {M, c.k}), ya = poisoned(DType::kBF16, {M, c.na}),
+             yb = poisoned(DType::kBF16, {M, c.nb}), y1 = poisoned(DType::kBF16, {M, c.na});
+      Tensor sxn = poisoned(DType::kBF16, {M, c.k}), sya = poisoned(DType::kBF16, {M, c.na}),
+             syb = poisoned(DType::kBF16, {M, c.nb}), sy1 = poisoned(DType::kBF16, {M, c.na});
+      env.cuda.rms_norm_linear_pair(dx, dnorm, 1e-6f, xn, da, ya, db, yb);
+      env.cuda.rms_norm(dx, dnorm, 1e-6f, sxn);
+      env.cuda.linear_pair(sxn, da, sya, db, syb);
+      same(xn, sxn, "rms_norm_linear_pair xn");
+      same(ya, sya, "rms_norm_linear_pair ya");
+      same(yb, syb, "rms_norm_linear_pair yb");
+      env.cuda.rms_norm_linear(dx, dnorm, 1e-6f, xn, da, y1);
+      env.cuda.linear(sxn, da, sy1);
+      same(y1, sy1, "rms_norm_linear y");
+      if (g_forced_path == 0 && M <= 65) {  // the fused path against the Hopper model
+        Tensor rxn = Tensor::empty_cpu(DType::kBF16, {M, c.k}), ra = Tensor::empty_cpu(DType::kBF16, {M, c.na}),
+               rb = Tensor::empty_cpu(DType::kBF16, {M, c.nb});
+        ref_backend(env).rms_norm_linear_pair(x, norm_w, 1e-6f, rxn, ha, ra, hb, rb);
+        expect_bitwise(rxn, to_host(env.cuda, xn), "rms_norm_linear_pair xn vs the Hopper model " + what);
+        expect_bitwise(ra, to_host(env.cuda, ya), "rms_norm_linear_pair ya vs the Hopper model " + what);
+        expect_bitwise(rb, to_host(env.cuda, yb), "rms_norm_linear_pair yb vs the Hopper model " + what);
+      }
+      // hc_pre_norm_linear_pair
+      const Tensor X = rng.bf16({M, hc, c.k}, 3.0f), dX = to_device(env.cuda, X);
+      Tensor hx = poisoned(DType::kBF16, {M, c.k}), post = poisoned(DType::kF32, {M, hc}),
+             comb = poisoned(DType::kF32, {M, hc, hc});
+      Tensor shx = poisoned(DType::kBF16, {M, c.k}), spost = poisoned(DType::kF32, {M, hc}),
+             scomb = poisoned(DType::kF32, {M, hc, hc});
+      env.cuda.hc_pre_norm_linear_pair(dX, dhw, cfg, dnorm, 1e-6f, hx, xn, post, comb, da, ya, db, yb);
+      env.cuda.hc_pre_norm(dX, dhw, cfg, dnorm, 1e-6f, shx, sxn, spost, scomb);
+      env.cuda.linear_pair(sxn, da, sya, db, syb);
+      same(hx, shx, "hc_pre_norm_linear_pair x");
+      same(xn, sxn, "hc_pre_norm_linear_pair xn");
+      same(post, spost, "hc_pre_norm_linear_pair post");
+      same(comb, scomb, "hc_pre_norm_linear_pair comb");
+      same(ya, sya, "hc_pre_norm_linear_pair ya");
+      same(yb, syb, "hc_pre_norm_linear_pair yb");
+    }
+  }
+}
+
 TEST_P(CudaLinear, Bf16LinearPairMatchesCpu) {
   Env env;
   Rng rng(0x21);

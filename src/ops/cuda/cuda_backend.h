@@ -87,6 +87,14 @@ class CudaBackend final : public Backend {
                       const core::Tensor& yb) override;
   void do_linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya,
                            const core::Tensor& wb, const core::Tensor& yb) override;
+  void do_rms_norm_linear(const core::Tensor& x, const core::Tensor& norm_weight, float eps, const core::Tensor& xn,
+                          const QuantLinear& wa, const core::Tensor& ya, const QuantLinear* wb,
+                          const core::Tensor* yb) override;
+  void do_hc_pre_norm_linear_pair(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
+                                  const core::Tensor& norm_weight, float eps, const core::Tensor& x,
+                                  const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb,
+                                  const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
+                                  const core::Tensor& yb) override;
   void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y) override;
   void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w, const BatchView& batch,
                    const RopeTable& rope, float norm_eps, LayerCache& cache) override;

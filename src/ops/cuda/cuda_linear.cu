@@ -26,6 +26,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/gemm_wide_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
+#include "ops/cuda/quantized_linear.h"
 #include "ops/gemm_order.h"
 
 namespace dsv4::ops {
@@ -607,21 +608,44 @@ void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor&
 }
 
 // ---- linear_pair: one quantization, one launch when both weights take the FP8 GEMM ----------
+namespace {
+bool pair_stacks_fp8(const QuantLinear& wa, const QuantLinear& wb) {
+  const bool fp8 = wa.format == QuantLinear::Format::kFp8Block128 && wb.format == wa.format;
+  return wa.n > 0 && gemm_pair_stacks(wa.n, wb.n) && !simple_path() && fp8 && quant_fast_ok(wa) &&
+         quant_fast_ok(wb) && wa.n + wb.n < (int64_t(1) << 30);
+}
+}  // namespace
+
 void CudaBackend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
                                  const Tensor& yb) {
   const int64_t M = x.size(0), K = wa.k;
-  const bool fp8 = wa.format == QuantLinear::Format::kFp8Block128 && wb.format == wa.format;
-  if (M == 0 || wa.n == 0 || !gemm_pair_stacks(wa.n, wb.n) || simple_path() || !fp8 || !quant_fast_ok(wa) ||
-      !quant_fast_ok(wb) || wa.n + wb.n >= (int64_t(1) << 30)) {
+  if (M == 0 || !pair_stacks_fp8(wa, wb)) {
     Backend::do_linear_pair(x, wa, ya, wb, yb);
     return;
   }
-  uint8_t* xq = scratch_as<uint8_t>(*this, "xq", M * K);
-  float* xs = scratch_as<float>(*this, "xs", M * (K / 128));
-  quantize_rows(*this, x.as<uint16_t>(), K, M, K, xq, xs, false);
-  run_gemm(*this, WFmt::kFp8,
-           stacked(quant_params(wa, xq, xs, M, ya.as<uint16_t>(), wa.n),
-                   quant_params(wb, xq, xs, M, yb.as<uint16_t>(), wb.n)));
+  const QuantizedRows a = linear_activation_scratch(*this, M, K);
+  quantize_rows(*this, x.as<uint16_t>(), K, M, K, a.codes, a.scales, false);
+  linears_on_quantized_rows(*this, a, M, wa, ya, &wb, &yb);
+}
+
+// ---- linears on activations quantized elsewhere (quantized_linear.h) ---------------------
+bool linears_take_quantized_rows(const QuantLinear& wa, const QuantLinear* wb) {
+  if (wb) return pair_stacks_fp8(wa, *wb);
+  return wa.format == QuantLinear::Format::kFp8Block128 && wa.k > 0 && !simple_path();
+}
+
+QuantizedRows linear_activation_scratch(CudaBackend& be, int64_t M, int64_t K) {
+  return {scratch_as<uint8_t>(be, "xq", M * K), scratch_as<float>(be, "xs", M * (K / 128))};
+}
+
+void linears_on_quantized_rows(CudaBackend& be, const QuantizedRows& a, int64_t M, const QuantLinear& wa,
+                               const Tensor& ya, const QuantLinear* wb, const Tensor* yb) {
+  DSV4_CHECK(linears_take_quantized_rows(wa, wb), "linears_on_quantized_rows: weights off the element-order path");
+  if (M == 0 || wa.n == 0) return;
+  if (!wb) return quant_gemm(be, wa, a.codes, a.scales, M, ya.as<uint16_t>(), wa.n, false);
+  run_gemm(be, WFmt::kFp8,
+           stacked(quant_params(wa, a.codes, a.scales, M, ya.as<uint16_t>(), wa.n),
+                   quant_params(*wb, a.codes, a.scales, M, yb->as<uint16_t>(), wb->n)));
 }
 
 // ---- linear_bf16 ------------------------------------------------------------------------

@@ -20,9 +20,11 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
+#include "ops/cuda/quantized_linear.h"
 
 namespace dsv4::ops {
 
@@ -160,9 +162,11 @@ __global__ void add_broadcast_kernel(const uint16_t* __restrict__ e, const uint1
 // the reads of the first pass finish before the block-wide reduction barrier.
 // rms_norm of one row by the whole block (256 threads), shared with hc_finish_kernel
 // (hc_pre_norm), so that both give the same bits.
+// With q_row (VEC = 8, N % 128 == 0, blockDim.x a multiple of 32): y is also quantized
+// for an FP8 linear as it is written (quant_chunk8: act_quant's codes and scales).
 template <int VEC>
 __device__ void rms_norm_row(const uint16_t* xr, const uint16_t* __restrict__ w, int64_t N, float eps, uint16_t* yr,
-                             float* red /* [32] */) {
+                             float* red /* [32] */, uint8_t* q_row = nullptr, float* s_row = nullptr) {
   float ss = 0.0f;
   for (int64_t c = threadIdx.x; c < N / VEC; c += blockDim.x) {
     const BfVec<VEC> v = load_bf<VEC>(xr + c * VEC);
@@ -174,6 +178,27 @@ __device__ void rms_norm_row(const uint16_t* xr, const uint16_t* __restrict__ w,
   }
   const float total = block_sum(ss, red);
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(N)), eps)));
+  if constexpr (VEC == 8) {
+    if (q_row) {  // every thread the same number of passes (quant_chunk8's shuffles)
+      for (int64_t base = 0; base < N / VEC; base += blockDim.x) {
+        const int64_t c = base + threadIdx.x;
+        const bool live = c < N / VEC;
+        float f[8] = {};
+        if (live) {
+          const BfVec<VEC> v = load_bf<VEC>(xr + c * VEC), wv = load_bf<VEC>(w + c * VEC);
+          BfVec<VEC> o;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            o.v[i] = f2bf(__fmul_rn(bf2f(wv.v[i]), __fmul_rn(bf2f(v.v[i]), r)));
+            f[i] = bf2f(o.v[i]);
+          }
+          store_bf<VEC>(yr + c * VEC, o);
+        }
+        quant_chunk8(f, live, c, q_row, s_row);
+      }
+      return;
+    }
+  }
   for (int64_t c = threadIdx.x; c < N / VEC; c += blockDim.x) {
     const BfVec<VEC> v = load_bf<VEC>(xr + c * VEC), wv = load_bf<VEC>(w + c * VEC);
     BfVec<VEC> o;
@@ -190,6 +215,16 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   rms_norm_row<VEC>(x + row * N, w, N, eps, y + row * N, red);
+}
+
+// rms_norm_linear's first launch: y = rms_norm(x) and its quantization q, s (rows of
+// N and N / 128) for the linear, the bits of rms_norm_kernel<8> and act_quant_kernel.
+__global__ void rms_norm_quant_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
+                                      uint16_t* y, uint8_t* __restrict__ q, float* __restrict__ s) {
+  wait_for_predecessor();
+  __shared__ float red[32];
+  const int64_t row = blockIdx.x;
+  rms_norm_row<8>(x + row * N, w, N, eps, y + row * N, red, q + row * N, s + row * (N / 128));
 }
 
 // ---- q_norm_rope ---------------------------------------------------------------
@@ -553,6 +588,10 @@ struct HcFinishArgs {
   const uint16_t* norm_w;
   float rms_eps;
   uint16_t* xn;
+  // hc_pre_norm_linear_pair (VEC = 8, D % 128 == 0): xn quantized for the FP8 linears
+  // as it is written, codes [rows, D] and scales [rows, D / 128]; null: not.
+  uint8_t* xq = nullptr;
+  float* xs = nullptr;
 };
 
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
@@ -741,18 +780,31 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
   const float total = x_warps_sum(ss, red);
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(a.D)), a.rms_eps)));
   const int last = (chunks - 1) / kPass * kPass;  // the pass whose x is in xo
+  const bool quant = VEC == 8 && a.xq != nullptr;
   for (int base = 0; base < chunks; base += kPass) {
 #pragma unroll
     for (int k = 0; k < kRegs; ++k) {
       const int c = chunk(base, k);
-      if (c >= chunks) continue;
-      // Earlier passes (D > 4096 at VEC = 8, or VEC < 8): this thread's own x, reloaded.
-      BfRegs<VEC> v = xo[k], w = wv[k], o{};
-      if (base != last) v.load(a.x + t * a.D + int64_t(c) * VEC);
-      if (base != 0) w.load(a.norm_w + int64_t(c) * VEC);
+      const bool live = c < chunks;  // one value for each half warp when quant (D % 128 == 0)
+      if (!live && !quant) continue;
+      BfRegs<VEC> o{};
+      if (live) {
+        // Earlier passes (D > 4096 at VEC = 8, or VEC < 8): this thread's own x, reloaded.
+        BfRegs<VEC> v = xo[k], w = wv[k];
+        if (base != last) v.load(a.x + t * a.D + int64_t(c) * VEC);
+        if (base != 0) w.load(a.norm_w + int64_t(c) * VEC);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) o.set(e, f2bf(__fmul_rn(bf2f(w.get(e)), __fmul_rn(bf2f(v.get(e)), r))));
-      o.store(a.xn + t * a.D + int64_t(c) * VEC);
+        for (int e = 0; e < VEC; ++e) o.set(e, f2bf(__fmul_rn(bf2f(w.get(e)), __fmul_rn(bf2f(v.get(e)), r))));
+        o.store(a.xn + t * a.D + int64_t(c) * VEC);
+      }
+      if constexpr (VEC == 8) {
+        if (quant) {  // all lanes of the warp (quant_chunk8's shuffles)
+          float f[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) f[e] = bf2f(o.get(e));
+          quant_chunk8(f, live, c, a.xq + t * a.D, a.xs + t * (a.D / 128));
+        }
+      }
     }
   }
 }
@@ -937,6 +989,25 @@ void CudaBackend::do_rms_norm(const Tensor& x, const Tensor& weight, float eps, 
   check_launch(stream_);
 }
 
+// One launch fewer than rms_norm then linear (_pair): the norm quantizes its output
+// for the GEMM (quantized_linear.h). Same bits.
+void CudaBackend::do_rms_norm_linear(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& xn,
+                                     const QuantLinear& wa, const Tensor& ya, const QuantLinear* wb,
+                                     const Tensor* yb) {
+  const int64_t T = x.size(0), N = x.size(1);
+  if (T == 0) return;
+  if (N % 128 != 0 || !aligned16(x.data()) || !aligned16(xn.data()) || !aligned16(norm_weight.data()) ||
+      !linears_take_quantized_rows(wa, wb)) {
+    Backend::do_rms_norm_linear(x, norm_weight, eps, xn, wa, ya, wb, yb);
+    return;
+  }
+  const QuantizedRows q = linear_activation_scratch(*this, T, N);
+  rms_norm_quant_kernel<<<unsigned(T), 256, 0, stream_>>>(x.as<uint16_t>(), norm_weight.as<uint16_t>(), N, eps,
+                                                          xn.as<uint16_t>(), q.codes, q.scales);
+  check_launch(stream_);
+  linears_on_quantized_rows(*this, q, T, wa, ya, wb, yb);
+}
+
 void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) {
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), rd = rope.rope_dim;
   if (T == 0 || H == 0) return;
@@ -987,6 +1058,7 @@ struct HcNorm {
   const Tensor* weight;
   float eps;
   const Tensor* xn;
+  QuantizedRows xq = {};  // codes / scales of xn for the FP8 linears (VEC = 8), or none
 };
 
 template <int HC, bool kHead>
@@ -1026,6 +1098,11 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     a.norm_w = norm ? norm->weight->as<uint16_t>() : nullptr;
     a.rms_eps = norm ? norm->eps : 0.0f;
     a.xn = norm ? norm->xn->as<uint16_t>() + r0 * D : nullptr;
+    if (norm && norm->xq.codes) {
+      DSV4_CHECK(v8 && D % 128 == 0, "hc_pre_norm_linear_pair: quantizing xn needs D % 128 == 0 and 16-byte rows");
+      a.xq = norm->xq.codes + r0 * D;
+      a.xs = norm->xq.scales + r0 * (D / 128);
+    }
     const unsigned threads = kHead ? kHcXThreads : kHcXThreads + 32;  // + the Sinkhorn warp
     if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), threads, 0, be.stream()>>>(a);
     else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), threads, 0, be.stream()>>>(a);
@@ -1065,6 +1142,25 @@ void CudaBackend::do_hc_pre_norm(const Tensor& X, const HcWeights& w, const HcCo
   }
   const HcNorm norm{&norm_weight, eps, &xn};
   hc_dispatch<false>(*this, X, w, config, x, post, comb, &norm);
+}
+
+// One launch fewer than hc_pre_norm then linear_pair: hc_finish quantizes xn as it
+// writes it, the GEMM reads those codes (quantized_linear.h). Same bits.
+void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w, const HcConfig& config,
+                                             const Tensor& norm_weight, float eps, const Tensor& x, const Tensor& xn,
+                                             const Tensor& post, const Tensor& comb, const QuantLinear& wa,
+                                             const Tensor& ya, const QuantLinear& wb, const Tensor& yb) {
+  const int64_t T = X.size(0), D = X.size(2);
+  if (T == 0) return;
+  if (D % 128 != 0 || !aligned16(X.data()) || !aligned16(x.data()) || !aligned16(xn.data()) ||
+      !aligned16(norm_weight.data()) || !linears_take_quantized_rows(wa, &wb)) {
+    Backend::do_hc_pre_norm_linear_pair(X, w, config, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
+    return;
+  }
+  const QuantizedRows q = linear_activation_scratch(*this, T, D);
+  const HcNorm norm{&norm_weight, eps, &xn, q};
+  hc_dispatch<false>(*this, X, w, config, x, post, comb, &norm);
+  linears_on_quantized_rows(*this, q, T, wa, ya, &wb, &yb);
 }
 
 void CudaBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& y) {

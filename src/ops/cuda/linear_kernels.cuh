@@ -50,6 +50,7 @@
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
+#include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/wgmma.cuh"
@@ -205,17 +206,7 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-
-// UE8M0 exponent of an activation block (spec §2.4: amax floored at 1e-4, times fp32(1/448)).
-__device__ __forceinline__ int act_exponent(float amax) {
-  return core::ceil_log2_bits(fmaxf(amax, 1e-4f) * (1.0f / 448.0f));
-}
-
-// Against the software cast, the hardware one (e4m3_cast.cuh) made the step 1.0% /
-// 1.1% faster at batch 1 / 256 on bench-1g (act_quant, swiglu_quant, moe_prep).
-__device__ __forceinline__ uint32_t quant4_e4m3(const float (&v)[4], float inv) {
-  return e4m3x4_sat(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv);
-}
+// act_exponent, quant4_e4m3: act_quant.cuh (shared with the norms that quantize).
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
