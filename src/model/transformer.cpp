@@ -142,25 +142,30 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
 
   // hc_pre, then the projections of xn that the q path and the KV row need. Linears
   // of one input go in pairs (one activation quantization, one launch where the
-  // backend can): q_a with kv, q_b with the indexer's q, wkv with wgate.
+  // backend can): q_a with kv, q_b with the indexer's q, wkv with wgate. A norm and
+  // the linears after it are one op (the backend may quantize as it normalizes).
   program.push_back(Stage{
       L + ".attn_in", StageKind::kCompute, {{"X", b.X.data()}},
       {{"x", b.x.data()}, {"xn", b.xn.data()}, {"post", b.post.data()}, {"comb", b.comb.data()},
        {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
       [&be, &w, this, X, x, xn, post, comb, cq_raw, kv, eps] {
-        be.hc_pre_norm(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb);
-        be.linear_pair(xn, w.wq_a, cq_raw, w.wkv, kv);
+        be.hc_pre_norm_linear_pair(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb, w.wq_a, cq_raw,
+                                   w.wkv, kv);
       }});
-  // q (and the indexer's q): norm, q_b, RoPE.
+  // q (and the indexer's q): norm, q_b; the indexer's RoPE. The main q's norm and
+  // RoPE: here, or (CSA) a stage of their own beside the indexer's top-k.
   program.push_back(Stage{
       L + ".attn_q", StageKind::kCompute, {{"cq_raw", b.cq_raw.data()}},
       {{"cq", b.cq.data()}, {"q", b.q.data()}, {"idx_q", iq.data()}},
       [&be, &w, batch, cq_raw, cq, q, iq, rope, eps, T, Dh, H, Hi, Di, csa] {
-        be.rms_norm(cq_raw, w.q_norm, eps, cq);
-        if (csa) be.linear_pair(cq, w.wq_b, q.reshape({T, H * Dh}), w.index_wq_b, iq.reshape({T, Hi * Di}));
-        else be.linear(cq, w.wq_b, q.reshape({T, H * Dh}));
-        be.q_norm_rope(q, batch, rope, eps);
-        if (csa) be.indexer_q(iq, batch, rope);
+        if (csa) {
+          be.rms_norm_linear_pair(cq_raw, w.q_norm, eps, cq, w.wq_b, q.reshape({T, H * Dh}), w.index_wq_b,
+                                  iq.reshape({T, Hi * Di}));
+          be.indexer_q(iq, batch, rope);
+        } else {
+          be.rms_norm_linear(cq_raw, w.q_norm, eps, cq, w.wq_b, q.reshape({T, H * Dh}));
+          be.q_norm_rope(q, batch, rope, eps);
+        }
       }});
   if (csa) {
     // The indexer's compressor and weights, then its top-k (which needs the q path).
@@ -198,6 +203,9 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         L + ".index_topk", StageKind::kCompute,
         {{"idx_q", iq.data()}, {"idx_w", iw.data()}, cache_index_rows}, {{"topk", b.topk.data()}},
         [&be, this, &cache, batch, iq, iw, topk] { be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk); }});
+    // After the top-k in program order, so that the lane plan puts it beside it.
+    program.push_back(Stage{L + ".q_rope", StageKind::kCompute, {{"q", b.q.data()}}, {{"q", b.q.data()}},
+                            [&be, batch, q, rope, eps] { be.q_norm_rope(q, batch, rope, eps); }});
   }
   // Sparse attention over the window and the compressed rows.
   program.push_back(Stage{
