@@ -227,6 +227,56 @@ void Backend::do_hc_pre_norm(const Tensor& X, const HcWeights& w, const HcConfig
   do_rms_norm(x, norm_weight, eps, xn);
 }
 
+namespace {
+// hc_post's (or moe_output_hc_post's) contract on an HcPostInput (op: the name in the messages).
+void expect_hc_post_input(const HcPostInput& in, const Tensor& Y, core::Device d, const char* op) {
+  expect(in.R, DType::kBF16, {-1, -1, -1}, d, op, "R");
+  const int64_t T = in.R.size(0), hc = in.R.size(1), D = in.R.size(2);
+  if (in.f.ndim() > 0) {
+    expect(in.f, DType::kBF16, {T, D}, d, op, "f");
+  } else {
+    expect(in.routed, DType::kF32, {T, D}, d, op, "routed");
+    expect(in.shared, DType::kBF16, {T, D}, d, op, "shared");
+    expect(in.y, DType::kBF16, {T, D}, d, op, "y");
+  }
+  expect(in.post, DType::kF32, {T, hc}, d, op, "post (hc_post's)");
+  expect(in.comb, DType::kF32, {T, hc, hc}, d, op, "comb (hc_post's)");
+  expect(Y, DType::kBF16, {T, hc, D}, d, op, "Y");
+  DSV4_CHECK(T == 0 || Y.data() != in.R.data(), "{}: Y aliases R", op);
+}
+}  // namespace
+
+void Backend::hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const HcWeights& w, const HcConfig& c,
+                               const Tensor& norm_weight, float eps, const Tensor& x, const Tensor& xn,
+                               const Tensor& post, const Tensor& comb) {
+  const auto d = device();
+  expect_hc_post_input(in, Y, d, "hc_post_pre_norm");
+  expect_hc_pre_norm(Y, w, c, norm_weight, x, xn, post, comb, d, "hc_post_pre_norm");
+  do_hc_post_pre_norm(in, Y, w, c, norm_weight, eps, x, xn, post, comb, nullptr, nullptr, nullptr, nullptr);
+}
+
+void Backend::hc_post_pre_norm_linear_pair(const HcPostInput& in, const Tensor& Y, const HcWeights& w,
+                                           const HcConfig& c, const Tensor& norm_weight, float eps, const Tensor& x,
+                                           const Tensor& xn, const Tensor& post, const Tensor& comb,
+                                           const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
+                                           const Tensor& yb) {
+  const auto d = device();
+  expect_hc_post_input(in, Y, d, "hc_post_pre_norm_linear_pair");
+  expect_hc_pre_norm(Y, w, c, norm_weight, x, xn, post, comb, d, "hc_post_pre_norm_linear_pair");
+  expect_linears(xn, wa, ya, &wb, &yb, d, "hc_post_pre_norm_linear_pair", "xn");
+  do_hc_post_pre_norm(in, Y, w, c, norm_weight, eps, x, xn, post, comb, &wa, &ya, &wb, &yb);
+}
+
+void Backend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const HcWeights& w, const HcConfig& c,
+                                  const Tensor& norm_weight, float eps, const Tensor& x, const Tensor& xn,
+                                  const Tensor& post, const Tensor& comb, const QuantLinear* wa, const Tensor* ya,
+                                  const QuantLinear* wb, const Tensor* yb) {
+  if (in.f.ndim() > 0) do_hc_post(in.f, in.R, in.post, in.comb, Y);
+  else do_moe_output_hc_post(in.routed, in.shared, in.R, in.post, in.comb, in.y, Y);
+  if (wa) do_hc_pre_norm_linear_pair(Y, w, c, norm_weight, eps, x, xn, post, comb, *wa, *ya, *wb, *yb);
+  else do_hc_pre_norm(Y, w, c, norm_weight, eps, x, xn, post, comb);
+}
+
 void Backend::hc_post(const Tensor& f, const Tensor& R, const Tensor& post, const Tensor& comb, const Tensor& Y) {
   const auto d = device();
   expect(R, DType::kBF16, {-1, -1, -1}, d, "hc_post", "R");

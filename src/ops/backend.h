@@ -60,6 +60,17 @@ class Timer {
   virtual double elapsed_ms() = 0;
 };
 
+// A residual stream that the previous sublayer's hc_post forms, handed to the next
+// hc_pre instead of the stream itself (hc_post_pre_norm*), so that a backend can
+// form it and start the mix in one pass. The sublayer output is f (bf16 [T, D]), or
+// the MoE output y = bf16(routed + shared) (moe_output; routed f32, shared and y
+// bf16 [T, D]) when f is undefined. R, post, comb: hc_post's (spec §4.2).
+struct HcPostInput {
+  core::Tensor f;
+  core::Tensor routed, shared, y;
+  core::Tensor R, post, comb;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -145,6 +156,19 @@ class Backend {
                                const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb,
                                const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
                                const core::Tensor& yb);
+  // A sublayer's hc_post and the next sublayer's hc_pre as one op (one pass over the
+  // stream at small batch): Y = hc_post(in) (moe_output_hc_post where in is the MoE
+  // output), then hc_pre_norm(Y, ...) and, for the _linear_pair form, linear_pair(xn,
+  // ...), with those ops' contracts. post and comb may be in.post and in.comb: they are
+  // read by the hc_post, then overwritten by the hc_pre.
+  void hc_post_pre_norm(const HcPostInput& in, const core::Tensor& Y, const HcWeights& w, const HcConfig& config,
+                        const core::Tensor& norm_weight, float eps, const core::Tensor& x, const core::Tensor& xn,
+                        const core::Tensor& post, const core::Tensor& comb);
+  void hc_post_pre_norm_linear_pair(const HcPostInput& in, const core::Tensor& Y, const HcWeights& w,
+                                    const HcConfig& config, const core::Tensor& norm_weight, float eps,
+                                    const core::Tensor& x, const core::Tensor& xn, const core::Tensor& post,
+                                    const core::Tensor& comb, const QuantLinear& wa, const core::Tensor& ya,
+                                    const QuantLinear& wb, const core::Tensor& yb);
   // The same for linear_bf16: ya = linear_bf16(x, wa), yb = linear_bf16(x, wb).
   void linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya, const core::Tensor& wb,
                         const core::Tensor& yb);
@@ -274,6 +298,12 @@ class Backend {
   virtual void do_rms_norm_linear(const core::Tensor& x, const core::Tensor& norm_weight, float eps,
                                   const core::Tensor& xn, const QuantLinear& wa, const core::Tensor& ya,
                                   const QuantLinear* wb, const core::Tensor* yb);
+  // Default: the ops in sequence; wa == nullptr: hc_post_pre_norm (no linears).
+  virtual void do_hc_post_pre_norm(const HcPostInput& in, const core::Tensor& Y, const HcWeights& w,
+                                   const HcConfig& config, const core::Tensor& norm_weight, float eps,
+                                   const core::Tensor& x, const core::Tensor& xn, const core::Tensor& post,
+                                   const core::Tensor& comb, const QuantLinear* wa, const core::Tensor* ya,
+                                   const QuantLinear* wb, const core::Tensor* yb);
   virtual void do_hc_pre_norm_linear_pair(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
                                           const core::Tensor& norm_weight, float eps, const core::Tensor& x,
                                           const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb,

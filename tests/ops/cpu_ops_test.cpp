@@ -224,6 +224,58 @@ TEST_F(CpuOps, NormLinearOpsAreTheirPartsInSequence) {
   }
 }
 
+// hc_post_pre_norm(_linear_pair) is hc_post (or moe_output_hc_post), then
+// hc_pre_norm (and linear_pair), with post and comb read and then overwritten in place.
+TEST_F(CpuOps, HcPostPreNormIsHcPostThenHcPreNorm) {
+  Rng rng(7);
+  const int64_t T = 3, hc = 4, D = 128, mix = (2 + hc) * hc, Na = 128, Nb = 256;
+  HcConfig c;
+  HcWeights w{rng.f32({mix, hc * D}, 1.0f / 22.6f), rng.f32({mix}, 0.5f), rng.f32({3}, 0.1f, 1.0f)};
+  const QuantLinear wa = make_quant(Na, D, false, 71), wb = make_quant(Nb, D, false, 72);
+  auto equal = [](const Tensor& a, const Tensor& b) { return std::memcmp(a.data(), b.data(), a.nbytes()) == 0; };
+  auto bf16 = [](std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(DType::kBF16, shape); };
+  auto copy = [](const Tensor& t) {
+    Tensor r = Tensor::empty_cpu(t.dtype(), t.shape(), t.ndim());
+    std::memcpy(r.data(), t.data(), t.nbytes());
+    return r;
+  };
+  Tensor norm_w = rng.bf16({D}), R = rng.bf16({T, hc, D}, 2.0f), f = rng.bf16({T, D});
+  Tensor routed = rng.f32({T, D}), shared = rng.bf16({T, D});
+  const Tensor post0 = rng.f32({T, hc}, 0.5f, 1.0f), comb0 = rng.f32({T, hc, hc}, 0.3f, 0.25f);
+  for (const bool moe : {false, true}) {
+    Tensor post = copy(post0), comb = copy(comb0), y = bf16({T, D}), Y = bf16({T, hc, D}), x = bf16({T, D}),
+           xn = bf16({T, D}), ya = bf16({T, Na}), yb = bf16({T, Nb});
+    HcPostInput in;
+    if (moe) {
+      in.routed = routed;
+      in.shared = shared;
+      in.y = y;
+    } else {
+      in.f = f;
+    }
+    in.R = R;
+    in.post = post;
+    in.comb = comb;
+    be->hc_post_pre_norm_linear_pair(in, Y, w, c, norm_w, 1e-6f, x, xn, post, comb, wa, ya, wb, yb);
+    Tensor spost = copy(post0), scomb = copy(comb0), sy = bf16({T, D}), sY = bf16({T, hc, D}), sx = bf16({T, D}),
+           sxn = bf16({T, D}), sya = bf16({T, Na}), syb = bf16({T, Nb});
+    if (moe) be->moe_output_hc_post(routed, shared, R, spost, scomb, sy, sY);
+    else be->hc_post(f, R, spost, scomb, sY);
+    be->hc_pre_norm(sY, w, c, norm_w, 1e-6f, sx, sxn, spost, scomb);
+    be->linear_pair(sxn, wa, sya, wb, syb);
+    EXPECT_TRUE((!moe || equal(y, sy)) && equal(Y, sY) && equal(x, sx) && equal(xn, sxn) && equal(post, spost) &&
+                equal(comb, scomb) && equal(ya, sya) && equal(yb, syb))
+        << (moe ? "moe" : "f");
+    in.R = Y;  // Y may not alias R
+    try {
+      be->hc_post_pre_norm(in, Y, w, c, norm_w, 1e-6f, x, xn, post, comb);
+      ADD_FAILURE() << "Y aliasing R was accepted";
+    } catch (const core::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("hc_post_pre_norm: Y aliases R"), std::string::npos) << e.what();
+    }
+  }
+}
+
 // The model of the CUDA tensor-core attention (kHopperWgmma: chunks of 32 keys,
 // online softmax per 64-key segment, tensor-core sums) against the reference's
 // attention: within the fast kernel's documented tolerance (2 bf16 ulp + 4e-3 of

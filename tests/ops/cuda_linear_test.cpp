@@ -472,6 +472,82 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
   }
 }
 
+// hc_post_pre_norm(_linear_pair) (fast path up to 64 rows: the mix kernel forms the
+// stream from the hc_post's inputs) against hc_post / moe_output_hc_post then
+// hc_pre_norm(_linear_pair) on the GPU, bit for bit: every output, the formed stream
+// Y and the MoE output y included. post and comb are read and overwritten in place,
+// as the model does. 65 rows: the ops in sequence.
+TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
+  Env env;
+  Rng rng(0x33);
+  const int64_t hc = 4, mix = (2 + hc) * hc;
+  for (const int64_t D : {int64_t(4096), int64_t(256)}) {
+    const int64_t na = 256, nb = 128;
+    const QuantLinear da = device_quant(env.cuda, host_quant(na, D, false, draw_seed(rng)));
+    const QuantLinear db = device_quant(env.cuda, host_quant(nb, D, false, draw_seed(rng)));
+    const ops::HcWeights hw{rng.f32({mix, hc * D}, 1.0f / std::sqrt(float(hc * D))), rng.f32({mix}, 0.5f),
+                            rng.f32({3}, 0.1f, 1.0f)};
+    const ops::HcWeights dhw{to_device(env.cuda, hw.fn), to_device(env.cuda, hw.base), to_device(env.cuda, hw.scale)};
+    const ops::HcConfig cfg;
+    const Tensor dnorm = to_device(env.cuda, rng.bf16({D}));
+    for (const int64_t T : {0, 1, 3, 16, 64, 65})
+      for (const bool moe : {false, true})
+        for (const bool linears : {false, true}) {
+          const std::string what = std::string(path()) + " T=" + std::to_string(T) + " D=" + std::to_string(D) +
+                                   (moe ? " moe" : " f") + (linears ? " +linear_pair" : "");
+          auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) {
+            return device_poisoned(env.cuda, t, shape);
+          };
+          auto same = [&](const Tensor& a, const Tensor& b, const std::string& name) {
+            expect_bitwise(to_host(env.cuda, a), to_host(env.cuda, b), name + " " + what);
+          };
+          const Tensor R = to_device(env.cuda, rng.bf16({T, hc, D}, 2.0f));
+          const Tensor f = to_device(env.cuda, rng.bf16({T, D}));
+          const Tensor routed = to_device(env.cuda, rng.f32({T, D}, 2.0f)), shared = to_device(env.cuda, rng.bf16({T, D}));
+          const Tensor post0 = rng.f32({T, hc}, 0.5f, 1.0f), comb0 = rng.f32({T, hc, hc}, 0.3f, 0.25f);
+          // Fused: post and comb in place.
+          Tensor post = to_device(env.cuda, post0), comb = to_device(env.cuda, comb0);
+          Tensor y = poisoned(DType::kBF16, {T, D}), Y = poisoned(DType::kBF16, {T, hc, D});
+          Tensor x = poisoned(DType::kBF16, {T, D}), xn = poisoned(DType::kBF16, {T, D});
+          Tensor ya = poisoned(DType::kBF16, {T, na}), yb = poisoned(DType::kBF16, {T, nb});
+          ops::HcPostInput in;
+          if (moe) {
+            in.routed = routed;
+            in.shared = shared;
+            in.y = y;
+          } else {
+            in.f = f;
+          }
+          in.R = R;
+          in.post = post;
+          in.comb = comb;
+          if (linears)
+            env.cuda.hc_post_pre_norm_linear_pair(in, Y, dhw, cfg, dnorm, 1e-6f, x, xn, post, comb, da, ya, db, yb);
+          else
+            env.cuda.hc_post_pre_norm(in, Y, dhw, cfg, dnorm, 1e-6f, x, xn, post, comb);
+          // The ops in sequence.
+          Tensor spost = to_device(env.cuda, post0), scomb = to_device(env.cuda, comb0);
+          Tensor sy = poisoned(DType::kBF16, {T, D}), sY = poisoned(DType::kBF16, {T, hc, D});
+          Tensor sx = poisoned(DType::kBF16, {T, D}), sxn = poisoned(DType::kBF16, {T, D});
+          Tensor sya = poisoned(DType::kBF16, {T, na}), syb = poisoned(DType::kBF16, {T, nb});
+          if (moe) env.cuda.moe_output_hc_post(routed, shared, R, spost, scomb, sy, sY);
+          else env.cuda.hc_post(f, R, spost, scomb, sY);
+          env.cuda.hc_pre_norm(sY, dhw, cfg, dnorm, 1e-6f, sx, sxn, spost, scomb);
+          if (linears) env.cuda.linear_pair(sxn, da, sya, db, syb);
+          if (moe) same(y, sy, "y");
+          same(Y, sY, "Y");
+          same(x, sx, "x");
+          same(xn, sxn, "xn");
+          same(post, spost, "post");
+          same(comb, scomb, "comb");
+          if (linears) {
+            same(ya, sya, "ya");
+            same(yb, syb, "yb");
+          }
+        }
+  }
+}
+
 TEST_P(CudaLinear, Bf16LinearPairMatchesCpu) {
   Env env;
   Rng rng(0x21);

@@ -90,6 +90,10 @@ class CudaBackend final : public Backend {
   void do_rms_norm_linear(const core::Tensor& x, const core::Tensor& norm_weight, float eps, const core::Tensor& xn,
                           const QuantLinear& wa, const core::Tensor& ya, const QuantLinear* wb,
                           const core::Tensor* yb) override;
+  void do_hc_post_pre_norm(const HcPostInput& in, const core::Tensor& Y, const HcWeights& w, const HcConfig& config,
+                           const core::Tensor& norm_weight, float eps, const core::Tensor& x, const core::Tensor& xn,
+                           const core::Tensor& post, const core::Tensor& comb, const QuantLinear* wa,
+                           const core::Tensor* ya, const QuantLinear* wb, const core::Tensor* yb) override;
   void do_hc_pre_norm_linear_pair(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
                                   const core::Tensor& norm_weight, float eps, const core::Tensor& x,
                                   const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb,

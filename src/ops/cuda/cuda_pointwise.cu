@@ -380,10 +380,49 @@ constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512
 // Launch bounds: 4 CTAs an SM for the 64-row tiles (64 registers, 28 bytes of spill
 // in the staging; 76 registers and 3 CTAs without); no minimum (0) for the 32-row
 // tiles, which take 64 registers without spilling only then.
-template <int kRows>
+// The stream an hc_post forms for the mix (hc_post_pre_norm, kFromPost): X = Y with
+// Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic; f
+// is the sublayer output, or bf16(routed + shared) (moe_output's, stored to y by the
+// slices of stream 0) where f is null. Y is stored as it is formed.
+struct HcPostSource {
+  const uint16_t* f = nullptr;       // [T, D]
+  const float* routed = nullptr;     // [T, D]
+  const uint16_t* shared = nullptr;  // [T, D]
+  uint16_t* y = nullptr;             // [T, D]
+  const uint16_t* R = nullptr;       // [T, hc, D]
+  const float* post = nullptr;       // [T, hc]
+  const float* comb = nullptr;       // [T, hc, hc]
+  uint16_t* Y = nullptr;             // [T, hc, D]
+  int hc = 0;
+  int64_t D = 0;
+};
+
+// Y at (row t, column col of the flattened [hc, D] row), stored, returned as a float.
+__device__ __forceinline__ float hc_post_element(const HcPostSource& s, int64_t t, int64_t col) {
+  const int hc = s.hc, j = int(col / s.D);
+  const int64_t d = col % s.D;
+  float fv;
+  if (s.f) {
+    fv = bf2f(s.f[t * s.D + d]);
+  } else {
+    const uint16_t fb = f2bf(__fadd_rn(s.routed[t * s.D + d], bf2f(s.shared[t * s.D + d])));
+    if (j == 0) s.y[t * s.D + d] = fb;
+    fv = bf2f(fb);
+  }
+  const float* cm = s.comb + t * hc * hc;
+  float mixed = 0.0f;
+  for (int i = 0; i < hc; ++i) mixed = __fadd_rn(mixed, __fmul_rn(cm[i * hc + j], bf2f(s.R[(t * hc + i) * s.D + d])));
+  const uint16_t o = f2bf(__fadd_rn(__fmul_rn(s.post[t * hc + j], fv), mixed));
+  s.Y[(t * hc + j) * s.D + d] = o;
+  return bf2f(o);
+}
+
+// kFromPost (32-row tiles only): the X tile is formed from src as above, not read.
+template <int kRows, bool kFromPost = false>
 __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
-                          int mix, float* __restrict__ partial) {
+                          int mix, float* __restrict__ partial, const HcPostSource src = {}) {
+  static_assert(!kFromPost || kRows == 4, "an hc_post source only for the 32-row tiles");
   constexpr int kHcRowTile = 8 * kRows;
   constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
   // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
@@ -440,7 +479,10 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
 #pragma unroll
     for (int u = 0; u < kXPer; ++u) {
       const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
-      xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
+      if constexpr (kFromPost)
+        xv[u] = r0 + r < rows ? hc_post_element(src, r0 + r, k0 + idx % kHcSlice) : 0.0f;
+      else
+        xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kFnPer; ++u) {
@@ -1061,9 +1103,11 @@ struct HcNorm {
   QuantizedRows xq = {};  // codes / scales of xn for the FP8 linears (VEC = 8), or none
 };
 
+// src (hc_post_pre_norm, at most 64 rows): X is formed by the mix kernel from src and
+// written, then read by hc_finish.
 template <int HC, bool kHead>
 void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
-               const Tensor& post, const Tensor& comb, const HcNorm* norm) {
+               const Tensor& post, const Tensor& comb, const HcNorm* norm, const HcPostSource* src) {
   const int64_t T = X.size(0), D = X.size(2), n = HC * D;
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   static_assert(kMix <= 28, "one lane per mix plus four for the sums of squares (hc_mix_partial_kernel)");
@@ -1075,7 +1119,11 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
   for (int64_t r0 = 0; r0 < T; r0 += kHcMaxRowsPerLaunch) {
     const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
     const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
-    if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
+    if (src) {
+      DSV4_CHECK(T <= 64 && src->Y == X.as<uint16_t>(), "hc: an hc_post source needs <= 64 rows and X = its Y");
+      hc_mix_partial_kernel<4, true><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
+          Xr, w.fn.as<float>(), rows, n, kMix, partial, *src);
+    } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
       hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
           Xr, w.fn.as<float>(), rows, n, kMix, partial);
     else
@@ -1112,12 +1160,13 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
 
 template <bool kHead>
 void hc_dispatch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
-                 const Tensor& post, const Tensor& comb, const HcNorm* norm = nullptr) {
+                 const Tensor& post, const Tensor& comb, const HcNorm* norm = nullptr,
+                 const HcPostSource* src = nullptr) {
   switch (c.hc_mult) {
-    case 1: return hc_launch<1, kHead>(be, X, w, c, x, post, comb, norm);
-    case 2: return hc_launch<2, kHead>(be, X, w, c, x, post, comb, norm);
-    case 3: return hc_launch<3, kHead>(be, X, w, c, x, post, comb, norm);
-    case 4: return hc_launch<4, kHead>(be, X, w, c, x, post, comb, norm);
+    case 1: return hc_launch<1, kHead>(be, X, w, c, x, post, comb, norm, src);
+    case 2: return hc_launch<2, kHead>(be, X, w, c, x, post, comb, norm, src);
+    case 3: return hc_launch<3, kHead>(be, X, w, c, x, post, comb, norm, src);
+    case 4: return hc_launch<4, kHead>(be, X, w, c, x, post, comb, norm, src);
     default: core::fail("hc_pre/hc_head: hc_mult {} is not supported by the CUDA backend (1..4)", c.hc_mult);
   }
 }
@@ -1161,6 +1210,38 @@ void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w
   const HcNorm norm{&norm_weight, eps, &xn, q};
   hc_dispatch<false>(*this, X, w, config, x, post, comb, &norm);
   linears_on_quantized_rows(*this, q, T, wa, ya, &wb, &yb);
+}
+
+// Up to 64 rows, the mix kernel forms the stream from the hc_post's inputs (and
+// stores it) instead of reading it: one launch (hc_post's) fewer; more rows take the
+// ops in sequence. Same bits.
+void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const HcWeights& w,
+                                      const HcConfig& config, const Tensor& norm_weight, float eps, const Tensor& x,
+                                      const Tensor& xn, const Tensor& post, const Tensor& comb, const QuantLinear* wa,
+                                      const Tensor* ya, const QuantLinear* wb, const Tensor* yb) {
+  const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2);
+  if (T == 0) return;
+  if (T > 64 || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
+      !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb))) {
+    Backend::do_hc_post_pre_norm(in, Y, w, config, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
+    return;
+  }
+  HcPostSource src;
+  const bool moe = in.f.ndim() == 0;
+  src.f = moe ? nullptr : in.f.as<uint16_t>();
+  src.routed = moe ? in.routed.as<float>() : nullptr;
+  src.shared = moe ? in.shared.as<uint16_t>() : nullptr;
+  src.y = moe ? in.y.as<uint16_t>() : nullptr;
+  src.R = in.R.as<uint16_t>();
+  src.post = in.post.as<float>();
+  src.comb = in.comb.as<float>();
+  src.Y = Y.as<uint16_t>();
+  src.hc = int(hc);
+  src.D = D;
+  const QuantizedRows q = wa ? linear_activation_scratch(*this, T, D) : QuantizedRows{};
+  const HcNorm norm{&norm_weight, eps, &xn, q};
+  hc_dispatch<false>(*this, Y, w, config, x, post, comb, &norm, &src);
+  if (wa) linears_on_quantized_rows(*this, q, T, *wa, *ya, wb, yb);
 }
 
 void CudaBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& y) {
