@@ -108,7 +108,8 @@ std::unique_ptr<MicroBatchBuffers> Transformer::allocate_buffers(int64_t cap, in
 }
 
 void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, const ops::BatchView& batch,
-                               const LayerWeights& w, ops::LayerCache& cache, MoeExecutor& moe) {
+                               const LayerWeights& w, ops::LayerCache& cache, MoeExecutor& moe, bool form_input,
+                               bool leave_output) {
   const ModelConfig& c = config_;
   const int64_t T = batch.num_tokens;
   DSV4_CHECK(T <= b.capacity, "micro-batch {} has {} rows, capacity {}", b.micro_batch, T, b.capacity);
@@ -121,6 +122,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   Tensor post = b.post.rows(0, T), comb = b.comb.rows(0, T), cq_raw = b.cq_raw.rows(0, T), cq = b.cq.rows(0, T);
   Tensor q = b.q.rows(0, T), kv = b.kv.rows(0, T), attn_o = b.attn_o.rows(0, T), z = b.z.rows(0, T);
   Tensor attn_out = b.attn_out.rows(0, T), topk = b.topk.rows(0, T);
+  Tensor routed = b.routed.rows(0, T), shared_out = b.shared_out.rows(0, T), moe_out = b.moe_out.rows(0, T);
   const std::string L = fmt::format("L{}", w.index);
 
   // The attention's stages (spec §5.1–§5.6). Each declares the buffers it reads and
@@ -144,14 +146,36 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   // of one input go in pairs (one activation quantization, one launch where the
   // backend can): q_a with kv, q_b with the indexer's q, wkv with wgate. A norm and
   // the linears after it are one op (the backend may quantize as it normalizes).
-  program.push_back(Stage{
-      L + ".attn_in", StageKind::kCompute, {{"X", b.X.data()}},
-      {{"x", b.x.data()}, {"xn", b.xn.data()}, {"post", b.post.data()}, {"comb", b.comb.data()},
-       {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
-      [&be, &w, this, X, x, xn, post, comb, cq_raw, kv, eps] {
-        be.hc_pre_norm_linear_pair(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb, w.wq_a, cq_raw,
-                                   w.wkv, kv);
-      }});
+  // form_input: X is first formed from the previous layer's FFN output (its
+  // moe_output and hc_post, spec §4.2), in the same op.
+  if (form_input) {
+    program.push_back(Stage{
+        L + ".attn_in", StageKind::kCompute,
+        {{"routed", b.routed.data()}, {"shared_out", b.shared_out.data()}, {"X_alt", b.X_alt.data()},
+         {"post", b.post.data()}, {"comb", b.comb.data()}},
+        {{"moe_out", b.moe_out.data()}, {"X", b.X.data()}, {"x", b.x.data()}, {"xn", b.xn.data()},
+         {"post", b.post.data()}, {"comb", b.comb.data()}, {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
+        [&be, &w, this, X, X_alt, x, xn, post, comb, cq_raw, kv, routed, shared_out, moe_out, eps] {
+          ops::HcPostInput ffn_out;
+          ffn_out.routed = routed;
+          ffn_out.shared = shared_out;
+          ffn_out.y = moe_out;
+          ffn_out.R = X_alt;
+          ffn_out.post = post;
+          ffn_out.comb = comb;
+          be.hc_post_pre_norm_linear_pair(ffn_out, X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb,
+                                          w.wq_a, cq_raw, w.wkv, kv);
+        }});
+  } else {
+    program.push_back(Stage{
+        L + ".attn_in", StageKind::kCompute, {{"X", b.X.data()}},
+        {{"x", b.x.data()}, {"xn", b.xn.data()}, {"post", b.post.data()}, {"comb", b.comb.data()},
+         {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
+        [&be, &w, this, X, x, xn, post, comb, cq_raw, kv, eps] {
+          be.hc_pre_norm_linear_pair(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb, w.wq_a, cq_raw,
+                                     w.wkv, kv);
+        }});
+  }
   // q (and the indexer's q): norm, q_b; the indexer's RoPE. The main q's norm and
   // RoPE: here, or (CSA) a stage of their own beside the indexer's top-k.
   program.push_back(Stage{
@@ -225,8 +249,12 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         const int64_t T2 = attn_o.size(0);
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
-        be.hc_post(attn_out, X, post, comb, X_alt);
-        be.hc_pre_norm(X_alt, w.hc_ffn, hc_config_, w.ffn_norm, eps, x, xn, post, comb);
+        ops::HcPostInput attn_result;
+        attn_result.f = attn_out;
+        attn_result.R = X;
+        attn_result.post = post;
+        attn_result.comb = comb;
+        be.hc_post_pre_norm(attn_result, X_alt, w.hc_ffn, hc_config_, w.ffn_norm, eps, x, xn, post, comb);
       }});
   // The KV row into the window, once attention has read the rows it replaces.
   program.push_back(Stage{L + ".window_commit", StageKind::kCompute, {{"kv", b.kv.data()}, cache_window},
@@ -253,7 +281,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   moe.append_dispatch(program, io);
 
   // The shared expert runs on the row's own rank, under the dispatch.
-  Tensor shared_out = b.shared_out.rows(0, T);
   program.push_back(Stage{L + ".shared_expert", StageKind::kCompute, {{"xn", b.xn.data()}},
                           {{"shared_out", b.shared_out.data()}},
                           [&be, &w, &c, xn, shared_out] {
@@ -262,7 +289,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   moe.append_experts(program, io);
   moe.append_combine(program, io);
 
-  Tensor moe_out = b.moe_out.rows(0, T), routed = io.routed;
+  if (leave_output) return;  // the next layer's attn_in forms X
   program.push_back(Stage{
       L + ".ffn_post", StageKind::kCompute,
       {{"routed", b.routed.data()}, {"shared_out", b.shared_out.data()}, {"X_alt", b.X_alt.data()},
@@ -302,7 +329,13 @@ StageProgram Transformer::step_program(MicroBatchBuffers& b, const ops::BatchVie
   Tensor X = b.X.rows(0, T);
   program.push_back(Stage{"embed", StageKind::kCompute, {}, {{"X", b.X.data()}},
                           [&be, this, batch, X] { be.embed(weights_.embed, batch, X); }});
-  for (const LayerWeights& w : weights_.layers) append_layer(program, b, batch, w, caches[size_t(w.index)], moe);
+  // Each layer's FFN output is formed by the next layer's first stage (one op with its
+  // hc_pre); the last layer forms its own, for the head (and the MTP block).
+  const size_t n = weights_.layers.size();
+  for (size_t i = 0; i < n; ++i) {
+    const LayerWeights& w = weights_.layers[i];
+    append_layer(program, b, batch, w, caches[size_t(w.index)], moe, i > 0, i + 1 < n);
+  }
   append_logits(program, b, num_logit_rows, weights_.hc_head, weights_.norm, "logits");
   return program;
 }
@@ -330,7 +363,7 @@ StageProgram Transformer::mtp_program(MicroBatchBuffers& b, const Tensor& X_main
         be.linear(h.reshape({T * hc, D}), m.h_proj, hp.reshape({T * hc, D}));
         be.add_broadcast(ep, hp, X);
       }});
-  append_layer(program, b, batch, m.block, caches[size_t(m.block.index)], moe);
+  append_layer(program, b, batch, m.block, caches[size_t(m.block.index)], moe, false, false);
   append_logits(program, b, num_logit_rows, m.hc_head, m.norm, "mtp.logits");
   return program;
 }

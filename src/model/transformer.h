@@ -75,8 +75,12 @@ class Transformer {
                            int64_t num_logit_rows, std::vector<ops::LayerCache>& caches, MoeExecutor& moe);
 
  private:
+  // form_input: the previous layer left its FFN output unformed (leave_output), and
+  // this layer's first stage forms X from it with its own hc_pre (one op). With
+  // leave_output this layer does the same for the next: no ffn_post stage.
   void append_layer(StageProgram& program, MicroBatchBuffers& b, const ops::BatchView& batch,
-                    const LayerWeights& w, ops::LayerCache& cache, MoeExecutor& moe);
+                    const LayerWeights& w, ops::LayerCache& cache, MoeExecutor& moe, bool form_input,
+                    bool leave_output);
   void append_logits(StageProgram& program, MicroBatchBuffers& b, int64_t num_logit_rows, const ops::HcWeights& hc,
                      const core::Tensor& norm, const char* name);
 
