@@ -373,14 +373,7 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 constexpr int kHcSlice = 128;
 constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
 
-// kRows rows per warp, 8 warps: 32-row tiles, or 64-row tiles from 65 rows where
-// mix + 8 <= 32 (at batch 256 the 32-row tiles made 1024 CTAs, 1.3 waves of 6 CTAs
-// an SM, each a load round trip then its FMAs: ~27 µs a launch, ncu; 64-row tiles
-// are 512 CTAs, one wave of 4 an SM, and read each fn value once per 8 rows).
-// Launch bounds: 4 CTAs an SM for the 64-row tiles (64 registers, 28 bytes of spill
-// in the staging; 76 registers and 3 CTAs without); no minimum (0) for the 32-row
-// tiles, which take 64 registers without spilling only then.
-// The stream an hc_post forms for the mix (hc_post_pre_norm, kFromPost): X = Y with
+// The stream an hc_post forms for the mix (hc_post_pre_norm, kPostHc): X = Y with
 // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic; f
 // is the sublayer output, or bf16(routed + shared) (moe_output's, stored to y by the
 // slices of stream 0) where f is null. Y is stored as it is formed.
@@ -397,32 +390,26 @@ struct HcPostSource {
   int64_t D = 0;
 };
 
-// Y at (row t, column col of the flattened [hc, D] row), stored, returned as a float.
-__device__ __forceinline__ float hc_post_element(const HcPostSource& s, int64_t t, int64_t col) {
-  const int hc = s.hc, j = int(col / s.D);
-  const int64_t d = col % s.D;
-  float fv;
-  if (s.f) {
-    fv = bf2f(s.f[t * s.D + d]);
-  } else {
-    const uint16_t fb = f2bf(__fadd_rn(s.routed[t * s.D + d], bf2f(s.shared[t * s.D + d])));
-    if (j == 0) s.y[t * s.D + d] = fb;
-    fv = bf2f(fb);
-  }
-  const float* cm = s.comb + t * hc * hc;
-  float mixed = 0.0f;
-  for (int i = 0; i < hc; ++i) mixed = __fadd_rn(mixed, __fmul_rn(cm[i * hc + j], bf2f(s.R[(t * hc + i) * s.D + d])));
-  const uint16_t o = f2bf(__fadd_rn(__fmul_rn(s.post[t * hc + j], fv), mixed));
-  s.Y[(t * hc + j) * s.D + d] = o;
-  return bf2f(o);
-}
+// Rows an hc_post source may have (one launch): the fusion saves a launch where the
+// step is a latency chain. Measured at up to 64 rows with a per-element form (no
+// unrolled loads), it was 3-5% slower a step at batch 1-64 (docs/BENCHMARKS.md).
+constexpr int kHcPostMaxRows = 8;
 
-// kFromPost (32-row tiles only): the X tile is formed from src as above, not read.
-template <int kRows, bool kFromPost = false>
+// kRows rows per warp, 8 warps: 32-row tiles, or 64-row tiles from 65 rows where
+// mix + 8 <= 32 (at batch 256 the 32-row tiles made 1024 CTAs, 1.3 waves of 6 CTAs
+// an SM, each a load round trip then its FMAs: ~27 µs a launch, ncu; 64-row tiles
+// are 512 CTAs, one wave of 4 an SM, and read each fn value once per 8 rows).
+// Launch bounds: 4 CTAs an SM for the 64-row tiles (64 registers, 28 bytes of spill
+// in the staging; 76 registers and 3 CTAs without); no minimum (0) for the 32-row
+// tiles, which take 64 registers without spilling only then.
+// kPostHc > 0 (32-row tiles, at most kHcPostMaxRows rows): the X tile is formed from
+// src (kPostHc = its hc) as above, not read: every load of a thread's elements is
+// issued before the first is used (one round trip), then Y is formed and stored.
+template <int kRows, int kPostHc = 0>
 __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
                           int mix, float* __restrict__ partial, const HcPostSource src = {}) {
-  static_assert(!kFromPost || kRows == 4, "an hc_post source only for the 32-row tiles");
+  static_assert(kPostHc == 0 || kRows == 4, "an hc_post source only for the 32-row tiles");
   constexpr int kHcRowTile = 8 * kRows;
   constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
   // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
@@ -476,13 +463,57 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
     }
     wait_for_predecessor();
+    if constexpr (kPostHc > 0) {
+      // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
+      // the slice lies in stream j (D % 128 == 0). Rows < kHcPostMaxRows: elements u < kU.
+      constexpr int HC = kPostHc, kU = kHcPostMaxRows * kHcSlice / 256;
+      static_assert(kU <= kXPer, "the source rows fit one tile");
+      const int64_t D = src.D, d0 = k0 % D;
+      const int j = int(k0 / D);
+      uint16_t fb[kU], rv[kU][HC];
+      float routed[kU], pj[kU], cm[kU][HC];
 #pragma unroll
-    for (int u = 0; u < kXPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
-      if constexpr (kFromPost)
-        xv[u] = r0 + r < rows ? hc_post_element(src, r0 + r, k0 + idx % kHcSlice) : 0.0f;
-      else
+      for (int u = 0; u < kU; ++u) {
+        const int idx = int(threadIdx.x) + 256 * u;
+        const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
+        if (t >= rows) continue;
+        if (src.f) {
+          fb[u] = src.f[t * D + d];
+        } else {
+          routed[u] = src.routed[t * D + d];
+          fb[u] = src.shared[t * D + d];
+        }
+#pragma unroll
+        for (int i = 0; i < HC; ++i) {
+          rv[u][i] = src.R[(t * HC + i) * D + d];
+          cm[u][i] = src.comb[t * HC * HC + i * HC + j];
+        }
+        pj[u] = src.post[t * HC + j];
+      }
+#pragma unroll
+      for (int u = 0; u < kXPer; ++u) xv[u] = 0.0f;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int idx = int(threadIdx.x) + 256 * u;
+        const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
+        if (t >= rows) continue;
+        if (!src.f) {  // moe_output's f, stored by stream 0's slices
+          fb[u] = f2bf(__fadd_rn(routed[u], bf2f(fb[u])));
+          if (j == 0) src.y[t * D + d] = fb[u];
+        }
+        float mixed = 0.0f;
+#pragma unroll
+        for (int i = 0; i < HC; ++i) mixed = __fadd_rn(mixed, __fmul_rn(cm[u][i], bf2f(rv[u][i])));
+        const uint16_t o = f2bf(__fadd_rn(__fmul_rn(pj[u], bf2f(fb[u])), mixed));
+        src.Y[(t * HC + j) * D + d] = o;
+        xv[u] = bf2f(o);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kXPer; ++u) {
+        const int idx = int(threadIdx.x) + 256 * u, r = idx / kHcSlice;
         xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
+      }
     }
 #pragma unroll
     for (int u = 0; u < kFnPer; ++u) {
@@ -1120,8 +1151,9 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
     const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
     if (src) {
-      DSV4_CHECK(T <= 64 && src->Y == X.as<uint16_t>(), "hc: an hc_post source needs <= 64 rows and X = its Y");
-      hc_mix_partial_kernel<4, true><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
+      DSV4_CHECK(T <= kHcPostMaxRows && src->Y == X.as<uint16_t>() && src->hc == HC,
+                 "hc: an hc_post source needs <= {} rows, its hc and X = its Y", kHcPostMaxRows);
+      hc_mix_partial_kernel<4, HC><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
           Xr, w.fn.as<float>(), rows, n, kMix, partial, *src);
     } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
       hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
@@ -1212,16 +1244,16 @@ void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w
   linears_on_quantized_rows(*this, q, T, wa, ya, &wb, &yb);
 }
 
-// Up to 64 rows, the mix kernel forms the stream from the hc_post's inputs (and
-// stores it) instead of reading it: one launch (hc_post's) fewer; more rows take the
-// ops in sequence. Same bits.
+// Up to kHcPostMaxRows rows, the mix kernel forms the stream from the hc_post's
+// inputs (and stores it) instead of reading it: one launch (hc_post's) fewer; more
+// rows take the ops in sequence. Same bits.
 void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const HcWeights& w,
                                       const HcConfig& config, const Tensor& norm_weight, float eps, const Tensor& x,
                                       const Tensor& xn, const Tensor& post, const Tensor& comb, const QuantLinear* wa,
                                       const Tensor* ya, const QuantLinear* wb, const Tensor* yb) {
   const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2);
   if (T == 0) return;
-  if (T > 64 || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
+  if (T > kHcPostMaxRows || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
       !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb))) {
     Backend::do_hc_post_pre_norm(in, Y, w, config, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
     return;
