@@ -472,11 +472,11 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
   }
 }
 
-// hc_post_pre_norm(_linear_pair) (fast path up to 8 rows: the mix kernel forms the
-// stream from the hc_post's inputs) against hc_post / moe_output_hc_post then
-// hc_pre_norm(_linear_pair) on the GPU, bit for bit: every output, the formed stream
-// Y and the MoE output y included. post and comb are read and overwritten in place,
-// as the model does. 9 rows and more: the ops in sequence.
+// hc_post_pre_norm(_linear_pair) (fast path up to 16 rows, in instances for 8 and 16:
+// the mix kernel forms the stream from the hc_post's inputs) against hc_post /
+// moe_output_hc_post then hc_pre_norm(_linear_pair) on the GPU, bit for bit: every
+// output, the formed stream Y and the MoE output y included. post and comb are read
+// and overwritten in place, as the model does. 17 rows and more: the ops in sequence.
 TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
   Env env;
   Rng rng(0x33);
@@ -490,7 +490,7 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
     const ops::HcWeights dhw{to_device(env.cuda, hw.fn), to_device(env.cuda, hw.base), to_device(env.cuda, hw.scale)};
     const ops::HcConfig cfg;
     const Tensor dnorm = to_device(env.cuda, rng.bf16({D}));
-    for (const int64_t T : {0, 1, 3, 8, 9, 64})
+    for (const int64_t T : {0, 1, 3, 8, 9, 16, 17, 64})
       for (const bool moe : {false, true})
         for (const bool linears : {false, true}) {
           const std::string what = std::string(path()) + " T=" + std::to_string(T) + " D=" + std::to_string(D) +

@@ -33,6 +33,7 @@ bool cuda_device_available(std::string* why) {
 std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
 
 CudaBackend::CudaBackend(int device) : device_(device), scratch_(std::make_unique<Scratch>()) {
+  num_lanes();  // a bad DSV4_CUDA_LANES fails here, at start-up, not at the first step
   std::string why;
   if (!cuda_device_available(&why)) core::fail("CUDA backend: {}", why);
   DSV4_CUDA_CHECK(cudaSetDevice(device));

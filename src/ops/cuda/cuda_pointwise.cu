@@ -393,7 +393,8 @@ struct HcPostSource {
 // Rows an hc_post source may have (one launch): the fusion saves a launch where the
 // step is a latency chain. Measured at up to 64 rows with a per-element form (no
 // unrolled loads), it was 3-5% slower a step at batch 1-64 (docs/BENCHMARKS.md).
-constexpr int kHcPostMaxRows = 8;
+// Instances for up to 8 and up to 16 rows (the registers for the loads in flight).
+constexpr int kHcPostMaxRows = 16;
 
 // kRows rows per warp, 8 warps: 32-row tiles, or 64-row tiles from 65 rows where
 // mix + 8 <= 32 (at batch 256 the 32-row tiles made 1024 CTAs, 1.3 waves of 6 CTAs
@@ -402,14 +403,14 @@ constexpr int kHcPostMaxRows = 8;
 // Launch bounds: 4 CTAs an SM for the 64-row tiles (64 registers, 28 bytes of spill
 // in the staging; 76 registers and 3 CTAs without); no minimum (0) for the 32-row
 // tiles, which take 64 registers without spilling only then.
-// kPostHc > 0 (32-row tiles, at most kHcPostMaxRows rows): the X tile is formed from
-// src (kPostHc = its hc) as above, not read: every load of a thread's elements is
-// issued before the first is used (one round trip), then Y is formed and stored.
-template <int kRows, int kPostHc = 0>
+// kPostHc > 0 (32-row tiles, at most kPostRows rows): the X tile is formed from src
+// (kPostHc = its hc) as above, not read: every load of a thread's elements is issued
+// before the first is used (one round trip), then Y is formed and stored.
+template <int kRows, int kPostHc = 0, int kPostRows = 8>
 __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
                           int mix, float* __restrict__ partial, const HcPostSource src = {}) {
-  static_assert(kPostHc == 0 || kRows == 4, "an hc_post source only for the 32-row tiles");
+  static_assert(kPostHc == 0 || (kRows == 4 && kPostRows <= kHcPostMaxRows), "an hc_post source only for the 32-row tiles");
   constexpr int kHcRowTile = 8 * kRows;
   constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
   // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
@@ -465,8 +466,8 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     wait_for_predecessor();
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
-      // the slice lies in stream j (D % 128 == 0). Rows < kHcPostMaxRows: elements u < kU.
-      constexpr int HC = kPostHc, kU = kHcPostMaxRows * kHcSlice / 256;
+      // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
+      constexpr int HC = kPostHc, kU = kPostRows * kHcSlice / 256;
       static_assert(kU <= kXPer, "the source rows fit one tile");
       const int64_t D = src.D, d0 = k0 % D;
       const int j = int(k0 / D);
@@ -1153,8 +1154,13 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     if (src) {
       DSV4_CHECK(T <= kHcPostMaxRows && src->Y == X.as<uint16_t>() && src->hc == HC,
                  "hc: an hc_post source needs <= {} rows, its hc and X = its Y", kHcPostMaxRows);
-      hc_mix_partial_kernel<4, HC><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
-          Xr, w.fn.as<float>(), rows, n, kMix, partial, *src);
+      const dim3 grid(unsigned(slices), 1);
+      if (rows <= 8)
+        hc_mix_partial_kernel<4, HC, 8><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial,
+                                                                       *src);
+      else
+        hc_mix_partial_kernel<4, HC, 16><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix,
+                                                                        partial, *src);
     } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
       hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
           Xr, w.fn.as<float>(), rows, n, kMix, partial);
