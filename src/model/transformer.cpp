@@ -156,13 +156,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         {{"moe_out", b.moe_out.data()}, {"X", b.X.data()}, {"x", b.x.data()}, {"xn", b.xn.data()},
          {"post", b.post.data()}, {"comb", b.comb.data()}, {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
         [&be, &w, this, X, X_alt, x, xn, post, comb, cq_raw, kv, routed, shared_out, moe_out, eps] {
-          ops::HcPostInput ffn_out;
-          ffn_out.routed = routed;
-          ffn_out.shared = shared_out;
-          ffn_out.y = moe_out;
-          ffn_out.R = X_alt;
-          ffn_out.post = post;
-          ffn_out.comb = comb;
+          const auto ffn_out = ops::HcPostInput::of_moe_output(routed, shared_out, moe_out, X_alt, post, comb);
           be.hc_post_pre_norm_linear_pair(ffn_out, X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb,
                                           w.wq_a, cq_raw, w.wkv, kv);
         }});
@@ -249,12 +243,8 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         const int64_t T2 = attn_o.size(0);
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
-        ops::HcPostInput attn_result;
-        attn_result.f = attn_out;
-        attn_result.R = X;
-        attn_result.post = post;
-        attn_result.comb = comb;
-        be.hc_post_pre_norm(attn_result, X_alt, w.hc_ffn, hc_config_, w.ffn_norm, eps, x, xn, post, comb);
+        be.hc_post_pre_norm(ops::HcPostInput::of_sublayer(attn_out, X, post, comb), X_alt, w.hc_ffn, hc_config_,
+                            w.ffn_norm, eps, x, xn, post, comb);
       }});
   // The KV row into the window, once attention has read the rows it replaces.
   program.push_back(Stage{L + ".window_commit", StageKind::kCompute, {{"kv", b.kv.data()}, cache_window},

@@ -69,6 +69,27 @@ struct HcPostInput {
   core::Tensor f;
   core::Tensor routed, shared, y;
   core::Tensor R, post, comb;
+
+  static HcPostInput of_sublayer(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post,
+                                 const core::Tensor& comb) {
+    HcPostInput in;
+    in.f = f;
+    in.R = R;
+    in.post = post;
+    in.comb = comb;
+    return in;
+  }
+  static HcPostInput of_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y,
+                                   const core::Tensor& R, const core::Tensor& post, const core::Tensor& comb) {
+    HcPostInput in;
+    in.routed = routed;
+    in.shared = shared;
+    in.y = y;
+    in.R = R;
+    in.post = post;
+    in.comb = comb;
+    return in;
+  }
 };
 
 class Backend {

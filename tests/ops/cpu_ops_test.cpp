@@ -245,17 +245,8 @@ TEST_F(CpuOps, HcPostPreNormIsHcPostThenHcPreNorm) {
   for (const bool moe : {false, true}) {
     Tensor post = copy(post0), comb = copy(comb0), y = bf16({T, D}), Y = bf16({T, hc, D}), x = bf16({T, D}),
            xn = bf16({T, D}), ya = bf16({T, Na}), yb = bf16({T, Nb});
-    HcPostInput in;
-    if (moe) {
-      in.routed = routed;
-      in.shared = shared;
-      in.y = y;
-    } else {
-      in.f = f;
-    }
-    in.R = R;
-    in.post = post;
-    in.comb = comb;
+    HcPostInput in = moe ? HcPostInput::of_moe_output(routed, shared, y, R, post, comb)
+                         : HcPostInput::of_sublayer(f, R, post, comb);
     be->hc_post_pre_norm_linear_pair(in, Y, w, c, norm_w, 1e-6f, x, xn, post, comb, wa, ya, wb, yb);
     Tensor spost = copy(post0), scomb = copy(comb0), sy = bf16({T, D}), sY = bf16({T, hc, D}), sx = bf16({T, D}),
            sxn = bf16({T, D}), sya = bf16({T, Na}), syb = bf16({T, Nb});

@@ -510,17 +510,8 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
           Tensor y = poisoned(DType::kBF16, {T, D}), Y = poisoned(DType::kBF16, {T, hc, D});
           Tensor x = poisoned(DType::kBF16, {T, D}), xn = poisoned(DType::kBF16, {T, D});
           Tensor ya = poisoned(DType::kBF16, {T, na}), yb = poisoned(DType::kBF16, {T, nb});
-          ops::HcPostInput in;
-          if (moe) {
-            in.routed = routed;
-            in.shared = shared;
-            in.y = y;
-          } else {
-            in.f = f;
-          }
-          in.R = R;
-          in.post = post;
-          in.comb = comb;
+          const ops::HcPostInput in = moe ? ops::HcPostInput::of_moe_output(routed, shared, y, R, post, comb)
+                                          : ops::HcPostInput::of_sublayer(f, R, post, comb);
           if (linears)
             env.cuda.hc_post_pre_norm_linear_pair(in, Y, dhw, cfg, dnorm, 1e-6f, x, xn, post, comb, da, ya, db, yb);
           else
