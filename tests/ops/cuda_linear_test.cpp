@@ -414,7 +414,8 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
   };
   // 7168: Pro's hidden size, hc_finish in two passes of registers.
   for (const Case c : {Case{1024, 512, 4096}, Case{512, 256, 1024}, Case{128, 128, 256}, Case{256, 128, 7168}}) {
-    const QuantLinear ha = host_quant(c.na, c.k, false, draw_seed(rng)), hb = host_quant(c.nb, c.k, false, draw_seed(rng));
+    const QuantLinear ha = host_quant(c.na, c.k, false, draw_seed(rng));
+    const QuantLinear hb = host_quant(c.nb, c.k, false, draw_seed(rng));
     const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
     const int64_t hc = 4, mix = (2 + hc) * hc;
     const ops::HcWeights hw{rng.f32({mix, hc * c.k}, 1.0f / std::sqrt(float(hc * c.k))), rng.f32({mix}, 0.5f),
@@ -426,7 +427,9 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
       if (M > 256 && c.k != 4096) continue;
       const std::string what = std::string(path()) + " M=" + std::to_string(M) + " N=" + std::to_string(c.na) + "+" +
                                std::to_string(c.nb) + " K=" + std::to_string(c.k);
-      auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) { return device_poisoned(env.cuda, t, shape); };
+      auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) {
+        return device_poisoned(env.cuda, t, shape);
+      };
       auto same = [&](const Tensor& a, const Tensor& b, const std::string& name) {
         expect_bitwise(to_host(env.cuda, a), to_host(env.cuda, b), name + " " + what);
       };
@@ -503,7 +506,8 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
           };
           const Tensor R = to_device(env.cuda, rng.bf16({T, hc, D}, 2.0f));
           const Tensor f = to_device(env.cuda, rng.bf16({T, D}));
-          const Tensor routed = to_device(env.cuda, rng.f32({T, D}, 2.0f)), shared = to_device(env.cuda, rng.bf16({T, D}));
+          const Tensor routed = to_device(env.cuda, rng.f32({T, D}, 2.0f));
+          const Tensor shared = to_device(env.cuda, rng.bf16({T, D}));
           const Tensor post0 = rng.f32({T, hc}, 0.5f, 1.0f), comb0 = rng.f32({T, hc, hc}, 0.3f, 0.25f);
           // Fused: post and comb in place.
           Tensor post = to_device(env.cuda, post0), comb = to_device(env.cuda, comb0);

@@ -410,7 +410,8 @@ template <int kRows, int kPostHc = 0, int kPostRows = 8>
 __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
                           int mix, float* __restrict__ partial, const HcPostSource src = {}) {
-  static_assert(kPostHc == 0 || (kRows == 4 && kPostRows <= kHcPostMaxRows), "an hc_post source only for the 32-row tiles");
+  static_assert(kPostHc == 0 || (kRows == 4 && kPostRows <= kHcPostMaxRows),
+                "an hc_post source only for the 32-row tiles, up to kHcPostMaxRows rows");
   constexpr int kHcRowTile = 8 * kRows;
   constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
   // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
@@ -1135,8 +1136,8 @@ struct HcNorm {
   QuantizedRows xq = {};  // codes / scales of xn for the FP8 linears (VEC = 8), or none
 };
 
-// src (hc_post_pre_norm, at most 64 rows): X is formed by the mix kernel from src and
-// written, then read by hc_finish.
+// src (hc_post_pre_norm, at most kHcPostMaxRows rows): X is formed by the mix kernel
+// from src and written, then read by hc_finish.
 template <int HC, bool kHead>
 void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x,
                const Tensor& post, const Tensor& comb, const HcNorm* norm, const HcPostSource* src) {
