@@ -483,21 +483,24 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
 TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
   Env env;
   Rng rng(0x33);
-  const int64_t hc = 4, mix = (2 + hc) * hc;
-  for (const int64_t D : {int64_t(4096), int64_t(256)}) {
-    const int64_t na = 256, nb = 128;
+  struct Shape {
+    int64_t hc, D;
+  };
+  for (const Shape shape : {Shape{4, 4096}, Shape{4, 256}, Shape{2, 256}}) {
+    const int64_t hc = shape.hc, D = shape.D, mix = (2 + hc) * hc, na = 256, nb = 128;
     const QuantLinear da = device_quant(env.cuda, host_quant(na, D, false, draw_seed(rng)));
     const QuantLinear db = device_quant(env.cuda, host_quant(nb, D, false, draw_seed(rng)));
     const ops::HcWeights hw{rng.f32({mix, hc * D}, 1.0f / std::sqrt(float(hc * D))), rng.f32({mix}, 0.5f),
                             rng.f32({3}, 0.1f, 1.0f)};
     const ops::HcWeights dhw{to_device(env.cuda, hw.fn), to_device(env.cuda, hw.base), to_device(env.cuda, hw.scale)};
-    const ops::HcConfig cfg;
+    ops::HcConfig cfg;
+    cfg.hc_mult = hc;
     const Tensor dnorm = to_device(env.cuda, rng.bf16({D}));
     for (const int64_t T : {0, 1, 3, 8, 9, 16, 17, 64})
       for (const bool moe : {false, true})
         for (const bool linears : {false, true}) {
-          const std::string what = std::string(path()) + " T=" + std::to_string(T) + " D=" + std::to_string(D) +
-                                   (moe ? " moe" : " f") + (linears ? " +linear_pair" : "");
+          const std::string what = std::string(path()) + " T=" + std::to_string(T) + " hc=" + std::to_string(hc) +
+                                   " D=" + std::to_string(D) + (moe ? " moe" : " f") + (linears ? " +linear_pair" : "");
           auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) {
             return device_poisoned(env.cuda, t, shape);
           };
