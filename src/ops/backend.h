@@ -160,6 +160,9 @@ class Backend {
   // tolerance, still independent of the batch). Both weights take the same K.
   void linear_pair(const core::Tensor& x, const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
                    const core::Tensor& yb);
+  // The same for linear_bf16: ya = linear_bf16(x, wa), yb = linear_bf16(x, wb).
+  void linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya, const core::Tensor& wb,
+                        const core::Tensor& yb);
   // A norm and the linears that read its output, as one op so that a backend can
   // quantize the activations while it forms them (one launch less on a layer's
   // critical path at small batch). The same math and bits as the ops in sequence:
@@ -190,9 +193,6 @@ class Backend {
                                     const core::Tensor& x, const core::Tensor& xn, const core::Tensor& post,
                                     const core::Tensor& comb, const QuantLinear& wa, const core::Tensor& ya,
                                     const QuantLinear& wb, const core::Tensor& yb);
-  // The same for linear_bf16: ya = linear_bf16(x, wa), yb = linear_bf16(x, wb).
-  void linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya, const core::Tensor& wb,
-                        const core::Tensor& yb);
   // Grouped low-rank output projection wo_a (spec §5.6): the FP8 weight [G*R, C]
   // is used dequantized and the activation is not quantized (bf16 einsum):
   // y[t, g*R + r] = bf16(sum_c x[t, g*C + c] * W[g*R + r, c]). x bf16 [T, G*C], y bf16 [T, G*R].
