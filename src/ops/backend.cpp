@@ -318,7 +318,6 @@ void Backend::linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
   do_linear_bf16(x, w, y);
 }
 
-
 void Backend::linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
                           const Tensor& yb) {
   expect_linears(x, wa, ya, &wb, &yb, device(), "linear_pair");

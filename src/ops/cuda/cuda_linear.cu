@@ -600,11 +600,10 @@ void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor&
   const int64_t M = x.size(0), K = w.k;
   if (M == 0 || w.n == 0) return;
   if (K == 0) return fill_zero(y);
-  uint8_t* xq = scratch_as<uint8_t>(*this, "xq", M * K);
-  float* xs = scratch_as<float>(*this, "xs", M * (K / 128));
+  const QuantizedRows a = linear_activation_scratch(*this, M, K);
   const bool split = fp4_gemm_path(w);
-  quantize_rows(*this, x.as<uint16_t>(), K, M, K, xq, xs, split);
-  quant_gemm(*this, w, xq, xs, M, y.as<uint16_t>(), w.n, split);
+  quantize_rows(*this, x.as<uint16_t>(), K, M, K, a.codes, a.scales, split);
+  quant_gemm(*this, w, a.codes, a.scales, M, y.as<uint16_t>(), w.n, split);
 }
 
 // ---- linear_pair: one quantization, one launch when both weights take the FP8 GEMM ----------

@@ -373,6 +373,23 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 constexpr int kHcSlice = 128;
 constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
 
+// moe_output of one value: bf16(routed + shared) (spec §6.2).
+__device__ __forceinline__ uint16_t moe_output_value(float routed, uint16_t shared) {
+  return f2bf(__fadd_rn(routed, bf2f(shared)));
+}
+
+// hc_post of one value of stream j (spec §4.2): bf16(post_j f + sum_i comb[i][j] R_i),
+// the sum in i order; c[i] = comb[i][j], r[i] = R_i. hc_post_kernel and the mix kernel
+// that forms the stream (hc_post_pre_norm) both use it, so both give the same bits.
+template <int HC>
+__device__ __forceinline__ uint16_t hc_post_value(float pj, uint16_t f, const float (&c)[HC],
+                                                  const uint16_t (&r)[HC]) {
+  float mixed = 0.0f;
+#pragma unroll
+  for (int i = 0; i < HC; ++i) mixed = __fadd_rn(mixed, __fmul_rn(c[i], bf2f(r[i])));
+  return f2bf(__fadd_rn(__fmul_rn(pj, bf2f(f)), mixed));
+}
+
 // The stream an hc_post forms for the mix (hc_post_pre_norm, kPostHc): X = Y with
 // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic; f
 // is the sublayer output, or bf16(routed + shared) (moe_output's, stored to y by the
@@ -500,13 +517,10 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
         const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
         if (t >= rows) continue;
         if (!src.f) {  // moe_output's f, stored by stream 0's slices
-          fb[u] = f2bf(__fadd_rn(routed[u], bf2f(fb[u])));
+          fb[u] = moe_output_value(routed[u], fb[u]);
           if (j == 0) src.y[t * D + d] = fb[u];
         }
-        float mixed = 0.0f;
-#pragma unroll
-        for (int i = 0; i < HC; ++i) mixed = __fadd_rn(mixed, __fmul_rn(cm[u][i], bf2f(rv[u][i])));
-        const uint16_t o = f2bf(__fadd_rn(__fmul_rn(pj[u], bf2f(fb[u])), mixed));
+        const uint16_t o = hc_post_value<HC>(pj[u], fb[u], cm[u], rv[u]);
         src.Y[(t * HC + j) * D + d] = o;
         xv[u] = bf2f(o);
       }
@@ -909,7 +923,7 @@ __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* _
     if constexpr (kFromMoe) {
       const BfVec<VEC> sv = load_bf<VEC>(moe.shared + t * D + d);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) fv.v[k] = f2bf(__fadd_rn(moe.routed[t * D + d + k], bf2f(sv.v[k])));
+      for (int k = 0; k < VEC; ++k) fv.v[k] = moe_output_value(moe.routed[t * D + d + k], sv.v[k]);
       store_bf<VEC>(moe.y + t * D + d, fv);
     } else {
       fv = load_bf<VEC>(f + t * D + d);
@@ -921,13 +935,16 @@ __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* _
 #pragma unroll
     for (int j = 0; j < HC; ++j) {
       const float pj = post[t * HC + j];
+      float c[HC];
+#pragma unroll
+      for (int i = 0; i < HC; ++i) c[i] = cm[i * HC + j];
       BfVec<VEC> o;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        float mixed = 0.0f;
+        uint16_t r[HC];
 #pragma unroll
-        for (int i = 0; i < HC; ++i) mixed = __fadd_rn(mixed, __fmul_rn(cm[i * HC + j], bf2f(rv[i].v[k])));
-        o.v[k] = f2bf(__fadd_rn(__fmul_rn(pj, bf2f(fv.v[k])), mixed));
+        for (int i = 0; i < HC; ++i) r[i] = rv[i].v[k];
+        o.v[k] = hc_post_value<HC>(pj, fv.v[k], c, r);
       }
       store_bf<VEC>(Y + (t * HC + j) * D + d, o);
     }
@@ -999,7 +1016,7 @@ __global__ void moe_output_kernel(const float* __restrict__ routed, const uint16
     const BfVec<VEC> s = load_bf<VEC>(shared + c * VEC);
     BfVec<VEC> o;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) o.v[i] = f2bf(__fadd_rn(routed[c * VEC + i], bf2f(s.v[i])));
+    for (int i = 0; i < VEC; ++i) o.v[i] = moe_output_value(routed[c * VEC + i], s.v[i]);
     store_bf<VEC>(y + c * VEC, o);
   }
 }
