@@ -501,11 +501,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
       static_assert(kScaleStages >= kStages, "a scale buffer is rewritten only after its stages are done");
-      uint8_t* dst = s_ws + (((st / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+      const unsigned ust = unsigned(st);  // (unsigned: a shift and a mask, not a signed division)
+      uint8_t* dst = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
       if (!ws_sectors) {
-        cp_async4(dst + (st % kScaleStages) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
-      } else if (st % kScaleStages == 0) {
-        const int first = (st / kScaleStages) * kScaleRowBytes;  // the group's first byte in the row
+        cp_async4(dst + (ust % kScaleStages) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
+      } else if (ust % kScaleStages == 0) {
+        const int first = int(ust / kScaleStages) * kScaleRowBytes;  // the group's first byte in the row
         const int left = ws_src ? ws_row_bytes - first : 0;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -612,20 +613,22 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
     slice_pos = slice_last ? 0 : slice_pos + 1;
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
-    if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (it % kStages), (it / kStages) & 1);
+    const unsigned uit = unsigned(it);  // (stage indices are unsigned: shifts and masks)
+    if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (uit % kStages), (uit / kStages) & 1);
     fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     // (bf16: free once its tensor-core products are done, see kLoadAfter)
     auto load_next = [&] {
-      const int nxt = it + kStages - 1;
-      if (nxt < iters) {
-        load_weights(st_begin + nxt, nxt % kStages);
-        load_acts(st_begin + nxt, nxt % kStages);
+      const unsigned nxt = uit + kStages - 1;
+      if (int(nxt) < iters) {
+        load_weights(st_begin + int(nxt), int(nxt % kStages));
+        load_acts(st_begin + int(nxt), int(nxt % kStages));
       }
       cp_async_commit();
     };
     if constexpr (!kLoadAfter) load_next();
-    const int buf = it % kStages, st = st_begin + it;
+    const int buf = int(uit % kStages), st = st_begin + it;
+    const unsigned ust = unsigned(st);
     const uint8_t* ab = s_a + buf * kAStage;
     float as[NT][2];
 #pragma unroll
@@ -648,7 +651,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
         for (int h = 0; h < 2; ++h)
           words[2 * i + h] = *reinterpret_cast<const uint32_t*>(
-              s_ws + (((st / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (st % kScaleStages) * 4);
+              s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 4);
       e8m0_words_to_float(words, f);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
@@ -658,19 +661,19 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           for (int j = 0; j < 4; ++j) wsf[i][h][j] = f[2 * i + h][j];
     }
     float wsc = 1.0f;
-    if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? st : st / 2]);
+    if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? ust : ust / 2]);
     if constexpr (kTcSum) {
       // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
       // 0 on the slice's first chunk); copied out at the slice's end.
-      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage));
-      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
+      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc(b_base + j * 32);
+        const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
         for (int i = 0; i < 2; ++i)
-          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc(a_base + i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
+          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
       }
       wgmma_commit();
       if (slice_last) {
@@ -684,17 +687,17 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     } else if constexpr (kSmemA) {
       // kBatch chunks, both halves of each, one wait, then each result scaled and
       // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p).
-      const uint32_t a_base = static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage));
-      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
+      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
 #pragma unroll
       for (int j0 = 0; j0 < 4; j0 += kBatch) {
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c) {
-          const uint64_t db = wgmma_desc(b_base + (j0 + c) * 32);
+          const uint64_t db = wgmma_desc_at(db0, (j0 + c) * 32);
 #pragma unroll
           for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc(a_base + i * 64 * 128 + (j0 + c) * 32), db, 0);
+            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc_at(da0, i * 64 * 128 + (j0 + c) * 32), db, 0);
         }
         wgmma_commit();
         wgmma_wait_all();
@@ -709,7 +712,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // then fold the results in chunk order (the accumulation rule is unchanged).
       // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
       // activation column 8q + 2t + e % 2.
-      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
       const int swz = kTmaW ? (g >> 1) & 3 : 0;  // (tile_row >> 1) & 3
 #pragma unroll
       for (int j0 = 0; j0 < 4; j0 += kBatch) {
@@ -724,7 +727,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c) {
-          const uint64_t desc = wgmma_desc(b_base + (j0 + c) * 32);
+          const uint64_t desc = wgmma_desc_at(db0, (j0 + c) * 32);
           wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
           wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
         }
@@ -745,7 +748,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
       // summed by the tensor core, then p = fmaf(d_stage, 2^(w block), p).
       static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
-      const uint32_t b_base = static_cast<uint32_t>(__cvta_generic_to_shared(ab));
+      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
       uint32_t a[4][2][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -757,7 +760,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc(b_base + j * 32);
+        const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
         for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
       }
