@@ -237,36 +237,38 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
     cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
     fence_proxy_async();
     __syncthreads();  // ... for every thread; FP8: every warpgroup is done with stage it-1's buffer
+    const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
     auto load_next = [&] {  // into the buffer of stage it-1
-      const int nxt = it + S - 1;
-      if (nxt < stages_total) {
-        load_weights(nxt, nxt % S);
-        load_acts(nxt, nxt % S);
+      const unsigned nxt = uit + S - 1;
+      if (int(nxt) < stages_total) {
+        load_weights(int(nxt), int(nxt % S));
+        load_acts(int(nxt), int(nxt % S));
       }
       cp_async_commit();
     };
     if constexpr (kQuant || kRegA) load_next();
-    const int buf = it % S;
-    const uint32_t a_base = smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow);
-    const uint32_t b_base = smem_u32(s_a + buf * R * 128);
+    const int buf = int(uit % S);
+    // The stage's descriptors: low words at the stage, chunk j 32j bytes on (wgmma_desc_at).
+    const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow));
+    const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
     if constexpr (kRegA) {
       // The warpgroup's 64 weight rows of the stage as bf16 A fragments (4 k16 chunks),
       // the chunks summed by the tensor core from zero, then one fold with the block scale.
-      const float wsc = core::e8m0_to_float(s_bs[it / 2]);
+      const float wsc = core::e8m0_to_float(s_bs[uit / 2]);
       const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
       uint32_t a[4][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, a[j]);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc(b_base + 32 * j), j == 0 ? 0 : 1);
+      for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
       wgmma_commit();
       wgmma_wait_all();
 #pragma unroll
       for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[0][i], wsc, cur[i]);
     } else if constexpr (kQuant) {
       // The chunk scale 2^w * 2^x of each of the thread's R / 4 columns, once per stage.
-      const float wsc = core::e8m0_to_float(s_bs[it]);
+      const float wsc = core::e8m0_to_float(s_bs[uit]);
       float csc[NQ][2];
 #pragma unroll
       for (int q = 0; q < NQ; ++q) {
@@ -286,7 +288,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          wide_mma<F, R>(d[j], wgmma_desc(a_base + 32 * j), wgmma_desc(b_base + 32 * j), 0);
+          wide_mma<F, R>(d[j], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), 0);
           wgmma_commit();
         }
         wgmma_wait<3>();
@@ -300,13 +302,13 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       } else {
         // Two chunks in flight: chunk j + 1's product runs while chunk j's is folded.
         wgmma_fence();
-        wide_mma<F, R>(d[0], wgmma_desc(a_base), wgmma_desc(b_base), 0);
+        wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 0), wgmma_desc_at(b_lo, 0), 0);
         wgmma_commit();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if (j < 3) {
             wgmma_fence();
-            wide_mma<F, R>(d[(j + 1) & 1], wgmma_desc(a_base + 32 * (j + 1)), wgmma_desc(b_base + 32 * (j + 1)), 0);
+            wide_mma<F, R>(d[(j + 1) & 1], wgmma_desc_at(a_lo, 32 * (j + 1)), wgmma_desc_at(b_lo, 32 * (j + 1)), 0);
             wgmma_commit();
             wgmma_wait_1();
           } else {
@@ -322,7 +324,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        wide_mma<F, R>(d[0], wgmma_desc(a_base + 32 * j), wgmma_desc(b_base + 32 * j), slice_first && j == 0 ? 0 : 1);
+        wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
       wgmma_commit();
       if (slice_last) {
         wgmma_wait_all();
