@@ -650,8 +650,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          words[2 * i + h] = *reinterpret_cast<const uint32_t*>(
-              s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 4);
+          words[2 * i + h] = *reinterpret_cast<const uint32_t*>(s_ws + (((ust / kScaleStages) & 1) * kTileN +
+                                                                        tile_row(i, h)) * kScaleRowBytes +
+                                                                       (ust % kScaleStages) * 4);
       e8m0_words_to_float(words, f);
 #pragma unroll
       for (int i = 0; i < 2; ++i)

@@ -23,11 +23,15 @@ namespace dsv4::ops::tensor_core {
 // The descriptor's low word (the start address field, bits 0-13: address / 16, and
 // the leading byte offset, 1) and the whole descriptor from it (the high word, the
 // stride and the swizzle mode, is a constant).
-__device__ __forceinline__ uint32_t wgmma_desc_lo(uint32_t smem_addr) { return ((smem_addr & 0x3FFFFu) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint32_t wgmma_desc_lo(uint32_t smem_addr) {
+  return ((smem_addr & 0x3FFFFu) >> 4) | (1u << 16);
+}
 __device__ __forceinline__ uint64_t wgmma_desc_of_lo(uint32_t lo) {
   return uint64_t(lo) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
-__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) { return wgmma_desc_of_lo(wgmma_desc_lo(smem_addr)); }
+__device__ __forceinline__ uint64_t wgmma_desc(uint32_t smem_addr) {
+  return wgmma_desc_of_lo(wgmma_desc_lo(smem_addr));
+}
 // The descriptor of the same layout `bytes` further on (a multiple of 16), from the
 // low word at the start: one 32-bit add instead of a new descriptor. Shared addresses
 // stay below 228 KB, so the address field never carries into the next one.
