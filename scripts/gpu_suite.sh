@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
-# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, memcheck (in the order given).
+# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, ncu-kernel, memcheck (in the order given).
 # Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
 # base, the default, or none: the clocks the GPU runs at), NCU_CACHE (ncu --cache-control: all, the default,
-# flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step), MEMCHECK_S (time limit) and
+# flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step), NCU_KERNEL,
+# NCU_BATCHES, NCU_SKIP, NCU_COUNT (ncu-kernel: which launches of which kernel, default the 5th and 6th expert GEMM
+# launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
@@ -163,6 +165,20 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
           gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size,launch__block_size \
           $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 --no-cuda-graphs \
           --replays 1 --warmup 0 --profile
+      done
+      ;;
+    ncu-kernel)  # ncu --set full of a few launches of one kernel in an eager bench-1g step, per batch: the report,
+                 # its details page and its source page (SASS, gzipped; scripts/ncu_source_summary.py reads it)
+      for b in ${NCU_BATCHES:-16 256}; do
+        step ncu-b$b 300 ncu --profile-from-start off --clock-control "${NCU_CLOCK:-none}" \
+          --cache-control "${NCU_CACHE:-none}" --kernel-name "regex:${NCU_KERNEL:-expert_gemm}" \
+          --launch-skip "${NCU_SKIP:-4}" --launch-count "${NCU_COUNT:-2}" --set full --import-source no -f \
+          -o "$out/ncu-b$b" $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 \
+          --no-cuda-graphs --replays 1 --warmup 0 --profile
+        ncu -i "$out/ncu-b$b.ncu-rep" --page details --csv >"$out/ncu-b$b-details.csv" 2>&1
+        ncu -i "$out/ncu-b$b.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip >"$out/ncu-b$b-source.csv.gz"
+        python3 scripts/ncu_source_summary.py --top 8 --ops 12 "$out/ncu-b$b-source.csv.gz" 2>&1 |
+          sed 's/^/    /' >>"$out/summary.txt"
       done
       ;;
     memcheck)  # compute-sanitizer over the GPU op tests and one model run

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Summarises an Nsight Compute source page exported as CSV
+(`ncu -i REPORT --page source --csv --print-source sass`, plain or gzipped; the
+`ncu-kernel` step of scripts/gpu_suite.sh writes one per batch) kernel by kernel:
+
+- warp instructions executed, and their count per execution of the most executed
+  instruction (in a kernel whose time is one loop, that is the instructions a warp
+  spends on one iteration, e.g. one stage of a GEMM);
+- the instruction mix by opcode with its modifiers (IMAD.SHL.U32 and IMAD count
+  apart; the predicate dropped), per iteration as above;
+- the warp stall samples by reason, and the instructions with the most samples.
+
+How the seventeenth session read the FP4 expert GEMM (docs/BENCHMARKS.md).
+Usage: scripts/ncu_source_summary.py [--top N] [--ops N] FILE [FILE...]"""
+import collections
+import csv
+import gzip
+import io
+import re
+import signal
+import sys
+
+
+def read_kernels(path):
+    """[(kernel name, header, rows)] from one export (one block per kernel)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        text = f.read()
+    kernels = []
+    current = None
+    for line in text.splitlines():
+        if line.startswith('"Kernel Name"'):
+            name = next(csv.reader([line]))[1]
+            current = {"name": name, "lines": []}
+            kernels.append(current)
+        elif current is not None and line.strip():
+            current["lines"].append(line)
+    out = []
+    for k in kernels:
+        rows = list(csv.reader(io.StringIO("\n".join(k["lines"]))))
+        if not rows or "Source" not in rows[0]:
+            continue
+        out.append((k["name"], rows[0], rows[1:]))
+    if not out:
+        sys.exit(f"{path}: no source-page blocks (export with --page source --csv --print-source sass)")
+    return out
+
+
+def number(s):
+    try:
+        return int(s.replace(",", ""))
+    except ValueError:
+        return 0
+
+
+def opcode(sass):
+    s = re.sub(r"^@!?U?P[T0-9]+\s+", "", sass.strip())
+    return s.split(" ")[0] if s else "?"
+
+
+def short_name(name):
+    name = re.sub(r"\((?:\w+::)*\w+\)", "", name)  # the casts in template arguments: (WFmt)1, (bool)0
+    name = re.sub(r"\(.*", "", name).replace("void ", "")  # the parameter list
+    return re.sub(r"\w+::", "", name)
+
+
+def summarize(path, name, header, rows, top, ops):
+    col = {h: i for i, h in enumerate(header)}
+    for need in ("Source", "Instructions Executed", "# Samples"):
+        if need not in col:
+            sys.exit(f"{path}: column {need!r} missing from the source page")
+    src, ie, ns = col["Source"], col["Instructions Executed"], col["# Samples"]
+    stalls = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    executed = [number(r[ie]) for r in rows]
+    total = sum(executed)
+    hottest = max(executed) if executed else 0
+    samples = sum(number(r[ns]) for r in rows)
+    print(f"{path}: {short_name(name)}")
+    print(f"  warp instructions {total:,}; most executed instruction {hottest:,} times;"
+          f" {total / hottest if hottest else 0:.0f} instructions per execution of it; {samples:,} stall samples")
+    mix = collections.Counter()
+    for r, n in zip(rows, executed):
+        mix[opcode(r[src])] += n
+    print(f"  {'opcode':32s} {'share':>6s} {'per iteration':>13s}")
+    for op, n in mix.most_common(ops):
+        print(f"  {op:32s} {100 * n / total:5.1f}% {n / hottest if hottest else 0:13.1f}")
+    by_reason = collections.Counter()
+    for r in rows:
+        for h in stalls:
+            by_reason[h] += number(r[col[h]])
+    print("  stall samples by reason: " +
+          ", ".join(f"{h[6:]} {100 * v / samples:.1f}%" for h, v in by_reason.most_common(8) if samples))
+    print(f"  {'samples':>7s}  instruction (top reasons)")
+    for r in sorted(rows, key=lambda r: -number(r[ns]))[:top]:
+        reasons = sorted(((number(r[col[h]]), h[6:]) for h in stalls), reverse=True)[:3]
+        print(f"  {number(r[ns]):7d}  {r[src].strip()[:64]:64s} " +
+              " ".join(f"{h}:{v}" for v, h in reasons if v))
+
+
+def main(argv):
+    top, ops = 15, 20
+    while argv[:1] in (["--top"], ["--ops"]):
+        if len(argv) < 2 or not argv[1].isdigit():
+            sys.exit("usage: scripts/ncu_source_summary.py [--top N] [--ops N] FILE [FILE...]")
+        if argv[0] == "--top":
+            top = int(argv[1])
+        else:
+            ops = int(argv[1])
+        argv = argv[2:]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    for path in argv:
+        seen = set()
+        for name, header, rows in read_kernels(path):
+            key = (name, len(rows), sum(number(r[header.index("# Samples")]) for r in rows))
+            if key in seen:  # (an export may repeat a kernel's block)
+                continue
+            seen.add(key)
+            summarize(path, name, header, rows, top, ops)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet under `| head`
+    sys.exit(main(sys.argv[1:]))
