@@ -100,6 +100,9 @@ class Backend {
 
   // ---- memory ------------------------------------------------------------------
   virtual core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) = 0;
+  // Host bytes in and out, in the checkpoint's element order. A backend may store a
+  // dtype in its own order (CUDA: packed FP4, see ops/cuda/fp4_device_layout.h), so
+  // device tensors are filled and read through these (or the backend's own builders).
   virtual void upload(const core::Tensor& dst, const void* host, size_t bytes) = 0;
   virtual void download(void* host, const core::Tensor& src, size_t bytes) = 0;
   virtual void fill_zero(const core::Tensor& t) = 0;

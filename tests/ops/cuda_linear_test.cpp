@@ -37,6 +37,7 @@
 #include "ops/cpu/primitives.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_synthetic.h"
+#include "ops/cuda/fp4_device_layout.h"
 
 namespace dsv4::ops {
 // Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
@@ -1324,6 +1325,37 @@ double differing_fraction(const Tensor& a, const Tensor& b) {
   size_t diff = 0;
   for (size_t i = 0; i < a.nbytes(); ++i) diff += a.as<uint8_t>()[i] != b.as<uint8_t>()[i];
   return a.nbytes() ? double(diff) / double(a.nbytes()) : 0.0;
+}
+
+// Packed FP4 tensors cross between host and device in checkpoint order and live on
+// the GPU in fp4_device_layout.h's: upload stores exactly the host conversion's bytes
+// (read back through a U8 view of the same memory), download restores the
+// checkpoint's, and sizes that are not whole 64-byte blocks fail with the tensor named.
+TEST(CudaFp4Layout, UploadStoresTheDeviceOrderAndDownloadRestoresTheCheckpoints) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  Rng rng(0x91);
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{1, 128}, {77, 512}, {300, 4096}}) {
+    Tensor h = Tensor::empty_cpu(DType::kI8, {n, k / 2});
+    for (int64_t i = 0; i < h.numel(); ++i) h.as<uint8_t>()[i] = uint8_t(rng.uniform_int(0, 255));
+    const Tensor d = to_device(cuda, h);
+    std::vector<uint8_t> want(h.as<uint8_t>(), h.as<uint8_t>() + h.nbytes());
+    ops::fp4_layout::buffer_to_device(want.data(), want.size());
+    const Tensor raw(d.data(), DType::kU8, d.shape(), d.ndim(), core::Device::kCuda, d.owner());
+    const Tensor stored = to_host(cuda, raw);
+    EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored bytes of [" << n << ", " << k << "]";
+    expect_bitwise(h, to_host(cuda, d), "FP4 download after upload");
+  }
+  const Tensor odd = cuda.empty(DType::kI8, {3, 48});
+  std::vector<uint8_t> bytes(144, 0x11);
+  try {
+    cuda.upload(odd, bytes.data(), bytes.size());
+    ADD_FAILURE() << "an upload of 144 bytes into a packed FP4 tensor was accepted";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("[3, 48]"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("64-byte blocks"), std::string::npos) << e.what();
+  }
 }
 
 TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {

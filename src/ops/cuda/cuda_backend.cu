@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/fp4_device_layout.h"
 #include "ops/kv_format.h"
 
 namespace dsv4::ops {
@@ -83,19 +84,58 @@ Tensor CudaBackend::empty(DType dtype, std::initializer_list<int64_t> shape) {
   return Tensor(p, dtype, t.shape(), t.ndim(), core::Device::kCuda, owner);
 }
 
+namespace {
+
+// Packed FP4 tensors live in fp4_device_layout.h's order on the GPU: checked here,
+// where they cross between host and device.
+void check_fp4_blocks(const Tensor& t, size_t bytes, const char* what) {
+  DSV4_CHECK(bytes % fp4_layout::kBlockBytes == 0 && reinterpret_cast<uintptr_t>(t.data()) % 16 == 0,
+             "{} of {} bytes of a packed FP4 (I8) tensor {}: the CUDA backend stores FP4 rows in {}-byte blocks "
+             "(K a multiple of 128, rows 16-byte aligned)",
+             what, bytes, t.shape_string(), fp4_layout::kBlockBytes);
+}
+
+// One thread per 64-byte block, in place.
+__global__ void fp4_to_device_layout_kernel(uint4* data, int64_t blocks) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= blocks) return;
+  uint32_t in[16], out[16];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = data[4 * b + i];
+    in[4 * i] = v.x, in[4 * i + 1] = v.y, in[4 * i + 2] = v.z, in[4 * i + 3] = v.w;
+  }
+  fp4_layout::block_to_device(in, out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) data[4 * b + i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
+}
+
+}  // namespace
+
 void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
+  const bool fp4 = dst.dtype() == DType::kI8;
+  if (fp4) check_fp4_blocks(dst, bytes, "upload");
   if (bytes == 0) return;
   // Pageable host memory: the copy is staged before the call returns, so the
   // caller may reuse its buffer at once.
   DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, bytes, cudaMemcpyHostToDevice, stream_));
+  if (fp4) {
+    const int64_t blocks = int64_t(bytes / fp4_layout::kBlockBytes);
+    fp4_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
+        static_cast<uint4*>(dst.data()), blocks);
+    DSV4_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 void CudaBackend::download(void* host, const Tensor& src, size_t bytes) {
   DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
+  const bool fp4 = src.dtype() == DType::kI8;
+  if (fp4) check_fp4_blocks(src, bytes, "download");
   if (bytes == 0) return;
   DSV4_CUDA_CHECK(cudaMemcpyAsync(host, src.data(), bytes, cudaMemcpyDeviceToHost, stream_));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (fp4) fp4_layout::buffer_to_checkpoint(static_cast<uint8_t*>(host), bytes);
 }
 
 void CudaBackend::fill_zero(const Tensor& t) {

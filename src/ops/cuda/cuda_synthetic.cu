@@ -15,6 +15,7 @@
 #include "core/synthetic_values.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
 
 namespace dsv4::ops::cuda_synthetic {
@@ -66,7 +67,8 @@ __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t*
 }
 
 // One warp per (row, group of 32): lane i draws element 32g + i; even lanes write
-// the byte (low nibble = even k, spec §2.8).
+// the byte of the pair (low nibble = even k, spec §2.8) where the CUDA backend
+// stores it (ops/cuda/fp4_device_layout.h).
 __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int64_t K, uint64_t seed, uint64_t stream,
                                 float std) {
   wait_for_predecessor();
@@ -82,7 +84,11 @@ __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int6
     const int e = core::weight_scale_exponent(amax, 1.0f / 6.0f, 6.0f * 1.1754943508222875e-38f);
     const uint32_t code = core::float_to_e2m1(core::clamp_f32(v * core::pow2_float(-e), -6.0f, 6.0f));
     const uint32_t hi = __shfl_down_sync(0xffffffffu, code, 1);
-    if ((lane & 1) == 0) weight[n * (K / 2) + g * 16 + lane / 2] = uint8_t(code | (hi << 4));
+    const int64_t kk = g * 32 + lane;
+    if ((lane & 1) == 0)
+      weight[n * (K / 2) + (kk / fp4_layout::kBlockElements) * fp4_layout::kBlockBytes +
+             fp4_layout::element_byte(int(kk % fp4_layout::kBlockElements))] =
+          fp4_layout::spread_byte(uint8_t(code | (hi << 4)));
     if (lane == 0) scale[n * groups + g] = core::e8m0_from_exponent(e);
   }
 }
@@ -134,7 +140,7 @@ void fill_fp4_weight(CudaBackend& be, const Tensor& weight, const Tensor& scale,
                      uint64_t stream_id, float std) {
   check_device(weight, "FP4 weight");
   check_device(scale, "FP4 scale");
-  DSV4_CHECK(k % 32 == 0 && weight.nbytes() == size_t(n * k / 2) && scale.nbytes() == size_t(n * k / 32),
+  DSV4_CHECK(k % fp4_layout::kBlockElements == 0 && weight.nbytes() == size_t(n * k / 2) && scale.nbytes() == size_t(n * k / 32),
              "fill_fp4_weight: weight {} / scale {} do not hold an FP4 [{}, {}] matrix", weight.shape_string(),
              scale.shape_string(), n, k);
   if (n == 0 || k == 0) return;

@@ -25,8 +25,9 @@ void fill_normal(CudaBackend& backend, const core::Tensor& out, uint64_t seed, u
 void fill_fp8_weight(CudaBackend& backend, const core::Tensor& weight, const core::Tensor& scale, int64_t n, int64_t k,
                      uint64_t seed, uint64_t stream_id, float std);
 
-// FP4 weight e2m1 packed I8 [n, k/2] (low nibble = even k) quantized per 32 along
-// K from core::fp4_weight_value; scale UE8M0 [n, k/32].
+// FP4 weight e2m1 packed I8 [n, k/2] quantized per 32 along K from
+// core::fp4_weight_value, stored in the CUDA backend's FP4 order (download gives the
+// checkpoint's: low nibble = even k); scale UE8M0 [n, k/32]. k % 128 == 0.
 void fill_fp4_weight(CudaBackend& backend, const core::Tensor& weight, const core::Tensor& scale, int64_t n, int64_t k,
                      uint64_t seed, uint64_t stream_id, float std);
 

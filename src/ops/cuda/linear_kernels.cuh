@@ -52,6 +52,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
+#include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/wgmma.cuh"
 
@@ -60,7 +61,7 @@ namespace dsv4::ops::linear_kernels {
 // ---- weight formats ---------------------------------------------------------------
 enum class WFmt : int {
   kFp8 = 0,      // e4m3 [N, K], UE8M0 [ceil(N/128), ceil(K/128)]; activations e4m3 + per-128 scales
-  kFp4 = 1,      // e2m1 packed [N, K/2] (low nibble = even k), UE8M0 [N, K/32]; activations as kFp8
+  kFp4 = 1,      // e2m1 packed [N, K/2] (fp4_device_layout.h's order), UE8M0 [N, K/32]; activations as kFp8
   kBf16 = 2,     // bf16 [N, K]; bf16 activations, no scales
   kFp8Bf16 = 3,  // e4m3 weight used dequantized (exact in bf16) with bf16 activations (wo_a, spec §5.6)
 };
@@ -74,8 +75,8 @@ enum class Mma : int { kWgmmaRegA, kWgmmaSmemA };
 
 // One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
 // values) = 4 chunks of 32 bytes, one MMA each. kWStride: bytes per weight row in
-// a stage buffer (padded for conflict-free fragment reads; the wgmma shared-memory
-// layout needs no padding). kStages: cp.async pipeline depth (FP4's stages hold half
+// a stage buffer (FP8-as-bf16's 4-byte fragment reads need padding to avoid bank
+// conflicts; FP4's 16-byte ones and the wgmma shared-memory layout need none). kStages: cp.async pipeline depth (FP4's stages hold half
 // the bytes, so it keeps one more in flight at the same 4 CTAs per SM).
 template <WFmt F>
 struct FmtTraits;
@@ -88,7 +89,7 @@ struct FmtTraits<WFmt::kFp8> {
 template <>
 struct FmtTraits<WFmt::kFp4> {
   static constexpr bool kQuantAct = true, kBlockScale = false, kRowScale = true;
-  static constexpr int kStageK = 128, kWBytes = 64, kWStride = 80, kStages = 4;
+  static constexpr int kStageK = 128, kWBytes = 64, kWStride = 64, kStages = 4;  // (16-byte fragment reads)
   static constexpr Mma kMma = Mma::kWgmmaRegA;
 };
 template <>
@@ -302,19 +303,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// 8 e2m1 nibbles (nibble i = element i, low nibble first, spec §2.8) -> 8 e4m3
-// bytes worth 2^-6 x the e2m1 values, exactly: the nibble's exponent and mantissa
-// bits (e1 e0 m) placed at e4m3 bits 4..2 read as exponent e (bias 7) and mantissa
-// m00, i.e. 2^(e-7)(1 + m/2) = 2^-6 * 2^(e-1)(1 + m/2), and for e = 0 the e4m3
-// subnormal m/2 * 2^-6; the sign goes to bit 7. 7 integer ops for 8 values.
-// Element order: .x holds the even elements (low nibbles) 0, 2, 4, 6, .y the odd
-// ones; the activations are stored to match (split_pairs, store_quant4).
-__device__ __forceinline__ uint2 fp4x8_to_e4m3x8_div64(uint32_t w) {
-  const uint32_t even = ((w << 2) & 0x1C1C1C1Cu) | ((w << 4) & 0x80808080u);
-  const uint32_t odd = ((w >> 2) & 0x1C1C1C1Cu) | (w & 0x80808080u);
-  return make_uint2(even, odd);
-}
-
 // UE8M0 scale words (4 bytes each: one FP4 weight row's scales for one stage, byte j
 // for elements 32j..32j+31) as floats 2^(b-127), exact. Bytes 1..254 are a shift;
 // 0 (2^-127, subnormal) and 255 (NaN) take core::e8m0_to_float. One test for all W
@@ -359,20 +347,19 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[4 * NT], uint64_t da, uint64
 // stage-buffer rows). B comes from shared memory in the activations' own order, so
 // the registers must hold the k the hardware assigns to them.
 //
-// FP4 (k32 e4m3): a0 holds logical k 4t..4t+3, a2 k 16+4t..16+4t+3. The 4 stored bytes
-// at 16j + 4t are elements 8t..8t+7 of chunk j; their even elements go to a0 and the
-// odd ones to a2, so the activations store each 32-byte chunk as its 16 even elements,
-// then its 16 odd ones (split_pairs, store_quant4).
-// `piece`: where chunk j's 16 bytes sit in the row (j, or j ^ ((row >> 1) & 3) in a
-// TMA stage with the 64-byte swizzle; rows g and g + 8 share it).
-__device__ __forceinline__ void load_a_frag_fp4(const uint8_t* lo_row, const uint8_t* hi_row, int piece, int t,
-                                                uint32_t (&a)[4]) {
-  const uint2 lo = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(lo_row + 16 * piece + 4 * t));
-  const uint2 hi = fp4x8_to_e4m3x8_div64(*reinterpret_cast<const uint32_t*>(hi_row + 16 * piece + 4 * t));
-  a[0] = lo.x;
-  a[1] = hi.x;
-  a[2] = lo.y;
-  a[3] = hi.y;
+// FP4 (k32 e4m3): a0 holds logical k 4t..4t+3, a2 k 16+4t..16+4t+3. Lane t's word
+// of chunk j (fp4_device_layout.h: elements 8t..8t+7 of the chunk) gives its even
+// elements to a0 and the odd ones to a2, so the activations store each 32-byte chunk
+// as its 16 even elements, then its 16 odd ones (split_pairs, store_quant4). A row's
+// words of all 4 chunks are lane t's 16-byte piece of the row's stage (at piece t, or
+// t ^ ((row >> 1) & 3) in a TMA stage with the 64-byte swizzle): lo / hi, the words
+// of rows g and g + 8.
+__device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&a)[4]) {
+  const fp4_layout::E4m3Pair l = fp4_layout::word_to_e4m3_div64(lo), h = fp4_layout::word_to_e4m3_div64(hi);
+  a[0] = l.even;
+  a[1] = h.even;
+  a[2] = l.odd;
+  a[3] = h.odd;
 }
 
 // FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j (16
@@ -419,7 +406,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
   // Bytes between weight rows in a stage buffer: TMA stages are dense (swizzled), the
-  // cp.async ones padded to kWStride (gemm_smem_bytes sizes both).
+  // cp.async ones kWStride apart (gemm_smem_bytes sizes both).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
   constexpr int kWStage = kTileN * kWRow;  // a multiple of 1024
   constexpr int BM = 8 * NT;  // NT 8-row column groups of accumulators, one wgmma for all of them
@@ -714,17 +701,25 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
       // activation column 8q + 2t + e % 2.
       const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      const int swz = kTmaW ? (g >> 1) & 3 : 0;  // (tile_row >> 1) & 3
+      const int piece = kTmaW ? t ^ ((g >> 1) & 3) : t;  // (tile_row >> 1) & 3 = (g >> 1) & 3
+      // words[i][h][j]: chunk j's word of row tile_row(i, h), one 16-byte load a row
+      // (a quarter warp reads two whole rows: no bank conflict).
+      uint32_t words[2][2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4 v =
+              *reinterpret_cast<const uint4*>(s_w + buf * kWStage + tile_row(i, h) * kWRow + 16 * piece);
+          words[i][h][0] = v.x, words[i][h][1] = v.y, words[i][h][2] = v.z, words[i][h][3] = v.w;
+        }
 #pragma unroll
       for (int j0 = 0; j0 < 4; j0 += kBatch) {
         uint32_t a[kBatch][2][4];
 #pragma unroll
         for (int c = 0; c < kBatch; ++c)
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-            load_a_frag_fp4(row, row + 8 * kWRow, (j0 + c) ^ swz, t, a[c][i]);
-          }
+          for (int i = 0; i < 2; ++i) fp4_a_frag(words[i][0][j0 + c], words[i][1][j0 + c], a[c][i]);
         wgmma_fence();
 #pragma unroll
         for (int c = 0; c < kBatch; ++c) {
@@ -1303,10 +1298,9 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
 // Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix with K columns.
 __device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* ws, int fp4, int64_t n, int64_t kk,
                                               int64_t K) {
-  if (fp4) {
-    const uint8_t byte = w[n * (K / 2) + kk / 2];
-    const uint8_t nibble = (kk & 1) ? (byte >> 4) : (byte & 0xf);  // low nibble = even k
-    return core::e2m1_to_float(nibble) * core::e8m0_to_float(ws[n * (K / 32) + kk / 32]);
+  if (fp4) {  // (the CUDA backend's FP4 order, fp4_device_layout.h)
+    return core::e2m1_to_float(fp4_layout::element_code(w + n * (K / 2), kk)) *
+           core::e8m0_to_float(ws[n * (K / 32) + kk / 32]);
   }
   return core::e4m3_to_float(w[n * K + kk]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
 }

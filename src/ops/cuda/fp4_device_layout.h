@@ -1,0 +1,101 @@
+// The CUDA backend's storage order of packed FP4 (e2m1, DType::kI8) tensors.
+//
+// A checkpoint row stores element k in nibble k % 2 of byte k / 2 (spec §2.8). The
+// FP4 GEMM reads a row 128 elements (64 bytes) a stage and feeds the tensor core
+// e4m3 bytes worth 2^-6 x each value; in checkpoint order a warp spends ~7 integer
+// operations per 8 values on that decode and 16 32-bit shared loads per row and
+// stage on the fragments. On the GPU each whole 64-byte block of a row is stored
+// permuted instead (docs/design/cuda-linear.md, "An FP4 expert weight layout"):
+//
+// - Words by thread. Checkpoint word (j, t) of a block (byte 16j + 4t: elements
+//   8t..8t+7 of 32-element chunk j, the ones fragment lane t needs for chunk j) goes
+//   to byte 16t + 4j, so a lane's four words are one 16-byte load.
+// - Bits spread. In each byte, the even element's (sign, e1, e0, m) sit at bits
+//   (7, 4, 3, 2), the odd one's at (5, 6, 1, 0): the even e4m3 byte is one mask and the
+//   odd one two shifts and masks that never cross a byte (5 operations for 8 values).
+//
+// Both are bijections on a block, so every value survives and the tensor core sees
+// the same bytes as before: the same results, bit for bit. The CPU keeps checkpoint
+// order; the CUDA backend converts on upload and download (the tensor's rows must be
+// whole blocks: K % 128 == 0, which every linear op requires anyway).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "core/dtype.h"
+
+namespace dsv4::ops::fp4_layout {
+
+constexpr int kBlockBytes = 64;     // one 128-element stage of one row
+constexpr int kBlockElements = 128;
+
+// One checkpoint byte (low nibble = even element) in the spread order, and back.
+DSV4_HD uint8_t spread_byte(uint8_t b) {
+  const uint32_t even = b & 0xFu, odd = b >> 4;
+  return uint8_t(((even & 7u) << 2) | ((even & 8u) << 4) | ((odd & 8u) << 2) | ((odd & 4u) << 4) | (odd & 3u));
+}
+DSV4_HD uint8_t gather_byte(uint8_t s) {
+  const uint32_t even = ((s >> 2) & 7u) | ((s >> 4) & 8u);
+  const uint32_t odd = ((s >> 2) & 8u) | ((s >> 4) & 4u) | (s & 3u);
+  return uint8_t(even | (odd << 4));
+}
+
+// spread_byte on each byte of a word (the upload kernel's form).
+DSV4_HD uint32_t spread_word(uint32_t w) {
+  return ((w & 0x07070707u) << 2) | ((w & 0x08080808u) << 4) | ((w & 0x80808080u) >> 2) | (w & 0x40404040u) |
+         ((w >> 4) & 0x03030303u);
+}
+DSV4_HD uint32_t gather_word(uint32_t s) {
+  return ((s >> 2) & 0x07070707u) | ((s >> 4) & 0x08080808u) | ((s << 2) & 0x80808080u) | (s & 0x40404040u) |
+         ((s & 0x03030303u) << 4);
+}
+
+// Byte of the block that holds element e (0..127) of the block, with its neighbour
+// e ^ 1: chunk j = e / 32, lane t = (e % 32) / 8, byte (e % 8) / 2 of word (j, t).
+DSV4_HD int element_byte(int e) { return 16 * ((e & 31) >> 3) + 4 * (e >> 5) + ((e & 7) >> 1); }
+
+// The e2m1 code (checkpoint nibble) of element kk of a stored row (row: its first byte).
+DSV4_HD uint8_t element_code(const uint8_t* row, int64_t kk) {
+  const uint8_t b = gather_byte(row[(kk / kBlockElements) * kBlockBytes + element_byte(int(kk % kBlockElements))]);
+  return (kk & 1) ? uint8_t(b >> 4) : uint8_t(b & 0xF);
+}
+
+// 8 e2m1 values of one stored word -> 8 e4m3 bytes worth 2^-6 x the values, exactly
+// (bits e1 e0 m at e4m3 bits 4..2 read as exponent e, bias 7, and mantissa m00:
+// 2^(e-7)(1 + m/2) = 2^-6 * 2^(e-1)(1 + m/2); e = 0 gives the e4m3 subnormal m/2 * 2^-6;
+// the sign at bit 7). .x: elements 0, 2, 4, 6 of the word; .y: 1, 3, 5, 7.
+struct E4m3Pair {
+  uint32_t even, odd;
+};
+DSV4_HD E4m3Pair word_to_e4m3_div64(uint32_t w) {
+  return E4m3Pair{w & 0x9C9C9C9Cu, ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u)};
+}
+
+// A block in checkpoint order -> stored order (to_device), and back (to_checkpoint),
+// as 16 words: checkpoint word (j, t) is word 4j + t, stored word 4t + j.
+DSV4_HD void block_to_device(const uint32_t (&in)[16], uint32_t (&out)[16]) {
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < 4; ++t) out[4 * t + j] = spread_word(in[4 * j + t]);
+}
+DSV4_HD void block_to_checkpoint(const uint32_t (&in)[16], uint32_t (&out)[16]) {
+  for (int j = 0; j < 4; ++j)
+    for (int t = 0; t < 4; ++t) out[4 * j + t] = gather_word(in[4 * t + j]);
+}
+
+// Whole host buffers (bytes % kBlockBytes == 0), in place.
+template <bool kToDevice>
+inline void convert_buffer(uint8_t* data, size_t bytes) {
+  uint32_t in[16], out[16];
+  for (size_t o = 0; o + kBlockBytes <= bytes; o += kBlockBytes) {
+    memcpy(in, data + o, kBlockBytes);
+    if constexpr (kToDevice) block_to_device(in, out);
+    else block_to_checkpoint(in, out);
+    memcpy(data + o, out, kBlockBytes);
+  }
+}
+inline void buffer_to_device(uint8_t* data, size_t bytes) { convert_buffer<true>(data, bytes); }
+inline void buffer_to_checkpoint(uint8_t* data, size_t bytes) { convert_buffer<false>(data, bytes); }
+
+}  // namespace dsv4::ops::fp4_layout
