@@ -291,9 +291,14 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 
 // One side's map over the weights `ptrs` (one per expert, `rows` x row_bytes each):
 // false when they do not lie a whole number of rows apart or the span does not fit
-// the TMA's int32 row coordinate.
-bool encode_side(const std::vector<const uint8_t*>& ptrs, int64_t rows, int64_t row_bytes, CUtensorMap& map,
-                 const uint8_t*& base) {
+// the TMA's int32 row coordinate. whole_rows: each CTA walks its rows' every stage,
+// so the L2 may fetch 256 bytes a request (a row's next three stages) instead of 128;
+// where the K slices are split over CTAs the extra bytes would often belong to
+// another CTA's slice (bench-1g steps against 128 everywhere: 256 everywhere +1.0% at
+// batch 1, +0.2 to -1.2% at 16-256; this rule +-0 at 1 and 16, -0.5 / -0.2% at 64 /
+// 256; docs/BENCHMARKS.md, eighteenth session).
+bool encode_side(const std::vector<const uint8_t*>& ptrs, int64_t rows, int64_t row_bytes, bool whole_rows,
+                 CUtensorMap& map, const uint8_t*& base) {
   if (ptrs.empty()) return true;
   base = *std::min_element(ptrs.begin(), ptrs.end());
   int64_t span = 0;
@@ -310,7 +315,8 @@ bool encode_side(const std::vector<const uint8_t*>& ptrs, int64_t rows, int64_t 
   const cuuint32_t box[2] = {lk::FmtTraits<WFmt::kFp4>::kWBytes, lk::kTileN};
   const cuuint32_t elem_strides[2] = {1, 1};
   return encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B,
+                whole_rows ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
@@ -325,8 +331,9 @@ bool build_expert_tma(const lk::GemmParams& p, const lk::ExpertTable& table, int
     if (table.p[e][2] != nullptr) side[1].push_back(table.p[e][2]);
   }
   std::memset(&tma, 0, sizeof tma);
-  return encode_side(side[0], p.n_split, p.w_row_bytes, tma.map[0], tma.base[0]) &&
-         encode_side(side[1], p.n - p.n_split, p.w_row_bytes, tma.map[1], tma.base[1]);
+  const bool whole_rows = p.split == 1;
+  return encode_side(side[0], p.n_split, p.w_row_bytes, whole_rows, tma.map[0], tma.base[0]) &&
+         encode_side(side[1], p.n - p.n_split, p.w_row_bytes, whole_rows, tma.map[1], tma.base[1]);
 }
 
 // Partial sums and arrival counters for split launches (last_cta_fold = false: no
