@@ -739,9 +739,10 @@ TEST_P(CudaLinear, RoutedExpertsMatchCpu) {
   check_routed(MoeCase{16, 0, 16, 6, 128, 256, true, 5}, {512}, 0x52);   // 3072 pairs, one hot expert: 512 rows
 }
 
-// FP4 row scales come 8 stages (32 bytes a row) at a time where the rows are 16-byte
-// aligned and a CTA walks all of K, >= 8 stages: a walk of 12 stages (a full group,
-// then half of one); split slices of 12 stages copy stage by stage.
+// FP4 row scales come 4 stages (16 bytes a row) at a time where the rows are 16-byte
+// aligned and a CTA walks all of K, >= 4 stages: walks of 12 stages (three groups) and
+// of 4 (the down projection: one); split slices of 12 stages copy stage by stage. Both
+// rewrite the bytes in shared memory as bf16 before the stage reads them.
 TEST_P(CudaLinear, RoutedExpertsWithWholeGroupScaleCopies) {
   check_routed(MoeCase{64, 0, 64, 6, 1536, 512, true, -1}, {64}, 0x56);  // walked: 8 x 84 tiles
   check_routed(MoeCase{8, 0, 8, 6, 3072, 2048, true, -1}, {2}, 0x57);    // split in 2 slices of 12 stages

@@ -98,5 +98,29 @@ TEST(Fp4DeviceLayout, ElementsSitWhereTheReadersLook) {
   }
 }
 
+// Every scale byte in every position of a word (the other bytes random): the GEMM's
+// bf16 form read back as a float is core::e8m0_to_float's value, bit for bit (NaN for
+// 255), and the other three bytes' values are untouched by it.
+TEST(Fp4DeviceLayout, ScaleBytesAsBf16PairsAreExact) {
+  Rng rng(0xF7);
+  for (int pos = 0; pos < 4; ++pos)
+    for (int b = 0; b < 256; ++b) {
+      uint32_t w = uint32_t(rng.uniform_int(0, 0xFFFFFFFFll));
+      w = (w & ~(0xFFu << (8 * pos))) | (uint32_t(b) << (8 * pos));
+      const layout::Bf16Pairs p = layout::e8m0x4_to_bf16x2(w);
+      const float got[4] = {layout::bf16_pair_lo(p.lo), layout::bf16_pair_hi(p.lo), layout::bf16_pair_lo(p.hi),
+                            layout::bf16_pair_hi(p.hi)};
+      for (int j = 0; j < 4; ++j) {
+        const float want = core::e8m0_to_float(uint8_t(w >> (8 * j)));
+        if (std::isnan(want)) {
+          EXPECT_TRUE(std::isnan(got[j])) << "byte 0x" << std::hex << ((w >> (8 * j)) & 0xFF);
+        } else {
+          EXPECT_EQ(core::float_bits(got[j]), core::float_bits(want)) << "byte 0x" << std::hex << ((w >> (8 * j)) & 0xFF)
+                                                                      << " at " << j << " in word 0x" << w;
+        }
+      }
+    }
+}
+
 }  // namespace
 }  // namespace dsv4::testing

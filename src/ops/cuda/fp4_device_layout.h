@@ -84,6 +84,41 @@ DSV4_HD void block_to_checkpoint(const uint32_t (&in)[16], uint32_t (&out)[16]) 
     for (int t = 0; t < 4; ++t) out[4 * j + t] = gather_word(in[4 * t + j]);
 }
 
+// ---- the FP4 GEMM's row scales in shared memory ----------------------------------
+// The GEMM needs each UE8M0 scale (2^(b-127)) as a float, 16 a lane per stage. A
+// shift and a mask from the byte, plus a test for the bytes 0 and 255 that a shift
+// gets wrong, cost ~50 instructions a stage (ncu, eighteenth session); so the thread
+// that copies a row's scales rewrites them in place, once, as bf16 (the float's top
+// half: b << 7, exactly), and each reader takes a float in one operation.
+//
+// PRMT on the device; the same byte selection on the host.
+DSV4_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t selector) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, selector);
+#else
+  const uint64_t bytes = uint64_t(a) | (uint64_t(b) << 32);
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) r |= uint32_t((bytes >> (8 * ((selector >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+#endif
+}
+
+// Scale bytes 0..3 of w as bf16 pairs: lo = {byte 0, byte 1}, hi = {byte 2, byte 3},
+// the lower byte in the low half. Exact: b << 7 for b = 1..254, 0x0040 (2^-127, a bf16
+// subnormal) for 0, 0x7FC0 (NaN) for 255. Branch-free, 8 operations a word.
+struct Bf16Pairs {
+  uint32_t lo, hi;
+};
+DSV4_HD Bf16Pairs e8m0x4_to_bf16x2(uint32_t w) {
+  const uint32_t d = (w ^ (w >> 1)) & 0x7F7F7F7Fu;          // a byte is 0 iff b's bits are all equal: 0 or 255
+  const uint32_t z = ~((d + 0x7F7F7F7Fu) | d) & 0x80808080u;  // bit 7 of each such byte (no carry crosses a byte)
+  // {b, z} as a 16-bit (b << 8 | z), shifted right once: b << 7, and bit 6 for 0 and 255.
+  return Bf16Pairs{byte_perm(w, z, 0x1504u) >> 1, byte_perm(w, z, 0x3726u) >> 1};
+}
+// A bf16 pair's two values as floats.
+DSV4_HD float bf16_pair_lo(uint32_t pair) { return core::bits_float(pair << 16); }
+DSV4_HD float bf16_pair_hi(uint32_t pair) { return core::bits_float(pair & 0xFFFF0000u); }
+
 // Whole host buffers (bytes % kBlockBytes == 0), in place.
 template <bool kToDevice>
 inline void convert_buffer(uint8_t* data, size_t bytes) {

@@ -110,9 +110,9 @@ constexpr int kTileN = 128;            // weight rows (output columns) per CTA
 constexpr int kMaxScaleBlocks = 256;   // FP8 block-scale row kept in smem: K <= 32768
 constexpr int kMaxSlices = 32;
 constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
-// FP4 row scales (4 bytes a row per stage) come kScaleStages stages at a time: one
-// 32-byte sector a row, into one of two buffers (see gemm_tile).
-constexpr int kScaleStages = 8, kScaleRowBytes = 4 * kScaleStages;
+// FP4 row scales (4 bytes a row per stage, 8 once rewritten as bf16) come kScaleStages
+// stages at a time, 16 bytes a row, into one of two buffers (see gemm_tile).
+constexpr int kScaleStages = 4, kScaleRowBytes = 8 * kScaleStages;
 
 // Activation bytes of one stage buffer: 8*NT rows of 128 bytes (128-byte swizzle).
 template <int NT>
@@ -303,31 +303,6 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
-// UE8M0 scale words (4 bytes each: one FP4 weight row's scales for one stage, byte j
-// for elements 32j..32j+31) as floats 2^(b-127), exact. Bytes 1..254 are a shift;
-// 0 (2^-127, subnormal) and 255 (NaN) take core::e8m0_to_float. One test for all W
-// words (a branch per word cost ~7 instructions each in the FP4 stage loop).
-template <int W>
-__device__ __forceinline__ void e8m0_words_to_float(const uint32_t (&w)[W], float (&f)[W][4]) {
-  uint32_t special = 0;  // some byte 0 (the zero-byte test on w) or 255 (the same test on ~w)
-#pragma unroll
-  for (int i = 0; i < W; ++i) special |= ((w[i] - 0x01010101u) & ~w[i]) | ((~w[i] - 0x01010101u) & w[i]);
-  if (special & 0x80808080u) {
-#pragma unroll
-    for (int i = 0; i < W; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) f[i][j] = core::e8m0_to_float(uint8_t(w[i] >> (8 * j)));
-    return;
-  }
-#pragma unroll
-  for (int i = 0; i < W; ++i) {
-    f[i][0] = __uint_as_float((w[i] << 23) & 0x7F800000u);
-    f[i][1] = __uint_as_float((w[i] << 15) & 0x7F800000u);
-    f[i][2] = __uint_as_float((w[i] << 7) & 0x7F800000u);
-    f[i][3] = __uint_as_float((w[i] >> 1) & 0x7F800000u);
-  }
-}
-
 // ---- wgmma (sm_90a): descriptors, fences and the register-A wrappers in ops/cuda/wgmma.cuh ----
 using namespace tensor_core;
 
@@ -457,14 +432,20 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int64_t w_step = int64_t(kRowStep) * p.w_row_bytes;
   const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
-  // FP4 row scales: stage st's 4 bytes of row r sit at byte (st % kScaleStages) * 4 of
-  // row r in buffer (st / kScaleStages) % 2. Where the rows are 16-byte aligned and
-  // the CTA walks all stages (from stage 0, at least kScaleStages of them), every
-  // stage that starts a group copies the group's 32 bytes (one request a row per 8
-  // stages, not a 4-byte one per stage); otherwise each stage copies its own 4 (4-byte
-  // copies measured 0.6% faster at batch 1, where the expert CTAs split their slices).
-  // A group's buffer is written again kScaleStages stages later, by the load of a
-  // stage kStages - 1 ahead, after the group's last stage is done.
+  // FP4 row scales: stage st's 4 scales of row r are read as 4 bf16 at byte
+  // (st % kScaleStages) * 8 of row r in buffer (st / kScaleStages) % 2
+  // (fp4_layout::e8m0x4_to_bf16x2; thread r rewrites its row's raw bytes so, in place,
+  // at the top of the stage, before the barrier). Where the rows are 16-byte aligned
+  // and the CTA walks all stages (from stage 0, at least kScaleStages of them), the
+  // stage that starts a group copies the group's 16 raw bytes to bytes 16..31 (one
+  // request a row per 4 stages); otherwise each stage copies its own 4 to byte
+  // (st % kScaleStages) * 8 + 4 (4-byte copies measured 0.6% faster at batch 1, where
+  // the expert CTAs split their slices). A group's buffer is written again
+  // kScaleStages stages later, by the load of a stage kStages - 1 ahead, after the
+  // group's last stage is done. Against each reader converting the raw bytes (a shift
+  // and a mask a float and a test for 0 and 255, ~50 instructions a stage): -1.5 /
+  // -1.5 / -2.2% a step at batch 16 / 64 / 256, +0.7% at batch 1 (eighteenth session;
+  // the raw path kept for stage-by-stage copies was slower still, also at batch 1).
   const bool ws_sectors = T::kRowScale && p.split == 1 && stages_total >= kScaleStages &&
                           p.s_row_stride % 16 == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0;
   const int ws_row_bytes = stages_total * 4;
@@ -491,15 +472,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       const unsigned ust = unsigned(st);  // (unsigned: a shift and a mask, not a signed division)
       uint8_t* dst = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
       if (!ws_sectors) {
-        cp_async4(dst + (ust % kScaleStages) * 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
+        cp_async4(dst + (ust % kScaleStages) * 8 + 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
       } else if (ust % kScaleStages == 0) {
-        const int first = int(ust / kScaleStages) * kScaleRowBytes;  // the group's first byte in the row
-        const int left = ws_src ? ws_row_bytes - first : 0;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int n = min(max(left - 16 * h, 0), 16);
-          cp_async16(dst + 16 * h, n > 0 ? ws_src + first + 16 * h : sc, n);
-        }
+        const int first = int(ust / kScaleStages) * 4 * kScaleStages;  // the group's first byte in the row
+        const int n = ws_src ? min(ws_row_bytes - first, 16) : 0;
+        cp_async16(dst + 16, n > 0 ? ws_src + first : sc, n);
       }
     }
   };
@@ -601,6 +578,23 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     slice_pos = slice_last ? 0 : slice_pos + 1;
     cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
     const unsigned uit = unsigned(it);  // (stage indices are unsigned: shifts and masks)
+    const int buf = int(uit % kStages), st = st_begin + it;
+    const unsigned ust = unsigned(st);
+    if constexpr (T::kRowScale) {  // FP4: this thread's row scales as bf16, before the barrier
+      uint8_t* row = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+      if (!ws_sectors) {
+        uint8_t* slot = row + (ust % kScaleStages) * 8;
+        const fp4_layout::Bf16Pairs v = fp4_layout::e8m0x4_to_bf16x2(*reinterpret_cast<const uint32_t*>(slot + 4));
+        *reinterpret_cast<uint2*>(slot) = make_uint2(v.lo, v.hi);
+      } else if (ust % kScaleStages == 0) {
+        static_assert(kScaleStages == 4, "a group's raw scales are one 16-byte piece");
+        const uint4 raw = *reinterpret_cast<const uint4*>(row + 16);
+        const fp4_layout::Bf16Pairs v0 = fp4_layout::e8m0x4_to_bf16x2(raw.x), v1 = fp4_layout::e8m0x4_to_bf16x2(raw.y),
+                                    v2 = fp4_layout::e8m0x4_to_bf16x2(raw.z), v3 = fp4_layout::e8m0x4_to_bf16x2(raw.w);
+        *reinterpret_cast<uint4*>(row) = make_uint4(v0.lo, v0.hi, v1.lo, v1.hi);
+        *reinterpret_cast<uint4*>(row + 16) = make_uint4(v2.lo, v2.hi, v3.lo, v3.hi);
+      }
+    }
     if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (uit % kStages), (uit / kStages) & 1);
     fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
@@ -614,8 +608,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       cp_async_commit();
     };
     if constexpr (!kLoadAfter) load_next();
-    const int buf = int(uit % kStages), st = st_begin + it;
-    const unsigned ust = unsigned(st);
     const uint8_t* ab = s_a + buf * kAStage;
     float as[NT][2];
 #pragma unroll
@@ -631,22 +623,17 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     float wsf[2][2][4];
     float q_acc[2][NT][4];
     if constexpr (F == WFmt::kFp4) {
-      uint32_t words[4];
-      float f[4][4];
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          words[2 * i + h] = *reinterpret_cast<const uint32_t*>(s_ws + (((ust / kScaleStages) & 1) * kTileN +
-                                                                        tile_row(i, h)) * kScaleRowBytes +
-                                                                       (ust % kScaleStages) * 4);
-      e8m0_words_to_float(words, f);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) wsf[i][h][j] = f[2 * i + h][j];
+        for (int h = 0; h < 2; ++h) {
+          const uint2 v = *reinterpret_cast<const uint2*>(
+              s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 8);
+          wsf[i][h][0] = fp4_layout::bf16_pair_lo(v.x);
+          wsf[i][h][1] = fp4_layout::bf16_pair_hi(v.x);
+          wsf[i][h][2] = fp4_layout::bf16_pair_lo(v.y);
+          wsf[i][h][3] = fp4_layout::bf16_pair_hi(v.y);
+        }
     }
     float wsc = 1.0f;
     if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? ust : ust / 2]);
