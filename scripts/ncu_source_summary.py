@@ -8,10 +8,14 @@
   spends on one iteration, e.g. one stage of a GEMM);
 - the instruction mix by opcode with its modifiers (IMAD.SHL.U32 and IMAD count
   apart; the predicate dropped), per iteration as above;
-- the warp stall samples by reason, and the instructions with the most samples.
+- the warp stall samples by reason, and the instructions with the most samples;
+- with --listing P, the instructions executed at least P% as often as the most
+  executed one, in address order, each with its count per iteration and its stall
+  samples: the loop's SASS, to attribute the mix to source (the eighteenth session
+  read the FP4 stage's scale conversion and decode this way).
 
 How the seventeenth session read the FP4 expert GEMM (docs/BENCHMARKS.md).
-Usage: scripts/ncu_source_summary.py [--top N] [--ops N] FILE [FILE...]"""
+Usage: scripts/ncu_source_summary.py [--top N] [--ops N] [--listing P] FILE [FILE...]"""
 import collections
 import csv
 import gzip
@@ -64,7 +68,7 @@ def short_name(name):
     return re.sub(r"\w+::", "", name)
 
 
-def summarize(path, name, header, rows, top, ops):
+def summarize(path, name, header, rows, top, ops, listing):
     col = {h: i for i, h in enumerate(header)}
     for need in ("Source", "Instructions Executed", "# Samples"):
         if need not in col:
@@ -95,14 +99,32 @@ def summarize(path, name, header, rows, top, ops):
         reasons = sorted(((number(r[col[h]]), h[6:]) for h in stalls), reverse=True)[:3]
         print(f"  {number(r[ns]):7d}  {r[src].strip()[:64]:64s} " +
               " ".join(f"{h}:{v}" for v, h in reasons if v))
+    if listing is not None and hottest:
+        address = col.get("Address")
+        print(f"  instructions executed >= {listing:g}% as often as the most executed one, in address order:")
+        print(f"  {'address':>8s} {'per iter':>8s} {'samples':>7s}  instruction")
+        for r, n in zip(rows, executed):
+            if 100 * n >= listing * hottest:
+                where = r[address][-6:] if address is not None else ""
+                print(f"  {where:>8s} {n / hottest:8.3f} {number(r[ns]):7d}  {r[src].strip()}")
 
 
 def main(argv):
-    top, ops = 15, 20
-    while argv[:1] in (["--top"], ["--ops"]):
-        if len(argv) < 2 or not argv[1].isdigit():
-            sys.exit("usage: scripts/ncu_source_summary.py [--top N] [--ops N] FILE [FILE...]")
-        if argv[0] == "--top":
+    top, ops, listing = 15, 20, None
+    usage = "usage: scripts/ncu_source_summary.py [--top N] [--ops N] [--listing P] FILE [FILE...]"
+    while argv[:1] in (["--top"], ["--ops"], ["--listing"]):
+        if len(argv) < 2:
+            sys.exit(usage)
+        if argv[0] == "--listing":
+            try:
+                listing = float(argv[1])
+            except ValueError:
+                sys.exit(f"--listing takes a percentage (0-100), not {argv[1]!r}; {usage}")
+            if not 0 <= listing <= 100:
+                sys.exit(f"--listing takes a percentage (0-100), not {argv[1]!r}; {usage}")
+        elif not argv[1].isdigit():
+            sys.exit(usage)
+        elif argv[0] == "--top":
             top = int(argv[1])
         else:
             ops = int(argv[1])
@@ -117,7 +139,7 @@ def main(argv):
             if key in seen:  # (an export may repeat a kernel's block)
                 continue
             seen.add(key)
-            summarize(path, name, header, rows, top, ops)
+            summarize(path, name, header, rows, top, ops, listing)
     return 0
 
 
