@@ -29,6 +29,17 @@ void expect_e4m3_is_code_div64(uint8_t q, uint8_t code, const char* what) {
   EXPECT_EQ(std::signbit(got), std::signbit(want)) << what << ": sign of e2m1 code 0x" << std::hex << int(code);
 }
 
+// Words with every byte value in every position, the other three bytes random.
+std::vector<uint32_t> every_byte_in_every_position(Rng& rng) {
+  std::vector<uint32_t> words;
+  for (int pos = 0; pos < 4; ++pos)
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t w = uint32_t(rng.uniform_int(0, 0xFFFFFFFFll));
+      words.push_back((w & ~(0xFFu << (8 * pos))) | (uint32_t(b) << (8 * pos)));
+    }
+  return words;
+}
+
 TEST(Fp4DeviceLayout, ByteAndWordConversionsAreInverse) {
   for (int b = 0; b < 256; ++b) {
     const uint8_t s = layout::spread_byte(uint8_t(b));
@@ -54,17 +65,14 @@ TEST(Fp4DeviceLayout, ByteAndWordConversionsAreInverse) {
 // exactly 2^-6 x its e2m1 value.
 TEST(Fp4DeviceLayout, DecodeGivesTheValuesOverSixtyFour) {
   Rng rng(0xF5);
-  for (int pos = 0; pos < 4; ++pos)
-    for (int b = 0; b < 256; ++b) {
-      uint32_t w = uint32_t(rng.uniform_int(0, 0xFFFFFFFFll));
-      w = (w & ~(0xFFu << (8 * pos))) | (uint32_t(b) << (8 * pos));
-      const layout::E4m3Pair d = layout::word_to_e4m3_div64(layout::spread_word(w));
-      for (int m = 0; m < 8; ++m) {
-        const uint8_t code = uint8_t((w >> (4 * m)) & 0xF);
-        const uint8_t q = uint8_t(((m & 1) ? d.odd : d.even) >> (8 * (m / 2)));
-        expect_e4m3_is_code_div64(q, code, "decoded element");
-      }
+  for (const uint32_t w : every_byte_in_every_position(rng)) {
+    const layout::E4m3Pair d = layout::word_to_e4m3_div64(layout::spread_word(w));
+    for (int m = 0; m < 8; ++m) {
+      const uint8_t code = uint8_t((w >> (4 * m)) & 0xF);
+      const uint8_t q = uint8_t(((m & 1) ? d.odd : d.even) >> (8 * (m / 2)));
+      expect_e4m3_is_code_div64(q, code, "decoded element");
     }
+  }
 }
 
 // Rows of several blocks: every element where element_code finds it, the round trip
@@ -103,23 +111,21 @@ TEST(Fp4DeviceLayout, ElementsSitWhereTheReadersLook) {
 // 255), and the other three bytes' values are untouched by it.
 TEST(Fp4DeviceLayout, ScaleBytesAsBf16PairsAreExact) {
   Rng rng(0xF7);
-  for (int pos = 0; pos < 4; ++pos)
-    for (int b = 0; b < 256; ++b) {
-      uint32_t w = uint32_t(rng.uniform_int(0, 0xFFFFFFFFll));
-      w = (w & ~(0xFFu << (8 * pos))) | (uint32_t(b) << (8 * pos));
-      const layout::Bf16Pairs p = layout::e8m0x4_to_bf16x2(w);
-      const float got[4] = {layout::bf16_pair_lo(p.lo), layout::bf16_pair_hi(p.lo), layout::bf16_pair_lo(p.hi),
-                            layout::bf16_pair_hi(p.hi)};
-      for (int j = 0; j < 4; ++j) {
-        const float want = core::e8m0_to_float(uint8_t(w >> (8 * j)));
-        if (std::isnan(want)) {
-          EXPECT_TRUE(std::isnan(got[j])) << "byte 0x" << std::hex << ((w >> (8 * j)) & 0xFF);
-        } else {
-          EXPECT_EQ(core::float_bits(got[j]), core::float_bits(want)) << "byte 0x" << std::hex << ((w >> (8 * j)) & 0xFF)
-                                                                      << " at " << j << " in word 0x" << w;
-        }
+  for (const uint32_t w : every_byte_in_every_position(rng)) {
+    const layout::Bf16Pairs p = layout::e8m0x4_to_bf16x2(w);
+    const float got[4] = {layout::bf16_pair_lo(p.lo), layout::bf16_pair_hi(p.lo), layout::bf16_pair_lo(p.hi),
+                          layout::bf16_pair_hi(p.hi)};
+    for (int j = 0; j < 4; ++j) {
+      const uint8_t b = uint8_t(w >> (8 * j));
+      const float want = core::e8m0_to_float(b);
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(got[j])) << "byte 0x" << std::hex << int(b);
+      } else {
+        EXPECT_EQ(core::float_bits(got[j]), core::float_bits(want))
+            << "byte 0x" << std::hex << int(b) << " at " << j << " in word 0x" << w;
       }
     }
+  }
 }
 
 }  // namespace
