@@ -140,7 +140,10 @@ void fill_fp4_weight(CudaBackend& be, const Tensor& weight, const Tensor& scale,
                      uint64_t stream_id, float std) {
   check_device(weight, "FP4 weight");
   check_device(scale, "FP4 scale");
-  DSV4_CHECK(k % fp4_layout::kBlockElements == 0 && weight.nbytes() == size_t(n * k / 2) && scale.nbytes() == size_t(n * k / 32),
+  DSV4_CHECK(k % fp4_layout::kBlockElements == 0,
+             "fill_fp4_weight: K={} is not a multiple of {} (the CUDA backend's FP4 rows are whole 64-byte blocks)", k,
+             fp4_layout::kBlockElements);
+  DSV4_CHECK(weight.nbytes() == size_t(n * k / 2) && scale.nbytes() == size_t(n * k / 32),
              "fill_fp4_weight: weight {} / scale {} do not hold an FP4 [{}, {}] matrix", weight.shape_string(),
              scale.shape_string(), n, k);
   if (n == 0 || k == 0) return;

@@ -627,8 +627,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint2 v = *reinterpret_cast<const uint2*>(
-              s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 8);
+          const uint8_t* slot =
+              s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 8;
+          const uint2 v = *reinterpret_cast<const uint2*>(slot);
           wsf[i][h][0] = fp4_layout::bf16_pair_lo(v.x);
           wsf[i][h][1] = fp4_layout::bf16_pair_hi(v.x);
           wsf[i][h][2] = fp4_layout::bf16_pair_lo(v.y);
