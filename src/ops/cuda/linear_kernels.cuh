@@ -76,8 +76,9 @@ enum class Mma : int { kWgmmaRegA, kWgmmaSmemA };
 // One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
 // values) = 4 chunks of 32 bytes, one MMA each. kWStride: bytes per weight row in
 // a stage buffer (FP8-as-bf16's 4-byte fragment reads need padding to avoid bank
-// conflicts; FP4's 16-byte ones and the wgmma shared-memory layout need none). kStages: cp.async pipeline depth (FP4's stages hold half
-// the bytes, so it keeps one more in flight at the same 4 CTAs per SM).
+// conflicts; FP4's 16-byte ones and the wgmma shared-memory layout need none).
+// kStages: cp.async pipeline depth (FP4's stages hold half the bytes, so it keeps
+// one more in flight at the same 4 CTAs per SM).
 template <WFmt F>
 struct FmtTraits;
 template <>
@@ -443,7 +444,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // the expert CTAs split their slices). A group's buffer is written again
   // kScaleStages stages later, by the load of a stage kStages - 1 ahead, after the
   // group's last stage is done. Against each reader converting the raw bytes (a shift
-  // and a mask a float and a test for 0 and 255, ~50 instructions a stage): -1.5 /
+  // and a mask per float and a test for 0 and 255, ~50 instructions a stage): -1.5 /
   // -1.5 / -2.2% a step at batch 16 / 64 / 256, +0.7% at batch 1 (eighteenth session;
   // the raw path kept for stage-by-stage copies was slower still, also at batch 1).
   const bool ws_sectors = T::kRowScale && p.split == 1 && stages_total >= kScaleStages &&
