@@ -31,18 +31,8 @@ namespace dsv4::ops::fp4_layout {
 constexpr int kBlockBytes = 64;     // one 128-element stage of one row
 constexpr int kBlockElements = 128;
 
-// One checkpoint byte (low nibble = even element) in the spread order, and back.
-DSV4_HD uint8_t spread_byte(uint8_t b) {
-  const uint32_t even = b & 0xFu, odd = b >> 4;
-  return uint8_t(((even & 7u) << 2) | ((even & 8u) << 4) | ((odd & 8u) << 2) | ((odd & 4u) << 4) | (odd & 3u));
-}
-DSV4_HD uint8_t gather_byte(uint8_t s) {
-  const uint32_t even = ((s >> 2) & 7u) | ((s >> 4) & 8u);
-  const uint32_t odd = ((s >> 2) & 8u) | ((s >> 4) & 4u) | (s & 3u);
-  return uint8_t(even | (odd << 4));
-}
-
-// spread_byte on each byte of a word (the upload kernel's form).
+// Each checkpoint byte of a word (low nibble = even element) in the spread order,
+// and back. No shift moves a bit across a byte, so a lone byte converts alone.
 DSV4_HD uint32_t spread_word(uint32_t w) {
   return ((w & 0x07070707u) << 2) | ((w & 0x08080808u) << 4) | ((w & 0x80808080u) >> 2) | (w & 0x40404040u) |
          ((w >> 4) & 0x03030303u);
@@ -51,6 +41,8 @@ DSV4_HD uint32_t gather_word(uint32_t s) {
   return ((s >> 2) & 0x07070707u) | ((s >> 4) & 0x08080808u) | ((s << 2) & 0x80808080u) | (s & 0x40404040u) |
          ((s & 0x03030303u) << 4);
 }
+DSV4_HD uint8_t spread_byte(uint8_t b) { return uint8_t(spread_word(b)); }
+DSV4_HD uint8_t gather_byte(uint8_t s) { return uint8_t(gather_word(s)); }
 
 // Byte of the block that holds element e (0..127) of the block, with its neighbour
 // e ^ 1: chunk j = e / 32, lane t = (e % 32) / 8, byte (e % 8) / 2 of word (j, t).
