@@ -49,6 +49,7 @@ void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
+int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
 }  // namespace dsv4::ops
@@ -990,6 +991,17 @@ TEST(CudaE4m3, HardwareCastEqualsTheReferenceCast) {
   uint32_t first = 0;
   const int64_t mismatches = ops::cuda_e4m3_cast_mismatches(&first);
   EXPECT_EQ(mismatches, 0) << "first mismatching float bits 0x" << std::hex << first;
+}
+
+// The sparse attention decodes cached e4m3 keys with the hardware's conversion
+// (cvt.rn.f16x2.e4m3x2) and keeps its table for words holding a NaN code: the
+// conversion must give core::e4m3_to_float's bits for every non-NaN code pair, and the
+// NaN test must agree with a byte-by-byte test, on every 32-bit word.
+TEST(CudaE4m3, HardwareDecodeEqualsTheReferenceDecode) {
+  DSV4_REQUIRE_CUDA();
+  uint32_t first = 0;
+  const int64_t mismatches = ops::cuda_e4m3_decode_mismatches(&first);
+  EXPECT_EQ(mismatches, 0) << "first mismatching word 0x" << std::hex << first;
 }
 
 // The CPU model of Hopper's bf16 k16 step (ref::hopper_bf16_mma16) against the

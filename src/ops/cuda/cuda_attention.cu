@@ -1428,12 +1428,23 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
       const float sc = core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]);
       const uint32_t cw[2] = {codes.x, codes.y};
       float f[8];
+      // The codes' values by the hardware conversion (the table's values, ~half the
+      // instructions and no table loads), or by the table where a code is NaN, whose
+      // bits the table keeps.
+      if (!(e4m3x4_has_nan(cw[0]) | e4m3x4_has_nan(cw[1]))) {
+#pragma unroll
+        for (int p2 = 0; p2 < 4; ++p2) {
+          const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
+          f[2 * p2] = __fmul_rn(x.x, sc);
+          f[2 * p2 + 1] = __fmul_rn(x.y, sc);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
+      }
       uint32_t low = 0;  // the low 16 bits of all 8 products
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
-        low |= __float_as_uint(f[e]);
-      }
+      for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
       // An e4m3 value times a power of two is exact in bf16 (the product's low 16
       // bits are zero) unless it falls below bf16's normal range or is a NaN. When
       // all 8 are exact, their upper 16 bits are the bf16 values: one byte permute

@@ -57,6 +57,7 @@ void cuda_linear_force_wide(int on);
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
+int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 
 namespace {
 
@@ -583,16 +584,34 @@ __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* f
     if (!same && atomicAdd(count, 1ull) == 0) *first = uint32_t(i);
   }
 }
-}  // namespace
 
-int64_t cuda_e4m3_cast_mismatches(uint32_t* first) {
+// Every 32-bit word w: e4m3x4_has_nan(w) against a byte-by-byte test, and, where its
+// low two codes are not NaN, e4m3x2_to_float2(w) against core::e4m3_to_float, bit for bit.
+__global__ void e4m3_decode_mismatch_kernel(unsigned long long* count, uint32_t* first) {
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (uint64_t(1) << 32);
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    const uint32_t w = uint32_t(i);
+    bool nan_ref = false;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) nan_ref |= ((w >> (8 * b)) & 0x7fu) == 0x7fu;
+    bool same = e4m3x4_has_nan(w) == nan_ref;
+    if ((w & 0x7fu) != 0x7fu && ((w >> 8) & 0x7fu) != 0x7fu) {
+      const float2 v = e4m3x2_to_float2(w);
+      same &= __float_as_uint(v.x) == __float_as_uint(core::e4m3_to_float(uint8_t(w))) &&
+              __float_as_uint(v.y) == __float_as_uint(core::e4m3_to_float(uint8_t(w >> 8)));
+    }
+    if (!same && atomicAdd(count, 1ull) == 0) *first = w;
+  }
+}
+
+int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_t* first) {
   unsigned long long* d_count = nullptr;
   uint32_t* d_first = nullptr;
   DSV4_CUDA_CHECK(cudaMalloc(&d_count, sizeof(unsigned long long)));
   DSV4_CUDA_CHECK(cudaMalloc(&d_first, sizeof(uint32_t)));
   DSV4_CUDA_CHECK(cudaMemset(d_count, 0, sizeof(unsigned long long)));
   DSV4_CUDA_CHECK(cudaMemset(d_first, 0, sizeof(uint32_t)));
-  e4m3_cast_mismatch_kernel<<<4096, 256>>>(d_count, d_first);
+  kernel<<<4096, 256>>>(d_count, d_first);
   DSV4_CUDA_CHECK(cudaGetLastError());
   unsigned long long count = 0;
   DSV4_CUDA_CHECK(cudaMemcpy(&count, d_count, sizeof count, cudaMemcpyDeviceToHost));
@@ -601,6 +620,10 @@ int64_t cuda_e4m3_cast_mismatches(uint32_t* first) {
   DSV4_CUDA_CHECK(cudaFree(d_first));
   return int64_t(count);
 }
+}  // namespace
+
+int64_t cuda_e4m3_cast_mismatches(uint32_t* first) { return count_mismatches(e4m3_cast_mismatch_kernel, first); }
+int64_t cuda_e4m3_decode_mismatches(uint32_t* first) { return count_mismatches(e4m3_decode_mismatch_kernel, first); }
 
 // ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
 void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {

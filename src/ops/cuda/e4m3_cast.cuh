@@ -18,6 +18,22 @@ __device__ __forceinline__ uint32_t e4m3x2_sat(float a0, float a1) {
   return r;
 }
 
+// The e4m3 codes in the low two bytes of `codes` (byte 0 -> .x) as floats, by the
+// hardware (cvt.rn.f16x2.e4m3x2, sm_89+): every finite e4m3 value is exact in f16, so
+// these are core::e4m3_to_float's values. NaN codes (low 7 bits set) give the
+// hardware's NaN, not the reference's: callers that keep NaN bits test for them.
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t codes) {
+  float2 v;
+  asm("{\n .reg .b16 c, lo, hi;\n .reg .b32 h;\n cvt.u16.u32 c, %2;\n cvt.rn.f16x2.e4m3x2 h, c;\n"
+      " mov.b32 {lo, hi}, h;\n cvt.f32.f16 %0, lo;\n cvt.f32.f16 %1, hi;\n}\n"
+      : "=f"(v.x), "=f"(v.y)
+      : "r"(codes));
+  return v;
+}
+
+// Whether any of the 4 codes in w is an e4m3 NaN (0x7f or 0xff).
+__device__ __forceinline__ bool e4m3x4_has_nan(uint32_t w) { return (((w & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u) != 0; }
+
 // Codes of a0..a3, byte i = value i.
 __device__ __forceinline__ uint32_t e4m3x4_sat(float a0, float a1, float a2, float a3) {
   return e4m3x2_sat(a0, a1) | (e4m3x2_sat(a2, a3) << 16);
