@@ -76,15 +76,16 @@ void cuda_attention_split_keys(bool enabled) { g_split_disabled.store(!enabled);
 namespace {
 std::atomic<int> g_wgmma_forced{-1};
 std::atomic<int64_t> g_wgmma_launches{0};
-// The wgmma sparse attention (Dh 512, 64 heads, one CTA a row): off unless
-// DSV4_CUDA_ATTN_WGMMA=1 or a test forces it (not yet measured on a GPU).
+// The wgmma sparse attention (Dh 512, 64 heads, one CTA a row): on unless
+// DSV4_CUDA_ATTN_WGMMA=0 or a test forces it off (faster than attention_mma_kernel
+// from batch 64 since the nineteenth session, docs/BENCHMARKS.md).
 bool attention_wgmma_wanted() {
   const int f = g_wgmma_forced.load(std::memory_order_relaxed);
-  return f >= 0 ? f == 1 : env_is("DSV4_CUDA_ATTN_WGMMA", "1");
+  return f >= 0 ? f == 1 : !env_is("DSV4_CUDA_ATTN_WGMMA", "0");
 }
 }  // namespace
 
-// Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA, 0 / 1 force the wgmma sparse attention
+// Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
 // off / on; its launches so far.
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
@@ -1339,54 +1340,16 @@ __device__ int64_t row_keys(const AttnArgs& a, int64_t t, int64_t p, int32_t* co
   return *n_win + n_comp;
 }
 
-// The online softmax of one 32-key chunk for a thread's two rows, in the m16n8
-// accumulator layout (v[4 nt + e] is key 8 nt + 2t + e % 2 of row e / 2): the
-// chunk's max over the quad, m_new = max(m_run, it) (its reference 0 while no key
-// is valid: a chunk of missing keys gives P = 0, not NaN), alpha = exp(m_run -
-// m_new), v <- P = exp(v - m_new) in place, and l = fma(l, alpha, sum of P) with the
-// thread's sum in (nt, e) order and then the quad butterfly. Both tensor-core
-// attention kernels run it: their bits agree.
-__device__ __forceinline__ void chunk_softmax(float* v, float (&m_run)[2], float (&l_run)[2], float (&alpha)[2]) {
-  float cmax[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    cmax[0] = fmaxf(cmax[0], fmaxf(v[4 * nt], v[4 * nt + 1]));
-    cmax[1] = fmaxf(cmax[1], fmaxf(v[4 * nt + 2], v[4 * nt + 3]));
-  }
-  float m_ref[2];
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 1));
-    cmax[hh] = fmaxf(cmax[hh], __shfl_xor_sync(kFull, cmax[hh], 2));
-    const float m_new = fmaxf(m_run[hh], cmax[hh]);
-    m_ref[hh] = m_new == -INFINITY ? 0.0f : m_new;
-    alpha[hh] = core::exp_f32_portable(m_run[hh] - m_ref[hh]);
-    m_run[hh] = m_new;
-  }
-  float psum[2] = {0.0f, 0.0f};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    v[i] = core::exp_f32_portable(v[i] - m_ref[(i >> 1) & 1]);
-    psum[(i >> 1) & 1] += v[i];
-  }
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    psum[hh] += __shfl_xor_sync(kFull, psum[hh], 1);
-    psum[hh] += __shfl_xor_sync(kFull, psum[hh], 2);
-    l_run[hh] = __fmaf_rn(l_run[hh], alpha[hh], psum[hh]);
-  }
-}
-
-// chunk_softmax's arithmetic with the work spread over the CTA instead of repeated
-// by the four warps of an m-tile (at batch 256 the four copies were ~40% of the mma
-// kernel's instructions, ncu). Thread (row, tig, half) of the 8 threads of a row holds
-// the row's keys 8 nt + 2 tig + e for nt = 2 half, 2 half + 1 and e = 0, 1 (in v, that
-// order): the keys of quad lane tig in chunk_softmax, split in two. Every step matches
-// chunk_softmax's operands and order, so the bits are the same: the max over the 8
-// threads (order-free), m_new, alpha, P = exp(v - m_ref) per key, and each tig's sum of
-// its 8 P in (nt, e) order, formed in both halves from the pair's values (shuffle),
-// then the butterfly over tig ^ 1 and tig ^ 2. All 8 threads of the row end with the
-// same m_run, l_run and alpha.
+// The online softmax of one 32-key chunk of a row, spread over the row's 8 threads.
+// Thread (row, tig, half) holds keys 8 nt + 2 tig + e for nt = 2 half, 2 half + 1 and
+// e = 0, 1 (in v, that order): the keys of quad lane tig in the m16n8 accumulator
+// layout, split in two. The order is fixed (the CPU's Hopper model reproduces it): the
+// chunk's max over the 8 threads (order-free); m_new = max(m_run, it), its reference 0
+// while no key is valid (a chunk of missing keys gives P = 0, not NaN); alpha =
+// exp(m_run - m_ref); P = exp(v - m_ref) in place; each tig's sum of its 8 P in (nt, e)
+// order, formed in both halves from the pair's values (shuffle), then the butterfly
+// over tig ^ 1 and tig ^ 2; l = fma(l, alpha, sum). Both tensor-core attention kernels
+// run it. All 8 threads of the row end with the same m_run, l_run and alpha.
 __device__ __forceinline__ void row_softmax4(float (&v)[4], float& m_run, float& l_run, float& alpha) {
   float cmax = fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3]));
   cmax = fmaxf(cmax, __shfl_xor_sync(kFull, cmax, 1));  // the other half
@@ -1838,12 +1801,12 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
 //  * the segment's 64 keys are decoded once into a K tile (8 buffers of 64 keys x 64
 //    dims, 128-byte swizzle); Q sits in the same layout for the whole row;
 //  * S: warpgroup r chains the 8 k16 steps of dims quarter r from zero (m64n64,
-//    both operands from shared memory); warpgroups 1-3 leave their partials in
-//    shared memory and warpgroup 0 adds (((0 + p0) + p1) + p2) + p3 at its own
-//    fragment positions, the present kernel's order;
-//  * warpgroup 0 runs the online softmax per 32-key chunk (chunk_softmax, shared with
-//    the present kernel: its accumulator layout is the m16n8 tile's) and leaves
-//    bf16(P) [head][key] and alpha per head in shared memory;
+//    both operands from shared memory) and leaves its partial in shared memory;
+//    each of a head's 8 threads adds (((0 + p0) + p1) + p2) + p3 for its 4 keys of a
+//    32-key chunk, the present kernel's order;
+//  * the online softmax per 32-key chunk spread over all 512 threads as in the
+//    present kernel (row_softmax4, 8 threads a head), which leave bf16(P)
+//    [head][key], alpha and the segment's fold weights per head in shared memory;
 //  * O transposed: warpgroup r owns dims 128r .. 128r + 127 as two m64n64 tiles
 //    (rows dims, columns heads); per chunk o *= alpha(head), then two k16 steps with
 //    A = V^T from the K tile (ldmatrix.trans into the m16n8k16 A layout) and
@@ -1851,15 +1814,22 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
 //    and accumulator as the present kernel's two mma.sync steps;
 //  * the segment fold and the output as in attention_mma_kernel, the fold O in
 //    local memory (touched once a segment; 512 threads leave 128 registers each).
-// The next segment's records are fetched (cp.async) while the current one computes.
+// The next segment's records are fetched (cp.async) while the current one runs its
+// softmax and P.V products.
 namespace wg_attn {
 constexpr int kDh = 512, kHeads = 64, kSegKeys = 64, kThreads = 512;
 constexpr int kBuf = 64 * 128;  // 64 rows x 64 bf16, one swizzled buffer
 constexpr int kRowBytes = AttnLayout<kDh, 1>::kRowBytes;
 constexpr size_t kOffQ = 0;                               // Q [64 heads][512 dims], 8 buffers; output tile at the end
 constexpr size_t kOffK = kOffQ + 8 * kBuf;                // the segment's keys, 8 buffers
-constexpr size_t kOffS = kOffK + 8 * kBuf;                // S partials of warpgroups 1-3 [3][128][32] fp32; bf16(P)
-constexpr size_t kOffRaw = kOffS + 3 * 128 * 32 * 4;      // staged records [64][kRowBytes]
+constexpr int kSpStride = 64 + 8;                         // fp32, rows of the S partials
+constexpr size_t kOffS = kOffK + 8 * kBuf;                // bf16(P) [64 heads][64 keys], swizzled
+constexpr size_t kOffRaw = kOffS + 48 * 1024;             // staged records [64][kRowBytes]
+// The S partials [4 quarters][64 heads][kSpStride] fp32 take the P area and the start of
+// the staging area: the segment's records were decoded before them, and the next
+// segment's are fetched (and P written) only after every partial has been read.
+constexpr size_t kSpBytes = size_t(4) * kHeads * kSpStride * 4;
+static_assert(kOffS + kSpBytes <= kOffRaw + size_t(kSegKeys) * kRowBytes, "the S partials overrun the staging area");
 constexpr size_t kOffPtr = (kOffRaw + size_t(kSegKeys) * kRowBytes + 15) / 16 * 16;  // [2][64] key pointers
 constexpr size_t kOffType = kOffPtr + 2 * kSegKeys * 8;  // [2][64] key types
 constexpr size_t kOffHead = kOffType + 2 * kSegKeys * 4;  // per head: alpha of chunk 0, of chunk 1, fold a, b, denominator
@@ -1870,8 +1840,6 @@ constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
 inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 }  // namespace wg_attn
 
-__device__ __forceinline__ void wg0_barrier() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
-
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
@@ -1881,7 +1849,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   uint8_t* Qs = sm + W::kOffQ;
   uint8_t* Ks = sm + W::kOffK;
   float* Sp = reinterpret_cast<float*>(sm + W::kOffS);
-  uint8_t* Ps = sm + W::kOffS;  // bf16(P) [64 heads][64 keys], over the partials warpgroup 0 has read
+  uint8_t* Ps = sm + W::kOffS;  // bf16(P) [64 heads][64 keys], over the partials once they are read
   uint8_t* raw = sm + W::kOffRaw;
   const uint8_t** kptr = reinterpret_cast<const uint8_t**>(sm + W::kOffPtr);
   int* ktype = reinterpret_cast<int*>(sm + W::kOffType);
@@ -1896,11 +1864,10 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   __shared__ int s_count;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  // wg through a shuffle from lane 0: ptxas then knows it is warp-uniform, and the
-  // `if (wg == 0)` softmax block is no divergent path around the accumulators. With
-  // tid >> 7 it serialized the P.V wgmmas ("C7520 ... WG.AR in divergent path"), the
-  // likely reason this kernel measured 1-3% slower than attention_mma_kernel
-  // (docs/BENCHMARKS.md, tenth session). CUTLASS takes its warp-group index the same way.
+  // wg through a shuffle from lane 0: ptxas then knows it is warp-uniform. Taken as
+  // tid >> 7 inside a divergent block around the accumulators, it had ptxas serialize
+  // the P.V wgmmas ("C7520 ... WG.AR in divergent path"; docs/BENCHMARKS.md, tenth
+  // session). CUTLASS takes its warp-group index the same way.
   const int wg = __shfl_sync(kFull, tid >> 7, 0), wt = tid & 127, ww = wt >> 5;
   const int64_t tok = blockIdx.x;
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
@@ -1959,26 +1926,32 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     o[0][i] = o[1][i] = 0.0f;
     O_fold[i] = O_fold[32 + i] = 0.0f;
   }
-  // Warpgroup 0's softmax state for its rows (heads 16 ww + g, + 8).
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
-  float M_fold[2] = {-INFINITY, -INFINITY}, L_fold[2] = {0.0f, 0.0f};
+  // The softmax role of this thread (row_softmax4, as in attention_mma_kernel): head sr,
+  // quad lane stig and key half shalf; its row's running and folded (m, l).
+  const int sr = tid >> 3, stig = (tid >> 1) & 3, shalf = tid & 1;
+  const bool row_writer = stig == 0 && shalf == 0;
+  float m_run = -INFINITY, l_run = 0.0f, M_fold = -INFINITY, L_fold = 0.0f;
   const uint32_t q_base = smem_addr(Qs), k_base = smem_addr(Ks), p_base = smem_addr(Ps);
 
   for (int64_t seg = 0; seg < segs; ++seg) {
     const int buf = int(seg & 1);
     cp_async_wait<0>();
     __syncthreads();  // the records are here; the previous segment's readers of Ks and P are done
-    for (int i = tid; i < W::kSegKeys * (W::kDh / 8); i += W::kThreads) {  // key k, dims 8 pc ..
-      const int k = i % W::kSegKeys, pc = i / W::kSegKeys;
-      const uint4 v = decode_key8<W::kDh>(ktype[buf * W::kSegKeys + k], raw + size_t(k) * W::kRowBytes,
-                                          kptr + buf * W::kSegKeys + k, 8 * pc, lut);
-      *reinterpret_cast<uint4*>(Ks + (pc >> 3) * W::kBuf + tc::sw128_offset(k, pc & 7)) = v;
+    {  // thread (key k, piece p): dims 64 b + 8 p .. + 7 into buffer b; the key's type,
+       // record and swizzled row looked up once, not once a piece
+      static_assert(W::kThreads == W::kSegKeys * 8, "a thread per key and 16-byte piece of a buffer row");
+      const int k = tid % W::kSegKeys, piece = tid / W::kSegKeys;
+      const int type = ktype[buf * W::kSegKeys + k];
+      const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
+      uint8_t* dst = Ks + tc::sw128_offset(k, piece);
+#pragma unroll
+      for (int b = 0; b < W::kDh / 64; ++b) {
+        const uint4 v = decode_key8<W::kDh>(type, rec, kptr + buf * W::kSegKeys + k, 64 * b + 8 * piece, lut);
+        *reinterpret_cast<uint4*>(dst + b * W::kBuf) = v;
+      }
     }
     tc::fence_proxy_async();
     __syncthreads();  // the K tile is complete and the staging buffer free
-    if (seg + 1 < segs && warp == 0) resolve(seg + 1, buf ^ 1);
-    __syncthreads();
-    if (seg + 1 < segs) issue(buf ^ 1);
 
     // S partial of dims quarter wg (buffers 2 wg, 2 wg + 1): 8 chained k16 steps from zero.
     float acc[32];
@@ -1993,48 +1966,70 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
         tc::wgmma_bf16_ss<8>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off), (bb | j) != 0 ? 1 : 0);
       }
     tc::wgmma_commit();
+    // Warp 0 looks up the next segment's keys while the products run (the buffer's
+    // last readers finished in the previous segment); the barrier below orders them
+    // before issue().
+    if (seg + 1 < segs && warp == 0) resolve(seg + 1, buf ^ 1);
     tc::wgmma_wait_all();
-    if (wg > 0) {
-      float4* dst = reinterpret_cast<float4*>(Sp + (size_t(wg - 1) * 128 + wt) * 32);
+    // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
+    // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
+    // every thread takes a part of the softmax. With warpgroup 0 alone summing and
+    // running it, the other three waited ~a quarter of the kernel (ncu, batch 256).
+    {
+      float* part = Sp + size_t(wg) * W::kHeads * W::kSpStride;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) dst[i] = make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]);
+      for (int q = 0; q < 8; ++q) {
+        const int head = 16 * ww + g, key = 8 * q + 2 * t;
+        *reinterpret_cast<float2*>(part + head * W::kSpStride + key) = make_float2(acc[4 * q], acc[4 * q + 1]);
+        *reinterpret_cast<float2*>(part + (head + 8) * W::kSpStride + key) =
+            make_float2(acc[4 * q + 2], acc[4 * q + 3]);
+      }
     }
     __syncthreads();
-    if (wg == 0) {  // the full S at this thread's fragment positions, scaled, missing keys at -inf
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        float x = 0.0f + acc[i];
-#pragma unroll
-        for (int r = 0; r < 3; ++r) x += Sp[(size_t(r) * 128 + wt) * 32 + i];
-        const int key = 8 * (i >> 2) + 2 * t + (i & 1);
-        acc[i] = ktype[buf * W::kSegKeys + key] != 0 ? x * a.scale : -INFINITY;
-      }
-      wg0_barrier();  // every partial read before bf16(P) overwrites the first
-    }
-    // The segment's chunks (the row's last segment may hold one). Warpgroup 0 runs the
-    // softmax of both chunks first (chunk 1's needs only chunk 0's running max and
-    // sum), so S need not stay live across the products.
+    // S of this thread's keys 32c + 8 nt + 2 stig + e (nt = 2 shalf + j) of head sr: the
+    // four partials in quarter order, scaled, missing keys at -inf.
     const int seg_chunks = 2 * seg + 1 < chunks ? 2 : 1;
-    if (wg == 0) {
+    float sv[2][4];
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if (c == seg_chunks) break;
-        // Rows hh (heads 16 ww + g + 8 hh), keys 32c + 8qq + 2t + e: the mma.sync kernel's n-tile nt = qq.
-        float alpha[2];
-        chunk_softmax(acc + 16 * c, m_run, l_run, alpha);
-        const int h0 = 16 * ww + g;
+    for (int c = 0; c < 2; ++c)
 #pragma unroll
-        for (int qq = 0; qq < 4; ++qq) {
-          const int q = 4 * c + qq;  // keys 8q .. 8q + 7: piece q of the 128-byte row
-          *reinterpret_cast<uint32_t*>(Ps + tc::sw128_offset(h0, q) + 4 * t) = pack_bf16(acc[4 * q], acc[4 * q + 1]);
-          *reinterpret_cast<uint32_t*>(Ps + tc::sw128_offset(h0 + 8, q) + 4 * t) =
-              pack_bf16(acc[4 * q + 2], acc[4 * q + 3]);
+      for (int j = 0; j < 2; ++j) {
+        const int key = 32 * c + (2 * shalf + j) * 8 + 2 * stig;
+        float x0 = 0.0f, x1 = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float2 x = *reinterpret_cast<const float2*>(Sp + (size_t(r) * W::kHeads + sr) * W::kSpStride + key);
+          x0 += x.x;
+          x1 += x.y;
         }
-        if (t == 0) {
-          alpha_s[c * W::kHeads + h0] = alpha[0];
-          alpha_s[c * W::kHeads + h0 + 8] = alpha[1];
-        }
+        sv[c][2 * j] = ktype[buf * W::kSegKeys + key] != 0 ? x0 * a.scale : -INFINITY;
+        sv[c][2 * j + 1] = ktype[buf * W::kSegKeys + key + 1] != 0 ? x1 * a.scale : -INFINITY;
       }
+    __syncthreads();  // every partial read: bf16(P) takes their place, the next records the rest
+    if (seg + 1 < segs) issue(buf ^ 1);
+    // The segment's chunks in order (the row's last segment may hold one): bf16(P)
+    // [head][key] for the P.V wgmmas (K-major, 128-byte swizzle) and alpha per head.
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      if (c == seg_chunks) break;
+      float alpha;
+      row_softmax4(sv[c], m_run, l_run, alpha);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        *reinterpret_cast<uint32_t*>(Ps + tc::sw128_offset(sr, 4 * c + 2 * shalf + j) + 4 * stig) =
+            pack_bf16(sv[c][2 * j], sv[c][2 * j + 1]);
+      if (row_writer) alpha_s[c * W::kHeads + sr] = alpha;
+    }
+    {  // the segment is done: its (m, l) into the fold, in segment order
+      const FoldWeights w = fold_weights(M_fold, m_run);
+      if (row_writer) {
+        fold_a[sr] = w.a;
+        fold_b[sr] = w.b;
+      }
+      L_fold = fold_value(L_fold, l_run, w);
+      M_fold = w.m;
+      m_run = -INFINITY;
+      l_run = 0.0f;
     }
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the segment's chunks
@@ -2044,7 +2039,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       // o *= alpha(head), then keys 32c .. 32c + 31 as two k16 steps onto o.
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
-        const float a0 = alpha_s[c * W::kHeads + 8 * q + 2 * t], a1 = alpha_s[c * W::kHeads + 8 * q + 2 * t + 1];
+        const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
+        const float a0 = a01.x, a1 = a01.y;
 #pragma unroll
         for (int mb = 0; mb < 2; ++mb) {
           o[mb][4 * q] *= a0;
@@ -2074,22 +2070,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       tc::wgmma_commit();
       tc::wgmma_wait_all();
     }
-    // The segment is done: fold (o, m, l) into (O, M, L) in segment order.
-    if (wg == 0) {
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const FoldWeights w = fold_weights(M_fold[hh], m_run[hh]);
-        L_fold[hh] = fold_value(L_fold[hh], l_run[hh], w);
-        M_fold[hh] = w.m;
-        m_run[hh] = -INFINITY;
-        l_run[hh] = 0.0f;
-        if (t == 0) {
-          fold_a[16 * ww + g + 8 * hh] = w.a;
-          fold_b[16 * ww + g + 8 * hh] = w.b;
-        }
-      }
-    }
-    __syncthreads();
+    // The segment is done: fold o into O in segment order (the weights came with P).
 #pragma unroll
     for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
@@ -2104,13 +2085,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
 
   // O / (L + exp(sink - M)), bf16, staged as [head][dim] over Q; then the inverse RoPE
   // of the last 64 dims at p and the store, a pair of dims per thread and step.
-  if (wg == 0 && t == 0) {
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      const int h = 16 * ww + g + 8 * hh;
-      den_s[h] = attention_denominator(L_fold[hh], M_fold[hh], a.sink[h]);
-    }
-  }
+  if (row_writer) den_s[sr] = attention_denominator(L_fold, M_fold, a.sink[sr]);
   __syncthreads();
   uint16_t* tile = reinterpret_cast<uint16_t*>(Qs);
 #pragma unroll
