@@ -54,6 +54,7 @@ void cuda_attention_use_simple_kernels(bool simple);
 // Defined in cuda_attention.cu: false keeps each row of the fast attention in one CTA.
 void cuda_attention_split_keys(bool enabled);
 void cuda_attention_use_wgmma(int mode);
+int64_t cuda_attention_wgmma_split_launches();
 int64_t cuda_attention_wgmma_launches();
 
 namespace {
@@ -904,11 +905,13 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
     }
 }
 
-// The wgmma sparse attention (V4-Flash's 64 heads x 512 dims, one CTA a row) computes
+// The wgmma sparse attention (V4-Flash's 64 heads x 512 dims) computes
 // attention_mma_kernel's bits by construction (docs/design/cuda-attention.md): the
 // same rows forced through each kernel must give the same bytes, and the CPU's
-// Hopper model. Decode rows with 1 to 10 key segments (odd chunk counts included),
-// a prefill chunk, a pad row; every ratio.
+// Hopper model, whether the wgmma kernel takes a row in one CTA or spreads its key
+// segments over CTAs (the 44 rows here fill a third of an H100/H200's SMs). Decode
+// rows with 1 to 10 key segments (odd chunk counts included), a prefill chunk, a pad
+// row; every ratio.
 TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(314);
@@ -926,11 +929,18 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
     const int64_t before = cuda_attention_wgmma_launches();
     cuda_attention_use_wgmma(1);
     cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma);
-    cuda_attention_use_wgmma(-1);
     cuda_attention_split_keys(true);
-    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 1) << "the wgmma kernel did not run";
-    const Tensor hm = host(got_mma), hw = host(got_wgmma);
+    Tensor got_wgmma_split = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    const int64_t split_before = cuda_attention_wgmma_split_launches();
+    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma_split);
+    cuda_attention_use_wgmma(-1);
+    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 2) << "the wgmma kernel did not run";
+    if (cuda().properties().multiProcessorCount > a.b.rows()) {
+      EXPECT_EQ(cuda_attention_wgmma_split_launches(), split_before + 1) << "the wgmma kernel did not split the rows";
+    }
+    const Tensor hm = host(got_mma), hw = host(got_wgmma), hws = host(got_wgmma_split);
     expect_bytes_equal(hw.data(), hm.data(), hm.nbytes(), tag("wgmma vs mma.sync attention, " + a.name));
+    expect_bytes_equal(hws.data(), hm.data(), hm.nbytes(), tag("wgmma split over CTAs vs mma.sync, " + a.name));
     const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
     Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);

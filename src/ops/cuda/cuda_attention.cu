@@ -76,6 +76,7 @@ void cuda_attention_split_keys(bool enabled) { g_split_disabled.store(!enabled);
 namespace {
 std::atomic<int> g_wgmma_forced{-1};
 std::atomic<int64_t> g_wgmma_launches{0};
+std::atomic<int64_t> g_wgmma_split_launches{0};
 // The wgmma sparse attention (Dh 512, 64 heads, one CTA a row): on unless
 // DSV4_CUDA_ATTN_WGMMA=0 or a test forces it off (faster than attention_mma_kernel
 // from batch 64 since the nineteenth session, docs/BENCHMARKS.md).
@@ -83,12 +84,15 @@ bool attention_wgmma_wanted() {
   const int f = g_wgmma_forced.load(std::memory_order_relaxed);
   return f >= 0 ? f == 1 : !env_is("DSV4_CUDA_ATTN_WGMMA", "0");
 }
+// Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
+bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 }  // namespace
 
 // Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
-// off / on; its launches so far.
+// off / on; its launches so far, and those of them that split rows over CTAs.
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
+int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
 
 namespace {
 
@@ -1840,7 +1844,7 @@ constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
 inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 }  // namespace wg_attn
 
-__global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a) {
+__global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
   wait_for_predecessor();
@@ -1869,11 +1873,19 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // the P.V wgmmas ("C7520 ... WG.AR in divergent path"; docs/BENCHMARKS.md, tenth
   // session). CUTLASS takes its warp-group index the same way.
   const int wg = __shfl_sync(kFull, tid >> 7, 0), wt = tid & 127, ww = wt >> 5;
-  const int64_t tok = blockIdx.x;
+  // Split (sp.nsplit > 1): CTA split_id of the row takes its segments split_id,
+  // split_id + nsplit, ... and leaves each one's (o, m, l) to attention_combine_kernel,
+  // as attention_mma_kernel's split CTAs do; otherwise one CTA folds the whole row.
+  const bool split = sp.nsplit > 1;
+  const int split_id = int(blockIdx.x % unsigned(sp.nsplit));
+  const int64_t tok = blockIdx.x / unsigned(sp.nsplit);
+  const bool row_leader = split && split_id == 0 && tid == 0;
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
   const int32_t s = a.token_seq[tok];
   const int64_t p = a.positions[tok];
-  if (s < 0 || p < 0) {  // pad rows: zeros
+  if (s < 0 || p < 0) {  // pad rows: zeros (split: the combine kernel writes them)
+    if (row_leader) sp.segs[tok] = 0;
+    if (split) return;
     for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
     return;
   }
@@ -1882,6 +1894,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const int64_t n_keys = row_keys(a, tok, p, comp, &s_count, &n_win);
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
   const int64_t segs = (n_keys + W::kSegKeys - 1) / W::kSegKeys;
+  if (row_leader) sp.segs[tok] = int32_t(segs);
+  if (split_id >= segs) return;  // uniform over the CTA: no segment of the row is this CTA's
 
   for (int i = tid; i < W::kHeads * (W::kDh / 8); i += W::kThreads) {  // Q: 16-byte piece pc of head h
     const int h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
@@ -1914,7 +1928,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     cp_async_commit();
   };
   __syncthreads();  // comp[], Q, tables
-  if (warp == 0) resolve(0, 0);
+  if (warp == 0) resolve(split_id, 0);
   __syncthreads();
   issue(0);
 
@@ -1933,22 +1947,17 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   float m_run = -INFINITY, l_run = 0.0f, M_fold = -INFINITY, L_fold = 0.0f;
   const uint32_t q_base = smem_addr(Qs), k_base = smem_addr(Ks), p_base = smem_addr(Ps);
 
-  for (int64_t seg = 0; seg < segs; ++seg) {
-    const int buf = int(seg & 1);
+  int buf = 1;
+  for (int seg = split_id; seg < int(segs); seg += sp.nsplit) {
+    buf ^= 1;
+    const int next = seg + sp.nsplit;
     cp_async_wait<0>();
     __syncthreads();  // the records are here; the previous segment's readers of Ks and P are done
-    {  // thread (key k, piece p): dims 64 b + 8 p .. + 7 into buffer b; the key's type,
-       // record and swizzled row looked up once, not once a piece
-      static_assert(W::kThreads == W::kSegKeys * 8, "a thread per key and 16-byte piece of a buffer row");
-      const int k = tid % W::kSegKeys, piece = tid / W::kSegKeys;
-      const int type = ktype[buf * W::kSegKeys + k];
-      const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
-      uint8_t* dst = Ks + tc::sw128_offset(k, piece);
-#pragma unroll
-      for (int b = 0; b < W::kDh / 64; ++b) {
-        const uint4 v = decode_key8<W::kDh>(type, rec, kptr + buf * W::kSegKeys + k, 64 * b + 8 * piece, lut);
-        *reinterpret_cast<uint4*>(dst + b * W::kBuf) = v;
-      }
+    for (int i = tid; i < W::kSegKeys * (W::kDh / 8); i += W::kThreads) {  // key k, dims 8 pc ..
+      const int k = i % W::kSegKeys, pc = i / W::kSegKeys;
+      const uint4 v = decode_key8<W::kDh>(ktype[buf * W::kSegKeys + k], raw + size_t(k) * W::kRowBytes,
+                                          kptr + buf * W::kSegKeys + k, 8 * pc, lut);
+      *reinterpret_cast<uint4*>(Ks + (pc >> 3) * W::kBuf + tc::sw128_offset(k, pc & 7)) = v;
     }
     tc::fence_proxy_async();
     __syncthreads();  // the K tile is complete and the staging buffer free
@@ -1969,7 +1978,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     // Warp 0 looks up the next segment's keys while the products run (the buffer's
     // last readers finished in the previous segment); the barrier below orders them
     // before issue().
-    if (seg + 1 < segs && warp == 0) resolve(seg + 1, buf ^ 1);
+    if (next < segs && warp == 0) resolve(next, buf ^ 1);
     tc::wgmma_wait_all();
     // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
     // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
@@ -2006,7 +2015,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
         sv[c][2 * j + 1] = ktype[buf * W::kSegKeys + key + 1] != 0 ? x1 * a.scale : -INFINITY;
       }
     __syncthreads();  // every partial read: bf16(P) takes their place, the next records the rest
-    if (seg + 1 < segs) issue(buf ^ 1);
+    if (next < segs) issue(buf ^ 1);
     // The segment's chunks in order (the row's last segment may hold one): bf16(P)
     // [head][key] for the P.V wgmmas (K-major, 128-byte swizzle) and alpha per head.
 #pragma unroll
@@ -2020,7 +2029,10 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
             pack_bf16(sv[c][2 * j], sv[c][2 * j + 1]);
       if (row_writer) alpha_s[c * W::kHeads + sr] = alpha;
     }
-    {  // the segment is done: its (m, l) into the fold, in segment order
+    if (split) {  // the segment is done: its (m, l) for the combine kernel
+      if (row_writer)
+        *reinterpret_cast<float2*>(sp.ml + ((tok * W::kHeads + sr) * sp.max_segs + seg) * 2) = make_float2(m_run, l_run);
+    } else {  // the segment is done: its (m, l) into the fold, in segment order
       const FoldWeights w = fold_weights(M_fold, m_run);
       if (row_writer) {
         fold_a[sr] = w.a;
@@ -2028,9 +2040,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       }
       L_fold = fold_value(L_fold, l_run, w);
       M_fold = w.m;
-      m_run = -INFINITY;
-      l_run = 0.0f;
     }
+    m_run = -INFINITY;
+    l_run = 0.0f;
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the segment's chunks
 #pragma unroll
@@ -2070,18 +2082,31 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       tc::wgmma_commit();
       tc::wgmma_wait_all();
     }
-    // The segment is done: fold o into O in segment order (the weights came with P).
+    // The segment is done: o to the split's partials, or folded into O in segment
+    // order (the weights came with P).
+    if (split) {  // head h at row (tok, h, seg) of the partials, h * max_segs rows on
+      const int head_stride = sp.max_segs * W::kDh;
+      float* po = sp.o + ((tok * W::kHeads) * sp.max_segs + seg) * W::kDh + 2 * t * head_stride + 128 * wg + 16 * ww + g;
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb)
+      for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int h = 8 * (i >> 2) + 2 * t + (i & 1);
-        const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
-        O_fold[32 * mb + i] = fold_value(O_fold[32 * mb + i], o[mb][i], w);
-        o[mb][i] = 0.0f;
-      }
+        for (int i = 0; i < 32; ++i)
+          po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = o[mb][i];
+    } else {
+#pragma unroll
+      for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int h = 8 * (i >> 2) + 2 * t + (i & 1);
+          const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
+          O_fold[32 * mb + i] = fold_value(O_fold[32 * mb + i], o[mb][i], w);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.0f;
   }
   cp_async_wait<0>();
+  if (split) return;  // attention_combine_kernel finishes the row
 
   // O / (L + exp(sink - M)), bf16, staged as [head][dim] over Q; then the inverse RoPE
   // of the last 64 dims at p and the store, a pair of dims per thread and step.
@@ -2424,28 +2449,44 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   }
   const size_t limit = properties().sharedMemPerBlockOptin;
   const int num_sms = properties().multiProcessorCount;
-  // Split a row's key segments over CTAs while the rows alone would not fill the
-  // SMs, and while the partials stay small (they cost a write and a read).
-  AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
-  const int64_t row_ctas = T * ((H + 15) / 16);
+  // Split a row's key segments over CTAs while the rows alone (row_ctas CTAs each)
+  // would not fill the SMs, and while the partials stay small (they cost a write and
+  // a read).
   const int64_t max_segs = (a.max_keys + kSegmentKeys - 1) / kSegmentKeys;
-  const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
-  if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= (size_t(64) << 20)) {
-    sp.nsplit = int(std::min<int64_t>(max_segs, (num_sms + row_ctas - 1) / row_ctas));
-    sp.max_segs = int(max_segs);
-    sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
-    sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
-    sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
+  const auto make_split = [&](int64_t row_ctas) {
+    AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
+    const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
+    if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= (size_t(64) << 20)) {
+      sp.nsplit = int(std::min<int64_t>(max_segs, (num_sms + row_ctas - 1) / row_ctas));
+      sp.max_segs = int(max_segs);
+      sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
+      sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
+      sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
+    }
+    return sp;
+  };
+  // V4-Flash's shape: the wgmma kernel (the same bits), one CTA a row or, for few
+  // rows, the row's segments spread over CTAs. A single row stays on the mma.sync
+  // kernel's split (CTAs of 16 heads: 4x as many for its few segments), where the
+  // wgmma split showed no gain (bench-1g, nineteenth session: +0.15% a step, within
+  // the noise; -0.3 / -1.9 / -1.8 / -1.5% at 2 / 4 / 8 / 16 rows).
+  // DSV4_CUDA_ATTN_WGMMA_SPLIT=0 leaves every split launch to attention_mma_kernel.
+  if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit) {
+    const AttnSplit sp = make_split(T);
+    if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
+      allow_smem(attention_wgmma_kernel, wg_attn::bytes(a.K));
+      attention_wgmma_kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
+      check_launch(stream_);
+      g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+      if (sp.nsplit > 1) {
+        g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
+        attention_combine_kernel<wg_attn::kDh><<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
+        check_launch(stream_);
+      }
+      return;
+    }
   }
-  // V4-Flash's shape with one CTA a row: the wgmma kernel (the same bits), where switched on.
-  if (Dh == wg_attn::kDh && H == wg_attn::kHeads && sp.nsplit == 1 && attention_wgmma_wanted() &&
-      wg_attn::bytes(a.K) <= limit) {
-    allow_smem(attention_wgmma_kernel, wg_attn::bytes(a.K));
-    attention_wgmma_kernel<<<unsigned(T), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a);
-    check_launch(stream_);
-    g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
+  const AttnSplit sp = make_split(T * ((H + 15) / 16));
   if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
   else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
 }
