@@ -1281,6 +1281,28 @@ __device__ __forceinline__ float fold_value(float run, float seg, const FoldWeig
   return __fmaf_rn(seg, w.b, __fmul_rn(run, w.a));
 }
 
+// A row's segment is done (called by its softmax threads, with the row's running and
+// folded (m, l)): a split CTA leaves (m, l) at ml_at() for attention_combine_kernel
+// (stored by ml_writer); one CTA a row folds it into (M, L) in segment order and
+// leaves the weights of the value fold at wa, wb (stored by writer).
+template <class MlAt>
+__device__ __forceinline__ void finish_segment(bool split, bool writer, bool ml_writer, MlAt ml_at, float* wa,
+                                               float* wb, float& m_run, float& l_run, float& M_fold, float& L_fold) {
+  if (split) {
+    if (ml_writer) *reinterpret_cast<float2*>(ml_at()) = make_float2(m_run, l_run);
+  } else {
+    const FoldWeights w = fold_weights(M_fold, m_run);
+    if (writer) {
+      *wa = w.a;
+      *wb = w.b;
+    }
+    L_fold = fold_value(L_fold, l_run, w);
+    M_fold = w.m;
+  }
+  m_run = -INFINITY;
+  l_run = 0.0f;
+}
+
 // The softmax denominator with the head's sink (spec §5.6).
 __device__ __forceinline__ float attention_denominator(float l, float m, float sink) {
   return __fadd_rn(l, core::exp_f32_portable(sink - m));
@@ -1643,21 +1665,8 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
       if (writer) row_alpha[sr] = alpha;
       if (seg_end) {  // the segment is done: its (m, l) into the fold (or the split's partials)
         const int64_t h = h0 + sr;
-        if (split) {
-          if (writer && h < H)
-            *reinterpret_cast<float2*>(sp.ml + ((t * H + h) * sp.max_segs + c / kSegmentChunks) * 2) =
-                make_float2(m_run, l_run);
-        } else {
-          const FoldWeights w = fold_weights(M_fold, m_run);
-          if (writer) {
-            row_wa[sr] = w.a;
-            row_wb[sr] = w.b;
-          }
-          L_fold = fold_value(L_fold, l_run, w);
-          M_fold = w.m;
-        }
-        m_run = -INFINITY;
-        l_run = 0.0f;
+        const auto ml_at = [&] { return sp.ml + ((t * H + h) * sp.max_segs + c / kSegmentChunks) * 2; };
+        finish_segment(split, writer, writer && h < H, ml_at, &row_wa[sr], &row_wb[sr], m_run, l_run, M_fold, L_fold);
       }
     }
     __syncthreads();  // P and the row factors
@@ -2029,20 +2038,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
             pack_bf16(sv[c][2 * j], sv[c][2 * j + 1]);
       if (row_writer) alpha_s[c * W::kHeads + sr] = alpha;
     }
-    if (split) {  // the segment is done: its (m, l) for the combine kernel
-      if (row_writer)
-        *reinterpret_cast<float2*>(sp.ml + ((tok * W::kHeads + sr) * sp.max_segs + seg) * 2) = make_float2(m_run, l_run);
-    } else {  // the segment is done: its (m, l) into the fold, in segment order
-      const FoldWeights w = fold_weights(M_fold, m_run);
-      if (row_writer) {
-        fold_a[sr] = w.a;
-        fold_b[sr] = w.b;
-      }
-      L_fold = fold_value(L_fold, l_run, w);
-      M_fold = w.m;
-    }
-    m_run = -INFINITY;
-    l_run = 0.0f;
+    const auto ml_at = [&] { return sp.ml + ((tok * W::kHeads + sr) * sp.max_segs + seg) * 2; };
+    finish_segment(split, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the segment's chunks
 #pragma unroll
