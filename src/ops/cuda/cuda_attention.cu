@@ -77,9 +77,9 @@ namespace {
 std::atomic<int> g_wgmma_forced{-1};
 std::atomic<int64_t> g_wgmma_launches{0};
 std::atomic<int64_t> g_wgmma_split_launches{0};
-// The wgmma sparse attention (Dh 512, 64 heads, one CTA a row): on unless
-// DSV4_CUDA_ATTN_WGMMA=0 or a test forces it off (faster than attention_mma_kernel
-// from batch 64 since the nineteenth session, docs/BENCHMARKS.md).
+// The wgmma sparse attention (Dh 512, 64 heads): on unless DSV4_CUDA_ATTN_WGMMA=0 or a
+// test forces it off (faster than attention_mma_kernel at 4 to 256 rows of bench-1g,
+// nineteenth session, docs/BENCHMARKS.md).
 bool attention_wgmma_wanted() {
   const int f = g_wgmma_forced.load(std::memory_order_relaxed);
   return f >= 0 ? f == 1 : !env_is("DSV4_CUDA_ATTN_WGMMA", "0");
@@ -1992,7 +1992,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
     // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
     // every thread takes a part of the softmax. With warpgroup 0 alone summing and
-    // running it, the other three waited ~a quarter of the kernel (ncu, batch 256).
+    // running it, the other three waited: a third of the stall samples (ncu, batch 256).
     {
       float* part = Sp + size_t(wg) * W::kHeads * W::kSpStride;
 #pragma unroll
