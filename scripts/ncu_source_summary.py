@@ -12,10 +12,17 @@
 - with --listing P, the instructions executed at least P% as often as the most
   executed one, in address order, each with its count per iteration and its stall
   samples: the loop's SASS, to attribute the mix to source (the eighteenth session
-  read the FP4 stage's scale conversion and decode this way).
+  read the FP4 stage's scale conversion and decode this way);
+- with --regions P, the SASS cut at its synchronization points (barriers, memory
+  barriers, wgmma waits, exits) into address-ordered regions, each holding at least
+  P% of the stall samples printed with its share, its instructions per iteration,
+  its top stall reasons and the instruction that ends it: where a kernel of phases
+  spends its time (the nineteenth session found the wgmma attention's warpgroups
+  waiting on one another this way). A barrier's waiting is sampled on the
+  instruction after it, so it counts in the region that follows the barrier.
 
 How the seventeenth session read the FP4 expert GEMM (docs/BENCHMARKS.md).
-Usage: scripts/ncu_source_summary.py [--top N] [--ops N] [--listing P] FILE [FILE...]"""
+Usage: scripts/ncu_source_summary.py [--top N] [--ops N] [--listing P] [--regions P] FILE [FILE...]"""
 import collections
 import csv
 import gzip
@@ -68,7 +75,33 @@ def short_name(name):
     return re.sub(r"\w+::", "", name)
 
 
-def summarize(path, name, header, rows, top, ops, listing):
+SYNC_POINT = re.compile(r"^(BAR\.(SYNC|RED|ARV)|BAR\s|MEMBAR|WARPGROUP\.DEPBAR|EXIT|SYNCS\.)")
+
+
+def print_regions(rows, col, executed, hottest, stalls, samples, min_share):
+    """Regions of the SASS between synchronization points, in address order."""
+    src, ns = col["Source"], col["# Samples"]
+    address = col.get("Address")
+    print(f"  regions between synchronization points holding >= {min_share:g}% of the stall samples:")
+    print(f"  {'from':>8s} {'to':>8s} {'samples':>7s} {'share':>6s} {'per iter':>8s}  top reasons; ends with")
+    start, n_samples, n_instr = 0, 0, 0.0
+    reasons = collections.Counter()
+    where = (lambda k: rows[k][address][-6:]) if address is not None else str
+    for i, (r, n) in enumerate(zip(rows, executed)):
+        n_samples += number(r[ns])
+        n_instr += n / hottest
+        for h in stalls:
+            reasons[h[6:]] += number(r[col[h]])
+        if SYNC_POINT.match(re.sub(r"^@!?U?P[T0-9]+\s+", "", r[src].strip())) or i == len(rows) - 1:
+            if samples and 100 * n_samples >= min_share * samples:
+                top3 = ", ".join(f"{h} {100 * v / n_samples:.0f}%" for h, v in reasons.most_common(3) if v)
+                print(f"  {where(start):>8s} {where(i):>8s} {n_samples:7d} {100 * n_samples / samples:5.1f}%"
+                      f" {n_instr:8.1f}  {top3}; {r[src].strip()[:48]}")
+            start, n_samples, n_instr = i + 1, 0, 0.0
+            reasons = collections.Counter()
+
+
+def summarize(path, name, header, rows, top, ops, listing, regions=None):
     col = {h: i for i, h in enumerate(header)}
     for need in ("Source", "Instructions Executed", "# Samples"):
         if need not in col:
@@ -99,6 +132,8 @@ def summarize(path, name, header, rows, top, ops, listing):
         reasons = sorted(((number(r[col[h]]), h[6:]) for h in stalls), reverse=True)[:3]
         print(f"  {number(r[ns]):7d}  {r[src].strip()[:64]:64s} " +
               " ".join(f"{h}:{v}" for v, h in reasons if v))
+    if regions is not None and hottest:
+        print_regions(rows, col, executed, hottest, stalls, samples, regions)
     if listing is not None and hottest:
         address = col.get("Address")
         print(f"  instructions executed >= {listing:g}% as often as the most executed one, in address order:")
@@ -110,18 +145,22 @@ def summarize(path, name, header, rows, top, ops, listing):
 
 
 def main(argv):
-    top, ops, listing = 15, 20, None
-    usage = "usage: scripts/ncu_source_summary.py [--top N] [--ops N] [--listing P] FILE [FILE...]"
-    while argv[:1] in (["--top"], ["--ops"], ["--listing"]):
+    top, ops, listing, regions = 15, 20, None, None
+    usage = "usage: scripts/ncu_source_summary.py [--top N] [--ops N] [--listing P] [--regions P] FILE [FILE...]"
+    while argv[:1] in (["--top"], ["--ops"], ["--listing"], ["--regions"]):
         if len(argv) < 2:
             sys.exit(usage)
-        if argv[0] == "--listing":
+        if argv[0] in ("--listing", "--regions"):
             try:
-                listing = float(argv[1])
+                share = float(argv[1])
             except ValueError:
-                sys.exit(f"--listing takes a percentage (0-100), not {argv[1]!r}; {usage}")
-            if not 0 <= listing <= 100:
-                sys.exit(f"--listing takes a percentage (0-100), not {argv[1]!r}; {usage}")
+                share = -1.0
+            if not 0 <= share <= 100:
+                sys.exit(f"{argv[0]} takes a percentage (0-100), not {argv[1]!r}; {usage}")
+            if argv[0] == "--listing":
+                listing = share
+            else:
+                regions = share
         elif not argv[1].isdigit():
             sys.exit(usage)
         elif argv[0] == "--top":
@@ -139,7 +178,7 @@ def main(argv):
             if key in seen:  # (an export may repeat a kernel's block)
                 continue
             seen.add(key)
-            summarize(path, name, header, rows, top, ops, listing)
+            summarize(path, name, header, rows, top, ops, listing, regions)
     return 0
 
 
