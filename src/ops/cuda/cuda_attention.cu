@@ -1881,7 +1881,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // tid >> 7 inside a divergent block around the accumulators, it had ptxas serialize
   // the P.V wgmmas ("C7520 ... WG.AR in divergent path"; docs/BENCHMARKS.md, tenth
   // session). CUTLASS takes its warp-group index the same way.
-  const int wg = __shfl_sync(kFull, tid >> 7, 0), wt = tid & 127, ww = wt >> 5;
+  const int wg = __shfl_sync(kFull, tid >> 7, 0), ww = warp & 3;
   // Split (sp.nsplit > 1): CTA split_id of the row takes its segments split_id,
   // split_id + nsplit, ... and leaves each one's (o, m, l) to attention_combine_kernel,
   // as attention_mma_kernel's split CTAs do; otherwise one CTA folds the whole row.
