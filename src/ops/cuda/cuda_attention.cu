@@ -1401,11 +1401,67 @@ __device__ __forceinline__ void row_softmax4(float (&v)[4], float& m_run, float&
   l_run = __fmaf_rn(l_run, alpha, psum);
 }
 
+// Eight e4m3 codes (one uint2, code e in byte e % 4 of word e / 4) times their
+// UE8M0 block scale sc, as 8 bf16 values (one uint4). An e4m3 value times a power of
+// two is exact in bf16 (the fp32 product's low 16 bits are zero) unless it falls
+// below bf16's normal range or is a NaN; then the upper 16 bits are the bf16 value:
+// one byte permute per pair instead of two roundings (~60 of the decode's ~100
+// instructions per 8 values, ncu at batch 64). The codes' values come from the
+// hardware conversion (the table's values, ~half the instructions and no table loads).
+// Returns false, with v undefined, where a code is NaN or a product is not exact: the
+// caller then takes e4m3x8_scaled_bf16. Branch-free, so that a loop of them overlaps.
+__device__ __forceinline__ bool e4m3x8_scaled_bf16_exact(uint2 codes, float sc, uint4& v) {
+  const uint32_t cw[2] = {codes.x, codes.y};
+  float f[8];
+#pragma unroll
+  for (int p2 = 0; p2 < 4; ++p2) {
+    const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
+    f[2 * p2] = __fmul_rn(x.x, sc);
+    f[2 * p2 + 1] = __fmul_rn(x.y, sc);
+  }
+  uint32_t low = 0;  // the low 16 bits of all 8 products
+#pragma unroll
+  for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
+  uint32_t vw[4];
+#pragma unroll
+  for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
+  v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+  return !(e4m3x4_has_nan(cw[0]) | e4m3x4_has_nan(cw[1])) && (low & 0xffffu) == 0;
+}
+// The same for every input: the common case above, else the values by the table where
+// a code is NaN (whose bits the table keeps) and each product rounded to bf16.
+__device__ __forceinline__ uint4 e4m3x8_scaled_bf16(uint2 codes, float sc, const float* lut) {
+  uint4 v;
+  if (e4m3x8_scaled_bf16_exact(codes, sc, v)) return v;
+  const uint32_t cw[2] = {codes.x, codes.y};
+  float f[8];
+  if (!(e4m3x4_has_nan(cw[0]) | e4m3x4_has_nan(cw[1]))) {
+#pragma unroll
+    for (int p2 = 0; p2 < 4; ++p2) {
+      const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
+      f[2 * p2] = __fmul_rn(x.x, sc);
+      f[2 * p2 + 1] = __fmul_rn(x.y, sc);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
+  }
+  uint32_t low = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
+  uint32_t vw[4];
+#pragma unroll
+  for (int w2 = 0; w2 < 4; ++w2)
+    vw[w2] = (low & 0xffffu) == 0 ? __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632)
+                                  : pack_bf16(f[2 * w2], f[2 * w2 + 1]);
+  return make_uint4(vw[0], vw[1], vw[2], vw[3]);
+}
+
 // Dims d0 .. d0 + 7 of one key as 8 bf16 values (one uint4): a staged KV record's
-// e4m3 codes times their UE8M0 block scale (type 1), its bf16 rope part, this step's
-// bf16 kv row (type 2, the row *row_ptr points at; read only then) or zeros (type 0,
-// a missing key). Both tensor-core attention kernels decode through it, so their key
-// tiles hold the same bits.
+// e4m3 codes times their UE8M0 block scale (type 1, e4m3x8_scaled_bf16), its bf16
+// rope part, this step's bf16 kv row (type 2, the row *row_ptr points at; read only
+// then) or zeros (type 0, a missing key). The tensor-core attention kernels decode
+// through these functions, so their key tiles hold the same bits.
 template <int DH>
 __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const uint8_t* const* row_ptr, int d0,
                                              const float* lut) {
@@ -1414,40 +1470,7 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
     constexpr int kNope = DH - kRope;
     if (d0 < kNope) {
       const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
-      const float sc = core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]);
-      const uint32_t cw[2] = {codes.x, codes.y};
-      float f[8];
-      // The codes' values by the hardware conversion (the table's values, ~half the
-      // instructions and no table loads), or by the table where a code is NaN, whose
-      // bits the table keeps.
-      if (!(e4m3x4_has_nan(cw[0]) | e4m3x4_has_nan(cw[1]))) {
-#pragma unroll
-        for (int p2 = 0; p2 < 4; ++p2) {
-          const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
-          f[2 * p2] = __fmul_rn(x.x, sc);
-          f[2 * p2 + 1] = __fmul_rn(x.y, sc);
-        }
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
-      }
-      uint32_t low = 0;  // the low 16 bits of all 8 products
-#pragma unroll
-      for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
-      // An e4m3 value times a power of two is exact in bf16 (the product's low 16
-      // bits are zero) unless it falls below bf16's normal range or is a NaN. When
-      // all 8 are exact, their upper 16 bits are the bf16 values: one byte permute
-      // per pair instead of two roundings (~60 of the decode's ~100 instructions per
-      // 8 values, ncu at batch 64); otherwise the rounding pack.
-      uint32_t vw[4];
-      if ((low & 0xffffu) == 0) {
-#pragma unroll
-        for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
-      } else {
-#pragma unroll
-        for (int w2 = 0; w2 < 4; ++w2) vw[w2] = pack_bf16(f[2 * w2], f[2 * w2 + 1]);
-      }
-      v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+      v = e4m3x8_scaled_bf16(codes, core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]), lut);
     } else {
       const uint2* src = reinterpret_cast<const uint2*>(rec + kNope + 2 * (d0 - kNope));
       const uint2 x0 = src[0], x1 = src[1];
@@ -1962,11 +1985,39 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     const int next = seg + sp.nsplit;
     cp_async_wait<0>();
     __syncthreads();  // the records are here; the previous segment's readers of Ks and P are done
-    for (int i = tid; i < W::kSegKeys * (W::kDh / 8); i += W::kThreads) {  // key k, dims 8 pc ..
-      const int k = i % W::kSegKeys, pc = i / W::kSegKeys;
-      const uint4 v = decode_key8<W::kDh>(ktype[buf * W::kSegKeys + k], raw + size_t(k) * W::kRowBytes,
-                                          kptr + buf * W::kSegKeys + k, 8 * pc, lut);
-      *reinterpret_cast<uint4*>(Ks + (pc >> 3) * W::kBuf + tc::sw128_offset(k, pc & 7)) = v;
+    {  // key k, dims 8 (c0 + 8 j) .. + 7 for j = 0..7: one piece of each 64-dim block (K buffer j)
+      static_assert(W::kThreads == 8 * W::kSegKeys && W::kDh == 8 * 64, "a thread a key and a piece of each block");
+      constexpr int kNope = W::kDh - kRope;
+      const int k = tid % W::kSegKeys, c0 = tid / W::kSegKeys, type = ktype[buf * W::kSegKeys + k];
+      const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
+      uint8_t* dst = Ks + tc::sw128_offset(k, c0);
+      if (type == 1) {
+        // The e4m3 pieces by the branch-free common case, so that they overlap (one
+        // decode_key8 after another, each with its branches, they did not); where one
+        // is not exact, all are redone by the full path (the same bits either way).
+        bool exact = true;
+#pragma unroll
+        for (int j = 0; j < kNope / 64; ++j) {
+          uint4 v;
+          exact &= e4m3x8_scaled_bf16_exact(*reinterpret_cast<const uint2*>(rec + 64 * j + 8 * c0),
+                                            core::e8m0_to_float(rec[kNope + 2 * kRope + j]), v);
+          *reinterpret_cast<uint4*>(dst + j * W::kBuf) = v;
+        }
+        if (!exact) {
+          for (int j = 0; j < kNope / 64; ++j)
+            *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
+                e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * j + 8 * c0),
+                                   core::e8m0_to_float(rec[kNope + 2 * kRope + j]), lut);
+        }
+        const uint2* r = reinterpret_cast<const uint2*>(rec + kNope + 16 * c0);  // the bf16 rope dims
+        const uint2 x0 = r[0], x1 = r[1];
+        *reinterpret_cast<uint4*>(dst + (kNope / 64) * W::kBuf) = make_uint4(x0.x, x0.y, x1.x, x1.y);
+      } else {
+#pragma unroll 1
+        for (int j = 0; j < W::kDh / 64; ++j)
+          *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
+              decode_key8<W::kDh>(type, rec, kptr + buf * W::kSegKeys + k, 8 * (c0 + 8 * j), lut);
+      }
     }
     tc::fence_proxy_async();
     __syncthreads();  // the K tile is complete and the staging buffer free
