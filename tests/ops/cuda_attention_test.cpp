@@ -948,6 +948,61 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
   }
 }
 
+// Records the common-case decode does not take: blocks whose UE8M0 scale is 2^-127
+// (products below bf16's normal range, rounded) and a NaN code (the table's value).
+// The wgmma kernel decodes a key's e4m3 pieces by the branch-free common case and redoes
+// them by the full path where one is not exact; attention_mma_kernel decodes every piece
+// by the full path (decode_key8). Same bytes, NaN rows aside (their payloads are not part
+// of the contract). The records are poked on the GPU only, so the CPU is not compared.
+TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
+  if (simple()) GTEST_SKIP() << "a fast-path kernel";
+  Rng rng(315);
+  const AttnShape sh{64, 512, 128, 512};
+  for (int64_t ratio : {4, 128}) {
+    AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 2}, {2, 77, 1}}, 0, rng);
+    int64_t poked_scales = 0;
+    for (Tensor* t : {&a.c.gpu.window, &a.c.gpu.rows}) {
+      Tensor h = host(*t);
+      const int64_t bytes = h.size(h.ndim() - 1), n = h.numel() / bytes;
+      ASSERT_EQ(bytes, kv_row_bytes(sh.Dh, kRope));
+      for (int64_t r = 0; r < n; ++r) {
+        uint8_t* rec = h.as<uint8_t>() + r * bytes;
+        if (r % 5 == 0) {
+          rec[kv_row_scale_offset(sh.Dh, kRope) + r % 7] = 0;  // block r % 7 at 2^-127
+          poked_scales += 1;
+        }
+        if (t == &a.c.gpu.rows && r == 37) rec[r % (sh.Dh - kRope)] = 0x7f;  // one NaN code
+      }
+      cuda().upload(*t, h.data(), h.nbytes());
+    }
+    ASSERT_GT(poked_scales, 0);
+    const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
+    const RopeTable drope = dev_rope(a.rope);
+    Tensor got_mma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    Tensor got_wgmma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    cuda_attention_split_keys(false);
+    cuda_attention_use_wgmma(0);
+    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_mma);
+    const int64_t before = cuda_attention_wgmma_launches();
+    cuda_attention_use_wgmma(1);
+    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma);
+    cuda_attention_use_wgmma(-1);
+    cuda_attention_split_keys(true);
+    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 1) << "the wgmma kernel did not run";
+    const Tensor hm = host(got_mma), hw = host(got_wgmma);
+    const auto is_nan = [](uint16_t x) { return (x & 0x7f80u) == 0x7f80u && (x & 0x007fu) != 0; };
+    int64_t differ = 0, nans = 0, finite = 0;
+    for (int64_t i = 0; i < hm.numel(); ++i) {
+      const uint16_t m = hm.as<uint16_t>()[i], w = hw.as<uint16_t>()[i];
+      if (is_nan(m) && is_nan(w)) nans += 1;
+      else if (m != w) differ += 1;
+      else finite += 1;
+    }
+    EXPECT_EQ(differ, 0) << tag("wgmma vs mma.sync attention on rare records, " + a.name);
+    EXPECT_GT(finite, 0) << tag("every output NaN: the check would mean nothing, " + a.name);
+  }
+}
+
 // ---- a whole layer over several steps -----------------------------------------------------------------
 
 // Per step, on both backends: kv_rope_quant, (CSA: indexer compressor, indexer_q,
