@@ -949,7 +949,8 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
 }
 
 // Records the common-case decode does not take: blocks whose UE8M0 scale is 2^-127
-// (products below bf16's normal range, rounded) and a NaN code (the table's value).
+// holding a code whose product falls below bf16's range (rounded) and a NaN code (the
+// table's value).
 // The wgmma kernel decodes a key's e4m3 pieces by the branch-free common case and redoes
 // them by the full path where one is not exact; attention_mma_kernel decodes every piece
 // by the full path (decode_key8). Same bytes, NaN rows aside (their payloads are not part
@@ -967,8 +968,9 @@ TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
       ASSERT_EQ(bytes, kv_row_bytes(sh.Dh, kRope));
       for (int64_t r = 0; r < n; ++r) {
         uint8_t* rec = h.as<uint8_t>() + r * bytes;
-        if (r % 5 == 0) {
-          rec[kv_row_scale_offset(sh.Dh, kRope) + r % 7] = 0;  // block r % 7 at 2^-127
+        if (r % 5 == 0) {  // block r % 7 at 2^-127, with one code 2^-9: 2^-136, below bf16's range (rounded)
+          rec[kv_row_scale_offset(sh.Dh, kRope) + r % 7] = 0;
+          rec[64 * (r % 7) + r % 64] = 0x01;
           poked_scales += 1;
         }
         if (t == &a.c.gpu.rows && r == 37) rec[r % (sh.Dh - kRope)] = 0x7f;  // one NaN code
