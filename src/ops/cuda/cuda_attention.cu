@@ -1401,6 +1401,23 @@ __device__ __forceinline__ void row_softmax4(float (&v)[4], float& m_run, float&
   l_run = __fmaf_rn(l_run, alpha, psum);
 }
 
+// f = the 8 codes' values (hardware conversion: NaN codes give the hardware's NaN) times sc.
+__device__ __forceinline__ void e4m3x8_times(uint2 codes, float sc, float (&f)[8]) {
+  const uint32_t cw[2] = {codes.x, codes.y};
+#pragma unroll
+  for (int p2 = 0; p2 < 4; ++p2) {
+    const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
+    f[2 * p2] = __fmul_rn(x.x, sc);
+    f[2 * p2 + 1] = __fmul_rn(x.y, sc);
+  }
+}
+// Whether all 8 products are exact in bf16 (their low 16 bits zero).
+__device__ __forceinline__ bool bf16_exact8(const float (&f)[8]) {
+  uint32_t low = 0;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
+  return (low & 0xffffu) == 0;
+}
 // Eight e4m3 codes (one uint2, code e in byte e % 4 of word e / 4) times their
 // UE8M0 block scale sc, as 8 bf16 values (one uint4). An e4m3 value times a power of
 // two is exact in bf16 (the fp32 product's low 16 bits are zero) unless it falls
@@ -1411,50 +1428,44 @@ __device__ __forceinline__ void row_softmax4(float (&v)[4], float& m_run, float&
 // Returns false, with v undefined, where a code is NaN or a product is not exact: the
 // caller then takes e4m3x8_scaled_bf16. Branch-free, so that a loop of them overlaps.
 __device__ __forceinline__ bool e4m3x8_scaled_bf16_exact(uint2 codes, float sc, uint4& v) {
-  const uint32_t cw[2] = {codes.x, codes.y};
   float f[8];
-#pragma unroll
-  for (int p2 = 0; p2 < 4; ++p2) {
-    const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
-    f[2 * p2] = __fmul_rn(x.x, sc);
-    f[2 * p2 + 1] = __fmul_rn(x.y, sc);
-  }
-  uint32_t low = 0;  // the low 16 bits of all 8 products
-#pragma unroll
-  for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
+  e4m3x8_times(codes, sc, f);
   uint32_t vw[4];
 #pragma unroll
   for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
   v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
-  return !(e4m3x4_has_nan(cw[0]) | e4m3x4_has_nan(cw[1])) && (low & 0xffffu) == 0;
+  return !(e4m3x4_has_nan(codes.x) | e4m3x4_has_nan(codes.y)) & bf16_exact8(f);  // (&: no branch)
 }
 // The same for every input: the common case above, else the values by the table where
 // a code is NaN (whose bits the table keeps) and each product rounded to bf16.
 __device__ __forceinline__ uint4 e4m3x8_scaled_bf16(uint2 codes, float sc, const float* lut) {
   uint4 v;
   if (e4m3x8_scaled_bf16_exact(codes, sc, v)) return v;
-  const uint32_t cw[2] = {codes.x, codes.y};
   float f[8];
-  if (!(e4m3x4_has_nan(cw[0]) | e4m3x4_has_nan(cw[1]))) {
-#pragma unroll
-    for (int p2 = 0; p2 < 4; ++p2) {
-      const float2 x = e4m3x2_to_float2(cw[p2 >> 1] >> (16 * (p2 & 1)));
-      f[2 * p2] = __fmul_rn(x.x, sc);
-      f[2 * p2 + 1] = __fmul_rn(x.y, sc);
-    }
+  if (!(e4m3x4_has_nan(codes.x) | e4m3x4_has_nan(codes.y))) {
+    e4m3x8_times(codes, sc, f);
   } else {
+    const uint32_t cw[2] = {codes.x, codes.y};
 #pragma unroll
     for (int e = 0; e < 8; ++e) f[e] = __fmul_rn(lut[(cw[e >> 2] >> (8 * (e & 3))) & 0xffu], sc);
   }
-  uint32_t low = 0;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) low |= __float_as_uint(f[e]);
+  const bool exact = bf16_exact8(f);
   uint32_t vw[4];
 #pragma unroll
   for (int w2 = 0; w2 < 4; ++w2)
-    vw[w2] = (low & 0xffffu) == 0 ? __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632)
-                                  : pack_bf16(f[2 * w2], f[2 * w2 + 1]);
+    vw[w2] = exact ? __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632)
+                   : pack_bf16(f[2 * w2], f[2 * w2 + 1]);
   return make_uint4(vw[0], vw[1], vw[2], vw[3]);
+}
+
+// Rope dims d0 .. d0 + 7 (d0 >= DH - kRope) of a staged KV record: bf16 there (8-byte
+// aligned rows, hence two 8-byte loads).
+template <int DH>
+__device__ __forceinline__ uint4 rope_key8(const uint8_t* rec, int d0) {
+  constexpr int kNope = DH - kRope;
+  const uint2* src = reinterpret_cast<const uint2*>(rec + kNope + 2 * (d0 - kNope));
+  const uint2 x0 = src[0], x1 = src[1];
+  return make_uint4(x0.x, x0.y, x1.x, x1.y);
 }
 
 // Dims d0 .. d0 + 7 of one key as 8 bf16 values (one uint4): a staged KV record's
@@ -1472,9 +1483,7 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
       const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
       v = e4m3x8_scaled_bf16(codes, core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]), lut);
     } else {
-      const uint2* src = reinterpret_cast<const uint2*>(rec + kNope + 2 * (d0 - kNope));
-      const uint2 x0 = src[0], x1 = src[1];
-      v = make_uint4(x0.x, x0.y, x1.x, x1.y);
+      v = rope_key8<DH>(rec, d0);
     }
   } else if (type == 2) {
     v = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(*row_ptr) + d0);
@@ -2009,9 +2018,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
                 e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * j + 8 * c0),
                                    core::e8m0_to_float(rec[kNope + 2 * kRope + j]), lut);
         }
-        const uint2* r = reinterpret_cast<const uint2*>(rec + kNope + 16 * c0);  // the bf16 rope dims
-        const uint2 x0 = r[0], x1 = r[1];
-        *reinterpret_cast<uint4*>(dst + (kNope / 64) * W::kBuf) = make_uint4(x0.x, x0.y, x1.x, x1.y);
+        *reinterpret_cast<uint4*>(dst + (kNope / 64) * W::kBuf) = rope_key8<W::kDh>(rec, kNope + 8 * c0);
       } else {
 #pragma unroll 1
         for (int j = 0; j < W::kDh / 64; ++j)
