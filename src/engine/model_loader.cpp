@@ -91,8 +91,9 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
     lookup = [&, m, host_lookup](const std::string& name) {
       core::Tensor h = host_lookup(name);
       core::Tensor d = backend.empty(h.dtype(), {h.numel()});
-      backend.upload(d, h.data(), h.nbytes());
+      // (uploaded in its shape: a backend may store a dtype in an order that depends on it)
       core::Tensor view(d.data(), h.dtype(), h.shape(), h.ndim(), d.device(), d.owner());
+      backend.upload(view, h.data(), h.nbytes());
       m->device_copies.push_back(view);
       return view;
     };

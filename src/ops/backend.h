@@ -103,6 +103,7 @@ class Backend {
   // Host bytes in and out, in the checkpoint's element order. A backend may store a
   // dtype in its own order (CUDA: packed FP4, see ops/cuda/fp4_device_layout.h), so
   // device tensors are filled and read through these (or the backend's own builders).
+  // That order may depend on the shape: pass the tensor in its final shape.
   virtual void upload(const core::Tensor& dst, const void* host, size_t bytes) = 0;
   virtual void download(void* host, const core::Tensor& src, size_t bytes) = 0;
   virtual void fill_zero(const core::Tensor& t) = 0;

@@ -1343,22 +1343,38 @@ double differing_fraction(const Tensor& a, const Tensor& b) {
 // Packed FP4 tensors cross between host and device in checkpoint order and live on
 // the GPU in fp4_device_layout.h's: upload stores exactly the host conversion's bytes
 // (read back through a U8 view of the same memory), download restores the
-// checkpoint's, and sizes that are not whole 64-byte blocks fail with the tensor named.
+// checkpoint's (matrix by matrix, stacked ones too), and sizes that are not whole
+// 64-byte blocks, or not the whole tensor, fail with the tensor named.
 TEST(CudaFp4Layout, UploadStoresTheDeviceOrderAndDownloadRestoresTheCheckpoints) {
   DSV4_REQUIRE_CUDA();
   Env env;
   auto& cuda = env.cuda;
   Rng rng(0x91);
-  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{1, 128}, {77, 512}, {300, 4096}}) {
-    Tensor h = Tensor::empty_cpu(DType::kI8, {n, k / 2});
+  struct Shape {
+    int64_t matrices, n, k;
+  };
+  for (const Shape sh : {Shape{1, 1, 128}, Shape{1, 77, 512}, Shape{1, 300, 4096}, Shape{3, 130, 256}}) {
+    Tensor h = sh.matrices == 1 ? Tensor::empty_cpu(DType::kI8, {sh.n, sh.k / 2})
+                                : Tensor::empty_cpu(DType::kI8, {sh.matrices, sh.n, sh.k / 2});
     for (int64_t i = 0; i < h.numel(); ++i) h.as<uint8_t>()[i] = uint8_t(rng.uniform_int(0, 255));
     const Tensor d = to_device(cuda, h);
-    std::vector<uint8_t> want(h.as<uint8_t>(), h.as<uint8_t>() + h.nbytes());
-    ops::fp4_layout::buffer_to_device(want.data(), want.size());
+    std::vector<uint8_t> want(h.nbytes());
+    ops::fp4_layout::matrices_to_device(h.as<uint8_t>(), want.data(), want.size(), sh.n, sh.k / 2);
     const Tensor raw(d.data(), DType::kU8, d.shape(), d.ndim(), core::Device::kCuda, d.owner());
     const Tensor stored = to_host(cuda, raw);
-    EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored bytes of [" << n << ", " << k << "]";
+    EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored bytes of " << h.shape_string();
     expect_bitwise(h, to_host(cuda, d), "FP4 download after upload");
+  }
+  {
+    const Tensor part = cuda.empty(DType::kI8, {4, 64});
+    std::vector<uint8_t> bytes(128, 0x11);
+    try {
+      cuda.upload(part, bytes.data(), bytes.size());
+      ADD_FAILURE() << "an upload of 128 of 256 bytes into a packed FP4 tensor was accepted";
+    } catch (const core::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("[4, 64]"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("cross whole"), std::string::npos) << e.what();
+    }
   }
   const Tensor odd = cuda.empty(DType::kI8, {3, 48});
   std::vector<uint8_t> bytes(144, 0x11);

@@ -35,8 +35,10 @@ inline bool pdl_disabled() {
 // A device copy of a host tensor (same dtype and shape).
 inline core::Tensor to_device(ops::Backend& cuda, const core::Tensor& host) {
   core::Tensor d = cuda.empty(host.dtype(), {host.numel()});
-  cuda.upload(d, host.data(), host.nbytes());
-  return core::Tensor(d.data(), host.dtype(), host.shape(), host.ndim(), core::Device::kCuda, d.owner());
+  // (uploaded in its shape: packed FP4's device order depends on it)
+  core::Tensor shaped(d.data(), host.dtype(), host.shape(), host.ndim(), core::Device::kCuda, d.owner());
+  cuda.upload(shaped, host.data(), host.nbytes());
+  return shaped;
 }
 
 // A host copy of a device tensor.

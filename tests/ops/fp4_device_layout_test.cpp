@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <algorithm>
 #include <vector>
 
 #include "core/dtype.h"
@@ -75,34 +77,72 @@ TEST(Fp4DeviceLayout, DecodeGivesTheValuesOverSixtyFour) {
   }
 }
 
-// Rows of several blocks: every element where element_code finds it, the round trip
+// Matrices of several blocks a row, whole and partial 128-row tiles, one or two
+// matrices a buffer: every element where element_code finds it, the round trip
 // exact, and lane t's 16-byte piece of a block holding chunk j's elements 8t..8t+7 as
-// word j (the GEMM's fragment rule, ops/cuda/linear_kernels.cuh: fp4_a_frag).
+// word j (the GEMM's fragment rule, ops/cuda/linear_kernels.cuh: fp4_a_frag), at the
+// slot the readers look in (piece_slot: t ^ ((n >> 1) & 3)).
 TEST(Fp4DeviceLayout, ElementsSitWhereTheReadersLook) {
   Rng rng(0xF6);
-  constexpr int64_t K = 512, kRowBytes = K / 2;
-  for (int rep = 0; rep < 50; ++rep) {
-    std::vector<uint8_t> row(kRowBytes);
-    for (auto& b : row) b = uint8_t(rng.uniform_int(0, 255));
-    std::vector<uint8_t> stored = row;
-    layout::buffer_to_device(stored.data(), stored.size());
-    for (int64_t kk = 0; kk < K; ++kk)
-      ASSERT_EQ(layout::element_code(stored.data(), kk), checkpoint_code(row, kk)) << "element " << kk;
-    for (int64_t blk = 0; blk < K / layout::kBlockElements; ++blk)
-      for (int t = 0; t < 4; ++t)
-        for (int j = 0; j < 4; ++j) {
-          uint32_t w;
-          std::memcpy(&w, stored.data() + blk * layout::kBlockBytes + 16 * t + 4 * j, 4);
-          const layout::E4m3Pair d = layout::word_to_e4m3_div64(w);
-          for (int m = 0; m < 8; ++m) {
-            const int64_t kk = blk * layout::kBlockElements + 32 * j + 8 * t + m;
-            const uint8_t q = uint8_t(((m & 1) ? d.odd : d.even) >> (8 * (m / 2)));
-            expect_e4m3_is_code_div64(q, checkpoint_code(row, kk), "fragment element");
-          }
+  struct Shape {
+    int64_t rows, k, matrices;
+  };
+  for (const Shape sh : {Shape{1, 128, 1}, Shape{5, 512, 2}, Shape{130, 256, 1}, Shape{300, 384, 2}}) {
+    const int64_t row_bytes = sh.k / 2, stages = sh.k / layout::kBlockElements, matrix_bytes = sh.rows * row_bytes;
+    std::vector<uint8_t> ckpt(size_t(matrix_bytes * sh.matrices));
+    for (auto& b : ckpt) b = uint8_t(rng.uniform_int(0, 255));
+    std::vector<uint8_t> stored(ckpt.size());
+    layout::matrices_to_device(ckpt.data(), stored.data(), stored.size(), sh.rows, row_bytes);
+    const std::string what = "[" + std::to_string(sh.rows) + ", " + std::to_string(row_bytes) + "] x " +
+                             std::to_string(sh.matrices);
+    for (int64_t m = 0; m < sh.matrices; ++m)
+      for (int64_t n = 0; n < sh.rows; ++n) {
+        const std::vector<uint8_t> row(ckpt.begin() + m * matrix_bytes + n * row_bytes,
+                                       ckpt.begin() + m * matrix_bytes + (n + 1) * row_bytes);
+        const uint8_t* mat = stored.data() + m * matrix_bytes;
+        for (int64_t kk = 0; kk < sh.k; ++kk)
+          ASSERT_EQ(layout::element_code(mat, n, kk, sh.rows, sh.k), checkpoint_code(row, kk))
+              << what << " matrix " << m << " row " << n << " element " << kk;
+        for (int64_t blk = 0; blk < stages; ++blk)
+          for (int t = 0; t < 4; ++t)
+            for (int j = 0; j < 4; ++j) {
+              uint32_t w;
+              std::memcpy(&w, mat + layout::block_offset(n, blk, sh.rows, stages) + 16 * layout::piece_slot(n, t) + 4 * j,
+                          4);
+              const layout::E4m3Pair d = layout::word_to_e4m3_div64(w);
+              for (int e = 0; e < 8; ++e) {
+                const int64_t kk = blk * layout::kBlockElements + 32 * j + 8 * t + e;
+                const uint8_t q = uint8_t(((e & 1) ? d.odd : d.even) >> (8 * (e / 2)));
+                expect_e4m3_is_code_div64(q, checkpoint_code(row, kk), "fragment element");
+              }
+            }
+      }
+    std::vector<uint8_t> back(stored.size());
+    layout::matrices_to_checkpoint(stored.data(), back.data(), back.size(), sh.rows, row_bytes);
+    ASSERT_EQ(back, ckpt) << what;
+  }
+}
+
+// The blocks of a matrix are a permutation of its 64-byte slots, and a tile's stage is
+// one run: rows 128i .. 128i + R - 1 of stage s at 128i K/2 + s R 64, 64 bytes apart (the
+// GEMM's bulk copy and cp.async addresses).
+TEST(Fp4DeviceLayout, TileStagesAreContiguousRuns) {
+  for (const int64_t rows : {1, 127, 128, 129, 256, 300}) {
+    for (const int64_t stages : {1, 3, 32}) {
+      std::vector<int> hits(size_t(rows * stages), 0);
+      for (int64_t n = 0; n < rows; ++n)
+        for (int64_t s = 0; s < stages; ++s) {
+          const int64_t off = layout::block_offset(n, s, rows, stages);
+          ASSERT_EQ(off % layout::kBlockBytes, 0);
+          ASSERT_GE(off, 0);
+          ASSERT_LT(off, rows * stages * layout::kBlockBytes) << "row " << n << " stage " << s;
+          ++hits[size_t(off / layout::kBlockBytes)];
+          const int64_t first = n / 128 * 128, tile_rows = std::min<int64_t>(128, rows - first);
+          EXPECT_EQ(off, (first * stages + s * tile_rows + (n - first)) * layout::kBlockBytes)
+              << "rows " << rows << " stages " << stages << " row " << n << " stage " << s;
         }
-    std::vector<uint8_t> back = stored;
-    layout::buffer_to_checkpoint(back.data(), back.size());
-    ASSERT_EQ(back, row);
+      for (size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i], 1) << "slot " << i << " of " << rows << " x " << stages;
+    }
   }
 }
 

@@ -86,28 +86,45 @@ Tensor CudaBackend::empty(DType dtype, std::initializer_list<int64_t> shape) {
 
 namespace {
 
-// Packed FP4 tensors live in fp4_device_layout.h's order on the GPU: checked here,
-// where they cross between host and device.
-void check_fp4_blocks(const Tensor& t, size_t bytes, const char* what) {
-  DSV4_CHECK(bytes % fp4_layout::kBlockBytes == 0 && reinterpret_cast<uintptr_t>(t.data()) % 16 == 0,
+// Packed FP4 tensors live in fp4_device_layout.h's order on the GPU: checked and
+// converted here, where they cross between host and device. The order depends on the
+// matrix shape (the last dimension is a row's bytes, the one before it the rows; a
+// 1-D tensor is one row), so an FP4 tensor crosses whole, in its final shape.
+struct Fp4Matrices {
+  int64_t rows = 1, row_bytes = 0;
+};
+Fp4Matrices fp4_matrices(const Tensor& t, size_t bytes, const char* what) {
+  Fp4Matrices m;
+  if (t.ndim() >= 1) m.row_bytes = t.size(t.ndim() - 1);
+  if (t.ndim() >= 2) m.rows = t.size(t.ndim() - 2);
+  DSV4_CHECK(bytes == t.nbytes(),
+             "{} of {} bytes of a packed FP4 (I8) tensor {} of {} bytes: the CUDA backend stores FP4 matrices in its own "
+             "order (ops/cuda/fp4_device_layout.h), so they cross whole",
+             what, bytes, t.shape_string(), t.nbytes());
+  DSV4_CHECK(m.row_bytes % fp4_layout::kBlockBytes == 0 && reinterpret_cast<uintptr_t>(t.data()) % 16 == 0,
              "{} of {} bytes of a packed FP4 (I8) tensor {}: the CUDA backend stores FP4 rows in {}-byte blocks "
              "(K a multiple of 128, rows 16-byte aligned)",
              what, bytes, t.shape_string(), fp4_layout::kBlockBytes);
+  return m;
 }
 
-// One thread per 64-byte block, in place.
-__global__ void fp4_to_device_layout_kernel(uint4* data, int64_t blocks) {
+// One thread per 64-byte block of `in` (checkpoint order), written to its place in out.
+__global__ void fp4_to_device_layout_kernel(const uint4* __restrict__ in, uint8_t* __restrict__ out, int64_t blocks,
+                                            int64_t rows, int64_t stages) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= blocks) return;
-  uint32_t in[16], out[16];
+  const int64_t per_matrix = rows * stages, m = b / per_matrix, n = (b % per_matrix) / stages, s = b % stages;
+  uint32_t src[16], dst[16];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const uint4 v = data[4 * b + i];
-    in[4 * i] = v.x, in[4 * i + 1] = v.y, in[4 * i + 2] = v.z, in[4 * i + 3] = v.w;
+    const uint4 v = in[4 * b + i];
+    src[4 * i] = v.x, src[4 * i + 1] = v.y, src[4 * i + 2] = v.z, src[4 * i + 3] = v.w;
   }
-  fp4_layout::block_to_device(in, out);
+  fp4_layout::block_to_device(src, dst, n);
+  uint4* o = reinterpret_cast<uint4*>(out + m * per_matrix * fp4_layout::kBlockBytes +
+                                      fp4_layout::block_offset(n, s, rows, stages));
 #pragma unroll
-  for (int i = 0; i < 4; ++i) data[4 * b + i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
+  for (int i = 0; i < 4; ++i) o[i] = make_uint4(dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]);
 }
 
 }  // namespace
@@ -115,27 +132,38 @@ __global__ void fp4_to_device_layout_kernel(uint4* data, int64_t blocks) {
 void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
   const bool fp4 = dst.dtype() == DType::kI8;
-  if (fp4) check_fp4_blocks(dst, bytes, "upload");
+  Fp4Matrices shape;
+  if (fp4) shape = fp4_matrices(dst, bytes, "upload");
   if (bytes == 0) return;
   // Pageable host memory: the copy is staged before the call returns, so the
   // caller may reuse its buffer at once.
-  DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, bytes, cudaMemcpyHostToDevice, stream_));
-  if (fp4) {
-    const int64_t blocks = int64_t(bytes / fp4_layout::kBlockBytes);
-    fp4_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
-        static_cast<uint4*>(dst.data()), blocks);
-    DSV4_CUDA_CHECK(cudaGetLastError());
+  if (!fp4) {
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, bytes, cudaMemcpyHostToDevice, stream_));
+    return;
   }
+  // FP4: checkpoint bytes into a stream-ordered scratch buffer, placed from there.
+  void* scratch = nullptr;
+  DSV4_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream_));
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch, host, bytes, cudaMemcpyHostToDevice, stream_));
+  const int64_t blocks = int64_t(bytes / fp4_layout::kBlockBytes);
+  fp4_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
+      static_cast<const uint4*>(scratch), static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
+      shape.row_bytes / fp4_layout::kBlockBytes);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  DSV4_CUDA_CHECK(cudaFreeAsync(scratch, stream_));
 }
 
 void CudaBackend::download(void* host, const Tensor& src, size_t bytes) {
   DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
   const bool fp4 = src.dtype() == DType::kI8;
-  if (fp4) check_fp4_blocks(src, bytes, "download");
+  Fp4Matrices shape;
+  if (fp4) shape = fp4_matrices(src, bytes, "download");
   if (bytes == 0) return;
-  DSV4_CUDA_CHECK(cudaMemcpyAsync(host, src.data(), bytes, cudaMemcpyDeviceToHost, stream_));
+  std::vector<uint8_t> stored(fp4 ? bytes : 0);
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(fp4 ? stored.data() : host, src.data(), bytes, cudaMemcpyDeviceToHost, stream_));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (fp4) fp4_layout::buffer_to_checkpoint(static_cast<uint8_t*>(host), bytes);
+  if (fp4)
+    fp4_layout::matrices_to_checkpoint(stored.data(), static_cast<uint8_t*>(host), bytes, shape.rows, shape.row_bytes);
 }
 
 void CudaBackend::fill_zero(const Tensor& t) {

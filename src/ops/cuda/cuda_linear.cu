@@ -19,7 +19,6 @@
 #include <memory>
 #include <vector>
 
-#include <cudaTypedefs.h>
 
 #include "core/error.h"
 #include "ops/cuda/cuda_backend.h"
@@ -147,13 +146,12 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
 }
 
 template <WFmt F, int NT, bool kTwo, bool kTma, bool kSixteen = false>
-void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table,
-                   const lk::ExpertTma& tma) {
+void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT * (kSixteen ? 2 : 1), kTma>();  // (sized by the tile's rows)
   static std::atomic<uint64_t> done{0};
   const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kSixteen>;
   allow_smem(kernel, smem, be.device_index(), done);
-  kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table, tma);
+  kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
   check_launch(be.stream());
 }
 
@@ -172,25 +170,25 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
 // row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
 template <WFmt F, bool kTma>
 void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, int row_groups, bool two,
-                     const lk::ExpertTable& table, const lk::ExpertTma& tma) {
+                     const lk::ExpertTable& table) {
   if constexpr (F == WFmt::kFp4) {
     if (row_groups == 2) {
       DSV4_CHECK(nt == 1, "expert gemm: 16-row tiles replace 8-row ones only (nt {})", nt);
-      return two ? launch_expert<F, 1, true, kTma, true>(be, p, grid, table, tma)
-                 : launch_expert<F, 1, false, kTma, true>(be, p, grid, table, tma);
+      return two ? launch_expert<F, 1, true, kTma, true>(be, p, grid, table)
+                 : launch_expert<F, 1, false, kTma, true>(be, p, grid, table);
     }
   }
   DSV4_CHECK(row_groups == 1, "expert gemm: {} row groups need FP4 weights", row_groups);
   switch (nt) {
     case 1:
-      return two ? launch_expert<F, 1, true, kTma>(be, p, grid, table, tma)
-                 : launch_expert<F, 1, false, kTma>(be, p, grid, table, tma);
+      return two ? launch_expert<F, 1, true, kTma>(be, p, grid, table)
+                 : launch_expert<F, 1, false, kTma>(be, p, grid, table);
     case 2:
-      return two ? launch_expert<F, 2, true, kTma>(be, p, grid, table, tma)
-                 : launch_expert<F, 2, false, kTma>(be, p, grid, table, tma);
+      return two ? launch_expert<F, 2, true, kTma>(be, p, grid, table)
+                 : launch_expert<F, 2, false, kTma>(be, p, grid, table);
     default:
-      return two ? launch_expert<F, 4, true, kTma>(be, p, grid, table, tma)
-                 : launch_expert<F, 4, false, kTma>(be, p, grid, table, tma);
+      return two ? launch_expert<F, 4, true, kTma>(be, p, grid, table)
+                 : launch_expert<F, 4, false, kTma>(be, p, grid, table);
   }
 }
 
@@ -241,13 +239,14 @@ void dispatch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int rows
   return two ? launch_wide<F, 64, true>(be, p, grid) : launch_wide<F, 64, false>(be, p, grid);
 }
 
-// ---- TMA maps of FP4 expert weights (lk::ExpertTma) --------------------------------------
+// ---- TMA bulk copies of FP4 expert weights ------------------------------------------------
 std::atomic<int64_t> g_tma_launches{0};
 std::atomic<int> g_force_tma{-1};
 std::atomic<int64_t> g_shared_decode_launches{0};
 std::atomic<int> g_force_shared_decode{-1};
 
-// DSV4_CUDA_TMA=0: the FP4 expert GEMM copies its weights with cp.async (A/B runs).
+// DSV4_CUDA_TMA=0: the FP4 expert GEMM copies its weights with cp.async (A/B runs and
+// the bit-for-bit test of both).
 bool tma_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_TMA", "0");
   return forced_or(g_force_tma, from_env);
@@ -275,66 +274,14 @@ bool shared_decode_wanted(int64_t avg_rows) {
   return mode < 0 ? avg_rows >= kSharedDecodeMinAvgRows : mode == 1;
 }
 
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    const cudaError_t e =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
-    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return PFN_cuTensorMapEncodeTiled_v12000(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// One side's map over the weights `ptrs` (one per expert, `rows` x row_bytes each):
-// false when they do not lie a whole number of rows apart or the span does not fit
-// the TMA's int32 row coordinate. whole_rows: each CTA walks its rows' every stage,
-// so the L2 may fetch 256 bytes a request (a row's next three stages) instead of 128;
-// where the K slices are split over CTAs the extra bytes would often belong to
-// another CTA's slice (bench-1g steps against 128 everywhere: 256 everywhere +1.0% at
-// batch 1, +0.2 to -1.2% at 16-256; this rule +-0 at 1 and 16, -0.5 / -0.2% at 64 /
-// 256; docs/BENCHMARKS.md, eighteenth session).
-bool encode_side(const std::vector<const uint8_t*>& ptrs, int64_t rows, int64_t row_bytes, bool whole_rows,
-                 CUtensorMap& map, const uint8_t*& base) {
-  if (ptrs.empty()) return true;
-  base = *std::min_element(ptrs.begin(), ptrs.end());
-  int64_t span = 0;
-  for (const uint8_t* q : ptrs) {
-    const int64_t off = int64_t(reinterpret_cast<uintptr_t>(q) - reinterpret_cast<uintptr_t>(base));  // other allocations
-    if (off % row_bytes != 0) return false;
-    span = std::max(span, off / row_bytes + rows);
-  }
-  if (span >= (int64_t(1) << 31) || !aligned(base, 16)) return false;
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {cuuint64_t(row_bytes), cuuint64_t(span)};
-  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
-  const cuuint32_t box[2] = {lk::FmtTraits<WFmt::kFp4>::kWBytes, lk::kTileN};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_64B,
-                whole_rows ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// Maps for the FP4 expert GEMM of one table chunk, or false (cp.async copies):
-// whole 128-row tiles only (a box never reaches past an expert's rows), each side's
-// experts a whole number of rows apart.
-bool build_expert_tma(const lk::GemmParams& p, const lk::ExpertTable& table, int64_t count, lk::ExpertTma& tma) {
-  if (!tma_enabled() || p.n % lk::kTileN != 0 || p.n_split % lk::kTileN != 0 || p.w_row_bytes % 16 != 0) return false;
-  std::vector<const uint8_t*> side[2];
-  for (int64_t e = 0; e < count; ++e) {
-    if (table.p[e][0] != nullptr) side[0].push_back(table.p[e][0]);
-    if (table.p[e][2] != nullptr) side[1].push_back(table.p[e][2]);
-  }
-  std::memset(&tma, 0, sizeof tma);
-  const bool whole_rows = p.split == 1;
-  return encode_side(side[0], p.n_split, p.w_row_bytes, whole_rows, tma.map[0], tma.base[0]) &&
-         encode_side(side[1], p.n - p.n_split, p.w_row_bytes, whole_rows, tma.map[1], tma.base[1]);
+// FP4 expert weights by TMA bulk copies, or false (cp.async copies): whole 128-row
+// tiles only (a stage run never reaches past an expert's rows), every weight 16-byte
+// aligned (the bulk copy's rule; cudaMalloc'd tensors are).
+bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, int64_t count) {
+  if (!tma_enabled() || p.n % lk::kTileN != 0 || p.n_split % lk::kTileN != 0) return false;
+  for (int64_t e = 0; e < count; ++e)
+    if (!aligned(table.p[e][0], 16) || !aligned(table.p[e][2], 16)) return false;
+  return true;
 }
 
 // Partial sums and arrival counters for split launches (last_cta_fold = false: no
@@ -541,20 +488,19 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   auto table = std::make_unique<lk::ExpertTable>();
-  auto tma = std::make_unique<lk::ExpertTma>();
   for (int64_t c0 = 0; c0 < num_local; c0 += lk::kMaxTableExperts) {
     const int64_t c1 = std::min<int64_t>(num_local, c0 + lk::kMaxTableExperts);
     std::memset(table.get(), 0, sizeof(lk::ExpertTable));
     for (int64_t e = c0; e < c1; ++e) entries(e, table->p[e - c0]);
     p.chunk_begin = int(c0);
     p.chunk_end = int(c1);
-    if (fmt == WFmt::kFp4 && build_expert_tma(p, *table, c1 - c0, *tma)) {
-      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, row_groups, two, *table, *tma);
+    if (fmt == WFmt::kFp4 && expert_bulk_copies(p, *table, c1 - c0)) {
+      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, row_groups, two, *table);
       g_tma_launches.fetch_add(1, std::memory_order_relaxed);
+    } else if (fmt == WFmt::kFp4) {
+      dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, row_groups, two, *table);
     } else {
-      std::memset(tma.get(), 0, sizeof(lk::ExpertTma));
-      if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, row_groups, two, *table, *tma);
-      else dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, row_groups, two, *table, *tma);
+      dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, row_groups, two, *table);
     }
     if (row_groups > 1) g_shared_decode_launches.fetch_add(1, std::memory_order_relaxed);
   }

@@ -86,8 +86,7 @@ __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int6
     const uint32_t hi = __shfl_down_sync(0xffffffffu, code, 1);
     const int64_t kk = g * 32 + lane;
     if ((lane & 1) == 0)
-      weight[n * (K / 2) + (kk / fp4_layout::kBlockElements) * fp4_layout::kBlockBytes +
-             fp4_layout::element_byte(int(kk % fp4_layout::kBlockElements))] =
+      weight[fp4_layout::element_offset(n, kk, N, K / fp4_layout::kBlockElements)] =
           fp4_layout::spread_byte(uint8_t(code | (hi << 4)));
     if (lane == 0) scale[n * groups + g] = core::e8m0_from_exponent(e);
   }

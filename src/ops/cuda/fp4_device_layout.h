@@ -9,14 +9,26 @@
 //
 // - Words by thread. Checkpoint word (j, t) of a block (byte 16j + 4t: elements
 //   8t..8t+7 of 32-element chunk j, the ones fragment lane t needs for chunk j) goes
-//   to byte 16t + 4j, so a lane's four words are one 16-byte load.
+//   to 16-byte piece t, word j, so a lane's four words are one 16-byte load.
 // - Bits spread. In each byte, the even element's (sign, e1, e0, m) sit at bits
 //   (7, 4, 3, 2), the odd one's at (5, 6, 1, 0): the even e4m3 byte is one mask and the
 //   odd one two shifts and masks that never cross a byte (5 operations for 8 values).
 //
-// Both are bijections on a block, so every value survives and the tensor core sees
-// the same bytes as before: the same results, bit for bit. The CPU keeps checkpoint
-// order; the CUDA backend converts on upload and download (the tensor's rows must be
+// And the blocks are stored by 128-row tile, a tile's stages one after another
+// (docs/design/cuda-linear.md, "Tile-major FP4 weights"):
+//
+// - Tile i (rows 128i .. 128i + R - 1, R = min(128, N - 128i)) keeps the bytes
+//   [128i K/2, (128i + R) K/2) of the matrix, as K/128 stages of R x 64 bytes:
+//   block (row n, stage s) at 128i K/2 + (s R + n - 128i) 64. One stage of a tile is
+//   one contiguous run (8 KB for a whole tile), which one bulk copy brings to shared
+//   memory: in checkpoint order it was 128 runs of 64 bytes, 2 KB or more apart.
+// - Piece t of row n's block sits at slot t ^ ((n >> 1) & 3) (the 64-byte swizzle), so
+//   the quarter warp that reads two rows' pieces hits every bank once.
+//
+// All of it is a bijection on a matrix, so every value survives and the tensor core
+// sees the same bytes as before: the same results, bit for bit. The CPU keeps
+// checkpoint order; the CUDA backend converts on upload and download, matrix by
+// matrix (the tensor's last dimension is K/2, the one before it N; its rows must be
 // whole blocks: K % 128 == 0, which every linear op requires anyway).
 #pragma once
 
@@ -44,13 +56,33 @@ DSV4_HD uint32_t gather_word(uint32_t s) {
 DSV4_HD uint8_t spread_byte(uint8_t b) { return uint8_t(spread_word(b)); }
 DSV4_HD uint8_t gather_byte(uint8_t s) { return uint8_t(gather_word(s)); }
 
-// Byte of the block that holds element e (0..127) of the block, with its neighbour
-// e ^ 1: chunk j = e / 32, lane t = (e % 32) / 8, byte (e % 8) / 2 of word (j, t).
+constexpr int kTileRows = 128;      // rows of a tile (the GEMM's weight rows per CTA)
+
+// Byte of the block (in piece order, before the swizzle) that holds element e
+// (0..127) of the block, with its neighbour e ^ 1: chunk j = e / 32, lane t =
+// (e % 32) / 8, byte (e % 8) / 2 of word (j, t).
 DSV4_HD int element_byte(int e) { return 16 * ((e & 31) >> 3) + 4 * (e >> 5) + ((e & 7) >> 1); }
 
-// The e2m1 code (checkpoint nibble) of element kk of a stored row (row: its first byte).
-DSV4_HD uint8_t element_code(const uint8_t* row, int64_t kk) {
-  const uint8_t b = gather_byte(row[(kk / kBlockElements) * kBlockBytes + element_byte(int(kk % kBlockElements))]);
+// The slot of piece t (0..3) in row n's blocks.
+DSV4_HD int piece_slot(int64_t n, int t) { return t ^ int((n >> 1) & 3); }
+
+// Offset of block (row n, stage s) in a stored matrix of `rows` rows and `stages`
+// 128-element stages a row.
+DSV4_HD int64_t block_offset(int64_t n, int64_t s, int64_t rows, int64_t stages) {
+  const int64_t first = n & ~int64_t(kTileRows - 1);  // the tile's first row
+  const int64_t tile_rows = rows - first < kTileRows ? rows - first : kTileRows;
+  return (first * stages + s * tile_rows + (n - first)) * kBlockBytes;
+}
+
+// Offset of the byte that holds element kk (with kk ^ 1) of row n.
+DSV4_HD int64_t element_offset(int64_t n, int64_t kk, int64_t rows, int64_t stages) {
+  const int b = element_byte(int(kk % kBlockElements));
+  return block_offset(n, kk / kBlockElements, rows, stages) + 16 * piece_slot(n, b >> 4) + (b & 15);
+}
+
+// The e2m1 code (checkpoint nibble) of element kk of row n of a stored [rows, K/2] matrix.
+DSV4_HD uint8_t element_code(const uint8_t* matrix, int64_t n, int64_t kk, int64_t rows, int64_t K) {
+  const uint8_t b = gather_byte(matrix[element_offset(n, kk, rows, K / kBlockElements)]);
   return (kk & 1) ? uint8_t(b >> 4) : uint8_t(b & 0xF);
 }
 
@@ -65,15 +97,16 @@ DSV4_HD E4m3Pair word_to_e4m3_div64(uint32_t w) {
   return E4m3Pair{w & 0x9C9C9C9Cu, ((w << 2) & 0x8C8C8C8Cu) | ((w >> 2) & 0x10101010u)};
 }
 
-// A block in checkpoint order -> stored order (to_device), and back (to_checkpoint),
-// as 16 words: checkpoint word (j, t) is word 4j + t, stored word 4t + j.
-DSV4_HD void block_to_device(const uint32_t (&in)[16], uint32_t (&out)[16]) {
+// A block of row n in checkpoint order -> stored order (to_device), and back
+// (to_checkpoint), as 16 words: checkpoint word (j, t) is word 4j + t, stored word
+// 4 piece_slot(n, t) + j.
+DSV4_HD void block_to_device(const uint32_t (&in)[16], uint32_t (&out)[16], int64_t n) {
   for (int j = 0; j < 4; ++j)
-    for (int t = 0; t < 4; ++t) out[4 * t + j] = spread_word(in[4 * j + t]);
+    for (int t = 0; t < 4; ++t) out[4 * piece_slot(n, t) + j] = spread_word(in[4 * j + t]);
 }
-DSV4_HD void block_to_checkpoint(const uint32_t (&in)[16], uint32_t (&out)[16]) {
+DSV4_HD void block_to_checkpoint(const uint32_t (&in)[16], uint32_t (&out)[16], int64_t n) {
   for (int j = 0; j < 4; ++j)
-    for (int t = 0; t < 4; ++t) out[4 * j + t] = gather_word(in[4 * t + j]);
+    for (int t = 0; t < 4; ++t) out[4 * j + t] = gather_word(in[4 * piece_slot(n, t) + j]);
 }
 
 // ---- the FP4 GEMM's row scales in shared memory ----------------------------------
@@ -111,18 +144,28 @@ DSV4_HD Bf16Pairs e8m0x4_to_bf16x2(uint32_t w) {
 DSV4_HD float bf16_pair_lo(uint32_t pair) { return core::bits_float(pair << 16); }
 DSV4_HD float bf16_pair_hi(uint32_t pair) { return core::bits_float(pair & 0xFFFF0000u); }
 
-// Whole host buffers (bytes % kBlockBytes == 0), in place.
+// Whole host matrices, out of place: `bytes` of [matrices, rows, row_bytes] (row_bytes
+// % kBlockBytes == 0) from checkpoint order (in) to stored order (out), and back.
 template <bool kToDevice>
-inline void convert_buffer(uint8_t* data, size_t bytes) {
-  uint32_t in[16], out[16];
-  for (size_t o = 0; o + kBlockBytes <= bytes; o += kBlockBytes) {
-    memcpy(in, data + o, kBlockBytes);
-    if constexpr (kToDevice) block_to_device(in, out);
-    else block_to_checkpoint(in, out);
-    memcpy(data + o, out, kBlockBytes);
-  }
+inline void convert_matrices(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
+  const int64_t stages = row_bytes / kBlockBytes;
+  const size_t matrix_bytes = size_t(rows * row_bytes);
+  uint32_t a[16], b[16];
+  for (size_t m = 0; m + matrix_bytes <= bytes && matrix_bytes > 0; m += matrix_bytes)
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t s = 0; s < stages; ++s) {
+        const size_t ckpt = m + size_t(n * row_bytes + s * kBlockBytes), dev = m + size_t(block_offset(n, s, rows, stages));
+        memcpy(a, in + (kToDevice ? ckpt : dev), kBlockBytes);
+        if constexpr (kToDevice) block_to_device(a, b, n);
+        else block_to_checkpoint(a, b, n);
+        memcpy(out + (kToDevice ? dev : ckpt), b, kBlockBytes);
+      }
 }
-inline void buffer_to_device(uint8_t* data, size_t bytes) { convert_buffer<true>(data, bytes); }
-inline void buffer_to_checkpoint(uint8_t* data, size_t bytes) { convert_buffer<false>(data, bytes); }
+inline void matrices_to_device(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
+  convert_matrices<true>(in, out, bytes, rows, row_bytes);
+}
+inline void matrices_to_checkpoint(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
+  convert_matrices<false>(in, out, bytes, rows, row_bytes);
+}
 
 }  // namespace dsv4::ops::fp4_layout

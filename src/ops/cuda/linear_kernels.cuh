@@ -41,7 +41,6 @@
 // into fp32's subnormal range (weight scales below ~2^-100).
 #pragma once
 
-#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -136,17 +135,6 @@ __host__ __device__ constexpr int gemm_smem_bytes() {
 // for gate/up, {w2.weight, w2.scale, -, -} for the down projection.
 struct ExpertTable {
   const uint8_t* p[kMaxTableExperts][4];
-};
-
-// FP4 expert weights fetched by the tensor-memory accelerator (TMA): one 2-D map per
-// weight side (w1 / w2, w3) over [rows, k/2] bytes starting at base[side], which
-// covers every expert of the launch: each expert's weight starts a whole number of
-// rows after base (cudaMalloc'd tensors are 2 MB-aligned; the host checks it, else
-// the launch takes the cp.async copies). The box is one stage: 128 rows x 64 bytes,
-// stored with the 64-byte swizzle (16-byte piece c of row r at c ^ ((r >> 1) & 3)).
-struct ExpertTma {
-  CUtensorMap map[2];
-  const uint8_t* base[2];
 };
 
 struct GemmParams {
@@ -284,15 +272,12 @@ __device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
-// Box {x, y} of a 2-D map (x: inner coordinate in elements) into shared memory.
-__device__ __forceinline__ void tma_load_2d(uint32_t d, const CUtensorMap* map, int x, int y, uint32_t b) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(d),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(b)
-      : "memory");
-}
-__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+// `bytes` (a multiple of 16) from global src to shared d by the TMA's bulk copy, both
+// 16-byte aligned, counted on the barrier at b.
+__device__ __forceinline__ void tma_bulk_load(uint32_t d, const void* src, uint32_t bytes, uint32_t b) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(d),
+               "l"(src), "r"(bytes), "r"(b)
+               : "memory");
 }
 
 // prmt.b32 in its default mode: byte n of the result is byte (sel nibble n & 7) of
@@ -372,17 +357,18 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
-// partial sums per (row, column) in registers. kTmaW (FP4 experts): the weight
-// stages come by TMA from tma->map[side] at row tma_row[side] + the tile's first row.
+// partial sums per (row, column) in registers. FP4 weights are tile-major
+// (fp4_device_layout.h): a stage of the tile is one run of valid_n x 64 bytes, its
+// rows' pieces swizzled. kTmaW (FP4 experts, whole tiles): each stage comes by one
+// TMA bulk copy; otherwise by cp.async, 16 bytes a thread.
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
-                                          int rows, int tile_id, const ExpertTma* tma = nullptr, int tma_row0 = 0,
-                                          int tma_row1 = 0) {
+                                          int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
-  // Bytes between weight rows in a stage buffer: TMA stages are dense (swizzled), the
-  // cp.async ones kWStride apart (gemm_smem_bytes sizes both).
+  // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
+  // ones kWStride apart (gemm_smem_bytes sizes both; for FP4 they are the same).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
   constexpr int kWStage = kTileN * kWRow;  // a multiple of 1024
   constexpr int BM = 8 * NT;  // NT 8-row column groups of accumulators, one wgmma for all of them
@@ -413,8 +399,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const uint8_t* sc = second ? s1 : s0;
   const int64_t wrow0 = int64_t(group) * p.n + n0 - (second ? p.n_split : 0);
   const int64_t col0 = int64_t(group) * p.n + n0;
-  const CUtensorMap* wmap = kTmaW ? &tma->map[second ? 1 : 0] : nullptr;
-  const int wmap_row = kTmaW ? int((second ? tma_row1 : tma_row0) + wrow0) : 0;
+  // FP4: the tile's stages, one after another (tile-major; wrow0 % 128 == 0).
+  const uint8_t* const w_tile = w + wrow0 * p.w_row_bytes;
 
   const int stages_total = p.k / T::kStageK;
   const int per_slice = stages_total / p.slices;
@@ -429,8 +415,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr int kRowStep = kThreads / kChunksPerRow;            // rows between them
   constexpr int kAChunks = (BM * 8 + kThreads - 1) / kThreads;  // activation copies per thread
   const int w_r0 = tid / kChunksPerRow, w_part = tid % kChunksPerRow;
-  const uint8_t* const w_src = w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
-  const int64_t w_step = int64_t(kRowStep) * p.w_row_bytes;
+  // FP4 rows are kWBytes apart in a stage run of valid_n rows (copied as stored:
+  // the readers undo the pieces' swizzle); other formats' rows w_row_bytes apart.
+  constexpr bool kTileMajor = F == WFmt::kFp4;
+  const uint8_t* const w_src = kTileMajor ? w_tile + w_r0 * T::kWBytes + w_part * 16
+                                          : w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
+  const int64_t w_step = int64_t(kRowStep) * (kTileMajor ? T::kWBytes : p.w_row_bytes);
+  const int64_t w_stage = kTileMajor ? int64_t(valid_n) * T::kWBytes : T::kWBytes;
   const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
   if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
   // FP4 row scales: stage st's 4 scales of row r are read as 4 bf16 at byte
@@ -454,11 +445,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
       if (tid == 0) {  // the host sends only whole 128-row tiles this way
-        mbar_expect_tx(s_mbar + 8 * buf, kTileN * T::kWBytes);
-        tma_load_2d(smem_u32(dw), wmap, st * T::kWBytes, wmap_row, s_mbar + 8 * buf);
+        mbar_expect_tx(s_mbar + 8 * buf, kWStage);
+        tma_bulk_load(smem_u32(dw), w_tile + int64_t(st) * kWStage, kWStage, s_mbar + 8 * buf);
       }
     } else {
-      const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
+      const uint8_t* src = w_src + int64_t(st) * w_stage;
 #pragma unroll
       for (int i = 0; i < kWChunks; ++i, src += w_step) {
         const int r = w_r0 + i * kRowStep;
@@ -506,7 +497,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (tid == 0) {
       for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + 8 * s, 1);
       mbar_init_fence();
-      tma_prefetch_map(wmap);
     }
   }
   __syncthreads();
@@ -690,7 +680,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
       // activation column 8q + 2t + e % 2.
       const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      const int piece = kTmaW ? t ^ ((g >> 1) & 3) : t;  // (tile_row >> 1) & 3 = (g >> 1) & 3
+      const int piece = fp4_layout::piece_slot(g, t);  // (tile_row >> 1) & 3 = (g >> 1) & 3
       // words[i][h][j]: chunk j's word of row tile_row(i, h), one 16-byte load a row
       // (a quarter warp reads two whole rows: no bank conflict). Groups of 2 chunks
       // load their 8 bytes a group instead: the 16-row expert tiles (NT 2, <= 128
@@ -898,7 +888,7 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
 // on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
 // expert at M = 256).
-// kTma (FP4): weight stages by TMA through tma's maps (see ExpertTma).
+// kTma (FP4, whole 128-row tiles): each weight stage by one TMA bulk copy.
 // kSixteenRowTiles (FP4, NT = 1): the list's tiles hold up to 16 rows; those of more
 // than 8 run as one 16-row tile (gemm_tile NT = 2: n16 wgmmas, two chunks a wait), so
 // an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
@@ -906,32 +896,22 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // either way: its throughput comes from the CTAs in flight.
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
-                                                                const __grid_constant__ ExpertTable table,
-                                                                const __grid_constant__ ExpertTma tma) {
+                                                                const __grid_constant__ ExpertTable table) {
   wait_for_predecessor();
   if (int(blockIdx.y) >= *p.num_tiles) return;
   const int4 tile = p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
-  int tma_row0 = 0, tma_row1 = 0;  // map rows of the expert's first weight row (host-checked to fit an int)
-  if constexpr (kTma) {  // (addresses, not pointer differences: the experts are separate allocations)
-    const auto row_of = [&](const uint8_t* w, const uint8_t* base) {
-      return int((reinterpret_cast<uintptr_t>(w) - reinterpret_cast<uintptr_t>(base)) / uint64_t(p.w_row_bytes));
-    };
-    tma_row0 = row_of(e[0], tma.base[0]);
-    if (e[2] != nullptr) tma_row1 = row_of(e[2], tma.base[1]);
-  }
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
       gemm_tile<F, 2 * NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
-                                                  tile_id, &tma, tma_row0, tma_row1);
+                                                  tile_id);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id,
-                                          &tma, tma_row0, tma_row1);
+  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
@@ -1300,22 +1280,22 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
 // fp32 fmaf on the exact dequantized values, then a butterfly sum. Roofline: none
 // intended; the weights are re-read once per activation row.
 
-// Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix with K columns.
+// Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix of N rows and K columns.
 __device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* ws, int fp4, int64_t n, int64_t kk,
-                                              int64_t K) {
+                                              int64_t N, int64_t K) {
   if (fp4) {  // (the CUDA backend's FP4 order, fp4_device_layout.h)
-    return core::e2m1_to_float(fp4_layout::element_code(w + n * (K / 2), kk)) *
+    return core::e2m1_to_float(fp4_layout::element_code(w, n, kk, N, K)) *
            core::e8m0_to_float(ws[n * (K / 32) + kk / 32]);
   }
   return core::e4m3_to_float(w[n * K + kk]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
 }
 
-// sum_k xq[kk] * 2^e[kk/128] * W[n, kk] over one quantized activation row (all lanes get the sum).
+// sum_k xq[kk] * 2^e[kk/128] * W[n, kk] over one quantized activation row (W: N x K; all lanes get the sum).
 __device__ __forceinline__ float simple_qdot(const uint8_t* xq, const float* xs, const uint8_t* w, const uint8_t* ws,
-                                             int fp4, int64_t n, int64_t K, int lane) {
+                                             int fp4, int64_t n, int64_t N, int64_t K, int lane) {
   float acc = 0.0f;
   for (int64_t kk = lane; kk < K; kk += 32)
-    acc = fmaf(core::e4m3_to_float(xq[kk]) * xs[kk / 128], weight_value(w, ws, fp4, n, kk, K), acc);
+    acc = fmaf(core::e4m3_to_float(xq[kk]) * xs[kk / 128], weight_value(w, ws, fp4, n, kk, N, K), acc);
   return warp_sum(acc);
 }
 
@@ -1328,7 +1308,7 @@ __global__ void simple_quant_linear_kernel(const uint8_t* __restrict__ xq, const
   const int lane = threadIdx.x & 31;
   for (int64_t o = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; o < M * N; o += nwarps) {
     const int64_t m = o / N, n = o % N;
-    const float v = simple_qdot(xq + m * K, xs + m * (K / 128), w, ws, fp4, n, K, lane);
+    const float v = simple_qdot(xq + m * K, xs + m * (K / 128), w, ws, fp4, n, N, K, lane);
     if (lane == 0) y[m * ldy + n] = core::float_to_bf16(v);
   }
 }
@@ -1368,7 +1348,7 @@ __global__ void simple_grouped_kernel(const uint16_t* __restrict__ x, const uint
     const uint16_t* xr = x + m * G * C + grp * C;
     float acc = 0.0f;
     for (int64_t c = lane; c < C; c += 32)
-      acc = fmaf(core::bf16_to_float(xr[c]), weight_value(w, ws, 0, n, c, C), acc);
+      acc = fmaf(core::bf16_to_float(xr[c]), weight_value(w, ws, 0, n, c, N, C), acc);
     acc = warp_sum(acc);
     if (lane == 0) y[m * N + n] = core::float_to_bf16(acc);
   }
@@ -1408,8 +1388,8 @@ __global__ void simple_expert_gateup_kernel(const int* __restrict__ ids, int64_t
     if (id < chunk_begin || id >= chunk_end) continue;
     const uint8_t* const* e = table.p[id - chunk_begin];
     const int64_t r = p / k;
-    const float g = simple_qdot(xq + r * D, xs + r * (D / 128), e[0], e[1], fp4, i, D, lane);
-    const float u = simple_qdot(xq + r * D, xs + r * (D / 128), e[2], e[3], fp4, i, D, lane);
+    const float g = simple_qdot(xq + r * D, xs + r * (D / 128), e[0], e[1], fp4, i, inter, D, lane);
+    const float u = simple_qdot(xq + r * D, xs + r * (D / 128), e[2], e[3], fp4, i, inter, D, lane);
     float gate = core::round_bf16(g), up = core::round_bf16(u);  // linear outputs are bf16
     if (limit > 0.0f) {
       up = core::clamp_f32(up, -limit, limit);
@@ -1433,7 +1413,7 @@ __global__ void simple_expert_down_kernel(const int* __restrict__ ids, int64_t n
     const int id = ids[p];
     if (id < chunk_begin || id >= chunk_end) continue;
     const uint8_t* const* e = table.p[id - chunk_begin];
-    const float v = simple_qdot(hq + p * inter, hs + p * (inter / 128), e[0], e[1], fp4, d, inter, lane);
+    const float v = simple_qdot(hq + p * inter, hs + p * (inter / 128), e[0], e[1], fp4, d, D, inter, lane);
     if (lane == 0) out[p * D + d] = core::float_to_bf16(v);
   }
 }
