@@ -1,6 +1,7 @@
 #include "engine/model_loader.h"
 
 #include <unordered_map>
+#include <unordered_set>
 
 #include "core/error.h"
 #include "core/random.h"
@@ -87,13 +88,17 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
   if (ee < 0) ee = m->config.n_routed_experts;
   model::TensorLookup lookup = host_lookup;
   if (backend.device() != core::Device::kCpu) {
-    // Copy each bound tensor to the device once.
-    lookup = [&, m, host_lookup](const std::string& name) {
+    // Copy each bound tensor to the device once, in its shape and role (a backend may
+    // store FP4 weights and their scales in an order that depends on both).
+    auto fp4_scales = std::make_shared<std::unordered_set<std::string>>();
+    for (const model::TensorSpec& s : model::checkpoint_tensor_specs(m->config))
+      if (s.init == model::WeightInit::kFp4Scale) fp4_scales->insert(s.name);
+    lookup = [&, m, host_lookup, fp4_scales](const std::string& name) {
       core::Tensor h = host_lookup(name);
       core::Tensor d = backend.empty(h.dtype(), {h.numel()});
-      // (uploaded in its shape: a backend may store a dtype in an order that depends on it)
       core::Tensor view(d.data(), h.dtype(), h.shape(), h.ndim(), d.device(), d.owner());
-      backend.upload(view, h.data(), h.nbytes());
+      backend.upload(view, h.data(), h.nbytes(),
+                     fp4_scales->count(name) ? ops::TensorRole::kFp4Scales : ops::TensorRole::kPlain);
       m->device_copies.push_back(view);
       return view;
     };

@@ -92,6 +92,13 @@ struct HcPostInput {
   }
 };
 
+// What a tensor holds, where a backend's storage order for it depends on more than its
+// dtype and shape (see Backend::upload).
+enum class TensorRole : uint8_t {
+  kPlain,
+  kFp4Scales,  // the UE8M0 row scales [N, K/32] of a packed FP4 weight (CUDA: stored tile-major like the weight)
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -103,9 +110,11 @@ class Backend {
   // Host bytes in and out, in the checkpoint's element order. A backend may store a
   // dtype in its own order (CUDA: packed FP4, see ops/cuda/fp4_device_layout.h), so
   // device tensors are filled and read through these (or the backend's own builders).
-  // That order may depend on the shape: pass the tensor in its final shape.
-  virtual void upload(const core::Tensor& dst, const void* host, size_t bytes) = 0;
-  virtual void download(void* host, const core::Tensor& src, size_t bytes) = 0;
+  // That order may depend on the shape (pass the tensor in its final shape) and on the
+  // tensor's role, which the caller names where it is not plain.
+  virtual void upload(const core::Tensor& dst, const void* host, size_t bytes,
+                      TensorRole role = TensorRole::kPlain) = 0;
+  virtual void download(void* host, const core::Tensor& src, size_t bytes, TensorRole role = TensorRole::kPlain) = 0;
   virtual void fill_zero(const core::Tensor& t) = 0;
   virtual void synchronize() = 0;
   // Storage for one layer's per-sequence state (see ops/batch.h).

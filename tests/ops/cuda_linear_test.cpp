@@ -103,7 +103,8 @@ QuantLinear host_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
 QuantLinear device_quant(ops::Backend& cuda, const QuantLinear& h) {
   QuantLinear d = h;
   d.weight = to_device(cuda, h.weight);
-  d.scale = to_device(cuda, h.scale);
+  d.scale = to_device(cuda, h.scale,
+                      h.format == QuantLinear::Format::kFp4Group32 ? ops::TensorRole::kFp4Scales : ops::TensorRole::kPlain);
   return d;
 }
 
@@ -1365,6 +1366,26 @@ TEST(CudaFp4Layout, UploadStoresTheDeviceOrderAndDownloadRestoresTheCheckpoints)
     EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored bytes of " << h.shape_string();
     expect_bitwise(h, to_host(cuda, d), "FP4 download after upload");
   }
+  // The row scales (role kFp4Scales): the same, in their own order.
+  for (const Shape sh : {Shape{1, 77, 512}, Shape{1, 256, 4096}, Shape{2, 130, 384}}) {
+    Tensor h = sh.matrices == 1 ? Tensor::empty_cpu(DType::kF8E8M0, {sh.n, sh.k / 32})
+                                : Tensor::empty_cpu(DType::kF8E8M0, {sh.matrices, sh.n, sh.k / 32});
+    for (int64_t i = 0; i < h.numel(); ++i) h.as<uint8_t>()[i] = uint8_t(rng.uniform_int(0, 255));
+    const Tensor d = to_device(cuda, h, ops::TensorRole::kFp4Scales);
+    std::vector<uint8_t> want(h.nbytes());
+    ops::fp4_layout::scales_to_device(h.as<uint8_t>(), want.data(), want.size(), sh.n, sh.k / 32);
+    const Tensor stored = to_host(cuda, d);  // (plain: the bytes as stored)
+    EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored scales of " << h.shape_string();
+    expect_bitwise(h, to_host(cuda, d, ops::TensorRole::kFp4Scales), "FP4 scale download after upload");
+  }
+  try {
+    const Tensor bf16 = cuda.empty(DType::kBF16, {4, 8});
+    std::vector<uint8_t> bytes(64, 0);
+    cuda.upload(bf16, bytes.data(), bytes.size(), ops::TensorRole::kFp4Scales);
+    ADD_FAILURE() << "FP4 row scales were uploaded into a bf16 tensor";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("UE8M0 expected"), std::string::npos) << e.what();
+  }
   {
     const Tensor part = cuda.empty(DType::kI8, {4, 64});
     std::vector<uint8_t> bytes(128, 0x11);
@@ -1427,7 +1448,7 @@ TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {
     report(s.name + " weight", differing_fraction(hw, to_host(cuda, dw)));
     report(s.name + " scale", differing_fraction(hs, to_host(cuda, ds)));
   }
-  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{77, 512}, {256, 2048}}) {
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{77, 512}, {256, 2048}, {130, 384}}) {
     model::TensorSpec s;
     s.name = "syn.fp4." + std::to_string(n);
     s.logical_n = n;
@@ -1438,7 +1459,7 @@ TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {
     Tensor dw = cuda.empty(DType::kI8, {n, k / 2}), ds = cuda.empty(DType::kF8E8M0, {n, k / 32});
     ops::cuda_synthetic::fill_fp4_weight(cuda, dw, ds, n, k, seed, core::stream_id(s.name), s.std);
     report(s.name + " weight", differing_fraction(hw, to_host(cuda, dw)));
-    report(s.name + " scale", differing_fraction(hs, to_host(cuda, ds)));
+    report(s.name + " scale", differing_fraction(hs, to_host(cuda, ds, ops::TensorRole::kFp4Scales)));
   }
   {
     model::TensorSpec s;

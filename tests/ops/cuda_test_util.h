@@ -32,19 +32,20 @@ inline bool pdl_disabled() {
   return v != nullptr && std::strcmp(v, "0") == 0;
 }
 
-// A device copy of a host tensor (same dtype and shape).
-inline core::Tensor to_device(ops::Backend& cuda, const core::Tensor& host) {
+// A device copy of a host tensor (same dtype and shape; role: see ops::TensorRole).
+inline core::Tensor to_device(ops::Backend& cuda, const core::Tensor& host,
+                              ops::TensorRole role = ops::TensorRole::kPlain) {
   core::Tensor d = cuda.empty(host.dtype(), {host.numel()});
   // (uploaded in its shape: packed FP4's device order depends on it)
   core::Tensor shaped(d.data(), host.dtype(), host.shape(), host.ndim(), core::Device::kCuda, d.owner());
-  cuda.upload(shaped, host.data(), host.nbytes());
+  cuda.upload(shaped, host.data(), host.nbytes(), role);
   return shaped;
 }
 
 // A host copy of a device tensor.
-inline core::Tensor to_host(ops::Backend& cuda, const core::Tensor& dev) {
+inline core::Tensor to_host(ops::Backend& cuda, const core::Tensor& dev, ops::TensorRole role = ops::TensorRole::kPlain) {
   core::Tensor h = core::Tensor::empty_cpu(dev.dtype(), dev.shape(), dev.ndim());
-  cuda.download(h.data(), dev, dev.nbytes());
+  cuda.download(h.data(), dev, dev.nbytes(), role);
   return h;
 }
 

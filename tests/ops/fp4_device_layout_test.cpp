@@ -93,8 +93,9 @@ TEST(Fp4DeviceLayout, ElementsSitWhereTheReadersLook) {
     for (auto& b : ckpt) b = uint8_t(rng.uniform_int(0, 255));
     std::vector<uint8_t> stored(ckpt.size());
     layout::matrices_to_device(ckpt.data(), stored.data(), stored.size(), sh.rows, row_bytes);
-    const std::string what = "[" + std::to_string(sh.rows) + ", " + std::to_string(row_bytes) + "] x " +
-                             std::to_string(sh.matrices);
+    std::string what = std::to_string(sh.matrices);  // (appended, not a chain of +: GCC 12 warns on that)
+    what += " x [" + std::to_string(sh.rows);
+    what += ", " + std::to_string(row_bytes) + "]";
     for (int64_t m = 0; m < sh.matrices; ++m)
       for (int64_t n = 0; n < sh.rows; ++n) {
         const std::vector<uint8_t> row(ckpt.begin() + m * matrix_bytes + n * row_bytes,
@@ -143,6 +144,47 @@ TEST(Fp4DeviceLayout, TileStagesAreContiguousRuns) {
         }
       for (size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i], 1) << "slot " << i << " of " << rows << " x " << stages;
     }
+  }
+}
+
+// The row scales: a permutation of the matrix's 4-byte stage words; a whole tile's
+// group of 4 stages one 2 KB run (the GEMM's bulk copy), a row's group 16 bytes (its
+// cp.async), the last group of a row shorter where K / 128 is not a multiple of 4; the
+// host round trip exact, matrix by matrix.
+TEST(Fp4DeviceLayout, ScaleGroupsAreContiguousRuns) {
+  Rng rng(0xF8);
+  for (const int64_t rows : {1, 77, 128, 130, 256, 300}) {
+    for (const int64_t stages : {1, 3, 4, 7, 16, 32}) {
+      std::vector<int> hits(size_t(rows * stages), 0);
+      for (int64_t n = 0; n < rows; ++n)
+        for (int64_t s = 0; s < stages; ++s) {
+          const int64_t off = layout::scale_offset(n, s, rows, stages);
+          ASSERT_EQ(off % 4, 0);
+          ASSERT_GE(off, 0);
+          ASSERT_LT(off, rows * stages * 4) << "row " << n << " stage " << s;
+          ++hits[size_t(off / 4)];
+          const int64_t first = n / 128 * 128, tile_rows = std::min<int64_t>(128, rows - first), q = s / 4;
+          const int64_t group_stages = std::min<int64_t>(4, stages - 4 * q);
+          EXPECT_EQ(off, first * stages * 4 + q * tile_rows * 16 + (n - first) * group_stages * 4 + (s % 4) * 4)
+              << "rows " << rows << " stages " << stages << " row " << n << " stage " << s;
+        }
+      for (size_t i = 0; i < hits.size(); ++i) ASSERT_EQ(hits[i], 1) << "word " << i << " of " << rows << " x " << stages;
+    }
+  }
+  for (const int64_t matrices : {1, 2}) {
+    const int64_t rows = 130, row_bytes = 7 * 4;
+    std::vector<uint8_t> ckpt(size_t(matrices * rows * row_bytes));
+    for (auto& b : ckpt) b = uint8_t(rng.uniform_int(0, 255));
+    std::vector<uint8_t> stored(ckpt.size()), back(ckpt.size());
+    layout::scales_to_device(ckpt.data(), stored.data(), stored.size(), rows, row_bytes);
+    for (int64_t m = 0; m < matrices; ++m)
+      for (int64_t n = 0; n < rows; ++n)
+        for (int64_t b = 0; b < row_bytes; ++b)
+          ASSERT_EQ(stored[size_t(m * rows * row_bytes + layout::scale_offset(n, b / 4, rows, row_bytes / 4) + b % 4)],
+                    ckpt[size_t((m * rows + n) * row_bytes + b)])
+              << "matrix " << m << " row " << n << " byte " << b;
+    layout::scales_to_checkpoint(stored.data(), back.data(), back.size(), rows, row_bytes);
+    ASSERT_EQ(back, ckpt);
   }
 }
 

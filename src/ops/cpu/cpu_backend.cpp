@@ -27,12 +27,12 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads, QuantDotModel quant_d
 
 Tensor CpuBackend::empty(DType dtype, std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(dtype, shape); }
 
-void CpuBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
+void CpuBackend::upload(const Tensor& dst, const void* host, size_t bytes, TensorRole) {  // (checkpoint order)
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
   if (bytes) std::memcpy(dst.data(), host, bytes);
 }
 
-void CpuBackend::download(void* host, const Tensor& src, size_t bytes) {
+void CpuBackend::download(void* host, const Tensor& src, size_t bytes, TensorRole) {
   DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
   if (bytes) std::memcpy(host, src.data(), bytes);
 }

@@ -21,8 +21,8 @@ class CpuBackend final : public Backend {
   core::Device device() const override { return core::Device::kCpu; }
   std::string name() const override { return "cpu"; }
   core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) override;
-  void upload(const core::Tensor& dst, const void* host, size_t bytes) override;
-  void download(void* host, const core::Tensor& src, size_t bytes) override;
+  void upload(const core::Tensor& dst, const void* host, size_t bytes, TensorRole role = TensorRole::kPlain) override;
+  void download(void* host, const core::Tensor& src, size_t bytes, TensorRole role = TensorRole::kPlain) override;
   void fill_zero(const core::Tensor& t) override;
   void synchronize() override {}
   LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) override;

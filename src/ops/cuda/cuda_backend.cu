@@ -86,25 +86,30 @@ Tensor CudaBackend::empty(DType dtype, std::initializer_list<int64_t> shape) {
 
 namespace {
 
-// Packed FP4 tensors live in fp4_device_layout.h's order on the GPU: checked and
-// converted here, where they cross between host and device. The order depends on the
-// matrix shape (the last dimension is a row's bytes, the one before it the rows; a
-// 1-D tensor is one row), so an FP4 tensor crosses whole, in its final shape.
+// Packed FP4 tensors and their row scales live in fp4_device_layout.h's order on the
+// GPU: checked and converted here, where they cross between host and device. The
+// order depends on the matrix shape (the last dimension is a row's bytes, the one
+// before it the rows; a 1-D tensor is one row), so they cross whole, in their final
+// shape.
 struct Fp4Matrices {
   int64_t rows = 1, row_bytes = 0;
 };
-Fp4Matrices fp4_matrices(const Tensor& t, size_t bytes, const char* what) {
+Fp4Matrices fp4_matrices(const Tensor& t, size_t bytes, bool scales, const char* what) {
   Fp4Matrices m;
   if (t.ndim() >= 1) m.row_bytes = t.size(t.ndim() - 1);
   if (t.ndim() >= 2) m.rows = t.size(t.ndim() - 2);
+  const char* kind = scales ? "FP4 row-scale (UE8M0)" : "packed FP4 (I8)";
   DSV4_CHECK(bytes == t.nbytes(),
-             "{} of {} bytes of a packed FP4 (I8) tensor {} of {} bytes: the CUDA backend stores FP4 matrices in its own "
-             "order (ops/cuda/fp4_device_layout.h), so they cross whole",
-             what, bytes, t.shape_string(), t.nbytes());
-  DSV4_CHECK(m.row_bytes % fp4_layout::kBlockBytes == 0 && reinterpret_cast<uintptr_t>(t.data()) % 16 == 0,
-             "{} of {} bytes of a packed FP4 (I8) tensor {}: the CUDA backend stores FP4 rows in {}-byte blocks "
+             "{} of {} bytes of a {} tensor {} of {} bytes: the CUDA backend stores FP4 matrices in its own order "
+             "(ops/cuda/fp4_device_layout.h), so they cross whole",
+             what, bytes, kind, t.shape_string(), t.nbytes());
+  DSV4_CHECK(!scales || t.dtype() == DType::kF8E8M0, "{} of FP4 row scales into a {} tensor {} (UE8M0 expected)", what,
+             core::dtype_name(t.dtype()), t.shape_string());
+  const int64_t row_unit = scales ? 4 : fp4_layout::kBlockBytes;  // bytes of one 128-element stage of a row
+  DSV4_CHECK(m.row_bytes % row_unit == 0 && reinterpret_cast<uintptr_t>(t.data()) % 16 == 0,
+             "{} of {} bytes of a {} tensor {}: the CUDA backend stores FP4 rows in {}-byte blocks "
              "(K a multiple of 128, rows 16-byte aligned)",
-             what, bytes, t.shape_string(), fp4_layout::kBlockBytes);
+             what, bytes, kind, t.shape_string(), row_unit);
   return m;
 }
 
@@ -127,13 +132,22 @@ __global__ void fp4_to_device_layout_kernel(const uint4* __restrict__ in, uint8_
   for (int i = 0; i < 4; ++i) o[i] = make_uint4(dst[4 * i], dst[4 * i + 1], dst[4 * i + 2], dst[4 * i + 3]);
 }
 
+// One thread per 4-byte stage word of the scales `in` (checkpoint order), to its place in out.
+__global__ void fp4_scales_to_device_layout_kernel(const uint32_t* __restrict__ in, uint8_t* __restrict__ out,
+                                                   int64_t words, int64_t rows, int64_t stages) {
+  const int64_t w = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (w >= words) return;
+  const int64_t per_matrix = rows * stages, m = w / per_matrix, n = (w % per_matrix) / stages, s = w % stages;
+  *reinterpret_cast<uint32_t*>(out + m * per_matrix * 4 + fp4_layout::scale_offset(n, s, rows, stages)) = in[w];
+}
+
 }  // namespace
 
-void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
+void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, TensorRole role) {
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
-  const bool fp4 = dst.dtype() == DType::kI8;
+  const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || dst.dtype() == DType::kI8;
   Fp4Matrices shape;
-  if (fp4) shape = fp4_matrices(dst, bytes, "upload");
+  if (fp4) shape = fp4_matrices(dst, bytes, scales, "upload");
   if (bytes == 0) return;
   // Pageable host memory: the copy is staged before the call returns, so the
   // caller may reuse its buffer at once.
@@ -145,25 +159,33 @@ void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes) {
   void* scratch = nullptr;
   DSV4_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream_));
   DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch, host, bytes, cudaMemcpyHostToDevice, stream_));
-  const int64_t blocks = int64_t(bytes / fp4_layout::kBlockBytes);
-  fp4_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
-      static_cast<const uint4*>(scratch), static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
-      shape.row_bytes / fp4_layout::kBlockBytes);
+  if (scales) {
+    const int64_t words = int64_t(bytes / 4);
+    fp4_scales_to_device_layout_kernel<<<unsigned((words + 255) / 256), 256, 0, stream_>>>(
+        static_cast<const uint32_t*>(scratch), static_cast<uint8_t*>(dst.data()), words, shape.rows,
+        shape.row_bytes / 4);
+  } else {
+    const int64_t blocks = int64_t(bytes / fp4_layout::kBlockBytes);
+    fp4_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
+        static_cast<const uint4*>(scratch), static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
+        shape.row_bytes / fp4_layout::kBlockBytes);
+  }
   DSV4_CUDA_CHECK(cudaGetLastError());
   DSV4_CUDA_CHECK(cudaFreeAsync(scratch, stream_));
 }
 
-void CudaBackend::download(void* host, const Tensor& src, size_t bytes) {
+void CudaBackend::download(void* host, const Tensor& src, size_t bytes, TensorRole role) {
   DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
-  const bool fp4 = src.dtype() == DType::kI8;
+  const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || src.dtype() == DType::kI8;
   Fp4Matrices shape;
-  if (fp4) shape = fp4_matrices(src, bytes, "download");
+  if (fp4) shape = fp4_matrices(src, bytes, scales, "download");
   if (bytes == 0) return;
   std::vector<uint8_t> stored(fp4 ? bytes : 0);
   DSV4_CUDA_CHECK(cudaMemcpyAsync(fp4 ? stored.data() : host, src.data(), bytes, cudaMemcpyDeviceToHost, stream_));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (fp4)
-    fp4_layout::matrices_to_checkpoint(stored.data(), static_cast<uint8_t*>(host), bytes, shape.rows, shape.row_bytes);
+  uint8_t* out = static_cast<uint8_t*>(host);
+  if (scales) fp4_layout::scales_to_checkpoint(stored.data(), out, bytes, shape.rows, shape.row_bytes);
+  else if (fp4) fp4_layout::matrices_to_checkpoint(stored.data(), out, bytes, shape.rows, shape.row_bytes);
 }
 
 void CudaBackend::fill_zero(const Tensor& t) {

@@ -30,8 +30,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) override;
   core::Tensor empty_bytes(size_t bytes);
-  void upload(const core::Tensor& dst, const void* host, size_t bytes) override;
-  void download(void* host, const core::Tensor& src, size_t bytes) override;
+  void upload(const core::Tensor& dst, const void* host, size_t bytes, TensorRole role = TensorRole::kPlain) override;
+  void download(void* host, const core::Tensor& src, size_t bytes, TensorRole role = TensorRole::kPlain) override;
   void fill_zero(const core::Tensor& t) override;
   void synchronize() override;
   LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) override;

@@ -67,8 +67,8 @@ __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t*
 }
 
 // One warp per (row, group of 32): lane i draws element 32g + i; even lanes write
-// the byte of the pair (low nibble = even k, spec §2.8) where the CUDA backend
-// stores it (ops/cuda/fp4_device_layout.h).
+// the byte of the pair (low nibble = even k, spec §2.8) and lane 0 the scale where
+// the CUDA backend stores them (ops/cuda/fp4_device_layout.h).
 __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int64_t K, uint64_t seed, uint64_t stream,
                                 float std) {
   wait_for_predecessor();
@@ -88,7 +88,9 @@ __global__ void fill_fp4_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int6
     if ((lane & 1) == 0)
       weight[fp4_layout::element_offset(n, kk, N, K / fp4_layout::kBlockElements)] =
           fp4_layout::spread_byte(uint8_t(code | (hi << 4)));
-    if (lane == 0) scale[n * groups + g] = core::e8m0_from_exponent(e);
+    if (lane == 0)  // (scale byte g % 4 of stage g / 4, where the CUDA backend stores it)
+      scale[fp4_layout::scale_offset(n, g / 4, N, K / fp4_layout::kBlockElements) + g % 4] =
+          core::e8m0_from_exponent(e);
   }
 }
 

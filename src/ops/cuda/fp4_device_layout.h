@@ -25,11 +25,18 @@
 // - Piece t of row n's block sits at slot t ^ ((n >> 1) & 3) (the 64-byte swizzle), so
 //   the quarter warp that reads two rows' pieces hits every bank once.
 //
+// The row scales ([N, K/32] UE8M0, 4 bytes a row and stage) are tile-major too, in
+// groups of 4 stages (16 bytes a row): group q of tile i is R rows x 4 x (its stages)
+// bytes at 128i K/32 + 16 q R. A whole tile's group is one 2 KB run (one bulk copy);
+// in checkpoint order it was 128 reads of 16 bytes, K/32 bytes apart.
+//
 // All of it is a bijection on a matrix, so every value survives and the tensor core
 // sees the same bytes as before: the same results, bit for bit. The CPU keeps
 // checkpoint order; the CUDA backend converts on upload and download, matrix by
-// matrix (the tensor's last dimension is K/2, the one before it N; its rows must be
-// whole blocks: K % 128 == 0, which every linear op requires anyway).
+// matrix (the tensor's last dimension is K/2, or K/32 for the scales, the one before
+// it N; its rows must be whole blocks: K % 128 == 0, which every linear op requires
+// anyway). Nothing in a scale tensor's dtype or shape says it belongs to an FP4
+// weight, so its uploads say so (ops::TensorRole::kFp4Scales).
 #pragma once
 
 #include <cstddef>
@@ -78,6 +85,17 @@ DSV4_HD int64_t block_offset(int64_t n, int64_t s, int64_t rows, int64_t stages)
 DSV4_HD int64_t element_offset(int64_t n, int64_t kk, int64_t rows, int64_t stages) {
   const int b = element_byte(int(kk % kBlockElements));
   return block_offset(n, kk / kBlockElements, rows, stages) + 16 * piece_slot(n, b >> 4) + (b & 15);
+}
+
+// Offset of the 4 scale bytes of row n and stage s in stored [rows, 4 stages] scales.
+constexpr int kScaleGroupStages = 4;  // stages a row's scale group covers (16 bytes)
+DSV4_HD int64_t scale_offset(int64_t n, int64_t s, int64_t rows, int64_t stages) {
+  const int64_t first = n & ~int64_t(kTileRows - 1);
+  const int64_t tile_rows = rows - first < kTileRows ? rows - first : kTileRows;
+  const int64_t q = s / kScaleGroupStages, left = stages - q * kScaleGroupStages;
+  const int64_t group_stages = left < kScaleGroupStages ? left : kScaleGroupStages;
+  return first * stages * 4 + q * tile_rows * 4 * kScaleGroupStages + (n - first) * group_stages * 4 +
+         (s % kScaleGroupStages) * 4;
 }
 
 // The e2m1 code (checkpoint nibble) of element kk of row n of a stored [rows, K/2] matrix.
@@ -166,6 +184,26 @@ inline void matrices_to_device(const uint8_t* in, uint8_t* out, size_t bytes, in
 }
 inline void matrices_to_checkpoint(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
   convert_matrices<false>(in, out, bytes, rows, row_bytes);
+}
+
+// The same for whole host scale matrices [matrices, rows, row_bytes] (row_bytes = K/32,
+// a multiple of 4): each row's 4 bytes of a stage move to scale_offset.
+template <bool kToDevice>
+inline void convert_scales(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
+  const int64_t stages = row_bytes / 4;
+  const size_t matrix_bytes = size_t(rows * row_bytes);
+  for (size_t m = 0; m + matrix_bytes <= bytes && matrix_bytes > 0; m += matrix_bytes)
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t s = 0; s < stages; ++s) {
+        const size_t ckpt = m + size_t(n * row_bytes + 4 * s), dev = m + size_t(scale_offset(n, s, rows, stages));
+        memcpy(out + (kToDevice ? dev : ckpt), in + (kToDevice ? ckpt : dev), 4);
+      }
+}
+inline void scales_to_device(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
+  convert_scales<true>(in, out, bytes, rows, row_bytes);
+}
+inline void scales_to_checkpoint(const uint8_t* in, uint8_t* out, size_t bytes, int64_t rows, int64_t row_bytes) {
+  convert_scales<false>(in, out, bytes, rows, row_bytes);
 }
 
 }  // namespace dsv4::ops::fp4_layout

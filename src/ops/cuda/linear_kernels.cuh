@@ -121,14 +121,16 @@ __host__ __device__ constexpr int gemm_a_stage_bytes() {
 }
 
 // Dynamic shared memory of gemm_kernel<F, NT, *> (kTmaW: expert_gemm_kernel with TMA
-// weight stages, whose rows are dense); the layout is carved in gemm_tile.
+// weight stages, whose rows are dense, and a raw scale group); the layout is carved in
+// gemm_tile.
 template <WFmt F, int NT, bool kTmaW = false>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
   constexpr int S = T::kStages;
   return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
-         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0);
+         (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0) +
+         (kTmaW && T::kRowScale ? 16 + kTileN * 4 * kScaleStages : 0);
 }
 
 // Per-local-expert weight pointers: {w1.weight, w1.scale, w3.weight, w3.scale}
@@ -386,8 +388,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
   int* s_flag = s_rows + BM;
-  // FP4 TMA stages: one 8-byte mbarrier per stage buffer, by shared address.
+  // FP4 TMA stages: one 8-byte mbarrier per stage buffer, by shared address; then the
+  // raw bytes of one scale group (kTileN x 16, 16-byte aligned for the bulk copy).
   const uint32_t s_mbar = (smem_u32(s_flag + 1) + 7) & ~7u;
+  const uint32_t s_ws_raw = (s_mbar + 8 * kStages + 15) & ~15u;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
@@ -422,31 +426,38 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                                           : w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
   const int64_t w_step = int64_t(kRowStep) * (kTileMajor ? T::kWBytes : p.w_row_bytes);
   const int64_t w_stage = kTileMajor ? int64_t(valid_n) * T::kWBytes : T::kWBytes;
-  const uint8_t* ws_src = nullptr;  // FP4 row scales of row tid
-  if (T::kRowScale && tid < valid_n) ws_src = sc + (wrow0 + tid) * p.s_row_stride;
-  // FP4 row scales: stage st's 4 scales of row r are read as 4 bf16 at byte
+  // FP4 row scales, tile-major (fp4_device_layout.h: scale_offset): group q of the
+  // tile's stages (kScaleStages, fewer in the last) is valid_n rows of 4 x (its stages)
+  // bytes at q * valid_n * 16. Stage st's 4 scales of row r are read as 4 bf16 at byte
   // (st % kScaleStages) * 8 of row r in buffer (st / kScaleStages) % 2
-  // (fp4_layout::e8m0x4_to_bf16x2; thread r rewrites its row's raw bytes so, in place,
-  // at the top of the stage, before the barrier). Where the rows are 16-byte aligned
-  // and the CTA walks all stages (from stage 0, at least kScaleStages of them), the
-  // stage that starts a group copies the group's 16 raw bytes to bytes 16..31 (one
-  // request a row per 4 stages); otherwise each stage copies its own 4 to byte
-  // (st % kScaleStages) * 8 + 4 (4-byte copies measured 0.6% faster at batch 1, where
-  // the expert CTAs split their slices). A group's buffer is written again
+  // (fp4_layout::e8m0x4_to_bf16x2; thread r rewrites its row's raw bytes so, once, at
+  // the top of the stage). Where the CTA walks whole groups (all its stages, from stage
+  // 0, a whole number of groups), the stage that starts a group copies the group: one
+  // bulk copy of its kTileN x 16 bytes to s_ws_raw in the TMA path (converted after the
+  // stage's barrier wait), or 16 bytes a row to bytes 16..31 of the row (converted in
+  // place before the barrier); otherwise each stage copies its own 4 bytes a row to
+  // byte (st % kScaleStages) * 8 + 4 (4-byte copies measured 0.6% faster at batch 1,
+  // where the expert CTAs split their slices). A group's buffer is written again
   // kScaleStages stages later, by the load of a stage kStages - 1 ahead, after the
-  // group's last stage is done. Against each reader converting the raw bytes (a shift
-  // and a mask per float and a test for 0 and 255, ~50 instructions a stage): -1.5 /
-  // -1.5 / -2.2% a step at batch 16 / 64 / 256, +0.7% at batch 1 (eighteenth session;
-  // the raw path kept for stage-by-stage copies was slower still, also at batch 1).
-  const bool ws_sectors = T::kRowScale && p.split == 1 && stages_total >= kScaleStages &&
-                          p.s_row_stride % 16 == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0;
-  const int ws_row_bytes = stages_total * 4;
+  // group's last stage is done; s_ws_raw, one group ahead, after the group's
+  // conversion. The bf16 form against each reader converting the raw bytes (~50
+  // instructions a stage): -1.5 / -1.5 / -2.2% a step at batch 16 / 64 / 256, +0.7% at
+  // batch 1 (eighteenth session).
+  const uint8_t* const ws_tile = T::kRowScale ? sc + wrow0 * p.s_row_stride : nullptr;
+  const bool ws_row = T::kRowScale && tid < valid_n;
+  const bool ws_sectors = T::kRowScale && p.split == 1 && stages_total % kScaleStages == 0 &&
+                          reinterpret_cast<uintptr_t>(sc) % 16 == 0;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
       if (tid == 0) {  // the host sends only whole 128-row tiles this way
-        mbar_expect_tx(s_mbar + 8 * buf, kWStage);
+        const bool group = ws_sectors && unsigned(st) % kScaleStages == 0;  // ... and the scale group it starts
+        constexpr int kGroupBytes = kTileN * 4 * kScaleStages;
+        mbar_expect_tx(s_mbar + 8 * buf, kWStage + (group ? kGroupBytes : 0));
         tma_bulk_load(smem_u32(dw), w_tile + int64_t(st) * kWStage, kWStage, s_mbar + 8 * buf);
+        if (group)
+          tma_bulk_load(s_ws_raw, ws_tile + int64_t(unsigned(st) / kScaleStages) * kGroupBytes, kGroupBytes,
+                        s_mbar + 8 * buf);
       }
     } else {
       const uint8_t* src = w_src + int64_t(st) * w_stage;
@@ -463,12 +474,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       static_assert(kScaleStages >= kStages, "a scale buffer is rewritten only after its stages are done");
       const unsigned ust = unsigned(st);  // (unsigned: a shift and a mask, not a signed division)
       uint8_t* dst = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+      const unsigned q = ust / kScaleStages;
+      const uint8_t* group = ws_tile + int64_t(q) * valid_n * (4 * kScaleStages);
       if (!ws_sectors) {
-        cp_async4(dst + (ust % kScaleStages) * 8 + 4, ws_src ? ws_src + int64_t(st) * 4 : sc, ws_src ? 4 : 0);
-      } else if (ust % kScaleStages == 0) {
-        const int first = int(ust / kScaleStages) * 4 * kScaleStages;  // the group's first byte in the row
-        const int n = ws_src ? min(ws_row_bytes - first, 16) : 0;
-        cp_async16(dst + 16, n > 0 ? ws_src + first : sc, n);
+        const int group_bytes = 4 * min(kScaleStages, stages_total - int(q) * kScaleStages);
+        const uint8_t* src = group + tid * group_bytes + (ust % kScaleStages) * 4;
+        cp_async4(dst + (ust % kScaleStages) * 8 + 4, ws_row ? src : sc, ws_row ? 4 : 0);
+      } else if (!kTmaW && ust % kScaleStages == 0) {
+        cp_async16(dst + 16, ws_row ? group + tid * 16 : sc, ws_row ? 16 : 0);
       }
     }
   };
@@ -571,22 +584,29 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     const unsigned uit = unsigned(it);  // (stage indices are unsigned: shifts and masks)
     const int buf = int(uit % kStages), st = st_begin + it;
     const unsigned ust = unsigned(st);
-    if constexpr (T::kRowScale) {  // FP4: this thread's row scales as bf16, before the barrier
-      uint8_t* row = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+    // FP4: this thread's row scales as bf16 (a group's 16 raw bytes -> its 32 bf16 bytes).
+    uint8_t* const ws_row_buf = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+    auto scale_group_to_bf16 = [&](const uint4 raw) {
+      static_assert(kScaleStages == 4, "a group's raw scales are one 16-byte piece");
+      const fp4_layout::Bf16Pairs v0 = fp4_layout::e8m0x4_to_bf16x2(raw.x), v1 = fp4_layout::e8m0x4_to_bf16x2(raw.y),
+                                  v2 = fp4_layout::e8m0x4_to_bf16x2(raw.z), v3 = fp4_layout::e8m0x4_to_bf16x2(raw.w);
+      *reinterpret_cast<uint4*>(ws_row_buf) = make_uint4(v0.lo, v0.hi, v1.lo, v1.hi);
+      *reinterpret_cast<uint4*>(ws_row_buf + 16) = make_uint4(v2.lo, v2.hi, v3.lo, v3.hi);
+    };
+    if constexpr (T::kRowScale) {  // (cp.async copies: before the barrier)
       if (!ws_sectors) {
-        uint8_t* slot = row + (ust % kScaleStages) * 8;
+        uint8_t* slot = ws_row_buf + (ust % kScaleStages) * 8;
         const fp4_layout::Bf16Pairs v = fp4_layout::e8m0x4_to_bf16x2(*reinterpret_cast<const uint32_t*>(slot + 4));
         *reinterpret_cast<uint2*>(slot) = make_uint2(v.lo, v.hi);
-      } else if (ust % kScaleStages == 0) {
-        static_assert(kScaleStages == 4, "a group's raw scales are one 16-byte piece");
-        const uint4 raw = *reinterpret_cast<const uint4*>(row + 16);
-        const fp4_layout::Bf16Pairs v0 = fp4_layout::e8m0x4_to_bf16x2(raw.x), v1 = fp4_layout::e8m0x4_to_bf16x2(raw.y),
-                                    v2 = fp4_layout::e8m0x4_to_bf16x2(raw.z), v3 = fp4_layout::e8m0x4_to_bf16x2(raw.w);
-        *reinterpret_cast<uint4*>(row) = make_uint4(v0.lo, v0.hi, v1.lo, v1.hi);
-        *reinterpret_cast<uint4*>(row + 16) = make_uint4(v2.lo, v2.hi, v3.lo, v3.hi);
+      } else if (!kTmaW && ust % kScaleStages == 0) {
+        scale_group_to_bf16(*reinterpret_cast<const uint4*>(ws_row_buf + 16));
       }
     }
-    if constexpr (kTmaW) mbar_wait(s_mbar + 8 * (uit % kStages), (uit / kStages) & 1);
+    if constexpr (kTmaW) {
+      mbar_wait(s_mbar + 8 * (uit % kStages), (uit / kStages) & 1);
+      if (ws_sectors && ust % kScaleStages == 0)  // (the group's bulk copy came with this stage)
+        scale_group_to_bf16(*reinterpret_cast<const uint4*>(smem_raw + (s_ws_raw - smem_u32(smem_raw)) + 16 * tid));
+    }
     fence_proxy_async();
     __syncthreads();               // ... for every thread, and stage it-1's buffer is free
     // (bf16: free once its tensor-core products are done, see kLoadAfter)
@@ -1285,7 +1305,7 @@ __device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* w
                                               int64_t N, int64_t K) {
   if (fp4) {  // (the CUDA backend's FP4 order, fp4_device_layout.h)
     return core::e2m1_to_float(fp4_layout::element_code(w, n, kk, N, K)) *
-           core::e8m0_to_float(ws[n * (K / 32) + kk / 32]);
+           core::e8m0_to_float(ws[fp4_layout::scale_offset(n, kk / 128, N, K / 128) + (kk % 128) / 32]);
   }
   return core::e4m3_to_float(w[n * K + kk]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
 }
