@@ -14,6 +14,7 @@ struct QuantLinear {
   enum class Format : uint8_t {
     kFp8Block128,  // e4m3 [N, K], UE8M0 scale [ceil(N/128), ceil(K/128)]
     kFp4Group32,   // e2m1 packed I8 [N, K/2] (low nibble = even k), UE8M0 scale [N, K/32]
+                   // (on CUDA both in the backend's order: upload the scale as TensorRole::kFp4Scales)
   };
   core::Tensor weight;
   core::Tensor scale;
