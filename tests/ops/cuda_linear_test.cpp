@@ -1378,34 +1378,20 @@ TEST(CudaFp4Layout, UploadStoresTheDeviceOrderAndDownloadRestoresTheCheckpoints)
     EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored scales of " << h.shape_string();
     expect_bitwise(h, to_host(cuda, d, ops::TensorRole::kFp4Scales), "FP4 scale download after upload");
   }
-  try {
-    const Tensor bf16 = cuda.empty(DType::kBF16, {4, 8});
-    std::vector<uint8_t> bytes(64, 0);
-    cuda.upload(bf16, bytes.data(), bytes.size(), ops::TensorRole::kFp4Scales);
-    ADD_FAILURE() << "FP4 row scales were uploaded into a bf16 tensor";
-  } catch (const core::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("UE8M0 expected"), std::string::npos) << e.what();
-  }
-  {
-    const Tensor part = cuda.empty(DType::kI8, {4, 64});
-    std::vector<uint8_t> bytes(128, 0x11);
+  // Uploads that must fail, each with a message naming the tensor and the rule.
+  auto expect_upload_fails = [&](const Tensor& dst, size_t bytes, ops::TensorRole role,
+                                 std::initializer_list<const char*> needles) {
+    std::vector<uint8_t> host(bytes, 0x11);
     try {
-      cuda.upload(part, bytes.data(), bytes.size());
-      ADD_FAILURE() << "an upload of 128 of 256 bytes into a packed FP4 tensor was accepted";
+      cuda.upload(dst, host.data(), bytes, role);
+      ADD_FAILURE() << "an upload of " << bytes << " bytes into " << dst.shape_string() << " was accepted";
     } catch (const core::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("[4, 64]"), std::string::npos) << e.what();
-      EXPECT_NE(std::string(e.what()).find("cross whole"), std::string::npos) << e.what();
+      for (const char* needle : needles) EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
     }
-  }
-  const Tensor odd = cuda.empty(DType::kI8, {3, 48});
-  std::vector<uint8_t> bytes(144, 0x11);
-  try {
-    cuda.upload(odd, bytes.data(), bytes.size());
-    ADD_FAILURE() << "an upload of 144 bytes into a packed FP4 tensor was accepted";
-  } catch (const core::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("[3, 48]"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("64-byte blocks"), std::string::npos) << e.what();
-  }
+  };
+  expect_upload_fails(cuda.empty(DType::kBF16, {4, 8}), 64, ops::TensorRole::kFp4Scales, {"[4, 8]", "UE8M0 expected"});
+  expect_upload_fails(cuda.empty(DType::kI8, {4, 64}), 128, ops::TensorRole::kPlain, {"[4, 64]", "cross whole"});
+  expect_upload_fails(cuda.empty(DType::kI8, {3, 48}), 144, ops::TensorRole::kPlain, {"[3, 48]", "64-byte blocks"});
 }
 
 TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {

@@ -19,7 +19,6 @@
 #include <memory>
 #include <vector>
 
-
 #include "core/error.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"

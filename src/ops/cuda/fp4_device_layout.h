@@ -15,7 +15,7 @@
 //   odd one two shifts and masks that never cross a byte (5 operations for 8 values).
 //
 // And the blocks are stored by 128-row tile, a tile's stages one after another
-// (docs/design/cuda-linear.md, "Tile-major FP4 weights"):
+// (docs/design/cuda-linear.md, "Tile-major FP4 weights and scales"):
 //
 // - Tile i (rows 128i .. 128i + R - 1, R = min(128, N - 128i)) keeps the bytes
 //   [128i K/2, (128i + R) K/2) of the matrix, as K/128 stages of R x 64 bytes:

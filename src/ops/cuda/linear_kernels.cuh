@@ -107,12 +107,14 @@ struct FmtTraits<WFmt::kFp8Bf16> {
 
 constexpr int kThreads = 128;          // 4 warps, 32 weight rows each
 constexpr int kTileN = 128;            // weight rows (output columns) per CTA
+static_assert(kTileN == fp4_layout::kTileRows, "a CTA's FP4 weight rows are a stored tile");
 constexpr int kMaxScaleBlocks = 256;   // FP8 block-scale row kept in smem: K <= 32768
 constexpr int kMaxSlices = 32;
 constexpr int kMaxTableExperts = 384;  // experts per launch (pointer table passed by value)
 // FP4 row scales (4 bytes a row per stage, 8 once rewritten as bf16) come kScaleStages
 // stages at a time, 16 bytes a row, into one of two buffers (see gemm_tile).
 constexpr int kScaleStages = 4, kScaleRowBytes = 8 * kScaleStages;
+static_assert(kScaleStages == fp4_layout::kScaleGroupStages, "a copied scale group is a stored one");
 
 // Activation bytes of one stage buffer: 8*NT rows of 128 bytes (128-byte swizzle).
 template <int NT>
