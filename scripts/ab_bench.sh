@@ -11,7 +11,9 @@
 # env: variants need no build (e.g. off=env:DSV4_CUDA_SHARED_DECODE=0).
 # The tree itself is built in build-gpu (as scripts/gpu_suite.sh does), each
 # variant in /tmp/ab_NAME/b. Writes OUT/NAME-ROUND.json (the bench's JSON) and
-# prints step ms (median of the graph replays) per batch for every run.
+# prints step ms (median of the graph replays) per batch for every run, then
+# scripts/ab_summary.py's table (means, change against base, ratio to the roofline;
+# use a fresh OUT: it reads every NAME-ROUND.json there).
 # Environment: ROUNDS (default 2), BATCHES (default 1,16,64,256), PRESET (default
 # bench-1g), CONTEXT (default 4096), CMAKE_ARGS (default -DDSV4_CUDA=ON), BENCH_ARGS
 # (more `bench decode` options, e.g. "--backend cpu --threads 8" for a CPU run).
@@ -86,3 +88,5 @@ print("%-14s %s (%.0f)" % (sys.argv[2], ms, d["copy_bandwidth_gb_s"]))
 EOF
   done
 done
+echo
+python3 scripts/ab_summary.py "$out"
