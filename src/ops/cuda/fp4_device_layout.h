@@ -73,12 +73,20 @@ DSV4_HD int element_byte(int e) { return 16 * ((e & 31) >> 3) + 4 * (e >> 5) + (
 // The slot of piece t (0..3) in row n's blocks.
 DSV4_HD int piece_slot(int64_t n, int t) { return t ^ int((n >> 1) & 3); }
 
+// The tile of row n in a matrix of `rows` rows: its first row and its row count.
+struct TileOf {
+  int64_t first, rows;
+};
+DSV4_HD TileOf tile_of(int64_t n, int64_t rows) {
+  const int64_t first = n & ~int64_t(kTileRows - 1);
+  return TileOf{first, rows - first < kTileRows ? rows - first : kTileRows};
+}
+
 // Offset of block (row n, stage s) in a stored matrix of `rows` rows and `stages`
 // 128-element stages a row.
 DSV4_HD int64_t block_offset(int64_t n, int64_t s, int64_t rows, int64_t stages) {
-  const int64_t first = n & ~int64_t(kTileRows - 1);  // the tile's first row
-  const int64_t tile_rows = rows - first < kTileRows ? rows - first : kTileRows;
-  return (first * stages + s * tile_rows + (n - first)) * kBlockBytes;
+  const TileOf tile = tile_of(n, rows);
+  return (tile.first * stages + s * tile.rows + (n - tile.first)) * kBlockBytes;
 }
 
 // Offset of the byte that holds element kk (with kk ^ 1) of row n.
@@ -90,11 +98,10 @@ DSV4_HD int64_t element_offset(int64_t n, int64_t kk, int64_t rows, int64_t stag
 // Offset of the 4 scale bytes of row n and stage s in stored [rows, 4 stages] scales.
 constexpr int kScaleGroupStages = 4;  // stages a row's scale group covers (16 bytes)
 DSV4_HD int64_t scale_offset(int64_t n, int64_t s, int64_t rows, int64_t stages) {
-  const int64_t first = n & ~int64_t(kTileRows - 1);
-  const int64_t tile_rows = rows - first < kTileRows ? rows - first : kTileRows;
+  const TileOf tile = tile_of(n, rows);
   const int64_t q = s / kScaleGroupStages, left = stages - q * kScaleGroupStages;
   const int64_t group_stages = left < kScaleGroupStages ? left : kScaleGroupStages;
-  return first * stages * 4 + q * tile_rows * 4 * kScaleGroupStages + (n - first) * group_stages * 4 +
+  return tile.first * stages * 4 + q * tile.rows * 4 * kScaleGroupStages + (n - tile.first) * group_stages * 4 +
          (s % kScaleGroupStages) * 4;
 }
 
