@@ -5,7 +5,8 @@
 # Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
 # base, the default, or none: the clocks the GPU runs at), NCU_CACHE (ncu --cache-control: all, the default,
 # flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step), NCU_KERNEL,
-# NCU_BATCHES, NCU_SKIP, NCU_COUNT (ncu-kernel: which launches of which kernel, default the 5th and 6th expert GEMM
+# NCU_BATCHES, NCU_SKIP, NCU_COUNT, NCU_NAME_BASE (ncu-kernel: which launches of which kernel, matched against the
+# name without (function, the default) or with (demangled) its template arguments; default the 5th and 6th expert GEMM
 # launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
@@ -171,7 +172,8 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
                  # its details page and its source page (SASS, gzipped; scripts/ncu_source_summary.py reads it)
       for b in ${NCU_BATCHES:-16 256}; do
         step ncu-b$b 300 ncu --profile-from-start off --clock-control "${NCU_CLOCK:-none}" \
-          --cache-control "${NCU_CACHE:-none}" --kernel-name "regex:${NCU_KERNEL:-expert_gemm}" \
+          --cache-control "${NCU_CACHE:-none}" --kernel-name-base "${NCU_NAME_BASE:-function}" \
+          --kernel-name "regex:${NCU_KERNEL:-expert_gemm}" \
           --launch-skip "${NCU_SKIP:-4}" --launch-count "${NCU_COUNT:-2}" --set full --import-source no -f \
           -o "$out/ncu-b$b" $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 \
           --no-cuda-graphs --replays 1 --warmup 0 --profile

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "core/dtype.h"
@@ -30,7 +31,15 @@ namespace dsv4::ops {
 
 using core::Tensor;
 
+// Tests: -1 the rule (hc_launch), 0 / 1 hc_mix_rows_kernel off / on for every launch
+// without an hc_post source; and how many launches took it.
+void cuda_hc_force_row_mix(int on);
+int64_t cuda_hc_row_mix_launches();
+
 namespace {
+
+std::atomic<int> g_force_row_mix{-1};
+std::atomic<int64_t> g_row_mix_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
 
@@ -580,6 +589,90 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     for (int i = 1; i < kRows; ++i) v = r == i ? acc[i] : v;
     if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + mix] = v;
   }
+}
+
+// The same partials with one thread a row (rows >= kHcRowMixMinRows, no hc_post
+// source): thread r of CTA (slice, 128-row block) runs every mix of its row and the
+// row's sum of squares, each an FMA chain over k = 0 .. 127 in order, as the lanes
+// of hc_mix_partial_kernel do (same bits). Why: there a lane is a mix, so each of a
+// warp's rows is read by all its lanes and 8 of the 32 lanes compute sums of
+// squares they discard; ncu at 256 rows (H200): 17 µs a launch, issue slots 44%
+// busy, stalled on shared-memory loads (12 wavefronts a warp for 32 FMAs). Here a
+// warp reads its 32 rows once (4 wavefronts a k8 step) and fn's values as
+// broadcasts (one wavefront for 4 FMAs of every thread). fn is staged before the
+// wait for the predecessor (a weight), the X block by cp.async after it.
+constexpr int kHcRowMixThreads = 128;
+constexpr int64_t kHcRowMixMinRows = 32;
+constexpr int kHcRowMixXStride = 2 * kHcSlice + 16;  // bytes a staged X row: 16-byte reads conflict-free
+
+template <int kMix>
+__global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uint16_t* __restrict__ X,
+                                                                       const float* __restrict__ fn, int64_t rows,
+                                                                       int64_t n, float* __restrict__ partial) {
+  static_assert(kMix + 1 <= 32, "a row's mixes and sum of squares fit its 32 partials");
+  __shared__ __align__(16) float fn_s[kMix * kHcSlice];
+  __shared__ __align__(16) uint8_t x_s[kHcRowMixThreads * kHcRowMixXStride];
+  const int tid = int(threadIdx.x);
+  const int64_t k0 = int64_t(blockIdx.x) * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowMixThreads;
+  constexpr int kPiecesPerRow = kHcSlice * 4 / 16;  // fn: 16-byte pieces of a row's slice
+  for (int i = tid; i < kMix * kPiecesPerRow; i += kHcRowMixThreads) {
+    const int j = i / kPiecesPerRow, c = (i % kPiecesPerRow) * 4;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                     uint32_t(__cvta_generic_to_shared(fn_s + j * kHcSlice + c))),
+                 "l"(fn + int64_t(j) * n + k0 + c));
+  }
+  wait_for_predecessor();
+  // X: the block's rows, 16 pieces of 16 bytes each; thread tid copies piece tid % 16
+  // of rows tid / 16, tid / 16 + 8, ... (consecutive threads read consecutive bytes).
+  constexpr int kXPieces = 2 * kHcSlice / 16;
+  const int64_t live_rows = rows - r0 < kHcRowMixThreads ? rows - r0 : kHcRowMixThreads;
+  for (int i = tid; i < live_rows * kXPieces; i += kHcRowMixThreads) {
+    const int r = i / kXPieces, c = i % kXPieces;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                     uint32_t(__cvta_generic_to_shared(x_s + r * kHcRowMixXStride + 16 * c))),
+                 "l"(X + (r0 + r) * n + k0 + 8 * c));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+  if (tid >= live_rows) return;
+  float acc[kMix];
+#pragma unroll
+  for (int j = 0; j < kMix; ++j) acc[j] = 0.0f;
+  float ss = 0.0f;
+  const uint8_t* xrow = x_s + tid * kHcRowMixXStride;
+#pragma unroll 2
+  for (int k = 0; k < kHcSlice; k += 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(xrow + 2 * k);
+    const float x[8] = {bf2f(uint16_t(v.x & 0xffffu)), bf2f(uint16_t(v.x >> 16)), bf2f(uint16_t(v.y & 0xffffu)),
+                        bf2f(uint16_t(v.y >> 16)),     bf2f(uint16_t(v.z & 0xffffu)), bf2f(uint16_t(v.z >> 16)),
+                        bf2f(uint16_t(v.w & 0xffffu)), bf2f(uint16_t(v.w >> 16))};
+#pragma unroll
+    for (int j = 0; j < kMix; ++j) {
+      const float4 f0 = *reinterpret_cast<const float4*>(fn_s + j * kHcSlice + k);
+      const float4 f1 = *reinterpret_cast<const float4*>(fn_s + j * kHcSlice + k + 4);
+      acc[j] = fmaf(f0.x, x[0], acc[j]);
+      acc[j] = fmaf(f0.y, x[1], acc[j]);
+      acc[j] = fmaf(f0.z, x[2], acc[j]);
+      acc[j] = fmaf(f0.w, x[3], acc[j]);
+      acc[j] = fmaf(f1.x, x[4], acc[j]);
+      acc[j] = fmaf(f1.y, x[5], acc[j]);
+      acc[j] = fmaf(f1.z, x[6], acc[j]);
+      acc[j] = fmaf(f1.w, x[7], acc[j]);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
+  }
+  float* out = partial + (int64_t(blockIdx.x) * kHcMaxRowsPerLaunch + r0 + tid) * 32;
+  if constexpr (kMix % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < kMix / 4; ++q)
+      reinterpret_cast<float4*>(out)[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kMix; ++j) out[j] = acc[j];
+  }
+  out[kMix] = ss;
 }
 
 // ref::sinkhorn on a register matrix (HC is a template parameter so the arrays stay in registers).
@@ -1153,6 +1246,14 @@ struct HcNorm {
   QuantizedRows xq = {};  // codes / scales of xn for the FP8 linears (VEC = 8), or none
 };
 
+// hc_mix_rows_kernel from kHcRowMixMinRows rows (DSV4_CUDA_HC_ROW_MIX=0: never, for
+// A/B runs), hc_mix_partial_kernel below. Same bits either way.
+bool row_mix(int64_t rows) {
+  static const bool from_env = !env_is("DSV4_CUDA_HC_ROW_MIX", "0");
+  const int forced = g_force_row_mix.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced == 1 : from_env && rows >= kHcRowMixMinRows;
+}
+
 // src (hc_post_pre_norm, at most kHcPostMaxRows rows): X is formed by the mix kernel
 // from src and written, then read by hc_finish.
 template <int HC, bool kHead>
@@ -1179,6 +1280,11 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       else
         hc_mix_partial_kernel<4, HC, 16><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix,
                                                                         partial, *src);
+    } else if (row_mix(rows) && aligned16(Xr) && aligned16(w.fn.data())) {
+      hc_mix_rows_kernel<kMix>
+          <<<dim3(unsigned(slices), unsigned((rows + kHcRowMixThreads - 1) / kHcRowMixThreads)), kHcRowMixThreads, 0,
+             be.stream()>>>(Xr, w.fn.as<float>(), rows, n, partial);
+      g_row_mix_launches.fetch_add(1, std::memory_order_relaxed);
     } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
       hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
           Xr, w.fn.as<float>(), rows, n, kMix, partial);
@@ -1398,5 +1504,8 @@ void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, cons
                                                                        n, y.as<uint16_t>());
   check_launch(stream_);
 }
+
+void cuda_hc_force_row_mix(int on) { g_force_row_mix.store(on, std::memory_order_relaxed); }
+int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
