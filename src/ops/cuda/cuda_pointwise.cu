@@ -600,7 +600,8 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
 // busy, stalled on shared-memory loads (12 wavefronts a warp for 32 FMAs). Here a
 // warp reads its 32 rows once (4 wavefronts a k8 step) and fn's values as
 // broadcasts (one wavefront for 4 FMAs of every thread). fn is staged before the
-// wait for the predecessor (a weight), the X block by cp.async after it.
+// wait for the predecessor (a weight), the X block by cp.async after it. Step −0.4%
+// at 64 rows, −0.3% at 256 (BENCHMARKS.md, twenty-second session).
 constexpr int kHcRowMixThreads = 128;
 constexpr int64_t kHcRowMixMinRows = 32;
 constexpr int kHcRowMixXStride = 2 * kHcSlice + 16;  // bytes a staged X row: 16-byte reads conflict-free
