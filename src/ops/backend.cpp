@@ -1,8 +1,12 @@
 // Contract checks shared by every backend, and the RoPE frequency table.
 #include "ops/backend.h"
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <iterator>
 
 #include "core/random.h"
 
@@ -14,6 +18,72 @@ using core::DType;
 using core::Tensor;
 
 namespace {
+
+// The ops DSV4_REPEAT_OPS may name (Backend's pure ops), in bit order.
+enum class RepeatOp : uint32_t {
+  kLinear,
+  kLinearBf16,
+  kLinearPair,
+  kLinearBf16Pair,
+  kGroupedLinear,
+  kIndexerTopk,
+  kSparseAttention,
+  kRouter,
+  kExpertFfn,
+  kRoutedExperts,
+  kCount
+};
+constexpr const char* kRepeatOpNames[] = {"linear",          "linear_bf16",      "linear_pair", "linear_bf16_pair",
+                                          "grouped_linear",  "indexer_topk",     "sparse_attention",
+                                          "router",          "expert_ffn",       "routed_experts"};
+static_assert(std::size(kRepeatOpNames) == size_t(RepeatOp::kCount), "a name for every repeatable op");
+
+uint32_t parse_repeated_ops(const std::string& names, const char* source) {
+  uint32_t mask = 0;
+  size_t begin = 0;
+  while (begin <= names.size()) {
+    size_t end = names.find(',', begin);
+    if (end == std::string::npos) end = names.size();
+    std::string name = names.substr(begin, end - begin);
+    name.erase(0, name.find_first_not_of(" \t"));
+    name.erase(name.find_last_not_of(" \t") + 1);
+    if (!name.empty()) {
+      size_t i = 0;
+      while (i < size_t(RepeatOp::kCount) && name != kRepeatOpNames[i]) ++i;
+      DSV4_CHECK(i < size_t(RepeatOp::kCount),
+                 "{}: '{}' is not an op that may run twice (its outputs must depend on its inputs alone); "
+                 "ops that may: {}",
+                 source, name, repeatable_ops());
+      mask |= 1u << i;
+    }
+    begin = end + 1;
+  }
+  return mask;
+}
+
+constexpr int64_t kRepeatFromEnv = -1;
+std::atomic<int64_t> g_repeat_mask{kRepeatFromEnv};  // kRepeatFromEnv: DSV4_REPEAT_OPS decides
+std::atomic<int64_t> g_repeat_runs{0};
+
+// 2 where `op` is in the set, else 1.
+int runs_of(RepeatOp op) {
+  int64_t mask = g_repeat_mask.load(std::memory_order_relaxed);
+  if (mask == kRepeatFromEnv) {
+    static const uint32_t from_env = [] {
+      const char* env = std::getenv("DSV4_REPEAT_OPS");
+      const uint32_t mask = env ? parse_repeated_ops(env, "DSV4_REPEAT_OPS") : 0u;
+      // Said once, where every run's log shows it: step times are not the engine's.
+      if (mask != 0)
+        std::fprintf(stderr, "DSV4_REPEAT_OPS=%s: these ops run twice a call (a diagnostic; outputs unchanged)\n", env);
+      return mask;
+    }();
+    mask = from_env;
+  }
+  if ((mask >> uint32_t(op) & 1) == 0) return 1;
+  g_repeat_runs.fetch_add(1, std::memory_order_relaxed);
+  return 2;
+}
+
 
 // Checks dtype, rank and every dimension (-1 = any) of an op argument.
 void expect(const Tensor& t, DType dtype, std::initializer_list<int64_t> dims, core::Device device, const char* op,
@@ -93,6 +163,18 @@ class HostTimer final : public Timer {
 }  // namespace
 
 std::unique_ptr<Timer> Backend::make_timer() { return std::make_unique<HostTimer>(); }
+
+void set_repeated_ops(const std::string& names) {
+  g_repeat_mask.store(parse_repeated_ops(names, "set_repeated_ops"), std::memory_order_relaxed);
+}
+
+std::string repeatable_ops() {
+  std::string out;
+  for (const char* name : kRepeatOpNames) out += (out.empty() ? "" : ", ") + std::string(name);
+  return out;
+}
+
+int64_t repeated_op_runs() { return g_repeat_runs.load(std::memory_order_relaxed); }
 
 void Backend::set_lane(int lane) {
   DSV4_CHECK(lane >= 0 && lane < num_lanes(), "lane {} of a backend with {} lane(s)", lane, num_lanes());
@@ -307,7 +389,7 @@ void Backend::linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
   DSV4_CHECK(w.k % 128 == 0, "linear: K={} is not a multiple of the 128-wide activation blocks", w.k);
   expect(x, DType::kBF16, {-1, w.k}, d, "linear", "x");
   expect(y, DType::kBF16, {x.size(0), w.n}, d, "linear", "y");
-  do_linear(x, w, y);
+  for (int run = runs_of(RepeatOp::kLinear); run > 0; --run) do_linear(x, w, y);
 }
 
 void Backend::linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
@@ -315,13 +397,13 @@ void Backend::linear_bf16(const Tensor& x, const Tensor& w, const Tensor& y) {
   expect(w, DType::kBF16, {-1, -1}, d, "linear_bf16", "w");
   expect_float(x, {-1, w.size(1)}, d, "linear_bf16", "x");
   expect_float(y, {x.size(0), w.size(0)}, d, "linear_bf16", "y");
-  do_linear_bf16(x, w, y);
+  for (int run = runs_of(RepeatOp::kLinearBf16); run > 0; --run) do_linear_bf16(x, w, y);
 }
 
 void Backend::linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
                           const Tensor& yb) {
   expect_linears(x, wa, ya, &wb, &yb, device(), "linear_pair");
-  do_linear_pair(x, wa, ya, wb, yb);
+  for (int run = runs_of(RepeatOp::kLinearPair); run > 0; --run) do_linear_pair(x, wa, ya, wb, yb);
 }
 
 void Backend::rms_norm_linear(const Tensor& x, const Tensor& norm_weight, float eps, const Tensor& xn,
@@ -355,7 +437,7 @@ void Backend::linear_bf16_pair(const Tensor& x, const Tensor& wa, const Tensor& 
   expect_float(x, {-1, wa.size(1)}, d, "linear_bf16_pair", "x");
   expect_float(ya, {x.size(0), wa.size(0)}, d, "linear_bf16_pair", "ya");
   expect_float(yb, {x.size(0), wb.size(0)}, d, "linear_bf16_pair", "yb");
-  do_linear_bf16_pair(x, wa, ya, wb, yb);
+  for (int run = runs_of(RepeatOp::kLinearBf16Pair); run > 0; --run) do_linear_bf16_pair(x, wa, ya, wb, yb);
 }
 
 void Backend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Tensor& ya, const QuantLinear& wb,
@@ -377,7 +459,7 @@ void Backend::grouped_linear(const Tensor& x, const QuantLinear& w, int64_t grou
   DSV4_CHECK(groups > 0 && w.n % groups == 0, "grouped_linear: {} rows not divisible into {} groups", w.n, groups);
   expect(x, DType::kBF16, {-1, groups * w.k}, d, "grouped_linear", "x");
   expect(y, DType::kBF16, {x.size(0), w.n}, d, "grouped_linear", "y");
-  do_grouped_linear(x, w, groups, y);
+  for (int run = runs_of(RepeatOp::kGroupedLinear); run > 0; --run) do_grouped_linear(x, w, groups, y);
 }
 
 void Backend::compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
@@ -413,7 +495,8 @@ void Backend::indexer_topk(const Tensor& q, const Tensor& weights, float weight_
   expect(topk, DType::kI32, {q.size(0), -1}, d, "indexer_topk", "topk");
   DSV4_CHECK(cache.index_rows.ndim() >= 2, "indexer_topk: cache has no indexer rows");
   expect_batch(batch, q.size(0), "indexer_topk");
-  do_indexer_topk(q, weights, weight_scale, cache, batch, topk);
+  for (int run = runs_of(RepeatOp::kIndexerTopk); run > 0; --run)
+    do_indexer_topk(q, weights, weight_scale, cache, batch, topk);
 }
 
 void Backend::sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache, const BatchView& batch,
@@ -428,7 +511,8 @@ void Backend::sparse_attention(const Tensor& q, const Tensor& kv, const LayerCac
   if (cache.ratio == 4) expect(topk, DType::kI32, {T, -1}, d, "sparse_attention", "topk");
   DSV4_CHECK(cache.window.ndim() >= 2, "sparse_attention: cache has no window ring");
   expect_batch(batch, T, "sparse_attention");
-  do_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o);
+  for (int run = runs_of(RepeatOp::kSparseAttention); run > 0; --run)
+    do_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o);
 }
 
 void Backend::window_commit(const Tensor& kv, const BatchView& batch, LayerCache& cache) {
@@ -452,7 +536,8 @@ void Backend::router(const Tensor& x, const Tensor& gate, const Tensor& bias, co
   expect(weights, DType::kF32, {T, k}, d, "router", "weights");
   expect(ids, DType::kI32, {T, k}, d, "router", "ids");
   expect_batch(batch, T, "router");
-  do_router(x, gate, bias, tid2eid, batch, config, weights, ids);
+  for (int run = runs_of(RepeatOp::kRouter); run > 0; --run)
+    do_router(x, gate, bias, tid2eid, batch, config, weights, ids);
 }
 
 void Backend::expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& row_weight, float swiglu_limit,
@@ -465,7 +550,7 @@ void Backend::expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& 
   DSV4_CHECK(w.w2.k == w.w1.n && w.w3.n == w.w1.n && w.w2.n == w.w1.k, "expert_ffn: inconsistent expert shapes");
   if (row_weight.ndim() > 0) expect(row_weight, DType::kF32, {x.size(0)}, d, "expert_ffn", "row_weight");
   expect(y, DType::kBF16, {x.size(0), w.w2.n}, d, "expert_ffn", "y");
-  do_expert_ffn(x, w, row_weight, swiglu_limit, y);
+  for (int run = runs_of(RepeatOp::kExpertFfn); run > 0; --run) do_expert_ffn(x, w, row_weight, swiglu_limit, y);
 }
 
 void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
@@ -482,7 +567,8 @@ void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& w
              "routed_experts: expert range [{}, {}) outside {} experts", expert_begin, expert_end, experts.size());
   for (int64_t e = expert_begin; e < expert_end; ++e)
     DSV4_CHECK(experts[size_t(e)].w1.weight.data() != nullptr, "routed_experts: local expert {} is not bound", e);
-  do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
+  for (int run = runs_of(RepeatOp::kRoutedExperts); run > 0; --run)
+    do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
 }
 
 void Backend::moe_reduce(const Tensor& slot_out, const Tensor& ids, const Tensor& routed) {

@@ -99,6 +99,20 @@ enum class TensorRole : uint8_t {
   kFp4Scales,  // the UE8M0 row scales [N, K/32] of a packed FP4 weight (CUDA: stored tile-major like the weight)
 };
 
+// Diagnostics: backend ops that run twice a call, so that a benchmark can measure
+// what one call of an op costs inside a step (a captured graph included) as the
+// step's growth. Only ops whose outputs are a function of their inputs alone
+// qualify: the second run writes the same bytes, so outputs stay right. The set
+// comes from DSV4_REPEAT_OPS (a comma list of the names below), read at the first
+// op; set_repeated_ops replaces it (tests; "" clears). An unknown name, or one of an
+// op that updates state or works in place (norms, RoPE, mHC, compress, the window),
+// is an error that lists the names allowed.
+void set_repeated_ops(const std::string& names);
+// The names allowed: "linear, linear_bf16, ...".
+std::string repeatable_ops();
+// How many extra runs the set has caused so far (all backends).
+int64_t repeated_op_runs();
+
 class Backend {
  public:
   virtual ~Backend() = default;

@@ -92,6 +92,37 @@ TEST_F(CpuOps, GroupedLinearUsesDequantizedWeightsWithoutActQuant) {
       }
 }
 
+// DSV4_REPEAT_OPS's set (backend.h): a named op runs twice a call and writes the same
+// outputs, each second run counted; names of ops that are not pure, and unknown
+// names, are refused with the list of those allowed.
+TEST_F(CpuOps, RepeatedOpsRunTwiceWithTheSameOutputs) {
+  Rng rng(3);
+  QuantLinear w = make_quant(256, 128, false, 23);
+  const Tensor x = rng.bf16({3, 256});
+  Tensor once = Tensor::empty_cpu(DType::kBF16, {3, 256}), twice = Tensor::empty_cpu(DType::kBF16, {3, 256});
+  be->grouped_linear(x, w, 2, once);
+  set_repeated_ops(" grouped_linear , linear_bf16");
+  const int64_t before = repeated_op_runs();
+  testing::poison(twice);
+  be->grouped_linear(x, w, 2, twice);
+  EXPECT_EQ(repeated_op_runs() - before, 1);
+  EXPECT_EQ(std::memcmp(once.data(), twice.data(), size_t(once.nbytes())), 0) << "grouped_linear run twice";
+  set_repeated_ops("");
+  be->grouped_linear(x, w, 2, twice);
+  EXPECT_EQ(repeated_op_runs() - before, 1) << "an empty set repeats nothing";
+  for (const char* bad : {"rms_norm", "hc_pre", "compress", "window_commit", "linerar"}) {
+    try {
+      set_repeated_ops(std::string("linear,") + bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const std::exception& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(bad), std::string::npos) << msg;
+      EXPECT_NE(msg.find(repeatable_ops()), std::string::npos) << msg;
+    }
+  }
+  set_repeated_ops("");
+}
+
 TEST_F(CpuOps, HcPreMatchesSpecFormula) {
   Rng rng(3);
   const int64_t T = 2, hc = 4, D = 128, mix = 24;
@@ -607,6 +638,23 @@ TEST(HopperBf16Step, DiagnosticVariantAtTheModelsParametersIsTheModel) {
     differ_rne += testing::bf16_step_variant(c, a, b, rne) != model;
   }
   EXPECT_GT(differ_rne, 0);  // the variants do differ
+}
+
+// The e4m3 step candidates' defaults with c = 0 are ref::hopper_e4m3_dot32 (the step
+// from zero the kernels use), on random finite codes of every exponent.
+TEST(HopperDot, E4m3StepVariantDefaultsAreTheDot32Model) {
+  std::mt19937 gen(0x5e);
+  std::uniform_int_distribution<int> byte(0, 255);
+  uint8_t a[32], b[32];
+  for (int it = 0; it < 20000; ++it) {
+    for (int k = 0; k < 32; ++k) {
+      do a[k] = uint8_t(byte(gen)); while ((a[k] & 0x7f) == 0x7f);
+      do b[k] = uint8_t(byte(gen)); while ((b[k] & 0x7f) == 0x7f);
+    }
+    ASSERT_EQ(core::float_bits(testing::e4m3_step_variant(0.0f, a, b, {})),
+              core::float_bits(ref::hopper_e4m3_dot32(a, b)))
+        << it;
+  }
 }
 
 // Where no product is truncated, QuantDotModel::kHopperWgmma equals the exact sum,

@@ -50,6 +50,7 @@ int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
+void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
 }  // namespace dsv4::ops
@@ -1080,6 +1081,103 @@ TEST(CudaMma, Bf16StepEqualsTheHopperModel) {
   std::printf("bf16 k16 step, %zu cases: model != mma.sync %lld, != wgmma %lld; a sequential fp32 fma chain "
               "differs from wgmma in %lld\n",
               c.size(), (long long)mma_diff, (long long)wgmma_diff, (long long)fp32_diff);
+}
+
+// Chains of e4m3 k32 steps with an accumulator (wgmma m64n8k32, scale-d 1), the step a
+// fold every 128 values (DeepSeek's promotion interval) would rest on: the kernels
+// start every chunk from zero, so no model of it exists yet. Checked: single chunks
+// from a zero accumulator give ref::hopper_e4m3_dot32's bits (the model the kernels
+// rest on, and the probe's layout). Measured, not asserted: how often each candidate
+// of mma_model_variants.h differs from the hardware on chains of 1 and 4 chunks onto
+// zero, spread, large and cancelling accumulators; the one that never does is the
+// model to build on (docs/design/cuda-linear.md, next step 15).
+TEST(CudaMma, E4m3StepsWithAnAccumulator) {
+  DSV4_REQUIRE_CUDA();
+  Rng rng(0x3b);
+  constexpr int64_t kBlocks = 256;
+  const auto finite_code = [&](bool spread) {
+    if (spread) {  // every exponent: any code but NaN
+      uint8_t x;
+      do x = uint8_t(rng.uniform_int(0, 255)); while ((x & 0x7f) == 0x7f);
+      return x;
+    }
+    return core::float_to_e4m3(float(rng.normal()));
+  };
+  struct Run {
+    int chunks;
+    std::vector<uint8_t> a, b;
+    std::vector<float> c, d;
+  };
+  std::vector<Run> runs;
+  for (const int chunks : {1, 4}) {
+    Run r{chunks, std::vector<uint8_t>(size_t(kBlocks * 64 * 32 * chunks)),
+          std::vector<uint8_t>(size_t(kBlocks * 8 * 32 * chunks)), std::vector<float>(size_t(kBlocks * 64 * 8)),
+          std::vector<float>(size_t(kBlocks * 64 * 8))};
+    for (int64_t blk = 0; blk < kBlocks; ++blk) {
+      const int kind = int(blk % 4);  // accumulator: 0 zero, 1 spread, 2 large (2^12), 3 minus the exact sum
+      const int64_t kb = 32 * chunks;
+      for (int64_t i = 0; i < 64 * kb; ++i) r.a[size_t(blk * 64 * kb + i)] = finite_code(blk % 8 >= 4);
+      for (int64_t i = 0; i < 8 * kb; ++i) r.b[size_t(blk * 8 * kb + i)] = finite_code(blk % 8 >= 4);
+      for (int i = 0; i < 64; ++i)
+        for (int j = 0; j < 8; ++j) {
+          double dot = 0.0;
+          for (int64_t k = 0; k < kb; ++k)
+            dot += double(core::e4m3_to_float(r.a[size_t((blk * 64 + i) * kb + k)])) *
+                   core::e4m3_to_float(r.b[size_t((blk * 8 + j) * kb + k)]);
+          r.c[size_t((blk * 64 + i) * 8 + j)] =
+              kind == 0 ? 0.0f
+                        : kind == 1 ? float(std::ldexp(rng.normal(), int(rng.uniform_int(-10, 10))))
+                                    : kind == 2 ? float(std::ldexp(rng.normal(), 12)) : -float(dot);
+        }
+    }
+    ops::cuda_e4m3_mma_probe(r.a.data(), r.b.data(), r.c.data(), kBlocks, chunks, r.d.data());
+    runs.push_back(std::move(r));
+  }
+  // The chain under a candidate: c, then one step a chunk.
+  const auto chain = [](const Run& r, int64_t blk, int i, int j, const testing::E4m3StepVariant& v) {
+    const int64_t kb = 32 * r.chunks;
+    float x = r.c[size_t((blk * 64 + i) * 8 + j)];
+    for (int q = 0; q < r.chunks; ++q)
+      x = testing::e4m3_step_variant(x, r.a.data() + (blk * 64 + i) * kb + 32 * q,
+                                     r.b.data() + (blk * 8 + j) * kb + 32 * q, v);
+    return x;
+  };
+  int64_t from_zero_diff = 0, from_zero_cases = 0;
+  std::string first;
+  const Run& one = runs[0];
+  for (int64_t blk = 0; blk < kBlocks; blk += 4)  // kind 0: a zero accumulator
+    for (int i = 0; i < 64; ++i)
+      for (int j = 0; j < 8; ++j) {
+        const float model = ops::ref::hopper_e4m3_dot32(one.a.data() + (blk * 64 + i) * 32, one.b.data() + (blk * 8 + j) * 32);
+        const float got = one.d[size_t((blk * 64 + i) * 8 + j)];
+        ++from_zero_cases;
+        if (core::float_bits(model) != core::float_bits(got)) {
+          if (from_zero_diff++ == 0) first = "block " + std::to_string(blk) + " row " + std::to_string(i) + " col " + std::to_string(j);
+        }
+      }
+  EXPECT_EQ(from_zero_diff, 0) << "single e4m3 chunks from zero against ref::hopper_e4m3_dot32, first at " << first;
+  std::printf("e4m3 k32 from zero, %lld cases: differ from ref::hopper_e4m3_dot32 in %lld\n", (long long)from_zero_cases,
+              (long long)from_zero_diff);
+  for (const int frac : {13, 14, 23, 24, 25})
+    for (const int bits : {14, 24})
+      for (const bool rne : {false, true})
+        for (const bool c_in : {true, false}) {
+          const testing::E4m3StepVariant v{frac, bits, rne, c_in};
+          int64_t diff[2][4] = {};
+          for (size_t ri = 0; ri < runs.size(); ++ri)
+            for (int64_t blk = 0; blk < kBlocks; ++blk)
+              for (int i = 0; i < 64; ++i)
+                for (int j = 0; j < 8; ++j)
+                  diff[ri][blk % 4] += core::float_bits(chain(runs[ri], blk, i, j, v)) !=
+                                       core::float_bits(runs[ri].d[size_t((blk * 64 + i) * 8 + j)]);
+          std::printf("e4m3 step candidate: %d bits below the largest, result %d bits %s, c %s: differs in "
+                      "1 chunk %lld/%lld/%lld/%lld, 4 chunks %lld/%lld/%lld/%lld (accumulator zero/spread/large/"
+                      "cancelling, of %lld each)\n",
+                      frac, bits, rne ? "nearest" : "toward zero", c_in ? "aligned" : "added after",
+                      (long long)diff[0][0], (long long)diff[0][1], (long long)diff[0][2], (long long)diff[0][3],
+                      (long long)diff[1][0], (long long)diff[1][1], (long long)diff[1][2], (long long)diff[1][3],
+                      (long long)(kBlocks / 4 * 64 * 8));
+        }
 }
 
 // ---- router ------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 // Variants of Hopper's bf16 k16 step model (ref::hopper_bf16_mma16), for diagnosis
 // only: if the hardware ever disagrees with the model, the GPU test reports which
 // variant would match, so the next fix is one measurement away. The default
-// parameters are the model itself (a CPU test checks that).
+// parameters are the model itself (a CPU test checks that). Also candidates for the
+// e4m3 k32 step onto an accumulator, which no model covers yet (below).
 #pragma once
 
 #include <algorithm>
@@ -74,6 +75,83 @@ inline float bf16_step_variant(float c, const uint16_t* a, const uint16_t* b, co
     }
     const double d = std::ldexp(double(uint64_t(mag)), unit);
     result = float(sum < 0 ? -d : d);
+  }
+  return v.c_in_alignment ? result : c + result;
+}
+
+// Candidates for Hopper's e4m3 k32 step onto an accumulator c (wgmma with scale-d 1):
+// the kernels start every k32 chunk from zero (ref::hopper_e4m3_dot32, the defaults
+// with c = 0, which a CPU test checks), and a fold every 128 values would chain four
+// steps. Each product a_k b_k is exact (an 8-bit significand), every term is cut
+// toward zero to frac_bits below the largest exponent (the products' exponent sums,
+// and c's exponent where c joins the alignment), the sum is exact, and the result
+// keeps result_bits significant bits (toward zero, or nearest-even); with
+// c_in_alignment false, c is added to that result in IEEE fp32 instead. The GPU test
+// CudaMma.E4m3StepsWithAnAccumulator counts how often each candidate differs from the
+// hardware. Finite codes only (no 0x7f, 0xff).
+struct E4m3StepVariant {
+  int frac_bits = 13;
+  int result_bits = 14;
+  bool round_nearest = false;
+  bool c_in_alignment = true;
+};
+
+inline float e4m3_step_variant(float c, const uint8_t* a, const uint8_t* b, const E4m3StepVariant& v) {
+  const auto parts = [](uint8_t x, int64_t* sig, int* e) {  // |x| = sig * 2^(e - 3)
+    const int field = (x >> 3) & 15, m = x & 7;
+    *sig = field == 0 ? m : 8 + m;
+    *e = (field == 0 ? 1 : field) - 7;
+  };
+  const uint32_t cu = core::float_bits(v.c_in_alignment ? c : 0.0f);
+  const int c_field = int((cu >> 23) & 0xff);
+  const int64_t c_sig = c_field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000);
+  const int e_c = (c_field == 0 ? 1 : c_field) - 127;
+  int64_t sig[32];
+  int ep[32];
+  bool any = c_sig != 0;
+  int e_max = c_sig != 0 ? e_c : -1000;
+  for (int k = 0; k < 32; ++k) {
+    int64_t sa, sb;
+    int ea, eb;
+    parts(a[k], &sa, &ea);
+    parts(b[k], &sb, &eb);
+    sig[k] = sa * sb;  // the product is sig * 2^(ep - 6)
+    ep[k] = ea + eb;
+    if (sig[k] != 0) e_max = std::max(e_max, ep[k]), any = true;
+  }
+  float result = 0.0f;
+  if (any) {
+    const int F = v.frac_bits;
+    const auto aligned = [](__int128 mag, int shift) -> __int128 {
+      if (shift >= 0) return shift >= 100 ? 0 : mag << shift;
+      return -shift >= 120 ? 0 : mag >> -shift;
+    };
+    __int128 sum = 0;
+    for (int k = 0; k < 32; ++k) {
+      if (sig[k] == 0) continue;
+      const __int128 term = aligned(sig[k], ep[k] - 6 - e_max + F);
+      sum += ((a[k] ^ b[k]) & 0x80) ? -term : term;
+    }
+    if (c_sig != 0) {
+      const __int128 term = aligned(c_sig, e_c - 23 - e_max + F);
+      sum += (cu & 0x80000000u) ? -term : term;
+    }
+    if (sum != 0) {
+      unsigned __int128 mag = sum < 0 ? (unsigned __int128)(-sum) : (unsigned __int128)sum;
+      int unit = e_max - F, bits = 0;
+      while (bits < 127 && (mag >> bits) != 0) ++bits;
+      const int drop = std::max(bits - v.result_bits, -149 - unit);
+      if (drop > 0) {
+        const unsigned __int128 kept = drop >= 127 ? 0 : mag >> drop;
+        const unsigned __int128 rest = drop >= 127 ? mag : mag - (kept << drop);
+        const unsigned __int128 half = (unsigned __int128)1 << (drop - 1 > 126 ? 126 : drop - 1);
+        mag = kept;
+        if (v.round_nearest && drop <= 126 && (rest > half || (rest == half && (kept & 1)))) mag += 1;
+        unit += drop;
+      }
+      const double d = std::ldexp(double(uint64_t(mag)), unit);
+      result = float(sum < 0 ? -d : d);
+    }
   }
   return v.c_in_alignment ? result : c + result;
 }

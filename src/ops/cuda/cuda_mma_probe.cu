@@ -1,6 +1,8 @@
-// Test hook: one bf16 tensor-core step on the hardware, so the tests can hold the
+// Test hooks: one bf16 tensor-core step on the hardware, so the tests can hold the
 // CPU model of it (ref::hopper_bf16_mma16) against both instructions the kernels
-// use: mma.sync m16n8k16 (the attention kernel) and wgmma m64n8k16 (the GEMMs).
+// use: mma.sync m16n8k16 (the attention kernel) and wgmma m64n8k16 (the GEMMs); and
+// chains of e4m3 k32 steps with an accumulator, to measure the step a per-128 FP8
+// fold would rest on (docs/design/cuda-linear.md, next step 15).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -17,9 +19,50 @@ namespace dsv4::ops {
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
 
+// Per block b: D = C + sum over `chunks` k32 chunks of A_j B_j^T, A [64][32 * chunks]
+// e4m3 codes (row-major), B [8][32 * chunks], C and D [64][8] fp32: one warpgroup's
+// wgmma m64n8k32 e4m3 per chunk, both operands from 128-byte-swizzled shared memory as
+// the FP8 GEMM stages them (chunk j at byte 32 j of each 128-byte row), the first
+// onto C, each next onto the last (scale-d 1): the tensor core's running sum, which
+// the kernels do not use yet (each of their chunks starts from zero). chunks <= 4.
+void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
+
 namespace {
 
 namespace tc = tensor_core;
+
+__global__ void __launch_bounds__(128) e4m3_mma_probe_kernel(const uint8_t* __restrict__ A,
+                                                             const uint8_t* __restrict__ B,
+                                                             const float* __restrict__ C, int chunks,
+                                                             float* __restrict__ D) {
+  __shared__ __align__(1024) uint8_t raw[72 * 128 + 1024];
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
+  uint8_t* as = raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // 64 rows of 128 bytes, then B's 8
+  uint8_t* bs = as + 64 * 128;
+  const int64_t blk = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int kb = 32 * chunks;  // bytes a row
+  const uint8_t* a = A + blk * 64 * kb;
+  const uint8_t* b = B + blk * 8 * kb;
+  for (int i = tid; i < 72 * 128; i += 128) {  // byte k of row r at its place in the swizzled row; zeros past kb
+    const int r = i >> 7, k = i & 127;
+    const uint8_t v = k < kb ? (r < 64 ? a[r * kb + k] : b[(r - 64) * kb + k]) : uint8_t(0);
+    (r < 64 ? as : bs)[tc::sw128_offset(r & 63, k >> 4) + (k & 15)] = v;
+  }
+  tc::fence_proxy_async();
+  __syncthreads();
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  const int o[4] = {r0 * 8 + 2 * t, r0 * 8 + 2 * t + 1, r1 * 8 + 2 * t, r1 * 8 + 2 * t + 1};
+  const float* c = C + blk * 64 * 8;
+  float w[4] = {c[o[0]], c[o[1]], c[o[2]], c[o[3]]};
+  const uint32_t lo_a = tc::wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(as)));
+  const uint32_t lo_b = tc::wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(bs)));
+  tc::wgmma_fence();
+  for (int j = 0; j < chunks; ++j) tc::wgmma_e4m3_ss<1>(w, tc::wgmma_desc_at(lo_a, 32 * j), tc::wgmma_desc_at(lo_b, 32 * j), 1);
+  tc::wgmma_commit();
+  tc::wgmma_wait_all();
+  for (int e = 0; e < 4; ++e) D[blk * 64 * 8 + o[e]] = w[e];
+}
 
 __global__ void __launch_bounds__(128) bf16_mma_probe_kernel(const uint16_t* __restrict__ A,
                                                              const uint16_t* __restrict__ B,
@@ -85,6 +128,27 @@ void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, i
   DSV4_CUDA_CHECK(cudaMemcpy(d_wgmma, dw, nc * 4, cudaMemcpyDeviceToHost));
   for (void* p : {static_cast<void*>(da), static_cast<void*>(db), static_cast<void*>(dc), static_cast<void*>(dm),
                   static_cast<void*>(dw)})
+    DSV4_CUDA_CHECK(cudaFree(p));
+}
+
+void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d) {
+  DSV4_CHECK(chunks >= 1 && chunks <= 4, "cuda_e4m3_mma_probe: {} chunks, 1 to 4", chunks);
+  if (blocks <= 0) return;
+  const size_t na = size_t(blocks) * 64 * 32 * chunks, nb = size_t(blocks) * 8 * 32 * chunks,
+               nc = size_t(blocks) * 64 * 8;
+  uint8_t *da = nullptr, *db = nullptr;
+  float *dc = nullptr, *dd = nullptr;
+  DSV4_CUDA_CHECK(cudaMalloc(&da, na));
+  DSV4_CUDA_CHECK(cudaMalloc(&db, nb));
+  DSV4_CUDA_CHECK(cudaMalloc(&dc, nc * 4));
+  DSV4_CUDA_CHECK(cudaMalloc(&dd, nc * 4));
+  DSV4_CUDA_CHECK(cudaMemcpy(da, a, na, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(db, b, nb, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(dc, c, nc * 4, cudaMemcpyHostToDevice));
+  e4m3_mma_probe_kernel<<<unsigned(blocks), 128>>>(da, db, dc, chunks, dd);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  DSV4_CUDA_CHECK(cudaMemcpy(d, dd, nc * 4, cudaMemcpyDeviceToHost));
+  for (void* p : {static_cast<void*>(da), static_cast<void*>(db), static_cast<void*>(dc), static_cast<void*>(dd)})
     DSV4_CUDA_CHECK(cudaFree(p));
 }
 
