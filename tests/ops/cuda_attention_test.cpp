@@ -56,6 +56,8 @@ void cuda_attention_split_keys(bool enabled);
 void cuda_attention_use_wgmma(int mode);
 int64_t cuda_attention_wgmma_split_launches();
 int64_t cuda_attention_wgmma_launches();
+// Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
+void cuda_indexer_score_pages(int pages);
 
 namespace {
 
@@ -480,6 +482,7 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_use_simple_kernels(false);
       cuda_attention_split_keys(true);
       cuda_attention_use_wgmma(-1);
+      cuda_indexer_score_pages(0);
     }
   }
   bool simple() const { return GetParam(); }
@@ -738,6 +741,15 @@ TEST_P(CudaAttention, IndexerTopkMatchesCpu) {
       Tensor model = Tensor::empty_cpu(DType::kI32, {b.rows(), sh.K});
       hopper->indexer_topk(q, w, scale, c.cpu, b.view(), model);
       if (sh.Di == 128) expect_bytes_equal(g.data(), model.data(), model.nbytes(), tag("indexer_topk vs the Hopper model"));
+      // The scoring CTAs' pages (sized to the grid by default) change no selection.
+      for (int pages : {1, 2, 4}) {
+        cuda_indexer_score_pages(pages);
+        Tensor again = poisoned(DType::kI32, {b.rows(), sh.K});
+        cuda().indexer_topk(dev(q), dev(w), scale, c.gpu, db.view, again);
+        cuda_indexer_score_pages(0);
+        expect_bytes_equal(host(again).data(), g.data(), g.nbytes(),
+                           tag("indexer_topk with " + std::to_string(pages) + " pages a scoring CTA"));
+      }
     }
   }
 }

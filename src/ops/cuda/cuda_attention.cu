@@ -24,6 +24,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -659,6 +661,7 @@ struct TopkArgs {
   int32_t max_blocks;
   int64_t num_pages, row_bytes, Hi, Di, K, T /* tokens of this launch */, max_rows;
   int32_t* topk;            // [T, K] (offset applied)
+  int score_pages;          // fast: 64-row pages a scoring CTA takes (1 to kScoreMaxPages)
   uint16_t* keys16;         // fast: [T, max_rows]
   uint32_t* hist;           // fast: [T, 256]
   uint64_t* keys64;         // simple: [T, max_rows]
@@ -732,10 +735,11 @@ __global__ void __launch_bounds__(256) index_score_simple_kernel(TopkArgs a) {
   }
 }
 
-// fast scoring: grid (row chunks of 256, tokens), 4 warps; warp w owns heads
-// [16w, 16w + 16) (A fragments in registers for the whole CTA), each page of 64
-// rows is staged by cp.async, decoded to bf16 and multiplied as 8 n-tiles.
-constexpr int kScoreChunk = 256;
+// fast scoring: grid (row chunks of score_pages x 64 rows, tokens), 4 warps; warp w
+// owns heads [16w, 16w + 16) (A fragments in registers for the whole CTA), each page
+// of 64 rows is staged by cp.async, decoded to bf16 and multiplied as 8 n-tiles. A
+// row's score does not depend on its chunk, so the launcher sizes chunks to the grid.
+constexpr int kScoreMaxPages = 4;
 constexpr int kScoreDi = 128;
 constexpr int kScoreHeads = 64;
 constexpr int kQsStride = kScoreDi + 8;   // bf16
@@ -757,7 +761,8 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char score_smem_raw[];
   ScoreSmem& sm = *reinterpret_cast<ScoreSmem*>(score_smem_raw);
-  const int64_t t = blockIdx.y, chunk0 = int64_t(blockIdx.x) * kScoreChunk;
+  const int64_t chunk_rows = int64_t(64) * a.score_pages;
+  const int64_t t = blockIdx.y, chunk0 = int64_t(blockIdx.x) * chunk_rows;
   const int32_t s = a.token_seq[t], p = a.positions[t];
   const int64_t n = visible_rows(s, p, a.max_rows);
   if (chunk0 >= n) return;
@@ -774,7 +779,7 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
     sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
   if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
   for (int i = tid; i < 256; i += blockDim.x) sm.hist[i] = 0;
-  const int64_t rows_here = (n - chunk0) < kScoreChunk ? (n - chunk0) : kScoreChunk;
+  const int64_t rows_here = (n - chunk0) < chunk_rows ? (n - chunk0) : chunk_rows;
   const int pages = int((rows_here + 63) / 64);
   auto page_ptr = [&](int pg) -> const uint8_t* {
     const int64_t blk = (chunk0 >> 6) + pg;
@@ -2290,6 +2295,28 @@ void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const Compressor
 
 namespace {
 // Tokens per launch so that the per-token scratch stays under ~64 MB.
+// Pages a scoring CTA takes: kScoreMaxPages (the Q fragments and the histogram
+// flush once for 256 rows) unless that leaves the grid under two CTAs an SM, as at
+// batch 1-16 of a 4K context (5 CTAs a token: 80 CTAs at 16 rows, each walking its
+// 4 pages one after another); then half, down to one page a CTA.
+// DSV4_CUDA_SCORE_PAGES=1|2|4 (or the test hook) fixes it (A/B runs).
+std::atomic<int> g_score_pages_forced{0};
+int score_pages_per_cta(int64_t tokens, int64_t max_pages, int64_t sms) {
+  static const int from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_SCORE_PAGES");
+    if (v == nullptr || *v == 0) return 0;
+    const std::string s(v);
+    DSV4_CHECK(s == "1" || s == "2" || s == "4", "DSV4_CUDA_SCORE_PAGES={}: 1, 2 or 4 pages a scoring CTA", s);
+    return std::stoi(s);
+  }();
+  const int forced = g_score_pages_forced.load(std::memory_order_relaxed);
+  if (forced > 0) return forced;
+  if (from_env > 0) return from_env;
+  int pages = kScoreMaxPages;
+  while (pages > 1 && tokens * ((max_pages + pages - 1) / pages) < 2 * sms) pages /= 2;
+  return pages;
+}
+
 int64_t topk_tokens_per_launch(int64_t T, int64_t bytes_per_token) {
   const int64_t budget = int64_t(64) << 20;
   int64_t n = budget / (bytes_per_token > 0 ? bytes_per_token : 1);
@@ -2298,6 +2325,13 @@ int64_t topk_tokens_per_launch(int64_t T, int64_t bytes_per_token) {
   return n < T ? n : T;
 }
 }  // namespace
+
+// Test hook: the scoring CTAs' pages (1, 2 or 4; 0 follows DSV4_CUDA_SCORE_PAGES and the grid).
+void cuda_indexer_score_pages(int pages) {
+  DSV4_CHECK(pages == 0 || pages == 1 || pages == 2 || pages == kScoreMaxPages, "score pages {}: 0, 1, 2 or 4",
+             pages);
+  g_score_pages_forced.store(pages);
+}
 
 void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float weight_scale, const LayerCache& cache,
                                   const BatchView& batch, const Tensor& topk) {
@@ -2398,7 +2432,9 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
     a.hist = hist;
     DSV4_CUDA_CHECK(cudaMemsetAsync(hist, 0, size_t(n) * 256 * 4, stream_));
     if (mma_ok) {
-      const dim3 grid(unsigned((max_rows + kScoreChunk - 1) / kScoreChunk), unsigned(n));
+      a.score_pages = score_pages_per_cta(n, (max_rows + 63) / 64, properties().multiProcessorCount);
+      const int64_t chunk_rows = int64_t(64) * a.score_pages;
+      const dim3 grid(unsigned((max_rows + chunk_rows - 1) / chunk_rows), unsigned(n));
       index_score_mma_kernel<<<grid, 128, score_smem, stream_>>>(a);
       check_launch(stream_);
     } else {

@@ -358,6 +358,43 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) fn(i, q, e);
 }
+// The fold of a split tile by its last CTA, for one weight row: output c of the
+// row (c < rows <= BM) is ((0 + p_0) + p_1) + ... + p_{S-1}, the order of
+// split_fold_kernel and of the sequential mode. A slab of slices' loads, of all the
+// row's outputs, goes out before their adds (one L2 round trip a slab): the loop it
+// replaced, one output's loads at a time, took ~16 round trips at 16 rows (16% of
+// wo_a's stall samples at batch 16, ncu, twenty-third session). src: slice 0's value
+// of output 0; slices slice_stride and outputs row_stride floats apart.
+template <int BM>
+__device__ __forceinline__ void fold_tile_slices(const float* src, int split, int64_t slice_stride, int64_t row_stride,
+                                              int rows, const int* out_rows, int64_t row_base, void* y, int64_t ldy,
+                                              int64_t col, int y_f32) {
+  float v[BM];
+#pragma unroll
+  for (int c = 0; c < BM; ++c) v[c] = 0.0f;
+  constexpr int kSlab = BM >= 16 ? 1 : 16 / BM;
+  for (int s0 = 0; s0 < split; s0 += kSlab) {
+    float part[kSlab][BM];
+#pragma unroll
+    for (int j = 0; j < kSlab; ++j)
+#pragma unroll
+      for (int c = 0; c < BM; ++c)
+        part[j][c] = s0 + j < split && c < rows ? __ldcg(src + (s0 + j) * slice_stride + c * row_stride) : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kSlab; ++j)
+#pragma unroll
+      for (int c = 0; c < BM; ++c)
+        if (s0 + j < split) v[c] += part[j][c];
+  }
+#pragma unroll
+  for (int c = 0; c < BM; ++c) {
+    if (c >= rows) break;
+    const int64_t idx = (out_rows ? out_rows[c] : row_base + c) * ldy + col;
+    if (y_f32) static_cast<float*>(y)[idx] = v[c];
+    else static_cast<uint16_t*>(y)[idx] = core::float_to_bf16(v[c]);
+  }
+}
+
 // One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
@@ -818,13 +855,26 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __syncthreads();
     if (!*s_flag) return;
     __threadfence();
-    for (int e = tid; e < kTileN * BM; e += kThreads) {
-      const int r = e % kTileN, c = e / kTileN;
-      if (r >= valid_n || c >= rows) continue;
-      float v = 0.0f;
-      for (int s = 0; s < p.split; ++s)
-        v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
-      store(c, r, v);
+    static_assert(kThreads == kTileN, "thread r folds weight row r");
+    // Plain GEMMs of 16-32-row tiles fold a slice of all their outputs at a time (batch
+    // 16: -1.1% a step). The others keep one output's loads at a time: the batched
+    // fold measured +0.5% a step at batch 1 (8-row tiles, 68 -> 91 registers), and the
+    // FP4 expert kernel of 4 CTAs an SM spilled with it at its 128-register bound.
+    constexpr bool kBatchedFold = kEarlyWeights && (NT == 2 || NT == 4);
+    if constexpr (!kBatchedFold) {
+      for (int e = tid; e < kTileN * BM; e += kThreads) {
+        const int r = e % kTileN, c = e / kTileN;
+        if (r >= valid_n || c >= rows) continue;
+        float v = 0.0f;
+        for (int s = 0; s < p.split; ++s)
+          v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+        store(c, r, v);
+      }
+    } else if (tid < valid_n) {
+      fold_tile_slices<BM>(p.partial + (row_base * p.partial_cols + col0 + tid), p.split,
+                           p.partial_rows * p.partial_cols, p.partial_cols, rows,
+                           p.out_rows ? p.out_rows + row_base : nullptr, row_base, y_out, ld_out, col_out + tid,
+                           p.y_f32);
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
