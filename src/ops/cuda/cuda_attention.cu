@@ -2294,7 +2294,6 @@ void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const Compressor
 }
 
 namespace {
-// Tokens per launch so that the per-token scratch stays under ~64 MB.
 // Pages a scoring CTA takes: kScoreMaxPages (the Q fragments and the histogram
 // flush once for 256 rows) unless that leaves the grid under two CTAs an SM, as at
 // batch 1-16 of a 4K context (5 CTAs a token: 80 CTAs at 16 rows, each walking its
@@ -2317,6 +2316,7 @@ int score_pages_per_cta(int64_t tokens, int64_t max_pages, int64_t sms) {
   return pages;
 }
 
+// Tokens per launch so that the per-token scratch stays under ~64 MB.
 int64_t topk_tokens_per_launch(int64_t T, int64_t bytes_per_token) {
   const int64_t budget = int64_t(64) << 20;
   int64_t n = budget / (bytes_per_token > 0 ? bytes_per_token : 1);
