@@ -84,7 +84,6 @@ int runs_of(RepeatOp op) {
   return 2;
 }
 
-
 // Checks dtype, rank and every dimension (-1 = any) of an op argument.
 void expect(const Tensor& t, DType dtype, std::initializer_list<int64_t> dims, core::Device device, const char* op,
             const char* arg) {

@@ -14,6 +14,49 @@
 
 namespace dsv4::testing {
 
+namespace detail {
+
+// An fp32 accumulator as sig * 2^(e - 23) (sig 0 for zero).
+struct FloatParts {
+  int64_t sig;
+  int e;
+  bool negative;
+};
+inline FloatParts float_parts(float c) {
+  const uint32_t cu = core::float_bits(c);
+  const int field = int((cu >> 23) & 0xff);
+  return {field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000), (field == 0 ? 1 : field) - 127,
+          (cu & 0x80000000u) != 0};
+}
+
+// mag * 2^shift, truncated toward zero.
+inline __int128 aligned(__int128 mag, int shift) {
+  if (shift >= 0) return shift >= 100 ? 0 : mag << shift;
+  return -shift >= 120 ? 0 : mag >> -shift;
+}
+
+// sum * 2^unit as a float of result_bits significant bits (fp32's subnormal floor
+// included), cut toward zero or rounded to nearest-even.
+inline float to_float(__int128 sum, int unit, int result_bits, bool round_nearest) {
+  if (sum == 0) return 0.0f;
+  unsigned __int128 mag = sum < 0 ? (unsigned __int128)(-sum) : (unsigned __int128)sum;
+  int bits = 0;
+  while (bits < 127 && (mag >> bits) != 0) ++bits;
+  const int drop = std::max(bits - result_bits, -149 - unit);
+  if (drop > 0) {
+    const unsigned __int128 kept = drop >= 127 ? 0 : mag >> drop;
+    const unsigned __int128 rest = drop >= 127 ? mag : mag - (kept << drop);
+    const unsigned __int128 half = (unsigned __int128)1 << (drop - 1 > 126 ? 126 : drop - 1);
+    mag = kept;
+    if (round_nearest && drop <= 126 && (rest > half || (rest == half && (kept & 1)))) mag += 1;
+    unit += drop;
+  }
+  const double d = std::ldexp(double(uint64_t(mag)), unit);
+  return float(sum < 0 ? -d : d);
+}
+
+}  // namespace detail
+
 struct Bf16StepVariant {
   int frac_bits = 25;            // bits kept below the largest exponent, per term
   bool round_nearest = false;    // final rounding to fp32: nearest-even instead of toward zero
@@ -27,13 +70,10 @@ inline float bf16_step_variant(float c, const uint16_t* a, const uint16_t* b, co
     *sig = field == 0 ? m : 128 + m;
     *e = (field == 0 ? 1 : field) - 127;
   };
-  const uint32_t cu = core::float_bits(v.c_in_alignment ? c : 0.0f);
-  const int c_field = int((cu >> 23) & 0xff);
-  const int64_t c_sig = c_field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000);
-  const int e_c = (c_field == 0 ? 1 : c_field) - 127;
+  const detail::FloatParts cp = detail::float_parts(v.c_in_alignment ? c : 0.0f);
   int64_t sig[16];
   int ep[16];
-  int e_max = c_sig == 0 ? -126 : e_c;
+  int e_max = cp.sig == 0 ? -126 : cp.e;
   for (int k = 0; k < 16; ++k) {
     int64_t sa, sb;
     int ea, eb;
@@ -45,37 +85,17 @@ inline float bf16_step_variant(float c, const uint16_t* a, const uint16_t* b, co
   }
   // Terms in units of 2^(e_max - F), truncated toward zero; __int128 for wide F.
   const int F = v.frac_bits;
-  const auto aligned = [](__int128 mag, int shift) -> __int128 {
-    if (shift >= 0) return shift >= 100 ? 0 : mag << shift;
-    return -shift >= 120 ? 0 : mag >> -shift;
-  };
   __int128 sum = 0;
   for (int k = 0; k < 16; ++k) {
     if (sig[k] == 0) continue;
-    const __int128 term = aligned(sig[k], ep[k] - 14 - e_max + F);
+    const __int128 term = detail::aligned(sig[k], ep[k] - 14 - e_max + F);
     sum += ((a[k] ^ b[k]) & 0x8000) ? -term : term;
   }
-  if (c_sig != 0) {
-    const __int128 term = aligned(c_sig, e_c - 23 - e_max + F);
-    sum += (cu & 0x80000000u) ? -term : term;
+  if (cp.sig != 0) {
+    const __int128 term = detail::aligned(cp.sig, cp.e - 23 - e_max + F);
+    sum += cp.negative ? -term : term;
   }
-  float result = 0.0f;
-  if (sum != 0) {
-    unsigned __int128 mag = sum < 0 ? (unsigned __int128)(-sum) : (unsigned __int128)sum;
-    int unit = e_max - F, bits = 0;
-    while (bits < 127 && (mag >> bits) != 0) ++bits;
-    const int drop = std::max(bits - 24, -149 - unit);
-    if (drop > 0) {
-      const unsigned __int128 kept = drop >= 127 ? 0 : mag >> drop;
-      const unsigned __int128 rest = drop >= 127 ? mag : mag - (kept << drop);
-      const unsigned __int128 half = (unsigned __int128)1 << (drop - 1 > 126 ? 126 : drop - 1);
-      mag = kept;
-      if (v.round_nearest && drop <= 126 && (rest > half || (rest == half && (kept & 1)))) mag += 1;
-      unit += drop;
-    }
-    const double d = std::ldexp(double(uint64_t(mag)), unit);
-    result = float(sum < 0 ? -d : d);
-  }
+  const float result = detail::to_float(sum, e_max - F, 24, v.round_nearest);
   return v.c_in_alignment ? result : c + result;
 }
 
@@ -102,14 +122,11 @@ inline float e4m3_step_variant(float c, const uint8_t* a, const uint8_t* b, cons
     *sig = field == 0 ? m : 8 + m;
     *e = (field == 0 ? 1 : field) - 7;
   };
-  const uint32_t cu = core::float_bits(v.c_in_alignment ? c : 0.0f);
-  const int c_field = int((cu >> 23) & 0xff);
-  const int64_t c_sig = c_field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000);
-  const int e_c = (c_field == 0 ? 1 : c_field) - 127;
+  const detail::FloatParts cp = detail::float_parts(v.c_in_alignment ? c : 0.0f);
   int64_t sig[32];
   int ep[32];
-  bool any = c_sig != 0;
-  int e_max = c_sig != 0 ? e_c : -1000;
+  bool any = cp.sig != 0;
+  int e_max = cp.sig != 0 ? cp.e : -1000;
   for (int k = 0; k < 32; ++k) {
     int64_t sa, sb;
     int ea, eb;
@@ -122,36 +139,17 @@ inline float e4m3_step_variant(float c, const uint8_t* a, const uint8_t* b, cons
   float result = 0.0f;
   if (any) {
     const int F = v.frac_bits;
-    const auto aligned = [](__int128 mag, int shift) -> __int128 {
-      if (shift >= 0) return shift >= 100 ? 0 : mag << shift;
-      return -shift >= 120 ? 0 : mag >> -shift;
-    };
     __int128 sum = 0;
     for (int k = 0; k < 32; ++k) {
       if (sig[k] == 0) continue;
-      const __int128 term = aligned(sig[k], ep[k] - 6 - e_max + F);
+      const __int128 term = detail::aligned(sig[k], ep[k] - 6 - e_max + F);
       sum += ((a[k] ^ b[k]) & 0x80) ? -term : term;
     }
-    if (c_sig != 0) {
-      const __int128 term = aligned(c_sig, e_c - 23 - e_max + F);
-      sum += (cu & 0x80000000u) ? -term : term;
+    if (cp.sig != 0) {
+      const __int128 term = detail::aligned(cp.sig, cp.e - 23 - e_max + F);
+      sum += cp.negative ? -term : term;
     }
-    if (sum != 0) {
-      unsigned __int128 mag = sum < 0 ? (unsigned __int128)(-sum) : (unsigned __int128)sum;
-      int unit = e_max - F, bits = 0;
-      while (bits < 127 && (mag >> bits) != 0) ++bits;
-      const int drop = std::max(bits - v.result_bits, -149 - unit);
-      if (drop > 0) {
-        const unsigned __int128 kept = drop >= 127 ? 0 : mag >> drop;
-        const unsigned __int128 rest = drop >= 127 ? mag : mag - (kept << drop);
-        const unsigned __int128 half = (unsigned __int128)1 << (drop - 1 > 126 ? 126 : drop - 1);
-        mag = kept;
-        if (v.round_nearest && drop <= 126 && (rest > half || (rest == half && (kept & 1)))) mag += 1;
-        unit += drop;
-      }
-      const double d = std::ldexp(double(uint64_t(mag)), unit);
-      result = float(sum < 0 ? -d : d);
-    }
+    result = detail::to_float(sum, e_max - F, v.result_bits, v.round_nearest);
   }
   return v.c_in_alignment ? result : c + result;
 }

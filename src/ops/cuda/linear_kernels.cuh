@@ -364,11 +364,11 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // row's outputs, goes out before their adds (one L2 round trip a slab): the loop it
 // replaced, one output's loads at a time, took ~16 round trips at 16 rows (16% of
 // wo_a's stall samples at batch 16, ncu, twenty-third session). src: slice 0's value
-// of output 0; slices slice_stride and outputs row_stride floats apart.
-template <int BM>
+// of output 0; slices slice_stride and outputs row_stride floats apart; store(c, v)
+// writes output c.
+template <int BM, typename Store>
 __device__ __forceinline__ void fold_tile_slices(const float* src, int split, int64_t slice_stride, int64_t row_stride,
-                                              int rows, const int* out_rows, int64_t row_base, void* y, int64_t ldy,
-                                              int64_t col, int y_f32) {
+                                                 int rows, Store&& store) {
   float v[BM];
 #pragma unroll
   for (int c = 0; c < BM; ++c) v[c] = 0.0f;
@@ -389,9 +389,7 @@ __device__ __forceinline__ void fold_tile_slices(const float* src, int split, in
 #pragma unroll
   for (int c = 0; c < BM; ++c) {
     if (c >= rows) break;
-    const int64_t idx = (out_rows ? out_rows[c] : row_base + c) * ldy + col;
-    if (y_f32) static_cast<float*>(y)[idx] = v[c];
-    else static_cast<uint16_t*>(y)[idx] = core::float_to_bf16(v[c]);
+    store(c, v[c]);
   }
 }
 
@@ -873,8 +871,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     } else if (tid < valid_n) {
       fold_tile_slices<BM>(p.partial + (row_base * p.partial_cols + col0 + tid), p.split,
                            p.partial_rows * p.partial_cols, p.partial_cols, rows,
-                           p.out_rows ? p.out_rows + row_base : nullptr, row_base, y_out, ld_out, col_out + tid,
-                           p.y_f32);
+                           [&](int c, float v) { store(c, tid, v); });
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
