@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "ops/attention_order.h"
 #include "ops/cpu/cpu_backend.h"
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/primitives.h"
@@ -40,9 +41,9 @@ const uint16_t* ring_row(const Tensor& window, int32_t slot, int64_t pos) {
 
 // One head of sparse attention as the CUDA backend's tensor-core kernel computes it
 // (attention_mma_kernel, docs/design/cuda-attention.md), for QuantDotModel::kHopperWgmma.
-// Keys go in chunks of 32, two chunks a segment. Per key, the logit is the four
-// quarter dot products (each chained bf16 tensor-core steps from zero) added in
-// quarter order, times the scale. Per chunk: the running max, alpha = exp(m_old -
+// Keys go in chunks of 32, kAttentionSegmentChunks chunks a segment (ops/attention_order.h).
+// Per key, the logit is the four quarter dot products (each chained bf16 tensor-core
+// steps from zero) added in quarter order, times the scale. Per chunk: the running max, alpha = exp(m_old -
 // m_new), P = exp(s - m_new), the chunk's P sum in the kernel's lane order, l =
 // fma(l, alpha, sum), o = o * alpha then two tensor-core steps of bf16(P) with the
 // values. Per segment end: (O, L, M) folded with fma(o, e^(m - M'), O e^(M - M')).
@@ -51,7 +52,7 @@ const uint16_t* ring_row(const Tensor& window, int32_t slot, int64_t pos) {
 // one per score). keys: the bf16 rows (values = keys, MQA); out: Dh bf16.
 void attention_head_hopper(const uint16_t* q, const std::vector<const uint16_t*>& keys, int64_t Dh, float scale,
                            float sink, uint16_t* out) {
-  constexpr int64_t kChunk = 32, kSegmentChunks = 2;
+  constexpr int64_t kChunk = kAttentionChunkKeys, kSegmentChunks = kAttentionSegmentChunks;
   const int64_t n = int64_t(keys.size()), quarter = Dh / 4;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   const float inf = std::numeric_limits<float>::infinity();

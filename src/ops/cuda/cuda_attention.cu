@@ -38,6 +38,7 @@
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/wgmma.cuh"
+#include "ops/attention_order.h"
 #include "ops/kv_format.h"
 
 namespace dsv4::ops {
@@ -88,6 +89,23 @@ bool attention_wgmma_wanted() {
 }
 // Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
+
+// The CTAs a row's segments spread over, given row_ctas CTAs a split (tokens x head
+// groups) and one CTA an SM: the split n with the fewest segments one after another
+// on an SM, waves(n) x segments a CTA = ceil(row_ctas n / SMs) x ceil(segs / n), and
+// of those the fewest CTAs. Filling the SMs by ceil(SMs / row_ctas) instead gave 16
+// tokens of 10 segments 9 CTAs each: 144 CTAs, a second wave of 12 behind 132 (ncu,
+// twenty-fourth session). DSV4_CUDA_ATTN_SPLIT_CTAS=N fixes n = min(N, segs) (A/B runs).
+int attention_split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
+  if (const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_CTAS"); v != nullptr && std::atoi(v) > 0)
+    return int(std::min<int64_t>(std::atoi(v), segs));
+  int64_t best = 1, best_cost = segs;
+  for (int64_t n = 2; n <= segs; ++n) {
+    const int64_t cost = (row_ctas * n + num_sms - 1) / num_sms * ((segs + n - 1) / n);
+    if (cost < best_cost) best = n, best_cost = cost;
+  }
+  return int(best);
+}
 }  // namespace
 
 // Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
@@ -1268,8 +1286,9 @@ __global__ void __launch_bounds__(256) attention_simple_kernel(AttnArgs a) {
 // leave partials for attention_combine_kernel; the arithmetic is the same, so a
 // row's output does not depend on the batch it came in (two-batch overlap relies
 // on this) while one token at a time still spreads over many SMs.
-constexpr int kSegmentChunks = 2;
-constexpr int kSegmentKeys = kSegmentChunks * 32;
+// The cut is ops/attention_order.h's, shared with the CPU's model of these kernels.
+constexpr int kSegmentChunks = int(kAttentionSegmentChunks);
+constexpr int kSegmentKeys = int(kAttentionSegmentKeys);
 
 struct FoldWeights {
   float a, b, m;  // running scale, segment scale, new running max
@@ -1332,7 +1351,8 @@ struct AttnSplit {
 // bf16(P) and the row factors go through shared memory; warp (mt, r) computes
 // bf16(P) . V over its quarter of the output dims (mma, V fragments by
 // ldmatrix.trans).
-constexpr int kKeysPerChunk = 32;
+constexpr int kKeysPerChunk = int(kAttentionChunkKeys);
+static_assert(kKeysPerChunk == 32, "a chunk is the m16n8k16 softmax step's 32 keys");
 constexpr int kSStride = 40;  // fp32
 
 template <int DH, int MT>
@@ -1867,7 +1887,11 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
 // The next segment's records are fetched (cp.async) while the current one runs its
 // softmax and P.V products.
 namespace wg_attn {
-constexpr int kDh = 512, kHeads = 64, kSegKeys = 64, kThreads = 512;
+constexpr int kDh = 512, kHeads = 64, kTileKeys = 64, kThreads = 512;
+// A tile is the kernel's step (its records staged, decoded and multiplied at once);
+// a segment of the fold order (ops/attention_order.h) is kTilesPerSeg tiles.
+constexpr int kTilesPerSeg = kSegmentKeys / kTileKeys;
+static_assert(kSegmentKeys % kTileKeys == 0, "a segment is whole tiles");
 constexpr int kBuf = 64 * 128;  // 64 rows x 64 bf16, one swizzled buffer
 constexpr int kRowBytes = AttnLayout<kDh, 1>::kRowBytes;
 constexpr size_t kOffQ = 0;                               // Q [64 heads][512 dims], 8 buffers; output tile at the end
@@ -1879,10 +1903,10 @@ constexpr size_t kOffRaw = kOffS + 48 * 1024;             // staged records [64]
 // the staging area: the segment's records were decoded before them, and the next
 // segment's are fetched (and P written) only after every partial has been read.
 constexpr size_t kSpBytes = size_t(4) * kHeads * kSpStride * 4;
-static_assert(kOffS + kSpBytes <= kOffRaw + size_t(kSegKeys) * kRowBytes, "the S partials overrun the staging area");
-constexpr size_t kOffPtr = (kOffRaw + size_t(kSegKeys) * kRowBytes + 15) / 16 * 16;  // [2][64] key pointers
-constexpr size_t kOffType = kOffPtr + 2 * kSegKeys * 8;  // [2][64] key types
-constexpr size_t kOffHead = kOffType + 2 * kSegKeys * 4;  // per head: alpha of chunk 0, of chunk 1, fold a, b, denominator
+static_assert(kOffS + kSpBytes <= kOffRaw + size_t(kTileKeys) * kRowBytes, "the S partials overrun the staging area");
+constexpr size_t kOffPtr = (kOffRaw + size_t(kTileKeys) * kRowBytes + 15) / 16 * 16;  // [2][64] key pointers
+constexpr size_t kOffType = kOffPtr + 2 * kTileKeys * 8;  // [2][64] key types
+constexpr size_t kOffHead = kOffType + 2 * kTileKeys * 4;  // per head: alpha of chunk 0, of chunk 1, fold a, b, denominator
 constexpr size_t kOffLut = kOffHead + 5 * kHeads * 4;     // [256] e4m3 values
 constexpr size_t kOffRope = kOffLut + 256 * 4;            // [32] cos, [32] sin
 constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
@@ -1939,42 +1963,63 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   int64_t n_win = 0;
   const int64_t n_keys = row_keys(a, tok, p, comp, &s_count, &n_win);
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
-  const int64_t segs = (n_keys + W::kSegKeys - 1) / W::kSegKeys;
+  const int tiles = int((n_keys + W::kTileKeys - 1) / W::kTileKeys);
+  const int segs = int((n_keys + kSegmentKeys - 1) / kSegmentKeys);
   if (row_leader) sp.segs[tok] = int32_t(segs);
   if (split_id >= segs) return;  // uniform over the CTA: no segment of the row is this CTA's
+  // The i-th tile of this CTA (those of segments split_id, split_id + nsplit, ...), or
+  // -1 past its last. Only a row's last segment can be short, and it ends the list.
+  const auto tile_at = [&](int i) {
+    const int seg = split_id + i / W::kTilesPerSeg * sp.nsplit, tile = seg * W::kTilesPerSeg + i % W::kTilesPerSeg;
+    return seg < segs && tile < tiles ? tile : -1;
+  };
 
-  for (int i = tid; i < W::kHeads * (W::kDh / 8); i += W::kThreads) {  // Q: 16-byte piece pc of head h
-    const int h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
-    const uint4 v = *reinterpret_cast<const uint4*>(a.q + (tok * W::kHeads + h) * W::kDh + 8 * pc);
-    *reinterpret_cast<uint4*>(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7)) = v;
+  {  // Q: 16-byte piece pc of head h. Every load is issued before the first store (a
+     // loop of load, store had each wait for its load: ~10% of a split launch's stalls).
+    constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
+    static_assert(kLoads * W::kThreads == W::kHeads * (W::kDh / 8), "whole loads a thread");
+    uint4 v[kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
+      v[j] = *reinterpret_cast<const uint4*>(a.q + (tok * W::kHeads + h) * W::kDh + 8 * pc);
+    }
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
+      *reinterpret_cast<uint4*>(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7)) = v[j];
+    }
   }
   for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
-  for (int i = tid; i < kRope / 2; i += W::kThreads) {
-    float c, sn;
-    rope_cos_sin(p, a.inv_freq[i], &c, &sn);
-    rope_c[i] = c;
-    rope_s[i] = sn;
-  }
-  auto resolve = [&](int64_t seg, int buf) {  // warp 0: the segment's 64 keys, two per lane
-    for (int k = lane; k < W::kSegKeys; k += 32) {
-      const int64_t u = seg * W::kSegKeys + k;
+  auto resolve = [&](int64_t tile, int buf) {  // warp 0: the tile's 64 keys, two per lane
+    for (int k = lane; k < W::kTileKeys; k += 32) {
+      const int64_t u = tile * W::kTileKeys + k;
       KeyRef kr{nullptr, 0};
       if (u < n_keys) kr = resolve_key(a, s, p, start, begin, slot, n_win, comp, u);
-      kptr[buf * W::kSegKeys + k] = kr.ptr;
-      ktype[buf * W::kSegKeys + k] = kr.type;
+      kptr[buf * W::kTileKeys + k] = kr.ptr;
+      ktype[buf * W::kTileKeys + k] = kr.type;
     }
   };
   auto issue = [&](int buf) {  // all threads: a warp per key, its lanes on the record's 8-byte pieces
-    for (int k = warp; k < W::kSegKeys; k += W::kThreads / 32) {
-      if (ktype[buf * W::kSegKeys + k] != 1) continue;  // uniform over the warp
-      const uint8_t* src = kptr[buf * W::kSegKeys + k];
+    for (int k = warp; k < W::kTileKeys; k += W::kThreads / 32) {
+      if (ktype[buf * W::kTileKeys + k] != 1) continue;  // uniform over the warp
+      const uint8_t* src = kptr[buf * W::kTileKeys + k];
       uint8_t* dst = raw + size_t(k) * W::kRowBytes;
       for (int piece = lane; piece < W::kRowBytes / 8; piece += 32) cp_async8(dst + 8 * piece, src + 8 * piece);
     }
     cp_async_commit();
   };
   __syncthreads();  // comp[], Q, tables
-  if (warp == 0) resolve(split_id, 0);
+  if (warp == 0) resolve(tile_at(0), 0);
+  // The output's inverse RoPE table, beside warp 0's lookups (its double-precision
+  // cos and sin take a while); split CTAs leave the output to the combine kernel.
+  if (warp == 1 && !split) {
+    static_assert(kRope / 2 == 32, "a lane a rotation pair");
+    float c, sn;
+    rope_cos_sin(p, a.inv_freq[lane], &c, &sn);
+    rope_c[lane] = c;
+    rope_s[lane] = sn;
+  }
   __syncthreads();
   issue(0);
 
@@ -1994,15 +2039,18 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const uint32_t q_base = smem_addr(Qs), k_base = smem_addr(Ks), p_base = smem_addr(Ps);
 
   int buf = 1;
-  for (int seg = split_id; seg < int(segs); seg += sp.nsplit) {
+  for (int step = 0;; ++step) {
+    const int tile = tile_at(step);
+    if (tile < 0) break;
     buf ^= 1;
-    const int next = seg + sp.nsplit;
+    const int next = tile_at(step + 1), seg = tile / W::kTilesPerSeg;
+    const bool seg_end = tile % W::kTilesPerSeg == W::kTilesPerSeg - 1 || tile + 1 == tiles;
     cp_async_wait<0>();
     __syncthreads();  // the records are here; the previous segment's readers of Ks and P are done
     {  // key k, dims 8 (c0 + 8 j) .. + 7 for j = 0..7: one piece of each 64-dim block (K buffer j)
-      static_assert(W::kThreads == 8 * W::kSegKeys && W::kDh == 8 * 64, "a thread a key and a piece of each block");
+      static_assert(W::kThreads == 8 * W::kTileKeys && W::kDh == 8 * 64, "a thread a key and a piece of each block");
       constexpr int kNope = W::kDh - kRope;
-      const int k = tid % W::kSegKeys, c0 = tid / W::kSegKeys, type = ktype[buf * W::kSegKeys + k];
+      const int k = tid % W::kTileKeys, c0 = tid / W::kTileKeys, type = ktype[buf * W::kTileKeys + k];
       const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
       uint8_t* dst = Ks + tc::sw128_offset(k, c0);
       if (type == 1) {
@@ -2028,7 +2076,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
 #pragma unroll 1
         for (int j = 0; j < W::kDh / 64; ++j)
           *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
-              decode_key8<W::kDh>(type, rec, kptr + buf * W::kSegKeys + k, 8 * (c0 + 8 * j), lut);
+              decode_key8<W::kDh>(type, rec, kptr + buf * W::kTileKeys + k, 8 * (c0 + 8 * j), lut);
       }
     }
     tc::fence_proxy_async();
@@ -2050,7 +2098,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     // Warp 0 looks up the next segment's keys while the products run (the buffer's
     // last readers finished in the previous segment); the barrier below orders them
     // before issue().
-    if (next < segs && warp == 0) resolve(next, buf ^ 1);
+    if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
     tc::wgmma_wait_all();
     // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
     // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
@@ -2069,7 +2117,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     __syncthreads();
     // S of this thread's keys 32c + 8 nt + 2 stig + e (nt = 2 shalf + j) of head sr: the
     // four partials in quarter order, scaled, missing keys at -inf.
-    const int seg_chunks = 2 * seg + 1 < chunks ? 2 : 1;
+    const int tile_chunks = 2 * tile + 1 < chunks ? 2 : 1;
     float sv[2][4];
 #pragma unroll
     for (int c = 0; c < 2; ++c)
@@ -2083,16 +2131,16 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
           x0 += x.x;
           x1 += x.y;
         }
-        sv[c][2 * j] = ktype[buf * W::kSegKeys + key] != 0 ? x0 * a.scale : -INFINITY;
-        sv[c][2 * j + 1] = ktype[buf * W::kSegKeys + key + 1] != 0 ? x1 * a.scale : -INFINITY;
+        sv[c][2 * j] = ktype[buf * W::kTileKeys + key] != 0 ? x0 * a.scale : -INFINITY;
+        sv[c][2 * j + 1] = ktype[buf * W::kTileKeys + key + 1] != 0 ? x1 * a.scale : -INFINITY;
       }
     __syncthreads();  // every partial read: bf16(P) takes their place, the next records the rest
-    if (next < segs) issue(buf ^ 1);
-    // The segment's chunks in order (the row's last segment may hold one): bf16(P)
+    if (next >= 0) issue(buf ^ 1);
+    // The tile's chunks in order (the row's last tile may hold one): bf16(P)
     // [head][key] for the P.V wgmmas (K-major, 128-byte swizzle) and alpha per head.
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      if (c == seg_chunks) break;
+      if (c == tile_chunks) break;
       float alpha;
       row_softmax4(sv[c], m_run, l_run, alpha);
 #pragma unroll
@@ -2102,12 +2150,13 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       if (row_writer) alpha_s[c * W::kHeads + sr] = alpha;
     }
     const auto ml_at = [&] { return sp.ml + ((tok * W::kHeads + sr) * sp.max_segs + seg) * 2; };
-    finish_segment(split, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
+    if (seg_end)
+      finish_segment(split, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
     tc::fence_proxy_async();
-    __syncthreads();  // bf16(P) and alpha of the segment's chunks
+    __syncthreads();  // bf16(P) and alpha of the tile's chunks
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      if (c == seg_chunks) break;
+      if (c == tile_chunks) break;
       // o *= alpha(head), then keys 32c .. 32c + 31 as two k16 steps onto o.
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
@@ -2142,8 +2191,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       tc::wgmma_commit();
       tc::wgmma_wait_all();
     }
-    // The segment is done: o to the split's partials, or folded into O in segment
-    // order (the weights came with P).
+    // At a segment's end: o to the split's partials, or folded into O in segment
+    // order (the weights came with P); within a segment o runs on.
+    if (!seg_end) continue;
     if (split) {  // head h at row (tok, h, seg) of the partials, h * max_segs rows on
       const int head_stride = sp.max_segs * W::kDh;
       float* po = sp.o + ((tok * W::kHeads) * sp.max_segs + seg) * W::kDh + 2 * t * head_stride + 128 * wg + 16 * ww + g;
@@ -2548,7 +2598,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
     const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
     if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= (size_t(64) << 20)) {
-      sp.nsplit = int(std::min<int64_t>(max_segs, (num_sms + row_ctas - 1) / row_ctas));
+      sp.nsplit = attention_split_ctas(row_ctas, max_segs, num_sms);
       sp.max_segs = int(max_segs);
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
       sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
