@@ -2612,7 +2612,9 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // wgmma split showed no gain (bench-1g, nineteenth session: +0.15% a step, within
   // the noise; -0.3 / -1.9 / -1.8 / -1.5% at 2 / 4 / 8 / 16 rows).
   // DSV4_CUDA_ATTN_WGMMA_SPLIT=0 leaves every split launch to attention_mma_kernel.
-  if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit) {
+  // (It zeroes pad rows with 16-byte stores.)
+  if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit &&
+      aligned16(o.data())) {
     const AttnSplit sp = make_split(T);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
       allow_smem(attention_wgmma_kernel, wg_attn::bytes(a.K));
