@@ -43,10 +43,10 @@ const uint16_t* ring_row(const Tensor& window, int32_t slot, int64_t pos) {
 // (attention_mma_kernel, docs/design/cuda-attention.md), for QuantDotModel::kHopperWgmma.
 // Keys go in chunks of 32, kAttentionSegmentChunks chunks a segment (ops/attention_order.h).
 // Per key, the logit is the four quarter dot products (each chained bf16 tensor-core
-// steps from zero) added in quarter order, times the scale. Per chunk: the running max, alpha = exp(m_old -
-// m_new), P = exp(s - m_new), the chunk's P sum in the kernel's lane order, l =
-// fma(l, alpha, sum), o = o * alpha then two tensor-core steps of bf16(P) with the
-// values. Per segment end: (O, L, M) folded with fma(o, e^(m - M'), O e^(M - M')).
+// steps from zero) added in quarter order, times the scale. Per chunk: the running
+// max, alpha = exp(m_old - m_new), P = exp(s - m_new), the chunk's P sum in the
+// kernel's lane order, l = fma(l, alpha, sum), o = o * alpha then two tensor-core
+// steps of bf16(P) with the values. Per segment end: (O, L, M) folded with fma(o, e^(m - M'), O e^(M - M')).
 // Then bf16(O / (L + exp(sink - M))); the caller de-rotates. exp is
 // core::exp_f32_portable on both sides (fp32 operations only: the kernel evaluates
 // one per score). keys: the bf16 rows (values = keys, MQA); out: Dh bf16.

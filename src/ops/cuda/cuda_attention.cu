@@ -1868,7 +1868,7 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
 // wgmma". It computes attention_mma_kernel's bits (a row's 64-key segments folded
 // in order without a split), so the CPU's Hopper model and the byte comparison with
 // that kernel both test it:
-//  * the segment's 64 keys are decoded once into a K tile (8 buffers of 64 keys x 64
+//  * a tile's 64 keys are decoded once into a K tile (8 buffers of 64 keys x 64
 //    dims, 128-byte swizzle); Q sits in the same layout for the whole row;
 //  * S: warpgroup r chains the 8 k16 steps of dims quarter r from zero (m64n64,
 //    both operands from shared memory) and leaves its partial in shared memory;
@@ -1884,8 +1884,9 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
 //    and accumulator as the present kernel's two mma.sync steps;
 //  * the segment fold and the output as in attention_mma_kernel, the fold O in
 //    local memory (touched once a segment; 512 threads leave 128 registers each).
-// The next segment's records are fetched (cp.async) while the current one runs its
-// softmax and P.V products.
+// The kernel steps through 64-key tiles (a segment is kTilesPerSeg of them); the next
+// tile's records are fetched (cp.async) while the current one runs its softmax and
+// P.V products.
 namespace wg_attn {
 constexpr int kDh = 512, kHeads = 64, kTileKeys = 64, kThreads = 512;
 // A tile is the kernel's step (its records staged, decoded and multiplied at once);
@@ -1895,13 +1896,13 @@ static_assert(kSegmentKeys % kTileKeys == 0, "a segment is whole tiles");
 constexpr int kBuf = 64 * 128;  // 64 rows x 64 bf16, one swizzled buffer
 constexpr int kRowBytes = AttnLayout<kDh, 1>::kRowBytes;
 constexpr size_t kOffQ = 0;                               // Q [64 heads][512 dims], 8 buffers; output tile at the end
-constexpr size_t kOffK = kOffQ + 8 * kBuf;                // the segment's keys, 8 buffers
+constexpr size_t kOffK = kOffQ + 8 * kBuf;                // the tile's keys, 8 buffers
 constexpr int kSpStride = 64 + 8;                         // fp32, rows of the S partials
 constexpr size_t kOffS = kOffK + 8 * kBuf;                // bf16(P) [64 heads][64 keys], swizzled
 constexpr size_t kOffRaw = kOffS + 48 * 1024;             // staged records [64][kRowBytes]
 // The S partials [4 quarters][64 heads][kSpStride] fp32 take the P area and the start of
-// the staging area: the segment's records were decoded before them, and the next
-// segment's are fetched (and P written) only after every partial has been read.
+// the staging area: the tile's records were decoded before them, and the next
+// tile's are fetched (and P written) only after every partial has been read.
 constexpr size_t kSpBytes = size_t(4) * kHeads * kSpStride * 4;
 static_assert(kOffS + kSpBytes <= kOffRaw + size_t(kTileKeys) * kRowBytes, "the S partials overrun the staging area");
 constexpr size_t kOffPtr = (kOffRaw + size_t(kTileKeys) * kRowBytes + 15) / 16 * 16;  // [2][64] key pointers
@@ -1974,8 +1975,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     return seg < segs && tile < tiles ? tile : -1;
   };
 
-  {  // Q: 16-byte piece pc of head h. Every load is issued before the first store (a
-     // loop of load, store had each wait for its load: ~10% of a split launch's stalls).
+  {  // Q: 16-byte piece pc of head h, every load issued before the first store
     constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
     static_assert(kLoads * W::kThreads == W::kHeads * (W::kDh / 8), "whole loads a thread");
     uint4 v[kLoads];
@@ -2046,7 +2046,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     const int next = tile_at(step + 1), seg = tile / W::kTilesPerSeg;
     const bool seg_end = tile % W::kTilesPerSeg == W::kTilesPerSeg - 1 || tile + 1 == tiles;
     cp_async_wait<0>();
-    __syncthreads();  // the records are here; the previous segment's readers of Ks and P are done
+    __syncthreads();  // the records are here; the previous tile's readers of Ks and P are done
     {  // key k, dims 8 (c0 + 8 j) .. + 7 for j = 0..7: one piece of each 64-dim block (K buffer j)
       static_assert(W::kThreads == 8 * W::kTileKeys && W::kDh == 8 * 64, "a thread a key and a piece of each block");
       constexpr int kNope = W::kDh - kRope;
@@ -2095,8 +2095,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
         tc::wgmma_bf16_ss<8>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off), (bb | j) != 0 ? 1 : 0);
       }
     tc::wgmma_commit();
-    // Warp 0 looks up the next segment's keys while the products run (the buffer's
-    // last readers finished in the previous segment); the barrier below orders them
+    // Warp 0 looks up the next tile's keys while the products run (the buffer's
+    // last readers finished in the previous tile); the barrier below orders them
     // before issue().
     if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
     tc::wgmma_wait_all();
