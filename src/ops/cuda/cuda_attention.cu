@@ -34,6 +34,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/attention_split.h"
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
@@ -90,21 +91,12 @@ bool attention_wgmma_wanted() {
 // Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 
-// The CTAs a row's segments spread over, given row_ctas CTAs a split (tokens x head
-// groups) and one CTA an SM: the split n with the fewest segments one after another
-// on an SM, waves(n) x segments a CTA = ceil(row_ctas n / SMs) x ceil(segs / n), and
-// of those the fewest CTAs. Filling the SMs by ceil(SMs / row_ctas) instead gave 16
-// tokens of 10 segments 9 CTAs each: 144 CTAs, a second wave of 12 behind 132 (ncu,
-// twenty-fourth session). DSV4_CUDA_ATTN_SPLIT_CTAS=N fixes n = min(N, segs) (A/B runs).
-int attention_split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
+// attention_split_ctas (ops/cuda/attention_split.h), or n = min(N, segs) under
+// DSV4_CUDA_ATTN_SPLIT_CTAS=N (A/B runs).
+int split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
   if (const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_CTAS"); v != nullptr && std::atoi(v) > 0)
     return int(std::min<int64_t>(std::atoi(v), segs));
-  int64_t best = 1, best_cost = segs;
-  for (int64_t n = 2; n <= segs; ++n) {
-    const int64_t cost = (row_ctas * n + num_sms - 1) / num_sms * ((segs + n - 1) / n);
-    if (cost < best_cost) best = n, best_cost = cost;
-  }
-  return int(best);
+  return attention_split_ctas(row_ctas, segs, num_sms);
 }
 }  // namespace
 
@@ -2598,7 +2590,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
     const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
     if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= (size_t(64) << 20)) {
-      sp.nsplit = attention_split_ctas(row_ctas, max_segs, num_sms);
+      sp.nsplit = split_ctas(row_ctas, max_segs, num_sms);
       sp.max_segs = int(max_segs);
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
       sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
