@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <numeric>
@@ -48,6 +49,8 @@ int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
+int64_t cuda_linear_fold_launches();
+void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
@@ -985,6 +988,107 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
+// A split GEMM of 9-32 rows folds its K slices in its tiles' last CTAs (tile-major
+// partials, a slab of slices a round trip) or in split_fold_kernel; the two give the
+// same bits, and the Hopper model's. Slices S = 16 (wq_a + wkv stacked, the second
+// weight's output), 32 (a 4-tile FP8 weight of K = 8192, wo_b's 64 stages; bf16 of a
+// partial tile, f32 out; a bf16 pair, the compressor's), 16 (FP4), and the shared
+// expert's two launches; rows 9-16 and 17-32 (16- and 32-row tiles), partial tiles
+// among them. The test also counts the fold launches each way.
+TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x57);
+  const std::vector<int64_t> rows = {9, 16, 17, 32};
+  // `op` with every such fold launched (0), then with every one in the last CTAs; the
+  // outputs of the first run, after comparing the two bit for bit.
+  auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
+    std::vector<Tensor> got[2];
+    for (int last_cta : {0, 1}) {
+      const auto [outputs, seen] = run_forced(ops::cuda_linear_force_last_cta_fold, ops::cuda_linear_fold_launches,
+                                              last_cta ? 1 << 20 : 0, op);
+      for (const Tensor& t : outputs) got[last_cta].push_back(to_host(env.cuda, t));
+      EXPECT_EQ(seen, last_cta ? 0 : launches) << what;
+    }
+    ops::cuda_linear_force_last_cta_fold(-1);
+    for (size_t i = 0; i < got[0].size(); ++i)
+      expect_bitwise(got[0][i], got[1][i], what + " last-CTA fold vs fold launch (output " + std::to_string(i) + ")");
+    return got[0];
+  };
+  {
+    const QuantLinear ha = host_quant(1024, 4096, false, draw_seed(rng)), hb = host_quant(512, 4096, false, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, 4096});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "fp8 linear_pair M=" + std::to_string(M);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, 1024}), yb = device_poisoned(env.cuda, DType::kBF16, {M, 512});
+        env.cuda.linear_pair(dx, da, ya, db, yb);
+        return std::vector<Tensor>{ya, yb};
+      });
+      Tensor ref_a = Tensor::empty_cpu(DType::kBF16, {M, 1024}), ref_b = Tensor::empty_cpu(DType::kBF16, {M, 512});
+      env.cpu_hopper->linear_pair(x, ha, ref_a, hb, ref_b);
+      expect_bitwise(ref_a, got[0], what + " (first) vs the Hopper model");
+      expect_bitwise(ref_b, got[1], what + " (second) vs the Hopper model");
+    }
+  }
+  for (const bool fp4 : {false, true}) {
+    const int64_t n = fp4 ? 256 : 512, k = fp4 ? 2048 : 8192;
+    const QuantLinear hw = host_quant(n, k, fp4, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, k});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = std::string(fp4 ? "fp4" : "fp8") + " linear " + shape_str(M, n, k);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, n});
+        env.cuda.linear(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, n});
+      env.cpu_hopper->linear(x, hw, ref);
+      expect_bitwise(ref, got[0], what + " vs the Hopper model");
+    }
+  }
+  {  // bf16, f32 out: one weight of a partial tile; a pair (one stacked launch)
+    const Tensor hw = rng.bf16({129, 4096}, 1.0f / 64.0f);
+    const Tensor ha = rng.bf16({256, 4096}, 1.0f / 64.0f), hb = rng.bf16({256, 4096}, 1.0f / 64.0f);
+    const Tensor dw = to_device(env.cuda, hw), da = to_device(env.cuda, ha), db = to_device(env.cuda, hb);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, 4096});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::vector<Tensor> one = compare("bf16 linear " + shape_str(M, 129, 4096), 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kF32, {M, 129});
+        env.cuda.linear_bf16(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      Tensor ref = Tensor::empty_cpu(DType::kF32, {M, 129});
+      env.cpu_hopper->linear_bf16(x, hw, ref);
+      expect_bitwise(ref, one[0], "bf16 linear " + shape_str(M, 129, 4096) + " vs the Hopper model");
+      compare("bf16 linear_pair M=" + std::to_string(M), 1, [&] {
+        Tensor ya = device_poisoned(env.cuda, DType::kF32, {M, 256}), yb = device_poisoned(env.cuda, DType::kF32, {M, 256});
+        env.cuda.linear_bf16_pair(dx, da, ya, db, yb);
+        return std::vector<Tensor>{ya, yb};
+      });
+    }
+  }
+  {  // the shared expert (FP8): gate | up stacked, then the down projection (S = 8 each)
+    const int64_t D = 4096, I = 2048;
+    const ExpertWeights de = device_expert(env.cuda, host_expert(D, I, false, false, rng));
+    for (int64_t M : rows) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, D}, 3.0f));
+      compare("fp8 expert_ffn M=" + std::to_string(M), 2, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
+        env.cuda.expert_ffn(dx, de, Tensor(), 10.0f, y);
+        return std::vector<Tensor>{y};
+      });
+    }
+  }
+  ops::cuda_linear_force_path(-1);
+}
+
 // The activation quantizers (act_quant, swiglu_quant, moe_prep) cast with the
 // hardware's e4m3 conversion; it must give the reference cast's bits
 // (core::float_to_e4m3 after the clamp to +-448) for every float.
@@ -1178,6 +1282,65 @@ TEST(CudaMma, E4m3StepsWithAnAccumulator) {
                       (long long)diff[1][0], (long long)diff[1][1], (long long)diff[1][2], (long long)diff[1][3],
                       (long long)(kBlocks / 4 * 64 * 8));
         }
+}
+
+// The data behind a model of the e4m3 k32 step onto an accumulator, for study off the
+// GPU: with DSV4_MMA_DUMP=DIR set, the probe's inputs and outputs of five sets go to
+// DIR/NAME_{a,b,c,d}.bin (codes as in cuda_e4m3_mma_probe, c and d fp32 [blocks][64][8])
+// with DIR/NAME.txt holding "chunks blocks". Sets: `one` (each output a single nonzero
+// product onto an accumulator 2^-30 .. 2^30 times its size), `two` (two products,
+// half of them onto zero), `rand` (32 products of normal codes onto spread
+// accumulators), `chain4` (four chunks of those), `conly` (no product: what becomes
+// of the accumulator alone). Skipped without the variable.
+TEST(CudaMma, E4m3AccumulatorDump) {
+  DSV4_REQUIRE_CUDA();
+  const char* dir = std::getenv("DSV4_MMA_DUMP");
+  if (dir == nullptr || *dir == '\0') GTEST_SKIP() << "DSV4_MMA_DUMP not set (a data dump for study, not a check)";
+  Rng rng(0x3c);
+  constexpr int64_t kBlocks = 64;
+  const auto normal_code = [&] {
+    uint8_t x;
+    do x = core::float_to_e4m3(float(rng.normal())); while ((x & 0x7f) == 0);
+    return x;
+  };
+  const auto spread = [&](double size) {  // +-size * 2^[-30, 30] with a random 24-bit significand
+    const double m = 1.0 + double(rng.uniform_int(0, (1 << 23) - 1)) / double(1 << 23);
+    return float((rng.uniform_int(0, 1) ? -1.0 : 1.0) * std::ldexp(m * size, int(rng.uniform_int(-30, 30))));
+  };
+  const auto write = [&](const std::string& name, const void* data, size_t bytes) {
+    const std::string path = std::string(dir) + "/" + name;
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    ASSERT_NE(f, nullptr) << "cannot write " << path;
+    ASSERT_EQ(std::fwrite(data, 1, bytes, f), bytes) << path;
+    std::fclose(f);
+  };
+  for (const std::string set : {"one", "two", "rand", "chain4", "conly"}) {
+    const int chunks = set == "chain4" ? 4 : 1;
+    const int64_t kb = 32 * chunks;
+    std::vector<uint8_t> a(size_t(kBlocks * 64 * kb), 0), b(size_t(kBlocks * 8 * kb), 0);
+    std::vector<float> c(size_t(kBlocks * 64 * 8)), d(c.size());
+    for (int64_t blk = 0; blk < kBlocks; ++blk) {
+      for (int i = 0; i < 64; ++i) {
+        uint8_t* row = a.data() + (blk * 64 + i) * kb;
+        if (set == "one") row[i % 32] = normal_code();
+        else if (set == "two") row[i % 32] = normal_code(), row[(i + 7) % 32] = normal_code();
+        else if (set != "conly")
+          for (int64_t k = 0; k < kb; ++k) row[k] = normal_code();
+      }
+      for (int64_t i = 0; i < 8 * kb; ++i) b[size_t(blk * 8 * kb + i)] = normal_code();
+      for (int i = 0; i < 64 * 8; ++i) {
+        const size_t o = size_t(blk * 64 * 8 + i);
+        c[o] = set == "two" && i % 2 == 0 ? 0.0f : spread(set == "rand" || set == "chain4" ? 4.0 : 1.0);
+      }
+    }
+    ops::cuda_e4m3_mma_probe(a.data(), b.data(), c.data(), kBlocks, chunks, d.data());
+    write(set + "_a.bin", a.data(), a.size());
+    write(set + "_b.bin", b.data(), b.size());
+    write(set + "_c.bin", c.data(), c.size() * 4);
+    write(set + "_d.bin", d.data(), d.size() * 4);
+    const std::string meta = std::to_string(chunks) + " " + std::to_string(kBlocks) + "\n";
+    write(set + ".txt", meta.data(), meta.size());
+  }
 }
 
 // ---- router ------------------------------------------------------------------------------

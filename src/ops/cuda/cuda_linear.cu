@@ -51,6 +51,12 @@ void cuda_linear_force_shared_decode(int on);
 // 2 on in 64-row tiles only.
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
+// Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
+// thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
+// follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
+// split to split_fold_kernel.
+int64_t cuda_linear_fold_launches();
+void cuda_linear_force_last_cta_fold(int max_partials);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -283,12 +289,39 @@ bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, i
   return true;
 }
 
+// The fold of a split GEMM's S partials, in slice order either way (same bits): by
+// each tile's last CTA, its thread r summing S x rows partials of weight row r, or
+// by split_fold_kernel, one more launch (52 a step at batch 16 on bench-1g, 3.4 µs
+// each under ncu). The launch spreads the reads over many SMs; the last CTA reads
+// its tile's alone (S x rows x 512 bytes, 256 KB at S = 32 and 16 rows) and wins
+// only while that is small: last-CTA folds up to S x rows = 256 / 1024 measured
+// +0.8% / +4.9% a step at 16 and +1.2% / +7.4% at 32 against 64 (bench-1g, H200,
+// twenty-fifth session), with tile-major partials and 64 loads a slab. Tiles of
+// other row counts (one output's slices at a time) keep it too; DSV4_CUDA_LAST_CTA_FOLD
+// moves it for the 9-32-row tiles (A/B runs).
+constexpr int64_t kLastCtaFoldMax = 64;
+std::atomic<int64_t> g_fold_launches{0};
+std::atomic<int> g_force_last_cta_fold{-1};
+
+int64_t last_cta_fold_max(int nt) {
+  if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
+  static const int64_t from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_LAST_CTA_FOLD");
+    return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : kLastCtaFoldMax;
+  }();
+  const int forced = g_force_last_cta_fold.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced : from_env;
+}
+
 // Partial sums and arrival counters for split launches (last_cta_fold = false: no
 // counters, the caller launches split_fold_kernel). Counters are zeroed when the
-// buffer is (re)allocated; the last CTA of each tile resets its counter.
+// buffer is (re)allocated; the last CTA of each tile resets its counter. tile_rows:
+// the row tile of a plain GEMM whose last CTAs take the batched fold (16 or 32,
+// GemmParams::partial's tile-major layout), else 0.
 void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, int64_t tiles,
-                bool last_cta_fold = true) {
-  p.partial = scratch_as<float>(be, "partial", int64_t(p.split) * rows * cols);
+                bool last_cta_fold = true, int64_t tile_rows = 0) {
+  const int64_t floats = last_cta_fold && tile_rows > 0 ? tiles * tile_rows * lk::kTileN : rows * cols;
+  p.partial = scratch_as<float>(be, "partial", int64_t(p.split) * floats);
   p.partial_rows = rows;
   p.partial_cols = cols;
   p.counters = nullptr;
@@ -334,11 +367,9 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
-  // The fold of a split: by each tile's last CTA while it reads at most 64 partials
-  // per thread (S x rows <= 64), by split_fold_kernel beyond (same order, same bits).
-  const bool fold_launch = split && int64_t(p.slices) * p.m > 64;
+  const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
-  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch);
+  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {
@@ -359,6 +390,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
       lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
           p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
     check_launch(be.stream());
+    g_fold_launches.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -514,6 +546,10 @@ int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.l
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_last_cta_fold(int max_partials) {
+  g_force_last_cta_fold.store(max_partials, std::memory_order_relaxed);
+}
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {

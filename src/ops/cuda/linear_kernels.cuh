@@ -176,7 +176,9 @@ struct GemmParams {
   // blockIdx.z) or 1 (each CTA walks all slices).
   int slices;
   int split;
-  float* partial;        // [split, partial_rows, partial_cols] when split > 1
+  // When split > 1: [split, partial_rows, partial_cols]; tile-major, [tiles, split,
+  // BM, kTileN], where a plain GEMM's 16-32-row tiles fold themselves (counters set).
+  float* partial;
   int64_t partial_rows;
   int64_t partial_cols;
   int* counters;         // per tile arrival counters, zero between launches; null: split_fold_kernel folds
@@ -361,25 +363,31 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // The fold of a split tile by its last CTA, for one weight row: output c of the
 // row (c < rows <= BM) is ((0 + p_0) + p_1) + ... + p_{S-1}, the order of
 // split_fold_kernel and of the sequential mode. A slab of slices' loads, of all the
-// row's outputs, goes out before their adds (one L2 round trip a slab): the loop it
-// replaced, one output's loads at a time, took ~16 round trips at 16 rows (16% of
-// wo_a's stall samples at batch 16, ncu, twenty-third session). src: slice 0's value
-// of output 0; slices slice_stride and outputs row_stride floats apart; store(c, v)
-// writes output c.
+// row's outputs (kFoldLoads in all), goes out before their adds (one L2 round trip
+// a slab): the loop it replaced, one output's loads at a time, took ~16 round trips
+// at 16 rows (16% of wo_a's stall samples at batch 16, ncu, twenty-third session).
+// src: slice 0's value of output 0 in the tile-major layout (tile_partials), slices
+// BM x kTileN and outputs kTileN floats apart, so every load of a slab is one
+// address plus a constant; store(c, v) writes output c.
+constexpr int kFoldLoads = 64;
+// Whether a plain GEMM's split tiles of 8 x nt rows take this batched fold.
+constexpr bool batched_fold_tiles(int nt) { return nt == 2 || nt == 4; }
 template <int BM, typename Store>
-__device__ __forceinline__ void fold_tile_slices(const float* src, int split, int64_t slice_stride, int64_t row_stride,
-                                                 int rows, Store&& store) {
+__device__ __forceinline__ void fold_tile_slices(const float* src, int split, int rows, Store&& store) {
+  constexpr int kSlab = BM >= kFoldLoads ? 1 : kFoldLoads / BM;
+  constexpr int kSliceStride = BM * kTileN;
   float v[BM];
 #pragma unroll
   for (int c = 0; c < BM; ++c) v[c] = 0.0f;
-  constexpr int kSlab = BM >= 16 ? 1 : 16 / BM;
+#pragma unroll 1
   for (int s0 = 0; s0 < split; s0 += kSlab) {
+    const float* slab = src + int64_t(s0) * kSliceStride;
     float part[kSlab][BM];
 #pragma unroll
     for (int j = 0; j < kSlab; ++j)
 #pragma unroll
       for (int c = 0; c < BM; ++c)
-        part[j][c] = s0 + j < split && c < rows ? __ldcg(src + (s0 + j) * slice_stride + c * row_stride) : 0.0f;
+        part[j][c] = s0 + j < split && c < rows ? __ldcg(slab + j * kSliceStride + c * kTileN) : 0.0f;
 #pragma unroll
     for (int j = 0; j < kSlab; ++j)
 #pragma unroll
@@ -839,11 +847,20 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
   };
 
-  if (p.split > 1) {
-    float* part = p.partial + int64_t(slice) * p.partial_rows * p.partial_cols;
+  // Plain GEMMs of 16-32-row tiles fold a slab of slices of all their outputs at a
+  // time (batch 16: -1.1% a step). The others keep one output's loads at a time: the
+  // batched fold measured +0.5% a step at batch 1 (8-row tiles, 68 -> 91 registers),
+  // and the FP4 expert kernel of 4 CTAs an SM spilled with it at its 128-register bound.
+  constexpr bool kBatchedFold = kEarlyWeights && batched_fold_tiles(NT);
+  if (!kTwoSets && p.split > 1) {  // (launches of two sets walk their slices: split == 1)
+    // The batched fold's partials are tile-major (tile_partials): [tile][slice][BM][kTileN].
+    const bool tile_major = kBatchedFold && p.counters != nullptr;
+    float* part = tile_major ? p.partial + (int64_t(tile_id) * p.split + slice) * (BM * kTileN)
+                             : p.partial + int64_t(slice) * p.partial_rows * p.partial_cols + row_base * p.partial_cols + col0;
+    const int64_t ld_part = tile_major ? kTileN : p.partial_cols;
     for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
-      if (r < valid_n && c < rows) part[int64_t(row_base + c) * p.partial_cols + col0 + r] = cur[i][q][e];
+      if (r < valid_n && c < rows) part[c * ld_part + r] = cur[i][q][e];
     });
     if (p.counters == nullptr) return;  // split_fold_kernel folds them (large row counts)
     // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
@@ -854,11 +871,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (!*s_flag) return;
     __threadfence();
     static_assert(kThreads == kTileN, "thread r folds weight row r");
-    // Plain GEMMs of 16-32-row tiles fold a slice of all their outputs at a time (batch
-    // 16: -1.1% a step). The others keep one output's loads at a time: the batched
-    // fold measured +0.5% a step at batch 1 (8-row tiles, 68 -> 91 registers), and the
-    // FP4 expert kernel of 4 CTAs an SM spilled with it at its 128-register bound.
-    constexpr bool kBatchedFold = kEarlyWeights && (NT == 2 || NT == 4);
     if constexpr (!kBatchedFold) {
       for (int e = tid; e < kTileN * BM; e += kThreads) {
         const int r = e % kTileN, c = e / kTileN;
@@ -869,8 +881,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         store(c, r, v);
       }
     } else if (tid < valid_n) {
-      fold_tile_slices<BM>(p.partial + (row_base * p.partial_cols + col0 + tid), p.split,
-                           p.partial_rows * p.partial_cols, p.partial_cols, rows,
+      fold_tile_slices<BM>(p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid, p.split, rows,
                            [&](int c, float v) { store(c, tid, v); });
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
