@@ -237,7 +237,8 @@ class Backend {
   void indexer_q(const core::Tensor& q, const BatchView& batch, const RopeTable& rope);
   // Indexer scores and causal top-k (spec §5.4) with the reference's bf16 score
   // arithmetic, ties to the lower row. weights bf16 [T, Hi] (weights_proj output,
-  // multiplied here by weight_scale); topk i32 [T, index_topk], -1 where unused.
+  // multiplied here by weight_scale); topk i32 [T, index_topk]: the selected rows in
+  // ascending row order (the attention reads them in that order), then -1.
   void indexer_topk(const core::Tensor& q, const core::Tensor& weights, float weight_scale, const LayerCache& cache,
                     const BatchView& batch, const core::Tensor& topk);
 

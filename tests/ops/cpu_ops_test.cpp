@@ -400,7 +400,8 @@ TEST_F(CpuOps, SparseAttentionWithSinkOverWindowRingAndCompressedRows) {
 
 TEST_F(CpuOps, IndexerTopkIsCausalAndBreaksTiesLow) {
   // One CSA layer; queries at positions 7 and 10 see 2 rows each ((p+1)//4);
-  // position 13 sees 3. Rows are built so that per-head logits are known.
+  // position 13 sees 3. Rows are built so that per-head logits are known; the
+  // selected rows come in ascending row order.
   const int64_t Hi = 1, Di = 32;
   CacheGeometry g{1, 1, 4, 128, Di};
   LayerCache cache = be->allocate_cache(g, 4);
@@ -421,17 +422,24 @@ TEST_F(CpuOps, IndexerTopkIsCausalAndBreaksTiesLow) {
   Tensor topk = Tensor::empty_cpu(DType::kI32, {3, 2});
   be->indexer_topk(q, w, 1.0f, cache, hb.view(), topk);
   const int32_t* k = topk.as<int32_t>();
-  EXPECT_EQ(k[0], 1);  // p=7: rows {0, 1}; 1 scores higher
-  EXPECT_EQ(k[1], 0);
-  EXPECT_EQ(k[2], 1);  // p=10: rows {0, 1}
-  EXPECT_EQ(k[3], 0);
-  EXPECT_EQ(k[4], 1);  // p=13: rows {0, 1, 2}; 1 and 2 tie -> the lower first, row 3 invisible
+  EXPECT_EQ(k[0], 0);  // p=7: rows {0, 1}, in row order
+  EXPECT_EQ(k[1], 1);
+  EXPECT_EQ(k[2], 0);  // p=10: rows {0, 1}
+  EXPECT_EQ(k[3], 1);
+  EXPECT_EQ(k[4], 1);  // p=13: rows {0, 1, 2}; 1 and 2 tie above 0, row 3 invisible
   EXPECT_EQ(k[5], 2);
   // With a negative query every ReLU'd score is 0: all tie, lowest rows win.
   for (int t = 0; t < 3; ++t) q.as<uint16_t>()[t * Di] = core::float_to_bf16(-1.0f);
   Tensor topk3 = Tensor::empty_cpu(DType::kI32, {3, 4});
   be->indexer_topk(q, w, 1.0f, cache, hb.view(), topk3);
   EXPECT_EQ(std::vector<int32_t>(topk3.as<int32_t>() + 8, topk3.as<int32_t>() + 12), (std::vector<int32_t>{0, 1, 2, -1}));
+  be->indexer_topk(q, w, 1.0f, cache, hb.view(), topk);  // p=13 at K=2: rows 0 and 1 of the three tied
+  EXPECT_EQ(std::vector<int32_t>(topk.as<int32_t>() + 4, topk.as<int32_t>() + 6), (std::vector<int32_t>{0, 1}));
+  // Selected by score, written in row order: row 2 scores 9 and row 0 scores 1 (p=13, K=2).
+  set_row(2, 9.0f);
+  for (int t = 0; t < 3; ++t) q.as<uint16_t>()[t * Di] = core::float_to_bf16(1.0f);
+  be->indexer_topk(q, w, 1.0f, cache, hb.view(), topk);
+  EXPECT_EQ(std::vector<int32_t>(topk.as<int32_t>() + 4, topk.as<int32_t>() + 6), (std::vector<int32_t>{1, 2}));
 }
 
 TEST_F(CpuOps, RouterSelectsByBiasButWeightsByScores) {

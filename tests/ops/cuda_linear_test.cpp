@@ -1291,7 +1291,10 @@ TEST(CudaMma, E4m3StepsWithAnAccumulator) {
 // product onto an accumulator 2^-30 .. 2^30 times its size), `two` (two products,
 // half of them onto zero), `rand` (32 products of normal codes onto spread
 // accumulators), `chain4` (four chunks of those), `conly` (no product: what becomes
-// of the accumulator alone). Skipped without the variable.
+// of the accumulator alone); and E4m3StepsWithAnAccumulator's kinds: `wide` (codes
+// of every exponent onto normal(0, 1) 2^[-10, 10]), `big` (onto normal(0, 1) 2^12),
+// `cancel` (onto minus the exact dot product, in fp32), `widecancel`. Skipped
+// without the variable.
 TEST(CudaMma, E4m3AccumulatorDump) {
   DSV4_REQUIRE_CUDA();
   const char* dir = std::getenv("DSV4_MMA_DUMP");
@@ -1314,7 +1317,14 @@ TEST(CudaMma, E4m3AccumulatorDump) {
     ASSERT_EQ(std::fwrite(data, 1, bytes, f), bytes) << path;
     std::fclose(f);
   };
-  for (const std::string set : {"one", "two", "rand", "chain4", "conly"}) {
+  const auto any_code = [&] {  // every exponent: any code but NaN
+    uint8_t x;
+    do x = uint8_t(rng.uniform_int(0, 255)); while ((x & 0x7f) == 0x7f);
+    return x;
+  };
+  for (const std::string set : {"one", "two", "rand", "chain4", "conly", "wide", "big", "cancel", "widecancel"}) {
+    const bool wide = set == "wide" || set == "widecancel";
+    const bool kinds = wide || set == "big" || set == "cancel";
     const int chunks = set == "chain4" ? 4 : 1;
     const int64_t kb = 32 * chunks;
     std::vector<uint8_t> a(size_t(kBlocks * 64 * kb), 0), b(size_t(kBlocks * 8 * kb), 0);
@@ -1325,12 +1335,22 @@ TEST(CudaMma, E4m3AccumulatorDump) {
         if (set == "one") row[i % 32] = normal_code();
         else if (set == "two") row[i % 32] = normal_code(), row[(i + 7) % 32] = normal_code();
         else if (set != "conly")
-          for (int64_t k = 0; k < kb; ++k) row[k] = normal_code();
+          for (int64_t k = 0; k < kb; ++k) row[k] = wide ? any_code() : normal_code();
       }
-      for (int64_t i = 0; i < 8 * kb; ++i) b[size_t(blk * 8 * kb + i)] = normal_code();
+      for (int64_t i = 0; i < 8 * kb; ++i) b[size_t(blk * 8 * kb + i)] = wide ? any_code() : normal_code();
       for (int i = 0; i < 64 * 8; ++i) {
         const size_t o = size_t(blk * 64 * 8 + i);
-        c[o] = set == "two" && i % 2 == 0 ? 0.0f : spread(set == "rand" || set == "chain4" ? 4.0 : 1.0);
+        if (!kinds) {
+          c[o] = set == "two" && i % 2 == 0 ? 0.0f : spread(set == "rand" || set == "chain4" ? 4.0 : 1.0);
+        } else if (set == "cancel" || set == "widecancel") {
+          double dot = 0.0;
+          for (int64_t k = 0; k < kb; ++k)
+            dot += double(core::e4m3_to_float(a[size_t((blk * 64 + i / 8) * kb + k)])) *
+                   core::e4m3_to_float(b[size_t((blk * 8 + i % 8) * kb + k)]);
+          c[o] = -float(dot);
+        } else {
+          c[o] = float(std::ldexp(rng.normal(), set == "big" ? 12 : int(rng.uniform_int(-10, 10))));
+        }
       }
     }
     ops::cuda_e4m3_mma_probe(a.data(), b.data(), c.data(), kBlocks, chunks, d.data());

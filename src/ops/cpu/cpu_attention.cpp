@@ -250,6 +250,7 @@ void CpuBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float w
         return scores[size_t(x)] != scores[size_t(y)] ? scores[size_t(x)] > scores[size_t(y)] : x < y;
       });
       std::copy(order.begin(), order.begin() + keep, out);
+      std::sort(out, out + keep);  // the contract's row order (backend.h)
     }
   });
 }

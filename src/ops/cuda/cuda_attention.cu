@@ -637,15 +637,19 @@ __global__ void compress_state_kernel(CompressArgs a) {
 // indexer_topk (spec §5.4). Scores are bf16 like the reference: per head
 // bf16(q_h . k_j), ReLU, bf16(x * w_h), a sequential fp32 sum over the heads,
 // bf16. A score is kept as a 16-bit key (order-preserving map of the bf16 bits),
-// so top-k is a selection on 16-bit keys with ties to the lower row.
+// so top-k is a selection on 16-bit keys with ties to the lower row. The selected
+// rows are written in ascending row order (the op's contract, backend.h).
 //   simple: one CTA per token, one warp per row, fp32 dot products in the exact
 //           cpu::dot_f32 order (scores equal the reference bit for bit), then a
-//           CUB segmented radix sort of (key, ~row) per token.
+//           CUB segmented radix sort of (key, ~row) per token, whose keep-th entry
+//           is the threshold of an in-order pass over the rows.
 //   fast:   tensor-core scoring (mma m16n8k16 bf16: heads x rows, K = Di), CTAs of
 //           256 rows (fixed, so a row's score never depends on the batch) that also
 //           build a 256-bin histogram of the keys' high bytes; then one CTA per
-//           token selects by two radix passes (high byte, low byte), collects ties
-//           in row order, and bitonic-sorts the <= K winners.
+//           token finds the threshold key by two radix passes (high byte, low
+//           byte) and takes the rows above it and the first ties, in row order.
+//           (It bitonic-sorted the winners by score before: ~60% of a 13.6 µs
+//           launch at batch 1 and 16, ncu, twenty-fifth session.)
 // Roofline (decode, context 4096 -> 1024 rows/token, Hi = 64, Di = 128): 68 B +
 // 16 KFLOP per row; T = 256: 17.8 MB, 4.3 GFLOP -> ~6 us of HBM, ~10 us of mma.sync.
 // 1M context: 256K rows = 17 MB per token.
@@ -936,27 +940,56 @@ __device__ __forceinline__ void find_top_bin(const uint32_t* hist, int64_t want,
   above = __shfl_sync(kFull, acc, owner);
 }
 
-__global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a, int sort_size /* pow2 >= K */) {
+// The selected rows of one token in ascending row order, by the whole block: row j < n
+// is taken if kind(j) == 1, or if kind(j) == 2 (a tie) and fewer than ties_wanted
+// ties precede it; taken rows go to out[0], out[1], ... A chunk of blockDim rows at a
+// time: each warp counts its rows of both kinds by ballot, each thread its place from
+// the counts of the warps before it (two buffers of counts: one barrier a chunk).
+// counts: shared [2][2][32]. Returns the rows taken.
+template <typename Kind>
+__device__ int64_t take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kind, int32_t* out,
+                                      int (*counts)[2][32]) {
+  const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31, warps = int(blockDim.x) >> 5;
+  const unsigned lower = (1u << lane) - 1u;
+  int64_t sure_before = 0, ties_before = 0;  // in the chunks done
+  int buf = 0;
+  for (int64_t base = 0; base < n; base += blockDim.x, buf ^= 1) {
+    const int64_t j = base + tid;
+    const int k = j < n ? kind(j) : 0;
+    const unsigned sure = __ballot_sync(kFull, k == 1), tie = __ballot_sync(kFull, k == 2);
+    if (lane == 0) {
+      counts[buf][0][warp] = __popc(sure);
+      counts[buf][1][warp] = __popc(tie);
+    }
+    __syncthreads();
+    int64_t s_rank = sure_before + __popc(sure & lower), t_rank = ties_before + __popc(tie & lower);
+    for (int w = 0; w < warps; ++w) {
+      const int cs = counts[buf][0][w], ct = counts[buf][1][w];
+      if (w < warp) s_rank += cs, t_rank += ct;
+      sure_before += cs;
+      ties_before += ct;
+    }
+    if (k == 1 || (k == 2 && t_rank < ties_wanted)) out[s_rank + min(t_rank, ties_wanted)] = int32_t(j);
+  }
+  return sure_before + min(ties_before, ties_wanted);
+}
+
+__global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a) {
   wait_for_predecessor();
-  extern __shared__ uint64_t sel[];  // [sort_size]
   __shared__ uint32_t hist_s[256];
-  __shared__ int s_bin, s_need, s_count, s_taken;
-  __shared__ int warp_counts[kSelectThreads / 32];
+  __shared__ int s_bin, s_need;
+  __shared__ int counts[2][2][32];
   const int64_t t = blockIdx.x;
   const int tid = threadIdx.x;
   const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
   const int64_t K = a.K;
   const int64_t keep = n < K ? n : K;
   int32_t* out = a.topk + t * K;
-  if (keep == 0) {
-    for (int64_t i = tid; i < K; i += blockDim.x) out[i] = -1;
-    return;
-  }
+  for (int64_t i = keep + tid; i < K; i += blockDim.x) out[i] = -1;
+  if (keep == 0) return;
   const uint16_t* keys = a.keys16 + t * a.max_rows;
   // 1. High byte: the bin holding the keep-th largest key.
   for (int i = tid; i < 256; i += blockDim.x) hist_s[i] = a.hist[t * 256 + i];
-  for (int i = tid; i < sort_size; i += blockDim.x) sel[i] = 0;  // 0 sorts below every real entry
-  if (tid == 0) s_count = 0;
   __syncthreads();
   if (tid < 32) {
     int bin = 0;
@@ -972,16 +1005,10 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a,
   __syncthreads();
   for (int i = tid; i < 256; i += blockDim.x) hist_s[i] = 0;
   __syncthreads();
-  auto push = [&](uint16_t key, int64_t j) {
-    const int slot = atomicAdd(&s_count, 1);
-    if (slot < keep) sel[slot] = (uint64_t(key) << 32) | uint64_t(~uint32_t(j));
-  };
-  // 2. Keys above the bin are in; the bin's keys are histogrammed by low byte.
+  // 2. The bin's keys by low byte.
   for (int64_t j = tid; j < n; j += blockDim.x) {
     const uint16_t key = keys[j];
-    const int hb = key >> 8;
-    if (hb > hi_bin) push(key, j);
-    else if (hb == hi_bin) atomicAdd(&hist_s[key & 255], 1u);
+    if ((key >> 8) == hi_bin) atomicAdd(&hist_s[key & 255], 1u);
   }
   __syncthreads();
   if (tid < 32) {
@@ -993,52 +1020,13 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a,
     if (tid == 0) {
       s_bin = (hi_bin << 8) | bin;  // the threshold key
       s_need = int(want - above);   // rows with exactly the threshold key still needed, lowest rows first
-      s_taken = 0;
     }
   }
   __syncthreads();
   const int thr = s_bin, need_eq = s_need;
-  // 3. Keys above the threshold within the bin; ties in row order.
-  const int warp = tid >> 5, lane = tid & 31;
-  for (int64_t base = 0; base < n; base += blockDim.x) {
-    const int64_t j = base + tid;
-    const uint16_t key = j < n ? keys[j] : 0;
-    if (j < n && (key >> 8) == hi_bin && key > thr) push(key, j);
-    const bool eq = j < n && key == thr;
-    const unsigned ballot = __ballot_sync(kFull, eq);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int before = s_taken;
-    for (int w = 0; w < warp; ++w) before += warp_counts[w];
-    before += __popc(ballot & ((1u << lane) - 1u));
-    if (eq && before < need_eq) push(key, j);
-    __syncthreads();
-    if (tid == 0) {
-      int total = 0;
-      for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_counts[w];
-      s_taken += total;
-    }
-    __syncthreads();
-  }
-  // 4. Bitonic sort, descending: larger key first, then lower row (larger ~row).
-  for (int k = 2; k <= sort_size; k <<= 1) {
-    for (int jj = k >> 1; jj > 0; jj >>= 1) {
-      for (int i = tid; i < sort_size; i += blockDim.x) {
-        const int ixj = i ^ jj;
-        if (ixj > i) {
-          const uint64_t x = sel[i], y = sel[ixj];
-          const bool descending_block = (i & k) == 0;
-          if (descending_block ? (x < y) : (x > y)) {
-            sel[i] = y;
-            sel[ixj] = x;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
-  for (int64_t i = tid; i < K; i += blockDim.x)
-    out[i] = (i < keep && sel[i] != 0) ? int32_t(~uint32_t(sel[i] & 0xffffffffu)) : -1;
+  // 3. In row order: every key above the threshold, and the first need_eq rows holding it.
+  take_rows_in_order(n, need_eq, [&](int64_t j) { const int key = keys[j]; return key > thr ? 1 : key == thr ? 2 : 0; },
+                     out, counts);
 }
 
 // simple selection: CUB segmented sort of the composite keys, then extraction.
@@ -1051,14 +1039,20 @@ __global__ void topk_segments_kernel(TopkArgs a) {
   }
 }
 
-__global__ void topk_extract_kernel(TopkArgs a) {
+__global__ void __launch_bounds__(256) topk_extract_kernel(TopkArgs a) {
   wait_for_predecessor();
+  __shared__ int counts[2][2][32];
   const int64_t t = blockIdx.x;
   const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
   const int64_t keep = n < a.K ? n : a.K;
-  for (int64_t i = threadIdx.x; i < a.K; i += blockDim.x)
-    a.topk[t * a.K + i] =
-        i < keep ? int32_t(~uint32_t(a.keys64_sorted[t * a.max_rows + i] & 0xffffffffu)) : int32_t(-1);
+  int32_t* out = a.topk + t * a.K;
+  for (int64_t i = keep + threadIdx.x; i < a.K; i += blockDim.x) out[i] = -1;
+  if (keep == 0) return;
+  // The composite keys are distinct (each holds its row): the keep largest are those
+  // at or above the keep-th of the sorted ones.
+  const uint64_t* composite = a.keys64 + t * a.max_rows;
+  const uint64_t last = a.keys64_sorted[t * a.max_rows + keep - 1];
+  take_rows_in_order(n, 0, [&](int64_t j) { return composite[j] >= last ? 1 : 0; }, out, counts);
 }
 
 // ================================================================================
@@ -2456,10 +2450,6 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
   }
   uint16_t* keys = static_cast<uint16_t*>(scratch("topk_keys16", size_t(chunk * max_rows) * 2));
   uint32_t* hist = static_cast<uint32_t*>(scratch("topk_hist", size_t(chunk) * 256 * 4));
-  int sort_size = 1;
-  while (sort_size < K) sort_size <<= 1;
-  const size_t select_smem = size_t(sort_size) * 8;
-  allow_smem(topk_select_kernel, select_smem);
   const size_t score_smem = sizeof(ScoreSmem);
   allow_smem(index_score_mma_kernel, score_smem);
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
@@ -2482,7 +2472,7 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
     } else {
       launch_simple_score(std::false_type{}, unsigned(n));
     }
-    topk_select_kernel<<<unsigned(n), kSelectThreads, select_smem, stream_>>>(a, sort_size);
+    topk_select_kernel<<<unsigned(n), kSelectThreads, 0, stream_>>>(a);
     check_launch(stream_);
   }
 }
