@@ -648,20 +648,41 @@ TEST(HopperBf16Step, DiagnosticVariantAtTheModelsParametersIsTheModel) {
   EXPECT_GT(differ_rne, 0);  // the variants do differ
 }
 
-// The e4m3 step candidates' defaults with c = 0 are ref::hopper_e4m3_dot32 (the step
-// from zero the kernels use), on random finite codes of every exponent.
-TEST(HopperDot, E4m3StepVariantDefaultsAreTheDot32Model) {
+// ref::hopper_e4m3_step on cases an H200 computed (CudaMma.E4m3AccumulatorDump, one
+// product onto an accumulator): every term is cut on the grid 2^(E - 13) of the largest
+// exponent E before the sum, the accumulator's too.
+TEST(HopperDot, E4m3StepOntoAnAccumulatorMatchesTheHardwareCases) {
+  uint8_t a[32] = {}, b[32] = {};
+  const auto step = [&](uint32_t c_bits, uint8_t x, uint8_t y) {
+    a[0] = x, b[0] = y;
+    return core::float_bits(ref::hopper_e4m3_step(core::bits_float(c_bits), a, b));
+  };
+  // c dominates: on c's grid 2^-2, c -> -3455.5 and the product 0.8125 x 0.1875 -> 0.
+  EXPECT_EQ(step(0xc557f927u, 0x35, 0x24), 0xc557f800u);
+  // The product dominates: c = -6.4e-9 is cut to 0 on the grid 2^-16; 0.171875 x 1.
+  EXPECT_EQ(step(0xb1dce400u, 0x23, 0x38), 0x3e300000u);
+  // Both cut on 2^-1: 7912.98 -> 7912.5, 1.25 x 1.375 = 1.71875 -> 1.5; 7914.
+  EXPECT_EQ(step(0x45f747d9u, 0x3a, 0x3b), 0x45f75000u);
+  // The accumulator alone is cut to 14 significant bits; the step from zero is hopper_e4m3_dot32.
+  EXPECT_EQ(step(0x3f8ccccdu, 0x00, 0x38), 0x3f8ccc00u);
+}
+
+// The e4m3 step variants' defaults are ref::hopper_e4m3_step, and with c = 0
+// ref::hopper_e4m3_dot32, on random finite codes of every exponent and spread accumulators.
+TEST(HopperDot, E4m3StepVariantDefaultsAreTheModel) {
   std::mt19937 gen(0x5e);
-  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_int_distribution<int> byte(0, 255), spread(-30, 30);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
   uint8_t a[32], b[32];
   for (int it = 0; it < 20000; ++it) {
     for (int k = 0; k < 32; ++k) {
       do a[k] = uint8_t(byte(gen)); while ((a[k] & 0x7f) == 0x7f);
       do b[k] = uint8_t(byte(gen)); while ((b[k] & 0x7f) == 0x7f);
     }
-    ASSERT_EQ(core::float_bits(testing::e4m3_step_variant(0.0f, a, b, {})),
-              core::float_bits(ref::hopper_e4m3_dot32(a, b)))
-        << it;
+    const float c = it % 4 == 0 ? 0.0f : std::ldexp(normal(gen), spread(gen));
+    const float model = ref::hopper_e4m3_step(c, a, b);
+    ASSERT_EQ(core::float_bits(testing::e4m3_step_variant(c, a, b, {})), core::float_bits(model)) << it;
+    if (c == 0.0f) ASSERT_EQ(core::float_bits(ref::hopper_e4m3_dot32(a, b)), core::float_bits(model)) << it;
   }
 }
 

@@ -1187,14 +1187,12 @@ TEST(CudaMma, Bf16StepEqualsTheHopperModel) {
               c.size(), (long long)mma_diff, (long long)wgmma_diff, (long long)fp32_diff);
 }
 
-// Chains of e4m3 k32 steps with an accumulator (wgmma m64n8k32, scale-d 1), the step a
-// fold every 128 values (DeepSeek's promotion interval) would rest on: the kernels
-// start every chunk from zero, so no model of it exists yet. Checked: single chunks
-// from a zero accumulator give ref::hopper_e4m3_dot32's bits (the model the kernels
-// rest on, and the probe's layout). Measured, not asserted: how often each candidate
-// of mma_model_variants.h differs from the hardware on chains of 1 and 4 chunks onto
-// zero, spread, large and cancelling accumulators; the one that never does is the
-// model to build on (docs/design/cuda-linear.md, next step 15).
+// Chains of e4m3 k32 steps with an accumulator (wgmma m64n8k32, scale-d 1), the step
+// a fold per 128-wide stage would chain: single chunks from a zero accumulator
+// give ref::hopper_e4m3_dot32's bits, and chains of 1 and 4 chunks onto zero, spread,
+// large and cancelling accumulators ref::hopper_e4m3_step's, codes of every exponent
+// included. Where the model ever differs, the test also prints how often each
+// candidate of mma_model_variants.h does, so the next fix is one measurement away.
 TEST(CudaMma, E4m3StepsWithAnAccumulator) {
   DSV4_REQUIRE_CUDA();
   Rng rng(0x3b);
@@ -1262,6 +1260,25 @@ TEST(CudaMma, E4m3StepsWithAnAccumulator) {
   EXPECT_EQ(from_zero_diff, 0) << "single e4m3 chunks from zero against ref::hopper_e4m3_dot32, first at " << first;
   std::printf("e4m3 k32 from zero, %lld cases: differ from ref::hopper_e4m3_dot32 in %lld\n", (long long)from_zero_cases,
               (long long)from_zero_diff);
+  int64_t model_diff = 0, model_cases = 0;
+  for (const Run& r : runs)
+    for (int64_t blk = 0; blk < kBlocks; ++blk)
+      for (int i = 0; i < 64; ++i)
+        for (int j = 0; j < 8; ++j) {
+          const int64_t kb = 32 * r.chunks;
+          float x = r.c[size_t((blk * 64 + i) * 8 + j)];
+          for (int q = 0; q < r.chunks; ++q)
+            x = ops::ref::hopper_e4m3_step(x, r.a.data() + (blk * 64 + i) * kb + 32 * q,
+                                           r.b.data() + (blk * 8 + j) * kb + 32 * q);
+          ++model_cases;
+          if (core::float_bits(x) != core::float_bits(r.d[size_t((blk * 64 + i) * 8 + j)]) && model_diff++ == 0)
+            first = std::to_string(r.chunks) + " chunks, block " + std::to_string(blk) + " row " + std::to_string(i) +
+                    " col " + std::to_string(j);
+        }
+  EXPECT_EQ(model_diff, 0) << "chained e4m3 steps against ref::hopper_e4m3_step, first at " << first;
+  std::printf("e4m3 k32 steps onto an accumulator, %lld chains: differ from ref::hopper_e4m3_step in %lld\n",
+              (long long)model_cases, (long long)model_diff);
+  if (model_diff == 0) return;
   for (const int frac : {13, 14, 23, 24, 25})
     for (const int bits : {14, 24})
       for (const bool rne : {false, true})

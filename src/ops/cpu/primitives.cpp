@@ -138,7 +138,9 @@ void hadamard_bf16(uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = float_to_bf16(float(v[size_t(i)] * scale));
 }
 
-float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b) {
+float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b) { return hopper_e4m3_step(0.0f, a, b); }
+
+float hopper_e4m3_step(float c, const uint8_t* a, const uint8_t* b) {
   // An e4m3 code as sig * 2^(ne - 3): ne the exponent the tensor core aligns on
   // (-6 for subnormals), sig the integer significand. NaN codes are not modelled.
   const auto decode = [](uint8_t x, int* sig, int* ne) {
@@ -148,7 +150,7 @@ float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b) {
   };
   int sig[32], ne[32];
   bool neg[32];
-  int ne_max = INT32_MIN;
+  int e_max = INT32_MIN;
   for (int k = 0; k < 32; ++k) {
     int sa, ea, sb, eb;
     decode(a[k], &sa, &ea);
@@ -156,22 +158,34 @@ float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b) {
     sig[k] = sa * sb;  // product = sig * 2^(ne - 6), sig < 2^8
     ne[k] = ea + eb;
     neg[k] = ((a[k] ^ b[k]) & 0x80) != 0;
-    if (sig[k] != 0) ne_max = std::max(ne_max, ne[k]);
+    if (sig[k] != 0) e_max = std::max(e_max, ne[k]);
   }
-  if (ne_max == INT32_MIN) return 0.0f;
-  // Terms in units of 2^(ne_max - 13): sig * 2^(ne - ne_max + 7), truncated toward zero.
+  // c = c_sig * 2^(ec - 23) (ec = -126 for subnormals).
+  const uint32_t cu = core::float_bits(c);
+  const int field = int((cu >> 23) & 0xff);
+  const int64_t c_sig = field == 0 ? int64_t(cu & 0x7fffff) : int64_t((cu & 0x7fffff) | 0x800000);
+  const int ec = (field == 0 ? 1 : field) - 127;
+  if (c_sig != 0) e_max = std::max(e_max, ec);
+  if (e_max == INT32_MIN) return 0.0f;
+  // Terms in units of 2^(e_max - 13), each truncated toward zero: a product's sig
+  // shifted by ne - e_max + 7, c's by ec - e_max - 10 (always to the right).
   int64_t sum = 0;
   for (int k = 0; k < 32; ++k) {
     if (sig[k] == 0) continue;
-    const int shift = ne[k] - ne_max + 7;
+    const int shift = ne[k] - e_max + 7;
     const int64_t t = shift >= 0 ? int64_t(sig[k]) << shift : (shift > -32 ? int64_t(sig[k] >> -shift) : 0);
     sum += neg[k] ? -t : t;
+  }
+  if (c_sig != 0) {
+    const int shift = e_max - ec + 10;
+    const int64_t t = shift < 63 ? c_sig >> shift : 0;
+    sum += (cu & 0x80000000u) ? -t : t;
   }
   uint64_t mag = sum < 0 ? uint64_t(-sum) : uint64_t(sum);
   int bits = 0;
   while (bits < 64 && (mag >> bits) != 0) ++bits;
   if (bits > 14) mag = (mag >> (bits - 14)) << (bits - 14);  // 14 significant bits, toward zero
-  const float v = std::ldexp(float(mag), ne_max - 13);
+  const float v = std::ldexp(float(mag), e_max - 13);
   return sum < 0 ? -v : v;
 }
 
