@@ -648,6 +648,33 @@ TEST(HopperBf16Step, DiagnosticVariantAtTheModelsParametersIsTheModel) {
   EXPECT_GT(differ_rne, 0);  // the variants do differ
 }
 
+// An FP8 linear under kHopperWgmma chains a 128-wide stage's four k32 steps in the
+// tensor core (ref::hopper_e4m3_step) before one fold: a product 2^-14 below the
+// stage's running sum of 1 + 2^-8 is cut, so the output stays on the bf16 tie
+// (rounding to 1), where the exact sum (and chunks folded one by one) round up.
+TEST(HopperDot, CpuBackendModelChainsFp8Stages) {
+  auto exact = make_cpu_backend(1), hopper = make_cpu_backend(1, QuantDotModel::kHopperWgmma);
+  const int64_t K = 128;
+  QuantLinear w;
+  w.format = QuantLinear::Format::kFp8Block128;
+  w.n = 1;
+  w.k = K;
+  w.weight = Tensor::zeros_cpu(DType::kF8E4M3, {1, K});
+  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {1, 1});
+  w.scale.as<uint8_t>()[0] = 127;  // 2^0
+  Tensor x = Tensor::zeros_cpu(DType::kBF16, {1, K});
+  const std::pair<int, float> terms[] = {{0, 1.0f}, {1, 0x1p-4f}, {32, 0x1p-7f}};  // chunk 0: 1 + 2^-8; chunk 1: 2^-14
+  for (const auto& [k, v] : terms) {
+    w.weight.as<uint8_t>()[k] = core::float_to_e4m3(v);
+    x.as<uint16_t>()[k] = core::float_to_bf16(v);
+  }
+  Tensor y0 = Tensor::empty_cpu(DType::kBF16, {1, 1}), y1 = Tensor::empty_cpu(DType::kBF16, {1, 1});
+  exact->linear(x, w, y0);
+  hopper->linear(x, w, y1);
+  EXPECT_EQ(core::bf16_to_float(y0.as<uint16_t>()[0]), 1.0f + 0x1p-7f);
+  EXPECT_EQ(core::bf16_to_float(y1.as<uint16_t>()[0]), 1.0f);
+}
+
 // ref::hopper_e4m3_step on cases an H200 computed (CudaMma.E4m3AccumulatorDump, one
 // product onto an accumulator): every term is cut on the grid 2^(E - 13) of the largest
 // exponent E before the sum, the accumulator's too.

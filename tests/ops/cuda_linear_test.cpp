@@ -1188,7 +1188,7 @@ TEST(CudaMma, Bf16StepEqualsTheHopperModel) {
 }
 
 // Chains of e4m3 k32 steps with an accumulator (wgmma m64n8k32, scale-d 1), the step
-// a fold per 128-wide stage would chain: single chunks from a zero accumulator
+// the FP8 GEMMs chain over a 128-wide stage: single chunks from a zero accumulator
 // give ref::hopper_e4m3_dot32's bits, and chains of 1 and 4 chunks onto zero, spread,
 // large and cancelling accumulators ref::hopper_e4m3_step's, codes of every exponent
 // included. Where the model ever differs, the test also prints how often each

@@ -101,7 +101,7 @@ inline float bf16_step_variant(float c, const uint16_t* a, const uint16_t* b, co
 
 // Variants of Hopper's e4m3 k32 step onto an accumulator c (wgmma with scale-d 1),
 // for diagnosis like the bf16 ones: the defaults are ref::hopper_e4m3_step (a CPU
-// test checks), the step a fold per 128-wide stage would chain. Each product a_k b_k is exact (an 8-bit significand), every term is cut
+// test checks), the step the FP8 GEMMs chain over each 128-wide stage. Each product a_k b_k is exact (an 8-bit significand), every term is cut
 // toward zero to frac_bits below the largest exponent (the products' exponent sums,
 // and c's exponent where c joins the alignment), the sum is exact, and the result
 // keeps result_bits significant bits (toward zero, or nearest-even); with

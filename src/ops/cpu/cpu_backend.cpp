@@ -247,7 +247,8 @@ const float* CpuBackend::dequantized(const QuantLinear& w) {
 // Hopper's FP8 dot (ref::hopper_e4m3_dot32) of the weight and activation codes, the
 // chunk sums scaled and added in the CUDA GEMM's order (linear_kernels.cuh): each of
 // the S K slices (ops/gemm_order.h) from zero, then out = bf16(((0 + p_0) + p_1) + ...).
-//   FP8: p = fmaf(d_c, 2^(weight block scale) * 2^(activation exponent), p) per chunk.
+//   FP8: per 128-wide stage, d = the tensor core's chain of its 4 k32 steps from zero
+//        (ref::hopper_e4m3_step), then p = fmaf(d, 2^(w block scale) * 2^(act. exp.), p).
 //   FP4: per 128-wide stage, q = the 4 chunk sums of the 2^-6-scaled e4m3 weight codes
 //        folded with fmaf(d, 2^(weight scale), q), then p = fmaf(q, 2^(act. exp.) * 64, p).
 void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y,
@@ -290,8 +291,10 @@ void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const
               p = std::fma(qs, xs * 64.0f, p);
             } else {
               const float scale = core::e8m0_to_float(s[(n / 128) * kb + st]) * xs;
+              float d = 0.0f;  // the tensor core's chain of the stage's 4 k32 steps from zero
               for (int64_t k0 = st * 128; k0 < st * 128 + 128; k0 += 32)
-                p = std::fma(ref::hopper_e4m3_dot32(wc + n * K + k0, codes.data() + k0), scale, p);
+                d = ref::hopper_e4m3_step(d, wc + n * K + k0, codes.data() + k0);
+              p = std::fma(d, scale, p);
             }
           }
           total += p;

@@ -36,9 +36,8 @@ float hopper_e4m3_dot32(const uint8_t* a, const uint8_t* b);
 // Measured on an H200 against 9 x 32768 outputs of one and of four chained steps
 // (CudaMma.E4m3StepsWithAnAccumulator): codes of every exponent, accumulators from
 // 2^-30 to 2^30 times the products, cancelling ones. hopper_e4m3_step(0, a, b) is
-// hopper_e4m3_dot32(a, b). The GEMMs start every k32 chunk from zero; a fold per
-// 128-wide stage on this step was measured and not taken (linear_kernels.cuh).
-// Finite inputs only.
+// hopper_e4m3_dot32(a, b). The FP8 GEMMs chain a 128-wide stage's four steps from
+// zero in the tensor core (linear_kernels.cuh). Finite inputs only.
 float hopper_e4m3_step(float c, const uint8_t* a, const uint8_t* b);
 
 // ---- Hopper's bf16 tensor-core step -----------------------------------------------

@@ -103,7 +103,9 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
 // gemm_kernel). Every CTA walks all K slices (no split): per slice p_s from zero,
 // tot += p_s at its end.
-//   FP8:  p_s = fmaf(mma_c, 2^w * 2^x, p_s) per 32-byte chunk c, each mma_c from zero;
+//   FP8:  p_s = fmaf(d_st, 2^w * 2^x, p_s) per 128-wide stage st, d_st the tensor
+//         core's chain of its 4 k32 chunks from zero; two sets of accumulators, so a
+//         stage's chain runs while the one before it is folded;
 //   bf16: p_s = the tensor core's running sum over the slice's k16 chunks;
 //   FP8-as-bf16 (wo_a, grouped): the e4m3 weights decoded to bf16 A fragments, a
 //         stage's 4 k16 chunks summed by the tensor core from zero, then
@@ -121,12 +123,6 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
   constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS)
-  // FP8 chunk products a warpgroup keeps in flight, each in its own accumulators: at
-  // R = 64 (32 registers a set) the stage's four go out at once and are folded as they
-  // land; at R = 128 (64 a set) registers hold two. Four against two at 256 rows (H200,
-  // ncu): wo_b 52.4 against 53.6 µs, the shared expert's gate/up 30.6 against 31.0; the
-  // step unchanged (BENCHMARKS.md, fourteenth session).
-  constexpr int kQueue = kQuant && R == 64 ? 4 : 2;
   constexpr int kWRow = wide_weight_row_bytes<F>();
   constexpr int kStageBytes = kTileN * kWRow;  // weights (a multiple of 1024)
   static_assert(kStageBytes % 1024 == 0, "the activation stages stay 1024-aligned");
@@ -217,8 +213,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   }
 
   // p_s and the wgmma results in registers; the running total over slices (kTwoSets)
-  // in shared memory, each thread's own column (FP8 at R = 128 uses 242 registers).
-  constexpr int kSets = kQuant ? kQueue : 1;
+  // in shared memory, each thread's own column.
+  constexpr int kSets = kQuant ? 2 : 1;
   float cur[NA], d[kSets][NA];
 #pragma unroll
   for (int i = 0; i < NA; ++i) {
@@ -230,6 +226,38 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
 #pragma unroll
     for (int i = 0; i < NA; ++i) s_tot[i * kWideThreads + tid] = 0.0f;
   }
+  auto end_slice = [&] {  // slice boundary: fold p_s into the running total
+#pragma unroll
+    for (int i = 0; i < NA; ++i) {
+      s_tot[i * kWideThreads + tid] += cur[i];
+      cur[i] = 0.0f;
+    }
+  };
+  // FP8: stage st's chain (set st % 2) folded with its scale 2^w * 2^x, one per
+  // column pair of the thread: p = fmaf(d, 2^w * 2^x, p); then the slice's end if
+  // st ends it. Its activation scales are still in the stage's buffer (the next
+  // copies into it go out after the fold).
+  auto fold_stage = [&](unsigned st, bool last_of_slice) {
+    if constexpr (kQuant) {
+      const float wsc = core::e8m0_to_float(s_bs[st]);
+      const float* as = s_as + (st % S) * R;
+      auto fold = [&](const float(&dd)[NA]) {
+#pragma unroll
+        for (int q = 0; q < NQ; ++q) {
+          const float2 a2 = *reinterpret_cast<const float2*>(as + 8 * q + 2 * t);
+          const float c0 = wsc * a2.x, c1 = wsc * a2.y;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(dd[4 * q + e], e & 1 ? c1 : c0, cur[4 * q + e]);
+        }
+      };
+      if (st & 1) fold(d[1]);
+      else fold(d[0]);
+      if constexpr (kTwoSets) {
+        if (last_of_slice) end_slice();
+      }
+    }
+  };
+  bool prev_last = false;  // stage it-1 ends its slice
   int slice_pos = 0;  // position of stage `it` in its slice
   for (int it = 0; it < stages_total; ++it) {
     const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
@@ -246,7 +274,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       }
       cp_async_commit();
     };
-    if constexpr (kQuant || kRegA) load_next();
+    if constexpr (kRegA) load_next();
     const int buf = int(uit % S);
     // The stage's descriptors: low words at the stage, chunk j 32j bytes on (wgmma_desc_at).
     const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow));
@@ -267,57 +295,25 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
 #pragma unroll
       for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[0][i], wsc, cur[i]);
     } else if constexpr (kQuant) {
-      // The chunk scale 2^w * 2^x of each of the thread's R / 4 columns, once per stage.
-      const float wsc = core::e8m0_to_float(s_bs[uit]);
-      float csc[NQ][2];
-#pragma unroll
-      for (int q = 0; q < NQ; ++q) {
-        const float2 as = *reinterpret_cast<const float2*>(s_as + buf * R + 8 * q + 2 * t);
-        csc[q][0] = wsc * as.x;
-        csc[q][1] = wsc * as.y;
-      }
-      auto fold = [&](const float(&dj)[NA]) {  // p = fmaf(mma_c, 2^w * 2^x, p), chunks in order
-#pragma unroll
-        for (int q = 0; q < NQ; ++q)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(dj[4 * q + e], csc[q][e & 1], cur[4 * q + e]);
-      };
-      if constexpr (kQueue == 4) {
-        // The stage's four chunks go out together (one commit group each); each is
-        // folded as soon as it and those before it are done.
+      // FP8: the stage's 4 chunks chained in the tensor core from zero into set it % 2;
+      // once wait_1 says stage it-1's chain is done, it is folded and its buffer takes
+      // the next copies (after the barrier: every warpgroup is past it).
+      auto issue = [&](float(&dd)[NA]) {
         wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          wide_mma<F, R>(d[j], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), 0);
-          wgmma_commit();
-        }
-        wgmma_wait<3>();
-        fold(d[0]);
-        wgmma_wait<2>();
-        fold(d[1]);
-        wgmma_wait<1>();
-        fold(d[2]);
-        wgmma_wait<0>();
-        fold(d[3]);
-      } else {
-        // Two chunks in flight: chunk j + 1's product runs while chunk j's is folded.
-        wgmma_fence();
-        wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 0), wgmma_desc_at(b_lo, 0), 0);
+        for (int j = 0; j < 4; ++j)
+          wide_mma<F, R>(dd, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
         wgmma_commit();
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (j < 3) {
-            wgmma_fence();
-            wide_mma<F, R>(d[(j + 1) & 1], wgmma_desc_at(a_lo, 32 * (j + 1)), wgmma_desc_at(b_lo, 32 * (j + 1)), 0);
-            wgmma_commit();
-            wgmma_wait_1();
-          } else {
-            wgmma_wait_all();
-          }
-          fold(d[j & 1]);
-        }
+      };
+      if (uit & 1) issue(d[1]);  // (constant indices: the sets stay in registers)
+      else issue(d[0]);
+      if (it > 0) {
+        wgmma_wait_1();
+        fold_stage(uit - 1, prev_last);
       }
-    } else {
+      __syncthreads();
+      load_next();
+        } else {
       // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
       // products stay in flight across the next stage's wait and barrier; the copies
       // then go into stage it-1's buffer once every warpgroup's products on it are done.
@@ -336,17 +332,16 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       __syncthreads();
       load_next();
     }
-    if constexpr (kTwoSets) {
-      if (slice_last) {  // slice boundary: fold p_s into the running total
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-          s_tot[i * kWideThreads + tid] += cur[i];
-          cur[i] = 0.0f;
-        }
-      }
+    if constexpr (kTwoSets && !kQuant) {  // (FP8: in fold_stage, a stage later)
+      if (slice_last) end_slice();
     }
+    prev_last = slice_last;
   }
   cp_async_wait<0>();
+  if constexpr (kQuant) {  // the last stage's chain
+    wgmma_wait_all();
+    if (stages_total > 0) fold_stage(unsigned(stages_total - 1), true);
+  }
   if constexpr (!kQuant && !kRegA) wgmma_wait_all();  // (a no-op: the last stage ends a slice)
   allow_dependents_to_launch();  // only the epilogue is left
 

@@ -14,32 +14,33 @@
 //   simple_*              one warp per output element, fp32 FMA: the DSV4_CUDA_KERNELS=simple path
 //
 // Accumulation order of the GEMM (the two-batch-overlap bit-identity rule): an
-// output element is computed as
-//     p_s   = sum over the 32-byte chunks c of slice s, in order, of fmaf(mma_c, scale_c, p_s)
+// output element of an FP8 GEMM is computed as
+//     d_st  = the tensor core's chain of stage st's four k32 (e4m3) steps from zero
+//     p_s   = sum over the 128-wide stages st of slice s, in order, of fmaf(d_st, scale_st, p_s)
 //     out   = ((0 + p_0) + p_1) + ... + p_{S-1}
-// where mma_c is one wgmma k32 (e4m3) product started from a zero accumulator,
-// scale_c the exact power-of-two product of the weight and activation scales of
-// that chunk, and S the number of K slices, a function of (N, K) only
-// (ops/gemm_order.h: gemm_k_slices). The e4m3 sum is Hopper's (products aligned to the
-// largest and truncated 13 bits below it, the sum truncated to 14 bits:
-// ref::hopper_e4m3_dot32, the CPU reference's QuantDotModel::kHopperWgmma; the
-// tests check FP8 and FP4 GEMMs against it bit for bit). A fold per 128-wide stage
-// (the tensor core chaining the stage's four steps, modelled by ref::hopper_e4m3_step,
-// DeepSeek's promotion interval) was built bit-exact in the twenty-fifth session and
-// measured, in its best form (chains in flight across stages up to 32-row tiles),
-// +1.4% a step at 16 rows, +0.1% at 64 and -0.8% at 256 against these per-chunk
-// folds (bench-1g, H200): not taken. bf16 has no
-// scales: p_s is the tensor core's own running sum over the slice's k16 chunks
-// (wgmma with scale-d = 1 after the first). FP8-as-bf16 (wo_a) has one scale per
-// 64-wide stage: the tensor core sums the stage's 4 k16 chunks, then
-// p_s = fmaf(d_stage, 2^(w block), p_s). Tile sizes, the
+// where scale_st is the exact power-of-two product of the weight block scale and the
+// activation scale of that stage, and S the number of K slices, a function of (N, K)
+// only (ops/gemm_order.h: gemm_k_slices). The e4m3 step is Hopper's (the products and
+// the accumulator aligned to the largest and truncated 13 bits below it, the sum
+// truncated to 14 bits: ref::hopper_e4m3_step, the CPU reference's
+// QuantDotModel::kHopperWgmma; the tests check FP8 and FP4 GEMMs against it bit for
+// bit). A stage's fold is DeepSeek's promotion interval (128); until the twenty-fifth
+// session each k32 chunk started from zero and was folded on its own, before the step
+// onto an accumulator had a model. Against that, per GB moved (the routing, and so
+// the expert bytes, moves with the bits): ~0 at batch 16, -0.9% at 64, -0.8% at 256
+// (bench-1g, H200; docs/BENCHMARKS.md). bf16 has no scales: p_s is the tensor core's own
+// running sum over the slice's k16 chunks (wgmma with scale-d = 1 after the first).
+// FP8-as-bf16 (wo_a) has one scale per 64-wide stage: the tensor core sums the
+// stage's 4 k16 chunks, then p_s = fmaf(d_stage, 2^(w block), p_s). Tile sizes, the
 // split of slices over CTAs (partials folded in slice order by the last CTA of a
 // tile or by split_fold_kernel) or their sequential walk inside one CTA (a second
 // accumulator set) never change this sequence, so a row's output does not depend
 // on M or on the row's position.
-// FP4 weights (a scale per row and 32 values, activations one per 128) group the
-// chunks of one 128-wide stage first: q = sum over its 4 chunks, in order, of
-// fmaf(mma_c, 2^(weight scale_c), q), then p_s = fmaf(q, 2^(activation scale), p_s);
+// FP4 weights (a scale per row and 32 values, activations one per 128) start each
+// k32 chunk from zero (their scales differ within a stage) and group the chunks of
+// one 128-wide stage first: q = sum over its 4 chunks, in order, of
+// fmaf(mma_c, 2^(weight scale_c), q) (mma_c: ref::hopper_e4m3_dot32), then
+// p_s = fmaf(q, 2^(activation scale), p_s);
 // the same rule holds. The kernel decodes FP4 weights as 2^-6 x their value (a
 // cheaper decode) and multiplies the activation scale by 2^6: every mma_c and q is
 // then exactly 2^-6 x the above and p_s the same number, unless a partial sum falls
@@ -597,22 +598,47 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   float cur[2][NT][4];
   float tot[2][NT][4];
-  // The chunks of a stage go out in groups of kBatch (one wait per group), each chunk
-  // into its own accumulators: kBatch x 2 x 4NT registers (FP4's A in registers takes
-  // 8 more per chunk, hence its smaller groups; FP8 at 64 rows with 2 chunks per wait,
-  // 248 registers, measured slower in dc3e1df's run). bf16 has no scales: its slice
-  // sum p_s stays in the tensor core's accumulators (kTcSum, one set); FP8-as-bf16
-  // sums each 64-wide stage there (one scale per stage).
+  // FP4's chunks of a stage go out in groups of kBatch (one wait per group), each chunk
+  // into its own accumulators (their weight scales differ): kBatch x 2 x 4NT registers,
+  // with 8 more per chunk for A in registers, hence the smaller groups at more rows.
+  // The others sum in the tensor core (one set): bf16 its slice sum p_s (kTcSum, no
+  // scales), FP8 and FP8-as-bf16 each 128- / 64-wide stage (one scale per stage).
   constexpr bool kTcSum = F == WFmt::kBf16;
   // bf16 keeps one stage's tensor-core products in flight across the loop's wait and
   // sync (its running sum needs no registers between stages): the next copies go out
   // after the stage's products are issued, into the buffer of stage it-1, once those
   // are done. The sum is the same sequence of wgmmas, so the bits do not change.
-  constexpr bool kLoadAfter = kTcSum;
-  constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 ? 1
-                         : kSmemA ? (NT <= 2 ? 4 : 8 / NT)
-                                  : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
-  float wg_d[kBatch][2][4 * NT] = {};
+  // FP8 keeps a stage's chain in flight the same way, in two accumulator sets: stage
+  // it's chain is issued, then stage it-1's folded (its four dependent steps ran beside
+  // it), and then its buffer takes the next copies. (64-row tiles walking their slices
+  // have no registers for a second set: their chain is waited for and folded.)
+  constexpr bool kFp8Flight = kSmemA && !kTcSum && NT <= 4;
+  constexpr bool kLoadAfter = kTcSum || kFp8Flight;
+  constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 || kSmemA ? 1 : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
+  float wg_d[kFp8Flight ? 2 : kBatch][2][4 * NT] = {};
+  // FP8 in flight: stage `st`'s chain (set st % 2) folded with its scales, then its
+  // slice's end if it ends one. Its activation scales are still in its buffer.
+  auto fold_fp8_stage = [&](unsigned st, unsigned it_of, bool last_of_slice) {
+    if constexpr (kFp8Flight) {
+      const float wsc_st = core::e8m0_to_float(s_bs[st]);
+      const float* as_st = s_as + (it_of % kStages) * BM;
+      auto fold = [&](const float(&dd)[2][4 * NT]) {
+        for_each_acc<NT>([&](int i, int q, int e) {
+          cur[i][q][e] = fmaf(dd[i][4 * q + e], wsc_st * as_st[8 * q + 2 * t + (e & 1)], cur[i][q][e]);
+        });
+      };
+      if (st & 1) fold(wg_d[1]);  // (constant indices: the sets stay in registers)
+      else fold(wg_d[0]);
+      if constexpr (kTwoSets) {
+        if (last_of_slice)
+          for_each_acc<NT>([&](int i, int q, int e) {
+            tot[i][q][e] += cur[i][q][e];
+            cur[i][q][e] = 0.0f;
+          });
+      }
+    }
+  };
+  bool prev_last = false;  // stage it-1 ends its slice
   for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
 
 #pragma unroll
@@ -722,27 +748,36 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       __syncthreads();   // ... in every warp: its buffer takes the next copies
       load_next();
     } else if constexpr (kSmemA) {
-      // kBatch chunks, both halves of each, one wait, then each result scaled and
-      // added in chunk order: p = fmaf(mma_c, 2^w * 2^x, p).
+      // FP8: the stage's 4 chunks chained in the tensor core from zero (scale-d 1
+      // after the first; one block scale and one activation exponent cover them),
+      // then p = fmaf(d_stage, 2^w * 2^x, p).
       const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
       const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-#pragma unroll
-      for (int j0 = 0; j0 < 4; j0 += kBatch) {
+      auto issue = [&](float(&dd)[2][4 * NT]) {
         wgmma_fence();
 #pragma unroll
-        for (int c = 0; c < kBatch; ++c) {
-          const uint64_t db = wgmma_desc_at(db0, (j0 + c) * 32);
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
           for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(wg_d[c][i], wgmma_desc_at(da0, i * 64 * 128 + (j0 + c) * 32), db, 0);
+            wgmma_ss<F, NT>(dd[i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
         }
         wgmma_commit();
+      };
+      if constexpr (kFp8Flight) {
+        if (ust & 1) issue(wg_d[1]);
+        else issue(wg_d[0]);
+        if (it > 0) {
+          wgmma_wait_1();
+          fold_fp8_stage(ust - 1, uit - 1, prev_last);
+        }
+        __syncthreads();  // every warp is past stage it-1's products: its buffer takes the next copies
+        load_next();
+      } else {
+        issue(wg_d[0]);
         wgmma_wait_all();
-#pragma unroll
-        for (int c = 0; c < kBatch; ++c)
-          for_each_acc<NT>([&](int i, int q, int e) {
-            cur[i][q][e] = fmaf(wg_d[c][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]);
-          });
+        for_each_acc<NT>(
+            [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]); });
       }
     } else if constexpr (F == WFmt::kFp4) {
       // kBatch chunks: decode their fragments, issue both halves of each, one wait,
@@ -829,7 +864,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       wgmma_wait_all();
       for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
     }
-    if constexpr (kTwoSets) {
+    if constexpr (kTwoSets && !kFp8Flight) {  // (FP8 in flight: in fold_fp8_stage, a stage later)
       if (slice_last) {  // slice boundary: fold p_s into the running total
         for_each_acc<NT>([&](int i, int q, int e) {
           tot[i][q][e] += cur[i][q][e];
@@ -837,9 +872,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         });
       }
     }
+    prev_last = slice_last;
   }
   cp_async_wait<0>();
-  if constexpr (kLoadAfter) wgmma_wait_all();  // (a no-op: the last stage ends a slice; ptxas cannot know)
+  if constexpr (kLoadAfter) wgmma_wait_all();  // (bf16: a no-op, the last stage ends a slice; ptxas cannot know)
+  if constexpr (kFp8Flight) {  // the last stage's chain
+    if (iters > 0) fold_fp8_stage(unsigned(st_begin + iters - 1), unsigned(iters - 1), true);
+  }
   allow_dependents_to_launch();  // only the epilogue is left
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
