@@ -12,7 +12,8 @@
 # The tree itself is built in build-gpu (as scripts/gpu_suite.sh does), each
 # variant in /tmp/ab_NAME/b. Writes OUT/NAME-ROUND.json (the bench's JSON) and
 # prints step ms (median of the graph replays) per batch for every run, then
-# scripts/ab_summary.py's table (means, change against base, ratio to the roofline;
+# scripts/ab_summary.py's table (means, change against base, ratio to the roofline,
+# GB moved and the change per GB, the fair one where a variant changes bits;
 # use a fresh OUT: it reads every NAME-ROUND.json there).
 # Environment: ROUNDS (default 2), BATCHES (default 1,16,64,256), PRESET (default
 # bench-1g), CONTEXT (default 4096), CMAKE_ARGS (default -DDSV4_CUDA=ON), BENCH_ARGS

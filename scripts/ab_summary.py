@@ -2,7 +2,10 @@
 """Summary of an ab_bench.sh run: per variant and batch, the mean step over the rounds,
 its change against `base` (the tree) and its ratio to the roofline measured in the
 same runs, and whether every round of the variant lies on the same side of every
-round of base (a change the rounds' spread cannot explain).
+round of base (a change the rounds' spread cannot explain). Also the GB a step moved
+and the change of the step per GB: where a variant changes any bit the routing (and
+so the expert bytes, a few % at batch 16-64 on random weights) changes with it, and
+the raw step compares different work.
 
     scripts/ab_summary.py OUT   (reads OUT/NAME-ROUND.json, as ab_bench.sh writes them)
 """
@@ -23,7 +26,10 @@ def main():
         if not m:
             continue
         with open(path) as f:
-            runs[m.group(1)].append(json.load(f)["results"])
+            d = json.load(f)
+        for r in d["results"]:
+            r["_gb"] = r["roofline_ms"] * d["copy_bandwidth_gb_s"] / 1000.0
+        runs[m.group(1)].append(d["results"])
     if "base" not in runs:
         sys.exit(f"ab_summary: no base-N.json in {sys.argv[1]}")
     batches = [r["batch_per_rank"] for r in runs["base"][0]]
@@ -34,17 +40,22 @@ def main():
     def roof(name, i):
         return sum(rnd[i]["ratio_to_roofline"] for rnd in runs[name]) / len(runs[name])
 
-    print("variant         batch   mean ms   vs base   x roof   rounds apart")
+    def gb(name, i):
+        return sum(rnd[i]["_gb"] for rnd in runs[name]) / len(runs[name])
+
+    print("variant         batch   mean ms   vs base   x roof   rounds apart      GB   per GB vs base")
     for name in ["base"] + sorted(n for n in runs if n != "base"):
         for i, b in enumerate(batches):
             s, base = steps(name, i), steps("base", i)
             mean, base_mean = sum(s) / len(s), sum(base) / len(base)
             if name == "base":
-                change, apart = "", ""
+                change, apart, per_gb = "", "", ""
             else:
                 change = "%+.1f%%" % (100.0 * (mean / base_mean - 1.0))
                 apart = "yes" if max(s) < min(base) or min(s) > max(base) else "no"
-            print("%-14s %6d %9.3f %9s %8.2f   %s" % (name, b, mean, change, roof(name, i), apart))
+                per_gb = "%+.1f%%" % (100.0 * ((mean / gb(name, i)) / (base_mean / gb("base", i)) - 1.0))
+            print("%-14s %6d %9.3f %9s %8.2f   %-12s %7.2f   %s" % (name, b, mean, change, roof(name, i), apart,
+                                                                gb(name, i), per_gb))
 
 
 if __name__ == "__main__":
