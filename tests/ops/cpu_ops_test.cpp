@@ -648,6 +648,18 @@ TEST(HopperBf16Step, DiagnosticVariantAtTheModelsParametersIsTheModel) {
   EXPECT_GT(differ_rne, 0);  // the variants do differ
 }
 
+// One FP8 weight row of K zero codes, block scale 2^0 (the tests set its codes).
+QuantLinear zero_fp8_row(int64_t K) {
+  QuantLinear w;
+  w.format = QuantLinear::Format::kFp8Block128;
+  w.n = 1;
+  w.k = K;
+  w.weight = Tensor::zeros_cpu(DType::kF8E4M3, {1, K});
+  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {1, (K + 127) / 128});
+  for (int64_t i = 0; i < (K + 127) / 128; ++i) w.scale.as<uint8_t>()[i] = 127;  // 2^0
+  return w;
+}
+
 // An FP8 linear under kHopperWgmma chains a 128-wide stage's four k32 steps in the
 // tensor core (ref::hopper_e4m3_step) before one fold: a product 2^-14 below the
 // stage's running sum of 1 + 2^-8 is cut, so the output stays on the bf16 tie
@@ -655,13 +667,7 @@ TEST(HopperBf16Step, DiagnosticVariantAtTheModelsParametersIsTheModel) {
 TEST(HopperDot, CpuBackendModelChainsFp8Stages) {
   auto exact = make_cpu_backend(1), hopper = make_cpu_backend(1, QuantDotModel::kHopperWgmma);
   const int64_t K = 128;
-  QuantLinear w;
-  w.format = QuantLinear::Format::kFp8Block128;
-  w.n = 1;
-  w.k = K;
-  w.weight = Tensor::zeros_cpu(DType::kF8E4M3, {1, K});
-  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {1, 1});
-  w.scale.as<uint8_t>()[0] = 127;  // 2^0
+  QuantLinear w = zero_fp8_row(K);
   Tensor x = Tensor::zeros_cpu(DType::kBF16, {1, K});
   const std::pair<int, float> terms[] = {{0, 1.0f}, {1, 0x1p-4f}, {32, 0x1p-7f}};  // chunk 0: 1 + 2^-8; chunk 1: 2^-14
   for (const auto& [k, v] : terms) {
@@ -749,13 +755,7 @@ TEST(HopperDot, CpuBackendModelEqualsExactWithoutTruncation) {
 TEST(HopperDot, CpuBackendModelTruncatesFp8Chunks) {
   auto exact = make_cpu_backend(1), hopper = make_cpu_backend(1, QuantDotModel::kHopperWgmma);
   const int64_t K = 128;
-  QuantLinear w;
-  w.format = QuantLinear::Format::kFp8Block128;
-  w.n = 1;
-  w.k = K;
-  w.weight = Tensor::zeros_cpu(DType::kF8E4M3, {1, K});
-  w.scale = Tensor::empty_cpu(DType::kF8E8M0, {1, 1});
-  w.scale.as<uint8_t>()[0] = 127;  // 2^0
+  QuantLinear w = zero_fp8_row(K);
   for (int i = 0; i < 3; ++i) w.weight.as<uint8_t>()[i] = core::float_to_e4m3(i < 2 ? 1.0f : 0x1p-7f);
   Tensor x = Tensor::zeros_cpu(DType::kBF16, {1, K});
   x.as<uint16_t>()[0] = core::float_to_bf16(1.0f);
