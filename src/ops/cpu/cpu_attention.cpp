@@ -246,11 +246,13 @@ void CpuBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float w
       const int64_t keep = std::min(K, n_c);
       order.resize(size_t(n_c));
       std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int32_t x, int32_t y) {
+      // The keep first rows by (score descending, row ascending), a strict order: the
+      // same set however they are arranged; written in row order (backend.h).
+      std::nth_element(order.begin(), order.begin() + keep, order.end(), [&](int32_t x, int32_t y) {
         return scores[size_t(x)] != scores[size_t(y)] ? scores[size_t(x)] > scores[size_t(y)] : x < y;
       });
+      std::sort(order.begin(), order.begin() + keep);
       std::copy(order.begin(), order.begin() + keep, out);
-      std::sort(out, out + keep);  // the contract's row order (backend.h)
     }
   });
 }

@@ -243,14 +243,15 @@ const float* CpuBackend::dequantized(const QuantLinear& w) {
   return p;
 }
 
-// quant_linear_rows under QuantDotModel::kHopperWgmma: each 32-wide chunk summed as
-// Hopper's FP8 dot (ref::hopper_e4m3_dot32) of the weight and activation codes, the
-// chunk sums scaled and added in the CUDA GEMM's order (linear_kernels.cuh): each of
-// the S K slices (ops/gemm_order.h) from zero, then out = bf16(((0 + p_0) + p_1) + ...).
+// quant_linear_rows under QuantDotModel::kHopperWgmma: Hopper's FP8 tensor-core steps
+// of the weight and activation codes, scaled and added in the CUDA GEMM's order
+// (linear_kernels.cuh): each of the S K slices (ops/gemm_order.h) from zero, then
+// out = bf16(((0 + p_0) + p_1) + ...).
 //   FP8: per 128-wide stage, d = the tensor core's chain of its 4 k32 steps from zero
 //        (ref::hopper_e4m3_step), then p = fmaf(d, 2^(w block scale) * 2^(act. exp.), p).
-//   FP4: per 128-wide stage, q = the 4 chunk sums of the 2^-6-scaled e4m3 weight codes
-//        folded with fmaf(d, 2^(weight scale), q), then p = fmaf(q, 2^(act. exp.) * 64, p).
+//   FP4: per 128-wide stage, q = the 4 chunk sums (ref::hopper_e4m3_dot32, each from
+//        zero) of the 2^-6-scaled e4m3 weight codes folded with fmaf(d, 2^(weight
+//        scale), q), then p = fmaf(q, 2^(act. exp.) * 64, p).
 void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y,
                                           int slices) {
   const int64_t K = w.k, N = w.n, kb = K / 128, per_slice = kb / slices;

@@ -94,8 +94,11 @@ bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT
 // attention_split_ctas (ops/cuda/attention_split.h), or n = min(N, segs) under
 // DSV4_CUDA_ATTN_SPLIT_CTAS=N (A/B runs).
 int split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
-  if (const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_CTAS"); v != nullptr && std::atoi(v) > 0)
-    return int(std::min<int64_t>(std::atoi(v), segs));
+  static const int forced = [] {
+    const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_CTAS");
+    return v != nullptr ? std::max(std::atoi(v), 0) : 0;
+  }();
+  if (forced > 0) return int(std::min<int64_t>(forced, segs));
   return attention_split_ctas(row_ctas, segs, num_sms);
 }
 }  // namespace
@@ -945,9 +948,9 @@ __device__ __forceinline__ void find_top_bin(const uint32_t* hist, int64_t want,
 // ties precede it; taken rows go to out[0], out[1], ... A chunk of blockDim rows at a
 // time: each warp counts its rows of both kinds by ballot, each thread its place from
 // the counts of the warps before it (two buffers of counts: one barrier a chunk).
-// counts: shared [2][2][32]. Returns the rows taken.
+// counts: shared [2][2][32].
 template <typename Kind>
-__device__ int64_t take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kind, int32_t* out,
+__device__ void take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kind, int32_t* out,
                                       int (*counts)[2][32]) {
   const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31, warps = int(blockDim.x) >> 5;
   const unsigned lower = (1u << lane) - 1u;
@@ -971,7 +974,6 @@ __device__ int64_t take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kin
     }
     if (k == 1 || (k == 2 && t_rank < ties_wanted)) out[s_rank + min(t_rank, ties_wanted)] = int32_t(j);
   }
-  return sure_before + min(ties_before, ties_wanted);
 }
 
 __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a) {

@@ -372,7 +372,7 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 // row's outputs (kFoldLoads in all), goes out before their adds (one L2 round trip
 // a slab): the loop it replaced, one output's loads at a time, took ~16 round trips
 // at 16 rows (16% of wo_a's stall samples at batch 16, ncu, twenty-third session).
-// src: slice 0's value of output 0 in the tile-major layout (tile_partials), slices
+// src: slice 0's value of output 0 in the tile-major layout (GemmParams::partial), slices
 // BM x kTileN and outputs kTileN floats apart, so every load of a slab is one
 // address plus a constant; store(c, v) writes output c.
 constexpr int kFoldLoads = 64;
@@ -615,7 +615,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // and a step at 64 rows measured 1.9% slower (twenty-fifth session).
   constexpr bool kFp8Flight = kSmemA && !kTcSum && NT <= 4;
   constexpr bool kLoadAfter = kTcSum || kFp8Flight;
-  constexpr int kBatch = kTcSum || F == WFmt::kFp8Bf16 || kSmemA ? 1 : (NT == 1 ? 4 : NT == 2 ? 2 : 1);
+  constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
   float wg_d[kFp8Flight ? 2 : kBatch][2][4 * NT] = {};
   // FP8 in flight: stage `st`'s chain (set st % 2) folded with its scales, then its
   // slice's end if it ends one. Its activation scales are still in its buffer.
@@ -898,7 +898,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // and the FP4 expert kernel of 4 CTAs an SM spilled with it at its 128-register bound.
   constexpr bool kBatchedFold = kEarlyWeights && batched_fold_tiles(NT);
   if (!kTwoSets && p.split > 1) {  // (launches of two sets walk their slices: split == 1)
-    // The batched fold's partials are tile-major (tile_partials): [tile][slice][BM][kTileN].
+    // The batched fold's partials are tile-major (GemmParams::partial): [tile][slice][BM][kTileN].
     const bool tile_major = kBatchedFold && p.counters != nullptr;
     float* part = tile_major ? p.partial + (int64_t(tile_id) * p.split + slice) * (BM * kTileN)
                              : p.partial + int64_t(slice) * p.partial_rows * p.partial_cols + row_base * p.partial_cols + col0;
