@@ -101,6 +101,20 @@ int split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
   if (forced > 0) return int(std::min<int64_t>(forced, segs));
   return attention_split_ctas(row_ctas, segs, num_sms);
 }
+
+// The most partial bytes a split launch may write (and its combine read): 64 MiB, or
+// DSV4_CUDA_ATTN_SPLIT_MAX_MB=N (A/B runs). From 49 rows of bench-1g the CSA layers'
+// partials exceed it (80 MiB at 64), so those rows take one CTA each, ten segments one
+// after another: at 64 rows 64 of the 132 SMs, ~120 µs a launch (docs/BENCHMARKS.md,
+// twenty-sixth session; the cap's gain there is predicted, not yet measured).
+size_t split_max_partial_bytes() {
+  static const size_t bytes = [] {
+    const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_MAX_MB");
+    const long long mb = v != nullptr ? std::atoll(v) : 0;
+    return size_t(mb > 0 ? mb : 64) << 20;
+  }();
+  return bytes;
+}
 }  // namespace
 
 // Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
@@ -2581,7 +2595,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   const auto make_split = [&](int64_t row_ctas) {
     AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
     const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
-    if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= (size_t(64) << 20)) {
+    if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= split_max_partial_bytes()) {
       sp.nsplit = split_ctas(row_ctas, max_segs, num_sms);
       sp.max_segs = int(max_segs);
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
