@@ -51,6 +51,8 @@ int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
+int64_t cuda_linear_wo_a_wide_split_launches();
+void cuda_linear_force_wo_a_wide_split(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
@@ -985,6 +987,52 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
       expect_bitwise(ref, got[0], what + " wide vs the Hopper model");
     }
   }
+  ops::cuda_linear_force_path(-1);
+}
+
+// wo_a's grouped FP8-as-bf16 GEMM in 64-row wide tiles with its K slices split over
+// CTAs (DSV4_CUDA_WO_A_WIDE_SPLIT; the hook forces it) gives gemm_kernel's bits, and the
+// Hopper model's: Flash's shape (8 groups of 1024 x 4096, S = 4), 2 groups of 128 x 512
+// (S = 8), one group of 200 x 1024 (S = 16, a partial weight tile); 1-64 rows, so that
+// the slices are folded both by the tiles' last CTAs (S x rows <= 64) and by
+// split_fold_kernel. The test counts the split launches each way.
+TEST(CudaLinearWide, WoAWideSplitEqualsSmallTilesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x58);
+  struct GroupedCase {
+    int64_t g, r, c;
+    bool model;  // also against the CPU's Hopper model (small shapes: the model is slow)
+  };
+  for (const GroupedCase c : {GroupedCase{8, 1024, 4096, false}, GroupedCase{2, 128, 512, true},
+                              GroupedCase{1, 200, 1024, true}}) {
+    const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : {1, 5, 16, 33, 64}) {
+      const Tensor x = rng.bf16({M, c.g * c.c});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
+      Tensor got[2];
+      for (int on : {0, 1}) {
+        const auto [outputs, seen] =
+            run_forced(ops::cuda_linear_force_wo_a_wide_split, ops::cuda_linear_wo_a_wide_split_launches, on, [&] {
+              Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
+              env.cuda.grouped_linear(dx, dw, c.g, y);
+              return y;
+            });
+        got[on] = to_host(env.cuda, outputs);
+        EXPECT_EQ(seen, on) << what;
+      }
+      expect_bitwise(got[0], got[1], what + " wide split vs small tiles");
+      if (c.model) {
+        Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
+        env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
+        expect_bitwise(ref, got[1], what + " wide split vs the Hopper model");
+      }
+    }
+  }
+  ops::cuda_linear_force_wo_a_wide_split(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -57,6 +57,11 @@ void cuda_linear_force_wide(int on);
 // split to split_fold_kernel.
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
+// Test hooks: grouped FP8-as-bf16 (wo_a) launches so far in 64-row wide tiles with
+// their K slices split over CTAs; -1 follows DSV4_CUDA_WO_A_WIDE_SPLIT (default off),
+// 0 / 1 force it off / on.
+int64_t cuda_linear_wo_a_wide_split_launches();
+void cuda_linear_force_wo_a_wide_split(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -227,6 +232,18 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   return 0;
 }
 
+// wo_a (grouped FP8-as-bf16) of up to 64 rows in gemm_wide_kernel's 64-row tiles
+// with its K slices split over CTAs, as gemm_kernel splits them: the same CTAs
+// (tiles x S), two warpgroups each, so a warp decodes 16 weight rows a stage instead
+// of 32 and an SM holds twice the warps. The same bits. DSV4_CUDA_WO_A_WIDE_SPLIT=1
+// turns it on (A/B runs; not yet measured, so off by default).
+std::atomic<int64_t> g_wo_a_wide_split_launches{0};
+std::atomic<int> g_force_wo_a_wide_split{-1};
+bool wo_a_wide_split_wanted() {
+  static const bool from_env = env_is("DSV4_CUDA_WO_A_WIDE_SPLIT", "1");
+  return forced_or(g_force_wo_a_wide_split, from_env);
+}
+
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
@@ -333,6 +350,22 @@ void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, 
   if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, bytes, be.stream()));
 }
 
+// split_fold_kernel: the S partials of a split GEMM ([S][m][cols]) added in slice order.
+void launch_split_fold(CudaBackend& be, const lk::GemmParams& p, int64_t cols) {
+  const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
+  const int v = v4 ? 4 : 1;
+  const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
+                       unsigned(std::min<int64_t>(p.m, 65535)));
+  if (v4)
+    lk::split_fold_kernel<4><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
+        p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+  else
+    lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
+        p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+  check_launch(be.stream());
+  g_fold_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
 // Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
 void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const int stage_k = is_quant(fmt) ? 128 : 64;
@@ -344,6 +377,18 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const int64_t cols = int64_t(p.groups) * p.n;
   DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
              "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
+  if (fmt == WFmt::kFp8Bf16 && p.slices > 1 && p.m <= 64 && p.y1 == nullptr && wo_a_wide_split_wanted() &&
+      n_tiles < be.properties().multiProcessorCount && int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes &&
+      n_tiles < (int64_t(1) << 31)) {
+    p.split = p.slices;
+    const bool fold_launch = int64_t(p.slices) * p.m > kLastCtaFoldMax;
+    DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
+    bind_split(be, p, p.m, cols, n_tiles, !fold_launch);  // row-major partials
+    launch_wide<WFmt::kFp8Bf16, 64, false>(be, p, dim3(unsigned(n_tiles), 1, unsigned(p.split)));
+    g_wo_a_wide_split_launches.fetch_add(1, std::memory_order_relaxed);
+    if (fold_launch) launch_split_fold(be, p, cols);
+    return;
+  }
   if (const int wide_rows = wide_gemm_rows(be, fmt, p, n_tiles); wide_rows > 0) {  // all slices walked
     const int64_t m_tiles = (p.m + wide_rows - 1) / wide_rows;
     DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
@@ -378,20 +423,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
     case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two); break;
     case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two); break;
   }
-  if (fold_launch) {
-    const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
-    const int v = v4 ? 4 : 1;
-    const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
-                         unsigned(std::min<int64_t>(p.m, 65535)));
-    if (v4)
-      lk::split_fold_kernel<4><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-    else
-      lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-    check_launch(be.stream());
-    g_fold_launches.fetch_add(1, std::memory_order_relaxed);
-  }
+  if (fold_launch) launch_split_fold(be, p, cols);
 }
 
 WFmt quant_fmt(const QuantLinear& w) { return w.format == QuantLinear::Format::kFp4Group32 ? WFmt::kFp4 : WFmt::kFp8; }
@@ -550,6 +582,8 @@ int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_or
 void cuda_linear_force_last_cta_fold(int max_partials) {
   g_force_last_cta_fold.store(max_partials, std::memory_order_relaxed);
 }
+int64_t cuda_linear_wo_a_wide_split_launches() { return g_wo_a_wide_split_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_wo_a_wide_split(int on) { g_force_wo_a_wide_split.store(on, std::memory_order_relaxed); }
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {
