@@ -53,6 +53,8 @@ int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_wo_a_wide_split_launches();
 void cuda_linear_force_wo_a_wide_split(int on);
+int64_t cuda_linear_router_fold_launches();
+void cuda_linear_force_router_fold(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
@@ -1523,6 +1525,62 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
       }
     }
   }
+}
+
+// The router with its selection kernel adding the logits GEMM's K slices
+// (DSV4_CUDA_ROUTER_FOLD; the hook forces it) gives the ids and weights of the GEMM's
+// own fold (its last CTA at 1-2 rows, split_fold_kernel from 3), bit for bit: V4's
+// gate (256 experts x 4096, S = 32) and a small one (64 x 256, S = 4), every scoring,
+// bias and hash routing, pad rows among them. The test counts the fused launches.
+TEST(CudaLinearFold, RouterFoldInSelectEqualsGemmFoldBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x61);
+  const int64_t k = 6, V = 1000;
+  for (const auto [E, D] : {std::pair<int64_t, int64_t>{256, 4096}, std::pair<int64_t, int64_t>{64, 256}}) {
+    const Tensor d_gate = to_device(env.cuda, rng.bf16({E, D}, 0.05f));
+    const Tensor d_bias = to_device(env.cuda, rng.f32({E}, 0.1f));
+    Tensor tid2eid = Tensor::empty_cpu(DType::kI64, {V, k});
+    for (int64_t v = 0; v < V; ++v)
+      for (int64_t i = 0; i < k; ++i) tid2eid.as<int64_t>()[v * k + i] = (v * 7 + i * 13) % E;
+    const Tensor d_tid2eid = to_device(env.cuda, tid2eid);
+    for (const RouterCase rc : {RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, false, 1.5f},
+                                RouterCase{ops::ScoringFunc::kSigmoid, true, false, 1.0f},
+                                RouterCase{ops::ScoringFunc::kSoftmax, false, false, 1.0f},
+                                RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, true, 2.5f}}) {
+      ops::RouterConfig cfg;
+      cfg.scoring = rc.scoring;
+      cfg.topk = k;
+      cfg.route_scale = rc.scale;
+      cfg.normalize = rc.normalize;
+      for (int64_t T : {1, 2, 3, 16, 64, 257}) {
+        const Tensor dx = to_device(env.cuda, rng.bf16({T, D}));
+        const Batch batch(env.cuda, T, rng, V, 7);
+        const std::string what = "router E=" + std::to_string(E) + " D=" + std::to_string(D) +
+                                 " T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
+                                 (rc.hash ? " hash" : "");
+        Tensor got_w[2], got_i[2];
+        for (int on : {0, 1}) {
+          const auto [outputs, seen] =
+              run_forced(ops::cuda_linear_force_router_fold, ops::cuda_linear_router_fold_launches, on, [&] {
+                Tensor wg = device_poisoned(env.cuda, DType::kF32, {T, k});
+                Tensor ig = device_poisoned(env.cuda, DType::kI32, {T, k});
+                env.cuda.router(dx, d_gate, rc.hash ? Tensor() : d_bias, rc.hash ? d_tid2eid : Tensor(),
+                                batch.view(true, 0, T), cfg, wg, ig);
+                return std::make_pair(wg, ig);
+              });
+          got_w[on] = to_host(env.cuda, outputs.first);
+          got_i[on] = to_host(env.cuda, outputs.second);
+          EXPECT_EQ(seen, on) << what;
+        }
+        expect_bitwise(got_i[0], got_i[1], what + " ids, fused fold vs the GEMM's");
+        expect_bitwise(got_w[0], got_w[1], what + " weights, fused fold vs the GEMM's");
+      }
+    }
+  }
+  ops::cuda_linear_force_router_fold(-1);
+  ops::cuda_linear_force_path(-1);
 }
 
 // ---- batch invariance (two-batch-overlap rule) -------------------------------------------

@@ -62,6 +62,10 @@ void cuda_linear_force_last_cta_fold(int max_partials);
 // 0 / 1 force it off / on.
 int64_t cuda_linear_wo_a_wide_split_launches();
 void cuda_linear_force_wo_a_wide_split(int on);
+// Test hooks: router launches so far whose selection kernel added the logits GEMM's K
+// slices itself; -1 follows DSV4_CUDA_ROUTER_FOLD (default off), 0 / 1 force it off / on.
+int64_t cuda_linear_router_fold_launches();
+void cuda_linear_force_router_fold(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -244,6 +248,17 @@ bool wo_a_wide_split_wanted() {
   return forced_or(g_force_wo_a_wide_split, from_env);
 }
 
+// The router: the logits GEMM's K slices (32 at V4's 256 x 4096 gate) added by the
+// selection kernel instead of by the GEMM's last CTA or split_fold_kernel: one launch
+// fewer a layer from 3 rows (the fold launch), the same bits. DSV4_CUDA_ROUTER_FOLD=1
+// turns it on (A/B runs; not yet measured, so off by default).
+std::atomic<int64_t> g_router_fold_launches{0};
+std::atomic<int> g_force_router_fold{-1};
+bool router_fold_wanted() {
+  static const bool from_env = env_is("DSV4_CUDA_ROUTER_FOLD", "1");
+  return forced_or(g_force_router_fold, from_env);
+}
+
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
@@ -366,8 +381,19 @@ void launch_split_fold(CudaBackend& be, const lk::GemmParams& p, int64_t cols) {
   g_fold_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
+// A split GEMM's partials left for its consumer to add (run_gemm's `leave`): split 0
+// where the launch did not split (the output is then written as usual).
+struct SplitPartials {
+  const float* partial = nullptr;  // [split][rows][cols]
+  int split = 0;
+  int64_t rows = 0;
+};
+
 // Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
-void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
+// leave (plain gemm_kernel launches only): where the slices are split over CTAs, no CTA
+// and no launch folds them; *leave says where they are.
+void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, SplitPartials* leave = nullptr) {
+  if (leave) *leave = SplitPartials{};
   const int stage_k = is_quant(fmt) ? 128 : 64;
   DSV4_CHECK(p.k % stage_k == 0 && p.k > 0, "gemm: K={} not a multiple of {}", p.k, stage_k);
   const int64_t stages = p.k / stage_k;
@@ -412,9 +438,11 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
-  const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
+  const bool left = split && leave != nullptr;
+  const bool fold_launch = split && !left && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
-  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
+  if (split)
+    bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch && !left, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {
@@ -423,6 +451,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
     case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two); break;
     case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two); break;
   }
+  if (left) *leave = SplitPartials{p.partial, p.split, p.m};
   if (fold_launch) launch_split_fold(be, p, cols);
 }
 
@@ -506,15 +535,18 @@ lk::GemmParams bf16_params(const Tensor& x, const Tensor& w, void* y, bool y_f32
   return p;
 }
 
-void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32) {
+// leave: see run_gemm (the simple path writes y).
+void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32,
+               SplitPartials* leave = nullptr) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   if (simple_path() || !bf16_fast_ok(x, w)) {
+    if (leave) *leave = SplitPartials{};
     lk::simple_linear_bf16_kernel<<<blocks_for_warps(M * N, kSimpleBlocks), 256, 0, be.stream()>>>(
         x.data(), x.dtype() == DType::kF32 ? 1 : 0, w.as<uint16_t>(), M, N, K, y, y_f32 ? 1 : 0);
     check_launch(be.stream());
     return;
   }
-  run_gemm(be, WFmt::kBf16, bf16_params(x, w, y, y_f32));
+  run_gemm(be, WFmt::kBf16, bf16_params(x, w, y, y_f32), leave);
 }
 
 // Two weights' rows stacked into one launch: rows [0, na) from the first (p), the
@@ -584,6 +616,8 @@ void cuda_linear_force_last_cta_fold(int max_partials) {
 }
 int64_t cuda_linear_wo_a_wide_split_launches() { return g_wo_a_wide_split_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wo_a_wide_split(int on) { g_force_wo_a_wide_split.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_router_fold_launches() { return g_router_fold_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {
@@ -968,15 +1002,19 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   DSV4_CHECK((2 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   float* logits = scratch_as<float>(*this, "router.logits", T * E);
+  SplitPartials left;
   if (gate.size(1) == 0) DSV4_CUDA_CHECK(cudaMemsetAsync(logits, 0, size_t(T * E) * sizeof(float), stream()));
-  else bf16_gemm(*this, x, gate, logits, true);
+  else bf16_gemm(*this, x, gate, logits, true, router_fold_wanted() ? &left : nullptr);
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
-  lk::router_select_kernel<<<unsigned(T), 32, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
+  // With partials, a thread an expert adds them (up to 1024); then one warp selects.
+  const unsigned threads = left.split > 0 ? unsigned(std::min<int64_t>(1024, (E + 31) / 32 * 32)) : 32u;
+  lk::router_select_kernel<<<unsigned(T), threads, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
       logits, int(E), int(k), scoring, config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
-      weights.as<float>(), ids.as<int32_t>());
+      weights.as<float>(), ids.as<int32_t>(), left.partial, left.split, left.rows);
   check_launch(stream());
+  if (left.split > 0) g_router_fold_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace dsv4::ops
