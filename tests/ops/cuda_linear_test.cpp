@@ -1435,7 +1435,20 @@ struct RouterCase {
   ops::ScoringFunc scoring;
   bool normalize, hash;
   float scale;
+  ops::RouterConfig config(int64_t k) const {
+    ops::RouterConfig cfg;
+    cfg.scoring = scoring;
+    cfg.topk = k;
+    cfg.route_scale = scale;
+    cfg.normalize = normalize;
+    return cfg;
+  }
 };
+// Every scoring function, with bias routing, and hash routing.
+const RouterCase kRouterCases[] = {{ops::ScoringFunc::kSqrtSoftplus, true, false, 1.5f},
+                                   {ops::ScoringFunc::kSigmoid, true, false, 1.0f},
+                                   {ops::ScoringFunc::kSoftmax, false, false, 1.0f},
+                                   {ops::ScoringFunc::kSqrtSoftplus, true, true, 2.5f}};
 
 // Scores of spec §6.1 in double (for the near-tie test only).
 void scores_in_place(ops::ScoringFunc f, std::vector<double>& s) {
@@ -1465,15 +1478,8 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
   }
   const Tensor d_gate = to_device(env.cuda, gate), d_bias = to_device(env.cuda, bias);
   const Tensor d_tid2eid = to_device(env.cuda, tid2eid);
-  for (const RouterCase rc : {RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, false, 1.5f},
-                              RouterCase{ops::ScoringFunc::kSigmoid, true, false, 1.0f},
-                              RouterCase{ops::ScoringFunc::kSoftmax, false, false, 1.0f},
-                              RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, true, 2.5f}}) {
-    ops::RouterConfig cfg;
-    cfg.scoring = rc.scoring;
-    cfg.topk = k;
-    cfg.route_scale = rc.scale;
-    cfg.normalize = rc.normalize;
+  for (const RouterCase& rc : kRouterCases) {
+    const ops::RouterConfig cfg = rc.config(k);
     for (int64_t T : kRows) {
       const Tensor x = rng.bf16({T, D});
       const Batch batch(env.cuda, T, rng, V, 7);
@@ -1545,15 +1551,8 @@ TEST(CudaLinearFold, RouterFoldInSelectEqualsGemmFoldBitForBit) {
     for (int64_t v = 0; v < V; ++v)
       for (int64_t i = 0; i < k; ++i) tid2eid.as<int64_t>()[v * k + i] = (v * 7 + i * 13) % E;
     const Tensor d_tid2eid = to_device(env.cuda, tid2eid);
-    for (const RouterCase rc : {RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, false, 1.5f},
-                                RouterCase{ops::ScoringFunc::kSigmoid, true, false, 1.0f},
-                                RouterCase{ops::ScoringFunc::kSoftmax, false, false, 1.0f},
-                                RouterCase{ops::ScoringFunc::kSqrtSoftplus, true, true, 2.5f}}) {
-      ops::RouterConfig cfg;
-      cfg.scoring = rc.scoring;
-      cfg.topk = k;
-      cfg.route_scale = rc.scale;
-      cfg.normalize = rc.normalize;
+    for (const RouterCase& rc : kRouterCases) {
+      const ops::RouterConfig cfg = rc.config(k);
       for (int64_t T : {1, 2, 3, 16, 64, 257}) {
         const Tensor dx = to_device(env.cuda, rng.bf16({T, D}));
         const Batch batch(env.cuda, T, rng, V, 7);

@@ -381,24 +381,19 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
         }
       if (p.counters == nullptr) return;  // split_fold_kernel folds them
       int* const s_flag = reinterpret_cast<int*>(smem);  // (the stage buffers are free: every copy has landed)
+      // The tile's last CTA to arrive folds (gemm_tile's threadFenceReduction pattern).
       __threadfence();
       __syncthreads();
       if (tid == 0) *s_flag = atomicAdd(p.counters + linear, 1) == p.split - 1;
       __syncthreads();
       if (!*s_flag) return;
       __threadfence();
-      for (int e = tid; e < kTileN * R; e += kWideThreads) {
-        const int r = e % kTileN, c = e / kTileN;
-        if (c >= rows) break;
-        if (r >= valid_n) continue;
-        float v = 0.0f;
-        for (int sl = 0; sl < p.split; ++sl)
-          v += __ldcg(p.partial + (int64_t(sl) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+      fold_row_major_slices<R>(p, row_base, col0, rows, valid_n, tid, kWideThreads, [&](int c, int r, float v) {
         const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
         const int64_t idx = orow * ld_out + col_out + r;
         if (p.y_f32) static_cast<float*>(y_out)[idx] = v;
         else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
-      }
+      });
       if (tid == 0) p.counters[linear] = 0;  // ready for the next launch
       return;
     }

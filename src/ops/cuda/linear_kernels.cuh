@@ -407,6 +407,24 @@ __device__ __forceinline__ void fold_tile_slices(const float* src, int split, in
   }
 }
 
+// The last CTA's fold of a split GEMM whose partials are row-major ([slice][partial_rows]
+// [partial_cols]): each of the tile's outputs, its S partials added in slice order,
+// ((0 + p_0) + p_1) + ..., as split_fold_kernel does, by `threads` threads, handed to
+// store(c, r, v) (c: tile activation row, r: tile weight row). gemm_tile's tiles other
+// than the batched ones, and gemm_wide_kernel's split wo_a.
+template <int BM, typename Store>
+__device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64_t row_base, int64_t col0, int rows,
+                                                      int valid_n, int tid, int threads, Store&& store) {
+  for (int e = tid; e < kTileN * BM; e += threads) {
+    const int r = e % kTileN, c = e / kTileN;
+    if (r >= valid_n || c >= rows) continue;
+    float v = 0.0f;
+    for (int s = 0; s < p.split; ++s)
+      v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+    store(c, r, v);
+  }
+}
+
 // One CTA: kTileN = 128 weight rows x BM = 8*NT activation rows, over the stages of
 // its K range, 3-stage cp.async pipeline, one tensor-core product per 32-byte chunk
 // (two m64 wgmma halves of the tile, warp w owning rows 16w..16w+15 of each), fp32
@@ -917,14 +935,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     __threadfence();
     static_assert(kThreads == kTileN, "thread r folds weight row r");
     if constexpr (!kBatchedFold) {
-      for (int e = tid; e < kTileN * BM; e += kThreads) {
-        const int r = e % kTileN, c = e / kTileN;
-        if (r >= valid_n || c >= rows) continue;
-        float v = 0.0f;
-        for (int s = 0; s < p.split; ++s)
-          v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
-        store(c, r, v);
-      }
+      fold_row_major_slices<BM>(p, row_base, col0, rows, valid_n, tid, kThreads, store);
     } else if (tid < valid_n) {
       fold_tile_slices<BM>(p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid, p.split, rows,
                            [&](int c, float v) { store(c, tid, v); });
