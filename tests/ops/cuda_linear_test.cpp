@@ -789,6 +789,29 @@ auto run_forced(void (*force)(int), int64_t (*launches)(), int value, Op&& op) {
   return std::make_pair(std::move(out), launches() - before);
 }
 
+// One forced value of a test hook's switch, and the launches its counter should see.
+struct ForcedMode {
+  int value;
+  int64_t launches;
+};
+
+// The outputs of `op` (a vector of device tensors), copied to the host, once per mode,
+// each run's launch count checked; the switch is left to its default (-1) after.
+template <typename Op>
+std::vector<std::vector<Tensor>> outputs_per_mode(Env& env, void (*force)(int), int64_t (*launches)(),
+                                                  std::initializer_list<ForcedMode> modes, const std::string& what,
+                                                  Op&& op) {
+  std::vector<std::vector<Tensor>> got;
+  for (const ForcedMode m : modes) {
+    const auto [outputs, seen] = run_forced(force, launches, m.value, op);
+    got.emplace_back();
+    for (const Tensor& t : outputs) got.back().push_back(to_host(env.cuda, t));
+    EXPECT_EQ(seen, m.launches) << what << " (switch " << m.value << ")";
+  }
+  force(-1);
+  return got;
+}
+
 // The FP4 expert GEMM's two ways of bringing in weight stages (TMA, the default where
 // the experts' weights lie whole rows apart; cp.async otherwise) give the same bits,
 // on split and walked slices, partial and hot tiles. The test also checks that the
@@ -886,13 +909,8 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   // 64-row tiles only; expecting `launches` of them each time), and compares each output
   // tensor bit for bit.
   auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
-    std::vector<Tensor> got[3];
-    for (int wide : {0, 1, 2}) {
-      const auto [outputs, seen] = run_forced(ops::cuda_linear_force_wide, ops::cuda_linear_wide_launches, wide, op);
-      for (const Tensor& t : outputs) got[wide].push_back(to_host(env.cuda, t));
-      EXPECT_EQ(seen, wide ? launches : 0) << what;
-    }
-    ops::cuda_linear_force_wide(-1);
+    const auto got = outputs_per_mode(env, ops::cuda_linear_force_wide, ops::cuda_linear_wide_launches,
+                                      {{0, 0}, {1, launches}, {2, launches}}, what, op);
     for (int wide : {1, 2})
       for (size_t i = 0; i < got[0].size(); ++i)
         expect_bitwise(got[0][i], got[wide][i],
@@ -1015,26 +1033,20 @@ TEST(CudaLinearWide, WoAWideSplitEqualsSmallTilesBitForBit) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       const Tensor dx = to_device(env.cuda, x);
       const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
-      Tensor got[2];
-      for (int on : {0, 1}) {
-        const auto [outputs, seen] =
-            run_forced(ops::cuda_linear_force_wo_a_wide_split, ops::cuda_linear_wo_a_wide_split_launches, on, [&] {
-              Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
-              env.cuda.grouped_linear(dx, dw, c.g, y);
-              return y;
-            });
-        got[on] = to_host(env.cuda, outputs);
-        EXPECT_EQ(seen, on) << what;
-      }
-      expect_bitwise(got[0], got[1], what + " wide split vs small tiles");
+      const auto got = outputs_per_mode(env, ops::cuda_linear_force_wo_a_wide_split,
+                                        ops::cuda_linear_wo_a_wide_split_launches, {{0, 0}, {1, 1}}, what, [&] {
+                                          Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
+                                          env.cuda.grouped_linear(dx, dw, c.g, y);
+                                          return std::vector<Tensor>{y};
+                                        });
+      expect_bitwise(got[0][0], got[1][0], what + " wide split vs small tiles");
       if (c.model) {
         Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
         env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
-        expect_bitwise(ref, got[1], what + " wide split vs the Hopper model");
+        expect_bitwise(ref, got[1][0], what + " wide split vs the Hopper model");
       }
     }
   }
-  ops::cuda_linear_force_wo_a_wide_split(-1);
   ops::cuda_linear_force_path(-1);
 }
 
@@ -1054,14 +1066,8 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
   // `op` with every such fold launched (0), then with every one in the last CTAs; the
   // outputs of the first run, after comparing the two bit for bit.
   auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
-    std::vector<Tensor> got[2];
-    for (int last_cta : {0, 1}) {
-      const auto [outputs, seen] = run_forced(ops::cuda_linear_force_last_cta_fold, ops::cuda_linear_fold_launches,
-                                              last_cta ? 1 << 20 : 0, op);
-      for (const Tensor& t : outputs) got[last_cta].push_back(to_host(env.cuda, t));
-      EXPECT_EQ(seen, last_cta ? 0 : launches) << what;
-    }
-    ops::cuda_linear_force_last_cta_fold(-1);
+    const auto got = outputs_per_mode(env, ops::cuda_linear_force_last_cta_fold, ops::cuda_linear_fold_launches,
+                                      {{0, launches}, {1 << 20, 0}}, what, op);
     for (size_t i = 0; i < got[0].size(); ++i)
       expect_bitwise(got[0][i], got[1][i], what + " last-CTA fold vs fold launch (output " + std::to_string(i) + ")");
     return got[0];
@@ -1559,26 +1565,20 @@ TEST(CudaLinearFold, RouterFoldInSelectEqualsGemmFoldBitForBit) {
         const std::string what = "router E=" + std::to_string(E) + " D=" + std::to_string(D) +
                                  " T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
                                  (rc.hash ? " hash" : "");
-        Tensor got_w[2], got_i[2];
-        for (int on : {0, 1}) {
-          const auto [outputs, seen] =
-              run_forced(ops::cuda_linear_force_router_fold, ops::cuda_linear_router_fold_launches, on, [&] {
-                Tensor wg = device_poisoned(env.cuda, DType::kF32, {T, k});
-                Tensor ig = device_poisoned(env.cuda, DType::kI32, {T, k});
-                env.cuda.router(dx, d_gate, rc.hash ? Tensor() : d_bias, rc.hash ? d_tid2eid : Tensor(),
-                                batch.view(true, 0, T), cfg, wg, ig);
-                return std::make_pair(wg, ig);
-              });
-          got_w[on] = to_host(env.cuda, outputs.first);
-          got_i[on] = to_host(env.cuda, outputs.second);
-          EXPECT_EQ(seen, on) << what;
-        }
-        expect_bitwise(got_i[0], got_i[1], what + " ids, fused fold vs the GEMM's");
-        expect_bitwise(got_w[0], got_w[1], what + " weights, fused fold vs the GEMM's");
+        const auto got = outputs_per_mode(env, ops::cuda_linear_force_router_fold,
+                                          ops::cuda_linear_router_fold_launches, {{0, 0}, {1, 1}}, what, [&] {
+                                            Tensor wg = device_poisoned(env.cuda, DType::kF32, {T, k});
+                                            Tensor ig = device_poisoned(env.cuda, DType::kI32, {T, k});
+                                            env.cuda.router(dx, d_gate, rc.hash ? Tensor() : d_bias,
+                                                            rc.hash ? d_tid2eid : Tensor(), batch.view(true, 0, T),
+                                                            cfg, wg, ig);
+                                            return std::vector<Tensor>{wg, ig};
+                                          });
+        expect_bitwise(got[0][1], got[1][1], what + " ids, fused fold vs the GEMM's");
+        expect_bitwise(got[0][0], got[1][0], what + " weights, fused fold vs the GEMM's");
       }
     }
   }
-  ops::cuda_linear_force_router_fold(-1);
   ops::cuda_linear_force_path(-1);
 }
 
