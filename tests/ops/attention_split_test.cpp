@@ -3,7 +3,9 @@
 // of shapes that the choice is the cheapest split with the fewest CTAs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "ops/cuda/attention_split.h"
 
@@ -41,6 +43,53 @@ TEST(AttentionSplit, CheapestWithFewestCtas) {
               << "), but n = " << m << " costs " << other;
         }
       }
+}
+
+TEST(AttentionSplit, LeadFoldBench1gShapes) {
+  // A CSA row of 10 segments: 64 rows take 2 CTAs a row, the lead CTA 6 segments
+  // (no stores), the other 4 (5 partials instead of 10); 16 rows take 5 CTAs of 2.
+  EXPECT_EQ(attention_split_lead_segs(10, 2), 6);
+  EXPECT_EQ(attention_split_lead_partials(10, 2), 5);
+  EXPECT_EQ(attention_split_lead_segs(10, 5), 2);
+  EXPECT_EQ(attention_split_lead_partials(10, 5), 9);
+  EXPECT_EQ(attention_split_lead_segs(10, 10), 1);  // a segment a CTA: a partial a segment, as before
+  EXPECT_EQ(attention_split_lead_partials(10, 10), 10);
+  EXPECT_EQ(attention_split_lead_partials(1, 4), 1);
+  EXPECT_EQ(attention_split_lead_partials(0, 4), 0);  // no keys: the combine's pad row
+  EXPECT_EQ(attention_split_lead_segs(7, 1), 7);
+}
+
+// Every segment has one owner (the lead CTA's [0, k), then CTA j > 0 the segments
+// k + j - 1 + i (n - 1)), the lead CTA at least one; the balance is the cheapest
+// max(5 k, 6 r); and a row's partials never exceed those of a longer row, so that the
+// longest row sizes the buffer.
+TEST(AttentionSplit, LeadFoldCoversEverySegmentOnce) {
+  for (int64_t n = 2; n <= 24; ++n) {
+    int prev_partials = 0;
+    for (int64_t segs = 1; segs <= 64; ++segs) {
+      const int k = attention_split_lead_segs(segs, n);
+      ASSERT_GE(k, 1);
+      ASSERT_LE(k, segs);
+      std::vector<int> owners(size_t(segs), 0);
+      for (int64_t s = 0; s < k; ++s) owners[size_t(s)] += 1;
+      int64_t busiest = 0;
+      for (int64_t j = 1; j < n; ++j) {
+        int64_t mine = 0;
+        for (int64_t s = k + j - 1; s < segs; s += n - 1) owners[size_t(s)] += 1, mine += 1;
+        busiest = std::max(busiest, mine);
+      }
+      for (int64_t s = 0; s < segs; ++s) ASSERT_EQ(owners[size_t(s)], 1) << "n " << n << " segs " << segs << " seg " << s;
+      const int64_t cost = std::max<int64_t>(5 * k, 6 * busiest);
+      for (int64_t other = 1; other <= segs; ++other) {
+        const int64_t rest = (segs - other + n - 2) / (n - 1);
+        ASSERT_GE(std::max<int64_t>(5 * other, 6 * rest), cost) << "n " << n << " segs " << segs << " k " << other;
+      }
+      const int partials = attention_split_lead_partials(segs, n);
+      ASSERT_EQ(partials, 1 + segs - k);
+      ASSERT_GE(partials, prev_partials) << "n " << n << " segs " << segs;
+      prev_partials = partials;
+    }
+  }
 }
 
 }  // namespace

@@ -57,6 +57,8 @@ void cuda_attention_split_keys(bool enabled);
 void cuda_attention_use_wgmma(int mode);
 int64_t cuda_attention_wgmma_split_launches();
 int64_t cuda_attention_wgmma_launches();
+// Defined in cuda_attention.cu: n > 0 splits a row over min(n, segments) CTAs (0: the cost model's choice).
+void cuda_attention_force_split_ctas(int n);
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 
@@ -956,6 +958,43 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
     Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
     expect_bytes_equal(hw.data(), model.data(), model.nbytes(), tag("wgmma attention vs the Hopper model, " + a.name));
+  }
+}
+
+// The wgmma kernel's split is the lead fold (ops/cuda/attention_split.h): the row's
+// first CTA folds its leading segments in registers and leaves that state as one
+// partial, the others a partial a segment. Whatever the CTAs a row (forced here, up to
+// more than its segments), the bytes are those of one CTA a row: rows of 1 to 10
+// segments (a short last one among them), a pad row, every ratio.
+TEST_P(CudaAttention, WgmmaLeadFoldAnySplitEqualsOneCtaBitForBit) {
+  if (simple()) GTEST_SKIP() << "a fast-path kernel";
+  Rng rng(316);
+  const AttnShape sh{64, 512, 128, 512};
+  for (int64_t ratio : {0, 4, 128}) {
+    AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
+                                     {{0, 1400, 1}, {1, 700, 3}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng);
+    const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
+    const RopeTable drope = dev_rope(a.rope);
+    cuda_attention_use_wgmma(1);
+    cuda_attention_split_keys(false);
+    Tensor got_one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_one);
+    cuda_attention_split_keys(true);
+    const Tensor ho = host(got_one);
+    for (int n : {2, 3, 4, 7, 10, 16}) {
+      cuda_attention_force_split_ctas(n);
+      Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      const int64_t split_before = cuda_attention_wgmma_split_launches();
+      cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got);
+      cuda_attention_force_split_ctas(0);
+      if (ratio > 0 || sh.W > kAttentionSegmentKeys) {
+        EXPECT_EQ(cuda_attention_wgmma_split_launches(), split_before + 1) << "no split launch, n = " << n;
+      }
+      const Tensor hg = host(got);
+      expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(),
+                         tag("wgmma split over " + std::to_string(n) + " CTAs vs one CTA a row, " + a.name));
+    }
+    cuda_attention_use_wgmma(-1);
   }
 }
 

@@ -26,4 +26,32 @@ constexpr int attention_split_ctas(int64_t row_ctas, int64_t segs, int64_t num_s
   return int(best);
 }
 
+// The lead fold (the wgmma kernel's split): the row's first CTA walks segments
+// [0, k) as one CTA a row does, folding in registers, and leaves that state as the
+// row's first partial; the other nsplit - 1 CTAs take segments k, k + 1, ... in turn,
+// a partial each. attention_combine_kernel folds the partials in order from an empty
+// state, and folding a state into the empty one gives it back bit for bit (weights 0
+// and exp(0) = 1), so the bits are those of one CTA a row whatever k and nsplit are;
+// only the partials shrink (a CSA row of 10 segments at 64 rows: 5 instead of 10).
+// A CTA that leaves a partial per segment spends about a sixth of its time storing them
+// (ncu, docs/BENCHMARKS.md, twenty-fourth session), so k minimizes max(5 k, 6 r) for
+// the r segments of the busiest other CTA; ties go to the larger k (fewer partials).
+constexpr int attention_split_lead_segs(int64_t segs, int64_t nsplit) {
+  if (segs <= 0) return 0;
+  if (nsplit <= 1) return int(segs);
+  int64_t best = 1, best_cost = -1;
+  for (int64_t k = 1; k <= segs; ++k) {
+    const int64_t rest = (segs - k + nsplit - 2) / (nsplit - 1);
+    const int64_t cost = 5 * k > 6 * rest ? 5 * k : 6 * rest;
+    if (best_cost < 0 || cost <= best_cost) best = k, best_cost = cost;
+  }
+  return int(best);
+}
+
+// The partials a row of segs segments leaves under the lead fold: the lead CTA's
+// state and one per later segment (0 for a row without keys).
+constexpr int attention_split_lead_partials(int64_t segs, int64_t nsplit) {
+  return segs <= 0 ? 0 : int(1 + segs - attention_split_lead_segs(segs, nsplit));
+}
+
 }  // namespace dsv4::ops

@@ -92,21 +92,25 @@ bool attention_wgmma_wanted() {
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 
 // attention_split_ctas (ops/cuda/attention_split.h), or n = min(N, segs) under
-// DSV4_CUDA_ATTN_SPLIT_CTAS=N (A/B runs).
+// DSV4_CUDA_ATTN_SPLIT_CTAS=N (A/B runs) or a test's cuda_attention_force_split_ctas(N).
+std::atomic<int> g_forced_split_ctas{0};
 int split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
-  static const int forced = [] {
+  static const int from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_CTAS");
     return v != nullptr ? std::max(std::atoi(v), 0) : 0;
   }();
+  const int test_forced = g_forced_split_ctas.load(std::memory_order_relaxed);
+  const int forced = test_forced > 0 ? test_forced : from_env;
   if (forced > 0) return int(std::min<int64_t>(forced, segs));
   return attention_split_ctas(row_ctas, segs, num_sms);
 }
 
 // The most partial bytes a split launch may write (and its combine read): 64 MiB, or
-// DSV4_CUDA_ATTN_SPLIT_MAX_MB=N (A/B runs). From 49 rows of bench-1g the CSA layers'
-// partials exceed it (80 MiB at 64), so those rows take one CTA each, ten segments one
-// after another: at 64 rows 64 of the 132 SMs, ~120 µs a launch (docs/BENCHMARKS.md,
-// twenty-sixth session; the cap's gain there is predicted, not yet measured).
+// DSV4_CUDA_ATTN_SPLIT_MAX_MB=N (A/B runs). A partial a segment, bench-1g's CSA rows
+// exceeded it from 49 rows (80 MiB at 64), and raising it gained nothing: at 64 rows
+// the split launch took 67 µs instead of 109 but its combine 30 (ncu), and at 96 the
+// step lost 2% (docs/BENCHMARKS.md, twenty-seventh session). The wgmma kernel's lead
+// fold halves those partials (40 MiB at 64 rows).
 size_t split_max_partial_bytes() {
   static const size_t bytes = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_MAX_MB");
@@ -118,7 +122,9 @@ size_t split_max_partial_bytes() {
 }  // namespace
 
 // Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
-// off / on; its launches so far, and those of them that split rows over CTAs.
+// off / on; its launches so far, and those of them that split rows over CTAs; n > 0 splits a
+// row over min(n, segments) CTAs where a split is taken (0: the cost model's choice).
+void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max(n, 0)); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
@@ -1334,11 +1340,12 @@ __device__ __forceinline__ float attention_denominator(float l, float m, float s
   return __fadd_rn(l, core::exp_f32_portable(sink - m));
 }
 
-// Where split CTAs leave their segments: o [T][H][max_segs][DH] fp32, (m, l)
-// [T][H][max_segs][2], and each row's segment count [T] (0 for pad rows).
+// Where split CTAs leave their partials: o [T][H][max_segs][DH] fp32, (m, l)
+// [T][H][max_segs][2], and each row's partial count [T] (0 for pad rows): a partial
+// per segment (attention_mma_kernel), or fewer under the wgmma kernel's lead fold.
 struct AttnSplit {
   int nsplit;  // CTAs per (token, head group); 1: no partials
-  int max_segs;
+  int max_segs;  // partials a (token, head) at most: the stride
   float* o;
   float* ml;
   int32_t* segs;
@@ -1808,9 +1815,10 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   }
 }
 
-// Finishes rows whose segments split CTAs left in AttnSplit: folds them in segment
-// order exactly as attention_mma_kernel folds in registers, then O / (L + exp(sink
-// - M)), bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread.
+// Finishes rows whose segments split CTAs left in AttnSplit: folds the partials in
+// order from an empty state exactly as attention_mma_kernel folds segments in
+// registers (a lead CTA's folded state is one partial), then O / (L + exp(sink - M)),
+// bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread.
 template <int DH>
 __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
   wait_for_predecessor();
@@ -1946,11 +1954,14 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // the P.V wgmmas ("C7520 ... WG.AR in divergent path"; docs/BENCHMARKS.md, tenth
   // session). CUTLASS takes its warp-group index the same way.
   const int wg = __shfl_sync(kFull, tid >> 7, 0), ww = warp & 3;
-  // Split (sp.nsplit > 1): CTA split_id of the row takes its segments split_id,
-  // split_id + nsplit, ... and leaves each one's (o, m, l) to attention_combine_kernel,
-  // as attention_mma_kernel's split CTAs do; otherwise one CTA folds the whole row.
+  // Split (sp.nsplit > 1), the lead fold (ops/cuda/attention_split.h): CTA 0 of the
+  // row folds its first segments as one CTA a row does and leaves that state as the
+  // row's first partial; CTA j > 0 takes the later segments j - 1, j - 1 + (nsplit - 1),
+  // ... after them and leaves each one's (o, m, l), attention_combine_kernel folding
+  // all in order. Otherwise one CTA folds the whole row.
   const bool split = sp.nsplit > 1;
   const int split_id = int(blockIdx.x % unsigned(sp.nsplit));
+  const bool per_segment = split && split_id > 0;  // leaves a partial per segment
   const int64_t tok = blockIdx.x / unsigned(sp.nsplit);
   const bool row_leader = split && split_id == 0 && tid == 0;
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
@@ -1968,14 +1979,21 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
   const int tiles = int((n_keys + W::kTileKeys - 1) / W::kTileKeys);
   const int segs = int((n_keys + kSegmentKeys - 1) / kSegmentKeys);
-  if (row_leader) sp.segs[tok] = int32_t(segs);
-  if (split_id >= segs) return;  // uniform over the CTA: no segment of the row is this CTA's
-  // The i-th tile of this CTA (those of segments split_id, split_id + nsplit, ...), or
-  // -1 past its last. Only a row's last segment can be short, and it ends the list.
+  const int lead = split ? attention_split_lead_segs(segs, sp.nsplit) : segs;
+  if (row_leader) sp.segs[tok] = int32_t(attention_split_lead_partials(segs, sp.nsplit));
+  // This CTA's segments: first, first + step, ... below limit.
+  const int seg_first = per_segment ? lead + split_id - 1 : 0, seg_step = per_segment ? sp.nsplit - 1 : 1;
+  const int seg_limit = per_segment ? segs : lead;
+  if (seg_first >= seg_limit) return;  // uniform over the CTA: no segment of the row is this CTA's
+  // The i-th tile of this CTA, or -1 past its last. Only a row's last segment can be
+  // short, and it ends the list.
   const auto tile_at = [&](int i) {
-    const int seg = split_id + i / W::kTilesPerSeg * sp.nsplit, tile = seg * W::kTilesPerSeg + i % W::kTilesPerSeg;
-    return seg < segs && tile < tiles ? tile : -1;
+    const int seg = seg_first + i / W::kTilesPerSeg * seg_step, tile = seg * W::kTilesPerSeg + i % W::kTilesPerSeg;
+    return seg < seg_limit && tile < tiles ? tile : -1;
   };
+  // Partial e of head h (o: DH floats, (m, l): two).
+  const auto partial_o = [&](int64_t h, int e) { return sp.o + ((tok * W::kHeads + h) * sp.max_segs + e) * W::kDh; };
+  const auto partial_ml = [&](int64_t h, int e) { return sp.ml + ((tok * W::kHeads + h) * sp.max_segs + e) * 2; };
 
   {  // Q: 16-byte piece pc of head h, every load issued before the first store
     constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
@@ -2151,9 +2169,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
             pack_bf16(sv[c][2 * j], sv[c][2 * j + 1]);
       if (row_writer) alpha_s[c * W::kHeads + sr] = alpha;
     }
-    const auto ml_at = [&] { return sp.ml + ((tok * W::kHeads + sr) * sp.max_segs + seg) * 2; };
+    const auto ml_at = [&] { return partial_ml(sr, 1 + seg - lead); };
     if (seg_end)
-      finish_segment(split, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
+      finish_segment(per_segment, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the tile's chunks
 #pragma unroll
@@ -2196,9 +2214,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     // At a segment's end: o to the split's partials, or folded into O in segment
     // order (the weights came with P); within a segment o runs on.
     if (!seg_end) continue;
-    if (split) {  // head h at row (tok, h, seg) of the partials, h * max_segs rows on
+    if (per_segment) {  // head h at partial 1 + seg - lead of head h, h * max_segs partials on
       const int head_stride = sp.max_segs * W::kDh;
-      float* po = sp.o + ((tok * W::kHeads) * sp.max_segs + seg) * W::kDh + 2 * t * head_stride + 128 * wg + 16 * ww + g;
+      float* po = partial_o(0, 1 + seg - lead) + 2 * t * head_stride + 128 * wg + 16 * ww + g;
 #pragma unroll
       for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
@@ -2218,7 +2236,18 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.0f;
   }
   cp_async_wait<0>();
-  if (split) return;  // attention_combine_kernel finishes the row
+  if (per_segment) return;  // attention_combine_kernel finishes the row
+  if (split) {  // the lead CTA: its folded state as the row's partial 0
+    const int head_stride = sp.max_segs * W::kDh;
+    float* po = partial_o(0, 0) + 2 * t * head_stride + 128 * wg + 16 * ww + g;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+        po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = O_fold[32 * mb + i];
+    if (row_writer) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
+    return;
+  }
 
   // O / (L + exp(sink - M)), bf16, staged as [head][dim] over Q; then the inverse RoPE
   // of the last 64 dims at p and the store, a pair of dims per thread and step.
@@ -2590,16 +2619,20 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   const int num_sms = properties().multiProcessorCount;
   // Split a row's key segments over CTAs while the rows alone (row_ctas CTAs each)
   // would not fill the SMs, and while the partials stay small (they cost a write and
-  // a read).
+  // a read). Under the lead fold (the wgmma kernel) a row leaves fewer partials than
+  // segments (attention_split_lead_partials, at most that of the longest row).
   const int64_t max_segs = (a.max_keys + kSegmentKeys - 1) / kSegmentKeys;
-  const auto make_split = [&](int64_t row_ctas) {
+  const auto make_split = [&](int64_t row_ctas, bool lead_fold) {
     AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
-    const size_t part_bytes = size_t(T * H * max_segs) * size_t(Dh + 2) * sizeof(float);
-    if (!attention_split_disabled() && row_ctas < num_sms && max_segs > 1 && part_bytes <= split_max_partial_bytes()) {
-      sp.nsplit = split_ctas(row_ctas, max_segs, num_sms);
-      sp.max_segs = int(max_segs);
-      sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * max_segs * Dh) * sizeof(float)));
-      sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * max_segs) * 2 * sizeof(float)));
+    if (attention_split_disabled() || row_ctas >= num_sms || max_segs <= 1) return sp;
+    const int nsplit = split_ctas(row_ctas, max_segs, num_sms);
+    const int64_t partials = lead_fold ? attention_split_lead_partials(max_segs, nsplit) : max_segs;
+    const size_t part_bytes = size_t(T * H * partials) * size_t(Dh + 2) * sizeof(float);
+    if (nsplit > 1 && part_bytes <= split_max_partial_bytes()) {
+      sp.nsplit = nsplit;
+      sp.max_segs = int(partials);
+      sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * partials * Dh) * sizeof(float)));
+      sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * partials) * 2 * sizeof(float)));
       sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
     }
     return sp;
@@ -2613,7 +2646,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // (It zeroes pad rows with 16-byte stores.)
   if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit &&
       aligned16(o.data())) {
-    const AttnSplit sp = make_split(T);
+    const AttnSplit sp = make_split(T, true);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
       allow_smem(attention_wgmma_kernel, wg_attn::bytes(a.K));
       attention_wgmma_kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
@@ -2627,7 +2660,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       return;
     }
   }
-  const AttnSplit sp = make_split(T * ((H + 15) / 16));
+  const AttnSplit sp = make_split(T * ((H + 15) / 16), false);
   if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
   else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
 }
