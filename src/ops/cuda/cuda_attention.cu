@@ -119,6 +119,20 @@ size_t split_max_partial_bytes() {
   }();
   return bytes;
 }
+
+// Where the wgmma kernel's split takes the lead fold: DSV4_CUDA_ATTN_LEAD_FOLD=all (the
+// default), =2 (only splits over two CTAs) or =off (a partial a segment), for A/B runs.
+bool lead_fold_wanted(int nsplit) {
+  static const int mode = [] {
+    const char* v = std::getenv("DSV4_CUDA_ATTN_LEAD_FOLD");
+    if (v == nullptr || std::string(v) == "all") return 0;
+    if (std::string(v) == "2") return 2;
+    if (std::string(v) == "off") return 1;
+    DSV4_CHECK(false, "DSV4_CUDA_ATTN_LEAD_FOLD: expected all, 2 or off, got '{}'", v);
+    return 0;
+  }();
+  return mode == 0 || (mode == 2 && nsplit == 2);
+}
 }  // namespace
 
 // Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
@@ -1346,6 +1360,7 @@ __device__ __forceinline__ float attention_denominator(float l, float m, float s
 struct AttnSplit {
   int nsplit;  // CTAs per (token, head group); 1: no partials
   int max_segs;  // partials a (token, head) at most: the stride
+  bool lead_fold;  // the wgmma kernel's lead fold (ops/cuda/attention_split.h)
   float* o;
   float* ml;
   int32_t* segs;
@@ -1954,14 +1969,13 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // the P.V wgmmas ("C7520 ... WG.AR in divergent path"; docs/BENCHMARKS.md, tenth
   // session). CUTLASS takes its warp-group index the same way.
   const int wg = __shfl_sync(kFull, tid >> 7, 0), ww = warp & 3;
-  // Split (sp.nsplit > 1), the lead fold (ops/cuda/attention_split.h): CTA 0 of the
-  // row folds its first segments as one CTA a row does and leaves that state as the
-  // row's first partial; CTA j > 0 takes the later segments j - 1, j - 1 + (nsplit - 1),
-  // ... after them and leaves each one's (o, m, l), attention_combine_kernel folding
-  // all in order. Otherwise one CTA folds the whole row.
+  // Split (sp.nsplit > 1): CTAs take the row's segments in turn and leave each one's
+  // (o, m, l) to attention_combine_kernel, which folds them in order. Under the lead
+  // fold (ops/cuda/attention_split.h) CTA 0 first folds the row's leading segments as
+  // one CTA a row does and leaves that state as the row's first partial, the others
+  // taking the later segments in turn. Otherwise one CTA folds the whole row.
   const bool split = sp.nsplit > 1;
   const int split_id = int(blockIdx.x % unsigned(sp.nsplit));
-  const bool per_segment = split && split_id > 0;  // leaves a partial per segment
   const int64_t tok = blockIdx.x / unsigned(sp.nsplit);
   const bool row_leader = split && split_id == 0 && tid == 0;
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
@@ -1979,11 +1993,14 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
   const int tiles = int((n_keys + W::kTileKeys - 1) / W::kTileKeys);
   const int segs = int((n_keys + kSegmentKeys - 1) / kSegmentKeys);
-  const int lead = split ? attention_split_lead_segs(segs, sp.nsplit) : segs;
-  if (row_leader) sp.segs[tok] = int32_t(attention_split_lead_partials(segs, sp.nsplit));
+  // The segments folded in registers before the partials (0: none, a partial per segment).
+  const int lead = !split ? segs : sp.lead_fold ? attention_split_lead_segs(segs, sp.nsplit) : 0;
+  const bool per_segment = split && (split_id > 0 || lead == 0);  // leaves a partial per segment
+  const int lead_partial = lead > 0 ? 1 : 0;                       // the lead CTA's state, partial 0
+  if (row_leader) sp.segs[tok] = int32_t(lead > 0 ? attention_split_lead_partials(segs, sp.nsplit) : segs);
   // This CTA's segments: first, first + step, ... below limit.
-  const int seg_first = per_segment ? lead + split_id - 1 : 0, seg_step = per_segment ? sp.nsplit - 1 : 1;
-  const int seg_limit = per_segment ? segs : lead;
+  const int seg_first = per_segment ? lead + split_id - lead_partial : 0;
+  const int seg_step = per_segment ? sp.nsplit - lead_partial : 1, seg_limit = per_segment ? segs : lead;
   if (seg_first >= seg_limit) return;  // uniform over the CTA: no segment of the row is this CTA's
   // The i-th tile of this CTA, or -1 past its last. Only a row's last segment can be
   // short, and it ends the list.
@@ -2169,7 +2186,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
             pack_bf16(sv[c][2 * j], sv[c][2 * j + 1]);
       if (row_writer) alpha_s[c * W::kHeads + sr] = alpha;
     }
-    const auto ml_at = [&] { return partial_ml(sr, 1 + seg - lead); };
+    const auto ml_at = [&] { return partial_ml(sr, lead_partial + seg - lead); };
     if (seg_end)
       finish_segment(per_segment, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
     tc::fence_proxy_async();
@@ -2214,9 +2231,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     // At a segment's end: o to the split's partials, or folded into O in segment
     // order (the weights came with P); within a segment o runs on.
     if (!seg_end) continue;
-    if (per_segment) {  // head h at partial 1 + seg - lead of head h, h * max_segs partials on
+    if (per_segment) {  // head h at partial lead_partial + seg - lead of head h, h * max_segs partials on
       const int head_stride = sp.max_segs * W::kDh;
-      float* po = partial_o(0, 1 + seg - lead) + 2 * t * head_stride + 128 * wg + 16 * ww + g;
+      float* po = partial_o(0, lead_partial + seg - lead) + 2 * t * head_stride + 128 * wg + 16 * ww + g;
 #pragma unroll
       for (int mb = 0; mb < 2; ++mb)
 #pragma unroll
@@ -2623,14 +2640,16 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // segments (attention_split_lead_partials, at most that of the longest row).
   const int64_t max_segs = (a.max_keys + kSegmentKeys - 1) / kSegmentKeys;
   const auto make_split = [&](int64_t row_ctas, bool lead_fold) {
-    AttnSplit sp{1, 1, nullptr, nullptr, nullptr};
+    AttnSplit sp{1, 1, false, nullptr, nullptr, nullptr};
     if (attention_split_disabled() || row_ctas >= num_sms || max_segs <= 1) return sp;
     const int nsplit = split_ctas(row_ctas, max_segs, num_sms);
+    lead_fold = lead_fold && lead_fold_wanted(nsplit);
     const int64_t partials = lead_fold ? attention_split_lead_partials(max_segs, nsplit) : max_segs;
     const size_t part_bytes = size_t(T * H * partials) * size_t(Dh + 2) * sizeof(float);
     if (nsplit > 1 && part_bytes <= split_max_partial_bytes()) {
       sp.nsplit = nsplit;
       sp.max_segs = int(partials);
+      sp.lead_fold = lead_fold;
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * partials * Dh) * sizeof(float)));
       sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * partials) * 2 * sizeof(float)));
       sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
