@@ -51,10 +51,6 @@ int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
-int64_t cuda_linear_wo_a_wide_split_launches();
-void cuda_linear_force_wo_a_wide_split(int on);
-int64_t cuda_linear_router_fold_launches();
-void cuda_linear_force_router_fold(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
@@ -1010,46 +1006,6 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
-// wo_a's grouped FP8-as-bf16 GEMM in 64-row wide tiles with its K slices split over
-// CTAs (DSV4_CUDA_WO_A_WIDE_SPLIT; the hook forces it) gives gemm_kernel's bits, and the
-// Hopper model's: Flash's shape (8 groups of 1024 x 4096, S = 4), 2 groups of 128 x 512
-// (S = 8), one group of 200 x 1024 (S = 16, a partial weight tile); 1-64 rows, so that
-// the slices are folded both by the tiles' last CTAs (S x rows <= 64) and by
-// split_fold_kernel. The test counts the split launches each way.
-TEST(CudaLinearWide, WoAWideSplitEqualsSmallTilesBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  Env env;
-  Rng rng(0x58);
-  struct GroupedCase {
-    int64_t g, r, c;
-    bool model;  // also against the CPU's Hopper model (small shapes: the model is slow)
-  };
-  for (const GroupedCase c : {GroupedCase{8, 1024, 4096, false}, GroupedCase{2, 128, 512, true},
-                              GroupedCase{1, 200, 1024, true}}) {
-    const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw);
-    for (int64_t M : {1, 5, 16, 33, 64}) {
-      const Tensor x = rng.bf16({M, c.g * c.c});
-      const Tensor dx = to_device(env.cuda, x);
-      const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
-      const auto got = outputs_per_mode(env, ops::cuda_linear_force_wo_a_wide_split,
-                                        ops::cuda_linear_wo_a_wide_split_launches, {{0, 0}, {1, 1}}, what, [&] {
-                                          Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
-                                          env.cuda.grouped_linear(dx, dw, c.g, y);
-                                          return std::vector<Tensor>{y};
-                                        });
-      expect_bitwise(got[0][0], got[1][0], what + " wide split vs small tiles");
-      if (c.model) {
-        Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
-        env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
-        expect_bitwise(ref, got[1][0], what + " wide split vs the Hopper model");
-      }
-    }
-  }
-  ops::cuda_linear_force_path(-1);
-}
-
 // A split GEMM of 9-32 rows folds its K slices in its tiles' last CTAs (tile-major
 // partials, a slab of slices a round trip) or in split_fold_kernel; the two give the
 // same bits, and the Hopper model's. Slices S = 16 (wq_a + wkv stacked, the second
@@ -1537,49 +1493,6 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
       }
     }
   }
-}
-
-// The router with its selection kernel adding the logits GEMM's K slices
-// (DSV4_CUDA_ROUTER_FOLD; the hook forces it) gives the ids and weights of the GEMM's
-// own fold (its last CTA at 1-2 rows, split_fold_kernel from 3), bit for bit: V4's
-// gate (256 experts x 4096, S = 32) and a small one (64 x 256, S = 4), every scoring,
-// bias and hash routing, pad rows among them. The test counts the fused launches.
-TEST(CudaLinearFold, RouterFoldInSelectEqualsGemmFoldBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  Env env;
-  Rng rng(0x61);
-  const int64_t k = 6, V = 1000;
-  for (const auto [E, D] : {std::pair<int64_t, int64_t>{256, 4096}, std::pair<int64_t, int64_t>{64, 256}}) {
-    const Tensor d_gate = to_device(env.cuda, rng.bf16({E, D}, 0.05f));
-    const Tensor d_bias = to_device(env.cuda, rng.f32({E}, 0.1f));
-    Tensor tid2eid = Tensor::empty_cpu(DType::kI64, {V, k});
-    for (int64_t v = 0; v < V; ++v)
-      for (int64_t i = 0; i < k; ++i) tid2eid.as<int64_t>()[v * k + i] = (v * 7 + i * 13) % E;
-    const Tensor d_tid2eid = to_device(env.cuda, tid2eid);
-    for (const RouterCase& rc : kRouterCases) {
-      const ops::RouterConfig cfg = rc.config(k);
-      for (int64_t T : {1, 2, 3, 16, 64, 257}) {
-        const Tensor dx = to_device(env.cuda, rng.bf16({T, D}));
-        const Batch batch(env.cuda, T, rng, V, 7);
-        const std::string what = "router E=" + std::to_string(E) + " D=" + std::to_string(D) +
-                                 " T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
-                                 (rc.hash ? " hash" : "");
-        const auto got = outputs_per_mode(env, ops::cuda_linear_force_router_fold,
-                                          ops::cuda_linear_router_fold_launches, {{0, 0}, {1, 1}}, what, [&] {
-                                            Tensor wg = device_poisoned(env.cuda, DType::kF32, {T, k});
-                                            Tensor ig = device_poisoned(env.cuda, DType::kI32, {T, k});
-                                            env.cuda.router(dx, d_gate, rc.hash ? Tensor() : d_bias,
-                                                            rc.hash ? d_tid2eid : Tensor(), batch.view(true, 0, T),
-                                                            cfg, wg, ig);
-                                            return std::vector<Tensor>{wg, ig};
-                                          });
-        expect_bitwise(got[0][1], got[1][1], what + " ids, fused fold vs the GEMM's");
-        expect_bitwise(got[0][0], got[1][0], what + " weights, fused fold vs the GEMM's");
-      }
-    }
-  }
-  ops::cuda_linear_force_path(-1);
 }
 
 // ---- batch invariance (two-batch-overlap rule) -------------------------------------------

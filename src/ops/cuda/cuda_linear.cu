@@ -57,15 +57,6 @@ void cuda_linear_force_wide(int on);
 // split to split_fold_kernel.
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
-// Test hooks: grouped FP8-as-bf16 (wo_a) launches so far in 64-row wide tiles with
-// their K slices split over CTAs; -1 follows DSV4_CUDA_WO_A_WIDE_SPLIT (default off),
-// 0 / 1 force it off / on.
-int64_t cuda_linear_wo_a_wide_split_launches();
-void cuda_linear_force_wo_a_wide_split(int on);
-// Test hooks: router launches so far whose selection kernel added the logits GEMM's K
-// slices itself; -1 follows DSV4_CUDA_ROUTER_FOLD (default off), 0 / 1 force it off / on.
-int64_t cuda_linear_router_fold_launches();
-void cuda_linear_force_router_fold(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -236,29 +227,6 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   return 0;
 }
 
-// wo_a (grouped FP8-as-bf16) of up to 64 rows in gemm_wide_kernel's 64-row tiles
-// with its K slices split over CTAs, as gemm_kernel splits them: the same CTAs
-// (tiles x S), two warpgroups each, so a warp decodes 16 weight rows a stage instead
-// of 32 and an SM holds twice the warps. The same bits. DSV4_CUDA_WO_A_WIDE_SPLIT=1
-// turns it on (A/B runs; not yet measured, so off by default).
-std::atomic<int64_t> g_wo_a_wide_split_launches{0};
-std::atomic<int> g_force_wo_a_wide_split{-1};
-bool wo_a_wide_split_wanted() {
-  static const bool from_env = env_is("DSV4_CUDA_WO_A_WIDE_SPLIT", "1");
-  return forced_or(g_force_wo_a_wide_split, from_env);
-}
-
-// The router: the logits GEMM's K slices (32 at V4's 256 x 4096 gate) added by the
-// selection kernel instead of by the GEMM's last CTA or split_fold_kernel: one launch
-// fewer a layer from 3 rows (the fold launch), the same bits. DSV4_CUDA_ROUTER_FOLD=1
-// turns it on (A/B runs; not yet measured, so off by default).
-std::atomic<int64_t> g_router_fold_launches{0};
-std::atomic<int> g_force_router_fold{-1};
-bool router_fold_wanted() {
-  static const bool from_env = env_is("DSV4_CUDA_ROUTER_FOLD", "1");
-  return forced_or(g_force_router_fold, from_env);
-}
-
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
@@ -365,35 +333,8 @@ void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, 
   if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, bytes, be.stream()));
 }
 
-// split_fold_kernel: the S partials of a split GEMM ([S][m][cols]) added in slice order.
-void launch_split_fold(CudaBackend& be, const lk::GemmParams& p, int64_t cols) {
-  const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
-  const int v = v4 ? 4 : 1;
-  const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
-                       unsigned(std::min<int64_t>(p.m, 65535)));
-  if (v4)
-    lk::split_fold_kernel<4><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-        p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-  else
-    lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-        p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-  check_launch(be.stream());
-  g_fold_launches.fetch_add(1, std::memory_order_relaxed);
-}
-
-// A split GEMM's partials left for its consumer to add (run_gemm's `leave`): split 0
-// where the launch did not split (the output is then written as usual).
-struct SplitPartials {
-  const float* partial = nullptr;  // [split][rows][cols]
-  int split = 0;
-  int64_t rows = 0;
-};
-
 // Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
-// leave (plain gemm_kernel launches only): where the slices are split over CTAs, no CTA
-// and no launch folds them; *leave says where they are.
-void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, SplitPartials* leave = nullptr) {
-  if (leave) *leave = SplitPartials{};
+void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   const int stage_k = is_quant(fmt) ? 128 : 64;
   DSV4_CHECK(p.k % stage_k == 0 && p.k > 0, "gemm: K={} not a multiple of {}", p.k, stage_k);
   const int64_t stages = p.k / stage_k;
@@ -403,18 +344,6 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, SplitPartials* leave 
   const int64_t cols = int64_t(p.groups) * p.n;
   DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
              "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
-  if (fmt == WFmt::kFp8Bf16 && p.slices > 1 && p.m <= 64 && p.y1 == nullptr && wo_a_wide_split_wanted() &&
-      n_tiles < be.properties().multiProcessorCount && int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes &&
-      n_tiles < (int64_t(1) << 31)) {
-    p.split = p.slices;
-    const bool fold_launch = int64_t(p.slices) * p.m > kLastCtaFoldMax;
-    DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
-    bind_split(be, p, p.m, cols, n_tiles, !fold_launch);  // row-major partials
-    launch_wide<WFmt::kFp8Bf16, 64, false>(be, p, dim3(unsigned(n_tiles), 1, unsigned(p.split)));
-    g_wo_a_wide_split_launches.fetch_add(1, std::memory_order_relaxed);
-    if (fold_launch) launch_split_fold(be, p, cols);
-    return;
-  }
   if (const int wide_rows = wide_gemm_rows(be, fmt, p, n_tiles); wide_rows > 0) {  // all slices walked
     const int64_t m_tiles = (p.m + wide_rows - 1) / wide_rows;
     DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
@@ -438,11 +367,9 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, SplitPartials* leave 
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
-  const bool left = split && leave != nullptr;
-  const bool fold_launch = split && !left && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
+  const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
-  if (split)
-    bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch && !left, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
+  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {
@@ -451,8 +378,20 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, SplitPartials* leave 
     case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two); break;
     case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two); break;
   }
-  if (left) *leave = SplitPartials{p.partial, p.split, p.m};
-  if (fold_launch) launch_split_fold(be, p, cols);
+  if (fold_launch) {
+    const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
+    const int v = v4 ? 4 : 1;
+    const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
+                         unsigned(std::min<int64_t>(p.m, 65535)));
+    if (v4)
+      lk::split_fold_kernel<4><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
+          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+    else
+      lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
+          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+    check_launch(be.stream());
+    g_fold_launches.fetch_add(1, std::memory_order_relaxed);
+  }
 }
 
 WFmt quant_fmt(const QuantLinear& w) { return w.format == QuantLinear::Format::kFp4Group32 ? WFmt::kFp4 : WFmt::kFp8; }
@@ -535,18 +474,15 @@ lk::GemmParams bf16_params(const Tensor& x, const Tensor& w, void* y, bool y_f32
   return p;
 }
 
-// leave: see run_gemm (the simple path writes y).
-void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32,
-               SplitPartials* leave = nullptr) {
+void bf16_gemm(CudaBackend& be, const Tensor& x, const Tensor& w, void* y, bool y_f32) {
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   if (simple_path() || !bf16_fast_ok(x, w)) {
-    if (leave) *leave = SplitPartials{};
     lk::simple_linear_bf16_kernel<<<blocks_for_warps(M * N, kSimpleBlocks), 256, 0, be.stream()>>>(
         x.data(), x.dtype() == DType::kF32 ? 1 : 0, w.as<uint16_t>(), M, N, K, y, y_f32 ? 1 : 0);
     check_launch(be.stream());
     return;
   }
-  run_gemm(be, WFmt::kBf16, bf16_params(x, w, y, y_f32), leave);
+  run_gemm(be, WFmt::kBf16, bf16_params(x, w, y, y_f32));
 }
 
 // Two weights' rows stacked into one launch: rows [0, na) from the first (p), the
@@ -614,10 +550,6 @@ int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_or
 void cuda_linear_force_last_cta_fold(int max_partials) {
   g_force_last_cta_fold.store(max_partials, std::memory_order_relaxed);
 }
-int64_t cuda_linear_wo_a_wide_split_launches() { return g_wo_a_wide_split_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_wo_a_wide_split(int on) { g_force_wo_a_wide_split.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_router_fold_launches() { return g_router_fold_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 
 namespace {
 __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {
@@ -1002,19 +934,15 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   DSV4_CHECK((2 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   float* logits = scratch_as<float>(*this, "router.logits", T * E);
-  SplitPartials left;
   if (gate.size(1) == 0) DSV4_CUDA_CHECK(cudaMemsetAsync(logits, 0, size_t(T * E) * sizeof(float), stream()));
-  else bf16_gemm(*this, x, gate, logits, true, router_fold_wanted() ? &left : nullptr);
+  else bf16_gemm(*this, x, gate, logits, true);
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
-  // With partials, a thread an expert adds them (up to 1024); then one warp selects.
-  const unsigned threads = left.split > 0 ? unsigned(std::min<int64_t>(1024, (E + 31) / 32 * 32)) : 32u;
-  lk::router_select_kernel<<<unsigned(T), threads, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
+  lk::router_select_kernel<<<unsigned(T), 32, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
       logits, int(E), int(k), scoring, config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
-      weights.as<float>(), ids.as<int32_t>(), left.partial, left.split, left.rows);
+      weights.as<float>(), ids.as<int32_t>());
   check_launch(stream());
-  if (left.split > 0) g_router_fold_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
 }  // namespace dsv4::ops

@@ -113,21 +113,8 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
 // All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage;
 // FP8-as-bf16: 2 weight pieces). One CTA an SM (registers: up to 246 a thread for FP8
 // at R = 128).
-// FP8-as-bf16 may also split its K slices over CTAs (p.split = S, slice blockIdx.z,
-// one slice a CTA, !kTwoSets): each CTA leaves its slice sum p_s as a partial
-// ([S][m][cols], GemmParams::partial) for the tile's last CTA (p.counters set) or
-// split_fold_kernel to add in slice order, gemm_tile's split. That form (R = 64) is
-// for few rows (DSV4_CUDA_WO_A_WIDE_SPLIT, cuda_linear.cu): two CTAs an SM (112
-// registers, no spills), each warp decoding 16 weight rows a stage where gemm_tile's
-// decode 32.
 template <WFmt F, int R, bool kTwoSets>
-constexpr int wide_min_blocks() {
-  return F == WFmt::kFp8Bf16 && R == 64 && !kTwoSets ? 2 : 1;
-}
-
-template <WFmt F, int R, bool kTwoSets>
-__global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>()))
-    gemm_wide_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
   constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
   static_assert(gemm_wide_smem_bytes<F, R, kTwoSets>() <= 227 * 1024, "wide tiles: shared memory");
@@ -161,10 +148,6 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
   const int64_t wrow0 = kRegA ? int64_t(group) * p.n + n0 : n0 - (second ? p.n_split : 0);  // (no pair when grouped)
   const int64_t col0 = kRegA ? int64_t(group) * p.n + n0 : n0;
   const int stages_total = p.k / T::kStageK, per_slice = stages_total / p.slices;
-  // This CTA's stages: all, or (FP8-as-bf16 split over CTAs) those of slice blockIdx.z.
-  const bool split = kRegA && !kTwoSets && p.split > 1;
-  const int slice = split ? int(blockIdx.z) : 0;
-  const int st_begin = slice * per_slice, iters = split ? per_slice : stages_total;
 
   // Copies: piece c_part of rows c_row + 32 i, for weights (i < 4) and activations (i < R / 32);
   // FP8-as-bf16 weights: piece tid % 4 of rows tid / 4 and tid / 4 + 64.
@@ -186,7 +169,7 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
   // the activations' producer.
 #pragma unroll
   for (int s = 0; s < S - 1; ++s)
-    if (s < iters) load_weights(st_begin + s, s);
+    if (s < stages_total) load_weights(s, s);
   // The tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0).
   const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
   bool scale_row_copied = false;
@@ -225,7 +208,7 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
   };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < iters) load_acts(st_begin + s, s);
+    if (s < stages_total) load_acts(s, s);
     cp_async_commit();
   }
 
@@ -276,7 +259,7 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
   };
   bool prev_last = false;  // stage it-1 ends its slice
   int slice_pos = 0;  // position of stage `it` in its slice
-  for (int it = 0; it < iters; ++it) {
+  for (int it = 0; it < stages_total; ++it) {
     const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
     slice_pos = slice_last ? 0 : slice_pos + 1;
     cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
@@ -285,9 +268,9 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
     const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
     auto load_next = [&] {  // into the buffer of stage it-1
       const unsigned nxt = uit + S - 1;
-      if (int(nxt) < iters) {
-        load_weights(st_begin + int(nxt), int(nxt % S));
-        load_acts(st_begin + int(nxt), int(nxt % S));
+      if (int(nxt) < stages_total) {
+        load_weights(int(nxt), int(nxt % S));
+        load_acts(int(nxt), int(nxt % S));
       }
       cp_async_commit();
     };
@@ -299,7 +282,7 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
     if constexpr (kRegA) {
       // The warpgroup's 64 weight rows of the stage as bf16 A fragments (4 k16 chunks),
       // the chunks summed by the tensor core from zero, then one fold with the block scale.
-      const float wsc = core::e8m0_to_float(s_bs[unsigned(st_begin + it) / 2]);
+      const float wsc = core::e8m0_to_float(s_bs[uit / 2]);
       const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
       uint32_t a[4][4];
 #pragma unroll
@@ -365,39 +348,6 @@ __global__ void __launch_bounds__(kWideThreads, (wide_min_blocks<F, R, kTwoSets>
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
   void* const y_out = to_y1 ? p.y1 : p.y;
   const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? col0 - p.n_split : col0;
-  if constexpr (kRegA && !kTwoSets) {
-    if (split) {
-      // The slice sum of each output, row-major [slice][m][cols]; then, where the tile's
-      // last CTA folds (counters set), that CTA adds the S partials of every output in
-      // slice order, ((0 + p_0) + p_1) + ..., as gemm_tile's last CTA and
-      // split_fold_kernel do.
-      float* part = p.partial + (int64_t(slice) * p.partial_rows + row_base) * p.partial_cols + col0;
-#pragma unroll
-      for (int q = 0; q < NQ; ++q)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = 64 * wg + 16 * warp + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
-          if (r < valid_n && c < rows) part[int64_t(c) * p.partial_cols + r] = cur[4 * q + e];
-        }
-      if (p.counters == nullptr) return;  // split_fold_kernel folds them
-      int* const s_flag = reinterpret_cast<int*>(smem);  // (the stage buffers are free: every copy has landed)
-      // The tile's last CTA to arrive folds (gemm_tile's threadFenceReduction pattern).
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) *s_flag = atomicAdd(p.counters + linear, 1) == p.split - 1;
-      __syncthreads();
-      if (!*s_flag) return;
-      __threadfence();
-      fold_row_major_slices<R>(p, row_base, col0, rows, valid_n, tid, kWideThreads, [&](int c, int r, float v) {
-        const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
-        const int64_t idx = orow * ld_out + col_out + r;
-        if (p.y_f32) static_cast<float*>(y_out)[idx] = v;
-        else static_cast<uint16_t*>(y_out)[idx] = core::float_to_bf16(v);
-      });
-      if (tid == 0) p.counters[linear] = 0;  // ready for the next launch
-      return;
-    }
-  }
   // The output tile goes through shared memory (the stage buffers, free once every
   // warpgroup is past its last products): each thread's R / 2 values scattered over
   // R / 4 rows become whole 16-byte pieces of output rows. Row stride padded by 16 bytes:

@@ -1310,16 +1310,11 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 // Roofline: reads 4E bytes per row, k argmax rounds over E/32 values per lane; ~1 µs.
 // The chosen ids and their scores stay in shared memory until the lanes' final stores
 // (lane 0 used to read them back from the output rows; measured no faster or slower).
-// partial != null: the logits are the GEMM's `split` K-slice sums ([split][part_rows]
-// [num_experts]), added here in slice order as split_fold_kernel would (the same bits;
-// one launch fewer), by every thread of the block, one expert a thread; then warp 0
-// alone goes on. Otherwise one warp a block reads the logits.
 __global__ void router_select_kernel(const float* __restrict__ logits, int num_experts, int k, int scoring,
                                      int normalize, float route_scale, const float* __restrict__ bias,
                                      const int64_t* __restrict__ tid2eid, const int32_t* __restrict__ token_ids,
                                      const int32_t* __restrict__ positions, float* __restrict__ weights,
-                                     int32_t* __restrict__ ids, const float* __restrict__ partial = nullptr,
-                                     int split = 0, int64_t part_rows = 0) {
+                                     int32_t* __restrict__ ids) {
   wait_for_predecessor();
   extern __shared__ float s_f[];
   float* score = s_f;
@@ -1337,27 +1332,8 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
     }
     return;
   }
-  if (partial != nullptr) {
-    for (int i = lane; i < num_experts; i += int(blockDim.x)) {
-      const float* src = partial + row * num_experts + i;
-      float v = 0.0f;
-      for (int s0 = 0; s0 < split; s0 += 8) {  // eight slices' loads in flight, then their sums in order
-        float part[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          part[j] = s0 + j < split ? __ldcg(src + int64_t(s0 + j) * part_rows * num_experts) : 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-          if (s0 + j < split) v += part[j];
-      }
-      score[i] = v;
-    }
-    __syncthreads();
-    if (lane >= 32) return;
-  } else {
-    const float* lg = logits + row * num_experts;
-    for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
-  }
+  const float* lg = logits + row * num_experts;
+  for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
   __syncwarp();
   if (scoring == 0) {  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
     for (int i = lane; i < num_experts; i += 32) score[i] = sqrtf(core::softplus_f32(score[i]));
