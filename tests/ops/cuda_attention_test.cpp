@@ -59,6 +59,8 @@ int64_t cuda_attention_wgmma_split_launches();
 int64_t cuda_attention_wgmma_launches();
 // Defined in cuda_attention.cu: n > 0 splits a row over min(n, segments) CTAs (0: the cost model's choice).
 void cuda_attention_force_split_ctas(int n);
+// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the lead fold off / on.
+void cuda_attention_force_lead_fold(int mode);
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 
@@ -961,12 +963,13 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
   }
 }
 
-// The wgmma kernel's split is the lead fold (ops/cuda/attention_split.h): the row's
+// The wgmma kernel's split with the lead fold (ops/cuda/attention_split.h: the row's
 // first CTA folds its leading segments in registers and leaves that state as one
-// partial, the others a partial a segment. Whatever the CTAs a row (forced here, up to
-// more than its segments), the bytes are those of one CTA a row: rows of 1 to 10
-// segments (a short last one among them), a pad row, every ratio.
-TEST_P(CudaAttention, WgmmaLeadFoldAnySplitEqualsOneCtaBitForBit) {
+// partial, the others a partial a segment) and without (a partial a segment). Whatever
+// the CTAs a row (forced here, up to more than its segments), the bytes are those of
+// one CTA a row: rows of 1 to 10 segments (a short last one among them), a pad row,
+// every ratio.
+TEST_P(CudaAttention, WgmmaAnySplitEqualsOneCtaBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(316);
   const AttnShape sh{64, 512, 128, 512};
@@ -981,19 +984,23 @@ TEST_P(CudaAttention, WgmmaLeadFoldAnySplitEqualsOneCtaBitForBit) {
     cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_one);
     cuda_attention_split_keys(true);
     const Tensor ho = host(got_one);
-    for (int n : {2, 3, 4, 7, 10, 16}) {
-      cuda_attention_force_split_ctas(n);
-      Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-      const int64_t split_before = cuda_attention_wgmma_split_launches();
-      cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got);
-      cuda_attention_force_split_ctas(0);
-      if (ratio > 0 || sh.W > kAttentionSegmentKeys) {
-        EXPECT_EQ(cuda_attention_wgmma_split_launches(), split_before + 1) << "no split launch, n = " << n;
+    for (int lead_fold : {1, 0})
+      for (int n : {2, 3, 4, 7, 10, 16}) {
+        cuda_attention_force_lead_fold(lead_fold);
+        cuda_attention_force_split_ctas(n);
+        Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+        const int64_t split_before = cuda_attention_wgmma_split_launches();
+        cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got);
+        cuda_attention_force_split_ctas(0);
+        cuda_attention_force_lead_fold(-1);
+        if (ratio > 0 || sh.W > kAttentionSegmentKeys) {
+          EXPECT_EQ(cuda_attention_wgmma_split_launches(), split_before + 1) << "no split launch, n = " << n;
+        }
+        const Tensor hg = host(got);
+        expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(),
+                           tag("wgmma split over " + std::to_string(n) + " CTAs" + (lead_fold ? " (lead fold)" : "") +
+                               " vs one CTA a row, " + a.name));
       }
-      const Tensor hg = host(got);
-      expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(),
-                         tag("wgmma split over " + std::to_string(n) + " CTAs vs one CTA a row, " + a.name));
-    }
     cuda_attention_use_wgmma(-1);
   }
 }

@@ -120,13 +120,20 @@ size_t split_max_partial_bytes() {
   return bytes;
 }
 
-// Where the wgmma kernel's split takes the lead fold: DSV4_CUDA_ATTN_LEAD_FOLD=all (the
-// default), =2 (only splits over two CTAs) or =off (a partial a segment), for A/B runs.
+// Where the wgmma kernel's split takes the lead fold: only splits over two CTAs (the
+// default, DSV4_CUDA_ATTN_LEAD_FOLD=2), every split (=all) or none (=off, a partial a
+// segment). On bench-1g, H200 (docs/BENCHMARKS.md, twenty-seventh session): against
+// none, every split -0.6% a step at 64 rows (2 CTAs) but +0.3% at 16 and +0.2% at 32
+// (5 and 4 CTAs, where the lead CTA's register fold is no cheaper than a store); 2 keeps
+// the gain at 64 alone.
+std::atomic<int> g_forced_lead_fold{-1};
 bool lead_fold_wanted(int nsplit) {
+  const int forced = g_forced_lead_fold.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
   static const int mode = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_LEAD_FOLD");
-    if (v == nullptr || std::string(v) == "all") return 0;
-    if (std::string(v) == "2") return 2;
+    if (v == nullptr || std::string(v) == "2") return 2;
+    if (std::string(v) == "all") return 0;
     if (std::string(v) == "off") return 1;
     DSV4_CHECK(false, "DSV4_CUDA_ATTN_LEAD_FOLD: expected all, 2 or off, got '{}'", v);
     return 0;
@@ -139,6 +146,8 @@ bool lead_fold_wanted(int nsplit) {
 // off / on; its launches so far, and those of them that split rows over CTAs; n > 0 splits a
 // row over min(n, segments) CTAs where a split is taken (0: the cost model's choice).
 void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max(n, 0)); }
+// Test hook: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the wgmma split's lead fold off / on.
+void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
