@@ -1949,6 +1949,10 @@ constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
 inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 }  // namespace wg_attn
 
+// kSplit: the launch splits rows over CTAs (sp.nsplit > 1). The one-CTA-a-row instance
+// carries none of the split's indexing (the kernel sits at 128 registers with local
+// memory; the split's live values moved its spills).
+template <bool kSplit>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
@@ -1983,17 +1987,17 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // fold (ops/cuda/attention_split.h) CTA 0 first folds the row's leading segments as
   // one CTA a row does and leaves that state as the row's first partial, the others
   // taking the later segments in turn. Otherwise one CTA folds the whole row.
-  const bool split = sp.nsplit > 1;
-  const int split_id = int(blockIdx.x % unsigned(sp.nsplit));
-  const int64_t tok = blockIdx.x / unsigned(sp.nsplit);
+  constexpr bool split = kSplit;
+  const int split_id = split ? int(blockIdx.x % unsigned(sp.nsplit)) : 0;
+  const int64_t tok = split ? blockIdx.x / unsigned(sp.nsplit) : blockIdx.x;
   const bool row_leader = split && split_id == 0 && tid == 0;
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
   const int32_t s = a.token_seq[tok];
   const int64_t p = a.positions[tok];
   if (s < 0 || p < 0) {  // pad rows: zeros (split: the combine kernel writes them)
     if (row_leader) sp.segs[tok] = 0;
-    if (split) return;
-    for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
+    if constexpr (!split)
+      for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
     return;
   }
   const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
@@ -2676,8 +2680,9 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       aligned16(o.data())) {
     const AttnSplit sp = make_split(T, true);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
-      allow_smem(attention_wgmma_kernel, wg_attn::bytes(a.K));
-      attention_wgmma_kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
+      const auto kernel = sp.nsplit > 1 ? attention_wgmma_kernel<true> : attention_wgmma_kernel<false>;
+      allow_smem(kernel, wg_attn::bytes(a.K));
+      kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
       check_launch(stream_);
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
       if (sp.nsplit > 1) {
