@@ -1949,9 +1949,10 @@ constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
 inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 }  // namespace wg_attn
 
-// kSplit: the launch splits rows over CTAs (sp.nsplit > 1). The one-CTA-a-row instance
-// carries none of the split's indexing (the kernel sits at 128 registers with local
-// memory; the split's live values moved its spills).
+// kSplit: the launch splits rows over CTAs (sp.nsplit > 1); the one-CTA-a-row instance
+// carries none of the split's indexing. (At its 128-register cap, ptxas's share of
+// local memory moves with every edit, and 128-256-row steps with it by up to ±0.5%:
+// docs/design/cuda-attention.md, twenty-seventh session.)
 template <bool kSplit>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
