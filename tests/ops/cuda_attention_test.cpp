@@ -484,6 +484,8 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_use_simple_kernels(false);
       cuda_attention_split_keys(true);
       cuda_attention_use_wgmma(-1);
+      cuda_attention_force_split_ctas(0);
+      cuda_attention_force_lead_fold(-1);
       cuda_indexer_score_pages(0);
     }
   }
@@ -839,8 +841,15 @@ struct AttnCase {
   DeviceBatch db;
   Tensor q, kv, sink, topk, want;
   RopeTable rope;
+  Tensor dq, dkv, dsink, dtopk;  // the inputs on the GPU (dtopk: CSA only)
+  RopeTable drope;
   float scale = 0.0f, vmax = 0.0f;  // vmax: the largest |value| of any key
   std::string name;
+
+  // The CUDA sparse attention of the case into out.
+  void run_cuda(Backend& cuda, Tensor& out) const {
+    cuda.sparse_attention(dq, dkv, c.gpu, db.view, dtopk, dsink, scale, drope, out);
+  }
 };
 
 AttnCase make_attention_case(Backend& cpu, Backend& cuda, AttnShape sh, int64_t ratio,
@@ -861,6 +870,11 @@ AttnCase make_attention_case(Backend& cpu, Backend& cuda, AttnShape sh, int64_t 
   cpu.kv_rope_quant(a.kv, a.b.view(), a.rope);
   a.sink = rng.f32({sh.H}, 1.0f);
   if (ratio == 4) a.topk = random_topk(a.b, sh.K, rng);
+  a.dq = testing::to_device(cuda, a.q);
+  a.dkv = testing::to_device(cuda, a.kv);
+  a.dsink = testing::to_device(cuda, a.sink);
+  if (ratio == 4) a.dtopk = testing::to_device(cuda, a.topk);
+  a.drope = RopeTable{testing::to_device(cuda, a.rope.inv_freq), a.rope.rope_dim};
   a.scale = 1.0f / std::sqrt(float(sh.Dh));
   a.want = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
   cpu.sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, a.want);
@@ -881,8 +895,7 @@ TEST_P(CudaAttention, SparseAttentionMatchesCpu) {
           cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 150}, {2, 0, 20}, {3, 3, 1}, {0, 1100, 1}}, 3, rng,
           [](TestBatch& b) { b.seq_slot[4] = 3; });  // another sequence at a different slot reading seq 0's pages
       Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-      cuda().sparse_attention(dev(a.q), dev(a.kv), a.c.gpu, a.db.view, ratio == 4 ? dev(a.topk) : Tensor(),
-                              dev(a.sink), a.scale, dev_rope(a.rope), got);
+      a.run_cuda(cuda(), got);
       expect_attention_close(host(got), a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("sparse_attention " + a.name));
       if (!simple()) {  // the tensor-core kernel is the CPU's model of it bit for bit
         const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
@@ -907,11 +920,9 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
           make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1, rng);
       Tensor got_split = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
       Tensor got_one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-      const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
-      const RopeTable drope = dev_rope(a.rope);
-      cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_split);
+      a.run_cuda(cuda(), got_split);
       cuda_attention_split_keys(false);
-      cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_one);
+      a.run_cuda(cuda(), got_one);
       cuda_attention_split_keys(true);
       const Tensor hs = host(got_split), ho = host(got_one);
       expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + a.name));
@@ -933,20 +944,18 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
   for (int64_t ratio : {0, 4, 128}) {
     AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
                                      {{0, 1400, 1}, {1, 700, 40}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng);
-    const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
-    const RopeTable drope = dev_rope(a.rope);
     cuda_attention_split_keys(false);  // one CTA a row: the wgmma kernel's case
     Tensor got_mma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     Tensor got_wgmma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     cuda_attention_use_wgmma(0);
-    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_mma);
+    a.run_cuda(cuda(), got_mma);
     const int64_t before = cuda_attention_wgmma_launches();
     cuda_attention_use_wgmma(1);
-    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma);
+    a.run_cuda(cuda(), got_wgmma);
     cuda_attention_split_keys(true);
     Tensor got_wgmma_split = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     const int64_t split_before = cuda_attention_wgmma_split_launches();
-    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma_split);
+    a.run_cuda(cuda(), got_wgmma_split);
     cuda_attention_use_wgmma(-1);
     EXPECT_EQ(cuda_attention_wgmma_launches(), before + 2) << "the wgmma kernel did not run";
     // Every ratio's rows hold more than one segment (SWA: the window) unless segments outgrow the window.
@@ -976,12 +985,10 @@ TEST_P(CudaAttention, WgmmaAnySplitEqualsOneCtaBitForBit) {
   for (int64_t ratio : {0, 4, 128}) {
     AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
                                      {{0, 1400, 1}, {1, 700, 3}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng);
-    const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
-    const RopeTable drope = dev_rope(a.rope);
     cuda_attention_use_wgmma(1);
     cuda_attention_split_keys(false);
     Tensor got_one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_one);
+    a.run_cuda(cuda(), got_one);
     cuda_attention_split_keys(true);
     const Tensor ho = host(got_one);
     for (int lead_fold : {1, 0})
@@ -990,7 +997,7 @@ TEST_P(CudaAttention, WgmmaAnySplitEqualsOneCtaBitForBit) {
         cuda_attention_force_split_ctas(n);
         Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
         const int64_t split_before = cuda_attention_wgmma_split_launches();
-        cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got);
+        a.run_cuda(cuda(), got);
         cuda_attention_force_split_ctas(0);
         cuda_attention_force_lead_fold(-1);
         if (ratio > 0 || sh.W > kAttentionSegmentKeys) {
@@ -1035,16 +1042,14 @@ TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
       cuda().upload(*t, h.data(), h.nbytes());
     }
     ASSERT_GT(poked_scales, 0);
-    const Tensor dq = dev(a.q), dkv = dev(a.kv), dtopk = ratio == 4 ? dev(a.topk) : Tensor(), dsink = dev(a.sink);
-    const RopeTable drope = dev_rope(a.rope);
     Tensor got_mma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     Tensor got_wgmma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     cuda_attention_split_keys(false);
     cuda_attention_use_wgmma(0);
-    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_mma);
+    a.run_cuda(cuda(), got_mma);
     const int64_t before = cuda_attention_wgmma_launches();
     cuda_attention_use_wgmma(1);
-    cuda().sparse_attention(dq, dkv, a.c.gpu, a.db.view, dtopk, dsink, a.scale, drope, got_wgmma);
+    a.run_cuda(cuda(), got_wgmma);
     cuda_attention_use_wgmma(-1);
     cuda_attention_split_keys(true);
     EXPECT_EQ(cuda_attention_wgmma_launches(), before + 1) << "the wgmma kernel did not run";

@@ -130,15 +130,15 @@ std::atomic<int> g_forced_lead_fold{-1};
 bool lead_fold_wanted(int nsplit) {
   const int forced = g_forced_lead_fold.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
-  static const int mode = [] {
+  enum class LeadFold { kTwoCtas, kAll, kOff };
+  static const LeadFold mode = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_LEAD_FOLD");
-    if (v == nullptr || std::string(v) == "2") return 2;
-    if (std::string(v) == "all") return 0;
-    if (std::string(v) == "off") return 1;
-    DSV4_CHECK(false, "DSV4_CUDA_ATTN_LEAD_FOLD: expected all, 2 or off, got '{}'", v);
-    return 0;
+    if (v == nullptr || std::string(v) == "2") return LeadFold::kTwoCtas;
+    if (std::string(v) == "all") return LeadFold::kAll;
+    DSV4_CHECK(std::string(v) == "off", "DSV4_CUDA_ATTN_LEAD_FOLD: expected all, 2 or off, got '{}'", v);
+    return LeadFold::kOff;
   }();
-  return mode == 0 || (mode == 2 && nsplit == 2);
+  return mode == LeadFold::kAll || (mode == LeadFold::kTwoCtas && nsplit == 2);
 }
 }  // namespace
 
@@ -2022,9 +2022,17 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     const int seg = seg_first + i / W::kTilesPerSeg * seg_step, tile = seg * W::kTilesPerSeg + i % W::kTilesPerSeg;
     return seg < seg_limit && tile < tiles ? tile : -1;
   };
-  // Partial e of head h (o: DH floats, (m, l): two).
-  const auto partial_o = [&](int64_t h, int e) { return sp.o + ((tok * W::kHeads + h) * sp.max_segs + e) * W::kDh; };
+  // Partial e of head h: (m, l), two floats; and its o from this thread's 64 values
+  // v(mb, i) in the accumulator layout (o[mb][i] below), h * max_segs partials on.
   const auto partial_ml = [&](int64_t h, int e) { return sp.ml + ((tok * W::kHeads + h) * sp.max_segs + e) * 2; };
+  const auto store_partial_o = [&](int e, auto&& v) {
+    const int head_stride = sp.max_segs * W::kDh;
+    float* po = sp.o + ((tok * W::kHeads + int64_t(0)) * sp.max_segs + e) * W::kDh + 2 * t * head_stride + 128 * wg + 16 * ww + g;
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = v(mb, i);
+  };
 
   {  // Q: 16-byte piece pc of head h, every load issued before the first store
     constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
@@ -2245,14 +2253,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     // At a segment's end: o to the split's partials, or folded into O in segment
     // order (the weights came with P); within a segment o runs on.
     if (!seg_end) continue;
-    if (per_segment) {  // head h at partial lead_partial + seg - lead of head h, h * max_segs partials on
-      const int head_stride = sp.max_segs * W::kDh;
-      float* po = partial_o(0, lead_partial + seg - lead) + 2 * t * head_stride + 128 * wg + 16 * ww + g;
-#pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
-#pragma unroll
-        for (int i = 0; i < 32; ++i)
-          po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = o[mb][i];
+    if (per_segment) {
+      store_partial_o(lead_partial + seg - lead, [&](int mb, int i) { return o[mb][i]; });
     } else {
 #pragma unroll
       for (int mb = 0; mb < 2; ++mb)
@@ -2269,13 +2271,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   cp_async_wait<0>();
   if (per_segment) return;  // attention_combine_kernel finishes the row
   if (split) {  // the lead CTA: its folded state as the row's partial 0
-    const int head_stride = sp.max_segs * W::kDh;
-    float* po = partial_o(0, 0) + 2 * t * head_stride + 128 * wg + 16 * ww + g;
-#pragma unroll
-    for (int mb = 0; mb < 2; ++mb)
-#pragma unroll
-      for (int i = 0; i < 32; ++i)
-        po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = O_fold[32 * mb + i];
+    store_partial_o(0, [&](int mb, int i) { return O_fold[32 * mb + i]; });
     if (row_writer) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
     return;
   }

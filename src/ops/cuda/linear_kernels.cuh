@@ -410,8 +410,8 @@ __device__ __forceinline__ void fold_tile_slices(const float* src, int split, in
 // The last CTA's fold of a split GEMM whose partials are row-major ([slice][partial_rows]
 // [partial_cols]): each of the tile's outputs, its S partials added in slice order,
 // ((0 + p_0) + p_1) + ..., as split_fold_kernel does, by `threads` threads, handed to
-// store(c, r, v) (c: tile activation row, r: tile weight row). gemm_tile's tiles other
-// than the batched ones, and gemm_wide_kernel's split wo_a.
+// store(c, r, v) (c: tile activation row, r: tile weight row): gemm_tile's tiles other
+// than the batched ones (fold_tile_slices).
 template <int BM, typename Store>
 __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64_t row_base, int64_t col0, int rows,
                                                       int valid_n, int tid, int threads, Store&& store) {
