@@ -36,6 +36,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/attention_split.h"
 #include "ops/cuda/block_sum.cuh"
+#include "ops/cuda/e2m1_bf16.h"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/wgmma.cuh"
@@ -814,6 +815,7 @@ struct ScoreSmem {
   float contrib[kScoreHeads * kCStride];
   float w[kScoreHeads];
   float e2m1[16];
+  E2m1PairBits e2m1_pair[256];  // a byte's two e2m1 values before scaling (ops/cuda/e2m1_bf16.h)
   uint32_t hist[256];
 };
 
@@ -838,7 +840,10 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   for (int h = tid; h < kScoreHeads; h += blockDim.x)
     sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
   if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
-  for (int i = tid; i < 256; i += blockDim.x) sm.hist[i] = 0;
+  for (int i = tid; i < 256; i += blockDim.x) {
+    sm.hist[i] = 0;
+    sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
+  }
   const int64_t rows_here = (n - chunk0) < chunk_rows ? (n - chunk0) : chunk_rows;
   const int pages = int((rows_here + 63) / 64);
   auto page_ptr = [&](int pg) -> const uint8_t* {
@@ -880,19 +885,32 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       uint16_t* out = &sm.ks[r * kQsStride + hf * 64];
       if (valid_page && row0 + r < n) {
         const uint8_t* rec = &sm.raw[pg & 1][r * kIndexRowBytes];
-        const float s0 = core::e8m0_to_float(rec[kScoreDi / 2 + 2 * hf]);
-        const float s1 = core::e8m0_to_float(rec[kScoreDi / 2 + 2 * hf + 1]);
+        const uint32_t e0 = rec[kScoreDi / 2 + 2 * hf], e1 = rec[kScoreDi / 2 + 2 * hf + 1];
+        if (e2m1_scale_in_range(e0) && e2m1_scale_in_range(e1)) {  // the integer decode (e2m1_bf16.h)
+          const uint32_t add0 = e2m1_scale_add(e0), add1 = e2m1_scale_add(e1);
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {  // 8 values from 4 packed bytes
-          const uint32_t packed = *reinterpret_cast<const uint32_t*>(rec + hf * 32 + 4 * c);
-          const float sc = c < 4 ? s0 : s1;
-          uint32_t ow[4];
+          for (int c = 0; c < 8; ++c) {  // 8 values from 4 packed bytes
+            const uint32_t packed = *reinterpret_cast<const uint32_t*>(rec + hf * 32 + 4 * c);
+            const uint32_t add = c < 4 ? add0 : add1;
+            uint32_t ow[4];
 #pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            const uint32_t byte = (packed >> (8 * b)) & 0xffu;
-            ow[b] = pack_bf16(__fmul_rn(sm.e2m1[byte & 15], sc), __fmul_rn(sm.e2m1[byte >> 4], sc));
+            for (int b = 0; b < 4; ++b) ow[b] = e2m1_pair_scaled(sm.e2m1_pair[(packed >> (8 * b)) & 0xffu], add);
+            *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
           }
-          *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+        } else {  // a scale at the edge of the range (subnormal or overflowing products, NaN)
+          const float s0 = core::e8m0_to_float(uint8_t(e0)), s1 = core::e8m0_to_float(uint8_t(e1));
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            const uint32_t packed = *reinterpret_cast<const uint32_t*>(rec + hf * 32 + 4 * c);
+            const float sc = c < 4 ? s0 : s1;
+            uint32_t ow[4];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+              const uint32_t byte = (packed >> (8 * b)) & 0xffu;
+              ow[b] = pack_bf16(__fmul_rn(sm.e2m1[byte & 15], sc), __fmul_rn(sm.e2m1[byte >> 4], sc));
+            }
+            *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
+          }
         }
       } else {
 #pragma unroll
