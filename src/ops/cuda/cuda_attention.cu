@@ -294,11 +294,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
 }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
 __device__ __forceinline__ uint32_t lds32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 // Two fp32 -> one register of two bf16 (low half = lo, the lower column).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
@@ -814,12 +809,10 @@ constexpr int kIndexRowBytes = kScoreDi / 2 + kScoreDi / 32;  // 68
 constexpr int kPageBytes = 64 * kIndexRowBytes;               // 4352
 
 struct ScoreSmem {
-  union {  // the query only until its A fragments are in registers (before the page loop)
-    uint16_t qs[kScoreHeads * kQsStride];
-    float contrib[kScoreHeads * kCStride];
-  };
-  __align__(16) uint16_t ks[64 * kQsStride];
+  uint16_t qs[kScoreHeads * kQsStride];
+  uint16_t ks[64 * kQsStride];
   __align__(16) uint8_t raw[2][kPageBytes];
+  float contrib[kScoreHeads * kCStride];
   float w[kScoreHeads];
   float e2m1[16];
   E2m1PairBits e2m1_pair[256];  // a byte's two e2m1 values before scaling (ops/cuda/e2m1_bf16.h)
@@ -837,6 +830,20 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   if (chunk0 >= n) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int64_t Hi = a.Hi;
+  // Query (zero rows for heads >= Hi), weights, tables.
+  for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
+    const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
+    *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
+  }
+  for (int h = tid; h < kScoreHeads; h += blockDim.x)
+    sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
+  if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
+  for (int i = tid; i < 256; i += blockDim.x) {
+    sm.hist[i] = 0;
+    sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
+  }
   const int64_t rows_here = (n - chunk0) < chunk_rows ? (n - chunk0) : chunk_rows;
   const int pages = int((rows_here + 63) / 64);
   auto page_ptr = [&](int pg) -> const uint8_t* {
@@ -852,21 +859,7 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       for (int i = tid; i < kPageBytes / 16; i += blockDim.x) cp_async16(&sm.raw[pg & 1][16 * i], src + 16 * i);
     cp_async_commit();
   };
-  issue(0);  // the first page's copy goes out ahead of the query's loads
-  // Query (zero rows for heads >= Hi), weights, tables.
-  for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
-    const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
-    *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
-  }
-  for (int h = tid; h < kScoreHeads; h += blockDim.x)
-    sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
-  if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
-  for (int i = tid; i < 256; i += blockDim.x) {
-    sm.hist[i] = 0;
-    sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
-  }
+  issue(0);
   __syncthreads();
   uint32_t afrag[kScoreDi / 16][4];
 #pragma unroll
@@ -930,12 +923,9 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
     for (int nt = 0; nt < 8; ++nt) {
       acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
-      for (int ks = 0; ks < kScoreDi / 16; ks += 2) {
-        // B fragments of k-steps ks and ks + 1 (dims ks * 16 + 8j, j = lane / 8), as lds32 would read them
-        uint32_t b[4];
-        ldmatrix_x4(b, &sm.ks[(nt * 8 + (lane & 7)) * kQsStride + ks * 16 + (lane >> 3) * 8]);
-        mma_bf16(acc[nt], afrag[ks], b[0], b[1]);
-        mma_bf16(acc[nt], afrag[ks + 1], b[2], b[3]);
+      for (int ks = 0; ks < kScoreDi / 16; ++ks) {
+        const uint16_t* k0 = &sm.ks[(nt * 8 + g) * kQsStride + ks * 16 + 2 * tig];
+        mma_bf16(acc[nt], afrag[ks], lds32(k0), lds32(k0 + 8));
       }
     }
     // Per-head contributions bf16(relu(bf16(logit)) * w_h) -> contrib[h][row].
