@@ -51,6 +51,8 @@ int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
+int64_t cuda_linear_cluster_fold_launches();
+void cuda_linear_force_cluster_fold(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
@@ -1098,6 +1100,112 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
       });
     }
   }
+  ops::cuda_linear_force_path(-1);
+}
+
+// Split GEMMs of 33-128 rows (64-row tiles) whose slices make a portable cluster (S <=
+// 8) fold them over distributed shared memory (DSV4_CUDA_CLUSTER_FOLD=1) instead of a
+// split_fold_kernel launch; the same bits: FP8 linears (S = 8 and, with a partial
+// weight tile, S = 4), a stacked pair with its second output, the shared expert's two
+// launches (S = 8, Flash's dims), bf16 with f32 output (a partial tile) and wo_a's
+// grouped FP8-as-bf16 GEMM; also the Hopper model's bits. The test checks that each
+// form's launches happened.
+TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x58);
+  const std::vector<int64_t> rows = {33, 64, 100, 128};
+  auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
+    const auto launched = outputs_per_mode(env, ops::cuda_linear_force_cluster_fold, ops::cuda_linear_fold_launches,
+                                           {{0, launches}}, what + " (fold launches)", op);
+    const auto clustered = outputs_per_mode(env, ops::cuda_linear_force_cluster_fold,
+                                            ops::cuda_linear_cluster_fold_launches, {{1, launches}},
+                                            what + " (cluster folds)", op);
+    for (size_t i = 0; i < launched[0].size(); ++i)
+      expect_bitwise(launched[0][i], clustered[0][i],
+                     what + " cluster fold vs fold launch (output " + std::to_string(i) + ")");
+    return clustered[0];
+  };
+  struct QuantCase {
+    int64_t n, k;
+  };
+  for (const QuantCase c : {QuantCase{512, 1024}, QuantCase{200, 512}, QuantCase{4096, 8192}}) {
+    const QuantLinear hw = host_quant(c.n, c.k, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : rows) {
+      if (c.n == 4096 && M != 64) continue;  // wo_b's shape at 64 rows
+      const Tensor x = rng.bf16({M, c.k});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "fp8 linear " + shape_str(M, c.n, c.k);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+        env.cuda.linear(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.n});
+      env.cpu_hopper->linear(x, hw, ref);
+      expect_bitwise(ref, got[0], what + " vs the Hopper model");
+    }
+  }
+  {  // a stacked pair, the second weight to its own output (S = 8)
+    const QuantLinear ha = host_quant(1024, 1024, false, draw_seed(rng)), hb = host_quant(512, 1024, false, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    for (int64_t M : rows) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, 1024}));
+      compare("fp8 linear_pair M=" + std::to_string(M), 1, [&] {
+        Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, 1024}), yb = device_poisoned(env.cuda, DType::kBF16, {M, 512});
+        env.cuda.linear_pair(dx, da, ya, db, yb);
+        return std::vector<Tensor>{ya, yb};
+      });
+    }
+  }
+  {  // the shared expert (FP8, Flash's dims): gate | up stacked, then down (S = 8 each)
+    const ExpertWeights de = device_expert(env.cuda, host_expert(4096, 2048, false, false, rng));
+    for (int64_t M : {33, 64}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, 4096}, 3.0f));
+      compare("fp8 expert_ffn M=" + std::to_string(M), 2, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, 4096});
+        env.cuda.expert_ffn(dx, de, Tensor(), 10.0f, y);
+        return std::vector<Tensor>{y};
+      });
+    }
+  }
+  {  // bf16, f32 out, a partial weight tile (2 tiles, S = 8)
+    const Tensor hw = rng.bf16({129, 512}, 1.0f / 16.0f);
+    const Tensor dw = to_device(env.cuda, hw);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, 512});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::vector<Tensor> got = compare("bf16 linear " + shape_str(M, 129, 512), 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kF32, {M, 129});
+        env.cuda.linear_bf16(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      Tensor ref = Tensor::empty_cpu(DType::kF32, {M, 129});
+      env.cpu_hopper->linear_bf16(x, hw, ref);
+      expect_bitwise(ref, got[0], "bf16 linear " + shape_str(M, 129, 512) + " vs the Hopper model");
+    }
+  }
+  {  // wo_a's grouped FP8-as-bf16 GEMM: 8 groups of 128 rows, K = 512 a group (S = 8)
+    const int64_t G = 8, R = 128, C = 512;
+    const QuantLinear hw = host_quant(G * R, C, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : rows) {
+      const Tensor x = rng.bf16({M, G * C});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "grouped G=8 " + shape_str(M, R, C);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, G * R});
+        env.cuda.grouped_linear(dx, dw, G, y);
+        return std::vector<Tensor>{y};
+      });
+      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, G * R});
+      env.cpu_hopper->grouped_linear(x, hw, G, ref);
+      expect_bitwise(ref, got[0], what + " vs the Hopper model");
+    }
+  }
+  ops::cuda_linear_force_cluster_fold(-1);
   ops::cuda_linear_force_path(-1);
 }
 

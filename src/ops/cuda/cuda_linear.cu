@@ -57,6 +57,10 @@ void cuda_linear_force_wide(int on);
 // split to split_fold_kernel.
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
+// Test hooks: split GEMM launches so far folded by their clusters (gemm_kernel's kClusterFold);
+// -1 follows DSV4_CUDA_CLUSTER_FOLD (default off), 0 / 1 force it off / on.
+int64_t cuda_linear_cluster_fold_launches();
+void cuda_linear_force_cluster_fold(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -141,10 +145,38 @@ void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& don
   done.fetch_or(bit, std::memory_order_acq_rel);
 }
 
+// The tiles that have a cluster-fold instantiation (run_gemm takes it for split
+// launches that would otherwise need split_fold_kernel: 64-row tiles).
+template <WFmt F, int NT>
+constexpr bool kClusterFoldTiles = NT == 8 && F != WFmt::kFp4;
+
 template <WFmt F, int NT, bool kTwo>
-void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
+void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT>();
   static std::atomic<uint64_t> done{0};
+  if (cluster_fold) {  // the split CTAs of a tile as one cluster (gemm_kernel's kClusterFold)
+    if constexpr (kClusterFoldTiles<F, NT> && !kTwo) {
+      static std::atomic<uint64_t> cluster_done{0};
+      const auto kernel = lk::gemm_kernel<F, NT, false, true>;
+      allow_smem(kernel, smem, be.device_index(), cluster_done);
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = 1;
+      cluster.val.clusterDim.y = 1;
+      cluster.val.clusterDim.z = unsigned(p.split);
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = grid;
+      cfg.blockDim = dim3(lk::kThreads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = be.stream();
+      cfg.attrs = &cluster;
+      cfg.numAttrs = 1;
+      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+      check_launch(be.stream());
+      return;
+    }
+    DSV4_CHECK(false, "gemm: no cluster fold for this tile (nt {}, slices walked {})", NT, kTwo);
+  }
   allow_smem(lk::gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
   lk::gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p);
   check_launch(be.stream());
@@ -161,14 +193,15 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
 }
 
 template <WFmt F>
-void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two) {
+void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two, bool cluster_fold) {
+  const bool c = cluster_fold;
   switch (nt) {
-    case 1: return two ? launch_plain<F, 1, true>(be, p, grid) : launch_plain<F, 1, false>(be, p, grid);
-    case 2: return two ? launch_plain<F, 2, true>(be, p, grid) : launch_plain<F, 2, false>(be, p, grid);
-    case 4: return two ? launch_plain<F, 4, true>(be, p, grid) : launch_plain<F, 4, false>(be, p, grid);
+    case 1: return two ? launch_plain<F, 1, true>(be, p, grid, c) : launch_plain<F, 1, false>(be, p, grid, c);
+    case 2: return two ? launch_plain<F, 2, true>(be, p, grid, c) : launch_plain<F, 2, false>(be, p, grid, c);
+    case 4: return two ? launch_plain<F, 4, true>(be, p, grid, c) : launch_plain<F, 4, false>(be, p, grid, c);
     default:
       if constexpr (F == WFmt::kFp4) DSV4_CHECK(false, "gemm: FP4 tiles hold at most 32 rows (nt {})", nt);
-      else return two ? launch_plain<F, 8, true>(be, p, grid) : launch_plain<F, 8, false>(be, p, grid);
+      else return two ? launch_plain<F, 8, true>(be, p, grid, c) : launch_plain<F, 8, false>(be, p, grid, c);
   }
 }
 
@@ -303,6 +336,18 @@ constexpr int64_t kLastCtaFoldMax = 64;
 std::atomic<int64_t> g_fold_launches{0};
 std::atomic<int> g_force_last_cta_fold{-1};
 
+// The cluster fold of split plain GEMMs (gemm_kernel's kClusterFold) in place of
+// split_fold_kernel's launch, where a tile's slices make a portable cluster (<= 8):
+// opt-in until measured, DSV4_CUDA_CLUSTER_FOLD=1 (docs/design/cuda-linear.md, "The
+// cluster fold"). At bench-1g's 64 rows it would take wo_a, wo_b and the shared
+// expert's two launches a layer (32 of the step's 60 fold launches).
+std::atomic<int64_t> g_cluster_fold_launches{0};
+std::atomic<int> g_force_cluster_fold{-1};
+bool cluster_fold_enabled() {
+  static const bool from_env = env_is("DSV4_CUDA_CLUSTER_FOLD", "1");
+  return forced_or(g_force_cluster_fold, from_env);
+}
+
 int64_t last_cta_fold_max(int nt) {
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
   static const int64_t from_env = [] {
@@ -368,17 +413,21 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
                      int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
   const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
-  DSV4_CHECK(!fold_launch || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
-  if (split) bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
+  const bool cluster_fold =
+      fold_launch && nt == 8 && fmt != WFmt::kFp4 && p.split <= lk::kMaxClusterFold && cluster_fold_enabled();
+  DSV4_CHECK(!fold_launch || cluster_fold || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
+  if (split && !cluster_fold)
+    bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
+  if (cluster_fold) g_cluster_fold_launches.fetch_add(1, std::memory_order_relaxed);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {
-    case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two); break;
-    case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two); break;
-    case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two); break;
-    case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two); break;
+    case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two, cluster_fold); break;
+    case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
+    case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
+    case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
   }
-  if (fold_launch) {
+  if (fold_launch && !cluster_fold) {
     const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
     const int v = v4 ? 4 : 1;
     const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
@@ -547,6 +596,8 @@ void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, s
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
+int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_last_cta_fold(int max_partials) {
   g_force_last_cta_fold.store(max_partials, std::memory_order_relaxed);
 }

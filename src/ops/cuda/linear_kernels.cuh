@@ -196,6 +196,25 @@ struct GemmParams {
 };
 
 // ---- small helpers ------------------------------------------------------------------
+// Thread-block clusters (sm_90): every thread of every CTA of the cluster arrives and
+// waits (release / acquire: shared-memory writes before it are visible after it).
+__device__ __forceinline__ void cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ uint32_t cluster_cta_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+// The float at this CTA's shared address `local` in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ float ld_cluster_f32(uint32_t local, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+constexpr int kMaxClusterFold = 8;  // slices a cluster folds (the portable cluster size)
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -432,7 +451,7 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // (fp4_device_layout.h): a stage of the tile is one run of valid_n x 64 bytes, its
 // rows' pieces swizzled. kTmaW (FP4 experts, whole tiles): each stage comes by one
 // TMA bulk copy; otherwise by cp.async, 16 bytes a thread.
-template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false>
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
@@ -915,6 +934,54 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // batched fold measured +0.5% a step at batch 1 (8-row tiles, 68 -> 91 registers),
   // and the FP4 expert kernel of 4 CTAs an SM spilled with it at its 128-register bound.
   constexpr bool kBatchedFold = kEarlyWeights && batched_fold_tiles(NT);
+  if constexpr (kClusterFold) {  // its own instantiation: the other launches' code is unchanged
+    // The cluster fold (split > 1, the tile's CTAs one cluster, host: split <= 8): each CTA
+    // leaves its slice's p_s (tile row c, weight row r) in its stage buffers, free after
+    // the loop; after a cluster barrier CTA j folds the tile rows c = j, j + S, ...:
+    // thread r adds the S CTAs' p_s for (c, r) in slice order from 0, split_fold_kernel's
+    // sequence (slice s is cluster rank s: blockIdx.z, cluster dims 1 x 1 x S). Rows
+    // padded to 132 floats: the scattered accumulator stores hit distinct banks (bank
+    // 4c + r mod 32, c = 8q + 2t + e).
+    static_assert(kEarlyWeights && !kTwoSets, "the cluster fold: split plain GEMMs");
+    constexpr int kPartStride = kTileN + 4;
+    static_assert(BM * kPartStride * 4 <= kStages * (kWStage + kAStage), "cluster fold: partial in the stages");
+    float* const s_part = reinterpret_cast<float*>(smem);
+    __syncthreads();  // every warp is past its last reads of the stage buffers
+    for_each_acc<NT>([&](int i, int q, int e) {
+      const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
+      s_part[c * kPartStride + r] = cur[i][q][e];
+    });
+    cluster_sync_all();  // every slice's partial is in place
+    const int split = p.split < kMaxClusterFold ? p.split : kMaxClusterFold;
+    if (tid < valid_n) {
+      // Four of the CTA's rows at a time, every slice's load of them in flight before the
+      // adds (a remote load is a round trip through the cluster's network).
+      constexpr int kRowsAtOnce = 4;
+      for (int c0 = int(cluster_cta_rank()); c0 < rows; c0 += kRowsAtOnce * split) {
+        float part[kRowsAtOnce][kMaxClusterFold];
+#pragma unroll
+        for (int j = 0; j < kRowsAtOnce; ++j) {
+          const int c = c0 + j * split;
+          const uint32_t at = smem_u32(s_part + (c < rows ? c : 0) * kPartStride + tid);
+#pragma unroll
+          for (int s = 0; s < kMaxClusterFold; ++s)
+            part[j][s] = c < rows && s < split ? ld_cluster_f32(at, uint32_t(s)) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < kRowsAtOnce; ++j) {
+          const int c = c0 + j * split;
+          if (c >= rows) break;
+          float v = 0.0f;
+#pragma unroll
+          for (int s = 0; s < kMaxClusterFold; ++s)
+            if (s < split) v += part[j][s];
+          store(c, tid, v);
+        }
+      }
+    }
+    cluster_sync_all();  // no CTA exits while another still reads its shared memory
+    return;
+  }
   if (!kTwoSets && p.split > 1) {  // (launches of two sets walk their slices: split == 1)
     // The batched fold's partials are tile-major (GemmParams::partial): [tile][slice][BM][kTileN].
     const bool tile_major = kBatchedFold && p.counters != nullptr;
@@ -953,8 +1020,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 // with the row tile varying fastest in launch order, so that the row tiles of one
 // weight tile are resident together and read its bytes from DRAM once (the LM head
 // at M = 256 is 1 GB, four times L2 and more). Roofline: N*K weight bytes once,
-// 2*M*N*K FLOPs; wq_b (33.6 MB FP8) is 8 µs at 4.2 TB/s.
-template <WFmt F, int NT, bool kTwoSets>
+// 2*M*N*K FLOPs; wq_b (33.6 MB FP8) is 8 µs at 4.2 TB/s. kClusterFold (split > 1):
+// launched in clusters of a tile's split CTAs (cluster dims 1 x 1 x split, split <= 8),
+// which fold the slices over distributed shared memory: no partials in global memory,
+// no counters, no fold launch.
+template <WFmt F, int NT, bool kTwoSets, bool kClusterFold = false>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int BM = 8 * NT;  // gemm_tile waits for the predecessor after its first weight copies
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
@@ -962,7 +1032,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
   const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
-  gemm_tile<F, NT, kTwoSets, true>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows, linear);
+  gemm_tile<F, NT, kTwoSets, true, false, kClusterFold>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
+                                                       linear);
 }
 
 // The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
