@@ -145,10 +145,11 @@ void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& don
   done.fetch_or(bit, std::memory_order_acq_rel);
 }
 
-// The tiles that have a cluster-fold instantiation (run_gemm takes it for split
-// launches that would otherwise need split_fold_kernel: 64-row tiles).
+// The tiles that have a cluster-fold instantiation: run_gemm takes it for split
+// launches that would otherwise need split_fold_kernel (16- to 64-row tiles: from 9
+// rows, where S x rows passes the last-CTA fold's limit).
 template <WFmt F, int NT>
-constexpr bool kClusterFoldTiles = NT == 8 && F != WFmt::kFp4;
+constexpr bool kClusterFoldTiles = NT >= 2 && F != WFmt::kFp4;
 
 template <WFmt F, int NT, bool kTwo>
 void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold) {
@@ -340,7 +341,8 @@ std::atomic<int> g_force_last_cta_fold{-1};
 // split_fold_kernel's launch, where a tile's slices make a portable cluster (<= 8):
 // opt-in until measured, DSV4_CUDA_CLUSTER_FOLD=1 (docs/design/cuda-linear.md, "The
 // cluster fold"). At bench-1g's 64 rows it would take wo_a, wo_b and the shared
-// expert's two launches a layer (32 of the step's 60 fold launches).
+// expert's two launches a layer (32 of the step's 60 fold launches); at 16 rows wo_b
+// and the shared expert's (24 of 52).
 std::atomic<int64_t> g_cluster_fold_launches{0};
 std::atomic<int> g_force_cluster_fold{-1};
 bool cluster_fold_enabled() {
@@ -414,7 +416,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   p.split = split ? p.slices : 1;
   const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   const bool cluster_fold =
-      fold_launch && nt == 8 && fmt != WFmt::kFp4 && p.split <= lk::kMaxClusterFold && cluster_fold_enabled();
+      fold_launch && nt >= 2 && fmt != WFmt::kFp4 && p.split <= lk::kMaxClusterFold && cluster_fold_enabled();
   DSV4_CHECK(!fold_launch || cluster_fold || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
   if (split && !cluster_fold)
     bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
