@@ -793,6 +793,11 @@ struct ForcedMode {
   int64_t launches;
 };
 
+// An FP8 linear's shape: n weight rows (outputs), k inputs.
+struct QuantCase {
+  int64_t n, k;
+};
+
 // The outputs of `op` (a vector of device tensors), copied to the host, once per mode,
 // each run's launch count checked; the switch is left to its default (-1) after.
 template <typename Op>
@@ -915,9 +920,6 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
                        what + (wide == 1 ? " wide" : " wide 64-row") + " vs small tiles (output " + std::to_string(i) +
                            ")");
     return got[1];
-  };
-  struct QuantCase {
-    int64_t n, k;
   };
   // S = 1 with a partial weight tile; S = 4 walked; 32 slices (Flash's wq_a shape).
   for (const QuantCase c : {QuantCase{200, 384}, QuantCase{1000, 2048}, QuantCase{1024, 4096}}) {
@@ -1128,9 +1130,6 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
       expect_bitwise(launched[0][i], clustered[0][i],
                      what + " cluster fold vs fold launch (output " + std::to_string(i) + ")");
     return clustered[0];
-  };
-  struct QuantCase {
-    int64_t n, k;
   };
   for (const QuantCase c : {QuantCase{512, 1024}, QuantCase{200, 512}, QuantCase{4096, 8192}}) {
     const QuantLinear hw = host_quant(c.n, c.k, false, draw_seed(rng));
