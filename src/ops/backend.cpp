@@ -239,6 +239,23 @@ void Backend::kv_rope_quant(const Tensor& kv, const BatchView& batch, const Rope
   do_kv_rope_quant(kv, batch, rope);
 }
 
+void Backend::rms_norm_kv_rope_quant(const Tensor& kv, const Tensor& weight, float eps, const BatchView& batch,
+                                     const RopeTable& rope) {
+  const auto d = device();
+  expect(kv, DType::kBF16, {-1, -1}, d, "rms_norm_kv_rope_quant", "kv");
+  expect(weight, DType::kBF16, {kv.size(1)}, d, "rms_norm_kv_rope_quant", "weight");
+  DSV4_CHECK((kv.size(1) - rope.rope_dim) % 64 == 0, "rms_norm_kv_rope_quant: nope dims {} not a multiple of 64",
+             kv.size(1) - rope.rope_dim);
+  expect_batch(batch, kv.size(0), "rms_norm_kv_rope_quant");
+  do_rms_norm_kv_rope_quant(kv, weight, eps, batch, rope);
+}
+
+void Backend::do_rms_norm_kv_rope_quant(const Tensor& kv, const Tensor& weight, float eps, const BatchView& batch,
+                                        const RopeTable& rope) {
+  do_rms_norm(kv, weight, eps, kv);
+  do_kv_rope_quant(kv, batch, rope);
+}
+
 namespace {
 // hc_pre's contract, shared with hc_pre_norm (op: the name in the messages).
 void expect_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x, const Tensor& post,
