@@ -253,6 +253,18 @@ TEST_F(CudaPointwise, QNormRopeMatchesCpu) {
     }
 }
 
+// T KV rows of Dh values, the first 64-value block of every row scaled by `tiny` and,
+// where Dh > 128, the second by `large`: FP8 blocks at the 1e-4 amax floor and large ones.
+Tensor kv_rows(Rng& rng, int64_t T, int64_t Dh, float tiny, float large) {
+  Tensor kv = rng.bf16({T, Dh}, 1.5f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < 64; ++i) {
+      kv.as<uint16_t>()[t * Dh + i] = core::float_to_bf16(testing::bf(kv, t * Dh + i) * tiny);
+      if (Dh > 128) kv.as<uint16_t>()[t * Dh + 64 + i] = core::float_to_bf16(testing::bf(kv, t * Dh + 64 + i) * large);
+    }
+  return kv;
+}
+
 TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
   Rng rng(206);
   for (int64_t Dh : {512, 128})
@@ -260,13 +272,7 @@ TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
       const RopeTable rope = host_rope(Dh == 512);
       TestBatch b = random_batch(T, rng);
       DeviceBatch db = upload_batch(cuda(), b);
-      Tensor kv = rng.bf16({T, Dh}, 1.5f);
-      // Some blocks tiny (the 1e-4 amax floor) and some large.
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t i = 0; i < 64; ++i) {
-          kv.as<uint16_t>()[t * Dh + i] = core::float_to_bf16(testing::bf(kv, t * Dh + i) * 1e-6f);
-          if (Dh > 128) kv.as<uint16_t>()[t * Dh + 64 + i] = core::float_to_bf16(testing::bf(kv, t * Dh + 64 + i) * 3e4f);
-        }
+      const Tensor kv = kv_rows(rng, T, Dh, 1e-6f, 3e4f);
       Tensor want = copy_host(kv);
       cpu().kv_rope_quant(want, b.view(), rope);
       Tensor dkv = dev(kv);
@@ -277,7 +283,7 @@ TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
 
 // rms_norm_kv_rope_quant in one launch (DSV4_CUDA_KV_NORM_FUSED=1) gives the bits of
 // its two launches (rms_norm, then kv_rope_quant: each against the CPU above), pad
-// rows and tiny blocks included.
+// rows and tiny blocks (tiny after the norm too) included.
 TEST_F(CudaPointwise, RmsNormKvRopeQuantInOneLaunchEqualsTwoBitForBit) {
   Rng rng(208);
   for (int64_t Dh : {512, 128})
@@ -285,10 +291,7 @@ TEST_F(CudaPointwise, RmsNormKvRopeQuantInOneLaunchEqualsTwoBitForBit) {
       const RopeTable rope = host_rope(Dh == 512);
       TestBatch b = random_batch(T, rng);
       DeviceBatch db = upload_batch(cuda(), b);
-      Tensor kv = rng.bf16({T, Dh}, 1.5f);
-      for (int64_t t = 0; t < T; ++t)  // a tiny block (after the norm, too) in every row
-        for (int64_t i = 0; i < 64; ++i)
-          kv.as<uint16_t>()[t * Dh + i] = core::float_to_bf16(testing::bf(kv, t * Dh + i) * 1e-4f);
+      const Tensor kv = kv_rows(rng, T, Dh, 1e-4f, 1.0f);
       const Tensor w = rng.bf16({Dh}, 1.0f), dw = dev(w);
       const std::string what = "rms_norm_kv_rope_quant T=" + std::to_string(T) + " Dh=" + std::to_string(Dh);
       std::vector<Tensor> got;
