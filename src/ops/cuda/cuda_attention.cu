@@ -886,31 +886,26 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       if (valid_page && row0 + r < n) {
         const uint8_t* rec = &sm.raw[pg & 1][r * kIndexRowBytes];
         const uint32_t e0 = rec[kScoreDi / 2 + 2 * hf], e1 = rec[kScoreDi / 2 + 2 * hf + 1];
-        if (e2m1_scale_in_range(e0) && e2m1_scale_in_range(e1)) {  // the integer decode (e2m1_bf16.h)
-          const uint32_t add0 = e2m1_scale_add(e0), add1 = e2m1_scale_add(e1);
-#pragma unroll
-          for (int c = 0; c < 8; ++c) {  // 8 values from 4 packed bytes
-            const uint32_t packed = *reinterpret_cast<const uint32_t*>(rec + hf * 32 + 4 * c);
-            const uint32_t add = c < 4 ? add0 : add1;
-            uint32_t ow[4];
-#pragma unroll
-            for (int b = 0; b < 4; ++b) ow[b] = e2m1_pair_scaled(sm.e2m1_pair[(packed >> (8 * b)) & 0xffu], add);
-            *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
-          }
-        } else {  // a scale at the edge of the range (subnormal or overflowing products, NaN)
-          const float s0 = core::e8m0_to_float(uint8_t(e0)), s1 = core::e8m0_to_float(uint8_t(e1));
+        // 8 values from 4 packed bytes at a time; pair(byte, c) is a byte's two values as bf16.
+        auto decode = [&](auto&& pair) {
 #pragma unroll
           for (int c = 0; c < 8; ++c) {
             const uint32_t packed = *reinterpret_cast<const uint32_t*>(rec + hf * 32 + 4 * c);
-            const float sc = c < 4 ? s0 : s1;
             uint32_t ow[4];
 #pragma unroll
-            for (int b = 0; b < 4; ++b) {
-              const uint32_t byte = (packed >> (8 * b)) & 0xffu;
-              ow[b] = pack_bf16(__fmul_rn(sm.e2m1[byte & 15], sc), __fmul_rn(sm.e2m1[byte >> 4], sc));
-            }
+            for (int b = 0; b < 4; ++b) ow[b] = pair((packed >> (8 * b)) & 0xffu, c);
             *reinterpret_cast<uint4*>(out + 8 * c) = make_uint4(ow[0], ow[1], ow[2], ow[3]);
           }
+        };
+        if (e2m1_scale_in_range(e0) && e2m1_scale_in_range(e1)) {  // the integer decode (e2m1_bf16.h)
+          const uint32_t add0 = e2m1_scale_add(e0), add1 = e2m1_scale_add(e1);
+          decode([&](uint32_t byte, int c) { return e2m1_pair_scaled(sm.e2m1_pair[byte], c < 4 ? add0 : add1); });
+        } else {  // a scale at the edge of the range (subnormal or overflowing products, NaN)
+          const float s0 = core::e8m0_to_float(uint8_t(e0)), s1 = core::e8m0_to_float(uint8_t(e1));
+          decode([&](uint32_t byte, int c) {
+            const float sc = c < 4 ? s0 : s1;
+            return pack_bf16(__fmul_rn(sm.e2m1[byte & 15], sc), __fmul_rn(sm.e2m1[byte >> 4], sc));
+          });
         }
       } else {
 #pragma unroll
