@@ -213,7 +213,8 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   // The KV row: norm, RoPE, FP8 quantization (written to the window after attention).
   program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}}, {{"kv", b.kv.data()}},
                           [&be, &w, batch, kv, rope, eps] {
-                            be.rms_norm_kv_rope_quant(kv, w.kv_norm, eps, batch, rope);
+                            be.rms_norm(kv, w.kv_norm, eps, kv);
+                            be.kv_rope_quant(kv, batch, rope);
                           }});
   if (csa) {
     program.push_back(Stage{

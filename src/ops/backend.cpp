@@ -231,32 +231,11 @@ void Backend::q_norm_rope(const Tensor& q, const BatchView& batch, const RopeTab
   do_q_norm_rope(q, batch, rope, eps);
 }
 
-namespace {
-// kv_rope_quant's contract (op: the name in the messages).
-void expect_kv_row(const Tensor& kv, const BatchView& batch, const RopeTable& rope, core::Device d, const char* op) {
-  expect(kv, DType::kBF16, {-1, -1}, d, op, "kv");
-  DSV4_CHECK((kv.size(1) - rope.rope_dim) % 64 == 0, "{}: nope dims {} not a multiple of 64", op,
-             kv.size(1) - rope.rope_dim);
-  expect_batch(batch, kv.size(0), op);
-}
-}  // namespace
-
 void Backend::kv_rope_quant(const Tensor& kv, const BatchView& batch, const RopeTable& rope) {
-  expect_kv_row(kv, batch, rope, device(), "kv_rope_quant");
-  do_kv_rope_quant(kv, batch, rope);
-}
-
-void Backend::rms_norm_kv_rope_quant(const Tensor& kv, const Tensor& weight, float eps, const BatchView& batch,
-                                     const RopeTable& rope) {
-  const auto d = device();
-  expect_kv_row(kv, batch, rope, d, "rms_norm_kv_rope_quant");
-  expect(weight, DType::kBF16, {kv.size(1)}, d, "rms_norm_kv_rope_quant", "weight");
-  do_rms_norm_kv_rope_quant(kv, weight, eps, batch, rope);
-}
-
-void Backend::do_rms_norm_kv_rope_quant(const Tensor& kv, const Tensor& weight, float eps, const BatchView& batch,
-                                        const RopeTable& rope) {
-  do_rms_norm(kv, weight, eps, kv);
+  expect(kv, DType::kBF16, {-1, -1}, device(), "kv_rope_quant", "kv");
+  DSV4_CHECK((kv.size(1) - rope.rope_dim) % 64 == 0, "kv_rope_quant: nope dims {} not a multiple of 64",
+             kv.size(1) - rope.rope_dim);
+  expect_batch(batch, kv.size(0), "kv_rope_quant");
   do_kv_rope_quant(kv, batch, rope);
 }
 

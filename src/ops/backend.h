@@ -159,10 +159,6 @@ class Backend {
   // KV row finish (spec §5.2): forward RoPE of the last rope_dim, FP8 e4m3 QAT
   // simulation (block 64, UE8M0) of the rest. kv bf16 [T, Dh], in place.
   void kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope);
-  // The KV row's norm and finish: rms_norm(kv, weight, eps) in place, then
-  // kv_rope_quant (a backend may do both in one pass).
-  void rms_norm_kv_rope_quant(const core::Tensor& kv, const core::Tensor& weight, float eps, const BatchView& batch,
-                              const RopeTable& rope);
 
   // mHC pre (spec §4.1): x bf16 [T, D], post f32 [T, hc], comb f32 [T, hc, hc] from X bf16 [T, hc, D].
   void hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
@@ -347,9 +343,6 @@ class Backend {
                               const QuantLinear& wb, const core::Tensor& yb);
   virtual void do_linear_bf16_pair(const core::Tensor& x, const core::Tensor& wa, const core::Tensor& ya,
                                    const core::Tensor& wb, const core::Tensor& yb);
-  // Default: rms_norm then kv_rope_quant.
-  virtual void do_rms_norm_kv_rope_quant(const core::Tensor& kv, const core::Tensor& weight, float eps,
-                                         const BatchView& batch, const RopeTable& rope);
   // Defaults: the ops in sequence. wb == nullptr: rms_norm_linear (one weight).
   virtual void do_rms_norm_linear(const core::Tensor& x, const core::Tensor& norm_weight, float eps,
                                   const core::Tensor& xn, const QuantLinear& wa, const core::Tensor& ya,

@@ -255,33 +255,6 @@ TEST_F(CpuOps, NormLinearOpsAreTheirPartsInSequence) {
   }
 }
 
-// rms_norm_kv_rope_quant (the KV row's norm and finish) is rms_norm in place, then
-// kv_rope_quant; a weight of the wrong length is named.
-TEST_F(CpuOps, RmsNormKvRopeQuantIsRmsNormThenKvRopeQuant) {
-  Rng rng(7);
-  const int64_t Dh = 512;
-  testing::HostBatch hb({{0, 40, 3}, {1, 0, 2}}, 1);
-  const BatchView batch = hb.view();
-  RopeTable rope{Tensor::empty_cpu(DType::kF32, {32}), 64};
-  auto inv = rope_inv_freq(64, 160000, true, 16, 65536, 32, 1);
-  std::copy(inv.begin(), inv.end(), rope.inv_freq.as<float>());
-  const Tensor kv = rng.bf16({5, Dh}, 2.0f), w = rng.bf16({Dh});
-  Tensor want = Tensor::empty_cpu(DType::kBF16, {5, Dh}), got = Tensor::empty_cpu(DType::kBF16, {5, Dh});
-  std::memcpy(want.data(), kv.data(), kv.nbytes());
-  std::memcpy(got.data(), kv.data(), kv.nbytes());
-  be->rms_norm(want, w, 1e-6f, want);
-  be->kv_rope_quant(want, batch, rope);
-  be->rms_norm_kv_rope_quant(got, w, 1e-6f, batch, rope);
-  EXPECT_EQ(std::memcmp(got.data(), want.data(), want.nbytes()), 0);
-  try {
-    be->rms_norm_kv_rope_quant(got, rng.bf16({Dh - 64}), 1e-6f, batch, rope);
-    ADD_FAILURE() << "a weight of the wrong length was accepted";
-  } catch (const core::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("rms_norm_kv_rope_quant"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("weight"), std::string::npos) << e.what();
-  }
-}
-
 // hc_post_pre_norm(_linear_pair) is hc_post (or moe_output_hc_post), then
 // hc_pre_norm (and linear_pair), with post and comb read and then overwritten in place.
 TEST_F(CpuOps, HcPostPreNormIsHcPostThenHcPreNorm) {

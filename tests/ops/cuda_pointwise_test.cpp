@@ -30,8 +30,6 @@
 
 namespace dsv4::ops {
 void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
-void cuda_force_kv_norm_fused(int on);
-int64_t cuda_kv_norm_fused_launches();
 int64_t cuda_hc_row_mix_launches();
 namespace {
 
@@ -278,35 +276,6 @@ TEST_F(CudaPointwise, KvRopeQuantMatchesCpu) {
       Tensor dkv = dev(kv);
       cuda().kv_rope_quant(dkv, db.view, dev_rope(rope));
       expect_bf16_close(host(dkv), want, 1, 4, "kv_rope_quant");
-    }
-}
-
-// rms_norm_kv_rope_quant in one launch (DSV4_CUDA_KV_NORM_FUSED=1) gives the bits of
-// its two launches (rms_norm, then kv_rope_quant: each against the CPU above), pad
-// rows and tiny blocks (tiny after the norm too) included.
-TEST_F(CudaPointwise, RmsNormKvRopeQuantInOneLaunchEqualsTwoBitForBit) {
-  Rng rng(208);
-  for (int64_t Dh : {512, 128})
-    for (int64_t T : kRows) {
-      const RopeTable rope = host_rope(Dh == 512);
-      TestBatch b = random_batch(T, rng);
-      DeviceBatch db = upload_batch(cuda(), b);
-      const Tensor kv = kv_rows(rng, T, Dh, 1e-4f, 1.0f);
-      const Tensor w = rng.bf16({Dh}, 1.0f), dw = dev(w);
-      const std::string what = "rms_norm_kv_rope_quant T=" + std::to_string(T) + " Dh=" + std::to_string(Dh);
-      std::vector<Tensor> got;
-      for (int fused : {0, 1}) {
-        cuda_force_kv_norm_fused(fused);
-        const int64_t before = cuda_kv_norm_fused_launches();
-        Tensor dkv = dev(kv);
-        cuda().rms_norm_kv_rope_quant(dkv, dw, 1e-6f, db.view, dev_rope(rope));
-        EXPECT_EQ(cuda_kv_norm_fused_launches() - before, fused == 1 && T > 0 ? 1 : 0) << what;
-        got.push_back(host(dkv));
-      }
-      cuda_force_kv_norm_fused(-1);
-      ASSERT_EQ(got[0].nbytes(), got[1].nbytes()) << what;
-      EXPECT_EQ(got[0].nbytes() ? std::memcmp(got[0].data(), got[1].data(), got[0].nbytes()) : 0, 0)
-          << what << ": one launch differs from two";
     }
 }
 

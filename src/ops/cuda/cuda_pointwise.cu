@@ -35,10 +35,6 @@ using core::Tensor;
 // without an hc_post source; and how many launches took it.
 void cuda_hc_force_row_mix(int on);
 int64_t cuda_hc_row_mix_launches();
-// Test hooks: rms_norm_kv_rope_quant launches so far in one kernel; -1 follows
-// DSV4_CUDA_KV_NORM_FUSED (default off: two launches), 0 / 1 force it off / on.
-void cuda_force_kv_norm_fused(int on);
-int64_t cuda_kv_norm_fused_launches();
 
 namespace {
 
@@ -322,9 +318,14 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
   return core::pow2_float(-e);
 }
 
-// One row v (Dh values) by one warp, every lane taking part (the shuffles).
-__device__ __forceinline__ void kv_rope_quant_row(uint16_t* __restrict__ v, int lane, int32_t pos,
-                                                  const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
+__global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const int32_t* __restrict__ positions,
+                                     const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
+  wait_for_predecessor();
+  const int lane = threadIdx.x & 31;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= T) return;  // whole warps exit together
+  const int32_t pos = positions[row];
+  uint16_t* v = kv + row * Dh;
   const int64_t nope = Dh - rd;
   for (int64_t base = 0; base < Dh; base += 256) {
     const int64_t i = base + 8 * lane;
@@ -365,31 +366,6 @@ __device__ __forceinline__ void kv_rope_quant_row(uint16_t* __restrict__ v, int 
     }
     store_bf<8>(v + i, b);
   }
-}
-
-__global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const int32_t* __restrict__ positions,
-                                     const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
-  wait_for_predecessor();
-  const int lane = threadIdx.x & 31;
-  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= T) return;  // whole warps exit together
-  kv_rope_quant_row(kv + row * Dh, lane, positions[row], inv_freq, Dh, rd);
-}
-
-// rms_norm_kv_rope_quant in one launch: a CTA a row normalises it in place as
-// rms_norm_kernel<8> does, then its first warp finishes it as kv_rope_quant_kernel
-// does (the same bits, one launch and one dependent boundary fewer a layer).
-// Opt-in until measured: DSV4_CUDA_KV_NORM_FUSED=1.
-__global__ void rms_norm_kv_rope_quant_kernel(uint16_t* kv, const uint16_t* __restrict__ w, int64_t Dh, float eps,
-                                              const int32_t* __restrict__ positions,
-                                              const float* __restrict__ inv_freq, int64_t rd) {
-  wait_for_predecessor();
-  __shared__ float red[32];
-  const int64_t row = blockIdx.x;
-  uint16_t* v = kv + row * Dh;
-  rms_norm_row<8>(v, w, Dh, eps, v, red);
-  __syncthreads();  // the normalised row, stored by every thread, is visible to the first warp
-  if (threadIdx.x < 32) kv_rope_quant_row(v, int(threadIdx.x), positions[row], inv_freq, Dh, rd);
 }
 
 // ---- mHC: hc_pre / hc_head -----------------------------------------------------
@@ -1249,26 +1225,6 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   check_launch(stream_);
 }
 
-// DSV4_CUDA_KV_NORM_FUSED=1: rms_norm_kv_rope_quant_kernel (opt-in until measured).
-namespace {
-std::atomic<int> g_force_kv_norm_fused{-1};
-std::atomic<int64_t> g_kv_norm_fused_launches{0};
-}  // namespace
-
-void CudaBackend::do_rms_norm_kv_rope_quant(const Tensor& kv, const Tensor& weight, float eps,
-                                            const BatchView& batch, const RopeTable& rope) {
-  static const bool from_env = env_is("DSV4_CUDA_KV_NORM_FUSED", "1");
-  const int forced = g_force_kv_norm_fused.load(std::memory_order_relaxed);
-  const bool fused = forced >= 0 ? forced == 1 : from_env;
-  const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
-  if (!fused || T == 0 || Dh % 8 != 0 || rd % 2 != 0 || !aligned16(kv.data()) || !aligned16(weight.data()))
-    return Backend::do_rms_norm_kv_rope_quant(kv, weight, eps, batch, rope);
-  rms_norm_kv_rope_quant_kernel<<<unsigned(T), 256, 0, stream_>>>(kv.as<uint16_t>(), weight.as<uint16_t>(), Dh, eps,
-                                                                  batch.positions, rope.inv_freq.as<float>(), rd);
-  check_launch(stream_);
-  g_kv_norm_fused_launches.fetch_add(1, std::memory_order_relaxed);
-}
-
 void CudaBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, const RopeTable& rope) {
   const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
   if (T == 0) return;
@@ -1552,7 +1508,5 @@ void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, cons
 
 void cuda_hc_force_row_mix(int on) { g_force_row_mix.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_order_relaxed); }
-void cuda_force_kv_norm_fused(int on) { g_force_kv_norm_fused.store(on, std::memory_order_relaxed); }
-int64_t cuda_kv_norm_fused_launches() { return g_kv_norm_fused_launches.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
