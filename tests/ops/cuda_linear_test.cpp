@@ -1020,6 +1020,7 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
 TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
+  ops::cuda_linear_force_cluster_fold(0);  // (16-row tiles of S <= 8 fold in clusters by default)
   Env env;
   Rng rng(0x57);
   const std::vector<int64_t> rows = {9, 16, 17, 32};
@@ -1102,29 +1103,32 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
       });
     }
   }
+  ops::cuda_linear_force_cluster_fold(-1);
   ops::cuda_linear_force_path(-1);
 }
 
-// Split GEMMs of 16-, 32- and 64-row tiles whose slices make a portable cluster (S <=
-// 8) fold them over distributed shared memory (DSV4_CUDA_CLUSTER_FOLD=1) instead of a
-// split_fold_kernel launch; the same bits: FP8 linears (S = 8 and, with a partial
+// Split GEMMs of 16-row tiles (9-16 rows) whose slices make a portable cluster (S <= 8)
+// fold them over distributed shared memory (the default; DSV4_CUDA_CLUSTER_FOLD=0 keeps
+// split_fold_kernel's launch); the same bits: FP8 linears (S = 8 and, with a partial
 // weight tile, S = 4), a stacked pair with its second output, the shared expert's two
 // launches (S = 8, Flash's dims), bf16 with f32 output (a partial tile) and wo_a's
 // grouped FP8-as-bf16 GEMM; also the Hopper model's bits. The test checks that each
-// form's launches happened (where S x rows <= 64 the last CTA folds: neither).
+// form's launches happened (where S x rows <= 64 the last CTA folds: neither) and that
+// 32- and 64-row tiles keep the fold launch when the cluster fold is on.
 TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x58);
-  const std::vector<int64_t> rows = {16, 32, 33, 64, 100, 128};
+  const std::vector<int64_t> rows = {9, 16, 32, 33, 64, 100, 128};
   // Launches of a split GEMM of S slices at M rows that fold in a launch or a cluster.
   auto folded = [](int64_t S, int64_t M, int64_t launches) { return S * M > 64 ? launches : int64_t(0); };
-  auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
+  auto compare = [&](const std::string& what, int64_t m, int64_t launches,
+                     const std::function<std::vector<Tensor>()>& op) {
     const auto launched = outputs_per_mode(env, ops::cuda_linear_force_cluster_fold, ops::cuda_linear_fold_launches,
                                            {{0, launches}}, what + " (fold launches)", op);
     const auto clustered = outputs_per_mode(env, ops::cuda_linear_force_cluster_fold,
-                                            ops::cuda_linear_cluster_fold_launches, {{1, launches}},
+                                            ops::cuda_linear_cluster_fold_launches, {{1, m <= 16 ? launches : 0}},
                                             what + " (cluster folds)", op);
     for (size_t i = 0; i < launched[0].size(); ++i)
       expect_bitwise(launched[0][i], clustered[0][i],
@@ -1140,7 +1144,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
       const Tensor x = rng.bf16({M, c.k});
       const Tensor dx = to_device(env.cuda, x);
       const std::string what = "fp8 linear " + shape_str(M, c.n, c.k);
-      const std::vector<Tensor> got = compare(what, folded(S, M, 1), [&] {
+      const std::vector<Tensor> got = compare(what, M, folded(S, M, 1), [&] {
         Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
         env.cuda.linear(dx, dw, y);
         return std::vector<Tensor>{y};
@@ -1155,7 +1159,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
     const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
     for (int64_t M : rows) {
       const Tensor dx = to_device(env.cuda, rng.bf16({M, 1024}));
-      compare("fp8 linear_pair M=" + std::to_string(M), folded(8, M, 1), [&] {
+      compare("fp8 linear_pair M=" + std::to_string(M), M, folded(8, M, 1), [&] {
         Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, 1024}), yb = device_poisoned(env.cuda, DType::kBF16, {M, 512});
         env.cuda.linear_pair(dx, da, ya, db, yb);
         return std::vector<Tensor>{ya, yb};
@@ -1166,7 +1170,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
     const ExpertWeights de = device_expert(env.cuda, host_expert(4096, 2048, false, false, rng));
     for (int64_t M : {16, 33, 64}) {
       const Tensor dx = to_device(env.cuda, rng.bf16({M, 4096}, 3.0f));
-      compare("fp8 expert_ffn M=" + std::to_string(M), folded(8, M, 2), [&] {
+      compare("fp8 expert_ffn M=" + std::to_string(M), M, folded(8, M, 2), [&] {
         Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, 4096});
         env.cuda.expert_ffn(dx, de, Tensor(), 10.0f, y);
         return std::vector<Tensor>{y};
@@ -1179,7 +1183,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
     for (int64_t M : rows) {
       const Tensor x = rng.bf16({M, 512});
       const Tensor dx = to_device(env.cuda, x);
-      const std::vector<Tensor> got = compare("bf16 linear " + shape_str(M, 129, 512), folded(8, M, 1), [&] {
+      const std::vector<Tensor> got = compare("bf16 linear " + shape_str(M, 129, 512), M, folded(8, M, 1), [&] {
         Tensor y = device_poisoned(env.cuda, DType::kF32, {M, 129});
         env.cuda.linear_bf16(dx, dw, y);
         return std::vector<Tensor>{y};
@@ -1197,7 +1201,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
       const Tensor x = rng.bf16({M, G * C});
       const Tensor dx = to_device(env.cuda, x);
       const std::string what = "grouped G=8 " + shape_str(M, R, C);
-      const std::vector<Tensor> got = compare(what, folded(8, M, 1), [&] {
+      const std::vector<Tensor> got = compare(what, M, folded(8, M, 1), [&] {
         Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, G * R});
         env.cuda.grouped_linear(dx, dw, G, y);
         return std::vector<Tensor>{y};

@@ -58,7 +58,7 @@ void cuda_linear_force_wide(int on);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 // Test hooks: split GEMM launches so far folded by their clusters (gemm_kernel's kClusterFold);
-// -1 follows DSV4_CUDA_CLUSTER_FOLD (default off), 0 / 1 force it off / on.
+// -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
@@ -130,6 +130,17 @@ static_assert(lk::kTileN == kGemmTileRows && lk::kMaxSlices == kGemmMaxSlices, "
 // Split launches write S fp32 partials per output; beyond this many bytes the
 // CTAs walk their slices in sequence instead.
 constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
+// Plain GEMMs' cap: kMaxPartialBytes, or DSV4_CUDA_GEMM_SPLIT_MAX_MB=N for A/B runs (at
+// bench-1g's 256 rows wq_a + wkv's 32 slices would write 48 MiB: 96 CTAs walk them,
+// 30 µs a launch for 6 MB of weights).
+int64_t plain_max_partial_bytes() {
+  static const int64_t bytes = [] {
+    const char* v = std::getenv("DSV4_CUDA_GEMM_SPLIT_MAX_MB");
+    const long long mb = v != nullptr ? std::atoll(v) : 0;
+    return mb > 0 ? int64_t(mb) << 20 : kMaxPartialBytes;
+  }();
+  return bytes;
+}
 
 int nt_for_rows(int64_t rows) { return rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
 
@@ -146,10 +157,11 @@ void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& don
 }
 
 // The tiles that have a cluster-fold instantiation: run_gemm takes it for split
-// launches that would otherwise need split_fold_kernel (16- to 64-row tiles: from 9
-// rows, where S x rows passes the last-CTA fold's limit).
+// launches of 16-row tiles (9-16 rows) that would otherwise need split_fold_kernel.
+// 32- and 64-row tiles measured slower as clusters (twenty-ninth session: +0.2% a step
+// at 32 rows, +1.5% at 64) and keep the fold launch.
 template <WFmt F, int NT>
-constexpr bool kClusterFoldTiles = NT >= 2 && F != WFmt::kFp4;
+constexpr bool kClusterFoldTiles = NT == 2 && F != WFmt::kFp4;
 
 template <WFmt F, int NT, bool kTwo>
 void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold) {
@@ -338,15 +350,14 @@ std::atomic<int64_t> g_fold_launches{0};
 std::atomic<int> g_force_last_cta_fold{-1};
 
 // The cluster fold of split plain GEMMs (gemm_kernel's kClusterFold) in place of
-// split_fold_kernel's launch, where a tile's slices make a portable cluster (<= 8):
-// opt-in until measured, DSV4_CUDA_CLUSTER_FOLD=1 (docs/design/cuda-linear.md, "The
-// cluster fold"). At bench-1g's 64 rows it would take wo_a, wo_b and the shared
-// expert's two launches a layer (32 of the step's 60 fold launches); at 16 rows wo_b
-// and the shared expert's (24 of 52).
+// split_fold_kernel's launch, for 16-row tiles whose slices make a portable cluster
+// (<= 8; docs/design/cuda-linear.md, "The cluster fold"): at bench-1g's 16 rows wo_b
+// and the shared expert's two launches a layer (24 of the step's 52 fold launches),
+// -0.6% a step. DSV4_CUDA_CLUSTER_FOLD=0 keeps the fold launches.
 std::atomic<int64_t> g_cluster_fold_launches{0};
 std::atomic<int> g_force_cluster_fold{-1};
 bool cluster_fold_enabled() {
-  static const bool from_env = env_is("DSV4_CUDA_CLUSTER_FOLD", "1");
+  static const bool from_env = !env_is("DSV4_CUDA_CLUSTER_FOLD", "0");
   return forced_or(g_force_cluster_fold, from_env);
 }
 
@@ -412,11 +423,11 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   // small N) and the partials stay small; otherwise each CTA walks all slices.
   // Both give the same bits.
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
-                     int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
+                     int64_t(p.slices) * p.m * cols * 4 <= plain_max_partial_bytes();
   p.split = split ? p.slices : 1;
   const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   const bool cluster_fold =
-      fold_launch && nt >= 2 && fmt != WFmt::kFp4 && p.split <= lk::kMaxClusterFold && cluster_fold_enabled();
+      fold_launch && nt == 2 && fmt != WFmt::kFp4 && p.split <= lk::kMaxClusterFold && cluster_fold_enabled();
   DSV4_CHECK(!fold_launch || cluster_fold || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
   if (split && !cluster_fold)
     bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
