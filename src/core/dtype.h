@@ -46,12 +46,34 @@ DSV4_HD float bits_float(uint32_t u) {
 // ---- bfloat16 -----------------------------------------------------------------
 DSV4_HD float bf16_to_float(uint16_t h) { return bits_float(uint32_t(h) << 16); }
 
-// Round to nearest even, NaN stays NaN.
-DSV4_HD uint16_t float_to_bf16(float x) {
+// Round to nearest even, NaN stays NaN (its sign and upper payload kept, quiet).
+DSV4_HD uint16_t float_to_bf16_bits(float x) {
   uint32_t u = float_bits(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
+}
+
+// float_to_bf16_bits' result. On the GPU the hardware's round-to-nearest-even
+// conversion (one instruction for the integer form's ~7: kernels convert every value
+// they write) with the integer form for NaNs, which the hardware makes canonical;
+// CudaBf16.HardwareCastEqualsTheReferenceCast checks all 2^32 inputs.
+DSV4_HD uint16_t float_to_bf16(float x) {
+#if defined(__CUDA_ARCH__)
+  // Selected, not branched: a branch a conversion costs more than the integer form.
+  uint16_t h;
+  asm("{\n\t.reg .pred nan;\n\t.reg .b16 lo, hi, quiet, hw;\n\t"
+      "cvt.rn.bf16.f32 hw, %1;\n\t"
+      "testp.notanumber.f32 nan, %1;\n\t"
+      "mov.b32 {lo, hi}, %2;\n\t"
+      "or.b16 quiet, hi, 0x40;\n\t"
+      "selp.b16 %0, quiet, hw, nan;\n\t}"
+      : "=h"(h)
+      : "f"(x), "r"(float_bits(x)));
+  return h;
+#else
+  return float_to_bf16_bits(x);
+#endif
 }
 
 DSV4_HD float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }

@@ -715,7 +715,9 @@ TEST(HopperDot, E4m3StepVariantDefaultsAreTheModel) {
     const float c = it % 4 == 0 ? 0.0f : std::ldexp(normal(gen), spread(gen));
     const float model = ref::hopper_e4m3_step(c, a, b);
     ASSERT_EQ(core::float_bits(testing::e4m3_step_variant(c, a, b, {})), core::float_bits(model)) << it;
-    if (c == 0.0f) ASSERT_EQ(core::float_bits(ref::hopper_e4m3_dot32(a, b)), core::float_bits(model)) << it;
+    if (c == 0.0f) {
+      ASSERT_EQ(core::float_bits(ref::hopper_e4m3_dot32(a, b)), core::float_bits(model)) << it;
+    }
   }
 }
 

@@ -54,6 +54,7 @@ void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
+int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
@@ -1222,6 +1223,15 @@ TEST(CudaE4m3, HardwareCastEqualsTheReferenceCast) {
   DSV4_REQUIRE_CUDA();
   uint32_t first = 0;
   const int64_t mismatches = ops::cuda_e4m3_cast_mismatches(&first);
+  EXPECT_EQ(mismatches, 0) << "first mismatching float bits 0x" << std::hex << first;
+}
+
+// Every kernel rounds to bf16 with the hardware's conversion (core::float_to_bf16 on
+// the GPU, NaNs by the integer form): it must give the CPU's bits for all 2^32 floats.
+TEST(CudaBf16, HardwareCastEqualsTheReferenceCast) {
+  DSV4_REQUIRE_CUDA();
+  uint32_t first = 0;
+  const int64_t mismatches = ops::cuda_bf16_cast_mismatches(&first);
   EXPECT_EQ(mismatches, 0) << "first mismatching float bits 0x" << std::hex << first;
 }
 

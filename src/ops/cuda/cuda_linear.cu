@@ -66,6 +66,9 @@ void cuda_linear_force_cluster_fold(int on);
 // the first such bit pattern in *first.
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
+// Test hook: floats x (all 2^32 bit patterns) whose device core::float_to_bf16 or
+// round_bf16 differs from the integer rounding (core::float_to_bf16_bits).
+int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 
 namespace {
 
@@ -630,6 +633,19 @@ __global__ void e4m3_cast_mismatch_kernel(unsigned long long* count, uint32_t* f
   }
 }
 
+// Every float x: core::float_to_bf16 (the hardware conversion on the GPU) and
+// round_bf16 against the integer rounding, float_to_bf16_bits, bit for bit.
+__global__ void bf16_cast_mismatch_kernel(unsigned long long* count, uint32_t* first) {
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < (uint64_t(1) << 32);
+       i += uint64_t(gridDim.x) * blockDim.x) {
+    const float x = __uint_as_float(uint32_t(i));
+    const uint16_t want = core::float_to_bf16_bits(x);
+    const bool same = core::float_to_bf16(x) == want &&
+                      __float_as_uint(core::round_bf16(x)) == uint32_t(want) << 16;
+    if (!same && atomicAdd(count, 1ull) == 0) *first = uint32_t(i);
+  }
+}
+
 // Every 32-bit word w: e4m3x4_has_nan(w) against a byte-by-byte test, and, where its
 // low two codes are not NaN, e4m3x2_to_float2(w) against core::e4m3_to_float, bit for bit.
 __global__ void e4m3_decode_mismatch_kernel(unsigned long long* count, uint32_t* first) {
@@ -669,6 +685,7 @@ int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_
 
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first) { return count_mismatches(e4m3_cast_mismatch_kernel, first); }
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first) { return count_mismatches(e4m3_decode_mismatch_kernel, first); }
+int64_t cuda_bf16_cast_mismatches(uint32_t* first) { return count_mismatches(bf16_cast_mismatch_kernel, first); }
 
 // ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
 void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
