@@ -263,24 +263,21 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   const int64_t t = blockIdx.x;
   const int32_t pos = positions[t];
   uint16_t* qt = q + (t * H_all + h0) * Dh;
-  // Warp w owns head w (the host gives a CTA at most one head a warp) from load to
-  // store, so only the RoPE table is shared across warps. Its one block barrier comes
-  // after the head's sum of squares: the table's double-precision trig (the first
-  // rd / 2 threads) runs while the other warps sum. (A flat (head, chunk) loop over
-  // the block cost a 32-bit division per chunk and two block barriers: ncu at batch
-  // 256 had the kernel issue-bound, 25 µs a launch.) The loads are issued before the
-  // table's trig.
-  const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5), dh = int(Dh);
-  const bool has_head = warp < int(H);
-  uint16_t* const v = qs + warp * stride;
-  uint16_t* const out = qt + int64_t(warp) * Dh;
-  if (has_head)
-    for (int i = lane * VEC; i < dh; i += 32 * VEC) store_bf<VEC>(v + i, load_bf<VEC>(out + i));
+  // Warp w owns heads w, w + warps, ... (one at 8 heads a CTA) from load to store, so
+  // only the RoPE table is shared across warps: one block barrier, which also orders
+  // each warp's own row. (A flat (head, chunk) loop over the block cost a 32-bit
+  // division per chunk and two block barriers: ncu at batch 256 had the kernel
+  // issue-bound, 25 µs a launch.) The loads are issued before the table's trig.
+  const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5), dh = int(Dh);
+  for (int h = warp; h < int(H); h += warps)
+    for (int i = lane * VEC; i < dh; i += 32 * VEC)
+      store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
   if (pos >= 0)
     for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
-  float r = 0.0f;
-  if (has_head) {
-    __syncwarp();  // the row, across the warp's lanes
+  __syncthreads();  // the table (and each warp's row)
+  const int64_t rope_begin = Dh - rd;
+  for (int h = warp; h < int(H); h += warps) {
+    uint16_t* v = qs + h * stride;
     float sum = 0.0f;
     for (int i = lane; i < dh; i += 32) {
       const float a = bf2f(v[i]);
@@ -290,26 +287,23 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
     for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(0xffffffffu, sum, off));
     // Every lane holds the same sum (the butterfly adds the same pairs in every lane).
     const float mean = round_bf(__fdiv_rn(sum, float(Dh)));
-    r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
-  }
-  __syncthreads();  // the table
-  if (!has_head) return;
-  const int64_t rope_begin = Dh - rd;
-  for (int i = lane * VEC; i < dh; i += 32 * VEC) {
-    BfVec<VEC> b = load_bf<VEC>(v + i);
+    const float r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+    for (int i = lane * VEC; i < dh; i += 32 * VEC) {
+      BfVec<VEC> b = load_bf<VEC>(v + i);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) b.v[k] = f2bf(__fmul_rn(bf2f(b.v[k]), r));
-    if (pos >= 0 && i + VEC > rope_begin) {
+      for (int k = 0; k < VEC; ++k) b.v[k] = f2bf(__fmul_rn(bf2f(b.v[k]), r));
+      if (pos >= 0 && i + VEC > rope_begin) {
 #pragma unroll
-      for (int k = 0; k < VEC; k += 2) {
-        const int64_t d = i + k;  // even; rope_begin is even, so pairs never straddle a vector
-        if (d >= rope_begin) {
-          const int64_t pair = (d - rope_begin) / 2;
-          rope_pair(&b.v[k], &b.v[k + 1], cs[pair], sn[pair]);
+        for (int k = 0; k < VEC; k += 2) {
+          const int64_t d = i + k;  // even; rope_begin is even, so pairs never straddle a vector
+          if (d >= rope_begin) {
+            const int64_t pair = (d - rope_begin) / 2;
+            rope_pair(&b.v[k], &b.v[k + 1], cs[pair], sn[pair]);
+          }
         }
       }
+      store_bf<VEC>(qt + int64_t(h) * Dh + i, b);
     }
-    store_bf<VEC>(out + i, b);
   }
 }
 
@@ -1205,14 +1199,14 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   if (T == 0 || H == 0) return;
   DSV4_CHECK(Dh % 2 == 0 && rd % 2 == 0, "q_norm_rope: head_dim {} and rope_dim {} must be even", Dh, rd);
   DSV4_CHECK(H * Dh < (int64_t(1) << 31), "q_norm_rope: {} heads x {} dims exceed 32-bit indexing", H, Dh);
-  const int threads = 256;
-  const int64_t hpc = std::min<int64_t>(H, threads / 32);  // heads per CTA: at most one a warp (the kernel's rule)
+  const int64_t hpc = std::min<int64_t>(H, 8);  // heads per CTA: one per warp
   const size_t plane = size_t((hpc * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(rd) * sizeof(float);
   const size_t limit = size_t(properties().sharedMemPerBlockOptin);
   DSV4_CHECK(plane + tables <= limit, "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", hpc, Dh,
              plane + tables);
   const size_t smem = plane + tables;
   const bool v8 = Dh % 8 == 0 && aligned16(q.data());
+  const int threads = 256;
   const dim3 grid(unsigned(T), unsigned((H + hpc - 1) / hpc));
   if (v8) {
     if (smem > 48 * 1024)
