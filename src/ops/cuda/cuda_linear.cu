@@ -131,19 +131,10 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
 static_assert(lk::kTileN == kGemmTileRows && lk::kMaxSlices == kGemmMaxSlices, "ops/gemm_order.h's tile and slices");
 
 // Split launches write S fp32 partials per output; beyond this many bytes the
-// CTAs walk their slices in sequence instead.
+// CTAs walk their slices in sequence instead. (64 MiB for the plain GEMMs, so that
+// bench-1g's wq_a + wkv split its 32 slices at 256 rows (48 MiB), measured +1.0% a step
+// at 256 and +0.2% at 192: docs/BENCHMARKS.md, twenty-ninth session.)
 constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
-// Plain GEMMs' cap: kMaxPartialBytes, or DSV4_CUDA_GEMM_SPLIT_MAX_MB=N for A/B runs (at
-// bench-1g's 256 rows wq_a + wkv's 32 slices would write 48 MiB: 96 CTAs walk them,
-// 30 µs a launch for 6 MB of weights).
-int64_t plain_max_partial_bytes() {
-  static const int64_t bytes = [] {
-    const char* v = std::getenv("DSV4_CUDA_GEMM_SPLIT_MAX_MB");
-    const long long mb = v != nullptr ? std::atoll(v) : 0;
-    return mb > 0 ? int64_t(mb) << 20 : kMaxPartialBytes;
-  }();
-  return bytes;
-}
 
 int nt_for_rows(int64_t rows) { return rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
 
@@ -426,7 +417,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   // small N) and the partials stay small; otherwise each CTA walks all slices.
   // Both give the same bits.
   const bool split = p.slices > 1 && n_tiles * m_tiles < be.properties().multiProcessorCount &&
-                     int64_t(p.slices) * p.m * cols * 4 <= plain_max_partial_bytes();
+                     int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
   const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   const bool cluster_fold =
