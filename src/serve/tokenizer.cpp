@@ -344,14 +344,14 @@ std::string token_to_bytes(const std::string& token) {
 
 std::string json_type(const json& j) { return j.type_name(); }
 
-const json& require(const json& obj, const char* field, const std::string& where,
-                    const std::string& path) {
+// (`where` by value: g++ 13 takes a reference to a temporary "" for a dangling result.)
+const json& require(const json& obj, const char* field, std::string_view where, const std::string& path) {
+  const std::string at(where);
   if (!obj.is_object()) {
-    fail("{}: {} must be an object, got {}", path, where.empty() ? "top level" : "field '" + where + "'",
-         json_type(obj));
+    fail("{}: {} must be an object, got {}", path, at.empty() ? "top level" : "field '" + at + "'", json_type(obj));
   }
   auto it = obj.find(field);
-  if (it == obj.end()) fail("{}: missing field '{}{}'", path, where.empty() ? "" : where + ".", field);
+  if (it == obj.end()) fail("{}: missing field '{}{}'", path, at.empty() ? "" : at + ".", field);
   return *it;
 }
 

@@ -181,8 +181,9 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool clus
       DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
       check_launch(be.stream());
       return;
+    } else {
+      DSV4_CHECK(false, "gemm: no cluster fold for this tile (nt {}, slices walked {})", NT, kTwo);
     }
-    DSV4_CHECK(false, "gemm: no cluster fold for this tile (nt {}, slices walked {})", NT, kTwo);
   }
   allow_smem(lk::gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
   lk::gemm_kernel<F, NT, kTwo><<<grid, lk::kThreads, smem, be.stream()>>>(p);

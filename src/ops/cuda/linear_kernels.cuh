@@ -633,8 +633,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   };
 
-  float cur[2][NT][4];
-  float tot[2][NT][4];
+  float cur[2][NT][4] = {};  // (zeroed here, before the lambdas below capture them)
+  float tot[2][NT][4] = {};
   // FP4's chunks of a stage go out in groups of kBatch (one wait per group), each chunk
   // into its own accumulators (their weight scales differ): kBatch x 2 x 4NT registers,
   // with 8 more per chunk for A in registers, hence the smaller groups at more rows.
@@ -677,7 +677,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   };
   bool prev_last = false;  // stage it-1 ends its slice
-  for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = tot[i][q][e] = 0.0f; });
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
