@@ -55,11 +55,12 @@ DSV4_HD uint16_t float_to_bf16_bits(float x) {
 }
 
 // float_to_bf16_bits' result. On the GPU the hardware's round-to-nearest-even
-// conversion (one instruction for the integer form's ~7: kernels convert every value
-// they write) with the integer form for NaNs, which the hardware makes canonical;
+// conversion (F2FP), with the integer form's bits selected for NaNs, which the
+// hardware makes canonical: ~5 instructions for the integer form's ~8, and kernels
+// convert every value they write (-0.2 to -0.4% a decode step from 64 rows).
 // CudaBf16.HardwareCastEqualsTheReferenceCast checks all 2^32 inputs.
 DSV4_HD uint16_t float_to_bf16(float x) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // (cvt to bf16: sm_80 on)
   // Selected, not branched: a branch a conversion costs more than the integer form.
   uint16_t h;
   asm("{\n\t.reg .pred nan;\n\t.reg .b16 lo, hi, quiet, hw;\n\t"
