@@ -356,6 +356,48 @@ bool cluster_fold_enabled() {
   return forced_or(g_force_cluster_fold, from_env);
 }
 
+// Whether clusters of `split` CTAs of the 16-row cluster-fold kernel can be resident on
+// this device (cudaOccupancyMaxActiveClusters > 0), asked once per device, format and
+// cluster size: a partitioned GPU (MIG) need not fit 8 of them in one GPC. Where they
+// do not fit, or the query fails, run_gemm keeps the fold launch (same bits).
+template <WFmt F>
+bool cluster_fold_fits(CudaBackend& be, int split) {
+  static std::atomic<uint64_t> asked[lk::kMaxClusterFold + 1], fits[lk::kMaxClusterFold + 1];
+  const uint64_t bit = uint64_t(1) << (be.device_index() & 63);
+  if (asked[split].load(std::memory_order_acquire) & bit) return fits[split].load(std::memory_order_acquire) & bit;
+  constexpr int smem = lk::gemm_smem_bytes<F, 2>();
+  const auto kernel = lk::gemm_kernel<F, 2, false, true>;
+  static std::atomic<uint64_t> smem_done{0};
+  allow_smem(kernel, smem, be.device_index(), smem_done);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = unsigned(split);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(1, 1, unsigned(split));
+  cfg.blockDim = dim3(lk::kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
+  if (!ok) (void)cudaGetLastError();  // (the query's error, if any, is not the stream's)
+  if (ok) fits[split].fetch_or(bit, std::memory_order_acq_rel);
+  asked[split].fetch_or(bit, std::memory_order_acq_rel);
+  return ok;
+}
+bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
+  if (split < 2 || split > lk::kMaxClusterFold) return false;
+  switch (fmt) {
+    case WFmt::kFp8: return cluster_fold_fits<WFmt::kFp8>(be, int(split));
+    case WFmt::kBf16: return cluster_fold_fits<WFmt::kBf16>(be, int(split));
+    case WFmt::kFp8Bf16: return cluster_fold_fits<WFmt::kFp8Bf16>(be, int(split));
+    case WFmt::kFp4: return false;
+  }
+  return false;
+}
+
 int64_t last_cta_fold_max(int nt) {
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
   static const int64_t from_env = [] {
@@ -422,7 +464,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   p.split = split ? p.slices : 1;
   const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   const bool cluster_fold =
-      fold_launch && nt == 2 && fmt != WFmt::kFp4 && p.split <= lk::kMaxClusterFold && cluster_fold_enabled();
+      fold_launch && nt == 2 && cluster_fold_enabled() && cluster_fold_fits(be, fmt, p.split);
   DSV4_CHECK(!fold_launch || cluster_fold || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
   if (split && !cluster_fold)
     bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
