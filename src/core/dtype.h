@@ -1,6 +1,7 @@
 // Element types of DeepSeek-V4 checkpoints and activations, and exact scalar
 // conversions between them (spec §2.4, §2.5, §2.7, §2.8). Header-only so the CUDA
-// kernels use the very same rounding code as the CPU reference.
+// kernels use the very same rounding code as the CPU reference (float_to_bf16: a
+// hardware path on the GPU, checked against the integer one on every input).
 #pragma once
 
 #include <cmath>
@@ -61,7 +62,8 @@ DSV4_HD uint16_t float_to_bf16_bits(float x) {
 // CudaBf16.HardwareCastEqualsTheReferenceCast checks all 2^32 inputs.
 DSV4_HD uint16_t float_to_bf16(float x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800  // (cvt to bf16: sm_80 on)
-  // Selected, not branched: a branch a conversion costs more than the integer form.
+  // NaNs selected, not branched to: an isnan branch compiled to a branch (and its
+  // convergence) at every conversion, more code than the integer form.
   uint16_t h;
   asm("{\n\t.reg .pred nan;\n\t.reg .b16 lo, hi, quiet, hw;\n\t"
       "cvt.rn.bf16.f32 hw, %1;\n\t"
