@@ -154,8 +154,37 @@ void allow_smem(Kernel kernel, int bytes, int device, std::atomic<uint64_t>& don
 // launches of 16-row tiles (9-16 rows) that would otherwise need split_fold_kernel.
 // 32- and 64-row tiles measured slower as clusters (twenty-ninth session: +0.2% a step
 // at 32 rows, +1.5% at 64) and keep the fold launch.
+constexpr int kClusterFoldNt = 2;
 template <WFmt F, int NT>
-constexpr bool kClusterFoldTiles = NT == 2 && F != WFmt::kFp4;
+constexpr bool kClusterFoldTiles = NT == kClusterFoldNt && F != WFmt::kFp4;
+
+// The cluster-fold kernel of format F, its shared-memory limit raised (once per device).
+template <WFmt F>
+auto cluster_fold_kernel(CudaBackend& be) {
+  static std::atomic<uint64_t> done{0};
+  const auto kernel = lk::gemm_kernel<F, kClusterFoldNt, false, true>;
+  allow_smem(kernel, lk::gemm_smem_bytes<F, kClusterFoldNt>(), be.device_index(), done);
+  return kernel;
+}
+
+// A launch of `grid` in clusters of a tile's `split` CTAs (cluster dims 1 x 1 x split);
+// `cluster` holds the attribute the config points to.
+template <WFmt F>
+cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, cudaStream_t stream, cudaLaunchAttribute& cluster) {
+  cluster = cudaLaunchAttribute{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = unsigned(split);
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(lk::kThreads);
+  cfg.dynamicSmemBytes = lk::gemm_smem_bytes<F, kClusterFoldNt>();
+  cfg.stream = stream;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  return cfg;
+}
 
 template <WFmt F, int NT, bool kTwo>
 void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold) {
@@ -163,22 +192,9 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool clus
   static std::atomic<uint64_t> done{0};
   if (cluster_fold) {  // the split CTAs of a tile as one cluster (gemm_kernel's kClusterFold)
     if constexpr (kClusterFoldTiles<F, NT> && !kTwo) {
-      static std::atomic<uint64_t> cluster_done{0};
-      const auto kernel = lk::gemm_kernel<F, NT, false, true>;
-      allow_smem(kernel, smem, be.device_index(), cluster_done);
-      cudaLaunchAttribute cluster{};
-      cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim.x = 1;
-      cluster.val.clusterDim.y = 1;
-      cluster.val.clusterDim.z = unsigned(p.split);
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = grid;
-      cfg.blockDim = dim3(lk::kThreads);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = be.stream();
-      cfg.attrs = &cluster;
-      cfg.numAttrs = 1;
-      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+      cudaLaunchAttribute cluster;
+      const cudaLaunchConfig_t cfg = cluster_fold_config<F>(grid, p.split, be.stream(), cluster);
+      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, cluster_fold_kernel<F>(be), p));
       check_launch(be.stream());
       return;
     } else {
@@ -365,23 +381,11 @@ bool cluster_fold_fits(CudaBackend& be, int split) {
   static std::atomic<uint64_t> asked[lk::kMaxClusterFold + 1], fits[lk::kMaxClusterFold + 1];
   const uint64_t bit = uint64_t(1) << (be.device_index() & 63);
   if (asked[split].load(std::memory_order_acquire) & bit) return fits[split].load(std::memory_order_acquire) & bit;
-  constexpr int smem = lk::gemm_smem_bytes<F, 2>();
-  const auto kernel = lk::gemm_kernel<F, 2, false, true>;
-  static std::atomic<uint64_t> smem_done{0};
-  allow_smem(kernel, smem, be.device_index(), smem_done);
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = unsigned(split);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(1, 1, unsigned(split));
-  cfg.blockDim = dim3(lk::kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = cluster_fold_config<F>(dim3(1, 1, unsigned(split)), split, nullptr, cluster);
   int clusters = 0;
-  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, cluster_fold_kernel<F>(be), &cfg) == cudaSuccess &&
+                  clusters > 0;
   if (!ok) (void)cudaGetLastError();  // (the query's error, if any, is not the stream's)
   if (ok) fits[split].fetch_or(bit, std::memory_order_acq_rel);
   asked[split].fetch_or(bit, std::memory_order_acq_rel);
@@ -464,7 +468,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
   p.split = split ? p.slices : 1;
   const bool fold_launch = split && int64_t(p.slices) * p.m > last_cta_fold_max(nt);
   const bool cluster_fold =
-      fold_launch && nt == 2 && cluster_fold_enabled() && cluster_fold_fits(be, fmt, p.split);
+      fold_launch && nt == kClusterFoldNt && cluster_fold_enabled() && cluster_fold_fits(be, fmt, p.split);
   DSV4_CHECK(!fold_launch || cluster_fold || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
   if (split && !cluster_fold)
     bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
