@@ -105,7 +105,9 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
 // tot += p_s at its end.
 //   FP8:  p_s = fmaf(d_st, 2^w * 2^x, p_s) per 128-wide stage st, d_st the tensor
 //         core's chain of its 4 k32 chunks from zero; two sets of accumulators, so a
-//         stage's chain runs while the one before it is folded;
+//         stage's chain is issued before the one before it is folded (ptxas
+//         serializes these wgmmas, C7514; waiting for the chain first, as gemm_tile
+//         does, measured the same step time: thirtieth session);
 //   bf16: p_s = the tensor core's running sum over the slice's k16 chunks;
 //   FP8-as-bf16 (wo_a, grouped): the e4m3 weights decoded to bf16 A fragments, a
 //         stage's 4 k16 chunks summed by the tensor core from zero, then

@@ -645,38 +645,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // sync (its running sum needs no registers between stages): the next copies go out
   // after the stage's products are issued, into the buffer of stage it-1, once those
   // are done. The sum is the same sequence of wgmmas, so the bits do not change.
-  // FP8 keeps a stage's chain in flight the same way, in two accumulator sets: stage
-  // it's chain is issued, then stage it-1's folded (its four dependent steps ran beside
-  // it), and then its buffer takes the next copies. 64-row tiles wait for their chain
-  // and fold it: in flight they took 234 registers (two CTAs an SM instead of three)
-  // and a step at 64 rows measured 1.9% slower (twenty-fifth session).
-  constexpr bool kFp8Flight = kSmemA && !kTcSum && NT <= 4;
-  constexpr bool kLoadAfter = kTcSum || kFp8Flight;
+  // FP8 waits for its stage's chain and folds it. Keeping the chain in flight while the
+  // stage before was folded (two accumulator sets) made ptxas serialize every wgmma
+  // (C7514: a DEPBAR after each), and waiting measured -1.0 to -1.2% a step at batch 1
+  // and -0.3 to -0.5% at 256 (thirtieth session; cuda-linear.md, "ptxas serializes").
+  constexpr bool kLoadAfter = kTcSum;
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
-  float wg_d[kFp8Flight ? 2 : kBatch][2][4 * NT] = {};
-  // FP8 in flight: stage `st`'s chain (set st % 2) folded with its scales, then its
-  // slice's end if it ends one. Its activation scales are still in its buffer.
-  auto fold_fp8_stage = [&](unsigned st, unsigned it_of, bool last_of_slice) {
-    if constexpr (kFp8Flight) {
-      const float wsc_st = core::e8m0_to_float(s_bs[st]);
-      const float* as_st = s_as + (it_of % kStages) * BM;
-      auto fold = [&](const float(&dd)[2][4 * NT]) {
-        for_each_acc<NT>([&](int i, int q, int e) {
-          cur[i][q][e] = fmaf(dd[i][4 * q + e], wsc_st * as_st[8 * q + 2 * t + (e & 1)], cur[i][q][e]);
-        });
-      };
-      if (st & 1) fold(wg_d[1]);  // (constant indices: the sets stay in registers)
-      else fold(wg_d[0]);
-      if constexpr (kTwoSets) {
-        if (last_of_slice)
-          for_each_acc<NT>([&](int i, int q, int e) {
-            tot[i][q][e] += cur[i][q][e];
-            cur[i][q][e] = 0.0f;
-          });
-      }
-    }
-  };
-  bool prev_last = false;  // stage it-1 ends its slice
+  float wg_d[kBatch][2][4 * NT] = {};
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -790,32 +765,18 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       // then p = fmaf(d_stage, 2^w * 2^x, p).
       const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
       const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      auto issue = [&](float(&dd)[2][4 * NT]) {
-        wgmma_fence();
+      wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t db = wgmma_desc_at(db0, j * 32);
+      for (int j = 0; j < 4; ++j) {
+        const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
-          for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(dd[i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
-        }
-        wgmma_commit();
-      };
-      if constexpr (kFp8Flight) {
-        if (ust & 1) issue(wg_d[1]);
-        else issue(wg_d[0]);
-        if (it > 0) {
-          wgmma_wait_1();
-          fold_fp8_stage(ust - 1, uit - 1, prev_last);
-        }
-        __syncthreads();  // every warp is past stage it-1's products: its buffer takes the next copies
-        load_next();
-      } else {
-        issue(wg_d[0]);
-        wgmma_wait_all();
-        for_each_acc<NT>(
-            [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]); });
+        for (int i = 0; i < 2; ++i)
+          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
       }
+      wgmma_commit();
+      wgmma_wait_all();
+      for_each_acc<NT>(
+          [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]); });
     } else if constexpr (F == WFmt::kFp4) {
       // kBatch chunks: decode their fragments, issue both halves of each, one wait,
       // then fold the results in chunk order (the accumulation rule is unchanged).
@@ -901,7 +862,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       wgmma_wait_all();
       for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
     }
-    if constexpr (kTwoSets && !kFp8Flight) {  // (FP8 in flight: in fold_fp8_stage, a stage later)
+    if constexpr (kTwoSets) {
       if (slice_last) {  // slice boundary: fold p_s into the running total
         for_each_acc<NT>([&](int i, int q, int e) {
           tot[i][q][e] += cur[i][q][e];
@@ -909,13 +870,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         });
       }
     }
-    prev_last = slice_last;
   }
   cp_async_wait<0>();
   if constexpr (kLoadAfter) wgmma_wait_all();  // (bf16: a no-op, the last stage ends a slice; ptxas cannot know)
-  if constexpr (kFp8Flight) {  // the last stage's chain
-    if (iters > 0) fold_fp8_stage(unsigned(st_begin + iters - 1), unsigned(iters - 1), true);
-  }
   allow_dependents_to_launch();  // only the epilogue is left
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
