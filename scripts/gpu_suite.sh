@@ -4,7 +4,9 @@
 # Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, ncu-kernel, memcheck (in the order given).
 # Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
 # base, the default, or none: the clocks the GPU runs at), NCU_CACHE (ncu --cache-control: all, the default,
-# flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step), NCU_KERNEL,
+# flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step, but only for
+# the first of ncu's replay passes: under ncu-kernel's --set full a launch whose bytes fit in L2 reads them from L2
+# in every later pass, so its durations and DRAM rates are L2-warm), NCU_KERNEL,
 # NCU_BATCHES, NCU_SKIP, NCU_COUNT, NCU_NAME_BASE (ncu-kernel: which launches of which kernel, matched against the
 # name without (function, the default) or with (demangled) its template arguments; default the 5th and 6th expert GEMM
 # launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
