@@ -49,6 +49,8 @@ int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
+int64_t cuda_linear_wide_ws_launches();
+void cuda_linear_force_wide_ws(int on);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
@@ -896,6 +898,61 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
   ops::cuda_linear_force_path(-1);
 }
 
+// An op's outputs (device tensors) for the wide-tile tests.
+using WideOp = std::function<std::vector<Tensor>()>;
+// Runs an op through a wide-tile comparison: compare(what, wide launches a call, op)
+// returns the outputs of the wide tiles' run (host tensors).
+using WideCompare = std::function<std::vector<Tensor>(const std::string&, int64_t, const WideOp&)>;
+
+// The FP8 ops that take wide tiles, each through `compare`: linears with one K slice and
+// a partial weight tile, 4 slices walked, 32 slices (Flash's wq_a shape), at rows that
+// make 1 / 2 / 3 row tiles, partial or whole; wq_a + wkv as one stacked launch with the
+// second weight to its own output; the FP8 shared expert (gate | up stacked, then the
+// down projection). `check_linear(x, host weights, wide output, what)` after each linear.
+void run_fp8_wide_ops(
+    Env& env, Rng& rng, const WideCompare& compare,
+    const std::function<void(const Tensor&, const QuantLinear&, const Tensor&, const std::string&)>& check_linear = {}) {
+  for (const QuantCase c : {QuantCase{200, 384}, QuantCase{1000, 2048}, QuantCase{1024, 4096}}) {
+    const QuantLinear hw = host_quant(c.n, c.k, false, draw_seed(rng));
+    const QuantLinear dw = device_quant(env.cuda, hw);
+    for (int64_t M : {1, 65, 128, 200, 257}) {
+      const Tensor x = rng.bf16({M, c.k});
+      const Tensor dx = to_device(env.cuda, x);
+      const std::string what = "fp8 linear " + shape_str(M, c.n, c.k);
+      const std::vector<Tensor> got = compare(what, 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+        env.cuda.linear(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      if (check_linear) check_linear(x, hw, got[0], what);
+    }
+  }
+  {
+    const QuantLinear da = device_quant(env.cuda, host_quant(1024, 4096, false, draw_seed(rng)));
+    const QuantLinear db = device_quant(env.cuda, host_quant(512, 4096, false, draw_seed(rng)));
+    for (int64_t M : {1, 130, 256}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, 4096}));
+      compare("fp8 linear_pair M=" + std::to_string(M), 1, [&] {
+        Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, 1024}), yb = device_poisoned(env.cuda, DType::kBF16, {M, 512});
+        env.cuda.linear_pair(dx, da, ya, db, yb);
+        return std::vector<Tensor>{ya, yb};
+      });
+    }
+  }
+  {
+    const int64_t D = 256, I = 384;
+    const ExpertWeights de = device_expert(env.cuda, host_expert(D, I, false, false, rng));
+    for (int64_t M : {1, 130, 300}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, D}, 3.0f));
+      compare("fp8 expert_ffn M=" + std::to_string(M), 2, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
+        env.cuda.expert_ffn(dx, de, Tensor(), 10.0f, y);
+        return std::vector<Tensor>{y};
+      });
+    }
+  }
+}
+
 // FP8 linears, linear pairs, the shared expert's gate/up, bf16 GEMMs and grouped
 // FP8-as-bf16 GEMMs (wo_a) in the wide tiles (128 weight rows x 128 or 64 activation
 // rows) give the bits of gemm_kernel's tiles: one K slice and several (walked, the
@@ -922,50 +979,12 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
                            ")");
     return got[1];
   };
-  // S = 1 with a partial weight tile; S = 4 walked; 32 slices (Flash's wq_a shape).
-  for (const QuantCase c : {QuantCase{200, 384}, QuantCase{1000, 2048}, QuantCase{1024, 4096}}) {
-    const QuantLinear hw = host_quant(c.n, c.k, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw);
-    for (int64_t M : rows) {
-      const Tensor x = rng.bf16({M, c.k});
-      const Tensor dx = to_device(env.cuda, x);
-      const std::string what = "fp8 linear " + shape_str(M, c.n, c.k);
-      const std::vector<Tensor> got = compare(what, 1, [&] {
-        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
-        env.cuda.linear(dx, dw, y);
-        return std::vector<Tensor>{y};
-      });
-      if (c.k == 384) {
-        Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.n});
-        env.cpu_hopper->linear(x, hw, ref);
-        expect_bitwise(ref, got[0], what + " wide vs the Hopper model");
-      }
-    }
-  }
-  {  // wq_a + wkv of Flash: one stacked launch, the second weight to its own output
-    const QuantLinear ha = host_quant(1024, 4096, false, draw_seed(rng)), hb = host_quant(512, 4096, false, draw_seed(rng));
-    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
-    for (int64_t M : {1, 130, 256}) {
-      const Tensor dx = to_device(env.cuda, rng.bf16({M, 4096}));
-      compare("fp8 linear_pair M=" + std::to_string(M), 1, [&] {
-        Tensor ya = device_poisoned(env.cuda, DType::kBF16, {M, 1024}), yb = device_poisoned(env.cuda, DType::kBF16, {M, 512});
-        env.cuda.linear_pair(dx, da, ya, db, yb);
-        return std::vector<Tensor>{ya, yb};
-      });
-    }
-  }
-  {  // the shared expert (FP8): gate | up stacked (n_split), then the down projection
-    const int64_t D = 256, I = 384;
-    const ExpertWeights de = device_expert(env.cuda, host_expert(D, I, false, false, rng));
-    for (int64_t M : {1, 130, 300}) {
-      const Tensor dx = to_device(env.cuda, rng.bf16({M, D}, 3.0f));
-      compare("fp8 expert_ffn M=" + std::to_string(M), 2, [&] {
-        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
-        env.cuda.expert_ffn(dx, de, Tensor(), 10.0f, y);
-        return std::vector<Tensor>{y};
-      });
-    }
-  }
+  run_fp8_wide_ops(env, rng, compare, [&](const Tensor& x, const QuantLinear& hw, const Tensor& got, const std::string& what) {
+    if (x.size(1) != 384) return;  // (one K slice: the Hopper model's bits)
+    Tensor ref = Tensor::empty_cpu(DType::kBF16, {got.size(0), got.size(1)});
+    env.cpu_hopper->linear(x, hw, ref);
+    expect_bitwise(ref, got, what + " wide vs the Hopper model");
+  });
   struct Bf16Case {
     int64_t n, k;
     bool y_f32;
@@ -1009,6 +1028,31 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
     }
   }
   ops::cuda_linear_force_path(-1);
+}
+
+// The warp-specialised FP8 wide kernel (a producer warpgroup, two consumers out of step)
+// gives the wide kernel's bits: both tile heights, partial weight and row tiles, walked
+// slices (one set and two), a stacked pair with its second output, the shared expert.
+// Counts its launches, so the opt-in path really ran.
+TEST(CudaLinearWide, WarpSpecializedTilesEqualWideTilesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x57);
+  run_fp8_wide_ops(env, rng, [&](const std::string& what, int64_t launches, const WideOp& op) {
+    std::vector<Tensor> wide_outputs;
+    for (int wide : {1, 2}) {  // 128-row tiles from 65 rows; 64-row tiles only
+      ops::cuda_linear_force_wide(wide);
+      const auto got = outputs_per_mode(env, ops::cuda_linear_force_wide_ws, ops::cuda_linear_wide_ws_launches,
+                                        {{0, 0}, {1, launches}}, what, op);
+      for (size_t i = 0; i < got[0].size(); ++i)
+        expect_bitwise(got[0][i], got[1][i],
+                       what + (wide == 1 ? "" : " 64-row") + " warp-specialised vs wide (output " + std::to_string(i) + ")");
+      if (wide == 1) wide_outputs = got[1];
+    }
+    ops::cuda_linear_force_wide(-1);
+    return wide_outputs;
+  });
 }
 
 // A split GEMM of 9-32 rows folds its K slices in its tiles' last CTAs (tile-major

@@ -23,6 +23,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/gemm_wide_kernel.cuh"
+#include "ops/cuda/gemm_wide_ws_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
 #include "ops/cuda/quantized_linear.h"
 #include "ops/gemm_order.h"
@@ -51,6 +52,10 @@ void cuda_linear_force_shared_decode(int on);
 // 2 on in 64-row tiles only.
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
+// Test hooks: FP8 wide-tile launches so far by the warp-specialised kernel
+// (gemm_wide_ws_kernel); -1 follows DSV4_CUDA_WIDE_WS (default off), 0 / 1 force it off / on.
+int64_t cuda_linear_wide_ws_launches();
+void cuda_linear_force_wide_ws(int on);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -284,8 +289,31 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   return 0;
 }
 
+// The FP8 wide tiles by the warp-specialised kernel (same bits): DSV4_CUDA_WIDE_WS=1, an
+// opt-in until measured (thirtieth session: built, not yet run on a GPU).
+std::atomic<int64_t> g_wide_ws_launches{0};
+std::atomic<int> g_force_wide_ws{-1};
+bool wide_ws_enabled() {
+  static const bool from_env = env_is("DSV4_CUDA_WIDE_WS", "1");
+  return forced_or(g_force_wide_ws, from_env);
+}
+
+template <int R, bool kTwo>
+void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
+  constexpr int smem = lk::gemm_wide_ws_smem_bytes<R, kTwo>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::gemm_wide_ws_kernel<R, kTwo>, smem, be.device_index(), done);
+  lk::gemm_wide_ws_kernel<R, kTwo><<<grid, lk::kWsThreads, smem, be.stream()>>>(p);
+  check_launch(be.stream());
+  g_wide_launches.fetch_add(1, std::memory_order_relaxed);
+  g_wide_ws_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
+  if constexpr (F == WFmt::kFp8) {
+    if (wide_ws_enabled()) return launch_wide_ws<R, kTwo>(be, p, grid);
+  }
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::gemm_wide_kernel<F, R, kTwo>, smem, be.device_index(), done);
@@ -649,6 +677,8 @@ int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.l
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_wide_ws_launches() { return g_wide_ws_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_wide_ws(int on) { g_force_wide_ws.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }

@@ -270,10 +270,14 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 // the first stage. Returns false where the caller must copy the row itself. (Copied
 // after the wait with byte loads, it cost every launch a memory round trip before the
 // first activation copies: ncu put the prologue at a large part of a batch-1 GEMM.)
+// The piece size that copy takes: 16, 4, or 0 (no cp.async copy).
+__device__ __forceinline__ int scale_row_piece(const uint8_t* s_bs, const uint8_t* srow, int bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(srow) | smem_u32(s_bs);
+  return bytes % 16 == 0 && a % 16 == 0 ? 16 : bytes % 4 == 0 && a % 4 == 0 ? 4 : 0;
+}
 __device__ __forceinline__ bool copy_scale_row_async(uint8_t* s_bs, const uint8_t* srow, int bytes, int tid,
                                                      int threads) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(srow) | smem_u32(s_bs);
-  const int piece = bytes % 16 == 0 && a % 16 == 0 ? 16 : bytes % 4 == 0 && a % 4 == 0 ? 4 : 0;
+  const int piece = scale_row_piece(s_bs, srow, bytes);
   if (piece == 0) return false;
   for (int i = piece * tid; i < bytes; i += piece * threads) {
     if (piece == 16) cp_async16(s_bs + i, srow + i, 16);
