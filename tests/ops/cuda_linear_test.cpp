@@ -50,7 +50,7 @@ void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 int64_t cuda_linear_wide_ws_launches();
-void cuda_linear_force_wide_ws(int on);
+void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
@@ -1031,23 +1031,29 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
 }
 
 // The warp-specialised FP8 wide kernel (a producer warpgroup, two consumers out of step)
-// gives the wide kernel's bits: both tile heights, partial weight and row tiles, walked
-// slices (one set and two), a stacked pair with its second output, the shared expert.
+// gives the wide kernel's bits, one tile a CTA and with 3 CTAs walking every tile (so a
+// CTA's ring of stages runs on across tiles, of 2-32 stages): both tile heights, partial
+// weight and row tiles, walked slices (one set and two), a stacked pair with its second
+// output, the shared expert (scale rows of 2 and 3 bytes: words cut at the row's end).
 // Counts its launches, so the opt-in path really ran.
 TEST(CudaLinearWide, WarpSpecializedTilesEqualWideTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x57);
+  // Mode 2 (CTAs walking tiles) with at most 3 CTAs; -1 (the reset) and 0 / 1 without a cap.
+  void (*force_ws)(int) = [](int mode) { ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0); };
   run_fp8_wide_ops(env, rng, [&](const std::string& what, int64_t launches, const WideOp& op) {
     std::vector<Tensor> wide_outputs;
     for (int wide : {1, 2}) {  // 128-row tiles from 65 rows; 64-row tiles only
       ops::cuda_linear_force_wide(wide);
-      const auto got = outputs_per_mode(env, ops::cuda_linear_force_wide_ws, ops::cuda_linear_wide_ws_launches,
-                                        {{0, 0}, {1, launches}}, what, op);
-      for (size_t i = 0; i < got[0].size(); ++i)
-        expect_bitwise(got[0][i], got[1][i],
-                       what + (wide == 1 ? "" : " 64-row") + " warp-specialised vs wide (output " + std::to_string(i) + ")");
+      const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches,
+                                        {{0, 0}, {1, launches}, {2, launches}}, what, op);
+      for (int ws : {1, 2})
+        for (size_t i = 0; i < got[0].size(); ++i)
+          expect_bitwise(got[0][i], got[ws][i],
+                         what + (wide == 1 ? "" : " 64-row") + (ws == 1 ? " warp-specialised" : " walking tiles") +
+                             " vs wide (output " + std::to_string(i) + ")");
       if (wide == 1) wide_outputs = got[1];
     }
     ops::cuda_linear_force_wide(-1);

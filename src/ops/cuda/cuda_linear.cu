@@ -53,9 +53,11 @@ void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 // Test hooks: FP8 wide-tile launches so far by the warp-specialised kernel
-// (gemm_wide_ws_kernel); -1 follows DSV4_CUDA_WIDE_WS (default off), 0 / 1 force it off / on.
+// (gemm_wide_ws_kernel); -1 follows DSV4_CUDA_WIDE_WS (default off), 0 forces it off,
+// 1 on with one tile a CTA, 2 on with CTAs walking tiles (at most `max_ctas` of them,
+// 0: one an SM).
 int64_t cuda_linear_wide_ws_launches();
-void cuda_linear_force_wide_ws(int on);
+void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -289,21 +291,31 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   return 0;
 }
 
-// The FP8 wide tiles by the warp-specialised kernel (same bits): DSV4_CUDA_WIDE_WS=1, an
-// opt-in until measured (thirtieth session: built, not yet run on a GPU).
+// The FP8 wide tiles by the warp-specialised kernel (same bits): DSV4_CUDA_WIDE_WS=1 one
+// tile a CTA, =2 CTAs walking tiles (one an SM); an opt-in until measured in full
+// (thirtieth session: mode 1 -0.8 to -1.1% a step at 256 rows, mode 2 not yet run).
+// It takes a stage's block scale in the aligned 4-byte word that holds it.
 std::atomic<int64_t> g_wide_ws_launches{0};
 std::atomic<int> g_force_wide_ws{-1};
-bool wide_ws_enabled() {
-  static const bool from_env = env_is("DSV4_CUDA_WIDE_WS", "1");
-  return forced_or(g_force_wide_ws, from_env);
+std::atomic<int> g_wide_ws_max_ctas{0};
+int wide_ws_mode() {
+  static const int from_env = env_is("DSV4_CUDA_WIDE_WS", "1") ? 1 : env_is("DSV4_CUDA_WIDE_WS", "2") ? 2 : 0;
+  const int f = g_force_wide_ws.load(std::memory_order_relaxed);
+  return f >= 0 ? f : from_env;
 }
+bool wide_ws_fits(const lk::GemmParams& p) { return !p.y_f32 && aligned(p.s0, 4) && aligned(p.s1, 4); }
 
 template <int R, bool kTwo>
-void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  constexpr int smem = lk::gemm_wide_ws_smem_bytes<R, kTwo>();
+void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int mode) {
+  constexpr int smem = lk::gemm_wide_ws_smem_bytes<R, kTwo>(lk::wide_ws_stages<R, kTwo>());
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::gemm_wide_ws_kernel<R, kTwo>, smem, be.device_index(), done);
-  lk::gemm_wide_ws_kernel<R, kTwo><<<grid, lk::kWsThreads, smem, be.stream()>>>(p);
+  int64_t ctas = tiles;
+  if (mode == 2) {
+    const int cap = g_wide_ws_max_ctas.load(std::memory_order_relaxed);
+    ctas = std::min<int64_t>(tiles, cap > 0 ? cap : be.properties().multiProcessorCount);
+  }
+  lk::gemm_wide_ws_kernel<R, kTwo><<<unsigned(ctas), lk::kWsThreads, smem, be.stream()>>>(p);
   check_launch(be.stream());
   g_wide_launches.fetch_add(1, std::memory_order_relaxed);
   g_wide_ws_launches.fetch_add(1, std::memory_order_relaxed);
@@ -312,7 +324,8 @@ void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   if constexpr (F == WFmt::kFp8) {
-    if (wide_ws_enabled()) return launch_wide_ws<R, kTwo>(be, p, grid);
+    if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_fits(p))
+      return launch_wide_ws<R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
   static std::atomic<uint64_t> done{0};
@@ -678,7 +691,10 @@ void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, s
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_ws_launches() { return g_wide_ws_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_wide_ws(int on) { g_force_wide_ws.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_wide_ws(int mode, int max_ctas) {
+  g_force_wide_ws.store(mode, std::memory_order_relaxed);
+  g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);
+}
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }
