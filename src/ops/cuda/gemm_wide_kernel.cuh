@@ -98,6 +98,22 @@ __device__ __forceinline__ void wide_mma_rs(float (&d)[R / 2], const uint32_t (&
   else wgmma_bf16_rs<8>(d, a, db, scale_d);
 }
 
+// The FP8 fold of one stage's chain d into p_s (cur), a thread's R / 2 values: p =
+// fmaf(d, 2^w * 2^x, p), wsc = 2^w the stage's block scale, as the stage's activation
+// scales 2^x (one per tile row, shared memory); t = lane % 4. Both wide kernels fold
+// with it, so their bits are one sequence.
+template <int R>
+__device__ __forceinline__ void fold_fp8_wide_stage(float (&cur)[R / 2], const float (&d)[R / 2], float wsc,
+                                                    const float* as, int t) {
+#pragma unroll
+  for (int q = 0; q < R / 8; ++q) {
+    const float2 a2 = *reinterpret_cast<const float2*>(as + 8 * q + 2 * t);
+    const float c0 = wsc * a2.x, c1 = wsc * a2.y;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(d[4 * q + e], e & 1 ? c1 : c0, cur[4 * q + e]);
+  }
+}
+
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
 // activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
@@ -243,17 +259,8 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
     if constexpr (kQuant) {
       const float wsc = core::e8m0_to_float(s_bs[st]);
       const float* as = s_as + (st % S) * R;
-      auto fold = [&](const float(&dd)[NA]) {
-#pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-          const float2 a2 = *reinterpret_cast<const float2*>(as + 8 * q + 2 * t);
-          const float c0 = wsc * a2.x, c1 = wsc * a2.y;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(dd[4 * q + e], e & 1 ? c1 : c0, cur[4 * q + e]);
-        }
-      };
-      if (st & 1) fold(d[1]);
-      else fold(d[0]);
+      if (st & 1) fold_fp8_wide_stage<R>(cur, d[1], wsc, as, t);  // (constant indices: the sets stay in registers)
+      else fold_fp8_wide_stage<R>(cur, d[0], wsc, as, t);
       if constexpr (kTwoSets) {
         if (last_of_slice) end_slice();
       }

@@ -214,14 +214,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         wgmma_commit();
         wgmma_wait_all();
         const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
-        const float* as = s_as + buf * R;
-#pragma unroll
-        for (int q = 0; q < NQ; ++q) {
-          const float2 a2 = *reinterpret_cast<const float2*>(as + 8 * q + 2 * t4);
-          const float c0 = wsc * a2.x, c1 = wsc * a2.y;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) cur[4 * q + e] = fmaf(d[4 * q + e], e & 1 ? c1 : c0, cur[4 * q + e]);
-        }
+        fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
         mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
         if constexpr (kTwoSets) {
           if (slice_last) {
