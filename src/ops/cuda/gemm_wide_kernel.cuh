@@ -114,6 +114,26 @@ __device__ __forceinline__ void fold_fp8_wide_stage(float (&cur)[R / 2], const f
   }
 }
 
+// A thread's R / 2 results of a wide tile into the output staging tile (tile
+// activation row c at c * stride bytes; f32 or bf16): its p_s, or with kTwoSets the
+// running totals (s_tot[i * tot_cols + tot_col]). row0 = the thread's first weight row
+// in the tile (64 * warpgroup + 16 * warp); g = lane / 4, t = lane % 4. Both wide
+// kernels write their results with it.
+template <int R, bool kTwoSets>
+__device__ __forceinline__ void stage_wide_results(uint8_t* out, int stride, bool f32, const float (&cur)[R / 2],
+                                                   const float* s_tot, int tot_col, int tot_cols, int row0, int g,
+                                                   int t) {
+#pragma unroll
+  for (int q = 0; q < R / 8; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+      const float v = kTwoSets ? s_tot[(4 * q + e) * tot_cols + tot_col] : 0.0f + cur[4 * q + e];
+      if (f32) *reinterpret_cast<float*>(out + c * stride + 4 * r) = v;
+      else *reinterpret_cast<uint16_t*>(out + c * stride + 2 * r) = core::float_to_bf16(v);
+    }
+}
+
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
 // activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
@@ -136,7 +156,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
   static_assert(gemm_wide_smem_bytes<F, R, kTwoSets>() <= 227 * 1024, "wide tiles: shared memory");
-  constexpr int NQ = R / 8, NA = R / 2, kAPieces = R / 32;  // 8-column groups, accumulators, act copies
+  constexpr int NA = R / 2, kAPieces = R / 32;  // accumulators, act copies
   static_assert(F == WFmt::kFp8 || F == WFmt::kBf16 || F == WFmt::kFp8Bf16, "wide tiles: FP8, bf16, FP8-as-bf16");
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
@@ -363,15 +383,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   // the scattered stores hit distinct banks.
   const int esize = p.y_f32 ? 4 : 2, stride = kTileN * esize + 16;
   __syncthreads();
-#pragma unroll
-  for (int q = 0; q < NQ; ++q)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = 64 * wg + 16 * warp + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
-      const float v = kTwoSets ? s_tot[(4 * q + e) * kWideThreads + tid] : 0.0f + cur[4 * q + e];
-      if (p.y_f32) *reinterpret_cast<float*>(smem + c * stride + 4 * r) = v;
-      else *reinterpret_cast<uint16_t*>(smem + c * stride + 2 * r) = core::float_to_bf16(v);
-    }
+  stage_wide_results<R, kTwoSets>(smem, stride, p.y_f32 != 0, cur, s_tot, tid, kWideThreads, 64 * wg + 16 * warp, g, t);
   __syncthreads();
   // 16-byte pieces: 8 a row (f32) or 16 (bf16), whole where the row and the piece allow.
   const int pieces = kTileN * esize / 16, per = 16 / esize;

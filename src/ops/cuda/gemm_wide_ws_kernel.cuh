@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
   constexpr int S = wide_ws_stages<R, kTwoSets>();
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
   static_assert(gemm_wide_ws_smem_bytes<R, kTwoSets>(S) <= 227 * 1024, "wide tiles: shared memory");
-  constexpr int NQ = R / 8, NA = R / 2;
+  constexpr int NA = R / 2;
   constexpr int kStageBytes = kTileN * 128;
   constexpr int kPieceRows = kWsProducerThreads / 8;  // rows a producer pass covers (8 pieces a row)
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -229,14 +229,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
       // The output tile through shared memory, as gemm_wide_kernel's: each thread's R / 2
       // values scattered over R / 4 rows become whole 16-byte pieces of output rows.
-#pragma unroll
-      for (int q = 0; q < NQ; ++q)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = 64 * cw + 16 * warp + g8 + 8 * (e >> 1), c = 8 * q + 2 * t4 + (e & 1);
-          const float v = kTwoSets ? s_tot[(4 * q + e) * kWsConsumerThreads + ctid] : 0.0f + cur[4 * q + e];
-          *reinterpret_cast<uint16_t*>(s_out + c * kWsOutStride + 2 * r) = core::float_to_bf16(v);
-        }
+      stage_wide_results<R, kTwoSets>(s_out, kWsOutStride, false, cur, s_tot, ctid, kWsConsumerThreads,
+                                       64 * cw + 16 * warp, g8, t4);
       consumers_sync();
       const bool to_y1 = t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
       void* const y_out = to_y1 ? p.y1 : p.y;
