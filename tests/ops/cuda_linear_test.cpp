@@ -955,10 +955,11 @@ void run_fp8_wide_ops(
 
 // FP8 linears, linear pairs, the shared expert's gate/up, bf16 GEMMs and grouped
 // FP8-as-bf16 GEMMs (wo_a) in the wide tiles (128 weight rows x 128 or 64 activation
-// rows) give the bits of gemm_kernel's tiles: one K slice and several (walked, the
-// running total in shared memory), partial weight and row tiles, bf16 and f32
-// outputs, a stacked pair with its second output. Where K = 384 (one slice) the FP8
-// results, and the grouped ones everywhere, are also the Hopper model's bit for bit.
+// rows; bf16 of one K slice also x 256) give the bits of gemm_kernel's tiles: one K
+// slice and several (walked, the running total in shared memory), partial weight and
+// row tiles, bf16 and f32 outputs, a stacked pair with its second output. Where K =
+// 384 (one slice) the FP8 results, and the grouped ones everywhere, are also the
+// Hopper model's bit for bit.
 // The test checks that the wide launches happened.
 TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
@@ -1001,6 +1002,23 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
         env.cuda.linear_bf16(dx, dw, y);
         return std::vector<Tensor>{y};
       });
+    }
+  }
+  // 256-row tiles (bf16 GEMMs of one K slice; the hook's mode 3): bf16 and f32 outputs,
+  // partial weight tiles, one row, a whole tile, a second tile of one row.
+  for (const Bf16Case c : {Bf16Case{384, 192, false}, Bf16Case{200, 320, true}}) {
+    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    for (int64_t M : {1, 130, 256, 257}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
+      const std::string what = std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
+      const auto got = outputs_per_mode(env, ops::cuda_linear_force_wide, ops::cuda_linear_wide_launches,
+                                        {{0, 0}, {3, 1}}, what, [&] {
+                                          Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
+                                          env.cuda.linear_bf16(dx, dw, y);
+                                          return std::vector<Tensor>{y};
+                                        });
+      expect_bitwise(got[0][0], got[1][0], what + " 256-row tiles vs small tiles");
     }
   }
   struct GroupedCase {

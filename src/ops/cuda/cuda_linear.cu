@@ -49,7 +49,7 @@ void cuda_linear_force_shared_decode(int on);
 // Test hooks: plain GEMM launches so far in wide tiles (gemm_wide_kernel); -1
 // follows DSV4_CUDA_WIDE_GEMM (the default), 0 forces them off, 1 on for every FP8
 // and bf16 plain GEMM of one group, whatever its rows (64-row tiles up to 64 rows),
-// 2 on in 64-row tiles only.
+// 2 on in 64-row tiles only, 3 as 1 but bf16 GEMMs of one K slice in 256-row tiles.
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
 // Test hooks: FP8 wide-tile launches so far by the warp-specialised kernel
@@ -274,18 +274,24 @@ std::atomic<int> g_force_wide{-1};
 // The grouped FP8-as-bf16 GEMM (wo_a) takes the same wide tiles: at 256 rows 70 µs a
 // launch against 97 on gemm_kernel's 64-row tiles (ncu, H200), step -0.7% at 256,
 // equal at 128 (BENCHMARKS.md, thirteenth session). DSV4_CUDA_WIDE_WO_A=0 keeps wo_a
-// on the small tiles (A/B runs).
+// on the small tiles (A/B runs). DSV4_CUDA_WIDE_BF16_256=1 (opt-in, not yet run on a
+// GPU): bf16 GEMMs of one K slice from 129 rows in 128 x 256 tiles where those fill the
+// SMs (the LM head: its weights then cross from L2 once instead of once per 128 rows;
+// docs/design/decode-roofline.md, thirtieth session, item 1b).
 constexpr int64_t kWideMinRows = 128;
 int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n_tiles) {
   const bool wo_a = fmt == WFmt::kFp8Bf16;
   if (!wo_a && ((fmt != WFmt::kFp8 && fmt != WFmt::kBf16) || p.groups != 1)) return 0;
   static const int from_env = env_mode("DSV4_CUDA_WIDE_GEMM");
   const int mode = forced_mode(g_force_wide, from_env);
-  if (mode >= 0) return mode == 0 ? 0 : mode == 2 || p.m <= 64 ? 64 : 128;
+  const bool bf16_256 = fmt == WFmt::kBf16 && p.slices == 1;  // (the 256-row tile's one slice)
+  if (mode >= 0) return mode == 0 ? 0 : mode == 3 && bf16_256 ? 256 : mode == 2 || p.m <= 64 ? 64 : 128;
   static const bool wo_a_wide = env_mode("DSV4_CUDA_WIDE_WO_A") != 0;
   if (wo_a && !wo_a_wide) return 0;
   if (p.m < kWideMinRows) return 0;
   const int64_t sms = be.properties().multiProcessorCount;
+  static const bool wide_256 = env_is("DSV4_CUDA_WIDE_BF16_256", "1");
+  if (wide_256 && bf16_256 && p.m > 128 && n_tiles * ((p.m + 255) / 256) >= sms) return 256;
   if (n_tiles * ((p.m + 127) / 128) >= sms) return 128;
   if (8 * n_tiles * ((p.m + 63) / 64) >= 7 * sms) return 64;
   return 0;
@@ -337,6 +343,12 @@ void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
 
 template <WFmt F>
 void dispatch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int rows, bool two) {
+  if constexpr (F == WFmt::kBf16) {
+    if (rows == 256) {
+      DSV4_CHECK(!two, "gemm: 256-row wide tiles take one K slice ({} slices)", p.slices);
+      return launch_wide<F, 256, false>(be, p, grid);
+    }
+  }
   if (rows == 128)
     return two ? launch_wide<F, 128, true>(be, p, grid) : launch_wide<F, 128, false>(be, p, grid);
   return two ? launch_wide<F, 64, true>(be, p, grid) : launch_wide<F, 64, false>(be, p, grid);

@@ -73,6 +73,23 @@ __device__ __forceinline__ void wgmma_wide<WFmt::kBf16>(float (&d)[64], uint64_t
                : DSV4_WIDE_D
                : "l"(da), "l"(db), "r"(scale_d));
 }
+// m64n256k16, bf16, both from shared memory: the 256-row tiles (128 accumulators a thread).
+#define DSV4_WIDE_NAMES_HI \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+__device__ __forceinline__ void wgmma_wide256_bf16(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" DSV4_WIDE_NAMES ", " DSV4_WIDE_NAMES_HI
+               "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+               : DSV4_WIDE_D8(0), DSV4_WIDE_D8(8), DSV4_WIDE_D8(16), DSV4_WIDE_D8(24), DSV4_WIDE_D8(32),
+                 DSV4_WIDE_D8(40), DSV4_WIDE_D8(48), DSV4_WIDE_D8(56), DSV4_WIDE_D8(64), DSV4_WIDE_D8(72),
+                 DSV4_WIDE_D8(80), DSV4_WIDE_D8(88), DSV4_WIDE_D8(96), DSV4_WIDE_D8(104), DSV4_WIDE_D8(112),
+                 DSV4_WIDE_D8(120)
+               : "l"(da), "l"(db), "r"(scale_d));
+}
+#undef DSV4_WIDE_NAMES_HI
 // The same with A (64 weight rows x k16, bf16) in registers, in the m16n8k16 A layout per warp.
 __device__ __forceinline__ void wgmma_wide_bf16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t db,
                                                    int scale_d) {
@@ -135,7 +152,8 @@ __device__ __forceinline__ void stage_wide_results(uint8_t* out, int stride, boo
 }
 
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
-// activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle): grid
+// activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle, or 256 for
+// bf16 of one K slice, opt-in: the weights cross from L2 once for 256 rows): grid
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
 // gemm_kernel). Every CTA walks all K slices (no split): per slice p_s from zero,
 // tot += p_s at its end.
@@ -154,9 +172,14 @@ __device__ __forceinline__ void stage_wide_results(uint8_t* out, int stride, boo
 template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
   constexpr int S = kWideStages;
-  static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
+  static_assert(R == 64 || R == 128 || (R == 256 && F == WFmt::kBf16 && !kTwoSets),
+                "wide tiles: 64 or 128 activation rows (256: bf16 of one K slice)");
   static_assert(gemm_wide_smem_bytes<F, R, kTwoSets>() <= 227 * 1024, "wide tiles: shared memory");
   constexpr int NA = R / 2, kAPieces = R / 32;  // accumulators, act copies
+  // R = 256 (bf16, one K slice): one m64n256 product a chunk into 128 accumulators, which
+  // are the result: no p_s copy (registers), and the output tile is staged from them in
+  // the last stage, right after its wait (read after the loop, ptxas serialized the chain).
+  constexpr bool kStageInLoop = R == 256;
   static_assert(F == WFmt::kFp8 || F == WFmt::kBf16 || F == WFmt::kFp8Bf16, "wide tiles: FP8, bf16, FP8-as-bf16");
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
@@ -253,10 +276,11 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   // p_s and the wgmma results in registers; the running total over slices (kTwoSets)
   // in shared memory, each thread's own column.
   constexpr int kSets = kQuant ? 2 : 1;
-  float cur[NA], d[kSets][NA];
+  constexpr int NCur = kStageInLoop ? 1 : NA;
+  float cur[NCur], d[kSets][NA];
 #pragma unroll
   for (int i = 0; i < NA; ++i) {
-    cur[i] = 0.0f;
+    if (i < NCur) cur[i] = 0.0f;
 #pragma unroll
     for (int j = 0; j < kSets; ++j) d[j][i] = 0.0f;
   }
@@ -265,10 +289,12 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
     for (int i = 0; i < NA; ++i) s_tot[i * kWideThreads + tid] = 0.0f;
   }
   auto end_slice = [&] {  // slice boundary: fold p_s into the running total
+    if constexpr (kTwoSets) {
 #pragma unroll
-    for (int i = 0; i < NA; ++i) {
-      s_tot[i * kWideThreads + tid] += cur[i];
-      cur[i] = 0.0f;
+      for (int i = 0; i < NA; ++i) {
+        s_tot[i * kWideThreads + tid] += cur[i];
+        cur[i] = 0.0f;
+      }
     }
   };
   // FP8: stage st's chain (set st % 2) folded with its scale 2^w * 2^x, one per
@@ -342,19 +368,30 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       }
       __syncthreads();
       load_next();
-        } else {
+    } else {
       // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
       // products stay in flight across the next stage's wait and barrier; the copies
       // then go into stage it-1's buffer once every warpgroup's products on it are done.
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (R == 256)
+          wgmma_wide256_bf16(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j),
+                             slice_first && j == 0 ? 0 : 1);
+        else
+          wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
+      }
       wgmma_commit();
       if (slice_last) {
         wgmma_wait_all();
+        if constexpr (kStageInLoop) {  // (the last stage: no copies are in flight into the buffers)
+          __syncthreads();
+          stage_wide_results<R, false>(smem, kTileN * (p.y_f32 ? 4 : 2) + 16, p.y_f32 != 0, d[0], s_tot, tid,
+                                       kWideThreads, 64 * wg + 16 * warp, g, t);
+        } else {
 #pragma unroll
-        for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
+          for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
+        }
       } else {
         wgmma_wait_1();
       }
@@ -380,10 +417,13 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   // The output tile goes through shared memory (the stage buffers, free once every
   // warpgroup is past its last products): each thread's R / 2 values scattered over
   // R / 4 rows become whole 16-byte pieces of output rows. Row stride padded by 16 bytes:
-  // the scattered stores hit distinct banks.
+  // the scattered stores hit distinct banks. (R = 256: staged in its last stage.)
   const int esize = p.y_f32 ? 4 : 2, stride = kTileN * esize + 16;
-  __syncthreads();
-  stage_wide_results<R, kTwoSets>(smem, stride, p.y_f32 != 0, cur, s_tot, tid, kWideThreads, 64 * wg + 16 * warp, g, t);
+  if constexpr (!kStageInLoop) {
+    __syncthreads();
+    stage_wide_results<R, kTwoSets>(smem, stride, p.y_f32 != 0, cur, s_tot, tid, kWideThreads, 64 * wg + 16 * warp, g,
+                                    t);
+  }
   __syncthreads();
   // 16-byte pieces: 8 a row (f32) or 16 (bf16), whole where the row and the piece allow.
   const int pieces = kTileN * esize / 16, per = 16 / esize;
