@@ -349,6 +349,7 @@ void dispatch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int rows
       return launch_wide<F, 256, false>(be, p, grid);
     }
   }
+  DSV4_CHECK(rows == 64 || rows == 128, "gemm: no {}-row wide tiles for this format", rows);
   if (rows == 128)
     return two ? launch_wide<F, 128, true>(be, p, grid) : launch_wide<F, 128, false>(be, p, grid);
   return two ? launch_wide<F, 64, true>(be, p, grid) : launch_wide<F, 64, false>(be, p, grid);
