@@ -151,6 +151,33 @@ __device__ __forceinline__ void stage_wide_results(uint8_t* out, int stride, boo
     }
 }
 
+// A staged output tile (tile activation row c at staged + c * stride, esize-byte
+// values) to its output rows (out_rows[row_base + c], or row_base + c; columns
+// col_out.. of y_out) in 16-byte pieces, 8 a row (f32) or 16 (bf16), whole where the
+// row and the piece allow; threads tid, tid + kThreads, ... Both wide kernels store
+// with it.
+template <int kThreads>
+__device__ __forceinline__ void store_wide_tile(const int* out_rows, void* y_out, int64_t ld_out, int64_t col_out,
+                                                int esize, const uint8_t* staged, int stride, int row_base, int rows,
+                                                int valid_n, int tid) {
+  const int pieces = kTileN * esize / 16, per = 16 / esize;
+  const bool vec = (ld_out * esize) % 16 == 0 && (col_out * esize) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(y_out) % 16 == 0;
+  for (int i = tid; i < rows * pieces; i += kThreads) {
+    const int c = i / pieces, piece = i % pieces, r0 = piece * per;
+    if (r0 >= valid_n) continue;
+    const int64_t orow = out_rows ? out_rows[row_base + c] : row_base + c;
+    uint8_t* dst = static_cast<uint8_t*>(y_out) + (orow * ld_out + col_out + r0) * esize;
+    const uint8_t* src = staged + c * stride + r0 * esize;
+    if (vec && r0 + per <= valid_n) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int k = 0; k < per && r0 + k < valid_n; ++k)
+        for (int b = 0; b < esize; ++b) dst[k * esize + b] = src[k * esize + b];
+    }
+  }
+}
+
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
 // activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle, or 256 for
 // bf16 of one K slice, opt-in: the weights cross from L2 once for 256 rows): grid
@@ -425,23 +452,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
                                     t);
   }
   __syncthreads();
-  // 16-byte pieces: 8 a row (f32) or 16 (bf16), whole where the row and the piece allow.
-  const int pieces = kTileN * esize / 16, per = 16 / esize;
-  const bool vec = (ld_out * esize) % 16 == 0 && (col_out * esize) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(y_out) % 16 == 0;
-  for (int i = tid; i < rows * pieces; i += kWideThreads) {
-    const int c = i / pieces, piece = i % pieces, r0 = piece * per;
-    if (r0 >= valid_n) continue;
-    const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
-    uint8_t* dst = static_cast<uint8_t*>(y_out) + (orow * ld_out + col_out + r0) * esize;
-    const uint8_t* src = smem + c * stride + r0 * esize;
-    if (vec && r0 + per <= valid_n) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int k = 0; k < per && r0 + k < valid_n; ++k)
-        for (int b = 0; b < esize; ++b) dst[k * esize + b] = src[k * esize + b];
-    }
-  }
+  store_wide_tile<kWideThreads>(p.out_rows, y_out, ld_out, col_out, esize, smem, stride, row_base, rows, valid_n, tid);
 }
 
 }  // namespace dsv4::ops::linear_kernels

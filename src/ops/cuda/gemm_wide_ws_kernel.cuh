@@ -73,6 +73,12 @@ __device__ __forceinline__ WideWsTile wide_ws_tile(const GemmParams& p, int tile
   return t;
 }
 
+// The block-scale row of tile t's 128 weight rows (one 128-row scale block: its first
+// weight row is a multiple of 128).
+__device__ __forceinline__ const uint8_t* wide_ws_scale_row(const GemmParams& p, const WideWsTile& t) {
+  return (t.second ? p.s1 : p.s0) + (t.n0 - (t.second ? p.n_split : 0)) / 128 * int64_t(p.s_row_stride);
+}
+
 // Requirements (host: wide_ws_fits): FP8 weights of one group, bf16 output, the
 // block-scale tensors 4-byte aligned (a stage's scale byte comes in its aligned 4-byte
 // word, cut at the row's end). Grid: (CTAs), each walking tiles blockIdx.x, + gridDim.x, ...
@@ -122,8 +128,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       w = t.second ? p.w1 : p.w0;
       const int64_t wrow0 = t.n0 - (t.second ? p.n_split : 0);
       w_src = w + (wrow0 + c_row) * p.w_row_bytes + c_part * 16;
-      // The tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0).
-      scale_row = (t.second ? p.s1 : p.s0) + (wrow0 / 128) * p.s_row_stride;
+      scale_row = wide_ws_scale_row(p, t);
       valid_n = t.valid_n;
     };
     auto load_weights = [&](int st, int buf) {
@@ -188,9 +193,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
       const WideWsTile t = wide_ws_tile<R>(p, tile, m_tiles);
       // Where the tile's scale row starts in its aligned word (the producer's words).
-      const int srow_misalign =
-          int((reinterpret_cast<uintptr_t>(t.second ? p.s1 : p.s0) + uintptr_t(t.n0 - (t.second ? p.n_split : 0)) / 128 *
-               uintptr_t(p.s_row_stride)) & 3);
+      const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row(p, t)) & 3);
       float cur[NA], d[NA];
 #pragma unroll
       for (int i = 0; i < NA; ++i) cur[i] = d[i] = 0.0f;
@@ -235,21 +238,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       const bool to_y1 = t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
       void* const y_out = to_y1 ? p.y1 : p.y;
       const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
-      constexpr int kPieces = kTileN * 2 / 16;  // 16-byte pieces a row: 8 bf16 each
-      const bool vec = (ld_out * 2) % 16 == 0 && (col_out * 2) % 16 == 0 && reinterpret_cast<uintptr_t>(y_out) % 16 == 0;
-      for (int i = ctid; i < t.rows * kPieces; i += kWsConsumerThreads) {
-        const int c = i / kPieces, r0 = (i % kPieces) * 8;
-        if (r0 >= t.valid_n) continue;
-        const int64_t orow = p.out_rows ? p.out_rows[t.row_base + c] : t.row_base + c;
-        uint8_t* dst = static_cast<uint8_t*>(y_out) + (orow * ld_out + col_out + r0) * 2;
-        const uint8_t* src = s_out + c * kWsOutStride + r0 * 2;
-        if (vec && r0 + 8 <= t.valid_n) {
-          *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-          for (int k = 0; k < 8 && r0 + k < t.valid_n; ++k)
-            *reinterpret_cast<uint16_t*>(dst + 2 * k) = *reinterpret_cast<const uint16_t*>(src + 2 * k);
-        }
-      }
+      store_wide_tile<kWsConsumerThreads>(p.out_rows, y_out, ld_out, col_out, 2, s_out, kWsOutStride, t.row_base, t.rows,
+                                          t.valid_n, ctid);
       consumers_sync();  // the output tile is read: the next tile may write it
     }
   }
