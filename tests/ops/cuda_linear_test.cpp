@@ -45,6 +45,7 @@ namespace dsv4::ops {
 void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+void cuda_linear_force_expert_prefetch(int kb);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
@@ -1053,7 +1054,8 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
 // CTA's ring of stages runs on across tiles, of 2-32 stages): both tile heights, partial
 // weight and row tiles, walked slices (one set and two), a stacked pair with its second
 // output, the shared expert (scale rows of 2 and 3 bytes: words cut at the row's end).
-// Counts its launches, so the opt-in path really ran.
+// Counts its launches, so the path really ran. (It is the default for FP8 wide tiles, so
+// the other wide tests run it too; this one forces gemm_wide_kernel for the reference.)
 TEST(CudaLinearWide, WarpSpecializedTilesEqualWideTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
@@ -1775,7 +1777,7 @@ TEST_P(CudaLinear, RowResultsDoNotDependOnTheBatch) {
 }
 
 // ---- graph capture -----------------------------------------------------------------------
-TEST_P(CudaLinear, GraphReplayEqualsEager) {
+void check_graph_replay_equals_eager() {
   Env env;
   Rng rng(0x80);
   auto& cuda = env.cuda;
@@ -1840,6 +1842,20 @@ TEST_P(CudaLinear, GraphReplayEqualsEager) {
                            std::to_string(rep));
     }
   }
+}
+
+TEST_P(CudaLinear, GraphReplayEqualsEager) { check_graph_replay_equals_eager(); }
+
+// The same with the routed experts' down GEMM asking L2 for its weights before its
+// dependency wait, its tile list read there (the gate/up GEMM's and the SwiGLU's
+// dependents launched early): 64 KB, more than the test's tiles hold, and 16 KB.
+TEST_P(CudaLinear, GraphReplayWithEarlyExpertWeightsEqualsEager) {
+  for (int kb : {64, 16}) {
+    SCOPED_TRACE("expert prefetch " + std::to_string(kb) + " KB");
+    ops::cuda_linear_force_expert_prefetch(kb);
+    check_graph_replay_equals_eager();
+  }
+  ops::cuda_linear_force_expert_prefetch(-1);
 }
 
 // ---- synthetic weights --------------------------------------------------------------------

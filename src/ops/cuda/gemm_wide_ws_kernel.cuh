@@ -1,5 +1,5 @@
-// The wide FP8 GEMM with its warps specialised (opt-in, DSV4_CUDA_WIDE_WS=1 or 2;
-// thirtieth session): the tile and the per-element accumulation sequence of
+// The wide FP8 GEMM with its warps specialised (thirtieth session; the default since the
+// thirty-first, DSV4_CUDA_WIDE_WS=0 turns it off): the tile and the per-element accumulation sequence of
 // gemm_wide_kernel<FP8, R, kTwoSets> (gemm_wide_kernel.cuh), so the same bits, with the
 // work of a stage split by role instead of done by every thread in step:
 //   - a producer warpgroup issues every cp.async of a stage (weights, activations, their
@@ -31,11 +31,13 @@ constexpr int kWsOutStride = kTileN * 2 + 16;  // bytes a row of the bf16 output
 // buffers (128 weight rows and R activation rows of 128 bytes), the bf16 output tile
 // (its own: with tiles walked by one CTA the stage buffers already take the next tile's
 // copies), the running totals over K slices (kTwoSets), the activation scales and the
-// block-scale word of each stage, a full and an empty barrier a stage.
+// block-scale word of each stage (an even count of words: the barriers after them are
+// 8-byte objects), a full and an empty barrier a stage.
+__host__ __device__ constexpr int wide_ws_scale_words(int S) { return (S + 1) & ~1; }
 template <int R, bool kTwoSets>
 __host__ __device__ constexpr int gemm_wide_ws_smem_bytes(int S) {
   return 1024 /* alignment slack */ + S * (kTileN * 128 + R * 128) + R * kWsOutStride +
-         (kTwoSets ? kWsConsumerThreads * (R / 2) * 4 : 0) + S * R * 4 + S * 4 + 2 * S * 8;
+         (kTwoSets ? kWsConsumerThreads * (R / 2) * 4 : 0) + S * R * 4 + wide_ws_scale_words(S) * 4 + 2 * S * 8;
 }
 // Four stages where they fit (R = 128 with two sets: three).
 template <int R, bool kTwoSets>
@@ -88,6 +90,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
   constexpr int S = wide_ws_stages<R, kTwoSets>();
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
   static_assert(gemm_wide_ws_smem_bytes<R, kTwoSets>(S) <= 227 * 1024, "wide tiles: shared memory");
+  static_assert((gemm_wide_ws_smem_bytes<R, kTwoSets>(S) - 1024 - 2 * S * 8) % 8 == 0,
+                "the mbarriers after the scale words must be 8-byte aligned");
   constexpr int NA = R / 2;
   constexpr int kStageBytes = kTileN * 128;
   constexpr int kPieceRows = kWsProducerThreads / 8;  // rows a producer pass covers (8 pieces a row)
@@ -100,7 +104,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
   float* s_tot = reinterpret_cast<float*>(s_out + R * kWsOutStride);           // kTwoSets: [NA][256] totals
   float* s_as = s_tot + (kTwoSets ? NA * kWsConsumerThreads : 0);              // [S][R]
   uint32_t* s_bw = reinterpret_cast<uint32_t*>(s_as + S * R);                  // [S] block-scale words
-  const uint32_t bar0 = smem_u32(s_bw + S);                                    // full[S], then empty[S]
+  const uint32_t bar0 = smem_u32(s_bw + wide_ws_scale_words(S));               // full[S], then empty[S]
   auto full_bar = [&](int s) { return bar0 + 8 * s; };
   auto empty_bar = [&](int s) { return bar0 + 8 * (S + s); };
 
