@@ -45,7 +45,6 @@ namespace dsv4::ops {
 void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
-void cuda_linear_force_expert_prefetch(int kb);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
@@ -1777,7 +1776,7 @@ TEST_P(CudaLinear, RowResultsDoNotDependOnTheBatch) {
 }
 
 // ---- graph capture -----------------------------------------------------------------------
-void check_graph_replay_equals_eager() {
+TEST_P(CudaLinear, GraphReplayEqualsEager) {
   Env env;
   Rng rng(0x80);
   auto& cuda = env.cuda;
@@ -1844,19 +1843,6 @@ void check_graph_replay_equals_eager() {
   }
 }
 
-TEST_P(CudaLinear, GraphReplayEqualsEager) { check_graph_replay_equals_eager(); }
-
-// The same with the routed experts' down GEMM asking L2 for its weights before its
-// dependency wait, its tile list read there (the gate/up GEMM's and the SwiGLU's
-// dependents launched early): 64 KB, more than the test's tiles hold, and 16 KB.
-TEST_P(CudaLinear, GraphReplayWithEarlyExpertWeightsEqualsEager) {
-  for (int kb : {64, 16}) {
-    SCOPED_TRACE("expert prefetch " + std::to_string(kb) + " KB");
-    ops::cuda_linear_force_expert_prefetch(kb);
-    check_graph_replay_equals_eager();
-  }
-  ops::cuda_linear_force_expert_prefetch(-1);
-}
 
 // ---- synthetic weights --------------------------------------------------------------------
 double differing_fraction(const Tensor& a, const Tensor& b) {

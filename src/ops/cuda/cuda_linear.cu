@@ -42,11 +42,6 @@ void cuda_linear_force_path(int path);
 // follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
-// Test hook: the routed experts' early down-GEMM weights (expert_gemm_kernel's note):
-// KB of each CTA's weight tile asked of L2 before its dependency wait, with the
-// dependents of the gate/up GEMM and the SwiGLU launched early; 0 off, -1 follows
-// DSV4_CUDA_EXPERT_PREFETCH_KB (default 0).
-void cuda_linear_force_expert_prefetch(int kb);
 // Test hooks: FP4 expert GEMM launches so far in 16-row tiles (one weight decode for
 // up to 16 rows); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
@@ -282,7 +277,8 @@ std::atomic<int> g_force_wide{-1};
 // on the small tiles (A/B runs). bf16 GEMMs of one K slice from 129 rows take 128 x 256
 // tiles where those fill the SMs (the LM head: its weights then cross from L2 once
 // instead of once per 128 rows; docs/design/decode-roofline.md, thirtieth session, item
-// 1b): -1.3 / -1.0% a step at 192 / 256 rows (BENCHMARKS.md, thirty-first session);
+// 1b): -1.3 / -1.0% a step at 192 / 256 rows alone, -2.4% at 256 with the warp-
+// specialised FP8 tiles below against neither (BENCHMARKS.md, thirty-first session);
 // DSV4_CUDA_WIDE_BF16_256=0 keeps them on 128-row tiles (A/B runs).
 constexpr int64_t kWideMinRows = 128;
 int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n_tiles) {
@@ -946,32 +942,12 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
   p.ldy = 2 * I;
   run_gemm(*this, quant_fmt(w.w1), p);
   lk::swiglu_quant_kernel<<<blocks_for_warps(R * (I / 128)), 256, 0, stream()>>>(gu, R, I, nullptr, rw, nullptr,
-                                                                                  limit, hq, hs, split2 ? 1 : 0, 0);
+                                                                                  limit, hq, hs, split2 ? 1 : 0);
   check_launch(stream());
   quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D, split2);
 }
 
 // ---- routed_experts (spec §6.2) ---------------------------------------------------------
-namespace {
-std::atomic<int> g_force_expert_prefetch{-1};
-// KB of a down-GEMM CTA's weight tile asked of L2 while the gate/up GEMM drains
-// (expert_gemm_kernel's note), 0: none (the dependents then launch as before).
-// DSV4_CUDA_EXPERT_PREFETCH_KB=N for A/B runs; off by default until measured.
-int expert_prefetch_kb() {
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_EXPERT_PREFETCH_KB");
-    if (v == nullptr || *v == '\0') return 0;
-    char* end = nullptr;
-    const long kb = std::strtol(v, &end, 10);
-    DSV4_CHECK(*end == '\0' && kb >= 0 && kb <= 1024, "DSV4_CUDA_EXPERT_PREFETCH_KB={}: want KB in 0..1024", v);
-    return int(kb);
-  }();
-  const int f = g_force_expert_prefetch.load(std::memory_order_relaxed);
-  return f >= 0 ? f : from_env;
-}
-}  // namespace
-void cuda_linear_force_expert_prefetch(int kb) { g_force_expert_prefetch.store(kb, std::memory_order_relaxed); }
-
 void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                     const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                                     int64_t expert_end, float limit, const Tensor& out) {
@@ -1094,8 +1070,6 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   p.ldy = 2 * I;
   p.tiles = tiles;
   p.num_tiles = counts;
-  const int prefetch_kb = expert_prefetch_kb();
-  p.launch_dependents_early = prefetch_kb > 0 ? 1 : 0;
   run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
                   [&](int64_t e, const uint8_t** ptr) {
                     const ExpertWeights& ew = experts[size_t(expert_begin + e)];
@@ -1106,8 +1080,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
                   });
 
   lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
-                                                                          pair_list, limit, hq, hs, fp4_2 ? 1 : 0,
-                                                                          prefetch_kb > 0 ? 1 : 0);
+                                                                          pair_list, limit, hq, hs, fp4_2 ? 1 : 0);
   check_launch(s);
 
   lk::GemmParams q{};
@@ -1125,7 +1098,6 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   q.out_rows = pair_list;
   q.tiles = tiles;
   q.num_tiles = counts;
-  q.l2_prefetch_bytes = prefetch_kb * 1024;
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   [&](int64_t e, const uint8_t** ptr) {
                     const ExpertWeights& ew = experts[size_t(expert_begin + e)];

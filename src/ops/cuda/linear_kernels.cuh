@@ -193,11 +193,6 @@ struct GemmParams {
   const int* num_tiles;
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
-  // Expert launches whose tile list is complete when they launch (expert_gemm_kernel's
-  // note): the first bytes of the CTA's weight tile asked of L2 before the dependency
-  // wait (0: none); and whether the CTAs let the next kernel launch right after it.
-  int l2_prefetch_bytes;
-  int launch_dependents_early;
 };
 
 // ---- small helpers ------------------------------------------------------------------
@@ -1066,40 +1061,10 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
 // tiles. The bits are the same. The kernel keeps 4 CTAs an SM (<= 128 registers)
 // either way: its throughput comes from the CTAs in flight.
-//
-// Early weights (p.l2_prefetch_bytes, the down GEMM): its CTAs launch while the gate/up
-// GEMM drains (that launch and the SwiGLU's let their dependents launch right after
-// their own waits, p.launch_dependents_early), and ask L2 for the first bytes of their
-// weight tile before they wait, so the DRAM the drain leaves idle streams the next
-// GEMM's weights. The tile list is read before the wait: it is moe_prep's output, two
-// launches back, and complete by then (the down kernel launches only once every SwiGLU
-// CTA has started, which follows every gate/up CTA passing its wait for moe_prep); read
-// through L2 (ld.cg), as an SM's L1 may hold the last layer's list at that address.
-// Only L2 prefetches go out before the wait, so the bits cannot change.
-template <WFmt F>
-__device__ __forceinline__ void prefetch_expert_tile_l2(const GemmParams& p, const ExpertTable& table) {
-  if (p.split != 1 || int(blockIdx.y) >= __ldcg(p.num_tiles)) return;
-  const int4 tile = __ldcg(&p.tiles[blockIdx.y]);
-  if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
-  const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
-  const int n0 = int(blockIdx.x) * kTileN, valid_n = min(kTileN, p.n - n0);
-  const bool second = n0 >= p.n_split;
-  // The tile's valid_n weight rows are one run of valid_n * w_row_bytes bytes (FP4
-  // tile-major and FP8 row-major alike; fp4_device_layout.h).
-  const uint8_t* run = (second ? e[2] : e[0]) + int64_t(n0 - (second ? p.n_split : 0)) * p.w_row_bytes;
-  const int64_t bytes = min(int64_t(p.l2_prefetch_bytes), int64_t(valid_n) * p.w_row_bytes) & ~int64_t(15);
-  constexpr int64_t kPiece = 16 * 1024;
-  for (int64_t off = int64_t(threadIdx.x) * kPiece; off < bytes; off += int64_t(blockDim.x) * kPiece)
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(run + off), "r"(uint32_t(min(kPiece, bytes - off)))
-                 : "memory");
-}
-
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
-  if (p.l2_prefetch_bytes > 0) prefetch_expert_tile_l2<F>(p, table);
   wait_for_predecessor();
-  if (p.launch_dependents_early) allow_dependents_to_launch();
   if (int(blockIdx.y) >= *p.num_tiles) return;
   const int4 tile = p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
@@ -1168,13 +1133,9 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
 // quantized per 128 for w2. Row weight rw[rw_index[c]] (routed) or rw[c] or none.
 // Rows c >= *num_rows (when given) are skipped. One warp per (row, 128-block).
 // Roofline: reads 4 B, writes ~1 B per h element: 6 x 2048 elements at decode, negligible.
-// launch_dependents_early: the next kernel may launch once every CTA has started (the
-// routed experts' down GEMM, to fetch its weights under the gate/up GEMM's drain).
 __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
                                     const int* num_rows, const float* rw, const int* rw_index, float limit,
-                                    uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs,
-                                    int launch_dependents_early) {
-  if (launch_dependents_early) allow_dependents_to_launch();
+                                    uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
   wait_for_predecessor();
   const int64_t blocks = inter / 128;
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
