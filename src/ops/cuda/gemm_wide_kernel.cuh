@@ -180,7 +180,7 @@ __device__ __forceinline__ void store_wide_tile(const int* out_rows, void* y_out
 
 // Plain or grouped GEMM (FP8, bf16, FP8-as-bf16) in tiles of 128 weight rows x R
 // activation rows (R = 128, or 64 where 128-row tiles would leave SMs idle, or 256 for
-// bf16 of one K slice, opt-in: the weights cross from L2 once for 256 rows): grid
+// bf16 of one K slice from 129 rows: the weights cross from L2 once for 256 rows): grid
 // (groups x tiles over n, ceil(m / R)), the row tile fastest in launch order (as
 // gemm_kernel). Every CTA walks all K slices (no split): per slice p_s from zero,
 // tot += p_s at its end.
