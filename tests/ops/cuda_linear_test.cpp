@@ -45,6 +45,8 @@ namespace dsv4::ops {
 void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+int64_t cuda_linear_expert_launches();
+void cuda_linear_force_expert_launches(int pieces);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
@@ -849,6 +851,38 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
                      "fp4 experts TMA vs cp.async d=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
                          " R=" + std::to_string(R));
     }
+  }
+  ops::cuda_linear_force_path(-1);
+}
+
+// The launch-boundary diagnostic (DSV4_CUDA_EXPERT_LAUNCHES): expert GEMMs whose CTAs
+// walk all of K, run as 3 launches over their weight tiles, give the one launch's bits
+// (FP4 in 32-row and in 8/16-row tiles, FP8), and really launch more.
+TEST(CudaLinearExpertLaunches, PiecesEqualOneLaunchBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x58);
+  struct Case {
+    int64_t experts, d, inter, k, rows;
+    bool fp4;
+  };
+  for (const Case& c : {Case{64, 512, 1024, 6, 300, true}, Case{96, 256, 256, 8, 90, true},
+                        Case{32, 256, 512, 6, 200, false}}) {
+    std::vector<ExpertWeights> dex(size_t(c.experts));
+    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, c.fp4, c.fp4, rng));
+    const RoutedInputs in = device_routed_inputs(env, rng, c.rows, c.d, c.k, c.experts, -1);
+    const std::string what = std::string(c.fp4 ? "fp4" : "fp8") + " experts d=" + std::to_string(c.d) +
+                             " I=" + std::to_string(c.inter) + " R=" + std::to_string(c.rows);
+    const auto [one, one_launches] = run_forced(ops::cuda_linear_force_expert_launches,
+                                                ops::cuda_linear_expert_launches, 1, [&] { return run_routed(env, in, dex); });
+    const auto [three, three_launches] = run_forced(ops::cuda_linear_force_expert_launches,
+                                                    ops::cuda_linear_expert_launches, 3,
+                                                    [&] { return run_routed(env, in, dex); });
+    ops::cuda_linear_force_expert_launches(-1);
+    EXPECT_GE(one_launches, 2) << what;
+    EXPECT_GT(three_launches, one_launches) << what << ": no GEMM ran in pieces";
+    expect_bitwise(one, three, what + ": 3 launches vs 1");
   }
   ops::cuda_linear_force_path(-1);
 }

@@ -42,6 +42,11 @@ void cuda_linear_force_path(int path);
 // follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+// Test hooks: expert GEMM launches so far; each expert GEMM of one K slice a CTA as
+// `pieces` launches over its weight tiles (a diagnostic: what a launch boundary costs
+// in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
+int64_t cuda_linear_expert_launches();
+void cuda_linear_force_expert_launches(int pieces);
 // Test hooks: FP4 expert GEMM launches so far in 16-row tiles (one weight decode for
 // up to 16 rows); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
@@ -658,6 +663,25 @@ lk::GemmParams stacked(lk::GemmParams p, const lk::GemmParams& q) {
   return p;
 }
 
+// DSV4_CUDA_EXPERT_LAUNCHES=N (1-8; a diagnostic, like DSV4_REPEAT_OPS): each expert
+// GEMM whose CTAs walk all K runs as N launches over consecutive ranges of its weight
+// tiles, each CTA's tile computed as in one launch (same bits), so the step's growth is
+// what N - 1 more launch boundaries (a drain, a dependent launch, a ramp) cost.
+std::atomic<int64_t> g_expert_launches{0};
+std::atomic<int> g_force_expert_launches{-1};
+int expert_launch_pieces() {
+  static const int from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_EXPERT_LAUNCHES");
+    if (v == nullptr || *v == '\0') return 1;
+    char* end = nullptr;
+    const long n = std::strtol(v, &end, 10);
+    DSV4_CHECK(*end == '\0' && n >= 1 && n <= 8, "DSV4_CUDA_EXPERT_LAUNCHES={}: want 1..8 launches", v);
+    return int(n);
+  }();
+  const int f = g_force_expert_launches.load(std::memory_order_relaxed);
+  return f >= 1 ? f : from_env;
+}
+
 // Expert GEMM over the device tile list, one launch per chunk of <= kMaxTableExperts
 // local experts. p describes n, n_split, k, activations and output; entries(e, ptrs)
 // fills the 4 table pointers of local expert e.
@@ -685,14 +709,18 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
     for (int64_t e = c0; e < c1; ++e) entries(e, table->p[e - c0]);
     p.chunk_begin = int(c0);
     p.chunk_end = int(c1);
-    if (fmt == WFmt::kFp4 && expert_bulk_copies(p, *table, c1 - c0)) {
-      dispatch_expert<WFmt::kFp4, true>(be, p, grid, nt, row_groups, two, *table);
-      g_tma_launches.fetch_add(1, std::memory_order_relaxed);
-    } else if (fmt == WFmt::kFp4) {
-      dispatch_expert<WFmt::kFp4, false>(be, p, grid, nt, row_groups, two, *table);
-    } else {
-      dispatch_expert<WFmt::kFp8, false>(be, p, grid, nt, row_groups, two, *table);
+    const bool tma = fmt == WFmt::kFp4 && expert_bulk_copies(p, *table, c1 - c0);
+    const int64_t pieces = split ? 1 : std::min<int64_t>(expert_launch_pieces(), n_tiles);
+    for (int64_t piece = 0; piece < pieces; ++piece) {  // (one launch unless the diagnostic asks for more)
+      const int64_t t0 = n_tiles * piece / pieces, t1 = n_tiles * (piece + 1) / pieces;
+      p.n_tile_offset = int(t0);
+      const dim3 piece_grid(unsigned(t1 - t0), grid.y, grid.z);
+      if (tma) dispatch_expert<WFmt::kFp4, true>(be, p, piece_grid, nt, row_groups, two, *table);
+      else if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, piece_grid, nt, row_groups, two, *table);
+      else dispatch_expert<WFmt::kFp8, false>(be, p, piece_grid, nt, row_groups, two, *table);
+      g_expert_launches.fetch_add(1, std::memory_order_relaxed);
     }
+    if (tma) g_tma_launches.fetch_add(1, std::memory_order_relaxed);
     if (row_groups > 1) g_shared_decode_launches.fetch_add(1, std::memory_order_relaxed);
   }
 }
@@ -700,6 +728,10 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 }  // namespace
 
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
+int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_expert_launches(int pieces) {
+  g_force_expert_launches.store(pieces, std::memory_order_relaxed);
+}
 int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.load(std::memory_order_relaxed); }

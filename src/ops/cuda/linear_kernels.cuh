@@ -193,6 +193,7 @@ struct GemmParams {
   const int* num_tiles;
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
+  int n_tile_offset;     // expert launches: weight tile of blockIdx.x 0 (DSV4_CUDA_EXPERT_LAUNCHES, a diagnostic)
 };
 
 // ---- small helpers ------------------------------------------------------------------
@@ -1069,16 +1070,16 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
   const int4 tile = p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
-  const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);
+  const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
+  const int tile_n = int(blockIdx.x) + p.n_tile_offset;
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
-      gemm_tile<F, 2 * NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z,
-                                                  tile_id);
+      gemm_tile<F, 2 * NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], int(blockIdx.x), 0, tile.y, tile.z, tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
