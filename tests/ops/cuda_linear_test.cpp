@@ -47,6 +47,8 @@ int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
+int64_t cuda_linear_fused_expert_launches();
+void cuda_linear_force_fused_experts(int on);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
@@ -884,6 +886,61 @@ TEST(CudaLinearExpertLaunches, PiecesEqualOneLaunchBitForBit) {
     EXPECT_GT(three_launches, one_launches) << what << ": no GEMM ran in pieces";
     expect_bitwise(one, three, what + ": 3 launches vs 1");
   }
+  ops::cuda_linear_force_path(-1);
+}
+
+// The routed experts' gate/up and down GEMMs as one launch (expert_ffn_fused_kernel,
+// docs/design/fused-expert-step.md) give the four launches' bits: 8-row tiles, with and
+// without a hot expert of many list tiles; eager, and in a graph replayed twice on new
+// inputs (moe_prep resets the ticket, counters and flags). The shapes make both GEMMs
+// walk their K slices, the fused path's scope; the test checks that the fused launch
+// ran, and that with 16-row tiles (out of its scope) the four launches run instead.
+TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x59);
+  const int64_t E = 128, D = 512, I = 512, k = 6, R = 150;  // 900 pairs, 7 rows an expert on average
+  std::vector<ExpertWeights> dex(static_cast<size_t>(E));
+  for (auto& e : dex) e = device_expert(env.cuda, host_expert(D, I, true, true, rng));
+  Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
+  Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
+         w = env.cuda.empty(DType::kF32, {R, k});
+  auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, 10.0f, out); };
+  // `out` by the four launches, then by the fused one (eager, or a replay of `graph`), each into a poisoned output.
+  auto run = [&](bool fused, ops::Graph* graph) {
+    ops::cuda_linear_force_fused_experts(fused ? 1 : 0);
+    cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
+    if (graph != nullptr) graph->replay();
+    else body();
+    return to_host(env.cuda, out);
+  };
+  for (const int64_t hot : {int64_t(-1), int64_t(5)}) {
+    for (int shared : {0, 1}) {
+      ops::cuda_linear_force_shared_decode(shared);
+      const std::string what = std::string(shared ? "16-row" : "8-row") + " tiles" + (hot >= 0 ? ", a hot expert" : "");
+      auto fill_inputs = [&] {
+        env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
+        env.cuda.upload(ids, random_ids(rng, R, k, E, hot).data(), ids.nbytes());
+        env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
+      };
+      fill_inputs();
+      const Tensor want = run(false, nullptr);
+      const int64_t before = ops::cuda_linear_fused_expert_launches();
+      expect_bitwise(want, run(true, nullptr), what + ": fused vs four launches, eager");
+      EXPECT_EQ(ops::cuda_linear_fused_expert_launches() - before, shared ? 0 : 1)
+          << what << (shared ? ": out of the fused launch's scope" : ": the fused launch did not run");
+      auto graph = env.cuda.capture(body);  // (captured with the fused launch still forced on)
+      for (int replay = 0; replay < 2; ++replay) {
+        fill_inputs();
+        const Tensor want_next = run(false, nullptr);
+        expect_bitwise(want_next, run(true, graph.get()),
+                       what + ": fused vs four launches, graph replay " + std::to_string(replay));
+      }
+    }
+  }
+  ops::cuda_linear_force_fused_experts(-1);
+  ops::cuda_linear_force_shared_decode(-1);
   ops::cuda_linear_force_path(-1);
 }
 

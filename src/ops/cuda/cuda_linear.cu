@@ -42,6 +42,11 @@ void cuda_linear_force_path(int path);
 // follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
+// Test hooks: launches so far of the routed experts' gate/up and down GEMMs as one
+// (expert_ffn_fused_kernel); -1 follows DSV4_CUDA_FUSED_EXPERTS (default off), 0 / 1
+// force it off / on (where the shapes allow it).
+int64_t cuda_linear_fused_expert_launches();
+void cuda_linear_force_fused_experts(int on);
 // Test hooks: expert GEMM launches so far; each expert GEMM of one K slice a CTA as
 // `pieces` launches over its weight tiles (a diagnostic: what a launch boundary costs
 // in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
@@ -239,6 +244,17 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
       if constexpr (F == WFmt::kFp4) DSV4_CHECK(false, "gemm: FP4 tiles hold at most 32 rows (nt {})", nt);
       else return two ? launch_plain<F, 8, true>(be, p, grid, c) : launch_plain<F, 8, false>(be, p, grid, c);
   }
+}
+
+// The routed experts' gate/up and down GEMMs in one launch of `ctas` CTAs (FP4 by TMA,
+// 8-row tiles).
+void launch_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
+                          const lk::ExpertTable& down, int64_t ctas) {
+  constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::expert_ffn_fused_kernel, smem, be.device_index(), done);
+  lk::expert_ffn_fused_kernel<<<unsigned(ctas), lk::kThreads, smem, be.stream()>>>(f, gate_up, down);
+  check_launch(be.stream());
 }
 
 // row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
@@ -682,23 +698,41 @@ int expert_launch_pieces() {
   return f >= 1 ? f : from_env;
 }
 
+// The routed experts' gate/up and down GEMMs as one launch (docs/design/fused-expert-step.md;
+// opt-in until measured, DSV4_CUDA_FUSED_EXPERTS=1): a list tile's down tiles start once
+// its gate/up tiles and its SwiGLU are done, instead of after the whole gate/up launch.
+std::atomic<int64_t> g_fused_expert_launches{0};
+std::atomic<int> g_force_fused_experts{-1};
+bool fused_experts_enabled() {
+  static const bool from_env = env_is("DSV4_CUDA_FUSED_EXPERTS", "1");
+  return forced_or(g_force_fused_experts, from_env);
+}
+
 // Expert GEMM over the device tile list, one launch per chunk of <= kMaxTableExperts
 // local experts. p describes n, n_split, k, activations and output; entries(e, ptrs)
 // fills the 4 table pointers of local expert e.
-template <typename Entries>
-void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
-                     int64_t max_tiles, int nt, int row_groups, const Entries& entries) {
+// An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
+// num_pairs rows in at most max_tiles list tiles. Split the slices over CTAs only where
+// the tiles alone leave SMs idle (a few busy experts); with many busy experts each CTA
+// walks its slices, which saves the partial sums and halves the CTAs. Both give the
+// same bits.
+void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int64_t max_tiles) {
   const int64_t stages = p.k / 128;
   p.groups = 1;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = p.tiles_per_group;
   p.slices = gemm_k_slices(n_tiles, stages, 4);
-  // Split the slices over CTAs only where the tiles alone leave SMs idle (a few
-  // busy experts); with many busy experts each CTA walks its slices, which saves
-  // the partial sums and halves the CTAs. Both give the same bits.
   const bool split = p.slices > 1 && n_tiles * max_tiles < 4 * be.properties().multiProcessorCount &&
                      int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
+}
+
+template <typename Entries>
+void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
+                     int64_t max_tiles, int nt, int row_groups, const Entries& entries) {
+  plan_expert_gemm(be, p, num_pairs, max_tiles);
+  const int64_t n_tiles = p.tiles_per_group;
+  const bool split = p.split > 1;
   if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
@@ -728,6 +762,8 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 }  // namespace
 
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
+int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_expert_launches(int pieces) {
   g_force_expert_launches.store(pieces, std::memory_order_relaxed);
@@ -1077,16 +1113,6 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // faster at batch 1 / 16 and 0.8% slower at batch 64 (caf5932). Same bits either way.
   const bool one_launch = R <= 32;
   if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
-  const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
-                             .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
-                             .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
-                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = R, .d = D, .q = xq, .scale = xs,
-                             .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16};
-  const int64_t warp_items = R * (D / 128) + P;
-  const unsigned extra_blocks = one_launch ? unsigned(std::clamp<int64_t>((warp_items + 31) / 32, 1, 1024)) : 0;
-  lk::moe_prep_kernel<<<1 + extra_blocks, 1024, size_t(16 * num_local), s>>>(prep);
-  check_launch(s);
-
   lk::GemmParams p{};
   p.w_row_bytes = fp4_13 ? D / 2 : D;
   p.s_row_stride = fp4_13 ? D / 32 : (D + 127) / 128;
@@ -1102,19 +1128,6 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   p.ldy = 2 * I;
   p.tiles = tiles;
   p.num_tiles = counts;
-  run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
-                  [&](int64_t e, const uint8_t** ptr) {
-                    const ExpertWeights& ew = experts[size_t(expert_begin + e)];
-                    ptr[0] = ew.w1.weight.as<uint8_t>();
-                    ptr[1] = ew.w1.scale.as<uint8_t>();
-                    ptr[2] = ew.w3.weight.as<uint8_t>();
-                    ptr[3] = ew.w3.scale.as<uint8_t>();
-                  });
-
-  lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
-                                                                          pair_list, limit, hq, hs, fp4_2 ? 1 : 0);
-  check_launch(s);
-
   lk::GemmParams q{};
   q.w_row_bytes = fp4_2 ? I / 2 : I;
   q.s_row_stride = fp4_2 ? I / 32 : (I + 127) / 128;
@@ -1130,12 +1143,81 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   q.out_rows = pair_list;
   q.tiles = tiles;
   q.num_tiles = counts;
+  auto gate_up_entries = [&](int64_t e, const uint8_t** ptr) {
+    const ExpertWeights& ew = experts[size_t(expert_begin + e)];
+    ptr[0] = ew.w1.weight.as<uint8_t>();
+    ptr[1] = ew.w1.scale.as<uint8_t>();
+    ptr[2] = ew.w3.weight.as<uint8_t>();
+    ptr[3] = ew.w3.scale.as<uint8_t>();
+  };
+  auto down_entries = [&](int64_t e, const uint8_t** ptr) {
+    const ExpertWeights& ew = experts[size_t(expert_begin + e)];
+    ptr[0] = ptr[2] = ew.w2.weight.as<uint8_t>();
+    ptr[1] = ptr[3] = ew.w2.scale.as<uint8_t>();
+  };
+  // The gate/up and down GEMMs as one launch where it applies (fused_experts_enabled):
+  // FP4 weights by TMA in 8-row tiles, both GEMMs walking 2+ K slices, one table.
+  lk::FusedExpertArgs f{};
+  std::unique_ptr<lk::ExpertTable> gate_up_table, down_table;
+  bool fused = fused_experts_enabled() && fp4_13 && fp4_2 && nt == 1 && row_groups == 1 &&
+               num_local <= lk::kMaxTableExperts;
+  if (fused) {
+    f.gate_up = p;
+    f.down = q;
+    plan_expert_gemm(*this, f.gate_up, P, max_tiles);
+    plan_expert_gemm(*this, f.down, P, max_tiles);
+    gate_up_table = std::make_unique<lk::ExpertTable>();
+    down_table = std::make_unique<lk::ExpertTable>();
+    for (int64_t e = 0; e < num_local; ++e) {
+      gate_up_entries(e, gate_up_table->p[e]);
+      down_entries(e, down_table->p[e]);
+    }
+    fused = f.gate_up.split == 1 && f.gate_up.slices > 1 && f.down.split == 1 && f.down.slices > 1 &&
+            expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
+            expert_bulk_copies(f.down, *down_table, num_local);
+  }
+  int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", 1 + 2 * max_tiles) : nullptr;
+  const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
+                             .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
+                             .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
+                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = R, .d = D, .q = xq, .scale = xs,
+                             .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
+                             .fused_sync_ints = fused_sync ? int(1 + 2 * max_tiles) : 0};
+  const int64_t warp_items = R * (D / 128) + P;
+  const unsigned extra_blocks = one_launch ? unsigned(std::clamp<int64_t>((warp_items + 31) / 32, 1, 1024)) : 0;
+  lk::moe_prep_kernel<<<1 + extra_blocks, 1024, size_t(16 * num_local), s>>>(prep);
+  check_launch(s);
+
+  if (fused) {
+    f.gate_up.chunk_end = f.down.chunk_end = int(num_local);
+    f.gate_up_tiles = f.gate_up.tiles_per_group;
+    f.down_tiles = f.down.tiles_per_group;
+    f.max_tiles = int(max_tiles);
+    f.sync = fused_sync;
+    f.inter = I;
+    f.rw = weights.as<float>();
+    f.rw_index = pair_list;
+    f.limit = limit;
+    f.hq = hq;
+    f.hs = hs;
+    f.split_pairs = 1;
+    const int64_t ctas = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;
+    DSV4_CHECK(ctas < (int64_t(1) << 31), "routed_experts: {} fused expert CTAs too many", ctas);
+    launch_fused_experts(*this, f, *gate_up_table, *down_table, ctas);
+    g_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
+    g_tma_launches.fetch_add(2, std::memory_order_relaxed);
+    return;
+  }
+
+  run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
+                  gate_up_entries);
+
+  lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
+                                                                          pair_list, limit, hq, hs, fp4_2 ? 1 : 0);
+  check_launch(s);
+
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
-                  [&](int64_t e, const uint8_t** ptr) {
-                    const ExpertWeights& ew = experts[size_t(expert_begin + e)];
-                    ptr[0] = ptr[2] = ew.w2.weight.as<uint8_t>();
-                    ptr[1] = ptr[3] = ew.w2.scale.as<uint8_t>();
-                  });
+                  down_entries);
 }
 
 // ---- router (spec §6.1) ----------------------------------------------------------------

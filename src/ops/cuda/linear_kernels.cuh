@@ -1062,16 +1062,11 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
 // tiles. The bits are the same. The kernel keeps 4 CTAs an SM (<= 128 registers)
 // either way: its throughput comes from the CTAs in flight.
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
-__global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
-                                                                const __grid_constant__ ExpertTable table) {
-  wait_for_predecessor();
-  if (int(blockIdx.y) >= *p.num_tiles) return;
-  const int4 tile = p.tiles[blockIdx.y];
-  if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
-  const uint8_t* const* e = table.p[tile.x - p.chunk_begin];
-  const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
-  const int tile_n = int(blockIdx.x) + p.n_tile_offset;
+// Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
+// of expert e's weights (e[0..3]: w0, s0, w1, s1).
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles>
+__device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
+                                            int tile_id) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
@@ -1080,6 +1075,18 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
     }
   }
   gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
+}
+
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
+__global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
+                                                                const __grid_constant__ ExpertTable table) {
+  wait_for_predecessor();
+  if (int(blockIdx.y) >= *p.num_tiles) return;
+  const int4 tile = p.tiles[blockIdx.y];
+  if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
+  const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
+  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles>(p, table.p[tile.x - p.chunk_begin],
+                                                       int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
@@ -1134,16 +1141,13 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
 // quantized per 128 for w2. Row weight rw[rw_index[c]] (routed) or rw[c] or none.
 // Rows c >= *num_rows (when given) are skipped. One warp per (row, 128-block).
 // Roofline: reads 4 B, writes ~1 B per h element: 6 x 2048 elements at decode, negligible.
-__global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
-                                    const int* num_rows, const float* rw, const int* rw_index, float limit,
-                                    uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
-  wait_for_predecessor();
+// Row c, 128-block b of one warp. kFromL2: gu is read through L2 (ld.global.cg), for
+// values other CTAs of the same launch wrote (expert_ffn_fused_kernel).
+template <bool kFromL2>
+__device__ __forceinline__ void swiglu_quant_item(const uint16_t* __restrict__ gu, int64_t inter, int64_t c, int64_t b,
+                                                  int lane, const float* rw, const int* rw_index, float limit,
+                                                  uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
   const int64_t blocks = inter / 128;
-  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (wid >= rows * blocks) return;
-  const int64_t c = wid / blocks, b = wid % blocks;
-  if (num_rows && c >= *num_rows) return;
   const uint16_t* gr = gu + c * 2 * inter + b * 128 + lane * 4;
   const uint16_t* ur = gr + inter;
   const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
@@ -1151,7 +1155,8 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    float gate = core::bf16_to_float(gr[i]), up = core::bf16_to_float(ur[i]);
+    float gate = core::bf16_to_float(kFromL2 ? __ldcg(gr + i) : gr[i]);
+    float up = core::bf16_to_float(kFromL2 ? __ldcg(ur + i) : ur[i]);
     if (limit > 0.0f) {  // up clamped both ways, gate only from above
       up = core::clamp_f32(up, -limit, limit);
       gate = limit < gate ? limit : gate;
@@ -1165,6 +1170,108 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
   const int e = act_exponent(amax);
   store_quant4(hq + c * inter + b * 128, lane, quant4_e4m3(h, core::pow2_float(-e)), split_pairs);
   if (lane == 0) hs[c * blocks + b] = core::pow2_float(e);
+}
+
+__global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
+                                    const int* num_rows, const float* rw, const int* rw_index, float limit,
+                                    uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
+  wait_for_predecessor();
+  const int64_t blocks = inter / 128;
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (wid >= rows * blocks) return;
+  const int64_t c = wid / blocks, b = wid % blocks;
+  if (num_rows && c >= *num_rows) return;
+  swiglu_quant_item<false>(gu, inter, c, b, lane, rw, rw_index, limit, hq, hs, split_pairs);
+}
+
+// ---- the routed experts' GEMMs in one launch (docs/design/fused-expert-step.md) --------
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+struct FusedExpertArgs {
+  GemmParams gate_up, down;  // the two launches' parameters: walked slices, one table chunk, the same tile list
+  int gate_up_tiles, down_tiles;  // weight tiles of each GEMM
+  int max_tiles;                  // list tiles the grid was sized for
+  // [1 + 2 * max_tiles] ints, zeroed by moe_prep each step: the work ticket, then each
+  // list tile's gate/up arrivals, then its ready flag.
+  int* sync;
+  // The SwiGLU and quantization of a list tile's rows (swiglu_quant_kernel's arguments).
+  int64_t inter;
+  const float* rw;
+  const int* rw_index;
+  float limit;
+  uint8_t* hq;
+  float* hs;
+  int split_pairs;
+};
+
+// Grid: (gate_up_tiles + down_tiles) * max_tiles CTAs of kThreads, one work item each,
+// by ticket (atomicAdd after the dependency wait), so that every gate/up item is handed
+// out before the first down item whatever order the hardware starts the CTAs in. Item i
+// < gate_up_tiles * T (T: the list's tiles): gate/up weight tile i % gate_up_tiles of
+// list tile i / gate_up_tiles (the separate launch's order); the last of a list tile's
+// gate/up items runs the SwiGLU and quantization of its rows and sets its ready flag.
+// The next down_tiles * T items: down weight tiles, each after its list tile is ready.
+// Every tile is the separate launches' gemm_tile on the same inputs: the same bits.
+// 8-row tiles only: with the 16-row ones too (four inlined tile bodies) ptxas spilled.
+__global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const FusedExpertArgs f,
+                                                                        const __grid_constant__ ExpertTable gate_up,
+                                                                        const __grid_constant__ ExpertTable down) {
+  __shared__ int s_item, s_last;
+  wait_for_predecessor();
+  if (threadIdx.x == 0) s_item = atomicAdd(f.sync, 1);
+  __syncthreads();
+  const int item = s_item, tiles = *f.gate_up.num_tiles;
+  int* const arrivals = f.sync + 1;
+  int* const ready = arrivals + f.max_tiles;
+  const int gate_up_items = f.gate_up_tiles * tiles;
+  if (item < gate_up_items) {
+    const int j = item / f.gate_up_tiles;
+    const int4 tile = f.gate_up.tiles[j];
+    expert_tile<WFmt::kFp4, 1, true, true, false>(f.gate_up, gate_up.p[tile.x], item % f.gate_up_tiles, tile, item);
+    __syncthreads();  // every thread's output stores issued
+    if (threadIdx.x == 0) {
+      __threadfence();
+      s_last = atomicAdd(arrivals + j, 1) == f.gate_up_tiles - 1;
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // the other CTAs' outputs, seen through the counter
+    const int64_t blocks = f.inter / 128, warp_items = int64_t(tile.z) * blocks;
+    for (int64_t w = threadIdx.x >> 5; w < warp_items; w += kThreads / 32)
+      swiglu_quant_item<true>(static_cast<const uint16_t*>(f.gate_up.y), f.inter, tile.y + w / blocks, w % blocks,
+                              int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      st_release_gpu(ready + j, 1);
+    }
+    return;
+  }
+  const int d = item - gate_up_items;
+  if (d >= f.down_tiles * tiles) return;
+  const int j = d / f.down_tiles;
+  const int4 tile = f.down.tiles[j];
+  if (threadIdx.x == 0) {
+    // Every gate/up item is held by a running CTA, none of which waits: the flag comes.
+    // A bug that breaks that fails the launch here (~9 s; an illegal-instruction error)
+    // instead of hanging the process. (No printf: a call in the kernel made ptxas
+    // serialize the tiles' wgmmas, C7510.)
+    unsigned polls = 0;
+    while (ld_acquire_gpu(ready + j) == 0) {
+      __nanosleep(64);
+      if (++polls == (1u << 27)) __trap();
+    }
+  }
+  __syncthreads();  // (the acquire above, then this barrier: the tile's rows are visible to every thread)
+  expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
 }
 
 // ---- routed-expert bookkeeping ----------------------------------------------------------
@@ -1314,11 +1421,14 @@ struct MoePrepArgs {
   int split_pairs;
   uint16_t* out;  // zero_nonlocal: num_pairs x d
   int vec16;
+  int* fused_sync;  // expert_ffn_fused_kernel's ticket, counters and flags to zero (or null)
+  int fused_sync_ints;
 };
 
 __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
   wait_for_predecessor();
   if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < a.fused_sync_ints; i += blockDim.x) a.fused_sync[i] = 0;
     expert_prep_block(a.ids, a.num_pairs, a.k, a.expert_begin, a.num_local, a.bm, a.max_tiles, a.pair_list,
                       a.token_rows, a.tiles, a.num_tiles, a.num_rows);
     return;
