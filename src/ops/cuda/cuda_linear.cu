@@ -708,9 +708,6 @@ bool fused_experts_enabled() {
   return forced_or(g_force_fused_experts, from_env);
 }
 
-// Expert GEMM over the device tile list, one launch per chunk of <= kMaxTableExperts
-// local experts. p describes n, n_split, k, activations and output; entries(e, ptrs)
-// fills the 4 table pointers of local expert e.
 // An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
 // num_pairs rows in at most max_tiles list tiles. Split the slices over CTAs only where
 // the tiles alone leave SMs idle (a few busy experts); with many busy experts each CTA
@@ -727,6 +724,9 @@ void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int
   p.split = split ? p.slices : 1;
 }
 
+// Expert GEMM over the device tile list, one launch per chunk of <= kMaxTableExperts
+// local experts. p describes n, n_split, k, activations and output; entries(e, ptrs)
+// fills the 4 table pointers of local expert e.
 template <typename Entries>
 void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
                      int64_t max_tiles, int nt, int row_groups, const Entries& entries) {
