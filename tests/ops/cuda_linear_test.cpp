@@ -777,6 +777,12 @@ RoutedInputs device_routed_inputs(Env& env, Rng& rng, int64_t R, int64_t d, int6
   return {to_device(env.cuda, rng.bf16({R, d}, 2.0f)), to_device(env.cuda, random_ids(rng, R, k, experts, hot)),
           to_device(env.cuda, random_weights(rng, R, k))};
 }
+// `count` random experts on the device, FP4 or FP8 (all three matrices).
+std::vector<ExpertWeights> device_experts(Env& env, Rng& rng, int64_t count, int64_t d, int64_t inter, bool fp4) {
+  std::vector<ExpertWeights> dex(static_cast<size_t>(count));
+  for (auto& e : dex) e = device_expert(env.cuda, host_expert(d, inter, fp4, fp4, rng));
+  return dex;
+}
 Tensor run_routed(Env& env, const RoutedInputs& in, const std::vector<ExpertWeights>& dex) {
   const int64_t R = in.x.size(0), d = in.x.size(1), k = in.ids.size(1);
   Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, k, d});
@@ -836,8 +842,7 @@ TEST(CudaLinearTma, Fp4ExpertsByTmaEqualCpAsyncBitForBit) {
     int min_tma;  // TMA launches expected per call: w2 rows of 192 bytes need not lie whole rows apart
   };
   for (const Case& c : {Case{12, 256, 256, 4, -1, 2}, Case{16, 512, 384, 6, 5, 1}, Case{40, 128, 128, 6, -1, 2}}) {
-    std::vector<ExpertWeights> dex(size_t(c.experts));
-    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
+    const std::vector<ExpertWeights> dex = device_experts(env, rng, c.experts, c.d, c.inter, true);
     for (int64_t R : {1, 7, 64, 300}) {
       const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
       Tensor got[2];
@@ -871,8 +876,7 @@ TEST(CudaLinearExpertLaunches, PiecesEqualOneLaunchBitForBit) {
   };
   for (const Case& c : {Case{64, 512, 1024, 6, 300, true}, Case{96, 256, 256, 8, 90, true},
                         Case{32, 256, 512, 6, 200, false}}) {
-    std::vector<ExpertWeights> dex(size_t(c.experts));
-    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, c.fp4, c.fp4, rng));
+    const std::vector<ExpertWeights> dex = device_experts(env, rng, c.experts, c.d, c.inter, c.fp4);
     const RoutedInputs in = device_routed_inputs(env, rng, c.rows, c.d, c.k, c.experts, -1);
     const std::string what = std::string(c.fp4 ? "fp4" : "fp8") + " experts d=" + std::to_string(c.d) +
                              " I=" + std::to_string(c.inter) + " R=" + std::to_string(c.rows);
@@ -901,8 +905,7 @@ TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   Env env;
   Rng rng(0x59);
   const int64_t E = 128, D = 512, I = 512, k = 6, R = 150;  // 900 pairs, 7 rows an expert on average
-  std::vector<ExpertWeights> dex(static_cast<size_t>(E));
-  for (auto& e : dex) e = device_expert(env.cuda, host_expert(D, I, true, true, rng));
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
   Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
   Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
          w = env.cuda.empty(DType::kF32, {R, k});
@@ -961,8 +964,7 @@ TEST(CudaLinearSharedDecode, Fp4ExpertsInSixteenRowTilesEqualEightRowTilesBitFor
                         {40, 512, 384, 6, 5, {12, 30}},     // hot expert 5: 12 rows, then 30 (16 + 14)
                         {96, 256, 256, 8, -1, {64, 90}}};   // gate/up walks its slices at R = 90
   for (const Case& c : cases) {
-    std::vector<ExpertWeights> dex(size_t(c.experts));
-    for (auto& e : dex) e = device_expert(env.cuda, host_expert(c.d, c.inter, true, true, rng));
+    const std::vector<ExpertWeights> dex = device_experts(env, rng, c.experts, c.d, c.inter, true);
     for (int64_t R : c.rows) {
       const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
       for (int tma : {0, 1}) {
