@@ -896,15 +896,16 @@ TEST(CudaLinearExpertLaunches, PiecesEqualOneLaunchBitForBit) {
 // The routed experts' gate/up and down GEMMs as one launch (expert_ffn_fused_kernel,
 // docs/design/fused-expert-step.md) give the four launches' bits: 8-row tiles, with and
 // without a hot expert of many list tiles; eager, and in a graph replayed twice on new
-// inputs (moe_prep resets the ticket, counters and flags). The shapes make both GEMMs
-// walk their K slices, the fused path's scope; the test checks that the fused launch
-// ran, and that with 16-row tiles (out of its scope) the four launches run instead.
+// inputs (moe_prep resets the ticket, counters and flags). The shapes are in the fused
+// path's scope (both GEMMs walk their K slices, I a multiple of 1024); the test checks
+// that the fused launch ran, and that with 16-row tiles (out of its scope) the four
+// launches run instead.
 TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x59);
-  const int64_t E = 128, D = 512, I = 512, k = 6, R = 150;  // 900 pairs, 7 rows an expert on average
+  const int64_t E = 128, D = 512, I = 1024, k = 6, R = 150;  // 900 pairs, 7 rows an expert on average
   const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
   Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
   Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),

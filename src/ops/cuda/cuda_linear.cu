@@ -1156,10 +1156,12 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     ptr[1] = ptr[3] = ew.w2.scale.as<uint8_t>();
   };
   // The gate/up and down GEMMs as one launch where it applies (fused_experts_enabled):
-  // FP4 weights by TMA in 8-row tiles, both GEMMs walking 2+ K slices, one table.
+  // FP4 weights by TMA in 8-row tiles, both GEMMs walking 2+ K slices, one table, and
+  // rows of h scales that are whole 32-byte sectors (I a multiple of 1024: the down tiles
+  // read them through L1, which then never holds a row another tile writes later).
   lk::FusedExpertArgs f{};
   std::unique_ptr<lk::ExpertTable> gate_up_table, down_table;
-  bool fused = fused_experts_enabled() && fp4_13 && fp4_2 && nt == 1 && row_groups == 1 &&
+  bool fused = fused_experts_enabled() && fp4_13 && fp4_2 && nt == 1 && row_groups == 1 && I % 1024 == 0 &&
                num_local <= lk::kMaxTableExperts;
   if (fused) {
     f.gate_up = p;
