@@ -151,6 +151,10 @@ __device__ __forceinline__ void stage_wide_results(uint8_t* out, int stride, boo
     }
 }
 
+// Bytes a row of gemm_wide_kernel's staged output tile of esize-byte values (padded by
+// 16: the scattered stores hit distinct banks).
+__device__ __forceinline__ int wide_out_stride(int esize) { return kTileN * esize + 16; }
+
 // A staged output tile (tile activation row c at staged + c * stride, esize-byte
 // values) to its output rows (out_rows[row_base + c], or row_base + c; columns
 // col_out.. of y_out) in 16-byte pieces, 8 a row (f32) or 16 (bf16), whole where the
@@ -413,7 +417,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
         wgmma_wait_all();
         if constexpr (kStageInLoop) {  // (the last stage: no copies are in flight into the buffers)
           __syncthreads();
-          stage_wide_results<R, false>(smem, kTileN * (p.y_f32 ? 4 : 2) + 16, p.y_f32 != 0, d[0], s_tot, tid,
+          stage_wide_results<R, false>(smem, wide_out_stride(p.y_f32 ? 4 : 2), p.y_f32 != 0, d[0], s_tot, tid,
                                        kWideThreads, 64 * wg + 16 * warp, g, t);
         } else {
 #pragma unroll
@@ -445,7 +449,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   // warpgroup is past its last products): each thread's R / 2 values scattered over
   // R / 4 rows become whole 16-byte pieces of output rows. Row stride padded by 16 bytes:
   // the scattered stores hit distinct banks. (R = 256: staged in its last stage.)
-  const int esize = p.y_f32 ? 4 : 2, stride = kTileN * esize + 16;
+  const int esize = p.y_f32 ? 4 : 2, stride = wide_out_stride(esize);
   if constexpr (!kStageInLoop) {
     __syncthreads();
     stage_wide_results<R, kTwoSets>(smem, stride, p.y_f32 != 0, cur, s_tot, tid, kWideThreads, 64 * wg + 16 * warp, g,

@@ -271,14 +271,10 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 // the first stage. Returns false where the caller must copy the row itself. (Copied
 // after the wait with byte loads, it cost every launch a memory round trip before the
 // first activation copies: ncu put the prologue at a large part of a batch-1 GEMM.)
-// The piece size that copy takes: 16, 4, or 0 (no cp.async copy).
-__device__ __forceinline__ int scale_row_piece(const uint8_t* s_bs, const uint8_t* srow, int bytes) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(srow) | smem_u32(s_bs);
-  return bytes % 16 == 0 && a % 16 == 0 ? 16 : bytes % 4 == 0 && a % 4 == 0 ? 4 : 0;
-}
 __device__ __forceinline__ bool copy_scale_row_async(uint8_t* s_bs, const uint8_t* srow, int bytes, int tid,
                                                      int threads) {
-  const int piece = scale_row_piece(s_bs, srow, bytes);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(srow) | smem_u32(s_bs);
+  const int piece = bytes % 16 == 0 && a % 16 == 0 ? 16 : bytes % 4 == 0 && a % 4 == 0 ? 4 : 0;
   if (piece == 0) return false;
   for (int i = piece * tid; i < bytes; i += piece * threads) {
     if (piece == 16) cp_async16(s_bs + i, srow + i, 16);
@@ -1051,17 +1047,6 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
   }
 }
 
-// Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
-// a tile of the device-built list; CTAs past its end (or of experts outside this
-// launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
-// on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
-// expert at M = 256).
-// kTma (FP4, whole 128-row tiles): each weight stage by one TMA bulk copy.
-// kSixteenRowTiles (FP4, NT = 1): the list's tiles hold up to 16 rows; those of more
-// than 8 run as one 16-row tile (gemm_tile NT = 2: n16 wgmmas, two chunks a wait), so
-// an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
-// tiles. The bits are the same. The kernel keeps 4 CTAs an SM (<= 128 registers)
-// either way: its throughput comes from the CTAs in flight.
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles>
@@ -1077,6 +1062,17 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
   gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
 }
 
+// Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
+// a tile of the device-built list; CTAs past its end (or of experts outside this
+// launch's table) exit at once. Roofline: each busy expert's weights (13.37 MB FP4
+// on Flash) read once per BM-row tile; memory-bound at every batch (<= ~6 rows per
+// expert at M = 256).
+// kTma (FP4, whole 128-row tiles): each weight stage by one TMA bulk copy.
+// kSixteenRowTiles (FP4, NT = 1): the list's tiles hold up to 16 rows; those of more
+// than 8 run as one 16-row tile (gemm_tile NT = 2: n16 wgmmas, two chunks a wait), so
+// an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
+// tiles. The bits are the same. The kernel keeps 4 CTAs an SM (<= 128 registers)
+// either way: its throughput comes from the CTAs in flight.
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
