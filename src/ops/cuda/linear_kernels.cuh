@@ -1137,44 +1137,28 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
 // quantized per 128 for w2. Row weight rw[rw_index[c]] (routed) or rw[c] or none.
 // Rows c >= *num_rows (when given) are skipped. One warp per (row, 128-block).
 // Roofline: reads 4 B, writes ~1 B per h element: 6 x 2048 elements at decode, negligible.
-// Row c, 128-block b of one warp, in two halves: the loads (swiglu_load) and the rest
-// (swiglu_finish), so that the fused kernel can issue a group of items' loads before it
-// uses any. kFromL2: gu is read through L2 (ld.global.cg), for values other CTAs of the
-// same launch wrote (expert_ffn_fused_kernel).
-struct SwigluIn {
-  uint2 gate, up;  // 4 bf16 each, packed
-  float weight;
-};
+// Row c, 128-block b of one warp. kFromL2: gu is read through L2 (ld.global.cg), for
+// values other CTAs of the same launch wrote (expert_ffn_fused_kernel).
 template <bool kFromL2>
-__device__ __forceinline__ SwigluIn swiglu_load(const uint16_t* __restrict__ gu, int64_t inter, int64_t c, int64_t b,
-                                                int lane, const float* rw, const int* rw_index) {
+__device__ __forceinline__ void swiglu_quant_item(const uint16_t* __restrict__ gu, int64_t inter, int64_t c, int64_t b,
+                                                  int lane, const float* rw, const int* rw_index, float limit,
+                                                  uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
+  const int64_t blocks = inter / 128;
   const uint16_t* gr = gu + c * 2 * inter + b * 128 + lane * 4;
   const uint16_t* ur = gr + inter;
-  SwigluIn in;
-  in.weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
-  const uint2* g2 = reinterpret_cast<const uint2*>(gr);  // 8-byte aligned: lane * 4 elements
-  const uint2* u2 = reinterpret_cast<const uint2*>(ur);
-  in.gate = kFromL2 ? __ldcg(g2) : *g2;
-  in.up = kFromL2 ? __ldcg(u2) : *u2;
-  return in;
-}
-__device__ __forceinline__ void swiglu_finish(const SwigluIn& in, int64_t inter, int64_t c, int64_t b, int lane,
-                                              bool weighted, float limit, uint8_t* __restrict__ hq,
-                                              float* __restrict__ hs, int split_pairs) {
-  const int64_t blocks = inter / 128;
+  const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
   float h[4];
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int shift = 16 * (i & 1);
-    float gate = core::bf16_to_float(uint16_t(((i < 2 ? in.gate.x : in.gate.y) >> shift) & 0xffffu));
-    float up = core::bf16_to_float(uint16_t(((i < 2 ? in.up.x : in.up.y) >> shift) & 0xffffu));
+    float gate = core::bf16_to_float(kFromL2 ? __ldcg(gr + i) : gr[i]);
+    float up = core::bf16_to_float(kFromL2 ? __ldcg(ur + i) : ur[i]);
     if (limit > 0.0f) {  // up clamped both ways, gate only from above
       up = core::clamp_f32(up, -limit, limit);
       gate = limit < gate ? limit : gate;
     }
     float act = core::silu_f32(gate) * up;
-    if (weighted) act = in.weight * act;
+    if (rw) act = weight * act;
     h[i] = core::round_bf16(act);
     amax = fmaxf(amax, fabsf(h[i]));
   }
@@ -1182,13 +1166,6 @@ __device__ __forceinline__ void swiglu_finish(const SwigluIn& in, int64_t inter,
   const int e = act_exponent(amax);
   store_quant4(hq + c * inter + b * 128, lane, quant4_e4m3(h, core::pow2_float(-e)), split_pairs);
   if (lane == 0) hs[c * blocks + b] = core::pow2_float(e);
-}
-template <bool kFromL2>
-__device__ __forceinline__ void swiglu_quant_item(const uint16_t* __restrict__ gu, int64_t inter, int64_t c, int64_t b,
-                                                  int lane, const float* rw, const int* rw_index, float limit,
-                                                  uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
-  swiglu_finish(swiglu_load<kFromL2>(gu, inter, c, b, lane, rw, rw_index), inter, c, b, lane, rw != nullptr, limit, hq,
-                hs, split_pairs);
 }
 
 __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
@@ -1245,17 +1222,12 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
                                                                         const __grid_constant__ ExpertTable down) {
   __shared__ int s_item, s_last;
   wait_for_predecessor();
-  const int tiles = *f.gate_up.num_tiles;
-  const int gate_up_items = f.gate_up_tiles * tiles;
-  // The grid is sized for max_tiles; only as many CTAs as there are items take a ticket
-  // (every ticket below the item count is then taken exactly once). The rest leave
-  // without touching the ticket, which the last waves would otherwise queue on.
-  if (int64_t(blockIdx.x) >= int64_t(f.gate_up_tiles + f.down_tiles) * tiles) return;
   if (threadIdx.x == 0) s_item = atomicAdd(f.sync, 1);
   __syncthreads();
-  const int item = s_item;
+  const int item = s_item, tiles = *f.gate_up.num_tiles;
   int* const arrivals = f.sync + 1;
   int* const ready = arrivals + f.max_tiles;
+  const int gate_up_items = f.gate_up_tiles * tiles;
   if (item < gate_up_items) {
     const int j = item / f.gate_up_tiles;
     const int4 tile = f.gate_up.tiles[j];
@@ -1268,28 +1240,10 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
     __syncthreads();
     if (!s_last) return;
     __threadfence();  // the other CTAs' outputs, seen through the counter
-    // A warp's items in groups, every load of a group issued before any is used: one L2
-    // round trip a group, where one an item made an 8-row tile's SwiGLU ~32 round trips.
-    constexpr int kWarps = kThreads / 32, kGroup = 4;
-    const int4 rows = f.gate_up.tiles[j];  // read again: nothing of the tile's kept live across its GEMM
-    const int blocks = int(f.inter / 128), warp_items = rows.z * blocks;  // <= 8 rows x blocks: 32-bit
-    const int lane = int(threadIdx.x & 31);
-    const uint16_t* gu = static_cast<const uint16_t*>(f.gate_up.y);
-    for (int w0 = int(threadIdx.x >> 5); w0 < warp_items; w0 += kWarps * kGroup) {
-      SwigluIn in[kGroup];
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int w = w0 + i * kWarps;
-        if (w < warp_items) in[i] = swiglu_load<true>(gu, f.inter, rows.y + w / blocks, w % blocks, lane, f.rw, f.rw_index);
-      }
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int w = w0 + i * kWarps;
-        if (w < warp_items)
-          swiglu_finish(in[i], f.inter, rows.y + w / blocks, w % blocks, lane, f.rw != nullptr, f.limit, f.hq, f.hs,
-                        f.split_pairs);
-      }
-    }
+    const int64_t blocks = f.inter / 128, warp_items = int64_t(tile.z) * blocks;
+    for (int64_t w = threadIdx.x >> 5; w < warp_items; w += kThreads / 32)
+      swiglu_quant_item<true>(static_cast<const uint16_t*>(f.gate_up.y), f.inter, tile.y + w / blocks, w % blocks,
+                              int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();
