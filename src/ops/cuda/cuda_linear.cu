@@ -43,7 +43,7 @@ void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 // Test hooks: launches so far of the routed experts' gate/up and down GEMMs as one
-// (expert_ffn_fused_kernel); -1 follows DSV4_CUDA_FUSED_EXPERTS (default: automatic, up to 24 rows), 0 / 1
+// (expert_ffn_fused_kernel); -1 follows DSV4_CUDA_FUSED_EXPERTS (default: automatic, up to 16 rows), 0 / 1
 // force it off / on (where the shapes allow it).
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
@@ -701,9 +701,10 @@ int expert_launch_pieces() {
 // The routed experts' gate/up and down GEMMs as one launch (docs/design/fused-expert-step.md):
 // a list tile's down tiles start once its gate/up tiles and its SwiGLU are done, instead
 // of after the whole gate/up launch. Automatic (the default): up to kFusedExpertsAutoRows
-// rows, where it measured faster (-1.0% a step at 16 rows on bench-1g, +0.4% at 32,
-// +1.7% at 64); DSV4_CUDA_FUSED_EXPERTS=1 wherever it applies, =0 never.
-constexpr int64_t kFusedExpertsAutoRows = 24;
+// rows, where it measured faster (bench-1g, against it off: -2.1 / -2.0 / -1.0% a step at
+// 4 / 8 / 16 rows, +0.2% at 24, +0.4% at 32, +1.7% at 64; docs/design/fused-expert-step.md);
+// DSV4_CUDA_FUSED_EXPERTS=1 wherever it applies, =0 never.
+constexpr int64_t kFusedExpertsAutoRows = 16;
 std::atomic<int64_t> g_fused_expert_launches{0};
 std::atomic<int> g_force_fused_experts{-1};
 bool fused_experts_wanted(int64_t rows) {
