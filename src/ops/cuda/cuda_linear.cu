@@ -702,7 +702,7 @@ int expert_launch_pieces() {
 // a list tile's down tiles start once its gate/up tiles and its SwiGLU are done, instead
 // of after the whole gate/up launch. Automatic (the default): up to kFusedExpertsAutoRows
 // rows, where it measured faster (bench-1g, against it off: -2.1 / -2.0 / -1.0% a step at
-// 4 / 8 / 16 rows, +0.2% at 24, +0.4% at 32, +1.7% at 64; docs/design/fused-expert-step.md);
+// 4 / 8 / 16 rows, +0.2% at 24, +0.4..0.6% at 32, +1.4..1.7% at 64; fused-expert-step.md);
 // DSV4_CUDA_FUSED_EXPERTS=1 wherever it applies, =0 never.
 constexpr int64_t kFusedExpertsAutoRows = 16;
 std::atomic<int64_t> g_fused_expert_launches{0};
