@@ -1193,8 +1193,9 @@ __device__ __forceinline__ void st_release_gpu(int* p, int v) {
 
 // A list tile's arrival: the release half publishes this CTA's output stores (ordered
 // before it by the CTA barrier; PTX release is cumulative), the acquire half lets the last
-// arriver read the others'. Cheaper than a __threadfence (fence.sc) before a relaxed add:
-// -0.2..-0.3% a step at 16-64 rows (docs/design/fused-expert-step.md).
+// arriver read the others'. Against a __threadfence (fence.sc) before a relaxed add and
+// before the ready flag: -0.2% a step at 16 rows, within the noise at 64 (bench-1g; without
+// any fence, which is not correct, -0.7%: the wait for the stores is most of the cost).
 __device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
   int old;
   asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
