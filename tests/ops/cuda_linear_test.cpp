@@ -47,6 +47,7 @@ int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
+void cuda_linear_force_expert_split(int mode);
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
 int64_t cuda_linear_shared_decode_launches();
@@ -945,6 +946,40 @@ TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   }
   ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_shared_decode(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// At 1-3 rows the expert GEMMs split their K slices over CTAs, which keeps the fused
+// launch out; with the split off (DSV4_CUDA_EXPERT_SPLIT=0) every CTA walks its slices,
+// and both that and the fused launch on top of it give the split's bits. The fused
+// launch's counter shows that the split really ran (no fused launch with it on) and that
+// the fused launch ran without it. FP4 experts, eager.
+TEST(CudaLinearFusedExperts, FewRowsWalkedAndFusedEqualSplitBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x5a);
+  const int64_t E = 128, D = 512, I = 1024, k = 6;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  for (const int64_t R : {int64_t(1), int64_t(2), int64_t(3)}) {
+    const RoutedInputs in = device_routed_inputs(env, rng, R, D, k, E, -1);
+    const std::string what = "R=" + std::to_string(R);
+    auto run = [&](int split, int fused) {
+      ops::cuda_linear_force_expert_split(split);
+      return run_forced(ops::cuda_linear_force_fused_experts, ops::cuda_linear_fused_expert_launches, fused,
+                        [&] { return run_routed(env, in, dex); });
+    };
+    const auto [split, split_fused_launches] = run(1, 1);  // fused allowed, but the split keeps it out
+    EXPECT_EQ(split_fused_launches, 0) << what << ": the GEMMs did not split (the test needs them to)";
+    const auto [walked, walked_fused_launches] = run(0, 0);
+    EXPECT_EQ(walked_fused_launches, 0) << what;
+    const auto [fused, fused_launches] = run(0, 1);
+    EXPECT_EQ(fused_launches, 1) << what << ": the fused launch did not run with the split off";
+    expect_bitwise(split, walked, what + ": walked slices vs split slices");
+    expect_bitwise(split, fused, what + ": fused (walked) vs split slices");
+  }
+  ops::cuda_linear_force_expert_split(-1);
+  ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -52,6 +52,9 @@ void cuda_linear_force_fused_experts(int on);
 // in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
+// Test hook: -1 follows DSV4_CUDA_EXPERT_SPLIT (default: an expert GEMM splits its K
+// slices over CTAs where its tiles alone leave SMs idle), 0 never splits, 1 automatic.
+void cuda_linear_force_expert_split(int mode);
 // Test hooks: FP4 expert GEMM launches so far in 16-row tiles (one weight decode for
 // up to 16 rows); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
 int64_t cuda_linear_shared_decode_launches();
@@ -718,13 +721,22 @@ bool fused_experts_wanted(int64_t rows) {
 // the tiles alone leave SMs idle (a few busy experts); with many busy experts each CTA
 // walks its slices, which saves the partial sums and halves the CTAs. Both give the
 // same bits.
+// DSV4_CUDA_EXPERT_SPLIT=0 (or the test hook at 0) keeps every CTA walking its slices,
+// which at 1-3 rows lets the fused expert step apply; the A/B that decides it is in
+// docs/design/fused-expert-step.md.
+std::atomic<int> g_force_expert_split{-1};
+bool expert_split_allowed() {
+  static const int from_env = env_mode("DSV4_CUDA_EXPERT_SPLIT");
+  return forced_mode(g_force_expert_split, from_env) != 0;
+}
 void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int64_t max_tiles) {
   const int64_t stages = p.k / 128;
   p.groups = 1;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = p.tiles_per_group;
   p.slices = gemm_k_slices(n_tiles, stages, 4);
-  const bool split = p.slices > 1 && n_tiles * max_tiles < 4 * be.properties().multiProcessorCount &&
+  const bool split = p.slices > 1 && expert_split_allowed() &&
+                     n_tiles * max_tiles < 4 * be.properties().multiProcessorCount &&
                      int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
 }
@@ -770,6 +782,7 @@ void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_ord
 int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_expert_split(int mode) { g_force_expert_split.store(mode, std::memory_order_relaxed); }
 void cuda_linear_force_expert_launches(int pieces) {
   g_force_expert_launches.store(pieces, std::memory_order_relaxed);
 }
