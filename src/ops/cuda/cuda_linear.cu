@@ -332,9 +332,11 @@ std::atomic<int64_t> g_wide_ws_launches{0};
 std::atomic<int> g_force_wide_ws{-1};
 std::atomic<int> g_wide_ws_max_ctas{0};
 int wide_ws_mode() {
-  static const int from_env = env_is("DSV4_CUDA_WIDE_WS", "0") ? 0 : env_is("DSV4_CUDA_WIDE_WS", "1") ? 1 : 2;
-  const int f = g_force_wide_ws.load(std::memory_order_relaxed);
-  return f >= 0 ? f : from_env;
+  static const int from_env = [] {
+    const int m = env_mode("DSV4_CUDA_WIDE_WS");
+    return m < 0 ? 2 : m;
+  }();
+  return forced_mode(g_force_wide_ws, from_env);
 }
 bool wide_ws_fits(const lk::GemmParams& p) { return !p.y_f32 && aligned(p.s0, 4) && aligned(p.s1, 4); }
 
@@ -1196,13 +1198,14 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
             expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
             expert_bulk_copies(f.down, *down_table, num_local);
   }
-  int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", 1 + 2 * max_tiles) : nullptr;
+  const int64_t fused_sync_ints = fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
+  int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
                              .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
                              .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = R, .d = D, .q = xq, .scale = xs,
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
-                             .fused_sync_ints = fused_sync ? int(1 + 2 * max_tiles) : 0};
+                             .fused_sync_ints = int(fused_sync_ints)};
   const int64_t warp_items = R * (D / 128) + P;
   const unsigned extra_blocks = one_launch ? unsigned(std::clamp<int64_t>((warp_items + 31) / 32, 1, 1024)) : 0;
   lk::moe_prep_kernel<<<1 + extra_blocks, 1024, size_t(16 * num_local), s>>>(prep);
