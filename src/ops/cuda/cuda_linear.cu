@@ -43,7 +43,8 @@ void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 // Test hooks: launches so far of the routed experts' gate/up and down GEMMs as one
-// (expert_ffn_fused_kernel); -1 follows DSV4_CUDA_FUSED_EXPERTS (default: automatic, up to 16 rows), 0 / 1
+// (expert_ffn_fused_kernel); -1 follows DSV4_CUDA_FUSED_EXPERTS (default: automatic, up to 20 rows
+// where the gate/up tiles fill the kernel's slots on the SMs), 0 / 1
 // force it off / on (where the shapes allow it).
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
@@ -53,7 +54,7 @@ void cuda_linear_force_fused_experts(int on);
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
 // Test hook: -1 follows DSV4_CUDA_EXPERT_SPLIT (default: an expert GEMM splits its K
-// slices over CTAs where its tiles alone leave SMs idle), 0 never splits, 1 automatic.
+// slices over CTAs where its tiles are fewer than two an SM), 0 never splits, 1 automatic.
 void cuda_linear_force_expert_split(int mode);
 // Test hooks: FP4 expert GEMM launches so far in 16-row tiles (one weight decode for
 // up to 16 rows); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
@@ -251,13 +252,23 @@ void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt,
 
 // The routed experts' gate/up and down GEMMs in one launch of `ctas` CTAs (FP4 by TMA,
 // 8-row tiles).
+constexpr int kFusedExpertSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
+std::atomic<uint64_t> g_fused_expert_smem_set{0};
 void launch_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
                           const lk::ExpertTable& down, int64_t ctas) {
-  constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
-  static std::atomic<uint64_t> done{0};
-  allow_smem(lk::expert_ffn_fused_kernel, smem, be.device_index(), done);
+  constexpr int smem = kFusedExpertSmem;
+  allow_smem(lk::expert_ffn_fused_kernel, smem, be.device_index(), g_fused_expert_smem_set);
   lk::expert_ffn_fused_kernel<<<unsigned(ctas), lk::kThreads, smem, be.stream()>>>(f, gate_up, down);
   check_launch(be.stream());
+}
+
+// CTAs of expert_ffn_fused_kernel the GPU holds at once (registers and shared memory).
+int64_t fused_expert_slots(CudaBackend& be) {
+  allow_smem(lk::expert_ffn_fused_kernel, kFusedExpertSmem, be.device_index(), g_fused_expert_smem_set);
+  int per_sm = 0;
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, lk::expert_ffn_fused_kernel, lk::kThreads,
+                                                                kFusedExpertSmem));
+  return int64_t(per_sm) * be.properties().multiProcessorCount;
 }
 
 // row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
@@ -706,26 +717,28 @@ int expert_launch_pieces() {
 // The routed experts' gate/up and down GEMMs as one launch (docs/design/fused-expert-step.md):
 // a list tile's down tiles start once its gate/up tiles and its SwiGLU are done, instead
 // of after the whole gate/up launch. Automatic (the default): up to kFusedExpertsAutoRows
-// rows, where it measured faster (bench-1g, against it off: -2.1 / -2.0 / -1.0% a step at
-// 4 / 8 / 16 rows, +0.2% at 24, +0.4..0.6% at 32, +1.4..1.7% at 64; fused-expert-step.md);
-// DSV4_CUDA_FUSED_EXPERTS=1 wherever it applies, =0 never.
-constexpr int64_t kFusedExpertsAutoRows = 16;
+// rows, where it measured faster (bench-1g, against it off: -2.1 / -2.0 / -1.0 / -1.0% a
+// step at 4 / 8 / 16 / 20 rows, +0.2% at 24, +0.4..0.6% at 32, +1.4..1.7% at 64;
+// fused-expert-step.md), and only where the gate/up tiles fill every slot the kernel has
+// on the SMs (fused_expert_slots): with fewer, down CTAs sit on SMs waiting for their
+// list tile (2 rows on bench-1g, 384 gate/up CTAs for 528 slots: +4.5% a step against the
+// four launches). DSV4_CUDA_FUSED_EXPERTS=1 wherever it applies, =0 never.
+constexpr int64_t kFusedExpertsAutoRows = 20;
 std::atomic<int64_t> g_fused_expert_launches{0};
 std::atomic<int> g_force_fused_experts{-1};
-bool fused_experts_wanted(int64_t rows) {
+int fused_experts_mode() {  // -1 automatic, 0 never, 1 wherever it applies
   static const int from_env = env_mode("DSV4_CUDA_FUSED_EXPERTS");
-  const int mode = forced_mode(g_force_fused_experts, from_env);
-  return mode == 1 || (mode == -1 && rows <= kFusedExpertsAutoRows);
+  return forced_mode(g_force_fused_experts, from_env);
 }
 
 // An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
 // num_pairs rows in at most max_tiles list tiles. Split the slices over CTAs only where
-// the tiles alone leave SMs idle (a few busy experts); with many busy experts each CTA
+// the tiles alone are fewer than two an SM (a few busy experts); with more, each CTA
 // walks its slices, which saves the partial sums and halves the CTAs. Both give the
-// same bits.
-// DSV4_CUDA_EXPERT_SPLIT=0 (or the test hook at 0) keeps every CTA walking its slices,
-// which at 1-3 rows lets the fused expert step apply; the A/B that decides it is in
-// docs/design/fused-expert-step.md.
+// same bits. Measured on bench-1g (32 weight tiles a GEMM, 132 SMs), walking against
+// splitting: +3.3% a step at 1 row (6 list tiles, 192 CTAs), -4.8% at 2 rows (12 list
+// tiles, 384 CTAs), which the rule before this one (four an SM) still split.
+// DSV4_CUDA_EXPERT_SPLIT=0 (or the test hook at 0) keeps every CTA walking its slices.
 std::atomic<int> g_force_expert_split{-1};
 bool expert_split_allowed() {
   static const int from_env = env_mode("DSV4_CUDA_EXPERT_SPLIT");
@@ -738,7 +751,7 @@ void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int
   const int64_t n_tiles = p.tiles_per_group;
   p.slices = gemm_k_slices(n_tiles, stages, 4);
   const bool split = p.slices > 1 && expert_split_allowed() &&
-                     n_tiles * max_tiles < 4 * be.properties().multiProcessorCount &&
+                     n_tiles * max_tiles < 2 * be.properties().multiProcessorCount &&
                      int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
 }
@@ -1175,13 +1188,14 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     ptr[0] = ptr[2] = ew.w2.weight.as<uint8_t>();
     ptr[1] = ptr[3] = ew.w2.scale.as<uint8_t>();
   };
-  // The gate/up and down GEMMs as one launch where it applies (fused_experts_wanted):
+  // The gate/up and down GEMMs as one launch where it applies (fused_experts_mode):
   // FP4 weights by TMA in 8-row tiles, both GEMMs walking 2+ K slices, one table, and
   // rows of h scales that are whole 32-byte sectors (I a multiple of 1024: the down tiles
   // read them through L1, which then never holds a row another tile writes later).
   lk::FusedExpertArgs f{};
   std::unique_ptr<lk::ExpertTable> gate_up_table, down_table;
-  bool fused = fused_experts_wanted(R) && fp4_13 && fp4_2 && nt == 1 && row_groups == 1 && I % 1024 == 0 &&
+  const int fused_mode = fused_experts_mode();
+  bool fused = (fused_mode == 1 || (fused_mode == -1 && R <= kFusedExpertsAutoRows)) && fp4_13 && fp4_2 && nt == 1 && row_groups == 1 && I % 1024 == 0 &&
                num_local <= lk::kMaxTableExperts;
   if (fused) {
     f.gate_up = p;
@@ -1196,7 +1210,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     }
     fused = f.gate_up.split == 1 && f.gate_up.slices > 1 && f.down.split == 1 && f.down.slices > 1 &&
             expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
-            expert_bulk_copies(f.down, *down_table, num_local);
+            expert_bulk_copies(f.down, *down_table, num_local) &&
+            (fused_mode == 1 || int64_t(f.gate_up.tiles_per_group) * max_tiles >= fused_expert_slots(*this));
   }
   const int64_t fused_sync_ints = fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
   int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
