@@ -313,7 +313,7 @@ struct WindowCommitArgs {
 };
 
 __global__ void window_commit_kernel(WindowCommitArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   extern __shared__ float wc_buf[];  // [warps][Dh]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t t = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
@@ -339,7 +339,7 @@ __global__ void window_commit_kernel(WindowCommitArgs a) {
 template <int EPL>
 __global__ void indexer_q_kernel(uint16_t* __restrict__ q, int64_t rows /* T*Hi */, int64_t Hi,
                                  const int32_t* __restrict__ positions, const float* __restrict__ inv_freq, int rd) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   constexpr int Di = 32 * EPL;
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -511,7 +511,7 @@ __device__ __forceinline__ uint8_t* compress_dst(const CompressArgs& a, int32_t 
 
 // simple: the reference state machine, one CTA per sequence, tokens in order.
 __global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(CompressArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   __shared__ CompressSmem sm;
   const int32_t s = blockIdx.x;
   const int32_t len = a.seq_len[s];
@@ -567,7 +567,7 @@ __global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(Compr
 // state: for ratio 4 the current-window rows m + q % m hold positions of window
 // start / m and rows 0..m-1 the window before it; for ratio 128 row q % m.
 __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   __shared__ CompressSmem sm;
   const int64_t t = blockIdx.x;
   const int32_t s = a.token_seq[t];
@@ -618,7 +618,7 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
 // Ratio 4, previous-window rows: the window of the last emission in the step.
 // Grid: (column blocks, sequences); ratio 128 also spreads the 128 rows over y.
 __global__ void compress_state_kernel(CompressArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   const int32_t s = blockIdx.y;
   const int32_t len = a.seq_len[s];
   if (len <= 0) return;
@@ -735,7 +735,7 @@ struct TopkArgs {
 // take): kComposite writes (key << 32 | ~row) for the CUB sort, else key16 + histogram.
 template <int DI, bool kComposite>
 __global__ void __launch_bounds__(256) index_score_simple_kernel(TopkArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   constexpr int kB = DI / 16;  // values per lane and head
   extern __shared__ float qs[];  // [Hi][DI] fp32, then w[Hi]
   __shared__ uint32_t hist_s[256];
@@ -820,7 +820,7 @@ struct ScoreSmem {
 };
 
 __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char score_smem_raw[];
   ScoreSmem& sm = *reinterpret_cast<ScoreSmem*>(score_smem_raw);
   const int64_t chunk_rows = int64_t(64) * a.score_pages;
@@ -1033,7 +1033,7 @@ __device__ void take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kind, 
 }
 
 __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   __shared__ uint32_t hist_s[256];
   __shared__ int s_bin, s_need;
   __shared__ int counts[2][2][32];
@@ -1089,7 +1089,7 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a)
 
 // simple selection: CUB segmented sort of the composite keys, then extraction.
 __global__ void topk_segments_kernel(TopkArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < a.T; t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
     a.seg_begin[t] = int(t * a.max_rows);
@@ -1098,7 +1098,7 @@ __global__ void topk_segments_kernel(TopkArgs a) {
 }
 
 __global__ void __launch_bounds__(256) topk_extract_kernel(TopkArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   __shared__ int counts[2][2][32];
   const int64_t t = blockIdx.x;
   const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
@@ -1227,7 +1227,7 @@ __device__ int compact_topk(const AttnArgs& a, int64_t t, int32_t* comp, int* co
 // order, the max, P = exp(l - M) (fp32 denominator summed in key order by one
 // thread), bf16(P) times the values in key order per output dimension.
 __global__ void __launch_bounds__(256) attention_simple_kernel(AttnArgs a) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char attn_simple_smem[];
   const int64_t t = blockIdx.x, h = blockIdx.y, Dh = a.Dh;
   float* qf = reinterpret_cast<float*>(attn_simple_smem);  // [Dh]
@@ -1564,7 +1564,7 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
 
 template <int DH, int MT>
 __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups, AttnSplit sp) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   using L = AttnLayout<DH, MT>;
   constexpr int kQuarter = DH / 4;
   constexpr int kQkSteps = kQuarter / 16;  // k-steps of 16 dims per warp in S
@@ -1858,7 +1858,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
 // bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread.
 template <int DH>
 __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
-  wait_then_release_dependents();
+  wait_for_predecessor();
   const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
   const int d = 4 * threadIdx.x;
   uint16_t* out = a.o + (t * a.H + h) * DH + d;
@@ -1970,7 +1970,7 @@ template <bool kSplit>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
-  wait_then_release_dependents();
+  wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char wg_smem_raw[];  // aligned to the swizzle atom below
   unsigned char* sm = wg_smem_raw + ((1024u - (smem_addr(wg_smem_raw) & 1023u)) & 1023u);
   uint8_t* Qs = sm + W::kOffQ;
