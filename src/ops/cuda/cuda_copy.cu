@@ -12,7 +12,7 @@ namespace {
 
 __global__ void gather_slots_kernel(const uint4* __restrict__ src, const int32_t* __restrict__ index,
                                     uint4* __restrict__ dst, int64_t k, int64_t vecs_per_row) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t ts = blockIdx.x;  // (row t, slot s) = ts
   const int64_t s = ts % k;
   const int32_t r = index[ts];

@@ -116,7 +116,7 @@ __device__ __forceinline__ void rope_pair(uint16_t* a, uint16_t* b, float c, flo
 template <int VEC>
 __global__ void embed_kernel(const uint16_t* __restrict__ table, int64_t V, const int32_t* __restrict__ ids,
                              int64_t hc, int64_t D, uint16_t* __restrict__ X) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t t = blockIdx.x;
   const int32_t id = ids[t];
   const bool valid = id >= 0 && id < V;  // an invalid id (the CPU throws) gives zero rows
@@ -136,7 +136,7 @@ __global__ void embed_kernel(const uint16_t* __restrict__ table, int64_t V, cons
 template <typename U>
 __global__ void gather_rows_kernel(const U* __restrict__ src, int64_t src_rows, const int32_t* __restrict__ rows,
                                    int64_t units_per_row, U* __restrict__ dst) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t i = blockIdx.x;
   const int32_t r = rows[i];
   U* out = dst + i * units_per_row;
@@ -152,7 +152,7 @@ __global__ void gather_rows_kernel(const U* __restrict__ src, int64_t src_rows, 
 template <int VEC>
 __global__ void add_broadcast_kernel(const uint16_t* __restrict__ e, const uint16_t* __restrict__ h, int64_t T,
                                      int64_t hc, int64_t D, uint16_t* __restrict__ X) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t chunks = T * hc * D / VEC;
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
     const int64_t idx = c * VEC, t = idx / (hc * D), d = idx % D;
@@ -220,7 +220,7 @@ __device__ void rms_norm_row(const uint16_t* xr, const uint16_t* __restrict__ w,
 template <int VEC>
 __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
                                 uint16_t* y) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   rms_norm_row<VEC>(x + row * N, w, N, eps, y + row * N, red);
@@ -230,7 +230,7 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
 // N and N / 128) for the linear, the bits of rms_norm_kernel<8> and act_quant_kernel.
 __global__ void rms_norm_quant_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
                                       uint16_t* y, uint8_t* __restrict__ q, float* __restrict__ s) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
   rms_norm_row<8>(x + row * N, w, N, eps, y + row * N, red, q + row * N, s + row * (N / 128));
@@ -251,7 +251,7 @@ template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
                                    const float* __restrict__ inv_freq, int64_t H_all, int64_t Dh, int64_t rd,
                                    float eps, int64_t heads_per_cta) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t stride = Dh + 8;
   const int64_t h0 = int64_t(blockIdx.y) * heads_per_cta;
@@ -320,7 +320,7 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
 
 __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const int32_t* __restrict__ positions,
                                      const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
   if (row >= T) return;  // whole warps exit together
@@ -463,7 +463,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
                      ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))), "l"(fn + int64_t(row) * n + k0 + c));
     }
     asm volatile("cp.async.commit_group;\n" ::);
-    wait_for_predecessor();
+    wait_then_release_dependents();
     uint4 xv[kXVec];
 #pragma unroll
     for (int u = 0; u < kXVec; ++u) {
@@ -490,7 +490,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       const int idx = int(threadIdx.x) + 256 * u;
       fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
     }
-    wait_for_predecessor();
+    wait_then_release_dependents();
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
       // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
                      uint32_t(__cvta_generic_to_shared(fn_s + j * kHcSlice + c))),
                  "l"(fn + int64_t(j) * n + k0 + c));
   }
-  wait_for_predecessor();
+  wait_then_release_dependents();
   // X: the block's rows, 16 pieces of 16 bytes each; thread tid copies piece tid % 16
   // of rows tid / 16, tid / 16 + 8, ... (consecutive threads read consecutive bytes).
   constexpr int kXPieces = 2 * kHcSlice / 16;
@@ -869,7 +869,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
     for (int k = 0; k < kRegs; ++k)
       if (chunk(0, k) < chunks) wv[k].load(a.norm_w + int64_t(chunk(0, k)) * VEC);
   }
-  wait_for_predecessor();
+  wait_then_release_dependents();
   BfRegs<VEC> xs[kRegs][HC];  // the first pass's X
   auto load_x = [&](int base) {
 #pragma unroll
@@ -1009,7 +1009,7 @@ template <int HC, int VEC, bool kFromMoe = false>
 __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* __restrict__ R,
                                const float* __restrict__ post, const float* __restrict__ comb, int64_t T, int64_t D,
                                uint16_t* __restrict__ Y, const MoeOutputArgs moe = {}) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t chunks = T * (D / VEC);
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = c / (D / VEC), d = (c % (D / VEC)) * VEC;
@@ -1057,7 +1057,7 @@ constexpr int kMaxMoeSlots = 64;
 template <int VEC>
 __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const int32_t* __restrict__ ids, int64_t k,
                                   int64_t D, float* __restrict__ routed) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   __shared__ int order[kMaxMoeSlots];
   __shared__ int32_t row_ids[kMaxMoeSlots];
   __shared__ int count;
@@ -1105,7 +1105,7 @@ __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const i
 template <int VEC>
 __global__ void moe_output_kernel(const float* __restrict__ routed, const uint16_t* __restrict__ shared, int64_t n,
                                   uint16_t* __restrict__ y) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < n / VEC; c += int64_t(gridDim.x) * blockDim.x) {
     const BfVec<VEC> s = load_bf<VEC>(shared + c * VEC);
     BfVec<VEC> o;

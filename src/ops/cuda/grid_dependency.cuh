@@ -5,7 +5,8 @@
 // calls wait_for_predecessor() before it touches memory another kernel writes (at
 // entry; the plain GEMMs after their first weight copies): it returns once the
 // kernels it depends on have finished and their writes are visible. Outside such
-// a graph it returns at once.
+// a graph it returns at once. The small kernels (pointwise, folds, quantization,
+// routing) call it through wait_then_release_dependents(), below.
 #pragma once
 
 namespace dsv4::ops {
@@ -17,6 +18,28 @@ __device__ __forceinline__ void wait_for_predecessor() { asm volatile("griddepco
 // counts as having called it.
 __device__ __forceinline__ void allow_dependents_to_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+// wait_for_predecessor(), then, for a grid of at most a quarter as many blocks as the
+// GPU has SMs, allow_dependents_to_launch(): the next kernel launches while this one
+// still runs, so its launch latency and its prologue (a GEMM's first weight copies,
+// issued before its own wait) hide under this kernel instead of following its last
+// block's exit. The dependent's wait still returns only once this grid has finished
+// and flushed, so nothing it reads changes. Why after this kernel's own wait and not
+// at entry: the dependent then releases its own dependent only once it runs, so at
+// most one kernel of a chain sits waiting on the SMs (entry-time release, as the
+// launch-completion edge did, made whole chains resident at once; cuda_backend.cu).
+// Why only small grids: released from every small kernel (the pointwise ones, the
+// folds, quantization, routing) it measured -2.0 / -1.0% a step at 1 / 16 rows but
+// +0.7 / +0.8% at 64 / 256 (bench-1g, H200; docs/BENCHMARKS.md, thirty-third
+// session). The guess (not measured): a grid of one block a row covers half the SMs
+// or more from 64 rows, and the dependent's blocks, placed while it runs, crowd onto
+// the others.
+__device__ __forceinline__ void wait_then_release_dependents() {
+  wait_for_predecessor();
+  unsigned sms;
+  asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
+  if (4 * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();
 }
 
 }  // namespace dsv4::ops

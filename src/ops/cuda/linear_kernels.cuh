@@ -1006,7 +1006,7 @@ template <int V>
 __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* __restrict__ partial, int split,
                                                                   int64_t rows, int64_t cols, void* y, int64_t ldy,
                                                                   void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t col = (int64_t(blockIdx.x) * kFoldThreads + threadIdx.x) * V;
   if (col >= cols) return;
   const bool second = y1 != nullptr && col >= n_split;
@@ -1126,7 +1126,7 @@ __device__ __forceinline__ void act_quant_item(const uint16_t* __restrict__ x, i
 
 __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
                                  uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (wid >= rows * (k / 128)) return;
   act_quant_item(x, ldx, k, q, scale, split_pairs, wid, threadIdx.x & 31);
@@ -1171,7 +1171,7 @@ __device__ __forceinline__ void swiglu_quant_item(const uint16_t* __restrict__ g
 __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
                                     const int* num_rows, const float* rw, const int* rw_index, float limit,
                                     uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t blocks = inter / 128;
   const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
@@ -1393,7 +1393,7 @@ __device__ __forceinline__ void zero_nonlocal_pair(const int* __restrict__ ids, 
 
 __global__ void zero_nonlocal_kernel(const int* __restrict__ ids, int64_t num_pairs, int expert_begin, int expert_end,
                                      uint16_t* __restrict__ out, int64_t d, int vec16) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int lane = threadIdx.x & 31;
   for (int64_t p = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; p < num_pairs; p += nwarps)
@@ -1425,7 +1425,7 @@ struct MoePrepArgs {
 };
 
 __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i < a.fused_sync_ints; i += blockDim.x) a.fused_sync[i] = 0;
     expert_prep_block(a.ids, a.num_pairs, a.k, a.expert_begin, a.num_local, a.bm, a.max_tiles, a.pair_list,
@@ -1456,7 +1456,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
                                      const int64_t* __restrict__ tid2eid, const int32_t* __restrict__ token_ids,
                                      const int32_t* __restrict__ positions, float* __restrict__ weights,
                                      int32_t* __restrict__ ids) {
-  wait_for_predecessor();
+  wait_then_release_dependents();
   extern __shared__ float s_f[];
   float* score = s_f;
   float* biased = s_f + num_experts;
