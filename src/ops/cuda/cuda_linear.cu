@@ -22,6 +22,7 @@
 #include "core/error.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/expert_plan.h"
 #include "ops/cuda/gemm_wide_kernel.cuh"
 #include "ops/cuda/gemm_wide_ws_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
@@ -716,14 +717,9 @@ int expert_launch_pieces() {
 
 // The routed experts' gate/up and down GEMMs as one launch (docs/design/fused-expert-step.md):
 // a list tile's down tiles start once its gate/up tiles and its SwiGLU are done, instead
-// of after the whole gate/up launch. Automatic (the default): up to kFusedExpertsAutoRows
-// rows, where it measured faster (bench-1g, against it off: -2.1 / -2.0 / -1.0 / -1.0% a
-// step at 4 / 8 / 16 / 20 rows, +0.2% at 24, +0.4..0.6% at 32, +1.4..1.7% at 64;
-// fused-expert-step.md), and only where the gate/up tiles fill every slot the kernel has
-// on the SMs (fused_expert_slots): with fewer, down CTAs sit on SMs waiting for their
-// list tile (2 rows on bench-1g, 384 gate/up CTAs for 528 slots: +4.5% a step against the
-// four launches). DSV4_CUDA_FUSED_EXPERTS=1 wherever it applies, =0 never.
-constexpr int64_t kFusedExpertsAutoRows = 20;
+// of after the whole gate/up launch. Automatic (the default): fused_experts_auto
+// (expert_plan.h, where the measurements are). DSV4_CUDA_FUSED_EXPERTS=1 wherever it
+// applies, =0 never.
 std::atomic<int64_t> g_fused_expert_launches{0};
 std::atomic<int> g_force_fused_experts{-1};
 int fused_experts_mode() {  // -1 automatic, 0 never, 1 wherever it applies
@@ -732,13 +728,10 @@ int fused_experts_mode() {  // -1 automatic, 0 never, 1 wherever it applies
 }
 
 // An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
-// num_pairs rows in at most max_tiles list tiles. Split the slices over CTAs only where
-// the tiles alone are fewer than two an SM (a few busy experts); with more, each CTA
-// walks its slices, which saves the partial sums and halves the CTAs. Both give the
-// same bits. Measured on bench-1g (32 weight tiles a GEMM, 132 SMs), walking against
-// splitting: +3.3% a step at 1 row (6 list tiles, 192 CTAs), -4.8% at 2 rows (12 list
-// tiles, 384 CTAs), which the rule before this one (four an SM) still split.
-// DSV4_CUDA_EXPERT_SPLIT=0 (or the test hook at 0) keeps every CTA walking its slices.
+// num_pairs rows in at most max_tiles list tiles: the slices split over CTAs where
+// expert_split_k (expert_plan.h) asks for it and the partials stay small; both give the
+// same bits. DSV4_CUDA_EXPERT_SPLIT=0 (or the test hook at 0) keeps every CTA walking
+// its slices.
 std::atomic<int> g_force_expert_split{-1};
 bool expert_split_allowed() {
   static const int from_env = env_mode("DSV4_CUDA_EXPERT_SPLIT");
@@ -751,7 +744,7 @@ void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int
   const int64_t n_tiles = p.tiles_per_group;
   p.slices = gemm_k_slices(n_tiles, stages, 4);
   const bool split = p.slices > 1 && expert_split_allowed() &&
-                     n_tiles * max_tiles < 2 * be.properties().multiProcessorCount &&
+                     expert_split_k(n_tiles, max_tiles, be.properties().multiProcessorCount) &&
                      int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
   p.split = split ? p.slices : 1;
 }
@@ -1092,8 +1085,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // FP4 with 8-row tiles: 16-row tiles instead, each decoded once (shared_decode_wanted).
   const int row_groups = nt == 1 && fp4_13 && fp4_2 && shared_decode_wanted(avg) ? 2 : 1;
   const int64_t bm = 8 * nt * row_groups;
-  // Sum over busy experts of ceil(count / bm) <= (P + busy * (bm - 1)) / bm.
-  const int64_t max_tiles = std::min<int64_t>(P, (P + std::min(num_local, P) * (bm - 1)) / bm);
+  const int64_t max_tiles = expert_max_tiles(P, num_local, bm);
   bool fast = !simple_path() && num_local <= 2048 && max_tiles <= 65535 && 2 * I < (int64_t(1) << 30);
   for (int64_t e = expert_begin; fast && e < expert_end; ++e) {
     const ExpertWeights& ew = experts[size_t(e)];
@@ -1195,8 +1187,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   lk::FusedExpertArgs f{};
   std::unique_ptr<lk::ExpertTable> gate_up_table, down_table;
   const int fused_mode = fused_experts_mode();
-  bool fused = (fused_mode == 1 || (fused_mode == -1 && R <= kFusedExpertsAutoRows)) && fp4_13 && fp4_2 && nt == 1 && row_groups == 1 && I % 1024 == 0 &&
-               num_local <= lk::kMaxTableExperts;
+  bool fused = (fused_mode == 1 || (fused_mode == -1 && R <= kFusedExpertsAutoRows)) && fp4_13 && fp4_2 &&
+               nt == 1 && row_groups == 1 && I % 1024 == 0 && num_local <= lk::kMaxTableExperts;
   if (fused) {
     f.gate_up = p;
     f.down = q;
@@ -1211,7 +1203,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     fused = f.gate_up.split == 1 && f.gate_up.slices > 1 && f.down.split == 1 && f.down.slices > 1 &&
             expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
             expert_bulk_copies(f.down, *down_table, num_local) &&
-            (fused_mode == 1 || int64_t(f.gate_up.tiles_per_group) * max_tiles >= fused_expert_slots(*this));
+            (fused_mode == 1 ||
+             fused_experts_auto(R, int64_t(f.gate_up.tiles_per_group) * max_tiles, fused_expert_slots(*this)));
   }
   const int64_t fused_sync_ints = fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
   int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
