@@ -21,7 +21,8 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 }
 
 // wait_for_predecessor(), then, for a grid of at most a quarter as many blocks as the
-// GPU has SMs, allow_dependents_to_launch(): the next kernel launches while this one
+// GPU has SMs (%nsmid: the count of SM ids, which may exceed the SMs a little),
+// allow_dependents_to_launch(): the next kernel launches while this one
 // still runs, so its launch latency and its prologue (a GEMM's first weight copies,
 // issued before its own wait) hide under this kernel instead of following its last
 // block's exit. The dependent's wait still returns only once this grid has finished
@@ -39,7 +40,7 @@ __device__ __forceinline__ void wait_then_release_dependents() {
   wait_for_predecessor();
   unsigned sms;
   asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
-  if (4 * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();
+  if (4ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
 }
 
 }  // namespace dsv4::ops
