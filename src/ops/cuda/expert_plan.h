@@ -36,9 +36,9 @@ constexpr bool expert_split_k(int64_t n_tiles, int64_t max_tiles, int64_t num_sm
 // bench-1g (-1.8 / -2.1 / -2.0 / -1.0..-1.4 / -0.9..-1.0% a step at 3 / 4 / 8 / 16 /
 // 20 rows; +0.2% and -0.5% at 24 in two sessions, +0.4..0.6% at 32, +1.4..1.7% at
 // 64), and only where the gate/up CTAs fill every slot the fused kernel has on the GPU
-// (slots = its resident CTAs an SM times the SMs): with fewer, down CTAs sit on SMs
-// waiting for their list tile, and 2 rows (384 gate/up CTAs for 528 slots) measured
-// +4.5% a step against the four launches.
+// (slots = its resident CTAs an SM times the SMs). At 2 rows (384 gate/up CTAs for 528
+// slots) it measured +4.5% a step against the four launches; the likely cost, not
+// measured apart: down CTAs that take free slots and wait there for their list tile.
 constexpr int64_t kFusedExpertsAutoRows = 20;
 constexpr bool fused_experts_auto(int64_t rows, int64_t gate_up_ctas, int64_t slots) {
   return rows <= kFusedExpertsAutoRows && gate_up_ctas >= slots;
