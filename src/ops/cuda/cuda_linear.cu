@@ -257,18 +257,24 @@ constexpr int kFusedExpertSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
 std::atomic<uint64_t> g_fused_expert_smem_set{0};
 void launch_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
                           const lk::ExpertTable& down, int64_t ctas) {
-  constexpr int smem = kFusedExpertSmem;
-  allow_smem(lk::expert_ffn_fused_kernel, smem, be.device_index(), g_fused_expert_smem_set);
-  lk::expert_ffn_fused_kernel<<<unsigned(ctas), lk::kThreads, smem, be.stream()>>>(f, gate_up, down);
+  allow_smem(lk::expert_ffn_fused_kernel, kFusedExpertSmem, be.device_index(), g_fused_expert_smem_set);
+  lk::expert_ffn_fused_kernel<<<unsigned(ctas), lk::kThreads, kFusedExpertSmem, be.stream()>>>(f, gate_up, down);
   check_launch(be.stream());
 }
 
-// CTAs of expert_ffn_fused_kernel the GPU holds at once (registers and shared memory).
+// CTAs of expert_ffn_fused_kernel the GPU holds at once (registers and shared memory),
+// asked once per device (as cluster_fold_fits does): every routed_experts call in the
+// fused step's row range needs it.
 int64_t fused_expert_slots(CudaBackend& be) {
-  allow_smem(lk::expert_ffn_fused_kernel, kFusedExpertSmem, be.device_index(), g_fused_expert_smem_set);
-  int per_sm = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, lk::expert_ffn_fused_kernel, lk::kThreads,
-                                                                kFusedExpertSmem));
+  static std::atomic<int> per_sm_of[64];  // 0: not asked yet (the kernel fits at least one CTA an SM)
+  std::atomic<int>& cached = per_sm_of[be.device_index() & 63];
+  int per_sm = cached.load(std::memory_order_acquire);
+  if (per_sm == 0) {
+    allow_smem(lk::expert_ffn_fused_kernel, kFusedExpertSmem, be.device_index(), g_fused_expert_smem_set);
+    DSV4_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, lk::expert_ffn_fused_kernel, lk::kThreads,
+                                                                  kFusedExpertSmem));
+    cached.store(per_sm, std::memory_order_release);
+  }
   return int64_t(per_sm) * be.properties().multiProcessorCount;
 }
 
