@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
-# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, ncu-kernel, memcheck (in the order given).
+# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, ncu-kernel, trace, memcheck (in the order given).
 # Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
 # base, the default, or none: the clocks the GPU runs at), NCU_CACHE (ncu --cache-control: all, the default,
 # flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step, but only for
@@ -10,7 +10,9 @@
 # NCU_BATCHES, NCU_SKIP, NCU_COUNT, NCU_NAME_BASE (ncu-kernel: which launches of which kernel, matched against the
 # name without (function, the default) or with (demangled) its template arguments; default the 5th and 6th expert GEMM
 # launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
-# MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), DSV4_COMMIT (the commit to report).
+# MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), TRACE_BATCHES (trace: batch sizes, default
+# "1 16 64 256"), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), DSV4_COMMIT (the commit
+# to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
@@ -183,6 +185,29 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
         ncu -i "$out/ncu-b$b.ncu-rep" --page source --csv --print-source sass 2>&1 | gzip >"$out/ncu-b$b-source.csv.gz"
         python3 scripts/ncu_source_summary.py --top 8 --ops 12 "$out/ncu-b$b-source.csv.gz" 2>&1 |
           sed 's/^/    /' >>"$out/summary.txt"
+      done
+      ;;
+    trace)  # CUPTI kernel timeline of bench-1g graph replays (tools/graph_trace) per batch in TRACE_BATCHES:
+            # where a replay's time goes, kernel by kernel (scripts/graph_trace_summary.py)
+      cupti_inc="" cupti_lib=""
+      for root in ${CUPTI_ROOT:-} /usr/local/cuda/extras/CUPTI /usr/local/cuda \
+        $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
+        h=$(find -L "$root" -name cupti_activity.h 2>/dev/null | head -n 1)
+        l=$(find -L "$root" -name 'libcupti.so*' 2>/dev/null | sort | head -n 1)
+        if [ -n "$h" ] && [ -n "$l" ]; then cupti_inc=$(dirname "$h") cupti_lib=$l; break; fi
+      done
+      if [ -z "$cupti_inc" ]; then note "SKIP trace: no CUPTI headers and library found"; continue; fi
+      record=$(grep -rhoE 'CUpti_ActivityKernel[0-9]+' "$cupti_inc" | sort -uV | tail -n 1)
+      note "trace: CUPTI $cupti_lib, headers $cupti_inc, record $record"
+      step trace-build 120 g++ -std=c++17 -O2 -shared -fPIC -I"$cupti_inc" -DGRAPH_TRACE_KERNEL_RECORD="$record" \
+        tools/graph_trace/graph_trace.cpp "$cupti_lib" -Wl,-rpath,"$(dirname "$cupti_lib")" -o $B/graph_trace.so
+      for b in ${TRACE_BATCHES:-1 16 64 256}; do
+        step trace-b$b 300 env LD_PRELOAD="$PWD/$B/graph_trace.so" DSV4_GRAPH_TRACE="$out/trace-b$b.tsv" \
+          $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 --warmup 10 --replays 60
+        step trace-summary-b$b 60 python3 scripts/graph_trace_summary.py "$out/trace-b$b.tsv" --last 50 \
+          --nodes "$out/trace-nodes-b$b.tsv"
+        { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
+        gzip -f "$out/trace-b$b.tsv"
       done
       ;;
     memcheck)  # compute-sanitizer over the GPU op tests and one model run

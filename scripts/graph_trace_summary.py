@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""Where a graph replay's time goes, from a graph_trace file (tools/graph_trace).
+
+  scripts/graph_trace_summary.py TRACE.tsv [--last N] [--top K] [--nodes FILE]
+
+Takes the graph with the most replays, its last N replays (those with its usual node
+count), and for each kernel node:
+  dur      its start to its end (with dependent launch, a kernel starts before its
+           predecessor ends and waits inside: dur then includes that wait);
+  advance  how far it moves the replay's finish frontier: nodes sorted by end, each
+           gets end - (the previous node's end), the first end - the replay's start.
+           The advances add up to the replay's span, so a node finishing under a longer
+           one on another lane gets ~0 and a node on the critical chain gets the time it
+           adds there. It is a proxy for the critical path: it charges a lane's kernel
+           that ends just after a main-chain kernel with the gap between their ends.
+  share    the replay's time sliced among the kernels resident at each instant (a kernel
+           alone gets all of it, two together half each; sums to the span less the time
+           no kernel is resident). A kernel waiting inside for its predecessor (dependent
+           launch) is resident and takes its slice of that time too.
+Medians over the replays, per node, then summed by kernel (name without its arguments).
+Also: the median span, the time no kernel is resident (launch gaps), and with --nodes a
+per-node table of the median replay in start order.
+"""
+import argparse
+import collections
+import re
+import statistics
+import sys
+
+
+def short_name(name):
+    s = name
+    if s.startswith("void "):
+        s = s[5:]
+    depth = 0
+    cut = len(s)
+    for i, c in enumerate(s):  # cut the argument list: the last top-level '('
+        if c in "<":
+            depth += 1
+        elif c in ">":
+            depth -= 1
+        elif c == "(" and depth == 0:
+            cut = i
+    s = s[:cut]
+    s = re.sub(r"\(?\b(?:[A-Za-z_][A-Za-z_0-9]*::)+", lambda m: "(" if m.group(0).startswith("(") else "", s)
+    s = re.sub(r"\(WFmt\)", "", s)
+    return s
+
+
+def base_name(name):
+    s = short_name(name)
+    return s.split("<", 1)[0]
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        for line in f:
+            parts = line.rstrip("\n").split("\t", len(header) - 1)
+            if len(parts) != len(header):
+                continue
+            r = dict(zip(header, parts))
+            rows.append((int(r["graph"]), int(r["correlation"]), int(r["node"]), int(r["start_ns"]),
+                         int(r["end_ns"]), int(r["blocks"]), r["name"]))
+    return rows
+
+
+def idle_ns(intervals, t0, t1):
+    idle, frontier = 0, t0
+    for s, e in sorted(intervals):
+        if s > frontier:
+            idle += s - frontier
+        frontier = max(frontier, e)
+    return idle + max(0, t1 - frontier)
+
+
+def shares(r):
+    """Node -> ns of the replay's time sliced among the resident kernels."""
+    events = sorted([(s, 1, n) for n, s, e, _, _ in r] + [(e, -1, n) for n, s, e, _, _ in r])
+    out = collections.defaultdict(float)
+    resident, last = set(), None
+    for t, kind, n in events:
+        if resident and last is not None and t > last:
+            for m in resident:
+                out[m] += (t - last) / len(resident)
+        last = t
+        if kind > 0:
+            resident.add(n)
+        else:
+            resident.discard(n)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace")
+    ap.add_argument("--last", type=int, default=50, help="replays to use, the last ones (default 50)")
+    ap.add_argument("--top", type=int, default=30, help="kernels listed (default 30)")
+    ap.add_argument("--nodes", help="write the median replay's nodes in start order to this file")
+    a = ap.parse_args()
+
+    rows = load(a.trace)
+    replays = collections.defaultdict(list)
+    for g, c, n, s, e, b, name in rows:
+        if g != 0:
+            replays[(g, c)].append((n, s, e, b, name))
+    if not replays:
+        sys.exit(f"{a.trace}: no kernels from graph launches")
+    by_graph = collections.defaultdict(list)
+    for (g, c), ks in replays.items():
+        by_graph[g].append(ks)
+    graph = max(by_graph, key=lambda g: len(by_graph[g]))
+    runs = by_graph[graph]
+    usual = statistics.mode(len(r) for r in runs)
+    runs = sorted((r for r in runs if len(r) == usual), key=lambda r: min(k[1] for k in r))[-a.last:]
+
+    spans, idles = [], []
+    per_node = collections.defaultdict(lambda: {"dur": [], "adv": [], "share": [], "start": [], "name": "", "blocks": 0})
+    for r in runs:
+        t0, t1 = min(k[1] for k in r), max(k[2] for k in r)
+        spans.append(t1 - t0)
+        idles.append(idle_ns([(k[1], k[2]) for k in r], t0, t1))
+        frontier = t0
+        sh = shares(r)
+        for n, s, e, b, name in sorted(r, key=lambda k: k[2]):
+            d = per_node[n]
+            d["share"].append(sh[n])
+            d["dur"].append(e - s)
+            d["adv"].append(e - frontier)
+            d["start"].append(s - t0)
+            d["name"], d["blocks"] = name, b
+            frontier = e
+
+    span = statistics.median(spans)
+    print(f"graph {graph}: {usual} kernel nodes, {len(runs)} replays used; span median {span / 1e3:.1f} us "
+          f"(min {min(spans) / 1e3:.1f}, max {max(spans) / 1e3:.1f}); no kernel resident {statistics.median(idles) / 1e3:.1f} us")
+    fam = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    for n, d in per_node.items():
+        f = fam[base_name(d["name"])]
+        f[0] += 1
+        f[1] += statistics.median(d["dur"])
+        f[2] += statistics.median(d["adv"])
+        f[3] += statistics.median(d["share"])
+    print("\n| kernel | nodes | dur us (sum of medians) | advance us | advance % of span | share us |")
+    print("|---|--:|--:|--:|--:|--:|")
+    for name, (cnt, dur, adv, sh) in sorted(fam.items(), key=lambda kv: -kv[1][2])[: a.top]:
+        print(f"| {name} | {cnt} | {dur / 1e3:.1f} | {adv / 1e3:.1f} | {100 * adv / span:.1f} | {sh / 1e3:.1f} |")
+    tot = [sum(v[i] for v in fam.values()) for i in range(4)]
+    print(f"| (all) | {len(per_node)} | {tot[1] / 1e3:.1f} | {tot[2] / 1e3:.1f} | {100 * tot[2] / span:.1f} | "
+          f"{tot[3] / 1e3:.1f} |")
+
+    if a.nodes:
+        with open(a.nodes, "w") as f:
+            f.write("start_us\tdur_us\tadvance_us\tshare_us\tblocks\tkernel\n")
+            for n, d in sorted(per_node.items(), key=lambda kv: statistics.median(kv[1]["start"])):
+                f.write(f"{statistics.median(d['start']) / 1e3:.2f}\t{statistics.median(d['dur']) / 1e3:.2f}\t"
+                        f"{statistics.median(d['adv']) / 1e3:.2f}\t{statistics.median(d['share']) / 1e3:.2f}\t{d['blocks']}\t{short_name(d['name'])}\n")
+
+
+if __name__ == "__main__":
+    main()
