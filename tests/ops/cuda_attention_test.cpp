@@ -745,7 +745,9 @@ TEST_P(CudaAttention, IndexerTopkMatchesCpu) {
       Tensor model = Tensor::empty_cpu(DType::kI32, {b.rows(), sh.K});
       hopper->indexer_topk(q, w, scale, c.cpu, b.view(), model);
       if (sh.Di == 128) expect_bytes_equal(g.data(), model.data(), model.nbytes(), tag("indexer_topk vs the Hopper model"));
-      // The scoring CTAs' pages (sized to the grid by default) change no selection.
+      // The scoring CTAs' pages (sized to the grid by default) change no selection. The
+      // repeated calls also check that each leaves its histogram scratch zero for the
+      // next (topk_select_kernel clears the rows it reads; no memset between calls).
       for (int pages : {1, 2, 4}) {
         cuda_indexer_score_pages(pages);
         Tensor again = poisoned(DType::kI32, {b.rows(), sh.K});

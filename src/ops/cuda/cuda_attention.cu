@@ -1044,10 +1044,15 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a)
   const int64_t keep = n < K ? n : K;
   int32_t* out = a.topk + t * K;
   for (int64_t i = keep + tid; i < K; i += blockDim.x) out[i] = -1;
+  // 1. High byte: the bin holding the keep-th largest key. The row is left zero for the
+  // next scoring launch (each thread clears what it read; do_indexer_topk zeroes the
+  // buffer only when it allocates it).
+  for (int i = tid; i < 256; i += blockDim.x) {
+    hist_s[i] = a.hist[t * 256 + i];
+    a.hist[t * 256 + i] = 0;
+  }
   if (keep == 0) return;
   const uint16_t* keys = a.keys16 + t * a.max_rows;
-  // 1. High byte: the bin holding the keep-th largest key.
-  for (int i = tid; i < 256; i += blockDim.x) hist_s[i] = a.hist[t * 256 + i];
   __syncthreads();
   if (tid < 32) {
     int bin = 0;
@@ -2534,7 +2539,14 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
     return;
   }
   uint16_t* keys = static_cast<uint16_t*>(scratch("topk_keys16", size_t(chunk * max_rows) * 2));
-  uint32_t* hist = static_cast<uint32_t*>(scratch("topk_hist", size_t(chunk) * 256 * 4));
+  // The histogram rows are zero between launches: zeroed once here when allocated,
+  // then each topk_select_kernel CTA zeroes its row as it reads it. (A memset before
+  // each scoring launch was a graph node that no dependent launch crosses: ~8 µs of
+  // idle GPU before the scoring at batch 1 in each CSA layer, by the graph trace;
+  // docs/BENCHMARKS.md, thirty-fourth session.)
+  bool hist_fresh = false;
+  uint32_t* hist = static_cast<uint32_t*>(scratch("topk_hist", size_t(chunk) * 256 * 4, &hist_fresh));
+  if (hist_fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(hist, 0, size_t(chunk) * 256 * 4, stream_));
   const size_t score_smem = sizeof(ScoreSmem);
   allow_smem(index_score_mma_kernel, score_smem);
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
@@ -2547,7 +2559,6 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
     a.T = n;
     a.keys16 = keys;
     a.hist = hist;
-    DSV4_CUDA_CHECK(cudaMemsetAsync(hist, 0, size_t(n) * 256 * 4, stream_));
     if (mma_ok) {
       a.score_pages = score_pages_per_cta(n, (max_rows + 63) / 64, properties().multiProcessorCount);
       const int64_t chunk_rows = int64_t(64) * a.score_pages;

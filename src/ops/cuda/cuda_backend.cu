@@ -364,7 +364,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   return std::make_unique<CudaGraph>(exec, stream_);
 }
 
-void* CudaBackend::scratch(const char* name, size_t bytes) {
+void* CudaBackend::scratch(const char* name, size_t bytes, bool* fresh) {
   // One buffer per (name, stream): ops issued on two streams of one backend (the two
   // micro-batches of two-batch overlap) never share one.
   char key[192];
@@ -378,6 +378,9 @@ void* CudaBackend::scratch(const char* name, size_t bytes) {
                "scratch '{}' must grow to {} bytes during graph capture; run the step eagerly first", name, bytes);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
     t = empty_bytes(bytes);
+    if (fresh != nullptr) *fresh = true;
+  } else if (fresh != nullptr) {
+    *fresh = false;
   }
   return t.data();
 }

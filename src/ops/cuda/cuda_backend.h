@@ -149,8 +149,8 @@ class CudaBackend final : public Backend {
  public:
   // Kernels that need scratch memory get it here: one buffer per (name, current
   // stream), grown on first use, before any capture (growing during capture is an
-  // error).
-  void* scratch(const char* name, size_t bytes);
+  // error). `fresh`, if given, tells whether this call allocated (contents undefined).
+  void* scratch(const char* name, size_t bytes, bool* fresh = nullptr);
 };
 
 // True when a CUDA device is usable (tests skip otherwise).

@@ -117,10 +117,7 @@ bool simple_path() {
 void* scratch_on(CudaBackend& be, const char* name, size_t bytes, bool* fresh = nullptr) {
   char key[128];
   std::snprintf(key, sizeof key, "linear.%s", name);
-  void* before = fresh ? be.scratch(key, 0) : nullptr;
-  void* p = be.scratch(key, std::max<size_t>(bytes, 16));
-  if (fresh) *fresh = p != before;
-  return p;
+  return be.scratch(key, std::max<size_t>(bytes, 16), fresh);
 }
 
 template <typename T>
