@@ -891,6 +891,8 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
     float s = 0.0f;  // in slice order
     if (stage) {
       const float* st = reinterpret_cast<const float*>(staged);
+      // 16 slices' loads in flight ahead of their adds (the adds stay in slice order).
+#pragma unroll 16
       for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, st[sl * 32 + tid]);
     } else {
 #pragma unroll 16
