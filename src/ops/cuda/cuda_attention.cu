@@ -830,6 +830,20 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   if (chunk0 >= n) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int64_t Hi = a.Hi;
+  // Query (zero rows for heads >= Hi), weights, tables.
+  for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
+    const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
+    *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
+  }
+  for (int h = tid; h < kScoreHeads; h += blockDim.x)
+    sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
+  if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
+  for (int i = tid; i < 256; i += blockDim.x) {
+    sm.hist[i] = 0;
+    sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
+  }
   const int64_t rows_here = (n - chunk0) < chunk_rows ? (n - chunk0) : chunk_rows;
   const int pages = int((rows_here + 63) / 64);
   auto page_ptr = [&](int pg) -> const uint8_t* {
@@ -845,22 +859,7 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       for (int i = tid; i < kPageBytes / 16; i += blockDim.x) cp_async16(&sm.raw[pg & 1][16 * i], src + 16 * i);
     cp_async_commit();
   };
-  // The first page's records go out first: their DRAM round trip overlaps the query's.
   issue(0);
-  // Query (zero rows for heads >= Hi), weights, tables.
-  for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
-    const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
-    *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
-  }
-  for (int h = tid; h < kScoreHeads; h += blockDim.x)
-    sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
-  if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
-  for (int i = tid; i < 256; i += blockDim.x) {
-    sm.hist[i] = 0;
-    sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
-  }
   __syncthreads();
   uint32_t afrag[kScoreDi / 16][4];
 #pragma unroll
@@ -944,9 +943,7 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       uint16_t key = 0;
       if (valid_page) {
         float sum = 0.0f;
-        // 16 heads' loads in flight ahead of their adds (the adds stay in head order).
-#pragma unroll 16
-        for (int h = 0; h < int(Hi); ++h) sum = __fadd_rn(sum, sm.contrib[h * kCStride + tid]);
+        for (int64_t h = 0; h < Hi; ++h) sum = __fadd_rn(sum, sm.contrib[h * kCStride + tid]);
         key = score_key(round_bf(sum));
       }
       a.keys16[t * a.max_rows + row0 + tid] = key;
