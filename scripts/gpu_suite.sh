@@ -205,7 +205,7 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
         step trace-b$b 300 env LD_PRELOAD="$PWD/$B/graph_trace.so" DSV4_GRAPH_TRACE="$out/trace-b$b.tsv" \
           $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 --warmup 10 --replays 60
         step trace-summary-b$b 60 python3 scripts/graph_trace_summary.py "$out/trace-b$b.tsv" --last 50 \
-          --nodes "$out/trace-nodes-b$b.tsv"
+          --nodes "$out/trace-nodes-b$b.tsv" --frontier "$out/trace-frontier-b$b.tsv"
         { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
         gzip -f "$out/trace-b$b.tsv"
       done

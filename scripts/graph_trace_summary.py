@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a graph replay's time goes, from a graph_trace file (tools/graph_trace).
 
-  scripts/graph_trace_summary.py TRACE.tsv [--last N] [--top K] [--nodes FILE]
+  scripts/graph_trace_summary.py TRACE.tsv [--last N] [--top K] [--nodes FILE] [--frontier FILE]
 
 Takes the graph with the most replays, its last N replays (those with its usual node
 count), and for each kernel node:
@@ -18,8 +18,11 @@ count), and for each kernel node:
            no kernel is resident). A kernel waiting inside for its predecessor (dependent
            launch) is resident and takes its slice of that time too.
 Medians over the replays, per node, then summed by kernel (name without its arguments).
-Also: the median span, the time no kernel is resident (launch gaps), and with --nodes a
-per-node table of the median replay in start order.
+Also: the median span, the time no kernel is resident (launch gaps); with --nodes every node
+(median start, duration, advance, share, blocks, stream) in start order; with --frontier the
+nodes in the order they end, each with its start, its end and its advance: the chain that
+sets the replay's time, link by link, with the nodes that end under it at ~0. (Streams do not
+name lanes: a capture's lanes take several streams over a step.)
 """
 import argparse
 import collections
@@ -62,7 +65,7 @@ def load(path):
                 continue
             r = dict(zip(header, parts))
             rows.append((int(r["graph"]), int(r["correlation"]), int(r["node"]), int(r["start_ns"]),
-                         int(r["end_ns"]), int(r["blocks"]), r["name"]))
+                         int(r["end_ns"]), int(r["blocks"]), r["name"], int(r["stream"])))
     return rows
 
 
@@ -77,7 +80,7 @@ def idle_ns(intervals, t0, t1):
 
 def shares(r):
     """Node -> ns of the replay's time sliced among the resident kernels."""
-    events = sorted([(s, 1, n) for n, s, e, _, _ in r] + [(e, -1, n) for n, s, e, _, _ in r])
+    events = sorted([(k[1], 1, k[0]) for k in r] + [(k[2], -1, k[0]) for k in r])
     out = collections.defaultdict(float)
     resident, last = set(), None
     for t, kind, n in events:
@@ -98,13 +101,14 @@ def main():
     ap.add_argument("--last", type=int, default=50, help="replays to use, the last ones (default 50)")
     ap.add_argument("--top", type=int, default=30, help="kernels listed (default 30)")
     ap.add_argument("--nodes", help="write the median replay's nodes in start order to this file")
+    ap.add_argument("--frontier", help="write the nodes in the order they end, with their advances, to this file")
     a = ap.parse_args()
 
     rows = load(a.trace)
     replays = collections.defaultdict(list)
-    for g, c, n, s, e, b, name in rows:
+    for g, c, n, s, e, b, name, stream in rows:
         if g != 0:
-            replays[(g, c)].append((n, s, e, b, name))
+            replays[(g, c)].append((n, s, e, b, name, stream))
     if not replays:
         sys.exit(f"{a.trace}: no kernels from graph launches")
     by_graph = collections.defaultdict(list)
@@ -116,20 +120,22 @@ def main():
     runs = sorted((r for r in runs if len(r) == usual), key=lambda r: min(k[1] for k in r))[-a.last:]
 
     spans, idles = [], []
-    per_node = collections.defaultdict(lambda: {"dur": [], "adv": [], "share": [], "start": [], "name": "", "blocks": 0})
+    per_node = collections.defaultdict(
+        lambda: {"dur": [], "adv": [], "share": [], "start": [], "end": [], "name": "", "blocks": 0, "stream": 0})
     for r in runs:
         t0, t1 = min(k[1] for k in r), max(k[2] for k in r)
         spans.append(t1 - t0)
         idles.append(idle_ns([(k[1], k[2]) for k in r], t0, t1))
         frontier = t0
         sh = shares(r)
-        for n, s, e, b, name in sorted(r, key=lambda k: k[2]):
+        for n, s, e, b, name, stream in sorted(r, key=lambda k: k[2]):
             d = per_node[n]
             d["share"].append(sh[n])
             d["dur"].append(e - s)
             d["adv"].append(e - frontier)
             d["start"].append(s - t0)
-            d["name"], d["blocks"] = name, b
+            d["end"].append(e - t0)
+            d["name"], d["blocks"], d["stream"] = name, b, stream
             frontier = e
 
     span = statistics.median(spans)
@@ -152,11 +158,17 @@ def main():
 
     if a.nodes:
         with open(a.nodes, "w") as f:
-            f.write("start_us\tdur_us\tadvance_us\tshare_us\tblocks\tkernel\n")
+            f.write("start_us\tdur_us\tadvance_us\tshare_us\tblocks\tstream\tkernel\n")
             for n, d in sorted(per_node.items(), key=lambda kv: statistics.median(kv[1]["start"])):
                 f.write(f"{statistics.median(d['start']) / 1e3:.2f}\t{statistics.median(d['dur']) / 1e3:.2f}\t"
-                        f"{statistics.median(d['adv']) / 1e3:.2f}\t{statistics.median(d['share']) / 1e3:.2f}\t{d['blocks']}\t{short_name(d['name'])}\n")
-
+                        f"{statistics.median(d['adv']) / 1e3:.2f}\t{statistics.median(d['share']) / 1e3:.2f}\t{d['blocks']}\t"
+                        f"{d['stream']}\t{short_name(d['name'])}\n")
+    if a.frontier:
+        with open(a.frontier, "w") as f:
+            f.write("start_us\tend_us\tadvance_us\tblocks\tkernel\n")
+            for n, d in sorted(per_node.items(), key=lambda kv: statistics.median(kv[1]["end"])):
+                f.write(f"{statistics.median(d['start']) / 1e3:.2f}\t{statistics.median(d['end']) / 1e3:.2f}\t"
+                        f"{statistics.median(d['adv']) / 1e3:.2f}\t{d['blocks']}\t{short_name(d['name'])}\n")
 
 if __name__ == "__main__":
     main()
