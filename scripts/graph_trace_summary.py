@@ -95,6 +95,15 @@ def shares(r):
     return out
 
 
+def write_nodes(path, per_node, order, columns):
+    """One line a node, sorted by the median of `order`, with the medians of `columns` (us)."""
+    with open(path, "w") as f:
+        f.write("\t".join(c + "_us" for c in columns) + "\tblocks\tstream\tkernel\n")
+        for _, d in sorted(per_node.items(), key=lambda kv: statistics.median(kv[1][order])):
+            medians = "\t".join(f"{statistics.median(d[c]) / 1e3:.2f}" for c in columns)
+            f.write(f"{medians}\t{d['blocks']}\t{d['stream']}\t{short_name(d['name'])}\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace")
@@ -157,18 +166,10 @@ def main():
           f"{tot[3] / 1e3:.1f} |")
 
     if a.nodes:
-        with open(a.nodes, "w") as f:
-            f.write("start_us\tdur_us\tadvance_us\tshare_us\tblocks\tstream\tkernel\n")
-            for n, d in sorted(per_node.items(), key=lambda kv: statistics.median(kv[1]["start"])):
-                f.write(f"{statistics.median(d['start']) / 1e3:.2f}\t{statistics.median(d['dur']) / 1e3:.2f}\t"
-                        f"{statistics.median(d['adv']) / 1e3:.2f}\t{statistics.median(d['share']) / 1e3:.2f}\t{d['blocks']}\t"
-                        f"{d['stream']}\t{short_name(d['name'])}\n")
+        write_nodes(a.nodes, per_node, "start", ["start", "dur", "adv", "share"])
     if a.frontier:
-        with open(a.frontier, "w") as f:
-            f.write("start_us\tend_us\tadvance_us\tblocks\tkernel\n")
-            for n, d in sorted(per_node.items(), key=lambda kv: statistics.median(kv[1]["end"])):
-                f.write(f"{statistics.median(d['start']) / 1e3:.2f}\t{statistics.median(d['end']) / 1e3:.2f}\t"
-                        f"{statistics.median(d['adv']) / 1e3:.2f}\t{d['blocks']}\t{short_name(d['name'])}\n")
+        write_nodes(a.frontier, per_node, "end", ["start", "end", "adv"])
+
 
 if __name__ == "__main__":
     main()
