@@ -70,7 +70,9 @@ void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_recor
 void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
   std::lock_guard<std::mutex> lock(g_mutex);
   CUpti_Activity* rec = nullptr;
-  while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
+  // (g_out is closed once finish() ran: a buffer CUPTI returns later, at the context's
+  // teardown, is dropped.)
+  while (g_out != nullptr && cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
     if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
     const auto* k = reinterpret_cast<const GRAPH_TRACE_KERNEL_RECORD*>(rec);
     std::fprintf(g_out, "%u\t%u\t%llu\t%u\t%llu\t%llu\t%lld\t%d\t%s\n", unsigned(k->graphId),
@@ -88,7 +90,12 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
 
 void finish() {
   if (g_out == nullptr) return;
-  GRAPH_TRACE_CHECK(cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED));
+  // An exit handler must not exit: a failed flush is reported and the file kept as it is.
+  if (const CUptiResult r = cuptiActivityFlushAll(CUPTI_ACTIVITY_FLAG_FLUSH_FORCED); r != CUPTI_SUCCESS) {
+    const char* msg = nullptr;
+    cuptiGetResultString(r, &msg);
+    std::fprintf(stderr, "graph_trace: the last records were not flushed: %s\n", msg != nullptr ? msg : "?");
+  }
   std::lock_guard<std::mutex> lock(g_mutex);
   std::fclose(g_out);
   g_out = nullptr;
