@@ -1190,6 +1190,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   lk::FusedExpertArgs f{};
   std::unique_ptr<lk::ExpertTable> gate_up_table, down_table;
   const int fused_mode = fused_experts_mode();
+  // (The automatic rule's row bound is tested here first, so the tables below are built
+  // only where fused_experts_auto can take the fused step.)
   bool fused = (fused_mode == 1 || (fused_mode == -1 && R <= kFusedExpertsAutoRows)) && fp4_13 && fp4_2 &&
                nt == 1 && row_groups == 1 && I % 1024 == 0 && num_local <= lk::kMaxTableExperts;
   if (fused) {
