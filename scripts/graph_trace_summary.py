@@ -57,8 +57,15 @@ def base_name(name):
 
 def load(path):
     rows = []
-    with open(path) as f:
+    try:
+        f = open(path)
+    except OSError as e:
+        sys.exit(f"{path}: cannot read the trace: {e.strerror}")
+    with f:
         header = f.readline().rstrip("\n").split("\t")
+        missing = {"graph", "correlation", "node", "stream", "start_ns", "end_ns", "blocks", "name"} - set(header)
+        if missing:
+            sys.exit(f"{path}: not a graph_trace file (no column {', '.join(sorted(missing))})")
         for line in f:
             parts = line.rstrip("\n").split("\t", len(header) - 1)
             if len(parts) != len(header):
