@@ -41,6 +41,8 @@ Transformer::Transformer(const ModelConfig& config, const ModelWeights& weights,
   hc_config_.sinkhorn_iters = config.hc_sinkhorn_iters;
   hc_config_.hc_eps = float(config.hc_eps);
   hc_config_.norm_eps = float(config.rms_norm_eps);
+  hc_pre_config_ = hc_config_;
+  hc_pre_config_.sinkhorn_later = true;
   router_config_.scoring = scoring(config.scoring_func);
   router_config_.topk = config.num_experts_per_tok;
   router_config_.route_scale = float(config.routed_scaling_factor);
@@ -157,7 +159,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
          {"post", b.post.data()}, {"comb", b.comb.data()}, {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
         [&be, &w, this, X, X_alt, x, xn, post, comb, cq_raw, kv, routed, shared_out, moe_out, eps] {
           const auto ffn_out = ops::HcPostInput::of_moe_output(routed, shared_out, moe_out, X_alt, post, comb);
-          be.hc_post_pre_norm_linear_pair(ffn_out, X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb,
+          be.hc_post_pre_norm_linear_pair(ffn_out, X, w.hc_attn, hc_pre_config_, w.attn_norm, eps, x, xn, post, comb,
                                           w.wq_a, cq_raw, w.wkv, kv);
         }});
   } else {
@@ -166,7 +168,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         {{"x", b.x.data()}, {"xn", b.xn.data()}, {"post", b.post.data()}, {"comb", b.comb.data()},
          {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
         [&be, &w, this, X, x, xn, post, comb, cq_raw, kv, eps] {
-          be.hc_pre_norm_linear_pair(X, w.hc_attn, hc_config_, w.attn_norm, eps, x, xn, post, comb, w.wq_a, cq_raw,
+          be.hc_pre_norm_linear_pair(X, w.hc_attn, hc_pre_config_, w.attn_norm, eps, x, xn, post, comb, w.wq_a, cq_raw,
                                      w.wkv, kv);
         }});
   }
@@ -210,11 +212,17 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         }});
   }
 
-  // The KV row: norm, RoPE, FP8 quantization (written to the window after attention).
-  program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}}, {{"kv", b.kv.data()}},
-                          [&be, &w, batch, kv, rope, eps] {
+  // The KV row: norm, RoPE, FP8 quantization (written to the window after attention);
+  // then the Sinkhorn of comb, which attn_in left for later (hc_pre_config_): only
+  // attn_out's hc_post reads comb. Both need only attn_in; in one stage, attention's
+  // wait for this lane covers the Sinkhorn too (a stage of its own on another lane would
+  // add a join at attn_out's first GEMM, a plain graph edge instead of a programmatic one).
+  program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}, {"comb", b.comb.data()}},
+                          {{"kv", b.kv.data()}, {"comb", b.comb.data()}},
+                          [&be, &w, this, batch, kv, comb, rope, eps] {
                             be.rms_norm(kv, w.kv_norm, eps, kv);
                             be.kv_rope_quant(kv, batch, rope);
+                            be.hc_sinkhorn(comb, hc_pre_config_);
                           }});
   if (csa) {
     program.push_back(Stage{
@@ -243,7 +251,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         const int64_t T2 = attn_o.size(0);
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
-        be.hc_post_pre_norm(ops::HcPostInput::of_sublayer(attn_out, X, post, comb), X_alt, w.hc_ffn, hc_config_,
+        be.hc_post_pre_norm(ops::HcPostInput::of_sublayer(attn_out, X, post, comb), X_alt, w.hc_ffn, hc_pre_config_,
                             w.ffn_norm, eps, x, xn, post, comb);
       }});
   // The KV row into the window, once attention has read the rows it replaces.
@@ -270,11 +278,14 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   io.swiglu_limit = float(c.swiglu_limit);
   moe.append_dispatch(program, io);
 
-  // The shared expert runs on the row's own rank, under the dispatch.
-  program.push_back(Stage{L + ".shared_expert", StageKind::kCompute, {{"xn", b.xn.data()}},
-                          {{"shared_out", b.shared_out.data()}},
-                          [&be, &w, &c, xn, shared_out] {
+  // The shared expert runs on the row's own rank, under the dispatch; then the Sinkhorn
+  // of the FFN's comb, which attn_out's hc_pre left for later (hc_pre_config_): it is
+  // read with shared_out, by the next layer's attn_in or ffn_post.
+  program.push_back(Stage{L + ".shared_expert", StageKind::kCompute, {{"xn", b.xn.data()}, {"comb", b.comb.data()}},
+                          {{"shared_out", b.shared_out.data()}, {"comb", b.comb.data()}},
+                          [&be, &w, &c, this, xn, shared_out, comb] {
                             be.expert_ffn(xn, w.shared, Tensor(), float(c.swiglu_limit), shared_out);
+                            be.hc_sinkhorn(comb, hc_pre_config_);
                           }});
   moe.append_experts(program, io);
   moe.append_combine(program, io);

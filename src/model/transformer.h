@@ -90,6 +90,9 @@ class Transformer {
   ops::RopeTable rope_plain_;       // ratio-0 layers and MTP: rope_theta, no YaRN (spec §1.3)
   ops::RopeTable rope_compressed_;  // ratio 4 / 128 layers: compress_rope_theta with YaRN
   ops::HcConfig hc_config_;
+  // The layers' hc_pre ops leave comb's Sinkhorn to a stage beside the sublayer
+  // (hc_config_ with sinkhorn_later; append_layer says where it runs).
+  ops::HcConfig hc_pre_config_;
   ops::RouterConfig router_config_;
   float softmax_scale_ = 0.0f;
   float index_weight_scale_ = 0.0f;

@@ -370,6 +370,13 @@ void Backend::hc_post(const Tensor& f, const Tensor& R, const Tensor& post, cons
   do_hc_post(f, R, post, comb, Y);
 }
 
+void Backend::hc_sinkhorn(const Tensor& comb, const HcConfig& c) {
+  const int64_t hc = c.hc_mult;
+  DSV4_CHECK(hc >= 1, "hc_sinkhorn: hc_mult {} must be >= 1", hc);
+  expect(comb, DType::kF32, {-1, hc, hc}, device(), "hc_sinkhorn", "comb");
+  do_hc_sinkhorn(comb, c);
+}
+
 void Backend::hc_head(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& y) {
   const auto d = device();
   const int64_t hc = c.hc_mult;

@@ -25,6 +25,13 @@ struct HcConfig {
   int64_t sinkhorn_iters = 20;
   float hc_eps = 1e-6f;
   float norm_eps = 1e-6f;
+  // Whether the hc_pre ops leave comb before its Sinkhorn normalization (spec §4.1): comb
+  // then holds the Sinkhorn's input, c[i][j] = mixes[2hc + i hc + j] * scale[2] +
+  // base[2hc + i hc + j], and hc_sinkhorn must finish it before hc_post reads it (the
+  // same bits as the whole op). Why: only hc_post reads comb, at the sublayer's end, and
+  // the Sinkhorn (~40 dependent divisions a row) was the longest part of hc_pre on the GPU;
+  // the model runs hc_sinkhorn beside the sublayer (model/transformer.cpp).
+  bool sinkhorn_later = false;
 };
 
 // Rotary table of one layer type (spec §1.3, §2.2): inv_freq f32 [Dr/2] on the device.
@@ -174,6 +181,9 @@ class Backend {
                const core::Tensor& Y);
   // mHC head (spec §4.3): y bf16 [T, D] from X bf16 [T, hc, D].
   void hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& y);
+  // comb = Sinkhorn(comb) in place (spec §4.1), f32 [T, hc, hc]: what an hc_pre op run
+  // with config.sinkhorn_later left undone.
+  void hc_sinkhorn(const core::Tensor& comb, const HcConfig& config);
 
   // Quantized linear (spec §2.7, §2.8): activations quantized to e4m3 per 128 with
   // UE8M0 scales, fp32 accumulation, bf16 out. x bf16 [T, K], y bf16 [T, N].
@@ -334,6 +344,7 @@ class Backend {
                               const core::Tensor& xn, const core::Tensor& post, const core::Tensor& comb);
   virtual void do_hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post,
                           const core::Tensor& comb, const core::Tensor& Y) = 0;
+  virtual void do_hc_sinkhorn(const core::Tensor& comb, const HcConfig& config) = 0;
   virtual void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config,
                           const core::Tensor& y) = 0;
   virtual void do_linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y) = 0;

@@ -163,6 +163,69 @@ TEST_F(CpuOps, HcPreMatchesSpecFormula) {
   }
 }
 
+// HcConfig::sinkhorn_later: each hc_pre op leaves comb as the Sinkhorn's logits
+// (mixes * scale[2] + base) and hc_sinkhorn finishes it; every output is then the
+// whole op's, bit for bit. hc_sinkhorn names the tensor it rejects.
+TEST_F(CpuOps, HcSinkhornLaterEqualsSinkhornInPre) {
+  Rng rng(8);
+  const int64_t T = 3, hc = 4, D = 128, mix = (2 + hc) * hc, Na = 128, Nb = 256;
+  HcConfig whole;
+  HcConfig later = whole;
+  later.sinkhorn_later = true;
+  HcWeights w{rng.f32({mix, hc * D}, 1.0f / 22.6f), rng.f32({mix}, 0.5f), rng.f32({3}, 0.1f, 1.0f)};
+  const QuantLinear wa = make_quant(Na, D, false, 81), wb = make_quant(Nb, D, false, 82);
+  auto equal = [](const Tensor& a, const Tensor& b) { return std::memcmp(a.data(), b.data(), a.nbytes()) == 0; };
+  auto bf16 = [](std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(DType::kBF16, shape); };
+  auto f32 = [](std::initializer_list<int64_t> shape) { return Tensor::empty_cpu(DType::kF32, shape); };
+  const Tensor X = rng.bf16({T, hc, D}, 3.0f), norm_w = rng.bf16({D}), f = rng.bf16({T, D});
+  const Tensor post0 = rng.f32({T, hc}, 0.5f, 1.0f), comb0 = rng.f32({T, hc, hc}, 0.3f, 0.25f);
+  for (int op = 0; op < 3; ++op) {
+    Tensor x[2], xn[2], post[2], comb[2], ya[2], yb[2], Y[2];
+    for (int l = 0; l < 2; ++l) {
+      const HcConfig& c = l ? later : whole;
+      x[l] = bf16({T, D}), xn[l] = bf16({T, D}), post[l] = f32({T, hc}), comb[l] = f32({T, hc, hc});
+      ya[l] = bf16({T, Na}), yb[l] = bf16({T, Nb}), Y[l] = bf16({T, hc, D});
+      for (Tensor* t : {&xn[l], &ya[l], &yb[l], &Y[l]}) std::memset(t->data(), 0, t->nbytes());
+      if (op == 0) {
+        be->hc_pre(X, w, c, x[l], post[l], comb[l]);
+      } else if (op == 1) {
+        be->hc_pre_norm_linear_pair(X, w, c, norm_w, 1e-6f, x[l], xn[l], post[l], comb[l], wa, ya[l], wb, yb[l]);
+      } else {
+        be->hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post0, comb0), Y[l], w, c, norm_w, 1e-6f, x[l], xn[l],
+                             post[l], comb[l]);
+      }
+      if (l == 1) {
+        // What was left: the logits of spec §4.1 (double-precision formula, as HcPreMatchesSpecFormula).
+        if (op == 0) {
+          for (int64_t t = 0; t < T; ++t) {
+            double ss = 0;
+            for (int64_t i = 0; i < hc * D; ++i) ss += double(bf(X, t * hc * D + i)) * bf(X, t * hc * D + i);
+            const double r = 1.0 / std::sqrt(ss / double(hc * D) + 1e-6);
+            for (int64_t e = 0; e < hc * hc; ++e) {
+              double a = 0;
+              for (int64_t i = 0; i < hc * D; ++i)
+                a += double(w.fn.as<float>()[(2 * hc + e) * hc * D + i]) * bf(X, t * hc * D + i);
+              const double logit = a * r * w.scale.as<float>()[2] + w.base.as<float>()[2 * hc + e];
+              EXPECT_NEAR(comb[l].as<float>()[t * hc * hc + e], logit, 1e-4) << "t=" << t << " e=" << e;
+            }
+          }
+        }
+        be->hc_sinkhorn(comb[l], c);
+      }
+    }
+    EXPECT_TRUE(equal(x[0], x[1]) && equal(xn[0], xn[1]) && equal(post[0], post[1]) && equal(comb[0], comb[1]) &&
+                equal(ya[0], ya[1]) && equal(yb[0], yb[1]) && equal(Y[0], Y[1]))
+        << "op " << op;
+  }
+  try {
+    be->hc_sinkhorn(f32({T, hc, hc + 1}), whole);
+    ADD_FAILURE() << "a [3, 4, 5] comb was accepted";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("hc_sinkhorn: comb"), std::string::npos) << e.what();
+  }
+  be->hc_sinkhorn(f32({0, hc, hc}), whole);  // no rows: nothing to do
+}
+
 TEST_F(CpuOps, HcPostSumsOverTheFirstIndexOfComb) {
   Rng rng(4);
   const int64_t T = 2, hc = 4, D = 64;

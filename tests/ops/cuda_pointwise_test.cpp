@@ -421,6 +421,56 @@ TEST_F(CudaPointwise, HcRowMixEqualsLaneMixBitForBit) {
     }
 }
 
+// HcConfig::sinkhorn_later: the pre ops leave comb's logits (hc_finish_kernel's warp 8
+// skips the Sinkhorn) and hc_sinkhorn_kernel finishes them: x, xn, post and comb bit
+// for bit those of the ops run whole, for hc_pre, hc_pre_norm and hc_post_pre_norm
+// (whose mix kernel forms the stream up to 16 rows), across the mix kernels' row rules
+// and two 512-row launches; and the CUDA Sinkhorn against the CPU's on the same logits.
+TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
+  Rng rng(215);
+  for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 64, 20}, HcCase{4, 256, 1}})
+    for (int64_t T : {0, 1, 3, 16, 65, 600}) {
+      if (c.D >= 4096 && T > 257) continue;
+      const HcConfig whole = c.config();
+      HcConfig later = whole;
+      later.sinkhorn_later = true;
+      const HcWeights w = random_hc_weights(rng, c.hc, c.D, false);
+      const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)};
+      const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
+      const Tensor df = dev(rng.bf16({T, c.D})), dpost0 = dev(rng.f32({T, c.hc}, 0.5f, 1.0f)),
+                   dcomb0 = dev(rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f));
+      const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_post_pre_norm"};
+      for (int op = 0; op < 3; ++op) {
+        const std::string what =
+            std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" + std::to_string(c.D) + " T=" +
+            std::to_string(T);
+        std::vector<Tensor> got[2];
+        for (int l = 0; l < 2; ++l) {
+          const HcConfig& cfg = l ? later : whole;
+          Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+                 post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
+                 Y = poisoned(DType::kBF16, {T, c.hc, c.D});
+          if (op == 0) cuda().hc_pre(dX, dw, cfg, x, post, comb);
+          else if (op == 1) cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+          else cuda().hc_post_pre_norm(HcPostInput::of_sublayer(df, dX, dpost0, dcomb0), Y, dw, cfg, dnw, 1e-6f, x,
+                                       xn, post, comb);
+          if (l == 1) {
+            Tensor want = host(comb);  // the logits, finished by the CPU
+            cpu().hc_sinkhorn(want, cfg);
+            cuda().hc_sinkhorn(comb, cfg);
+            expect_f32_close(host(comb), want, 1e-6, 1e-7, (what + " hc_sinkhorn vs CPU").c_str());
+          }
+          got[l] = {host(x), host(post), host(comb)};
+          if (op > 0) got[l].push_back(host(xn));
+          if (op == 2) got[l].push_back(host(Y));
+        }
+        const char* names[] = {" x", " post", " comb", " xn", " Y"};
+        for (size_t i = 0; i < got[0].size(); ++i)
+          expect_bits_equal(got[1][i], got[0][i], (what + names[i] + ": Sinkhorn later vs in the op").c_str());
+      }
+    }
+}
+
 TEST_F(CudaPointwise, HcHeadMatchesCpu) {
   Rng rng(208);
   for (HcCase c : {HcCase{4, 4096, 0}, HcCase{4, 256, 0}})

@@ -150,7 +150,7 @@ void CpuBackend::do_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& 
       }
       float* cm = comb.as<float>() + t * hc * hc;
       for (int64_t i = 0; i < hc * hc; ++i) cm[i] = mixes[size_t(2 * hc + i)] * scale[2] + base[2 * hc + i];
-      ref::sinkhorn(cm, hc, c.sinkhorn_iters, c.hc_eps);
+      if (!c.sinkhorn_later) ref::sinkhorn(cm, hc, c.sinkhorn_iters, c.hc_eps);
       // x = sum_i pre_i * R_i over the un-normalised streams (spec §4.1).
       for (int64_t d = 0; d < D; ++d) {
         float s = 0.0f;
@@ -158,6 +158,13 @@ void CpuBackend::do_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& 
         x.as<uint16_t>()[t * D + d] = float_to_bf16(s);
       }
     }
+  });
+}
+
+void CpuBackend::do_hc_sinkhorn(const Tensor& comb, const HcConfig& c) {
+  const int64_t T = comb.size(0), hc = comb.size(1);
+  pool_.parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) ref::sinkhorn(comb.as<float>() + t * hc * hc, hc, c.sinkhorn_iters, c.hc_eps);
   });
 }
 

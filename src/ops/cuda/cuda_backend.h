@@ -80,6 +80,7 @@ class CudaBackend final : public Backend {
                       const core::Tensor& post, const core::Tensor& comb) override;
   void do_hc_post(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post, const core::Tensor& comb,
                   const core::Tensor& Y) override;
+  void do_hc_sinkhorn(const core::Tensor& comb, const HcConfig& config) override;
   void do_hc_head(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& y) override;
   void do_linear(const core::Tensor& x, const QuantLinear& w, const core::Tensor& y) override;
   void do_linear_bf16(const core::Tensor& x, const core::Tensor& w, const core::Tensor& y) override;

@@ -756,6 +756,24 @@ __device__ float sinkhorn_warp(float v, int64_t iters, float eps) {
   return v;
 }
 
+// hc_sinkhorn (HcConfig::sinkhorn_later): comb = Sinkhorn(comb) in place, one warp a row
+// running hc_finish_kernel's warp-8 code on the input that kernel left (the same bits).
+// A latency chain of ~40 dependent divisions a row (~3.5 µs, clock64 probe in an eager
+// step, H200), which the model runs beside the sublayer instead of ahead of it.
+constexpr int kSinkhornRowsPerBlock = 4;
+template <int HC>
+__global__ void __launch_bounds__(32 * kSinkhornRowsPerBlock) hc_sinkhorn_kernel(float* __restrict__ comb,
+                                                                                 int64_t rows, int64_t iters,
+                                                                                 float eps) {
+  wait_then_release_dependents();
+  const int64_t t = int64_t(blockIdx.x) * kSinkhornRowsPerBlock + (threadIdx.x >> 5);
+  if (t >= rows) return;  // (whole warps: sinkhorn_warp's shuffles take every lane)
+  const int lane = int(threadIdx.x & 31);
+  float* cm = comb + t * HC * HC;
+  const float v = sinkhorn_warp<HC>(cm[lane < HC * HC ? lane : 0], iters, eps);
+  if (lane < HC * HC) cm[lane] = v;
+}
+
 struct HcFinishArgs {
   const uint16_t* X;      // [rows, HC, D]
   const float* partial;   // [S, kHcMaxRowsPerLaunch, 32]
@@ -764,6 +782,7 @@ struct HcFinishArgs {
   int64_t slices, D;
   float norm_eps, hc_eps;
   int64_t sinkhorn_iters;
+  bool sinkhorn;          // false (HcConfig::sinkhorn_later): comb is left as the Sinkhorn's input
   uint16_t* x;            // [rows, D]
   float* post;            // [rows, HC] (pre only)
   float* comb;            // [rows, HC, HC] (pre only)
@@ -914,14 +933,14 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
       if constexpr (HC * HC <= 32) {
         const int e = lane < HC * HC ? lane : 0;
         const float c = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + e], r), a.scale[2]), a.base[2 * HC + e]);
-        const float v = sinkhorn_warp<HC>(c, a.sinkhorn_iters, a.hc_eps);
+        const float v = a.sinkhorn ? sinkhorn_warp<HC>(c, a.sinkhorn_iters, a.hc_eps) : c;  // (uniform branch)
         if (lane < HC * HC) a.comb[t * HC * HC + lane] = v;
       } else if (lane == 0) {
         float c[HC * HC];
 #pragma unroll
         for (int i = 0; i < HC * HC; ++i)
           c[i] = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + i], r), a.scale[2]), a.base[2 * HC + i]);
-        sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
+        if (a.sinkhorn) sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
 #pragma unroll
         for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
       }
@@ -1305,6 +1324,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     a.norm_eps = c.norm_eps;
     a.hc_eps = c.hc_eps;
     a.sinkhorn_iters = c.sinkhorn_iters;
+    a.sinkhorn = !c.sinkhorn_later;
     a.x = x.as<uint16_t>() + r0 * D;
     a.post = kHead ? nullptr : post.as<float>() + r0 * HC;
     a.comb = kHead ? nullptr : comb.as<float>() + r0 * HC * HC;
@@ -1407,6 +1427,24 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   const HcNorm norm{&norm_weight, eps, &xn, q};
   hc_dispatch<false>(*this, Y, w, config, x, post, comb, &norm, &src);
   if (wa) linears_on_quantized_rows(*this, q, T, *wa, *ya, wb, yb);
+}
+
+void CudaBackend::do_hc_sinkhorn(const Tensor& comb, const HcConfig& config) {
+  const int64_t T = comb.size(0);
+  if (T == 0) return;
+  const unsigned blocks = unsigned((T + kSinkhornRowsPerBlock - 1) / kSinkhornRowsPerBlock);
+  constexpr unsigned threads = 32 * kSinkhornRowsPerBlock;
+  float* c = comb.as<float>();
+  const int64_t iters = config.sinkhorn_iters;
+  const float eps = config.hc_eps;
+  switch (config.hc_mult) {
+    case 1: hc_sinkhorn_kernel<1><<<blocks, threads, 0, stream()>>>(c, T, iters, eps); break;
+    case 2: hc_sinkhorn_kernel<2><<<blocks, threads, 0, stream()>>>(c, T, iters, eps); break;
+    case 3: hc_sinkhorn_kernel<3><<<blocks, threads, 0, stream()>>>(c, T, iters, eps); break;
+    case 4: hc_sinkhorn_kernel<4><<<blocks, threads, 0, stream()>>>(c, T, iters, eps); break;
+    default: core::fail("hc_sinkhorn: hc_mult {} is not supported by the CUDA backend (1..4)", config.hc_mult);
+  }
+  check_launch(stream());
 }
 
 void CudaBackend::do_hc_head(const Tensor& X, const HcWeights& w, const HcConfig& config, const Tensor& y) {
