@@ -758,8 +758,8 @@ __device__ float sinkhorn_warp(float v, int64_t iters, float eps) {
 
 // hc_sinkhorn (HcConfig::sinkhorn_later): comb = Sinkhorn(comb) in place, one warp a row
 // running hc_finish_kernel's warp-8 code on the input that kernel left (the same bits).
-// A latency chain of ~40 dependent divisions a row (~3.5 µs, clock64 probe in an eager
-// step, H200), which the model runs beside the sublayer instead of ahead of it.
+// A latency chain of ~40 dependent divisions a row (~3.5 µs a launch in the graph trace,
+// H200), which the model runs beside the sublayer instead of ahead of it.
 constexpr int kSinkhornRowsPerBlock = 4;
 template <int HC>
 __global__ void __launch_bounds__(32 * kSinkhornRowsPerBlock) hc_sinkhorn_kernel(float* __restrict__ comb,
