@@ -339,12 +339,23 @@ __global__ void window_commit_kernel(WindowCommitArgs a) {
 template <int EPL>
 __global__ void indexer_q_kernel(uint16_t* __restrict__ q, int64_t rows /* T*Hi */, int64_t Hi,
                                  const int32_t* __restrict__ positions, const float* __restrict__ inv_freq, int rd) {
-  wait_for_predecessor();
   constexpr int Di = 32 * EPL;
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= rows) return;
+  if (row >= rows) return;  // whole warps exit together
+  // This lane's RoPE angles before the dependency wait: they depend only on the
+  // position (step metadata uploaded before the step) and inv_freq (a weight), which
+  // no kernel writes, so their double-precision cos and sin run under the
+  // predecessor's tail (the index_wq_b GEMM releases this launch after its main loop).
   const int32_t pos = positions[row / Hi];
+  float rc[EPL / 2], rs[EPL / 2];
+#pragma unroll
+  for (int k = 0; k < EPL; k += 2) {
+    const int d = lane * EPL + k;
+    rc[k / 2] = 1.0f, rs[k / 2] = 0.0f;
+    if (pos >= 0 && d >= Di - rd) rope_cos_sin(pos, inv_freq[(d - (Di - rd)) / 2], &rc[k / 2], &rs[k / 2]);
+  }
+  wait_for_predecessor();
   uint16_t* v = q + row * Di + lane * EPL;
   float x[EPL];
 #pragma unroll
@@ -353,11 +364,7 @@ __global__ void indexer_q_kernel(uint16_t* __restrict__ q, int64_t rows /* T*Hi 
 #pragma unroll
     for (int k = 0; k < EPL; k += 2) {
       const int d = lane * EPL + k;
-      if (d >= Di - rd) {
-        float c, s;
-        rope_cos_sin(pos, inv_freq[(d - (Di - rd)) / 2], &c, &s);
-        rope_pair_f(&x[k], &x[k + 1], c, s);
-      }
+      if (d >= Di - rd) rope_pair_f(&x[k], &x[k + 1], rc[k / 2], rs[k / 2]);
     }
   }
   double h[EPL];

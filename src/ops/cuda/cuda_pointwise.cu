@@ -251,7 +251,6 @@ template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
                                    const float* __restrict__ inv_freq, int64_t H_all, int64_t Dh, int64_t rd,
                                    float eps, int64_t heads_per_cta) {
-  wait_then_release_dependents();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t stride = Dh + 8;
   const int64_t h0 = int64_t(blockIdx.y) * heads_per_cta;
@@ -263,17 +262,22 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   const int64_t t = blockIdx.x;
   const int32_t pos = positions[t];
   uint16_t* qt = q + (t * H_all + h0) * Dh;
+  // The RoPE table first, before the dependency wait: the angles depend only on the
+  // position (step metadata uploaded before the step) and inv_freq (a weight), which no
+  // kernel writes, so their double-precision cos and sin run under the predecessor's
+  // tail (the wq_b GEMM releases this launch after its main loop).
+  if (pos >= 0)
+    for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
+  wait_then_release_dependents();
   // Warp w owns heads w, w + warps, ... (one at 8 heads a CTA) from load to store, so
   // only the RoPE table is shared across warps: one block barrier, which also orders
   // each warp's own row. (A flat (head, chunk) loop over the block cost a 32-bit
   // division per chunk and two block barriers: ncu at batch 256 had the kernel
-  // issue-bound, 25 µs a launch.) The loads are issued before the table's trig.
+  // issue-bound, 25 µs a launch.)
   const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5), dh = int(Dh);
   for (int h = warp; h < int(H); h += warps)
     for (int i = lane * VEC; i < dh; i += 32 * VEC)
       store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
-  if (pos >= 0)
-    for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
   __syncthreads();  // the table (and each warp's row)
   const int64_t rope_begin = Dh - rd;
   for (int h = warp; h < int(H); h += warps) {
@@ -318,15 +322,70 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
   return core::pow2_float(-e);
 }
 
+// The RoPE table of one row at `pos`, lane l taking pairs l, l + 32, ...: cs[i] =
+// cos, cs[rd/2 + i] = sin of pair i (rope_cos_sin: a double-precision cos and sin,
+// ~0.5 µs of dependent work a pair). The angles depend only on the position (step
+// metadata the host uploads before the step) and inv_freq (a weight): no kernel
+// writes either, so the kv kernels below evaluate them before their dependency wait,
+// under the predecessor's tail, one pair a lane (before: each of the 8 RoPE lanes took
+// its 4 pairs one after the other, after the wait: kv_rope_quant took 5 µs a launch
+// alone under ncu at 1 and 16 rows). The caller orders the table with __syncwarp().
+__device__ __forceinline__ void rope_table_warp(int32_t pos, const float* __restrict__ inv_freq, int64_t rd,
+                                                float* cs, int lane) {
+  if (pos < 0) return;
+  for (int64_t i = lane; i < rd / 2; i += 32) rope_cos_sin(pos, inv_freq[i], cs + i, cs + rd / 2 + i);
+}
+
+// One pass of a KV row's finish: lane l holds the 8 values b = [i, i + 8), i = base +
+// 8 l (in_row: i < Dh; lanes past the row hold zeros and take part in the shuffles).
+// FP8 QAT simulation of the nope dims, RoPE (table cs) of the rest; stored to v.
+__device__ __forceinline__ void kv_finish_pass(BfVec<8> b, bool in_row, int64_t i, int64_t nope, int32_t pos,
+                                               const float* cs, int64_t rd, uint16_t* v) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(bf2f(b.v[k])));
+  // Blocks of 64 are 8 aligned lanes; every lane takes part in the shuffles.
+#pragma unroll
+  for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (!in_row) return;
+  if (i < nope) {
+    float s;
+    const float inv = fp8_exponent_scale_inv(amax, &s);
+#pragma unroll
+    for (int k = 0; k < 8; k += 2) {
+      // Clamped first as std::clamp (a NaN stays NaN), then the hardware cast: the
+      // reference cast's bits (e4m3_cast.cuh).
+      const float x0 = core::clamp_f32(__fmul_rn(bf2f(b.v[k]), inv), -448.0f, 448.0f);
+      const float x1 = core::clamp_f32(__fmul_rn(bf2f(b.v[k + 1]), inv), -448.0f, 448.0f);
+      const uint32_t c = e4m3x2_sat(x0, x1);
+      b.v[k] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c)), s));
+      b.v[k + 1] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c >> 8)), s));
+    }
+  } else if (pos >= 0) {
+#pragma unroll
+    for (int k = 0; k < 8; k += 2) {
+      const int64_t pair = (i + k - nope) / 2;
+      rope_pair(&b.v[k], &b.v[k + 1], cs[pair], cs[rd / 2 + pair]);
+    }
+  }
+  store_bf<8>(v + i, b);
+}
+
+// Dynamic shared memory: [warps][rd] floats, each warp's RoPE table (8 warps: 32 KB
+// at the largest rope_dim the launchers take).
+constexpr int64_t kKvMaxRopeDim = 1024;
 __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const int32_t* __restrict__ positions,
                                      const float* __restrict__ inv_freq, int64_t Dh, int64_t rd) {
-  wait_then_release_dependents();
-  const int lane = threadIdx.x & 31;
-  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= T) return;  // whole warps exit together
+  extern __shared__ float kv_rope_cs[];
+  const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5);
+  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
+  if (row >= T) return;  // whole warps exit together (an exited warp counts as released)
   const int32_t pos = positions[row];
+  float* cs = kv_rope_cs + warp * rd;
+  rope_table_warp(pos, inv_freq, rd, cs, lane);
+  wait_then_release_dependents();
+  __syncwarp();  // the table
   uint16_t* v = kv + row * Dh;
-  const int64_t nope = Dh - rd;
   for (int64_t base = 0; base < Dh; base += 256) {
     const int64_t i = base + 8 * lane;
     const bool in_row = i < Dh;
@@ -335,36 +394,80 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
     else
 #pragma unroll
       for (int k = 0; k < 8; ++k) b.v[k] = 0;
-    float amax = 0.0f;
+    kv_finish_pass(b, in_row, i, Dh - rd, pos, cs, rd, v);
+  }
+}
+
+// ---- kv_norm_rope_quant --------------------------------------------------------
+// rms_norm (the kv norm) and kv_rope_quant in one launch, a warp a row (the KV lane
+// was two launches: rms_norm_kernel's CTA a row, then this). The norm's sum of squares
+// is rms_norm_kernel<8>'s, bit for bit: there thread t of 256 chains fused
+// multiply-adds over chunks (8 values) t, t + 256, ...; block_sum then adds each
+// warp's lanes by an xor butterfly and the 8 warp sums in order from zero. Here lane l
+// holds chunk l + 32 k in pass k, which is thread l + 32 (k % 8)'s chunk, so acc[k]
+// (one chunk each for Dh <= 2048) is lane l of block warp k: each acc is butterflied as
+// that warp's, and the sums added in warp order (warps without chunks add +0: skipped,
+// exact). The normalized bf16 values then take kv_rope_quant's pass as it would load them.
+constexpr int kKvNormMaxPasses = 8;   // Dh <= 2048: a chunk per lane and block warp
+constexpr int kKvNormHeldPasses = 2;  // Dh <= 512: the row and its norm weights stay in registers
+__global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
+                                          const int32_t* __restrict__ positions,
+                                          const float* __restrict__ inv_freq, int64_t Dh, int64_t rd,
+                                          const uint16_t* __restrict__ norm_w, float eps) {
+  extern __shared__ float kv_rope_cs[];
+  const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5);
+  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
+  if (row >= T) return;
+  const int32_t pos = positions[row];
+  float* cs = kv_rope_cs + warp * rd;
+  BfVec<8> wv[kKvNormHeldPasses];  // the norm weights (a weight: before the wait too)
 #pragma unroll
-    for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(bf2f(b.v[k])));
-    // Blocks of 64 are 8 aligned lanes; every lane takes part in the shuffles.
+  for (int k = 0; k < kKvNormHeldPasses; ++k)
+    if (256 * k + 8 * lane < Dh) wv[k] = load_bf<8>(norm_w + 256 * k + 8 * lane);
+  rope_table_warp(pos, inv_freq, rd, cs, lane);
+  wait_then_release_dependents();
+  uint16_t* v = kv + row * Dh;
+  BfVec<8> held[kKvNormHeldPasses];
+  float acc[kKvNormMaxPasses];
 #pragma unroll
-    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    if (!in_row) continue;
-    if (i < nope) {
-      float s;
-      const float inv = fp8_exponent_scale_inv(amax, &s);
+  for (int k = 0; k < kKvNormMaxPasses; ++k) {
+    acc[k] = 0.0f;
+    const int64_t i = 256 * k + 8 * lane;
+    if (i >= Dh) continue;
+    const BfVec<8> x = load_bf<8>(v + i);
+    if (k < kKvNormHeldPasses) held[k] = x;
 #pragma unroll
-      for (int k = 0; k < 8; k += 2) {
-        // Clamped first as std::clamp (a NaN stays NaN), then the hardware cast: the
-        // reference cast's bits (e4m3_cast.cuh).
-        const float x0 = core::clamp_f32(__fmul_rn(bf2f(b.v[k]), inv), -448.0f, 448.0f);
-        const float x1 = core::clamp_f32(__fmul_rn(bf2f(b.v[k + 1]), inv), -448.0f, 448.0f);
-        const uint32_t c = e4m3x2_sat(x0, x1);
-        b.v[k] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c)), s));
-        b.v[k + 1] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c >> 8)), s));
-      }
-    } else if (pos >= 0) {
-#pragma unroll
-      for (int k = 0; k < 8; k += 2) {
-        const int64_t pair = (i + k - nope) / 2;
-        float c, s;
-        rope_cos_sin(pos, inv_freq[pair], &c, &s);
-        rope_pair(&b.v[k], &b.v[k + 1], c, s);
-      }
+    for (int e = 0; e < 8; ++e) {
+      const float a = bf2f(x.v[e]);
+      acc[k] = fmaf(a, a, acc[k]);
     }
-    store_bf<8>(v + i, b);
+  }
+  float total = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kKvNormMaxPasses; ++k) {
+    if (256 * k >= Dh) break;  // (uniform)
+    float s = acc[k];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    total += s;
+  }
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(Dh)), eps)));
+  __syncwarp();  // the table
+#pragma unroll
+  for (int k = 0; k < kKvNormMaxPasses; ++k) {
+    if (256 * k >= Dh) break;  // (uniform)
+    const int64_t i = 256 * k + 8 * lane;
+    const bool in_row = i < Dh;
+    BfVec<8> b;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) b.v[e] = 0;
+    if (in_row) {
+      const BfVec<8> x = k < kKvNormHeldPasses ? held[k] : load_bf<8>(v + i);
+      const BfVec<8> w = k < kKvNormHeldPasses ? wv[k] : load_bf<8>(norm_w + i);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) b.v[e] = f2bf(__fmul_rn(bf2f(w.v[e]), __fmul_rn(bf2f(x.v[e]), r)));
+    }
+    kv_finish_pass(b, in_row, i, Dh - rd, pos, cs, rd, v);
   }
 }
 
@@ -463,7 +566,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
                      ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))), "l"(fn + int64_t(row) * n + k0 + c));
     }
     asm volatile("cp.async.commit_group;\n" ::);
-    wait_then_release_dependents();
+    wait_then_release_row_dependents();  // hc_finish
     uint4 xv[kXVec];
 #pragma unroll
     for (int u = 0; u < kXVec; ++u) {
@@ -490,7 +593,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       const int idx = int(threadIdx.x) + 256 * u;
       fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
     }
-    wait_then_release_dependents();
+    wait_then_release_row_dependents();  // hc_finish
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
       // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
@@ -622,7 +725,7 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
                      uint32_t(__cvta_generic_to_shared(fn_s + j * kHcSlice + c))),
                  "l"(fn + int64_t(j) * n + k0 + c));
   }
-  wait_then_release_dependents();
+  wait_then_release_row_dependents();  // hc_finish
   // X: the block's rows, 16 pieces of 16 bytes each; thread tid copies piece tid % 16
   // of rows tid / 16, tid / 16 + 8, ... (consecutive threads read consecutive bytes).
   constexpr int kXPieces = 2 * kHcSlice / 16;
@@ -1249,11 +1352,30 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
 void CudaBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, const RopeTable& rope) {
   const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
   if (T == 0) return;
-  DSV4_CHECK(Dh % 8 == 0 && rd % 2 == 0 && aligned16(kv.data()),
-             "kv_rope_quant: head_dim {} must be a multiple of 8, rope_dim {} even, kv 16-byte aligned", Dh, rd);
+  DSV4_CHECK(Dh % 8 == 0 && rd % 2 == 0 && rd <= kKvMaxRopeDim && aligned16(kv.data()),
+             "kv_rope_quant: head_dim {} must be a multiple of 8, rope_dim {} even and at most {}, kv 16-byte aligned",
+             Dh, rd, kKvMaxRopeDim);
   const int warps = 8;
-  kv_rope_quant_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, 0, stream_>>>(
-      kv.as<uint16_t>(), T, batch.positions, rope.inv_freq.as<float>(), Dh, rd);
+  kv_rope_quant_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, size_t(warps * rd) * sizeof(float),
+                         stream_>>>(kv.as<uint16_t>(), T, batch.positions, rope.inv_freq.as<float>(), Dh, rd);
+  check_launch(stream_);
+}
+
+void CudaBackend::do_kv_norm_rope_quant(const Tensor& kv, const Tensor& norm_weight, float eps,
+                                        const BatchView& batch, const RopeTable& rope) {
+  const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
+  if (T == 0) return;
+  // Otherwise the two launches (rms_norm_kernel<1> where the rows are not 8-aligned: its own order).
+  if (Dh % 8 != 0 || Dh > 256 * kKvNormMaxPasses || !aligned16(kv.data()) || !aligned16(norm_weight.data())) {
+    Backend::do_kv_norm_rope_quant(kv, norm_weight, eps, batch, rope);
+    return;
+  }
+  DSV4_CHECK(rd % 2 == 0 && rd <= kKvMaxRopeDim, "kv_norm_rope_quant: rope_dim {} must be even and at most {}", rd,
+             kKvMaxRopeDim);
+  const int warps = 8;
+  kv_norm_rope_quant_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, size_t(warps * rd) * sizeof(float),
+                              stream_>>>(kv.as<uint16_t>(), T, batch.positions, rope.inv_freq.as<float>(), Dh, rd,
+                                         norm_weight.as<uint16_t>(), eps);
   check_launch(stream_);
 }
 
