@@ -404,12 +404,16 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 // is rms_norm_kernel<8>'s, bit for bit: there thread t of 256 chains fused
 // multiply-adds over chunks (8 values) t, t + 256, ...; block_sum then adds each
 // warp's lanes by an xor butterfly and the 8 warp sums in order from zero. Here lane l
-// holds chunk l + 32 k in pass k, which is thread l + 32 (k % 8)'s chunk, so acc[k]
-// (one chunk each for Dh <= 2048) is lane l of block warp k: each acc is butterflied as
-// that warp's, and the sums added in warp order (warps without chunks add +0: skipped,
-// exact). The normalized bf16 values then take kv_rope_quant's pass as it would load them.
-constexpr int kKvNormMaxPasses = 8;   // Dh <= 2048: a chunk per lane and block warp
-constexpr int kKvNormHeldPasses = 2;  // Dh <= 512: the row and its norm weights stay in registers
+// holds chunk l + 32 k in pass k, which is thread l + 32 k's only chunk for Dh <= 2048:
+// pass k's chain is block warp k's, butterflied as block_sum does, and the passes' sums
+// are added in warp order (the warps without chunks would add +0: exact to skip). The
+// normalized bf16 values then take kv_rope_quant's pass as it would load them.
+// Code size: the passes are loops, not unrolled, and each body is inlined once. This
+// kernel runs beside the wq_b GEMM, where every instruction-cache miss waits behind the
+// GEMM's weight stream: with the passes unrolled (84 KB of code) it took 18.6 µs a
+// launch in the graph at batch 1 against 3 µs eager (graph trace, docs/BENCHMARKS.md,
+// thirty-sixth session).
+constexpr int kKvNormMaxPasses = 8;  // Dh <= 2048: one chunk a lane and block warp
 __global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
                                           const int32_t* __restrict__ positions,
                                           const float* __restrict__ inv_freq, int64_t Dh, int64_t rd,
@@ -417,53 +421,40 @@ __global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
   extern __shared__ float kv_rope_cs[];
   const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5);
   const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
-  if (row >= T) return;
+  if (row >= T) return;  // whole warps exit together (an exited warp counts as released)
   const int32_t pos = positions[row];
   float* cs = kv_rope_cs + warp * rd;
-  BfVec<8> wv[kKvNormHeldPasses];  // the norm weights (a weight: before the wait too)
-#pragma unroll
-  for (int k = 0; k < kKvNormHeldPasses; ++k)
-    if (256 * k + 8 * lane < Dh) wv[k] = load_bf<8>(norm_w + 256 * k + 8 * lane);
   rope_table_warp(pos, inv_freq, rd, cs, lane);
   wait_then_release_dependents();
   uint16_t* v = kv + row * Dh;
-  BfVec<8> held[kKvNormHeldPasses];
-  float acc[kKvNormMaxPasses];
-#pragma unroll
-  for (int k = 0; k < kKvNormMaxPasses; ++k) {
-    acc[k] = 0.0f;
-    const int64_t i = 256 * k + 8 * lane;
-    if (i >= Dh) continue;
-    const BfVec<8> x = load_bf<8>(v + i);
-    if (k < kKvNormHeldPasses) held[k] = x;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float a = bf2f(x.v[e]);
-      acc[k] = fmaf(a, a, acc[k]);
-    }
-  }
   float total = 0.0f;
+#pragma unroll 1
+  for (int64_t base = 0; base < Dh; base += 256) {
+    const int64_t i = base + 8 * lane;
+    float ss = 0.0f;
+    if (i < Dh) {
+      const BfVec<8> x = load_bf<8>(v + i);
 #pragma unroll
-  for (int k = 0; k < kKvNormMaxPasses; ++k) {
-    if (256 * k >= Dh) break;  // (uniform)
-    float s = acc[k];
+      for (int e = 0; e < 8; ++e) {
+        const float a = bf2f(x.v[e]);
+        ss = fmaf(a, a, ss);
+      }
+    }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    total += s;
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    total += ss;
   }
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(Dh)), eps)));
   __syncwarp();  // the table
-#pragma unroll
-  for (int k = 0; k < kKvNormMaxPasses; ++k) {
-    if (256 * k >= Dh) break;  // (uniform)
-    const int64_t i = 256 * k + 8 * lane;
+#pragma unroll 1
+  for (int64_t base = 0; base < Dh; base += 256) {
+    const int64_t i = base + 8 * lane;
     const bool in_row = i < Dh;
     BfVec<8> b;
 #pragma unroll
     for (int e = 0; e < 8; ++e) b.v[e] = 0;
-    if (in_row) {
-      const BfVec<8> x = k < kKvNormHeldPasses ? held[k] : load_bf<8>(v + i);
-      const BfVec<8> w = k < kKvNormHeldPasses ? wv[k] : load_bf<8>(norm_w + i);
+    if (in_row) {  // this lane's own chunk again (L1), then its norm weights
+      const BfVec<8> x = load_bf<8>(v + i), w = load_bf<8>(norm_w + i);
 #pragma unroll
       for (int e = 0; e < 8; ++e) b.v[e] = f2bf(__fmul_rn(bf2f(w.v[e]), __fmul_rn(bf2f(x.v[e]), r)));
     }
@@ -566,7 +557,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
                      ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))), "l"(fn + int64_t(row) * n + k0 + c));
     }
     asm volatile("cp.async.commit_group;\n" ::);
-    wait_then_release_row_dependents();  // hc_finish
+    wait_then_release_dependents();
     uint4 xv[kXVec];
 #pragma unroll
     for (int u = 0; u < kXVec; ++u) {
@@ -593,7 +584,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       const int idx = int(threadIdx.x) + 256 * u;
       fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
     }
-    wait_then_release_row_dependents();  // hc_finish
+    wait_then_release_dependents();
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
       // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
@@ -725,7 +716,7 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
                      uint32_t(__cvta_generic_to_shared(fn_s + j * kHcSlice + c))),
                  "l"(fn + int64_t(j) * n + k0 + c));
   }
-  wait_then_release_row_dependents();  // hc_finish
+  wait_then_release_dependents();
   // X: the block's rows, 16 pieces of 16 bytes each; thread tid copies piece tid % 16
   // of rows tid / 16, tid / 16 + 8, ... (consecutive threads read consecutive bytes).
   constexpr int kXPieces = 2 * kHcSlice / 16;

@@ -43,16 +43,4 @@ __device__ __forceinline__ void wait_then_release_dependents() {
   if (4ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
 }
 
-// wait_for_predecessor(), then allow_dependents_to_launch() at any grid size: for a
-// kernel whose dependent is a grid of one small CTA a row that does little before its
-// own wait (the mHC's mix partials, then hc_finish). The dependent launches only once
-// every block of this grid has released, so all of this grid is already placed when
-// its blocks arrive: they cannot crowd it out (the guess above for the small kernels'
-// loss at 64-256 rows), and hc_finish's launch and its norm-weight loads run under
-// the mix instead of after its last block.
-__device__ __forceinline__ void wait_then_release_row_dependents() {
-  wait_for_predecessor();
-  allow_dependents_to_launch();
-}
-
 }  // namespace dsv4::ops
