@@ -332,8 +332,10 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
 // alone under ncu at 1 and 16 rows). The caller orders the table with __syncwarp().
 __device__ __forceinline__ void rope_table_warp(int32_t pos, const float* __restrict__ inv_freq, int64_t rd,
                                                 float* cs, int lane) {
-  if (pos < 0) return;
-  for (int64_t i = lane; i < rd / 2; i += 32) rope_cos_sin(pos, inv_freq[i], cs + i, cs + rd / 2 + i);
+  for (int64_t i = lane; i < rd / 2; i += 32) {
+    const float f = inv_freq[i];  // loaded whatever pos is: in flight together with pos
+    if (pos >= 0) rope_cos_sin(pos, f, cs + i, cs + rd / 2 + i);
+  }
 }
 
 // One pass of a KV row's finish: lane l holds the 8 values b = [i, i + 8), i = base +
@@ -399,21 +401,23 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 }
 
 // ---- kv_norm_rope_quant --------------------------------------------------------
-// rms_norm (the kv norm) and kv_rope_quant in one launch, a warp a row (the KV lane
-// was two launches: rms_norm_kernel's CTA a row, then this). The norm's sum of squares
-// is rms_norm_kernel<8>'s, bit for bit: there thread t of 256 chains fused
-// multiply-adds over chunks (8 values) t, t + 256, ...; block_sum then adds each
-// warp's lanes by an xor butterfly and the 8 warp sums in order from zero. Here lane l
-// holds chunk l + 32 k in pass k, which is thread l + 32 k's only chunk for Dh <= 2048:
-// pass k's chain is block warp k's, butterflied as block_sum does, and the passes' sums
-// are added in warp order (the warps without chunks would add +0: exact to skip). The
-// normalized bf16 values then take kv_rope_quant's pass as it would load them.
-// Code size: the passes are loops, not unrolled, and each body is inlined once. This
-// kernel runs beside the wq_b GEMM, where every instruction-cache miss waits behind the
-// GEMM's weight stream: with the passes unrolled (84 KB of code) it took 18.6 µs a
-// launch in the graph at batch 1 against 3 µs eager (graph trace, docs/BENCHMARKS.md,
-// thirty-sixth session).
-constexpr int kKvNormMaxPasses = 8;  // Dh <= 2048: one chunk a lane and block warp
+// rms_norm (the kv norm) and kv_rope_quant in one launch, a warp a row, for rows of up
+// to kPasses x 256 values. The norm's sum of squares is rms_norm_kernel<8>'s, bit for
+// bit: there thread t of 256 chains fused multiply-adds over its chunks (8 values) t,
+// t + 256, ...; block_sum then adds each warp's lanes by an xor butterfly and the 8 warp
+// sums in order from zero. Here lane l holds chunk l + 32 k in pass k, which is thread
+// l + 32 k's only chunk: pass k's chain is block warp k's, butterflied as block_sum does,
+// and the passes' sums are added in warp order (the warps without chunks would add +0:
+// exact to skip). The normalized bf16 values then take kv_rope_quant's pass as it would
+// load them.
+// Why every load is issued at once (the norm weights, the position and inv_freq before
+// the dependency wait; the row after it): in SWA layers this kernel runs beside the wq_b
+// GEMM, whose weight stream keeps the memory queues full, and there each dependent
+// round trip took ~2 µs. A form with a load round trip per pass took 15 µs a launch in
+// the graph at batch 1 (3 µs eager), one with every pass unrolled to 8 (84 KB of code)
+// 18.6 µs; rms_norm_kernel then kv_rope_quant took 5.5 + 8.6, overlapped (graph trace,
+// docs/BENCHMARKS.md, thirty-sixth session).
+template <int kPasses>
 __global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
                                           const int32_t* __restrict__ positions,
                                           const float* __restrict__ inv_freq, int64_t Dh, int64_t rd,
@@ -423,22 +427,30 @@ __global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
   const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
   if (row >= T) return;  // whole warps exit together (an exited warp counts as released)
   const int32_t pos = positions[row];
+  BfVec<8> w[kPasses];  // the norm weights (a weight: before the wait)
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k)
+    if (256 * k + 8 * lane < Dh) w[k] = load_bf<8>(norm_w + 256 * k + 8 * lane);
   float* cs = kv_rope_cs + warp * rd;
   rope_table_warp(pos, inv_freq, rd, cs, lane);
   wait_then_release_dependents();
   uint16_t* v = kv + row * Dh;
-  float total = 0.0f;
-#pragma unroll 1
-  for (int64_t base = 0; base < Dh; base += 256) {
-    const int64_t i = base + 8 * lane;
-    float ss = 0.0f;
-    if (i < Dh) {
-      const BfVec<8> x = load_bf<8>(v + i);
+  BfVec<8> x[kPasses];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float a = bf2f(x.v[e]);
-        ss = fmaf(a, a, ss);
-      }
+  for (int k = 0; k < kPasses; ++k) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[k].v[e] = 0;
+    if (256 * k + 8 * lane < Dh) x[k] = load_bf<8>(v + 256 * k + 8 * lane);
+  }
+  float total = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    if (256 * k >= Dh) break;  // (uniform)
+    float ss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float a = bf2f(x[k].v[e]);
+      ss = fmaf(a, a, ss);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -446,17 +458,15 @@ __global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
   }
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(Dh)), eps)));
   __syncwarp();  // the table
-#pragma unroll 1
-  for (int64_t base = 0; base < Dh; base += 256) {
-    const int64_t i = base + 8 * lane;
+#pragma unroll
+  for (int k = 0; k < kPasses; ++k) {
+    if (256 * k >= Dh) break;  // (uniform)
+    const int64_t i = 256 * k + 8 * lane;
     const bool in_row = i < Dh;
-    BfVec<8> b;
+    BfVec<8> b = x[k];  // (zeros past the row)
+    if (in_row) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) b.v[e] = 0;
-    if (in_row) {  // this lane's own chunk again (L1), then its norm weights
-      const BfVec<8> x = load_bf<8>(v + i), w = load_bf<8>(norm_w + i);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) b.v[e] = f2bf(__fmul_rn(bf2f(w.v[e]), __fmul_rn(bf2f(x.v[e]), r)));
+      for (int e = 0; e < 8; ++e) b.v[e] = f2bf(__fmul_rn(bf2f(w[k].v[e]), __fmul_rn(bf2f(x[k].v[e]), r)));
     }
     kv_finish_pass(b, in_row, i, Dh - rd, pos, cs, rd, v);
   }
@@ -1357,16 +1367,23 @@ void CudaBackend::do_kv_norm_rope_quant(const Tensor& kv, const Tensor& norm_wei
   const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
   if (T == 0) return;
   // Otherwise the two launches (rms_norm_kernel<1> where the rows are not 8-aligned: its own order).
-  if (Dh % 8 != 0 || Dh > 256 * kKvNormMaxPasses || !aligned16(kv.data()) || !aligned16(norm_weight.data())) {
+  if (Dh % 8 != 0 || Dh > 512 || !aligned16(kv.data()) || !aligned16(norm_weight.data())) {
     Backend::do_kv_norm_rope_quant(kv, norm_weight, eps, batch, rope);
     return;
   }
   DSV4_CHECK(rd % 2 == 0 && rd <= kKvMaxRopeDim, "kv_norm_rope_quant: rope_dim {} must be even and at most {}", rd,
              kKvMaxRopeDim);
   const int warps = 8;
-  kv_norm_rope_quant_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, size_t(warps * rd) * sizeof(float),
-                              stream_>>>(kv.as<uint16_t>(), T, batch.positions, rope.inv_freq.as<float>(), Dh, rd,
-                                         norm_weight.as<uint16_t>(), eps);
+  const dim3 grid(unsigned((T + warps - 1) / warps)), block(warps * 32);
+  const size_t smem = size_t(warps * rd) * sizeof(float);
+  if (Dh <= 256)
+    kv_norm_rope_quant_kernel<1><<<grid, block, smem, stream_>>>(kv.as<uint16_t>(), T, batch.positions,
+                                                                 rope.inv_freq.as<float>(), Dh, rd,
+                                                                 norm_weight.as<uint16_t>(), eps);
+  else
+    kv_norm_rope_quant_kernel<2><<<grid, block, smem, stream_>>>(kv.as<uint16_t>(), T, batch.positions,
+                                                                 rope.inv_freq.as<float>(), Dh, rd,
+                                                                 norm_weight.as<uint16_t>(), eps);
   check_launch(stream_);
 }
 
