@@ -220,7 +220,8 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}, {"comb", b.comb.data()}},
                           {{"kv", b.kv.data()}, {"comb", b.comb.data()}},
                           [&be, &w, this, batch, kv, comb, rope, eps] {
-                            be.kv_norm_rope_quant(kv, w.kv_norm, eps, batch, rope);
+                            be.rms_norm(kv, w.kv_norm, eps, kv);
+                            be.kv_rope_quant(kv, batch, rope);
                             be.hc_sinkhorn(comb, hc_pre_config_);
                           }});
   if (csa) {

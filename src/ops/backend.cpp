@@ -239,24 +239,6 @@ void Backend::kv_rope_quant(const Tensor& kv, const BatchView& batch, const Rope
   do_kv_rope_quant(kv, batch, rope);
 }
 
-void Backend::kv_norm_rope_quant(const Tensor& kv, const Tensor& norm_weight, float eps, const BatchView& batch,
-                                 const RopeTable& rope) {
-  const auto d = device();
-  expect(kv, DType::kBF16, {-1, -1}, d, "kv_norm_rope_quant", "kv");
-  expect(norm_weight, DType::kBF16, {kv.size(1)}, d, "kv_norm_rope_quant", "norm_weight");
-  DSV4_CHECK(rope.rope_dim >= 0 && (kv.size(1) - rope.rope_dim) % 64 == 0,
-             "kv_norm_rope_quant: nope dims {} (head_dim {} - rope_dim {}) not a multiple of 64",
-             kv.size(1) - rope.rope_dim, kv.size(1), rope.rope_dim);
-  expect_batch(batch, kv.size(0), "kv_norm_rope_quant");
-  do_kv_norm_rope_quant(kv, norm_weight, eps, batch, rope);
-}
-
-void Backend::do_kv_norm_rope_quant(const Tensor& kv, const Tensor& norm_weight, float eps, const BatchView& batch,
-                                    const RopeTable& rope) {
-  do_rms_norm(kv, norm_weight, eps, kv);
-  do_kv_rope_quant(kv, batch, rope);
-}
-
 namespace {
 // hc_pre's contract, shared with hc_pre_norm (op: the name in the messages).
 void expect_hc_pre(const Tensor& X, const HcWeights& w, const HcConfig& c, const Tensor& x, const Tensor& post,

@@ -166,10 +166,6 @@ class Backend {
   // KV row finish (spec §5.2): forward RoPE of the last rope_dim, FP8 e4m3 QAT
   // simulation (block 64, UE8M0) of the rest. kv bf16 [T, Dh], in place.
   void kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope);
-  // rms_norm(kv, norm_weight, eps) in place, then kv_rope_quant: the KV row's whole
-  // finish as one op (a backend may run it as one launch); the same bits as the two.
-  void kv_norm_rope_quant(const core::Tensor& kv, const core::Tensor& norm_weight, float eps, const BatchView& batch,
-                          const RopeTable& rope);
 
   // mHC pre (spec §4.1): x bf16 [T, D], post f32 [T, hc], comb f32 [T, hc, hc] from X bf16 [T, hc, D].
   void hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
@@ -340,9 +336,6 @@ class Backend {
   virtual void do_rms_norm(const core::Tensor& x, const core::Tensor& weight, float eps, const core::Tensor& y) = 0;
   virtual void do_q_norm_rope(const core::Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) = 0;
   virtual void do_kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope) = 0;
-  // Default: do_rms_norm, then do_kv_rope_quant.
-  virtual void do_kv_norm_rope_quant(const core::Tensor& kv, const core::Tensor& norm_weight, float eps,
-                                     const BatchView& batch, const RopeTable& rope);
   virtual void do_hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
                          const core::Tensor& post, const core::Tensor& comb) = 0;
   // Default: do_hc_pre, then do_rms_norm.

@@ -226,32 +226,6 @@ TEST_F(CpuOps, HcSinkhornLaterEqualsSinkhornInPre) {
   be->hc_sinkhorn(f32({0, hc, hc}), whole);  // no rows: nothing to do
 }
 
-// The KV row's one-op finish is rms_norm then kv_rope_quant, bit for bit; a norm
-// weight of the wrong length is named.
-TEST_F(CpuOps, KvNormRopeQuantIsTheNormThenTheRowFinish) {
-  Rng rng(9);
-  const int64_t Dh = 512;
-  testing::HostBatch hb({{0, 70, 2}, {1, 4000, 1}}, 1);
-  const BatchView batch = hb.view();
-  RopeTable rope{Tensor::empty_cpu(DType::kF32, {32}), 64};
-  const auto inv = rope_inv_freq(64, 160000, true, 16, 65536, 32, 1);
-  std::copy(inv.begin(), inv.end(), rope.inv_freq.as<float>());
-  const Tensor kv = rng.bf16({3, Dh}, 2.0f), w = rng.bf16({Dh}, 0.5f);
-  Tensor two = Tensor::empty_cpu(DType::kBF16, {3, Dh}), one = Tensor::empty_cpu(DType::kBF16, {3, Dh});
-  std::memcpy(two.data(), kv.data(), kv.nbytes());
-  std::memcpy(one.data(), kv.data(), kv.nbytes());
-  be->rms_norm(two, w, 1e-6f, two);
-  be->kv_rope_quant(two, batch, rope);
-  be->kv_norm_rope_quant(one, w, 1e-6f, batch, rope);
-  EXPECT_EQ(std::memcmp(one.data(), two.data(), one.nbytes()), 0);
-  try {
-    be->kv_norm_rope_quant(one, rng.bf16({Dh - 8}), 1e-6f, batch, rope);
-    ADD_FAILURE() << "a norm weight of 504 values was accepted for rows of 512";
-  } catch (const core::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("kv_norm_rope_quant: norm_weight"), std::string::npos) << e.what();
-  }
-}
-
 TEST_F(CpuOps, HcPostSumsOverTheFirstIndexOfComb) {
   Rng rng(4);
   const int64_t T = 2, hc = 4, D = 64;

@@ -302,35 +302,6 @@ TEST_F(CudaPointwise, KvRopeQuantKeepsANanAsTheCpuDoes) {
   }
 }
 
-// kv_norm_rope_quant (the KV lane's one launch) gives the bits of rms_norm then
-// kv_rope_quant on the GPU: at 512 and 320 (two passes, the second full or partial),
-// 128 (one) and 1088 (past the one-launch bound of 512: the two launches), with pad rows; and the CPU's composition within what a 1-ulp RoPE or norm disagreement
-// can move (an FP8 code is 16 bf16 ulps wide).
-TEST_F(CudaPointwise, KvNormRopeQuantEqualsNormThenRopeQuantBitForBit) {
-  Rng rng(208);
-  for (int64_t Dh : {512, 320, 128, 1088})
-    for (int64_t T : kRows) {
-      const RopeTable rope = host_rope(Dh != 128);
-      const RopeTable drope = dev_rope(rope);
-      TestBatch b = random_batch(T, rng);
-      DeviceBatch db = upload_batch(cuda(), b);
-      const Tensor kv = kv_rows(rng, T, Dh, 1e-6f, 3e4f);
-      Tensor w = rng.bf16({Dh}, 0.2f);
-      for (int64_t i = 0; i < Dh; ++i) w.as<uint16_t>()[i] = core::float_to_bf16(1.0f + testing::bf(w, i));
-      const Tensor dw = dev(w);
-      Tensor two = dev(kv);
-      cuda().rms_norm(two, dw, 1e-6f, two);
-      cuda().kv_rope_quant(two, db.view, drope);
-      Tensor one = dev(kv);
-      cuda().kv_norm_rope_quant(one, dw, 1e-6f, db.view, drope);
-      const Tensor got = host(one);
-      expect_bits_equal(got, host(two), "kv_norm_rope_quant against rms_norm + kv_rope_quant");
-      Tensor want = copy_host(kv);
-      cpu().kv_norm_rope_quant(want, w, 1e-6f, b.view(), rope);
-      expect_bf16_close(got, want, 16, T * Dh / 100 + 4, "kv_norm_rope_quant against the CPU");
-    }
-}
-
 // ---- mHC -----------------------------------------------------------------------------
 
 struct HcCase {

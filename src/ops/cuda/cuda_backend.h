@@ -73,8 +73,6 @@ class CudaBackend final : public Backend {
   void do_rms_norm(const core::Tensor& x, const core::Tensor& weight, float eps, const core::Tensor& y) override;
   void do_q_norm_rope(const core::Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) override;
   void do_kv_rope_quant(const core::Tensor& kv, const BatchView& batch, const RopeTable& rope) override;
-  void do_kv_norm_rope_quant(const core::Tensor& kv, const core::Tensor& norm_weight, float eps,
-                             const BatchView& batch, const RopeTable& rope) override;
   void do_hc_pre(const core::Tensor& X, const HcWeights& w, const HcConfig& config, const core::Tensor& x,
                  const core::Tensor& post, const core::Tensor& comb) override;
   void do_hc_pre_norm(const core::Tensor& X, const HcWeights& w, const HcConfig& config,

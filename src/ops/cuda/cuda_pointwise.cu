@@ -326,51 +326,16 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
 // cos, cs[rd/2 + i] = sin of pair i (rope_cos_sin: a double-precision cos and sin,
 // ~0.5 µs of dependent work a pair). The angles depend only on the position (step
 // metadata the host uploads before the step) and inv_freq (a weight): no kernel
-// writes either, so the kv kernels below evaluate them before their dependency wait,
-// under the predecessor's tail, one pair a lane (before: each of the 8 RoPE lanes took
-// its 4 pairs one after the other, after the wait: kv_rope_quant took 5 µs a launch
-// alone under ncu at 1 and 16 rows). The caller orders the table with __syncwarp().
+// writes either, so kv_rope_quant_kernel evaluates them before its dependency wait,
+// under rms_norm's tail, one pair a lane (before: each of the 8 RoPE lanes took its 4
+// pairs one after the other, after the wait; 5 µs a launch alone under ncu at 1 and 16
+// rows). The caller orders the table with __syncwarp().
 __device__ __forceinline__ void rope_table_warp(int32_t pos, const float* __restrict__ inv_freq, int64_t rd,
                                                 float* cs, int lane) {
   for (int64_t i = lane; i < rd / 2; i += 32) {
     const float f = inv_freq[i];  // loaded whatever pos is: in flight together with pos
     if (pos >= 0) rope_cos_sin(pos, f, cs + i, cs + rd / 2 + i);
   }
-}
-
-// One pass of a KV row's finish: lane l holds the 8 values b = [i, i + 8), i = base +
-// 8 l (in_row: i < Dh; lanes past the row hold zeros and take part in the shuffles).
-// FP8 QAT simulation of the nope dims, RoPE (table cs) of the rest; stored to v.
-__device__ __forceinline__ void kv_finish_pass(BfVec<8> b, bool in_row, int64_t i, int64_t nope, int32_t pos,
-                                               const float* cs, int64_t rd, uint16_t* v) {
-  float amax = 0.0f;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(bf2f(b.v[k])));
-  // Blocks of 64 are 8 aligned lanes; every lane takes part in the shuffles.
-#pragma unroll
-  for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (!in_row) return;
-  if (i < nope) {
-    float s;
-    const float inv = fp8_exponent_scale_inv(amax, &s);
-#pragma unroll
-    for (int k = 0; k < 8; k += 2) {
-      // Clamped first as std::clamp (a NaN stays NaN), then the hardware cast: the
-      // reference cast's bits (e4m3_cast.cuh).
-      const float x0 = core::clamp_f32(__fmul_rn(bf2f(b.v[k]), inv), -448.0f, 448.0f);
-      const float x1 = core::clamp_f32(__fmul_rn(bf2f(b.v[k + 1]), inv), -448.0f, 448.0f);
-      const uint32_t c = e4m3x2_sat(x0, x1);
-      b.v[k] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c)), s));
-      b.v[k + 1] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c >> 8)), s));
-    }
-  } else if (pos >= 0) {
-#pragma unroll
-    for (int k = 0; k < 8; k += 2) {
-      const int64_t pair = (i + k - nope) / 2;
-      rope_pair(&b.v[k], &b.v[k + 1], cs[pair], cs[rd / 2 + pair]);
-    }
-  }
-  store_bf<8>(v + i, b);
 }
 
 // Dynamic shared memory: [warps][rd] floats, each warp's RoPE table (8 warps: 32 KB
@@ -388,6 +353,7 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
   wait_then_release_dependents();
   __syncwarp();  // the table
   uint16_t* v = kv + row * Dh;
+  const int64_t nope = Dh - rd;
   for (int64_t base = 0; base < Dh; base += 256) {
     const int64_t i = base + 8 * lane;
     const bool in_row = i < Dh;
@@ -396,79 +362,34 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
     else
 #pragma unroll
       for (int k = 0; k < 8; ++k) b.v[k] = 0;
-    kv_finish_pass(b, in_row, i, Dh - rd, pos, cs, rd, v);
-  }
-}
-
-// ---- kv_norm_rope_quant --------------------------------------------------------
-// rms_norm (the kv norm) and kv_rope_quant in one launch, a warp a row, for rows of up
-// to kPasses x 256 values. The norm's sum of squares is rms_norm_kernel<8>'s, bit for
-// bit: there thread t of 256 chains fused multiply-adds over its chunks (8 values) t,
-// t + 256, ...; block_sum then adds each warp's lanes by an xor butterfly and the 8 warp
-// sums in order from zero. Here lane l holds chunk l + 32 k in pass k, which is thread
-// l + 32 k's only chunk: pass k's chain is block warp k's, butterflied as block_sum does,
-// and the passes' sums are added in warp order (the warps without chunks would add +0:
-// exact to skip). The normalized bf16 values then take kv_rope_quant's pass as it would
-// load them.
-// Why every load is issued at once (the norm weights, the position and inv_freq before
-// the dependency wait; the row after it): in SWA layers this kernel runs beside the wq_b
-// GEMM, whose weight stream keeps the memory queues full, and there each dependent
-// round trip took ~2 µs. A form with a load round trip per pass took 15 µs a launch in
-// the graph at batch 1 (3 µs eager), one with every pass unrolled to 8 (84 KB of code)
-// 18.6 µs; rms_norm_kernel then kv_rope_quant took 5.5 + 8.6, overlapped (graph trace,
-// docs/BENCHMARKS.md, thirty-sixth session).
-template <int kPasses>
-__global__ void kv_norm_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T,
-                                          const int32_t* __restrict__ positions,
-                                          const float* __restrict__ inv_freq, int64_t Dh, int64_t rd,
-                                          const uint16_t* __restrict__ norm_w, float eps) {
-  extern __shared__ float kv_rope_cs[];
-  const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5);
-  const int64_t row = blockIdx.x * int64_t(blockDim.x >> 5) + warp;
-  if (row >= T) return;  // whole warps exit together (an exited warp counts as released)
-  const int32_t pos = positions[row];
-  BfVec<8> w[kPasses];  // the norm weights (a weight: before the wait)
+    float amax = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kPasses; ++k)
-    if (256 * k + 8 * lane < Dh) w[k] = load_bf<8>(norm_w + 256 * k + 8 * lane);
-  float* cs = kv_rope_cs + warp * rd;
-  rope_table_warp(pos, inv_freq, rd, cs, lane);
-  wait_then_release_dependents();
-  uint16_t* v = kv + row * Dh;
-  BfVec<8> x[kPasses];
+    for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(bf2f(b.v[k])));
+    // Blocks of 64 are 8 aligned lanes; every lane takes part in the shuffles.
 #pragma unroll
-  for (int k = 0; k < kPasses; ++k) {
+    for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    if (!in_row) continue;
+    if (i < nope) {
+      float s;
+      const float inv = fp8_exponent_scale_inv(amax, &s);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[k].v[e] = 0;
-    if (256 * k + 8 * lane < Dh) x[k] = load_bf<8>(v + 256 * k + 8 * lane);
-  }
-  float total = 0.0f;
+      for (int k = 0; k < 8; k += 2) {
+        // Clamped first as std::clamp (a NaN stays NaN), then the hardware cast: the
+        // reference cast's bits (e4m3_cast.cuh).
+        const float x0 = core::clamp_f32(__fmul_rn(bf2f(b.v[k]), inv), -448.0f, 448.0f);
+        const float x1 = core::clamp_f32(__fmul_rn(bf2f(b.v[k + 1]), inv), -448.0f, 448.0f);
+        const uint32_t c = e4m3x2_sat(x0, x1);
+        b.v[k] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c)), s));
+        b.v[k + 1] = f2bf(__fmul_rn(core::e4m3_to_float(uint8_t(c >> 8)), s));
+      }
+    } else if (pos >= 0) {
 #pragma unroll
-  for (int k = 0; k < kPasses; ++k) {
-    if (256 * k >= Dh) break;  // (uniform)
-    float ss = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const float a = bf2f(x[k].v[e]);
-      ss = fmaf(a, a, ss);
+      for (int k = 0; k < 8; k += 2) {
+        const int64_t pair = (i + k - nope) / 2;
+        rope_pair(&b.v[k], &b.v[k + 1], cs[pair], cs[rd / 2 + pair]);
+      }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    total += ss;
-  }
-  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(Dh)), eps)));
-  __syncwarp();  // the table
-#pragma unroll
-  for (int k = 0; k < kPasses; ++k) {
-    if (256 * k >= Dh) break;  // (uniform)
-    const int64_t i = 256 * k + 8 * lane;
-    const bool in_row = i < Dh;
-    BfVec<8> b = x[k];  // (zeros past the row)
-    if (in_row) {
-#pragma unroll
-      for (int e = 0; e < 8; ++e) b.v[e] = f2bf(__fmul_rn(bf2f(w[k].v[e]), __fmul_rn(bf2f(x[k].v[e]), r)));
-    }
-    kv_finish_pass(b, in_row, i, Dh - rd, pos, cs, rd, v);
+    store_bf<8>(v + i, b);
   }
 }
 
@@ -1359,31 +1280,6 @@ void CudaBackend::do_kv_rope_quant(const Tensor& kv, const BatchView& batch, con
   const int warps = 8;
   kv_rope_quant_kernel<<<unsigned((T + warps - 1) / warps), warps * 32, size_t(warps * rd) * sizeof(float),
                          stream_>>>(kv.as<uint16_t>(), T, batch.positions, rope.inv_freq.as<float>(), Dh, rd);
-  check_launch(stream_);
-}
-
-void CudaBackend::do_kv_norm_rope_quant(const Tensor& kv, const Tensor& norm_weight, float eps,
-                                        const BatchView& batch, const RopeTable& rope) {
-  const int64_t T = kv.size(0), Dh = kv.size(1), rd = rope.rope_dim;
-  if (T == 0) return;
-  // Otherwise the two launches (rms_norm_kernel<1> where the rows are not 8-aligned: its own order).
-  if (Dh % 8 != 0 || Dh > 512 || !aligned16(kv.data()) || !aligned16(norm_weight.data())) {
-    Backend::do_kv_norm_rope_quant(kv, norm_weight, eps, batch, rope);
-    return;
-  }
-  DSV4_CHECK(rd % 2 == 0 && rd <= kKvMaxRopeDim, "kv_norm_rope_quant: rope_dim {} must be even and at most {}", rd,
-             kKvMaxRopeDim);
-  const int warps = 8;
-  const dim3 grid(unsigned((T + warps - 1) / warps)), block(warps * 32);
-  const size_t smem = size_t(warps * rd) * sizeof(float);
-  if (Dh <= 256)
-    kv_norm_rope_quant_kernel<1><<<grid, block, smem, stream_>>>(kv.as<uint16_t>(), T, batch.positions,
-                                                                 rope.inv_freq.as<float>(), Dh, rd,
-                                                                 norm_weight.as<uint16_t>(), eps);
-  else
-    kv_norm_rope_quant_kernel<2><<<grid, block, smem, stream_>>>(kv.as<uint16_t>(), T, batch.positions,
-                                                                 rope.inv_freq.as<float>(), Dh, rd,
-                                                                 norm_weight.as<uint16_t>(), eps);
   check_launch(stream_);
 }
 
