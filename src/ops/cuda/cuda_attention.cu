@@ -346,7 +346,8 @@ __global__ void indexer_q_kernel(uint16_t* __restrict__ q, int64_t rows /* T*Hi 
   // This lane's RoPE angles before the dependency wait: they depend only on the
   // position (step metadata uploaded before the step) and inv_freq (a weight), which
   // no kernel writes, so their double-precision cos and sin run under the
-  // predecessor's tail (the index_wq_b GEMM releases this launch after its main loop).
+  // predecessor's tail (the GEMM of the wq_b / index_wq_b pair releases this launch
+  // after its main loop).
   const int32_t pos = positions[row / Hi];
   float rc[EPL / 2], rs[EPL / 2];
 #pragma unroll

@@ -265,7 +265,8 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   // The RoPE table first, before the dependency wait: the angles depend only on the
   // position (step metadata uploaded before the step) and inv_freq (a weight), which no
   // kernel writes, so their double-precision cos and sin run under the predecessor's
-  // tail (the wq_b GEMM releases this launch after its main loop).
+  // tail where it releases this launch early (in SWA layers the wq_b GEMM, after its
+  // main loop).
   if (pos >= 0)
     for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
   wait_then_release_dependents();
@@ -323,13 +324,13 @@ __device__ __forceinline__ float fp8_exponent_scale_inv(float amax, float* scale
 }
 
 // The RoPE table of one row at `pos`, lane l taking pairs l, l + 32, ...: cs[i] =
-// cos, cs[rd/2 + i] = sin of pair i (rope_cos_sin: a double-precision cos and sin,
-// ~0.5 µs of dependent work a pair). The angles depend only on the position (step
-// metadata the host uploads before the step) and inv_freq (a weight): no kernel
-// writes either, so kv_rope_quant_kernel evaluates them before its dependency wait,
-// under rms_norm's tail, one pair a lane (before: each of the 8 RoPE lanes took its 4
-// pairs one after the other, after the wait; 5 µs a launch alone under ncu at 1 and 16
-// rows). The caller orders the table with __syncwarp().
+// cos, cs[rd/2 + i] = sin of pair i (rope_cos_sin: a double-precision cos and sin).
+// The angles depend only on the position (step metadata the host uploads before the
+// step) and inv_freq (a weight): no kernel writes either, so kv_rope_quant_kernel
+// evaluates them before its dependency wait, one pair a lane, under rms_norm's tail
+// where rms_norm releases it early (before: each of the 8 RoPE lanes took its 4 pairs
+// one after the other, after the wait; 5 µs a launch alone under ncu at 1 and 16 rows).
+// The caller orders the table with __syncwarp().
 __device__ __forceinline__ void rope_table_warp(int32_t pos, const float* __restrict__ inv_freq, int64_t rd,
                                                 float* cs, int lane) {
   for (int64_t i = lane; i < rd / 2; i += 32) {
