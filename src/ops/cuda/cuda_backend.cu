@@ -2,6 +2,7 @@
 #include "ops/cuda/cuda_backend.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -340,6 +341,61 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   }
   return converted;
 }
+
+const char* graph_node_type_name(cudaGraphNodeType type) {
+  switch (type) {
+    case cudaGraphNodeTypeKernel: return "kernel";
+    case cudaGraphNodeTypeMemcpy: return "memcpy";
+    case cudaGraphNodeTypeMemset: return "memset";
+    case cudaGraphNodeTypeHost: return "host";
+    case cudaGraphNodeTypeGraph: return "child_graph";
+    case cudaGraphNodeTypeEmpty: return "empty";
+    case cudaGraphNodeTypeWaitEvent: return "wait_event";
+    case cudaGraphNodeTypeEventRecord: return "event_record";
+    default: return "other";
+  }
+}
+
+// DSV4_GRAPH_EDGES=PREFIX writes each captured graph, as it will be instantiated (after
+// the programmatic conversion), to PREFIX.N.tsv, N counting this process's captures:
+// a line per node (`node`, index in cudaGraphGetNodes order, type, kernel name) and a
+// line per edge (`edge`, from, to, `programmatic` or `plain`). For reading beside the
+// graph trace which launches wait for a whole predecessor, and whether a step holds
+// anything but kernels.
+void dump_graph_edges(cudaGraph_t graph) {
+  const char* prefix = std::getenv("DSV4_GRAPH_EDGES");
+  if (prefix == nullptr || *prefix == '\0') return;
+  static int captures = 0;
+  const std::string path = std::string(prefix) + "." + std::to_string(captures++) + ".tsv";
+  size_t n = 0;
+  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  DSV4_CHECK(f != nullptr, "DSV4_GRAPH_EDGES: cannot write {}", path);
+  std::map<cudaGraphNode_t, size_t> index;
+  for (size_t i = 0; i < n; ++i) {
+    index[nodes[i]] = i;
+    cudaGraphNodeType type{};
+    DSV4_CUDA_CHECK(cudaGraphNodeGetType(nodes[i], &type));
+    const char* name = "";
+    if (type == cudaGraphNodeTypeKernel) {
+      cudaKernelNodeParams params{};
+      DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(nodes[i], &params));
+      if (cudaFuncGetName(&name, params.func) != cudaSuccess || name == nullptr) {
+        cudaGetLastError();  // clear the error it left
+        name = "?";
+      }
+    }
+    std::fprintf(f, "node\t%zu\t%s\t%s\n", i, graph_node_type_name(type), name);
+  }
+  const GraphEdges e = graph_edges(graph);
+  for (size_t i = 0; i < e.from.size(); ++i)
+    std::fprintf(f, "edge\t%zu\t%zu\t%s\n", index.at(e.from[i]), index.at(e.to[i]),
+                 e.data[i].type == cudaGraphDependencyTypeProgrammatic ? "programmatic" : "plain");
+  DSV4_CHECK(std::fclose(f) == 0, "DSV4_GRAPH_EDGES: cannot write {}", path);
+}
+
 }  // namespace
 
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
@@ -359,6 +415,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   last_capture_joins_ = count_joins(edges);
   last_capture_programmatic_edges_ =
       programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
+  dump_graph_edges(graph);
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
   return std::make_unique<CudaGraph>(exec, stream_);
