@@ -2,6 +2,7 @@
 """Where a graph replay's time goes, from a graph_trace file (tools/graph_trace).
 
   scripts/graph_trace_summary.py TRACE.tsv [--last N] [--top K] [--nodes FILE] [--frontier FILE]
+                                 [--edges EDGES.tsv [--chain FILE]]
 
 Takes the graph with the most replays, its last N replays (those with its usual node
 count), and for each kernel node:
@@ -23,6 +24,15 @@ Also: the median span, the time no kernel is resident (launch gaps); with --node
 nodes in the order they end, each with its start, its end and its advance: the chain that
 sets the replay's time, link by link, with the nodes that end under it at ~0. (Streams do not
 name lanes: a capture's lanes take several streams over a step.)
+With --edges (the graph's nodes and edges as DSV4_GRAPH_EDGES wrote them at its capture): the
+critical chain, exact where the advance is a proxy. From the node that ends last, each step back
+goes to the predecessor (by the graph's edges) that ends last; a link's time is its node's end less
+that predecessor's end (the launch after it, any wait, and the node's own run past it). On the
+replays' median times; summed by kernel, and with --chain FILE link by link, each with the kind of
+edge into it (programmatic: launched under its predecessor; plain: after it). Trace nodes are
+matched to the edge file's by their index in the graph (the trace's node id less the graph's high
+bits), checked by kernel name. Nodes that are not kernels (memset, memcpy, events) have no times
+in a trace: each counts as ending when its last predecessor ends.
 """
 import argparse
 import collections
@@ -111,6 +121,56 @@ def write_nodes(path, per_node, order, columns):
             f.write(f"{medians}\t{d['blocks']}\t{d['stream']}\t{short_name(d['name'])}\n")
 
 
+def load_edges(path):
+    """(nodes: index -> (type, name), preds: index -> [(pred index, edge kind)]) of a DSV4_GRAPH_EDGES file."""
+    nodes, preds = {}, collections.defaultdict(list)
+    try:
+        f = open(path)
+    except OSError as e:
+        sys.exit(f"{path}: cannot read the edges: {e.strerror}")
+    with f:
+        for ln, line in enumerate(f, 1):
+            p = line.rstrip("\n").split("\t")
+            if p[0] == "node" and len(p) == 4:
+                nodes[int(p[1])] = (p[2], p[3])
+            elif p[0] == "edge" and len(p) == 4:
+                preds[int(p[2])].append((int(p[1]), p[3]))
+            else:
+                sys.exit(f"{path}:{ln}: not a DSV4_GRAPH_EDGES line: {line.strip()!r}")
+    for n, ps in preds.items():
+        for m, _ in ps + [(n, "")]:
+            if m not in nodes:
+                sys.exit(f"{path}: an edge names node {m}, which has no node line")
+    return nodes, preds
+
+
+def critical_chain(nodes, preds, end):
+    """Links [(node, predecessor or None, edge kind, link ns, end ns)], a root first, to the last-ending node;
+    end: node -> median end (ns from the replay's start) of every kernel node."""
+    memo = {}
+
+    def eff_end(n):  # a node without a time ends with its last predecessor
+        if n in end:
+            return end[n]
+        if n not in memo:
+            memo[n] = 0
+            memo[n] = max((eff_end(m) for m, _ in preds.get(n, [])), default=0)
+        return memo[n]
+
+    n = max(end, key=end.get)
+    chain, seen = [], set()
+    while n not in seen:
+        seen.add(n)
+        ps = preds.get(n, [])
+        if not ps:
+            chain.append((n, None, "", eff_end(n), eff_end(n)))
+            break
+        m, kind = max(ps, key=lambda pk: eff_end(pk[0]))
+        chain.append((n, m, kind, max(0, eff_end(n) - eff_end(m)), eff_end(n)))
+        n = m
+    return chain[::-1]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace")
@@ -118,7 +178,11 @@ def main():
     ap.add_argument("--top", type=int, default=30, help="kernels listed (default 30)")
     ap.add_argument("--nodes", help="write the median replay's nodes in start order to this file")
     ap.add_argument("--frontier", help="write the nodes in the order they end, with their advances, to this file")
+    ap.add_argument("--edges", help="the graph's nodes and edges (DSV4_GRAPH_EDGES): print its critical chain")
+    ap.add_argument("--chain", help="with --edges: write the critical chain link by link to this file")
     a = ap.parse_args()
+    if a.chain and not a.edges:
+        sys.exit("--chain needs --edges (the graph's edges, from DSV4_GRAPH_EDGES)")
 
     rows = load(a.trace)
     replays = collections.defaultdict(list)
@@ -172,10 +236,53 @@ def main():
     print(f"| (all) | {len(per_node)} | {tot[1] / 1e3:.1f} | {tot[2] / 1e3:.1f} | {100 * tot[2] / span:.1f} | "
           f"{tot[3] / 1e3:.1f} |")
 
+    if a.edges:
+        print_chain(a.edges, a.chain, per_node, span)
     if a.nodes:
         write_nodes(a.nodes, per_node, "start", ["start", "dur", "adv", "share"])
     if a.frontier:
         write_nodes(a.frontier, per_node, "end", ["start", "end", "adv"])
+
+
+def print_chain(edges_path, chain_path, per_node, span):
+    nodes, preds = load_edges(edges_path)
+    index = {n: n & 0xFFFFFFFF for n in per_node}  # the node's index in its graph
+    for n, i in index.items():
+        if i not in nodes or nodes[i][0] != "kernel":
+            sys.exit(f"{edges_path}: the trace's node {i} ({base_name(per_node[n]['name'])}) is not a kernel node "
+                     f"there: the edges are of another graph")
+        if base_name(nodes[i][1]) != base_name(per_node[n]["name"]):
+            sys.exit(f"{edges_path}: node {i} is {base_name(nodes[i][1])} there and "
+                     f"{base_name(per_node[n]['name'])} in the trace: the edges are of another graph")
+    kernels = sum(1 for t, _ in nodes.values() if t == "kernel")
+    if kernels != len(index):
+        sys.exit(f"{edges_path}: {kernels} kernel nodes there, {len(index)} in the trace: the edges are of another graph")
+    by_index = {i: n for n, i in index.items()}
+    end = {i: statistics.median(per_node[n]["end"]) for n, i in index.items()}
+    chain = critical_chain(nodes, preds, end)
+    others = collections.Counter(t for t, _ in nodes.values() if t != "kernel")
+    print(f"\ncritical chain: {len(chain)} links, {sum(c[3] for c in chain) / 1e3:.1f} us (span {span / 1e3:.1f}); "
+          f"nodes that are not kernels: {dict(others) if others else 'none'}")
+    fam = collections.defaultdict(lambda: [0, 0.0, 0])
+    for i, _, kind, link, _ in chain:
+        f = fam[base_name(nodes[i][1]) if nodes[i][0] == "kernel" else "(" + nodes[i][0] + ")"]
+        f[0] += 1
+        f[1] += link
+        f[2] += kind == "plain"
+    print("\n| kernel on the chain | links | us | % of span | of them after a plain edge |")
+    print("|---|--:|--:|--:|--:|")
+    for name, (cnt, t, plain) in sorted(fam.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {name} | {cnt} | {t / 1e3:.1f} | {100 * t / span:.1f} | {plain} |")
+    if chain_path:
+        with open(chain_path, "w") as f:
+            f.write("start_us\tend_us\tlink_us\tedge_in\tkernel\n")
+            for i, _, kind, link, e in chain:
+                if i in by_index:
+                    d = per_node[by_index[i]]
+                    start, name = f"{statistics.median(d['start']) / 1e3:.2f}", short_name(d["name"])
+                else:
+                    start, name = "-", "(" + nodes[i][0] + ")"
+                f.write(f"{start}\t{e / 1e3:.2f}\t{link / 1e3:.2f}\t{kind or 'root'}\t{name}\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cxxabi.h>
 #include <map>
 #include <string>
 #include <vector>
@@ -358,7 +359,7 @@ const char* graph_node_type_name(cudaGraphNodeType type) {
 
 // DSV4_GRAPH_EDGES=PREFIX writes each captured graph, as it will be instantiated (after
 // the programmatic conversion), to PREFIX.N.tsv, N counting this process's captures:
-// a line per node (`node`, index in cudaGraphGetNodes order, type, kernel name) and a
+// a line per node (`node`, index in cudaGraphGetNodes order, type, demangled kernel name) and a
 // line per edge (`edge`, from, to, `programmatic` or `plain`). For reading beside the
 // graph trace which launches wait for a whole predecessor, and whether a step holds
 // anything but kernels.
@@ -378,16 +379,21 @@ void dump_graph_edges(cudaGraph_t graph) {
     index[nodes[i]] = i;
     cudaGraphNodeType type{};
     DSV4_CUDA_CHECK(cudaGraphNodeGetType(nodes[i], &type));
-    const char* name = "";
+    std::string name;
     if (type == cudaGraphNodeTypeKernel) {
       cudaKernelNodeParams params{};
       DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(nodes[i], &params));
-      if (cudaFuncGetName(&name, params.func) != cudaSuccess || name == nullptr) {
+      const char* mangled = nullptr;
+      if (cudaFuncGetName(&mangled, params.func) != cudaSuccess || mangled == nullptr) {
         cudaGetLastError();  // clear the error it left
-        name = "?";
+        mangled = "?";
       }
+      int status = 0;
+      char* demangled = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+      name = status == 0 && demangled ? demangled : mangled;  // as the graph trace names kernels
+      std::free(demangled);
     }
-    std::fprintf(f, "node\t%zu\t%s\t%s\n", i, graph_node_type_name(type), name);
+    std::fprintf(f, "node\t%zu\t%s\t%s\n", i, graph_node_type_name(type), name.c_str());
   }
   const GraphEdges e = graph_edges(graph);
   for (size_t i = 0; i < e.from.size(); ++i)

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Checks scripts/graph_trace_summary.py --edges on a made-up graph whose critical chain is known:
+the chain, its links and edge kinds, a node that is not a kernel on a side path, and the refusal of
+edges from another graph.
+usage: check_graph_trace_summary.py SUMMARY_SCRIPT TMP_DIR"""
+import os
+import subprocess
+import sys
+
+
+def fail(msg):
+    print("FAIL: " + msg)
+    sys.exit(1)
+
+
+def main():
+    script, tmp = sys.argv[1], sys.argv[2]
+    os.makedirs(tmp, exist_ok=True)
+    base = os.path.join(tmp, "graph_trace_check_%d" % os.getpid())
+    # Graph 3 (node ids carry it in their high 32 bits), two replays 1 ms apart. Times in us:
+    # A 0-10; B 5-30 (launched under A: programmatic); D 12-20 (after A: plain); a memset after D;
+    # C 32-40 after B and the memset. The chain: A (10), B (30 - 10 = 20), C (40 - 30 = 10).
+    kernels = [(0, "A", 0, 10), (1, "B", 5, 30), (2, "D", 12, 20), (3, "C", 32, 40)]
+    with open(base + ".trace.tsv", "w") as f:
+        f.write("graph\tcorrelation\tnode\tstream\tstart_ns\tend_ns\tblocks\tthreads\tname\n")
+        for replay in range(2):
+            t0 = 1_000_000 * (replay + 1)
+            for i, name, s, e in kernels:
+                f.write(f"3\t{10 + replay}\t{(3 << 32) + i}\t7\t{t0 + s * 1000}\t{t0 + e * 1000}\t1\t32\t"
+                        f"void dsv4::ops::(anonymous namespace)::{name}_kernel<4>(float*, long)\n")
+
+    def edges_file(path, name_of_b):
+        with open(path, "w") as f:
+            for i, name, _, _ in kernels:
+                f.write(f"node\t{i}\tkernel\tdsv4::ops::(anonymous namespace)::"
+                        f"{name_of_b if name == 'B' else name}_kernel<4>(float*, long)\n")
+            f.write("node\t4\tmemset\t\n")
+            f.write("edge\t0\t1\tprogrammatic\nedge\t0\t2\tplain\nedge\t1\t3\tplain\nedge\t2\t4\tplain\nedge\t4\t3\tplain\n")
+
+    edges, chain = base + ".edges.0.tsv", base + ".chain.tsv"
+    edges_file(edges, "B")
+    run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--last", "2", "--edges", edges, "--chain", chain],
+                         capture_output=True, text=True, timeout=60)
+    print(run.stdout)
+    if run.returncode != 0:
+        fail("exit %d: %s" % (run.returncode, run.stderr))
+    if "critical chain: 3 links, 40.0 us (span 40.0)" not in run.stdout:
+        fail("expected a chain of 3 links adding up to the 40 us span")
+    if "nodes that are not kernels: {'memset': 1}" not in run.stdout:
+        fail("the memset node is not reported")
+    with open(chain) as f:
+        lines = [l.rstrip("\n").split("\t") for l in f][1:]
+    got = [(l[4].split("::")[-1].split("<")[0], l[2], l[3]) for l in lines]
+    want = [("A_kernel", "10.00", "root"), ("B_kernel", "20.00", "programmatic"), ("C_kernel", "10.00", "plain")]
+    if got != want:
+        fail("chain %s, expected %s" % (got, want))
+    # Edges of another graph (a kernel named differently) are refused, with the node named.
+    edges_file(edges, "E")
+    run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--last", "2", "--edges", edges],
+                         capture_output=True, text=True, timeout=60)
+    if run.returncode == 0 or "node 1 is (anonymous namespace)::E_kernel there" not in run.stderr:
+        fail("edges of another graph accepted or not named: rc %d, %s" % (run.returncode, run.stderr))
+    for p in (base + ".trace.tsv", edges, chain):
+        os.remove(p)
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
