@@ -1,6 +1,7 @@
 // CUDA backend: device memory, streams, caches, graph capture, scratch.
 #include "ops/cuda/cuda_backend.h"
 
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -358,7 +359,7 @@ const char* graph_node_type_name(cudaGraphNodeType type) {
 }
 
 // DSV4_GRAPH_EDGES=PREFIX writes each captured graph, as it will be instantiated (after
-// the programmatic conversion), to PREFIX.N.tsv, N counting this process's captures:
+// the programmatic conversion), to PREFIX.N.tsv, N counting this process's captures (on any GPU):
 // a line per node (`node`, index in cudaGraphGetNodes order, type, demangled kernel name) and a
 // line per edge (`edge`, from, to, `programmatic` or `plain`). For reading beside the
 // graph trace which launches wait for a whole predecessor, and whether a step holds
@@ -366,8 +367,8 @@ const char* graph_node_type_name(cudaGraphNodeType type) {
 void dump_graph_edges(cudaGraph_t graph) {
   const char* prefix = std::getenv("DSV4_GRAPH_EDGES");
   if (prefix == nullptr || *prefix == '\0') return;
-  static int captures = 0;
-  const std::string path = std::string(prefix) + "." + std::to_string(captures++) + ".tsv";
+  static std::atomic<int> captures{0};  // across backends: ranks capture on threads of their own
+  const std::string path = std::string(prefix) + "." + std::to_string(captures.fetch_add(1)) + ".tsv";
   size_t n = 0;
   DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
   std::vector<cudaGraphNode_t> nodes(n);
