@@ -261,18 +261,24 @@ bool programmatic_launch_enabled() {
   return on;
 }
 
-bool is_ops_kernel(cudaGraphNode_t node) {
-  cudaGraphNodeType type{};
-  DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-  if (type != cudaGraphNodeTypeKernel) return false;
+// The mangled name of a kernel node's function, or null where the runtime cannot name it.
+const char* kernel_node_name(cudaGraphNode_t node) {
   cudaKernelNodeParams params{};
   DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &params));
   const char* name = nullptr;
   if (cudaFuncGetName(&name, params.func) != cudaSuccess || name == nullptr) {
     cudaGetLastError();  // clear the error it left
-    return false;
+    return nullptr;
   }
-  return std::strncmp(name, "_ZN4dsv4", 8) == 0;  // namespace dsv4
+  return name;
+}
+
+bool is_ops_kernel(cudaGraphNode_t node) {
+  cudaGraphNodeType type{};
+  DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+  if (type != cudaGraphNodeTypeKernel) return false;
+  const char* name = kernel_node_name(node);
+  return name != nullptr && std::strncmp(name, "_ZN4dsv4", 8) == 0;  // namespace dsv4
 }
 
 // A captured graph's edges and the number of edges into and out of each node.
@@ -382,13 +388,8 @@ void dump_graph_edges(cudaGraph_t graph) {
     DSV4_CUDA_CHECK(cudaGraphNodeGetType(nodes[i], &type));
     std::string name;
     if (type == cudaGraphNodeTypeKernel) {
-      cudaKernelNodeParams params{};
-      DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(nodes[i], &params));
-      const char* mangled = nullptr;
-      if (cudaFuncGetName(&mangled, params.func) != cudaSuccess || mangled == nullptr) {
-        cudaGetLastError();  // clear the error it left
-        mangled = "?";
-      }
+      const char* mangled = kernel_node_name(nodes[i]);
+      if (mangled == nullptr) mangled = "?";
       int status = 0;
       char* demangled = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
       name = status == 0 && demangled ? demangled : mangled;  // as the graph trace names kernels
