@@ -320,11 +320,28 @@ int count_joins(const GraphEdges& e) {
 // first and was slower (bench-1g batch 1: 2.94 ms against 2.49 ms without PDL):
 // every waiting kernel counts as started, so whole chains of small kernels became
 // resident at once, waiting, and held the SMs' resources.
-// Where lanes fork or join (engine/stage_lanes.h), the edges stay plain: only an
-// edge that is its upstream node's one way out and its downstream node's one way in
-// is converted. (Each such edge is the single-stream case measured above; a kernel
-// with several programmatic edges in or out was not.)
+// Where lanes fork or join (engine/stage_lanes.h), the edges stay plain by default:
+// only an edge that is its upstream node's one way out and its downstream node's one
+// way in is converted. DSV4_CUDA_PDL_LANES=fork|join|all (read once) converts the
+// kernel edges out of a fork, into a join (a node whose every way in is from one of
+// our kernels), or both. The rule that keeps them correct is the single edge's:
+// every kernel triggers its dependents only after its own wait, so a kernel launched
+// through programmatic edges finds every grandparent finished, and its own wait
+// (griddepcontrol.wait: all prerequisite grids) covers each of its parents.
 // Returns the number of edges converted.
+enum class LaneEdges { kSingle, kFork, kJoin, kAll };
+LaneEdges lane_edges_mode() {
+  static const LaneEdges mode = [] {
+    const char* v = std::getenv("DSV4_CUDA_PDL_LANES");
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return LaneEdges::kSingle;
+    if (std::strcmp(v, "fork") == 0) return LaneEdges::kFork;
+    if (std::strcmp(v, "join") == 0) return LaneEdges::kJoin;
+    DSV4_CHECK(std::strcmp(v, "all") == 0, "DSV4_CUDA_PDL_LANES={}: expected 0, fork, join or all", v);
+    return LaneEdges::kAll;
+  }();
+  return mode;
+}
+
 int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   const size_t n = e.from.size();
   auto& from = e.from;
@@ -336,10 +353,19 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
     if (it == ours.end()) it = ours.emplace(node, is_ops_kernel(node)).first;
     return it->second;
   };
+  const LaneEdges mode = lane_edges_mode();
+  const bool forks = mode == LaneEdges::kFork || mode == LaneEdges::kAll;
+  const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll;
+  // A join is converted only where every way in is from one of our kernels.
+  std::map<cudaGraphNode_t, int> ours_in;
+  for (size_t i = 0; i < n; ++i)
+    if (data[i].type == cudaGraphDependencyTypeDefault && is_ours(from[i])) ++ours_in[to[i]];
   int converted = 0;
   for (size_t i = 0; i < n; ++i) {
     if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i]) || !is_ours(from[i])) continue;
-    if (e.out_degree[from[i]] != 1 || e.in_degree[to[i]] != 1) continue;
+    const int in = e.in_degree[to[i]];
+    if (e.out_degree[from[i]] != 1 && !forks) continue;
+    if (in != 1 && !(joins && ours_in[to[i]] == in)) continue;
     DSV4_CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[i], &to[i], &data[i], 1));
     cudaGraphEdgeData edge{};
     edge.from_port = cudaGraphKernelNodePortProgrammatic;
