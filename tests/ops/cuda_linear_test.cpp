@@ -1905,6 +1905,64 @@ TEST_P(CudaLinear, RowResultsDoNotDependOnTheBatch) {
 }
 
 // ---- graph capture -----------------------------------------------------------------------
+// A fork and a join of lanes inside one captured graph: lane 1 runs two large linears
+// (~130 MB of weights) while lane 0 runs one small one; a join op on lane 0 then reads
+// both. CudaBackend::capture may make the fork's and the join's edges programmatic
+// (DSV4_CUDA_PDL_LANES), so the join op is launched while lane 1 still runs: its wait
+// must cover the predecessor on each lane. Every intermediate is poisoned before each
+// replay, so a join that read lane 1's output early would see the poison.
+TEST(CudaGraphLanes, JoinWaitsForEveryLane) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  if (cuda.num_lanes() < 2) GTEST_SKIP() << "DSV4_CUDA_LANES=1: a step has one lane, no fork or join to test";
+  Rng rng(0x81);
+  const int64_t M = 16, D = 1024, H = 32768;
+  const Tensor wa = to_device(cuda, rng.bf16({D, D}, 1.0f / 32.0f));
+  const Tensor wh = to_device(cuda, rng.bf16({H, D}, 1.0f / 32.0f));
+  const Tensor wr = to_device(cuda, rng.bf16({D, H}, 1.0f / 181.0f));
+  const Tensor ws = to_device(cuda, rng.bf16({D, D}, 1.0f / 32.0f));
+  Tensor x = cuda.empty(DType::kBF16, {M, D});
+  Tensor a = cuda.empty(DType::kBF16, {M, D}), h = cuda.empty(DType::kBF16, {M, H});
+  Tensor r = cuda.empty(DType::kF32, {M, D}), sh = cuda.empty(DType::kBF16, {M, D});
+  Tensor y = cuda.empty(DType::kBF16, {M, D});
+  auto body = [&] {
+    cuda.clear_marks();
+    cuda.set_lane(0);
+    cuda.linear_bf16(x, wa, a);
+    const int forked = cuda.mark_lane();
+    cuda.set_lane(1);  // the slow lane: 64 MB of weights, then 64 MB more
+    cuda.wait_for_mark(forked);
+    cuda.linear_bf16(a, wh, h);
+    cuda.linear_bf16(h, wr, r);
+    const int slow_done = cuda.mark_lane();
+    cuda.set_lane(0);  // the fast lane: 2 MB
+    cuda.linear_bf16(a, ws, sh);
+    cuda.wait_for_mark(slow_done);
+    cuda.moe_output(r, sh, y);  // the join: reads both lanes' outputs
+  };
+  auto poison = [&] {
+    for (const Tensor* t : {&a, &h, &r, &sh, &y}) cudaMemsetAsync(t->data(), 0x7f, t->nbytes(), cuda.stream());
+  };
+  cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
+  body();  // eager first: scratch buffers reach their sizes before capture
+  auto graph = cuda.capture(body);
+  EXPECT_GE(cuda.last_capture_joins(), 1);
+  for (int round = 0; round < 3; ++round) {
+    cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
+    poison();
+    body();
+    const Tensor eager = to_host(cuda, y);
+    for (int rep = 0; rep < 3; ++rep) {
+      poison();
+      graph->replay();
+      cuda.synchronize();
+      expect_bitwise(eager, to_host(cuda, y), "join output, round " + std::to_string(round) + " replay " +
+                                                   std::to_string(rep));
+    }
+  }
+}
+
 TEST_P(CudaLinear, GraphReplayEqualsEager) {
   Env env;
   Rng rng(0x80);

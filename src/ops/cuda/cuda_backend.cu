@@ -320,23 +320,26 @@ int count_joins(const GraphEdges& e) {
 // first and was slower (bench-1g batch 1: 2.94 ms against 2.49 ms without PDL):
 // every waiting kernel counts as started, so whole chains of small kernels became
 // resident at once, waiting, and held the SMs' resources.
-// Where lanes fork or join (engine/stage_lanes.h), the edges stay plain by default:
-// only an edge that is its upstream node's one way out and its downstream node's one
-// way in is converted. DSV4_CUDA_PDL_LANES=fork|join|all (read once) converts the
-// kernel edges out of a fork, into a join (a node whose every way in is from one of
-// our kernels), or both. The rule that keeps them correct is the single edge's:
-// every kernel triggers its dependents only after its own wait, so a kernel launched
-// through programmatic edges finds every grandparent finished, and its own wait
-// (griddepcontrol.wait: all prerequisite grids) covers each of its parents.
+// Where lanes fork or join (engine/stage_lanes.h): DSV4_CUDA_PDL_LANES (read once)
+// says which of those edges are converted too: `join` (the default) the edges into a
+// join whose every way in is from one of our kernels, `fork` the edges out of a fork,
+// `all` both, `0` neither (only an edge that is its upstream node's one way out and its
+// downstream node's one way in). Measured (bench-1g, H200, 3 rounds; docs/BENCHMARKS.md,
+// thirty-seventh session): join -0.5 / -0.1 / -0.1 / -0.1% a step at 1 / 16 / 64 / 256
+// rows; fork -0.2 / -0.3 / -0.1 / +0.2%; all -0.3 / -0.4 / -0.1 / +0.3%.
+// The rule that keeps them correct is the single edge's: every kernel triggers its
+// dependents only after its own wait, so a kernel launched through programmatic edges
+// finds every grandparent finished, and its own wait (griddepcontrol.wait: all
+// prerequisite grids) covers each parent (GPU test CudaGraphLanes.JoinWaitsForEveryLane).
 // Returns the number of edges converted.
 enum class LaneEdges { kSingle, kFork, kJoin, kAll };
 LaneEdges lane_edges_mode() {
   static const LaneEdges mode = [] {
     const char* v = std::getenv("DSV4_CUDA_PDL_LANES");
-    if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return LaneEdges::kSingle;
+    if (v == nullptr || *v == '\0' || std::strcmp(v, "join") == 0) return LaneEdges::kJoin;
+    if (std::strcmp(v, "0") == 0) return LaneEdges::kSingle;
     if (std::strcmp(v, "fork") == 0) return LaneEdges::kFork;
-    if (std::strcmp(v, "join") == 0) return LaneEdges::kJoin;
-    DSV4_CHECK(std::strcmp(v, "all") == 0, "DSV4_CUDA_PDL_LANES={}: expected 0, fork, join or all", v);
+    DSV4_CHECK(std::strcmp(v, "all") == 0, "DSV4_CUDA_PDL_LANES='{}': expected join (the default), fork, all or 0", v);
     return LaneEdges::kAll;
   }();
   return mode;
