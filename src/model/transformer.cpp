@@ -241,16 +241,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
       [&be, &w, &cache, this, batch, q, kv, topk, attn_o, rope, csa] {
         be.sparse_attention(q, kv, cache, batch, csa ? topk : Tensor(), w.attn_sink, softmax_scale_, rope, attn_o);
       }});
-  // Where the backend asks for it: wo_a's weights on their way into a cache while the
-  // attention runs (at small batch it reads little, and wo_a reads them next). It reads
-  // q, so it follows the q path on a lane of its own, and writes nothing: no stage
-  // waits for it but the next writer of q.
-  if (be.wants_weight_prefetch()) {
-    program.push_back(Stage{L + ".prefetch_wo", StageKind::kCompute, {{"q", b.q.data()}}, {}, [&be, &w] {
-                              be.prefetch(w.wo_a.weight);
-                              be.prefetch(w.wo_a.scale);
-                            }});
-  }
   // The output projections and hc_post; then the FFN's hc_pre.
   program.push_back(Stage{
       L + ".attn_out", StageKind::kCompute,

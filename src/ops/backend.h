@@ -307,13 +307,6 @@ class Backend {
   void gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst);
   // Byte copy between tensors of this device (dst at least as large as src).
   void copy(const core::Tensor& dst, const core::Tensor& src);
-  // A hint that t, a weight (nothing writes it during a step), is read soon: the
-  // backend may start moving its bytes into a cache (CUDA: the L2, where the step's
-  // chain leaves the memory idle). Changes no tensor; the CPU backend does nothing.
-  void prefetch(const core::Tensor& t);
-  // Whether the model should issue prefetch() hints (the backend's choice; CUDA: opt-in,
-  // DSV4_CUDA_PREFETCH_WO=1).
-  virtual bool wants_weight_prefetch() const { return false; }
   // Makes this backend's device current on the calling thread (rank threads call it once).
   virtual void bind_to_current_thread() {}
   // Brackets work for an external profiler started with collection off (ncu
@@ -405,7 +398,6 @@ class Backend {
   virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
   virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;
-  virtual void do_prefetch(const core::Tensor& /*t*/) {}
 };
 
 // The RoPE inverse frequencies of spec §2.2 in the reference's fp32 arithmetic.

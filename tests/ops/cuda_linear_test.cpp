@@ -1963,52 +1963,6 @@ TEST(CudaGraphLanes, JoinWaitsForEveryLane) {
   }
 }
 
-// prefetch() is a cache hint: eager or captured on a side lane beside the linear that
-// reads the same weights, with tensors of sizes and offsets that are not 16-byte units
-// (its kernel prefetches whole 16-byte units only) and of zero bytes, it changes no
-// output and no weight byte, and its kernel launches cleanly (memcheck runs this too).
-TEST_P(CudaLinear, PrefetchChangesNothingEagerOrCaptured) {
-  Env env;
-  Rng rng(0x82);
-  auto& cuda = env.cuda;
-  const int64_t M = 16, N = 1024, K = 2048;
-  const QuantLinear w = device_quant(cuda, host_quant(N, K, false, draw_seed(rng)));
-  const Tensor x = to_device(cuda, rng.bf16({M, K}));
-  const Tensor odd = to_device(cuda, rng.bf16({1, 4097}));  // 8194 bytes
-  const Tensor offset = odd.reshape({4097}).rows(1, 4001);  // starts 2 bytes past an aligned address
-  const Tensor empty = cuda.empty(DType::kBF16, {0, 8});
-  Tensor y = cuda.empty(DType::kBF16, {M, N}), y_ref = cuda.empty(DType::kBF16, {M, N});
-  const Tensor w_before = to_host(cuda, w.weight), odd_before = to_host(cuda, odd);
-  cuda.linear(x, w, y_ref);
-  auto body = [&] {
-    cuda.clear_marks();
-    cuda.set_lane(0);
-    const int start = cuda.mark_lane();
-    cuda.set_lane(cuda.num_lanes() > 1 ? 1 : 0);
-    cuda.wait_for_mark(start);
-    for (const Tensor* t : {&w.weight, &w.scale, &odd, &offset, &empty}) cuda.prefetch(*t);
-    const int prefetched = cuda.mark_lane();
-    cuda.set_lane(0);
-    cuda.linear(x, w, y);
-    cuda.wait_for_mark(prefetched);
-  };
-  cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
-  body();
-  cuda.synchronize();
-  expect_bitwise(to_host(cuda, y_ref), to_host(cuda, y), "linear after an eager prefetch");
-  auto graph = cuda.capture(body);
-  for (int rep = 0; rep < 3; ++rep) {
-    cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
-    graph->replay();
-    cuda.synchronize();
-    expect_bitwise(to_host(cuda, y_ref), to_host(cuda, y), "linear beside a captured prefetch, replay " +
-                                                               std::to_string(rep));
-  }
-  expect_bitwise(w_before, to_host(cuda, w.weight), "the prefetched weight");
-  expect_bitwise(odd_before, to_host(cuda, odd), "the prefetched odd-sized tensor");
-  EXPECT_THROW(cuda.prefetch(odd_before), std::exception) << "a host tensor is refused";
-}
-
 TEST_P(CudaLinear, GraphReplayEqualsEager) {
   Env env;
   Rng rng(0x80);

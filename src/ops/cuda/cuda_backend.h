@@ -63,10 +63,6 @@ class CudaBackend final : public Backend {
   int mark_lane() override;
   void wait_for_mark(int mark) override;
   void clear_marks() override { next_mark_ = 0; }
-  // DSV4_CUDA_PREFETCH_WO=1 (read once; default off): the model asks for its wo_a weights
-  // to be prefetched into the L2 beside the attention (prefetch(): a one-warp kernel of
-  // bulk L2 prefetches; DSV4_CUDA_PREFETCH_GB_S paces them, default unpaced).
-  bool wants_weight_prefetch() const override;
   const cudaDeviceProp& properties() const { return props_; }
   cublasLtHandle_t cublaslt() const { return cublaslt_; }
   void* cublas_workspace() const { return workspace_.data(); }
@@ -131,7 +127,6 @@ class CudaBackend final : public Backend {
   void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) override;
   void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) override;
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;
-  void do_prefetch(const core::Tensor& t) override;
 
  private:
   int device_ = 0;

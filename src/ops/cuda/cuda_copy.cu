@@ -1,9 +1,6 @@
-// Byte copies, the slot gather of the expert-parallel combine, and L2 prefetch hints.
+// Byte copies and the slot gather of the expert-parallel combine.
 // gather_slots: memory-bound, 2 x T*k*D*2 bytes; one CTA per (row, slot), 16-byte accesses.
 #include <cuda_profiler_api.h>
-
-#include <cstdint>
-#include <cstdlib>
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
@@ -28,51 +25,7 @@ __global__ void gather_slots_kernel(const uint4* __restrict__ src, const int32_t
   for (int64_t i = threadIdx.x; i < vecs_per_row; i += blockDim.x) out[i] = in[i];
 }
 
-// Asks the L2 to fetch [base, base + bytes) in pieces of kPiece bytes, one warp's lanes
-// taking every 32nd piece; with ns_per_piece > 0, piece i is not asked for before
-// i * ns_per_piece after the kernel starts (a rate limit, so that the loads of the
-// kernels beside it do not queue behind the whole stream). Reads nothing another kernel
-// writes, so the prefetches go out before the wait; the wait keeps the rule that a
-// kernel ends only after its predecessors (grid_dependency.cuh).
-constexpr int64_t kPrefetchPiece = 32768;
-__global__ void prefetch_l2_kernel(const char* base, int64_t bytes, uint64_t ns_per_piece) {
-  uint64_t t0 = 0;
-  if (ns_per_piece) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  for (int64_t i = threadIdx.x; i * kPrefetchPiece < bytes; i += 32) {
-    if (ns_per_piece) {
-      uint64_t now = t0;
-      while (now - t0 < uint64_t(i) * ns_per_piece) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    }
-    const int64_t off = i * kPrefetchPiece;
-    const uint32_t n = uint32_t(min(kPrefetchPiece, bytes - off)) & ~15u;  // whole 16-byte units
-    if (n > 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(base + off), "r"(n) : "memory");
-  }
-  wait_for_predecessor();
-}
-
 }  // namespace
-
-bool CudaBackend::wants_weight_prefetch() const {
-  static const bool on = env_is("DSV4_CUDA_PREFETCH_WO", "1");
-  return on;
-}
-
-void CudaBackend::do_prefetch(const core::Tensor& t) {
-  static const uint64_t ns_per_piece = [] {
-    const char* v = std::getenv("DSV4_CUDA_PREFETCH_GB_S");
-    if (v == nullptr || *v == '\0') return uint64_t(0);
-    char* end = nullptr;
-    const double gb_s = std::strtod(v, &end);
-    DSV4_CHECK(end != v && *end == '\0' && gb_s > 0, "DSV4_CUDA_PREFETCH_GB_S='{}': expected a rate in GB/s > 0", v);
-    return uint64_t(double(kPrefetchPiece) / gb_s);  // bytes / (GB/s) = ns
-  }();
-  const auto base = reinterpret_cast<uintptr_t>(t.data());
-  const uintptr_t aligned = (base + 15) & ~uintptr_t(15);  // the bulk prefetch takes 16-byte aligned addresses
-  if (uint64_t(t.nbytes()) <= aligned - base) return;
-  prefetch_l2_kernel<<<1, 32, 0, stream_>>>(reinterpret_cast<const char*>(aligned),
-                                           int64_t(t.nbytes() - (aligned - base)), ns_per_piece);
-  check_launch(stream_);
-}
 
 void CudaBackend::bind_to_current_thread() { DSV4_CUDA_CHECK(cudaSetDevice(device_)); }
 
