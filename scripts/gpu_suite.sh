@@ -16,7 +16,7 @@
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
-# A split-form httplib (Debian's) and its libraries may be carried in .carry/.
+# A split-form httplib (Debian's) and its libraries may be carried in .carry/ (scripts/prepare_carry.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest="${1:?usage: scripts/gpu_suite.sh OUT_DIR STEP...}"
