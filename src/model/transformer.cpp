@@ -216,7 +216,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   // then the Sinkhorn of comb, which attn_in left for later (hc_pre_config_): only
   // attn_out's hc_post reads comb. Both need only attn_in; in one stage, attention's
   // wait for this lane covers the Sinkhorn too (a stage of its own on another lane would
-  // add a join at attn_out's first GEMM, a plain graph edge instead of a programmatic one).
+  // add a join at attn_out's first GEMM: a fork edge to it and one more lane to wait for).
   program.push_back(Stage{L + ".attn_kv", StageKind::kCompute, {{"kv", b.kv.data()}, {"comb", b.comb.data()}},
                           {{"kv", b.kv.data()}, {"comb", b.comb.data()}},
                           [&be, &w, this, batch, kv, comb, rope, eps] {
