@@ -45,8 +45,7 @@ CudaBackend::CudaBackend(int device) : device_(device), scratch_(std::make_uniqu
   if (props_.major != 9)
     core::fail("CUDA backend: device {} ({}) has compute capability {}.{}; this build targets Hopper (sm_90a)", device,
                props_.name, props_.major, props_.minor);
-  lane_priority();  // likewise DSV4_CUDA_LANE_PRIORITY
-  DSV4_CUDA_CHECK(cudaStreamCreateWithPriority(&own_stream_, cudaStreamNonBlocking, lane_stream_priority(0)));
+  DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&own_stream_, cudaStreamNonBlocking));
   stream_ = own_stream_;
   DSV4_CUBLAS_CHECK(cublasLtCreate(&cublaslt_));
   workspace_ = empty_bytes(64ull << 20);
@@ -454,10 +453,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   last_capture_programmatic_edges_ =
       programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
   dump_graph_edges(graph);
-  // With lane priorities each kernel node keeps its capturing stream's priority.
-  const unsigned long long flags =
-      lane_priority() == LanePriority::kNone ? 0ull : (unsigned long long)cudaGraphInstantiateFlagUseNodePriority;
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, flags));
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
   return std::make_unique<CudaGraph>(exec, stream_);
 }
@@ -483,27 +479,6 @@ void* CudaBackend::scratch(const char* name, size_t bytes, bool* fresh) {
   return t.data();
 }
 
-CudaBackend::LanePriority CudaBackend::lane_priority() {
-  static const LanePriority p = [] {
-    const char* v = std::getenv("DSV4_CUDA_LANE_PRIORITY");
-    if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return LanePriority::kNone;
-    if (std::strcmp(v, "main") == 0) return LanePriority::kMain;
-    DSV4_CHECK(std::strcmp(v, "side") == 0, "DSV4_CUDA_LANE_PRIORITY='{}': expected 0 (the default), main or side", v);
-    return LanePriority::kSide;
-  }();
-  return p;
-}
-
-int CudaBackend::lane_stream_priority(int lane) {
-  int least = 0, greatest = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  switch (lane_priority()) {
-    case LanePriority::kMain: return lane == 0 ? greatest : least;
-    case LanePriority::kSide: return lane == 0 ? least : greatest;
-    default: return least;  // every stream at the default priority
-  }
-}
-
 int CudaBackend::num_lanes() const {
   static const int lanes = [] {
     const char* v = std::getenv("DSV4_CUDA_LANES");
@@ -523,8 +498,7 @@ void CudaBackend::set_lane(int lane) {
     stream_ = lane0_stream_;
   } else {
     cudaStream_t& side = side_streams_[{lane0_stream_, lane}];
-    if (side == nullptr)
-      DSV4_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, lane_stream_priority(lane)));
+    if (side == nullptr) DSV4_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     stream_ = side;
   }
   lane_ = lane;

@@ -129,15 +129,6 @@ class CudaBackend final : public Backend {
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;
 
  private:
-  // DSV4_CUDA_LANE_PRIORITY (read once; an A/B switch): `0` (the default) every stream
-  // at the default priority; `main` lane 0's own stream at the greatest priority and
-  // the side lanes' at the least, `side` the reverse. Where two lanes' blocks are
-  // pending at once the block scheduler then takes the favoured lane's first. Captured
-  // kernel nodes keep their stream's priority (instantiated with UseNodePriority).
-  enum class LanePriority { kNone, kMain, kSide };
-  static LanePriority lane_priority();
-  static int lane_stream_priority(int lane);
-
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   int last_capture_programmatic_edges_ = 0;
