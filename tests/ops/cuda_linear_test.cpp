@@ -60,6 +60,8 @@ int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
+int64_t cuda_linear_router_folds();
+void cuda_linear_force_router_fold(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
@@ -1813,6 +1815,49 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
         expect_bitwise(ir, ih, "router ids, T=" + std::to_string(T) + " vs the Hopper model");
         expect_bitwise(wr, wh, "router weights, T=" + std::to_string(T) + " vs the Hopper model");
       }
+    }
+  }
+}
+
+// The router's select kernel folding the logits GEMM's K-slice partials itself (the
+// default where the GEMM would take split_fold_kernel) against the fold launch, at
+// V4-Flash's router shape (256 experts, K = 4096: 32 slices), every scoring function
+// and the hash routing: ids and weights bit for bit, and the fused path taken.
+TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  Rng rng(0x61);
+  const int64_t E = 256, D = 4096, k = 6, V = 1000;
+  const Tensor gate = to_device(cuda, rng.bf16({E, D}, 0.02f)), bias = to_device(cuda, rng.f32({E}, 0.1f));
+  Tensor tid2eid_h = Tensor::empty_cpu(DType::kI64, {V, k});
+  for (int64_t i = 0; i < V * k; ++i) tid2eid_h.as<int64_t>()[i] = (i * 37) % E;
+  const Tensor tid2eid = to_device(cuda, tid2eid_h);
+  struct Reset {
+    ~Reset() { ops::cuda_linear_force_router_fold(-1); }
+  } reset;
+  for (const RouterCase& rc : kRouterCases) {
+    const ops::RouterConfig cfg = rc.config(k);
+    for (int64_t T : {1, 3, 16, 64, 100, 256}) {
+      const Tensor x = to_device(cuda, rng.bf16({T, D}));
+      const Batch batch(cuda, T, rng, V, 11);
+      Tensor out[2][2];
+      int64_t folds[2];
+      for (int fused = 0; fused < 2; ++fused) {
+        ops::cuda_linear_force_router_fold(fused);
+        out[fused][0] = device_poisoned(cuda, DType::kF32, {T, k});
+        out[fused][1] = device_poisoned(cuda, DType::kI32, {T, k});
+        const int64_t before = ops::cuda_linear_router_folds();
+        cuda.router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(), batch.view(true, 0, T), cfg,
+                    out[fused][0], out[fused][1]);
+        folds[fused] = ops::cuda_linear_router_folds() - before;
+      }
+      const std::string what = "T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
+                               (rc.hash ? " hash" : "");
+      EXPECT_EQ(folds[0], 0) << what;
+      EXPECT_EQ(folds[1], T >= 3 ? 1 : 0) << what << ": 32 slices x T rows > 64 should leave the fold to the select";
+      expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[1][0]), "router weights, " + what);
+      expect_bitwise(to_host(cuda, out[0][1]), to_host(cuda, out[1][1]), "router ids, " + what);
     }
   }
 }

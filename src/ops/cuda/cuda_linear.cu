@@ -83,6 +83,10 @@ void cuda_linear_force_last_cta_fold(int max_partials);
 // -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
+// Test hooks: router launches so far whose select kernel folded the GEMM's partials;
+// -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
+int64_t cuda_linear_router_folds();
+void cuda_linear_force_router_fold(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -500,6 +504,17 @@ bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
   return false;
 }
 
+// The router's logits folded by router_select_kernel from the GEMM's K-slice partials
+// where the GEMM would otherwise be followed by split_fold_kernel (16-256 rows on
+// bench-1g): the same bits, one launch less on each layer's chain.
+// DSV4_CUDA_ROUTER_FOLD=0 keeps the fold launch (A/B runs).
+std::atomic<int64_t> g_router_folds{0};
+std::atomic<int> g_force_router_fold{-1};
+bool router_fold_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
+  return forced_or(g_force_router_fold, from_env);
+}
+
 int64_t last_cta_fold_max(int nt) {
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
   static const int64_t from_env = [] {
@@ -530,8 +545,19 @@ void bind_split(CudaBackend& be, lk::GemmParams& p, int64_t rows, int64_t cols, 
   if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, bytes, be.stream()));
 }
 
+// Where a split GEMM's fold is left to its consumer (run_gemm's `leave`): the K-slice
+// partials, [split][rows][cols] fp32, as split_fold_kernel would read them.
+struct LeftPartials {
+  const float* partial = nullptr;
+  int split = 0;  // 0: nothing left, the GEMM wrote its output
+  int64_t rows = 0;
+};
+
 // Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
-void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
+// With `leave`, a launch that would be followed by split_fold_kernel is not: its
+// partials are described in *leave for the consumer to fold (router_select_kernel).
+void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr) {
+  if (leave != nullptr) *leave = LeftPartials{};
   const int stage_k = is_quant(fmt) ? 128 : 64;
   DSV4_CHECK(p.k % stage_k == 0 && p.k > 0, "gemm: K={} not a multiple of {}", p.k, stage_k);
   const int64_t stages = p.k / stage_k;
@@ -578,6 +604,10 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p) {
     case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
     case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
     case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
+  }
+  if (fold_launch && !cluster_fold && leave != nullptr) {
+    *leave = LeftPartials{.partial = p.partial, .split = p.split, .rows = p.m};
+    return;
   }
   if (fold_launch && !cluster_fold) {
     const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
@@ -809,6 +839,8 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);
 }
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
+int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
+void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_last_cta_fold(int max_partials) {
@@ -1265,12 +1297,18 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   DSV4_CHECK((2 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   float* logits = scratch_as<float>(*this, "router.logits", T * E);
+  LeftPartials left;
   if (gate.size(1) == 0) DSV4_CUDA_CHECK(cudaMemsetAsync(logits, 0, size_t(T * E) * sizeof(float), stream()));
+  else if (router_fold_enabled() && !simple_path() && bf16_fast_ok(x, gate))
+    run_gemm(*this, WFmt::kBf16, bf16_params(x, gate, logits, true), &left);
   else bf16_gemm(*this, x, gate, logits, true);
+  if (left.split > 0) g_router_folds.fetch_add(1, std::memory_order_relaxed);
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
-  lk::router_select_kernel<<<unsigned(T), 32, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
-      logits, int(E), int(k), scoring, config.normalize ? 1 : 0, config.route_scale,
+  const unsigned threads = left.split > 0 ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
+  lk::router_select_kernel<<<unsigned(T), threads, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
+      left.split > 0 ? left.partial : logits, left.split, left.rows, int(E), int(k), scoring,
+      config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
       weights.as<float>(), ids.as<int32_t>());
   check_launch(stream());

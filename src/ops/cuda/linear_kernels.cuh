@@ -1451,11 +1451,21 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 // Roofline: reads 4E bytes per row, k argmax rounds over E/32 values per lane; ~1 µs.
 // The chosen ids and their scores stay in shared memory until the lanes' final stores
 // (lane 0 used to read them back from the output rows; measured no faster or slower).
-__global__ void router_select_kernel(const float* __restrict__ logits, int num_experts, int k, int scoring,
-                                     int normalize, float route_scale, const float* __restrict__ bias,
-                                     const int64_t* __restrict__ tid2eid, const int32_t* __restrict__ token_ids,
-                                     const int32_t* __restrict__ positions, float* __restrict__ weights,
-                                     int32_t* __restrict__ ids) {
+// A block a row. With split > 0 the logits are still the router GEMM's K-slice partials
+// ([split][rows][num_experts], the layout split_fold_kernel reads) and the block folds
+// them itself, ((0 + p_0) + p_1) + ..., split_fold_kernel's order, so the same bits
+// with one launch less on the chain; the whole block folds and scores (a thread an
+// expert), then warp 0 alone selects. Without split, one warp reads the logits.
+__device__ __forceinline__ float router_score(int scoring, float logit) {
+  return scoring == 0 ? sqrtf(core::softplus_f32(logit))  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
+                      : core::sigmoid_f32(logit);
+}
+
+__global__ void router_select_kernel(const float* __restrict__ logits, int split, int64_t rows, int num_experts,
+                                     int k, int scoring, int normalize, float route_scale,
+                                     const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
+                                     const int32_t* __restrict__ token_ids, const int32_t* __restrict__ positions,
+                                     float* __restrict__ weights, int32_t* __restrict__ ids) {
   wait_then_release_dependents();
   extern __shared__ float s_f[];
   float* score = s_f;
@@ -1463,7 +1473,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
   int* s_ids = reinterpret_cast<int*>(s_f + 2 * num_experts);  // [k] the chosen ids, slot order
   float* s_wt = s_f + 2 * num_experts + k;                      // [k] their scores
   const int64_t row = blockIdx.x;
-  const int lane = threadIdx.x;
+  const int lane = threadIdx.x;  // (warp 0's lane; other warps only fold)
   float* wt = weights + row * k;
   int32_t* it = ids + row * k;
   if (positions[row] < 0) {
@@ -1473,13 +1483,35 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
     }
     return;
   }
-  const float* lg = logits + row * num_experts;
-  for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
+  bool scored = false;
+  if (split > 0) {
+    const int64_t stride = rows * num_experts;
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
+      const float* q = logits + row * num_experts + i;
+      float v = 0.0f;
+      for (int s0 = 0; s0 < split; s0 += 8) {  // eight slices' loads in flight
+        float part[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (s0 + j < split) part[j] = __ldcg(q + int64_t(s0 + j) * stride);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          if (s0 + j < split) v += part[j];
+      }
+      score[i] = scoring == 2 ? v : router_score(scoring, v);
+      if (scoring != 2 && !tid2eid) biased[i] = score[i] + bias[i];
+    }
+    scored = scoring != 2;
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+  } else {
+    const float* lg = logits + row * num_experts;
+    for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
+  }
   __syncwarp();
-  if (scoring == 0) {  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
-    for (int i = lane; i < num_experts; i += 32) score[i] = sqrtf(core::softplus_f32(score[i]));
-  } else if (scoring == 1) {
-    for (int i = lane; i < num_experts; i += 32) score[i] = core::sigmoid_f32(score[i]);
+  if (scoring != 2) {
+    if (!scored)
+      for (int i = lane; i < num_experts; i += 32) score[i] = router_score(scoring, score[i]);
   } else {
     float mx = -INFINITY;
     for (int i = lane; i < num_experts; i += 32) mx = fmaxf(mx, score[i]);
@@ -1503,7 +1535,8 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int num_e
       for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
     }
   } else {
-    for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias[i];
+    if (!scored)
+      for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias[i];
     __syncwarp();
     for (int sel = 0; sel < k; ++sel) {
       float bv = -INFINITY;
