@@ -2008,68 +2008,6 @@ TEST(CudaGraphLanes, JoinWaitsForEveryLane) {
   }
 }
 
-// DSV4_CUDA_STAGE_PRIORITY's mechanism: the kernels issued between begin_stage and
-// end_stage of a named stage get the greatest priority in the captured graph. A slow
-// lane's two linears are such a stage; the fast lane's linear and the join are not.
-// Counts the favoured kernels and checks that the replay still equals the eager run.
-TEST(CudaGraphLanes, FavouredStageKernelsGetThePriority) {
-  DSV4_REQUIRE_CUDA();
-  Env env;
-  auto& cuda = env.cuda;
-  if (cuda.num_lanes() < 2) GTEST_SKIP() << "DSV4_CUDA_LANES=1: a step has one lane";
-  Rng rng(0x82);
-  const int64_t M = 16, D = 1024, H = 4096;
-  const Tensor wa = to_device(cuda, rng.bf16({D, D}, 1.0f / 32.0f));
-  const Tensor wh = to_device(cuda, rng.bf16({H, D}, 1.0f / 32.0f));
-  const Tensor wr = to_device(cuda, rng.bf16({D, H}, 1.0f / 64.0f));
-  const Tensor ws = to_device(cuda, rng.bf16({D, D}, 1.0f / 32.0f));
-  Tensor x = cuda.empty(DType::kBF16, {M, D}), a = cuda.empty(DType::kBF16, {M, D});
-  Tensor h = cuda.empty(DType::kBF16, {M, H}), r = cuda.empty(DType::kF32, {M, D});
-  Tensor sh = cuda.empty(DType::kBF16, {M, D}), y = cuda.empty(DType::kBF16, {M, D});
-  auto body = [&] {
-    cuda.clear_marks();
-    cuda.set_lane(0);
-    cuda.begin_stage("L0.attn_in");
-    cuda.linear_bf16(x, wa, a);
-    cuda.end_stage();
-    const int forked = cuda.mark_lane();
-    cuda.set_lane(1);
-    cuda.wait_for_mark(forked);
-    cuda.begin_stage("L0.shared_expert");
-    cuda.linear_bf16(a, wh, h);
-    cuda.linear_bf16(h, wr, r);
-    cuda.end_stage();
-    const int slow_done = cuda.mark_lane();
-    cuda.set_lane(0);
-    cuda.begin_stage("L0.router");
-    cuda.linear_bf16(a, ws, sh);
-    cuda.wait_for_mark(slow_done);
-    cuda.moe_output(r, sh, y);
-    cuda.end_stage();
-  };
-  struct Reset {
-    ~Reset() { ops::CudaBackend::force_stage_priority(nullptr); }
-  } reset;
-  const std::vector<std::string> none, shared = {"shared_expert"};
-  cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
-  body();  // eager first: scratch buffers reach their sizes before capture
-  ops::CudaBackend::force_stage_priority(&none);
-  (void)cuda.capture(body);
-  EXPECT_EQ(cuda.last_capture_favoured_kernels(), 0);
-  ops::CudaBackend::force_stage_priority(&shared);
-  auto graph = cuda.capture(body);
-  EXPECT_GE(cuda.last_capture_favoured_kernels(), 2) << "the shared_expert stage's two linears (and any fold launches)";
-  for (int round = 0; round < 2; ++round) {
-    cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
-    body();
-    const Tensor eager = to_host(cuda, y);
-    cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
-    graph->replay();
-    cuda.synchronize();
-    expect_bitwise(eager, to_host(cuda, y), "join output with a favoured stage, round " + std::to_string(round));
-  }
-}
-
 TEST_P(CudaLinear, GraphReplayEqualsEager) {
   Env env;
   Rng rng(0x80);

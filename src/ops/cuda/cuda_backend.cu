@@ -8,8 +8,6 @@
 #include <cstring>
 #include <cxxabi.h>
 #include <map>
-#include <mutex>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -436,16 +434,8 @@ void dump_graph_edges(cudaGraph_t graph) {
   DSV4_CHECK(std::fclose(f) == 0, "DSV4_GRAPH_EDGES: cannot write {}", path);
 }
 
-// The stage names DSV4_CUDA_STAGE_PRIORITY lists (CudaBackend::begin_stage), or the
-// test hook's (CudaBackend::force_stage_priority).
-std::mutex g_forced_stage_names_mutex;
-std::optional<std::vector<std::string>> g_forced_stage_names;
-
-std::vector<std::string> favoured_stage_names() {
-  {
-    std::lock_guard<std::mutex> lock(g_forced_stage_names_mutex);
-    if (g_forced_stage_names) return *g_forced_stage_names;
-  }
+// The stage names DSV4_CUDA_STAGE_PRIORITY lists (CudaBackend::begin_stage).
+const std::vector<std::string>& favoured_stage_names() {
   static const std::vector<std::string> names = [] {
     std::vector<std::string> out;
     const char* v = std::getenv("DSV4_CUDA_STAGE_PRIORITY");
@@ -481,15 +471,9 @@ std::vector<cudaGraphNode_t> capturing_graph_nodes(cudaStream_t stream) {
 
 }  // namespace
 
-void CudaBackend::force_stage_priority(const std::vector<std::string>* names) {
-  std::lock_guard<std::mutex> lock(g_forced_stage_names_mutex);
-  if (names) g_forced_stage_names = *names;
-  else g_forced_stage_names.reset();
-}
-
 void CudaBackend::begin_stage(const std::string& name) {
   DSV4_CHECK(!stage_open_, "begin_stage('{}') inside another stage", name);
-  const std::vector<std::string> favoured = favoured_stage_names();
+  const auto& favoured = favoured_stage_names();
   if (favoured.empty()) return;
   const size_t dot = name.find('.');
   const std::string kind = dot == std::string::npos ? name : name.substr(dot + 1);
@@ -550,7 +534,6 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
       programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
   dump_graph_edges(graph);
   const bool priorities = apply_stage_priorities(favoured_nodes_);
-  last_capture_favoured_kernels_ = int(favoured_nodes_.size());
   favoured_nodes_.clear();
   DSV4_CUDA_CHECK(cudaGraphInstantiate(
       &exec, graph, priorities ? (unsigned long long)cudaGraphInstantiateFlagUseNodePriority : 0ull));

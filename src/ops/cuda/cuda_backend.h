@@ -70,10 +70,6 @@ class CudaBackend final : public Backend {
   // the block scheduler takes theirs first. Eager steps are unaffected.
   void begin_stage(const std::string& name) override;
   void end_stage() override;
-  // Test hooks: the stage names in place of the environment's (nullptr: the
-  // environment's again), and how many kernel nodes the last capture favoured.
-  static void force_stage_priority(const std::vector<std::string>* names);
-  int last_capture_favoured_kernels() const { return last_capture_favoured_kernels_; }
   const cudaDeviceProp& properties() const { return props_; }
   cublasLtHandle_t cublaslt() const { return cublaslt_; }
   void* cublas_workspace() const { return workspace_.data(); }
@@ -149,7 +145,6 @@ class CudaBackend final : public Backend {
   bool stage_open_ = false;
   int last_capture_programmatic_edges_ = 0;
   int last_capture_joins_ = 0;
-  int last_capture_favoured_kernels_ = 0;
   int lane_ = 0;
   cudaStream_t lane0_stream_ = nullptr;  // lane 0's stream while another lane is current
   std::map<std::pair<cudaStream_t, int>, cudaStream_t> side_streams_;  // (lane 0's stream, lane)
