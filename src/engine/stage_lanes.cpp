@@ -85,9 +85,7 @@ void run_on_lanes(const model::StageProgram& program, ops::Backend& backend) {
       const LaneStep& step = plan.steps[i];
       if (step.lane != lane) backend.set_lane(lane = step.lane);
       for (int w : step.waits) backend.wait_for_mark(mark[size_t(w)]);
-      backend.begin_stage(program[i].name);
       program[i].run();
-      backend.end_stage();
       if (step.mark) mark[i] = backend.mark_lane();
     }
   } catch (...) {

@@ -327,10 +327,6 @@ class Backend {
   virtual int mark_lane() { return 0; }
   virtual void wait_for_mark(int /*mark*/) {}
   virtual void clear_marks() {}
-  // Bracket one stage's ops (engine/stage_lanes.cpp); a backend may schedule a
-  // stage's work by its name (CUDA: DSV4_CUDA_STAGE_PRIORITY). Never nested.
-  virtual void begin_stage(const std::string& /*name*/) {}
-  virtual void end_stage() {}
   // Fills every row and state of a cache with random valid content (benchmarks:
   // a decode step at context C without prefilling C tokens; never zeros).
   virtual void randomize_cache(LayerCache& cache, uint64_t seed);

@@ -1,7 +1,6 @@
 // CUDA backend: device memory, streams, caches, graph capture, scratch.
 #include "ops/cuda/cuda_backend.h"
 
-#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -434,88 +433,9 @@ void dump_graph_edges(cudaGraph_t graph) {
   DSV4_CHECK(std::fclose(f) == 0, "DSV4_GRAPH_EDGES: cannot write {}", path);
 }
 
-// The stage names DSV4_CUDA_STAGE_PRIORITY lists (CudaBackend::begin_stage).
-const std::vector<std::string>& favoured_stage_names() {
-  static const std::vector<std::string> names = [] {
-    std::vector<std::string> out;
-    const char* v = std::getenv("DSV4_CUDA_STAGE_PRIORITY");
-    if (v == nullptr) return out;
-    std::string cur;
-    for (const char* c = v;; ++c) {
-      if (*c == ',' || *c == '\0') {
-        if (!cur.empty()) out.push_back(cur);
-        cur.clear();
-        if (*c == '\0') break;
-      } else {
-        cur += *c;
-      }
-    }
-    return out;
-  }();
-  return names;
-}
-
-// The nodes of the graph the stream is capturing into (empty when it is not capturing).
-std::vector<cudaGraphNode_t> capturing_graph_nodes(cudaStream_t stream) {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaGraph_t graph = nullptr;
-  DSV4_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, nullptr, nullptr, nullptr));
-  if (status != cudaStreamCaptureStatusActive || graph == nullptr) return {};
-  size_t n = 0;
-  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
-  std::vector<cudaGraphNode_t> nodes(n);
-  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
-  nodes.resize(n);
-  return nodes;
-}
-
-}  // namespace
-
-void CudaBackend::begin_stage(const std::string& name) {
-  DSV4_CHECK(!stage_open_, "begin_stage('{}') inside another stage", name);
-  const auto& favoured = favoured_stage_names();
-  if (favoured.empty()) return;
-  const size_t dot = name.find('.');
-  const std::string kind = dot == std::string::npos ? name : name.substr(dot + 1);
-  if (std::find(favoured.begin(), favoured.end(), kind) == favoured.end()) return;
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  DSV4_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
-  if (status != cudaStreamCaptureStatusActive) return;
-  stage_nodes_before_ = capturing_graph_nodes(stream_);
-  std::sort(stage_nodes_before_.begin(), stage_nodes_before_.end());
-  stage_open_ = true;
-}
-
-void CudaBackend::end_stage() {
-  if (!stage_open_) return;
-  stage_open_ = false;
-  for (cudaGraphNode_t node : capturing_graph_nodes(stream_)) {
-    if (std::binary_search(stage_nodes_before_.begin(), stage_nodes_before_.end(), node)) continue;
-    cudaGraphNodeType type{};
-    DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-    if (type == cudaGraphNodeTypeKernel) favoured_nodes_.push_back(node);
-  }
-  stage_nodes_before_.clear();
-}
-
-namespace {
-
-// Gives the favoured stages' kernel nodes the greatest priority; true if any.
-bool apply_stage_priorities(const std::vector<cudaGraphNode_t>& nodes) {
-  if (nodes.empty()) return false;
-  int least = 0, greatest = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  cudaLaunchAttributeValue v{};
-  v.priority = greatest;
-  for (cudaGraphNode_t node : nodes) DSV4_CUDA_CHECK(cudaGraphKernelNodeSetAttribute(node, cudaLaunchAttributePriority, &v));
-  return true;
-}
-
 }  // namespace
 
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
-  favoured_nodes_.clear();
-  stage_open_ = false;
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
     body();
@@ -533,10 +453,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   last_capture_programmatic_edges_ =
       programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
   dump_graph_edges(graph);
-  const bool priorities = apply_stage_priorities(favoured_nodes_);
-  favoured_nodes_.clear();
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(
-      &exec, graph, priorities ? (unsigned long long)cudaGraphInstantiateFlagUseNodePriority : 0ull));
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
   return std::make_unique<CudaGraph>(exec, stream_);
 }

@@ -63,13 +63,6 @@ class CudaBackend final : public Backend {
   int mark_lane() override;
   void wait_for_mark(int mark) override;
   void clear_marks() override { next_mark_ = 0; }
-  // DSV4_CUDA_STAGE_PRIORITY=NAME[,NAME...] (read once; default none): the kernels of
-  // stages so named (the part after "L<n>.", e.g. shared_expert) get the greatest
-  // stream priority in captured graphs (kernel-node attribute; the graph instantiated
-  // with UseNodePriority), so where their blocks and another kernel's wait at once
-  // the block scheduler takes theirs first. Eager steps are unaffected.
-  void begin_stage(const std::string& name) override;
-  void end_stage() override;
   const cudaDeviceProp& properties() const { return props_; }
   cublasLtHandle_t cublaslt() const { return cublaslt_; }
   void* cublas_workspace() const { return workspace_.data(); }
@@ -138,11 +131,6 @@ class CudaBackend final : public Backend {
  private:
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
-  // Kernel nodes of the capture in progress that belong to favoured stages, and the
-  // graph's nodes when the current favoured stage began (empty: none is open).
-  std::vector<cudaGraphNode_t> favoured_nodes_;
-  std::vector<cudaGraphNode_t> stage_nodes_before_;
-  bool stage_open_ = false;
   int last_capture_programmatic_edges_ = 0;
   int last_capture_joins_ = 0;
   int lane_ = 0;
