@@ -31,6 +31,7 @@
 namespace dsv4::ops {
 void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
 int64_t cuda_hc_row_mix_launches();
+void cuda_hc_force_row_split(int parts);
 namespace {
 
 using core::DType;
@@ -381,43 +382,54 @@ TEST_F(CudaPointwise, HcPreNormEqualsHcPreThenRmsNorm) {
     }
 }
 
-// hc_mix_rows_kernel (a thread a row) against hc_mix_partial_kernel (a lane a mix):
-// the same partials, so x, xn, post and comb (hc_pre_norm) and hc_head's y agree bit
-// for bit, at row counts on both sides of the rule's 32 and across two 512-row
-// launches; hc = 2 and 4 (8, 24, 2 and 4 mixes).
+// hc_mix_rows_kernel (a thread a row, its mixes in 1, 2 or 4 parts) against
+// hc_mix_partial_kernel (a lane a mix): the same partials, so x, xn, post and comb
+// (hc_pre_norm) and hc_head's y agree bit for bit, at row counts on both sides of
+// the rule's 32, of the 32- and 64-row blocks of the split forms and across two
+// 512-row launches; hc = 2 and 4 (8, 24, 2 and 4 mixes: 2 has no 4-part form and
+// takes 2).
 TEST_F(CudaPointwise, HcRowMixEqualsLaneMixBitForBit) {
   Rng rng(214);
+  struct Reset {
+    ~Reset() {
+      cuda_hc_force_row_mix(-1);
+      cuda_hc_force_row_split(0);
+    }
+  } reset;
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 64, 20}, HcCase{4, 256, 20}})
-    for (int64_t T : {1, 31, 32, 65, 257, 600}) {
+    for (int64_t T : {1, 31, 32, 33, 65, 100, 257, 600}) {
       if (c.D >= 4096 && T > 257) continue;
       const HcConfig cfg = c.config();
       const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
       const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
       const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
-      std::vector<Tensor> got[2];
-      for (int rows : {0, 1}) {
-        cuda_hc_force_row_mix(rows);
+      std::vector<Tensor> got[4];  // a lane a mix; a thread a row in 1, 2, 4 parts
+      const int parts[4] = {0, 1, 2, 4};
+      for (int v = 0; v < 4; ++v) {
+        cuda_hc_force_row_mix(v == 0 ? 0 : 1);
+        cuda_hc_force_row_split(parts[v]);
         const int64_t before = cuda_hc_row_mix_launches();
         Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
                post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
                y = poisoned(DType::kBF16, {T, c.D});
         cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
         cuda().hc_head(dX, dwh, cfg, y);
-        for (const Tensor& t : {x, xn, post, comb, y}) got[rows].push_back(host(t));
+        for (const Tensor& t : {x, xn, post, comb, y}) got[v].push_back(host(t));
         const int64_t launches = cuda_hc_row_mix_launches() - before;
-        if (rows == 1) {
+        if (v > 0) {
           EXPECT_GE(launches, 2) << "hc_mix_rows_kernel launches, T=" << T;
         } else {
           EXPECT_EQ(launches, 0) << "T=" << T;
         }
       }
-      cuda_hc_force_row_mix(-1);
       const char* names[] = {"x", "xn", "post", "comb", "hc_head y"};
-      for (size_t i = 0; i < got[0].size(); ++i)
-        expect_bits_equal(got[1][i], got[0][i],
-                          ("hc=" + std::to_string(c.hc) + " D=" + std::to_string(c.D) + " T=" + std::to_string(T) +
-                           " " + names[i] + ": a thread a row vs a lane a mix")
-                              .c_str());
+      for (int v = 1; v < 4; ++v)
+        for (size_t i = 0; i < got[0].size(); ++i)
+          expect_bits_equal(got[v][i], got[0][i],
+                            ("hc=" + std::to_string(c.hc) + " D=" + std::to_string(c.D) + " T=" +
+                             std::to_string(T) + " " + names[i] + ": a thread a row in " + std::to_string(parts[v]) +
+                             " parts vs a lane a mix")
+                                .c_str());
     }
 }
 

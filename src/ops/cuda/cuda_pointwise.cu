@@ -32,13 +32,16 @@ namespace dsv4::ops {
 using core::Tensor;
 
 // Tests: -1 the rule (hc_launch), 0 / 1 hc_mix_rows_kernel off / on for every launch
-// without an hc_post source; and how many launches took it.
+// without an hc_post source; and how many launches took it. Its parts a row (1, 2, 4;
+// 0: DSV4_CUDA_HC_ROW_SPLIT's).
 void cuda_hc_force_row_mix(int on);
 int64_t cuda_hc_row_mix_launches();
+void cuda_hc_force_row_split(int parts);
 
 namespace {
 
 std::atomic<int> g_force_row_mix{-1};
+std::atomic<int> g_force_row_split{0};
 std::atomic<int64_t> g_row_mix_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
@@ -618,7 +621,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
 }
 
 // The same partials with one thread a row (rows >= kHcRowMixMinRows, no hc_post
-// source): thread r of CTA (slice, 128-row block) runs every mix of its row and the
+// source): thread r of CTA (slice, row block) runs every mix of its row and the
 // row's sum of squares, each an FMA chain over k = 0 .. 127 in order, as the lanes
 // of hc_mix_partial_kernel do (same bits). Why: there a lane is a mix, so each of a
 // warp's rows is read by all its lanes and 8 of the 32 lanes compute sums of
@@ -628,19 +631,30 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
 // broadcasts (one wavefront for 4 FMAs of every thread). fn is staged before the
 // wait for the predecessor (a weight), the X block by cp.async after it. Step −0.4%
 // at 64 rows, −0.3% at 256 (BENCHMARKS.md, twenty-second session).
+// kSplit (1, 2 or 4; DSV4_CUDA_HC_ROW_SPLIT, thirty-eighth session, not yet measured on
+// a GPU): a row's mixes are cut into kSplit equal parts, one warp a part, so a CTA's
+// 4 warps hold 128 / kSplit rows and a launch kSplit times the warps, each with a
+// chain of kMix / kSplit FMAs a k step instead of kMix. Why: at 256 rows the graph
+// trace has a launch at 14.4 µs for ~2 µs of bytes and ~3 µs of FMAs at the fp32 rate,
+// with 8 warps an SM; at 64 rows 128 CTAs of 2 live warps. Every lane of a warp has
+// the same part, so fn's reads stay broadcasts; each output's chain is unchanged, so
+// are the bits. Part 0 also takes the sum of squares.
 constexpr int kHcRowMixThreads = 128;
 constexpr int64_t kHcRowMixMinRows = 32;
 constexpr int kHcRowMixXStride = 2 * kHcSlice + 16;  // bytes a staged X row: 16-byte reads conflict-free
 
-template <int kMix>
+template <int kMix, int kSplit>
 __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uint16_t* __restrict__ X,
                                                                        const float* __restrict__ fn, int64_t rows,
                                                                        int64_t n, float* __restrict__ partial) {
   static_assert(kMix + 1 <= 32, "a row's mixes and sum of squares fit its 32 partials");
+  static_assert((kSplit == 1 || kSplit == 2 || kSplit == 4) && kMix % kSplit == 0, "kSplit: 1, 2 or 4 parts of kMix");
+  constexpr int kPart = kMix / kSplit;                       // mixes a thread runs
+  constexpr int kBlockRows = kHcRowMixThreads / kSplit;      // rows a CTA covers
   __shared__ __align__(16) float fn_s[kMix * kHcSlice];
-  __shared__ __align__(16) uint8_t x_s[kHcRowMixThreads * kHcRowMixXStride];
+  __shared__ __align__(16) uint8_t x_s[kBlockRows * kHcRowMixXStride];  // (fewer rows, more CTAs an SM)
   const int tid = int(threadIdx.x);
-  const int64_t k0 = int64_t(blockIdx.x) * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowMixThreads;
+  const int64_t k0 = int64_t(blockIdx.x) * kHcSlice, r0 = int64_t(blockIdx.y) * kBlockRows;
   constexpr int kPiecesPerRow = kHcSlice * 4 / 16;  // fn: 16-byte pieces of a row's slice
   for (int i = tid; i < kMix * kPiecesPerRow; i += kHcRowMixThreads) {
     const int j = i / kPiecesPerRow, c = (i % kPiecesPerRow) * 4;
@@ -652,7 +666,7 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
   // X: the block's rows, 16 pieces of 16 bytes each; thread tid copies piece tid % 16
   // of rows tid / 16, tid / 16 + 8, ... (consecutive threads read consecutive bytes).
   constexpr int kXPieces = 2 * kHcSlice / 16;
-  const int64_t live_rows = rows - r0 < kHcRowMixThreads ? rows - r0 : kHcRowMixThreads;
+  const int64_t live_rows = rows - r0 < kBlockRows ? rows - r0 : kBlockRows;
   for (int i = tid; i < live_rows * kXPieces; i += kHcRowMixThreads) {
     const int r = i / kXPieces, c = i % kXPieces;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
@@ -662,12 +676,16 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
   asm volatile("cp.async.commit_group;\n" ::);
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
-  if (tid >= live_rows) return;
-  float acc[kMix];
+  // Warp w: part w % kSplit of rows (w / kSplit) * 32 + lane (kSplit = 1: row tid).
+  const int part = kSplit == 1 ? 0 : (tid >> 5) % kSplit;
+  const int row = kSplit == 1 ? tid : (tid >> 5) / kSplit * 32 + (tid & 31);
+  if (row >= live_rows) return;
+  const float* fpart = fn_s + part * kPart * kHcSlice;
+  float acc[kPart];
 #pragma unroll
-  for (int j = 0; j < kMix; ++j) acc[j] = 0.0f;
+  for (int j = 0; j < kPart; ++j) acc[j] = 0.0f;
   float ss = 0.0f;
-  const uint8_t* xrow = x_s + tid * kHcRowMixXStride;
+  const uint8_t* xrow = x_s + row * kHcRowMixXStride;
 #pragma unroll 2
   for (int k = 0; k < kHcSlice; k += 8) {
     const uint4 v = *reinterpret_cast<const uint4*>(xrow + 2 * k);
@@ -675,9 +693,9 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
                         bf2f(uint16_t(v.y >> 16)),     bf2f(uint16_t(v.z & 0xffffu)), bf2f(uint16_t(v.z >> 16)),
                         bf2f(uint16_t(v.w & 0xffffu)), bf2f(uint16_t(v.w >> 16))};
 #pragma unroll
-    for (int j = 0; j < kMix; ++j) {
-      const float4 f0 = *reinterpret_cast<const float4*>(fn_s + j * kHcSlice + k);
-      const float4 f1 = *reinterpret_cast<const float4*>(fn_s + j * kHcSlice + k + 4);
+    for (int j = 0; j < kPart; ++j) {
+      const float4 f0 = *reinterpret_cast<const float4*>(fpart + j * kHcSlice + k);
+      const float4 f1 = *reinterpret_cast<const float4*>(fpart + j * kHcSlice + k + 4);
       acc[j] = fmaf(f0.x, x[0], acc[j]);
       acc[j] = fmaf(f0.y, x[1], acc[j]);
       acc[j] = fmaf(f0.z, x[2], acc[j]);
@@ -687,19 +705,22 @@ __global__ void __launch_bounds__(kHcRowMixThreads) hc_mix_rows_kernel(const uin
       acc[j] = fmaf(f1.z, x[6], acc[j]);
       acc[j] = fmaf(f1.w, x[7], acc[j]);
     }
+    if (part == 0) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
+      for (int e = 0; e < 8; ++e) ss = fmaf(x[e], x[e], ss);
+    }
   }
-  float* out = partial + (int64_t(blockIdx.x) * kHcMaxRowsPerLaunch + r0 + tid) * 32;
-  if constexpr (kMix % 4 == 0) {
+  float* out = partial + (int64_t(blockIdx.x) * kHcMaxRowsPerLaunch + r0 + row) * 32;
+  if constexpr (kSplit > 1) out += part * kPart;
+  if constexpr (kPart % 4 == 0) {
 #pragma unroll
-    for (int q = 0; q < kMix / 4; ++q)
+    for (int q = 0; q < kPart / 4; ++q)
       reinterpret_cast<float4*>(out)[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
   } else {
 #pragma unroll
-    for (int j = 0; j < kMix; ++j) out[j] = acc[j];
+    for (int j = 0; j < kPart; ++j) out[j] = acc[j];
   }
-  out[kMix] = ss;
+  if (part == 0) out[kMix] = ss;
 }
 
 // ref::sinkhorn on a register matrix (HC is a template parameter so the arrays stay in registers).
@@ -1303,6 +1324,41 @@ bool row_mix(int64_t rows) {
   return forced >= 0 ? forced == 1 : from_env && rows >= kHcRowMixMinRows;
 }
 
+// hc_mix_rows_kernel's kSplit: DSV4_CUDA_HC_ROW_SPLIT=1 (the default until an A/B
+// has measured the others), 2 or 4; a test hook may force it. Same bits for any.
+int row_mix_split() {
+  static const int from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_HC_ROW_SPLIT");
+    if (v == nullptr || *v == '\0') return 1;
+    const std::string s(v);
+    DSV4_CHECK(s == "1" || s == "2" || s == "4", "DSV4_CUDA_HC_ROW_SPLIT='{}': expected 1, 2 or 4", s);
+    return s[0] - '0';
+  }();
+  const int forced = g_force_row_split.load(std::memory_order_relaxed);
+  return forced > 0 ? forced : from_env;
+}
+
+template <int kMix>
+void launch_hc_mix_rows(CudaBackend& be, int split, const uint16_t* X, const float* fn, int64_t rows, int64_t n,
+                        int64_t slices, float* partial) {
+  if constexpr (kMix % 4 == 0) {
+    if (split == 4) {
+      hc_mix_rows_kernel<kMix, 4><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), kHcRowMixThreads, 0,
+                                    be.stream()>>>(X, fn, rows, n, partial);
+      return;
+    }
+  }
+  if constexpr (kMix % 2 == 0) {
+    if (split >= 2) {  // (4 where kMix is not a multiple of 4: two parts)
+      hc_mix_rows_kernel<kMix, 2><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), kHcRowMixThreads, 0,
+                                    be.stream()>>>(X, fn, rows, n, partial);
+      return;
+    }
+  }
+  hc_mix_rows_kernel<kMix, 1><<<dim3(unsigned(slices), unsigned((rows + 127) / 128)), kHcRowMixThreads, 0,
+                                be.stream()>>>(X, fn, rows, n, partial);
+}
+
 // src (hc_post_pre_norm, at most kHcPostMaxRows rows): X is formed by the mix kernel
 // from src and written, then read by hc_finish.
 template <int HC, bool kHead>
@@ -1330,9 +1386,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
         hc_mix_partial_kernel<4, HC, 16><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix,
                                                                         partial, *src);
     } else if (row_mix(rows) && aligned16(Xr) && aligned16(w.fn.data())) {
-      hc_mix_rows_kernel<kMix>
-          <<<dim3(unsigned(slices), unsigned((rows + kHcRowMixThreads - 1) / kHcRowMixThreads)), kHcRowMixThreads, 0,
-             be.stream()>>>(Xr, w.fn.as<float>(), rows, n, partial);
+      launch_hc_mix_rows<kMix>(be, row_mix_split(), Xr, w.fn.as<float>(), rows, n, slices, partial);
       g_row_mix_launches.fetch_add(1, std::memory_order_relaxed);
     } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
       hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
@@ -1575,5 +1629,6 @@ void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, cons
 
 void cuda_hc_force_row_mix(int on) { g_force_row_mix.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_order_relaxed); }
+void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
