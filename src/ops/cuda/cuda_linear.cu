@@ -505,7 +505,7 @@ bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
 }
 
 // The router's logits folded by router_select_kernel from the GEMM's K-slice partials
-// where the GEMM would otherwise be followed by split_fold_kernel (16-256 rows on
+// where the GEMM would otherwise be followed by split_fold_kernel (3-256 rows on
 // bench-1g): the same bits, one launch less on each layer's chain.
 // DSV4_CUDA_ROUTER_FOLD=0 keeps the fold launch (A/B runs).
 std::atomic<int64_t> g_router_folds{0};
