@@ -5,6 +5,8 @@
 # machine's drift falls on both sides alike.
 #
 #   scripts/ab_bench.sh OUT NAME=PATCH|NAME=env:VAR=VALUE[,VAR=VALUE...] [...]
+# (a comma not followed by VAR= belongs to the value: env:DSV4_CUDA_STAGE_PRIORITY=a,b
+# sets one variable to "a,b"; values hold no spaces)
 #
 # PATCH is applied with `git apply` (forward) to a copy of the tree; to measure a
 # change by its removal, pass its reverse: `git diff NEW OLD -- FILES > rev.patch`.
@@ -36,7 +38,7 @@ build() {  # build SRC_DIR BUILD_DIR LOG
     { echo "ab_bench: build of $1 failed, tail of $3:" >&2; tail -n 20 "$3" >&2; exit 1; }
 }
 
-env_re='^[A-Za-z_][A-Za-z0-9_]*=[^,]*(,[A-Za-z_][A-Za-z0-9_]*=[^,]*)*$'
+env_re='^[A-Za-z_][A-Za-z0-9_]*=[^[:space:]]*$'
 for v in "$@"; do  # every variant checked before the first build
   name="${v%%=*}" spec="${v#*=}"
   if [ -n "$name" ] && [ "$name" != "$v" ] && [ "${spec#env:}" != "$spec" ]; then
@@ -58,7 +60,7 @@ for v in "$@"; do
     settings="${patch#env:}"
     names+=("$name")
     bins+=("$PWD/build-gpu/tools/dsv4")
-    envs+=("${settings//,/ }")
+    envs+=("$(sed -E 's/,([A-Za-z_][A-Za-z0-9_]*=)/ \1/g' <<<"$settings")")
     continue
   fi
   src="/tmp/ab_$name"
