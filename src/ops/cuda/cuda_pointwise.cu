@@ -1338,25 +1338,24 @@ int row_mix_split() {
   return forced > 0 ? forced : from_env;
 }
 
+template <int kMix, int kSplit>
+void launch_hc_mix_rows(CudaBackend& be, const uint16_t* X, const float* fn, int64_t rows, int64_t n,
+                        int64_t slices, float* partial) {
+  constexpr int64_t block_rows = kHcRowMixThreads / kSplit;  // the kernel's kBlockRows
+  hc_mix_rows_kernel<kMix, kSplit><<<dim3(unsigned(slices), unsigned((rows + block_rows - 1) / block_rows)),
+                                     kHcRowMixThreads, 0, be.stream()>>>(X, fn, rows, n, partial);
+}
+
+// The instance for `split` parts a row: 4 where kMix allows it, else 2 where it
+// allows that, else 1.
 template <int kMix>
 void launch_hc_mix_rows(CudaBackend& be, int split, const uint16_t* X, const float* fn, int64_t rows, int64_t n,
                         int64_t slices, float* partial) {
-  if constexpr (kMix % 4 == 0) {
-    if (split == 4) {
-      hc_mix_rows_kernel<kMix, 4><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), kHcRowMixThreads, 0,
-                                    be.stream()>>>(X, fn, rows, n, partial);
-      return;
-    }
-  }
-  if constexpr (kMix % 2 == 0) {
-    if (split >= 2) {  // (4 where kMix is not a multiple of 4: two parts)
-      hc_mix_rows_kernel<kMix, 2><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), kHcRowMixThreads, 0,
-                                    be.stream()>>>(X, fn, rows, n, partial);
-      return;
-    }
-  }
-  hc_mix_rows_kernel<kMix, 1><<<dim3(unsigned(slices), unsigned((rows + 127) / 128)), kHcRowMixThreads, 0,
-                                be.stream()>>>(X, fn, rows, n, partial);
+  if constexpr (kMix % 4 == 0)
+    if (split == 4) return launch_hc_mix_rows<kMix, 4>(be, X, fn, rows, n, slices, partial);
+  if constexpr (kMix % 2 == 0)
+    if (split >= 2) return launch_hc_mix_rows<kMix, 2>(be, X, fn, rows, n, slices, partial);
+  launch_hc_mix_rows<kMix, 1>(be, X, fn, rows, n, slices, partial);
 }
 
 // src (hc_post_pre_norm, at most kHcPostMaxRows rows): X is formed by the mix kernel
