@@ -631,14 +631,16 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
 // broadcasts (one wavefront for 4 FMAs of every thread). fn is staged before the
 // wait for the predecessor (a weight), the X block by cp.async after it. Step −0.4%
 // at 64 rows, −0.3% at 256 (BENCHMARKS.md, twenty-second session).
-// kSplit (1, 2 or 4; DSV4_CUDA_HC_ROW_SPLIT, thirty-eighth session, not yet measured on
-// a GPU): a row's mixes are cut into kSplit equal parts, one warp a part, so a CTA's
-// 4 warps hold 128 / kSplit rows and a launch kSplit times the warps, each with a
-// chain of kMix / kSplit FMAs a k step instead of kMix. Why: at 256 rows the graph
-// trace has a launch at 14.4 µs for ~2 µs of bytes and ~3 µs of FMAs at the fp32 rate,
-// with 8 warps an SM; at 64 rows 128 CTAs of 2 live warps. Every lane of a warp has
-// the same part, so fn's reads stay broadcasts; each output's chain is unchanged, so
-// are the bits. Part 0 also takes the sum of squares.
+// kSplit (1, 2 or 4; DSV4_CUDA_HC_ROW_SPLIT, default 2 since the thirty-ninth session): a
+// row's mixes are cut into kSplit equal parts, one warp a part, so a CTA's 4 warps hold
+// 128 / kSplit rows and a launch kSplit times the warps, each with a chain of kMix /
+// kSplit FMAs a k step instead of kMix. Why: at 256 rows the graph trace had a launch
+// at 14.4 µs for ~2 µs of bytes and ~3 µs of FMAs at the fp32 rate, with 8 warps an
+// SM; at 64 rows 128 CTAs of 2 live warps. Every lane of a warp has the same part, so
+// fn's reads stay broadcasts; each output's chain is unchanged, so are the bits. Part 0
+// also takes the sum of squares. Measured (H200, graph trace): 14.4 -> 12.2 µs a launch
+// at 256 rows, 6.7 -> 5.4 at 64; the step -0.4% / -0.2% at 256 / 64. kSplit = 4 was
+// slower (22 µs at 256: each CTA stages all of fn's slice for a quarter of the rows).
 constexpr int kHcRowMixThreads = 128;
 constexpr int64_t kHcRowMixMinRows = 32;
 constexpr int kHcRowMixXStride = 2 * kHcSlice + 16;  // bytes a staged X row: 16-byte reads conflict-free
@@ -1324,12 +1326,12 @@ bool row_mix(int64_t rows) {
   return forced >= 0 ? forced == 1 : from_env && rows >= kHcRowMixMinRows;
 }
 
-// hc_mix_rows_kernel's kSplit: DSV4_CUDA_HC_ROW_SPLIT=1 (the default until an A/B
-// has measured the others), 2 or 4; a test hook may force it. Same bits for any.
+// hc_mix_rows_kernel's kSplit: DSV4_CUDA_HC_ROW_SPLIT=2 (the default, measured best), 1
+// or 4; a test hook may force it. Same bits for any.
 int row_mix_split() {
   static const int from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_HC_ROW_SPLIT");
-    if (v == nullptr || *v == '\0') return 1;
+    if (v == nullptr || *v == '\0') return 2;
     const std::string s(v);
     DSV4_CHECK(s == "1" || s == "2" || s == "4", "DSV4_CUDA_HC_ROW_SPLIT='{}': expected 1, 2 or 4", s);
     return s[0] - '0';
