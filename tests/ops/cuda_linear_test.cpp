@@ -62,6 +62,8 @@ int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
 int64_t cuda_linear_router_folds();
 void cuda_linear_force_router_fold(int on);
+int64_t cuda_linear_quant8_launches();
+void cuda_linear_force_quant8(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
@@ -1858,6 +1860,69 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
       EXPECT_EQ(folds[1], T >= 3 ? 1 : 0) << what << ": 32 slices x T rows > 64 should leave the fold to the select";
       expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[1][0]), "router weights, " + what);
       expect_bitwise(to_host(cuda, out[0][1]), to_host(cuda, out[1][1]), "router ids, " + what);
+    }
+  }
+}
+
+// The activation quantization and the SwiGLU + quantization a half warp a 128-block
+// (act_quant8_kernel, swiglu_quant8_kernel, 16-byte loads) give the warp-a-block
+// kernels' codes and scales: FP8 linears (element order), the shared expert FP8 and FP4
+// (split pairs for the FP4 GEMMs), clamped and not, weighted; routed experts (the row
+// count on the device, the pair's weight through the pair list). Odd block counts leave
+// a warp's second half without an item. The test also checks which kernels ran.
+TEST(CudaLinearQuant8, HalfWarpBlocksEqualWarpBlocksBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  Rng rng(0x62);
+  auto compare = [&](const std::string& what, int64_t launches, const auto& op) {
+    const auto got = outputs_per_mode(env, ops::cuda_linear_force_quant8, ops::cuda_linear_quant8_launches,
+                                      {{0, 0}, {1, launches}}, what, op);
+    for (size_t i = 0; i < got[0].size(); ++i) expect_bitwise(got[0][i], got[1][i], what);
+  };
+  for (const QuantCase c : {QuantCase{200, 384}, QuantCase{256, 1152}})
+    for (int64_t M : {1, 3, 16, 64, 257}) {
+      const QuantLinear dw = device_quant(env.cuda, host_quant(c.n, c.k, false, draw_seed(rng)));
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}, 3.0f));
+      compare("fp8 linear " + shape_str(M, c.n, c.k), 1, [&] {
+        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+        env.cuda.linear(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+    }
+  struct FfnCase {
+    bool fp4;
+    int64_t inter;
+    float limit;
+    bool weighted;
+  };
+  for (const FfnCase c : {FfnCase{false, 384, 10.0f, false}, FfnCase{true, 256, 10.0f, true},
+                          FfnCase{true, 384, 0.0f, true}}) {
+    const int64_t D = 256;
+    const ExpertWeights de = device_expert(env.cuda, host_expert(D, c.inter, c.fp4, c.fp4, rng));
+    for (int64_t M : {1, 3, 16, 64, 257}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, D}, 6.0f));
+      const Tensor rw = c.weighted ? to_device(env.cuda, random_weights(rng, M, 1).reshape({M})) : Tensor();
+      compare(std::string("expert_ffn ") + (c.fp4 ? "fp4" : "fp8") + " I=" + std::to_string(c.inter) + " limit " +
+                  std::to_string(int(c.limit)) + " M=" + std::to_string(M),
+              2, [&] {
+                Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, D});
+                env.cuda.expert_ffn(dx, de, rw, c.limit, y);
+                return std::vector<Tensor>{y};
+              });
+    }
+  }
+  for (const bool fp4 : {false, true}) {
+    const std::vector<ExpertWeights> dex = device_experts(env, rng, 8, 256, 384, fp4);
+    for (int64_t R : {1, 16, 64, 256}) {
+      const RoutedInputs in = device_routed_inputs(env, rng, R, 256, 6, 8, -1);
+      // Up to 32 rows moe_prep quantizes x itself: the SwiGLU alone (I = 384 keeps the
+      // fused expert step, which does its own, off).
+      compare(std::string("routed_experts ") + (fp4 ? "fp4" : "fp8") + " R=" + std::to_string(R), R <= 32 ? 1 : 2,
+              [&] {
+                Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, 6, 256});
+                env.cuda.routed_experts(in.x, in.ids, in.w, dex, 0, 8, 10.0f, out);
+                return std::vector<Tensor>{out};
+              });
     }
   }
 }

@@ -87,6 +87,10 @@ void cuda_linear_force_cluster_fold(int on);
 // -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_router_folds();
 void cuda_linear_force_router_fold(int on);
+// Test hooks: act_quant8 / swiglu_quant8 launches so far; -1 follows DSV4_CUDA_QUANT8
+// (default on; 0 turns them off), 0 / 1 force them off / on.
+int64_t cuda_linear_quant8_launches();
+void cuda_linear_force_quant8(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -138,12 +142,45 @@ unsigned blocks_for_warps(int64_t warps, int64_t cap = int64_t(1) << 30) {
 constexpr int64_t kSimpleBlocks = 8192;  // grid-stride simple kernels
 
 // ---- activation quantization -----------------------------------------------------------
+// act_quant8_kernel / swiglu_quant8_kernel (a half warp a 128-block, 16-byte loads) where
+// the rows are 16-byte aligned; DSV4_CUDA_QUANT8=0 keeps the warp-a-block kernels (A/B
+// runs). Same bits either way.
+std::atomic<int> g_force_quant8{-1};
+std::atomic<int64_t> g_quant8_launches{0};
+bool quant8_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_QUANT8", "0");
+  return forced_or(g_force_quant8, from_env);
+}
+
 // split_pairs: the layout the FP4 GEMM reads (lk::store_quant4); element order otherwise.
 void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows, int64_t k, uint8_t* q, float* s,
                    bool split_pairs) {
   const int64_t items = rows * (k / 128);
   if (items == 0) return;
-  lk::act_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s, split_pairs ? 1 : 0);
+  if (quant8_enabled() && aligned(x, 16) && ldx % 8 == 0)
+  {
+    lk::act_quant8_kernel<<<blocks_for_warps((items + 1) / 2), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s,
+                                                                                       split_pairs ? 1 : 0);
+    g_quant8_launches.fetch_add(1, std::memory_order_relaxed);
+  } else
+    lk::act_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(x, ldx, rows, k, q, s,
+                                                                           split_pairs ? 1 : 0);
+  check_launch(be.stream());
+}
+
+// SwiGLU + quantization of gu's rows [0, rows) (those below *num_rows where given).
+void swiglu_quantize(CudaBackend& be, const uint16_t* gu, int64_t rows, int64_t inter, const int* num_rows,
+                     const float* rw, const int* rw_index, float limit, uint8_t* hq, float* hs, bool split_pairs) {
+  const int64_t items = rows * (inter / 128);
+  if (items == 0) return;
+  if (quant8_enabled() && aligned(gu, 16)) {
+    lk::swiglu_quant8_kernel<<<blocks_for_warps((items + 1) / 2), 256, 0, be.stream()>>>(
+        gu, rows, inter, num_rows, rw, rw_index, limit, hq, hs, split_pairs ? 1 : 0);
+    g_quant8_launches.fetch_add(1, std::memory_order_relaxed);
+  } else
+    lk::swiglu_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(gu, rows, inter, num_rows, rw,
+                                                                              rw_index, limit, hq, hs,
+                                                                              split_pairs ? 1 : 0);
   check_launch(be.stream());
 }
 
@@ -841,6 +878,8 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas) {
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_last_cta_fold(int max_partials) {
@@ -1070,9 +1109,7 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
   p.y = gu;
   p.ldy = 2 * I;
   run_gemm(*this, quant_fmt(w.w1), p);
-  lk::swiglu_quant_kernel<<<blocks_for_warps(R * (I / 128)), 256, 0, stream()>>>(gu, R, I, nullptr, rw, nullptr,
-                                                                                  limit, hq, hs, split2 ? 1 : 0);
-  check_launch(stream());
+  swiglu_quantize(*this, gu, R, I, nullptr, rw, nullptr, limit, hq, hs, split2);
   quant_gemm(*this, w.w2, hq, hs, R, y.as<uint16_t>(), D, split2);
 }
 
@@ -1280,9 +1317,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
                   gate_up_entries);
 
-  lk::swiglu_quant_kernel<<<blocks_for_warps(P * (I / 128)), 256, 0, s>>>(gu, P, I, counts + 1, weights.as<float>(),
-                                                                          pair_list, limit, hq, hs, fp4_2 ? 1 : 0);
-  check_launch(s);
+  swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
 
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   down_entries);

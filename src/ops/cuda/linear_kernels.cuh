@@ -1132,6 +1132,68 @@ __global__ void act_quant_kernel(const uint16_t* __restrict__ x, int64_t ldx, in
   act_quant_item(x, ldx, k, q, scale, split_pairs, wid, threadIdx.x & 31);
 }
 
+// The same codes and scales a half warp a (row, 128-block), 8 values a lane (one 16-byte
+// load), so a warp takes two items. Why: at 256 rows the one-warp form's 4 scalar bf16
+// loads a lane (and its 4x the warps) made a launch ~4.4 µs for ~3 MB in the graph trace
+// (thirty-ninth session). Lane l of half h holds elements 8(l & 15) .. +7 of item 2w + h;
+// the block's amax is a max over the half's 16 lanes (exact in any order), the codes are
+// elementwise, so the bits are act_quant_item's. split_pairs: a lane's 8 elements are
+// 8m .. 8m+7 of a 32-byte chunk (m = l & 3), whose even elements go to 4m of the chunk
+// and odd ones to 16 + 4m (store_quant4's layout, without its shuffle).
+__device__ __forceinline__ void store_quant8(uint8_t* block, int l16, uint32_t lo, uint32_t hi, int split_pairs) {
+  if (!split_pairs) {
+    *reinterpret_cast<uint2*>(block + 8 * l16) = make_uint2(lo, hi);
+    return;
+  }
+  uint8_t* chunk = block + 32 * (l16 >> 2);
+  const int m = l16 & 3;
+  *reinterpret_cast<uint32_t*>(chunk + 4 * m) = prmt(lo, hi, 0x6420u);
+  *reinterpret_cast<uint32_t*>(chunk + 16 + 4 * m) = prmt(lo, hi, 0x7531u);
+}
+
+// Max over the 16 lanes of a half warp (every lane of the warp calls it).
+__device__ __forceinline__ float half_warp_max(float v) {
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Quantizes a half warp's 8 values a lane (h: live, its item exists) into block / *scale.
+__device__ __forceinline__ void quant8_store(const float (&v)[8], bool live, int l16, uint8_t* block, float* scale,
+                                             int split_pairs) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = half_warp_max(amax);
+  if (!live) return;
+  const int e = act_exponent(amax);
+  const float inv = core::pow2_float(-e);
+  const float lo[4] = {v[0], v[1], v[2], v[3]}, hi[4] = {v[4], v[5], v[6], v[7]};
+  store_quant8(block, l16, quant4_e4m3(lo, inv), quant4_e4m3(hi, inv), split_pairs);
+  if (l16 == 0) *scale = core::pow2_float(e);
+}
+
+// x rows 16-byte aligned (x and ldx a multiple of 8 values).
+__global__ void act_quant8_kernel(const uint16_t* __restrict__ x, int64_t ldx, int64_t rows, int64_t k,
+                                  uint8_t* __restrict__ q, float* __restrict__ scale, int split_pairs) {
+  wait_then_release_dependents();
+  const int lane = threadIdx.x & 31, l16 = lane & 15;
+  const int64_t blocks = k / 128, items = rows * blocks;
+  const int64_t item = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * 2 + (lane >> 4);
+  if (item - (lane >> 4) >= items) return;  // the warp's first item: both halves leave together
+  const bool live = item < items;
+  const int64_t r = live ? item / blocks : 0, b = live ? item % blocks : 0;
+  const uint4 raw = *reinterpret_cast<const uint4*>(x + r * ldx + b * 128 + 8 * l16);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  float v[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = core::bf16_to_float(uint16_t(w[i] & 0xffffu));
+    v[2 * i + 1] = core::bf16_to_float(uint16_t(w[i] >> 16));
+  }
+  quant8_store(v, live, l16, q + r * k + b * 128, scale + r * blocks + b, split_pairs);
+}
+
 // ---- SwiGLU + quantization (spec §6.2) ----------------------------------------------
 // gu [rows, 2I] bf16 = (gate | up); h = bf16(w * silu(min(gate, L)) * clamp(up, +-L)),
 // quantized per 128 for w2. Row weight rw[rw_index[c]] (routed) or rw[c] or none.
@@ -1179,6 +1241,40 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
   const int64_t c = wid / blocks, b = wid % blocks;
   if (num_rows && c >= *num_rows) return;
   swiglu_quant_item<false>(gu, inter, c, b, lane, rw, rw_index, limit, hq, hs, split_pairs);
+}
+
+// swiglu_quant_kernel a half warp a (row, 128-block), 8 values a lane (16-byte loads of
+// gate and up; act_quant8_kernel's layout and reasons): the same bits. gu 16-byte aligned.
+__global__ void swiglu_quant8_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
+                                     const int* num_rows, const float* rw, const int* rw_index, float limit,
+                                     uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
+  wait_then_release_dependents();
+  const int lane = threadIdx.x & 31, l16 = lane & 15;
+  const int64_t blocks = inter / 128;
+  const int64_t live_rows = num_rows ? (*num_rows < rows ? int64_t(*num_rows) : rows) : rows;
+  const int64_t items = live_rows * blocks;
+  const int64_t item = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * 2 + (lane >> 4);
+  if (item - (lane >> 4) >= items) return;  // the warp's first item: both halves leave together
+  const bool live = item < items;
+  const int64_t c = live ? item / blocks : 0, b = live ? item % blocks : 0;
+  const uint16_t* gr = gu + c * 2 * inter + b * 128 + 8 * l16;
+  const uint4 g4 = *reinterpret_cast<const uint4*>(gr), u4 = *reinterpret_cast<const uint4*>(gr + inter);
+  const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
+  const uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w}, uw[4] = {u4.x, u4.y, u4.z, u4.w};
+  float h[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float gate = core::bf16_to_float(uint16_t(i & 1 ? gw[i / 2] >> 16 : gw[i / 2] & 0xffffu));
+    float up = core::bf16_to_float(uint16_t(i & 1 ? uw[i / 2] >> 16 : uw[i / 2] & 0xffffu));
+    if (limit > 0.0f) {  // up clamped both ways, gate only from above (swiglu_quant_item)
+      up = core::clamp_f32(up, -limit, limit);
+      gate = limit < gate ? limit : gate;
+    }
+    float act = core::silu_f32(gate) * up;
+    if (rw) act = weight * act;
+    h[i] = core::round_bf16(act);
+  }
+  quant8_store(h, live, l16, hq + c * inter + b * 128, hs + c * blocks + b, split_pairs);
 }
 
 // ---- the routed experts' GEMMs in one launch (docs/design/fused-expert-step.md) --------
