@@ -32,8 +32,6 @@ namespace dsv4::ops {
 void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
-void cuda_q_norm_force_wide(int on);
-int64_t cuda_q_norm_wide_launches();
 namespace {
 
 using core::DType;
@@ -251,33 +249,6 @@ TEST_F(CudaPointwise, QNormRopeMatchesCpu) {
       Tensor dq = dev(q);
       cuda().q_norm_rope(dq, db.view, dev_rope(rope), 1e-6f);
       expect_bf16_close(host(dq), want, 1, 4, "q_norm_rope");
-    }
-}
-
-// q_norm_rope's wide form (one CTA a token, two heads a warp at 64 heads) gives the
-// 8-head CTAs' bits, forced both ways at every row count (the rule takes it from 133
-// rows on 132 SMs); head counts that leave a warp one head, or part of a CTA empty.
-TEST_F(CudaPointwise, QNormRopeWideEqualsEightHeadCtasBitForBit) {
-  Rng rng(206);
-  struct Reset {
-    ~Reset() { cuda_q_norm_force_wide(-1); }
-  } reset;
-  for (int64_t H : {64, 40, 8, 3})
-    for (int64_t T : {1, 16, 133, 257}) {
-      const RopeTable rope = host_rope(true);
-      TestBatch b = random_batch(T, rng);
-      DeviceBatch db = upload_batch(cuda(), b);
-      const Tensor q = rng.bf16({T, H, 512}, 2.0f);
-      Tensor got[2];
-      for (int wide = 0; wide < 2; ++wide) {
-        cuda_q_norm_force_wide(wide);
-        got[wide] = dev(q);
-        const int64_t before = cuda_q_norm_wide_launches();
-        cuda().q_norm_rope(got[wide], db.view, dev_rope(rope), 1e-6f);
-        EXPECT_EQ(cuda_q_norm_wide_launches() - before, wide) << "H=" << H << " T=" << T;
-      }
-      expect_bits_equal(host(got[1]), host(got[0]),
-                        ("q_norm_rope wide vs 8 heads a CTA, H=" + std::to_string(H) + " T=" + std::to_string(T)).c_str());
     }
 }
 

@@ -827,31 +827,33 @@ struct ScoreSmem {
   uint32_t hist[256];
 };
 
+// kEarly (DSV4_CUDA_SCORE_EARLY, default on; off for A/B runs): the tables (which no
+// kernel writes) before the dependency wait, and after it the first page's and the
+// query's copies issued together, both by cp.async (the query loads had to return
+// before the page's copies were issued: two global round trips one after the other on
+// every CTA); the head sum's 64 loads unrolled ahead of its adds. The graph trace had
+// a launch on the critical chain at 13.4 µs (16 rows, a page a CTA) and 26.5 µs (64
+// rows, four) against ~2 µs of bytes (thirty-ninth session). The same bits either way.
+template <bool kEarly>
 __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
-  wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char score_smem_raw[];
   ScoreSmem& sm = *reinterpret_cast<ScoreSmem*>(score_smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  auto tables = [&] {
+    if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
+    for (int i = tid; i < 256; i += blockDim.x) {
+      sm.hist[i] = 0;
+      sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
+    }
+  };
+  if constexpr (kEarly) tables();
+  wait_for_predecessor();
   const int64_t chunk_rows = int64_t(64) * a.score_pages;
   const int64_t t = blockIdx.y, chunk0 = int64_t(blockIdx.x) * chunk_rows;
   const int32_t s = a.token_seq[t], p = a.positions[t];
   const int64_t n = visible_rows(s, p, a.max_rows);
   if (chunk0 >= n) return;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int64_t Hi = a.Hi;
-  // Query (zero rows for heads >= Hi), weights, tables.
-  for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
-    const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
-    *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
-  }
-  for (int h = tid; h < kScoreHeads; h += blockDim.x)
-    sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
-  if (tid < 16) sm.e2m1[tid] = e2m1_value(uint32_t(tid));
-  for (int i = tid; i < 256; i += blockDim.x) {
-    sm.hist[i] = 0;
-    sm.e2m1_pair[i] = e2m1_pair_bits(uint32_t(i));
-  }
   const int64_t rows_here = (n - chunk0) < chunk_rows ? (n - chunk0) : chunk_rows;
   const int pages = int((rows_here + 63) / 64);
   auto page_ptr = [&](int pg) -> const uint8_t* {
@@ -867,7 +869,31 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       for (int i = tid; i < kPageBytes / 16; i += blockDim.x) cp_async16(&sm.raw[pg & 1][16 * i], src + 16 * i);
     cp_async_commit();
   };
-  issue(0);
+  if constexpr (kEarly) {
+    // The query (zero rows for heads >= Hi) as the first copy group, page 0 as the second.
+    for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
+      const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
+      if (h < Hi) cp_async16(&sm.qs[h * kQsStride + c], a.q + (t * Hi + h) * kScoreDi + c);
+      else *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = make_uint4(0, 0, 0, 0);
+    }
+    cp_async_commit();
+    issue(0);
+    for (int h = tid; h < kScoreHeads; h += blockDim.x)
+      sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
+    cp_async_wait<1>();  // the query's group
+  } else {
+    // Query (zero rows for heads >= Hi), weights, tables.
+    for (int i = tid; i < kScoreHeads * (kScoreDi / 8); i += blockDim.x) {
+      const int h = i / (kScoreDi / 8), c = (i % (kScoreDi / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (h < Hi) v = *reinterpret_cast<const uint4*>(a.q + (t * Hi + h) * kScoreDi + c);
+      *reinterpret_cast<uint4*>(&sm.qs[h * kQsStride + c]) = v;
+    }
+    for (int h = tid; h < kScoreHeads; h += blockDim.x)
+      sm.w[h] = h < Hi ? round_bf(__fmul_rn(bf2f(a.weights[t * Hi + h]), a.weight_scale)) : 0.0f;
+    tables();
+    issue(0);
+  }
   __syncthreads();
   uint32_t afrag[kScoreDi / 16][4];
 #pragma unroll
@@ -951,7 +977,16 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
       uint16_t key = 0;
       if (valid_page) {
         float sum = 0.0f;
-        for (int64_t h = 0; h < Hi; ++h) sum = __fadd_rn(sum, sm.contrib[h * kCStride + tid]);
+        if constexpr (kEarly) {
+          float c[kScoreHeads];
+#pragma unroll
+          for (int h = 0; h < kScoreHeads; ++h) c[h] = sm.contrib[h * kCStride + tid];
+#pragma unroll
+          for (int h = 0; h < kScoreHeads; ++h)
+            if (h < Hi) sum = __fadd_rn(sum, c[h]);
+        } else {
+          for (int64_t h = 0; h < Hi; ++h) sum = __fadd_rn(sum, sm.contrib[h * kCStride + tid]);
+        }
         key = score_key(round_bf(sum));
       }
       a.keys16[t * a.max_rows + row0 + tid] = key;
@@ -2434,6 +2469,7 @@ namespace {
 // 4 pages one after another); then half, down to one page a CTA.
 // DSV4_CUDA_SCORE_PAGES=1|2|4 (or the test hook) fixes it (A/B runs).
 std::atomic<int> g_score_pages_forced{0};
+std::atomic<int> g_score_early_forced{-1};
 int score_pages_per_cta(int64_t tokens, int64_t max_pages, int64_t sms) {
   static const int from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_SCORE_PAGES");
@@ -2466,6 +2502,10 @@ void cuda_indexer_score_pages(int pages) {
              pages);
   g_score_pages_forced.store(pages);
 }
+
+// Test hook: -1 follows DSV4_CUDA_SCORE_EARLY (default on), 0 / 1 force the scoring
+// kernel's early form off / on.
+void cuda_indexer_score_early(int mode) { g_score_early_forced.store(mode); }
 
 void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float weight_scale, const LayerCache& cache,
                                   const BatchView& batch, const Tensor& topk) {
@@ -2556,7 +2596,11 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
   uint32_t* hist = static_cast<uint32_t*>(scratch("topk_hist", size_t(chunk) * 256 * 4, &hist_fresh));
   if (hist_fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(hist, 0, size_t(chunk) * 256 * 4, stream_));
   const size_t score_smem = sizeof(ScoreSmem);
-  allow_smem(index_score_mma_kernel, score_smem);
+  static const bool score_early_env = !env_is("DSV4_CUDA_SCORE_EARLY", "0");
+  const int early_forced = g_score_early_forced.load();
+  const bool score_early = early_forced >= 0 ? early_forced == 1 : score_early_env;
+  allow_smem(index_score_mma_kernel<true>, score_smem);
+  allow_smem(index_score_mma_kernel<false>, score_smem);
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
     const int64_t n = std::min(chunk, T - t0);
     a.q = q.as<uint16_t>() + t0 * Hi * Di;
@@ -2571,7 +2615,8 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
       a.score_pages = score_pages_per_cta(n, (max_rows + 63) / 64, properties().multiProcessorCount);
       const int64_t chunk_rows = int64_t(64) * a.score_pages;
       const dim3 grid(unsigned((max_rows + chunk_rows - 1) / chunk_rows), unsigned(n));
-      index_score_mma_kernel<<<grid, 128, score_smem, stream_>>>(a);
+      if (score_early) index_score_mma_kernel<true><<<grid, 128, score_smem, stream_>>>(a);
+      else index_score_mma_kernel<false><<<grid, 128, score_smem, stream_>>>(a);
       check_launch(stream_);
     } else {
       launch_simple_score(std::false_type{}, unsigned(n));

@@ -37,18 +37,12 @@ using core::Tensor;
 void cuda_hc_force_row_mix(int on);
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
-// Tests: -1 the rule (do_q_norm_rope), 0 / 1 the wide form off / on for every launch
-// it can take (16-byte rows); and how many launches took it.
-void cuda_q_norm_force_wide(int on);
-int64_t cuda_q_norm_wide_launches();
 
 namespace {
 
 std::atomic<int> g_force_row_mix{-1};
 std::atomic<int> g_force_row_split{0};
 std::atomic<int64_t> g_row_mix_launches{0};
-std::atomic<int> g_force_q_norm_wide{-1};
-std::atomic<int64_t> g_q_norm_wide_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
 
@@ -285,25 +279,10 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   // division per chunk and two block barriers: ncu at batch 256 had the kernel
   // issue-bound, 25 µs a launch.)
   const int lane = threadIdx.x & 31, warp = int(threadIdx.x >> 5), warps = int(blockDim.x >> 5), dh = int(Dh);
-  if constexpr (VEC == 8) {
-    // All of the CTA's rows in flight at once (16-byte cp.async pieces, consecutive
-    // threads on consecutive bytes), not a warp's heads one after another through
-    // registers: a warp holds two heads in the wide form (do_q_norm_rope).
-    const int pieces = dh / 8;
-    for (int i = int(threadIdx.x); i < int(H) * pieces; i += int(blockDim.x)) {
-      const int h = i / pieces, c = (i % pieces) * 8;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
-                       uint32_t(__cvta_generic_to_shared(qs + h * stride + c))),
-                   "l"(qt + int64_t(h) * Dh + c));
-    }
-    asm volatile("cp.async.commit_group;\n" ::);
-    asm volatile("cp.async.wait_all;\n" ::: "memory");
-  } else {
-    for (int h = warp; h < int(H); h += warps)
-      for (int i = lane * VEC; i < dh; i += 32 * VEC)
-        store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
-  }
-  __syncthreads();  // the table and the rows
+  for (int h = warp; h < int(H); h += warps)
+    for (int i = lane * VEC; i < dh; i += 32 * VEC)
+      store_bf<VEC>(qs + h * stride + i, load_bf<VEC>(qt + int64_t(h) * Dh + i));
+  __syncthreads();  // the table (and each warp's row)
   const int64_t rope_begin = Dh - rd;
   for (int h = warp; h < int(H); h += warps) {
     uint16_t* v = qs + h * stride;
@@ -1290,26 +1269,14 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   if (T == 0 || H == 0) return;
   DSV4_CHECK(Dh % 2 == 0 && rd % 2 == 0, "q_norm_rope: head_dim {} and rope_dim {} must be even", Dh, rd);
   DSV4_CHECK(H * Dh < (int64_t(1) << 31), "q_norm_rope: {} heads x {} dims exceed 32-bit indexing", H, Dh);
-  const bool v8 = Dh % 8 == 0 && aligned16(q.data());
-  // Heads per CTA: 8, one a warp. The wide form (one CTA a token, up to 64 heads, 32
-  // warps, two heads a warp at 64) where 8-head CTAs would need more than one wave of
-  // 8 CTAs an SM (bench-1g: from 133 rows; at 256 rows 2048 CTAs, two waves, the second
-  // evaluating its RoPE table after the wait): T CTAs of 1024 threads, 2 an SM.
-  // DSV4_CUDA_Q_NORM_WIDE=0 keeps 8 heads (A/B runs). Same bits either way (a head's
-  // work does not depend on its CTA).
-  static const bool wide_from_env = !env_is("DSV4_CUDA_Q_NORM_WIDE", "0");
-  const int forced = g_force_q_norm_wide.load(std::memory_order_relaxed);
-  const bool wide = v8 && (forced >= 0 ? forced == 1
-                                       : wide_from_env &&
-                                             T * ((H + 7) / 8) > 8 * int64_t(properties().multiProcessorCount));
-  if (wide) g_q_norm_wide_launches.fetch_add(1, std::memory_order_relaxed);
-  const int64_t hpc = std::min<int64_t>(H, wide ? 64 : 8);
+  const int64_t hpc = std::min<int64_t>(H, 8);  // heads per CTA: one per warp
   const size_t plane = size_t((hpc * (Dh + 8) * 2 + 15) / 16 * 16), tables = size_t(rd) * sizeof(float);
   const size_t limit = size_t(properties().sharedMemPerBlockOptin);
   DSV4_CHECK(plane + tables <= limit, "q_norm_rope: {} heads x {} dims need {} bytes of shared memory", hpc, Dh,
              plane + tables);
   const size_t smem = plane + tables;
-  const int threads = wide ? int(std::min<int64_t>(hpc, 32) * 32) : 256;
+  const bool v8 = Dh % 8 == 0 && aligned16(q.data());
+  const int threads = 256;
   const dim3 grid(unsigned(T), unsigned((H + hpc - 1) / hpc));
   if (v8) {
     if (smem > 48 * 1024)
@@ -1664,7 +1631,5 @@ void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, cons
 void cuda_hc_force_row_mix(int on) { g_force_row_mix.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
-void cuda_q_norm_force_wide(int on) { g_force_q_norm_wide.store(on, std::memory_order_relaxed); }
-int64_t cuda_q_norm_wide_launches() { return g_q_norm_wide_launches.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
