@@ -827,13 +827,14 @@ struct ScoreSmem {
   uint32_t hist[256];
 };
 
-// kEarly (DSV4_CUDA_SCORE_EARLY, default on; off for A/B runs): the tables (which no
-// kernel writes) before the dependency wait, and after it the first page's and the
-// query's copies issued together, both by cp.async (the query loads had to return
-// before the page's copies were issued: two global round trips one after the other on
-// every CTA); the head sum's 64 loads unrolled ahead of its adds. The graph trace had
-// a launch on the critical chain at 13.4 µs (16 rows, a page a CTA) and 26.5 µs (64
-// rows, four) against ~2 µs of bytes (thirty-ninth session). The same bits either way.
+// kEarly (DSV4_CUDA_SCORE_EARLY, default on; off for A/B runs): the tables and the
+// page addresses (which no kernel writes) before the dependency wait; after it the
+// query's and the first page's copies issued together, both by cp.async (the query's
+// loads had to return before the page's copies were issued: two global round trips one
+// after the other on every CTA); the head sum's 64 loads unrolled ahead of its adds.
+// Why: the graph trace had a launch on the critical chain at 14.1 µs (16 rows, a page
+// a CTA) and 27 µs (64 rows, four) against ~2 µs of bytes (thirty-ninth session). The
+// same bits either way.
 template <bool kEarly>
 __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   extern __shared__ __align__(16) unsigned char score_smem_raw[];
@@ -847,7 +848,10 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
     }
   };
   if constexpr (kEarly) tables();
-  wait_for_predecessor();
+  // The step's metadata (positions, sequences, block table: uploaded before the step, no
+  // kernel writes them) before the wait in the early form: the page addresses are two
+  // dependent global loads that ncu put at the head of a 16-row launch's stalls.
+  if constexpr (!kEarly) wait_for_predecessor();
   const int64_t chunk_rows = int64_t(64) * a.score_pages;
   const int64_t t = blockIdx.y, chunk0 = int64_t(blockIdx.x) * chunk_rows;
   const int32_t s = a.token_seq[t], p = a.positions[t];
@@ -856,13 +860,20 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   const int64_t Hi = a.Hi;
   const int64_t rows_here = (n - chunk0) < chunk_rows ? (n - chunk0) : chunk_rows;
   const int pages = int((rows_here + 63) / 64);
-  auto page_ptr = [&](int pg) -> const uint8_t* {
+  const uint8_t* page_src[kScoreMaxPages];  // a page's records, or null (outside the table)
+#pragma unroll
+  for (int pg = 0; pg < kScoreMaxPages; ++pg) {
     const int64_t blk = (chunk0 >> 6) + pg;
-    if (blk >= a.max_blocks) return nullptr;
-    const int32_t page = a.block_table[int64_t(s) * a.max_blocks + blk];
-    if (page < 0 || page >= a.num_pages) return nullptr;
-    return a.rows + int64_t(page) * kPageBytes;
+    const int32_t page = pg < pages && blk < a.max_blocks ? a.block_table[int64_t(s) * a.max_blocks + blk] : -1;
+    page_src[pg] = page >= 0 && page < a.num_pages ? a.rows + int64_t(page) * kPageBytes : nullptr;
+  }
+  auto page_ptr = [&](int pg) -> const uint8_t* {  // (selects: page_src stays in registers)
+    const uint8_t* src = page_src[0];
+#pragma unroll
+    for (int i = 1; i < kScoreMaxPages; ++i) src = pg == i ? page_src[i] : src;
+    return src;
   };
+  if constexpr (kEarly) wait_for_predecessor();
   auto issue = [&](int pg) {
     const uint8_t* src = page_ptr(pg);
     if (src != nullptr)
