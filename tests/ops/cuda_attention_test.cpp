@@ -65,6 +65,8 @@ void cuda_attention_force_lead_fold(int mode);
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
 void cuda_indexer_score_early(int mode);
+// Defined in cuda_attention.cu: the same for the selection kernel (DSV4_CUDA_SELECT_EARLY).
+void cuda_indexer_select_early(int mode);
 
 namespace {
 
@@ -750,19 +752,23 @@ TEST_P(CudaAttention, IndexerTopkMatchesCpu) {
       // The scoring CTAs' pages (sized to the grid by default) change no selection. The
       // repeated calls also check that each leaves its histogram scratch zero for the
       // next (topk_select_kernel clears the rows it reads; no memset between calls).
-      // So does the scoring kernel's form (its loads before or after the query's).
+      // So do the kernels' forms (scoring: its loads before or after the query's;
+      // selection: the keys held in registers or read from memory each pass).
       for (int pages : {1, 2, 4})
-        for (int early : {0, 1}) {
-          cuda_indexer_score_pages(pages);
-          cuda_indexer_score_early(early);
-          Tensor again = poisoned(DType::kI32, {b.rows(), sh.K});
-          cuda().indexer_topk(dev(q), dev(w), scale, c.gpu, db.view, again);
-          cuda_indexer_score_pages(0);
-          cuda_indexer_score_early(-1);
-          expect_bytes_equal(host(again).data(), g.data(), g.nbytes(),
-                             tag("indexer_topk with " + std::to_string(pages) + " pages a scoring CTA, early form " +
-                                 std::to_string(early)));
-        }
+        for (int early : {0, 1})
+          for (int select_early : {0, 1}) {
+            cuda_indexer_score_pages(pages);
+            cuda_indexer_score_early(early);
+            cuda_indexer_select_early(select_early);
+            Tensor again = poisoned(DType::kI32, {b.rows(), sh.K});
+            cuda().indexer_topk(dev(q), dev(w), scale, c.gpu, db.view, again);
+            cuda_indexer_score_pages(0);
+            cuda_indexer_score_early(-1);
+            cuda_indexer_select_early(-1);
+            expect_bytes_equal(host(again).data(), g.data(), g.nbytes(),
+                               tag("indexer_topk with " + std::to_string(pages) + " pages a scoring CTA, early forms " +
+                                   std::to_string(early) + "/" + std::to_string(select_early)));
+          }
     }
   }
 }

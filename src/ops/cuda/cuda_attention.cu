@@ -731,6 +731,7 @@ struct TopkArgs {
   int64_t num_pages, row_bytes, Hi, Di, K, T /* tokens of this launch */, max_rows;
   int32_t* topk;            // [T, K] (offset applied)
   int score_pages;          // fast: 64-row pages a scoring CTA takes (1 to kScoreMaxPages)
+  bool release_select;      // fast: the scoring CTAs let the selection launch before they end
   uint16_t* keys16;         // fast: [T, max_rows]
   uint32_t* hist;           // fast: [T, 256]
   uint64_t* keys64;         // simple: [T, max_rows]
@@ -1005,6 +1006,9 @@ __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
     }
     // The next iteration's first barrier orders these reads before ks/contrib are rewritten.
   }
+  // The selection's launch and prologue under this grid's tail (its wait still returns
+  // only once this grid has finished): with topk_select_kernel's early form.
+  if (a.release_select) allow_dependents_to_launch();
   __syncthreads();
   for (int i = tid; i < 256; i += blockDim.x)
     if (sm.hist[i] != 0) atomicAdd(&a.hist[t * 256 + i], sm.hist[i]);
@@ -1086,17 +1090,47 @@ __device__ void take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kind, 
   }
 }
 
+// kEarly (DSV4_CUDA_SELECT_EARLY, default on; off for A/B runs): the row count (step
+// metadata, which no kernel writes) before the dependency wait, and the token's first
+// kSelectHeld x 512 keys loaded once into registers right after it, in flight with the
+// histogram's loads; the low-byte pass and the in-order pass read them there instead of
+// loading every key twice more (two more global round trips on a one-CTA-a-token chain:
+// 7-8 µs a launch on the critical chain at 16 and 64 rows, thirty-ninth session). The
+// same selection either way.
+constexpr int kSelectHeld = 2;  // 1024 rows: a 4K context's indexer rows
+template <bool kEarly>
 __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a) {
-  wait_for_predecessor();
+  if constexpr (!kEarly) wait_for_predecessor();
   __shared__ uint32_t hist_s[256];
   __shared__ int s_bin, s_need;
   __shared__ int counts[2][2][32];
   const int64_t t = blockIdx.x;
   const int tid = threadIdx.x;
   const int64_t n = visible_rows(a.token_seq[t], a.positions[t], a.max_rows);
+  if constexpr (kEarly) wait_for_predecessor();
   const int64_t K = a.K;
   const int64_t keep = n < K ? n : K;
   int32_t* out = a.topk + t * K;
+  const uint16_t* keys = a.keys16 + t * a.max_rows;
+  // Key of row j = c * kSelectThreads + tid (chunk c): from the registers or memory.
+  uint16_t held[kSelectHeld];
+#pragma unroll
+  for (int c = 0; c < kSelectHeld; ++c) {
+    const int64_t j = int64_t(c) * kSelectThreads + tid;
+    held[c] = kEarly && j < n ? keys[j] : uint16_t(0);
+  }
+  auto key_at = [&](int64_t j) -> int {
+    if constexpr (kEarly) {
+      const int64_t c = (j - tid) / kSelectThreads;
+      if (c < kSelectHeld) {
+        uint16_t k = held[0];
+#pragma unroll
+        for (int i = 1; i < kSelectHeld; ++i) k = c == i ? held[i] : k;
+        return k;
+      }
+    }
+    return keys[j];
+  };
   for (int64_t i = keep + tid; i < K; i += blockDim.x) out[i] = -1;
   // 1. High byte: the bin holding the keep-th largest key. The row is left zero for the
   // next scoring launch (each thread clears what it read; do_indexer_topk zeroes the
@@ -1106,7 +1140,6 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a)
     a.hist[t * 256 + i] = 0;
   }
   if (keep == 0) return;
-  const uint16_t* keys = a.keys16 + t * a.max_rows;
   __syncthreads();
   if (tid < 32) {
     int bin = 0;
@@ -1124,7 +1157,7 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a)
   __syncthreads();
   // 2. The bin's keys by low byte.
   for (int64_t j = tid; j < n; j += blockDim.x) {
-    const uint16_t key = keys[j];
+    const int key = key_at(j);
     if ((key >> 8) == hi_bin) atomicAdd(&hist_s[key & 255], 1u);
   }
   __syncthreads();
@@ -1142,7 +1175,7 @@ __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a)
   __syncthreads();
   const int thr = s_bin, need_eq = s_need;
   // 3. In row order: every key above the threshold, and the first need_eq rows holding it.
-  take_rows_in_order(n, need_eq, [&](int64_t j) { const int key = keys[j]; return key > thr ? 1 : key == thr ? 2 : 0; },
+  take_rows_in_order(n, need_eq, [&](int64_t j) { const int key = key_at(j); return key > thr ? 1 : key == thr ? 2 : 0; },
                      out, counts);
 }
 
@@ -2481,6 +2514,7 @@ namespace {
 // DSV4_CUDA_SCORE_PAGES=1|2|4 (or the test hook) fixes it (A/B runs).
 std::atomic<int> g_score_pages_forced{0};
 std::atomic<int> g_score_early_forced{-1};
+std::atomic<int> g_select_early_forced{-1};
 int score_pages_per_cta(int64_t tokens, int64_t max_pages, int64_t sms) {
   static const int from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_SCORE_PAGES");
@@ -2517,6 +2551,8 @@ void cuda_indexer_score_pages(int pages) {
 // Test hook: -1 follows DSV4_CUDA_SCORE_EARLY (default on), 0 / 1 force the scoring
 // kernel's early form off / on.
 void cuda_indexer_score_early(int mode) { g_score_early_forced.store(mode); }
+// Test hook: the same for the selection kernel (DSV4_CUDA_SELECT_EARLY).
+void cuda_indexer_select_early(int mode) { g_select_early_forced.store(mode); }
 
 void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float weight_scale, const LayerCache& cache,
                                   const BatchView& batch, const Tensor& topk) {
@@ -2610,6 +2646,10 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
   static const bool score_early_env = !env_is("DSV4_CUDA_SCORE_EARLY", "0");
   const int early_forced = g_score_early_forced.load();
   const bool score_early = early_forced >= 0 ? early_forced == 1 : score_early_env;
+  static const bool select_early_env = !env_is("DSV4_CUDA_SELECT_EARLY", "0");
+  const int select_forced = g_select_early_forced.load();
+  const bool select_early = select_forced >= 0 ? select_forced == 1 : select_early_env;
+  a.release_select = select_early;
   allow_smem(index_score_mma_kernel<true>, score_smem);
   allow_smem(index_score_mma_kernel<false>, score_smem);
   for (int64_t t0 = 0; t0 < T; t0 += chunk) {
@@ -2632,7 +2672,8 @@ void CudaBackend::do_indexer_topk(const Tensor& q, const Tensor& weights, float 
     } else {
       launch_simple_score(std::false_type{}, unsigned(n));
     }
-    topk_select_kernel<<<unsigned(n), kSelectThreads, 0, stream_>>>(a);
+    if (select_early) topk_select_kernel<true><<<unsigned(n), kSelectThreads, 0, stream_>>>(a);
+    else topk_select_kernel<false><<<unsigned(n), kSelectThreads, 0, stream_>>>(a);
     check_launch(stream_);
   }
 }
