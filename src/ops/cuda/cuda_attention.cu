@@ -835,7 +835,9 @@ struct ScoreSmem {
 // after the other on every CTA); the head sum's 64 loads unrolled ahead of its adds.
 // Why: the graph trace had a launch on the critical chain at 14.1 µs (16 rows, a page
 // a CTA) and 27 µs (64 rows, four) against ~2 µs of bytes (thirty-ninth session). The
-// same bits either way.
+// same bits either way. Measured: 14.1 -> 12.7-13.3 µs a launch on the chain at 16 rows;
+// the late form against it, two A/Bs (the second with the page addresses moved too):
+// +0.2 / +0.4% a step at batch 1, 0.0 / +0.2% at 16, +0.1 / 0.0% at 64, +0.3 / +0.2% at 256.
 template <bool kEarly>
 __global__ void __launch_bounds__(128) index_score_mma_kernel(TopkArgs a) {
   extern __shared__ __align__(16) unsigned char score_smem_raw[];
@@ -1095,8 +1097,9 @@ __device__ void take_rows_in_order(int64_t n, int64_t ties_wanted, Kind&& kind, 
 // kSelectHeld x 512 keys loaded once into registers right after it, in flight with the
 // histogram's loads; the low-byte pass and the in-order pass read them there instead of
 // loading every key twice more (two more global round trips on a one-CTA-a-token chain:
-// 7-8 µs a launch on the critical chain at 16 and 64 rows, thirty-ninth session). The
-// same selection either way.
+// 7-8 µs a launch on the critical chain at 16 and 64 rows, thirty-ninth session); and the
+// scoring CTAs let it launch before they end (TopkArgs::release_select). The same
+// selection either way. Measured: -0.2% a step at batch 1, -0.1% at 16 and 64.
 constexpr int kSelectHeld = 2;  // 1024 rows: a 4K context's indexer rows
 template <bool kEarly>
 __global__ void __launch_bounds__(kSelectThreads) topk_select_kernel(TopkArgs a) {

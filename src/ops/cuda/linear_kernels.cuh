@@ -1158,7 +1158,8 @@ __device__ __forceinline__ float half_warp_max(float v) {
   return v;
 }
 
-// Quantizes a half warp's 8 values a lane (h: live, its item exists) into block / *scale.
+// Quantizes a half warp's 8 values a lane into block / *scale (live: the half's item
+// exists; every lane takes part in the shuffles either way).
 __device__ __forceinline__ void quant8_store(const float (&v)[8], bool live, int l16, uint8_t* block, float* scale,
                                              int split_pairs) {
   float amax = 0.0f;
