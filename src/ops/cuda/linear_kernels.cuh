@@ -1001,8 +1001,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 // no index division (a 64-bit division per output and one output per thread made the
 // launch issue-bound, ~6 µs each at M = 64 by ncu). Columns >= n_split go to y1 when
 // it is set (GemmParams::y1); a V-column group never straddles it (n_split % V == 0).
+// kInFlight: the slices' loads issued before their adds: 8 (the default) or, opt-in
+// (DSV4_CUDA_FOLD_LOADS=wide, thirty-ninth session, not yet measured on a GPU), 32 at
+// V = 1 and 16 at V = 4, so that at S = 32 four dependent L2 round trips a thread become
+// one or two. The adds keep their order, so do the bits.
 constexpr int kFoldThreads = 128;
-template <int V>
+template <int V, int kInFlight = 8>
 __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* __restrict__ partial, int split,
                                                                   int64_t rows, int64_t cols, void* y, int64_t ldy,
                                                                   void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
@@ -1017,11 +1021,11 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
     float v[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) v[e] = 0.0f;
-    // Eight slices' loads in flight at a time (all 32 at once took 144 registers).
-    for (int s0 = 0; s0 < split; s0 += 8) {
-      float part[8][V];
+    // kInFlight slices' loads in flight at a time (all 32 at once at V = 4 took 144 registers).
+    for (int s0 = 0; s0 < split; s0 += kInFlight) {
+      float part[kInFlight][V];
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kInFlight; ++j) {
         if (s0 + j >= split) break;
         const float* q = src + int64_t(s0 + j) * rows * cols;
         if constexpr (V == 4) {
@@ -1032,7 +1036,7 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
         }
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
+      for (int j = 0; j < kInFlight; ++j) {
         if (s0 + j >= split) break;
 #pragma unroll
         for (int e = 0; e < V; ++e) v[e] += part[j][e];
@@ -1558,6 +1562,7 @@ __device__ __forceinline__ float router_score(int scoring, float logit) {
                       : core::sigmoid_f32(logit);
 }
 
+template <int kInFlight = 8>  // the fold's slice loads issued before their adds (split_fold_kernel's)
 __global__ void router_select_kernel(const float* __restrict__ logits, int split, int64_t rows, int num_experts,
                                      int k, int scoring, int normalize, float route_scale,
                                      const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
@@ -1586,13 +1591,13 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
     for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
       const float* q = logits + row * num_experts + i;
       float v = 0.0f;
-      for (int s0 = 0; s0 < split; s0 += 8) {  // eight slices' loads in flight
-        float part[8];
+      for (int s0 = 0; s0 < split; s0 += kInFlight) {  // kInFlight slices' loads in flight
+        float part[kInFlight];
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < kInFlight; ++j)
           if (s0 + j < split) part[j] = __ldcg(q + int64_t(s0 + j) * stride);
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < kInFlight; ++j)
           if (s0 + j < split) v += part[j];
       }
       score[i] = scoring == 2 ? v : router_score(scoring, v);
