@@ -663,18 +663,10 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
     const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
                          unsigned(std::min<int64_t>(p.m, 65535)));
     const bool wide = fold_loads_wide();
-    if (v4 && wide)
-      lk::split_fold_kernel<4, 16><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-    else if (v4)
-      lk::split_fold_kernel<4><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-    else if (wide)
-      lk::split_fold_kernel<1, 32><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
-    else
-      lk::split_fold_kernel<1><<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(
-          p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1, p.n_split, p.y_f32);
+    auto* fold = v4 ? (wide ? lk::split_fold_kernel<4, 16> : lk::split_fold_kernel<4>)
+                    : (wide ? lk::split_fold_kernel<1, 32> : lk::split_fold_kernel<1>);
+    fold<<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1,
+                                                         p.n_split, p.y_f32);
     check_launch(be.stream());
     g_fold_launches.fetch_add(1, std::memory_order_relaxed);
   }
