@@ -64,7 +64,6 @@ int64_t cuda_linear_router_folds();
 void cuda_linear_force_router_fold(int on);
 int64_t cuda_linear_quant8_launches();
 void cuda_linear_force_quant8(int on);
-void cuda_linear_force_fold_loads_wide(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
@@ -1322,57 +1321,6 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
-// split_fold_kernel with all of a thread's slice loads in flight (DSV4_CUDA_FOLD_LOADS=wide:
-// 32 at a column a thread, 16 at four) gives the bits of 8 at a time: bf16 linears of the
-// indexer's weights_proj shape (one partial tile, S = 32, 16-byte loads) and of 129
-// outputs (a column a thread), a bf16 pair with f32 outputs, an FP8 pair (S = 16) against
-// the Hopper model too; 17-100 rows, where every one of them folds in its own launch.
-TEST(CudaLinearFold, WideFoldLoadsEqualEightBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  ops::cuda_linear_force_cluster_fold(0);
-  Env env;
-  Rng rng(0x58);
-  auto compare = [&](const std::string& what, const std::function<std::vector<Tensor>()>& op) {
-    const auto got = outputs_per_mode(env, ops::cuda_linear_force_fold_loads_wide, ops::cuda_linear_fold_launches,
-                                      {{0, 1}, {1, 1}}, what, op);
-    for (size_t i = 0; i < got[0].size(); ++i)
-      expect_bitwise(got[0][i], got[1][i], what + " wide fold loads vs 8 (output " + std::to_string(i) + ")");
-    return got[0];
-  };
-  const Tensor h64 = rng.bf16({64, 4096}, 1.0f / 64.0f), h129 = rng.bf16({129, 4096}, 1.0f / 64.0f);
-  const Tensor ha = rng.bf16({256, 4096}, 1.0f / 64.0f), hb = rng.bf16({256, 4096}, 1.0f / 64.0f);
-  const Tensor d64 = to_device(env.cuda, h64), d129 = to_device(env.cuda, h129);
-  const Tensor da = to_device(env.cuda, ha), db = to_device(env.cuda, hb);
-  const QuantLinear qa = host_quant(1024, 4096, false, draw_seed(rng)), qb = host_quant(512, 4096, false, draw_seed(rng));
-  const QuantLinear dqa = device_quant(env.cuda, qa), dqb = device_quant(env.cuda, qb);
-  for (int64_t M : {17, 33, 64, 100}) {
-    const Tensor x = rng.bf16({M, 4096});
-    const Tensor dx = to_device(env.cuda, x);
-    for (const auto& [w, n] : {std::pair<const Tensor*, int64_t>{&d64, 64}, {&d129, 129}}) {
-      const std::string what = "bf16 linear " + shape_str(M, n, 4096);
-      const std::vector<Tensor> got = compare(what, [&] {
-        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, n});
-        env.cuda.linear_bf16(dx, *w, y);
-        return std::vector<Tensor>{y};
-      });
-      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, n});
-      env.cpu_hopper->linear_bf16(x, n == 64 ? h64 : h129, ref);
-      expect_bitwise(ref, got[0], what + " vs the Hopper model");
-    }
-    compare("bf16 linear_pair M=" + std::to_string(M), [&] {
-      Tensor ya = device_poisoned(env.cuda, DType::kF32, {M, 256}), yb = device_poisoned(env.cuda, DType::kF32, {M, 256});
-      env.cuda.linear_bf16_pair(dx, da, ya, db, yb);
-      return std::vector<Tensor>{ya, yb};
-    });
-    const std::string what = "fp8 linear_pair M=" + std::to_string(M);
-    const std::vector<Tensor> got = compare(what, [&] { return run_fp8_pair(env, dx, dqa, dqb); });
-    expect_pair_is_hopper_model(env, x, qa, qb, got, what);
-  }
-  ops::cuda_linear_force_cluster_fold(-1);
-  ops::cuda_linear_force_path(-1);
-}
-
 // Split GEMMs of 16-row tiles (9-16 rows) whose slices make a portable cluster (S <= 8)
 // fold them over distributed shared memory (the default; DSV4_CUDA_CLUSTER_FOLD=0 keeps
 // split_fold_kernel's launch); the same bits: FP8 linears (S = 8 and, with a partial
@@ -1899,22 +1847,18 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   for (int64_t i = 0; i < V * k; ++i) tid2eid_h.as<int64_t>()[i] = (i * 37) % E;
   const Tensor tid2eid = to_device(cuda, tid2eid_h);
   struct Reset {
-    ~Reset() {
-      ops::cuda_linear_force_router_fold(-1);
-      ops::cuda_linear_force_fold_loads_wide(-1);
-    }
+    ~Reset() { ops::cuda_linear_force_router_fold(-1); }
   } reset;
   for (const RouterCase& rc : kRouterCases) {
     const ops::RouterConfig cfg = rc.config(k);
     for (int64_t T : {1, 3, 16, 64, 100, 256}) {
       const Tensor x = to_device(cuda, rng.bf16({T, D}));
       const Batch batch(cuda, T, rng, V, 11);
-      // Modes: the fold launch; the select's fold with 8 slices' loads in flight; with all 32.
-      Tensor out[3][2];
-      int64_t folds[3];
-      for (int mode = 0; mode < 3; ++mode) {
-        ops::cuda_linear_force_router_fold(mode > 0 ? 1 : 0);
-        ops::cuda_linear_force_fold_loads_wide(mode == 2 ? 1 : 0);
+      // Modes: the fold launch; the select's fold.
+      Tensor out[2][2];
+      int64_t folds[2];
+      for (int mode = 0; mode < 2; ++mode) {
+        ops::cuda_linear_force_router_fold(mode);
         out[mode][0] = device_poisoned(cuda, DType::kF32, {T, k});
         out[mode][1] = device_poisoned(cuda, DType::kI32, {T, k});
         const int64_t before = ops::cuda_linear_router_folds();
@@ -1925,12 +1869,9 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
       const std::string what = "T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
                                (rc.hash ? " hash" : "");
       EXPECT_EQ(folds[0], 0) << what;
-      for (int mode = 1; mode < 3; ++mode) {
-        const std::string how = what + (mode == 2 ? ", 32 loads in flight" : ", 8 loads in flight");
-        EXPECT_EQ(folds[mode], T >= 3 ? 1 : 0) << how << ": 32 slices x T rows > 64 should leave the fold to the select";
-        expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[mode][0]), "router weights, " + how);
-        expect_bitwise(to_host(cuda, out[0][1]), to_host(cuda, out[mode][1]), "router ids, " + how);
-      }
+      EXPECT_EQ(folds[1], T >= 3 ? 1 : 0) << what << ": 32 slices x T rows > 64 should leave the fold to the select";
+      expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[1][0]), "router weights, " + what);
+      expect_bitwise(to_host(cuda, out[0][1]), to_host(cuda, out[1][1]), "router ids, " + what);
     }
   }
 }

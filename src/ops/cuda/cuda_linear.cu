@@ -91,9 +91,6 @@ void cuda_linear_force_router_fold(int on);
 // (default on; 0 turns them off), 0 / 1 force them off / on.
 int64_t cuda_linear_quant8_launches();
 void cuda_linear_force_quant8(int on);
-// Test hook: -1 follows DSV4_CUDA_FOLD_LOADS (8 slices' loads in flight; `wide`: up to 32),
-// 0 / 1 force 8 / wide in split_fold_kernel and the router's fold.
-void cuda_linear_force_fold_loads_wide(int on);
 // Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
 // hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
 // the first such bit pattern in *first.
@@ -550,14 +547,6 @@ bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
 // DSV4_CUDA_ROUTER_FOLD=0 keeps the fold launch (A/B runs).
 std::atomic<int64_t> g_router_folds{0};
 std::atomic<int> g_force_router_fold{-1};
-// The folds' loads in flight (split_fold_kernel, router_select_kernel's fold): 8 slices,
-// or with DSV4_CUDA_FOLD_LOADS=wide all of them up to 32 (16 for 16-byte loads). Opt-in:
-// prepared in the thirty-ninth session after its device time was spent, not yet measured.
-std::atomic<int> g_force_fold_loads_wide{-1};
-bool fold_loads_wide() {
-  static const bool from_env = env_is("DSV4_CUDA_FOLD_LOADS", "wide");
-  return forced_or(g_force_fold_loads_wide, from_env);
-}
 bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
@@ -662,9 +651,7 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
     const int v = v4 ? 4 : 1;
     const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
                          unsigned(std::min<int64_t>(p.m, 65535)));
-    const bool wide = fold_loads_wide();
-    auto* fold = v4 ? (wide ? lk::split_fold_kernel<4, 16> : lk::split_fold_kernel<4>)
-                    : (wide ? lk::split_fold_kernel<1, 32> : lk::split_fold_kernel<1>);
+    auto* fold = v4 ? lk::split_fold_kernel<4> : lk::split_fold_kernel<1>;
     fold<<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1,
                                                          p.n_split, p.y_f32);
     check_launch(be.stream());
@@ -888,7 +875,6 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas) {
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
-void cuda_linear_force_fold_loads_wide(int on) { g_force_fold_loads_wide.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
@@ -1352,8 +1338,7 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
   const unsigned threads = left.split > 0 ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
-  auto* select = left.split > 0 && fold_loads_wide() ? lk::router_select_kernel<32> : lk::router_select_kernel<8>;
-  select<<<unsigned(T), threads, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
+  lk::router_select_kernel<<<unsigned(T), threads, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
       left.split > 0 ? left.partial : logits, left.split, left.rows, int(E), int(k), scoring,
       config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,

@@ -36,11 +36,41 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 // session). The guess (not measured): a grid of one block a row covers half the SMs
 // or more from 64 rows, and the dependent's blocks, placed while it runs, crowd onto
 // the others.
-__device__ __forceinline__ void wait_then_release_dependents() {
-  wait_for_predecessor();
+__device__ __forceinline__ void release_dependents_if_small_grid() {
   unsigned sms;
   asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
   if (4ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
+}
+__device__ __forceinline__ void wait_then_release_dependents() {
+  wait_for_predecessor();
+  release_dependents_if_small_grid();
+}
+
+// Flags between the blocks of running grids (the fused expert step, the mHC finish
+// waiting on its mix's arrivals): gpu-scope acquire loads, release stores and
+// acquire-release adds.
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+// An arrival: the release half publishes the arriving CTA's stores (ordered before it
+// by a CTA barrier; PTX release is cumulative), the acquire half lets the last arriver
+// read the others'. Against a __threadfence (fence.sc) before a relaxed add: -0.2% a
+// step at 16 rows in the fused expert step, within the noise at 64 (bench-1g; without
+// any fence, which is not correct, -0.7%: the wait for the stores is most of the cost).
+__device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+// An arrival nobody waits on the old value of: the release half only.
+__device__ __forceinline__ void red_add_release_gpu(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
 }  // namespace dsv4::ops

@@ -1001,12 +1001,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 // no index division (a 64-bit division per output and one output per thread made the
 // launch issue-bound, ~6 µs each at M = 64 by ncu). Columns >= n_split go to y1 when
 // it is set (GemmParams::y1); a V-column group never straddles it (n_split % V == 0).
-// kInFlight: the slices' loads issued before their adds: 8 (the default) or, opt-in
-// (DSV4_CUDA_FOLD_LOADS=wide, thirty-ninth session, not yet measured on a GPU), 32 at
-// V = 1 and 16 at V = 4, so that at S = 32 four dependent L2 round trips a thread become
-// one or two. The adds keep their order, so do the bits.
 constexpr int kFoldThreads = 128;
-template <int V, int kInFlight = 8>
+template <int V>
 __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* __restrict__ partial, int split,
                                                                   int64_t rows, int64_t cols, void* y, int64_t ldy,
                                                                   void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
@@ -1021,11 +1017,12 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
     float v[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) v[e] = 0.0f;
-    // kInFlight slices' loads in flight at a time (all 32 at once at V = 4 took 144 registers).
-    for (int s0 = 0; s0 < split; s0 += kInFlight) {
-      float part[kInFlight][V];
+    // Eight slices' loads in flight at a time (all 32 at once took 144 registers; all
+    // of them, 32 at V = 1 and 16 at V = 4, measured no faster: thirty-ninth session).
+    for (int s0 = 0; s0 < split; s0 += 8) {
+      float part[8][V];
 #pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
+      for (int j = 0; j < 8; ++j) {
         if (s0 + j >= split) break;
         const float* q = src + int64_t(s0 + j) * rows * cols;
         if constexpr (V == 4) {
@@ -1036,7 +1033,7 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
         }
       }
 #pragma unroll
-      for (int j = 0; j < kInFlight; ++j) {
+      for (int j = 0; j < 8; ++j) {
         if (s0 + j >= split) break;
 #pragma unroll
         for (int e = 0; e < V; ++e) v[e] += part[j][e];
@@ -1283,25 +1280,6 @@ __global__ void swiglu_quant8_kernel(const uint16_t* __restrict__ gu, int64_t ro
 }
 
 // ---- the routed experts' GEMMs in one launch (docs/design/fused-expert-step.md) --------
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_gpu(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
-// A list tile's arrival: the release half publishes this CTA's output stores (ordered
-// before it by the CTA barrier; PTX release is cumulative), the acquire half lets the last
-// arriver read the others'. Against a __threadfence (fence.sc) before a relaxed add and
-// before the ready flag: -0.2% a step at 16 rows, within the noise at 64 (bench-1g; without
-// any fence, which is not correct, -0.7%: the wait for the stores is most of the cost).
-__device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
 struct FusedExpertArgs {
   GemmParams gate_up, down;  // the two launches' parameters: walked slices, one table chunk, the same tile list
   int gate_up_tiles, down_tiles;  // weight tiles of each GEMM
@@ -1562,7 +1540,6 @@ __device__ __forceinline__ float router_score(int scoring, float logit) {
                       : core::sigmoid_f32(logit);
 }
 
-template <int kInFlight = 8>  // the fold's slice loads issued before their adds (split_fold_kernel's)
 __global__ void router_select_kernel(const float* __restrict__ logits, int split, int64_t rows, int num_experts,
                                      int k, int scoring, int normalize, float route_scale,
                                      const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
@@ -1591,13 +1568,13 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
     for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
       const float* q = logits + row * num_experts + i;
       float v = 0.0f;
-      for (int s0 = 0; s0 < split; s0 += kInFlight) {  // kInFlight slices' loads in flight
-        float part[kInFlight];
+      for (int s0 = 0; s0 < split; s0 += 8) {  // eight slices' loads in flight
+        float part[8];
 #pragma unroll
-        for (int j = 0; j < kInFlight; ++j)
+        for (int j = 0; j < 8; ++j)
           if (s0 + j < split) part[j] = __ldcg(q + int64_t(s0 + j) * stride);
 #pragma unroll
-        for (int j = 0; j < kInFlight; ++j)
+        for (int j = 0; j < 8; ++j)
           if (s0 + j < split) v += part[j];
       }
       score[i] = scoring == 2 ? v : router_score(scoring, v);
