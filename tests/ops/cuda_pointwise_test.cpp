@@ -32,8 +32,6 @@ namespace dsv4::ops {
 void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
-void cuda_hc_force_spin(int on);
-int64_t cuda_hc_spin_launches();
 namespace {
 
 using core::DType;
@@ -481,92 +479,6 @@ TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
         const char* names[] = {" x", " post", " comb", " xn", " Y"};
         for (size_t i = 0; i < got[0].size(); ++i)
           expect_bits_equal(got[1][i], got[0][i], (what + names[i] + ": Sinkhorn later vs in the op").c_str());
-      }
-    }
-}
-
-// hc_finish_kernel spinning on the mix CTAs' arrivals (kSpin, up to 31 rows) against
-// it waiting for the mix grid: x, xn, post, comb, Y and hc_head's y bit for bit, for
-// hc_pre, hc_pre_norm, hc_post_pre_norm (whose mix forms the stream the finish reads
-// after the spin) and hc_head, at 1-33 rows (from 32 rows the mix runs a thread a row
-// and the finish waits).
-// Then the ops in sequence captured in a graph (programmatic edges: the finish runs
-// while its mix does) and replayed three times, each replay equal to the eager run
-// without the spin: the arrival count is left at zero by every launch.
-TEST_F(CudaPointwise, HcFinishSpinEqualsWaitBitForBit) {
-  Rng rng(216);
-  struct Reset {
-    ~Reset() { cuda_hc_force_spin(-1); }
-  } reset;
-  for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 64, 20}, HcCase{4, 256, 1}})
-    for (int64_t T : {1, 5, 8, 9, 16, 31, 32, 33}) {
-      const HcConfig cfg = c.config();
-      const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
-      const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
-      const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
-      const Tensor df = dev(rng.bf16({T, c.D})), dpost0 = dev(rng.f32({T, c.hc}, 0.5f, 1.0f)),
-                   dcomb0 = dev(rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f));
-      const bool post_source = T <= 16;  // (hc_post_pre_norm's fused form; more rows take its parts)
-      std::vector<Tensor> outs[2];
-      // Every op writes its own outputs, so the sequence can be replayed as a whole.
-      struct Outs {
-        Tensor x0, post0, comb0, x1, xn1, post1, comb1, x2, xn2, post2, comb2, Y, y;
-      };
-      auto make_outs = [&] {
-        return Outs{poisoned(DType::kBF16, {T, c.D}),        poisoned(DType::kF32, {T, c.hc}),
-                    poisoned(DType::kF32, {T, c.hc, c.hc}),  poisoned(DType::kBF16, {T, c.D}),
-                    poisoned(DType::kBF16, {T, c.D}),        poisoned(DType::kF32, {T, c.hc}),
-                    poisoned(DType::kF32, {T, c.hc, c.hc}),  poisoned(DType::kBF16, {T, c.D}),
-                    poisoned(DType::kBF16, {T, c.D}),        poisoned(DType::kF32, {T, c.hc}),
-                    poisoned(DType::kF32, {T, c.hc, c.hc}),  poisoned(DType::kBF16, {T, c.hc, c.D}),
-                    poisoned(DType::kBF16, {T, c.D})};
-      };
-      auto run = [&](Outs& o) {
-        cuda().hc_pre(dX, dw, cfg, o.x0, o.post0, o.comb0);
-        cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, o.x1, o.xn1, o.post1, o.comb1);
-        cuda().hc_post_pre_norm(HcPostInput::of_sublayer(df, dX, dpost0, dcomb0), o.Y, dw, cfg, dnw, 1e-6f, o.x2,
-                                o.xn2, o.post2, o.comb2);
-        cuda().hc_head(dX, dwh, cfg, o.y);
-      };
-      auto fetch = [&](const Outs& o) {
-        std::vector<Tensor> h;
-        for (const Tensor* t : {&o.x0, &o.post0, &o.comb0, &o.x1, &o.xn1, &o.post1, &o.comb1, &o.x2, &o.xn2,
-                                &o.post2, &o.comb2, &o.Y, &o.y})
-          h.push_back(host(*t));
-        return h;
-      };
-      const char* names[] = {"hc_pre x",  "hc_pre post",  "hc_pre comb",  "hc_pre_norm x", "hc_pre_norm xn",
-                             "hc_pre_norm post", "hc_pre_norm comb", "hc_post_pre_norm x", "hc_post_pre_norm xn",
-                             "hc_post_pre_norm post", "hc_post_pre_norm comb", "hc_post_pre_norm Y", "hc_head y"};
-      const std::string what = "hc=" + std::to_string(c.hc) + " D=" + std::to_string(c.D) + " T=" + std::to_string(T);
-      for (int spin = 0; spin < 2; ++spin) {
-        cuda_hc_force_spin(spin);
-        const int64_t before = cuda_hc_spin_launches();
-        Outs o = make_outs();
-        run(o);
-        outs[spin] = fetch(o);
-        const int64_t launches = cuda_hc_spin_launches() - before;
-        // hc_pre, hc_pre_norm, hc_head, and hc_post_pre_norm's own mix (or its hc_pre_norm part);
-        // from 32 rows the mix runs a thread a row (hc_mix_rows_kernel), without the spin.
-        EXPECT_EQ(launches, spin && T < 32 ? 4 : 0) << what << (post_source ? " (post source)" : "");
-      }
-      for (size_t i = 0; i < outs[0].size(); ++i)
-        expect_bits_equal(outs[1][i], outs[0][i], (what + " " + names[i] + ": spin vs wait").c_str());
-      if (T > 32) continue;
-      cuda_hc_force_spin(1);
-      Outs g = make_outs();
-      run(g);  // eager first: the scratch buffers exist before the capture
-      cuda().synchronize();
-      std::unique_ptr<Graph> graph = cuda().capture([&] { run(g); });
-      if (!testing::pdl_disabled()) {
-        EXPECT_GT(cuda().last_capture_programmatic_edges(), 0) << what;
-      }
-      for (int replay = 0; replay < 3; ++replay) {
-        graph->replay();
-        const std::vector<Tensor> got = fetch(g);
-        for (size_t i = 0; i < got.size(); ++i)
-          expect_bits_equal(got[i], outs[0][i],
-                            (what + " " + names[i] + ": graph replay " + std::to_string(replay) + " vs wait").c_str());
       }
     }
 }

@@ -37,18 +37,12 @@ using core::Tensor;
 void cuda_hc_force_row_mix(int on);
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
-// Tests: -1 the rule (hc_spin), 0 / 1 the finish's spin off / on up to 32 rows; and how
-// many finish launches spun.
-void cuda_hc_force_spin(int on);
-int64_t cuda_hc_spin_launches();
 
 namespace {
 
 std::atomic<int> g_force_row_mix{-1};
 std::atomic<int> g_force_row_split{0};
 std::atomic<int64_t> g_row_mix_launches{0};
-std::atomic<int> g_force_hc_spin{-1};
-std::atomic<int64_t> g_hc_spin_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
 
@@ -467,14 +461,10 @@ constexpr int kHcPostMaxRows = 16;
 // kPostHc > 0 (32-row tiles, at most kPostRows rows): the X tile is formed from src
 // (kPostHc = its hc) as above, not read: every load of a thread's elements is issued
 // before the first is used (one round trip), then Y is formed and stored.
-// kArrive (32-row tiles; hc_finish_kernel's kSpin): each CTA lets the finish launch
-// right after its own wait and, its stores issued, counts itself on *arrivals (release).
-template <int kRows, int kPostHc = 0, int kPostRows = 8, bool kArrive = false>
+template <int kRows, int kPostHc = 0, int kPostRows = 8>
 __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
-                          int mix, float* __restrict__ partial, const HcPostSource src = {},
-                          int* __restrict__ arrivals = nullptr) {
-  static_assert(!kArrive || kRows == 4, "arrivals only from the 32-row tiles");
+                          int mix, float* __restrict__ partial, const HcPostSource src = {}) {
   static_assert(kPostHc == 0 || (kRows == 4 && kPostRows <= kHcPostMaxRows),
                 "an hc_post source only for the 32-row tiles, up to kHcPostMaxRows rows");
   constexpr int kHcRowTile = 8 * kRows;
@@ -529,12 +519,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       const int idx = int(threadIdx.x) + 256 * u;
       fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
     }
-    if constexpr (kArrive) {
-      wait_for_predecessor();
-      allow_dependents_to_launch();  // the finish's CTAs: resident, loading, then spinning
-    } else {
-      wait_then_release_dependents();
-    }
+    wait_then_release_dependents();
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
       // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
@@ -605,42 +590,33 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
   // k: a select per FMA had made the ALU pipe the limit (ncu at batch 256: issue
   // slots 59% busy, ALU the busiest pipe, 29 us a launch). Same FMA order per output
   // as before: k = 0 .. 127, four at a time in x, y, z, w order.
-  const bool sums = lane < mix + kRows && r0 + rb < rows;  // (warps past the last row: nothing to write)
-  if constexpr (!kArrive) {
-    if (!sums) return;
-  }
-  if (sums) {
-    const float* wrow = lane < mix ? &fn_s[lane][0] : &x_s[rb + lane - mix][0];
-    float acc[kRows];
+  if (lane >= mix + kRows || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
+  const float* wrow = lane < mix ? &fn_s[lane][0] : &x_s[rb + lane - mix][0];
+  float acc[kRows];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
-    for (int k = 0; k < kHcSlice; k += 4) {
-      const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+  for (int k = 0; k < kHcSlice; k += 4) {
+    const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
-        acc[r] = fmaf(w4.x, x4.x, acc[r]);
-        acc[r] = fmaf(w4.y, x4.y, acc[r]);
-        acc[r] = fmaf(w4.z, x4.z, acc[r]);
-        acc[r] = fmaf(w4.w, x4.w, acc[r]);
-      }
-    }
-    float* out = partial + slice * kHcMaxRowsPerLaunch * 32;
-    if (lane < mix) {
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-        if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + lane] = acc[r];
-    } else {
-      const int r = lane - mix;  // slot `mix` of row rb + r: its sum of squares
-      float v = acc[0];
-#pragma unroll
-      for (int i = 1; i < kRows; ++i) v = r == i ? acc[i] : v;
-      if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + mix] = v;
+    for (int r = 0; r < kRows; ++r) {
+      const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
+      acc[r] = fmaf(w4.x, x4.x, acc[r]);
+      acc[r] = fmaf(w4.y, x4.y, acc[r]);
+      acc[r] = fmaf(w4.z, x4.z, acc[r]);
+      acc[r] = fmaf(w4.w, x4.w, acc[r]);
     }
   }
-  if constexpr (kArrive) {
-    __syncthreads();  // every thread's stores issued (the partials, and Y where formed above)
-    if (threadIdx.x == 0) red_add_release_gpu(arrivals, 1);
+  float* out = partial + slice * kHcMaxRowsPerLaunch * 32;
+  if (lane < mix) {
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + lane] = acc[r];
+  } else {
+    const int r = lane - mix;  // slot `mix` of row rb + r: its sum of squares
+    float v = acc[0];
+#pragma unroll
+    for (int i = 1; i < kRows; ++i) v = r == i ? acc[i] : v;
+    if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + mix] = v;
   }
 }
 
@@ -867,11 +843,6 @@ struct HcFinishArgs {
   // as it is written, codes [rows, D] and scales [rows, D / 128]; null: not.
   uint8_t* xq = nullptr;
   float* xs = nullptr;
-  // kSpin: [2] ints, zero between launches: the mix CTAs' arrivals (`arrivals` of them
-  // make the partials complete), then this grid's departures (the last resets both).
-  int* sync = nullptr;
-  int arrivals = 0;
-  bool x_after_mix = false;  // X is formed by the mix (an hc_post source): read after the spin
 };
 
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
@@ -943,17 +914,7 @@ __device__ __forceinline__ float x_warps_sum(float v, float* red /* [8] */) {
   return total;
 }
 
-//
-// kSpin (up to 32 rows, DSV4_CUDA_HC_SPIN): no dependency wait on the mix grid. The mix
-// CTAs let this grid launch once each has passed its own wait (so everything the mix
-// reads is complete), and count themselves on a.sync[0] after their stores; thread 0
-// spins on that count (acquire), the barrier after it hands the partials to the block.
-// What no launch boundary buys: the norm weights and X (unless the mix forms it) are
-// loaded while the mix runs, and the partials are read as soon as the last CTA's are
-// stored instead of after the mix grid's end and flush. Every write of this kernel
-// follows the spin, so it also follows every read of the mix (post, comb, the stream).
-// The arithmetic is the same: the same bits.
-template <int HC, bool kHead, int VEC, bool kSpin = false>
+template <int HC, bool kHead, int VEC>
 __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinishArgs a) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
@@ -976,6 +937,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
     for (int k = 0; k < kRegs; ++k)
       if (chunk(0, k) < chunks) wv[k].load(a.norm_w + int64_t(chunk(0, k)) * VEC);
   }
+  wait_then_release_dependents();
   BfRegs<VEC> xs[kRegs][HC];  // the first pass's X
   auto load_x = [&](int base) {
 #pragma unroll
@@ -985,29 +947,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
         for (int i = 0; i < HC; ++i) xs[k][i].load(a.X + (t * HC + i) * a.D + int64_t(chunk(base, k)) * VEC);
       }
   };
-  if constexpr (kSpin) {
-    if (x_thread && !a.x_after_mix) load_x(0);
-    if (tid == 0) {
-      // Every mix CTA is running or done (the launch came after each passed its wait)
-      // and none waits on anything: the count comes. A bug that breaks that fails the
-      // launch here (~9 s; an illegal-instruction error) instead of hanging the process.
-      unsigned polls = 0;
-      while (ld_acquire_gpu(a.sync) < a.arrivals) {
-        __nanosleep(32);
-        if (++polls == (1u << 28)) __trap();
-      }
-      if (atomicAdd(a.sync + 1, 1) == int(gridDim.x) - 1) {  // the last to leave: zero for the next launch
-        a.sync[0] = 0;
-        a.sync[1] = 0;
-      }
-    }
-    __syncthreads();  // (thread 0's acquire, then this barrier: the partials visible to every thread)
-    release_dependents_if_small_grid();
-    if (x_thread && a.x_after_mix) load_x(0);
-  } else {
-    wait_then_release_dependents();
-    if (x_thread) load_x(0);
-  }
+  if (x_thread) load_x(0);
   const int slices = int(a.slices);
   const bool stage = slices <= kHcMaxStagedSlices;
   if (stage) {
@@ -1400,35 +1340,6 @@ int row_mix_split() {
   return forced > 0 ? forced : from_env;
 }
 
-// The finish spinning on the mix's arrivals instead of waiting for its grid
-// (hc_finish_kernel's kSpin), where the mix runs on 32-row tiles and one tile holds the
-// rows: DSV4_CUDA_HC_SPIN=0 turns it off (A/B runs); a test hook may force it either way.
-// Same bits either way.
-bool hc_spin(int64_t rows) {
-  static const bool from_env = !env_is("DSV4_CUDA_HC_SPIN", "0");
-  const int forced = g_force_hc_spin.load(std::memory_order_relaxed);
-  return rows <= 32 && (forced >= 0 ? forced == 1 : from_env);
-}
-
-// hc_finish_kernel's two ints for kSpin, zeroed when the buffer is made (each launch
-// leaves them zero). One buffer a stream, like the partials: launches on one stream run
-// one after another, and two streams (two-batch overlap) never share one.
-int* hc_spin_sync(CudaBackend& be) {
-  bool fresh = false;
-  int* sync = static_cast<int*>(be.scratch("hc_sync", 2 * sizeof(int), &fresh));
-  if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(sync, 0, 2 * sizeof(int), be.stream()));
-  return sync;
-}
-
-template <int kPostHc, int kPostRows>
-void launch_hc_mix_tiles32(CudaBackend& be, int* arrivals, const uint16_t* X, const float* fn, int64_t rows,
-                           int64_t n, int mix, float* partial, const HcPostSource& src = {}) {
-  const dim3 grid(unsigned(n / kHcSlice), unsigned((rows + 31) / 32));
-  auto* kernel = arrivals ? hc_mix_partial_kernel<4, kPostHc, kPostRows, true>
-                          : hc_mix_partial_kernel<4, kPostHc, kPostRows, false>;
-  kernel<<<grid, 256, 0, be.stream()>>>(X, fn, rows, n, mix, partial, src, arrivals);
-}
-
 template <int kMix, int kSplit>
 void launch_hc_mix_rows(CudaBackend& be, const uint16_t* X, const float* fn, int64_t rows, int64_t n,
                         int64_t slices, float* partial) {
@@ -1465,24 +1376,25 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
   for (int64_t r0 = 0; r0 < T; r0 += kHcMaxRowsPerLaunch) {
     const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
     const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
-    const bool rows_kernel = !src && row_mix(rows) && aligned16(Xr) && aligned16(w.fn.data());
-    const bool tiles64 =
-        !src && !rows_kernel && rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data());
-    int* sync = !rows_kernel && !tiles64 && hc_spin(rows) ? hc_spin_sync(be) : nullptr;
     if (src) {
       DSV4_CHECK(T <= kHcPostMaxRows && src->Y == X.as<uint16_t>() && src->hc == HC,
                  "hc: an hc_post source needs <= {} rows, its hc and X = its Y", kHcPostMaxRows);
-      if (rows <= 8) launch_hc_mix_tiles32<HC, 8>(be, sync, Xr, w.fn.as<float>(), rows, n, kMix, partial, *src);
-      else launch_hc_mix_tiles32<HC, 16>(be, sync, Xr, w.fn.as<float>(), rows, n, kMix, partial, *src);
-    } else if (rows_kernel) {
+      const dim3 grid(unsigned(slices), 1);
+      if (rows <= 8)
+        hc_mix_partial_kernel<4, HC, 8><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial,
+                                                                       *src);
+      else
+        hc_mix_partial_kernel<4, HC, 16><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix,
+                                                                        partial, *src);
+    } else if (row_mix(rows) && aligned16(Xr) && aligned16(w.fn.data())) {
       launch_hc_mix_rows<kMix>(be, row_mix_split(), Xr, w.fn.as<float>(), rows, n, slices, partial);
       g_row_mix_launches.fetch_add(1, std::memory_order_relaxed);
-    } else if (tiles64) {
+    } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
       hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
           Xr, w.fn.as<float>(), rows, n, kMix, partial);
-    } else {
-      launch_hc_mix_tiles32<0, 8>(be, sync, Xr, w.fn.as<float>(), rows, n, kMix, partial);
-    }
+    else
+      hc_mix_partial_kernel<4><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
+          Xr, w.fn.as<float>(), rows, n, kMix, partial);
     check_launch(be.stream());
     HcFinishArgs a;
     a.X = Xr;
@@ -1506,15 +1418,10 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       a.xq = norm->xq.codes + r0 * D;
       a.xs = norm->xq.scales + r0 * (D / 128);
     }
-    a.sync = sync;
-    a.arrivals = int(slices * ((rows + 31) / 32));  // (the 32-row tiles' grid)
-    a.x_after_mix = src != nullptr;
     const unsigned threads = kHead ? kHcXThreads : kHcXThreads + 32;  // + the Sinkhorn warp
-    auto* finish = v8 ? (sync ? hc_finish_kernel<HC, kHead, 8, true> : hc_finish_kernel<HC, kHead, 8, false>)
-                      : (sync ? hc_finish_kernel<HC, kHead, 1, true> : hc_finish_kernel<HC, kHead, 1, false>);
-    finish<<<unsigned(rows), threads, 0, be.stream()>>>(a);
+    if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), threads, 0, be.stream()>>>(a);
+    else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), threads, 0, be.stream()>>>(a);
     check_launch(be.stream());
-    if (sync) g_hc_spin_launches.fetch_add(1, std::memory_order_relaxed);
   }
 }
 
@@ -1722,8 +1629,6 @@ void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, cons
 }
 
 void cuda_hc_force_row_mix(int on) { g_force_row_mix.store(on, std::memory_order_relaxed); }
-void cuda_hc_force_spin(int on) { g_force_hc_spin.store(on, std::memory_order_relaxed); }
-int64_t cuda_hc_spin_launches() { return g_hc_spin_launches.load(std::memory_order_relaxed); }
 int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
 

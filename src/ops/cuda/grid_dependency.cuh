@@ -46,9 +46,8 @@ __device__ __forceinline__ void wait_then_release_dependents() {
   release_dependents_if_small_grid();
 }
 
-// Flags between the blocks of running grids (the fused expert step, the mHC finish
-// waiting on its mix's arrivals): gpu-scope acquire loads, release stores and
-// acquire-release adds.
+// Flags between the blocks of a running grid (the fused expert step): gpu-scope acquire
+// loads, release stores and acquire-release adds.
 __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
@@ -67,10 +66,6 @@ __device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
   int old;
   asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
-}
-// An arrival nobody waits on the old value of: the release half only.
-__device__ __forceinline__ void red_add_release_gpu(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 
 }  // namespace dsv4::ops
