@@ -61,6 +61,8 @@ int64_t cuda_attention_wgmma_launches();
 void cuda_attention_force_split_ctas(int n);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the lead fold off / on.
 void cuda_attention_force_lead_fold(int mode);
+// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
+void cuda_attention_force_early(int mode);
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
@@ -985,6 +987,48 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
     hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
     expect_bytes_equal(hw.data(), model.data(), model.nbytes(), tag("wgmma attention vs the Hopper model, " + a.name));
   }
+}
+
+// The attention kernels' early form (the row's metadata and tables before the dependency
+// wait, Q by cp.async; the combine's rotations before its wait) gives the late form's
+// bytes: the wgmma kernel split over CTAs and the mma.sync kernel (its split and one CTA
+// a row), with the combine, for rows of 1 to 10 segments, a prefill chunk and a pad row,
+// every ratio; and a single row (the mma.sync split, batch 1's path).
+TEST_P(CudaAttention, EarlyFormEqualsLateBitForBit) {
+  if (simple()) GTEST_SKIP() << "a fast-path kernel";
+  Rng rng(317);
+  struct Reset {
+    ~Reset() {
+      cuda_attention_force_early(-1);
+      cuda_attention_use_wgmma(-1);
+      cuda_attention_split_keys(true);
+    }
+  } reset;
+  const AttnShape sh{64, 512, 128, 512};
+  for (int64_t ratio : {0, 4, 128})
+    for (int rows_case = 0; rows_case < 2; ++rows_case) {
+      AttnCase a = rows_case == 0 ? make_attention_case(cpu(), cuda(), sh, ratio,
+                                                        {{0, 1400, 1}, {1, 700, 40}, {3, 3, 1}, {2, 77, 1}}, 1, rng)
+                                  : make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}}, 1, rng);
+      // Paths: the wgmma kernel (split), the mma.sync kernel split, the mma.sync kernel one CTA a row.
+      const char* paths[] = {"wgmma split", "mma.sync split", "mma.sync one CTA a row"};
+      for (int path = 0; path < 3; ++path) {
+        cuda_attention_use_wgmma(path == 0 ? 1 : 0);
+        cuda_attention_split_keys(path < 2);
+        Tensor got[2];
+        for (int early = 0; early < 2; ++early) {
+          cuda_attention_force_early(early);
+          got[early] = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+          a.run_cuda(cuda(), got[early]);
+        }
+        const Tensor late = host(got[0]), early = host(got[1]);
+        expect_bytes_equal(early.data(), late.data(), late.nbytes(),
+                           tag(std::string("early vs late form, ") + paths[path] + ", " + a.name));
+      }
+      cuda_attention_use_wgmma(-1);
+      cuda_attention_split_keys(true);
+      cuda_attention_force_early(-1);
+    }
 }
 
 // The wgmma kernel's split with the lead fold (ops/cuda/attention_split.h: the row's

@@ -106,6 +106,15 @@ int split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
   return attention_split_ctas(row_ctas, segs, num_sms);
 }
 
+// The attention kernels' early form (their kEarly): DSV4_CUDA_ATTN_EARLY=0 keeps the
+// late one (A/B runs); a test hook may force either. The same bits.
+std::atomic<int> g_forced_attn_early{-1};
+bool attention_early() {
+  static const bool from_env = !env_is("DSV4_CUDA_ATTN_EARLY", "0");
+  const int forced = g_forced_attn_early.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced == 1 : from_env;
+}
+
 // The most partial bytes a split launch may write (and its combine read): 64 MiB, or
 // DSV4_CUDA_ATTN_SPLIT_MAX_MB=N (A/B runs). A partial a segment, bench-1g's CSA rows
 // exceeded it from 49 rows (80 MiB at 64), and raising it gained nothing: at 64 rows
@@ -149,6 +158,7 @@ bool lead_fold_wanted(int nsplit) {
 void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max(n, 0)); }
 // Test hook: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the wgmma split's lead fold off / on.
 void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
+void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
@@ -1657,9 +1667,11 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
   return v;
 }
 
-template <int DH, int MT>
+// kEarly: as attention_wgmma_kernel's (the metadata and tables before the dependency
+// wait, Q by cp.async after it); the same bits.
+template <int DH, int MT, bool kEarly>
 __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups, AttnSplit sp) {
-  wait_for_predecessor();
+  if constexpr (!kEarly) wait_for_predecessor();
   using L = AttnLayout<DH, MT>;
   constexpr int kQuarter = DH / 4;
   constexpr int kQkSteps = kQuarter / 16;  // k-steps of 16 dims per warp in S
@@ -1697,7 +1709,25 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   const int64_t H = a.H;
   const int32_t s = a.token_seq[t];
   const int64_t p = a.positions[t];
-  if (s < 0 || p < 0) {  // pad rows: zeros (split: the combine kernel writes them)
+  const bool pad = s < 0 || p < 0;
+  int64_t start = 0, begin = 0, slot = 0;
+  const auto tables = [&] {  // the e4m3 values; the RoPE rotations (double-precision cos and sin)
+    for (int i = tid; i < 256; i += blockDim.x) lut[i] = core::e4m3_to_float(uint8_t(i));
+    for (int i = tid; i < kRope / 2; i += blockDim.x) {
+      float c, sn;
+      rope_cos_sin(p, a.inv_freq[i], &c, &sn);
+      rope_c[i] = c;
+      rope_s[i] = sn;
+    }
+  };
+  if constexpr (kEarly) {
+    if (!pad) {
+      start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+      tables();
+    }
+    wait_for_predecessor();
+  }
+  if (pad) {  // pad rows: zeros (split: the combine kernel writes them)
     if (row_leader) sp.segs[t] = 0;
     if (split) return;
     for (int64_t i = tid; i < int64_t(MT) * 16 * DH; i += blockDim.x) {
@@ -1706,7 +1736,16 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     }
     return;
   }
-  const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  if constexpr (kEarly) {  // Q by cp.async (the first copy group; zero rows past the heads)
+    for (int64_t i = tid; i < int64_t(MT) * 16 * (DH / 8); i += blockDim.x) {
+      const int64_t hl = i / (DH / 8), c = (i % (DH / 8)) * 8, h = h0 + hl;
+      if (h < H) cp_async16(Qs + hl * L::kStride + c, a.q + (t * H + h) * DH + c);
+      else *reinterpret_cast<uint4*>(Qs + hl * L::kStride + c) = make_uint4(0, 0, 0, 0);
+    }
+    cp_async_commit();
+  } else {
+    start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  }
   int64_t n_win = 0;
   const int64_t n_keys = row_keys(a, t, p, comp, &s_count, &n_win);
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
@@ -1719,24 +1758,23 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     for (int64_t g2 = split_id; g2 < n_segs; g2 += sp.nsplit)
       my_chunks += chunks - g2 * kSegmentChunks < kSegmentChunks ? chunks - g2 * kSegmentChunks : kSegmentChunks;
   }
-  if (my_chunks == 0) return;  // uniform over the CTA
+  if (my_chunks == 0) {  // uniform over the CTA
+    if constexpr (kEarly) cp_async_wait<0>();  // (Q's copies land before the CTA leaves)
+    return;
+  }
   auto chunk_of = [&](int64_t i) {
     if (!split) return i;
     return (split_id + (i / kSegmentChunks) * sp.nsplit) * kSegmentChunks + i % kSegmentChunks;
   };
 
-  for (int64_t i = tid; i < int64_t(MT) * 16 * (DH / 8); i += blockDim.x) {
-    const int64_t hl = i / (DH / 8), c = (i % (DH / 8)) * 8, h = h0 + hl;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (h < H) v = *reinterpret_cast<const uint4*>(a.q + (t * H + h) * DH + c);
-    *reinterpret_cast<uint4*>(Qs + hl * L::kStride + c) = v;
-  }
-  for (int i = tid; i < 256; i += blockDim.x) lut[i] = core::e4m3_to_float(uint8_t(i));
-  for (int i = tid; i < kRope / 2; i += blockDim.x) {
-    float c, sn;
-    rope_cos_sin(p, a.inv_freq[i], &c, &sn);
-    rope_c[i] = c;
-    rope_s[i] = sn;
+  if constexpr (!kEarly) {
+    for (int64_t i = tid; i < int64_t(MT) * 16 * (DH / 8); i += blockDim.x) {
+      const int64_t hl = i / (DH / 8), c = (i % (DH / 8)) * 8, h = h0 + hl;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (h < H) v = *reinterpret_cast<const uint4*>(a.q + (t * H + h) * DH + c);
+      *reinterpret_cast<uint4*>(Qs + hl * L::kStride + c) = v;
+    }
+    tables();
   }
   auto resolve = [&](int64_t chunk, int buf) {  // warp 0
     const int64_t u = chunk * kKeysPerChunk + lane;
@@ -1761,7 +1799,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     }
     cp_async_commit();
   };
-  __syncthreads();  // comp[] (compact_topk ends with a barrier), Qs, tables
+  __syncthreads();  // comp[] (compact_topk ends with a barrier), Qs (the late form), tables
   if (warp == 0) resolve(chunk_of(0), 0);
   __syncthreads();
   issue(0);
@@ -1950,12 +1988,25 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
 // Finishes rows whose segments split CTAs left in AttnSplit: folds the partials in
 // order from an empty state exactly as attention_mma_kernel folds segments in
 // registers (a lead CTA's folded state is one partial), then O / (L + exp(sink - M)),
-// bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread.
-template <int DH>
+// bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread. kEarly: the
+// rotations (the step's positions, the frequencies; a double-precision cos and sin
+// each) and the sink before the dependency wait, not after the fold.
+template <int DH, bool kEarly>
 __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
-  wait_for_predecessor();
   const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
   const int d = 4 * threadIdx.x;
+  float rc[2] = {1.0f, 1.0f}, rs[2] = {0.0f, 0.0f}, sink = 0.0f;  // (a dim pair below the RoPE dims: unused)
+  const auto rotations = [&] {
+    const int64_t p = a.positions[t];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int dk = d + 2 * k;
+      if (dk >= DH - kRope) rope_cos_sin(p, a.inv_freq[(dk - (DH - kRope)) / 2], &rc[k], &rs[k]);
+    }
+    sink = a.sink[h];
+  };
+  if constexpr (kEarly) rotations();
+  wait_for_predecessor();
   uint16_t* out = a.o + (t * a.H + h) * DH + d;
   const int32_t n_segs = sp.segs[t];
   if (n_segs == 0) {  // pad row
@@ -1986,18 +2037,13 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
         M = w.m;
       }
   }
-  const float den = attention_denominator(L, M, a.sink[h]);
-  const int64_t p = a.positions[t];
+  if constexpr (!kEarly) rotations();
+  const float den = attention_denominator(L, M, sink);
   uint32_t packed[2];
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     float x0 = round_bf(__fdiv_rn(O[2 * k], den)), x1 = round_bf(__fdiv_rn(O[2 * k + 1], den));
-    const int dk = d + 2 * k;
-    if (dk >= DH - kRope) {
-      float c, sn;
-      rope_cos_sin(p, a.inv_freq[(dk - (DH - kRope)) / 2], &c, &sn);
-      rope_pair_f(&x0, &x1, c, -sn);
-    }
+    if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
     packed[k] = pack_bf16(x0, x1);
   }
   *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
@@ -2061,11 +2107,18 @@ inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 // carries none of the split's indexing. (At its 128-register cap, ptxas's share of
 // local memory moves with every edit, and 128-256-row steps with it by up to ±0.5%:
 // docs/design/cuda-attention.md, twenty-seventh session.)
-template <bool kSplit>
+//
+// kEarly (DSV4_CUDA_ATTN_EARLY, default on; off for A/B runs): the row's metadata (the
+// step's positions and sequences, uploaded before the step; no kernel writes them), the
+// e4m3 table and the output's inverse RoPE table before the dependency wait, and after
+// it Q copied by cp.async, in flight under the top-k compaction and the key lookups
+// (its loads into registers had to return before those began). The same bits. The
+// launcher takes it for split launches (see there).
+template <bool kSplit, bool kEarly>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
-  wait_for_predecessor();
+  if constexpr (!kEarly) wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char wg_smem_raw[];  // aligned to the swizzle atom below
   unsigned char* sm = wg_smem_raw + ((1024u - (smem_addr(wg_smem_raw) & 1023u)) & 1023u);
   uint8_t* Qs = sm + W::kOffQ;
@@ -2103,13 +2156,48 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
   const int32_t s = a.token_seq[tok];
   const int64_t p = a.positions[tok];
-  if (s < 0 || p < 0) {  // pad rows: zeros (split: the combine kernel writes them)
+  const bool pad = s < 0 || p < 0;
+  int64_t start = 0, begin = 0, slot = 0;
+  const auto e4m3_table = [&] {
+    for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
+  };
+  // The output's inverse RoPE table, warp 1 (its double-precision cos and sin take a
+  // while); split CTAs leave the output to the combine kernel.
+  const auto rope_table = [&] {
+    if (warp == 1 && !split) {
+      static_assert(kRope / 2 == 32, "a lane a rotation pair");
+      float c, sn;
+      rope_cos_sin(p, a.inv_freq[lane], &c, &sn);
+      rope_c[lane] = c;
+      rope_s[lane] = sn;
+    }
+  };
+  if constexpr (kEarly) {
+    if (!pad) {
+      start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+      e4m3_table();
+      rope_table();
+    }
+    wait_for_predecessor();
+  }
+  if (pad) {  // pad rows: zeros (split: the combine kernel writes them)
     if (row_leader) sp.segs[tok] = 0;
     if constexpr (!split)
       for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
     return;
   }
-  const int64_t start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  if constexpr (kEarly) {  // Q: 16-byte piece pc of head h, by cp.async (the first copy group)
+    constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
+    static_assert(kLoads * W::kThreads == W::kHeads * (W::kDh / 8), "whole pieces a thread");
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) {
+      const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
+      cp_async16(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7), a.q + (tok * W::kHeads + h) * W::kDh + 8 * pc);
+    }
+    cp_async_commit();
+  } else {
+    start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+  }
   int64_t n_win = 0;
   const int64_t n_keys = row_keys(a, tok, p, comp, &s_count, &n_win);
   const int64_t chunks = (n_keys + kKeysPerChunk - 1) / kKeysPerChunk;
@@ -2123,7 +2211,10 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // This CTA's segments: first, first + step, ... below limit.
   const int seg_first = per_segment ? lead + split_id - lead_partial : 0;
   const int seg_step = per_segment ? sp.nsplit - lead_partial : 1, seg_limit = per_segment ? segs : lead;
-  if (seg_first >= seg_limit) return;  // uniform over the CTA: no segment of the row is this CTA's
+  if (seg_first >= seg_limit) {  // uniform over the CTA: no segment of the row is this CTA's
+    if constexpr (kEarly) cp_async_wait<0>();  // (Q's copies land before the CTA leaves)
+    return;
+  }
   // The i-th tile of this CTA, or -1 past its last. Only a row's last segment can be
   // short, and it ends the list.
   const auto tile_at = [&](int i) {
@@ -2142,7 +2233,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       for (int i = 0; i < 32; ++i) po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = v(mb, i);
   };
 
-  {  // Q: 16-byte piece pc of head h, every load issued before the first store
+  if constexpr (!kEarly) {  // Q: 16-byte piece pc of head h, every load issued before the first store
     constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
     static_assert(kLoads * W::kThreads == W::kHeads * (W::kDh / 8), "whole loads a thread");
     uint4 v[kLoads];
@@ -2156,8 +2247,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
       *reinterpret_cast<uint4*>(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7)) = v[j];
     }
+    e4m3_table();
   }
-  for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
   auto resolve = [&](int64_t tile, int buf) {  // warp 0: the tile's 64 keys, two per lane
     for (int k = lane; k < W::kTileKeys; k += 32) {
       const int64_t u = tile * W::kTileKeys + k;
@@ -2176,17 +2267,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     }
     cp_async_commit();
   };
-  __syncthreads();  // comp[], Q, tables
+  __syncthreads();  // comp[], Q (the late form; the early one's lands with the first records), tables
   if (warp == 0) resolve(tile_at(0), 0);
-  // The output's inverse RoPE table, beside warp 0's lookups (its double-precision
-  // cos and sin take a while); split CTAs leave the output to the combine kernel.
-  if (warp == 1 && !split) {
-    static_assert(kRope / 2 == 32, "a lane a rotation pair");
-    float c, sn;
-    rope_cos_sin(p, a.inv_freq[lane], &c, &sn);
-    rope_c[lane] = c;
-    rope_s[lane] = sn;
-  }
+  if constexpr (!kEarly) rope_table();  // (beside warp 0's lookups)
   __syncthreads();
   issue(0);
 
@@ -2691,12 +2774,14 @@ void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, const AttnSpli
   const size_t smem = L::bytes(a.K);
   DSV4_CHECK(smem <= smem_limit, "sparse_attention: top-{} needs {} bytes of shared memory, the device allows {}", a.K,
              smem, smem_limit);
-  allow_smem(attention_mma_kernel<DH, MT>, smem);
-  attention_mma_kernel<DH, MT>
-      <<<unsigned(T * head_groups * sp.nsplit), L::kThreads, smem, stream>>>(a, head_groups, sp);
+  const bool early = attention_early();
+  const auto kernel = early ? attention_mma_kernel<DH, MT, true> : attention_mma_kernel<DH, MT, false>;
+  allow_smem(kernel, smem);
+  kernel<<<unsigned(T * head_groups * sp.nsplit), L::kThreads, smem, stream>>>(a, head_groups, sp);
   check_launch(stream);
   if (sp.nsplit > 1) {
-    attention_combine_kernel<DH><<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
+    const auto combine = early ? attention_combine_kernel<DH, true> : attention_combine_kernel<DH, false>;
+    combine<<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
     check_launch(stream);
   }
 }
@@ -2809,14 +2894,22 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       aligned16(o.data())) {
     const AttnSplit sp = make_split(T, true);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
-      const auto kernel = sp.nsplit > 1 ? attention_wgmma_kernel<true> : attention_wgmma_kernel<false>;
+      // The early form for split launches only (up to 131 rows, where a row's prologue
+      // is on the step's chain): one CTA a row, its registers spill more (ptxas: 144
+      // bytes of spill stores against 104).
+      const bool early = attention_early();
+      const auto kernel = sp.nsplit == 1 ? attention_wgmma_kernel<false, false>
+                          : early        ? attention_wgmma_kernel<true, true>
+                                         : attention_wgmma_kernel<true, false>;
       allow_smem(kernel, wg_attn::bytes(a.K));
       kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
       check_launch(stream_);
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
       if (sp.nsplit > 1) {
         g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-        attention_combine_kernel<wg_attn::kDh><<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
+        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
+                                   : attention_combine_kernel<wg_attn::kDh, false>;
+        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
         check_launch(stream_);
       }
       return;
