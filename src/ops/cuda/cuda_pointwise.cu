@@ -250,12 +250,10 @@ __global__ void rms_norm_quant_kernel(const uint16_t* x, const uint16_t* __restr
 // of one thread per head in one CTA per token (28 us at batch 1, most of it that
 // chain).
 // Roofline: 2*H*Dh*2 bytes per token (64 KB read + 64 KB written at H=64, Dh=512).
-// release (q_rope_release_rows): the attention launches while this grid runs, whatever
-// its size (wait_then_release_dependents releases only grids of a quarter of the SMs).
 template <int VEC>
 __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __restrict__ positions,
                                    const float* __restrict__ inv_freq, int64_t H_all, int64_t Dh, int64_t rd,
-                                   float eps, int64_t heads_per_cta, int release) {
+                                   float eps, int64_t heads_per_cta) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t stride = Dh + 8;
   const int64_t h0 = int64_t(blockIdx.y) * heads_per_cta;
@@ -274,9 +272,7 @@ __global__ void q_norm_rope_kernel(uint16_t* __restrict__ q, const int32_t* __re
   // main loop).
   if (pos >= 0)
     for (int64_t i = threadIdx.x; i < rd / 2; i += blockDim.x) rope_cos_sin(pos, inv_freq[i], cs + i, sn + i);
-  wait_for_predecessor();
-  if (release) allow_dependents_to_launch();
-  else release_dependents_if_small_grid();
+  wait_then_release_dependents();
   // Warp w owns heads w, w + warps, ... (one at 8 heads a CTA) from load to store, so
   // only the RoPE table is shared across warps: one block barrier, which also orders
   // each warp's own row. (A flat (head, chunk) loop over the block cost a 32-bit
@@ -1268,19 +1264,6 @@ void CudaBackend::do_rms_norm_linear(const Tensor& x, const Tensor& norm_weight,
   linears_on_quantized_rows(*this, q, T, wa, ya, wb, yb);
 }
 
-namespace {
-// Up to how many rows q_norm_rope releases its dependent (the attention) right after its
-// wait: DSV4_CUDA_Q_RELEASE_ROWS=N (default 0: by wait_then_release_dependents' rule, which
-// at 64 heads releases up to 4 rows). Same bits either way.
-int64_t q_rope_release_rows() {
-  static const int64_t rows = [] {
-    const char* v = std::getenv("DSV4_CUDA_Q_RELEASE_ROWS");
-    return v != nullptr ? std::max<int64_t>(std::atoll(v), 0) : int64_t(0);
-  }();
-  return rows;
-}
-}  // namespace
-
 void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const RopeTable& rope, float eps) {
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), rd = rope.rope_dim;
   if (T == 0 || H == 0) return;
@@ -1295,20 +1278,19 @@ void CudaBackend::do_q_norm_rope(const Tensor& q, const BatchView& batch, const 
   const bool v8 = Dh % 8 == 0 && aligned16(q.data());
   const int threads = 256;
   const dim3 grid(unsigned(T), unsigned((H + hpc - 1) / hpc));
-  const int release = T <= q_rope_release_rows() ? 1 : 0;
   if (v8) {
     if (smem > 48 * 1024)
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(q_norm_rope_kernel<8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(smem)));
     q_norm_rope_kernel<8><<<grid, threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
-                                                            rope.inv_freq.as<float>(), H, Dh, rd, eps, hpc, release);
+                                                            rope.inv_freq.as<float>(), H, Dh, rd, eps, hpc);
   } else {
     DSV4_CHECK(aligned4(q.data()), "q_norm_rope: q is not 4-byte aligned");
     if (smem > 48 * 1024)
       DSV4_CUDA_CHECK(cudaFuncSetAttribute(q_norm_rope_kernel<2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(smem)));
     q_norm_rope_kernel<2><<<grid, threads, smem, stream_>>>(q.as<uint16_t>(), batch.positions,
-                                                            rope.inv_freq.as<float>(), H, Dh, rd, eps, hpc, release);
+                                                            rope.inv_freq.as<float>(), H, Dh, rd, eps, hpc);
   }
   check_launch(stream_);
 }
