@@ -62,6 +62,7 @@ int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
 int64_t cuda_linear_router_folds();
 void cuda_linear_force_router_fold(int on);
+void cuda_linear_force_router_early(int on);
 int64_t cuda_linear_quant8_launches();
 void cuda_linear_force_quant8(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
@@ -1835,7 +1836,8 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
 // The router's select kernel folding the logits GEMM's K-slice partials itself (the
 // default where the GEMM would take split_fold_kernel) against the fold launch, at
 // V4-Flash's router shape (256 experts, K = 4096: 32 slices), every scoring function
-// and the hash routing: ids and weights bit for bit, and the fused path taken.
+// and the hash routing: ids and weights bit for bit, and the fused path taken; and the
+// select kernel's late form (metadata, bias and hash ids after its dependency wait).
 TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   DSV4_REQUIRE_CUDA();
   Env env;
@@ -1847,18 +1849,22 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   for (int64_t i = 0; i < V * k; ++i) tid2eid_h.as<int64_t>()[i] = (i * 37) % E;
   const Tensor tid2eid = to_device(cuda, tid2eid_h);
   struct Reset {
-    ~Reset() { ops::cuda_linear_force_router_fold(-1); }
+    ~Reset() {
+      ops::cuda_linear_force_router_fold(-1);
+      ops::cuda_linear_force_router_early(-1);
+    }
   } reset;
   for (const RouterCase& rc : kRouterCases) {
     const ops::RouterConfig cfg = rc.config(k);
     for (int64_t T : {1, 3, 16, 64, 100, 256}) {
       const Tensor x = to_device(cuda, rng.bf16({T, D}));
       const Batch batch(cuda, T, rng, V, 11);
-      // Modes: the fold launch; the select's fold.
-      Tensor out[2][2];
-      int64_t folds[2];
-      for (int mode = 0; mode < 2; ++mode) {
-        ops::cuda_linear_force_router_fold(mode);
+      // Modes: the fold launch; the select's fold; both with the select's late form.
+      Tensor out[4][2];
+      int64_t folds[4];
+      for (int mode = 0; mode < 4; ++mode) {
+        ops::cuda_linear_force_router_fold(mode % 2);
+        ops::cuda_linear_force_router_early(mode < 2 ? 1 : 0);
         out[mode][0] = device_poisoned(cuda, DType::kF32, {T, k});
         out[mode][1] = device_poisoned(cuda, DType::kI32, {T, k});
         const int64_t before = ops::cuda_linear_router_folds();
@@ -1869,9 +1875,13 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
       const std::string what = "T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
                                (rc.hash ? " hash" : "");
       EXPECT_EQ(folds[0], 0) << what;
-      EXPECT_EQ(folds[1], T >= 3 ? 1 : 0) << what << ": 32 slices x T rows > 64 should leave the fold to the select";
-      expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[1][0]), "router weights, " + what);
-      expect_bitwise(to_host(cuda, out[0][1]), to_host(cuda, out[1][1]), "router ids, " + what);
+      const char* how[4] = {"", ", fold in the select", ", the select's late form", ", fold in the late select"};
+      for (int mode = 1; mode < 4; ++mode) {
+        EXPECT_EQ(folds[mode], mode % 2 && T >= 3 ? 1 : 0)
+            << what << how[mode] << ": 32 slices x T rows > 64 should leave the fold to the select";
+        expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[mode][0]), "router weights, " + what + how[mode]);
+        expect_bitwise(to_host(cuda, out[0][1]), to_host(cuda, out[mode][1]), "router ids, " + what + how[mode]);
+      }
     }
   }
 }

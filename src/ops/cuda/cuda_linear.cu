@@ -87,6 +87,9 @@ void cuda_linear_force_cluster_fold(int on);
 // -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_router_folds();
 void cuda_linear_force_router_fold(int on);
+// Test hook: -1 follows DSV4_CUDA_ROUTER_EARLY (default on), 0 / 1 force the select
+// kernel's late / early form.
+void cuda_linear_force_router_early(int on);
 // Test hooks: act_quant8 / swiglu_quant8 launches so far; -1 follows DSV4_CUDA_QUANT8
 // (default on; 0 turns them off), 0 / 1 force them off / on.
 int64_t cuda_linear_quant8_launches();
@@ -547,6 +550,13 @@ bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
 // DSV4_CUDA_ROUTER_FOLD=0 keeps the fold launch (A/B runs).
 std::atomic<int64_t> g_router_folds{0};
 std::atomic<int> g_force_router_fold{-1};
+// router_select_kernel's early form (its kEarly): DSV4_CUDA_ROUTER_EARLY=0 keeps the late
+// one (A/B runs); a test hook may force either. The same bits.
+std::atomic<int> g_force_router_early{-1};
+bool router_early() {
+  static const bool from_env = !env_is("DSV4_CUDA_ROUTER_EARLY", "0");
+  return forced_or(g_force_router_early, from_env);
+}
 bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
@@ -875,6 +885,7 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas) {
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
@@ -1326,7 +1337,7 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
                             const Tensor& ids) {
   const int64_t T = x.size(0), E = gate.size(0), k = config.topk;
   if (T == 0) return;
-  DSV4_CHECK((2 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
+  DSV4_CHECK((3 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   float* logits = scratch_as<float>(*this, "router.logits", T * E);
   LeftPartials left;
@@ -1338,7 +1349,8 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
   const unsigned threads = left.split > 0 ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
-  lk::router_select_kernel<<<unsigned(T), threads, size_t(2 * E + 2 * k) * sizeof(float), stream()>>>(
+  const auto select = router_early() ? lk::router_select_kernel<true> : lk::router_select_kernel<false>;
+  select<<<unsigned(T), threads, size_t(3 * E + 2 * k) * sizeof(float), stream()>>>(
       left.split > 0 ? left.partial : logits, left.split, left.rows, int(E), int(k), scoring,
       config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,

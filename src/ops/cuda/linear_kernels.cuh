@@ -1540,22 +1540,46 @@ __device__ __forceinline__ float router_score(int scoring, float logit) {
                       : core::sigmoid_f32(logit);
 }
 
+// kEarly (DSV4_CUDA_ROUTER_EARLY, default on; off for A/B runs): the row's position and
+// token (step metadata: no kernel writes them), the bias and the hash ids (weights) before
+// the dependency wait, each thread loading the bias values it adds later; they were
+// dependent round trips after it, on the chain from the router GEMM to the experts. The
+// same bits. Shared memory: 3 E + 2 k floats.
+template <bool kEarly>
 __global__ void router_select_kernel(const float* __restrict__ logits, int split, int64_t rows, int num_experts,
                                      int k, int scoring, int normalize, float route_scale,
                                      const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
                                      const int32_t* __restrict__ token_ids, const int32_t* __restrict__ positions,
                                      float* __restrict__ weights, int32_t* __restrict__ ids) {
-  wait_then_release_dependents();
+  if constexpr (!kEarly) wait_then_release_dependents();
   extern __shared__ float s_f[];
   float* score = s_f;
   float* biased = s_f + num_experts;
   int* s_ids = reinterpret_cast<int*>(s_f + 2 * num_experts);  // [k] the chosen ids, slot order
   float* s_wt = s_f + 2 * num_experts + k;                      // [k] their scores
+  float* bias_s = s_f + 2 * num_experts + 2 * k;                // [E] the bias, loaded early
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;  // (warp 0's lane; other warps only fold)
   float* wt = weights + row * k;
   int32_t* it = ids + row * k;
-  if (positions[row] < 0) {
+  const int32_t pos = positions[row];
+  if constexpr (kEarly) {
+    if (pos >= 0) {
+      if (tid2eid) {
+        if (threadIdx.x == 0) {
+          // tid2eid is int64; ids never pass through a float type (spec §12.13).
+          const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
+          for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
+        }
+      } else {  // (read by the thread that loads it, or after the fold's block barrier)
+        for (int i = threadIdx.x; i < num_experts; i += blockDim.x) bias_s[i] = bias[i];
+      }
+    }
+    wait_then_release_dependents();
+  }
+  // The bias of expert i, read by the thread that loaded it in the early form.
+  const auto bias_of = [&](int i) { return kEarly ? bias_s[i] : bias[i]; };
+  if (pos < 0) {
     for (int i = lane; i < k; i += 32) {
       wt[i] = 0.0f;
       it[i] = -1;
@@ -1578,7 +1602,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
           if (s0 + j < split) v += part[j];
       }
       score[i] = scoring == 2 ? v : router_score(scoring, v);
-      if (scoring != 2 && !tid2eid) biased[i] = score[i] + bias[i];
+      if (scoring != 2 && !tid2eid) biased[i] = score[i] + bias_of(i);
     }
     scored = scoring != 2;
     __syncthreads();
@@ -1608,14 +1632,14 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
   }
   __syncwarp();
   if (tid2eid) {
-    if (lane == 0) {
+    if (!kEarly && lane == 0) {  // (the early form has them)
       // tid2eid is int64; ids never pass through a float type (spec §12.13).
       const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
       for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
     }
   } else {
     if (!scored)
-      for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias[i];
+      for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias_of(i);
     __syncwarp();
     for (int sel = 0; sel < k; ++sel) {
       float bv = -INFINITY;
