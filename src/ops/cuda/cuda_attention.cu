@@ -115,6 +115,13 @@ bool attention_early() {
   return forced >= 0 ? forced == 1 : from_env;
 }
 
+// DSV4_CUDA_ATTN_SPLIT_ZERO_FOLD=1: the wgmma split's CTAs that leave a partial a
+// segment zero their fold state all the same, as before the fortieth session (A/B runs).
+bool split_zero_fold() {
+  static const bool on = env_is("DSV4_CUDA_ATTN_SPLIT_ZERO_FOLD", "1");
+  return on;
+}
+
 // The most partial bytes a split launch may write (and its combine read): 64 MiB, or
 // DSV4_CUDA_ATTN_SPLIT_MAX_MB=N (A/B runs). A partial a segment, bench-1g's CSA rows
 // exceeded it from 49 rows (80 MiB at 64), and raising it gained nothing: at 64 rows
@@ -1488,6 +1495,7 @@ struct AttnSplit {
   int nsplit;  // CTAs per (token, head group); 1: no partials
   int max_segs;  // partials a (token, head) at most: the stride
   bool lead_fold;  // the wgmma kernel's lead fold (ops/cuda/attention_split.h)
+  bool zero_fold;  // a wgmma CTA that leaves a partial a segment zeroes its unused fold state (A/B runs)
   float* o;
   float* ml;
   int32_t* segs;
@@ -2276,10 +2284,14 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // o[mb]: dims 128 wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at index 4q + e.
   float o[2][32];
   volatile float O_fold[64];
+  // A CTA that leaves a partial a segment never folds: its O_fold is not zeroed (64
+  // local-memory stores a thread, 128 KB a CTA) unless sp.zero_fold (A/B runs).
+  const bool folds = !per_segment || sp.zero_fold;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    o[0][i] = o[1][i] = 0.0f;
-    O_fold[i] = O_fold[32 + i] = 0.0f;
+  for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.0f;
+  if (folds) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) O_fold[i] = O_fold[32 + i] = 0.0f;
   }
   // The softmax role of this thread (row_softmax4, as in attention_mma_kernel): head sr,
   // quad lane stig and key half shalf; its row's running and folded (m, l).
@@ -2867,7 +2879,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // segments (attention_split_lead_partials, at most that of the longest row).
   const int64_t max_segs = (a.max_keys + kSegmentKeys - 1) / kSegmentKeys;
   const auto make_split = [&](int64_t row_ctas, bool lead_fold) {
-    AttnSplit sp{1, 1, false, nullptr, nullptr, nullptr};
+    AttnSplit sp{1, 1, false, false, nullptr, nullptr, nullptr};
     if (attention_split_disabled() || row_ctas >= num_sms || max_segs <= 1) return sp;
     const int nsplit = split_ctas(row_ctas, max_segs, num_sms);
     lead_fold = lead_fold && lead_fold_wanted(nsplit);
@@ -2877,6 +2889,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       sp.nsplit = nsplit;
       sp.max_segs = int(partials);
       sp.lead_fold = lead_fold;
+      sp.zero_fold = split_zero_fold();
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * partials * Dh) * sizeof(float)));
       sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * partials) * 2 * sizeof(float)));
       sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
