@@ -1025,9 +1025,6 @@ TEST_P(CudaAttention, EarlyFormEqualsLateBitForBit) {
         expect_bytes_equal(early.data(), late.data(), late.nbytes(),
                            tag(std::string("early vs late form, ") + paths[path] + ", " + a.name));
       }
-      cuda_attention_use_wgmma(-1);
-      cuda_attention_split_keys(true);
-      cuda_attention_force_early(-1);
     }
 }
 

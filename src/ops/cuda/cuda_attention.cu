@@ -1252,6 +1252,12 @@ struct KeyRef {
   int type;
 };
 
+// The fields of a row's sequence that resolve_key needs (step metadata).
+__device__ __forceinline__ void row_sequence(const AttnArgs& a, int32_t s, int64_t& start, int64_t& begin,
+                                             int64_t& slot) {
+  start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+}
+
 __device__ __forceinline__ KeyRef resolve_key(const AttnArgs& a, int32_t s, int64_t p, int64_t start, int64_t begin,
                                               int64_t slot, int64_t n_win, const int32_t* comp, int64_t u) {
   KeyRef k{nullptr, 0};
@@ -1730,7 +1736,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   };
   if constexpr (kEarly) {
     if (!pad) {
-      start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+      row_sequence(a, s, start, begin, slot);
       tables();
     }
     wait_for_predecessor();
@@ -1752,7 +1758,7 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
     }
     cp_async_commit();
   } else {
-    start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+    row_sequence(a, s, start, begin, slot);
   }
   int64_t n_win = 0;
   const int64_t n_keys = row_keys(a, t, p, comp, &s_count, &n_win);
@@ -2182,7 +2188,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   };
   if constexpr (kEarly) {
     if (!pad) {
-      start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+      row_sequence(a, s, start, begin, slot);
       e4m3_table();
       rope_table();
     }
@@ -2204,7 +2210,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     }
     cp_async_commit();
   } else {
-    start = a.seq_start_pos[s], begin = a.seq_begin[s], slot = a.seq_slot[s];
+    row_sequence(a, s, start, begin, slot);
   }
   int64_t n_win = 0;
   const int64_t n_keys = row_keys(a, tok, p, comp, &s_count, &n_win);

@@ -36,14 +36,11 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 // session). The guess (not measured): a grid of one block a row covers half the SMs
 // or more from 64 rows, and the dependent's blocks, placed while it runs, crowd onto
 // the others.
-__device__ __forceinline__ void release_dependents_if_small_grid() {
+__device__ __forceinline__ void wait_then_release_dependents() {
+  wait_for_predecessor();
   unsigned sms;
   asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
   if (4ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
-}
-__device__ __forceinline__ void wait_then_release_dependents() {
-  wait_for_predecessor();
-  release_dependents_if_small_grid();
 }
 
 // Flags between the blocks of a running grid (the fused expert step): gpu-scope acquire

@@ -1563,14 +1563,15 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
   float* wt = weights + row * k;
   int32_t* it = ids + row * k;
   const int32_t pos = positions[row];
+  const auto hash_ids = [&] {  // thread 0: the token's ids, slot order
+    // tid2eid is int64; ids never pass through a float type (spec §12.13).
+    const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
+    for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
+  };
   if constexpr (kEarly) {
     if (pos >= 0) {
       if (tid2eid) {
-        if (threadIdx.x == 0) {
-          // tid2eid is int64; ids never pass through a float type (spec §12.13).
-          const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
-          for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
-        }
+        if (threadIdx.x == 0) hash_ids();
       } else {  // (read by the thread that loads it, or after the fold's block barrier)
         for (int i = threadIdx.x; i < num_experts; i += blockDim.x) bias_s[i] = bias[i];
       }
@@ -1632,11 +1633,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
   }
   __syncwarp();
   if (tid2eid) {
-    if (!kEarly && lane == 0) {  // (the early form has them)
-      // tid2eid is int64; ids never pass through a float type (spec §12.13).
-      const int64_t* tr = tid2eid + int64_t(token_ids[row]) * k;
-      for (int i = 0; i < k; ++i) s_ids[i] = int32_t(tr[i]);
-    }
+    if (!kEarly && lane == 0) hash_ids();  // (the early form has them)
   } else {
     if (!scored)
       for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias_of(i);
