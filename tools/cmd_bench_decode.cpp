@@ -2,6 +2,8 @@
 // replayed from its CUDA graph, against the memory roofline (bytes the step
 // must move / copy bandwidth measured in the same run).
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -42,6 +44,7 @@ struct BenchOptions {
   double comm_timeout_s = 120;
   bool use_graphs = true;
   bool profile = false;
+  std::string pair_probe;  // offsets in µs; empty: no probe
   std::string json;
 };
 
@@ -67,11 +70,10 @@ struct RankRun {
   bool graphs = false;
 };
 
-// B sequences decoding their token at position p on `runner`, caches random.
-RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
-                     int64_t p, int warmup, int replays, bool graphs, int rank, bool profile) {
-  RankRun out;
-  out.graphs = graphs;
+// The step of B sequences decoding their token at position p on `runner`, its caches
+// filled with random valid content (seeded by `rank`).
+engine::StepMetadata prepare_decode_step(engine::ModelRunner& runner, ops::Backend& backend,
+                                         const model::ModelConfig& c, int32_t B, int64_t p, int rank) {
   const int32_t blocks = runner.options().max_blocks_per_seq;
   for (size_t l = 0; l < runner.caches().size(); ++l) backend.randomize_cache(runner.caches()[l], 1000 + l + 7919 * rank);
   std::vector<std::vector<int32_t>> pages(static_cast<size_t>(B)), tokens(static_cast<size_t>(B));
@@ -88,7 +90,119 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
     sl.want_logits = true;
     slices.push_back(sl);
   }
-  const engine::StepMetadata meta = engine::build_step_metadata(slices);
+  return engine::build_step_metadata(slices);
+}
+
+// Runner options for decode steps of `rows` sequences at position p, one graph bucket.
+engine::RunnerOptions decode_runner_options(int32_t rows, int64_t p, bool graphs) {
+  engine::RunnerOptions ro;
+  ro.max_tokens_per_step = rows;
+  ro.max_seqs_per_step = rows;
+  ro.max_logit_rows = rows;
+  ro.max_blocks_per_seq = engine::pages_for_positions(p + 1);
+  ro.cache.num_slots = rows;
+  ro.cache.num_pages = int64_t(rows) * ro.max_blocks_per_seq;
+  ro.use_graphs = graphs;
+  ro.graph_buckets = {rows};
+  return ro;
+}
+
+// --pair-probe: what two independent micro-batches of B rows gain from sharing one GPU
+// at once, against one step of 2B rows (the question behind single-GPU two-batch
+// overlap: can one copy's latency-bound chain run under the other's expert streaming?).
+// Three runners on backends (streams) of their own on the same device and weights: copy
+// A and copy B (B rows each, caches seeded apart), and one of 2B rows. Every time is a
+// host-timed step() (metadata upload, graph replay, synchronize), so the three compare
+// with one another, not with the event-timed replays above. Per offset: copy B's step
+// starts that many µs after copy A's, on a thread of its own; the pair's time runs from
+// A's start to the later end.
+nlohmann::json run_pair_probe(const model::ModelConfig& c, const model::ModelWeights& weights, int64_t p, int32_t B,
+                              const std::vector<int32_t>& offsets_us, int warmup, int iters) {
+  using Clock = std::chrono::steady_clock;
+  const auto ms_between = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+  };
+  auto be_a = ops::make_cuda_backend(0), be_b = ops::make_cuda_backend(0), be_d = ops::make_cuda_backend(0);
+  engine::ModelRunner run_a(c, weights, *be_a, decode_runner_options(B, p, true));
+  engine::ModelRunner run_b(c, weights, *be_b, decode_runner_options(B, p, true));
+  engine::ModelRunner run_d(c, weights, *be_d, decode_runner_options(2 * B, p, true));
+  const engine::StepMetadata meta_a = prepare_decode_step(run_a, *be_a, c, B, p, 0);
+  const engine::StepMetadata meta_b = prepare_decode_step(run_b, *be_b, c, B, p, 1);
+  const engine::StepMetadata meta_d = prepare_decode_step(run_d, *be_d, c, 2 * B, p, 0);
+  const auto timed = [&](engine::ModelRunner& run, const engine::StepMetadata& meta) {
+    for (int i = 0; i < warmup; ++i) run.step(meta, nullptr);  // the first records the graph
+    std::vector<double> ms;
+    for (int i = 0; i < iters; ++i) {
+      const Clock::time_point t0 = Clock::now();
+      run.step(meta, nullptr);
+      ms.push_back(ms_between(t0, Clock::now()));
+    }
+    return median(ms);
+  };
+  nlohmann::json out;
+  out["rows_per_copy"] = B;
+  out["iters"] = iters;
+  out["one_copy_ms"] = timed(run_a, meta_a);
+  out["copy_b_alone_ms"] = timed(run_b, meta_b);
+  out["double_batch_ms"] = timed(run_d, meta_d);
+
+  // Copy B's thread: steps when `go` reaches the iteration, `offset` µs after t0.
+  std::atomic<int> go{0}, done{0};
+  std::atomic<bool> stop{false};
+  Clock::time_point t0, t_b;
+  int offset_us = 0;
+  std::string error;
+  std::thread thread_b([&] {
+    try {
+      be_b->bind_to_current_thread();
+      for (int g = 1;; ++g) {
+        while (go.load() < g && !stop.load()) std::this_thread::yield();
+        if (stop.load()) return;
+        while (Clock::now() < t0 + std::chrono::microseconds(offset_us)) {
+        }
+        run_b.step(meta_b, nullptr);
+        t_b = Clock::now();
+        done.store(g);
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+      done.store(1 << 30);
+    }
+  });
+  nlohmann::json pairs = nlohmann::json::array();
+  try {
+    int g = 0;
+    for (int32_t off : offsets_us) {
+      offset_us = off;
+      std::vector<double> ms;
+      for (int i = 0; i < warmup + iters && error.empty(); ++i) {
+        t0 = Clock::now();
+        go.store(++g);
+        run_a.step(meta_a, nullptr);
+        const Clock::time_point t_a = Clock::now();
+        while (done.load() < g) std::this_thread::yield();
+        if (i >= warmup) ms.push_back(ms_between(t0, std::max(t_a, t_b)));
+      }
+      pairs.push_back({{"offset_us", off}, {"pair_ms", median(ms)}});
+    }
+  } catch (...) {
+    stop.store(true);
+    thread_b.join();
+    throw;
+  }
+  stop.store(true);
+  thread_b.join();
+  if (!error.empty()) core::fail("bench decode --pair-probe, copy B: {}", error);
+  out["pairs"] = pairs;
+  return out;
+}
+
+// B sequences decoding their token at position p on `runner`, caches random.
+RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
+                     int64_t p, int warmup, int replays, bool graphs, int rank, bool profile) {
+  RankRun out;
+  out.graphs = graphs;
+  const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank);
   out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
                        : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
 
@@ -171,10 +285,21 @@ Command add_bench_decode(CLI::App& app) {
   app.add_flag("--profile", o->profile,
                "Bracket the event-timed eager step for a profiler started with collection off "
                "(ncu --profile-from-start off ...)");
+  app.add_option("--pair-probe", o->pair_probe,
+                 "Experiment (CUDA, --dp 1): after each batch size B, two independent copies of the B-row step "
+                 "replayed at once on one GPU, the second started each of these comma-separated µs offsets after "
+                 "the first, against one step of 2B rows (host-timed steps)");
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o] {
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
     const std::vector<int32_t> batches = parse_list(o->batches, "--batch");
+    std::vector<int32_t> pair_offsets;
+    if (!o->pair_probe.empty()) {
+      pair_offsets = parse_list(o->pair_probe, "--pair-probe", 0);
+      if (backend_name != "cuda" || o->dp != 1 || !o->use_graphs)
+        core::fail("--pair-probe needs the CUDA backend, --dp 1 and CUDA graphs (got backend {}, dp {}{})",
+                   backend_name, o->dp, o->use_graphs ? "" : ", --no-cuda-graphs");
+    }
     const int32_t max_batch = *std::max_element(batches.begin(), batches.end());
     engine::DpRanksOptions dro;
     dro.dp = o->dp;
@@ -213,17 +338,9 @@ Command add_bench_decode(CLI::App& app) {
     std::printf("%-6s %10s %10s %10s %10s %8s %8s   %s\n", "batch", "step ms", "tok/s", "GB moved", "GB/s", "x roof",
                 "comm %", "stage ms (eager, event-timed, rank 0)");
     for (int32_t B : batches) {
-      engine::RunnerOptions ro;
-      ro.max_tokens_per_step = B;
-      ro.max_seqs_per_step = B;
-      ro.max_logit_rows = B;
-      ro.max_blocks_per_seq = engine::pages_for_positions(p + 1);
-      ro.cache.num_slots = B;
-      ro.cache.num_pages = int64_t(B) * ro.max_blocks_per_seq;
       const bool graphs = o->use_graphs && dp.ranks[0]->backend->device() == core::Device::kCuda &&
                           (dp.ranks[0]->moe == nullptr || dp.ranks[0]->moe->graph_capturable());
-      ro.use_graphs = graphs;
-      ro.graph_buckets = {B};
+      const engine::RunnerOptions ro = decode_runner_options(B, p, graphs);
       // Every rank steps in its own thread (collectives pair up across them).
       std::vector<RankRun> runs(static_cast<size_t>(W));
       std::vector<std::string> errors(static_cast<size_t>(W));
@@ -319,6 +436,19 @@ Command add_bench_decode(CLI::App& app) {
       r["comm_ms_eager"] = comm_ms;
       r["comm_ms_per_layer_eager"] = comm_ms / double(c.num_hidden_layers);
       r["comm_share_eager"] = comm_share;
+      if (!pair_offsets.empty()) {
+        const nlohmann::json probe =
+            run_pair_probe(c, dp.ranks[0]->model->weights, p, B, pair_offsets, std::min(o->warmup, 10), o->replays);
+        std::string pairs;
+        for (const auto& e : probe["pairs"])
+          pairs += fmt::format(" {} µs: {:.3f}", e["offset_us"].get<int>(), e["pair_ms"].get<double>());
+        std::printf("%-6s pair probe (host-timed): one copy of %d rows %.3f ms (the other copy alone %.3f), one step of "
+                    "%d rows %.3f ms; both copies at once, the second started after%s ms\n",
+                    "", B, probe["one_copy_ms"].get<double>(), probe["copy_b_alone_ms"].get<double>(), 2 * B,
+                    probe["double_batch_ms"].get<double>(), pairs.c_str());
+        std::fflush(stdout);
+        r["pair_probe"] = probe;
+      }
       results.push_back(r);
     }
     if (!o->json.empty()) {

@@ -54,8 +54,9 @@ uint64_t parse_size(const std::string& text, const char* option);
 // The items of a comma-separated list, empty ones included ("" is one empty item).
 std::vector<std::string> split_commas(const std::string& text);
 
-// "1,16,64,256": positive integers; a clear error naming the option otherwise.
-std::vector<int32_t> parse_list(const std::string& text, const char* option);
+// "1,16,64,256": integers >= min_value (positive by default); a clear error naming the
+// option otherwise.
+std::vector<int32_t> parse_list(const std::string& text, const char* option, int32_t min_value = 1);
 
 // Writes `value` (indented) to `path`; a clear error naming `option` and the file
 // when it cannot be opened or written.

@@ -83,16 +83,18 @@ std::vector<std::string> split_commas(const std::string& text) {
   }
 }
 
-std::vector<int32_t> parse_list(const std::string& text, const char* option) {
+std::vector<int32_t> parse_list(const std::string& text, const char* option, int32_t min_value) {
   std::vector<int32_t> out;
   for (const std::string& item : split_commas(text)) {
     try {
       size_t used = 0;
       int v = std::stoi(item, &used);
-      if (used != item.size() || v <= 0) throw std::invalid_argument("");
+      if (used != item.size() || v < min_value) throw std::invalid_argument("");
       out.push_back(v);
     } catch (...) {
-      core::fail("{}: \"{}\" is not a positive integer (expected a list such as 1,16,64,256)", option, item);
+      if (min_value == 1)
+        core::fail("{}: \"{}\" is not a positive integer (expected a list such as 1,16,64,256)", option, item);
+      core::fail("{}: \"{}\" is not an integer >= {} (expected a comma-separated list)", option, item, min_value);
     }
   }
   return out;
