@@ -379,48 +379,6 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   return converted;
 }
 
-// DSV4_CUDA_EXPERT_PRIORITY=low (experiments, read once): a captured graph's routed
-// expert kernels (`expert_gemm_kernel`, `expert_ffn_fused_kernel`)
-// get the device's least launch priority and every other kernel its greatest, and the
-// graph is instantiated to honour node priorities. Their CTAs then no longer queue
-// behind an expert grid's thousands of pending CTAs where two steps share the GPU
-// (`bench decode --pair-probe`). Returns whether it applies.
-bool expert_priority_low() {
-  static const bool on = env_is("DSV4_CUDA_EXPERT_PRIORITY", "low");
-  return on;
-}
-
-void set_expert_priorities(cudaGraph_t graph) {
-  int least = 0, greatest = 0;
-  DSV4_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  size_t n = 0;
-  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
-  std::vector<cudaGraphNode_t> nodes(n);
-  DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
-  int refused = 0, low = 0, high = 0;
-  std::string first_refused;
-  for (cudaGraphNode_t node : nodes) {
-    cudaGraphNodeType type{};
-    DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-    if (type != cudaGraphNodeTypeKernel) continue;
-    const char* name = kernel_node_name(node);
-    cudaLaunchAttributeValue v{};
-    const bool expert = name != nullptr && (std::strstr(name, "expert_gemm_kernel") != nullptr ||
-                                            std::strstr(name, "expert_ffn_fused_kernel") != nullptr);
-    v.priority = expert ? least : greatest;
-    // (The runtime refused some nodes in the first try, cudaErrorInvalidValue: they keep
-    // their captured priority and are counted.)
-    if (cudaGraphKernelNodeSetAttribute(node, cudaLaunchAttributePriority, &v) != cudaSuccess) {
-      cudaGetLastError();
-      if (refused++ == 0 && name != nullptr) first_refused = name;
-      continue;
-    }
-    ++(expert ? low : high);
-  }
-  std::fprintf(stderr, "DSV4_CUDA_EXPERT_PRIORITY: %d kernel nodes at priority %d, %d at %d, %d refused (first: %s)\n",
-               low, least, high, greatest, refused, first_refused.c_str());
-}
-
 const char* graph_node_type_name(cudaGraphNodeType type) {
   switch (type) {
     case cudaGraphNodeTypeKernel: return "kernel";
@@ -495,9 +453,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   last_capture_programmatic_edges_ =
       programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
   dump_graph_edges(graph);
-  const bool priorities = expert_priority_low();
-  if (priorities) set_expert_priorities(graph);
-  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, priorities ? cudaGraphInstantiateFlagUseNodePriority : 0));
+  DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
   return std::make_unique<CudaGraph>(exec, stream_);
 }
