@@ -122,6 +122,7 @@ nlohmann::json run_pair_probe(const model::ModelConfig& c, const model::ModelWei
   const auto ms_between = [](Clock::time_point a, Clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
   };
+  // Device 0: the one GPU of --dp 1.
   auto be_a = ops::make_cuda_backend(0), be_b = ops::make_cuda_backend(0), be_d = ops::make_cuda_backend(0);
   engine::ModelRunner run_a(c, weights, *be_a, decode_runner_options(B, p, true));
   engine::ModelRunner run_b(c, weights, *be_b, decode_runner_options(B, p, true));
