@@ -1,6 +1,7 @@
 // CUDA backend: device memory, streams, caches, graph capture, scratch.
 #include "ops/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -332,6 +333,28 @@ int count_joins(const GraphEdges& e) {
 // finds every grandparent finished, and its own wait (griddepcontrol.wait: all
 // prerequisite grids) covers each parent (GPU test CudaGraphLanes.JoinWaitsForEveryLane).
 // Returns the number of edges converted.
+// Knobs for locating the ~8.5 µs idle after a replay's first kernel (docs/design/
+// stage-lanes.md, forty-first session), read once, all off by default:
+// DSV4_CUDA_PDL_FROM_NODE=N leaves plain every edge out of the graph's first N nodes
+// (capture order); DSV4_CUDA_GRAPH_PRELUDE=1 captures an empty kernel ahead of the
+// step; DSV4_CUDA_GRAPH_UPLOAD=1 uploads each instantiated graph to its stream.
+int pdl_from_node() {
+  static const int n = [] {
+    const char* v = std::getenv("DSV4_CUDA_PDL_FROM_NODE");
+    return v != nullptr ? std::max(std::atoi(v), 0) : 0;
+  }();
+  return n;
+}
+bool graph_prelude() {
+  static const bool on = env_is("DSV4_CUDA_GRAPH_PRELUDE", "1");
+  return on;
+}
+bool graph_upload() {
+  static const bool on = env_is("DSV4_CUDA_GRAPH_UPLOAD", "1");
+  return on;
+}
+__global__ void graph_prelude_kernel() {}
+
 enum class LaneEdges { kSingle, kFork, kJoin, kAll };
 LaneEdges lane_edges_mode() {
   static const LaneEdges mode = [] {
@@ -363,9 +386,18 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   std::map<cudaGraphNode_t, int> ours_in;
   for (size_t i = 0; i < n; ++i)
     if (data[i].type == cudaGraphDependencyTypeDefault && is_ours(from[i])) ++ours_in[to[i]];
+  std::map<cudaGraphNode_t, bool> early;  // DSV4_CUDA_PDL_FROM_NODE's first nodes
+  if (const int first = pdl_from_node(); first > 0) {
+    size_t count = 0;
+    DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+    std::vector<cudaGraphNode_t> nodes(count);
+    DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+    for (size_t k = 0; k < count && k < size_t(first); ++k) early[nodes[k]] = true;
+  }
   int converted = 0;
   for (size_t i = 0; i < n; ++i) {
     if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i]) || !is_ours(from[i])) continue;
+    if (early.count(from[i]) != 0) continue;
     const int in = e.in_degree[to[i]];
     if (e.out_degree[from[i]] != 1 && !forks) continue;
     if (in != 1 && !(joins && ours_in[to[i]] == in)) continue;
@@ -438,6 +470,10 @@ void dump_graph_edges(cudaGraph_t graph) {
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
+    if (graph_prelude()) {
+      graph_prelude_kernel<<<1, 32, 0, stream_>>>();
+      check_launch(stream_);
+    }
     body();
   } catch (...) {
     cudaGraph_t g = nullptr;
@@ -455,6 +491,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   dump_graph_edges(graph);
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
+  if (graph_upload()) DSV4_CUDA_CHECK(cudaGraphUpload(exec, stream_));
   return std::make_unique<CudaGraph>(exec, stream_);
 }
 
