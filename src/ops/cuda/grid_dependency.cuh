@@ -20,7 +20,7 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
-// wait_for_predecessor(), then, for a grid of at most a quarter as many blocks as the
+// wait_for_predecessor(), then, for a grid of at most half as many blocks as the
 // GPU has SMs (%nsmid: the count of SM ids, which may exceed the SMs a little),
 // allow_dependents_to_launch(): the next kernel launches while this one
 // still runs, so its launch latency and its prologue (a GEMM's first weight copies,
@@ -35,12 +35,14 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 // +0.7 / +0.8% at 64 / 256 (bench-1g, H200; docs/BENCHMARKS.md, thirty-third
 // session). The guess (not measured): a grid of one block a row covers half the SMs
 // or more from 64 rows, and the dependent's blocks, placed while it runs, crowd onto
-// the others.
+// the others. Half rather than a quarter (forty-second session) adds the 34-66-block
+// grids, e.g. moe_reduce and the act_quant before wo_b at 16 rows: -0.0 / -0.3 / -0.1 /
+// +0.0% at 1 / 16 / 64 / 256 rows (2 rounds; 16 and 64 apart).
 __device__ __forceinline__ void wait_then_release_dependents() {
   wait_for_predecessor();
   unsigned sms;
   asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
-  if (4ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
+  if (2ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
 }
 
 // Flags between the blocks of a running grid (the fused expert step): gpu-scope acquire
