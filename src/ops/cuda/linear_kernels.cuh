@@ -107,7 +107,7 @@ struct FmtTraits<WFmt::kBf16> {
 template <>
 struct FmtTraits<WFmt::kFp8Bf16> {
   static constexpr bool kQuantAct = false, kBlockScale = true, kRowScale = false;
-  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80, kStages = 3;
+  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80, kStages = 4;  // (4: gemm_tile's decode ahead)
   static constexpr Mma kMma = Mma::kWgmmaRegA;
 };
 
@@ -651,6 +651,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // (C7514: a DEPBAR after each), and waiting measured -1.0 to -1.2% a step at batch 1
   // and -0.3 to -0.5% at 256 (thirtieth session; cuda-linear.md, "ptxas serializes").
   constexpr bool kLoadAfter = kTcSum;
+  // FP8-as-bf16 decodes the next stage under this one's products (the loop below).
+  constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with two sets: 236 bytes of spills)
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
   float wg_d[kBatch][2][4 * NT] = {};
 
@@ -666,185 +668,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // Position of stage `it` in its slice (a counter: `it % per_slice` cost an integer
   // division per stage).
   int slice_pos = 0;
-  for (int it = 0; it < iters; ++it) {
-    const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
-    slice_pos = slice_last ? 0 : slice_pos + 1;
-    cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
-    const unsigned uit = unsigned(it);  // (stage indices are unsigned: shifts and masks)
-    const int buf = int(uit % kStages), st = st_begin + it;
-    const unsigned ust = unsigned(st);
-    // FP4: this thread's row scales as bf16 (a group's 16 raw bytes -> its 32 bf16 bytes).
-    uint8_t* const ws_row_buf = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
-    auto scale_group_to_bf16 = [&](const uint4 raw) {
-      static_assert(kScaleStages == 4, "a group's raw scales are one 16-byte piece");
-      const fp4_layout::Bf16Pairs v0 = fp4_layout::e8m0x4_to_bf16x2(raw.x), v1 = fp4_layout::e8m0x4_to_bf16x2(raw.y),
-                                  v2 = fp4_layout::e8m0x4_to_bf16x2(raw.z), v3 = fp4_layout::e8m0x4_to_bf16x2(raw.w);
-      *reinterpret_cast<uint4*>(ws_row_buf) = make_uint4(v0.lo, v0.hi, v1.lo, v1.hi);
-      *reinterpret_cast<uint4*>(ws_row_buf + 16) = make_uint4(v2.lo, v2.hi, v3.lo, v3.hi);
-    };
-    if constexpr (T::kRowScale) {  // (cp.async copies: before the barrier)
-      if (!ws_sectors) {
-        uint8_t* slot = ws_row_buf + (ust % kScaleStages) * 8;
-        const fp4_layout::Bf16Pairs v = fp4_layout::e8m0x4_to_bf16x2(*reinterpret_cast<const uint32_t*>(slot + 4));
-        *reinterpret_cast<uint2*>(slot) = make_uint2(v.lo, v.hi);
-      } else if (!kTmaW && ust % kScaleStages == 0) {
-        scale_group_to_bf16(*reinterpret_cast<const uint4*>(ws_row_buf + 16));
-      }
-    }
-    if constexpr (kTmaW) {
-      mbar_wait(s_mbar + 8 * (uit % kStages), (uit / kStages) & 1);
-      if (ws_sectors && ust % kScaleStages == 0)  // (the group's bulk copy came with this stage)
-        scale_group_to_bf16(*reinterpret_cast<const uint4*>(smem_raw + (s_ws_raw - smem_u32(smem_raw)) + 16 * tid));
-    }
-    fence_proxy_async();
-    __syncthreads();               // ... for every thread, and stage it-1's buffer is free
-    // (bf16: free once its tensor-core products are done, see kLoadAfter)
-    auto load_next = [&] {
-      const unsigned nxt = uit + kStages - 1;
-      if (int(nxt) < iters) {
-        load_weights(st_begin + int(nxt), int(nxt % kStages));
-        load_acts(st_begin + int(nxt), int(nxt % kStages));
-      }
-      cp_async_commit();
-    };
-    if constexpr (!kLoadAfter) load_next();
-    const uint8_t* ab = s_a + buf * kAStage;
-    float as[NT][2];
-#pragma unroll
-    for (int q = 0; q < NT; ++q) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
-        if constexpr (F == WFmt::kFp4) as[q][e] *= 64.0f;  // the decoded weights are 2^-6 x e2m1
-      }
-    }
-    // FP4: q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
-    // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
-    float wsf[2][2][4];
-    float q_acc[2][NT][4];
-    if constexpr (F == WFmt::kFp4) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* slot =
-              s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 8;
-          const uint2 v = *reinterpret_cast<const uint2*>(slot);
-          wsf[i][h][0] = fp4_layout::bf16_pair_lo(v.x);
-          wsf[i][h][1] = fp4_layout::bf16_pair_hi(v.x);
-          wsf[i][h][2] = fp4_layout::bf16_pair_lo(v.y);
-          wsf[i][h][3] = fp4_layout::bf16_pair_hi(v.y);
-        }
-    }
-    float wsc = 1.0f;
-    if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? ust : ust / 2]);
-    if constexpr (kTcSum) {
-      // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
-      // 0 on the slice's first chunk); copied out at the slice's end.
-      const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
-      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
-      }
-      wgmma_commit();
-      if (slice_last) {
-        wgmma_wait_all();
-        for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; });
-      } else {
-        wgmma_wait_1();  // this stage's products run on while stage it-1's are done ...
-      }
-      __syncthreads();   // ... in every warp: its buffer takes the next copies
-      load_next();
-    } else if constexpr (kSmemA) {
-      // FP8: the stage's 4 chunks chained in the tensor core from zero (scale-d 1
-      // after the first; one block scale and one activation exponent cover them),
-      // then p = fmaf(d_stage, 2^w * 2^x, p).
-      const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
-      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
-      }
-      wgmma_commit();
-      wgmma_wait_all();
-      for_each_acc<NT>(
-          [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]); });
-    } else if constexpr (F == WFmt::kFp4) {
-      // kBatch chunks: decode their fragments, issue both halves of each, one wait,
-      // then fold the results in chunk order (the accumulation rule is unchanged).
-      // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
-      // activation column 8q + 2t + e % 2.
-      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      const int piece = fp4_layout::piece_slot(g, t);  // (tile_row >> 1) & 3 = (g >> 1) & 3
-      // words[i][h][j]: chunk j's word of row tile_row(i, h), one 16-byte load a row
-      // (a quarter warp reads two whole rows: no bank conflict). Groups of 2 chunks
-      // load their 8 bytes a group instead: the 16-row expert tiles (NT 2, <= 128
-      // registers) spilled holding the second group's words across the first's
-      // wgmma. The 8-byte reads conflict 2-way, yet the step at batch 256 was 0.6%
-      // faster than with 16-byte ones (eighteenth session).
-      uint32_t words[2][2][4];
-      if constexpr (kBatch != 2) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const uint4 v =
-                *reinterpret_cast<const uint4*>(s_w + buf * kWStage + tile_row(i, h) * kWRow + 16 * piece);
-            words[i][h][0] = v.x, words[i][h][1] = v.y, words[i][h][2] = v.z, words[i][h][3] = v.w;
-          }
-      }
-#pragma unroll
-      for (int j0 = 0; j0 < 4; j0 += kBatch) {
-        if constexpr (kBatch == 2) {
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const uint2 v = *reinterpret_cast<const uint2*>(s_w + buf * kWStage + tile_row(i, h) * kWRow +
-                                                              16 * piece + 4 * j0);
-              words[i][h][j0] = v.x, words[i][h][j0 + 1] = v.y;
-            }
-        }
-        uint32_t a[kBatch][2][4];
-#pragma unroll
-        for (int c = 0; c < kBatch; ++c)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) fp4_a_frag(words[i][0][j0 + c], words[i][1][j0 + c], a[c][i]);
-        wgmma_fence();
-#pragma unroll
-        for (int c = 0; c < kBatch; ++c) {
-          const uint64_t desc = wgmma_desc_at(db0, (j0 + c) * 32);
-          wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
-          wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
-        }
-        wgmma_commit();
-        wgmma_wait_all();
-#pragma unroll
-        for (int c = 0; c < kBatch; ++c)
-          for_each_acc<NT>([&](int i, int q, int e) {
-            const int jj = j0 + c;
-            const float d = wg_d[c][i][4 * q + e];
-            q_acc[i][q][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][q][e]);
-          });
-        if (j0 + kBatch == 4)  // the stage's chunks are in: p = fmaf(q, 2^(x block), p)
-          for_each_acc<NT>(
-              [&](int i, int q, int e) { cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]); });
-      }
-    } else {
-      // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
-      // summed by the tensor core, then p = fmaf(d_stage, 2^(w block), p).
-      static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
-      const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-      uint32_t a[4][2][4];
+  if constexpr (kPipelinedRegA) {
+    // FP8-as-bf16 (wo_a): stage it+1's weights are decoded into the other set of A
+    // fragments while stage it's products run (RS wgmmas read their A registers until
+    // they are done, so the sets alternate: two stages an iteration, constant indices),
+    // as gemm_wide_kernel does. The products and the fold are the same, in the same
+    // order: the same bits. Four stage buffers keep two stages' copies in flight.
+    static_assert(kStages >= 4, "the decode of stage it+1 waits for its copies while stage it+2's are in flight");
+    auto decode = [&](uint32_t(&a)[4][2][4], int buf) {
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -852,6 +683,23 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
           load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
         }
+    };
+    uint32_t a0[4][2][4], a1[4][2][4];
+    if (iters > 0) {
+      cp_async_wait<kStages - 2>();  // stage 0 has landed (for this thread) ...
+      fence_proxy_async();
+      __syncthreads();  // ... for every thread
+      decode(a0, 0);
+    }
+    // Stage it: its products from `a`; under them the wait for stage it+1's copies, the
+    // next copies into stage it-1's buffer (free: every thread waited for its products
+    // before this barrier) and stage it+1's decode into `next`; then the wait for the
+    // products and the fold p = fmaf(d_stage, 2^(w block), p).
+    auto run_stage = [&](int it, const uint32_t(&a)[4][2][4], uint32_t(&next)[4][2][4]) {
+      const bool slice_last = slice_pos == per_slice - 1;
+      slice_pos = slice_last ? 0 : slice_pos + 1;
+      const unsigned uit = unsigned(it);
+      const uint32_t db0 = wgmma_desc_lo(smem_u32(s_a + (uit % kStages) * kAStage));
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -860,15 +708,237 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
       }
       wgmma_commit();
+      cp_async_wait<kStages - 3>();  // stage it+1 has landed (for this thread) ...
+      fence_proxy_async();
+      __syncthreads();  // ... for every thread, and every thread is past stage it-1's products
+      const unsigned nxt = uit + kStages - 1;
+      if (int(nxt) < iters) {
+        load_weights(st_begin + int(nxt), int(nxt % kStages));
+        load_acts(st_begin + int(nxt), int(nxt % kStages));
+      }
+      cp_async_commit();  // (empty groups too: the wait above counts one group a stage)
+      if (it + 1 < iters) decode(next, int((uit + 1) % kStages));
       wgmma_wait_all();
+      const float wsc = core::e8m0_to_float(s_bs[unsigned(st_begin + it) / 2]);
       for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
+      if constexpr (kTwoSets) {
+        if (slice_last) {  // slice boundary: fold p_s into the running total
+          for_each_acc<NT>([&](int i, int q, int e) {
+            tot[i][q][e] += cur[i][q][e];
+            cur[i][q][e] = 0.0f;
+          });
+        }
+      }
+    };
+    for (int it = 0; it < iters; it += 2) {
+      run_stage(it, a0, a1);
+      if (it + 1 < iters) run_stage(it + 1, a1, a0);
     }
-    if constexpr (kTwoSets) {
-      if (slice_last) {  // slice boundary: fold p_s into the running total
-        for_each_acc<NT>([&](int i, int q, int e) {
-          tot[i][q][e] += cur[i][q][e];
-          cur[i][q][e] = 0.0f;
-        });
+  } else {
+    for (int it = 0; it < iters; ++it) {
+      const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+      slice_pos = slice_last ? 0 : slice_pos + 1;
+      cp_async_wait<kStages - 2>();  // stage `it` has landed (for this thread) ...
+      const unsigned uit = unsigned(it);  // (stage indices are unsigned: shifts and masks)
+      const int buf = int(uit % kStages), st = st_begin + it;
+      const unsigned ust = unsigned(st);
+      // FP4: this thread's row scales as bf16 (a group's 16 raw bytes -> its 32 bf16 bytes).
+      uint8_t* const ws_row_buf = s_ws + (((ust / kScaleStages) & 1) * kTileN + tid) * kScaleRowBytes;
+      auto scale_group_to_bf16 = [&](const uint4 raw) {
+        static_assert(kScaleStages == 4, "a group's raw scales are one 16-byte piece");
+        const fp4_layout::Bf16Pairs v0 = fp4_layout::e8m0x4_to_bf16x2(raw.x), v1 = fp4_layout::e8m0x4_to_bf16x2(raw.y),
+                                    v2 = fp4_layout::e8m0x4_to_bf16x2(raw.z), v3 = fp4_layout::e8m0x4_to_bf16x2(raw.w);
+        *reinterpret_cast<uint4*>(ws_row_buf) = make_uint4(v0.lo, v0.hi, v1.lo, v1.hi);
+        *reinterpret_cast<uint4*>(ws_row_buf + 16) = make_uint4(v2.lo, v2.hi, v3.lo, v3.hi);
+      };
+      if constexpr (T::kRowScale) {  // (cp.async copies: before the barrier)
+        if (!ws_sectors) {
+          uint8_t* slot = ws_row_buf + (ust % kScaleStages) * 8;
+          const fp4_layout::Bf16Pairs v = fp4_layout::e8m0x4_to_bf16x2(*reinterpret_cast<const uint32_t*>(slot + 4));
+          *reinterpret_cast<uint2*>(slot) = make_uint2(v.lo, v.hi);
+        } else if (!kTmaW && ust % kScaleStages == 0) {
+          scale_group_to_bf16(*reinterpret_cast<const uint4*>(ws_row_buf + 16));
+        }
+      }
+      if constexpr (kTmaW) {
+        mbar_wait(s_mbar + 8 * (uit % kStages), (uit / kStages) & 1);
+        if (ws_sectors && ust % kScaleStages == 0)  // (the group's bulk copy came with this stage)
+          scale_group_to_bf16(*reinterpret_cast<const uint4*>(smem_raw + (s_ws_raw - smem_u32(smem_raw)) + 16 * tid));
+      }
+      fence_proxy_async();
+      __syncthreads();               // ... for every thread, and stage it-1's buffer is free
+      // (bf16: free once its tensor-core products are done, see kLoadAfter)
+      auto load_next = [&] {
+        const unsigned nxt = uit + kStages - 1;
+        if (int(nxt) < iters) {
+          load_weights(st_begin + int(nxt), int(nxt % kStages));
+          load_acts(st_begin + int(nxt), int(nxt % kStages));
+        }
+        cp_async_commit();
+      };
+      if constexpr (!kLoadAfter) load_next();
+      const uint8_t* ab = s_a + buf * kAStage;
+      float as[NT][2];
+  #pragma unroll
+      for (int q = 0; q < NT; ++q) {
+  #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
+          if constexpr (F == WFmt::kFp4) as[q][e] *= 64.0f;  // the decoded weights are 2^-6 x e2m1
+        }
+      }
+      // FP4: q = sum over the 4 chunks j, in order, of fmaf(mma_j, 2^(w row scale j), q),
+      // then p = fmaf(q, 2^(x block), p): the activation scale is one per stage.
+      float wsf[2][2][4];
+      float q_acc[2][NT][4];
+      if constexpr (F == WFmt::kFp4) {
+  #pragma unroll
+        for (int i = 0; i < 2; ++i)
+  #pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint8_t* slot =
+                s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 8;
+            const uint2 v = *reinterpret_cast<const uint2*>(slot);
+            wsf[i][h][0] = fp4_layout::bf16_pair_lo(v.x);
+            wsf[i][h][1] = fp4_layout::bf16_pair_hi(v.x);
+            wsf[i][h][2] = fp4_layout::bf16_pair_lo(v.y);
+            wsf[i][h][3] = fp4_layout::bf16_pair_hi(v.y);
+          }
+      }
+      float wsc = 1.0f;
+      if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? ust : ust / 2]);
+      if constexpr (kTcSum) {
+        // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
+        // 0 on the slice's first chunk); copied out at the slice's end.
+        const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
+        const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
+        wgmma_fence();
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t db = wgmma_desc_at(db0, j * 32);
+  #pragma unroll
+          for (int i = 0; i < 2; ++i)
+            wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
+        }
+        wgmma_commit();
+        if (slice_last) {
+          wgmma_wait_all();
+          for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; });
+        } else {
+          wgmma_wait_1();  // this stage's products run on while stage it-1's are done ...
+        }
+        __syncthreads();   // ... in every warp: its buffer takes the next copies
+        load_next();
+      } else if constexpr (kSmemA) {
+        // FP8: the stage's 4 chunks chained in the tensor core from zero (scale-d 1
+        // after the first; one block scale and one activation exponent cover them),
+        // then p = fmaf(d_stage, 2^w * 2^x, p).
+        const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
+        const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
+        wgmma_fence();
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t db = wgmma_desc_at(db0, j * 32);
+  #pragma unroll
+          for (int i = 0; i < 2; ++i)
+            wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        for_each_acc<NT>(
+            [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]); });
+      } else if constexpr (F == WFmt::kFp4) {
+        // kBatch chunks: decode their fragments, issue both halves of each, one wait,
+        // then fold the results in chunk order (the accumulation rule is unchanged).
+        // Fragment element e of wg_d[c][i][4q + e]: weight row tile_row(i, e / 2),
+        // activation column 8q + 2t + e % 2.
+        const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
+        const int piece = fp4_layout::piece_slot(g, t);  // (tile_row >> 1) & 3 = (g >> 1) & 3
+        // words[i][h][j]: chunk j's word of row tile_row(i, h), one 16-byte load a row
+        // (a quarter warp reads two whole rows: no bank conflict). Groups of 2 chunks
+        // load their 8 bytes a group instead: the 16-row expert tiles (NT 2, <= 128
+        // registers) spilled holding the second group's words across the first's
+        // wgmma. The 8-byte reads conflict 2-way, yet the step at batch 256 was 0.6%
+        // faster than with 16-byte ones (eighteenth session).
+        uint32_t words[2][2][4];
+        if constexpr (kBatch != 2) {
+  #pragma unroll
+          for (int i = 0; i < 2; ++i)
+  #pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const uint4 v =
+                  *reinterpret_cast<const uint4*>(s_w + buf * kWStage + tile_row(i, h) * kWRow + 16 * piece);
+              words[i][h][0] = v.x, words[i][h][1] = v.y, words[i][h][2] = v.z, words[i][h][3] = v.w;
+            }
+        }
+  #pragma unroll
+        for (int j0 = 0; j0 < 4; j0 += kBatch) {
+          if constexpr (kBatch == 2) {
+  #pragma unroll
+            for (int i = 0; i < 2; ++i)
+  #pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const uint2 v = *reinterpret_cast<const uint2*>(s_w + buf * kWStage + tile_row(i, h) * kWRow +
+                                                                16 * piece + 4 * j0);
+                words[i][h][j0] = v.x, words[i][h][j0 + 1] = v.y;
+              }
+          }
+          uint32_t a[kBatch][2][4];
+  #pragma unroll
+          for (int c = 0; c < kBatch; ++c)
+  #pragma unroll
+            for (int i = 0; i < 2; ++i) fp4_a_frag(words[i][0][j0 + c], words[i][1][j0 + c], a[c][i]);
+          wgmma_fence();
+  #pragma unroll
+          for (int c = 0; c < kBatch; ++c) {
+            const uint64_t desc = wgmma_desc_at(db0, (j0 + c) * 32);
+            wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
+            wgmma_e4m3<NT>(wg_d[c][1], a[c][1], desc);
+          }
+          wgmma_commit();
+          wgmma_wait_all();
+  #pragma unroll
+          for (int c = 0; c < kBatch; ++c)
+            for_each_acc<NT>([&](int i, int q, int e) {
+              const int jj = j0 + c;
+              const float d = wg_d[c][i][4 * q + e];
+              q_acc[i][q][e] = jj == 0 ? d * wsf[i][e >> 1][0] : fmaf(d, wsf[i][e >> 1][jj], q_acc[i][q][e]);
+            });
+          if (j0 + kBatch == 4)  // the stage's chunks are in: p = fmaf(q, 2^(x block), p)
+            for_each_acc<NT>(
+                [&](int i, int q, int e) { cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]); });
+        }
+      } else {
+        // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
+        // summed by the tensor core, then p = fmaf(d_stage, 2^(w block), p).
+        static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
+        const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
+        uint32_t a[4][2][4];
+  #pragma unroll
+        for (int j = 0; j < 4; ++j)
+  #pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
+            load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
+          }
+        wgmma_fence();
+  #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint64_t db = wgmma_desc_at(db0, j * 32);
+  #pragma unroll
+          for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
+      }
+      if constexpr (kTwoSets) {
+        if (slice_last) {  // slice boundary: fold p_s into the running total
+          for_each_acc<NT>([&](int i, int q, int e) {
+            tot[i][q][e] += cur[i][q][e];
+            cur[i][q][e] = 0.0f;
+          });
+        }
       }
     }
   }
