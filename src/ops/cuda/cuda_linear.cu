@@ -374,11 +374,11 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   static const bool wo_a_wide = env_mode("DSV4_CUDA_WIDE_WO_A") != 0;
   if (wo_a && !wo_a_wide) return 0;
   if (p.m < kWideMinRows) return 0;
-  // DSV4_CUDA_WO_A_WIDE128=1: wo_a in 128-row tiles wherever it is wide (A/B runs; at
-  // 256 rows the rule below gives 64: 2 x 64 tiles would leave 4 of 132 SMs idle).
-  static const bool wo_a_128 = env_mode("DSV4_CUDA_WO_A_WIDE128") == 1;
-  if (wo_a && wo_a_128) return 128;
   const int64_t sms = be.properties().multiProcessorCount;
+  // wo_a takes 128-row tiles once they fill 7/8 of the SMs (at 256 rows 128 CTAs on 132):
+  // its fragment decode then serves twice the rows. At 256 rows -2.0% a step against
+  // 64-row tiles (bench-1g, H200; docs/BENCHMARKS.md, forty-second session).
+  if (wo_a && 8 * n_tiles * ((p.m + 127) / 128) >= 7 * sms) return 128;
   static const bool wide_256 = env_mode("DSV4_CUDA_WIDE_BF16_256") != 0;
   if (wide_256 && bf16_256 && p.m > 128 && n_tiles * ((p.m + 255) / 256) >= sms) return 256;
   if (n_tiles * ((p.m + 127) / 128) >= sms) return 128;
