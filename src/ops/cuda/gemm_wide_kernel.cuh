@@ -345,137 +345,98 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   };
   bool prev_last = false;  // stage it-1 ends its slice
   int slice_pos = 0;  // position of stage `it` in its slice
-  if constexpr (kRegA) {
-    // FP8-as-bf16: stage it+1's weights are decoded into the other set of A fragments
-    // while stage it's products run (RS wgmmas read their A registers until they are
-    // done, so the two sets alternate: two stages an iteration, constant indices).
-    // Before (decode, products, wait, fold, one stage at a time) the tensor core sat
-    // idle during each decode and barrier: wo_a at 256 rows took 69 µs a launch for
-    // ~17 GFLOP (graph trace, forty-second session). The products and the fold are the
-    // same, in the same order: the same bits.
-    static_assert(S >= 3, "the decode of stage it+1 waits for its copies while stage it+S-2's are in flight");
-    const uint8_t* const frag_row = s_w + (64 * wg + 16 * warp + g) * kWRow;
-    auto decode = [&](uint32_t(&a)[4][4], int buf) {
-      const uint8_t* lo = frag_row + buf * kStageBytes;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, a[j]);
-    };
-    uint32_t a0[4][4], a1[4][4];
-    if (stages_total > 0) {
-      cp_async_wait<S - 2>();  // stage 0 has landed (for this thread) ...
-      fence_proxy_async();
-      __syncthreads();  // ... for every thread; the block-scale row too
-      decode(a0, 0);
-    }
-    // Stage it: its products from fragments `a` (decoded a stage earlier); under them the
-    // wait for stage it+1's copies, the next copies into stage it-1's buffer (free: every
-    // thread waited for its products before this barrier) and stage it+1's decode into
-    // `next`; then the wait for the products and the fold p_s = fmaf(d, 2^w, p_s).
-    auto run_stage = [&](int it, const uint32_t(&a)[4][4], uint32_t(&next)[4][4]) {
-      const bool slice_last = slice_pos == per_slice - 1;
-      slice_pos = slice_last ? 0 : slice_pos + 1;
-      const unsigned uit = unsigned(it);
-      const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + (uit % S) * R * 128));
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-      wgmma_commit();
-      cp_async_wait<S - 3>();  // stage it+1 has landed (for this thread) ...
-      fence_proxy_async();
-      __syncthreads();  // ... for every thread, and every thread is past stage it-1's products
+  for (int it = 0; it < stages_total; ++it) {
+    const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+    slice_pos = slice_last ? 0 : slice_pos + 1;
+    cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
+    fence_proxy_async();
+    __syncthreads();  // ... for every thread; FP8: every warpgroup is done with stage it-1's buffer
+    const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
+    auto load_next = [&] {  // into the buffer of stage it-1
       const unsigned nxt = uit + S - 1;
       if (int(nxt) < stages_total) {
         load_weights(int(nxt), int(nxt % S));
         load_acts(int(nxt), int(nxt % S));
       }
-      cp_async_commit();  // (empty groups too: the wait above counts one group a stage)
-      if (it + 1 < stages_total) decode(next, int((uit + 1) % S));
-      wgmma_wait_all();
+      cp_async_commit();
+    };
+    if constexpr (kRegA) load_next();
+    const int buf = int(uit % S);
+    // The stage's descriptors: low words at the stage, chunk j 32j bytes on (wgmma_desc_at).
+    const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow));
+    const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
+    if constexpr (kRegA) {
+      // The warpgroup's 64 weight rows of the stage as bf16 A fragments (4 k16 chunks),
+      // the chunks summed by the tensor core from zero, then one fold with the block scale.
+      // Decoding stage it+1 under stage it's products (two fragment sets, as gemm_tile
+      // does) measured +1.6% a step at 256 rows in 64-row tiles and +-0.1% in 128-row
+      // ones (the other warpgroup's products already fill the decode; forty-second
+      // session), so the stage stays serial here.
       const float wsc = core::e8m0_to_float(s_bs[uit / 2]);
+      const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
+      uint32_t a[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, a[j]);
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+      wgmma_commit();
+      wgmma_wait_all();
 #pragma unroll
       for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[0][i], wsc, cur[i]);
-      if constexpr (kTwoSets) {
-        if (slice_last) end_slice();
-      }
-    };
-    for (int it = 0; it < stages_total; it += 2) {
-      run_stage(it, a0, a1);
-      if (it + 1 < stages_total) run_stage(it + 1, a1, a0);
-    }
-  } else {
-    for (int it = 0; it < stages_total; ++it) {
-      const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
-      slice_pos = slice_last ? 0 : slice_pos + 1;
-      cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
-      fence_proxy_async();
-      __syncthreads();  // ... for every thread; FP8: every warpgroup is done with stage it-1's buffer
-      const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
-      auto load_next = [&] {  // into the buffer of stage it-1
-        const unsigned nxt = uit + S - 1;
-        if (int(nxt) < stages_total) {
-          load_weights(int(nxt), int(nxt % S));
-          load_acts(int(nxt), int(nxt % S));
-        }
-        cp_async_commit();
-      };
-      const int buf = int(uit % S);
-      // The stage's descriptors: low words at the stage, chunk j 32j bytes on (wgmma_desc_at).
-      const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow));
-      const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-      if constexpr (kQuant) {
-        // FP8: the stage's 4 chunks chained in the tensor core from zero into set it % 2;
-        // once wait_1 says stage it-1's chain is done, it is folded and its buffer takes
-        // the next copies (after the barrier: every warpgroup is past it).
-        auto issue = [&](float(&dd)[NA]) {
-          wgmma_fence();
-  #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            wide_mma<F, R>(dd, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-          wgmma_commit();
-        };
-        if (uit & 1) issue(d[1]);  // (constant indices: the sets stay in registers)
-        else issue(d[0]);
-        if (it > 0) {
-          wgmma_wait_1();
-          fold_stage(uit - 1, prev_last);
-        }
-        __syncthreads();
-        load_next();
-      } else {
-        // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
-        // products stay in flight across the next stage's wait and barrier; the copies
-        // then go into stage it-1's buffer once every warpgroup's products on it are done.
+    } else if constexpr (kQuant) {
+      // FP8: the stage's 4 chunks chained in the tensor core from zero into set it % 2;
+      // once wait_1 says stage it-1's chain is done, it is folded and its buffer takes
+      // the next copies (after the barrier: every warpgroup is past it).
+      auto issue = [&](float(&dd)[NA]) {
         wgmma_fence();
-  #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if constexpr (R == 256)
-            wgmma_wide256_bf16(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j),
-                               slice_first && j == 0 ? 0 : 1);
-          else
-            wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
-        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          wide_mma<F, R>(dd, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
         wgmma_commit();
-        if (slice_last) {
-          wgmma_wait_all();
-          if constexpr (kStageInLoop) {  // (the last stage: no copies are in flight into the buffers)
-            __syncthreads();
-            stage_wide_results<R, false>(smem, wide_out_stride(p.y_f32 ? 4 : 2), p.y_f32 != 0, d[0], s_tot, tid,
-                                         kWideThreads, 64 * wg + 16 * warp, g, t);
-          } else {
-  #pragma unroll
-            for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
-          }
+      };
+      if (uit & 1) issue(d[1]);  // (constant indices: the sets stay in registers)
+      else issue(d[0]);
+      if (it > 0) {
+        wgmma_wait_1();
+        fold_stage(uit - 1, prev_last);
+      }
+      __syncthreads();
+      load_next();
+    } else {
+      // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
+      // products stay in flight across the next stage's wait and barrier; the copies
+      // then go into stage it-1's buffer once every warpgroup's products on it are done.
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (R == 256)
+          wgmma_wide256_bf16(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j),
+                             slice_first && j == 0 ? 0 : 1);
+        else
+          wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
+      }
+      wgmma_commit();
+      if (slice_last) {
+        wgmma_wait_all();
+        if constexpr (kStageInLoop) {  // (the last stage: no copies are in flight into the buffers)
+          __syncthreads();
+          stage_wide_results<R, false>(smem, wide_out_stride(p.y_f32 ? 4 : 2), p.y_f32 != 0, d[0], s_tot, tid,
+                                       kWideThreads, 64 * wg + 16 * warp, g, t);
         } else {
-          wgmma_wait_1();
+#pragma unroll
+          for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
         }
-        __syncthreads();
-        load_next();
+      } else {
+        wgmma_wait_1();
       }
-      if constexpr (kTwoSets && !kQuant) {  // (FP8: in fold_stage, a stage later)
-        if (slice_last) end_slice();
-      }
-      prev_last = slice_last;
+      __syncthreads();
+      load_next();
     }
+    if constexpr (kTwoSets && !kQuant) {  // (FP8: in fold_stage, a stage later)
+      if (slice_last) end_slice();
+    }
+    prev_last = slice_last;
   }
   cp_async_wait<0>();
   if constexpr (kQuant) {  // the last stage's chain
