@@ -8,7 +8,6 @@
 #include <cstring>
 #include <cxxabi.h>
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -311,28 +310,6 @@ int count_joins(const GraphEdges& e) {
   return joins;
 }
 
-// Knobs for locating the ~8.5 µs idle after a replay's first kernel (docs/design/
-// stage-lanes.md, forty-first session), read once, all off by default:
-// DSV4_CUDA_PDL_FROM_NODE=N leaves plain every edge out of the graph's first N nodes
-// (capture order); DSV4_CUDA_GRAPH_PRELUDE=1 captures an empty kernel ahead of the
-// step; DSV4_CUDA_GRAPH_UPLOAD=1 uploads each instantiated graph to its stream.
-int pdl_from_node() {
-  static const int n = [] {
-    const char* v = std::getenv("DSV4_CUDA_PDL_FROM_NODE");
-    return v != nullptr ? std::max(std::atoi(v), 0) : 0;
-  }();
-  return n;
-}
-bool graph_prelude() {
-  static const bool on = env_is("DSV4_CUDA_GRAPH_PRELUDE", "1");
-  return on;
-}
-bool graph_upload() {
-  static const bool on = env_is("DSV4_CUDA_GRAPH_UPLOAD", "1");
-  return on;
-}
-__global__ void graph_prelude_kernel() {}
-
 // Programmatic dependent launch for a captured graph: each edge between two of our
 // kernels (every one calls wait_for_predecessor(), grid_dependency.cuh) becomes a
 // programmatic edge, so the downstream kernel is launched once every block of the
@@ -387,18 +364,9 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   std::map<cudaGraphNode_t, int> ours_in;
   for (size_t i = 0; i < n; ++i)
     if (data[i].type == cudaGraphDependencyTypeDefault && is_ours(from[i])) ++ours_in[to[i]];
-  std::set<cudaGraphNode_t> early;  // DSV4_CUDA_PDL_FROM_NODE's first nodes
-  if (const int first = pdl_from_node(); first > 0) {
-    size_t count = 0;
-    DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
-    std::vector<cudaGraphNode_t> nodes(count);
-    DSV4_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
-    early.insert(nodes.begin(), nodes.begin() + std::min(count, size_t(first)));
-  }
   int converted = 0;
   for (size_t i = 0; i < n; ++i) {
     if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i]) || !is_ours(from[i])) continue;
-    if (early.count(from[i]) != 0) continue;
     const int in = e.in_degree[to[i]];
     if (e.out_degree[from[i]] != 1 && !forks) continue;
     if (in != 1 && !(joins && ours_in[to[i]] == in)) continue;
@@ -471,10 +439,6 @@ void dump_graph_edges(cudaGraph_t graph) {
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
-    if (graph_prelude()) {
-      graph_prelude_kernel<<<1, 32, 0, stream_>>>();
-      check_launch(stream_);
-    }
     body();
   } catch (...) {
     cudaGraph_t g = nullptr;
@@ -492,7 +456,6 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   dump_graph_edges(graph);
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);
-  if (graph_upload()) DSV4_CUDA_CHECK(cudaGraphUpload(exec, stream_));
   return std::make_unique<CudaGraph>(exec, stream_);
 }
 
