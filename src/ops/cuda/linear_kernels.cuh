@@ -652,7 +652,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // and -0.3 to -0.5% at 256 (thirtieth session; cuda-linear.md, "ptxas serializes").
   constexpr bool kLoadAfter = kTcSum;
   // FP8-as-bf16 decodes the next stage under this one's products (the loop below).
-  constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with two sets: 236 bytes of spills)
+  constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with walked slices spilled 236 bytes)
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
   float wg_d[kBatch][2][4 * NT] = {};
 
