@@ -779,9 +779,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       if constexpr (!kLoadAfter) load_next();
       const uint8_t* ab = s_a + buf * kAStage;
       float as[NT][2];
-  #pragma unroll
+#pragma unroll
       for (int q = 0; q < NT; ++q) {
-  #pragma unroll
+#pragma unroll
         for (int e = 0; e < 2; ++e) {
           as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
           if constexpr (F == WFmt::kFp4) as[q][e] *= 64.0f;  // the decoded weights are 2^-6 x e2m1
@@ -792,9 +792,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       float wsf[2][2][4];
       float q_acc[2][NT][4];
       if constexpr (F == WFmt::kFp4) {
-  #pragma unroll
+#pragma unroll
         for (int i = 0; i < 2; ++i)
-  #pragma unroll
+#pragma unroll
           for (int h = 0; h < 2; ++h) {
             const uint8_t* slot =
                 s_ws + (((ust / kScaleStages) & 1) * kTileN + tile_row(i, h)) * kScaleRowBytes + (ust % kScaleStages) * 8;
@@ -813,10 +813,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
         const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
         wgmma_fence();
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint64_t db = wgmma_desc_at(db0, j * 32);
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 2; ++i)
             wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
         }
@@ -836,10 +836,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
         const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
         wgmma_fence();
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint64_t db = wgmma_desc_at(db0, j * 32);
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 2; ++i)
             wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
         }
@@ -862,21 +862,21 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         // faster than with 16-byte ones (eighteenth session).
         uint32_t words[2][2][4];
         if constexpr (kBatch != 2) {
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 2; ++i)
-  #pragma unroll
+#pragma unroll
             for (int h = 0; h < 2; ++h) {
               const uint4 v =
                   *reinterpret_cast<const uint4*>(s_w + buf * kWStage + tile_row(i, h) * kWRow + 16 * piece);
               words[i][h][0] = v.x, words[i][h][1] = v.y, words[i][h][2] = v.z, words[i][h][3] = v.w;
             }
         }
-  #pragma unroll
+#pragma unroll
         for (int j0 = 0; j0 < 4; j0 += kBatch) {
           if constexpr (kBatch == 2) {
-  #pragma unroll
+#pragma unroll
             for (int i = 0; i < 2; ++i)
-  #pragma unroll
+#pragma unroll
               for (int h = 0; h < 2; ++h) {
                 const uint2 v = *reinterpret_cast<const uint2*>(s_w + buf * kWStage + tile_row(i, h) * kWRow +
                                                                 16 * piece + 4 * j0);
@@ -884,12 +884,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
               }
           }
           uint32_t a[kBatch][2][4];
-  #pragma unroll
+#pragma unroll
           for (int c = 0; c < kBatch; ++c)
-  #pragma unroll
+#pragma unroll
             for (int i = 0; i < 2; ++i) fp4_a_frag(words[i][0][j0 + c], words[i][1][j0 + c], a[c][i]);
           wgmma_fence();
-  #pragma unroll
+#pragma unroll
           for (int c = 0; c < kBatch; ++c) {
             const uint64_t desc = wgmma_desc_at(db0, (j0 + c) * 32);
             wgmma_e4m3<NT>(wg_d[c][0], a[c][0], desc);
@@ -897,7 +897,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           }
           wgmma_commit();
           wgmma_wait_all();
-  #pragma unroll
+#pragma unroll
           for (int c = 0; c < kBatch; ++c)
             for_each_acc<NT>([&](int i, int q, int e) {
               const int jj = j0 + c;
@@ -914,18 +914,18 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
         const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
         uint32_t a[4][2][4];
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j)
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 2; ++i) {
             const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
             load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
           }
         wgmma_fence();
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint64_t db = wgmma_desc_at(db0, j * 32);
-  #pragma unroll
+#pragma unroll
           for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
         }
         wgmma_commit();
