@@ -375,12 +375,10 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
   if (wo_a && !wo_a_wide) return 0;
   if (p.m < kWideMinRows) return 0;
   const int64_t sms = be.properties().multiProcessorCount;
-  // wo_a takes 128-row tiles once they fill 7/8 of the SMs (at 256 rows 128 CTAs on 132):
-  // a decoded weight fragment then serves twice the rows. At 256 rows, bench-1g on an
-  // H200 (docs/BENCHMARKS.md, forty-second session): -0.4% a step against 64-row tiles
-  // with the serial decode (two A/Bs chained: 128-row tiles with a decode-ahead kernel
-  // -2.0% against it in 64-row tiles and -0.4% against the serial one; the serial and
-  // decode-ahead kernels the same in 128-row tiles, +0.1%).
+  // wo_a takes 128-row tiles once they fill 7/8 of the SMs (at 256 rows one wave of 128
+  // CTAs on 132 SMs, against two waves of 64-row tiles): a decoded weight fragment serves
+  // twice the rows. At 256 rows -0.4% a step (bench-1g, H200; docs/BENCHMARKS.md,
+  // forty-second session).
   if (wo_a && 8 * n_tiles * ((p.m + 127) / 128) >= 7 * sms) return 128;
   static const bool wide_256 = env_mode("DSV4_CUDA_WIDE_BF16_256") != 0;
   if (wide_256 && bf16_256 && p.m > 128 && n_tiles * ((p.m + 255) / 256) >= sms) return 256;
