@@ -671,9 +671,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   if constexpr (kPipelinedRegA) {
     // FP8-as-bf16 (wo_a): stage it+1's weights are decoded into the other set of A
     // fragments while stage it's products run (RS wgmmas read their A registers until
-    // they are done, so the sets alternate: two stages an iteration, constant indices),
-    // as gemm_wide_kernel does. The products and the fold are the same, in the same
-    // order: the same bits. Four stage buffers keep two stages' copies in flight.
+    // they are done, so the sets alternate: two stages an iteration, constant indices).
+    // The products and the fold are the same, in the same order: the same bits. Four
+    // stage buffers keep two stages' copies in flight. Against the serial stage (decode,
+    // products, wait, fold): -0.6% a step at batch 1, +0.2% at 16 rows (bench-1g, H200;
+    // docs/BENCHMARKS.md, forty-second session; gemm_wide_kernel keeps the serial one).
     static_assert(kStages >= 4, "the decode of stage it+1 waits for its copies while stage it+2's are in flight");
     auto decode = [&](uint32_t(&a)[4][2][4], int buf) {
 #pragma unroll
