@@ -369,9 +369,10 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       // The warpgroup's 64 weight rows of the stage as bf16 A fragments (4 k16 chunks),
       // the chunks summed by the tensor core from zero, then one fold with the block scale.
       // Decoding stage it+1 under stage it's products (two fragment sets, as gemm_tile
-      // does) measured +1.6% a step at 256 rows in 64-row tiles and +0.1% (within the
-      // noise) in 128-row ones (forty-second session; not profiled why), so the stage
-      // stays serial here.
+      // does) measured +1.6% a step at 256 rows in 64-row tiles (a launch 95 against 69
+      // µs) and +0.1% (within the noise) in 128-row ones (forty-second session). It waits
+      // for stage it+1's copies a stage earlier, so one stage fewer is in flight (why it
+      // loses: a guess, not profiled). The stage stays serial here.
       const float wsc = core::e8m0_to_float(s_bs[uit / 2]);
       const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
       uint32_t a[4][4];
