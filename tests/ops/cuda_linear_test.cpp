@@ -1158,10 +1158,10 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   struct GroupedCase {
     int64_t g, r, c;
   };
-  // wo_a's grouped FP8-as-bf16 GEMM (its wide path is opt-in until measured; the hook
-  // forces it here): 8 groups (S = 8, walked), 2 groups (S = 4), one group with a
-  // partial weight tile and K = 320 (5 stages, a block scale over 2). Also the Hopper
-  // model's bits.
+  // wo_a's grouped FP8-as-bf16 GEMM (the hook forces both tile heights; by default it
+  // takes 64- or 128-row wide tiles from 128 rows): 8 groups (S = 8, walked), 2 groups
+  // (S = 4), one group with a partial weight tile and K = 320 (5 stages, a block scale
+  // over 2). Also the Hopper model's bits.
   for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
     const QuantLinear dw = device_quant(env.cuda, hw);
