@@ -73,6 +73,9 @@ void cuda_linear_force_wide(int on);
 // 0: one an SM).
 int64_t cuda_linear_wide_ws_launches();
 void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
+// Test hook: -1 follows DSV4_CUDA_WIDE_WS_WO_A (default off), 0 / 1 force wo_a's
+// FP8-as-bf16 wide tiles off / onto the warp-specialised kernel (in its mode).
+void cuda_linear_force_wide_ws_wo_a(int on);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -403,18 +406,26 @@ int wide_ws_mode() {
   return forced_mode(g_force_wide_ws, from_env);
 }
 bool wide_ws_fits(const lk::GemmParams& p) { return !p.y_f32 && aligned(p.s0, 4) && aligned(p.s1, 4); }
+// wo_a's FP8-as-bf16 wide tiles by the same kernel (same bits): DSV4_CUDA_WIDE_WS_WO_A=1
+// (opt-in, forty-second session: built after the device time was spent, not yet run on a
+// GPU), in DSV4_CUDA_WIDE_WS's mode.
+std::atomic<int> g_force_wide_ws_wo_a{-1};
+bool wide_ws_wo_a() {
+  static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_WO_A") == 1;
+  return forced_or(g_force_wide_ws_wo_a, from_env);
+}
 
-template <int R, bool kTwo>
+template <WFmt F, int R, bool kTwo>
 void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int mode) {
-  constexpr int smem = lk::gemm_wide_ws_smem_bytes<R, kTwo>(lk::wide_ws_stages<R, kTwo>());
+  constexpr int smem = lk::gemm_wide_ws_smem_bytes<F, R, kTwo>(lk::wide_ws_stages<F, R, kTwo>());
   static std::atomic<uint64_t> done{0};
-  allow_smem(lk::gemm_wide_ws_kernel<R, kTwo>, smem, be.device_index(), done);
+  allow_smem(lk::gemm_wide_ws_kernel<F, R, kTwo>, smem, be.device_index(), done);
   int64_t ctas = tiles;
   if (mode == 2) {
     const int cap = g_wide_ws_max_ctas.load(std::memory_order_relaxed);
     ctas = std::min<int64_t>(tiles, cap > 0 ? cap : be.properties().multiProcessorCount);
   }
-  lk::gemm_wide_ws_kernel<R, kTwo><<<unsigned(ctas), lk::kWsThreads, smem, be.stream()>>>(p);
+  lk::gemm_wide_ws_kernel<F, R, kTwo><<<unsigned(ctas), lk::kWsThreads, smem, be.stream()>>>(p);
   check_launch(be.stream());
   g_wide_launches.fetch_add(1, std::memory_order_relaxed);
   g_wide_ws_launches.fetch_add(1, std::memory_order_relaxed);
@@ -422,9 +433,9 @@ void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int
 
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  if constexpr (F == WFmt::kFp8) {
-    if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_fits(p))
-      return launch_wide_ws<R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
+  if constexpr (F == WFmt::kFp8 || F == WFmt::kFp8Bf16) {
+    if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_fits(p) && (F == WFmt::kFp8 || wide_ws_wo_a()))
+      return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
   static std::atomic<uint64_t> done{0};
@@ -883,6 +894,7 @@ void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, s
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_ws_launches() { return g_wide_ws_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_wide_ws_wo_a(int on) { g_force_wide_ws_wo_a.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_force_wide_ws.store(mode, std::memory_order_relaxed);
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);

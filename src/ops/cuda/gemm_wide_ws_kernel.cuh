@@ -16,6 +16,10 @@
 // folding at once between two block barriers a stage). A CTA walks tiles (mode 2: a CTA
 // an SM): the producer runs on into the next tile's stages while the consumers write
 // the last tile's output, so a tile's fill and its epilogue overlap its neighbours'.
+// FP8-as-bf16 (wo_a, grouped; forty-second session, opt-in: DSV4_CUDA_WIDE_WS_WO_A=1)
+// takes the same roles with gemm_wide_kernel<FP8-as-bf16>'s stage: 64-wide, weights in
+// 80-byte rows decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
+// p = fmaf(d, 2^w, p): the same bits as that kernel.
 #pragma once
 
 #include "ops/cuda/gemm_wide_kernel.cuh"
@@ -27,22 +31,30 @@ constexpr int kWsConsumerThreads = 256;  // two warpgroups, 64 weight rows each
 constexpr int kWsThreads = kWsProducerThreads + kWsConsumerThreads;
 constexpr int kWsOutStride = kTileN * 2 + 16;  // bytes a row of the bf16 output tile (padded: distinct banks)
 
-// Dynamic shared memory of gemm_wide_ws_kernel<R, kTwoSets> at S stages: the stage
-// buffers (128 weight rows and R activation rows of 128 bytes), the bf16 output tile
+// Bytes a weight row takes in a stage buffer: FP8's 128 (128-byte swizzle, read by
+// wgmma), FP8-as-bf16's 64 e4m3 bytes padded to 80 (read as A fragments).
+template <WFmt F>
+__host__ __device__ constexpr int wide_ws_weight_row_bytes() {
+  return F == WFmt::kFp8Bf16 ? FmtTraits<F>::kWStride : 128;
+}
+
+// Dynamic shared memory of gemm_wide_ws_kernel<F, R, kTwoSets> at S stages: the stage
+// buffers (128 weight rows, and R activation rows of 128 bytes), the bf16 output tile
 // (its own: with tiles walked by one CTA the stage buffers already take the next tile's
 // copies), the running totals over K slices (kTwoSets), the activation scales and the
 // block-scale word of each stage (an even count of words: the barriers after them are
-// 8-byte objects), a full and an empty barrier a stage.
+// 8-byte objects), a full and an empty barrier a stage. (FP8-as-bf16: no activation scales.)
 __host__ __device__ constexpr int wide_ws_scale_words(int S) { return (S + 1) & ~1; }
-template <int R, bool kTwoSets>
+template <WFmt F, int R, bool kTwoSets>
 __host__ __device__ constexpr int gemm_wide_ws_smem_bytes(int S) {
-  return 1024 /* alignment slack */ + S * (kTileN * 128 + R * 128) + R * kWsOutStride +
-         (kTwoSets ? kWsConsumerThreads * (R / 2) * 4 : 0) + S * R * 4 + wide_ws_scale_words(S) * 4 + 2 * S * 8;
+  return 1024 /* alignment slack */ + S * (kTileN * wide_ws_weight_row_bytes<F>() + R * 128) + R * kWsOutStride +
+         (kTwoSets ? kWsConsumerThreads * (R / 2) * 4 : 0) + (F == WFmt::kFp8 ? S * R * 4 : 0) +
+         wide_ws_scale_words(S) * 4 + 2 * S * 8;
 }
-// Four stages where they fit (R = 128 with two sets: three).
-template <int R, bool kTwoSets>
+// Four stages where they fit (FP8 at R = 128 with two sets: three).
+template <WFmt F, int R, bool kTwoSets>
 __host__ __device__ constexpr int wide_ws_stages() {
-  return gemm_wide_ws_smem_bytes<R, kTwoSets>(4) <= 227 * 1024 ? 4 : 3;
+  return gemm_wide_ws_smem_bytes<F, R, kTwoSets>(4) <= 227 * 1024 ? 4 : 3;
 }
 
 __device__ __forceinline__ void mbar_arrive(uint32_t a) {
@@ -58,59 +70,77 @@ __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumerThreads) : "memory");
 }
 
-// One output tile of the grid's: its rows and weight rows.
+// One output tile of the grid's: its rows, group and weight rows.
 struct WideWsTile {
-  int row_base, rows, n0, valid_n;
+  int row_base, rows, group, n0, valid_n;  // n0: the first weight row inside the group
   bool second;  // a stacked pair's second weight (w1, s1, and y1 where given)
 };
-template <int R>
+// The tile's first weight row (of w0, or of w1 where second); grouped (FP8-as-bf16): of
+// its group's rows, which are also its output columns (no pair).
+template <bool kGrouped>
+__device__ __forceinline__ int64_t wide_ws_weight_row(const GemmParams& p, const WideWsTile& t) {
+  if constexpr (kGrouped) return int64_t(t.group) * p.n + t.n0;
+  else return t.n0 - (t.second ? p.n_split : 0);
+}
+template <int R, bool kGrouped>
 __device__ __forceinline__ WideWsTile wide_ws_tile(const GemmParams& p, int tile, int m_tiles) {
   WideWsTile t;
-  const int m_tile = tile % m_tiles, tile_n = tile / m_tiles;  // (the row tile fastest, as gemm_wide_kernel)
+  const int m_tile = tile % m_tiles, n_tile = tile / m_tiles;  // (the row tile fastest, as gemm_wide_kernel)
   t.row_base = m_tile * R;
   t.rows = min(R, p.m - t.row_base);
-  t.n0 = tile_n * kTileN;
+  t.group = kGrouped ? n_tile / p.tiles_per_group : 0;  // (FP8: one group)
+  t.n0 = (kGrouped ? n_tile % p.tiles_per_group : n_tile) * kTileN;
   t.valid_n = min(kTileN, p.n - t.n0);
-  t.second = t.n0 >= p.n_split;  // (host keeps n_split % 128 == 0)
+  t.second = t.n0 >= p.n_split;  // (host keeps n_split % 128 == 0; grouped: n_split = n)
   return t;
 }
 
 // The block-scale row of tile t's 128 weight rows (one 128-row scale block: its first
 // weight row is a multiple of 128).
+template <bool kGrouped>
 __device__ __forceinline__ const uint8_t* wide_ws_scale_row(const GemmParams& p, const WideWsTile& t) {
-  return (t.second ? p.s1 : p.s0) + (t.n0 - (t.second ? p.n_split : 0)) / 128 * int64_t(p.s_row_stride);
+  if constexpr (kGrouped) return p.s0 + wide_ws_weight_row<true>(p, t) / 128 * int64_t(p.s_row_stride);
+  else return (t.second ? p.s1 : p.s0) + (t.n0 - (t.second ? p.n_split : 0)) / 128 * int64_t(p.s_row_stride);
 }
 
-// Requirements (host: wide_ws_fits): FP8 weights of one group, bf16 output, the
-// block-scale tensors 4-byte aligned (a stage's scale byte comes in its aligned 4-byte
-// word, cut at the row's end). Grid: (CTAs), each walking tiles blockIdx.x, + gridDim.x, ...
-// of the ceil(n / 128) x ceil(m / R) tiles (one tile a CTA where the grid has them all).
-template <int R, bool kTwoSets>
+// Requirements (host: wide_ws_fits): FP8 weights of one group, or FP8-as-bf16 ones of
+// any groups, bf16 output, the block-scale tensors 4-byte aligned (a stage's scale byte
+// comes in its aligned 4-byte word, cut at the row's end). Grid: (CTAs), each walking
+// tiles blockIdx.x, + gridDim.x, ... of the groups x ceil(n / 128) x ceil(m / R) tiles
+// (one tile a CTA where the grid has them all).
+template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmParams p) {
-  constexpr int S = wide_ws_stages<R, kTwoSets>();
+  static_assert(F == WFmt::kFp8 || F == WFmt::kFp8Bf16, "warp-specialised wide tiles: FP8 or FP8-as-bf16");
+  constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS), no activation scales
+  constexpr int S = wide_ws_stages<F, R, kTwoSets>();
   static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
-  static_assert(gemm_wide_ws_smem_bytes<R, kTwoSets>(S) <= 227 * 1024, "wide tiles: shared memory");
-  static_assert((gemm_wide_ws_smem_bytes<R, kTwoSets>(S) - 1024 - 2 * S * 8) % 8 == 0,
+  static_assert(gemm_wide_ws_smem_bytes<F, R, kTwoSets>(S) <= 227 * 1024, "wide tiles: shared memory");
+  static_assert((gemm_wide_ws_smem_bytes<F, R, kTwoSets>(S) - 1024 - 2 * S * 8) % 8 == 0,
                 "the mbarriers after the scale words must be 8-byte aligned");
   constexpr int NA = R / 2;
-  constexpr int kStageBytes = kTileN * 128;
-  constexpr int kPieceRows = kWsProducerThreads / 8;  // rows a producer pass covers (8 pieces a row)
+  constexpr int kWRow = wide_ws_weight_row_bytes<F>();
+  constexpr int kStageBytes = kTileN * kWRow;  // (a multiple of 1024: the activation stages stay aligned)
+  static_assert(kStageBytes % 1024 == 0, "the activation stages stay 1024-aligned");
+  constexpr int kStageK = FmtTraits<F>::kStageK;  // 128 (FP8) or 64 (FP8-as-bf16) values a stage
+  constexpr int kWPieces = FmtTraits<F>::kWBytes / 16;  // 16-byte weight pieces a row a stage: 8 or 4
+  constexpr int kWPieceRows = kWsProducerThreads / kWPieces;  // weight rows a producer pass covers
+  constexpr int kPieceRows = kWsProducerThreads / 8;  // activation rows a producer pass covers (8 pieces a row)
   extern __shared__ __align__(16) uint8_t smem_raw[];
   const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
-  uint8_t* s_w = smem;                                                         // [S][128 rows][128 B]
+  uint8_t* s_w = smem;                                                         // [S][128 rows][kWRow B]
   uint8_t* s_a = s_w + S * kStageBytes;                                        // [S][R rows][128 B]
   uint8_t* s_out = s_a + S * R * 128;                                          // [R][kWsOutStride B]
   float* s_tot = reinterpret_cast<float*>(s_out + R * kWsOutStride);           // kTwoSets: [NA][256] totals
-  float* s_as = s_tot + (kTwoSets ? NA * kWsConsumerThreads : 0);              // [S][R]
-  uint32_t* s_bw = reinterpret_cast<uint32_t*>(s_as + S * R);                  // [S] block-scale words
+  float* s_as = s_tot + (kTwoSets ? NA * kWsConsumerThreads : 0);              // FP8: [S][R]
+  uint32_t* s_bw = reinterpret_cast<uint32_t*>(s_as + (kRegA ? 0 : S * R));   // [S] block-scale words
   const uint32_t bar0 = smem_u32(s_bw + wide_ws_scale_words(S));               // full[S], then empty[S]
   auto full_bar = [&](int s) { return bar0 + 8 * s; };
   auto empty_bar = [&](int s) { return bar0 + 8 * (S + s); };
 
   const int tid = threadIdx.x;
-  const int m_tiles = (p.m + R - 1) / R, tiles = p.tiles_per_group * m_tiles;
-  const int stages_total = p.k / 128, per_slice = stages_total / p.slices;
+  const int m_tiles = (p.m + R - 1) / R, tiles = (kRegA ? p.groups : 1) * p.tiles_per_group * m_tiles;
+  const int stages_total = p.k / kStageK, per_slice = stages_total / p.slices;
   if (tid == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full_bar(s), kWsProducerThreads);
@@ -122,7 +152,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
 
   if (tid < kWsProducerThreads) {
     // ---- producer: every copy of every stage of the CTA's tiles ----
-    const int c_row = tid >> 3, c_part = tid & 7;
+    const int c_row = tid >> 3, c_part = tid & 7;  // activations: piece c_part of rows c_row + 16 i
+    const int w_row = kRegA ? tid >> 2 : c_row, w_part = kRegA ? tid & 3 : c_part;  // weights: rows w_row + kWPieceRows i
+    static_assert(kWPieces == (kRegA ? 4 : 8), "a weight row's 16-byte pieces a stage");
     constexpr int kAPieces = R / kPieceRows;
     const uint8_t* w_src = nullptr;  // this thread's first weight piece of the tile
     const uint8_t* w = nullptr;
@@ -130,22 +162,23 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     int valid_n = 0;
     auto start_tile = [&](const WideWsTile& t) {
       w = t.second ? p.w1 : p.w0;
-      const int64_t wrow0 = t.n0 - (t.second ? p.n_split : 0);
-      w_src = w + (wrow0 + c_row) * p.w_row_bytes + c_part * 16;
-      scale_row = wide_ws_scale_row(p, t);
+      w_src = w + (wide_ws_weight_row<kRegA>(p, t) + w_row) * p.w_row_bytes + w_part * 16;
+      scale_row = wide_ws_scale_row<kRegA>(p, t);
       valid_n = t.valid_n;
     };
     auto load_weights = [&](int st, int buf) {
       uint8_t* dw = s_w + buf * kStageBytes;
-      const uint8_t* src = w_src + int64_t(st) * 128;
+      const uint8_t* src = w_src + int64_t(st) * FmtTraits<F>::kWBytes;
 #pragma unroll
-      for (int i = 0; i < kTileN / kPieceRows; ++i, src += int64_t(kPieceRows) * p.w_row_bytes) {
-        const int r = c_row + kPieceRows * i;
+      for (int i = 0; i < kTileN / kWPieceRows; ++i, src += int64_t(kWPieceRows) * p.w_row_bytes) {
+        const int r = w_row + kWPieceRows * i;
         const bool ok = r < valid_n;
-        cp_async16_l2_128(dw + sw128_offset(r, c_part), ok ? src : w, ok ? 16 : 0);
+        cp_async16_l2_128(dw + (kRegA ? r * kWRow + w_part * 16 : sw128_offset(r, w_part)), ok ? src : w,
+                          ok ? 16 : 0);
       }
-      if (tid == 0) {  // stage st's block scale: the aligned word that holds it, up to the row's end
-        const uintptr_t at = reinterpret_cast<uintptr_t>(scale_row + st), word = at & ~uintptr_t(3);
+      if (tid == 0) {  // stage st's block scale (FP8-as-bf16: one a 128-wide block, two stages): the aligned
+                       // word that holds it, up to the row's end
+        const uintptr_t at = reinterpret_cast<uintptr_t>(scale_row + (kRegA ? st / 2 : st)), word = at & ~uintptr_t(3);
         const int bytes = int(min(uintptr_t(4), reinterpret_cast<uintptr_t>(scale_row + p.s_row_stride) - word));
         cp_async4(s_bw + buf, reinterpret_cast<const uint8_t*>(word), bytes);
       }
@@ -155,23 +188,25 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     const int first = int(blockIdx.x);
     const int early = first < tiles ? min(S, stages_total) : 0;
     if (early > 0) {
-      start_tile(wide_ws_tile<R>(p, first, m_tiles));
+      start_tile(wide_ws_tile<R, kRegA>(p, first, m_tiles));
       for (int s = 0; s < early; ++s) load_weights(s, s);
     }
     wait_for_predecessor();
     unsigned g = 0;  // stages issued by this CTA so far (ring slot g % S, use g / S)
     for (int tile = first; tile < tiles; tile += int(gridDim.x)) {
-      const WideWsTile t = wide_ws_tile<R>(p, tile, m_tiles);
+      const WideWsTile t = wide_ws_tile<R, kRegA>(p, tile, m_tiles);
       start_tile(t);
       const uint8_t* a_src[kAPieces];
 #pragma unroll
       for (int i = 0; i < kAPieces; ++i) {
         const int r = c_row + kPieceRows * i;
         const int src_row = r < t.rows ? (p.in_rows ? p.in_rows[t.row_base + r] : t.row_base + r) : -1;
-        a_src[i] = src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + c_part * 16 : nullptr;
+        a_src[i] = src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + (kRegA ? t.group * p.a_group_bytes : 0) +
+                                      c_part * 16
+                                : nullptr;
       }
-      const float* as_src = nullptr;  // activation scales of tile row tid
-      if (tid < R && tid < t.rows)
+      const float* as_src = nullptr;  // FP8: activation scales of tile row tid
+      if (!kRegA && tid < R && tid < t.rows)
         as_src = p.a_scale + int64_t(p.in_rows ? p.in_rows[t.row_base + tid] : t.row_base + tid) * p.a_scale_stride;
       for (int it = 0; it < stages_total; ++it, ++g) {
         const int buf = int(g % S);
@@ -182,7 +217,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         for (int i = 0; i < kAPieces; ++i)
           cp_async16(da + sw128_offset(c_row + kPieceRows * i, c_part), a_src[i] ? a_src[i] + int64_t(it) * 128 : p.a,
                      a_src[i] ? 16 : 0);
-        if (tid < R) cp_async4(s_as + buf * R + tid, as_src ? as_src + it : p.a_scale, as_src ? 4 : 0);
+        if (!kRegA && tid < R) cp_async4(s_as + buf * R + tid, as_src ? as_src + it : p.a_scale, as_src ? 4 : 0);
         cp_async_mbar_arrive(full_bar(buf));
       }
     }
@@ -195,9 +230,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     const int warp = (ctid >> 5) & 3, g8 = lane >> 2;
     unsigned g = 0;  // stages consumed by this CTA so far
     for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
-      const WideWsTile t = wide_ws_tile<R>(p, tile, m_tiles);
+      const WideWsTile t = wide_ws_tile<R, kRegA>(p, tile, m_tiles);
       // Where the tile's scale row starts in its aligned word (the producer's words).
-      const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row(p, t)) & 3);
+      const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row<kRegA>(p, t)) & 3);
       float cur[NA], d[NA];
 #pragma unroll
       for (int i = 0; i < NA; ++i) cur[i] = d[i] = 0.0f;
@@ -212,16 +247,34 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         const int buf = int(g % S);
         mbar_wait(full_bar(buf), (g / S) & 1);
         fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
-        const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
         const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-        wgmma_fence();
+        if constexpr (kRegA) {
+          // (a 128-wide scale block is two stages)
+          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
+          // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), the chunks
+          // summed by the tensor core from zero, then p = fmaf(d, 2^w, p): gemm_wide_kernel's.
+          const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
+          uint32_t a[4][4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-        wgmma_commit();
-        wgmma_wait_all();
-        const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
-        fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
+          for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t4, a[j]);
+          wgmma_fence();
+#pragma unroll
+          for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+          wgmma_commit();
+          wgmma_wait_all();
+#pragma unroll
+          for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[i], wsc, cur[i]);
+        } else {
+          const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
+          wgmma_fence();
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+          wgmma_commit();
+          wgmma_wait_all();
+          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
+          fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
+        }
         mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
         if constexpr (kTwoSets) {
           if (slice_last) {
@@ -241,7 +294,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       consumers_sync();
       const bool to_y1 = t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
       void* const y_out = to_y1 ? p.y1 : p.y;
-      const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
+      const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy,
+                    col_out = kRegA ? wide_ws_weight_row<true>(p, t) : to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
       store_wide_tile<kWsConsumerThreads>(p.out_rows, y_out, ld_out, col_out, 2, s_out, kWsOutStride, t.row_base, t.rows,
                                           t.valid_n, ctid);
       consumers_sync();  // the output tile is read: the next tile may write it
