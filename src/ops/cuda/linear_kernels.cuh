@@ -655,6 +655,35 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with walked slices spilled 236 bytes)
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
   float wg_d[kBatch][2][4 * NT] = {};
+  // FP8-as-bf16: stage buffer buf's weights as bf16 A fragments a[j][i] (chunk j, m64
+  // half i), and their products with the activation stage at db0 into wg_d[0], from
+  // zero. (Generic lambdas: only FP8-as-bf16 instantiates them.)
+  auto decode_bf16_frags = [&](auto& a, int buf) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
+        load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
+      }
+  };
+  // A slice boundary (kTwoSets): p_s into the running total, p_s from zero again.
+  auto end_slice = [&] {
+    for_each_acc<NT>([&](int i, int q, int e) {
+      tot[i][q][e] += cur[i][q][e];
+      cur[i][q][e] = 0.0f;
+    });
+  };
+  auto issue_bf16_frags = [&](const auto& a, uint32_t db0) {
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint64_t db = wgmma_desc_at(db0, j * 32);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
+    }
+    wgmma_commit();
+  };
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -677,21 +706,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // products, wait, fold): -0.6% a step at batch 1, +0.2% at 16 rows (bench-1g, H200;
     // docs/BENCHMARKS.md, forty-second session; gemm_wide_kernel keeps the serial one).
     static_assert(kStages >= 4, "the decode of stage it+1 waits for its copies while stage it+2's are in flight");
-    auto decode = [&](uint32_t(&a)[4][2][4], int buf) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-          load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
-        }
-    };
     uint32_t a0[4][2][4], a1[4][2][4];
     if (iters > 0) {
       cp_async_wait<kStages - 2>();  // stage 0 has landed (for this thread) ...
       fence_proxy_async();
       __syncthreads();  // ... for every thread
-      decode(a0, 0);
+      decode_bf16_frags(a0, 0);
     }
     // Stage it: its products from `a`; under them the wait for stage it+1's copies, the
     // next copies into stage it-1's buffer (free: every thread waited for its products
@@ -701,15 +721,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       const bool slice_last = slice_pos == per_slice - 1;
       slice_pos = slice_last ? 0 : slice_pos + 1;
       const unsigned uit = unsigned(it);
-      const uint32_t db0 = wgmma_desc_lo(smem_u32(s_a + (uit % kStages) * kAStage));
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
-      }
-      wgmma_commit();
+      issue_bf16_frags(a, wgmma_desc_lo(smem_u32(s_a + (uit % kStages) * kAStage)));
       cp_async_wait<kStages - 3>();  // stage it+1 has landed (for this thread) ...
       fence_proxy_async();
       __syncthreads();  // ... for every thread, and every thread is past stage it-1's products
@@ -719,17 +731,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         load_acts(st_begin + int(nxt), int(nxt % kStages));
       }
       cp_async_commit();  // (empty groups too: the wait above counts one group a stage)
-      if (it + 1 < iters) decode(next, int((uit + 1) % kStages));
+      if (it + 1 < iters) decode_bf16_frags(next, int((uit + 1) % kStages));
       wgmma_wait_all();
       const float wsc = core::e8m0_to_float(s_bs[unsigned(st_begin + it) / 2]);
       for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
       if constexpr (kTwoSets) {
-        if (slice_last) {  // slice boundary: fold p_s into the running total
-          for_each_acc<NT>([&](int i, int q, int e) {
-            tot[i][q][e] += cur[i][q][e];
-            cur[i][q][e] = 0.0f;
-          });
-        }
+        if (slice_last) end_slice();
       }
     };
     for (int it = 0; it < iters; it += 2) {
@@ -809,9 +816,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
       float wsc = 1.0f;
       if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? ust : ust / 2]);
-      if constexpr (kTcSum) {
-        // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
-        // 0 on the slice's first chunk); copied out at the slice's end.
+      // Both operands from shared memory (bf16, FP8): the stage's 4 chunks, each both m64
+      // halves of the tile, into wg_d[0]; chunk 0 starts from zero where zero_first.
+      // (Generic: only the formats that call it instantiate wgmma_ss.)
+      auto issue_smem_stage = [&](auto zero_first) {
         const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
         const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
         wgmma_fence();
@@ -820,9 +828,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
           for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, slice_first && j == 0 ? 0 : 1);
+            wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, zero_first && j == 0 ? 0 : 1);
         }
         wgmma_commit();
+      };
+      if constexpr (kTcSum) {
+        // p_s = the tensor core's running sum over the slice's chunks, in order (scale-d
+        // 0 on the slice's first chunk); copied out at the slice's end.
+        issue_smem_stage(slice_first);
         if (slice_last) {
           wgmma_wait_all();
           for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; });
@@ -835,17 +848,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         // FP8: the stage's 4 chunks chained in the tensor core from zero (scale-d 1
         // after the first; one block scale and one activation exponent cover them),
         // then p = fmaf(d_stage, 2^w * 2^x, p).
-        const uint32_t da0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(s_w + buf * kWStage)));
-        const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            wgmma_ss<F, NT>(wg_d[0][i], wgmma_desc_at(da0, i * 64 * 128 + j * 32), db, j == 0 ? 0 : 1);
-        }
-        wgmma_commit();
+        issue_smem_stage(true);
         wgmma_wait_all();
         for_each_acc<NT>(
             [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc * as[q][e & 1], cur[i][q][e]); });
@@ -916,31 +919,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
         const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
         uint32_t a[4][2][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-            load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
-          }
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
-        }
-        wgmma_commit();
+        decode_bf16_frags(a, buf);
+        issue_bf16_frags(a, db0);
         wgmma_wait_all();
         for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
       }
       if constexpr (kTwoSets) {
-        if (slice_last) {  // slice boundary: fold p_s into the running total
-          for_each_acc<NT>([&](int i, int q, int e) {
-            tot[i][q][e] += cur[i][q][e];
-            cur[i][q][e] = 0.0f;
-          });
-        }
+        if (slice_last) end_slice();  // slice boundary: fold p_s into the running total
       }
     }
   }
