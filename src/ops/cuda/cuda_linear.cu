@@ -968,7 +968,9 @@ __global__ void e4m3_decode_mismatch_kernel(unsigned long long* count, uint32_t*
 __global__ void wo_a_dequant_kernel(uint32_t* out) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < (1u << 24); i += gridDim.x * blockDim.x) {
     alignas(2) uint8_t pair[2] = {uint8_t(i), uint8_t(i >> 8)};
-    out[i] = linear_kernels::e4m3x2_to_bf16x2_scaled(pair, core::e8m0_to_float(uint8_t(i >> 16)));
+    const linear_kernels::WoAScale sc = linear_kernels::wo_a_scale(i >> 16);
+    out[i] = sc.fast ? linear_kernels::e4m3x2_to_bf16x2_scaled<true>(pair, sc)
+                     : linear_kernels::e4m3x2_to_bf16x2_scaled<false>(pair, sc);
   }
 }
 

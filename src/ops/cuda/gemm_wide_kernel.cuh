@@ -376,10 +376,10 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       cp_async_commit();  // (empty groups too: the wait above counts one group a stage)
       const int buf = int(uit % S);
       const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-      const float scale = core::e8m0_to_float(s_bs[uit / 2]);  // (a 128-wide scale block is two stages)
+      const WoAScale sc = wo_a_scale(s_bs[uit / 2]);  // (a 128-wide scale block is two stages)
       const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, scale, a[j]);
+      load_a_frags_e4m3_bf16(
+          sc, [&](int j, auto fast) { load_a_frag_e4m3_bf16<decltype(fast)::value>(lo, lo + 8 * kWRow, j, t, sc, a[j]); });
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j)

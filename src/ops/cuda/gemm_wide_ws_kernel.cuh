@@ -251,13 +251,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
         if constexpr (kRegA) {
           // (a 128-wide scale block is two stages)
-          const float scale = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
+          const WoAScale sc = wo_a_scale(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
           // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), their
           // products onto the slice's sum: gemm_wide_kernel's.
           const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
           uint32_t a[4][4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t4, scale, a[j]);
+          load_a_frags_e4m3_bf16(sc, [&](int j, auto fast) {
+            load_a_frag_e4m3_bf16<decltype(fast)::value>(lo, lo + 8 * kWRow, j, t4, sc, a[j]);
+          });
           wgmma_fence();
 #pragma unroll
           for (int j = 0; j < 4; ++j)

@@ -55,6 +55,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
@@ -360,30 +361,67 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
 
 // FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j (16
 // e4m3 bytes at 16j), each pair dequantized as the reference's converter does (spec
-// §8.5): bf16(e4m3 x 2^(s - 127)), s the pair's 128 x 128 block scale (`scale` =
-// 2^(s - 127) as a float). The codes go exactly to f16 and f32, the product with the
-// scale is exact in fp32 (subnormals kept: no flush-to-zero in these kernels), and
-// the conversion to bf16 rounds to nearest even, as the CPU's float_to_bf16 does; so
-// products below bf16's normal range round as the converter's cast does. (A bf16x2
-// multiply by the scale, one instruction a pair instead of two, would be exact for
-// real scales, but the twenty-second session found Hopper's bf16 multiply not to keep
-// subnormals: CudaE4m3.WoADequantizationEqualsTheReference checks every code pair and
-// scale byte.)
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2_scaled(const uint8_t* p, float scale) {
+// §8.5): bf16(e4m3 x 2^(s - 127)), s the pair's 128 x 128 block scale. The codes go
+// exactly to f16 (cvt.rn.f16x2.e4m3x2: every e4m3 value, subnormal codes included, is a
+// normal f16 or zero). Then, for the scales real weights have (s in [16, 142], the
+// `fast` form), each f16's bits shifted into bf16's fields: a normal bf16 (or zero) of
+// value e4m3 x 2^-112, which one bf16x2 multiply by 2^(s - 15) takes to the result,
+// exactly (a normal product of a 4-bit significand). Other scales (products leaving
+// bf16's normal range, rounded as the converter's cast does) take the exact fp32 form:
+// f16 -> f32, times 2^(s - 127), rounded to bf16. (Hopper's bf16 multiply does not keep
+// subnormals, twenty-second session: the fast form never meets one.)
+// CudaE4m3.WoADequantizationEqualsTheReference checks every code pair and scale byte.
+struct WoAScale {
+  float f;       // 2^(s - 127)
+  uint32_t bf2;  // fast: 2^(s - 15), twice as bf16
+  bool fast;     // s in [16, 142]
+};
+__device__ __forceinline__ WoAScale wo_a_scale(unsigned s) {
+  WoAScale sc;
+  sc.f = core::e8m0_to_float(uint8_t(s));
+  sc.fast = s >= 16 && s <= 142;
+  const uint32_t h = ((s - 15) & 0xffu) << 7;
+  sc.bf2 = h | (h << 16);
+  return sc;
+}
+template <bool kFast>
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2_scaled(const uint8_t* p, const WoAScale& sc) {
   const unsigned short pair = *reinterpret_cast<const unsigned short*>(p);
   uint32_t halves;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
-  const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu))) * scale;
-  const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16))) * scale;
-  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  if constexpr (kFast) {
+    // f16 s|eeeee|mmm0000000 -> bf16 s|000eeeee|mmm0000 (the low half's sign cleared before
+    // the shift, the high half's low mantissa bits are zero), then x 2^(s - 15).
+    const uint32_t bits = ((halves & 0x7fff7fffu) >> 3) | (halves & 0x80008000u);
+    uint32_t r;
+    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(bits), "r"(sc.bf2));
+    return r;
+  } else {
+    const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu))) * sc.f;
+    const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16))) * sc.f;
+    return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+           (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  }
 }
+template <bool kFast>
 __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
-                                                      float scale, uint32_t (&a)[4]) {
-  a[0] = e4m3x2_to_bf16x2_scaled(lo_row + 16 * j + 2 * t, scale);
-  a[1] = e4m3x2_to_bf16x2_scaled(hi_row + 16 * j + 2 * t, scale);
-  a[2] = e4m3x2_to_bf16x2_scaled(lo_row + 16 * j + 8 + 2 * t, scale);
-  a[3] = e4m3x2_to_bf16x2_scaled(hi_row + 16 * j + 8 + 2 * t, scale);
+                                                      const WoAScale& sc, uint32_t (&a)[4]) {
+  a[0] = e4m3x2_to_bf16x2_scaled<kFast>(lo_row + 16 * j + 2 * t, sc);
+  a[1] = e4m3x2_to_bf16x2_scaled<kFast>(hi_row + 16 * j + 2 * t, sc);
+  a[2] = e4m3x2_to_bf16x2_scaled<kFast>(lo_row + 16 * j + 8 + 2 * t, sc);
+  a[3] = e4m3x2_to_bf16x2_scaled<kFast>(hi_row + 16 * j + 8 + 2 * t, sc);
+}
+// A warpgroup-row's 4 chunks of a stage (frag(j, a[j]) loads chunk j): the form for the
+// stage's scale chosen once (a uniform branch).
+template <typename Frag>
+__device__ __forceinline__ void load_a_frags_e4m3_bf16(const WoAScale& sc, Frag&& frag) {
+  if (sc.fast) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) frag(j, std::integral_constant<bool, true>{});
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) frag(j, std::integral_constant<bool, false>{});
+  }
 }
 
 // ---- the GEMM ---------------------------------------------------------------------
@@ -667,21 +705,21 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // FP8-as-bf16 decodes the next stage under this one's products (the loop below).
   constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with walked slices spilled 236 bytes)
   // FP8-as-bf16: the block scale of stage st (64 wide: a 128-wide block is two stages).
-  auto stage_scale = [&](int st) { return core::e8m0_to_float(s_bs[unsigned(st) / 2]); };
+  auto stage_scale = [&](int st) { return wo_a_scale(s_bs[unsigned(st) / 2]); };
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
   float wg_d[kBatch][2][4 * NT] = {};
   // FP8-as-bf16: stage buffer buf's weights as bf16 A fragments a[j][i] (chunk j, m64
   // half i) scaled by the stage's block scale, and their products with the activation
   // stage at db0 into wg_d[0], onto it (from zero where zero_first). (Generic lambdas:
   // only FP8-as-bf16 instantiates them.)
-  auto decode_bf16_frags = [&](auto& a, int buf, float scale) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
+  auto decode_bf16_frags = [&](auto& a, int buf, const WoAScale& sc) {
+    load_a_frags_e4m3_bf16(sc, [&](int j, auto fast) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-        load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, scale, a[j][i]);
+        load_a_frag_e4m3_bf16<decltype(fast)::value>(row, row + 8 * kWRow, j, t, sc, a[j][i]);
       }
+    });
   };
   // A slice boundary (kTwoSets): p_s into the running total, p_s from zero again.
   auto end_slice = [&] {
