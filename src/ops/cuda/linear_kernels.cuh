@@ -380,7 +380,7 @@ __device__ __forceinline__ WoAScale wo_a_scale(unsigned s) {
   WoAScale sc;
   sc.f = core::e8m0_to_float(uint8_t(s));
   sc.fast = s >= 16 && s <= 142;
-  const uint32_t h = ((s - 15) & 0xffu) << 7;
+  const uint32_t h = ((s + 112) & 0xffu) << 7;  // (the exponent field of 2^(s - 15))
   sc.bf2 = h | (h << 16);
   return sc;
 }
