@@ -69,7 +69,6 @@ void cuda_linear_force_quant8(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
-int64_t cuda_wo_a_dequant_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
@@ -1498,17 +1497,6 @@ TEST(CudaE4m3, HardwareDecodeEqualsTheReferenceDecode) {
   uint32_t first = 0;
   const int64_t mismatches = ops::cuda_e4m3_decode_mismatches(&first);
   EXPECT_EQ(mismatches, 0) << "first mismatching word 0x" << std::hex << first;
-}
-
-// wo_a's GEMM dequantizes its e4m3 weights to bf16(e4m3 x 2^(s - 127)) in registers (an
-// exact conversion, then a bf16 multiply by the block scale): it must give the CPU
-// model's bits for every non-NaN code pair and scale byte, products below bf16's normal
-// range (rounded) and above its range (infinite) included.
-TEST(CudaE4m3, WoADequantizationEqualsTheReference) {
-  DSV4_REQUIRE_CUDA();
-  uint32_t first = 0;
-  const int64_t mismatches = ops::cuda_wo_a_dequant_mismatches(&first);
-  EXPECT_EQ(mismatches, 0) << "first mismatch (scale << 16 | hi << 8 | lo) 0x" << std::hex << first;
 }
 
 // The CPU model of Hopper's bf16 k16 step (ref::hopper_bf16_mma16) against the

@@ -408,30 +408,33 @@ void CpuBackend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const Te
 }
 
 // grouped_linear under kHopperWgmma (the CUDA backend's FP8-as-bf16 GEMM: C a multiple
-// of 64, each 128-row scale block inside one group): the weights the reference's
-// converter makes, bf16(e4m3 x 2^(block scale)) (spec §8.5), and the bf16 activations
-// summed by the chained tensor-core steps over each K slice from zero, the slice sums
-// added in order (linear_bf16_hopper's sequence).
+// of 64, each 128-row scale block inside one group): per 64-wide stage the e4m3
+// weights, exact in bf16, and the bf16 activations summed by the chained tensor-core
+// steps from zero, then p = fmaf(d_stage, 2^(weight block scale), p); slices as above.
 void CpuBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
   const int64_t T = x.size(0), C = w.k, R = w.n / groups;
   if (quant_dot_ == QuantDotModel::kHopperWgmma && C % 64 == 0 && C > 0 && (groups == 1 || R % 128 == 0)) {
     const int64_t stages = C / 64, cb = (C + 127) / 128;
     const int slices = gemm_k_slices(gemm_weight_tiles(R, groups), stages, 1);
-    const int64_t per_slice = C / slices;
+    const int64_t per_slice = stages / slices;
     const uint8_t* codes = w.weight.as<uint8_t>();
     const uint8_t* sc = w.scale.as<uint8_t>();
     pool_.parallel_for(groups * R, [&](int64_t b, int64_t e) {
       std::vector<uint16_t> wr(static_cast<size_t>(C));
       for (int64_t row = b; row < e; ++row) {
-        for (int64_t k = 0; k < C; ++k)
-          wr[size_t(k)] = float_to_bf16(core::e4m3_to_float(codes[row * C + k]) *
-                                        core::e8m0_to_float(sc[(row / 128) * cb + k / 128]));
+        for (int64_t k = 0; k < C; ++k) wr[size_t(k)] = float_to_bf16(core::e4m3_to_float(codes[row * C + k]));
         const int64_t g = row / R;
         for (int64_t t = 0; t < T; ++t) {
           const uint16_t* xr = x.as<uint16_t>() + t * groups * C + g * C;
           float total = 0.0f;
-          for (int64_t sl = 0; sl < slices; ++sl)
-            total += ref::hopper_bf16_dot(0.0f, wr.data() + sl * per_slice, xr + sl * per_slice, per_slice);
+          for (int64_t sl = 0; sl < slices; ++sl) {
+            float p = 0.0f;
+            for (int64_t st = sl * per_slice; st < (sl + 1) * per_slice; ++st) {
+              const float d = ref::hopper_bf16_dot(0.0f, wr.data() + st * 64, xr + st * 64, 64);
+              p = std::fma(d, core::e8m0_to_float(sc[(row / 128) * cb + st / 2]), p);
+            }
+            total += p;
+          }
           y.as<uint16_t>()[t * w.n + row] = float_to_bf16(total);
         }
       }

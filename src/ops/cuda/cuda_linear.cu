@@ -105,10 +105,6 @@ int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 // Test hook: floats x (all 2^32 bit patterns) whose device core::float_to_bf16 or
 // round_bf16 differs from the integer rounding (core::float_to_bf16_bits).
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
-// Test hook: (e4m3 code pair, UE8M0 scale) triples, every non-NaN code pair and scale
-// byte < 255, whose dequantization by wo_a's GEMM (e4m3x2_to_bf16x2_scaled) differs from
-// bf16(e4m3 x 2^(s - 127)) as the CPU computes it; the first as 0xSSHHLL in *first.
-int64_t cuda_wo_a_dequant_mismatches(uint32_t* first);
 
 namespace {
 
@@ -411,8 +407,9 @@ int wide_ws_mode() {
 }
 bool wide_ws_fits(const lk::GemmParams& p) { return !p.y_f32 && aligned(p.s0, 4) && aligned(p.s1, 4); }
 // wo_a's FP8-as-bf16 wide tiles by the same kernel (same bits): DSV4_CUDA_WIDE_WS_WO_A=1
-// (opt-in, in DSV4_CUDA_WIDE_WS's mode; forty-third session, with the old per-stage fold: a
-// launch 60.7 against 65.0 µs at 256 rows, the step +0.1%, BENCHMARKS.md).
+// (opt-in, in DSV4_CUDA_WIDE_WS's mode). Measured in the forty-third session: a launch
+// 60.7 against 65.0 µs at 256 rows (graph trace), but the step +0.1 / +0.1 / +0.3 / +0.1%
+// at 1 / 16 / 64 / 256 rows (2 rounds, none apart; BENCHMARKS.md).
 std::atomic<int> g_force_wide_ws_wo_a{-1};
 bool wide_ws_wo_a() {
   static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_WO_A") == 1;
@@ -962,18 +959,6 @@ __global__ void e4m3_decode_mismatch_kernel(unsigned long long* count, uint32_t*
   }
 }
 
-// wo_a's dequantization of every (scale byte s, code pair) i = s << 16 | hi << 8 | lo
-// into out[i] (its two bf16); the host checks them (a float product on the device
-// would share the device's rounding with the kernel under test).
-__global__ void wo_a_dequant_kernel(uint32_t* out) {
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < (1u << 24); i += gridDim.x * blockDim.x) {
-    alignas(2) uint8_t pair[2] = {uint8_t(i), uint8_t(i >> 8)};
-    const linear_kernels::WoAScale sc = linear_kernels::wo_a_scale(i >> 16);
-    out[i] = sc.fast ? linear_kernels::e4m3x2_to_bf16x2_scaled<true>(pair, sc)
-                     : linear_kernels::e4m3x2_to_bf16x2_scaled<false>(pair, sc);
-  }
-}
-
 int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_t* first) {
   unsigned long long* d_count = nullptr;
   uint32_t* d_first = nullptr;
@@ -995,27 +980,6 @@ int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first) { return count_mismatches(e4m3_cast_mismatch_kernel, first); }
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first) { return count_mismatches(e4m3_decode_mismatch_kernel, first); }
 int64_t cuda_bf16_cast_mismatches(uint32_t* first) { return count_mismatches(bf16_cast_mismatch_kernel, first); }
-int64_t cuda_wo_a_dequant_mismatches(uint32_t* first) {
-  constexpr size_t kCases = size_t(1) << 24;
-  uint32_t* d_out = nullptr;
-  DSV4_CUDA_CHECK(cudaMalloc(&d_out, kCases * sizeof(uint32_t)));
-  wo_a_dequant_kernel<<<4096, 256>>>(d_out);
-  DSV4_CUDA_CHECK(cudaGetLastError());
-  std::vector<uint32_t> got(kCases);
-  DSV4_CUDA_CHECK(cudaMemcpy(got.data(), d_out, kCases * sizeof(uint32_t), cudaMemcpyDeviceToHost));
-  DSV4_CUDA_CHECK(cudaFree(d_out));
-  int64_t mismatches = 0;
-  for (uint32_t i = 0; i < kCases; ++i) {
-    const unsigned s = i >> 16;
-    const uint8_t lo = uint8_t(i), hi = uint8_t(i >> 8);
-    if (s == 255 || (lo & 0x7fu) == 0x7fu || (hi & 0x7fu) == 0x7fu) continue;  // NaN scale or code
-    const float scale = core::e8m0_to_float(uint8_t(s));
-    const uint32_t want = uint32_t(core::float_to_bf16(core::e4m3_to_float(lo) * scale)) |
-                          uint32_t(core::float_to_bf16(core::e4m3_to_float(hi) * scale)) << 16;
-    if (got[i] != want && mismatches++ == 0) *first = i;
-  }
-  return mismatches;
-}
 
 // ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
 void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {

@@ -21,13 +21,6 @@ constexpr int kWideThreads = 256;  // two warpgroups, 64 weight rows each
 // holds at one CTA an SM, measured no faster at batch 128 and 256 (e100797's run).
 constexpr int kWideStages = 4;
 static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
-// FP8-as-bf16 (wo_a): 6 stage buffers, copies 4 stages ahead of the one in the tensor
-// core (its products are waited for a stage later, so the buffer a copy may take is two
-// stages back: one barrier a stage).
-template <WFmt F>
-__host__ __device__ constexpr int wide_stages() {
-  return F == WFmt::kFp8Bf16 ? 6 : kWideStages;
-}
 
 // Bytes between weight rows in a stage buffer: 128 (FP8, bf16: 128-byte swizzle, read
 // by wgmma) or FP8-as-bf16's 64 e4m3 bytes padded to 80 (read as A fragments).
@@ -44,7 +37,7 @@ __host__ __device__ constexpr int wide_weight_row_bytes() {
 template <WFmt F, int R, bool kTwoSets>
 __host__ __device__ constexpr int gemm_wide_smem_bytes() {
   constexpr bool kQuant = F == WFmt::kFp8;
-  constexpr int S = wide_stages<F>();
+  constexpr int S = kWideStages;
   return 1024 /* alignment slack */ + S * (kTileN * wide_weight_row_bytes<F>() + R * 128) +
          (kTwoSets ? kWideThreads * (R / 2) * 4 : 0) + (kQuant ? S * R * 4 : 0) +
          (FmtTraits<F>::kBlockScale ? kMaxScaleBlocks : 0);
@@ -201,15 +194,15 @@ __device__ __forceinline__ void store_wide_tile(const int* out_rows, void* y_out
 //         serializes these wgmmas, C7514; waiting for the chain first, as gemm_tile
 //         does, measured the same step time: thirtieth session);
 //   bf16: p_s = the tensor core's running sum over the slice's k16 chunks;
-//   FP8-as-bf16 (wo_a, grouped): the e4m3 weights dequantized to bf16(e4m3 x 2^w) A
-//         fragments, p_s = the tensor core's running sum over the slice's k16 chunks:
-//         gemm_tile's sequence.
+//   FP8-as-bf16 (wo_a, grouped): the e4m3 weights decoded to bf16 A fragments, a
+//         stage's 4 k16 chunks summed by the tensor core from zero, then
+//         p_s = fmaf(d_stage, 2^w, p_s): gemm_tile's sequence.
 // All 256 threads issue the copies (4 weight and R / 32 activation pieces each a stage;
 // FP8-as-bf16: 2 weight pieces). One CTA an SM (registers: up to 246 a thread for FP8
 // at R = 128).
 template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmParams p) {
-  constexpr int S = wide_stages<F>();
+  constexpr int S = kWideStages;
   static_assert(R == 64 || R == 128 || (R == 256 && F == WFmt::kBf16 && !kTwoSets),
                 "wide tiles: 64 or 128 activation rows (256: bf16 of one K slice)");
   static_assert(gemm_wide_smem_bytes<F, R, kTwoSets>() <= 227 * 1024, "wide tiles: shared memory");
@@ -222,8 +215,6 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   using T = FmtTraits<F>;
   constexpr bool kQuant = F == WFmt::kFp8;
   constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS)
-  // Stages whose copies are in flight ahead of the one being computed (see wide_stages).
-  constexpr int kAhead = kRegA ? S - 2 : S - 1;
   constexpr int kWRow = wide_weight_row_bytes<F>();
   constexpr int kStageBytes = kTileN * kWRow;  // weights (a multiple of 1024)
   static_assert(kStageBytes % 1024 == 0, "the activation stages stay 1024-aligned");
@@ -269,7 +260,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   // The weights nobody writes (and their block-scale row) stream in before the wait for
   // the activations' producer.
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s)
+  for (int s = 0; s < S - 1; ++s)
     if (s < stages_total) load_weights(s, s);
   // The tile's 128 rows lie in one 128-row scale block (wrow0 % 128 == 0).
   const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
@@ -308,7 +299,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
     }
   };
 #pragma unroll
-  for (int s = 0; s < kAhead; ++s) {
+  for (int s = 0; s < S - 1; ++s) {
     if (s < stages_total) load_acts(s, s);
     cp_async_commit();
   }
@@ -354,133 +345,106 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   };
   bool prev_last = false;  // stage it-1 ends its slice
   int slice_pos = 0;  // position of stage `it` in its slice
-  if constexpr (kRegA) {
-    // FP8-as-bf16: the warpgroup's 64 weight rows of stage it dequantized into bf16 A
-    // fragments (4 k16 chunks; set it % 2, two stages an iteration: constant indices),
-    // their products onto the slice's sum in the tensor core. The decode runs under
-    // stage it-1's products, which are waited for after stage it's are issued; the
-    // slice's sum is taken at its end.
-    uint32_t a0[4][4], a1[4][4];
-    auto run_stage = [&](int it, uint32_t(&a)[4][4]) {
-      const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
-      slice_pos = slice_last ? 0 : slice_pos + 1;
-      const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
-      cp_async_wait<S - 3>();  // stage `it` has landed (for this thread) ...
-      fence_proxy_async();
-      __syncthreads();  // ... for every thread; every warpgroup is past stage it-2's products
-      const unsigned nxt = uit + S - 2;  // into stage it-2's buffer
+  for (int it = 0; it < stages_total; ++it) {
+    const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+    slice_pos = slice_last ? 0 : slice_pos + 1;
+    cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
+    fence_proxy_async();
+    __syncthreads();  // ... for every thread; FP8: every warpgroup is done with stage it-1's buffer
+    const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
+    auto load_next = [&] {  // into the buffer of stage it-1
+      const unsigned nxt = uit + S - 1;
       if (int(nxt) < stages_total) {
         load_weights(int(nxt), int(nxt % S));
         load_acts(int(nxt), int(nxt % S));
       }
-      cp_async_commit();  // (empty groups too: the wait above counts one group a stage)
-      const int buf = int(uit % S);
-      const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-      const WoAScale sc = wo_a_scale(s_bs[uit / 2]);  // (a 128-wide scale block is two stages)
+      cp_async_commit();
+    };
+    if constexpr (kRegA) load_next();
+    const int buf = int(uit % S);
+    // The stage's descriptors: low words at the stage, chunk j 32j bytes on (wgmma_desc_at).
+    const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow));
+    const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
+    if constexpr (kRegA) {
+      // The warpgroup's 64 weight rows of the stage as bf16 A fragments (4 k16 chunks),
+      // the chunks summed by the tensor core from zero, then one fold with the block scale.
+      // Decoding stage it+1 under stage it's products (two fragment sets, as gemm_tile
+      // does) measured +1.6% a step at 256 rows in 64-row tiles (a launch 95 against 69
+      // µs) and +0.1% (within the noise) in 128-row ones (forty-second session). It waits
+      // for stage it+1's copies a stage earlier, so one stage fewer is in flight (why it
+      // loses: a guess, not profiled). The stage stays serial here.
+      const float wsc = core::e8m0_to_float(s_bs[uit / 2]);
       const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
-      load_a_frags_e4m3_bf16(
-          sc, [&](int j, auto fast) { load_a_frag_e4m3_bf16<decltype(fast)::value>(lo, lo + 8 * kWRow, j, t, sc, a[j]); });
+      uint32_t a[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, a[j]);
       wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        wide_mma_rs<R>(d[0], a[j], wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
+      for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+      wgmma_commit();
+      wgmma_wait_all();
+#pragma unroll
+      for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[0][i], wsc, cur[i]);
+    } else if constexpr (kQuant) {
+      // FP8: the stage's 4 chunks chained in the tensor core from zero into set it % 2;
+      // once wait_1 says stage it-1's chain is done, it is folded and its buffer takes
+      // the next copies (after the barrier: every warpgroup is past it).
+      auto issue = [&](float(&dd)[NA]) {
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          wide_mma<F, R>(dd, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+        wgmma_commit();
+      };
+      if (uit & 1) issue(d[1]);  // (constant indices: the sets stay in registers)
+      else issue(d[0]);
+      if (it > 0) {
+        wgmma_wait_1();
+        fold_stage(uit - 1, prev_last);
+      }
+      __syncthreads();
+      load_next();
+    } else {
+      // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
+      // products stay in flight across the next stage's wait and barrier; the copies
+      // then go into stage it-1's buffer once every warpgroup's products on it are done.
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if constexpr (R == 256)
+          wgmma_wide256_bf16(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j),
+                             slice_first && j == 0 ? 0 : 1);
+        else
+          wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
+      }
       wgmma_commit();
       if (slice_last) {
         wgmma_wait_all();
-#pragma unroll
-        for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
-        if constexpr (kTwoSets) end_slice();
-      } else {
-        wgmma_wait_1();  // stage it-1's products are done: its fragment set is free
-      }
-    };
-    int it = 0;  // (pairs, then a last odd stage: see gemm_tile)
-    for (; it + 1 < stages_total; it += 2) {
-      run_stage(it, a0);
-      run_stage(it + 1, a1);
-    }
-    if (it < stages_total) run_stage(it, a0);
-  } else {
-    for (int it = 0; it < stages_total; ++it) {
-      const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
-      slice_pos = slice_last ? 0 : slice_pos + 1;
-      cp_async_wait<S - 2>();  // stage `it` has landed (for this thread) ...
-      fence_proxy_async();
-      __syncthreads();  // ... for every thread; FP8: every warpgroup is done with stage it-1's buffer
-      const unsigned uit = unsigned(it);  // (unsigned stage indices: no signed division)
-      auto load_next = [&] {  // into the buffer of stage it-1
-        const unsigned nxt = uit + S - 1;
-        if (int(nxt) < stages_total) {
-          load_weights(int(nxt), int(nxt % S));
-          load_acts(int(nxt), int(nxt % S));
-        }
-        cp_async_commit();
-      };
-      const int buf = int(uit % S);
-      // The stage's descriptors: low words at the stage, chunk j 32j bytes on (wgmma_desc_at).
-      const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + wg * 64 * kWRow));
-      const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-      if constexpr (kQuant) {
-        // FP8: the stage's 4 chunks chained in the tensor core from zero into set it % 2;
-        // once wait_1 says stage it-1's chain is done, it is folded and its buffer takes
-        // the next copies (after the barrier: every warpgroup is past it).
-        auto issue = [&](float(&dd)[NA]) {
-          wgmma_fence();
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            wide_mma<F, R>(dd, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-          wgmma_commit();
-        };
-        if (uit & 1) issue(d[1]);  // (constant indices: the sets stay in registers)
-        else issue(d[0]);
-        if (it > 0) {
-          wgmma_wait_1();
-          fold_stage(uit - 1, prev_last);
-        }
-        __syncthreads();
-        load_next();
-      } else {
-        // bf16: the slice sum stays in the tensor core's accumulators, so one stage's
-        // products stay in flight across the next stage's wait and barrier; the copies
-        // then go into stage it-1's buffer once every warpgroup's products on it are done.
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if constexpr (R == 256)
-            wgmma_wide256_bf16(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j),
-                               slice_first && j == 0 ? 0 : 1);
-          else
-            wide_mma<F, R>(d[0], wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
-        }
-        wgmma_commit();
-        if (slice_last) {
-          wgmma_wait_all();
-          if constexpr (kStageInLoop) {  // (the last stage: no copies are in flight into the buffers)
-            __syncthreads();
-            stage_wide_results<R, false>(smem, wide_out_stride(p.y_f32 ? 4 : 2), p.y_f32 != 0, d[0], s_tot, tid,
-                                         kWideThreads, 64 * wg + 16 * warp, g, t);
-          } else {
-#pragma unroll
-            for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
-          }
+        if constexpr (kStageInLoop) {  // (the last stage: no copies are in flight into the buffers)
+          __syncthreads();
+          stage_wide_results<R, false>(smem, wide_out_stride(p.y_f32 ? 4 : 2), p.y_f32 != 0, d[0], s_tot, tid,
+                                       kWideThreads, 64 * wg + 16 * warp, g, t);
         } else {
-          wgmma_wait_1();
+#pragma unroll
+          for (int i = 0; i < NA; ++i) cur[i] = d[0][i];
         }
-        __syncthreads();
-        load_next();
+      } else {
+        wgmma_wait_1();
       }
-      if constexpr (kTwoSets && !kQuant) {  // (FP8: in fold_stage, a stage later)
-        if (slice_last) end_slice();
-      }
-      prev_last = slice_last;
+      __syncthreads();
+      load_next();
     }
+    if constexpr (kTwoSets && !kQuant) {  // (FP8: in fold_stage, a stage later)
+      if (slice_last) end_slice();
+    }
+    prev_last = slice_last;
   }
-  if constexpr (!kQuant) wgmma_wait_all();  // (a no-op: the last stage ends a slice; ptxas cannot know)
   cp_async_wait<0>();
   if constexpr (kQuant) {  // the last stage's chain
     wgmma_wait_all();
     if (stages_total > 0) fold_stage(unsigned(stages_total - 1), true);
   }
+  if constexpr (!kQuant && !kRegA) wgmma_wait_all();  // (a no-op: the last stage ends a slice)
   allow_dependents_to_launch();  // only the epilogue is left
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output

@@ -18,9 +18,8 @@
 // the last tile's output, so a tile's fill and its epilogue overlap its neighbours'.
 // FP8-as-bf16 (wo_a, grouped; forty-second session, opt-in: DSV4_CUDA_WIDE_WS_WO_A=1)
 // takes the same roles with gemm_wide_kernel<FP8-as-bf16>'s stage: 64-wide, weights in
-// 80-byte rows dequantized by the consumers to bf16(e4m3 x 2^w) A fragments, their 4 k16
-// RS wgmmas onto the slice's sum (waited for each stage: the fragments' registers are
-// reused): the same bits as that kernel.
+// 80-byte rows decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
+// p = fmaf(d, 2^w, p): the same bits as that kernel.
 #pragma once
 
 #include "ops/cuda/gemm_wide_kernel.cuh"
@@ -243,7 +242,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       }
       int slice_pos = 0;
       for (int it = 0; it < stages_total; ++it, ++g) {
-        const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+        const bool slice_last = slice_pos == per_slice - 1;
         slice_pos = slice_last ? 0 : slice_pos + 1;
         const int buf = int(g % S);
         mbar_wait(full_bar(buf), (g / S) & 1);
@@ -251,24 +250,20 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
         if constexpr (kRegA) {
           // (a 128-wide scale block is two stages)
-          const WoAScale sc = wo_a_scale(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
-          // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), their
-          // products onto the slice's sum: gemm_wide_kernel's.
+          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
+          // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), the chunks
+          // summed by the tensor core from zero, then p = fmaf(d, 2^w, p): gemm_wide_kernel's.
           const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
           uint32_t a[4][4];
-          load_a_frags_e4m3_bf16(sc, [&](int j, auto fast) {
-            load_a_frag_e4m3_bf16<decltype(fast)::value>(lo, lo + 8 * kWRow, j, t4, sc, a[j]);
-          });
+#pragma unroll
+          for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t4, a[j]);
           wgmma_fence();
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), slice_first && j == 0 ? 0 : 1);
+          for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
           wgmma_commit();
           wgmma_wait_all();
-          if (slice_last) {
 #pragma unroll
-            for (int i = 0; i < NA; ++i) cur[i] = d[i];
-          }
+          for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[i], wsc, cur[i]);
         } else {
           const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
           wgmma_fence();

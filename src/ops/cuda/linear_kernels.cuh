@@ -30,11 +30,8 @@
 // the expert bytes, moves with the bits): ~0 at batch 16, -0.9% at 64, -0.8% at 256
 // (bench-1g, H200; docs/BENCHMARKS.md). bf16 has no scales: p_s is the tensor core's own
 // running sum over the slice's k16 chunks (wgmma with scale-d = 1 after the first).
-// FP8-as-bf16 (wo_a) is a bf16 GEMM over the weights the reference's converter
-// makes (spec §8.5): each e4m3 weight becomes bf16(e4m3 x 2^(w block)) in registers and
-// p_s is the tensor core's running sum over the slice's k16 chunks, as for bf16 (until
-// the forty-third session the tensor core summed each 64-wide stage from zero and
-// p_s = fmaf(d_stage, 2^(w block), p_s): a wait and 2 x 4NT FMAs a stage). Tile sizes, the
+// FP8-as-bf16 (wo_a) has one scale per 64-wide stage: the tensor core sums the
+// stage's 4 k16 chunks, then p_s = fmaf(d_stage, 2^(w block), p_s). Tile sizes, the
 // split of slices over CTAs (partials folded in slice order by the last CTA of a
 // tile or by split_fold_kernel) or their sequential walk inside one CTA (a second
 // accumulator set) never change this sequence, so a row's output does not depend
@@ -55,7 +52,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
@@ -72,7 +68,7 @@ enum class WFmt : int {
   kFp8 = 0,      // e4m3 [N, K], UE8M0 [ceil(N/128), ceil(K/128)]; activations e4m3 + per-128 scales
   kFp4 = 1,      // e2m1 packed [N, K/2] (fp4_device_layout.h's order), UE8M0 [N, K/32]; activations as kFp8
   kBf16 = 2,     // bf16 [N, K]; bf16 activations, no scales
-  kFp8Bf16 = 3,  // e4m3 weight used dequantized to bf16(e4m3 x 2^s) with bf16 activations (wo_a, spec §5.6, §8.5)
+  kFp8Bf16 = 3,  // e4m3 weight used dequantized (exact in bf16) with bf16 activations (wo_a, spec §5.6)
 };
 
 // How a format's tile products run (sm_90a): every format runs on wgmma (Hopper has
@@ -360,68 +356,22 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
 }
 
 // FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j (16
-// e4m3 bytes at 16j), each pair dequantized as the reference's converter does (spec
-// §8.5): bf16(e4m3 x 2^(s - 127)), s the pair's 128 x 128 block scale. The codes go
-// exactly to f16 (cvt.rn.f16x2.e4m3x2: every e4m3 value, subnormal codes included, is a
-// normal f16 or zero). Then, for the scales real weights have (s in [16, 142], the
-// `fast` form), each f16's bits shifted into bf16's fields: a normal bf16 (or zero) of
-// value e4m3 x 2^-112, which one bf16x2 multiply by 2^(s - 15) takes to the result,
-// exactly (a normal product of a 4-bit significand). Other scales (products leaving
-// bf16's normal range, rounded as the converter's cast does) take the exact fp32 form:
-// f16 -> f32, times 2^(s - 127), rounded to bf16. (Hopper's bf16 multiply does not keep
-// subnormals, twenty-second session: the fast form never meets one.)
-// CudaE4m3.WoADequantizationEqualsTheReference checks every code pair and scale byte.
-struct WoAScale {
-  float f;       // 2^(s - 127)
-  uint32_t bf2;  // fast: 2^(s - 15), twice as bf16
-  bool fast;     // s in [16, 142]
-};
-__device__ __forceinline__ WoAScale wo_a_scale(unsigned s) {
-  WoAScale sc;
-  sc.f = core::e8m0_to_float(uint8_t(s));
-  sc.fast = s >= 16 && s <= 142;
-  const uint32_t h = ((s + 112) & 0xffu) << 7;  // (the exponent field of 2^(s - 15))
-  sc.bf2 = h | (h << 16);
-  return sc;
-}
-template <bool kFast>
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2_scaled(const uint8_t* p, const WoAScale& sc) {
+// e4m3 bytes at 16j), each pair converted exactly to two bf16.
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(const uint8_t* p) {
   const unsigned short pair = *reinterpret_cast<const unsigned short*>(p);
   uint32_t halves;
   asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
-  if constexpr (kFast) {
-    // f16 s|eeeee|mmm0000000 -> bf16 s|000eeeee|mmm0000 (the low half's sign cleared before
-    // the shift, the high half's low mantissa bits are zero), then x 2^(s - 15).
-    const uint32_t bits = ((halves & 0x7fff7fffu) >> 3) | (halves & 0x80008000u);
-    uint32_t r;
-    asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(bits), "r"(sc.bf2));
-    return r;
-  } else {
-    const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu))) * sc.f;
-    const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16))) * sc.f;
-    return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-           (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-  }
+  const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
+  const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
+  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
+         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
 }
-template <bool kFast>
 __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
-                                                      const WoAScale& sc, uint32_t (&a)[4]) {
-  a[0] = e4m3x2_to_bf16x2_scaled<kFast>(lo_row + 16 * j + 2 * t, sc);
-  a[1] = e4m3x2_to_bf16x2_scaled<kFast>(hi_row + 16 * j + 2 * t, sc);
-  a[2] = e4m3x2_to_bf16x2_scaled<kFast>(lo_row + 16 * j + 8 + 2 * t, sc);
-  a[3] = e4m3x2_to_bf16x2_scaled<kFast>(hi_row + 16 * j + 8 + 2 * t, sc);
-}
-// A warpgroup-row's 4 chunks of a stage (frag(j, a[j]) loads chunk j): the form for the
-// stage's scale chosen once (a uniform branch).
-template <typename Frag>
-__device__ __forceinline__ void load_a_frags_e4m3_bf16(const WoAScale& sc, Frag&& frag) {
-  if (sc.fast) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) frag(j, std::integral_constant<bool, true>{});
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) frag(j, std::integral_constant<bool, false>{});
-  }
+                                                      uint32_t (&a)[4]) {
+  a[0] = e4m3x2_to_bf16x2(lo_row + 16 * j + 2 * t);
+  a[1] = e4m3x2_to_bf16x2(hi_row + 16 * j + 2 * t);
+  a[2] = e4m3x2_to_bf16x2(lo_row + 16 * j + 8 + 2 * t);
+  a[3] = e4m3x2_to_bf16x2(hi_row + 16 * j + 8 + 2 * t);
 }
 
 // ---- the GEMM ---------------------------------------------------------------------
@@ -689,9 +639,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // FP4's chunks of a stage go out in groups of kBatch (one wait per group), each chunk
   // into its own accumulators (their weight scales differ): kBatch x 2 x 4NT registers,
   // with 8 more per chunk for A in registers, hence the smaller groups at more rows.
-  // The others sum in the tensor core (one set): bf16 and FP8-as-bf16 their slice sum p_s
-  // (kTcSum: no scales, or FP8-as-bf16's in the decoded weights), FP8 each 128-wide stage
-  // (one scale per stage).
+  // The others sum in the tensor core (one set): bf16 its slice sum p_s (kTcSum, no
+  // scales), FP8 and FP8-as-bf16 each 128- / 64-wide stage (one scale per stage).
   constexpr bool kTcSum = F == WFmt::kBf16;
   // bf16 keeps one stage's tensor-core products in flight across the loop's wait and
   // sync (its running sum needs no registers between stages): the next copies go out
@@ -704,22 +653,19 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr bool kLoadAfter = kTcSum;
   // FP8-as-bf16 decodes the next stage under this one's products (the loop below).
   constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with walked slices spilled 236 bytes)
-  // FP8-as-bf16: the block scale of stage st (64 wide: a 128-wide block is two stages).
-  auto stage_scale = [&](int st) { return wo_a_scale(s_bs[unsigned(st) / 2]); };
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
   float wg_d[kBatch][2][4 * NT] = {};
   // FP8-as-bf16: stage buffer buf's weights as bf16 A fragments a[j][i] (chunk j, m64
-  // half i) scaled by the stage's block scale, and their products with the activation
-  // stage at db0 into wg_d[0], onto it (from zero where zero_first). (Generic lambdas:
-  // only FP8-as-bf16 instantiates them.)
-  auto decode_bf16_frags = [&](auto& a, int buf, const WoAScale& sc) {
-    load_a_frags_e4m3_bf16(sc, [&](int j, auto fast) {
+  // half i), and their products with the activation stage at db0 into wg_d[0], from
+  // zero. (Generic lambdas: only FP8-as-bf16 instantiates them.)
+  auto decode_bf16_frags = [&](auto& a, int buf) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-        load_a_frag_e4m3_bf16<decltype(fast)::value>(row, row + 8 * kWRow, j, t, sc, a[j][i]);
+        load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
       }
-    });
   };
   // A slice boundary (kTwoSets): p_s into the running total, p_s from zero again.
   auto end_slice = [&] {
@@ -728,18 +674,16 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       cur[i][q][e] = 0.0f;
     });
   };
-  auto issue_bf16_frags = [&](const auto& a, uint32_t db0, bool zero_first) {
+  auto issue_bf16_frags = [&](const auto& a, uint32_t db0) {
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, zero_first && j == 0 ? 0 : 1);
+      for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
     }
     wgmma_commit();
   };
-  // FP8-as-bf16 at a slice's end (its products done): p_s out of the tensor core's sum.
-  auto take_slice_sum = [&] { for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = wg_d[0][i][4 * q + e]; }); };
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -756,28 +700,28 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   if constexpr (kPipelinedRegA) {
     // FP8-as-bf16 (wo_a): stage it+1's weights are decoded into the other set of A
     // fragments while stage it's products run (RS wgmmas read their A registers until
-    // they are done, so the sets alternate: two stages an iteration, constant indices),
-    // and the products of the slice's stages chain in the tensor core, waited for only
-    // a stage later (the set and the buffer they read are then reused) and at the
-    // slice's end. Four stage buffers keep two stages' copies in flight.
+    // they are done, so the sets alternate: two stages an iteration, constant indices).
+    // The products and the fold are the same, in the same order: the same bits. Four
+    // stage buffers keep two stages' copies in flight. Against the serial stage (decode,
+    // products, wait, fold): -0.6% a step at batch 1, +0.2% at 16 rows (bench-1g, H200;
+    // docs/BENCHMARKS.md, forty-second session; gemm_wide_kernel keeps the serial one).
     static_assert(kStages >= 4, "the decode of stage it+1 waits for its copies while stage it+2's are in flight");
     uint32_t a0[4][2][4], a1[4][2][4];
     if (iters > 0) {
       cp_async_wait<kStages - 2>();  // stage 0 has landed (for this thread) ...
       fence_proxy_async();
       __syncthreads();  // ... for every thread
-      decode_bf16_frags(a0, 0, stage_scale(st_begin));
+      decode_bf16_frags(a0, 0);
     }
-    // Stage it: its products from `a` onto the slice's sum; then the wait for stage
-    // it-1's products, for stage it+1's copies, the next copies into stage it-1's buffer
-    // (free: every thread waited for its products before this barrier) and stage it+1's
-    // decode into `next` (stage it-1's set) under stage it's products.
+    // Stage it: its products from `a`; under them the wait for stage it+1's copies, the
+    // next copies into stage it-1's buffer (free: every thread waited for its products
+    // before this barrier) and stage it+1's decode into `next`; then the wait for the
+    // products and the fold p = fmaf(d_stage, 2^(w block), p).
     auto run_stage = [&](int it, const uint32_t(&a)[4][2][4], uint32_t(&next)[4][2][4]) {
-      const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
+      const bool slice_last = slice_pos == per_slice - 1;
       slice_pos = slice_last ? 0 : slice_pos + 1;
       const unsigned uit = unsigned(it);
-      issue_bf16_frags(a, wgmma_desc_lo(smem_u32(s_a + (uit % kStages) * kAStage)), slice_first);
-      wgmma_wait_1();  // stage it-1's products are done (this thread's part)
+      issue_bf16_frags(a, wgmma_desc_lo(smem_u32(s_a + (uit % kStages) * kAStage)));
       cp_async_wait<kStages - 3>();  // stage it+1 has landed (for this thread) ...
       fence_proxy_async();
       __syncthreads();  // ... for every thread, and every thread is past stage it-1's products
@@ -787,21 +731,18 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         load_acts(st_begin + int(nxt), int(nxt % kStages));
       }
       cp_async_commit();  // (empty groups too: the wait above counts one group a stage)
-      if (it + 1 < iters) decode_bf16_frags(next, int((uit + 1) % kStages), stage_scale(st_begin + it + 1));
-      if (slice_last) {
-        wgmma_wait_all();
-        take_slice_sum();
-        if constexpr (kTwoSets) end_slice();
+      if (it + 1 < iters) decode_bf16_frags(next, int((uit + 1) % kStages));
+      wgmma_wait_all();
+      const float wsc = core::e8m0_to_float(s_bs[unsigned(st_begin + it) / 2]);
+      for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
+      if constexpr (kTwoSets) {
+        if (slice_last) end_slice();
       }
     };
-    // (Pairs, then a last odd stage: no stage inside the loop is conditional, so the loop's
-    // back edge keeps the products in flight; ptxas waits for them only after the loop.)
-    int it = 0;
-    for (; it + 1 < iters; it += 2) {
+    for (int it = 0; it < iters; it += 2) {
       run_stage(it, a0, a1);
-      run_stage(it + 1, a1, a0);
+      if (it + 1 < iters) run_stage(it + 1, a1, a0);
     }
-    if (it < iters) run_stage(it, a0, a1);
   } else {
     for (int it = 0; it < iters; ++it) {
       const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
@@ -874,7 +815,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           }
       }
       float wsc = 1.0f;
-      if constexpr (F == WFmt::kFp8) wsc = core::e8m0_to_float(s_bs[ust]);
+      if constexpr (T::kBlockScale) wsc = core::e8m0_to_float(s_bs[F == WFmt::kFp8 ? ust : ust / 2]);
       // Both operands from shared memory (bf16, FP8): the stage's 4 chunks, each both m64
       // halves of the tile, into wg_d[0]; chunk 0 starts from zero where zero_first.
       // (Generic: only the formats that call it instantiate wgmma_ss.)
@@ -973,25 +914,23 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                 [&](int i, int q, int e) { cur[i][q][e] = fmaf(q_acc[i][q][e], as[q][e & 1], cur[i][q][e]); });
         }
       } else {
-        // FP8-as-bf16: the 4 chunks' e4m3 weights dequantized to bf16 fragments, their
-        // products onto the slice's sum in the tensor core (waited for here: the
-        // fragments' registers are reused next stage).
+        // FP8-as-bf16: the 4 chunks' e4m3 weights converted to bf16 fragments, the stage
+        // summed by the tensor core, then p = fmaf(d_stage, 2^(w block), p).
         static_assert(F == WFmt::kFp8Bf16, "FP8-as-bf16 is the last format");
         const uint32_t db0 = wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(ab)));
         uint32_t a[4][2][4];
-        decode_bf16_frags(a, buf, stage_scale(st));
-        issue_bf16_frags(a, db0, slice_first);
+        decode_bf16_frags(a, buf);
+        issue_bf16_frags(a, db0);
         wgmma_wait_all();
-        if (slice_last) take_slice_sum();
+        for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
       }
       if constexpr (kTwoSets) {
         if (slice_last) end_slice();  // slice boundary: fold p_s into the running total
       }
     }
   }
-  // (bf16, FP8-as-bf16: a no-op, the last stage ends a slice; ptxas cannot know, and would insert it itself)
-  if constexpr (kLoadAfter || F == WFmt::kFp8Bf16) wgmma_wait_all();
   cp_async_wait<0>();
+  if constexpr (kLoadAfter) wgmma_wait_all();  // (bf16: a no-op, the last stage ends a slice; ptxas cannot know)
   allow_dependents_to_launch();  // only the epilogue is left
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
