@@ -834,19 +834,11 @@ constexpr int kCStride = 72;              // fp32, contributions [head][row]
 constexpr int kIndexRowBytes = kScoreDi / 2 + kScoreDi / 32;  // 68
 constexpr int kPageBytes = 64 * kIndexRowBytes;               // 4352
 
-// The query tile is read once, into each warp's A fragments, before the first page's
-// contributions are written, so the contributions take its place: 47 KB a CTA instead of
-// 64, 4 CTAs an SM instead of 3 (95 registers allow 5). At 256 rows the launch's 1024
-// CTAs then take 2 waves instead of 3; at 64 rows 512 CTAs take 1 instead of 2. The
-// first page loop barrier orders every thread's fragment loads before any contribution
-// store.
 struct ScoreSmem {
-  union {
-    uint16_t qs[kScoreHeads * kQsStride];
-    float contrib[kScoreHeads * kCStride];
-  };
+  uint16_t qs[kScoreHeads * kQsStride];
   uint16_t ks[64 * kQsStride];
   __align__(16) uint8_t raw[2][kPageBytes];
+  float contrib[kScoreHeads * kCStride];
   float w[kScoreHeads];
   float e2m1[16];
   E2m1PairBits e2m1_pair[256];  // a byte's two e2m1 values before scaling (ops/cuda/e2m1_bf16.h)
