@@ -57,6 +57,7 @@ void cuda_linear_force_wide(int on);
 int64_t cuda_linear_wide_ws_launches();
 void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 void cuda_linear_force_wide_ws_wo_a(int on);
+void cuda_linear_force_wide_ws_bf16(int on);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
@@ -1258,6 +1259,71 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
                          what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
         expect_bitwise(ref, got[2][0], what + " walking tiles vs the Hopper model");
       }
+    }
+  }
+  ops::cuda_linear_force_wide(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// bf16's 256-row tiles by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_BF16, opt-in) give
+// gemm_wide_kernel's bits: f32 and bf16 outputs, a partial weight tile (N = 200), 3 stages
+// (fewer than the ring's 4), 5 (the ring wraps) and 63 (many turns; an odd count keeps one
+// K slice for few weight tiles, as the LM head's 1010 tiles do at K = 4096); one row,
+// part of a tile, a whole tile, a second tile of one row; a stacked pair with its second
+// output; one tile a CTA and 3 CTAs walking every tile (a CTA's ring of stages runs on
+// across tiles, the results of one stored while the next one's copies land). Counts its
+// launches, so the path really ran.
+TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x59);
+  // 0: gemm_wide_kernel; 1 / 2: the warp-specialised kernel, one tile a CTA / at most 3
+  // CTAs walking tiles; -1 (the reset): both hooks follow the environment.
+  void (*force_ws)(int) = [](int mode) {
+    ops::cuda_linear_force_wide_ws_bf16(mode < 0 ? -1 : mode > 0 ? 1 : 0);
+    ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0);
+  };
+  ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
+  struct Bf16Case {
+    int64_t n, k;
+    bool y_f32;
+  };
+  for (const Bf16Case c : {Bf16Case{384, 192, false}, Bf16Case{200, 320, true}, Bf16Case{256, 4032, true}}) {
+    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    for (int64_t M : {1, 130, 256, 257}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
+      const std::string what = std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
+      const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches, {{0, 0}, {1, 1}, {2, 1}},
+                                        what, [&] {
+                                          Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
+                                          env.cuda.linear_bf16(dx, dw, y);
+                                          return std::vector<Tensor>{y};
+                                        });
+      for (int ws : {1, 2})
+        expect_bitwise(got[0][0], got[ws][0], what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
+    }
+  }
+  {  // a stacked pair: 256 rows of the first weight (two tiles), 200 of the second
+    const int64_t k = 320;
+    const Tensor da = to_device(env.cuda, rng.bf16({256, k}, 0.05f));
+    const Tensor db = to_device(env.cuda, rng.bf16({200, k}, 0.05f));
+    for (int64_t M : {130, 257}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, k}));
+      const std::string what = "bf16 pair " + shape_str(M, 456, k);
+      const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches, {{0, 0}, {1, 1}, {2, 1}},
+                                        what, [&] {
+                                          Tensor ya = device_poisoned(env.cuda, DType::kF32, {M, 256});
+                                          Tensor yb = device_poisoned(env.cuda, DType::kF32, {M, 200});
+                                          env.cuda.linear_bf16_pair(dx, da, ya, db, yb);
+                                          return std::vector<Tensor>{ya, yb};
+                                        });
+      for (int ws : {1, 2})
+        for (size_t i = 0; i < 2; ++i)
+          expect_bitwise(got[0][i], got[ws][i],
+                         what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide (output " +
+                             std::to_string(i) + ")");
     }
   }
   ops::cuda_linear_force_wide(-1);

@@ -67,7 +67,7 @@ void cuda_linear_force_shared_decode(int on);
 // 2 on in 64-row tiles only, 3 as 1 but bf16 GEMMs of one K slice in 256-row tiles.
 int64_t cuda_linear_wide_launches();
 void cuda_linear_force_wide(int on);
-// Test hooks: FP8 wide-tile launches so far by the warp-specialised kernel
+// Test hooks: wide-tile launches so far by the warp-specialised kernel
 // (gemm_wide_ws_kernel); -1 follows DSV4_CUDA_WIDE_WS (default 2), 0 forces it off,
 // 1 on with one tile a CTA, 2 on with CTAs walking tiles (at most `max_ctas` of them,
 // 0: one an SM).
@@ -76,6 +76,9 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 // Test hook: -1 follows DSV4_CUDA_WIDE_WS_WO_A (default off), 0 / 1 force wo_a's
 // FP8-as-bf16 wide tiles off / onto the warp-specialised kernel (in its mode).
 void cuda_linear_force_wide_ws_wo_a(int on);
+// Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default off), 0 / 1 force bf16's 256-row
+// tiles off / onto the warp-specialised kernel (in its mode).
+void cuda_linear_force_wide_ws_bf16(int on);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -415,6 +418,16 @@ bool wide_ws_wo_a() {
   static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_WO_A") == 1;
   return forced_or(g_force_wide_ws_wo_a, from_env);
 }
+// bf16's 256-row tiles (the LM head from 129 rows) by the same kernel (same bits; results
+// stored from registers, f32 or bf16): DSV4_CUDA_WIDE_WS_BF16=1 (opt-in, in
+// DSV4_CUDA_WIDE_WS's mode). Built in the forty-fourth session after its device time was
+// spent: not yet measured. ncu had the lockstep kernel's LM head at 511 µs (~530 TFLOPS) at
+// 256 rows, its stalls on the copy code between the products (docs/BENCHMARKS.md).
+std::atomic<int> g_force_wide_ws_bf16{-1};
+bool wide_ws_bf16() {
+  static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_BF16") == 1;
+  return forced_or(g_force_wide_ws_bf16, from_env);
+}
 
 template <WFmt F, int R, bool kTwo>
 void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int mode) {
@@ -436,6 +449,10 @@ template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   if constexpr (F == WFmt::kFp8 || F == WFmt::kFp8Bf16) {
     if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_fits(p) && (F == WFmt::kFp8 || wide_ws_wo_a()))
+      return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
+  }
+  if constexpr (F == WFmt::kBf16 && R == 256) {  // (one K slice: dispatch_wide checks it)
+    if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_bf16())
       return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
   constexpr int smem = lk::gemm_wide_smem_bytes<F, R, kTwo>();
@@ -896,6 +913,7 @@ int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_or
 void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_ws_launches() { return g_wide_ws_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws_wo_a(int on) { g_force_wide_ws_wo_a.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_wide_ws_bf16(int on) { g_force_wide_ws_bf16.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_force_wide_ws.store(mode, std::memory_order_relaxed);
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);

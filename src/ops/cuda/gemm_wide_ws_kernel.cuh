@@ -20,6 +20,13 @@
 // takes the same roles with gemm_wide_kernel<FP8-as-bf16>'s stage: 64-wide, weights in
 // 80-byte rows decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
 // p = fmaf(d, 2^w, p): the same bits as that kernel.
+// bf16 in 256-row tiles of one K slice (the LM head from 129 rows; forty-fourth session, opt-in:
+// DSV4_CUDA_WIDE_WS_BF16=1) takes the same roles with gemm_wide_kernel<bf16, 256>'s chain: each
+// consumer's m64n256k16 products summed over the whole K by the tensor core, a stage's
+// products waited for one stage later (its buffer released then), and the 128 results a
+// thread stored from registers (f32 or bf16): the same bits. Why: ncu put that kernel at
+// ~54% of the tensor core's rate, its stall samples on the copy code all 256 threads run
+// between the stages' products (docs/BENCHMARKS.md, forty-fourth session).
 #pragma once
 
 #include "ops/cuda/gemm_wide_kernel.cuh"
@@ -41,13 +48,15 @@ __host__ __device__ constexpr int wide_ws_weight_row_bytes() {
 // Dynamic shared memory of gemm_wide_ws_kernel<F, R, kTwoSets> at S stages: the stage
 // buffers (128 weight rows, and R activation rows of 128 bytes), the bf16 output tile
 // (its own: with tiles walked by one CTA the stage buffers already take the next tile's
-// copies), the running totals over K slices (kTwoSets), the activation scales and the
-// block-scale word of each stage (an even count of words: the barriers after them are
-// 8-byte objects), a full and an empty barrier a stage. (FP8-as-bf16: no activation scales.)
+// copies; bf16 weights: none, the results go out from registers), the running totals over
+// K slices (kTwoSets), the activation scales and the block-scale word of each stage (an
+// even count of words: the barriers after them are 8-byte objects), a full and an empty
+// barrier a stage. (FP8-as-bf16: no activation scales.)
 __host__ __device__ constexpr int wide_ws_scale_words(int S) { return (S + 1) & ~1; }
 template <WFmt F, int R, bool kTwoSets>
 __host__ __device__ constexpr int gemm_wide_ws_smem_bytes(int S) {
-  return 1024 /* alignment slack */ + S * (kTileN * wide_ws_weight_row_bytes<F>() + R * 128) + R * kWsOutStride +
+  return 1024 /* alignment slack */ + S * (kTileN * wide_ws_weight_row_bytes<F>() + R * 128) +
+         (F == WFmt::kBf16 ? 0 : R * kWsOutStride) +
          (kTwoSets ? kWsConsumerThreads * (R / 2) * 4 : 0) + (F == WFmt::kFp8 ? S * R * 4 : 0) +
          wide_ws_scale_words(S) * 4 + 2 * S * 8;
 }
@@ -103,17 +112,48 @@ __device__ __forceinline__ const uint8_t* wide_ws_scale_row(const GemmParams& p,
   else return (t.second ? p.s1 : p.s0) + (t.n0 - (t.second ? p.n_split : 0)) / 128 * int64_t(p.s_row_stride);
 }
 
+// The results of a bf16 256-row tile from a consumer thread's registers: d[4q + e] is weight
+// row (output column) row0 + g + 8 * (e / 2) of the tile, activation row 8q + 2t + e % 2.
+// A warp's store of one (q, e) covers 8 consecutive columns of 4 output rows: 32-byte
+// pieces (f32). Rows past the tile's and columns past valid_n are not stored. The values
+// are stage_wide_results's (its 0 + d), so the bits are gemm_wide_kernel's.
+__device__ __forceinline__ void store_wide256_results(const GemmParams& p, const WideWsTile& tile,
+                                                      const float (&d)[128], int row0, int g, int t) {
+  const bool to_y1 = tile.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
+  uint8_t* const y_out = static_cast<uint8_t*>(to_y1 ? p.y1 : p.y);
+  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy,
+                col_out = to_y1 ? int64_t(tile.n0) - p.n_split : int64_t(tile.n0);
+  const bool f32 = p.y_f32 != 0;
+#pragma unroll
+  for (int q = 0; q < 32; ++q)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
+      if (c >= tile.rows || r >= tile.valid_n) continue;
+      const int64_t orow = p.out_rows ? p.out_rows[tile.row_base + c] : tile.row_base + c;
+      const int64_t at = orow * ld_out + col_out + r;
+      const float v = 0.0f + d[4 * q + e];  // (-0 -> +0, as stage_wide_results writes it)
+      if (f32) *reinterpret_cast<float*>(y_out + 4 * at) = v;
+      else *reinterpret_cast<uint16_t*>(y_out + 2 * at) = core::float_to_bf16(v);
+    }
+}
+
 // Requirements (host: wide_ws_fits): FP8 weights of one group, or FP8-as-bf16 ones of
 // any groups, bf16 output, the block-scale tensors 4-byte aligned (a stage's scale byte
-// comes in its aligned 4-byte word, cut at the row's end). Grid: (CTAs), each walking
+// comes in its aligned 4-byte word, cut at the row's end); or bf16 weights of one group
+// and one K slice in 256-row tiles, bf16 or f32 output. Grid: (CTAs), each walking
 // tiles blockIdx.x, + gridDim.x, ... of the groups x ceil(n / 128) x ceil(m / R) tiles
 // (one tile a CTA where the grid has them all).
 template <WFmt F, int R, bool kTwoSets>
 __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmParams p) {
-  static_assert(F == WFmt::kFp8 || F == WFmt::kFp8Bf16, "warp-specialised wide tiles: FP8 or FP8-as-bf16");
+  static_assert(F == WFmt::kFp8 || F == WFmt::kFp8Bf16 || F == WFmt::kBf16,
+                "warp-specialised wide tiles: FP8, FP8-as-bf16 or bf16");
   constexpr bool kRegA = F == WFmt::kFp8Bf16;  // weights decoded into A fragments (wgmma RS), no activation scales
+  constexpr bool kBf16 = F == WFmt::kBf16;     // no scales at all, one K slice, results from registers
+  constexpr bool kActScales = F == WFmt::kFp8;
   constexpr int S = wide_ws_stages<F, R, kTwoSets>();
-  static_assert(R == 64 || R == 128, "wide tiles: 64 or 128 activation rows");
+  static_assert(kBf16 ? R == 256 && !kTwoSets : R == 64 || R == 128,
+                "wide tiles: 64 or 128 activation rows (bf16: 256, one K slice)");
   static_assert(gemm_wide_ws_smem_bytes<F, R, kTwoSets>(S) <= 227 * 1024, "wide tiles: shared memory");
   static_assert((gemm_wide_ws_smem_bytes<F, R, kTwoSets>(S) - 1024 - 2 * S * 8) % 8 == 0,
                 "the mbarriers after the scale words must be 8-byte aligned");
@@ -130,10 +170,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
   uint8_t* s_w = smem;                                                         // [S][128 rows][kWRow B]
   uint8_t* s_a = s_w + S * kStageBytes;                                        // [S][R rows][128 B]
-  uint8_t* s_out = s_a + S * R * 128;                                          // [R][kWsOutStride B]
-  float* s_tot = reinterpret_cast<float*>(s_out + R * kWsOutStride);           // kTwoSets: [NA][256] totals
+  uint8_t* s_out = s_a + S * R * 128;                                          // [R][kWsOutStride B] (not bf16)
+  float* s_tot = reinterpret_cast<float*>(s_out + (kBf16 ? 0 : R * kWsOutStride));  // kTwoSets: [NA][256] totals
   float* s_as = s_tot + (kTwoSets ? NA * kWsConsumerThreads : 0);              // FP8: [S][R]
-  uint32_t* s_bw = reinterpret_cast<uint32_t*>(s_as + (kRegA ? 0 : S * R));   // [S] block-scale words
+  uint32_t* s_bw = reinterpret_cast<uint32_t*>(s_as + (kActScales ? S * R : 0));  // [S] block-scale words
   const uint32_t bar0 = smem_u32(s_bw + wide_ws_scale_words(S));               // full[S], then empty[S]
   auto full_bar = [&](int s) { return bar0 + 8 * s; };
   auto empty_bar = [&](int s) { return bar0 + 8 * (S + s); };
@@ -163,7 +203,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     auto start_tile = [&](const WideWsTile& t) {
       w = t.second ? p.w1 : p.w0;
       w_src = w + (wide_ws_weight_row<kRegA>(p, t) + w_row) * p.w_row_bytes + w_part * 16;
-      scale_row = wide_ws_scale_row<kRegA>(p, t);
+      if constexpr (!kBf16) scale_row = wide_ws_scale_row<kRegA>(p, t);
       valid_n = t.valid_n;
     };
     auto load_weights = [&](int st, int buf) {
@@ -176,8 +216,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         cp_async16_l2_128(dw + (kRegA ? r * kWRow + w_part * 16 : sw128_offset(r, w_part)), ok ? src : w,
                           ok ? 16 : 0);
       }
-      if (tid == 0) {  // stage st's block scale (FP8-as-bf16: one a 128-wide block, two stages): the aligned
-                       // word that holds it, up to the row's end
+      if (!kBf16 && tid == 0) {  // stage st's block scale (FP8-as-bf16: one a 128-wide block, two stages): the
+                                 // aligned word that holds it, up to the row's end
         const uintptr_t at = reinterpret_cast<uintptr_t>(scale_row + (kRegA ? st / 2 : st)), word = at & ~uintptr_t(3);
         const int bytes = int(min(uintptr_t(4), reinterpret_cast<uintptr_t>(scale_row + p.s_row_stride) - word));
         cp_async4(s_bw + buf, reinterpret_cast<const uint8_t*>(word), bytes);
@@ -206,7 +246,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
                                 : nullptr;
       }
       const float* as_src = nullptr;  // FP8: activation scales of tile row tid
-      if (!kRegA && tid < R && tid < t.rows)
+      if (kActScales && tid < R && tid < t.rows)
         as_src = p.a_scale + int64_t(p.in_rows ? p.in_rows[t.row_base + tid] : t.row_base + tid) * p.a_scale_stride;
       for (int it = 0; it < stages_total; ++it, ++g) {
         const int buf = int(g % S);
@@ -217,12 +257,48 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         for (int i = 0; i < kAPieces; ++i)
           cp_async16(da + sw128_offset(c_row + kPieceRows * i, c_part), a_src[i] ? a_src[i] + int64_t(it) * 128 : p.a,
                      a_src[i] ? 16 : 0);
-        if (!kRegA && tid < R) cp_async4(s_as + buf * R + tid, as_src ? as_src + it : p.a_scale, as_src ? 4 : 0);
+        if (kActScales && tid < R) cp_async4(s_as + buf * R + tid, as_src ? as_src + it : p.a_scale, as_src ? 4 : 0);
         cp_async_mbar_arrive(full_bar(buf));
       }
     }
     asm volatile("cp.async.wait_all;\n" ::: "memory");
     allow_dependents_to_launch();
+  } else if constexpr (kBf16) {
+    // ---- consumers (bf16): the tile's K summed in the tensor core; then its output ----
+    wait_for_predecessor();  // (the output stores: the predecessor may still read y)
+    const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31;
+    const int warp = (ctid >> 5) & 3;
+    unsigned g = 0;  // stages consumed by this CTA so far
+    for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
+      const WideWsTile t = wide_ws_tile<R, false>(p, tile, m_tiles);
+      float d[NA];
+#pragma unroll
+      for (int i = 0; i < NA; ++i) d[i] = 0.0f;
+      // Stage it's products stay in flight across the next stage's wait; once they are
+      // done (wait_1 after the next stage's issue), the stage's buffer is released.
+      int prev = 0;
+      for (int it = 0; it < stages_total; ++it, ++g) {
+        const int buf = int(g % S);
+        mbar_wait(full_bar(buf), (g / S) & 1);
+        fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
+        const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
+        const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          wgmma_wide256_bf16(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), it == 0 && j == 0 ? 0 : 1);
+        wgmma_commit();
+        if (it > 0) {
+          wgmma_wait_1();
+          mbar_arrive(empty_bar(prev));  // stage it-1's weights and activations are read
+        }
+        prev = buf;
+      }
+      wgmma_wait_all();
+      mbar_arrive(empty_bar(prev));
+      if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
+      store_wide256_results(p, t, d, 64 * cw + 16 * warp, lane >> 2, lane & 3);
+    }
   } else {
     // ---- consumers: chain, fold, release; then the tile's output ----
     wait_for_predecessor();  // (the output stores: the predecessor may still read y)
