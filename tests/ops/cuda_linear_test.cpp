@@ -1089,6 +1089,12 @@ void run_fp8_wide_ops(
   }
 }
 
+// A bf16 GEMM case of the wide-tile tests: weight rows, K, the output's dtype.
+struct Bf16Case {
+  int64_t n, k;
+  bool y_f32;
+};
+
 // FP8 linears, linear pairs, the shared expert's gate/up, bf16 GEMMs and grouped
 // FP8-as-bf16 GEMMs (wo_a) in the wide tiles (128 weight rows x 128 or 64 activation
 // rows; bf16 of one K slice also x 256) give the bits of gemm_kernel's tiles: one K
@@ -1122,10 +1128,6 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
     env.cpu_hopper->linear(x, hw, ref);
     expect_bitwise(ref, got, what + " wide vs the Hopper model");
   });
-  struct Bf16Case {
-    int64_t n, k;
-    bool y_f32;
-  };
   // 4 slices of one stage (f32 out), one slice of 3 stages (bf16 out), 32 slices of two
   // stages with a partial tile (f32 out).
   for (const Bf16Case c : {Bf16Case{200, 256, true}, Bf16Case{384, 192, false}, Bf16Case{129, 4096, true}}) {
@@ -1216,6 +1218,16 @@ TEST(CudaLinearWide, WarpSpecializedTilesEqualWideTilesBitForBit) {
   });
 }
 
+// The switch of a format whose wide tiles take the warp-specialised kernel only when opted
+// in (`opt_in`: its test hook): 0: gemm_wide_kernel; 1 / 2: the warp-specialised kernel,
+// one tile a CTA / at most 3 CTAs walking tiles; -1 (the reset): both hooks follow the
+// environment.
+template <void (*opt_in)(int)>
+void force_wide_ws_opt_in(int mode) {
+  opt_in(mode < 0 ? -1 : mode > 0 ? 1 : 0);
+  ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0);
+}
+
 // wo_a's grouped FP8-as-bf16 GEMM by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_WO_A,
 // opt-in) gives gemm_wide_kernel's bits and the Hopper model's: 8 groups (K = 512,
 // S = 8 walked slices), 2 groups (S = 4), one group with a partial weight tile and K =
@@ -1227,12 +1239,7 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x58);
-  // 0: gemm_wide_kernel; 1 / 2: the warp-specialised kernel, one tile a CTA / at most 3
-  // CTAs walking tiles; -1 (the reset): both hooks follow the environment.
-  void (*force_ws)(int) = [](int mode) {
-    ops::cuda_linear_force_wide_ws_wo_a(mode < 0 ? -1 : mode > 0 ? 1 : 0);
-    ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0);
-  };
+  void (*force_ws)(int) = force_wide_ws_opt_in<ops::cuda_linear_force_wide_ws_wo_a>;
   struct GroupedCase {
     int64_t g, r, c;
   };
@@ -1278,17 +1285,8 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x59);
-  // 0: gemm_wide_kernel; 1 / 2: the warp-specialised kernel, one tile a CTA / at most 3
-  // CTAs walking tiles; -1 (the reset): both hooks follow the environment.
-  void (*force_ws)(int) = [](int mode) {
-    ops::cuda_linear_force_wide_ws_bf16(mode < 0 ? -1 : mode > 0 ? 1 : 0);
-    ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0);
-  };
+  void (*force_ws)(int) = force_wide_ws_opt_in<ops::cuda_linear_force_wide_ws_bf16>;
   ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
-  struct Bf16Case {
-    int64_t n, k;
-    bool y_f32;
-  };
   for (const Bf16Case c : {Bf16Case{384, 192, false}, Bf16Case{200, 320, true}, Bf16Case{256, 4032, true}}) {
     const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
     const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
