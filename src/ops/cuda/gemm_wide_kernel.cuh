@@ -151,6 +151,25 @@ __device__ __forceinline__ void stage_wide_results(uint8_t* out, int stride, boo
     }
 }
 
+// Where a wide tile's results go: y from column col0, or, for a stacked pair's second weight
+// with its own output (linear_pair), y1 from column col0 - n_split. store() writes v
+// (f32, or rounded to bf16) for tile activation row c (output row out_rows[row_base + c],
+// or row_base + c) and tile weight row r.
+struct TileOutput {
+  void* y;
+  int64_t ld, col;
+  __device__ __forceinline__ void store(const GemmParams& p, int row_base, int c, int r, float v) const {
+    const int64_t orow = p.out_rows ? p.out_rows[row_base + c] : row_base + c;
+    const int64_t idx = orow * ld + col + r;
+    if (p.y_f32) static_cast<float*>(y)[idx] = v;
+    else static_cast<uint16_t*>(y)[idx] = core::float_to_bf16(v);
+  }
+};
+__device__ __forceinline__ TileOutput tile_output(const GemmParams& p, bool second, int64_t col0) {
+  const bool to_y1 = second && p.y1 != nullptr;
+  return TileOutput{to_y1 ? p.y1 : p.y, to_y1 ? p.ldy1 : p.ldy, to_y1 ? col0 - p.n_split : col0};
+}
+
 // Bytes a row of gemm_wide_kernel's staged output tile of esize-byte values (padded by
 // 16: the scattered stores hit distinct banks).
 __device__ __forceinline__ int wide_out_stride(int esize) { return kTileN * esize + 16; }
@@ -447,9 +466,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   if constexpr (!kQuant && !kRegA) wgmma_wait_all();  // (a no-op: the last stage ends a slice)
   allow_dependents_to_launch();  // only the epilogue is left
 
-  const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
-  void* const y_out = to_y1 ? p.y1 : p.y;
-  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy, col_out = to_y1 ? col0 - p.n_split : col0;
+  const TileOutput out = tile_output(p, second, col0);
   // The output tile goes through shared memory (the stage buffers, free once every
   // warpgroup is past its last products): each thread's R / 2 values scattered over
   // R / 4 rows become whole 16-byte pieces of output rows. Row stride padded by 16 bytes:
@@ -461,7 +478,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
                                     t);
   }
   __syncthreads();
-  store_wide_tile<kWideThreads>(p.out_rows, y_out, ld_out, col_out, esize, smem, stride, row_base, rows, valid_n, tid);
+  store_wide_tile<kWideThreads>(p.out_rows, out.y, out.ld, out.col, esize, smem, stride, row_base, rows, valid_n, tid);
 }
 
 }  // namespace dsv4::ops::linear_kernels

@@ -119,22 +119,14 @@ __device__ __forceinline__ const uint8_t* wide_ws_scale_row(const GemmParams& p,
 // are stage_wide_results's (its 0 + d), so the bits are gemm_wide_kernel's.
 __device__ __forceinline__ void store_wide256_results(const GemmParams& p, const WideWsTile& tile,
                                                       const float (&d)[128], int row0, int g, int t) {
-  const bool to_y1 = tile.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
-  uint8_t* const y_out = static_cast<uint8_t*>(to_y1 ? p.y1 : p.y);
-  const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy,
-                col_out = to_y1 ? int64_t(tile.n0) - p.n_split : int64_t(tile.n0);
-  const bool f32 = p.y_f32 != 0;
+  const TileOutput out = tile_output(p, tile.second, tile.n0);
 #pragma unroll
   for (int q = 0; q < 32; ++q)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int r = row0 + g + 8 * (e >> 1), c = 8 * q + 2 * t + (e & 1);
-      if (c >= tile.rows || r >= tile.valid_n) continue;
-      const int64_t orow = p.out_rows ? p.out_rows[tile.row_base + c] : tile.row_base + c;
-      const int64_t at = orow * ld_out + col_out + r;
-      const float v = 0.0f + d[4 * q + e];  // (-0 -> +0, as stage_wide_results writes it)
-      if (f32) *reinterpret_cast<float*>(y_out + 4 * at) = v;
-      else *reinterpret_cast<uint16_t*>(y_out + 2 * at) = core::float_to_bf16(v);
+      if (c < tile.rows && r < tile.valid_n)  // (0 + d: -0 -> +0, as stage_wide_results writes it)
+        out.store(p, tile.row_base, c, r, 0.0f + d[4 * q + e]);
     }
 }
 
