@@ -1272,7 +1272,7 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
-// bf16's 256-row tiles by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_BF16, opt-in) give
+// bf16's 256-row tiles by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_BF16, the default) give
 // gemm_wide_kernel's bits: f32 and bf16 outputs, a partial weight tile (N = 200), 3 stages
 // (fewer than the ring's 4), 5 (the ring wraps) and 63 (many turns; an odd count keeps one
 // K slice for few weight tiles, as the LM head's 1010 tiles do at K = 4096); one row,

@@ -76,7 +76,7 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 // Test hook: -1 follows DSV4_CUDA_WIDE_WS_WO_A (default off), 0 / 1 force wo_a's
 // FP8-as-bf16 wide tiles off / onto the warp-specialised kernel (in its mode).
 void cuda_linear_force_wide_ws_wo_a(int on);
-// Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default off), 0 / 1 force bf16's 256-row
+// Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default on), 0 / 1 force bf16's 256-row
 // tiles off / onto the warp-specialised kernel (in its mode).
 void cuda_linear_force_wide_ws_bf16(int on);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
@@ -419,13 +419,13 @@ bool wide_ws_wo_a() {
   return forced_or(g_force_wide_ws_wo_a, from_env);
 }
 // bf16's 256-row tiles (the LM head from 129 rows) by the same kernel (same bits; results
-// stored from registers, f32 or bf16): DSV4_CUDA_WIDE_WS_BF16=1 (opt-in, in
-// DSV4_CUDA_WIDE_WS's mode). Built in the forty-fourth session after its device time was
-// spent: not yet measured. ncu had the lockstep kernel's LM head at 511 µs (~530 TFLOPS) at
-// 256 rows, its stalls on the copy code between the products (docs/BENCHMARKS.md).
+// stored from registers, f32 or bf16), in DSV4_CUDA_WIDE_WS's mode; DSV4_CUDA_WIDE_WS_BF16=0
+// keeps the lockstep kernel. ncu had that kernel's LM head at 511 µs (~530 TFLOPS) at 256
+// rows, its stalls on the copy code between the products; in this one the LM head takes
+// 486 µs, -0.6% a step at 192 rows and -0.1% at 256 (docs/BENCHMARKS.md, forty-fifth session).
 std::atomic<int> g_force_wide_ws_bf16{-1};
 bool wide_ws_bf16() {
-  static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_BF16") == 1;
+  static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_BF16") != 0;
   return forced_or(g_force_wide_ws_bf16, from_env);
 }
 

@@ -20,13 +20,14 @@
 // takes the same roles with gemm_wide_kernel<FP8-as-bf16>'s stage: 64-wide, weights in
 // 80-byte rows decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
 // p = fmaf(d, 2^w, p): the same bits as that kernel.
-// bf16 in 256-row tiles of one K slice (the LM head from 129 rows; forty-fourth session, opt-in:
-// DSV4_CUDA_WIDE_WS_BF16=1) takes the same roles with gemm_wide_kernel<bf16, 256>'s chain: each
-// consumer's m64n256k16 products summed over the whole K by the tensor core, a stage's
-// products waited for one stage later (its buffer released then), and the 128 results a
-// thread stored from registers (f32 or bf16): the same bits. Why: ncu put that kernel at
-// ~54% of the tensor core's rate, its stall samples on the copy code all 256 threads run
-// between the stages' products (docs/BENCHMARKS.md, forty-fourth session).
+// bf16 in 256-row tiles of one K slice (the LM head from 129 rows; forty-fourth session, the
+// default since the forty-fifth: DSV4_CUDA_WIDE_WS_BF16=0 turns it off) takes the same roles
+// with gemm_wide_kernel<bf16, 256>'s chain: each consumer's m64n256k16 products summed over
+// the whole K by the tensor core, a stage's products waited for one stage later (its buffer
+// released then), and the 128 results a thread stored from registers (f32 or bf16): the
+// same bits. Why: ncu put that kernel at ~54% of the tensor core's rate, its stall samples
+// on the copy code all 256 threads run between the stages' products (docs/BENCHMARKS.md,
+// forty-fourth session); in this one the LM head took 486 against 511 µs (forty-fifth).
 #pragma once
 
 #include "ops/cuda/gemm_wide_kernel.cuh"
