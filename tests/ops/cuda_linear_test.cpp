@@ -58,7 +58,6 @@ int64_t cuda_linear_wide_ws_launches();
 void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 void cuda_linear_force_wide_ws_wo_a(int on);
 void cuda_linear_force_wide_ws_bf16(int on);
-void cuda_linear_force_wide_ws_flags(int flags);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
@@ -1187,50 +1186,31 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
-// The warp-specialised kernel's modes in the tests below: 0 gemm_wide_kernel; 1 / 2 one
-// tile a CTA / at most 3 CTAs walking tiles; 3 / 4 the same with every option
-// (DSV4_CUDA_WIDE_WS_FLAGS=7: the output tile by stmatrix, its rows by bulk copies, the
-// 64-row FP8 tiles' next chain ahead of the fold).
-constexpr int kWsModes = 5;
-std::string ws_mode_name(int ws) {
-  return ws % 2 == 1 ? (ws == 1 ? " warp-specialised" : " warp-specialised with options")
-                     : (ws == 2 ? " walking tiles" : " walking tiles with options");
-}
-// `force_ws` (modes 0-2 of one hook) extended by modes 3 / 4; -1 resets both.
-template <void (*force_ws)(int)>
-void with_ws_options(int mode) {
-  ops::cuda_linear_force_wide_ws_flags(mode < 0 ? -1 : mode >= 3 ? 7 : 0);
-  force_ws(mode >= 3 ? mode - 2 : mode);
-}
-// Mode 2 (CTAs walking tiles) with at most 3 CTAs; -1 (the reset) and 0 / 1 without a cap.
-void force_wide_ws_capped(int mode) { ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0); }
-
 // The warp-specialised FP8 wide kernel (a producer warpgroup, two consumers out of step)
 // gives the wide kernel's bits, one tile a CTA and with 3 CTAs walking every tile (so a
-// CTA's ring of stages runs on across tiles, of 2-32 stages), with and without its options:
-// both tile heights, partial weight and row tiles, walked slices (one set and two), a
-// stacked pair with its second output, the shared expert (scale rows of 2 and 3 bytes:
-// words cut at the row's end). Counts its launches, so the path really ran. (It is the
-// default for FP8 wide tiles, so the other wide tests run it too; this one forces
-// gemm_wide_kernel for the reference.)
+// CTA's ring of stages runs on across tiles, of 2-32 stages): both tile heights, partial
+// weight and row tiles, walked slices (one set and two), a stacked pair with its second
+// output, the shared expert (scale rows of 2 and 3 bytes: words cut at the row's end).
+// Counts its launches, so the path really ran. (It is the default for FP8 wide tiles, so
+// the other wide tests run it too; this one forces gemm_wide_kernel for the reference.)
 TEST(CudaLinearWide, WarpSpecializedTilesEqualWideTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x57);
-  void (*force_ws)(int) = with_ws_options<force_wide_ws_capped>;
+  // Mode 2 (CTAs walking tiles) with at most 3 CTAs; -1 (the reset) and 0 / 1 without a cap.
+  void (*force_ws)(int) = [](int mode) { ops::cuda_linear_force_wide_ws(mode, mode == 2 ? 3 : 0); };
   run_fp8_wide_ops(env, rng, [&](const std::string& what, int64_t launches, const WideOp& op) {
     std::vector<Tensor> wide_outputs;
     for (int wide : {1, 2}) {  // 128-row tiles from 65 rows; 64-row tiles only
       ops::cuda_linear_force_wide(wide);
-      const auto got =
-          outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches,
-                           {{0, 0}, {1, launches}, {2, launches}, {3, launches}, {4, launches}}, what, op);
-      for (int ws = 1; ws < kWsModes; ++ws)
+      const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches,
+                                        {{0, 0}, {1, launches}, {2, launches}}, what, op);
+      for (int ws : {1, 2})
         for (size_t i = 0; i < got[0].size(); ++i)
           expect_bitwise(got[0][i], got[ws][i],
-                         what + (wide == 1 ? "" : " 64-row") + ws_mode_name(ws) + " vs wide (output " +
-                             std::to_string(i) + ")");
+                         what + (wide == 1 ? "" : " 64-row") + (ws == 1 ? " warp-specialised" : " walking tiles") +
+                             " vs wide (output " + std::to_string(i) + ")");
       if (wide == 1) wide_outputs = got[1];
     }
     ops::cuda_linear_force_wide(-1);
@@ -1259,7 +1239,7 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x58);
-  void (*force_ws)(int) = with_ws_options<force_wide_ws_opt_in<ops::cuda_linear_force_wide_ws_wo_a>>;
+  void (*force_ws)(int) = force_wide_ws_opt_in<ops::cuda_linear_force_wide_ws_wo_a>;
   struct GroupedCase {
     int64_t g, r, c;
   };
@@ -1276,14 +1256,15 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
         const std::string what =
             "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) + (wide == 1 ? "" : " 64-row");
         const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches,
-                                          {{0, 0}, {1, 1}, {2, 1}, {3, 1}, {4, 1}}, what, [&] {
+                                          {{0, 0}, {1, 1}, {2, 1}}, what, [&] {
                                             Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
                                             env.cuda.grouped_linear(dx, dw, c.g, y);
                                             return std::vector<Tensor>{y};
                                           });
-        for (int ws = 1; ws < kWsModes; ++ws)
-          expect_bitwise(got[0][0], got[ws][0], what + ws_mode_name(ws) + " vs wide");
-        expect_bitwise(ref, got[4][0], what + ws_mode_name(4) + " vs the Hopper model");
+        for (int ws : {1, 2})
+          expect_bitwise(got[0][0], got[ws][0],
+                         what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
+        expect_bitwise(ref, got[2][0], what + " walking tiles vs the Hopper model");
       }
     }
   }

@@ -79,9 +79,6 @@ void cuda_linear_force_wide_ws_wo_a(int on);
 // Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default on), 0 / 1 force bf16's 256-row
 // tiles off / onto the warp-specialised kernel (in its mode).
 void cuda_linear_force_wide_ws_bf16(int on);
-// Test hook: -1 follows DSV4_CUDA_WIDE_WS_FLAGS, 0-7 force the warp-specialised kernel's
-// options (lk::kWs*).
-void cuda_linear_force_wide_ws_flags(int flags);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -432,22 +429,8 @@ bool wide_ws_bf16() {
   return forced_or(g_force_wide_ws_bf16, from_env);
 }
 
-// gemm_wide_ws_kernel's options (lk::kWs*: the output tile by stmatrix, its rows by bulk
-// copies, the 64-row FP8 tiles' next chain ahead of the fold; same bits): the bits of
-// DSV4_CUDA_WIDE_WS_FLAGS (default 0, none).
-std::atomic<int> g_force_wide_ws_flags{-1};
-int wide_ws_flags() {
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_WIDE_WS_FLAGS");
-    return v != nullptr && *v != '\0' ? std::atoi(v) & 7 : 0;
-  }();
-  const int forced = g_force_wide_ws_flags.load(std::memory_order_relaxed);
-  return forced >= 0 ? forced : from_env;
-}
-
 template <WFmt F, int R, bool kTwo>
-void launch_wide_ws(CudaBackend& be, lk::GemmParams p, int64_t tiles, int mode) {
-  p.ws_flags = wide_ws_flags();
+void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int mode) {
   constexpr int smem = lk::gemm_wide_ws_smem_bytes<F, R, kTwo>(lk::wide_ws_stages<F, R, kTwo>());
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::gemm_wide_ws_kernel<F, R, kTwo>, smem, be.device_index(), done);
@@ -931,7 +914,6 @@ void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_r
 int64_t cuda_linear_wide_ws_launches() { return g_wide_ws_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws_wo_a(int on) { g_force_wide_ws_wo_a.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws_bf16(int on) { g_force_wide_ws_bf16.store(on, std::memory_order_relaxed); }
-void cuda_linear_force_wide_ws_flags(int flags) { g_force_wide_ws_flags.store(flags, std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_force_wide_ws.store(mode, std::memory_order_relaxed);
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);

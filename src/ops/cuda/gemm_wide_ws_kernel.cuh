@@ -80,70 +80,6 @@ __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, %0;\n" ::"n"(kWsConsumerThreads) : "memory");
 }
 
-// GemmParams::ws_flags (DSV4_CUDA_WIDE_WS_FLAGS; none changes a bit of the results):
-//   kWsStmatrix: the FP8 / FP8-as-bf16 output tile staged by stmatrix (four 8 x 8 bf16
-//     blocks an instruction) instead of 2-byte shared stores;
-//   kWsBulkStore: its rows then go out by bulk async copies (one a row), which run on
-//     under the next tile's stages, instead of every consumer thread's 16-byte copies;
-//   kWsChainAhead: FP8 tiles of 64 rows issue stage it+1's chain before folding stage it.
-// ncu of the FP8 launches at 256 rows (forty-fifth session): wq_b's consumers spent ~a third
-// of their stall samples on the output tile (8 stages a tile), wo_b's on each stage's wait
-// for its chain and the fold after it (R = 64: 128 tensor cycles a stage and warpgroup).
-constexpr int kWsStmatrix = 1, kWsBulkStore = 2, kWsChainAhead = 4;
-
-// Values the compiler must take as rewritten here (after a wgmma wait), so that no read of
-// them moves before it.
-template <int N>
-__device__ __forceinline__ void pin_registers(float (&v)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(v[i])::"memory");
-}
-
-// Four 8 x 8 blocks of bf16 pairs stored transposed (stmatrix .trans): block i takes
-// register r[i] of every lane (its fragment row lane / 4, columns 2 (lane % 4), +1) and the
-// row addresses of lanes 8i .. 8i + 7; fragment column j lands in stored row j.
-__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
-               "r"(r[1]), "r"(r[2]), "r"(r[3])
-               : "memory");
-}
-// Bulk async copies from shared to global memory (sm_90), one group a commit.
-__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes)
-               : "memory");
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-// This thread's bulk copies have read their shared memory (it may be written again) /
-// have completed.
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-
-// stage_wide_results's bf16 output tile (tile activation row c at c * stride bytes) by
-// stmatrix: the same values (0 + p, or the slice totals, rounded by float_to_bf16), four
-// blocks an instruction. A thread's values of step q, d[4q + e], are weight row row0 + g
-// + 8 (e / 2), activation row 8q + 2t + e % 2: for each half (e / 2) an 8 x 8 block whose
-// fragment rows are weight rows and columns activation rows, stored transposed, so a
-// stored row is 8 weight rows (16 bytes) of one activation row. Rows of 16-byte pieces at
-// stride % 128 == 16 (kWsOutStride): a block's 8 rows hit distinct banks.
-template <int R, bool kTwoSets>
-__device__ __forceinline__ void stage_wide_bf16_stmatrix(uint8_t* out, int stride, const float (&cur)[R / 2],
-                                                         const float* s_tot, int tot_col, int tot_cols, int row0,
-                                                         int lane) {
-  const int blk = lane >> 3;  // this lane's row address: block blk's stored row lane % 8
-  const uint32_t base = smem_u32(out) + (8 * (blk >> 1) + (lane & 7)) * stride + 2 * (row0 + 8 * (blk & 1));
-  auto value = [&](int i) { return kTwoSets ? s_tot[i * tot_cols + tot_col] : 0.0f + cur[i]; };
-#pragma unroll
-  for (int q = 0; q < R / 8; q += 2) {
-    uint32_t r[4];
-#pragma unroll
-    for (int h = 0; h < 4; ++h) {  // blocks (q, rows g), (q, rows g + 8), (q + 1, g), (q + 1, g + 8)
-      const int i = 4 * (q + (h >> 1)) + 2 * (h & 1);
-      r[h] = uint32_t(core::float_to_bf16(value(i))) | uint32_t(core::float_to_bf16(value(i + 1))) << 16;
-    }
-    stmatrix_x4_trans(base + 8 * q * stride, r);
-  }
-}
-
 // One output tile of the grid's: its rows, group and weight rows.
 struct WideWsTile {
   int row_base, rows, group, n0, valid_n;  // n0: the first weight row inside the group
@@ -361,10 +297,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     wait_for_predecessor();  // (the output stores: the predecessor may still read y)
     const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31, t4 = lane & 3;
     const int warp = (ctid >> 5) & 3, g8 = lane >> 2;
-    const bool stmatrix_out = (p.ws_flags & kWsStmatrix) != 0, bulk_out = (p.ws_flags & kWsBulkStore) != 0;
-    constexpr bool kAheadForm = !kRegA && R == 64;  // (two chains' accumulators and the fold's fit in registers)
-    const bool chain_ahead = kAheadForm && (p.ws_flags & kWsChainAhead) != 0;
-    bool stores_issued = false;  // this thread's bulk copy of an output row may still read the staging tile
     unsigned g = 0;  // stages consumed by this CTA so far
     for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
       const WideWsTile t = wide_ws_tile<R, kRegA>(p, tile, m_tiles);
@@ -378,12 +310,41 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         for (int i = 0; i < NA; ++i) s_tot[i * kWsConsumerThreads + ctid] = 0.0f;
       }
       int slice_pos = 0;
-      // The end of a stage: its buffer released, and at the end of its K slice the slice's
-      // sum added to the totals.
-      auto end_stage = [&](int buf) {
-        mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
+      for (int it = 0; it < stages_total; ++it, ++g) {
         const bool slice_last = slice_pos == per_slice - 1;
         slice_pos = slice_last ? 0 : slice_pos + 1;
+        const int buf = int(g % S);
+        mbar_wait(full_bar(buf), (g / S) & 1);
+        fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
+        const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
+        if constexpr (kRegA) {
+          // (a 128-wide scale block is two stages)
+          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
+          // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), the chunks
+          // summed by the tensor core from zero, then p = fmaf(d, 2^w, p): gemm_wide_kernel's.
+          const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
+          uint32_t a[4][4];
+#pragma unroll
+          for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t4, a[j]);
+          wgmma_fence();
+#pragma unroll
+          for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+          wgmma_commit();
+          wgmma_wait_all();
+#pragma unroll
+          for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[i], wsc, cur[i]);
+        } else {
+          const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
+          wgmma_fence();
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+          wgmma_commit();
+          wgmma_wait_all();
+          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
+          fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
+        }
+        mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
         if constexpr (kTwoSets) {
           if (slice_last) {
 #pragma unroll
@@ -393,134 +354,21 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
             }
           }
         }
-      };
-      // FP8: CTA stage gs's chain of 4 k32 products from zero into dd, once its copies landed.
-      auto fp8_chain = [&](float(&dd)[NA], unsigned gs) {
-        const int buf = int(gs % S);
-        mbar_wait(full_bar(buf), (gs / S) & 1);
-        fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
-        const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
-        const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wide_mma<WFmt::kFp8, R>(dd, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-        wgmma_commit();
-      };
-      // FP8: the fold of tile stage it (its chain dd, waited for) into p_s, p = fmaf(d, 2^w *
-      // 2^x, p), then the stage's end.
-      auto fp8_fold = [&](const float(&dd)[NA], int it, int buf) {
-        const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
-        fold_fp8_wide_stage<R>(cur, dd, wsc, s_as + buf * R, t4);
-        end_stage(buf);
-      };
-      if (chain_ahead) {
-        if constexpr (kAheadForm) {
-          // Stage it+1's chain goes out, into the other set, before stage it's fold, once
-          // stage it's chain is waited for (wait_group 0: no set is read while a chain
-          // writing it is in flight, so ptxas keeps the wgmmas pipelined). The same
-          // products and folds in the same order: the same bits.
-          float e[NA];
-#pragma unroll
-          for (int i = 0; i < NA; ++i) e[i] = 0.0f;
-          fp8_chain(d, g);
-          int it = 0;
-          for (; it + 2 < stages_total; it += 2) {  // (every chain here issued unconditionally: a
-                                                     // chain issued on a branch made ptxas serialize)
-            wgmma_wait_all();
-            pin_registers(d);
-            fp8_chain(e, g + 1);
-            fp8_fold(d, it, int(g % S));
-            ++g;
-            wgmma_wait_all();
-            pin_registers(e);
-            fp8_chain(d, g + 1);
-            fp8_fold(e, it + 1, int(g % S));
-            ++g;
-          }
-          wgmma_wait_all();  // the last one or two stages
-          pin_registers(d);
-          if (it + 1 < stages_total) {
-            fp8_chain(e, g + 1);
-            fp8_fold(d, it, int(g % S));
-            ++g;
-            wgmma_wait_all();
-            pin_registers(e);
-            fp8_fold(e, it + 1, int(g % S));
-            ++g;
-          } else {
-            fp8_fold(d, it, int(g % S));
-            ++g;
-          }
-        }
-      } else {
-        for (int it = 0; it < stages_total; ++it, ++g) {
-          const int buf = int(g % S);
-          if constexpr (kRegA) {
-            mbar_wait(full_bar(buf), (g / S) & 1);
-            fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
-            const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-            // (a 128-wide scale block is two stages)
-            const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
-            // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), the chunks
-            // summed by the tensor core from zero, then p = fmaf(d, 2^w, p): gemm_wide_kernel's.
-            const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
-            uint32_t a[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t4, a[j]);
-            wgmma_fence();
-#pragma unroll
-            for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-            wgmma_commit();
-            wgmma_wait_all();
-#pragma unroll
-            for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[i], wsc, cur[i]);
-            end_stage(buf);
-          } else {
-            fp8_chain(d, g);
-            wgmma_wait_all();
-            fp8_fold(d, it, buf);
-          }
-        }
       }
       if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
       // The output tile through shared memory, as gemm_wide_kernel's: each thread's R / 2
-      // values scattered over R / 4 rows become whole 16-byte pieces of output rows, or
-      // (kWsBulkStore) whole output rows of bulk copies, one a thread.
+      // values scattered over R / 4 rows become whole 16-byte pieces of output rows.
+      stage_wide_results<R, kTwoSets>(s_out, kWsOutStride, false, cur, s_tot, ctid, kWsConsumerThreads,
+                                       64 * cw + 16 * warp, g8, t4);
+      consumers_sync();
       const bool to_y1 = t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
       void* const y_out = to_y1 ? p.y1 : p.y;
       const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy,
                     col_out = kRegA ? wide_ws_weight_row<true>(p, t) : to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
-      if (bulk_out) {
-        if (stores_issued) bulk_wait_read();
-        stores_issued = false;
-        consumers_sync();  // the last tile's copies have read the staging tile
-      }
-      if (stmatrix_out)
-        stage_wide_bf16_stmatrix<R, kTwoSets>(s_out, kWsOutStride, cur, s_tot, ctid, kWsConsumerThreads,
-                                              64 * cw + 16 * warp, lane);
-      else
-        stage_wide_results<R, kTwoSets>(s_out, kWsOutStride, false, cur, s_tot, ctid, kWsConsumerThreads,
-                                         64 * cw + 16 * warp, g8, t4);
-      const bool bulk_rows = bulk_out && t.valid_n % 8 == 0 && reinterpret_cast<uintptr_t>(y_out) % 16 == 0 &&
-                             ld_out % 8 == 0 && col_out % 8 == 0;  // (bf16: whole 16-byte pieces)
-      if (bulk_rows) fence_proxy_async();  // the staged rows, written by the generic proxy, to the bulk copies
-      consumers_sync();
-      if (bulk_rows) {
-        if (ctid < t.rows) {
-          const int64_t orow = p.out_rows ? p.out_rows[t.row_base + ctid] : t.row_base + ctid;
-          bulk_store(static_cast<uint16_t*>(y_out) + orow * ld_out + col_out, smem_u32(s_out + ctid * kWsOutStride),
-                     uint32_t(t.valid_n) * 2);
-          stores_issued = true;
-        }
-      } else {
-        store_wide_tile<kWsConsumerThreads>(p.out_rows, y_out, ld_out, col_out, 2, s_out, kWsOutStride, t.row_base,
-                                            t.rows, t.valid_n, ctid);
-        if (!bulk_out) consumers_sync();  // the output tile is read: the next tile may write it (bulk_out:
-                                          // the next tile's first barrier says so)
-      }
+      store_wide_tile<kWsConsumerThreads>(p.out_rows, y_out, ld_out, col_out, 2, s_out, kWsOutStride, t.row_base, t.rows,
+                                          t.valid_n, ctid);
+      consumers_sync();  // the output tile is read: the next tile may write it
     }
-    if (stores_issued) bulk_wait_all();  // (the staging tile stays valid until its copies are done)
   }
 }
 

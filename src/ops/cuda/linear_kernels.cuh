@@ -194,7 +194,6 @@ struct GemmParams {
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
   int n_tile_offset;     // expert launches: weight tile of blockIdx.x 0 (DSV4_CUDA_EXPERT_LAUNCHES, a diagnostic)
-  int ws_flags;          // gemm_wide_ws_kernel's options (kWs* in gemm_wide_ws_kernel.cuh); same bits either way
 };
 
 // ---- small helpers ------------------------------------------------------------------
