@@ -58,6 +58,8 @@ int64_t cuda_linear_wide_ws_launches();
 void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
 void cuda_linear_force_wide_ws_wo_a(int on);
 void cuda_linear_force_wide_ws_bf16(int on);
+void cuda_linear_force_wide_mc(int on);
+int64_t cuda_linear_wide_mc_launches();
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
@@ -1266,6 +1268,46 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
                          what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
         expect_bitwise(ref, got[2][0], what + " walking tiles vs the Hopper model");
       }
+    }
+  }
+  ops::cuda_linear_force_wide(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// The cluster kernel's switch (gemm_wide_mc_kernel.cuh): 0 gemm_wide_kernel; 1 the cluster
+// kernel with at most 2 clusters (each walking several tile pairs); 2 as many clusters as
+// fit; -1 (the reset) every hook follows the environment.
+void force_wide_mc_mode(int mode) {
+  ops::cuda_linear_force_wide_mc(mode < 0 ? -1 : mode > 0 ? 1 : 0);
+  ops::cuda_linear_force_wide_ws(mode < 0 ? -1 : mode > 0 ? 2 : 0, mode == 1 ? 4 : 0);
+}
+
+// bf16's 256-row tiles in clusters of two CTAs sharing each stage's activations by TMA
+// multicast give gemm_wide_kernel's bits: f32 and bf16 outputs, a partial second weight tile
+// (N = 200), 3, 5 and 63 stages (the ring of 4 wraps, and turns many times), one row, part of
+// a row tile, a whole one, two and three row tiles (the pair's activations from a row tile
+// past the first; rows past m read as zeros), 2 and 4 weight tiles, few clusters walking
+// several pairs and as many as fit. Counts its launches, so the path really ran.
+TEST(CudaLinearWide, MulticastBf16TilesEqualWideTilesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x5a);
+  ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
+  for (const Bf16Case c : {Bf16Case{256, 192, false}, Bf16Case{200, 320, true}, Bf16Case{512, 4032, true}}) {
+    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    for (int64_t M : {1, 130, 256, 257, 600}) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
+      const std::string what = std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
+      const auto got = outputs_per_mode(env, force_wide_mc_mode, ops::cuda_linear_wide_mc_launches,
+                                        {{0, 0}, {1, 1}, {2, 1}}, what, [&] {
+                                          Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
+                                          env.cuda.linear_bf16(dx, dw, y);
+                                          return std::vector<Tensor>{y};
+                                        });
+      for (int mc : {1, 2})
+        expect_bitwise(got[0][0], got[mc][0], what + (mc == 1 ? " 2 clusters" : " clusters") + " vs wide");
     }
   }
   ops::cuda_linear_force_wide(-1);

@@ -10,6 +10,8 @@
 // `*_fast_ok`). Neither path synchronises, reads device data on the host or
 // allocates outside CudaBackend::scratch, so every op can be captured in a graph
 // once it has run eagerly with its largest shapes.
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the driver's entry point, looked up at run time)
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -24,6 +26,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/expert_plan.h"
 #include "ops/cuda/gemm_wide_kernel.cuh"
+#include "ops/cuda/gemm_wide_mc_kernel.cuh"
 #include "ops/cuda/gemm_wide_ws_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
 #include "ops/cuda/quantized_linear.h"
@@ -79,6 +82,11 @@ void cuda_linear_force_wide_ws_wo_a(int on);
 // Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default on), 0 / 1 force bf16's 256-row
 // tiles off / onto the warp-specialised kernel (in its mode).
 void cuda_linear_force_wide_ws_bf16(int on);
+// Test hooks: -1 follows DSV4_CUDA_WIDE_MC (default off), 0 / 1 force bf16's 256-row tiles
+// off / onto the cluster kernel (gemm_wide_mc_kernel.cuh; in DSV4_CUDA_WIDE_WS's mode 2, where
+// it fits); its launches so far.
+void cuda_linear_force_wide_mc(int on);
+int64_t cuda_linear_wide_mc_launches();
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -445,6 +453,82 @@ void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int
   g_wide_ws_launches.fetch_add(1, std::memory_order_relaxed);
 }
 
+// bf16's 256-row tiles in clusters of two CTAs sharing each stage's activations by TMA
+// multicast (gemm_wide_mc_kernel.cuh; same bits): DSV4_CUDA_WIDE_MC=1 (opt-in, in
+// DSV4_CUDA_WIDE_WS's mode 2, where it can: wide_mc_fits).
+std::atomic<int> g_force_wide_mc{-1};
+std::atomic<int64_t> g_wide_mc_launches{0};
+bool wide_mc() {
+  static const bool from_env = env_mode("DSV4_CUDA_WIDE_MC") == 1;
+  return forced_or(g_force_wide_mc, from_env);
+}
+bool wide_mc_fits(const lk::GemmParams& p) {
+  return p.groups == 1 && p.n_split >= p.n && p.in_rows == nullptr && p.slices == 1 && p.tiles_per_group % 2 == 0 &&
+         p.k % 64 == 0 && aligned(p.w0, 16) && aligned(p.a, 16) && p.w_row_bytes % 16 == 0 && p.a_row_bytes % 16 == 0;
+}
+// A TMA map of a bf16 matrix [rows, cols] (row stride row_bytes) in boxes of 64 values x 128
+// rows with the 128-byte swizzle (gemm_wide_mc_kernel.cuh); rows past `rows` read as zeros.
+CUtensorMap bf16_box_map(const void* base, int64_t rows, int64_t cols, int64_t row_bytes) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    DSV4_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    DSV4_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+               "gemm: the driver has no cuTensorMapEncodeTiled (CUDA 12.0 or later is needed for TMA maps)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(row_bytes)};
+  const cuuint32_t box[2] = {64, 128};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  DSV4_CHECK(r == CUDA_SUCCESS, "gemm: cuTensorMapEncodeTiled failed ({}) for a bf16 matrix of {} x {} (row {} bytes)",
+             int(r), rows, cols, row_bytes);
+  return map;
+}
+// Clusters of two of gemm_wide_mc_bf16_kernel that can be resident at once on this device
+// (asked once per device): the grid, so that every cluster's walk runs in one wave.
+int wide_mc_max_clusters(CudaBackend& be, const cudaLaunchConfig_t& cfg) {
+  static std::atomic<int> known[64] = {};
+  std::atomic<int>& slot = known[be.device_index() & 63];
+  if (const int n = slot.load(std::memory_order_acquire); n > 0) return n;
+  int n = 0;
+  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, lk::gemm_wide_mc_bf16_kernel, &cfg));
+  DSV4_CHECK(n > 0, "gemm: no cluster of two {} KB CTAs fits on this device", lk::kMcSmemBytes / 1024);
+  slot.store(n, std::memory_order_release);
+  return n;
+}
+void launch_wide_mc(CudaBackend& be, const lk::GemmParams& p) {
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::gemm_wide_mc_bf16_kernel, lk::kMcSmemBytes, be.device_index(), done);
+  const CUtensorMap wmap = bf16_box_map(p.w0, p.n, p.k, p.w_row_bytes);
+  const CUtensorMap amap = bf16_box_map(p.a, p.m, p.k, p.a_row_bytes);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(2);
+  cfg.blockDim = dim3(lk::kWsThreads);
+  cfg.dynamicSmemBytes = lk::kMcSmemBytes;
+  cfg.stream = be.stream();
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  const int64_t pairs = int64_t(p.tiles_per_group / 2) * ((p.m + 255) / 256);
+  const int cap = g_wide_ws_max_ctas.load(std::memory_order_relaxed);  // (tests: CTAs, so cap / 2 clusters)
+  const int64_t clusters =
+      std::max<int64_t>(1, std::min<int64_t>({pairs, wide_mc_max_clusters(be, cfg), cap > 0 ? cap / 2 : INT32_MAX}));
+  cfg.gridDim = dim3(unsigned(2 * clusters));
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lk::gemm_wide_mc_bf16_kernel, p, wmap, amap));
+  check_launch(be.stream());
+  g_wide_launches.fetch_add(1, std::memory_order_relaxed);
+  g_wide_mc_launches.fetch_add(1, std::memory_order_relaxed);
+}
+
 template <WFmt F, int R, bool kTwo>
 void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
   if constexpr (F == WFmt::kFp8 || F == WFmt::kFp8Bf16) {
@@ -452,6 +536,7 @@ void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
       return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
   if constexpr (F == WFmt::kBf16 && R == 256) {  // (one K slice: dispatch_wide checks it)
+    if (wide_ws_mode() == 2 && wide_mc() && wide_mc_fits(p)) return launch_wide_mc(be, p);
     if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_bf16())
       return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
@@ -914,6 +999,8 @@ void cuda_linear_force_wide(int on) { g_force_wide.store(on, std::memory_order_r
 int64_t cuda_linear_wide_ws_launches() { return g_wide_ws_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws_wo_a(int on) { g_force_wide_ws_wo_a.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws_bf16(int on) { g_force_wide_ws_bf16.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_wide_mc(int on) { g_force_wide_mc.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_wide_mc_launches() { return g_wide_mc_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_force_wide_ws.store(mode, std::memory_order_relaxed);
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);

@@ -1,0 +1,200 @@
+// bf16 256-row wide tiles (the LM head from 129 rows) in clusters of two CTAs that share
+// each stage's activations by TMA multicast (forty-fifth session; DSV4_CUDA_WIDE_MC).
+//
+// Why: at 256 rows every wide GEMM moved ~20-25 bytes a cycle and SM from L2 into shared
+// memory, whatever its tile and stage count (LM head 48 KB a stage, wq_b 32, wo_b 24;
+// ncu and graph traces, docs/BENCHMARKS.md, forty-fifth session): ~5.5-6.4 TB/s over 132
+// SMs, the L2's rate, while the tensor core of the LM head was ~half busy. More ring
+// stages, a cheaper output path and chains issued ahead of the fold changed nothing, so
+// the bytes each SM pulls from L2 are the bound. An LM head stage is 16 KB of weights
+// (the CTA's own 128 vocabulary rows) and 32 KB of activations (the same 256 rows for
+// every CTA). Two CTAs of a cluster take neighbouring weight tiles of one row tile, and
+// each loads half of the stage's activation rows for both (cp.async.bulk.tensor
+// .multicast::cluster): 32 KB a stage from L2 instead of 48. Predicted: the LM head from
+// ~486 to ~330 µs at 256 rows if the rate per SM holds.
+//
+// Roles as gemm_wide_ws_kernel<bf16, 256>: one producer thread issues the stage's TMA
+// copies (its weights, its half of the activations to both CTAs) after the stage's buffer
+// is free in both CTAs; two consumer warpgroups chain each m64n256k16 product over the
+// whole K (from zero at the first, then summing: the lockstep kernel's chain, so the same
+// bits) and store their 128 results a thread from registers. A stage's buffer is released,
+// one stage later (its products waited for by wait_1), by every consumer warp of both CTAs
+// on the stage's `empty` barrier of each (16 arrivals). The TMA writes the 128-byte
+// swizzled rows the wgmma descriptors expect (the layout sw128_offset computes). Rows past
+// m and weight rows past n come back as zeros.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (a host-encoded TMA descriptor; no driver library is linked)
+
+#include "ops/cuda/gemm_wide_ws_kernel.cuh"
+
+namespace dsv4::ops::linear_kernels {
+
+constexpr int kMcStages = 4;
+constexpr int kMcStageBytes = kTileN * 128 + 256 * 128;  // 16 KB of weights, 32 KB of activations
+constexpr int kMcEmptyArrivals = 2 * kWsConsumerThreads / 32;  // every consumer warp of both CTAs
+// Dynamic shared memory: the stages (1024-aligned for the 128-byte swizzle) and a full and an
+// empty barrier a stage.
+constexpr int kMcSmemBytes = 1024 + kMcStages * kMcStageBytes + 2 * kMcStages * 8;
+
+// The barrier at this CTA's shared address `a`, in the shared memory of cluster CTA `rank`,
+// receives one arrival (release at cluster scope: this thread's reads of the stage are done).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t a, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(a), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+// Waits for the barrier's phase of this parity with acquire at cluster scope (arrivals of
+// the other CTA's consumers).
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t a, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(a),
+      "r"(parity)
+      : "memory");
+}
+// A 2-D box of `map` at (column x, row y) into this CTA's shared memory at d, counted on the
+// barrier at b.
+__device__ __forceinline__ void tma_load_box(uint32_t d, const CUtensorMap& map, int x, int y, uint32_t b) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          d),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(x), "r"(y), "r"(b)
+      : "memory");
+}
+// The same box into shared address d of every cluster CTA in `mask`, counted on the barrier
+// at b of each.
+__device__ __forceinline__ void tma_load_box_multicast(uint32_t d, const CUtensorMap& map, int x, int y, uint32_t b,
+                                                       uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(d),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(x), "r"(y), "r"(b), "h"(mask)
+      : "memory");
+}
+
+// Requirements (host: wide_mc_fits): bf16 weights of one group, no stacked pair, one K slice,
+// no row gather, an even number of weight tiles; `wmap` a map of the weights [n, k] and
+// `amap` of the activations [m, k], both bf16 with boxes of 64 values x 128 rows and the
+// 128-byte swizzle. Grid: clusters of 2 (an even grid), cluster c walking tile pairs c, c +
+// gridDim.x / 2, ... of (n tiles / 2) x ceil(m / 256); CTA rank r of a pair takes weight tile
+// 2j + r of its pair j.
+__global__ void __launch_bounds__(kWsThreads, 1)
+    gemm_wide_mc_bf16_kernel(const __grid_constant__ GemmParams p, const __grid_constant__ CUtensorMap wmap,
+                             const __grid_constant__ CUtensorMap amap) {
+  constexpr int S = kMcStages, R = 256, NA = R / 2;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  const uint32_t misalign = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023;
+  uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);  // (the same offset in both CTAs: multicast)
+  const uint32_t s_base = smem_u32(smem);
+  auto w_stage = [&](int buf) { return s_base + buf * kMcStageBytes; };
+  auto a_stage = [&](int buf) { return s_base + buf * kMcStageBytes + kTileN * 128; };
+  const uint32_t bar0 = s_base + S * kMcStageBytes;
+  auto full_bar = [&](int s) { return bar0 + 8 * s; };
+  auto empty_bar = [&](int s) { return bar0 + 8 * (S + s); };
+
+  const int tid = threadIdx.x;
+  const uint32_t rank = cluster_cta_rank(), peer = rank ^ 1;
+  const int cluster = int(blockIdx.x) / 2, clusters = int(gridDim.x) / 2;
+  const int m_tiles = (p.m + R - 1) / R, pairs = p.tiles_per_group / 2 * m_tiles;
+  const int stages_total = p.k / 64;
+  if (tid == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full_bar(s), 1);
+      mbar_init(empty_bar(s), kMcEmptyArrivals);
+    }
+    mbar_init_fence();
+  }
+  cluster_sync_all();  // both CTAs' barriers exist before any copy or arrival reaches them
+
+  // Pair j's tile for this CTA (row tile fastest, as gemm_wide_kernel's order).
+  auto pair_tile = [&](int pair) {
+    WideWsTile t;
+    const int m_tile = pair % m_tiles, n_tile = 2 * (pair / m_tiles) + int(rank);
+    t.row_base = m_tile * R;
+    t.rows = min(R, p.m - t.row_base);
+    t.group = 0;
+    t.n0 = n_tile * kTileN;
+    t.valid_n = min(kTileN, p.n - t.n0);
+    t.second = false;
+    return t;
+  };
+
+  if (tid < kWsProducerThreads) {
+    // ---- producer (one thread): the weights of this CTA's tile, half of the activations for both ----
+    if (tid == 0) {
+      const int first = cluster;
+      const int early = first < pairs ? min(S, stages_total) : 0;
+      if (early > 0) {  // the first stages' weights (which nobody writes) before the dependency wait
+        const WideWsTile t = pair_tile(first);
+        for (int s = 0; s < early; ++s) {
+          mbar_expect_tx(full_bar(s), kMcStageBytes);
+          tma_load_box(w_stage(s), wmap, 64 * s, t.n0, full_bar(s));
+        }
+      }
+      wait_for_predecessor();
+      unsigned g = 0;  // stages issued by this CTA so far (ring slot g % S, use g / S)
+      for (int pair = first; pair < pairs; pair += clusters) {
+        const WideWsTile t = pair_tile(pair);
+        for (int it = 0; it < stages_total; ++it, ++g) {
+          const int buf = int(g % S);
+          if (g >= unsigned(S)) mbar_wait_cluster(empty_bar(buf), ((g / S) - 1) & 1);  // free in both CTAs
+          if (pair != first || it >= early) {
+            mbar_expect_tx(full_bar(buf), kMcStageBytes);
+            tma_load_box(w_stage(buf), wmap, 64 * it, t.n0, full_bar(buf));
+          }
+          tma_load_box_multicast(a_stage(buf) + rank * (128 * 128), amap, 64 * it, t.row_base + 128 * int(rank),
+                                 full_bar(buf), 0x3);
+        }
+      }
+    }
+    allow_dependents_to_launch();
+  } else {
+    // ---- consumers: the tile's K summed in the tensor core; then its output ----
+    wait_for_predecessor();  // (the output stores: the predecessor may still read y)
+    const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31;
+    const int warp = (ctid >> 5) & 3;
+    auto release = [&](int buf) {  // this warp's reads of stage buf are done, in both CTAs' count
+      __syncwarp();
+      if (lane == 0) {
+        mbar_arrive_cluster(empty_bar(buf), rank);
+        mbar_arrive_cluster(empty_bar(buf), peer);
+      }
+    };
+    unsigned g = 0;  // stages consumed by this CTA so far
+    for (int pair = cluster; pair < pairs; pair += clusters) {
+      const WideWsTile t = pair_tile(pair);
+      float d[NA];
+#pragma unroll
+      for (int i = 0; i < NA; ++i) d[i] = 0.0f;
+      int prev = 0;
+      for (int it = 0; it < stages_total; ++it, ++g) {
+        const int buf = int(g % S);
+        mbar_wait(full_bar(buf), (g / S) & 1);
+        const uint32_t a_lo = wgmma_desc_lo(w_stage(buf) + cw * 64 * 128);
+        const uint32_t b_lo = wgmma_desc_lo(a_stage(buf));
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          wgmma_wide256_bf16(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), it == 0 && j == 0 ? 0 : 1);
+        wgmma_commit();
+        if (it > 0) {
+          wgmma_wait_1();
+          release(prev);  // stage it-1's products are done
+        }
+        prev = buf;
+      }
+      wgmma_wait_all();
+      release(prev);
+      if (pair + clusters >= pairs) allow_dependents_to_launch();  // only the last output is left
+      store_wide256_results(p, t, d, 64 * cw + 16 * warp, lane >> 2, lane & 3);
+    }
+  }
+  cluster_sync_all();  // the other CTA's last arrivals on this CTA's barriers are in
+}
+
+}  // namespace dsv4::ops::linear_kernels
