@@ -38,24 +38,14 @@ constexpr int kMcEmptyArrivals = 2 * kWsConsumerThreads / 32;  // every consumer
 constexpr int kMcSmemBytes = 1024 + kMcStages * kMcStageBytes + 2 * kMcStages * 8;
 
 // The barrier at this CTA's shared address `a`, in the shared memory of cluster CTA `rank`,
-// receives one arrival (release at cluster scope: this thread's reads of the stage are done).
+// receives one arrival. (The default semantics, as CUTLASS's cluster pipelines release a
+// stage: the stage's reads are wgmma reads, finished by the wait before it. The
+// .release.cluster form put a memory barrier before every arrival: ncu had 39% of the
+// kernel's stall samples there and the LM head at 681 µs.)
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t a, uint32_t rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(a), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-// Waits for the barrier's phase of this parity with acquire at cluster scope (arrivals of
-// the other CTA's consumers).
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t a, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "wait_%=:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n"
-      "}\n" ::"r"(a),
-      "r"(parity)
-      : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 // A 2-D box of `map` at (column x, row y) into this CTA's shared memory at d, counted on the
 // barrier at b.
@@ -142,7 +132,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const WideWsTile t = pair_tile(pair);
         for (int it = 0; it < stages_total; ++it, ++g) {
           const int buf = int(g % S);
-          if (g >= unsigned(S)) mbar_wait_cluster(empty_bar(buf), ((g / S) - 1) & 1);  // free in both CTAs
+          if (g >= unsigned(S)) mbar_wait(empty_bar(buf), ((g / S) - 1) & 1);  // free in both CTAs
           if (pair != first || it >= early) {
             mbar_expect_tx(full_bar(buf), kMcStageBytes);
             tma_load_box(w_stage(buf), wmap, 64 * it, t.n0, full_bar(buf));
