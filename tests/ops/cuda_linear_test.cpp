@@ -60,6 +60,7 @@ void cuda_linear_force_wide_ws_wo_a(int on);
 void cuda_linear_force_wide_ws_bf16(int on);
 void cuda_linear_force_wide_mc(int on);
 int64_t cuda_linear_wide_mc_launches();
+bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 int64_t cuda_linear_cluster_fold_launches();
@@ -1292,6 +1293,8 @@ TEST(CudaLinearWide, MulticastBf16TilesEqualWideTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   Env env;
+  if (!ops::cuda_linear_wide_mc_fits_device(env.cuda))
+    GTEST_SKIP() << "no cluster of two of the cluster kernel's CTAs fits on this device (it is not taken there)";
   Rng rng(0x5a);
   ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
   for (const Bf16Case c : {Bf16Case{256, 192, false}, Bf16Case{200, 320, true}, Bf16Case{512, 4032, true}}) {

@@ -87,6 +87,8 @@ void cuda_linear_force_wide_ws_bf16(int on);
 // it fits); its launches so far.
 void cuda_linear_force_wide_mc(int on);
 int64_t cuda_linear_wide_mc_launches();
+// Whether a cluster of two of the cluster kernel's CTAs fits on the backend's device.
+bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
 // thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
@@ -489,24 +491,10 @@ CUtensorMap bf16_box_map(const void* base, int64_t rows, int64_t cols, int64_t r
              int(r), rows, cols, row_bytes);
   return map;
 }
-// Clusters of two of gemm_wide_mc_bf16_kernel that can be resident at once on this device
-// (asked once per device): the grid, so that every cluster's walk runs in one wave.
-int wide_mc_max_clusters(CudaBackend& be, const cudaLaunchConfig_t& cfg) {
-  static std::atomic<int> known[64] = {};
-  std::atomic<int>& slot = known[be.device_index() & 63];
-  if (const int n = slot.load(std::memory_order_acquire); n > 0) return n;
-  int n = 0;
-  DSV4_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, lk::gemm_wide_mc_bf16_kernel, &cfg));
-  DSV4_CHECK(n > 0, "gemm: no cluster of two {} KB CTAs fits on this device", lk::kMcSmemBytes / 1024);
-  slot.store(n, std::memory_order_release);
-  return n;
-}
-void launch_wide_mc(CudaBackend& be, const lk::GemmParams& p) {
-  static std::atomic<uint64_t> done{0};
-  allow_smem(lk::gemm_wide_mc_bf16_kernel, lk::kMcSmemBytes, be.device_index(), done);
-  const CUtensorMap wmap = bf16_box_map(p.w0, p.n, p.k, p.w_row_bytes);
-  const CUtensorMap amap = bf16_box_map(p.a, p.m, p.k, p.a_row_bytes);
-  cudaLaunchAttribute cluster{};
+// The launch of gemm_wide_mc_bf16_kernel in clusters of two (grid set by the caller);
+// `cluster` holds the attribute the config points to.
+cudaLaunchConfig_t wide_mc_config(cudaStream_t stream, cudaLaunchAttribute& cluster) {
+  cluster = cudaLaunchAttribute{};
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = 2;
   cluster.val.clusterDim.y = 1;
@@ -515,13 +503,43 @@ void launch_wide_mc(CudaBackend& be, const lk::GemmParams& p) {
   cfg.gridDim = dim3(2);
   cfg.blockDim = dim3(lk::kWsThreads);
   cfg.dynamicSmemBytes = lk::kMcSmemBytes;
-  cfg.stream = be.stream();
+  cfg.stream = stream;
   cfg.attrs = &cluster;
   cfg.numAttrs = 1;
+  return cfg;
+}
+// Clusters of two of gemm_wide_mc_bf16_kernel that can be resident at once on this device
+// (asked once per device, on the first, eager, use): the grid, so that every cluster's walk
+// runs in one wave. 0 where none fits (e.g. a MIG slice): the bf16 tiles then stay on
+// gemm_wide_ws_kernel.
+int wide_mc_max_clusters(CudaBackend& be) {
+  static std::atomic<int> known[64];
+  static std::atomic<uint64_t> asked{0};
+  const int dev = be.device_index() & 63;
+  const uint64_t bit = uint64_t(1) << dev;
+  if (asked.load(std::memory_order_acquire) & bit) return known[dev].load(std::memory_order_relaxed);
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::gemm_wide_mc_bf16_kernel, lk::kMcSmemBytes, be.device_index(), done);
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = wide_mc_config(nullptr, cluster);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, lk::gemm_wide_mc_bf16_kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // (the query's error is not the stream's)
+    n = 0;
+  }
+  known[dev].store(n, std::memory_order_relaxed);
+  asked.fetch_or(bit, std::memory_order_acq_rel);
+  return n;
+}
+void launch_wide_mc(CudaBackend& be, const lk::GemmParams& p) {
+  const CUtensorMap wmap = bf16_box_map(p.w0, p.n, p.k, p.w_row_bytes);
+  const CUtensorMap amap = bf16_box_map(p.a, p.m, p.k, p.a_row_bytes);
+  cudaLaunchAttribute cluster;
+  cudaLaunchConfig_t cfg = wide_mc_config(be.stream(), cluster);
   const int64_t pairs = int64_t(p.tiles_per_group / 2) * ((p.m + 255) / 256);
   const int cap = g_wide_ws_max_ctas.load(std::memory_order_relaxed);  // (tests: CTAs, so cap / 2 clusters)
   const int64_t clusters =
-      std::max<int64_t>(1, std::min<int64_t>({pairs, wide_mc_max_clusters(be, cfg), cap > 0 ? cap / 2 : INT32_MAX}));
+      std::max<int64_t>(1, std::min<int64_t>({pairs, wide_mc_max_clusters(be), cap > 0 ? cap / 2 : INT32_MAX}));
   cfg.gridDim = dim3(unsigned(2 * clusters));
   DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lk::gemm_wide_mc_bf16_kernel, p, wmap, amap));
   check_launch(be.stream());
@@ -536,7 +554,8 @@ void launch_wide(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
       return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
   if constexpr (F == WFmt::kBf16 && R == 256) {  // (one K slice: dispatch_wide checks it)
-    if (wide_ws_mode() == 2 && wide_mc() && wide_mc_fits(p)) return launch_wide_mc(be, p);
+    if (wide_ws_mode() == 2 && wide_mc() && wide_mc_fits(p) && wide_mc_max_clusters(be) > 0)
+      return launch_wide_mc(be, p);
     if (const int mode = wide_ws_mode(); mode > 0 && wide_ws_bf16())
       return launch_wide_ws<F, R, kTwo>(be, p, int64_t(grid.x) * grid.y, mode);
   }
@@ -1001,6 +1020,7 @@ void cuda_linear_force_wide_ws_wo_a(int on) { g_force_wide_ws_wo_a.store(on, std
 void cuda_linear_force_wide_ws_bf16(int on) { g_force_wide_ws_bf16.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_wide_mc(int on) { g_force_wide_mc.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_mc_launches() { return g_wide_mc_launches.load(std::memory_order_relaxed); }
+bool cuda_linear_wide_mc_fits_device(CudaBackend& be) { return wide_mc_max_clusters(be) > 0; }
 void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_force_wide_ws.store(mode, std::memory_order_relaxed);
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);
