@@ -1,17 +1,17 @@
 // bf16 256-row wide tiles (the LM head from 129 rows) in clusters of two CTAs that share
-// each stage's activations by TMA multicast (forty-fifth session; DSV4_CUDA_WIDE_MC).
+// each stage's activations by TMA multicast (forty-fifth session; opt-in DSV4_CUDA_WIDE_MC=1).
 //
-// Why: at 256 rows every wide GEMM moved ~20-25 bytes a cycle and SM from L2 into shared
-// memory, whatever its tile and stage count (LM head 48 KB a stage, wq_b 32, wo_b 24;
-// ncu and graph traces, docs/BENCHMARKS.md, forty-fifth session): ~5.5-6.4 TB/s over 132
-// SMs, the L2's rate, while the tensor core of the LM head was ~half busy. More ring
-// stages, a cheaper output path and chains issued ahead of the fold changed nothing, so
-// the bytes each SM pulls from L2 are the bound. An LM head stage is 16 KB of weights
-// (the CTA's own 128 vocabulary rows) and 32 KB of activations (the same 256 rows for
-// every CTA). Two CTAs of a cluster take neighbouring weight tiles of one row tile, and
-// each loads half of the stage's activation rows for both (cp.async.bulk.tensor
-// .multicast::cluster): 32 KB a stage from L2 instead of 48. Predicted: the LM head from
-// ~486 to ~330 µs at 256 rows if the rate per SM holds.
+// Why: at 256 rows each SM of the wide GEMMs brought in 14-25 bytes a cycle from L2 (the
+// LM head 48 KB a stage in ~1960 cycles; 5.3-6.4 TB/s over 132 SMs for it and wo_b) while
+// the LM head's tensor core was about half busy and its consumers waited on data; more
+// ring stages, a cheaper output path and chains issued ahead of the fold changed nothing
+// (docs/BENCHMARKS.md, forty-fifth session). An LM head stage is 16 KB of weights (the
+// CTA's own 128 vocabulary rows) and 32 KB of activations (the same 256 rows for every
+// CTA). Two CTAs of a cluster take neighbouring weight tiles of one row tile, and each
+// loads half of the stage's activation rows for both (cp.async.bulk.tensor
+// .multicast::cluster): 32 KB a stage from L2 instead of 48. Predicted ~330 µs a launch
+// against ~486; measured ~430 in one run (a third of the predicted saving): the L2's rate
+// is part of the bound, not all of it.
 //
 // Roles as gemm_wide_ws_kernel<bf16, 256>: one producer thread issues the stage's TMA
 // copies (its weights, its half of the activations to both CTAs) after the stage's buffer
@@ -159,27 +159,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     for (int pair = cluster; pair < pairs; pair += clusters) {
       const WideWsTile t = pair_tile(pair);
       float d[NA];
-#pragma unroll
-      for (int i = 0; i < NA; ++i) d[i] = 0.0f;
-      int prev = 0;
-      for (int it = 0; it < stages_total; ++it, ++g) {
-        const int buf = int(g % S);
-        mbar_wait(full_bar(buf), (g / S) & 1);
-        const uint32_t a_lo = wgmma_desc_lo(w_stage(buf) + cw * 64 * 128);
-        const uint32_t b_lo = wgmma_desc_lo(a_stage(buf));
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wgmma_wide256_bf16(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), it == 0 && j == 0 ? 0 : 1);
-        wgmma_commit();
-        if (it > 0) {
-          wgmma_wait_1();
-          release(prev);  // stage it-1's products are done
-        }
-        prev = buf;
-      }
-      wgmma_wait_all();
-      release(prev);
+      chain_bf16_tile256<S, false>(d, g, stages_total, full_bar(0), w_stage, a_stage, cw, release);
       if (pair + clusters >= pairs) allow_dependents_to_launch();  // only the last output is left
       store_wide256_results(p, t, d, 64 * cw + 16 * warp, lane >> 2, lane & 3);
     }

@@ -131,6 +131,43 @@ __device__ __forceinline__ void store_wide256_results(const GemmParams& p, const
     }
 }
 
+// A consumer warpgroup's share of a bf16 256-row tile: the tile's stages, from CTA stage g
+// on, each waited for on its `full` barrier (full0 + 8 * buffer) and its 4 m64n256k16
+// products chained onto d over the whole K (from zero at the first, then summing: the
+// lockstep kernel's chain). Stage it's products stay in flight across the next stage's
+// wait; once they are done (wait_1 after the next stage's issue) release(buffer) gives
+// its buffer back, and the last one's after the chain's end. w_stage / a_stage: the
+// stage buffer's weights (this warpgroup's 64 rows start 64 * cw rows in) and activations.
+// kGenericCopies: the stages were copied by cp.async (the generic proxy), so the wgmmas
+// need a proxy fence after the barrier; TMA copies do not. Both bf16 256-row kernels
+// (gemm_wide_ws_kernel, gemm_wide_mc_kernel.cuh) chain with it.
+template <int S, bool kGenericCopies, typename WStage, typename AStage, typename Release>
+__device__ __forceinline__ void chain_bf16_tile256(float (&d)[128], unsigned& g, int stages_total, uint32_t full0,
+                                                   WStage w_stage, AStage a_stage, int cw, Release release) {
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  int prev = 0;
+  for (int it = 0; it < stages_total; ++it, ++g) {
+    const int buf = int(g % S);
+    mbar_wait(full0 + 8 * buf, (g / S) & 1);
+    if constexpr (kGenericCopies) fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
+    const uint32_t a_lo = wgmma_desc_lo(w_stage(buf) + cw * 64 * 128);
+    const uint32_t b_lo = wgmma_desc_lo(a_stage(buf));
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      wgmma_wide256_bf16(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), it == 0 && j == 0 ? 0 : 1);
+    wgmma_commit();
+    if (it > 0) {
+      wgmma_wait_1();
+      release(prev);  // stage it-1's weights and activations are read
+    }
+    prev = buf;
+  }
+  wgmma_wait_all();
+  release(prev);
+}
+
 // Requirements (host: wide_ws_fits): FP8 weights of one group, or FP8-as-bf16 ones of
 // any groups, bf16 output, the block-scale tensors 4-byte aligned (a stage's scale byte
 // comes in its aligned 4-byte word, cut at the row's end); or bf16 weights of one group
@@ -265,30 +302,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
       const WideWsTile t = wide_ws_tile<R, false>(p, tile, m_tiles);
       float d[NA];
-#pragma unroll
-      for (int i = 0; i < NA; ++i) d[i] = 0.0f;
-      // Stage it's products stay in flight across the next stage's wait; once they are
-      // done (wait_1 after the next stage's issue), the stage's buffer is released.
-      int prev = 0;
-      for (int it = 0; it < stages_total; ++it, ++g) {
-        const int buf = int(g % S);
-        mbar_wait(full_bar(buf), (g / S) & 1);
-        fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
-        const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
-        const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wgmma_wide256_bf16(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), it == 0 && j == 0 ? 0 : 1);
-        wgmma_commit();
-        if (it > 0) {
-          wgmma_wait_1();
-          mbar_arrive(empty_bar(prev));  // stage it-1's weights and activations are read
-        }
-        prev = buf;
-      }
-      wgmma_wait_all();
-      mbar_arrive(empty_bar(prev));
+      chain_bf16_tile256<S, true>(
+          d, g, stages_total, full_bar(0), [&](int buf) { return smem_u32(s_w + buf * kStageBytes); },
+          [&](int buf) { return smem_u32(s_a + buf * R * 128); }, cw, [&](int buf) { mbar_arrive(empty_bar(buf)); });
       if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
       store_wide256_results(p, t, d, 64 * cw + 16 * warp, lane >> 2, lane & 3);
     }
