@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -1275,6 +1276,28 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
+// bf16 linears of one K slice in 256-row tiles (the hook's mode 3 must be on), each case at
+// each row count: modes 1 and 2 of `force` (one launch each, counted by `launches`) give the
+// bytes of mode 0; `names` says what modes 1 and 2 are in a failure.
+void expect_bf16_256_modes_equal(Env& env, Rng& rng, std::initializer_list<Bf16Case> cases,
+                                 std::initializer_list<int64_t> rows, void (*force)(int), int64_t (*launches)(),
+                                 const std::array<const char*, 2>& names) {
+  for (const Bf16Case c : cases) {
+    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
+    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
+    for (int64_t M : rows) {
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
+      const std::string what = std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
+      const auto got = outputs_per_mode(env, force, launches, {{0, 0}, {1, 1}, {2, 1}}, what, [&] {
+        Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
+        env.cuda.linear_bf16(dx, dw, y);
+        return std::vector<Tensor>{y};
+      });
+      for (int mode : {1, 2}) expect_bitwise(got[0][0], got[mode][0], what + names[mode - 1] + " vs wide");
+    }
+  }
+}
+
 // The cluster kernel's switch (gemm_wide_mc_kernel.cuh): 0 gemm_wide_kernel; 1 the cluster
 // kernel with at most 2 clusters (each walking several tile pairs); 2 as many clusters as
 // fit; -1 (the reset) every hook follows the environment.
@@ -1297,22 +1320,10 @@ TEST(CudaLinearWide, MulticastBf16TilesEqualWideTilesBitForBit) {
     GTEST_SKIP() << "no cluster of two of the cluster kernel's CTAs fits on this device (it is not taken there)";
   Rng rng(0x5a);
   ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
-  for (const Bf16Case c : {Bf16Case{256, 192, false}, Bf16Case{200, 320, true}, Bf16Case{512, 4032, true}}) {
-    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
-    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
-    for (int64_t M : {1, 130, 256, 257, 600}) {
-      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
-      const std::string what = std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
-      const auto got = outputs_per_mode(env, force_wide_mc_mode, ops::cuda_linear_wide_mc_launches,
-                                        {{0, 0}, {1, 1}, {2, 1}}, what, [&] {
-                                          Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
-                                          env.cuda.linear_bf16(dx, dw, y);
-                                          return std::vector<Tensor>{y};
-                                        });
-      for (int mc : {1, 2})
-        expect_bitwise(got[0][0], got[mc][0], what + (mc == 1 ? " 2 clusters" : " clusters") + " vs wide");
-    }
-  }
+  expect_bf16_256_modes_equal(env, rng,
+                              {Bf16Case{256, 192, false}, Bf16Case{200, 320, true}, Bf16Case{512, 4032, true}},
+                              {1, 130, 256, 257, 600}, force_wide_mc_mode, ops::cuda_linear_wide_mc_launches,
+                              {" 2 clusters", " clusters"});
   ops::cuda_linear_force_wide(-1);
   ops::cuda_linear_force_path(-1);
 }
@@ -1332,22 +1343,10 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
   Rng rng(0x59);
   void (*force_ws)(int) = force_wide_ws_opt_in<ops::cuda_linear_force_wide_ws_bf16>;
   ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
-  for (const Bf16Case c : {Bf16Case{384, 192, false}, Bf16Case{200, 320, true}, Bf16Case{256, 4032, true}}) {
-    const Tensor dw = to_device(env.cuda, rng.bf16({c.n, c.k}, 1.0f / std::sqrt(float(c.k))));
-    const DType ydt = c.y_f32 ? DType::kF32 : DType::kBF16;
-    for (int64_t M : {1, 130, 256, 257}) {
-      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.k}));
-      const std::string what = std::string("bf16 linear y ") + (c.y_f32 ? "f32 " : "bf16 ") + shape_str(M, c.n, c.k);
-      const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches, {{0, 0}, {1, 1}, {2, 1}},
-                                        what, [&] {
-                                          Tensor y = device_poisoned(env.cuda, ydt, {M, c.n});
-                                          env.cuda.linear_bf16(dx, dw, y);
-                                          return std::vector<Tensor>{y};
-                                        });
-      for (int ws : {1, 2})
-        expect_bitwise(got[0][0], got[ws][0], what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
-    }
-  }
+  expect_bf16_256_modes_equal(env, rng,
+                              {Bf16Case{384, 192, false}, Bf16Case{200, 320, true}, Bf16Case{256, 4032, true}},
+                              {1, 130, 256, 257}, force_ws, ops::cuda_linear_wide_ws_launches,
+                              {" warp-specialised", " walking tiles"});
   {  // a stacked pair: 256 rows of the first weight (two tiles), 200 of the second
     const int64_t k = 320;
     const Tensor da = to_device(env.cuda, rng.bf16({256, k}, 0.05f));
