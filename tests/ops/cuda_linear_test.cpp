@@ -1343,6 +1343,7 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
   Rng rng(0x59);
   void (*force_ws)(int) = force_wide_ws_opt_in<ops::cuda_linear_force_wide_ws_bf16>;
   ops::cuda_linear_force_wide(3);  // bf16 GEMMs of one K slice in 256-row tiles, whatever their rows
+  ops::cuda_linear_force_wide_mc(0);  // even tile counts would go to the cluster kernel (its own test)
   expect_bf16_256_modes_equal(env, rng,
                               {Bf16Case{384, 192, false}, Bf16Case{200, 320, true}, Bf16Case{256, 4032, true}},
                               {1, 130, 256, 257}, force_ws, ops::cuda_linear_wide_ws_launches,
@@ -1368,6 +1369,7 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
                              std::to_string(i) + ")");
     }
   }
+  ops::cuda_linear_force_wide_mc(-1);
   ops::cuda_linear_force_wide(-1);
   ops::cuda_linear_force_path(-1);
 }

@@ -1,5 +1,6 @@
 // bf16 256-row wide tiles (the LM head from 129 rows) in clusters of two CTAs that share
-// each stage's activations by TMA multicast (forty-fifth session; opt-in DSV4_CUDA_WIDE_MC=1).
+// each stage's activations by TMA multicast (forty-fifth session; the default
+// since the forty-sixth, DSV4_CUDA_WIDE_MC=0 keeps gemm_wide_ws_kernel).
 //
 // Why: at 256 rows each SM of the wide GEMMs brought in 14-25 bytes a cycle from L2 (the
 // LM head 48 KB a stage in ~1960 cycles; 5.3-6.4 TB/s over 132 SMs for it and wo_b) while
@@ -11,7 +12,8 @@
 // loads half of the stage's activation rows for both (cp.async.bulk.tensor
 // .multicast::cluster): 32 KB a stage from L2 instead of 48. Predicted ~330 µs a launch
 // against ~486; measured ~430 in one run (a third of the predicted saving): the L2's rate
-// is part of the bound, not all of it.
+// is part of the bound, not all of it. A/B over 3 rounds (forty-sixth session): -0.5% a
+// step at 192 rows (apart), -0.2% at 256.
 //
 // Roles as gemm_wide_ws_kernel<bf16, 256>: one producer thread issues the stage's TMA
 // copies (its weights, its half of the activations to both CTAs) after the stage's buffer
