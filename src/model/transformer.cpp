@@ -150,10 +150,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   // the linears after it are one op (the backend may quantize as it normalizes).
   // form_input: X is first formed from the previous layer's FFN output (its
   // moe_output and hc_post, spec §4.2), in the same op.
-  // prefetch_hints: at small batch the chain's kernels between the large weight reads
-  // (hc_pre, the q norm, the attention) read little, so the memory idles there; each of
-  // wq_b, wo_a and wo_b is named to the backend at the start of the stretch before its
-  // GEMM, which may move its bytes into a cache meanwhile (Backend::prefetch).
   if (form_input) {
     program.push_back(Stage{
         L + ".attn_in", StageKind::kCompute,
@@ -162,7 +158,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         {{"moe_out", b.moe_out.data()}, {"X", b.X.data()}, {"x", b.x.data()}, {"xn", b.xn.data()},
          {"post", b.post.data()}, {"comb", b.comb.data()}, {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
         [&be, &w, this, X, X_alt, x, xn, post, comb, cq_raw, kv, routed, shared_out, moe_out, eps] {
-          be.prefetch(w.wq_b.weight, "wq_b");  // (prefetch_hints above)
           const auto ffn_out = ops::HcPostInput::of_moe_output(routed, shared_out, moe_out, X_alt, post, comb);
           be.hc_post_pre_norm_linear_pair(ffn_out, X, w.hc_attn, hc_pre_config_, w.attn_norm, eps, x, xn, post, comb,
                                           w.wq_a, cq_raw, w.wkv, kv);
@@ -173,7 +168,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         {{"x", b.x.data()}, {"xn", b.xn.data()}, {"post", b.post.data()}, {"comb", b.comb.data()},
          {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
         [&be, &w, this, X, x, xn, post, comb, cq_raw, kv, eps] {
-          be.prefetch(w.wq_b.weight, "wq_b");
           be.hc_pre_norm_linear_pair(X, w.hc_attn, hc_pre_config_, w.attn_norm, eps, x, xn, post, comb, w.wq_a, cq_raw,
                                      w.wkv, kv);
         }});
@@ -187,11 +181,9 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         if (csa) {
           be.rms_norm_linear_pair(cq_raw, w.q_norm, eps, cq, w.wq_b, q.reshape({T, H * Dh}), w.index_wq_b,
                                   iq.reshape({T, Hi * Di}));
-          be.prefetch(w.wo_a.weight, "wo_a");
           be.indexer_q(iq, batch, rope);
         } else {
           be.rms_norm_linear(cq_raw, w.q_norm, eps, cq, w.wq_b, q.reshape({T, H * Dh}));
-          be.prefetch(w.wo_a.weight, "wo_a");
           be.q_norm_rope(q, batch, rope, eps);
         }
       }});
@@ -257,7 +249,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
        {"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}},
       [&be, &w, &c, this, X, X_alt, x, xn, post, comb, attn_o, z, attn_out, eps] {
         const int64_t T2 = attn_o.size(0);
-        be.prefetch(w.wo_b.weight, "wo_b");
         be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
         be.linear(z, w.wo_b, attn_out);
         be.hc_post_pre_norm(ops::HcPostInput::of_sublayer(attn_out, X, post, comb), X_alt, w.hc_ffn, hc_pre_config_,

@@ -647,11 +647,6 @@ void Backend::copy(const Tensor& dst, const Tensor& src) {
   do_copy(dst, src);
 }
 
-void Backend::prefetch(const Tensor& t, std::string_view what) {
-  DSV4_CHECK(t.device() == device(), "prefetch: {} is on the wrong device", what);
-  if (t.nbytes() > 0) do_prefetch(t, what);
-}
-
 std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, double factor, int64_t original_seq_len,
                                  double beta_fast, double beta_slow) {
   // Reference arithmetic (spec §2.2): fp32 exponents and pow, the YaRN ramp in fp32.

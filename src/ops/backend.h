@@ -12,7 +12,6 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "core/tensor.h"
@@ -308,11 +307,6 @@ class Backend {
   void gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst);
   // Byte copy between tensors of this device (dst at least as large as src).
   void copy(const core::Tensor& dst, const core::Tensor& src);
-  // A hint that weight t (nothing writes it during a step), named `what` (e.g. "wo_a"),
-  // is read soon, issued where the step's chain leaves the memory idle: the backend may
-  // start moving its bytes into a cache. Changes no tensor. Which names it acts on is
-  // the backend's choice (CUDA: DSV4_CUDA_PREFETCH; the CPU backend does nothing).
-  void prefetch(const core::Tensor& t, std::string_view what);
   // Makes this backend's device current on the calling thread (rank threads call it once).
   virtual void bind_to_current_thread() {}
   // Brackets work for an external profiler started with collection off (ncu
@@ -404,7 +398,6 @@ class Backend {
   virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
   virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;
-  virtual void do_prefetch(const core::Tensor& /*t*/, std::string_view /*what*/) {}
 };
 
 // The RoPE inverse frequencies of spec §2.2 in the reference's fp32 arithmetic.

@@ -71,10 +71,6 @@ void cuda_linear_force_router_fold(int on);
 void cuda_linear_force_router_early(int on);
 int64_t cuda_linear_quant8_launches();
 void cuda_linear_force_quant8(int on);
-// Test hooks of cuda_copy.cu: -1 follows DSV4_CUDA_PREFETCH, 0 no prefetch hint is acted
-// on, 1 every one; prefetch kernels launched so far.
-void cuda_force_prefetch(int on);
-int64_t cuda_prefetch_launches();
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
@@ -2245,65 +2241,6 @@ TEST(CudaGraphLanes, JoinWaitsForEveryLane) {
       expect_bitwise(eager, to_host(cuda, y), "join output, round " + std::to_string(round) + " replay " +
                                                    std::to_string(rep));
     }
-  }
-}
-
-// prefetch() is a cache hint: eager or captured ahead of the linear that reads the same
-// weights, for tensors whose size or start is not a 16-byte unit (the kernel asks for
-// whole units only), tensors of zero bytes and one larger than the grid's cap (the CTAs
-// stride over its pieces), it changes no output and no byte of what it prefetched, its
-// kernel really runs (counted) and launches cleanly (memcheck runs this test too); with
-// the hints off nothing launches; a host tensor is refused, by name.
-TEST_P(CudaLinear, PrefetchChangesNothingEagerOrCaptured) {
-  Env env;
-  Rng rng(0x82);
-  auto& cuda = env.cuda;
-  const int64_t M = 16, N = 1024, K = 2048;
-  const QuantLinear w = device_quant(cuda, host_quant(N, K, false, draw_seed(rng)));
-  const Tensor x = to_device(cuda, rng.bf16({M, K}));
-  const Tensor odd = to_device(cuda, rng.bf16({1, 4097}));  // 8194 bytes
-  const Tensor offset = odd.reshape({4097}).rows(1, 4001);  // starts 2 bytes past an aligned address
-  const Tensor tiny = odd.reshape({4097}).rows(1, 5);        // 8 bytes, no whole 16-byte unit
-  const Tensor empty = cuda.empty(DType::kBF16, {0, 8});
-  // 4 * SMs CTAs of 32 pieces of 8 KB cover ~138 MB on an H200: 160 MB makes them stride.
-  const Tensor big = cuda.empty(DType::kU8, {160 << 20});
-  cudaMemsetAsync(big.data(), 0x5a, big.nbytes(), cuda.stream());
-  Tensor y = cuda.empty(DType::kBF16, {M, N}), y_ref = cuda.empty(DType::kBF16, {M, N});
-  const Tensor w_before = to_host(cuda, w.weight), odd_before = to_host(cuda, odd);
-  cuda.linear(x, w, y_ref);
-  const std::vector<const Tensor*> hinted = {&w.weight, &w.scale, &odd, &offset, &tiny, &empty, &big};
-  auto body = [&] {
-    for (const Tensor* t : hinted) cuda.prefetch(*t, "test");
-    cuda.linear(x, w, y);
-  };
-  ops::cuda_force_prefetch(1);
-  const int64_t before = ops::cuda_prefetch_launches();
-  cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
-  body();
-  cuda.synchronize();
-  EXPECT_EQ(ops::cuda_prefetch_launches() - before, 5) << "one kernel a tensor holding a whole 16-byte unit";
-  expect_bitwise(to_host(cuda, y_ref), to_host(cuda, y), "linear after eager prefetches");
-  auto graph = cuda.capture(body);
-  for (int rep = 0; rep < 3; ++rep) {
-    cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
-    graph->replay();
-    cuda.synchronize();
-    expect_bitwise(to_host(cuda, y_ref), to_host(cuda, y), "linear after captured prefetches, replay " +
-                                                               std::to_string(rep));
-  }
-  expect_bitwise(w_before, to_host(cuda, w.weight), "the prefetched weight");
-  expect_bitwise(odd_before, to_host(cuda, odd), "the prefetched odd-sized tensor");
-  ops::cuda_force_prefetch(0);
-  const int64_t off_before = ops::cuda_prefetch_launches();
-  body();
-  cuda.synchronize();
-  EXPECT_EQ(ops::cuda_prefetch_launches(), off_before) << "hints off: no prefetch kernel";
-  ops::cuda_force_prefetch(-1);
-  try {
-    cuda.prefetch(odd_before, "host copy");
-    ADD_FAILURE() << "a host tensor was not refused";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("host copy"), std::string::npos) << e.what();
   }
 }
 

@@ -127,7 +127,6 @@ class CudaBackend final : public Backend {
   void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) override;
   void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) override;
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;
-  void do_prefetch(const core::Tensor& t, std::string_view what) override;
 
  private:
   int device_ = 0;

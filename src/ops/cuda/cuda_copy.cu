@@ -1,12 +1,6 @@
-// Byte copies, the slot gather of the expert-parallel combine, and L2 prefetch hints.
+// Byte copies and the slot gather of the expert-parallel combine.
 // gather_slots: memory-bound, 2 x T*k*D*2 bytes; one CTA per (row, slot), 16-byte accesses.
 #include <cuda_profiler_api.h>
-
-#include <algorithm>
-#include <atomic>
-#include <cstdlib>
-#include <string>
-#include <vector>
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
@@ -31,68 +25,7 @@ __global__ void gather_slots_kernel(const uint4* __restrict__ src, const int32_t
   for (int64_t i = threadIdx.x; i < vecs_per_row; i += blockDim.x) out[i] = in[i];
 }
 
-// Asks the L2 to fetch [base, base + bytes) (16-byte aligned, a multiple of 16 bytes)
-// in pieces of kPrefetchPiece bytes, one piece a thread, the grid striding over them.
-// Why many CTAs: one warp asking for a 32 MB weight (the thirty-seventh session's form,
-// docs/BENCHMARKS.md) cost ~40 µs a layer at batch 1, paced or not, which points at the
-// issuing SM's copy engine working through 1024 pieces (not measured apart); here 128
-// CTAs ask for 256 KB each. The prefetches read
-// nothing another kernel writes, so they go out before the wait; the wait keeps the rule
-// that a kernel ends only after its predecessors (grid_dependency.cuh).
-constexpr int64_t kPrefetchPiece = 8192;
-constexpr int kPrefetchThreads = 32;
-__global__ void __launch_bounds__(kPrefetchThreads) prefetch_l2_kernel(const char* base, int64_t bytes) {
-  const int64_t pieces = (bytes + kPrefetchPiece - 1) / kPrefetchPiece;
-  for (int64_t i = int64_t(blockIdx.x) * kPrefetchThreads + threadIdx.x; i < pieces;
-       i += int64_t(gridDim.x) * kPrefetchThreads) {
-    const int64_t off = i * kPrefetchPiece;
-    const uint32_t n = uint32_t(min(kPrefetchPiece, bytes - off));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(base + off), "r"(n) : "memory");
-  }
-  wait_for_predecessor();
-}
-
-// Which prefetch hints the backend acts on: DSV4_CUDA_PREFETCH, a comma-separated list of
-// the names the model gives them ("wq_b,wo_a", "all"; unset or empty: none). Test hook:
-// -1 follows it, 0 none, 1 all.
-std::atomic<int> g_force_prefetch{-1};
-std::atomic<int64_t> g_prefetch_launches{0};
-bool prefetch_named(std::string_view what) {
-  static const std::vector<std::string> names = [] {
-    std::vector<std::string> out;
-    const char* v = std::getenv("DSV4_CUDA_PREFETCH");
-    std::string list = v ? v : "";
-    for (size_t at = 0; at <= list.size();) {
-      const size_t comma = std::min(list.find(',', at), list.size());
-      if (comma > at) out.push_back(list.substr(at, comma - at));
-      at = comma + 1;
-    }
-    return out;
-  }();
-  const int forced = g_force_prefetch.load(std::memory_order_relaxed);
-  if (forced >= 0) return forced == 1;
-  return std::any_of(names.begin(), names.end(), [&](const std::string& n) { return n == "all" || n == what; });
-}
-
 }  // namespace
-
-void cuda_force_prefetch(int on) { g_force_prefetch.store(on, std::memory_order_relaxed); }
-int64_t cuda_prefetch_launches() { return g_prefetch_launches.load(std::memory_order_relaxed); }
-
-void CudaBackend::do_prefetch(const core::Tensor& t, std::string_view what) {
-  if (!prefetch_named(what)) return;
-  const auto base = reinterpret_cast<uintptr_t>(t.data());
-  const uintptr_t start = (base + 15) & ~uintptr_t(15);  // the bulk prefetch takes 16-byte units
-  const uintptr_t end = (base + uintptr_t(t.nbytes())) & ~uintptr_t(15);
-  if (end <= start) return;
-  const int64_t bytes = int64_t(end - start);
-  const int64_t pieces = (bytes + kPrefetchPiece - 1) / kPrefetchPiece;
-  const int64_t ctas = std::clamp<int64_t>((pieces + kPrefetchThreads - 1) / kPrefetchThreads, 1,
-                                           4 * int64_t(props_.multiProcessorCount));
-  prefetch_l2_kernel<<<unsigned(ctas), kPrefetchThreads, 0, stream_>>>(reinterpret_cast<const char*>(start), bytes);
-  check_launch(stream_);
-  g_prefetch_launches.fetch_add(1, std::memory_order_relaxed);
-}
 
 void CudaBackend::bind_to_current_thread() { DSV4_CUDA_CHECK(cudaSetDevice(device_)); }
 
