@@ -1328,7 +1328,50 @@ TEST(CudaLinearWide, MulticastBf16TilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
-// bf16's 256-row tiles by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_BF16, the default) give
+// The cluster kernel in a captured graph (its tensor maps travel as kernel parameters, which
+// the capture copies): replays on fresh inputs give the eager launch's bytes, two row tiles
+// and two tile pairs, and the captured launch is the cluster kernel's (counted).
+TEST(CudaLinearWide, MulticastBf16GraphReplayEqualsEager) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  if (!ops::cuda_linear_wide_mc_fits_device(env.cuda))
+    GTEST_SKIP() << "no cluster of two of the cluster kernel's CTAs fits on this device (it is not taken there)";
+  Rng rng(0x5b);
+  auto& cuda = env.cuda;
+  ops::cuda_linear_force_wide(3);
+  force_wide_mc_mode(2);
+  const int64_t M = 257, N = 512, K = 640;
+  const Tensor dw = to_device(cuda, rng.bf16({N, K}, 1.0f / std::sqrt(float(K))));
+  const Tensor dx = cuda.empty(DType::kBF16, {M, K});
+  const Tensor y = cuda.empty(DType::kF32, {M, N});
+  auto fill = [&] { cuda.upload(dx, rng.bf16({M, K}).data(), dx.nbytes()); };
+  auto body = [&] { cuda.linear_bf16(dx, dw, y); };
+  fill();
+  body();  // eager first, as the engine captures after a warm-up step
+  const int64_t before = ops::cuda_linear_wide_mc_launches();
+  auto graph = cuda.capture(body);
+  EXPECT_EQ(ops::cuda_linear_wide_mc_launches() - before, 1) << "the captured GEMM is the cluster kernel's";
+  for (int round = 0; round < 3; ++round) {
+    fill();
+    cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
+    body();
+    const Tensor eager = to_host(cuda, y);
+    for (int rep = 0; rep < 2; ++rep) {
+      cudaMemsetAsync(y.data(), 0x7f, y.nbytes(), cuda.stream());
+      graph->replay();
+      cuda.synchronize();
+      expect_bitwise(eager, to_host(cuda, y),
+                     "cluster kernel, graph replay " + std::to_string(rep) + " of round " + std::to_string(round));
+    }
+  }
+  force_wide_mc_mode(-1);
+  ops::cuda_linear_force_wide(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// bf16's 256-row tiles by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_BF16; the default where the
+// cluster kernel does not take them, which this test turns off) give
 // gemm_wide_kernel's bits: f32 and bf16 outputs, a partial weight tile (N = 200), 3 stages
 // (fewer than the ring's 4), 5 (the ring wraps) and 63 (many turns; an odd count keeps one
 // K slice for few weight tiles, as the LM head's 1010 tiles do at K = 4096); one row,
