@@ -1341,14 +1341,18 @@ TEST(CudaLinearWide, MulticastBf16GraphReplayEqualsEager) {
   auto& cuda = env.cuda;
   ops::cuda_linear_force_wide(3);
   force_wide_mc_mode(2);
-  const int64_t M = 257, N = 512, K = 640;
+  // K = 576: 9 stages, an odd count, so the GEMM keeps one K slice (the cluster kernel's
+  // only form; at 10 stages it would split in two and take the small tiles).
+  const int64_t M = 257, N = 512, K = 576;
   const Tensor dw = to_device(cuda, rng.bf16({N, K}, 1.0f / std::sqrt(float(K))));
   const Tensor dx = cuda.empty(DType::kBF16, {M, K});
   const Tensor y = cuda.empty(DType::kF32, {M, N});
   auto fill = [&] { cuda.upload(dx, rng.bf16({M, K}).data(), dx.nbytes()); };
   auto body = [&] { cuda.linear_bf16(dx, dw, y); };
   fill();
+  const int64_t eager_before = ops::cuda_linear_wide_mc_launches();
   body();  // eager first, as the engine captures after a warm-up step
+  ASSERT_EQ(ops::cuda_linear_wide_mc_launches() - eager_before, 1) << "the eager GEMM is the cluster kernel's";
   const int64_t before = ops::cuda_linear_wide_mc_launches();
   auto graph = cuda.capture(body);
   EXPECT_EQ(ops::cuda_linear_wide_mc_launches() - before, 1) << "the captured GEMM is the cluster kernel's";
