@@ -50,6 +50,7 @@ for v in "$@"; do  # every variant checked before the first build
 done
 
 names=(base)
+build_pids=()
 bins=("$PWD/build-gpu/tools/dsv4")
 envs=("")
 echo "building the tree in build-gpu"
@@ -69,10 +70,16 @@ for v in "$@"; do
   patch_abs="$(cd "$(dirname "$patch")" && pwd)/$(basename "$patch")"
   (cd "$src" && git apply "$patch_abs") || { echo "ab_bench: $patch does not apply to the tree" >&2; exit 1; }
   echo "building variant $name ($patch)"
-  build "$src" "$src/b" "$out/build-$name.log"
+  # Variants build side by side: each build's wall time is set by a few large .cu files,
+  # so one build leaves most cores idle.
+  build "$src" "$src/b" "$out/build-$name.log" &
+  build_pids+=($!)
   names+=("$name")
   bins+=("$src/b/tools/dsv4")
   envs+=("")
+done
+for pid in ${build_pids[@]+"${build_pids[@]}"}; do
+  wait "$pid" || { echo "ab_bench: a variant's build failed (see the message above)" >&2; exit 1; }
 done
 
 echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)"
