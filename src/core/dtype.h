@@ -92,10 +92,11 @@ DSV4_HD int ceil_log2_bits(float x) {
 
 DSV4_HD float pow2_float(int e) { return bits_float(uint32_t(e + 127) << 23); }  // e in [-126, 127]
 
+// 0xff is NaN, 0 the subnormal 2^-127. Selects, not branches: the GEMM stage loops
+// call it once a stage.
 DSV4_HD float e8m0_to_float(uint8_t b) {
-  if (b == 0xff) return NAN;
-  if (b == 0) return 5.877471754111438e-39f;  // 2^-127, a subnormal
-  return pow2_float(int(b) - 127);
+  const uint32_t bits = b == 0xff ? 0x7fc00000u : b == 0 ? 0x00400000u : uint32_t(b) << 23;
+  return bits_float(bits);
 }
 DSV4_HD uint8_t e8m0_from_exponent(int e) { return uint8_t(e + 127); }
 

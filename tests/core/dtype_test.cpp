@@ -72,6 +72,8 @@ TEST(Ue8m0, CeilLog2FromBitsAndDecode) {
   EXPECT_EQ(e8m0_to_float(130), 8.0f);
   EXPECT_EQ(e8m0_to_float(120), 1.0f / 128);
   EXPECT_TRUE(std::isnan(e8m0_to_float(255)));
+  for (int b = 0; b < 255; ++b)  // every finite code, 0 the subnormal 2^-127
+    EXPECT_EQ(e8m0_to_float(uint8_t(b)), std::ldexp(1.0f, b - 127)) << "code " << b;
   EXPECT_EQ(pow2_float(-126), std::ldexp(1.0f, -126));
 }
 
