@@ -358,13 +358,17 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
 // FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j (16
 // e4m3 bytes at 16j), each pair converted exactly to two bf16.
 __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(const uint8_t* p) {
-  const unsigned short pair = *reinterpret_cast<const unsigned short*>(p);
-  uint32_t halves;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(halves) : "h"(pair));  // low byte -> low half
-  const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(halves & 0xFFFFu)));
-  const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(halves >> 16)));
-  return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-         (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
+  // Integer steps and one bf16 multiply (the ALU and FMA pipes, not the conversion
+  // unit): each byte sign-extended into its 16-bit half (prmt), shifted so the sign
+  // lands on bit 15 and exponent + mantissa on bits 4..10, which reads as bf16 2^-120 x
+  // the e4m3 value (subnormals too), then x 2^120 (exact).
+  const uint32_t pair = *reinterpret_cast<const unsigned short*>(p);
+  uint32_t v;
+  asm("prmt.b32 %0, %1, 0, 0x9180;\n" : "=r"(v) : "r"(pair));
+  v = (v << 4) & 0x87f087f0u;
+  uint32_t out;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(v), "r"(0x7b807b80u));
+  return out;
 }
 __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
                                                       uint32_t (&a)[4]) {
