@@ -554,22 +554,12 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
     } else {
       const uint8_t* src = w_src + int64_t(st) * w_stage;
-      // A whole tile (all but a matrix's last, partial one) copies without row checks:
-      // no compare and no pointer selects a chunk on every stage.
-      if (valid_n == kTileN) {
 #pragma unroll
-        for (int i = 0; i < kWChunks; ++i, src += w_step) {
-          const int r = w_r0 + i * kRowStep;
-          cp_async16_l2_128(dw + (kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16), src, 16);
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kWChunks; ++i, src += w_step) {
-          const int r = w_r0 + i * kRowStep;
-          const bool ok = r < valid_n;
-          const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
-          cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
-        }
+      for (int i = 0; i < kWChunks; ++i, src += w_step) {
+        const int r = w_r0 + i * kRowStep;
+        const bool ok = r < valid_n;
+        const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
+        cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
       }
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
