@@ -74,6 +74,7 @@ void cuda_linear_force_quant8(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
+int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
@@ -1654,6 +1655,16 @@ TEST(CudaE4m3, HardwareDecodeEqualsTheReferenceDecode) {
   uint32_t first = 0;
   const int64_t mismatches = ops::cuda_e4m3_decode_mismatches(&first);
   EXPECT_EQ(mismatches, 0) << "first mismatching word 0x" << std::hex << first;
+}
+
+// FP8-as-bf16 (wo_a) decodes e4m3 pairs with integer steps and one bf16 multiply by 2^120
+// (lk::e4m3x2_to_bf16x2): every pair of codes but the NaN ones, subnormals included, must
+// give the bf16 of core::e4m3_to_float exactly.
+TEST(CudaE4m3, Bf16DecodeEqualsTheReferenceDecode) {
+  DSV4_REQUIRE_CUDA();
+  uint32_t first = 0;
+  const int64_t mismatches = ops::cuda_e4m3_bf16_decode_mismatches(&first);
+  EXPECT_EQ(mismatches, 0) << "first mismatching code pair 0x" << std::hex << first;
 }
 
 // The CPU model of Hopper's bf16 k16 step (ref::hopper_bf16_mma16) against the

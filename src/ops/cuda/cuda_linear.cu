@@ -118,6 +118,9 @@ int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
 // Test hook: floats x (all 2^32 bit patterns) whose device core::float_to_bf16 or
 // round_bf16 differs from the integer rounding (core::float_to_bf16_bits).
 int64_t cuda_bf16_cast_mismatches(uint32_t* first);
+// Test hook: e4m3 code pairs (no NaN code) whose FP8-as-bf16 decode differs from the bf16
+// of core::e4m3_to_float; the first such pair in *first.
+int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
 
 namespace {
 
@@ -1085,6 +1088,20 @@ __global__ void e4m3_decode_mismatch_kernel(unsigned long long* count, uint32_t*
   }
 }
 
+// Every pair of e4m3 codes (the index, low code in the low byte): FP8-as-bf16's decode (lk::e4m3x2_to_bf16x2) against the bf16 of
+// core::e4m3_to_float, bit for bit, where neither code is NaN (those read as +-480 there).
+__global__ void e4m3_bf16_decode_mismatch_kernel(unsigned long long* count, uint32_t* first) {
+  const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < 65536; i += stride) {
+    const uint16_t pair = uint16_t(i);
+    if ((pair & 0x7fu) == 0x7fu || ((pair >> 8) & 0x7fu) == 0x7fu) continue;
+    const uint32_t got = lk::e4m3x2_to_bf16x2(reinterpret_cast<const uint8_t*>(&pair));
+    const uint32_t want = uint32_t(core::float_to_bf16_bits(core::e4m3_to_float(uint8_t(pair)))) |
+                          uint32_t(core::float_to_bf16_bits(core::e4m3_to_float(uint8_t(pair >> 8)))) << 16;
+    if (got != want && atomicAdd(count, 1ull) == 0) *first = pair;
+  }
+}
+
 int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_t* first) {
   unsigned long long* d_count = nullptr;
   uint32_t* d_first = nullptr;
@@ -1106,6 +1123,9 @@ int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first) { return count_mismatches(e4m3_cast_mismatch_kernel, first); }
 int64_t cuda_e4m3_decode_mismatches(uint32_t* first) { return count_mismatches(e4m3_decode_mismatch_kernel, first); }
 int64_t cuda_bf16_cast_mismatches(uint32_t* first) { return count_mismatches(bf16_cast_mismatch_kernel, first); }
+int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first) {
+  return count_mismatches(e4m3_bf16_decode_mismatch_kernel, first);
+}
 
 // ---- linear (spec §2.7, §2.8) ---------------------------------------------------------
 void CudaBackend::do_linear(const Tensor& x, const QuantLinear& w, const Tensor& y) {
