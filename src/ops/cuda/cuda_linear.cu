@@ -1088,8 +1088,9 @@ __global__ void e4m3_decode_mismatch_kernel(unsigned long long* count, uint32_t*
   }
 }
 
-// Every pair of e4m3 codes (the index, low code in the low byte): FP8-as-bf16's decode (lk::e4m3x2_to_bf16x2) against the bf16 of
-// core::e4m3_to_float, bit for bit, where neither code is NaN (those read as +-480 there).
+// Every pair of e4m3 codes (the index, low code in the low byte): FP8-as-bf16's decode
+// (lk::e4m3x2_to_bf16x2) against the bf16 of core::e4m3_to_float, bit for bit, where
+// neither code is NaN (those read as +-480 there).
 __global__ void e4m3_bf16_decode_mismatch_kernel(unsigned long long* count, uint32_t* first) {
   const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
   for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < 65536; i += stride) {
