@@ -32,6 +32,8 @@ namespace dsv4::ops {
 void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
+void cuda_hc_force_fused(int on);
+int64_t cuda_hc_fused_launches();
 namespace {
 
 using core::DType;
@@ -481,6 +483,117 @@ TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
           expect_bits_equal(got[1][i], got[0][i], (what + names[i] + ": Sinkhorn later vs in the op").c_str());
       }
     }
+}
+
+// The mHC mix and finish in one ticket-fused launch (hc_mix_finish_kernel, up to 16
+// rows) against the two launches, bit for bit: hc_pre, hc_pre_norm, hc_head and
+// hc_post_pre_norm (a sublayer's output or the MoE's; the stream Y and the MoE output y
+// too), with the Sinkhorn in the op and left for later, at 1 to 16 rows and at 17 (the
+// two launches on both sides); and how many launches took the fused kernel.
+TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
+  Rng rng(216);
+  struct Reset {
+    ~Reset() { cuda_hc_force_fused(-1); }
+  } reset;
+  for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 256, 20}, HcCase{4, 256, 1}, HcCase{1, 128, 20}})
+    for (const bool later : {false, true})
+      for (int64_t T : {1, 3, 8, 9, 16, 17}) {
+        HcConfig cfg = c.config();
+        cfg.sinkhorn_later = later;
+        const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+        const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+        const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
+        const Tensor df = dev(rng.bf16({T, c.D})), drouted = dev(rng.f32({T, c.D}, 2.0f)),
+                     dshared = dev(rng.bf16({T, c.D}));
+        const Tensor post0 = rng.f32({T, c.hc}, 0.5f, 1.0f), comb0 = rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f);
+        const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_head", "hc_post_pre_norm f", "hc_post_pre_norm moe"};
+        for (int op = 0; op < 5; ++op) {
+          const std::string what = std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" +
+                                   std::to_string(c.D) + " T=" + std::to_string(T) + (later ? " later" : "");
+          std::vector<Tensor> got[2];
+          for (int fused = 0; fused < 2; ++fused) {
+            cuda_hc_force_fused(fused);
+            const int64_t before = cuda_hc_fused_launches();
+            // post and comb are read (hc_post) and overwritten in place, as the model does.
+            Tensor post = dev(post0), comb = dev(comb0);
+            Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+                   Y = poisoned(DType::kBF16, {T, c.hc, c.D}), y = poisoned(DType::kBF16, {T, c.D});
+            if (op == 0) cuda().hc_pre(dX, dw, cfg, x, post, comb);
+            else if (op == 1) cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+            else if (op == 2) cuda().hc_head(dX, dwh, cfg, x);
+            else
+              cuda().hc_post_pre_norm(op == 3 ? HcPostInput::of_sublayer(df, dX, post, comb)
+                                              : HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb),
+                                      Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+            got[fused] = {host(x)};
+            if (op != 2) {
+              got[fused].push_back(host(post));
+              got[fused].push_back(host(comb));
+            }
+            if (op == 1 || op >= 3) got[fused].push_back(host(xn));
+            if (op >= 3) got[fused].push_back(host(Y));
+            if (op == 4) got[fused].push_back(host(y));
+            const int64_t launches = cuda_hc_fused_launches() - before;
+            EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
+          }
+          for (size_t i = 0; i < got[0].size(); ++i)
+            expect_bits_equal(got[1][i], got[0][i],
+                              (what + " output " + std::to_string(i) + ": fused vs two launches").c_str());
+        }
+      }
+}
+
+// The fused kernel in a captured graph: launches back to back (its two counter sets in
+// turn; each launch's CTAs take tickets before their wait for the previous one) and
+// with other kernels between, replayed on fresh inputs, give the eager run's bytes.
+TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
+  Rng rng(217);
+  const HcCase c{4, 4096, 20};
+  HcConfig cfg = c.config();
+  cfg.sinkhorn_later = true;
+  const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+  const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+  const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
+  const int64_t T = 16, Th = 5;
+  Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
+  Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+         post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
+         Y = poisoned(DType::kBF16, {T, c.hc, c.D}), x2 = poisoned(DType::kBF16, {T, c.D}),
+         xn2 = poisoned(DType::kBF16, {T, c.D}), y = poisoned(DType::kBF16, {Th, c.D}),
+         x1 = poisoned(DType::kBF16, {1, c.D}), post1 = poisoned(DType::kF32, {1, c.hc}),
+         comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
+  const int64_t before = cuda_hc_fused_launches();
+  auto body = [&] {
+    cuda().hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);  // 16 rows
+    cuda().hc_sinkhorn(comb, cfg);
+    cuda().hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
+    cuda().hc_head(Y.rows(0, Th), dwh, cfg, y);                   // right after the previous fused launch
+    cuda().hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);      // and again
+  };
+  auto outputs = [&] { return std::vector<Tensor>{host(x), host(xn), host(post), host(comb), host(Y), host(x2),
+                                                  host(xn2), host(y), host(x1), host(post1), host(comb1)}; };
+  body();  // eager (also grows the scratch buffers before the capture)
+  ASSERT_EQ(cuda_hc_fused_launches() - before, 4) << "the body's hc launches should all take the fused kernel";
+  cuda().synchronize();
+  std::unique_ptr<Graph> graph = cuda().capture(body);
+  if (!testing::pdl_disabled()) {
+    EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
+  }
+  for (int round = 0; round < 3; ++round) {
+    const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
+    cuda().upload(X, hX.data(), hX.nbytes());
+    cuda().upload(f, hf.data(), hf.nbytes());
+    body();
+    const std::vector<Tensor> eager = outputs();
+    cuda().upload(X, hX.data(), hX.nbytes());
+    cuda().upload(f, hf.data(), hf.nbytes());
+    for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda().fill_zero(t);
+    graph->replay();
+    const std::vector<Tensor> replayed = outputs();
+    for (size_t i = 0; i < eager.size(); ++i)
+      expect_bits_equal(replayed[i], eager[i],
+                        ("round " + std::to_string(round) + " output " + std::to_string(i) + ": replay vs eager").c_str());
+  }
 }
 
 TEST_F(CudaPointwise, HcHeadMatchesCpu) {

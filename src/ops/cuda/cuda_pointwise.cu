@@ -37,12 +37,18 @@ using core::Tensor;
 void cuda_hc_force_row_mix(int on);
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
+// Tests: -1 the rule (hc_fused), 0 / 1 the ticket-fused mHC kernel off / where it
+// applies; and how many launches took it.
+void cuda_hc_force_fused(int on);
+int64_t cuda_hc_fused_launches();
 
 namespace {
 
 std::atomic<int> g_force_row_mix{-1};
 std::atomic<int> g_force_row_split{0};
 std::atomic<int64_t> g_row_mix_launches{0};
+std::atomic<int> g_force_hc_fused{-1};
+std::atomic<int64_t> g_hc_fused_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
 
@@ -461,20 +467,45 @@ constexpr int kHcPostMaxRows = 16;
 // kPostHc > 0 (32-row tiles, at most kPostRows rows): the X tile is formed from src
 // (kPostHc = its hc) as above, not read: every load of a thread's elements is issued
 // before the first is used (one round trip), then Y is formed and stored.
-template <int kRows, int kPostHc = 0, int kPostRows = 8>
-__global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
-    hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
-                          int mix, float* __restrict__ partial, const HcPostSource src = {}) {
+// A kernel's wait for its predecessor. kFused (the ticket-fused mHC kernel, whose grid
+// is larger than wait_then_release_dependents releases): every CTA allows the dependents
+// to launch after its wait; a CTA that exits counts as having allowed it.
+template <bool kFused>
+__device__ __forceinline__ void hc_tile_wait() {
+  if constexpr (kFused) {
+    wait_for_predecessor();
+    allow_dependents_to_launch();
+  } else {
+    wait_then_release_dependents();
+  }
+}
+
+// The tile's shared memory. Rows padded to 132 floats: 16-byte aligned for the float4
+// reads below, and lane l's fn row starts 4 banks after lane l-1's (conflict-free
+// 128-bit reads).
+template <int kRows>
+struct HcMixTileSmem {
+  static constexpr int kPad = kHcSlice + 4;
+  float fn_s[32 - kRows][kPad];  // one lane per mix, then one per row's sum of squares
+  float x_s[8 * kRows][kPad];
+};
+
+// The tile (slice, rows r0 ..) by threads 0-255. kFused (hc_mix_finish_kernel): every
+// CTA of that grid allows its dependents to launch after its wait (a grid of more than
+// half the SMs, which wait_then_release_dependents would not release), else the
+// small-grid rule.
+template <int kRows, int kPostHc, int kPostRows, bool kFused>
+__device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__ X, const float* __restrict__ fn,
+                                                    int64_t rows, int64_t n, int mix, float* __restrict__ partial,
+                                                    const HcPostSource& src, int64_t slice, int64_t r0,
+                                                    HcMixTileSmem<kRows>& sm) {
   static_assert(kPostHc == 0 || (kRows == 4 && kPostRows <= kHcPostMaxRows),
                 "an hc_post source only for the 32-row tiles, up to kHcPostMaxRows rows");
   constexpr int kHcRowTile = 8 * kRows;
-  constexpr int kMaxMix = 32 - kRows;  // one lane per mix, then one per row's sum of squares
-  // Rows padded to 132 floats: 16-byte aligned for the float4 reads below, and lane
-  // l's fn row starts 4 banks after lane l-1's (conflict-free 128-bit reads).
-  constexpr int kPad = kHcSlice + 4;
-  __shared__ __align__(16) float fn_s[kMaxMix][kPad];
-  __shared__ __align__(16) float x_s[kHcRowTile][kPad];
-  const int64_t slice = blockIdx.x, k0 = slice * kHcSlice, r0 = int64_t(blockIdx.y) * kHcRowTile;
+  constexpr int kMaxMix = 32 - kRows;
+  auto& fn_s = sm.fn_s;
+  auto& x_s = sm.x_s;
+  const int64_t k0 = slice * kHcSlice;
   // Every load of the tile is issued before the first is used: one DRAM round trip
   // instead of one per loop iteration (ncu at batch 1: 15 -> 12 µs a launch). fn is
   // a weight: its loads go out before the wait for the predecessor (dependent launch).
@@ -492,7 +523,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
                      ::"r"(uint32_t(__cvta_generic_to_shared(&fn_s[row][c]))), "l"(fn + int64_t(row) * n + k0 + c));
     }
     asm volatile("cp.async.commit_group;\n" ::);
-    wait_then_release_dependents();
+    hc_tile_wait<kFused>();
     uint4 xv[kXVec];
 #pragma unroll
     for (int u = 0; u < kXVec; ++u) {
@@ -519,7 +550,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       const int idx = int(threadIdx.x) + 256 * u;
       fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
     }
-    wait_then_release_dependents();
+    hc_tile_wait<kFused>();
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
       // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
@@ -580,7 +611,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
       x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
     }
   }
-  __syncthreads();
+  asm volatile("bar.sync 1, 256;" ::: "memory");  // (threads 0-255: hc_mix_finish_kernel's warp 8 is elsewhere)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int rb = warp * kRows;  // 8 warps x kRows rows = the tile
   // Lanes 0 .. mix-1: mix `lane` of the warp's kRows rows (fn row `lane` against each
@@ -618,6 +649,15 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     for (int i = 1; i < kRows; ++i) v = r == i ? acc[i] : v;
     if (r0 + rb + r < rows) out[(r0 + rb + r) * 32 + mix] = v;
   }
+}
+
+template <int kRows, int kPostHc = 0, int kPostRows = 8>
+__global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
+    hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
+                          int mix, float* __restrict__ partial, const HcPostSource src = {}) {
+  __shared__ __align__(16) HcMixTileSmem<kRows> sm;
+  hc_mix_partial_tile<kRows, kPostHc, kPostRows, false>(X, fn, rows, n, mix, partial, src, blockIdx.x,
+                                                        int64_t(blockIdx.y) * 8 * kRows, sm);
 }
 
 // The same partials with one thread a row (rows >= kHcRowMixMinRows, no hc_post
@@ -914,18 +954,46 @@ __device__ __forceinline__ float x_warps_sum(float v, float* red /* [8] */) {
   return total;
 }
 
+struct HcFinishSmem {
+  float4 staged[kHcMaxStagedSlices * 8];
+  float raw[32];
+  float pre[4];
+  float red[kHcXThreads / 32];
+};
+
+// The ticket-fused kernel's hand-over (hc_mix_finish_kernel): the finish CTAs wait until
+// `done` counts every slice CTA; the last CTA to leave zeroes the three counters.
+struct HcTickets {
+  int* sync = nullptr;  // [ticket, done, left]; null: hc_finish_kernel (no hand-over)
+  int slices = 0;
+  int grid = 0;
+  bool x_from_mix = false;  // the mix forms X (an hc_post source): read it after the hand-over
+};
+
+// Every thread leaves through here once its CTA has no more use for the counters; the
+// acquire-release add orders this CTA's own counter accesses before the last CTA's reset.
+__device__ __forceinline__ void hc_tickets_leave(const HcTickets& k) {
+  if (atom_add_acq_rel_gpu(k.sync + 2, 1) == k.grid - 1) {
+    k.sync[0] = 0;
+    k.sync[1] = 0;
+    k.sync[2] = 0;
+  }
+}
+
+// Row t of hc_finish by this CTA's threads (kHcXThreads, + the Sinkhorn warp where !kHead).
 template <int HC, bool kHead, int VEC>
-__global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinishArgs a) {
+__device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, HcFinishSmem& sm,
+                                              const HcTickets& tickets) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
-  static_assert(kMix < 32, "the sums of one slice fit its 32 partials");
-  __shared__ float raw[kMix + 1];
-  __shared__ float pre[HC];
-  __shared__ float red[kHcXThreads / 32];
-  __shared__ float4 staged[kHcMaxStagedSlices * 8];
+  static_assert(kMix < 32 && HC <= 4, "the sums of one slice fit its 32 partials");
+  float* const raw = sm.raw;
+  float* const pre = sm.pre;
+  float* const red = sm.red;
+  float4* const staged = sm.staged;
   const int tid = int(threadIdx.x);
   const bool x_thread = tid < kHcXThreads;
-  const int64_t t = blockIdx.x;
+  const bool fused = tickets.sync != nullptr;
   const int64_t n = HC * a.D;
   const int chunks = int(a.D / VEC);
   const bool norm = a.xn != nullptr;
@@ -937,7 +1005,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
     for (int k = 0; k < kRegs; ++k)
       if (chunk(0, k) < chunks) wv[k].load(a.norm_w + int64_t(chunk(0, k)) * VEC);
   }
-  wait_then_release_dependents();
+  if (fused) {
+    hc_tile_wait<true>();
+  } else {
+    wait_then_release_dependents();
+  }
   BfRegs<VEC> xs[kRegs][HC];  // the first pass's X
   auto load_x = [&](int base) {
 #pragma unroll
@@ -947,7 +1019,22 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
         for (int i = 0; i < HC; ++i) xs[k][i].load(a.X + (t * HC + i) * a.D + int64_t(chunk(base, k)) * VEC);
       }
   };
-  if (x_thread) load_x(0);
+  if (x_thread && !tickets.x_from_mix) load_x(0);
+  if (fused) {
+    // Every slice ticket is held by a CTA that is running and waits on nothing but the
+    // predecessor, so `done` comes. A bug that breaks that fails the launch (~9 s, an
+    // illegal-instruction error) instead of hanging the process.
+    if (tid == 0) {
+      unsigned polls = 0;
+      while (ld_acquire_gpu(tickets.sync + 1) < tickets.slices) {
+        __nanosleep(32);
+        if (++polls == (1u << 28)) __trap();
+      }
+      hc_tickets_leave(tickets);
+    }
+    __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
+    if (x_thread && tickets.x_from_mix) load_x(0);
+  }
   const int slices = int(a.slices);
   const bool stage = slices <= kHcMaxStagedSlices;
   if (stage) {
@@ -1060,6 +1147,65 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
       }
     }
   }
+}
+
+template <int HC, bool kHead, int VEC>
+__global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinishArgs a) {
+  __shared__ HcFinishSmem sm;
+  hc_finish_row<HC, kHead, VEC>(a, blockIdx.x, sm, HcTickets{});
+}
+
+// hc_mix_partial_kernel's tiles and hc_finish_kernel's rows in one launch, up to
+// kHcPostMaxRows rows (one row tile): slices + rows CTAs, each taking a ticket at entry;
+// tickets 0 .. slices-1 run the mix of that slice, the next ones the finish of one row
+// each, which waits (spinning) until every slice CTA has counted itself done. The same
+// tile and row code as the two launches: the same bits. Why: at 1-16 rows the pair is a
+// latency chain, and the boundary between the launches (the mix grid's end, then the
+// finish grid's wait) is one of its links, twice a layer; the finish CTAs here are
+// resident with their norm weights loaded (and X, without an hc_post source) when the
+// last slice ends. Tickets rather than block indices: a finish CTA waits only once every
+// slice ticket is held by a running CTA, whatever order the hardware starts CTAs in.
+// The ticket is taken before the wait for the predecessor, so that the slice CTAs copy
+// their fn slices and the finish CTAs their norm weights under its tail; the counters are
+// therefore two sets used in turn (hc_launch): the launch before this one on the same
+// set has ended before this one starts (this one starts only once its predecessor,
+// which depends on the previous launch on the other set, has passed its own wait).
+struct HcFusedArgs {
+  const uint16_t* X;
+  const float* fn;
+  int64_t rows, n;
+  int mix;
+  float* partial;
+  HcPostSource src;
+  HcFinishArgs fin;
+  HcTickets tickets;
+};
+
+template <int HC, bool kHead, int kPostHc, int kPostRows>
+__global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
+  __shared__ __align__(16) union {
+    HcMixTileSmem<4> mix;
+    HcFinishSmem fin;
+  } sm;
+  __shared__ int s_ticket;
+  if (threadIdx.x == 0) s_ticket = atomicAdd(f.tickets.sync, 1);
+  __syncthreads();
+  const int ticket = s_ticket;
+  if (ticket < f.tickets.slices) {
+    if (threadIdx.x < kHcXThreads)
+      hc_mix_partial_tile<4, kPostHc, kPostRows, true>(f.X, f.fn, f.rows, f.n, f.mix, f.partial, f.src, ticket, 0,
+                                                       sm.mix);
+    else
+      hc_tile_wait<true>();  // (the Sinkhorn warp of the finish CTAs, idle here)
+    __syncthreads();  // every partial (and Y) store of the CTA issued
+    // The release half publishes them (cumulative through the barrier above).
+    if (threadIdx.x == 0) {
+      atom_add_acq_rel_gpu(f.tickets.sync + 1, 1);
+      hc_tickets_leave(f.tickets);
+    }
+    return;
+  }
+  hc_finish_row<HC, kHead, 8>(f.fin, ticket - f.tickets.slices, sm.fin, f.tickets);
 }
 
 // ---- hc_post -------------------------------------------------------------------
@@ -1360,6 +1506,33 @@ void launch_hc_mix_rows(CudaBackend& be, int split, const uint16_t* X, const flo
   launch_hc_mix_rows<kMix, 1>(be, X, fn, rows, n, slices, partial);
 }
 
+// The ticket-fused mix and finish (hc_mix_finish_kernel) where it applies: up to
+// kHcPostMaxRows rows, 16-byte rows. DSV4_CUDA_HC_FUSED=0: never (A/B runs); a test hook
+// may force it off. Same bits either way.
+bool hc_fused(int64_t rows, bool v8, int64_t slices) {
+  static const bool from_env = !env_is("DSV4_CUDA_HC_FUSED", "0");
+  const int forced = g_force_hc_fused.load(std::memory_order_relaxed);
+  const bool on = forced >= 0 ? forced == 1 : from_env;
+  return on && rows <= kHcPostMaxRows && v8 && slices <= kHcMaxStagedSlices &&
+         g_force_row_mix.load(std::memory_order_relaxed) != 1;
+}
+
+// The fused kernel's counters: two sets of [ticket, done, left], used in turn on each
+// stream (see hc_mix_finish_kernel), zeroed when allocated; every launch leaves its set
+// zeroed.
+HcTickets hc_tickets(CudaBackend& be, int64_t slices, int64_t rows, bool x_from_mix) {
+  constexpr size_t kSetInts = 4;
+  bool fresh = false;
+  int* sets = static_cast<int*>(be.scratch("hc_tickets", 2 * kSetInts * sizeof(int), &fresh));
+  if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(sets, 0, 2 * kSetInts * sizeof(int), be.stream()));
+  HcTickets k;
+  k.sync = sets + kSetInts * (be.next_turn("hc_tickets") % 2);
+  k.slices = int(slices);
+  k.grid = int(slices + rows);
+  k.x_from_mix = x_from_mix;
+  return k;
+}
+
 // src (hc_post_pre_norm, at most kHcPostMaxRows rows): X is formed by the mix kernel
 // from src and written, then read by hc_finish.
 template <int HC, bool kHead>
@@ -1373,29 +1546,13 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
   float* partial = static_cast<float*>(
       be.scratch("hc_partial", size_t(slices) * kHcMaxRowsPerLaunch * 32 * sizeof(float)));
   const bool v8 = D % 8 == 0 && aligned16(X.data()) && aligned16(x.data());
+  const unsigned threads = kHead ? kHcXThreads : kHcXThreads + 32;  // + the Sinkhorn warp
+  if (src)
+    DSV4_CHECK(T <= kHcPostMaxRows && src->Y == X.as<uint16_t>() && src->hc == HC,
+               "hc: an hc_post source needs <= {} rows, its hc and X = its Y", kHcPostMaxRows);
   for (int64_t r0 = 0; r0 < T; r0 += kHcMaxRowsPerLaunch) {
     const int64_t rows = std::min<int64_t>(kHcMaxRowsPerLaunch, T - r0);
     const uint16_t* Xr = X.as<uint16_t>() + r0 * n;
-    if (src) {
-      DSV4_CHECK(T <= kHcPostMaxRows && src->Y == X.as<uint16_t>() && src->hc == HC,
-                 "hc: an hc_post source needs <= {} rows, its hc and X = its Y", kHcPostMaxRows);
-      const dim3 grid(unsigned(slices), 1);
-      if (rows <= 8)
-        hc_mix_partial_kernel<4, HC, 8><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial,
-                                                                       *src);
-      else
-        hc_mix_partial_kernel<4, HC, 16><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix,
-                                                                        partial, *src);
-    } else if (row_mix(rows) && aligned16(Xr) && aligned16(w.fn.data())) {
-      launch_hc_mix_rows<kMix>(be, row_mix_split(), Xr, w.fn.as<float>(), rows, n, slices, partial);
-      g_row_mix_launches.fetch_add(1, std::memory_order_relaxed);
-    } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
-      hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
-          Xr, w.fn.as<float>(), rows, n, kMix, partial);
-    else
-      hc_mix_partial_kernel<4><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
-          Xr, w.fn.as<float>(), rows, n, kMix, partial);
-    check_launch(be.stream());
     HcFinishArgs a;
     a.X = Xr;
     a.partial = partial;
@@ -1418,7 +1575,38 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       a.xq = norm->xq.codes + r0 * D;
       a.xs = norm->xq.scales + r0 * (D / 128);
     }
-    const unsigned threads = kHead ? kHcXThreads : kHcXThreads + 32;  // + the Sinkhorn warp
+    if (hc_fused(rows, v8, slices)) {
+      HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
+                    hc_tickets(be, slices, rows, src != nullptr)};
+      const unsigned grid = unsigned(slices + rows);
+      if (!src)
+        hc_mix_finish_kernel<HC, kHead, 0, 8><<<grid, threads, 0, be.stream()>>>(f);
+      else if constexpr (!kHead) {
+        if (rows <= 8) hc_mix_finish_kernel<HC, false, HC, 8><<<grid, threads, 0, be.stream()>>>(f);
+        else hc_mix_finish_kernel<HC, false, HC, 16><<<grid, threads, 0, be.stream()>>>(f);
+      }
+      check_launch(be.stream());
+      g_hc_fused_launches.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    if (src) {
+      const dim3 grid(unsigned(slices), 1);
+      if (rows <= 8)
+        hc_mix_partial_kernel<4, HC, 8><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix, partial,
+                                                                       *src);
+      else
+        hc_mix_partial_kernel<4, HC, 16><<<grid, 256, 0, be.stream()>>>(Xr, w.fn.as<float>(), rows, n, kMix,
+                                                                        partial, *src);
+    } else if (row_mix(rows) && aligned16(Xr) && aligned16(w.fn.data())) {
+      launch_hc_mix_rows<kMix>(be, row_mix_split(), Xr, w.fn.as<float>(), rows, n, slices, partial);
+      g_row_mix_launches.fetch_add(1, std::memory_order_relaxed);
+    } else if (rows > 64 && kMix + 8 <= 32 && aligned16(Xr) && aligned16(w.fn.data()))
+      hc_mix_partial_kernel<8><<<dim3(unsigned(slices), unsigned((rows + 63) / 64)), 256, 0, be.stream()>>>(
+          Xr, w.fn.as<float>(), rows, n, kMix, partial);
+    else
+      hc_mix_partial_kernel<4><<<dim3(unsigned(slices), unsigned((rows + 31) / 32)), 256, 0, be.stream()>>>(
+          Xr, w.fn.as<float>(), rows, n, kMix, partial);
+    check_launch(be.stream());
     if (v8) hc_finish_kernel<HC, kHead, 8><<<unsigned(rows), threads, 0, be.stream()>>>(a);
     else hc_finish_kernel<HC, kHead, 1><<<unsigned(rows), threads, 0, be.stream()>>>(a);
     check_launch(be.stream());
@@ -1631,5 +1819,7 @@ void CudaBackend::do_moe_output(const Tensor& routed, const Tensor& shared, cons
 void cuda_hc_force_row_mix(int on) { g_force_row_mix.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
+void cuda_hc_force_fused(int on) { g_force_hc_fused.store(on, std::memory_order_relaxed); }
+int64_t cuda_hc_fused_launches() { return g_hc_fused_launches.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
