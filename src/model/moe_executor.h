@@ -24,6 +24,10 @@ struct MoeStageIo {
   core::Tensor slot_out;             // bf16 [T, k, D] scratch of this micro-batch
   core::Tensor routed;               // f32 [T, D] out: sum of the row's routed expert outputs, ascending expert id
   float swiglu_limit = 0.0f;
+  // Set by the model where the consumer of routed takes the slots instead
+  // (HcPostInput::of_moe_slots) and the executor can leave them (leaves_slots()): the
+  // stages then end with slot_out, routed unwritten.
+  bool leave_slots = false;
 };
 
 class MoeExecutor {
@@ -34,6 +38,9 @@ class MoeExecutor {
   virtual void append_combine(StageProgram& program, const MoeStageIo& io) = 0;
   // False when a stage needs host-side data (counts) and so cannot be captured in a graph.
   virtual bool graph_capturable() const { return true; }
+  // True when the stages can end with every row's slots in slot_out and ids (this rank's
+  // rows, their own ids), leaving their sum to routed's consumer (MoeStageIo::leave_slots).
+  virtual bool leaves_slots() const { return false; }
 };
 
 // Every expert on this rank: no communication.
@@ -43,6 +50,7 @@ class LocalMoeExecutor final : public MoeExecutor {
   void append_dispatch(StageProgram&, const MoeStageIo&) override {}
   void append_experts(StageProgram& program, const MoeStageIo& io) override;
   void append_combine(StageProgram&, const MoeStageIo&) override {}
+  bool leaves_slots() const override { return true; }
 
  private:
   ops::Backend& backend_;

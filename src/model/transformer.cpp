@@ -150,15 +150,31 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   // the linears after it are one op (the backend may quantize as it normalizes).
   // form_input: X is first formed from the previous layer's FFN output (its
   // moe_output and hc_post, spec §4.2), in the same op.
+  // slots_in: the previous layer's MoE left its routed sum to this op (MoeStageIo::leave_slots).
   if (form_input) {
+    const bool slots_in = moe.leaves_slots();
+    std::vector<BufferRef> reads = {{"shared_out", b.shared_out.data()},
+                                    {"X_alt", b.X_alt.data()},
+                                    {"post", b.post.data()},
+                                    {"comb", b.comb.data()}};
+    std::vector<BufferRef> writes = {{"moe_out", b.moe_out.data()}, {"X", b.X.data()},   {"x", b.x.data()},
+                                     {"xn", b.xn.data()},           {"post", b.post.data()}, {"comb", b.comb.data()},
+                                     {"cq_raw", b.cq_raw.data()},   {"kv", b.kv.data()}};
+    if (slots_in) {
+      reads.push_back({"slot_out", b.slot_out.data()});
+      reads.push_back({"router_ids", b.router_ids.data()});
+      writes.push_back({"routed", b.routed.data()});  // (the op's scratch)
+    } else {
+      reads.push_back({"routed", b.routed.data()});
+    }
+    const Tensor slot_out = b.slot_out.rows(0, T), ids = b.router_ids.rows(0, T);
     program.push_back(Stage{
-        L + ".attn_in", StageKind::kCompute,
-        {{"routed", b.routed.data()}, {"shared_out", b.shared_out.data()}, {"X_alt", b.X_alt.data()},
-         {"post", b.post.data()}, {"comb", b.comb.data()}},
-        {{"moe_out", b.moe_out.data()}, {"X", b.X.data()}, {"x", b.x.data()}, {"xn", b.xn.data()},
-         {"post", b.post.data()}, {"comb", b.comb.data()}, {"cq_raw", b.cq_raw.data()}, {"kv", b.kv.data()}},
-        [&be, &w, this, X, X_alt, x, xn, post, comb, cq_raw, kv, routed, shared_out, moe_out, eps] {
-          const auto ffn_out = ops::HcPostInput::of_moe_output(routed, shared_out, moe_out, X_alt, post, comb);
+        L + ".attn_in", StageKind::kCompute, std::move(reads), std::move(writes),
+        [&be, &w, this, X, X_alt, x, xn, post, comb, cq_raw, kv, routed, shared_out, moe_out, slot_out, ids, slots_in,
+         eps] {
+          const auto ffn_out =
+              slots_in ? ops::HcPostInput::of_moe_slots(slot_out, ids, routed, shared_out, moe_out, X_alt, post, comb)
+                       : ops::HcPostInput::of_moe_output(routed, shared_out, moe_out, X_alt, post, comb);
           be.hc_post_pre_norm_linear_pair(ffn_out, X, w.hc_attn, hc_pre_config_, w.attn_norm, eps, x, xn, post, comb,
                                           w.wq_a, cq_raw, w.wkv, kv);
         }});
@@ -276,6 +292,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   io.slot_out = b.slot_out.rows(0, T);
   io.routed = b.routed.rows(0, T);
   io.swiglu_limit = float(c.swiglu_limit);
+  io.leave_slots = leave_output && moe.leaves_slots();  // (the next layer's attn_in sums them)
   moe.append_dispatch(program, io);
 
   // The shared expert runs on the row's own rank, under the dispatch; then the Sinkhorn

@@ -319,6 +319,10 @@ void expect_hc_post_input(const HcPostInput& in, const Tensor& Y, core::Device d
     expect(in.routed, DType::kF32, {T, D}, d, op, "routed");
     expect(in.shared, DType::kBF16, {T, D}, d, op, "shared");
     expect(in.y, DType::kBF16, {T, D}, d, op, "y");
+    if (in.slot_out.ndim() > 0 || in.ids.ndim() > 0) {  // of_moe_slots
+      expect(in.slot_out, DType::kBF16, {T, -1, D}, d, op, "slot_out");
+      expect(in.ids, DType::kI32, {T, in.slot_out.size(1)}, d, op, "ids");
+    }
   }
   expect(in.post, DType::kF32, {T, hc}, d, op, "post (hc_post's)");
   expect(in.comb, DType::kF32, {T, hc, hc}, d, op, "comb (hc_post's)");
@@ -352,6 +356,7 @@ void Backend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const 
                                   const Tensor& norm_weight, float eps, const Tensor& x, const Tensor& xn,
                                   const Tensor& post, const Tensor& comb, const QuantLinear* wa, const Tensor* ya,
                                   const QuantLinear* wb, const Tensor* yb) {
+  if (in.slot_out.ndim() > 0) do_moe_reduce(in.slot_out, in.ids, in.routed);
   if (in.f.ndim() > 0) do_hc_post(in.f, in.R, in.post, in.comb, Y);
   else do_moe_output_hc_post(in.routed, in.shared, in.R, in.post, in.comb, in.y, Y);
   if (wa) do_hc_pre_norm_linear_pair(Y, w, c, norm_weight, eps, x, xn, post, comb, *wa, *ya, *wb, *yb);

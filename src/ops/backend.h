@@ -72,9 +72,15 @@ class Timer {
 // form it and start the mix in one pass. The sublayer output is f (bf16 [T, D]), or
 // the MoE output y = bf16(routed + shared) (moe_output; routed f32, shared and y
 // bf16 [T, D]) when f is undefined. R, post, comb: hc_post's (spec §4.2).
+// of_moe_slots: routed is not formed yet; it is moe_reduce(slot_out, ids) (the routed
+// experts' outputs by slot, bf16 [T, k, D], and their ids, i32 [T, k]), which the op
+// forms: into routed (its buffer), or where it reads it without storing it (CUDA, up to
+// 16 rows), so that the reduction is not a launch of its own on the step's chain.
+// routed's contents after the op are then unspecified.
 struct HcPostInput {
   core::Tensor f;
   core::Tensor routed, shared, y;
+  core::Tensor slot_out, ids;
   core::Tensor R, post, comb;
 
   static HcPostInput of_sublayer(const core::Tensor& f, const core::Tensor& R, const core::Tensor& post,
@@ -95,6 +101,14 @@ struct HcPostInput {
     in.R = R;
     in.post = post;
     in.comb = comb;
+    return in;
+  }
+  static HcPostInput of_moe_slots(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed,
+                                  const core::Tensor& shared, const core::Tensor& y, const core::Tensor& R,
+                                  const core::Tensor& post, const core::Tensor& comb) {
+    HcPostInput in = of_moe_output(routed, shared, y, R, post, comb);
+    in.slot_out = slot_out;
+    in.ids = ids;
     return in;
   }
 };

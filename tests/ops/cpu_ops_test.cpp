@@ -318,8 +318,9 @@ TEST_F(CpuOps, NormLinearOpsAreTheirPartsInSequence) {
   }
 }
 
-// hc_post_pre_norm(_linear_pair) is hc_post (or moe_output_hc_post), then
-// hc_pre_norm (and linear_pair), with post and comb read and then overwritten in place.
+// hc_post_pre_norm(_linear_pair) is hc_post (or moe_output_hc_post, after moe_reduce
+// from slots), then hc_pre_norm (and linear_pair), with post and comb read and then
+// overwritten in place.
 TEST_F(CpuOps, HcPostPreNormIsHcPostThenHcPreNorm) {
   Rng rng(7);
   const int64_t T = 3, hc = 4, D = 128, mix = (2 + hc) * hc, Na = 128, Nb = 256;
@@ -335,22 +336,39 @@ TEST_F(CpuOps, HcPostPreNormIsHcPostThenHcPreNorm) {
   };
   Tensor norm_w = rng.bf16({D}), R = rng.bf16({T, hc, D}, 2.0f), f = rng.bf16({T, D});
   Tensor routed = rng.f32({T, D}), shared = rng.bf16({T, D});
+  const int64_t k = 3;
+  Tensor slot_out = rng.bf16({T, k, D}), ids = Tensor::empty_cpu(DType::kI32, {T, k});
+  for (int64_t i = 0; i < T * k; ++i) ids.as<int32_t>()[i] = int32_t((i * 7 + 5) % 11) - 1;  // one -1
   const Tensor post0 = rng.f32({T, hc}, 0.5f, 1.0f), comb0 = rng.f32({T, hc, hc}, 0.3f, 0.25f);
-  for (const bool moe : {false, true}) {
+  for (const int form : {0, 1, 2}) {  // f, moe (routed), moe slots
+    const bool moe = form > 0, slots = form == 2;
     Tensor post = copy(post0), comb = copy(comb0), y = bf16({T, D}), Y = bf16({T, hc, D}), x = bf16({T, D}),
            xn = bf16({T, D}), ya = bf16({T, Na}), yb = bf16({T, Nb});
-    HcPostInput in = moe ? HcPostInput::of_moe_output(routed, shared, y, R, post, comb)
-                         : HcPostInput::of_sublayer(f, R, post, comb);
+    Tensor routed_scratch = Tensor::empty_cpu(DType::kF32, {T, D});
+    HcPostInput in = slots ? HcPostInput::of_moe_slots(slot_out, ids, routed_scratch, shared, y, R, post, comb)
+                     : moe ? HcPostInput::of_moe_output(routed, shared, y, R, post, comb)
+                           : HcPostInput::of_sublayer(f, R, post, comb);
     be->hc_post_pre_norm_linear_pair(in, Y, w, c, norm_w, 1e-6f, x, xn, post, comb, wa, ya, wb, yb);
     Tensor spost = copy(post0), scomb = copy(comb0), sy = bf16({T, D}), sY = bf16({T, hc, D}), sx = bf16({T, D}),
            sxn = bf16({T, D}), sya = bf16({T, Na}), syb = bf16({T, Nb});
+    if (slots) be->moe_reduce(slot_out, ids, routed);
     if (moe) be->moe_output_hc_post(routed, shared, R, spost, scomb, sy, sY);
     else be->hc_post(f, R, spost, scomb, sY);
     be->hc_pre_norm(sY, w, c, norm_w, 1e-6f, sx, sxn, spost, scomb);
     be->linear_pair(sxn, wa, sya, wb, syb);
     EXPECT_TRUE((!moe || equal(y, sy)) && equal(Y, sY) && equal(x, sx) && equal(xn, sxn) && equal(post, spost) &&
                 equal(comb, scomb) && equal(ya, sya) && equal(yb, syb))
-        << (moe ? "moe" : "f");
+        << (slots ? "slots" : moe ? "moe" : "f");
+    if (slots) {  // ids of another slot count
+      HcPostInput bad = in;
+      bad.ids = Tensor::empty_cpu(DType::kI32, {T, k + 1});
+      try {
+        be->hc_post_pre_norm(bad, Y, w, c, norm_w, 1e-6f, x, xn, post, comb);
+        ADD_FAILURE() << "ids of the wrong shape were accepted";
+      } catch (const core::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("ids"), std::string::npos) << e.what();
+      }
+    }
     in.R = Y;  // Y may not alias R
     try {
       be->hc_post_pre_norm(in, Y, w, c, norm_w, 1e-6f, x, xn, post, comb);

@@ -509,6 +509,8 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
 // moe_output_hc_post then hc_pre_norm(_linear_pair) on the GPU, bit for bit: every
 // output, the formed stream Y and the MoE output y included. post and comb are read
 // and overwritten in place, as the model does. 17 rows and more: the ops in sequence.
+// From MoE slots (of_moe_slots: the mix also sums them, as moe_reduce would; 6 slots
+// a row, ids in any order, one row's slot empty): against moe_reduce first.
 TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
   Env env;
   Rng rng(0x33);
@@ -526,10 +528,12 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
     cfg.hc_mult = hc;
     const Tensor dnorm = to_device(env.cuda, rng.bf16({D}));
     for (const int64_t T : {0, 1, 3, 8, 9, 16, 17, 64})
-      for (const bool moe : {false, true})
+      for (const int form : {0, 1, 2})  // f, moe (routed), moe slots
         for (const bool linears : {false, true}) {
+          const bool moe = form > 0, slots = form == 2;
           const std::string what = std::string(path()) + " T=" + std::to_string(T) + " hc=" + std::to_string(hc) +
-                                   " D=" + std::to_string(D) + (moe ? " moe" : " f") + (linears ? " +linear_pair" : "");
+                                   " D=" + std::to_string(D) + (slots ? " slots" : moe ? " moe" : " f") +
+                                   (linears ? " +linear_pair" : "");
           auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) {
             return device_poisoned(env.cuda, t, shape);
           };
@@ -538,7 +542,14 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
           };
           const Tensor R = to_device(env.cuda, rng.bf16({T, hc, D}, 2.0f));
           const Tensor f = to_device(env.cuda, rng.bf16({T, D}));
-          const Tensor routed = to_device(env.cuda, rng.f32({T, D}, 2.0f));
+          const int64_t k = 6;
+          Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t s = 0; s < k; ++s)  // distinct per row, unsorted; row 1's slot 2 empty
+              ids.as<int32_t>()[t * k + s] = t == 1 && s == 2 ? -1 : int32_t((t * 37 + (5 - s) * 41) % 256);
+          const Tensor slot_out = to_device(env.cuda, rng.bf16({T, k, D}, 0.5f)), dids = to_device(env.cuda, ids);
+          Tensor routed = to_device(env.cuda, rng.f32({T, D}, 2.0f));
+          if (slots) env.cuda.moe_reduce(slot_out, dids, routed);  // what the sequence reads
           const Tensor shared = to_device(env.cuda, rng.bf16({T, D}));
           const Tensor post0 = rng.f32({T, hc}, 0.5f, 1.0f), comb0 = rng.f32({T, hc, hc}, 0.3f, 0.25f);
           // Fused: post and comb in place.
@@ -546,8 +557,11 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
           Tensor y = poisoned(DType::kBF16, {T, D}), Y = poisoned(DType::kBF16, {T, hc, D});
           Tensor x = poisoned(DType::kBF16, {T, D}), xn = poisoned(DType::kBF16, {T, D});
           Tensor ya = poisoned(DType::kBF16, {T, na}), yb = poisoned(DType::kBF16, {T, nb});
-          const ops::HcPostInput in = moe ? ops::HcPostInput::of_moe_output(routed, shared, y, R, post, comb)
-                                          : ops::HcPostInput::of_sublayer(f, R, post, comb);
+          Tensor routed_scratch = poisoned(DType::kF32, {T, D});
+          const ops::HcPostInput in =
+              slots ? ops::HcPostInput::of_moe_slots(slot_out, dids, routed_scratch, shared, y, R, post, comb)
+              : moe ? ops::HcPostInput::of_moe_output(routed, shared, y, R, post, comb)
+                    : ops::HcPostInput::of_sublayer(f, R, post, comb);
           if (linears)
             env.cuda.hc_post_pre_norm_linear_pair(in, Y, dhw, cfg, dnorm, 1e-6f, x, xn, post, comb, da, ya, db, yb);
           else

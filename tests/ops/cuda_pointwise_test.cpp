@@ -487,7 +487,7 @@ TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
 
 // The mHC mix and finish in one ticket-fused launch (hc_mix_finish_kernel, up to 16
 // rows) against the two launches, bit for bit: hc_pre, hc_pre_norm, hc_head and
-// hc_post_pre_norm (a sublayer's output or the MoE's; the stream Y and the MoE output y
+// hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
 // too), with the Sinkhorn in the op and left for later, at 1 to 16 rows and at 17 (the
 // two launches on both sides); and how many launches took the fused kernel.
 TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
@@ -506,8 +506,13 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
         const Tensor df = dev(rng.bf16({T, c.D})), drouted = dev(rng.f32({T, c.D}, 2.0f)),
                      dshared = dev(rng.bf16({T, c.D}));
         const Tensor post0 = rng.f32({T, c.hc}, 0.5f, 1.0f), comb0 = rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f);
-        const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_head", "hc_post_pre_norm f", "hc_post_pre_norm moe"};
-        for (int op = 0; op < 5; ++op) {
+        const int64_t k = 6;
+        Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
+        for (int64_t i = 0; i < T * k; ++i) ids.as<int32_t>()[i] = int32_t((i * 53 + 11) % 97) - 1;
+        const Tensor dslots = dev(rng.bf16({T, k, c.D})), dids = dev(ids);
+        const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_head", "hc_post_pre_norm f", "hc_post_pre_norm moe",
+                             "hc_post_pre_norm slots"};
+        for (int op = 0; op < 6; ++op) {
           const std::string what = std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" +
                                    std::to_string(c.D) + " T=" + std::to_string(T) + (later ? " later" : "");
           std::vector<Tensor> got[2];
@@ -522,9 +527,12 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
             else if (op == 1) cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
             else if (op == 2) cuda().hc_head(dX, dwh, cfg, x);
             else
-              cuda().hc_post_pre_norm(op == 3 ? HcPostInput::of_sublayer(df, dX, post, comb)
-                                              : HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb),
-                                      Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+              cuda().hc_post_pre_norm(
+                  op == 3   ? HcPostInput::of_sublayer(df, dX, post, comb)
+                  : op == 4 ? HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb)
+                            : HcPostInput::of_moe_slots(dslots, dids, poisoned(DType::kF32, {T, c.D}), dshared, y, dX,
+                                                        post, comb),
+                  Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
             got[fused] = {host(x)};
             if (op != 2) {
               got[fused].push_back(host(post));
@@ -532,7 +540,7 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
             }
             if (op == 1 || op >= 3) got[fused].push_back(host(xn));
             if (op >= 3) got[fused].push_back(host(Y));
-            if (op == 4) got[fused].push_back(host(y));
+            if (op >= 4) got[fused].push_back(host(y));
             const int64_t launches = cuda_hc_fused_launches() - before;
             EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
           }

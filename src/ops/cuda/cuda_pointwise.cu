@@ -449,7 +449,15 @@ struct HcPostSource {
   uint16_t* Y = nullptr;             // [T, hc, D]
   int hc = 0;
   int64_t D = 0;
+  // HcPostInput::of_moe_slots: routed = moe_reduce(slot_out, ids) is formed by the mix
+  // (not stored); null: routed is read.
+  const uint16_t* slot_out = nullptr;  // [T, k, D]
+  const int32_t* ids = nullptr;        // [T, k]
+  int k = 0;
 };
+
+// Slots a row may have where the mix forms routed from them (the slot order in shared memory).
+constexpr int kHcMaxSlots = 16;
 
 // Rows an hc_post source may have (one launch): the fusion saves a launch where the
 // step is a latency chain. Measured at up to 64 rows with a per-element form (no
@@ -558,6 +566,46 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
       static_assert(kU <= kXPer, "the source rows fit one tile");
       const int64_t D = src.D, d0 = k0 % D;
       const int j = int(k0 / D);
+      if (src.slot_out) {
+        // routed = moe_reduce(slot_out, ids) for this slice's columns, moe_reduce_kernel's
+        // arithmetic (each row's slots in ascending expert id, equal ids in slot order, ids
+        // < 0 skipped; an fp32 sum from 0 in that order), into x_s (its rows < kPostRows,
+        // read back below by the thread that then overwrites the same element).
+        __shared__ int slot_id[kPostRows][kHcMaxSlots], slot_order[kPostRows][kHcMaxSlots], slot_count[kPostRows];
+        const int tid = int(threadIdx.x), k = src.k;
+        for (int e = tid; e < rows * k; e += 256) slot_id[e / k][e % k] = src.ids[e];
+        asm volatile("bar.sync 1, 256;" ::: "memory");
+        if (tid < rows) {  // moe_reduce_kernel's insertion sort, a thread a row
+          int n = 0;
+          for (int sl = 0; sl < k; ++sl) {
+            const int id = slot_id[tid][sl];
+            if (id < 0) continue;
+            int pos = n++;
+            while (pos > 0 && slot_id[tid][slot_order[tid][pos - 1]] > id) {
+              slot_order[tid][pos] = slot_order[tid][pos - 1];
+              --pos;
+            }
+            slot_order[tid][pos] = sl;
+          }
+          slot_count[tid] = n;
+        }
+        asm volatile("bar.sync 1, 256;" ::: "memory");
+        for (int v = tid; v < rows * (kHcSlice / 8); v += 256) {  // 8 columns of a row a thread
+          const int t = v / (kHcSlice / 8), c = (v % (kHcSlice / 8)) * 8, n = slot_count[t];
+          float acc[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll 8
+          for (int sl = 0; sl < n; ++sl) {
+            const BfVec<8> b = load_bf<8>(src.slot_out + (int64_t(t) * k + slot_order[t][sl]) * D + d0 + c);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], bf2f(b.v[e]));
+          }
+#pragma unroll
+          for (int e = 0; e < 8; ++e) x_s[t][c + e] = acc[e];
+        }
+        asm volatile("bar.sync 1, 256;" ::: "memory");
+      }
       uint16_t fb[kU], rv[kU][HC];
       float routed[kU], pj[kU], cm[kU][HC];
 #pragma unroll
@@ -568,7 +616,7 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         if (src.f) {
           fb[u] = src.f[t * D + d];
         } else {
-          routed[u] = src.routed[t * D + d];
+          routed[u] = src.slot_out ? x_s[t][idx % kHcSlice] : src.routed[t * D + d];
           fb[u] = src.shared[t * D + d];
         }
 #pragma unroll
@@ -1669,22 +1717,30 @@ void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w
 
 // Up to kHcPostMaxRows rows, the mix kernel forms the stream from the hc_post's
 // inputs (and stores it) instead of reading it: one launch (hc_post's) fewer; more
-// rows take the ops in sequence. Same bits.
+// rows take the ops in sequence. Same bits. From MoE slots (of_moe_slots, up to
+// kHcMaxSlots a row) the mix also forms routed, which it does not store: moe_reduce's
+// launch fewer.
 void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const HcWeights& w,
                                       const HcConfig& config, const Tensor& norm_weight, float eps, const Tensor& x,
                                       const Tensor& xn, const Tensor& post, const Tensor& comb, const QuantLinear* wa,
                                       const Tensor* ya, const QuantLinear* wb, const Tensor* yb) {
   const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2);
   if (T == 0) return;
+  const bool moe = in.f.ndim() == 0, slots = moe && in.slot_out.ndim() > 0;
   if (T > kHcPostMaxRows || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
-      !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb))) {
+      !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb)) ||
+      (slots && (in.slot_out.size(1) > kHcMaxSlots || !aligned16(in.slot_out.data())))) {
     Backend::do_hc_post_pre_norm(in, Y, w, config, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
     return;
   }
   HcPostSource src;
-  const bool moe = in.f.ndim() == 0;
   src.f = moe ? nullptr : in.f.as<uint16_t>();
-  src.routed = moe ? in.routed.as<float>() : nullptr;
+  src.routed = moe && !slots ? in.routed.as<float>() : nullptr;
+  if (slots) {
+    src.slot_out = in.slot_out.as<uint16_t>();
+    src.ids = in.ids.as<int32_t>();
+    src.k = int(in.slot_out.size(1));
+  }
   src.shared = moe ? in.shared.as<uint16_t>() : nullptr;
   src.y = moe ? in.y.as<uint16_t>() : nullptr;
   src.R = in.R.as<uint16_t>();
