@@ -295,14 +295,17 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   io.leave_slots = leave_output && moe.leaves_slots();  // (the next layer's attn_in sums them)
   moe.append_dispatch(program, io);
 
-  // The shared expert runs on the row's own rank, under the dispatch; then the Sinkhorn
+  // The shared expert runs on the row's own rank, under the dispatch; with it the Sinkhorn
   // of the FFN's comb, which attn_out's hc_pre left for later (hc_pre_config_): it is
-  // read with shared_out, by the next layer's attn_in or ffn_post.
+  // read with shared_out, by the next layer's attn_in or ffn_post. The Sinkhorn first:
+  // a short latency chain, which after the shared expert waited on the GPU until the
+  // routed experts' grid left room, then ran on the path to the next attn_in (~6 µs a
+  // layer at 16 rows once that attn_in summed the MoE slots itself).
   program.push_back(Stage{L + ".shared_expert", StageKind::kCompute, {{"xn", b.xn.data()}, {"comb", b.comb.data()}},
                           {{"shared_out", b.shared_out.data()}, {"comb", b.comb.data()}},
                           [&be, &w, &c, this, xn, shared_out, comb] {
-                            be.expert_ffn(xn, w.shared, Tensor(), float(c.swiglu_limit), shared_out);
                             be.hc_sinkhorn(comb, hc_pre_config_);
+                            be.expert_ffn(xn, w.shared, Tensor(), float(c.swiglu_limit), shared_out);
                           }});
   moe.append_experts(program, io);
   moe.append_combine(program, io);

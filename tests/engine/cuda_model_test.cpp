@@ -309,7 +309,7 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
         {"X", &b.X},       {"X_alt", &b.X_alt},           {"xn", &b.xn},         {"post", &b.post},
         {"comb", &b.comb}, {"q", &b.q},                   {"kv", &b.kv},         {"attn_o", &b.attn_o},
         {"topk", &b.topk}, {"router_w", &b.router_w},     {"router_ids", &b.router_ids},
-        {"routed", &b.routed}, {"shared_out", &b.shared_out}, {"attn_out", &b.attn_out}};
+        {"routed", &b.routed}, {"shared_out", &b.shared_out}, {"attn_out", &b.attn_out}, {"slot_out", &b.slot_out}};
   };
   // By address: stages name a buffer by their own role (the experts read xn as "moe_x").
   auto touches = [](const std::vector<model::BufferRef>& refs, const core::Tensor* t) {
@@ -372,6 +372,9 @@ TEST_F(CudaTinyModel, EveryStageTeacherForcedStaysCloseToCpu) {
     for (const auto& [name, t] : bufs) {
       auto it = after[st].find(name);
       if (it == after[st].end()) continue;
+      // routed is the scratch of an attn_in that sums the MoE slots (HcPostInput::of_moe_slots):
+      // its contents after the op are unspecified (the CUDA mix does not store it).
+      if (name == "routed" && stage.name.size() > 8 && stage.name.ends_with(".attn_in")) continue;
       const std::vector<uint8_t> got = download(*cuda, t);
       const std::vector<uint8_t>& ref = it->second;
       double num = 0, den = 0;

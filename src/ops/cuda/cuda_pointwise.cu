@@ -475,14 +475,15 @@ constexpr int kHcPostMaxRows = 16;
 // kPostHc > 0 (32-row tiles, at most kPostRows rows): the X tile is formed from src
 // (kPostHc = its hc) as above, not read: every load of a thread's elements is issued
 // before the first is used (one round trip), then Y is formed and stored.
-// A kernel's wait for its predecessor. kFused (the ticket-fused mHC kernel, whose grid
-// is larger than wait_then_release_dependents releases): every CTA allows the dependents
-// to launch after its wait; a CTA that exits counts as having allowed it.
+// A mix tile's wait for its predecessor. kFused (hc_mix_finish_kernel): the wait alone;
+// the slice CTAs let the dependents launch by exiting, the finish CTAs once every slice
+// is done (so that the next GEMM's weight copies, issued before its own wait, do not
+// compete with the slices' loads: with every CTA releasing after its wait, the fused
+// launch took 20 µs at 16 rows where the two launches take ~12, graph trace, H200).
 template <bool kFused>
 __device__ __forceinline__ void hc_tile_wait() {
   if constexpr (kFused) {
     wait_for_predecessor();
-    allow_dependents_to_launch();
   } else {
     wait_then_release_dependents();
   }
@@ -498,10 +499,7 @@ struct HcMixTileSmem {
   float x_s[8 * kRows][kPad];
 };
 
-// The tile (slice, rows r0 ..) by threads 0-255. kFused (hc_mix_finish_kernel): every
-// CTA of that grid allows its dependents to launch after its wait (a grid of more than
-// half the SMs, which wait_then_release_dependents would not release), else the
-// small-grid rule.
+// The tile (slice, rows r0 ..) by threads 0-255 (kFused: in hc_mix_finish_kernel).
 template <int kRows, int kPostHc, int kPostRows, bool kFused>
 __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__ X, const float* __restrict__ fn,
                                                     int64_t rows, int64_t n, int mix, float* __restrict__ partial,
@@ -1054,7 +1052,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       if (chunk(0, k) < chunks) wv[k].load(a.norm_w + int64_t(chunk(0, k)) * VEC);
   }
   if (fused) {
-    hc_tile_wait<true>();
+    wait_for_predecessor();  // (the dependents launch once every slice is done, below)
   } else {
     wait_then_release_dependents();
   }
@@ -1079,6 +1077,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
         if (++polls == (1u << 28)) __trap();
       }
       hc_tickets_leave(tickets);
+      allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
     }
     __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
     if (x_thread && tickets.x_from_mix) load_x(0);
@@ -1240,11 +1239,9 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_mix_finish_kernel(cons
   __syncthreads();
   const int ticket = s_ticket;
   if (ticket < f.tickets.slices) {
-    if (threadIdx.x < kHcXThreads)
+    if (threadIdx.x < kHcXThreads)  // (the finish CTAs' Sinkhorn warp is idle here)
       hc_mix_partial_tile<4, kPostHc, kPostRows, true>(f.X, f.fn, f.rows, f.n, f.mix, f.partial, f.src, ticket, 0,
                                                        sm.mix);
-    else
-      hc_tile_wait<true>();  // (the Sinkhorn warp of the finish CTAs, idle here)
     __syncthreads();  // every partial (and Y) store of the CTA issued
     // The release half publishes them (cumulative through the barrier above).
     if (threadIdx.x == 0) {
