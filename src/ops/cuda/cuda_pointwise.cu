@@ -551,10 +551,25 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
     constexpr int kFnPer = (kMaxMix * kHcSlice + 255) / 256, kXPer = kHcRowTile * kHcSlice / 256;
     static_assert(kHcRowTile * kHcSlice % 256 == 0, "whole x tile per pass");
     float fv[kFnPer], xv[kXPer];
+    if constexpr (kFused) {
+      // fn by cp.async straight into shared memory (the host checks 16-byte rows): 14
+      // registers a thread fewer, which the 96 of hc_mix_finish_kernel need at 16 rows.
+      constexpr int kPieces = kMaxMix * kHcSlice / 4;  // 16-byte pieces
 #pragma unroll
-    for (int u = 0; u < kFnPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u;
-      fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
+      for (int u = 0; u < (kPieces + 255) / 256; ++u) {
+        const int idx = int(threadIdx.x) + 256 * u, row = idx / (kHcSlice / 4), c = (idx % (kHcSlice / 4)) * 4;
+        if (idx < kPieces && row < mix)
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(uint32_t(__cvta_generic_to_shared(
+                           &fn_s[row][c]))),
+                       "l"(fn + int64_t(row) * n + k0 + c));
+      }
+      asm volatile("cp.async.commit_group;\n" ::);
+    } else {
+#pragma unroll
+      for (int u = 0; u < kFnPer; ++u) {
+        const int idx = int(threadIdx.x) + 256 * u;
+        fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
+      }
     }
     hc_tile_wait<kFused>();
     if constexpr (kPostHc > 0) {
@@ -604,11 +619,21 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         }
         asm volatile("bar.sync 1, 256;" ::: "memory");
       }
+      // Row t's post_j and comb[t][.][j] (the same for every element of the row) go
+      // through shared memory, not a register set per element: at 16 rows those were
+      // 40 of the ~150 registers a thread (and spilled in hc_mix_finish_kernel's 96).
+      __shared__ float row_post[kPostRows], row_comb[kPostRows][HC];
+      const int tid = int(threadIdx.x);
+      float row_value = 0.0f;  // thread tid < rows * (HC + 1): comb (i < HC) or post (i == HC) of row tid / (HC + 1)
+      if (tid < rows * (HC + 1)) {
+        const int t = tid / (HC + 1), i = tid % (HC + 1);
+        row_value = i < HC ? src.comb[t * HC * HC + i * HC + j] : src.post[t * HC + j];
+      }
       uint16_t fb[kU], rv[kU][HC];
-      float routed[kU], pj[kU], cm[kU][HC];
+      float routed[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        const int idx = int(threadIdx.x) + 256 * u;
+        const int idx = tid + 256 * u;
         const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
         if (t >= rows) continue;
         if (src.f) {
@@ -618,24 +643,29 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
           fb[u] = src.shared[t * D + d];
         }
 #pragma unroll
-        for (int i = 0; i < HC; ++i) {
-          rv[u][i] = src.R[(t * HC + i) * D + d];
-          cm[u][i] = src.comb[t * HC * HC + i * HC + j];
-        }
-        pj[u] = src.post[t * HC + j];
+        for (int i = 0; i < HC; ++i) rv[u][i] = src.R[(t * HC + i) * D + d];
       }
+      if (tid < rows * (HC + 1)) {
+        const int t = tid / (HC + 1), i = tid % (HC + 1);
+        if (i < HC) row_comb[t][i] = row_value;
+        else row_post[t] = row_value;
+      }
+      asm volatile("bar.sync 1, 256;" ::: "memory");
 #pragma unroll
       for (int u = 0; u < kXPer; ++u) xv[u] = 0.0f;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        const int idx = int(threadIdx.x) + 256 * u;
+        const int idx = tid + 256 * u;
         const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
         if (t >= rows) continue;
         if (!src.f) {  // moe_output's f, stored by stream 0's slices
           fb[u] = moe_output_value(routed[u], fb[u]);
           if (j == 0) src.y[t * D + d] = fb[u];
         }
-        const uint16_t o = hc_post_value<HC>(pj[u], fb[u], cm[u], rv[u]);
+        float cm[HC];
+#pragma unroll
+        for (int i = 0; i < HC; ++i) cm[i] = row_comb[t][i];
+        const uint16_t o = hc_post_value<HC>(row_post[t], fb[u], cm, rv[u]);
         src.Y[(t * HC + j) * D + d] = o;
         xv[u] = bf2f(o);
       }
@@ -646,10 +676,14 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         xv[u] = r0 + r < rows ? bf2f(X[(r0 + r) * n + k0 + idx % kHcSlice]) : 0.0f;
       }
     }
+    if constexpr (kFused) {
+      asm volatile("cp.async.wait_all;\n" ::: "memory");
+    } else {
 #pragma unroll
-    for (int u = 0; u < kFnPer; ++u) {
-      const int idx = int(threadIdx.x) + 256 * u;
-      if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
+      for (int u = 0; u < kFnPer; ++u) {
+        const int idx = int(threadIdx.x) + 256 * u;
+        if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
+      }
     }
 #pragma unroll
     for (int u = 0; u < kXPer; ++u) {
@@ -1552,13 +1586,13 @@ void launch_hc_mix_rows(CudaBackend& be, int split, const uint16_t* X, const flo
 }
 
 // The ticket-fused mix and finish (hc_mix_finish_kernel) where it applies: up to
-// kHcPostMaxRows rows, 16-byte rows. DSV4_CUDA_HC_FUSED=0: never (A/B runs); a test hook
+// kHcPostMaxRows rows, 16-byte rows (X, x and fn). DSV4_CUDA_HC_FUSED=0: never (A/B runs); a test hook
 // may force it off. Same bits either way.
-bool hc_fused(int64_t rows, bool v8, int64_t slices) {
+bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
   static const bool from_env = !env_is("DSV4_CUDA_HC_FUSED", "0");
   const int forced = g_force_hc_fused.load(std::memory_order_relaxed);
   const bool on = forced >= 0 ? forced == 1 : from_env;
-  return on && rows <= kHcPostMaxRows && v8 && slices <= kHcMaxStagedSlices &&
+  return on && rows <= kHcPostMaxRows && v8 && fn16 && slices <= kHcMaxStagedSlices &&
          g_force_row_mix.load(std::memory_order_relaxed) != 1;
 }
 
@@ -1620,7 +1654,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       a.xq = norm->xq.codes + r0 * D;
       a.xs = norm->xq.scales + r0 * (D / 128);
     }
-    if (hc_fused(rows, v8, slices)) {
+    if (hc_fused(rows, v8, aligned16(w.fn.data()), slices)) {
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
                     hc_tickets(be, slices, rows, src != nullptr)};
       const unsigned grid = unsigned(slices + rows);
