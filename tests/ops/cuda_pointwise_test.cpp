@@ -551,9 +551,9 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
       }
 }
 
-// The fused kernel in a captured graph: launches back to back (its two counter sets in
-// turn; each launch's CTAs take tickets before their wait for the previous one) and
-// with other kernels between, replayed on fresh inputs, give the eager run's bytes.
+// The fused kernel in a captured graph: launches back to back (one launch's CTAs start
+// while the previous one ends; both use the same counters, after their wait) and with
+// other kernels between, replayed on fresh inputs, give the eager run's bytes.
 TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
   Rng rng(217);
   const HcCase c{4, 4096, 20};

@@ -22,7 +22,6 @@ using core::Tensor;
 
 struct CudaBackend::Scratch {
   std::map<std::string, Tensor> buffers;
-  std::map<std::string, uint64_t> turns;
 };
 
 bool cuda_device_available(std::string* why) {
@@ -479,12 +478,6 @@ void* CudaBackend::scratch(const char* name, size_t bytes, bool* fresh) {
     *fresh = false;
   }
   return t.data();
-}
-
-uint64_t CudaBackend::next_turn(const char* name) {
-  char key[192];
-  std::snprintf(key, sizeof key, "%s@%p", name, static_cast<void*>(stream_));
-  return scratch_->turns[key]++;
 }
 
 int CudaBackend::num_lanes() const {

@@ -152,10 +152,6 @@ class CudaBackend final : public Backend {
   // stream), grown on first use, before any capture (growing during capture is an
   // error). `fresh`, if given, tells whether this call allocated (contents undefined).
   void* scratch(const char* name, size_t bytes, bool* fresh = nullptr);
-  // A count per (name, current stream) of the calls so far (0, 1, 2, ...): kernels that
-  // take work tickets from counters in scratch before their dependency wait use two
-  // counter sets in turn by it (hc_mix_finish_kernel).
-  uint64_t next_turn(const char* name);
 };
 
 // True when a CUDA device is usable (tests skip otherwise).

@@ -1041,29 +1041,20 @@ struct HcFinishSmem {
   float red[kHcXThreads / 32];
 };
 
-// The ticket-fused kernel's hand-over (hc_mix_finish_kernel): the finish CTAs wait until
-// `done` counts every slice CTA; the last CTA to leave zeroes the three counters.
-struct HcTickets {
-  int* sync = nullptr;  // [ticket, done, left]; null: hc_finish_kernel (no hand-over)
-  int slices = 0;
-  int grid = 0;
+// hc_mix_finish_kernel's hand-over: every CTA counts itself into `done` once its slice
+// (if any) is stored; the last `finishers` to do so run a finish row each, once `done`
+// reaches `arrivals`; the last of them to leave zeroes the two counters.
+struct HcHandOver {
+  int* sync = nullptr;  // [done, left]; null: hc_finish_kernel (no hand-over)
+  int arrivals = 0;     // the grid's CTAs
+  int finishers = 0;    // rows
   bool x_from_mix = false;  // the mix forms X (an hc_post source): read it after the hand-over
 };
-
-// Every thread leaves through here once its CTA has no more use for the counters; the
-// acquire-release add orders this CTA's own counter accesses before the last CTA's reset.
-__device__ __forceinline__ void hc_tickets_leave(const HcTickets& k) {
-  if (atom_add_acq_rel_gpu(k.sync + 2, 1) == k.grid - 1) {
-    k.sync[0] = 0;
-    k.sync[1] = 0;
-    k.sync[2] = 0;
-  }
-}
 
 // Row t of hc_finish by this CTA's threads (kHcXThreads, + the Sinkhorn warp where !kHead).
 template <int HC, bool kHead, int VEC>
 __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, HcFinishSmem& sm,
-                                              const HcTickets& tickets) {
+                                              const HcHandOver& hand) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
   static_assert(kMix < 32 && HC <= 4, "the sums of one slice fit its 32 partials");
@@ -1073,7 +1064,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   float4* const staged = sm.staged;
   const int tid = int(threadIdx.x);
   const bool x_thread = tid < kHcXThreads;
-  const bool fused = tickets.sync != nullptr;
+  const bool fused = hand.sync != nullptr;
   const int64_t n = HC * a.D;
   const int chunks = int(a.D / VEC);
   const bool norm = a.xn != nullptr;
@@ -1086,7 +1077,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       if (chunk(0, k) < chunks) wv[k].load(a.norm_w + int64_t(chunk(0, k)) * VEC);
   }
   if (fused) {
-    wait_for_predecessor();  // (the dependents launch once every slice is done, below)
+    wait_for_predecessor();  // (passed in the slice; the dependents launch once every slice is done, below)
   } else {
     wait_then_release_dependents();
   }
@@ -1099,22 +1090,26 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
         for (int i = 0; i < HC; ++i) xs[k][i].load(a.X + (t * HC + i) * a.D + int64_t(chunk(base, k)) * VEC);
       }
   };
-  if (x_thread && !tickets.x_from_mix) load_x(0);
+  if (x_thread && !hand.x_from_mix) load_x(0);
   if (fused) {
-    // Every slice ticket is held by a CTA that is running and waits on nothing but the
-    // predecessor, so `done` comes. A bug that breaks that fails the launch (~9 s, an
-    // illegal-instruction error) instead of hanging the process.
+    // The CTAs not yet counted wait on nothing (their predecessor aside) and need one SM
+    // slot among those this CTA and the other finishers leave, so `done` comes. A bug
+    // that breaks that fails the launch (~9 s, an illegal-instruction error) instead of
+    // hanging the process.
     if (tid == 0) {
       unsigned polls = 0;
-      while (ld_acquire_gpu(tickets.sync + 1) < tickets.slices) {
+      while (ld_acquire_gpu(hand.sync) < hand.arrivals) {
         __nanosleep(32);
         if (++polls == (1u << 28)) __trap();
       }
-      hc_tickets_leave(tickets);
+      if (atom_add_acq_rel_gpu(hand.sync + 1, 1) == hand.finishers - 1) {  // the last finisher past the wait
+        hand.sync[0] = 0;
+        hand.sync[1] = 0;
+      }
       allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
     }
     __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
-    if (x_thread && tickets.x_from_mix) load_x(0);
+    if (x_thread && hand.x_from_mix) load_x(0);
   }
   const int slices = int(a.slices);
   const bool stage = slices <= kHcMaxStagedSlices;
@@ -1233,24 +1228,24 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
 template <int HC, bool kHead, int VEC>
 __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinishArgs a) {
   __shared__ HcFinishSmem sm;
-  hc_finish_row<HC, kHead, VEC>(a, blockIdx.x, sm, HcTickets{});
+  hc_finish_row<HC, kHead, VEC>(a, blockIdx.x, sm, HcHandOver{});
 }
 
 // hc_mix_partial_kernel's tiles and hc_finish_kernel's rows in one launch, up to
-// kHcPostMaxRows rows (one row tile): slices + rows CTAs, each taking a ticket at entry;
-// tickets 0 .. slices-1 run the mix of that slice, the next ones the finish of one row
-// each, which waits (spinning) until every slice CTA has counted itself done. The same
-// tile and row code as the two launches: the same bits. Why: at 1-16 rows the pair is a
-// latency chain, and the boundary between the launches (the mix grid's end, then the
-// finish grid's wait) is one of its links, twice a layer; the finish CTAs here are
-// resident with their norm weights loaded (and X, without an hc_post source) when the
-// last slice ends. Tickets rather than block indices: a finish CTA waits only once every
-// slice ticket is held by a running CTA, whatever order the hardware starts CTAs in.
-// The ticket is taken before the wait for the predecessor, so that the slice CTAs copy
-// their fn slices and the finish CTAs their norm weights under its tail; the counters are
-// therefore two sets used in turn (hc_launch): the launch before this one on the same
-// set has ended before this one starts (this one starts only once its predecessor,
-// which depends on the previous launch on the other set, has passed its own wait).
+// kHcPostMaxRows rows (one row tile): max(slices, rows) CTAs; CTA b < slices runs the mix
+// of slice b, then every CTA counts itself done (an acquire-release add that also gives
+// its order of arrival), and the last `rows` to arrive run a finish row each, once the
+// count is complete. The same tile and row code as the two launches: the same bits.
+// Why: at 1-16 rows the pair is a latency chain, and the boundary between the launches
+// (the mix grid's end, then the finish grid's wait) is one of its links, twice a layer;
+// here the first finishers have their norm weights (and X, without an hc_post source)
+// loaded when the last slice ends. No CTA waits before it is counted, so the count
+// completes whatever order CTAs start in and however few fit at once (more than `rows`),
+// and the counters are used only after the wait for the predecessor, whose launch on
+// them has ended. Why the last arrivals and not CTAs of their own (the first form: slices
+// + rows CTAs by ticket, two an SM): at 96 registers, two CTAs of 288 threads an SM, the
+// 16-row tile took ~4 µs longer than alone at 122; here one CTA an SM, as many registers
+// as the tile takes.
 struct HcFusedArgs {
   const uint16_t* X;
   const float* fn;
@@ -1259,32 +1254,31 @@ struct HcFusedArgs {
   float* partial;
   HcPostSource src;
   HcFinishArgs fin;
-  HcTickets tickets;
+  HcHandOver hand;
+  int slices;
 };
 
 template <int HC, bool kHead, int kPostHc, int kPostRows>
-__global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
+__global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
   __shared__ __align__(16) union {
     HcMixTileSmem<4> mix;
     HcFinishSmem fin;
   } sm;
-  __shared__ int s_ticket;
-  if (threadIdx.x == 0) s_ticket = atomicAdd(f.tickets.sync, 1);
-  __syncthreads();
-  const int ticket = s_ticket;
-  if (ticket < f.tickets.slices) {
-    if (threadIdx.x < kHcXThreads)  // (the finish CTAs' Sinkhorn warp is idle here)
-      hc_mix_partial_tile<4, kPostHc, kPostRows, true>(f.X, f.fn, f.rows, f.n, f.mix, f.partial, f.src, ticket, 0,
+  __shared__ int s_arrival;
+  if (int(blockIdx.x) < f.slices) {
+    if (threadIdx.x < kHcXThreads)  // (the finishers' Sinkhorn warp is idle here)
+      hc_mix_partial_tile<4, kPostHc, kPostRows, true>(f.X, f.fn, f.rows, f.n, f.mix, f.partial, f.src, blockIdx.x, 0,
                                                        sm.mix);
-    __syncthreads();  // every partial (and Y) store of the CTA issued
-    // The release half publishes them (cumulative through the barrier above).
-    if (threadIdx.x == 0) {
-      atom_add_acq_rel_gpu(f.tickets.sync + 1, 1);
-      hc_tickets_leave(f.tickets);
-    }
-    return;
+  } else {
+    wait_for_predecessor();  // (before the count: the previous launch on the counters has ended)
   }
-  hc_finish_row<HC, kHead, 8>(f.fin, ticket - f.tickets.slices, sm.fin, f.tickets);
+  __syncthreads();  // every partial (and Y) store of the CTA issued, its shared memory free again
+  // The release half publishes them (cumulative through the barrier above).
+  if (threadIdx.x == 0) s_arrival = atom_add_acq_rel_gpu(f.hand.sync, 1);
+  __syncthreads();
+  const int row = s_arrival - (f.hand.arrivals - f.hand.finishers);
+  if (row < 0) return;
+  hc_finish_row<HC, kHead, 8>(f.fin, row, sm.fin, f.hand);
 }
 
 // ---- hc_post -------------------------------------------------------------------
@@ -1596,20 +1590,18 @@ bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
          g_force_row_mix.load(std::memory_order_relaxed) != 1;
 }
 
-// The fused kernel's counters: two sets of [ticket, done, left], used in turn on each
-// stream (see hc_mix_finish_kernel), zeroed when allocated; every launch leaves its set
-// zeroed.
-HcTickets hc_tickets(CudaBackend& be, int64_t slices, int64_t rows, bool x_from_mix) {
-  constexpr size_t kSetInts = 4;
+// The fused kernel's counters [done, left], zeroed when allocated; every launch leaves
+// them zeroed.
+HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, bool x_from_mix) {
   bool fresh = false;
-  int* sets = static_cast<int*>(be.scratch("hc_tickets", 2 * kSetInts * sizeof(int), &fresh));
-  if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(sets, 0, 2 * kSetInts * sizeof(int), be.stream()));
-  HcTickets k;
-  k.sync = sets + kSetInts * (be.next_turn("hc_tickets") % 2);
-  k.slices = int(slices);
-  k.grid = int(slices + rows);
-  k.x_from_mix = x_from_mix;
-  return k;
+  int* sync = static_cast<int*>(be.scratch("hc_hand_over", 2 * sizeof(int), &fresh));
+  if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(sync, 0, 2 * sizeof(int), be.stream()));
+  HcHandOver h;
+  h.sync = sync;
+  h.arrivals = int(grid);
+  h.finishers = int(rows);
+  h.x_from_mix = x_from_mix;
+  return h;
 }
 
 // src (hc_post_pre_norm, at most kHcPostMaxRows rows): X is formed by the mix kernel
@@ -1655,14 +1647,14 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       a.xs = norm->xq.scales + r0 * (D / 128);
     }
     if (hc_fused(rows, v8, aligned16(w.fn.data()), slices)) {
+      const int64_t grid = std::max(slices, rows);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
-                    hc_tickets(be, slices, rows, src != nullptr)};
-      const unsigned grid = unsigned(slices + rows);
+                    hc_hand_over(be, grid, rows, src != nullptr), int(slices)};
       if (!src)
-        hc_mix_finish_kernel<HC, kHead, 0, 8><<<grid, threads, 0, be.stream()>>>(f);
+        hc_mix_finish_kernel<HC, kHead, 0, 8><<<unsigned(grid), threads, 0, be.stream()>>>(f);
       else if constexpr (!kHead) {
-        if (rows <= 8) hc_mix_finish_kernel<HC, false, HC, 8><<<grid, threads, 0, be.stream()>>>(f);
-        else hc_mix_finish_kernel<HC, false, HC, 16><<<grid, threads, 0, be.stream()>>>(f);
+        if (rows <= 8) hc_mix_finish_kernel<HC, false, HC, 8><<<unsigned(grid), threads, 0, be.stream()>>>(f);
+        else hc_mix_finish_kernel<HC, false, HC, 16><<<unsigned(grid), threads, 0, be.stream()>>>(f);
       }
       check_launch(be.stream());
       g_hc_fused_launches.fetch_add(1, std::memory_order_relaxed);
