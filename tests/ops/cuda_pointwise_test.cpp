@@ -34,6 +34,7 @@ int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
 void cuda_hc_force_fused(int on);
 int64_t cuda_hc_fused_launches();
+void cuda_hc_force_slot_rows(int rows);
 namespace {
 
 using core::DType;
@@ -485,16 +486,21 @@ TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
     }
 }
 
-// The mHC mix and finish in one ticket-fused launch (hc_mix_finish_kernel, up to 16
+// The mHC mix and finish in one launch (hc_mix_finish_kernel, forced on up to 16
 // rows) against the two launches, bit for bit: hc_pre, hc_pre_norm, hc_head and
 // hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
-// too), with the Sinkhorn in the op and left for later, at 1 to 16 rows and at 17 (the
-// two launches on both sides); and how many launches took the fused kernel.
+// too, the slots summed by the mix at every row count), with the Sinkhorn in the op and
+// left for later, at 1 to 16 rows and at 17 (the two launches on both sides); and how many
+// launches took the fused kernel.
 TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
   Rng rng(216);
   struct Reset {
-    ~Reset() { cuda_hc_force_fused(-1); }
+    ~Reset() {
+      cuda_hc_force_fused(-1);
+      cuda_hc_force_slot_rows(-1);
+    }
   } reset;
+  cuda_hc_force_slot_rows(16);  // the mix sums the MoE slots at every row count here
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 256, 20}, HcCase{4, 256, 1}, HcCase{1, 128, 20}})
     for (const bool later : {false, true})
       for (int64_t T : {1, 3, 8, 9, 16, 17}) {

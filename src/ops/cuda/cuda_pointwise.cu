@@ -37,10 +37,11 @@ using core::Tensor;
 void cuda_hc_force_row_mix(int on);
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
-// Tests: -1 the rule (hc_fused), 0 / 1 the ticket-fused mHC kernel off / where it
-// applies; and how many launches took it.
+// Tests: -1 the rule (hc_fused), 0 / 1 the fused mHC kernel off / up to 16 rows; and how
+// many launches took it. The rows up to which the mix sums MoE slots (-1: the rule).
 void cuda_hc_force_fused(int on);
 int64_t cuda_hc_fused_launches();
+void cuda_hc_force_slot_rows(int rows);
 
 namespace {
 
@@ -48,6 +49,7 @@ std::atomic<int> g_force_row_mix{-1};
 std::atomic<int> g_force_row_split{0};
 std::atomic<int64_t> g_row_mix_launches{0};
 std::atomic<int> g_force_hc_fused{-1};
+std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
@@ -1579,15 +1581,39 @@ void launch_hc_mix_rows(CudaBackend& be, int split, const uint16_t* X, const flo
   launch_hc_mix_rows<kMix, 1>(be, X, fn, rows, n, slices, partial);
 }
 
-// The ticket-fused mix and finish (hc_mix_finish_kernel) where it applies: up to
-// kHcPostMaxRows rows, 16-byte rows (X, x and fn). DSV4_CUDA_HC_FUSED=0: never (A/B runs); a test hook
-// may force it off. Same bits either way.
+// A row limit from the environment (0 .. kHcPostMaxRows), or `fallback`.
+int64_t hc_rows_from_env(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long r = std::strtol(v, &end, 10);
+  DSV4_CHECK(*end == '\0' && r >= 0 && r <= kHcPostMaxRows, "{}='{}': expected a row count 0..{}", name, v,
+             kHcPostMaxRows);
+  return r;
+}
+
+// The fused mix and finish (hc_mix_finish_kernel) where it applies: up to
+// DSV4_CUDA_HC_FUSED_ROWS rows (default 8; 0: never), 16-byte rows (X, x and fn). A test
+// hook may force it on (up to kHcPostMaxRows rows) or off. Same bits either way.
+// Measured (bench-1g, H200, A/B of the two launches, docs/BENCHMARKS.md): -0.2% a step at
+// batch 1, -0.1% at 8 (not apart), +0.4% at 16, where the mix tiles of 16 rows ran slower
+// than alone (not explained).
 bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
-  static const bool from_env = !env_is("DSV4_CUDA_HC_FUSED", "0");
+  static const int64_t max_rows = hc_rows_from_env("DSV4_CUDA_HC_FUSED_ROWS", 8);
   const int forced = g_force_hc_fused.load(std::memory_order_relaxed);
-  const bool on = forced >= 0 ? forced == 1 : from_env;
-  return on && rows <= kHcPostMaxRows && v8 && fn16 && slices <= kHcMaxStagedSlices &&
+  const int64_t limit = forced >= 0 ? (forced == 1 ? kHcPostMaxRows : 0) : max_rows;
+  return rows <= limit && v8 && fn16 && slices <= kHcMaxStagedSlices &&
          g_force_row_mix.load(std::memory_order_relaxed) != 1;
+}
+
+// The mix sums the MoE slots itself (HcPostInput::of_moe_slots) up to DSV4_CUDA_HC_SLOT_ROWS
+// rows (default 4; a test hook may set it), else moe_reduce runs first. Measured (A/B of
+// the slots left to moe_reduce's launch): -0.3% a step at batch 1, +0.5% at 8, +0.7% at
+// 16; 2-7 rows not measured (4: between the two).
+int64_t hc_slot_rows() {
+  static const int64_t from_env = hc_rows_from_env("DSV4_CUDA_HC_SLOT_ROWS", 4);
+  const int forced = g_force_slot_rows.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced : from_env;
 }
 
 // The fused kernel's counters [done, left], zeroed when allocated; every launch leaves
@@ -1741,8 +1767,8 @@ void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w
 // Up to kHcPostMaxRows rows, the mix kernel forms the stream from the hc_post's
 // inputs (and stores it) instead of reading it: one launch (hc_post's) fewer; more
 // rows take the ops in sequence. Same bits. From MoE slots (of_moe_slots, up to
-// kHcMaxSlots a row) the mix also forms routed, which it does not store: moe_reduce's
-// launch fewer.
+// kHcMaxSlots a row) the mix also forms routed, which it does not store, up to
+// hc_slot_rows() rows: moe_reduce's launch fewer.
 void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, const HcWeights& w,
                                       const HcConfig& config, const Tensor& norm_weight, float eps, const Tensor& x,
                                       const Tensor& xn, const Tensor& post, const Tensor& comb, const QuantLinear* wa,
@@ -1759,7 +1785,10 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   HcPostSource src;
   src.f = moe ? nullptr : in.f.as<uint16_t>();
   src.routed = moe && !slots ? in.routed.as<float>() : nullptr;
-  if (slots) {
+  if (slots && T > hc_slot_rows()) {  // moe_reduce's launch, then the stream formed from routed
+    do_moe_reduce(in.slot_out, in.ids, in.routed);
+    src.routed = in.routed.as<float>();
+  } else if (slots) {
     src.slot_out = in.slot_out.as<uint16_t>();
     src.ids = in.ids.as<int32_t>();
     src.k = int(in.slot_out.size(1));
@@ -1900,5 +1929,6 @@ int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_
 void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
 void cuda_hc_force_fused(int on) { g_force_hc_fused.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_fused_launches() { return g_hc_fused_launches.load(std::memory_order_relaxed); }
+void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
