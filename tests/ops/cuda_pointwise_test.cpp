@@ -569,6 +569,10 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
   const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
   const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
   const int64_t T = 16, Th = 5;
+  struct Reset {
+    ~Reset() { cuda_hc_force_fused(-1); }
+  } reset;
+  cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)
   Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
   Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
          post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
