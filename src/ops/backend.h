@@ -74,8 +74,8 @@ class Timer {
 // bf16 [T, D]) when f is undefined. R, post, comb: hc_post's (spec §4.2).
 // of_moe_slots: routed is not formed yet; it is moe_reduce(slot_out, ids) (the routed
 // experts' outputs by slot, bf16 [T, k, D], and their ids, i32 [T, k]), which the op
-// forms: into routed (its buffer), or where it reads it without storing it (CUDA, up to
-// 16 rows), so that the reduction is not a launch of its own on the step's chain.
+// forms: into routed (its buffer), or where it reads it without storing it (CUDA, at
+// few rows), so that the reduction is not a launch of its own on the step's chain.
 // routed's contents after the op are then unspecified.
 struct HcPostInput {
   core::Tensor f;
