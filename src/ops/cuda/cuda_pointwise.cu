@@ -419,6 +419,40 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 constexpr int kHcSlice = 128;
 constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
 
+// moe_reduce's order (spec §6.2): a row's k slot ids (ids[0 .. k), any memory) sorted
+// into order[0 .. n) by ascending expert id, equal ids in slot order, ids < 0 skipped
+// (insertion sort, one thread); returns n. Shared by moe_reduce_kernel and the mix's
+// slot sums (hc_mix_partial_tile), so both add in the same order.
+__device__ __forceinline__ int moe_slot_order(const int32_t* ids, int k, int* order) {
+  int n = 0;
+  for (int s = 0; s < k; ++s) {
+    const int32_t id = ids[s];
+    if (id < 0) continue;
+    int pos = n++;
+    while (pos > 0 && ids[order[pos - 1]] > id) {  // strictly greater: equal ids keep slot order
+      order[pos] = order[pos - 1];
+      --pos;
+    }
+    order[pos] = s;
+  }
+  return n;
+}
+
+// VEC columns of row t's routed sum from slot_out [T, k, D] (row at `row`, a pointer to
+// slot (t, 0)'s column block): an fp32 sum from 0 over the n ordered slots.
+template <int VEC>
+__device__ __forceinline__ void moe_slot_sum(const uint16_t* row, int64_t D, const int* order, int n,
+                                             float (&acc)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < n; ++s) {
+    const BfVec<VEC> v = load_bf<VEC>(row + int64_t(order[s]) * D);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], bf2f(v.v[i]));
+  }
+}
+
 // moe_output of one value: bf16(routed + shared) (spec §6.2).
 __device__ __forceinline__ uint16_t moe_output_value(float routed, uint16_t shared) {
   return f2bf(__fadd_rn(routed, bf2f(shared)));
@@ -592,32 +626,12 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         const int tid = int(threadIdx.x), k = src.k;
         for (int e = tid; e < rows * k; e += 256) slot_id[e / k][e % k] = src.ids[e];
         asm volatile("bar.sync 1, 256;" ::: "memory");
-        if (tid < rows) {  // moe_reduce_kernel's insertion sort, a thread a row
-          int n = 0;
-          for (int sl = 0; sl < k; ++sl) {
-            const int id = slot_id[tid][sl];
-            if (id < 0) continue;
-            int pos = n++;
-            while (pos > 0 && slot_id[tid][slot_order[tid][pos - 1]] > id) {
-              slot_order[tid][pos] = slot_order[tid][pos - 1];
-              --pos;
-            }
-            slot_order[tid][pos] = sl;
-          }
-          slot_count[tid] = n;
-        }
+        if (tid < rows) slot_count[tid] = moe_slot_order(slot_id[tid], k, slot_order[tid]);  // a thread a row
         asm volatile("bar.sync 1, 256;" ::: "memory");
         for (int v = tid; v < rows * (kHcSlice / 8); v += 256) {  // 8 columns of a row a thread
-          const int t = v / (kHcSlice / 8), c = (v % (kHcSlice / 8)) * 8, n = slot_count[t];
+          const int t = v / (kHcSlice / 8), c = (v % (kHcSlice / 8)) * 8;
           float acc[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-#pragma unroll 8
-          for (int sl = 0; sl < n; ++sl) {
-            const BfVec<8> b = load_bf<8>(src.slot_out + (int64_t(t) * k + slot_order[t][sl]) * D + d0 + c);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[e] = __fadd_rn(acc[e], bf2f(b.v[e]));
-          }
+          moe_slot_sum<8>(src.slot_out + int64_t(t) * k * D + d0 + c, D, slot_order[t], slot_count[t], acc);
 #pragma unroll
           for (int e = 0; e < 8; ++e) x_s[t][c + e] = acc[e];
         }
@@ -1357,33 +1371,13 @@ __global__ void moe_reduce_kernel(const uint16_t* __restrict__ slot_out, const i
   const int64_t t = blockIdx.x;
   for (int s = int(threadIdx.x); s < k; s += blockDim.x) row_ids[s] = ids[t * k + s];
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int n = 0;
-    for (int s = 0; s < k; ++s) {
-      const int32_t id = row_ids[s];
-      if (id < 0) continue;
-      int pos = n++;
-      while (pos > 0 && row_ids[order[pos - 1]] > id) {  // strictly greater: equal ids keep slot order
-        order[pos] = order[pos - 1];
-        --pos;
-      }
-      order[pos] = s;
-    }
-    count = n;
-  }
+  if (threadIdx.x == 0) count = moe_slot_order(row_ids, int(k), order);
   __syncthreads();
   const int n = count;
   const int64_t c = int64_t(blockIdx.y) * kMoeReduceThreads + threadIdx.x;
   if (c < D / VEC) {
     float acc[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < n; ++s) {
-      const BfVec<VEC> v = load_bf<VEC>(slot_out + (t * k + order[s]) * D + c * VEC);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], bf2f(v.v[i]));
-    }
+    moe_slot_sum<VEC>(slot_out + t * k * D + c * VEC, D, order, n, acc);
     float* out = routed + t * D + c * VEC;
     if constexpr (VEC == 8) {
       reinterpret_cast<float4*>(out)[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
