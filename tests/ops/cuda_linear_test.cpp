@@ -988,6 +988,8 @@ TEST(CudaLinearFusedExperts, FusedSumEqualsMoeReduceBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   ops::cuda_linear_force_fused_experts(1);
+  ops::cuda_linear_force_expert_split(0);     // (3 rows: walked slices, so the fused launch applies)
+  ops::cuda_linear_force_shared_decode(0);    // (150 rows: 8-row tiles, so the fused launch applies)
   Env env;
   Rng rng(0x5c);
   const int64_t E = 128, D = 512, I = 1024, k = 6;
@@ -1042,6 +1044,8 @@ TEST(CudaLinearFusedExperts, FusedSumEqualsMoeReduceBitForBit) {
     }
   }
   ops::cuda_linear_force_fused_sum(-1);
+  ops::cuda_linear_force_shared_decode(-1);
+  ops::cuda_linear_force_expert_split(-1);
   ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_path(-1);
 }
