@@ -14,12 +14,9 @@ void LocalMoeExecutor::append_experts(StageProgram& program, const MoeStageIo& i
       std::move(writes),
       [this, io] {
         const LayerWeights& w = *io.weights;
-        if (io.leave_slots)
-          backend_.routed_experts(io.x, io.ids, io.weights_f32, w.experts, 0, int64_t(w.experts.size()),
-                                  io.swiglu_limit, io.slot_out);
-        else
-          backend_.routed_experts_sum(io.x, io.ids, io.weights_f32, w.experts, 0, int64_t(w.experts.size()),
-                                      io.swiglu_limit, io.slot_out, io.routed);
+        backend_.routed_experts(io.x, io.ids, io.weights_f32, w.experts, 0, int64_t(w.experts.size()),
+                                io.swiglu_limit, io.slot_out);
+        if (!io.leave_slots) backend_.moe_reduce(io.slot_out, io.ids, io.routed);
       }});
 }
 

@@ -152,7 +152,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   // moe_output and hc_post, spec §4.2), in the same op.
   // slots_in: the previous layer's MoE left its routed sum to this op (MoeStageIo::leave_slots).
   if (form_input) {
-    const bool slots_in = moe.leaves_slots() && be.consumer_sums_moe_slots(T);
+    const bool slots_in = moe.leaves_slots();
     std::vector<BufferRef> reads = {{"shared_out", b.shared_out.data()},
                                     {"X_alt", b.X_alt.data()},
                                     {"post", b.post.data()},
@@ -292,8 +292,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   io.slot_out = b.slot_out.rows(0, T);
   io.routed = b.routed.rows(0, T);
   io.swiglu_limit = float(c.swiglu_limit);
-  // (the next layer's attn_in sums them; the same rule as its slots_in)
-  io.leave_slots = leave_output && moe.leaves_slots() && be.consumer_sums_moe_slots(T);
+  io.leave_slots = leave_output && moe.leaves_slots();  // (the next layer's attn_in sums them)
   moe.append_dispatch(program, io);
 
   // The shared expert runs on the row's own rank, under the dispatch; with it the Sinkhorn

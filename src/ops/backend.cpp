@@ -582,35 +582,6 @@ void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& w
     do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
 }
 
-void Backend::routed_experts_sum(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                 const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                                 float swiglu_limit, const Tensor& out, const Tensor& routed) {
-  const auto d = device();
-  expect(x, DType::kBF16, {-1, -1}, d, "routed_experts_sum", "x");
-  const int64_t R = x.size(0), D = x.size(1);
-  expect(ids, DType::kI32, {R, -1}, d, "routed_experts_sum", "ids");
-  const int64_t k = ids.size(1);
-  expect(weights, DType::kF32, {R, k}, d, "routed_experts_sum", "weights");
-  expect(out, DType::kBF16, {R, k, D}, d, "routed_experts_sum", "out");
-  expect(routed, DType::kF32, {R, D}, d, "routed_experts_sum", "routed");
-  DSV4_CHECK(0 <= expert_begin && expert_begin <= expert_end && expert_end <= int64_t(experts.size()),
-             "routed_experts_sum: expert range [{}, {}) outside {} experts", expert_begin, expert_end,
-             experts.size());
-  for (int64_t e = expert_begin; e < expert_end; ++e)
-    DSV4_CHECK(experts[size_t(e)].w1.weight.data() != nullptr, "routed_experts_sum: local expert {} is not bound", e);
-  for (int run = runs_of(RepeatOp::kRoutedExperts); run > 0; --run)
-    do_routed_experts_sum(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out, routed);
-}
-
-void Backend::do_routed_experts_sum(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                    const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                                    int64_t expert_end, float swiglu_limit, const Tensor& out, const Tensor& routed) {
-  do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
-  do_moe_reduce(out, ids, routed);
-}
-
-bool Backend::consumer_sums_moe_slots(int64_t /*rows*/) const { return true; }
-
 void Backend::moe_reduce(const Tensor& slot_out, const Tensor& ids, const Tensor& routed) {
   const auto d = device();
   expect(slot_out, DType::kBF16, {-1, -1, -1}, d, "moe_reduce", "slot_out");

@@ -299,16 +299,6 @@ class Backend {
   void routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
                       const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
                       float swiglu_limit, const core::Tensor& out);
-  // routed_experts, then moe_reduce(out, ids, routed), as one op (the contracts of both;
-  // routed f32 [R, D]): the backend may sum a column block of the slots as soon as every
-  // expert's output of it is in, inside the experts' launch.
-  void routed_experts_sum(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
-                          const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                          float swiglu_limit, const core::Tensor& out, const core::Tensor& routed);
-  // Whether, at this many rows, an op given HcPostInput::of_moe_slots sums the slots as
-  // cheaply as routed_experts_sum would (the model then leaves them to it); else the model
-  // has the experts' stage form routed. Either gives the same bits. Default: true.
-  virtual bool consumer_sums_moe_slots(int64_t rows) const;
   // Routed sum (spec §6.2, reference order): routed[t] = sum over the slots of row
   // t in ascending expert id of fp32(slot_out[t, s]); slots with id < 0 are
   // skipped. slot_out bf16 [T, k, D], ids i32 [T, k], routed f32 [T, D].
@@ -412,11 +402,6 @@ class Backend {
   virtual void do_routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
                                  const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                                  int64_t expert_end, float swiglu_limit, const core::Tensor& out) = 0;
-  // Default: do_routed_experts, then do_moe_reduce.
-  virtual void do_routed_experts_sum(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
-                                     const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                                     int64_t expert_end, float swiglu_limit, const core::Tensor& out,
-                                     const core::Tensor& routed);
   virtual void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) = 0;
   virtual void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) = 0;
   // Default: do_moe_output, then do_hc_post.

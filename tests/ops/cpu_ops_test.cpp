@@ -596,36 +596,6 @@ TEST_F(CpuOps, MoeReduceAddsInAscendingExpertOrder) {
   EXPECT_EQ(routed.as<float>()[0], 0.0f);
 }
 
-// routed_experts_sum is routed_experts then moe_reduce (the base backend's composition;
-// the CUDA backend's tail sum is checked against both on the GPU), and names a routed
-// of the wrong shape.
-TEST_F(CpuOps, RoutedExpertsSumIsRoutedExpertsThenMoeReduce) {
-  Rng rng(9);
-  std::vector<ExpertWeights> experts;
-  for (uint64_t e = 0; e < 4; ++e)
-    experts.push_back({make_quant(128, 128, true, 40 + 3 * e), make_quant(128, 128, true, 41 + 3 * e),
-                       make_quant(128, 128, true, 42 + 3 * e)});
-  const int64_t R = 3, k = 3, D = 128;
-  Tensor x = rng.bf16({R, D}, 2.0f), w = rng.f32({R, k}, 0.2f, 0.9f), ids = Tensor::empty_cpu(DType::kI32, {R, k});
-  const int32_t id[R * k] = {3, 1, 1, 0, -1, 2, 2, 3, 0};  // (row 0: one expert twice; row 1: a pad)
-  std::copy(id, id + R * k, ids.as<int32_t>());
-  Tensor slots = Tensor::empty_cpu(DType::kBF16, {R, k, D}), want = Tensor::empty_cpu(DType::kF32, {R, D});
-  be->routed_experts(x, ids, w, experts, 0, 4, 10.0f, slots);
-  be->moe_reduce(slots, ids, want);
-  Tensor got_slots = Tensor::empty_cpu(DType::kBF16, {R, k, D}), got = Tensor::empty_cpu(DType::kF32, {R, D});
-  be->routed_experts_sum(x, ids, w, experts, 0, 4, 10.0f, got_slots, got);
-  EXPECT_EQ(std::memcmp(slots.data(), got_slots.data(), slots.nbytes()), 0);
-  EXPECT_EQ(std::memcmp(want.data(), got.data(), want.nbytes()), 0);
-  Tensor bad = Tensor::empty_cpu(DType::kF32, {R, D + 1});
-  try {
-    be->routed_experts_sum(x, ids, w, experts, 0, 4, 10.0f, got_slots, bad);
-    FAIL() << "a routed of the wrong shape was taken";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("routed_experts_sum"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("routed"), std::string::npos) << e.what();
-  }
-}
-
 TEST_F(CpuOps, EveryOpAcceptsZeroRows) {
   Tensor x0 = Tensor::empty_cpu(DType::kBF16, {0, 256});
   QuantLinear w = make_quant(128, 256, false, 41);

@@ -51,8 +51,6 @@ void cuda_linear_force_expert_launches(int pieces);
 void cuda_linear_force_expert_split(int mode);
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
-int64_t cuda_linear_fused_sum_launches();
-void cuda_linear_force_fused_sum(int on);
 int64_t cuda_linear_shared_decode_launches();
 void cuda_linear_force_shared_decode(int on);
 int64_t cuda_linear_wide_launches();
@@ -974,79 +972,6 @@ TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   }
   ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_shared_decode(-1);
-  ops::cuda_linear_force_path(-1);
-}
-
-// routed_experts_sum with routed summed in the fused expert launch's tail (the last down
-// item of each weight tile sums its columns) gives moe_reduce's bits, and the same slots:
-// against routed_experts_sum with that off (routed_experts, then moe_reduce's launch) and
-// against the CPU's moe_reduce of the same slots. Rows of 3-150 (one or many row passes of
-// the column sum), pad slots, a row with one expert twice (moe_reduce's tie rule), a batch
-// whose every slot is a pad (no list tile: routed all zeros); eager, and a graph replayed
-// twice on new inputs (moe_prep zeroes the column counters each step).
-TEST(CudaLinearFusedExperts, FusedSumEqualsMoeReduceBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  ops::cuda_linear_force_fused_experts(1);
-  ops::cuda_linear_force_expert_split(0);     // (3 rows: walked slices, so the fused launch applies)
-  ops::cuda_linear_force_shared_decode(0);    // (150 rows: 8-row tiles, so the fused launch applies)
-  Env env;
-  Rng rng(0x5c);
-  const int64_t E = 128, D = 512, I = 1024, k = 6;
-  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
-  for (const int64_t R : {int64_t(3), int64_t(16), int64_t(20), int64_t(150)}) {
-    Tensor out = env.cuda.empty(DType::kBF16, {R, k, D}), routed = env.cuda.empty(DType::kF32, {R, D});
-    Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
-           w = env.cuda.empty(DType::kF32, {R, k});
-    auto body = [&] { env.cuda.routed_experts_sum(x, ids, w, dex, 0, E, 10.0f, out, routed); };
-    // (out, routed) with the tail sum on or off, eager or by a replay of `graph`, each into poisoned outputs.
-    auto run = [&](bool tail_sum, ops::Graph* graph) {
-      ops::cuda_linear_force_fused_sum(tail_sum ? 1 : 0);
-      cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
-      cudaMemsetAsync(routed.data(), 0x7f, routed.nbytes(), env.cuda.stream());
-      const int64_t before = ops::cuda_linear_fused_sum_launches();
-      if (graph != nullptr) graph->replay();
-      else body();
-      if (graph == nullptr) {
-        EXPECT_EQ(ops::cuda_linear_fused_sum_launches() - before, tail_sum ? 1 : 0) << "R=" << R;
-      }
-      return std::make_pair(to_host(env.cuda, out), to_host(env.cuda, routed));
-    };
-    for (const bool all_pads : {false, true}) {
-      const std::string what = "R=" + std::to_string(R) + (all_pads ? ", every slot a pad" : "");
-      Tensor host_ids;
-      auto fill_inputs = [&] {
-        host_ids = random_ids(rng, R, k, E, -1);
-        int32_t* id = host_ids.as<int32_t>();
-        if (all_pads) std::fill(id, id + R * k, -1);
-        else id[1] = id[0];  // row 0: one expert in two slots
-        env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
-        env.cuda.upload(ids, id, ids.nbytes());
-        env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
-      };
-      auto check = [&](const std::string& how, ops::Graph* graph) {
-        const auto [want_out, want_routed] = run(false, nullptr);
-        const auto [got_out, got_routed] = run(true, graph);
-        expect_bitwise(want_out, got_out, what + ", " + how + ": slots");
-        expect_bitwise(want_routed, got_routed, what + ", " + how + ": routed, tail sum vs moe_reduce's launch");
-        Tensor cpu_routed = env.cpu->empty(DType::kF32, {R, D});
-        env.cpu->moe_reduce(want_out, host_ids, cpu_routed);
-        expect_bitwise(cpu_routed, got_routed, what + ", " + how + ": routed, tail sum vs the CPU's moe_reduce");
-      };
-      fill_inputs();
-      check("eager", nullptr);
-      ops::cuda_linear_force_fused_sum(1);
-      auto graph = env.cuda.capture(body);
-      for (int replay = 0; replay < 2; ++replay) {
-        fill_inputs();
-        check("graph replay " + std::to_string(replay), graph.get());
-      }
-    }
-  }
-  ops::cuda_linear_force_fused_sum(-1);
-  ops::cuda_linear_force_shared_decode(-1);
-  ops::cuda_linear_force_expert_split(-1);
-  ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -118,12 +118,6 @@ class CudaBackend final : public Backend {
   void do_routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
                          const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
                          float swiglu_limit, const core::Tensor& out) override;
-  void do_routed_experts_sum(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
-                             const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                             float swiglu_limit, const core::Tensor& out, const core::Tensor& routed) override;
-  // The mix sums the slots up to DSV4_CUDA_HC_SLOT_ROWS rows; beyond, the fused expert
-  // launch sums them in its tail (routed_experts_sum) instead of a moe_reduce launch.
-  bool consumer_sums_moe_slots(int64_t rows) const override;
   void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) override;
   void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) override;
   void do_moe_output_hc_post(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& R,
@@ -135,11 +129,6 @@ class CudaBackend final : public Backend {
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;
 
  private:
-  // do_routed_experts with, where routed is given and the fused expert launch applies,
-  // routed's sum in that launch's tail; returns whether it formed routed.
-  bool launch_routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
-                             const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                             float limit, const core::Tensor& out, const core::Tensor* routed);
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   int last_capture_programmatic_edges_ = 0;

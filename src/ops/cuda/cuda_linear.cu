@@ -52,11 +52,6 @@ void cuda_linear_force_tma(int on);
 // force it off / on (where the shapes allow it).
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
-// Test hooks: fused expert launches so far that summed routed in their tail
-// (routed_experts_sum); -1 follows DSV4_CUDA_FUSED_SUM (default on; 0 launches moe_reduce
-// after the experts instead), 0 / 1 force it off / on.
-int64_t cuda_linear_fused_sum_launches();
-void cuda_linear_force_fused_sum(int on);
 // Test hooks: expert GEMM launches so far; each expert GEMM of one K slice a CTA as
 // `pieces` launches over its weight tiles (a diagnostic: what a launch boundary costs
 // in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
@@ -951,16 +946,6 @@ int fused_experts_mode() {  // -1 automatic, 0 never, 1 wherever it applies
   return forced_mode(g_force_fused_experts, from_env);
 }
 
-// routed_experts_sum's routed formed in the fused expert launch's tail (its last down item
-// of each weight tile sums those columns; expert_ffn_fused_kernel), not by a moe_reduce
-// launch after it. DSV4_CUDA_FUSED_SUM=0 keeps the launch (same bits).
-std::atomic<int64_t> g_fused_sum_launches{0};
-std::atomic<int> g_force_fused_sum{-1};
-bool fused_sum_enabled() {
-  static const bool from_env = !env_is("DSV4_CUDA_FUSED_SUM", "0");
-  return forced_or(g_force_fused_sum, from_env);
-}
-
 // An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
 // num_pairs rows in at most max_tiles list tiles: the slices split over CTAs where
 // expert_split_k (expert_plan.h) asks for it and the partials stay small; both give the
@@ -1023,8 +1008,6 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
 int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_fused_sum_launches() { return g_fused_sum_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_fused_sum(int on) { g_force_fused_sum.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_expert_split(int mode) { g_force_expert_split.store(mode, std::memory_order_relaxed); }
 void cuda_linear_force_expert_launches(int pieces) {
@@ -1307,26 +1290,10 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
 void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                     const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                                     int64_t expert_end, float limit, const Tensor& out) {
-  launch_routed_experts(x, ids, weights, experts, expert_begin, expert_end, limit, out, nullptr);
-}
-
-void CudaBackend::do_routed_experts_sum(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                        const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                                        int64_t expert_end, float limit, const Tensor& out, const Tensor& routed) {
-  if (!launch_routed_experts(x, ids, weights, experts, expert_begin, expert_end, limit, out, &routed))
-    do_moe_reduce(out, ids, routed);
-}
-
-bool CudaBackend::launch_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                        const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                                        int64_t expert_end, float limit, const Tensor& out, const Tensor* routed) {
   const int64_t R = x.size(0), D = x.size(1), k = ids.size(1), P = R * k;
   const int64_t num_local = expert_end - expert_begin;
-  if (P == 0 || D == 0) return false;
-  if (num_local == 0) {
-    fill_zero(out);
-    return false;
-  }
+  if (P == 0 || D == 0) return;
+  if (num_local == 0) return fill_zero(out);
   const ExpertWeights& first = experts[size_t(expert_begin)];
   const int64_t I = first.w1.n;
   const auto fmt13 = first.w1.format, fmt2 = first.w2.format;
@@ -1401,7 +1368,7 @@ bool CudaBackend::launch_routed_experts(const Tensor& x, const Tensor& ids, cons
           id, P, int(c0), int(c1), *table, fp4_2 ? 1 : 0, hq, hs, I, D, o);
       check_launch(s);
     }
-    return false;
+    return;
   }
 
   // Fast: device counting sort -> per-expert tiles -> gate/up GEMM -> SwiGLU+quant -> w2 GEMM.
@@ -1486,12 +1453,7 @@ bool CudaBackend::launch_routed_experts(const Tensor& x, const Tensor& ids, cons
             (fused_mode == 1 ||
              fused_experts_auto(R, int64_t(f.gate_up.tiles_per_group) * max_tiles, fused_expert_slots(*this)));
   }
-  // routed's sum in the fused launch's tail (FusedExpertArgs::routed): its column counters
-  // after the flags; slots and routed 16-byte aligned, k <= kFusedSumMaxSlots.
-  const bool fused_sum = fused && routed != nullptr && k <= lk::kFusedSumMaxSlots && aligned(o, 16) &&
-                         aligned(routed->data(), 16) && fused_sum_enabled();
-  const int64_t fused_sync_ints =
-      fused ? 1 + 2 * max_tiles + (fused_sum ? f.down.tiles_per_group : 0) : 0;  // (FusedExpertArgs::sync)
+  const int64_t fused_sync_ints = fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
   int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
@@ -1517,19 +1479,12 @@ bool CudaBackend::launch_routed_experts(const Tensor& x, const Tensor& ids, cons
     f.hq = hq;
     f.hs = hs;
     f.split_pairs = 1;
-    if (fused_sum) {
-      f.routed = routed->as<float>();
-      f.ids = id;
-      f.k = int(k);
-      f.rows = int(R);
-      g_fused_sum_launches.fetch_add(1, std::memory_order_relaxed);
-    }
     const int64_t ctas = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;
     DSV4_CHECK(ctas < (int64_t(1) << 31), "routed_experts: {} fused expert CTAs too many", ctas);
     launch_fused_experts(*this, f, *gate_up_table, *down_table, ctas);
     g_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
     g_tma_launches.fetch_add(2, std::memory_order_relaxed);
-    return fused_sum;
+    return;
   }
 
   run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
@@ -1539,7 +1494,6 @@ bool CudaBackend::launch_routed_experts(const Tensor& x, const Tensor& ids, cons
 
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   down_entries);
-  return false;
 }
 
 // ---- router (spec §6.1) ----------------------------------------------------------------

@@ -25,7 +25,6 @@
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
-#include "ops/cuda/moe_slots.cuh"
 #include "ops/cuda/quantized_linear.h"
 
 namespace dsv4::ops {
@@ -419,6 +418,40 @@ __global__ void kv_rope_quant_kernel(uint16_t* __restrict__ kv, int64_t T, const
 // T = 1 the 1.5 MB of fn over 128 CTAs, ~2-3 us.
 constexpr int kHcSlice = 128;
 constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512 x 32 f32)
+
+// moe_reduce's order (spec §6.2): a row's k slot ids (ids[0 .. k), any memory) sorted
+// into order[0 .. n) by ascending expert id, equal ids in slot order, ids < 0 skipped
+// (insertion sort, one thread); returns n. Shared by moe_reduce_kernel and the mix's
+// slot sums (hc_mix_partial_tile), so both add in the same order.
+__device__ __forceinline__ int moe_slot_order(const int32_t* ids, int k, int* order) {
+  int n = 0;
+  for (int s = 0; s < k; ++s) {
+    const int32_t id = ids[s];
+    if (id < 0) continue;
+    int pos = n++;
+    while (pos > 0 && ids[order[pos - 1]] > id) {  // strictly greater: equal ids keep slot order
+      order[pos] = order[pos - 1];
+      --pos;
+    }
+    order[pos] = s;
+  }
+  return n;
+}
+
+// VEC columns of row t's routed sum from slot_out [T, k, D] (row at `row`, a pointer to
+// slot (t, 0)'s column block): an fp32 sum from 0 over the n ordered slots.
+template <int VEC>
+__device__ __forceinline__ void moe_slot_sum(const uint16_t* row, int64_t D, const int* order, int n,
+                                             float (&acc)[VEC]) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < n; ++s) {
+    const BfVec<VEC> v = load_bf<VEC>(row + int64_t(order[s]) * D);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = __fadd_rn(acc[i], bf2f(v.v[i]));
+  }
+}
 
 // moe_output of one value: bf16(routed + shared) (spec §6.2).
 __device__ __forceinline__ uint16_t moe_output_value(float routed, uint16_t shared) {
@@ -1571,8 +1604,7 @@ bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
 }
 
 // The mix sums the MoE slots itself (HcPostInput::of_moe_slots) up to DSV4_CUDA_HC_SLOT_ROWS
-// rows (default 8; a test hook may set it), else moe_reduce runs first (and the model has
-// the experts' stage form routed instead: consumer_sums_moe_slots). Measured (bench-1g,
+// rows (default 8; a test hook may set it), else moe_reduce runs first. Measured (bench-1g,
 // H200, docs/BENCHMARKS.md): the slots left to moe_reduce's launch -0.3% a step at batch
 // 1, +0.5% at 8 (with the fused mix and finish at 8), +0.7% at 16 (forty-eighth session);
 // limit 4 against 6 / 8 +0.4 / +0.3% at 5 / 6 rows, 8 against 6 -0.2% at 7 and 8 rows
@@ -1860,8 +1892,6 @@ void CudaBackend::do_moe_output_hc_post(const Tensor& routed, const Tensor& shar
     default: core::fail("moe_output_hc_post: {} streams are not supported by the CUDA backend (1..4)", hc);
   }
 }
-
-bool CudaBackend::consumer_sums_moe_slots(int64_t rows) const { return rows <= hc_slot_rows(); }
 
 void CudaBackend::do_moe_reduce(const Tensor& slot_out, const Tensor& ids, const Tensor& routed) {
   const int64_t T = slot_out.size(0), k = slot_out.size(1), D = slot_out.size(2);

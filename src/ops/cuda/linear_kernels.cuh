@@ -59,7 +59,6 @@
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
-#include "ops/cuda/moe_slots.cuh"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv4::ops::linear_kernels {
@@ -1360,41 +1359,7 @@ struct FusedExpertArgs {
   uint8_t* hq;
   float* hs;
   int split_pairs;
-  // The routed sum (routed_experts_sum), or null: routed [rows, D] f32 = moe_reduce of the
-  // down outputs (down.y, [rows, k, D] bf16, 16-byte aligned) by ids [rows, k], k <=
-  // kFusedSumMaxSlots. Its column counters follow the ready flags in sync (down_tiles more
-  // ints, zeroed with the rest).
-  float* routed;
-  const int* ids;
-  int k, rows;
 };
-constexpr int kFusedSumMaxSlots = 16;
-
-// routed's 128 columns of down weight tile `tile` (columns 128 tile ..) for every row, by
-// one CTA: 16 threads a row, 8 columns each, 8 rows a pass; each row's slots in
-// moe_reduce's order and arithmetic (moe_slots.cuh), read through L2 (other CTAs of the
-// launch wrote them). Every thread of the CTA calls it (it has barriers).
-__device__ __forceinline__ void fused_expert_column_sum(const FusedExpertArgs& f, int tile) {
-  __shared__ int s_order[8][kFusedSumMaxSlots];
-  __shared__ int s_count[8];
-  const int tid = int(threadIdx.x), l16 = tid & 15, sub = tid >> 4;
-  const int64_t D = f.down.n;
-  const uint16_t* slots = static_cast<const uint16_t*>(f.down.y);
-  for (int r0 = 0; r0 < f.rows; r0 += kThreads / 16) {
-    const int t = r0 + sub;
-    if (l16 == 0 && t < f.rows) s_count[sub] = moe_slot_order(f.ids + int64_t(t) * f.k, f.k, s_order[sub]);
-    __syncthreads();
-    if (t < f.rows) {
-      const int64_t col = int64_t(tile) * kTileN + 8 * l16;
-      float acc[8];
-      moe_slot_sum<8, true>(slots + int64_t(t) * f.k * D + col, D, s_order[sub], s_count[sub], acc);
-      float4* out = reinterpret_cast<float4*>(f.routed + int64_t(t) * D + col);
-      out[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      out[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-    }
-    __syncthreads();  // (s_order is rewritten by the next pass)
-  }
-}
 
 // Grid: (gate_up_tiles + down_tiles) * max_tiles CTAs of kThreads, one work item each,
 // by ticket (atomicAdd after the dependency wait), so that every gate/up item is handed
@@ -1404,10 +1369,6 @@ __device__ __forceinline__ void fused_expert_column_sum(const FusedExpertArgs& f
 // gate/up items runs the SwiGLU and quantization of its rows and sets its ready flag.
 // The next down_tiles * T items: down weight tiles, each after its list tile is ready.
 // Every tile is the separate launches' gemm_tile on the same inputs: the same bits.
-// With f.routed, the last of the T down items of a weight tile (a column counter a tile,
-// counted as the gate/up arrivals are) sums that tile's 128 columns of routed for every
-// row (fused_expert_column_sum): moe_reduce in the grid's tail instead of a launch after
-// it. With no list tile at all, the first down_tiles tickets write routed (zeros).
 // 8-row tiles only: with the 16-row ones too (four inlined tile bodies) ptxas spilled.
 __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const FusedExpertArgs f,
                                                                         const __grid_constant__ ExpertTable gate_up,
@@ -1437,7 +1398,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
     return;
   }
   const int d = item - gate_up_items;
-  if (tiles == 0 && f.routed != nullptr && d < f.down_tiles) return fused_expert_column_sum(f, d);
   if (d >= f.down_tiles * tiles) return;
   const int j = d / f.down_tiles;
   const int4 tile = f.down.tiles[j];
@@ -1454,12 +1414,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   }
   __syncthreads();  // (the acquire above, then this barrier: the tile's rows are visible to every thread)
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
-  if (f.routed == nullptr) return;
-  int* const columns = ready + f.max_tiles;
-  __syncthreads();  // every thread's output stores issued
-  if (threadIdx.x == 0) s_last = atom_add_acq_rel_gpu(columns + d % f.down_tiles, 1) == tiles - 1;
-  __syncthreads();  // (thread 0's acquire, then this barrier: the other CTAs' outputs visible to all)
-  if (s_last) fused_expert_column_sum(f, d % f.down_tiles);
 }
 
 // ---- routed-expert bookkeeping ----------------------------------------------------------
