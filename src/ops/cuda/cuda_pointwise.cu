@@ -1593,8 +1593,8 @@ int64_t hc_rows_from_env(const char* name, int64_t fallback) {
 // hook may force it on (up to kHcPostMaxRows rows) or off. Same bits either way.
 // Measured (bench-1g, H200, A/Bs of the two launches, docs/BENCHMARKS.md): -0.2% a step at
 // batch 1, -0.1% at 8 (not apart), +0.4% at 16, where the mix tiles of 16 rows ran slower
-// than alone (not explained; forty-eighth session); limit 4 against 2: -0.2 / -0.3% at 3
-// / 4 rows, +0.1% at 6 (forty-ninth).
+// than alone (not explained; forty-eighth session); a limit of 4 against 2: -0.2 / -0.3% at
+// 3 / 4 rows; off against on at 6 rows: -0.4% (forty-ninth).
 bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
   static const int64_t max_rows = hc_rows_from_env("DSV4_CUDA_HC_FUSED_ROWS", 4);
   const int forced = g_force_hc_fused.load(std::memory_order_relaxed);
@@ -1605,10 +1605,10 @@ bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
 
 // The mix sums the MoE slots itself (HcPostInput::of_moe_slots) up to DSV4_CUDA_HC_SLOT_ROWS
 // rows (default 8; a test hook may set it), else moe_reduce runs first. Measured (bench-1g,
-// H200, docs/BENCHMARKS.md): the slots left to moe_reduce's launch -0.3% a step at batch
-// 1, +0.5% at 8 (with the fused mix and finish at 8), +0.7% at 16 (forty-eighth session);
-// limit 4 against 6 / 8 +0.4 / +0.3% at 5 / 6 rows, 8 against 6 -0.2% at 7 and 8 rows
-// (forty-ninth, the fused pair at <= 2 rows).
+// H200, docs/BENCHMARKS.md), the slots summed here against moe_reduce's launch: -0.3% a
+// step at batch 1, +0.5% at 8 (with the fused mix and finish at 8), +0.7% at 16
+// (forty-eighth session); with the fused pair off: +0.4 / +0.3% at 5 / 6 rows without
+// them, -0.2% at 7 and 8 rows with them (forty-ninth).
 int64_t hc_slot_rows() {
   static const int64_t from_env = hc_rows_from_env("DSV4_CUDA_HC_SLOT_ROWS", 8);
   const int forced = g_force_slot_rows.load(std::memory_order_relaxed);
