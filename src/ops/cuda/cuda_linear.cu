@@ -699,6 +699,20 @@ bool router_early() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_EARLY", "0");
   return forced_or(g_force_router_early, from_env);
 }
+// moe_prep_kernel's block size: DSV4_CUDA_PREP_THREADS=256|512|1024 (default 1024; A/B
+// runs: smaller blocks may find room beside the shared expert's GEMM on the other lane).
+// Any size gives the same bits (a counting sort whose order inside an expert does not
+// matter, and the same per-warp quantization items).
+int moe_prep_threads() {
+  static const int from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_PREP_THREADS");
+    if (v == nullptr || *v == '\0') return 1024;
+    const std::string t(v);
+    DSV4_CHECK(t == "256" || t == "512" || t == "1024", "DSV4_CUDA_PREP_THREADS='{}': expected 256, 512 or 1024", t);
+    return std::atoi(v);
+  }();
+  return from_env;
+}
 bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
@@ -1462,8 +1476,10 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
                              .fused_sync_ints = int(fused_sync_ints)};
   const int64_t warp_items = R * (D / 128) + P;
-  const unsigned extra_blocks = one_launch ? unsigned(std::clamp<int64_t>((warp_items + 31) / 32, 1, 1024)) : 0;
-  lk::moe_prep_kernel<<<1 + extra_blocks, 1024, size_t(16 * num_local), s>>>(prep);
+  const int prep_threads = moe_prep_threads(), prep_warps = prep_threads / 32;
+  const unsigned extra_blocks =
+      one_launch ? unsigned(std::clamp<int64_t>((warp_items + prep_warps - 1) / prep_warps, 1, 1024)) : 0;
+  lk::moe_prep_kernel<<<1 + extra_blocks, unsigned(prep_threads), size_t(16 * num_local), s>>>(prep);
   check_launch(s);
 
   if (fused) {
