@@ -265,8 +265,8 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
        {"post", b.post.data()}, {"comb", b.comb.data()}, {"xn", b.xn.data()}},
       [&be, &w, &c, this, X, X_alt, x, xn, post, comb, attn_o, z, attn_out, eps] {
         const int64_t T2 = attn_o.size(0);
-        be.grouped_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z);
-        be.linear(z, w.wo_b, attn_out);
+        be.grouped_linear_linear(attn_o.reshape({T2, attn_o.size(1) * attn_o.size(2)}), w.wo_a, c.o_groups, z,
+                                 w.wo_b, attn_out);
         be.hc_post_pre_norm(ops::HcPostInput::of_sublayer(attn_out, X, post, comb), X_alt, w.hc_ffn, hc_pre_config_,
                             w.ffn_norm, eps, x, xn, post, comb);
       }});

@@ -473,6 +473,27 @@ void Backend::grouped_linear(const Tensor& x, const QuantLinear& w, int64_t grou
   for (int run = runs_of(RepeatOp::kGroupedLinear); run > 0; --run) do_grouped_linear(x, w, groups, y);
 }
 
+void Backend::grouped_linear_linear(const Tensor& x, const QuantLinear& wa, int64_t groups, const Tensor& z,
+                                    const QuantLinear& wb, const Tensor& y) {
+  const auto d = device();
+  expect_quant(wa, d, "grouped_linear_linear (first weight)");
+  DSV4_CHECK(wa.format == QuantLinear::Format::kFp8Block128, "grouped_linear_linear: the first weight must be FP8");
+  DSV4_CHECK(groups > 0 && wa.n % groups == 0, "grouped_linear_linear: {} rows not divisible into {} groups", wa.n,
+             groups);
+  expect(x, DType::kBF16, {-1, groups * wa.k}, d, "grouped_linear_linear", "x");
+  expect_linears(z, wb, y, nullptr, nullptr, d, "grouped_linear_linear (second weight)", "z");
+  DSV4_CHECK(wb.k == wa.n, "grouped_linear_linear: the second weight takes K={}, the first gives {} columns", wb.k,
+             wa.n);
+  expect(z, DType::kBF16, {x.size(0), wa.n}, d, "grouped_linear_linear", "z");
+  do_grouped_linear_linear(x, wa, groups, z, wb, y);
+}
+
+void Backend::do_grouped_linear_linear(const Tensor& x, const QuantLinear& wa, int64_t groups, const Tensor& z,
+                                       const QuantLinear& wb, const Tensor& y) {
+  do_grouped_linear(x, wa, groups, z);
+  do_linear(z, wb, y);
+}
+
 void Backend::compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
                        const RopeTable& rope, float norm_eps, LayerCache& cache) {
   const auto d = device();

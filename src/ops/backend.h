@@ -248,6 +248,11 @@ class Backend {
   // is used dequantized and the activation is not quantized (bf16 einsum):
   // y[t, g*R + r] = bf16(sum_c x[t, g*C + c] * W[g*R + r, c]). x bf16 [T, G*C], y bf16 [T, G*R].
   void grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y);
+  // The attention's two output projections as one op, so that a backend can quantize z
+  // for wb while it forms it: z = grouped_linear(x, wa, groups); y = linear(z, wb), the
+  // same math and bits as the two ops in sequence, with their contracts (z is written too).
+  void grouped_linear_linear(const core::Tensor& x, const QuantLinear& wa, int64_t groups, const core::Tensor& z,
+                             const QuantLinear& wb, const core::Tensor& y);
 
   // Compressor step (spec §5.3) for this step's tokens: a, g f32 [T, c*d] are the
   // wkv/wgate projections. Updates the per-sequence state, emits every row due
@@ -385,6 +390,9 @@ class Backend {
                                           const core::Tensor& yb);
   virtual void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups,
                                  const core::Tensor& y) = 0;
+  // Default: the two ops in sequence.
+  virtual void do_grouped_linear_linear(const core::Tensor& x, const QuantLinear& wa, int64_t groups,
+                                        const core::Tensor& z, const QuantLinear& wb, const core::Tensor& y);
   virtual void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w,
                            const BatchView& batch, const RopeTable& rope, float norm_eps, LayerCache& cache) = 0;
   virtual void do_indexer_q(const core::Tensor& q, const BatchView& batch, const RopeTable& rope) = 0;

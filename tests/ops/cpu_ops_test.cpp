@@ -92,6 +92,30 @@ TEST_F(CpuOps, GroupedLinearUsesDequantizedWeightsWithoutActQuant) {
       }
 }
 
+// grouped_linear_linear: the two ops in sequence (z written too); a second weight whose K
+// is not the first's output width is refused by name.
+TEST_F(CpuOps, GroupedLinearLinearIsTheTwoOps) {
+  Rng rng(4);
+  const QuantLinear wa = make_quant(256, 128, false, 25), wb = make_quant(192, 256, false, 26);
+  const Tensor x = rng.bf16({3, 256}, 2.0f);
+  Tensor z = Tensor::empty_cpu(DType::kBF16, {3, 256}), y = Tensor::empty_cpu(DType::kBF16, {3, 192});
+  Tensor want_z = Tensor::empty_cpu(DType::kBF16, {3, 256}), want_y = Tensor::empty_cpu(DType::kBF16, {3, 192});
+  testing::poison(z);
+  testing::poison(y);
+  be->grouped_linear_linear(x, wa, 2, z, wb, y);
+  be->grouped_linear(x, wa, 2, want_z);
+  be->linear(want_z, wb, want_y);
+  EXPECT_EQ(std::memcmp(z.data(), want_z.data(), size_t(z.nbytes())), 0) << "z";
+  EXPECT_EQ(std::memcmp(y.data(), want_y.data(), size_t(y.nbytes())), 0) << "y";
+  const QuantLinear narrow = make_quant(192, 128, false, 27);
+  try {
+    be->grouped_linear_linear(x, wa, 2, z, narrow, y);
+    ADD_FAILURE() << "a second weight of K=128 after 256 columns was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("grouped_linear_linear"), std::string::npos) << e.what();
+  }
+}
+
 // DSV4_REPEAT_OPS's set (backend.h): a named op runs twice a call and writes the same
 // outputs, each second run counted; names of ops that are not pure, and unknown
 // names, are refused with the list of those allowed.

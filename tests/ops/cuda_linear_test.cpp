@@ -64,6 +64,8 @@ int64_t cuda_linear_wide_mc_launches();
 bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
+int64_t cuda_linear_fold_quant_launches();
+void cuda_linear_force_fold_quant(int on);
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
 int64_t cuda_linear_router_folds();
@@ -691,6 +693,64 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
       expect_close(ref, got, 2.0, 1e-3, what);
       // The FP8-as-bf16 tensor-core GEMM (not R = 96) is the Hopper model bit for bit.
       if (g_forced_path == 0 && (c.g == 1 || c.r % 128 == 0)) expect_bitwise(ref, got, what + " vs the Hopper model");
+    }
+  }
+}
+
+// grouped_linear_linear (wo_a then wo_b) against grouped_linear then linear on the GPU, bit
+// for bit (z and y), and against the Hopper model. Fast path: the grouped GEMM's fold also
+// writes z's FP8 codes where it forms whole rows of 128-column tiles (its last CTAs up to
+// 16 rows here, split_fold_kernel from 17), which the launch counter must show; R = 200
+// (tiles straddle blocks) and the simple path quantize z by their own launch.
+TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
+  Env env;
+  Rng rng(0x3b);
+  struct Case {
+    int64_t g, r, c, n;
+    bool fold_quantizes;  // on the fast path
+  };
+  for (const Case c : {Case{8, 128, 512, 256, true}, Case{2, 256, 256, 384, true}, Case{1, 200, 320, 128, false}}) {
+    const QuantLinear ha = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
+    const QuantLinear hb = host_quant(c.n, c.g * c.r, false, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    for (int64_t M : {0, 1, 5, 8, 12, 16, 24, 32, 64, 65, 256}) {
+      const std::string what = std::string(path()) + " G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) +
+                               " then N=" + std::to_string(c.n);
+      const Tensor x = rng.bf16({M, c.g * c.c}, 2.0f), dx = to_device(env.cuda, x);
+      Tensor z = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
+             y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+      Tensor sz = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
+             sy = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+      const int64_t before = ops::cuda_linear_fold_quant_launches();
+      env.cuda.grouped_linear_linear(dx, da, c.g, z, db, y);
+      const int64_t quantized = ops::cuda_linear_fold_quant_launches() - before;
+      env.cuda.grouped_linear(dx, da, c.g, sz);
+      env.cuda.linear(sz, db, sy);
+      const Tensor got_z = to_host(env.cuda, z), got_y = to_host(env.cuda, y);
+      expect_bitwise(to_host(env.cuda, sz), got_z, "z " + what);
+      expect_bitwise(to_host(env.cuda, sy), got_y, "y " + what);
+      EXPECT_EQ(quantized, g_forced_path == 0 && c.fold_quantizes && M > 0 ? 1 : 0) << "fold-side quantization " << what;
+      if (g_forced_path == 0 && c.fold_quantizes && M <= 65) {
+        Tensor rz = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r}), ry = Tensor::empty_cpu(DType::kBF16, {M, c.n});
+        ref_backend(env).grouped_linear_linear(x, ha, c.g, rz, hb, ry);
+        expect_bitwise(rz, got_z, "z vs the Hopper model " + what);
+        expect_bitwise(ry, got_y, "y vs the Hopper model " + what);
+      }
+    }
+    // Forced off: its own quantization launch, the same bits.
+    if (g_forced_path == 0 && c.fold_quantizes) {
+      const int64_t M = 16;
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, c.g * c.c}, 2.0f));
+      Tensor z = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
+             y = device_poisoned(env.cuda, DType::kBF16, {M, c.n}),
+             y_off = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
+      env.cuda.grouped_linear_linear(dx, da, c.g, z, db, y);
+      ops::cuda_linear_force_fold_quant(0);
+      const int64_t before = ops::cuda_linear_fold_quant_launches();
+      env.cuda.grouped_linear_linear(dx, da, c.g, z, db, y_off);
+      EXPECT_EQ(ops::cuda_linear_fold_quant_launches(), before) << "forced off";
+      ops::cuda_linear_force_fold_quant(-1);
+      expect_bitwise(to_host(env.cuda, y), to_host(env.cuda, y_off), "y with the fold quantization off");
     }
   }
 }

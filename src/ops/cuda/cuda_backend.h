@@ -101,6 +101,8 @@ class CudaBackend final : public Backend {
                                   const QuantLinear& wa, const core::Tensor& ya, const QuantLinear& wb,
                                   const core::Tensor& yb) override;
   void do_grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y) override;
+  void do_grouped_linear_linear(const core::Tensor& x, const QuantLinear& wa, int64_t groups, const core::Tensor& z,
+                                const QuantLinear& wb, const core::Tensor& y) override;
   void do_compress(const core::Tensor& a, const core::Tensor& g, const CompressorWeights& w, const BatchView& batch,
                    const RopeTable& rope, float norm_eps, LayerCache& cache) override;
   void do_indexer_q(const core::Tensor& q, const BatchView& batch, const RopeTable& rope) override;

@@ -95,6 +95,10 @@ bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
 // split to split_fold_kernel.
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
+// Test hooks: GEMM launches so far whose fold also wrote the output's FP8 codes
+// (grouped_linear_linear); -1 follows DSV4_CUDA_FOLD_QUANT (default on), 0 / 1 force it off / on.
+int64_t cuda_linear_fold_quant_launches();
+void cuda_linear_force_fold_quant(int on);
 // Test hooks: split GEMM launches so far folded by their clusters (gemm_kernel's kClusterFold);
 // -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
@@ -643,6 +647,15 @@ bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, i
 constexpr int64_t kLastCtaFoldMax = 64;
 std::atomic<int64_t> g_fold_launches{0};
 std::atomic<int> g_force_last_cta_fold{-1};
+// GEMM launches whose fold also wrote the output's FP8 codes (GemmParams::yq), and
+// grouped_linear_linear's switch for it: DSV4_CUDA_FOLD_QUANT=0 quantizes z by its own
+// launch instead (A/B runs); a test hook may force either. The same bits.
+std::atomic<int64_t> g_fold_quant_launches{0};
+std::atomic<int> g_force_fold_quant{-1};
+bool fold_quant_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_FOLD_QUANT", "0");
+  return forced_or(g_force_fold_quant, from_env);
+}
 
 // The cluster fold of split plain GEMMs (gemm_kernel's kClusterFold) in place of
 // split_fold_kernel's launch, for 16-row tiles whose slices make a portable cluster
@@ -759,8 +772,16 @@ struct LeftPartials {
 // Plain or grouped GEMM; p describes weights, activations, output, n, k, groups, m.
 // With `leave`, a launch that would be followed by split_fold_kernel is not: its
 // partials are described in *leave for the consumer to fold (router_select_kernel).
-void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr) {
+// With p.yq set (bf16 y, 128-column tiles, no second output, no scatter), the fold also
+// writes y's FP8 codes and scales where it forms whole rows of tiles (the last CTAs'
+// fold of wo_a's FP8-as-bf16 tiles, split_fold_kernel's 4-column form); returns whether
+// it did (else the caller quantizes y).
+bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr) {
   if (leave != nullptr) *leave = LeftPartials{};
+  DSV4_CHECK(p.yq == nullptr || (p.n % lk::kTileN == 0 && p.y1 == nullptr && p.out_rows == nullptr && !p.y_f32 &&
+                                 leave == nullptr && p.ldq == int64_t(p.groups) * p.n),
+             "gemm: quantized output needs 128-column tiles of one bf16 output in row order (n={}, ldq={})", p.n,
+             p.ldq);
   const int stage_k = is_quant(fmt) ? 128 : 64;
   DSV4_CHECK(p.k % stage_k == 0 && p.k > 0, "gemm: K={} not a multiple of {}", p.k, stage_k);
   const int64_t stages = p.k / stage_k;
@@ -775,10 +796,11 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
     DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
     p.split = 1;
     const dim3 grid{unsigned(n_tiles), unsigned(m_tiles)};
+    p.yq = nullptr;
     if (fmt == WFmt::kFp8) dispatch_wide<WFmt::kFp8>(be, p, grid, wide_rows, p.slices > 1);
     else if (fmt == WFmt::kFp8Bf16) dispatch_wide<WFmt::kFp8Bf16>(be, p, grid, wide_rows, p.slices > 1);
     else dispatch_wide<WFmt::kBf16>(be, p, grid, wide_rows, p.slices > 1);
-    return;
+    return false;
   }
   // FP4 (wgmma) tiles stop at 32 rows: 64 would need 256 accumulator registers. FP8
   // beyond 128 rows: 32-row tiles measured 2% faster at batch 256 (one wgmma wait per
@@ -800,6 +822,11 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   if (split && !cluster_fold)
     bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
   if (cluster_fold) g_cluster_fold_launches.fetch_add(1, std::memory_order_relaxed);
+  const bool fold_v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
+  const bool fold_quantizes =
+      (split && !fold_launch && fmt == WFmt::kFp8Bf16) || (fold_launch && !cluster_fold && fold_v4);
+  if (!fold_quantizes) p.yq = nullptr;
+  if (p.yq != nullptr) g_fold_quant_launches.fetch_add(1, std::memory_order_relaxed);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   switch (fmt) {
@@ -810,19 +837,19 @@ void run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   }
   if (fold_launch && !cluster_fold && leave != nullptr) {
     *leave = LeftPartials{.partial = p.partial, .split = p.split, .rows = p.m};
-    return;
+    return false;
   }
   if (fold_launch && !cluster_fold) {
-    const bool v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
-    const int v = v4 ? 4 : 1;
+    const int v = fold_v4 ? 4 : 1;
     const dim3 fold_grid(unsigned((cols / v + lk::kFoldThreads - 1) / lk::kFoldThreads),
                          unsigned(std::min<int64_t>(p.m, 65535)));
-    auto* fold = v4 ? lk::split_fold_kernel<4> : lk::split_fold_kernel<1>;
+    auto* fold = fold_v4 ? lk::split_fold_kernel<4> : lk::split_fold_kernel<1>;
     fold<<<fold_grid, lk::kFoldThreads, 0, be.stream()>>>(p.partial, p.split, p.m, cols, p.y, p.ldy, p.y1, p.ldy1,
-                                                         p.n_split, p.y_f32);
+                                                         p.n_split, p.y_f32, p.yq, p.ys, p.ldq);
     check_launch(be.stream());
     g_fold_launches.fetch_add(1, std::memory_order_relaxed);
   }
+  return p.yq != nullptr;
 }
 
 WFmt quant_fmt(const QuantLinear& w) { return w.format == QuantLinear::Format::kFp4Group32 ? WFmt::kFp4 : WFmt::kFp8; }
@@ -1044,6 +1071,8 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas) {
   g_wide_ws_max_ctas.store(max_ctas, std::memory_order_relaxed);
 }
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
+int64_t cuda_linear_fold_quant_launches() { return g_fold_quant_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
@@ -1215,20 +1244,17 @@ void CudaBackend::do_linear_bf16_pair(const Tensor& x, const Tensor& wa, const T
 }
 
 // ---- grouped_linear (spec §5.6) -------------------------------------------------------
-void CudaBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
-  const int64_t M = x.size(0), G = groups, R = w.n / groups, C = w.k;
-  if (M == 0 || w.n == 0) return;
-  if (C == 0) return fill_zero(y);
-  // Fast path: 64-wide stages, each CTA's 128 rows inside one 128-row scale block.
-  const bool fast = !simple_path() && C % 64 == 0 && (G == 1 || R % 128 == 0) && (C + 127) / 128 <= lk::kMaxScaleBlocks &&
-                    w.n < (int64_t(1) << 30) && G * C < (int64_t(1) << 30) && aligned(x.data(), 16) &&
-                    aligned(w.weight.data(), 16);
-  if (!fast) {
-    lk::simple_grouped_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, stream()>>>(
-        x.as<uint16_t>(), w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), M, G, R, C, y.as<uint16_t>());
-    check_launch(stream());
-    return;
-  }
+namespace {
+// Fast path: 64-wide stages, each CTA's 128 rows inside one 128-row scale block.
+bool grouped_fast_ok(const Tensor& x, const QuantLinear& w, int64_t groups) {
+  const int64_t G = groups, R = w.n / groups, C = w.k;
+  return !simple_path() && C % 64 == 0 && (G == 1 || R % 128 == 0) && (C + 127) / 128 <= lk::kMaxScaleBlocks &&
+         w.n < (int64_t(1) << 30) && G * C < (int64_t(1) << 30) && aligned(x.data(), 16) &&
+         aligned(w.weight.data(), 16);
+}
+
+lk::GemmParams grouped_params(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
+  const int64_t G = groups, R = w.n / groups, C = w.k;
   lk::GemmParams p{};
   p.w0 = p.w1 = w.weight.as<uint8_t>();
   p.s0 = p.s1 = w.scale.as<uint8_t>();
@@ -1241,10 +1267,45 @@ void CudaBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64
   p.a = x.as<uint8_t>();
   p.a_row_bytes = 2 * G * C;
   p.a_group_bytes = 2 * C;
-  p.m = int(M);
+  p.m = int(x.size(0));
   p.y = y.data();
   p.ldy = G * R;
-  run_gemm(*this, WFmt::kFp8Bf16, p);
+  return p;
+}
+
+}  // namespace
+
+void CudaBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_t groups, const Tensor& y) {
+  const int64_t M = x.size(0), G = groups, R = w.n / groups, C = w.k;
+  if (M == 0 || w.n == 0) return;
+  if (C == 0) return fill_zero(y);
+  if (!grouped_fast_ok(x, w, groups)) {
+    lk::simple_grouped_kernel<<<blocks_for_warps(M * w.n, kSimpleBlocks), 256, 0, stream()>>>(
+        x.as<uint16_t>(), w.weight.as<uint8_t>(), w.scale.as<uint8_t>(), M, G, R, C, y.as<uint16_t>());
+    check_launch(stream());
+    return;
+  }
+  run_gemm(*this, WFmt::kFp8Bf16, grouped_params(x, w, groups, y));
+}
+
+// wo_a then wo_b: where the grouped GEMM's fold forms whole 128-column blocks of z's rows
+// (its last CTAs at 1-16 rows on bench-1g, split_fold_kernel at 17-128), it writes z's
+// FP8 codes for wb's GEMM as well: act_quant's launch leaves the layer's chain.
+void CudaBackend::do_grouped_linear_linear(const Tensor& x, const QuantLinear& wa, int64_t groups, const Tensor& z,
+                                           const QuantLinear& wb, const Tensor& y) {
+  const int64_t M = x.size(0);
+  if (M == 0 || wa.n == 0 || wa.k == 0 || !fold_quant_enabled() || !grouped_fast_ok(x, wa, groups) ||
+      (wa.n / groups) % lk::kTileN != 0 || !linears_take_quantized_rows(wb, nullptr) || !aligned(z.data(), 16)) {
+    Backend::do_grouped_linear_linear(x, wa, groups, z, wb, y);
+    return;
+  }
+  const QuantizedRows q = linear_activation_scratch(*this, M, wa.n);
+  lk::GemmParams p = grouped_params(x, wa, groups, z);
+  p.yq = q.codes;
+  p.ys = q.scales;
+  p.ldq = wa.n;
+  if (!run_gemm(*this, WFmt::kFp8Bf16, p)) quantize_rows(*this, z.as<uint16_t>(), wa.n, M, wa.n, q.codes, q.scales, false);
+  linears_on_quantized_rows(*this, q, M, wb, y, nullptr, nullptr);
 }
 
 // ---- expert_ffn: the shared expert (spec §6.2) -------------------------------------------

@@ -194,6 +194,13 @@ struct GemmParams {
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
   int n_tile_offset;     // expert launches: weight tile of blockIdx.x 0 (DSV4_CUDA_EXPERT_LAUNCHES, a diagnostic)
+  // Optional, where a split plain GEMM's fold forms whole rows of 128-column blocks (its
+  // last CTAs or split_fold_kernel; run_gemm sets it only there): y's e4m3 codes
+  // [m][ldq] in element order and UE8M0 scales [m][ldq / 128] as well, act_quant's bits
+  // for y's bf16 values, so that the linear reading y needs no quantization launch.
+  uint8_t* yq;
+  float* ys;
+  int64_t ldq;
 };
 
 // ---- small helpers ------------------------------------------------------------------
@@ -226,6 +233,18 @@ __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+
+// One 128-wide activation block quantized by a warp, lane l holding its values 4l ..
+// 4l + 3 (already bf16-rounded): act_quant_item's arithmetic (max is exact in any
+// order), so the same codes and scale. Codes to block[4l ..] in element order, the
+// scale (lane 0) to *scale. Every lane calls it (the shuffles take all 32).
+__device__ __forceinline__ void quant_block_warp(const float (&v)[4], uint8_t* block, float* scale, int lane) {
+  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  amax = warp_max(amax);
+  const int e = act_exponent(amax);
+  *reinterpret_cast<uint32_t*>(block + 4 * lane) = quant4_e4m3(v, core::pow2_float(-e));
+  if (lane == 0) *scale = core::pow2_float(e);
 }
 
 // act_exponent, quant4_e4m3: act_quant.cuh (shared with the norms that quantize).
@@ -1022,11 +1041,31 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (!*s_flag) return;
     __threadfence();
     static_assert(kThreads == kTileN, "thread r folds weight row r");
+    // With GemmParams::yq (host: whole 128-column tiles, no row scatter; wo_a's FP8-as-bf16
+    // instantiations only, so the others' code is unchanged), each output's bf16 value also
+    // goes to the stage buffers (free since the loop), then a warp a row quantizes the
+    // tile's 128 columns: the codes act_quant would form from y.
+    static_assert(BM * kTileN * 4 <= kStages * (kWStage + kAStage), "fold quantization: rows in the stages");
+    float* const s_y = reinterpret_cast<float*>(smem);
+    const bool quant = F == WFmt::kFp8Bf16 && p.yq != nullptr;
+    auto fold_store = [&](int c, int r, float v) {
+      store(c, r, v);
+      if (quant) s_y[c * kTileN + r] = core::round_bf16(v);
+    };
     if constexpr (!kBatchedFold) {
-      fold_row_major_slices<BM>(p, row_base, col0, rows, valid_n, tid, kThreads, store);
+      fold_row_major_slices<BM>(p, row_base, col0, rows, valid_n, tid, kThreads, fold_store);
     } else if (tid < valid_n) {
       fold_tile_slices<BM>(p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid, p.split, rows,
-                           [&](int c, float v) { store(c, tid, v); });
+                           [&](int c, float v) { fold_store(c, tid, v); });
+    }
+    if (quant) {
+      __syncthreads();  // the tile's rows are in s_y
+      for (int c = warp; c < rows; c += kThreads / 32) {
+        const float4 x = *reinterpret_cast<const float4*>(s_y + c * kTileN + 4 * lane);
+        const float v[4] = {x.x, x.y, x.z, x.w};
+        const int64_t row = row_base + c;
+        quant_block_warp(v, p.yq + row * p.ldq + col0, p.ys + row * (p.ldq / 128) + col0 / 128, lane);
+      }
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
@@ -1069,10 +1108,11 @@ constexpr int kFoldThreads = 128;
 template <int V>
 __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* __restrict__ partial, int split,
                                                                   int64_t rows, int64_t cols, void* y, int64_t ldy,
-                                                                  void* y1, int64_t ldy1, int64_t n_split, int y_f32) {
+                                                                  void* y1, int64_t ldy1, int64_t n_split, int y_f32,
+                                                                  uint8_t* yq, float* ys, int64_t ldq) {
   wait_then_release_dependents();
   const int64_t col = (int64_t(blockIdx.x) * kFoldThreads + threadIdx.x) * V;
-  if (col >= cols) return;
+  if (col >= cols) return;  // (with yq: cols % 128 == 0, so whole warps leave)
   const bool second = y1 != nullptr && col >= n_split;
   void* const out = second ? y1 : y;
   const int64_t ld = second ? ldy1 : ldy, c0 = second ? col - n_split : col;
@@ -1108,6 +1148,16 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
       const int64_t idx = row * ld + c0 + e;
       if (y_f32) static_cast<float*>(out)[idx] = v[e];
       else static_cast<uint16_t*>(out)[idx] = core::float_to_bf16(v[e]);
+    }
+    if constexpr (V == 4) {
+      // GemmParams::yq (host: bf16 y, no y1, cols % 128 == 0): a warp's 128 columns are
+      // one activation block of the row.
+      if (yq != nullptr) {
+        const float b[4] = {core::round_bf16(v[0]), core::round_bf16(v[1]), core::round_bf16(v[2]),
+                            core::round_bf16(v[3])};
+        const int64_t block = col / 128;
+        quant_block_warp(b, yq + row * ldq + block * 128, ys + row * (ldq / 128) + block, int(threadIdx.x & 31));
+      }
     }
   }
 }
