@@ -698,10 +698,11 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
 }
 
 // grouped_linear_linear (wo_a then wo_b) against grouped_linear then linear on the GPU, bit
-// for bit (z and y), and against the Hopper model. Fast path: the grouped GEMM's fold also
-// writes z's FP8 codes where it forms whole rows of 128-column tiles (its last CTAs up to
-// 16 rows here, split_fold_kernel from 17), which the launch counter must show; R = 200
-// (tiles straddle blocks) and the simple path quantize z by their own launch.
+// for bit (z and y), and against the Hopper model. Fast path: every launch but the cluster
+// fold (which folds in the GEMM's clusters, not in whole rows) writes z's FP8 codes in its
+// fold, which the launch counters must show, and both forms of it must be met: the last
+// CTAs' fold and split_fold_kernel. R = 96 (tiles straddle scale blocks) and the simple
+// path quantize z by their own launch.
 TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
   Env env;
   Rng rng(0x3b);
@@ -709,7 +710,8 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
     int64_t g, r, c, n;
     bool fold_quantizes;  // on the fast path
   };
-  for (const Case c : {Case{8, 128, 512, 256, true}, Case{2, 256, 256, 384, true}, Case{1, 200, 320, 128, false}}) {
+  int by_last_ctas = 0, by_fold_kernel = 0;
+  for (const Case c : {Case{8, 128, 512, 256, true}, Case{2, 256, 256, 384, true}, Case{4, 96, 128, 128, false}}) {
     const QuantLinear ha = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
     const QuantLinear hb = host_quant(c.n, c.g * c.r, false, draw_seed(rng));
     const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
@@ -721,15 +723,20 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
              y = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
       Tensor sz = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
              sy = device_poisoned(env.cuda, DType::kBF16, {M, c.n});
-      const int64_t before = ops::cuda_linear_fold_quant_launches();
+      const int64_t before = ops::cuda_linear_fold_quant_launches(),
+                    clusters_before = ops::cuda_linear_cluster_fold_launches(),
+                    folds_before = ops::cuda_linear_fold_launches();
       env.cuda.grouped_linear_linear(dx, da, c.g, z, db, y);
       const int64_t quantized = ops::cuda_linear_fold_quant_launches() - before;
+      const bool cluster_folded = ops::cuda_linear_cluster_fold_launches() > clusters_before;
+      if (quantized > 0) (ops::cuda_linear_fold_launches() > folds_before ? by_fold_kernel : by_last_ctas) += 1;
       env.cuda.grouped_linear(dx, da, c.g, sz);
       env.cuda.linear(sz, db, sy);
       const Tensor got_z = to_host(env.cuda, z), got_y = to_host(env.cuda, y);
       expect_bitwise(to_host(env.cuda, sz), got_z, "z " + what);
       expect_bitwise(to_host(env.cuda, sy), got_y, "y " + what);
-      EXPECT_EQ(quantized, g_forced_path == 0 && c.fold_quantizes && M > 0 ? 1 : 0) << "fold-side quantization " << what;
+      EXPECT_EQ(quantized, g_forced_path == 0 && c.fold_quantizes && M > 0 && !cluster_folded ? 1 : 0)
+          << "fold-side quantization " << what;
       if (g_forced_path == 0 && c.fold_quantizes && M <= 65) {
         Tensor rz = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r}), ry = Tensor::empty_cpu(DType::kBF16, {M, c.n});
         ref_backend(env).grouped_linear_linear(x, ha, c.g, rz, hb, ry);
@@ -737,9 +744,9 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
         expect_bitwise(ry, got_y, "y vs the Hopper model " + what);
       }
     }
-    // Forced off: its own quantization launch, the same bits.
-    if (g_forced_path == 0 && c.fold_quantizes) {
-      const int64_t M = 16;
+    // Forced off: its own quantization launch, the same bits (a last-CTA and a fold-kernel size).
+    for (const int64_t M : {5, 64}) {
+      if (g_forced_path != 0 || !c.fold_quantizes) break;
       const Tensor dx = to_device(env.cuda, rng.bf16({M, c.g * c.c}, 2.0f));
       Tensor z = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
              y = device_poisoned(env.cuda, DType::kBF16, {M, c.n}),
@@ -752,6 +759,10 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
       ops::cuda_linear_force_fold_quant(-1);
       expect_bitwise(to_host(env.cuda, y), to_host(env.cuda, y_off), "y with the fold quantization off");
     }
+  }
+  if (g_forced_path == 0) {
+    EXPECT_GT(by_last_ctas, 0) << "no launch quantized z in its last CTAs' fold";
+    EXPECT_GT(by_fold_kernel, 0) << "no launch quantized z in split_fold_kernel";
   }
 }
 
