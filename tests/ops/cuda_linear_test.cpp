@@ -71,6 +71,7 @@ void cuda_linear_force_cluster_fold(int on);
 int64_t cuda_linear_router_folds();
 void cuda_linear_force_router_fold(int on);
 void cuda_linear_force_router_early(int on);
+void cuda_linear_force_prep_threads(int threads);
 int64_t cuda_linear_quant8_launches();
 void cuda_linear_force_quant8(int on);
 int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
@@ -1044,6 +1045,33 @@ TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_shared_decode(-1);
   ops::cuda_linear_force_path(-1);
+}
+
+// moe_prep_kernel's block size (DSV4_CUDA_PREP_THREADS) changes no bit of the routed
+// experts' output: 256, 512 and 1024 threads at 1, 16 and 150 rows (one expert's rows in
+// any order, the same per-warp quantization items), with and without a hot expert.
+TEST(CudaLinearFusedExperts, PrepBlockSizeChangesNoBit) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  Rng rng(0x5c);
+  const int64_t E = 128, D = 512, I = 1024, k = 6;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  struct Reset {
+    ~Reset() { ops::cuda_linear_force_prep_threads(0); }
+  } reset;
+  for (const int64_t R : {int64_t(1), int64_t(16), int64_t(150)}) {
+    for (const int64_t hot : {int64_t(-1), int64_t(5)}) {
+      const RoutedInputs in = device_routed_inputs(env, rng, R, D, k, E, hot);
+      ops::cuda_linear_force_prep_threads(1024);
+      const Tensor want = run_routed(env, in, dex);
+      for (const int threads : {256, 512}) {
+        ops::cuda_linear_force_prep_threads(threads);
+        expect_bitwise(want, run_routed(env, in, dex),
+                       "R=" + std::to_string(R) + (hot >= 0 ? " hot" : "") + ": " + std::to_string(threads) +
+                           " prep threads vs 1024");
+      }
+    }
+  }
 }
 
 // At 1-3 rows the expert GEMMs split their K slices over CTAs, which keeps the fused

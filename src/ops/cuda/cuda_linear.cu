@@ -110,6 +110,8 @@ void cuda_linear_force_router_fold(int on);
 // Test hook: -1 follows DSV4_CUDA_ROUTER_EARLY (default on), 0 / 1 force the select
 // kernel's late / early form.
 void cuda_linear_force_router_early(int on);
+// Test hook: moe_prep_kernel's block size (256, 512 or 1024; 0 follows DSV4_CUDA_PREP_THREADS).
+void cuda_linear_force_prep_threads(int threads);
 // Test hooks: act_quant8 / swiglu_quant8 launches so far; -1 follows DSV4_CUDA_QUANT8
 // (default on; 0 turns them off), 0 / 1 force them off / on.
 int64_t cuda_linear_quant8_launches();
@@ -712,19 +714,23 @@ bool router_early() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_EARLY", "0");
   return forced_or(g_force_router_early, from_env);
 }
-// moe_prep_kernel's block size: DSV4_CUDA_PREP_THREADS=256|512|1024 (default 1024; A/B
-// runs: smaller blocks may find room beside the shared expert's GEMM on the other lane).
-// Any size gives the same bits (a counting sort whose order inside an expert does not
-// matter, and the same per-warp quantization items).
+// moe_prep_kernel's block size: DSV4_CUDA_PREP_THREADS=256|512|1024, default 512: at
+// bench-1g's 16 rows -0.6% and -0.4% a step against 1024 (two A/Bs on an H200, 2026-12-03;
+// 1, 64 and 256 rows within 0.2%): smaller blocks find room beside the shared expert's
+// GEMM on the other lane sooner. Any size gives the same bits (a counting sort whose
+// order inside an expert does not matter, and the same per-warp quantization items); a
+// test hook may force one.
+std::atomic<int> g_force_prep_threads{0};
 int moe_prep_threads() {
   static const int from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_PREP_THREADS");
-    if (v == nullptr || *v == '\0') return 1024;
+    if (v == nullptr || *v == '\0') return 512;
     const std::string t(v);
     DSV4_CHECK(t == "256" || t == "512" || t == "1024", "DSV4_CUDA_PREP_THREADS='{}': expected 256, 512 or 1024", t);
     return std::atoi(v);
   }();
-  return from_env;
+  const int forced = g_force_prep_threads.load(std::memory_order_relaxed);
+  return forced > 0 ? forced : from_env;
 }
 bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
@@ -1076,6 +1082,11 @@ void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::me
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_prep_threads(int threads) {
+  DSV4_CHECK(threads == 0 || threads == 256 || threads == 512 || threads == 1024,
+             "cuda_linear_force_prep_threads({}): expected 0, 256, 512 or 1024", threads);
+  g_force_prep_threads.store(threads, std::memory_order_relaxed);
+}
 int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
