@@ -31,11 +31,13 @@ enum class RepeatOp : uint32_t {
   kRouter,
   kExpertFfn,
   kRoutedExperts,
+  kGroupedLinearLinear,
   kCount
 };
 constexpr const char* kRepeatOpNames[] = {"linear",          "linear_bf16",      "linear_pair", "linear_bf16_pair",
                                           "grouped_linear",  "indexer_topk",     "sparse_attention",
-                                          "router",          "expert_ffn",       "routed_experts"};
+                                          "router",          "expert_ffn",       "routed_experts",
+                                          "grouped_linear_linear"};
 static_assert(std::size(kRepeatOpNames) == size_t(RepeatOp::kCount), "a name for every repeatable op");
 
 uint32_t parse_repeated_ops(const std::string& names, const char* source) {
@@ -485,7 +487,8 @@ void Backend::grouped_linear_linear(const Tensor& x, const QuantLinear& wa, int6
   DSV4_CHECK(wb.k == wa.n, "grouped_linear_linear: the second weight takes K={}, the first gives {} columns", wb.k,
              wa.n);
   expect(z, DType::kBF16, {x.size(0), wa.n}, d, "grouped_linear_linear", "z");
-  do_grouped_linear_linear(x, wa, groups, z, wb, y);
+  for (int run = runs_of(RepeatOp::kGroupedLinearLinear); run > 0; --run)
+    do_grouped_linear_linear(x, wa, groups, z, wb, y);
 }
 
 void Backend::do_grouped_linear_linear(const Tensor& x, const QuantLinear& wa, int64_t groups, const Tensor& z,

@@ -107,6 +107,14 @@ TEST_F(CpuOps, GroupedLinearLinearIsTheTwoOps) {
   be->linear(want_z, wb, want_y);
   EXPECT_EQ(std::memcmp(z.data(), want_z.data(), size_t(z.nbytes())), 0) << "z";
   EXPECT_EQ(std::memcmp(y.data(), want_y.data(), size_t(y.nbytes())), 0) << "y";
+  // DSV4_REPEAT_OPS may name the pair (the model calls it, not grouped_linear, for wo_a).
+  set_repeated_ops("grouped_linear_linear");
+  const int64_t before = repeated_op_runs();
+  testing::poison(y);
+  be->grouped_linear_linear(x, wa, 2, z, wb, y);
+  set_repeated_ops("");
+  EXPECT_EQ(repeated_op_runs() - before, 1);
+  EXPECT_EQ(std::memcmp(y.data(), want_y.data(), size_t(y.nbytes())), 0) << "y, the pair run twice";
   const QuantLinear narrow = make_quant(192, 128, false, 27);
   try {
     be->grouped_linear_linear(x, wa, 2, z, narrow, y);
