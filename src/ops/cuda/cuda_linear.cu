@@ -1305,8 +1305,10 @@ void CudaBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64
 void CudaBackend::do_grouped_linear_linear(const Tensor& x, const QuantLinear& wa, int64_t groups, const Tensor& z,
                                            const QuantLinear& wb, const Tensor& y) {
   const int64_t M = x.size(0);
+  // (Groups of whole 128-column tiles follow from the contract, wb.k = wa.n a multiple of
+  // 128, and the fast path's R % 128 where G > 1; run_gemm checks it.)
   if (M == 0 || wa.n == 0 || wa.k == 0 || !fold_quant_enabled() || !grouped_fast_ok(x, wa, groups) ||
-      (wa.n / groups) % lk::kTileN != 0 || !linears_take_quantized_rows(wb, nullptr) || !aligned(z.data(), 16)) {
+      !linears_take_quantized_rows(wb, nullptr) || !aligned(z.data(), 16)) {
     Backend::do_grouped_linear_linear(x, wa, groups, z, wb, y);
     return;
   }

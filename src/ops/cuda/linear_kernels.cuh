@@ -236,14 +236,21 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // One 128-wide activation block quantized by a warp, lane l holding its values 4l ..
-// 4l + 3 (already bf16-rounded): act_quant_item's arithmetic (max is exact in any
-// order), so the same codes and scale. Codes to block[4l ..] in element order, the
-// scale (lane 0) to *scale. Every lane calls it (the shuffles take all 32).
+// 4l + 3: the lane's four e4m3 codes, and the block's exponent in e (its scale is 2^e).
+// act_quant_item and the GEMM folds that quantize (GemmParams::yq) share it, so their
+// codes and scales are one arithmetic. Every lane calls it (the shuffles take all 32).
+__device__ __forceinline__ uint32_t quant4_warp_block(const float (&v)[4], int& e) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  e = act_exponent(warp_max(amax));
+  return quant4_e4m3(v, core::pow2_float(-e));
+}
+
+// The same, codes to block[4l ..] in element order and the scale (lane 0) to *scale.
 __device__ __forceinline__ void quant_block_warp(const float (&v)[4], uint8_t* block, float* scale, int lane) {
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-  amax = warp_max(amax);
-  const int e = act_exponent(amax);
-  *reinterpret_cast<uint32_t*>(block + 4 * lane) = quant4_e4m3(v, core::pow2_float(-e));
+  int e;
+  *reinterpret_cast<uint32_t*>(block + 4 * lane) = quant4_warp_block(v, e);
   if (lane == 0) *scale = core::pow2_float(e);
 }
 
@@ -1227,15 +1234,10 @@ __device__ __forceinline__ void act_quant_item(const uint16_t* __restrict__ x, i
   const int64_t r = wid / blocks, b = wid % blocks;
   const uint16_t* src = x + r * ldx + b * 128 + lane * 4;
   float v[4];
-  float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[i] = core::bf16_to_float(src[i]);
-    amax = fmaxf(amax, fabsf(v[i]));
-  }
-  amax = warp_max(amax);
-  const int e = act_exponent(amax);
-  store_quant4(q + r * k + b * 128, lane, quant4_e4m3(v, core::pow2_float(-e)), split_pairs);
+  for (int i = 0; i < 4; ++i) v[i] = core::bf16_to_float(src[i]);
+  int e;
+  store_quant4(q + r * k + b * 128, lane, quant4_warp_block(v, e), split_pairs);
   if (lane == 0) scale[r * blocks + b] = core::pow2_float(e);
 }
 
