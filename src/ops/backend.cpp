@@ -11,6 +11,7 @@
 #include "core/random.h"
 
 #include "core/error.h"
+#include "ops/gemm_order.h"
 
 namespace dsv4::ops {
 
@@ -700,6 +701,19 @@ std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, doubl
     freqs[size_t(i)] = f / float(factor) * (1.0f - smooth) + f * smooth;
   }
   return freqs;
+}
+
+int gemm_min_slice_stages() {
+  static const int from_env = [] {
+    const char* v = std::getenv("DSV4_GEMM_MIN_SLICE_STAGES");
+    if (v == nullptr || *v == '\0') return 1;
+    const std::string t(v);
+    DSV4_CHECK(t == "1" || t == "2" || t == "4" || t == "8", "DSV4_GEMM_MIN_SLICE_STAGES='{}': expected 1, 2, 4 or 8",
+               t);
+    std::fprintf(stderr, "DSV4_GEMM_MIN_SLICE_STAGES=%s: every GEMM's K slices keep at least %s stages\n", v, v);
+    return std::atoi(v);
+  }();
+  return from_env;
 }
 
 }  // namespace dsv4::ops

@@ -28,13 +28,26 @@ constexpr bool gemm_pair_stacks(int64_t first_rows, int64_t second_rows) {
 }
 
 // S: doubled while the launch's CTAs (weight tiles x slices x tile_mult) stay under
-// ~256 and the stages (K / 128 quantized, K / 64 bf16) still divide evenly.
-// tile_mult counts the row tiles expected per weight tile (4 for the routed experts,
-// where several experts are busy at once; 1 otherwise).
-constexpr int gemm_k_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult) {
+// ~256, the stages (K / 128 quantized, K / 64 bf16) still divide evenly and a slice
+// keeps at least min_slice_stages of them. tile_mult counts the row tiles expected per
+// weight tile (4 for the routed experts, where several experts are busy at once; 1
+// otherwise).
+constexpr int gemm_k_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult, int64_t min_slice_stages = 1) {
   int s = 1;
-  while (s < kGemmMaxSlices && weight_tiles * tile_mult * s < 256 && stages % (2 * s) == 0) s *= 2;
+  while (s < kGemmMaxSlices && weight_tiles * tile_mult * s < 256 && stages % (2 * s) == 0 &&
+         stages / (2 * s) >= min_slice_stages)
+    s *= 2;
   return s;
+}
+
+// The least stages a slice keeps in every launch of this process: DSV4_GEMM_MIN_SLICE_STAGES
+// (1, 2, 4 or 8; default 1), read once. It changes the K order, so the CUDA launcher and
+// the CPU backend's model of it both take S from gemm_slices (A/B runs; ops/backend.cpp).
+int gemm_min_slice_stages();
+
+// S as the launches of this process take it.
+inline int gemm_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult) {
+  return gemm_k_slices(weight_tiles, stages, tile_mult, gemm_min_slice_stages());
 }
 
 }  // namespace dsv4::ops

@@ -893,6 +893,13 @@ TEST(HopperGemmOrder, SlicesFollowTheLaunchNotTheRows) {
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(4096), 2048 / 128, 4), 2);         // routed w2: 32 tiles x 4
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(200), 384 / 128, 1), 1);           // 3 stages: odd
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024, 8), 4096 / 64, 1), 4);      // wo_a, 8 groups
+  // A floor on a slice's stages (DSV4_GEMM_MIN_SLICE_STAGES) halves S until it holds.
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, 2), 16);  // wq_a + wkv: 2 stages a slice
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, 4), 8);
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(2048 + 2048), 4096 / 128, 1, 4), 8);  // already 4 stages a slice
+  EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, 64), 1);  // more than K holds: one slice
+  EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1),
+            gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, gemm_min_slice_stages()));
 }
 
 // The bf16 and FP8-as-bf16 GEMMs under kHopperWgmma are the chained tensor-core steps

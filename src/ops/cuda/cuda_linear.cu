@@ -732,6 +732,21 @@ int moe_prep_threads() {
   const int forced = g_force_prep_threads.load(std::memory_order_relaxed);
   return forced > 0 ? forced : from_env;
 }
+// The rows up to which moe_prep_kernel's one launch also quantizes x and zeroes the
+// non-local pairs (beyond: three launches, the tile list alone in block 0):
+// DSV4_CUDA_PREP_ONE_LAUNCH_ROWS, default 32 (A/B runs). The same bits either way.
+int64_t moe_prep_one_launch_rows() {
+  static const int64_t from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_PREP_ONE_LAUNCH_ROWS");
+    if (v == nullptr || *v == '\0') return int64_t(32);
+    char* end = nullptr;
+    const long long r = std::strtoll(v, &end, 10);
+    DSV4_CHECK(*end == '\0' && r >= 0 && r <= 65536, "DSV4_CUDA_PREP_ONE_LAUNCH_ROWS='{}': expected a row count 0..65536",
+               v);
+    return int64_t(r);
+  }();
+  return from_env;
+}
 bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
@@ -793,7 +808,7 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   const int64_t stages = p.k / stage_k;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = int64_t(p.groups) * p.tiles_per_group;
-  p.slices = gemm_k_slices(n_tiles, stages, 1);
+  p.slices = gemm_slices(n_tiles, stages, 1);
   const int64_t cols = int64_t(p.groups) * p.n;
   DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
              "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
@@ -1008,7 +1023,7 @@ void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int
   p.groups = 1;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = p.tiles_per_group;
-  p.slices = gemm_k_slices(n_tiles, stages, 4);
+  p.slices = gemm_slices(n_tiles, stages, 4);
   const bool split = p.slices > 1 && expert_split_allowed() &&
                      expert_split_k(n_tiles, max_tiles, be.properties().multiProcessorCount) &&
                      int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
@@ -1468,8 +1483,9 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // Up to 32 rows one launch: the tile list (block 0), x quantized (split pairs for
   // the FP4 GEMM), the non-local pairs' outputs zeroed. Beyond, three launches (the
   // tile list alone in block 0): measured in one A/B run, one launch was 0.8% / 0.6%
-  // faster at batch 1 / 16 and 0.8% slower at batch 64 (caf5932). Same bits either way.
-  const bool one_launch = R <= 32;
+  // faster at batch 1 / 16 and 0.8% slower at batch 64 (caf5932, 1024-thread blocks).
+  // Same bits either way; moe_prep_one_launch_rows moves the limit.
+  const bool one_launch = R <= moe_prep_one_launch_rows();
   if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
   lk::GemmParams p{};
   p.w_row_bytes = fp4_13 ? D / 2 : D;
