@@ -237,8 +237,9 @@ __device__ __forceinline__ float warp_max(float v) {
 
 // One 128-wide activation block quantized by a warp, lane l holding its values 4l ..
 // 4l + 3: the lane's four e4m3 codes, and the block's exponent in e (its scale is 2^e).
-// act_quant_item and the GEMM folds that quantize (GemmParams::yq) share it, so their
-// codes and scales are one arithmetic. Every lane calls it (the shuffles take all 32).
+// act_quant_item, swiglu_quant_item and the GEMM folds that quantize (GemmParams::yq)
+// share it, so their codes and scales are one arithmetic. Every lane calls it (the
+// shuffles take all 32).
 __device__ __forceinline__ uint32_t quant4_warp_block(const float (&v)[4], int& e) {
   float amax = 0.0f;
 #pragma unroll
@@ -1328,7 +1329,6 @@ __device__ __forceinline__ void swiglu_quant_item(const uint16_t* __restrict__ g
   const uint16_t* ur = gr + inter;
   const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
   float h[4];
-  float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     float gate = core::bf16_to_float(kFromL2 ? __ldcg(gr + i) : gr[i]);
@@ -1340,11 +1340,9 @@ __device__ __forceinline__ void swiglu_quant_item(const uint16_t* __restrict__ g
     float act = core::silu_f32(gate) * up;
     if (rw) act = weight * act;
     h[i] = core::round_bf16(act);
-    amax = fmaxf(amax, fabsf(h[i]));
   }
-  amax = warp_max(amax);
-  const int e = act_exponent(amax);
-  store_quant4(hq + c * inter + b * 128, lane, quant4_e4m3(h, core::pow2_float(-e)), split_pairs);
+  int e;
+  store_quant4(hq + c * inter + b * 128, lane, quant4_warp_block(h, e), split_pairs);
   if (lane == 0) hs[c * blocks + b] = core::pow2_float(e);
 }
 
