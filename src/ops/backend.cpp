@@ -1,6 +1,7 @@
 // Contract checks shared by every backend, and the RoPE frequency table.
 #include "ops/backend.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -703,10 +704,18 @@ std::vector<float> rope_inv_freq(int64_t rope_dim, double base, bool yarn, doubl
   return freqs;
 }
 
+namespace {
+std::atomic<int> g_forced_min_slice_stages{0};
+}  // namespace
+
+void gemm_force_min_slice_stages(int n) { g_forced_min_slice_stages.store(std::max(n, 0)); }
+
 int gemm_min_slice_stages() {
+  const int forced = g_forced_min_slice_stages.load(std::memory_order_relaxed);
+  if (forced > 0) return forced;
   static const int from_env = [] {
     const char* v = std::getenv("DSV4_GEMM_MIN_SLICE_STAGES");
-    if (v == nullptr || *v == '\0') return 1;
+    if (v == nullptr || *v == '\0') return 2;
     const std::string t(v);
     DSV4_CHECK(t == "1" || t == "2" || t == "4" || t == "8", "DSV4_GEMM_MIN_SLICE_STAGES='{}': expected 1, 2, 4 or 8",
                t);

@@ -40,10 +40,22 @@ constexpr int gemm_k_slices(int64_t weight_tiles, int64_t stages, int64_t tile_m
   return s;
 }
 
-// The least stages a slice keeps in every launch of this process: DSV4_GEMM_MIN_SLICE_STAGES
-// (1, 2, 4 or 8; default 1), read once. It changes the K order, so the CUDA launcher and
-// the CPU backend's model of it both take S from gemm_slices (A/B runs; ops/backend.cpp).
+// The least stages a slice keeps in every launch of this process: 2, or
+// DSV4_GEMM_MIN_SLICE_STAGES (1, 2, 4 or 8; read once; A/B runs), or a test's
+// gemm_force_min_slice_stages. It changes the K order, so the CUDA launcher and the
+// CPU backend's model of it both take S from gemm_slices (ops/backend.cpp). Why 2: a
+// slice of one stage is a CTA that streams one 16 KB weight stage with no pipeline
+// behind it and then stores and folds a partial; bench-1g's wq_a + wkv (12 tiles, 32
+// stages) took 32 such slices. Two stages a slice (S = 16 there): -0.2 / -0.3 / -0.5 /
+// -0.1% a step at 1 / 16 / 64 / 256 rows against one (H200, docs/BENCHMARKS.md,
+// fifty-second session); four (S = 8 there, with the router's, the compressors' and the
+// shared expert's down GEMM's S halved too): +0.5 / +0.3 / -1.2 / -0.3%.
 int gemm_min_slice_stages();
+
+// Test hook: n > 0 makes every later launch take n as the floor (tests whose shapes
+// exercise the split paths of one-stage slices); 0 follows the default and the
+// environment again.
+void gemm_force_min_slice_stages(int n);
 
 // S as the launches of this process take it.
 inline int gemm_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -21,6 +22,7 @@ using core::DType;
 using core::Tensor;
 using testing::bf;
 using testing::Rng;
+using testing::OneStageSlices;
 
 QuantLinear make_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
   return testing::synthetic_quant("test.w", n, k, fp4, seed);
@@ -900,11 +902,20 @@ TEST(HopperGemmOrder, SlicesFollowTheLaunchNotTheRows) {
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, 64), 1);  // more than K holds: one slice
   EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1),
             gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, gemm_min_slice_stages()));
+  if (std::getenv("DSV4_GEMM_MIN_SLICE_STAGES") == nullptr) {
+    EXPECT_EQ(gemm_min_slice_stages(), 2);  // the default
+    EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1), 16);
+  }
+  {
+    const OneStageSlices one_stage;  // the test hook, for both backends
+    EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1), 32);
+  }
 }
 
 // The bf16 and FP8-as-bf16 GEMMs under kHopperWgmma are the chained tensor-core steps
 // per K slice, the slices added in order from zero; the exact backend differs.
 TEST(HopperGemmOrder, CpuBackendModelsBf16AndGroupedGemms) {
+  const OneStageSlices one_stage;  // (the sums below are written for one-stage slices)
   auto exact = make_cpu_backend(2), hopper = make_cpu_backend(2, QuantDotModel::kHopperWgmma);
   std::mt19937 gen(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);

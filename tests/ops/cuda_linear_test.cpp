@@ -705,6 +705,7 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
 // CTAs' fold and split_fold_kernel. R = 96 (tiles straddle scale blocks) and the simple
 // path quantize z by their own launch.
 TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
+  const OneStageSlices one_stage;  // (the cases' fold forms were chosen at S = C / 64)
   Env env;
   Rng rng(0x3b);
   struct Case {
@@ -1001,6 +1002,7 @@ TEST(CudaLinearExpertLaunches, PiecesEqualOneLaunchBitForBit) {
 // launches run instead.
 TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   DSV4_REQUIRE_CUDA();
+  const OneStageSlices one_stage;  // (the fused launch needs 2+ slices a GEMM)
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x59);
@@ -1081,6 +1083,7 @@ TEST(CudaLinearFusedExperts, PrepBlockSizeChangesNoBit) {
 // the fused launch ran without it. FP4 experts, eager.
 TEST(CudaLinearFusedExperts, FewRowsWalkedAndFusedEqualSplitBitForBit) {
   DSV4_REQUIRE_CUDA();
+  const OneStageSlices one_stage;
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x5a);
@@ -1642,6 +1645,7 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
 // 32- and 64-row tiles keep the fold launch when the cluster fold is on.
 TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
   DSV4_REQUIRE_CUDA();
+  const OneStageSlices one_stage;
   ops::cuda_linear_force_path(0);
   Env env;
   Rng rng(0x58);
@@ -2160,6 +2164,7 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
 // select kernel's late form (metadata, bias and hash ids after its dependency wait).
 TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   DSV4_REQUIRE_CUDA();
+  const OneStageSlices one_stage;
   Env env;
   auto& cuda = env.cuda;
   Rng rng(0x61);

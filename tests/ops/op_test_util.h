@@ -15,10 +15,22 @@
 #include "model/synthetic_weights.h"
 #include "model/weight_spec.h"
 #include "ops/batch.h"
+#include "ops/gemm_order.h"
 #include "ops/weights.h"
 #include "test_util.h"
 
 namespace dsv4::testing {
+
+// For tests whose small shapes reach a split path (fold launch, cluster fold, last-CTA
+// fold, the fused experts' walked slices) through one-stage K slices: the floor of one
+// stage a slice (ops/gemm_order.h) for both backends while it lives; the default floor
+// of two would halve their S and take other paths.
+struct OneStageSlices {
+  OneStageSlices() { ops::gemm_force_min_slice_stages(1); }
+  ~OneStageSlices() { ops::gemm_force_min_slice_stages(0); }
+  OneStageSlices(const OneStageSlices&) = delete;
+  OneStageSlices& operator=(const OneStageSlices&) = delete;
+};
 
 class Rng {
  public:

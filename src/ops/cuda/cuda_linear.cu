@@ -734,11 +734,14 @@ int moe_prep_threads() {
 }
 // The rows up to which moe_prep_kernel's one launch also quantizes x and zeroes the
 // non-local pairs (beyond: three launches, the tile list alone in block 0):
-// DSV4_CUDA_PREP_ONE_LAUNCH_ROWS, default 32 (A/B runs). The same bits either way.
+// DSV4_CUDA_PREP_ONE_LAUNCH_ROWS, default 64 (A/B runs). The same bits either way.
+// Measured (bench-1g, H200, fifty-second session), 64 against 32: -0.7% a step at 64
+// rows (apart in both rounds), in 512-thread blocks; the older limit of 32 came from an
+// A/B with 1024-thread blocks (caf5932: one launch 0.8% slower at 64 then).
 int64_t moe_prep_one_launch_rows() {
   static const int64_t from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_PREP_ONE_LAUNCH_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t(32);
+    if (v == nullptr || *v == '\0') return int64_t(64);
     char* end = nullptr;
     const long long r = std::strtoll(v, &end, 10);
     DSV4_CHECK(*end == '\0' && r >= 0 && r <= 65536, "DSV4_CUDA_PREP_ONE_LAUNCH_ROWS='{}': expected a row count 0..65536",
@@ -1480,11 +1483,9 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   int4* tiles = scratch_as<int4>(*this, "moe.tiles", max_tiles);
   int* counts = scratch_as<int>(*this, "moe.counts", 2);  // {tiles, compact rows}
   uint16_t* gu = scratch_as<uint16_t>(*this, "moe.gu", P * 2 * I);
-  // Up to 32 rows one launch: the tile list (block 0), x quantized (split pairs for
-  // the FP4 GEMM), the non-local pairs' outputs zeroed. Beyond, three launches (the
-  // tile list alone in block 0): measured in one A/B run, one launch was 0.8% / 0.6%
-  // faster at batch 1 / 16 and 0.8% slower at batch 64 (caf5932, 1024-thread blocks).
-  // Same bits either way; moe_prep_one_launch_rows moves the limit.
+  // Up to 64 rows one launch (moe_prep_one_launch_rows): the tile list (block 0), x
+  // quantized (split pairs for the FP4 GEMM), the non-local pairs' outputs zeroed.
+  // Beyond, three launches (the tile list alone in block 0). Same bits either way.
   const bool one_launch = R <= moe_prep_one_launch_rows();
   if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
   lk::GemmParams p{};
