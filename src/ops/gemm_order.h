@@ -48,8 +48,8 @@ constexpr int gemm_k_slices(int64_t weight_tiles, int64_t stages, int64_t tile_m
 // behind it and then stores and folds a partial; bench-1g's wq_a + wkv (12 tiles, 32
 // stages) took 32 such slices. Two stages a slice (S = 16 there): -0.2 / -0.3 / -0.5 /
 // -0.1% a step at 1 / 16 / 64 / 256 rows against one (H200, docs/BENCHMARKS.md,
-// fifty-second session); four (S = 8 there, with the router's, the compressors' and the
-// shared expert's down GEMM's S halved too): +0.5 / +0.3 / -1.2 / -0.3%.
+// fifty-second session); four (S = 8 there, with the router's, the indexer's, the ratio-128
+// compressor's and the shared expert's down GEMM's S halved too): +0.5 / +0.3 / -1.2 / -0.3%.
 int gemm_min_slice_stages();
 
 // Test hook: n > 0 makes every later launch take n as the floor (tests whose shapes
