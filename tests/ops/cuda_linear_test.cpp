@@ -2262,9 +2262,9 @@ TEST(CudaLinearQuant8, HalfWarpBlocksEqualWarpBlocksBitForBit) {
     const std::vector<ExpertWeights> dex = device_experts(env, rng, 8, 256, 384, fp4);
     for (int64_t R : {1, 16, 64, 256}) {
       const RoutedInputs in = device_routed_inputs(env, rng, R, 256, 6, 8, -1);
-      // Up to 32 rows moe_prep quantizes x itself: the SwiGLU alone (I = 384 keeps the
-      // fused expert step, which does its own, off).
-      compare(std::string("routed_experts ") + (fp4 ? "fp4" : "fp8") + " R=" + std::to_string(R), R <= 32 ? 1 : 2,
+      // Up to 64 rows (moe_prep_one_launch_rows' default) moe_prep quantizes x itself: the
+      // SwiGLU alone (I = 384 keeps the fused expert step, which does its own, off).
+      compare(std::string("routed_experts ") + (fp4 ? "fp4" : "fp8") + " R=" + std::to_string(R), R <= 64 ? 1 : 2,
               [&] {
                 Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, 6, 256});
                 env.cuda.routed_experts(in.x, in.ids, in.w, dex, 0, 8, 10.0f, out);
