@@ -744,8 +744,8 @@ int64_t moe_prep_one_launch_rows() {
     if (v == nullptr || *v == '\0') return int64_t(64);
     char* end = nullptr;
     const long long r = std::strtoll(v, &end, 10);
-    DSV4_CHECK(*end == '\0' && r >= 0 && r <= 65536, "DSV4_CUDA_PREP_ONE_LAUNCH_ROWS='{}': expected a row count 0..65536",
-               v);
+    DSV4_CHECK(*end == '\0' && r >= 0 && r <= 65536,
+               "DSV4_CUDA_PREP_ONE_LAUNCH_ROWS='{}': expected a row count 0..65536", v);
     return int64_t(r);
   }();
   return from_env;
