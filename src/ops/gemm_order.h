@@ -2,8 +2,9 @@
 // on the launch (docs/design/cuda-linear.md, linear_kernels.cuh's header comment):
 // an output's K range is cut into S equal slices of whole stages, each slice summed
 // on its own from zero and the slice sums added in order, ((0 + p_0) + p_1) + ...
-// S is a function of the launch's weight tiles and K only, never of the rows M, so a
-// row's bits do not depend on its batch. The CUDA launcher and the CPU backend's
+// S is a function of the launch's weight tiles, K and the process's slice floor
+// (gemm_min_slice_stages), never of the rows M, so a row's bits do not depend on its
+// batch. The CUDA launcher and the CPU backend's
 // model of it (QuantDotModel::kHopperWgmma) both take S from here.
 #pragma once
 
