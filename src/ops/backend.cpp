@@ -710,18 +710,30 @@ std::atomic<int> g_forced_min_slice_stages{0};
 
 void gemm_force_min_slice_stages(int n) { g_forced_min_slice_stages.store(std::max(n, 0)); }
 
+namespace {
+// A slice floor from the environment variable `name` (1, 2, 4 or 8), or `fallback`.
+int slice_floor_from_env(const char* name, const char* launches, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  const std::string t(v);
+  DSV4_CHECK(t == "1" || t == "2" || t == "4" || t == "8", "{}='{}': expected 1, 2, 4 or 8", name, t);
+  std::fprintf(stderr, "%s=%s: %s K slices keep at least %s stages\n", name, v, launches, v);
+  return std::atoi(v);
+}
+}  // namespace
+
 int gemm_min_slice_stages() {
   const int forced = g_forced_min_slice_stages.load(std::memory_order_relaxed);
   if (forced > 0) return forced;
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_GEMM_MIN_SLICE_STAGES");
-    if (v == nullptr || *v == '\0') return 2;
-    const std::string t(v);
-    DSV4_CHECK(t == "1" || t == "2" || t == "4" || t == "8", "DSV4_GEMM_MIN_SLICE_STAGES='{}': expected 1, 2, 4 or 8",
-               t);
-    std::fprintf(stderr, "DSV4_GEMM_MIN_SLICE_STAGES=%s: every GEMM's K slices keep at least %s stages\n", v, v);
-    return std::atoi(v);
-  }();
+  static const int from_env = slice_floor_from_env("DSV4_GEMM_MIN_SLICE_STAGES", "every GEMM's", 2);
+  return from_env;
+}
+
+int gemm_min_quant_slice_stages() {
+  const int forced = g_forced_min_slice_stages.load(std::memory_order_relaxed);
+  if (forced > 0) return forced;
+  static const int from_env =
+      slice_floor_from_env("DSV4_GEMM_MIN_QUANT_SLICE_STAGES", "the quantized GEMMs'", gemm_min_slice_stages());
   return from_env;
 }
 

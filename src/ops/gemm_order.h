@@ -53,14 +53,23 @@ constexpr int gemm_k_slices(int64_t weight_tiles, int64_t stages, int64_t tile_m
 // compressor's and the shared expert's down GEMM's S halved too): +0.5 / +0.3 / -1.2 / -0.3%.
 int gemm_min_slice_stages();
 
-// Test hook: n > 0 makes every later launch take n as the floor (tests whose shapes
-// exercise the split paths of one-stage slices); 0 follows the default and the
+// The floor of the launches whose stages are 128-wide quantized ones (FP8 / FP4
+// activations: wq_a + wkv, the shared and routed experts, the compressors' and the
+// indexer's FP8 GEMMs): gemm_min_slice_stages(), or DSV4_GEMM_MIN_QUANT_SLICE_STAGES
+// (1, 2, 4 or 8; read once; A/B runs of a floor per launch format). The bf16 and
+// FP8-as-bf16 launches (64-wide stages: the router, wo_a) keep the other.
+int gemm_min_quant_slice_stages();
+
+// Test hook: n > 0 makes every later launch take n as both floors (tests whose shapes
+// exercise the split paths of one-stage slices); 0 follows the defaults and the
 // environment again.
 void gemm_force_min_slice_stages(int n);
 
-// S as the launches of this process take it.
-inline int gemm_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult) {
-  return gemm_k_slices(weight_tiles, stages, tile_mult, gemm_min_slice_stages());
+// S as the launches of this process take it; quant_stages: the stages are 128-wide
+// quantized ones (K / 128), else 64-wide bf16 ones (K / 64).
+inline int gemm_slices(int64_t weight_tiles, int64_t stages, int64_t tile_mult, bool quant_stages) {
+  return gemm_k_slices(weight_tiles, stages, tile_mult,
+                       quant_stages ? gemm_min_quant_slice_stages() : gemm_min_slice_stages());
 }
 
 }  // namespace dsv4::ops

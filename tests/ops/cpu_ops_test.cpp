@@ -900,15 +900,22 @@ TEST(HopperGemmOrder, SlicesFollowTheLaunchNotTheRows) {
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, 4), 8);
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(2048 + 2048), 4096 / 128, 1, 4), 8);  // already 4 stages a slice
   EXPECT_EQ(gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, 64), 1);  // more than K holds: one slice
-  EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1),
-            gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, gemm_min_slice_stages()));
-  if (std::getenv("DSV4_GEMM_MIN_SLICE_STAGES") == nullptr) {
-    EXPECT_EQ(gemm_min_slice_stages(), 2);  // the default
-    EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1), 16);
+  EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, true),
+            gemm_k_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, gemm_min_quant_slice_stages()));
+  EXPECT_EQ(gemm_slices(gemm_weight_tiles(256), 4096 / 64, 1, false),  // the router: bf16 stages
+            gemm_k_slices(gemm_weight_tiles(256), 4096 / 64, 1, gemm_min_slice_stages()));
+  if (std::getenv("DSV4_GEMM_MIN_SLICE_STAGES") == nullptr &&
+      std::getenv("DSV4_GEMM_MIN_QUANT_SLICE_STAGES") == nullptr) {
+    EXPECT_EQ(gemm_min_slice_stages(), 2);  // the defaults
+    EXPECT_EQ(gemm_min_quant_slice_stages(), 2);
+    EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, true), 16);
+    EXPECT_EQ(gemm_slices(gemm_weight_tiles(256), 4096 / 64, 1, false), 32);
   }
   {
-    const OneStageSlices one_stage;  // the test hook, for both backends
-    EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1), 32);
+    const OneStageSlices one_stage;  // the test hook, for both backends and both floors
+    EXPECT_EQ(gemm_slices(gemm_weight_tiles(1024 + 512), 4096 / 128, 1, true), 32);
+    EXPECT_EQ(gemm_min_slice_stages(), 1);
+    EXPECT_EQ(gemm_min_quant_slice_stages(), 1);
   }
 }
 

@@ -316,7 +316,8 @@ void CpuBackend::quant_linear_rows_hopper(const uint16_t* x, int64_t rows, const
 void CpuBackend::quant_linear_rows(const uint16_t* x, int64_t rows, const QuantLinear& w, uint16_t* y,
                                    int64_t launch_rows, int tile_mult) {
   if (quant_dot_ == QuantDotModel::kHopperWgmma && w.k % 128 == 0 && w.k > 0) {
-    const int slices = gemm_slices(gemm_weight_tiles(launch_rows > 0 ? launch_rows : w.n), w.k / 128, tile_mult);
+    const int slices =
+        gemm_slices(gemm_weight_tiles(launch_rows > 0 ? launch_rows : w.n), w.k / 128, tile_mult, true);
     return quant_linear_rows_hopper(x, rows, w, y, slices);
   }
   const float* W = dequantized(w);
@@ -356,7 +357,7 @@ void CpuBackend::do_linear_pair(const Tensor& x, const QuantLinear& wa, const Te
 bool CpuBackend::linear_bf16_hopper(const Tensor& x, const Tensor& w, const Tensor& y, int64_t launch_rows) {
   const int64_t T = x.size(0), K = x.size(1), N = w.size(0);
   if (quant_dot_ != QuantDotModel::kHopperWgmma || x.dtype() != DType::kBF16 || K % 64 != 0 || K == 0) return false;
-  const int slices = gemm_slices(gemm_weight_tiles(launch_rows > 0 ? launch_rows : N), K / 64, 1);
+  const int slices = gemm_slices(gemm_weight_tiles(launch_rows > 0 ? launch_rows : N), K / 64, 1, false);
   const int64_t per_slice = K / slices;
   const bool y_f32 = y.dtype() == DType::kF32;
   pool_.parallel_for(N, [&](int64_t b, int64_t e) {
@@ -415,7 +416,7 @@ void CpuBackend::do_grouped_linear(const Tensor& x, const QuantLinear& w, int64_
   const int64_t T = x.size(0), C = w.k, R = w.n / groups;
   if (quant_dot_ == QuantDotModel::kHopperWgmma && C % 64 == 0 && C > 0 && (groups == 1 || R % 128 == 0)) {
     const int64_t stages = C / 64, cb = (C + 127) / 128;
-    const int slices = gemm_slices(gemm_weight_tiles(R, groups), stages, 1);
+    const int slices = gemm_slices(gemm_weight_tiles(R, groups), stages, 1, false);
     const int64_t per_slice = stages / slices;
     const uint8_t* codes = w.weight.as<uint8_t>();
     const uint8_t* sc = w.scale.as<uint8_t>();

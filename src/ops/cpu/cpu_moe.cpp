@@ -23,7 +23,7 @@ void CpuBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bi
   const bool hash = tid2eid.ndim() > 0;
   // kHopperWgmma: the logits as the CUDA backend's tensor-core GEMM computes them (D a multiple of its 64-wide stage).
   const bool hopper_logits = quant_dot_ == QuantDotModel::kHopperWgmma && D % 64 == 0 && D > 0;
-  const int logit_slices = hopper_logits ? gemm_slices(gemm_weight_tiles(E), D / 64, 1) : 1;
+  const int logit_slices = hopper_logits ? gemm_slices(gemm_weight_tiles(E), D / 64, 1, false) : 1;
   pool_.parallel_for(T, [&](int64_t b, int64_t e) {
     std::vector<float> xf(static_cast<size_t>(D)), scores(static_cast<size_t>(E)), biased(static_cast<size_t>(E));
     std::vector<int32_t> order(static_cast<size_t>(E));

@@ -811,7 +811,7 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   const int64_t stages = p.k / stage_k;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = int64_t(p.groups) * p.tiles_per_group;
-  p.slices = gemm_slices(n_tiles, stages, 1);
+  p.slices = gemm_slices(n_tiles, stages, 1, is_quant(fmt));
   const int64_t cols = int64_t(p.groups) * p.n;
   DSV4_CHECK(p.y1 == nullptr || (p.groups == 1 && p.n_split % lk::kTileN == 0),
              "gemm: a second output needs one group and a tile-aligned split ({})", p.n_split);
@@ -1026,7 +1026,7 @@ void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int
   p.groups = 1;
   p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
   const int64_t n_tiles = p.tiles_per_group;
-  p.slices = gemm_slices(n_tiles, stages, 4);
+  p.slices = gemm_slices(n_tiles, stages, 4, true);
   const bool split = p.slices > 1 && expert_split_allowed() &&
                      expert_split_k(n_tiles, max_tiles, be.properties().multiProcessorCount) &&
                      int64_t(p.slices) * num_pairs * p.n * 4 <= kMaxPartialBytes;
