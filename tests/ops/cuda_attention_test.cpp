@@ -63,6 +63,8 @@ void cuda_attention_force_split_ctas(int n);
 void cuda_attention_force_lead_fold(int mode);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
 void cuda_attention_force_early(int mode);
+// Defined in cuda_attention.cu: n > 0 makes the split's combine take n heads a CTA (0: DSV4_CUDA_ATTN_COMBINE_HEADS).
+void cuda_attention_force_combine_heads(int n);
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
@@ -492,6 +494,7 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_use_wgmma(-1);
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
+      cuda_attention_force_combine_heads(0);
       cuda_indexer_score_pages(0);
     }
   }
@@ -944,6 +947,38 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
       const Tensor hs = host(got_split), ho = host(got_one);
       expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + a.name));
       expect_attention_close(hs, a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("split sparse_attention " + a.name));
+    }
+}
+
+// The split's combine takes 1, 2, 4 or 8 heads a CTA (DSV4_CUDA_ATTN_COMBINE_HEADS); a
+// head's fold and output are the same arithmetic whatever the count: the same bytes for
+// rows of 1 to 10 segments and a pad row, the wgmma kernel's shape and the mma.sync
+// kernel's (16 heads), the cost model's split and a forced one of 3 CTAs, every ratio.
+TEST_P(CudaAttention, CombineHeadsPerCtaChangeNoBit) {
+  if (simple()) GTEST_SKIP() << "the simple kernel does not split keys";
+  Rng rng(318);
+  for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{16, 128, 128, 64}})
+    for (int64_t ratio : {0, 4, 128}) {
+      AttnCase a =
+          make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1, rng);
+      for (int forced_split : {0, 3}) {
+        cuda_attention_force_split_ctas(forced_split);
+        cuda_attention_force_combine_heads(1);
+        Tensor one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+        a.run_cuda(cuda(), one);
+        const Tensor ho = host(one);
+        for (int heads : {2, 4, 8}) {
+          cuda_attention_force_combine_heads(heads);
+          Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+          a.run_cuda(cuda(), got);
+          const Tensor hg = host(got);
+          expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(),
+                             tag("combine of " + std::to_string(heads) + " heads a CTA vs 1, split " +
+                                 std::to_string(forced_split) + ", " + a.name));
+        }
+        cuda_attention_force_combine_heads(0);
+        cuda_attention_force_split_ctas(0);
+      }
     }
 }
 

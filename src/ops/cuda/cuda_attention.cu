@@ -143,6 +143,7 @@ size_t split_max_partial_bytes() {
 // none, every split -0.6% a step at 64 rows (2 CTAs) but +0.3% at 16 and +0.2% at 32
 // (5 and 4 CTAs, where the lead CTA's register fold is no cheaper than a store); 2 keeps
 // the gain at 64 alone.
+std::atomic<int> g_forced_combine_heads{0};  // combine_heads_per_cta's test hook
 std::atomic<int> g_forced_lead_fold{-1};
 bool lead_fold_wanted(int nsplit) {
   const int forced = g_forced_lead_fold.load(std::memory_order_relaxed);
@@ -166,6 +167,9 @@ void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max
 // Test hook: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the wgmma split's lead fold off / on.
 void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
 void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
+// Test hook: n > 0 makes the combine take n heads a CTA (halved until it divides H); 0 follows
+// DSV4_CUDA_ATTN_COMBINE_HEADS.
+void cuda_attention_force_combine_heads(int n) { g_forced_combine_heads.store(std::max(n, 0)); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
@@ -2002,14 +2006,16 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
 // Finishes rows whose segments split CTAs left in AttnSplit: folds the partials in
 // order from an empty state exactly as attention_mma_kernel folds segments in
 // registers (a lead CTA's folded state is one partial), then O / (L + exp(sink - M)),
-// bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread. kEarly: the
-// rotations (the step's positions, the frequencies; a double-precision cos and sin
-// each) and the sink before the dependency wait, not after the fold.
-template <int DH, bool kEarly>
+// bf16, inverse RoPE. One CTA per (token, kHeads heads), 4 dims of each head per
+// thread; a head's arithmetic is the same whatever kHeads (combine_heads_per_cta).
+// kEarly: the rotations (the step's positions, the frequencies; a double-precision cos
+// and sin each) and the sinks before the dependency wait, not after the fold.
+template <int DH, bool kEarly, int kHeads>
 __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
-  const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
+  const int64_t groups = a.H / kHeads;
+  const int64_t t = blockIdx.x / groups, h0 = (blockIdx.x % groups) * kHeads;
   const int d = 4 * threadIdx.x;
-  float rc[2] = {1.0f, 1.0f}, rs[2] = {0.0f, 0.0f}, sink = 0.0f;  // (a dim pair below the RoPE dims: unused)
+  float rc[2] = {1.0f, 1.0f}, rs[2] = {0.0f, 0.0f}, sink[kHeads];  // (a dim pair below the RoPE dims: unused)
   const auto rotations = [&] {
     const int64_t p = a.positions[t];
 #pragma unroll
@@ -2017,52 +2023,101 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
       const int dk = d + 2 * k;
       if (dk >= DH - kRope) rope_cos_sin(p, a.inv_freq[(dk - (DH - kRope)) / 2], &rc[k], &rs[k]);
     }
-    sink = a.sink[h];
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j) sink[j] = a.sink[h0 + j];
   };
   if constexpr (kEarly) rotations();
   wait_for_predecessor();
-  uint16_t* out = a.o + (t * a.H + h) * DH + d;
   const int32_t n_segs = sp.segs[t];
   if (n_segs == 0) {  // pad row
-    *reinterpret_cast<uint2*>(out) = make_uint2(0, 0);
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j)
+      *reinterpret_cast<uint2*>(a.o + (t * a.H + h0 + j) * DH + d) = make_uint2(0, 0);
     return;
   }
-  const int64_t row0 = (t * a.H + h) * sp.max_segs;
-  float O[4] = {0.0f, 0.0f, 0.0f, 0.0f}, M = -INFINITY, L = 0.0f;
-  constexpr int kBatch = 4;  // segments loaded before they are folded
+  const int64_t row0 = (t * a.H + h0) * sp.max_segs;  // head h0 + j's partials start at row0 + j * max_segs
+  float O[kHeads][4], M[kHeads], L[kHeads];
+#pragma unroll
+  for (int j = 0; j < kHeads; ++j) {
+    O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.0f;
+    M[j] = -INFINITY;
+    L[j] = 0.0f;
+  }
+  constexpr int kBatch = kHeads >= 4 ? 8 / kHeads : 4;  // segments a head loaded before they are folded
   for (int32_t s0 = 0; s0 < n_segs; s0 += kBatch) {
-    float4 ov[kBatch];
-    float2 ml[kBatch];
+    float4 ov[kHeads][kBatch];
+    float2 ml[kHeads][kBatch];
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k)
-      if (s0 + k < n_segs) {
-        ov[k] = *reinterpret_cast<const float4*>(sp.o + (row0 + s0 + k) * DH + d);
-        ml[k] = *reinterpret_cast<const float2*>(sp.ml + (row0 + s0 + k) * 2);
-      }
+    for (int j = 0; j < kHeads; ++j)
 #pragma unroll
-    for (int k = 0; k < kBatch; ++k)
-      if (s0 + k < n_segs) {
-        const FoldWeights w = fold_weights(M, ml[k].x);
-        O[0] = fold_value(O[0], ov[k].x, w);
-        O[1] = fold_value(O[1], ov[k].y, w);
-        O[2] = fold_value(O[2], ov[k].z, w);
-        O[3] = fold_value(O[3], ov[k].w, w);
-        L = fold_value(L, ml[k].y, w);
-        M = w.m;
-      }
+      for (int k = 0; k < kBatch; ++k)
+        if (s0 + k < n_segs) {
+          const int64_t seg = row0 + j * sp.max_segs + s0 + k;
+          ov[j][k] = *reinterpret_cast<const float4*>(sp.o + seg * DH + d);
+          ml[j][k] = *reinterpret_cast<const float2*>(sp.ml + seg * 2);
+        }
+#pragma unroll
+    for (int j = 0; j < kHeads; ++j)
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k)
+        if (s0 + k < n_segs) {
+          const FoldWeights w = fold_weights(M[j], ml[j][k].x);
+          O[j][0] = fold_value(O[j][0], ov[j][k].x, w);
+          O[j][1] = fold_value(O[j][1], ov[j][k].y, w);
+          O[j][2] = fold_value(O[j][2], ov[j][k].z, w);
+          O[j][3] = fold_value(O[j][3], ov[j][k].w, w);
+          L[j] = fold_value(L[j], ml[j][k].y, w);
+          M[j] = w.m;
+        }
   }
   if constexpr (!kEarly) rotations();
-  const float den = attention_denominator(L, M, sink);
-  uint32_t packed[2];
 #pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    float x0 = round_bf(__fdiv_rn(O[2 * k], den)), x1 = round_bf(__fdiv_rn(O[2 * k + 1], den));
-    if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
-    packed[k] = pack_bf16(x0, x1);
+  for (int j = 0; j < kHeads; ++j) {
+    const float den = attention_denominator(L[j], M[j], sink[j]);
+    uint32_t packed[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      float x0 = round_bf(__fdiv_rn(O[j][2 * k], den)), x1 = round_bf(__fdiv_rn(O[j][2 * k + 1], den));
+      if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
+      packed[k] = pack_bf16(x0, x1);
+    }
+    *reinterpret_cast<uint2*>(a.o + (t * a.H + h0 + j) * DH + d) = make_uint2(packed[0], packed[1]);
   }
-  *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
 }
 
+// Heads a combine CTA takes: 1, or DSV4_CUDA_ATTN_COMBINE_HEADS=2|4|8 (A/B runs), or a
+// test's cuda_attention_force_combine_heads; halved until it divides H.
+int combine_heads_per_cta(int64_t H) {
+  static const int from_env = [] {
+    const char* v = std::getenv("DSV4_CUDA_ATTN_COMBINE_HEADS");
+    if (v == nullptr || *v == '\0') return 1;
+    const std::string t(v);
+    DSV4_CHECK(t == "1" || t == "2" || t == "4" || t == "8", "DSV4_CUDA_ATTN_COMBINE_HEADS='{}': expected 1, 2, 4 or 8",
+               t);
+    return std::atoi(v);
+  }();
+  const int forced = g_forced_combine_heads.load(std::memory_order_relaxed);
+  int heads = forced > 0 ? forced : from_env;
+  while (heads > 1 && H % heads != 0) heads /= 2;
+  return heads;
+}
+
+// The combine launch after a split attention launch of T rows of H heads.
+template <int DH>
+void launch_attention_combine(cudaStream_t stream, const AttnArgs& a, const AttnSplit& sp, int64_t T, int64_t H,
+                              bool early) {
+  const int heads = combine_heads_per_cta(H);
+  const auto pick = [&](auto heads_c) {
+    constexpr int kH = decltype(heads_c)::value;
+    return early ? attention_combine_kernel<DH, true, kH> : attention_combine_kernel<DH, false, kH>;
+  };
+  const auto combine = heads == 8   ? pick(std::integral_constant<int, 8>{})
+                       : heads == 4 ? pick(std::integral_constant<int, 4>{})
+                       : heads == 2 ? pick(std::integral_constant<int, 2>{})
+                                    : pick(std::integral_constant<int, 1>{});
+  combine<<<unsigned(T * H / heads), DH / 4, 0, stream>>>(a, sp);
+  check_launch(stream);
+}
 
 // ================================================================================
 // sparse_attention on wgmma for V4-Flash's shape (Dh = 512, 64 heads): one CTA per
@@ -2797,11 +2852,7 @@ void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, const AttnSpli
   allow_smem(kernel, smem);
   kernel<<<unsigned(T * head_groups * sp.nsplit), L::kThreads, smem, stream>>>(a, head_groups, sp);
   check_launch(stream);
-  if (sp.nsplit > 1) {
-    const auto combine = early ? attention_combine_kernel<DH, true> : attention_combine_kernel<DH, false>;
-    combine<<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
-    check_launch(stream);
-  }
+  if (sp.nsplit > 1) launch_attention_combine<DH>(stream, a, sp, T, H, early);
 }
 
 // Per-head results depend neither on how heads are grouped into CTAs (each
@@ -2926,10 +2977,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
       if (sp.nsplit > 1) {
         g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
-                                   : attention_combine_kernel<wg_attn::kDh, false>;
-        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
-        check_launch(stream_);
+        launch_attention_combine<wg_attn::kDh>(stream_, a, sp, T, H, early);
       }
       return;
     }
