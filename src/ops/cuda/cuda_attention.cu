@@ -89,6 +89,15 @@ bool attention_wgmma_wanted() {
   const int f = g_wgmma_forced.load(std::memory_order_relaxed);
   return f >= 0 ? f == 1 : !env_is("DSV4_CUDA_ATTN_WGMMA", "0");
 }
+// q_norm_rope inside the wgmma kernel (sparse_attention_q_norm_rope): on unless
+// DSV4_CUDA_ATTN_Q_NORM=0 (A/B runs: q_norm_rope's own launch before the attention) or a
+// test forces it off.
+std::atomic<int> g_q_norm_fused_forced{-1};
+bool attention_q_norm_fused() {
+  const int f = g_q_norm_fused_forced.load(std::memory_order_relaxed);
+  static const bool from_env = !env_is("DSV4_CUDA_ATTN_Q_NORM", "0");
+  return f >= 0 ? f == 1 : from_env;
+}
 // Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 
@@ -171,6 +180,8 @@ void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
 // DSV4_CUDA_ATTN_COMBINE_HEADS.
 void cuda_attention_force_combine_heads(int n) { g_forced_combine_heads.store(std::max(n, 0)); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
+// Test hook: -1 follows DSV4_CUDA_ATTN_Q_NORM, 0 / 1 force q_norm_rope's fold into the wgmma kernel off / on.
+void cuda_attention_fuse_q_norm(int mode) { g_q_norm_fused_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
 
@@ -1248,6 +1259,8 @@ struct AttnArgs {
   int32_t max_blocks;
   int64_t T, H, Dh, W, row_bytes, num_pages, per_page, ratio, K, max_keys;
   float scale;
+  int q_norm;   // 1: q is wq_b's output; the wgmma kernel runs q_norm_rope's arithmetic on it in shared memory
+  float q_eps;  // its norm's eps
 };
 
 // Resolved key: a KV record (type 1), a bf16 row of this step (type 2), or none (0).
@@ -2183,6 +2196,50 @@ inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 // it Q copied by cp.async, in flight under the top-k compaction and the key lookups
 // (its loads into registers had to return before those began). The same bits. The
 // launcher takes it for split launches (see there).
+// q_norm_rope_kernel's arithmetic on a row's Q where the wgmma kernel keeps it (64
+// heads, 8 swizzled buffers of 64 dims; sparse_attention_q_norm_rope): warp w takes
+// heads w, w + 16, ...; a head's sum of bf16-rounded squares in that kernel's order
+// (lane l: dims l, l + 32, ...; then the xor butterfly), its scale r, bf16, then the
+// forward RoPE of the last 64 dims from the row's table. The same bits as its launch.
+__device__ __forceinline__ void wg_q_norm_rope(uint8_t* Qs, const float* rope_c, const float* rope_s, float eps,
+                                               int warp, int lane) {
+  namespace W = wg_attn;
+  namespace tc = tensor_core;
+  const auto piece = [&](int h, int pc) { return Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7); };
+  for (int h = warp; h < W::kHeads; h += W::kThreads / 32) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int d = lane; d < W::kDh; d += 32) {
+      const float v = bf2f(reinterpret_cast<const uint16_t*>(piece(h, d >> 3))[d & 7]);
+      sum = __fadd_rn(sum, round_bf(__fmul_rn(v, v)));
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(kFull, sum, off));
+    // Every lane holds the same sum; each has read its dims before its first shuffle.
+    const float mean = round_bf(__fdiv_rn(sum, float(W::kDh)));
+    const float r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+#pragma unroll
+    for (int pc = lane; pc < W::kDh / 8; pc += 32) {
+      uint4* p = reinterpret_cast<uint4*>(piece(h, pc));
+      const uint4 u = *p;
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+      uint32_t out[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float x0 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] & 0xffffu)), r));
+        float x1 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] >> 16)), r));
+        const int d = 8 * pc + 2 * k;
+        if (d >= W::kDh - kRope) {
+          const int pair = (d - (W::kDh - kRope)) / 2;
+          rope_pair_f(&x0, &x1, rope_c[pair], rope_s[pair]);
+        }
+        out[k] = pack_bf16(x0, x1);
+      }
+      *p = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+  }
+}
+
 template <bool kSplit, bool kEarly>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
@@ -2230,10 +2287,11 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const auto e4m3_table = [&] {
     for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
   };
-  // The output's inverse RoPE table, warp 1 (its double-precision cos and sin take a
-  // while); split CTAs leave the output to the combine kernel.
+  // The output's inverse RoPE table (and Q's forward one under a.q_norm), warp 1 (its
+  // double-precision cos and sin take a while); split CTAs leave the output to the
+  // combine kernel.
   const auto rope_table = [&] {
-    if (warp == 1 && !split) {
+    if (warp == 1 && (!split || a.q_norm)) {
       static_assert(kRope / 2 == 32, "a lane a rotation pair");
       float c, sn;
       rope_cos_sin(p, a.inv_freq[lane], &c, &sn);
@@ -2341,6 +2399,13 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   if constexpr (!kEarly) rope_table();  // (beside warp 0's lookups)
   __syncthreads();
   issue(0);
+  if (a.q_norm) {  // Q from wq_b: q_norm_rope in shared memory while the first records land
+    if constexpr (kEarly) cp_async_wait<1>();  // this thread's Q copies (the first group)
+    __syncthreads();
+    wg_q_norm_rope(Qs, rope_c, rope_s, a.q_eps, warp, lane);
+    tc::fence_proxy_async();  // generic-proxy writes that the wgmma reads through the async proxy
+    __syncthreads();
+  }
 
   // o[mb]: dims 128 wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at index 4q + e.
   float o[2][32];
@@ -2874,6 +2939,22 @@ void launch_attention_mma_mt(cudaStream_t stream, const AttnArgs& a, AttnSplit s
 void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache,
                                       const BatchView& batch, const Tensor& topk, const Tensor& sink,
                                       float softmax_scale, const RopeTable& rope, const Tensor& o) {
+  run_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o, nullptr, 1);
+}
+
+void CudaBackend::do_sparse_attention_q_norm_rope(const Tensor& q, const Tensor& kv, const LayerCache& cache,
+                                                  const BatchView& batch, const Tensor& topk, const Tensor& sink,
+                                                  float softmax_scale, const RopeTable& rope, float eps,
+                                                  const Tensor& o, int runs) {
+  if (!attention_q_norm_fused()) return Backend::do_sparse_attention_q_norm_rope(q, kv, cache, batch, topk, sink,
+                                                                                 softmax_scale, rope, eps, o, runs);
+  run_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o, &eps, runs);
+}
+
+void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache,
+                                       const BatchView& batch, const Tensor& topk, const Tensor& sink,
+                                       float softmax_scale, const RopeTable& rope, const Tensor& o,
+                                       const float* q_norm_eps, int runs) {
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2);
   if (T == 0 || H == 0) return;
   DSV4_CHECK(rope.rope_dim == kRope, "sparse_attention: the KV record layout needs rope_dim {}, got {}", kRope,
@@ -2916,6 +2997,10 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   a.scale = softmax_scale;
   // Every key a query can see: the window plus the top-k, or every HCA row the block table covers.
   a.max_keys = a.W + (m == 4 ? a.K : m == 128 ? int64_t(batch.max_blocks) * (kPageTokens / 128) : 0);
+  // Where a kernel other than the wgmma one takes the rows: q normalized in place first.
+  const auto q_norm_first = [&] {
+    if (q_norm_eps != nullptr) do_q_norm_rope(q, batch, rope, *q_norm_eps);
+  };
   const bool simple = use_simple_kernels();
   const bool mma_ok = (Dh == 512 || Dh == 128) && aligned16(q.data()) && aligned16(kv.data());
   if (simple || !mma_ok) {
@@ -2924,8 +3009,11 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     DSV4_CHECK(smem <= size_t(properties().sharedMemPerBlockOptin),
                "sparse_attention: {} keys per query exceed the simple kernel's shared memory", a.max_keys);
     allow_smem(attention_simple_kernel, smem);
-    attention_simple_kernel<<<dim3(unsigned(T), unsigned(H)), 256, smem, stream_>>>(a);
-    check_launch(stream_);
+    q_norm_first();
+    for (int run = 0; run < runs; ++run) {
+      attention_simple_kernel<<<dim3(unsigned(T), unsigned(H)), 256, smem, stream_>>>(a);
+      check_launch(stream_);
+    }
     return;
   }
   const size_t limit = properties().sharedMemPerBlockOptin;
@@ -2972,19 +3060,28 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
                           : early        ? attention_wgmma_kernel<true, true>
                                          : attention_wgmma_kernel<true, false>;
       allow_smem(kernel, wg_attn::bytes(a.K));
-      kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
-      check_launch(stream_);
-      g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
-      if (sp.nsplit > 1) {
-        g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-        launch_attention_combine<wg_attn::kDh>(stream_, a, sp, T, H, early);
+      if (q_norm_eps != nullptr) {  // the kernel normalizes and rotates Q in shared memory
+        a.q_norm = 1;
+        a.q_eps = *q_norm_eps;
+      }
+      for (int run = 0; run < runs; ++run) {
+        kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
+        check_launch(stream_);
+        g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+        if (sp.nsplit > 1) {
+          g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
+          launch_attention_combine<wg_attn::kDh>(stream_, a, sp, T, H, early);
+        }
       }
       return;
     }
   }
   const AttnSplit sp = make_split(T * ((H + 15) / 16), false);
-  if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
-  else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
+  q_norm_first();
+  for (int run = 0; run < runs; ++run) {
+    if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
+    else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
+  }
 }
 
 }  // namespace dsv4::ops
