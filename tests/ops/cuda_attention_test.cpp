@@ -956,11 +956,11 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
 }
 
 // sparse_attention_q_norm_rope: q straight from wq_b, normalized and rotated inside the
-// wgmma kernel (its split, early and late forms, and one CTA a row) or by q_norm_rope's
-// own launch first (the mma.sync and simple kernels; the fold forced off): the bytes of
-// q_norm_rope then sparse_attention, and the CPU's (its Hopper model bit for bit). Rows
-// of 1 to 10 segments, a prefill chunk, a pad row; every ratio; the wgmma kernel's shape
-// and the mma.sync kernel's.
+// tensor-core kernels (the wgmma kernel and the mma.sync one, each split and one CTA a
+// row, early and late forms) or by q_norm_rope's own launch first (the simple kernel;
+// the fold forced off): the bytes of q_norm_rope then sparse_attention, and the CPU's
+// (its Hopper model bit for bit). Rows of 1 to 10 segments, a prefill chunk, a pad row;
+// every ratio; the wgmma kernel's shape and the mma.sync kernel's (16 heads).
 TEST_P(CudaAttention, QNormRopeFoldEqualsItsLaunchBitForBit) {
   Rng rng(319);
   const float eps = 1e-6f;
@@ -974,21 +974,22 @@ TEST_P(CudaAttention, QNormRopeFoldEqualsItsLaunchBitForBit) {
       Tensor want = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
       cuda().sparse_attention(q_ref, a.dkv, a.c.gpu, a.db.view, a.dtopk, a.dsink, a.scale, a.drope, want);
       const Tensor hw = host(want);
-      // Paths: default (the wgmma split where the shape allows), one CTA a row, the split's late form, the
-      // mma.sync kernel, the fold off.
-      const char* paths[] = {"default", "one CTA a row", "late form", "mma.sync kernel", "fold off"};
-      for (int path = 0; path < 5; ++path) {
-        cuda_attention_split_keys(path != 1);
-        cuda_attention_force_early(path == 2 ? 0 : -1);
-        cuda_attention_use_wgmma(path == 3 ? 0 : -1);
-        cuda_attention_fuse_q_norm(path == 4 ? 0 : 1);
+      // Paths: wgmma on / off x split on / off x early / late form, and the fold off.
+      for (int path = 0; path < 9; ++path) {
+        const bool fold = path < 8, wgmma = (path & 4) == 0, split = (path & 2) == 0, early = (path & 1) == 0;
+        cuda_attention_use_wgmma(wgmma ? -1 : 0);
+        cuda_attention_split_keys(split);
+        cuda_attention_force_early(early ? 1 : 0);
+        cuda_attention_fuse_q_norm(fold ? 1 : 0);
         Tensor q = testing::to_device(cuda(), a.q);
         Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
         cuda().sparse_attention_q_norm_rope(q, a.dkv, a.c.gpu, a.db.view, a.dtopk, a.dsink, a.scale, a.drope, eps,
                                             got);
         const Tensor hg = host(got);
-        expect_bytes_equal(hg.data(), hw.data(), hw.nbytes(),
-                           tag(std::string("q_norm_rope folded, ") + paths[path] + ", " + a.name));
+        const std::string what = !fold ? "fold off"
+                                       : std::string(wgmma ? "wgmma" : "mma.sync") + (split ? ", split" : ", one CTA a row") +
+                                             (early ? ", early form" : ", late form");
+        expect_bytes_equal(hg.data(), hw.data(), hw.nbytes(), tag("q_norm_rope folded, " + what + ", " + a.name));
       }
       cuda_attention_split_keys(true);
       cuda_attention_force_early(-1);

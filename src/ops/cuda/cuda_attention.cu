@@ -1259,7 +1259,7 @@ struct AttnArgs {
   int32_t max_blocks;
   int64_t T, H, Dh, W, row_bytes, num_pages, per_page, ratio, K, max_keys;
   float scale;
-  int q_norm;   // 1: q is wq_b's output; the wgmma kernel runs q_norm_rope's arithmetic on it in shared memory
+  int q_norm;   // 1: q is wq_b's output; the tensor-core kernels run q_norm_rope's arithmetic on it in shared memory
   float q_eps;  // its norm's eps
 };
 
@@ -1700,6 +1700,50 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
 
 // kEarly: as attention_wgmma_kernel's (the metadata and tables before the dependency
 // wait, Q by cp.async after it); the same bits.
+// q_norm_rope_kernel's arithmetic on the query rows a sparse-attention CTA holds in
+// shared memory (sparse_attention_q_norm_rope): warp w of `warps` takes heads w,
+// w + warps, ... of `heads`; a head's sum of bf16-rounded squares in that kernel's
+// order (lane l: dims l, l + 32, ...; then the xor butterfly), its scale r, bf16, then
+// the forward RoPE of the last kRope dims from the row's table (rope_c, rope_s). The
+// same bits as its launch. piece(h, pc): the 16-byte piece of dims 8 pc .. 8 pc + 7 of
+// head h in the kernel's layout.
+template <int DH, typename PieceAt>
+__device__ __forceinline__ void q_norm_rope_rows(PieceAt piece, int heads, const float* rope_c, const float* rope_s,
+                                                 float eps, int warp, int warps, int lane) {
+  for (int h = warp; h < heads; h += warps) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int d = lane; d < DH; d += 32) {
+      const float v = bf2f(reinterpret_cast<const uint16_t*>(piece(h, d >> 3))[d & 7]);
+      sum = __fadd_rn(sum, round_bf(__fmul_rn(v, v)));
+    }
+#pragma unroll
+    for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(kFull, sum, off));
+    // Every lane holds the same sum; each read its dims before its first shuffle.
+    const float mean = round_bf(__fdiv_rn(sum, float(DH)));
+    const float r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
+#pragma unroll
+    for (int pc = lane; pc < DH / 8; pc += 32) {
+      uint4* p = reinterpret_cast<uint4*>(piece(h, pc));
+      const uint4 u = *p;
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+      uint32_t out[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float x0 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] & 0xffffu)), r));
+        float x1 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] >> 16)), r));
+        const int d = 8 * pc + 2 * k;
+        if (d >= DH - kRope) {
+          const int pair = (d - (DH - kRope)) / 2;
+          rope_pair_f(&x0, &x1, rope_c[pair], rope_s[pair]);
+        }
+        out[k] = pack_bf16(x0, x1);
+      }
+      *p = make_uint4(out[0], out[1], out[2], out[3]);
+    }
+  }
+}
+
 template <int DH, int MT, bool kEarly>
 __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups, AttnSplit sp) {
   if constexpr (!kEarly) wait_for_predecessor();
@@ -1834,6 +1878,14 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   if (warp == 0) resolve(chunk_of(0), 0);
   __syncthreads();
   issue(0);
+  if (a.q_norm) {  // Q from wq_b: q_norm_rope in shared memory while the first records land
+    if constexpr (kEarly) cp_async_wait<1>();  // this thread's Q copies (the first group)
+    __syncthreads();
+    const int real_heads = int(H - h0 < int64_t(MT) * 16 ? H - h0 : int64_t(MT) * 16);  // (zero rows past H)
+    q_norm_rope_rows<DH>([&](int h, int pc) { return reinterpret_cast<uint8_t*>(Qs + h * L::kStride + 8 * pc); },
+                         real_heads, rope_c, rope_s, a.q_eps, warp, int(blockDim.x) >> 5, lane);
+    __syncthreads();
+  }
 
   // (o, m, l) of the current segment; (O, M, L) the fold of the finished ones.
   // With 4 m-tiles (512 threads, 128 registers each) the fold would not fit in
@@ -2196,50 +2248,6 @@ inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 // it Q copied by cp.async, in flight under the top-k compaction and the key lookups
 // (its loads into registers had to return before those began). The same bits. The
 // launcher takes it for split launches (see there).
-// q_norm_rope_kernel's arithmetic on a row's Q where the wgmma kernel keeps it (64
-// heads, 8 swizzled buffers of 64 dims; sparse_attention_q_norm_rope): warp w takes
-// heads w, w + 16, ...; a head's sum of bf16-rounded squares in that kernel's order
-// (lane l: dims l, l + 32, ...; then the xor butterfly), its scale r, bf16, then the
-// forward RoPE of the last 64 dims from the row's table. The same bits as its launch.
-__device__ __forceinline__ void wg_q_norm_rope(uint8_t* Qs, const float* rope_c, const float* rope_s, float eps,
-                                               int warp, int lane) {
-  namespace W = wg_attn;
-  namespace tc = tensor_core;
-  const auto piece = [&](int h, int pc) { return Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7); };
-  for (int h = warp; h < W::kHeads; h += W::kThreads / 32) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int d = lane; d < W::kDh; d += 32) {
-      const float v = bf2f(reinterpret_cast<const uint16_t*>(piece(h, d >> 3))[d & 7]);
-      sum = __fadd_rn(sum, round_bf(__fmul_rn(v, v)));
-    }
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(kFull, sum, off));
-    // Every lane holds the same sum; each has read its dims before its first shuffle.
-    const float mean = round_bf(__fdiv_rn(sum, float(W::kDh)));
-    const float r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
-#pragma unroll
-    for (int pc = lane; pc < W::kDh / 8; pc += 32) {
-      uint4* p = reinterpret_cast<uint4*>(piece(h, pc));
-      const uint4 u = *p;
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-      uint32_t out[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        float x0 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] & 0xffffu)), r));
-        float x1 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] >> 16)), r));
-        const int d = 8 * pc + 2 * k;
-        if (d >= W::kDh - kRope) {
-          const int pair = (d - (W::kDh - kRope)) / 2;
-          rope_pair_f(&x0, &x1, rope_c[pair], rope_s[pair]);
-        }
-        out[k] = pack_bf16(x0, x1);
-      }
-      *p = make_uint4(out[0], out[1], out[2], out[3]);
-    }
-  }
-}
-
 template <bool kSplit, bool kEarly>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
@@ -2402,7 +2410,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   if (a.q_norm) {  // Q from wq_b: q_norm_rope in shared memory while the first records land
     if constexpr (kEarly) cp_async_wait<1>();  // this thread's Q copies (the first group)
     __syncthreads();
-    wg_q_norm_rope(Qs, rope_c, rope_s, a.q_eps, warp, lane);
+    q_norm_rope_rows<W::kDh>(
+        [&](int h, int pc) { return Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7); }, W::kHeads, rope_c,
+        rope_s, a.q_eps, warp, W::kThreads / 32, lane);
     tc::fence_proxy_async();  // generic-proxy writes that the wgmma reads through the async proxy
     __syncthreads();
   }
@@ -2997,10 +3007,6 @@ void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const 
   a.scale = softmax_scale;
   // Every key a query can see: the window plus the top-k, or every HCA row the block table covers.
   a.max_keys = a.W + (m == 4 ? a.K : m == 128 ? int64_t(batch.max_blocks) * (kPageTokens / 128) : 0);
-  // Where a kernel other than the wgmma one takes the rows: q normalized in place first.
-  const auto q_norm_first = [&] {
-    if (q_norm_eps != nullptr) do_q_norm_rope(q, batch, rope, *q_norm_eps);
-  };
   const bool simple = use_simple_kernels();
   const bool mma_ok = (Dh == 512 || Dh == 128) && aligned16(q.data()) && aligned16(kv.data());
   if (simple || !mma_ok) {
@@ -3009,7 +3015,7 @@ void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const 
     DSV4_CHECK(smem <= size_t(properties().sharedMemPerBlockOptin),
                "sparse_attention: {} keys per query exceed the simple kernel's shared memory", a.max_keys);
     allow_smem(attention_simple_kernel, smem);
-    q_norm_first();
+    if (q_norm_eps != nullptr) do_q_norm_rope(q, batch, rope, *q_norm_eps);  // this kernel reads q from memory
     for (int run = 0; run < runs; ++run) {
       attention_simple_kernel<<<dim3(unsigned(T), unsigned(H)), 256, smem, stream_>>>(a);
       check_launch(stream_);
@@ -3077,7 +3083,10 @@ void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const 
     }
   }
   const AttnSplit sp = make_split(T * ((H + 15) / 16), false);
-  q_norm_first();
+  if (q_norm_eps != nullptr) {  // the mma.sync kernel normalizes and rotates Q in shared memory too
+    a.q_norm = 1;
+    a.q_eps = *q_norm_eps;
+  }
   for (int run = 0; run < runs; ++run) {
     if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
     else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
