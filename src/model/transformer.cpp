@@ -188,8 +188,8 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
                                      w.wkv, kv);
         }});
   }
-  // q (and the indexer's q): norm, q_b; the indexer's RoPE. The main q's per-head
-  // norm and RoPE are the attention's (sparse_attention_q_norm_rope).
+  // q (and the indexer's q): norm, q_b; the indexer's RoPE. The main q's norm and
+  // RoPE: here, or (CSA) a stage of their own beside the indexer's top-k.
   program.push_back(Stage{
       L + ".attn_q", StageKind::kCompute, {{"cq_raw", b.cq_raw.data()}},
       {{"cq", b.cq.data()}, {"q", b.q.data()}, {"idx_q", iq.data()}},
@@ -200,6 +200,7 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
           be.indexer_q(iq, batch, rope);
         } else {
           be.rms_norm_linear(cq_raw, w.q_norm, eps, cq, w.wq_b, q.reshape({T, H * Dh}));
+          be.q_norm_rope(q, batch, rope, eps);
         }
       }});
   if (csa) {
@@ -244,15 +245,17 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
         L + ".index_topk", StageKind::kCompute,
         {{"idx_q", iq.data()}, {"idx_w", iw.data()}, cache_index_rows}, {{"topk", b.topk.data()}},
         [&be, this, &cache, batch, iq, iw, topk] { be.indexer_topk(iq, iw, index_weight_scale_, cache, batch, topk); }});
+    // After the top-k in program order, so that the lane plan puts it beside it.
+    program.push_back(Stage{L + ".q_rope", StageKind::kCompute, {{"q", b.q.data()}}, {{"q", b.q.data()}},
+                            [&be, batch, q, rope, eps] { be.q_norm_rope(q, batch, rope, eps); }});
   }
   // Sparse attention over the window and the compressed rows.
   program.push_back(Stage{
       L + ".attn_core", StageKind::kCompute,
       {{"q", b.q.data()}, {"kv", b.kv.data()}, {"topk", csa ? b.topk.data() : nullptr}, cache_window, cache_rows},
       {{"attn_o", b.attn_o.data()}},
-      [&be, &w, &cache, this, batch, q, kv, topk, attn_o, rope, eps, csa] {
-        be.sparse_attention_q_norm_rope(q, kv, cache, batch, csa ? topk : Tensor(), w.attn_sink, softmax_scale_, rope,
-                                        eps, attn_o);
+      [&be, &w, &cache, this, batch, q, kv, topk, attn_o, rope, csa] {
+        be.sparse_attention(q, kv, cache, batch, csa ? topk : Tensor(), w.attn_sink, softmax_scale_, rope, attn_o);
       }});
   // The output projections and hc_post; then the FFN's hc_pre.
   program.push_back(Stage{

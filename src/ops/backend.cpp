@@ -536,44 +536,20 @@ void Backend::indexer_topk(const Tensor& q, const Tensor& weights, float weight_
     do_indexer_topk(q, weights, weight_scale, cache, batch, topk);
 }
 
-namespace {
-void expect_sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache, const BatchView& batch,
-                             const Tensor& topk, const Tensor& sink, const Tensor& o, core::Device d, const char* op) {
-  expect(q, DType::kBF16, {-1, -1, -1}, d, op, "q");
-  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2);
-  expect(kv, DType::kBF16, {T, Dh}, d, op, "kv");
-  expect(sink, DType::kF32, {H}, d, op, "sink");
-  expect(o, DType::kBF16, {T, H, Dh}, d, op, "o");
-  if (cache.ratio == 4) expect(topk, DType::kI32, {T, -1}, d, op, "topk");
-  DSV4_CHECK(cache.window.ndim() >= 2, "{}: cache has no window ring", op);
-  expect_batch(batch, T, op);
-}
-}  // namespace
-
 void Backend::sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache, const BatchView& batch,
                                const Tensor& topk, const Tensor& sink, float softmax_scale, const RopeTable& rope,
                                const Tensor& o) {
-  expect_sparse_attention(q, kv, cache, batch, topk, sink, o, device(), "sparse_attention");
+  const auto d = device();
+  expect(q, DType::kBF16, {-1, -1, -1}, d, "sparse_attention", "q");
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2);
+  expect(kv, DType::kBF16, {T, Dh}, d, "sparse_attention", "kv");
+  expect(sink, DType::kF32, {H}, d, "sparse_attention", "sink");
+  expect(o, DType::kBF16, {T, H, Dh}, d, "sparse_attention", "o");
+  if (cache.ratio == 4) expect(topk, DType::kI32, {T, -1}, d, "sparse_attention", "topk");
+  DSV4_CHECK(cache.window.ndim() >= 2, "sparse_attention: cache has no window ring");
+  expect_batch(batch, T, "sparse_attention");
   for (int run = runs_of(RepeatOp::kSparseAttention); run > 0; --run)
     do_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o);
-}
-
-void Backend::sparse_attention_q_norm_rope(const Tensor& q, const Tensor& kv, const LayerCache& cache,
-                                           const BatchView& batch, const Tensor& topk, const Tensor& sink,
-                                           float softmax_scale, const RopeTable& rope, float eps, const Tensor& o) {
-  expect_sparse_attention(q, kv, cache, batch, topk, sink, o, device(), "sparse_attention_q_norm_rope");
-  DSV4_CHECK(rope.rope_dim > 0 && rope.rope_dim <= q.size(2),
-             "sparse_attention_q_norm_rope: rope_dim {} vs head_dim {}", rope.rope_dim, q.size(2));
-  do_sparse_attention_q_norm_rope(q, kv, cache, batch, topk, sink, softmax_scale, rope, eps, o,
-                                  runs_of(RepeatOp::kSparseAttention));
-}
-
-void Backend::do_sparse_attention_q_norm_rope(const Tensor& q, const Tensor& kv, const LayerCache& cache,
-                                              const BatchView& batch, const Tensor& topk, const Tensor& sink,
-                                              float softmax_scale, const RopeTable& rope, float eps, const Tensor& o,
-                                              int runs) {
-  do_q_norm_rope(q, batch, rope, eps);
-  for (int run = runs; run > 0; --run) do_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o);
 }
 
 void Backend::window_commit(const Tensor& kv, const BatchView& batch, LayerCache& cache) {

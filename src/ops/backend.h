@@ -279,13 +279,6 @@ class Backend {
   void sparse_attention(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
                         const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
                         float softmax_scale, const RopeTable& rope, const core::Tensor& o);
-  // q_norm_rope(q) then sparse_attention(q): q straight from wq_b. A backend may fold
-  // the norm and RoPE into the attention's read of q (the CUDA wgmma kernel: the
-  // same bits); q's contents after the call are unspecified (normalized in place, or
-  // as given).
-  void sparse_attention_q_norm_rope(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
-                                    const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
-                                    float softmax_scale, const RopeTable& rope, float eps, const core::Tensor& o);
   // Stores the last min(W, len) KV rows of each sequence of the step in its window ring.
   void window_commit(const core::Tensor& kv, const BatchView& batch, LayerCache& cache);
 
@@ -408,11 +401,6 @@ class Backend {
   virtual void do_sparse_attention(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
                                    const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
                                    float softmax_scale, const RopeTable& rope, const core::Tensor& o) = 0;
-  // The unfused form: do_q_norm_rope, then do_sparse_attention `runs` times (DSV4_REPEAT_OPS).
-  virtual void do_sparse_attention_q_norm_rope(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
-                                               const BatchView& batch, const core::Tensor& topk,
-                                               const core::Tensor& sink, float softmax_scale, const RopeTable& rope,
-                                               float eps, const core::Tensor& o, int runs);
   virtual void do_window_commit(const core::Tensor& kv, const BatchView& batch, LayerCache& cache) = 0;
   virtual void do_router(const core::Tensor& x, const core::Tensor& gate, const core::Tensor& bias,
                          const core::Tensor& tid2eid, const BatchView& batch, const RouterConfig& config,

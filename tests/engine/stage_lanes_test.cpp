@@ -204,7 +204,7 @@ TEST(StageLanes, TinyDecodeStepPutsTheSideChainsOnLaneOne) {
   for (const LaneStep& st : three.steps) side.insert(st.lane);
   EXPECT_EQ(side, (std::set<int>{0, 1, 2}));
   const std::map<std::string, int> lane_of = {{"attn_in", 0},       {"attn_q", 0},   {"index_in", 1},
-                                              {"attn_kv", 1},       {"index_topk", 0},
+                                              {"attn_kv", 1},       {"index_topk", 0}, {"q_rope", 1},
                                               {"compress", 1},      {"attn_core", 0}, {"attn_out", 0},
                                               {"window_commit", 1}, {"router", 0},   {"shared_expert", 1},
                                               {"experts", 0},       {"ffn_post", 0}};

@@ -63,11 +63,6 @@ void cuda_attention_force_split_ctas(int n);
 void cuda_attention_force_lead_fold(int mode);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
 void cuda_attention_force_early(int mode);
-// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_Q_NORM, 0 / 1 force q_norm_rope's fold into the wgmma
-// kernel off / on.
-void cuda_attention_fuse_q_norm(int mode);
-// Defined in cuda_attention.cu: n > 0 makes the split's combine take n heads a CTA (0: DSV4_CUDA_ATTN_COMBINE_HEADS).
-void cuda_attention_force_combine_heads(int n);
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
@@ -497,9 +492,6 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_use_wgmma(-1);
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
-      cuda_attention_force_combine_heads(0);
-      cuda_attention_fuse_q_norm(-1);
-      cuda_attention_force_early(-1);
       cuda_indexer_score_pages(0);
     }
   }
@@ -952,100 +944,6 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
       const Tensor hs = host(got_split), ho = host(got_one);
       expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + a.name));
       expect_attention_close(hs, a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("split sparse_attention " + a.name));
-    }
-}
-
-// sparse_attention_q_norm_rope: q straight from wq_b, normalized and rotated inside the
-// tensor-core kernels (the wgmma kernel and the mma.sync one, each split and one CTA a
-// row, early and late forms) or by q_norm_rope's own launch first (the simple kernel;
-// the fold forced off): the bytes of q_norm_rope then sparse_attention, and the CPU's
-// (its Hopper model bit for bit). Rows of 1 to 10 segments, a prefill chunk, a pad row;
-// every ratio; the wgmma kernel's shape and the mma.sync kernel's (16 heads).
-TEST_P(CudaAttention, QNormRopeFoldEqualsItsLaunchBitForBit) {
-  Rng rng(319);
-  const float eps = 1e-6f;
-  for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{16, 128, 128, 64}})
-    for (int64_t ratio : {0, 4, 128}) {
-      AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
-                                       {{0, 1400, 1}, {1, 700, 3}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng);
-      // The reference: q_norm_rope's launch, then the attention.
-      Tensor q_ref = testing::to_device(cuda(), a.q);
-      cuda().q_norm_rope(q_ref, a.db.view, a.drope, eps);
-      Tensor want = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-      cuda().sparse_attention(q_ref, a.dkv, a.c.gpu, a.db.view, a.dtopk, a.dsink, a.scale, a.drope, want);
-      const Tensor hw = host(want);
-      // Paths: wgmma on / off x split on / off x early / late form, and the fold off.
-      for (int path = 0; path < 9; ++path) {
-        const bool fold = path < 8, wgmma = (path & 4) == 0, split = (path & 2) == 0, early = (path & 1) == 0;
-        cuda_attention_use_wgmma(wgmma ? -1 : 0);
-        cuda_attention_split_keys(split);
-        cuda_attention_force_early(early ? 1 : 0);
-        cuda_attention_fuse_q_norm(fold ? 1 : 0);
-        Tensor q = testing::to_device(cuda(), a.q);
-        Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-        cuda().sparse_attention_q_norm_rope(q, a.dkv, a.c.gpu, a.db.view, a.dtopk, a.dsink, a.scale, a.drope, eps,
-                                            got);
-        const Tensor hg = host(got);
-        const std::string what = !fold ? "fold off"
-                                       : std::string(wgmma ? "wgmma" : "mma.sync") + (split ? ", split" : ", one CTA a row") +
-                                             (early ? ", early form" : ", late form");
-        expect_bytes_equal(hg.data(), hw.data(), hw.nbytes(), tag("q_norm_rope folded, " + what + ", " + a.name));
-      }
-      cuda_attention_split_keys(true);
-      cuda_attention_force_early(-1);
-      cuda_attention_use_wgmma(-1);
-      cuda_attention_fuse_q_norm(-1);
-      // Against the CPU: its reference (a tolerance) and, for the tensor-core kernels, its Hopper model (bytes).
-      const auto q_copy = [&] {  // the op may normalize q in place
-        Tensor c = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-        std::memcpy(c.data(), a.q.data(), a.q.nbytes());
-        return c;
-      };
-      Tensor q_cpu = q_copy();
-      Tensor cpu_out = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-      cpu().sparse_attention_q_norm_rope(q_cpu, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, eps,
-                                         cpu_out);
-      expect_attention_close(hw, cpu_out, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("q_norm_rope folded vs CPU, " + a.name));
-      if (!simple()) {
-        const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
-        Tensor q_model = q_copy();
-        Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-        hopper->sparse_attention_q_norm_rope(q_model, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, eps,
-                                             model);
-        expect_bytes_equal(hw.data(), model.data(), model.nbytes(), tag("q_norm_rope folded vs the Hopper model, " + a.name));
-      }
-    }
-}
-
-// The split's combine takes 1, 2, 4 or 8 heads a CTA (DSV4_CUDA_ATTN_COMBINE_HEADS); a
-// head's fold and output are the same arithmetic whatever the count: the same bytes for
-// rows of 1 to 10 segments and a pad row, the wgmma kernel's shape and the mma.sync
-// kernel's (16 heads), the cost model's split and a forced one of 3 CTAs, every ratio.
-TEST_P(CudaAttention, CombineHeadsPerCtaChangeNoBit) {
-  if (simple()) GTEST_SKIP() << "the simple kernel does not split keys";
-  Rng rng(318);
-  for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{16, 128, 128, 64}})
-    for (int64_t ratio : {0, 4, 128}) {
-      AttnCase a =
-          make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1, rng);
-      for (int forced_split : {0, 3}) {
-        cuda_attention_force_split_ctas(forced_split);
-        cuda_attention_force_combine_heads(1);
-        Tensor one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-        a.run_cuda(cuda(), one);
-        const Tensor ho = host(one);
-        for (int heads : {2, 4, 8}) {
-          cuda_attention_force_combine_heads(heads);
-          Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-          a.run_cuda(cuda(), got);
-          const Tensor hg = host(got);
-          expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(),
-                             tag("combine of " + std::to_string(heads) + " heads a CTA vs 1, split " +
-                                 std::to_string(forced_split) + ", " + a.name));
-        }
-        cuda_attention_force_combine_heads(0);
-        cuda_attention_force_split_ctas(0);
-      }
     }
 }
 

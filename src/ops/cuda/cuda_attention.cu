@@ -89,15 +89,6 @@ bool attention_wgmma_wanted() {
   const int f = g_wgmma_forced.load(std::memory_order_relaxed);
   return f >= 0 ? f == 1 : !env_is("DSV4_CUDA_ATTN_WGMMA", "0");
 }
-// q_norm_rope inside the wgmma kernel (sparse_attention_q_norm_rope): on unless
-// DSV4_CUDA_ATTN_Q_NORM=0 (A/B runs: q_norm_rope's own launch before the attention) or a
-// test forces it off.
-std::atomic<int> g_q_norm_fused_forced{-1};
-bool attention_q_norm_fused() {
-  const int f = g_q_norm_fused_forced.load(std::memory_order_relaxed);
-  static const bool from_env = !env_is("DSV4_CUDA_ATTN_Q_NORM", "0");
-  return f >= 0 ? f == 1 : from_env;
-}
 // Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 
@@ -152,7 +143,6 @@ size_t split_max_partial_bytes() {
 // none, every split -0.6% a step at 64 rows (2 CTAs) but +0.3% at 16 and +0.2% at 32
 // (5 and 4 CTAs, where the lead CTA's register fold is no cheaper than a store); 2 keeps
 // the gain at 64 alone.
-std::atomic<int> g_forced_combine_heads{0};  // combine_heads_per_cta's test hook
 std::atomic<int> g_forced_lead_fold{-1};
 bool lead_fold_wanted(int nsplit) {
   const int forced = g_forced_lead_fold.load(std::memory_order_relaxed);
@@ -176,12 +166,7 @@ void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max
 // Test hook: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the wgmma split's lead fold off / on.
 void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
 void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
-// Test hook: n > 0 makes the combine take n heads a CTA (halved until it divides H); 0 follows
-// DSV4_CUDA_ATTN_COMBINE_HEADS.
-void cuda_attention_force_combine_heads(int n) { g_forced_combine_heads.store(std::max(n, 0)); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
-// Test hook: -1 follows DSV4_CUDA_ATTN_Q_NORM, 0 / 1 force q_norm_rope's fold into the wgmma kernel off / on.
-void cuda_attention_fuse_q_norm(int mode) { g_q_norm_fused_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
 
@@ -1259,8 +1244,6 @@ struct AttnArgs {
   int32_t max_blocks;
   int64_t T, H, Dh, W, row_bytes, num_pages, per_page, ratio, K, max_keys;
   float scale;
-  int q_norm;   // 1: q is wq_b's output; the tensor-core kernels run q_norm_rope's arithmetic on it in shared memory
-  float q_eps;  // its norm's eps
 };
 
 // Resolved key: a KV record (type 1), a bf16 row of this step (type 2), or none (0).
@@ -1700,50 +1683,6 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
 
 // kEarly: as attention_wgmma_kernel's (the metadata and tables before the dependency
 // wait, Q by cp.async after it); the same bits.
-// q_norm_rope_kernel's arithmetic on the query rows a sparse-attention CTA holds in
-// shared memory (sparse_attention_q_norm_rope): warp w of `warps` takes heads w,
-// w + warps, ... of `heads`; a head's sum of bf16-rounded squares in that kernel's
-// order (lane l: dims l, l + 32, ...; then the xor butterfly), its scale r, bf16, then
-// the forward RoPE of the last kRope dims from the row's table (rope_c, rope_s). The
-// same bits as its launch. piece(h, pc): the 16-byte piece of dims 8 pc .. 8 pc + 7 of
-// head h in the kernel's layout.
-template <int DH, typename PieceAt>
-__device__ __forceinline__ void q_norm_rope_rows(PieceAt piece, int heads, const float* rope_c, const float* rope_s,
-                                                 float eps, int warp, int warps, int lane) {
-  for (int h = warp; h < heads; h += warps) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int d = lane; d < DH; d += 32) {
-      const float v = bf2f(reinterpret_cast<const uint16_t*>(piece(h, d >> 3))[d & 7]);
-      sum = __fadd_rn(sum, round_bf(__fmul_rn(v, v)));
-    }
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) sum = __fadd_rn(sum, __shfl_xor_sync(kFull, sum, off));
-    // Every lane holds the same sum; each read its dims before its first shuffle.
-    const float mean = round_bf(__fdiv_rn(sum, float(DH)));
-    const float r = round_bf(__fdiv_rn(1.0f, __fsqrt_rn(round_bf(__fadd_rn(mean, eps)))));
-#pragma unroll
-    for (int pc = lane; pc < DH / 8; pc += 32) {
-      uint4* p = reinterpret_cast<uint4*>(piece(h, pc));
-      const uint4 u = *p;
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-      uint32_t out[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        float x0 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] & 0xffffu)), r));
-        float x1 = round_bf(__fmul_rn(bf2f(uint16_t(w[k] >> 16)), r));
-        const int d = 8 * pc + 2 * k;
-        if (d >= DH - kRope) {
-          const int pair = (d - (DH - kRope)) / 2;
-          rope_pair_f(&x0, &x1, rope_c[pair], rope_s[pair]);
-        }
-        out[k] = pack_bf16(x0, x1);
-      }
-      *p = make_uint4(out[0], out[1], out[2], out[3]);
-    }
-  }
-}
-
 template <int DH, int MT, bool kEarly>
 __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, int head_groups, AttnSplit sp) {
   if constexpr (!kEarly) wait_for_predecessor();
@@ -1878,14 +1817,6 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
   if (warp == 0) resolve(chunk_of(0), 0);
   __syncthreads();
   issue(0);
-  if (a.q_norm) {  // Q from wq_b: q_norm_rope in shared memory while the first records land
-    if constexpr (kEarly) cp_async_wait<1>();  // this thread's Q copies (the first group)
-    __syncthreads();
-    const int real_heads = int(H - h0 < int64_t(MT) * 16 ? H - h0 : int64_t(MT) * 16);  // (zero rows past H)
-    q_norm_rope_rows<DH>([&](int h, int pc) { return reinterpret_cast<uint8_t*>(Qs + h * L::kStride + 8 * pc); },
-                         real_heads, rope_c, rope_s, a.q_eps, warp, int(blockDim.x) >> 5, lane);
-    __syncthreads();
-  }
 
   // (o, m, l) of the current segment; (O, M, L) the fold of the finished ones.
   // With 4 m-tiles (512 threads, 128 registers each) the fold would not fit in
@@ -2071,16 +2002,14 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
 // Finishes rows whose segments split CTAs left in AttnSplit: folds the partials in
 // order from an empty state exactly as attention_mma_kernel folds segments in
 // registers (a lead CTA's folded state is one partial), then O / (L + exp(sink - M)),
-// bf16, inverse RoPE. One CTA per (token, kHeads heads), 4 dims of each head per
-// thread; a head's arithmetic is the same whatever kHeads (combine_heads_per_cta).
-// kEarly: the rotations (the step's positions, the frequencies; a double-precision cos
-// and sin each) and the sinks before the dependency wait, not after the fold.
-template <int DH, bool kEarly, int kHeads>
+// bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread. kEarly: the
+// rotations (the step's positions, the frequencies; a double-precision cos and sin
+// each) and the sink before the dependency wait, not after the fold.
+template <int DH, bool kEarly>
 __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
-  const int64_t groups = a.H / kHeads;
-  const int64_t t = blockIdx.x / groups, h0 = (blockIdx.x % groups) * kHeads;
+  const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
   const int d = 4 * threadIdx.x;
-  float rc[2] = {1.0f, 1.0f}, rs[2] = {0.0f, 0.0f}, sink[kHeads];  // (a dim pair below the RoPE dims: unused)
+  float rc[2] = {1.0f, 1.0f}, rs[2] = {0.0f, 0.0f}, sink = 0.0f;  // (a dim pair below the RoPE dims: unused)
   const auto rotations = [&] {
     const int64_t p = a.positions[t];
 #pragma unroll
@@ -2088,101 +2017,52 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
       const int dk = d + 2 * k;
       if (dk >= DH - kRope) rope_cos_sin(p, a.inv_freq[(dk - (DH - kRope)) / 2], &rc[k], &rs[k]);
     }
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j) sink[j] = a.sink[h0 + j];
+    sink = a.sink[h];
   };
   if constexpr (kEarly) rotations();
   wait_for_predecessor();
+  uint16_t* out = a.o + (t * a.H + h) * DH + d;
   const int32_t n_segs = sp.segs[t];
   if (n_segs == 0) {  // pad row
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j)
-      *reinterpret_cast<uint2*>(a.o + (t * a.H + h0 + j) * DH + d) = make_uint2(0, 0);
+    *reinterpret_cast<uint2*>(out) = make_uint2(0, 0);
     return;
   }
-  const int64_t row0 = (t * a.H + h0) * sp.max_segs;  // head h0 + j's partials start at row0 + j * max_segs
-  float O[kHeads][4], M[kHeads], L[kHeads];
-#pragma unroll
-  for (int j = 0; j < kHeads; ++j) {
-    O[j][0] = O[j][1] = O[j][2] = O[j][3] = 0.0f;
-    M[j] = -INFINITY;
-    L[j] = 0.0f;
-  }
-  constexpr int kBatch = kHeads >= 4 ? 8 / kHeads : 4;  // segments a head loaded before they are folded
+  const int64_t row0 = (t * a.H + h) * sp.max_segs;
+  float O[4] = {0.0f, 0.0f, 0.0f, 0.0f}, M = -INFINITY, L = 0.0f;
+  constexpr int kBatch = 4;  // segments loaded before they are folded
   for (int32_t s0 = 0; s0 < n_segs; s0 += kBatch) {
-    float4 ov[kHeads][kBatch];
-    float2 ml[kHeads][kBatch];
+    float4 ov[kBatch];
+    float2 ml[kBatch];
 #pragma unroll
-    for (int j = 0; j < kHeads; ++j)
+    for (int k = 0; k < kBatch; ++k)
+      if (s0 + k < n_segs) {
+        ov[k] = *reinterpret_cast<const float4*>(sp.o + (row0 + s0 + k) * DH + d);
+        ml[k] = *reinterpret_cast<const float2*>(sp.ml + (row0 + s0 + k) * 2);
+      }
 #pragma unroll
-      for (int k = 0; k < kBatch; ++k)
-        if (s0 + k < n_segs) {
-          const int64_t seg = row0 + j * sp.max_segs + s0 + k;
-          ov[j][k] = *reinterpret_cast<const float4*>(sp.o + seg * DH + d);
-          ml[j][k] = *reinterpret_cast<const float2*>(sp.ml + seg * 2);
-        }
-#pragma unroll
-    for (int j = 0; j < kHeads; ++j)
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k)
-        if (s0 + k < n_segs) {
-          const FoldWeights w = fold_weights(M[j], ml[j][k].x);
-          O[j][0] = fold_value(O[j][0], ov[j][k].x, w);
-          O[j][1] = fold_value(O[j][1], ov[j][k].y, w);
-          O[j][2] = fold_value(O[j][2], ov[j][k].z, w);
-          O[j][3] = fold_value(O[j][3], ov[j][k].w, w);
-          L[j] = fold_value(L[j], ml[j][k].y, w);
-          M[j] = w.m;
-        }
+    for (int k = 0; k < kBatch; ++k)
+      if (s0 + k < n_segs) {
+        const FoldWeights w = fold_weights(M, ml[k].x);
+        O[0] = fold_value(O[0], ov[k].x, w);
+        O[1] = fold_value(O[1], ov[k].y, w);
+        O[2] = fold_value(O[2], ov[k].z, w);
+        O[3] = fold_value(O[3], ov[k].w, w);
+        L = fold_value(L, ml[k].y, w);
+        M = w.m;
+      }
   }
   if constexpr (!kEarly) rotations();
+  const float den = attention_denominator(L, M, sink);
+  uint32_t packed[2];
 #pragma unroll
-  for (int j = 0; j < kHeads; ++j) {
-    const float den = attention_denominator(L[j], M[j], sink[j]);
-    uint32_t packed[2];
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      float x0 = round_bf(__fdiv_rn(O[j][2 * k], den)), x1 = round_bf(__fdiv_rn(O[j][2 * k + 1], den));
-      if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
-      packed[k] = pack_bf16(x0, x1);
-    }
-    *reinterpret_cast<uint2*>(a.o + (t * a.H + h0 + j) * DH + d) = make_uint2(packed[0], packed[1]);
+  for (int k = 0; k < 2; ++k) {
+    float x0 = round_bf(__fdiv_rn(O[2 * k], den)), x1 = round_bf(__fdiv_rn(O[2 * k + 1], den));
+    if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
+    packed[k] = pack_bf16(x0, x1);
   }
+  *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
 }
 
-// Heads a combine CTA takes: 1, or DSV4_CUDA_ATTN_COMBINE_HEADS=2|4|8 (A/B runs), or a
-// test's cuda_attention_force_combine_heads; halved until it divides H.
-int combine_heads_per_cta(int64_t H) {
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_ATTN_COMBINE_HEADS");
-    if (v == nullptr || *v == '\0') return 1;
-    const std::string t(v);
-    DSV4_CHECK(t == "1" || t == "2" || t == "4" || t == "8", "DSV4_CUDA_ATTN_COMBINE_HEADS='{}': expected 1, 2, 4 or 8",
-               t);
-    return std::atoi(v);
-  }();
-  const int forced = g_forced_combine_heads.load(std::memory_order_relaxed);
-  int heads = forced > 0 ? forced : from_env;
-  while (heads > 1 && H % heads != 0) heads /= 2;
-  return heads;
-}
-
-// The combine launch after a split attention launch of T rows of H heads.
-template <int DH>
-void launch_attention_combine(cudaStream_t stream, const AttnArgs& a, const AttnSplit& sp, int64_t T, int64_t H,
-                              bool early) {
-  const int heads = combine_heads_per_cta(H);
-  const auto pick = [&](auto heads_c) {
-    constexpr int kH = decltype(heads_c)::value;
-    return early ? attention_combine_kernel<DH, true, kH> : attention_combine_kernel<DH, false, kH>;
-  };
-  const auto combine = heads == 8   ? pick(std::integral_constant<int, 8>{})
-                       : heads == 4 ? pick(std::integral_constant<int, 4>{})
-                       : heads == 2 ? pick(std::integral_constant<int, 2>{})
-                                    : pick(std::integral_constant<int, 1>{});
-  combine<<<unsigned(T * H / heads), DH / 4, 0, stream>>>(a, sp);
-  check_launch(stream);
-}
 
 // ================================================================================
 // sparse_attention on wgmma for V4-Flash's shape (Dh = 512, 64 heads): one CTA per
@@ -2295,11 +2175,10 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const auto e4m3_table = [&] {
     for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
   };
-  // The output's inverse RoPE table (and Q's forward one under a.q_norm), warp 1 (its
-  // double-precision cos and sin take a while); split CTAs leave the output to the
-  // combine kernel.
+  // The output's inverse RoPE table, warp 1 (its double-precision cos and sin take a
+  // while); split CTAs leave the output to the combine kernel.
   const auto rope_table = [&] {
-    if (warp == 1 && (!split || a.q_norm)) {
+    if (warp == 1 && !split) {
       static_assert(kRope / 2 == 32, "a lane a rotation pair");
       float c, sn;
       rope_cos_sin(p, a.inv_freq[lane], &c, &sn);
@@ -2407,15 +2286,6 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   if constexpr (!kEarly) rope_table();  // (beside warp 0's lookups)
   __syncthreads();
   issue(0);
-  if (a.q_norm) {  // Q from wq_b: q_norm_rope in shared memory while the first records land
-    if constexpr (kEarly) cp_async_wait<1>();  // this thread's Q copies (the first group)
-    __syncthreads();
-    q_norm_rope_rows<W::kDh>(
-        [&](int h, int pc) { return Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7); }, W::kHeads, rope_c,
-        rope_s, a.q_eps, warp, W::kThreads / 32, lane);
-    tc::fence_proxy_async();  // generic-proxy writes that the wgmma reads through the async proxy
-    __syncthreads();
-  }
 
   // o[mb]: dims 128 wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at index 4q + e.
   float o[2][32];
@@ -2927,7 +2797,11 @@ void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, const AttnSpli
   allow_smem(kernel, smem);
   kernel<<<unsigned(T * head_groups * sp.nsplit), L::kThreads, smem, stream>>>(a, head_groups, sp);
   check_launch(stream);
-  if (sp.nsplit > 1) launch_attention_combine<DH>(stream, a, sp, T, H, early);
+  if (sp.nsplit > 1) {
+    const auto combine = early ? attention_combine_kernel<DH, true> : attention_combine_kernel<DH, false>;
+    combine<<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
+    check_launch(stream);
+  }
 }
 
 // Per-head results depend neither on how heads are grouped into CTAs (each
@@ -2949,22 +2823,6 @@ void launch_attention_mma_mt(cudaStream_t stream, const AttnArgs& a, AttnSplit s
 void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache,
                                       const BatchView& batch, const Tensor& topk, const Tensor& sink,
                                       float softmax_scale, const RopeTable& rope, const Tensor& o) {
-  run_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o, nullptr, 1);
-}
-
-void CudaBackend::do_sparse_attention_q_norm_rope(const Tensor& q, const Tensor& kv, const LayerCache& cache,
-                                                  const BatchView& batch, const Tensor& topk, const Tensor& sink,
-                                                  float softmax_scale, const RopeTable& rope, float eps,
-                                                  const Tensor& o, int runs) {
-  if (!attention_q_norm_fused()) return Backend::do_sparse_attention_q_norm_rope(q, kv, cache, batch, topk, sink,
-                                                                                 softmax_scale, rope, eps, o, runs);
-  run_sparse_attention(q, kv, cache, batch, topk, sink, softmax_scale, rope, o, &eps, runs);
-}
-
-void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const LayerCache& cache,
-                                       const BatchView& batch, const Tensor& topk, const Tensor& sink,
-                                       float softmax_scale, const RopeTable& rope, const Tensor& o,
-                                       const float* q_norm_eps, int runs) {
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2);
   if (T == 0 || H == 0) return;
   DSV4_CHECK(rope.rope_dim == kRope, "sparse_attention: the KV record layout needs rope_dim {}, got {}", kRope,
@@ -3015,11 +2873,8 @@ void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const 
     DSV4_CHECK(smem <= size_t(properties().sharedMemPerBlockOptin),
                "sparse_attention: {} keys per query exceed the simple kernel's shared memory", a.max_keys);
     allow_smem(attention_simple_kernel, smem);
-    if (q_norm_eps != nullptr) do_q_norm_rope(q, batch, rope, *q_norm_eps);  // this kernel reads q from memory
-    for (int run = 0; run < runs; ++run) {
-      attention_simple_kernel<<<dim3(unsigned(T), unsigned(H)), 256, smem, stream_>>>(a);
-      check_launch(stream_);
-    }
+    attention_simple_kernel<<<dim3(unsigned(T), unsigned(H)), 256, smem, stream_>>>(a);
+    check_launch(stream_);
     return;
   }
   const size_t limit = properties().sharedMemPerBlockOptin;
@@ -3066,31 +2921,22 @@ void CudaBackend::run_sparse_attention(const Tensor& q, const Tensor& kv, const 
                           : early        ? attention_wgmma_kernel<true, true>
                                          : attention_wgmma_kernel<true, false>;
       allow_smem(kernel, wg_attn::bytes(a.K));
-      if (q_norm_eps != nullptr) {  // the kernel normalizes and rotates Q in shared memory
-        a.q_norm = 1;
-        a.q_eps = *q_norm_eps;
-      }
-      for (int run = 0; run < runs; ++run) {
-        kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
+      kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
+      check_launch(stream_);
+      g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+      if (sp.nsplit > 1) {
+        g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
+        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
+                                   : attention_combine_kernel<wg_attn::kDh, false>;
+        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
         check_launch(stream_);
-        g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
-        if (sp.nsplit > 1) {
-          g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-          launch_attention_combine<wg_attn::kDh>(stream_, a, sp, T, H, early);
-        }
       }
       return;
     }
   }
   const AttnSplit sp = make_split(T * ((H + 15) / 16), false);
-  if (q_norm_eps != nullptr) {  // the mma.sync kernel normalizes and rotates Q in shared memory too
-    a.q_norm = 1;
-    a.q_eps = *q_norm_eps;
-  }
-  for (int run = 0; run < runs; ++run) {
-    if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
-    else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
-  }
+  if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
+  else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
 }
 
 }  // namespace dsv4::ops

@@ -111,10 +111,6 @@ class CudaBackend final : public Backend {
   void do_sparse_attention(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
                            const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
                            float softmax_scale, const RopeTable& rope, const core::Tensor& o) override;
-  void do_sparse_attention_q_norm_rope(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
-                                       const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
-                                       float softmax_scale, const RopeTable& rope, float eps, const core::Tensor& o,
-                                       int runs) override;
   void do_window_commit(const core::Tensor& kv, const BatchView& batch, LayerCache& cache) override;
   void do_router(const core::Tensor& x, const core::Tensor& gate, const core::Tensor& bias,
                  const core::Tensor& tid2eid, const BatchView& batch, const RouterConfig& config,
@@ -152,13 +148,6 @@ class CudaBackend final : public Backend {
   // the experts, top-k scratch, ...), owned here so graphs can bind them.
   struct Scratch;
   std::unique_ptr<Scratch> scratch_;
-  // do_sparse_attention's launches, `runs` times; q_norm_eps non-null: q is wq_b's
-  // output, normalized and rotated inside the wgmma kernel, or first by do_q_norm_rope
-  // (once) where another kernel takes the rows.
-  void run_sparse_attention(const core::Tensor& q, const core::Tensor& kv, const LayerCache& cache,
-                            const BatchView& batch, const core::Tensor& topk, const core::Tensor& sink,
-                            float softmax_scale, const RopeTable& rope, const core::Tensor& o,
-                            const float* q_norm_eps, int runs);
 
  public:
   // Kernels that need scratch memory get it here: one buffer per (name, current
