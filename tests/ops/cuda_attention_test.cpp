@@ -63,8 +63,6 @@ void cuda_attention_force_split_ctas(int n);
 void cuda_attention_force_lead_fold(int mode);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
 void cuda_attention_force_early(int mode);
-// Defined in cuda_attention.cu: 4, 8 or 16 partials a combine thread loads before folding (0: the default).
-void cuda_attention_force_combine_batch(int n);
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
@@ -494,7 +492,6 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_use_wgmma(-1);
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
-      cuda_attention_force_combine_batch(0);
       cuda_indexer_score_pages(0);
     }
   }
@@ -947,38 +944,6 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
       const Tensor hs = host(got_split), ho = host(got_one);
       expect_bytes_equal(hs.data(), ho.data(), hs.nbytes(), tag("split vs one CTA per row, " + a.name));
       expect_attention_close(hs, a.want, a.b, sh.H, sh.Dh, a.vmax, simple(), tag("split sparse_attention " + a.name));
-    }
-}
-
-// The split's combine loads 4, 8 or 16 partials a thread before folding them
-// (DSV4_CUDA_ATTN_COMBINE_BATCH); the fold order is the same, so are the bytes: rows of 1
-// to 10 segments and a pad row, the wgmma kernel's shape and the mma.sync kernel's, the
-// cost model's split and one of 10 CTAs (a partial a segment), every ratio.
-TEST_P(CudaAttention, CombineBatchChangesNoBit) {
-  if (simple()) GTEST_SKIP() << "the simple kernel does not split keys";
-  Rng rng(318);
-  for (AttnShape sh : {AttnShape{64, 512, 128, 512}, AttnShape{16, 128, 128, 64}})
-    for (int64_t ratio : {0, 4, 128}) {
-      AttnCase a =
-          make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}, {1, 700, 1}, {3, 3, 1}, {2, 77, 1}}, 1, rng);
-      for (int forced_split : {0, 10}) {
-        cuda_attention_force_split_ctas(forced_split);
-        cuda_attention_force_combine_batch(4);
-        Tensor four = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-        a.run_cuda(cuda(), four);
-        const Tensor hf = host(four);
-        for (int batch : {8, 16}) {
-          cuda_attention_force_combine_batch(batch);
-          Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-          a.run_cuda(cuda(), got);
-          const Tensor hg = host(got);
-          expect_bytes_equal(hg.data(), hf.data(), hf.nbytes(),
-                             tag("combine loading " + std::to_string(batch) + " partials vs 4, split " +
-                                 std::to_string(forced_split) + ", " + a.name));
-        }
-        cuda_attention_force_combine_batch(0);
-        cuda_attention_force_split_ctas(0);
-      }
     }
 }
 

@@ -143,7 +143,6 @@ size_t split_max_partial_bytes() {
 // none, every split -0.6% a step at 64 rows (2 CTAs) but +0.3% at 16 and +0.2% at 32
 // (5 and 4 CTAs, where the lead CTA's register fold is no cheaper than a store); 2 keeps
 // the gain at 64 alone.
-std::atomic<int> g_forced_combine_batch{0};  // combine_batch's test hook
 std::atomic<int> g_forced_lead_fold{-1};
 bool lead_fold_wanted(int nsplit) {
   const int forced = g_forced_lead_fold.load(std::memory_order_relaxed);
@@ -167,12 +166,6 @@ void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max
 // Test hook: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the wgmma split's lead fold off / on.
 void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
 void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
-// Test hook: 4, 8 or 16 partials a combine thread loads before folding them; 0 follows
-// DSV4_CUDA_ATTN_COMBINE_BATCH.
-void cuda_attention_force_combine_batch(int n) {
-  DSV4_CHECK(n == 0 || n == 4 || n == 8 || n == 16, "cuda_attention_force_combine_batch: {}", n);
-  g_forced_combine_batch.store(n);
-}
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
@@ -2011,9 +2004,8 @@ __global__ void __launch_bounds__(MT * 128, 1) attention_mma_kernel(AttnArgs a, 
 // registers (a lead CTA's folded state is one partial), then O / (L + exp(sink - M)),
 // bf16, inverse RoPE. One CTA per (token, head), 4 dims per thread. kEarly: the
 // rotations (the step's positions, the frequencies; a double-precision cos and sin
-// each) and the sink before the dependency wait, not after the fold. kBatch: the
-// partials a thread loads before it folds them (combine_batch; the same fold order).
-template <int DH, bool kEarly, int kBatch>
+// each) and the sink before the dependency wait, not after the fold.
+template <int DH, bool kEarly>
 __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, AttnSplit sp) {
   const int64_t t = blockIdx.x / a.H, h = blockIdx.x % a.H;
   const int d = 4 * threadIdx.x;
@@ -2037,6 +2029,7 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
   }
   const int64_t row0 = (t * a.H + h) * sp.max_segs;
   float O[4] = {0.0f, 0.0f, 0.0f, 0.0f}, M = -INFINITY, L = 0.0f;
+  constexpr int kBatch = 4;  // segments loaded before they are folded
   for (int32_t s0 = 0; s0 < n_segs; s0 += kBatch) {
     float4 ov[kBatch];
     float2 ml[kBatch];
@@ -2068,42 +2061,6 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
     packed[k] = pack_bf16(x0, x1);
   }
   *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
-}
-
-// The partials a combine thread loads before folding them: 4, or under
-// DSV4_CUDA_ATTN_COMBINE_BATCH=8|16 that many, or =auto the fewest of 4, 8, 16 that
-// hold a row's max_segs partials in one round of loads (A/B runs: 4 takes two or three
-// dependent rounds for rows of 5-10 partials; the registers grow with it: 55 / 79 / 135
-// a thread at 512 dims). The same bits whatever it is.
-int combine_batch(int max_segs) {
-  const int forced = g_forced_combine_batch.load(std::memory_order_relaxed);
-  if (forced > 0) return forced;
-  static const int mode = [] {  // 0: auto
-    const char* v = std::getenv("DSV4_CUDA_ATTN_COMBINE_BATCH");
-    if (v == nullptr || *v == '\0') return 4;
-    const std::string t(v);
-    DSV4_CHECK(t == "4" || t == "8" || t == "16" || t == "auto",
-               "DSV4_CUDA_ATTN_COMBINE_BATCH='{}': expected 4, 8, 16 or auto", t);
-    return t == "auto" ? 0 : std::atoi(v);
-  }();
-  if (mode > 0) return mode;
-  return max_segs <= 4 ? 4 : max_segs <= 8 ? 8 : 16;
-}
-
-// The combine launch after a split attention launch of T rows of H heads.
-template <int DH>
-void launch_attention_combine(cudaStream_t stream, const AttnArgs& a, const AttnSplit& sp, int64_t T, int64_t H,
-                              bool early) {
-  const int batch = combine_batch(sp.max_segs);
-  const auto pick = [&](auto batch_c) {
-    constexpr int kB = decltype(batch_c)::value;
-    return early ? attention_combine_kernel<DH, true, kB> : attention_combine_kernel<DH, false, kB>;
-  };
-  const auto combine = batch == 16  ? pick(std::integral_constant<int, 16>{})
-                       : batch == 8 ? pick(std::integral_constant<int, 8>{})
-                                    : pick(std::integral_constant<int, 4>{});
-  combine<<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
-  check_launch(stream);
 }
 
 
@@ -2840,7 +2797,11 @@ void launch_attention_mma(cudaStream_t stream, const AttnArgs& a, const AttnSpli
   allow_smem(kernel, smem);
   kernel<<<unsigned(T * head_groups * sp.nsplit), L::kThreads, smem, stream>>>(a, head_groups, sp);
   check_launch(stream);
-  if (sp.nsplit > 1) launch_attention_combine<DH>(stream, a, sp, T, H, early);
+  if (sp.nsplit > 1) {
+    const auto combine = early ? attention_combine_kernel<DH, true> : attention_combine_kernel<DH, false>;
+    combine<<<unsigned(T * H), DH / 4, 0, stream>>>(a, sp);
+    check_launch(stream);
+  }
 }
 
 // Per-head results depend neither on how heads are grouped into CTAs (each
@@ -2965,7 +2926,10 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
       if (sp.nsplit > 1) {
         g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-        launch_attention_combine<wg_attn::kDh>(stream_, a, sp, T, H, early);
+        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
+                                   : attention_combine_kernel<wg_attn::kDh, false>;
+        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
+        check_launch(stream_);
       }
       return;
     }
