@@ -57,7 +57,10 @@ int gemm_min_slice_stages();
 // activations: wq_a + wkv, the shared and routed experts, the compressors' and the
 // indexer's FP8 GEMMs): gemm_min_slice_stages(), or DSV4_GEMM_MIN_QUANT_SLICE_STAGES
 // (1, 2, 4 or 8; read once; A/B runs of a floor per launch format). The bf16 and
-// FP8-as-bf16 launches (64-wide stages: the router, wo_a) keep the other.
+// FP8-as-bf16 launches (64-wide stages: the router, wo_a) keep the other. Four for the
+// quantized launches alone: +0.1 / +0.3 / -0.1 / -0.2% at 1 / 16 / 64 / 256 rows; four
+// for the bf16 ones alone: +0.8 / +0.4 / -0.1 / -0.5% (H200, BENCHMARKS.md, fifty-third
+// session), so both stay at two.
 int gemm_min_quant_slice_stages();
 
 // Test hook: n > 0 makes every later launch take n as both floors (tests whose shapes
