@@ -63,6 +63,10 @@ void cuda_attention_force_split_ctas(int n);
 void cuda_attention_force_lead_fold(int mode);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
 void cuda_attention_force_early(int mode);
+// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_PAIR, 0 / 1 force the wgmma kernel's pair form
+// (a row's dims over a cluster of two CTAs) off / on; its launches so far.
+void cuda_attention_force_pair(int mode);
+int64_t cuda_attention_wgmma_pair_launches();
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
@@ -1100,28 +1104,112 @@ TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
     ASSERT_GT(poked_scales, 0);
     Tensor got_mma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     Tensor got_wgmma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    Tensor got_pair = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     cuda_attention_split_keys(false);
     cuda_attention_use_wgmma(0);
     a.run_cuda(cuda(), got_mma);
-    const int64_t before = cuda_attention_wgmma_launches();
+    const int64_t before = cuda_attention_wgmma_launches(), pair_before = cuda_attention_wgmma_pair_launches();
     cuda_attention_use_wgmma(1);
+    cuda_attention_force_pair(0);
     a.run_cuda(cuda(), got_wgmma);
+    cuda_attention_force_pair(1);  // the pair form decodes half a record a CTA, by the same two paths
+    a.run_cuda(cuda(), got_pair);
+    cuda_attention_force_pair(-1);
     cuda_attention_use_wgmma(-1);
     cuda_attention_split_keys(true);
-    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 1) << "the wgmma kernel did not run";
-    const Tensor hm = host(got_mma), hw = host(got_wgmma);
+    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 2) << "the wgmma kernel did not run";
+    EXPECT_EQ(cuda_attention_wgmma_pair_launches(), pair_before + 1) << "the pair form did not run";
+    const Tensor hm = host(got_mma);
     const auto is_nan = [](uint16_t x) { return (x & 0x7f80u) == 0x7f80u && (x & 0x007fu) != 0; };
-    int64_t differ = 0, both_nan = 0, equal = 0;
-    for (int64_t i = 0; i < hm.numel(); ++i) {
-      const uint16_t m = hm.as<uint16_t>()[i], w = hw.as<uint16_t>()[i];
-      if (is_nan(m) && is_nan(w)) both_nan += 1;
-      else if (m != w) differ += 1;
-      else equal += 1;
+    for (const auto& [got, what] : {std::pair{&got_wgmma, "wgmma"}, std::pair{&got_pair, "wgmma pair"}}) {
+      const Tensor hw = host(*got);
+      int64_t differ = 0, both_nan = 0, equal = 0;
+      for (int64_t i = 0; i < hm.numel(); ++i) {
+        const uint16_t m = hm.as<uint16_t>()[i], w = hw.as<uint16_t>()[i];
+        if (is_nan(m) && is_nan(w)) both_nan += 1;
+        else if (m != w) differ += 1;
+        else equal += 1;
+      }
+      EXPECT_EQ(differ, 0) << tag(std::string(what) + " vs mma.sync attention on rare records, " + a.name) << ": "
+                           << differ << " of " << hm.numel() << " values differ (" << both_nan << " NaN in both)";
+      EXPECT_GT(equal, 0) << tag("every output NaN: the check would mean nothing, " + a.name);
     }
-    EXPECT_EQ(differ, 0) << tag("wgmma vs mma.sync attention on rare records, " + a.name) << ": " << differ << " of "
-                         << hm.numel() << " values differ (" << both_nan << " NaN in both)";
-    EXPECT_GT(equal, 0) << tag("every output NaN: the check would mean nothing, " + a.name);
   }
+}
+
+// The wgmma kernel's pair form (a row's 512 dims over a cluster of two CTAs: each decodes
+// and multiplies its half, the S partials exchanged through distributed shared memory and
+// added in quarter order) gives the bytes of one CTA a row, which the CPU's Hopper model
+// also gives: one cluster a row, and split over 2 to 16 clusters a row with and without
+// the lead fold, early and late form; rows of 1 to 10 segments, a prefill chunk, a pad
+// row; every ratio; and a single row at the cost model's split.
+TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
+  if (simple()) GTEST_SKIP() << "a fast-path kernel";
+  Rng rng(318);
+  struct Reset {
+    ~Reset() {
+      cuda_attention_force_pair(-1);
+      cuda_attention_force_split_ctas(0);
+      cuda_attention_force_lead_fold(-1);
+      cuda_attention_force_early(-1);
+      cuda_attention_use_wgmma(-1);
+      cuda_attention_split_keys(true);
+    }
+  } reset;
+  const AttnShape sh{64, 512, 128, 512};
+  for (int64_t ratio : {0, 4, 128})
+    for (int rows_case = 0; rows_case < 2; ++rows_case) {
+      AttnCase a = rows_case == 0
+                       ? make_attention_case(cpu(), cuda(), sh, ratio,
+                                             {{0, 1400, 1}, {1, 700, 40}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng)
+                       : make_attention_case(cpu(), cuda(), sh, ratio, {{0, 1400, 1}}, 0, rng);
+      cuda_attention_use_wgmma(1);
+      cuda_attention_force_pair(0);
+      cuda_attention_split_keys(false);
+      Tensor got_one = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      a.run_cuda(cuda(), got_one);
+      const Tensor ho = host(got_one);
+      if (rows_case == 0) {
+        const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
+        Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+        hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
+        expect_bytes_equal(ho.data(), model.data(), model.nbytes(), tag("wgmma attention vs the Hopper model, " + a.name));
+      }
+      cuda_attention_force_pair(1);
+      const auto run_pair = [&](const std::string& what, bool expect_split) {
+        Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+        const int64_t pair_before = cuda_attention_wgmma_pair_launches();
+        const int64_t split_before = cuda_attention_wgmma_split_launches();
+        a.run_cuda(cuda(), got);
+        EXPECT_EQ(cuda_attention_wgmma_pair_launches(), pair_before + 1) << tag("no pair launch, " + what);
+        if (ratio > 0 || sh.W > kAttentionSegmentKeys) {
+          EXPECT_EQ(cuda_attention_wgmma_split_launches(), split_before + (expect_split ? 1 : 0))
+              << tag("split launches, " + what);
+        }
+        const Tensor hg = host(got);
+        expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(), tag(what + " vs one CTA a row, " + a.name));
+      };
+      run_pair("pair, one cluster a row", false);
+      cuda_attention_split_keys(true);
+      if (rows_case == 1) {
+        run_pair("pair, one row at the cost model's split", true);
+        continue;
+      }
+      for (int early : {1, 0})
+        for (int lead_fold : {1, 0})
+          for (int n : {2, 3, 4, 7, 10, 16}) {
+            if (early == 0 && n != 3) continue;  // (the late form: one split count)
+            cuda_attention_force_early(early);
+            cuda_attention_force_lead_fold(lead_fold);
+            cuda_attention_force_split_ctas(n);
+            run_pair("pair split over " + std::to_string(n) + " clusters" + (lead_fold ? " (lead fold)" : "") +
+                         (early ? "" : " (late form)"),
+                     true);
+          }
+      cuda_attention_force_split_ctas(0);
+      cuda_attention_force_lead_fold(-1);
+      cuda_attention_force_early(-1);
+    }
 }
 
 // ---- a whole layer over several steps -----------------------------------------------------------------

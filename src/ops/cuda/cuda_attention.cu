@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -36,6 +37,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/attention_split.h"
 #include "ops/cuda/block_sum.cuh"
+#include "ops/cuda/cluster.cuh"
 #include "ops/cuda/e2m1_bf16.h"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
@@ -91,6 +93,33 @@ bool attention_wgmma_wanted() {
 }
 // Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
+
+// The wgmma kernel's pair form (a row's dims over a cluster of two CTAs) for launches of
+// T rows: DSV4_CUDA_ATTN_PAIR=off (default), all, N (1 to N rows) or A-B (A to B rows);
+// a test hook may force it on (1) or off (0) for every T. The same bits either way.
+std::atomic<int> g_forced_pair{-1};
+std::atomic<int64_t> g_wgmma_pair_launches{0};
+bool attention_pair_wanted(int64_t T) {
+  const int forced = g_forced_pair.load(std::memory_order_relaxed);
+  if (forced >= 0) return forced == 1;
+  struct Rows {
+    int64_t lo, hi;
+  };
+  static const Rows rows = [] {
+    const char* v = std::getenv("DSV4_CUDA_ATTN_PAIR");
+    const std::string s = v != nullptr ? v : "off";
+    if (s == "off" || s.empty()) return Rows{1, 0};
+    if (s == "all") return Rows{1, INT64_MAX};
+    long long lo = 1, hi = 0;
+    char tail = 0;
+    const bool range = std::sscanf(s.c_str(), "%lld-%lld%c", &lo, &hi, &tail) == 2;
+    const bool one = !range && std::sscanf(s.c_str(), "%lld%c", &hi, &tail) == 1;
+    DSV4_CHECK((range || one) && lo >= 1 && hi >= lo,
+               "DSV4_CUDA_ATTN_PAIR: expected off, all, N or A-B (rows, 1 <= A <= B), got '{}'", s);
+    return Rows{range ? lo : 1, hi};
+  }();
+  return T >= rows.lo && T <= rows.hi;
+}
 
 // attention_split_ctas (ops/cuda/attention_split.h), or n = min(N, segs) under
 // DSV4_CUDA_ATTN_SPLIT_CTAS=N (A/B runs) or a test's cuda_attention_force_split_ctas(N).
@@ -167,6 +196,10 @@ void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max
 void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
 void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
+// Test hook: -1 follows DSV4_CUDA_ATTN_PAIR, 0 / 1 force the wgmma kernel's pair form off / on;
+// its launches so far.
+void cuda_attention_force_pair(int mode) { g_forced_pair.store(mode); }
+int64_t cuda_attention_wgmma_pair_launches() { return g_wgmma_pair_launches.load(); }
 int64_t cuda_attention_wgmma_launches() { return g_wgmma_launches.load(); }
 int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.load(); }
 
@@ -2097,24 +2130,46 @@ constexpr int kTilesPerSeg = kSegmentKeys / kTileKeys;
 static_assert(kSegmentKeys % kTileKeys == 0, "a segment is whole tiles");
 constexpr int kBuf = 64 * 128;  // 64 rows x 64 bf16, one swizzled buffer
 constexpr int kRowBytes = AttnLayout<kDh, 1>::kRowBytes;
-constexpr size_t kOffQ = 0;                               // Q [64 heads][512 dims], 8 buffers; output tile at the end
-constexpr size_t kOffK = kOffQ + 8 * kBuf;                // the tile's keys, 8 buffers
-constexpr int kSpStride = 64 + 8;                         // fp32, rows of the S partials
-constexpr size_t kOffS = kOffK + 8 * kBuf;                // bf16(P) [64 heads][64 keys], swizzled
-constexpr size_t kOffRaw = kOffS + 48 * 1024;             // staged records [64][kRowBytes]
-// The S partials [4 quarters][64 heads][kSpStride] fp32 take the P area and the start of
-// the staging area: the tile's records were decoded before them, and the next
-// tile's are fetched (and P written) only after every partial has been read.
-constexpr size_t kSpBytes = size_t(4) * kHeads * kSpStride * 4;
-static_assert(kOffS + kSpBytes <= kOffRaw + size_t(kTileKeys) * kRowBytes, "the S partials overrun the staging area");
-constexpr size_t kOffPtr = (kOffRaw + size_t(kTileKeys) * kRowBytes + 15) / 16 * 16;  // [2][64] key pointers
-constexpr size_t kOffType = kOffPtr + 2 * kTileKeys * 8;  // [2][64] key types
-constexpr size_t kOffHead = kOffType + 2 * kTileKeys * 4;  // per head: alpha of chunk 0, of chunk 1, fold a, b, denominator
-constexpr size_t kOffLut = kOffHead + 5 * kHeads * 4;     // [256] e4m3 values
-constexpr size_t kOffRope = kOffLut + 256 * 4;            // [32] cos, [32] sin
-constexpr size_t kOffComp = kOffRope + kRope * 4;         // [K] compacted top-k
-// + 1024: the base is aligned up to the swizzle atom inside the allocation.
-inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
+constexpr int kSpStride = 64 + 8;  // fp32, rows of the S partials
+
+// A CTA's shared memory. One CTA a row (kPair false) or half a row's dims (the pair
+// form, below):
+//  * Q [64 heads][its dims] and the tile's keys [64][its dims], 64-dim buffers; the
+//    output tile over Q at the end;
+//  * the S partials of its dims quarters [quarter][64 heads][kSpStride] fp32. One CTA a
+//    row: they take the P area and the start of the staging area (the tile's records
+//    were decoded before them, and the next tile's are fetched and P written only after
+//    every partial has been read). The pair: apart, since the other CTA reads them
+//    while this one writes P and fetches the next records;
+//  * bf16(P) [64 heads][64 keys], swizzled; the staged records [64][kRowBytes];
+//  * key pointers and types [2][64], per-head values, the e4m3 table, the output's
+//    RoPE table, the compacted top-k [K].
+template <bool kPair>
+struct Layout {
+  static constexpr int kCtaDh = kPair ? kDh / 2 : kDh;  // the dims this CTA decodes, multiplies and outputs
+  static constexpr int kBufs = kCtaDh / 64;
+  static constexpr int kQuarters = kBufs / 2;  // its S partials (a quarter: 128 dims)
+  static constexpr int kWgDh = kCtaDh / 4;     // P.V dims a warpgroup
+  static constexpr int kMb = kWgDh / 64;       // ... in m64 tiles
+  static constexpr size_t kOffQ = 0;
+  static constexpr size_t kOffK = kOffQ + size_t(kBufs) * kBuf;
+  static constexpr size_t kOffS = kOffK + size_t(kBufs) * kBuf;
+  static constexpr size_t kSpBytes = size_t(kQuarters) * kHeads * kSpStride * 4;
+  static constexpr size_t kOffP = kPair ? kOffS + kSpBytes : kOffS;
+  static constexpr size_t kOffRaw = kPair ? kOffP + size_t(kHeads) * kTileKeys * 2 : kOffS + 48 * 1024;
+  static_assert(kPair || kOffS + kSpBytes <= kOffRaw + size_t(kTileKeys) * kRowBytes,
+                "the S partials overrun the staging area");
+  static_assert(kOffP % 1024 == 0, "P is one swizzled buffer");
+  static constexpr size_t kOffPtr = (kOffRaw + size_t(kTileKeys) * kRowBytes + 15) / 16 * 16;
+  static constexpr size_t kOffType = kOffPtr + 2 * kTileKeys * 8;
+  static constexpr size_t kOffHead = kOffType + 2 * kTileKeys * 4;  // alpha of chunk 0, of chunk 1, fold a, b, denominator
+  static constexpr size_t kOffLut = kOffHead + 5 * kHeads * 4;
+  static constexpr size_t kOffRope = kOffLut + 256 * 4;  // [32] cos, [32] sin
+  static constexpr size_t kOffComp = kOffRope + kRope * 4;
+  // + 1024: the base is aligned up to the swizzle atom inside the allocation.
+  static size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
+};
+inline size_t bytes(int64_t K) { return Layout<false>::bytes(K); }
 }  // namespace wg_attn
 
 // kSplit: the launch splits rows over CTAs (sp.nsplit > 1); the one-CTA-a-row instance
@@ -2128,28 +2183,36 @@ inline size_t bytes(int64_t K) { return kOffComp + size_t(K) * 4 + 1024; }
 // it Q copied by cp.async, in flight under the top-k compaction and the key lookups
 // (its loads into registers had to return before those began). The same bits. The
 // launcher takes it for split launches (see there).
-template <bool kSplit, bool kEarly>
+//
+// kPair: a row's 512 dims over a cluster of two CTAs, 256 each (docs/design/cuda-attention.md,
+// sixty-third session). Each CTA decodes its half of the tile's keys, computes its two dims
+// quarters' S partials and reads the other two from the other CTA's shared memory, adding
+// all four in quarter order as one CTA a row does; both run the whole softmax (the same
+// values); each multiplies, folds and outputs its own dims. So the bits are those of one
+// CTA a row, with half the decode, products and fold a CTA, and the fold O in registers.
+template <bool kSplit, bool kEarly, bool kPair = false>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
+  using L = W::Layout<kPair>;
   if constexpr (!kEarly) wait_for_predecessor();
   extern __shared__ __align__(16) unsigned char wg_smem_raw[];  // aligned to the swizzle atom below
   unsigned char* sm = wg_smem_raw + ((1024u - (smem_addr(wg_smem_raw) & 1023u)) & 1023u);
-  uint8_t* Qs = sm + W::kOffQ;
-  uint8_t* Ks = sm + W::kOffK;
-  float* Sp = reinterpret_cast<float*>(sm + W::kOffS);
-  uint8_t* Ps = sm + W::kOffS;  // bf16(P) [64 heads][64 keys], over the partials once they are read
-  uint8_t* raw = sm + W::kOffRaw;
-  const uint8_t** kptr = reinterpret_cast<const uint8_t**>(sm + W::kOffPtr);
-  int* ktype = reinterpret_cast<int*>(sm + W::kOffType);
-  float* alpha_s = reinterpret_cast<float*>(sm + W::kOffHead);  // [2][64]: a chunk's writes never meet the other's reads
+  uint8_t* Qs = sm + L::kOffQ;
+  uint8_t* Ks = sm + L::kOffK;
+  float* Sp = reinterpret_cast<float*>(sm + L::kOffS);
+  uint8_t* Ps = sm + L::kOffP;  // bf16(P) [64 heads][64 keys] (one CTA a row: over the partials once they are read)
+  uint8_t* raw = sm + L::kOffRaw;
+  const uint8_t** kptr = reinterpret_cast<const uint8_t**>(sm + L::kOffPtr);
+  int* ktype = reinterpret_cast<int*>(sm + L::kOffType);
+  float* alpha_s = reinterpret_cast<float*>(sm + L::kOffHead);  // [2][64]: a chunk's writes never meet the other's reads
   float* fold_a = alpha_s + 2 * W::kHeads;
   float* fold_b = fold_a + W::kHeads;
   float* den_s = fold_b + W::kHeads;
-  float* lut = reinterpret_cast<float*>(sm + W::kOffLut);
-  float* rope_c = reinterpret_cast<float*>(sm + W::kOffRope);
+  float* lut = reinterpret_cast<float*>(sm + L::kOffLut);
+  float* rope_c = reinterpret_cast<float*>(sm + L::kOffRope);
   float* rope_s = rope_c + kRope / 2;
-  int32_t* comp = reinterpret_cast<int32_t*>(sm + W::kOffComp);
+  int32_t* comp = reinterpret_cast<int32_t*>(sm + L::kOffComp);
   __shared__ int s_count;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -2164,9 +2227,15 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // one CTA a row does and leaves that state as the row's first partial, the others
   // taking the later segments in turn. Otherwise one CTA folds the whole row.
   constexpr bool split = kSplit;
-  const int split_id = split ? int(blockIdx.x % unsigned(sp.nsplit)) : 0;
-  const int64_t tok = split ? blockIdx.x / unsigned(sp.nsplit) : blockIdx.x;
-  const bool row_leader = split && split_id == 0 && tid == 0;
+  // The pair: clusters of two consecutive CTAs (cluster rank = blockIdx.x % 2); CTA
+  // `half` takes dims 256 half .. 256 half + 255. Both take the same segments.
+  const uint32_t half = kPair ? blockIdx.x & 1u : 0u;
+  const int dim0 = kPair ? 256 * int(half) : 0;
+  const unsigned cta = kPair ? blockIdx.x >> 1 : blockIdx.x;
+  const int split_id = split ? int(cta % unsigned(sp.nsplit)) : 0;
+  const int64_t tok = split ? cta / unsigned(sp.nsplit) : cta;
+  const bool row_leader = split && split_id == 0 && tid == 0 && half == 0;
+  const bool ml_cta = half == 0;  // the CTA that stores (m, l) partials (the pair's are equal)
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
   const int32_t s = a.token_seq[tok];
   const int64_t p = a.positions[tok];
@@ -2196,17 +2265,22 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   }
   if (pad) {  // pad rows: zeros (split: the combine kernel writes them)
     if (row_leader) sp.segs[tok] = 0;
-    if constexpr (!split)
+    if constexpr (!split && !kPair)
       for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
+    if constexpr (!split && kPair)
+      for (int i = tid; i < W::kHeads * L::kCtaDh / 8; i += W::kThreads)
+        *reinterpret_cast<uint4*>(out + (i / (L::kCtaDh / 8)) * W::kDh + dim0 + 8 * (i % (L::kCtaDh / 8))) =
+            make_uint4(0, 0, 0, 0);
     return;
   }
   if constexpr (kEarly) {  // Q: 16-byte piece pc of head h, by cp.async (the first copy group)
-    constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
-    static_assert(kLoads * W::kThreads == W::kHeads * (W::kDh / 8), "whole pieces a thread");
+    constexpr int kLoads = W::kHeads * (L::kCtaDh / 8) / W::kThreads;
+    static_assert(kLoads * W::kThreads == W::kHeads * (L::kCtaDh / 8), "whole pieces a thread");
 #pragma unroll
     for (int j = 0; j < kLoads; ++j) {
-      const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
-      cp_async16(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7), a.q + (tok * W::kHeads + h) * W::kDh + 8 * pc);
+      const int i = tid + j * W::kThreads, h = i / (L::kCtaDh / 8), pc = i % (L::kCtaDh / 8);
+      cp_async16(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7),
+                 a.q + (tok * W::kHeads + h) * W::kDh + dim0 + 8 * pc);
     }
     cp_async_commit();
   } else {
@@ -2240,25 +2314,26 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const auto partial_ml = [&](int64_t h, int e) { return sp.ml + ((tok * W::kHeads + h) * sp.max_segs + e) * 2; };
   const auto store_partial_o = [&](int e, auto&& v) {
     const int head_stride = sp.max_segs * W::kDh;
-    float* po = sp.o + ((tok * W::kHeads + int64_t(0)) * sp.max_segs + e) * W::kDh + 2 * t * head_stride + 128 * wg + 16 * ww + g;
+    float* po = sp.o + ((tok * W::kHeads + int64_t(0)) * sp.max_segs + e) * W::kDh + 2 * t * head_stride + dim0 +
+                L::kWgDh * wg + 16 * ww + g;
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb)
+    for (int mb = 0; mb < L::kMb; ++mb)
 #pragma unroll
       for (int i = 0; i < 32; ++i) po[(8 * (i >> 2) + (i & 1)) * head_stride + 64 * mb + 8 * ((i >> 1) & 1)] = v(mb, i);
   };
 
   if constexpr (!kEarly) {  // Q: 16-byte piece pc of head h, every load issued before the first store
-    constexpr int kLoads = W::kHeads * (W::kDh / 8) / W::kThreads;
-    static_assert(kLoads * W::kThreads == W::kHeads * (W::kDh / 8), "whole loads a thread");
+    constexpr int kLoads = W::kHeads * (L::kCtaDh / 8) / W::kThreads;
+    static_assert(kLoads * W::kThreads == W::kHeads * (L::kCtaDh / 8), "whole loads a thread");
     uint4 v[kLoads];
 #pragma unroll
     for (int j = 0; j < kLoads; ++j) {
-      const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
-      v[j] = *reinterpret_cast<const uint4*>(a.q + (tok * W::kHeads + h) * W::kDh + 8 * pc);
+      const int i = tid + j * W::kThreads, h = i / (L::kCtaDh / 8), pc = i % (L::kCtaDh / 8);
+      v[j] = *reinterpret_cast<const uint4*>(a.q + (tok * W::kHeads + h) * W::kDh + dim0 + 8 * pc);
     }
 #pragma unroll
     for (int j = 0; j < kLoads; ++j) {
-      const int i = tid + j * W::kThreads, h = i / (W::kDh / 8), pc = i % (W::kDh / 8);
+      const int i = tid + j * W::kThreads, h = i / (L::kCtaDh / 8), pc = i % (L::kCtaDh / 8);
       *reinterpret_cast<uint4*>(Qs + (pc >> 3) * W::kBuf + tc::sw128_offset(h, pc & 7)) = v[j];
     }
     e4m3_table();
@@ -2277,7 +2352,18 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       if (ktype[buf * W::kTileKeys + k] != 1) continue;  // uniform over the warp
       const uint8_t* src = kptr[buf * W::kTileKeys + k];
       uint8_t* dst = raw + size_t(k) * W::kRowBytes;
-      for (int piece = lane; piece < W::kRowBytes / 8; piece += 32) cp_async8(dst + 8 * piece, src + 8 * piece);
+      if constexpr (kPair) {
+        // The pieces of this CTA's dims: the e4m3 codes of dims 0-255 (pieces 0-31), or
+        // those of 256-447 and the bf16 rope values (32-71); and the scales (72).
+        static_assert(W::kRowBytes == 73 * 8 && W::kDh - kRope == 448, "V4-Flash's 584-byte record");
+        const int first = half ? 32 : 0, count = half ? 41 : 33;
+        for (int i = lane; i < count; i += 32) {
+          const int piece = i == 32 && half == 0 ? 72 : first + i;
+          cp_async8(dst + 8 * piece, src + 8 * piece);
+        }
+      } else {
+        for (int piece = lane; piece < W::kRowBytes / 8; piece += 32) cp_async8(dst + 8 * piece, src + 8 * piece);
+      }
     }
     cp_async_commit();
   };
@@ -2287,18 +2373,35 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   __syncthreads();
   issue(0);
 
-  // o[mb]: dims 128 wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at index 4q + e.
-  float o[2][32];
-  volatile float O_fold[64];
+  // o[mb]: dims dim0 + kWgDh wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at
+  // index 4q + e. The fold state O: one CTA a row, 64 values a thread in local memory
+  // (512 threads leave 128 registers each); the pair, 32 in registers.
+  float o[L::kMb][32];
+  volatile float O_fold[kPair ? 1 : 64];
+  float O_reg[kPair ? 32 : 1] = {};
+  const auto fold_get = [&](int i) -> float {
+    if constexpr (kPair) return O_reg[i];
+    else return O_fold[i];
+  };
+  const auto fold_set = [&](int i, float v) {
+    if constexpr (kPair) O_reg[i] = v;
+    else O_fold[i] = v;
+  };
   // A CTA that leaves a partial a segment never folds: its O_fold is not zeroed (64
   // local-memory stores a thread, 128 KB a CTA) unless sp.zero_fold (A/B runs).
   const bool folds = !per_segment || sp.zero_fold;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.0f;
-  if (folds) {
+  for (int i = 0; i < 32; ++i)
 #pragma unroll
-    for (int i = 0; i < 32; ++i) O_fold[i] = O_fold[32 + i] = 0.0f;
+    for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
+  if constexpr (!kPair) {
+    if (folds) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) O_fold[i] = O_fold[32 + i] = 0.0f;
+    }
   }
+  // The pair: the other CTA's S partials, at the same offsets of its shared memory.
+  const uint32_t sp_peer = kPair ? cluster_map(smem_addr(Sp), half ^ 1u) : 0u;
   // The softmax role of this thread (row_softmax4, as in attention_mma_kernel): head sr,
   // quad lane stig and key half shalf; its row's running and folded (m, l).
   const int sr = tid >> 3, stig = (tid >> 1) & 3, shalf = tid & 1;
@@ -2315,7 +2418,37 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     const bool seg_end = tile % W::kTilesPerSeg == W::kTilesPerSeg - 1 || tile + 1 == tiles;
     cp_async_wait<0>();
     __syncthreads();  // the records are here; the previous tile's readers of Ks and P are done
-    {  // key k, dims 8 (c0 + 8 j) .. + 7 for j = 0..7: one piece of each 64-dim block (K buffer j)
+    if constexpr (kPair) {  // key k, dims dim0 + 8 (c0 + 8 j) .. + 7 for j = 0..3 (K buffer j)
+      static_assert(W::kThreads == 8 * W::kTileKeys && L::kBufs == 4, "a thread a key and a piece of each block");
+      constexpr int kNope = W::kDh - kRope;
+      const int k = tid % W::kTileKeys, c0 = tid / W::kTileKeys, type = ktype[buf * W::kTileKeys + k];
+      const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
+      uint8_t* dst = Ks + tc::sw128_offset(k, c0);
+      const int b0 = 4 * int(half);  // the row's 64-dim blocks b0 .. b0 + 3; block 7 is the rope dims
+      if (type == 1) {
+        bool exact = true;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (b0 + j == kNope / 64) break;
+          uint4 v;
+          exact &= e4m3x8_scaled_bf16_exact(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
+                                            core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), v);
+          *reinterpret_cast<uint4*>(dst + j * W::kBuf) = v;
+        }
+        if (!exact) {
+          for (int j = 0; j < 4 && b0 + j < kNope / 64; ++j)
+            *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
+                e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
+                                   core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), lut);
+        }
+        if (half) *reinterpret_cast<uint4*>(dst + 3 * W::kBuf) = rope_key8<W::kDh>(rec, kNope + 8 * c0);
+      } else {
+#pragma unroll 1
+        for (int j = 0; j < 4; ++j)
+          *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
+              decode_key8<W::kDh>(type, rec, kptr + buf * W::kTileKeys + k, 8 * (c0 + 8 * (b0 + j)), lut);
+      }
+    } else {  // key k, dims 8 (c0 + 8 j) .. + 7 for j = 0..7: one piece of each 64-dim block (K buffer j)
       static_assert(W::kThreads == 8 * W::kTileKeys && W::kDh == 8 * 64, "a thread a key and a piece of each block");
       constexpr int kNope = W::kDh - kRope;
       const int k = tid % W::kTileKeys, c0 = tid / W::kTileKeys, type = ktype[buf * W::kTileKeys + k];
@@ -2350,39 +2483,72 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     tc::fence_proxy_async();
     __syncthreads();  // the K tile is complete and the staging buffer free
 
-    // S partial of dims quarter wg (buffers 2 wg, 2 wg + 1): 8 chained k16 steps from zero.
-    float acc[32];
+    if constexpr (kPair) {
+      // S partial of dims quarter 2 half + lq (this CTA's buffers 2 lq, 2 lq + 1) for
+      // keys 32 kh .. 32 kh + 31, warpgroup wg = 2 lq + kh: 8 chained k16 steps from zero
+      // (m64n32: an element's chain is the m64n64 one's).
+      const int lq = wg >> 1, kh = wg & 1;
+      float acc[16];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
-    tc::wgmma_fence();
+      for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
+      tc::wgmma_fence();
 #pragma unroll
-    for (int bb = 0; bb < 2; ++bb)
+      for (int bb = 0; bb < 2; ++bb)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t off = uint32_t((2 * wg + bb) * W::kBuf + 32 * j);
-        tc::wgmma_bf16_ss<8>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off), (bb | j) != 0 ? 1 : 0);
-      }
-    tc::wgmma_commit();
-    // Warp 0 looks up the next tile's keys while the products run (the buffer's
-    // last readers finished in the previous tile); the barrier below orders them
-    // before issue().
-    if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
-    tc::wgmma_wait_all();
-    // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
-    // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
-    // every thread takes a part of the softmax. With warpgroup 0 alone summing and
-    // running it, the other three waited: a third of the stall samples (ncu, batch 256).
-    {
-      float* part = Sp + size_t(wg) * W::kHeads * W::kSpStride;
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t off = uint32_t((2 * lq + bb) * W::kBuf + 32 * j);
+          tc::wgmma_bf16_ss<4>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off + 32 * kh * 128),
+                               (bb | j) != 0 ? 1 : 0);
+        }
+      tc::wgmma_commit();
+      if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
+      tc::wgmma_wait_all();
+      if (step > 0) cluster_wait_acquire();  // the other CTA has read the last tile's partials
+      float* part = Sp + size_t(lq) * W::kHeads * W::kSpStride;
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const int head = 16 * ww + g, key = 8 * q + 2 * t;
+      for (int q = 0; q < 4; ++q) {
+        const int head = 16 * ww + g, key = 32 * kh + 8 * q + 2 * t;
         *reinterpret_cast<float2*>(part + head * W::kSpStride + key) = make_float2(acc[4 * q], acc[4 * q + 1]);
         *reinterpret_cast<float2*>(part + (head + 8) * W::kSpStride + key) =
             make_float2(acc[4 * q + 2], acc[4 * q + 3]);
       }
+      cluster_sync_all();  // both CTAs' partials (and warp 0's lookups) are in place
+      if (next >= 0) issue(buf ^ 1);  // (the staging area is the pair's own)
+    } else {
+      // S partial of dims quarter wg (buffers 2 wg, 2 wg + 1): 8 chained k16 steps from zero.
+      float acc[32];
+#pragma unroll
+      for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+      tc::wgmma_fence();
+#pragma unroll
+      for (int bb = 0; bb < 2; ++bb)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t off = uint32_t((2 * wg + bb) * W::kBuf + 32 * j);
+          tc::wgmma_bf16_ss<8>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off), (bb | j) != 0 ? 1 : 0);
+        }
+      tc::wgmma_commit();
+      // Warp 0 looks up the next tile's keys while the products run (the buffer's
+      // last readers finished in the previous tile); the barrier below orders them
+      // before issue().
+      if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
+      tc::wgmma_wait_all();
+      // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
+      // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
+      // every thread takes a part of the softmax. With warpgroup 0 alone summing and
+      // running it, the other three waited: a third of the stall samples (ncu, batch 256).
+      {
+        float* part = Sp + size_t(wg) * W::kHeads * W::kSpStride;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int head = 16 * ww + g, key = 8 * q + 2 * t;
+          *reinterpret_cast<float2*>(part + head * W::kSpStride + key) = make_float2(acc[4 * q], acc[4 * q + 1]);
+          *reinterpret_cast<float2*>(part + (head + 8) * W::kSpStride + key) =
+              make_float2(acc[4 * q + 2], acc[4 * q + 3]);
+        }
+      }
+      __syncthreads();
     }
-    __syncthreads();
     // S of this thread's keys 32c + 8 nt + 2 stig + e (nt = 2 shalf + j) of head sr: the
     // four partials in quarter order, scaled, missing keys at -inf.
     const int tile_chunks = 2 * tile + 1 < chunks ? 2 : 1;
@@ -2395,15 +2561,25 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
         float x0 = 0.0f, x1 = 0.0f;
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          const float2 x = *reinterpret_cast<const float2*>(Sp + (size_t(r) * W::kHeads + sr) * W::kSpStride + key);
+          float2 x;
+          if constexpr (kPair) {  // quarter r: the partial lq = r % 2 of CTA r / 2
+            const int at = ((r & 1) * W::kHeads + sr) * W::kSpStride + key;
+            x = (r >> 1) == int(half) ? *reinterpret_cast<const float2*>(Sp + at) : ld_cluster_f32x2(sp_peer + 4 * at);
+          } else {
+            x = *reinterpret_cast<const float2*>(Sp + (size_t(r) * W::kHeads + sr) * W::kSpStride + key);
+          }
           x0 += x.x;
           x1 += x.y;
         }
         sv[c][2 * j] = ktype[buf * W::kTileKeys + key] != 0 ? x0 * a.scale : -INFINITY;
         sv[c][2 * j + 1] = ktype[buf * W::kTileKeys + key + 1] != 0 ? x1 * a.scale : -INFINITY;
       }
-    __syncthreads();  // every partial read: bf16(P) takes their place, the next records the rest
-    if (next >= 0) issue(buf ^ 1);
+    if constexpr (kPair) {
+      cluster_arrive_release();  // this CTA's reads of the other's partials are done (waited on before the next stores)
+    } else {
+      __syncthreads();  // every partial read: bf16(P) takes their place, the next records the rest
+      if (next >= 0) issue(buf ^ 1);
+    }
     // The tile's chunks in order (the row's last tile may hold one): bf16(P)
     // [head][key] for the P.V wgmmas (K-major, 128-byte swizzle) and alpha per head.
 #pragma unroll
@@ -2419,7 +2595,8 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     }
     const auto ml_at = [&] { return partial_ml(sr, lead_partial + seg - lead); };
     if (seg_end)
-      finish_segment(per_segment, row_writer, row_writer, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold, L_fold);
+      finish_segment(per_segment, row_writer, row_writer && ml_cta, ml_at, &fold_a[sr], &fold_b[sr], m_run, l_run, M_fold,
+                     L_fold);
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the tile's chunks
 #pragma unroll
@@ -2431,7 +2608,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
         const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
         const float a0 = a01.x, a1 = a01.y;
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) {
+        for (int mb = 0; mb < L::kMb; ++mb) {
           o[mb][4 * q] *= a0;
           o[mb][4 * q + 1] *= a1;
           o[mb][4 * q + 2] *= a0;
@@ -2441,20 +2618,20 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       // A = V^T (dims x keys) for keys 16j .. 16j + 15, j = 2c + jj: matrix m of
       // ldmatrix.x4.trans = keys 16j + 8 (m / 2) .., dims + 8 (m % 2). All four
       // fragments are loaded before the fence (registers a wgmma reads stay untouched).
-      uint32_t af[2][2][4];
+      uint32_t af[2][L::kMb][4];
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb) {
+        for (int mb = 0; mb < L::kMb; ++mb) {
           const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
-          const int dim = 128 * wg + 64 * mb + 16 * ww + 8 * (m & 1);
+          const int dim = L::kWgDh * wg + 64 * mb + 16 * ww + 8 * (m & 1);  // (of this CTA's dims)
           ldmatrix_x4_trans(af[jj][mb], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
         }
       tc::wgmma_fence();
 #pragma unroll
       for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-        for (int mb = 0; mb < 2; ++mb)
+        for (int mb = 0; mb < L::kMb; ++mb)
           tc::wgmma_bf16_rs<8>(o[mb], af[jj][mb], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
       tc::wgmma_commit();
       tc::wgmma_wait_all();
@@ -2466,22 +2643,26 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       store_partial_o(lead_partial + seg - lead, [&](int mb, int i) { return o[mb][i]; });
     } else {
 #pragma unroll
-      for (int mb = 0; mb < 2; ++mb)
+      for (int mb = 0; mb < L::kMb; ++mb)
 #pragma unroll
         for (int i = 0; i < 32; ++i) {
           const int h = 8 * (i >> 2) + 2 * t + (i & 1);
           const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
-          O_fold[32 * mb + i] = fold_value(O_fold[32 * mb + i], o[mb][i], w);
+          fold_set(32 * mb + i, fold_value(fold_get(32 * mb + i), o[mb][i], w));
         }
     }
 #pragma unroll
-    for (int i = 0; i < 32; ++i) o[0][i] = o[1][i] = 0.0f;
+    for (int i = 0; i < 32; ++i)
+#pragma unroll
+      for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
   }
   cp_async_wait<0>();
+  // The pair: the other CTA's last reads of this CTA's partials are done before it leaves.
+  if constexpr (kPair) cluster_wait_acquire();
   if (per_segment) return;  // attention_combine_kernel finishes the row
   if (split) {  // the lead CTA: its folded state as the row's partial 0
-    store_partial_o(0, [&](int mb, int i) { return O_fold[32 * mb + i]; });
-    if (row_writer) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
+    store_partial_o(0, [&](int mb, int i) { return fold_get(32 * mb + i); });
+    if (row_writer && ml_cta) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
     return;
   }
 
@@ -2489,24 +2670,24 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // of the last 64 dims at p and the store, a pair of dims per thread and step.
   if (row_writer) den_s[sr] = attention_denominator(L_fold, M_fold, a.sink[sr]);
   __syncthreads();
-  uint16_t* tile = reinterpret_cast<uint16_t*>(Qs);
+  uint16_t* tile = reinterpret_cast<uint16_t*>(Qs);  // [64 heads][this CTA's dims]
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
+  for (int mb = 0; mb < L::kMb; ++mb)
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int h = 8 * (i >> 2) + 2 * t + (i & 1);
-      const int d = 128 * wg + 64 * mb + 16 * ww + g + 8 * ((i >> 1) & 1);
-      tile[h * W::kDh + d] = f2bf(__fdiv_rn(O_fold[32 * mb + i], den_s[h]));
+      const int d = L::kWgDh * wg + 64 * mb + 16 * ww + g + 8 * ((i >> 1) & 1);
+      tile[h * L::kCtaDh + d] = f2bf(__fdiv_rn(fold_get(32 * mb + i), den_s[h]));
     }
   __syncthreads();
-  for (int i = tid; i < W::kHeads * (W::kDh / 2); i += W::kThreads) {
-    const int h = i / (W::kDh / 2), d = 2 * (i % (W::kDh / 2));
-    float x0 = bf2f(tile[h * W::kDh + d]), x1 = bf2f(tile[h * W::kDh + d + 1]);
-    if (d >= W::kDh - kRope) {
-      const int pair = (d - (W::kDh - kRope)) / 2;
+  for (int i = tid; i < W::kHeads * (L::kCtaDh / 2); i += W::kThreads) {
+    const int h = i / (L::kCtaDh / 2), d = 2 * (i % (L::kCtaDh / 2));
+    float x0 = bf2f(tile[h * L::kCtaDh + d]), x1 = bf2f(tile[h * L::kCtaDh + d + 1]);
+    if (dim0 + d >= W::kDh - kRope) {
+      const int pair = (dim0 + d - (W::kDh - kRope)) / 2;
       rope_pair_f(&x0, &x1, rope_c[pair], -rope_s[pair]);
     }
-    *reinterpret_cast<uint32_t*>(out + h * W::kDh + d) = pack_bf16(x0, x1);
+    *reinterpret_cast<uint32_t*>(out + h * W::kDh + dim0 + d) = pack_bf16(x0, x1);
   }
 }
 }  // namespace
@@ -2911,6 +3092,41 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // (It zeroes pad rows with 16-byte stores.)
   if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit &&
       aligned16(o.data())) {
+    if (attention_pair_wanted(T)) {
+      // The pair form: a row's dims over a cluster of two CTAs (each split of a row is a
+      // cluster), the same bits.
+      const AttnSplit sp = make_split(2 * T, true);
+      const bool early = attention_early();
+      const auto kernel = sp.nsplit == 1 ? attention_wgmma_kernel<false, false, true>
+                          : early        ? attention_wgmma_kernel<true, true, true>
+                                         : attention_wgmma_kernel<true, false, true>;
+      const size_t smem = wg_attn::Layout<true>::bytes(a.K);
+      allow_smem(kernel, smem);
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = 2;
+      cluster.val.clusterDim.y = 1;
+      cluster.val.clusterDim.z = 1;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(unsigned(2 * T * sp.nsplit));
+      cfg.blockDim = dim3(wg_attn::kThreads);
+      cfg.dynamicSmemBytes = smem;
+      cfg.stream = stream_;
+      cfg.attrs = &cluster;
+      cfg.numAttrs = 1;
+      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, sp));
+      check_launch(stream_);
+      g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+      g_wgmma_pair_launches.fetch_add(1, std::memory_order_relaxed);
+      if (sp.nsplit > 1) {
+        g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
+        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
+                                   : attention_combine_kernel<wg_attn::kDh, false>;
+        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
+        check_launch(stream_);
+      }
+      return;
+    }
     const AttnSplit sp = make_split(T, true);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
       // The early form for split launches only (up to 131 rows, where a row's prologue

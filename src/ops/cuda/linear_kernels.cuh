@@ -56,6 +56,7 @@
 #include "core/dtype.h"
 #include "core/scalar_math.h"
 #include "ops/cuda/act_quant.cuh"
+#include "ops/cuda/cluster.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
@@ -204,24 +205,6 @@ struct GemmParams {
 };
 
 // ---- small helpers ------------------------------------------------------------------
-// Thread-block clusters (sm_90): every thread of every CTA of the cluster arrives and
-// waits (release / acquire: shared-memory writes before it are visible after it).
-__device__ __forceinline__ void cluster_sync_all() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ uint32_t cluster_cta_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// The float at this CTA's shared address `local` in the shared memory of cluster CTA `rank`.
-__device__ __forceinline__ float ld_cluster_f32(uint32_t local, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(local), "r"(rank));
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
 constexpr int kMaxClusterFold = 8;  // slices a cluster folds (the portable cluster size)
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
