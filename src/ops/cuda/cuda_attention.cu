@@ -95,30 +95,33 @@ bool attention_wgmma_wanted() {
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 
 // The wgmma kernel's pair form (a row's dims over a cluster of two CTAs) for launches of
-// T rows: DSV4_CUDA_ATTN_PAIR=off (default), all, N (1 to N rows) or A-B (A to B rows);
-// a test hook may force it on (1) or off (0) for every T. The same bits either way.
+// T rows: DSV4_CUDA_ATTN_PAIR=off (default), auto (while a cluster a row fits the SMs in
+// one wave: 2 T <= SMs), all, N (1 to N rows) or A-B (A to B rows); a test hook may force
+// it on (1) or off (0) for every T. The same bits either way.
 std::atomic<int> g_forced_pair{-1};
 std::atomic<int64_t> g_wgmma_pair_launches{0};
-bool attention_pair_wanted(int64_t T) {
+bool attention_pair_wanted(int64_t T, int num_sms) {
   const int forced = g_forced_pair.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
   struct Rows {
-    int64_t lo, hi;
+    int64_t lo, hi;  // hi < 0: auto
   };
   static const Rows rows = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_PAIR");
     const std::string s = v != nullptr ? v : "off";
     if (s == "off" || s.empty()) return Rows{1, 0};
+    if (s == "auto") return Rows{1, -1};
     if (s == "all") return Rows{1, INT64_MAX};
     long long lo = 1, hi = 0;
     char tail = 0;
     const bool range = std::sscanf(s.c_str(), "%lld-%lld%c", &lo, &hi, &tail) == 2;
     const bool one = !range && std::sscanf(s.c_str(), "%lld%c", &hi, &tail) == 1;
     DSV4_CHECK((range || one) && lo >= 1 && hi >= lo,
-               "DSV4_CUDA_ATTN_PAIR: expected off, all, N or A-B (rows, 1 <= A <= B), got '{}'", s);
+               "DSV4_CUDA_ATTN_PAIR: expected off, auto, all, N or A-B (rows, 1 <= A <= B), got '{}'", s);
     return Rows{range ? lo : 1, hi};
   }();
-  return T >= rows.lo && T <= rows.hi;
+  const int64_t hi = rows.hi < 0 ? num_sms / 2 : rows.hi;
+  return T >= rows.lo && T <= hi;
 }
 
 // attention_split_ctas (ops/cuda/attention_split.h), or n = min(N, segs) under
@@ -2185,7 +2188,7 @@ inline size_t bytes(int64_t K) { return Layout<false>::bytes(K); }
 // launcher takes it for split launches (see there).
 //
 // kPair: a row's 512 dims over a cluster of two CTAs, 256 each (docs/design/cuda-attention.md,
-// sixty-third session). Each CTA decodes its half of the tile's keys, computes its two dims
+// fifty-fourth session). Each CTA decodes its half of the tile's keys, computes its two dims
 // quarters' S partials and reads the other two from the other CTA's shared memory, adding
 // all four in quarter order as one CTA a row does; both run the whole softmax (the same
 // values); each multiplies, folds and outputs its own dims. So the bits are those of one
@@ -3092,7 +3095,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // (It zeroes pad rows with 16-byte stores.)
   if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit &&
       aligned16(o.data())) {
-    if (attention_pair_wanted(T)) {
+    if (attention_pair_wanted(T, num_sms)) {
       // The pair form: a row's dims over a cluster of two CTAs (each split of a row is a
       // cluster), the same bits.
       const AttnSplit sp = make_split(2 * T, true);
