@@ -92,5 +92,45 @@ TEST(AttentionSplit, LeadFoldCoversEverySegmentOnce) {
   }
 }
 
+// The pair form's choice at bench-1g's shapes (SWA 2, HCA 3, CSA 10 segments a row at
+// context 4096), each side at the split the launcher would take (no partial cap).
+bool pair_pays(int64_t rows, int64_t segs, int64_t sms = kH200Sms) {
+  const auto split = [&](int64_t row_ctas) {
+    return row_ctas >= sms || segs <= 1 ? int64_t(1) : int64_t(attention_split_ctas(row_ctas, segs, sms));
+  };
+  return attention_pair_pays(rows, segs, sms, split(rows), split(2 * rows));
+}
+
+TEST(AttentionSplit, PairBench1gShapes) {
+  for (int64_t segs : {2, 3, 10}) EXPECT_TRUE(pair_pays(1, segs)) << segs;  // batch 1: a segment a cluster
+  EXPECT_TRUE(pair_pays(16, 2));    // SWA: 32 clusters of 1 segment against 32 CTAs of 1
+  EXPECT_TRUE(pair_pays(16, 3));    // HCA: 48 clusters of 1 against 48 CTAs of 1
+  EXPECT_FALSE(pair_pays(16, 10));  // CSA: 4 clusters of 3 segments a row against 5 CTAs of 2
+  for (int64_t segs : {2, 3, 10}) EXPECT_TRUE(pair_pays(64, segs)) << segs;  // no split, no combine
+  for (int64_t segs : {2, 3, 10}) {
+    EXPECT_FALSE(pair_pays(96, segs)) << segs;   // 192 clusters' CTAs: two waves against one
+    EXPECT_FALSE(pair_pays(256, segs)) << segs;  // ~4 waves against 2
+  }
+}
+
+TEST(AttentionSplit, PairNeverWalksMoreSegmentsUnlessItDropsTheSplit) {
+  for (int64_t sms : {78, 114, 132})
+    for (int64_t rows = 1; rows <= 2 * sms; ++rows)
+      for (int64_t segs = 1; segs <= 24; ++segs) {
+        const auto split = [&](int64_t row_ctas) {
+          return row_ctas >= sms || segs <= 1 ? int64_t(1) : int64_t(attention_split_ctas(row_ctas, segs, sms));
+        };
+        const int64_t n_one = split(rows), n_pair = split(2 * rows);
+        if (!attention_pair_pays(rows, segs, sms, n_one, n_pair)) continue;
+        const int64_t one = attention_split_cost(rows, segs, sms, n_one);
+        const int64_t pair = attention_split_cost(2 * rows, segs, sms, n_pair);
+        if (pair > one) {  // only where one CTA a row would split and the pair fits one wave unsplit
+          ASSERT_EQ(n_pair, 1) << rows << " " << segs << " " << sms;
+          ASSERT_GT(n_one, 1) << rows << " " << segs << " " << sms;
+          ASSERT_LE(2 * rows, sms) << rows << " " << segs << " " << sms;
+        }
+      }
+}
+
 }  // namespace
 }  // namespace dsv4::ops

@@ -496,6 +496,7 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_use_wgmma(-1);
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
+      cuda_attention_force_pair(-1);
       cuda_indexer_score_pages(0);
     }
   }
@@ -961,6 +962,7 @@ TEST_P(CudaAttention, SplitKeySegmentsChangeNoBit) {
 TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(314);
+  cuda_attention_force_pair(0);  // a CTA a row or split (the pair form: WgmmaPairEqualsOneCtaBitForBit)
   const AttnShape sh{64, 512, 128, 512};
   for (int64_t ratio : {0, 4, 128}) {
     AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
@@ -1001,6 +1003,7 @@ TEST_P(CudaAttention, WgmmaKernelEqualsMmaKernelBitForBit) {
 TEST_P(CudaAttention, EarlyFormEqualsLateBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(317);
+  cuda_attention_force_pair(0);  // a CTA a row or split (the pair form: WgmmaPairEqualsOneCtaBitForBit)
   struct Reset {
     ~Reset() {
       cuda_attention_force_early(-1);
@@ -1041,6 +1044,7 @@ TEST_P(CudaAttention, EarlyFormEqualsLateBitForBit) {
 TEST_P(CudaAttention, WgmmaAnySplitEqualsOneCtaBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(316);
+  cuda_attention_force_pair(0);  // a CTA a row or split (the pair form: WgmmaPairEqualsOneCtaBitForBit)
   const AttnShape sh{64, 512, 128, 512};
   for (int64_t ratio : {0, 4, 128}) {
     AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,

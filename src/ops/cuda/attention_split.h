@@ -54,4 +54,19 @@ constexpr int attention_split_lead_partials(int64_t segs, int64_t nsplit) {
   return segs <= 0 ? 0 : int(1 + segs - attention_split_lead_segs(segs, nsplit));
 }
 
+// The wgmma kernel's pair form (a row's dims over a cluster of two CTAs: a cluster a
+// split of a row, each CTA half the decode, products and fold) against one CTA a split, for
+// `rows` rows of `segs` segments split n_one (one CTA) or n_pair (clusters) ways: the pair
+// where its busiest SM walks no more segments one after another (a pair's segment took
+// 0.73-0.86x of one CTA's at 16-64 rows, bench-1g, H200; docs/design/cuda-attention.md,
+// fifty-fourth session), or where it needs no split and so no partials and no combine while
+// one CTA a row would split, in one wave (64 rows: a CSA layer 84 µs against 68 + 18 for
+// the split and its combine). At 16 rows a CSA row's pair takes 4 clusters of 3 segments
+// against 5 CTAs of 2 (31 µs against 27); at 256 rows the clusters take ~4 waves against 2.
+constexpr bool attention_pair_pays(int64_t rows, int64_t segs, int64_t num_sms, int64_t n_one, int64_t n_pair) {
+  const int64_t one = attention_split_cost(rows, segs, num_sms, n_one);
+  const int64_t pair = attention_split_cost(2 * rows, segs, num_sms, n_pair);
+  return pair <= one || (n_pair == 1 && n_one > 1 && 2 * rows <= num_sms);
+}
+
 }  // namespace dsv4::ops

@@ -94,13 +94,14 @@ bool attention_wgmma_wanted() {
 // Its launches that spread rows over CTAs (few rows): on unless DSV4_CUDA_ATTN_WGMMA_SPLIT=0.
 bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT", "0"); }
 
-// The wgmma kernel's pair form (a row's dims over a cluster of two CTAs) for launches of
-// T rows: DSV4_CUDA_ATTN_PAIR=off (default), auto (while a cluster a row fits the SMs in
-// one wave: 2 T <= SMs), all, N (1 to N rows) or A-B (A to B rows); a test hook may force
-// it on (1) or off (0) for every T. The same bits either way.
+// The wgmma kernel's pair form (a row's dims over a cluster of two CTAs) for a launch of
+// T rows: DSV4_CUDA_ATTN_PAIR=auto (the default: where attention_pair_pays, ops/cuda/
+// attention_split.h), off, all, N (1 to N rows) or A-B (A to B rows) for A/B runs; a test
+// hook may force it on (1) or off (0) for every T. The same bits either way.
 std::atomic<int> g_forced_pair{-1};
 std::atomic<int64_t> g_wgmma_pair_launches{0};
-bool attention_pair_wanted(int64_t T, int num_sms) {
+template <class Pays>
+bool attention_pair_wanted(int64_t T, Pays&& pays) {
   const int forced = g_forced_pair.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
   struct Rows {
@@ -108,9 +109,9 @@ bool attention_pair_wanted(int64_t T, int num_sms) {
   };
   static const Rows rows = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_PAIR");
-    const std::string s = v != nullptr ? v : "off";
-    if (s == "off" || s.empty()) return Rows{1, 0};
-    if (s == "auto") return Rows{1, -1};
+    const std::string s = v != nullptr ? v : "auto";
+    if (s == "off") return Rows{1, 0};
+    if (s == "auto" || s.empty()) return Rows{1, -1};
     if (s == "all") return Rows{1, INT64_MAX};
     long long lo = 1, hi = 0;
     char tail = 0;
@@ -120,8 +121,8 @@ bool attention_pair_wanted(int64_t T, int num_sms) {
                "DSV4_CUDA_ATTN_PAIR: expected off, auto, all, N or A-B (rows, 1 <= A <= B), got '{}'", s);
     return Rows{range ? lo : 1, hi};
   }();
-  const int64_t hi = rows.hi < 0 ? num_sms / 2 : rows.hi;
-  return T >= rows.lo && T <= hi;
+  if (rows.hi < 0) return pays();
+  return T >= rows.lo && T <= rows.hi;
 }
 
 // attention_split_ctas (ops/cuda/attention_split.h), or n = min(N, segs) under
@@ -3068,7 +3069,8 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // a read). Under the lead fold (the wgmma kernel) a row leaves fewer partials than
   // segments (attention_split_lead_partials, at most that of the longest row).
   const int64_t max_segs = (a.max_keys + kSegmentKeys - 1) / kSegmentKeys;
-  const auto make_split = [&](int64_t row_ctas, bool lead_fold) {
+  // The split for row_ctas CTAs a split (its scratch not yet attached), then with it.
+  const auto plan_split = [&](int64_t row_ctas, bool lead_fold) {
     AttnSplit sp{1, 1, false, false, nullptr, nullptr, nullptr};
     if (attention_split_disabled() || row_ctas >= num_sms || max_segs <= 1) return sp;
     const int nsplit = split_ctas(row_ctas, max_segs, num_sms);
@@ -3080,25 +3082,37 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       sp.max_segs = int(partials);
       sp.lead_fold = lead_fold;
       sp.zero_fold = split_zero_fold();
+    }
+    return sp;
+  };
+  const auto with_scratch = [&](AttnSplit sp) {
+    if (sp.nsplit > 1) {
+      const int64_t partials = sp.max_segs;
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * partials * Dh) * sizeof(float)));
       sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * partials) * 2 * sizeof(float)));
       sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
     }
     return sp;
   };
+  const auto make_split = [&](int64_t row_ctas, bool lead_fold) { return with_scratch(plan_split(row_ctas, lead_fold)); };
   // V4-Flash's shape: the wgmma kernel (the same bits), one CTA a row or, for few
-  // rows, the row's segments spread over CTAs. A single row stays on the mma.sync
-  // kernel's split (CTAs of 16 heads: 4x as many for its few segments), where the
-  // wgmma split showed no gain (bench-1g, nineteenth session: +0.15% a step, within
+  // rows, the row's segments spread over CTAs; where attention_pair_pays, its pair form
+  // (a cluster of two CTAs a row or split: -1.4 / -0.5% a step at 1 / 64 rows, bench-1g,
+  // fifty-fourth session), which also takes a single row. Otherwise a single row stays on
+  // the mma.sync kernel's split (CTAs of 16 heads: 4x as many for its few segments), where
+  // the wgmma split showed no gain (bench-1g, nineteenth session: +0.15% a step, within
   // the noise; -0.3 / -1.9 / -1.8 / -1.5% at 2 / 4 / 8 / 16 rows).
-  // DSV4_CUDA_ATTN_WGMMA_SPLIT=0 leaves every split launch to attention_mma_kernel.
-  // (It zeroes pad rows with 16-byte stores.)
+  // DSV4_CUDA_ATTN_WGMMA_SPLIT=0 leaves every split launch of one CTA a split to
+  // attention_mma_kernel. (It zeroes pad rows with 16-byte stores.)
   if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit &&
       aligned16(o.data())) {
-    if (attention_pair_wanted(T, num_sms)) {
+    const AttnSplit one_plan = plan_split(T, true), pair_plan = plan_split(2 * T, true);
+    if (attention_pair_wanted(T, [&] {
+          return attention_pair_pays(T, max_segs, num_sms, one_plan.nsplit, pair_plan.nsplit);
+        })) {
       // The pair form: a row's dims over a cluster of two CTAs (each split of a row is a
       // cluster), the same bits.
-      const AttnSplit sp = make_split(2 * T, true);
+      const AttnSplit sp = with_scratch(pair_plan);
       const bool early = attention_early();
       const auto kernel = sp.nsplit == 1 ? attention_wgmma_kernel<false, false, true>
                           : early        ? attention_wgmma_kernel<true, true, true>
@@ -3130,7 +3144,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       }
       return;
     }
-    const AttnSplit sp = make_split(T, true);
+    const AttnSplit sp = with_scratch(one_plan);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
       // The early form for split launches only (up to 131 rows, where a row's prologue
       // is on the step's chain): one CTA a row, its registers spill more (ptxas: 144
