@@ -3097,8 +3097,8 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   const auto make_split = [&](int64_t row_ctas, bool lead_fold) { return with_scratch(plan_split(row_ctas, lead_fold)); };
   // V4-Flash's shape: the wgmma kernel (the same bits), one CTA a row or, for few
   // rows, the row's segments spread over CTAs; where attention_pair_pays, its pair form
-  // (a cluster of two CTAs a row or split: -1.4 / -0.5% a step at 1 / 64 rows, bench-1g,
-  // fifty-fourth session), which also takes a single row. Otherwise a single row stays on
+  // (a cluster of two CTAs a row or split; off, a step took +1.9 / +0.5 / +0.3% at 1 / 16 /
+  // 64 rows, bench-1g, fifty-fourth session), which also takes a single row. Otherwise a single row stays on
   // the mma.sync kernel's split (CTAs of 16 heads: 4x as many for its few segments), where
   // the wgmma split showed no gain (bench-1g, nineteenth session: +0.15% a step, within
   // the noise; -0.3 / -1.9 / -1.8 / -1.5% at 2 / 4 / 8 / 16 rows).
