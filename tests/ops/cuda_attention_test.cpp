@@ -497,6 +497,7 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
       cuda_attention_force_pair(-1);
+      cuda_attention_force_early(-1);
       cuda_indexer_score_pages(0);
     }
   }
@@ -1149,17 +1150,7 @@ TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
 // row; every ratio; and a single row at the cost model's split.
 TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
-  Rng rng(318);
-  struct Reset {
-    ~Reset() {
-      cuda_attention_force_pair(-1);
-      cuda_attention_force_split_ctas(0);
-      cuda_attention_force_lead_fold(-1);
-      cuda_attention_force_early(-1);
-      cuda_attention_use_wgmma(-1);
-      cuda_attention_split_keys(true);
-    }
-  } reset;
+  Rng rng(318);  // (TearDown resets the hooks)
   const AttnShape sh{64, 512, 128, 512};
   for (int64_t ratio : {0, 4, 128})
     for (int rows_case = 0; rows_case < 2; ++rows_case) {

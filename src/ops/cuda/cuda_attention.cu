@@ -2487,49 +2487,23 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     tc::fence_proxy_async();
     __syncthreads();  // the K tile is complete and the staging buffer free
 
-    if constexpr (kPair) {
-      // S partial of dims quarter 2 half + lq (this CTA's buffers 2 lq, 2 lq + 1) for
-      // keys 32 kh .. 32 kh + 31, warpgroup wg = 2 lq + kh: 8 chained k16 steps from zero
-      // (m64n32: an element's chain is the m64n64 one's).
-      const int lq = wg >> 1, kh = wg & 1;
-      float acc[16];
+    // S partial of dims quarter wg (buffers 2 wg, 2 wg + 1), or in the pair form of this
+    // CTA's quarter lq = wg / 2 (the row's quarter 2 half + lq) for keys 32 (wg % 2) .. + 31
+    // (m64n32: an element's chain is the m64n64 one's): 8 chained k16 steps from zero.
+    {
+      constexpr int kSn = kPair ? 4 : 8;  // the warpgroup's keys / 8
+      const int lq = kPair ? wg >> 1 : wg, k0 = kPair ? 32 * (wg & 1) : 0;
+      float acc[4 * kSn];
 #pragma unroll
-      for (int i = 0; i < 16; ++i) acc[i] = 0.0f;
+      for (int i = 0; i < 4 * kSn; ++i) acc[i] = 0.0f;
       tc::wgmma_fence();
 #pragma unroll
       for (int bb = 0; bb < 2; ++bb)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const uint32_t off = uint32_t((2 * lq + bb) * W::kBuf + 32 * j);
-          tc::wgmma_bf16_ss<4>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off + 32 * kh * 128),
-                               (bb | j) != 0 ? 1 : 0);
-        }
-      tc::wgmma_commit();
-      if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
-      tc::wgmma_wait_all();
-      if (step > 0) cluster_wait_acquire();  // the other CTA has read the last tile's partials
-      float* part = Sp + size_t(lq) * W::kHeads * W::kSpStride;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int head = 16 * ww + g, key = 32 * kh + 8 * q + 2 * t;
-        *reinterpret_cast<float2*>(part + head * W::kSpStride + key) = make_float2(acc[4 * q], acc[4 * q + 1]);
-        *reinterpret_cast<float2*>(part + (head + 8) * W::kSpStride + key) =
-            make_float2(acc[4 * q + 2], acc[4 * q + 3]);
-      }
-      cluster_sync_all();  // both CTAs' partials (and warp 0's lookups) are in place
-      if (next >= 0) issue(buf ^ 1);  // (the staging area is the pair's own)
-    } else {
-      // S partial of dims quarter wg (buffers 2 wg, 2 wg + 1): 8 chained k16 steps from zero.
-      float acc[32];
-#pragma unroll
-      for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
-      tc::wgmma_fence();
-#pragma unroll
-      for (int bb = 0; bb < 2; ++bb)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t off = uint32_t((2 * wg + bb) * W::kBuf + 32 * j);
-          tc::wgmma_bf16_ss<8>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off), (bb | j) != 0 ? 1 : 0);
+          tc::wgmma_bf16_ss<kSn>(acc, tc::wgmma_desc(q_base + off), tc::wgmma_desc(k_base + off + 128 * k0),
+                                 (bb | j) != 0 ? 1 : 0);
         }
       tc::wgmma_commit();
       // Warp 0 looks up the next tile's keys while the products run (the buffer's
@@ -2537,20 +2511,26 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       // before issue().
       if (next >= 0 && warp == 0) resolve(next, buf ^ 1);
       tc::wgmma_wait_all();
-      // All four partials to shared memory as [quarter][head][key] (rows of kSpStride
-      // floats: the 8-byte stores and the softmax's reads are conflict-free), so that
-      // every thread takes a part of the softmax. With warpgroup 0 alone summing and
-      // running it, the other three waited: a third of the stall samples (ncu, batch 256).
-      {
-        float* part = Sp + size_t(wg) * W::kHeads * W::kSpStride;
-#pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          const int head = 16 * ww + g, key = 8 * q + 2 * t;
-          *reinterpret_cast<float2*>(part + head * W::kSpStride + key) = make_float2(acc[4 * q], acc[4 * q + 1]);
-          *reinterpret_cast<float2*>(part + (head + 8) * W::kSpStride + key) =
-              make_float2(acc[4 * q + 2], acc[4 * q + 3]);
-        }
+      if constexpr (kPair) {
+        if (step > 0) cluster_wait_acquire();  // the other CTA has read the last tile's partials
       }
+      // The partials to shared memory as [quarter][head][key] (rows of kSpStride floats:
+      // the 8-byte stores and the softmax's reads are conflict-free), so that every
+      // thread takes a part of the softmax. With warpgroup 0 alone summing and running
+      // it, the other three waited: a third of the stall samples (ncu, batch 256).
+      float* part = Sp + size_t(lq) * W::kHeads * W::kSpStride;
+#pragma unroll
+      for (int q = 0; q < kSn; ++q) {
+        const int head = 16 * ww + g, key = k0 + 8 * q + 2 * t;
+        *reinterpret_cast<float2*>(part + head * W::kSpStride + key) = make_float2(acc[4 * q], acc[4 * q + 1]);
+        *reinterpret_cast<float2*>(part + (head + 8) * W::kSpStride + key) =
+            make_float2(acc[4 * q + 2], acc[4 * q + 3]);
+      }
+    }
+    if constexpr (kPair) {
+      cluster_sync_all();  // both CTAs' partials (and warp 0's lookups) are in place
+      if (next >= 0) issue(buf ^ 1);  // (the staging area is the pair's own)
+    } else {
       __syncthreads();
     }
     // S of this thread's keys 32c + 8 nt + 2 stig + e (nt = 2 shalf + j) of head sr: the
@@ -3106,6 +3086,15 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   // attention_mma_kernel. (It zeroes pad rows with 16-byte stores.)
   if (Dh == wg_attn::kDh && H == wg_attn::kHeads && attention_wgmma_wanted() && wg_attn::bytes(a.K) <= limit &&
       aligned16(o.data())) {
+    // A split launch's rows finished by the combine kernel.
+    const auto combine_split = [&](const AttnSplit& sp, bool early) {
+      if (sp.nsplit == 1) return;
+      g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
+      const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
+                                 : attention_combine_kernel<wg_attn::kDh, false>;
+      combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
+      check_launch(stream_);
+    };
     const AttnSplit one_plan = plan_split(T, true), pair_plan = plan_split(2 * T, true);
     if (attention_pair_wanted(T, [&] {
           return attention_pair_pays(T, max_segs, num_sms, one_plan.nsplit, pair_plan.nsplit);
@@ -3135,13 +3124,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       check_launch(stream_);
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
       g_wgmma_pair_launches.fetch_add(1, std::memory_order_relaxed);
-      if (sp.nsplit > 1) {
-        g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
-                                   : attention_combine_kernel<wg_attn::kDh, false>;
-        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
-        check_launch(stream_);
-      }
+      combine_split(sp, early);
       return;
     }
     const AttnSplit sp = with_scratch(one_plan);
@@ -3157,13 +3140,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
       check_launch(stream_);
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
-      if (sp.nsplit > 1) {
-        g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-        const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
-                                   : attention_combine_kernel<wg_attn::kDh, false>;
-        combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
-        check_launch(stream_);
-      }
+      combine_split(sp, early);
       return;
     }
   }
