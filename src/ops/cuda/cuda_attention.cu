@@ -96,12 +96,11 @@ bool attention_wgmma_split_wanted() { return !env_is("DSV4_CUDA_ATTN_WGMMA_SPLIT
 
 // The wgmma kernel's pair form (a row's dims over a cluster of two CTAs) for a launch of
 // T rows: DSV4_CUDA_ATTN_PAIR=auto (the default: where attention_pair_pays, ops/cuda/
-// attention_split.h), off, all, N (1 to N rows) or A-B (A to B rows) for A/B runs; a test
-// hook may force it on (1) or off (0) for every T. The same bits either way.
+// attention_split.h, passed as `pays`), off, all, N (1 to N rows) or A-B (A to B rows) for
+// A/B runs; a test hook may force it on (1) or off (0) for every T. The same bits either way.
 std::atomic<int> g_forced_pair{-1};
 std::atomic<int64_t> g_wgmma_pair_launches{0};
-template <class Pays>
-bool attention_pair_wanted(int64_t T, Pays&& pays) {
+bool attention_pair_wanted(int64_t T, bool pays) {
   const int forced = g_forced_pair.load(std::memory_order_relaxed);
   if (forced >= 0) return forced == 1;
   struct Rows {
@@ -121,7 +120,7 @@ bool attention_pair_wanted(int64_t T, Pays&& pays) {
                "DSV4_CUDA_ATTN_PAIR: expected off, auto, all, N or A-B (rows, 1 <= A <= B), got '{}'", s);
     return Rows{range ? lo : 1, hi};
   }();
-  if (rows.hi < 0) return pays();
+  if (rows.hi < 0) return pays;
   return T >= rows.lo && T <= rows.hi;
 }
 
@@ -2422,66 +2421,41 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     const bool seg_end = tile % W::kTilesPerSeg == W::kTilesPerSeg - 1 || tile + 1 == tiles;
     cp_async_wait<0>();
     __syncthreads();  // the records are here; the previous tile's readers of Ks and P are done
-    if constexpr (kPair) {  // key k, dims dim0 + 8 (c0 + 8 j) .. + 7 for j = 0..3 (K buffer j)
-      static_assert(W::kThreads == 8 * W::kTileKeys && L::kBufs == 4, "a thread a key and a piece of each block");
-      constexpr int kNope = W::kDh - kRope;
+    {  // key k, dims dim0 + 8 (c0 + 8 j) .. + 7: one piece of each of this CTA's 64-dim blocks (K buffer j),
+       // the row's blocks b0 + j; the row's last block holds its rope dims
+      static_assert(W::kThreads == 8 * W::kTileKeys && L::kBufs * 64 == L::kCtaDh,
+                    "a thread a key and a piece of each block");
+      constexpr int kNope = W::kDh - kRope, kNopeBlocks = kNope / 64;
       const int k = tid % W::kTileKeys, c0 = tid / W::kTileKeys, type = ktype[buf * W::kTileKeys + k];
       const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
       uint8_t* dst = Ks + tc::sw128_offset(k, c0);
-      const int b0 = 4 * int(half);  // the row's 64-dim blocks b0 .. b0 + 3; block 7 is the rope dims
-      if (type == 1) {
-        bool exact = true;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (b0 + j == kNope / 64) break;
-          uint4 v;
-          exact &= e4m3x8_scaled_bf16_exact(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
-                                            core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), v);
-          *reinterpret_cast<uint4*>(dst + j * W::kBuf) = v;
-        }
-        if (!exact) {
-          for (int j = 0; j < 4 && b0 + j < kNope / 64; ++j)
-            *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
-                e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
-                                   core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), lut);
-        }
-        if (half) *reinterpret_cast<uint4*>(dst + 3 * W::kBuf) = rope_key8<W::kDh>(rec, kNope + 8 * c0);
-      } else {
-#pragma unroll 1
-        for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
-              decode_key8<W::kDh>(type, rec, kptr + buf * W::kTileKeys + k, 8 * (c0 + 8 * (b0 + j)), lut);
-      }
-    } else {  // key k, dims 8 (c0 + 8 j) .. + 7 for j = 0..7: one piece of each 64-dim block (K buffer j)
-      static_assert(W::kThreads == 8 * W::kTileKeys && W::kDh == 8 * 64, "a thread a key and a piece of each block");
-      constexpr int kNope = W::kDh - kRope;
-      const int k = tid % W::kTileKeys, c0 = tid / W::kTileKeys, type = ktype[buf * W::kTileKeys + k];
-      const uint8_t* rec = raw + size_t(k) * W::kRowBytes;
-      uint8_t* dst = Ks + tc::sw128_offset(k, c0);
+      const int b0 = dim0 / 64;
       if (type == 1) {
         // The e4m3 pieces by the branch-free common case, so that they overlap (one
         // decode_key8 after another, each with its branches, they did not); where one
         // is not exact, all are redone by the full path (the same bits either way).
         bool exact = true;
 #pragma unroll
-        for (int j = 0; j < kNope / 64; ++j) {
+        for (int j = 0; j < L::kBufs; ++j) {
+          if (b0 + j == kNopeBlocks) break;
           uint4 v;
-          exact &= e4m3x8_scaled_bf16_exact(*reinterpret_cast<const uint2*>(rec + 64 * j + 8 * c0),
-                                            core::e8m0_to_float(rec[kNope + 2 * kRope + j]), v);
+          exact &= e4m3x8_scaled_bf16_exact(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
+                                            core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), v);
           *reinterpret_cast<uint4*>(dst + j * W::kBuf) = v;
         }
         if (!exact) {
-          for (int j = 0; j < kNope / 64; ++j)
+          for (int j = 0; j < L::kBufs && b0 + j < kNopeBlocks; ++j)
             *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
-                e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * j + 8 * c0),
-                                   core::e8m0_to_float(rec[kNope + 2 * kRope + j]), lut);
+                e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
+                                   core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), lut);
         }
-        *reinterpret_cast<uint4*>(dst + (kNope / 64) * W::kBuf) = rope_key8<W::kDh>(rec, kNope + 8 * c0);
+        if (!kPair || half != 0)  // this CTA's last buffer is the row's rope block
+          *reinterpret_cast<uint4*>(dst + (L::kBufs - 1) * W::kBuf) = rope_key8<W::kDh>(rec, kNope + 8 * c0);
       } else {
 #pragma unroll 1
-        for (int j = 0; j < W::kDh / 64; ++j)
+        for (int j = 0; j < L::kBufs; ++j)
           *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
-              decode_key8<W::kDh>(type, rec, kptr + buf * W::kTileKeys + k, 8 * (c0 + 8 * j), lut);
+              decode_key8<W::kDh>(type, rec, kptr + buf * W::kTileKeys + k, 8 * (c0 + 8 * (b0 + j)), lut);
       }
     }
     tc::fence_proxy_async();
@@ -3074,7 +3048,6 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     }
     return sp;
   };
-  const auto make_split = [&](int64_t row_ctas, bool lead_fold) { return with_scratch(plan_split(row_ctas, lead_fold)); };
   // V4-Flash's shape: the wgmma kernel (the same bits), one CTA a row or, for few
   // rows, the row's segments spread over CTAs; where attention_pair_pays, its pair form
   // (a cluster of two CTAs a row or split; off, a step took +1.9 / +0.5 / +0.3% at 1 / 16 /
@@ -3096,9 +3069,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       check_launch(stream_);
     };
     const AttnSplit one_plan = plan_split(T, true), pair_plan = plan_split(2 * T, true);
-    if (attention_pair_wanted(T, [&] {
-          return attention_pair_pays(T, max_segs, num_sms, one_plan.nsplit, pair_plan.nsplit);
-        })) {
+    if (attention_pair_wanted(T, attention_pair_pays(T, max_segs, num_sms, one_plan.nsplit, pair_plan.nsplit))) {
       // The pair form: a row's dims over a cluster of two CTAs (each split of a row is a
       // cluster), the same bits.
       const AttnSplit sp = with_scratch(pair_plan);
@@ -3144,7 +3115,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       return;
     }
   }
-  const AttnSplit sp = make_split(T * ((H + 15) / 16), false);
+  const AttnSplit sp = with_scratch(plan_split(T * ((H + 15) / 16), false));
   if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
   else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
 }
