@@ -3198,12 +3198,9 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       aligned16(o.data())) {
     // A split launch's rows finished by the combine kernel.
     const auto combine_split = [&](const AttnSplit& sp, bool early) {
-      if (sp.nsplit == 1) return;
+      if (sp.arrivals != nullptr) g_tail_combine_launches.fetch_add(1, std::memory_order_relaxed);
+      if (sp.nsplit == 1 || sp.arrivals != nullptr) return;
       g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
-      if (sp.arrivals != nullptr) {  // the tail combine finished the rows
-        g_tail_combine_launches.fetch_add(1, std::memory_order_relaxed);
-        return;
-      }
       const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
                                  : attention_combine_kernel<wg_attn::kDh, false>;
       combine<<<unsigned(T * H), wg_attn::kDh / 4, 0, stream_>>>(a, sp);
