@@ -113,19 +113,6 @@ TEST(AttentionSplit, PairBench1gShapes) {
   }
 }
 
-// The tail combine where the row's last CTA reads at most 1024 partial values a head: the
-// pair's (256 dims) splits of up to 4 partials, one CTA's (512 dims) of up to 2.
-TEST(AttentionSplit, TailCombineBench1gShapes) {
-  EXPECT_TRUE(attention_tail_combine_pays(2, 256));    // SWA rows on two clusters (1 and 16 rows)
-  EXPECT_TRUE(attention_tail_combine_pays(3, 256));    // HCA rows on three
-  EXPECT_TRUE(attention_tail_combine_pays(4, 256));
-  EXPECT_FALSE(attention_tail_combine_pays(5, 256));
-  EXPECT_FALSE(attention_tail_combine_pays(10, 256));  // CSA rows at batch 1: ten clusters
-  EXPECT_TRUE(attention_tail_combine_pays(2, 512));
-  EXPECT_FALSE(attention_tail_combine_pays(3, 512));
-  EXPECT_FALSE(attention_tail_combine_pays(0, 256));   // no partials: nothing to combine
-}
-
 TEST(AttentionSplit, PairNeverWalksMoreSegmentsUnlessItDropsTheSplit) {
   for (int64_t sms : {78, 114, 132})
     for (int64_t rows = 1; rows <= 2 * sms; ++rows)

@@ -67,9 +67,6 @@ void cuda_attention_force_early(int mode);
 // (a row's dims over a cluster of two CTAs) off / on; its launches so far.
 void cuda_attention_force_pair(int mode);
 int64_t cuda_attention_wgmma_pair_launches();
-// -1 follows DSV4_CUDA_ATTN_TAIL_COMBINE, 0 / 1 force the wgmma split's tail combine off / on; its launches.
-void cuda_attention_force_tail_combine(int mode);
-int64_t cuda_attention_tail_combine_launches();
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
@@ -500,7 +497,6 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
       cuda_attention_force_pair(-1);
-      cuda_attention_force_tail_combine(-1);
       cuda_attention_force_early(-1);
       cuda_indexer_score_pages(0);
     }
@@ -1150,10 +1146,8 @@ TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
 // and multiplies its half, the S partials exchanged through distributed shared memory and
 // added in quarter order) gives the bytes of one CTA a row, which the CPU's Hopper model
 // also gives: one cluster a row, and split over 2 to 16 clusters a row with and without
-// the lead fold, early and late form, finished by the combine launch or by the tail
-// combine (the row's last CTA of each dims half folds the partials; the same counters
-// serve launch after launch); rows of 1 to 10 segments, a prefill chunk, a pad row; every
-// ratio; and a single row at the cost model's split, with and without the tail combine.
+// the lead fold, early and late form; rows of 1 to 10 segments, a prefill chunk, a pad
+// row; every ratio; and a single row at the cost model's split.
 TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(318);  // (TearDown resets the hooks)
@@ -1177,18 +1171,15 @@ TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
         expect_bytes_equal(ho.data(), model.data(), model.nbytes(), tag("wgmma attention vs the Hopper model, " + a.name));
       }
       cuda_attention_force_pair(1);
-      const auto run_pair = [&](const std::string& what, bool expect_split, bool expect_tail = false) {
+      const auto run_pair = [&](const std::string& what, bool expect_split) {
         Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
         const int64_t pair_before = cuda_attention_wgmma_pair_launches();
         const int64_t split_before = cuda_attention_wgmma_split_launches();
-        const int64_t tail_before = cuda_attention_tail_combine_launches();
         a.run_cuda(cuda(), got);
         EXPECT_EQ(cuda_attention_wgmma_pair_launches(), pair_before + 1) << tag("no pair launch, " + what);
         if (ratio > 0 || sh.W > kAttentionSegmentKeys) {
           EXPECT_EQ(cuda_attention_wgmma_split_launches(), split_before + (expect_split ? 1 : 0))
               << tag("split launches, " + what);
-          EXPECT_EQ(cuda_attention_tail_combine_launches(), tail_before + (expect_tail ? 1 : 0))
-              << tag("tail combine launches, " + what);
         }
         const Tensor hg = host(got);
         expect_bytes_equal(hg.data(), ho.data(), ho.nbytes(), tag(what + " vs one CTA a row, " + a.name));
@@ -1196,31 +1187,23 @@ TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
       run_pair("pair, one cluster a row", false);
       cuda_attention_split_keys(true);
       if (rows_case == 1) {
-        for (int tail : {1, 0}) {
-          cuda_attention_force_tail_combine(tail);
-          run_pair(std::string("pair, one row at the cost model's split") + (tail ? " (tail combine)" : ""), true,
-                   tail == 1);
-        }
-        cuda_attention_force_tail_combine(-1);
+        run_pair("pair, one row at the cost model's split", true);
         continue;
       }
       for (int early : {1, 0})
         for (int lead_fold : {1, 0})
-          for (int n : {2, 3, 4, 7, 10, 16})
-            for (int tail : {1, 0}) {
-              if (early == 0 && (n != 3 || tail == 1)) continue;  // (the late form: one split count, no tail)
-              cuda_attention_force_early(early);
-              cuda_attention_force_lead_fold(lead_fold);
-              cuda_attention_force_split_ctas(n);
-              cuda_attention_force_tail_combine(tail);
-              run_pair("pair split over " + std::to_string(n) + " clusters" + (lead_fold ? " (lead fold)" : "") +
-                           (early ? "" : " (late form)") + (tail ? " (tail combine)" : ""),
-                       true, tail == 1);
-            }
+          for (int n : {2, 3, 4, 7, 10, 16}) {
+            if (early == 0 && n != 3) continue;  // (the late form: one split count)
+            cuda_attention_force_early(early);
+            cuda_attention_force_lead_fold(lead_fold);
+            cuda_attention_force_split_ctas(n);
+            run_pair("pair split over " + std::to_string(n) + " clusters" + (lead_fold ? " (lead fold)" : "") +
+                         (early ? "" : " (late form)"),
+                     true);
+          }
       cuda_attention_force_split_ctas(0);
       cuda_attention_force_lead_fold(-1);
       cuda_attention_force_early(-1);
-      cuda_attention_force_tail_combine(-1);
     }
 }
 
@@ -1439,29 +1422,6 @@ TEST_P(CudaAttention, GraphReplayEqualsEager) {
   const std::vector<Tensor> replayed = outputs();
   for (size_t i = 0; i < eager.size(); ++i)
     expect_bytes_equal(replayed[i].data(), eager[i].data(), eager[i].nbytes(), tag("graph output " + std::to_string(i)));
-  if (simple()) return;
-  // The split pair finished by the tail combine, whose arrival counters the graph reuses
-  // replay after replay (each launch's last arriver resets them): two replays, eager's bytes.
-  cuda_attention_force_pair(1);
-  cuda_attention_force_split_ctas(3);
-  cuda_attention_force_tail_combine(1);
-  const int64_t tail_before = cuda_attention_tail_combine_launches();
-  restore();
-  body();
-  EXPECT_EQ(cuda_attention_tail_combine_launches(), tail_before + 1) << "the attention took no tail combine";
-  const std::vector<Tensor> tail_eager = outputs();
-  expect_bytes_equal(tail_eager[4].data(), eager[4].data(), eager[4].nbytes(), "tail combine vs the default path");
-  restore();
-  cuda().synchronize();
-  std::unique_ptr<Graph> tail_graph = cuda().capture(body);
-  for (int replay = 0; replay < 2; ++replay) {
-    restore();
-    tail_graph->replay();
-    const std::vector<Tensor> got = outputs();
-    for (size_t i = 0; i < eager.size(); ++i)
-      expect_bytes_equal(got[i].data(), eager[i].data(), eager[i].nbytes(),
-                         "tail combine graph replay " + std::to_string(replay) + ", output " + std::to_string(i));
-  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, CudaAttention, ::testing::Values(false, true),

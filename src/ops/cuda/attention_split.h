@@ -69,14 +69,4 @@ constexpr bool attention_pair_pays(int64_t rows, int64_t segs, int64_t num_sms, 
   return pair <= one || (n_pair == 1 && n_one > 1 && 2 * rows <= num_sms);
 }
 
-// The wgmma split's tail combine (the row's last CTA to finish folds its partials, in
-// place of attention_combine_kernel's launch) against that launch, for rows of at most
-// `partials` partials and CTAs of `cta_dims` dims (512, or 256 in the pair form): the
-// tail where the last CTA reads at most 1024 partial values a head (256 KiB over 64 heads:
-// ~2 µs through one SM at ~128 GB/s, against ~5 µs that the combine launch added to the
-// chain at 16 rows, bench-1g, H200). So the pair's splits of 2-4 partials (SWA and HCA
-// rows) and one CTA's of 2.
-constexpr bool attention_tail_combine_pays(int64_t partials, int64_t cta_dims) {
-  return partials >= 1 && partials * cta_dims <= 1024;
-}
 }  // namespace dsv4::ops

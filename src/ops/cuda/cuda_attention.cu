@@ -189,34 +189,7 @@ bool lead_fold_wanted(int nsplit) {
   }();
   return mode == LeadFold::kAll || (mode == LeadFold::kTwoCtas && nsplit == 2);
 }
-
-// The wgmma split's tail combine (its row's last CTA folds the partials, no combine
-// launch): DSV4_CUDA_ATTN_TAIL_COMBINE=auto (the default: where
-// attention_tail_combine_pays, ops/cuda/attention_split.h), off or all for A/B runs; a
-// test hook may force it on (1) or off (0). The same bits either way.
-std::atomic<int> g_forced_tail_combine{-1};
-std::atomic<int64_t> g_tail_combine_launches{0};
-bool tail_combine_wanted(int nsplit, int partials, int cta_dims) {
-  if (nsplit <= 1) return false;
-  const int forced = g_forced_tail_combine.load(std::memory_order_relaxed);
-  enum class Tail { kAuto, kAll, kOff };
-  static const Tail mode = [] {
-    const char* v = std::getenv("DSV4_CUDA_ATTN_TAIL_COMBINE");
-    const std::string s = v != nullptr ? v : "auto";
-    if (s == "auto" || s.empty()) return Tail::kAuto;
-    if (s == "all") return Tail::kAll;
-    DSV4_CHECK(s == "off", "DSV4_CUDA_ATTN_TAIL_COMBINE: expected auto, all or off, got '{}'", s);
-    return Tail::kOff;
-  }();
-  if (forced >= 0) return forced == 1;
-  return mode == Tail::kAuto ? attention_tail_combine_pays(partials, cta_dims) : mode == Tail::kAll;
-}
 }  // namespace
-
-// Test hook: -1 follows DSV4_CUDA_ATTN_TAIL_COMBINE, 0 / 1 force the tail combine off / on
-// (for every split launch of the wgmma kernel); the launches that took it so far.
-void cuda_attention_force_tail_combine(int mode) { g_forced_tail_combine.store(mode); }
-int64_t cuda_attention_tail_combine_launches() { return g_tail_combine_launches.load(); }
 
 // Test hooks: -1 follows DSV4_CUDA_ATTN_WGMMA (default on), 0 / 1 force the wgmma sparse attention
 // off / on; its launches so far, and those of them that split rows over CTAs; n > 0 splits a
@@ -1560,8 +1533,6 @@ __device__ __forceinline__ float attention_denominator(float l, float m, float s
 // Where split CTAs leave their partials: o [T][H][max_segs][DH] fp32, (m, l)
 // [T][H][max_segs][2], and each row's partial count [T] (0 for pad rows): a partial
 // per segment (attention_mma_kernel), or fewer under the wgmma kernel's lead fold.
-// With `arrivals` (the wgmma kernel's tail combine) no combine launch follows: the
-// row's last CTA to arrive folds the partials itself (attention_tail_combine_pays).
 struct AttnSplit {
   int nsplit;  // CTAs per (token, head group); 1: no partials
   int max_segs;  // partials a (token, head) at most: the stride
@@ -1570,42 +1541,7 @@ struct AttnSplit {
   float* o;
   float* ml;
   int32_t* segs;
-  // The tail combine: a counter per row and dims half [T][2], zero between launches (the
-  // last arriver resets it), and the (m, l) of dims half 1 at ml + ml_half (the pair's
-  // CTAs each store their own, so that each half's last arriver reads its own half's).
-  int32_t* arrivals = nullptr;
-  int64_t ml_half = 0;
 };
-
-// attention_combine_kernel's fold of one (row, head)'s partials, four dims of it: from
-// the empty state, partial after partial in order; then O / (L + exp(sink - M)), bf16,
-// and the inverse RoPE of the dim pairs from DH - kRope on (rotations rc, rs). The
-// wgmma kernel's tail combine runs the same steps, so the same bits.
-struct CombineState {
-  float O[4] = {0.0f, 0.0f, 0.0f, 0.0f}, M = -INFINITY, L = 0.0f;
-};
-__device__ __forceinline__ void combine_fold(CombineState& c, const float4& o, const float2& ml) {
-  const FoldWeights w = fold_weights(c.M, ml.x);
-  c.O[0] = fold_value(c.O[0], o.x, w);
-  c.O[1] = fold_value(c.O[1], o.y, w);
-  c.O[2] = fold_value(c.O[2], o.z, w);
-  c.O[3] = fold_value(c.O[3], o.w, w);
-  c.L = fold_value(c.L, ml.y, w);
-  c.M = w.m;
-}
-template <int DH>
-__device__ __forceinline__ uint2 combine_output(const CombineState& c, float sink, int d, const float (&rc)[2],
-                                                const float (&rs)[2]) {
-  const float den = attention_denominator(c.L, c.M, sink);
-  uint32_t packed[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    float x0 = round_bf(__fdiv_rn(c.O[2 * k], den)), x1 = round_bf(__fdiv_rn(c.O[2 * k + 1], den));
-    if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
-    packed[k] = pack_bf16(x0, x1);
-  }
-  return make_uint2(packed[0], packed[1]);
-}
 
 // fast: one CTA per (token, group of MT x 16 heads, split); MT x 4 warps. Keys stream
 // through shared memory 32 at a time: records are staged by cp.async one chunk
@@ -2128,7 +2064,7 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
     return;
   }
   const int64_t row0 = (t * a.H + h) * sp.max_segs;
-  CombineState c;
+  float O[4] = {0.0f, 0.0f, 0.0f, 0.0f}, M = -INFINITY, L = 0.0f;
   constexpr int kBatch = 4;  // segments loaded before they are folded
   for (int32_t s0 = 0; s0 < n_segs; s0 += kBatch) {
     float4 ov[kBatch];
@@ -2141,10 +2077,26 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
       }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k)
-      if (s0 + k < n_segs) combine_fold(c, ov[k], ml[k]);
+      if (s0 + k < n_segs) {
+        const FoldWeights w = fold_weights(M, ml[k].x);
+        O[0] = fold_value(O[0], ov[k].x, w);
+        O[1] = fold_value(O[1], ov[k].y, w);
+        O[2] = fold_value(O[2], ov[k].z, w);
+        O[3] = fold_value(O[3], ov[k].w, w);
+        L = fold_value(L, ml[k].y, w);
+        M = w.m;
+      }
   }
   if constexpr (!kEarly) rotations();
-  *reinterpret_cast<uint2*>(out) = combine_output<DH>(c, sink, d, rc, rs);
+  const float den = attention_denominator(L, M, sink);
+  uint32_t packed[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    float x0 = round_bf(__fdiv_rn(O[2 * k], den)), x1 = round_bf(__fdiv_rn(O[2 * k + 1], den));
+    if (d + 2 * k >= DH - kRope) rope_pair_f(&x0, &x1, rc[k], -rs[k]);
+    packed[k] = pack_bf16(x0, x1);
+  }
+  *reinterpret_cast<uint2*>(out) = make_uint2(packed[0], packed[1]);
 }
 
 
@@ -2223,69 +2175,6 @@ struct Layout {
 inline size_t bytes(int64_t K) { return Layout<false>::bytes(K); }
 }  // namespace wg_attn
 
-// The wgmma kernel's tail combine (its kTail; AttnSplit::arrivals): every CTA of a split row counts
-// itself in at `count` once its partials are stored, and the last of a dims half (of
-// nsplit) folds that half's n partials per head as attention_combine_kernel does
-// (combine_fold, combine_output: the same bits) and stores its dims of the output, so no
-// combine launch follows. It resets the count for the next launch (every arrival of this
-// one is in). Loads through L2: other CTAs of the grid stored them. o: the row's head 0,
-// partial 0 (head h at + h max_segs kDh); ml likewise (its dims half's copy).
-template <int kCtaDh>
-__device__ __forceinline__ void attention_tail_combine(int32_t* count, int nsplit, int32_t n, const float* o, const float* ml,
-                                                    int64_t row0, int max_segs, int dim0, const float* sink,
-                                                    uint16_t* out, const float* rope_c, const float* rope_s) {
-  constexpr int kDh = 512, kHeads = 64, kThreads = 512;
-  __shared__ int s_last;
-  const int tid = threadIdx.x;
-  __syncthreads();  // every thread's partial stores are issued (thread 0's release publishes them)
-  if (tid == 0) s_last = atom_add_acq_rel_gpu(count, 1) == nsplit - 1;
-  __syncthreads();  // (thread 0's acquire, then this barrier: the other CTAs' partials visible to all)
-  if (!s_last) return;
-  if (tid == 0) *count = 0;
-  constexpr int kGroups = kCtaDh / 4;  // a thread's item: 4 dims of a head
-  constexpr int kItems = kHeads * kGroups / kThreads, kUnroll = 4, kBatch = 2;
-  static_assert(kItems % kUnroll == 0, "whole rounds of items");
-#pragma unroll 1
-  for (int j0 = 0; j0 < kItems; j0 += kUnroll) {
-    CombineState c[kUnroll];
-#pragma unroll 1
-    for (int e0 = 0; e0 < n; e0 += kBatch) {  // kUnroll x kBatch partials' loads in flight
-      float4 ov[kUnroll][kBatch];
-      float2 mv[kUnroll][kBatch];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int i = tid + (j0 + u) * kThreads;
-        const int64_t r = row0 + int64_t(i / kGroups) * max_segs;
-#pragma unroll
-        for (int k = 0; k < kBatch; ++k)
-          if (e0 + k < n) {
-            ov[u][k] = __ldcg(reinterpret_cast<const float4*>(o + (r + e0 + k) * kDh + dim0 + 4 * (i % kGroups)));
-            mv[u][k] = __ldcg(reinterpret_cast<const float2*>(ml + (r + e0 + k) * 2));
-          }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int k = 0; k < kBatch; ++k)
-          if (e0 + k < n) combine_fold(c[u], ov[u][k], mv[u][k]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = tid + (j0 + u) * kThreads, h = i / kGroups, d = dim0 + 4 * (i % kGroups);
-      float rc[2] = {1.0f, 1.0f}, rs[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int dk = d + 2 * k;
-        if (dk >= kDh - kRope) {
-          rc[k] = rope_c[(dk - (kDh - kRope)) / 2];
-          rs[k] = rope_s[(dk - (kDh - kRope)) / 2];
-        }
-      }
-      *reinterpret_cast<uint2*>(out + h * kDh + d) = n == 0 ? make_uint2(0, 0) : combine_output<kDh>(c[u], sink[h], d, rc, rs);
-    }
-  }
-}
-
 // kSplit: the launch splits rows over CTAs (sp.nsplit > 1); the one-CTA-a-row instance
 // carries none of the split's indexing. (At its 128-register cap, ptxas's share of
 // local memory moves with every edit, and 128-256-row steps with it by up to ±0.5%:
@@ -2304,13 +2193,8 @@ __device__ __forceinline__ void attention_tail_combine(int32_t* count, int nspli
 // all four in quarter order as one CTA a row does; both run the whole softmax (the same
 // values); each multiplies, folds and outputs its own dims. So the bits are those of one
 // CTA a row, with half the decode, products and fold a CTA, and the fold O in registers.
-//
-// kTail (split pair launches; sp.arrivals set): the tail combine, attention_tail_combine
-// above, in place of attention_combine_kernel's launch. An instance of its own: in the one-CTA
-// split instance its code raised ptxas's spill stores from 32 to 76-80 bytes.
-template <bool kSplit, bool kEarly, bool kPair = false, bool kTail = false>
+template <bool kSplit, bool kEarly, bool kPair = false>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
-  static_assert(!kTail || (kSplit && kPair), "the tail combine is the split pair's");
   namespace W = wg_attn;
   namespace tc = tensor_core;
   using L = W::Layout<kPair>;
@@ -2354,9 +2238,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const int split_id = split ? int(cta % unsigned(sp.nsplit)) : 0;
   const int64_t tok = split ? cta / unsigned(sp.nsplit) : cta;
   const bool row_leader = split && split_id == 0 && tid == 0 && half == 0;
-  // The CTAs that store (m, l) partials: the pair's are equal, so half 0's, unless each
-  // half's last arriver combines (the tail combine), which reads its own half's.
-  const bool ml_cta = half == 0 || kTail;
+  const bool ml_cta = half == 0;  // the CTA that stores (m, l) partials (the pair's are equal)
   uint16_t* out = a.o + tok * W::kHeads * W::kDh;
   const int32_t s = a.token_seq[tok];
   const int64_t p = a.positions[tok];
@@ -2366,9 +2248,9 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     for (int i = tid; i < 256; i += W::kThreads) lut[i] = core::e4m3_to_float(uint8_t(i));
   };
   // The output's inverse RoPE table, warp 1 (its double-precision cos and sin take a
-  // while); split CTAs leave the output to the combine kernel, or to the tail combine.
+  // while); split CTAs leave the output to the combine kernel.
   const auto rope_table = [&] {
-    if (warp == 1 && (!split || kTail)) {
+    if (warp == 1 && !split) {
       static_assert(kRope / 2 == 32, "a lane a rotation pair");
       float c, sn;
       rope_cos_sin(p, a.inv_freq[lane], &c, &sn);
@@ -2384,15 +2266,14 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     }
     wait_for_predecessor();
   }
-  if (pad) {  // pad rows: zeros (split: the combine kernel writes them, or the tail combine's first split)
+  if (pad) {  // pad rows: zeros (split: the combine kernel writes them)
     if (row_leader) sp.segs[tok] = 0;
     if constexpr (!split && !kPair)
       for (int i = tid; i < W::kHeads * W::kDh / 8; i += W::kThreads) reinterpret_cast<uint4*>(out)[i] = make_uint4(0, 0, 0, 0);
-    if constexpr (kPair && (!split || kTail))
-      if (!split || split_id == 0)
-        for (int i = tid; i < W::kHeads * L::kCtaDh / 8; i += W::kThreads)
-          *reinterpret_cast<uint4*>(out + (i / (L::kCtaDh / 8)) * W::kDh + dim0 + 8 * (i % (L::kCtaDh / 8))) =
-              make_uint4(0, 0, 0, 0);
+    if constexpr (!split && kPair)
+      for (int i = tid; i < W::kHeads * L::kCtaDh / 8; i += W::kThreads)
+        *reinterpret_cast<uint4*>(out + (i / (L::kCtaDh / 8)) * W::kDh + dim0 + 8 * (i % (L::kCtaDh / 8))) =
+            make_uint4(0, 0, 0, 0);
     return;
   }
   if constexpr (kEarly) {  // Q: 16-byte piece pc of head h, by cp.async (the first copy group)
@@ -2417,18 +2298,12 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   const int lead = !split ? segs : sp.lead_fold ? attention_split_lead_segs(segs, sp.nsplit) : 0;
   const bool per_segment = split && (split_id > 0 || lead == 0);  // leaves a partial per segment
   const int lead_partial = lead > 0 ? 1 : 0;                       // the lead CTA's state, partial 0
-  const auto row_partials = [&] { return int32_t(lead > 0 ? attention_split_lead_partials(segs, sp.nsplit) : segs); };
-  if (row_leader) sp.segs[tok] = row_partials();
-  const auto tail_combine = [&] {
-    attention_tail_combine<L::kCtaDh>(sp.arrivals + 2 * tok + half, sp.nsplit, row_partials(), sp.o, sp.ml + half * sp.ml_half,
-                                      (tok * W::kHeads) * sp.max_segs, sp.max_segs, dim0, a.sink, out, rope_c, rope_s);
-  };
+  if (row_leader) sp.segs[tok] = int32_t(lead > 0 ? attention_split_lead_partials(segs, sp.nsplit) : segs);
   // This CTA's segments: first, first + step, ... below limit.
   const int seg_first = per_segment ? lead + split_id - lead_partial : 0;
   const int seg_step = per_segment ? sp.nsplit - lead_partial : 1, seg_limit = per_segment ? segs : lead;
   if (seg_first >= seg_limit) {  // uniform over the CTA: no segment of the row is this CTA's
     if constexpr (kEarly) cp_async_wait<0>();  // (Q's copies land before the CTA leaves)
-    if constexpr (kTail) tail_combine();
     return;
   }
   // The i-th tile of this CTA, or -1 past its last. Only a row's last segment can be
@@ -2439,9 +2314,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   };
   // Partial e of head h: (m, l), two floats; and its o from this thread's 64 values
   // v(mb, i) in the accumulator layout (o[mb][i] below), h * max_segs partials on.
-  const auto partial_ml = [&](int64_t h, int e) {
-    return sp.ml + (kTail ? half * sp.ml_half : 0) + ((tok * W::kHeads + h) * sp.max_segs + e) * 2;
-  };
+  const auto partial_ml = [&](int64_t h, int e) { return sp.ml + ((tok * W::kHeads + h) * sp.max_segs + e) * 2; };
   const auto store_partial_o = [&](int e, auto&& v) {
     const int head_stride = sp.max_segs * W::kDh;
     float* po = sp.o + ((tok * W::kHeads + int64_t(0)) * sp.max_segs + e) * W::kDh + 2 * t * head_stride + dim0 +
@@ -2744,12 +2617,10 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   cp_async_wait<0>();
   // The pair: the other CTA's last reads of this CTA's partials are done before it leaves.
   if constexpr (kPair) cluster_wait_acquire();
-  if constexpr (split) {  // the combine kernel finishes the row, or the tail combine
-    if (!per_segment) {  // the lead CTA: its folded state as the row's partial 0
-      store_partial_o(0, [&](int mb, int i) { return fold_get(32 * mb + i); });
-      if (row_writer && ml_cta) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
-    }
-    if constexpr (kTail) tail_combine();
+  if (per_segment) return;  // attention_combine_kernel finishes the row
+  if (split) {  // the lead CTA: its folded state as the row's partial 0
+    store_partial_o(0, [&](int mb, int i) { return fold_get(32 * mb + i); });
+    if (row_writer && ml_cta) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
     return;
   }
 
@@ -3168,20 +3039,12 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     }
     return sp;
   };
-  // tail: the wgmma kernel's tail combine (its last CTA of a row finishes the row; the
-  // pair's halves each keep their own (m, l)).
-  const auto with_scratch = [&](AttnSplit sp, bool tail = false, bool pair = false) {
+  const auto with_scratch = [&](AttnSplit sp) {
     if (sp.nsplit > 1) {
-      const int64_t partials = sp.max_segs, ml_floats = T * H * partials * 2;
+      const int64_t partials = sp.max_segs;
       sp.o = static_cast<float*>(scratch("attn_split_o", size_t(T * H * partials * Dh) * sizeof(float)));
-      sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(ml_floats * (tail && pair ? 2 : 1)) * sizeof(float)));
+      sp.ml = static_cast<float*>(scratch("attn_split_ml", size_t(T * H * partials) * 2 * sizeof(float)));
       sp.segs = static_cast<int32_t*>(scratch("attn_split_segs", size_t(T) * sizeof(int32_t)));
-      if (tail) {
-        bool fresh = false;
-        sp.arrivals = static_cast<int32_t*>(scratch("attn_split_arrivals", size_t(2 * T) * sizeof(int32_t), &fresh));
-        if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(sp.arrivals, 0, size_t(2 * T) * sizeof(int32_t), stream_));
-        sp.ml_half = pair ? ml_floats : 0;
-      }
     }
     return sp;
   };
@@ -3198,8 +3061,7 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       aligned16(o.data())) {
     // A split launch's rows finished by the combine kernel.
     const auto combine_split = [&](const AttnSplit& sp, bool early) {
-      if (sp.arrivals != nullptr) g_tail_combine_launches.fetch_add(1, std::memory_order_relaxed);
-      if (sp.nsplit == 1 || sp.arrivals != nullptr) return;
+      if (sp.nsplit == 1) return;
       g_wgmma_split_launches.fetch_add(1, std::memory_order_relaxed);
       const auto combine = early ? attention_combine_kernel<wg_attn::kDh, true>
                                  : attention_combine_kernel<wg_attn::kDh, false>;
@@ -3210,16 +3072,11 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     if (attention_pair_wanted(T, attention_pair_pays(T, max_segs, num_sms, one_plan.nsplit, pair_plan.nsplit))) {
       // The pair form: a row's dims over a cluster of two CTAs (each split of a row is a
       // cluster), the same bits.
-      // The tail combine (early form only: one instance more, not two).
-      const AttnSplit sp = with_scratch(
-          pair_plan,
-          attention_early() && tail_combine_wanted(pair_plan.nsplit, pair_plan.max_segs, wg_attn::Layout<true>::kCtaDh),
-          true);
+      const AttnSplit sp = with_scratch(pair_plan);
       const bool early = attention_early();
-      const auto kernel = sp.nsplit == 1          ? attention_wgmma_kernel<false, false, true>
-                          : sp.arrivals != nullptr ? attention_wgmma_kernel<true, true, true, true>
-                          : early                  ? attention_wgmma_kernel<true, true, true>
-                                                   : attention_wgmma_kernel<true, false, true>;
+      const auto kernel = sp.nsplit == 1 ? attention_wgmma_kernel<false, false, true>
+                          : early        ? attention_wgmma_kernel<true, true, true>
+                                         : attention_wgmma_kernel<true, false, true>;
       const size_t smem = wg_attn::Layout<true>::bytes(a.K);
       allow_smem(kernel, smem);
       cudaLaunchAttribute cluster{};
