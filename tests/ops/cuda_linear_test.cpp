@@ -44,9 +44,6 @@
 namespace dsv4::ops {
 // Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
 void cuda_linear_force_path(int path);
-// -1 follows DSV4_CUDA_GEMM_TWO_WG, 0 / 1 force FP8-as-bf16 small tiles on two warpgroups off / on; its launches.
-void cuda_linear_force_two_wg(int on);
-int64_t cuda_linear_two_wg_launches();
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 int64_t cuda_linear_expert_launches();
@@ -1307,56 +1304,6 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
       expect_bitwise(ref, got[0], what + " wide vs the Hopper model");
     }
   }
-  ops::cuda_linear_force_path(-1);
-}
-
-// FP8-as-bf16 tiles of up to 32 rows on two warpgroups (gemm_kernel's kWg = 2: each
-// warpgroup multiplies, decodes and folds one m64 half of the tile) give one warpgroup's
-// bytes and the Hopper model's: wo_a's grouped shapes (8 groups, 2 groups, one group with
-// a partial weight tile and K = 320: 5 stages, a block scale over 2), 1 to 32 rows (8-,
-// 16- and 32-row tiles, split and walked K slices), grouped_linear and
-// grouped_linear_linear (whose fold also quantizes z for wo_b). Counts the launches, so
-// the path ran.
-TEST(CudaLinearTwoWarpgroups, Fp8Bf16TilesEqualOneWarpgroupBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  Env env;
-  Rng rng(0x5b);
-  int64_t two_wg_runs = 0;
-  struct GroupedCase {
-    int64_t g, r, c;
-  };
-  for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
-    const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear hb = host_quant(256, c.g * c.r, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw), db = device_quant(env.cuda, hb);
-    for (int64_t M : {1, 5, 8, 9, 16, 17, 32}) {
-      const Tensor x = rng.bf16({M, c.g * c.c}, 2.0f), dx = to_device(env.cuda, x);
-      const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
-      std::vector<Tensor> got[2];
-      for (int on : {0, 1}) {
-        ops::cuda_linear_force_two_wg(on);
-        const int64_t before = ops::cuda_linear_two_wg_launches();
-        Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
-        env.cuda.grouped_linear(dx, dw, c.g, y);
-        Tensor z = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
-               y2 = device_poisoned(env.cuda, DType::kBF16, {M, 256});
-        env.cuda.grouped_linear_linear(dx, dw, c.g, z, db, y2);
-        const int64_t seen = ops::cuda_linear_two_wg_launches() - before;
-        if (on == 0) EXPECT_EQ(seen, 0) << what << ": forced off";
-        two_wg_runs += on == 1 ? seen : 0;
-        got[on] = {to_host(env.cuda, y), to_host(env.cuda, z), to_host(env.cuda, y2)};
-      }
-      ops::cuda_linear_force_two_wg(-1);
-      const char* names[] = {"grouped_linear y", "grouped_linear_linear z", "grouped_linear_linear y"};
-      for (int i = 0; i < 3; ++i)
-        expect_bitwise(got[0][size_t(i)], got[1][size_t(i)], what + " " + names[i] + ": two warpgroups vs one");
-      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
-      env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
-      expect_bitwise(ref, got[1][0], what + " two warpgroups vs the Hopper model");
-    }
-  }
-  EXPECT_GT(two_wg_runs, 0) << "no two-warpgroup launch ran";
   ops::cuda_linear_force_path(-1);
 }
 

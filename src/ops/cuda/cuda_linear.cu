@@ -99,11 +99,6 @@ void cuda_linear_force_last_cta_fold(int max_partials);
 // (grouped_linear_linear); -1 follows DSV4_CUDA_FOLD_QUANT (default on), 0 / 1 force it off / on.
 int64_t cuda_linear_fold_quant_launches();
 void cuda_linear_force_fold_quant(int on);
-// Test hooks: -1 follows DSV4_CUDA_GEMM_TWO_WG (default: FP8-as-bf16 tiles up to 32 rows on
-// two warpgroups where the launch has at most two CTAs an SM), 0 / 1 force it off / on for
-// those tiles; its launches so far.
-void cuda_linear_force_two_wg(int on);
-int64_t cuda_linear_two_wg_launches();
 // Test hooks: split GEMM launches so far folded by their clusters (gemm_kernel's kClusterFold);
 // -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
@@ -279,21 +274,6 @@ cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, cudaStream_t st
   return cfg;
 }
 
-// FP8-as-bf16 tiles of up to 32 rows on two warpgroups (gemm_kernel's kWg = 2: each
-// warpgroup multiplies, decodes and folds one m64 half; the same bits) where the launch
-// has at most two CTAs an SM: twice the warps for the same CTAs. Why: at batch 1 wo_a's
-// 256 CTAs held 7.7 warps an SM and issued 1.76 instructions a cycle, the e4m3 decode 335
-// of its 635 a loop iteration (ncu, docs/BENCHMARKS.md, fifty-fifth session).
-// DSV4_CUDA_GEMM_TWO_WG=1 takes it for every such launch, =0 never (A/B runs); a test
-// hook may force either.
-std::atomic<int64_t> g_two_wg_launches{0};
-std::atomic<int> g_force_two_wg{-1};
-bool two_wg_wanted(int64_t ctas, int64_t num_sms) {
-  static const int from_env = env_mode("DSV4_CUDA_GEMM_TWO_WG");
-  const int mode = forced_mode(g_force_two_wg, from_env);
-  return mode == 1 || (mode == -1 && ctas <= 2 * num_sms);
-}
-
 template <WFmt F, int NT, bool kTwo>
 void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT>();
@@ -307,17 +287,6 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool clus
       return;
     } else {
       DSV4_CHECK(false, "gemm: no cluster fold for this tile (nt {}, slices walked {})", NT, kTwo);
-    }
-  }
-  if constexpr (F == WFmt::kFp8Bf16 && NT <= 4) {
-    if (two_wg_wanted(int64_t(grid.x) * grid.y * grid.z, be.properties().multiProcessorCount)) {
-      static std::atomic<uint64_t> done_two{0};
-      const auto kernel = lk::gemm_kernel<F, NT, kTwo, false, 2>;
-      allow_smem(kernel, smem, be.device_index(), done_two);
-      kernel<<<grid, 2 * lk::kThreads, smem, be.stream()>>>(p);
-      check_launch(be.stream());
-      g_two_wg_launches.fetch_add(1, std::memory_order_relaxed);
-      return;
     }
   }
   allow_smem(lk::gemm_kernel<F, NT, kTwo>, smem, be.device_index(), done);
@@ -1102,8 +1071,6 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 }  // namespace
 
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
-void cuda_linear_force_two_wg(int on) { g_force_two_wg.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_two_wg_launches() { return g_two_wg_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }

@@ -392,13 +392,12 @@ __device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, con
 }
 
 // ---- the GEMM ---------------------------------------------------------------------
-// fn(i, q, e) for each of a thread's kHalves x NT x 4 accumulator elements, unrolled:
-// weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2 (kHalves: the m64
-// halves of the tile its warpgroup multiplies, gemm_tile's kWg).
-template <int NT, int kHalves = 2, typename Fn>
+// fn(i, q, e) for each of a thread's 2 x NT x 4 accumulator elements, unrolled:
+// weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
+template <int NT, typename Fn>
 __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 #pragma unroll
-  for (int i = 0; i < kHalves; ++i)
+  for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int q = 0; q < NT; ++q)
 #pragma unroll
@@ -470,21 +469,11 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // (fp4_device_layout.h): a stage of the tile is one run of valid_n x 64 bytes, its
 // rows' pieces swizzled. kTmaW (FP4 experts, whole tiles): each stage comes by one
 // TMA bulk copy; otherwise by cp.async, 16 bytes a thread.
-// kWg = 2 (FP8-as-bf16 tiles up to 32 rows; docs/design/cuda-linear.md, fifty-fifth session):
-// 256 threads, warpgroup kHalf0 multiplying, decoding and folding m64 half kHalf0 alone
-// (the caller runs one instance a warpgroup); the copies, barriers and the epilogue's fold
-// are the CTA's. Each half's products and sums are those of kWg = 1: the same bits, with
-// half the decode a thread and twice the warps a CTA.
-template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          int kWg = 1, int kHalf0 = 0>
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
-  static_assert(kWg == 1 || (kWg == 2 && F == WFmt::kFp8Bf16 && NT <= 4 && !kClusterFold && !kTmaW),
-                "two warpgroups: FP8-as-bf16's pipelined small tiles");
-  constexpr int kHalves = 2 / kWg;          // the m64 halves this warpgroup multiplies
-  constexpr int kThr = kThreads * kWg;      // the CTA's threads
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
   // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
   // ones kWStride apart (gemm_smem_bytes sizes both; for FP4 they are the same).
@@ -511,10 +500,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const uint32_t s_ws_raw = (s_mbar + 8 * kStages + 15) & ~15u;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int wg_warp = kWg == 1 ? warp : warp & 3;  // the warp in its warpgroup
-  // Tile weight row of this warpgroup's fragment half i (0 .. kHalves - 1: the tile's half
-  // kHalf0 + i), element row h (0: g, 1: g + 8).
-  auto tile_row = [&](int i, int h) { return 64 * (kHalf0 + i) + 16 * wg_warp + g + 8 * h; };
+  // Tile weight row of fragment half i (0, 1), element row h (0: g, 1: g + 8).
+  auto tile_row = [&](int i, int h) { return 64 * i + 16 * warp + g + 8 * h; };
   const int n0 = tile_n * kTileN;  // first weight row of the tile inside its group
   const int valid_n = min(kTileN, p.n - n0);
   const bool second = n0 >= p.n_split;  // gate/up pair: this tile reads w3 (host keeps n_split % 128 == 0)
@@ -534,9 +521,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // Per-thread source pointers of a stage's copies, at stage 0 (null: zero-fill),
   // computed once: the stage loop only adds st * bytes per stage.
   constexpr int kChunksPerRow = T::kWBytes / 16;
-  constexpr int kWChunks = kTileN * kChunksPerRow / kThr;  // weight copies per thread
-  constexpr int kRowStep = kThr / kChunksPerRow;            // rows between them
-  constexpr int kAChunks = (BM * 8 + kThr - 1) / kThr;      // activation copies per thread
+  constexpr int kWChunks = kTileN * kChunksPerRow / kThreads;  // weight copies per thread
+  constexpr int kRowStep = kThreads / kChunksPerRow;            // rows between them
+  constexpr int kAChunks = (BM * 8 + kThreads - 1) / kThreads;  // activation copies per thread
   const int w_r0 = tid / kChunksPerRow, w_part = tid % kChunksPerRow;
   // FP4 rows are kWBytes apart in a stage run of valid_n rows (copied as stored:
   // the readers undo the pieces' swizzle); other formats' rows w_row_bytes apart.
@@ -617,13 +604,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     for (int s = 0; s < kStages - 1; ++s)
       if (s < iters) load_weights(st_begin + s, s);
     if constexpr (T::kBlockScale)
-      scale_row_copied = copy_scale_row_async(s_bs, scale_row, p.s_row_stride, tid, kThr);
+      scale_row_copied = copy_scale_row_async(s_bs, scale_row, p.s_row_stride, tid, kThreads);
     wait_for_predecessor();
   }
   if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
   if constexpr (T::kBlockScale) {
     if (!scale_row_copied)
-      for (int i = tid; i < p.s_row_stride; i += kThr) s_bs[i] = scale_row[i];
+      for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = scale_row[i];
   }
   if constexpr (kTmaW) {
     if (tid == 0) {
@@ -633,7 +620,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   }
   __syncthreads();
   auto a_source = [&](int i) -> const uint8_t* {
-    const int c = tid + i * kThr;
+    const int c = tid + i * kThreads;
     const int src_row = c < BM * 8 ? s_rows[c >> 3] : -1;
     return src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + group * p.a_group_bytes + (c & 7) * 16 : nullptr;
   };
@@ -654,7 +641,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     uint8_t* da = s_a + buf * kAStage;
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
-      const int c = tid + i * kThr;
+      const int c = tid + i * kThreads;
       if (c >= a_pieces) break;
       const uint8_t* base = kKeepA ? a_src[i] : a_source(i);
       cp_async16(da + sw128_offset(c >> 3, c & 7), base ? base + int64_t(st) * 128 : p.a, base ? 16 : 0);
@@ -664,8 +651,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   };
 
-  float cur[kHalves][NT][4] = {};  // (zeroed here, before the lambdas below capture them)
-  float tot[kHalves][NT][4] = {};
+  float cur[2][NT][4] = {};  // (zeroed here, before the lambdas below capture them)
+  float tot[2][NT][4] = {};
   // FP4's chunks of a stage go out in groups of kBatch (one wait per group), each chunk
   // into its own accumulators (their weight scales differ): kBatch x 2 x 4NT registers,
   // with 8 more per chunk for A in registers, hence the smaller groups at more rows.
@@ -684,7 +671,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // FP8-as-bf16 decodes the next stage under this one's products (the loop below).
   constexpr bool kPipelinedRegA = F == WFmt::kFp8Bf16 && NT <= 4;  // (NT 8 with walked slices spilled 236 bytes)
   constexpr int kBatch = F != WFmt::kFp4 ? 1 : NT == 1 ? 4 : NT == 2 ? 2 : 1;
-  float wg_d[kBatch][kHalves][4 * NT] = {};
+  float wg_d[kBatch][2][4 * NT] = {};
   // FP8-as-bf16: stage buffer buf's weights as bf16 A fragments a[j][i] (chunk j, m64
   // half i), and their products with the activation stage at db0 into wg_d[0], from
   // zero. (Generic lambdas: only FP8-as-bf16 instantiates them.)
@@ -692,14 +679,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int i = 0; i < kHalves; ++i) {
+      for (int i = 0; i < 2; ++i) {
         const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
         load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
       }
   };
   // A slice boundary (kTwoSets): p_s into the running total, p_s from zero again.
   auto end_slice = [&] {
-    for_each_acc<NT, kHalves>([&](int i, int q, int e) {
+    for_each_acc<NT>([&](int i, int q, int e) {
       tot[i][q][e] += cur[i][q][e];
       cur[i][q][e] = 0.0f;
     });
@@ -710,7 +697,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     for (int j = 0; j < 4; ++j) {
       const uint64_t db = wgmma_desc_at(db0, j * 32);
 #pragma unroll
-      for (int i = 0; i < kHalves; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
+      for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
     }
     wgmma_commit();
   };
@@ -736,7 +723,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // products, wait, fold): -0.6% a step at batch 1, +0.2% at 16 rows (bench-1g, H200;
     // docs/BENCHMARKS.md, forty-second session; gemm_wide_kernel keeps the serial one).
     static_assert(kStages >= 4, "the decode of stage it+1 waits for its copies while stage it+2's are in flight");
-    uint32_t a0[4][kHalves][4], a1[4][kHalves][4];
+    uint32_t a0[4][2][4], a1[4][2][4];
     if (iters > 0) {
       cp_async_wait<kStages - 2>();  // stage 0 has landed (for this thread) ...
       fence_proxy_async();
@@ -747,7 +734,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // next copies into stage it-1's buffer (free: every thread waited for its products
     // before this barrier) and stage it+1's decode into `next`; then the wait for the
     // products and the fold p = fmaf(d_stage, 2^(w block), p).
-    auto run_stage = [&](int it, const uint32_t(&a)[4][kHalves][4], uint32_t(&next)[4][kHalves][4]) {
+    auto run_stage = [&](int it, const uint32_t(&a)[4][2][4], uint32_t(&next)[4][2][4]) {
       const bool slice_last = slice_pos == per_slice - 1;
       slice_pos = slice_last ? 0 : slice_pos + 1;
       const unsigned uit = unsigned(it);
@@ -764,8 +751,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       if (it + 1 < iters) decode_bf16_frags(next, int((uit + 1) % kStages));
       wgmma_wait_all();
       const float wsc = core::e8m0_to_float(s_bs[unsigned(st_begin + it) / 2]);
-      for_each_acc<NT, kHalves>(
-          [&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
+      for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
       if constexpr (kTwoSets) {
         if (slice_last) end_slice();
       }
@@ -992,7 +978,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     static_assert(BM * kPartStride * 4 <= kStages * (kWStage + kAStage), "cluster fold: partial in the stages");
     float* const s_part = reinterpret_cast<float*>(smem);
     __syncthreads();  // every warp is past its last reads of the stage buffers
-    for_each_acc<NT, kHalves>([&](int i, int q, int e) {
+    for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       s_part[c * kPartStride + r] = cur[i][q][e];
     });
@@ -1033,7 +1019,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     float* part = tile_major ? p.partial + (int64_t(tile_id) * p.split + slice) * (BM * kTileN)
                              : p.partial + int64_t(slice) * p.partial_rows * p.partial_cols + row_base * p.partial_cols + col0;
     const int64_t ld_part = tile_major ? kTileN : p.partial_cols;
-    for_each_acc<NT, kHalves>([&](int i, int q, int e) {
+    for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       if (r < valid_n && c < rows) part[c * ld_part + r] = cur[i][q][e];
     });
@@ -1058,14 +1044,14 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       if (quant) s_y[c * kTileN + r] = core::round_bf16(v);
     };
     if constexpr (!kBatchedFold) {
-      fold_row_major_slices<BM>(p, row_base, col0, rows, valid_n, tid, kThr, fold_store);
+      fold_row_major_slices<BM>(p, row_base, col0, rows, valid_n, tid, kThreads, fold_store);
     } else if (tid < valid_n) {
       fold_tile_slices<BM>(p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid, p.split, rows,
                            [&](int c, float v) { fold_store(c, tid, v); });
     }
     if (quant) {
       __syncthreads();  // the tile's rows are in s_y
-      for (int c = warp; c < rows; c += kThr / 32) {
+      for (int c = warp; c < rows; c += kThreads / 32) {
         const float4 x = *reinterpret_cast<const float4*>(s_y + c * kTileN + 4 * lane);
         const float v[4] = {x.x, x.y, x.z, x.w};
         const int64_t row = row_base + c;
@@ -1074,7 +1060,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
   } else {
-    for_each_acc<NT, kHalves>([&](int i, int q, int e) {
+    for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       if (r < valid_n && c < rows) store(c, r, kTwoSets ? tot[i][q][e] : 0.0f + cur[i][q][e]);
     });
@@ -1089,28 +1075,16 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 // launched in clusters of a tile's split CTAs (cluster dims 1 x 1 x split, split <= 8),
 // which fold the slices over distributed shared memory: no partials in global memory,
 // no counters, no fold launch.
-//
-// kWg = 2 (gemm_tile's): 256 threads, each warpgroup one m64 half of the tile (its
-// gemm_tile instance picked by the warpgroup, warp-uniform through a shuffle).
-template <WFmt F, int NT, bool kTwoSets, bool kClusterFold = false, int kWg = 1>
-__global__ void __launch_bounds__(kThreads * kWg) gemm_kernel(const GemmParams p) {
+template <WFmt F, int NT, bool kTwoSets, bool kClusterFold = false>
+__global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int BM = 8 * NT;  // gemm_tile waits for the predecessor after its first weight copies
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
   const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
   const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
   const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
-  if constexpr (kWg == 1) {
-    gemm_tile<F, NT, kTwoSets, true, false, kClusterFold>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
-                                                         linear);
-  } else {
-    if (__shfl_sync(0xffffffffu, int(threadIdx.x) >> 7, 0) == 0)
-      gemm_tile<F, NT, kTwoSets, true, false, kClusterFold, 2, 0>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base,
-                                                                  rows, linear);
-    else
-      gemm_tile<F, NT, kTwoSets, true, false, kClusterFold, 2, 1>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base,
-                                                                  rows, linear);
-  }
+  gemm_tile<F, NT, kTwoSets, true, false, kClusterFold>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
+                                                       linear);
 }
 
 // The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
