@@ -45,9 +45,7 @@ constexpr int kMcSmemBytes = 1024 + kMcStages * kMcStageBytes + 2 * kMcStages * 
 // .release.cluster form put a memory barrier before every arrival: ncu had 39% of the
 // kernel's stall samples there and the LM head at 681 µs.)
 __device__ __forceinline__ void mbar_arrive_cluster(uint32_t a, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(a), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_map(a, rank)) : "memory");
 }
 // A 2-D box of `map` at (column x, row y) into this CTA's shared memory at d, counted on the
 // barrier at b.
