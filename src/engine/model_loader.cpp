@@ -1,7 +1,6 @@
 #include "engine/model_loader.h"
 
 #include <unordered_map>
-#include <unordered_set>
 
 #include "core/error.h"
 #include "core/random.h"
@@ -54,8 +53,9 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
             built[s.name] = alloc(s);
             built[sc.name] = alloc(sc);
             if (s.init == model::WeightInit::kFp8Weight)
-              ops::cuda_synthetic::fill_fp8_weight(cuda, built[s.name], built[sc.name], s.logical_n, s.logical_k,
-                                                   source.seed, stream, s.std);
+              ops::cuda_synthetic::fill_fp8_weight(
+                  cuda, built[s.name], built[sc.name], s.logical_n, s.logical_k, source.seed, stream, s.std,
+                  s.grouped_linear ? ops::TensorRole::kGroupedFp8Weight : ops::TensorRole::kPlain);
             else
               ops::cuda_synthetic::fill_fp4_weight(cuda, built[s.name], built[sc.name], s.logical_n, s.logical_k,
                                                    source.seed, stream, s.std);
@@ -89,16 +89,19 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
   model::TensorLookup lookup = host_lookup;
   if (backend.device() != core::Device::kCpu) {
     // Copy each bound tensor to the device once, in its shape and role (a backend may
-    // store FP4 weights and their scales in an order that depends on both).
-    auto fp4_scales = std::make_shared<std::unordered_set<std::string>>();
-    for (const model::TensorSpec& s : model::checkpoint_tensor_specs(m->config))
-      if (s.init == model::WeightInit::kFp4Scale) fp4_scales->insert(s.name);
-    lookup = [&, m, host_lookup, fp4_scales](const std::string& name) {
+    // store FP4 weights and their scales, and the grouped linear's FP8 weights, in an
+    // order that depends on both).
+    auto roles = std::make_shared<std::unordered_map<std::string, ops::TensorRole>>();
+    for (const model::TensorSpec& s : model::checkpoint_tensor_specs(m->config)) {
+      if (s.init == model::WeightInit::kFp4Scale) (*roles)[s.name] = ops::TensorRole::kFp4Scales;
+      if (s.grouped_linear) (*roles)[s.name] = ops::TensorRole::kGroupedFp8Weight;
+    }
+    lookup = [&, m, host_lookup, roles](const std::string& name) {
       core::Tensor h = host_lookup(name);
       core::Tensor d = backend.empty(h.dtype(), {h.numel()});
       core::Tensor view(d.data(), h.dtype(), h.shape(), h.ndim(), d.device(), d.owner());
-      backend.upload(view, h.data(), h.nbytes(),
-                     fp4_scales->count(name) ? ops::TensorRole::kFp4Scales : ops::TensorRole::kPlain);
+      const auto role = roles->find(name);
+      backend.upload(view, h.data(), h.nbytes(), role == roles->end() ? ops::TensorRole::kPlain : role->second);
       m->device_copies.push_back(view);
       return view;
     };

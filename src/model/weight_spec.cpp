@@ -106,6 +106,7 @@ class SpecBuilder {
     normal(p + "attn.kv_norm.weight", DType::kBF16, {Dh}, 1.0f, 0.1f, g, fmt::format("head_dim={}", Dh));
     fp8(p + "attn.wo_a", G * Ro, H * Dh / G, g,
         fmt::format("o_groups={}, o_lora_rank={}, num_attention_heads={}, head_dim={}", G, Ro, H, Dh));
+    specs_[specs_.size() - 2].grouped_linear = true;  // (the weight; its scale is plain)
     fp8(p + "attn.wo_b", D, G * Ro, g, fmt::format("hidden_size={}, o_groups={}, o_lora_rank={}", D, G, Ro));
 
     const int64_t ratio = c.compress_ratio(i);

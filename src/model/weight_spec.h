@@ -32,6 +32,8 @@ struct TensorSpec {
   int64_t logical_n = 0;  // FP8/FP4 weights: logical [N, K]
   int64_t logical_k = 0;
   int group = -1;       // -1 global, layer index, or L.. for MTP blocks: the shard grouping unit
+  bool grouped_linear = false;  // FP8 weights the grouped linear reads (wo_a): a backend may store them in an
+                                // order of its own (ops::TensorRole::kGroupedFp8Weight)
   std::string derivation;  // which config fields fix the shape, for error messages
 };
 

@@ -118,6 +118,8 @@ struct HcPostInput {
 enum class TensorRole : uint8_t {
   kPlain,
   kFp4Scales,  // the UE8M0 row scales [N, K/32] of a packed FP4 weight (CUDA: stored tile-major like the weight)
+  kGroupedFp8Weight,  // the e4m3 weight [N, K] of grouped_linear (wo_a; CUDA: in fragment order, tile-major,
+                      // ops/cuda/fp8_bf16_layout.h); grouped_linear takes no other
 };
 
 // Diagnostics: backend ops that run twice a call, so that a benchmark can measure
@@ -247,6 +249,7 @@ class Backend {
   // Grouped low-rank output projection wo_a (spec §5.6): the FP8 weight [G*R, C]
   // is used dequantized and the activation is not quantized (bf16 einsum):
   // y[t, g*R + r] = bf16(sum_c x[t, g*C + c] * W[g*R + r, c]). x bf16 [T, G*C], y bf16 [T, G*R].
+  // W is uploaded as TensorRole::kGroupedFp8Weight (its scale plain).
   void grouped_linear(const core::Tensor& x, const QuantLinear& w, int64_t groups, const core::Tensor& y);
   // The attention's two output projections as one op, so that a backend can quantize z
   // for wb while it forms it: z = grouped_linear(x, wa, groups); y = linear(z, wb), the

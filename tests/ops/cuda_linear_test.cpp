@@ -40,6 +40,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_synthetic.h"
 #include "ops/cuda/fp4_device_layout.h"
+#include "ops/cuda/fp8_bf16_layout.h"
 
 namespace dsv4::ops {
 // Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
@@ -134,6 +135,14 @@ QuantLinear device_quant(ops::Backend& cuda, const QuantLinear& h) {
   d.weight = to_device(cuda, h.weight);
   d.scale = to_device(cuda, h.scale,
                       h.format == QuantLinear::Format::kFp4Group32 ? ops::TensorRole::kFp4Scales : ops::TensorRole::kPlain);
+  return d;
+}
+
+// grouped_linear's weight: the FP8 weight in the backend's order for it (its scale plain).
+QuantLinear device_grouped_quant(ops::Backend& cuda, const QuantLinear& h) {
+  QuantLinear d = h;
+  d.weight = to_device(cuda, h.weight, ops::TensorRole::kGroupedFp8Weight);
+  d.scale = to_device(cuda, h.scale);
   return d;
 }
 
@@ -681,7 +690,7 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
   // R = 96 takes the simple kernel in the fast path (tiles would straddle scale blocks).
   for (const Case c : {Case{2, 128, 256}, Case{8, 128, 512}, Case{1, 200, 320}, Case{4, 96, 128}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw);
+    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
     for (int64_t M : kRows) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
@@ -716,7 +725,7 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
   for (const Case c : {Case{8, 128, 512, 256, true}, Case{2, 256, 256, 384, true}, Case{4, 96, 128, 128, false}}) {
     const QuantLinear ha = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
     const QuantLinear hb = host_quant(c.n, c.g * c.r, false, draw_seed(rng));
-    const QuantLinear da = device_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    const QuantLinear da = device_grouped_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
     for (int64_t M : {0, 1, 5, 8, 12, 16, 24, 32, 64, 65, 256}) {
       const std::string what = std::string(path()) + " G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) +
                                " then N=" + std::to_string(c.n);
@@ -1289,7 +1298,7 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   // over 2). Also the Hopper model's bits.
   for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw);
+    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
     for (int64_t M : rows) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       const Tensor dx = to_device(env.cuda, x);
@@ -1366,7 +1375,7 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   };
   for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw);
+    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
     for (int64_t M : {65, 128, 200, 257}) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       const Tensor dx = to_device(env.cuda, x);
@@ -1725,7 +1734,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
   {  // wo_a's grouped FP8-as-bf16 GEMM: 8 groups of 128 rows, K = 512 a group (S = 8)
     const int64_t G = 8, R = 128, C = 512;
     const QuantLinear hw = host_quant(G * R, C, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw);
+    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
     for (int64_t M : rows) {
       const Tensor x = rng.bf16({M, G * C});
       const Tensor dx = to_device(env.cuda, x);
@@ -2325,7 +2334,7 @@ TEST_P(CudaLinear, RowResultsDoNotDependOnTheBatch) {
     check("bf16 linear bf16", DType::kBF16, {4096}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.linear_bf16(x2.rows(b, c), w2, y); });
   }
   {  // grouped
-    const QuantLinear w = device_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
+    const QuantLinear w = device_grouped_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
     const Tensor x = to_device(cuda, rng.bf16({B, 2 * 256}));
     check("grouped", DType::kBF16, {256}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.grouped_linear(x.rows(b, c), w, 2, y); });
   }
@@ -2427,7 +2436,7 @@ TEST_P(CudaLinear, GraphReplayEqualsEager) {
   const int64_t M = 16, E = 8, k = 4, D = 256;
   const QuantLinear w8 = device_quant(cuda, host_quant(1000, 2048, false, draw_seed(rng)));
   const Tensor wb = to_device(cuda, rng.bf16({129, 4096}, 1.0f / 64.0f));
-  const QuantLinear wg = device_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
+  const QuantLinear wg = device_grouped_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
   const ExpertWeights shared = device_expert(cuda, host_expert(D, 256, false, false, rng));
   std::vector<ExpertWeights> ex(static_cast<size_t>(E));
   for (auto& e : ex) e = device_expert(cuda, host_expert(D, 256, true, true, rng));
@@ -2532,6 +2541,19 @@ TEST(CudaFp4Layout, UploadStoresTheDeviceOrderAndDownloadRestoresTheCheckpoints)
     EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored scales of " << h.shape_string();
     expect_bitwise(h, to_host(cuda, d, ops::TensorRole::kFp4Scales), "FP4 scale download after upload");
   }
+  // grouped_linear's FP8 weights (role kGroupedFp8Weight): fp8_bf16_layout.h's order where
+  // K % 64 == 0 (partial last tiles too), checkpoint order otherwise.
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{256, 512}, {200, 192}, {300, 4096}, {5, 100}}) {
+    Tensor h = Tensor::empty_cpu(DType::kF8E4M3, {n, k});
+    for (int64_t i = 0; i < h.numel(); ++i) h.as<uint8_t>()[i] = uint8_t(rng.uniform_int(0, 255));
+    const Tensor d = to_device(cuda, h, ops::TensorRole::kGroupedFp8Weight);
+    std::vector<uint8_t> want(h.as<uint8_t>(), h.as<uint8_t>() + h.nbytes());
+    if (ops::fp8_bf16_layout::applies(k))
+      ops::fp8_bf16_layout::matrices_to_device(h.as<uint8_t>(), want.data(), want.size(), n, k);
+    const Tensor stored = to_host(cuda, d);  // (plain: the bytes as stored)
+    EXPECT_EQ(std::memcmp(stored.data(), want.data(), want.size()), 0) << "stored grouped FP8 " << h.shape_string();
+    expect_bitwise(h, to_host(cuda, d, ops::TensorRole::kGroupedFp8Weight), "grouped FP8 download after upload");
+  }
   // Uploads that must fail, each with a message naming the tensor and the rule.
   auto expect_upload_fails = [&](const Tensor& dst, size_t bytes, ops::TensorRole role,
                                  std::initializer_list<const char*> needles) {
@@ -2546,6 +2568,10 @@ TEST(CudaFp4Layout, UploadStoresTheDeviceOrderAndDownloadRestoresTheCheckpoints)
   expect_upload_fails(cuda.empty(DType::kBF16, {4, 8}), 64, ops::TensorRole::kFp4Scales, {"[4, 8]", "UE8M0 expected"});
   expect_upload_fails(cuda.empty(DType::kI8, {4, 64}), 128, ops::TensorRole::kPlain, {"[4, 64]", "cross whole"});
   expect_upload_fails(cuda.empty(DType::kI8, {3, 48}), 144, ops::TensorRole::kPlain, {"[3, 48]", "64-byte blocks"});
+  expect_upload_fails(cuda.empty(DType::kBF16, {4, 64}), 512, ops::TensorRole::kGroupedFp8Weight,
+                      {"[4, 64]", "F8_E4M3 [N, K] expected"});
+  expect_upload_fails(cuda.empty(DType::kF8E4M3, {4, 64}), 128, ops::TensorRole::kGroupedFp8Weight,
+                      {"[4, 64]", "crosses whole"});
 }
 
 TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {
@@ -2587,6 +2613,10 @@ TEST(CudaSynthetic, BuildersMatchTheCpuGenerator) {
     ops::cuda_synthetic::fill_fp8_weight(cuda, dw, ds, n, k, seed, core::stream_id(s.name), s.std);
     report(s.name + " weight", differing_fraction(hw, to_host(cuda, dw)));
     report(s.name + " scale", differing_fraction(hs, to_host(cuda, ds)));
+    // grouped_linear's weight (wo_a), drawn in the backend's order for it
+    ops::cuda_synthetic::fill_fp8_weight(cuda, dw, ds, n, k, seed, core::stream_id(s.name), s.std,
+                                         ops::TensorRole::kGroupedFp8Weight);
+    report(s.name + " grouped weight", differing_fraction(hw, to_host(cuda, dw, ops::TensorRole::kGroupedFp8Weight)));
   }
   for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{77, 512}, {256, 2048}, {130, 384}}) {
     model::TensorSpec s;

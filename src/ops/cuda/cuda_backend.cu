@@ -13,6 +13,7 @@
 
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/fp4_device_layout.h"
+#include "ops/cuda/fp8_bf16_layout.h"
 #include "ops/kv_format.h"
 
 namespace dsv4::ops {
@@ -145,14 +146,59 @@ __global__ void fp4_scales_to_device_layout_kernel(const uint32_t* __restrict__ 
   *reinterpret_cast<uint32_t*>(out + m * per_matrix * 4 + fp4_layout::scale_offset(n, s, rows, stages)) = in[w];
 }
 
+// grouped_linear's e4m3 weights (TensorRole::kGroupedFp8Weight) live in
+// fp8_bf16_layout.h's order where their rows are whole 64-byte blocks; like FP4
+// matrices they cross whole, in their final shape. Returns whether the order applies.
+bool grouped_fp8_matrices(const Tensor& t, size_t bytes, const char* what, Fp4Matrices* m) {
+  DSV4_CHECK(t.dtype() == DType::kF8E4M3 && t.ndim() == 2,
+             "{} of a grouped linear's FP8 weight into a {} tensor {} (F8_E4M3 [N, K] expected)", what,
+             core::dtype_name(t.dtype()), t.shape_string());
+  DSV4_CHECK(bytes == t.nbytes(),
+             "{} of {} bytes of a grouped linear's FP8 weight {} of {} bytes: the CUDA backend stores it in its "
+             "own order (ops/cuda/fp8_bf16_layout.h), so it crosses whole",
+             what, bytes, t.shape_string(), t.nbytes());
+  m->rows = t.size(0);
+  m->row_bytes = t.size(1);
+  return fp8_bf16_layout::applies(m->row_bytes) && m->rows > 0;
+}
+
+// One thread per 64-byte block of `in` (checkpoint order), written to its place in out.
+__global__ void fp8_bf16_to_device_layout_kernel(const uint4* __restrict__ in, uint8_t* __restrict__ out,
+                                                 int64_t blocks, int64_t rows, int64_t stages) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= blocks) return;
+  const int64_t n = b / stages, s = b % stages;
+  uint4 src[4], dst[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) src[i] = in[4 * b + i];
+  fp8_bf16_layout::block_to_device(reinterpret_cast<const uint8_t*>(src), reinterpret_cast<uint8_t*>(dst));
+  uint4* o = reinterpret_cast<uint4*>(out + fp4_layout::block_offset(n, s, rows, stages));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) o[i] = dst[i];
+}
+
 }  // namespace
 
 void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, TensorRole role) {
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
   const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || dst.dtype() == DType::kI8;
+  const bool grouped = role == TensorRole::kGroupedFp8Weight;
   Fp4Matrices shape;
   if (fp4) shape = fp4_matrices(dst, bytes, scales, "upload");
+  const bool reorder = grouped && grouped_fp8_matrices(dst, bytes, "upload", &shape);
   if (bytes == 0) return;
+  if (reorder) {  // checkpoint bytes into a stream-ordered scratch buffer, placed from there
+    void* scratch = nullptr;
+    DSV4_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream_));
+    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch, host, bytes, cudaMemcpyHostToDevice, stream_));
+    const int64_t blocks = int64_t(bytes / fp8_bf16_layout::kBlockBytes);
+    fp8_bf16_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
+        static_cast<const uint4*>(scratch), static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
+        shape.row_bytes / fp8_bf16_layout::kBlockBytes);
+    DSV4_CUDA_CHECK(cudaGetLastError());
+    DSV4_CUDA_CHECK(cudaFreeAsync(scratch, stream_));
+    return;
+  }
   // Pageable host memory: the copy is staged before the call returns, so the
   // caller may reuse its buffer at once.
   if (!fp4) {
@@ -183,13 +229,16 @@ void CudaBackend::download(void* host, const Tensor& src, size_t bytes, TensorRo
   const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || src.dtype() == DType::kI8;
   Fp4Matrices shape;
   if (fp4) shape = fp4_matrices(src, bytes, scales, "download");
+  const bool reorder = role == TensorRole::kGroupedFp8Weight && grouped_fp8_matrices(src, bytes, "download", &shape);
   if (bytes == 0) return;
-  std::vector<uint8_t> stored(fp4 ? bytes : 0);
-  DSV4_CUDA_CHECK(cudaMemcpyAsync(fp4 ? stored.data() : host, src.data(), bytes, cudaMemcpyDeviceToHost, stream_));
+  std::vector<uint8_t> stored(fp4 || reorder ? bytes : 0);
+  DSV4_CUDA_CHECK(cudaMemcpyAsync(fp4 || reorder ? stored.data() : host, src.data(), bytes, cudaMemcpyDeviceToHost,
+                                  stream_));
   DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
   uint8_t* out = static_cast<uint8_t*>(host);
   if (scales) fp4_layout::scales_to_checkpoint(stored.data(), out, bytes, shape.rows, shape.row_bytes);
   else if (fp4) fp4_layout::matrices_to_checkpoint(stored.data(), out, bytes, shape.rows, shape.row_bytes);
+  else if (reorder) fp8_bf16_layout::matrices_to_checkpoint(stored.data(), out, bytes, shape.rows, shape.row_bytes);
 }
 
 void CudaBackend::fill_zero(const Tensor& t) {

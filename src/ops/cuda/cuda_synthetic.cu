@@ -16,6 +16,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/fp4_device_layout.h"
+#include "ops/cuda/fp8_bf16_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
 
 namespace dsv4::ops::cuda_synthetic {
@@ -39,9 +40,10 @@ __global__ void fill_normal_kernel(void* out, int64_t n, int f32, uint64_t seed,
 }
 
 // One CTA per 128x128 block: the block's amax, its UE8M0 exponent, then the e4m3 codes
-// (values recomputed rather than staged: they are pure functions of the index).
+// (values recomputed rather than staged: they are pure functions of the index), in
+// checkpoint order or, for grouped_linear's weights (grouped), in fp8_bf16_layout.h's.
 __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t* scale, int64_t N, int64_t K,
-                                                       uint64_t seed, uint64_t stream, float std) {
+                                                       uint64_t seed, uint64_t stream, float std, int grouped) {
   wait_for_predecessor();
   const int64_t kb = (K + 127) / 128;
   const int64_t n0 = int64_t(blockIdx.y) * 128, k0 = int64_t(blockIdx.x) * 128;
@@ -61,7 +63,8 @@ __global__ void __launch_bounds__(256) fill_fp8_kernel(uint8_t* weight, uint8_t*
   for (int64_t i = threadIdx.x; i < rows * cols; i += blockDim.x) {
     const int64_t r = i / cols, c = i % cols;
     const float v = core::fp8_weight_value(seed, stream, std, K, n0 + r, k0 + c);
-    weight[(n0 + r) * K + k0 + c] = core::float_to_e4m3(core::clamp_f32(v * inv, -448.0f, 448.0f));
+    const int64_t at = grouped ? fp8_bf16_layout::element_offset(n0 + r, k0 + c, N, K) : (n0 + r) * K + k0 + c;
+    weight[at] = core::float_to_e4m3(core::clamp_f32(v * inv, -448.0f, 448.0f));
   }
   if (threadIdx.x == 0) scale[int64_t(blockIdx.y) * kb + blockIdx.x] = core::e8m0_from_exponent(e);
 }
@@ -123,7 +126,9 @@ void fill_normal(CudaBackend& be, const Tensor& out, uint64_t seed, uint64_t str
 }
 
 void fill_fp8_weight(CudaBackend& be, const Tensor& weight, const Tensor& scale, int64_t n, int64_t k, uint64_t seed,
-                     uint64_t stream_id, float std) {
+                     uint64_t stream_id, float std, TensorRole role) {
+  DSV4_CHECK(role == TensorRole::kPlain || role == TensorRole::kGroupedFp8Weight,
+             "fill_fp8_weight: an FP8 weight is plain or grouped_linear's, not role {}", int(role));
   check_device(weight, "FP8 weight");
   check_device(scale, "FP8 scale");
   DSV4_CHECK(weight.nbytes() == size_t(n * k) && scale.nbytes() == size_t(((n + 127) / 128) * ((k + 127) / 128)),
@@ -133,7 +138,7 @@ void fill_fp8_weight(CudaBackend& be, const Tensor& weight, const Tensor& scale,
   const dim3 grid(unsigned((k + 127) / 128), unsigned((n + 127) / 128));
   DSV4_CHECK(grid.y <= 65535, "fill_fp8_weight: {} rows", n);
   fill_fp8_kernel<<<grid, 256, 0, be.stream()>>>(weight.as<uint8_t>(), scale.as<uint8_t>(), n, k, seed, stream_id,
-                                                 std);
+                                                 std, role == TensorRole::kGroupedFp8Weight ? 1 : 0);
   DSV4_CUDA_CHECK(cudaGetLastError());
 }
 

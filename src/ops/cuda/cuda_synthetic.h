@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "core/tensor.h"
+#include "ops/backend.h"
 
 namespace dsv4::ops {
 class CudaBackend;
@@ -21,9 +22,10 @@ void fill_normal(CudaBackend& backend, const core::Tensor& out, uint64_t seed, u
                  float std);
 
 // FP8 weight e4m3 [n, k] quantized per 128x128 block from core::fp8_weight_value;
-// scale UE8M0 [ceil(n/128), ceil(k/128)].
+// scale UE8M0 [ceil(n/128), ceil(k/128)]. role: kPlain (checkpoint order) or
+// kGroupedFp8Weight (grouped_linear's weight, in ops/cuda/fp8_bf16_layout.h's order).
 void fill_fp8_weight(CudaBackend& backend, const core::Tensor& weight, const core::Tensor& scale, int64_t n, int64_t k,
-                     uint64_t seed, uint64_t stream_id, float std);
+                     uint64_t seed, uint64_t stream_id, float std, TensorRole role = TensorRole::kPlain);
 
 // FP4 weight e2m1 packed I8 [n, k/2] quantized per 32 along K from
 // core::fp4_weight_value, stored in the CUDA backend's FP4 order (download gives the

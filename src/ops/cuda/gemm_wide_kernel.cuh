@@ -23,7 +23,7 @@ constexpr int kWideStages = 4;
 static_assert(kTileN == 128, "the wide tile splits 128 weight rows over two m64 warpgroups");
 
 // Bytes between weight rows in a stage buffer: 128 (FP8, bf16: 128-byte swizzle, read
-// by wgmma) or FP8-as-bf16's 64 e4m3 bytes padded to 80 (read as A fragments).
+// by wgmma) or FP8-as-bf16's 64 e4m3 bytes (read as A fragments, 16 bytes a row).
 template <WFmt F>
 __host__ __device__ constexpr int wide_weight_row_bytes() {
   return F == WFmt::kFp8Bf16 ? FmtTraits<F>::kWStride : 128;
@@ -261,14 +261,17 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
   const int stages_total = p.k / T::kStageK, per_slice = stages_total / p.slices;
 
   // Copies: piece c_part of rows c_row + 32 i, for weights (i < 4) and activations (i < R / 32);
-  // FP8-as-bf16 weights: piece tid % 4 of rows tid / 4 and tid / 4 + 64.
+  // FP8-as-bf16 weights (tile-major, fp8_bf16_layout.h: a stage is valid_n rows of 64 bytes):
+  // piece tid % 4 of rows tid / 4 and tid / 4 + 64.
   const int c_row = tid >> 3, c_part = tid & 7;
   const int w_r0 = kRegA ? tid >> 2 : c_row, w_part = kRegA ? tid & 3 : c_part;
-  const uint8_t* const w_src = w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
-  const int64_t w_step = (kRegA ? 64 : 32) * p.w_row_bytes;
+  const uint8_t* const w_src = kRegA ? w + wrow0 * p.w_row_bytes + 16 * tid
+                                     : w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
+  const int64_t w_step = kRegA ? 64 * T::kWBytes : 32 * p.w_row_bytes;
+  const int64_t w_stage = kRegA ? int64_t(valid_n) * T::kWBytes : T::kWBytes;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kStageBytes;
-    const uint8_t* src = w_src + int64_t(st) * T::kWBytes;
+    const uint8_t* src = w_src + int64_t(st) * w_stage;
 #pragma unroll
     for (int i = 0; i < (kRegA ? 2 : 4); ++i, src += w_step) {
       const int r = w_r0 + (kRegA ? 64 : 32) * i;
@@ -395,8 +398,7 @@ __global__ void __launch_bounds__(kWideThreads, 1) gemm_wide_kernel(const GemmPa
       const float wsc = core::e8m0_to_float(s_bs[uit / 2]);
       const uint8_t* lo = s_w + buf * kStageBytes + (64 * wg + 16 * warp + g) * kWRow;
       uint32_t a[4][4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t, a[j]);
+      load_a_frags_e4m3_bf16(lo, lo + 8 * kWRow, t, [&](int j) -> uint32_t(&)[4] { return a[j]; });
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d[0], a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);

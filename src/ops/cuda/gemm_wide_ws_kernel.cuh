@@ -18,7 +18,7 @@
 // the last tile's output, so a tile's fill and its epilogue overlap its neighbours'.
 // FP8-as-bf16 (wo_a, grouped; forty-second session, opt-in: DSV4_CUDA_WIDE_WS_WO_A=1)
 // takes the same roles with gemm_wide_kernel<FP8-as-bf16>'s stage: 64-wide, weights in
-// 80-byte rows decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
+// 64-byte rows (tile-major) decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
 // p = fmaf(d, 2^w, p): the same bits as that kernel.
 // bf16 in 256-row tiles of one K slice (the LM head from 129 rows; forty-fourth session, the
 // default since the forty-fifth: DSV4_CUDA_WIDE_WS_BF16=0 turns it off) takes the same roles
@@ -40,7 +40,7 @@ constexpr int kWsThreads = kWsProducerThreads + kWsConsumerThreads;
 constexpr int kWsOutStride = kTileN * 2 + 16;  // bytes a row of the bf16 output tile (padded: distinct banks)
 
 // Bytes a weight row takes in a stage buffer: FP8's 128 (128-byte swizzle, read by
-// wgmma), FP8-as-bf16's 64 e4m3 bytes padded to 80 (read as A fragments).
+// wgmma), FP8-as-bf16's 64 e4m3 bytes (read as A fragments, 16 bytes a row).
 template <WFmt F>
 __host__ __device__ constexpr int wide_ws_weight_row_bytes() {
   return F == WFmt::kFp8Bf16 ? FmtTraits<F>::kWStride : 128;
@@ -232,15 +232,18 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
     int valid_n = 0;
     auto start_tile = [&](const WideWsTile& t) {
       w = t.second ? p.w1 : p.w0;
-      w_src = w + (wide_ws_weight_row<kRegA>(p, t) + w_row) * p.w_row_bytes + w_part * 16;
+      // (FP8-as-bf16: tile-major, fp8_bf16_layout.h; a stage is valid_n rows of 64 bytes)
+      w_src = kRegA ? w + wide_ws_weight_row<kRegA>(p, t) * p.w_row_bytes + 16 * tid
+                    : w + (wide_ws_weight_row<kRegA>(p, t) + w_row) * p.w_row_bytes + w_part * 16;
       if constexpr (!kBf16) scale_row = wide_ws_scale_row<kRegA>(p, t);
       valid_n = t.valid_n;
     };
     auto load_weights = [&](int st, int buf) {
       uint8_t* dw = s_w + buf * kStageBytes;
-      const uint8_t* src = w_src + int64_t(st) * FmtTraits<F>::kWBytes;
+      const uint8_t* src = w_src + int64_t(st) * (kRegA ? valid_n : 1) * FmtTraits<F>::kWBytes;
 #pragma unroll
-      for (int i = 0; i < kTileN / kWPieceRows; ++i, src += int64_t(kWPieceRows) * p.w_row_bytes) {
+      for (int i = 0; i < kTileN / kWPieceRows; ++i,
+               src += int64_t(kWPieceRows) * (kRegA ? FmtTraits<F>::kWBytes : p.w_row_bytes)) {
         const int r = w_row + kWPieceRows * i;
         const bool ok = r < valid_n;
         cp_async16_l2_128(dw + (kRegA ? r * kWRow + w_part * 16 : sw128_offset(r, w_part)), ok ? src : w,
@@ -340,8 +343,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
           // summed by the tensor core from zero, then p = fmaf(d, 2^w, p): gemm_wide_kernel's.
           const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
           uint32_t a[4][4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) load_a_frag_e4m3_bf16(lo, lo + 8 * kWRow, j, t4, a[j]);
+          load_a_frags_e4m3_bf16(lo, lo + 8 * kWRow, t4, [&](int j) -> uint32_t(&)[4] { return a[j]; });
           wgmma_fence();
 #pragma unroll
           for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);

@@ -59,6 +59,7 @@
 #include "ops/cuda/cluster.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/fp4_device_layout.h"
+#include "ops/cuda/fp8_bf16_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/wgmma.cuh"
 
@@ -81,8 +82,9 @@ enum class Mma : int { kWgmmaRegA, kWgmmaSmemA };
 
 // One pipeline stage covers 128 bytes of an MMA-format row (128 e4m3 or 64 bf16
 // values) = 4 chunks of 32 bytes, one MMA each. kWStride: bytes per weight row in
-// a stage buffer (FP8-as-bf16's 4-byte fragment reads need padding to avoid bank
-// conflicts; FP4's 16-byte ones and the wgmma shared-memory layout need none).
+// a stage buffer (no padding: FP4's and FP8-as-bf16's fragment reads are 16 bytes a
+// row, two rows a quarter warp, and the wgmma shared-memory layout needs none; the
+// 4-byte reads of FP8-as-bf16 in checkpoint order took rows of 80).
 // kStages: cp.async pipeline depth (FP4's stages hold half the bytes, so it keeps
 // one more in flight at the same 4 CTAs per SM).
 template <WFmt F>
@@ -108,7 +110,7 @@ struct FmtTraits<WFmt::kBf16> {
 template <>
 struct FmtTraits<WFmt::kFp8Bf16> {
   static constexpr bool kQuantAct = false, kBlockScale = true, kRowScale = false;
-  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 80, kStages = 4;  // (4: gemm_tile's decode ahead)
+  static constexpr int kStageK = 64, kWBytes = 64, kWStride = 64, kStages = 4;  // (4: gemm_tile's decode ahead)
   static constexpr Mma kMma = Mma::kWgmmaRegA;
 };
 
@@ -365,30 +367,45 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
   a[3] = h.odd;
 }
 
-// FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j (16
-// e4m3 bytes at 16j), each pair converted exactly to two bf16.
-__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(const uint8_t* p) {
-  // Integer steps and one bf16 multiply (the ALU and FMA pipes, not the conversion
-  // unit): each byte sign-extended into its 16-bit half (prmt), shifted so the sign
-  // lands on bit 15 and exponent + mantissa on bits 4..10, which reads as bf16 2^-120 x
-  // the e4m3 value (subnormals too), then x 2^120 (exact). Against cvt to f16, then f32,
-  // then bf16: -0.3% a step at batch 1 and -0.6% at 64 rows, +0.2% at 16 (A/B, 2 rounds,
-  // apart; docs/BENCHMARKS.md, forty-seventh session). The two NaN codes (0x7f, 0xff) read
-  // as +-480 here, where the CPU gives NaN; quantized checkpoints hold none.
-  const uint32_t pair = *reinterpret_cast<const unsigned short*>(p);
+// FP8-as-bf16 (k16 bf16): a0 holds k 2t, 2t+1 and a2 k 8+2t, 9+2t of chunk j, each
+// pair converted exactly to two bf16. The weights are stored in device order
+// (fp8_bf16_layout.h): lane t's 16-byte piece t of a row's 64-byte stage holds, as
+// word j, chunk j's bytes 2t, 2t+1, 8+2t, 9+2t, so one 16-byte load a row gives the
+// lane its 8 pairs of the stage (in checkpoint order it took 8 two-byte loads).
+//
+// The decode, integer steps and one bf16 multiply (the ALU and FMA pipes, not the
+// conversion unit): each byte sign-extended into its 16-bit half (prmt), shifted so
+// the sign lands on bit 15 and exponent + mantissa on bits 4..10, which reads as bf16
+// 2^-120 x the e4m3 value (subnormals too), then x 2^120 (exact). Against cvt to f16,
+// then f32, then bf16: -0.3% a step at batch 1 and -0.6% at 64 rows, +0.2% at 16 (A/B,
+// 2 rounds, apart; docs/BENCHMARKS.md, forty-seventh session). The two NaN codes (0x7f,
+// 0xff) read as +-480 here, where the CPU gives NaN; quantized checkpoints hold none.
+// sel 0x9180: bytes 0, 1 of w (the pair k 2t, 2t+1); 0xB3A2: bytes 2, 3 (k 8+2t, 9+2t).
+template <uint32_t kSel>
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t w) {
   uint32_t v;
-  asm("prmt.b32 %0, %1, 0, 0x9180;\n" : "=r"(v) : "r"(pair));
+  asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(v) : "r"(w), "n"(kSel));
   v = (v << 4) & 0x87f087f0u;
   uint32_t out;
   asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(v), "r"(0x7b807b80u));
   return out;
 }
-__device__ __forceinline__ void load_a_frag_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int j, int t,
-                                                      uint32_t (&a)[4]) {
-  a[0] = e4m3x2_to_bf16x2(lo_row + 16 * j + 2 * t);
-  a[1] = e4m3x2_to_bf16x2(hi_row + 16 * j + 2 * t);
-  a[2] = e4m3x2_to_bf16x2(lo_row + 16 * j + 8 + 2 * t);
-  a[3] = e4m3x2_to_bf16x2(hi_row + 16 * j + 8 + 2 * t);
+// The 4 chunks' A fragments of rows lo_row and hi_row (g and g + 8 of a warp's 16) of
+// a stage buffer, lane t: frag(j) names chunk j's 4 registers.
+template <typename Frag>
+__device__ __forceinline__ void load_a_frags_e4m3_bf16(const uint8_t* lo_row, const uint8_t* hi_row, int t,
+                                                       Frag&& frag) {
+  const uint4 lo = *reinterpret_cast<const uint4*>(lo_row + 16 * t);
+  const uint4 hi = *reinterpret_cast<const uint4*>(hi_row + 16 * t);
+  const uint32_t lw[4] = {lo.x, lo.y, lo.z, lo.w}, hw[4] = {hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t(&a)[4] = frag(j);
+    a[0] = e4m3x2_to_bf16x2<0x9180>(lw[j]);
+    a[1] = e4m3x2_to_bf16x2<0x9180>(hw[j]);
+    a[2] = e4m3x2_to_bf16x2<0xB3A2>(lw[j]);
+    a[3] = e4m3x2_to_bf16x2<0xB3A2>(hw[j]);
+  }
 }
 
 // ---- the GEMM ---------------------------------------------------------------------
@@ -525,9 +542,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr int kRowStep = kThreads / kChunksPerRow;            // rows between them
   constexpr int kAChunks = (BM * 8 + kThreads - 1) / kThreads;  // activation copies per thread
   const int w_r0 = tid / kChunksPerRow, w_part = tid % kChunksPerRow;
-  // FP4 rows are kWBytes apart in a stage run of valid_n rows (copied as stored:
-  // the readers undo the pieces' swizzle); other formats' rows w_row_bytes apart.
-  constexpr bool kTileMajor = F == WFmt::kFp4;
+  // FP4 and FP8-as-bf16 rows are kWBytes apart in a stage run of valid_n rows (copied
+  // as stored: the readers undo FP4's swizzle; fp4_device_layout.h, fp8_bf16_layout.h);
+  // other formats' rows w_row_bytes apart. A thread's pieces of a tile-major stage are
+  // then 16 tid + kThreads * 16 i: constant offsets from one pointer.
+  constexpr bool kTileMajor = F == WFmt::kFp4 || F == WFmt::kFp8Bf16;
   const uint8_t* const w_src = kTileMajor ? w_tile + w_r0 * T::kWBytes + w_part * 16
                                           : w + (wrow0 + w_r0) * p.w_row_bytes + w_part * 16;
   const int64_t w_step = int64_t(kRowStep) * (kTileMajor ? T::kWBytes : p.w_row_bytes);
@@ -566,13 +585,27 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                         s_mbar + 8 * buf);
       }
     } else {
-      const uint8_t* src = w_src + int64_t(st) * w_stage;
+      bool copied = false;
+      if constexpr (F == WFmt::kFp8Bf16) {
+        // A whole tile (wo_a's are): no row test, no zero-fill select; the stage's source
+        // and destination offsets are constants (its shared rows are dense too).
+        static_assert(T::kWStride == T::kWBytes, "a stage buffer is the stage's run as stored");
+        if (valid_n == kTileN) {
+          const uint8_t* src = w_src + int64_t(st) * (kTileN * T::kWBytes);
 #pragma unroll
-      for (int i = 0; i < kWChunks; ++i, src += w_step) {
-        const int r = w_r0 + i * kRowStep;
-        const bool ok = r < valid_n;
-        const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
-        cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
+          for (int i = 0; i < kWChunks; ++i) cp_async16_l2_128(dw + 16 * tid + i * 16 * kThreads, src + i * w_step, 16);
+          copied = true;
+        }
+      }
+      if (!copied) {
+        const uint8_t* src = w_src + int64_t(st) * w_stage;
+#pragma unroll
+        for (int i = 0; i < kWChunks; ++i, src += w_step) {
+          const int r = w_r0 + i * kRowStep;
+          const bool ok = r < valid_n;
+          const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
+          cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
+        }
       }
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
@@ -677,12 +710,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // zero. (Generic lambdas: only FP8-as-bf16 instantiates them.)
   auto decode_bf16_frags = [&](auto& a, int buf) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-        load_a_frag_e4m3_bf16(row, row + 8 * kWRow, j, t, a[j][i]);
-      }
+    for (int i = 0; i < 2; ++i) {
+      const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
+      load_a_frags_e4m3_bf16(row, row + 8 * kWRow, t, [&](int j) -> uint32_t(&)[4] { return a[j][i]; });
+    }
   };
   // A slice boundary (kTwoSets): p_s into the running total, p_s from zero again.
   auto end_slice = [&] {
@@ -1787,14 +1818,16 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
 // fp32 fmaf on the exact dequantized values, then a butterfly sum. Roofline: none
 // intended; the weights are re-read once per activation row.
 
-// Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix of N rows and K columns.
+// Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix of N rows and K columns;
+// fp4 = 2: an FP8 matrix of the grouped linear, in its own order (fp8_bf16_layout.h).
 __device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* ws, int fp4, int64_t n, int64_t kk,
                                               int64_t N, int64_t K) {
-  if (fp4) {  // (the CUDA backend's FP4 order, fp4_device_layout.h)
+  if (fp4 == 1) {  // (the CUDA backend's FP4 order, fp4_device_layout.h)
     return core::e2m1_to_float(fp4_layout::element_code(w, n, kk, N, K)) *
            core::e8m0_to_float(ws[fp4_layout::scale_offset(n, kk / 128, N, K / 128) + (kk % 128) / 32]);
   }
-  return core::e4m3_to_float(w[n * K + kk]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
+  const int64_t at = fp4 == 2 ? fp8_bf16_layout::element_offset(n, kk, N, K) : n * K + kk;
+  return core::e4m3_to_float(w[at]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
 }
 
 // sum_k xq[kk] * 2^e[kk/128] * W[n, kk] over one quantized activation row (W: N x K; all lanes get the sum).
@@ -1855,7 +1888,7 @@ __global__ void simple_grouped_kernel(const uint16_t* __restrict__ x, const uint
     const uint16_t* xr = x + m * G * C + grp * C;
     float acc = 0.0f;
     for (int64_t c = lane; c < C; c += 32)
-      acc = fmaf(core::bf16_to_float(xr[c]), weight_value(w, ws, 0, n, c, N, C), acc);
+      acc = fmaf(core::bf16_to_float(xr[c]), weight_value(w, ws, 2, n, c, N, C), acc);
     acc = warp_sum(acc);
     if (lane == 0) y[m * N + n] = core::float_to_bf16(acc);
   }
