@@ -96,11 +96,11 @@ namespace {
 // order depends on the matrix shape (the last dimension is a row's bytes, the one
 // before it the rows; a 1-D tensor is one row), so they cross whole, in their final
 // shape.
-struct Fp4Matrices {
+struct StoredMatrices {  // a stored tensor as matrices (FP4 weights and scales; the grouped linear's FP8 weights)
   int64_t rows = 1, row_bytes = 0;
 };
-Fp4Matrices fp4_matrices(const Tensor& t, size_t bytes, bool scales, const char* what) {
-  Fp4Matrices m;
+StoredMatrices fp4_matrices(const Tensor& t, size_t bytes, bool scales, const char* what) {
+  StoredMatrices m;
   if (t.ndim() >= 1) m.row_bytes = t.size(t.ndim() - 1);
   if (t.ndim() >= 2) m.rows = t.size(t.ndim() - 2);
   const char* kind = scales ? "FP4 row-scale (UE8M0)" : "packed FP4 (I8)";
@@ -149,7 +149,7 @@ __global__ void fp4_scales_to_device_layout_kernel(const uint32_t* __restrict__ 
 // grouped_linear's e4m3 weights (TensorRole::kGroupedFp8Weight) live in
 // fp8_bf16_layout.h's order where their rows are whole 64-byte blocks; like FP4
 // matrices they cross whole, in their final shape. Returns whether the order applies.
-bool grouped_fp8_matrices(const Tensor& t, size_t bytes, const char* what, Fp4Matrices* m) {
+bool grouped_fp8_matrices(const Tensor& t, size_t bytes, const char* what, StoredMatrices* m) {
   DSV4_CHECK(t.dtype() == DType::kF8E4M3 && t.ndim() == 2,
              "{} of a grouped linear's FP8 weight into a {} tensor {} (F8_E4M3 [N, K] expected)", what,
              core::dtype_name(t.dtype()), t.shape_string());
@@ -183,7 +183,7 @@ void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, Tens
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
   const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || dst.dtype() == DType::kI8;
   const bool grouped = role == TensorRole::kGroupedFp8Weight;
-  Fp4Matrices shape;
+  StoredMatrices shape;
   if (fp4) shape = fp4_matrices(dst, bytes, scales, "upload");
   const bool reorder = grouped && grouped_fp8_matrices(dst, bytes, "upload", &shape);
   if (bytes == 0) return;
@@ -227,7 +227,7 @@ void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, Tens
 void CudaBackend::download(void* host, const Tensor& src, size_t bytes, TensorRole role) {
   DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
   const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || src.dtype() == DType::kI8;
-  Fp4Matrices shape;
+  StoredMatrices shape;
   if (fp4) shape = fp4_matrices(src, bytes, scales, "download");
   const bool reorder = role == TensorRole::kGroupedFp8Weight && grouped_fp8_matrices(src, bytes, "download", &shape);
   if (bytes == 0) return;

@@ -1818,15 +1818,16 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
 // fp32 fmaf on the exact dequantized values, then a butterfly sum. Roofline: none
 // intended; the weights are re-read once per activation row.
 
-// Dequantized weight value W[n, kk] of an FP8 (block 128x128) or FP4 (per 32) matrix of N rows and K columns;
-// fp4 = 2: an FP8 matrix of the grouped linear, in its own order (fp8_bf16_layout.h).
-__device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* ws, int fp4, int64_t n, int64_t kk,
+// Dequantized weight value W[n, kk] of a matrix of N rows and K columns: kind 0 FP8 (block 128x128), 1 FP4 (per
+// 32, in the CUDA backend's FP4 order, fp4_device_layout.h), 2 the grouped linear's FP8 (in its order,
+// fp8_bf16_layout.h).
+__device__ __forceinline__ float weight_value(const uint8_t* w, const uint8_t* ws, int kind, int64_t n, int64_t kk,
                                               int64_t N, int64_t K) {
-  if (fp4 == 1) {  // (the CUDA backend's FP4 order, fp4_device_layout.h)
+  if (kind == 1) {
     return core::e2m1_to_float(fp4_layout::element_code(w, n, kk, N, K)) *
            core::e8m0_to_float(ws[fp4_layout::scale_offset(n, kk / 128, N, K / 128) + (kk % 128) / 32]);
   }
-  const int64_t at = fp4 == 2 ? fp8_bf16_layout::element_offset(n, kk, N, K) : n * K + kk;
+  const int64_t at = kind == 2 ? fp8_bf16_layout::element_offset(n, kk, N, K) : n * K + kk;
   return core::e4m3_to_float(w[at]) * core::e8m0_to_float(ws[(n / 128) * ((K + 127) / 128) + kk / 128]);
 }
 
