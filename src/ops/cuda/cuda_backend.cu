@@ -182,30 +182,18 @@ __global__ void fp8_bf16_to_device_layout_kernel(const uint4* __restrict__ in, u
 void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, TensorRole role) {
   DSV4_CHECK(bytes <= dst.nbytes(), "upload of {} bytes into a tensor of {}", bytes, dst.nbytes());
   const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || dst.dtype() == DType::kI8;
-  const bool grouped = role == TensorRole::kGroupedFp8Weight;
   StoredMatrices shape;
   if (fp4) shape = fp4_matrices(dst, bytes, scales, "upload");
-  const bool reorder = grouped && grouped_fp8_matrices(dst, bytes, "upload", &shape);
+  const bool reorder = role == TensorRole::kGroupedFp8Weight && grouped_fp8_matrices(dst, bytes, "upload", &shape);
   if (bytes == 0) return;
-  if (reorder) {  // checkpoint bytes into a stream-ordered scratch buffer, placed from there
-    void* scratch = nullptr;
-    DSV4_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream_));
-    DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch, host, bytes, cudaMemcpyHostToDevice, stream_));
-    const int64_t blocks = int64_t(bytes / fp8_bf16_layout::kBlockBytes);
-    fp8_bf16_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
-        static_cast<const uint4*>(scratch), static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
-        shape.row_bytes / fp8_bf16_layout::kBlockBytes);
-    DSV4_CUDA_CHECK(cudaGetLastError());
-    DSV4_CUDA_CHECK(cudaFreeAsync(scratch, stream_));
-    return;
-  }
   // Pageable host memory: the copy is staged before the call returns, so the
   // caller may reuse its buffer at once.
-  if (!fp4) {
+  if (!fp4 && !reorder) {
     DSV4_CUDA_CHECK(cudaMemcpyAsync(dst.data(), host, bytes, cudaMemcpyHostToDevice, stream_));
     return;
   }
-  // FP4: checkpoint bytes into a stream-ordered scratch buffer, placed from there.
+  // Stored in the backend's order: checkpoint bytes into a stream-ordered scratch
+  // buffer, placed from there.
   void* scratch = nullptr;
   DSV4_CUDA_CHECK(cudaMallocAsync(&scratch, bytes, stream_));
   DSV4_CUDA_CHECK(cudaMemcpyAsync(scratch, host, bytes, cudaMemcpyHostToDevice, stream_));
@@ -215,10 +203,12 @@ void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, Tens
         static_cast<const uint32_t*>(scratch), static_cast<uint8_t*>(dst.data()), words, shape.rows,
         shape.row_bytes / 4);
   } else {
+    // (FP4's blocks and the grouped FP8 order's are both 64 bytes: fp8_bf16_layout.h)
     const int64_t blocks = int64_t(bytes / fp4_layout::kBlockBytes);
-    fp4_to_device_layout_kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(
-        static_cast<const uint4*>(scratch), static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
-        shape.row_bytes / fp4_layout::kBlockBytes);
+    const auto kernel = fp4 ? fp4_to_device_layout_kernel : fp8_bf16_to_device_layout_kernel;
+    kernel<<<unsigned((blocks + 255) / 256), 256, 0, stream_>>>(static_cast<const uint4*>(scratch),
+                                                                 static_cast<uint8_t*>(dst.data()), blocks, shape.rows,
+                                                                 shape.row_bytes / fp4_layout::kBlockBytes);
   }
   DSV4_CUDA_CHECK(cudaGetLastError());
   DSV4_CUDA_CHECK(cudaFreeAsync(scratch, stream_));
