@@ -60,7 +60,8 @@ TEST(Fp8Bf16Layout, MatricesConvertAndElementOffsetsAgree) {
       for (int64_t m = 0; m < matrices; ++m)
         for (int64_t n = 0; n < rows; ++n)
           for (int64_t k = 0; k < K; ++k)
-            ASSERT_EQ(stored[m * matrix + size_t(layout::element_offset(n, k, rows, K))], ckpt[m * matrix + size_t(n * K + k)])
+            ASSERT_EQ(stored[m * matrix + size_t(layout::element_offset(n, k, rows, K))],
+                      ckpt[m * matrix + size_t(n * K + k)])
                 << rows << " x " << K << " matrix " << m << " row " << n << " k " << k;
       if (rows >= 128) {  // tile 0, stage 1: rows 0..127 one after another, 64 bytes each
         for (int64_t n = 0; n < 128; ++n)
