@@ -130,19 +130,13 @@ QuantLinear host_quant(int64_t n, int64_t k, bool fp4, uint64_t seed) {
   return synthetic_quant("cuda_linear_test.w", n, k, fp4, seed);
 }
 
-QuantLinear device_quant(ops::Backend& cuda, const QuantLinear& h) {
+// weight_role: kGroupedFp8Weight for grouped_linear's weight.
+QuantLinear device_quant(ops::Backend& cuda, const QuantLinear& h,
+                         ops::TensorRole weight_role = ops::TensorRole::kPlain) {
   QuantLinear d = h;
-  d.weight = to_device(cuda, h.weight);
+  d.weight = to_device(cuda, h.weight, weight_role);
   d.scale = to_device(cuda, h.scale,
                       h.format == QuantLinear::Format::kFp4Group32 ? ops::TensorRole::kFp4Scales : ops::TensorRole::kPlain);
-  return d;
-}
-
-// grouped_linear's weight: the FP8 weight in the backend's order for it (its scale plain).
-QuantLinear device_grouped_quant(ops::Backend& cuda, const QuantLinear& h) {
-  QuantLinear d = h;
-  d.weight = to_device(cuda, h.weight, ops::TensorRole::kGroupedFp8Weight);
-  d.scale = to_device(cuda, h.scale);
   return d;
 }
 
@@ -690,7 +684,7 @@ TEST_P(CudaLinear, GroupedLinearMatchesCpu) {
   // R = 96 takes the simple kernel in the fast path (tiles would straddle scale blocks).
   for (const Case c : {Case{2, 128, 256}, Case{8, 128, 512}, Case{1, 200, 320}, Case{4, 96, 128}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
+    const QuantLinear dw = device_quant(env.cuda, hw, ops::TensorRole::kGroupedFp8Weight);
     for (int64_t M : kRows) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
@@ -725,7 +719,8 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
   for (const Case c : {Case{8, 128, 512, 256, true}, Case{2, 256, 256, 384, true}, Case{4, 96, 128, 128, false}}) {
     const QuantLinear ha = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
     const QuantLinear hb = host_quant(c.n, c.g * c.r, false, draw_seed(rng));
-    const QuantLinear da = device_grouped_quant(env.cuda, ha), db = device_quant(env.cuda, hb);
+    const QuantLinear da = device_quant(env.cuda, ha, ops::TensorRole::kGroupedFp8Weight);
+    const QuantLinear db = device_quant(env.cuda, hb);
     for (int64_t M : {0, 1, 5, 8, 12, 16, 24, 32, 64, 65, 256}) {
       const std::string what = std::string(path()) + " G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) +
                                " then N=" + std::to_string(c.n);
@@ -1298,7 +1293,7 @@ TEST(CudaLinearWide, WideTilesEqualSmallTilesBitForBit) {
   // over 2). Also the Hopper model's bits.
   for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
+    const QuantLinear dw = device_quant(env.cuda, hw, ops::TensorRole::kGroupedFp8Weight);
     for (int64_t M : rows) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       const Tensor dx = to_device(env.cuda, x);
@@ -1375,7 +1370,7 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   };
   for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
     const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
+    const QuantLinear dw = device_quant(env.cuda, hw, ops::TensorRole::kGroupedFp8Weight);
     for (int64_t M : {65, 128, 200, 257}) {
       const Tensor x = rng.bf16({M, c.g * c.c});
       const Tensor dx = to_device(env.cuda, x);
@@ -1734,7 +1729,7 @@ TEST(CudaLinearFold, ClusterFoldEqualsFoldLaunchBitForBit) {
   {  // wo_a's grouped FP8-as-bf16 GEMM: 8 groups of 128 rows, K = 512 a group (S = 8)
     const int64_t G = 8, R = 128, C = 512;
     const QuantLinear hw = host_quant(G * R, C, false, draw_seed(rng));
-    const QuantLinear dw = device_grouped_quant(env.cuda, hw);
+    const QuantLinear dw = device_quant(env.cuda, hw, ops::TensorRole::kGroupedFp8Weight);
     for (int64_t M : rows) {
       const Tensor x = rng.bf16({M, G * C});
       const Tensor dx = to_device(env.cuda, x);
@@ -2334,7 +2329,8 @@ TEST_P(CudaLinear, RowResultsDoNotDependOnTheBatch) {
     check("bf16 linear bf16", DType::kBF16, {4096}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.linear_bf16(x2.rows(b, c), w2, y); });
   }
   {  // grouped
-    const QuantLinear w = device_grouped_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
+    const QuantLinear w =
+        device_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)), ops::TensorRole::kGroupedFp8Weight);
     const Tensor x = to_device(cuda, rng.bf16({B, 2 * 256}));
     check("grouped", DType::kBF16, {256}, [&](int64_t b, int64_t c, const Tensor& y) { cuda.grouped_linear(x.rows(b, c), w, 2, y); });
   }
@@ -2436,7 +2432,8 @@ TEST_P(CudaLinear, GraphReplayEqualsEager) {
   const int64_t M = 16, E = 8, k = 4, D = 256;
   const QuantLinear w8 = device_quant(cuda, host_quant(1000, 2048, false, draw_seed(rng)));
   const Tensor wb = to_device(cuda, rng.bf16({129, 4096}, 1.0f / 64.0f));
-  const QuantLinear wg = device_grouped_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)));
+  const QuantLinear wg =
+      device_quant(cuda, host_quant(2 * 128, 256, false, draw_seed(rng)), ops::TensorRole::kGroupedFp8Weight);
   const ExpertWeights shared = device_expert(cuda, host_expert(D, 256, false, false, rng));
   std::vector<ExpertWeights> ex(static_cast<size_t>(E));
   for (auto& e : ex) e = device_expert(cuda, host_expert(D, 256, true, true, rng));

@@ -584,28 +584,21 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
           tma_bulk_load(s_ws_raw, ws_tile + int64_t(unsigned(st) / kScaleStages) * kGroupBytes, kGroupBytes,
                         s_mbar + 8 * buf);
       }
+    } else if (F == WFmt::kFp8Bf16 && valid_n == kTileN) {
+      // A whole FP8-as-bf16 tile (wo_a's are): no row test, no zero-fill select; the
+      // stage's source and destination offsets are constants (its shared rows are dense).
+      static_assert(F != WFmt::kFp8Bf16 || T::kWStride == T::kWBytes, "a stage buffer is the stage's run as stored");
+      const uint8_t* src = w_src + int64_t(st) * (kTileN * T::kWBytes);
+#pragma unroll
+      for (int i = 0; i < kWChunks; ++i) cp_async16_l2_128(dw + 16 * tid + i * 16 * kThreads, src + i * w_step, 16);
     } else {
-      bool copied = false;
-      if constexpr (F == WFmt::kFp8Bf16) {
-        // A whole tile (wo_a's are): no row test, no zero-fill select; the stage's source
-        // and destination offsets are constants (its shared rows are dense too).
-        static_assert(T::kWStride == T::kWBytes, "a stage buffer is the stage's run as stored");
-        if (valid_n == kTileN) {
-          const uint8_t* src = w_src + int64_t(st) * (kTileN * T::kWBytes);
+      const uint8_t* src = w_src + int64_t(st) * w_stage;
 #pragma unroll
-          for (int i = 0; i < kWChunks; ++i) cp_async16_l2_128(dw + 16 * tid + i * 16 * kThreads, src + i * w_step, 16);
-          copied = true;
-        }
-      }
-      if (!copied) {
-        const uint8_t* src = w_src + int64_t(st) * w_stage;
-#pragma unroll
-        for (int i = 0; i < kWChunks; ++i, src += w_step) {
-          const int r = w_r0 + i * kRowStep;
-          const bool ok = r < valid_n;
-          const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
-          cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
-        }
+      for (int i = 0; i < kWChunks; ++i, src += w_step) {
+        const int r = w_r0 + i * kRowStep;
+        const bool ok = r < valid_n;
+        const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
+        cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
       }
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
