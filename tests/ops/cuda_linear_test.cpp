@@ -50,6 +50,10 @@ void cuda_linear_force_tma(int on);
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
 void cuda_linear_force_expert_split(int mode);
+int64_t cuda_linear_expert_cluster_fold_launches();
+void cuda_linear_force_expert_cluster_fold(int on);
+int64_t cuda_linear_expert_early_weight_launches();
+void cuda_linear_force_expert_early_weights(int on);
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
 int64_t cuda_linear_shared_decode_launches();
@@ -1112,6 +1116,87 @@ TEST(CudaLinearFusedExperts, FewRowsWalkedAndFusedEqualSplitBitForBit) {
   }
   ops::cuda_linear_force_expert_split(-1);
   ops::cuda_linear_force_fused_experts(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// The split expert GEMMs' cluster fold (a tile's slices folded over distributed shared
+// memory, expert_gemm_kernel's kClusterFold) gives the last-CTA fold's bits: 1-3 rows,
+// weights by TMA and by cp.async, one-stage slices (S = 4 for gate/up, 8 for down). The
+// counter shows that the clusters ran (both GEMMs at 1 row) and that the switch turns
+// them off. FP4 experts, eager; the fused launch kept out.
+TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  const OneStageSlices one_stage;
+  ops::cuda_linear_force_path(0);
+  ops::cuda_linear_force_expert_split(1);
+  ops::cuda_linear_force_fused_experts(0);
+  Env env;
+  Rng rng(0x5d);
+  const int64_t E = 128, D = 512, I = 1024, k = 6;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  for (const int tma : {1, 0}) {
+    ops::cuda_linear_force_tma(tma);
+    for (const int64_t R : {int64_t(1), int64_t(2), int64_t(3)}) {
+      const RoutedInputs in = device_routed_inputs(env, rng, R, D, k, E, -1);
+      const std::string what = "R=" + std::to_string(R) + (tma ? " TMA" : " cp.async");
+      auto run = [&](int cluster) {
+        return run_forced(ops::cuda_linear_force_expert_cluster_fold, ops::cuda_linear_expert_cluster_fold_launches,
+                          cluster, [&] { return run_routed(env, in, dex); });
+      };
+      const auto [last_cta, last_cta_launches] = run(0);
+      EXPECT_EQ(last_cta_launches, 0) << what << ": clusters with the switch off";
+      const auto [cluster, cluster_launches] = run(1);
+      if (R == 1) EXPECT_EQ(cluster_launches, 2) << what << ": gate/up and down both split, both as clusters";
+      else EXPECT_GE(cluster_launches, 1) << what << ": the down GEMM splits, as clusters";
+      expect_bitwise(last_cta, cluster, what + ": cluster fold vs last-CTA fold");
+    }
+  }
+  ops::cuda_linear_force_expert_cluster_fold(-1);
+  ops::cuda_linear_force_tma(-1);
+  ops::cuda_linear_force_fused_experts(-1);
+  ops::cuda_linear_force_expert_split(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// The down GEMM's tile list and first weight stages read before its dependency wait
+// (GemmParams::weights_before_wait) change no bit: 1, 2 and 40 rows (split and walked
+// slices, outside the fused launch's rows), in a graph (where the wait is a programmatic
+// edge to SwiGLU) replayed on new inputs against eager runs that wait at entry. The
+// counter shows that the early form was captured.
+TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  Env env;
+  Rng rng(0x5e);
+  const int64_t E = 128, D = 512, I = 1024, k = 6;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  for (const int64_t R : {int64_t(1), int64_t(2), int64_t(40)}) {
+    const std::string what = "R=" + std::to_string(R);
+    Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
+    Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
+           w = env.cuda.empty(DType::kF32, {R, k});
+    auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, 10.0f, out); };
+    auto run = [&](ops::Graph* graph) {
+      cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
+      if (graph != nullptr) graph->replay();
+      else body();
+      return to_host(env.cuda, out);
+    };
+    const auto [graph, early_calls] = run_forced(ops::cuda_linear_force_expert_early_weights,
+                                                 ops::cuda_linear_expert_early_weight_launches, 1,
+                                                 [&] { return env.cuda.capture(body); });
+    EXPECT_EQ(early_calls, 1) << what << ": the down GEMM was not captured in its early form";
+    ops::cuda_linear_force_expert_early_weights(0);
+    for (int replay = 0; replay < 2; ++replay) {
+      env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
+      env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
+      env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
+      const Tensor want = run(nullptr);
+      expect_bitwise(want, run(graph.get()),
+                     what + ": weights before the wait (graph) vs at entry (eager), replay " + std::to_string(replay));
+    }
+  }
+  ops::cuda_linear_force_expert_early_weights(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -103,6 +103,16 @@ void cuda_linear_force_fold_quant(int on);
 // -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
+// Test hooks: routed-expert GEMM launches so far folded by their clusters
+// (expert_gemm_kernel's kClusterFold); -1 follows DSV4_CUDA_EXPERT_CLUSTER_FOLD (default on;
+// 0 turns it off), 0 / 1 force it off / on.
+int64_t cuda_linear_expert_cluster_fold_launches();
+void cuda_linear_force_expert_cluster_fold(int on);
+// Test hooks: routed-expert down GEMM calls so far that read their tile list and first
+// weight stages before the dependency wait (GemmParams::weights_before_wait); -1 follows
+// DSV4_CUDA_EXPERT_EARLY_WEIGHTS (default on; 0 turns it off), 0 / 1 force it off / on.
+int64_t cuda_linear_expert_early_weight_launches();
+void cuda_linear_force_expert_early_weights(int on);
 // Test hooks: router launches so far whose select kernel folded the GEMM's partials;
 // -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_router_folds();
@@ -255,10 +265,11 @@ auto cluster_fold_kernel(CudaBackend& be) {
   return kernel;
 }
 
-// A launch of `grid` in clusters of a tile's `split` CTAs (cluster dims 1 x 1 x split);
-// `cluster` holds the attribute the config points to.
-template <WFmt F>
-cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, cudaStream_t stream, cudaLaunchAttribute& cluster) {
+// A launch of `grid` in clusters of a tile's `split` CTAs (cluster dims 1 x 1 x split),
+// `smem` bytes of dynamic shared memory a CTA; `cluster` holds the attribute the config
+// points to.
+cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, int smem, cudaStream_t stream,
+                                       cudaLaunchAttribute& cluster) {
   cluster = cudaLaunchAttribute{};
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = 1;
@@ -267,7 +278,7 @@ cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, cudaStream_t st
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(lk::kThreads);
-  cfg.dynamicSmemBytes = lk::gemm_smem_bytes<F, kClusterFoldNt>();
+  cfg.dynamicSmemBytes = size_t(smem);
   cfg.stream = stream;
   cfg.attrs = &cluster;
   cfg.numAttrs = 1;
@@ -281,7 +292,8 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool clus
   if (cluster_fold) {  // the split CTAs of a tile as one cluster (gemm_kernel's kClusterFold)
     if constexpr (kClusterFoldTiles<F, NT> && !kTwo) {
       cudaLaunchAttribute cluster;
-      const cudaLaunchConfig_t cfg = cluster_fold_config<F>(grid, p.split, be.stream(), cluster);
+      const cudaLaunchConfig_t cfg =
+          cluster_fold_config(grid, p.split, lk::gemm_smem_bytes<F, kClusterFoldNt>(), be.stream(), cluster);
       DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, cluster_fold_kernel<F>(be), p));
       check_launch(be.stream());
       return;
@@ -301,6 +313,25 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
   const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kSixteen>;
   allow_smem(kernel, smem, be.device_index(), done);
   kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
+  check_launch(be.stream());
+}
+
+// The cluster-fold expert kernel (8-row FP4 tiles, split slices), its shared-memory
+// limit raised (once per device).
+constexpr int kExpertClusterSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
+template <bool kTma>
+auto expert_cluster_kernel(CudaBackend& be) {
+  static_assert(lk::gemm_smem_bytes<WFmt::kFp4, 1, kTma>() <= kExpertClusterSmem, "one size for both forms");
+  static std::atomic<uint64_t> done{0};
+  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true>;
+  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
+  return kernel;
+}
+template <bool kTma>
+void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = cluster_fold_config(grid, p.split, kExpertClusterSmem, be.stream(), cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, expert_cluster_kernel<kTma>(be), p, table));
   check_launch(be.stream());
 }
 
@@ -345,10 +376,17 @@ int64_t fused_expert_slots(CudaBackend& be) {
 }
 
 // row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
+// cluster_fold (FP4, nt 1, one row group, split slices): expert_gemm_kernel's cluster fold.
 template <WFmt F, bool kTma>
 void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, int row_groups, bool two,
-                     const lk::ExpertTable& table) {
+                     bool cluster_fold, const lk::ExpertTable& table) {
   if constexpr (F == WFmt::kFp4) {
+    if (cluster_fold) {
+      DSV4_CHECK(nt == 1 && row_groups == 1 && !two && p.split > 1,
+                 "expert gemm: the cluster fold takes split 8-row tiles (nt {}, row groups {}, split {})", nt,
+                 row_groups, p.split);
+      return launch_expert_cluster<kTma>(be, p, grid, table);
+    }
     if (row_groups == 2) {
       DSV4_CHECK(nt == 1, "expert gemm: 16-row tiles replace 8-row ones only (nt {})", nt);
       return two ? launch_expert<F, 1, true, kTma, true>(be, p, grid, table)
@@ -356,6 +394,7 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
     }
   }
   DSV4_CHECK(row_groups == 1, "expert gemm: {} row groups need FP4 weights", row_groups);
+  DSV4_CHECK(!cluster_fold, "expert gemm: the cluster fold needs FP4 weights");
   switch (nt) {
     case 1:
       return two ? launch_expert<F, 1, true, kTma>(be, p, grid, table)
@@ -675,20 +714,26 @@ bool cluster_fold_enabled() {
 // this device (cudaOccupancyMaxActiveClusters > 0), asked once per device, format and
 // cluster size: a partitioned GPU (MIG) need not fit 8 of them in one GPC. Where they
 // do not fit, or the query fails, run_gemm keeps the fold launch (same bits).
-template <WFmt F>
-bool cluster_fold_fits(CudaBackend& be, int split) {
-  static std::atomic<uint64_t> asked[lk::kMaxClusterFold + 1], fits[lk::kMaxClusterFold + 1];
+// (Generic: `kernel` with `smem` bytes a CTA, the answers cached per device in asked / fits,
+// one pair per kernel.)
+template <typename Kernel>
+bool clusters_fit(CudaBackend& be, Kernel kernel, int smem, int split, std::atomic<uint64_t>* asked,
+                  std::atomic<uint64_t>* fits) {
   const uint64_t bit = uint64_t(1) << (be.device_index() & 63);
   if (asked[split].load(std::memory_order_acquire) & bit) return fits[split].load(std::memory_order_acquire) & bit;
   cudaLaunchAttribute cluster;
-  const cudaLaunchConfig_t cfg = cluster_fold_config<F>(dim3(1, 1, unsigned(split)), split, nullptr, cluster);
+  const cudaLaunchConfig_t cfg = cluster_fold_config(dim3(1, 1, unsigned(split)), split, smem, nullptr, cluster);
   int clusters = 0;
-  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, cluster_fold_kernel<F>(be), &cfg) == cudaSuccess &&
-                  clusters > 0;
+  const bool ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
   if (!ok) (void)cudaGetLastError();  // (the query's error, if any, is not the stream's)
   if (ok) fits[split].fetch_or(bit, std::memory_order_acq_rel);
   asked[split].fetch_or(bit, std::memory_order_acq_rel);
   return ok;
+}
+template <WFmt F>
+bool cluster_fold_fits(CudaBackend& be, int split) {
+  static std::atomic<uint64_t> asked[lk::kMaxClusterFold + 1], fits[lk::kMaxClusterFold + 1];
+  return clusters_fit(be, cluster_fold_kernel<F>(be), lk::gemm_smem_bytes<F, kClusterFoldNt>(), split, asked, fits);
 }
 bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
   if (split < 2 || split > lk::kMaxClusterFold) return false;
@@ -699,6 +744,33 @@ bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
     case WFmt::kFp4: return false;
   }
   return false;
+}
+
+// The routed experts' down GEMM (the separate launches: 1-2 rows and from 21 at
+// bench-1g) reads its tile list and its first weight stages before its dependency wait,
+// under SwiGLU's launch (routed_experts). DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 waits at entry
+// (same bits).
+std::atomic<int64_t> g_expert_early_weight_launches{0};
+std::atomic<int> g_force_expert_early_weights{-1};
+bool expert_early_weights_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_EXPERT_EARLY_WEIGHTS", "0");
+  return forced_or(g_force_expert_early_weights, from_env);
+}
+
+// The routed experts' split GEMMs (1 row at bench-1g: 6 list tiles x 32 weight tiles,
+// S = 2) fold their slices in clusters of a tile's S CTAs (expert_gemm_kernel's
+// kClusterFold) instead of by the tile's last CTA: the last-CTA fold's partial stores,
+// fence, counted arrival and partial loads were ~16% of the batch-1 gate/up launch's
+// stall samples (ncu, fifty-seventh session). FP4 8-row tiles, S <= 8, where the device
+// holds such clusters; DSV4_CUDA_EXPERT_CLUSTER_FOLD=0 keeps the last-CTA fold (same bits).
+std::atomic<int64_t> g_expert_cluster_fold_launches{0};
+std::atomic<int> g_force_expert_cluster_fold{-1};
+bool expert_cluster_fold(CudaBackend& be, bool tma, int64_t split) {
+  static const bool from_env = !env_is("DSV4_CUDA_EXPERT_CLUSTER_FOLD", "0");
+  if (!forced_or(g_force_expert_cluster_fold, from_env) || split < 2 || split > lk::kMaxClusterFold) return false;
+  static std::atomic<uint64_t> asked[2][lk::kMaxClusterFold + 1], fits[2][lk::kMaxClusterFold + 1];
+  return tma ? clusters_fit(be, expert_cluster_kernel<true>(be), kExpertClusterSmem, int(split), asked[1], fits[1])
+             : clusters_fit(be, expert_cluster_kernel<false>(be), kExpertClusterSmem, int(split), asked[0], fits[0]);
 }
 
 // The router's logits folded by router_select_kernel from the GEMM's K-slice partials
@@ -1042,6 +1114,8 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   plan_expert_gemm(be, p, num_pairs, max_tiles);
   const int64_t n_tiles = p.tiles_per_group;
   const bool split = p.split > 1;
+  // (The cluster fold needs no partials; the table's TMA check below decides its kernel.)
+  const bool cluster_fold_shape = split && fmt == WFmt::kFp4 && nt == 1 && row_groups == 1;
   if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
@@ -1058,9 +1132,12 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
       const int64_t t0 = n_tiles * piece / pieces, t1 = n_tiles * (piece + 1) / pieces;
       p.n_tile_offset = int(t0);
       const dim3 piece_grid(unsigned(t1 - t0), grid.y, grid.z);
-      if (tma) dispatch_expert<WFmt::kFp4, true>(be, p, piece_grid, nt, row_groups, two, *table);
-      else if (fmt == WFmt::kFp4) dispatch_expert<WFmt::kFp4, false>(be, p, piece_grid, nt, row_groups, two, *table);
-      else dispatch_expert<WFmt::kFp8, false>(be, p, piece_grid, nt, row_groups, two, *table);
+      const bool cluster = cluster_fold_shape && expert_cluster_fold(be, tma, p.split);
+      if (tma) dispatch_expert<WFmt::kFp4, true>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
+      else if (fmt == WFmt::kFp4)
+        dispatch_expert<WFmt::kFp4, false>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
+      else dispatch_expert<WFmt::kFp8, false>(be, p, piece_grid, nt, row_groups, two, false, *table);
+      if (cluster) g_expert_cluster_fold_launches.fetch_add(1, std::memory_order_relaxed);
       g_expert_launches.fetch_add(1, std::memory_order_relaxed);
     }
     if (tma) g_tma_launches.fetch_add(1, std::memory_order_relaxed);
@@ -1108,6 +1185,18 @@ void cuda_linear_force_prep_threads(int threads) {
 int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
+int64_t cuda_linear_expert_early_weight_launches() {
+  return g_expert_early_weight_launches.load(std::memory_order_relaxed);
+}
+void cuda_linear_force_expert_early_weights(int on) {
+  g_force_expert_early_weights.store(on, std::memory_order_relaxed);
+}
+int64_t cuda_linear_expert_cluster_fold_launches() {
+  return g_expert_cluster_fold_launches.load(std::memory_order_relaxed);
+}
+void cuda_linear_force_expert_cluster_fold(int on) {
+  g_force_expert_cluster_fold.store(on, std::memory_order_relaxed);
+}
 void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_last_cta_fold(int max_partials) {
   g_force_last_cta_fold.store(max_partials, std::memory_order_relaxed);
@@ -1602,6 +1691,12 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
 
   swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
 
+  // The down GEMM's tile list comes from moe_prep, two launches back: its first weight
+  // stages go out before its wait for SwiGLU (GemmParams::weights_before_wait). This holds
+  // while every kernel waits for its predecessor before it releases its dependents
+  // (grid_dependency.cuh), so that SwiGLU's release follows the gate/up GEMM's end.
+  q.weights_before_wait = expert_early_weights_enabled() ? 1 : 0;
+  if (q.weights_before_wait) g_expert_early_weight_launches.fetch_add(1, std::memory_order_relaxed);
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   down_entries);
 }

@@ -197,6 +197,11 @@ struct GemmParams {
   int chunk_begin;       // local experts [chunk_begin, chunk_end) are in this launch's table
   int chunk_end;
   int n_tile_offset;     // expert launches: weight tile of blockIdx.x 0 (DSV4_CUDA_EXPERT_LAUNCHES, a diagnostic)
+  // Expert launches whose tile list is older than their predecessor (host: the down GEMM,
+  // launched after SwiGLU, whose wait for the gate/up GEMM came after the gate/up GEMM's
+  // wait for moe_prep, which wrote the list): the list (through L2) and the first weight
+  // stages are read before the dependency wait, as the plain GEMMs read their weights.
+  int weights_before_wait;
   // Optional, where a split plain GEMM's fold forms whole rows of 128-column blocks (its
   // last CTAs or split_fold_kernel; run_gemm sets it only there): y's e4m3 codes
   // [m][ldq] in element order and UE8M0 scales [m][ldq / 128] as well, act_quant's bits
@@ -620,12 +625,21 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 
   // Plain GEMMs read weights nobody writes: their first stages stream in before the
   // wait for the kernel that produces the activations (programmatic dependent launch:
-  // the wait returns once that kernel has finished). Expert GEMMs wait at entry: their
-  // tile list is the predecessor's output.
+  // the wait returns once that kernel has finished). Expert GEMMs wait at entry where
+  // their tile list is the predecessor's output, and here otherwise
+  // (GemmParams::weights_before_wait); TMA stages need their barriers first.
+  const bool early_weights = kEarlyWeights || p.weights_before_wait != 0;
   // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
   const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
   bool scale_row_copied = false;
-  if constexpr (kEarlyWeights) {
+  auto init_stage_barriers = [&] {
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + 8 * s, 1);
+      mbar_init_fence();
+    }
+  };
+  if (early_weights) {
+    if constexpr (kTmaW) init_stage_barriers();  // (thread 0 inits, then issues the copies)
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s)
       if (s < iters) load_weights(st_begin + s, s);
@@ -639,10 +653,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int i = tid; i < p.s_row_stride; i += kThreads) s_bs[i] = scale_row[i];
   }
   if constexpr (kTmaW) {
-    if (tid == 0) {
-      for (int s = 0; s < kStages; ++s) mbar_init(s_mbar + 8 * s, 1);
-      mbar_init_fence();
-    }
+    if (!early_weights) init_stage_barriers();
   }
   __syncthreads();
   auto a_source = [&](int i) -> const uint8_t* {
@@ -729,7 +740,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < iters) {
-      if (!kEarlyWeights) load_weights(st_begin + s, s);
+      if (!early_weights) load_weights(st_begin + s, s);
       load_acts(st_begin + s, s);
     }
     cp_async_commit();
@@ -997,7 +1008,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // sequence (slice s is cluster rank s: blockIdx.z, cluster dims 1 x 1 x S). Rows
     // padded to 132 floats: the scattered accumulator stores hit distinct banks (bank
     // 4c + r mod 32, c = 8q + 2t + e).
-    static_assert(kEarlyWeights && !kTwoSets, "the cluster fold: split plain GEMMs");
+    static_assert(!kTwoSets, "the cluster fold: split GEMMs (plain, or the routed experts' 8-row tiles)");
     constexpr int kPartStride = kTileN + 4;
     static_assert(BM * kPartStride * 4 <= kStages * (kWStage + kAStage), "cluster fold: partial in the stages");
     float* const s_part = reinterpret_cast<float*>(smem);
@@ -1179,17 +1190,19 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles>
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false>
 __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
                                             int tile_id) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
+  static_assert(!kClusterFold || !kSixteenRowTiles, "the cluster fold: 8-row expert tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
       gemm_tile<F, 2 * NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z,
+                                                        tile_id);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
@@ -1203,16 +1216,22 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
 // an expert of 9-16 rows loads and decodes its weights once; the others as 8-row
 // tiles. The bits are the same. The kernel keeps 4 CTAs an SM (<= 128 registers)
 // either way: its throughput comes from the CTAs in flight.
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false>
+// kClusterFold (split launches, 8-row tiles): launched in clusters of a tile's split
+// CTAs (cluster dims 1 x 1 x split), which fold their slices over distributed shared
+// memory (gemm_tile's cluster fold; the same order as the last-CTA fold): no partials
+// in global memory, no fence, no counter. The cluster's CTAs share blockIdx.y, so they
+// leave at the list's end together and never wait on one that left.
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
-  wait_for_predecessor();
-  if (int(blockIdx.y) >= *p.num_tiles) return;
-  const int4 tile = p.tiles[blockIdx.y];
+  const bool early = p.weights_before_wait != 0;  // (gemm_tile then waits after its first weight stages)
+  if (!early) wait_for_predecessor();
+  if (int(blockIdx.y) >= (early ? __ldcg(p.num_tiles) : *p.num_tiles)) return;
+  const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
-  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles>(p, table.p[tile.x - p.chunk_begin],
-                                                       int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
+  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold>(p, table.p[tile.x - p.chunk_begin],
+                                                                     int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
