@@ -54,6 +54,8 @@ int64_t cuda_linear_expert_cluster_fold_launches();
 void cuda_linear_force_expert_cluster_fold(int on);
 int64_t cuda_linear_expert_early_weight_launches();
 void cuda_linear_force_expert_early_weights(int on);
+int64_t cuda_linear_split_scale_group_launches();
+void cuda_linear_force_split_scale_groups(int on);
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
 int64_t cuda_linear_shared_decode_launches();
@@ -1182,21 +1184,66 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
       else body();
       return to_host(env.cuda, out);
     };
+    auto fill_inputs = [&] {
+      env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
+      env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
+      env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
+    };
+    fill_inputs();
+    ops::cuda_linear_force_expert_early_weights(0);
+    (void)run(nullptr);  // (eager first: the scratch buffers cannot grow during capture)
     const auto [graph, early_calls] = run_forced(ops::cuda_linear_force_expert_early_weights,
                                                  ops::cuda_linear_expert_early_weight_launches, 1,
                                                  [&] { return env.cuda.capture(body); });
     EXPECT_EQ(early_calls, 1) << what << ": the down GEMM was not captured in its early form";
     ops::cuda_linear_force_expert_early_weights(0);
     for (int replay = 0; replay < 2; ++replay) {
-      env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
-      env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
-      env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
+      fill_inputs();
       const Tensor want = run(nullptr);
       expect_bitwise(want, run(graph.get()),
                      what + ": weights before the wait (graph) vs at entry (eager), replay " + std::to_string(replay));
     }
   }
   ops::cuda_linear_force_expert_early_weights(-1);
+  ops::cuda_linear_force_path(-1);
+}
+
+// Split FP4 expert GEMMs whose K slices are whole row-scale groups copy the scales a
+// group at a time (GemmParams::split_scale_groups) and give the 4-byte copies' bits, and
+// the walked slices': D = I = 2048 (16 stages a GEMM, S = 4: 4 a slice), 1 and 2 rows,
+// weights by TMA and by cp.async. The counter shows that the group copies ran.
+TEST(CudaLinearFusedExperts, SplitScaleGroupsEqualFourByteCopiesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  ops::cuda_linear_force_path(0);
+  ops::cuda_linear_force_fused_experts(0);
+  Env env;
+  Rng rng(0x5f);
+  const int64_t E = 16, D = 2048, I = 2048, k = 6;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  for (const int tma : {1, 0}) {
+    ops::cuda_linear_force_tma(tma);
+    for (const int64_t R : {int64_t(1), int64_t(2)}) {
+      const RoutedInputs in = device_routed_inputs(env, rng, R, D, k, E, -1);
+      const std::string what = "R=" + std::to_string(R) + (tma ? " TMA" : " cp.async");
+      ops::cuda_linear_force_expert_split(1);
+      auto run = [&](int groups) {
+        return run_forced(ops::cuda_linear_force_split_scale_groups, ops::cuda_linear_split_scale_group_launches,
+                          groups, [&] { return run_routed(env, in, dex); });
+      };
+      const auto [four_byte, four_byte_launches] = run(0);
+      EXPECT_EQ(four_byte_launches, 0) << what;
+      const auto [groups, group_launches] = run(1);
+      EXPECT_EQ(group_launches, R == 1 ? 2 : 1) << what << ": split GEMMs with group copies";
+      ops::cuda_linear_force_expert_split(0);
+      const Tensor walked = run_routed(env, in, dex);
+      expect_bitwise(four_byte, groups, what + ": group copies vs 4-byte copies");
+      expect_bitwise(walked, groups, what + ": split slices with group copies vs walked slices");
+    }
+  }
+  ops::cuda_linear_force_split_scale_groups(-1);
+  ops::cuda_linear_force_expert_split(-1);
+  ops::cuda_linear_force_tma(-1);
+  ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -113,6 +113,11 @@ void cuda_linear_force_expert_cluster_fold(int on);
 // DSV4_CUDA_EXPERT_EARLY_WEIGHTS (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_expert_early_weight_launches();
 void cuda_linear_force_expert_early_weights(int on);
+// Test hooks: split FP4 expert GEMM calls so far whose slices copy their row scales a
+// group at a time (GemmParams::split_scale_groups); -1 follows DSV4_CUDA_SPLIT_SCALE_GROUPS
+// (default on; 0 turns it off), 0 / 1 force it off / on.
+int64_t cuda_linear_split_scale_group_launches();
+void cuda_linear_force_split_scale_groups(int on);
 // Test hooks: router launches so far whose select kernel folded the GEMM's partials;
 // -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_router_folds();
@@ -746,6 +751,20 @@ bool cluster_fold_fits(CudaBackend& be, WFmt fmt, int64_t split) {
   return false;
 }
 
+// The routed experts' FP4 GEMMs that split their K slices (1 row at bench-1g) copy their
+// row scales a 4-stage group at a time where a slice is whole groups (GemmParams::
+// split_scale_groups), with the stage's bulk copy in the TMA path, instead of 4 bytes a
+// row and stage by cp.async (whose addressing, conversion and wait were ~45 instructions
+// of the batch-1 gate/up stage's ~250 in its SASS, fifty-seventh session; the seventh
+// session's group copies, two cp.async a row, had measured 0.6% slower at batch 1).
+// DSV4_CUDA_SPLIT_SCALE_GROUPS=0 keeps the 4-byte copies (same bits).
+std::atomic<int64_t> g_split_scale_group_launches{0};
+std::atomic<int> g_force_split_scale_groups{-1};
+bool split_scale_groups_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_SPLIT_SCALE_GROUPS", "0");
+  return forced_or(g_force_split_scale_groups, from_env);
+}
+
 // The routed experts' down GEMM (the separate launches: 1-2 rows and from 21 at
 // bench-1g) reads its tile list and its first weight stages before its dependency wait,
 // under SwiGLU's launch (routed_experts). DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 waits at entry
@@ -1116,6 +1135,9 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   const bool split = p.split > 1;
   // (The cluster fold needs no partials; the table's TMA check below decides its kernel.)
   const bool cluster_fold_shape = split && fmt == WFmt::kFp4 && nt == 1 && row_groups == 1;
+  p.split_scale_groups = split && fmt == WFmt::kFp4 && split_scale_groups_enabled() ? 1 : 0;
+  if (p.split_scale_groups && (p.k / 128 / p.split) % lk::kScaleStages == 0)
+    g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
   if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
@@ -1185,6 +1207,10 @@ void cuda_linear_force_prep_threads(int threads) {
 int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
+int64_t cuda_linear_split_scale_group_launches() {
+  return g_split_scale_group_launches.load(std::memory_order_relaxed);
+}
+void cuda_linear_force_split_scale_groups(int on) { g_force_split_scale_groups.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_early_weight_launches() {
   return g_expert_early_weight_launches.load(std::memory_order_relaxed);
 }

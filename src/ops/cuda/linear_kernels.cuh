@@ -202,6 +202,9 @@ struct GemmParams {
   // wait for moe_prep, which wrote the list): the list (through L2) and the first weight
   // stages are read before the dependency wait, as the plain GEMMs read their weights.
   int weights_before_wait;
+  // FP4 launches that split their K slices over CTAs: a slice of whole row-scale groups
+  // copies a group at a time, as a walked one does (gemm_tile), not 4 bytes a stage.
+  int split_scale_groups;
   // Optional, where a split plain GEMM's fold forms whole rows of 128-column blocks (its
   // last CTAs or split_fold_kernel; run_gemm sets it only there): y's e4m3 codes
   // [m][ldq] in element order and UE8M0 scales [m][ldq / 128] as well, act_quant's bits
@@ -562,7 +565,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // (st % kScaleStages) * 8 of row r in buffer (st / kScaleStages) % 2
   // (fp4_layout::e8m0x4_to_bf16x2; thread r rewrites its row's raw bytes so, once, at
   // the top of the stage). Where the CTA walks whole groups (all its stages, from stage
-  // 0, a whole number of groups), the stage that starts a group copies the group: one
+  // 0, a whole number of groups; or, with GemmParams::split_scale_groups, a K slice of
+  // whole groups), the stage that starts a group copies the group: one
   // bulk copy of its kTileN x 16 bytes to s_ws_raw in the TMA path (converted after the
   // stage's barrier wait), or 16 bytes a row to bytes 16..31 of the row (converted in
   // place before the barrier); otherwise each stage copies its own 4 bytes a row to
@@ -575,8 +579,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // batch 1 (eighteenth session).
   const uint8_t* const ws_tile = T::kRowScale ? sc + wrow0 * p.s_row_stride : nullptr;
   const bool ws_row = T::kRowScale && tid < valid_n;
-  const bool ws_sectors = T::kRowScale && p.split == 1 && stages_total % kScaleStages == 0 &&
-                          reinterpret_cast<uintptr_t>(sc) % 16 == 0;
+  const bool ws_sectors = T::kRowScale && stages_total % kScaleStages == 0 &&
+                          reinterpret_cast<uintptr_t>(sc) % 16 == 0 &&
+                          (p.split == 1 || (p.split_scale_groups != 0 && per_slice % kScaleStages == 0));
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
@@ -1226,8 +1231,12 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
                                                                 const __grid_constant__ ExpertTable table) {
   const bool early = p.weights_before_wait != 0;  // (gemm_tile then waits after its first weight stages)
   if (!early) wait_for_predecessor();
-  if (int(blockIdx.y) >= (early ? __ldcg(p.num_tiles) : *p.num_tiles)) return;
+  // The list entry is loaded beside the count, not after it (one round trip, not two; the
+  // two were ~4-7% of the batch-1 launches' stall samples, ncu): the list holds the grid's
+  // y entries (max_tiles), so the read stays in bounds past the count.
+  const int num_tiles = early ? __ldcg(p.num_tiles) : *p.num_tiles;
   const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
+  if (int(blockIdx.y) >= num_tiles) return;
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
   expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold>(p, table.p[tile.x - p.chunk_begin],
