@@ -1231,12 +1231,8 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
                                                                 const __grid_constant__ ExpertTable table) {
   const bool early = p.weights_before_wait != 0;  // (gemm_tile then waits after its first weight stages)
   if (!early) wait_for_predecessor();
-  // The list entry is loaded beside the count, not after it (one round trip, not two; the
-  // two were ~4-7% of the batch-1 launches' stall samples, ncu): the list holds the grid's
-  // y entries (max_tiles), so the read stays in bounds past the count.
-  const int num_tiles = early ? __ldcg(p.num_tiles) : *p.num_tiles;
+  if (int(blockIdx.y) >= (early ? __ldcg(p.num_tiles) : *p.num_tiles)) return;
   const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
-  if (int(blockIdx.y) >= num_tiles) return;
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
   expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold>(p, table.p[tile.x - p.chunk_begin],
