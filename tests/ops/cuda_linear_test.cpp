@@ -23,7 +23,6 @@
 #include <cstring>
 #include <functional>
 #include <numeric>
-#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -57,8 +56,6 @@ int64_t cuda_linear_expert_early_weight_launches();
 void cuda_linear_force_expert_early_weights(int on);
 int64_t cuda_linear_split_scale_group_launches();
 void cuda_linear_force_split_scale_groups(int on);
-int64_t cuda_linear_swiglu_in_down_launches();
-void cuda_linear_force_swiglu_in_down(int on);
 int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
 int64_t cuda_linear_shared_decode_launches();
@@ -1208,40 +1205,6 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
     }
   }
   ops::cuda_linear_force_expert_early_weights(-1);
-  ops::cuda_linear_force_path(-1);
-}
-
-// The down GEMM that forms its activations from the gate/up output (GemmParams::swiglu_gu:
-// no SwiGLU launch) gives the SwiGLU launch's bits: 1 and 2 rows (split slices, clusters,
-// TMA), with two and with one-stage slices (S = 4 and 8 for the down GEMM), eager; the
-// counter shows each form ran. The early-weights graph test above replays it in a graph.
-TEST(CudaLinearFusedExperts, SwigluInDownEqualsSwigluLaunchBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  ops::cuda_linear_force_fused_experts(0);
-  Env env;
-  Rng rng(0x60);
-  const int64_t E = 128, D = 512, I = 1024, k = 6;
-  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
-  for (const bool one_stage : {false, true}) {
-    std::optional<OneStageSlices> slices;
-    if (one_stage) slices.emplace();
-    for (const int64_t R : {int64_t(1), int64_t(2)}) {
-      const RoutedInputs in = device_routed_inputs(env, rng, R, D, k, E, -1);
-      const std::string what = "R=" + std::to_string(R) + (one_stage ? ", one-stage slices" : "");
-      auto run = [&](int on) {
-        return run_forced(ops::cuda_linear_force_swiglu_in_down, ops::cuda_linear_swiglu_in_down_launches, on,
-                          [&] { return run_routed(env, in, dex); });
-      };
-      const auto [launch, launch_calls] = run(0);
-      EXPECT_EQ(launch_calls, 0) << what;
-      const auto [inside, inside_calls] = run(1);
-      EXPECT_EQ(inside_calls, 1) << what << ": the down GEMM did not form its activations";
-      expect_bitwise(launch, inside, what + ": SwiGLU in the down GEMM vs its own launch");
-    }
-  }
-  ops::cuda_linear_force_swiglu_in_down(-1);
-  ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_path(-1);
 }
 

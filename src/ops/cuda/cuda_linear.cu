@@ -118,11 +118,6 @@ void cuda_linear_force_expert_early_weights(int on);
 // (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_split_scale_group_launches();
 void cuda_linear_force_split_scale_groups(int on);
-// Test hooks: routed-expert calls so far whose down GEMM formed its activations from the
-// gate/up output (no SwiGLU launch; GemmParams::swiglu_gu); -1 follows
-// DSV4_CUDA_SWIGLU_IN_DOWN (default on; 0 turns it off), 0 / 1 force it off / on.
-int64_t cuda_linear_swiglu_in_down_launches();
-void cuda_linear_force_swiglu_in_down(int on);
 // Test hooks: router launches so far whose select kernel folded the GEMM's partials;
 // -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_router_folds();
@@ -326,35 +321,22 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
   check_launch(be.stream());
 }
 
-// The cluster-fold expert kernel (8-row FP4 tiles, split slices; kSwiglu: activations
-// formed from the gate/up output, TMA only), its shared-memory limit raised (once per
-// device), and its shared memory (the TMA form's size for both copy forms).
-template <bool kSwiglu>
-constexpr int kExpertClusterSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true, kSwiglu>();
-template <bool kTma, bool kSwiglu = false>
+// The cluster-fold expert kernel (8-row FP4 tiles, split slices), its shared-memory
+// limit raised (once per device).
+constexpr int kExpertClusterSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
+template <bool kTma>
 auto expert_cluster_kernel(CudaBackend& be) {
-  static_assert(lk::gemm_smem_bytes<WFmt::kFp4, 1, kTma, kSwiglu>() <= kExpertClusterSmem<kSwiglu>, "one size");
-  static_assert(!kSwiglu || kTma, "SwiGLU-formed activations: the TMA form only");
+  static_assert(lk::gemm_smem_bytes<WFmt::kFp4, 1, kTma>() <= kExpertClusterSmem, "one size for both forms");
   static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true, kSwiglu>;
-  allow_smem(kernel, kExpertClusterSmem<kSwiglu>, be.device_index(), done);
+  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true>;
+  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
   return kernel;
 }
 template <bool kTma>
 void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
   cudaLaunchAttribute cluster;
-  if (p.swiglu_gu != nullptr) {
-    if constexpr (kTma) {
-      const cudaLaunchConfig_t cfg =
-          cluster_fold_config(grid, p.split, kExpertClusterSmem<true>, be.stream(), cluster);
-      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, expert_cluster_kernel<true, true>(be), p, table));
-    } else {
-      DSV4_CHECK(false, "expert gemm: activations formed from SwiGLU need TMA weight stages");
-    }
-  } else {
-    const cudaLaunchConfig_t cfg = cluster_fold_config(grid, p.split, kExpertClusterSmem<false>, be.stream(), cluster);
-    DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, expert_cluster_kernel<kTma>(be), p, table));
-  }
+  const cudaLaunchConfig_t cfg = cluster_fold_config(grid, p.split, kExpertClusterSmem, be.stream(), cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, expert_cluster_kernel<kTma>(be), p, table));
   check_launch(be.stream());
 }
 
@@ -806,30 +788,8 @@ bool expert_cluster_fold(CudaBackend& be, bool tma, int64_t split) {
   static const bool from_env = !env_is("DSV4_CUDA_EXPERT_CLUSTER_FOLD", "0");
   if (!forced_or(g_force_expert_cluster_fold, from_env) || split < 2 || split > lk::kMaxClusterFold) return false;
   static std::atomic<uint64_t> asked[2][lk::kMaxClusterFold + 1], fits[2][lk::kMaxClusterFold + 1];
-  return tma ? clusters_fit(be, expert_cluster_kernel<true>(be), kExpertClusterSmem<false>, int(split), asked[1],
-                            fits[1])
-             : clusters_fit(be, expert_cluster_kernel<false>(be), kExpertClusterSmem<false>, int(split), asked[0],
-                            fits[0]);
-}
-
-// The routed experts' SwiGLU formed inside the down GEMM (GemmParams::swiglu_gu) where
-// that GEMM splits into clusters of FP4 8-row tiles by TMA with at most kMaxSwigluStages
-// stages a slice (1 row at bench-1g): no SwiGLU launch, whose boundary and round trips
-// were ~3 µs a layer on the batch-1 chain (graph trace, fifty-seventh session); each
-// down CTA forms its tile's rows of its K slice (the 32 weight tiles of a list tile each
-// form the same rows: ~1 KB of work a CTA at 1 row). DSV4_CUDA_SWIGLU_IN_DOWN=0 keeps
-// the launch (same bits).
-std::atomic<int64_t> g_swiglu_in_down_launches{0};
-std::atomic<int> g_force_swiglu_in_down{-1};
-bool swiglu_in_down(CudaBackend& be, const lk::GemmParams& down, const lk::ExpertTable& table, int64_t count) {
-  static const bool from_env = !env_is("DSV4_CUDA_SWIGLU_IN_DOWN", "0");
-  if (!forced_or(g_force_swiglu_in_down, from_env) || down.split < 2 || down.k % 128 != 0 ||
-      down.k / 128 / down.split > lk::kMaxSwigluStages || !expert_bulk_copies(down, table, count) ||
-      !expert_cluster_fold(be, true, down.split))
-    return false;
-  static std::atomic<uint64_t> asked[lk::kMaxClusterFold + 1], fits[lk::kMaxClusterFold + 1];
-  return clusters_fit(be, expert_cluster_kernel<true, true>(be), kExpertClusterSmem<true>, int(down.split), asked,
-                      fits);
+  return tma ? clusters_fit(be, expert_cluster_kernel<true>(be), kExpertClusterSmem, int(split), asked[1], fits[1])
+             : clusters_fit(be, expert_cluster_kernel<false>(be), kExpertClusterSmem, int(split), asked[0], fits[0]);
 }
 
 // The router's logits folded by router_select_kernel from the GEMM's K-slice partials
@@ -1195,8 +1155,6 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
       p.n_tile_offset = int(t0);
       const dim3 piece_grid(unsigned(t1 - t0), grid.y, grid.z);
       const bool cluster = cluster_fold_shape && expert_cluster_fold(be, tma, p.split);
-      DSV4_CHECK(p.swiglu_gu == nullptr || (cluster && tma),
-                 "expert gemm: activations formed from SwiGLU need the TMA cluster form (split {})", p.split);
       if (tma) dispatch_expert<WFmt::kFp4, true>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
       else if (fmt == WFmt::kFp4)
         dispatch_expert<WFmt::kFp4, false>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
@@ -1249,8 +1207,6 @@ void cuda_linear_force_prep_threads(int threads) {
 int64_t cuda_linear_quant8_launches() { return g_quant8_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_quant8(int on) { g_force_quant8.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_cluster_fold_launches() { return g_cluster_fold_launches.load(std::memory_order_relaxed); }
-int64_t cuda_linear_swiglu_in_down_launches() { return g_swiglu_in_down_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_swiglu_in_down(int on) { g_force_swiglu_in_down.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_split_scale_group_launches() {
   return g_split_scale_group_launches.load(std::memory_order_relaxed);
 }
@@ -1759,31 +1715,9 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
                   gate_up_entries);
 
-  // The down GEMM forms its activations itself where it can (swiglu_in_down); otherwise
-  // the SwiGLU launch writes them.
-  bool down_swiglu = false;
-  if (fp4_2 && nt == 1 && row_groups == 1 && num_local <= lk::kMaxTableExperts && aligned(gu, 16)) {
-    lk::GemmParams plan = q;
-    plan_expert_gemm(*this, plan, P, max_tiles);
-    if (plan.split > 1) {
-      if (!down_table) down_table = std::make_unique<lk::ExpertTable>();
-      for (int64_t e = 0; e < num_local; ++e) down_entries(e, down_table->p[e]);
-      down_swiglu = swiglu_in_down(*this, plan, *down_table, num_local);
-    }
-  }
-  if (down_swiglu) {
-    q.swiglu_gu = gu;
-    q.swiglu_rw = weights.as<float>();
-    q.swiglu_rw_index = pair_list;
-    q.swiglu_limit = limit;
-    q.swiglu_inter = I;
-    g_swiglu_in_down_launches.fetch_add(1, std::memory_order_relaxed);
-  } else {
-    swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
-  }
+  swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
 
-  // The down GEMM's tile list comes from moe_prep, two launches back (one with the SwiGLU
-  // formed inside it, the gate/up GEMM then its predecessor): its first weight
+  // The down GEMM's tile list comes from moe_prep, two launches back: its first weight
   // stages go out before its wait for SwiGLU (GemmParams::weights_before_wait). This holds
   // while every kernel waits for its predecessor before it releases its dependents
   // (grid_dependency.cuh), so that SwiGLU's release follows the gate/up GEMM's end.

@@ -131,20 +131,14 @@ __host__ __device__ constexpr int gemm_a_stage_bytes() {
   return 8 * NT * 128;
 }
 
-// Stages of activations a down GEMM that forms them from the gate/up output holds
-// (GemmParams::swiglu_gu: its whole K slice).
-constexpr int kMaxSwigluStages = 8;
-
 // Dynamic shared memory of gemm_kernel<F, NT, *> (kTmaW: expert_gemm_kernel with TMA
-// weight stages, whose rows are dense, and a raw scale group; kSwigluActs: with
-// kMaxSwigluStages activation stages and their scales); the layout is carved in
+// weight stages, whose rows are dense, and a raw scale group); the layout is carved in
 // gemm_tile.
-template <WFmt F, int NT, bool kTmaW = false, bool kSwigluActs = false>
+template <WFmt F, int NT, bool kTmaW = false>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
   constexpr int S = T::kStages;
   return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
-         (kSwigluActs ? kMaxSwigluStages * (gemm_a_stage_bytes<NT>() + 8 * NT * 4) : 0) +
          (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0) +
          (kTmaW && T::kRowScale ? 16 + kTileN * 4 * kScaleStages : 0);
@@ -208,16 +202,6 @@ struct GemmParams {
   // wait for moe_prep, which wrote the list): the list (through L2) and the first weight
   // stages are read before the dependency wait, as the plain GEMMs read their weights.
   int weights_before_wait;
-  // Expert launches that form their activations from the gate/up GEMM's output instead
-  // of reading them (host: the routed experts' down GEMM of split FP4 8-row tiles; the
-  // SwiGLU launch is then skipped): h = SwiGLU(gu row) x the routing weight
-  // rw[rw_index[row]], clamped at limit, quantized per 128 (swiglu_quant8_kernel's bits,
-  // split pairs), formed for the CTA's K slice after the dependency wait.
-  const uint16_t* swiglu_gu;  // [rows, 2 inter] bf16 (gate | up)
-  const float* swiglu_rw;
-  const int* swiglu_rw_index;
-  float swiglu_limit;
-  int64_t swiglu_inter;
   // FP4 launches that split their K slices over CTAs: a slice of whole row-scale groups
   // copies a group at a time, as a walked one does (gemm_tile), not 4 bytes a stage.
   int split_scale_groups;
@@ -432,20 +416,6 @@ __device__ __forceinline__ void load_a_frags_e4m3_bf16(const uint8_t* lo_row, co
   }
 }
 
-// The max |v| over a half warp's 8 values a lane (every lane of the warp calls it); 8
-// values' e4m3 codes (lo: values 0-3, hi: 4-7) and the block exponent e for that max
-// (scale 2^e; act_quant's bits); and SwiGLU of 8 (gate, up) pairs, 16 bytes of
-// each, with the routing weight where weighted (swiglu_quant_item's bits). Defined with
-// the quantization and SwiGLU kernels below; the down GEMM that forms its own activations
-// (GemmParams::swiglu_gu) calls them too.
-struct Quant8 {
-  uint32_t lo, hi;
-  int e;
-};
-__device__ __forceinline__ float quant8_amax(const float (&v)[8]);
-__device__ __forceinline__ Quant8 quant8_codes(const float (&v)[8], float amax);
-__device__ __forceinline__ void swiglu8(uint4 g4, uint4 u4, bool weighted, float weight, float limit, float (&h)[8]);
-
 // ---- the GEMM ---------------------------------------------------------------------
 // fn(i, q, e) for each of a thread's 2 x NT x 4 accumulator elements, unrolled:
 // weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
@@ -524,14 +494,12 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // (fp4_device_layout.h): a stage of the tile is one run of valid_n x 64 bytes, its
 // rows' pieces swizzled. kTmaW (FP4 experts, whole tiles): each stage comes by one
 // TMA bulk copy; otherwise by cp.async, 16 bytes a thread.
-template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          bool kSwigluActs = false>
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
-  static_assert(!kSwigluActs || (F == WFmt::kFp4 && !kTwoSets), "activations formed from SwiGLU: split FP4 experts");
   // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
   // ones kWStride apart (gemm_smem_bytes sizes both; for FP4 they are the same).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
@@ -546,12 +514,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
   uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]
-  constexpr int kHStages = kSwigluActs ? kMaxSwigluStages : 0;
-  uint8_t* s_h = s_a + kStages * kAStage;  // kSwigluActs: [kHStages][kAStage], the slice's stages
-  uint8_t* s_ws = s_h + kHStages * kAStage;  // FP4: [2][kTileN][kScaleRowBytes] scale bytes
+  uint8_t* s_ws = s_a + kStages * kAStage;  // FP4: [2][kTileN][kScaleRowBytes] scale bytes
   float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0));  // [kStages][BM]
-  float* s_hs = s_as + kStages * BM;  // kSwigluActs: [kHStages][BM], s_h's scales
-  uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? (kStages + kHStages) * BM : 0));  // block-scale row
+  uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
   int* s_flag = s_rows + BM;
   // FP4 TMA stages: one 8-byte mbarrier per stage buffer, by shared address; then the
@@ -715,7 +680,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // 16-byte pieces of a stage: BM rows of 8 (threads past them, at BM * 8 < 128, copy nothing).
   constexpr int a_pieces = BM * 8;
   auto load_acts = [&](int st, int buf) {
-    if constexpr (kSwigluActs) return;  // (formed below, whole slice, in s_h)
     uint8_t* da = s_a + buf * kAStage;
 #pragma unroll
     for (int i = 0; i < kAChunks; ++i) {
@@ -728,44 +692,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       if (tid < BM) cp_async4(s_as + buf * BM + tid, as_src ? as_src + st : p.a_scale, as_src ? 4 : 0);
     }
   };
-
-  if constexpr (kSwigluActs) {
-    // The slice's activations from the gate/up output: item (tile row c, slice stage j) is
-    // row row_base + c's 128-block st_begin + j of h, a half warp's (swiglu_quant8_kernel's
-    // item, 8 values a lane), its codes stored in s_h's stage j as the cp.async copy of hq
-    // would have placed them (row c, 16-byte pieces swizzled; split pairs within 32-byte
-    // chunks) and its scale at s_hs[j][c]. The stage loop's barrier orders these stores
-    // before the wgmmas' reads (its proxy fence covers the async proxy).
-    if (iters > kMaxSwigluStages) __trap();  // (host: a slice of at most kMaxSwigluStages)
-    // Rows past the tile's are zero, as the copies' zero-fill leaves them.
-    for (int i = tid; i < iters * BM * 8; i += kThreads) {
-      const int j = i / (BM * 8), c = (i >> 3) % BM;
-      if (c < rows) continue;
-      *reinterpret_cast<uint4*>(s_h + j * kAStage + c * 128 + (i & 7) * 16) = make_uint4(0, 0, 0, 0);
-      if ((i & 7) == 0) s_hs[j * BM + c] = 0.0f;
-    }
-    const int l16 = lane & 15, items = rows * iters;
-    for (int w0 = 2 * warp; w0 < items; w0 += kThreads / 16) {  // (warp-uniform: both halves shuffle)
-      const int item = w0 + (lane >> 4);
-      const bool live = item < items;
-      const int c = live ? item / iters : 0, j = live ? item % iters : 0;
-      const int64_t crow = row_base + c;
-      const uint16_t* gr = p.swiglu_gu + crow * 2 * p.swiglu_inter + int64_t(st_begin + j) * 128 + 8 * l16;
-      const uint4 g4 = *reinterpret_cast<const uint4*>(gr);
-      const uint4 u4 = *reinterpret_cast<const uint4*>(gr + p.swiglu_inter);
-      float h[8];
-      swiglu8(g4, u4, true, p.swiglu_rw[p.swiglu_rw_index[crow]], p.swiglu_limit, h);
-      const float amax = quant8_amax(h);
-      if (!live) continue;
-      const Quant8 q = quant8_codes(h, amax);
-      // store_quant8's split-pairs words, at their swizzled places in row c.
-      uint8_t* const row = s_h + j * kAStage;
-      const int o = 32 * (l16 >> 2) + 4 * (l16 & 3);
-      *reinterpret_cast<uint32_t*>(row + sw128_offset(c, o >> 4) + (o & 15)) = prmt(q.lo, q.hi, 0x6420u);
-      *reinterpret_cast<uint32_t*>(row + sw128_offset(c, (o + 16) >> 4) + (o & 15)) = prmt(q.lo, q.hi, 0x7531u);
-      if (l16 == 0) s_hs[j * BM + c] = core::pow2_float(q.e);
-    }
-  }
 
   float cur[2][NT][4] = {};  // (zeroed here, before the lambdas below capture them)
   float tot[2][NT][4] = {};
@@ -917,14 +843,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         cp_async_commit();
       };
       if constexpr (!kLoadAfter) load_next();
-      const uint8_t* ab = kSwigluActs ? s_h + uit * kAStage : s_a + buf * kAStage;
+      const uint8_t* ab = s_a + buf * kAStage;
       float as[NT][2];
 #pragma unroll
       for (int q = 0; q < NT; ++q) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          as[q][e] = T::kQuantAct ? (kSwigluActs ? s_hs : s_as)[(kSwigluActs ? uit : buf) * BM + 8 * q + 2 * t + e]
-                                  : 1.0f;
+          as[q][e] = T::kQuantAct ? s_as[buf * BM + 8 * q + 2 * t + e] : 1.0f;
           if constexpr (F == WFmt::kFp4) as[q][e] *= 64.0f;  // the decoded weights are 2^-6 x e2m1
         }
       }
@@ -1270,8 +1195,7 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false,
-          bool kSwigluActs = false>
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false>
 __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
                                             int tile_id) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
@@ -1282,8 +1206,8 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kSwigluActs>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y,
-                                                                     tile.z, tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z,
+                                                        tile_id);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
@@ -1302,9 +1226,7 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
 // memory (gemm_tile's cluster fold; the same order as the last-CTA fold): no partials
 // in global memory, no fence, no counter. The cluster's CTAs share blockIdx.y, so they
 // leave at the list's end together and never wait on one that left.
-// kSwigluActs (GemmParams::swiglu_gu): the activations formed from the gate/up output.
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false,
-          bool kSwigluActs = false>
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
   const bool early = p.weights_before_wait != 0;  // (gemm_tile then waits after its first weight stages)
@@ -1313,8 +1235,8 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
   const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
-  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, kSwigluActs>(
-      p, table.p[tile.x - p.chunk_begin], int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
+  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold>(p, table.p[tile.x - p.chunk_begin],
+                                                                     int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
@@ -1385,28 +1307,20 @@ __device__ __forceinline__ float half_warp_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ float quant8_amax(const float (&v)[8]) {
-  float amax = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-  return half_warp_max(amax);
-}
-__device__ __forceinline__ Quant8 quant8_codes(const float (&v)[8], float amax) {
-  const int e = act_exponent(amax);
-  const float inv = core::pow2_float(-e);
-  const float lo[4] = {v[0], v[1], v[2], v[3]}, hi[4] = {v[4], v[5], v[6], v[7]};
-  return Quant8{quant4_e4m3(lo, inv), quant4_e4m3(hi, inv), e};
-}
-
 // Quantizes a half warp's 8 values a lane into block / *scale (live: the half's item
 // exists; every lane takes part in the shuffles either way).
 __device__ __forceinline__ void quant8_store(const float (&v)[8], bool live, int l16, uint8_t* block, float* scale,
                                              int split_pairs) {
-  const float amax = quant8_amax(v);
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  amax = half_warp_max(amax);
   if (!live) return;
-  const Quant8 q = quant8_codes(v, amax);
-  store_quant8(block, l16, q.lo, q.hi, split_pairs);
-  if (l16 == 0) *scale = core::pow2_float(q.e);
+  const int e = act_exponent(amax);
+  const float inv = core::pow2_float(-e);
+  const float lo[4] = {v[0], v[1], v[2], v[3]}, hi[4] = {v[4], v[5], v[6], v[7]};
+  store_quant8(block, l16, quant4_e4m3(lo, inv), quant4_e4m3(hi, inv), split_pairs);
+  if (l16 == 0) *scale = core::pow2_float(e);
 }
 
 // x rows 16-byte aligned (x and ldx a multiple of 8 values).
@@ -1476,22 +1390,6 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
   swiglu_quant_item<false>(gu, inter, c, b, lane, rw, rw_index, limit, hq, hs, split_pairs);
 }
 
-__device__ __forceinline__ void swiglu8(uint4 g4, uint4 u4, bool weighted, float weight, float limit, float (&h)[8]) {
-  const uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w}, uw[4] = {u4.x, u4.y, u4.z, u4.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    float gate = core::bf16_to_float(uint16_t(i & 1 ? gw[i / 2] >> 16 : gw[i / 2] & 0xffffu));
-    float up = core::bf16_to_float(uint16_t(i & 1 ? uw[i / 2] >> 16 : uw[i / 2] & 0xffffu));
-    if (limit > 0.0f) {  // up clamped both ways, gate only from above (swiglu_quant_item)
-      up = core::clamp_f32(up, -limit, limit);
-      gate = limit < gate ? limit : gate;
-    }
-    float act = core::silu_f32(gate) * up;
-    if (weighted) act = weight * act;
-    h[i] = core::round_bf16(act);
-  }
-}
-
 // swiglu_quant_kernel a half warp a (row, 128-block), 8 values a lane (16-byte loads of
 // gate and up; act_quant8_kernel's layout and reasons): the same bits. gu 16-byte aligned.
 __global__ void swiglu_quant8_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
@@ -1508,8 +1406,21 @@ __global__ void swiglu_quant8_kernel(const uint16_t* __restrict__ gu, int64_t ro
   const int64_t c = live ? item / blocks : 0, b = live ? item % blocks : 0;
   const uint16_t* gr = gu + c * 2 * inter + b * 128 + 8 * l16;
   const uint4 g4 = *reinterpret_cast<const uint4*>(gr), u4 = *reinterpret_cast<const uint4*>(gr + inter);
+  const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
+  const uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w}, uw[4] = {u4.x, u4.y, u4.z, u4.w};
   float h[8];
-  swiglu8(g4, u4, rw != nullptr, rw ? rw[rw_index ? rw_index[c] : c] : 1.0f, limit, h);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float gate = core::bf16_to_float(uint16_t(i & 1 ? gw[i / 2] >> 16 : gw[i / 2] & 0xffffu));
+    float up = core::bf16_to_float(uint16_t(i & 1 ? uw[i / 2] >> 16 : uw[i / 2] & 0xffffu));
+    if (limit > 0.0f) {  // up clamped both ways, gate only from above (swiglu_quant_item)
+      up = core::clamp_f32(up, -limit, limit);
+      gate = limit < gate ? limit : gate;
+    }
+    float act = core::silu_f32(gate) * up;
+    if (rw) act = weight * act;
+    h[i] = core::round_bf16(act);
+  }
   quant8_store(h, live, l16, hq + c * inter + b * 128, hs + c * blocks + b, split_pairs);
 }
 
