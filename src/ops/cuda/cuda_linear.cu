@@ -110,7 +110,8 @@ int64_t cuda_linear_expert_cluster_fold_launches();
 void cuda_linear_force_expert_cluster_fold(int on);
 // Test hooks: routed-expert down GEMM calls so far that read their tile list and first
 // weight stages before the dependency wait (GemmParams::weights_before_wait); -1 follows
-// DSV4_CUDA_EXPERT_EARLY_WEIGHTS (default on; 0 turns it off), 0 / 1 force it off / on.
+// DSV4_CUDA_EXPERT_EARLY_WEIGHTS (default: where the SwiGLU launch releases the GEMM
+// early; 0 never, 1 always), 0 / 1 force it off / on.
 int64_t cuda_linear_expert_early_weight_launches();
 void cuda_linear_force_expert_early_weights(int on);
 // Test hooks: split FP4 expert GEMM calls so far whose slices copy their row scales a
@@ -212,19 +213,24 @@ void quantize_rows(CudaBackend& be, const uint16_t* x, int64_t ldx, int64_t rows
 }
 
 // SwiGLU + quantization of gu's rows [0, rows) (those below *num_rows where given).
-void swiglu_quantize(CudaBackend& be, const uint16_t* gu, int64_t rows, int64_t inter, const int* num_rows,
-                     const float* rw, const int* rw_index, float limit, uint8_t* hq, float* hs, bool split_pairs) {
+// Returns the launch's blocks (0: none).
+unsigned swiglu_quantize(CudaBackend& be, const uint16_t* gu, int64_t rows, int64_t inter, const int* num_rows,
+                         const float* rw, const int* rw_index, float limit, uint8_t* hq, float* hs, bool split_pairs) {
   const int64_t items = rows * (inter / 128);
-  if (items == 0) return;
+  if (items == 0) return 0;
+  unsigned blocks = 0;
   if (quant8_enabled() && aligned(gu, 16)) {
-    lk::swiglu_quant8_kernel<<<blocks_for_warps((items + 1) / 2), 256, 0, be.stream()>>>(
-        gu, rows, inter, num_rows, rw, rw_index, limit, hq, hs, split_pairs ? 1 : 0);
+    blocks = blocks_for_warps((items + 1) / 2);
+    lk::swiglu_quant8_kernel<<<blocks, 256, 0, be.stream()>>>(gu, rows, inter, num_rows, rw, rw_index, limit, hq,
+                                                               hs, split_pairs ? 1 : 0);
     g_quant8_launches.fetch_add(1, std::memory_order_relaxed);
-  } else
-    lk::swiglu_quant_kernel<<<blocks_for_warps(items), 256, 0, be.stream()>>>(gu, rows, inter, num_rows, rw,
-                                                                              rw_index, limit, hq, hs,
-                                                                              split_pairs ? 1 : 0);
+  } else {
+    blocks = blocks_for_warps(items);
+    lk::swiglu_quant_kernel<<<blocks, 256, 0, be.stream()>>>(gu, rows, inter, num_rows, rw, rw_index, limit, hq, hs,
+                                                              split_pairs ? 1 : 0);
+  }
   check_launch(be.stream());
+  return blocks;
 }
 
 // ---- the tensor-core GEMM ---------------------------------------------------------------
@@ -765,15 +771,19 @@ bool split_scale_groups_enabled() {
   return forced_or(g_force_split_scale_groups, from_env);
 }
 
-// The routed experts' down GEMM (the separate launches: 1-2 rows and from 21 at
-// bench-1g) reads its tile list and its first weight stages before its dependency wait,
-// under SwiGLU's launch (routed_experts). DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 waits at entry
-// (same bits).
+// The routed experts' down GEMM (the separate launches) reads its tile list and its
+// first weight stages before its dependency wait, under SwiGLU's launch
+// (routed_experts), where that launch lets it start early: a SwiGLU grid of at most
+// half the SMs (wait_then_release_dependents; 1-2 rows at bench-1g). Larger grids
+// release it only as they exit, so the early form would start no sooner (and at 256
+// rows the session's end read 0.9% slower than its start with it everywhere, s66e; not
+// measured apart). DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 never, =1 always (same bits).
 std::atomic<int64_t> g_expert_early_weight_launches{0};
 std::atomic<int> g_force_expert_early_weights{-1};
-bool expert_early_weights_enabled() {
-  static const bool from_env = !env_is("DSV4_CUDA_EXPERT_EARLY_WEIGHTS", "0");
-  return forced_or(g_force_expert_early_weights, from_env);
+bool expert_early_weights(CudaBackend& be, unsigned swiglu_blocks) {
+  static const int from_env = env_mode("DSV4_CUDA_EXPERT_EARLY_WEIGHTS");
+  const int mode = forced_mode(g_force_expert_early_weights, from_env);
+  return mode == 1 || (mode == -1 && 2 * int64_t(swiglu_blocks) <= be.properties().multiProcessorCount);
 }
 
 // The routed experts' split GEMMs (1 row at bench-1g: 6 list tiles x 32 weight tiles,
@@ -1715,13 +1725,14 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
                   gate_up_entries);
 
-  swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
+  const unsigned swiglu_blocks =
+      swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
 
   // The down GEMM's tile list comes from moe_prep, two launches back: its first weight
   // stages go out before its wait for SwiGLU (GemmParams::weights_before_wait). This holds
   // while every kernel waits for its predecessor before it releases its dependents
   // (grid_dependency.cuh), so that SwiGLU's release follows the gate/up GEMM's end.
-  q.weights_before_wait = expert_early_weights_enabled() ? 1 : 0;
+  q.weights_before_wait = expert_early_weights(*this, swiglu_blocks) ? 1 : 0;
   if (q.weights_before_wait) g_expert_early_weight_launches.fetch_add(1, std::memory_order_relaxed);
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   down_entries);
