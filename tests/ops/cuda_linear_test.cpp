@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -916,6 +917,27 @@ struct ForcedMode {
   int64_t launches;
 };
 
+// Test hooks forced for a scope, each put back to its default (-1) at the scope's end,
+// also when a test assertion leaves early (a hook listed with -1 is only put back: the
+// test forces it later).
+class ForcedHooks {
+ public:
+  ForcedHooks(std::initializer_list<std::pair<void (*)(int), int>> forced) {
+    for (const auto& [force, value] : forced) {
+      force(value);
+      hooks_.push_back(force);
+    }
+  }
+  ~ForcedHooks() {
+    for (auto force : hooks_) force(-1);
+  }
+  ForcedHooks(const ForcedHooks&) = delete;
+  ForcedHooks& operator=(const ForcedHooks&) = delete;
+
+ private:
+  std::vector<void (*)(int)> hooks_;
+};
+
 // An FP8 linear's shape: n weight rows (outputs), k inputs.
 struct QuantCase {
   int64_t n, k;
@@ -1129,9 +1151,11 @@ TEST(CudaLinearFusedExperts, FewRowsWalkedAndFusedEqualSplitBitForBit) {
 TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
   DSV4_REQUIRE_CUDA();
   const OneStageSlices one_stage;
-  ops::cuda_linear_force_path(0);
-  ops::cuda_linear_force_expert_split(1);
-  ops::cuda_linear_force_fused_experts(0);
+  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
+                          {ops::cuda_linear_force_expert_split, 1},
+                          {ops::cuda_linear_force_fused_experts, 0},
+                          {ops::cuda_linear_force_tma, -1},
+                          {ops::cuda_linear_force_expert_cluster_fold, -1}};
   Env env;
   Rng rng(0x5d);
   const int64_t E = 128, D = 512, I = 1024, k = 6;
@@ -1153,11 +1177,6 @@ TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
       expect_bitwise(last_cta, cluster, what + ": cluster fold vs last-CTA fold");
     }
   }
-  ops::cuda_linear_force_expert_cluster_fold(-1);
-  ops::cuda_linear_force_tma(-1);
-  ops::cuda_linear_force_fused_experts(-1);
-  ops::cuda_linear_force_expert_split(-1);
-  ops::cuda_linear_force_path(-1);
 }
 
 // The down GEMM's tile list and first weight stages read before its dependency wait
@@ -1167,7 +1186,7 @@ TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
 // counter shows that the early form was captured.
 TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
   DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
+  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0}, {ops::cuda_linear_force_expert_early_weights, -1}};
   Env env;
   Rng rng(0x5e);
   const int64_t E = 128, D = 512, I = 1024, k = 6;
@@ -1204,8 +1223,6 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
                      what + ": weights before the wait (graph) vs at entry (eager), replay " + std::to_string(replay));
     }
   }
-  ops::cuda_linear_force_expert_early_weights(-1);
-  ops::cuda_linear_force_path(-1);
 }
 
 // Split FP4 expert GEMMs whose K slices are whole row-scale groups copy the scales a
@@ -1214,8 +1231,11 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
 // weights by TMA and by cp.async. The counter shows that the group copies ran.
 TEST(CudaLinearFusedExperts, SplitScaleGroupsEqualFourByteCopiesBitForBit) {
   DSV4_REQUIRE_CUDA();
-  ops::cuda_linear_force_path(0);
-  ops::cuda_linear_force_fused_experts(0);
+  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
+                          {ops::cuda_linear_force_fused_experts, 0},
+                          {ops::cuda_linear_force_tma, -1},
+                          {ops::cuda_linear_force_expert_split, -1},
+                          {ops::cuda_linear_force_split_scale_groups, -1}};
   Env env;
   Rng rng(0x5f);
   const int64_t E = 16, D = 2048, I = 2048, k = 6;
@@ -1240,11 +1260,6 @@ TEST(CudaLinearFusedExperts, SplitScaleGroupsEqualFourByteCopiesBitForBit) {
       expect_bitwise(walked, groups, what + ": split slices with group copies vs walked slices");
     }
   }
-  ops::cuda_linear_force_split_scale_groups(-1);
-  ops::cuda_linear_force_expert_split(-1);
-  ops::cuda_linear_force_tma(-1);
-  ops::cuda_linear_force_fused_experts(-1);
-  ops::cuda_linear_force_path(-1);
 }
 
 // FP4 experts in 16-row tiles that share each weight decode (tiles of 9-16 rows as
