@@ -494,7 +494,10 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // (fp4_device_layout.h): a stage of the tile is one run of valid_n x 64 bytes, its
 // rows' pieces swizzled. kTmaW (FP4 experts, whole tiles): each stage comes by one
 // TMA bulk copy; otherwise by cp.async, 16 bytes a thread.
-template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false>
+// kWeightsBeforeWaitParam: GemmParams::weights_before_wait decides the early weights at
+// run time (expert_gemm_kernel; the fused expert kernel never sets it and keeps its code).
+template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
+          bool kWeightsBeforeWaitParam = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
@@ -633,7 +636,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // the wait returns once that kernel has finished). Expert GEMMs wait at entry where
   // their tile list is the predecessor's output, and here otherwise
   // (GemmParams::weights_before_wait); TMA stages need their barriers first.
-  const bool early_weights = kEarlyWeights || p.weights_before_wait != 0;
+  const bool early_weights = kEarlyWeights || (kWeightsBeforeWaitParam && p.weights_before_wait != 0);
   // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
   const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
   bool scale_row_copied = false;
@@ -1195,19 +1198,21 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false>
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false,
+          bool kWeightsBeforeWaitParam = false>
 __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
                                             int tile_id) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   static_assert(!kClusterFold || !kSixteenRowTiles, "the cluster fold: 8-row expert tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
-      gemm_tile<F, 2 * NT, kTwoSets, false, kTma>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z, tile_id);
+      gemm_tile<F, 2 * NT, kTwoSets, false, kTma, false, kWeightsBeforeWaitParam>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                                 tile.y, tile.z, tile_id);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold>(p, e[0], e[1], e[2], e[3], tile_n, 0, tile.y, tile.z,
-                                                        tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kWeightsBeforeWaitParam>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                                 tile.y, tile.z, tile_id);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
@@ -1235,8 +1240,9 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
   const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
-  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold>(p, table.p[tile.x - p.chunk_begin],
-                                                                     int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
+  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, true>(p, table.p[tile.x - p.chunk_begin],
+                                                                           int(blockIdx.x) + p.n_tile_offset, tile,
+                                                                           tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
