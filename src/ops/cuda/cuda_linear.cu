@@ -783,7 +783,8 @@ std::atomic<int> g_force_expert_early_weights{-1};
 bool expert_early_weights(CudaBackend& be, unsigned swiglu_blocks) {
   static const int from_env = env_mode("DSV4_CUDA_EXPERT_EARLY_WEIGHTS");
   const int mode = forced_mode(g_force_expert_early_weights, from_env);
-  return mode == 1 || (mode == -1 && 2 * int64_t(swiglu_blocks) <= be.properties().multiProcessorCount);
+  return mode == 1 ||
+         (mode == -1 && grid_releases_early(swiglu_blocks, uint64_t(be.properties().multiProcessorCount)));
 }
 
 // The routed experts' split GEMMs (1 row at bench-1g: 6 list tiles x 32 weight tiles,

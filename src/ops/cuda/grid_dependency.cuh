@@ -9,6 +9,8 @@
 // routing) call it through wait_then_release_dependents(), below.
 #pragma once
 
+#include <cstdint>
+
 namespace dsv4::ops {
 
 __device__ __forceinline__ void wait_for_predecessor() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
@@ -38,11 +40,14 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 // the others. Half rather than a quarter (forty-second session) adds the 34-66-block
 // grids, e.g. moe_reduce and the act_quant before wo_b at 16 rows: -0.0 / -0.3 / -0.1 /
 // +0.0% at 1 / 16 / 64 / 256 rows (2 rounds; 16 and 64 apart).
+// Whether a grid of `blocks` blocks releases its dependents early on a GPU of `sms`
+// SM ids (the rule below; host code that depends on the release asks it too).
+__host__ __device__ constexpr bool grid_releases_early(uint64_t blocks, uint64_t sms) { return 2 * blocks <= sms; }
 __device__ __forceinline__ void wait_then_release_dependents() {
   wait_for_predecessor();
   unsigned sms;
   asm("mov.u32 %0, %%nsmid;" : "=r"(sms));
-  if (2ull * gridDim.x * gridDim.y * gridDim.z <= sms) allow_dependents_to_launch();  // (64-bit: no wrap)
+  if (grid_releases_early(uint64_t(gridDim.x) * gridDim.y * gridDim.z, sms)) allow_dependents_to_launch();
 }
 
 // Flags between the blocks of a running grid (the fused expert step): gpu-scope acquire
