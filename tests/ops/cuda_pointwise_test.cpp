@@ -33,6 +33,7 @@ void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
 int64_t cuda_hc_row_mix_launches();
 void cuda_hc_force_row_split(int parts);
 void cuda_hc_force_fused(int on);
+void cuda_hc_force_quick_hand_over(int on);
 int64_t cuda_hc_fused_launches();
 void cuda_hc_force_slot_rows(int rows);
 namespace {
@@ -490,14 +491,15 @@ TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
 // rows) against the two launches, bit for bit: hc_pre, hc_pre_norm, hc_head and
 // hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
 // too, the slots summed by the mix at every row count), with the Sinkhorn in the op and
-// left for later, at 1 to 16 rows and at 17 (the two launches on both sides); and how many
-// launches took the fused kernel.
+// left for later, at 1 to 16 rows and at 17 (the two launches on both sides), with the
+// quick hand-over and without; and how many launches took the fused kernel.
 TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
   Rng rng(216);
   struct Reset {
     ~Reset() {
       cuda_hc_force_fused(-1);
       cuda_hc_force_slot_rows(-1);
+      cuda_hc_force_quick_hand_over(-1);
     }
   } reset;
   cuda_hc_force_slot_rows(16);  // the mix sums the MoE slots at every row count here
@@ -521,9 +523,11 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
         for (int op = 0; op < 6; ++op) {
           const std::string what = std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" +
                                    std::to_string(c.D) + " T=" + std::to_string(T) + (later ? " later" : "");
-          std::vector<Tensor> got[2];
-          for (int fused = 0; fused < 2; ++fused) {
+          std::vector<Tensor> got[3];  // two launches; fused, quick hand-over; fused, polled hand-over
+          for (int variant = 0; variant < 3; ++variant) {
+            const int fused = variant > 0 ? 1 : 0;
             cuda_hc_force_fused(fused);
+            cuda_hc_force_quick_hand_over(variant == 1 ? 1 : 0);
             const int64_t before = cuda_hc_fused_launches();
             // post and comb are read (hc_post) and overwritten in place, as the model does.
             Tensor post = dev(post0), comb = dev(comb0);
@@ -539,78 +543,90 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
                             : HcPostInput::of_moe_slots(dslots, dids, poisoned(DType::kF32, {T, c.D}), dshared, y, dX,
                                                         post, comb),
                   Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
-            got[fused] = {host(x)};
+            got[variant] = {host(x)};
             if (op != 2) {
-              got[fused].push_back(host(post));
-              got[fused].push_back(host(comb));
+              got[variant].push_back(host(post));
+              got[variant].push_back(host(comb));
             }
-            if (op == 1 || op >= 3) got[fused].push_back(host(xn));
-            if (op >= 3) got[fused].push_back(host(Y));
-            if (op >= 4) got[fused].push_back(host(y));
+            if (op == 1 || op >= 3) got[variant].push_back(host(xn));
+            if (op >= 3) got[variant].push_back(host(Y));
+            if (op >= 4) got[variant].push_back(host(y));
             const int64_t launches = cuda_hc_fused_launches() - before;
             EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
           }
-          for (size_t i = 0; i < got[0].size(); ++i)
-            expect_bits_equal(got[1][i], got[0][i],
-                              (what + " output " + std::to_string(i) + ": fused vs two launches").c_str());
+          for (int variant = 1; variant < 3; ++variant)
+            for (size_t i = 0; i < got[0].size(); ++i) {
+              const std::string form = variant == 1 ? ": fused (quick hand-over)" : ": fused";
+              expect_bits_equal(got[variant][i], got[0][i],
+                                (what + " output " + std::to_string(i) + form + " vs two launches").c_str());
+            }
         }
       }
 }
 
 // The fused kernel in a captured graph: launches back to back (one launch's CTAs start
 // while the previous one ends; both use the same counters, after their wait) and with
-// other kernels between, replayed on fresh inputs, give the eager run's bytes.
+// other kernels between, replayed on fresh inputs, give the eager run's bytes; with the
+// quick hand-over (one finisher at 1 row, several at 5 and 16) and without.
 TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
-  Rng rng(217);
-  const HcCase c{4, 4096, 20};
-  HcConfig cfg = c.config();
-  cfg.sinkhorn_later = true;
-  const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
-  const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
-  const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
-  const int64_t T = 16, Th = 5;
-  struct Reset {
-    ~Reset() { cuda_hc_force_fused(-1); }
-  } reset;
-  cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)
-  Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
-  Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
-         post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
-         Y = poisoned(DType::kBF16, {T, c.hc, c.D}), x2 = poisoned(DType::kBF16, {T, c.D}),
-         xn2 = poisoned(DType::kBF16, {T, c.D}), y = poisoned(DType::kBF16, {Th, c.D}),
-         x1 = poisoned(DType::kBF16, {1, c.D}), post1 = poisoned(DType::kF32, {1, c.hc}),
-         comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
-  const int64_t before = cuda_hc_fused_launches();
-  auto body = [&] {
-    cuda().hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);  // 16 rows
-    cuda().hc_sinkhorn(comb, cfg);
-    cuda().hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
-    cuda().hc_head(Y.rows(0, Th), dwh, cfg, y);                   // right after the previous fused launch
-    cuda().hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);      // and again
-  };
-  auto outputs = [&] { return std::vector<Tensor>{host(x), host(xn), host(post), host(comb), host(Y), host(x2),
-                                                  host(xn2), host(y), host(x1), host(post1), host(comb1)}; };
-  body();  // eager (also grows the scratch buffers before the capture)
-  ASSERT_EQ(cuda_hc_fused_launches() - before, 4) << "the body's hc launches should all take the fused kernel";
-  cuda().synchronize();
-  std::unique_ptr<Graph> graph = cuda().capture(body);
-  if (!testing::pdl_disabled()) {
-    EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
-  }
-  for (int round = 0; round < 3; ++round) {
-    const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
-    cuda().upload(X, hX.data(), hX.nbytes());
-    cuda().upload(f, hf.data(), hf.nbytes());
-    body();
-    const std::vector<Tensor> eager = outputs();
-    cuda().upload(X, hX.data(), hX.nbytes());
-    cuda().upload(f, hf.data(), hf.nbytes());
-    for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda().fill_zero(t);
-    graph->replay();
-    const std::vector<Tensor> replayed = outputs();
-    for (size_t i = 0; i < eager.size(); ++i)
-      expect_bits_equal(replayed[i], eager[i],
-                        ("round " + std::to_string(round) + " output " + std::to_string(i) + ": replay vs eager").c_str());
+  for (const int quick : {1, 0}) {
+    SCOPED_TRACE(quick ? "quick hand-over" : "polled hand-over");
+    cuda_hc_force_quick_hand_over(quick);
+    Rng rng(217);
+    const HcCase c{4, 4096, 20};
+    HcConfig cfg = c.config();
+    cfg.sinkhorn_later = true;
+    const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+    const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+    const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
+    const int64_t T = 16, Th = 5;
+    struct Reset {
+      ~Reset() {
+        cuda_hc_force_fused(-1);
+        cuda_hc_force_quick_hand_over(-1);
+      }
+    } reset;
+    cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)
+    Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
+    Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+           post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
+           Y = poisoned(DType::kBF16, {T, c.hc, c.D}), x2 = poisoned(DType::kBF16, {T, c.D}),
+           xn2 = poisoned(DType::kBF16, {T, c.D}), y = poisoned(DType::kBF16, {Th, c.D}),
+           x1 = poisoned(DType::kBF16, {1, c.D}), post1 = poisoned(DType::kF32, {1, c.hc}),
+           comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
+    const int64_t before = cuda_hc_fused_launches();
+    auto body = [&] {
+      cuda().hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);  // 16 rows
+      cuda().hc_sinkhorn(comb, cfg);
+      cuda().hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
+      cuda().hc_head(Y.rows(0, Th), dwh, cfg, y);                   // right after the previous fused launch
+      cuda().hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);      // and again
+    };
+    auto outputs = [&] { return std::vector<Tensor>{host(x), host(xn), host(post), host(comb), host(Y), host(x2),
+                                                    host(xn2), host(y), host(x1), host(post1), host(comb1)}; };
+    body();  // eager (also grows the scratch buffers before the capture)
+    ASSERT_EQ(cuda_hc_fused_launches() - before, 4) << "the body's hc launches should all take the fused kernel";
+    cuda().synchronize();
+    std::unique_ptr<Graph> graph = cuda().capture(body);
+    if (!testing::pdl_disabled()) {
+      EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
+    }
+    for (int round = 0; round < 3; ++round) {
+      const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
+      cuda().upload(X, hX.data(), hX.nbytes());
+      cuda().upload(f, hf.data(), hf.nbytes());
+      body();
+      const std::vector<Tensor> eager = outputs();
+      cuda().upload(X, hX.data(), hX.nbytes());
+      cuda().upload(f, hf.data(), hf.nbytes());
+      for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda().fill_zero(t);
+      graph->replay();
+      const std::vector<Tensor> replayed = outputs();
+      for (size_t i = 0; i < eager.size(); ++i)
+        expect_bits_equal(
+            replayed[i], eager[i],
+            ("round " + std::to_string(round) + " output " + std::to_string(i) + ": replay vs eager").c_str());
+    }
   }
 }
 

@@ -42,6 +42,8 @@ void cuda_hc_force_row_split(int parts);
 void cuda_hc_force_fused(int on);
 int64_t cuda_hc_fused_launches();
 void cuda_hc_force_slot_rows(int rows);
+// -1 the environment's choice, 0 / 1 HcHandOver::quick off / on.
+void cuda_hc_force_quick_hand_over(int on);
 
 namespace {
 
@@ -50,6 +52,7 @@ std::atomic<int> g_force_row_split{0};
 std::atomic<int64_t> g_row_mix_launches{0};
 std::atomic<int> g_force_hc_fused{-1};
 std::atomic<int> g_force_slot_rows{-1};
+std::atomic<int> g_force_hc_quick{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
@@ -1061,18 +1064,29 @@ struct HcFinishSmem {
 
 // hc_mix_finish_kernel's hand-over: every CTA counts itself into `done` once its slice
 // (if any) is stored; the last `finishers` to do so run a finish row each, once `done`
-// reaches `arrivals`; the last of them to leave zeroes the two counters.
+// reaches `arrivals`; the last of them past that wait zeroes the two counters.
+// quick (DSV4_CUDA_HC_QUICK_HAND_OVER, default on; the same bits): the last arrival does
+// not poll `done` (its own acquiring add read the complete count), and a finisher counts
+// itself into `left` after the CTA barrier that follows its wait, a release add whose
+// result is read only once the row's partials are staged, so neither round trip lies on
+// the row's path; with one finisher there is no `left` count at all. At batch 1 the one
+// finisher is the last arrival, and its path had lost two dependent L2 round trips (the
+// poll, then the add on `left`) before the partials' loads could go out. Measured -0.9% a
+// step at batch 1 (bench-1g, H200, 3 rounds apart; 16-256 rows, which take the two
+// launches, within 0.3%; fifty-eighth session).
 struct HcHandOver {
   int* sync = nullptr;  // [done, left]; null: hc_finish_kernel (no hand-over)
   int arrivals = 0;     // the grid's CTAs
   int finishers = 0;    // rows
   bool x_from_mix = false;  // the mix forms X (an hc_post source): read it after the hand-over
+  bool quick = true;
 };
 
 // Row t of hc_finish by this CTA's threads (kHcXThreads, + the Sinkhorn warp where !kHead).
+// arrived_last: this CTA's count completed `done` (hc_mix_finish_kernel).
 template <int HC, bool kHead, int VEC>
 __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, HcFinishSmem& sm,
-                                              const HcHandOver& hand) {
+                                              const HcHandOver& hand, bool arrived_last = false) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
   static_assert(kMix < 32 && HC <= 4, "the sums of one slice fit its 32 partials");
@@ -1109,24 +1123,29 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       }
   };
   if (x_thread && !hand.x_from_mix) load_x(0);
+  int left = -1;  // quick: thread 0's count into `left` (its old value), read after the staging
   if (fused) {
     // The CTAs not yet counted wait on nothing (their predecessor aside) and need one SM
     // slot among those this CTA and the other finishers leave, so `done` comes. A bug
     // that breaks that fails the launch (~9 s, an illegal-instruction error) instead of
     // hanging the process.
     if (tid == 0) {
-      unsigned polls = 0;
-      while (ld_acquire_gpu(hand.sync) < hand.arrivals) {
-        __nanosleep(32);
-        if (++polls == (1u << 28)) __trap();
+      if (!(hand.quick && arrived_last)) {
+        unsigned polls = 0;
+        while (ld_acquire_gpu(hand.sync) < hand.arrivals) {
+          __nanosleep(32);
+          if (++polls == (1u << 28)) __trap();
+        }
       }
-      if (atom_add_acq_rel_gpu(hand.sync + 1, 1) == hand.finishers - 1) {  // the last finisher past the wait
+      if (!hand.quick && atom_add_acq_rel_gpu(hand.sync + 1, 1) == hand.finishers - 1) {  // the last one past the wait
         hand.sync[0] = 0;
         hand.sync[1] = 0;
       }
       allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
     }
     __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
+    // (after the barrier: this CTA's wait is over, whichever thread ran it)
+    if (hand.quick && tid == 0 && hand.finishers > 1) left = atom_add_release_gpu(hand.sync + 1, 1);
     if (x_thread && hand.x_from_mix) load_x(0);
   }
   const int slices = int(a.slices);
@@ -1135,6 +1154,13 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     for (int i = tid; i < slices * 8; i += int(blockDim.x))
       staged[i] = reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
     __syncthreads();
+  }
+  if (fused && hand.quick && tid == 0 && (hand.finishers == 1 || left == hand.finishers - 1)) {
+    // Every finisher is past its wait (one finisher: this one), so no poll reads `done` again
+    // in this launch; the next launch on the counters reads them after its own wait.
+    if (hand.finishers > 1) fence_acq_rel_gpu();
+    hand.sync[0] = 0;
+    hand.sync[1] = 0;
   }
   if (tid <= kMix) {
     float s = 0.0f;  // in slice order
@@ -1296,7 +1322,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
   __syncthreads();
   const int row = s_arrival - (f.hand.arrivals - f.hand.finishers);
   if (row < 0) return;
-  hc_finish_row<HC, kHead, 8>(f.fin, row, sm.fin, f.hand);
+  hc_finish_row<HC, kHead, 8>(f.fin, row, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1);
 }
 
 // ---- hc_post -------------------------------------------------------------------
@@ -1615,6 +1641,14 @@ int64_t hc_slot_rows() {
   return forced >= 0 ? forced : from_env;
 }
 
+// HcHandOver::quick: DSV4_CUDA_HC_QUICK_HAND_OVER=0 turns it off (A/B runs); a test hook
+// may force it. Same bits either way.
+bool hc_quick_hand_over() {
+  static const bool from_env = !env_is("DSV4_CUDA_HC_QUICK_HAND_OVER", "0");
+  const int forced = g_force_hc_quick.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced == 1 : from_env;
+}
+
 // The fused kernel's counters [done, left], zeroed when allocated; every launch leaves
 // them zeroed.
 HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, bool x_from_mix) {
@@ -1626,6 +1660,7 @@ HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, bool x_from
   h.arrivals = int(grid);
   h.finishers = int(rows);
   h.x_from_mix = x_from_mix;
+  h.quick = hc_quick_hand_over();
   return h;
 }
 
@@ -1931,5 +1966,6 @@ void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::me
 void cuda_hc_force_fused(int on) { g_force_hc_fused.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_fused_launches() { return g_hc_fused_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
+void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops

@@ -72,4 +72,14 @@ __device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
   return old;
 }
 
+// A count whose result is needed only later: the release half orders what came before
+// (cumulatively, through a CTA barrier); no acquire, so the thread's later loads need not
+// wait for it. The one that reads the final count takes fence_acq_rel_gpu() before acting.
+__device__ __forceinline__ int atom_add_release_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.release.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+
 }  // namespace dsv4::ops
