@@ -317,11 +317,11 @@ void launch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool clus
   check_launch(be.stream());
 }
 
-template <WFmt F, int NT, bool kTwo, bool kTma, bool kSixteen = false>
+template <WFmt F, int NT, bool kTwo, bool kTma, bool kSixteen = false, bool kSmallRows = false>
 void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
   constexpr int smem = lk::gemm_smem_bytes<F, NT * (kSixteen ? 2 : 1), kTma>();  // (sized by the tile's rows)
   static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kSixteen>;
+  const auto kernel = lk::expert_gemm_kernel<F, NT, kTwo, kTma, kSixteen, false, kSmallRows>;
   allow_smem(kernel, smem, be.device_index(), done);
   kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
   check_launch(be.stream());
@@ -334,7 +334,7 @@ template <bool kTma>
 auto expert_cluster_kernel(CudaBackend& be) {
   static_assert(lk::gemm_smem_bytes<WFmt::kFp4, 1, kTma>() <= kExpertClusterSmem, "one size for both forms");
   static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true>;
+  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true, true>;
   allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
   return kernel;
 }
@@ -388,9 +388,15 @@ int64_t fused_expert_slots(CudaBackend& be) {
 
 // row_groups 2 (FP4, nt 1): 16-row tiles, each weight fragment decoded once for all their rows.
 // cluster_fold (FP4, nt 1, one row group, split slices): expert_gemm_kernel's cluster fold.
+// Split slices or early weights (nt 1, one row group: small_row_shape) take the small-row
+// instances (expert_gemm_kernel's kSmallRows).
+bool small_row_shape(int nt, int row_groups) { return nt == 1 && row_groups == 1; }
 template <WFmt F, bool kTma>
 void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, int row_groups, bool two,
                      bool cluster_fold, const lk::ExpertTable& table) {
+  if (small_row_shape(nt, row_groups) && !cluster_fold && (p.split > 1 || p.weights_before_wait != 0))
+    return two ? launch_expert<F, 1, true, kTma, false, true>(be, p, grid, table)
+               : launch_expert<F, 1, false, kTma, false, true>(be, p, grid, table);
   if constexpr (F == WFmt::kFp4) {
     if (cluster_fold) {
       DSV4_CHECK(nt == 1 && row_groups == 1 && !two && p.split > 1,
@@ -398,6 +404,9 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
                  row_groups, p.split);
       return launch_expert_cluster<kTma>(be, p, grid, table);
     }
+  }
+  DSV4_CHECK(p.weights_before_wait == 0, "expert gemm: early weights need 8-row tiles in one row group");
+  if constexpr (F == WFmt::kFp4) {
     if (row_groups == 2) {
       DSV4_CHECK(nt == 1, "expert gemm: 16-row tiles replace 8-row ones only (nt {})", nt);
       return two ? launch_expert<F, 1, true, kTma, true>(be, p, grid, table)
@@ -777,7 +786,8 @@ bool split_scale_groups_enabled() {
 // half the SMs (wait_then_release_dependents; 1-2 rows at bench-1g). Larger grids
 // release it only as they exit, so the early form would start no sooner (and at 256
 // rows the session's end read 0.9% slower than its start with it everywhere, s66e; not
-// measured apart). DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 never, =1 always (same bits).
+// measured apart). DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 never, =1 always where the down GEMM
+// runs 8-row tiles in one row group (expert_gemm_kernel's small-row instances; same bits).
 std::atomic<int64_t> g_expert_early_weight_launches{0};
 std::atomic<int> g_force_expert_early_weights{-1};
 bool expert_early_weights(CudaBackend& be, unsigned swiglu_blocks) {
@@ -1145,10 +1155,13 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   const int64_t n_tiles = p.tiles_per_group;
   const bool split = p.split > 1;
   // (The cluster fold needs no partials; the table's TMA check below decides its kernel.)
-  const bool cluster_fold_shape = split && fmt == WFmt::kFp4 && nt == 1 && row_groups == 1;
-  p.split_scale_groups = split && fmt == WFmt::kFp4 && split_scale_groups_enabled() ? 1 : 0;
+  const bool small_rows = small_row_shape(nt, row_groups);
+  const bool cluster_fold_shape = split && fmt == WFmt::kFp4 && small_rows;
+  p.split_scale_groups = split && fmt == WFmt::kFp4 && small_rows && split_scale_groups_enabled() ? 1 : 0;
   if (p.split_scale_groups && (p.k / 128 / p.split) % lk::kScaleStages == 0)
     g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
+  if (!small_rows) p.weights_before_wait = 0;  // (no such instance: its launch waits at entry)
+  if (p.weights_before_wait) g_expert_early_weight_launches.fetch_add(1, std::memory_order_relaxed);
   if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
@@ -1734,7 +1747,6 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // while every kernel waits for its predecessor before it releases its dependents
   // (grid_dependency.cuh), so that SwiGLU's release follows the gate/up GEMM's end.
   q.weights_before_wait = expert_early_weights(*this, swiglu_blocks) ? 1 : 0;
-  if (q.weights_before_wait) g_expert_early_weight_launches.fetch_add(1, std::memory_order_relaxed);
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   down_entries);
 }

@@ -494,10 +494,15 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // (fp4_device_layout.h): a stage of the tile is one run of valid_n x 64 bytes, its
 // rows' pieces swizzled. kTmaW (FP4 experts, whole tiles): each stage comes by one
 // TMA bulk copy; otherwise by cp.async, 16 bytes a thread.
-// kWeightsBeforeWaitParam: GemmParams::weights_before_wait decides the early weights at
-// run time (expert_gemm_kernel; the fused expert kernel never sets it and keeps its code).
+// kExpertLaunch (expert_gemm_kernel's small-row forms): GemmParams::weights_before_wait
+// decides the early weights at run time, and split slices may copy whole scale groups
+// (GemmParams::split_scale_groups). The other callers (the fused expert kernel among them)
+// keep their code as before either choice existed: the fused kernel's short-circuited
+// scale-group test had kept a 16-bit flag that its stage loop re-tested, and 16 rows read
+// 0.4% slower at the fifty-seventh session's end than at its start (fifty-eighth session,
+// 3 rounds apart).
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          bool kWeightsBeforeWaitParam = false>
+          bool kExpertLaunch = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
@@ -582,9 +587,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // batch 1 (eighteenth session).
   const uint8_t* const ws_tile = T::kRowScale ? sc + wrow0 * p.s_row_stride : nullptr;
   const bool ws_row = T::kRowScale && tid < valid_n;
-  const bool ws_sectors = T::kRowScale && stages_total % kScaleStages == 0 &&
-                          reinterpret_cast<uintptr_t>(sc) % 16 == 0 &&
-                          (p.split == 1 || (p.split_scale_groups != 0 && per_slice % kScaleStages == 0));
+  bool ws_sectors;
+  if constexpr (kExpertLaunch)
+    ws_sectors = T::kRowScale && stages_total % kScaleStages == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0 &&
+                 (p.split == 1 || (p.split_scale_groups != 0 && per_slice % kScaleStages == 0));
+  else
+    ws_sectors = T::kRowScale && p.split == 1 && stages_total % kScaleStages == 0 &&
+                 reinterpret_cast<uintptr_t>(sc) % 16 == 0;
   auto load_weights = [&](int st, int buf) {
     uint8_t* dw = s_w + buf * kWStage;
     if constexpr (kTmaW) {
@@ -636,7 +645,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // the wait returns once that kernel has finished). Expert GEMMs wait at entry where
   // their tile list is the predecessor's output, and here otherwise
   // (GemmParams::weights_before_wait); TMA stages need their barriers first.
-  const bool early_weights = kEarlyWeights || (kWeightsBeforeWaitParam && p.weights_before_wait != 0);
+  const bool early_weights = kEarlyWeights || (kExpertLaunch && p.weights_before_wait != 0);
   // The tile's 128 rows lie in one 128-row scale block (host: wrow0 % 128 == 0).
   const uint8_t* const scale_row = T::kBlockScale ? sc + (wrow0 / 128) * p.s_row_stride : nullptr;
   bool scale_row_copied = false;
@@ -1199,20 +1208,20 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false,
-          bool kWeightsBeforeWaitParam = false>
+          bool kExpertLaunch = false>
 __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
                                             int tile_id) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   static_assert(!kClusterFold || !kSixteenRowTiles, "the cluster fold: 8-row expert tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
-      gemm_tile<F, 2 * NT, kTwoSets, false, kTma, false, kWeightsBeforeWaitParam>(p, e[0], e[1], e[2], e[3], tile_n, 0,
-                                                                                 tile.y, tile.z, tile_id);
+      gemm_tile<F, 2 * NT, kTwoSets, false, kTma, false, kExpertLaunch>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                       tile.y, tile.z, tile_id);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kWeightsBeforeWaitParam>(p, e[0], e[1], e[2], e[3], tile_n, 0,
-                                                                                 tile.y, tile.z, tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kExpertLaunch>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                       tile.y, tile.z, tile_id);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
@@ -1231,18 +1240,26 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
 // memory (gemm_tile's cluster fold; the same order as the last-CTA fold): no partials
 // in global memory, no fence, no counter. The cluster's CTAs share blockIdx.y, so they
 // leave at the list's end together and never wait on one that left.
-template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false>
+// kSmallRows (8-row tiles, one row group; the launches that split their slices or read
+// their weights early, 1-2 rows at bench-1g): GemmParams::weights_before_wait and
+// split_scale_groups are read at run time (gemm_tile's kExpertLaunch). The other
+// instances keep their code as it was before those forms: compiled into every instance,
+// they had cost 0.4% a step at 64 and 256 rows (fifty-eighth session, 3 rounds).
+template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false,
+          bool kSmallRows = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
-  const bool early = p.weights_before_wait != 0;  // (gemm_tile then waits after its first weight stages)
+  static_assert(!kSmallRows || (NT == 1 && !kSixteenRowTiles), "the small-row forms: 8-row tiles");
+  static_assert(!kClusterFold || kSmallRows, "the cluster fold: a small-row form");
+  // (gemm_tile then waits after its first weight stages)
+  const bool early = kSmallRows && p.weights_before_wait != 0;
   if (!early) wait_for_predecessor();
   if (int(blockIdx.y) >= (early ? __ldcg(p.num_tiles) : *p.num_tiles)) return;
   const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
-  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, true>(p, table.p[tile.x - p.chunk_begin],
-                                                                           int(blockIdx.x) + p.n_tile_offset, tile,
-                                                                           tile_id);
+  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, kSmallRows>(
+      p, table.p[tile.x - p.chunk_begin], int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
 }
 
 // A warp's 128-block of codes, 4 per lane (elements 4 lane..4 lane+3), stored at
