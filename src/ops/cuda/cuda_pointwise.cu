@@ -1615,16 +1615,16 @@ int64_t hc_rows_from_env(const char* name, int64_t fallback) {
 }
 
 // The fused mix and finish (hc_mix_finish_kernel) where it applies: up to
-// DSV4_CUDA_HC_FUSED_ROWS rows (default 16, kHcPostMaxRows; 0: never), 16-byte rows (X, x
-// and fn). A test hook may force it on (up to kHcPostMaxRows rows) or off. Same bits
-// either way. Measured (bench-1g, H200, A/Bs of the two launches, docs/BENCHMARKS.md):
-// -0.2% a step at batch 1, -0.1% at 8 (not apart), +0.4% at 16, where the mix tiles of 16
-// rows ran slower than alone (not explained; forty-eighth session); a limit of 4 against
-// 2: -0.2 / -0.3% at 3 / 4 rows; off against on at 6 rows: -0.4% (forty-ninth). With the
-// quick hand-over (fifty-eighth), a limit of 16 against 4: -0.3% at 16 rows (twice, apart),
-// -0.2 / +0.1 / +0.2% at 6 / 8 / 12 (12 apart; decode graphs run power-of-two buckets).
+// DSV4_CUDA_HC_FUSED_ROWS rows (default 4; 0: never), 16-byte rows (X, x and fn). A test
+// hook may force it on (up to kHcPostMaxRows rows) or off. Same bits either way.
+// Measured (bench-1g, H200, A/Bs of the two launches, docs/BENCHMARKS.md): -0.2% a step at
+// batch 1, -0.1% at 8 (not apart), +0.4% at 16, where the mix tiles of 16 rows ran slower
+// than alone (not explained; forty-eighth session); a limit of 4 against 2: -0.2 / -0.3% at
+// 3 / 4 rows; off against on at 6 rows: -0.4% (forty-ninth). With the quick hand-over
+// (fifty-eighth), a limit of 16 against 4 read -0.3% at 16 rows on two grants and +0.3%
+// on a third (each apart), -0.2 / +0.1 / +0.2% at 6 / 8 / 12: no change worth making.
 bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
-  static const int64_t max_rows = hc_rows_from_env("DSV4_CUDA_HC_FUSED_ROWS", kHcPostMaxRows);
+  static const int64_t max_rows = hc_rows_from_env("DSV4_CUDA_HC_FUSED_ROWS", 4);
   const int forced = g_force_hc_fused.load(std::memory_order_relaxed);
   const int64_t limit = forced >= 0 ? (forced == 1 ? kHcPostMaxRows : 0) : max_rows;
   return rows <= limit && v8 && fn16 && slices <= kHcMaxStagedSlices &&
