@@ -399,7 +399,7 @@ void dispatch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt
                : launch_expert<F, 1, false, kTma, false, true>(be, p, grid, table);
   if constexpr (F == WFmt::kFp4) {
     if (cluster_fold) {
-      DSV4_CHECK(nt == 1 && row_groups == 1 && !two && p.split > 1,
+      DSV4_CHECK(small_row_shape(nt, row_groups) && !two && p.split > 1,
                  "expert gemm: the cluster fold takes split 8-row tiles (nt {}, row groups {}, split {})", nt,
                  row_groups, p.split);
       return launch_expert_cluster<kTma>(be, p, grid, table);

@@ -587,7 +587,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   // batch 1 (eighteenth session).
   const uint8_t* const ws_tile = T::kRowScale ? sc + wrow0 * p.s_row_stride : nullptr;
   const bool ws_row = T::kRowScale && tid < valid_n;
-  bool ws_sectors;
+  bool ws_sectors;  // (two expressions: one with kExpertLaunch folded into it changed the other callers' PTX)
   if constexpr (kExpertLaunch)
     ws_sectors = T::kRowScale && stages_total % kScaleStages == 0 && reinterpret_cast<uintptr_t>(sc) % 16 == 0 &&
                  (p.split == 1 || (p.split_scale_groups != 0 && per_slice % kScaleStages == 0));
