@@ -89,6 +89,8 @@ int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
+void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const uint16_t* b, const int* s,
+                          const float* c, int64_t blocks, float* d_bf16, float* d_f16);
 }  // namespace dsv4::ops
 
 namespace dsv4::testing {
@@ -2010,6 +2012,97 @@ TEST(CudaMma, Bf16StepEqualsTheHopperModel) {
   std::printf("bf16 k16 step, %zu cases: model != mma.sync %lld, != wgmma %lld; a sequential fp32 fma chain "
               "differs from wgmma in %lld\n",
               c.size(), (long long)mma_diff, (long long)wgmma_diff, (long long)fp32_diff);
+}
+
+// Whether `wo_a`'s 64-wide stage could run on f16 operands with the same bits
+// (docs/design/cuda-linear.md, "An f16 stage for wo_a"): e4m3 weights by the one-
+// instruction cvt.rn.f16x2.e4m3x2, activations of row n scaled by 2^s[n] into f16
+// (exact where the caller keeps them so), four chained k16 steps onto C x 2^s[n], the
+// result x 2^-s[n]; against the kernels' bf16 stage on the same values and against the
+// CPU's chained model of it. Rows of N(0, 1), of exponents spread over 2^+-8 (onto a
+// spread accumulator), of tiny (2^-30) and of large (2^20) values onto an accumulator
+// cancelling the stage's sum. Values that would not be exact in f16 are set to zero
+// first (counted).
+TEST(CudaMma, F16StageEqualsTheBf16Stage) {
+  DSV4_REQUIRE_CUDA();
+  Rng rng(0x5f16);
+  constexpr int64_t kBlocks = 1024;
+  std::vector<uint8_t> a8(size_t(kBlocks * 64 * 64));
+  std::vector<uint16_t> abf(a8.size()), b(size_t(kBlocks * 8 * 64));
+  std::vector<int> sc(size_t(kBlocks * 8));
+  std::vector<float> c(size_t(kBlocks * 64 * 8)), d_bf16(c.size()), d_f16(c.size());
+  const auto spread = [&](int64_t span) { return std::ldexp(rng.normal(), int(rng.uniform_int(-span, span))); };
+  // x exactly representable in f16 (finite, |x| <= 65504, a multiple of f16's ulp at its exponent).
+  const auto exact_f16 = [](double x) {
+    if (x == 0.0) return true;
+    const int e = std::ilogb(x);
+    if (e > 15 || std::fabs(x) > 65504.0) return false;
+    const double ulp = std::ldexp(1.0, e >= -14 ? e - 10 : -24);
+    return std::fmod(x, ulp) == 0.0;
+  };
+  int64_t zeroed = 0;
+  for (int64_t blk = 0; blk < kBlocks; ++blk) {
+    const int kind = int(blk % 4);
+    for (int i = 0; i < 64 * 64; ++i) {
+      uint8_t code = uint8_t(rng.uniform_int(0, 255));
+      if ((code & 0x7f) == 0x7f) code &= 0xfe;  // no NaN codes
+      a8[size_t(blk * 4096 + i)] = code;
+      abf[size_t(blk * 4096 + i)] = core::float_to_bf16(core::e4m3_to_float(code));
+    }
+    for (int n = 0; n < 8; ++n) {
+      uint16_t* row = b.data() + (blk * 8 + n) * 64;
+      for (int k = 0; k < 64; ++k) {
+        const float v = kind == 0 ? rng.normal() : kind == 1 ? spread(8) : kind == 2 ? std::ldexp(rng.normal(), -30)
+                                                                                   : std::ldexp(rng.normal(), 20);
+        row[k] = core::float_to_bf16(v);
+      }
+      float big = 0.0f;
+      for (int k = 0; k < 64; ++k) big = std::max(big, std::fabs(core::bf16_to_float(row[k])));
+      const int s = big > 0.0f ? 14 - std::ilogb(big) : 0;  // the row's largest value in [2^14, 2^15)
+      sc[size_t(blk * 8 + n)] = s;
+      for (int k = 0; k < 64; ++k)
+        if (!exact_f16(std::ldexp(double(core::bf16_to_float(row[k])), s))) {
+          row[k] = 0;
+          ++zeroed;
+        }
+    }
+    for (int i = 0; i < 64; ++i)
+      for (int n = 0; n < 8; ++n) {
+        double dot = 0.0;
+        for (int k = 0; k < 64; ++k)
+          dot += double(core::bf16_to_float(abf[size_t(blk * 4096 + i * 64 + k)])) *
+                 core::bf16_to_float(b[size_t((blk * 8 + n) * 64 + k)]);
+        c[size_t((blk * 64 + i) * 8 + n)] = kind == 0 ? 0.0f : kind == 1 ? spread(10) : kind == 2 ? 0.0f : -float(dot);
+      }
+  }
+  ops::cuda_f16_stage_probe(a8.data(), abf.data(), b.data(), sc.data(), c.data(), kBlocks, d_bf16.data(),
+                            d_f16.data());
+  int64_t f16_diff = 0, model_diff = 0;
+  std::string first;
+  for (int64_t blk = 0; blk < kBlocks; ++blk)
+    for (int i = 0; i < 64; ++i)
+      for (int n = 0; n < 8; ++n) {
+        const size_t o = size_t((blk * 64 + i) * 8 + n);
+        float model = c[o];
+        for (int j = 0; j < 4; ++j)
+          model = ops::ref::hopper_bf16_mma16(model, abf.data() + blk * 4096 + i * 64 + 16 * j,
+                                              b.data() + (blk * 8 + n) * 64 + 16 * j);
+        const bool f = core::float_bits(d_f16[o]) != core::float_bits(d_bf16[o]);
+        const bool m = core::float_bits(model) != core::float_bits(d_bf16[o]);
+        f16_diff += f;
+        model_diff += m;
+        if ((f || m) && first.empty()) {
+          char line[256];
+          std::snprintf(line, sizeof line, "block %lld (kind %lld) row %d col %d: c %a, s %d, bf16 %a, f16 %a, model %a",
+                        (long long)blk, (long long)(blk % 4), i, n, c[o], sc[size_t(blk * 8 + n)], d_bf16[o],
+                        d_f16[o], model);
+          first = line;
+        }
+      }
+  std::printf("f16 stage, %zu cases (%lld activations zeroed as inexact in f16): f16 != bf16 %lld, model != bf16 %lld\n",
+              c.size(), (long long)zeroed, (long long)f16_diff, (long long)model_diff);
+  EXPECT_EQ(f16_diff, 0) << first;
+  EXPECT_EQ(model_diff, 0) << first;
 }
 
 // Chains of e4m3 k32 steps with an accumulator (wgmma m64n8k32, scale-d 1), the step

@@ -2,11 +2,14 @@
 // CPU model of it (ref::hopper_bf16_mma16) against both instructions the kernels
 // use: mma.sync m16n8k16 (the attention kernel) and wgmma m64n8k16 (the GEMMs); and
 // chains of e4m3 k32 steps with an accumulator, to measure the step a per-128 FP8
-// fold would rest on (docs/design/cuda-linear.md, next step 15).
+// fold would rest on (docs/design/cuda-linear.md, next step 15); and one 64-wide stage
+// of `wo_a` on f16 operands against the same on bf16 ("An f16 stage for wo_a").
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "core/dtype.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/wgmma.cuh"
 
@@ -26,6 +29,17 @@ void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, i
 // onto C, each next onto the last (scale-d 1): the tensor core's running sum, which
 // the kernels do not use yet (each of their chunks starts from zero). chunks <= 4.
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
+
+// Per block b: one 64-wide stage of the FP8-as-bf16 GEMM (`wo_a`) on one warpgroup, four
+// chained k16 steps onto C: D = C + sum_j A_j B_j, A [64][64] e4m3 codes (row-major), B
+// [8][64] bf16 (row n holds k contiguously), C and D [64][8] fp32; computed twice:
+// d_bf16 with A as its exact bf16 values (a_bf16, from the host) and B as is (wgmma
+// bf16, the kernels' form), and d_f16 with A by cvt.rn.f16x2.e4m3x2 and B x 2^s[n]
+// (and C x 2^s[n]) as f16 (wgmma f16), the result x 2^-s[n]. The caller keeps every B
+// x 2^s[n] exact in f16. The question it answers: is an f16 step the bf16 step on the
+// same values (docs/design/cuda-linear.md, "An f16 stage for wo_a")?
+void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const uint16_t* b, const int* s,
+                          const float* c, int64_t blocks, float* d_bf16, float* d_f16);
 
 namespace {
 
@@ -106,6 +120,69 @@ __global__ void __launch_bounds__(128) bf16_mma_probe_kernel(const uint16_t* __r
   for (int e = 0; e < 4; ++e) Dw[blk * 64 * 8 + o[e]] = w[e];
 }
 
+__global__ void __launch_bounds__(128) f16_stage_probe_kernel(const uint8_t* __restrict__ A8,
+                                                              const uint16_t* __restrict__ Abf,
+                                                              const uint16_t* __restrict__ B, const int* __restrict__ S,
+                                                              const float* __restrict__ C, float* __restrict__ Dbf,
+                                                              float* __restrict__ Dh) {
+  __shared__ __align__(1024) uint8_t raw[3 * 1024];
+  const uint32_t raw_addr = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
+  uint8_t* bs = raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);  // bf16 B: 8 rows of 128 bytes
+  uint8_t* hs = bs + 1024;                                          // f16 B, the same layout
+  const int64_t blk = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const uint8_t* a8 = A8 + blk * 64 * 64;
+  const uint16_t* abf = Abf + blk * 64 * 64;
+  const uint16_t* b = B + blk * 8 * 64;
+  const int* s = S + blk * 8;
+  for (int i = tid; i < 8 * 64; i += 128) {  // element k of row n at its place in the swizzled row
+    const int n = i >> 6, k = i & 63;
+    const int off = tc::sw128_offset(n, k >> 3) + (k & 7) * 2;
+    *reinterpret_cast<uint16_t*>(bs + off) = b[i];
+    const __half h = __float2half_rn(ldexpf(core::bf16_to_float(b[i]), s[n]));
+    *reinterpret_cast<__half*>(hs + off) = h;
+  }
+  tc::fence_proxy_async();
+  __syncthreads();
+  const int r0 = 16 * warp + g, r1 = r0 + 8;
+  const int o[4] = {r0 * 8 + 2 * t, r0 * 8 + 2 * t + 1, r1 * 8 + 2 * t, r1 * 8 + 2 * t + 1};
+  const float* c = C + blk * 64 * 8;
+  float wb[4], wh[4];
+  for (int e = 0; e < 4; ++e) {
+    wb[e] = c[o[e]];
+    wh[e] = ldexpf(c[o[e]], s[o[e] % 8]);
+  }
+  const auto pair16 = [](const uint16_t* p) { return uint32_t(p[0]) | (uint32_t(p[1]) << 16); };
+  const auto pair8 = [](const uint8_t* p) {  // two codes -> f16x2 (lower k in the low half)
+    const uint16_t codes = uint16_t(p[0] | (p[1] << 8));
+    uint32_t h;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h) : "h"(codes));
+    return h;
+  };
+  const uint32_t lo_b = tc::wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(bs)));
+  const uint32_t lo_h = tc::wgmma_desc_lo(static_cast<uint32_t>(__cvta_generic_to_shared(hs)));
+  uint32_t fb[4][4], fh[4][4];
+  for (int j = 0; j < 4; ++j) {  // the m16n8k16 A layout of chunk j (k 16j ..)
+    const int k0 = 16 * j + 2 * t, k1 = k0 + 8;
+    fb[j][0] = pair16(abf + r0 * 64 + k0), fb[j][1] = pair16(abf + r1 * 64 + k0);
+    fb[j][2] = pair16(abf + r0 * 64 + k1), fb[j][3] = pair16(abf + r1 * 64 + k1);
+    fh[j][0] = pair8(a8 + r0 * 64 + k0), fh[j][1] = pair8(a8 + r1 * 64 + k0);
+    fh[j][2] = pair8(a8 + r0 * 64 + k1), fh[j][3] = pair8(a8 + r1 * 64 + k1);
+  }
+  tc::wgmma_fence();
+  for (int j = 0; j < 4; ++j) tc::wgmma_bf16_rs<1>(wb, fb[j], tc::wgmma_desc_at(lo_b, 32 * j), 1);
+  tc::wgmma_commit();
+  tc::wgmma_wait_all();
+  tc::wgmma_fence();
+  for (int j = 0; j < 4; ++j) tc::wgmma_f16_rs<1>(wh, fh[j], tc::wgmma_desc_at(lo_h, 32 * j), 1);
+  tc::wgmma_commit();
+  tc::wgmma_wait_all();
+  for (int e = 0; e < 4; ++e) {
+    Dbf[blk * 64 * 8 + o[e]] = wb[e];
+    Dh[blk * 64 * 8 + o[e]] = ldexpf(wh[e], -s[o[e] % 8]);
+  }
+}
+
 }  // namespace
 
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
@@ -149,6 +226,36 @@ void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int
   DSV4_CUDA_CHECK(cudaGetLastError());
   DSV4_CUDA_CHECK(cudaMemcpy(d, dd, nc * 4, cudaMemcpyDeviceToHost));
   for (void* p : {static_cast<void*>(da), static_cast<void*>(db), static_cast<void*>(dc), static_cast<void*>(dd)})
+    DSV4_CUDA_CHECK(cudaFree(p));
+}
+
+void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const uint16_t* b, const int* s,
+                          const float* c, int64_t blocks, float* d_bf16, float* d_f16) {
+  if (blocks <= 0) return;
+  const size_t na = size_t(blocks) * 64 * 64, nb = size_t(blocks) * 8 * 64, ns = size_t(blocks) * 8,
+               nc = size_t(blocks) * 64 * 8;
+  uint8_t* da8 = nullptr;
+  uint16_t *dabf = nullptr, *db = nullptr;
+  int* ds = nullptr;
+  float *dc = nullptr, *dbf = nullptr, *dh = nullptr;
+  DSV4_CUDA_CHECK(cudaMalloc(&da8, na));
+  DSV4_CUDA_CHECK(cudaMalloc(&dabf, na * 2));
+  DSV4_CUDA_CHECK(cudaMalloc(&db, nb * 2));
+  DSV4_CUDA_CHECK(cudaMalloc(&ds, ns * 4));
+  DSV4_CUDA_CHECK(cudaMalloc(&dc, nc * 4));
+  DSV4_CUDA_CHECK(cudaMalloc(&dbf, nc * 4));
+  DSV4_CUDA_CHECK(cudaMalloc(&dh, nc * 4));
+  DSV4_CUDA_CHECK(cudaMemcpy(da8, a_codes, na, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(dabf, a_bf16, na * 2, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(db, b, nb * 2, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(ds, s, ns * 4, cudaMemcpyHostToDevice));
+  DSV4_CUDA_CHECK(cudaMemcpy(dc, c, nc * 4, cudaMemcpyHostToDevice));
+  f16_stage_probe_kernel<<<unsigned(blocks), 128>>>(da8, dabf, db, ds, dc, dbf, dh);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  DSV4_CUDA_CHECK(cudaMemcpy(d_bf16, dbf, nc * 4, cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaMemcpy(d_f16, dh, nc * 4, cudaMemcpyDeviceToHost));
+  for (void* p : {static_cast<void*>(da8), static_cast<void*>(dabf), static_cast<void*>(db), static_cast<void*>(ds),
+                  static_cast<void*>(dc), static_cast<void*>(dbf), static_cast<void*>(dh)})
     DSV4_CUDA_CHECK(cudaFree(p));
 }
 
