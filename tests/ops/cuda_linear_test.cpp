@@ -89,8 +89,6 @@ int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
 void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
 void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
                          float* d_wgmma);
-int64_t cuda_linear_f16_stage_launches();
-void cuda_linear_force_f16_stage(int on);
 void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const uint16_t* b, const int* s,
                           const float* c, int64_t blocks, float* d_bf16, float* d_f16);
 }  // namespace dsv4::ops
@@ -781,90 +779,6 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
     EXPECT_GT(by_last_ctas, 0) << "no launch quantized z in its last CTAs' fold";
     EXPECT_GT(by_fold_kernel, 0) << "no launch quantized z in split_fold_kernel";
   }
-}
-
-// FP8-as-bf16 on f16 operands (gemm_tile's kF16Stage) against the bf16 form, bit for
-// bit: grouped linears of 1, 3, 4 and 16 stages a CTA (the conversion two stages ahead,
-// odd counts, one stage) at 1-16 rows, and grouped_linear_linear (the fold's
-// quantization). Rows with a value 2^-66 below the stage's largest, with values of 2^83
-// (beyond the scale's range), with an infinity, and rows of zeros make their stages take
-// the bf16 form; a row spanning 2^30 stays in f16. Forced off, no launch takes it.
-TEST(CudaLinearF16Stage, EqualsTheBf16FormBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  Env env;
-  Rng rng(0x16f);
-  struct Case {
-    int64_t g, r, c;  // groups, rows and columns of each group's weight
-  };
-  int64_t taken = 0;
-  for (const Case c : {Case{8, 1024, 1024}, Case{8, 1024, 768}, Case{4, 1024, 2048}, Case{8, 1024, 4096}}) {
-    const QuantLinear ha = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear da = device_quant(env.cuda, ha, ops::TensorRole::kGroupedFp8Weight);
-    const QuantLinear hb = host_quant(256, c.g * c.r, false, draw_seed(rng));
-    const QuantLinear db = device_quant(env.cuda, hb);
-    for (const int64_t M : {1, 5, 8, 9, 16}) {
-      Tensor x = rng.bf16({M, c.g * c.c}, 1.0f);
-      uint16_t* xv = x.as<uint16_t>();
-      const int64_t K = c.g * c.c;
-      auto at = [&](int64_t row, int64_t col) -> uint16_t& { return xv[row * K + col]; };
-      if (M > 1) at(1, 3 * 64 + 7) = core::float_to_bf16(std::ldexp(1.0f, -66));  // stage 3 of group 0: bf16 form
-      if (M > 2) for (int64_t k = 0; k < K; ++k) at(2, k) = 0;                        // zeros
-      if (M > 3) for (int64_t k = 0; k < 64; ++k) at(3, c.c + k) = core::float_to_bf16(std::ldexp(rng.normal(), 83));
-      if (M > 4) {
-        at(4, 5) = core::float_to_bf16(std::ldexp(1.5f, 20));  // a span of 2^30 in stage 0: still f16
-        at(4, 9) = core::float_to_bf16(std::ldexp(1.25f, -10));
-        at(4, 64 * 5 + 1) = 0x7f80;  // +inf
-      }
-      const std::string what = "G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c);
-      const Tensor dx = to_device(env.cuda, x);
-      Tensor y_on = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
-             y_off = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
-      Tensor z_on = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r}),
-             z_off = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
-      Tensor w_on = device_poisoned(env.cuda, DType::kBF16, {M, 256}),
-             w_off = device_poisoned(env.cuda, DType::kBF16, {M, 256});
-      ops::cuda_linear_force_f16_stage(1);
-      const int64_t before = ops::cuda_linear_f16_stage_launches();
-      env.cuda.grouped_linear(dx, da, c.g, y_on);
-      env.cuda.grouped_linear_linear(dx, da, c.g, z_on, db, w_on);
-      const int64_t on_launches = ops::cuda_linear_f16_stage_launches() - before;
-      EXPECT_EQ(on_launches, 2) << "f16 launches " << what;
-      taken += on_launches;
-      ops::cuda_linear_force_f16_stage(0);
-      const int64_t before_off = ops::cuda_linear_f16_stage_launches();
-      env.cuda.grouped_linear(dx, da, c.g, y_off);
-      env.cuda.grouped_linear_linear(dx, da, c.g, z_off, db, w_off);
-      EXPECT_EQ(ops::cuda_linear_f16_stage_launches(), before_off) << "forced off " << what;
-      ops::cuda_linear_force_f16_stage(-1);
-      expect_bitwise(to_host(env.cuda, y_off), to_host(env.cuda, y_on), "grouped_linear " + what);
-      expect_bitwise(to_host(env.cuda, z_off), to_host(env.cuda, z_on), "grouped_linear_linear z " + what);
-      expect_bitwise(to_host(env.cuda, w_off), to_host(env.cuda, w_on), "grouped_linear_linear y " + what);
-      if (c.c <= 1024 && M <= 9) {  // and the CPU's Hopper model (the bf16 form's own test holds it too)
-        Tensor ry = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
-        env.cpu_hopper->grouped_linear(x, ha, c.g, ry);
-        expect_bitwise(ry, to_host(env.cuda, y_on), "grouped_linear vs the Hopper model " + what);
-      }
-    }
-  }
-  {  // one stage a CTA (one-stage slices)
-    const OneStageSlices one_stage;
-    const QuantLinear ha = host_quant(512, 256, false, draw_seed(rng));
-    const QuantLinear da = device_quant(env.cuda, ha, ops::TensorRole::kGroupedFp8Weight);
-    for (const int64_t M : {1, 16}) {
-      const Tensor dx = to_device(env.cuda, rng.bf16({M, 2 * 256}, 1.0f));
-      Tensor y_on = device_poisoned(env.cuda, DType::kBF16, {M, 512}),
-             y_off = device_poisoned(env.cuda, DType::kBF16, {M, 512});
-      ops::cuda_linear_force_f16_stage(1);
-      const int64_t before = ops::cuda_linear_f16_stage_launches();
-      env.cuda.grouped_linear(dx, da, 2, y_on);
-      EXPECT_EQ(ops::cuda_linear_f16_stage_launches() - before, 1) << "one-stage slices, M=" << M;
-      ops::cuda_linear_force_f16_stage(0);
-      env.cuda.grouped_linear(dx, da, 2, y_off);
-      ops::cuda_linear_force_f16_stage(-1);
-      expect_bitwise(to_host(env.cuda, y_off), to_host(env.cuda, y_on), "one-stage slices M=" + std::to_string(M));
-    }
-  }
-  EXPECT_GT(taken, 0);
 }
 
 // ---- expert_ffn ------------------------------------------------------------------------

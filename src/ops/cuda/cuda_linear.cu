@@ -99,10 +99,6 @@ void cuda_linear_force_last_cta_fold(int max_partials);
 // (grouped_linear_linear); -1 follows DSV4_CUDA_FOLD_QUANT (default on), 0 / 1 force it off / on.
 int64_t cuda_linear_fold_quant_launches();
 void cuda_linear_force_fold_quant(int on);
-// Test hooks: FP8-as-bf16 launches so far on f16 operands (gemm_tile's kF16Stage); -1
-// follows DSV4_CUDA_F16_STAGE (default on), 0 / 1 force it off / on (where the tile fits).
-int64_t cuda_linear_f16_stage_launches();
-void cuda_linear_force_f16_stage(int on);
 // Test hooks: split GEMM launches so far folded by their clusters (gemm_kernel's kClusterFold);
 // -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
@@ -298,17 +294,6 @@ cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, int smem, cudaS
   cfg.attrs = &cluster;
   cfg.numAttrs = 1;
   return cfg;
-}
-
-// FP8-as-bf16 tiles of 8 or 16 rows on f16 operands (gemm_kernel's kF16Stage).
-template <int NT>
-void launch_f16_stage(CudaBackend& be, const lk::GemmParams& p, dim3 grid) {
-  constexpr auto kernel = lk::gemm_kernel<WFmt::kFp8Bf16, NT, false, false, true>;
-  constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp8Bf16, NT, false, true>();
-  static std::atomic<uint64_t> done{0};
-  allow_smem(kernel, smem, be.device_index(), done);
-  kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p);
-  check_launch(be.stream());
 }
 
 template <WFmt F, int NT, bool kTwo>
@@ -733,18 +718,6 @@ bool fold_quant_enabled() {
   return forced_or(g_force_fold_quant, from_env);
 }
 
-// FP8-as-bf16 (wo_a) on f16 operands (gemm_tile's kF16Stage; docs/design/cuda-linear.md,
-// "An f16 stage for wo_a"): the weights' decode is one conversion a pair instead of four
-// operations, the activations are scaled into f16 once a stage and CTA. The same bits.
-// Taken by the 8- and 16-row tiles whose CTAs walk at most kF16MaxStages stages; the
-// wide tiles (64+ rows) keep the bf16 form. DSV4_CUDA_F16_STAGE=0 keeps it everywhere.
-std::atomic<int64_t> g_f16_stage_launches{0};
-std::atomic<int> g_force_f16_stage{-1};
-bool f16_stage_enabled() {
-  static const bool from_env = !env_is("DSV4_CUDA_F16_STAGE", "0");
-  return forced_or(g_force_f16_stage, from_env);
-}
-
 // The cluster fold of split plain GEMMs (gemm_kernel's kClusterFold) in place of
 // split_fold_kernel's launch, for 16-row tiles whose slices make a portable cluster
 // (<= 8; docs/design/cuda-linear.md, "The cluster fold"): at bench-1g's 16 rows wo_b
@@ -992,19 +965,11 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   if (p.yq != nullptr) g_fold_quant_launches.fetch_add(1, std::memory_order_relaxed);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
-  const int64_t cta_stages = split ? stages / p.slices : stages;
-  if (fmt == WFmt::kFp8Bf16 && nt <= 2 && !two && !cluster_fold && cta_stages <= lk::kF16MaxStages &&
-      f16_stage_enabled()) {
-    if (nt == 1) launch_f16_stage<1>(be, p, grid);
-    else launch_f16_stage<2>(be, p, grid);
-    g_f16_stage_launches.fetch_add(1, std::memory_order_relaxed);
-  } else {
   switch (fmt) {
     case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two, cluster_fold); break;
     case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
     case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
     case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
-  }
   }
   if (fold_launch && !cluster_fold && leave != nullptr) {
     *leave = LeftPartials{.partial = p.partial, .split = p.split, .rows = p.m};
@@ -1255,8 +1220,6 @@ void cuda_linear_force_wide_ws(int mode, int max_ctas) {
 int64_t cuda_linear_fold_launches() { return g_fold_launches.load(std::memory_order_relaxed); }
 int64_t cuda_linear_fold_quant_launches() { return g_fold_quant_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_f16_stage_launches() { return g_f16_stage_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_f16_stage(int on) { g_force_f16_stage.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }

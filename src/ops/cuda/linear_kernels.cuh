@@ -134,20 +134,11 @@ __host__ __device__ constexpr int gemm_a_stage_bytes() {
 // Dynamic shared memory of gemm_kernel<F, NT, *> (kTmaW: expert_gemm_kernel with TMA
 // weight stages, whose rows are dense, and a raw scale group); the layout is carved in
 // gemm_tile.
-// kF16Stage (FP8-as-bf16's f16 stages, gemm_tile): every activation stage of the CTA's
-// slice twice (bf16 as copied, f16 as converted) and each stage's row multipliers and flag.
-constexpr int kF16MaxStages = 16;  // stages a CTA of the f16 form walks at most (wo_a: 64 / S = 4)
-template <int NT>
-__host__ __device__ constexpr int f16_stage_extra_bytes() {
-  return kF16MaxStages * (8 * NT * 4 + 4);
-}
-template <WFmt F, int NT, bool kTmaW = false, bool kF16Stage = false>
+template <WFmt F, int NT, bool kTmaW = false>
 __host__ __device__ constexpr int gemm_smem_bytes() {
   using T = FmtTraits<F>;
   constexpr int S = T::kStages;
-  return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) +
-         (kF16Stage ? 2 * kF16MaxStages * gemm_a_stage_bytes<NT>() + f16_stage_extra_bytes<NT>()
-                    : S * gemm_a_stage_bytes<NT>()) +
+  return 1024 /* alignment slack */ + S * kTileN * (kTmaW ? T::kWBytes : T::kWStride) + S * gemm_a_stage_bytes<NT>() +
          (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0) + (T::kQuantAct ? S * 8 * NT * 4 : 0) +
          (T::kBlockScale ? kMaxScaleBlocks : 0) + 8 * NT * 4 + 16 + (T::kRowScale ? 8 * S + 8 : 0) +
          (kTmaW && T::kRowScale ? 16 + kTileN * 4 * kScaleStages : 0);
@@ -425,33 +416,6 @@ __device__ __forceinline__ void load_a_frags_e4m3_bf16(const uint8_t* lo_row, co
   }
 }
 
-// The same fragments as f16 by the hardware's conversion (cvt.rn.f16x2.e4m3x2: one
-// instruction a pair, exact; the NaN codes give the hardware's NaN), for the f16 stages.
-template <bool kHigh>
-__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t w) {
-  uint32_t out;
-  if constexpr (kHigh)
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(out) : "r"(w));
-  else
-    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(out) : "r"(w));
-  return out;
-}
-template <typename Frag>
-__device__ __forceinline__ void load_a_frags_e4m3_f16(const uint8_t* lo_row, const uint8_t* hi_row, int t,
-                                                      Frag&& frag) {
-  const uint4 lo = *reinterpret_cast<const uint4*>(lo_row + 16 * t);
-  const uint4 hi = *reinterpret_cast<const uint4*>(hi_row + 16 * t);
-  const uint32_t lw[4] = {lo.x, lo.y, lo.z, lo.w}, hw[4] = {hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t(&a)[4] = frag(j);
-    a[0] = e4m3x2_to_f16x2<false>(lw[j]);
-    a[1] = e4m3x2_to_f16x2<false>(hw[j]);
-    a[2] = e4m3x2_to_f16x2<true>(lw[j]);
-    a[3] = e4m3x2_to_f16x2<true>(hw[j]);
-  }
-}
-
 // ---- the GEMM ---------------------------------------------------------------------
 // fn(i, q, e) for each of a thread's 2 x NT x 4 accumulator elements, unrolled:
 // weight row tile_row(i, e / 2), activation column 8q + 2t + e % 2.
@@ -538,14 +502,12 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // 0.4% slower at the fifty-seventh session's end than at its start (fifty-eighth session,
 // 3 rounds apart).
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          bool kExpertLaunch = false, bool kF16Stage = false>
+          bool kExpertLaunch = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
-  static_assert(!kF16Stage || (F == WFmt::kFp8Bf16 && NT <= 2 && !kTwoSets && !kTmaW && !kClusterFold),
-                "f16 stages: FP8-as-bf16 tiles of 8-16 rows, one slice a CTA or all walked as one");
   // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
   // ones kWStride apart (gemm_smem_bytes sizes both; for FP4 they are the same).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
@@ -559,13 +521,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   uint8_t* smem = smem_raw + ((1024 - misalign) & 1023);
   constexpr int kStages = T::kStages, kAStage = gemm_a_stage_bytes<NT>();  // activation bytes per stage
   uint8_t* s_w = smem;                                  // [kStages][kTileN][kWStride], swizzled for kWgmmaSmemA
-  uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]; kF16Stage: [2][kF16MaxStages][kAStage]
-  constexpr int kAArea = kF16Stage ? 2 * kF16MaxStages * kAStage : kStages * kAStage;
-  // kF16Stage: stage it's f16 activations, its row multipliers 2^-s and its flag (1: the bf16 form).
-  uint8_t* const s_ah = s_a + kF16MaxStages * kAStage;                  // [kF16MaxStages][kAStage]
-  float* const s_hmul = reinterpret_cast<float*>(s_a + kAArea);         // [kF16MaxStages][BM]
-  int* const s_hflag = reinterpret_cast<int*>(s_hmul + kF16MaxStages * BM);  // [kF16MaxStages]
-  uint8_t* s_ws = s_a + kAArea + (kF16Stage ? f16_stage_extra_bytes<NT>() : 0);  // FP4: [2][kTileN][kScaleRowBytes]
+  uint8_t* s_a = s_w + kStages * kWStage;  // [kStages][kAStage]
+  uint8_t* s_ws = s_a + kStages * kAStage;  // FP4: [2][kTileN][kScaleRowBytes] scale bytes
   float* s_as = reinterpret_cast<float*>(s_ws + (T::kRowScale ? 2 * kTileN * kScaleRowBytes : 0));  // [kStages][BM]
   uint8_t* s_bs = reinterpret_cast<uint8_t*>(s_as + (T::kQuantAct ? kStages * BM : 0));      // block-scale row
   int* s_rows = reinterpret_cast<int*>(s_bs + (T::kBlockScale ? kMaxScaleBlocks : 0));       // [BM] source rows
@@ -797,144 +754,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     wgmma_commit();
   };
 
-  if constexpr (kF16Stage) {
-    // The slice's activation stages all at once, stage it at s_a + it * kAStage (the f16
-    // conversion reads them two stages ahead, the bf16 form of a stage in place), with the
-    // first stages' weights in the first copy group.
-    for (int j = tid; j < iters * a_pieces; j += kThreads) {
-      const int it = j / a_pieces, c = j % a_pieces;
-      const int src_row = s_rows[c >> 3];
-      const uint8_t* base =
-          src_row >= 0 ? p.a + int64_t(src_row) * p.a_row_bytes + group * p.a_group_bytes + (c & 7) * 16 : nullptr;
-      cp_async16(s_a + it * kAStage + sw128_offset(c >> 3, c & 7), base ? base + int64_t(st_begin + it) * 128 : p.a,
-                 base ? 16 : 0);
-    }
-    if (tid < kF16MaxStages) s_hflag[tid] = 0;
-  }
-  // FP8-as-bf16 on f16 operands (kF16Stage; docs/design/cuda-linear.md, "An f16 stage
-  // for wo_a"). The e4m3 weights are exact in f16 by one cvt a pair (the bf16 decode is
-  // four operations a pair). Row r's activations of stage it are scaled by 2^s (its
-  // largest to [2^14, 2^15)), which is exact in f16 where every nonzero value is within
-  // 2^31 of the largest; the tensor core's f16 step on those values is its bf16 step on
-  // the unscaled ones times 2^s (CudaMma.F16StageEqualsTheBf16Stage, hardware), so the
-  // fold p = fmaf(d, 2^(w block) * 2^-s, p) gives the bf16 stage's bits. A stage where any
-  // row is not so (or its multiplier would leave the normal range) runs the bf16 form:
-  // its flag, set by the conversion, picks it for the whole CTA. Stage it+2's conversion
-  // runs in stage it, so the barrier of stage it+1 publishes it before its products.
-  // Generic lambdas: only the kF16Stage instances instantiate them.
-  auto f16_convert_piece = [&](int it, int c) {  // piece c (16 bytes) of stage it; 8 lanes a row, together
-    const int r = c >> 3;
-    const int off = it * kAStage + sw128_offset(r, c & 7);
-    const uint4 v = *reinterpret_cast<const uint4*>(s_a + off);
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    int emax = 0, emin = 255;  // exponent fields of the nonzero values
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint32_t mag = (h ? w[q] >> 16 : w[q]) & 0x7fffu;
-        const int field = int(mag >> 7);
-        if (mag != 0) {
-          emax = max(emax, field);
-          emin = min(emin, field);
-        }
-      }
-#pragma unroll
-    for (int o = 1; o < 8; o <<= 1) {
-      emax = max(emax, __shfl_xor_sync(0xffffffffu, emax, o));
-      emin = min(emin, __shfl_xor_sync(0xffffffffu, emin, o));
-    }
-    const int sh = emax == 0 ? 0 : 141 - emax;  // 2^(emax - 127 + sh) = 2^14
-    const int wexp = int(s_bs[unsigned(st_begin + it) / 2]) - 127;
-    const bool ok = emax == 0 || (emin >= emax - 31 && sh >= -30 && sh <= 60 && wexp - sh >= -126 && wexp - sh <= 127);
-    const float p2 = __int_as_float((127 + (ok ? sh : 0)) << 23);
-    uint32_t out[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const float lo = __uint_as_float(w[q] << 16) * p2, hi = __uint_as_float(w[q] & 0xffff0000u) * p2;
-      asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(out[q]) : "f"(hi), "f"(lo));
-    }
-    *reinterpret_cast<uint4*>(s_ah + off) = make_uint4(out[0], out[1], out[2], out[3]);
-    if (!ok) s_hflag[it] = 1;
-    if ((c & 7) == 0) s_hmul[it * BM + r] = __int_as_float((127 - (ok ? sh : 0)) << 23);
-  };
-  // Stage it's form, the same in every warp (a shuffle, so that ptxas sees it uniform and
-  // keeps the wgmmas in the branches unserialized).
-  auto f16_stage_is_f16 = [&](int it) { return __shfl_sync(0xffffffffu, s_hflag[it], 0) == 0; };
-  auto f16_decode = [&](auto& a, int it, bool h) {
-    const int buf = int(unsigned(it) % kStages);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const uint8_t* row = s_w + buf * kWStage + tile_row(i, 0) * kWRow;
-      auto frag = [&](int j) -> uint32_t(&)[4] { return a[j][i]; };
-      if (h) load_a_frags_e4m3_f16(row, row + 8 * kWRow, t, frag);
-      else load_a_frags_e4m3_bf16(row, row + 8 * kWRow, t, frag);
-    }
-  };
-  auto f16_stages = [&](auto& a0, auto& a1) {
-    if (iters <= 0) return;
-    cp_async_wait<kStages - 2>();  // the activations and stage 0's weights have landed (for this thread) ...
-    __syncthreads();               // ... for every thread
-    for (int j = tid; j < 2 * a_pieces; j += kThreads)
-      if (j / a_pieces < iters) f16_convert_piece(j / a_pieces, j % a_pieces);  // stages 0 and 1
-    fence_proxy_async();
-    __syncthreads();
-    f16_decode(a0, 0, f16_stage_is_f16(0));
-    auto run = [&](int it, const auto& a, auto& next) {
-      const unsigned uit = unsigned(it);
-      const bool h = f16_stage_is_f16(it);
-      const uint32_t db0 = wgmma_desc_lo(smem_u32((h ? s_ah : s_a) + it * kAStage));
-      wgmma_fence();
-      if (h) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) wgmma_f16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint64_t db = wgmma_desc_at(db0, j * 32);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) wgmma_bf16_rs<NT>(wg_d[0][i], a[j][i], db, j == 0 ? 0 : 1);
-        }
-      }
-      wgmma_commit();
-      cp_async_wait<kStages - 3>();  // stage it+1's weights have landed (for this thread) ...
-      fence_proxy_async();           // (and this thread's conversions of stage it+1 are visible to wgmma)
-      __syncthreads();  // ... for every thread, every thread is past stage it-1's products, stage it+1 converted
-      const unsigned nxt = uit + kStages - 1;
-      if (int(nxt) < iters) load_weights(st_begin + int(nxt), int(nxt % kStages));
-      cp_async_commit();
-      if (it + 2 < iters && tid < a_pieces) f16_convert_piece(it + 2, tid);
-      if (it + 1 < iters) f16_decode(next, it + 1, f16_stage_is_f16(it + 1));
-      wgmma_wait_all();
-      const float wsc = core::e8m0_to_float(s_bs[unsigned(st_begin + it) / 2]);
-      if (h) {
-        float m[NT][2];
-#pragma unroll
-        for (int q = 0; q < NT; ++q) {
-          const float2 v = *reinterpret_cast<const float2*>(s_hmul + it * BM + 8 * q + 2 * t);
-          m[q][0] = wsc * v.x;
-          m[q][1] = wsc * v.y;
-        }
-        for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], m[q][e & 1], cur[i][q][e]); });
-      } else {
-        for_each_acc<NT>([&](int i, int q, int e) { cur[i][q][e] = fmaf(wg_d[0][i][4 * q + e], wsc, cur[i][q][e]); });
-      }
-    };
-    for (int it = 0; it < iters; it += 2) {
-      run(it, a0, a1);
-      if (it + 1 < iters) run(it + 1, a1, a0);
-    }
-  };
-
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < iters) {
       if (!early_weights) load_weights(st_begin + s, s);
-      if constexpr (!kF16Stage) load_acts(st_begin + s, s);
+      load_acts(st_begin + s, s);
     }
     cp_async_commit();
   }
@@ -952,9 +776,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     // docs/BENCHMARKS.md, forty-second session; gemm_wide_kernel keeps the serial one).
     static_assert(kStages >= 4, "the decode of stage it+1 waits for its copies while stage it+2's are in flight");
     uint32_t a0[4][2][4], a1[4][2][4];
-    if constexpr (kF16Stage) {
-      f16_stages(a0, a1);
-    } else {
     if (iters > 0) {
       cp_async_wait<kStages - 2>();  // stage 0 has landed (for this thread) ...
       fence_proxy_async();
@@ -991,7 +812,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       run_stage(it, a0, a1);
       if (it + 1 < iters) run_stage(it + 1, a1, a0);
     }
-    }  // (!kF16Stage)
   } else {
     for (int it = 0; it < iters; ++it) {
       const bool slice_first = slice_pos == 0, slice_last = slice_pos == per_slice - 1;
@@ -1307,9 +1127,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 // launched in clusters of a tile's split CTAs (cluster dims 1 x 1 x split, split <= 8),
 // which fold the slices over distributed shared memory: no partials in global memory,
 // no counters, no fold launch.
-// kF16Stage: FP8-as-bf16 on f16 operands (gemm_tile; its own instances, so the others'
-// code is unchanged).
-template <WFmt F, int NT, bool kTwoSets, bool kClusterFold = false, bool kF16Stage = false>
+template <WFmt F, int NT, bool kTwoSets, bool kClusterFold = false>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   constexpr int BM = 8 * NT;  // gemm_tile waits for the predecessor after its first weight copies
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
@@ -1317,8 +1135,8 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
   const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
-  gemm_tile<F, NT, kTwoSets, true, false, kClusterFold, false, kF16Stage>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group,
-                                                                          row_base, rows, linear);
+  gemm_tile<F, NT, kTwoSets, true, false, kClusterFold>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
+                                                       linear);
 }
 
 // The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
