@@ -386,7 +386,10 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
 // the sign lands on bit 15 and exponent + mantissa on bits 4..10, which reads as bf16
 // 2^-120 x the e4m3 value (subnormals too), then x 2^120 (exact). Against cvt to f16,
 // then f32, then bf16: -0.3% a step at batch 1 and -0.6% at 64 rows, +0.2% at 16 (A/B,
-// 2 rounds, apart; docs/BENCHMARKS.md, forty-seventh session). The two NaN codes (0x7f,
+// 2 rounds, apart; docs/BENCHMARKS.md, forty-seventh session). The stage on f16 operands
+// instead (the tensor core's f16 step is its bf16 step on the same values, so the bits
+// hold): +2.6 / +3.1% a step at batch 1 with the weights by cvt / by integer steps
+// (cuda-linear.md, "An f16 stage for wo_a"; fifty-ninth session). The two NaN codes (0x7f,
 // 0xff) read as +-480 here, where the CPU gives NaN; quantized checkpoints hold none.
 // sel 0x9180: bytes 0, 1 of w (the pair k 2t, 2t+1); 0xB3A2: bytes 2, 3 (k 8+2t, 9+2t).
 template <uint32_t kSel>
