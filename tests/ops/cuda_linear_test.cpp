@@ -525,7 +525,8 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
 // output, the formed stream Y and the MoE output y included. post and comb are read
 // and overwritten in place, as the model does. 17 rows and more: the ops in sequence.
 // From MoE slots (of_moe_slots: the mix also sums them, as moe_reduce would; 6 slots
-// a row, ids in any order, one row's slot empty): against moe_reduce first.
+// a row, ids in any order, two rows with an empty slot, rows with a repeated id): against
+// moe_reduce first.
 TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
   Env env;
   Rng rng(0x33);
@@ -560,8 +561,11 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
           const int64_t k = 6;
           Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
           for (int64_t t = 0; t < T; ++t)
-            for (int64_t s = 0; s < k; ++s)  // distinct per row, unsorted; row 1's slot 2 empty
-              ids.as<int32_t>()[t * k + s] = t == 1 && s == 2 ? -1 : int32_t((t * 37 + (5 - s) * 41) % 256);
+            for (int64_t s = 0; s < k; ++s)  // unsorted; row 1's slot 2 and row 3's slot 0 empty
+              ids.as<int32_t>()[t * k + s] =
+                  (t == 1 && s == 2) || (t == 3 && s == 0) ? -1 : int32_t((t * 37 + (5 - s) * 41) % 256);
+          for (int64_t t = 2; t < T; t += 5)  // and a repeated id (equal ids add in slot order)
+            ids.as<int32_t>()[t * k + 4] = ids.as<int32_t>()[t * k + 1];
           const Tensor slot_out = to_device(env.cuda, rng.bf16({T, k, D}, 0.5f)), dids = to_device(env.cuda, ids);
           Tensor routed = to_device(env.cuda, rng.f32({T, D}, 2.0f));
           if (slots) env.cuda.moe_reduce(slot_out, dids, routed);  // what the sequence reads

@@ -424,8 +424,8 @@ constexpr int kHcMaxRowsPerLaunch = 512;  // bounds the partial scratch (S x 512
 
 // moe_reduce's order (spec §6.2): a row's k slot ids (ids[0 .. k), any memory) sorted
 // into order[0 .. n) by ascending expert id, equal ids in slot order, ids < 0 skipped
-// (insertion sort, one thread); returns n. Shared by moe_reduce_kernel and the mix's
-// slot sums (hc_mix_partial_tile), so both add in the same order.
+// (insertion sort, one thread); returns n. moe_reduce_kernel's; the mix's slot sums
+// (hc_mix_partial_tile) form the same order by ranks, so both add in the same order.
 __device__ __forceinline__ int moe_slot_order(const int32_t* ids, int k, int* order) {
   int n = 0;
   for (int s = 0; s < k; ++s) {
@@ -625,11 +625,28 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         // arithmetic (each row's slots in ascending expert id, equal ids in slot order, ids
         // < 0 skipped; an fp32 sum from 0 in that order), into x_s (its rows < kPostRows,
         // read back below by the thread that then overwrites the same element).
+        // The order by ranks: thread (t, s) places its slot after the row's valid slots with a
+        // smaller id, or the same id in an earlier slot: moe_slot_order's order in one step
+        // for every slot (rows * k <= 256), where one thread a row had sorted by insertion
+        // (k dependent shared-memory compare-and-shift steps on the launch's path).
+        static_assert(kPostRows * kHcMaxSlots <= 256, "a thread a slot");
         __shared__ int slot_id[kPostRows][kHcMaxSlots], slot_order[kPostRows][kHcMaxSlots], slot_count[kPostRows];
         const int tid = int(threadIdx.x), k = src.k;
-        for (int e = tid; e < rows * k; e += 256) slot_id[e / k][e % k] = src.ids[e];
+        const bool slot_thread = tid < rows * k;
+        const int st = slot_thread ? tid / k : 0, ss = slot_thread ? tid % k : 0;
+        const int32_t id = slot_thread ? src.ids[tid] : -1;
+        if (slot_thread) slot_id[st][ss] = id;
         asm volatile("bar.sync 1, 256;" ::: "memory");
-        if (tid < rows) slot_count[tid] = moe_slot_order(slot_id[tid], k, slot_order[tid]);  // a thread a row
+        if (slot_thread) {
+          int place = 0, count = 0;
+          for (int u = 0; u < k; ++u) {
+            const int32_t other = slot_id[st][u];
+            count += other >= 0;
+            place += other >= 0 && (other < id || (other == id && u < ss));
+          }
+          if (id >= 0) slot_order[st][place] = ss;
+          if (ss == 0) slot_count[st] = count;
+        }
         asm volatile("bar.sync 1, 256;" ::: "memory");
         for (int v = tid; v < rows * (kHcSlice / 8); v += 256) {  // 8 columns of a row a thread
           const int t = v / (kHcSlice / 8), c = (v % (kHcSlice / 8)) * 8;
