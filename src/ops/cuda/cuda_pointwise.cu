@@ -633,19 +633,19 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         __shared__ int slot_id[kPostRows][kHcMaxSlots], slot_order[kPostRows][kHcMaxSlots], slot_count[kPostRows];
         const int tid = int(threadIdx.x), k = src.k;
         const bool slot_thread = tid < rows * k;
-        const int st = slot_thread ? tid / k : 0, ss = slot_thread ? tid % k : 0;
+        const int slot_row = slot_thread ? tid / k : 0, slot = slot_thread ? tid % k : 0;
         const int32_t id = slot_thread ? src.ids[tid] : -1;
-        if (slot_thread) slot_id[st][ss] = id;
+        if (slot_thread) slot_id[slot_row][slot] = id;
         asm volatile("bar.sync 1, 256;" ::: "memory");
         if (slot_thread) {
           int place = 0, count = 0;
           for (int u = 0; u < k; ++u) {
-            const int32_t other = slot_id[st][u];
+            const int32_t other = slot_id[slot_row][u];
             count += other >= 0;
-            place += other >= 0 && (other < id || (other == id && u < ss));
+            place += other >= 0 && (other < id || (other == id && u < slot));
           }
-          if (id >= 0) slot_order[st][place] = ss;
-          if (ss == 0) slot_count[st] = count;
+          if (id >= 0) slot_order[slot_row][place] = slot;
+          if (slot == 0) slot_count[slot_row] = count;
         }
         asm volatile("bar.sync 1, 256;" ::: "memory");
         for (int v = tid; v < rows * (kHcSlice / 8); v += 256) {  // 8 columns of a row a thread
