@@ -88,42 +88,29 @@ DSV4_WGMMA_E4M3_RS(2, 16, 8, "{%8, %9, %10, %11}, %12")
 DSV4_WGMMA_E4M3_RS(4, 32, 16, "{%16, %17, %18, %19}, %20")
 #undef DSV4_WGMMA_E4M3_RS
 
-// d = A * B + (scale_d ? d : 0), A 64x16 bf16 in registers (the m16n8k16 A layout per
-// warp), B 16 x 8*NT bf16 from shared memory. A, B's descriptor, then scale_d (PRED).
+// d = A * B + (scale_d ? d : 0), A 64x16 bf16 (wgmma_bf16_rs) or f16 (wgmma_f16_rs) in
+// registers (the m16n8k16 A layout per warp), B 16 x 8*NT of the same type from shared
+// memory. A, B's descriptor, then scale_d (PRED). The f16 form is the f16 stage probe's
+// (cuda-linear.md, "An f16 stage for wo_a").
 template <int NT>
 __device__ __forceinline__ void wgmma_bf16_rs(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t db, int scale_d);
-#define DSV4_WGMMA_BF16_RS(NT, N, R, OPS, PRED)                                                                   \
-  template <>                                                                                                     \
-  __device__ __forceinline__ void wgmma_bf16_rs<NT>(float (&d)[R], const uint32_t (&a)[4], uint64_t db,          \
-                                                    int scale_d) {                                                \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                               \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 {" DSV4_WG_NAMES_##R "}, " OPS        \
-                 ", p, 1, 1, 0;\n}\n"                                                                             \
-                 : DSV4_WG_D_##R                                                                                  \
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));                          \
-  }
-DSV4_WGMMA_BF16_RS(1, 8, 4, "{%4, %5, %6, %7}, %8", "%9")
-DSV4_WGMMA_BF16_RS(2, 16, 8, "{%8, %9, %10, %11}, %12", "%13")
-DSV4_WGMMA_BF16_RS(4, 32, 16, "{%16, %17, %18, %19}, %20", "%21")
-DSV4_WGMMA_BF16_RS(8, 64, 32, "{%32, %33, %34, %35}, %36", "%37")
-#undef DSV4_WGMMA_BF16_RS
-
-// The same with f16 operands (m64nNk16.f32.f16.f16): A 64x16 f16 in registers, B 16 x
-// 8*NT f16 from shared memory.
 template <int NT>
 __device__ __forceinline__ void wgmma_f16_rs(float (&d)[4 * NT], const uint32_t (&a)[4], uint64_t db, int scale_d);
-#define DSV4_WGMMA_F16_RS(NT, N, R, OPS, PRED)                                                                    \
+#define DSV4_WGMMA_RS(NAME, TYPE, NT, N, R, OPS, PRED)                                                             \
   template <>                                                                                                     \
-  __device__ __forceinline__ void wgmma_f16_rs<NT>(float (&d)[R], const uint32_t (&a)[4], uint64_t db,           \
-                                                   int scale_d) {                                                 \
+  __device__ __forceinline__ void NAME<NT>(float (&d)[R], const uint32_t (&a)[4], uint64_t db, int scale_d) {    \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " PRED ", 0;\n"                                               \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.f16.f16 {" DSV4_WG_NAMES_##R "}, " OPS          \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TYPE "." TYPE " {" DSV4_WG_NAMES_##R "}, " OPS \
                  ", p, 1, 1, 0;\n}\n"                                                                             \
                  : DSV4_WG_D_##R                                                                                  \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d));                          \
   }
-DSV4_WGMMA_F16_RS(1, 8, 4, "{%4, %5, %6, %7}, %8", "%9")  // (the f16 stage probe's; cuda-linear.md, "An f16 stage")
-#undef DSV4_WGMMA_F16_RS
+DSV4_WGMMA_RS(wgmma_bf16_rs, "bf16", 1, 8, 4, "{%4, %5, %6, %7}, %8", "%9")
+DSV4_WGMMA_RS(wgmma_bf16_rs, "bf16", 2, 16, 8, "{%8, %9, %10, %11}, %12", "%13")
+DSV4_WGMMA_RS(wgmma_bf16_rs, "bf16", 4, 32, 16, "{%16, %17, %18, %19}, %20", "%21")
+DSV4_WGMMA_RS(wgmma_bf16_rs, "bf16", 8, 64, 32, "{%32, %33, %34, %35}, %36", "%37")
+DSV4_WGMMA_RS(wgmma_f16_rs, "f16", 1, 8, 4, "{%4, %5, %6, %7}, %8", "%9")
+#undef DSV4_WGMMA_RS
 
 // d = A * B + (scale_d ? d : 0), both operands from shared memory, K-major with the
 // 128-byte swizzle: A 64 rows x 32 bytes, B 32 bytes x 8*NT rows (e4m3: k32; bf16:
