@@ -1833,7 +1833,7 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   const bool moe = in.f.ndim() == 0, slots = moe && in.slot_out.ndim() > 0;
   if (T > kHcPostMaxRows || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
       !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb)) ||
-      (slots && (in.slot_out.size(1) > kHcMaxSlots || !aligned16(in.slot_out.data())))) {
+      (slots && (in.slot_out.size(1) == 0 || in.slot_out.size(1) > kHcMaxSlots || !aligned16(in.slot_out.data())))) {
     Backend::do_hc_post_pre_norm(in, Y, w, config, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
     return;
   }
