@@ -1,6 +1,7 @@
 // Checked CUDA / cuBLAS calls: every call names itself in the error.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,6 +46,18 @@ inline void check_launch(cudaStream_t stream) {
 inline bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+// A switch a test hook may force: the hook's value when set (>= 0), else the
+// environment's (env_mode: "0" -> 0, "1" -> 1, otherwise -1, the automatic choice).
+inline int forced_mode(const std::atomic<int>& forced, int from_env) {
+  const int f = forced.load(std::memory_order_relaxed);
+  return f >= 0 ? f : from_env;
+}
+inline int env_mode(const char* name) { return env_is(name, "0") ? 0 : env_is(name, "1") ? 1 : -1; }
+// The same for an on/off switch: -1 follows the environment, 0 / 1 force it.
+inline bool forced_or(const std::atomic<int>& forced, bool from_env) {
+  return forced_mode(forced, from_env ? 1 : 0) == 1;
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }

@@ -148,15 +148,6 @@ namespace {
 
 std::atomic<int> g_force_path{-1};
 
-// A switch a test hook may force: the hook's value when set (>= 0), else the
-// environment's (env_mode: "0" -> 0, "1" -> 1, otherwise -1, the automatic choice).
-int forced_mode(const std::atomic<int>& forced, int from_env) {
-  const int f = forced.load(std::memory_order_relaxed);
-  return f >= 0 ? f : from_env;
-}
-int env_mode(const char* name) { return env_is(name, "0") ? 0 : env_is(name, "1") ? 1 : -1; }
-// The same for an on/off switch: -1 follows the environment, 0 / 1 force it.
-bool forced_or(const std::atomic<int>& forced, bool from_env) { return forced_mode(forced, from_env ? 1 : 0) == 1; }
 
 bool simple_path() {
   static const bool from_env = env_is("DSV4_CUDA_KERNELS", "simple");

@@ -1664,8 +1664,7 @@ int64_t hc_slot_rows() {
 // may force it. Same bits either way.
 bool hc_quick_hand_over() {
   static const bool from_env = !env_is("DSV4_CUDA_HC_QUICK_HAND_OVER", "0");
-  const int forced = g_force_hc_quick.load(std::memory_order_relaxed);
-  return forced >= 0 ? forced == 1 : from_env;
+  return forced_or(g_force_hc_quick, from_env);
 }
 
 // The fused kernel's counters [done, left], zeroed when allocated; every launch leaves
