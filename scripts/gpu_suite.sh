@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks, run on a Hopper machine (one or two GPUs):
 #   scripts/gpu_suite.sh OUT_DIR STEP...
-# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, ncu-kernel, trace, memcheck (in the order given).
+# Steps: build, tests, parity, dp, multinode, bench1, bench2, serve, profile, ncu-kernel, trace, cta-probe, memcheck
+# (in the order given).
 # Environment: GPU_TESTS_REGEX (ctest -R), GPU_TESTS_J (ctest -j: tests sharing the GPU, default 1), BENCH2_BATCHES, PROFILE_BATCHES, NCU_CLOCK (ncu --clock-control:
 # base, the default, or none: the clocks the GPU runs at), NCU_CACHE (ncu --cache-control: all, the default,
 # flushes the caches before each kernel; none keeps what the previous kernel left in L2, as in a step, but only for
@@ -11,8 +12,8 @@
 # name without (function, the default) or with (demangled) its template arguments; default the 5th and 6th expert GEMM
 # launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), TRACE_BATCHES (trace: batch sizes, default
-# "1 16 64 256"), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), DSV4_COMMIT (the commit
-# to report).
+# "1 16 64 256"), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), PROBE_BATCHES (cta-probe:
+# batch sizes, default "1 16 256"), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
@@ -208,6 +209,19 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
           --nodes "$out/trace-nodes-b$b.tsv" --frontier "$out/trace-frontier-b$b.tsv"
         { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
         gzip -f "$out/trace-b$b.tsv"
+      done
+      ;;
+    cta-probe)  # per-CTA clock stamps inside bench-1g graph replays (ops/cuda/cta_probe.h), from a build of its own
+                # configured with -DDSV4_CUDA_CTA_PROBE=ON (build-probe; the dsv4 target only), per batch in PROBE_BATCHES
+      step probe-configure 300 cmake -S . -B build-probe -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON \
+        -DDSV4_CUDA_CTA_PROBE=ON
+      step probe-build 600 cmake --build build-probe -j "$(nproc)" --target dsv4
+      for b in ${PROBE_BATCHES:-1 16 256}; do
+        step probe-b$b 300 build-probe/tools/dsv4 bench decode --preset bench-1g --random-weights 1 --batch $b \
+          --context 4096 --warmup 10 --replays 60 --cta-probe "$out/probe-b$b.tsv"
+        step probe-summary-b$b 120 python3 scripts/cta_probe_summary.py "$out/probe-b$b.tsv"
+        { grep -A1 '^batch' "$out/probe-b$b.log"; cat "$out/probe-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
+        gzip -f "$out/probe-b$b.tsv"
       done
       ;;
     memcheck)  # compute-sanitizer over the GPU op tests and one model run

@@ -3,9 +3,12 @@
 // must move / copy bandwidth measured in the same run).
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <map>
 #include <regex>
 #include <set>
@@ -23,6 +26,9 @@
 #include "model/weight_spec.h"
 #include "ops/kv_format.h"
 #include "tools/commands.h"
+#if DSV4_HAVE_CUDA
+#include "ops/cuda/cta_probe.h"
+#endif
 
 namespace dsv4::tools {
 
@@ -45,6 +51,9 @@ struct BenchOptions {
   bool use_graphs = true;
   bool profile = false;
   std::string pair_probe;  // offsets in µs; empty: no probe
+  std::string cta_probe;   // TSV file; empty: no probe
+  int cta_probe_replays = 3;
+  int64_t cta_probe_records = int64_t(4) << 20;
   std::string json;
 };
 
@@ -198,14 +207,48 @@ nlohmann::json run_pair_probe(const model::ModelConfig& c, const model::ModelWei
   return out;
 }
 
+// --cta-probe: after the timed replays, more replays of the step's graph with every
+// marked kernel's per-CTA stamps collected (ops/cuda/cta_probe.h; a build with
+// -DDSV4_CUDA_CTA_PROBE=ON), appended to `out` as TSV rows, times in ns from the
+// replay's first stamp. scripts/cta_probe_summary.py reads them.
+using AfterTiming = std::function<void(engine::ModelRunner&, const engine::StepMetadata&)>;
+#if DSV4_HAVE_CUDA
+constexpr const char* kCtaProbeHeader = "batch\treplay\tsite\tmark\tmark_no\ttag\tcta\tsm\tns\tclock\n";
+void run_cta_probe(engine::ModelRunner& runner, const engine::StepMetadata& meta, int32_t B, int replays,
+                   int64_t capacity, std::FILE* out, const std::string& path) {
+  ops::CtaProbe probe(capacity);
+  for (int r = 0; r < replays; ++r) {
+    probe.reset();
+    runner.replay_graph(meta);
+    int64_t dropped = 0;
+    const std::vector<ops::CtaProbeRecord> recs = probe.collect(&dropped);
+    if (dropped > 0)
+      std::fprintf(stderr, "bench decode --cta-probe: batch %d, replay %d: %lld stamps did not fit "
+                   "(raise --cta-probe-records above %lld)\n", B, r, static_cast<long long>(dropped),
+                   static_cast<long long>(capacity));
+    uint64_t t0 = UINT64_MAX;
+    for (const auto& e : recs) t0 = std::min(t0, e.ns);
+    for (const auto& e : recs)
+      if (std::fprintf(out, "%d\t%d\t%s\t%s\t%d\t%08x\t%u\t%u\t%llu\t%llu\n", B, r, ops::cta_probe_site_name(e.site),
+                       ops::cta_probe_mark_name(e.site, e.mark), int(e.mark), e.tag, e.cta, unsigned(e.sm),
+                       static_cast<unsigned long long>(e.ns - t0), static_cast<unsigned long long>(e.clock)) < 0)
+        core::fail("bench decode --cta-probe: cannot write {}", path);
+    std::fprintf(stderr, "bench decode --cta-probe: batch %d, replay %d: %zu stamps\n", B, r, recs.size());
+  }
+  std::fflush(out);
+}
+#endif
+
 // B sequences decoding their token at position p on `runner`, caches random.
 RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
-                     int64_t p, int warmup, int replays, bool graphs, int rank, bool profile) {
+                     int64_t p, int warmup, int replays, bool graphs, int rank, bool profile,
+                     const AfterTiming& after_timing) {
   RankRun out;
   out.graphs = graphs;
   const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank);
   out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
                        : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
+  if (after_timing) after_timing(runner, meta);
 
   // Eager, event-timed run: per-stage times and the routing of every layer.
   out.touched.resize(static_cast<size_t>(c.num_hidden_layers));
@@ -290,6 +333,15 @@ Command add_bench_decode(CLI::App& app) {
                  "Experiment (CUDA, --dp 1): after each batch size B, two independent copies of the B-row step "
                  "replayed at once on one GPU, the second started each of these comma-separated µs offsets after "
                  "the first, against one step of 2B rows (host-timed steps)");
+  app.add_option("--cta-probe", o->cta_probe,
+                 "Diagnostic (CUDA, --dp 1, a build configured with -DDSV4_CUDA_CTA_PROBE=ON): after each batch "
+                 "size's timed replays, --cta-probe-replays more with the marked kernels' per-CTA clock stamps "
+                 "(entry, dependency wait, their own marks, exit), written to this TSV file; "
+                 "scripts/cta_probe_summary.py summarises it");
+  app.add_option("--cta-probe-replays", o->cta_probe_replays, "Replays --cta-probe records")->default_val(3)
+      ->check(CLI::Range(1, 100));
+  app.add_option("--cta-probe-records", o->cta_probe_records, "Stamps --cta-probe keeps a replay (32 bytes each)")
+      ->default_val(int64_t(4) << 20)->check(CLI::Range(int64_t(1), int64_t(1) << 28));
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o] {
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
@@ -300,6 +352,20 @@ Command add_bench_decode(CLI::App& app) {
       if (backend_name != "cuda" || o->dp != 1 || !o->use_graphs)
         core::fail("--pair-probe needs the CUDA backend, --dp 1 and CUDA graphs (got backend {}, dp {}{})",
                    backend_name, o->dp, o->use_graphs ? "" : ", --no-cuda-graphs");
+    }
+    std::unique_ptr<std::FILE, int (*)(std::FILE*)> cta_probe_file(nullptr, &std::fclose);
+    if (!o->cta_probe.empty()) {
+      if (backend_name != "cuda" || o->dp != 1 || !o->use_graphs)
+        core::fail("--cta-probe needs the CUDA backend, --dp 1 and CUDA graphs (got backend {}, dp {}{})", backend_name,
+                   o->dp, o->use_graphs ? "" : ", --no-cuda-graphs");
+#if DSV4_HAVE_CUDA
+      if (!ops::cta_probe_kernels_marked())
+        core::fail("--cta-probe: this build's kernels carry no probe marks; configure a build with "
+                   "-DDSV4_CUDA_CTA_PROBE=ON (scripts/gpu_suite.sh OUT cta-probe does)");
+      cta_probe_file.reset(std::fopen(o->cta_probe.c_str(), "w"));
+      if (!cta_probe_file || std::fputs(kCtaProbeHeader, cta_probe_file.get()) < 0)
+        core::fail("--cta-probe: cannot write {}: {}", o->cta_probe, std::strerror(errno));
+#endif
     }
     const int32_t max_batch = *std::max_element(batches.begin(), batches.end());
     engine::DpRanksOptions dro;
@@ -352,7 +418,16 @@ Command add_bench_decode(CLI::App& app) {
           try {
             rank.backend->bind_to_current_thread();
             engine::ModelRunner runner(c, rank.model->weights, *rank.backend, ro, rank.moe.get());
-            runs[size_t(r)] = measure_rank(runner, *rank.backend, c, B, p, o->warmup, o->replays, graphs, r, o->profile);
+            AfterTiming after;
+#if DSV4_HAVE_CUDA
+            if (cta_probe_file && graphs)
+              after = [&](engine::ModelRunner& run, const engine::StepMetadata& meta) {
+                run_cta_probe(run, meta, B, o->cta_probe_replays, o->cta_probe_records, cta_probe_file.get(),
+                              o->cta_probe);
+              };
+#endif
+            runs[size_t(r)] =
+                measure_rank(runner, *rank.backend, c, B, p, o->warmup, o->replays, graphs, r, o->profile, after);
           } catch (const std::exception& e) {
             errors[size_t(r)] = e.what();
             for (auto& comm : dp.comms) comm->abort(fmt::format("rank {}: {}", r, e.what()));

@@ -172,6 +172,14 @@ std::vector<double> ModelRunner::time_graph_replays(const StepMetadata& meta, in
   return ms;
 }
 
+void ModelRunner::replay_graph(const StepMetadata& meta) {
+  const int32_t bucket = graph_bucket(meta, 0);
+  const auto it = graphs_.find(bucket);
+  DSV4_CHECK(it != graphs_.end() && it->second != nullptr,
+             "replay_graph: no graph recorded for the {}-row bucket (time_graph_replays records it)", bucket);
+  it->second->replay();
+}
+
 std::vector<double> ModelRunner::time_eager_steps(const StepMetadata& meta, int warmup, int iters) {
   for (int i = 0; i < warmup; ++i) step(meta, nullptr, nullptr, false);
   auto timer = backend_.make_timer();

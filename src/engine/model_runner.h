@@ -59,6 +59,9 @@ class ModelRunner {
   // Benchmarks: the step's graph (recorded on first use, like step()) replayed
   // `warmup` times, then `iters` times with each replay timed on the device.
   std::vector<double> time_graph_replays(const StepMetadata& meta, int warmup, int iters);
+  // One more replay of the graph time_graph_replays recorded for meta's bucket, on the
+  // inputs it left (probes that look inside a replay); fails if there is none.
+  void replay_graph(const StepMetadata& meta);
   // Buffers of the micro-batch (benchmarks read router ids from them).
   model::MicroBatchBuffers& buffers() { return *buffers_; }
   std::vector<ops::LayerCache>& caches() { return caches_; }

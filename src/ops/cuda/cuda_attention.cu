@@ -38,6 +38,7 @@
 #include "ops/cuda/attention_split.h"
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/cluster.cuh"
+#include "ops/cuda/cta_probe.cuh"
 #include "ops/cuda/e2m1_bf16.h"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
@@ -2198,7 +2199,11 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   namespace W = wg_attn;
   namespace tc = tensor_core;
   using L = W::Layout<kPair>;
-  if constexpr (!kEarly) wait_for_predecessor();
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kAttention, a.sink);
+  if constexpr (!kEarly) {
+    wait_for_predecessor();
+    DSV4_CTA_PROBE(CtaProbeSite::kAttention, 1, a.sink);  // waited
+  }
   extern __shared__ __align__(16) unsigned char wg_smem_raw[];  // aligned to the swizzle atom below
   unsigned char* sm = wg_smem_raw + ((1024u - (smem_addr(wg_smem_raw) & 1023u)) & 1023u);
   uint8_t* Qs = sm + L::kOffQ;
@@ -2265,6 +2270,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       rope_table();
     }
     wait_for_predecessor();
+    DSV4_CTA_PROBE(CtaProbeSite::kAttention, 1, a.sink);  // waited
   }
   if (pad) {  // pad rows: zeros (split: the combine kernel writes them)
     if (row_leader) sp.segs[tok] = 0;

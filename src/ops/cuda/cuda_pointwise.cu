@@ -23,6 +23,7 @@
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/block_sum.cuh"
+#include "ops/cuda/cta_probe.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/cuda/quantized_linear.h"
@@ -774,6 +775,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
     hc_mix_partial_kernel(const uint16_t* __restrict__ X, const float* __restrict__ fn, int64_t rows, int64_t n,
                           int mix, float* __restrict__ partial, const HcPostSource src = {}) {
   __shared__ __align__(16) HcMixTileSmem<kRows> sm;
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcMixPartial, fn);
   hc_mix_partial_tile<kRows, kPostHc, kPostRows, false>(X, fn, rows, n, mix, partial, src, blockIdx.x,
                                                         int64_t(blockIdx.y) * 8 * kRows, sm);
 }
@@ -1107,6 +1109,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
   static_assert(kMix < 32 && HC <= 4, "the sums of one slice fit its 32 partials");
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcFinishRow, a.base);
   float* const raw = sm.raw;
   float* const pre = sm.pre;
   float* const red = sm.red;
@@ -1129,6 +1132,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     wait_for_predecessor();  // (passed in the slice; the dependents launch once every slice is done, below)
   } else {
     wait_then_release_dependents();
+    DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 1, a.base);  // handed_over (the mix launch has ended)
   }
   BfRegs<VEC> xs[kRegs][HC];  // the first pass's X
   auto load_x = [&](int base) {
@@ -1161,6 +1165,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
     }
     __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
+    DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 1, a.base);  // handed_over
     // (after the barrier: this CTA's wait is over, whichever thread ran it)
     if (hand.quick && tid == 0 && hand.finishers > 1) left = atom_add_release_gpu(hand.sync + 1, 1);
     if (x_thread && hand.x_from_mix) load_x(0);
@@ -1171,6 +1176,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     for (int i = tid; i < slices * 8; i += int(blockDim.x))
       staged[i] = reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
     __syncthreads();
+    DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 2, a.base);  // staged
   }
   if (fused && hand.quick && tid == 0 && (hand.finishers == 1 || left == hand.finishers - 1)) {
     // Every finisher is past its wait (one finisher: this one), so no poll reads `done` again
@@ -1194,6 +1200,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     raw[tid] = s;
   }
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 3, a.base);  // sums
   // The mix's norm factor, formed by each thread that needs it (the same bits).
   auto norm_factor = [&] { return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps))); };
   if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
@@ -1252,6 +1259,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
     }
   }
+  DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 4, a.base);  // x_done
   if (!norm) return;
   // hc_pre_norm: xn = rms_norm(x), rms_norm_row's arithmetic.
   const float total = x_warps_sum(ss, red);
@@ -1326,6 +1334,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
     HcFinishSmem fin;
   } sm;
   __shared__ int s_arrival;
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcMixFinish, f.fin.base);
   if (int(blockIdx.x) < f.slices) {
     if (threadIdx.x < kHcXThreads)  // (the finishers' Sinkhorn warp is idle here)
       hc_mix_partial_tile<4, kPostHc, kPostRows, true>(f.X, f.fn, f.rows, f.n, f.mix, f.partial, f.src, blockIdx.x, 0,
@@ -1334,9 +1343,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
     wait_for_predecessor();  // (before the count: the previous launch on the counters has ended)
   }
   __syncthreads();  // every partial (and Y) store of the CTA issued, its shared memory free again
+  DSV4_CTA_PROBE(CtaProbeSite::kHcMixFinish, 1, f.fin.base);  // slice_done
   // The release half publishes them (cumulative through the barrier above).
   if (threadIdx.x == 0) s_arrival = atom_add_acq_rel_gpu(f.hand.sync, 1);
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kHcMixFinish, 2, f.fin.base);  // counted
   const int row = s_arrival - (f.hand.arrivals - f.hand.finishers);
   if (row < 0) return;
   hc_finish_row<HC, kHead, 8>(f.fin, row, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1);

@@ -57,6 +57,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/cluster.cuh"
+#include "ops/cuda/cta_probe.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/fp8_bf16_layout.h"
@@ -511,6 +512,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
+  // (the FP4 experts' tiles are stamped by their kernels: entry, tile, exit)
+  DSV4_CTA_PROBE_SCOPE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, w0);
   // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
   // ones kWStride apart (gemm_smem_bytes sizes both; for FP4 they are the same).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
@@ -676,6 +679,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (!early_weights) init_stage_barriers();
   }
   __syncthreads();
+  DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 1, w0);  // waited
   auto a_source = [&](int i) -> const uint8_t* {
     const int c = tid + i * kThreads;
     const int src_row = c < BM * 8 ? s_rows[c >> 3] : -1;
@@ -1004,6 +1008,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   cp_async_wait<0>();
   if constexpr (kLoadAfter) wgmma_wait_all();  // (bf16: a no-op, the last stage ends a slice; ptxas cannot know)
   allow_dependents_to_launch();  // only the epilogue is left
+  DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 2, w0);  // stages_done
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
   void* const y_out = to_y1 ? p.y1 : p.y;
@@ -1078,6 +1083,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       if (r < valid_n && c < rows) part[c * ld_part + r] = cur[i][q][e];
     });
+    DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 3, w0);  // partial_stored
     if (p.counters == nullptr) return;  // split_fold_kernel folds them (large row counts)
     // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
     __threadfence();
@@ -1085,6 +1091,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (tid == 0) *s_flag = atomicAdd(p.counters + tile_id, 1) == p.split - 1;
     __syncthreads();
     if (!*s_flag) return;
+    DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 4, w0);  // last_cta
     __threadfence();
     static_assert(kThreads == kTileN, "thread r folds weight row r");
     // With GemmParams::yq (host: whole 128-column tiles, no row scatter; wo_a's FP8-as-bf16
@@ -1255,11 +1262,13 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
   static_assert(!kSmallRows || (NT == 1 && !kSixteenRowTiles), "the small-row forms: 8-row tiles");
   static_assert(!kClusterFold || kSmallRows, "the cluster fold: a small-row form");
   // (gemm_tile then waits after its first weight stages)
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kExpertGemm, table.p[0][0]);
   const bool early = kSmallRows && p.weights_before_wait != 0;
   if (!early) wait_for_predecessor();
   if (int(blockIdx.y) >= (early ? __ldcg(p.num_tiles) : *p.num_tiles)) return;
   const int4 tile = early ? __ldcg(p.tiles + blockIdx.y) : p.tiles[blockIdx.y];
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
+  DSV4_CTA_PROBE(CtaProbeSite::kExpertGemm, 1, table.p[0][0]);  // tile_known
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
   expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, kSmallRows>(
       p, table.p[tile.x - p.chunk_begin], int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
@@ -1481,9 +1490,11 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
                                                                         const __grid_constant__ ExpertTable gate_up,
                                                                         const __grid_constant__ ExpertTable down) {
   __shared__ int s_item, s_last;
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kExpertFused, gate_up.p[0][0]);
   wait_for_predecessor();
   if (threadIdx.x == 0) s_item = atomicAdd(f.sync, 1);
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kExpertFused, 1, gate_up.p[0][0]);  // item_taken
   const int item = s_item, tiles = *f.gate_up.num_tiles;
   int* const arrivals = f.sync + 1;
   int* const ready = arrivals + f.max_tiles;
@@ -1520,6 +1531,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
     }
   }
   __syncthreads();  // (the acquire above, then this barrier: the tile's rows are visible to every thread)
+  DSV4_CTA_PROBE(CtaProbeSite::kExpertFused, 2, gate_up.p[0][0]);  // tile_ready
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
 }
 

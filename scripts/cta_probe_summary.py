@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Summarise the per-CTA stamps of `dsv4 bench decode --cta-probe FILE` (ops/cuda/cta_probe.h).
+
+A launch is one (site, tag) in one replay: tags are a pointer argument unique to a launch
+(its weights), so the 8 layers' launches of one kernel stay apart. For each launch, over its
+CTAs: when the first entered (from the replay's first stamp), its span (first entry to last
+exit), the ramp (first to last entry), each mark's median and maximum offset from the CTA's own
+entry, the tail (median exit to last exit) and the chain of the CTA that exited last. Launches
+are then grouped by site and CTA count (which tells a kernel's launches of different shapes
+apart, e.g. the linears of a layer), medians over every launch of every replay; --launches N
+lists a replay's first N launches one by one.
+
+Usage: cta_probe_summary.py FILE [--batch B] [--launches N] [--csv OUT]
+"""
+import argparse
+import collections
+import csv
+import gzip
+import statistics
+import sys
+
+
+def open_text(path):
+    return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+
+
+def median(v):
+    return statistics.median(v) if v else float("nan")
+
+
+def pct(v, q):
+    if not v:
+        return float("nan")
+    s = sorted(v)
+    return s[min(len(s) - 1, int(q * (len(s) - 1) + 0.5))]
+
+
+def load(path, batch):
+    # replays[(batch, replay)][(site, tag)][cta] = {mark_name: (ns, sm, clock, mark_no)}
+    replays = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(dict)))
+    names = {}
+    with open_text(path) as f:
+        r = csv.DictReader(f, delimiter="\t")
+        need = {"batch", "replay", "site", "mark", "mark_no", "tag", "cta", "sm", "ns", "clock"}
+        if not r.fieldnames or not need <= set(r.fieldnames):
+            sys.exit(f"{path}: not a --cta-probe file (columns {sorted(need)} expected, got {r.fieldnames})")
+        for row in r:
+            b = int(row["batch"])
+            if batch is not None and b != batch:
+                continue
+            key = (row["site"], row["tag"])
+            m = int(row["mark_no"])
+            names[(row["site"], m)] = row["mark"]
+            replays[(b, int(row["replay"]))][key][int(row["cta"])][m] = (
+                int(row["ns"]), int(row["sm"]), int(row["clock"]))
+    return replays, names
+
+
+def sm_clock_mhz(replay):
+    """The SMs' clock from clock64 against globaltimer, stamps of one SM (median over SMs)."""
+    by_sm = collections.defaultdict(list)
+    for ctas in replay.values():
+        for marks in ctas.values():
+            for ns, sm, clk in marks.values():
+                by_sm[sm].append((ns, clk))
+    rates = []
+    for pts in by_sm.values():
+        if len(pts) < 2:
+            continue
+        pts.sort()
+        (n0, c0), (n1, c1) = pts[0], pts[-1]
+        if n1 - n0 > 100_000:  # 100 µs apart at least
+            rates.append((c1 - c0) / (n1 - n0) * 1e3)
+    return median(rates)
+
+
+def timer_step_ns(replay):
+    """The smallest non-zero difference between globaltimer stamps (its granularity, at most)."""
+    v = sorted({ns for ctas in replay.values() for marks in ctas.values() for ns, _, _ in marks.values()})
+    d = [b - a for a, b in zip(v, v[1:]) if b > a]
+    return min(d) if d else float("nan")
+
+
+def launch_stats(ctas, exit_mark=255):
+    entries = [m[0][0] for m in ctas.values() if 0 in m]
+    exits = [m[exit_mark][0] for m in ctas.values() if exit_mark in m]
+    if not entries:
+        return None
+    first, last_entry = min(entries), max(entries)
+    s = {"ctas": len(ctas), "start": first, "ramp": last_entry - first}
+    s["span"] = (max(exits) - first) if exits else float("nan")
+    s["tail"] = (max(exits) - median(exits)) if exits else float("nan")
+    marks = sorted({k for m in ctas.values() for k in m if k != 0})
+    s["marks"] = {}
+    for k in marks:
+        d = [m[k][0] - m[0][0] for m in ctas.values() if k in m and 0 in m]
+        s["marks"][k] = (median(d), max(d) if d else float("nan"), len(d))
+    if exits:
+        cta = max((m[exit_mark][0], c) for c, m in ctas.items() if exit_mark in m)[1]
+        chain = ctas[cta]
+        s["last_chain"] = {k: chain[k][0] - first for k in sorted(chain)}
+        s["last_sm"] = next(iter(chain.values()))[1]
+    return s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file")
+    ap.add_argument("--batch", type=int, help="only this batch size (default: every batch in the file)")
+    ap.add_argument("--launches", type=int, default=0,
+                    help="also list the first N launches of a replay one by one (default 0: by site only)")
+    ap.add_argument("--csv", help="write every launch's numbers (all replays) to this CSV")
+    a = ap.parse_args()
+    replays, names = load(a.file, a.batch)
+    if not replays:
+        sys.exit(f"{a.file}: no stamps" + (f" for batch {a.batch}" if a.batch is not None else ""))
+
+    def mark_name(site, k):
+        return "exit" if k == 255 else names.get((site, k), f"m{k}")
+
+    rows = []  # (batch, replay, site, k-th, tag, stats)
+    for (b, rep), launches in sorted(replays.items()):
+        order = sorted(launches.items(), key=lambda kv: min(m[0][0] for m in kv[1].values() if 0 in m)
+                       if any(0 in m for m in kv[1].values()) else 0)
+        kth = collections.Counter()
+        for (site, tag), ctas in order:
+            st = launch_stats(ctas)
+            if st is None:
+                continue
+            rows.append((b, rep, site, kth[site], tag, st))
+            kth[site] += 1
+
+    for b in sorted({r[0] for r in rows}):
+        reps = sorted({r[1] for r in rows if r[0] == b})
+        first = replays[(b, reps[0])]
+        stamps = sum(len(m) for ctas in first.values() for m in ctas.values())
+        print(f"batch {b}: {len(reps)} replays, {stamps} stamps a replay; SM clock from clock64 ~{sm_clock_mhz(first):.0f} MHz; "
+              f"globaltimer steps of <= {timer_step_ns(first)} ns")
+        # By site: launches a replay, then medians over every launch of every replay.
+        by_site = collections.defaultdict(list)
+        for r in rows:
+            if r[0] == b:
+                by_site[(r[2], r[5]["ctas"])].append(r)
+        print("| site | launches a replay | CTAs | span µs | ramp µs | tail µs | mark: median / max µs after the CTA's entry |")
+        print("|---|--:|--:|--:|--:|--:|---|")
+        for (site, _), rs in sorted(by_site.items(), key=lambda kv: -sum(r[5]["span"] for r in kv[1])):
+            per = len(rs) / len(reps)
+            ks = sorted({k for r in rs for k in r[5]["marks"]})
+            marks = "; ".join(
+                f"{mark_name(site, k)} {median([r[5]['marks'][k][0] for r in rs if k in r[5]['marks']]) / 1e3:.2f} / "
+                f"{median([r[5]['marks'][k][1] for r in rs if k in r[5]['marks']]) / 1e3:.2f}" for k in ks)
+            print(f"| {site} | {per:g} | {median([r[5]['ctas'] for r in rs]):.0f} | "
+                  f"{median([r[5]['span'] for r in rs]) / 1e3:.2f} | {median([r[5]['ramp'] for r in rs]) / 1e3:.2f} | "
+                  f"{median([r[5]['tail'] for r in rs]) / 1e3:.2f} | {marks} |")
+        print()
+        # The last CTA's chain, by site (median over launches): the marks from the launch's first entry.
+        print("| site | CTAs | the last CTA's chain: mark at µs from the launch's first entry (medians over launches) |")
+        print("|---|--:|---|")
+        for (site, n), rs in sorted(by_site.items()):
+            ks = sorted({k for r in rs for k in r[5].get("last_chain", {})})
+            chain = "; ".join(
+                f"{mark_name(site, k)} {median([r[5]['last_chain'][k] for r in rs if k in r[5].get('last_chain', {})]) / 1e3:.2f}"
+                for k in ks)
+            print(f"| {site} | {n} | {chain} |")
+        print()
+        if a.launches > 0:
+            print(f"| # | site | k | CTAs | start µs | span µs | ramp µs | tail µs | last CTA (sm): chain µs |")
+            print("|--:|---|--:|--:|--:|--:|--:|--:|---|")
+            rs = [r for r in rows if r[0] == b and r[1] == reps[0]]
+            for i, r in enumerate(sorted(rs, key=lambda r: r[5]["start"])[:a.launches]):
+                st = r[5]
+                chain = " ".join(f"{mark_name(r[2], k)}={v / 1e3:.2f}" for k, v in st.get("last_chain", {}).items())
+                print(f"| {i} | {r[2]} | {r[3]} | {st['ctas']} | {st['start'] / 1e3:.1f} | {st['span'] / 1e3:.2f} | "
+                      f"{st['ramp'] / 1e3:.2f} | {st['tail'] / 1e3:.2f} | ({st.get('last_sm', '-')}) {chain} |")
+            print()
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["batch", "replay", "site", "kth", "tag", "ctas", "start_ns", "span_ns", "ramp_ns", "tail_ns"])
+            for b, rep, site, k, tag, st in rows:
+                w.writerow([b, rep, site, k, tag, st["ctas"], st["start"], st["span"], st["ramp"], st["tail"]])
+
+
+if __name__ == "__main__":
+    main()

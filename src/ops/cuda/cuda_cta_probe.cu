@@ -1,0 +1,168 @@
+// The CTA probe's host side and self test (cta_probe.h).
+#include "ops/cuda/cta_probe.h"
+
+// Whether the ops kernels carry their marks is the build option's; this unit always
+// does, for the self test below.
+#if defined(DSV4_CUDA_CTA_PROBE)
+#define DSV4_CTA_PROBE_KERNELS_MARKED true
+#else
+#define DSV4_CTA_PROBE_KERNELS_MARKED false
+#define DSV4_CUDA_CTA_PROBE 1
+#endif
+#include "ops/cuda/cta_probe.cuh"
+
+#include <mutex>
+#include <string>
+
+#include "core/error.h"
+#include "ops/cuda/cuda_check.h"
+
+namespace dsv4::ops {
+
+namespace {
+
+struct Registry {
+  std::mutex mu;
+  std::vector<CtaProbeSinkSetter> setters;
+  bool attached = false;
+};
+// (a function's static: units register during static initialisation, in any order)
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+void set_all(const CtaProbeSink& sink) {
+  Registry& r = registry();
+  for (CtaProbeSinkSetter set : r.setters) set(sink);
+}
+
+// Mark names by site, index = mark (0 is every site's first stamp).
+struct SiteNames {
+  const char* site;
+  std::vector<const char*> marks;
+};
+const std::vector<SiteNames>& site_names() {
+  static const std::vector<SiteNames> names = {
+      {"self_test", {"entry"}},
+      {"hc_mix_finish", {"entry", "slice_done", "counted"}},
+      {"hc_mix_partial", {"entry"}},
+      {"hc_finish_row", {"start", "handed_over", "staged", "sums", "x_done"}},
+      {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta"}},
+      {"expert_gemm", {"entry", "tile_known"}},
+      {"expert_fused", {"entry", "item_taken", "tile_ready"}},
+      {"attention", {"entry", "waited"}},
+  };
+  return names;
+}
+
+__global__ void cta_probe_self_test_kernel(int marks, uint32_t spin_ns, uint32_t tag) {
+  const void* t = reinterpret_cast<const void*>(uintptr_t(tag));
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kSelfTest, t);
+  for (int m = 1; m <= marks; ++m) {
+    if (threadIdx.x == 0) {
+      uint64_t start, now;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start)::"memory");
+      do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)::"memory");
+      } while (now - start < spin_ns);
+    }
+    __syncthreads();
+    DSV4_CTA_PROBE(CtaProbeSite::kSelfTest, uint8_t(m), t);
+  }
+}
+
+}  // namespace
+
+void register_cta_probe_sink_setter(CtaProbeSinkSetter setter) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.setters.push_back(setter);
+}
+
+int cta_probe_registered_units() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  return int(r.setters.size());
+}
+
+bool cta_probe_kernels_marked() { return DSV4_CTA_PROBE_KERNELS_MARKED; }
+
+const char* cta_probe_site_name(int site) {
+  const auto& names = site_names();
+  static_assert(int(CtaProbeSite::kCount) == 8, "a name for every site");
+  return site >= 0 && site < int(names.size()) ? names[size_t(site)].site : "unknown";
+}
+
+const char* cta_probe_mark_name(int site, int mark) {
+  if (mark == kCtaProbeExit) return "exit";
+  const auto& names = site_names();
+  if (site >= 0 && site < int(names.size()) && mark >= 0 && mark < int(names[size_t(site)].marks.size()))
+    return names[size_t(site)].marks[size_t(mark)];
+  static const std::vector<std::string> numbered = [] {
+    std::vector<std::string> v;
+    for (int i = 0; i < 256; ++i) v.push_back("m" + std::to_string(i));
+    return v;
+  }();
+  return mark >= 0 && mark < 256 ? numbered[size_t(mark)].c_str() : "unknown";
+}
+
+CtaProbe::CtaProbe(int64_t capacity) {
+  if (capacity < 1) core::fail("CtaProbe: capacity {} records; needs at least 1", capacity);
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (r.attached) core::fail("CtaProbe: another probe is alive (one at a time)");
+  DSV4_CUDA_CHECK(cudaMalloc(&sink_.records, size_t(capacity) * sizeof(CtaProbeRecord)));
+  DSV4_CUDA_CHECK(cudaMalloc(&sink_.count, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMemset(sink_.count, 0, sizeof(unsigned long long)));
+  sink_.capacity = static_cast<unsigned long long>(capacity);
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // (the zeroed count before any kernel stamps)
+  set_all(sink_);
+  r.attached = true;
+}
+
+CtaProbe::~CtaProbe() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  // (no throwing from a destructor: errors here are reported, not raised)
+  if (cudaDeviceSynchronize() == cudaSuccess) {
+    try {
+      set_all(CtaProbeSink{});
+    } catch (const std::exception&) {
+    }
+  }
+  cudaFree(sink_.records);
+  cudaFree(sink_.count);
+  r.attached = false;
+}
+
+void CtaProbe::reset() {
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  DSV4_CUDA_CHECK(cudaMemset(sink_.count, 0, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+std::vector<CtaProbeRecord> CtaProbe::collect(int64_t* dropped) {
+  DSV4_CUDA_CHECK(cudaDeviceSynchronize());
+  unsigned long long n = 0;
+  DSV4_CUDA_CHECK(cudaMemcpy(&n, sink_.count, sizeof n, cudaMemcpyDeviceToHost));
+  const unsigned long long kept = n < sink_.capacity ? n : sink_.capacity;
+  std::vector<CtaProbeRecord> out(static_cast<size_t>(kept));
+  if (kept > 0)
+    DSV4_CUDA_CHECK(cudaMemcpy(out.data(), sink_.records, size_t(kept) * sizeof(CtaProbeRecord), cudaMemcpyDeviceToHost));
+  if (dropped) *dropped = int64_t(n - kept);
+  return out;
+}
+
+std::vector<CtaProbeRecord> run_cta_probe_self_test(int ctas, int marks, uint32_t spin_ns, uint32_t tag,
+                                                    int64_t capacity, int64_t* dropped) {
+  if (ctas < 1 || marks < 0 || marks > 254)
+    core::fail("run_cta_probe_self_test: ctas {} (>= 1), marks {} (0-254)", ctas, marks);
+  CtaProbe probe(capacity);
+  probe.reset();
+  cta_probe_self_test_kernel<<<ctas, 64>>>(marks, spin_ns, tag);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  return probe.collect(dropped);
+}
+
+}  // namespace dsv4::ops
