@@ -4,8 +4,10 @@
 A launch is one (site, tag) in one replay: tags are a pointer argument unique to a launch
 (its weights), so the 8 layers' launches of one kernel stay apart. For each launch, over its
 CTAs: when the first entered (from the replay's first stamp), its span (first entry to last
-exit), the ramp (first to last entry), each mark's median and maximum offset from the CTA's own
-entry, the tail (median exit to last exit) and the chain of the CTA that exited last. Launches
+exit), the span from its first `waited` stamp (in the graphs CTAs enter while the predecessor
+still runs: from there on the launch is on its own), the ramp (first to last entry), the drain
+(last entry to last exit), each mark's median and maximum offset from the CTA's own entry, and
+the chain of the CTA that exited last. Launches
 are then grouped by site and CTA count (which tells a kernel's launches of different shapes
 apart, e.g. the linears of a layer), medians over every launch of every replay; --launches N
 lists a replay's first N launches one by one.
@@ -52,7 +54,7 @@ def load(path, batch):
             m = int(row["mark_no"])
             names[(row["site"], m)] = row["mark"]
             replays[(b, int(row["replay"]))][key][int(row["cta"])][m] = (
-                int(row["ns"]), int(row["sm"]), int(row["clock"]))
+                int(row["ns"]), int(row["sm"]), int(row["clock"]), row["site"])
     return replays, names
 
 
@@ -61,7 +63,7 @@ def sm_clock_mhz(replay):
     by_sm = collections.defaultdict(list)
     for ctas in replay.values():
         for marks in ctas.values():
-            for ns, sm, clk in marks.values():
+            for ns, sm, clk, _ in marks.values():
                 by_sm[sm].append((ns, clk))
     rates = []
     for pts in by_sm.values():
@@ -76,9 +78,16 @@ def sm_clock_mhz(replay):
 
 def timer_step_ns(replay):
     """The smallest non-zero difference between globaltimer stamps (its granularity, at most)."""
-    v = sorted({ns for ctas in replay.values() for marks in ctas.values() for ns, _, _ in marks.values()})
+    v = sorted({ns for ctas in replay.values() for marks in ctas.values() for ns, _, _, _ in marks.values()})
     d = [b - a for a, b in zip(v, v[1:]) if b > a]
     return min(d) if d else float("nan")
+
+
+WAITED = {}  # (site, mark) -> True where the mark comes right after the dependency wait (filled by main)
+
+
+def names_of(marks, k):
+    return "waited" if WAITED.get((marks[k][3], k)) else ""
 
 
 def launch_stats(ctas, exit_mark=255):
@@ -89,7 +98,9 @@ def launch_stats(ctas, exit_mark=255):
     first, last_entry = min(entries), max(entries)
     s = {"ctas": len(ctas), "start": first, "ramp": last_entry - first}
     s["span"] = (max(exits) - first) if exits else float("nan")
-    s["tail"] = (max(exits) - median(exits)) if exits else float("nan")
+    s["drain"] = (max(exits) - last_entry) if exits else float("nan")
+    waited = [m[k][0] for m in ctas.values() for k in m if names_of(m, k) == "waited"]
+    s["from_wait"] = (max(exits) - min(waited)) if exits and waited else float("nan")
     marks = sorted({k for m in ctas.values() for k in m if k != 0})
     s["marks"] = {}
     for k in marks:
@@ -112,6 +123,8 @@ def main():
     ap.add_argument("--csv", help="write every launch's numbers (all replays) to this CSV")
     a = ap.parse_args()
     replays, names = load(a.file, a.batch)
+    # (the marks that come right after a kernel's dependency wait)
+    WAITED.update({key: True for key, name in names.items() if name in ("waited", "tile_known", "item_taken")})
     if not replays:
         sys.exit(f"{a.file}: no stamps" + (f" for batch {a.batch}" if a.batch is not None else ""))
 
@@ -141,8 +154,9 @@ def main():
         for r in rows:
             if r[0] == b:
                 by_site[(r[2], r[5]["ctas"])].append(r)
-        print("| site | launches a replay | CTAs | span µs | ramp µs | tail µs | mark: median / max µs after the CTA's entry |")
-        print("|---|--:|--:|--:|--:|--:|---|")
+        print("| site | launches a replay | CTAs | span µs | from wait µs | ramp µs | drain µs | "
+              "mark: median / max µs after the CTA's entry |")
+        print("|---|--:|--:|--:|--:|--:|--:|---|")
         for (site, _), rs in sorted(by_site.items(), key=lambda kv: -sum(r[5]["span"] for r in kv[1])):
             per = len(rs) / len(reps)
             ks = sorted({k for r in rs for k in r[5]["marks"]})
@@ -150,8 +164,9 @@ def main():
                 f"{mark_name(site, k)} {median([r[5]['marks'][k][0] for r in rs if k in r[5]['marks']]) / 1e3:.2f} / "
                 f"{median([r[5]['marks'][k][1] for r in rs if k in r[5]['marks']]) / 1e3:.2f}" for k in ks)
             print(f"| {site} | {per:g} | {median([r[5]['ctas'] for r in rs]):.0f} | "
-                  f"{median([r[5]['span'] for r in rs]) / 1e3:.2f} | {median([r[5]['ramp'] for r in rs]) / 1e3:.2f} | "
-                  f"{median([r[5]['tail'] for r in rs]) / 1e3:.2f} | {marks} |")
+                  f"{median([r[5]['span'] for r in rs]) / 1e3:.2f} | {median([r[5]['from_wait'] for r in rs]) / 1e3:.2f} | "
+                  f"{median([r[5]['ramp'] for r in rs]) / 1e3:.2f} | "
+                  f"{median([r[5]['drain'] for r in rs]) / 1e3:.2f} | {marks} |")
         print()
         # The last CTA's chain, by site (median over launches): the marks from the launch's first entry.
         print("| site | CTAs | the last CTA's chain: mark at µs from the launch's first entry (medians over launches) |")
@@ -164,21 +179,24 @@ def main():
             print(f"| {site} | {n} | {chain} |")
         print()
         if a.launches > 0:
-            print(f"| # | site | k | CTAs | start µs | span µs | ramp µs | tail µs | last CTA (sm): chain µs |")
-            print("|--:|---|--:|--:|--:|--:|--:|--:|---|")
+            print(f"| # | site | k | CTAs | start µs | span µs | from wait µs | ramp µs | drain µs | last CTA (sm): chain µs |")
+            print("|--:|---|--:|--:|--:|--:|--:|--:|--:|---|")
             rs = [r for r in rows if r[0] == b and r[1] == reps[0]]
             for i, r in enumerate(sorted(rs, key=lambda r: r[5]["start"])[:a.launches]):
                 st = r[5]
                 chain = " ".join(f"{mark_name(r[2], k)}={v / 1e3:.2f}" for k, v in st.get("last_chain", {}).items())
                 print(f"| {i} | {r[2]} | {r[3]} | {st['ctas']} | {st['start'] / 1e3:.1f} | {st['span'] / 1e3:.2f} | "
-                      f"{st['ramp'] / 1e3:.2f} | {st['tail'] / 1e3:.2f} | ({st.get('last_sm', '-')}) {chain} |")
+                      f"{st['from_wait'] / 1e3:.2f} | {st['ramp'] / 1e3:.2f} | {st['drain'] / 1e3:.2f} | "
+                      f"({st.get('last_sm', '-')}) {chain} |")
             print()
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["batch", "replay", "site", "kth", "tag", "ctas", "start_ns", "span_ns", "ramp_ns", "tail_ns"])
+            w.writerow(["batch", "replay", "site", "kth", "tag", "ctas", "start_ns", "span_ns", "from_wait_ns", "ramp_ns",
+                        "drain_ns"])
             for b, rep, site, k, tag, st in rows:
-                w.writerow([b, rep, site, k, tag, st["ctas"], st["start"], st["span"], st["ramp"], st["tail"]])
+                w.writerow([b, rep, site, k, tag, st["ctas"], st["start"], st["span"], st["from_wait"], st["ramp"],
+                            st["drain"]])
 
 
 if __name__ == "__main__":

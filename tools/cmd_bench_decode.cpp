@@ -53,7 +53,7 @@ struct BenchOptions {
   std::string pair_probe;  // offsets in µs; empty: no probe
   std::string cta_probe;   // TSV file; empty: no probe
   int cta_probe_replays = 3;
-  int64_t cta_probe_records = int64_t(4) << 20;
+  int64_t cta_probe_records = int64_t(16) << 20;
   std::string json;
 };
 
@@ -220,12 +220,15 @@ void run_cta_probe(engine::ModelRunner& runner, const engine::StepMetadata& meta
   for (int r = 0; r < replays; ++r) {
     probe.reset();
     runner.replay_graph(meta);
-    int64_t dropped = 0;
-    const std::vector<ops::CtaProbeRecord> recs = probe.collect(&dropped);
-    if (dropped > 0)
-      std::fprintf(stderr, "bench decode --cta-probe: batch %d, replay %d: %lld stamps did not fit "
-                   "(raise --cta-probe-records above %lld)\n", B, r, static_cast<long long>(dropped),
+    ops::CtaProbe::Lost lost;
+    const std::vector<ops::CtaProbeRecord> recs = probe.collect(&lost);
+    if (lost.ctas > 0)
+      std::fprintf(stderr, "bench decode --cta-probe: batch %d, replay %d: %lld CTAs found no room "
+                   "(raise --cta-probe-records above %lld)\n", B, r, static_cast<long long>(lost.ctas),
                    static_cast<long long>(capacity));
+    if (lost.marks > 0)
+      std::fprintf(stderr, "bench decode --cta-probe: batch %d, replay %d: %lld marks past their CTA's %u slots\n", B,
+                   r, static_cast<long long>(lost.marks), ops::kCtaProbeSlots);
     uint64_t t0 = UINT64_MAX;
     for (const auto& e : recs) t0 = std::min(t0, e.ns);
     for (const auto& e : recs)
@@ -340,8 +343,9 @@ Command add_bench_decode(CLI::App& app) {
                  "scripts/cta_probe_summary.py summarises it");
   app.add_option("--cta-probe-replays", o->cta_probe_replays, "Replays --cta-probe records")->default_val(3)
       ->check(CLI::Range(1, 100));
-  app.add_option("--cta-probe-records", o->cta_probe_records, "Stamps --cta-probe keeps a replay (32 bytes each)")
-      ->default_val(int64_t(4) << 20)->check(CLI::Range(int64_t(1), int64_t(1) << 28));
+  app.add_option("--cta-probe-records", o->cta_probe_records,
+                 "Record slots of --cta-probe (32 bytes each on the GPU; a CTA takes 16)")
+      ->default_val(int64_t(16) << 20)->check(CLI::Range(int64_t(16), int64_t(1) << 28));
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o] {
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;

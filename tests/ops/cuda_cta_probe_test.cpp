@@ -1,6 +1,6 @@
 // The CTA probe (ops/cuda/cta_probe.h): every CTA stamps every mark once, in its order,
-// with the clock advancing by at least what the kernel waited between marks; stamps
-// past the capacity are counted, not written; one probe at a time.
+// with the clock advancing by at least what the kernel waited between marks; CTAs past the
+// capacity and marks past a CTA's slots are counted, not written; one probe at a time.
 #include <map>
 #include <string>
 
@@ -17,9 +17,10 @@ TEST(CudaCtaProbe, EveryCtaStampsEveryMarkInOrder) {
   auto backend = ops::make_cuda_backend(0);
   const int ctas = 300, marks = 3;  // more CTAs than SMs: several waves
   const uint32_t spin_ns = 3000, tag = 0x5eed1234u;
-  int64_t dropped = -1;
-  const std::vector<ops::CtaProbeRecord> recs = ops::run_cta_probe_self_test(ctas, marks, spin_ns, tag, 1 << 16, &dropped);
-  EXPECT_EQ(dropped, 0);
+  ops::CtaProbe::Lost lost{-1, -1};
+  const std::vector<ops::CtaProbeRecord> recs = ops::run_cta_probe_self_test(ctas, marks, spin_ns, tag, 1 << 16, &lost);
+  EXPECT_EQ(lost.ctas, 0);
+  EXPECT_EQ(lost.marks, 0);
   ASSERT_EQ(recs.size(), size_t(ctas) * (marks + 2));  // entry, the marks, exit
   std::map<uint32_t, std::map<int, ops::CtaProbeRecord>> by_cta;
   for (const auto& r : recs) {
@@ -55,10 +56,20 @@ TEST(CudaCtaProbe, EveryCtaStampsEveryMarkInOrder) {
 TEST(CudaCtaProbe, StampsPastTheCapacityAreCountedNotWritten) {
   DSV4_REQUIRE_CUDA();
   auto backend = ops::make_cuda_backend(0);
-  int64_t dropped = -1;
-  const auto recs = ops::run_cta_probe_self_test(300, 0, 0, 7, 100, &dropped);  // 600 stamps
-  EXPECT_EQ(recs.size(), 100u);
-  EXPECT_EQ(dropped, 500);
+  ops::CtaProbe::Lost lost;
+  // 100 records hold 6 CTAs' slots: 6 CTAs stamp entry and exit, 294 find no room.
+  auto recs = ops::run_cta_probe_self_test(300, 0, 0, 7, 100, &lost);
+  EXPECT_EQ(recs.size(), 12u);
+  EXPECT_EQ(lost.ctas, 294);
+  EXPECT_EQ(lost.marks, 0);
+  // 20 marks a CTA: 14 fit between entry and exit, 6 are counted lost; the exit keeps its slot.
+  recs = ops::run_cta_probe_self_test(2, 20, 0, 7, 1 << 10, &lost);
+  EXPECT_EQ(recs.size(), 2u * (1 + 14 + 1));
+  EXPECT_EQ(lost.ctas, 0);
+  EXPECT_EQ(lost.marks, 12);
+  int exits = 0;
+  for (const auto& r : recs) exits += r.mark == ops::kCtaProbeExit;
+  EXPECT_EQ(exits, 2);
 }
 
 TEST(CudaCtaProbe, OneProbeAtATimeAndEveryMarkedUnitRegistered) {
@@ -69,7 +80,7 @@ TEST(CudaCtaProbe, OneProbeAtATimeAndEveryMarkedUnitRegistered) {
     EXPECT_THROW(ops::CtaProbe(16), std::exception);
   }
   ops::CtaProbe again(16);  // the first one's end let it go
-  EXPECT_THROW(ops::CtaProbe(0), std::exception);
+  EXPECT_THROW(ops::CtaProbe(15), std::exception);  // less than one CTA's slots
   // The self test's unit always; with the build option also the kernels' three.
   EXPECT_EQ(ops::cta_probe_registered_units(), ops::cta_probe_kernels_marked() ? 4 : 1);
 }

@@ -30,6 +30,8 @@ enum class CtaProbeSite : uint8_t {
 
 // Every site's last mark: the CTA's exit (thread 0 past its last instruction that matters).
 inline constexpr uint8_t kCtaProbeExit = 255;
+// Record slots a CTA takes at its entry: entry, up to 14 marks, exit (in the last slot).
+inline constexpr unsigned kCtaProbeSlots = 16;
 
 // One stamp: thread 0 of a CTA at one mark. 32 bytes.
 struct CtaProbeRecord {
@@ -44,11 +46,14 @@ struct CtaProbeRecord {
 };
 static_assert(sizeof(CtaProbeRecord) == 32, "the record's layout is the device's");
 
-// What the device side writes to: records[0, capacity) and the count of stamps made
-// (it keeps counting past capacity, so the host knows how many were dropped).
+// What the device side writes to: records[0, capacity), zeroed (a slot with ns == 0 was
+// not used), taken kCtaProbeSlots at a time; count: the slots taken (it keeps counting
+// past capacity, so the host knows how many CTAs found no room); overflow: marks a CTA
+// made past its slots.
 struct CtaProbeSink {
   CtaProbeRecord* records = nullptr;
   unsigned long long* count = nullptr;
+  unsigned long long* overflow = nullptr;
   unsigned long long capacity = 0;
 };
 
@@ -69,16 +74,20 @@ const char* cta_probe_mark_name(int site, int mark);
 // sink at it while alive (one at a time). Stamps are made by whatever runs meanwhile.
 class CtaProbe {
  public:
-  explicit CtaProbe(int64_t capacity);  // records; fails on capacity < 1
+  explicit CtaProbe(int64_t capacity);  // records; fails on capacity < kCtaProbeSlots
   ~CtaProbe();
   CtaProbe(const CtaProbe&) = delete;
   CtaProbe& operator=(const CtaProbe&) = delete;
 
-  // Waits for the device, then zeroes the count: the next records are what runs after.
+  // Waits for the device, then zeroes the records and counts: the next records are what runs after.
   void reset();
-  // Synchronizes the device, then returns the records made since the last reset, in
-  // the order they were counted; *dropped (if set) gets how many did not fit.
-  std::vector<CtaProbeRecord> collect(int64_t* dropped = nullptr);
+  // What was lost: CTAs that found no slots (capacity), marks past a CTA's slots.
+  struct Lost {
+    int64_t ctas = 0, marks = 0;
+  };
+  // Synchronizes the device, then returns the stamps made since the last reset, CTA by
+  // CTA in the order they took their slots, each CTA's in its order; *lost if set.
+  std::vector<CtaProbeRecord> collect(Lost* lost = nullptr);
 
  private:
   CtaProbeSink sink_;
@@ -87,6 +96,6 @@ class CtaProbe {
 // The self test (always marked): `ctas` CTAs, each stamping entry, `marks` marks
 // `spin_ns` apart on its own clock, and exit, with tag `tag`. Returns the records.
 std::vector<CtaProbeRecord> run_cta_probe_self_test(int ctas, int marks, uint32_t spin_ns, uint32_t tag,
-                                                    int64_t capacity, int64_t* dropped);
+                                                    int64_t capacity, CtaProbe::Lost* lost);
 
 }  // namespace dsv4::ops

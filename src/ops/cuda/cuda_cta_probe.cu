@@ -45,9 +45,10 @@ struct SiteNames {
 const std::vector<SiteNames>& site_names() {
   static const std::vector<SiteNames> names = {
       {"self_test", {"entry"}},
-      {"hc_mix_finish", {"entry", "slice_done", "counted"}},
-      {"hc_mix_partial", {"entry"}},
-      {"hc_finish_row", {"start", "handed_over", "staged", "sums", "x_done"}},
+      {"hc_mix_finish",
+       {"entry", "slice_done", "counted", "handed_over", "staged", "sums", "x_done", "waited", "norm_sum"}},
+      {"hc_mix_partial", {"entry", "waited"}},
+      {"hc_finish_row", {"entry", "m1", "m2", "handed_over", "staged", "sums", "x_done", "m7", "norm_sum"}},
       {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta"}},
       {"expert_gemm", {"entry", "tile_known"}},
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},
@@ -108,15 +109,16 @@ const char* cta_probe_mark_name(int site, int mark) {
 }
 
 CtaProbe::CtaProbe(int64_t capacity) {
-  if (capacity < 1) core::fail("CtaProbe: capacity {} records; needs at least 1", capacity);
+  if (capacity < int64_t(kCtaProbeSlots))
+    core::fail("CtaProbe: capacity {} records; needs at least {} (one CTA's slots)", capacity, kCtaProbeSlots);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   if (r.attached) core::fail("CtaProbe: another probe is alive (one at a time)");
   DSV4_CUDA_CHECK(cudaMalloc(&sink_.records, size_t(capacity) * sizeof(CtaProbeRecord)));
-  DSV4_CUDA_CHECK(cudaMalloc(&sink_.count, sizeof(unsigned long long)));
-  DSV4_CUDA_CHECK(cudaMemset(sink_.count, 0, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMalloc(&sink_.count, 2 * sizeof(unsigned long long)));
+  sink_.overflow = sink_.count + 1;
   sink_.capacity = static_cast<unsigned long long>(capacity);
-  DSV4_CUDA_CHECK(cudaDeviceSynchronize());  // (the zeroed count before any kernel stamps)
+  reset();  // (zeroed before any kernel stamps)
   set_all(sink_);
   r.attached = true;
 }
@@ -138,31 +140,40 @@ CtaProbe::~CtaProbe() {
 
 void CtaProbe::reset() {
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  DSV4_CUDA_CHECK(cudaMemset(sink_.count, 0, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMemset(sink_.records, 0, size_t(sink_.capacity) * sizeof(CtaProbeRecord)));
+  DSV4_CUDA_CHECK(cudaMemset(sink_.count, 0, 2 * sizeof(unsigned long long)));
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-std::vector<CtaProbeRecord> CtaProbe::collect(int64_t* dropped) {
+std::vector<CtaProbeRecord> CtaProbe::collect(Lost* lost) {
   DSV4_CUDA_CHECK(cudaDeviceSynchronize());
-  unsigned long long n = 0;
-  DSV4_CUDA_CHECK(cudaMemcpy(&n, sink_.count, sizeof n, cudaMemcpyDeviceToHost));
-  const unsigned long long kept = n < sink_.capacity ? n : sink_.capacity;
-  std::vector<CtaProbeRecord> out(static_cast<size_t>(kept));
-  if (kept > 0)
-    DSV4_CUDA_CHECK(cudaMemcpy(out.data(), sink_.records, size_t(kept) * sizeof(CtaProbeRecord), cudaMemcpyDeviceToHost));
-  if (dropped) *dropped = int64_t(n - kept);
+  unsigned long long counts[2] = {0, 0};
+  DSV4_CUDA_CHECK(cudaMemcpy(counts, sink_.count, sizeof counts, cudaMemcpyDeviceToHost));
+  const unsigned long long usable = sink_.capacity / kCtaProbeSlots * kCtaProbeSlots;  // whole CTAs' slots
+  const unsigned long long taken = counts[0] < usable ? counts[0] : usable;
+  std::vector<CtaProbeRecord> slots(static_cast<size_t>(taken));
+  if (taken > 0)
+    DSV4_CUDA_CHECK(cudaMemcpy(slots.data(), sink_.records, size_t(taken) * sizeof(CtaProbeRecord), cudaMemcpyDeviceToHost));
+  std::vector<CtaProbeRecord> out;
+  out.reserve(slots.size() / 4);
+  for (const CtaProbeRecord& r : slots)
+    if (r.ns != 0) out.push_back(r);
+  if (lost) {
+    lost->ctas = int64_t((counts[0] - taken) / kCtaProbeSlots);
+    lost->marks = int64_t(counts[1]);
+  }
   return out;
 }
 
 std::vector<CtaProbeRecord> run_cta_probe_self_test(int ctas, int marks, uint32_t spin_ns, uint32_t tag,
-                                                    int64_t capacity, int64_t* dropped) {
+                                                    int64_t capacity, CtaProbe::Lost* lost) {
   if (ctas < 1 || marks < 0 || marks > 254)
     core::fail("run_cta_probe_self_test: ctas {} (>= 1), marks {} (0-254)", ctas, marks);
   CtaProbe probe(capacity);
   probe.reset();
   cta_probe_self_test_kernel<<<ctas, 64>>>(marks, spin_ns, tag);
   DSV4_CUDA_CHECK(cudaGetLastError());
-  return probe.collect(dropped);
+  return probe.collect(lost);
 }
 
 }  // namespace dsv4::ops

@@ -545,7 +545,7 @@ template <int kRows, int kPostHc, int kPostRows, bool kFused>
 __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__ X, const float* __restrict__ fn,
                                                     int64_t rows, int64_t n, int mix, float* __restrict__ partial,
                                                     const HcPostSource& src, int64_t slice, int64_t r0,
-                                                    HcMixTileSmem<kRows>& sm) {
+                                                    HcMixTileSmem<kRows>& sm, const void* probe_tag = nullptr) {
   static_assert(kPostHc == 0 || (kRows == 4 && kPostRows <= kHcPostMaxRows),
                 "an hc_post source only for the 32-row tiles, up to kHcPostMaxRows rows");
   constexpr int kHcRowTile = 8 * kRows;
@@ -571,6 +571,7 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
     }
     asm volatile("cp.async.commit_group;\n" ::);
     hc_tile_wait<kFused>();
+    DSV4_CTA_PROBE(kFused ? CtaProbeSite::kHcMixFinish : CtaProbeSite::kHcMixPartial, kFused ? 7 : 1, probe_tag);
     uint4 xv[kXVec];
 #pragma unroll
     for (int u = 0; u < kXVec; ++u) {
@@ -614,6 +615,7 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
       }
     }
     hc_tile_wait<kFused>();
+    DSV4_CTA_PROBE(kFused ? CtaProbeSite::kHcMixFinish : CtaProbeSite::kHcMixPartial, kFused ? 7 : 1, probe_tag);
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
       // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
@@ -777,7 +779,7 @@ __global__ void __launch_bounds__(256, kRows == 8 ? 4 : 0)
   __shared__ __align__(16) HcMixTileSmem<kRows> sm;
   DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcMixPartial, fn);
   hc_mix_partial_tile<kRows, kPostHc, kPostRows, false>(X, fn, rows, n, mix, partial, src, blockIdx.x,
-                                                        int64_t(blockIdx.y) * 8 * kRows, sm);
+                                                        int64_t(blockIdx.y) * 8 * kRows, sm, fn);
 }
 
 // The same partials with one thread a row (rows >= kHcRowMixMinRows, no hc_post
@@ -1109,7 +1111,6 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
   static_assert(kMix < 32 && HC <= 4, "the sums of one slice fit its 32 partials");
-  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcFinishRow, a.base);
   float* const raw = sm.raw;
   float* const pre = sm.pre;
   float* const red = sm.red;
@@ -1117,6 +1118,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   const int tid = int(threadIdx.x);
   const bool x_thread = tid < kHcXThreads;
   const bool fused = hand.sync != nullptr;
+  // (the probe's marks 3-6 and 8 of either kernel: handed_over, staged, sums, x_done, norm_sum)
+  const CtaProbeSite probe_site = fused ? CtaProbeSite::kHcMixFinish : CtaProbeSite::kHcFinishRow;
   const int64_t n = HC * a.D;
   const int chunks = int(a.D / VEC);
   const bool norm = a.xn != nullptr;
@@ -1132,7 +1135,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     wait_for_predecessor();  // (passed in the slice; the dependents launch once every slice is done, below)
   } else {
     wait_then_release_dependents();
-    DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 1, a.base);  // handed_over (the mix launch has ended)
+    DSV4_CTA_PROBE(probe_site, 3, a.base);  // handed_over (the mix launch has ended)
   }
   BfRegs<VEC> xs[kRegs][HC];  // the first pass's X
   auto load_x = [&](int base) {
@@ -1165,7 +1168,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
     }
     __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
-    DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 1, a.base);  // handed_over
+    DSV4_CTA_PROBE(probe_site, 3, a.base);  // handed_over
     // (after the barrier: this CTA's wait is over, whichever thread ran it)
     if (hand.quick && tid == 0 && hand.finishers > 1) left = atom_add_release_gpu(hand.sync + 1, 1);
     if (x_thread && hand.x_from_mix) load_x(0);
@@ -1176,7 +1179,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     for (int i = tid; i < slices * 8; i += int(blockDim.x))
       staged[i] = reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
     __syncthreads();
-    DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 2, a.base);  // staged
+    DSV4_CTA_PROBE(probe_site, 4, a.base);  // staged
   }
   if (fused && hand.quick && tid == 0 && (hand.finishers == 1 || left == hand.finishers - 1)) {
     // Every finisher is past its wait (one finisher: this one), so no poll reads `done` again
@@ -1200,7 +1203,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     raw[tid] = s;
   }
   __syncthreads();
-  DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 3, a.base);  // sums
+  DSV4_CTA_PROBE(probe_site, 5, a.base);  // sums
   // The mix's norm factor, formed by each thread that needs it (the same bits).
   auto norm_factor = [&] { return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps))); };
   if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
@@ -1259,10 +1262,11 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
     }
   }
-  DSV4_CTA_PROBE(CtaProbeSite::kHcFinishRow, 4, a.base);  // x_done
+  DSV4_CTA_PROBE(probe_site, 6, a.base);  // x_done
   if (!norm) return;
   // hc_pre_norm: xn = rms_norm(x), rms_norm_row's arithmetic.
   const float total = x_warps_sum(ss, red);
+  DSV4_CTA_PROBE(probe_site, 8, a.base);  // norm_sum (every warp's x done)
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(a.D)), a.rms_eps)));
   const int last = (chunks - 1) / kPass * kPass;  // the pass whose x is in xo
   const bool quant = VEC == 8 && a.xq != nullptr;
@@ -1297,6 +1301,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
 template <int HC, bool kHead, int VEC>
 __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinishArgs a) {
   __shared__ HcFinishSmem sm;
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcFinishRow, a.base);
   hc_finish_row<HC, kHead, VEC>(a, blockIdx.x, sm, HcHandOver{});
 }
 
@@ -1338,7 +1343,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
   if (int(blockIdx.x) < f.slices) {
     if (threadIdx.x < kHcXThreads)  // (the finishers' Sinkhorn warp is idle here)
       hc_mix_partial_tile<4, kPostHc, kPostRows, true>(f.X, f.fn, f.rows, f.n, f.mix, f.partial, f.src, blockIdx.x, 0,
-                                                       sm.mix);
+                                                       sm.mix, f.fin.base);
   } else {
     wait_for_predecessor();  // (before the count: the previous launch on the counters has ended)
   }

@@ -512,8 +512,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
-  // (the FP4 experts' tiles are stamped by their kernels: entry, tile, exit)
-  DSV4_CTA_PROBE_SCOPE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, w0);
+  // (marks of gemm_kernel's tiles; the expert kernels stamp their own)
+  constexpr CtaProbeSite kProbeSite = kEarlyWeights ? CtaProbeSite::kGemmTile : CtaProbeSite::kNone;
   // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
   // ones kWStride apart (gemm_smem_bytes sizes both; for FP4 they are the same).
   constexpr int kWRow = kTmaW ? T::kWBytes : T::kWStride;
@@ -679,7 +679,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (!early_weights) init_stage_barriers();
   }
   __syncthreads();
-  DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 1, w0);  // waited
+  DSV4_CTA_PROBE(kProbeSite, 1, w0);  // waited
   auto a_source = [&](int i) -> const uint8_t* {
     const int c = tid + i * kThreads;
     const int src_row = c < BM * 8 ? s_rows[c >> 3] : -1;
@@ -1008,7 +1008,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   cp_async_wait<0>();
   if constexpr (kLoadAfter) wgmma_wait_all();  // (bf16: a no-op, the last stage ends a slice; ptxas cannot know)
   allow_dependents_to_launch();  // only the epilogue is left
-  DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 2, w0);  // stages_done
+  DSV4_CTA_PROBE(kProbeSite, 2, w0);  // stages_done
 
   const bool to_y1 = second && p.y1 != nullptr;  // linear_pair: the second weight's own output
   void* const y_out = to_y1 ? p.y1 : p.y;
@@ -1083,7 +1083,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
       if (r < valid_n && c < rows) part[c * ld_part + r] = cur[i][q][e];
     });
-    DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 3, w0);  // partial_stored
+    DSV4_CTA_PROBE(kProbeSite, 3, w0);  // partial_stored
     if (p.counters == nullptr) return;  // split_fold_kernel folds them (large row counts)
     // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
     __threadfence();
@@ -1091,7 +1091,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if (tid == 0) *s_flag = atomicAdd(p.counters + tile_id, 1) == p.split - 1;
     __syncthreads();
     if (!*s_flag) return;
-    DSV4_CTA_PROBE(F == WFmt::kFp4 ? CtaProbeSite::kNone : CtaProbeSite::kGemmTile, 4, w0);  // last_cta
+    DSV4_CTA_PROBE(kProbeSite, 4, w0);  // last_cta
     __threadfence();
     static_assert(kThreads == kTileN, "thread r folds weight row r");
     // With GemmParams::yq (host: whole 128-column tiles, no row scatter; wo_a's FP8-as-bf16
@@ -1145,6 +1145,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
   const int row_base = m_tile * BM;
   const int rows = min(BM, p.m - row_base);
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kGemmTile, p.w0);
   gemm_tile<F, NT, kTwoSets, true, false, kClusterFold>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
                                                        linear);
 }
