@@ -478,15 +478,28 @@ __device__ __forceinline__ void fold_tile_slices(const float* src, int split, in
 // ((0 + p_0) + p_1) + ..., as split_fold_kernel does, by `threads` threads, handed to
 // store(c, r, v) (c: tile activation row, r: tile weight row): gemm_tile's tiles other
 // than the batched ones (fold_tile_slices).
+// The slices' loads go out kFoldAhead at a time before their adds (the adds stay in slice
+// order): the fold is the last CTA's chain, and at batch 1 (S = 8-32 slices) the loop as
+// written kept ~4 loads in flight, a round trip each 4 slices.
+constexpr int kFoldAhead = 16;
 template <int BM, typename Store>
 __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64_t row_base, int64_t col0, int rows,
                                                       int valid_n, int tid, int threads, Store&& store) {
+  const int64_t slice_stride = int64_t(p.partial_rows) * p.partial_cols;
   for (int e = tid; e < kTileN * BM; e += threads) {
     const int r = e % kTileN, c = e / kTileN;
     if (r >= valid_n || c >= rows) continue;
+    const float* src = p.partial + (row_base + c) * p.partial_cols + col0 + r;
     float v = 0.0f;
-    for (int s = 0; s < p.split; ++s)
-      v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
+#pragma unroll 1
+    for (int s0 = 0; s0 < p.split; s0 += kFoldAhead) {
+      float part[kFoldAhead];
+#pragma unroll
+      for (int j = 0; j < kFoldAhead; ++j) part[j] = s0 + j < p.split ? __ldcg(src + (s0 + j) * slice_stride) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < kFoldAhead; ++j)
+        if (s0 + j < p.split) v += part[j];
+    }
     store(c, r, v);
   }
 }
