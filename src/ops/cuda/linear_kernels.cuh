@@ -1098,14 +1098,17 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     });
     DSV4_CTA_PROBE(kProbeSite, 3, w0);  // partial_stored
     if (p.counters == nullptr) return;  // split_fold_kernel folds them (large row counts)
-    // Last CTA of the tile folds the slices in order (threadFenceReduction pattern).
-    __threadfence();
+    // The last CTA of the tile folds the slices in order. Its arrival: after a CTA barrier
+    // (every thread's partial stores issued), thread 0's acquire-release add, whose
+    // release half publishes them (PTX release is cumulative through the barrier) and
+    // whose acquire half, then a barrier, lets the last CTA's threads read the others'
+    // (by ld.global.cg, through L2), as the fused expert step's arrivals do. It was a
+    // fence.sc by every thread, a relaxed add and a second fence.
     __syncthreads();
-    if (tid == 0) *s_flag = atomicAdd(p.counters + tile_id, 1) == p.split - 1;
+    if (tid == 0) *s_flag = atom_add_acq_rel_gpu(p.counters + tile_id, 1) == p.split - 1;
     __syncthreads();
     if (!*s_flag) return;
     DSV4_CTA_PROBE(kProbeSite, 4, w0);  // last_cta
-    __threadfence();
     static_assert(kThreads == kTileN, "thread r folds weight row r");
     // With GemmParams::yq (host: whole 128-column tiles, no row scatter; wo_a's FP8-as-bf16
     // instantiations only, so the others' code is unchanged), each output's bf16 value also
