@@ -38,9 +38,12 @@ def pct(v, q):
 
 
 def load(path, batch):
-    # replays[(batch, replay)][(site, tag)][cta] = {mark_name: (ns, sm, clock, mark_no)}
+    # replays[(batch, replay)][(site, tag, instance)][cta] = {mark_no: (ns, sm, clock, site)}. A CTA's
+    # stamps come entry first; its k-th entry under one (site, tag) is instance k (launches of one
+    # tag do not overlap), so equal tags of different launches stay apart.
     replays = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(dict)))
     names = {}
+    entries = collections.Counter()  # (batch, replay, site, tag, cta) -> entries seen
     with open_text(path) as f:
         r = csv.DictReader(f, delimiter="\t")
         need = {"batch", "replay", "site", "mark", "mark_no", "tag", "cta", "sm", "ns", "clock"}
@@ -50,8 +53,11 @@ def load(path, batch):
             b = int(row["batch"])
             if batch is not None and b != batch:
                 continue
-            key = (row["site"], row["tag"])
             m = int(row["mark_no"])
+            cta_key = (b, int(row["replay"]), row["site"], row["tag"], int(row["cta"]))
+            if m == 0:
+                entries[cta_key] += 1
+            key = (row["site"], row["tag"], max(0, entries[cta_key] - 1))
             names[(row["site"], m)] = row["mark"]
             replays[(b, int(row["replay"]))][key][int(row["cta"])][m] = (
                 int(row["ns"]), int(row["sm"]), int(row["clock"]), row["site"])
@@ -136,7 +142,7 @@ def main():
         order = sorted(launches.items(), key=lambda kv: min(m[0][0] for m in kv[1].values() if 0 in m)
                        if any(0 in m for m in kv[1].values()) else 0)
         kth = collections.Counter()
-        for (site, tag), ctas in order:
+        for (site, tag, _), ctas in order:
             st = launch_stats(ctas)
             if st is None:
                 continue

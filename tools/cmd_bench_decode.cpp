@@ -232,8 +232,9 @@ void run_cta_probe(engine::ModelRunner& runner, const engine::StepMetadata& meta
     uint64_t t0 = UINT64_MAX;
     for (const auto& e : recs) t0 = std::min(t0, e.ns);
     for (const auto& e : recs)
-      if (std::fprintf(out, "%d\t%d\t%s\t%s\t%d\t%08x\t%u\t%u\t%llu\t%llu\n", B, r, ops::cta_probe_site_name(e.site),
-                       ops::cta_probe_mark_name(e.site, e.mark), int(e.mark), e.tag, e.cta, unsigned(e.sm),
+      if (std::fprintf(out, "%d\t%d\t%s\t%s\t%d\t%llx\t%u\t%u\t%llu\t%llu\n", B, r, ops::cta_probe_site_name(e.site),
+                       ops::cta_probe_mark_name(e.site, e.mark), int(e.mark), static_cast<unsigned long long>(e.tag),
+                       e.cta, unsigned(e.sm),
                        static_cast<unsigned long long>(e.ns - t0), static_cast<unsigned long long>(e.clock)) < 0)
         core::fail("bench decode --cta-probe: cannot write {}", path);
     std::fprintf(stderr, "bench decode --cta-probe: batch %d, replay %d: %zu stamps\n", B, r, recs.size());

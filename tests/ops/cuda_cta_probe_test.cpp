@@ -25,7 +25,7 @@ TEST(CudaCtaProbe, EveryCtaStampsEveryMarkInOrder) {
   std::map<uint32_t, std::map<int, ops::CtaProbeRecord>> by_cta;
   for (const auto& r : recs) {
     EXPECT_EQ(r.site, uint8_t(ops::CtaProbeSite::kSelfTest));
-    EXPECT_EQ(r.tag, tag);
+    EXPECT_EQ(r.tag, uint64_t(tag) | (uint64_t(0x7f) << 40));  // all 64 bits
     EXPECT_LT(r.cta, uint32_t(ctas));
     EXPECT_LT(r.sm, 1024u);
     EXPECT_TRUE(by_cta[r.cta].emplace(int(r.mark), r).second) << "CTA " << r.cta << " mark " << int(r.mark) << " twice";

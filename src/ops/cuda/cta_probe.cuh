@@ -47,12 +47,11 @@ __device__ __forceinline__ void stamp(CtaProbeRecord* at, CtaProbeSite site, uin
   CtaProbeRecord r;
   r.ns = ns;
   r.clock = clk;
-  r.tag = uint32_t(reinterpret_cast<uintptr_t>(tag));
+  r.tag = uint64_t(reinterpret_cast<uintptr_t>(tag));
   r.cta = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
   r.sm = uint16_t(sm);
   r.site = uint8_t(site);
   r.mark = m;
-  r.pad = 0;
   *at = r;
 }
 

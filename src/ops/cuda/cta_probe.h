@@ -37,12 +37,11 @@ inline constexpr unsigned kCtaProbeSlots = 16;
 struct CtaProbeRecord {
   uint64_t ns;     // %globaltimer: one clock for every SM (ns)
   uint64_t clock;  // %clock64 of the SM (cycles; differences on one SM only)
-  uint32_t tag;    // the launch: the low 32 bits of a pointer argument unique to it (its weights)
+  uint64_t tag;    // the launch: a pointer argument unique to it (its weights)
   uint32_t cta;    // the linear block index
   uint16_t sm;     // %smid
   uint8_t site;    // CtaProbeSite
   uint8_t mark;
-  uint32_t pad;
 };
 static_assert(sizeof(CtaProbeRecord) == 32, "the record's layout is the device's");
 

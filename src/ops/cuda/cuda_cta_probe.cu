@@ -58,7 +58,7 @@ const std::vector<SiteNames>& site_names() {
 }
 
 __global__ void cta_probe_self_test_kernel(int marks, uint32_t spin_ns, uint32_t tag) {
-  const void* t = reinterpret_cast<const void*>(uintptr_t(tag));
+  const void* t = reinterpret_cast<const void*>(uintptr_t(tag) | (uintptr_t(0x7f) << 40));  // (a 64-bit tag)
   DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kSelfTest, t);
   for (int m = 1; m <= marks; ++m) {
     if (threadIdx.x == 0) {

@@ -478,10 +478,12 @@ __device__ __forceinline__ void fold_tile_slices(const float* src, int split, in
 // ((0 + p_0) + p_1) + ..., as split_fold_kernel does, by `threads` threads, handed to
 // store(c, r, v) (c: tile activation row, r: tile weight row): gemm_tile's tiles other
 // than the batched ones (fold_tile_slices).
-// The slices' loads go out kFoldAhead at a time before their adds (the adds stay in slice
-// order): the fold is the last CTA's chain, and at batch 1 (S = 8-32 slices) the loop as
-// written kept ~4 loads in flight, a round trip each 4 slices.
-constexpr int kFoldAhead = 16;
+// The slices' loads go out kFoldAhead at a time, unconditionally, before their adds (the
+// adds stay in slice order; the last S % kFoldAhead slices one by one): the fold is the
+// last CTA's chain, and at batch 1 (S = 8-32) the loop as written kept 4 loads in flight,
+// a round trip each 4 slices. (Loads behind a test each, for a partial group, had made
+// every load wait for the one before: +1.5% a step at batch 1, +4.7% at 8 rows.)
+constexpr int kFoldAhead = 8;
 template <int BM, typename Store>
 __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64_t row_base, int64_t col0, int rows,
                                                       int valid_n, int tid, int threads, Store&& store) {
@@ -491,15 +493,16 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
     if (r >= valid_n || c >= rows) continue;
     const float* src = p.partial + (row_base + c) * p.partial_cols + col0 + r;
     float v = 0.0f;
+    int s = 0;
 #pragma unroll 1
-    for (int s0 = 0; s0 < p.split; s0 += kFoldAhead) {
+    for (; s + kFoldAhead <= p.split; s += kFoldAhead) {
       float part[kFoldAhead];
 #pragma unroll
-      for (int j = 0; j < kFoldAhead; ++j) part[j] = s0 + j < p.split ? __ldcg(src + (s0 + j) * slice_stride) : 0.0f;
+      for (int j = 0; j < kFoldAhead; ++j) part[j] = __ldcg(src + (s + j) * slice_stride);
 #pragma unroll
-      for (int j = 0; j < kFoldAhead; ++j)
-        if (s0 + j < p.split) v += part[j];
+      for (int j = 0; j < kFoldAhead; ++j) v += part[j];
     }
+    for (; s < p.split; ++s) v += __ldcg(src + s * slice_stride);
     store(c, r, v);
   }
 }
