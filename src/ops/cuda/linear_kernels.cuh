@@ -478,31 +478,18 @@ __device__ __forceinline__ void fold_tile_slices(const float* src, int split, in
 // ((0 + p_0) + p_1) + ..., as split_fold_kernel does, by `threads` threads, handed to
 // store(c, r, v) (c: tile activation row, r: tile weight row): gemm_tile's tiles other
 // than the batched ones (fold_tile_slices).
-// The slices' loads go out kFoldAhead at a time, unconditionally, before their adds (the
-// adds stay in slice order; the last S % kFoldAhead slices one by one): the fold is the
-// last CTA's chain, and at batch 1 (S = 8-32) the loop as written kept 4 loads in flight,
-// a round trip each 4 slices. (Loads behind a test each, for a partial group, had made
-// every load wait for the one before: +1.5% a step at batch 1, +4.7% at 8 rows.)
-constexpr int kFoldAhead = 8;
+// (Its slices' loads in groups of 8 ahead of their adds, the same order, measured -0.3% a
+// step at 8 rows but +0.2% at 1 and 16 (sixtieth session, 2 rounds): not kept. A form
+// with a test before each load serialized the loads: +1.5% / +4.7% at 1 / 8 rows.)
 template <int BM, typename Store>
 __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64_t row_base, int64_t col0, int rows,
                                                       int valid_n, int tid, int threads, Store&& store) {
-  const int64_t slice_stride = int64_t(p.partial_rows) * p.partial_cols;
   for (int e = tid; e < kTileN * BM; e += threads) {
     const int r = e % kTileN, c = e / kTileN;
     if (r >= valid_n || c >= rows) continue;
-    const float* src = p.partial + (row_base + c) * p.partial_cols + col0 + r;
     float v = 0.0f;
-    int s = 0;
-#pragma unroll 1
-    for (; s + kFoldAhead <= p.split; s += kFoldAhead) {
-      float part[kFoldAhead];
-#pragma unroll
-      for (int j = 0; j < kFoldAhead; ++j) part[j] = __ldcg(src + (s + j) * slice_stride);
-#pragma unroll
-      for (int j = 0; j < kFoldAhead; ++j) v += part[j];
-    }
-    for (; s < p.split; ++s) v += __ldcg(src + s * slice_stride);
+    for (int s = 0; s < p.split; ++s)
+      v += __ldcg(p.partial + (int64_t(s) * p.partial_rows + row_base + c) * p.partial_cols + col0 + r);
     store(c, r, v);
   }
 }
