@@ -115,7 +115,7 @@ def launch_stats(ctas, exit_mark=255):
     if exits:
         cta = max((m[exit_mark][0], c) for c, m in ctas.items() if exit_mark in m)[1]
         chain = ctas[cta]
-        s["last_chain"] = {k: chain[k][0] - first for k in sorted(chain)}
+        s["last_chain"] = {k: chain[k][0] - first for k in sorted(chain, key=lambda k: (chain[k][0], k))}
         s["last_sm"] = next(iter(chain.values()))[1]
     return s
 
@@ -165,7 +165,9 @@ def main():
         print("|---|--:|--:|--:|--:|--:|--:|---|")
         for (site, _), rs in sorted(by_site.items(), key=lambda kv: -sum(r[5]["span"] for r in kv[1])):
             per = len(rs) / len(reps)
-            ks = sorted({k for r in rs for k in r[5]["marks"]})
+            # (marks in the order they come: by their median offset)
+            ks = sorted({k for r in rs for k in r[5]["marks"]},
+                        key=lambda k: median([r[5]["marks"][k][0] for r in rs if k in r[5]["marks"]]))
             marks = "; ".join(
                 f"{mark_name(site, k)} {median([r[5]['marks'][k][0] for r in rs if k in r[5]['marks']]) / 1e3:.2f} / "
                 f"{median([r[5]['marks'][k][1] for r in rs if k in r[5]['marks']]) / 1e3:.2f}" for k in ks)
@@ -178,7 +180,8 @@ def main():
         print("| site | CTAs | the last CTA's chain: mark at µs from the launch's first entry (medians over launches) |")
         print("|---|--:|---|")
         for (site, n), rs in sorted(by_site.items()):
-            ks = sorted({k for r in rs for k in r[5].get("last_chain", {})})
+            ks = sorted({k for r in rs for k in r[5].get("last_chain", {})},
+                        key=lambda k: median([r[5]["last_chain"][k] for r in rs if k in r[5].get("last_chain", {})]))
             chain = "; ".join(
                 f"{mark_name(site, k)} {median([r[5]['last_chain'][k] for r in rs if k in r[5].get('last_chain', {})]) / 1e3:.2f}"
                 for k in ks)

@@ -49,7 +49,7 @@ const std::vector<SiteNames>& site_names() {
        {"entry", "slice_done", "counted", "handed_over", "staged", "sums", "x_done", "waited", "norm_sum"}},
       {"hc_mix_partial", {"entry", "waited"}},
       {"hc_finish_row", {"entry", "m1", "m2", "handed_over", "staged", "sums", "x_done", "m7", "norm_sum"}},
-      {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta"}},
+      {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta", "first_stage"}},
       {"expert_gemm", {"entry", "tile_known"}},
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},
       {"attention", {"entry", "waited"}},

@@ -791,6 +791,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       fence_proxy_async();
       __syncthreads();  // ... for every thread
       decode_bf16_frags(a0, 0);
+      DSV4_CTA_PROBE(kProbeSite, 5, w0);  // first_stage (landed and decoded)
     }
     // Stage it: its products from `a`; under them the wait for stage it+1's copies, the
     // next copies into stage it-1's buffer (free: every thread waited for its products
@@ -855,6 +856,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
       fence_proxy_async();
       __syncthreads();               // ... for every thread, and stage it-1's buffer is free
+      if (it == 0) DSV4_CTA_PROBE(kProbeSite, 5, w0);  // first_stage (landed)
       // (bf16: free once its tensor-core products are done, see kLoadAfter)
       auto load_next = [&] {
         const unsigned nxt = uit + kStages - 1;
