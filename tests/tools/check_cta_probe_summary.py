@@ -9,16 +9,11 @@ import os
 import subprocess
 import sys
 
-
-def fail(msg):
-    print("FAIL: " + msg)
-    sys.exit(1)
+from check_common import fail, target_and_stem
 
 
 def main():
-    script, tmp = sys.argv[1], sys.argv[2]
-    os.makedirs(tmp, exist_ok=True)
-    base = os.path.join(tmp, "cta_probe_check_%d" % os.getpid())
+    script, base = target_and_stem("cta_probe_check")
     names = {0: "entry", 1: "waited", 2: "stages_done", 255: "exit"}
     # (cta, [(mark, ns)]) in the order the probe writes them: a CTA's stamps together, entry first.
     launch1 = [(0, [(0, 0), (1, 1000), (2, 5000), (255, 6000)]),

@@ -7,16 +7,11 @@ import os
 import subprocess
 import sys
 
-
-def fail(msg):
-    print("FAIL: " + msg)
-    sys.exit(1)
+from check_common import fail, target_and_stem
 
 
 def main():
-    script, tmp = sys.argv[1], sys.argv[2]
-    os.makedirs(tmp, exist_ok=True)
-    base = os.path.join(tmp, "graph_trace_check_%d" % os.getpid())
+    script, base = target_and_stem("graph_trace_check")
     # Graph 3 (node ids carry it in their high 32 bits), two replays 1 ms apart. Times in us:
     # A 0-10; B 5-30 (launched under A: programmatic); D 12-20 (after A: plain); a memset after D;
     # C 32-40 after B and the memset. The chain: A (10), B (30 - 10 = 20), C (40 - 30 = 10).
