@@ -114,19 +114,29 @@ CtaProbe::CtaProbe(int64_t capacity) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   if (r.attached) core::fail("CtaProbe: another probe is alive (one at a time)");
-  DSV4_CUDA_CHECK(cudaMalloc(&sink_.records, size_t(capacity) * sizeof(CtaProbeRecord)));
-  DSV4_CUDA_CHECK(cudaMalloc(&sink_.count, 2 * sizeof(unsigned long long)));
-  sink_.overflow = sink_.count + 1;
-  sink_.capacity = static_cast<unsigned long long>(capacity);
-  reset();  // (zeroed before any kernel stamps)
-  set_all(sink_);
+  try {
+    DSV4_CUDA_CHECK(cudaMalloc(&sink_.records, size_t(capacity) * sizeof(CtaProbeRecord)));
+    DSV4_CUDA_CHECK(cudaMalloc(&sink_.count, 2 * sizeof(unsigned long long)));
+    sink_.overflow = sink_.count + 1;
+    sink_.capacity = static_cast<unsigned long long>(capacity);
+    reset();  // (zeroed before any kernel stamps)
+    set_all(sink_);
+  } catch (...) {  // (no probe then: every sink null again, the buffers freed)
+    try {
+      set_all(CtaProbeSink{});
+    } catch (...) {
+    }
+    cudaFree(sink_.records);
+    cudaFree(sink_.count);
+    throw;
+  }
   r.attached = true;
 }
 
 CtaProbe::~CtaProbe() {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  // (no throwing from a destructor: errors here are reported, not raised)
+  // (no throwing from a destructor: a failing device leaves nothing to reset, and errors here are dropped)
   if (cudaDeviceSynchronize() == cudaSuccess) {
     try {
       set_all(CtaProbeSink{});
