@@ -89,11 +89,7 @@ def timer_step_ns(replay):
     return min(d) if d else float("nan")
 
 
-WAITED = {}  # (site, mark) -> True where the mark comes right after the dependency wait (filled by main)
-
-
-def names_of(marks, k):
-    return "waited" if WAITED.get((marks[k][3], k)) else ""
+WAITED = set()  # (site, mark) of the marks that come right after a kernel's dependency wait (filled by main)
 
 
 def launch_stats(ctas, exit_mark=255):
@@ -105,7 +101,7 @@ def launch_stats(ctas, exit_mark=255):
     s = {"ctas": len(ctas), "start": first, "ramp": last_entry - first}
     s["span"] = (max(exits) - first) if exits else float("nan")
     s["drain"] = (max(exits) - last_entry) if exits else float("nan")
-    waited = [m[k][0] for m in ctas.values() for k in m if names_of(m, k) == "waited"]
+    waited = [m[k][0] for m in ctas.values() for k in m if (m[k][3], k) in WAITED]
     s["from_wait"] = (max(exits) - min(waited)) if exits and waited else float("nan")
     marks = sorted({k for m in ctas.values() for k in m if k != 0})
     s["marks"] = {}
@@ -130,7 +126,7 @@ def main():
     a = ap.parse_args()
     replays, names = load(a.file, a.batch)
     # (the marks that come right after a kernel's dependency wait)
-    WAITED.update({key: True for key, name in names.items() if name in ("waited", "tile_known", "item_taken")})
+    WAITED.update(key for key, name in names.items() if name in ("waited", "tile_known", "item_taken"))
     if not replays:
         sys.exit(f"{a.file}: no stamps" + (f" for batch {a.batch}" if a.batch is not None else ""))
 
