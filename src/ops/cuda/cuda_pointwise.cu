@@ -1026,6 +1026,7 @@ struct HcFinishArgs {
 constexpr int kHcMaxStagedSlices = 256;  // 32 KB of shared memory; more slices load directly
 constexpr int kHcXThreads = 256;         // warps 0-7: x and xn, as rms_norm_row's 256 threads
 constexpr int kHcChunksInRegisters = 2;  // x chunks a thread holds: D <= 4096 at VEC = 8 in one pass
+constexpr int kHcStageAhead = 4;         // partial pieces a thread loads before X's (128 slices x 8 at 256 threads)
 
 // VEC bf16 values held two to a 32-bit register (BfVec<8> takes eight registers
 // once unpacked: hc_finish_kernel's X, weights and x at HC = 4 spilled with it).
@@ -1146,7 +1147,11 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
         for (int i = 0; i < HC; ++i) xs[k][i].load(a.X + (t * HC + i) * a.D + int64_t(chunk(base, k)) * VEC);
       }
   };
-  if (x_thread && !hand.x_from_mix) load_x(0);
+  // X formed just before (by the mix launch, or by this launch's slices where x_from_mix) is
+  // loaded after the partials' loads have gone out (below): the sums need the partials
+  // first, X only once `pre` is known. X already in memory at the launch is loaded here.
+  const bool x_late = !fused || hand.x_from_mix;
+  if (x_thread && !x_late) load_x(0);
   int left = -1;  // quick: thread 0's count into `left` (its old value), read after the staging
   if (fused) {
     // The CTAs not yet counted wait on nothing (their predecessor aside) and need one SM
@@ -1171,15 +1176,36 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     DSV4_CTA_PROBE(probe_site, 3, a.base);  // handed_over
     // (after the barrier: this CTA's wait is over, whichever thread ran it)
     if (hand.quick && tid == 0 && hand.finishers > 1) left = atom_add_release_gpu(hand.sync + 1, 1);
-    if (x_thread && hand.x_from_mix) load_x(0);
   }
   const int slices = int(a.slices);
   const bool stage = slices <= kHcMaxStagedSlices;
+  // Piece i (16 bytes) of the row's partials: slice i / 8, floats 4 (i % 8) ..
+  auto partial_piece = [&](int i) {
+    return reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
+  };
   if (stage) {
-    for (int i = tid; i < slices * 8; i += int(blockDim.x))
-      staged[i] = reinterpret_cast<const float4*>(a.partial + (int64_t(i / 8) * kHcMaxRowsPerLaunch + t) * 32)[i % 8];
+    // The first kHcStageAhead pieces a thread (every piece at 128 slices) into registers,
+    // then X's loads, then the stores into shared memory: the partials' 16 KB ahead of X's
+    // 32 KB (HC = 4, D = 4096) in the SM's queue to the L2 (the CTA probe put the staging at
+    // ~2 µs of the batch-1 finisher's chain with X issued first).
+    const int pieces = slices * 8;
+    float4 ahead[kHcStageAhead];
+#pragma unroll
+    for (int u = 0; u < kHcStageAhead; ++u) {
+      const int i = tid + u * int(blockDim.x);
+      if (i < pieces) ahead[u] = partial_piece(i);
+    }
+    if (x_thread && x_late) load_x(0);
+#pragma unroll
+    for (int u = 0; u < kHcStageAhead; ++u) {
+      const int i = tid + u * int(blockDim.x);
+      if (i < pieces) staged[i] = ahead[u];
+    }
+    for (int i = tid + kHcStageAhead * int(blockDim.x); i < pieces; i += int(blockDim.x)) staged[i] = partial_piece(i);
     __syncthreads();
     DSV4_CTA_PROBE(probe_site, 4, a.base);  // staged
+  } else if (x_thread && x_late) {
+    load_x(0);
   }
   if (fused && hand.quick && tid == 0 && (hand.finishers == 1 || left == hand.finishers - 1)) {
     // Every finisher is past its wait (one finisher: this one), so no poll reads `done` again
