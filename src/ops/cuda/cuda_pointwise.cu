@@ -618,30 +618,23 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
     DSV4_CTA_PROBE(kFused ? CtaProbeSite::kHcMixFinish : CtaProbeSite::kHcMixPartial, kFused ? 7 : 1, probe_tag);
     if constexpr (kPostHc > 0) {
       // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i), hc_post_kernel's arithmetic;
-      // the slice lies in stream j (D % 128 == 0). Thread tid forms row t = tid / 16,
-      // columns 8 (tid % 16) .. + 7 of the slice: 16-byte loads and stores (the host
-      // checks the source's rows are 16-byte aligned), 5 loads a thread where one value a
-      // thread had taken 40 two-byte ones at 16 rows.
-      constexpr int HC = kPostHc, kThreadsPerRow = kHcSlice / 8;
-      static_assert(kPostRows * kThreadsPerRow <= 256, "a thread's 8 columns cover the source rows");
+      // the slice lies in stream j (D % 128 == 0). Rows < kPostRows: elements u < kU.
+      constexpr int HC = kPostHc, kU = kPostRows * kHcSlice / 256;
+      static_assert(kU <= kXPer, "the source rows fit one tile");
       const int64_t D = src.D, d0 = k0 % D;
       const int j = int(k0 / D);
-      const int tid = int(threadIdx.x);
-      const int t = tid / kThreadsPerRow, c = (tid % kThreadsPerRow) * 8;
-      const bool live = t < rows;
-      const int64_t d = d0 + c;
-      float routed[8];
       if (src.slot_out) {
-        // routed = moe_reduce(slot_out, ids) for this thread's 8 columns, moe_reduce_kernel's
+        // routed = moe_reduce(slot_out, ids) for this slice's columns, moe_reduce_kernel's
         // arithmetic (each row's slots in ascending expert id, equal ids in slot order, ids
-        // < 0 skipped; an fp32 sum from 0 in that order), kept in registers.
+        // < 0 skipped; an fp32 sum from 0 in that order), into x_s (its rows < kPostRows,
+        // read back below by the thread that then overwrites the same element).
         // The order by ranks: thread (t, s) places its slot after the row's valid slots with a
         // smaller id, or the same id in an earlier slot: moe_slot_order's order in one step
         // for every slot (rows * k <= 256), where one thread a row had sorted by insertion
         // (k dependent shared-memory compare-and-shift steps on the launch's path).
         static_assert(kPostRows * kHcMaxSlots <= 256, "a thread a slot");
         __shared__ int slot_id[kPostRows][kHcMaxSlots], slot_order[kPostRows][kHcMaxSlots], slot_count[kPostRows];
-        const int k = src.k;
+        const int tid = int(threadIdx.x), k = src.k;
         const bool slot_thread = tid < rows * k;
         const int slot_row = slot_thread ? tid / k : 0, slot = slot_thread ? tid % k : 0;
         const int32_t id = slot_thread ? src.ids[tid] : -1;
@@ -658,68 +651,64 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
           if (slot == 0) slot_count[slot_row] = count;
         }
         asm volatile("bar.sync 1, 256;" ::: "memory");
-        if (live) moe_slot_sum<8>(src.slot_out + int64_t(t) * k * D + d, D, slot_order[t], slot_count[t], routed);
+        for (int v = tid; v < rows * (kHcSlice / 8); v += 256) {  // 8 columns of a row a thread
+          const int t = v / (kHcSlice / 8), c = (v % (kHcSlice / 8)) * 8;
+          float acc[8];
+          moe_slot_sum<8>(src.slot_out + int64_t(t) * k * D + d0 + c, D, slot_order[t], slot_count[t], acc);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) x_s[t][c + e] = acc[e];
+        }
+        asm volatile("bar.sync 1, 256;" ::: "memory");
       }
       // Row t's post_j and comb[t][.][j] (the same for every element of the row) go
       // through shared memory, not a register set per element: at 16 rows those were
       // 40 of the ~150 registers a thread (and spilled in hc_mix_finish_kernel's 96).
       __shared__ float row_post[kPostRows], row_comb[kPostRows][HC];
+      const int tid = int(threadIdx.x);
       float row_value = 0.0f;  // thread tid < rows * (HC + 1): comb (i < HC) or post (i == HC) of row tid / (HC + 1)
       if (tid < rows * (HC + 1)) {
-        const int rt = tid / (HC + 1), i = tid % (HC + 1);
-        row_value = i < HC ? src.comb[rt * HC * HC + i * HC + j] : src.post[rt * HC + j];
+        const int t = tid / (HC + 1), i = tid % (HC + 1);
+        row_value = i < HC ? src.comb[t * HC * HC + i * HC + j] : src.post[t * HC + j];
       }
-      BfVec<8> fb, rv[HC];
-      if (live) {
+      uint16_t fb[kU], rv[kU][HC];
+      float routed[kU];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int idx = tid + 256 * u;
+        const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
+        if (t >= rows) continue;
         if (src.f) {
-          fb = load_bf<8>(src.f + t * D + d);
+          fb[u] = src.f[t * D + d];
         } else {
-          if (!src.slot_out) {
-            const float4 lo = *reinterpret_cast<const float4*>(src.routed + t * D + d);
-            const float4 hi = *reinterpret_cast<const float4*>(src.routed + t * D + d + 4);
-            routed[0] = lo.x, routed[1] = lo.y, routed[2] = lo.z, routed[3] = lo.w;
-            routed[4] = hi.x, routed[5] = hi.y, routed[6] = hi.z, routed[7] = hi.w;
-          }
-          fb = load_bf<8>(src.shared + t * D + d);
+          routed[u] = src.slot_out ? x_s[t][idx % kHcSlice] : src.routed[t * D + d];
+          fb[u] = src.shared[t * D + d];
         }
 #pragma unroll
-        for (int i = 0; i < HC; ++i) rv[i] = load_bf<8>(src.R + (t * HC + i) * D + d);
+        for (int i = 0; i < HC; ++i) rv[u][i] = src.R[(t * HC + i) * D + d];
       }
       if (tid < rows * (HC + 1)) {
-        const int rt = tid / (HC + 1), i = tid % (HC + 1);
-        if (i < HC) row_comb[rt][i] = row_value;
-        else row_post[rt] = row_value;
+        const int t = tid / (HC + 1), i = tid % (HC + 1);
+        if (i < HC) row_comb[t][i] = row_value;
+        else row_post[t] = row_value;
       }
       asm volatile("bar.sync 1, 256;" ::: "memory");
-      if (live) {
-        if (!src.f) {  // moe_output's f, stored by stream 0's slices
 #pragma unroll
-          for (int e = 0; e < 8; ++e) fb.v[e] = moe_output_value(routed[e], fb.v[e]);
-          if (j == 0) store_bf<8>(src.y + t * D + d, fb);
+      for (int u = 0; u < kXPer; ++u) xv[u] = 0.0f;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int idx = tid + 256 * u;
+        const int64_t t = idx / kHcSlice, d = d0 + idx % kHcSlice;
+        if (t >= rows) continue;
+        if (!src.f) {  // moe_output's f, stored by stream 0's slices
+          fb[u] = moe_output_value(routed[u], fb[u]);
+          if (j == 0) src.y[t * D + d] = fb[u];
         }
         float cm[HC];
 #pragma unroll
         for (int i = 0; i < HC; ++i) cm[i] = row_comb[t][i];
-        const float pj = row_post[t];
-        BfVec<8> o;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          uint16_t r[HC];
-#pragma unroll
-          for (int i = 0; i < HC; ++i) r[i] = rv[i].v[e];
-          o.v[e] = hc_post_value<HC>(pj, fb.v[e], cm, r);
-        }
-        store_bf<8>(src.Y + (t * HC + j) * D + d, o);
-        // (two 16-byte stores: 8 scalar ones a thread 32 bytes apart were 4-way bank conflicts)
-        float4* xs4 = reinterpret_cast<float4*>(&x_s[t][c]);
-        xs4[0] = make_float4(bf2f(o.v[0]), bf2f(o.v[1]), bf2f(o.v[2]), bf2f(o.v[3]));
-        xs4[1] = make_float4(bf2f(o.v[4]), bf2f(o.v[5]), bf2f(o.v[6]), bf2f(o.v[7]));
-      }
-      // The tile's other rows (rows .. 8 kRows - 1) are zeros.
-#pragma unroll
-      for (int u = 0; u < kXPer; ++u) {
-        const int idx = tid + 256 * u;
-        if (idx / kHcSlice >= rows) x_s[idx / kHcSlice][idx % kHcSlice] = 0.0f;
+        const uint16_t o = hc_post_value<HC>(row_post[t], fb[u], cm, rv[u]);
+        src.Y[(t * HC + j) * D + d] = o;
+        xv[u] = bf2f(o);
       }
     } else {
 #pragma unroll
@@ -737,12 +726,10 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         if (idx < mix * kHcSlice) fn_s[idx / kHcSlice][idx % kHcSlice] = fv[u];
       }
     }
-    if constexpr (kPostHc == 0) {
 #pragma unroll
-      for (int u = 0; u < kXPer; ++u) {
-        const int idx = int(threadIdx.x) + 256 * u;
-        x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
-      }
+    for (int u = 0; u < kXPer; ++u) {
+      const int idx = int(threadIdx.x) + 256 * u;
+      x_s[idx / kHcSlice][idx % kHcSlice] = xv[u];
     }
   }
   asm volatile("bar.sync 1, 256;" ::: "memory");  // (threads 0-255: hc_mix_finish_kernel's warp 8 is elsewhere)
@@ -1885,12 +1872,8 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2);
   if (T == 0) return;
   const bool moe = in.f.ndim() == 0, slots = moe && in.slot_out.ndim() > 0;
-  // (the mix reads and writes the source's rows 16 bytes at a time)
-  const bool source16 = aligned16(in.f.data()) && aligned16(in.R.data()) && aligned16(in.shared.data()) &&
-                        aligned16(in.y.data()) && aligned16(in.routed.data());
   if (T > kHcPostMaxRows || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
-      !aligned16(xn.data()) || !aligned16(norm_weight.data()) || !source16 ||
-      (wa && !linears_take_quantized_rows(*wa, wb)) ||
+      !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb)) ||
       (slots && (in.slot_out.size(1) == 0 || in.slot_out.size(1) > kHcMaxSlots || !aligned16(in.slot_out.data())))) {
     Backend::do_hc_post_pre_norm(in, Y, w, config, norm_weight, eps, x, xn, post, comb, wa, ya, wb, yb);
     return;
