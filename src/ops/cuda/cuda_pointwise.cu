@@ -1102,9 +1102,6 @@ struct HcHandOver {
   int finishers = 0;    // rows
   bool x_from_mix = false;  // the mix forms X (an hc_post source): read it after the hand-over
   bool quick = true;
-  // Where a finisher lets the next kernel launch (DSV4_CUDA_HC_RELEASE, for A/B runs; the same
-  // bits at any point): 0 at its hand-over, 1 once its partials are staged, 2 once x is formed.
-  int release = 0;
 };
 
 // Row t of hc_finish by this CTA's threads (kHcXThreads, + the Sinkhorn warp where !kHead).
@@ -1173,7 +1170,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
         hand.sync[0] = 0;
         hand.sync[1] = 0;
       }
-      if (hand.release == 0) allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
+      allow_dependents_to_launch();  // (once a CTA: the first thread's counts)
     }
     __syncthreads();  // (thread 0's acquire, then this barrier: the slices' partials and X visible to all)
     DSV4_CTA_PROBE(probe_site, 3, a.base);  // handed_over
@@ -1207,7 +1204,6 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     for (int i = tid + kHcStageAhead * int(blockDim.x); i < pieces; i += int(blockDim.x)) staged[i] = partial_piece(i);
     __syncthreads();
     DSV4_CTA_PROBE(probe_site, 4, a.base);  // staged
-    if (fused && tid == 0 && hand.release == 1) allow_dependents_to_launch();
   } else if (x_thread && x_late) {
     load_x(0);
   }
@@ -1293,7 +1289,6 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
     }
   }
   DSV4_CTA_PROBE(probe_site, 6, a.base);  // x_done
-  if (fused && tid == 0 && hand.release == 2) allow_dependents_to_launch();
   if (!norm) return;
   // hc_pre_norm: xn = rms_norm(x), rms_norm_row's arithmetic.
   const float total = x_warps_sum(ss, red);
@@ -1679,7 +1674,7 @@ int64_t hc_rows_from_env(const char* name, int64_t fallback) {
 }
 
 // The fused mix and finish (hc_mix_finish_kernel) where it applies: up to
-// DSV4_CUDA_HC_FUSED_ROWS rows (default 16; 0: never), 16-byte rows (X, x and fn). A test
+// DSV4_CUDA_HC_FUSED_ROWS rows (default 4; 0: never), 16-byte rows (X, x and fn). A test
 // hook may force it on (up to kHcPostMaxRows rows) or off. Same bits either way.
 // Measured (bench-1g, H200, A/Bs of the two launches, docs/BENCHMARKS.md): -0.2% a step at
 // batch 1, -0.1% at 8 (not apart), +0.4% at 16, where the mix tiles of 16 rows ran slower
@@ -1688,9 +1683,10 @@ int64_t hc_rows_from_env(const char* name, int64_t fallback) {
 // (fifty-eighth), a limit of 16 against 4 read -0.3% at 16 rows on two grants and +0.3%
 // on a third (each apart), -0.2 / +0.1 / +0.2% at 6 / 8 / 12: no change worth making. With
 // the finisher's partials loaded ahead of X (sixty-first session): -0.4% at 16 rows, -0.1% at
-// 8 (s70b), so the limit is 16 since.
+// 8 (s70b); on the next grant, with the slot sums in the mix to 16 rows, +0.5 / +1.0 / +0.7% at
+// 8 / 12 / 16 (s70c, apart). Left at 4.
 bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
-  static const int64_t max_rows = hc_rows_from_env("DSV4_CUDA_HC_FUSED_ROWS", kHcPostMaxRows);
+  static const int64_t max_rows = hc_rows_from_env("DSV4_CUDA_HC_FUSED_ROWS", 4);
   const int forced = g_force_hc_fused.load(std::memory_order_relaxed);
   const int64_t limit = forced >= 0 ? (forced == 1 ? kHcPostMaxRows : 0) : max_rows;
   return rows <= limit && v8 && fn16 && slices <= kHcMaxStagedSlices &&
@@ -1729,14 +1725,6 @@ HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, bool x_from
   h.finishers = int(rows);
   h.x_from_mix = x_from_mix;
   h.quick = hc_quick_hand_over();
-  static const int release = [] {
-    const char* v = std::getenv("DSV4_CUDA_HC_RELEASE");
-    if (v == nullptr || *v == '\0') return 0;
-    const std::string r(v);
-    DSV4_CHECK(r == "hand-over" || r == "staged" || r == "x", "DSV4_CUDA_HC_RELEASE='{}': expected hand-over, staged or x", r);
-    return r == "hand-over" ? 0 : r == "staged" ? 1 : 2;
-  }();
-  h.release = release;
   return h;
 }
 
