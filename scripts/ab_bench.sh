@@ -16,7 +16,7 @@
 # prints step ms (median of the graph replays) per batch for every run, then
 # scripts/ab_summary.py's table (means, change against base, ratio to the roofline,
 # GB moved and the change per GB, the fair one where a variant changes bits;
-# use a fresh OUT: it reads every NAME-ROUND.json there).
+# OUT must hold no runs yet: the summary reads every NAME-ROUND.json there).
 # Environment: ROUNDS (default 2), BATCHES (default 1,16,64,256), PRESET (default
 # bench-1g), CONTEXT (default 4096), CMAKE_ARGS (default -DDSV4_CUDA=ON), BENCH_ARGS
 # (more `bench decode` options, e.g. "--backend cpu --threads 8" for a CPU run).
@@ -26,6 +26,11 @@ out="${1:?usage: scripts/ab_bench.sh OUT NAME=PATCH [NAME=PATCH...]}"
 shift
 [ $# -gt 0 ] || { echo "ab_bench: give at least one NAME=PATCH variant" >&2; exit 2; }
 mkdir -p "$out"
+# (a second A/B into the same OUT would be summarized together with the first's runs)
+if compgen -G "$out/*-[0-9]*.json" >/dev/null; then
+  echo "ab_bench: $out already holds runs (NAME-ROUND.json); give a fresh OUT: the summary reads every one there" >&2
+  exit 2
+fi
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$PWD/.carry/lib"
 export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$PWD/.carry/lib"
 read -r -a cmake_args <<<"${CMAKE_ARGS:--DDSV4_CUDA=ON}"
