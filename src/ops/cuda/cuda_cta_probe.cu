@@ -46,9 +46,11 @@ const std::vector<SiteNames>& site_names() {
   static const std::vector<SiteNames> names = {
       {"self_test", {"entry"}},
       {"hc_mix_finish",
-       {"entry", "slice_done", "counted", "handed_over", "staged", "sums", "x_done", "waited", "norm_sum"}},
+       {"entry", "slice_done", "counted", "handed_over", "staged", "sums", "x_done", "waited", "norm_sum", "norm_factor",
+        "xn_done"}},
       {"hc_mix_partial", {"entry", "waited"}},
-      {"hc_finish_row", {"entry", "m1", "m2", "handed_over", "staged", "sums", "x_done", "m7", "norm_sum"}},
+      {"hc_finish_row",
+       {"entry", "m1", "m2", "handed_over", "staged", "sums", "x_done", "m7", "norm_sum", "norm_factor", "xn_done"}},
       {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta", "first_stage"}},
       {"expert_gemm", {"entry", "tile_known"}},
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},

@@ -1119,7 +1119,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   const int tid = int(threadIdx.x);
   const bool x_thread = tid < kHcXThreads;
   const bool fused = hand.sync != nullptr;
-  // (the probe's marks 3-6 and 8 of either kernel: handed_over, staged, sums, x_done, norm_sum)
+  // (the probe's marks 3-6 and 8-10 of either kernel: handed_over, staged, sums, x_done, norm_sum,
+  // norm_factor, xn_done)
   const CtaProbeSite probe_site = fused ? CtaProbeSite::kHcMixFinish : CtaProbeSite::kHcFinishRow;
   const int64_t n = HC * a.D;
   const int chunks = int(a.D / VEC);
@@ -1294,6 +1295,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   const float total = x_warps_sum(ss, red);
   DSV4_CTA_PROBE(probe_site, 8, a.base);  // norm_sum (every warp's x done)
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(a.D)), a.rms_eps)));
+  DSV4_CTA_PROBE(probe_site, 9, a.base);  // norm_factor
   const int last = (chunks - 1) / kPass * kPass;  // the pass whose x is in xo
   const bool quant = VEC == 8 && a.xq != nullptr;
   for (int base = 0; base < chunks; base += kPass) {
@@ -1322,6 +1324,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
       }
     }
   }
+  DSV4_CTA_PROBE(probe_site, 10, a.base);  // xn_done (this thread's xn and codes stored)
 }
 
 template <int HC, bool kHead, int VEC>
