@@ -24,6 +24,7 @@ enum class CtaProbeSite : uint8_t {
   kExpertGemm,    // expert_gemm_kernel (the routed experts' separate launches)
   kExpertFused,   // expert_ffn_fused_kernel (gate/up and down in one launch)
   kAttention,     // attention_wgmma_kernel
+  kAttnCombine,   // attention_combine_kernel (after a split attention launch)
   kCount,
   kNone = 0xff,  // stamps nothing (for a site picked at compile time, e.g. by a template's format)
 };

@@ -2056,8 +2056,10 @@ __global__ void __launch_bounds__(DH / 4) attention_combine_kernel(AttnArgs a, A
     }
     sink = a.sink[h];
   };
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kAttnCombine, a.sink);
   if constexpr (kEarly) rotations();
   wait_for_predecessor();
+  DSV4_CTA_PROBE(CtaProbeSite::kAttnCombine, 1, a.sink);  // waited
   uint16_t* out = a.o + (t * a.H + h) * DH + d;
   const int32_t n_segs = sp.segs[t];
   if (n_segs == 0) {  // pad row

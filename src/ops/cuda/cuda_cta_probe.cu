@@ -55,6 +55,7 @@ const std::vector<SiteNames>& site_names() {
       {"expert_gemm", {"entry", "tile_known"}},
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},
       {"attention", {"entry", "waited"}},
+      {"attn_combine", {"entry", "waited"}},
   };
   return names;
 }
@@ -93,7 +94,7 @@ bool cta_probe_kernels_marked() { return DSV4_CTA_PROBE_KERNELS_MARKED; }
 
 const char* cta_probe_site_name(int site) {
   const auto& names = site_names();
-  static_assert(int(CtaProbeSite::kCount) == 8, "a name for every site");
+  static_assert(int(CtaProbeSite::kCount) == 9, "a name for every site");
   return site >= 0 && site < int(names.size()) ? names[size_t(site)].site : "unknown";
 }
 
