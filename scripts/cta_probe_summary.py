@@ -138,10 +138,15 @@ def main():
         order = sorted(launches.items(), key=lambda kv: min(m[0][0] for m in kv[1].values() if 0 in m)
                        if any(0 in m for m in kv[1].values()) else 0)
         kth = collections.Counter()
+        frontier = None  # the latest last exit of the replay's launches so far (by first entry)
         for (site, tag, _), ctas in order:
             st = launch_stats(ctas)
             if st is None:
                 continue
+            # From that frontier to this launch's first entry: > 0, nothing probed ran in between (an
+            # unprobed kernel, or a launch's latency); < 0, it entered while an earlier launch ran.
+            st["after"] = float("nan") if frontier is None else st["start"] - frontier
+            frontier = st["start"] + st["span"] if frontier is None else max(frontier, st["start"] + st["span"])
             rows.append((b, rep, site, kth[site], tag, st))
             kth[site] += 1
 
@@ -184,24 +189,26 @@ def main():
             print(f"| {site} | {n} | {chain} |")
         print()
         if a.launches > 0:
-            print(f"| # | site | k | CTAs | start µs | span µs | from wait µs | ramp µs | drain µs | last CTA (sm): chain µs |")
-            print("|--:|---|--:|--:|--:|--:|--:|--:|--:|---|")
+            print(f"| # | site | k | CTAs | start µs | after µs | span µs | from wait µs | ramp µs | drain µs | "
+                  f"last CTA (sm): chain µs |")
+            print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
             rs = [r for r in rows if r[0] == b and r[1] == reps[0]]
             for i, r in enumerate(sorted(rs, key=lambda r: r[5]["start"])[:a.launches]):
                 st = r[5]
                 chain = " ".join(f"{mark_name(r[2], k)}={v / 1e3:.2f}" for k, v in st.get("last_chain", {}).items())
-                print(f"| {i} | {r[2]} | {r[3]} | {st['ctas']} | {st['start'] / 1e3:.1f} | {st['span'] / 1e3:.2f} | "
+                print(f"| {i} | {r[2]} | {r[3]} | {st['ctas']} | {st['start'] / 1e3:.1f} | {st['after'] / 1e3:.2f} | "
+                      f"{st['span'] / 1e3:.2f} | "
                       f"{st['from_wait'] / 1e3:.2f} | {st['ramp'] / 1e3:.2f} | {st['drain'] / 1e3:.2f} | "
                       f"({st.get('last_sm', '-')}) {chain} |")
             print()
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["batch", "replay", "site", "kth", "tag", "ctas", "start_ns", "span_ns", "from_wait_ns", "ramp_ns",
-                        "drain_ns"])
+            w.writerow(["batch", "replay", "site", "kth", "tag", "ctas", "start_ns", "after_ns", "span_ns", "from_wait_ns",
+                        "ramp_ns", "drain_ns"])
             for b, rep, site, k, tag, st in rows:
-                w.writerow([b, rep, site, k, tag, st["ctas"], st["start"], st["span"], st["from_wait"], st["ramp"],
-                            st["drain"]])
+                w.writerow([b, rep, site, k, tag, st["ctas"], st["start"], st["after"], st["span"], st["from_wait"],
+                            st["ramp"], st["drain"]])
 
 
 if __name__ == "__main__":
