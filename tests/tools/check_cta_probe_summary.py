@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks scripts/cta_probe_summary.py on made-up stamps whose answers are known: two launches of one
 tag kept apart (each CTA's k-th entry is launch k), each launch's span, span from its first wait,
-ramp and drain, the time after the launches before it, the last CTA's chain (medians over the launches), and the refusal of a file that is
-not a --cta-probe file.
+ramp and drain, the time after the launches before it, the last CTA's chain (medians over the
+launches), and the refusal of a file that is not a --cta-probe file.
 usage: check_cta_probe_summary.py SUMMARY_SCRIPT TMP_DIR"""
 import csv
 import os
@@ -35,8 +35,8 @@ def main():
     if out.returncode != 0:
         fail("summary failed: " + out.stderr)
     rows = list(csv.DictReader(open(base + ".csv")))
-    got = [(r["site"], r["kth"], r["ctas"], r["start_ns"], r["after_ns"], r["span_ns"], r["from_wait_ns"], r["ramp_ns"],
-            r["drain_ns"]) for r in rows]
+    got = [(r["site"], r["kth"], r["ctas"], r["start_ns"], r["after_ns"], r["span_ns"], r["from_wait_ns"],
+            r["ramp_ns"], r["drain_ns"]) for r in rows]
     # after: from the latest exit of the launches before (by first entry) to this one's first entry
     want = [("gemm_tile", "0", "3", "0", "nan", "9000", "8000", "400", "8600"),
             ("hc_mix_finish", "0", "2", "10000", "1000", "2500", "nan", "100", "2400"),

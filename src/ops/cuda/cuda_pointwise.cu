@@ -1187,8 +1187,9 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   if (stage) {
     // The first kHcStageAhead pieces a thread (every piece at 128 slices) into registers,
     // then X's loads, then the stores into shared memory: the partials' 16 KB ahead of X's
-    // 32 KB (HC = 4, D = 4096) in the SM's queue to the L2 (the CTA probe put the staging at
-    // ~2 µs of the batch-1 finisher's chain with X issued first).
+    // 32 KB (HC = 4, D = 4096) in the SM's queue to the L2. The CTA probe put the staging at
+    // ~2 µs of the batch-1 finisher's chain with X issued first, ~1.0 µs since; the step -0.2 to
+    // -0.8% at 1-64 rows (bench-1g, H200, sixty-first session).
     const int pieces = slices * 8;
     float4 ahead[kHcStageAhead];
 #pragma unroll
@@ -1702,7 +1703,8 @@ bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
 // step at batch 1, +0.5% at 8 (with the fused mix and finish at 8), +0.7% at 16
 // (forty-eighth session); with the fused pair off: +0.4 / +0.3% at 5 / 6 rows without
 // them, -0.2% at 7 and 8 rows with them (forty-ninth). A limit of 16 against 8 (sixty-first
-// session, the slots' order by ranks since the fifty-ninth): -0.8% at 16 rows (s70b).
+// session, the slots' order by ranks since the fifty-ninth): -0.8% at 16 rows (s70b), -0.7% at
+// 12 and 16 (s70d), both apart.
 int64_t hc_slot_rows() {
   static const int64_t from_env = hc_rows_from_env("DSV4_CUDA_HC_SLOT_ROWS", kHcPostMaxRows);
   const int forced = g_force_slot_rows.load(std::memory_order_relaxed);
