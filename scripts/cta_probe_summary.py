@@ -10,7 +10,9 @@ still runs: from there on the launch is on its own), the ramp (first to last ent
 the chain of the CTA that exited last. Launches
 are then grouped by site and CTA count (which tells a kernel's launches of different shapes
 apart, e.g. the linears of a layer), medians over every launch of every replay; --launches N
-lists a replay's first N launches one by one.
+lists a replay's first N launches one by one, each also with the time from the latest exit of the
+launches before it to its first entry, and the other launches' CTAs that ran on its last CTA's SM
+while that CTA ran.
 
 Usage: cta_probe_summary.py FILE [--batch B] [--launches N] [--csv OUT]
 """
@@ -113,7 +115,28 @@ def launch_stats(ctas, exit_mark=255):
         chain = ctas[cta]
         s["last_chain"] = {k: chain[k][0] - first for k in sorted(chain, key=lambda k: (chain[k][0], k))}
         s["last_sm"] = next(iter(chain.values()))[1]
+        if 0 in chain:
+            s["last_cta"] = (s["last_sm"], chain[0][0], chain[exit_mark][0])
     return s
+
+
+def beside_last_cta(launches, stats):
+    """For each launch (key -> its stats), the CTAs of other launches that ran on its last CTA's SM while
+    that CTA ran (entry to exit), counted by site: "gemm_tile 2, attention 1", or "" (none, or no exit)."""
+    by_sm = collections.defaultdict(list)  # sm -> [(entry, exit, launch key, site)]
+    for key, ctas in launches.items():
+        for m in ctas.values():
+            if 0 in m and 255 in m:
+                by_sm[m[0][1]].append((m[0][0], m[255][0], key, m[0][3]))
+    out = {}
+    for key, st in stats.items():
+        if "last_cta" not in st:
+            out[key] = ""
+            continue
+        sm, t0, t1 = st["last_cta"]
+        n = collections.Counter(site for e, x, k, site in by_sm[sm] if k != key and e < t1 and x > t0)
+        out[key] = ", ".join(f"{site} {c}" for site, c in sorted(n.items()))
+    return out
 
 
 def main():
@@ -139,10 +162,15 @@ def main():
                        if any(0 in m for m in kv[1].values()) else 0)
         kth = collections.Counter()
         frontier = None  # the latest last exit of the replay's launches so far (by first entry)
-        for (site, tag, _), ctas in order:
-            st = launch_stats(ctas)
+        stats = {key: launch_stats(ctas) for key, ctas in order}
+        stats = {key: st for key, st in stats.items() if st is not None}
+        beside = beside_last_cta(launches, stats)
+        for key, ctas in order:
+            site, tag, _ = key
+            st = stats.get(key)
             if st is None:
                 continue
+            st["beside"] = beside[key]
             # From that frontier to this launch's first entry: > 0, nothing probed ran in between (an
             # unprobed kernel, or a launch's latency); < 0, it entered while an earlier launch ran.
             st["after"] = float("nan") if frontier is None else st["start"] - frontier
@@ -190,8 +218,8 @@ def main():
         print()
         if a.launches > 0:
             print(f"| # | site | k | CTAs | start µs | after µs | span µs | from wait µs | ramp µs | drain µs | "
-                  f"last CTA (sm): chain µs |")
-            print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|")
+                  f"last CTA (sm): chain µs | beside it on its SM |")
+            print("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|")
             rs = [r for r in rows if r[0] == b and r[1] == reps[0]]
             for i, r in enumerate(sorted(rs, key=lambda r: r[5]["start"])[:a.launches]):
                 st = r[5]
@@ -199,16 +227,16 @@ def main():
                 print(f"| {i} | {r[2]} | {r[3]} | {st['ctas']} | {st['start'] / 1e3:.1f} | {st['after'] / 1e3:.2f} | "
                       f"{st['span'] / 1e3:.2f} | "
                       f"{st['from_wait'] / 1e3:.2f} | {st['ramp'] / 1e3:.2f} | {st['drain'] / 1e3:.2f} | "
-                      f"({st.get('last_sm', '-')}) {chain} |")
+                      f"({st.get('last_sm', '-')}) {chain} | {st['beside']} |")
             print()
     if a.csv:
         with open(a.csv, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["batch", "replay", "site", "kth", "tag", "ctas", "start_ns", "after_ns", "span_ns", "from_wait_ns",
-                        "ramp_ns", "drain_ns"])
+                        "ramp_ns", "drain_ns", "beside"])
             for b, rep, site, k, tag, st in rows:
                 w.writerow([b, rep, site, k, tag, st["ctas"], st["start"], st["after"], st["span"], st["from_wait"],
-                            st["ramp"], st["drain"]])
+                            st["ramp"], st["drain"], st["beside"]])
 
 
 if __name__ == "__main__":
