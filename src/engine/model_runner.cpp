@@ -60,6 +60,7 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {
   v.num_tokens = T;
   v.num_seqs = S;
   v.max_blocks = m.max_blocks;
+  v.max_seq_len = m.max_seq_len();
   v.token_ids = token_ids_.as<int32_t>();
   v.positions = positions_.as<int32_t>();
   v.token_seq = token_seq_.as<int32_t>();
@@ -118,6 +119,9 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
     padded.block_table = std::move(table);
     while (int32_t(padded.logit_rows.size()) < bucket) padded.logit_rows.push_back(0);
     const ops::BatchView batch = upload_metadata(padded);
+    // A graph replays the host values of its capture's view; graph_bucket takes decode
+    // steps only, so every replay of a bucket has sequences of at most one token.
+    DSV4_CHECK(batch.max_seq_len <= 1, "a graph step holds a sequence of {} tokens", batch.max_seq_len);
     auto it = graphs_.find(bucket);
     if (it == graphs_.end()) {
       // First step of this bucket: run it eagerly (also sizes every scratch

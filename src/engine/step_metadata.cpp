@@ -12,6 +12,7 @@ ops::BatchView StepMetadata::host_view() const {
   v.num_tokens = num_tokens();
   v.num_seqs = num_seqs();
   v.max_blocks = max_blocks;
+  v.max_seq_len = max_seq_len();
   v.token_ids = token_ids.data();
   v.positions = positions.data();
   v.token_seq = token_seq.data();
@@ -21,6 +22,10 @@ ops::BatchView StepMetadata::host_view() const {
   v.seq_slot = seq_slot.data();
   v.block_table = block_table.data();
   return v;
+}
+
+int32_t StepMetadata::max_seq_len() const {
+  return seq_len.empty() ? 0 : *std::max_element(seq_len.begin(), seq_len.end());
 }
 
 StepMetadata build_step_metadata(const std::vector<SequenceSlice>& slices, const MetadataPadding& padding) {

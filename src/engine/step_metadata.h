@@ -30,6 +30,7 @@ struct StepMetadata {
 
   int32_t num_tokens() const { return int32_t(token_ids.size()); }
   int32_t num_seqs() const { return int32_t(seq_begin.size()); }
+  int32_t max_seq_len() const;  // the longest sequence's tokens (0 without sequences)
   // A view with host pointers into this object.
   ops::BatchView host_view() const;
 };

@@ -18,6 +18,10 @@ struct BatchView {
   int32_t num_tokens = 0;  // rows of the activation buffers (pad rows included)
   int32_t num_seqs = 0;
   int32_t max_blocks = 0;  // row stride of block_table
+  // No sequence has more tokens in this step (host; 0: not known, num_tokens bounds it).
+  // Lets a launch size its grid to the step (a decode step: 1). A graph replays its
+  // capture's value, so a runner captures only steps whose replays share the bound.
+  int32_t max_seq_len = 0;
   const int32_t* token_ids = nullptr;      // [num_tokens]
   const int32_t* positions = nullptr;      // [num_tokens]; -1 marks a pad row
   const int32_t* token_seq = nullptr;      // [num_tokens] sequence index; -1 for pad rows

@@ -23,6 +23,9 @@ TEST(StepMetadata, RowsAreContiguousPerSequenceWithPadding) {
   EXPECT_EQ(m.max_blocks, 2);
   EXPECT_EQ(m.block_table, (std::vector<int32_t>{3, -1, 1, 2}));
   EXPECT_EQ(m.logit_rows, (std::vector<int32_t>{2, 3}));
+  EXPECT_EQ(m.max_seq_len(), 3);  // the launches' bound on a sequence's tokens
+  EXPECT_EQ(m.host_view().max_seq_len, 3);
+  EXPECT_EQ(StepMetadata{}.max_seq_len(), 0);
   pad.seqs = 4;
   pad.pad_slot = 9;
   pad.max_blocks = 3;

@@ -67,6 +67,7 @@ struct BatchArrays {
     v.num_tokens = int32_t(positions.size());
     v.num_seqs = int32_t(seq_begin.size());
     v.max_blocks = max_blocks;
+    for (int32_t l : seq_len) v.max_seq_len = std::max(v.max_seq_len, l);  // (as the step builder sets it)
     v.token_ids = token_ids.data();
     v.positions = positions.data();
     v.token_seq = token_seq.data();

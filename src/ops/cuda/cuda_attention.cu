@@ -676,9 +676,12 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
 
 // fast (2/2): the state after the step, per column (runs after compress_emit_kernel,
 // which reads the state as it was before the step). Current-window row of residue r:
-// the last position q < start + len with q % m == r, if it is in this step.
-// Ratio 4, previous-window rows: the window of the last emission in the step.
-// Grid: (column blocks, sequences); ratio 128 also spreads the 128 rows over y.
+// the last position q < start + len with q % m == r, if it is in this step: the step's
+// last min(len, m) positions, whose residues are distinct. Ratio 4, previous-window
+// rows: the window of the last emission in the step (old current rows for its positions
+// before the step, read only then). Grid: (column blocks, sequences, z); ratio 128
+// spreads those positions over z (launcher: z <= the step's longest sequence, so a
+// decode step launches one CTA a column block and sequence, not 16).
 __global__ void compress_state_kernel(CompressArgs a) {
   wait_for_predecessor();
   const int32_t s = blockIdx.y;
@@ -697,9 +700,9 @@ __global__ void compress_state_kernel(CompressArgs a) {
     *sc = __fadd_rn(a.g[row * width + col], a.ape[(q % m) * width + col]);
   };
   if (!overlap) {
-    for (int64_t r = blockIdx.z; r < m; r += gridDim.z) {
-      const int64_t q = last_with_residue(r);
-      if (q < start) continue;
+    const int64_t written = len < m ? len : m;  // the step's last `written` positions
+    for (int64_t k = blockIdx.z; k < written; k += gridDim.z) {
+      const int64_t q = last - k, r = q % m;
       for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < width;
            col += int64_t(gridDim.x) * blockDim.x) {
         float kv, sc;
@@ -714,18 +717,20 @@ __global__ void compress_state_kernel(CompressArgs a) {
   const int64_t emit = last_with_residue(m - 1);  // last position that completed a row
   for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < width;
        col += int64_t(gridDim.x) * blockDim.x) {
-    float old_kv[4], old_sc[4];  // the state's current window before the step
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      old_kv[r] = kvs[(4 + r) * width + col];
-      old_sc[r] = scs[(4 + r) * width + col];
-    }
     if (emit >= start) {
+      // Rows 0-3 become the emission's window: its positions in the step from a/g, the
+      // others from the state's current window (rows 4-7), read before row 4 + r is
+      // rewritten below (this thread's own column).
       const int64_t w0 = (emit / 4) * 4;
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        float kv = old_kv[r], sc = old_sc[r];
-        if (w0 + r >= start) step_value(w0 + r, col, &kv, &sc);
+        float kv, sc;
+        if (w0 + r >= start) {
+          step_value(w0 + r, col, &kv, &sc);
+        } else {
+          kv = kvs[(4 + r) * width + col];
+          sc = scs[(4 + r) * width + col];
+        }
         kvs[r * width + col] = kv;
         scs[r * width + col] = sc;
       }
@@ -2752,7 +2757,10 @@ void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const Compressor
   check_launch(stream_);
   const int threads = 256;
   const unsigned col_blocks = unsigned((args.width + threads - 1) / threads);
-  const dim3 grid(col_blocks, unsigned(batch.num_seqs), m == 4 ? 1u : 16u);
+  // Ratio 128: a sequence writes min(len, m) rows, over up to 16 CTAs a column block.
+  const int64_t longest = batch.max_seq_len > 0 ? batch.max_seq_len : T;
+  const unsigned spread = m == 4 ? 1u : unsigned(std::min<int64_t>({16, m, longest}));
+  const dim3 grid(col_blocks, unsigned(batch.num_seqs), spread);
   compress_state_kernel<<<grid, threads, 0, stream_>>>(args);
   check_launch(stream_);
 }
