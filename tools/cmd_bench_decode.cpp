@@ -41,6 +41,7 @@ struct BenchOptions {
   std::string backend = "auto";
   std::string batches = "1,16,64,256";
   int64_t context = 4096;
+  int64_t position_spread = 1;
   int warmup = 20;
   int replays = 200;
   int threads = 1;
@@ -79,10 +80,16 @@ struct RankRun {
   bool graphs = false;
 };
 
-// The step of B sequences decoding their token at position p on `runner`, its caches
-// filled with random valid content (seeded by `rank`).
+// Sequence s of a decode step at context p decodes at p - (s mod spread): with spread 1
+// every row at p, so no compressor emits a row at p = 4096; a spread of 128 (Flash's HCA
+// ratio) gives every compressed layer its share of emitting rows, as in serving.
+int64_t decode_position(int64_t p, int32_t s, int64_t spread) { return p - int64_t(s) % spread; }
+
+// The step of B sequences decoding their token at decode_position(p, s, spread) on
+// `runner`, its caches filled with random valid content (seeded by `rank`).
 engine::StepMetadata prepare_decode_step(engine::ModelRunner& runner, ops::Backend& backend,
-                                         const model::ModelConfig& c, int32_t B, int64_t p, int rank) {
+                                         const model::ModelConfig& c, int32_t B, int64_t p, int rank,
+                                         int64_t spread = 1) {
   const int32_t blocks = runner.options().max_blocks_per_seq;
   for (size_t l = 0; l < runner.caches().size(); ++l) backend.randomize_cache(runner.caches()[l], 1000 + l + 7919 * rank);
   std::vector<std::vector<int32_t>> pages(static_cast<size_t>(B)), tokens(static_cast<size_t>(B));
@@ -92,7 +99,7 @@ engine::StepMetadata prepare_decode_step(engine::ModelRunner& runner, ops::Backe
     tokens[size_t(s)] = {int32_t((uint64_t(s + B * rank) * 2654435761u + 7) % uint64_t(c.vocab_size))};
     engine::SequenceSlice sl;
     sl.state_slot = s;
-    sl.start_pos = int32_t(p);
+    sl.start_pos = int32_t(decode_position(p, s, spread));
     sl.tokens = tokens[size_t(s)].data();
     sl.num_tokens = 1;
     sl.block_table = &pages[size_t(s)];
@@ -243,13 +250,13 @@ void run_cta_probe(engine::ModelRunner& runner, const engine::StepMetadata& meta
 }
 #endif
 
-// B sequences decoding their token at position p on `runner`, caches random.
+// B sequences decoding their token at decode_position(p, s, spread) on `runner`, caches random.
 RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
-                     int64_t p, int warmup, int replays, bool graphs, int rank, bool profile,
+                     int64_t p, int64_t spread, int warmup, int replays, bool graphs, int rank, bool profile,
                      const AfterTiming& after_timing) {
   RankRun out;
   out.graphs = graphs;
-  const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank);
+  const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank, spread);
   out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
                        : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
   if (after_timing) after_timing(runner, meta);
@@ -282,18 +289,21 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
 
   const int64_t row_bytes = ops::kv_row_bytes(c.head_dim, c.qk_rope_head_dim);
   const int64_t index_row = ops::index_row_bytes(c.index_head_dim);
-  const int64_t window = std::min<int64_t>(p + 1, c.sliding_window);
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    const int64_t ratio = c.compress_ratio(l);
-    int64_t keys = window;
-    if (ratio == 4) {
-      const int64_t n_c = (p + 1) / 4;
-      keys += std::min(c.index_topk, n_c);
-      out.kv_index_bytes += uint64_t(B) * uint64_t(n_c * index_row);  // the indexer scans every row
-    } else if (ratio == 128) {
-      keys += (p + 1) / 128;
+  for (int32_t s = 0; s < B; ++s) {
+    const int64_t ps = decode_position(p, s, spread);
+    const int64_t window = std::min<int64_t>(ps + 1, c.sliding_window);
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+      const int64_t ratio = c.compress_ratio(l);
+      int64_t keys = window;
+      if (ratio == 4) {
+        const int64_t n_c = (ps + 1) / 4;
+        keys += std::min(c.index_topk, n_c);
+        out.kv_index_bytes += uint64_t(n_c * index_row);  // the indexer scans every row
+      } else if (ratio == 128) {
+        keys += (ps + 1) / 128;
+      }
+      out.kv_attention_bytes += uint64_t(keys * row_bytes);
     }
-    out.kv_attention_bytes += uint64_t(B) * uint64_t(keys * row_bytes);
   }
   return out;
 }
@@ -317,6 +327,11 @@ Command add_bench_decode(CLI::App& app) {
   app.add_option("--batch", o->batches, "Comma-separated batch sizes (sequences per step)")->default_val("1,16,64,256");
   app.add_option("--context", o->context, "Position of the decoded token (context length)")->default_val(4096)
       ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  app.add_option("--position-spread", o->position_spread,
+                 "Sequence s decodes at position --context - (s mod N): 1 puts every row at --context (at 4096 no "
+                 "compressor emits a row); 128 spreads the rows over an HCA window, so the CSA and HCA compressors "
+                 "emit rows as in serving")
+      ->default_val(1)->check(CLI::Range(int64_t(1), int64_t(1) << 20));
   app.add_option("--warmup", o->warmup, "Graph replays before timing")->default_val(20);
   app.add_option("--replays", o->replays, "Timed graph replays (median reported)")->default_val(200)->check(
       CLI::Range(1, 100000));
@@ -351,6 +366,9 @@ Command add_bench_decode(CLI::App& app) {
   return [o] {
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
     const std::vector<int32_t> batches = parse_list(o->batches, "--batch");
+    if (o->position_spread > o->context)
+      core::fail("--position-spread {} exceeds --context {}: a sequence would decode at a negative position",
+                 o->position_spread, o->context);
     std::vector<int32_t> pair_offsets;
     if (!o->pair_probe.empty()) {
       pair_offsets = parse_list(o->pair_probe, "--pair-probe", 0);
@@ -432,7 +450,8 @@ Command add_bench_decode(CLI::App& app) {
               };
 #endif
             runs[size_t(r)] =
-                measure_rank(runner, *rank.backend, c, B, p, o->warmup, o->replays, graphs, r, o->profile, after);
+                measure_rank(runner, *rank.backend, c, B, p, o->position_spread, o->warmup, o->replays, graphs, r,
+                             o->profile, after);
           } catch (const std::exception& e) {
             errors[size_t(r)] = e.what();
             for (auto& comm : dp.comms) comm->abort(fmt::format("rank {}: {}", r, e.what()));
@@ -498,6 +517,7 @@ Command add_bench_decode(CLI::App& app) {
       nlohmann::json r;
       r["batch_per_rank"] = B;
       r["context"] = p;
+      r["position_spread"] = o->position_spread;
       r["graphs"] = graphs;
       r["step_ms_median"] = step_ms;  // slowest rank's median
       r["step_ms_min"] = *std::min_element(runs[0].step_ms.begin(), runs[0].step_ms.end());
