@@ -628,9 +628,29 @@ __global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(Compr
 // sequence is this step's row begin + (q - start) if q >= start, else the
 // state: for ratio 4 the current-window rows m + q % m hold positions of window
 // start / m and rows 0..m-1 the window before it; for ratio 128 row q % m.
+// The pooling stages kPoolStage (candidate, feature) pairs at a time in shared
+// memory (all 128 candidates of 32 features at ratio 128; all 8 of every feature
+// at ratio 4), the next chunk's loads in flight while this one is pooled: every
+// thread computes exps and quotients, and a thread per feature runs the three
+// chains in candidate order (max, sum of exps, sum of products), pool_feature's
+// operations in its order: the same bits. Why: pool_feature's loop, a thread per
+// feature, waits on one global load per candidate and pass; an HCA row (768 such
+// loads a thread) took ~0.37 ms, on the step's critical path whenever a sequence of
+// the batch completed a 128-token window (bench decode --position-spread 128, H200,
+// sixty-third session).
+constexpr int kPoolStage = 4096;
+constexpr int kPoolPerThread = kPoolStage / kCompressThreads;
+
+struct CompressEmitSmem {
+  CompressSmem row;
+  float kv[kPoolStage];             // [candidate][feature of the chunk]: kv, then kv * e / z
+  float sc[kPoolStage];             // score, then e = exp(score - max)
+  float stat[kMaxCompressDim];      // per feature of the chunk: the max, then the sum of exps
+};
+
 __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a) {
   wait_for_predecessor();
-  __shared__ CompressSmem sm;
+  __shared__ CompressEmitSmem sm;
   const int64_t t = blockIdx.x;
   const int32_t s = a.token_seq[t];
   const int64_t p = a.positions[t], m = a.m, d = a.d, width = a.width;
@@ -652,26 +672,78 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
     }
   };
   const float neg_inf = -INFINITY;
-  for (int64_t f = threadIdx.x; f < d; f += blockDim.x) {
-    if (overlap) {
-      sm.pooled[f] = pool_feature(int(2 * m), [&](int c, float* kv, float* sc) {
-        if (c < m) {
-          if (j > 0) {
-            value((j - 1) * m + c, f, kv, sc);
-          } else {
-            *kv = 0.0f;
-            *sc = neg_inf;
-          }
-        } else {
-          value(j * m + (c - m), d + f, kv, sc);
-        }
-      });
+  // Candidate c of feature f: ratio 4, the previous window's first half (absent for
+  // row 0), then the current window's second half; otherwise the window.
+  auto candidate = [&](int64_t c, int64_t f, float* kv, float* sc) {
+    if (!overlap) {
+      value(j * m + c, f, kv, sc);
+    } else if (c >= m) {
+      value(j * m + (c - m), d + f, kv, sc);
+    } else if (j > 0) {
+      value((j - 1) * m + c, f, kv, sc);
     } else {
-      sm.pooled[f] = pool_feature(int(m), [&](int c, float* kv, float* sc) { value(j * m + c, f, kv, sc); });
+      *kv = 0.0f;
+      *sc = neg_inf;
+    }
+  };
+  const int64_t n = overlap ? 2 * m : m;
+  const int tid = int(threadIdx.x), nt = int(blockDim.x);
+  if (n > kPoolStage) {  // (ratios above 4096: a thread per feature, from global memory)
+    for (int64_t f = tid; f < d; f += nt)
+      sm.row.pooled[f] = pool_feature(int(n), [&](int c, float* kv, float* sc) { candidate(c, f, kv, sc); });
+  } else {
+    const int64_t F = std::min<int64_t>(d, kPoolStage / n);  // features a chunk
+    float rkv[kPoolPerThread], rsc[kPoolPerThread];           // the next chunk, element tid + k * 256
+    auto load_chunk = [&](int64_t f0) {
+      const int64_t fc = std::min<int64_t>(F, d - f0), elems = n * fc;
+#pragma unroll
+      for (int k = 0; k < kPoolPerThread; ++k) {
+        const int64_t i = tid + int64_t(k) * kCompressThreads;
+        if (i < elems) candidate(i / fc, f0 + i % fc, &rkv[k], &rsc[k]);
+      }
+    };
+    load_chunk(0);
+    for (int64_t f0 = 0; f0 < d; f0 += F) {
+      const int64_t fc = std::min<int64_t>(F, d - f0), elems = n * fc;
+#pragma unroll
+      for (int k = 0; k < kPoolPerThread; ++k) {
+        const int64_t i = tid + int64_t(k) * kCompressThreads;
+        if (i < elems) {
+          sm.kv[i] = rkv[k];
+          sm.sc[i] = rsc[k];
+        }
+      }
+      __syncthreads();
+      if (f0 + F < d) load_chunk(f0 + F);
+      for (int64_t f = tid; f < fc; f += nt) {  // max, candidates in order
+        float mx = sm.sc[f];
+#pragma unroll 8
+        for (int64_t c = 1; c < n; ++c) mx = fmaxf(mx, sm.sc[c * fc + f]);
+        sm.stat[f] = mx;
+      }
+      __syncthreads();
+      for (int64_t i = tid; i < elems; i += nt) sm.sc[i] = exp_ref(__fsub_rn(sm.sc[i], sm.stat[i % fc]));
+      __syncthreads();
+      for (int64_t f = tid; f < fc; f += nt) {  // the sum of exps, in order
+        float z = 0.0f;
+#pragma unroll 8
+        for (int64_t c = 0; c < n; ++c) z = __fadd_rn(z, sm.sc[c * fc + f]);
+        sm.stat[f] = z;
+      }
+      __syncthreads();
+      for (int64_t i = tid; i < elems; i += nt) sm.kv[i] = __fmul_rn(sm.kv[i], __fdiv_rn(sm.sc[i], sm.stat[i % fc]));
+      __syncthreads();
+      for (int64_t f = tid; f < fc; f += nt) {  // the sum of products, in order
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int64_t c = 0; c < n; ++c) acc = __fadd_rn(acc, sm.kv[c * fc + f]);
+        sm.row.pooled[f0 + f] = acc;
+      }
+      __syncthreads();  // (the next chunk's stores overwrite kv and sc)
     }
   }
   __syncthreads();
-  compress_finish_row(sm, a, j, compress_dst(a, s, j));
+  compress_finish_row(sm.row, a, j, compress_dst(a, s, j));
 }
 
 // fast (2/2): the state after the step, per column (runs after compress_emit_kernel,
