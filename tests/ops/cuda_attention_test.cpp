@@ -69,6 +69,9 @@ void cuda_attention_force_pair(int mode);
 int64_t cuda_attention_wgmma_pair_launches();
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
+// Defined in cuda_attention.cu: compress_emit_kernel's CTAs a row (capped at its feature chunks; 0: the
+// launcher's choice).
+void cuda_compress_emit_ctas(int ctas);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
 void cuda_indexer_score_early(int mode);
 // Defined in cuda_attention.cu: the same for the selection kernel (DSV4_CUDA_SELECT_EARLY).
@@ -675,11 +678,18 @@ TEST_P(CudaAttention, CompressMatchesCpuAcrossSteps) {
   }
 }
 
-// The two compressor implementations agree bit for bit (states and record bytes).
+// The two compressor implementations agree bit for bit (states and record bytes), the
+// fast one with its rows pooled by the launcher's CTA count (2-16 a row here), by one CTA
+// and by 3 (several chunks a CTA, the last arrival finishing the row).
 TEST_P(CudaAttention, CompressFastEqualsSimpleBitwise) {
   if (simple()) GTEST_SKIP() << "runs both paths itself";
   Rng rng(305);
-  for (CompressKind kind : {CompressKind{4, 512, false}, CompressKind{128, 512, false}, CompressKind{4, 128, true}}) {
+  std::vector<std::pair<int, CompressKind>> runs;
+  for (int ctas : {0, 1, 3})
+    for (CompressKind kind : {CompressKind{4, 512, false}, CompressKind{128, 512, false}, CompressKind{4, 128, true}})
+      runs.push_back({ctas, kind});
+  for (const auto& [ctas, kind] : runs) {
+    cuda_compress_emit_ctas(ctas);
     const int64_t pages = 16;
     CacheGeometry geo{6, pages, 16, kind.rotate ? 128 : kind.d, 128};
     Rng cache_rng(306);
@@ -705,10 +715,12 @@ TEST_P(CudaAttention, CompressFastEqualsSimpleBitwise) {
                           {&fast.gpu.index_rows, &slow.gpu.index_rows}}) {
         if (x->ndim() == 0 || x->numel() == 0) continue;
         const Tensor hx = host(*x), hy = host(*y);
-        expect_bytes_equal(hx.data(), hy.data(), hx.nbytes(), "compress fast vs simple");
+        expect_bytes_equal(hx.data(), hy.data(), hx.nbytes(),
+                           "compress fast (" + std::to_string(ctas) + " CTAs a row) vs simple");
       }
     }
   }
+  cuda_compress_emit_ctas(0);
 }
 
 // ---- indexer top-k ------------------------------------------------------------------------------------

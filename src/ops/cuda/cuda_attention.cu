@@ -624,33 +624,46 @@ __global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(Compr
   }
 }
 
-// fast (1/2): one CTA per token that completes a row. Position q of the
-// sequence is this step's row begin + (q - start) if q >= start, else the
-// state: for ratio 4 the current-window rows m + q % m hold positions of window
-// start / m and rows 0..m-1 the window before it; for ratio 128 row q % m.
-// The pooling stages kPoolStage (candidate, feature) pairs at a time in shared
-// memory (all 128 candidates of 32 features at ratio 128; all 8 of every feature
-// at ratio 4), the next chunk's loads in flight while this one is pooled: every
-// thread computes exps and quotients, and a thread per feature runs the three
-// chains in candidate order (max, sum of exps, sum of products), pool_feature's
-// operations in its order: the same bits. Why: pool_feature's loop, a thread per
-// feature, waits on one global load per candidate and pass; an HCA row (768 such
-// loads a thread) took ~0.37 ms, on the step's critical path whenever a sequence of
-// the batch completed a 128-token window (bench decode --position-spread 128, H200,
-// sixty-third session).
+// fast (1/2): the rows this step completes. Position q of the sequence is this
+// step's row begin + (q - start) if q >= start, else the state: for ratio 4 the
+// current-window rows m + q % m hold positions of window start / m and rows 0..m-1
+// the window before it; for ratio 128 row q % m.
+// Grid (tokens, CTAs a row): CTA (t, k) pools token t's feature chunks k, k + gridDim.y,
+// .. of F = kPoolStage / candidates features (all 512 at ratio 4, 32 at ratio 128),
+// each staged in shared memory: every thread computes exps and quotients, a thread
+// per feature runs the three chains in candidate order (max, sum of exps, sum of
+// products), pool_feature's operations in its order: the same bits. With several
+// CTAs a row each stores its features to scratch and the last of the token's CTAs to
+// arrive (an acquire-release count, reset by that CTA for the next launch) finishes
+// the row. Why: with a thread per feature waiting on a global load per candidate and
+// pass (pool_feature's loop), a 16-row step whose rows complete windows (bench decode
+// --position-spread 128) took 4.55 ms against 3.39 without; staged in one CTA a row an
+// HCA row still took 271 us (graph trace, H200, sixty-third session), on the step's
+// critical path whenever a sequence of the batch completes a 128-token window.
 constexpr int kPoolStage = 4096;
 constexpr int kPoolPerThread = kPoolStage / kCompressThreads;
 
 struct CompressEmitSmem {
   CompressSmem row;
-  float kv[kPoolStage];             // [candidate][feature of the chunk]: kv, then kv * e / z
-  float sc[kPoolStage];             // score, then e = exp(score - max)
-  float stat[kMaxCompressDim];      // per feature of the chunk: the max, then the sum of exps
+  float kv[kPoolStage];         // [candidate][feature of the chunk]: kv, then kv * e / z
+  float sc[kPoolStage];         // score, then e = exp(score - max)
+  float stat[kMaxCompressDim];  // per feature of the chunk: the max, then the sum of exps
 };
 
-__global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a) {
+struct CompressEmitScratch {
+  float* pooled = nullptr;  // [T, d] (several chunks a row)
+  int* arrivals = nullptr;  // [T], zero between launches
+};
+
+// Features a chunk of compress_emit_kernel (0: one CTA a row, pool_feature from global memory).
+__host__ __device__ inline int64_t compress_pool_features(int64_t d, int64_t candidates) {
+  return candidates > kPoolStage ? 0 : std::min<int64_t>(d, kPoolStage / candidates);
+}
+
+__global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a, CompressEmitScratch e) {
   wait_for_predecessor();
   __shared__ CompressEmitSmem sm;
+  __shared__ int s_last;
   const int64_t t = blockIdx.x;
   const int32_t s = a.token_seq[t];
   const int64_t p = a.positions[t], m = a.m, d = a.d, width = a.width;
@@ -686,60 +699,66 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
       *sc = neg_inf;
     }
   };
-  const int64_t n = overlap ? 2 * m : m;
+  const int n = int(overlap ? 2 * m : m);
   const int tid = int(threadIdx.x), nt = int(blockDim.x);
-  if (n > kPoolStage) {  // (ratios above 4096: a thread per feature, from global memory)
+  const int F = int(compress_pool_features(d, n));
+  if (F == 0) {
     for (int64_t f = tid; f < d; f += nt)
-      sm.row.pooled[f] = pool_feature(int(n), [&](int c, float* kv, float* sc) { candidate(c, f, kv, sc); });
+      sm.row.pooled[f] = pool_feature(n, [&](int c, float* kv, float* sc) { candidate(c, f, kv, sc); });
   } else {
-    const int64_t F = std::min<int64_t>(d, kPoolStage / n);  // features a chunk
-    float rkv[kPoolPerThread], rsc[kPoolPerThread];           // the next chunk, element tid + k * 256
-    auto load_chunk = [&](int64_t f0) {
-      const int64_t fc = std::min<int64_t>(F, d - f0), elems = n * fc;
+    const bool whole = gridDim.y == 1;  // this CTA pools every chunk and finishes the row
+    for (int f0 = int(blockIdx.y) * F; f0 < int(d); f0 += int(gridDim.y) * F) {
+      const int fc = std::min(F, int(d) - f0), elems = n * fc;
+      float rkv[kPoolPerThread], rsc[kPoolPerThread];
 #pragma unroll
-      for (int k = 0; k < kPoolPerThread; ++k) {
-        const int64_t i = tid + int64_t(k) * kCompressThreads;
+      for (int k = 0; k < kPoolPerThread; ++k) {  // every load in flight, then the stores
+        const int i = tid + k * kCompressThreads;
         if (i < elems) candidate(i / fc, f0 + i % fc, &rkv[k], &rsc[k]);
       }
-    };
-    load_chunk(0);
-    for (int64_t f0 = 0; f0 < d; f0 += F) {
-      const int64_t fc = std::min<int64_t>(F, d - f0), elems = n * fc;
+      __syncthreads();  // (the previous chunk's products read)
 #pragma unroll
       for (int k = 0; k < kPoolPerThread; ++k) {
-        const int64_t i = tid + int64_t(k) * kCompressThreads;
+        const int i = tid + k * kCompressThreads;
         if (i < elems) {
           sm.kv[i] = rkv[k];
           sm.sc[i] = rsc[k];
         }
       }
       __syncthreads();
-      if (f0 + F < d) load_chunk(f0 + F);
-      for (int64_t f = tid; f < fc; f += nt) {  // max, candidates in order
+      for (int f = tid; f < fc; f += nt) {  // max, candidates in order
         float mx = sm.sc[f];
 #pragma unroll 8
-        for (int64_t c = 1; c < n; ++c) mx = fmaxf(mx, sm.sc[c * fc + f]);
+        for (int c = 1; c < n; ++c) mx = fmaxf(mx, sm.sc[c * fc + f]);
         sm.stat[f] = mx;
       }
       __syncthreads();
-      for (int64_t i = tid; i < elems; i += nt) sm.sc[i] = exp_ref(__fsub_rn(sm.sc[i], sm.stat[i % fc]));
+      for (int i = tid; i < elems; i += nt) sm.sc[i] = exp_ref(__fsub_rn(sm.sc[i], sm.stat[i % fc]));
       __syncthreads();
-      for (int64_t f = tid; f < fc; f += nt) {  // the sum of exps, in order
+      for (int f = tid; f < fc; f += nt) {  // the sum of exps, in order
         float z = 0.0f;
 #pragma unroll 8
-        for (int64_t c = 0; c < n; ++c) z = __fadd_rn(z, sm.sc[c * fc + f]);
+        for (int c = 0; c < n; ++c) z = __fadd_rn(z, sm.sc[c * fc + f]);
         sm.stat[f] = z;
       }
       __syncthreads();
-      for (int64_t i = tid; i < elems; i += nt) sm.kv[i] = __fmul_rn(sm.kv[i], __fdiv_rn(sm.sc[i], sm.stat[i % fc]));
+      for (int i = tid; i < elems; i += nt) sm.kv[i] = __fmul_rn(sm.kv[i], __fdiv_rn(sm.sc[i], sm.stat[i % fc]));
       __syncthreads();
-      for (int64_t f = tid; f < fc; f += nt) {  // the sum of products, in order
+      float* const out = whole ? sm.row.pooled + f0 : e.pooled + t * d + f0;
+      for (int f = tid; f < fc; f += nt) {  // the sum of products, in order
         float acc = 0.0f;
 #pragma unroll 8
-        for (int64_t c = 0; c < n; ++c) acc = __fadd_rn(acc, sm.kv[c * fc + f]);
-        sm.row.pooled[f0 + f] = acc;
+        for (int c = 0; c < n; ++c) acc = __fadd_rn(acc, sm.kv[c * fc + f]);
+        out[f] = acc;
       }
-      __syncthreads();  // (the next chunk's stores overwrite kv and sc)
+    }
+    if (!whole) {
+      __syncthreads();  // (every store of the CTA before thread 0's release)
+      if (tid == 0) s_last = atom_add_acq_rel_gpu(e.arrivals + t, 1) == int(gridDim.y) - 1;
+      __syncthreads();
+      if (!s_last) return;
+      // The other CTAs' features, from L2 (this SM never held their lines).
+      for (int64_t f = tid; f < d; f += nt) sm.row.pooled[f] = __ldcg(e.pooled + t * d + f);
+      if (tid == 0) e.arrivals[t] = 0;  // (every CTA of the token has counted: the next launch starts from 0)
     }
   }
   __syncthreads();
@@ -2770,6 +2789,13 @@ void CudaBackend::do_indexer_q(const Tensor& q, const BatchView& batch, const Ro
   check_launch(stream_);
 }
 
+namespace {
+std::atomic<int> g_compress_emit_ctas{0};
+}  // namespace
+
+// Test hook: CTAs a row of compress_emit_kernel (capped at its feature chunks; 0: the launcher's choice).
+void cuda_compress_emit_ctas(int ctas) { g_compress_emit_ctas.store(ctas); }
+
 void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
                               const RopeTable& rope, float norm_eps, LayerCache& cache) {
   const int64_t T = a.size(0);
@@ -2825,7 +2851,23 @@ void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const Compressor
     check_launch(stream_);
     return;
   }
-  compress_emit_kernel<<<unsigned(T), kCompressThreads, 0, stream_>>>(args);
+  // CTAs a row: its feature chunks (16 at ratio 128, one at ratio 4), at most 1024 / T
+  // (a CTA then pools several chunks): most CTAs exit at once (only a token completing a
+  // window pools), and at 256 rows 4096 of them would cost the launch more than the
+  // rare row's chain saves.
+  const int64_t pool_f = compress_pool_features(d, m == 4 ? 2 * m : m);
+  const int64_t all_chunks = pool_f == 0 ? 1 : (d + pool_f - 1) / pool_f;
+  const int forced = g_compress_emit_ctas.load(std::memory_order_relaxed);
+  const int64_t chunks = std::min<int64_t>(all_chunks, forced > 0 ? forced : std::max<int64_t>(1, 1024 / T));
+  CompressEmitScratch es;
+  if (chunks > 1) {
+    bool fresh = false;
+    es.pooled = static_cast<float*>(scratch("compress_pooled", size_t(T * d) * sizeof(float)));
+    es.arrivals = static_cast<int*>(scratch("compress_arrivals", size_t(T) * sizeof(int), &fresh));
+    // Zero once when allocated; each token's last CTA resets its count after use.
+    if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(es.arrivals, 0, size_t(T) * sizeof(int), stream_));
+  }
+  compress_emit_kernel<<<dim3(unsigned(T), unsigned(chunks)), kCompressThreads, 0, stream_>>>(args, es);
   check_launch(stream_);
   const int threads = 256;
   const unsigned col_blocks = unsigned((args.width + threads - 1) / threads);
