@@ -1711,31 +1711,6 @@ int64_t hc_slot_rows() {
   return forced >= 0 ? forced : from_env;
 }
 
-// DSV4_CUDA_HC_FUSED_PAD_KB=N (A/B runs; default 0, none): the fused launch's CTAs also
-// reserve N KB of dynamic shared memory they do not use (capped at what the GPU lets a CTA
-// have beside the kernel's own), so that no CTA of the next kernel fits on an SM beside one of
-// them. Why, a guess to test (sixty-first session): at batch 1 the finisher spends 1.0-3.7 µs
-// from its norm's block sum to its exit (0.6 in the 16-row finish launch), while the next
-// kernel's CTAs, released at the hand-over, enter and issue their weight copies; one on the
-// finisher's SM would share its load-store queue. At ~150 KB no FP8 GEMM tile fits beside it.
-// What it may cost: the launch's CTAs then fit only on SMs its predecessor's CTAs have left.
-template <typename K>
-size_t hc_fused_pad_bytes(CudaBackend& be, K kernel) {
-  static const size_t kb = [] {
-    const char* v = std::getenv("DSV4_CUDA_HC_FUSED_PAD_KB");
-    if (v == nullptr || *v == '\0') return size_t(0);
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    DSV4_CHECK(*end == '\0' && n >= 0 && n <= 228, "DSV4_CUDA_HC_FUSED_PAD_KB='{}': expected 0..228 (KB)", v);
-    return size_t(n);
-  }();
-  if (kb == 0) return 0;
-  cudaFuncAttributes attr{};
-  DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const size_t room = size_t(be.properties().sharedMemPerBlockOptin);
-  return std::min(kb * 1024, room > attr.sharedSizeBytes ? room - attr.sharedSizeBytes : size_t(0));
-}
-
 // HcHandOver::quick: DSV4_CUDA_HC_QUICK_HAND_OVER=0 turns it off (A/B runs); a test hook
 // may force it. Same bits either way.
 bool hc_quick_hand_over() {
@@ -1804,12 +1779,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       const int64_t grid = std::max(slices, rows);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
                     hc_hand_over(be, grid, rows, src != nullptr), int(slices)};
-      auto launch = [&](auto kernel) {
-        const size_t pad = hc_fused_pad_bytes(be, kernel);
-        if (pad > 48 * 1024)
-          DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pad)));
-        kernel<<<unsigned(grid), threads, pad, be.stream()>>>(f);
-      };
+      auto launch = [&](auto kernel) { kernel<<<unsigned(grid), threads, 0, be.stream()>>>(f); };
       if (!src)
         launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
       else if constexpr (!kHead) {
