@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs `dsv4 bench decode` on the CPU backend (tiny preset) and checks its JSON:
 the bytes attributed to stages add up to the step's total, and each stage's
-roofline and ratio follow from its bytes, the copy bandwidth and its eager time.
+roofline and ratio follow from its bytes, the copy bandwidth and its eager time;
+with --position-spread the KV bytes are those of each row at its own position.
 usage: check_bench_decode.py DSV4_BINARY TMP_DIR"""
 import json
 import os
@@ -46,6 +47,33 @@ def main():
                 fail("batch %d: %s ratio %g, expected %g" % (b, name, r["stage_ratio_to_roofline_eager_rank0"][name],
                                                              ratio))
     print("ok: %d batch sizes, stage bytes add up" % len(d["results"]))
+
+    # --position-spread: sequence s decodes at --context - (s mod N), so a step's KV bytes
+    # are the sum of one-row steps' at those positions (positions 300, 299, 298 here).
+    def kv_bytes(batch, context, spread):
+        path = os.path.join(tmp, "bench_decode_spread_%d.json" % os.getpid())
+        args = [binary, "bench", "decode", "--backend", "cpu", "--preset", "tiny", "--random-weights", "1",
+                "--batch", str(batch), "--context", str(context), "--position-spread", str(spread), "--warmup", "1",
+                "--replays", "1", "--json", path]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            fail("%s: exit %d: %s" % (" ".join(args[1:]), r.returncode, r.stderr[-2000:]))
+        with open(path) as f:
+            res = json.load(f)["results"][0]
+        os.remove(path)
+        if res["position_spread"] != spread:
+            fail("position_spread %s in the JSON, expected %d" % (res["position_spread"], spread))
+        return res["bytes_per_gpu"]["kv"]
+    spread = kv_bytes(3, 300, 4)
+    single = sum(kv_bytes(1, p, 1) for p in (300, 299, 298))
+    if spread != single:
+        fail("--position-spread 4, 3 rows at 300: KV bytes %d, the rows alone at 300, 299, 298 add to %d" %
+             (spread, single))
+    bad = subprocess.run([binary, "bench", "decode", "--backend", "cpu", "--preset", "tiny", "--context", "10",
+                          "--position-spread", "11"], capture_output=True, text=True, timeout=60)
+    if bad.returncode == 0 or "--position-spread 11 exceeds --context 10" not in bad.stderr:
+        fail("--position-spread above --context: exit %d, %s" % (bad.returncode, bad.stderr[-500:]))
+    print("ok: --position-spread's KV bytes are the rows' own")
 
 
 if __name__ == "__main__":
