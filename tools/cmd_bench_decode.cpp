@@ -89,7 +89,7 @@ int64_t decode_position(int64_t p, int32_t s, int64_t spread) { return p - int64
 // `runner`, its caches filled with random valid content (seeded by `rank`).
 engine::StepMetadata prepare_decode_step(engine::ModelRunner& runner, ops::Backend& backend,
                                          const model::ModelConfig& c, int32_t B, int64_t p, int rank,
-                                         int64_t spread = 1) {
+                                         int64_t spread) {
   const int32_t blocks = runner.options().max_blocks_per_seq;
   for (size_t l = 0; l < runner.caches().size(); ++l) backend.randomize_cache(runner.caches()[l], 1000 + l + 7919 * rank);
   std::vector<std::vector<int32_t>> pages(static_cast<size_t>(B)), tokens(static_cast<size_t>(B));
@@ -132,7 +132,8 @@ engine::RunnerOptions decode_runner_options(int32_t rows, int64_t p, bool graphs
 // with one another, not with the event-timed replays above. Per offset: copy B's step
 // starts that many µs after copy A's, on a thread of its own; the pair's time runs from
 // A's start to the later end.
-nlohmann::json run_pair_probe(const model::ModelConfig& c, const model::ModelWeights& weights, int64_t p, int32_t B,
+nlohmann::json run_pair_probe(const model::ModelConfig& c, const model::ModelWeights& weights, int64_t p,
+                              int64_t spread, int32_t B,
                               const std::vector<int32_t>& offsets_us, int warmup, int iters) {
   using Clock = std::chrono::steady_clock;
   const auto ms_between = [](Clock::time_point a, Clock::time_point b) {
@@ -143,9 +144,9 @@ nlohmann::json run_pair_probe(const model::ModelConfig& c, const model::ModelWei
   engine::ModelRunner run_a(c, weights, *be_a, decode_runner_options(B, p, true));
   engine::ModelRunner run_b(c, weights, *be_b, decode_runner_options(B, p, true));
   engine::ModelRunner run_d(c, weights, *be_d, decode_runner_options(2 * B, p, true));
-  const engine::StepMetadata meta_a = prepare_decode_step(run_a, *be_a, c, B, p, 0);
-  const engine::StepMetadata meta_b = prepare_decode_step(run_b, *be_b, c, B, p, 1);
-  const engine::StepMetadata meta_d = prepare_decode_step(run_d, *be_d, c, 2 * B, p, 0);
+  const engine::StepMetadata meta_a = prepare_decode_step(run_a, *be_a, c, B, p, 0, spread);
+  const engine::StepMetadata meta_b = prepare_decode_step(run_b, *be_b, c, B, p, 1, spread);
+  const engine::StepMetadata meta_d = prepare_decode_step(run_d, *be_d, c, 2 * B, p, 0, spread);
   const auto timed = [&](engine::ModelRunner& run, const engine::StepMetadata& meta) {
     for (int i = 0; i < warmup; ++i) run.step(meta, nullptr);  // the first records the graph
     std::vector<double> ms;
@@ -539,7 +540,8 @@ Command add_bench_decode(CLI::App& app) {
       r["comm_share_eager"] = comm_share;
       if (!pair_offsets.empty()) {
         const nlohmann::json probe =
-            run_pair_probe(c, dp.ranks[0]->model->weights, p, B, pair_offsets, std::min(o->warmup, 10), o->replays);
+            run_pair_probe(c, dp.ranks[0]->model->weights, p, o->position_spread, B, pair_offsets,
+                           std::min(o->warmup, 10), o->replays);
         std::string pairs;
         for (const auto& e : probe["pairs"])
           pairs += fmt::format(" {} µs: {:.3f}", e["offset_us"].get<int>(), e["pair_ms"].get<double>());
