@@ -679,8 +679,9 @@ TEST_P(CudaAttention, CompressMatchesCpuAcrossSteps) {
 }
 
 // The two compressor implementations agree bit for bit (states and record bytes), the
-// fast one with its rows pooled by the launcher's CTA count (2-16 a row here), by one CTA
-// and by 3 (several chunks a CTA, the last arrival finishing the row).
+// fast one with its rows pooled by the launcher's CTA count (16 a row at ratio 128, 4 at
+// ratio 4 here), by one CTA and by 3 (ratio 128: several chunks a CTA; ratio 4: a third
+// of the row's features a CTA), the last arrival finishing the row.
 TEST_P(CudaAttention, CompressFastEqualsSimpleBitwise) {
   if (simple()) GTEST_SKIP() << "runs both paths itself";
   Rng rng(305);

@@ -629,10 +629,11 @@ __global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(Compr
 // current-window rows m + q % m hold positions of window start / m and rows 0..m-1
 // the window before it; for ratio 128 row q % m.
 // Grid (tokens, CTAs a row): CTA (t, k) pools token t's feature chunks k, k + gridDim.y,
-// .. of F = kPoolStage / candidates features (all 512 at ratio 4, 32 at ratio 128),
-// each staged in shared memory: every thread computes exps and quotients, a thread
-// per feature runs the three chains in candidate order (max, sum of exps, sum of
-// products), pool_feature's operations in its order: the same bits. With several
+// .. of e.features features (the launcher's: at most kPoolStage / candidates, so 32 at
+// ratio 128; at ratio 4 the row's d over its CTAs), each staged in shared memory:
+// every thread computes exps and quotients, a thread per feature runs the three
+// chains in candidate order (max, sum of exps, sum of products), pool_feature's
+// operations in its order: the same bits. With several
 // CTAs a row each stores its features to scratch and the last of the token's CTAs to
 // arrive (an acquire-release count, reset by that CTA for the next launch) finishes
 // the row. Why: with a thread per feature waiting on a global load per candidate and
@@ -650,17 +651,19 @@ struct CompressEmitSmem {
   float stat[kMaxCompressDim];  // per feature of the chunk: the max, then the sum of exps
 };
 
-struct CompressEmitScratch {
-  float* pooled = nullptr;  // [T, d] (several chunks a row)
+struct CompressEmitPlan {
+  int features = 0;         // a chunk's (0: one CTA a row, pool_feature from global memory)
+  float* pooled = nullptr;  // [T, d] (several CTAs a row)
   int* arrivals = nullptr;  // [T], zero between launches
 };
 
-// Features a chunk of compress_emit_kernel (0: one CTA a row, pool_feature from global memory).
-__host__ __device__ inline int64_t compress_pool_features(int64_t d, int64_t candidates) {
+// The most features a chunk of compress_emit_kernel stages (0: none, pool_feature from
+// global memory).
+inline int64_t compress_pool_features(int64_t d, int64_t candidates) {
   return candidates > kPoolStage ? 0 : std::min<int64_t>(d, kPoolStage / candidates);
 }
 
-__global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a, CompressEmitScratch e) {
+__global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a, CompressEmitPlan e) {
   wait_for_predecessor();
   __shared__ CompressEmitSmem sm;
   __shared__ int s_last;
@@ -701,7 +704,7 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
   };
   const int n = int(overlap ? 2 * m : m);
   const int tid = int(threadIdx.x), nt = int(blockDim.x);
-  const int F = int(compress_pool_features(d, n));
+  const int F = e.features;
   if (F == 0) {
     for (int64_t f = tid; f < d; f += nt)
       sm.row.pooled[f] = pool_feature(n, [&](int c, float* kv, float* sc) { candidate(c, f, kv, sc); });
@@ -2791,9 +2794,22 @@ void CudaBackend::do_indexer_q(const Tensor& q, const BatchView& batch, const Ro
 
 namespace {
 std::atomic<int> g_compress_emit_ctas{0};
+
+// The most CTAs a ratio-4 row's pooling spreads over (DSV4_CUDA_COMPRESS_RATIO4_CTAS=N
+// for A/B runs; 1 pools it on one CTA, as before the sixty-fourth session).
+int64_t ratio4_emit_ctas() {
+  static const int64_t ctas = [] {
+    const char* v = std::getenv("DSV4_CUDA_COMPRESS_RATIO4_CTAS");
+    if (v == nullptr) return int64_t(4);
+    const int n = std::atoi(v);
+    DSV4_CHECK(n >= 1 && n <= 16, "DSV4_CUDA_COMPRESS_RATIO4_CTAS: expected 1 to 16, got '{}'", v);
+    return int64_t(n);
+  }();
+  return ctas;
+}
 }  // namespace
 
-// Test hook: CTAs a row of compress_emit_kernel (capped at its feature chunks; 0: the launcher's choice).
+// Test hook: CTAs a row of compress_emit_kernel (capped at one a 32-feature chunk; 0: the launcher's choice).
 void cuda_compress_emit_ctas(int ctas) { g_compress_emit_ctas.store(ctas); }
 
 void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const CompressorWeights& w, const BatchView& batch,
@@ -2851,15 +2867,21 @@ void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const Compressor
     check_launch(stream_);
     return;
   }
-  // CTAs a row: its feature chunks (16 at ratio 128, one at ratio 4), at most 1024 / T
-  // (a CTA then pools several chunks), since all but the tokens completing a window exit
-  // at once and idle CTAs are not free: the state kernel's 8,192 at 256 rows cost ~0.9%
-  // a step (sixty-third session).
+  // CTAs a row: the chunks of the features the stage holds (16 at ratio 128, one at
+  // ratio 4: a CTA may pool several), a ratio-4 row over up to ratio4_emit_ctas() CTAs
+  // (its chunks then the row's d over them), and at most 1024 / T in all, since all
+  // but the tokens completing a window exit at once and idle CTAs are not free: the
+  // state kernel's 8,192 at 256 rows cost ~0.9% a step (sixty-third session).
   const int64_t pool_f = compress_pool_features(d, m == 4 ? 2 * m : m);
-  const int64_t all_chunks = pool_f == 0 ? 1 : (d + pool_f - 1) / pool_f;
+  const int64_t stage_chunks = pool_f == 0 ? 1 : (d + pool_f - 1) / pool_f;
+  const int64_t most = pool_f == 0 ? 1 : std::max(stage_chunks, m == 4 ? std::min(ratio4_emit_ctas(), d / 32) : 1);
   const int forced = g_compress_emit_ctas.load(std::memory_order_relaxed);
-  const int64_t chunks = std::min<int64_t>(all_chunks, forced > 0 ? forced : std::max<int64_t>(1, 1024 / T));
-  CompressEmitScratch es;
+  const int64_t chunks =
+      std::min<int64_t>(std::min<int64_t>(most, d / 32), forced > 0 ? forced : std::max<int64_t>(1, 1024 / T));
+  CompressEmitPlan es;
+  // A CTA a chunk where the CTAs outnumber the stage's chunks, as few chunks as the stage
+  // allows otherwise.
+  es.features = pool_f == 0 ? 0 : int(std::min<int64_t>(pool_f, (d + chunks - 1) / chunks));
   if (chunks > 1) {
     bool fresh = false;
     es.pooled = static_cast<float*>(scratch("compress_pooled", size_t(T * d) * sizeof(float)));
