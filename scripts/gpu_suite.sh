@@ -12,7 +12,8 @@
 # name without (function, the default) or with (demangled) its template arguments; default the 5th and 6th expert GEMM
 # launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), TRACE_BATCHES (trace: batch sizes, default
-# "1 16 64 256"), TRACE_ARGS (trace: more `bench decode` options, e.g. "--position-spread 128"), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), PROBE_BATCHES (cta-probe:
+# "1 16 64 256"), TRACE_ARGS (trace: more `bench decode` options, e.g. "--position-spread 128"), TRACE_CONTEXT (trace: its
+# --context, default 4096; 4095 completes a row in every compressor at batch 1), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), PROBE_BATCHES (cta-probe:
 # batch sizes, default "1 16 256"), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
@@ -204,8 +205,8 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
         tools/graph_trace/graph_trace.cpp "$cupti_lib" -Wl,-rpath,"$(dirname "$cupti_lib")" -o $B/graph_trace.so
       for b in ${TRACE_BATCHES:-1 16 64 256}; do
         step trace-b$b 300 env LD_PRELOAD="$PWD/$B/graph_trace.so" DSV4_GRAPH_TRACE="$out/trace-b$b.tsv" \
-          $D bench decode --preset bench-1g --random-weights 1 --batch $b --context 4096 --warmup 10 --replays 60 \
-          ${TRACE_ARGS:-}
+          $D bench decode --preset bench-1g --random-weights 1 --batch $b --context ${TRACE_CONTEXT:-4096} --warmup 10 \
+          --replays 60 ${TRACE_ARGS:-}
         step trace-summary-b$b 60 python3 scripts/graph_trace_summary.py "$out/trace-b$b.tsv" --last 50 \
           --nodes "$out/trace-nodes-b$b.tsv" --frontier "$out/trace-frontier-b$b.tsv"
         { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
