@@ -14,7 +14,7 @@
 # MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), TRACE_BATCHES (trace: batch sizes, default
 # "1 16 64 256"), TRACE_ARGS (trace: more `bench decode` options, e.g. "--position-spread 128"), TRACE_CONTEXT (trace: its
 # --context, default 4096; 4095 completes a row in every compressor at batch 1), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), PROBE_BATCHES (cta-probe:
-# batch sizes, default "1 16 256"), DSV4_COMMIT (the commit to report).
+# batch sizes, default "1 16 256"), PROBE_CONTEXT and PROBE_ARGS (cta-probe: as TRACE_CONTEXT and TRACE_ARGS), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
 # summary.txt; a failing step does not stop the next one. OUT_DIR receives
 # summary.txt and logs.tgz (everything) as each step ends.
@@ -220,7 +220,7 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
       step probe-build 600 cmake --build build-probe -j "$(nproc)" --target dsv4
       for b in ${PROBE_BATCHES:-1 16 256}; do
         step probe-b$b 300 build-probe/tools/dsv4 bench decode --preset bench-1g --random-weights 1 --batch $b \
-          --context 4096 --warmup 10 --replays 60 --cta-probe "$out/probe-b$b.tsv"
+          --context ${PROBE_CONTEXT:-4096} --warmup 10 --replays 60 --cta-probe "$out/probe-b$b.tsv" ${PROBE_ARGS:-}
         step probe-summary-b$b 120 python3 scripts/cta_probe_summary.py "$out/probe-b$b.tsv"
         { grep -A1 '^batch' "$out/probe-b$b.log"; cat "$out/probe-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
         gzip -f "$out/probe-b$b.tsv"

@@ -25,6 +25,7 @@ enum class CtaProbeSite : uint8_t {
   kExpertFused,   // expert_ffn_fused_kernel (gate/up and down in one launch)
   kAttention,     // attention_wgmma_kernel
   kAttnCombine,   // attention_combine_kernel (after a split attention launch)
+  kCompressEmit,  // compress_emit_kernel (the compressors' rows completed in the step)
   kCount,
   kNone = 0xff,  // stamps nothing (for a site picked at compile time, e.g. by a template's format)
 };

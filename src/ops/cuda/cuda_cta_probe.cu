@@ -56,6 +56,8 @@ const std::vector<SiteNames>& site_names() {
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},
       {"attention", {"entry", "waited"}},
       {"attn_combine", {"entry", "waited"}},
+      {"compress_emit",
+       {"entry", "waited", "loaded", "max", "exps", "sum", "pooled", "arrived", "gathered", "normed", "roped"}},
   };
   return names;
 }
@@ -94,7 +96,7 @@ bool cta_probe_kernels_marked() { return DSV4_CTA_PROBE_KERNELS_MARKED; }
 
 const char* cta_probe_site_name(int site) {
   const auto& names = site_names();
-  static_assert(int(CtaProbeSite::kCount) == 9, "a name for every site");
+  static_assert(int(CtaProbeSite::kCount) == 10, "a name for every site");
   return site >= 0 && site < int(names.size()) ? names[size_t(site)].site : "unknown";
 }
 
