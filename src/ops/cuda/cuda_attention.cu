@@ -526,11 +526,10 @@ struct CompressSmem {
 
 // Finishes compressed row j (RMSNorm of bf16(pooled), RoPE at j*m, FP8 or
 // Hadamard + FP4 simulation) and stores its record. Called by every thread of
-// the block with sm.pooled filled; dst may be null (no valid page). rope: the
-// row's table (rope_cos_sin at j*m: [rd / 2] cos, then [rd / 2] sin), or null to
-// compute it here. site: the CTA probe's (kNone: no marks).
+// the block with sm.pooled filled; dst may be null (no valid page). site: the CTA
+// probe's (kNone: no marks).
 __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int64_t j, uint8_t* dst,
-                                    const float* rope = nullptr, CtaProbeSite site = CtaProbeSite::kNone) {
+                                    CtaProbeSite site = CtaProbeSite::kNone) {
   const int d = int(a.d), rd = int(a.rd);
   const int tid = threadIdx.x, nt = blockDim.x;
   for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(sm.pooled[f]);
@@ -545,12 +544,7 @@ __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int
   DSV4_CTA_PROBE(site, 9, a.ape);  // normed
   for (int i = tid; i < rd / 2; i += nt) {  // spec §5.3: rotated at j*m, the window's first token
     float c, s;
-    if (rope != nullptr) {
-      c = rope[i];
-      s = rope[rd / 2 + i];
-    } else {
-      rope_cos_sin(j * a.m, a.inv_freq[i], &c, &s);
-    }
+    rope_cos_sin(j * a.m, a.inv_freq[i], &c, &s);
     rope_pair_f(&sm.v[d - rd + 2 * i], &sm.v[d - rd + 2 * i + 1], c, s);
   }
   __syncthreads();
@@ -659,7 +653,6 @@ struct CompressEmitSmem {
   float kv[kPoolStage];         // [candidate][feature of the chunk]: kv, then kv * e / z
   float sc[kPoolStage];         // score, then e = exp(score - max)
   float stat[kMaxCompressDim];  // per feature of the chunk: the max, then the sum of exps
-  float rope[kMaxCompressDim];  // the row's RoPE table: [rd / 2] cos, then [rd / 2] sin
 };
 
 struct CompressEmitPlan {
@@ -677,22 +670,19 @@ inline int64_t compress_pool_features(int64_t d, int64_t candidates) {
 __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a, CompressEmitPlan e) {
   constexpr CtaProbeSite kSite = CtaProbeSite::kCompressEmit;
   DSV4_CTA_PROBE_SCOPE(kSite, a.ape);
+  wait_for_predecessor();
+  DSV4_CTA_PROBE(kSite, 1, a.ape);  // waited
   __shared__ CompressEmitSmem sm;
   __shared__ int s_last;
   const int64_t t = blockIdx.x;
-  // Step metadata (uploaded before the step; no kernel writes it), read before the wait.
   const int32_t s = a.token_seq[t];
   const int64_t p = a.positions[t], m = a.m, d = a.d, width = a.width;
-  if (s < 0 || p < 0 || (p + 1) % m != 0) {
-    wait_for_predecessor();  // (every CTA waits: the successor's wait covers this launch's predecessor through it)
-    return;
-  }
+  if (s < 0 || p < 0 || (p + 1) % m != 0) return;
   const int64_t j = p / m, start = a.seq_start_pos[s], begin = a.seq_begin[s];
   const bool overlap = m == 4;
   const float* kvs = a.kv_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
   const float* scs = a.score_state + int64_t(a.seq_slot[s]) * a.state_rows * width;
   const int64_t window_start = (start / m) * m;  // first position of the state's current window
-  // Position q's column col: this step's row if q >= start, else the state.
   auto value = [&](int64_t q, int64_t col, float* kv, float* sc) {
     if (q >= start) {
       const int64_t row = begin + (q - start);
@@ -704,21 +694,16 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
       *sc = scs[srow * width + col];
     }
   };
-  // Candidate c's position (-1: the window before row 0, absent) and column offset. Ratio
-  // 4: the previous window's first half, then the current window's second half;
-  // otherwise the window.
-  auto candidate_pos = [&](int64_t c, int64_t* col0) -> int64_t {
-    *col0 = overlap && c >= m ? d : 0;
-    if (!overlap) return j * m + c;
-    if (c >= m) return j * m + (c - m);
-    return j > 0 ? (j - 1) * m + c : -1;
-  };
   const float neg_inf = -INFINITY;
+  // Candidate c of feature f: ratio 4, the previous window's first half (absent for
+  // row 0), then the current window's second half; otherwise the window.
   auto candidate = [&](int64_t c, int64_t f, float* kv, float* sc) {
-    int64_t col0;
-    const int64_t q = candidate_pos(c, &col0);
-    if (q >= 0) {
-      value(q, col0 + f, kv, sc);
+    if (!overlap) {
+      value(j * m + c, f, kv, sc);
+    } else if (c >= m) {
+      value(j * m + (c - m), d + f, kv, sc);
+    } else if (j > 0) {
+      value((j - 1) * m + c, f, kv, sc);
     } else {
       *kv = 0.0f;
       *sc = neg_inf;
@@ -727,43 +712,18 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
   const int n = int(overlap ? 2 * m : m);
   const int tid = int(threadIdx.x), nt = int(blockDim.x);
   const int F = e.features;
-  const int first_f0 = int(blockIdx.y) * F;  // this CTA's first chunk
-  float rkv[kPoolPerThread], rsc[kPoolPerThread];  // a chunk's candidates, a thread's share
-  // A candidate from the state (a position before the step's rows) was written by an
-  // earlier step's state kernel, and no kernel of this step writes it before this one:
-  // the first chunk issues those loads before the dependency wait (at decode, all but the
-  // step's own candidate), so their round trip runs under the predecessor's tail.
-  const auto from_state = [&](int i, int fc) {
-    int64_t col0;
-    const int64_t q = candidate_pos(i / fc, &col0);
-    return q >= 0 && q < start;
-  };
-  const int first_fc = std::min(F, int(d) - first_f0);
-  if (F > 0) {
-#pragma unroll
-    for (int k = 0; k < kPoolPerThread; ++k) {
-      const int i = tid + k * kCompressThreads;
-      if (i < n * first_fc && from_state(i, first_fc)) candidate(i / first_fc, first_f0 + i % first_fc, &rkv[k], &rsc[k]);
-    }
-  }
-  // The row's RoPE table (rotated at j*m, the window's first token): weights and metadata
-  // only, so before the wait too; the CTA that finishes the row reads it.
-  const int rd = int(a.rd);
-  for (int i = tid; i < rd / 2; i += nt) rope_cos_sin(j * a.m, a.inv_freq[i], &sm.rope[i], &sm.rope[rd / 2 + i]);
-  wait_for_predecessor();
-  DSV4_CTA_PROBE(kSite, 1, a.ape);  // waited
   if (F == 0) {
     for (int64_t f = tid; f < d; f += nt)
       sm.row.pooled[f] = pool_feature(n, [&](int c, float* kv, float* sc) { candidate(c, f, kv, sc); });
   } else {
     const bool whole = gridDim.y == 1;  // this CTA pools every chunk and finishes the row
-    for (int f0 = first_f0; f0 < int(d); f0 += int(gridDim.y) * F) {
+    for (int f0 = int(blockIdx.y) * F; f0 < int(d); f0 += int(gridDim.y) * F) {
       const int fc = std::min(F, int(d) - f0), elems = n * fc;
-      const bool first = f0 == first_f0;
+      float rkv[kPoolPerThread], rsc[kPoolPerThread];
 #pragma unroll
       for (int k = 0; k < kPoolPerThread; ++k) {  // every load in flight, then the stores
         const int i = tid + k * kCompressThreads;
-        if (i < elems && !(first && from_state(i, fc))) candidate(i / fc, f0 + i % fc, &rkv[k], &rsc[k]);
+        if (i < elems) candidate(i / fc, f0 + i % fc, &rkv[k], &rsc[k]);
       }
       __syncthreads();  // (the previous chunk's products read)
 #pragma unroll
@@ -815,11 +775,11 @@ __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(Compres
       // The other CTAs' features, from L2 (this SM never held their lines).
       for (int64_t f = tid; f < d; f += nt) sm.row.pooled[f] = __ldcg(e.pooled + t * d + f);
       if (tid == 0) e.arrivals[t] = 0;  // (every CTA of the token has counted: the next launch starts from 0)
-      DSV4_CTA_PROBE(kSite, 8, a.ape);  // gathered (thread 0's loads issued)
+      DSV4_CTA_PROBE(kSite, 8, a.ape);  // gathered (thread 0's loads returned)
     }
   }
   __syncthreads();
-  compress_finish_row(sm.row, a, j, compress_dst(a, s, j), sm.rope, kSite);
+  compress_finish_row(sm.row, a, j, compress_dst(a, s, j), kSite);
 }
 
 // fast (2/2): the state after the step, per column (runs after compress_emit_kernel,
