@@ -532,6 +532,15 @@ __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int
                                     CtaProbeSite site = CtaProbeSite::kNone) {
   const int d = int(a.d), rd = int(a.rd);
   const int tid = threadIdx.x, nt = blockDim.x;
+  // The norm's weights (read from HBM, behind the step's weight streams) and the RoPE
+  // pair's cos and sin (double precision) first, so both run under the sum's barriers.
+  constexpr int kPer = kMaxCompressDim / kCompressThreads;
+  float nw[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k)
+    if (tid + k * kCompressThreads < d) nw[k] = bf2f(a.norm[tid + k * kCompressThreads]);
+  float rc = 0.0f, rs = 0.0f;
+  if (tid < rd / 2) rope_cos_sin(j * a.m, a.inv_freq[tid], &rc, &rs);
   for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(sm.pooled[f]);
   __syncthreads();
   // ref::rms_norm_bf16's sum of squares (the row norm's order, block_sum_squares).
@@ -539,14 +548,15 @@ __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int
   // (1 of 468 indexer rows in a tiny generation), enough to flip a near-tie top-k.
   const float ss = block_sum_squares(sm.v, d, sm.red);
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, float(d)), a.eps)));
-  for (int f = tid; f < d; f += nt) sm.v[f] = round_bf(__fmul_rn(bf2f(a.norm[f]), __fmul_rn(sm.v[f], r)));
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int f = tid + k * kCompressThreads;
+    if (f < d) sm.v[f] = round_bf(__fmul_rn(nw[k], __fmul_rn(sm.v[f], r)));
+  }
   __syncthreads();
   DSV4_CTA_PROBE(site, 9, a.ape);  // normed
-  for (int i = tid; i < rd / 2; i += nt) {  // spec §5.3: rotated at j*m, the window's first token
-    float c, s;
-    rope_cos_sin(j * a.m, a.inv_freq[i], &c, &s);
-    rope_pair_f(&sm.v[d - rd + 2 * i], &sm.v[d - rd + 2 * i + 1], c, s);
-  }
+  if (tid < rd / 2)  // spec §5.3: rotated at j*m, the window's first token
+    rope_pair_f(&sm.v[d - rd + 2 * tid], &sm.v[d - rd + 2 * tid + 1], rc, rs);
   __syncthreads();
   DSV4_CTA_PROBE(site, 10, a.ape);  // roped
   if (!a.rotate) {
