@@ -38,6 +38,7 @@
 #include "ops/cuda/attention_split.h"
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/cluster.cuh"
+#include "ops/cuda/compress_emit_plan.h"
 #include "ops/cuda/cta_probe.cuh"
 #include "ops/cuda/e2m1_bf16.h"
 #include "ops/cuda/e4m3_cast.cuh"
@@ -655,7 +656,7 @@ __global__ void __launch_bounds__(kCompressThreads) compress_simple_kernel(Compr
 // --position-spread 128) took 4.55 ms against 3.39 without; staged in one CTA a row an
 // HCA row still took 271 us (graph trace, H200, sixty-third session), on the step's
 // critical path whenever a sequence of the batch completes a 128-token window.
-constexpr int kPoolStage = 4096;
+constexpr int kPoolStage = int(kCompressPoolStage);
 constexpr int kPoolPerThread = kPoolStage / kCompressThreads;
 
 struct CompressEmitSmem {
@@ -666,16 +667,10 @@ struct CompressEmitSmem {
 };
 
 struct CompressEmitPlan {
-  int features = 0;         // a chunk's (0: one CTA a row, pool_feature from global memory)
+  int features = 0;         // a chunk's (compress_emit_shape; 0: one CTA a row, pool_feature from global memory)
   float* pooled = nullptr;  // [T, d] (several CTAs a row)
   int* arrivals = nullptr;  // [T], zero between launches
 };
-
-// The most features a chunk of compress_emit_kernel stages (0: none, pool_feature from
-// global memory).
-inline int64_t compress_pool_features(int64_t d, int64_t candidates) {
-  return candidates > kPoolStage ? 0 : std::min<int64_t>(d, kPoolStage / candidates);
-}
 
 __global__ void __launch_bounds__(kCompressThreads) compress_emit_kernel(CompressArgs a, CompressEmitPlan e) {
   constexpr CtaProbeSite kSite = CtaProbeSite::kCompressEmit;
@@ -2891,21 +2886,12 @@ void CudaBackend::do_compress(const Tensor& a, const Tensor& g, const Compressor
     check_launch(stream_);
     return;
   }
-  // CTAs a row: the chunks of the features the stage holds (16 at ratio 128, one at
-  // ratio 4: a CTA may pool several), a ratio-4 row over up to ratio4_emit_ctas() CTAs
-  // (its chunks then the row's d over them), and at most 1024 / T in all, since all
-  // but the tokens completing a window exit at once and idle CTAs are not free: the
-  // state kernel's 8,192 at 256 rows cost ~0.9% a step (sixty-third session).
-  const int64_t pool_f = compress_pool_features(d, m == 4 ? 2 * m : m);
-  const int64_t stage_chunks = pool_f == 0 ? 1 : (d + pool_f - 1) / pool_f;
-  const int64_t most = pool_f == 0 ? 1 : std::max(stage_chunks, m == 4 ? std::min(ratio4_emit_ctas(), d / 32) : 1);
-  const int forced = g_compress_emit_ctas.load(std::memory_order_relaxed);
-  const int64_t chunks =
-      std::min<int64_t>(std::min<int64_t>(most, d / 32), forced > 0 ? forced : std::max<int64_t>(1, 1024 / T));
+  // CTAs a row and a chunk's features: ops/cuda/compress_emit_plan.h.
+  const CompressEmitShape shape = compress_emit_shape(d, m == 4 ? 2 * m : m, m == 4, T, ratio4_emit_ctas(),
+                                                      g_compress_emit_ctas.load(std::memory_order_relaxed));
+  const int64_t chunks = shape.ctas;
   CompressEmitPlan es;
-  // A CTA a chunk where the CTAs outnumber the stage's chunks, as few chunks as the stage
-  // allows otherwise.
-  es.features = pool_f == 0 ? 0 : int(std::min<int64_t>(pool_f, (d + chunks - 1) / chunks));
+  es.features = int(shape.features);
   if (chunks > 1) {
     bool fresh = false;
     es.pooled = static_cast<float*>(scratch("compress_pooled", size_t(T * d) * sizeof(float)));
