@@ -534,7 +534,9 @@ __device__ void compress_finish_row(CompressSmem& sm, const CompressArgs& a, int
   const int d = int(a.d), rd = int(a.rd);
   const int tid = threadIdx.x, nt = blockDim.x;
   // The norm's weights (read from HBM, behind the step's weight streams) and the RoPE
-  // pair's cos and sin (double precision) first, so both run under the sum's barriers.
+  // pair's cos and sin (double precision) first, so both run under the sum's barriers
+  // (no gain measured, docs/BENCHMARKS.md, sixty-fourth session). Both callers run
+  // kCompressThreads threads, and rd <= d <= kMaxCompressDim (do_compress checks).
   constexpr int kPer = kMaxCompressDim / kCompressThreads;
   float nw[kPer];
 #pragma unroll
