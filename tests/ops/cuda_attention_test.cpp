@@ -69,8 +69,8 @@ void cuda_attention_force_pair(int mode);
 int64_t cuda_attention_wgmma_pair_launches();
 // Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
 void cuda_indexer_score_pages(int pages);
-// Defined in cuda_attention.cu: compress_emit_kernel's CTAs a row (capped at its feature chunks; 0: the
-// launcher's choice).
+// Defined in cuda_attention.cu: compress_emit_kernel's CTAs a row (capped at one a 32-feature chunk; 0: the
+// launcher's choice, ops/cuda/compress_emit_plan.h).
 void cuda_compress_emit_ctas(int ctas);
 // Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
 void cuda_indexer_score_early(int mode);
