@@ -76,6 +76,8 @@ void cuda_compress_emit_ctas(int ctas);
 void cuda_indexer_score_early(int mode);
 // Defined in cuda_attention.cu: the same for the selection kernel (DSV4_CUDA_SELECT_EARLY).
 void cuda_indexer_select_early(int mode);
+// Defined in cuda_attention.cu: mismatches of the keys' e4m3 decode over every code pair and scale byte.
+int64_t cuda_attention_key_decode_mismatches(uint32_t* first);
 
 namespace {
 
@@ -1092,6 +1094,19 @@ TEST_P(CudaAttention, WgmmaAnySplitEqualsOneCtaBitForBit) {
       }
     cuda_attention_use_wgmma(-1);
   }
+}
+
+// The tensor-core kernels decode a cached key's e4m3 codes by integer steps and one bf16
+// multiply by 2^(sb - 7) a pair where the UE8M0 byte sb is in [10, 134] (every product
+// a bf16 normal or zero), else in f32. Over every pair of finite codes and every finite
+// scale byte the result must be the bf16 of the f32 product (the CPU's decode), and the
+// common case must take every word in that range.
+TEST(CudaAttentionKeys, DecodeEqualsTheReferenceForEveryCodeAndScale) {
+  DSV4_REQUIRE_CUDA();
+  uint32_t first = 0;
+  const int64_t mismatches = cuda_attention_key_decode_mismatches(&first);
+  EXPECT_EQ(mismatches, 0) << "first mismatch: code pair 0x" << std::hex << (first & 0xffffu) << " scale byte 0x"
+                           << (first >> 16);
 }
 
 // Records the common-case decode does not take: blocks whose UE8M0 scale is 2^-127

@@ -1766,28 +1766,27 @@ __device__ __forceinline__ bool bf16_exact8(const float (&f)[8]) {
   return (low & 0xffffu) == 0;
 }
 // Eight e4m3 codes (one uint2, code e in byte e % 4 of word e / 4) times their
-// UE8M0 block scale sc, as 8 bf16 values (one uint4). An e4m3 value times a power of
-// two is exact in bf16 (the fp32 product's low 16 bits are zero) unless it falls
-// below bf16's normal range or is a NaN; then the upper 16 bits are the bf16 value:
-// one byte permute per pair instead of two roundings (~60 of the decode's ~100
-// instructions per 8 values, ncu at batch 64). The codes' values come from the
-// hardware conversion (the table's values, ~half the instructions and no table loads).
-// Returns false, with v undefined, where a code is NaN or a product is not exact: the
+// UE8M0 block scale 2^(sb - 127) (sb the scale byte), as 8 bf16 values (one uint4), by
+// e4m3x2_times_bf16x2's integer steps and a bf16 multiply by 2^(sb - 7) a pair (four
+// operations a pair; the hardware conversion to f16, two widenings to f32, two f32
+// multiplies, a byte permute and the exactness test took ~8). For 10 <= sb <= 134 every
+// product of a finite code is a bf16 normal or zero (|code| >= 2^-9, 2^(sb - 7) a
+// bf16 normal), so exact: the bits the f32 product's upper half gave before.
+// Returns false, with v undefined, where a code is NaN or sb is outside that range: the
 // caller then takes e4m3x8_scaled_bf16. Branch-free, so that a loop of them overlaps.
-__device__ __forceinline__ bool e4m3x8_scaled_bf16_exact(uint2 codes, float sc, uint4& v) {
-  float f[8];
-  e4m3x8_times(codes, sc, f);
-  uint32_t vw[4];
-#pragma unroll
-  for (int w2 = 0; w2 < 4; ++w2) vw[w2] = __byte_perm(__float_as_uint(f[2 * w2]), __float_as_uint(f[2 * w2 + 1]), 0x7632);
-  v = make_uint4(vw[0], vw[1], vw[2], vw[3]);
-  return !(e4m3x4_has_nan(codes.x) | e4m3x4_has_nan(codes.y)) & bf16_exact8(f);  // (&: no branch)
+__device__ __forceinline__ bool e4m3x8_scaled_bf16_exact(uint2 codes, uint32_t sb, uint4& v) {
+  const uint32_t factor = ((sb + 120u) << 7) * 0x00010001u;  // bf16 2^(sb - 7), both halves
+  v = make_uint4(e4m3x2_times_bf16x2<0x9180>(codes.x, factor), e4m3x2_times_bf16x2<0xB3A2>(codes.x, factor),
+                 e4m3x2_times_bf16x2<0x9180>(codes.y, factor), e4m3x2_times_bf16x2<0xB3A2>(codes.y, factor));
+  return !(e4m3x4_has_nan(codes.x) | e4m3x4_has_nan(codes.y)) & (sb - 10u <= 124u);  // (&: no branch)
 }
-// The same for every input: the common case above, else the values by the table where
-// a code is NaN (whose bits the table keeps) and each product rounded to bf16.
-__device__ __forceinline__ uint4 e4m3x8_scaled_bf16(uint2 codes, float sc, const float* lut) {
+// The same for every input: the common case above, else each product in f32 (the
+// table's value where a code is NaN, whose bits the table keeps), then the f32
+// product's upper half where it is exact in bf16, else its bf16 rounding.
+__device__ __forceinline__ uint4 e4m3x8_scaled_bf16(uint2 codes, uint32_t sb, const float* lut) {
   uint4 v;
-  if (e4m3x8_scaled_bf16_exact(codes, sc, v)) return v;
+  if (e4m3x8_scaled_bf16_exact(codes, sb, v)) return v;
+  const float sc = core::e8m0_to_float(uint8_t(sb));
   float f[8];
   if (!(e4m3x4_has_nan(codes.x) | e4m3x4_has_nan(codes.y))) {
     e4m3x8_times(codes, sc, f);
@@ -1828,7 +1827,7 @@ __device__ __forceinline__ uint4 decode_key8(int type, const uint8_t* rec, const
     constexpr int kNope = DH - kRope;
     if (d0 < kNope) {
       const uint2 codes = *reinterpret_cast<const uint2*>(rec + d0);
-      v = e4m3x8_scaled_bf16(codes, core::e8m0_to_float(rec[kNope + 2 * kRope + d0 / 64]), lut);
+      v = e4m3x8_scaled_bf16(codes, rec[kNope + 2 * kRope + d0 / 64], lut);
     } else {
       v = rope_key8<DH>(rec, d0);
     }
@@ -2568,14 +2567,14 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
           if (b0 + j == kNopeBlocks) break;
           uint4 v;
           exact &= e4m3x8_scaled_bf16_exact(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
-                                            core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), v);
+                                            rec[kNope + 2 * kRope + b0 + j], v);
           *reinterpret_cast<uint4*>(dst + j * W::kBuf) = v;
         }
         if (!exact) {
           for (int j = 0; j < L::kBufs && b0 + j < kNopeBlocks; ++j)
             *reinterpret_cast<uint4*>(dst + j * W::kBuf) =
                 e4m3x8_scaled_bf16(*reinterpret_cast<const uint2*>(rec + 64 * (b0 + j) + 8 * c0),
-                                   core::e8m0_to_float(rec[kNope + 2 * kRope + b0 + j]), lut);
+                                   rec[kNope + 2 * kRope + b0 + j], lut);
         }
         if (!kPair || half != 0)  // this CTA's last buffer is the row's rope block
           *reinterpret_cast<uint4*>(dst + (L::kBufs - 1) * W::kBuf) = rope_key8<W::kDh>(rec, kNope + 8 * c0);
@@ -2774,6 +2773,38 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       rope_pair_f(&x0, &x1, rope_c[pair], -rope_s[pair]);
     }
     *reinterpret_cast<uint32_t*>(out + h * W::kDh + dim0 + d) = pack_bf16(x0, x1);
+  }
+}
+
+// Every pair of e4m3 codes (i % 65536, low code in the low byte) under every scale byte
+// sb = i / 65536 < 255: the keys' decode (e4m3x8_scaled_bf16, the pair in bytes 0-1 of
+// the first word and 2-3 of the second, beside a finite neighbour pair) against the
+// bf16 of core::e4m3_to_float x core::e8m0_to_float in f32, bit for bit; and the common
+// case must take every such word with 10 <= sb <= 134 (its claim of exactness there).
+// NaN codes are left out (their payloads are the table's, checked by the kernels' test).
+__global__ void key_decode_mismatch_kernel(unsigned long long* count, uint32_t* first) {
+  __shared__ float lut[256];
+  for (int c = threadIdx.x; c < 256; c += blockDim.x) lut[c] = core::e4m3_to_float(uint8_t(c));
+  __syncthreads();
+  const uint64_t stride = uint64_t(gridDim.x) * blockDim.x;
+  for (uint64_t i = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < 255ull * 65536; i += stride) {
+    const uint32_t pair = uint32_t(i & 0xffffu), sb = uint32_t(i >> 16);
+    if ((pair & 0x7fu) == 0x7fu || ((pair >> 8) & 0x7fu) == 0x7fu) continue;
+    uint32_t other = (pair * 40503u + 7919u) & 0xffffu;
+    other &= 0xfefeu;  // (no NaN code: 0x7f, 0xff have bit 0 set)
+    const uint2 codes = make_uint2(pair | other << 16, other | pair << 16);
+    uint4 fast;
+    const bool took = e4m3x8_scaled_bf16_exact(codes, sb, fast);
+    const uint4 got = e4m3x8_scaled_bf16(codes, sb, lut);
+    const float sc = core::e8m0_to_float(uint8_t(sb));
+    const auto want = [&](uint32_t code) {
+      return uint32_t(core::float_to_bf16_bits(__fmul_rn(core::e4m3_to_float(uint8_t(code)), sc)));
+    };
+    const uint32_t want_pair = want(pair & 0xffu) | want(pair >> 8) << 16,
+                   want_other = want(other & 0xffu) | want(other >> 8) << 16;
+    bool same = got.x == want_pair && got.y == want_other && got.z == want_other && got.w == want_pair;
+    if (sb >= 10 && sb <= 134) same &= took && fast.x == got.x && fast.y == got.y && fast.z == got.z && fast.w == got.w;
+    if (!same && atomicAdd(count, 1ull) == 0) *first = uint32_t(i);
   }
 }
 }  // namespace
@@ -3282,6 +3313,24 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   const AttnSplit sp = with_scratch(plan_split(T * ((H + 15) / 16), false));
   if (Dh == 512) launch_attention_mma_mt<512>(stream_, a, sp, T, H, num_sms, limit);
   else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
+}
+
+
+int64_t cuda_attention_key_decode_mismatches(uint32_t* first) {
+  unsigned long long* d_count = nullptr;
+  uint32_t* d_first = nullptr;
+  DSV4_CUDA_CHECK(cudaMalloc(&d_count, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMalloc(&d_first, sizeof(uint32_t)));
+  DSV4_CUDA_CHECK(cudaMemset(d_count, 0, sizeof(unsigned long long)));
+  DSV4_CUDA_CHECK(cudaMemset(d_first, 0, sizeof(uint32_t)));
+  key_decode_mismatch_kernel<<<4096, 256>>>(d_count, d_first);
+  DSV4_CUDA_CHECK(cudaGetLastError());
+  unsigned long long count = 0;
+  DSV4_CUDA_CHECK(cudaMemcpy(&count, d_count, sizeof count, cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaMemcpy(first, d_first, sizeof(uint32_t), cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaFree(d_count));
+  DSV4_CUDA_CHECK(cudaFree(d_first));
+  return int64_t(count);
 }
 
 }  // namespace dsv4::ops

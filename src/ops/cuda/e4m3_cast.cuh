@@ -31,6 +31,24 @@ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t codes) {
   return v;
 }
 
+// Two e4m3 codes of w (chosen by kSel) times a power of two, as a bf16 pair, by integer
+// steps and one bf16 multiply (the ALU and FMA pipes, not the conversion unit): each
+// byte sign-extended into its 16-bit half (prmt), shifted so the sign lands on bit 15
+// and exponent + mantissa on bits 4..10, which reads as bf16 2^-120 x the e4m3 value
+// (subnormals too, as bf16 subnormals), then times `factor` (a bf16 power of two in
+// both halves). Exact wherever the product is a bf16 normal or zero. NaN codes (0x7f,
+// 0xff) read as +-480 x 2^-120: callers that must keep them test first.
+// kSel 0x9180: bytes 0, 1 of w (byte 0 -> the low half); 0xB3A2: bytes 2, 3.
+template <uint32_t kSel>
+__device__ __forceinline__ uint32_t e4m3x2_times_bf16x2(uint32_t w, uint32_t factor) {
+  uint32_t v;
+  asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(v) : "r"(w), "n"(kSel));
+  v = (v << 4) & 0x87f087f0u;
+  uint32_t out;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(v), "r"(factor));
+  return out;
+}
+
 // Whether any of the 4 codes in w is an e4m3 NaN (0x7f or 0xff).
 __device__ __forceinline__ bool e4m3x4_has_nan(uint32_t w) { return (((w & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u) != 0; }
 

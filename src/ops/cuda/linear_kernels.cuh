@@ -382,10 +382,7 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
 // word j, chunk j's bytes 2t, 2t+1, 8+2t, 9+2t, so one 16-byte load a row gives the
 // lane its 8 pairs of the stage (in checkpoint order it took 8 two-byte loads).
 //
-// The decode, integer steps and one bf16 multiply (the ALU and FMA pipes, not the
-// conversion unit): each byte sign-extended into its 16-bit half (prmt), shifted so
-// the sign lands on bit 15 and exponent + mantissa on bits 4..10, which reads as bf16
-// 2^-120 x the e4m3 value (subnormals too), then x 2^120 (exact). Against cvt to f16,
+// The decode is e4m3x2_times_bf16x2 (e4m3_cast.cuh) by 2^120. Against cvt to f16,
 // then f32, then bf16: -0.3% a step at batch 1 and -0.6% at 64 rows, +0.2% at 16 (A/B,
 // 2 rounds, apart; docs/BENCHMARKS.md, forty-seventh session). The stage on f16 operands
 // instead (the tensor core's f16 step is its bf16 step on the same values, so the bits
@@ -395,13 +392,9 @@ __device__ __forceinline__ void fp4_a_frag(uint32_t lo, uint32_t hi, uint32_t (&
 // sel 0x9180: bytes 0, 1 of w (the pair k 2t, 2t+1); 0xB3A2: bytes 2, 3 (k 8+2t, 9+2t).
 template <uint32_t kSel>
 __device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t w) {
-  uint32_t v;
-  asm("prmt.b32 %0, %1, 0, %2;\n" : "=r"(v) : "r"(w), "n"(kSel));
-  v = (v << 4) & 0x87f087f0u;
-  uint32_t out;
-  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(out) : "r"(v), "r"(0x7b807b80u));
-  return out;
+  return e4m3x2_times_bf16x2<kSel>(w, 0x7b807b80u);  // 2^120 in both halves
 }
+
 // The 4 chunks' A fragments of rows lo_row and hi_row (g and g + 8 of a warp's 16) of
 // a stage buffer, lane t: frag(j) names chunk j's 4 registers.
 template <typename Frag>
