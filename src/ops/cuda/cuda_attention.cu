@@ -2508,6 +2508,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // (512 threads leave 128 registers each); the pair, 32 in registers.
   float o[L::kMb][32];
   volatile float O_fold[kPair ? 1 : 64];
+  constexpr int kFoldGroup = 16;  // O's values a segment-end fold loads at once (below)
   float O_reg[kPair ? 32 : 1] = {};
   const auto fold_get = [&](int i) -> float {
     if constexpr (kPair) return O_reg[i];
@@ -2727,13 +2728,22 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     if (per_segment) {
       store_partial_o(lead_partial + seg - lead, [&](int mb, int i) { return o[mb][i]; });
     } else {
+      // O's values kFoldGroup at a time: a group's local-memory loads (mostly from L2:
+      // 128 KB a CTA against the ~30 KB of L1 that 220 KB of shared memory leave) go out
+      // together, where one behind the other's fold and store each waited a round trip.
 #pragma unroll
       for (int mb = 0; mb < L::kMb; ++mb)
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int h = 8 * (i >> 2) + 2 * t + (i & 1);
-          const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
-          fold_set(32 * mb + i, fold_value(fold_get(32 * mb + i), o[mb][i], w));
+        for (int i0 = 0; i0 < 32; i0 += kFoldGroup) {
+          float run[kFoldGroup];
+#pragma unroll
+          for (int k = 0; k < kFoldGroup; ++k) run[k] = fold_get(32 * mb + i0 + k);
+#pragma unroll
+          for (int k = 0; k < kFoldGroup; ++k) {
+            const int i = i0 + k, h = 8 * (i >> 2) + 2 * t + (i & 1);
+            const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
+            fold_set(32 * mb + i, fold_value(run[k], o[mb][i], w));
+          }
         }
     }
 #pragma unroll
@@ -2745,8 +2755,13 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // The pair: the other CTA's last reads of this CTA's partials are done before it leaves.
   if constexpr (kPair) cluster_wait_acquire();
   if (per_segment) return;  // attention_combine_kernel finishes the row
+  // The fold state in registers (o is done with): its 64 local-memory loads together,
+  // not each behind the store or division that uses it.
+  float O_out[L::kMb * 32];
+#pragma unroll
+  for (int i = 0; i < L::kMb * 32; ++i) O_out[i] = fold_get(i);
   if (split) {  // the lead CTA: its folded state as the row's partial 0
-    store_partial_o(0, [&](int mb, int i) { return fold_get(32 * mb + i); });
+    store_partial_o(0, [&](int mb, int i) { return O_out[32 * mb + i]; });
     if (row_writer && ml_cta) *reinterpret_cast<float2*>(partial_ml(sr, 0)) = make_float2(M_fold, L_fold);
     return;
   }
@@ -2762,7 +2777,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     for (int i = 0; i < 32; ++i) {
       const int h = 8 * (i >> 2) + 2 * t + (i & 1);
       const int d = L::kWgDh * wg + 64 * mb + 16 * ww + g + 8 * ((i >> 1) & 1);
-      tile[h * L::kCtaDh + d] = f2bf(__fdiv_rn(fold_get(32 * mb + i), den_s[h]));
+      tile[h * L::kCtaDh + d] = f2bf(__fdiv_rn(O_out[32 * mb + i], den_s[h]));
     }
   __syncthreads();
   for (int i = tid; i < W::kHeads * (L::kCtaDh / 2); i += W::kThreads) {
