@@ -43,6 +43,7 @@
 #include "ops/cuda/e2m1_bf16.h"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
+#include "ops/cuda/mismatch_count.cuh"
 #include "ops/cuda/wgmma.cuh"
 #include "ops/attention_order.h"
 #include "ops/kv_format.h"
@@ -3343,22 +3344,8 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
   else launch_attention_mma_mt<128>(stream_, a, sp, T, H, num_sms, limit);
 }
 
-
 int64_t cuda_attention_key_decode_mismatches(uint32_t* first) {
-  unsigned long long* d_count = nullptr;
-  uint32_t* d_first = nullptr;
-  DSV4_CUDA_CHECK(cudaMalloc(&d_count, sizeof(unsigned long long)));
-  DSV4_CUDA_CHECK(cudaMalloc(&d_first, sizeof(uint32_t)));
-  DSV4_CUDA_CHECK(cudaMemset(d_count, 0, sizeof(unsigned long long)));
-  DSV4_CUDA_CHECK(cudaMemset(d_first, 0, sizeof(uint32_t)));
-  key_decode_mismatch_kernel<<<4096, 256>>>(d_count, d_first);
-  DSV4_CUDA_CHECK(cudaGetLastError());
-  unsigned long long count = 0;
-  DSV4_CUDA_CHECK(cudaMemcpy(&count, d_count, sizeof count, cudaMemcpyDeviceToHost));
-  DSV4_CUDA_CHECK(cudaMemcpy(first, d_first, sizeof(uint32_t), cudaMemcpyDeviceToHost));
-  DSV4_CUDA_CHECK(cudaFree(d_count));
-  DSV4_CUDA_CHECK(cudaFree(d_first));
-  return int64_t(count);
+  return count_mismatches(key_decode_mismatch_kernel, first);
 }
 
 }  // namespace dsv4::ops

@@ -29,6 +29,7 @@
 #include "ops/cuda/gemm_wide_mc_kernel.cuh"
 #include "ops/cuda/gemm_wide_ws_kernel.cuh"
 #include "ops/cuda/linear_kernels.cuh"
+#include "ops/cuda/mismatch_count.cuh"
 #include "ops/cuda/quantized_linear.h"
 #include "ops/gemm_order.h"
 
@@ -1306,23 +1307,6 @@ __global__ void e4m3_bf16_decode_mismatch_kernel(unsigned long long* count, uint
                           uint32_t(core::float_to_bf16_bits(core::e4m3_to_float(uint8_t(pair >> 8)))) << 16;
     if ((got_lo != want || got_hi != want) && atomicAdd(count, 1ull) == 0) *first = pair;
   }
-}
-
-int64_t count_mismatches(void (*kernel)(unsigned long long*, uint32_t*), uint32_t* first) {
-  unsigned long long* d_count = nullptr;
-  uint32_t* d_first = nullptr;
-  DSV4_CUDA_CHECK(cudaMalloc(&d_count, sizeof(unsigned long long)));
-  DSV4_CUDA_CHECK(cudaMalloc(&d_first, sizeof(uint32_t)));
-  DSV4_CUDA_CHECK(cudaMemset(d_count, 0, sizeof(unsigned long long)));
-  DSV4_CUDA_CHECK(cudaMemset(d_first, 0, sizeof(uint32_t)));
-  kernel<<<4096, 256>>>(d_count, d_first);
-  DSV4_CUDA_CHECK(cudaGetLastError());
-  unsigned long long count = 0;
-  DSV4_CUDA_CHECK(cudaMemcpy(&count, d_count, sizeof count, cudaMemcpyDeviceToHost));
-  DSV4_CUDA_CHECK(cudaMemcpy(first, d_first, sizeof(uint32_t), cudaMemcpyDeviceToHost));
-  DSV4_CUDA_CHECK(cudaFree(d_count));
-  DSV4_CUDA_CHECK(cudaFree(d_first));
-  return int64_t(count);
 }
 }  // namespace
 
