@@ -2731,7 +2731,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     } else {
       // O's values kFoldGroup at a time: a group's local-memory loads (mostly from L2:
       // 128 KB a CTA against the ~30 KB of L1 that 220 KB of shared memory leave) go out
-      // together, where one behind the other's fold and store each waited a round trip.
+      // together; loaded one at a time, each load followed the previous value's store.
 #pragma unroll
       for (int mb = 0; mb < L::kMb; ++mb)
 #pragma unroll
