@@ -2,7 +2,9 @@
 // round to nearest even, finite values saturated to +-448. For every float x it gives
 // the bits of core::float_to_e4m3(clamp(x, -448, 448)), the reference cast
 // (CudaE4m3.HardwareCastEqualsTheReferenceCast checks all 2^32 inputs); NaN inputs
-// take the reference's code 0x7f (the hardware keeps their sign).
+// take the reference's code 0x7f (the hardware keeps their sign). And the way back:
+// e4m3 pairs to floats (the hardware) or to scaled bf16 pairs (integer steps), and a
+// NaN-code test, each checked against the reference over every code pair.
 #pragma once
 
 #include <cstdint>
