@@ -1496,8 +1496,8 @@ TEST(CudaLinearWide, WarpSpecializedTilesEqualWideTilesBitForBit) {
   });
 }
 
-// The switch of a format whose wide tiles take the warp-specialised kernel only when opted
-// in (`opt_in`: its test hook): 0: gemm_wide_kernel; 1 / 2: the warp-specialised kernel,
+// The switch of a format whose wide tiles take the warp-specialised kernel by its own
+// switch (`opt_in`: its test hook): 0: gemm_wide_kernel; 1 / 2: the warp-specialised kernel,
 // one tile a CTA / at most 3 CTAs walking tiles; -1 (the reset): both hooks follow the
 // environment.
 template <void (*opt_in)(int)>
@@ -1507,11 +1507,13 @@ void force_wide_ws_opt_in(int mode) {
 }
 
 // wo_a's grouped FP8-as-bf16 GEMM by the warp-specialised kernel (DSV4_CUDA_WIDE_WS_WO_A,
-// opt-in) gives gemm_wide_kernel's bits and the Hopper model's: 8 groups (K = 512,
-// S = 8 walked slices), 2 groups (S = 4), one group with a partial weight tile and K =
-// 320 (5 stages: the last one's block scale covers it alone); both tile heights; one tile
-// a CTA and 3 CTAs walking every tile (a CTA's ring of stages runs on across tiles and
-// groups). Counts its launches, so the path really ran.
+// on by default) gives gemm_wide_kernel's bits and the Hopper model's: 8 groups (K = 512)
+// and 2 groups (K = 256) in walked slices of 2 stages, and of 4 with the slice floor forced
+// to 4 (its consumers' unrolled pairs of stages, the last one peeled); one group with a
+// partial weight tile and K = 320 (5 stages in one slice, an odd count: the last one's
+// block scale covers it alone); both tile heights; one tile a CTA and 3 CTAs walking every
+// tile (a CTA's ring of stages runs on across tiles and groups). Counts its launches, so
+// the path really ran.
 TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
@@ -1521,31 +1523,35 @@ TEST(CudaLinearWide, WarpSpecializedGroupedTilesEqualWideTilesBitForBit) {
   struct GroupedCase {
     int64_t g, r, c;
   };
-  for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
-    const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
-    const QuantLinear dw = device_quant(env.cuda, hw, ops::TensorRole::kGroupedFp8Weight);
-    for (int64_t M : {65, 128, 200, 257}) {
-      const Tensor x = rng.bf16({M, c.g * c.c});
-      const Tensor dx = to_device(env.cuda, x);
-      Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
-      env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
-      for (int wide : {1, 2}) {  // 128-row tiles from 65 rows; 64-row tiles only
-        ops::cuda_linear_force_wide(wide);
-        const std::string what =
-            "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) + (wide == 1 ? "" : " 64-row");
-        const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches,
-                                          {{0, 0}, {1, 1}, {2, 1}}, what, [&] {
-                                            Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
-                                            env.cuda.grouped_linear(dx, dw, c.g, y);
-                                            return std::vector<Tensor>{y};
-                                          });
-        for (int ws : {1, 2})
-          expect_bitwise(got[0][0], got[ws][0],
-                         what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
-        expect_bitwise(ref, got[2][0], what + " walking tiles vs the Hopper model");
+  for (int floor : {0, 4}) {
+    for (const GroupedCase c : {GroupedCase{8, 128, 512}, GroupedCase{2, 128, 256}, GroupedCase{1, 200, 320}}) {
+      ops::gemm_force_min_slice_stages(floor);  // (the CUDA launch and the Hopper model alike)
+      const QuantLinear hw = host_quant(c.g * c.r, c.c, false, draw_seed(rng));
+      const QuantLinear dw = device_quant(env.cuda, hw, ops::TensorRole::kGroupedFp8Weight);
+      for (int64_t M : {65, 128, 200, 257}) {
+        const Tensor x = rng.bf16({M, c.g * c.c});
+        const Tensor dx = to_device(env.cuda, x);
+        Tensor ref = Tensor::empty_cpu(DType::kBF16, {M, c.g * c.r});
+        env.cpu_hopper->grouped_linear(x, hw, c.g, ref);
+        for (int wide : {1, 2}) {  // 128-row tiles from 65 rows; 64-row tiles only
+          ops::cuda_linear_force_wide(wide);
+          const std::string what = "grouped G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) +
+                                   (wide == 1 ? "" : " 64-row") + (floor > 0 ? " slices of 4" : "");
+          const auto got = outputs_per_mode(env, force_ws, ops::cuda_linear_wide_ws_launches,
+                                            {{0, 0}, {1, 1}, {2, 1}}, what, [&] {
+                                              Tensor y = device_poisoned(env.cuda, DType::kBF16, {M, c.g * c.r});
+                                              env.cuda.grouped_linear(dx, dw, c.g, y);
+                                              return std::vector<Tensor>{y};
+                                            });
+          for (int ws : {1, 2})
+            expect_bitwise(got[0][0], got[ws][0],
+                           what + (ws == 1 ? " warp-specialised" : " walking tiles") + " vs wide");
+          expect_bitwise(ref, got[2][0], what + " walking tiles vs the Hopper model");
+        }
       }
     }
   }
+  ops::gemm_force_min_slice_stages(0);
   ops::cuda_linear_force_wide(-1);
   ops::cuda_linear_force_path(-1);
 }

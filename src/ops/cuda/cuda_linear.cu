@@ -77,7 +77,7 @@ void cuda_linear_force_wide(int on);
 // 0: one an SM).
 int64_t cuda_linear_wide_ws_launches();
 void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
-// Test hook: -1 follows DSV4_CUDA_WIDE_WS_WO_A (default off), 0 / 1 force wo_a's
+// Test hook: -1 follows DSV4_CUDA_WIDE_WS_WO_A (default on), 0 / 1 force wo_a's
 // FP8-as-bf16 wide tiles off / onto the warp-specialised kernel (in its mode).
 void cuda_linear_force_wide_ws_wo_a(int on);
 // Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default on), 0 / 1 force bf16's 256-row
@@ -479,13 +479,14 @@ int wide_ws_mode() {
   return forced_mode(g_force_wide_ws, from_env);
 }
 bool wide_ws_fits(const lk::GemmParams& p) { return !p.y_f32 && aligned(p.s0, 4) && aligned(p.s1, 4); }
-// wo_a's FP8-as-bf16 wide tiles by the same kernel (same bits): DSV4_CUDA_WIDE_WS_WO_A=1
-// (opt-in, in DSV4_CUDA_WIDE_WS's mode). Measured in the forty-third session: a launch
-// 60.7 against 65.0 µs at 256 rows (graph trace), but the step +0.1 / +0.1 / +0.3 / +0.1%
-// at 1 / 16 / 64 / 256 rows (2 rounds, none apart; BENCHMARKS.md).
+// wo_a's FP8-as-bf16 wide tiles by the same kernel (same bits), in DSV4_CUDA_WIDE_WS's
+// mode: the default since the sixty-sixth session, whose consumers keep a chain on the tensor
+// core while they decode and fold (consume_fp8bf16_tile); DSV4_CUDA_WIDE_WS_WO_A=0 keeps
+// gemm_wide_kernel. ncu at 256 rows: 44.7 against 56.8 µs a launch; the step -0.0 to -0.6%
+// at 128 and 256 rows over four A/Bs (one apart in every round; BENCHMARKS.md).
 std::atomic<int> g_force_wide_ws_wo_a{-1};
 bool wide_ws_wo_a() {
-  static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_WO_A") == 1;
+  static const bool from_env = env_mode("DSV4_CUDA_WIDE_WS_WO_A") != 0;
   return forced_or(g_force_wide_ws_wo_a, from_env);
 }
 // bf16's 256-row tiles (the LM head from 129 rows) by the same kernel (same bits; results

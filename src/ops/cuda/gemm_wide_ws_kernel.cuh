@@ -16,10 +16,19 @@
 // folding at once between two block barriers a stage). A CTA walks tiles (mode 2: a CTA
 // an SM): the producer runs on into the next tile's stages while the consumers write
 // the last tile's output, so a tile's fill and its epilogue overlap its neighbours'.
-// FP8-as-bf16 (wo_a, grouped; forty-second session, opt-in: DSV4_CUDA_WIDE_WS_WO_A=1)
-// takes the same roles with gemm_wide_kernel<FP8-as-bf16>'s stage: 64-wide, weights in
-// 64-byte rows (tile-major) decoded by the consumers to bf16 A fragments, 4 k16 RS wgmmas from zero,
-// p = fmaf(d, 2^w, p): the same bits as that kernel.
+// FP8-as-bf16 (wo_a, grouped; forty-second session; the default since the sixty-sixth,
+// DSV4_CUDA_WIDE_WS_WO_A=0 turns it off) takes the same roles with gemm_wide_kernel<
+// FP8-as-bf16>'s stage: 64-wide, weights in 64-byte rows (tile-major) decoded by the
+// consumers to bf16 A fragments, 4 k16 RS wgmmas from zero, p = fmaf(d, 2^w, p): the same
+// bits as that kernel. Its consumers (consume_fp8bf16_tile, sixty-sixth session) keep one
+// of their chains on the tensor core while they decode and fold: a stage's products are
+// two chains (one a half of the tile's activation rows: m64n64 in place of m64n128, the
+// same per-element sums), the next stage is decoded into a second fragment set and the
+// first half folded while the second half runs, and the next stage's first half is issued
+// before the second is folded; `setmaxnreg` moves the registers this takes (two fragment
+// sets) from the producer to the consumers. Before, each stage's chain was waited for
+// whole before its decode-free fold: ncu at 256 rows had a third of the stall samples at
+// that wait and the launch at 47.2 µs; now 44.7 (the lockstep kernel: 56.8).
 // bf16 in 256-row tiles of one K slice (the LM head from 129 rows; forty-fourth session, the
 // default since the forty-fifth: DSV4_CUDA_WIDE_WS_BF16=0 turns it off) takes the same roles
 // with gemm_wide_kernel<bf16, 256>'s chain: each consumer's m64n256k16 products summed over
@@ -29,6 +38,8 @@
 // on the copy code all 256 threads run between the stages' products (docs/BENCHMARKS.md,
 // forty-fourth session); in this one the LM head took 486 against 511 µs (forty-fifth).
 #pragma once
+
+#include <type_traits>
 
 #include "ops/cuda/gemm_wide_kernel.cuh"
 
@@ -74,6 +85,21 @@ __device__ __forceinline__ void mbar_arrive(uint32_t a) {
 // far has landed (.noinc: that arrival is one of the count the barrier was set up with).
 __device__ __forceinline__ void cp_async_mbar_arrive(uint32_t a) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(a) : "memory");
+}
+// A warpgroup's register budget moved (sm_90a; every thread of the warpgroup runs it): the
+// producer gives registers back to the pool, the consumers take them. The kernel launches
+// at 168 a thread (384 threads, one CTA an SM: 64512 registers); FP8-as-bf16's consumers
+// hold two accumulator halves and two fragment sets (~200), the producer fits 56.
+constexpr int kWsProducerRegs = 56, kWsConsumerRegs = 224;
+static_assert(kWsProducerThreads * kWsProducerRegs + kWsConsumerThreads * kWsConsumerRegs <= kWsThreads * 168,
+              "the warpgroups' registers stay inside the launch's");
+template <int N>
+__device__ __forceinline__ void warpgroup_regs_down() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void warpgroup_regs_up() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 }
 // A barrier of the consumer warpgroups only (id 1; __syncthreads is id 0).
 __device__ __forceinline__ void consumers_sync() {
@@ -168,6 +194,194 @@ __device__ __forceinline__ void chain_bf16_tile256(float (&d)[128], unsigned& g,
   release(prev);
 }
 
+// The slices of a consumer warpgroup's tile, each run as a pipeline of its stages:
+// first(gs) starts CTA stage gs (its first products in flight), stage(kNext, it, parity)
+// runs tile stage it and, where kNext, starts the next one; a slice's last stage has no
+// next, so nothing is in flight at its end, where p_s goes into the running total
+// (kTwoSets: tot[i * kWsConsumerThreads] += cur[i], cur from zero again). Stages come in
+// unrolled pairs (parity 0, 1: the fragment sets the caller alternates), the last one
+// peeled. Why a slice at a time: a running slice end inside the pipeline (a branch
+// writing cur while a chain is in flight) made ptxas serialize the wgmmas (C7514).
+template <int NA, bool kTwoSets, typename First, typename Stage>
+__device__ __forceinline__ void run_pipelined_slices(float (&cur)[NA], unsigned g, int stages_total, int per_slice,
+                                                     float* tot, First first, Stage stage) {
+  using Next = std::true_type;
+  using Last = std::false_type;
+#pragma unroll
+  for (int i = 0; i < NA; ++i) cur[i] = 0.0f;
+  if constexpr (kTwoSets) {
+#pragma unroll
+    for (int i = 0; i < NA; ++i) tot[i * kWsConsumerThreads] = 0.0f;
+  }
+  for (int s0 = 0; s0 < stages_total; s0 += per_slice, g += unsigned(per_slice)) {
+    first(g);
+    int it = 0;
+    for (; it + 2 < per_slice; it += 2) {
+      stage(Next{}, s0 + it, 0);
+      stage(Next{}, s0 + it + 1, 1);
+    }
+    if (it + 2 == per_slice) {
+      stage(Next{}, s0 + it, 0);
+      stage(Last{}, s0 + it + 1, 1);
+    } else {
+      stage(Last{}, s0 + it, 0);
+    }
+    if constexpr (kTwoSets) {
+#pragma unroll
+      for (int i = 0; i < NA; ++i) {
+        tot[i * kWsConsumerThreads] += cur[i];
+        cur[i] = 0.0f;
+      }
+    }
+  }
+}
+
+// A consumer warpgroup's share of an FP8-as-bf16 (wo_a) tile of R activation rows, its
+// stages from CTA stage g on (each waited for on its `full` barrier, full0 + 8 * buffer;
+// g ends past them), into cur (p_s; with kTwoSets the slice sums go to tot[i *
+// kWsConsumerThreads] and cur ends at zero). Per stage: the warpgroup's 64 weight rows
+// (w_rows(buf): this thread's first, 64 e4m3 bytes a row) decoded to bf16 A fragments;
+// their products with activation rows 0..R/2-1 (lo; a_stage(buf): R rows of 128 bytes,
+// 128-byte swizzle) and R/2..R-1 (hi) chained from zero into two sets (m64n(R/2) in place
+// of one m64nR: each value is the same sum); while hi runs, the next stage decoded into the
+// other fragment set and lo folded, p = fmaf(d, 2^w, p); the next stage's lo issued; then
+// hi folded while that runs; release(buf). So one of the warpgroup's chains is on the
+// tensor core while it decodes and folds, and the decode is done before the next stage's
+// products are issued. scale_byte(it, buf): tile stage it's UE8M0 weight scale (a 128-wide
+// block is two stages). Each value's sequence is gemm_wide_kernel's (one product chain a
+// stage, then the fold), so the bits. The stages came by cp.async (the generic proxy): a
+// proxy fence before the wgmmas read them.
+template <int R, int S, bool kTwoSets, typename WRows, typename AStage, typename ScaleByte, typename Release>
+__device__ __forceinline__ void consume_fp8bf16_tile(float (&cur)[R / 2], unsigned& g, int stages_total,
+                                                     int per_slice, uint32_t full0, float* tot, WRows w_rows,
+                                                     AStage a_stage, ScaleByte scale_byte, Release release) {
+  constexpr int NH = R / 4;  // a thread's values of one half of the tile's rows
+  const int t4 = threadIdx.x & 3;
+  const unsigned g0 = g;
+  float d_lo[NH], d_hi[NH];
+#pragma unroll
+  for (int i = 0; i < NH; ++i) d_lo[i] = d_hi[i] = 0.0f;
+  uint32_t a[2][4][4];  // two fragment sets, taken in turn
+  // CTA stage gs waited for and decoded into set f.
+  auto decode = [&](int f, unsigned gs) {
+    const int buf = int(gs % S);
+    mbar_wait(full0 + 8 * buf, (gs / S) & 1);
+    fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
+    const uint8_t* lo = w_rows(buf);
+    load_a_frags_e4m3_bf16(lo, lo + 8 * 64, t4, [&](int j) -> uint32_t(&)[4] { return a[f][j]; });
+  };
+  // The products of set f with buffer buf's lo (half 0) or hi (1) rows into d, one group.
+  auto issue = [&](float(&d)[NH], int f, int buf, int half) {
+    const uint32_t b_lo = wgmma_desc_lo(a_stage(buf)) + half * (R / 2 * 128 >> 4);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma_bf16_rs<R / 16>(d, a[f][j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+    wgmma_commit();
+  };
+  run_pipelined_slices<R / 2, kTwoSets>(
+      cur, g, stages_total, per_slice, tot,
+      [&](unsigned gs) {
+        decode(0, gs);
+        issue(d_lo, 0, int(gs % S), 0);
+      },
+      [&](auto has_next, int it, int f) {
+        constexpr bool kNext = decltype(has_next)::value;
+        const unsigned gs = g0 + unsigned(it);
+        const int buf = int(gs % S);
+        issue(d_hi, f, buf, 1);
+        const float wsc = core::e8m0_to_float(scale_byte(it, buf));
+        if constexpr (kNext) decode(f ^ 1, gs + 1);
+        wgmma_wait_1();
+#pragma unroll
+        for (int i = 0; i < NH; ++i) cur[i] = fmaf(d_lo[i], wsc, cur[i]);
+        if constexpr (kNext) {
+          issue(d_lo, f ^ 1, int((gs + 1) % S), 0);
+          wgmma_wait_1();
+        } else {
+          wgmma_wait_all();
+        }
+#pragma unroll
+        for (int i = 0; i < NH; ++i) cur[NH + i] = fmaf(d_hi[i], wsc, cur[NH + i]);
+        release(buf);  // its weights, activations and scale are read
+      });
+  g = g0 + unsigned(stages_total);
+}
+
+// The FP8 fold of one half of a stage (activation rows kHalf * R / 2 ..): p = fmaf(d, 2^w *
+// 2^x, p) for a thread's R / 4 values of that half, as fold_fp8_wide_stage for the whole.
+template <int R, int kHalf>
+__device__ __forceinline__ void fold_fp8_wide_half(float (&cur)[R / 2], const float (&d)[R / 4], float wsc,
+                                                   const float* as, int t) {
+#pragma unroll
+  for (int q = 0; q < R / 16; ++q) {
+    const float2 a2 = *reinterpret_cast<const float2*>(as + kHalf * R / 2 + 8 * q + 2 * t);
+    const float c0 = wsc * a2.x, c1 = wsc * a2.y;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      cur[kHalf * R / 4 + 4 * q + e] = fmaf(d[4 * q + e], e & 1 ? c1 : c0, cur[kHalf * R / 4 + 4 * q + e]);
+  }
+}
+
+// A consumer warpgroup's share of an FP8 tile of R activation rows, as consume_fp8bf16_tile
+// with both operands in shared memory: per 128-wide stage the products of the warpgroup's 64
+// weight rows (w_stage(buf): their shared address, 128-byte swizzle) with activation rows
+// 0..R/2-1 (lo) and R/2..R-1 (hi), each chained from zero over the stage's 4 k32 chunks; lo
+// folded (2^w * 2^x: scale_byte(it, buf) and the activation scales act_scales(buf)) while hi
+// runs, the next stage's lo issued before hi is folded. Each value's sequence is
+// gemm_wide_kernel<FP8>'s (one chain a stage, then the fold), so the bits. The stages came
+// by cp.async: a proxy fence before the wgmmas.
+template <int R, int S, bool kTwoSets, typename WStage, typename AStage, typename ScaleByte, typename ActScales,
+          typename Release>
+__device__ __forceinline__ void consume_fp8_tile(float (&cur)[R / 2], unsigned& g, int stages_total, int per_slice,
+                                                 uint32_t full0, float* tot, WStage w_stage, AStage a_stage,
+                                                 ScaleByte scale_byte, ActScales act_scales, Release release) {
+  constexpr int NH = R / 4;
+  const int t4 = threadIdx.x & 3;
+  const unsigned g0 = g;
+  float d_lo[NH], d_hi[NH];
+#pragma unroll
+  for (int i = 0; i < NH; ++i) d_lo[i] = d_hi[i] = 0.0f;
+  auto wait_full = [&](unsigned gs) {
+    mbar_wait(full0 + 8 * int(gs % S), (gs / S) & 1);
+    fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
+  };
+  auto issue = [&](float(&d)[NH], int buf, int half) {
+    const uint32_t a_lo = wgmma_desc_lo(w_stage(buf));
+    const uint32_t b_lo = wgmma_desc_lo(a_stage(buf)) + half * (R / 2 * 128 >> 4);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      wgmma_ss<WFmt::kFp8, R / 16>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+    wgmma_commit();
+  };
+  run_pipelined_slices<R / 2, kTwoSets>(
+      cur, g, stages_total, per_slice, tot,
+      [&](unsigned gs) {
+        wait_full(gs);
+        issue(d_lo, int(gs % S), 0);
+      },
+      [&](auto has_next, int it, int) {
+        constexpr bool kNext = decltype(has_next)::value;
+        const unsigned gs = g0 + unsigned(it);
+        const int buf = int(gs % S);
+        issue(d_hi, buf, 1);
+        const float wsc = core::e8m0_to_float(scale_byte(it, buf));
+        const float* as = act_scales(buf);
+        if constexpr (kNext) wait_full(gs + 1);
+        wgmma_wait_1();
+        fold_fp8_wide_half<R, 0>(cur, d_lo, wsc, as, t4);
+        if constexpr (kNext) {
+          issue(d_lo, int((gs + 1) % S), 0);
+          wgmma_wait_1();
+        } else {
+          wgmma_wait_all();
+        }
+        fold_fp8_wide_half<R, 1>(cur, d_hi, wsc, as, t4);
+        release(buf);  // its weights, activations and scales are read
+      });
+  g = g0 + unsigned(stages_total);
+}
+
 // Requirements (host: wide_ws_fits): FP8 weights of one group, or FP8-as-bf16 ones of
 // any groups, bf16 output, the block-scale tensors 4-byte aligned (a stage's scale byte
 // comes in its aligned 4-byte word, cut at the row's end); or bf16 weights of one group
@@ -222,6 +436,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
 
   if (tid < kWsProducerThreads) {
     // ---- producer: every copy of every stage of the CTA's tiles ----
+    if constexpr (kRegA) warpgroup_regs_down<kWsProducerRegs>();
     const int c_row = tid >> 3, c_part = tid & 7;  // activations: piece c_part of rows c_row + 16 i
     const int w_row = kRegA ? tid >> 2 : c_row, w_part = kRegA ? tid & 3 : c_part;  // weights: rows w_row + kWPieceRows i
     static_assert(kWPieces == (kRegA ? 4 : 8), "a weight row's 16-byte pieces a stage");
@@ -311,8 +526,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
       store_wide256_results(p, t, d, 64 * cw + 16 * warp, lane >> 2, lane & 3);
     }
-  } else {
-    // ---- consumers: chain, fold, release; then the tile's output ----
+  } else if constexpr (kRegA) {
+    // ---- consumers (FP8-as-bf16): consume_fp8bf16_tile; then the tile's output ----
+    warpgroup_regs_up<kWsConsumerRegs>();  // (two accumulator halves, two fragment sets)
     wait_for_predecessor();  // (the output stores: the predecessor may still read y)
     const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31, t4 = lane & 3;
     const int warp = (ctid >> 5) & 3, g8 = lane >> 2;
@@ -321,6 +537,31 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       const WideWsTile t = wide_ws_tile<R, kRegA>(p, tile, m_tiles);
       // Where the tile's scale row starts in its aligned word (the producer's words).
       const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row<kRegA>(p, t)) & 3);
+      float cur[NA];
+      consume_fp8bf16_tile<R, S, kTwoSets>(
+          cur, g, stages_total, per_slice, full_bar(0), s_tot + ctid,
+          [&](int buf) { return s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow; },
+          [&](int buf) { return smem_u32(s_a + buf * R * 128); },
+          [&](int it, int buf) { return uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))); },
+          [&](int buf) { mbar_arrive(empty_bar(buf)); });
+      if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
+      stage_wide_results<R, kTwoSets>(s_out, kWsOutStride, false, cur, s_tot, ctid, kWsConsumerThreads,
+                                       64 * cw + 16 * warp, g8, t4);
+      consumers_sync();
+      store_wide_tile<kWsConsumerThreads>(p.out_rows, p.y, p.ldy, wide_ws_weight_row<true>(p, t), 2, s_out,
+                                          kWsOutStride, t.row_base, t.rows, t.valid_n, ctid);
+      consumers_sync();  // the output tile is read: the next tile may write it
+    }
+  } else {
+    // ---- consumers (FP8): consume_fp8_tile; then the tile's output ----
+    wait_for_predecessor();  // (the output stores: the predecessor may still read y)
+    const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31, t4 = lane & 3;
+    const int warp = (ctid >> 5) & 3, g8 = lane >> 2;
+    unsigned g = 0;  // stages consumed by this CTA so far
+    for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
+      const WideWsTile t = wide_ws_tile<R, false>(p, tile, m_tiles);
+      // Where the tile's scale row starts in its aligned word (the producer's words).
+      const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row<false>(p, t)) & 3);
       float cur[NA], d[NA];
 #pragma unroll
       for (int i = 0; i < NA; ++i) cur[i] = d[i] = 0.0f;
@@ -336,32 +577,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
         mbar_wait(full_bar(buf), (g / S) & 1);
         fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
         const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-        if constexpr (kRegA) {
-          // (a 128-wide scale block is two stages)
-          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))));
-          // The warpgroup's 64 weight rows as bf16 A fragments (4 k16 chunks), the chunks
-          // summed by the tensor core from zero, then p = fmaf(d, 2^w, p): gemm_wide_kernel's.
-          const uint8_t* lo = s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow;
-          uint32_t a[4][4];
-          load_a_frags_e4m3_bf16(lo, lo + 8 * kWRow, t4, [&](int j) -> uint32_t(&)[4] { return a[j]; });
-          wgmma_fence();
+        const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
+        wgmma_fence();
 #pragma unroll
-          for (int j = 0; j < 4; ++j) wide_mma_rs<R>(d, a[j], wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-          wgmma_commit();
-          wgmma_wait_all();
-#pragma unroll
-          for (int i = 0; i < NA; ++i) cur[i] = fmaf(d[i], wsc, cur[i]);
-        } else {
-          const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
-          wgmma_fence();
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-          wgmma_commit();
-          wgmma_wait_all();
-          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
-          fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
-        }
+        for (int j = 0; j < 4; ++j)
+          wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+        wgmma_commit();
+        wgmma_wait_all();
+        const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
+        fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
         mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
         if constexpr (kTwoSets) {
           if (slice_last) {
@@ -382,7 +606,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       const bool to_y1 = t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
       void* const y_out = to_y1 ? p.y1 : p.y;
       const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy,
-                    col_out = kRegA ? wide_ws_weight_row<true>(p, t) : to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
+                    col_out = to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
       store_wide_tile<kWsConsumerThreads>(p.out_rows, y_out, ld_out, col_out, 2, s_out, kWsOutStride, t.row_base, t.rows,
                                           t.valid_n, ctid);
       consumers_sync();  // the output tile is read: the next tile may write it
