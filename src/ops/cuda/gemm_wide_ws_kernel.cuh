@@ -526,9 +526,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
       store_wide256_results(p, t, d, 64 * cw + 16 * warp, lane >> 2, lane & 3);
     }
-  } else if constexpr (kRegA) {
-    // ---- consumers (FP8-as-bf16): consume_fp8bf16_tile; then the tile's output ----
-    warpgroup_regs_up<kWsConsumerRegs>();  // (two accumulator halves, two fragment sets)
+  } else {
+    // ---- consumers: the tile's stages (FP8-as-bf16: consume_fp8bf16_tile; FP8: chain, fold,
+    // release), then its output ----
+    if constexpr (kRegA) warpgroup_regs_up<kWsConsumerRegs>();  // (two accumulator halves, two fragment sets)
     wait_for_predecessor();  // (the output stores: the predecessor may still read y)
     const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31, t4 = lane & 3;
     const int warp = (ctid >> 5) & 3, g8 = lane >> 2;
@@ -538,61 +539,46 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       // Where the tile's scale row starts in its aligned word (the producer's words).
       const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row<kRegA>(p, t)) & 3);
       float cur[NA];
-      consume_fp8bf16_tile<R, S, kTwoSets>(
-          cur, g, stages_total, per_slice, full_bar(0), s_tot + ctid,
-          [&](int buf) { return s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow; },
-          [&](int buf) { return smem_u32(s_a + buf * R * 128); },
-          [&](int it, int buf) { return uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))); },
-          [&](int buf) { mbar_arrive(empty_bar(buf)); });
-      if (tile + int(gridDim.x) >= tiles) allow_dependents_to_launch();  // only the last output is left
-      stage_wide_results<R, kTwoSets>(s_out, kWsOutStride, false, cur, s_tot, ctid, kWsConsumerThreads,
-                                       64 * cw + 16 * warp, g8, t4);
-      consumers_sync();
-      store_wide_tile<kWsConsumerThreads>(p.out_rows, p.y, p.ldy, wide_ws_weight_row<true>(p, t), 2, s_out,
-                                          kWsOutStride, t.row_base, t.rows, t.valid_n, ctid);
-      consumers_sync();  // the output tile is read: the next tile may write it
-    }
-  } else {
-    // ---- consumers (FP8): consume_fp8_tile; then the tile's output ----
-    wait_for_predecessor();  // (the output stores: the predecessor may still read y)
-    const int ctid = tid - kWsProducerThreads, cw = ctid >> 7, lane = tid & 31, t4 = lane & 3;
-    const int warp = (ctid >> 5) & 3, g8 = lane >> 2;
-    unsigned g = 0;  // stages consumed by this CTA so far
-    for (int tile = int(blockIdx.x); tile < tiles; tile += int(gridDim.x)) {
-      const WideWsTile t = wide_ws_tile<R, false>(p, tile, m_tiles);
-      // Where the tile's scale row starts in its aligned word (the producer's words).
-      const int srow_misalign = int(reinterpret_cast<uintptr_t>(wide_ws_scale_row<false>(p, t)) & 3);
-      float cur[NA], d[NA];
+      if constexpr (kRegA) {
+        consume_fp8bf16_tile<R, S, kTwoSets>(
+            cur, g, stages_total, per_slice, full_bar(0), s_tot + ctid,
+            [&](int buf) { return s_w + buf * kStageBytes + (64 * cw + 16 * warp + g8) * kWRow; },
+            [&](int buf) { return smem_u32(s_a + buf * R * 128); },
+            [&](int it, int buf) { return uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it / 2) & 3))); },
+            [&](int buf) { mbar_arrive(empty_bar(buf)); });
+      } else {
+        float d[NA];
 #pragma unroll
-      for (int i = 0; i < NA; ++i) cur[i] = d[i] = 0.0f;
-      if constexpr (kTwoSets) {
-#pragma unroll
-        for (int i = 0; i < NA; ++i) s_tot[i * kWsConsumerThreads + ctid] = 0.0f;
-      }
-      int slice_pos = 0;
-      for (int it = 0; it < stages_total; ++it, ++g) {
-        const bool slice_last = slice_pos == per_slice - 1;
-        slice_pos = slice_last ? 0 : slice_pos + 1;
-        const int buf = int(g % S);
-        mbar_wait(full_bar(buf), (g / S) & 1);
-        fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
-        const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
-        const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
-        wgmma_commit();
-        wgmma_wait_all();
-        const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
-        fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
-        mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
+        for (int i = 0; i < NA; ++i) cur[i] = d[i] = 0.0f;
         if constexpr (kTwoSets) {
-          if (slice_last) {
 #pragma unroll
-            for (int i = 0; i < NA; ++i) {
-              s_tot[i * kWsConsumerThreads + ctid] += cur[i];
-              cur[i] = 0.0f;
+          for (int i = 0; i < NA; ++i) s_tot[i * kWsConsumerThreads + ctid] = 0.0f;
+        }
+        int slice_pos = 0;
+        for (int it = 0; it < stages_total; ++it, ++g) {
+          const bool slice_last = slice_pos == per_slice - 1;
+          slice_pos = slice_last ? 0 : slice_pos + 1;
+          const int buf = int(g % S);
+          mbar_wait(full_bar(buf), (g / S) & 1);
+          fence_proxy_async();  // the producer's copies, seen through the barrier, to the wgmmas
+          const uint32_t b_lo = wgmma_desc_lo(smem_u32(s_a + buf * R * 128));
+          const uint32_t a_lo = wgmma_desc_lo(smem_u32(s_w + buf * kStageBytes + cw * 64 * 128));
+          wgmma_fence();
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            wide_mma<WFmt::kFp8, R>(d, wgmma_desc_at(a_lo, 32 * j), wgmma_desc_at(b_lo, 32 * j), j == 0 ? 0 : 1);
+          wgmma_commit();
+          wgmma_wait_all();
+          const float wsc = core::e8m0_to_float(uint8_t(s_bw[buf] >> (8 * ((srow_misalign + it) & 3))));
+          fold_fp8_wide_stage<R>(cur, d, wsc, s_as + buf * R, t4);
+          mbar_arrive(empty_bar(buf));  // its weights, activations and scales are read
+          if constexpr (kTwoSets) {
+            if (slice_last) {
+#pragma unroll
+              for (int i = 0; i < NA; ++i) {
+                s_tot[i * kWsConsumerThreads + ctid] += cur[i];
+                cur[i] = 0.0f;
+              }
             }
           }
         }
@@ -603,10 +589,10 @@ __global__ void __launch_bounds__(kWsThreads, 1) gemm_wide_ws_kernel(const GemmP
       stage_wide_results<R, kTwoSets>(s_out, kWsOutStride, false, cur, s_tot, ctid, kWsConsumerThreads,
                                        64 * cw + 16 * warp, g8, t4);
       consumers_sync();
-      const bool to_y1 = t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
+      const bool to_y1 = !kRegA && t.second && p.y1 != nullptr;  // linear_pair: the second weight's own output
       void* const y_out = to_y1 ? p.y1 : p.y;
       const int64_t ld_out = to_y1 ? p.ldy1 : p.ldy,
-                    col_out = to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
+                    col_out = kRegA ? wide_ws_weight_row<true>(p, t) : to_y1 ? int64_t(t.n0) - p.n_split : int64_t(t.n0);
       store_wide_tile<kWsConsumerThreads>(p.out_rows, y_out, ld_out, col_out, 2, s_out, kWsOutStride, t.row_base, t.rows,
                                           t.valid_n, ctid);
       consumers_sync();  // the output tile is read: the next tile may write it
