@@ -75,6 +75,7 @@ struct RankRun {
   std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
   double comm_ms = 0;                          // eager: stages tagged communication
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
+  std::map<int64_t, int64_t> expert_rows;      // rows an expert gets in a layer -> how many (layer, expert)
   uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (index_topk)
   uint64_t kv_attention_bytes = 0;             // KV records attention reads (attn_core)
   bool graphs = false;
@@ -284,6 +285,9 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
       std::vector<int32_t> ids(size_t(B * k));
       backend.download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
       out.touched[size_t(l)].insert(ids.begin(), ids.end());
+      std::map<int32_t, int64_t> rows;  // a row routes to k distinct experts (spec §6.2)
+      for (int32_t e : ids) ++rows[e];
+      for (const auto& [e, n] : rows) ++out.expert_rows[n];
     }
   });
   if (profile) backend.profiler_collect(false);
@@ -535,6 +539,12 @@ Command add_bench_decode(CLI::App& app) {
       r["stage_roofline_ms_rank0"] = stage_roof_ms;
       r["stage_ratio_to_roofline_eager_rank0"] = stage_ratio;
       r["eager_step_ms_rank0"] = eager_ms;
+      // Load balance of the routing (rank 0): an expert GEMM's row tiles and so its weight
+      // re-reads follow the busiest experts, not the average.
+      // [[rows, (layer, expert) pairs with that many rows], ...], rows ascending.
+      nlohmann::json load = nlohmann::json::array();
+      for (const auto& [n, count] : runs[0].expert_rows) load.push_back({n, count});
+      r["expert_rows_histogram_rank0"] = load;
       r["comm_ms_eager"] = comm_ms;
       r["comm_ms_per_layer_eager"] = comm_ms / double(c.num_hidden_layers);
       r["comm_share_eager"] = comm_share;
