@@ -1255,10 +1255,7 @@ TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
 // counter shows that the early form was captured.
 TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
   DSV4_REQUIRE_CUDA();
-  // (At 40 rows the SwiGLU launch this form runs under is kept: the epilogue form has none.)
-  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
-                          {ops::cuda_linear_force_expert_early_weights, -1},
-                          {ops::cuda_linear_force_swiglu_epilogue, 0}};
+  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0}, {ops::cuda_linear_force_expert_early_weights, -1}};
   Env env;
   Rng rng(0x5e);
   const int64_t E = 128, D = 512, I = 1024, k = 6;

@@ -320,14 +320,26 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
 }
 
 // The gate/up GEMM with SwiGLU in its epilogue (expert_gemm_kernel's kSwiGlu: FP4 by
-// TMA, walked slices).
+// TMA, walked slices), in clusters of the two CTAs of a 128-column h block (x, x ^ 1).
 template <bool kTwo, bool kSixteen>
 void launch_expert_swiglu(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
   constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp4, kSixteen ? 2 : 1, true>();
   static std::atomic<uint64_t> done{0};
   const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, kTwo, true, kSixteen, false, false, true>;
   allow_smem(kernel, smem, be.device_index(), done);
-  kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, table);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 2;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(lk::kThreads);
+  cfg.dynamicSmemBytes = size_t(smem);
+  cfg.stream = be.stream();
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, table));
   check_launch(be.stream());
 }
 
@@ -703,10 +715,7 @@ bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, i
 // SwiGLU in the routed experts' gate/up GEMM (expert_gemm_kernel's kSwiGlu): the SwiGLU
 // launch between the two expert GEMMs (~12 µs a layer on the step's chain at 256 rows,
 // graph trace; its gate/up rows, 12.6 MB of bf16, written and read back from DRAM) goes,
-// and the down GEMM follows the gate/up one. (The first form, clusters of the two CTAs
-// of an h block waiting for each other's amax, took the 256-row gate/up launch from 550
-// to 613 µs: CTAs of one launch run 25-39 µs, so a pair waits. Now the later one of the
-// pair quantizes the block.) Where the gate/up launch walks its slices
+// and the down GEMM follows the gate/up one. Where the gate/up launch walks its slices
 // by TMA in 8- or 16-row tiles of whole scale groups, in one launch of one table chunk
 // (the 20+ rows the fused expert step leaves; FP4 down weights: the split-pair codes).
 // DSV4_CUDA_SWIGLU_EPILOGUE=0 keeps the SwiGLU launch (A/B runs); the same bits.
@@ -1214,13 +1223,6 @@ bool run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
       const dim3 piece_grid(unsigned(t1 - t0), grid.y, grid.z);
       const bool cluster = cluster_fold_shape && expert_cluster_fold(be, tma, p.split);
       if (swiglu && tma && swiglu_epilogue_fits(p, *table, c1 - c0, num_local, nt, two, pieces)) {
-        // A CTA pair's exchange slots and arrival counter (zero between launches: the last
-        // arrival resets it).
-        p.partial = scratch_as<float>(be, "moe.swiglu_exchange", n_tiles * max_tiles * lk::kSwiGluSlotFloats);
-        const size_t counter_bytes = std::max<size_t>(size_t(n_tiles / 2 * max_tiles) * sizeof(int), 16);
-        bool fresh = false;
-        p.counters = static_cast<int*>(scratch_on(be, "moe.swiglu_counters", counter_bytes, &fresh));
-        if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, counter_bytes, be.stream()));
         if (row_groups == 2) launch_expert_swiglu<true, true>(be, p, piece_grid, *table);
         else launch_expert_swiglu<true, false>(be, p, piece_grid, *table);
         swiglu_ran = true;

@@ -223,10 +223,6 @@ struct GemmParams {
 };
 
 // ---- small helpers ------------------------------------------------------------------
-// The exchange slot of a SwiGLU-epilogue CTA (gemm_tile's kSwiGlu), in floats: its rows'
-// amax (up to 16 rows), then its h values, 16 rows x 64 columns of bf16.
-constexpr int kSwiGluSlotRows = 16;
-constexpr int kSwiGluSlotFloats = kSwiGluSlotRows + kSwiGluSlotRows * 64 / 2;
 constexpr int kMaxClusterFold = 8;  // slices a cluster folds (the portable cluster size)
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -512,10 +508,11 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // scale-group test had kept a 16-bit flag that its stage loop re-tested, and 16 rows read
 // 0.4% slower at the fifty-seventh session's end than at its start (fifty-eighth session,
 // 3 rounds apart).
-// kSwiGlu (the routed experts' gate/up GEMM, FP4 by TMA, walked slices): tile_n pairs
-// gate rows [64 tile_n, +64) (w0: tile rows 0..63) with the up rows of the same indices
-// (w1: tile rows 64..127), so a thread holds the gate and up values of its h columns; the
-// epilogue forms h and its e4m3 codes (GemmParams::rw) instead of storing y (see there).
+// kSwiGlu (the routed experts' gate/up GEMM, FP4 by TMA, walked slices; launched in
+// clusters of 2 along x): tile_n pairs gate rows [64 tile_n, +64) (w0: tile rows 0..63)
+// with the up rows of the same indices (w1: tile rows 64..127), so a thread holds the gate
+// and up values of its h columns; the epilogue forms h and its e4m3 codes (GemmParams::rw)
+// instead of storing y (see there).
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
           bool kExpertLaunch = false, bool kSwiGlu = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
@@ -1159,11 +1156,9 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   } else if constexpr (kSwiGlu) {
     // h column 64 tile_n + r (r = tile_row(0, e / 2) < 64) from gate (fragment half 0) and
     // up (half 1, the same element): bf16 as y would store them, then swiglu_quant8's
-    // arithmetic value by value. The 128-column block's amax (exact in any order) needs the
-    // other half (tile_n ^ 1, the CTA next in launch order): each CTA leaves its h and its
-    // rows' amax in its slot of the exchange (GemmParams::partial), and the pair's last
-    // arrival (counted as the split GEMMs' last CTA is) quantizes both halves. No CTA
-    // waits for another.
+    // arithmetic value by value. The 128-column block's amax (exact in any order) is the
+    // max over this CTA's 64 columns and its cluster partner's 64 (tile_n ^ 1).
+    const uint32_t partner = cluster_cta_rank() ^ 1u;
     float rw[NT][2];
 #pragma unroll
     for (int q = 0; q < NT; ++q)
@@ -1197,20 +1192,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int o = 4; o < 32; o <<= 1) amax[q][j] = fmaxf(amax[q][j], __shfl_xor_sync(0xffffffffu, amax[q][j], o));
-    // The exchange slot of CTA (x, y): the rows' amax, then h [BM rows][64 columns] as bf16 (exact).
-    auto slot_of = [&](unsigned x) {
-      return p.partial + (int64_t(blockIdx.y) * gridDim.x + x) * kSwiGluSlotFloats;
-    };
-    float* const mine = slot_of(blockIdx.x);
-    uint16_t* const mine_h = reinterpret_cast<uint16_t*>(mine + kSwiGluSlotRows);
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = 8 * q + 2 * t + (e & 1);
-        if (c < rows) mine_h[c * 64 + tile_row(0, e >> 1)] = core::float_to_bf16(h[q][e]);
-      }
-    float* const s_amax = reinterpret_cast<float*>(smem);  // [4 warps][BM], then the block's [BM]
+    float* const s_amax = reinterpret_cast<float*>(smem);  // [4 warps][BM], then the CTA's [BM]
     __syncthreads();  // every warp is past its last products: the stage buffers are free
     if (g == 0)
 #pragma unroll
@@ -1219,48 +1201,42 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         for (int j = 0; j < 2; ++j) s_amax[warp * BM + 8 * q + 2 * t + j] = amax[q][j];
     __syncthreads();
     if (tid < BM)
-      mine[tid] = fmaxf(fmaxf(s_amax[tid], s_amax[BM + tid]), fmaxf(s_amax[2 * BM + tid], s_amax[3 * BM + tid]));
-    // The arrival: after a CTA barrier (every thread's stores issued), thread 0's
-    // acquire-release add publishes them; the last arrival's threads then read the
-    // other's through L2 (the split GEMMs' last-CTA fold does the same).
-    int* const counter = p.counters + int64_t(blockIdx.y) * (gridDim.x / 2) + (blockIdx.x >> 1);
-    __syncthreads();
-    if (tid == 0) *s_flag = atom_add_acq_rel_gpu(counter, 1) == 1;
-    __syncthreads();
-    if (!*s_flag) return;
-    const float* const other = slot_of(blockIdx.x ^ 1u);
-    const uint16_t* const other_h = reinterpret_cast<const uint16_t*>(other + kSwiGluSlotRows);
-    float* const s_inv = s_amax + 5 * BM;  // [BM]: 2^-e of each row's block
-    const int64_t inter = p.ldq, block = tile_n >> 1;
-    if (tid < BM) {
-      const int e = act_exponent(fmaxf(mine[tid], __ldcg(other + tid)));
-      s_inv[tid] = core::pow2_float(-e);
-      if (tid < rows) p.ys[(row_base + tid) * (inter / 128) + block] = core::pow2_float(e);
-    }
-    if (tid == 0) *counter = 0;  // ready for the next launch (graph replays)
-    __syncthreads();
-    // Column col of the block's 128 to the FP4 GEMM's layout (store_quant4): a 32-column
-    // chunk's even columns, then its odd ones.
-    auto code_at = [&](int c, int col) -> uint8_t* {
-      const int m = col & 31;
-      return p.yq + (row_base + c) * inter + block * 128 + (col & ~31) + ((m & 1) ? 16 : 0) + (m >> 1);
-    };
-    const int own0 = 64 * (tile_n & 1), other0 = 64 - own0;
+      s_amax[4 * BM + tid] = fmaxf(fmaxf(s_amax[tid], s_amax[BM + tid]), fmaxf(s_amax[2 * BM + tid], s_amax[3 * BM + tid]));
+    cluster_sync_all();  // both halves' amax in place
+    float inv[NT][2];
+    int ex[NT][2];
+#pragma unroll
+    for (int q = 0; q < NT; ++q)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const uint32_t at = smem_u32(s_amax + 4 * BM + 8 * q + 2 * t + j);
+        ex[q][j] = act_exponent(fmaxf(s_amax[4 * BM + 8 * q + 2 * t + j], ld_cluster_f32(at, partner)));
+        inv[q][j] = core::pow2_float(-ex[q][j]);
+      }
+    cluster_arrive_release();  // this CTA is done reading its partner (the wait comes before the exit)
+    const int64_t inter = p.ldq;
 #pragma unroll
     for (int q = 0; q < NT; ++q) {
-      const float inv0 = s_inv[8 * q + 2 * t], inv1 = s_inv[8 * q + 2 * t + 1];
-      const uint32_t codes = e4m3x4_sat(h[q][0] * inv0, h[q][1] * inv1, h[q][2] * inv0, h[q][3] * inv1);
+      const uint32_t codes =
+          e4m3x4_sat(h[q][0] * inv[q][0], h[q][1] * inv[q][1], h[q][2] * inv[q][0], h[q][3] * inv[q][1]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = 8 * q + 2 * t + (e & 1);
-        if (c < rows) *code_at(c, own0 + tile_row(0, e >> 1)) = uint8_t(codes >> (8 * e));
+        if (c >= rows) continue;
+        // The FP4 GEMM's layout (store_quant4): a 32-column chunk's even columns, then its odd ones.
+        const int col = 64 * tile_n + tile_row(0, e >> 1), m = col & 31;
+        p.yq[(row_base + c) * inter + (col & ~31) + ((m & 1) ? 16 : 0) + (m >> 1)] = uint8_t(codes >> (8 * e));
       }
     }
-    for (int i = tid; i < rows * 64; i += kThreads) {  // the other half's h, 4 values a thread
-      const int c = i >> 6, r = i & 63;
-      const float v = core::bf16_to_float(__ldcg(other_h + c * 64 + r));
-      *code_at(c, other0 + r) = uint8_t(e4m3x4_sat(v * s_inv[c], 0.0f, 0.0f, 0.0f));
-    }
+    if (pair_half == 0 && warp == 0 && g == 0)
+#pragma unroll
+      for (int q = 0; q < NT; ++q)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int c = 8 * q + 2 * t + j;
+          if (c < rows) p.ys[(row_base + c) * (inter / 128) + (tile_n >> 1)] = core::pow2_float(ex[q][j]);
+        }
+    cluster_wait_acquire();  // no CTA exits while its partner may still read its shared memory
   } else {
     for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
@@ -1397,9 +1373,9 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
 // instances keep their code as it was before those forms: compiled into every instance,
 // they had cost 0.4% a step at 64 and 256 rows (fifty-eighth session, 3 rounds).
 // kSwiGlu (the gate/up GEMM, FP4 by TMA, walked slices, 8- and 16-row tiles): SwiGLU and
-// its quantization in the epilogue (gemm_tile; CTAs x and x ^ 1 hold the two halves of a
-// 128-column h block, the later of them quantizes it); no y, no SwiGLU launch. The bits
-// of swiglu_quant8_kernel on the stored y.
+// its quantization in the epilogue (gemm_tile), launched in clusters of 2 CTAs along x
+// (the two halves of a 128-column h block); no y, no SwiGLU launch. The bits of
+// swiglu_quant8_kernel on the stored y.
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false,
           bool kSmallRows = false, bool kSwiGlu = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
