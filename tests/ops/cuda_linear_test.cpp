@@ -48,8 +48,6 @@ namespace dsv4::ops {
 void cuda_linear_force_path(int path);
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
-int64_t cuda_linear_swiglu_epilogue_launches();
-void cuda_linear_force_swiglu_epilogue(int on);
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
 void cuda_linear_force_expert_split(int mode);
@@ -1086,67 +1084,6 @@ TEST(CudaLinearFusedExperts, FusedEqualsFourLaunchesBitForBit) {
   }
   ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_shared_decode(-1);
-  ops::cuda_linear_force_path(-1);
-}
-
-// SwiGLU in the gate/up GEMM's epilogue (expert_gemm_kernel's kSwiGlu, clusters of two
-// CTAs sharing a 128-column block's amax) gives the SwiGLU launch's bits: 8- and 16-row
-// tiles, a hot expert of several list tiles, partial tiles, with and without the clamp
-// (limit 0.5 binds on these values, 0 is none); eager, and a captured graph replayed on
-// new inputs. The counter shows which form ran.
-TEST(CudaLinearSwiGluEpilogue, EqualsSwiGluLaunchBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  const OneStageSlices one_stage;  // (the epilogue form walks 2+ slices)
-  ops::cuda_linear_force_path(0);
-  ops::cuda_linear_force_fused_experts(0);
-  Env env;
-  Rng rng(0x5e);
-  const int64_t E = 128, D = 512, I = 1024, k = 6;  // D / 128 = 4 stages: whole scale groups
-  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
-  struct Case {
-    int64_t rows, hot;
-    float limit;
-  };
-  // Average rows an expert 2 (8-row tiles) and 5 / 8 (16-row tiles); hot expert 5 holds 30-170 rows.
-  for (const Case& c : {Case{30, -1, 10.0f}, Case{30, 5, 0.0f}, Case{100, -1, 0.5f}, Case{100, 5, 10.0f},
-                        Case{170, 5, 0.0f}}) {
-    const std::string what = "R=" + std::to_string(c.rows) + (c.hot >= 0 ? " hot" : "") +
-                             " limit=" + std::to_string(c.limit);
-    Tensor out = env.cuda.empty(DType::kBF16, {c.rows, k, D});
-    Tensor x = env.cuda.empty(DType::kBF16, {c.rows, D}), ids = env.cuda.empty(DType::kI32, {c.rows, k}),
-           w = env.cuda.empty(DType::kF32, {c.rows, k});
-    auto fill_inputs = [&] {
-      env.cuda.upload(x, rng.bf16({c.rows, D}, 2.0f).data(), x.nbytes());
-      env.cuda.upload(ids, random_ids(rng, c.rows, k, E, c.hot).data(), ids.nbytes());
-      env.cuda.upload(w, random_weights(rng, c.rows, k).data(), w.nbytes());
-    };
-    auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, c.limit, out); };
-    auto run = [&](int epilogue, ops::Graph* graph) {
-      ops::cuda_linear_force_swiglu_epilogue(epilogue);
-      cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
-      const int64_t before = ops::cuda_linear_swiglu_epilogue_launches();
-      if (graph != nullptr) graph->replay();
-      else body();
-      Tensor host = to_host(env.cuda, out);
-      if (graph == nullptr) {
-        if (epilogue) EXPECT_EQ(ops::cuda_linear_swiglu_epilogue_launches() - before, 1) << what << ": not taken";
-        else EXPECT_EQ(ops::cuda_linear_swiglu_epilogue_launches() - before, 0) << what << ": taken when off";
-      }
-      return host;
-    };
-    fill_inputs();
-    const Tensor want = run(0, nullptr);
-    expect_bitwise(want, run(1, nullptr), what + ": epilogue vs SwiGLU launch, eager");
-    ops::cuda_linear_force_swiglu_epilogue(1);
-    auto graph = env.cuda.capture(body);
-    for (int replay = 0; replay < 2; ++replay) {
-      fill_inputs();
-      const Tensor want_next = run(0, nullptr);
-      expect_bitwise(want_next, run(1, graph.get()), what + ": epilogue in a graph replay " + std::to_string(replay));
-    }
-  }
-  ops::cuda_linear_force_swiglu_epilogue(-1);
-  ops::cuda_linear_force_fused_experts(-1);
   ops::cuda_linear_force_path(-1);
 }
 

@@ -319,30 +319,6 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
   check_launch(be.stream());
 }
 
-// The gate/up GEMM with SwiGLU in its epilogue (expert_gemm_kernel's kSwiGlu: FP4 by
-// TMA, walked slices), in clusters of the two CTAs of a 128-column h block (x, x ^ 1).
-template <bool kTwo, bool kSixteen>
-void launch_expert_swiglu(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
-  constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp4, kSixteen ? 2 : 1, true>();
-  static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, kTwo, true, kSixteen, false, false, true>;
-  allow_smem(kernel, smem, be.device_index(), done);
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 2;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(lk::kThreads);
-  cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = be.stream();
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, table));
-  check_launch(be.stream());
-}
-
 // The cluster-fold expert kernel (8-row FP4 tiles, split slices), its shared-memory
 // limit raised (once per device).
 constexpr int kExpertClusterSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
@@ -709,28 +685,6 @@ bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, i
   if (!tma_enabled() || p.n % lk::kTileN != 0 || p.n_split % lk::kTileN != 0) return false;
   for (int64_t e = 0; e < count; ++e)
     if (!aligned(table.p[e][0], 16) || !aligned(table.p[e][2], 16)) return false;
-  return true;
-}
-
-// SwiGLU in the routed experts' gate/up GEMM (expert_gemm_kernel's kSwiGlu): the SwiGLU
-// launch between the two expert GEMMs (~12 µs a layer on the step's chain at 256 rows,
-// graph trace; its gate/up rows, 12.6 MB of bf16, written and read back from DRAM) goes,
-// and the down GEMM follows the gate/up one. Where the gate/up launch walks its slices
-// by TMA in 8- or 16-row tiles of whole scale groups, in one launch of one table chunk
-// (the 20+ rows the fused expert step leaves; FP4 down weights: the split-pair codes).
-// DSV4_CUDA_SWIGLU_EPILOGUE=0 keeps the SwiGLU launch (A/B runs); the same bits.
-std::atomic<int64_t> g_swiglu_epilogue_launches{0};
-std::atomic<int> g_force_swiglu_epilogue{-1};
-bool swiglu_epilogue_enabled() {
-  static const bool from_env = !env_is("DSV4_CUDA_SWIGLU_EPILOGUE", "0");
-  return forced_or(g_force_swiglu_epilogue, from_env);
-}
-bool swiglu_epilogue_fits(const lk::GemmParams& p, const lk::ExpertTable& table, int64_t count, int64_t num_local,
-                          int nt, bool two, int64_t pieces) {
-  if (!swiglu_epilogue_enabled() || nt != 1 || !two || p.split != 1 || pieces != 1 || count != num_local) return false;
-  if (p.n != 2 * p.n_split || p.n_split % lk::kTileN != 0 || (p.k / 128) % lk::kScaleStages != 0) return false;
-  for (int64_t e = 0; e < count; ++e)  // (the scale groups by bulk copies, halves of 1 KB)
-    if (!aligned(table.p[e][1], 16) || !aligned(table.p[e][3], 16)) return false;
   return true;
 }
 
@@ -1188,11 +1142,8 @@ void plan_expert_gemm(CudaBackend& be, lk::GemmParams& p, int64_t num_pairs, int
 // local experts. p describes n, n_split, k, activations and output; entries(e, ptrs)
 // fills the 4 table pointers of local expert e.
 template <typename Entries>
-// swiglu (the gate/up GEMM, GemmParams' SwiGLU fields set): SwiGLU in the epilogue where
-// the launch takes that form (swiglu_epilogue_fits); returns whether it did, so that the
-// caller runs the SwiGLU launch otherwise.
-bool run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
-                     int64_t max_tiles, int nt, int row_groups, const Entries& entries, bool swiglu = false) {
+void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_local, int64_t num_pairs,
+                     int64_t max_tiles, int nt, int row_groups, const Entries& entries) {
   plan_expert_gemm(be, p, num_pairs, max_tiles);
   const int64_t n_tiles = p.tiles_per_group;
   const bool split = p.split > 1;
@@ -1208,7 +1159,6 @@ bool run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   const dim3 grid(unsigned(n_tiles), unsigned(max_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
   auto table = std::make_unique<lk::ExpertTable>();
-  bool swiglu_ran = false;
   for (int64_t c0 = 0; c0 < num_local; c0 += lk::kMaxTableExperts) {
     const int64_t c1 = std::min<int64_t>(num_local, c0 + lk::kMaxTableExperts);
     std::memset(table.get(), 0, sizeof(lk::ExpertTable));
@@ -1222,12 +1172,7 @@ bool run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
       p.n_tile_offset = int(t0);
       const dim3 piece_grid(unsigned(t1 - t0), grid.y, grid.z);
       const bool cluster = cluster_fold_shape && expert_cluster_fold(be, tma, p.split);
-      if (swiglu && tma && swiglu_epilogue_fits(p, *table, c1 - c0, num_local, nt, two, pieces)) {
-        if (row_groups == 2) launch_expert_swiglu<true, true>(be, p, piece_grid, *table);
-        else launch_expert_swiglu<true, false>(be, p, piece_grid, *table);
-        swiglu_ran = true;
-        g_swiglu_epilogue_launches.fetch_add(1, std::memory_order_relaxed);
-      } else if (tma) dispatch_expert<WFmt::kFp4, true>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
+      if (tma) dispatch_expert<WFmt::kFp4, true>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
       else if (fmt == WFmt::kFp4)
         dispatch_expert<WFmt::kFp4, false>(be, p, piece_grid, nt, row_groups, two, cluster, *table);
       else dispatch_expert<WFmt::kFp8, false>(be, p, piece_grid, nt, row_groups, two, false, *table);
@@ -1237,7 +1182,6 @@ bool run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
     if (tma) g_tma_launches.fetch_add(1, std::memory_order_relaxed);
     if (row_groups > 1) g_shared_decode_launches.fetch_add(1, std::memory_order_relaxed);
   }
-  return swiglu_ran;
 }
 
 }  // namespace
@@ -1252,10 +1196,6 @@ void cuda_linear_force_expert_launches(int pieces) {
 }
 int64_t cuda_linear_tma_launches() { return g_tma_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_tma(int on) { g_force_tma.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_swiglu_epilogue_launches() {
-  return g_swiglu_epilogue_launches.load(std::memory_order_relaxed);
-}
-void cuda_linear_force_swiglu_epilogue(int on) { g_force_swiglu_epilogue.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_shared_decode_launches() { return g_shared_decode_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_shared_decode(int on) { g_force_shared_decode.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_wide_launches() { return g_wide_launches.load(std::memory_order_relaxed); }
@@ -1772,25 +1712,17 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     return;
   }
 
-  // SwiGLU in the gate/up GEMM's epilogue where it fits (swiglu_epilogue_fits; the down
-  // GEMM reads the split-pair codes of FP4 weights), else its own launch.
-  p.rw = weights.as<float>();
-  p.rw_index = pair_list;
-  p.swiglu_limit = limit;
-  p.yq = hq;
-  p.ys = hs;
-  p.ldq = I;
-  const bool swiglu_done = run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt,
-                                           row_groups, gate_up_entries, fp4_13 && fp4_2);
+  run_expert_gemm(*this, fp4_13 ? WFmt::kFp4 : WFmt::kFp8, p, num_local, P, max_tiles, nt, row_groups,
+                  gate_up_entries);
+
   const unsigned swiglu_blocks =
-      swiglu_done ? 0 : swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
+      swiglu_quantize(*this, gu, P, I, counts + 1, weights.as<float>(), pair_list, limit, hq, hs, fp4_2);
 
   // The down GEMM's tile list comes from moe_prep, two launches back: its first weight
   // stages go out before its wait for SwiGLU (GemmParams::weights_before_wait). This holds
   // while every kernel waits for its predecessor before it releases its dependents
   // (grid_dependency.cuh), so that SwiGLU's release follows the gate/up GEMM's end.
-  // (After the gate/up GEMM itself, whose grid releases it only at its end: never.)
-  q.weights_before_wait = !swiglu_done && expert_early_weights(*this, swiglu_blocks) ? 1 : 0;
+  q.weights_before_wait = expert_early_weights(*this, swiglu_blocks) ? 1 : 0;
   run_expert_gemm(*this, fp4_2 ? WFmt::kFp4 : WFmt::kFp8, q, num_local, P, max_tiles, nt, row_groups,
                   down_entries);
 }

@@ -213,13 +213,6 @@ struct GemmParams {
   uint8_t* yq;
   float* ys;
   int64_t ldq;
-  // The routed experts' gate/up GEMM with SwiGLU in its epilogue (expert_gemm_kernel's
-  // kSwiGlu): h = bf16(rw[rw_index[row]] * silu(min(gate, L)) * clamp(up, +-L)) (rw null:
-  // no weight; L <= 0: no clamp), quantized per 128 columns into yq (FP4-GEMM layout,
-  // row length ldq = I) and ys, as swiglu_quant8_kernel forms them from y.
-  const float* rw;
-  const int* rw_index;
-  float swiglu_limit;
 };
 
 // ---- small helpers ------------------------------------------------------------------
@@ -508,19 +501,13 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // scale-group test had kept a 16-bit flag that its stage loop re-tested, and 16 rows read
 // 0.4% slower at the fifty-seventh session's end than at its start (fifty-eighth session,
 // 3 rounds apart).
-// kSwiGlu (the routed experts' gate/up GEMM, FP4 by TMA, walked slices; launched in
-// clusters of 2 along x): tile_n pairs gate rows [64 tile_n, +64) (w0: tile rows 0..63)
-// with the up rows of the same indices (w1: tile rows 64..127), so a thread holds the gate
-// and up values of its h columns; the epilogue forms h and its e4m3 codes (GemmParams::rw)
-// instead of storing y (see there).
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          bool kExpertLaunch = false, bool kSwiGlu = false>
+          bool kExpertLaunch = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
                                           int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
-  static_assert(!kSwiGlu || (kTmaW && !kClusterFold), "SwiGLU in the epilogue: TMA tiles of walked slices");
   // (marks of gemm_kernel's tiles; the expert kernels stamp their own)
   constexpr CtaProbeSite kProbeSite = kEarlyWeights ? CtaProbeSite::kGemmTile : CtaProbeSite::kNone;
   // Bytes between weight rows in a stage buffer: TMA stages are dense, the cp.async
@@ -559,11 +546,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int64_t col0 = int64_t(group) * p.n + n0;
   // FP4: the tile's stages, one after another (tile-major; wrow0 % 128 == 0).
   const uint8_t* const w_tile = w + wrow0 * p.w_row_bytes;
-  // kSwiGlu: half tile_n % 2 (64 rows) of 128-row tile tile_n / 2 of w0 and of w1; in a
-  // whole tile's stage run the half is 4 KB, in a scale group 1 KB (fp4_device_layout.h).
-  const int64_t pair_row0 = int64_t(tile_n >> 1) * kTileN, pair_half = tile_n & 1;
-  const uint8_t* const w_gate = w0 + pair_row0 * p.w_row_bytes + pair_half * (kTileN / 2) * T::kWBytes;
-  const uint8_t* const w_up = w1 + pair_row0 * p.w_row_bytes + pair_half * (kTileN / 2) * T::kWBytes;
 
   const int stages_total = p.k / T::kStageK;
   const int per_slice = stages_total / p.slices;
@@ -621,22 +603,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         const bool group = ws_sectors && unsigned(st) % kScaleStages == 0;  // ... and the scale group it starts
         constexpr int kGroupBytes = kTileN * 4 * kScaleStages;
         mbar_expect_tx(s_mbar + 8 * buf, kWStage + (group ? kGroupBytes : 0));
-        if constexpr (kSwiGlu) {  // (the host sends only walked slices of whole scale groups: group stages)
-          const int64_t at = int64_t(st) * kWStage, gat = int64_t(unsigned(st) / kScaleStages) * kGroupBytes;
-          tma_bulk_load(smem_u32(dw), w_gate + at, kWStage / 2, s_mbar + 8 * buf);
-          tma_bulk_load(smem_u32(dw) + kWStage / 2, w_up + at, kWStage / 2, s_mbar + 8 * buf);
-          if (group) {
-            const int64_t half = pair_half * (kGroupBytes / 2);
-            tma_bulk_load(s_ws_raw, s0 + pair_row0 * p.s_row_stride + gat + half, kGroupBytes / 2, s_mbar + 8 * buf);
-            tma_bulk_load(s_ws_raw + kGroupBytes / 2, s1 + pair_row0 * p.s_row_stride + gat + half, kGroupBytes / 2,
-                          s_mbar + 8 * buf);
-          }
-        } else {
-          tma_bulk_load(smem_u32(dw), w_tile + int64_t(st) * kWStage, kWStage, s_mbar + 8 * buf);
-          if (group)
-            tma_bulk_load(s_ws_raw, ws_tile + int64_t(unsigned(st) / kScaleStages) * kGroupBytes, kGroupBytes,
-                          s_mbar + 8 * buf);
-        }
+        tma_bulk_load(smem_u32(dw), w_tile + int64_t(st) * kWStage, kWStage, s_mbar + 8 * buf);
+        if (group)
+          tma_bulk_load(s_ws_raw, ws_tile + int64_t(unsigned(st) / kScaleStages) * kGroupBytes, kGroupBytes,
+                        s_mbar + 8 * buf);
       }
     } else if (F == WFmt::kFp8Bf16 && valid_n == kTileN) {
       // A whole FP8-as-bf16 tile (wo_a's are): no row test, no zero-fill select; the
@@ -1153,90 +1123,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
     }
     if (tid == 0) p.counters[tile_id] = 0;  // ready for the next launch
-  } else if constexpr (kSwiGlu) {
-    // h column 64 tile_n + r (r = tile_row(0, e / 2) < 64) from gate (fragment half 0) and
-    // up (half 1, the same element): bf16 as y would store them, then swiglu_quant8's
-    // arithmetic value by value. The 128-column block's amax (exact in any order) is the
-    // max over this CTA's 64 columns and its cluster partner's 64 (tile_n ^ 1).
-    const uint32_t partner = cluster_cta_rank() ^ 1u;
-    float rw[NT][2];
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int c = 8 * q + 2 * t + j;
-        const int64_t pair = row_base + (c < rows ? c : 0);
-        rw[q][j] = p.rw != nullptr ? p.rw[p.rw_index != nullptr ? p.rw_index[pair] : pair] : 1.0f;
-      }
-    float h[NT][4], amax[NT][2];
-#pragma unroll
-    for (int q = 0; q < NT; ++q) {
-      amax[q][0] = amax[q][1] = 0.0f;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float gate = core::bf16_to_float(core::float_to_bf16(kTwoSets ? tot[0][q][e] : 0.0f + cur[0][q][e]));
-        float up = core::bf16_to_float(core::float_to_bf16(kTwoSets ? tot[1][q][e] : 0.0f + cur[1][q][e]));
-        if (p.swiglu_limit > 0.0f) {  // up clamped both ways, gate only from above (swiglu_quant_item)
-          up = core::clamp_f32(up, -p.swiglu_limit, p.swiglu_limit);
-          gate = p.swiglu_limit < gate ? p.swiglu_limit : gate;
-        }
-        float act = core::silu_f32(gate) * up;
-        if (p.rw != nullptr) act = rw[q][e & 1] * act;
-        h[q][e] = 8 * q + 2 * t + (e & 1) < rows ? core::round_bf16(act) : 0.0f;
-        amax[q][e & 1] = fmaxf(amax[q][e & 1], fabsf(h[q][e]));
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) amax[q][j] = fmaxf(amax[q][j], __shfl_xor_sync(0xffffffffu, amax[q][j], o));
-    float* const s_amax = reinterpret_cast<float*>(smem);  // [4 warps][BM], then the CTA's [BM]
-    __syncthreads();  // every warp is past its last products: the stage buffers are free
-    if (g == 0)
-#pragma unroll
-      for (int q = 0; q < NT; ++q)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) s_amax[warp * BM + 8 * q + 2 * t + j] = amax[q][j];
-    __syncthreads();
-    if (tid < BM)
-      s_amax[4 * BM + tid] = fmaxf(fmaxf(s_amax[tid], s_amax[BM + tid]), fmaxf(s_amax[2 * BM + tid], s_amax[3 * BM + tid]));
-    cluster_sync_all();  // both halves' amax in place
-    float inv[NT][2];
-    int ex[NT][2];
-#pragma unroll
-    for (int q = 0; q < NT; ++q)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const uint32_t at = smem_u32(s_amax + 4 * BM + 8 * q + 2 * t + j);
-        ex[q][j] = act_exponent(fmaxf(s_amax[4 * BM + 8 * q + 2 * t + j], ld_cluster_f32(at, partner)));
-        inv[q][j] = core::pow2_float(-ex[q][j]);
-      }
-    cluster_arrive_release();  // this CTA is done reading its partner (the wait comes before the exit)
-    const int64_t inter = p.ldq;
-#pragma unroll
-    for (int q = 0; q < NT; ++q) {
-      const uint32_t codes =
-          e4m3x4_sat(h[q][0] * inv[q][0], h[q][1] * inv[q][1], h[q][2] * inv[q][0], h[q][3] * inv[q][1]);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = 8 * q + 2 * t + (e & 1);
-        if (c >= rows) continue;
-        // The FP4 GEMM's layout (store_quant4): a 32-column chunk's even columns, then its odd ones.
-        const int col = 64 * tile_n + tile_row(0, e >> 1), m = col & 31;
-        p.yq[(row_base + c) * inter + (col & ~31) + ((m & 1) ? 16 : 0) + (m >> 1)] = uint8_t(codes >> (8 * e));
-      }
-    }
-    if (pair_half == 0 && warp == 0 && g == 0)
-#pragma unroll
-      for (int q = 0; q < NT; ++q)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int c = 8 * q + 2 * t + j;
-          if (c < rows) p.ys[(row_base + c) * (inter / 128) + (tile_n >> 1)] = core::pow2_float(ex[q][j]);
-        }
-    cluster_wait_acquire();  // no CTA exits while its partner may still read its shared memory
   } else {
     for_each_acc<NT>([&](int i, int q, int e) {
       const int r = tile_row(i, e >> 1), c = 8 * q + 2 * t + (e & 1);
@@ -1335,20 +1221,20 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false,
-          bool kExpertLaunch = false, bool kSwiGlu = false>
+          bool kExpertLaunch = false>
 __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
                                             int tile_id) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   static_assert(!kClusterFold || !kSixteenRowTiles, "the cluster fold: 8-row expert tiles");
   if constexpr (kSixteenRowTiles) {
     if (tile.z > 8 * NT) {  // (8-row tiles run fewer instructions a stage)
-      gemm_tile<F, 2 * NT, kTwoSets, false, kTma, false, kExpertLaunch, kSwiGlu>(p, e[0], e[1], e[2], e[3], tile_n,
-                                                                                0, tile.y, tile.z, tile_id);
+      gemm_tile<F, 2 * NT, kTwoSets, false, kTma, false, kExpertLaunch>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                       tile.y, tile.z, tile_id);
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kExpertLaunch, kSwiGlu>(p, e[0], e[1], e[2], e[3], tile_n, 0,
-                                                                                tile.y, tile.z, tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kExpertLaunch>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                       tile.y, tile.z, tile_id);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
@@ -1372,17 +1258,12 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
 // split_scale_groups are read at run time (gemm_tile's kExpertLaunch). The other
 // instances keep their code as it was before those forms: compiled into every instance,
 // they had cost 0.4% a step at 64 and 256 rows (fifty-eighth session, 3 rounds).
-// kSwiGlu (the gate/up GEMM, FP4 by TMA, walked slices, 8- and 16-row tiles): SwiGLU and
-// its quantization in the epilogue (gemm_tile), launched in clusters of 2 CTAs along x
-// (the two halves of a 128-column h block); no y, no SwiGLU launch. The bits of
-// swiglu_quant8_kernel on the stored y.
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles = false, bool kClusterFold = false,
-          bool kSmallRows = false, bool kSwiGlu = false>
+          bool kSmallRows = false>
 __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(const GemmParams p,
                                                                 const __grid_constant__ ExpertTable table) {
   static_assert(!kSmallRows || (NT == 1 && !kSixteenRowTiles), "the small-row forms: 8-row tiles");
   static_assert(!kClusterFold || kSmallRows, "the cluster fold: a small-row form");
-  static_assert(!kSwiGlu || (F == WFmt::kFp4 && kTma && !kSmallRows), "SwiGLU in the epilogue: FP4 TMA tiles");
   // (gemm_tile then waits after its first weight stages)
   DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kExpertGemm, table.p[0][0]);
   const bool early = kSmallRows && p.weights_before_wait != 0;
@@ -1392,7 +1273,7 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : 1) expert_gemm_kernel(
   if (tile.x < p.chunk_begin || tile.x >= p.chunk_end) return;
   DSV4_CTA_PROBE(CtaProbeSite::kExpertGemm, 1, table.p[0][0]);  // tile_known
   const int tile_id = int(blockIdx.y * gridDim.x + blockIdx.x);  // (split launches: n_tile_offset is 0)
-  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, kSmallRows, kSwiGlu>(
+  expert_tile<F, NT, kTwoSets, kTma, kSixteenRowTiles, kClusterFold, kSmallRows>(
       p, table.p[tile.x - p.chunk_begin], int(blockIdx.x) + p.n_tile_offset, tile, tile_id);
 }
 
