@@ -212,7 +212,7 @@ unsigned swiglu_quantize(CudaBackend& be, const uint16_t* gu, int64_t rows, int6
   if (items == 0) return 0;
   unsigned blocks = 0;
   if (quant8_enabled() && aligned(gu, 16)) {
-    blocks = blocks_for_warps((items + 2 * lk::kSwiGluItems - 1) / (2 * lk::kSwiGluItems));
+    blocks = blocks_for_warps((items + 1) / 2);
     lk::swiglu_quant8_kernel<<<blocks, 256, 0, be.stream()>>>(gu, rows, inter, num_rows, rw, rw_index, limit, hq,
                                                                hs, split_pairs ? 1 : 0);
     g_quant8_launches.fetch_add(1, std::memory_order_relaxed);

@@ -1430,54 +1430,36 @@ __global__ void swiglu_quant_kernel(const uint16_t* __restrict__ gu, int64_t row
 
 // swiglu_quant_kernel a half warp a (row, 128-block), 8 values a lane (16-byte loads of
 // gate and up; act_quant8_kernel's layout and reasons): the same bits. gu 16-byte aligned.
-// A half warp takes kSwiGluItems items (item i, i + the grid's half warps, ...) and issues
-// the gate and up loads of all of them before it reads the live row count: rows past it
-// hold stale gu values of the scratch (in bounds: rows <= its rows), never quantized or
-// stored. At 256 rows on bench-1g (24,576 items) the grid is then one wave of resident
-// warps, and each warp's chain one load round trip shorter.
-constexpr int kSwiGluItems = 2;
 __global__ void swiglu_quant8_kernel(const uint16_t* __restrict__ gu, int64_t rows, int64_t inter,
                                      const int* num_rows, const float* rw, const int* rw_index, float limit,
                                      uint8_t* __restrict__ hq, float* __restrict__ hs, int split_pairs) {
   wait_then_release_dependents();
   const int lane = threadIdx.x & 31, l16 = lane & 15;
-  const int64_t blocks = inter / 128, all_items = rows * blocks;
-  const int64_t first = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * 2 + (lane >> 4);
-  const int64_t stride = int64_t(gridDim.x) * (blockDim.x >> 4);  // (even: a warp's halves stay together)
-  uint4 g4[kSwiGluItems], u4[kSwiGluItems];
-#pragma unroll
-  for (int j = 0; j < kSwiGluItems; ++j) {
-    const int64_t item = first + j * stride;
-    const int64_t c = item < all_items ? item / blocks : 0, b = item < all_items ? item % blocks : 0;
-    const uint16_t* gr = gu + c * 2 * inter + b * 128 + 8 * l16;
-    g4[j] = *reinterpret_cast<const uint4*>(gr);
-    u4[j] = *reinterpret_cast<const uint4*>(gr + inter);
-  }
+  const int64_t blocks = inter / 128;
   const int64_t live_rows = num_rows ? (*num_rows < rows ? int64_t(*num_rows) : rows) : rows;
   const int64_t items = live_rows * blocks;
+  const int64_t item = ((int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5) * 2 + (lane >> 4);
+  if (item - (lane >> 4) >= items) return;  // the warp's first item: both halves leave together
+  const bool live = item < items;
+  const int64_t c = live ? item / blocks : 0, b = live ? item % blocks : 0;
+  const uint16_t* gr = gu + c * 2 * inter + b * 128 + 8 * l16;
+  const uint4 g4 = *reinterpret_cast<const uint4*>(gr), u4 = *reinterpret_cast<const uint4*>(gr + inter);
+  const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
+  const uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w}, uw[4] = {u4.x, u4.y, u4.z, u4.w};
+  float h[8];
 #pragma unroll
-  for (int j = 0; j < kSwiGluItems; ++j) {
-    const int64_t item = first + j * stride;
-    if (item - (lane >> 4) >= items) return;  // the warp's first item: both halves leave together
-    const bool live = item < items;
-    const int64_t c = live ? item / blocks : 0, b = live ? item % blocks : 0;
-    const float weight = rw ? rw[rw_index ? rw_index[c] : c] : 1.0f;
-    const uint32_t gw[4] = {g4[j].x, g4[j].y, g4[j].z, g4[j].w}, uw[4] = {u4[j].x, u4[j].y, u4[j].z, u4[j].w};
-    float h[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float gate = core::bf16_to_float(uint16_t(i & 1 ? gw[i / 2] >> 16 : gw[i / 2] & 0xffffu));
-      float up = core::bf16_to_float(uint16_t(i & 1 ? uw[i / 2] >> 16 : uw[i / 2] & 0xffffu));
-      if (limit > 0.0f) {  // up clamped both ways, gate only from above (swiglu_quant_item)
-        up = core::clamp_f32(up, -limit, limit);
-        gate = limit < gate ? limit : gate;
-      }
-      float act = core::silu_f32(gate) * up;
-      if (rw) act = weight * act;
-      h[i] = core::round_bf16(act);
+  for (int i = 0; i < 8; ++i) {
+    float gate = core::bf16_to_float(uint16_t(i & 1 ? gw[i / 2] >> 16 : gw[i / 2] & 0xffffu));
+    float up = core::bf16_to_float(uint16_t(i & 1 ? uw[i / 2] >> 16 : uw[i / 2] & 0xffffu));
+    if (limit > 0.0f) {  // up clamped both ways, gate only from above (swiglu_quant_item)
+      up = core::clamp_f32(up, -limit, limit);
+      gate = limit < gate ? limit : gate;
     }
-    quant8_store(h, live, l16, hq + c * inter + b * 128, hs + c * blocks + b, split_pairs);
+    float act = core::silu_f32(gate) * up;
+    if (rw) act = weight * act;
+    h[i] = core::round_bf16(act);
   }
+  quant8_store(h, live, l16, hq + c * inter + b * 128, hs + c * blocks + b, split_pairs);
 }
 
 // ---- the routed experts' GEMMs in one launch (docs/design/fused-expert-step.md) --------
