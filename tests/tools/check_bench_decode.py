@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs `dsv4 bench decode` on the CPU backend (tiny preset) and checks its JSON:
 the bytes attributed to stages add up to the step's total, and each stage's
-roofline and ratio follow from its bytes, the copy bandwidth and its eager time;
+roofline and ratio follow from its bytes, the copy bandwidth and its eager time, and
+the rows-per-expert histogram counts every routed slot;
 with --position-spread the KV bytes are those of each row at its own position.
 usage: check_bench_decode.py DSV4_BINARY TMP_DIR"""
 import json
@@ -46,7 +47,18 @@ def main():
             if abs(r["stage_ratio_to_roofline_eager_rank0"][name] - ratio) > 1e-6 * ratio:
                 fail("batch %d: %s ratio %g, expected %g" % (b, name, r["stage_ratio_to_roofline_eager_rank0"][name],
                                                              ratio))
-    print("ok: %d batch sizes, stage bytes add up" % len(d["results"]))
+        # The routing's load: every (row, slot) of every layer counted once (tiny: 4 layers, top-2),
+        # and the (layer, expert) pairs are the touched experts.
+        hist = r["expert_rows_histogram_rank0"]
+        if sum(n * count for n, count in hist) != b * 2 * 4:
+            fail("batch %d: expert rows histogram %s holds %d slots, expected %d" %
+                 (b, hist, sum(n * count for n, count in hist), b * 2 * 4))
+        if any(n < 1 or n > b for n, _ in hist) or [n for n, _ in hist] != sorted(n for n, _ in hist):
+            fail("batch %d: expert rows histogram %s: rows outside 1..%d or out of order" % (b, hist, b))
+        if sum(count for _, count in hist) != r["bytes_per_gpu"]["experts_touched"]:
+            fail("batch %d: histogram pairs %d != experts touched %d" %
+                 (b, sum(count for _, count in hist), r["bytes_per_gpu"]["experts_touched"]))
+    print("ok: %d batch sizes, stage bytes add up, the routing's load is whole" % len(d["results"]))
 
     # --position-spread: sequence s decodes at --context - (s mod N), so a step's KV bytes
     # are the sum of one-row steps' at those positions (positions 300, 299, 298 here).
