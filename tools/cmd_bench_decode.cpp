@@ -285,7 +285,7 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
       std::vector<int32_t> ids(size_t(B * k));
       backend.download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
       out.touched[size_t(l)].insert(ids.begin(), ids.end());
-      std::map<int32_t, int64_t> rows;  // a row routes to k distinct experts (spec §6.2)
+      std::map<int32_t, int64_t> rows;  // expert -> its rows (slots) in this layer
       for (int32_t e : ids) ++rows[e];
       for (const auto& [e, n] : rows) ++out.expert_rows[n];
     }
@@ -540,8 +540,9 @@ Command add_bench_decode(CLI::App& app) {
       r["stage_roofline_ms_rank0"] = stage_roof_ms;
       r["stage_ratio_to_roofline_eager_rank0"] = stage_ratio;
       r["eager_step_ms_rank0"] = eager_ms;
-      // Load balance of the routing (rank 0): an expert GEMM's row tiles and so its weight
-      // re-reads follow the busiest experts, not the average.
+      // Load balance of the routing (rank 0): an expert GEMM's row tiles follow the busiest
+      // experts, not the average (each tile reads its expert's weights; at 256 rows on
+      // bench-1g the second tiles hit L2, docs/BENCHMARKS.md, sixty-seventh session).
       // [[rows, (layer, expert) pairs with that many rows], ...], rows ascending.
       nlohmann::json load = nlohmann::json::array();
       for (const auto& [n, count] : runs[0].expert_rows) load.push_back({n, count});
