@@ -46,6 +46,8 @@
 namespace dsv4::ops {
 // Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
 void cuda_linear_force_path(int path);
+void cuda_hc_force_post_slots(int on);
+int64_t cuda_hc_post_slots_launches();
 int64_t cuda_linear_tma_launches();
 void cuda_linear_force_tma(int on);
 int64_t cuda_linear_expert_launches();
@@ -526,10 +528,14 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
 // and overwritten in place, as the model does. 17 rows and more: the ops in sequence.
 // From MoE slots (of_moe_slots: the mix also sums them, as moe_reduce would; 6 slots
 // a row, ids in any order, two rows with an empty slot, rows with a repeated id): against
-// moe_reduce first.
+// moe_reduce first. From 17 rows the slots go through hc_post_slots_kernel (counted), and
+// with it off through moe_reduce's launch.
 TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
   Env env;
   Rng rng(0x33);
+  struct Reset {
+    ~Reset() { ops::cuda_hc_force_post_slots(-1); }
+  } reset;
   struct Shape {
     int64_t hc, D;
   };
@@ -543,12 +549,15 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
     ops::HcConfig cfg;
     cfg.hc_mult = hc;
     const Tensor dnorm = to_device(env.cuda, rng.bf16({D}));
-    for (const int64_t T : {0, 1, 3, 8, 9, 16, 17, 64})
-      for (const int form : {0, 1, 2})  // f, moe (routed), moe slots
+    for (const int64_t T : {0, 1, 3, 8, 9, 16, 17, 64, 257})
+      for (const int form : {0, 1, 2, 3})  // f, moe (routed), moe slots, moe slots without hc_post_slots_kernel
         for (const bool linears : {false, true}) {
-          const bool moe = form > 0, slots = form == 2;
+          const bool moe = form > 0, slots = form >= 2;
+          ops::cuda_hc_force_post_slots(form == 3 ? 0 : -1);
+          const int64_t slot_launches = ops::cuda_hc_post_slots_launches();
           const std::string what = std::string(path()) + " T=" + std::to_string(T) + " hc=" + std::to_string(hc) +
-                                   " D=" + std::to_string(D) + (slots ? " slots" : moe ? " moe" : " f") +
+                                   " D=" + std::to_string(D) +
+                                   (form == 3 ? " slots (moe_reduce)" : slots ? " slots" : moe ? " moe" : " f") +
                                    (linears ? " +linear_pair" : "");
           auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) {
             return device_poisoned(env.cuda, t, shape);
@@ -585,6 +594,8 @@ TEST_P(CudaLinear, HcPostPreNormOpsEqualTheirPartsBitForBit) {
             env.cuda.hc_post_pre_norm_linear_pair(in, Y, dhw, cfg, dnorm, 1e-6f, x, xn, post, comb, da, ya, db, yb);
           else
             env.cuda.hc_post_pre_norm(in, Y, dhw, cfg, dnorm, 1e-6f, x, xn, post, comb);
+          EXPECT_EQ(ops::cuda_hc_post_slots_launches() - slot_launches, form == 2 && T > 16 ? 1 : 0)
+              << "hc_post_slots_kernel launches, " << what;
           // The ops in sequence.
           Tensor spost = to_device(env.cuda, post0), scomb = to_device(env.cuda, comb0);
           Tensor sy = poisoned(DType::kBF16, {T, D}), sY = poisoned(DType::kBF16, {T, hc, D});

@@ -131,6 +131,9 @@ class CudaBackend final : public Backend {
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;
 
  private:
+  // hc_post from MoE slots in one launch (cuda_pointwise.cu); false where it does not apply.
+  bool hc_post_slots(const HcPostInput& in, const core::Tensor& Y);
+
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
   int last_capture_programmatic_edges_ = 0;

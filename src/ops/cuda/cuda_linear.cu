@@ -855,6 +855,13 @@ int64_t moe_prep_one_launch_rows() {
   }();
   return from_env;
 }
+// Beyond moe_prep_one_launch_rows(): the non-local pairs' outputs zeroed by moe_prep_kernel's
+// blocks other than the tile list's (DSV4_CUDA_PREP_ZERO=1, the default), or by a launch of
+// their own before it (=0, A/B runs). The same bits.
+bool prep_zeroes_nonlocal() {
+  static const bool from_env = !env_is("DSV4_CUDA_PREP_ZERO", "0");
+  return from_env;
+}
 bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
@@ -1603,9 +1610,11 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   uint16_t* gu = scratch_as<uint16_t>(*this, "moe.gu", P * 2 * I);
   // Up to 64 rows one launch (moe_prep_one_launch_rows): the tile list (block 0), x
   // quantized (split pairs for the FP4 GEMM), the non-local pairs' outputs zeroed.
-  // Beyond, three launches (the tile list alone in block 0). Same bits either way.
-  const bool one_launch = R <= moe_prep_one_launch_rows();
-  if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
+  // Beyond, x quantized first, then the tile list in block 0 and the zeros in the other
+  // blocks (prep_zeroes_nonlocal; or three launches). Same bits either way.
+  const bool one_launch = R <= moe_prep_one_launch_rows(), zero_in_prep = !one_launch && prep_zeroes_nonlocal();
+  if (zero_in_prep) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fp4_13);
+  else if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
   lk::GemmParams p{};
   p.w_row_bytes = fp4_13 ? D / 2 : D;
   p.s_row_stride = fp4_13 ? D / 32 : (D + 127) / 128;
@@ -1681,13 +1690,15 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
                              .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
-                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = R, .d = D, .q = xq, .scale = xs,
+                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = one_launch ? R : 0, .d = D,
+                             .q = xq, .scale = xs,
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
                              .fused_sync_ints = int(fused_sync_ints)};
-  const int64_t warp_items = R * (D / 128) + P;
+  const int64_t warp_items = (one_launch ? R * (D / 128) : 0) + P;  // (moe_prep_kernel's items: quantization, zeros)
   const int prep_threads = moe_prep_threads(), prep_warps = prep_threads / 32;
-  const unsigned extra_blocks =
-      one_launch ? unsigned(std::clamp<int64_t>((warp_items + prep_warps - 1) / prep_warps, 1, 1024)) : 0;
+  const unsigned extra_blocks = one_launch || zero_in_prep
+                                    ? unsigned(std::clamp<int64_t>((warp_items + prep_warps - 1) / prep_warps, 1, 1024))
+                                    : 0;
   lk::moe_prep_kernel<<<1 + extra_blocks, unsigned(prep_threads), size_t(16 * num_local), s>>>(prep);
   check_launch(s);
 

@@ -45,6 +45,9 @@ int64_t cuda_hc_fused_launches();
 void cuda_hc_force_slot_rows(int rows);
 // -1 the environment's choice, 0 / 1 HcHandOver::quick off / on.
 void cuda_hc_force_quick_hand_over(int on);
+// -1 the environment's choice, 0 / 1 hc_post_slots_kernel off / on; how many launches took it.
+void cuda_hc_force_post_slots(int on);
+int64_t cuda_hc_post_slots_launches();
 
 namespace {
 
@@ -55,6 +58,8 @@ std::atomic<int> g_force_hc_fused{-1};
 std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int> g_force_hc_quick{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
+std::atomic<int> g_force_hc_post_slots{-1};
+std::atomic<int64_t> g_hc_post_slots_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
 
@@ -442,6 +447,21 @@ __device__ __forceinline__ int moe_slot_order(const int32_t* ids, int k, int* or
   return n;
 }
 
+// moe_slot_order's order by ranks, for a thread a slot: slot `slot`'s place among the row's
+// k ids (row_ids, shared memory): the valid slots with a smaller id, or the same id in an
+// earlier slot. *count: the row's valid slots. (The place of a slot with id < 0 is unused.)
+__device__ __forceinline__ int moe_slot_place(const int32_t* row_ids, int k, int slot, int* count) {
+  const int32_t id = row_ids[slot];
+  int place = 0, n = 0;
+  for (int u = 0; u < k; ++u) {
+    const int32_t other = row_ids[u];
+    n += other >= 0;
+    place += other >= 0 && (other < id || (other == id && u < slot));
+  }
+  *count = n;
+  return place;
+}
+
 // VEC columns of row t's routed sum from slot_out [T, k, D] (row at `row`, a pointer to
 // slot (t, 0)'s column block): an fp32 sum from 0 over the n ordered slots.
 template <int VEC>
@@ -641,12 +661,8 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         if (slot_thread) slot_id[slot_row][slot] = id;
         asm volatile("bar.sync 1, 256;" ::: "memory");
         if (slot_thread) {
-          int place = 0, count = 0;
-          for (int u = 0; u < k; ++u) {
-            const int32_t other = slot_id[slot_row][u];
-            count += other >= 0;
-            place += other >= 0 && (other < id || (other == id && u < slot));
-          }
+          int count;
+          const int place = moe_slot_place(slot_id[slot_row], k, slot, &count);
           if (id >= 0) slot_order[slot_row][place] = slot;
           if (slot == 0) slot_count[slot_row] = count;
         }
@@ -1401,6 +1417,30 @@ struct MoeOutputArgs {
   uint16_t* y = nullptr;             // [T, D]
 };
 
+// Y[t, j, d .. d + VEC) of every stream j from f's and R's values there (hc_post_value).
+template <int HC, int VEC>
+__device__ __forceinline__ void hc_post_store(const BfVec<VEC>& fv, const BfVec<VEC> (&rv)[HC],
+                                              const float* __restrict__ post, const float* __restrict__ comb,
+                                              int64_t t, int64_t d, int64_t D, uint16_t* __restrict__ Y) {
+  const float* cm = comb + t * HC * HC;
+#pragma unroll
+  for (int j = 0; j < HC; ++j) {
+    const float pj = post[t * HC + j];
+    float c[HC];
+#pragma unroll
+    for (int i = 0; i < HC; ++i) c[i] = cm[i * HC + j];
+    BfVec<VEC> o;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      uint16_t r[HC];
+#pragma unroll
+      for (int i = 0; i < HC; ++i) r[i] = rv[i].v[k];
+      o.v[k] = hc_post_value<HC>(pj, fv.v[k], c, r);
+    }
+    store_bf<VEC>(Y + (t * HC + j) * D + d, o);
+  }
+}
+
 template <int HC, int VEC, bool kFromMoe = false>
 __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* __restrict__ R,
                                const float* __restrict__ post, const float* __restrict__ comb, int64_t T, int64_t D,
@@ -1421,24 +1461,54 @@ __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* _
     BfVec<VEC> rv[HC];
 #pragma unroll
     for (int i = 0; i < HC; ++i) rv[i] = load_bf<VEC>(R + (t * HC + i) * D + d);
-    const float* cm = comb + t * HC * HC;
-#pragma unroll
-    for (int j = 0; j < HC; ++j) {
-      const float pj = post[t * HC + j];
-      float c[HC];
-#pragma unroll
-      for (int i = 0; i < HC; ++i) c[i] = cm[i * HC + j];
-      BfVec<VEC> o;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        uint16_t r[HC];
-#pragma unroll
-        for (int i = 0; i < HC; ++i) r[i] = rv[i].v[k];
-        o.v[k] = hc_post_value<HC>(pj, fv.v[k], c, r);
-      }
-      store_bf<VEC>(Y + (t * HC + j) * D + d, o);
-    }
+    hc_post_store<HC, VEC>(fv, rv, post, comb, t, d, D, Y);
   }
+}
+
+// hc_post from the MoE slots (HcPostInput::of_moe_slots) at rows the mix does not take:
+// routed = moe_reduce(slot_out, ids) (moe_slot_sum in moe_slot_order's order, as
+// moe_reduce_kernel), f = bf16(routed + shared) stored to y (moe_output_value), then
+// hc_post's Y, all in one launch where moe_reduce and moe_output_hc_post were two on
+// the layer's chain; routed is not stored. The same bits. CTA (column block of 256 x 8
+// values, row): the row's slot order by ranks in shared memory (its k <= kHcMaxSlots threads),
+// a thread 8 columns. R's and shared's values are loaded before the order's two barriers.
+template <int HC>
+__global__ void __launch_bounds__(256) hc_post_slots_kernel(const uint16_t* __restrict__ slot_out,
+                                                            const int32_t* __restrict__ ids, int k,
+                                                            const uint16_t* __restrict__ shared,
+                                                            const uint16_t* __restrict__ R,
+                                                            const float* __restrict__ post,
+                                                            const float* __restrict__ comb, int64_t D,
+                                                            uint16_t* __restrict__ y, uint16_t* __restrict__ Y) {
+  wait_then_release_dependents();
+  __shared__ int32_t s_id[kHcMaxSlots];
+  __shared__ int s_order[kHcMaxSlots], s_count;
+  const int64_t t = blockIdx.y, d = (int64_t(blockIdx.x) * 256 + threadIdx.x) * 8;
+  const int tid = int(threadIdx.x);
+  const bool live = d < D;
+  BfVec<8> sv, rv[HC];
+  if (live) {
+    sv = load_bf<8>(shared + t * D + d);
+#pragma unroll
+    for (int i = 0; i < HC; ++i) rv[i] = load_bf<8>(R + (t * HC + i) * D + d);
+  }
+  if (tid < k) s_id[tid] = ids[t * k + tid];
+  __syncthreads();
+  if (tid < k) {
+    int count;
+    const int place = moe_slot_place(s_id, k, tid, &count);
+    if (s_id[tid] >= 0) s_order[place] = tid;
+    if (tid == 0) s_count = count;
+  }
+  __syncthreads();
+  if (!live) return;
+  float acc[8];
+  moe_slot_sum<8>(slot_out + t * k * D + d, D, s_order, s_count, acc);
+  BfVec<8> fv;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) fv.v[i] = moe_output_value(acc[i], sv.v[i]);
+  store_bf<8>(y + t * D + d, fv);
+  hc_post_store<HC, 8>(fv, rv, post, comb, t, d, D, Y);
 }
 
 // ---- moe_reduce / moe_output ---------------------------------------------------
@@ -1711,6 +1781,14 @@ int64_t hc_slot_rows() {
   return forced >= 0 ? forced : from_env;
 }
 
+// hc_post_slots_kernel for the MoE slots beyond hc_slot_rows() rows (where moe_reduce and
+// moe_output_hc_post ran before): DSV4_CUDA_HC_POST_SLOTS=0 turns it off (A/B runs); a test
+// hook may force it. Same bits either way.
+bool hc_post_slots_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_HC_POST_SLOTS", "0");
+  return forced_or(g_force_hc_post_slots, from_env);
+}
+
 // HcHandOver::quick: DSV4_CUDA_HC_QUICK_HAND_OVER=0 turns it off (A/B runs); a test hook
 // may force it. Same bits either way.
 bool hc_quick_hand_over() {
@@ -1870,6 +1948,33 @@ void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w
   linears_on_quantized_rows(*this, q, T, wa, ya, &wb, &yb);
 }
 
+// Y = hc_post(in) from the MoE slots by hc_post_slots_kernel, y too; false (nothing
+// launched) where it is off or does not apply: the caller then reduces the slots first.
+bool CudaBackend::hc_post_slots(const HcPostInput& in, const Tensor& Y) {
+  const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2), k = in.slot_out.size(1);
+  if (!hc_post_slots_enabled() || k < 1 || k > kHcMaxSlots || D % 8 != 0 || hc < 1 || hc > 4 || T > 65535 ||
+      !aligned16(in.slot_out.data()) || !aligned16(in.shared.data()) || !aligned16(in.y.data()) ||
+      !aligned16(in.R.data()) || !aligned16(Y.data()))
+    return false;
+  const dim3 grid(unsigned((D / 8 + 255) / 256), unsigned(T));
+  const auto* so = in.slot_out.as<uint16_t>();
+  const auto* id = in.ids.as<int32_t>();
+  const auto* sh = in.shared.as<uint16_t>();
+  const auto* R = in.R.as<uint16_t>();
+  const float *po = in.post.as<float>(), *cm = in.comb.as<float>();
+  auto* y = in.y.as<uint16_t>();
+  auto* Yp = Y.as<uint16_t>();
+  switch (hc) {
+    case 1: hc_post_slots_kernel<1><<<grid, 256, 0, stream_>>>(so, id, int(k), sh, R, po, cm, D, y, Yp); break;
+    case 2: hc_post_slots_kernel<2><<<grid, 256, 0, stream_>>>(so, id, int(k), sh, R, po, cm, D, y, Yp); break;
+    case 3: hc_post_slots_kernel<3><<<grid, 256, 0, stream_>>>(so, id, int(k), sh, R, po, cm, D, y, Yp); break;
+    default: hc_post_slots_kernel<4><<<grid, 256, 0, stream_>>>(so, id, int(k), sh, R, po, cm, D, y, Yp); break;
+  }
+  check_launch(stream_);
+  g_hc_post_slots_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 // Up to kHcPostMaxRows rows, the mix kernel forms the stream from the hc_post's
 // inputs (and stores it) instead of reading it: one launch (hc_post's) fewer; more
 // rows take the ops in sequence. Same bits. From MoE slots (of_moe_slots, up to
@@ -1882,6 +1987,11 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2);
   if (T == 0) return;
   const bool moe = in.f.ndim() == 0, slots = moe && in.slot_out.ndim() > 0;
+  if (slots && T > kHcPostMaxRows && hc_post_slots(in, Y)) {  // the stream formed, then the mix reads it
+    if (wa) do_hc_pre_norm_linear_pair(Y, w, config, norm_weight, eps, x, xn, post, comb, *wa, *ya, *wb, *yb);
+    else do_hc_pre_norm(Y, w, config, norm_weight, eps, x, xn, post, comb);
+    return;
+  }
   if (T > kHcPostMaxRows || D % 128 != 0 || hc < 1 || hc > 4 || !aligned16(Y.data()) || !aligned16(x.data()) ||
       !aligned16(xn.data()) || !aligned16(norm_weight.data()) || (wa && !linears_take_quantized_rows(*wa, wb)) ||
       (slots && (in.slot_out.size(1) == 0 || in.slot_out.size(1) > kHcMaxSlots || !aligned16(in.slot_out.data())))) {
@@ -1891,7 +2001,7 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   HcPostSource src;
   src.f = moe ? nullptr : in.f.as<uint16_t>();
   src.routed = moe && !slots ? in.routed.as<float>() : nullptr;
-  if (slots && T > hc_slot_rows()) {  // moe_reduce's launch, then the stream formed from routed
+  if (slots && T > hc_slot_rows()) {  // (hc_post_slots off) moe_reduce's launch, then the stream formed from routed
     do_moe_reduce(in.slot_out, in.ids, in.routed);
     src.routed = in.routed.as<float>();
   } else if (slots) {
@@ -2037,5 +2147,7 @@ void cuda_hc_force_fused(int on) { g_force_hc_fused.store(on, std::memory_order_
 int64_t cuda_hc_fused_launches() { return g_hc_fused_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
 void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
+void cuda_hc_force_post_slots(int on) { g_force_hc_post_slots.store(on, std::memory_order_relaxed); }
+int64_t cuda_hc_post_slots_launches() { return g_hc_post_slots_launches.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops

@@ -1669,7 +1669,8 @@ __global__ void zero_nonlocal_kernel(const int* __restrict__ ids, int64_t num_pa
 // were three launches of a few µs each at decode): block 0 builds the tile list as
 // expert_prep_block; the warps of the other blocks quantize x's (row, 128-block)
 // items as act_quant_kernel, then zero the non-local pairs as zero_nonlocal_kernel.
-// Same code per item, so the same bits. A grid of block 0 alone builds the tile list only.
+// Same code per item, so the same bits. A grid of block 0 alone builds the tile list only;
+// with rows = 0 the other blocks only zero (x quantized by a launch before).
 struct MoePrepArgs {
   const int* ids;
   int num_pairs, k, expert_begin, num_local, bm, max_tiles;
