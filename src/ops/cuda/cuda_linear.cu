@@ -1518,9 +1518,43 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
 }
 
 // ---- routed_experts (spec §6.2) ---------------------------------------------------------
+// The rows from which the model prepares the routed experts' input beside the router
+// (prepare_routed_input): DSV4_CUDA_PREPARE_ROUTED_ROWS, default 65 (beyond moe_prep's one
+// launch, which quantizes x beside its tile list; 0: never, for A/B runs). The same bits.
+bool CudaBackend::prepares_routed_input(int64_t rows) const {
+  static const int64_t from = [] {
+    const char* v = std::getenv("DSV4_CUDA_PREPARE_ROUTED_ROWS");
+    if (v == nullptr || *v == '\0') return int64_t(65);
+    char* end = nullptr;
+    const long long r = std::strtoll(v, &end, 10);
+    DSV4_CHECK(*end == '\0' && r >= 0, "DSV4_CUDA_PREPARE_ROUTED_ROWS='{}': expected a row count (0: never)", v);
+    return int64_t(r);
+  }();
+  return from > 0 && rows >= from;
+}
+
+// x's FP8 codes and scales as do_routed_experts quantizes them (split pairs for FP4 gate/up
+// weights), into prepared: codes [R, D], then scales [R, D / 128] at a 16-byte offset.
+void CudaBackend::do_prepare_routed_input(const Tensor& x, const std::vector<ExpertWeights>& experts,
+                                          int64_t expert_begin, int64_t expert_end, const Tensor& prepared) {
+  const int64_t R = x.size(0), D = x.size(1);
+  if (R == 0 || expert_begin == expert_end) return;
+  DSV4_CHECK(D % 128 == 0, "prepare_routed_input: D={} must be a multiple of 128", D);
+  const bool fp4_13 = experts[size_t(expert_begin)].w1.format == QuantLinear::Format::kFp4Group32;
+  uint8_t* q = prepared.as<uint8_t>();
+  quantize_rows(*this, x.as<uint16_t>(), D, R, D, q, reinterpret_cast<float*>(q + (R * D + 15) / 16 * 16), fp4_13);
+}
+
 void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                     const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                                     int64_t expert_end, float limit, const Tensor& out) {
+  do_routed_experts_prepared(x, Tensor(), ids, weights, experts, expert_begin, expert_end, limit, out);
+}
+
+void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prepared, const Tensor& ids,
+                                             const Tensor& weights, const std::vector<ExpertWeights>& experts,
+                                             int64_t expert_begin, int64_t expert_end, float limit,
+                                             const Tensor& out) {
   const int64_t R = x.size(0), D = x.size(1), k = ids.size(1), P = R * k;
   const int64_t num_local = expert_end - expert_begin;
   if (P == 0 || D == 0) return;
@@ -1547,12 +1581,21 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
   float* hs = scratch_as<float>(*this, "moe.hs", P * (I / 128));
   const bool fp4_13 = fmt13 == QuantLinear::Format::kFp4Group32, fp4_2 = fmt2 == QuantLinear::Format::kFp4Group32;
+  // x's codes as prepared (do_prepare_routed_input: split pairs where the gate/up weights are
+  // FP4), where the path below reads that layout (the simple kernels read element order).
+  bool use_prepared = false;
+  auto take_prepared = [&](bool split_pairs) {
+    use_prepared = prepared.ndim() > 0 && split_pairs == fp4_13;
+    if (!use_prepared) return;
+    xq = prepared.as<uint8_t>();
+    xs = reinterpret_cast<float*>(xq + (R * D + 15) / 16 * 16);
+  };
   // Outputs of pairs routed to no local expert zeroed, x quantized (split pairs: the FP4 GEMM's layout).
   auto zero_nonlocal_and_quantize = [&](bool split_pairs) {
     lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
                                                                               int(expert_end), o, D, vec16);
     check_launch(s);
-    quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, split_pairs);
+    if (!use_prepared) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, split_pairs);
   };
 
   // Tile rows per expert from the average load (any choice gives the same bits).
@@ -1568,6 +1611,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     fast = quant_fast_ok(ew.w1) && quant_fast_ok(ew.w3) && quant_fast_ok(ew.w2);
   }
 
+  take_prepared(fast && fp4_13);
   if (!fast) {
     zero_nonlocal_and_quantize(false);  // the simple kernels read element order
     // Simple: one warp per (pair, output); expert tables in chunks of global ids.
@@ -1613,8 +1657,11 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   // Beyond, x quantized first, then the tile list in block 0 and the zeros in the other
   // blocks (prep_zeroes_nonlocal; or three launches). Same bits either way.
   const bool one_launch = R <= moe_prep_one_launch_rows(), zero_in_prep = !one_launch && prep_zeroes_nonlocal();
-  if (zero_in_prep) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fp4_13);
-  else if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
+  if (zero_in_prep) {
+    if (!use_prepared) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fp4_13);
+  } else if (!one_launch) {
+    zero_nonlocal_and_quantize(fp4_13);
+  }
   lk::GemmParams p{};
   p.w_row_bytes = fp4_13 ? D / 2 : D;
   p.s_row_stride = fp4_13 ? D / 32 : (D + 127) / 128;
@@ -1690,11 +1737,12 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
                              .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
-                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = one_launch ? R : 0, .d = D,
+                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = one_launch && !use_prepared ? R : 0, .d = D,
                              .q = xq, .scale = xs,
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
                              .fused_sync_ints = int(fused_sync_ints)};
-  const int64_t warp_items = (one_launch ? R * (D / 128) : 0) + P;  // (moe_prep_kernel's items: quantization, zeros)
+  // (moe_prep_kernel's items: quantization, zeros)
+  const int64_t warp_items = (one_launch && !use_prepared ? R * (D / 128) : 0) + P;
   const int prep_threads = moe_prep_threads(), prep_warps = prep_threads / 32;
   const unsigned extra_blocks = one_launch || zero_in_prep
                                     ? unsigned(std::clamp<int64_t>((warp_items + prep_warps - 1) / prep_warps, 1, 1024))
