@@ -1466,43 +1466,31 @@ __global__ void hc_post_kernel(const uint16_t* __restrict__ f, const uint16_t* _
 }
 
 // hc_post from the MoE slots (HcPostInput::of_moe_slots) at rows the mix does not take:
-// routed = moe_reduce(slot_out, ids) (in moe_slot_order's order, an fp32 sum from 0 as
-// moe_slot_sum's), f = bf16(routed + shared) stored to y (moe_output_value), then hc_post's
-// Y, all in one launch where moe_reduce and moe_output_hc_post were two on the layer's
-// chain; routed is not stored. The same bits. CTA (column block of 256 x 8 values, row), a
-// thread 8 columns. Every global load (R, shared, the row's k <= kPostSlotsMax slots, the
-// ids) goes out before the first barrier, so the launch waits one round trip; the slots'
-// values wait in shared memory ([slot][thread]: no bank conflicts, and no registers held
-// across the barriers: 4 CTAs an SM) while the k ids' threads order them (moe_slot_place).
-constexpr int kPostSlotsMax = 8;  // (DeepSeek routes 6 or 8 experts a token)
-
+// routed = moe_reduce(slot_out, ids) (moe_slot_sum in moe_slot_order's order, as
+// moe_reduce_kernel), f = bf16(routed + shared) stored to y (moe_output_value), then
+// hc_post's Y, all in one launch where moe_reduce and moe_output_hc_post were two on
+// the layer's chain; routed is not stored. The same bits. CTA (column block of 256 x 8
+// values, row): the row's slot order by ranks in shared memory (its k <= kHcMaxSlots threads),
+// a thread 8 columns. R's and shared's values are loaded before the order's two barriers.
 template <int HC>
-__global__ void __launch_bounds__(256, 4) hc_post_slots_kernel(const uint16_t* __restrict__ slot_out,
-                                                               const int32_t* __restrict__ ids, int k,
-                                                               const uint16_t* __restrict__ shared,
-                                                               const uint16_t* __restrict__ R,
-                                                               const float* __restrict__ post,
-                                                               const float* __restrict__ comb, int64_t D,
-                                                               uint16_t* __restrict__ y, uint16_t* __restrict__ Y) {
+__global__ void __launch_bounds__(256) hc_post_slots_kernel(const uint16_t* __restrict__ slot_out,
+                                                            const int32_t* __restrict__ ids, int k,
+                                                            const uint16_t* __restrict__ shared,
+                                                            const uint16_t* __restrict__ R,
+                                                            const float* __restrict__ post,
+                                                            const float* __restrict__ comb, int64_t D,
+                                                            uint16_t* __restrict__ y, uint16_t* __restrict__ Y) {
   wait_then_release_dependents();
-  __shared__ int32_t s_id[kPostSlotsMax];
-  __shared__ int s_order[kPostSlotsMax], s_count;
-  __shared__ uint4 s_val[kPostSlotsMax][256];
+  __shared__ int32_t s_id[kHcMaxSlots];
+  __shared__ int s_order[kHcMaxSlots], s_count;
   const int64_t t = blockIdx.y, d = (int64_t(blockIdx.x) * 256 + threadIdx.x) * 8;
   const int tid = int(threadIdx.x);
   const bool live = d < D;
   BfVec<8> sv, rv[HC];
   if (live) {
-    uint4 v[kPostSlotsMax];
-#pragma unroll
-    for (int s = 0; s < kPostSlotsMax; ++s)
-      if (s < k) v[s] = *reinterpret_cast<const uint4*>(slot_out + (t * k + s) * D + d);
     sv = load_bf<8>(shared + t * D + d);
 #pragma unroll
     for (int i = 0; i < HC; ++i) rv[i] = load_bf<8>(R + (t * HC + i) * D + d);
-#pragma unroll
-    for (int s = 0; s < kPostSlotsMax; ++s)
-      if (s < k) s_val[s][tid] = v[s];
   }
   if (tid < k) s_id[tid] = ids[t * k + tid];
   __syncthreads();
@@ -1515,18 +1503,7 @@ __global__ void __launch_bounds__(256, 4) hc_post_slots_kernel(const uint16_t* _
   __syncthreads();
   if (!live) return;
   float acc[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-  const int n = s_count;
-  for (int r = 0; r < n; ++r) {
-    const uint4 u = s_val[s_order[r]][tid];
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      acc[2 * i] = __fadd_rn(acc[2 * i], bf2f(uint16_t(w[i] & 0xffffu)));
-      acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], bf2f(uint16_t(w[i] >> 16)));
-    }
-  }
+  moe_slot_sum<8>(slot_out + t * k * D + d, D, s_order, s_count, acc);
   BfVec<8> fv;
 #pragma unroll
   for (int i = 0; i < 8; ++i) fv.v[i] = moe_output_value(acc[i], sv.v[i]);
@@ -1975,7 +1952,7 @@ void CudaBackend::do_hc_pre_norm_linear_pair(const Tensor& X, const HcWeights& w
 // launched) where it is off or does not apply: the caller then reduces the slots first.
 bool CudaBackend::hc_post_slots(const HcPostInput& in, const Tensor& Y) {
   const int64_t T = Y.size(0), hc = Y.size(1), D = Y.size(2), k = in.slot_out.size(1);
-  if (!hc_post_slots_enabled() || k < 1 || k > kPostSlotsMax || D % 8 != 0 || hc < 1 || hc > 4 || T > 65535 ||
+  if (!hc_post_slots_enabled() || k < 1 || k > kHcMaxSlots || D % 8 != 0 || hc < 1 || hc > 4 || T > 65535 ||
       !aligned16(in.slot_out.data()) || !aligned16(in.shared.data()) || !aligned16(in.y.data()) ||
       !aligned16(in.R.data()) || !aligned16(Y.data()))
     return false;
