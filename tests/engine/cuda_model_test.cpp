@@ -33,6 +33,13 @@
 #include "engine/divergence_locator.h"
 #include "test_util.h"
 
+namespace dsv4::ops {
+// Test hooks (ops/cuda/cuda_linear.cu): the rows from which the CUDA backend prepares the
+// routed experts' input (-1: DSV4_CUDA_PREPARE_ROUTED_ROWS, 0 never), and its launches so far.
+void cuda_linear_force_prepare_routed_rows(int rows);
+int64_t cuda_linear_prepared_routed_inputs();
+}  // namespace dsv4::ops
+
 namespace dsv4::engine {
 namespace {
 
@@ -220,6 +227,30 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
   ASSERT_EQ(a, b);
   for (size_t s = 0; s < eager.size(); ++s)
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], replayed[s][i]) << "sequence " << s << " token " << i;
+}
+
+// The routed experts' input prepared beside the router (the local executor's `moe_input`
+// stage, Backend::prepare_routed_input; CUDA: opt-in) at every step against never, eager and
+// in graphs: the same tokens and logits bit for bit, and the stage ran.
+TEST_F(CudaTinyModel, PreparedRoutedInputEqualsWithoutBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  struct Reset {
+    ~Reset() { ops::cuda_linear_force_prepare_routed_rows(-1); }
+  } reset;
+  for (const bool graphs : {false, true}) {
+    Logits without, with;
+    ops::cuda_linear_force_prepare_routed_rows(0);
+    const auto a = run(*runner(*cuda_, *cuda_model_, graphs), without);
+    ops::cuda_linear_force_prepare_routed_rows(1);
+    const int64_t before = ops::cuda_linear_prepared_routed_inputs();
+    const auto b = run(*runner(*cuda_, *cuda_model_, graphs), with);
+    EXPECT_GE(ops::cuda_linear_prepared_routed_inputs() - before, int64_t(cuda_model_->config.num_hidden_layers))
+        << (graphs ? "graphs" : "eager");
+    ASSERT_EQ(a, b) << (graphs ? "graphs" : "eager");
+    for (size_t s = 0; s < without.size(); ++s)
+      for (size_t i = 0; i < without[s].size(); ++i)
+        ASSERT_EQ(without[s][i], with[s][i]) << (graphs ? "graphs" : "eager") << ", sequence " << s << " token " << i;
+  }
 }
 
 // The parity criterion in code: free-running greedy generation (chunked

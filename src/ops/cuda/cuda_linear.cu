@@ -58,6 +58,10 @@ void cuda_linear_force_fused_experts(int on);
 // in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
+// Test hooks: the rows from which prepares_routed_input says yes (-1 follows
+// DSV4_CUDA_PREPARE_ROUTED_ROWS, 0 never), and the launches of do_prepare_routed_input so far.
+void cuda_linear_force_prepare_routed_rows(int rows);
+int64_t cuda_linear_prepared_routed_inputs();
 // Test hook: -1 follows DSV4_CUDA_EXPERT_SPLIT (default: an expert GEMM splits its K
 // slices over CTAs where its tiles are fewer than two an SM), 0 never splits, 1 automatic.
 void cuda_linear_force_expert_split(int mode);
@@ -1111,6 +1115,9 @@ int expert_launch_pieces() {
   return f >= 1 ? f : from_env;
 }
 
+std::atomic<int> g_force_prepare_routed_rows{-1};
+std::atomic<int64_t> g_prepared_routed_inputs{0};
+
 // The routed experts' gate/up and down GEMMs as one launch (docs/design/fused-expert-step.md):
 // a list tile's down tiles start once its gate/up tiles and its SwiGLU are done, instead
 // of after the whole gate/up launch. Automatic (the default): fused_experts_auto
@@ -1194,6 +1201,10 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 }  // namespace
 
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
+void cuda_linear_force_prepare_routed_rows(int rows) {
+  g_force_prepare_routed_rows.store(rows, std::memory_order_relaxed);
+}
+int64_t cuda_linear_prepared_routed_inputs() { return g_prepared_routed_inputs.load(std::memory_order_relaxed); }
 int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
@@ -1519,18 +1530,22 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
 
 // ---- routed_experts (spec §6.2) ---------------------------------------------------------
 // The rows from which the model prepares the routed experts' input beside the router
-// (prepare_routed_input): DSV4_CUDA_PREPARE_ROUTED_ROWS, default 65 (beyond moe_prep's one
-// launch, which quantizes x beside its tile list; 0: never, for A/B runs). The same bits.
+// (prepare_routed_input): DSV4_CUDA_PREPARE_ROUTED_ROWS=N, e.g. 65 (beyond moe_prep's one
+// launch, which quantizes x beside its tile list). Default 0, never: opt-in until its test
+// and an A/B have run on a GPU (built in the sixty-eighth session, when none was lent). The
+// same bits either way.
 bool CudaBackend::prepares_routed_input(int64_t rows) const {
   static const int64_t from = [] {
     const char* v = std::getenv("DSV4_CUDA_PREPARE_ROUTED_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t(65);
+    if (v == nullptr || *v == '\0') return int64_t(0);
     char* end = nullptr;
     const long long r = std::strtoll(v, &end, 10);
     DSV4_CHECK(*end == '\0' && r >= 0, "DSV4_CUDA_PREPARE_ROUTED_ROWS='{}': expected a row count (0: never)", v);
     return int64_t(r);
   }();
-  return from > 0 && rows >= from;
+  const int forced = g_force_prepare_routed_rows.load(std::memory_order_relaxed);
+  const int64_t first = forced >= 0 ? forced : from;
+  return first > 0 && rows >= first;
 }
 
 // x's FP8 codes and scales as do_routed_experts quantizes them (split pairs for FP4 gate/up
@@ -1543,6 +1558,7 @@ void CudaBackend::do_prepare_routed_input(const Tensor& x, const std::vector<Exp
   const bool fp4_13 = experts[size_t(expert_begin)].w1.format == QuantLinear::Format::kFp4Group32;
   uint8_t* q = prepared.as<uint8_t>();
   quantize_rows(*this, x.as<uint16_t>(), D, R, D, q, reinterpret_cast<float*>(q + (R * D + 15) / 16 * 16), fp4_13);
+  g_prepared_routed_inputs.fetch_add(1, std::memory_order_relaxed);
 }
 
 void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
@@ -1737,8 +1753,8 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
                              .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
-                             .num_rows = counts + 1, .x = x.as<uint16_t>(), .rows = one_launch && !use_prepared ? R : 0, .d = D,
-                             .q = xq, .scale = xs,
+                             .num_rows = counts + 1, .x = x.as<uint16_t>(),
+                             .rows = one_launch && !use_prepared ? R : 0, .d = D, .q = xq, .scale = xs,
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
                              .fused_sync_ints = int(fused_sync_ints)};
   // (moe_prep_kernel's items: quantization, zeros)
