@@ -1781,7 +1781,7 @@ int64_t hc_slot_rows() {
   return forced >= 0 ? forced : from_env;
 }
 
-// hc_post_slots_kernel for the MoE slots beyond hc_slot_rows() rows (where moe_reduce and
+// hc_post_slots_kernel for the MoE slots beyond kHcPostMaxRows rows (where moe_reduce and
 // moe_output_hc_post ran before): DSV4_CUDA_HC_POST_SLOTS=0 turns it off (A/B runs); a test
 // hook may force it. Same bits either way.
 bool hc_post_slots_enabled() {
