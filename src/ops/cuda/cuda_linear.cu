@@ -1548,8 +1548,16 @@ bool CudaBackend::prepares_routed_input(int64_t rows) const {
   return first > 0 && rows >= first;
 }
 
+// A prepared input's scales: after its codes [R, D], at a 16-byte offset
+// (Backend::routed_input_bytes' layout).
+namespace {
+float* prepared_scales(uint8_t* codes, int64_t R, int64_t D) {
+  return reinterpret_cast<float*>(codes + (R * D + 15) / 16 * 16);
+}
+}  // namespace
+
 // x's FP8 codes and scales as do_routed_experts quantizes them (split pairs for FP4 gate/up
-// weights), into prepared: codes [R, D], then scales [R, D / 128] at a 16-byte offset.
+// weights), into prepared: codes [R, D], then scales [R, D / 128].
 void CudaBackend::do_prepare_routed_input(const Tensor& x, const std::vector<ExpertWeights>& experts,
                                           int64_t expert_begin, int64_t expert_end, const Tensor& prepared) {
   const int64_t R = x.size(0), D = x.size(1);
@@ -1557,7 +1565,7 @@ void CudaBackend::do_prepare_routed_input(const Tensor& x, const std::vector<Exp
   DSV4_CHECK(D % 128 == 0, "prepare_routed_input: D={} must be a multiple of 128", D);
   const bool fp4_13 = experts[size_t(expert_begin)].w1.format == QuantLinear::Format::kFp4Group32;
   uint8_t* q = prepared.as<uint8_t>();
-  quantize_rows(*this, x.as<uint16_t>(), D, R, D, q, reinterpret_cast<float*>(q + (R * D + 15) / 16 * 16), fp4_13);
+  quantize_rows(*this, x.as<uint16_t>(), D, R, D, q, prepared_scales(q, R, D), fp4_13);
   g_prepared_routed_inputs.fetch_add(1, std::memory_order_relaxed);
 }
 
@@ -1604,7 +1612,7 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
     use_prepared = prepared.ndim() > 0 && split_pairs == fp4_13;
     if (!use_prepared) return;
     xq = prepared.as<uint8_t>();
-    xs = reinterpret_cast<float*>(xq + (R * D + 15) / 16 * 16);
+    xs = prepared_scales(xq, R, D);
   };
   // Outputs of pairs routed to no local expert zeroed, x quantized (split pairs: the FP4 GEMM's layout).
   auto zero_nonlocal_and_quantize = [&](bool split_pairs) {

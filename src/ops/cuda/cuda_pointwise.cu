@@ -2001,7 +2001,7 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
   HcPostSource src;
   src.f = moe ? nullptr : in.f.as<uint16_t>();
   src.routed = moe && !slots ? in.routed.as<float>() : nullptr;
-  if (slots && T > hc_slot_rows()) {  // (hc_post_slots off) moe_reduce's launch, then the stream formed from routed
+  if (slots && T > hc_slot_rows()) {  // moe_reduce's launch, then the stream formed from routed
     do_moe_reduce(in.slot_out, in.ids, in.routed);
     src.routed = in.routed.as<float>();
   } else if (slots) {
