@@ -1,4 +1,3 @@
-#include <chrono>
 #include <cstdio>
 
 #include <fmt/format.h>
@@ -42,18 +41,9 @@ Command add_make_checkpoint(CLI::App& app) {
     w.seed = o->seed;
     w.max_shard_bytes = parse_size(o->shard_size, "--max-shard-size");
     w.threads = o->threads;
-    const auto start = std::chrono::steady_clock::now();
-    w.progress = [start, last = -1](uint64_t done, uint64_t total) mutable {
-      const int pct = total ? int(done * 100 / total) : 100;
-      if (pct == last) return;
-      last = pct;
-      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      std::fprintf(stderr, "\rmake-checkpoint: %3d%%  %.2f / %.2f GB  %.0f s", pct, double(done) / 1e9,
-                   double(total) / 1e9, s);
-      std::fflush(stderr);
-    };
+    w.progress = stderr_progress("make-checkpoint");
     const model::CheckpointWriteResult r = model::write_checkpoint(config, w);
-    std::fprintf(stderr, "\nmake-checkpoint: wrote %s: preset %s, seed %llu, %zu tensors, %d shards, %.3f GB\n",
+    std::fprintf(stderr, "make-checkpoint: wrote %s: preset %s, seed %llu, %zu tensors, %d shards, %.3f GB\n",
                  o->out.c_str(), o->preset.c_str(), (unsigned long long)o->seed, r.num_tensors, r.num_shards,
                  double(r.total_bytes) / 1e9);
     return 0;

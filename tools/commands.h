@@ -48,6 +48,11 @@ struct ParallelFlags {
 void add_parallel_flags(CLI::App& app, ParallelFlags& flags);
 void apply_parallel_flags(const ParallelFlags& flags, engine::EngineBuildOptions& options);
 
+// A progress callback for long work on bytes: "\r<what>:  37%  11.40 / 30.71 GB  25 s" on
+// stderr when the percentage changes, ending the line at 100%; quiet where the total is
+// under min_total bytes (small models load in a moment).
+std::function<void(uint64_t done, uint64_t total)> stderr_progress(const std::string& what, uint64_t min_total = 0);
+
 // "4096", "64M", "5G", "auto" (0).
 uint64_t parse_size(const std::string& text, const char* option);
 

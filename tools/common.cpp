@@ -1,7 +1,10 @@
 #include <algorithm>
 #include <cctype>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -113,6 +116,24 @@ double median(std::vector<double> v) {
 }
 
 // Device-to-device copy bandwidth (bytes read + written per second), the roofline denominator.
+std::function<void(uint64_t, uint64_t)> stderr_progress(const std::string& what, uint64_t min_total) {
+  struct State {
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    int shown = -1;  // the percentage on the line
+  };
+  auto state = std::make_shared<State>();
+  return [what, min_total, state](uint64_t done, uint64_t total) {
+    if (total < min_total) return;
+    const int pct = total ? int(std::min(done, total) * 100 / total) : 100;
+    if (pct == state->shown) return;
+    state->shown = pct;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - state->start).count();
+    std::fprintf(stderr, "\r%s: %3d%%  %.2f / %.2f GB  %.0f s%s", what.c_str(), pct, double(done) / 1e9,
+                 double(total) / 1e9, s, pct == 100 ? "\n" : "");
+    std::fflush(stderr);
+  };
+}
+
 double measure_copy_bandwidth(ops::Backend& be) {
   const int64_t bytes = be.device() == core::Device::kCuda ? (1ll << 30) : (64ll << 20);
   core::Tensor a = be.empty(core::DType::kU8, {bytes}), b = be.empty(core::DType::kU8, {bytes});

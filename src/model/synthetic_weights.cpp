@@ -1,7 +1,12 @@
 #include "model/synthetic_weights.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "core/error.h"
@@ -85,6 +90,118 @@ void fill_expert_ids(const TensorSpec& spec, uint64_t seed, int64_t num_experts,
   const uint64_t stream = core::stream_id(spec.name);
   const int64_t k = spec.shape[1];
   for (int64_t r = 0; r < row_count; ++r) core::expert_ids_row(seed, stream, row_begin + r, num_experts, k, out + r * k);
+}
+
+void generate_tensor(const std::vector<TensorSpec>& specs, size_t i, int64_t num_experts, uint64_t seed,
+                     const TensorPieceSink& sink, std::atomic<uint64_t>& done, int64_t piece_elements) {
+  const TensorSpec& s = specs[i];
+  const int64_t piece = std::max<int64_t>(1, piece_elements);
+  switch (s.init) {
+    case WeightInit::kNormal: {
+      int64_t n = 1;
+      for (int64_t d : s.shape) n *= d;
+      const uint64_t esize = core::dtype_size(s.dtype);
+      std::vector<uint8_t> buf(size_t(std::min(n, piece)) * esize);
+      for (int64_t b = 0; b < n; b += piece) {
+        const int64_t c = std::min(piece, n - b);
+        fill_normal(s, seed, b, c, buf.data());
+        sink(s.name, uint64_t(b) * esize, buf.data(), uint64_t(c) * esize);
+        done += uint64_t(c) * esize;
+      }
+      break;
+    }
+    case WeightInit::kFp8Weight: {
+      const TensorSpec& scale = specs[i + 1];
+      const int64_t N = s.logical_n, K = s.logical_k, kb = (K + 127) / 128;
+      const int64_t rows_per_chunk = std::max<int64_t>(128, piece / K / 128 * 128);
+      std::vector<uint8_t> w(size_t(rows_per_chunk * K)), sc(size_t((rows_per_chunk / 128) * kb));
+      for (int64_t r = 0; r < N; r += rows_per_chunk) {
+        const int64_t rows = std::min(rows_per_chunk, N - r), scale_rows = (rows + 127) / 128;
+        fill_fp8_rows(s, seed, r, rows, w.data(), sc.data());
+        sink(s.name, uint64_t(r * K), w.data(), uint64_t(rows * K));
+        sink(scale.name, uint64_t((r / 128) * kb), sc.data(), uint64_t(scale_rows * kb));
+        done += uint64_t(rows * K + scale_rows * kb);
+      }
+      break;
+    }
+    case WeightInit::kFp4Weight: {
+      const TensorSpec& scale = specs[i + 1];
+      const int64_t N = s.logical_n, K = s.logical_k;
+      const int64_t rows_per_chunk = std::max<int64_t>(1, piece / K);
+      std::vector<uint8_t> w(size_t(rows_per_chunk * K / 2)), sc(size_t(rows_per_chunk * K / 32));
+      for (int64_t r = 0; r < N; r += rows_per_chunk) {
+        const int64_t rows = std::min(rows_per_chunk, N - r);
+        fill_fp4_rows(s, seed, r, rows, w.data(), sc.data());
+        sink(s.name, uint64_t(r * K / 2), w.data(), uint64_t(rows * K / 2));
+        sink(scale.name, uint64_t(r * K / 32), sc.data(), uint64_t(rows * K / 32));
+        done += uint64_t(rows * K / 2 + rows * K / 32);
+      }
+      break;
+    }
+    case WeightInit::kExpertIds: {
+      const int64_t V = s.shape[0], k = s.shape[1];
+      const int64_t rows_per_chunk = 1 << 16;
+      std::vector<int64_t> ids(size_t(rows_per_chunk * k));
+      for (int64_t r = 0; r < V; r += rows_per_chunk) {
+        const int64_t rows = std::min(rows_per_chunk, V - r);
+        fill_expert_ids(s, seed, num_experts, r, rows, ids.data());
+        sink(s.name, uint64_t(r * k * 8), ids.data(), uint64_t(rows * k * 8));
+        done += uint64_t(rows * k * 8);
+      }
+      break;
+    }
+    case WeightInit::kFp8Scale:
+    case WeightInit::kFp4Scale:
+      break;  // drawn with the paired weight
+  }
+}
+
+void generate_tensors(const std::vector<TensorSpec>& specs, const std::vector<size_t>& indices, int64_t num_experts,
+                      uint64_t seed, const TensorPieceSink& sink, int threads, std::atomic<uint64_t>& done,
+                      uint64_t total, const std::function<void(uint64_t, uint64_t)>& progress,
+                      int64_t piece_elements) {
+  if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  threads = int(std::min<size_t>(size_t(threads), std::max<size_t>(1, indices.size())));
+  std::atomic<size_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  auto work = [&] {
+    try {
+      for (size_t j = next++; j < indices.size(); j = next++) {
+        {
+          std::lock_guard<std::mutex> lock(error_mutex);
+          if (error) return;  // another thread failed: stop early
+        }
+        generate_tensor(specs, indices[j], num_experts, seed, sink, done, piece_elements);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  };
+  std::mutex stop_mutex;
+  std::condition_variable stop_cv;
+  bool stop = false;
+  std::thread reporter;
+  if (progress)
+    reporter = std::thread([&] {
+      std::unique_lock<std::mutex> lock(stop_mutex);
+      while (!stop_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stop; })) progress(done.load(), total);
+    });
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (reporter.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(stop_mutex);
+      stop = true;
+    }
+    stop_cv.notify_one();
+    reporter.join();
+  }
+  if (error) std::rethrow_exception(error);
+  if (progress) progress(done.load(), total);
 }
 
 }  // namespace dsv4::model

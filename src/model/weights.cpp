@@ -2,6 +2,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 
 #include <fmt/format.h>
 
@@ -126,40 +127,39 @@ ModelWeights bind_weights(const ModelConfig& c, const TensorLookup& get, int64_t
   return w;
 }
 
-SyntheticWeightStore::SyntheticWeightStore(const ModelConfig& config, uint64_t seed, int64_t eb, int64_t ee) {
+uint64_t needed_weight_bytes(const ModelConfig& config, int64_t eb, int64_t ee) {
+  if (ee < 0) ee = config.n_routed_experts;
+  std::vector<TensorSpec> needed;
+  for (TensorSpec& s : checkpoint_tensor_specs(config))
+    if (is_needed_tensor(s.name, eb, ee)) needed.push_back(std::move(s));
+  return total_bytes(needed);
+}
+
+SyntheticWeightStore::SyntheticWeightStore(const ModelConfig& config, uint64_t seed, int64_t eb, int64_t ee,
+                                           const SyntheticBuildOptions& options) {
   if (ee < 0) ee = config.n_routed_experts;
   const std::vector<TensorSpec> specs = checkpoint_tensor_specs(config);
+  // Every tensor allocated first, so the map is only read while the threads draw.
+  std::vector<size_t> drawn;  // weights (with their scales) and plain tensors
+  uint64_t total = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     const TensorSpec& s = specs[i];
     if (!is_needed_tensor(s.name, eb, ee)) continue;
     Tensor t = Tensor::empty_cpu(s.dtype, s.shape.data(), int(s.shape.size()));
-    switch (s.init) {
-      case WeightInit::kNormal:
-        fill_normal(s, seed, 0, t.numel(), t.data());
-        break;
-      case WeightInit::kFp8Weight: {
-        const TensorSpec& ss = specs[i + 1];
-        Tensor sc = Tensor::empty_cpu(ss.dtype, ss.shape.data(), int(ss.shape.size()));
-        fill_fp8_rows(s, seed, 0, s.logical_n, t.as<uint8_t>(), sc.as<uint8_t>());
-        tensors_[ss.name] = sc;
-        break;
-      }
-      case WeightInit::kFp4Weight: {
-        const TensorSpec& ss = specs[i + 1];
-        Tensor sc = Tensor::empty_cpu(ss.dtype, ss.shape.data(), int(ss.shape.size()));
-        fill_fp4_rows(s, seed, 0, s.logical_n, t.as<uint8_t>(), sc.as<uint8_t>());
-        tensors_[ss.name] = sc;
-        break;
-      }
-      case WeightInit::kExpertIds:
-        fill_expert_ids(s, seed, config.n_routed_experts, 0, s.shape[0], t.as<int64_t>());
-        break;
-      case WeightInit::kFp8Scale:
-      case WeightInit::kFp4Scale:
-        continue;  // produced with the weight
-    }
+    total += t.nbytes();
     tensors_[s.name] = t;
+    if (s.init != WeightInit::kFp8Scale && s.init != WeightInit::kFp4Scale) drawn.push_back(i);
   }
+  std::atomic<uint64_t> done{0};
+  generate_tensors(
+      specs, drawn, config.n_routed_experts, seed,
+      [this](const std::string& name, uint64_t offset, const void* data, uint64_t size) {
+        const Tensor& t = tensors_.at(name);
+        DSV4_CHECK(offset + size <= t.nbytes(), "synthetic weights: piece [{}, {}) outside {} ({} bytes)", offset,
+                   offset + size, name, t.nbytes());
+        std::memcpy(static_cast<uint8_t*>(t.data()) + offset, data, size);
+      },
+      options.threads, done, total, options.progress, options.piece_elements);
 }
 
 Tensor SyntheticWeightStore::get(const std::string& name) const {

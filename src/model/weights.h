@@ -11,6 +11,7 @@
 
 #include "core/tensor.h"
 #include "model/config.h"
+#include "model/synthetic_weights.h"
 #include "ops/weights.h"
 
 namespace dsv4::model {
@@ -61,11 +62,25 @@ ModelWeights bind_weights(const ModelConfig& config, const TensorLookup& lookup,
 // [expert_begin, expert_end): what a rank has to load.
 bool is_needed_tensor(const std::string& name, int64_t expert_begin, int64_t expert_end);
 
+// Bytes of the checkpoint tensors a rank with routed experts [expert_begin,
+// expert_end) binds (-1: all): what loading them takes in memory.
+uint64_t needed_weight_bytes(const ModelConfig& config, int64_t expert_begin = 0, int64_t expert_end = -1);
+
+// How a SyntheticWeightStore draws: on `threads` threads (<= 0: the hardware's count;
+// the bytes do not depend on it), with progress(done, total) about once a second and
+// at the end, if set.
+struct SyntheticBuildOptions {
+  int threads = 0;
+  std::function<void(uint64_t done, uint64_t total)> progress;
+  int64_t piece_elements = kDefaultPieceElements;  // values drawn at a time (generate_tensor)
+};
+
 // Host-memory synthetic weights for a config (every tensor of spec §8 drawn as
-// make-checkpoint draws them), for tests and small presets without files.
+// make-checkpoint draws them), for tests and presets without files.
 class SyntheticWeightStore {
  public:
-  SyntheticWeightStore(const ModelConfig& config, uint64_t seed, int64_t expert_begin = 0, int64_t expert_end = -1);
+  SyntheticWeightStore(const ModelConfig& config, uint64_t seed, int64_t expert_begin = 0, int64_t expert_end = -1,
+                       const SyntheticBuildOptions& options = {});
   core::Tensor get(const std::string& name) const;
   TensorLookup lookup() const {
     return [this](const std::string& n) { return get(n); };
