@@ -402,7 +402,8 @@ Command add_bench_decode(CLI::App& app) {
     dro.moe = o->dp > 1 ? engine::parse_moe_mode(o->moe) : engine::MoeMode::kLocal;
     dro.backend = backend_name;
     dro.threads_per_rank = o->threads;
-    dro.source = engine::ModelSource{o->model_dir, o->model_dir.empty() ? o->preset : "", o->weight_seed};
+    dro.source = engine::ModelSource{o->model_dir, o->model_dir.empty() ? o->preset : "", o->weight_seed,
+                                     stderr_progress("bench decode: weights", uint64_t(1) << 30)};  // (large models only)
     dro.max_rows = max_batch;
     dro.comm.timeout = std::chrono::milliseconds(int64_t(o->comm_timeout_s * 1000));
     dro.nccl_max_ctas = o->nccl_max_ctas;

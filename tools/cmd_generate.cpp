@@ -129,7 +129,8 @@ Command add_generate(CLI::App& app) {
     }
     const int n = int(requests.size());
     engine::EngineBuildOptions eo;
-    eo.source = engine::ModelSource{o->model_dir, o->preset, o->weight_seed};
+    eo.source = engine::ModelSource{o->model_dir, o->preset, o->weight_seed,
+                                     stderr_progress("generate: weights", uint64_t(1) << 30)};  // (large models only)
     eo.backend = o->backend == "auto" ? default_backend_name() : o->backend;
     eo.threads = o->threads;
     if (o->cpu_quant_dot != "fp32" && eo.backend != "cpu")

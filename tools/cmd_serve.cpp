@@ -208,7 +208,8 @@ Command add_serve(CLI::App& app) {
     const int threads = o->threads > 0 ? o->threads : int(std::max(1u, std::thread::hardware_concurrency()));
     const bool use_preset = o->model_dir.empty();
     engine::EngineBuildOptions eo;
-    eo.source = engine::ModelSource{o->model_dir, use_preset ? o->preset : "", o->weight_seed};
+    eo.source = engine::ModelSource{o->model_dir, use_preset ? o->preset : "", o->weight_seed,
+                                     stderr_progress("dsv4 serve: weights", uint64_t(1) << 30)};  // (large models only)
     eo.backend = backend_name;
     eo.threads = o->dp > 1 ? std::max(1, threads / o->dp) : threads;
     eo.dp = o->dp;

@@ -1,6 +1,9 @@
 #include "engine/model_loader.h"
 
+#include <chrono>
 #include <unordered_map>
+
+#include <fmt/format.h>
 
 #include "core/error.h"
 #include "core/random.h"
@@ -12,6 +15,55 @@
 
 namespace dsv4::engine {
 
+void check_weights_fit(const std::string& model, uint64_t needed, std::optional<uint64_t> available,
+                       const std::string& where, const std::string& hint) {
+  if (!available || needed <= *available) return;
+  core::fail("{}: its weights take {:.2f} GB of {} memory and {:.2f} GB are free there; {}", model,
+             double(needed) / 1e9, where, double(*available) / 1e9, hint);
+}
+
+namespace {
+
+// Where a device backend's weights go must hold them; host weights of a checkpoint
+// are memory-mapped (paged in as read), so only drawn ones are checked.
+void check_memory_for(const ModelSource& source, const model::ModelConfig& config, const ops::Backend& backend,
+                      int64_t eb, int64_t ee) {
+  const bool device = backend.device() != core::Device::kCpu;
+  if (!device && !source.checkpoint_dir.empty()) return;
+  const std::string model = source.checkpoint_dir.empty() ? fmt::format("preset {}", source.preset)
+                                                          : fmt::format("checkpoint {}", source.checkpoint_dir);
+  const std::string smaller = source.checkpoint_dir.empty() ? " or take a smaller preset (tiny)" : "";
+  check_weights_fit(model, model::needed_weight_bytes(config, eb, ee), backend.memory_available(),
+                    device ? "GPU" : "host",
+                    device ? "split the routed experts over more GPUs (--dp N --moe allgather or alltoall)" + smaller
+                           : "draw them on a GPU (--backend cuda)" + smaller);
+}
+
+// A progress callback called at most once a second, then once at the end (finish()).
+class ThrottledProgress {
+ public:
+  ThrottledProgress(std::function<void(uint64_t, uint64_t)> report, uint64_t total)
+      : report_(std::move(report)), total_(total) {}
+  void add(uint64_t bytes) {
+    done_ += bytes;
+    if (!report_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_ < std::chrono::seconds(1)) return;
+    last_ = now;
+    report_(done_, total_);
+  }
+  void finish() {
+    if (report_) report_(done_, total_);
+  }
+
+ private:
+  std::function<void(uint64_t, uint64_t)> report_;
+  uint64_t total_ = 0, done_ = 0;
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
+}  // namespace
+
 std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend& backend, int64_t eb, int64_t ee) {
   auto m = std::make_shared<LoadedModel>();
   model::TensorLookup host_lookup;
@@ -19,12 +71,14 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
     m->checkpoint = std::make_shared<model::Checkpoint>(source.checkpoint_dir);
     m->config = m->checkpoint->config();
     m->checkpoint->validate(model::checkpoint_tensor_specs(m->config));
+    check_memory_for(source, m->config, backend, eb, ee);
     auto ckpt = m->checkpoint;
     host_lookup = [ckpt](const std::string& name) { return ckpt->get(name); };
   } else {
     if (source.preset.empty()) core::fail("no model given: pass a checkpoint directory or a preset");
     m->config = model::preset_config(source.preset);
     if (ee < 0) ee = m->config.n_routed_experts;
+    check_memory_for(source, m->config, backend, eb, ee);
 #if DSV4_HAVE_CUDA
     if (backend.device() == core::Device::kCuda) {
       // Large presets (bench-1g is 30 GB) are drawn directly in GPU memory, with
@@ -81,7 +135,8 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
       return m;
     }
 #endif
-    m->synthetic = std::make_shared<model::SyntheticWeightStore>(m->config, source.seed, eb, ee);
+    m->synthetic = std::make_shared<model::SyntheticWeightStore>(m->config, source.seed, eb, ee,
+                                                                 model::SyntheticBuildOptions{0, source.progress});
     auto store = m->synthetic;
     host_lookup = [store](const std::string& name) { return store->get(name); };
   }
@@ -96,15 +151,20 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
       if (s.init == model::WeightInit::kFp4Scale) (*roles)[s.name] = ops::TensorRole::kFp4Scales;
       if (s.grouped_linear) (*roles)[s.name] = ops::TensorRole::kGroupedFp8Weight;
     }
-    lookup = [&, m, host_lookup, roles](const std::string& name) {
+    auto copied = std::make_shared<ThrottledProgress>(source.progress, model::needed_weight_bytes(m->config, eb, ee));
+    lookup = [&, m, host_lookup, roles, copied](const std::string& name) {
       core::Tensor h = host_lookup(name);
       core::Tensor d = backend.empty(h.dtype(), {h.numel()});
       core::Tensor view(d.data(), h.dtype(), h.shape(), h.ndim(), d.device(), d.owner());
       const auto role = roles->find(name);
       backend.upload(view, h.data(), h.nbytes(), role == roles->end() ? ops::TensorRole::kPlain : role->second);
       m->device_copies.push_back(view);
+      copied->add(h.nbytes());
       return view;
     };
+    m->weights = model::bind_weights(m->config, lookup, eb, ee);
+    copied->finish();
+    return m;
   }
   m->weights = model::bind_weights(m->config, lookup, eb, ee);
   return m;

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,9 @@ struct ModelSource {
   std::string checkpoint_dir;  // either this ...
   std::string preset;          // ... or a preset with synthetic weights
   uint64_t seed = 0;
+  // Called about once a second while weights are drawn in host memory or copied to the
+  // device, and at the end of that (bytes done, bytes in all); unset: quiet.
+  std::function<void(uint64_t done, uint64_t total)> progress;
 };
 
 // Keeps whatever backs the bound weights alive (memory maps, host or device copies).
@@ -31,7 +36,13 @@ class LoadedModel {
   std::vector<core::Tensor> device_copies;
 };
 
-// Binds routed experts [expert_begin, expert_end) (-1: all).
+// Fails, naming the model, the bytes and the memory, where `needed` bytes of weights
+// exceed `available` on `where` ("host", "GPU 0"); nothing is known: passes.
+void check_weights_fit(const std::string& model, uint64_t needed, std::optional<uint64_t> available,
+                       const std::string& where, const std::string& hint);
+
+// Binds routed experts [expert_begin, expert_end) (-1: all). Before drawing or copying
+// any weight, checks that they fit the memory they go to (check_weights_fit).
 std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend& backend, int64_t expert_begin = 0,
                                         int64_t expert_end = -1);
 

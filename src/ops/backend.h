@@ -11,6 +11,7 @@
 #include <functional>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -144,6 +145,9 @@ class Backend {
 
   // ---- memory ------------------------------------------------------------------
   virtual core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) = 0;
+  // Bytes empty() can still hand out (CPU: the host's MemAvailable; CUDA: the device's
+  // free memory), or nothing where unknown: for checks before large allocations.
+  virtual std::optional<uint64_t> memory_available() const = 0;
   // Host bytes in and out, in the checkpoint's element order. A backend may store a
   // dtype in its own order (CUDA: packed FP4, see ops/cuda/fp4_device_layout.h), so
   // device tensors are filled and read through these (or the backend's own builders).

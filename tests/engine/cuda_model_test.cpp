@@ -121,7 +121,7 @@ class CudaTinyModel : public ::testing::Test {
     cpu_ = ops::make_cpu_backend(int(std::max(1u, std::thread::hardware_concurrency())),
                                  ops::QuantDotModel::kHopperWgmma);
     cuda_ = ops::make_cuda_backend(0);
-    const ModelSource source{*dir_, "", 0};
+    const ModelSource source{*dir_, "", 0, {}};
     cpu_model_ = load_model(source, *cpu_);
     cuda_model_ = load_model(source, *cuda_);
   }

@@ -9,6 +9,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/host_memory.h"
 #include "core/thread_pool.h"
 #include "ops/backend.h"
 
@@ -20,6 +21,7 @@ class CpuBackend final : public Backend {
 
   core::Device device() const override { return core::Device::kCpu; }
   std::string name() const override { return "cpu"; }
+  std::optional<uint64_t> memory_available() const override { return core::host_memory_available(); }
   core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) override;
   void upload(const core::Tensor& dst, const void* host, size_t bytes, TensorRole role = TensorRole::kPlain) override;
   void download(void* host, const core::Tensor& src, size_t bytes, TensorRole role = TensorRole::kPlain) override;

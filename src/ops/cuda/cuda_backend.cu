@@ -66,6 +66,15 @@ CudaBackend::~CudaBackend() {
   if (own_stream_) cudaStreamDestroy(own_stream_);
 }
 
+std::optional<uint64_t> CudaBackend::memory_available() const {
+  size_t free_b = 0, total_b = 0;
+  if (cudaSetDevice(device_) != cudaSuccess || cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return std::nullopt;
+  }
+  return uint64_t(free_b);
+}
+
 Tensor CudaBackend::empty_bytes(size_t bytes) { return empty(DType::kU8, {int64_t(bytes)}); }
 
 Tensor CudaBackend::empty(DType dtype, std::initializer_list<int64_t> shape) {

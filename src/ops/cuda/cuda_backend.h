@@ -28,6 +28,7 @@ class CudaBackend final : public Backend {
 
   core::Device device() const override { return core::Device::kCuda; }
   std::string name() const override { return "cuda"; }
+  std::optional<uint64_t> memory_available() const override;
   core::Tensor empty(core::DType dtype, std::initializer_list<int64_t> shape) override;
   core::Tensor empty_bytes(size_t bytes);
   void upload(const core::Tensor& dst, const void* host, size_t bytes, TensorRole role = TensorRole::kPlain) override;
