@@ -15,6 +15,17 @@ namespace dsv4::model {
 
 using core::DType;
 
+// The draws run ~25 fmaf a value (core/scalar_math.h's portable log, cos and exp). On
+// x86-64 without -mfma each is a call into libm; a clone built for FMA hardware inlines
+// them, picked at load time where the CPU has FMA. fmaf is exact either way, so the
+// bits are the same.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__FMA__)
+#define DSV4_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define DSV4_FMA_CLONES
+#endif
+
+DSV4_FMA_CLONES
 void fill_normal(const TensorSpec& spec, uint64_t seed, int64_t begin, int64_t count, void* out) {
   const uint64_t stream = core::stream_id(spec.name);
   if (spec.dtype == DType::kBF16) {
@@ -29,6 +40,7 @@ void fill_normal(const TensorSpec& spec, uint64_t seed, int64_t begin, int64_t c
   }
 }
 
+DSV4_FMA_CLONES
 void fill_fp8_rows(const TensorSpec& w, uint64_t seed, int64_t row_begin, int64_t row_count, uint8_t* weight_out,
                    uint8_t* scale_out) {
   const int64_t N = w.logical_n, K = w.logical_k, kb = (K + 127) / 128;
@@ -59,6 +71,7 @@ void fill_fp8_rows(const TensorSpec& w, uint64_t seed, int64_t row_begin, int64_
   }
 }
 
+DSV4_FMA_CLONES
 void fill_fp4_rows(const TensorSpec& w, uint64_t seed, int64_t row_begin, int64_t row_count, uint8_t* weight_out,
                    uint8_t* scale_out) {
   const int64_t K = w.logical_k, groups = K / 32;
