@@ -370,6 +370,7 @@ Command add_bench_decode(CLI::App& app) {
       ->default_val(int64_t(16) << 20)->check(CLI::Range(int64_t(16), int64_t(1) << 28));
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o] {
+    if (!o->json.empty()) expect_writable_file(o->json, "--json");  // (before the long run, not after it)
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
     const std::vector<int32_t> batches = parse_list(o->batches, "--batch");
     if (o->position_spread > o->context)

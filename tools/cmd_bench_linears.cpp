@@ -125,6 +125,7 @@ Command add_bench_linears(CLI::App& app) {
   app.add_option("--seed", o->seed, "Seed of the random weights and inputs")->default_val(1);
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o]() -> int {
+    if (!o->json.empty()) expect_writable_file(o->json, "--json");
     const bool fp8 = o->format == "fp8";
     const std::vector<Shape> shapes = parse_shapes(o->shapes, fp8);
     const std::vector<int32_t> rows = parse_list(o->rows, "--rows");

@@ -46,6 +46,7 @@ Command add_bench_phases(CLI::App& app) {
   app.add_option("--seed", o->seed, "Seed of the bytes the phases read")->default_val(1);
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o]() -> int {
+    if (!o->json.empty()) expect_writable_file(o->json, "--json");
 #if DSV4_HAVE_CUDA
     ops::PhaseProbeOptions po;
     po.phase_bytes = int64_t(parse_size(o->phase_bytes, "--phase-bytes"));

@@ -215,6 +215,7 @@ Command add_bench_serve(CLI::App& app) {
   app.add_option("--timeout", o->timeout, "Seconds a request may take")->default_val(600)->check(CLI::Range(1.0, 86400.0));
 
   return [o] {
+    if (!o->json_path.empty()) expect_writable_file(o->json_path, "--json");
     Endpoint ep = o->base_url.empty() ? Endpoint{o->host, o->port, ""} : parse_base_url(o->base_url);
     const std::string url = fmt::format("http://{}:{}{}", ep.host, ep.port, ep.prefix);
     double rate = std::numeric_limits<double>::infinity();

@@ -111,6 +111,7 @@ Command add_generate(CLI::App& app) {
   app.add_flag("--no-cuda-graphs", o->no_graphs, "Run decode steps eagerly instead of replaying CUDA graphs");
   add_parallel_flags(app, o->parallel);
   return [o] {
+    if (!o->dump_logits.empty()) expect_writable_file(o->dump_logits, "--dump-logits");
     if (o->model_dir.empty() && o->preset.empty()) core::fail("give --model DIR or --preset NAME --random-weights SEED");
     std::vector<engine::RequestParams> requests;
     int64_t longest = 0;

@@ -63,6 +63,11 @@ std::vector<std::string> split_commas(const std::string& text);
 // option otherwise.
 std::vector<int32_t> parse_list(const std::string& text, const char* option, int32_t min_value = 1);
 
+// Fails, naming `option` and the path, where a file could not be written there (a
+// directory, a missing or read-only folder, a read-only file): checked before long
+// work so that its results are not lost at the end. Creates and changes nothing.
+void expect_writable_file(const std::string& path, const char* option);
+
 // Writes `value` (indented) to `path`; a clear error naming `option` and the file
 // when it cannot be opened or written.
 void write_json_file(const nlohmann::json& value, const std::string& path, const char* option);

@@ -1,12 +1,17 @@
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <stdexcept>
 #include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <nlohmann/json.hpp>
 
@@ -103,6 +108,25 @@ std::vector<int32_t> parse_list(const std::string& text, const char* option, int
   return out;
 }
 
+void expect_writable_file(const std::string& path, const char* option) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p(path);
+  if (path.empty()) core::fail("{}: empty path", option);
+  const fs::file_status st = fs::status(p, ec);
+  if (fs::exists(st)) {
+    if (fs::is_directory(st)) core::fail("{} {}: is a directory, not a file", option, path);
+    const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND);  // (neither truncates nor writes)
+    if (fd < 0) core::fail("{} {}: the file is not writable: {}", option, path, std::strerror(errno));
+    ::close(fd);
+    return;
+  }
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (!fs::is_directory(dir, ec)) core::fail("{} {}: folder {} does not exist", option, path, dir.string());
+  if (::access(dir.c_str(), W_OK) != 0)
+    core::fail("{} {}: folder {} is not writable: {}", option, path, dir.string(), std::strerror(errno));
+}
+
 void write_json_file(const nlohmann::json& value, const std::string& path, const char* option) {
   std::ofstream f(path);
   if (!f) core::fail("{} {}: cannot open the file for writing", option, path);
@@ -115,7 +139,6 @@ double median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
-// Device-to-device copy bandwidth (bytes read + written per second), the roofline denominator.
 std::function<void(uint64_t, uint64_t)> stderr_progress(const std::string& what, uint64_t min_total) {
   struct State {
     std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
@@ -134,6 +157,7 @@ std::function<void(uint64_t, uint64_t)> stderr_progress(const std::string& what,
   };
 }
 
+// Device-to-device copy bandwidth (bytes read + written per second), the roofline denominator.
 double measure_copy_bandwidth(ops::Backend& be) {
   const int64_t bytes = be.device() == core::Device::kCuda ? (1ll << 30) : (64ll << 20);
   core::Tensor a = be.empty(core::DType::kU8, {bytes}), b = be.empty(core::DType::kU8, {bytes});

@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Bad outputs and models that do not fit fail before the long work, naming the option or the sizes:
+`bench decode --json` and `generate --dump-logits` into a missing folder or onto a folder, and (where this
+host's free memory is below it) bench-1g's 34 GB of weights drawn on the CPU.
+usage: check_cli_errors.py DSV4_BINARY TMP_DIR"""
+import os
+import re
+import subprocess
+import time
+
+from check_common import fail, target_and_stem
+
+
+def expect_fast_failure(binary, args, *needles, limit_s=60):
+    start = time.monotonic()
+    try:
+        run = subprocess.run([binary] + args, capture_output=True, text=True, timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        fail("%s: still running after %d s; expected an error before any work" % (" ".join(args), limit_s))
+    took = time.monotonic() - start
+    if run.returncode == 0:
+        fail("%s: exit 0, expected an error" % " ".join(args))
+    for needle in needles:
+        if needle not in run.stderr:
+            fail("%s: stderr lacks %r:\n%s" % (" ".join(args), needle, run.stderr[-2000:]))
+    if "stage ms" in run.stdout:
+        fail("%s: the benchmark ran before the error" % " ".join(args))
+    print("ok (%.1f s): %s -> %s" % (took, " ".join(args), run.stderr.strip().splitlines()[-1]))
+
+
+def mem_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                m = re.match(r"MemAvailable:\s+(\d+) kB", line)
+                if m:
+                    return int(m.group(1)) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def main():
+    binary, stem = target_and_stem("cli_errors")
+    missing = os.path.join(stem + "_missing", "out.json")
+    os.makedirs(stem + "_dir", exist_ok=True)
+    tiny = ["--backend", "cpu", "--preset", "tiny", "--random-weights", "1", "--batch", "1", "--replays", "1",
+            "--warmup", "0"]
+    expect_fast_failure(binary, ["bench", "decode"] + tiny + ["--json", missing], "--json", "does not exist")
+    expect_fast_failure(binary, ["bench", "decode"] + tiny + ["--json", stem + "_dir"], "--json", "is a directory")
+    expect_fast_failure(binary, ["generate", "--backend", "cpu", "--preset", "tiny", "--prompt-ids", "1,2",
+                                 "--max-new-tokens", "1", "--dump-logits", missing], "--dump-logits",
+                        "does not exist")
+    if os.path.exists(missing) or os.path.isdir(os.path.dirname(missing)):
+        fail("a check created %s" % missing)
+    # bench-1g's weights (34.3 GB with the MTP block) drawn in host memory: an error at once where they do not fit.
+    available = mem_available()
+    if available is None or available >= 34.0e9:
+        print("skipped the host-memory case: MemAvailable %s" % available)
+    else:
+        expect_fast_failure(binary, ["bench", "decode", "--backend", "cpu", "--preset", "bench-1g", "--batch", "1"],
+                            "preset bench-1g", "GB of host memory", "GB are free", "--backend cuda")
+    os.rmdir(stem + "_dir")
+    print("PASS")
+
+
+if __name__ == "__main__":
+    main()
