@@ -45,8 +45,12 @@ DpRanks build_dp_ranks(const DpRanksOptions& options) {
   if (cuda) {
 #if DSV4_HAVE_NCCL
     int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
-    if (devices < L) core::fail("--dp {} needs {} GPUs, this machine has {}", L, L, devices);
+    std::string why;
+    if (!ops::cuda_device_available(&why)) devices = 0;
+    else if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+    if (devices < L)
+      core::fail("--backend cuda with --dp {} needs {} GPU{}; this machine has {}{}", L, L, L == 1 ? "" : "s",
+                 devices == 0 ? "none usable" : std::to_string(devices), why.empty() ? "" : " (" + why + ")");
     if (out.world_size > 1) {
       parallel::NcclOptions nccl;
       nccl.comm = options.comm;

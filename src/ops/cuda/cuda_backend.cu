@@ -29,7 +29,12 @@ bool cuda_device_available(std::string* why) {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess || n == 0) {
-    if (why) *why = e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device";
+    if (why)
+      *why = e == cudaErrorInsufficientDriver
+                 ? fmt::format("no NVIDIA driver, or one older than this build's CUDA runtime needs ({})",
+                               cudaGetErrorString(e))
+             : e != cudaSuccess && e != cudaErrorNoDevice ? std::string(cudaGetErrorString(e))
+                                                          : std::string("no CUDA device");
     cudaGetLastError();
     return false;
   }
@@ -41,7 +46,8 @@ std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique
 CudaBackend::CudaBackend(int device) : device_(device), scratch_(std::make_unique<Scratch>()) {
   num_lanes();  // a bad DSV4_CUDA_LANES fails here, at start-up, not at the first step
   std::string why;
-  if (!cuda_device_available(&why)) core::fail("CUDA backend: {}", why);
+  if (!cuda_device_available(&why))
+    core::fail("CUDA backend: no usable GPU: {}; it needs an NVIDIA Hopper GPU (sm_90) and its driver", why);
   DSV4_CUDA_CHECK(cudaSetDevice(device));
   DSV4_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
   if (props_.major != 9)
