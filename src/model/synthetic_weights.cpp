@@ -16,11 +16,12 @@ namespace dsv4::model {
 using core::DType;
 
 // The draws run ~25 fmaf a value (core/scalar_math.h's portable log, cos and exp). On
-// x86-64 without -mfma each is a call into libm; a clone built for FMA hardware inlines
-// them, picked at load time where the CPU has FMA. fmaf is exact either way, so the
-// bits are the same.
+// x86-64 without -mfma each is a call into libm; a clone built for FMA hardware, with
+// every call flattened into it (so random_normal is compiled for FMA too, not called as
+// the default build's copy), is picked at load time where the CPU has FMA. fmaf is
+// exact either way, so the bits are the same.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__FMA__)
-#define DSV4_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#define DSV4_FMA_CLONES __attribute__((target_clones("fma", "default"), flatten))
 #else
 #define DSV4_FMA_CLONES
 #endif
