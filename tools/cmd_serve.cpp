@@ -19,22 +19,10 @@
 #include "serve/http_server.h"
 #include "serve/tokenizer.h"
 #include "tools/commands.h"
-#if DSV4_HAVE_CUDA
-#include "ops/cuda/cuda_backend.h"
-#endif
 
 namespace dsv4::tools {
 
 namespace {
-
-// "auto": CUDA when this build has it and a GPU is usable, else the CPU.
-std::string resolve_backend(const std::string& name) {
-  if (name != "auto") return name;
-#if DSV4_HAVE_CUDA
-  if (ops::cuda_device_available()) return "cuda";
-#endif
-  return "cpu";
-}
 
 bool has_tokenizer_json(const std::filesystem::path& dir) {
   std::error_code ec;
@@ -204,7 +192,7 @@ Command add_serve(CLI::App& app) {
     });
     std::signal(SIGPIPE, SIG_IGN);
 
-    const std::string backend_name = resolve_backend(o->backend);
+    const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
     const int threads = o->threads > 0 ? o->threads : int(std::max(1u, std::thread::hardware_concurrency()));
     const bool use_preset = o->model_dir.empty();
     engine::EngineBuildOptions eo;

@@ -33,7 +33,8 @@ Command add_bench_serve(CLI::App& app);
 // "cpu" or "cuda"; a clear error where this build or machine lacks the backend.
 std::unique_ptr<ops::Backend> make_backend(const std::string& name, int threads);
 
-// "cuda" when this build has the CUDA backend and a GPU is usable, else "cpu".
+// "cuda" when this build has the CUDA backend and a GPU is usable, else "cpu" (saying
+// why on stderr where this build has CUDA).
 std::string default_backend_name();
 
 // Flags of the data-parallel group shared by generate and serve: several nodes,

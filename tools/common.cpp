@@ -56,7 +56,9 @@ void apply_parallel_flags(const ParallelFlags& f, engine::EngineBuildOptions& o)
 
 std::string default_backend_name() {
 #if DSV4_HAVE_CUDA
-  if (ops::cuda_device_available()) return "cuda";
+  std::string why;
+  if (ops::cuda_device_available(&why)) return "cuda";
+  std::fprintf(stderr, "dsv4: no usable GPU (%s); running on the CPU backend\n", why.c_str());
 #endif
   return "cpu";
 }
