@@ -35,7 +35,7 @@ void check_memory_for(const ModelSource& source, const model::ModelConfig& confi
   const std::string smaller = source.checkpoint_dir.empty() ? " or take a smaller preset (tiny)" : "";
   check_weights_fit(model, model::needed_weight_bytes(config, eb, ee), backend.memory_available(),
                     device ? "GPU" : "host",
-                    device ? "split the routed experts over more GPUs (--dp N --moe allgather or alltoall)" + smaller
+                    device ? "spread the routed experts over more GPUs (--dp with expert parallelism)" + smaller
                            : "draw them on a GPU (--backend cuda)" + smaller);
 }
 

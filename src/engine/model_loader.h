@@ -37,7 +37,7 @@ class LoadedModel {
 };
 
 // Fails, naming the model, the bytes and the memory, where `needed` bytes of weights
-// exceed `available` on `where` ("host", "GPU 0"); nothing is known: passes.
+// exceed `available` in `where` ("host", "GPU"); where nothing is known, passes.
 void check_weights_fit(const std::string& model, uint64_t needed, std::optional<uint64_t> available,
                        const std::string& where, const std::string& hint);
 

@@ -61,6 +61,30 @@ TEST(SyntheticWeights, StoreEqualsWholeTensorDraws) {
   EXPECT_GT(compared, 100);
 }
 
+// The values are a contract: make-checkpoint, the host store and the GPU builders draw
+// the same bytes, and benchmarks compare runs by seed. These hashes (FNV-1a 64 of the
+// bytes, seed 1) were taken from the whole-tensor, one-thread, libm-fmaf draws of
+// 88c8302 and equal this code's; a change to them must be deliberate and said.
+TEST(SyntheticWeights, ValuesArePinned) {
+  const SyntheticWeightStore store(small_config(), 1);
+  const std::vector<std::pair<const char*, uint64_t>> pinned = {
+      {"embed.weight", 0x3f16bd3be21f0135ull},
+      {"layers.1.attn.wq_b.weight", 0xf79a044b0f0e9fabull},
+      {"layers.1.attn.wq_b.scale", 0x0a11d9015e3149dcull},
+      {"layers.3.ffn.experts.7.w2.weight", 0xcd4aa6d92009265full},
+      {"layers.3.ffn.experts.7.w2.scale", 0x44e37aed47cbcb90ull},
+      {"layers.0.ffn.gate.tid2eid", 0xccdf6653bfc33784ull},
+      {"layers.2.attn.compressor.wkv.weight", 0x0168c41559c9b45bull},
+      {"mtp.0.hc_attn_fn", 0x138c1a3e5d17f5b0ull},
+  };
+  for (const auto& [name, want] : pinned) {
+    const core::Tensor t = store.get(name);
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < t.nbytes(); ++i) h = (h ^ static_cast<const uint8_t*>(t.data())[i]) * 0x100000001b3ull;
+    EXPECT_EQ(h, want) << name;
+  }
+}
+
 TEST(SyntheticWeights, BytesDoNotDependOnTheThreadCount) {
   const ModelConfig config = small_config();
   const SyntheticWeightStore one(config, 3, 2, 6, SyntheticBuildOptions{1, nullptr});
