@@ -148,8 +148,10 @@ float hopper_e4m3_step(float c, const uint8_t* a, const uint8_t* b) {
     *sig = e == 0 ? m : 8 + m;
     *ne = (e == 0 ? 1 : e) - 7;
   };
+  // (Loops without data-dependent branches: the CPU's Hopper model runs this per 32
+  // products, and mispredicted branches on the codes were most of its time.)
   int sig[32], ne[32];
-  bool neg[32];
+  int64_t neg[32];  // 0 or -1
   int e_max = INT32_MIN;
   for (int k = 0; k < 32; ++k) {
     int sa, ea, sb, eb;
@@ -157,8 +159,8 @@ float hopper_e4m3_step(float c, const uint8_t* a, const uint8_t* b) {
     decode(b[k], &sb, &eb);
     sig[k] = sa * sb;  // product = sig * 2^(ne - 6), sig < 2^8
     ne[k] = ea + eb;
-    neg[k] = ((a[k] ^ b[k]) & 0x80) != 0;
-    if (sig[k] != 0) e_max = std::max(e_max, ne[k]);
+    neg[k] = -int64_t(((a[k] ^ b[k]) >> 7) & 1);
+    e_max = std::max(e_max, sig[k] != 0 ? ne[k] : INT32_MIN);
   }
   // c = c_sig * 2^(ec - 23) (ec = -126 for subnormals).
   const uint32_t cu = core::float_bits(c);
@@ -169,23 +171,28 @@ float hopper_e4m3_step(float c, const uint8_t* a, const uint8_t* b) {
   if (e_max == INT32_MIN) return 0.0f;
   // Terms in units of 2^(e_max - 13), each truncated toward zero: a product's sig
   // shifted by ne - e_max + 7, c's by ec - e_max - 10 (always to the right).
+  // A zero product adds 0 whatever its shift (clamped to stay defined); a shift right by
+  // 8 or more leaves nothing of sig < 2^8.
   int64_t sum = 0;
   for (int k = 0; k < 32; ++k) {
-    if (sig[k] == 0) continue;
-    const int shift = ne[k] - e_max + 7;
-    const int64_t t = shift >= 0 ? int64_t(sig[k]) << shift : (shift > -32 ? int64_t(sig[k] >> -shift) : 0);
-    sum += neg[k] ? -t : t;
+    const int shift = ne[k] - e_max + 7;  // <= 7 where sig != 0
+    const int64_t left = int64_t(sig[k]) << std::clamp(shift, 0, 7);
+    const int64_t right = int64_t(sig[k]) >> std::clamp(-shift, 0, 31);
+    const int64_t t = shift >= 0 ? left : right;
+    sum += (t ^ neg[k]) - neg[k];  // t or -t
   }
   if (c_sig != 0) {
     const int shift = e_max - ec + 10;
     const int64_t t = shift < 63 ? c_sig >> shift : 0;
     sum += (cu & 0x80000000u) ? -t : t;
   }
+  if (sum == 0) return 0.0f;
   uint64_t mag = sum < 0 ? uint64_t(-sum) : uint64_t(sum);
-  int bits = 0;
-  while (bits < 64 && (mag >> bits) != 0) ++bits;
+  const int bits = 64 - __builtin_clzll(mag);
   if (bits > 14) mag = (mag >> (bits - 14)) << (bits - 14);  // 14 significant bits, toward zero
-  const float v = std::ldexp(float(mag), e_max - 13);
+  // mag * 2^(e_max - 13), rounded once: a product by a normal power of two, or ldexp beyond.
+  const int e = e_max - 13;
+  const float v = e >= -126 && e <= 127 ? float(mag) * core::pow2_float(e) : std::ldexp(float(mag), e);
   return sum < 0 ? -v : v;
 }
 
@@ -237,16 +244,22 @@ float hopper_bf16_mma16(float c, const uint16_t* a, const uint16_t* b) {
   if (sum == 0) return 0.0f;
   uint64_t mag = sum < 0 ? uint64_t(-sum) : uint64_t(sum);
   int unit = e_max - 25;  // mag * 2^unit
-  int bits = 0;
-  while (bits < 64 && (mag >> bits) != 0) ++bits;
+  const int bits = 64 - __builtin_clzll(mag);  // (mag != 0)
   // Toward zero to 24 significant bits, or to fp32's subnormal spacing 2^-149.
   const int drop = std::max(bits - 24, -149 - unit);
   if (drop > 0) {
     mag = drop >= 64 ? 0 : mag >> drop;
     unit += drop;
   }
-  const double v = std::ldexp(double(mag), unit);  // exact: mag < 2^24
-  const float f = v >= 0x1p128 ? INFINITY : float(v);
+  // mag * 2^unit is exact in fp32 (mag < 2^24, on the subnormal grid) unless beyond its
+  // range: a product by a normal power of two (inf past the top), or in double beyond.
+  float f;
+  if (unit >= -126 && unit <= 127) {
+    f = float(mag) * core::pow2_float(unit);
+  } else {
+    const double v = std::ldexp(double(mag), unit);
+    f = v >= 0x1p128 ? INFINITY : float(v);
+  }
   return sum < 0 ? -f : f;
 }
 
