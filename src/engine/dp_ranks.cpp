@@ -1,8 +1,6 @@
 #include "engine/dp_ranks.h"
 
 #include <cstdio>
-#include <map>
-#include <utility>
 
 #include "core/error.h"
 #include "model/checkpoint.h"
@@ -90,10 +88,10 @@ DpRanks build_dp_ranks(const DpRanksOptions& options) {
     num_experts = options.source.checkpoint_dir.empty()
                       ? model::preset_config(options.source.preset).n_routed_experts
                       : model::Checkpoint(options.source.checkpoint_dir).config().n_routed_experts;
-  // In-process CPU ranks with the same experts read one copy of the weights (host tensors,
-  // read-only), instead of each drawing or mapping its own: the memory and the load time
-  // of one rank, not L. GPU ranks each hold theirs on their device.
-  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<LoadedModel>> host_models;
+  // In-process CPU ranks read one copy of the weights (host tensors, read-only), each
+  // binding its own experts, instead of each drawing or mapping its own: the memory and
+  // the load time of one model, not L. GPU ranks each hold theirs on their device.
+  std::shared_ptr<LoadedModel> host_model;
   for (int r = 0; r < L; ++r) {
     auto rank = std::make_unique<DpRank>();
     rank->index = r;
@@ -103,10 +101,12 @@ DpRanks build_dp_ranks(const DpRanksOptions& options) {
     rank->backend->bind_to_current_thread();
     int64_t eb = 0, ee = -1;
     if (split) std::tie(eb, ee) = parallel::expert_range(num_experts, W, rank->global_rank);
-    std::shared_ptr<LoadedModel>& shared = host_models[{eb, ee}];
-    if (cuda || !shared) rank->model = load_model(options.source, *rank->backend, eb, ee);
-    else rank->model = shared;
-    if (!cuda) shared = rank->model;
+    if (cuda) {
+      rank->model = load_model(options.source, *rank->backend, eb, ee);
+    } else {
+      if (!host_model) host_model = load_model(options.source, *rank->backend);
+      rank->model = split ? bind_expert_slice(host_model, eb, ee) : host_model;
+    }
     out.config = rank->model->config;
     if (split) {
       parallel::ExpertParallelShape shape;

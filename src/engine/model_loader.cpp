@@ -170,4 +170,20 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
   return m;
 }
 
+std::shared_ptr<LoadedModel> bind_expert_slice(const std::shared_ptr<LoadedModel>& whole, int64_t eb, int64_t ee) {
+  DSV4_CHECK(whole->device_copies.empty() && (whole->checkpoint || whole->synthetic),
+             "bind_expert_slice: the model's weights are not host tensors");
+  DSV4_CHECK(whole->weights.expert_begin == 0 && whole->weights.expert_end == whole->config.n_routed_experts,
+             "bind_expert_slice: the model binds experts [{}, {}), not all {}", whole->weights.expert_begin,
+             whole->weights.expert_end, whole->config.n_routed_experts);
+  auto m = std::make_shared<LoadedModel>(*whole);
+  const auto ckpt = whole->checkpoint;
+  const auto store = whole->synthetic;
+  m->weights = model::bind_weights(
+      m->config,
+      [ckpt, store](const std::string& name) { return ckpt ? ckpt->get(name) : store->get(name); }, eb,
+      ee < 0 ? m->config.n_routed_experts : ee);
+  return m;
+}
+
 }  // namespace dsv4::engine

@@ -36,6 +36,12 @@ class LoadedModel {
   std::vector<core::Tensor> device_copies;
 };
 
+// `whole` (host weights with every routed expert bound) bound again for routed experts
+// [expert_begin, expert_end) only, sharing its tensors: in-process CPU ranks of an
+// expert-parallel group hold one copy of the model between them.
+std::shared_ptr<LoadedModel> bind_expert_slice(const std::shared_ptr<LoadedModel>& whole, int64_t expert_begin,
+                                               int64_t expert_end);
+
 // Fails, naming the model, the bytes and the memory, where `needed` bytes of weights
 // exceed `available` in `where` ("host", "GPU"); where nothing is known, passes.
 void check_weights_fit(const std::string& model, uint64_t needed, std::optional<uint64_t> available,

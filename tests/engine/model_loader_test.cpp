@@ -47,5 +47,22 @@ TEST(ModelLoader, PresetLoadReportsProgressToTheTotal) {
   EXPECT_NE(loaded->weights.layers[0].experts[3].w1.weight.data(), nullptr);
 }
 
+// In-process CPU ranks of an expert-parallel group: one model, each rank binding its slice.
+TEST(ModelLoader, AnExpertSliceSharesTheWholeModelsTensors) {
+  auto backend = ops::make_cpu_backend(1);
+  const auto whole = load_model(ModelSource{"", "tiny", 1, {}}, *backend);
+  const auto slice = bind_expert_slice(whole, 2, 5);
+  EXPECT_EQ(slice->weights.expert_begin, 2);
+  EXPECT_EQ(slice->weights.expert_end, 5);
+  const auto& a = whole->weights.layers[1];
+  const auto& b = slice->weights.layers[1];
+  EXPECT_EQ(b.experts[3].w1.weight.data(), a.experts[3].w1.weight.data());  // the same tensor, not a copy
+  EXPECT_EQ(b.experts[0].w1.weight.data(), nullptr);                       // outside the slice: unbound
+  EXPECT_EQ(b.wq_b.weight.data(), a.wq_b.weight.data());
+  EXPECT_EQ(slice->weights.head.data(), whole->weights.head.data());
+  // A slice of a slice is refused: its experts are not all there.
+  EXPECT_THROW(bind_expert_slice(slice, 0, 2), core::Error);
+}
+
 }  // namespace
 }  // namespace dsv4::engine
