@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
   };
   add("make-checkpoint", "Write a synthetic checkpoint in the official HF layout", dsv4::tools::add_make_checkpoint);
   add("generate", "Generate tokens for one or more prompts given as token ids", dsv4::tools::add_generate);
-  add("info", "Validate a checkpoint and print its configuration", dsv4::tools::add_info);
+  add("info", "Validate a checkpoint, or describe a preset: its configuration, its weights' size and the memory free here", dsv4::tools::add_info);
 #if DSV4_HAVE_SERVE
   add("serve", "Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)",
       dsv4::tools::add_serve);
