@@ -48,6 +48,17 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
+// Environment variable `name` as a row count in [0, max_rows]; `fallback` where unset or
+// empty; a clear error naming it otherwise (callers keep the answer in a static).
+inline int64_t env_row_count(const char* name, int64_t fallback, int64_t max_rows) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long long r = std::strtoll(v, &end, 10);
+  DSV4_CHECK(*end == '\0' && r >= 0 && r <= max_rows, "{}='{}': expected a row count 0..{}", name, v, max_rows);
+  return int64_t(r);
+}
+
 // A switch a test hook may force: the hook's value when set (>= 0), else the
 // environment's (env_mode: "0" -> 0, "1" -> 1, otherwise -1, the automatic choice).
 inline int forced_mode(const std::atomic<int>& forced, int from_env) {

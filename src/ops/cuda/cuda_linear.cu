@@ -848,15 +848,7 @@ int moe_prep_threads() {
 // rows (apart in both rounds), in 512-thread blocks; the older limit of 32 came from an
 // A/B with 1024-thread blocks (caf5932: one launch 0.8% slower at 64 then).
 int64_t moe_prep_one_launch_rows() {
-  static const int64_t from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_PREP_ONE_LAUNCH_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t(64);
-    char* end = nullptr;
-    const long long r = std::strtoll(v, &end, 10);
-    DSV4_CHECK(*end == '\0' && r >= 0 && r <= 65536,
-               "DSV4_CUDA_PREP_ONE_LAUNCH_ROWS='{}': expected a row count 0..65536", v);
-    return int64_t(r);
-  }();
+  static const int64_t from_env = env_row_count("DSV4_CUDA_PREP_ONE_LAUNCH_ROWS", 64, 65536);
   return from_env;
 }
 // Beyond moe_prep_one_launch_rows(): the non-local pairs' outputs zeroed by moe_prep_kernel's
@@ -1535,14 +1527,7 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
 // and an A/B have run on a GPU (built in the sixty-eighth session, when none was lent). The
 // same bits either way.
 bool CudaBackend::prepares_routed_input(int64_t rows) const {
-  static const int64_t from = [] {
-    const char* v = std::getenv("DSV4_CUDA_PREPARE_ROUTED_ROWS");
-    if (v == nullptr || *v == '\0') return int64_t(0);
-    char* end = nullptr;
-    const long long r = std::strtoll(v, &end, 10);
-    DSV4_CHECK(*end == '\0' && r >= 0, "DSV4_CUDA_PREPARE_ROUTED_ROWS='{}': expected a row count (0: never)", v);
-    return int64_t(r);
-  }();
+  static const int64_t from = env_row_count("DSV4_CUDA_PREPARE_ROUTED_ROWS", 0, int64_t(1) << 31);  // (0: never)
   const int forced = g_force_prepare_routed_rows.load(std::memory_order_relaxed);
   const int64_t first = forced >= 0 ? forced : from;
   return first > 0 && rows >= first;
@@ -1605,15 +1590,7 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
   float* hs = scratch_as<float>(*this, "moe.hs", P * (I / 128));
   const bool fp4_13 = fmt13 == QuantLinear::Format::kFp4Group32, fp4_2 = fmt2 == QuantLinear::Format::kFp4Group32;
-  // x's codes as prepared (do_prepare_routed_input: split pairs where the gate/up weights are
-  // FP4), where the path below reads that layout (the simple kernels read element order).
-  bool use_prepared = false;
-  auto take_prepared = [&](bool split_pairs) {
-    use_prepared = prepared.ndim() > 0 && split_pairs == fp4_13;
-    if (!use_prepared) return;
-    xq = prepared.as<uint8_t>();
-    xs = prepared_scales(xq, R, D);
-  };
+  bool use_prepared = false;  // (set below, once the path is known)
   // Outputs of pairs routed to no local expert zeroed, x quantized (split pairs: the FP4 GEMM's layout).
   auto zero_nonlocal_and_quantize = [&](bool split_pairs) {
     lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
@@ -1635,7 +1612,14 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
     fast = quant_fast_ok(ew.w1) && quant_fast_ok(ew.w3) && quant_fast_ok(ew.w2);
   }
 
-  take_prepared(fast && fp4_13);
+  // x's codes as prepared (do_prepare_routed_input: split pairs where the gate/up weights are
+  // FP4), where the path below reads that layout: the fast path, or FP8 gate/up weights (the
+  // simple kernels read element order).
+  use_prepared = prepared.ndim() > 0 && (fast || !fp4_13);
+  if (use_prepared) {
+    xq = prepared.as<uint8_t>();
+    xs = prepared_scales(xq, R, D);
+  }
   if (!fast) {
     zero_nonlocal_and_quantize(false);  // the simple kernels read element order
     // Simple: one warp per (pair, output); expert tables in chunks of global ids.
