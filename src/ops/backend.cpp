@@ -621,9 +621,10 @@ void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& w
   }
 }
 
+// FP8 codes [rows, d], then at a 16-byte offset f32 scales [rows, ceil(d / 128)].
+int64_t Backend::routed_input_scales_offset(int64_t rows, int64_t d) { return (rows * d + 15) / 16 * 16; }
 int64_t Backend::routed_input_bytes(int64_t rows, int64_t d) {
-  // FP8 codes [rows, d], 16-byte aligned, then f32 scales [rows, ceil(d / 128)].
-  return (rows * d + 15) / 16 * 16 + rows * ((d + 127) / 128) * 4;
+  return routed_input_scales_offset(rows, d) + rows * ((d + 127) / 128) * 4;
 }
 
 void Backend::prepare_routed_input(const Tensor& x, const std::vector<ExpertWeights>& experts, int64_t expert_begin,

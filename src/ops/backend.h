@@ -319,6 +319,7 @@ class Backend {
   // [routed_input_bytes(R, D)]. prepares_routed_input(R): whether the backend prepares
   // anything at R rows (the CPU never does; the model then leaves the stage out).
   static int64_t routed_input_bytes(int64_t rows, int64_t d);
+  static int64_t routed_input_scales_offset(int64_t rows, int64_t d);  // (the codes come first)
   virtual bool prepares_routed_input(int64_t rows) const { return false; }
   void prepare_routed_input(const core::Tensor& x, const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                             int64_t expert_end, const core::Tensor& prepared);

@@ -1533,11 +1533,10 @@ bool CudaBackend::prepares_routed_input(int64_t rows) const {
   return first > 0 && rows >= first;
 }
 
-// A prepared input's scales: after its codes [R, D], at a 16-byte offset
-// (Backend::routed_input_bytes' layout).
+// A prepared input's scales, after its codes (Backend::routed_input_bytes' layout).
 namespace {
 float* prepared_scales(uint8_t* codes, int64_t R, int64_t D) {
-  return reinterpret_cast<float*>(codes + (R * D + 15) / 16 * 16);
+  return reinterpret_cast<float*>(codes + Backend::routed_input_scales_offset(R, D));
 }
 }  // namespace
 
