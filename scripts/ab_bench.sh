@@ -5,8 +5,10 @@
 # machine's drift falls on both sides alike.
 #
 #   scripts/ab_bench.sh OUT NAME=PATCH|NAME=env:VAR=VALUE[,VAR=VALUE...] [...]
-# (a comma not followed by VAR= belongs to the value: env:DSV4_CUDA_STAGE_PRIORITY=a,b
-# sets one variable to "a,b"; values hold no spaces)
+# (a comma not followed by VAR= belongs to the value: env:DSV4_REPEAT_OPS=grouped_linear,router
+# sets one variable to "grouped_linear,router"; values hold no spaces). An env: variant whose
+# DSV4_* name dsv4 does not read, or whose value a switch does not take (`dsv4 env` lists
+# them), stops the A/B before the first run: it would measure the default under another name.
 #
 # PATCH is applied with `git apply` (forward) to a copy of the tree; to measure a
 # change by its removal, pass its reverse: `git diff NEW OLD -- FILES > rev.patch`.
@@ -85,6 +87,13 @@ for v in "$@"; do
 done
 for pid in ${build_pids[@]+"${build_pids[@]}"}; do
   wait "$pid" || { echo "ab_bench: a variant's build failed (see the message above)" >&2; exit 1; }
+done
+
+for i in "${!names[@]}"; do  # a misspelt switch would bench the default as a variant
+  [ -n "${envs[$i]}" ] || continue
+  read -r -a vars <<<"${envs[$i]}"
+  warned="$(env "${vars[@]}" "${bins[$i]}" env --set 2>&1 >/dev/null)"
+  [ -z "$warned" ] || { echo "ab_bench: variant ${names[$i]} (${envs[$i]}):" >&2; echo "$warned" >&2; exit 2; }
 done
 
 echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)"

@@ -26,6 +26,7 @@
 #include "model/weight_spec.h"
 #include "ops/kv_format.h"
 #include "tools/commands.h"
+#include "tools/env_switches.h"
 #if DSV4_HAVE_CUDA
 #include "ops/cuda/cta_probe.h"
 #endif
@@ -408,6 +409,9 @@ Command add_bench_decode(CLI::App& app) {
     dro.max_rows = max_batch;
     dro.comm.timeout = std::chrono::milliseconds(int64_t(o->comm_timeout_s * 1000));
     dro.nccl_max_ctas = o->nccl_max_ctas;
+    // Said where every log of an A/B shows it: which variant this run is.
+    for (const auto& [name, value] : dsv4_environment())
+      std::fprintf(stderr, "bench decode: %s=%s\n", name.c_str(), value.c_str());
     std::fprintf(stderr, "bench decode: loading %s on %s x %d...\n",
                  o->model_dir.empty() ? o->preset.c_str() : o->model_dir.c_str(), backend_name.c_str(), o->dp);
     engine::DpRanks dp = engine::build_dp_ranks(dro);
@@ -576,6 +580,7 @@ Command add_bench_decode(CLI::App& app) {
       out["moe"] = W > 1 ? o->moe : "local";
       out["nccl_max_ctas"] = o->nccl_max_ctas;
       out["copy_bandwidth_gb_s"] = copy_bw / 1e9;
+      out["environment"] = environment_json();  // the switches in effect (tools/env_switches.h)
       out["results"] = results;
       write_json_file(out, o->json, "--json");
     }

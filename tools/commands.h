@@ -20,6 +20,8 @@ using Command = std::function<int()>;
 Command add_make_checkpoint(CLI::App& app);
 Command add_generate(CLI::App& app);
 Command add_info(CLI::App& app);
+// `dsv4 env`: the environment variables the project reads (tools/env_switches.h).
+Command add_env(CLI::App& app);
 // `dsv4 bench`: registers its children (decode, phases, linears, serve) on `app` and runs the parsed one.
 Command add_bench(CLI::App& app);
 Command add_bench_decode(CLI::App& app);
@@ -72,6 +74,9 @@ void expect_writable_file(const std::string& path, const char* option);
 // Writes `value` (indented) to `path`; a clear error naming `option` and the file
 // when it cannot be opened or written.
 void write_json_file(const nlohmann::json& value, const std::string& path, const char* option);
+
+// The DSV4_* variables set now, {name: value}: benchmarks record them with their results.
+nlohmann::json environment_json();
 
 // The middle value (the upper one of an even count); 0 for none.
 double median(std::vector<double> v);

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "tools/commands.h"
+#include "tools/env_switches.h"
 
 int main(int argc, char** argv) {
   CLI::App app{
@@ -27,6 +28,8 @@ int main(int argc, char** argv) {
   add("serve", "Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)",
       dsv4::tools::add_serve);
 #endif
+  add("env", "List the DSV4_* environment variables dsv4 reads: what each takes and does, and which are set",
+      dsv4::tools::add_env);
   add("bench", "Benchmarks: bench decode (decode step vs roofline), bench serve (load-test a server)",
       dsv4::tools::add_bench);
   try {
@@ -34,6 +37,9 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // A misspelt switch, or a value its reader ignores, would otherwise pass unseen.
+  for (const std::string& w : dsv4::tools::environment_warnings(dsv4::tools::dsv4_environment()))
+    std::fprintf(stderr, "dsv4: warning: %s\n", w.c_str());
   try {
     for (auto& [sub, run] : commands)
       if (sub->parsed()) return run();

@@ -2,7 +2,7 @@
 """Runs `dsv4 bench decode` on the CPU backend (tiny preset) and checks its JSON:
 the bytes attributed to stages add up to the step's total, and each stage's
 roofline and ratio follow from its bytes, the copy bandwidth and its eager time, and
-the rows-per-expert histogram counts every routed slot;
+the rows-per-expert histogram counts every routed slot, the DSV4_* switches set are recorded;
 with --position-spread the KV bytes are those of each row at its own position.
 usage: check_bench_decode.py DSV4_BINARY TMP_DIR"""
 import json
@@ -21,7 +21,9 @@ def main():
     out = os.path.join(tmp, "bench_decode_%d.json" % os.getpid())
     cmd = [binary, "bench", "decode", "--backend", "cpu", "--preset", "tiny", "--random-weights", "1",
            "--batch", "1,3", "--context", "300", "--warmup", "1", "--replays", "2", "--json", out]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # A switch of the CUDA backend (at its default; the CPU reads none): recorded with the results.
+    env = dict(os.environ, DSV4_CUDA_LANES="3")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     print(run.stdout)
     if run.returncode != 0:
         fail("exit %d: %s" % (run.returncode, run.stderr[-2000:]))
@@ -30,6 +32,8 @@ def main():
     with open(out) as f:
         d = json.load(f)
     os.remove(out)
+    if d.get("environment", {}).get("DSV4_CUDA_LANES") != "3" or "bench decode: DSV4_CUDA_LANES=3" not in run.stderr:
+        fail("the environment's switches not recorded: JSON %s, stderr %s" % (d.get("environment"), run.stderr[-500:]))
     bw = d["copy_bandwidth_gb_s"] * 1e9
     for r in d["results"]:
         b = r["batch_per_rank"]

@@ -131,10 +131,7 @@ bool attention_pair_wanted(int64_t T, bool pays) {
 // DSV4_CUDA_ATTN_SPLIT_CTAS=N (A/B runs) or a test's cuda_attention_force_split_ctas(N).
 std::atomic<int> g_forced_split_ctas{0};
 int split_ctas(int64_t row_ctas, int64_t segs, int num_sms) {
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_CTAS");
-    return v != nullptr ? std::max(std::atoi(v), 0) : 0;
-  }();
+  static const int from_env = int(env_integer("DSV4_CUDA_ATTN_SPLIT_CTAS", 0, 0, 1024));
   const int test_forced = g_forced_split_ctas.load(std::memory_order_relaxed);
   const int forced = test_forced > 0 ? test_forced : from_env;
   if (forced > 0) return int(std::min<int64_t>(forced, segs));
@@ -164,11 +161,7 @@ bool split_zero_fold() {
 // step lost 2% (docs/BENCHMARKS.md, twenty-seventh session). The wgmma kernel's lead
 // fold halves those partials (40 MiB at 64 rows).
 size_t split_max_partial_bytes() {
-  static const size_t bytes = [] {
-    const char* v = std::getenv("DSV4_CUDA_ATTN_SPLIT_MAX_MB");
-    const long long mb = v != nullptr ? std::atoll(v) : 0;
-    return size_t(mb > 0 ? mb : 64) << 20;
-  }();
+  static const size_t bytes = size_t(env_integer("DSV4_CUDA_ATTN_SPLIT_MAX_MB", 64, 1, int64_t(1) << 20)) << 20;
   return bytes;
 }
 
@@ -185,7 +178,7 @@ bool lead_fold_wanted(int nsplit) {
   enum class LeadFold { kTwoCtas, kAll, kOff };
   static const LeadFold mode = [] {
     const char* v = std::getenv("DSV4_CUDA_ATTN_LEAD_FOLD");
-    if (v == nullptr || std::string(v) == "2") return LeadFold::kTwoCtas;
+    if (v == nullptr || *v == '\0' || std::string(v) == "2") return LeadFold::kTwoCtas;
     if (std::string(v) == "all") return LeadFold::kAll;
     DSV4_CHECK(std::string(v) == "off", "DSV4_CUDA_ATTN_LEAD_FOLD: expected all, 2 or off, got '{}'", v);
     return LeadFold::kOff;
@@ -2879,13 +2872,7 @@ std::atomic<int> g_compress_emit_ctas{0};
 // The most CTAs a ratio-4 row's pooling spreads over (DSV4_CUDA_COMPRESS_RATIO4_CTAS=N
 // for A/B runs; 1 pools it on one CTA, as before the sixty-fourth session).
 int64_t ratio4_emit_ctas() {
-  static const int64_t ctas = [] {
-    const char* v = std::getenv("DSV4_CUDA_COMPRESS_RATIO4_CTAS");
-    if (v == nullptr) return int64_t(4);
-    const int n = std::atoi(v);
-    DSV4_CHECK(n >= 1 && n <= 16, "DSV4_CUDA_COMPRESS_RATIO4_CTAS: expected 1 to 16, got '{}'", v);
-    return int64_t(n);
-  }();
+  static const int64_t ctas = env_integer("DSV4_CUDA_COMPRESS_RATIO4_CTAS", 4, 1, 16);
   return ctas;
 }
 }  // namespace

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -48,14 +49,17 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::strcmp(v, value) == 0;
 }
 
-// Environment variable `name` as a row count in [0, max_rows]; `fallback` where unset or
-// empty; a clear error naming it otherwise (callers keep the answer in a static).
-inline int64_t env_row_count(const char* name, int64_t fallback, int64_t max_rows) {
+// Environment variable `name` as an integer in [min, max]; `fallback` where unset or empty;
+// a clear error naming it otherwise, never a silent stand-in (callers keep the answer in a
+// static). tools/env_switches.cpp lists each switch's range for `dsv4 env`.
+inline int64_t env_integer(const char* name, int64_t fallback, int64_t min, int64_t max) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
   char* end = nullptr;
+  errno = 0;
   const long long r = std::strtoll(v, &end, 10);
-  DSV4_CHECK(*end == '\0' && r >= 0 && r <= max_rows, "{}='{}': expected a row count 0..{}", name, v, max_rows);
+  DSV4_CHECK(*end == '\0' && errno == 0 && r >= min && r <= max, "{}='{}': expected an integer {}..{}", name, v, min,
+             max);
   return int64_t(r);
 }
 

@@ -848,7 +848,7 @@ int moe_prep_threads() {
 // rows (apart in both rounds), in 512-thread blocks; the older limit of 32 came from an
 // A/B with 1024-thread blocks (caf5932: one launch 0.8% slower at 64 then).
 int64_t moe_prep_one_launch_rows() {
-  static const int64_t from_env = env_row_count("DSV4_CUDA_PREP_ONE_LAUNCH_ROWS", 64, 65536);
+  static const int64_t from_env = env_integer("DSV4_CUDA_PREP_ONE_LAUNCH_ROWS", 64, 0, 65536);
   return from_env;
 }
 // Beyond moe_prep_one_launch_rows(): the non-local pairs' outputs zeroed by moe_prep_kernel's
@@ -865,10 +865,7 @@ bool router_fold_enabled() {
 
 int64_t last_cta_fold_max(int nt) {
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
-  static const int64_t from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_LAST_CTA_FOLD");
-    return v != nullptr && *v != '\0' ? std::max<int64_t>(0, std::atoll(v)) : kLastCtaFoldMax;
-  }();
+  static const int64_t from_env = env_integer("DSV4_CUDA_LAST_CTA_FOLD", kLastCtaFoldMax, 0, int64_t(1) << 20);
   const int forced = g_force_last_cta_fold.load(std::memory_order_relaxed);
   return forced >= 0 ? forced : from_env;
 }
@@ -1095,14 +1092,7 @@ lk::GemmParams stacked(lk::GemmParams p, const lk::GemmParams& q) {
 std::atomic<int64_t> g_expert_launches{0};
 std::atomic<int> g_force_expert_launches{-1};
 int expert_launch_pieces() {
-  static const int from_env = [] {
-    const char* v = std::getenv("DSV4_CUDA_EXPERT_LAUNCHES");
-    if (v == nullptr || *v == '\0') return 1;
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    DSV4_CHECK(*end == '\0' && n >= 1 && n <= 8, "DSV4_CUDA_EXPERT_LAUNCHES={}: want 1..8 launches", v);
-    return int(n);
-  }();
+  static const int from_env = int(env_integer("DSV4_CUDA_EXPERT_LAUNCHES", 1, 1, 8));
   const int f = g_force_expert_launches.load(std::memory_order_relaxed);
   return f >= 1 ? f : from_env;
 }
@@ -1527,7 +1517,7 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
 // and an A/B have run on a GPU (built in the sixty-eighth session, when none was lent). The
 // same bits either way.
 bool CudaBackend::prepares_routed_input(int64_t rows) const {
-  static const int64_t from = env_row_count("DSV4_CUDA_PREPARE_ROUTED_ROWS", 0, int64_t(1) << 31);  // (0: never)
+  static const int64_t from = env_integer("DSV4_CUDA_PREPARE_ROUTED_ROWS", 0, 0, int64_t(1) << 31);  // (0: never)
   const int forced = g_force_prepare_routed_rows.load(std::memory_order_relaxed);
   const int64_t first = forced >= 0 ? forced : from;
   return first > 0 && rows >= first;

@@ -1737,15 +1737,7 @@ void launch_hc_mix_rows(CudaBackend& be, int split, const uint16_t* X, const flo
 }
 
 // A row limit from the environment (0 .. kHcPostMaxRows), or `fallback`.
-int64_t hc_rows_from_env(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long r = std::strtol(v, &end, 10);
-  DSV4_CHECK(*end == '\0' && r >= 0 && r <= kHcPostMaxRows, "{}='{}': expected a row count 0..{}", name, v,
-             kHcPostMaxRows);
-  return r;
-}
+int64_t hc_rows_from_env(const char* name, int64_t fallback) { return env_integer(name, fallback, 0, kHcPostMaxRows); }
 
 // The fused mix and finish (hc_mix_finish_kernel) where it applies: up to
 // DSV4_CUDA_HC_FUSED_ROWS rows (default 4; 0: never), 16-byte rows (X, x and fn). A test
