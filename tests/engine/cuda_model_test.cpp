@@ -29,16 +29,10 @@
 #include "engine/model_runner.h"
 #include "model/checkpoint_writer.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda_test_util.h"
 #include "engine/divergence_locator.h"
 #include "test_util.h"
-
-namespace dsv4::ops {
-// Test hooks (ops/cuda/cuda_linear.cu): the rows from which the CUDA backend prepares the
-// routed experts' input (-1: DSV4_CUDA_PREPARE_ROUTED_ROWS, 0 never), and its launches so far.
-void cuda_linear_force_prepare_routed_rows(int rows);
-int64_t cuda_linear_prepared_routed_inputs();
-}  // namespace dsv4::ops
 
 namespace dsv4::engine {
 namespace {

@@ -47,38 +47,10 @@
 #include "ops/cpu/cpu_kernels.h"
 #include "ops/cpu/primitives.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/kv_format.h"
 
 namespace dsv4::ops {
-// Defined in cuda_attention.cu: selects the simple (true) or fast (false) kernels.
-void cuda_attention_use_simple_kernels(bool simple);
-// Defined in cuda_attention.cu: false keeps each row of the fast attention in one CTA.
-void cuda_attention_split_keys(bool enabled);
-void cuda_attention_use_wgmma(int mode);
-int64_t cuda_attention_wgmma_split_launches();
-int64_t cuda_attention_wgmma_launches();
-// Defined in cuda_attention.cu: n > 0 splits a row over min(n, segments) CTAs (0: the cost model's choice).
-void cuda_attention_force_split_ctas(int n);
-// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the lead fold off / on.
-void cuda_attention_force_lead_fold(int mode);
-// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
-void cuda_attention_force_early(int mode);
-// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_ATTN_PAIR, 0 / 1 force the wgmma kernel's pair form
-// (a row's dims over a cluster of two CTAs) off / on; its launches so far.
-void cuda_attention_force_pair(int mode);
-int64_t cuda_attention_wgmma_pair_launches();
-// Defined in cuda_attention.cu: 64-row pages a top-k scoring CTA takes (0: sized to the grid).
-void cuda_indexer_score_pages(int pages);
-// Defined in cuda_attention.cu: compress_emit_kernel's CTAs a row (capped at one a 32-feature chunk; 0: the
-// launcher's choice, ops/cuda/compress_emit_plan.h).
-void cuda_compress_emit_ctas(int ctas);
-// Defined in cuda_attention.cu: -1 follows DSV4_CUDA_SCORE_EARLY, 0 / 1 force the scoring kernel's early form.
-void cuda_indexer_score_early(int mode);
-// Defined in cuda_attention.cu: the same for the selection kernel (DSV4_CUDA_SELECT_EARLY).
-void cuda_indexer_select_early(int mode);
-// Defined in cuda_attention.cu: mismatches of the keys' e4m3 decode over every code pair and scale byte.
-int64_t cuda_attention_key_decode_mismatches(uint32_t* first);
-
 namespace {
 
 using core::bf16_to_float;

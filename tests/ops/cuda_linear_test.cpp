@@ -40,60 +40,9 @@
 #include "ops/cpu/primitives.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_synthetic.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/fp8_bf16_layout.h"
-
-namespace dsv4::ops {
-// Test hook of cuda_linear.cu: -1 follows DSV4_CUDA_KERNELS, 0 fast kernels, 1 simple kernels.
-void cuda_linear_force_path(int path);
-void cuda_hc_force_post_slots(int on);
-int64_t cuda_hc_post_slots_launches();
-int64_t cuda_linear_tma_launches();
-void cuda_linear_force_tma(int on);
-int64_t cuda_linear_expert_launches();
-void cuda_linear_force_expert_launches(int pieces);
-void cuda_linear_force_expert_split(int mode);
-int64_t cuda_linear_expert_cluster_fold_launches();
-void cuda_linear_force_expert_cluster_fold(int on);
-int64_t cuda_linear_expert_early_weight_launches();
-void cuda_linear_force_expert_early_weights(int on);
-int64_t cuda_linear_split_scale_group_launches();
-void cuda_linear_force_split_scale_groups(int on);
-int64_t cuda_linear_fused_expert_launches();
-void cuda_linear_force_fused_experts(int on);
-int64_t cuda_linear_shared_decode_launches();
-void cuda_linear_force_shared_decode(int on);
-int64_t cuda_linear_wide_launches();
-void cuda_linear_force_wide(int on);
-int64_t cuda_linear_wide_ws_launches();
-void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
-void cuda_linear_force_wide_ws_wo_a(int on);
-void cuda_linear_force_wide_ws_bf16(int on);
-void cuda_linear_force_wide_mc(int on);
-int64_t cuda_linear_wide_mc_launches();
-bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
-int64_t cuda_linear_fold_launches();
-void cuda_linear_force_last_cta_fold(int max_partials);
-int64_t cuda_linear_fold_quant_launches();
-void cuda_linear_force_fold_quant(int on);
-int64_t cuda_linear_cluster_fold_launches();
-void cuda_linear_force_cluster_fold(int on);
-int64_t cuda_linear_router_folds();
-void cuda_linear_force_router_fold(int on);
-void cuda_linear_force_router_early(int on);
-void cuda_linear_force_prep_threads(int threads);
-int64_t cuda_linear_quant8_launches();
-void cuda_linear_force_quant8(int on);
-int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
-int64_t cuda_bf16_cast_mismatches(uint32_t* first);
-int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
-int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
-void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
-void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
-                         float* d_wgmma);
-void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const uint16_t* b, const int* s,
-                          const float* c, int64_t blocks, float* d_bf16, float* d_f16);
-}  // namespace dsv4::ops
 
 namespace dsv4::testing {
 namespace {

@@ -27,15 +27,9 @@
 #include "ops/backend.h"
 #include "ops/cpu/primitives.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_test_hooks.h"
 
 namespace dsv4::ops {
-void cuda_hc_force_row_mix(int on);  // (cuda_pointwise.cu)
-int64_t cuda_hc_row_mix_launches();
-void cuda_hc_force_row_split(int parts);
-void cuda_hc_force_fused(int on);
-void cuda_hc_force_quick_hand_over(int on);
-int64_t cuda_hc_fused_launches();
-void cuda_hc_force_slot_rows(int rows);
 namespace {
 
 using core::DType;

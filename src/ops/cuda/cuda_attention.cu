@@ -35,6 +35,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/attention_split.h"
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/cluster.cuh"

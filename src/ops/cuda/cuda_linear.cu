@@ -24,6 +24,7 @@
 #include "core/error.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/expert_plan.h"
 #include "ops/cuda/gemm_wide_kernel.cuh"
 #include "ops/cuda/gemm_wide_mc_kernel.cuh"
@@ -40,125 +41,14 @@ using core::DType;
 using core::Tensor;
 using lk::WFmt;
 
-// Test hook (declared by tests/ops/cuda_linear_test.cpp): -1 follows
-// DSV4_CUDA_KERNELS (the default), 0 forces the fast kernels, 1 the simple ones.
-void cuda_linear_force_path(int path);
-// Test hooks: FP4 expert GEMM launches so far that took their weights by TMA; -1
-// follows DSV4_CUDA_TMA (the default), 0 forces the cp.async copies, 1 allows TMA.
-int64_t cuda_linear_tma_launches();
-void cuda_linear_force_tma(int on);
-// Test hooks: launches so far of the routed experts' gate/up and down GEMMs as one
-// (expert_ffn_fused_kernel); -1 follows DSV4_CUDA_FUSED_EXPERTS (default: automatic, up to 20 rows
-// where the gate/up tiles fill the kernel's slots on the SMs), 0 / 1
-// force it off / on (where the shapes allow it).
-int64_t cuda_linear_fused_expert_launches();
-void cuda_linear_force_fused_experts(int on);
-// Test hooks: expert GEMM launches so far; each expert GEMM of one K slice a CTA as
-// `pieces` launches over its weight tiles (a diagnostic: what a launch boundary costs
-// in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
-int64_t cuda_linear_expert_launches();
-void cuda_linear_force_expert_launches(int pieces);
-// Test hooks: the rows from which prepares_routed_input says yes (-1 follows
-// DSV4_CUDA_PREPARE_ROUTED_ROWS, 0 never), and the launches of do_prepare_routed_input so far.
-void cuda_linear_force_prepare_routed_rows(int rows);
-int64_t cuda_linear_prepared_routed_inputs();
-// Test hook: -1 follows DSV4_CUDA_EXPERT_SPLIT (default: an expert GEMM splits its K
-// slices over CTAs where its tiles are fewer than two an SM), 0 never splits, 1 automatic.
-void cuda_linear_force_expert_split(int mode);
-// Test hooks: FP4 expert GEMM launches so far in 16-row tiles (one weight decode for
-// up to 16 rows); -1 follows DSV4_CUDA_SHARED_DECODE (the default), 0 / 1 force it off / on.
-int64_t cuda_linear_shared_decode_launches();
-void cuda_linear_force_shared_decode(int on);
-// Test hooks: plain GEMM launches so far in wide tiles (gemm_wide_kernel); -1
-// follows DSV4_CUDA_WIDE_GEMM (the default), 0 forces them off, 1 on for every FP8
-// and bf16 plain GEMM of one group, whatever its rows (64-row tiles up to 64 rows),
-// 2 on in 64-row tiles only, 3 as 1 but bf16 GEMMs of one K slice in 256-row tiles.
-int64_t cuda_linear_wide_launches();
-void cuda_linear_force_wide(int on);
-// Test hooks: wide-tile launches so far by the warp-specialised kernel
-// (gemm_wide_ws_kernel); -1 follows DSV4_CUDA_WIDE_WS (default 2), 0 forces it off,
-// 1 on with one tile a CTA, 2 on with CTAs walking tiles (at most `max_ctas` of them,
-// 0: one an SM).
-int64_t cuda_linear_wide_ws_launches();
-void cuda_linear_force_wide_ws(int mode, int max_ctas = 0);
-// Test hook: -1 follows DSV4_CUDA_WIDE_WS_WO_A (default on), 0 / 1 force wo_a's
-// FP8-as-bf16 wide tiles off / onto the warp-specialised kernel (in its mode).
-void cuda_linear_force_wide_ws_wo_a(int on);
-// Test hook: -1 follows DSV4_CUDA_WIDE_WS_BF16 (default on), 0 / 1 force bf16's 256-row
-// tiles off / onto the warp-specialised kernel (in its mode).
-void cuda_linear_force_wide_ws_bf16(int on);
-// Test hooks: -1 follows DSV4_CUDA_WIDE_MC (default on), 0 / 1 force bf16's 256-row tiles
-// off / onto the cluster kernel (gemm_wide_mc_kernel.cuh; in DSV4_CUDA_WIDE_WS's mode 2, where
-// it fits); its launches so far.
-void cuda_linear_force_wide_mc(int on);
-int64_t cuda_linear_wide_mc_launches();
-// Whether a cluster of two of the cluster kernel's CTAs fits on the backend's device.
-bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
-// Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
-// thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
-// follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
-// split to split_fold_kernel.
-int64_t cuda_linear_fold_launches();
-void cuda_linear_force_last_cta_fold(int max_partials);
-// Test hooks: GEMM launches so far whose fold also wrote the output's FP8 codes
-// (grouped_linear_linear); -1 follows DSV4_CUDA_FOLD_QUANT (default on), 0 / 1 force it off / on.
-int64_t cuda_linear_fold_quant_launches();
-void cuda_linear_force_fold_quant(int on);
-// Test hooks: split GEMM launches so far folded by their clusters (gemm_kernel's kClusterFold);
-// -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
-int64_t cuda_linear_cluster_fold_launches();
-void cuda_linear_force_cluster_fold(int on);
-// Test hooks: routed-expert GEMM launches so far folded by their clusters
-// (expert_gemm_kernel's kClusterFold); -1 follows DSV4_CUDA_EXPERT_CLUSTER_FOLD (default on;
-// 0 turns it off), 0 / 1 force it off / on.
-int64_t cuda_linear_expert_cluster_fold_launches();
-void cuda_linear_force_expert_cluster_fold(int on);
-// Test hooks: routed-expert down GEMM calls so far that read their tile list and first
-// weight stages before the dependency wait (GemmParams::weights_before_wait); -1 follows
-// DSV4_CUDA_EXPERT_EARLY_WEIGHTS (default: where the SwiGLU launch releases the GEMM
-// early; 0 never, 1 always), 0 / 1 force it off / on.
-int64_t cuda_linear_expert_early_weight_launches();
-void cuda_linear_force_expert_early_weights(int on);
-// Test hooks: split FP4 expert GEMM calls so far whose slices copy their row scales a
-// group at a time (GemmParams::split_scale_groups); -1 follows DSV4_CUDA_SPLIT_SCALE_GROUPS
-// (default on; 0 turns it off), 0 / 1 force it off / on.
-int64_t cuda_linear_split_scale_group_launches();
-void cuda_linear_force_split_scale_groups(int on);
-// Test hooks: router launches so far whose select kernel folded the GEMM's partials;
-// -1 follows DSV4_CUDA_ROUTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
-int64_t cuda_linear_router_folds();
-void cuda_linear_force_router_fold(int on);
-// Test hook: -1 follows DSV4_CUDA_ROUTER_EARLY (default on), 0 / 1 force the select
-// kernel's late / early form.
-void cuda_linear_force_router_early(int on);
-// Test hook: moe_prep_kernel's block size (256, 512 or 1024; 0 follows DSV4_CUDA_PREP_THREADS).
-void cuda_linear_force_prep_threads(int threads);
-// Test hooks: act_quant8 / swiglu_quant8 launches so far; -1 follows DSV4_CUDA_QUANT8
-// (default on; 0 turns them off), 0 / 1 force them off / on.
-int64_t cuda_linear_quant8_launches();
-void cuda_linear_force_quant8(int on);
-// Test hook: floats x (all 2^32 bit patterns, in each of the 4 byte positions) whose
-// hardware e4m3 cast (e4m3x4_sat) differs from core::float_to_e4m3 of the clamp;
-// the first such bit pattern in *first.
-int64_t cuda_e4m3_cast_mismatches(uint32_t* first);
-int64_t cuda_e4m3_decode_mismatches(uint32_t* first);
-// Test hook: floats x (all 2^32 bit patterns) whose device core::float_to_bf16 or
-// round_bf16 differs from the integer rounding (core::float_to_bf16_bits).
-int64_t cuda_bf16_cast_mismatches(uint32_t* first);
-// Test hook: e4m3 code pairs (no NaN code) whose FP8-as-bf16 decode differs from the bf16
-// of core::e4m3_to_float; the first such pair in *first.
-int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
-
 namespace {
 
 std::atomic<int> g_force_path{-1};
-
 
 bool simple_path() {
   static const bool from_env = env_is("DSV4_CUDA_KERNELS", "simple");
   return forced_or(g_force_path, from_env);
 }
-
 
 // Scratch of this file (CudaBackend::scratch keeps one buffer per name and stream).
 // `fresh` reports a new allocation (contents undefined).

@@ -11,35 +11,10 @@
 
 #include "core/dtype.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv4::ops {
-
-// Per block b: D = A B + C with A [64][16] bf16 (row-major), B [8][16] bf16 (column n
-// holds k contiguously), C and D [64][8] fp32, computed once by mma.sync (warp w the
-// rows 16w..16w+15) into d_mma and once by one warpgroup wgmma into d_wgmma. Host
-// pointers; `blocks` blocks.
-void cuda_bf16_mma_probe(const uint16_t* a, const uint16_t* b, const float* c, int64_t blocks, float* d_mma,
-                         float* d_wgmma);
-
-// Per block b: D = C + sum over `chunks` k32 chunks of A_j B_j^T, A [64][32 * chunks]
-// e4m3 codes (row-major), B [8][32 * chunks], C and D [64][8] fp32: one warpgroup's
-// wgmma m64n8k32 e4m3 per chunk, both operands from 128-byte-swizzled shared memory as
-// the FP8 GEMM stages them (chunk j at byte 32 j of each 128-byte row), the first
-// onto C, each next onto the last (scale-d 1): the tensor core's running sum, which
-// the kernels do not use yet (each of their chunks starts from zero). chunks <= 4.
-void cuda_e4m3_mma_probe(const uint8_t* a, const uint8_t* b, const float* c, int64_t blocks, int chunks, float* d);
-
-// Per block b: one 64-wide stage of the FP8-as-bf16 GEMM (`wo_a`) on one warpgroup, four
-// chained k16 steps onto C: D = C + sum_j A_j B_j, A [64][64] e4m3 codes (row-major), B
-// [8][64] bf16 (row n holds k contiguously), C and D [64][8] fp32; computed twice:
-// d_bf16 with A as its exact bf16 values (a_bf16, from the host) and B as is (wgmma
-// bf16, the kernels' form), and d_f16 with A by cvt.rn.f16x2.e4m3x2 and B x 2^s[n]
-// (and C x 2^s[n]) as f16 (wgmma f16), the result x 2^-s[n]. The caller keeps every B
-// x 2^s[n] exact in f16. The question it answers: is an f16 step the bf16 step on the
-// same values (docs/design/cuda-linear.md, "An f16 stage for wo_a")?
-void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const uint16_t* b, const int* s,
-                          const float* c, int64_t blocks, float* d_bf16, float* d_f16);
 
 namespace {
 

@@ -21,6 +21,7 @@
 #include "core/scalar_math.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/block_sum.cuh"
 #include "ops/cuda/cta_probe.cuh"
@@ -31,23 +32,6 @@
 namespace dsv4::ops {
 
 using core::Tensor;
-
-// Tests: -1 the rule (hc_launch), 0 / 1 hc_mix_rows_kernel off / on for every launch
-// without an hc_post source; and how many launches took it. Its parts a row (1, 2, 4;
-// 0: DSV4_CUDA_HC_ROW_SPLIT's).
-void cuda_hc_force_row_mix(int on);
-int64_t cuda_hc_row_mix_launches();
-void cuda_hc_force_row_split(int parts);
-// Tests: -1 the rule (hc_fused), 0 / 1 the fused mHC kernel off / up to 16 rows; and how
-// many launches took it. The rows up to which the mix sums MoE slots (-1: the rule).
-void cuda_hc_force_fused(int on);
-int64_t cuda_hc_fused_launches();
-void cuda_hc_force_slot_rows(int rows);
-// -1 the environment's choice, 0 / 1 HcHandOver::quick off / on.
-void cuda_hc_force_quick_hand_over(int on);
-// -1 the environment's choice, 0 / 1 hc_post_slots_kernel off / on; how many launches took it.
-void cuda_hc_force_post_slots(int on);
-int64_t cuda_hc_post_slots_launches();
 
 namespace {
 
@@ -62,7 +46,6 @@ std::atomic<int> g_force_hc_post_slots{-1};
 std::atomic<int64_t> g_hc_post_slots_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
-
 
 unsigned grid_for(int64_t work_items, int threads) {
   const int64_t blocks = (work_items + threads - 1) / threads;
