@@ -21,6 +21,7 @@ def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     runs = defaultdict(list)  # name -> [results of one round]
+    setting = {}  # name -> (device, DSV4_* switches) of its first round (older JSON: neither)
     for path in sorted(glob.glob(os.path.join(sys.argv[1], "*-*.json"))):
         m = re.fullmatch(r"(.+)-(\d+)\.json", os.path.basename(path))
         if not m:
@@ -30,6 +31,7 @@ def main():
         for r in d["results"]:
             r["_gb"] = r["roofline_ms"] * d["copy_bandwidth_gb_s"] / 1000.0
         runs[m.group(1)].append(d["results"])
+        setting.setdefault(m.group(1), (d.get("device", {}).get("name"), d.get("environment")))
     if "base" not in runs:
         sys.exit(f"ab_summary: no base-N.json in {sys.argv[1]}")
     batches = [r["batch_per_rank"] for r in runs["base"][0]]
@@ -43,6 +45,11 @@ def main():
     def gb(name, i):
         return sum(rnd[i]["_gb"] for rnd in runs[name]) / len(runs[name])
 
+    for name in ["base"] + sorted(n for n in runs if n != "base"):
+        device, env = setting[name]
+        if device or env:
+            switches = " ".join("%s=%s" % kv for kv in sorted((env or {}).items()))
+            print("%-14s on %s%s" % (name, device or "?", ": " + switches if switches else ""))
     print("variant         batch   mean ms   vs base   x roof   rounds apart      GB   per GB vs base")
     for name in ["base"] + sorted(n for n in runs if n != "base"):
         for i, b in enumerate(batches):

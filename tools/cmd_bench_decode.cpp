@@ -418,6 +418,8 @@ Command add_bench_decode(CLI::App& app) {
     const model::ModelConfig& c = dp.config;
     const int W = o->dp;
     const double copy_bw = measure_copy_bandwidth(*dp.ranks[0]->backend);
+    const nlohmann::json device = device_json(*dp.ranks[0]->backend);
+    std::fprintf(stderr, "bench decode: %s\n", device_text(device).c_str());
     std::fprintf(stderr, "bench decode: copy bandwidth %.0f GB/s (read + write)\n", copy_bw / 1e9);
     const auto sizes = tensor_bytes(c);
     const int64_t p = o->context;
@@ -579,6 +581,8 @@ Command add_bench_decode(CLI::App& app) {
       out["dp"] = W;
       out["moe"] = W > 1 ? o->moe : "local";
       out["nccl_max_ctas"] = o->nccl_max_ctas;
+      out["device"] = device;
+      out["threads_per_rank"] = o->threads;  // (the CPU backend's)
       out["copy_bandwidth_gb_s"] = copy_bw / 1e9;
       out["environment"] = environment_json();  // the switches in effect (tools/env_switches.h)
       out["results"] = results;

@@ -78,6 +78,12 @@ void write_json_file(const nlohmann::json& value, const std::string& path, const
 // The DSV4_* variables set now, {name: value}: benchmarks record them with their results.
 nlohmann::json environment_json();
 
+// The backend's device, for a benchmark's record: a GPU's name, compute capability, SMs,
+// memory, L2 and CUDA driver/runtime versions, or the host CPU's model and cores.
+nlohmann::json device_json(ops::Backend& be);
+// device_json in one line: "NVIDIA H200 (sm_90, 132 SMs, 140 GiB; driver 13.0, runtime 13.0)".
+std::string device_text(const nlohmann::json& device);
+
 // The middle value (the upper one of an even count); 0 for none.
 double median(std::vector<double> v);
 

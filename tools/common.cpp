@@ -8,6 +8,7 @@
 #include <fstream>
 #include <memory>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include <fcntl.h>
@@ -19,6 +20,7 @@
 #include "tools/commands.h"
 #if DSV4_HAVE_CUDA
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_check.h"
 #endif
 
 namespace dsv4::tools {
@@ -157,6 +159,41 @@ std::function<void(uint64_t, uint64_t)> stderr_progress(const std::string& what,
                  double(total) / 1e9, s, pct == 100 ? "\n" : "");
     std::fflush(stderr);
   };
+}
+
+nlohmann::json device_json(ops::Backend& be) {
+#if DSV4_HAVE_CUDA
+  if (be.device() == core::Device::kCuda) {
+    const cudaDeviceProp& p = static_cast<ops::CudaBackend&>(be).properties();
+    int driver = 0, runtime = 0;
+    DSV4_CUDA_CHECK(cudaDriverGetVersion(&driver));
+    DSV4_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+    return {{"name", p.name},
+            {"compute_capability", fmt::format("{}.{}", p.major, p.minor)},
+            {"sms", p.multiProcessorCount},
+            {"memory_gib", double(p.totalGlobalMem) / double(1ull << 30)},
+            {"l2_mib", double(p.l2CacheSize) / double(1 << 20)},
+            {"cuda_driver", fmt::format("{}.{}", driver / 1000, driver % 1000 / 10)},
+            {"cuda_runtime", fmt::format("{}.{}", runtime / 1000, runtime % 1000 / 10)}};
+  }
+#endif
+  std::string model = "unknown CPU";
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);)
+    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
+      model = line.substr(line.find(':') + 2);
+      break;
+    }
+  return {{"name", model}, {"host_cores", std::thread::hardware_concurrency()}};
+}
+
+std::string device_text(const nlohmann::json& d) {
+  if (d.contains("sms"))
+    return fmt::format("{} (sm_{}, {} SMs, {:.0f} GiB; driver {}, runtime {})", d["name"].get<std::string>(),
+                       d["compute_capability"].get<std::string>().erase(1, 1), d["sms"].get<int>(),
+                       d["memory_gib"].get<double>(), d["cuda_driver"].get<std::string>(),
+                       d["cuda_runtime"].get<std::string>());
+  return fmt::format("{} ({} cores)", d["name"].get<std::string>(), d["host_cores"].get<unsigned>());
 }
 
 // Device-to-device copy bandwidth (bytes read + written per second), the roofline denominator.
