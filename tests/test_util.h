@@ -15,6 +15,7 @@
 
 #include "model/config.h"
 #include "model/weights.h"
+#include "ops/batch.h"
 
 namespace dsv4::testing {
 
@@ -34,5 +35,14 @@ inline const model::SyntheticWeightStore& tiny_weights() {
   return *store;
 }
 
+// The bytes of every tensor of a runner's caches (what Transformer::cache_bytes must predict).
+inline uint64_t cache_tensor_bytes(const std::vector<ops::LayerCache>& caches) {
+  uint64_t bytes = 0;
+  for (const ops::LayerCache& c : caches)
+    for (const core::Tensor* t : {&c.window, &c.rows, &c.index_rows, &c.kv_state, &c.score_state, &c.index_kv_state,
+                                  &c.index_score_state})
+      if (t->data() != nullptr) bytes += t->nbytes();  // (a layer's absent parts are empty tensors)
+  return bytes;
+}
 
 }  // namespace dsv4::testing

@@ -23,6 +23,16 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
   // One extra state slot that padded graph steps point their empty sequences at.
   ops::CacheGeometry geometry = options_.cache;
   geometry.num_slots += 1;
+  // The caches are the runner's largest allocation: a clear error before any of it, not an
+  // allocation failure part way through (or, on the host, the kernel's OOM killer).
+  const uint64_t cache = model_->cache_bytes(geometry);
+  if (const std::optional<uint64_t> free = backend.memory_available(); free && cache > *free)
+    core::fail(
+        "the KV cache ({} pages of {} tokens, {} state slots, {} layers) takes {:.2f} GB and {:.2f} GB are free on the "
+        "{}; give it fewer pages or sequences (serve: --kv-cache-memory, --kv-cache-pages, --max-num-seqs, "
+        "--max-model-len; bench decode: --batch, --context)",
+        geometry.num_pages, ops::kPageTokens, geometry.num_slots, model_->num_cache_layers(), double(cache) / 1e9,
+        double(*free) / 1e9, backend.device() == core::Device::kCuda ? "GPU" : "host");
   caches_ = model_->allocate_caches(geometry);
   buffers_ = model_->allocate_buffers(options_.max_tokens_per_step, options_.max_logit_rows, 0);
   const int64_t cap = options_.max_tokens_per_step;

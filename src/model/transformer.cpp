@@ -59,6 +59,15 @@ std::vector<ops::LayerCache> Transformer::allocate_caches(const ops::CacheGeomet
   return caches;
 }
 
+uint64_t Transformer::cache_bytes(const ops::CacheGeometry& geometry) const {
+  uint64_t bytes = 0;
+  for (int64_t l = 0; l < num_cache_layers(); ++l) {
+    const auto cost = backend_.cache_cost(geometry, config_.compress_ratio(l));
+    bytes += uint64_t(cost.per_slot) * uint64_t(geometry.num_slots) + uint64_t(cost.per_page) * uint64_t(geometry.num_pages);
+  }
+  return bytes;
+}
+
 std::unique_ptr<MicroBatchBuffers> Transformer::allocate_buffers(int64_t cap, int64_t max_logit_rows, int micro_batch) {
   const ModelConfig& c = config_;
   auto& be = backend_;

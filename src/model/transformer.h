@@ -61,6 +61,8 @@ class Transformer {
 
   // Per-sequence state of every layer (main layers, then MTP blocks).
   std::vector<ops::LayerCache> allocate_caches(const ops::CacheGeometry& geometry);
+  // The bytes allocate_caches takes (the backend's cache_cost over the layers).
+  uint64_t cache_bytes(const ops::CacheGeometry& geometry) const;
   std::unique_ptr<MicroBatchBuffers> allocate_buffers(int64_t capacity, int64_t max_logit_rows, int micro_batch);
 
   // One step of the main model for a micro-batch: embed, every layer, then the

@@ -223,6 +223,16 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], replayed[s][i]) << "sequence " << s << " token " << i;
 }
 
+// The CUDA backend's cache_cost (FP8 KV rows, the indexer's rows, f32 states) is what its
+// caches take: the runner's free-memory check rests on it.
+TEST_F(CudaTinyModel, CacheBytesAreWhatTheCachesTake) {
+  DSV4_REQUIRE_CUDA();
+  auto r = runner(*cuda_, *cuda_model_, false);
+  ops::CacheGeometry g = r->options().cache;
+  g.num_slots += 1;  // (the padding slot)
+  EXPECT_EQ(r->model().cache_bytes(g), testing::cache_tensor_bytes(r->caches()));
+}
+
 // The routed experts' input prepared beside the router (the local executor's `moe_input`
 // stage, Backend::prepare_routed_input; CUDA: opt-in) at every step against never, eager and
 // in graphs: the same tokens and logits bit for bit, and the stage ran.
