@@ -45,6 +45,10 @@ Command add_env(CLI::App& app) {
       std::printf("%s\n", rows.dump(2).c_str());
       return 0;
     }
+    if (o->set_only && set.empty()) {
+      std::printf("no DSV4_* variable is set\n");
+      return 0;
+    }
     size_t width = 0;
     for (const EnvSwitch& s : env_switches()) width = std::max(width, env_values_text(s).size());
     std::string_view reader;
