@@ -582,6 +582,7 @@ Command add_bench_decode(CLI::App& app) {
       out["moe"] = W > 1 ? o->moe : "local";
       out["nccl_max_ctas"] = o->nccl_max_ctas;
       out["device"] = device;
+      out["build"] = build_json();
       out["threads_per_rank"] = o->threads;  // (the CPU backend's)
       out["copy_bandwidth_gb_s"] = copy_bw / 1e9;
       out["environment"] = environment_json();  // the switches in effect (tools/env_switches.h)

@@ -203,6 +203,7 @@ Command add_bench_linears(CLI::App& app) {
       out["chain"] = o->chain;
       out["replays"] = o->replays;
       out["device"] = device_json(be);
+      out["build"] = build_json();
       out["copy_bandwidth_gb_s"] = copy_bw / 1e9;
       out["environment"] = environment_json();  // the switches in effect (tools/env_switches.h)
       for (const Result& r : results)

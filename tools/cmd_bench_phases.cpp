@@ -93,6 +93,7 @@ Command add_bench_phases(CLI::App& app) {
       out["barriers"] = po.barriers;
       out["barrier_us"] = r.barrier_us;
       out["device"] = device_json(cuda);
+      out["build"] = build_json();
       out["environment"] = environment_json();  // the switches in effect (tools/env_switches.h)
       out["single"] = run_json(r.single);
       out["persistent"] = run_json(r.persistent);

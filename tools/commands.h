@@ -78,6 +78,10 @@ void write_json_file(const nlohmann::json& value, const std::string& path, const
 // The DSV4_* variables set now, {name: value}: benchmarks record them with their results.
 nlohmann::json environment_json();
 
+// This binary (tools/build_info.h) for a benchmark's record: version, commit, local
+// changes, build type, CUDA.
+nlohmann::json build_json();
+
 // The backend's device, for a benchmark's record: a GPU's name, compute capability, SMs,
 // memory, L2 and CUDA driver/runtime versions, or the host CPU's model and cores.
 nlohmann::json device_json(ops::Backend& be);

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "tools/build_info.h"
 #include "tools/commands.h"
 #if DSV4_HAVE_CUDA
 #include "ops/cuda/cuda_backend.h"
@@ -159,6 +160,18 @@ std::function<void(uint64_t, uint64_t)> stderr_progress(const std::string& what,
                  double(total) / 1e9, s, pct == 100 ? "\n" : "");
     std::fflush(stderr);
   };
+}
+
+std::string build_info_text() {
+  const BuildInfo b = build_info();
+  return fmt::format("dsv4 {} (commit {}{}; {}; {})", b.version, b.commit, b.dirty ? ", with local changes" : "",
+                     b.build_type, b.cuda ? "CUDA backend" : "CPU only");
+}
+
+nlohmann::json build_json() {
+  const BuildInfo b = build_info();
+  return {{"version", b.version}, {"commit", b.commit}, {"dirty", b.dirty}, {"build_type", b.build_type},
+          {"cuda", b.cuda}};
 }
 
 nlohmann::json device_json(ops::Backend& be) {

@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 
 #include "core/error.h"
+#include "tools/build_info.h"
 #include "tools/commands.h"
 #include "tools/env_switches.h"
 
@@ -15,7 +16,7 @@ int main(int argc, char** argv) {
       "Loads Hugging Face checkpoints (FP8 dense, FP4 experts); runs on the CPU\n"
       "(reference) or NVIDIA Hopper GPUs."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", "dsv4 0.1.0");
+  app.set_version_flag("--version", dsv4::tools::build_info_text());
   std::vector<std::pair<CLI::App*, dsv4::tools::Command>> commands;
   auto add = [&](const char* name, const char* help, auto adder) {
     CLI::App* sub = app.add_subcommand(name, help);

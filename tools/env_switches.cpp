@@ -133,7 +133,8 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_BUILD_TYPE", "scripts", any("TYPE"), "Release", "CMake's build type of scripts/setup.sh (run.sh, test.sh)"},
     {"DSV4_CMAKE_ARGS", "scripts", any("ARGS"), "none", "more arguments to scripts/setup.sh's cmake (-DDSV4_CUDA=OFF)"},
     {"DSV4_CACHE", "scripts", any("DIR"), "<repo>/.cache", "where scripts/fetch_tokenizer.sh keeps the tokenizer"},
-    {"DSV4_COMMIT", "scripts", any("REV"), "git HEAD", "the commit scripts/gpu_suite.sh reports"},
+    {"DSV4_COMMIT", "scripts", any("REV"), "git HEAD",
+     "the commit scripts/gpu_suite.sh reports, and the build records (dsv4 --version) where the tree has no git"},
 };
 
 bool parse_int(std::string_view text, int64_t& out) {

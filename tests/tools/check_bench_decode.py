@@ -2,7 +2,7 @@
 """Runs `dsv4 bench decode` on the CPU backend (tiny preset) and checks its JSON:
 the bytes attributed to stages add up to the step's total, and each stage's
 roofline and ratio follow from its bytes, the copy bandwidth and its eager time, and
-the rows-per-expert histogram counts every routed slot, the device and the DSV4_* switches set are recorded;
+the rows-per-expert histogram counts every routed slot, the build, the device and the DSV4_* switches set are recorded;
 with --position-spread the KV bytes are those of each row at its own position.
 usage: check_bench_decode.py DSV4_BINARY TMP_DIR"""
 import json
@@ -34,6 +34,10 @@ def main():
     os.remove(out)
     if not d.get("device", {}).get("name") or d["device"]["name"] not in run.stderr:
         fail("the device is not recorded: JSON %s" % d.get("device"))
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    build = d.get("build", {})
+    if not build.get("commit") or "commit %s" % build["commit"] not in version or "cuda" not in build:
+        fail("the build is not recorded as --version says: JSON %s, --version %s" % (build, version))
     if d.get("environment", {}).get("DSV4_CUDA_LANES") != "3" or "bench decode: DSV4_CUDA_LANES=3" not in run.stderr:
         fail("the environment's switches not recorded: JSON %s, stderr %s" % (d.get("environment"), run.stderr[-500:]))
     bw = d["copy_bandwidth_gb_s"] * 1e9

@@ -32,7 +32,7 @@ def files(folders, suffixes):
 
 
 def names_read():
-    """{name: a file that reads it}: C++ string literals, and the scripts' $DSV4_X / os.environ reads."""
+    """{name: a file that reads it}: C++ string literals, the scripts' $DSV4_X / os.environ reads, CMake's $ENV{DSV4_X}."""
     found = {}
     for path in files(["src", "tools", "tests"], (".cpp", ".cu", ".cuh", ".h")):
         for name in re.findall(r'"(DSV4_[A-Z0-9_]+)"', open(path, encoding="utf-8").read()):
@@ -41,6 +41,9 @@ def names_read():
         text = open(path, encoding="utf-8").read()
         for name in re.findall(r"\$\{?(DSV4_[A-Z0-9_]+)", text) + re.findall(
                 r"environ[^\n]*?[\"'](DSV4_[A-Z0-9_]+)[\"']", text):
+            found.setdefault(name, path)
+    for path in files(["cmake", "src", "tools", "tests"], (".cmake", "CMakeLists.txt")):
+        for name in re.findall(r"ENV\{(DSV4_[A-Z0-9_]+)\}", open(path, encoding="utf-8").read()):
             found.setdefault(name, path)
     return found
 
