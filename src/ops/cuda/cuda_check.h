@@ -58,8 +58,9 @@ inline int64_t env_integer(const char* name, int64_t fallback, int64_t min, int6
   char* end = nullptr;
   errno = 0;
   const long long r = std::strtoll(v, &end, 10);
-  DSV4_CHECK(*end == '\0' && errno == 0 && r >= min && r <= max, "{}='{}': expected an integer {}..{}", name, v, min,
-             max);
+  const bool digits = *v == '-' || (*v >= '0' && *v <= '9');  // (strtoll would skip spaces and take '+')
+  DSV4_CHECK(digits && *end == '\0' && errno == 0 && r >= min && r <= max, "{}='{}': expected an integer {}..{}", name,
+             v, min, max);
   return int64_t(r);
 }
 
