@@ -48,6 +48,53 @@ def names_read():
     return found
 
 
+def call_args(text, start):
+    """The top-level arguments of the call whose '(' is at text[start]."""
+    depth, args, cur = 0, [], ""
+    for ch in text[start:]:
+        if ch == "(":
+            depth += 1
+            if depth == 1:
+                continue
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return args + [cur.strip()]
+        elif ch == "," and depth == 1:
+            args.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    return args
+
+
+def integer_readers():
+    """{name: (fallback, min, max)} of every env_integer call (and the mHC's row-limit wrapper), the constants
+    they name resolved from the sources' constexpr definitions."""
+    texts = {path: open(path, encoding="utf-8").read() for path in files(["src"], (".cu", ".cuh", ".h", ".cpp"))}
+    consts = {}
+    for text in texts.values():
+        for name, value in re.findall(r"constexpr\s+(?:int|int64_t)\s+(k\w+)\s*=\s*([0-9]+);", text):
+            consts[name] = int(value)
+
+    def value(expr):
+        expr = re.sub(r"int64_t\((\w+)\)", r"\1", expr)
+        expr = re.sub(r"\bk\w+\b", lambda m: str(consts[m.group(0)]), expr)
+        if not re.fullmatch(r"[0-9<> ()+-]+", expr):
+            fail("cannot read the integer %r" % expr)
+        return eval(expr)
+
+    out = {}
+    for text in texts.values():
+        for m in re.finditer(r"\benv_integer\(\s*\"(DSV4_[A-Z0-9_]+)\"", text):
+            fb, lo, hi = call_args(text, m.end() - len(m.group(0)) + len("env_integer"))[1:4]
+            out[m.group(1)] = (value(fb), value(lo), value(hi))
+        for m in re.finditer(r"\bhc_rows_from_env\(\s*\"(DSV4_[A-Z0-9_]+)\"", text):
+            fb = call_args(text, m.end() - len(m.group(0)) + len("hc_rows_from_env"))[1]
+            out[m.group(1)] = (value(fb), 0, consts["kHcPostMaxRows"])
+    return out
+
+
 def documented():
     """[(doc, name, value)] for every `DSV4_X=VALUE` of the README and ARCHITECTURE.md (not CMake's -DDSV4_X=)."""
     out = []
@@ -73,6 +120,16 @@ def main():
             fail("%s reads %s, which tools/env_switches.cpp does not list" % (os.path.relpath(path, REPO), name))
     for name in sorted(listed - set(read)):
         fail("tools/env_switches.cpp lists %s, which nothing in src, tools, tests or scripts reads" % name)
+
+    # The integer switches: the table's range and unset value are the reader's.
+    readers = integer_readers()
+    if len(readers) < 8:
+        fail("only %d env_integer readers found: the pattern no longer matches them" % len(readers))
+    rows = {row["name"]: row for row in table}
+    for name, (fallback, lo, hi) in sorted(readers.items()):
+        if "%d..%d" % (lo, hi) not in rows[name]["values"] or not rows[name]["unset"].startswith(str(fallback)):
+            fail("%s: the reader takes %d..%d and reads unset as %d; the table says %r, unset %r" %
+                 (name, lo, hi, fallback, rows[name]["values"], rows[name]["unset"]))
 
     docs = documented()
     if len(docs) < 20:
