@@ -131,6 +131,16 @@ def main():
             fail("%s: the reader takes %d..%d and reads unset as %d; the table says %r, unset %r" %
                  (name, lo, hi, fallback, rows[name]["values"], rows[name]["unset"]))
 
+    # The word switches: each value a reader compares with is one the table lists.
+    for path in files(["src"], (".cu", ".cuh", ".h", ".cpp")):
+        text = open(path, encoding="utf-8").read()
+        compared = re.findall(r'env_is\("(DSV4_[A-Z0-9_]+)",\s*"([^"]*)"\)', text) + [
+            (name, v) for name in re.findall(r'env_mode\("(DSV4_[A-Z0-9_]+)"\)', text) for v in ("0", "1")]
+        for name, v in compared:
+            if v not in rows[name]["values"].split(" | "):
+                fail("%s compares %s with %r, which the table does not list (%r)" %
+                     (os.path.relpath(path, REPO), name, v, rows[name]["values"]))
+
     docs = documented()
     if len(docs) < 20:
         fail("only %d DSV4_X= mentions found in the docs: the pattern no longer matches them" % len(docs))
