@@ -129,6 +129,10 @@ Command add_generate(CLI::App& app) {
       requests.push_back(std::move(r));
     }
     const int n = int(requests.size());
+    const model::ModelConfig config = source_config(o->model_dir, o->preset);
+    if (longest > config.max_position_embeddings)
+      core::fail("the longest prompt plus --max-new-tokens is {} tokens, beyond the model's max_position_embeddings {}",
+                 longest, config.max_position_embeddings);
     engine::EngineBuildOptions eo;
     eo.source = engine::ModelSource{o->model_dir, o->preset, o->weight_seed,
                                      stderr_progress("generate: weights", uint64_t(1) << 30)};  // (large models only)

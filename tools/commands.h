@@ -11,6 +11,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "engine/engine_builder.h"
+#include "model/config.h"
 #include "ops/backend.h"
 
 namespace dsv4::tools {
@@ -55,6 +56,10 @@ void apply_parallel_flags(const ParallelFlags& flags, engine::EngineBuildOptions
 // stderr when the percentage changes, ending the line at 100%; quiet where the total is
 // under min_total bytes (small models load in a moment).
 std::function<void(uint64_t done, uint64_t total)> stderr_progress(const std::string& what, uint64_t min_total = 0);
+
+// The configuration of --model DIR (its config.json) or --preset NAME, read without the
+// weights: for checks of the options against the model before the long work.
+model::ModelConfig source_config(const std::string& model_dir, const std::string& preset);
 
 // "4096", "64M", "5G", "auto" (0).
 uint64_t parse_size(const std::string& text, const char* option);

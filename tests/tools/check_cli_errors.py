@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Bad outputs and models that do not fit fail before the long work, naming the option or the sizes:
-`bench decode --json` and `generate --dump-logits` into a missing folder or onto a folder, and (where this
-host's free memory is below it) bench-1g's 34 GB of weights drawn on the CPU.
+`bench decode --json` and `generate --dump-logits` into a missing folder or onto a folder, positions beyond the
+model's, a KV cache beyond the host's free memory, and (where this host's free memory is below it) bench-1g's 34 GB
+of weights drawn on the CPU.
 usage: check_cli_errors.py DSV4_BINARY TMP_DIR"""
 import os
 import re
@@ -11,7 +12,8 @@ import time
 from check_common import fail, target_and_stem
 
 
-def expect_fast_failure(binary, args, *needles, limit_s=60):
+def expect_fast_failure(binary, args, *needles, limit_s=60, after_load=False):
+    """after_load: the check runs once the weights are loaded (the table's header may be out, no result line)."""
     start = time.monotonic()
     try:
         run = subprocess.run([binary] + args, capture_output=True, text=True, timeout=limit_s)
@@ -23,8 +25,9 @@ def expect_fast_failure(binary, args, *needles, limit_s=60):
     for needle in needles:
         if needle not in run.stderr:
             fail("%s: stderr lacks %r:\n%s" % (" ".join(args), needle, run.stderr[-2000:]))
-    if "stage ms" in run.stdout:
-        fail("%s: the benchmark ran before the error" % " ".join(args))
+    ran = re.search(r"^\d+\s+\d", run.stdout, re.M) if after_load else "stage ms" in run.stdout
+    if ran:
+        fail("%s: the benchmark ran before the error:\n%s" % (" ".join(args), run.stdout))
     print("ok (%.1f s): %s -> %s" % (took, " ".join(args), run.stderr.strip().splitlines()[-1]))
 
 
@@ -51,6 +54,16 @@ def main():
     expect_fast_failure(binary, ["generate", "--backend", "cpu", "--preset", "tiny", "--prompt-ids", "1,2",
                                  "--max-new-tokens", "1", "--dump-logits", missing], "--dump-logits",
                         "does not exist")
+    # Positions beyond the model's (tiny: max_position_embeddings 1024), before any weight is drawn.
+    expect_fast_failure(binary, ["bench", "decode"] + tiny + ["--context", "1024"], "--context 1024",
+                        "max_position_embeddings 1024")
+    expect_fast_failure(binary, ["generate", "--backend", "cpu", "--preset", "tiny", "--prompt-ids", "1,2",
+                                 "--max-new-tokens", "1023"], "--max-new-tokens is 1025 tokens",
+                        "max_position_embeddings 1024")
+    # A KV cache larger than any host's free memory (4.8 TB): an error before any of it is allocated.
+    expect_fast_failure(binary, ["bench", "decode", "--backend", "cpu", "--preset", "tiny", "--batch", "10000000",
+                                 "--context", "1000"], "the KV cache", "GB are free on the host", "--batch, --context",
+                        after_load=True)
     if os.path.exists(missing) or os.path.isdir(os.path.dirname(missing)):
         fail("a check created %s" % missing)
     # bench-1g's weights (34.3 GB with the MTP block) drawn in host memory: an error at once where they do not fit.
