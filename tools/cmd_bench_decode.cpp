@@ -325,7 +325,8 @@ Command add_bench_decode(CLI::App& app) {
       "the bytes the step must move (weights actually touched given the routing, KV read) and the ratio\n"
       "to the memory roofline (bytes / device-to-device copy bandwidth measured in the same run), and each\n"
       "stage's eager time against its own bytes' roofline, furthest first. --json adds the routing's load:\n"
-      "how many (layer, expert) pairs got each number of rows (expert_rows_histogram_rank0).");
+      "how many (layer, expert) pairs got each number of rows (expert_rows_histogram_rank0), and\n"
+      "records the build (dsv4 --version), the device and the DSV4_* switches set (dsv4 env).");
   app.add_option("--preset", o->preset, "Model preset with synthetic weights")->default_val("bench-1g");
   app.add_option("--model", o->model_dir, "Checkpoint directory instead of a preset");
   app.add_option("--random-weights", o->weight_seed, "Seed of the synthetic weights")->default_val(1);
