@@ -63,7 +63,8 @@ uint64_t Transformer::cache_bytes(const ops::CacheGeometry& geometry) const {
   uint64_t bytes = 0;
   for (int64_t l = 0; l < num_cache_layers(); ++l) {
     const auto cost = backend_.cache_cost(geometry, config_.compress_ratio(l));
-    bytes += uint64_t(cost.per_slot) * uint64_t(geometry.num_slots) + uint64_t(cost.per_page) * uint64_t(geometry.num_pages);
+    bytes += uint64_t(cost.per_slot) * uint64_t(geometry.num_slots) +
+             uint64_t(cost.per_page) * uint64_t(geometry.num_pages);
   }
   return bytes;
 }

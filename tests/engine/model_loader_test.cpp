@@ -81,7 +81,8 @@ RunnerOptions tiny_runner_options(int64_t slots, int64_t pages) {
 // cache_cost says they take: it must be what they take (slots + 1: the padding slot).
 TEST(ModelRunner, CacheBytesAreWhatTheCachesTake) {
   const model::ModelConfig config = model::preset_config("tiny");
-  const model::ModelWeights weights = model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
+  const model::ModelWeights weights =
+      model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
   auto be = ops::make_cpu_backend(1);
   ModelRunner runner(config, weights, *be, tiny_runner_options(3, 7));
   ops::CacheGeometry g = runner.options().cache;
@@ -94,7 +95,8 @@ TEST(ModelRunner, CacheBytesAreWhatTheCachesTake) {
 // sizes and what to change (a petabyte: more than any host has free).
 TEST(ModelRunner, AKvCacheLargerThanFreeMemoryFailsBeforeAllocating) {
   const model::ModelConfig config = model::preset_config("tiny");
-  const model::ModelWeights weights = model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
+  const model::ModelWeights weights =
+      model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
   auto be = ops::make_cpu_backend(1);
   ASSERT_TRUE(be->memory_available().has_value());
   std::string error;
