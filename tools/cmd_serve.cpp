@@ -150,7 +150,8 @@ Command add_serve(CLI::App& app) {
                                            ops::kPageTokens))
                     ->check(CLI::Range(int64_t(1), int64_t(1) << 30));
   app.add_option("--kv-cache-memory", o->kv_cache_memory,
-                 "KV cache size per rank instead of --kv-cache-pages, e.g. 8G")
+                 "KV cache size per rank instead of --kv-cache-pages, e.g. 8G (dsv4 info --model DIR gives the "
+                 "bytes a sequence and 1024 tokens of context take)")
       ->excludes(pages);
   app.add_option("--threads", o->threads, "CPU backend threads, split over --dp ranks (default: all cores)")->check(CLI::Range(0, 1024));
   app.add_option("--dp", o->dp, "Data-parallel engine ranks (CUDA: one GPU each; CPU: in-process ranks)")

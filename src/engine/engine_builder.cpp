@@ -39,14 +39,9 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   int64_t pages = o.kv_cache_pages;
   if (pages == 0 && o.kv_cache_memory > 0) {
     // Bytes per page and per slot summed over the layers, in the backend's format.
-    auto probe = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(1);
-    ops::CacheGeometry g{1, 1, config.sliding_window, config.head_dim, config.index_head_dim};
-    int64_t per_page = 0, per_slot = 0;
-    for (int64_t l = 0; l < config.num_layers_with_mtp(); ++l) {
-      const auto c = probe->cache_cost(g, config.compress_ratio(l));
-      per_page += c.per_page;
-      per_slot += c.per_slot;
-    }
+    const ops::CacheCost cost =
+        model::model_cache_cost(config, o.backend == "cuda" ? &ops::fp8_cache_cost : &ops::bf16_cache_cost);
+    const int64_t per_page = cost.per_page, per_slot = cost.per_slot;
     const int64_t budget = int64_t(o.kv_cache_memory) - per_slot * (o.max_num_seqs + 1);
     if (budget <= 0 || per_page == 0)
       core::fail("--kv-cache-memory {} bytes does not even hold the {} state slots ({} bytes each)", o.kv_cache_memory,

@@ -59,6 +59,18 @@ std::vector<ops::LayerCache> Transformer::allocate_caches(const ops::CacheGeomet
   return caches;
 }
 
+ops::CacheCost model_cache_cost(const ModelConfig& config,
+                                ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t)) {
+  const ops::CacheGeometry g{1, 1, config.sliding_window, config.head_dim, config.index_head_dim};
+  ops::CacheCost sum;
+  for (int64_t l = 0; l < config.num_layers_with_mtp(); ++l) {
+    const ops::CacheCost c = layer_cost(g, config.compress_ratio(l));
+    sum.per_slot += c.per_slot;
+    sum.per_page += c.per_page;
+  }
+  return sum;
+}
+
 uint64_t Transformer::cache_bytes(const ops::CacheGeometry& geometry) const {
   uint64_t bytes = 0;
   for (int64_t l = 0; l < num_cache_layers(); ++l) {

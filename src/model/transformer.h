@@ -50,6 +50,12 @@ struct MicroBatchBuffers {
   core::Tensor mtp_h, mtp_h_proj;        // bf16 [cap, hc, D]
 };
 
+// A model's cache summed over its layers (main, then MTP) in the format `layer_cost` gives
+// (ops::fp8_cache_cost: the CUDA backend's, ops::bf16_cache_cost: the CPU's): bytes per
+// state slot and per page of kPageTokens tokens. No backend needed: for sizing anywhere.
+ops::CacheCost model_cache_cost(const ModelConfig& config,
+                                ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t));
+
 class Transformer {
  public:
   Transformer(const ModelConfig& config, const ModelWeights& weights, ops::Backend& backend);

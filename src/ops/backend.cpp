@@ -12,6 +12,7 @@
 #include "core/random.h"
 
 #include "core/error.h"
+#include "ops/kv_format.h"
 #include "ops/gemm_order.h"
 
 namespace dsv4::ops {
@@ -763,6 +764,35 @@ int gemm_min_quant_slice_stages() {
   static const int from_env =
       slice_floor_from_env("DSV4_GEMM_MIN_QUANT_SLICE_STAGES", "the quantized GEMMs'", gemm_min_slice_stages());
   return from_env;
+}
+
+namespace {
+// A layer's cache of KV rows of kv_row bytes and index rows of index_row bytes: per slot the
+// window ring and the f32 compressor states (kv and score; the indexer's at ratio 4), per
+// page the compressed rows (and the index rows at ratio 4). Both backends' allocate_cache.
+CacheCost cache_cost_of_rows(const CacheGeometry& g, int64_t ratio, int64_t kv_row, int64_t index_row) {
+  CacheCost c;
+  c.per_slot = g.window * kv_row;
+  if (ratio > 0) {
+    const int64_t coff = ratio == 4 ? 2 : 1;  // (ratio 4 compresses overlapping windows: twice the state)
+    c.per_page = kPageTokens / ratio * kv_row;
+    c.per_slot += 2 * coff * ratio * coff * g.head_dim * 4;
+  }
+  if (ratio == 4) {
+    c.per_page += kPageTokens / 4 * index_row;
+    c.per_slot += 2 * 8 * 2 * g.index_head_dim * 4;
+  }
+  return c;
+}
+}  // namespace
+
+CacheCost fp8_cache_cost(const CacheGeometry& g, int64_t ratio) {
+  constexpr int64_t kRope = 64;  // (V4's qk_rope_head_dim, as CudaBackend::allocate_cache)
+  return cache_cost_of_rows(g, ratio, kv_row_bytes(g.head_dim, kRope), index_row_bytes(g.index_head_dim));
+}
+
+CacheCost bf16_cache_cost(const CacheGeometry& g, int64_t ratio) {
+  return cache_cost_of_rows(g, ratio, g.head_dim * 2, g.index_head_dim * 2);
 }
 
 }  // namespace dsv4::ops

@@ -162,10 +162,7 @@ class Backend {
   virtual LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) = 0;
   // Bytes allocate_cache takes per state slot and per page for one layer (sizing
   // the pools from a memory budget).
-  struct CacheCost {
-    int64_t per_slot = 0;
-    int64_t per_page = 0;
-  };
+  using CacheCost = ops::CacheCost;
   virtual CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const = 0;
   // Records `body` (which issues ops only: no host reads of device data, no
   // allocation) for replay; recording does not execute it. Every buffer it

@@ -54,4 +54,16 @@ struct CacheGeometry {
   int64_t index_head_dim = 0;
 };
 
+// Bytes one layer's cache takes per state slot (window ring, compressor states) and per
+// page of compressed and index rows (Backend::cache_cost; sizing the pools from a memory
+// budget, checking them against the free memory).
+struct CacheCost {
+  int64_t per_slot = 0;
+  int64_t per_page = 0;
+};
+// In the CUDA backend's format (FP8 KV rows of kv_row_bytes, e2m1 index rows) and in the
+// CPU's (bf16 rows); f32 compressor states in both. No device needed: for sizing anywhere.
+CacheCost fp8_cache_cost(const CacheGeometry& geometry, int64_t ratio);
+CacheCost bf16_cache_cost(const CacheGeometry& geometry, int64_t ratio);
+
 }  // namespace dsv4::ops

@@ -974,5 +974,26 @@ TEST(HopperGemmOrder, CpuBackendModelsBf16AndGroupedGemms) {
     }
 }
 
+// The caches' bytes per state slot and per page (256 tokens) for V4's layer shapes
+// (head_dim 512 with rope 64, index_head_dim 128, window 128), worked by hand:
+// FP8 KV rows of 448 + 128 + 8 = 584 bytes, index rows of 64 + 4 = 68; f32 compressor
+// states of 2 (kv, score) x coff*ratio x coff*512, coff = 2 at ratio 4; the indexer's
+// 2 x 8 x 256 at ratio 4.
+TEST(CacheCost, Fp8AndBf16RowsOfV4ByHand) {
+  const CacheGeometry g{1, 1, 128, 512, 128};
+  const int64_t window_fp8 = 128 * 584, window_bf16 = 128 * 1024;
+  const int64_t state4 = 2 * 8 * 1024 * 4 + 2 * 8 * 256 * 4, state128 = 2 * 128 * 512 * 4;
+  const auto expect = [](CacheCost c, int64_t per_slot, int64_t per_page) {
+    EXPECT_EQ(c.per_slot, per_slot);
+    EXPECT_EQ(c.per_page, per_page);
+  };
+  expect(fp8_cache_cost(g, 0), window_fp8, 0);
+  expect(fp8_cache_cost(g, 4), window_fp8 + state4, 64 * 584 + 64 * 68);
+  expect(fp8_cache_cost(g, 128), window_fp8 + state128, 2 * 584);
+  expect(bf16_cache_cost(g, 0), window_bf16, 0);
+  expect(bf16_cache_cost(g, 4), window_bf16 + state4, 64 * 1024 + 64 * 256);
+  expect(bf16_cache_cost(g, 128), window_bf16 + state128, 2 * 1024);
+}
+
 }  // namespace
 }  // namespace dsv4::ops

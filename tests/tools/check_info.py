@@ -26,7 +26,8 @@ def weights_gb(text):
 def main():
     binary, stem = target_and_stem("info")
     preset = run(binary, ["info", "--preset", "tiny", "--dp", "2"]).stdout
-    for needle in ("preset tiny", "layers 4 (+1 MTP)", "free here: host "):
+    for needle in ("preset tiny", "layers 4 (+1 MTP)", "free here: host ", "kv cache (CUDA, FP8 rows): ",
+                   "kv cache (CPU, bf16 rows): "):
         if needle not in preset:
             fail("info --preset tiny lacks %r:\n%s" % (needle, preset))
     share = re.search(r"split over 2 ranks: up to ([0-9.]+) GB", preset)
@@ -36,6 +37,9 @@ def main():
     ckpt = run(binary, ["info", "--model", stem]).stdout
     if "checkpoint %s: OK" % stem not in ckpt:
         fail("info --model: not OK:\n" + ckpt)
+    kv = re.compile(r"^kv cache .*$", re.M)
+    if kv.findall(ckpt) != kv.findall(preset) or len(kv.findall(preset)) != 2:
+        fail("the checkpoint's kv cache lines differ from the preset's:\n%s\n%s" % (ckpt, preset))
     if weights_gb(ckpt) != weights_gb(preset):
         fail("the checkpoint's weights %s GB, the preset's %s GB" % (weights_gb(ckpt), weights_gb(preset)))
     shutil.rmtree(stem)

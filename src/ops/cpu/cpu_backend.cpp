@@ -60,18 +60,7 @@ LayerCache CpuBackend::allocate_cache(const CacheGeometry& g, int64_t ratio) {
 }
 
 Backend::CacheCost CpuBackend::cache_cost(const CacheGeometry& g, int64_t ratio) const {
-  CacheCost c;
-  c.per_slot = g.window * g.head_dim * 2;
-  if (ratio > 0) {
-    const int64_t coff = ratio == 4 ? 2 : 1;
-    c.per_page = kPageTokens / ratio * g.head_dim * 2;
-    c.per_slot += 2 * coff * ratio * coff * g.head_dim * 4;
-  }
-  if (ratio == 4) {
-    c.per_page += kPageTokens / 4 * g.index_head_dim * 2;
-    c.per_slot += 2 * 8 * 2 * g.index_head_dim * 4;
-  }
-  return c;
+  return bf16_cache_cost(g, ratio);
 }
 
 void CpuBackend::do_embed(const Tensor& table, const BatchView& batch, const Tensor& X) {

@@ -280,20 +280,7 @@ LayerCache CudaBackend::allocate_cache(const CacheGeometry& g, int64_t ratio) {
 }
 
 Backend::CacheCost CudaBackend::cache_cost(const CacheGeometry& g, int64_t ratio) const {
-  constexpr int64_t kRope = 64;
-  const int64_t row = kv_row_bytes(g.head_dim, kRope);
-  CacheCost c;
-  c.per_slot = g.window * row;
-  if (ratio > 0) {
-    const int64_t coff = ratio == 4 ? 2 : 1;
-    c.per_page = kPageTokens / ratio * row;
-    c.per_slot += 2 * coff * ratio * coff * g.head_dim * 4;
-  }
-  if (ratio == 4) {
-    c.per_page += kPageTokens / 4 * index_row_bytes(g.index_head_dim);
-    c.per_slot += 2 * 8 * 2 * g.index_head_dim * 4;
-  }
-  return c;
+  return fp8_cache_cost(g, ratio);
 }
 
 namespace {
