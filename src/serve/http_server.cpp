@@ -253,6 +253,11 @@ void HttpServer::Impl::routes() {
     if (draining) return reply_error(res, 503, "the server is shutting down");
     res.set_content("{\"status\":\"ok\"}", "application/json");
   });
+  server.Get("/version", [this](const httplib::Request&, httplib::Response& res) {
+    nlohmann::json v = nlohmann::json::object();
+    for (const auto& [key, value] : options.build_info) v[key] = value;
+    res.set_content(v.dump(), "application/json");
+  });
   server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics(), "text/plain; version=0.0.4; charset=utf-8");
   });
@@ -263,7 +268,7 @@ void HttpServer::Impl::routes() {
     if (res.status == 404)
       return reply_error(res, 404,
                          fmt::format("no route for {} {}; this server has POST /v1/completions, POST "
-                                     "/v1/chat/completions, GET /v1/models, GET /health, GET /metrics",
+                                     "/v1/chat/completions, GET /v1/models, GET /health, GET /metrics, GET /version",
                                      req.method, req.path));
     reply_error(res, res.status, fmt::format("{} {} failed with HTTP {}", req.method, req.path, res.status));
   });
@@ -278,7 +283,8 @@ void HttpServer::Impl::routes() {
     reply_error(res, 500, fmt::format("internal error: {}", what));
   });
   server.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
-    static const char* known[] = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"};
+    static const char* known[] = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                                  "/version"};
     std::string path = "other";
     for (const char* k : known)
       if (req.path == k) path = k;
@@ -443,6 +449,7 @@ std::string HttpServer::Impl::metrics() const {
     in_flight = inflight.size();
   }
   PrometheusWriter w;
+  w.gauge("dsv4_build_info", "The program serving (its labels; the value is always 1).", 1.0, options.build_info);
   w.gauge("dsv4_num_requests_running", "Requests in the running batch (admitted, holding cache state).",
           double(s.running));
   w.gauge("dsv4_num_requests_waiting", "Requests waiting for admission.", double(s.waiting));

@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "engine/serving_engine.h"
 #include "serve/tokenizer.h"
@@ -29,6 +31,9 @@ struct HttpServerOptions {
   double shutdown_grace_s = 30.0;       // in-flight requests may finish this long after shutdown starts
   int keep_alive_timeout_s = 5;         // idle keep-alive connections close after this
   size_t max_body_bytes = 64u << 20;
+  // What the program is (dsv4: version, commit, build type...), served as GET /version's
+  // JSON object and as the labels of /metrics' dsv4_build_info gauge (value 1).
+  std::vector<std::pair<std::string, std::string>> build_info;
 };
 
 class HttpServer {

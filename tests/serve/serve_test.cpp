@@ -533,6 +533,7 @@ struct ServerEnv {
     so.served_model_name = "tiny";
     so.num_threads = 320;
     so.keep_alive_timeout_s = 1;
+    so.build_info = {{"version", "0.1.0"}, {"commit", "0123456789ab"}};
     return so;
   }
   // Waits until nothing runs or waits, every page is free and the server holds
@@ -694,6 +695,9 @@ TEST_F(Serve, NonStreamingEndpointsErrorsAndPrometheusMetrics) {
   ServerEnv& e = env();
   const std::string before = get(e.port, "/metrics").body;  // counters are per process
   EXPECT_EQ(get(e.port, "/health").status, 200);
+  const HttpResult version = get(e.port, "/version");
+  ASSERT_EQ(version.status, 200);
+  EXPECT_EQ(json::parse(version.body), json({{"version", "0.1.0"}, {"commit", "0123456789ab"}}));
   const HttpResult models = get(e.port, "/v1/models");
   ASSERT_EQ(models.status, 200);
   const json m = json::parse(models.body);
@@ -758,7 +762,8 @@ TEST_F(Serve, NonStreamingEndpointsErrorsAndPrometheusMetrics) {
                         "dsv4_generation_tokens_total", "dsv4_prompt_tokens_total",
                         "dsv4_engine_finished_requests_total", "dsv4_num_preemptions_total", "dsv4_step_time_seconds",
                         "dsv4_generation_tokens_per_second", "dsv4_time_to_first_token_seconds",
-                        "dsv4_e2e_request_latency_seconds", "dsv4_http_requests_total", "dsv4_request_finished_total"})
+                        "dsv4_e2e_request_latency_seconds", "dsv4_http_requests_total", "dsv4_request_finished_total",
+                        "dsv4_build_info"})
     EXPECT_TRUE(families.count(f)) << f << " missing from\n" << metrics.body;
   auto delta = [&](const std::string& text, const std::string& sample) {
     return metric(text, sample) - metric(before, sample);
@@ -767,6 +772,7 @@ TEST_F(Serve, NonStreamingEndpointsErrorsAndPrometheusMetrics) {
   EXPECT_EQ(delta(metrics.body, "dsv4_prompt_tokens_total"), 8);
   EXPECT_EQ(delta(metrics.body, "dsv4_request_finished_total{finished_reason=\"length\"}"), 2);
   EXPECT_EQ(metric(metrics.body, "dsv4_num_requests_running"), 0);
+  EXPECT_EQ(metric(metrics.body, "dsv4_build_info{version=\"0.1.0\",commit=\"0123456789ab\"}"), 1);
   // HTTP counts are taken after the response is written: poll briefly.
   const std::string bad_requests = "dsv4_http_requests_total{path=\"/v1/completions\",status=\"400\"}";
   std::string text = metrics.body;
