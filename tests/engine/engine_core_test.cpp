@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <string>
 #include <random>
 
 #include "engine/engine_core.h"
+#include "core/error.h"
 #include "engine/generator.h"
 #include "model/weights.h"
 #include "test_util.h"
@@ -20,7 +22,7 @@ class EngineCoreTest : public ::testing::Test {
     config_ = model::preset_config("tiny");
     weights_ = model::bind_weights(config_, testing::tiny_weights().lookup(), 0, config_.n_routed_experts);
   }
-  std::unique_ptr<ModelRunner> make_runner(int32_t slots, int32_t pages) {
+  std::unique_ptr<ModelRunner> make_runner(int64_t slots, int64_t pages) {
     RunnerOptions o;
     o.max_tokens_per_step = 256;
     o.max_seqs_per_step = 32;
@@ -57,6 +59,34 @@ class EngineCoreTest : public ::testing::Test {
   model::ModelWeights weights_;
   std::unique_ptr<ops::Backend> backend_ = ops::make_cpu_backend(2);
 };
+
+// The runner's caches (the fixture's runners: tiny on the CPU).
+using ModelRunnerTest = EngineCoreTest;
+
+// The runner checks its caches against the free memory from what the backend's
+// cache_cost says they take: it must be what they take (slots + 1: the padding slot).
+TEST_F(ModelRunnerTest, CacheBytesAreWhatTheCachesTake) {
+  const auto runner = make_runner(3, 7);
+  ops::CacheGeometry g = runner->options().cache;
+  g.num_slots += 1;
+  EXPECT_EQ(runner->model().cache_bytes(g), testing::cache_tensor_bytes(runner->caches()));
+  EXPECT_GT(runner->model().cache_bytes(g), 0u);
+}
+
+// A KV cache larger than the free memory fails before any of it is allocated, with the
+// sizes and what to change (2^40 pages: more than any host has free).
+TEST_F(ModelRunnerTest, AKvCacheLargerThanFreeMemoryFailsBeforeAllocating) {
+  ASSERT_TRUE(backend_->memory_available().has_value());
+  std::string error;
+  try {
+    make_runner(4, int64_t(1) << 40);
+  } catch (const core::Error& e) {
+    error = e.what();
+  }
+  EXPECT_NE(error.find("the KV cache (1099511627776 pages of 256 tokens, 5 state slots"), std::string::npos) << error;
+  EXPECT_NE(error.find("GB are free on the host"), std::string::npos) << error;
+  EXPECT_NE(error.find("--kv-cache-memory"), std::string::npos) << error;
+}
 
 TEST_F(EngineCoreTest, ContinuousBatchingMatchesOfflineGeneration) {
   std::vector<RequestParams> reqs;

@@ -5,9 +5,7 @@
 
 #include "core/error.h"
 #include "engine/model_loader.h"
-#include "engine/model_runner.h"
 #include "model/weights.h"
-#include "test_util.h"
 
 namespace dsv4::engine {
 namespace {
@@ -64,50 +62,6 @@ TEST(ModelLoader, AnExpertSliceSharesTheWholeModelsTensors) {
   EXPECT_EQ(slice->weights.head.data(), whole->weights.head.data());
   // A slice of a slice is refused: its experts are not all there.
   EXPECT_THROW(bind_expert_slice(slice, 0, 2), core::Error);
-}
-
-RunnerOptions tiny_runner_options(int64_t slots, int64_t pages) {
-  RunnerOptions o;
-  o.max_tokens_per_step = 4;
-  o.max_seqs_per_step = 4;
-  o.max_logit_rows = 4;
-  o.max_blocks_per_seq = 4;
-  o.cache.num_slots = slots;
-  o.cache.num_pages = pages;
-  return o;
-}
-
-// The runner checks its caches against the free memory from what the backend's
-// cache_cost says they take: it must be what they take (slots + 1: the padding slot).
-TEST(ModelRunner, CacheBytesAreWhatTheCachesTake) {
-  const model::ModelConfig config = model::preset_config("tiny");
-  const model::ModelWeights weights =
-      model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
-  auto be = ops::make_cpu_backend(1);
-  ModelRunner runner(config, weights, *be, tiny_runner_options(3, 7));
-  ops::CacheGeometry g = runner.options().cache;
-  g.num_slots += 1;
-  EXPECT_EQ(runner.model().cache_bytes(g), testing::cache_tensor_bytes(runner.caches()));
-  EXPECT_GT(runner.model().cache_bytes(g), 0u);
-}
-
-// A KV cache larger than the free memory fails before any of it is allocated, with the
-// sizes and what to change (a petabyte: more than any host has free).
-TEST(ModelRunner, AKvCacheLargerThanFreeMemoryFailsBeforeAllocating) {
-  const model::ModelConfig config = model::preset_config("tiny");
-  const model::ModelWeights weights =
-      model::bind_weights(config, testing::tiny_weights().lookup(), 0, config.n_routed_experts);
-  auto be = ops::make_cpu_backend(1);
-  ASSERT_TRUE(be->memory_available().has_value());
-  std::string error;
-  try {
-    ModelRunner runner(config, weights, *be, tiny_runner_options(4, int64_t(1) << 40));
-  } catch (const core::Error& e) {
-    error = e.what();
-  }
-  EXPECT_NE(error.find("the KV cache (1099511627776 pages of 256 tokens, 5 state slots"), std::string::npos) << error;
-  EXPECT_NE(error.find("GB are free on the host"), std::string::npos) << error;
-  EXPECT_NE(error.find("--kv-cache-memory"), std::string::npos) << error;
 }
 
 }  // namespace
