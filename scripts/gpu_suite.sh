@@ -58,6 +58,7 @@ for s in "$@"; do
       note "commit ${DSV4_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
       step configure 300 cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DDSV4_CUDA=ON
       step build 600 cmake --build $B -j "$(nproc)"
+      [ -x "$D" ] && note "$("$D" --version 2>&1)"  # (the commit as built, and whether the tree had local changes)
       ;;
     tests)  # every GPU test: op-vs-reference matrix, model parity, graph == eager, NCCL, kill test
       step gpu-tests 600 ctest --test-dir $B -L gpu -R "${GPU_TESTS_REGEX:-.}" -j "${GPU_TESTS_J:-1}" --no-tests=error \
