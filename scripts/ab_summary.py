@@ -22,6 +22,7 @@ def main():
         sys.exit(__doc__)
     runs = defaultdict(list)  # name -> [results of one round]
     setting = {}  # name -> (device, DSV4_* switches) of its first round (older JSON: neither)
+    devices = set()  # every run's device: an A/B compares runs of one machine
     for path in sorted(glob.glob(os.path.join(sys.argv[1], "*-*.json"))):
         m = re.fullmatch(r"(.+)-(\d+)\.json", os.path.basename(path))
         if not m:
@@ -32,9 +33,13 @@ def main():
             r["_gb"] = r["roofline_ms"] * d["copy_bandwidth_gb_s"] / 1000.0
         runs[m.group(1)].append(d["results"])
         setting.setdefault(m.group(1), (d.get("device", {}).get("name"), d.get("environment")))
+        devices.add(d.get("device", {}).get("name"))
     if "base" not in runs:
         sys.exit(f"ab_summary: no base-N.json in {sys.argv[1]}")
     batches = [r["batch_per_rank"] for r in runs["base"][0]]
+    if len(devices - {None}) > 1:
+        print("WARNING: the runs were on different devices (%s): their steps do not compare" %
+              ", ".join(sorted(str(x) for x in devices - {None})))
 
     def steps(name, i):
         return [rnd[i]["roofline_ms"] * rnd[i]["ratio_to_roofline"] for rnd in runs[name]]
