@@ -50,6 +50,15 @@ std::vector<Shard> plan_shards(const std::vector<TensorSpec>& specs, uint64_t ma
 
 }  // namespace
 
+void check_checkpoint_fits(const std::string& dir, uint64_t needed, uint64_t available) {
+  // (each shard's header and the index: a few MB at most on top of the tensors)
+  const uint64_t with_headers = needed + (uint64_t(16) << 20);
+  if (with_headers > available)
+    core::fail("checkpoint {}: its tensors take {:.2f} GB and {:.2f} GB are free there; free some space or write it "
+               "elsewhere (--out)",
+               dir, double(needed) / 1e9, double(available) / 1e9);
+}
+
 CheckpointWriteResult write_checkpoint(const ModelConfig& config, const CheckpointWriteOptions& options) {
   validate_config(config, "checkpoint config");
   const std::vector<TensorSpec> specs = checkpoint_tensor_specs(config);
@@ -57,12 +66,26 @@ CheckpointWriteResult write_checkpoint(const ModelConfig& config, const Checkpoi
   uint64_t max_shard = options.max_shard_bytes;
   if (max_shard == 0) max_shard = std::clamp<uint64_t>(total / 8, 16ull << 20, 5ull << 30);
 
-  std::error_code ec;
-  fs::create_directories(options.out_dir, ec);
-  if (ec) core::fail("cannot create output directory {}: {}", options.out_dir, ec.message());
-
   const std::vector<Shard> shards = plan_shards(specs, max_shard);
   const int n = int(shards.size());
+  // A checkpoint that does not fit stops here, before anything is created, not after hours of
+  // writing (v4-flash: 160 GB). The free space is that of the nearest folder that exists;
+  // shards of the same names already there are rewritten in place, so their bytes count as free.
+  std::error_code ec;
+  fs::path existing = fs::absolute(options.out_dir, ec);
+  while (!ec && !fs::exists(existing, ec) && existing.has_parent_path() && existing != existing.parent_path())
+    existing = existing.parent_path();
+  if (const fs::space_info space = fs::space(existing, ec); !ec) {
+    uint64_t reused = 0;
+    for (int si = 0; si < n; ++si) {
+      const fs::path old = fs::path(options.out_dir) / fmt::format("model-{:05d}-of-{:05d}.safetensors", si + 1, n);
+      if (const uintmax_t size = fs::file_size(old, ec); !ec) reused += size;
+    }
+    check_checkpoint_fits(options.out_dir, total, uint64_t(space.available) + reused);
+  }
+  ec.clear();
+  fs::create_directories(options.out_dir, ec);
+  if (ec) core::fail("cannot create output directory {}: {}", options.out_dir, ec.message());
   nlohmann::json weight_map = nlohmann::json::object();
   std::atomic<uint64_t> done{0};
 

@@ -27,6 +27,12 @@ struct CheckpointWriteResult {
   size_t num_tensors = 0;
 };
 
+// Writes nothing and fails, naming the folder and both sizes, where the checkpoint does not
+// fit the free space of its file system (checked before the first shard).
 CheckpointWriteResult write_checkpoint(const ModelConfig& config, const CheckpointWriteOptions& options);
+
+// The check write_checkpoint makes: `needed` tensor bytes (plus a margin for headers) against
+// `available` bytes in `dir`.
+void check_checkpoint_fits(const std::string& dir, uint64_t needed, uint64_t available);
 
 }  // namespace dsv4::model

@@ -13,6 +13,7 @@
 #include "model/checkpoint_writer.h"
 #include "model/safetensors.h"
 #include "model/weight_spec.h"
+#include "model/synthetic_weights.h"
 #include "model/weights.h"
 #include "test_util.h"
 
@@ -135,6 +136,34 @@ TEST(Checkpoint, SyntheticWeightsExerciseManyScales) {
     EXPECT_NE(r[0], r[1]);
     EXPECT_TRUE(r[0] >= 0 && r[0] < 8 && r[1] >= 0 && r[1] < 8);
   }
+}
+
+// A checkpoint larger than the free space fails before anything is written or created, with
+// the folder and both sizes (v4-pro: 865 GB; skipped where this file system has that much).
+TEST(Checkpoint, AWriteThatDoesNotFitFailsBeforeWritingAnything) {
+  try {
+    check_checkpoint_fits("ckpt", 160'000'000'000ull, 60'000'000'000ull);
+    ADD_FAILURE() << "160 GB into 60 GB passed";
+  } catch (const core::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("checkpoint ckpt: its tensors take 160.00 GB and 60.00 GB are free there"),
+              std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(check_checkpoint_fits("ckpt", 1'000'000, 1'000'000'000));
+
+  const ModelConfig pro = preset_config("v4-pro");
+  const fs::path base = testing::temp_dir("checkpoint_fit");
+  const uint64_t needed = needed_weight_bytes(pro);
+  if (fs::space(base).available >= needed) GTEST_SKIP() << "this file system has room for v4-pro";
+  CheckpointWriteOptions o;
+  o.out_dir = (base / "a" / "v4-pro").string();
+  std::string error;
+  try {
+    write_checkpoint(pro, o);
+  } catch (const core::Error& e) {
+    error = e.what();
+  }
+  EXPECT_NE(error.find("GB are free there"), std::string::npos) << error;
+  EXPECT_FALSE(fs::exists(base / "a"));  // nothing created
 }
 
 TEST(Checkpoint, MissingTensorNamesTensorAndConfig) {

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Bad outputs and models that do not fit fail before the long work, naming the option or the sizes:
 `bench decode --json` and `generate --dump-logits` into a missing folder or onto a folder, positions beyond the
-model's, a KV cache beyond the host's free memory, and (where this host's free memory is below it) bench-1g's 34 GB
-of weights drawn on the CPU.
+model's, a KV cache beyond the host's free memory, a checkpoint beyond the free disk space (v4-pro, where the disk
+has less than 900 GB free), and (where this host's free memory is below it) bench-1g's 34 GB of weights drawn on the
+CPU.
 usage: check_cli_errors.py DSV4_BINARY TMP_DIR"""
 import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -60,6 +62,12 @@ def main():
     expect_fast_failure(binary, ["generate", "--backend", "cpu", "--preset", "tiny", "--prompt-ids", "1,2",
                                  "--max-new-tokens", "1023"], "--max-new-tokens is 1025 tokens",
                         "max_position_embeddings 1024")
+    # A checkpoint larger than the free disk space (v4-pro: 865 GB), before anything is written.
+    if shutil.disk_usage(os.path.dirname(stem)).free < 900e9:
+        expect_fast_failure(binary, ["make-checkpoint", "--preset", "v4-pro", "--out", stem + "_pro"],
+                            "its tensors take 864.70 GB", "GB are free there", "--out")
+        if os.path.exists(stem + "_pro"):
+            fail("make-checkpoint created %s before failing" % (stem + "_pro"))
     # A KV cache larger than any host's free memory (4.8 TB): an error before any of it is allocated.
     expect_fast_failure(binary, ["bench", "decode", "--backend", "cpu", "--preset", "tiny", "--batch", "10000000",
                                  "--context", "1000"], "the KV cache", "GB are free on the host", "--batch, --context",
