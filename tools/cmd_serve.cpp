@@ -16,6 +16,7 @@
 
 #include "core/error.h"
 #include "engine/engine_builder.h"
+#include "model/transformer.h"
 #include "ops/batch.h"
 #include "serve/http_server.h"
 #include "serve/tokenizer.h"
@@ -245,9 +246,17 @@ Command add_serve(CLI::App& app) {
       ~Forget() { signals.set_handler(nullptr); }
     } forget{signals};
 
-    const std::string cache = o->kv_cache_pages > 0       ? fmt::format("{} pages", o->kv_cache_pages)
-                              : !o->kv_cache_memory.empty() ? o->kv_cache_memory
-                                                            : "enough for --max-num-seqs full-length sequences";
+    // What the pools hold, per rank: pages (and the tokens of context they take), and the bytes.
+    const int64_t pages = engine->stats().free_pages / o->dp;  // (nothing is in use yet)
+    const ops::CacheCost cost =
+        model::model_cache_cost(config, backend_name == "cuda" ? &ops::fp8_cache_cost : &ops::bf16_cache_cost);
+    const double cache_gb = double(cost.per_page * pages + cost.per_slot * (o->max_num_seqs + 1)) / 1e9;
+    const std::string cache = fmt::format(
+        "{} pages ({} tokens of context, {:.2f} GB with the state slots; {})", pages, pages * ops::kPageTokens,
+        cache_gb,
+        o->kv_cache_pages > 0        ? "--kv-cache-pages"
+        : !o->kv_cache_memory.empty() ? "--kv-cache-memory " + o->kv_cache_memory
+                                      : "enough for --max-num-seqs full-length sequences");
     std::fprintf(stderr,
                  "dsv4 serve: model \"%s\" on %s%s; max-model-len %d, max-num-seqs %d, max-num-batched-tokens %d, "
                  "KV cache %s%s\n",
