@@ -198,19 +198,23 @@ nlohmann::json device_json(ops::Backend& be) {
   std::string model = "unknown CPU";
   std::ifstream cpuinfo("/proc/cpuinfo");
   for (std::string line; std::getline(cpuinfo, line);)
-    if (line.rfind("model name", 0) == 0 && line.find(':') != std::string::npos) {
-      model = line.substr(line.find(':') + 2);
+    if (line.rfind("model name", 0) == 0) {
+      const size_t value = line.find_first_not_of(" \t", line.find(':') + 1);
+      if (line.find(':') != std::string::npos && value != std::string::npos) model = line.substr(value);
       break;
     }
   return {{"name", model}, {"host_cores", std::thread::hardware_concurrency()}};
 }
 
 std::string device_text(const nlohmann::json& d) {
-  if (d.contains("sms"))
-    return fmt::format("{} (sm_{}, {} SMs, {:.0f} GiB; driver {}, runtime {})", d["name"].get<std::string>(),
-                       d["compute_capability"].get<std::string>().erase(1, 1), d["sms"].get<int>(),
+  if (d.contains("sms")) {
+    std::string sm = d["compute_capability"].get<std::string>();  // "9.0" -> sm_90, "10.0" -> sm_100
+    sm.erase(std::remove(sm.begin(), sm.end(), '.'), sm.end());
+    return fmt::format("{} (sm_{}, {} SMs, {:.0f} GiB; driver {}, runtime {})", d["name"].get<std::string>(), sm,
+                       d["sms"].get<int>(),
                        d["memory_gib"].get<double>(), d["cuda_driver"].get<std::string>(),
                        d["cuda_runtime"].get<std::string>());
+  }
   return fmt::format("{} ({} cores)", d["name"].get<std::string>(), d["host_cores"].get<unsigned>());
 }
 
