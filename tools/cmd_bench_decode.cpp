@@ -375,7 +375,7 @@ Command add_bench_decode(CLI::App& app) {
     if (!o->json.empty()) expect_writable_file(o->json, "--json");  // (before the long run, not after it)
     const std::string backend_name = o->backend == "auto" ? default_backend_name() : o->backend;
     const std::vector<int32_t> batches = parse_list(o->batches, "--batch");
-    const model::ModelConfig source = source_config(o->model_dir, o->preset);
+    const model::ModelConfig source = engine::source_config(engine::ModelSource{o->model_dir, o->preset, 0, {}});
     if (o->context >= source.max_position_embeddings)
       core::fail("--context {}: the decoded token's position must be below the model's max_position_embeddings {}",
                  o->context, source.max_position_embeddings);

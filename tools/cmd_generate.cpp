@@ -129,7 +129,7 @@ Command add_generate(CLI::App& app) {
       requests.push_back(std::move(r));
     }
     const int n = int(requests.size());
-    const model::ModelConfig config = source_config(o->model_dir, o->preset);
+    const model::ModelConfig config = engine::source_config(engine::ModelSource{o->model_dir, o->preset, 0, {}});
     if (longest > config.max_position_embeddings)
       core::fail("the longest prompt plus --max-new-tokens is {} tokens, beyond the model's max_position_embeddings {}",
                  longest, config.max_position_embeddings);

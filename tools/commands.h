@@ -57,10 +57,6 @@ void apply_parallel_flags(const ParallelFlags& flags, engine::EngineBuildOptions
 // under min_total bytes (small models load in a moment).
 std::function<void(uint64_t done, uint64_t total)> stderr_progress(const std::string& what, uint64_t min_total = 0);
 
-// The configuration of --model DIR (its config.json) or --preset NAME, read without the
-// weights: for checks of the options against the model before the long work.
-model::ModelConfig source_config(const std::string& model_dir, const std::string& preset);
-
 // "4096", "64M", "5G", "auto" (0).
 uint64_t parse_size(const std::string& text, const char* option);
 

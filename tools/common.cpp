@@ -66,11 +66,6 @@ std::string default_backend_name() {
   return "cpu";
 }
 
-model::ModelConfig source_config(const std::string& model_dir, const std::string& preset) {
-  if (model_dir.empty()) return model::preset_config(preset);
-  return model::load_config((std::filesystem::path(model_dir) / "config.json").string());
-}
-
 uint64_t parse_size(const std::string& text, const char* option) {
   if (text == "auto") return 0;
   size_t used = 0;

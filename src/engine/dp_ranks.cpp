@@ -3,7 +3,6 @@
 #include <cstdio>
 
 #include "core/error.h"
-#include "model/checkpoint.h"
 #include "parallel/expert_parallel.h"
 #include "parallel/inprocess_communicator.h"
 #if DSV4_HAVE_NCCL
@@ -85,9 +84,7 @@ DpRanks build_dp_ranks(const DpRanksOptions& options) {
   const bool split = W > 1 && options.moe != MoeMode::kLocal;
   int64_t num_experts = 0;
   if (split)
-    num_experts = options.source.checkpoint_dir.empty()
-                      ? model::preset_config(options.source.preset).n_routed_experts
-                      : model::Checkpoint(options.source.checkpoint_dir).config().n_routed_experts;
+    num_experts = source_config(options.source).n_routed_experts;
   // In-process CPU ranks read one copy of the weights (host tensors, read-only), each
   // binding its own experts, instead of each drawing or mapping its own: the memory and
   // the load time of one model, not L. GPU ranks each hold theirs on their device.

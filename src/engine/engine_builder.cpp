@@ -4,21 +4,11 @@
 
 #include "core/error.h"
 #include "engine/kv_pool.h"
-#include "model/checkpoint.h"
 
 namespace dsv4::engine {
 
-namespace {
-
-model::ModelConfig config_of(const ModelSource& source) {
-  if (!source.checkpoint_dir.empty()) return model::Checkpoint(source.checkpoint_dir).config();
-  return model::preset_config(source.preset);
-}
-
-}  // namespace
-
 std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o) {
-  const model::ModelConfig config = config_of(o.source);
+  const model::ModelConfig config = source_config(o.source);
   SchedulerConfig sc;
   sc.max_num_seqs = o.max_num_seqs;
   sc.max_num_batched_tokens = o.max_num_batched_tokens;

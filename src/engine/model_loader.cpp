@@ -1,6 +1,7 @@
 #include "engine/model_loader.h"
 
 #include <chrono>
+#include <filesystem>
 #include <unordered_map>
 
 #include <fmt/format.h>
@@ -168,6 +169,13 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
   }
   m->weights = model::bind_weights(m->config, lookup, eb, ee);
   return m;
+}
+
+model::ModelConfig source_config(const ModelSource& source) {
+  if (source.checkpoint_dir.empty()) return model::preset_config(source.preset);
+  const std::filesystem::path config = std::filesystem::path(source.checkpoint_dir) / "config.json";
+  if (!std::filesystem::exists(config)) core::fail("checkpoint {}: config.json is missing", source.checkpoint_dir);
+  return model::load_config(config.string());
 }
 
 std::shared_ptr<LoadedModel> bind_expert_slice(const std::shared_ptr<LoadedModel>& whole, int64_t eb, int64_t ee) {

@@ -26,6 +26,10 @@ struct ModelSource {
   std::function<void(uint64_t done, uint64_t total)> progress;
 };
 
+// The source's configuration without its weights (a checkpoint's config.json, or the
+// preset's): for sizing and checks before the long work.
+model::ModelConfig source_config(const ModelSource& source);
+
 // Keeps whatever backs the bound weights alive (memory maps, host or device copies).
 class LoadedModel {
  public:
