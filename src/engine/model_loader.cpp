@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/random.h"
+#include "model/transformer.h"
 #include "model/weight_spec.h"
 #if DSV4_HAVE_CUDA
 #include "ops/cuda/cuda_backend.h"
@@ -72,6 +73,7 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
     m->checkpoint = std::make_shared<model::Checkpoint>(source.checkpoint_dir);
     m->config = m->checkpoint->config();
     m->checkpoint->validate(model::checkpoint_tensor_specs(m->config));
+    (void)model::model_cache_cost(m->config, backend);  // (a config the backend's caches cannot hold fails here)
     check_memory_for(source, m->config, backend, eb, ee);
     auto ckpt = m->checkpoint;
     host_lookup = [ckpt](const std::string& name) { return ckpt->get(name); };
@@ -79,6 +81,7 @@ std::shared_ptr<LoadedModel> load_model(const ModelSource& source, ops::Backend&
     if (source.preset.empty()) core::fail("no model given: pass a checkpoint directory or a preset");
     m->config = model::preset_config(source.preset);
     if (ee < 0) ee = m->config.n_routed_experts;
+    (void)model::model_cache_cost(m->config, backend);
     check_memory_for(source, m->config, backend, eb, ee);
 #if DSV4_HAVE_CUDA
     if (backend.device() == core::Device::kCuda) {

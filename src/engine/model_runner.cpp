@@ -13,6 +13,7 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
   options_.cache.window = config.sliding_window;
   options_.cache.head_dim = config.head_dim;
   options_.cache.index_head_dim = config.index_head_dim;
+  options_.cache.rope_dim = config.qk_rope_head_dim;
   DSV4_CHECK(options_.cache.num_slots > 0 && options_.cache.num_pages > 0, "runner needs state slots and pages");
   model_ = std::make_unique<model::Transformer>(config, weights, backend);
   if (moe == nullptr) {

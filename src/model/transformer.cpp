@@ -59,9 +59,11 @@ std::vector<ops::LayerCache> Transformer::allocate_caches(const ops::CacheGeomet
   return caches;
 }
 
-ops::CacheCost model_cache_cost(const ModelConfig& config,
-                                ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t)) {
-  const ops::CacheGeometry g{1, 1, config.sliding_window, config.head_dim, config.index_head_dim};
+namespace {
+template <class LayerCost>
+ops::CacheCost sum_layer_costs(const ModelConfig& config, const LayerCost& layer_cost) {
+  ops::CacheGeometry g{1, 1, config.sliding_window, config.head_dim, config.index_head_dim};
+  g.rope_dim = config.qk_rope_head_dim;
   ops::CacheCost sum;
   for (int64_t l = 0; l < config.num_layers_with_mtp(); ++l) {
     const ops::CacheCost c = layer_cost(g, config.compress_ratio(l));
@@ -69,6 +71,17 @@ ops::CacheCost model_cache_cost(const ModelConfig& config,
     sum.per_page += c.per_page;
   }
   return sum;
+}
+}  // namespace
+
+ops::CacheCost model_cache_cost(const ModelConfig& config,
+                                ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t)) {
+  return sum_layer_costs(config, layer_cost);
+}
+
+ops::CacheCost model_cache_cost(const ModelConfig& config, const ops::Backend& backend) {
+  return sum_layer_costs(config,
+                         [&](const ops::CacheGeometry& g, int64_t ratio) { return backend.cache_cost(g, ratio); });
 }
 
 uint64_t Transformer::cache_bytes(const ops::CacheGeometry& geometry) const {

@@ -55,6 +55,9 @@ struct MicroBatchBuffers {
 // state slot and per page of kPageTokens tokens. No backend needed: for sizing anywhere.
 ops::CacheCost model_cache_cost(const ModelConfig& config,
                                 ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t));
+// The same in `backend`'s format; fails on a config that format cannot hold (the loader
+// calls it before any weight is read or drawn).
+ops::CacheCost model_cache_cost(const ModelConfig& config, const ops::Backend& backend);
 
 class Transformer {
  public:

@@ -787,8 +787,11 @@ CacheCost cache_cost_of_rows(const CacheGeometry& g, int64_t ratio, int64_t kv_r
 }  // namespace
 
 CacheCost fp8_cache_cost(const CacheGeometry& g, int64_t ratio) {
-  constexpr int64_t kRope = 64;  // (V4's qk_rope_head_dim, as CudaBackend::allocate_cache)
-  return cache_cost_of_rows(g, ratio, kv_row_bytes(g.head_dim, kRope), index_row_bytes(g.index_head_dim));
+  if (g.rope_dim != kFp8KvRopeDim)
+    core::fail("qk_rope_head_dim {}: the CUDA backend's FP8 KV rows hold {} rope dims (V4's); the CPU backend takes "
+               "other values (--backend cpu)",
+               g.rope_dim, kFp8KvRopeDim);
+  return cache_cost_of_rows(g, ratio, kv_row_bytes(g.head_dim, g.rope_dim), index_row_bytes(g.index_head_dim));
 }
 
 CacheCost bf16_cache_cost(const CacheGeometry& g, int64_t ratio) {

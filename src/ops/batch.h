@@ -52,6 +52,7 @@ struct CacheGeometry {
   int64_t window = 0;     // W
   int64_t head_dim = 0;   // Dh
   int64_t index_head_dim = 0;
+  int64_t rope_dim = 64;  // the key's rotated dims (qk_rope_head_dim): the FP8 record takes only V4's 64
 };
 
 // Bytes one layer's cache takes per state slot (window ring, compressor states) and per

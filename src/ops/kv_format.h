@@ -14,6 +14,10 @@
 
 namespace dsv4::ops {
 
+// The rope dims the CUDA kernels' KV record layout is built for (V4's qk_rope_head_dim):
+// fp8_cache_cost refuses another value, so a model that has one fails at load.
+inline constexpr int64_t kFp8KvRopeDim = 64;
+
 DSV4_HD int64_t kv_row_bytes(int64_t head_dim, int64_t rope_dim) {
   const int64_t nope = head_dim - rope_dim;
   return (nope + 2 * rope_dim + nope / 64 + 7) / 8 * 8;

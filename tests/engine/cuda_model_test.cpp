@@ -233,6 +233,17 @@ TEST_F(CudaTinyModel, CacheBytesAreWhatTheCachesTake) {
   EXPECT_EQ(r->model().cache_bytes(g), testing::cache_tensor_bytes(r->caches()));
 }
 
+// A model whose rope dims the FP8 KV record does not take fails in the loader's first check
+// (model_cache_cost in the backend's format), before any weight is read or drawn.
+TEST_F(CudaTinyModel, ARopeDimTheKvRecordDoesNotTakeFailsBeforeLoading) {
+  DSV4_REQUIRE_CUDA();
+  model::ModelConfig config = cuda_model_->config;
+  config.qk_rope_head_dim = 32;
+  EXPECT_THROW(model::model_cache_cost(config, *cuda_), core::Error);
+  config.qk_rope_head_dim = 64;
+  EXPECT_GT(model::model_cache_cost(config, *cuda_).per_page, 0);
+}
+
 // The routed experts' input prepared beside the router (the local executor's `moe_input`
 // stage, Backend::prepare_routed_input; CUDA: opt-in) at every step against never, eager and
 // in graphs: the same tokens and logits bit for bit, and the stage ran.

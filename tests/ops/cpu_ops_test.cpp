@@ -995,5 +995,22 @@ TEST(CacheCost, Fp8AndBf16RowsOfV4ByHand) {
   expect(bf16_cache_cost(g, 128), window_bf16 + state128, 2 * 1024);
 }
 
+// The FP8 record layout (and every CUDA kernel reading it) has V4's 64 rope dims: another
+// qk_rope_head_dim fails in the cost (what the loader asks before any weight is read), naming
+// the field; the bf16 rows take it.
+TEST(CacheCost, Fp8RowsTakeOnlyV4RopeDims) {
+  CacheGeometry g{1, 1, 128, 512, 128};
+  g.rope_dim = 32;
+  std::string error;
+  try {
+    fp8_cache_cost(g, 4);
+  } catch (const core::Error& e) {
+    error = e.what();
+  }
+  EXPECT_NE(error.find("qk_rope_head_dim 32"), std::string::npos) << error;
+  EXPECT_NE(error.find("--backend cpu"), std::string::npos) << error;
+  EXPECT_EQ(bf16_cache_cost(g, 4).per_page, 64 * 1024 + 64 * 256);
+}
+
 }  // namespace
 }  // namespace dsv4::ops

@@ -206,7 +206,7 @@ int64_t cuda_attention_wgmma_split_launches() { return g_wgmma_split_launches.lo
 namespace {
 
 // ---- shared helpers ------------------------------------------------------------
-constexpr int kRope = 64;  // rope dims of a cached KV record (the CUDA caches are allocated with it)
+constexpr int kRope = int(kFp8KvRopeDim);  // rope dims of a cached KV record (the CUDA caches are allocated with it)
 constexpr float kFp8MaxInv = 1.0f / 448.0f;
 constexpr float kFp4MaxInv = 1.0f / 6.0f;
 constexpr float kFp4AmaxFloor = 6.0f * 1.1754943508222875e-38f;  // 6 * 2^-126, as ref::fp4_block_exponent

@@ -253,10 +253,10 @@ void CudaBackend::fill_zero(const Tensor& t) {
 void CudaBackend::synchronize() { DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
 LayerCache CudaBackend::allocate_cache(const CacheGeometry& g, int64_t ratio) {
-  constexpr int64_t kRope = 64;
+  (void)fp8_cache_cost(g, ratio);  // (fails on a rope_dim the record layout does not take)
   LayerCache c;
   c.ratio = ratio;
-  const int64_t row = kv_row_bytes(g.head_dim, kRope);
+  const int64_t row = kv_row_bytes(g.head_dim, g.rope_dim);
   c.window = empty(DType::kU8, {g.num_slots, g.window, row});
   fill_zero(c.window);
   if (ratio > 0) {
