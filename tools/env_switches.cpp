@@ -68,8 +68,6 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_PREP_ONE_LAUNCH_ROWS", kCuda, integers(0, 65536), "64",
      "the rows up to which moe_prep also quantizes x and zeroes the non-local pairs in one launch", true},
     {"DSV4_CUDA_PREP_ZERO", kCuda, kOnOff, "1", "0: the non-local pairs zeroed by a launch of their own"},
-    {"DSV4_CUDA_PREPARE_ROUTED_ROWS", kCuda, integers(0, int64_t(1) << 31), "0 (never)",
-     "the rows from which the routed input is quantized in the moe_input stage beside the router (opt-in)", true},
     {"DSV4_CUDA_TMA", kCuda, kOnOff, "1", "0: FP4 expert weights by cp.async, not TMA bulk copies"},
     {"DSV4_CUDA_SHARED_DECODE", kCuda, kOnOff, "by rows per expert",
      "FP4 expert tiles of 16 rows sharing each weight decode: 0 never, 1 always"},

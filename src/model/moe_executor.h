@@ -22,8 +22,6 @@ struct MoeStageIo {
   core::Tensor ids;                  // i32 [T, k] routed experts (-1: none)
   core::Tensor weights_f32;          // f32 [T, k] routing weights
   core::Tensor slot_out;             // bf16 [T, k, D] scratch of this micro-batch
-  core::Tensor prepared;             // u8 [Backend::routed_input_bytes(T, D)] scratch of this micro-batch
-                                     // (Backend::prepare_routed_input), or undefined
   core::Tensor routed;               // f32 [T, D] out: sum of the row's routed expert outputs, ascending expert id
   float swiglu_limit = 0.0f;
   // Set by the model where the consumer of routed takes the slots instead
@@ -45,20 +43,16 @@ class MoeExecutor {
   virtual bool leaves_slots() const { return false; }
 };
 
-// Every expert on this rank: no communication. Its dispatch is the experts' input prepared
-// beside the router where the backend prepares one at the batch's rows
-// (Backend::prepares_routed_input), off the chain from the router to the experts.
+// Every expert on this rank: no communication.
 class LocalMoeExecutor final : public MoeExecutor {
  public:
   explicit LocalMoeExecutor(ops::Backend& backend) : backend_(backend) {}
-  void append_dispatch(StageProgram& program, const MoeStageIo& io) override;
+  void append_dispatch(StageProgram&, const MoeStageIo&) override {}
   void append_experts(StageProgram& program, const MoeStageIo& io) override;
   void append_combine(StageProgram&, const MoeStageIo&) override {}
   bool leaves_slots() const override { return true; }
 
  private:
-  bool prepares(const MoeStageIo& io) const;
-
   ops::Backend& backend_;
 };
 

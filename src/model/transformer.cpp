@@ -126,7 +126,6 @@ std::unique_ptr<MicroBatchBuffers> Transformer::allocate_buffers(int64_t cap, in
   b->router_w = be.empty(DType::kF32, {cap, k});
   b->router_ids = be.empty(DType::kI32, {cap, k});
   b->slot_out = be.empty(DType::kBF16, {cap, k, D});
-  b->moe_prepared = be.empty(DType::kU8, {ops::Backend::routed_input_bytes(cap, D)});
   b->routed = be.empty(DType::kF32, {cap, D});
   b->shared_out = be.empty(DType::kBF16, {cap, D});
   b->moe_out = be.empty(DType::kBF16, {cap, D});
@@ -326,7 +325,6 @@ void Transformer::append_layer(StageProgram& program, MicroBatchBuffers& b, cons
   io.ids = rid;
   io.weights_f32 = rw;
   io.slot_out = b.slot_out.rows(0, T);
-  io.prepared = b.moe_prepared.rows(0, ops::Backend::routed_input_bytes(T, c.hidden_size));
   io.routed = b.routed.rows(0, T);
   io.swiglu_limit = float(c.swiglu_limit);
   io.leave_slots = leave_output && moe.leaves_slots();  // (the next layer's attn_in sums them)

@@ -38,7 +38,6 @@ struct MicroBatchBuffers {
   core::Tensor attn_out;                 // bf16 [cap, D]
   core::Tensor router_w, router_ids;     // f32 / i32 [cap, k]
   core::Tensor slot_out;                 // bf16 [cap, k, D]
-  core::Tensor moe_prepared;             // u8 [Backend::routed_input_bytes(cap, D)] (MoeStageIo::prepared)
   core::Tensor routed;                   // f32 [cap, D]
   core::Tensor shared_out, moe_out;      // bf16 [cap, D]
   core::Tensor logit_rows;               // i32 [max_logit_rows], rows of the step to take logits from

@@ -591,20 +591,9 @@ void Backend::expert_ffn(const Tensor& x, const ExpertWeights& w, const Tensor& 
   for (int run = runs_of(RepeatOp::kExpertFfn); run > 0; --run) do_expert_ffn(x, w, row_weight, swiglu_limit, y);
 }
 
-namespace {
-// routed_experts' and prepare_routed_input's checks of the expert range.
-void expect_local_experts(const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                          const char* op) {
-  DSV4_CHECK(0 <= expert_begin && expert_begin <= expert_end && expert_end <= int64_t(experts.size()),
-             "{}: expert range [{}, {}) outside {} experts", op, expert_begin, expert_end, experts.size());
-  for (int64_t e = expert_begin; e < expert_end; ++e)
-    DSV4_CHECK(experts[size_t(e)].w1.weight.data() != nullptr, "{}: local expert {} is not bound", op, e);
-}
-}  // namespace
-
 void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
                              const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                             float swiglu_limit, const Tensor& out, const Tensor& prepared) {
+                             float swiglu_limit, const Tensor& out) {
   const auto d = device();
   expect(x, DType::kBF16, {-1, -1}, d, "routed_experts", "x");
   const int64_t R = x.size(0), D = x.size(1);
@@ -612,29 +601,12 @@ void Backend::routed_experts(const Tensor& x, const Tensor& ids, const Tensor& w
   const int64_t k = ids.size(1);
   expect(weights, DType::kF32, {R, k}, d, "routed_experts", "weights");
   expect(out, DType::kBF16, {R, k, D}, d, "routed_experts", "out");
-  if (prepared.ndim() > 0) expect(prepared, DType::kU8, {routed_input_bytes(R, D)}, d, "routed_experts", "prepared");
-  expect_local_experts(experts, expert_begin, expert_end, "routed_experts");
-  for (int run = runs_of(RepeatOp::kRoutedExperts); run > 0; --run) {
-    if (prepared.ndim() > 0)
-      do_routed_experts_prepared(x, prepared, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
-    else
-      do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
-  }
-}
-
-// FP8 codes [rows, d], then at a 16-byte offset f32 scales [rows, ceil(d / 128)].
-int64_t Backend::routed_input_scales_offset(int64_t rows, int64_t d) { return (rows * d + 15) / 16 * 16; }
-int64_t Backend::routed_input_bytes(int64_t rows, int64_t d) {
-  return routed_input_scales_offset(rows, d) + rows * ((d + 127) / 128) * 4;
-}
-
-void Backend::prepare_routed_input(const Tensor& x, const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                                   int64_t expert_end, const Tensor& prepared) {
-  const auto d = device();
-  expect(x, DType::kBF16, {-1, -1}, d, "prepare_routed_input", "x");
-  expect(prepared, DType::kU8, {routed_input_bytes(x.size(0), x.size(1))}, d, "prepare_routed_input", "prepared");
-  expect_local_experts(experts, expert_begin, expert_end, "prepare_routed_input");
-  do_prepare_routed_input(x, experts, expert_begin, expert_end, prepared);
+  DSV4_CHECK(0 <= expert_begin && expert_begin <= expert_end && expert_end <= int64_t(experts.size()),
+             "routed_experts: expert range [{}, {}) outside {} experts", expert_begin, expert_end, experts.size());
+  for (int64_t e = expert_begin; e < expert_end; ++e)
+    DSV4_CHECK(experts[size_t(e)].w1.weight.data() != nullptr, "routed_experts: local expert {} is not bound", e);
+  for (int run = runs_of(RepeatOp::kRoutedExperts); run > 0; --run)
+    do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
 }
 
 void Backend::moe_reduce(const Tensor& slot_out, const Tensor& ids, const Tensor& routed) {

@@ -305,21 +305,9 @@ class Backend {
   // other experts are set to zero. `experts` is indexed by global expert id (only
   // the local range needs to be bound). x bf16 [R, D], ids i32 [R, k], weights f32
   // [R, k], out bf16 [R, k, D].
-  // `prepared` (optional): filled by prepare_routed_input from the same x and experts; the
-  // same bits as without it.
   void routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
                       const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
-                      float swiglu_limit, const core::Tensor& out, const core::Tensor& prepared = core::Tensor());
-  // The routed experts' input prepared before the routing is known, so that a stage beside
-  // the router takes that work off the chain from the router to the experts (CUDA: x's FP8
-  // codes and scales in the layout its expert GEMMs read). prepared: u8
-  // [routed_input_bytes(R, D)]. prepares_routed_input(R): whether the backend prepares
-  // anything at R rows (the CPU never does; the model then leaves the stage out).
-  static int64_t routed_input_bytes(int64_t rows, int64_t d);
-  static int64_t routed_input_scales_offset(int64_t rows, int64_t d);  // (the codes come first)
-  virtual bool prepares_routed_input(int64_t rows) const { return false; }
-  void prepare_routed_input(const core::Tensor& x, const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                            int64_t expert_end, const core::Tensor& prepared);
+                      float swiglu_limit, const core::Tensor& out);
   // Routed sum (spec §6.2, reference order): routed[t] = sum over the slots of row
   // t in ascending expert id of fp32(slot_out[t, s]); slots with id < 0 are
   // skipped. slot_out bf16 [T, k, D], ids i32 [T, k], routed f32 [T, D].
@@ -426,15 +414,6 @@ class Backend {
   virtual void do_routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
                                  const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                                  int64_t expert_end, float swiglu_limit, const core::Tensor& out) = 0;
-  // Defaults: nothing prepared, and routed_experts without it.
-  virtual void do_prepare_routed_input(const core::Tensor& x, const std::vector<ExpertWeights>& experts,
-                                       int64_t expert_begin, int64_t expert_end, const core::Tensor& prepared) {}
-  virtual void do_routed_experts_prepared(const core::Tensor& x, const core::Tensor& prepared,
-                                          const core::Tensor& ids, const core::Tensor& weights,
-                                          const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                                          int64_t expert_end, float swiglu_limit, const core::Tensor& out) {
-    do_routed_experts(x, ids, weights, experts, expert_begin, expert_end, swiglu_limit, out);
-  }
   virtual void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) = 0;
   virtual void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) = 0;
   // Default: do_moe_output, then do_hc_post.

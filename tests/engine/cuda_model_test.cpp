@@ -244,30 +244,6 @@ TEST_F(CudaTinyModel, ARopeDimTheKvRecordDoesNotTakeFailsBeforeLoading) {
   EXPECT_GT(model::model_cache_cost(config, *cuda_).per_page, 0);
 }
 
-// The routed experts' input prepared beside the router (the local executor's `moe_input`
-// stage, Backend::prepare_routed_input; CUDA: opt-in) at every step against never, eager and
-// in graphs: the same tokens and logits bit for bit, and the stage ran.
-TEST_F(CudaTinyModel, PreparedRoutedInputEqualsWithoutBitForBit) {
-  DSV4_REQUIRE_CUDA();
-  struct Reset {
-    ~Reset() { ops::cuda_linear_force_prepare_routed_rows(-1); }
-  } reset;
-  for (const bool graphs : {false, true}) {
-    Logits without, with;
-    ops::cuda_linear_force_prepare_routed_rows(0);
-    const auto a = run(*runner(*cuda_, *cuda_model_, graphs), without);
-    ops::cuda_linear_force_prepare_routed_rows(1);
-    const int64_t before = ops::cuda_linear_prepared_routed_inputs();
-    const auto b = run(*runner(*cuda_, *cuda_model_, graphs), with);
-    EXPECT_GE(ops::cuda_linear_prepared_routed_inputs() - before, int64_t(cuda_model_->config.num_hidden_layers))
-        << (graphs ? "graphs" : "eager");
-    ASSERT_EQ(a, b) << (graphs ? "graphs" : "eager");
-    for (size_t s = 0; s < without.size(); ++s)
-      for (size_t i = 0; i < without[s].size(); ++i)
-        ASSERT_EQ(without[s][i], with[s][i]) << (graphs ? "graphs" : "eager") << ", sequence " << s << " token " << i;
-  }
-}
-
 // The parity criterion in code: free-running greedy generation (chunked
 // prefill, then 100 decode steps, CUDA graphs as served) gives the same tokens on
 // the GPU as on the CPU model of its arithmetic (QuantDotModel::kHopperWgmma, see

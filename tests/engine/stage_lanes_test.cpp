@@ -105,33 +105,6 @@ TEST(StageLanes, RoutedExpertsRunBesideTheSharedExpert) {
   expect_honours_dependencies(p, plan);
 }
 
-// The local MoE executor's `moe_input` stage (the routed experts' x prepared, where the
-// backend prepares it), with the buffers LocalMoeExecutor declares, on three lanes: beside
-// the router (not behind it), beside the shared expert, and the experts wait for both the
-// router and it. Buffers: 0 X, 1 xn, 2 ids, 3 shared_out, 4 routed, 5 prepared.
-TEST(StageLanes, TheRoutedInputIsPreparedBesideTheRouter) {
-  StageProgram p;
-  for (int l = 0; l < 2; ++l) {
-    p.push_back(stage("attn", {0}, {1}));
-    p.push_back(stage("router", {1}, {2}));
-    p.push_back(stage("moe_input", {1}, {5}));
-    p.push_back(stage("shared_expert", {1}, {3}));
-    p.push_back(stage("experts", {1, 2, 5}, {4}));
-    p.push_back(stage("ffn_post", {4, 3}, {0}));
-  }
-  const LanePlan plan = plan_lanes(p, 3);
-  expect_honours_dependencies(p, plan);
-  for (size_t l = 0; l < 2; ++l) {
-    const size_t router = 6 * l + 1, input = router + 1, shared = router + 2, experts = router + 3;
-    EXPECT_EQ(plan.steps[router].lane, 0) << "layer " << l;
-    EXPECT_NE(plan.steps[input].lane, 0) << "layer " << l;
-    EXPECT_NE(plan.steps[shared].lane, 0) << "layer " << l;
-    EXPECT_NE(plan.steps[input].lane, plan.steps[shared].lane) << "layer " << l;
-    EXPECT_EQ(plan.steps[experts].lane, 0) << "layer " << l;
-    EXPECT_EQ(plan.steps[experts].waits, std::vector<int>{int(input)}) << "layer " << l;
-  }
-}
-
 TEST(StageLanes, OneLaneOrACommunicationStageKeepsProgramOrderOnLaneZero) {
   StageProgram p = two_layers();
   const LanePlan one = plan_lanes(p, 1);

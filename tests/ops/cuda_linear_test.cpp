@@ -867,41 +867,6 @@ Tensor run_routed(Env& env, const RoutedInputs& in, const std::vector<ExpertWeig
   return to_host(env.cuda, out);
 }
 
-// The experts' input prepared beside the router (prepare_routed_input: x's codes in the
-// layout the gate/up GEMM reads) gives routed_experts' bytes without it: FP4 and FP8 experts,
-// an EP slice (non-local pairs zeroed), rows in moe_prep's one launch (1-64) and beyond (65,
-// 256: the zeros in moe_prep and in their own launch), both kernel paths (the simple path
-// reads element order, so it takes the prepared codes of FP8 experts only).
-TEST_P(CudaLinear, RoutedExpertsWithPreparedInputEqualWithoutBitForBit) {
-  Env env;
-  Rng rng(0x5a);
-  for (const MoeCase c : {MoeCase{12, 2, 10, 6, 256, 256, true, -1}, MoeCase{8, 0, 8, 2, 256, 128, false, 3}}) {
-    std::vector<ExpertWeights> dex(size_t(c.experts));
-    for (int64_t e = c.begin; e < c.end; ++e)
-      dex[size_t(e)] = device_expert(env.cuda, host_expert(c.d, c.inter, c.fp4, c.fp4, rng));
-    for (const int64_t R : {1, 16, 64, 65, 256}) {
-      const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, c.k, c.experts, c.hot);
-      const std::string what = std::string(path()) + (c.fp4 ? " fp4" : " fp8") + " R=" + std::to_string(R);
-      Tensor want = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
-      env.cuda.routed_experts(in.x, in.ids, in.w, dex, c.begin, c.end, 10.0f, want);
-      Tensor prepared = device_poisoned(env.cuda, DType::kU8, {ops::Backend::routed_input_bytes(R, c.d)});
-      env.cuda.prepare_routed_input(in.x, dex, c.begin, c.end, prepared);
-      Tensor got = device_poisoned(env.cuda, DType::kBF16, {R, c.k, c.d});
-      env.cuda.routed_experts(in.x, in.ids, in.w, dex, c.begin, c.end, 10.0f, got, prepared);
-      const Tensor want_h = to_host(env.cuda, want);
-      expect_bitwise(want_h, to_host(env.cuda, got), "prepared input, " + what);
-      // The prepared codes are what the path read: from a buffer never prepared (poisoned:
-      // NaN codes and scales) the outputs change, where the path takes them.
-      Tensor junk = device_poisoned(env.cuda, DType::kU8, {ops::Backend::routed_input_bytes(R, c.d)});
-      env.cuda.routed_experts(in.x, in.ids, in.w, dex, c.begin, c.end, 10.0f, got, junk);
-      const Tensor junk_h = to_host(env.cuda, got);
-      const bool read = GetParam() == 0 || !c.fp4;
-      EXPECT_EQ(std::memcmp(junk_h.data(), want_h.data(), size_t(want_h.nbytes())) != 0, read)
-          << "outputs from an unprepared buffer " << (read ? "equal" : "differ") << ", " << what;
-    }
-  }
-}
-
 // `op`'s result with a test hook's switch forced to `value`, and the launches the hook's
 // counter saw meanwhile.
 template <typename Op>

@@ -161,7 +161,7 @@ def main():
 
     # Good values: no warning; an empty value reads as unset.
     good = {"DSV4_CUDA_LANES": "2", "DSV4_CUDA_ATTN_PAIR": "4-16", "DSV4_CUDA_PDL_LANES": "fork",
-            "DSV4_CUDA_PREPARE_ROUTED_ROWS": "65", "DSV4_CUDA_TMA": "", "DSV4_TEST_TMP": "/somewhere"}
+            "DSV4_CUDA_PREP_ONE_LAUNCH_ROWS": "128", "DSV4_CUDA_TMA": "", "DSV4_TEST_TMP": "/somewhere"}
     r = run_env(binary, good)
     if r.stderr.strip():
         fail("warnings for good values %s:\n%s" % (good, r.stderr))

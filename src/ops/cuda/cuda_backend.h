@@ -121,13 +121,6 @@ class CudaBackend final : public Backend {
   void do_routed_experts(const core::Tensor& x, const core::Tensor& ids, const core::Tensor& weights,
                          const std::vector<ExpertWeights>& experts, int64_t expert_begin, int64_t expert_end,
                          float swiglu_limit, const core::Tensor& out) override;
-  bool prepares_routed_input(int64_t rows) const override;
-  void do_prepare_routed_input(const core::Tensor& x, const std::vector<ExpertWeights>& experts, int64_t expert_begin,
-                               int64_t expert_end, const core::Tensor& prepared) override;
-  void do_routed_experts_prepared(const core::Tensor& x, const core::Tensor& prepared, const core::Tensor& ids,
-                                  const core::Tensor& weights, const std::vector<ExpertWeights>& experts,
-                                  int64_t expert_begin, int64_t expert_end, float swiglu_limit,
-                                  const core::Tensor& out) override;
   void do_moe_reduce(const core::Tensor& slot_out, const core::Tensor& ids, const core::Tensor& routed) override;
   void do_moe_output(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& y) override;
   void do_moe_output_hc_post(const core::Tensor& routed, const core::Tensor& shared, const core::Tensor& R,

@@ -987,9 +987,6 @@ int expert_launch_pieces() {
   return f >= 1 ? f : from_env;
 }
 
-std::atomic<int> g_force_prepare_routed_rows{-1};
-std::atomic<int64_t> g_prepared_routed_inputs{0};
-
 // The routed experts' gate/up and down GEMMs as one launch (docs/design/fused-expert-step.md):
 // a list tile's down tiles start once its gate/up tiles and its SwiGLU are done, instead
 // of after the whole gate/up launch. Automatic (the default): fused_experts_auto
@@ -1073,10 +1070,6 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 }  // namespace
 
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
-void cuda_linear_force_prepare_routed_rows(int rows) {
-  g_force_prepare_routed_rows.store(rows, std::memory_order_relaxed);
-}
-int64_t cuda_linear_prepared_routed_inputs() { return g_prepared_routed_inputs.load(std::memory_order_relaxed); }
 int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
@@ -1401,48 +1394,9 @@ void CudaBackend::do_expert_ffn(const Tensor& x, const ExpertWeights& w, const T
 }
 
 // ---- routed_experts (spec §6.2) ---------------------------------------------------------
-// The rows from which the model prepares the routed experts' input beside the router
-// (prepare_routed_input): DSV4_CUDA_PREPARE_ROUTED_ROWS=N, e.g. 65 (beyond moe_prep's one
-// launch, which quantizes x beside its tile list). Default 0, never: opt-in until its test
-// and an A/B have run on a GPU (built in the sixty-eighth session, when none was lent). The
-// same bits either way.
-bool CudaBackend::prepares_routed_input(int64_t rows) const {
-  static const int64_t from = env_integer("DSV4_CUDA_PREPARE_ROUTED_ROWS", 0, 0, int64_t(1) << 31);  // (0: never)
-  const int forced = g_force_prepare_routed_rows.load(std::memory_order_relaxed);
-  const int64_t first = forced >= 0 ? forced : from;
-  return first > 0 && rows >= first;
-}
-
-// A prepared input's scales, after its codes (Backend::routed_input_bytes' layout).
-namespace {
-float* prepared_scales(uint8_t* codes, int64_t R, int64_t D) {
-  return reinterpret_cast<float*>(codes + Backend::routed_input_scales_offset(R, D));
-}
-}  // namespace
-
-// x's FP8 codes and scales as do_routed_experts quantizes them (split pairs for FP4 gate/up
-// weights), into prepared: codes [R, D], then scales [R, D / 128].
-void CudaBackend::do_prepare_routed_input(const Tensor& x, const std::vector<ExpertWeights>& experts,
-                                          int64_t expert_begin, int64_t expert_end, const Tensor& prepared) {
-  const int64_t R = x.size(0), D = x.size(1);
-  if (R == 0 || expert_begin == expert_end) return;
-  DSV4_CHECK(D % 128 == 0, "prepare_routed_input: D={} must be a multiple of 128", D);
-  const bool fp4_13 = experts[size_t(expert_begin)].w1.format == QuantLinear::Format::kFp4Group32;
-  uint8_t* q = prepared.as<uint8_t>();
-  quantize_rows(*this, x.as<uint16_t>(), D, R, D, q, prepared_scales(q, R, D), fp4_13);
-  g_prepared_routed_inputs.fetch_add(1, std::memory_order_relaxed);
-}
-
 void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                     const std::vector<ExpertWeights>& experts, int64_t expert_begin,
                                     int64_t expert_end, float limit, const Tensor& out) {
-  do_routed_experts_prepared(x, Tensor(), ids, weights, experts, expert_begin, expert_end, limit, out);
-}
-
-void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prepared, const Tensor& ids,
-                                             const Tensor& weights, const std::vector<ExpertWeights>& experts,
-                                             int64_t expert_begin, int64_t expert_end, float limit,
-                                             const Tensor& out) {
   const int64_t R = x.size(0), D = x.size(1), k = ids.size(1), P = R * k;
   const int64_t num_local = expert_end - expert_begin;
   if (P == 0 || D == 0) return;
@@ -1469,13 +1423,12 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
   uint8_t* hq = scratch_as<uint8_t>(*this, "moe.hq", P * I);
   float* hs = scratch_as<float>(*this, "moe.hs", P * (I / 128));
   const bool fp4_13 = fmt13 == QuantLinear::Format::kFp4Group32, fp4_2 = fmt2 == QuantLinear::Format::kFp4Group32;
-  bool use_prepared = false;  // (set below, once the path is known)
   // Outputs of pairs routed to no local expert zeroed, x quantized (split pairs: the FP4 GEMM's layout).
   auto zero_nonlocal_and_quantize = [&](bool split_pairs) {
     lk::zero_nonlocal_kernel<<<blocks_for_warps(P, kSimpleBlocks), 256, 0, s>>>(id, P, int(expert_begin),
                                                                               int(expert_end), o, D, vec16);
     check_launch(s);
-    if (!use_prepared) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, split_pairs);
+    quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, split_pairs);
   };
 
   // Tile rows per expert from the average load (any choice gives the same bits).
@@ -1491,14 +1444,6 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
     fast = quant_fast_ok(ew.w1) && quant_fast_ok(ew.w3) && quant_fast_ok(ew.w2);
   }
 
-  // x's codes as prepared (do_prepare_routed_input: split pairs where the gate/up weights are
-  // FP4), where the path below reads that layout: the fast path, or FP8 gate/up weights (the
-  // simple kernels read element order).
-  use_prepared = prepared.ndim() > 0 && (fast || !fp4_13);
-  if (use_prepared) {
-    xq = prepared.as<uint8_t>();
-    xs = prepared_scales(xq, R, D);
-  }
   if (!fast) {
     zero_nonlocal_and_quantize(false);  // the simple kernels read element order
     // Simple: one warp per (pair, output); expert tables in chunks of global ids.
@@ -1544,11 +1489,8 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
   // Beyond, x quantized first, then the tile list in block 0 and the zeros in the other
   // blocks (prep_zeroes_nonlocal; or three launches). Same bits either way.
   const bool one_launch = R <= moe_prep_one_launch_rows(), zero_in_prep = !one_launch && prep_zeroes_nonlocal();
-  if (zero_in_prep) {
-    if (!use_prepared) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fp4_13);
-  } else if (!one_launch) {
-    zero_nonlocal_and_quantize(fp4_13);
-  }
+  if (zero_in_prep) quantize_rows(*this, x.as<uint16_t>(), D, R, D, xq, xs, fp4_13);
+  else if (!one_launch) zero_nonlocal_and_quantize(fp4_13);
   lk::GemmParams p{};
   p.w_row_bytes = fp4_13 ? D / 2 : D;
   p.s_row_stride = fp4_13 ? D / 32 : (D + 127) / 128;
@@ -1625,11 +1567,10 @@ void CudaBackend::do_routed_experts_prepared(const Tensor& x, const Tensor& prep
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
                              .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
                              .num_rows = counts + 1, .x = x.as<uint16_t>(),
-                             .rows = one_launch && !use_prepared ? R : 0, .d = D, .q = xq, .scale = xs,
+                             .rows = one_launch ? R : 0, .d = D, .q = xq, .scale = xs,
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
                              .fused_sync_ints = int(fused_sync_ints)};
-  // (moe_prep_kernel's items: quantization, zeros)
-  const int64_t warp_items = (one_launch && !use_prepared ? R * (D / 128) : 0) + P;
+  const int64_t warp_items = (one_launch ? R * (D / 128) : 0) + P;  // (moe_prep_kernel's items: quantization, zeros)
   const int prep_threads = moe_prep_threads(), prep_warps = prep_threads / 32;
   const unsigned extra_blocks = one_launch || zero_in_prep
                                     ? unsigned(std::clamp<int64_t>((warp_items + prep_warps - 1) / prep_warps, 1, 1024))

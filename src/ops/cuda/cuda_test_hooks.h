@@ -32,10 +32,6 @@ void cuda_linear_force_fused_experts(int on);
 // in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).
 int64_t cuda_linear_expert_launches();
 void cuda_linear_force_expert_launches(int pieces);
-// Test hooks: the rows from which prepares_routed_input says yes (-1 follows
-// DSV4_CUDA_PREPARE_ROUTED_ROWS, 0 never), and the launches of do_prepare_routed_input so far.
-void cuda_linear_force_prepare_routed_rows(int rows);
-int64_t cuda_linear_prepared_routed_inputs();
 // Test hook: -1 follows DSV4_CUDA_EXPERT_SPLIT (default: an expert GEMM splits its K
 // slices over CTAs where its tiles are fewer than two an SM), 0 never splits, 1 automatic.
 void cuda_linear_force_expert_split(int mode);
