@@ -2493,10 +2493,12 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
     cp_async_commit();
   };
   __syncthreads();  // comp[], Q (the late form; the early one's lands with the first records), tables
+  DSV4_CTA_PROBE(CtaProbeSite::kAttention, 2, a.sink);  // staged: the row's keys listed, Q (late form)
   if (warp == 0) resolve(tile_at(0), 0);
   if constexpr (!kEarly) rope_table();  // (beside warp 0's lookups)
   __syncthreads();
   issue(0);
+  DSV4_CTA_PROBE(CtaProbeSite::kAttention, 3, a.sink);  // first_issued: the first tile's records in flight
 
   // o[mb]: dims dim0 + kWgDh wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at
   // index 4q + e. The fold state O: one CTA a row, 64 values a thread in local memory
@@ -2747,6 +2749,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
   }
   cp_async_wait<0>();
+  DSV4_CTA_PROBE(CtaProbeSite::kAttention, 4, a.sink);  // tiles_done: every tile multiplied and folded
   // The pair: the other CTA's last reads of this CTA's partials are done before it leaves.
   if constexpr (kPair) cluster_wait_acquire();
   if (per_segment) return;  // attention_combine_kernel finishes the row
@@ -2775,6 +2778,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
       tile[h * L::kCtaDh + d] = f2bf(__fdiv_rn(O_out[32 * mb + i], den_s[h]));
     }
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kAttention, 5, a.sink);  // out_staged: O / denominator in bf16, over Q
   // 8 dims a thread and step (16-byte shared loads and global stores; with 4 bytes a
   // step the loop took 14% of a SWA launch's stall samples at 256 rows, twenty-fourth
   // session). A piece lies wholly in the RoPE dims or wholly below them; below, its

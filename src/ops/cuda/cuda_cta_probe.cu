@@ -54,7 +54,7 @@ const std::vector<SiteNames>& site_names() {
       {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta", "first_stage"}},
       {"expert_gemm", {"entry", "tile_known"}},
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},
-      {"attention", {"entry", "waited"}},
+      {"attention", {"entry", "waited", "staged", "first_issued", "tiles_done", "out_staged"}},
       {"attn_combine", {"entry", "waited"}},
       {"compress_emit",
        {"entry", "waited", "loaded", "max", "exps", "sum", "pooled", "arrived", "gathered", "normed", "roped"}},
