@@ -235,9 +235,7 @@ Command add_serve(CLI::App& app) {
     so.served_model_name = !o->served_name.empty() ? o->served_name : use_preset ? o->preset : o->model_dir;
     so.num_threads = o->http_threads;
     so.shutdown_grace_s = o->shutdown_grace;
-    const nlohmann::json build = build_json();  // (named: items() refers to it)
-    for (const auto& [key, value] : build.items())
-      so.build_info.emplace_back(key, value.is_string() ? value.get<std::string>() : value.dump());
+    so.build_info = build_json();
     serve::HttpServer server(*engine, tokenizer, so);
     const int port = server.start();
     signals.with_lock([&] { server_ptr = &server; });

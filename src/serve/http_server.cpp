@@ -254,9 +254,7 @@ void HttpServer::Impl::routes() {
     res.set_content("{\"status\":\"ok\"}", "application/json");
   });
   server.Get("/version", [this](const httplib::Request&, httplib::Response& res) {
-    nlohmann::json v = nlohmann::json::object();
-    for (const auto& [key, value] : options.build_info) v[key] = value;
-    res.set_content(v.dump(), "application/json");
+    res.set_content(options.build_info.dump(), "application/json");
   });
   server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics(), "text/plain; version=0.0.4; charset=utf-8");
@@ -449,7 +447,10 @@ std::string HttpServer::Impl::metrics() const {
     in_flight = inflight.size();
   }
   PrometheusWriter w;
-  w.gauge("dsv4_build_info", "The program serving (its labels; the value is always 1).", 1.0, options.build_info);
+  std::vector<std::pair<std::string, std::string>> build_labels;
+  for (const auto& [key, value] : options.build_info.items())
+    build_labels.emplace_back(key, value.is_string() ? value.get<std::string>() : value.dump());
+  w.gauge("dsv4_build_info", "The program serving (its labels; the value is always 1).", 1.0, build_labels);
   w.gauge("dsv4_num_requests_running", "Requests in the running batch (admitted, holding cache state).",
           double(s.running));
   w.gauge("dsv4_num_requests_waiting", "Requests waiting for admission.", double(s.waiting));

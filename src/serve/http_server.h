@@ -18,6 +18,8 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "engine/serving_engine.h"
 #include "serve/tokenizer.h"
 
@@ -31,9 +33,10 @@ struct HttpServerOptions {
   double shutdown_grace_s = 30.0;       // in-flight requests may finish this long after shutdown starts
   int keep_alive_timeout_s = 5;         // idle keep-alive connections close after this
   size_t max_body_bytes = 64u << 20;
-  // What the program is (dsv4: version, commit, build type...), served as GET /version's
-  // JSON object and as the labels of /metrics' dsv4_build_info gauge (value 1).
-  std::vector<std::pair<std::string, std::string>> build_info;
+  // What the program is (dsv4: version, commit, build type...): a JSON object, served as
+  // GET /version with its types, and as the labels of /metrics' dsv4_build_info gauge
+  // (value 1; a label's value is the field's text: a string as it is, else its JSON).
+  nlohmann::json build_info = nlohmann::json::object();
 };
 
 class HttpServer {

@@ -533,7 +533,7 @@ struct ServerEnv {
     so.served_model_name = "tiny";
     so.num_threads = 320;
     so.keep_alive_timeout_s = 1;
-    so.build_info = {{"version", "0.1.0"}, {"commit", "0123456789ab"}};
+    so.build_info = {{"version", "0.1.0"}, {"commit", "0123456789ab"}, {"dirty", false}};
     return so;
   }
   // Waits until nothing runs or waits, every page is free and the server holds
@@ -697,7 +697,7 @@ TEST_F(Serve, NonStreamingEndpointsErrorsAndPrometheusMetrics) {
   EXPECT_EQ(get(e.port, "/health").status, 200);
   const HttpResult version = get(e.port, "/version");
   ASSERT_EQ(version.status, 200);
-  EXPECT_EQ(json::parse(version.body), json({{"version", "0.1.0"}, {"commit", "0123456789ab"}}));
+  EXPECT_EQ(json::parse(version.body), json({{"version", "0.1.0"}, {"commit", "0123456789ab"}, {"dirty", false}}));
   const HttpResult models = get(e.port, "/v1/models");
   ASSERT_EQ(models.status, 200);
   const json m = json::parse(models.body);
@@ -772,7 +772,7 @@ TEST_F(Serve, NonStreamingEndpointsErrorsAndPrometheusMetrics) {
   EXPECT_EQ(delta(metrics.body, "dsv4_prompt_tokens_total"), 8);
   EXPECT_EQ(delta(metrics.body, "dsv4_request_finished_total{finished_reason=\"length\"}"), 2);
   EXPECT_EQ(metric(metrics.body, "dsv4_num_requests_running"), 0);
-  EXPECT_EQ(metric(metrics.body, "dsv4_build_info{version=\"0.1.0\",commit=\"0123456789ab\"}"), 1);
+  EXPECT_EQ(metric(metrics.body, "dsv4_build_info{commit=\"0123456789ab\",dirty=\"false\",version=\"0.1.0\"}"), 1);
   // HTTP counts are taken after the response is written: poll briefly.
   const std::string bad_requests = "dsv4_http_requests_total{path=\"/v1/completions\",status=\"400\"}";
   std::string text = metrics.body;
