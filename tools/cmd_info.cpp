@@ -69,11 +69,19 @@ Command add_info(CLI::App& app) {
       }
       std::printf("weights a rank, routed experts split over %d ranks: up to %.3f GB\n", o->dp, double(most) / 1e9);
     }
-    // What --kv-cache-memory buys (serve): a sequence's state, and its rows per 1024 tokens.
-    for (const auto& [name, cost] : {std::pair{"CUDA, FP8 rows", model::model_cache_cost(c, &ops::fp8_cache_cost)},
-                                     std::pair{"CPU, bf16 rows", model::model_cache_cost(c, &ops::bf16_cache_cost)}})
-      std::printf("kv cache (%s): %.2f MB a sequence (window, compressor states) + %.1f KB per 1024 tokens of context\n",
-                  name, double(cost.per_slot) / 1e6, double(cost.per_page) * double(1024 / ops::kPageTokens) / 1e3);
+    // What --kv-cache-memory buys (serve): a sequence's state, and its rows per 1024 tokens; or
+    // why a format cannot hold this model (the FP8 rows take V4's rope dims only).
+    for (const auto& [name, layer_cost] : {std::pair{"CUDA, FP8 rows", &ops::fp8_cache_cost},
+                                           std::pair{"CPU, bf16 rows", &ops::bf16_cache_cost}}) {
+      try {
+        const ops::CacheCost cost = model::model_cache_cost(c, layer_cost);
+        std::printf("kv cache (%s): %.2f MB a sequence (window, compressor states) + %.1f KB per 1024 tokens of "
+                    "context\n",
+                    name, double(cost.per_slot) / 1e6, double(cost.per_page) * double(1024 / ops::kPageTokens) / 1e3);
+      } catch (const core::Error& e) {
+        std::printf("kv cache (%s): not possible: %s\n", name, e.what());
+      }
+    }
     std::printf("free here: host %s", gb(core::host_memory_available()).c_str());
 #if DSV4_HAVE_CUDA
     std::string why;
