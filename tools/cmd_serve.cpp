@@ -99,7 +99,7 @@ class SignalWatcher {
 Command add_serve(CLI::App& app) {
   struct Options {
     std::string model_dir, preset = "tiny", backend = "auto", host = "0.0.0.0", served_name, tokenizer;
-    std::string kv_cache_memory, moe = "allgather";
+    std::string kv_cache_memory, kv_cache_reserve, moe = "allgather";
     uint64_t weight_seed = 0;
     int port = 8000;
     int32_t max_num_seqs = 64, max_num_batched_tokens = 512, max_model_len = 0;
@@ -151,10 +151,16 @@ Command add_serve(CLI::App& app) {
                                            "sequences of --max-model-len)",
                                            ops::kPageTokens))
                     ->check(CLI::Range(int64_t(1), int64_t(1) << 30));
-  app.add_option("--kv-cache-memory", o->kv_cache_memory,
-                 "KV cache size per rank instead of --kv-cache-pages, e.g. 8G (dsv4 info --model DIR gives the "
-                 "bytes a sequence and 1024 tokens of context take)")
-      ->excludes(pages);
+  auto* memory = app.add_option("--kv-cache-memory", o->kv_cache_memory,
+                                "KV cache size per rank instead of --kv-cache-pages, e.g. 8G (dsv4 info --model DIR "
+                                "gives the bytes a sequence and 1024 tokens of context take); or auto: the pages "
+                                "that fit in the memory free after the weights and the step's buffers, less "
+                                "--kv-cache-reserve, at most enough for --max-num-seqs sequences of --max-model-len")
+                     ->excludes(pages);
+  app.add_option("--kv-cache-reserve", o->kv_cache_reserve,
+                 "With --kv-cache-memory auto: memory per rank left free for the step's scratch buffers and "
+                 "CUDA graphs (default 2G)")
+      ->needs(memory);
   app.add_option("--threads", o->threads, "CPU backend threads, split over --dp ranks (default: all cores)")->check(CLI::Range(0, 1024));
   app.add_option("--dp", o->dp, "Data-parallel engine ranks (CUDA: one GPU each; CPU: in-process ranks)")
       ->default_val(1)
@@ -211,7 +217,14 @@ Command add_serve(CLI::App& app) {
     eo.prefill_chunk = o->max_num_batched_tokens;
     eo.max_model_len = o->max_model_len;
     eo.kv_cache_pages = o->kv_cache_pages;
-    if (!o->kv_cache_memory.empty()) eo.kv_cache_memory = parse_size(o->kv_cache_memory, "--kv-cache-memory");
+    eo.kv_cache_memory_auto = o->kv_cache_memory == "auto";
+    if (!o->kv_cache_memory.empty() && !eo.kv_cache_memory_auto)
+      eo.kv_cache_memory = parse_size(o->kv_cache_memory, "--kv-cache-memory");
+    if (!o->kv_cache_reserve.empty()) {
+      if (!eo.kv_cache_memory_auto || o->kv_cache_reserve == "auto")
+        core::fail("--kv-cache-reserve takes a size, with --kv-cache-memory auto");
+      eo.kv_cache_reserve = parse_size(o->kv_cache_reserve, "--kv-cache-reserve");
+    }
     std::fprintf(stderr, "dsv4 serve: loading %s on %s%s...\n",
                  use_preset ? fmt::format("preset {} (synthetic weights, seed {})", o->preset, o->weight_seed).c_str()
                             : o->model_dir.c_str(),
@@ -253,6 +266,8 @@ Command add_serve(CLI::App& app) {
         "{} pages ({} tokens of context, {:.2f} GB with the state slots; {})", pages, pages * ops::kPageTokens,
         cache_gb,
         o->kv_cache_pages > 0        ? "--kv-cache-pages"
+        : eo.kv_cache_memory_auto
+            ? fmt::format("--kv-cache-memory auto, {:.2f} GB reserved", double(eo.kv_cache_reserve) / 1e9)
         : !o->kv_cache_memory.empty() ? "--kv-cache-memory " + o->kv_cache_memory
                                       : "enough for --max-num-seqs full-length sequences");
     std::fprintf(stderr,

@@ -27,7 +27,14 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   ro.cache.num_slots = o.max_num_seqs;
   ro.use_graphs = o.use_graphs && o.backend == "cuda";
   int64_t pages = o.kv_cache_pages;
-  if (pages == 0 && o.kv_cache_memory > 0) {
+  if (o.kv_cache_memory_auto) {
+    DSV4_CHECK(pages == 0 && o.kv_cache_memory == 0, "kv_cache_memory_auto takes no page count or size");
+    if (o.backend == "cpu" && o.dp > 1)
+      core::fail("--kv-cache-memory auto sizes a rank's pool from its device's free memory, and in-process CPU ranks "
+                 "share the host's: give --kv-cache-memory SIZE (per rank) or --kv-cache-pages");
+    ro.cache_pages_from_free_memory = true;
+    ro.cache_memory_reserve = o.kv_cache_reserve;
+  } else if (pages == 0 && o.kv_cache_memory > 0) {
     // Bytes per page and per slot summed over the layers, in the backend's format.
     const ops::CacheCost cost =
         model::model_cache_cost(config, o.backend == "cuda" ? &ops::fp8_cache_cost : &ops::bf16_cache_cost);

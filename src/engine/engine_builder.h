@@ -27,6 +27,11 @@ struct EngineBuildOptions {
   int32_t max_model_len = 0;          // 0: min(max_position_embeddings, 32768)
   int64_t kv_cache_pages = 0;         // per rank; 0: from kv_cache_memory, or enough for max_num_seqs full-length
   uint64_t kv_cache_memory = 0;       // per rank, bytes (0: unused)
+  // Per rank: the pages that fit in the memory free after the weights and the step's buffers,
+  // less kv_cache_reserve (RunnerOptions::cache_pages_from_free_memory), at most enough for
+  // max_num_seqs full-length sequences.
+  bool kv_cache_memory_auto = false;
+  uint64_t kv_cache_reserve = uint64_t(2) << 30;
   bool use_graphs = true;             // decode steps replay CUDA graphs (CUDA backend only)
   parallel::CommOptions comm;
   int nccl_max_ctas = 0;              // 0: NCCL's default

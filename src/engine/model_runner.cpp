@@ -1,11 +1,20 @@
 #include "engine/model_runner.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "engine/stage_lanes.h"
 
 namespace dsv4::engine {
 
 using core::DType;
+
+int64_t cache_pages_that_fit(uint64_t free, uint64_t reserve, uint64_t slot_bytes, uint64_t page_bytes, int64_t most) {
+  const uint64_t taken = reserve + slot_bytes;
+  if (free < taken) return 0;
+  if (page_bytes == 0) return most;  // (a model without compressed layers: pages cost nothing)
+  return int64_t(std::min<uint64_t>((free - taken) / page_bytes, uint64_t(std::max<int64_t>(most, 0))));
+}
 
 ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWeights& weights, ops::Backend& backend,
                          const RunnerOptions& options, model::MoeExecutor* moe)
@@ -21,32 +30,60 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     moe = local_moe_.get();
   }
   moe_ = moe;
+  // The step's buffers, and the caches: the caches first (checked against the free memory
+  // before any of it is allocated: a clear error, not an allocation failure part way through
+  // or, on the host, the kernel's OOM killer), unless their pages come from what is free after
+  // the buffers.
+  const auto allocate_step_buffers = [&] {
+    buffers_ = model_->allocate_buffers(options_.max_tokens_per_step, options_.max_logit_rows, 0);
+    const int64_t cap = options_.max_tokens_per_step;
+    const int64_t seqs = std::max<int64_t>(options_.max_seqs_per_step, options_.use_graphs ? cap : 0);
+    mtp_input_ = backend.empty(DType::kBF16, {cap, config.hc_mult, config.hidden_size});
+    token_ids_ = backend.empty(DType::kI32, {cap});
+    positions_ = backend.empty(DType::kI32, {cap});
+    token_seq_ = backend.empty(DType::kI32, {cap});
+    seq_begin_ = backend.empty(DType::kI32, {seqs});
+    seq_len_ = backend.empty(DType::kI32, {seqs});
+    seq_start_pos_ = backend.empty(DType::kI32, {seqs});
+    seq_slot_ = backend.empty(DType::kI32, {seqs});
+    block_table_ = backend.empty(DType::kI32, {seqs * options_.max_blocks_per_seq});
+  };
+  if (options_.cache_pages_from_free_memory) allocate_step_buffers();
+
   // One extra state slot that padded graph steps point their empty sequences at.
   ops::CacheGeometry geometry = options_.cache;
   geometry.num_slots += 1;
-  // The caches are the runner's largest allocation: a clear error before any of it, not an
-  // allocation failure part way through (or, on the host, the kernel's OOM killer).
+  const std::optional<uint64_t> free = backend.memory_available();
+  const char* where = backend.device() == core::Device::kCuda ? "GPU" : "host";
+  if (options_.cache_pages_from_free_memory) {
+    if (!free) core::fail("--kv-cache-memory auto: the {} backend does not report its free memory", backend.name());
+    ops::CacheGeometry one_page = geometry, slots_only = geometry;
+    one_page.num_slots = 0;
+    one_page.num_pages = 1;
+    slots_only.num_pages = 0;
+    const uint64_t slots = model_->cache_bytes(slots_only);
+    const int64_t fit = cache_pages_that_fit(*free, options_.cache_memory_reserve, slots,
+                                             model_->cache_bytes(one_page), geometry.num_pages);
+    if (fit < options_.max_blocks_per_seq)
+      core::fail(
+          "--kv-cache-memory auto: {:.2f} GB are free on the {} after the weights and the step's buffers; less the "
+          "reserve of {:.2f} GB (--kv-cache-reserve) and {:.2f} GB for {} state slots that holds {} pages of {} "
+          "tokens, fewer than one sequence of --max-model-len takes ({} pages); lower --max-model-len, "
+          "--max-num-seqs or --kv-cache-reserve",
+          double(*free) / 1e9, where, double(options_.cache_memory_reserve) / 1e9, double(slots) / 1e9,
+          geometry.num_slots, fit, ops::kPageTokens, options_.max_blocks_per_seq);
+    geometry.num_pages = options_.cache.num_pages = fit;
+  }
   const uint64_t cache = model_->cache_bytes(geometry);
-  if (const std::optional<uint64_t> free = backend.memory_available(); free && cache > *free)
+  if (free && cache > *free)
     core::fail(
         "the KV cache ({} pages of {} tokens, {} state slots, {} layers) takes {:.2f} GB and {:.2f} GB are free on the "
         "{}; give it fewer pages or sequences (serve: --kv-cache-memory, --kv-cache-pages, --max-num-seqs, "
         "--max-model-len; bench decode: --batch, --context)",
         geometry.num_pages, ops::kPageTokens, geometry.num_slots, model_->num_cache_layers(), double(cache) / 1e9,
-        double(*free) / 1e9, backend.device() == core::Device::kCuda ? "GPU" : "host");
+        double(*free) / 1e9, where);
   caches_ = model_->allocate_caches(geometry);
-  buffers_ = model_->allocate_buffers(options_.max_tokens_per_step, options_.max_logit_rows, 0);
-  const int64_t cap = options_.max_tokens_per_step;
-  const int64_t seqs = std::max<int64_t>(options_.max_seqs_per_step, options_.use_graphs ? cap : 0);
-  mtp_input_ = backend.empty(DType::kBF16, {cap, config.hc_mult, config.hidden_size});
-  token_ids_ = backend.empty(DType::kI32, {cap});
-  positions_ = backend.empty(DType::kI32, {cap});
-  token_seq_ = backend.empty(DType::kI32, {cap});
-  seq_begin_ = backend.empty(DType::kI32, {seqs});
-  seq_len_ = backend.empty(DType::kI32, {seqs});
-  seq_start_pos_ = backend.empty(DType::kI32, {seqs});
-  seq_slot_ = backend.empty(DType::kI32, {seqs});
-  block_table_ = backend.empty(DType::kI32, {seqs * options_.max_blocks_per_seq});
+  if (!options_.cache_pages_from_free_memory) allocate_step_buffers();
 }
 
 ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {

@@ -21,11 +21,21 @@ struct RunnerOptions {
   int32_t max_logit_rows = 64;
   int32_t max_blocks_per_seq = 16;   // pages per sequence: max context = 256 * this
   ops::CacheGeometry cache;          // num_slots, num_pages (window/dims filled from the config)
+  // Pages from the memory free once the weights and the step's buffers are allocated
+  // (serve --kv-cache-memory auto): as many as fit in it less `cache_memory_reserve` (the
+  // step's scratch and graphs) and the state slots, at most cache.num_pages; fails if that
+  // is less than one sequence of max_blocks_per_seq pages. options() then holds the count.
+  bool cache_pages_from_free_memory = false;
+  uint64_t cache_memory_reserve = 0;
   // Decode steps (one token per sequence) replay one captured graph per bucket
   // of padded batch size; other steps run eagerly.
   bool use_graphs = false;
   std::vector<int32_t> graph_buckets = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
 };
+
+// The pages of `page_bytes` that fit in `free` bytes less `reserve` and `slot_bytes` (the
+// state slots), at most `most` (RunnerOptions::cache_pages_from_free_memory); 0 if none do.
+int64_t cache_pages_that_fit(uint64_t free, uint64_t reserve, uint64_t slot_bytes, uint64_t page_bytes, int64_t most);
 
 class ModelRunner {
  public:

@@ -88,6 +88,72 @@ TEST_F(ModelRunnerTest, AKvCacheLargerThanFreeMemoryFailsBeforeAllocating) {
   EXPECT_NE(error.find("--kv-cache-memory"), std::string::npos) << error;
 }
 
+// The pages that fit (serve --kv-cache-memory auto): free less the reserve and the state
+// slots, whole pages, at most `most`; none where the reserve and slots take it all.
+TEST(CachePagesThatFit, WholePagesOfWhatIsLeftAtMostTheCap) {
+  EXPECT_EQ(cache_pages_that_fit(1000, 100, 50, 100, 1 << 20), 8);  // 850 bytes: 8 pages
+  EXPECT_EQ(cache_pages_that_fit(1000, 100, 50, 100, 5), 5);
+  EXPECT_EQ(cache_pages_that_fit(1000, 900, 100, 100, 5), 0);
+  EXPECT_EQ(cache_pages_that_fit(1000, 900, 101, 100, 5), 0);   // (the reserve and slots exceed free)
+  EXPECT_EQ(cache_pages_that_fit(1000, 0, 0, 0, 7), 7);         // pages that cost nothing
+  EXPECT_EQ(cache_pages_that_fit(uint64_t(1) << 40, uint64_t(1) << 39, 0, 1, int64_t(1) << 50), int64_t(1) << 39);
+}
+
+// The runner sizes its pages so from what its backend has free after the step's buffers:
+// with a reserve leaving ~256 MiB, its caches take about that (at most that plus what the
+// host's free memory grew by meanwhile, allowed 1 GiB) and more than one sequence; a smaller
+// cap is kept as given.
+TEST_F(ModelRunnerTest, KvCachePagesFromFreeMemoryTakeWhatFits) {
+  const uint64_t free = backend_->memory_available().value();
+  const uint64_t leave = uint64_t(256) << 20;
+  if (free < 8 * leave) GTEST_SKIP() << "needs 2 GiB of free host memory, has " << free;
+  const auto runner_with = [&](int64_t pages) {
+    RunnerOptions o;
+    o.max_tokens_per_step = 256;
+    o.max_seqs_per_step = 32;
+    o.max_logit_rows = 32;
+    o.max_blocks_per_seq = 4;
+    o.cache.num_slots = 3;
+    o.cache.num_pages = pages;
+    o.cache_pages_from_free_memory = true;
+    o.cache_memory_reserve = free - leave;
+    return std::make_unique<ModelRunner>(config_, weights_, *backend_, o);
+  };
+  std::unique_ptr<ModelRunner> runner;
+  try {
+    runner = runner_with(int64_t(1) << 30);
+  } catch (const core::Error& e) {  // (other processes took 256 MiB of the host's memory meanwhile)
+    GTEST_SKIP() << "the host's free memory moved: " << e.what();
+  }
+  ops::CacheGeometry g = runner->options().cache;
+  g.num_slots += 1;
+  EXPECT_LE(runner->model().cache_bytes(g), leave + (uint64_t(1) << 30));
+  EXPECT_GT(g.num_pages, 4);
+  EXPECT_LT(g.num_pages, int64_t(1) << 30);
+  runner.reset();
+  EXPECT_EQ(runner_with(7)->options().cache.num_pages, 7);
+}
+
+// A reserve that leaves less than one sequence's pages fails before anything is allocated,
+// naming what to change.
+TEST_F(ModelRunnerTest, KvCachePagesFromFreeMemoryFailBelowOneSequence) {
+  std::string error;
+  try {
+    RunnerOptions o;
+    o.max_blocks_per_seq = 4;
+    o.cache.num_slots = 3;
+    o.cache.num_pages = 64;
+    o.cache_pages_from_free_memory = true;
+    o.cache_memory_reserve = uint64_t(1) << 62;
+    ModelRunner runner(config_, weights_, *backend_, o);
+  } catch (const core::Error& e) {
+    error = e.what();
+  }
+  EXPECT_NE(error.find("--kv-cache-memory auto: "), std::string::npos) << error;
+  EXPECT_NE(error.find("holds 0 pages"), std::string::npos) << error;
+  EXPECT_NE(error.find("--kv-cache-reserve"), std::string::npos) << error;
+}
+
 TEST_F(EngineCoreTest, ContinuousBatchingMatchesOfflineGeneration) {
   std::vector<RequestParams> reqs;
   std::vector<GenerateRequest> offline;

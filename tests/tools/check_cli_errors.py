@@ -72,6 +72,15 @@ def main():
     expect_fast_failure(binary, ["bench", "decode", "--backend", "cpu", "--preset", "tiny", "--batch", "10000000",
                                  "--context", "1000"], "the KV cache", "GB are free on the host", "--batch, --context",
                         after_load=True)
+    # serve --kv-cache-memory auto whose reserve leaves nothing: an error before the server starts; the reserve
+    # needs auto; auto needs one device a rank.
+    serve = ["serve", "--backend", "cpu", "--preset", "tiny", "--port", "0"]
+    expect_fast_failure(binary, serve + ["--kv-cache-memory", "auto", "--kv-cache-reserve", "100000G"],
+                        "--kv-cache-memory auto: ", "holds 0 pages", "--kv-cache-reserve", after_load=True)
+    expect_fast_failure(binary, serve + ["--kv-cache-memory", "4G", "--kv-cache-reserve", "1G"],
+                        "--kv-cache-reserve takes a size, with --kv-cache-memory auto")
+    expect_fast_failure(binary, serve + ["--kv-cache-memory", "auto", "--dp", "2"],
+                        "in-process CPU ranks share the host's")
     if os.path.exists(missing) or os.path.isdir(os.path.dirname(missing)):
         fail("a check created %s" % missing)
     # bench-1g's weights (34.3 GB with the MTP block) drawn in host memory: an error at once where they do not fit.
