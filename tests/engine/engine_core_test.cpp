@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <map>
+#include <optional>
 #include <string>
 #include <random>
 
@@ -22,7 +23,9 @@ class EngineCoreTest : public ::testing::Test {
     config_ = model::preset_config("tiny");
     weights_ = model::bind_weights(config_, testing::tiny_weights().lookup(), 0, config_.n_routed_experts);
   }
-  std::unique_ptr<ModelRunner> make_runner(int64_t slots, int64_t pages) {
+  // The fixture's runners: tiny, 256 token rows a step, 4 pages a sequence. `reserve`: pages
+  // from the free memory (RunnerOptions::cache_pages_from_free_memory) less it, at most `pages`.
+  std::unique_ptr<ModelRunner> make_runner(int64_t slots, int64_t pages, std::optional<uint64_t> reserve = {}) {
     RunnerOptions o;
     o.max_tokens_per_step = 256;
     o.max_seqs_per_step = 32;
@@ -30,6 +33,8 @@ class EngineCoreTest : public ::testing::Test {
     o.max_blocks_per_seq = 4;
     o.cache.num_slots = slots;
     o.cache.num_pages = pages;
+    o.cache_pages_from_free_memory = reserve.has_value();
+    o.cache_memory_reserve = reserve.value_or(0);
     return std::make_unique<ModelRunner>(config_, weights_, *backend_, o);
   }
   std::vector<int32_t> tokens(int n, uint64_t salt) {
@@ -107,21 +112,9 @@ TEST_F(ModelRunnerTest, KvCachePagesFromFreeMemoryTakeWhatFits) {
   const uint64_t free = backend_->memory_available().value();
   const uint64_t leave = uint64_t(256) << 20;
   if (free < 8 * leave) GTEST_SKIP() << "needs 2 GiB of free host memory, has " << free;
-  const auto runner_with = [&](int64_t pages) {
-    RunnerOptions o;
-    o.max_tokens_per_step = 256;
-    o.max_seqs_per_step = 32;
-    o.max_logit_rows = 32;
-    o.max_blocks_per_seq = 4;
-    o.cache.num_slots = 3;
-    o.cache.num_pages = pages;
-    o.cache_pages_from_free_memory = true;
-    o.cache_memory_reserve = free - leave;
-    return std::make_unique<ModelRunner>(config_, weights_, *backend_, o);
-  };
   std::unique_ptr<ModelRunner> runner;
   try {
-    runner = runner_with(int64_t(1) << 30);
+    runner = make_runner(3, int64_t(1) << 30, free - leave);
   } catch (const core::Error& e) {  // (other processes took 256 MiB of the host's memory meanwhile)
     GTEST_SKIP() << "the host's free memory moved: " << e.what();
   }
@@ -131,7 +124,7 @@ TEST_F(ModelRunnerTest, KvCachePagesFromFreeMemoryTakeWhatFits) {
   EXPECT_GT(g.num_pages, 4);
   EXPECT_LT(g.num_pages, int64_t(1) << 30);
   runner.reset();
-  EXPECT_EQ(runner_with(7)->options().cache.num_pages, 7);
+  EXPECT_EQ(make_runner(3, 7, free - leave)->options().cache.num_pages, 7);
 }
 
 // A reserve that leaves less than one sequence's pages fails before anything is allocated,
@@ -139,13 +132,7 @@ TEST_F(ModelRunnerTest, KvCachePagesFromFreeMemoryTakeWhatFits) {
 TEST_F(ModelRunnerTest, KvCachePagesFromFreeMemoryFailBelowOneSequence) {
   std::string error;
   try {
-    RunnerOptions o;
-    o.max_blocks_per_seq = 4;
-    o.cache.num_slots = 3;
-    o.cache.num_pages = 64;
-    o.cache_pages_from_free_memory = true;
-    o.cache_memory_reserve = uint64_t(1) << 62;
-    ModelRunner runner(config_, weights_, *backend_, o);
+    make_runner(3, 64, uint64_t(1) << 62);
   } catch (const core::Error& e) {
     error = e.what();
   }
