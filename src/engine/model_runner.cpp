@@ -67,8 +67,8 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     if (fit < options_.max_blocks_per_seq)
       core::fail(
           "--kv-cache-memory auto: {:.2f} GB are free on the {} after the weights and the step's buffers; less the "
-          "reserve of {:.2f} GB (--kv-cache-reserve) and {:.2f} GB for {} state slots that holds {} pages of {} "
-          "tokens, fewer than one sequence of --max-model-len takes ({} pages); lower --max-model-len, "
+          "reserve of {:.2f} GB (--kv-cache-reserve) and {:.2f} GB for {} state slots, that leaves room for {} pages "
+          "of {} tokens, fewer than one sequence of --max-model-len takes ({} pages); lower --max-model-len, "
           "--max-num-seqs or --kv-cache-reserve",
           double(*free) / 1e9, where, double(options_.cache_memory_reserve) / 1e9, double(slots) / 1e9,
           geometry.num_slots, fit, ops::kPageTokens, options_.max_blocks_per_seq);

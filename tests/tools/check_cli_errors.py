@@ -76,7 +76,7 @@ def main():
     # needs auto; auto needs one device a rank.
     serve = ["serve", "--backend", "cpu", "--preset", "tiny", "--port", "0"]
     expect_fast_failure(binary, serve + ["--kv-cache-memory", "auto", "--kv-cache-reserve", "100000G"],
-                        "--kv-cache-memory auto: ", "holds 0 pages", "--kv-cache-reserve", after_load=True)
+                        "--kv-cache-memory auto: ", "room for 0 pages", "--kv-cache-reserve", after_load=True)
     expect_fast_failure(binary, serve + ["--kv-cache-memory", "4G", "--kv-cache-reserve", "1G"],
                         "--kv-cache-reserve takes a size, with --kv-cache-memory auto")
     expect_fast_failure(binary, serve + ["--kv-cache-memory", "auto", "--dp", "2"],
