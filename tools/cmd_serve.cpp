@@ -259,8 +259,7 @@ Command add_serve(CLI::App& app) {
 
     // What the pools hold, per rank: pages (and the tokens of context they take), and the bytes.
     const int64_t pages = engine->stats().free_pages / o->dp;  // (nothing is in use yet)
-    const ops::CacheCost cost =
-        model::model_cache_cost(config, backend_name == "cuda" ? &ops::fp8_cache_cost : &ops::bf16_cache_cost);
+    const ops::CacheCost cost = model::model_cache_cost(config, ops::cache_cost_of_backend(backend_name));
     const double cache_gb = double(cost.per_page * pages + cost.per_slot * (o->max_num_seqs + 1)) / 1e9;
     const std::string cache = fmt::format(
         "{} pages ({} tokens of context, {:.2f} GB with the state slots; {})", pages, pages * ops::kPageTokens,

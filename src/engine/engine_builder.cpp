@@ -36,8 +36,7 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
     ro.cache_memory_reserve = o.kv_cache_reserve;
   } else if (pages == 0 && o.kv_cache_memory > 0) {
     // Bytes per page and per slot summed over the layers, in the backend's format.
-    const ops::CacheCost cost =
-        model::model_cache_cost(config, o.backend == "cuda" ? &ops::fp8_cache_cost : &ops::bf16_cache_cost);
+    const ops::CacheCost cost = model::model_cache_cost(config, ops::cache_cost_of_backend(o.backend));
     const int64_t per_page = cost.per_page, per_slot = cost.per_slot;
     const int64_t budget = int64_t(o.kv_cache_memory) - per_slot * (o.max_num_seqs + 1);
     if (budget <= 0 || per_page == 0)

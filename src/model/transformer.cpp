@@ -74,8 +74,7 @@ ops::CacheCost sum_layer_costs(const ModelConfig& config, const LayerCost& layer
 }
 }  // namespace
 
-ops::CacheCost model_cache_cost(const ModelConfig& config,
-                                ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t)) {
+ops::CacheCost model_cache_cost(const ModelConfig& config, ops::LayerCacheCost layer_cost) {
   return sum_layer_costs(config, layer_cost);
 }
 

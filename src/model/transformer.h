@@ -52,8 +52,7 @@ struct MicroBatchBuffers {
 // A model's cache summed over its layers (main, then MTP) in the format `layer_cost` gives
 // (ops::fp8_cache_cost: the CUDA backend's, ops::bf16_cache_cost: the CPU's): bytes per
 // state slot and per page of kPageTokens tokens. No backend needed: for sizing anywhere.
-ops::CacheCost model_cache_cost(const ModelConfig& config,
-                                ops::CacheCost (*layer_cost)(const ops::CacheGeometry&, int64_t));
+ops::CacheCost model_cache_cost(const ModelConfig& config, ops::LayerCacheCost layer_cost);
 // The same in `backend`'s format; fails on a config that format cannot hold (the loader
 // calls it before any weight is read or drawn).
 ops::CacheCost model_cache_cost(const ModelConfig& config, const ops::Backend& backend);

@@ -770,4 +770,8 @@ CacheCost bf16_cache_cost(const CacheGeometry& g, int64_t ratio) {
   return cache_cost_of_rows(g, ratio, g.head_dim * 2, g.index_head_dim * 2);
 }
 
+LayerCacheCost cache_cost_of_backend(const std::string& backend_name) {
+  return backend_name == "cuda" ? &fp8_cache_cost : &bf16_cache_cost;
+}
+
 }  // namespace dsv4::ops

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "core/tensor.h"
 
@@ -66,5 +67,8 @@ struct CacheCost {
 // CPU's (bf16 rows); f32 compressor states in both. No device needed: for sizing anywhere.
 CacheCost fp8_cache_cost(const CacheGeometry& geometry, int64_t ratio);
 CacheCost bf16_cache_cost(const CacheGeometry& geometry, int64_t ratio);
+// The format a backend of that name ("cuda", "cpu") keeps its caches in, as one of the above.
+using LayerCacheCost = CacheCost (*)(const CacheGeometry&, int64_t);
+LayerCacheCost cache_cost_of_backend(const std::string& backend_name);
 
 }  // namespace dsv4::ops
