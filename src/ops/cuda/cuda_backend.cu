@@ -22,7 +22,15 @@ using core::DType;
 using core::Tensor;
 
 struct CudaBackend::Scratch {
-  std::map<std::string, Tensor> buffers;
+  struct Buffer {
+    Tensor tensor;
+    uint64_t captures_before = 0;  // captures begun before this buffer was allocated
+  };
+  std::map<std::string, Buffer> buffers;
+  uint64_t captures = 0;  // captures begun on this backend
+  // Buffers a larger one replaced after a capture: a graph may still point at them (its
+  // kernels' arguments hold the address), so they live as long as the backend.
+  std::vector<Tensor> kept_for_graphs;
 };
 
 bool cuda_device_available(std::string* why) {
@@ -479,6 +487,7 @@ void dump_graph_edges(cudaGraph_t graph) {
 
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  ++scratch_->captures;
   try {
     body();
   } catch (...) {
@@ -505,7 +514,8 @@ void* CudaBackend::scratch(const char* name, size_t bytes, bool* fresh) {
   // micro-batches of two-batch overlap) never share one.
   char key[192];
   std::snprintf(key, sizeof key, "%s@%p", name, static_cast<void*>(stream_));
-  Tensor& t = scratch_->buffers[key];
+  Scratch::Buffer& b = scratch_->buffers[key];
+  Tensor& t = b.tensor;
   // A default Tensor is a 4-byte scalar without storage: test the pointer too.
   if (t.data() == nullptr || t.nbytes() < bytes) {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -513,12 +523,23 @@ void* CudaBackend::scratch(const char* name, size_t bytes, bool* fresh) {
     DSV4_CHECK(status == cudaStreamCaptureStatusNone,
                "scratch '{}' must grow to {} bytes during graph capture; run the step eagerly first", name, bytes);
     DSV4_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    // A graph captured since this buffer was allocated may hold its address (a decode
+    // bucket's graph, then a longer prefill that needs more): freeing it would leave the
+    // graph's next replay writing freed memory, or memory another buffer has taken since.
+    if (t.data() != nullptr && scratch_->captures != b.captures_before) scratch_->kept_for_graphs.push_back(t);
     t = empty_bytes(bytes);
+    b.captures_before = scratch_->captures;
     if (fresh != nullptr) *fresh = true;
   } else if (fresh != nullptr) {
     *fresh = false;
   }
   return t.data();
+}
+
+size_t CudaBackend::scratch_bytes_kept_for_graphs() const {
+  size_t bytes = 0;
+  for (const Tensor& t : scratch_->kept_for_graphs) bytes += t.nbytes();
+  return bytes;
 }
 
 int CudaBackend::num_lanes() const {

@@ -157,7 +157,10 @@ class CudaBackend final : public Backend {
   // Kernels that need scratch memory get it here: one buffer per (name, current
   // stream), grown on first use, before any capture (growing during capture is an
   // error). `fresh`, if given, tells whether this call allocated (contents undefined).
+  // A buffer that grows after a capture is kept, not freed: the graph still uses it.
   void* scratch(const char* name, size_t bytes, bool* fresh = nullptr);
+  // The bytes of the buffers kept that way (tests; serving's memory report).
+  size_t scratch_bytes_kept_for_graphs() const;
 };
 
 // True when a CUDA device is usable (tests skip otherwise).

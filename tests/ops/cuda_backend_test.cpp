@@ -1,0 +1,54 @@
+// The CUDA backend's own contracts (not an op's arithmetic): scratch buffers and the
+// graphs that hold their addresses.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "ops/cuda/cuda_check.h"
+
+namespace dsv4::ops {
+namespace {
+
+// A graph captured over a scratch buffer keeps using that buffer after a later, larger
+// request for the same scratch gets a new one (a decode bucket's graph, then a longer
+// prefill step): the old buffer must stay allocated and the graph's writes must land in
+// it, not in freed memory or in the buffer that replaced it.
+TEST(CudaScratch, ABufferAGraphHoldsOutlivesItsGrowth) {
+  DSV4_REQUIRE_CUDA();
+  CudaBackend cuda(0);
+  constexpr size_t kSmall = 4096, kLarge = size_t(1) << 22;
+  bool fresh = false;
+  auto* small = static_cast<uint8_t*>(cuda.scratch("graph_held", kSmall, &fresh));
+  EXPECT_TRUE(fresh);
+  auto graph = cuda.capture([&] { DSV4_CUDA_CHECK(cudaMemsetAsync(small, 0x5a, kSmall, cuda.stream())); });
+  EXPECT_EQ(cuda.scratch_bytes_kept_for_graphs(), 0u);
+
+  auto* large = static_cast<uint8_t*>(cuda.scratch("graph_held", kLarge, &fresh));
+  EXPECT_TRUE(fresh);
+  ASSERT_NE(large, small);
+  EXPECT_EQ(cuda.scratch_bytes_kept_for_graphs(), kSmall);
+  cudaPointerAttributes attributes{};
+  DSV4_CUDA_CHECK(cudaPointerGetAttributes(&attributes, small));
+  EXPECT_EQ(attributes.type, cudaMemoryTypeDevice) << "the graph's buffer was freed when the scratch grew";
+
+  // The replay writes the old buffer and leaves the new one alone.
+  DSV4_CUDA_CHECK(cudaMemsetAsync(large, 0, kLarge, cuda.stream()));
+  DSV4_CUDA_CHECK(cudaMemsetAsync(small, 0, kSmall, cuda.stream()));
+  graph->replay();
+  cuda.synchronize();
+  std::vector<uint8_t> got_small(kSmall), got_large(kLarge);
+  DSV4_CUDA_CHECK(cudaMemcpy(got_small.data(), small, kSmall, cudaMemcpyDeviceToHost));
+  DSV4_CUDA_CHECK(cudaMemcpy(got_large.data(), large, kLarge, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(got_small, std::vector<uint8_t>(kSmall, 0x5a));
+  EXPECT_EQ(got_large, std::vector<uint8_t>(kLarge, 0));
+
+  // Growing again with no capture since the last growth frees the replaced buffer: no
+  // graph can hold it.
+  cuda.scratch("graph_held", 2 * kLarge);
+  EXPECT_EQ(cuda.scratch_bytes_kept_for_graphs(), kSmall);
+}
+
+}  // namespace
+}  // namespace dsv4::ops
