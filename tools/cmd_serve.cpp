@@ -159,7 +159,7 @@ Command add_serve(CLI::App& app) {
                      ->excludes(pages);
   app.add_option("--kv-cache-reserve", o->kv_cache_reserve,
                  "With --kv-cache-memory auto: memory per rank left free for the step's scratch buffers and "
-                 "CUDA graphs (default 2G)")
+                 "CUDA graphs (default 2G); the start-up warm-up runs the largest steps and fails there if it is too small")
       ->needs(memory);
   app.add_option("--threads", o->threads, "CPU backend threads, split over --dp ranks (default: all cores)")->check(CLI::Range(0, 1024));
   app.add_option("--dp", o->dp, "Data-parallel engine ranks (CUDA: one GPU each; CPU: in-process ranks)")
@@ -231,6 +231,8 @@ Command add_serve(CLI::App& app) {
                  backend_name.c_str(), o->dp > 1 ? fmt::format(", {} data-parallel ranks", o->dp).c_str() : "");
     std::unique_ptr<engine::ServingEngine> engine = engine::build_serving_engine(eo);
     const model::ModelConfig& config = engine->config();
+    if (!engine->warm_ups().empty())
+      std::fprintf(stderr, "dsv4 serve: %s\n", engine::describe_warm_ups(engine->warm_ups()).c_str());
 
     std::shared_ptr<const serve::Tokenizer> tokenizer;
     const std::string tokenizer_dir = find_tokenizer_dir(o->tokenizer, o->model_dir);

@@ -29,7 +29,32 @@ DpServingEngine::DpServingEngine(const DpEngineOptions& options) : options_(opti
     rank->core = std::make_unique<EngineCore>(*rank->runner, options.scheduler, options.eos_token_id);
     ranks_.push_back(std::move(rank));
   }
+  if (options.warm_up) warm_up_ranks();
   for (auto& rank : ranks_) threads_.emplace_back([this, r = rank.get()] { run_rank(*r); });
+}
+
+void DpServingEngine::warm_up_ranks() {
+  // Each rank on its own thread, as its steps run: their MoE exchanges meet. A rank that
+  // fails aborts its peers' communicators, so none waits for it in a collective.
+  warm_ups_.resize(ranks_.size());
+  const auto warm_up = [this](size_t i) {
+    Rank& rank = *ranks_[i];
+    try {
+      rank.base->backend->bind_to_current_thread();
+      warm_ups_[i] = rank.runner->warm_up(true);
+    } catch (const std::exception& e) {
+      throw core::Error(fmt::format("rank {}: {}", rank.base->global_rank, e.what()));
+    }
+  };
+  if (dp_.comms.empty()) {
+    for (size_t i = 0; i < ranks_.size(); ++i) warm_up(i);
+    return;
+  }
+  parallel::run_rank_threads_or_throw(dp_.comms, [&](parallel::Communicator& comm) {
+    for (size_t i = 0; i < ranks_.size(); ++i)
+      if (ranks_[i]->base->comm == &comm) return warm_up(i);
+    core::fail("warming up: a communicator of no rank of this process");
+  });
 }
 
 DpServingEngine::~DpServingEngine() { shutdown(false); }

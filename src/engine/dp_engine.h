@@ -29,6 +29,7 @@ struct DpEngineOptions {
   RunnerOptions runner;               // per rank
   int32_t eos_token_id = 1;
   bool check_ledger = false;          // compare every step's collective ledger across ranks
+  bool warm_up = false;               // every rank's ModelRunner::warm_up (with its prefill step), together
   // Tests: called by every rank before each step; returning false makes that
   // rank vanish without a word (a killed rank), so its peers must time out.
   std::function<bool(int rank, int64_t step)> rank_step_hook;
@@ -47,6 +48,7 @@ class DpServingEngine final : public ServingEngine {
   void shutdown(bool drain) override;
   const model::ModelConfig& config() const override { return config_; }
   int32_t max_model_len() const override { return options_.scheduler.max_model_len; }
+  const std::vector<WarmUpReport>& warm_ups() const override { return warm_ups_; }
   // Rank of a request (tests and generate's output order need none of this; benchmarks report it).
   int rank_of(int64_t request_id) const { return int(request_id % kRankStride); }
   // The failure that stopped the engine, if any.
@@ -57,12 +59,14 @@ class DpServingEngine final : public ServingEngine {
  private:
   struct Rank;
   void run_rank(Rank& rank);
+  void warm_up_ranks();
   void fail_all(const std::string& error);
 
   DpEngineOptions options_;
   model::ModelConfig config_;
   DpRanks dp_;
   std::vector<std::unique_ptr<Rank>> ranks_;
+  std::vector<WarmUpReport> warm_ups_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
   bool stopping_ = false;

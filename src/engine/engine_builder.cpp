@@ -64,6 +64,7 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   dp.runner = ro;
   dp.eos_token_id = int32_t(config.eos_token_id);
   dp.check_ledger = o.check_ledger;
+  dp.warm_up = o.warm_up && o.backend == "cuda";
   if (o.dp == 1 && o.nnodes == 1) {
     auto backend = o.backend == "cuda" ? ops::make_cuda_backend(0) : ops::make_cpu_backend(o.threads, o.cpu_quant_dot);
     auto loaded = load_model(o.source, *backend);
@@ -75,7 +76,7 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
     auto owned = std::make_shared<Owned>(Owned{std::move(backend), loaded});
     auto runner = std::shared_ptr<ModelRunner>(
         new ModelRunner(loaded->config, loaded->weights, *owned->backend, ro), [owned](ModelRunner* r) { delete r; });
-    return std::make_unique<LocalServingEngine>(runner, sc, dp.eos_token_id);
+    return std::make_unique<LocalServingEngine>(runner, sc, dp.eos_token_id, dp.warm_up);
   }
   return std::make_unique<DpServingEngine>(dp);
 }

@@ -33,6 +33,10 @@ struct EngineBuildOptions {
   bool kv_cache_memory_auto = false;
   uint64_t kv_cache_reserve = uint64_t(2) << 30;
   bool use_graphs = true;             // decode steps replay CUDA graphs (CUDA backend only)
+  // CUDA: before the first request, a prefill step as long as a step and every decode graph
+  // (ModelRunner::warm_up), so neither a scratch allocation nor a graph's recording comes
+  // between requests, and memory the reserve does not cover fails at start-up.
+  bool warm_up = true;
   parallel::CommOptions comm;
   int nccl_max_ctas = 0;              // 0: NCCL's default
   int nnodes = 1, node_rank = 0;      // several nodes (CUDA): node 0 at master_addr:master_port

@@ -1,6 +1,8 @@
 #include "engine/model_runner.h"
 
 #include <algorithm>
+#include <chrono>
+#include <string>
 
 #include "core/error.h"
 #include "engine/stage_lanes.h"
@@ -204,6 +206,71 @@ void ModelRunner::step_eager_with_hook(const StepMetadata& meta,
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
   model::run_in_order(program, on_stage);
   backend_.synchronize();
+}
+
+WarmUpReport ModelRunner::warm_up(bool prefill) {
+  WarmUpReport report;
+  report.free_before = backend_.memory_available();
+  const auto start = std::chrono::steady_clock::now();
+  // Each step under its name: an allocation that fails here is the reserve's shortfall.
+  const auto run = [&](const std::string& what, const std::function<void()>& body) {
+    try {
+      body();
+    } catch (const std::exception& e) {
+      const std::string hint =
+          options_.cache_pages_from_free_memory
+              ? fmt::format(" (--kv-cache-memory auto left {:.2f} GB beside the KV cache for the step's scratch and "
+                            "graphs: raise --kv-cache-reserve)",
+                            double(options_.cache_memory_reserve) / 1e9)
+              : std::string();
+      core::fail("warming up the engine, {}: {}{}", what, e.what(), hint);
+    }
+  };
+  const int32_t slot = pad_slot();
+  if (prefill) {
+    // One sequence as long as a step, the pages and the positions allow.
+    const int64_t most = std::min<int64_t>({int64_t(options_.max_tokens_per_step),
+                                            int64_t(options_.max_blocks_per_seq) * ops::kPageTokens,
+                                            options_.cache.num_pages * ops::kPageTokens,
+                                            config_.max_position_embeddings});
+    const int32_t T = int32_t(std::max<int64_t>(most, 0));
+    if (T > 0) {
+      std::vector<int32_t> tokens(static_cast<size_t>(T)), pages;
+      for (int32_t i = 0; i < T; ++i) tokens[size_t(i)] = int32_t((int64_t(i) * 7919) % config_.vocab_size);
+      for (int64_t p = 0; p * ops::kPageTokens < T; ++p) pages.push_back(int32_t(p));
+      SequenceSlice s;
+      s.state_slot = slot;
+      s.tokens = tokens.data();
+      s.num_tokens = T;
+      s.block_table = &pages;
+      s.want_logits = true;
+      run(fmt::format("a prefill step of {} tokens", T), [&] { step(build_step_metadata({s}), nullptr, nullptr, false); });
+      report.prefill_tokens = T;
+    }
+  }
+  std::vector<int32_t> buckets;
+  for (int32_t b : options_.graph_buckets)
+    if (decode_bucket(b) == b) buckets.push_back(b);
+  std::sort(buckets.rbegin(), buckets.rend());
+  buckets.erase(std::unique(buckets.begin(), buckets.end()), buckets.end());
+  const std::vector<int32_t> first_page = {0};
+  const int32_t token = 0;
+  for (int32_t b : buckets) {
+    // One sequence at position 0 (it emits no compressed row into its page), padded to
+    // the bucket: the same shapes and host values as every replay.
+    SequenceSlice s;
+    s.state_slot = slot;
+    s.tokens = &token;
+    s.num_tokens = 1;
+    s.block_table = &first_page;
+    s.want_logits = true;
+    run(fmt::format("recording the decode graph of {} rows", b),
+        [&] { step(build_step_metadata({s}), nullptr, nullptr, true, b); });
+    report.graph_buckets.push_back(b);
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  report.free_after = backend_.memory_available();
+  return report;
 }
 
 std::vector<double> ModelRunner::time_graph_replays(const StepMetadata& meta, int warmup, int iters) {

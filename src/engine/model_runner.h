@@ -6,6 +6,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "engine/step_metadata.h"
@@ -33,6 +34,14 @@ struct RunnerOptions {
   std::vector<int32_t> graph_buckets = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
 };
 
+// What ModelRunner::warm_up ran before the first request, and the memory it took.
+struct WarmUpReport {
+  int32_t prefill_tokens = 0;          // the eager prefill step's tokens (0: none ran)
+  std::vector<int32_t> graph_buckets;  // decode graphs recorded, largest first
+  double seconds = 0;
+  std::optional<uint64_t> free_before, free_after;  // the backend's free memory around it
+};
+
 // The pages of `page_bytes` that fit in `free` bytes less `reserve` and `slot_bytes` (the
 // state slots), at most `most` (RunnerOptions::cache_pages_from_free_memory); 0 if none do.
 int64_t cache_pages_that_fit(uint64_t free, uint64_t reserve, uint64_t slot_bytes, uint64_t page_bytes, int64_t most);
@@ -55,6 +64,15 @@ class ModelRunner {
   // ranks replay the bucket of the step's DP max, also with 0 rows of their own).
   void step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden = nullptr,
             bool allow_graph = true, int32_t min_graph_rows = 0);
+  // Runs, before the first request, the steps whose first run would otherwise come in the
+  // middle of serving: with `prefill`, one eager step of the most tokens a step holds (one
+  // sequence: it grows the step's scratch before any graph is recorded); then, with graphs,
+  // one decode step of each bucket, largest first, which records the bucket's graph (a
+  // recording holds up every sequence of its step). They write only the padding slot and
+  // the first pages of the pool, which no sequence holds yet and a sequence reads only after
+  // writing. Data-parallel ranks whose steps exchange call it together, like a step. Fails
+  // naming the step (and, with cache_pages_from_free_memory, the reserve it outgrew).
+  WarmUpReport warm_up(bool prefill);
   // The bucket step() would replay for a decode-only step of `rows` rows (0: none).
   int32_t decode_bucket(int32_t rows) const;
   // Runs every stage of one step eagerly, calling `on_stage(stage, after)` before

@@ -1,13 +1,41 @@
 #include "engine/serving_engine.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 namespace dsv4::engine {
 
+std::string describe_warm_ups(const std::vector<WarmUpReport>& reports) {
+  if (reports.empty()) return "no warm-up";
+  double seconds = 0;
+  const WarmUpReport* tightest = &reports[0];
+  for (const WarmUpReport& r : reports) {
+    seconds = std::max(seconds, r.seconds);
+    if (r.free_after && (!tightest->free_after || *r.free_after < *tightest->free_after)) tightest = &r;
+  }
+  std::vector<std::string> steps;
+  if (tightest->prefill_tokens > 0) steps.push_back(fmt::format("a prefill step of {} tokens", tightest->prefill_tokens));
+  if (!tightest->graph_buckets.empty())
+    steps.push_back(fmt::format("the decode graphs of {} rows", fmt::join(tightest->graph_buckets, ", ")));
+  std::string line = fmt::format("warmed up in {:.1f} s: {}", seconds,
+                                 steps.empty() ? std::string("nothing to run") : fmt::format("{}", fmt::join(steps, " and ")));
+  const char* rank = reports.size() > 1 ? " (the rank with the least)" : "";
+  if (tightest->free_before && tightest->free_after) {
+    const double taken = double(*tightest->free_before) - double(*tightest->free_after);
+    line += fmt::format("; they took {:.2f} GB, {:.2f} GB are free after{}", std::max(taken, 0.0) / 1e9,
+                        double(*tightest->free_after) / 1e9, rank);
+  }
+  return line;
+}
+
 LocalServingEngine::LocalServingEngine(std::shared_ptr<ModelRunner> runner, const SchedulerConfig& config,
-                                       int32_t eos_token_id)
+                                       int32_t eos_token_id, bool warm_up)
     : runner_(std::move(runner)), core_(*runner_, config, eos_token_id), max_model_len_(config.max_model_len) {
+  if (warm_up) warm_ups_.push_back(runner_->warm_up(true));
   thread_ = std::thread([this] { loop(); });
 }
 

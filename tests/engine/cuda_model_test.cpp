@@ -223,6 +223,71 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], replayed[s][i]) << "sequence " << s << " token " << i;
 }
 
+// The start-up warm-up (ModelRunner::warm_up: a 512-token prefill in the padding slot and
+// pages 0-1, then the decode graphs of 4, 2 and 1 rows recorded at position 0) leaves no
+// trace: the generation after it equals eager CUDA's, tokens and logits bit for bit.
+TEST_F(CudaTinyModel, WarmedUpGraphsEqualEagerBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Logits eager, warmed;
+  auto eager_runner = runner(*cuda_, *cuda_model_, false);
+  auto warm_runner = runner(*cuda_, *cuda_model_, true);
+  const WarmUpReport report = warm_runner->warm_up(true);
+  EXPECT_EQ(report.prefill_tokens, 512);
+  EXPECT_EQ(report.graph_buckets, (std::vector<int32_t>{4, 2, 1}));
+  ASSERT_TRUE(report.free_before && report.free_after);
+  std::printf("warm-up: %.3f s, %.1f MB of GPU memory taken\n", report.seconds,
+              (double(*report.free_before) - double(*report.free_after)) / 1e6);
+  const auto a = run(*eager_runner, eager);
+  const auto b = run(*warm_runner, warmed);
+  EXPECT_EQ(warm_runner->num_graphs(), 3u);  // the generation recorded none of its own
+  ASSERT_EQ(a, b);
+  for (size_t s = 0; s < eager.size(); ++s)
+    for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], warmed[s][i]) << "sequence " << s << " token " << i;
+}
+
+// A prefill step longer than any decode bucket, after the buckets' graphs are recorded,
+// grows scratch buffers those graphs hold (the top-k's, the compressor's): the graphs keep
+// theirs (CudaBackend::scratch), so their later replays still equal eager steps bit for bit
+// (and memcheck sees no write to freed memory).
+TEST_F(CudaTinyModel, APrefillAfterTheGraphsLeavesThemIntact) {
+  DSV4_REQUIRE_CUDA();
+  auto eager = runner(*cuda_, *cuda_model_, false);
+  auto graphs = runner(*cuda_, *cuda_model_, true);
+  std::mt19937_64 g(testing::test_seed() + 77);
+  std::vector<std::vector<int32_t>> toks(2), pages = {{0, 1, 2, 3}, {4, 5, 6, 7}};
+  for (auto& t : toks)
+    for (int i = 0; i < 460; ++i) t.push_back(int32_t(g() % 129280));
+  std::vector<int32_t> pos = {0, 0};
+  const auto step = [&](const std::vector<int>& seqs, int32_t tokens, const std::string& what) {
+    std::vector<SequenceSlice> slices;
+    for (int q : seqs) {
+      SequenceSlice s;
+      s.state_slot = q;
+      s.start_pos = pos[size_t(q)];
+      s.tokens = toks[size_t(q)].data() + s.start_pos;
+      s.num_tokens = tokens;
+      s.block_table = &pages[size_t(q)];
+      s.want_logits = true;
+      slices.push_back(s);
+      pos[size_t(q)] += tokens;
+    }
+    const StepMetadata m = build_step_metadata(slices);
+    std::vector<float> a, b;
+    eager->step(m, &a);
+    graphs->step(m, &b);
+    ASSERT_EQ(a, b) << what;
+  };
+  step({0}, 20, "prefill of sequence 0");
+  for (int i = 0; i < 3; ++i) step({0}, 1, "decode of sequence 0, before the long prefill");
+  ASSERT_EQ(graphs->num_graphs(), 1u);
+  step({1}, 400, "prefill of sequence 1 (400 tokens)");
+  for (int i = 0; i < 4; ++i) step({0, 1}, 1, "decode of both");
+  for (int i = 0; i < 4; ++i) step({0}, 1, "decode of sequence 0 (its graph recorded before the long prefill)");
+  EXPECT_EQ(graphs->num_graphs(), 2u);
+  std::printf("scratch kept for graphs after the long prefill: %zu bytes\n",
+              static_cast<ops::CudaBackend&>(*cuda_).scratch_bytes_kept_for_graphs());
+}
+
 // The CUDA backend's cache_cost (FP8 KV rows, the indexer's rows, f32 states) is what its
 // caches take: the runner's free-memory check rests on it.
 TEST_F(CudaTinyModel, CacheBytesAreWhatTheCachesTake) {

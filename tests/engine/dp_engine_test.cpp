@@ -185,6 +185,71 @@ TEST_F(DpEngine, IdleRanksRunEmptySteps) {
   EXPECT_EQ(s.finished_requests, 2);
 }
 
+// Every rank warms up at construction (a prefill step, then each decode bucket's graph),
+// together: the all-gather ranks' exchanges meet. Their answers are then those of one rank.
+TEST_F(DpEngine, RanksWarmUpTogetherAndLeaveNoTrace) {
+  const EngineBuildOptions o = options(2, MoeMode::kAllGather);
+  DpEngineOptions dp;
+  dp.ranks.dp = 2;
+  dp.ranks.moe = MoeMode::kAllGather;
+  dp.ranks.source = o.source;
+  dp.ranks.comm = o.comm;
+  dp.scheduler.max_num_seqs = 4;
+  dp.scheduler.max_num_batched_tokens = 128;
+  dp.scheduler.prefill_chunk = 64;
+  dp.scheduler.max_model_len = 512;
+  dp.runner.max_tokens_per_step = 128;
+  dp.runner.max_seqs_per_step = 4;
+  dp.runner.max_logit_rows = 4;
+  dp.runner.max_blocks_per_seq = 2;
+  dp.runner.cache.num_slots = 4;
+  dp.runner.cache.num_pages = 8;
+  dp.runner.use_graphs = true;  // (the CPU backend records a graph as the function it calls again)
+  dp.warm_up = true;
+  dp.check_ledger = true;
+  DpServingEngine engine(dp);
+  ASSERT_EQ(engine.warm_ups().size(), 2u);
+  for (const WarmUpReport& w : engine.warm_ups()) {
+    EXPECT_EQ(w.prefill_tokens, 128);
+    EXPECT_EQ(w.graph_buckets, (std::vector<int32_t>{4, 2, 1}));
+  }
+  const std::string line = describe_warm_ups(engine.warm_ups());
+  EXPECT_NE(line.find("a prefill step of 128 tokens and the decode graphs of 4, 2, 1 rows"), std::string::npos) << line;
+  const Result r = run(engine, workload());
+  double worst = 0;
+  for (size_t i = 0; i < r.tokens.size(); ++i) {
+    EXPECT_EQ(r.errors[i], "");
+    ASSERT_EQ(r.tokens[i], reference_->tokens[i]) << "request " << i;
+    for (size_t t = 0; t < r.logits[i].size(); ++t)
+      for (size_t v = 0; v < r.logits[i][t].size(); v += 7)
+        worst = std::max(worst, double(std::fabs(r.logits[i][t][v] - reference_->logits[i][t][v])));
+  }
+  EXPECT_LE(worst, 1e-3);  // as AllGatherMatchesOneRankWithinFp32Rounding
+  engine.shutdown(true);
+}
+
+// The start-up line names the slowest rank's time and the rank with the least memory left.
+TEST(DescribeWarmUps, NamesTheStepsAndTheTightestRank) {
+  EXPECT_EQ(describe_warm_ups({}), "no warm-up");
+  WarmUpReport a, b;
+  a.prefill_tokens = b.prefill_tokens = 512;
+  a.graph_buckets = b.graph_buckets = {64, 8, 1};
+  a.seconds = 1.25;
+  b.seconds = 2.5;
+  a.free_before = uint64_t(5e9);
+  a.free_after = uint64_t(4e9);
+  b.free_before = uint64_t(4e9);
+  b.free_after = uint64_t(1.5e9);
+  EXPECT_EQ(describe_warm_ups({a}),
+            "warmed up in 1.2 s: a prefill step of 512 tokens and the decode graphs of 64, 8, 1 rows; they took "
+            "1.00 GB, 4.00 GB are free after");
+  EXPECT_EQ(describe_warm_ups({a, b}),
+            "warmed up in 2.5 s: a prefill step of 512 tokens and the decode graphs of 64, 8, 1 rows; they took "
+            "2.50 GB, 1.50 GB are free after (the rank with the least)");
+  WarmUpReport none;
+  EXPECT_EQ(describe_warm_ups({none}), "warmed up in 0.0 s: nothing to run");
+}
+
 TEST(DpEngineFailure, VanishedRankMakesTheOthersFailFast) {
   EngineBuildOptions o = options(3, MoeMode::kAllGather);
   o.comm.timeout = std::chrono::milliseconds(400);

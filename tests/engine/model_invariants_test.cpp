@@ -200,6 +200,51 @@ TEST_F(TinyModel, PaddedGraphDecodeEqualsEager) {
   EXPECT_GE(graphs->num_graphs(), 2u);
 }
 
+// The warm-up before serving (a prefill step as long as a step, then every decode bucket's
+// graph, written to the padding slot and the pool's first pages) leaves no trace: a runner
+// that warmed up gives the logits of one that did not, bit for bit, for sequences whose
+// pages are the ones the warm-up wrote and whose decode steps replay its graphs.
+TEST_F(TinyModel, WarmUpLeavesNoTrace) {
+  const std::vector<int> lengths = {300, 20, 150};
+  auto cold = runner(512, 4, true);
+  auto warm = runner(512, 4, true);
+  const WarmUpReport report = warm->warm_up(true);
+  EXPECT_EQ(report.prefill_tokens, 512);
+  EXPECT_EQ(report.graph_buckets, (std::vector<int32_t>{64, 32, 16, 8, 4, 2, 1}));
+  EXPECT_EQ(warm->num_graphs(), report.graph_buckets.size());
+  EXPECT_EQ(cold->num_graphs(), 0u);
+  std::vector<std::vector<int32_t>> toks, pages;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    toks.push_back(random_tokens(lengths[i] + 10, 60 + i));
+    pages.push_back(pages_for(int32_t(i)));  // sequence 0 takes pages 0-3, which the warm-up wrote
+  }
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    const int32_t last = lengths[i] - 1;
+    ASSERT_EQ(run(*warm, int32_t(i), pages[i], toks[i], 0, lengths[i], {last}),
+              run(*cold, int32_t(i), pages[i], toks[i], 0, lengths[i], {last}))
+        << "prefill of sequence " << i;
+  }
+  for (int step = 0; step < 10; ++step) {
+    std::vector<SequenceSlice> slices;
+    for (size_t i = 0; i < lengths.size(); ++i) {
+      SequenceSlice s;
+      s.state_slot = int32_t(i);
+      s.start_pos = lengths[i] + step;
+      s.tokens = toks[i].data() + s.start_pos;
+      s.num_tokens = 1;
+      s.block_table = &pages[i];
+      s.want_logits = true;
+      slices.push_back(s);
+    }
+    const StepMetadata m = build_step_metadata(slices);
+    std::vector<float> a, b;
+    warm->step(m, &a);
+    cold->step(m, &b);
+    ASSERT_EQ(a, b) << "decode step " << step;
+  }
+  EXPECT_EQ(warm->num_graphs(), report.graph_buckets.size());  // the decode steps replayed the warm-up's graph
+}
+
 // The divergence locator (engine/divergence_locator.h, which the GPU's bit-for-bit
 // parity test runs when it fails) on two CPU arithmetic models: the plain dot
 // products and the model of the Hopper tensor cores part at the first quantized
