@@ -126,12 +126,25 @@ bool EngineCore::graph_eligible(const ScheduledStep& step, int32_t padded_rows) 
 
 void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bool allow_graph) {
   const auto start = Clock::now();
-  logits_.clear();
+  // Greedy rows take their token from the backend's argmax; only the rows that sample or
+  // return their logits bring the whole row (V floats) to the host.
+  std::vector<int32_t> full_rows;
+  std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its row in logits_
+  int32_t rows = 0;
+  for (size_t k = 0; k < step.slices.size(); ++k) {
+    if (!step.slices[k].want_logits) continue;
+    const Request& r = *step.requests[k];
+    if (!r.finished && (r.params.sampling.temperature > 0.0f || r.params.return_logits)) {
+      full_index[k] = int32_t(full_rows.size());
+      full_rows.push_back(rows);
+    }
+    ++rows;
+  }
   if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
     // The runner pads a graph step to its bucket itself.
-    runner_.step(build_step_metadata(step.slices), &logits_, nullptr, true, padding.rows);
+    runner_.step_tokens(build_step_metadata(step.slices), &argmax_, full_rows, &logits_, true, padding.rows);
   } else {
-    runner_.step(build_step_metadata(step.slices, padding), &logits_, nullptr, false);
+    runner_.step_tokens(build_step_metadata(step.slices, padding), &argmax_, full_rows, &logits_, false);
   }
   scheduler_.commit(step);
   size_t row = 0;
@@ -139,10 +152,12 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     Request& r = *step.requests[k];
-    const float* logits = logits_.data() + (row++) * size_t(vocab_);
+    const int32_t greedy = argmax_[row++];
     if (r.finished) continue;
+    const float* logits = full_index[k] >= 0 ? logits_.data() + size_t(full_index[k]) * size_t(vocab_) : nullptr;
     const int64_t position = int64_t(r.tokens.size());
-    const int32_t token = sample_token(logits, vocab_, r.params.sampling, position);
+    const int32_t token =
+        r.params.sampling.temperature > 0.0f ? sample_token(logits, vocab_, r.params.sampling, position) : greedy;
     r.tokens.push_back(token);
     ++generated;
     const auto now = Clock::now();

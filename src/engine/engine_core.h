@@ -77,7 +77,8 @@ class EngineCore {
   std::atomic<int64_t> pending_{0};  // submitted, not finished
   mutable std::mutex stats_mutex_;
   EngineStats stats_;
-  std::vector<float> logits_;
+  std::vector<int32_t> argmax_;  // the step's greedy tokens, a logits row each
+  std::vector<float> logits_;    // the whole rows of the step's sampling or logits-returning requests
 };
 
 }  // namespace dsv4::engine

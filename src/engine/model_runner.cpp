@@ -49,6 +49,7 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     seq_start_pos_ = backend.empty(DType::kI32, {seqs});
     seq_slot_ = backend.empty(DType::kI32, {seqs});
     block_table_ = backend.empty(DType::kI32, {seqs * options_.max_blocks_per_seq});
+    argmax_ids_ = backend.empty(DType::kI32, {options_.max_logit_rows});
   };
   if (options_.cache_pages_from_free_memory) allocate_step_buffers();
 
@@ -143,8 +144,43 @@ int32_t ModelRunner::graph_bucket(const StepMetadata& meta, int32_t min_rows) co
 
 void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden,
                        bool allow_graph, int32_t min_graph_rows) {
+  const int64_t R = launch_step(meta, hidden != nullptr, allow_graph, min_graph_rows);
+  download_logits(R, logits);
+  if (hidden != nullptr) {
+    const core::Tensor X = buffers_->X.rows(0, meta.num_tokens());
+    hidden->resize(X.nbytes() / 2);
+    backend_.download(hidden->data(), X, X.nbytes());
+  }
+  backend_.synchronize();
+}
+
+void ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax,
+                              const std::vector<int32_t>& full_rows, std::vector<float>* logits, bool allow_graph,
+                              int32_t min_graph_rows) {
+  const int64_t R = launch_step(meta, false, allow_graph, min_graph_rows);
+  argmax->resize(size_t(R));
+  if (R > 0) {
+    backend_.argmax_rows(buffers_->logits.rows(0, R), argmax_ids_.rows(0, R));
+    backend_.download(argmax->data(), argmax_ids_, size_t(R) * 4);
+  }
+  // The whole rows asked for, a copy per run of consecutive rows.
+  const size_t V = size_t(config_.vocab_size);
+  logits->resize(full_rows.size() * V);
+  for (size_t k = 0; k < full_rows.size();) {
+    size_t n = 1;
+    while (k + n < full_rows.size() && full_rows[k + n] == full_rows[k] + int32_t(n)) ++n;
+    DSV4_CHECK(full_rows[k] >= 0 && full_rows[k] + int64_t(n) <= R, "step_tokens: logits rows {}..{} of {}",
+               full_rows[k], full_rows[k] + int64_t(n), R);
+    backend_.download(logits->data() + k * V, buffers_->logits.rows(full_rows[k], int64_t(n)), n * V * sizeof(float));
+    k += n;
+  }
+  backend_.synchronize();
+}
+
+int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph,
+                                 int32_t min_graph_rows) {
   const int64_t R = int64_t(meta.logit_rows.size());
-  const int32_t bucket = hidden == nullptr && allow_graph && !observer_ ? graph_bucket(meta, min_graph_rows) : 0;
+  const int32_t bucket = !keep_hidden && allow_graph && !observer_ ? graph_bucket(meta, min_graph_rows) : 0;
   if (bucket > 0) {
     // Pad to the bucket: pad rows and empty sequences at the reserved slot,
     // a fixed block-table stride, logits rows for every row.
@@ -182,21 +218,13 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
     } else {
       it->second->replay();
     }
-    download_logits(R, logits);
-    backend_.synchronize();
-    return;
+    return R;
   }
   const ops::BatchView batch = upload_metadata(meta);
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
   if (observer_) model::run_in_order(program, [&](const model::Stage& s, bool after) { observer_(meta, s, after); });
   else run_on_lanes(program, backend_);
-  download_logits(R, logits);
-  if (hidden != nullptr) {
-    const core::Tensor X = buffers_->X.rows(0, batch.num_tokens);
-    hidden->resize(X.nbytes() / 2);
-    backend_.download(hidden->data(), X, X.nbytes());
-  }
-  backend_.synchronize();
+  return R;
 }
 
 void ModelRunner::step_eager_with_hook(const StepMetadata& meta,

@@ -64,6 +64,12 @@ class ModelRunner {
   // ranks replay the bucket of the step's DP max, also with 0 rows of their own).
   void step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden = nullptr,
             bool allow_graph = true, int32_t min_graph_rows = 0);
+  // A step for serving: the greedy token of every logits row (Backend::argmax_rows, where the
+  // logits are: only the ids cross to the host) into `argmax`, and into `logits` only the whole
+  // rows listed in `full_rows` (indices into meta.logit_rows, ascending; the rows that sample or
+  // return their logits), in that order. Otherwise as step().
+  void step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax, const std::vector<int32_t>& full_rows,
+                   std::vector<float>* logits, bool allow_graph = true, int32_t min_graph_rows = 0);
   // Runs, before the first request, the steps whose first run would otherwise come in the
   // middle of serving: with `prefill`, one eager step of the most tokens a step holds (one
   // sequence: it grows the step's scratch before any graph is recorded); then, with graphs,
@@ -105,6 +111,9 @@ class ModelRunner {
 
  private:
   ops::BatchView upload_metadata(const StepMetadata& meta);
+  // Issues one step (a graph replay or the eager stages) and returns its logits rows; the
+  // caller downloads what it needs, then synchronizes. keep_hidden: eager (X stays readable).
+  int64_t launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph, int32_t min_graph_rows);
   // The bucket a decode-only step replays, or 0 to run eagerly.
   int32_t graph_bucket(const StepMetadata& meta, int32_t min_rows) const;
   void download_logits(int64_t rows, std::vector<float>* logits);
@@ -120,6 +129,7 @@ class ModelRunner {
   core::Tensor mtp_input_;
   // Step metadata on the device.
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
+  core::Tensor argmax_ids_;  // i32 [max_logit_rows]: step_tokens' greedy tokens
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
   StageObserver observer_;
 };

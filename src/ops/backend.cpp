@@ -673,6 +673,14 @@ void Backend::gather_slots(const Tensor& src, const Tensor& index, const Tensor&
   do_gather_slots(src, index, dst);
 }
 
+void Backend::argmax_rows(const Tensor& logits, const Tensor& ids) {
+  const auto d = device();
+  expect(logits, DType::kF32, {-1, -1}, d, "argmax_rows", "logits");
+  expect(ids, DType::kI32, {logits.size(0)}, d, "argmax_rows", "ids");
+  DSV4_CHECK(logits.size(1) >= 1 || logits.size(0) == 0, "argmax_rows: rows of 0 columns have no argmax");
+  do_argmax_rows(logits, ids);
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   DSV4_CHECK(dst.nbytes() >= src.nbytes(), "copy: {} bytes into a tensor of {}", src.nbytes(), dst.nbytes());
   DSV4_CHECK(src.device() == device() && dst.device() == device(), "copy: tensors on the wrong device");

@@ -324,6 +324,11 @@ class Backend {
   void add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X);
   // dst[i] = src[rows[i]]; rows i32 [R] on the device.
   void gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst);
+  // The greedy token of each logits row: ids[r] = the lowest index of row r's largest value,
+  // as a scan from column 0 that moves only to strictly larger values finds it (NaNs never
+  // win; a NaN in column 0 gives 0). Only the ids need cross to the host to sample greedily.
+  // logits f32 [R, V] (V >= 1), ids i32 [R].
+  void argmax_rows(const core::Tensor& logits, const core::Tensor& ids);
   // dst[t, s, :] = src[index[t, s], s, :], or zeros where index[t, s] < 0 (the
   // expert-parallel combine puts returned expert outputs back in slot order).
   // src bf16 [R, k, D], index i32 [T, k], dst bf16 [T, k, D].
@@ -423,6 +428,7 @@ class Backend {
   virtual void do_add_broadcast(const core::Tensor& e, const core::Tensor& h, const core::Tensor& X) = 0;
   virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
+  virtual void do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) = 0;
   virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;
 };
 

@@ -740,6 +740,46 @@ TEST_F(CudaPointwise, RowResultsDoNotDependOnTheBatch) {
   expect_bits_equal(host(xn1), copy_host(host(xn).rows(pick, 1)), "rms_norm alone vs batch");
 }
 
+// argmax_rows against the reference scan, on rows that make the rule matter: the maximum
+// repeated (the lowest index wins), NaNs before and after it, a NaN in column 0, rows of
+// -inf and of NaNs, +0 against -0, and widths off the 16-byte path.
+TEST_F(CudaPointwise, ArgmaxRowsMatchesTheReferenceScan) {
+  Rng rng(231);
+  for (int64_t V : {129280, 1000, 1003, 1})
+    for (int64_t R : kRows) {
+      Tensor logits = rng.f32({R, V}, 3.0f);
+      float* x = logits.as<float>();
+      for (int64_t r = 0; r < R; ++r) {
+        float* row = x + r * V;
+        const int64_t a = rng.uniform_int(0, V - 1), b = rng.uniform_int(0, V - 1);
+        switch (r % 8) {
+          case 1: row[a] = row[b] = 50.0f; break;  // a tie for the maximum
+          case 2: row[a] = NAN; row[b] = 60.0f; break;
+          case 3: row[0] = NAN; row[b] = 70.0f; break;  // the scan never leaves column 0
+          case 4: for (int64_t i = 0; i < V; ++i) row[i] = -INFINITY; break;
+          case 5: for (int64_t i = 0; i < V; ++i) row[i] = NAN; break;
+          case 6: for (int64_t i = 0; i < V; ++i) row[i] = (i % 3 == 0) ? -0.0f : (i % 3 == 1 ? 0.0f : -1.0f); break;
+          case 7: row[a] = INFINITY; row[b] = INFINITY; break;
+          default: break;
+        }
+      }
+      Tensor want = Tensor::empty_cpu(DType::kI32, {R});
+      cpu().argmax_rows(logits, want);
+      Tensor got = poisoned(DType::kI32, {R});
+      cuda().argmax_rows(dev(logits), got);
+      expect_bits_equal(host(got), want, ("argmax_rows V=" + std::to_string(V)).c_str());
+    }
+  // The 16-byte path needs an aligned row start: a view one column in takes the scalar one.
+  Tensor wide = rng.f32({1, 1025}, 1.0f);
+  Tensor d = dev(wide);
+  Tensor want = Tensor::empty_cpu(DType::kI32, {1});
+  Tensor got = poisoned(DType::kI32, {1});
+  cuda().argmax_rows(Tensor(static_cast<float*>(d.data()) + 1, DType::kF32, {1, 1024}, core::Device::kCuda, d.owner()),
+                     got);
+  cpu().argmax_rows(Tensor(wide.as<float>() + 1, DType::kF32, {1, 1024}), want);
+  expect_bits_equal(host(got), want, "argmax_rows, unaligned row");
+}
+
 TEST_F(CudaPointwise, EveryOpAcceptsZeroRows) {
   const Tensor e = cuda().empty(DType::kBF16, {0, 64});
   const Tensor w = cuda().empty(DType::kBF16, {64});
