@@ -20,6 +20,8 @@ Command add_bench(CLI::App& app) {
         add_bench_phases);
   child("linears", "Time one linear inside a captured chain of them against its bytes (the per-launch cost)",
         add_bench_linears);
+  child("sampling", "Time choosing a step's tokens: logits to the host, argmax on the host or the backend, samplers",
+        add_bench_sampling);
 #if DSV4_HAVE_SERVE
   child("serve", "Load-test a running OpenAI-compatible server (dsv4 serve, vLLM, ...)", add_bench_serve);
 #endif

@@ -23,11 +23,12 @@ Command add_generate(CLI::App& app);
 Command add_info(CLI::App& app);
 // `dsv4 env`: the environment variables the project reads (tools/env_switches.h).
 Command add_env(CLI::App& app);
-// `dsv4 bench`: registers its children (decode, phases, linears, serve) on `app` and runs the parsed one.
+// `dsv4 bench`: registers its children (decode, phases, linears, sampling, serve) on `app` and runs the parsed one.
 Command add_bench(CLI::App& app);
 Command add_bench_decode(CLI::App& app);
 Command add_bench_phases(CLI::App& app);
 Command add_bench_linears(CLI::App& app);
+Command add_bench_sampling(CLI::App& app);
 #if DSV4_HAVE_SERVE
 Command add_serve(CLI::App& app);
 Command add_bench_serve(CLI::App& app);

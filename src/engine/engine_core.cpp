@@ -147,6 +147,18 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     runner_.step_tokens(build_step_metadata(step.slices, padding), &argmax_, full_rows, &logits_, false);
   }
   scheduler_.commit(step);
+  // The sampled rows' tokens, in parallel (each a pure function of its row, seed and position).
+  std::vector<int32_t> sampled(step.slices.size(), -1), sampling;
+  for (size_t k = 0; k < step.slices.size(); ++k)
+    if (full_index[k] >= 0 && step.requests[k]->params.sampling.temperature > 0.0f) sampling.push_back(int32_t(k));
+  sampling_pool_.parallel_for(int64_t(sampling.size()), [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const size_t k = size_t(sampling[size_t(j)]);
+      const Request& r = *step.requests[k];
+      sampled[k] = sample_token(logits_.data() + size_t(full_index[k]) * size_t(vocab_), vocab_, r.params.sampling,
+                                int64_t(r.tokens.size()));
+    }
+  });
   size_t row = 0;
   int64_t generated = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
@@ -155,9 +167,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     const int32_t greedy = argmax_[row++];
     if (r.finished) continue;
     const float* logits = full_index[k] >= 0 ? logits_.data() + size_t(full_index[k]) * size_t(vocab_) : nullptr;
-    const int64_t position = int64_t(r.tokens.size());
-    const int32_t token =
-        r.params.sampling.temperature > 0.0f ? sample_token(logits, vocab_, r.params.sampling, position) : greedy;
+    const int32_t token = r.params.sampling.temperature > 0.0f ? sampled[k] : greedy;
     r.tokens.push_back(token);
     ++generated;
     const auto now = Clock::now();

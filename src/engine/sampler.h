@@ -1,6 +1,9 @@
 // Token choice from a logits row. Greedy picks the argmax (ties to the lowest id);
 // sampling draws from a counter-based generator keyed by (request seed, position),
-// so a token never depends on which batch or rank the request ran in.
+// so a token never depends on which batch or rank the request ran in. Order: the larger
+// logit first, the lower id among equal ones. top_k keeps the k first; top_p the shortest
+// prefix whose weight reaches top_p of the total (the weights of the top_k, or of the whole
+// vocabulary summed in id order). Thread-safe (rows may be sampled in parallel).
 #pragma once
 
 #include <cstdint>

@@ -183,6 +183,63 @@ TEST_F(EngineCoreTest, ContinuousBatchingMatchesOfflineGeneration) {
   EXPECT_EQ(st.finished_requests, 6);
 }
 
+// One step holds greedy rows (their tokens from the backend's argmax_rows, no logits row on
+// the host), sampled rows (whole vocabulary, top-k, top-p; sampled in parallel) and a row that
+// returns its logits: every request gets the tokens offline generation gives it (each row
+// sampled alone, in order), and the returned logits rows are the offline ones, bit for bit.
+TEST_F(EngineCoreTest, GreedySampledAndLogitsRowsInOneStepEqualOfflineGeneration) {
+  std::vector<RequestParams> reqs;
+  std::vector<GenerateRequest> offline;
+  for (int i = 0; i < 8; ++i) {
+    RequestParams p;
+    p.prompt = tokens(9 + 13 * i, 200 + uint64_t(i));
+    p.max_tokens = 6;
+    p.ignore_eos = true;
+    if (i % 4 != 0) {
+      p.sampling.temperature = 0.6f + 0.2f * float(i % 3);
+      p.sampling.seed = 1000 + uint64_t(i);
+      if (i % 4 == 2) p.sampling.top_k = 20;
+      if (i % 4 == 3) p.sampling.top_p = 0.9f;
+    }
+    p.return_logits = i == 4 || i == 5;  // a greedy and a sampled one
+    reqs.push_back(p);
+    GenerateRequest g;
+    g.prompt = p.prompt;
+    g.max_new_tokens = p.max_tokens;
+    g.sampling = p.sampling;
+    offline.push_back(g);
+  }
+  auto runner = make_runner(8, 32);
+  SchedulerConfig sc;
+  sc.max_num_seqs = 8;
+  sc.max_num_batched_tokens = 256;
+  sc.max_model_len = 1024;
+  EngineCore core(*runner, sc, int32_t(config_.eos_token_id));
+  std::map<size_t, std::vector<std::vector<float>>> returned;
+  std::vector<std::vector<int32_t>> served(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i)
+    core.submit(reqs[i], [&, i](const TokenEvent& e) {
+      if (e.token < 0) return;
+      served[i].push_back(e.token);
+      if (reqs[i].return_logits) {
+        ASSERT_NE(e.logits, nullptr) << "request " << i;
+        returned[i].emplace_back(e.logits, e.logits + e.vocab);
+      } else {
+        EXPECT_EQ(e.logits, nullptr) << "request " << i;
+      }
+    });
+  for (int guard = 0; core.has_work() && guard < 1000; ++guard) core.step();
+  auto runner2 = make_runner(8, 32);
+  IndexPool slots(8), pages(32);
+  std::map<size_t, std::vector<std::vector<float>>> want_logits;
+  const auto want = generate(*runner2, slots, pages, offline, {}, [&](int s, int, const float* row, int32_t) {
+    if (reqs[size_t(s)].return_logits) want_logits[size_t(s)].emplace_back(row, row + config_.vocab_size);
+  });
+  EXPECT_EQ(served, want);
+  EXPECT_EQ(returned, want_logits);
+  EXPECT_EQ(returned.size(), 2u);
+}
+
 TEST_F(EngineCoreTest, PreemptionAndRecomputeChangeNothing) {
   std::vector<RequestParams> reqs;
   for (int i = 0; i < 5; ++i) {

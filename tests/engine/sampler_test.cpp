@@ -5,8 +5,11 @@
 
 #include <cmath>
 #include <map>
+#include <numeric>
+#include <random>
 #include <vector>
 
+#include "core/random.h"
 #include "engine/sampler.h"
 #include "test_util.h"
 
@@ -78,6 +81,62 @@ TEST(Sampler, TopPDrawsTheSmallestPrefixWithThatMass) {
   ASSERT_LT(full.at(1) + full.at(4), 0.7);
   ASSERT_GE(full.at(1) + full.at(4) + full.at(3), 0.7);
   expect_distribution(kLogits, p, softmax(kLogits, {1, 3, 4}, 1.0));
+}
+
+// top_k's tokens are those of the plain rule (sort every id by logit, the lower id first
+// among equal logits; weights and their sum in that order), here computed the slow way.
+TEST(Sampler, TopKEqualsTheSortedRule) {
+  std::mt19937_64 g(testing::test_seed());
+  std::vector<float> row(129280);
+  for (auto& x : row) x = float(int(g() % 2001) - 1000) / 200.0f;  // many equal logits: ties matter
+  row[77] = -0.0f;
+  row[78] = 0.0f;
+  std::vector<int32_t> ids(row.size());
+  std::iota(ids.begin(), ids.end(), 0);
+  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return row[size_t(a)] > row[size_t(b)]; });
+  for (int32_t k : {1, 7, 40, 300}) {
+    SamplingParams p;
+    p.temperature = 0.8f;
+    p.top_k = k;
+    p.seed = 11;
+    const double mx = row[size_t(ids[0])];
+    std::vector<double> w;
+    double z = 0;
+    for (int32_t i = 0; i < k; ++i) z += w.emplace_back(std::exp((row[size_t(ids[size_t(i)])] - mx) / p.temperature));
+    for (int64_t pos = 0; pos < 300; ++pos) {
+      const double u = double(core::random_uniform(p.seed, 0x5a4d504cull, uint64_t(pos))) * z;
+      double c = 0;
+      int32_t want = ids[size_t(k - 1)];
+      for (int32_t i = 0; i < k; ++i)
+        if (u < (c += w[size_t(i)])) {
+          want = ids[size_t(i)];
+          break;
+        }
+      ASSERT_EQ(sample_token(row.data(), int64_t(row.size()), p, pos), want) << "top_k " << k << " position " << pos;
+    }
+  }
+}
+
+// top_p over a whole vocabulary whose prefix runs past the sampler's first sorted head
+// (256): 600 tied tokens hold 99% of the mass, so top_p 0.9 keeps the lowest ~543 of them
+// (the lower id first among equal logits), each as likely.
+TEST(Sampler, TopPBeyondTheFirstSortedHead) {
+  std::vector<float> row(3000, -5.0f);
+  std::vector<int32_t> tied;
+  for (int32_t i = 0; i < 600; ++i) tied.push_back(5 * i + 2);
+  for (int32_t i : tied) row[size_t(i)] = 1.0f;
+  double z = 0;
+  for (float x : row) z += std::exp(double(x) - 1.0);
+  const int n = int(std::ceil(0.9 * z - 1e-9));  // weights of 1 each: the prefix length
+  ASSERT_GT(n, 256);
+  ASSERT_LT(n, 600);
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_p = 0.9f;
+  p.seed = testing::test_seed();
+  std::map<int, double> want;
+  for (int i = 0; i < n; ++i) want[tied[size_t(i)]] = 1.0 / n;
+  expect_distribution(row, p, want);
 }
 
 TEST(Sampler, FullVocabularyRowDrawsValidIds) {

@@ -1,0 +1,173 @@
+// dsv4 bench sampling: what choosing a step's tokens costs on the host, beside the step
+// itself. Before the seventy-second session the engine brought every logits row to the host
+// (rows x vocabulary x 4 bytes: 132 MB a step at 256 rows of a 129,280-token vocabulary) and
+// took the argmax or sampled there, one row after another. Now greedy rows take the
+// backend's argmax_rows and bring back an id; sampled rows bring their row and are sampled
+// in parallel (EngineCore). This times each piece on the backend's logits.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/random.h"
+#include "core/thread_pool.h"
+#include "engine/sampler.h"
+#include "tools/commands.h"
+
+namespace dsv4::tools {
+
+namespace {
+
+struct SamplingOptions {
+  std::string backend = "auto";
+  std::string rows = "1,16,64,256";
+  int64_t vocab = 129280;
+  int replays = 10, threads = 1;
+  double logit_std = 3.0;
+  uint64_t seed = 1;
+  std::string json;
+};
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+
+// The median of `replays` host wall times of fn() (ms).
+template <typename F>
+double median_ms(int replays, F&& fn) {
+  std::vector<double> t;
+  for (int i = 0; i < replays; ++i) {
+    const auto start = Clock::now();
+    fn();
+    t.push_back(ms_since(start));
+  }
+  return median(t);
+}
+
+struct SamplerCase {
+  const char* name;
+  engine::SamplingParams params;
+};
+
+}  // namespace
+
+Command add_bench_sampling(CLI::App& app) {
+  auto o = std::make_shared<SamplingOptions>();
+  app.footer(
+      "For each --rows R: R random logits rows (normal, --logit-std) on the backend, then the host wall time\n"
+      "(median of --replays) of:\n"
+      "  all rows to host   copying every row to the host (what the engine did for every step before)\n"
+      "  host argmax        the greedy token of each row on the host, one row after another (the same)\n"
+      "  backend argmax     argmax_rows on the backend and the R ids to the host (greedy rows now)\n"
+      "and, per sampler (temperature 1 over the whole vocabulary; top_k 50; top_p 0.9 at temperature 0.7),\n"
+      "the time to sample the R rows on the host one after another and on the engine's pool of threads\n"
+      "(min(16, cores)), as EngineCore does now.");
+  app.add_option("--backend", o->backend, "cuda, cpu or auto")->default_val("auto");
+  app.add_option("--rows", o->rows, "Comma-separated logits rows a step")->default_val(o->rows);
+  app.add_option("--vocab", o->vocab, "Columns a row (the vocabulary)")->default_val(o->vocab)->check(CLI::Range(1, 1 << 24));
+  app.add_option("--replays", o->replays, "Timed repetitions (median)")->default_val(10)->check(CLI::Range(1, 1000));
+  app.add_option("--logit-std", o->logit_std, "Standard deviation of the random logits")->default_val(3.0);
+  app.add_option("--threads", o->threads, "CPU backend threads")->default_val(1)->check(CLI::Range(1, 1024));
+  app.add_option("--seed", o->seed, "Seed of the random logits")->default_val(1);
+  app.add_option("--json", o->json, "Write the results as JSON");
+  return [o]() -> int {
+    if (!o->json.empty()) expect_writable_file(o->json, "--json");
+    const std::vector<int32_t> rows_list = parse_list(o->rows, "--rows");
+    auto backend = make_backend(o->backend == "auto" ? default_backend_name() : o->backend, o->threads);
+    ops::Backend& be = *backend;
+    const int64_t V = o->vocab;
+    const int pool_threads = int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
+    core::ThreadPool pool(pool_threads);
+    engine::SamplingParams whole, top_k, top_p;
+    whole.temperature = 1.0f;
+    top_k.temperature = 1.0f;
+    top_k.top_k = 50;
+    top_p.temperature = 0.7f;
+    top_p.top_p = 0.9f;
+    const SamplerCase cases[] = {{"temperature 1", whole}, {"top_k 50", top_k}, {"top_p 0.9", top_p}};
+    const nlohmann::json device = device_json(be);
+    std::printf("bench sampling: %s; vocabulary %lld, logits N(0, %.1f); host pool %d threads; median of %d\n",
+                device_text(device).c_str(), static_cast<long long>(V), o->logit_std, pool_threads, o->replays);
+    std::printf("%5s %14s %12s %15s | %-14s %12s %12s\n", "rows", "all rows to host", "host argmax", "backend argmax",
+                "sampler", "one thread", "pool");
+    nlohmann::json results = nlohmann::json::array();
+    for (int32_t R : rows_list) {
+      std::vector<float> host(size_t(R) * size_t(V));
+      for (size_t i = 0; i < host.size(); ++i) {  // normal by Box-Muller (never exactly zero)
+        const double u1 = (double(core::random_bits(o->seed, 0x10617, 2 * i) >> 11) + 0.5) / 9007199254740992.0;
+        const double u2 = double(core::random_uniform(o->seed, 0x10617, 2 * i + 1));
+        host[i] = float(o->logit_std * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+      }
+      core::Tensor logits = be.empty(core::DType::kF32, {R, V});
+      core::Tensor ids = be.empty(core::DType::kI32, {R});
+      be.upload(logits, host.data(), host.size() * sizeof(float));
+      std::vector<float> copy(host.size());
+      std::vector<int32_t> got(static_cast<size_t>(R)), want(static_cast<size_t>(R));
+      be.synchronize();
+      const double to_host = median_ms(o->replays, [&] {
+        be.download(copy.data(), logits, copy.size() * sizeof(float));
+        be.synchronize();
+      });
+      const double host_argmax = median_ms(o->replays, [&] {
+        for (int32_t r = 0; r < R; ++r) want[size_t(r)] = engine::argmax_lowest(copy.data() + size_t(r) * size_t(V), V);
+      });
+      const double backend_argmax = median_ms(o->replays, [&] {
+        be.argmax_rows(logits, ids);
+        be.download(got.data(), ids, size_t(R) * 4);
+        be.synchronize();
+      });
+      if (got != want) core::fail("bench sampling: the backend's argmax_rows differs from the host's at {} rows", R);
+      nlohmann::json entry = {{"rows", R},
+                              {"all_rows_to_host_ms", to_host},
+                              {"host_argmax_ms", host_argmax},
+                              {"backend_argmax_ms", backend_argmax}};
+      bool first = true;
+      for (const SamplerCase& c : cases) {
+        std::vector<int32_t> one(static_cast<size_t>(R)), many(static_cast<size_t>(R));
+        const auto sample = [&](int64_t r, std::vector<int32_t>& out) {
+          out[size_t(r)] = engine::sample_token(copy.data() + size_t(r) * size_t(V), V, c.params, r);
+        };
+        const double serial = median_ms(o->replays, [&] {
+          for (int32_t r = 0; r < R; ++r) sample(r, one);
+        });
+        const double parallel = median_ms(o->replays, [&] {
+          pool.parallel_for(R, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r) sample(r, many);
+          });
+        });
+        if (one != many) core::fail("bench sampling: {} drew other tokens on the pool", c.name);
+        if (first)
+          std::printf("%5d %14.3f ms %9.3f ms %12.3f ms | %-14s %9.3f ms %9.3f ms\n", R, to_host, host_argmax,
+                      backend_argmax, c.name, serial, parallel);
+        else
+          std::printf("%5s %17s %12s %15s | %-14s %9.3f ms %9.3f ms\n", "", "", "", "", c.name, serial, parallel);
+        first = false;
+        entry["samplers"].push_back({{"sampler", c.name}, {"one_thread_ms", serial}, {"pool_ms", parallel}});
+      }
+      std::fflush(stdout);
+      results.push_back(entry);
+    }
+    if (!o->json.empty()) {
+      nlohmann::json out;
+      out["backend"] = be.device() == core::Device::kCuda ? "cuda" : "cpu";
+      out["vocab"] = V;
+      out["logit_std"] = o->logit_std;
+      out["replays"] = o->replays;
+      out["pool_threads"] = pool_threads;
+      out["device"] = device;
+      out["build"] = build_json();
+      out["environment"] = environment_json();
+      out["results"] = results;
+      write_json_file(out, o->json, "--json");
+    }
+    return 0;
+  };
+}
+
+}  // namespace dsv4::tools
