@@ -210,7 +210,7 @@ TEST_F(TinyModel, WarmUpLeavesNoTrace) {
   auto warm = runner(512, 4, true);
   const WarmUpReport report = warm->warm_up(true);
   EXPECT_EQ(report.prefill_tokens, 512);
-  EXPECT_EQ(report.graph_buckets, (std::vector<int32_t>{64, 32, 16, 8, 4, 2, 1}));
+  EXPECT_EQ(report.graph_buckets, (std::vector<int32_t>{64, 48, 32, 16, 8, 4, 2, 1}));
   EXPECT_EQ(warm->num_graphs(), report.graph_buckets.size());
   EXPECT_EQ(cold->num_graphs(), 0u);
   std::vector<std::vector<int32_t>> toks, pages;
