@@ -180,7 +180,8 @@ Command add_bench_serve(CLI::App& app) {
     int port = 8000;
     int num_prompts = 100, input_len = 32, output_len = 64, concurrency = 0;
     uint64_t seed = 0;
-    double timeout = 600;
+    double timeout = 600, temperature = 0, top_p = 1;
+    int top_k = 0;
   };
   auto o = std::make_shared<Options>();
   app.footer(
@@ -210,7 +211,15 @@ Command add_bench_serve(CLI::App& app) {
   app.add_option("--request-rate", o->request_rate,
                  "Requests per second, Poisson arrivals; inf sends them all at once")
       ->default_val("inf");
-  app.add_option("--seed", o->seed, "Seed of the prompts and arrival times")->default_val(0);
+  app.add_option("--seed", o->seed, "Seed of the prompts and arrival times (and of each request's sampling)")
+      ->default_val(0);
+  app.add_option("--temperature", o->temperature, "Sampling temperature sent (0: greedy, as vLLM's benchmark)")
+      ->default_val(0.0)
+      ->check(CLI::Range(0.0, 2.0));
+  app.add_option("--top-p", o->top_p, "top_p sent with --temperature > 0, in (0, 1]")
+      ->default_val(1.0)
+      ->check(CLI::Range(1e-6, 1.0));
+  app.add_option("--top-k", o->top_k, "top_k sent with --temperature > 0 (0: none)")->default_val(0)->check(CLI::Range(0, 1 << 20));
   app.add_option("--json", o->json_path, "Also write the results as JSON to this file");
   app.add_option("--timeout", o->timeout, "Seconds a request may take")->default_val(600)->check(CLI::Range(1.0, 86400.0));
 
@@ -270,7 +279,12 @@ Command add_bench_serve(CLI::App& app) {
         j["messages"] = json::array({{{"role", "user"}, {"content", text}}});
         j["max_completion_tokens"] = o->output_len;
       }
-      j["temperature"] = 0.0;
+      j["temperature"] = o->temperature;
+      if (o->temperature > 0) {
+        if (o->top_p < 1) j["top_p"] = o->top_p;
+        if (o->top_k > 0) j["top_k"] = o->top_k;
+        j["seed"] = o->seed * 1000003 + uint64_t(&body - bodies.data());  // each request its own draws
+      }
       j["ignore_eos"] = true;
       j["stream"] = true;
       j["stream_options"] = {{"include_usage", true}};
@@ -420,6 +434,9 @@ Command add_bench_serve(CLI::App& app) {
       j["input_len"] = o->input_len;
       j["output_len"] = o->output_len;
       j["seed"] = o->seed;
+      j["temperature"] = o->temperature;
+      j["top_p"] = o->top_p;
+      j["top_k"] = o->top_k;
       j["request_rate"] = std::isfinite(rate) ? json(rate) : json("inf");
       j["max_concurrency"] = o->concurrency > 0 ? json(o->concurrency) : json(nullptr);
       j["duration"] = duration;
