@@ -41,14 +41,21 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     const int64_t cap = options_.max_tokens_per_step;
     const int64_t seqs = std::max<int64_t>(options_.max_seqs_per_step, options_.use_graphs ? cap : 0);
     mtp_input_ = backend.empty(DType::kBF16, {cap, config.hc_mult, config.hidden_size});
-    token_ids_ = backend.empty(DType::kI32, {cap});
-    positions_ = backend.empty(DType::kI32, {cap});
-    token_seq_ = backend.empty(DType::kI32, {cap});
-    seq_begin_ = backend.empty(DType::kI32, {seqs});
-    seq_len_ = backend.empty(DType::kI32, {seqs});
-    seq_start_pos_ = backend.empty(DType::kI32, {seqs});
-    seq_slot_ = backend.empty(DType::kI32, {seqs});
-    block_table_ = backend.empty(DType::kI32, {seqs * options_.max_blocks_per_seq});
+    // The step's metadata arrays as fixed regions of one buffer (graphs hold their
+    // addresses), in upload_metadata's order, so a step uploads them in one copy.
+    // Each region starts 256 bytes in, as a buffer of its own would.
+    const int64_t sizes[8] = {cap, cap, cap, seqs, seqs, seqs, seqs, seqs * options_.max_blocks_per_seq};
+    int64_t end = 0;
+    for (int i = 0; i < 8; ++i) {
+      metadata_offset_[i] = end;
+      end += (sizes[i] + 63) / 64 * 64;
+    }
+    metadata_ = backend.empty(DType::kI32, {end});
+    core::Tensor* regions[8] = {&token_ids_, &positions_, &token_seq_, &seq_begin_,
+                                &seq_len_,   &seq_start_pos_, &seq_slot_, &block_table_};
+    for (int i = 0; i < 8; ++i)
+      *regions[i] = core::Tensor(metadata_.as<int32_t>() + metadata_offset_[i], DType::kI32, {sizes[i]},
+                                 backend.device(), metadata_.owner());
     argmax_ids_ = backend.empty(DType::kI32, {options_.max_logit_rows});
   };
   if (options_.cache_pages_from_free_memory) allocate_step_buffers();
@@ -98,14 +105,25 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {
              m.max_blocks, options_.max_blocks_per_seq);
   DSV4_CHECK(int64_t(m.logit_rows.size()) <= options_.max_logit_rows, "step wants {} logits rows, the runner holds {}",
              m.logit_rows.size(), options_.max_logit_rows);
-  backend_.upload(token_ids_, m.token_ids.data(), size_t(T) * 4);
-  backend_.upload(positions_, m.positions.data(), size_t(T) * 4);
-  backend_.upload(token_seq_, m.token_seq.data(), size_t(T) * 4);
-  backend_.upload(seq_begin_, m.seq_begin.data(), size_t(S) * 4);
-  backend_.upload(seq_len_, m.seq_len.data(), size_t(S) * 4);
-  backend_.upload(seq_start_pos_, m.seq_start_pos.data(), size_t(S) * 4);
-  backend_.upload(seq_slot_, m.seq_slot.data(), size_t(S) * 4);
-  backend_.upload(block_table_, m.block_table.data(), m.block_table.size() * 4);
+  // One host copy of the regions up to the block table's last entry, one upload: eight
+  // small copies each cost a host call and a DMA the step's first kernel waits behind.
+  DSV4_CHECK(int64_t(m.block_table.size()) <= block_table_.size(0), "step has {} block-table entries, the runner holds {}",
+             m.block_table.size(), block_table_.size(0));
+  const size_t used = size_t(metadata_offset_[7]) + m.block_table.size();
+  metadata_host_.resize(used);
+  int32_t* h = metadata_host_.data();
+  const auto put = [&](int region, const std::vector<int32_t>& v, size_t n) {
+    std::copy(v.begin(), v.begin() + int64_t(n), h + metadata_offset_[region]);
+  };
+  put(0, m.token_ids, size_t(T));
+  put(1, m.positions, size_t(T));
+  put(2, m.token_seq, size_t(T));
+  put(3, m.seq_begin, size_t(S));
+  put(4, m.seq_len, size_t(S));
+  put(5, m.seq_start_pos, size_t(S));
+  put(6, m.seq_slot, size_t(S));
+  put(7, m.block_table, m.block_table.size());
+  backend_.upload(metadata_, h, used * 4);
   backend_.upload(buffers_->logit_rows, m.logit_rows.data(), m.logit_rows.size() * 4);
   ops::BatchView v;
   v.num_tokens = T;

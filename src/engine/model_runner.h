@@ -131,7 +131,10 @@ class ModelRunner {
   std::vector<ops::LayerCache> caches_;
   std::unique_ptr<model::MicroBatchBuffers> buffers_;
   core::Tensor mtp_input_;
-  // Step metadata on the device.
+  // Step metadata on the device: regions of metadata_ (one upload a step from metadata_host_).
+  core::Tensor metadata_;
+  int64_t metadata_offset_[8] = {};  // i32 elements: token_ids_ ... block_table_, 64-aligned
+  std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
   core::Tensor argmax_ids_;  // i32 [max_logit_rows]: step_tokens' greedy tokens
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
