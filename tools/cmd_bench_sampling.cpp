@@ -6,6 +6,7 @@
 // in parallel (EngineCore). This times each piece on the backend's logits.
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -38,9 +39,11 @@ using Clock = std::chrono::steady_clock;
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
-// The median of `replays` host wall times of fn() (ms).
+// The median of `replays` host wall times of fn() (ms), after one untimed call (first touches
+// of buffers, pool threads waking).
 template <typename F>
 double median_ms(int replays, F&& fn) {
+  fn();
   std::vector<double> t;
   for (int i = 0; i < replays; ++i) {
     const auto start = Clock::now();
@@ -63,6 +66,8 @@ Command add_bench_sampling(CLI::App& app) {
       "For each --rows R: R random logits rows (normal, --logit-std) on the backend, then the host wall time\n"
       "(median of --replays) of:\n"
       "  all rows to host   copying every row to the host (what the engine did for every step before)\n"
+      "  to host buffer     the same into Backend::host_buffer (page-locked on CUDA: where the engine now copies\n"
+      "                     the rows it samples from)\n"
       "  host argmax        the greedy token of each row on the host, one row after another (the same)\n"
       "  backend argmax     argmax_rows on the backend and the R ids to the host (greedy rows now)\n"
       "and, per sampler (temperature 1 over the whole vocabulary; top_k 50; top_p 0.9 at temperature 0.7),\n"
@@ -94,8 +99,8 @@ Command add_bench_sampling(CLI::App& app) {
     const nlohmann::json device = device_json(be);
     std::printf("bench sampling: %s; vocabulary %lld, logits N(0, %.1f); host pool %d threads; median of %d\n",
                 device_text(device).c_str(), static_cast<long long>(V), o->logit_std, pool_threads, o->replays);
-    std::printf("%5s %14s %12s %15s | %-14s %12s %12s\n", "rows", "all rows to host", "host argmax", "backend argmax",
-                "sampler", "one thread", "pool");
+    std::printf("%5s %16s %16s %12s %15s | %-14s %12s %12s\n", "rows", "all rows to host", "to host buffer",
+                "host argmax", "backend argmax", "sampler", "one thread", "pool");
     nlohmann::json results = nlohmann::json::array();
     for (int32_t R : rows_list) {
       std::vector<float> host(size_t(R) * size_t(V));
@@ -114,6 +119,11 @@ Command add_bench_sampling(CLI::App& app) {
         be.download(copy.data(), logits, copy.size() * sizeof(float));
         be.synchronize();
       });
+      const std::shared_ptr<void> locked = be.host_buffer(copy.size() * sizeof(float));
+      const double to_locked = median_ms(o->replays, [&] {
+        be.download(locked.get(), logits, copy.size() * sizeof(float));
+        be.synchronize();
+      });
       const double host_argmax = median_ms(o->replays, [&] {
         for (int32_t r = 0; r < R; ++r) want[size_t(r)] = engine::argmax_lowest(copy.data() + size_t(r) * size_t(V), V);
       });
@@ -125,6 +135,7 @@ Command add_bench_sampling(CLI::App& app) {
       if (got != want) core::fail("bench sampling: the backend's argmax_rows differs from the host's at {} rows", R);
       nlohmann::json entry = {{"rows", R},
                               {"all_rows_to_host_ms", to_host},
+                              {"all_rows_to_host_buffer_ms", to_locked},
                               {"host_argmax_ms", host_argmax},
                               {"backend_argmax_ms", backend_argmax}};
       bool first = true;
@@ -143,10 +154,11 @@ Command add_bench_sampling(CLI::App& app) {
         });
         if (one != many) core::fail("bench sampling: {} drew other tokens on the pool", c.name);
         if (first)
-          std::printf("%5d %14.3f ms %9.3f ms %12.3f ms | %-14s %9.3f ms %9.3f ms\n", R, to_host, host_argmax,
-                      backend_argmax, c.name, serial, parallel);
+          std::printf("%5d %13.3f ms %13.3f ms %9.3f ms %12.3f ms | %-14s %9.3f ms %9.3f ms\n", R, to_host, to_locked,
+                      host_argmax, backend_argmax, c.name, serial, parallel);
         else
-          std::printf("%5s %17s %12s %15s | %-14s %9.3f ms %9.3f ms\n", "", "", "", "", c.name, serial, parallel);
+          std::printf("%5s %16s %16s %12s %15s | %-14s %9.3f ms %9.3f ms\n", "", "", "", "", "", c.name, serial,
+                      parallel);
         first = false;
         entry["samplers"].push_back({{"sampler", c.name}, {"one_thread_ms", serial}, {"pool_ms", parallel}});
       }

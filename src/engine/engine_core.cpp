@@ -129,7 +129,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   // Greedy rows take their token from the backend's argmax; only the rows that sample or
   // return their logits bring the whole row (V floats) to the host.
   std::vector<int32_t> full_rows;
-  std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its row in logits_
+  std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its index among the whole rows
   int32_t rows = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
@@ -140,11 +140,12 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     }
     ++rows;
   }
+  const float* full_logits = nullptr;  // the whole rows, in full_rows' order (the runner's buffer)
   if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
     // The runner pads a graph step to its bucket itself.
-    runner_.step_tokens(build_step_metadata(step.slices), &argmax_, full_rows, &logits_, true, padding.rows);
+    full_logits = runner_.step_tokens(build_step_metadata(step.slices), &argmax_, full_rows, true, padding.rows);
   } else {
-    runner_.step_tokens(build_step_metadata(step.slices, padding), &argmax_, full_rows, &logits_, false);
+    full_logits = runner_.step_tokens(build_step_metadata(step.slices, padding), &argmax_, full_rows, false);
   }
   scheduler_.commit(step);
   // The sampled rows' tokens, in parallel (each a pure function of its row, seed and position).
@@ -155,7 +156,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     for (int64_t j = begin; j < end; ++j) {
       const size_t k = size_t(sampling[size_t(j)]);
       const Request& r = *step.requests[k];
-      sampled[k] = sample_token(logits_.data() + size_t(full_index[k]) * size_t(vocab_), vocab_, r.params.sampling,
+      sampled[k] = sample_token(full_logits + size_t(full_index[k]) * size_t(vocab_), vocab_, r.params.sampling,
                                 int64_t(r.tokens.size()));
     }
   });
@@ -166,7 +167,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     Request& r = *step.requests[k];
     const int32_t greedy = argmax_[row++];
     if (r.finished) continue;
-    const float* logits = full_index[k] >= 0 ? logits_.data() + size_t(full_index[k]) * size_t(vocab_) : nullptr;
+    const float* logits = full_index[k] >= 0 ? full_logits + size_t(full_index[k]) * size_t(vocab_) : nullptr;
     const int32_t token = r.params.sampling.temperature > 0.0f ? sampled[k] : greedy;
     r.tokens.push_back(token);
     ++generated;

@@ -81,7 +81,6 @@ class EngineCore {
   mutable std::mutex stats_mutex_;
   EngineStats stats_;
   std::vector<int32_t> argmax_;  // the step's greedy tokens, a logits row each
-  std::vector<float> logits_;    // the whole rows of the step's sampling or logits-returning requests
   // Samples a step's rows in parallel: a row of a 129,280-token vocabulary takes ~1 ms on one
   // core, and a step can hold hundreds (the GPU step itself takes ~3-12 ms).
   core::ThreadPool sampling_pool_{int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u))};

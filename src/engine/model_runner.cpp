@@ -172,9 +172,8 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
   backend_.synchronize();
 }
 
-void ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax,
-                              const std::vector<int32_t>& full_rows, std::vector<float>* logits, bool allow_graph,
-                              int32_t min_graph_rows) {
+const float* ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax,
+                                      const std::vector<int32_t>& full_rows, bool allow_graph, int32_t min_graph_rows) {
   const int64_t R = launch_step(meta, false, allow_graph, min_graph_rows);
   argmax->resize(size_t(R));
   if (R > 0) {
@@ -183,16 +182,22 @@ void ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int32_t>* ar
   }
   // The whole rows asked for, a copy per run of consecutive rows.
   const size_t V = size_t(config_.vocab_size);
-  logits->resize(full_rows.size() * V);
+  float* logits = nullptr;
+  if (!full_rows.empty()) {
+    if (!logits_host_) logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * V * sizeof(float));
+    logits = static_cast<float*>(logits_host_.get());
+  }
+  DSV4_CHECK(int64_t(full_rows.size()) <= R, "step_tokens: {} whole rows of {}", full_rows.size(), R);
   for (size_t k = 0; k < full_rows.size();) {
     size_t n = 1;
     while (k + n < full_rows.size() && full_rows[k + n] == full_rows[k] + int32_t(n)) ++n;
     DSV4_CHECK(full_rows[k] >= 0 && full_rows[k] + int64_t(n) <= R, "step_tokens: logits rows {}..{} of {}",
                full_rows[k], full_rows[k] + int64_t(n), R);
-    backend_.download(logits->data() + k * V, buffers_->logits.rows(full_rows[k], int64_t(n)), n * V * sizeof(float));
+    backend_.download(logits + k * V, buffers_->logits.rows(full_rows[k], int64_t(n)), n * V * sizeof(float));
     k += n;
   }
   backend_.synchronize();
+  return logits;
 }
 
 int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph,

@@ -69,11 +69,13 @@ class ModelRunner {
   void step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden = nullptr,
             bool allow_graph = true, int32_t min_graph_rows = 0);
   // A step for serving: the greedy token of every logits row (Backend::argmax_rows, where the
-  // logits are: only the ids cross to the host) into `argmax`, and into `logits` only the whole
-  // rows listed in `full_rows` (indices into meta.logit_rows, ascending; the rows that sample or
-  // return their logits), in that order. Otherwise as step().
-  void step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax, const std::vector<int32_t>& full_rows,
-                   std::vector<float>* logits, bool allow_graph = true, int32_t min_graph_rows = 0);
+  // logits are: only the ids cross to the host) into `argmax`, and only the whole rows listed
+  // in `full_rows` (indices into meta.logit_rows, ascending; the rows that sample or return
+  // their logits), in that order, into the runner's host buffer (Backend::host_buffer:
+  // page-locked on CUDA), which the next step overwrites: the returned pointer (null without
+  // full rows). Otherwise as step().
+  const float* step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax,
+                           const std::vector<int32_t>& full_rows, bool allow_graph = true, int32_t min_graph_rows = 0);
   // Runs, before the first request, the steps whose first run would otherwise come in the
   // middle of serving: with `prefill`, one eager step of the most tokens a step holds (one
   // sequence: it grows the step's scratch before any graph is recorded); then, with graphs,
@@ -137,6 +139,7 @@ class ModelRunner {
   std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
   core::Tensor argmax_ids_;  // i32 [max_logit_rows]: step_tokens' greedy tokens
+  std::shared_ptr<void> logits_host_;  // f32 [max_logit_rows, V]: step_tokens' whole rows (on first use)
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
   StageObserver observer_;
 };

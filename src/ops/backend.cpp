@@ -2,6 +2,7 @@
 #include "ops/backend.h"
 
 #include <algorithm>
+#include <new>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -198,6 +199,11 @@ void Backend::randomize_cache(LayerCache& cache, uint64_t seed) {
       else t->as<float>()[i] = v;
     }
   }
+}
+
+std::shared_ptr<void> Backend::host_buffer(size_t bytes) {
+  return std::shared_ptr<void>(::operator new(std::max<size_t>(bytes, 1), std::align_val_t(64)),
+                               [](void* p) { ::operator delete(p, std::align_val_t(64)); });
 }
 
 std::unique_ptr<Graph> Backend::capture(const std::function<void()>& body) {

@@ -156,6 +156,10 @@ class Backend {
   virtual void upload(const core::Tensor& dst, const void* host, size_t bytes,
                       TensorRole role = TensorRole::kPlain) = 0;
   virtual void download(void* host, const core::Tensor& src, size_t bytes, TensorRole role = TensorRole::kPlain) = 0;
+  // Host memory that download() fills fastest, for what a step brings back every time (the
+  // logits rows serving samples from): CUDA: page-locked (a copy into pageable memory is
+  // staged through the driver's buffer; plain memory where page-locking fails); CPU: plain.
+  virtual std::shared_ptr<void> host_buffer(size_t bytes);
   virtual void fill_zero(const core::Tensor& t) = 0;
   virtual void synchronize() = 0;
   // Storage for one layer's per-sequence state (see ops/batch.h).

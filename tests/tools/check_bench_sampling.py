@@ -35,7 +35,7 @@ def main():
     if [e["rows"] for e in d["results"]] != [1, 5]:
         fail("rows %s" % [e["rows"] for e in d["results"]])
     for e in d["results"]:
-        for k in ("all_rows_to_host_ms", "host_argmax_ms", "backend_argmax_ms"):
+        for k in ("all_rows_to_host_ms", "all_rows_to_host_buffer_ms", "host_argmax_ms", "backend_argmax_ms"):
             if not e[k] >= 0:
                 fail("rows %d: %s = %s" % (e["rows"], k, e[k]))
         if [s["sampler"] for s in e["samplers"]] != ["temperature 1", "top_k 50", "top_p 0.9"]:

@@ -237,6 +237,16 @@ void CudaBackend::upload(const Tensor& dst, const void* host, size_t bytes, Tens
   DSV4_CUDA_CHECK(cudaFreeAsync(scratch, stream_));
 }
 
+std::shared_ptr<void> CudaBackend::host_buffer(size_t bytes) {
+  void* p = nullptr;
+  DSV4_CUDA_CHECK(cudaSetDevice(device_));
+  if (cudaHostAlloc(&p, std::max<size_t>(bytes, 1), cudaHostAllocPortable) != cudaSuccess) {
+    cudaGetLastError();  // (a limit on locked memory: plain memory still works, slower)
+    return Backend::host_buffer(bytes);
+  }
+  return std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
+}
+
 void CudaBackend::download(void* host, const Tensor& src, size_t bytes, TensorRole role) {
   DSV4_CHECK(bytes <= src.nbytes(), "download of {} bytes from a tensor of {}", bytes, src.nbytes());
   const bool scales = role == TensorRole::kFp4Scales, fp4 = scales || src.dtype() == DType::kI8;

@@ -33,6 +33,7 @@ class CudaBackend final : public Backend {
   core::Tensor empty_bytes(size_t bytes);
   void upload(const core::Tensor& dst, const void* host, size_t bytes, TensorRole role = TensorRole::kPlain) override;
   void download(void* host, const core::Tensor& src, size_t bytes, TensorRole role = TensorRole::kPlain) override;
+  std::shared_ptr<void> host_buffer(size_t bytes) override;
   void fill_zero(const core::Tensor& t) override;
   void synchronize() override;
   LayerCache allocate_cache(const CacheGeometry& geometry, int64_t ratio) override;
