@@ -103,6 +103,28 @@ EngineBuildOptions options(int dp, MoeMode moe) {
   return o;
 }
 
+// What build_serving_engine makes of options(dp, moe), for tests that set the engine's own
+// options (a warm-up, a step hook) on top.
+DpEngineOptions engine_options(int dp, MoeMode moe) {
+  const EngineBuildOptions o = options(dp, moe);
+  DpEngineOptions e;
+  e.ranks.dp = dp;
+  e.ranks.moe = moe;
+  e.ranks.source = o.source;
+  e.ranks.comm = o.comm;
+  e.scheduler.max_num_seqs = o.max_num_seqs;
+  e.scheduler.max_num_batched_tokens = o.max_num_batched_tokens;
+  e.scheduler.prefill_chunk = o.prefill_chunk;
+  e.scheduler.max_model_len = o.max_model_len;
+  e.runner.max_tokens_per_step = o.max_num_batched_tokens;
+  e.runner.max_seqs_per_step = o.max_num_seqs;
+  e.runner.max_logit_rows = o.max_num_seqs;
+  e.runner.max_blocks_per_seq = 2;  // 512 tokens
+  e.runner.cache.num_slots = o.max_num_seqs;
+  e.runner.cache.num_pages = 8;
+  return e;
+}
+
 class DpEngine : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -188,22 +210,7 @@ TEST_F(DpEngine, IdleRanksRunEmptySteps) {
 // Every rank warms up at construction (a prefill step, then each decode bucket's graph),
 // together: the all-gather ranks' exchanges meet. Their answers are then those of one rank.
 TEST_F(DpEngine, RanksWarmUpTogetherAndLeaveNoTrace) {
-  const EngineBuildOptions o = options(2, MoeMode::kAllGather);
-  DpEngineOptions dp;
-  dp.ranks.dp = 2;
-  dp.ranks.moe = MoeMode::kAllGather;
-  dp.ranks.source = o.source;
-  dp.ranks.comm = o.comm;
-  dp.scheduler.max_num_seqs = 4;
-  dp.scheduler.max_num_batched_tokens = 128;
-  dp.scheduler.prefill_chunk = 64;
-  dp.scheduler.max_model_len = 512;
-  dp.runner.max_tokens_per_step = 128;
-  dp.runner.max_seqs_per_step = 4;
-  dp.runner.max_logit_rows = 4;
-  dp.runner.max_blocks_per_seq = 2;
-  dp.runner.cache.num_slots = 4;
-  dp.runner.cache.num_pages = 8;
+  DpEngineOptions dp = engine_options(2, MoeMode::kAllGather);
   dp.runner.use_graphs = true;  // (the CPU backend records a graph as the function it calls again)
   dp.warm_up = true;
   dp.check_ledger = true;
@@ -251,23 +258,8 @@ TEST(DescribeWarmUps, NamesTheStepsAndTheTightestRank) {
 }
 
 TEST(DpEngineFailure, VanishedRankMakesTheOthersFailFast) {
-  EngineBuildOptions o = options(3, MoeMode::kAllGather);
-  o.comm.timeout = std::chrono::milliseconds(400);
-  DpEngineOptions dp;
-  dp.ranks.dp = 3;
-  dp.ranks.moe = MoeMode::kAllGather;
-  dp.ranks.source = o.source;
-  dp.scheduler.max_num_seqs = 4;
-  dp.scheduler.max_num_batched_tokens = 128;
-  dp.scheduler.prefill_chunk = 64;
-  dp.scheduler.max_model_len = 512;
-  dp.runner.max_tokens_per_step = 128;
-  dp.runner.max_seqs_per_step = 4;
-  dp.runner.max_logit_rows = 4;
-  dp.runner.max_blocks_per_seq = 2;
-  dp.runner.cache.num_slots = 4;
-  dp.runner.cache.num_pages = 8;
-  dp.ranks.comm = o.comm;
+  DpEngineOptions dp = engine_options(3, MoeMode::kAllGather);
+  dp.ranks.comm.timeout = std::chrono::milliseconds(400);
   dp.rank_step_hook = [](int rank, int64_t step) { return !(rank == 1 && step == 6); };  // rank 1 dies
   DpServingEngine engine(dp);
   auto reqs = workload();

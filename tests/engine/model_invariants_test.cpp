@@ -4,6 +4,7 @@
 // hold bit for bit. Also the divergence locator the GPU parity test relies on.
 #include <gtest/gtest.h>
 
+#include <functional>
 #include <map>
 #include <random>
 
@@ -72,6 +73,26 @@ class TinyModel : public ::testing::Test {
 };
 
 std::vector<int32_t> pages_for(int32_t slot) { return {slot * 4, slot * 4 + 1, slot * 4 + 2, slot * 4 + 3}; }
+
+// One decode token of each sequence i that `live(i)` keeps: sequence i in slot i, its prompt
+// of lengths[i] tokens prefilled, `step` tokens decoded since.
+std::vector<SequenceSlice> decode_slices(const std::vector<int>& lengths, const std::vector<std::vector<int32_t>>& toks,
+                                         const std::vector<std::vector<int32_t>>& pages, int step,
+                                         const std::function<bool(size_t)>& live) {
+  std::vector<SequenceSlice> slices;
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (!live(i)) continue;
+    SequenceSlice s;
+    s.state_slot = int32_t(i);
+    s.start_pos = lengths[i] + step;
+    s.tokens = toks[i].data() + s.start_pos;
+    s.num_tokens = 1;
+    s.block_table = &pages[i];
+    s.want_logits = true;
+    slices.push_back(s);
+  }
+  return slices;
+}
 
 TEST_F(TinyModel, DecodeLogitsEqualPrefillLogits) {
   // 300-token prompt: the window wraps, 75 CSA rows (> index_topk 8, so the
@@ -178,18 +199,7 @@ TEST_F(TinyModel, PaddedGraphDecodeEqualsEager) {
   prefill(*graphs);
   for (int step = 0; step < 12; ++step) {
     // Sequences drop out over time so buckets 4 and 2 (and 1) are all used.
-    std::vector<SequenceSlice> slices;
-    for (size_t i = 0; i < lengths.size(); ++i) {
-      if (step >= 10 - 3 * int(i)) continue;
-      SequenceSlice s;
-      s.state_slot = int32_t(i);
-      s.start_pos = lengths[i] + step;
-      s.tokens = toks[i].data() + s.start_pos;
-      s.num_tokens = 1;
-      s.block_table = &pages[i];
-      s.want_logits = true;
-      slices.push_back(s);
-    }
+    const auto slices = decode_slices(lengths, toks, pages, step, [&](size_t i) { return step < 10 - 3 * int(i); });
     if (slices.empty()) break;
     const StepMetadata m = build_step_metadata(slices);
     std::vector<float> a, b;
@@ -225,18 +235,7 @@ TEST_F(TinyModel, WarmUpLeavesNoTrace) {
         << "prefill of sequence " << i;
   }
   for (int step = 0; step < 10; ++step) {
-    std::vector<SequenceSlice> slices;
-    for (size_t i = 0; i < lengths.size(); ++i) {
-      SequenceSlice s;
-      s.state_slot = int32_t(i);
-      s.start_pos = lengths[i] + step;
-      s.tokens = toks[i].data() + s.start_pos;
-      s.num_tokens = 1;
-      s.block_table = &pages[i];
-      s.want_logits = true;
-      slices.push_back(s);
-    }
-    const StepMetadata m = build_step_metadata(slices);
+    const StepMetadata m = build_step_metadata(decode_slices(lengths, toks, pages, step, [](size_t) { return true; }));
     std::vector<float> a, b;
     warm->step(m, &a);
     cold->step(m, &b);

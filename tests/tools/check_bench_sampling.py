@@ -6,12 +6,8 @@ host's). A bad row count must fail naming --rows. usage: check_bench_sampling.py
 import json
 import os
 import subprocess
-import sys
 
-
-def fail(msg):
-    print("FAIL: " + msg)
-    sys.exit(1)
+from check_common import fail, target_and_stem
 
 
 def run(binary, args):
@@ -20,9 +16,8 @@ def run(binary, args):
 
 
 def main():
-    binary, tmp = sys.argv[1], sys.argv[2]
-    os.makedirs(tmp, exist_ok=True)
-    out = os.path.join(tmp, "bench_sampling_%d.json" % os.getpid())
+    binary, stem = target_and_stem("bench_sampling")
+    out = stem + ".json"
     r = run(binary, ["--rows", "1,5", "--vocab", "3001", "--replays", "2", "--json", out])
     print(r.stdout)
     if r.returncode != 0:
