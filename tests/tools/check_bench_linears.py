@@ -10,10 +10,7 @@ import os
 import subprocess
 import sys
 
-
-def fail(msg):
-    print("FAIL: " + msg)
-    sys.exit(1)
+from check_common import expect_failure_naming, fail
 
 
 def run(binary, args):
@@ -64,12 +61,8 @@ def main():
     os.makedirs(tmp, exist_ok=True)
     check(binary, tmp, "fp8", [(256, 256), (200, 384)], [1, 3], 3, 100000)
     check(binary, tmp, "bf16", [(128, 192)], [2], 4, 40000)
-    r = run(binary, ["--shapes", "256x100"])
-    if r.returncode == 0 or "--shapes" not in r.stderr:
-        fail("an FP8 K that is no multiple of 128 must fail naming --shapes: %d %s" % (r.returncode, r.stderr))
-    r = run(binary, ["--rows", "1,x"])
-    if r.returncode == 0 or "--rows" not in r.stderr:
-        fail("a bad row count must fail naming --rows: %d %s" % (r.returncode, r.stderr))
+    expect_failure_naming(run(binary, ["--shapes", "256x100"]), "--shapes", "an FP8 K that is no multiple of 128")
+    expect_failure_naming(run(binary, ["--rows", "1,x"]), "--rows", "a bad row count")
     print("OK")
 
 

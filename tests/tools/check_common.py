@@ -14,3 +14,9 @@ def target_and_stem(name):
     target, tmp = sys.argv[1], sys.argv[2]
     os.makedirs(tmp, exist_ok=True)
     return target, os.path.join(tmp, "%s_%d" % (name, os.getpid()))
+
+
+def expect_failure_naming(result, option, what):
+    """A finished subprocess that must have failed with `option` in its error output."""
+    if result.returncode == 0 or option not in result.stderr:
+        fail("%s must fail naming %s: exit %d, %s" % (what, option, result.returncode, result.stderr))
