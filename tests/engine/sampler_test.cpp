@@ -85,6 +85,25 @@ TEST(Sampler, TopPDrawsTheSmallestPrefixWithThatMass) {
 
 // top_k's tokens are those of the plain rule (sort every id by logit, the lower id first
 // among equal logits; weights and their sum in that order), here computed the slow way.
+// And the weight is the exponential it stands for.
+TEST(Sampler, WeightIsTheExponential) {
+  std::mt19937_64 g(testing::test_seed());
+  double worst = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const float x = -float(g() % 1000000) / 10000.0f, mx = float(int(g() % 200) - 100) / 8.0f;
+    const float t = 0.05f + float(g() % 400) / 200.0f;
+    const double want = std::exp(double((x + mx) - mx) / double(t));  // (x + mx) - mx: the logit's own rounding
+    const double got = sampling_weight(x + mx, mx, t);
+    if (want < 1e-37) continue;  // the floor: e^-87
+    worst = std::max(worst, std::abs(got - want) / want);
+  }
+  // x = (logit - max) / temperature rounds in float (at most 87 * 2^-24 in x, ~5.2e-6 relative
+  // in e^x); e^x of that x is within 2e-7.
+  EXPECT_LT(worst, 6e-6);
+  EXPECT_EQ(sampling_weight(3.5f, 3.5f, 0.7f), 1.0f);
+  EXPECT_GT(sampling_weight(-1e30f, 0.0f, 1.0f), 0.0f);  // the floor, not 0 or a denormal
+}
+
 TEST(Sampler, TopKEqualsTheSortedRule) {
   std::mt19937_64 g(testing::test_seed());
   std::vector<float> row(129280);
@@ -99,10 +118,10 @@ TEST(Sampler, TopKEqualsTheSortedRule) {
     p.temperature = 0.8f;
     p.top_k = k;
     p.seed = 11;
-    const double mx = row[size_t(ids[0])];
+    const float mx = row[size_t(ids[0])];
     std::vector<double> w;
     double z = 0;
-    for (int32_t i = 0; i < k; ++i) z += w.emplace_back(std::exp((row[size_t(ids[size_t(i)])] - mx) / p.temperature));
+    for (int32_t i = 0; i < k; ++i) z += w.emplace_back(sampling_weight(row[size_t(ids[size_t(i)])], mx, p.temperature));
     for (int64_t pos = 0; pos < 300; ++pos) {
       const double u = double(core::random_uniform(p.seed, 0x5a4d504cull, uint64_t(pos))) * z;
       double c = 0;
