@@ -184,7 +184,7 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int3
   const size_t V = size_t(config_.vocab_size);
   float* logits = nullptr;
   if (!full_rows.empty()) {
-    if (!logits_host_) logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * V * sizeof(float));
+    if (!logits_host_) logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * V * sizeof(float));  // (no warm-up)
     logits = static_cast<float*>(logits_host_.get());
   }
   DSV4_CHECK(int64_t(full_rows.size()) <= R, "step_tokens: {} whole rows of {}", full_rows.size(), R);
@@ -319,6 +319,10 @@ WarmUpReport ModelRunner::warm_up(bool prefill) {
         [&] { step(build_step_metadata({s}), nullptr, nullptr, true, b); });
     report.graph_buckets.push_back(b);
   }
+  // step_tokens' host buffer for whole logits rows (page-locking ~0.1-0.3 GB takes a while:
+  // here, not at the first sampled request).
+  if (!logits_host_)
+    logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * size_t(config_.vocab_size) * sizeof(float));
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.free_after = backend_.memory_available();
   return report;

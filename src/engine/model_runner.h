@@ -80,10 +80,11 @@ class ModelRunner {
   // middle of serving: with `prefill`, one eager step of the most tokens a step holds (one
   // sequence: it grows the step's scratch before any graph is recorded); then, with graphs,
   // one decode step of each bucket, largest first, which records the bucket's graph (a
-  // recording holds up every sequence of its step). They write only the padding slot and
-  // the first pages of the pool, which no sequence holds yet and a sequence reads only after
-  // writing. Data-parallel ranks whose steps exchange call it together, like a step. Fails
-  // naming the step (and, with cache_pages_from_free_memory, the reserve it outgrew).
+  // recording holds up every sequence of its step), and allocates step_tokens' host buffer.
+  // The steps write only the padding slot and the first pages of the pool, which no sequence
+  // holds yet and a sequence reads only after writing. Data-parallel ranks whose steps
+  // exchange call it together, like a step. Fails naming the step (and, with
+  // cache_pages_from_free_memory, the reserve it outgrew).
   WarmUpReport warm_up(bool prefill);
   // The bucket step() would replay for a decode-only step of `rows` rows (0: none).
   int32_t decode_bucket(int32_t rows) const;
