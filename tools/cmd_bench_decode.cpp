@@ -73,6 +73,7 @@ std::map<std::string, uint64_t> tensor_bytes(const model::ModelConfig& c) {
 // One rank's measurement of one batch size.
 struct RankRun {
   std::vector<double> step_ms;                 // graph replays (or eager steps where not capturable)
+  std::vector<double> served_ms;               // graphs: a greedy step as serving runs it, host wall (below)
   std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
   double comm_ms = 0;                          // eager: stages tagged communication
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
@@ -262,6 +263,18 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
   const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank, spread);
   out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
                        : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
+  if (graphs) {
+    // The same step as the serving engine runs a greedy one (ModelRunner::step_tokens: the
+    // metadata up, the replay, the backend's argmax, the ids down), host wall clock: what a
+    // served step costs beyond the replay.
+    std::vector<int32_t> ids;
+    for (int i = 0; i < 3; ++i) runner.step_tokens(meta, &ids, {});
+    for (int i = 0; i < std::min(replays, 50); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      runner.step_tokens(meta, &ids, {});
+      out.served_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
   if (after_timing) after_timing(runner, meta);
 
   // Eager, event-timed run: per-stage times and the routing of every layer.
@@ -532,6 +545,10 @@ Command add_bench_decode(CLI::App& app) {
       std::string furthest;
       for (const auto& [ratio, text] : by_ratio) furthest += text + " ";
       std::printf("%-6s stage ms / its roofline ms (eager, rank 0, furthest first): %s\n", "", furthest.c_str());
+      const double served_ms = runs[0].served_ms.empty() ? 0.0 : median(runs[0].served_ms);
+      if (served_ms > 0)
+        std::printf("%-6s served greedy step (metadata up, replay, argmax, ids down; host wall, rank 0): %.3f ms, "
+                    "%.3f above the replay\n", "", served_ms, served_ms - median(runs[0].step_ms));
       std::fflush(stdout);
       nlohmann::json r;
       r["batch_per_rank"] = B;
@@ -553,6 +570,7 @@ Command add_bench_decode(CLI::App& app) {
       r["stage_roofline_ms_rank0"] = stage_roof_ms;
       r["stage_ratio_to_roofline_eager_rank0"] = stage_ratio;
       r["eager_step_ms_rank0"] = eager_ms;
+      if (served_ms > 0) r["served_step_ms_rank0"] = served_ms;
       // Load balance of the routing (rank 0): an expert GEMM's row tiles follow the busiest
       // experts, not the average (each tile reads its expert's weights; at 256 rows on
       // bench-1g the second tiles hit L2, docs/BENCHMARKS.md, sixty-seventh session).
