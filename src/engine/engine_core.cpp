@@ -128,15 +128,17 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   const auto start = Clock::now();
   // Greedy rows take their token from the backend's argmax; only the rows that sample or
   // return their logits bring the whole row (V floats) to the host.
-  std::vector<int32_t> full_rows;
+  std::vector<int32_t> full_rows, sampling;  // logits rows wanted whole; slices that sample
   std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its index among the whole rows
   int32_t rows = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     const Request& r = *step.requests[k];
-    if (!r.finished && (r.params.sampling.temperature > 0.0f || r.params.return_logits)) {
+    const bool samples = r.params.sampling.temperature > 0.0f;
+    if (!r.finished && (samples || r.params.return_logits)) {
       full_index[k] = int32_t(full_rows.size());
       full_rows.push_back(rows);
+      if (samples) sampling.push_back(int32_t(k));
     }
     ++rows;
   }
@@ -149,9 +151,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   }
   scheduler_.commit(step);
   // The sampled rows' tokens, in parallel (each a pure function of its row, seed and position).
-  std::vector<int32_t> sampled(step.slices.size(), -1), sampling;
-  for (size_t k = 0; k < step.slices.size(); ++k)
-    if (full_index[k] >= 0 && step.requests[k]->params.sampling.temperature > 0.0f) sampling.push_back(int32_t(k));
+  std::vector<int32_t> sampled(step.slices.size(), -1);
   sampling_pool_.parallel_for(int64_t(sampling.size()), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const size_t k = size_t(sampling[size_t(j)]);

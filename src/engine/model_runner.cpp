@@ -182,11 +182,7 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int3
   }
   // The whole rows asked for, a copy per run of consecutive rows.
   const size_t V = size_t(config_.vocab_size);
-  float* logits = nullptr;
-  if (!full_rows.empty()) {
-    if (!logits_host_) logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * V * sizeof(float));  // (no warm-up)
-    logits = static_cast<float*>(logits_host_.get());
-  }
+  float* logits = full_rows.empty() ? nullptr : whole_rows_buffer();
   DSV4_CHECK(int64_t(full_rows.size()) <= R, "step_tokens: {} whole rows of {}", full_rows.size(), R);
   for (size_t k = 0; k < full_rows.size();) {
     size_t n = 1;
@@ -198,6 +194,12 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int3
   }
   backend_.synchronize();
   return logits;
+}
+
+float* ModelRunner::whole_rows_buffer() {
+  if (!logits_host_)
+    logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * size_t(config_.vocab_size) * sizeof(float));
+  return static_cast<float*>(logits_host_.get());
 }
 
 int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph,
@@ -321,8 +323,7 @@ WarmUpReport ModelRunner::warm_up(bool prefill) {
   }
   // step_tokens' host buffer for whole logits rows (page-locking ~0.1-0.3 GB takes a while:
   // here, not at the first sampled request).
-  if (!logits_host_)
-    logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * size_t(config_.vocab_size) * sizeof(float));
+  whole_rows_buffer();
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.free_after = backend_.memory_available();
   return report;

@@ -121,6 +121,8 @@ class ModelRunner {
   // Issues one step (a graph replay or the eager stages) and returns its logits rows; the
   // caller downloads what it needs, then synchronizes. keep_hidden: eager (X stays readable).
   int64_t launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph, int32_t min_graph_rows);
+  // step_tokens' host buffer for whole logits rows, allocated on first use.
+  float* whole_rows_buffer();
   // The bucket a decode-only step replays, or 0 to run eagerly.
   int32_t graph_bucket(const StepMetadata& meta, int32_t min_rows) const;
   void download_logits(int64_t rows, std::vector<float>* logits);
@@ -140,7 +142,7 @@ class ModelRunner {
   std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
   core::Tensor argmax_ids_;  // i32 [max_logit_rows]: step_tokens' greedy tokens
-  std::shared_ptr<void> logits_host_;  // f32 [max_logit_rows, V]: step_tokens' whole rows (on first use)
+  std::shared_ptr<void> logits_host_;  // f32 [max_logit_rows, V]: whole_rows_buffer()
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
   StageObserver observer_;
 };

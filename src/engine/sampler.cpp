@@ -11,12 +11,6 @@
 
 namespace dsv4::engine {
 
-int32_t argmax_lowest(const float* logits, int64_t vocab) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i)
-    if (logits[i] > logits[best]) best = i;
-  return int32_t(best);
-}
 
 namespace {
 
@@ -156,7 +150,7 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
   int64_t keep = vocab;
   double z = 0.0;
   float mx = 0.0f;
-  std::vector<float>& head_w = w;
+  thread_local std::vector<float> head_w;  // the kept tokens' weights, most likely first
   if (p.top_k > 0 && p.top_k < vocab) {
     // The k most likely, most likely first; the mass is theirs, summed in that order.
     keep = p.top_k;
@@ -181,11 +175,8 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
       head = std::min<int64_t>(vocab, 4 * head);
     }
     keep = head;
-    // The head's weights in its order, in place of the id-ordered ones (read through the keys).
-    thread_local std::vector<float> ordered;
-    ordered.resize(size_t(keep));
-    for (int64_t i = 0; i < keep; ++i) ordered[size_t(i)] = w[size_t(key_id(keys[size_t(i)]))];
-    head_w.swap(ordered);
+    head_w.resize(size_t(keep));
+    for (int64_t i = 0; i < keep; ++i) head_w[size_t(i)] = w[size_t(key_id(keys[size_t(i)]))];
   }
   if (p.top_p < 1.0f) {  // smallest prefix with mass >= top_p
     double mass = 0.0;

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "ops/cpu/primitives.h"
+
 namespace dsv4::engine {
 
 struct SamplingParams {
@@ -18,7 +20,7 @@ struct SamplingParams {
   uint64_t seed = 0;
 };
 
-int32_t argmax_lowest(const float* logits, int64_t vocab);
+using ops::ref::argmax_lowest;  // greedy: the reference scan (ops/cpu/primitives.h)
 // The weight a sampled row gives a logit: exp((logit - max_logit) / temperature) in float,
 // from IEEE operations only (within 2e-7 of e^x for the float x, whose own rounding is up to
 // ~5e-6 relative in the weight; below e^-87 of the largest, e^-87).

@@ -479,13 +479,7 @@ void CpuBackend::do_gather_slots(const Tensor& src, const Tensor& index, const T
 
 void CpuBackend::do_argmax_rows(const Tensor& logits, const Tensor& ids) {
   const int64_t R = logits.size(0), V = logits.size(1);
-  for (int64_t r = 0; r < R; ++r) {
-    const float* row = logits.as<float>() + r * V;
-    int64_t best = 0;  // the reference scan: moves only to a strictly larger value
-    for (int64_t i = 1; i < V; ++i)
-      if (row[i] > row[best]) best = i;
-    ids.as<int32_t>()[r] = int32_t(best);
-  }
+  for (int64_t r = 0; r < R; ++r) ids.as<int32_t>()[r] = ref::argmax_lowest(logits.as<float>() + r * V, V);
 }
 
 void CpuBackend::do_copy(const Tensor& dst, const Tensor& src) {

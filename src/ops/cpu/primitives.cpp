@@ -299,4 +299,11 @@ void sinkhorn(float* comb, int64_t hc, int64_t iters, float eps) {
   }
 }
 
+int32_t argmax_lowest(const float* logits, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (logits[i] > logits[best]) best = i;
+  return int32_t(best);
+}
+
 }  // namespace dsv4::ops::ref

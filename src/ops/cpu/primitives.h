@@ -103,4 +103,10 @@ inline float silu(float x) { return core::silu_f32(x); }
 // torch.nn.functional.softplus with its default threshold of 20.
 inline float softplus(float x) { return core::softplus_f32(x); }
 
+// ---- token choice --------------------------------------------------------------
+// The greedy token of a logits row: a scan from column 0 that moves only to a strictly
+// larger value (the lowest id among equal maxima; NaNs never win, one in column 0 gives 0).
+// Backend::argmax_rows's contract; the sampler's greedy draw.
+int32_t argmax_lowest(const float* logits, int64_t n);
+
 }  // namespace dsv4::ops::ref
