@@ -687,6 +687,16 @@ void Backend::argmax_rows(const Tensor& logits, const Tensor& ids) {
   do_argmax_rows(logits, ids);
 }
 
+void Backend::choose_tokens(const Tensor& logits, const Tensor& choices, const Tensor& ids) {
+  const auto d = device();
+  expect(logits, DType::kF32, {-1, -1}, d, "choose_tokens", "logits");
+  expect(choices, DType::kI32, {logits.size(0), kTokenChoiceWords}, d, "choose_tokens", "choices");
+  expect(ids, DType::kI32, {logits.size(0)}, d, "choose_tokens", "ids");
+  DSV4_CHECK(logits.size(0) == 0 || (logits.size(1) >= 1 && logits.size(1) <= token_law::kMaxVocab),
+             "choose_tokens: rows of {} columns (1 to {} can be chosen from)", logits.size(1), token_law::kMaxVocab);
+  do_choose_tokens(logits, choices, ids);
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   DSV4_CHECK(dst.nbytes() >= src.nbytes(), "copy: {} bytes into a tensor of {}", src.nbytes(), dst.nbytes());
   DSV4_CHECK(src.device() == device() && dst.device() == device(), "copy: tensors on the wrong device");

@@ -17,6 +17,7 @@
 
 #include "core/tensor.h"
 #include "ops/batch.h"
+#include "ops/token_choice.h"
 #include "ops/weights.h"
 
 namespace dsv4::ops {
@@ -333,6 +334,12 @@ class Backend {
   // win; a NaN in column 0 gives 0). Only the ids need cross to the host to sample greedily.
   // logits f32 [R, V] (V >= 1), ids i32 [R].
   void argmax_rows(const core::Tensor& logits, const core::Tensor& ids);
+  // Each logits row's token by the law of ops/token_choice.h: a greedy row's as argmax_rows
+  // finds it, a sampled row's a draw keyed by its seed and position from its weights in
+  // integers, the same bits on every backend. Serving's step takes its tokens here, so only
+  // ids cross to the host. logits f32 [R, V] (1 <= V <= 2^23), choices i32
+  // [R, kTokenChoiceWords] (a TokenChoice a row), ids i32 [R].
+  void choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids);
   // dst[t, s, :] = src[index[t, s], s, :], or zeros where index[t, s] < 0 (the
   // expert-parallel combine puts returned expert outputs back in slot order).
   // src bf16 [R, k, D], index i32 [T, k], dst bf16 [T, k, D].
@@ -433,6 +440,7 @@ class Backend {
   virtual void do_gather_rows(const core::Tensor& src, const core::Tensor& rows, const core::Tensor& dst) = 0;
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
   virtual void do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) = 0;
+  virtual void do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) = 0;
   virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;
 };
 

@@ -780,6 +780,43 @@ TEST_F(CudaPointwise, ArgmaxRowsMatchesTheReferenceScan) {
   expect_bits_equal(host(got), want, "argmax_rows, unaligned row");
 }
 
+// choose_tokens against the CPU reference, token for token, on rows and choices that make
+// the law's rules decide (testing::token_choice_case: ties cut by top_k and top_p, NaNs,
+// infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the
+// 16-byte path, and an unaligned row.
+TEST_F(CudaPointwise, ChooseTokensMatchesTheReference) {
+  Rng rng(232);
+  const auto check = [&](const Tensor& logits, const Tensor& dev_logits, const std::vector<TokenChoice>& choices,
+                         const std::string& what) {
+    const int64_t R = logits.size(0);
+    Tensor c = Tensor::empty_cpu(DType::kI32, {R, kTokenChoiceWords});
+    if (R > 0) std::memcpy(c.data(), choices.data(), size_t(R) * sizeof(TokenChoice));
+    Tensor want = Tensor::empty_cpu(DType::kI32, {R});
+    cpu().choose_tokens(logits, c, want);
+    Tensor got = poisoned(DType::kI32, {R});
+    cuda().choose_tokens(dev_logits, dev(c), got);
+    const Tensor h = host(got);
+    for (int64_t r = 0; r < R; ++r)
+      ASSERT_EQ(h.as<int32_t>()[r], want.as<int32_t>()[r])
+          << what << " row " << r << ": temperature " << choices[size_t(r)].temperature << " top_k "
+          << choices[size_t(r)].top_k << " top_p " << choices[size_t(r)].top_p;
+  };
+  for (int64_t V : {129280, 1000, 1003, 2, 1})
+    for (int64_t R : kRows) {
+      const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
+      check(tc.logits, dev(tc.logits), tc.choices, "V=" + std::to_string(V) + " R=" + std::to_string(R));
+    }
+  // The 16-byte path needs an aligned row start: a view one column in takes the scalar one.
+  const testing::TokenChoiceCase tc = testing::token_choice_case(rng, 20, 1025);
+  Tensor d = dev(tc.logits);
+  for (int64_t r = 0; r < 20; ++r) {
+    const Tensor view(static_cast<float*>(d.data()) + r * 1025 + 1, DType::kF32, {1, 1024}, core::Device::kCuda,
+                      d.owner());
+    check(Tensor(tc.logits.as<float>() + r * 1025 + 1, DType::kF32, {1, 1024}), view, {tc.choices[size_t(r)]},
+          "unaligned row " + std::to_string(r));
+  }
+}
+
 TEST_F(CudaPointwise, EveryOpAcceptsZeroRows) {
   const Tensor e = cuda().empty(DType::kBF16, {0, 64});
   const Tensor w = cuda().empty(DType::kBF16, {64});

@@ -16,6 +16,7 @@
 #include "model/weight_spec.h"
 #include "ops/batch.h"
 #include "ops/gemm_order.h"
+#include "ops/token_choice.h"
 #include "ops/weights.h"
 #include "test_util.h"
 
@@ -125,6 +126,57 @@ inline ops::QuantLinear synthetic_quant(const std::string& name, int64_t n, int6
     if (n > 0 && k > 0) model::fill_fp8_rows(s, seed, 0, n, q.weight.as<uint8_t>(), q.scale.as<uint8_t>());
   }
   return q;
+}
+
+// Logits rows and token choices on which the rules of the token-choice law
+// (ops/token_choice.h) decide: row r by r mod 10 (N(0, 3); logits on a coarse grid, so that
+// top_k and top_p cut through ties; NaNs and a repeated maximum; all equal, +0 and -0; +inf
+// twice; NaNs and -infs only; -infs among normals; one logit far above the rest, most weights
+// 0; a near-flat row, where top_p keeps most of the vocabulary; magnitudes near the float
+// limit, where logit - max overflows), and choice r with a temperature, top_k and top_p from
+// lists of the edges (greedy, a temperature whose reciprocal overflows, an infinite one; k of
+// 1, V - 1, V and more; p tiny and near 1), a random seed and position.
+struct TokenChoiceCase {
+  core::Tensor logits;                     // f32 [R, V]
+  std::vector<ops::TokenChoice> choices;   // R
+};
+
+inline TokenChoiceCase token_choice_case(Rng& rng, int64_t R, int64_t V) {
+  TokenChoiceCase c;
+  c.logits = core::Tensor::empty_cpu(core::DType::kF32, {R, V});
+  for (int64_t r = 0; r < R; ++r) {
+    float* x = c.logits.as<float>() + r * V;
+    const auto any = [&] { return rng.uniform_int(0, V - 1); };
+    for (int64_t i = 0; i < V; ++i) x[i] = rng.normal(3.0f);
+    switch (r % 10) {
+      case 1: for (int64_t i = 0; i < V; ++i) x[i] = float(rng.uniform_int(-20, 20)) / 4.0f; break;
+      case 2:
+        for (int64_t i = 0; i < V; ++i) x[i] = rng.uniform_int(0, 19) == 0 ? NAN : x[i];
+        x[any()] = 12.0f, x[any()] = 12.0f;
+        break;
+      case 3: for (int64_t i = 0; i < V; ++i) x[i] = i % 2 ? 0.0f : -0.0f; break;
+      case 4: x[any()] = INFINITY, x[any()] = INFINITY; break;
+      case 5: for (int64_t i = 0; i < V; ++i) x[i] = i % 3 ? -INFINITY : NAN; break;
+      case 6: for (int64_t i = 0; i < V; ++i) x[i] = rng.uniform_int(0, 2) == 0 ? -INFINITY : x[i]; break;
+      case 7: x[any()] = 100.0f; break;
+      case 8: for (int64_t i = 0; i < V; ++i) x[i] = rng.normal(0.01f); break;
+      case 9: for (int64_t i = 0; i < V; ++i) x[i] = (i % 2 ? 3e38f : -3e38f) * float(rng.uniform_int(1, 9)) / 9.0f; break;
+      default: break;
+    }
+  }
+  const float temperatures[] = {0.0f, 0.3f, 0.7f, 1.0f, 1.0f, 1.5f, 1e-39f, INFINITY};
+  const int64_t top_ks[] = {0, 0, 0, 1, 2, 40, V - 1, V, V + 5};
+  const float top_ps[] = {1.0f, 1.0f, 0.9f, 0.5f, 1e-6f, 0.999f, 0.95f};
+  for (int64_t r = 0; r < R; ++r) {
+    ops::TokenChoice t;
+    t.temperature = temperatures[rng.uniform_int(0, 7)];
+    t.top_k = int32_t(top_ks[rng.uniform_int(0, 8)]);
+    t.top_p = top_ps[rng.uniform_int(0, 6)];
+    t.seed = uint64_t(rng.uniform_int(0, INT64_MAX));
+    t.position = rng.uniform_int(0, 1 << 20);
+    c.choices.push_back(t);
+  }
+  return c;
 }
 
 }  // namespace dsv4::testing

@@ -482,6 +482,14 @@ void CpuBackend::do_argmax_rows(const Tensor& logits, const Tensor& ids) {
   for (int64_t r = 0; r < R; ++r) ids.as<int32_t>()[r] = ref::argmax_lowest(logits.as<float>() + r * V, V);
 }
 
+void CpuBackend::do_choose_tokens(const Tensor& logits, const Tensor& choices, const Tensor& ids) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
+  pool_.parallel_for(R, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) ids.as<int32_t>()[r] = ref::choose_token(logits.as<float>() + r * V, V, c[r]);
+  });
+}
+
 void CpuBackend::do_copy(const Tensor& dst, const Tensor& src) {
   if (src.nbytes()) std::memcpy(dst.data(), src.data(), src.nbytes());
 }

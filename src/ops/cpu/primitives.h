@@ -9,6 +9,7 @@
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
+#include "ops/token_choice.h"
 
 namespace dsv4::ops::ref {
 
@@ -108,5 +109,8 @@ inline float softplus(float x) { return core::softplus_f32(x); }
 // larger value (the lowest id among equal maxima; NaNs never win, one in column 0 gives 0).
 // Backend::argmax_rows's contract; the sampler's greedy draw.
 int32_t argmax_lowest(const float* logits, int64_t n);
+// The token the law of ops/token_choice.h chooses from a row of n logits (n <= 2^23):
+// Backend::choose_tokens's contract, a row at a time. Thread-safe.
+int32_t choose_token(const float* logits, int64_t n, const TokenChoice& choice);
 
 }  // namespace dsv4::ops::ref

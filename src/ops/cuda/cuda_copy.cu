@@ -1,7 +1,6 @@
-// Byte copies, the slot gather of the expert-parallel combine, the logits rows' argmax.
+// Byte copies, the slot gather of the expert-parallel combine (the logits rows' argmax is in
+// cuda_token_choice.cu).
 // gather_slots: memory-bound, 2 x T*k*D*2 bytes; one CTA per (row, slot), 16-byte accesses.
-// argmax_rows: memory-bound, R*V*4 bytes (256 rows of a 129,280-token vocabulary: 132 MB,
-// ~33 µs at the copy rate, against ~5-13 ms to copy them to the host); one CTA a row.
 #include <cuda_profiler_api.h>
 
 #include "ops/cuda/cuda_backend.h"
@@ -27,69 +26,7 @@ __global__ void gather_slots_kernel(const uint4* __restrict__ src, const int32_t
   for (int64_t i = threadIdx.x; i < vecs_per_row; i += blockDim.x) out[i] = in[i];
 }
 
-// A candidate of the argmax: the larger value wins, the lower index among equal values;
-// NaNs never compare larger, and "none yet" is (-inf, INT32_MAX), which any non-NaN takes.
-struct ArgmaxCandidate {
-  float value;
-  int32_t index;
-};
-
-__device__ __forceinline__ void take_if_better(ArgmaxCandidate& a, float v, int32_t i) {
-  if (v > a.value || (v == a.value && i < a.index)) a = ArgmaxCandidate{v, i};
-}
-
-constexpr int kArgmaxThreads = 512;
-
-__global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float* __restrict__ logits, int64_t V,
-                                                                      bool vec4, int32_t* __restrict__ ids) {
-  wait_then_release_dependents();
-  const float* row = logits + int64_t(blockIdx.x) * V;
-  ArgmaxCandidate best{-INFINITY, INT32_MAX};
-  if (vec4) {  // each thread's columns in ascending order, 16 bytes a load
-    const float4* row4 = reinterpret_cast<const float4*>(row);
-    for (int64_t c = threadIdx.x; c < V / 4; c += kArgmaxThreads) {
-      const float4 v = row4[c];
-      const int32_t i = int32_t(4 * c);
-      take_if_better(best, v.x, i);
-      take_if_better(best, v.y, i + 1);
-      take_if_better(best, v.z, i + 2);
-      take_if_better(best, v.w, i + 3);
-    }
-  } else {
-    for (int64_t c = threadIdx.x; c < V; c += kArgmaxThreads) take_if_better(best, row[c], int32_t(c));
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, best.value, off);
-    const int32_t i = __shfl_xor_sync(0xffffffffu, best.index, off);
-    take_if_better(best, v, i);
-  }
-  __shared__ ArgmaxCandidate warp_best[kArgmaxThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_best[warp] = best;
-  __syncthreads();
-  if (warp != 0) return;
-  best = lane < kArgmaxThreads / 32 ? warp_best[lane] : ArgmaxCandidate{-INFINITY, INT32_MAX};
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, best.value, off);
-    const int32_t i = __shfl_xor_sync(0xffffffffu, best.index, off);
-    take_if_better(best, v, i);
-  }
-  // The reference scan starts at column 0: a NaN there is never left; a row of NaNs gives 0.
-  if (lane == 0) ids[blockIdx.x] = isnan(row[0]) || best.index == INT32_MAX ? 0 : best.index;
-}
-
 }  // namespace
-
-void CudaBackend::do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) {
-  const int64_t R = logits.size(0), V = logits.size(1);
-  if (R == 0) return;
-  DSV4_CHECK(V < INT32_MAX, "argmax_rows: {} columns do not fit an i32 index", V);
-  const bool vec4 = V % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data()) % 16 == 0;
-  argmax_rows_kernel<<<unsigned(R), kArgmaxThreads, 0, stream_>>>(logits.as<float>(), V, vec4, ids.as<int32_t>());
-  check_launch(stream_);
-}
 
 void CudaBackend::bind_to_current_thread() { DSV4_CUDA_CHECK(cudaSetDevice(device_)); }
 

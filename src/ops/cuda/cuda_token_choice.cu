@@ -1,0 +1,328 @@
+// A step's tokens from its logits rows on the GPU, so that only ids cross to the host.
+// argmax_rows: memory-bound, R*V*4 bytes (256 rows of a 129,280-token vocabulary: 132 MB,
+// ~33 µs at the copy rate, against ~5-13 ms to copy them to the host); one CTA a row.
+// choose_tokens: the law of ops/token_choice.h, one CTA of 1024 threads a row. A greedy row is
+// argmax_rows' scan. A sampled row reads its logits a few times (from L2 where it fits):
+//   the max; for top_k, a radix selection of the k-th order key (8-bit digits from the top,
+//   a 256-bin shared histogram a pass; it stops where the bin holds exactly what is still
+//   needed, so a row without ties takes ~3-4 passes, not 8); for top_p, the kept weight and a
+//   selection of the shortest prefix by weight (the same passes with weights in the bins);
+//   then the draw: each thread sums a contiguous chunk of ids, a block scan of the sums, and
+//   the thread whose range holds the target walks its chunk (~128 ids). Every sum is of
+//   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
+//   reference's bit for bit.
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_check.h"
+#include "ops/cuda/grid_dependency.cuh"
+#include "ops/token_choice.h"
+
+namespace dsv4::ops {
+
+namespace {
+
+using namespace token_law;
+
+// ---- the argmax ------------------------------------------------------------------------------
+
+// A candidate of the argmax: the larger value wins, the lower index among equal values;
+// NaNs never compare larger, and "none yet" is (-inf, INT32_MAX), which any non-NaN takes.
+struct ArgmaxCandidate {
+  float value;
+  int32_t index;
+};
+
+__device__ __forceinline__ void take_if_better(ArgmaxCandidate& a, float v, int32_t i) {
+  if (v > a.value || (v == a.value && i < a.index)) a = ArgmaxCandidate{v, i};
+}
+
+__device__ __forceinline__ void take_best_of_warp(ArgmaxCandidate& best) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float v = __shfl_xor_sync(0xffffffffu, best.value, off);
+    const int32_t i = __shfl_xor_sync(0xffffffffu, best.index, off);
+    take_if_better(best, v, i);
+  }
+}
+
+// The reference scan's result for `row`, in every thread of the block (kThreads of them).
+template <int kThreads>
+__device__ int32_t row_argmax(const float* __restrict__ row, int64_t V, bool vec4) {
+  ArgmaxCandidate best{-INFINITY, INT32_MAX};
+  if (vec4) {  // each thread's columns in ascending order, 16 bytes a load
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    for (int64_t c = threadIdx.x; c < V / 4; c += kThreads) {
+      const float4 v = row4[c];
+      const int32_t i = int32_t(4 * c);
+      take_if_better(best, v.x, i);
+      take_if_better(best, v.y, i + 1);
+      take_if_better(best, v.z, i + 2);
+      take_if_better(best, v.w, i + 3);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < V; c += kThreads) take_if_better(best, row[c], int32_t(c));
+  }
+  take_best_of_warp(best);
+  __shared__ ArgmaxCandidate warp_best[kThreads / 32];
+  __shared__ int32_t result;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_best[warp] = best;
+  __syncthreads();
+  if (warp == 0) {
+    best = lane < kThreads / 32 ? warp_best[lane] : ArgmaxCandidate{-INFINITY, INT32_MAX};
+    take_best_of_warp(best);
+    // The reference scan starts at column 0: a NaN there is never left; a row of NaNs gives 0.
+    if (lane == 0) result = isnan(row[0]) || best.index == INT32_MAX ? 0 : best.index;
+  }
+  __syncthreads();
+  return result;
+}
+
+constexpr int kArgmaxThreads = 512;
+
+__global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float* __restrict__ logits, int64_t V,
+                                                                      bool vec4, int32_t* __restrict__ ids) {
+  wait_then_release_dependents();
+  const int32_t id = row_argmax<kArgmaxThreads>(logits + int64_t(blockIdx.x) * V, V, vec4);
+  if (threadIdx.x == 0) ids[blockIdx.x] = id;
+}
+
+// ---- the sampled rows --------------------------------------------------------------------------
+
+constexpr int kChooseThreads = 1024;
+constexpr int kChooseWarps = kChooseThreads / 32;
+
+// f(i, logit) for every column, coalesced (no order).
+template <typename F>
+__device__ __forceinline__ void for_each_logit(const float* __restrict__ row, int64_t V, bool vec4, F&& f) {
+  if (vec4) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    for (int64_t c = threadIdx.x; c < V / 4; c += kChooseThreads) {
+      const float4 v = row4[c];
+      const int32_t i = int32_t(4 * c);
+      f(i, v.x);
+      f(i + 1, v.y);
+      f(i + 2, v.z);
+      f(i + 3, v.w);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < V; i += kChooseThreads) f(int32_t(i), row[i]);
+  }
+}
+
+// The block's sum of `v`, in every thread. `scratch`: kChooseWarps words of shared memory.
+__device__ uint64_t block_sum(uint64_t v, unsigned long long* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kChooseWarps ? scratch[lane] : 0;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();  // scratch may be written again
+  return v;
+}
+
+// The block's largest non-NaN value (-inf if none), in every thread.
+__device__ float block_max(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kChooseWarps ? scratch[lane] : -INFINITY;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  return v;
+}
+
+struct SelectShared {
+  unsigned int count[256];
+  unsigned long long mass[256];
+  unsigned long long remaining;
+  unsigned int bin, bin_count;
+};
+
+// The largest order key K >= floor such that the keys in [K, inf) that are >= floor number at
+// least `target` (by_mass false), or one such K where they weigh at least `target` and the
+// keys above K less (by_mass true: keys of weight 0 may fall either side), in every thread;
+// target >= 1 and at most what the keys >= floor hold. Digits of 8 bits from the top: a pass
+// histograms the keys that share the digits fixed so far, and warp 0 finds the bin the
+// target falls in, counting from the top.
+__device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
+                                     bool by_mass, uint64_t target, uint64_t floor, SelectShared& sh) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  uint64_t prefix = 0, remaining = target;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    const uint64_t fixed_mask = shift == 56 ? 0 : ~0ull << (shift + 8);
+    for (int b = threadIdx.x; b < 256; b += kChooseThreads) sh.count[b] = 0, sh.mass[b] = 0;
+    __syncthreads();
+    for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+      const uint64_t key = order_key(v, i);
+      if (key < floor || (key & fixed_mask) != prefix) return;
+      const unsigned bin = unsigned(key >> shift) & 255u;
+      if (by_mass) {
+        // A key of weight 0 is left out: the draw never lands on it, whether kept or not.
+        const uint64_t w = fixed_weight(v, m, inv);
+        if (w == 0) return;
+        atomicAdd(&sh.mass[bin], (unsigned long long)w);
+      }
+      atomicAdd(&sh.count[bin], 1u);
+    });
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l holds bins 8l .. 8l+7; the bins above lane l's are the lanes above it.
+      uint64_t value[8], lane_total = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        value[j] = by_mass ? uint64_t(sh.mass[8 * lane + j]) : uint64_t(sh.count[8 * lane + j]);
+        lane_total += value[j];
+      }
+      uint64_t suffix = lane_total;  // this lane's bins and every bin above them
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint64_t o = __shfl_down_sync(0xffffffffu, suffix, off);
+        if (lane + off < 32) suffix += o;
+      }
+      uint64_t above = suffix - lane_total;
+      if (above < remaining && remaining <= suffix) {  // one lane: the target is in its bins
+        for (int j = 7; j >= 0; --j) {
+          if (above + value[j] >= remaining) {
+            sh.bin = unsigned(8 * lane + j);
+            sh.bin_count = sh.count[8 * lane + j];
+            sh.remaining = remaining - above;
+            break;
+          }
+          above += value[j];
+        }
+      }
+    }
+    __syncthreads();
+    prefix |= uint64_t(sh.bin) << shift;
+    remaining = sh.remaining;
+    const bool whole_bin = by_mass ? sh.bin_count == 1 : remaining == sh.bin_count;
+    __syncthreads();  // sh is cleared next pass
+    if (whole_bin) break;  // every key of the bin is in: the digits below need not be fixed
+  }
+  return prefix > floor ? prefix : floor;
+}
+
+// The draw among the keys >= floor, in ascending id order: each thread sums its chunk of ids,
+// a block scan of the sums, and the one thread whose range holds the target walks its chunk.
+__device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
+                              uint64_t floor, uint64_t seed, int64_t position, unsigned long long* scratch) {
+  const int64_t chunk = ((V + kChooseThreads - 1) / kChooseThreads + 3) / 4 * 4;
+  const int64_t begin = int64_t(threadIdx.x) * chunk, end = begin + chunk < V ? begin + chunk : V;
+  const auto weight = [&](int32_t i, float v) -> uint64_t {
+    return order_key(v, i) >= floor ? fixed_weight(v, m, inv) : 0;
+  };
+  uint64_t mine = 0;
+  if (vec4) {  // begin and end are multiples of 4
+    for (int64_t i = begin; i < end; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(row + i);
+      mine += weight(int32_t(i), v.x) + weight(int32_t(i + 1), v.y) + weight(int32_t(i + 2), v.z) +
+              weight(int32_t(i + 3), v.w);
+    }
+  } else {
+    for (int64_t i = begin; i < end; ++i) mine += weight(int32_t(i), row[i]);
+  }
+  // The exclusive prefix of the threads' sums: within the warp, then over the warps.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint64_t inclusive = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const uint64_t o = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += o;
+  }
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    uint64_t w = scratch[lane];
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const uint64_t o = __shfl_up_sync(0xffffffffu, w, off);
+      if (lane >= off) w += o;
+    }
+    scratch[lane] = w;  // the warps' inclusive prefixes
+  }
+  __syncthreads();
+  const uint64_t before = (warp > 0 ? uint64_t(scratch[warp - 1]) : 0) + inclusive - mine;
+  const uint64_t total = scratch[kChooseWarps - 1];
+  __syncthreads();
+  const uint64_t t = draw_target(seed, position, total);
+  __shared__ int32_t chosen;
+  if (before <= t && t < before + mine) {  // one thread
+    uint64_t run = before;
+    int32_t id = int32_t(end - 1);
+    for (int64_t i = begin; i < end; ++i)
+      if (t < (run += weight(int32_t(i), row[i]))) {
+        id = int32_t(i);
+        break;
+      }
+    chosen = id;
+  }
+  __syncthreads();
+  return chosen;
+}
+
+__global__ void __launch_bounds__(kChooseThreads)
+    choose_tokens_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
+                         const TokenChoice* __restrict__ choices, int32_t* __restrict__ ids) {
+  wait_then_release_dependents();
+  const float* row = logits + int64_t(blockIdx.x) * V;
+  const TokenChoice c = choices[blockIdx.x];
+  __shared__ unsigned long long scratch[kChooseWarps];
+  __shared__ float max_scratch[kChooseWarps];
+  __shared__ SelectShared select;
+  int32_t id = 0;
+  float m = -INFINITY;
+  if (samples(c.temperature)) {
+    float mine = -INFINITY;
+    for_each_logit(row, V, vec4, [&](int32_t, float v) { mine = v > mine ? v : mine; });
+    m = block_max(mine, max_scratch);
+  }
+  if (m == -INFINITY) {  // greedy, or a row of NaNs and -infs
+    id = row_argmax<kChooseThreads>(row, V, vec4);
+  } else {
+    const float inv = div_rn(1.0f, c.temperature);
+    uint64_t floor = 0;
+    if (c.top_k > 0 && c.top_k < V) floor = select_threshold(row, V, vec4, m, inv, false, uint64_t(c.top_k), 0, select);
+    if (c.top_p < 1.0f) {
+      uint64_t mine = 0;
+      for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+        if (order_key(v, i) >= floor) mine += fixed_weight(v, m, inv);
+      });
+      const uint64_t need = top_p_need(c.top_p, block_sum(mine, scratch));
+      floor = select_threshold(row, V, vec4, m, inv, true, need, floor, select);
+    }
+    id = draw_token(row, V, vec4, m, inv, floor, c.seed, c.position, scratch);
+  }
+  if (threadIdx.x == 0) ids[blockIdx.x] = id;
+}
+
+bool rows_of_float4(const core::Tensor& logits) {
+  return logits.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data()) % 16 == 0;
+}
+
+}  // namespace
+
+void CudaBackend::do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  if (R == 0) return;
+  DSV4_CHECK(V < INT32_MAX, "argmax_rows: {} columns do not fit an i32 index", V);
+  argmax_rows_kernel<<<unsigned(R), kArgmaxThreads, 0, stream_>>>(logits.as<float>(), V, rows_of_float4(logits),
+                                                                   ids.as<int32_t>());
+  check_launch(stream_);
+}
+
+void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  if (R == 0) return;
+  choose_tokens_kernel<<<unsigned(R), kChooseThreads, 0, stream_>>>(
+      logits.as<float>(), V, rows_of_float4(logits), reinterpret_cast<const TokenChoice*>(choices.data()),
+      ids.as<int32_t>());
+  check_launch(stream_);
+}
+
+}  // namespace dsv4::ops

@@ -1,0 +1,144 @@
+// How a logits row becomes a token: the contract of Backend::choose_tokens, which the CPU
+// reference (ops/cpu/token_choice.cpp) and the CUDA kernel (ops/cuda/cuda_token_choice.cu)
+// both follow to the bit, and the host sampler calls (engine/sampler.h). The law and why it
+// is in integers: docs/design/token-choice.md, "Sampling on the device".
+//
+// Greedy (temperature <= 0, or below ~3e-39): the argmax scan (ops::ref::argmax_lowest). Sampled:
+//   m      the largest logit that is not NaN (a row of NaNs and -infs is taken greedily);
+//   w_i    exp((logit_i - m) * (1 / temperature)) in float (the reciprocal rounded once), from
+//          IEEE operations only (token_weight), as an integer W_i = floor(w_i * 2^40): sums of
+//          integers are exact in any order, so a GPU's parallel sums equal the host's loops.
+//          A token whose weight is below 2^-40 of the largest (its logit ~27.7 temperatures
+//          below it) has W = 0 and is never drawn; NaN and -inf logits have W = 0. Where m is
+//          +inf, the +inf logits weigh 1 each and every other logit 0;
+//   order  the larger logit first, the lower id among equal logits (+0 == -0, NaN last);
+//   top_k  (0 < k < V) keeps the k first in that order;
+//   top_p  (< 1) keeps the shortest prefix, in that order, of what top_k kept whose weight
+//          reaches need = max(1, ceil(top_p * Z)), Z the weight top_k kept (in double);
+//   draw   t = the high 64 bits of r * Z' (r the 64 random bits of (seed, position), Z' the
+//          kept weight), uniform on [0, Z'); the token is the first kept id, in ascending id
+//          order, whose running weight passes t.
+// The kept set is a threshold on the order key below (all keys at or above one), which a
+// kernel finds by radix selection without sorting; the draw's id order makes it one scan.
+#pragma once
+
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "core/random.h"
+
+namespace dsv4::ops {
+
+// One logits row's choice (32 bytes: a tensor row of kTokenChoiceWords i32 words).
+struct TokenChoice {
+  float temperature = 0.0f;  // <= 0: greedy
+  float top_p = 1.0f;        // (0, 1]; 1: no limit
+  int32_t top_k = 0;         // 0 (or >= V): no limit
+  int32_t reserved = 0;
+  uint64_t seed = 0;
+  int64_t position = 0;      // the draw's counter: the token's position in its sequence
+};
+static_assert(sizeof(TokenChoice) == 32, "TokenChoice is a tensor row of 8 i32 words");
+constexpr int64_t kTokenChoiceWords = 8;
+
+namespace token_law {
+
+constexpr int kWeightBits = 40;
+constexpr uint64_t kWeightOne = 1ull << kWeightBits;
+constexpr uint64_t kDrawStream = 0x5a4d504cull;  // core::random_bits' stream of the draws
+constexpr int64_t kMaxVocab = int64_t(1) << 23;   // V * 2^40 < 2^63
+
+// Rounded float operations that no compiler may fuse into an fma (the device's intrinsics;
+// the host sources of the law build with -ffp-contract=off).
+DSV4_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+DSV4_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+DSV4_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+DSV4_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// The order key's upper half: a larger logit gives a larger key, +0 and -0 the same, NaN 0
+// (below -inf's 0x007fffff). Branch-free: the signs of a row's logits are coin flips.
+DSV4_HD uint32_t logit_key(float logit) {
+  uint32_t u = core::float_bits(logit);
+  u = u == 0x80000000u ? 0u : u;
+  const uint32_t flip = uint32_t(int32_t(u) >> 31) | 0x80000000u;  // negatives: every bit; else the sign
+  return logit != logit ? 0u : u ^ flip;
+}
+// The whole order key: descending keys are the law's order (ties to the lower id).
+DSV4_HD uint64_t order_key(float logit, int32_t id) {
+  return (uint64_t(logit_key(logit)) << 32) | uint64_t(~uint32_t(id));
+}
+DSV4_HD int32_t key_id(uint64_t key) { return int32_t(~uint32_t(key)); }
+
+// exp(x) for x = (logit - max) * inv_temperature <= 0: x = k ln2 + f, |f| <= ln2 / 2, e^f by
+// its Taylor series to f^6 (within 2e-7 of e^x), 2^k from the exponent bits; x below -87 (and
+// NaN) as -87 (e^-87 ~ 1.6e-38, W = 0). Multiplies and adds only, so a host loop of it
+// vectorizes.
+DSV4_HD float token_weight(float logit, float max_logit, float inv_temperature) {
+  float x = mul_rn(sub_rn(logit, max_logit), inv_temperature);
+  x = x >= -87.0f ? x : -87.0f;
+  const float t = mul_rn(x, 1.44269504f);
+  const float k = sub_rn(add_rn(t, 12582912.0f), 12582912.0f);  // t rounded to an integer (|t| < 2^22)
+  const float f = sub_rn(sub_rn(x, mul_rn(k, 0.693145752f)), mul_rn(k, 1.42860677e-6f));  // k * hi is exact
+  float e = 1.0f / 720.0f;
+  e = add_rn(mul_rn(e, f), 1.0f / 120.0f);
+  e = add_rn(mul_rn(e, f), 1.0f / 24.0f);
+  e = add_rn(mul_rn(e, f), 1.0f / 6.0f);
+  e = add_rn(mul_rn(e, f), 0.5f);
+  e = add_rn(mul_rn(e, f), 1.0f);
+  e = add_rn(mul_rn(e, f), 1.0f);
+  return mul_rn(e, core::bits_float(uint32_t(int32_t(k) + 127) << 23));
+}
+
+// Whether a row samples: temperature > 0 and its reciprocal finite (below ~3e-39 every weight
+// but the largest's would be 0, so such a row, like temperature <= 0 or NaN, is greedy).
+DSV4_HD bool samples(float temperature) { return temperature > 0.0f && div_rn(1.0f, temperature) < INFINITY; }
+
+// W_i: the weight in units of 2^-40 (truncated). max_logit is the row's m (not NaN, not -inf).
+DSV4_HD uint64_t fixed_weight(float logit, float max_logit, float inv_temperature) {
+  if (max_logit == INFINITY) return logit == INFINITY ? kWeightOne : 0;
+  return uint64_t(mul_rn(token_weight(logit, max_logit, inv_temperature), float(kWeightOne)));
+}
+
+// top_p's need: max(1, ceil(top_p * total)), at most total.
+DSV4_HD uint64_t top_p_need(float top_p, uint64_t total) {
+  const double p = double(top_p) * double(total);
+  const uint64_t need = p >= double(total) ? total : uint64_t(ceil(p));
+  return need < 1 ? 1 : need;
+}
+
+// The draw's target, uniform on [0, total) (total >= 1): the high half of r * total.
+DSV4_HD uint64_t draw_target(uint64_t seed, int64_t position, uint64_t total) {
+  const uint64_t r = core::random_bits(seed, kDrawStream, uint64_t(position));
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(r, total);
+#else
+  return uint64_t((unsigned __int128)r * total >> 64);
+#endif
+}
+
+}  // namespace token_law
+}  // namespace dsv4::ops

@@ -1,0 +1,167 @@
+// The token-choice law (ops/token_choice.h): the host implementation (ops::ref::choose_token,
+// which sorts only a head and finds the draw's block before its token) against the law
+// written the slow way (every id sorted, every sum a loop), token for token; the backends'
+// choose_tokens against it; and the law's weight against the exponential it stands for.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "op_test_util.h"
+#include "ops/cpu/cpu_backend.h"
+#include "ops/cpu/primitives.h"
+#include "ops/token_choice.h"
+
+namespace dsv4::ops {
+namespace {
+
+using namespace token_law;
+
+int32_t slow_argmax(const float* x, int64_t V) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < V; ++i)
+    if (x[i] > x[best]) best = i;
+  return int32_t(best);
+}
+
+// The law as its header states it, in the plainest form.
+int32_t slow_choice(const float* x, int64_t V, const TokenChoice& c) {
+  if (!(c.temperature > 0.0f) || !(1.0f / c.temperature < INFINITY)) return slow_argmax(x, V);
+  float m = -INFINITY;
+  for (int64_t i = 0; i < V; ++i)
+    if (!std::isnan(x[i])) m = std::max(m, x[i]);
+  if (m == -INFINITY) return slow_argmax(x, V);
+  const float inv = 1.0f / c.temperature;
+  std::vector<uint64_t> W(static_cast<size_t>(V));
+  for (int64_t i = 0; i < V; ++i)
+    W[size_t(i)] = m == INFINITY ? (x[i] == INFINITY ? kWeightOne : 0)
+                                 : uint64_t(token_weight(x[i], m, inv) * float(kWeightOne));
+  std::vector<int32_t> order(static_cast<size_t>(V));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    const bool na = std::isnan(x[a]), nb = std::isnan(x[b]);
+    if (na != nb) return nb;                          // NaN last
+    if (!na && x[a] != x[b]) return x[a] > x[b];      // the larger logit first (+0 == -0)
+    return a < b;                                     // then the lower id
+  });
+  size_t n = order.size();
+  if (c.top_k > 0 && c.top_k < V) n = size_t(c.top_k);
+  if (c.top_p < 1.0f) {
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; ++i) total += W[size_t(order[i])];
+    const uint64_t need = top_p_need(c.top_p, total);
+    uint64_t mass = 0;
+    size_t cut = 0;
+    while (mass < need) mass += W[size_t(order[cut++])];
+    n = cut;
+  }
+  std::vector<int32_t> kept(order.begin(), order.begin() + std::ptrdiff_t(n));
+  std::sort(kept.begin(), kept.end());
+  uint64_t total = 0;
+  for (int32_t id : kept) total += W[size_t(id)];
+  const uint64_t t = draw_target(c.seed, c.position, total);
+  uint64_t run = 0;
+  for (int32_t id : kept)
+    if (t < (run += W[size_t(id)])) return id;
+  ADD_FAILURE() << "the draw passed the kept weight";
+  return -1;
+}
+
+std::string describe(const TokenChoice& c) {
+  return "temperature " + std::to_string(c.temperature) + " top_k " + std::to_string(c.top_k) + " top_p " +
+         std::to_string(c.top_p) + " position " + std::to_string(c.position);
+}
+
+TEST(TokenChoice, HostEqualsTheLawWrittenSlowly) {
+  testing::Rng rng(0x70c);
+  for (int64_t V : {1, 2, 7, 300, 3001, 129280}) {
+    const int64_t R = V >= 100000 ? 30 : 200;
+    const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* row = tc.logits.as<float>() + r * V;
+      const TokenChoice& c = tc.choices[size_t(r)];
+      ASSERT_EQ(ref::choose_token(row, V, c), slow_choice(row, V, c)) << "V " << V << " row " << r << " ("
+                                                                       << describe(c) << ")";
+    }
+  }
+}
+
+// top_k cuts through a tie by id: ids 1, 4 and 5 tie at the top, top_k 2 keeps 1 and 4, and
+// every draw lands on one of them (as likely as each other).
+TEST(TokenChoice, TopKCutsATieByTheLowerIds) {
+  const std::vector<float> row = {0.5f, 2.0f, -1.0f, 1.5f, 2.0f, 2.0f};
+  TokenChoice c;
+  c.temperature = 1.0f;
+  c.top_k = 2;
+  std::vector<int> seen(row.size(), 0);
+  for (c.position = 0; c.position < 2000; ++c.position) ++seen[size_t(ref::choose_token(row.data(), 6, c))];
+  EXPECT_EQ(seen[1] + seen[4], 2000);
+  EXPECT_NEAR(seen[1], 1000, 5 * std::sqrt(500.0));
+}
+
+TEST(TokenChoice, CpuBackendChoosesEveryRowAsTheReference) {
+  testing::Rng rng(0x70d);
+  const int64_t R = 37, V = 1000;
+  const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
+  CpuBackend cpu(2);
+  core::Tensor choices = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenChoiceWords});
+  std::memcpy(choices.data(), tc.choices.data(), size_t(R) * sizeof(TokenChoice));
+  core::Tensor ids = core::Tensor::empty_cpu(core::DType::kI32, {R});
+  cpu.choose_tokens(tc.logits, choices, ids);
+  for (int64_t r = 0; r < R; ++r)
+    EXPECT_EQ(ids.as<int32_t>()[r], ref::choose_token(tc.logits.as<float>() + r * V, V, tc.choices[size_t(r)]))
+        << "row " << r;
+  EXPECT_THROW(cpu.choose_tokens(tc.logits, ids, ids), std::exception);  // choices of the wrong shape
+}
+
+// The weight is the exponential it stands for: x = (logit - max) * (1 / temperature) rounds
+// twice in float (at most 87 * 2^-23 in x: ~1.1e-5 relative in e^x); e^x of that x is
+// within 2e-7.
+TEST(TokenChoice, WeightIsTheExponential) {
+  std::mt19937_64 g(testing::test_seed());
+  double worst = 0;
+  for (int i = 0; i < 200000; ++i) {
+    const float x = -float(g() % 1000000) / 10000.0f, mx = float(int(g() % 200) - 100) / 8.0f;
+    const float t = 0.05f + float(g() % 400) / 200.0f;
+    const double want = std::exp(double((x + mx) - mx) / double(t));  // (x + mx) - mx: the logit's own rounding
+    const double got = token_weight(x + mx, mx, 1.0f / t);
+    if (want < 1e-37) continue;  // the floor: e^-87
+    worst = std::max(worst, std::abs(got - want) / want);
+  }
+  EXPECT_LT(worst, 1.2e-5);
+  EXPECT_EQ(token_weight(3.5f, 3.5f, 1.0f / 0.7f), 1.0f);
+  EXPECT_EQ(fixed_weight(3.5f, 3.5f, 1.0f / 0.7f), kWeightOne);
+  EXPECT_EQ(fixed_weight(-1e30f, 0.0f, 1.0f), 0u);       // the floor, e^-87, is 0 in 2^-40 units
+  EXPECT_EQ(fixed_weight(NAN, 0.0f, 1.0f), 0u);
+  EXPECT_EQ(fixed_weight(-INFINITY, 0.0f, 1.0f), 0u);
+  EXPECT_EQ(fixed_weight(INFINITY, INFINITY, 1.0f), kWeightOne);
+  EXPECT_EQ(fixed_weight(5.0f, INFINITY, 1.0f), 0u);
+}
+
+TEST(TokenChoice, OrderKeyIsTheLawsOrder) {
+  EXPECT_EQ(logit_key(0.0f), logit_key(-0.0f));
+  EXPECT_LT(logit_key(NAN), logit_key(-INFINITY));
+  EXPECT_LT(logit_key(-INFINITY), logit_key(-3e38f));
+  EXPECT_LT(logit_key(-1.0f), logit_key(-0.5f));
+  EXPECT_LT(logit_key(-1e-45f), logit_key(0.0f));
+  EXPECT_LT(logit_key(0.0f), logit_key(1e-45f));
+  EXPECT_LT(logit_key(3e38f), logit_key(INFINITY));
+  EXPECT_GT(order_key(1.0f, 3), order_key(1.0f, 4));  // the lower id first
+  EXPECT_EQ(key_id(order_key(-2.5f, 129279)), 129279);
+}
+
+TEST(TokenChoice, TopPNeedAndDrawTarget) {
+  EXPECT_EQ(top_p_need(0.5f, 10), 5u);
+  EXPECT_EQ(top_p_need(0.51f, 10), 6u);
+  EXPECT_EQ(top_p_need(1e-9f, 10), 1u);
+  EXPECT_EQ(top_p_need(1.0f, uint64_t(1) << 57), uint64_t(1) << 57);
+  for (int64_t pos = 0; pos < 1000; ++pos) EXPECT_LT(draw_target(7, pos, 3), 3u);
+  EXPECT_EQ(draw_target(7, 11, 1), 0u);
+}
+
+}  // namespace
+}  // namespace dsv4::ops
