@@ -74,6 +74,7 @@ std::map<std::string, uint64_t> tensor_bytes(const model::ModelConfig& c) {
 struct RankRun {
   std::vector<double> step_ms;                 // graph replays (or eager steps where not capturable)
   std::vector<double> served_ms;               // graphs: a greedy step as serving runs it, host wall (below)
+  std::vector<double> served_sampled_ms;       // the same, every row sampled (temperature 1, top_p 0.95)
   std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
   double comm_ms = 0;                          // eager: stages tagged communication
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
@@ -264,16 +265,28 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
   out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
                        : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
   if (graphs) {
-    // The same step as the serving engine runs a greedy one (ModelRunner::step_tokens: the
-    // metadata up, the replay, the backend's argmax, the ids down), host wall clock: what a
-    // served step costs beyond the replay.
+    // The same step as the serving engine runs it (ModelRunner::step_tokens: the metadata up,
+    // the replay, the choices up, the backend's choose_tokens, the ids down), host wall clock:
+    // what a served step costs beyond the replay, greedy and with every row sampled (the
+    // common chat setting: temperature 1, top_p 0.95).
     std::vector<int32_t> ids;
-    for (int i = 0; i < 3; ++i) runner.step_tokens(meta, &ids, {});
-    for (int i = 0; i < std::min(replays, 50); ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      runner.step_tokens(meta, &ids, {});
-      out.served_ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    const auto served = [&](const std::vector<ops::TokenChoice>& choices, std::vector<double>& ms) {
+      for (int i = 0; i < 3; ++i) runner.step_tokens(meta, choices, &ids, {});
+      for (int i = 0; i < std::min(replays, 50); ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        runner.step_tokens(meta, choices, &ids, {});
+        ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+    };
+    std::vector<ops::TokenChoice> choices(meta.logit_rows.size());
+    served(choices, out.served_ms);
+    for (size_t r = 0; r < choices.size(); ++r) {
+      choices[r].temperature = 1.0f;
+      choices[r].top_p = 0.95f;
+      choices[r].seed = r;
+      choices[r].position = p;
     }
+    served(choices, out.served_sampled_ms);
   }
   if (after_timing) after_timing(runner, meta);
 
@@ -546,9 +559,12 @@ Command add_bench_decode(CLI::App& app) {
       for (const auto& [ratio, text] : by_ratio) furthest += text + " ";
       std::printf("%-6s stage ms / its roofline ms (eager, rank 0, furthest first): %s\n", "", furthest.c_str());
       const double served_ms = runs[0].served_ms.empty() ? 0.0 : median(runs[0].served_ms);
+      const double served_sampled_ms = runs[0].served_sampled_ms.empty() ? 0.0 : median(runs[0].served_sampled_ms);
       if (served_ms > 0)
-        std::printf("%-6s served greedy step (metadata up, replay, argmax, ids down; host wall, rank 0): %.3f ms, "
-                    "%.3f above the replay\n", "", served_ms, served_ms - median(runs[0].step_ms));
+        std::printf("%-6s served step (metadata up, replay, tokens chosen on the device, ids down; host wall, rank 0): "
+                    "greedy %.3f ms, %.3f above the replay; sampled (T 1, top_p 0.95) %.3f ms, %.3f above\n",
+                    "", served_ms, served_ms - median(runs[0].step_ms), served_sampled_ms,
+                    served_sampled_ms - median(runs[0].step_ms));
       std::fflush(stdout);
       nlohmann::json r;
       r["batch_per_rank"] = B;
@@ -571,6 +587,7 @@ Command add_bench_decode(CLI::App& app) {
       r["stage_ratio_to_roofline_eager_rank0"] = stage_ratio;
       r["eager_step_ms_rank0"] = eager_ms;
       if (served_ms > 0) r["served_step_ms_rank0"] = served_ms;
+      if (served_sampled_ms > 0) r["served_sampled_step_ms_rank0"] = served_sampled_ms;
       // Load balance of the routing (rank 0): an expert GEMM's row tiles follow the busiest
       // experts, not the average (each tile reads its expert's weights; at 256 rows on
       // bench-1g the second tiles hit L2, docs/BENCHMARKS.md, sixty-seventh session).

@@ -1,9 +1,10 @@
-// dsv4 bench sampling: what choosing a step's tokens costs on the host, beside the step
-// itself. Before the seventy-second session the engine brought every logits row to the host
-// (rows x vocabulary x 4 bytes: 132 MB a step at 256 rows of a 129,280-token vocabulary) and
-// took the argmax or sampled there, one row after another. Now greedy rows take the
-// backend's argmax_rows and bring back an id; sampled rows bring their row and are sampled
-// in parallel (EngineCore). This times each piece on the backend's logits.
+// dsv4 bench sampling: what choosing a step's tokens costs, beside the step itself. Before
+// the seventy-second session the engine brought every logits row to the host (rows x
+// vocabulary x 4 bytes: 132 MB a step at 256 rows of a 129,280-token vocabulary) and took the
+// argmax or sampled there, one row after another; in the seventy-second, greedy rows took the
+// backend's argmax_rows and sampled rows were copied and sampled on a host pool; now every
+// row's token is chosen on the backend (Backend::choose_tokens). This times each way on the
+// backend's logits, and fails where the backend's tokens differ from the host reference's.
 #include <algorithm>
 #include <chrono>
 #include <memory>
@@ -70,9 +71,11 @@ Command add_bench_sampling(CLI::App& app) {
       "                     the rows it samples from)\n"
       "  host argmax        the greedy token of each row on the host, one row after another (the same)\n"
       "  backend argmax     argmax_rows on the backend and the R ids to the host (greedy rows now)\n"
-      "and, per sampler (temperature 1 over the whole vocabulary; top_k 50; top_p 0.9 at temperature 0.7),\n"
-      "the time to sample the R rows on the host one after another and on the engine's pool of threads\n"
-      "(min(16, cores)), as EngineCore does now.");
+      "and, per sampler (temperature 1 over the whole vocabulary; top_k 50; top_p 0.9 at temperature 0.7;\n"
+      "top_p 0.95 at temperature 1; top_k 40 with top_p 0.9), the time to sample the R rows on the host one\n"
+      "after another and on a pool of min(16, cores) threads (as the engine did in the seventy-second\n"
+      "session), and on the backend: choose_tokens with the choices uploaded and the ids downloaded (as\n"
+      "the engine does now). The backend's tokens must equal the host's, bit for bit.");
   app.add_option("--backend", o->backend, "cuda, cpu or auto")->default_val("auto");
   app.add_option("--rows", o->rows, "Comma-separated logits rows a step")->default_val(o->rows);
   app.add_option("--vocab", o->vocab, "Columns a row (the vocabulary)")->default_val(o->vocab)->check(CLI::Range(1, 1 << 24));
@@ -89,18 +92,27 @@ Command add_bench_sampling(CLI::App& app) {
     const int64_t V = o->vocab;
     const int pool_threads = int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
     core::ThreadPool pool(pool_threads);
-    engine::SamplingParams whole, top_k, top_p;
+    engine::SamplingParams whole, top_k, top_p, chat, both;
     whole.temperature = 1.0f;
     top_k.temperature = 1.0f;
     top_k.top_k = 50;
     top_p.temperature = 0.7f;
     top_p.top_p = 0.9f;
-    const SamplerCase cases[] = {{"temperature 1", whole}, {"top_k 50", top_k}, {"top_p 0.9", top_p}};
+    chat.temperature = 1.0f;
+    chat.top_p = 0.95f;
+    both.temperature = 0.8f;
+    both.top_k = 40;
+    both.top_p = 0.9f;
+    const SamplerCase cases[] = {{"temperature 1", whole},
+                                 {"top_k 50", top_k},
+                                 {"top_p 0.9", top_p},
+                                 {"top_p 0.95 T 1", chat},
+                                 {"k 40 p 0.9", both}};
     const nlohmann::json device = device_json(be);
     std::printf("bench sampling: %s; vocabulary %lld, logits N(0, %.1f); host pool %d threads; median of %d\n",
                 device_text(device).c_str(), static_cast<long long>(V), o->logit_std, pool_threads, o->replays);
-    std::printf("%5s %16s %16s %12s %15s | %-14s %12s %12s\n", "rows", "all rows to host", "to host buffer",
-                "host argmax", "backend argmax", "sampler", "one thread", "pool");
+    std::printf("%5s %16s %16s %12s %15s | %-14s %12s %12s %12s\n", "rows", "all rows to host", "to host buffer",
+                "host argmax", "backend argmax", "sampler", "one thread", "pool", "backend");
     nlohmann::json results = nlohmann::json::array();
     for (int32_t R : rows_list) {
       std::vector<float> host(size_t(R) * size_t(V));
@@ -111,6 +123,7 @@ Command add_bench_sampling(CLI::App& app) {
       }
       core::Tensor logits = be.empty(core::DType::kF32, {R, V});
       core::Tensor ids = be.empty(core::DType::kI32, {R});
+      core::Tensor choices = be.empty(core::DType::kI32, {R, ops::kTokenChoiceWords});
       be.upload(logits, host.data(), host.size() * sizeof(float));
       std::vector<float> copy(host.size());
       std::vector<int32_t> got(static_cast<size_t>(R)), want(static_cast<size_t>(R));
@@ -153,14 +166,28 @@ Command add_bench_sampling(CLI::App& app) {
           });
         });
         if (one != many) core::fail("bench sampling: {} drew other tokens on the pool", c.name);
+        std::vector<ops::TokenChoice> row_choices;
+        for (int32_t r = 0; r < R; ++r) row_choices.push_back(engine::token_choice(c.params, r));
+        std::vector<int32_t> chosen(static_cast<size_t>(R));
+        const double on_backend = median_ms(o->replays, [&] {
+          be.upload(choices, row_choices.data(), row_choices.size() * sizeof(ops::TokenChoice));
+          be.choose_tokens(logits, choices, ids);
+          be.download(chosen.data(), ids, size_t(R) * 4);
+          be.synchronize();
+        });
+        for (int32_t r = 0; r < R; ++r)
+          if (chosen[size_t(r)] != one[size_t(r)])
+            core::fail("bench sampling: {}: the backend chose token {} in row {}, the host reference {}", c.name,
+                       chosen[size_t(r)], r, one[size_t(r)]);
         if (first)
-          std::printf("%5d %13.3f ms %13.3f ms %9.3f ms %12.3f ms | %-14s %9.3f ms %9.3f ms\n", R, to_host, to_locked,
-                      host_argmax, backend_argmax, c.name, serial, parallel);
+          std::printf("%5d %13.3f ms %13.3f ms %9.3f ms %12.3f ms | %-14s %9.3f ms %9.3f ms %9.3f ms\n", R, to_host,
+                      to_locked, host_argmax, backend_argmax, c.name, serial, parallel, on_backend);
         else
-          std::printf("%5s %16s %16s %12s %15s | %-14s %9.3f ms %9.3f ms\n", "", "", "", "", "", c.name, serial,
-                      parallel);
+          std::printf("%5s %16s %16s %12s %15s | %-14s %9.3f ms %9.3f ms %9.3f ms\n", "", "", "", "", "", c.name,
+                      serial, parallel, on_backend);
         first = false;
-        entry["samplers"].push_back({{"sampler", c.name}, {"one_thread_ms", serial}, {"pool_ms", parallel}});
+        entry["samplers"].push_back(
+            {{"sampler", c.name}, {"one_thread_ms", serial}, {"pool_ms", parallel}, {"backend_ms", on_backend}});
       }
       std::fflush(stdout);
       results.push_back(entry);

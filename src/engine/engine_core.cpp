@@ -126,49 +126,38 @@ bool EngineCore::graph_eligible(const ScheduledStep& step, int32_t padded_rows) 
 
 void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bool allow_graph) {
   const auto start = Clock::now();
-  // Greedy rows take their token from the backend's argmax; only the rows that sample or
-  // return their logits bring the whole row (V floats) to the host.
-  std::vector<int32_t> full_rows, sampling;  // logits rows wanted whole; slices that sample
+  // Every row's token is chosen on the backend (greedy or sampled, ops/token_choice.h); only
+  // the rows that return their logits bring the whole row (V floats) to the host.
+  std::vector<ops::TokenChoice> choices;  // a logits row each
+  std::vector<int32_t> full_rows;         // logits rows wanted whole
   std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its index among the whole rows
-  int32_t rows = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     const Request& r = *step.requests[k];
-    const bool samples = r.params.sampling.temperature > 0.0f;
-    if (!r.finished && (samples || r.params.return_logits)) {
+    if (!r.finished && r.params.return_logits) {
       full_index[k] = int32_t(full_rows.size());
-      full_rows.push_back(rows);
-      if (samples) sampling.push_back(int32_t(k));
+      full_rows.push_back(int32_t(choices.size()));
     }
-    ++rows;
+    // A finished request's row (cancelled while scheduled) is taken greedily and dropped.
+    choices.push_back(r.finished ? ops::TokenChoice{} : token_choice(r.params.sampling, int64_t(r.tokens.size())));
   }
   const float* full_logits = nullptr;  // the whole rows, in full_rows' order (the runner's buffer)
   if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
     // The runner pads a graph step to its bucket itself.
-    full_logits = runner_.step_tokens(build_step_metadata(step.slices), &argmax_, full_rows, true, padding.rows);
+    full_logits = runner_.step_tokens(build_step_metadata(step.slices), choices, &tokens_, full_rows, true, padding.rows);
   } else {
-    full_logits = runner_.step_tokens(build_step_metadata(step.slices, padding), &argmax_, full_rows, false);
+    full_logits =
+        runner_.step_tokens(build_step_metadata(step.slices, padding), choices, &tokens_, full_rows, false);
   }
   scheduler_.commit(step);
-  // The sampled rows' tokens, in parallel (each a pure function of its row, seed and position).
-  std::vector<int32_t> sampled(step.slices.size(), -1);
-  sampling_pool_.parallel_for(int64_t(sampling.size()), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const size_t k = size_t(sampling[size_t(j)]);
-      const Request& r = *step.requests[k];
-      sampled[k] = sample_token(full_logits + size_t(full_index[k]) * size_t(vocab_), vocab_, r.params.sampling,
-                                int64_t(r.tokens.size()));
-    }
-  });
   size_t row = 0;
   int64_t generated = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     Request& r = *step.requests[k];
-    const int32_t greedy = argmax_[row++];
+    const int32_t token = tokens_[row++];
     if (r.finished) continue;
     const float* logits = full_index[k] >= 0 ? full_logits + size_t(full_index[k]) * size_t(vocab_) : nullptr;
-    const int32_t token = r.params.sampling.temperature > 0.0f ? sampled[k] : greedy;
     r.tokens.push_back(token);
     ++generated;
     const auto now = Clock::now();

@@ -13,7 +13,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include "core/thread_pool.h"
 #include "engine/kv_pool.h"
 #include "engine/model_runner.h"
 #include "engine/request.h"
@@ -80,10 +79,7 @@ class EngineCore {
   std::atomic<int64_t> pending_{0};  // submitted, not finished
   mutable std::mutex stats_mutex_;
   EngineStats stats_;
-  std::vector<int32_t> argmax_;  // the step's greedy tokens, a logits row each
-  // Samples a step's rows in parallel: a row of a 129,280-token vocabulary takes ~1 ms on one
-  // core, and a step can hold hundreds (the GPU step itself takes ~3-12 ms).
-  core::ThreadPool sampling_pool_{int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u))};
+  std::vector<int32_t> tokens_;  // the step's tokens, a logits row each
 };
 
 }  // namespace dsv4::engine

@@ -56,7 +56,8 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     for (int i = 0; i < 8; ++i)
       *regions[i] = core::Tensor(metadata_.as<int32_t>() + metadata_offset_[i], DType::kI32, {sizes[i]},
                                  backend.device(), metadata_.owner());
-    argmax_ids_ = backend.empty(DType::kI32, {options_.max_logit_rows});
+    token_choices_ = backend.empty(DType::kI32, {options_.max_logit_rows, ops::kTokenChoiceWords});
+    token_ids_out_ = backend.empty(DType::kI32, {options_.max_logit_rows});
   };
   if (options_.cache_pages_from_free_memory) allocate_step_buffers();
 
@@ -172,14 +173,14 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
   backend_.synchronize();
 }
 
-const float* ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax,
-                                      const std::vector<int32_t>& full_rows, bool allow_graph, int32_t min_graph_rows) {
-  const int64_t R = launch_step(meta, false, allow_graph, min_graph_rows);
-  argmax->resize(size_t(R));
-  if (R > 0) {
-    backend_.argmax_rows(buffers_->logits.rows(0, R), argmax_ids_.rows(0, R));
-    backend_.download(argmax->data(), argmax_ids_, size_t(R) * 4);
-  }
+const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vector<ops::TokenChoice>& choices,
+                                      std::vector<int32_t>* tokens, const std::vector<int32_t>& full_rows,
+                                      bool allow_graph, int32_t min_graph_rows) {
+  const int64_t R = int64_t(meta.logit_rows.size());
+  DSV4_CHECK(int64_t(choices.size()) == R, "step_tokens: {} token choices for {} logits rows", choices.size(), R);
+  launch_step(meta, false, allow_graph, min_graph_rows);
+  tokens->resize(size_t(R));
+  if (R > 0) choose_tokens(buffers_->logits.rows(0, R), choices, tokens->data());
   // The whole rows asked for, a copy per run of consecutive rows.
   const size_t V = size_t(config_.vocab_size);
   float* logits = full_rows.empty() ? nullptr : whole_rows_buffer();
@@ -194,6 +195,14 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, std::vector<int3
   }
   backend_.synchronize();
   return logits;
+}
+
+void ModelRunner::choose_tokens(const core::Tensor& logits, const std::vector<ops::TokenChoice>& choices,
+                                int32_t* tokens) {
+  const int64_t R = logits.size(0);
+  backend_.upload(token_choices_, choices.data(), size_t(R) * sizeof(ops::TokenChoice));
+  backend_.choose_tokens(logits, token_choices_.rows(0, R), token_ids_out_.rows(0, R));
+  backend_.download(tokens, token_ids_out_, size_t(R) * 4);
 }
 
 float* ModelRunner::whole_rows_buffer() {
@@ -321,9 +330,17 @@ WarmUpReport ModelRunner::warm_up(bool prefill) {
         [&] { step(build_step_metadata({s}), nullptr, nullptr, true, b); });
     report.graph_buckets.push_back(b);
   }
-  // step_tokens' host buffer for whole logits rows (page-locking ~0.1-0.3 GB takes a while:
-  // here, not at the first sampled request).
-  whole_rows_buffer();
+  // Loads choose_tokens' kernel (CUDA loads a module at its first launch) on the last step's
+  // first logits row, by every path a sampled row takes.
+  ops::TokenChoice sampled;
+  sampled.temperature = 1.0f;
+  sampled.top_k = 2;
+  sampled.top_p = 0.5f;
+  int32_t chosen = 0;
+  run("choosing a token", [&] {
+    choose_tokens(buffers_->logits.rows(0, 1), {sampled}, &chosen);
+    backend_.synchronize();
+  });
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   report.free_after = backend_.memory_available();
   return report;

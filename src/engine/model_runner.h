@@ -68,19 +68,21 @@ class ModelRunner {
   // ranks replay the bucket of the step's DP max, also with 0 rows of their own).
   void step(const StepMetadata& meta, std::vector<float>* logits, std::vector<uint16_t>* hidden = nullptr,
             bool allow_graph = true, int32_t min_graph_rows = 0);
-  // A step for serving: the greedy token of every logits row (Backend::argmax_rows, where the
-  // logits are: only the ids cross to the host) into `argmax`, and only the whole rows listed
-  // in `full_rows` (indices into meta.logit_rows, ascending; the rows that sample or return
-  // their logits), in that order, into the runner's host buffer (Backend::host_buffer:
-  // page-locked on CUDA), which the next step overwrites: the returned pointer (null without
-  // full rows). Otherwise as step().
-  const float* step_tokens(const StepMetadata& meta, std::vector<int32_t>* argmax,
-                           const std::vector<int32_t>& full_rows, bool allow_graph = true, int32_t min_graph_rows = 0);
+  // A step for serving: the token of every logits row, chosen on the backend
+  // (Backend::choose_tokens: `choices` holds a row's TokenChoice each, in meta.logit_rows'
+  // order; only the ids cross to the host) into `tokens`, and only the whole rows listed in
+  // `full_rows` (indices into meta.logit_rows, ascending; the rows that return their logits),
+  // in that order, into the runner's host buffer (Backend::host_buffer: page-locked on CUDA),
+  // which the next step overwrites: the returned pointer (null without full rows). Otherwise
+  // as step().
+  const float* step_tokens(const StepMetadata& meta, const std::vector<ops::TokenChoice>& choices,
+                           std::vector<int32_t>* tokens, const std::vector<int32_t>& full_rows,
+                           bool allow_graph = true, int32_t min_graph_rows = 0);
   // Runs, before the first request, the steps whose first run would otherwise come in the
   // middle of serving: with `prefill`, one eager step of the most tokens a step holds (one
   // sequence: it grows the step's scratch before any graph is recorded); then, with graphs,
   // one decode step of each bucket, largest first, which records the bucket's graph (a
-  // recording holds up every sequence of its step), and allocates step_tokens' host buffer.
+  // recording holds up every sequence of its step), and one choice of a token.
   // The steps write only the padding slot and the first pages of the pool, which no sequence
   // holds yet and a sequence reads only after writing. Data-parallel ranks whose steps
   // exchange call it together, like a step. Fails naming the step (and, with
@@ -121,6 +123,8 @@ class ModelRunner {
   // Issues one step (a graph replay or the eager stages) and returns its logits rows; the
   // caller downloads what it needs, then synchronizes. keep_hidden: eager (X stays readable).
   int64_t launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph, int32_t min_graph_rows);
+  // The tokens of `logits`' rows (the step's first rows) by `choices`, to the host.
+  void choose_tokens(const core::Tensor& logits, const std::vector<ops::TokenChoice>& choices, int32_t* tokens);
   // step_tokens' host buffer for whole logits rows, allocated on first use.
   float* whole_rows_buffer();
   // The bucket a decode-only step replays, or 0 to run eagerly.
@@ -141,7 +145,8 @@ class ModelRunner {
   int64_t metadata_offset_[8] = {};  // i32 elements: token_ids_ ... block_table_, 64-aligned
   std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
-  core::Tensor argmax_ids_;  // i32 [max_logit_rows]: step_tokens' greedy tokens
+  core::Tensor token_choices_;  // i32 [max_logit_rows, kTokenChoiceWords]: step_tokens' choices
+  core::Tensor token_ids_out_;  // i32 [max_logit_rows]: their tokens
   std::shared_ptr<void> logits_host_;  // f32 [max_logit_rows, V]: whole_rows_buffer()
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
   StageObserver observer_;

@@ -1,15 +1,15 @@
-// Token choice from a logits row. Greedy picks the argmax (ties to the lowest id);
-// sampling draws from a counter-based generator keyed by (request seed, position),
-// so a token never depends on which batch or rank the request ran in. Order: the larger
-// logit first, the lower id among equal ones. top_k keeps the k first; top_p the shortest
-// prefix whose weight reaches top_p of the total (the weights of the top_k, or of the whole
-// vocabulary summed in id order, in blocks of 512 over 8 lanes). Thread-safe (rows may be
-// sampled in parallel).
+// Token choice from a logits row, as a request asks for it. The law is the ops layer's
+// (ops/token_choice.h: greedy is the argmax with ties to the lowest id; a sampled row draws
+// from its weights in integers, keyed by (request seed, position), so a token never depends
+// on the batch, the rank or the backend that chose it). Serving chooses on the backend
+// (Backend::choose_tokens); offline generation and tests on the host through sample_token.
+// Thread-safe.
 #pragma once
 
 #include <cstdint>
 
 #include "ops/cpu/primitives.h"
+#include "ops/token_choice.h"
 
 namespace dsv4::engine {
 
@@ -21,10 +21,9 @@ struct SamplingParams {
 };
 
 using ops::ref::argmax_lowest;  // greedy: the reference scan (ops/cpu/primitives.h)
-// The weight a sampled row gives a logit: exp((logit - max_logit) / temperature) in float,
-// from IEEE operations only (within 2e-7 of e^x for the float x, whose own rounding is up to
-// ~5e-6 relative in the weight; below e^-87 of the largest, e^-87).
-float sampling_weight(float logit, float max_logit, float temperature);
+
+// The choice of the token at `position` (its index in the sequence: the draw's counter).
+ops::TokenChoice token_choice(const SamplingParams& params, int64_t position);
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& params, int64_t position);
 
 }  // namespace dsv4::engine

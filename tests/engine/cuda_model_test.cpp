@@ -32,6 +32,7 @@
 #include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda_test_util.h"
 #include "engine/divergence_locator.h"
+#include "served_tokens_check.h"
 #include "test_util.h"
 
 namespace dsv4::engine {
@@ -243,6 +244,19 @@ TEST_F(CudaTinyModel, WarmedUpGraphsEqualEagerBitForBit) {
   ASSERT_EQ(a, b);
   for (size_t s = 0; s < eager.size(); ++s)
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], warmed[s][i]) << "sequence " << s << " token " << i;
+}
+
+// Serving on CUDA chooses every token on the device (Backend::choose_tokens, after graph
+// replays and eager prefill steps): each served token, greedy or sampled, is the host
+// reference's choice from the very logits row it came from, over 40 tokens of four requests.
+TEST_F(CudaTinyModel, ServedTokensAreTheHostLawOfTheirRows) {
+  DSV4_REQUIRE_CUDA();
+  auto r = runner(*cuda_, *cuda_model_, true);
+  std::vector<std::vector<int32_t>> prompts;
+  for (const GenerateRequest& q : requests()) prompts.push_back(q.prompt);
+  EXPECT_GT(testing::expect_served_tokens_follow_the_law(*r, int32_t(cuda_model_->config.eos_token_id), prompts, 40),
+            0);
+  EXPECT_GT(r->num_graphs(), 0u);
 }
 
 // A prefill step longer than any decode bucket, after the buckets' graphs are recorded,

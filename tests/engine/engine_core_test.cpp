@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "engine/generator.h"
 #include "model/weights.h"
+#include "served_tokens_check.h"
 #include "test_util.h"
 
 namespace dsv4::engine {
@@ -187,6 +188,15 @@ TEST_F(EngineCoreTest, ContinuousBatchingMatchesOfflineGeneration) {
 // the host), sampled rows (whole vocabulary, top-k, top-p; sampled in parallel) and a row that
 // returns its logits: every request gets the tokens offline generation gives it (each row
 // sampled alone, in order), and the returned logits rows are the offline ones, bit for bit.
+// Every served token, greedy or sampled, is the host reference's choice from the row it came
+// from (the backend chose it: Backend::choose_tokens).
+TEST_F(EngineCoreTest, ServedTokensAreTheLawOfTheirRows) {
+  auto runner = make_runner(8, 32);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 8; ++i) prompts.push_back(tokens(5 + 11 * i, 400 + uint64_t(i)));
+  EXPECT_GT(testing::expect_served_tokens_follow_the_law(*runner, int32_t(config_.eos_token_id), prompts, 6), 0);
+}
+
 TEST_F(EngineCoreTest, GreedySampledAndLogitsRowsInOneStepEqualOfflineGeneration) {
   std::vector<RequestParams> reqs;
   std::vector<GenerateRequest> offline;

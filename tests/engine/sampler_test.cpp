@@ -1,6 +1,7 @@
 // Sampling: greedy ties, determinism by (seed, position), and the empirical
 // distribution of every path (whole vocabulary, top-k, top-p) against the
-// softmax it must draw from.
+// softmax it must draw from. (The law's rules token for token, and its weight:
+// tests/ops/token_choice_test.cpp.)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -81,59 +82,6 @@ TEST(Sampler, TopPDrawsTheSmallestPrefixWithThatMass) {
   ASSERT_LT(full.at(1) + full.at(4), 0.7);
   ASSERT_GE(full.at(1) + full.at(4) + full.at(3), 0.7);
   expect_distribution(kLogits, p, softmax(kLogits, {1, 3, 4}, 1.0));
-}
-
-// top_k's tokens are those of the plain rule (sort every id by logit, the lower id first
-// among equal logits; weights and their sum in that order), here computed the slow way.
-// And the weight is the exponential it stands for.
-TEST(Sampler, WeightIsTheExponential) {
-  std::mt19937_64 g(testing::test_seed());
-  double worst = 0;
-  for (int i = 0; i < 200000; ++i) {
-    const float x = -float(g() % 1000000) / 10000.0f, mx = float(int(g() % 200) - 100) / 8.0f;
-    const float t = 0.05f + float(g() % 400) / 200.0f;
-    const double want = std::exp(double((x + mx) - mx) / double(t));  // (x + mx) - mx: the logit's own rounding
-    const double got = sampling_weight(x + mx, mx, t);
-    if (want < 1e-37) continue;  // the floor: e^-87
-    worst = std::max(worst, std::abs(got - want) / want);
-  }
-  // x = (logit - max) / temperature rounds in float (at most 87 * 2^-24 in x, ~5.2e-6 relative
-  // in e^x); e^x of that x is within 2e-7.
-  EXPECT_LT(worst, 6e-6);
-  EXPECT_EQ(sampling_weight(3.5f, 3.5f, 0.7f), 1.0f);
-  EXPECT_GT(sampling_weight(-1e30f, 0.0f, 1.0f), 0.0f);  // the floor, not 0 or a denormal
-}
-
-TEST(Sampler, TopKEqualsTheSortedRule) {
-  std::mt19937_64 g(testing::test_seed());
-  std::vector<float> row(129280);
-  for (auto& x : row) x = float(int(g() % 2001) - 1000) / 200.0f;  // many equal logits: ties matter
-  row[77] = -0.0f;
-  row[78] = 0.0f;
-  std::vector<int32_t> ids(row.size());
-  std::iota(ids.begin(), ids.end(), 0);
-  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return row[size_t(a)] > row[size_t(b)]; });
-  for (int32_t k : {1, 7, 40, 300}) {
-    SamplingParams p;
-    p.temperature = 0.8f;
-    p.top_k = k;
-    p.seed = 11;
-    const float mx = row[size_t(ids[0])];
-    std::vector<double> w;
-    double z = 0;
-    for (int32_t i = 0; i < k; ++i) z += w.emplace_back(sampling_weight(row[size_t(ids[size_t(i)])], mx, p.temperature));
-    for (int64_t pos = 0; pos < 300; ++pos) {
-      const double u = double(core::random_uniform(p.seed, 0x5a4d504cull, uint64_t(pos))) * z;
-      double c = 0;
-      int32_t want = ids[size_t(k - 1)];
-      for (int32_t i = 0; i < k; ++i)
-        if (u < (c += w[size_t(i)])) {
-          want = ids[size_t(i)];
-          break;
-        }
-      ASSERT_EQ(sample_token(row.data(), int64_t(row.size()), p, pos), want) << "top_k " << k << " position " << pos;
-    }
-  }
 }
 
 // top_p over a whole vocabulary whose prefix runs past the sampler's first sorted head

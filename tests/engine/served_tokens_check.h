@@ -1,0 +1,79 @@
+// Serving chooses every token on the backend (Backend::choose_tokens, through
+// ModelRunner::step_tokens): each served token, greedy or sampled, must be what the host
+// reference of the law (engine::sample_token) chooses from the very logits row the engine chose
+// it from, which a request with return_logits receives with the token. Used on the CPU
+// backend (engine_core_test) and on CUDA (cuda_model_test).
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "engine/engine_core.h"
+#include "engine/sampler.h"
+
+namespace dsv4::testing {
+
+// Serves `prompts` on `runner` (greedy, whole-vocabulary, top_k and top_p requests in turn),
+// `max_tokens` each, every request returning its logits, and checks every token against the
+// host reference on its row. Returns how many sampled tokens differ from their row's argmax
+// (the caller expects some: the rows were drawn from, not taken greedily).
+inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, int32_t eos,
+                                                   const std::vector<std::vector<int32_t>>& prompts,
+                                                   int32_t max_tokens) {
+  using namespace engine;
+  SchedulerConfig sc;
+  sc.max_num_seqs = int32_t(prompts.size());
+  sc.max_num_batched_tokens = 256;
+  sc.max_model_len = 1024;
+  EngineCore core(runner, sc, eos);
+  struct Served {
+    int64_t position = 0;
+    int32_t token = 0;
+    std::vector<float> row;
+  };
+  std::vector<RequestParams> params;
+  std::vector<std::vector<Served>> served(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    RequestParams p;
+    p.prompt = prompts[i];
+    p.max_tokens = max_tokens;
+    p.ignore_eos = true;
+    p.return_logits = true;
+    if (i % 4 != 0) {
+      p.sampling.temperature = i % 4 == 2 ? 0.8f : 1.0f;
+      p.sampling.seed = 77 + i;
+      if (i % 4 == 2) p.sampling.top_k = 20;
+      if (i % 4 == 3) p.sampling.top_p = 0.9f;
+    }
+    params.push_back(p);
+  }
+  for (size_t i = 0; i < prompts.size(); ++i)
+    core.submit(params[i], [&served, i](const TokenEvent& e) {
+      if (e.token < 0) return;
+      ASSERT_NE(e.logits, nullptr);
+      // The token's position: the prompt and the tokens before it.
+      served[i].push_back({int64_t(e.prompt_tokens) + e.completion_tokens - 1, e.token,
+                           std::vector<float>(e.logits, e.logits + e.vocab)});
+    });
+  for (int guard = 0; core.has_work() && guard < 10000; ++guard) core.step();
+  int64_t drawn_off_the_argmax = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    EXPECT_EQ(int64_t(served[i].size()), max_tokens) << "request " << i;
+    for (size_t t = 0; t < served[i].size(); ++t) {
+      const Served& s = served[i][t];
+      const int64_t V = int64_t(s.row.size());
+      EXPECT_EQ(s.position, int64_t(prompts[i].size()) + int64_t(t));
+      const int32_t want = sample_token(s.row.data(), V, params[i].sampling, s.position);
+      if (s.token != want) {
+        ADD_FAILURE() << "request " << i << " token " << t << ": served " << s.token << ", the law gives " << want;
+        return -1;
+      }
+      if (params[i].sampling.temperature > 0.0f) drawn_off_the_argmax += s.token != argmax_lowest(s.row.data(), V);
+    }
+  }
+  return drawn_off_the_argmax;
+}
+
+}  // namespace dsv4::testing
