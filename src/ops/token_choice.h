@@ -117,10 +117,14 @@ DSV4_HD float token_weight(float logit, float max_logit, float inv_temperature) 
 // but the largest's would be 0, so such a row, like temperature <= 0 or NaN, is greedy).
 DSV4_HD bool samples(float temperature) { return temperature > 0.0f && div_rn(1.0f, temperature) < INFINITY; }
 
-// W_i: the weight in units of 2^-40 (truncated). max_logit is the row's m (not NaN, not -inf).
+// A weight in units of 2^-40, truncated. Through int64 (the value is below 2^41): one
+// truncating conversion on the host, where a float to uint64 conversion branches.
+DSV4_HD uint64_t fixed_point(float weight) { return uint64_t(int64_t(mul_rn(weight, float(kWeightOne)))); }
+
+// W_i. max_logit is the row's m (not NaN, not -inf).
 DSV4_HD uint64_t fixed_weight(float logit, float max_logit, float inv_temperature) {
   if (max_logit == INFINITY) return logit == INFINITY ? kWeightOne : 0;
-  return uint64_t(mul_rn(token_weight(logit, max_logit, inv_temperature), float(kWeightOne)));
+  return fixed_point(token_weight(logit, max_logit, inv_temperature));
 }
 
 // top_p's need: max(1, ceil(top_p * total)), at most total.

@@ -60,9 +60,17 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
     const int64_t blocks = (V + kSumBlock - 1) / kSumBlock;
     block_sum.assign(size_t(blocks), 0);
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t end = std::min(V, (b + 1) * kSumBlock);
+      const int64_t begin = b * kSumBlock, end = std::min(V, begin + kSumBlock);
       uint64_t s = 0;
-      for (int64_t i = b * kSumBlock; i < end; ++i) s += (w[size_t(i)] = fixed_weight(logits[i], m, inv));
+      if (m == INFINITY) {
+        for (int64_t i = begin; i < end; ++i) s += (w[size_t(i)] = fixed_weight(logits[i], m, inv));
+      } else {
+        // fixed_weight in two loops: the float weights (a loop that vectorizes), then their
+        // conversion to integers (which does not: no packed float-to-int64 before AVX-512).
+        float f[kSumBlock];
+        for (int64_t i = begin; i < end; ++i) f[i - begin] = token_weight(logits[i], m, inv);
+        for (int64_t i = begin; i < end; ++i) s += (w[size_t(i)] = fixed_point(f[i - begin]));
+      }
       block_sum[size_t(b)] = s;
       total += s;
     }
