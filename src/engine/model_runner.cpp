@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -41,23 +42,30 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     const int64_t cap = options_.max_tokens_per_step;
     const int64_t seqs = std::max<int64_t>(options_.max_seqs_per_step, options_.use_graphs ? cap : 0);
     mtp_input_ = backend.empty(DType::kBF16, {cap, config.hc_mult, config.hidden_size});
-    // The step's metadata arrays as fixed regions of one buffer (graphs hold their
-    // addresses), in upload_metadata's order, so a step uploads them in one copy.
-    // Each region starts 256 bytes in, as a buffer of its own would.
-    const int64_t sizes[8] = {cap, cap, cap, seqs, seqs, seqs, seqs, seqs * options_.max_blocks_per_seq};
+    // The step's metadata arrays, its logits rows and its token choices as fixed regions of one
+    // buffer (graphs hold their addresses), in upload_metadata's order, so a step uploads them in
+    // one copy. Each region starts 256 bytes in, as a buffer of its own would. The block table,
+    // the largest, comes last: the copy ends at its last entry.
+    const int64_t L = options_.max_logit_rows;
+    const int64_t sizes[kMetadataRegions] = {cap,  cap,  cap, seqs, seqs, seqs, seqs,
+                                             L, L * ops::kTokenChoiceWords, seqs * options_.max_blocks_per_seq};
     int64_t end = 0;
-    for (int i = 0; i < 8; ++i) {
+    for (int i = 0; i < kMetadataRegions; ++i) {
       metadata_offset_[i] = end;
       end += (sizes[i] + 63) / 64 * 64;
     }
     metadata_ = backend.empty(DType::kI32, {end});
-    core::Tensor* regions[8] = {&token_ids_, &positions_, &token_seq_, &seq_begin_,
-                                &seq_len_,   &seq_start_pos_, &seq_slot_, &block_table_};
-    for (int i = 0; i < 8; ++i)
-      *regions[i] = core::Tensor(metadata_.as<int32_t>() + metadata_offset_[i], DType::kI32, {sizes[i]},
-                                 backend.device(), metadata_.owner());
-    token_choices_ = backend.empty(DType::kI32, {options_.max_logit_rows, ops::kTokenChoiceWords});
-    token_ids_out_ = backend.empty(DType::kI32, {options_.max_logit_rows});
+    const auto region = [&](int i, std::initializer_list<int64_t> shape) {
+      return core::Tensor(metadata_.as<int32_t>() + metadata_offset_[i], DType::kI32, shape, backend.device(),
+                          metadata_.owner());
+    };
+    core::Tensor* arrays[7] = {&token_ids_, &positions_, &token_seq_, &seq_begin_, &seq_len_, &seq_start_pos_,
+                               &seq_slot_};
+    for (int i = 0; i < 7; ++i) *arrays[i] = region(i, {sizes[i]});
+    buffers_->logit_rows = region(kLogitRowsRegion, {L});
+    token_choices_ = region(kChoicesRegion, {L, ops::kTokenChoiceWords});
+    block_table_ = region(kBlockTableRegion, {sizes[kBlockTableRegion]});
+    token_ids_out_ = backend.empty(DType::kI32, {L});
   };
   if (options_.cache_pages_from_free_memory) allocate_step_buffers();
 
@@ -97,7 +105,7 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
   if (!options_.cache_pages_from_free_memory) allocate_step_buffers();
 }
 
-ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {
+ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m, const std::vector<ops::TokenChoice>* choices) {
   const int32_t T = m.num_tokens(), S = m.num_seqs();
   DSV4_CHECK(T <= options_.max_tokens_per_step, "step has {} tokens, the runner holds {}", T,
              options_.max_tokens_per_step);
@@ -106,11 +114,13 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {
              m.max_blocks, options_.max_blocks_per_seq);
   DSV4_CHECK(int64_t(m.logit_rows.size()) <= options_.max_logit_rows, "step wants {} logits rows, the runner holds {}",
              m.logit_rows.size(), options_.max_logit_rows);
-  // One host copy of the regions up to the block table's last entry, one upload: eight
-  // small copies each cost a host call and a DMA the step's first kernel waits behind.
+  DSV4_CHECK(choices == nullptr || choices->size() <= m.logit_rows.size(), "step has {} token choices for {} logits rows",
+             choices ? choices->size() : 0, m.logit_rows.size());
+  // One host copy of the regions up to the block table's last entry, one upload: ten small
+  // copies each cost a host call and a DMA the step's first kernel waits behind.
   DSV4_CHECK(int64_t(m.block_table.size()) <= block_table_.size(0), "step has {} block-table entries, the runner holds {}",
              m.block_table.size(), block_table_.size(0));
-  const size_t used = size_t(metadata_offset_[7]) + m.block_table.size();
+  const size_t used = size_t(metadata_offset_[kBlockTableRegion]) + m.block_table.size();
   metadata_host_.resize(used);
   int32_t* h = metadata_host_.data();
   const auto put = [&](int region, const std::vector<int32_t>& v, size_t n) {
@@ -123,9 +133,11 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m) {
   put(4, m.seq_len, size_t(S));
   put(5, m.seq_start_pos, size_t(S));
   put(6, m.seq_slot, size_t(S));
-  put(7, m.block_table, m.block_table.size());
+  put(kLogitRowsRegion, m.logit_rows, m.logit_rows.size());
+  if (choices != nullptr && !choices->empty())
+    std::memcpy(h + metadata_offset_[kChoicesRegion], choices->data(), choices->size() * sizeof(ops::TokenChoice));
+  put(kBlockTableRegion, m.block_table, m.block_table.size());
   backend_.upload(metadata_, h, used * 4);
-  backend_.upload(buffers_->logit_rows, m.logit_rows.data(), m.logit_rows.size() * 4);
   ops::BatchView v;
   v.num_tokens = T;
   v.num_seqs = S;
@@ -178,9 +190,12 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vecto
                                       bool allow_graph, int32_t min_graph_rows) {
   const int64_t R = int64_t(meta.logit_rows.size());
   DSV4_CHECK(int64_t(choices.size()) == R, "step_tokens: {} token choices for {} logits rows", choices.size(), R);
-  launch_step(meta, false, allow_graph, min_graph_rows);
+  launch_step(meta, false, allow_graph, min_graph_rows, &choices);  // the choices go up with the metadata
   tokens->resize(size_t(R));
-  if (R > 0) choose_tokens(buffers_->logits.rows(0, R), choices, tokens->data());
+  if (R > 0) {
+    backend_.choose_tokens(buffers_->logits.rows(0, R), token_choices_.rows(0, R), token_ids_out_.rows(0, R));
+    backend_.download(tokens->data(), token_ids_out_, size_t(R) * 4);
+  }
   // The whole rows asked for, a copy per run of consecutive rows.
   const size_t V = size_t(config_.vocab_size);
   float* logits = full_rows.empty() ? nullptr : whole_rows_buffer();
@@ -197,14 +212,6 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vecto
   return logits;
 }
 
-void ModelRunner::choose_tokens(const core::Tensor& logits, const std::vector<ops::TokenChoice>& choices,
-                                int32_t* tokens) {
-  const int64_t R = logits.size(0);
-  backend_.upload(token_choices_, choices.data(), size_t(R) * sizeof(ops::TokenChoice));
-  backend_.choose_tokens(logits, token_choices_.rows(0, R), token_ids_out_.rows(0, R));
-  backend_.download(tokens, token_ids_out_, size_t(R) * 4);
-}
-
 float* ModelRunner::whole_rows_buffer() {
   if (!logits_host_)
     logits_host_ = backend_.host_buffer(size_t(options_.max_logit_rows) * size_t(config_.vocab_size) * sizeof(float));
@@ -212,7 +219,7 @@ float* ModelRunner::whole_rows_buffer() {
 }
 
 int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph,
-                                 int32_t min_graph_rows) {
+                                 int32_t min_graph_rows, const std::vector<ops::TokenChoice>* choices) {
   const int64_t R = int64_t(meta.logit_rows.size());
   const int32_t bucket = !keep_hidden && allow_graph && !observer_ ? graph_bucket(meta, min_graph_rows) : 0;
   if (bucket > 0) {
@@ -238,7 +245,7 @@ int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, boo
     }
     padded.block_table = std::move(table);
     while (int32_t(padded.logit_rows.size()) < bucket) padded.logit_rows.push_back(0);
-    const ops::BatchView batch = upload_metadata(padded);
+    const ops::BatchView batch = upload_metadata(padded, choices);
     // A graph replays the host values of its capture's view; graph_bucket takes decode
     // steps only, so every replay of a bucket has sequences of at most one token.
     DSV4_CHECK(batch.max_seq_len <= 1, "a graph step holds a sequence of {} tokens", batch.max_seq_len);
@@ -254,7 +261,7 @@ int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, boo
     }
     return R;
   }
-  const ops::BatchView batch = upload_metadata(meta);
+  const ops::BatchView batch = upload_metadata(meta, choices);
   model::StageProgram program = model_->step_program(*buffers_, batch, R, caches_, *moe_);
   if (observer_) model::run_in_order(program, [&](const model::Stage& s, bool after) { observer_(meta, s, after); });
   else run_on_lanes(program, backend_);
@@ -338,7 +345,9 @@ WarmUpReport ModelRunner::warm_up(bool prefill) {
   sampled.top_p = 0.5f;
   int32_t chosen = 0;
   run("choosing a token", [&] {
-    choose_tokens(buffers_->logits.rows(0, 1), {sampled}, &chosen);
+    backend_.upload(token_choices_, &sampled, sizeof(sampled));
+    backend_.choose_tokens(buffers_->logits.rows(0, 1), token_choices_.rows(0, 1), token_ids_out_.rows(0, 1));
+    backend_.download(&chosen, token_ids_out_, 4);
     backend_.synchronize();
   });
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -119,12 +119,12 @@ class ModelRunner {
   void mtp_step(const StepMetadata& meta, const std::vector<uint16_t>& hidden, std::vector<float>* logits);
 
  private:
-  ops::BatchView upload_metadata(const StepMetadata& meta);
+  // The step's metadata, logits rows and (where given) token choices to the device, one copy.
+  ops::BatchView upload_metadata(const StepMetadata& meta, const std::vector<ops::TokenChoice>* choices = nullptr);
   // Issues one step (a graph replay or the eager stages) and returns its logits rows; the
   // caller downloads what it needs, then synchronizes. keep_hidden: eager (X stays readable).
-  int64_t launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph, int32_t min_graph_rows);
-  // The tokens of `logits`' rows (the step's first rows) by `choices`, to the host.
-  void choose_tokens(const core::Tensor& logits, const std::vector<ops::TokenChoice>& choices, int32_t* tokens);
+  int64_t launch_step(const StepMetadata& meta, bool keep_hidden, bool allow_graph, int32_t min_graph_rows,
+                      const std::vector<ops::TokenChoice>* choices = nullptr);
   // step_tokens' host buffer for whole logits rows, allocated on first use.
   float* whole_rows_buffer();
   // The bucket a decode-only step replays, or 0 to run eagerly.
@@ -142,10 +142,12 @@ class ModelRunner {
   core::Tensor mtp_input_;
   // Step metadata on the device: regions of metadata_ (one upload a step from metadata_host_).
   core::Tensor metadata_;
-  int64_t metadata_offset_[8] = {};  // i32 elements: token_ids_ ... block_table_, 64-aligned
+  // Regions of metadata_, in order: token_ids_ ... seq_slot_ (0-6), then these, each 64-aligned.
+  static constexpr int kLogitRowsRegion = 7, kChoicesRegion = 8, kBlockTableRegion = 9, kMetadataRegions = 10;
+  int64_t metadata_offset_[kMetadataRegions] = {};  // i32 elements
   std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
-  core::Tensor token_choices_;  // i32 [max_logit_rows, kTokenChoiceWords]: step_tokens' choices
+  core::Tensor token_choices_;  // i32 [max_logit_rows, kTokenChoiceWords]: step_tokens' choices (a region)
   core::Tensor token_ids_out_;  // i32 [max_logit_rows]: their tokens
   std::shared_ptr<void> logits_host_;  // f32 [max_logit_rows, V]: whole_rows_buffer()
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
