@@ -161,6 +161,8 @@ class CudaPointwise : public ::testing::Test, protected testing::CudaAndCpuBacke
     DSV4_REQUIRE_CUDA();
     create(4);
   }
+  // ChooseTokensMatchesTheReference's cases, on rows drawn with `salt`.
+  void check_choose_tokens(uint64_t salt);
 };
 
 // ---- embed, gather, add_broadcast ------------------------------------------------
@@ -783,9 +785,21 @@ TEST_F(CudaPointwise, ArgmaxRowsMatchesTheReferenceScan) {
 // choose_tokens against the CPU reference, token for token, on rows and choices that make
 // the law's rules decide (testing::token_choice_case: ties cut by top_k and top_p, NaNs,
 // infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the
-// 16-byte path, and an unaligned row.
+// 16-byte path, and an unaligned row; with the radix histograms' per-key atomics and with
+// their warp-aggregated updates (DSV4_CUDA_CHOOSE_AGGREGATE).
 TEST_F(CudaPointwise, ChooseTokensMatchesTheReference) {
-  Rng rng(232);
+  for (int aggregate : {0, 1}) {
+    SCOPED_TRACE(aggregate ? "warp-aggregated histograms" : "an atomic a key");
+    cuda_choose_force_aggregate(aggregate);
+    const int64_t before = cuda_choose_aggregate_launches();
+    check_choose_tokens(232 + aggregate);
+    EXPECT_EQ(cuda_choose_aggregate_launches() > before, aggregate == 1);
+    cuda_choose_force_aggregate(-1);
+  }
+}
+
+void CudaPointwise::check_choose_tokens(uint64_t salt) {
+  Rng rng(salt);
   const auto check = [&](const Tensor& logits, const Tensor& dev_logits, const std::vector<TokenChoice>& choices,
                          const std::string& what) {
     const int64_t R = logits.size(0);

@@ -11,8 +11,14 @@
 //   the thread whose range holds the target walks its chunk (~128 ids). Every sum is of
 //   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
 //   reference's bit for bit.
+#include <cooperative_groups.h>
+#include <cooperative_groups/reduce.h>
+
+#include <atomic>
+
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/grid_dependency.cuh"
 #include "ops/token_choice.h"
 
@@ -150,6 +156,12 @@ struct SelectShared {
 // target >= 1 and at most what the keys >= floor hold. Digits of 8 bits from the top: a pass
 // histograms the keys that share the digits fixed so far, and warp 0 finds the bin the
 // target falls in, counting from the top.
+// kAggregate (DSV4_CUDA_CHOOSE_AGGREGATE=1): the lanes of a warp whose keys fall in one bin add
+// to it once (a labeled partition of the active lanes, their weights reduced by shuffles), where
+// otherwise each key is a shared atomic: the first digits put most keys of a row in a few bins
+// (a logit's sign and exponent), and atomics on one address serialize. Not measured yet which
+// is faster; the same bins either way.
+template <bool kAggregate>
 __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
                                      bool by_mass, uint64_t target, uint64_t floor, SelectShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -162,13 +174,22 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
       const uint64_t key = order_key(v, i);
       if (key < floor || (key & fixed_mask) != prefix) return;
       const unsigned bin = unsigned(key >> shift) & 255u;
-      if (by_mass) {
-        // A key of weight 0 is left out: the draw never lands on it, whether kept or not.
-        const uint64_t w = fixed_weight(v, m, inv);
-        if (w == 0) return;
-        atomicAdd(&sh.mass[bin], (unsigned long long)w);
+      // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
+      // whether kept or not.
+      const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
+      if (by_mass && w == 0) return;
+      if constexpr (kAggregate) {
+        namespace cg = cooperative_groups;
+        const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), bin);
+        if (by_mass) {
+          const unsigned long long total = cg::reduce(peers, (unsigned long long)w, cg::plus<unsigned long long>());
+          if (peers.thread_rank() == 0) atomicAdd(&sh.mass[bin], total);
+        }
+        if (peers.thread_rank() == 0) atomicAdd(&sh.count[bin], unsigned(peers.size()));
+      } else {
+        if (by_mass) atomicAdd(&sh.mass[bin], (unsigned long long)w);
+        atomicAdd(&sh.count[bin], 1u);
       }
-      atomicAdd(&sh.count[bin], 1u);
     });
     __syncthreads();
     if (warp == 0) {
@@ -266,6 +287,7 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
   return chosen;
 }
 
+template <bool kAggregate>
 __global__ void __launch_bounds__(kChooseThreads)
     choose_tokens_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
                          const TokenChoice* __restrict__ choices, int32_t* __restrict__ ids) {
@@ -287,18 +309,27 @@ __global__ void __launch_bounds__(kChooseThreads)
   } else {
     const float inv = div_rn(1.0f, c.temperature);
     uint64_t floor = 0;
-    if (c.top_k > 0 && c.top_k < V) floor = select_threshold(row, V, vec4, m, inv, false, uint64_t(c.top_k), 0, select);
+    if (c.top_k > 0 && c.top_k < V)
+      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 0, select);
     if (c.top_p < 1.0f) {
       uint64_t mine = 0;
       for_each_logit(row, V, vec4, [&](int32_t i, float v) {
         if (order_key(v, i) >= floor) mine += fixed_weight(v, m, inv);
       });
       const uint64_t need = top_p_need(c.top_p, block_sum(mine, scratch));
-      floor = select_threshold(row, V, vec4, m, inv, true, need, floor, select);
+      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, true, need, floor, select);
     }
     id = draw_token(row, V, vec4, m, inv, floor, c.seed, c.position, scratch);
   }
   if (threadIdx.x == 0) ids[blockIdx.x] = id;
+}
+
+std::atomic<int> g_force_choose_aggregate{-1};
+std::atomic<int64_t> g_choose_aggregate_launches{0};
+
+bool choose_aggregate() {
+  static const bool from_env = env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "1");
+  return forced_or(g_force_choose_aggregate, from_env);
 }
 
 bool rows_of_float4(const core::Tensor& logits) {
@@ -319,10 +350,19 @@ void CudaBackend::do_argmax_rows(const core::Tensor& logits, const core::Tensor&
 void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) {
   const int64_t R = logits.size(0), V = logits.size(1);
   if (R == 0) return;
-  choose_tokens_kernel<<<unsigned(R), kChooseThreads, 0, stream_>>>(
-      logits.as<float>(), V, rows_of_float4(logits), reinterpret_cast<const TokenChoice*>(choices.data()),
-      ids.as<int32_t>());
+  const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
+  if (choose_aggregate()) {
+    choose_tokens_kernel<true><<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V,
+                                                                          rows_of_float4(logits), c, ids.as<int32_t>());
+    g_choose_aggregate_launches.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    choose_tokens_kernel<false><<<unsigned(R), kChooseThreads, 0, stream_>>>(
+        logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>());
+  }
   check_launch(stream_);
 }
+
+int64_t cuda_choose_aggregate_launches() { return g_choose_aggregate_launches.load(std::memory_order_relaxed); }
+void cuda_choose_force_aggregate(int on) { g_force_choose_aggregate.store(on, std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops
