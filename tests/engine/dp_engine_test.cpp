@@ -25,7 +25,7 @@ struct Result {
 
 std::vector<RequestParams> workload() {
   // Uneven: different prompt lengths and output lengths, so ranks run different
-  // batch sizes and go idle at different times.
+  // batch sizes and go idle at different times; greedy and sampled.
   std::mt19937_64 g(testing::test_seed());
   std::vector<RequestParams> reqs;
   const int prompt_len[] = {37, 5, 150, 12, 64};
@@ -36,6 +36,10 @@ std::vector<RequestParams> workload() {
     p.max_tokens = out_len[i];
     p.ignore_eos = true;
     p.return_logits = true;
+    // Two sampled requests (each rank chooses its rows' tokens on its backend: the same law
+    // and the same logits give the same tokens as one rank).
+    if (i == 1) p.sampling = SamplingParams{1.0f, 0.9f, 0, 11};
+    if (i == 3) p.sampling = SamplingParams{0.7f, 1.0f, 30, 12};
     reqs.push_back(p);
   }
   return reqs;
