@@ -114,12 +114,28 @@ DSV4_HD float sqrt_rn(float x) {
 #endif
 }
 
-// IEEE fp32 add and divide, rounded to nearest, also under nvcc's fast-math flags.
+// IEEE fp32 add, subtract, multiply and divide, rounded to nearest, also under nvcc's
+// fast-math flags, and never fused into an fma by nvcc (host sources that need the same
+// build with -ffp-contract=off).
 DSV4_HD float add_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(a, b);
 #else
   return a + b;
+#endif
+}
+DSV4_HD float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+DSV4_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
 #endif
 }
 DSV4_HD float div_rn(float a, float b) {

@@ -26,6 +26,7 @@
 
 #include "core/dtype.h"
 #include "core/random.h"
+#include "core/scalar_math.h"
 
 namespace dsv4::ops {
 
@@ -48,36 +49,12 @@ constexpr uint64_t kWeightOne = 1ull << kWeightBits;
 constexpr uint64_t kDrawStream = 0x5a4d504cull;  // core::random_bits' stream of the draws
 constexpr int64_t kMaxVocab = int64_t(1) << 23;   // V * 2^40 < 2^63
 
-// Rounded float operations that no compiler may fuse into an fma (the device's intrinsics;
-// the host sources of the law build with -ffp-contract=off).
-DSV4_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-DSV4_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-DSV4_HD float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-DSV4_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+// Rounded float operations that no compiler may fuse into an fma (core/scalar_math.h; the host
+// sources of the law build with -ffp-contract=off).
+using core::add_rn;
+using core::div_rn;
+using core::mul_rn;
+using core::sub_rn;
 
 // The order key's upper half: a larger logit gives a larger key, +0 and -0 the same, NaN 0
 // (below -inf's 0x007fffff). Branch-free: the signs of a row's logits are coin flips.
