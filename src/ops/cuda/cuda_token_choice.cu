@@ -4,9 +4,11 @@
 // choose_tokens: the law of ops/token_choice.h, one CTA of 1024 threads a row. A greedy row is
 // argmax_rows' scan. A sampled row reads its logits a few times (from L2 where it fits):
 //   the max; for top_k, a radix selection of the k-th order key (8-bit digits from the top,
-//   a 256-bin shared histogram a pass; it stops where the bin holds exactly what is still
-//   needed, so a row without ties takes ~3-4 passes, not 8); for top_p, the kept weight and a
-//   selection of the shortest prefix by weight (the same passes with weights in the bins);
+//   a 256-bin shared histogram a pass, the first binned beside the max; it stops where the bin
+//   holds exactly what is still needed, so a row without ties takes ~2-3 more passes, not 8);
+//   for top_p, a selection of the
+//   shortest prefix by weight (the same passes with weights in the bins; the first pass's
+//   bins also give the kept weight top_p's need is taken of);
 //   then the draw: each thread sums a contiguous chunk of ids, a block scan of the sums, and
 //   the thread whose range holds the target walks its chunk (~128 ids). Every sum is of
 //   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
@@ -115,20 +117,6 @@ __device__ __forceinline__ void for_each_logit(const float* __restrict__ row, in
   }
 }
 
-// The block's sum of `v`, in every thread. `scratch`: kChooseWarps words of shared memory.
-__device__ uint64_t block_sum(uint64_t v, unsigned long long* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < kChooseWarps ? scratch[lane] : 0;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  __syncthreads();  // scratch may be written again
-  return v;
-}
-
 // The block's largest non-NaN value (-inf if none), in every thread.
 __device__ float block_max(float v, float* scratch) {
 #pragma unroll
@@ -150,48 +138,62 @@ struct SelectShared {
   unsigned int bin, bin_count;
 };
 
+// Adds a key to bin `bin` (its weight w too, by_mass). kAggregate (DSV4_CUDA_CHOOSE_AGGREGATE=1):
+// the lanes of a warp whose keys fall in one bin add to it once (a labeled partition of the
+// active lanes, their weights reduced by shuffles), where otherwise each key is a shared atomic:
+// the first digits put most keys of a row in a few bins (a logit's sign and exponent), and
+// atomics on one address serialize. Not measured yet which is faster; the same bins either way.
+template <bool kAggregate>
+__device__ __forceinline__ void add_to_bin(SelectShared& sh, unsigned bin, bool by_mass, uint64_t w) {
+  if constexpr (kAggregate) {
+    namespace cg = cooperative_groups;
+    const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), bin);
+    if (by_mass) {
+      const unsigned long long total = cg::reduce(peers, (unsigned long long)w, cg::plus<unsigned long long>());
+      if (peers.thread_rank() == 0) atomicAdd(&sh.mass[bin], total);
+    }
+    if (peers.thread_rank() == 0) atomicAdd(&sh.count[bin], unsigned(peers.size()));
+  } else {
+    if (by_mass) atomicAdd(&sh.mass[bin], (unsigned long long)w);
+    atomicAdd(&sh.count[bin], 1u);
+  }
+}
+
+__device__ __forceinline__ void clear_bins(SelectShared& sh) {
+  for (int b = threadIdx.x; b < 256; b += kChooseThreads) sh.count[b] = 0, sh.mass[b] = 0;
+}
+
 // The largest order key K >= floor such that the keys in [K, inf) that are >= floor number at
 // least `target` (by_mass false), or one such K where they weigh at least `target` and the
 // keys above K less (by_mass true: keys of weight 0 may fall either side), in every thread;
-// target >= 1 and at most what the keys >= floor hold. Digits of 8 bits from the top: a pass
-// histograms the keys that share the digits fixed so far, and warp 0 finds the bin the
-// target falls in, counting from the top.
-// kAggregate (DSV4_CUDA_CHOOSE_AGGREGATE=1): the lanes of a warp whose keys fall in one bin add
-// to it once (a labeled partition of the active lanes, their weights reduced by shuffles), where
-// otherwise each key is a shared atomic: the first digits put most keys of a row in a few bins
-// (a logit's sign and exponent), and atomics on one address serialize. Not measured yet which
-// is faster; the same bins either way.
+// target >= 1 and at most what the keys >= floor hold. Where top_p < 1 (by_mass), the target
+// is top_p's need of the keys' total weight, which the first pass's bins sum (so the total
+// costs no pass of its own). Digits of 8 bits from the top: a pass histograms the keys that
+// share the digits fixed so far, and warp 0 finds the bin the target falls in, counting from
+// the top. first_bins_ready: the first pass's bins are already in `sh` (a count selection
+// from floor 0, binned beside the row's max).
 template <bool kAggregate>
 __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
-                                     bool by_mass, uint64_t target, uint64_t floor, SelectShared& sh) {
+                                     bool by_mass, uint64_t target, float top_p, uint64_t floor, bool first_bins_ready,
+                                     SelectShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   uint64_t prefix = 0, remaining = target;
   for (int shift = 56; shift >= 0; shift -= 8) {
     const uint64_t fixed_mask = shift == 56 ? 0 : ~0ull << (shift + 8);
-    for (int b = threadIdx.x; b < 256; b += kChooseThreads) sh.count[b] = 0, sh.mass[b] = 0;
-    __syncthreads();
-    for_each_logit(row, V, vec4, [&](int32_t i, float v) {
-      const uint64_t key = order_key(v, i);
-      if (key < floor || (key & fixed_mask) != prefix) return;
-      const unsigned bin = unsigned(key >> shift) & 255u;
-      // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
-      // whether kept or not.
-      const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
-      if (by_mass && w == 0) return;
-      if constexpr (kAggregate) {
-        namespace cg = cooperative_groups;
-        const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), bin);
-        if (by_mass) {
-          const unsigned long long total = cg::reduce(peers, (unsigned long long)w, cg::plus<unsigned long long>());
-          if (peers.thread_rank() == 0) atomicAdd(&sh.mass[bin], total);
-        }
-        if (peers.thread_rank() == 0) atomicAdd(&sh.count[bin], unsigned(peers.size()));
-      } else {
-        if (by_mass) atomicAdd(&sh.mass[bin], (unsigned long long)w);
-        atomicAdd(&sh.count[bin], 1u);
-      }
-    });
-    __syncthreads();
+    if (shift != 56 || !first_bins_ready) {
+      clear_bins(sh);
+      __syncthreads();
+      for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+        const uint64_t key = order_key(v, i);
+        if (key < floor || (key & fixed_mask) != prefix) return;
+        // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
+        // whether kept or not.
+        const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
+        if (by_mass && w == 0) return;
+        add_to_bin<kAggregate>(sh, unsigned(key >> shift) & 255u, by_mass, w);
+      });
+      __syncthreads();
+    }
     if (warp == 0) {
       // Lane l holds bins 8l .. 8l+7; the bins above lane l's are the lanes above it.
       uint64_t value[8], lane_total = 0;
@@ -206,6 +208,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
         const uint64_t o = __shfl_down_sync(0xffffffffu, suffix, off);
         if (lane + off < 32) suffix += o;
       }
+      if (shift == 56 && by_mass && top_p < 1.0f) remaining = top_p_need(top_p, __shfl_sync(0xffffffffu, suffix, 0));
       uint64_t above = suffix - lane_total;
       if (above < remaining && remaining <= suffix) {  // one lane: the target is in its bins
         for (int j = 7; j >= 0; --j) {
@@ -299,26 +302,26 @@ __global__ void __launch_bounds__(kChooseThreads)
   __shared__ SelectShared select;
   int32_t id = 0;
   float m = -INFINITY;
+  const bool limit_k = c.top_k > 0 && c.top_k < V;
   if (samples(c.temperature)) {
+    // The max; with top_k, its selection's first bins in the same pass (they need no weights).
+    if (limit_k) clear_bins(select);
+    __syncthreads();
     float mine = -INFINITY;
-    for_each_logit(row, V, vec4, [&](int32_t, float v) { mine = v > mine ? v : mine; });
-    m = block_max(mine, max_scratch);
+    for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+      mine = v > mine ? v : mine;
+      if (limit_k) add_to_bin<kAggregate>(select, logit_key(v) >> 24, false, 0);
+    });
+    m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
   }
   if (m == -INFINITY) {  // greedy, or a row of NaNs and -infs
     id = row_argmax<kChooseThreads>(row, V, vec4);
   } else {
     const float inv = div_rn(1.0f, c.temperature);
     uint64_t floor = 0;
-    if (c.top_k > 0 && c.top_k < V)
-      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 0, select);
-    if (c.top_p < 1.0f) {
-      uint64_t mine = 0;
-      for_each_logit(row, V, vec4, [&](int32_t i, float v) {
-        if (order_key(v, i) >= floor) mine += fixed_weight(v, m, inv);
-      });
-      const uint64_t need = top_p_need(c.top_p, block_sum(mine, scratch));
-      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, true, need, floor, select);
-    }
+    if (limit_k) floor = select_threshold<kAggregate>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 1.0f, 0, true, select);
+    if (c.top_p < 1.0f)
+      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, true, 0, c.top_p, floor, false, select);
     id = draw_token(row, V, vec4, m, inv, floor, c.seed, c.position, scratch);
   }
   if (threadIdx.x == 0) ids[blockIdx.x] = id;
