@@ -144,7 +144,8 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   const float* full_logits = nullptr;  // the whole rows, in full_rows' order (the runner's buffer)
   if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
     // The runner pads a graph step to its bucket itself.
-    full_logits = runner_.step_tokens(build_step_metadata(step.slices), choices, &tokens_, full_rows, true, padding.rows);
+    full_logits =
+        runner_.step_tokens(build_step_metadata(step.slices), choices, &tokens_, full_rows, true, padding.rows);
   } else {
     full_logits =
         runner_.step_tokens(build_step_metadata(step.slices, padding), choices, &tokens_, full_rows, false);

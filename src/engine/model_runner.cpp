@@ -114,8 +114,8 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m, const std::ve
              m.max_blocks, options_.max_blocks_per_seq);
   DSV4_CHECK(int64_t(m.logit_rows.size()) <= options_.max_logit_rows, "step wants {} logits rows, the runner holds {}",
              m.logit_rows.size(), options_.max_logit_rows);
-  DSV4_CHECK(choices == nullptr || choices->size() <= m.logit_rows.size(), "step has {} token choices for {} logits rows",
-             choices ? choices->size() : 0, m.logit_rows.size());
+  DSV4_CHECK(choices == nullptr || choices->size() <= m.logit_rows.size(),
+             "step has {} token choices for {} logits rows", choices ? choices->size() : 0, m.logit_rows.size());
   // One host copy of the regions up to the block table's last entry, one upload: ten small
   // copies each cost a host call and a DMA the step's first kernel waits behind.
   DSV4_CHECK(int64_t(m.block_table.size()) <= block_table_.size(0), "step has {} block-table entries, the runner holds {}",

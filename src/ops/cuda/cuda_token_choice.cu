@@ -319,7 +319,8 @@ __global__ void __launch_bounds__(kChooseThreads)
   } else {
     const float inv = div_rn(1.0f, c.temperature);
     uint64_t floor = 0;
-    if (limit_k) floor = select_threshold<kAggregate>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 1.0f, 0, true, select);
+    if (limit_k)
+      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 1.0f, 0, true, select);
     if (c.top_p < 1.0f)
       floor = select_threshold<kAggregate>(row, V, vec4, m, inv, true, 0, c.top_p, floor, false, select);
     id = draw_token(row, V, vec4, m, inv, floor, c.seed, c.position, scratch);
