@@ -60,16 +60,34 @@ std::vector<std::vector<int32_t>> generate(ModelRunner& runner, IndexPool& slots
                  total, slots.capacity(), pages.capacity());
   }
 
-  auto accept = [&](size_t i, const float* row) {
-    Sequence& s = seqs[i];
-    const int64_t position = int64_t(s.tokens.size());  // position of the new token
-    const int32_t token = sample_token(row, V, s.request->sampling, position);
-    if (observer) observer(int(i), int(s.generated.size()), row, token);
-    s.generated.push_back(token);
-    s.tokens.push_back(token);
+  // A step, its tokens chosen on the backend as serving chooses them (ModelRunner::step_tokens:
+  // only ids cross to the host, and the logits rows only for an observer), each given to its
+  // sequence. The new token's position (the draw's counter) is the sequence's length.
+  std::vector<ops::TokenChoice> choices;
+  std::vector<int32_t> tokens, rows;
+  const auto run_step = [&](const std::vector<SequenceSlice>& slices, const std::vector<size_t>& owners) {
+    choices.clear();
+    rows.clear();
+    for (size_t k = 0; k < slices.size(); ++k)
+      if (slices[k].want_logits) {
+        const Sequence& s = seqs[owners[k]];
+        rows.push_back(int32_t(choices.size()));
+        choices.push_back(token_choice(s.request->sampling, int64_t(s.tokens.size())));
+      }
+    const float* logits =
+        runner.step_tokens(build_step_metadata(slices), choices, &tokens, observer ? rows : std::vector<int32_t>{});
+    size_t row = 0;
+    for (size_t k = 0; k < slices.size(); ++k) {
+      if (!slices[k].want_logits) continue;
+      Sequence& s = seqs[owners[k]];
+      const int32_t token = tokens[row];
+      if (observer) observer(int(owners[k]), int(s.generated.size()), logits + row * size_t(V), token);
+      s.generated.push_back(token);
+      s.tokens.push_back(token);
+      ++row;
+    }
   };
 
-  std::vector<float> logits;
   // Prefill: pack prompt chunks into steps.
   for (;;) {
     std::vector<SequenceSlice> slices;
@@ -92,13 +110,8 @@ std::vector<std::vector<int32_t>> generate(ModelRunner& runner, IndexPool& slots
       budget -= n;
     }
     if (slices.empty()) break;
-    const StepMetadata meta = build_step_metadata(slices);
-    runner.step(meta, &logits);
-    size_t row = 0;
-    for (size_t k = 0; k < slices.size(); ++k) {
-      seqs[owners[k]].prefilled += slices[k].num_tokens;
-      if (slices[k].want_logits) accept(owners[k], logits.data() + (row++) * size_t(V));
-    }
+    run_step(slices, owners);
+    for (size_t k = 0; k < slices.size(); ++k) seqs[owners[k]].prefilled += slices[k].num_tokens;
   }
   // Decode: every unfinished sequence feeds its last token.
   for (;;) {
@@ -118,9 +131,7 @@ std::vector<std::vector<int32_t>> generate(ModelRunner& runner, IndexPool& slots
       owners.push_back(i);
     }
     if (slices.empty()) break;
-    const StepMetadata meta = build_step_metadata(slices);
-    runner.step(meta, &logits);
-    for (size_t k = 0; k < slices.size(); ++k) accept(owners[k], logits.data() + k * size_t(V));
+    run_step(slices, owners);
   }
   std::vector<std::vector<int32_t>> out;
   for (auto& s : seqs) out.push_back(s.generated);

@@ -1,9 +1,9 @@
 // Token choice from a logits row, as a request asks for it. The law is the ops layer's
 // (ops/token_choice.h: greedy is the argmax with ties to the lowest id; a sampled row draws
 // from its weights in integers, keyed by (request seed, position), so a token never depends
-// on the batch, the rank or the backend that chose it). Serving chooses on the backend
-// (Backend::choose_tokens); offline generation and tests on the host through sample_token.
-// Thread-safe.
+// on the batch, the rank or the backend that chose it). Serving and offline generation choose
+// on the backend (Backend::choose_tokens, through ModelRunner::step_tokens); sample_token is
+// the host reference, for a row already on the host (tests, bench sampling). Thread-safe.
 #pragma once
 
 #include <cstdint>
