@@ -125,6 +125,9 @@ constexpr EnvSwitch kSwitches[] = {
      "the same for the quantized GEMMs alone", true},
     {"DSV4_REPEAT_OPS", "ops", any("OP,OP,..."), "none",
      "runs each call of the named pure ops twice (outputs unchanged): an op's cost inside the graph step", true},
+    {"DSV4_SEPARATE_METADATA", "engine", kOnOff, "0",
+     "1: each of a step's metadata arrays in a device buffer of its own, uploaded on its own (slower; for "
+     "compute-sanitizer, which then sees a kernel read past one array)"},
     // Programs and tools.
     {"DSV4_TOKENIZER_DIR", "serve", any("DIR"), "--model's directory, then the fetched one",
      "the directory of tokenizer.json for dsv4 serve (scripts/run.sh sets it)"},

@@ -145,6 +145,7 @@ class ModelRunner {
   // Regions of metadata_, in order: token_ids_ ... seq_slot_ (0-6), then these, each 64-aligned.
   static constexpr int kLogitRowsRegion = 7, kChoicesRegion = 8, kBlockTableRegion = 9, kMetadataRegions = 10;
   int64_t metadata_offset_[kMetadataRegions] = {};  // i32 elements
+  bool separate_metadata_ = false;  // DSV4_SEPARATE_METADATA=1: each array a buffer of its own
   std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
   core::Tensor token_choices_;  // i32 [max_logit_rows, kTokenChoiceWords]: step_tokens' choices (a region)

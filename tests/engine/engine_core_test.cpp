@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <optional>
 #include <string>
@@ -69,6 +70,33 @@ class EngineCoreTest : public ::testing::Test {
 
 // The runner's caches (the fixture's runners: tiny on the CPU).
 using ModelRunnerTest = EngineCoreTest;
+
+// DSV4_SEPARATE_METADATA=1 (memcheck runs) puts each of a step's metadata arrays in a buffer
+// of its own, uploaded on its own: the same generation, token for token and logit for logit.
+TEST_F(ModelRunnerTest, SeparateMetadataBuffersGiveTheSameSteps) {
+  std::vector<GenerateRequest> reqs(3);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].prompt = tokens(7 + 19 * int(i), 900 + i);
+    reqs[i].max_new_tokens = 4;
+    reqs[i].sampling.temperature = i == 1 ? 0.9f : 0.0f;
+    reqs[i].sampling.seed = 5;
+  }
+  const auto run = [&](bool separate, std::vector<std::vector<float>>* rows) {
+    if (separate) setenv("DSV4_SEPARATE_METADATA", "1", 1);
+    auto runner = make_runner(4, 16);
+    unsetenv("DSV4_SEPARATE_METADATA");
+    IndexPool slots(4), pages(16);
+    GenerateOptions go;
+    go.prefill_chunk = 16;  // several prefill steps, some with no logits rows
+    return generate(*runner, slots, pages, reqs, go, [&](int, int, const float* row, int32_t) {
+      rows->emplace_back(row, row + config_.vocab_size);
+    });
+  };
+  std::vector<std::vector<float>> one_buffer, separate;
+  EXPECT_EQ(run(false, &one_buffer), run(true, &separate));
+  EXPECT_EQ(one_buffer, separate);
+  EXPECT_EQ(one_buffer.size(), 12u);
+}
 
 // The runner checks its caches against the free memory from what the backend's
 // cache_cost says they take: it must be what they take (slots + 1: the padding slot).
