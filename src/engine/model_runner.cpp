@@ -1,6 +1,7 @@
 #include "engine/model_runner.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -68,12 +69,9 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
       return core::Tensor(metadata_.as<int32_t>() + metadata_offset_[i], DType::kI32, shape, backend.device(),
                           metadata_.owner());
     };
-    core::Tensor* arrays[7] = {&token_ids_, &positions_, &token_seq_, &seq_begin_, &seq_len_, &seq_start_pos_,
-                               &seq_slot_};
-    for (int i = 0; i < 7; ++i) *arrays[i] = region(i, {sizes[i]});
-    buffers_->logit_rows = region(kLogitRowsRegion, {L});
-    token_choices_ = region(kChoicesRegion, {L, ops::kTokenChoiceWords});
-    block_table_ = region(kBlockTableRegion, {sizes[kBlockTableRegion]});
+    const auto arrays = metadata_arrays();
+    for (int i = 0; i < kMetadataRegions; ++i)
+      *arrays[size_t(i)] = i == kChoicesRegion ? region(i, {L, ops::kTokenChoiceWords}) : region(i, {sizes[i]});
     token_ids_out_ = backend.empty(DType::kI32, {L});
   };
   if (options_.cache_pages_from_free_memory) allocate_step_buffers();
@@ -114,6 +112,11 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
   if (!options_.cache_pages_from_free_memory) allocate_step_buffers();
 }
 
+std::array<core::Tensor*, ModelRunner::kMetadataRegions> ModelRunner::metadata_arrays() {
+  return {&token_ids_, &positions_,     &token_seq_, &seq_begin_,           &seq_len_,
+          &seq_start_pos_, &seq_slot_, &buffers_->logit_rows, &token_choices_, &block_table_};
+}
+
 ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m, const std::vector<ops::TokenChoice>* choices) {
   const int32_t T = m.num_tokens(), S = m.num_seqs();
   DSV4_CHECK(T <= options_.max_tokens_per_step, "step has {} tokens, the runner holds {}", T,
@@ -147,15 +150,13 @@ ops::BatchView ModelRunner::upload_metadata(const StepMetadata& m, const std::ve
     std::memcpy(h + metadata_offset_[kChoicesRegion], choices->data(), choices->size() * sizeof(ops::TokenChoice));
   put(kBlockTableRegion, m.block_table, m.block_table.size());
   if (separate_metadata_) {
-    const core::Tensor* arrays[kMetadataRegions] = {&token_ids_, &positions_, &token_seq_, &seq_begin_,
-                                                    &seq_len_,   &seq_start_pos_, &seq_slot_, &buffers_->logit_rows,
-                                                    &token_choices_, &block_table_};
+    const auto arrays = metadata_arrays();
     const size_t n[kMetadataRegions] = {size_t(T), size_t(T), size_t(T), size_t(S), size_t(S), size_t(S), size_t(S),
                                         m.logit_rows.size(),
                                         choices ? choices->size() * size_t(ops::kTokenChoiceWords) : 0,
                                         m.block_table.size()};
     for (int i = 0; i < kMetadataRegions; ++i)
-      if (n[i] > 0) backend_.upload(*arrays[i], h + metadata_offset_[i], n[i] * 4);
+      if (n[i] > 0) backend_.upload(*arrays[size_t(i)], h + metadata_offset_[i], n[i] * 4);
   } else {
     backend_.upload(metadata_, h, used * 4);
   }

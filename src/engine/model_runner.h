@@ -2,6 +2,7 @@
 // buffers and the device copy of the step metadata (at fixed addresses).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -146,6 +147,8 @@ class ModelRunner {
   static constexpr int kLogitRowsRegion = 7, kChoicesRegion = 8, kBlockTableRegion = 9, kMetadataRegions = 10;
   int64_t metadata_offset_[kMetadataRegions] = {};  // i32 elements
   bool separate_metadata_ = false;  // DSV4_SEPARATE_METADATA=1: each array a buffer of its own
+  // The tensors of the regions, in region order (the logits rows are the micro-batch's).
+  std::array<core::Tensor*, kMetadataRegions> metadata_arrays();
   std::vector<int32_t> metadata_host_;
   core::Tensor token_ids_, positions_, token_seq_, seq_begin_, seq_len_, seq_start_pos_, seq_slot_, block_table_;
   core::Tensor token_choices_;  // i32 [max_logit_rows, kTokenChoiceWords]: step_tokens' choices (a region)
