@@ -20,6 +20,7 @@
 #include "core/random.h"
 #include "core/thread_pool.h"
 #include "engine/sampler.h"
+#include "ops/cpu/primitives.h"
 #include "tools/commands.h"
 
 namespace dsv4::tools {
@@ -76,7 +77,9 @@ Command add_bench_sampling(CLI::App& app) {
       "top_p 0.95 at temperature 1; top_k 40 with top_p 0.9), the time to sample the R rows on the host one\n"
       "after another and on a pool of min(16, cores) threads (as the engine did in the seventy-second\n"
       "session), and on the backend: choose_tokens with the choices uploaded and the ids downloaded (as\n"
-      "the engine does now). The backend's tokens must equal the host's, bit for bit.");
+      "the engine does now). The backend's tokens must equal the host's, bit for bit. Last, the host time of\n"
+      "each row's log-probabilities with the 5 most likely tokens' (what the engine computes, on the host, for a\n"
+      "request that asks for logprobs).");
   app.add_option("--backend", o->backend, "cuda, cpu or auto")->default_val("auto");
   app.add_option("--rows", o->rows, "Comma-separated logits rows a step")->default_val(o->rows);
   app.add_option("--vocab", o->vocab, "Columns a row (the vocabulary)")->default_val(o->vocab)->check(CLI::Range(1, 1 << 24));
@@ -190,6 +193,25 @@ Command add_bench_sampling(CLI::App& app) {
         entry["samplers"].push_back(
             {{"sampler", c.name}, {"one_thread_ms", serial}, {"pool_ms", parallel}, {"backend_ms", on_backend}});
       }
+      // Log-probabilities as the engine takes them for a request that asks (on the host, from the
+      // whole row: the token's and the 5 most likely tokens').
+      std::vector<ops::TokenLogprob> top(size_t(R) * 5);
+      std::vector<float> logprob(static_cast<size_t>(R));
+      const auto score = [&](int64_t r) {
+        logprob[size_t(r)] = ops::ref::token_logprobs(copy.data() + size_t(r) * size_t(V), V, want[size_t(r)],
+                                                      top.data() + size_t(r) * 5, 5);
+      };
+      const double logprobs_serial = median_ms(o->replays, [&] {
+        for (int32_t r = 0; r < R; ++r) score(r);
+      });
+      const double logprobs_pool = median_ms(o->replays, [&] {
+        pool.parallel_for(R, [&](int64_t b, int64_t e) {
+          for (int64_t r = b; r < e; ++r) score(r);
+        });
+      });
+      std::printf("%5s %16s %16s %12s %15s | %-14s %9.3f ms %9.3f ms %12s\n", "", "", "", "", "", "logprobs top 5",
+                  logprobs_serial, logprobs_pool, "(host)");
+      entry["logprobs_top5"] = {{"one_thread_ms", logprobs_serial}, {"pool_ms", logprobs_pool}};
       std::fflush(stdout);
       results.push_back(entry);
     }

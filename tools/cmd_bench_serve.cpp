@@ -181,7 +181,7 @@ Command add_bench_serve(CLI::App& app) {
     int num_prompts = 100, input_len = 32, output_len = 64, concurrency = 0;
     uint64_t seed = 0;
     double timeout = 600, temperature = 0, top_p = 1;
-    int top_k = 0;
+    int top_k = 0, logprobs = -1;
   };
   auto o = std::make_shared<Options>();
   app.footer(
@@ -220,6 +220,11 @@ Command add_bench_serve(CLI::App& app) {
       ->default_val(1.0)
       ->check(CLI::Range(1e-6, 1.0));
   app.add_option("--top-k", o->top_k, "top_k sent with --temperature > 0 (0: none)")->default_val(0)->check(CLI::Range(0, 1 << 20));
+  app.add_option("--logprobs", o->logprobs,
+                 "Ask for each token's log-probability and the N most likely tokens' (completions: \"logprobs\": N; "
+                 "chat: \"logprobs\": true, \"top_logprobs\": N); -1: none")
+      ->default_val(-1)
+      ->check(CLI::Range(-1, 20));
   app.add_option("--json", o->json_path, "Also write the results as JSON to this file");
   app.add_option("--timeout", o->timeout, "Seconds a request may take")->default_val(600)->check(CLI::Range(1.0, 86400.0));
 
@@ -284,6 +289,11 @@ Command add_bench_serve(CLI::App& app) {
         if (o->top_p < 1) j["top_p"] = o->top_p;
         if (o->top_k > 0) j["top_k"] = o->top_k;
         j["seed"] = o->seed * 1000003 + uint64_t(&body - bodies.data());  // each request its own draws
+      }
+      if (o->logprobs >= 0 && o->endpoint == "completions") j["logprobs"] = o->logprobs;
+      if (o->logprobs >= 0 && o->endpoint == "chat") {
+        j["logprobs"] = true;
+        j["top_logprobs"] = o->logprobs;
       }
       j["ignore_eos"] = true;
       j["stream"] = true;
@@ -437,6 +447,7 @@ Command add_bench_serve(CLI::App& app) {
       j["temperature"] = o->temperature;
       j["top_p"] = o->top_p;
       j["top_k"] = o->top_k;
+      j["logprobs"] = o->logprobs;
       j["request_rate"] = std::isfinite(rate) ? json(rate) : json("inf");
       j["max_concurrency"] = o->concurrency > 0 ? json(o->concurrency) : json(nullptr);
       j["duration"] = duration;

@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "core/error.h"
+#include "ops/cpu/primitives.h"
 
 namespace dsv4::engine {
 
@@ -36,6 +37,8 @@ int64_t EngineCore::submit(RequestParams params, TokenCallback on_token, std::st
   for (int32_t t : r->params.prompt)
     if (t < 0 || t >= vocab_) reason = fmt::format("prompt token id {} is outside the vocabulary [0, {})", t, vocab_);
   if (reason.empty() && r->params.max_tokens < 1) reason = "max_tokens must be at least 1";
+  if (reason.empty() && (r->params.logprobs < -1 || r->params.logprobs > kMaxLogprobs))
+    reason = fmt::format("logprobs must be -1 (none) or 0 to {}, got {}", kMaxLogprobs, r->params.logprobs);
   if (reason.empty()) scheduler_.validate(*r, &reason);
   if (!reason.empty()) {
     if (error) *error = reason;
@@ -134,7 +137,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     const Request& r = *step.requests[k];
-    if (!r.finished && r.params.return_logits) {
+    if (!r.finished && (r.params.return_logits || r.params.logprobs >= 0)) {
       full_index[k] = int32_t(full_rows.size());
       full_rows.push_back(int32_t(choices.size()));
     }
@@ -179,6 +182,12 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     if (r.params.return_logits) {
       e.logits = logits;
       e.vocab = vocab_;
+    }
+    if (r.params.logprobs >= 0) {
+      // On the host, from the whole row (~0.2 ms a row on one core; docs/design/token-choice.md).
+      e.top_logprobs.resize(size_t(std::min<int64_t>(r.params.logprobs, vocab_)));
+      e.logprob = ops::ref::token_logprobs(logits, vocab_, token, e.top_logprobs.data(),
+                                           int32_t(e.top_logprobs.size()));
     }
     if (reason != FinishReason::kNone) {
       // The last token travels with the finish event.

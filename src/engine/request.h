@@ -13,6 +13,10 @@
 
 namespace dsv4::engine {
 
+// The most alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit, and
+// vLLM's default max_logprobs).
+constexpr int32_t kMaxLogprobs = 20;
+
 enum class FinishReason { kNone, kLength, kStop, kCancelled, kError };
 const char* finish_reason_name(FinishReason reason);  // "length", "stop", ...
 
@@ -23,6 +27,10 @@ struct RequestParams {
   std::vector<int32_t> stop_token_ids;  // besides EOS
   bool ignore_eos = false;
   bool return_logits = false;  // token events carry the logits row they were sampled from
+  // 0 to kMaxLogprobs: token events carry the token's log-probability and those of the
+  // `logprobs` most likely tokens (ops/token_choice.h's law: the model's softmax, before
+  // temperature, top_k and top_p); -1: none.
+  int32_t logprobs = -1;
 };
 
 // One event per generated token; the last event of a request has finished set
@@ -39,6 +47,10 @@ struct TokenEvent {
   // valid during the callback only.
   const float* logits = nullptr;
   int64_t vocab = 0;
+  // With RequestParams::logprobs >= 0: the token's log-probability, and the most likely
+  // tokens' in order (RequestParams::logprobs of them).
+  float logprob = 0.0f;
+  std::vector<ops::TokenLogprob> top_logprobs;
 };
 
 using TokenCallback = std::function<void(const TokenEvent&)>;

@@ -20,6 +20,13 @@
 //          order, whose running weight passes t.
 // The kept set is a threshold on the order key below (all keys at or above one), which a
 // kernel finds by radix selection without sorting; the draw's id order makes it one scan.
+//
+// Log-probabilities (the API's logprobs) are those of the model's distribution: the softmax
+// at temperature 1, before top_k and top_p, whatever the row was sampled at (as vLLM's
+// default). log p_i = (logit_i - m) - ln(Z1 / 2^40) in double, rounded to float, Z1 the sum of
+// the W_i at temperature 1: an integer, so a kernel's parallel sum gives the host's. Where m is
+// +inf, each +inf logit has -ln(count of them) and the rest -inf; a row without a logit above
+// -inf has NaN. The n most likely tokens are the first n in the law's order.
 #pragma once
 
 #include <cstdint>
@@ -41,6 +48,12 @@ struct TokenChoice {
 };
 static_assert(sizeof(TokenChoice) == 32, "TokenChoice is a tensor row of 8 i32 words");
 constexpr int64_t kTokenChoiceWords = 8;
+
+// A token and its log-probability (ref::token_logprobs).
+struct TokenLogprob {
+  int32_t id = -1;
+  float logprob = 0.0f;
+};
 
 namespace token_law {
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <random>
@@ -134,11 +135,6 @@ void reject_unsupported(const json& body) {
                    "echo");
   if (const json* v = find(body, "use_beam_search"); v && !(v->is_boolean() && !v->get<bool>()))
     throw ApiError(400, "use_beam_search is not supported by this server", "use_beam_search");
-  if (const json* v = find(body, "logprobs"); v && !(v->is_boolean() && !v->get<bool>()))
-    throw ApiError(400, fmt::format("logprobs is not supported by this server yet, got {}", show(*v)), "logprobs");
-  if (const json* v = find(body, "top_logprobs"); v && !(integral(*v) && to_int64(*v) == 0))
-    throw ApiError(400, fmt::format("top_logprobs is not supported by this server yet, got {}", show(*v)),
-                   "top_logprobs");
   if (const json* v = find(body, "logit_bias"); v && !(v->is_object() && v->empty()))
     throw ApiError(400, "logit_bias is not supported by this server", "logit_bias");
   if (const json* v = find(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty()))
@@ -314,6 +310,33 @@ void parse_common(const json& body, const ModelInfo& model, ApiRequest& r) {
   reject_unsupported(body);
 }
 
+// Completions: "logprobs": N lists each token's log-probability and the N most likely tokens'
+// (false or null: none). Chat: "logprobs": true, with "top_logprobs": N alternatives.
+void parse_logprobs(const json& body, ApiKind kind, ApiRequest& r) {
+  const std::string range = fmt::format("[0, {}]", engine::kMaxLogprobs);
+  if (kind == ApiKind::kCompletion) {
+    if (const json* v = find(body, "logprobs"); v && !(v->is_boolean() && !v->get<bool>())) {
+      if (!integral(*v) || to_int64(*v) < 0 || to_int64(*v) > engine::kMaxLogprobs)
+        bad("logprobs", fmt::format("an integer in {}: how many of the most likely tokens to list beside each token",
+                                    range),
+            *v);
+      r.params.logprobs = int32_t(to_int64(*v));
+    }
+    if (const json* v = find(body, "top_logprobs"); v && !(integral(*v) && to_int64(*v) == 0))
+      throw ApiError(400,
+                     fmt::format("top_logprobs is a chat completions field; /v1/completions takes \"logprobs\": N, "
+                                 "got top_logprobs {}",
+                                 show(*v)),
+                     "top_logprobs");
+    return;
+  }
+  const bool wanted = get_bool(body, "logprobs", false);
+  const auto top = get_int(body, "top_logprobs", 0, engine::kMaxLogprobs, "an integer in " + range);
+  if (top && *top > 0 && !wanted)
+    throw ApiError(400, fmt::format("top_logprobs ({}) needs \"logprobs\": true", *top), "top_logprobs");
+  if (wanted) r.params.logprobs = int32_t(top.value_or(0));
+}
+
 // max_tokens against the context: prompt + max_tokens <= max_model_len.
 void fit_length(ApiRequest& r, const ModelInfo& model, std::optional<int64_t> requested, int64_t fallback,
                 const char* prompt_field, const char* max_field) {
@@ -373,6 +396,7 @@ ApiRequest parse_completion_request(const nlohmann::json& body, const ModelInfo&
   r.params.prompt = parse_prompt(body, model);
   const auto max_tokens = get_int(body, "max_tokens", 1, INT32_MAX, "an integer >= 1");
   parse_common(body, model, r);
+  parse_logprobs(body, r.kind, r);
   fit_length(r, model, max_tokens, 16, "prompt", "max_tokens");
   return r;
 }
@@ -390,6 +414,7 @@ ApiRequest parse_chat_request(const nlohmann::json& body, const ModelInfo& model
     max_field = "max_tokens";
   }
   parse_common(body, model, r);
+  parse_logprobs(body, r.kind, r);
   if (!model.tokenizer)
     throw ApiError(400,
                    "chat completions need a tokenizer, and this server runs without one (start it with --tokenizer "
@@ -416,14 +441,19 @@ TextOutput::TextOutput(const Tokenizer* tokenizer, std::vector<std::string> stop
 
 std::string TextOutput::push(int32_t token) {
   if (stopped_ || !detok_) return {};
-  held_ += detok_->push(token);
+  hold(detok_->push(token));
   return release(false);
 }
 
 std::string TextOutput::finish() {
   if (stopped_ || !detok_) return {};
-  held_ += detok_->flush();
+  hold(detok_->flush());
   return release(true);
+}
+
+void TextOutput::hold(const std::string& text) {
+  for (const char c : text) chars_ += (static_cast<unsigned char>(c) & 0xC0) != 0x80;  // lead bytes: valid UTF-8
+  held_ += text;
 }
 
 std::string TextOutput::release(bool final) {
@@ -474,6 +504,8 @@ ResponseBuilder::ResponseBuilder(const ApiRequest& request, const ModelInfo& mod
       include_stop_(request.include_stop_str_in_output),
       include_usage_(request.stream && request.include_usage),
       return_token_ids_(request.return_token_ids),
+      logprobs_(request.params.logprobs),
+      tokenizer_(model.tokenizer),
       text_out_(model.tokenizer, request.stop, request.include_stop_str_in_output, request.skip_special_tokens) {}
 
 ResponseBuilder::Delta ResponseBuilder::apply(const engine::TokenEvent& e) {
@@ -482,6 +514,7 @@ ResponseBuilder::Delta ResponseBuilder::apply(const engine::TokenEvent& e) {
   if (e.token >= 0) {
     ++completion_tokens_;
     d.ids.push_back(e.token);
+    if (logprobs_ >= 0) d.logprobs.push_back({e.token, e.logprob, e.top_logprobs, text_out_.chars()});
     // The token that stopped generation (EOS, stop_token_ids) is not part of the text.
     const bool stop_token =
         e.finished && e.reason == engine::FinishReason::kStop &&
@@ -536,7 +569,66 @@ ojson head(const std::string& id, const char* object, int64_t created, const std
 
 std::string sse_ordered(const ojson& data) { return "data: " + dump_ordered(data) + "\n\n"; }
 
+// A log-probability as JSON: the float's shortest decimal; -inf as -9999 (JSON has no infinities;
+// vLLM's convention); NaN (a row with no finite logit) as null.
+ojson logprob_json(float logprob) {
+  if (logprob != logprob) return nullptr;
+  return std::strtod(fmt::format("{}", std::max(logprob, -9999.0f)).c_str(), nullptr);
+}
+
 }  // namespace
+
+std::string ResponseBuilder::token_text(int32_t token) const {
+  // Without a tokenizer a token is named by its id, as vLLM's return_tokens_as_token_ids.
+  return tokenizer_ ? std::string(tokenizer_->token_bytes(token)) : fmt::format("token_id:{}", token);
+}
+
+nlohmann::ordered_json ResponseBuilder::logprobs_json(const std::vector<TokenLogprobs>& tokens) const {
+  if (logprobs_ < 0) return nullptr;
+  if (kind_ == ApiKind::kChat) {
+    // {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}
+    auto entry = [&](int32_t token, float logprob) {
+      const std::string text = token_text(token);
+      ojson e;
+      e["token"] = text;  // bytes that are not valid UTF-8 are written as U+FFFD; "bytes" has them exact
+      e["logprob"] = logprob_json(logprob);
+      ojson bytes = ojson::array();
+      for (const unsigned char c : text) bytes.push_back(int(c));
+      e["bytes"] = bytes;
+      return e;
+    };
+    ojson content = ojson::array();
+    for (const TokenLogprobs& t : tokens) {
+      ojson e = entry(t.token, t.logprob);
+      ojson top = ojson::array();
+      for (const ops::TokenLogprob& a : t.top) top.push_back(entry(a.id, a.logprob));
+      e["top_logprobs"] = top;
+      content.push_back(e);
+    }
+    ojson r;
+    r["content"] = content;
+    return r;
+  }
+  // {"tokens", "token_logprobs", "top_logprobs": [{text: logprob}], "text_offset"}
+  ojson text = ojson::array(), logprob = ojson::array(), top = ojson::array(), offset = ojson::array();
+  for (const TokenLogprobs& t : tokens) {
+    text.push_back(token_text(t.token));
+    logprob.push_back(logprob_json(t.logprob));
+    ojson alternatives = ojson::object();
+    for (const ops::TokenLogprob& a : t.top) {
+      const std::string key = token_text(a.id);
+      if (!alternatives.contains(key)) alternatives[key] = logprob_json(a.logprob);  // the likelier of a name's ids
+    }
+    top.push_back(alternatives);
+    offset.push_back(t.text_offset);
+  }
+  ojson r;
+  r["tokens"] = text;
+  r["token_logprobs"] = logprob;
+  r["top_logprobs"] = top;
+  r["text_offset"] = offset;
+  return r;
+}
 
 std::string ResponseBuilder::stream_start() {
   if (kind_ != ApiKind::kChat) return {};
@@ -568,7 +660,7 @@ std::string ResponseBuilder::stream_event(const engine::TokenEvent& event) {
   } else {
     choice["text"] = d.text;
   }
-  choice["logprobs"] = nullptr;
+  choice["logprobs"] = logprobs_json(d.logprobs);
   choice["finish_reason"] = d.last ? ojson(finish_reason_) : ojson(nullptr);
   if (return_token_ids_) choice["token_ids"] = d.ids;
   c["choices"] = ojson::array({choice});
@@ -599,6 +691,7 @@ void ResponseBuilder::add_event(const engine::TokenEvent& event) {
   Delta d = apply(event);
   text_ += d.text;
   output_ids_.insert(output_ids_.end(), d.ids.begin(), d.ids.end());
+  output_logprobs_.insert(output_logprobs_.end(), d.logprobs.begin(), d.logprobs.end());
 }
 
 int ResponseBuilder::final_status() const {
@@ -621,7 +714,7 @@ std::string ResponseBuilder::final_body() const {
   } else {
     choice["text"] = text_;
   }
-  choice["logprobs"] = nullptr;
+  choice["logprobs"] = logprobs_json(output_logprobs_);
   choice["finish_reason"] = finish_reason_;
   if (return_token_ids_) {
     choice["token_ids"] = output_ids_;

@@ -59,6 +59,7 @@ struct ApiRequest {
   bool include_stop_str_in_output = false;
   bool skip_special_tokens = true;
   bool return_token_ids = false;        // vLLM's extension: token ids next to the text
+  // params.logprobs: completions' "logprobs" (an integer), chat's "top_logprobs" with "logprobs": true.
 };
 
 // The body as JSON; 400 naming the parse error when it is not a JSON object.
@@ -79,14 +80,19 @@ class TextOutput {
   // End of generation: releases what is held back.
   std::string finish();
   bool stopped() const { return stopped_; }  // a stop string matched; ignore later tokens
+  // Characters (code points) of the text the tokens so far made, before any stop string cut it:
+  // where the next token's text begins (completions' logprobs.text_offset).
+  int64_t chars() const { return chars_; }
 
  private:
   std::string release(bool final);
+  void hold(const std::string& text);
 
   std::optional<StreamingDetokenizer> detok_;
   std::vector<std::string> stop_;
   bool include_stop_;
   std::string held_;
+  int64_t chars_ = 0;
   bool stopped_ = false;
 };
 
@@ -126,12 +132,23 @@ class ResponseBuilder {
   const std::string& error() const { return error_; }
 
  private:
+  // A generated token's log-probabilities, with where its text begins.
+  struct TokenLogprobs {
+    int32_t token = -1;
+    float logprob = 0.0f;
+    std::vector<ops::TokenLogprob> top;
+    int64_t text_offset = 0;
+  };
   struct Delta {
     std::string text;
     std::vector<int32_t> ids;
+    std::vector<TokenLogprobs> logprobs;  // one a token of ids where the request asked
     bool last = false;
   };
   Delta apply(const engine::TokenEvent& event);
+  // The choice's "logprobs": null where the request did not ask, else the endpoint's form.
+  nlohmann::ordered_json logprobs_json(const std::vector<TokenLogprobs>& tokens) const;
+  std::string token_text(int32_t token) const;
 
   ApiKind kind_;
   std::string id_, model_;
@@ -140,9 +157,12 @@ class ResponseBuilder {
   std::vector<int32_t> stop_token_ids_;
   int32_t eos_;
   bool ignore_eos_, include_stop_, include_usage_, return_token_ids_;
+  int32_t logprobs_;                  // RequestParams::logprobs
+  const Tokenizer* tokenizer_;
   TextOutput text_out_;
   std::string text_;                  // non-streaming: all released text
   std::vector<int32_t> output_ids_;   // non-streaming: all generated ids
+  std::vector<TokenLogprobs> output_logprobs_;  // non-streaming, where asked
   int32_t completion_tokens_ = 0;
   bool done_ = false;
   bool needs_cancel_ = false;

@@ -225,6 +225,69 @@ TEST_F(EngineCoreTest, ServedTokensAreTheLawOfTheirRows) {
   EXPECT_GT(testing::expect_served_tokens_follow_the_law(*runner, int32_t(config_.eos_token_id), prompts, 6), 0);
 }
 
+// A token's log-probabilities come from its whole logits row, which the engine brings to the
+// host for them whether or not the request also returns the row: the same values either way,
+// beside requests that ask for none; out-of-range counts are refused by name.
+TEST_F(EngineCoreTest, LogprobsWithoutTheRowEqualThoseWithIt) {
+  auto runner = make_runner(8, 32);
+  SchedulerConfig sc;
+  sc.max_num_seqs = 8;
+  sc.max_num_batched_tokens = 256;
+  sc.max_model_len = 1024;
+  EngineCore core(*runner, sc, int32_t(config_.eos_token_id));
+  struct Seen {
+    std::vector<float> logprob;
+    std::vector<std::vector<ops::TokenLogprob>> top;
+    int rows = 0;  // events that carried the logits row
+  };
+  std::vector<Seen> seen(3);
+  std::vector<std::vector<int32_t>> ids(3);
+  for (int i = 0; i < 3; ++i) {
+    RequestParams p;
+    p.prompt = tokens(21, 600);
+    p.max_tokens = 5;
+    p.ignore_eos = true;
+    p.sampling.temperature = 0.9f;
+    p.sampling.seed = 4242;
+    p.return_logits = i == 0;
+    p.logprobs = i < 2 ? 3 : -1;
+    core.submit(p, [&, i](const TokenEvent& e) {
+      if (e.token < 0) return;
+      ids[size_t(i)].push_back(e.token);
+      seen[size_t(i)].logprob.push_back(e.logprob);
+      seen[size_t(i)].top.push_back(e.top_logprobs);
+      seen[size_t(i)].rows += e.logits != nullptr;
+    });
+  }
+  for (int guard = 0; core.has_work() && guard < 1000; ++guard) core.step();
+  EXPECT_EQ(ids[0], ids[1]);
+  EXPECT_EQ(ids[0], ids[2]);
+  EXPECT_EQ(seen[0].rows, 5);
+  EXPECT_EQ(seen[1].rows, 0);
+  EXPECT_EQ(seen[0].logprob, seen[1].logprob);
+  ASSERT_EQ(seen[1].top.size(), 5u);
+  for (size_t t = 0; t < 5; ++t) {
+    ASSERT_EQ(seen[0].top[t].size(), 3u);
+    ASSERT_EQ(seen[1].top[t].size(), 3u);
+    for (size_t j = 0; j < 3; ++j) {
+      EXPECT_EQ(seen[0].top[t][j].id, seen[1].top[t][j].id);
+      EXPECT_EQ(seen[0].top[t][j].logprob, seen[1].top[t][j].logprob);
+    }
+    EXPECT_LE(seen[1].logprob[t], 0.0f);
+    EXPECT_GE(seen[1].top[t][0].logprob, seen[1].top[t][2].logprob);
+    EXPECT_TRUE(seen[2].top[t].empty());
+  }
+  for (const int32_t bad : {-2, kMaxLogprobs + 1}) {
+    RequestParams p;
+    p.prompt = tokens(4, 601);
+    p.logprobs = bad;
+    std::string error;
+    EXPECT_EQ(core.submit(p, nullptr, &error), -1);
+    EXPECT_NE(error.find("logprobs must be -1 (none) or 0 to 20, got " + std::to_string(bad)), std::string::npos)
+        << error;
+  }
+}
+
 TEST_F(EngineCoreTest, GreedySampledAndLogitsRowsInOneStepEqualOfflineGeneration) {
   std::vector<RequestParams> reqs;
   std::vector<GenerateRequest> offline;

@@ -1,8 +1,9 @@
 // Serving chooses every token on the backend (Backend::choose_tokens, through
 // ModelRunner::step_tokens): each served token, greedy or sampled, must be what the host
 // reference of the law (engine::sample_token) chooses from the very logits row the engine chose
-// it from, which a request with return_logits receives with the token. Used on the CPU
-// backend (engine_core_test) and on CUDA (cuda_model_test).
+// it from, which a request with return_logits receives with the token; and a token's
+// log-probabilities, where asked, the law's on that row (ops::ref::token_logprobs). Used on the
+// CPU backend (engine_core_test) and on CUDA (cuda_model_test).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -12,12 +13,14 @@
 
 #include "engine/engine_core.h"
 #include "engine/sampler.h"
+#include "ops/cpu/primitives.h"
 
 namespace dsv4::testing {
 
-// Serves `prompts` on `runner` (greedy, whole-vocabulary, top_k and top_p requests in turn),
-// `max_tokens` each, every request returning its logits, and checks every token against the
-// host reference on its row. Returns how many sampled tokens differ from their row's argmax
+// Serves `prompts` on `runner` (greedy, whole-vocabulary, top_k and top_p requests in turn;
+// no log-probabilities, the token's only, and the token's with the 5 most likely in turn),
+// `max_tokens` each, every request returning its logits, and checks every token and its
+// log-probabilities against the host reference on its row. Returns how many sampled tokens differ from their row's argmax
 // (the caller expects some: the rows were drawn from, not taken greedily).
 inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, int32_t eos,
                                                    const std::vector<std::vector<int32_t>>& prompts,
@@ -32,6 +35,8 @@ inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, 
     int64_t position = 0;
     int32_t token = 0;
     std::vector<float> row;
+    float logprob = 0.0f;
+    std::vector<ops::TokenLogprob> top;
   };
   std::vector<RequestParams> params;
   std::vector<std::vector<Served>> served(prompts.size());
@@ -41,6 +46,7 @@ inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, 
     p.max_tokens = max_tokens;
     p.ignore_eos = true;
     p.return_logits = true;
+    p.logprobs = int32_t(i % 3) * 5 / 2 - 1;  // -1, 1, 4
     if (i % 4 != 0) {
       p.sampling.temperature = i % 4 == 2 ? 0.8f : 1.0f;
       p.sampling.seed = 77 + i;
@@ -55,7 +61,7 @@ inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, 
       ASSERT_NE(e.logits, nullptr);
       // The token's position: the prompt and the tokens before it.
       served[i].push_back({int64_t(e.prompt_tokens) + e.completion_tokens - 1, e.token,
-                           std::vector<float>(e.logits, e.logits + e.vocab)});
+                           std::vector<float>(e.logits, e.logits + e.vocab), e.logprob, e.top_logprobs});
     });
   for (int guard = 0; core.has_work() && guard < 10000; ++guard) core.step();
   int64_t drawn_off_the_argmax = 0;
@@ -71,6 +77,24 @@ inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, 
         return -1;
       }
       if (params[i].sampling.temperature > 0.0f) drawn_off_the_argmax += s.token != argmax_lowest(s.row.data(), V);
+      const int32_t n = params[i].logprobs;
+      if (n < 0) {
+        EXPECT_TRUE(s.top.empty()) << "request " << i << " asked for no log-probabilities";
+        continue;
+      }
+      std::vector<ops::TokenLogprob> top(static_cast<size_t>(n));
+      const float logprob = ops::ref::token_logprobs(s.row.data(), V, s.token, top.data(), n);
+      EXPECT_EQ(s.logprob, logprob) << "request " << i << " token " << t;
+      if (s.top.size() != top.size()) {
+        ADD_FAILURE() << "request " << i << " token " << t << ": " << s.top.size() << " alternatives, asked "
+                      << top.size();
+        return -1;
+      }
+      for (size_t j = 0; j < top.size(); ++j) {
+        EXPECT_EQ(s.top[j].id, top[j].id) << "request " << i << " token " << t << " alternative " << j;
+        EXPECT_EQ(s.top[j].logprob, top[j].logprob) << "request " << i << " token " << t << " alternative " << j;
+      }
+      if (n > 0) EXPECT_EQ(s.top[0].id, argmax_lowest(s.row.data(), V));  // the most likely is the argmax
     }
   }
   return drawn_off_the_argmax;

@@ -1,7 +1,8 @@
 // The token-choice law (ops/token_choice.h): the host implementation (ops::ref::choose_token,
 // which sorts only a head and finds the draw's block before its token) against the law
 // written the slow way (every id sorted, every sum a loop), token for token; the backends'
-// choose_tokens against it; and the law's weight against the exponential it stands for.
+// choose_tokens against it; the law's weight against the exponential it stands for; and the
+// law's log-probabilities (ref::token_logprobs) against the log-softmax in double.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -28,6 +29,19 @@ int32_t slow_argmax(const float* x, int64_t V) {
   return int32_t(best);
 }
 
+// The law's order (the larger logit first, +0 == -0, then the lower id; NaN last), every id sorted.
+std::vector<int32_t> slow_order(const float* x, int64_t V) {
+  std::vector<int32_t> order(static_cast<size_t>(V));
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    const bool na = std::isnan(x[a]), nb = std::isnan(x[b]);
+    if (na != nb) return nb;
+    if (!na && x[a] != x[b]) return x[a] > x[b];
+    return a < b;
+  });
+  return order;
+}
+
 // The law as its header states it, in the plainest form.
 int32_t slow_choice(const float* x, int64_t V, const TokenChoice& c) {
   if (!(c.temperature > 0.0f) || !(1.0f / c.temperature < INFINITY)) return slow_argmax(x, V);
@@ -40,14 +54,7 @@ int32_t slow_choice(const float* x, int64_t V, const TokenChoice& c) {
   for (int64_t i = 0; i < V; ++i)
     W[size_t(i)] = m == INFINITY ? (x[i] == INFINITY ? kWeightOne : 0)
                                  : uint64_t(token_weight(x[i], m, inv) * float(kWeightOne));
-  std::vector<int32_t> order(static_cast<size_t>(V));
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-    const bool na = std::isnan(x[a]), nb = std::isnan(x[b]);
-    if (na != nb) return nb;                          // NaN last
-    if (!na && x[a] != x[b]) return x[a] > x[b];      // the larger logit first (+0 == -0)
-    return a < b;                                     // then the lower id
-  });
+  const std::vector<int32_t> order = slow_order(x, V);
   size_t n = order.size();
   if (c.top_k > 0 && c.top_k < V) n = size_t(c.top_k);
   if (c.top_p < 1.0f) {
@@ -161,6 +168,89 @@ TEST(TokenChoice, TopPNeedAndDrawTarget) {
   EXPECT_EQ(top_p_need(1.0f, uint64_t(1) << 57), uint64_t(1) << 57);
   for (int64_t pos = 0; pos < 1000; ++pos) EXPECT_LT(draw_target(7, pos, 3), 3u);
   EXPECT_EQ(draw_target(7, 11, 1), 0u);
+}
+
+// Log-probabilities (ref::token_logprobs) against the log-softmax at temperature 1 in double.
+// The law's ln Z is within ~1.5e-6 of it: each weight's e^x within 2e-7, x = logit - max rounded
+// in float (~6e-8 of |x|, weighted by the softmax: below 1e-6 for any row), the truncation to
+// 2^-40 (V * 2^-40 of Z >= 1); the result is rounded to float. The alternatives are the first in
+// the law's order, every id sorted.
+TEST(TokenLogprobs, AreTheLogSoftmaxInDouble) {
+  testing::Rng rng(0x70e);
+  for (int64_t V : {1, 2, 7, 300, 3001, 129280}) {
+    const int64_t R = V >= 100000 ? 20 : 100;
+    const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
+    for (int64_t r = 0; r < R; ++r) {
+      const float* x = tc.logits.as<float>() + r * V;
+      double m = -INFINITY;
+      int64_t at_inf = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        if (!std::isnan(x[i])) m = std::max(m, double(x[i]));
+        at_inf += x[i] == INFINITY;
+      }
+      double sum = 0;
+      if (std::isfinite(m))
+        for (int64_t i = 0; i < V; ++i)
+          if (!std::isnan(x[i])) sum += std::exp(double(x[i]) - m);
+      const auto want = [&](int32_t id) -> double {
+        if (m == -INFINITY || std::isnan(x[id])) return NAN;
+        if (m == INFINITY) return x[id] == INFINITY ? -std::log(double(at_inf)) : -INFINITY;
+        return double(x[id]) - m - std::log(sum);
+      };
+      const auto expect_logprob = [&](float got, int32_t id, const char* what) {
+        const double w = want(id);
+        SCOPED_TRACE(::testing::Message() << "V " << V << " row " << r << " " << what << " id " << id);
+        if (std::isnan(w)) {
+          EXPECT_TRUE(std::isnan(got)) << got;
+        } else if (!std::isfinite(float(w))) {
+          EXPECT_EQ(got, float(w));
+        } else {
+          EXPECT_NEAR(got, w, 2e-6 + 1.2e-7 * std::abs(w));
+        }
+      };
+      const int32_t n = int32_t(rng.uniform_int(0, 25));
+      const int32_t token = int32_t(rng.uniform_int(0, V - 1));
+      std::vector<TokenLogprob> top(static_cast<size_t>(n));
+      expect_logprob(ref::token_logprobs(x, V, token, top.data(), n), token, "token");
+      const std::vector<int32_t> order = slow_order(x, V);
+      for (size_t j = 0; j < size_t(std::min<int64_t>(n, V)); ++j) {
+        ASSERT_EQ(top[j].id, order[j]) << "V " << V << " row " << r << " alternative " << j;
+        expect_logprob(top[j].logprob, top[j].id, "alternative");
+      }
+    }
+  }
+}
+
+TEST(TokenLogprobs, EdgeRows) {
+  const float ln3 = float(std::log(3.0));
+  std::vector<TokenLogprob> top(4);
+  // p = 1/4, 3/4.
+  const std::vector<float> two = {0.0f, ln3};
+  EXPECT_NEAR(ref::token_logprobs(two.data(), 2, 0, top.data(), 4), std::log(0.25), 1e-6);
+  EXPECT_EQ(top[0].id, 1);
+  EXPECT_NEAR(top[0].logprob, std::log(0.75), 1e-6);
+  EXPECT_EQ(top[1].id, 0);
+  // Ties by the lower id; the list is capped at the row.
+  const std::vector<float> tie = {2.0f, 5.0f, 5.0f, 1.0f};
+  ref::token_logprobs(tie.data(), 4, 3, top.data(), 2);
+  EXPECT_EQ(top[0].id, 1);
+  EXPECT_EQ(top[1].id, 2);
+  EXPECT_EQ(top[0].logprob, top[1].logprob);
+  // +inf logits share the mass; NaN last and NaN.
+  const std::vector<float> inf = {INFINITY, 1.0f, INFINITY, NAN};
+  EXPECT_NEAR(ref::token_logprobs(inf.data(), 4, 0, top.data(), 4), -std::log(2.0), 1e-7);
+  EXPECT_EQ(top[0].id, 0);
+  EXPECT_EQ(top[1].id, 2);
+  EXPECT_EQ(top[2].id, 1);
+  EXPECT_EQ(top[2].logprob, -INFINITY);
+  EXPECT_EQ(top[3].id, 3);
+  EXPECT_TRUE(std::isnan(top[3].logprob));
+  // No logit above -inf: no distribution. An id outside the row: NaN.
+  const std::vector<float> none = {-INFINITY, NAN};
+  EXPECT_TRUE(std::isnan(ref::token_logprobs(none.data(), 2, 0, top.data(), 1)));
+  EXPECT_TRUE(std::isnan(top[0].logprob));
+  EXPECT_TRUE(std::isnan(ref::token_logprobs(two.data(), 2, 2, top.data(), 0)));
+  EXPECT_TRUE(std::isnan(ref::token_logprobs(two.data(), 2, -1, top.data(), 0)));
 }
 
 }  // namespace

@@ -140,7 +140,10 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
        "stop_token_ids[1] must be a token id in [0, 129280)"},
       {false, R"({"prompt": [1, 2], "presence_penalty": 0.5})", 400, "presence_penalty",
        "presence_penalty is not supported by this server"},
-      {false, R"({"prompt": [1, 2], "logprobs": 2})", 400, "logprobs", "logprobs is not supported"},
+      {false, R"({"prompt": [1, 2], "logprobs": 21})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
+      {false, R"({"prompt": [1, 2], "logprobs": true})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
+      {false, R"({"prompt": [1, 2], "top_logprobs": 2})", 400, "top_logprobs",
+       R"(top_logprobs is a chat completions field; /v1/completions takes "logprobs": N)"},
       {false, R"({"prompt": [1, 2], "echo": true})", 400, "echo", "echo is not supported"},
       {false, R"({"prompt": [1, 2], "max_tokens": 1023})", 400, "max_tokens",
        "maximum context length is 1024 tokens. However, you requested 1025 tokens (2 in the prompt, 1023 in the "
@@ -165,6 +168,12 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
        R"(temperature must be a number in [0, 2], got "hot")"},
       {true, R"({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]})", 400, "tools",
        "tools (function calling) are not supported"},
+      {true, R"({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 3})", 400, "top_logprobs",
+       R"(top_logprobs (3) needs "logprobs": true)"},
+      {true, R"({"messages": [{"role": "user", "content": "a"}], "logprobs": true, "top_logprobs": 21})", 400,
+       "top_logprobs", "top_logprobs must be an integer in [0, 20], got 21"},
+      {true, R"({"messages": [{"role": "user", "content": "a"}], "logprobs": 2})", 400, "logprobs",
+       "logprobs must be true or false, got 2"},
       {true, R"({"messages": [{"role": "user", "content": "a"}]})", 400, "messages", "chat completions need a tokenizer"},
       {true, R"({"messages": [{"role": "user", "content": "a"}], "model": "other"})", 404, "model",
        "The model `other` does not exist; this server serves `tiny`"},
@@ -223,6 +232,10 @@ TEST(OpenAiApi, CompletionFieldsMapOntoTheEngineRequest) {
   EXPECT_EQ(r.params.sampling.seed, 42u);
   EXPECT_TRUE(r.stream && r.include_usage && r.params.ignore_eos);
   EXPECT_EQ(r.params.stop_token_ids, (std::vector<int32_t>{3}));
+  EXPECT_EQ(r.params.logprobs, -1);  // "logprobs": null
+  EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "logprobs": 3})"), model).params.logprobs, 3);
+  EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "logprobs": 0})"), model).params.logprobs, 0);
+  EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "logprobs": false})"), model).params.logprobs, -1);
 
   // The default max_tokens shrinks to what the context leaves; an explicit one must fit.
   std::vector<int32_t> long_prompt(1020, 7);
@@ -394,6 +407,86 @@ TEST(ResponseBuilder, ChatStartsWithTheAssistantRoleAndEndsWithAnEmptyDelta) {
   EXPECT_EQ(last["choices"][0]["finish_reason"], "stop");
   EXPECT_FALSE(last.contains("usage"));
   EXPECT_EQ(events[3], "[DONE]");
+}
+
+engine::TokenEvent logprob_event(int32_t token, int32_t n, float logprob, std::vector<ops::TokenLogprob> top,
+                                 engine::FinishReason reason = engine::FinishReason::kNone) {
+  engine::TokenEvent e = token_event(token, n, reason);
+  e.logprob = logprob;
+  e.top_logprobs = std::move(top);
+  return e;
+}
+
+// Completions' logprobs: tokens named by id without a tokenizer, the most likely as {name: logprob},
+// -inf as -9999, each float at its shortest; the stream gives each chunk its tokens'.
+TEST(ResponseBuilder, CompletionLogprobsInOpenAiForm) {
+  const ModelInfo model = model_info();
+  ApiRequest r = parse_completion_request(json::parse(R"({"prompt": [4, 5], "max_tokens": 2, "logprobs": 2})"), model);
+  const auto events = std::vector<engine::TokenEvent>{
+      logprob_event(7, 1, -0.1f, {{7, -0.1f}, {9, -2.5f}}),
+      logprob_event(8, 2, -INFINITY, {{3, -0.03125f}, {4, -3.0f}}, engine::FinishReason::kLength)};
+  ResponseBuilder whole(r, model, "cmpl-x", 5);
+  for (const auto& e : events) whole.add_event(e);
+  ASSERT_EQ(whole.final_status(), 200);
+  const json want = json::parse(R"({"tokens": ["token_id:7", "token_id:8"], "token_logprobs": [-0.1, -9999.0],
+      "top_logprobs": [{"token_id:7": -0.1, "token_id:9": -2.5}, {"token_id:3": -0.03125, "token_id:4": -3.0}],
+      "text_offset": [0, 0]})");
+  EXPECT_EQ(json::parse(whole.final_body())["choices"][0]["logprobs"], want);
+  EXPECT_NE(whole.final_body().find("\"token_logprobs\":[-0.1,-9999.0]"), std::string::npos) << whole.final_body();
+
+  r.stream = true;
+  ResponseBuilder streamed(r, model, "cmpl-y", 5);
+  std::string body = streamed.stream_start();
+  for (const auto& e : events) body += streamed.stream_event(e);
+  std::string problem;
+  const auto chunks = sse_payloads(body, &problem);
+  ASSERT_TRUE(problem.empty()) << problem;
+  ASSERT_EQ(chunks.size(), 3u);
+  for (size_t i = 0; i < 2; ++i) {
+    const json lp = json::parse(chunks[i])["choices"][0]["logprobs"];
+    EXPECT_EQ(lp["tokens"], json::array({want["tokens"][i]}));
+    EXPECT_EQ(lp["token_logprobs"], json::array({want["token_logprobs"][i]}));
+    EXPECT_EQ(lp["top_logprobs"], json::array({want["top_logprobs"][i]}));
+  }
+  // Without the field: null, as before.
+  const ApiRequest plain = parse_completion_request(json::parse(R"({"prompt": [4, 5], "max_tokens": 1})"), model);
+  ResponseBuilder none(plain, model, "cmpl-z", 5);
+  none.add_event(logprob_event(7, 1, -0.1f, {}, engine::FinishReason::kLength));
+  EXPECT_TRUE(json::parse(none.final_body())["choices"][0]["logprobs"].is_null());
+}
+
+// Chat's logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}, the token's text
+// and its bytes from the tokenizer; completions' text_offset counts the characters before a token.
+TEST(ResponseBuilder, ChatLogprobsCarryTheTokensTextAndBytes) {
+  REQUIRE_TOKENIZER();
+  const auto tokenizer = shared_tokenizer();
+  const ModelInfo model = model_info(tokenizer.get());
+  const ApiRequest r = parse_chat_request(
+      json::parse(R"({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 1})"), model);
+  EXPECT_EQ(r.params.logprobs, 1);
+  const int32_t hello = tokenizer->encode("Hello", false).at(0);
+  const int32_t world = tokenizer->encode(" world", false).at(0);
+  ResponseBuilder b(r, model, "chatcmpl-x", 1);
+  b.add_event(logprob_event(hello, 1, -0.5f, {{world, -0.25f}}));
+  b.add_event(logprob_event(model.eos_token_id, 2, -1.0f, {{model.eos_token_id, -1.0f}}, engine::FinishReason::kStop));
+  const json body = json::parse(b.final_body());
+  const json& content = body["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 2u) << body.dump();
+  EXPECT_EQ(content[0]["token"], "Hello");
+  EXPECT_EQ(content[0]["logprob"], -0.5);
+  EXPECT_EQ(content[0]["bytes"], json::parse("[72, 101, 108, 108, 111]"));
+  EXPECT_EQ(content[0]["top_logprobs"], json::parse(R"([{"token": " world", "logprob": -0.25,
+      "bytes": [32, 119, 111, 114, 108, 100]}])"));
+  EXPECT_EQ(content[1]["token"], std::string(tokenizer->token_bytes(model.eos_token_id)));  // the stop token too
+
+  const ApiRequest c = parse_completion_request(json::parse(R"({"prompt": "Hi", "logprobs": 0})"), model);
+  ResponseBuilder completion(c, model, "cmpl-x", 1);
+  completion.add_event(logprob_event(hello, 1, -0.5f, {}));
+  completion.add_event(logprob_event(world, 2, -0.75f, {}, engine::FinishReason::kLength));
+  const json lp = json::parse(completion.final_body())["choices"][0]["logprobs"];
+  EXPECT_EQ(lp["tokens"], json::parse(R"(["Hello", " world"])"));
+  EXPECT_EQ(lp["text_offset"], json::parse("[0, 5]"));
+  EXPECT_EQ(lp["top_logprobs"], json::parse("[{}, {}]"));
 }
 
 TEST(ResponseBuilder, NonStreamBodyAndErrors) {
@@ -813,9 +906,38 @@ TEST_F(Serve, TextCompletionChatAndStopStrings) {
     EXPECT_LT(c["usage"]["completion_tokens"].get<int>(), 12);
   }
 
+  // Greedy with logprobs: each token is its row's most likely, so its log-probability is the
+  // first alternative's, and the text offsets follow the text.
+  json with_logprobs = base;
+  with_logprobs["logprobs"] = 3;
+  const HttpResult scored = post(e.port, "/v1/completions", with_logprobs.dump());
+  ASSERT_EQ(scored.status, 200) << scored.body;
+  const json s = json::parse(scored.body)["choices"][0];
+  EXPECT_EQ(s["text"], text);
+  const json& lp = s["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), out_ids.size()) << lp.dump();
+  StreamingDetokenizer detok(*e.tokenizer, /*skip_special=*/true);
+  int64_t offset = 0;  // characters of the text before token i
+  for (size_t i = 0; i < out_ids.size(); ++i) {
+    SCOPED_TRACE(i);
+    const float logprob = lp["token_logprobs"][i];
+    EXPECT_LE(logprob, 0.0f);
+    // 3 names, fewer only where ids without a token (all named "") are among them
+    ASSERT_GE(lp["top_logprobs"][i].size(), 1u);
+    ASSERT_LE(lp["top_logprobs"][i].size(), 3u);
+    float best = -INFINITY;
+    for (const auto& [name, value] : lp["top_logprobs"][i].items()) best = std::max(best, value.get<float>());
+    EXPECT_EQ(logprob, best);
+    // (bytes that end inside a UTF-8 sequence are written as U+FFFD)
+    EXPECT_EQ(lp["tokens"][i], json::parse(dump_json(std::string(e.tokenizer->token_bytes(out_ids[i])))));
+    EXPECT_EQ(lp["text_offset"][i], offset);
+    for (const char c : detok.push(out_ids[i])) offset += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  }
+
   const HttpResult chat = post(e.port, "/v1/chat/completions",
                                R"({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
-                                   {"role": "user", "content": "Hello!"}], "max_completion_tokens": 4})");
+                                   {"role": "user", "content": "Hello!"}], "max_completion_tokens": 4,
+                                   "logprobs": true, "top_logprobs": 2})");
   ASSERT_EQ(chat.status, 200) << chat.body;
   const json cj = json::parse(chat.body);
   EXPECT_EQ(cj["object"], "chat.completion");
@@ -824,6 +946,14 @@ TEST_F(Serve, TextCompletionChatAndStopStrings) {
   EXPECT_TRUE(cj["choices"][0]["message"]["content"].is_string());
   EXPECT_EQ(cj["usage"]["completion_tokens"].get<int>() + cj["usage"]["prompt_tokens"].get<int>(),
             cj["usage"]["total_tokens"].get<int>());
+  const json& content = cj["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), cj["usage"]["completion_tokens"].get<size_t>()) << chat.body;
+  for (const json& t : content) {
+    EXPECT_TRUE(t["token"].is_string() && t["bytes"].is_array());
+    EXPECT_EQ(t["top_logprobs"].size(), 2u);
+    EXPECT_GE(t["top_logprobs"][0]["logprob"].get<float>(), t["top_logprobs"][1]["logprob"].get<float>());
+    EXPECT_LE(t["logprob"].get<float>(), t["top_logprobs"][0]["logprob"].get<float>());
+  }
 
   const HttpResult chat_stream =
       post(e.port, "/v1/chat/completions",

@@ -112,5 +112,9 @@ int32_t argmax_lowest(const float* logits, int64_t n);
 // The token the law of ops/token_choice.h chooses from a row of n logits (n <= 2^23):
 // Backend::choose_tokens's contract, a row at a time. Thread-safe.
 int32_t choose_token(const float* logits, int64_t n, const TokenChoice& choice);
+// Log-probabilities by the law of ops/token_choice.h (the softmax at temperature 1, whatever the
+// row was sampled at): returns token's (NaN for an id outside [0, n)) and fills top[0, top_n)
+// with the top_n most likely tokens and theirs, in the law's order (top_n capped at n).
+float token_logprobs(const float* logits, int64_t n, int32_t token, TokenLogprob* top, int32_t top_n);
 
 }  // namespace dsv4::ops::ref

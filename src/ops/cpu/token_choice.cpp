@@ -3,6 +3,7 @@
 // weights may become an fma here when the kernel rounds twice) and -fno-trapping-math (the
 // weight loop's clamp becomes a select and the loop vectorizes; no result changes).
 #include <algorithm>
+#include <cmath>
 #include <functional>
 #include <vector>
 
@@ -42,6 +43,30 @@ void sort_head(std::vector<uint64_t>& keys, int64_t n) {
 
 constexpr int64_t kSumBlock = 512;  // the whole-vocabulary draw finds its block of ids, then its id
 
+// The sum of W_i over ids [begin, begin + n), n <= kSumBlock, each W_i also stored in w when w is
+// not null. m is the row's max (not NaN, not -inf).
+uint64_t block_weights(const float* logits, int64_t begin, int64_t n, float m, float inv, uint64_t* w) {
+  uint64_t s = 0;
+  if (m == INFINITY) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t x = fixed_weight(logits[begin + i], m, inv);
+      s += x;
+      if (w) w[i] = x;
+    }
+    return s;
+  }
+  // fixed_weight in two loops: the float weights (a loop that vectorizes), then their
+  // conversion to integers (which does not: no packed float-to-int64 before AVX-512).
+  float f[kSumBlock];
+  for (int64_t i = 0; i < n; ++i) f[i] = token_weight(logits[begin + i], m, inv);
+  if (!w) {
+    for (int64_t i = 0; i < n; ++i) s += fixed_point(f[i]);
+    return s;
+  }
+  for (int64_t i = 0; i < n; ++i) s += (w[i] = fixed_point(f[i]));
+  return s;
+}
+
 }  // namespace
 
 int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
@@ -60,17 +85,8 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
     const int64_t blocks = (V + kSumBlock - 1) / kSumBlock;
     block_sum.assign(size_t(blocks), 0);
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t begin = b * kSumBlock, end = std::min(V, begin + kSumBlock);
-      uint64_t s = 0;
-      if (m == INFINITY) {
-        for (int64_t i = begin; i < end; ++i) s += (w[size_t(i)] = fixed_weight(logits[i], m, inv));
-      } else {
-        // fixed_weight in two loops: the float weights (a loop that vectorizes), then their
-        // conversion to integers (which does not: no packed float-to-int64 before AVX-512).
-        float f[kSumBlock];
-        for (int64_t i = begin; i < end; ++i) f[i - begin] = token_weight(logits[i], m, inv);
-        for (int64_t i = begin; i < end; ++i) s += (w[size_t(i)] = fixed_point(f[i - begin]));
-      }
+      const int64_t begin = b * kSumBlock;
+      const uint64_t s = block_weights(logits, begin, std::min(kSumBlock, V - begin), m, inv, &w[size_t(begin)]);
       block_sum[size_t(b)] = s;
       total += s;
     }
@@ -120,6 +136,36 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
   for (int32_t id : kept)
     if (t < (run += fixed_weight(logits[id], m, inv))) return id;
   return kept.back();  // not reached: t < kept_total
+}
+
+float token_logprobs(const float* logits, int64_t V, int32_t token, TokenLogprob* top, int32_t top_n) {
+  top_n = int32_t(std::min<int64_t>(std::max(top_n, 0), V));
+  if (top_n > 0) {
+    thread_local std::vector<uint64_t> keys;
+    keys.resize(size_t(V));
+    for (int64_t i = 0; i < V; ++i) keys[size_t(i)] = order_key(logits[i], int32_t(i));
+    sort_head(keys, top_n);
+    for (int32_t j = 0; j < top_n; ++j) top[j].id = key_id(keys[size_t(j)]);
+  }
+  const float m = row_max(logits, V);
+  // The log-probability of one logit; the row's normalizer first.
+  std::function<float(float)> logprob;
+  if (m == -INFINITY) {  // NaNs and -infs only: no distribution
+    logprob = [](float) { return NAN; };
+  } else if (m == INFINITY) {  // the +inf logits share the mass
+    int64_t count = 0;
+    for (int64_t i = 0; i < V; ++i) count += logits[i] == INFINITY;
+    const float at_max = float(-std::log(double(count)));
+    logprob = [at_max](float x) { return x == INFINITY ? at_max : x != x ? NAN : -INFINITY; };
+  } else {
+    uint64_t total = 0;
+    for (int64_t begin = 0; begin < V; begin += kSumBlock)
+      total += block_weights(logits, begin, std::min(kSumBlock, V - begin), m, 1.0f, nullptr);
+    const double log_z = std::log(double(total)) - kWeightBits * std::log(2.0);
+    logprob = [m, log_z](float x) { return float((double(x) - double(m)) - log_z); };
+  }
+  for (int32_t j = 0; j < top_n; ++j) top[j].logprob = logprob(logits[top[j].id]);
+  return token >= 0 && token < V ? logprob(logits[token]) : NAN;
 }
 
 }  // namespace dsv4::ops::ref
