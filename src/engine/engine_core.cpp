@@ -184,7 +184,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
       e.vocab = vocab_;
     }
     if (r.params.logprobs >= 0) {
-      // On the host, from the whole row (~0.2 ms a row on one core; docs/design/token-choice.md).
+      // On the host, from the whole row (~0.3 ms a row on one core; docs/design/token-choice.md).
       e.top_logprobs.resize(size_t(std::min<int64_t>(r.params.logprobs, vocab_)));
       e.logprob = ops::ref::token_logprobs(logits, vocab_, token, e.top_logprobs.data(),
                                            int32_t(e.top_logprobs.size()));
