@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <thread>
 
 #include "core/error.h"
 #include "ops/cpu/primitives.h"
@@ -154,6 +155,31 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
         runner_.step_tokens(build_step_metadata(step.slices, padding), choices, &tokens_, full_rows, false);
   }
   scheduler_.commit(step);
+  // The log-probabilities of the rows that ask, from their whole rows (docs/design/token-choice.md).
+  std::vector<size_t> scored;  // slices
+  std::vector<int32_t> token_of(step.slices.size(), -1);
+  for (size_t k = 0, row = 0; k < step.slices.size(); ++k) {
+    if (!step.slices[k].want_logits) continue;
+    token_of[k] = tokens_[row++];
+    if (full_index[k] >= 0 && step.requests[k]->params.logprobs >= 0) scored.push_back(k);
+  }
+  std::vector<float> logprob(step.slices.size(), 0.0f);
+  std::vector<std::vector<ops::TokenLogprob>> top(step.slices.size());
+  const auto score = [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const size_t k = scored[size_t(j)];
+      top[k].resize(size_t(std::min<int64_t>(step.requests[k]->params.logprobs, vocab_)));
+      logprob[k] = ops::ref::token_logprobs(full_logits + size_t(full_index[k]) * size_t(vocab_), vocab_, token_of[k],
+                                            top[k].data(), int32_t(top[k].size()));
+    }
+  };
+  if (scored.size() > 1) {
+    if (!logprob_pool_)
+      logprob_pool_ = std::make_unique<core::ThreadPool>(int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u)));
+    logprob_pool_->parallel_for(int64_t(scored.size()), score);
+  } else {
+    score(0, int64_t(scored.size()));
+  }
   size_t row = 0;
   int64_t generated = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
@@ -184,10 +210,8 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
       e.vocab = vocab_;
     }
     if (r.params.logprobs >= 0) {
-      // On the host, from the whole row (~0.3 ms a row on one core; docs/design/token-choice.md).
-      e.top_logprobs.resize(size_t(std::min<int64_t>(r.params.logprobs, vocab_)));
-      e.logprob = ops::ref::token_logprobs(logits, vocab_, token, e.top_logprobs.data(),
-                                           int32_t(e.top_logprobs.size()));
+      e.logprob = logprob[k];
+      e.top_logprobs = std::move(top[k]);
     }
     if (reason != FinishReason::kNone) {
       // The last token travels with the finish event.
