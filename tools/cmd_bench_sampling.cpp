@@ -77,9 +77,10 @@ Command add_bench_sampling(CLI::App& app) {
       "top_p 0.95 at temperature 1; top_k 40 with top_p 0.9), the time to sample the R rows on the host one\n"
       "after another and on a pool of min(16, cores) threads (as the engine did in the seventy-second\n"
       "session), and on the backend: choose_tokens with the choices uploaded and the ids downloaded (as\n"
-      "the engine does now). The backend's tokens must equal the host's, bit for bit. Last, the host time of\n"
-      "each row's log-probabilities with the 5 most likely tokens' (what the engine computes, on the host, for a\n"
-      "request that asks for logprobs).");
+      "the engine does now). The backend's tokens must equal the host's, bit for bit. Last, \"logprobs top 5\":\n"
+      "each row's log-probability record with the 5 most likely tokens (ops/token_choice.h) on the host, one\n"
+      "thread and the pool, and on the backend (choose_tokens, then token_logprobs, ids and records down: what\n"
+      "the engine runs for requests that ask for logprobs); the records must be equal.");
   app.add_option("--backend", o->backend, "cuda, cpu or auto")->default_val("auto");
   app.add_option("--rows", o->rows, "Comma-separated logits rows a step")->default_val(o->rows);
   app.add_option("--vocab", o->vocab, "Columns a row (the vocabulary)")->default_val(o->vocab)->check(CLI::Range(1, 1 << 24));
@@ -193,13 +194,13 @@ Command add_bench_sampling(CLI::App& app) {
         entry["samplers"].push_back(
             {{"sampler", c.name}, {"one_thread_ms", serial}, {"pool_ms", parallel}, {"backend_ms", on_backend}});
       }
-      // Log-probabilities as the engine takes them for a request that asks (on the host, from the
-      // whole row: the token's and the 5 most likely tokens').
-      std::vector<ops::TokenLogprob> top(size_t(R) * 5);
-      std::vector<float> logprob(static_cast<size_t>(R));
+      // Log-probabilities with the 5 most likely tokens' (greedy rows): each row's record on the
+      // host (the reference) and on the backend with the ids and records down (as the engine
+      // takes them for requests that ask); the records must be equal.
+      std::vector<ops::TokenLogprobRecord> want_records(static_cast<size_t>(R)), got_records(static_cast<size_t>(R));
       const auto score = [&](int64_t r) {
-        logprob[size_t(r)] = ops::ref::token_logprobs(copy.data() + size_t(r) * size_t(V), V, want[size_t(r)],
-                                                      top.data() + size_t(r) * 5, 5);
+        want_records[size_t(r)] =
+            ops::ref::token_logprob_record(copy.data() + size_t(r) * size_t(V), V, want[size_t(r)], 5);
       };
       const double logprobs_serial = median_ms(o->replays, [&] {
         for (int32_t r = 0; r < R; ++r) score(r);
@@ -209,9 +210,32 @@ Command add_bench_sampling(CLI::App& app) {
           for (int64_t r = b; r < e; ++r) score(r);
         });
       });
-      std::printf("%5s %16s %16s %12s %15s | %-14s %9.3f ms %9.3f ms %12s\n", "", "", "", "", "", "logprobs top 5",
-                  logprobs_serial, logprobs_pool, "(host)");
-      entry["logprobs_top5"] = {{"one_thread_ms", logprobs_serial}, {"pool_ms", logprobs_pool}};
+      ops::TokenChoice scored;
+      scored.logprobs = 5;
+      const std::vector<ops::TokenChoice> scored_choices(static_cast<size_t>(R), scored);
+      core::Tensor records = be.empty(core::DType::kI32, {R, ops::kTokenLogprobWords});
+      const double logprobs_backend = median_ms(o->replays, [&] {
+        be.upload(choices, scored_choices.data(), scored_choices.size() * sizeof(ops::TokenChoice));
+        be.choose_tokens(logits, choices, ids);
+        be.token_logprobs(logits, choices, ids, records);
+        be.download(got.data(), ids, size_t(R) * 4);
+        be.download(got_records.data(), records, got_records.size() * sizeof(ops::TokenLogprobRecord));
+        be.synchronize();
+      });
+      for (int32_t r = 0; r < R; ++r) {
+        const ops::TokenLogprobRecord &g = got_records[size_t(r)], &w = want_records[size_t(r)];
+        bool same = g.max_logit == w.max_logit && g.z1 == w.z1 && g.token == w.token &&
+                    g.token_logit == w.token_logit && g.count == w.count;
+        for (int32_t j = 0; same && j < w.count; ++j) same = g.ids[j] == w.ids[j] && g.logits[j] == w.logits[j];
+        if (!same)
+          core::fail("bench sampling: the backend's log-probability record of row {} differs from the host's (Z1 {} "
+                     "against {}, max {} against {})",
+                     r, g.z1, w.z1, g.max_logit, w.max_logit);
+      }
+      std::printf("%5s %16s %16s %12s %15s | %-14s %9.3f ms %9.3f ms %9.3f ms\n", "", "", "", "", "",
+                  "logprobs top 5", logprobs_serial, logprobs_pool, logprobs_backend);
+      entry["logprobs_top5"] = {
+          {"one_thread_ms", logprobs_serial}, {"pool_ms", logprobs_pool}, {"backend_ms", logprobs_backend}};
       std::fflush(stdout);
       results.push_back(entry);
     }

@@ -2,10 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <thread>
 
 #include "core/error.h"
-#include "ops/cpu/primitives.h"
 
 namespace dsv4::engine {
 
@@ -138,54 +136,35 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     const Request& r = *step.requests[k];
-    if (!r.finished && (r.params.return_logits || r.params.logprobs >= 0)) {
+    if (!r.finished && r.params.return_logits) {
       full_index[k] = int32_t(full_rows.size());
       full_rows.push_back(int32_t(choices.size()));
     }
     // A finished request's row (cancelled while scheduled) is taken greedily and dropped.
-    choices.push_back(r.finished ? ops::TokenChoice{} : token_choice(r.params.sampling, int64_t(r.tokens.size())));
+    ops::TokenChoice c;
+    if (!r.finished) {
+      c = token_choice(r.params.sampling, int64_t(r.tokens.size()));
+      c.logprobs = r.params.logprobs;  // their records come back, not their rows
+    }
+    choices.push_back(c);
   }
   const float* full_logits = nullptr;  // the whole rows, in full_rows' order (the runner's buffer)
   if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
     // The runner pads a graph step to its bucket itself.
-    full_logits =
-        runner_.step_tokens(build_step_metadata(step.slices), choices, &tokens_, full_rows, true, padding.rows);
+    full_logits = runner_.step_tokens(build_step_metadata(step.slices), choices, &tokens_, full_rows, true,
+                                      padding.rows, &logprob_records_);
   } else {
-    full_logits =
-        runner_.step_tokens(build_step_metadata(step.slices, padding), choices, &tokens_, full_rows, false);
+    full_logits = runner_.step_tokens(build_step_metadata(step.slices, padding), choices, &tokens_, full_rows, false,
+                                      0, &logprob_records_);
   }
   scheduler_.commit(step);
-  // The log-probabilities of the rows that ask, from their whole rows (docs/design/token-choice.md).
-  std::vector<size_t> scored;  // slices
-  std::vector<int32_t> token_of(step.slices.size(), -1);
-  for (size_t k = 0, row = 0; k < step.slices.size(); ++k) {
-    if (!step.slices[k].want_logits) continue;
-    token_of[k] = tokens_[row++];
-    if (full_index[k] >= 0 && step.requests[k]->params.logprobs >= 0) scored.push_back(k);
-  }
-  std::vector<float> logprob(step.slices.size(), 0.0f);
-  std::vector<std::vector<ops::TokenLogprob>> top(step.slices.size());
-  const auto score = [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const size_t k = scored[size_t(j)];
-      top[k].resize(size_t(std::min<int64_t>(step.requests[k]->params.logprobs, vocab_)));
-      logprob[k] = ops::ref::token_logprobs(full_logits + size_t(full_index[k]) * size_t(vocab_), vocab_, token_of[k],
-                                            top[k].data(), int32_t(top[k].size()));
-    }
-  };
-  if (scored.size() > 1) {
-    if (!logprob_pool_)
-      logprob_pool_ = std::make_unique<core::ThreadPool>(int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u)));
-    logprob_pool_->parallel_for(int64_t(scored.size()), score);
-  } else {
-    score(0, int64_t(scored.size()));
-  }
   size_t row = 0;
   int64_t generated = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
     if (!step.slices[k].want_logits) continue;
     Request& r = *step.requests[k];
-    const int32_t token = tokens_[row++];
+    const size_t choice_row = row++;
+    const int32_t token = tokens_[choice_row];
     if (r.finished) continue;
     const float* logits = full_index[k] >= 0 ? full_logits + size_t(full_index[k]) * size_t(vocab_) : nullptr;
     r.tokens.push_back(token);
@@ -209,9 +188,11 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
       e.logits = logits;
       e.vocab = vocab_;
     }
-    if (r.params.logprobs >= 0) {
-      e.logprob = logprob[k];
-      e.top_logprobs = std::move(top[k]);
+    if (r.params.logprobs >= 0) {  // the record the backend made of the row (ops/token_choice.h)
+      const ops::TokenLogprobRecord& lr = logprob_records_[choice_row];
+      e.logprob = ops::token_law::logprob_from(lr.token_logit, lr);
+      for (int32_t j = 0; j < lr.count; ++j)
+        e.top_logprobs.push_back({lr.ids[j], ops::token_law::logprob_from(lr.logits[j], lr)});
     }
     if (reason != FinishReason::kNone) {
       // The last token travels with the finish event.

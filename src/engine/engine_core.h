@@ -11,7 +11,6 @@
 #include <unordered_map>
 #include <vector>
 
-#include "core/thread_pool.h"
 #include "engine/kv_pool.h"
 #include "engine/model_runner.h"
 #include "engine/request.h"
@@ -79,10 +78,7 @@ class EngineCore {
   mutable std::mutex stats_mutex_;
   EngineStats stats_;
   std::vector<int32_t> tokens_;  // the step's tokens, a logits row each
-  // Log-probabilities are taken on the host from whole rows, ~0.3 ms a row on one core against a
-  // 3-12 ms GPU step, so a step's rows that ask are scored in parallel; the pool starts with the
-  // first step that has two of them (most servers never do).
-  std::unique_ptr<core::ThreadPool> logprob_pool_;
+  std::vector<ops::TokenLogprobRecord> logprob_records_;  // the step's, where a row asked
 };
 
 }  // namespace dsv4::engine

@@ -73,6 +73,7 @@ ModelRunner::ModelRunner(const model::ModelConfig& config, const model::ModelWei
     for (int i = 0; i < kMetadataRegions; ++i)
       *arrays[size_t(i)] = i == kChoicesRegion ? region(i, {L, ops::kTokenChoiceWords}) : region(i, {sizes[i]});
     token_ids_out_ = backend.empty(DType::kI32, {L});
+    token_logprob_records_ = backend.empty(DType::kI32, {L, ops::kTokenLogprobWords});
   };
   if (options_.cache_pages_from_free_memory) allocate_step_buffers();
 
@@ -209,14 +210,25 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
 
 const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vector<ops::TokenChoice>& choices,
                                       std::vector<int32_t>* tokens, const std::vector<int32_t>& full_rows,
-                                      bool allow_graph, int32_t min_graph_rows) {
+                                      bool allow_graph, int32_t min_graph_rows,
+                                      std::vector<ops::TokenLogprobRecord>* logprob_records) {
   const int64_t R = int64_t(meta.logit_rows.size());
   DSV4_CHECK(int64_t(choices.size()) == R, "step_tokens: {} token choices for {} logits rows", choices.size(), R);
+  const bool logprobs =
+      std::any_of(choices.begin(), choices.end(), [](const ops::TokenChoice& c) { return c.logprobs >= 0; });
+  DSV4_CHECK(!logprobs || logprob_records, "step_tokens: choices ask for log-probabilities and no records are taken");
   launch_step(meta, false, allow_graph, min_graph_rows, &choices);  // the choices go up with the metadata
   tokens->resize(size_t(R));
   if (R > 0) {
     backend_.choose_tokens(buffers_->logits.rows(0, R), token_choices_.rows(0, R), token_ids_out_.rows(0, R));
+    if (logprobs)
+      backend_.token_logprobs(buffers_->logits.rows(0, R), token_choices_.rows(0, R), token_ids_out_.rows(0, R),
+                              token_logprob_records_.rows(0, R));
     backend_.download(tokens->data(), token_ids_out_, size_t(R) * 4);
+    if (logprobs) {
+      logprob_records->resize(size_t(R));
+      backend_.download(logprob_records->data(), token_logprob_records_, size_t(R) * sizeof(ops::TokenLogprobRecord));
+    }
   }
   // The whole rows asked for, a copy per run of consecutive rows.
   const size_t V = size_t(config_.vocab_size);
@@ -359,16 +371,19 @@ WarmUpReport ModelRunner::warm_up(bool prefill) {
         [&] { step(build_step_metadata({s}), nullptr, nullptr, true, b); });
     report.graph_buckets.push_back(b);
   }
-  // Loads choose_tokens' kernel (CUDA loads a module at its first launch) on the last step's
-  // first logits row, by every path a sampled row takes.
+  // Loads choose_tokens' and token_logprobs' kernels (CUDA loads a module at its first launch)
+  // on the last step's first logits row, by every path a sampled row takes.
   ops::TokenChoice sampled;
   sampled.temperature = 1.0f;
   sampled.top_k = 2;
   sampled.top_p = 0.5f;
+  sampled.logprobs = 2;
   int32_t chosen = 0;
   run("choosing a token", [&] {
     backend_.upload(token_choices_, &sampled, sizeof(sampled));
     backend_.choose_tokens(buffers_->logits.rows(0, 1), token_choices_.rows(0, 1), token_ids_out_.rows(0, 1));
+    backend_.token_logprobs(buffers_->logits.rows(0, 1), token_choices_.rows(0, 1), token_ids_out_.rows(0, 1),
+                            token_logprob_records_.rows(0, 1));
     backend_.download(&chosen, token_ids_out_, 4);
     backend_.synchronize();
   });

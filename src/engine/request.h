@@ -15,7 +15,7 @@ namespace dsv4::engine {
 
 // The most alternatives a token's log-probabilities may list (OpenAI's top_logprobs limit, and
 // vLLM's default max_logprobs).
-constexpr int32_t kMaxLogprobs = 20;
+constexpr int32_t kMaxLogprobs = ops::kMaxTokenLogprobs;
 
 enum class FinishReason { kNone, kLength, kStop, kCancelled, kError };
 const char* finish_reason_name(FinishReason reason);  // "length", "stop", ...

@@ -697,6 +697,17 @@ void Backend::choose_tokens(const Tensor& logits, const Tensor& choices, const T
   do_choose_tokens(logits, choices, ids);
 }
 
+void Backend::token_logprobs(const Tensor& logits, const Tensor& choices, const Tensor& ids, const Tensor& records) {
+  const auto d = device();
+  expect(logits, DType::kF32, {-1, -1}, d, "token_logprobs", "logits");
+  expect(choices, DType::kI32, {logits.size(0), kTokenChoiceWords}, d, "token_logprobs", "choices");
+  expect(ids, DType::kI32, {logits.size(0)}, d, "token_logprobs", "ids");
+  expect(records, DType::kI32, {logits.size(0), kTokenLogprobWords}, d, "token_logprobs", "records");
+  DSV4_CHECK(logits.size(0) == 0 || (logits.size(1) >= 1 && logits.size(1) <= token_law::kMaxVocab),
+             "token_logprobs: rows of {} columns (1 to {})", logits.size(1), token_law::kMaxVocab);
+  do_token_logprobs(logits, choices, ids, records);
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   DSV4_CHECK(dst.nbytes() >= src.nbytes(), "copy: {} bytes into a tensor of {}", src.nbytes(), dst.nbytes());
   DSV4_CHECK(src.device() == device() && dst.device() == device(), "copy: tensors on the wrong device");

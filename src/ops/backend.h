@@ -340,6 +340,13 @@ class Backend {
   // ids cross to the host. logits f32 [R, V] (1 <= V <= 2^23), choices i32
   // [R, kTokenChoiceWords] (a TokenChoice a row), ids i32 [R].
   void choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids);
+  // Each row's log-probability record (ops/token_choice.h: the row's max, its temperature-1
+  // weight Z1, the logits of token ids[r] and of the row's most likely tokens) where its choice
+  // asks (logprobs >= 0); the records of the other rows are left as they were. Only R records
+  // cross to the host, not the rows. logits f32 [R, V] (1 <= V <= 2^23), choices i32
+  // [R, kTokenChoiceWords], ids i32 [R] (the rows' tokens), records i32 [R, kTokenLogprobWords].
+  void token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
+                      const core::Tensor& records);
   // dst[t, s, :] = src[index[t, s], s, :], or zeros where index[t, s] < 0 (the
   // expert-parallel combine puts returned expert outputs back in slot order).
   // src bf16 [R, k, D], index i32 [T, k], dst bf16 [T, k, D].
@@ -441,6 +448,8 @@ class Backend {
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
   virtual void do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) = 0;
   virtual void do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) = 0;
+  virtual void do_token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
+                                 const core::Tensor& records) = 0;
   virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;
 };
 

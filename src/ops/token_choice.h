@@ -23,12 +23,16 @@
 //
 // Log-probabilities (the API's logprobs) are those of the model's distribution: the softmax
 // at temperature 1, before top_k and top_p, whatever the row was sampled at (as vLLM's
-// default). log p_i = (logit_i - m) - ln(Z1 / 2^40) in double, rounded to float, Z1 the sum of
-// the W_i at temperature 1: an integer, so a kernel's parallel sum gives the host's. Where m is
-// +inf, each +inf logit has -ln(count of them) and the rest -inf; a row without a logit above
-// -inf has NaN. The n most likely tokens are the first n in the law's order.
+// default). Backend::token_logprobs reduces a row to a TokenLogprobRecord: m, Z1 = the sum of
+// the W_i at temperature 1 (an integer, so a kernel's parallel sum is the host's), the chosen
+// token's logit, and the ids and logits of the n most likely tokens (the first n in the law's
+// order). The host turns a record into floats (logprob_from): log p_i = (logit_i - m) -
+// ln(Z1 / 2^40) in double, rounded to float; where m is +inf, -ln(Z1 / 2^40) (each +inf logit
+// weighs 1) for a +inf logit and -inf for the rest; NaN for a NaN logit and in a row without a
+// logit above -inf.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "core/dtype.h"
@@ -42,7 +46,7 @@ struct TokenChoice {
   float temperature = 0.0f;  // <= 0: greedy
   float top_p = 1.0f;        // (0, 1]; 1: no limit
   int32_t top_k = 0;         // 0 (or >= V): no limit
-  int32_t reserved = 0;
+  int32_t logprobs = -1;     // Backend::token_logprobs: 0 to kMaxTokenLogprobs alternatives; -1: none
   uint64_t seed = 0;
   int64_t position = 0;      // the draw's counter: the token's position in its sequence
 };
@@ -54,6 +58,24 @@ struct TokenLogprob {
   int32_t id = -1;
   float logprob = 0.0f;
 };
+
+// The most likely tokens a row's log-probabilities may list (OpenAI's top_logprobs limit).
+constexpr int32_t kMaxTokenLogprobs = 20;
+
+// What Backend::token_logprobs gives of a row whose choice asks (logprobs >= 0): everything its
+// log-probabilities need (token_law::logprob_from), exactly (184 bytes: a tensor row of
+// kTokenLogprobWords i32 words).
+struct TokenLogprobRecord {
+  float max_logit = 0.0f;                // m: the largest logit that is not NaN (-inf if none)
+  int32_t count = 0;                     // alternatives listed: min(logprobs, V)
+  uint64_t z1 = 0;                       // the sum of W_i at temperature 1 (0 if m is -inf)
+  float token_logit = 0.0f;              // the chosen token's logit
+  int32_t token = -1;
+  int32_t ids[kMaxTokenLogprobs] = {};   // the `count` most likely tokens, in the law's order
+  float logits[kMaxTokenLogprobs] = {};  // and their logits
+};
+static_assert(sizeof(TokenLogprobRecord) == 184, "TokenLogprobRecord is a tensor row of 46 i32 words");
+constexpr int64_t kTokenLogprobWords = 46;
 
 namespace token_law {
 
@@ -132,6 +154,14 @@ DSV4_HD uint64_t draw_target(uint64_t seed, int64_t position, uint64_t total) {
 #else
   return uint64_t((unsigned __int128)r * total >> 64);
 #endif
+}
+
+// A logit's log-probability from its row's record (host: the logarithm in double).
+inline float logprob_from(float logit, const TokenLogprobRecord& r) {
+  if (r.max_logit == -INFINITY || logit != logit) return NAN;
+  const double log_z = std::log(double(r.z1)) - double(kWeightBits) * 0.69314718055994530942;
+  if (r.max_logit == INFINITY) return logit == INFINITY ? float(-log_z) : -INFINITY;
+  return float((double(logit) - double(r.max_logit)) - log_z);
 }
 
 }  // namespace token_law

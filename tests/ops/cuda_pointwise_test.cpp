@@ -161,7 +161,7 @@ class CudaPointwise : public ::testing::Test, protected testing::CudaAndCpuBacke
     DSV4_REQUIRE_CUDA();
     create(4);
   }
-  // ChooseTokensMatchesTheReference's cases, on rows drawn with `salt`.
+  // ChooseTokensAndTheirLogprobsMatchTheReference's cases, on rows drawn with `salt`.
   void check_choose_tokens(uint64_t salt);
 };
 
@@ -787,7 +787,9 @@ TEST_F(CudaPointwise, ArgmaxRowsMatchesTheReferenceScan) {
 // infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the
 // 16-byte path, and an unaligned row; with the radix histograms' per-key atomics and with
 // their warp-aggregated updates (DSV4_CUDA_CHOOSE_AGGREGATE).
-TEST_F(CudaPointwise, ChooseTokensMatchesTheReference) {
+// The tokens (choose_tokens) and, where a row's choice asks, its log-probability record
+// (token_logprobs, for the token chosen) against the CPU reference, bit for bit.
+TEST_F(CudaPointwise, ChooseTokensAndTheirLogprobsMatchTheReference) {
   for (int aggregate : {0, 1}) {
     SCOPED_TRACE(aggregate ? "warp-aggregated histograms" : "an atomic a key");
     cuda_choose_force_aggregate(aggregate);
@@ -814,6 +816,14 @@ void CudaPointwise::check_choose_tokens(uint64_t salt) {
       ASSERT_EQ(h.as<int32_t>()[r], want.as<int32_t>()[r])
           << what << " row " << r << ": temperature " << choices[size_t(r)].temperature << " top_k "
           << choices[size_t(r)].top_k << " top_p " << choices[size_t(r)].top_p;
+    Tensor want_records = Tensor::empty_cpu(DType::kI32, {R, kTokenLogprobWords});
+    cpu().token_logprobs(logits, c, want, want_records);
+    Tensor got_records = poisoned(DType::kI32, {R, kTokenLogprobWords});
+    cuda().token_logprobs(dev_logits, dev(c), got, got_records);
+    const Tensor hr = host(got_records);
+    testing::expect_logprob_records_equal(reinterpret_cast<const TokenLogprobRecord*>(hr.data()),
+                                          reinterpret_cast<const TokenLogprobRecord*>(want_records.data()), choices,
+                                          what);
   };
   for (int64_t V : {129280, 1000, 1003, 2, 1})
     for (int64_t R : kRows) {

@@ -141,6 +141,27 @@ struct TokenChoiceCase {
   std::vector<ops::TokenChoice> choices;   // R
 };
 
+// Backend::token_logprobs' records, got against want, for the rows whose choice asks: every
+// field bit for bit (NaN logits included), the alternatives up to the count.
+inline void expect_logprob_records_equal(const ops::TokenLogprobRecord* got, const ops::TokenLogprobRecord* want,
+                                         const std::vector<ops::TokenChoice>& choices, const std::string& what) {
+  const auto bits = [](float x) { return core::float_bits(x); };
+  for (size_t r = 0; r < choices.size(); ++r) {
+    if (choices[r].logprobs < 0) continue;
+    const ops::TokenLogprobRecord &g = got[r], &w = want[r];
+    SCOPED_TRACE(::testing::Message() << what << " row " << r << " asking " << choices[r].logprobs);
+    EXPECT_EQ(bits(g.max_logit), bits(w.max_logit));
+    EXPECT_EQ(g.z1, w.z1);
+    EXPECT_EQ(g.token, w.token);
+    EXPECT_EQ(bits(g.token_logit), bits(w.token_logit));
+    ASSERT_EQ(g.count, w.count);
+    for (int32_t j = 0; j < w.count; ++j) {
+      EXPECT_EQ(g.ids[j], w.ids[j]) << "alternative " << j;
+      EXPECT_EQ(bits(g.logits[j]), bits(w.logits[j])) << "alternative " << j;
+    }
+  }
+}
+
 inline TokenChoiceCase token_choice_case(Rng& rng, int64_t R, int64_t V) {
   TokenChoiceCase c;
   c.logits = core::Tensor::empty_cpu(core::DType::kF32, {R, V});
@@ -174,6 +195,8 @@ inline TokenChoiceCase token_choice_case(Rng& rng, int64_t R, int64_t V) {
     t.top_p = top_ps[rng.uniform_int(0, 6)];
     t.seed = uint64_t(rng.uniform_int(0, INT64_MAX));
     t.position = rng.uniform_int(0, 1 << 20);
+    const int32_t logprobs[] = {-1, -1, 0, 1, 5, ops::kMaxTokenLogprobs, ops::kMaxTokenLogprobs + 9};
+    t.logprobs = logprobs[rng.uniform_int(0, 6)];
     c.choices.push_back(t);
   }
   return c;

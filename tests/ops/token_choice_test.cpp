@@ -213,12 +213,44 @@ TEST(TokenLogprobs, AreTheLogSoftmaxInDouble) {
       std::vector<TokenLogprob> top(static_cast<size_t>(n));
       expect_logprob(ref::token_logprobs(x, V, token, top.data(), n), token, "token");
       const std::vector<int32_t> order = slow_order(x, V);
-      for (size_t j = 0; j < size_t(std::min<int64_t>(n, V)); ++j) {
+      for (size_t j = 0; j < size_t(std::min<int64_t>(std::min(n, kMaxTokenLogprobs), V)); ++j) {
         ASSERT_EQ(top[j].id, order[j]) << "V " << V << " row " << r << " alternative " << j;
         expect_logprob(top[j].logprob, top[j].id, "alternative");
       }
     }
   }
+}
+
+// The CPU backend's records are the reference's for the rows that ask, for the token given; the
+// other rows' records are left as they were.
+TEST(TokenLogprobs, CpuBackendRecordsEveryAskedRowAsTheReference) {
+  testing::Rng rng(0x70f);
+  const int64_t R = 41, V = 3001;
+  const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
+  CpuBackend cpu(2);
+  core::Tensor choices = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenChoiceWords});
+  std::memcpy(choices.data(), tc.choices.data(), size_t(R) * sizeof(TokenChoice));
+  core::Tensor ids = core::Tensor::empty_cpu(core::DType::kI32, {R});
+  for (int64_t r = 0; r < R; ++r) ids.as<int32_t>()[r] = int32_t(rng.uniform_int(0, V - 1));
+  core::Tensor records = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenLogprobWords});
+  testing::poison(records);
+  cpu.token_logprobs(tc.logits, choices, ids, records);
+  const auto* got = reinterpret_cast<const TokenLogprobRecord*>(records.data());
+  std::vector<TokenLogprobRecord> want(static_cast<size_t>(R));
+  int asked = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const TokenChoice& c = tc.choices[size_t(r)];
+    if (c.logprobs < 0) {
+      EXPECT_EQ(got[r].z1, 0x7f7f7f7f7f7f7f7full) << "row " << r << " asked for nothing and was written";
+      continue;
+    }
+    ++asked;
+    want[size_t(r)] = ref::token_logprob_record(tc.logits.as<float>() + r * V, V, ids.as<int32_t>()[r], c.logprobs);
+    EXPECT_EQ(got[r].count, std::min(c.logprobs, kMaxTokenLogprobs)) << "row " << r;
+  }
+  EXPECT_GT(asked, 10);
+  testing::expect_logprob_records_equal(got, want.data(), tc.choices, "cpu");
+  EXPECT_THROW(cpu.token_logprobs(tc.logits, choices, ids, ids), std::exception);  // records of the wrong shape
 }
 
 TEST(TokenLogprobs, EdgeRows) {

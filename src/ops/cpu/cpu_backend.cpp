@@ -490,6 +490,18 @@ void CpuBackend::do_choose_tokens(const Tensor& logits, const Tensor& choices, c
   });
 }
 
+void CpuBackend::do_token_logprobs(const Tensor& logits, const Tensor& choices, const Tensor& ids,
+                                   const Tensor& records) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
+  auto* out = reinterpret_cast<TokenLogprobRecord*>(records.data());
+  pool_.parallel_for(R, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      if (c[r].logprobs >= 0)
+        out[r] = ref::token_logprob_record(logits.as<float>() + r * V, V, ids.as<int32_t>()[r], c[r].logprobs);
+  });
+}
+
 void CpuBackend::do_copy(const Tensor& dst, const Tensor& src) {
   if (src.nbytes()) std::memcpy(dst.data(), src.data(), src.nbytes());
 }

@@ -112,9 +112,12 @@ int32_t argmax_lowest(const float* logits, int64_t n);
 // The token the law of ops/token_choice.h chooses from a row of n logits (n <= 2^23):
 // Backend::choose_tokens's contract, a row at a time. Thread-safe.
 int32_t choose_token(const float* logits, int64_t n, const TokenChoice& choice);
-// Log-probabilities by the law of ops/token_choice.h (the softmax at temperature 1, whatever the
-// row was sampled at): returns token's (NaN for an id outside [0, n)) and fills top[0, top_n)
-// with the top_n most likely tokens and theirs, in the law's order (top_n capped at n).
+// A row's log-probability record by the law of ops/token_choice.h, with the `alternatives`
+// most likely tokens (capped at kMaxTokenLogprobs and n): Backend::token_logprobs's contract,
+// a row at a time. Thread-safe.
+TokenLogprobRecord token_logprob_record(const float* logits, int64_t n, int32_t token, int32_t alternatives);
+// The same as floats (token_law::logprob_from): returns token's (NaN for an id outside [0, n))
+// and fills top[0, min(top_n, kMaxTokenLogprobs, n)) with the most likely tokens and theirs.
 float token_logprobs(const float* logits, int64_t n, int32_t token, TokenLogprob* top, int32_t top_n);
 
 }  // namespace dsv4::ops::ref

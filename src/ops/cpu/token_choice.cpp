@@ -138,34 +138,32 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
   return kept.back();  // not reached: t < kept_total
 }
 
-float token_logprobs(const float* logits, int64_t V, int32_t token, TokenLogprob* top, int32_t top_n) {
-  top_n = int32_t(std::min<int64_t>(std::max(top_n, 0), V));
-  if (top_n > 0) {
+TokenLogprobRecord token_logprob_record(const float* logits, int64_t V, int32_t token, int32_t n) {
+  TokenLogprobRecord r;
+  r.count = int32_t(std::min<int64_t>(std::clamp(n, 0, kMaxTokenLogprobs), V));
+  r.token = token;
+  r.token_logit = token >= 0 && token < V ? logits[token] : NAN;
+  r.max_logit = row_max(logits, V);
+  if (r.max_logit != -INFINITY)
+    for (int64_t begin = 0; begin < V; begin += kSumBlock)
+      r.z1 += block_weights(logits, begin, std::min(kSumBlock, V - begin), r.max_logit, 1.0f, nullptr);
+  if (r.count > 0) {
     thread_local std::vector<uint64_t> keys;
     keys.resize(size_t(V));
     for (int64_t i = 0; i < V; ++i) keys[size_t(i)] = order_key(logits[i], int32_t(i));
-    sort_head(keys, top_n);
-    for (int32_t j = 0; j < top_n; ++j) top[j].id = key_id(keys[size_t(j)]);
+    sort_head(keys, r.count);
+    for (int32_t j = 0; j < r.count; ++j) {
+      r.ids[j] = key_id(keys[size_t(j)]);
+      r.logits[j] = logits[r.ids[j]];
+    }
   }
-  const float m = row_max(logits, V);
-  // The log-probability of one logit; the row's normalizer first.
-  std::function<float(float)> logprob;
-  if (m == -INFINITY) {  // NaNs and -infs only: no distribution
-    logprob = [](float) { return NAN; };
-  } else if (m == INFINITY) {  // the +inf logits share the mass
-    int64_t count = 0;
-    for (int64_t i = 0; i < V; ++i) count += logits[i] == INFINITY;
-    const float at_max = float(-std::log(double(count)));
-    logprob = [at_max](float x) { return x == INFINITY ? at_max : x != x ? NAN : -INFINITY; };
-  } else {
-    uint64_t total = 0;
-    for (int64_t begin = 0; begin < V; begin += kSumBlock)
-      total += block_weights(logits, begin, std::min(kSumBlock, V - begin), m, 1.0f, nullptr);
-    const double log_z = std::log(double(total)) - kWeightBits * std::log(2.0);
-    logprob = [m, log_z](float x) { return float((double(x) - double(m)) - log_z); };
-  }
-  for (int32_t j = 0; j < top_n; ++j) top[j].logprob = logprob(logits[top[j].id]);
-  return token >= 0 && token < V ? logprob(logits[token]) : NAN;
+  return r;
+}
+
+float token_logprobs(const float* logits, int64_t V, int32_t token, TokenLogprob* top, int32_t top_n) {
+  const TokenLogprobRecord r = token_logprob_record(logits, V, token, top_n);
+  for (int32_t j = 0; j < r.count; ++j) top[j] = {r.ids[j], logprob_from(r.logits[j], r)};
+  return logprob_from(r.token_logit, r);
 }
 
 }  // namespace dsv4::ops::ref

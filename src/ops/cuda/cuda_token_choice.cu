@@ -13,6 +13,8 @@
 //   the thread whose range holds the target walks its chunk (~128 ids). Every sum is of
 //   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
 //   reference's bit for bit.
+// token_logprobs: a row's log-probability record (its max, Z1, the most likely tokens by the
+// same selection), for the rows whose choice asks.
 #include <cooperative_groups.h>
 #include <cooperative_groups/reduce.h>
 
@@ -328,6 +330,85 @@ __global__ void __launch_bounds__(kChooseThreads)
   if (threadIdx.x == 0) ids[blockIdx.x] = id;
 }
 
+// ---- log-probability records -------------------------------------------------------------------
+
+// The block's sum (exact: integers), in every thread.
+__device__ uint64_t block_sum(uint64_t v, unsigned long long* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kChooseWarps ? scratch[lane] : 0;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();
+  return v;
+}
+
+// A row's TokenLogprobRecord (ops/token_choice.h) where its choice asks, one CTA a row: the max
+// (with the first radix bins of the most likely tokens), Z1 (a block sum of integers, so any
+// order gives the host's), the `count` most likely tokens by choose_tokens' top_k selection
+// (the keys at or above the threshold are exactly `count`: keys are unique), gathered and
+// sorted by one thread (count <= 20). 2 passes over the row, 3 + ~3 with alternatives.
+template <bool kAggregate>
+__global__ void __launch_bounds__(kChooseThreads)
+    token_logprobs_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
+                          const TokenChoice* __restrict__ choices, const int32_t* __restrict__ ids,
+                          TokenLogprobRecord* __restrict__ records) {
+  wait_then_release_dependents();
+  const int32_t asked = choices[blockIdx.x].logprobs;
+  if (asked < 0) return;  // the whole CTA: no barrier is left waiting
+  const float* row = logits + int64_t(blockIdx.x) * V;
+  const int32_t count = int32_t(min(int64_t(min(asked, kMaxTokenLogprobs)), V));
+  __shared__ unsigned long long scratch[kChooseWarps];
+  __shared__ float max_scratch[kChooseWarps];
+  __shared__ SelectShared select;
+  __shared__ unsigned long long top_keys[kMaxTokenLogprobs];
+  __shared__ unsigned top_found;
+  if (count > 0) clear_bins(select);
+  if (threadIdx.x == 0) top_found = 0;
+  __syncthreads();
+  float mine = -INFINITY;
+  for_each_logit(row, V, vec4, [&](int32_t, float v) {
+    mine = v > mine ? v : mine;
+    if (count > 0) add_to_bin<kAggregate>(select, logit_key(v) >> 24, false, 0);
+  });
+  const float m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
+  uint64_t z = 0;
+  if (m != -INFINITY) for_each_logit(row, V, vec4, [&](int32_t, float v) { z += fixed_weight(v, m, 1.0f); });
+  const uint64_t z1 = block_sum(z, scratch);
+  if (count > 0) {
+    const uint64_t floor =
+        select_threshold<kAggregate>(row, V, vec4, m, 1.0f, false, uint64_t(count), 1.0f, 0, true, select);
+    for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+      const uint64_t key = order_key(v, i);
+      if (key < floor) return;
+      const unsigned slot = atomicAdd(&top_found, 1u);
+      if (slot < unsigned(kMaxTokenLogprobs)) top_keys[slot] = key;
+    });
+    __syncthreads();
+  }
+  if (threadIdx.x != 0) return;
+  TokenLogprobRecord& out = records[blockIdx.x];
+  out.max_logit = m;
+  out.count = count;
+  out.z1 = m == -INFINITY ? 0 : z1;
+  out.token = ids[blockIdx.x];
+  out.token_logit = out.token >= 0 && out.token < V ? row[out.token] : NAN;
+  for (int32_t j = 1; j < count; ++j) {  // descending keys: the law's order
+    const unsigned long long key = top_keys[j];
+    int32_t k = j;
+    for (; k > 0 && top_keys[k - 1] < key; --k) top_keys[k] = top_keys[k - 1];
+    top_keys[k] = key;
+  }
+  for (int32_t j = 0; j < count; ++j) {
+    const int32_t id = key_id(top_keys[j]);
+    out.ids[j] = id;
+    out.logits[j] = row[id];
+  }
+}
+
 std::atomic<int> g_force_choose_aggregate{-1};
 std::atomic<int64_t> g_choose_aggregate_launches{0};
 
@@ -362,6 +443,26 @@ void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tenso
   } else {
     choose_tokens_kernel<false><<<unsigned(R), kChooseThreads, 0, stream_>>>(
         logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>());
+  }
+  check_launch(stream_);
+}
+
+void CudaBackend::do_token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
+                                    const core::Tensor& records) {
+  const int64_t R = logits.size(0), V = logits.size(1);
+  if (R == 0) return;
+  const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
+  auto* out = reinterpret_cast<TokenLogprobRecord*>(records.data());
+  DSV4_CHECK(reinterpret_cast<uintptr_t>(out) % alignof(TokenLogprobRecord) == 0,
+             "token_logprobs: records at an address not {}-byte aligned", alignof(TokenLogprobRecord));
+  if (choose_aggregate()) {
+    token_logprobs_kernel<true><<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V,
+                                                                           rows_of_float4(logits), c,
+                                                                           ids.as<int32_t>(), out);
+  } else {
+    token_logprobs_kernel<false><<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V,
+                                                                            rows_of_float4(logits), c,
+                                                                            ids.as<int32_t>(), out);
   }
   check_launch(stream_);
 }
