@@ -40,6 +40,14 @@ class EngineCoreTest : public ::testing::Test {
     o.cache_memory_reserve = reserve.value_or(0);
     return std::make_unique<ModelRunner>(config_, weights_, *backend_, o);
   }
+  // Up to `seqs` sequences a step, 256 tokens, sequences of up to 1024.
+  static SchedulerConfig scheduler_config(int32_t seqs) {
+    SchedulerConfig sc;
+    sc.max_num_seqs = seqs;
+    sc.max_num_batched_tokens = 256;
+    sc.max_model_len = 1024;
+    return sc;
+  }
   std::vector<int32_t> tokens(int n, uint64_t salt) {
     std::mt19937_64 g(testing::test_seed() + salt);
     std::vector<int32_t> t;
@@ -225,16 +233,12 @@ TEST_F(EngineCoreTest, ServedTokensAreTheLawOfTheirRows) {
   EXPECT_GT(testing::expect_served_tokens_follow_the_law(*runner, int32_t(config_.eos_token_id), prompts, 6), 0);
 }
 
-// A token's log-probabilities come from its whole logits row, which the engine brings to the
-// host for them whether or not the request also returns the row: the same values either way,
-// beside requests that ask for none; out-of-range counts are refused by name.
-TEST_F(EngineCoreTest, LogprobsWithoutTheRowEqualThoseWithIt) {
+// A token's log-probabilities come from the backend's record of its row (Backend::token_logprobs),
+// not from the row a request may also return: the same values whether it does or not, beside
+// requests that ask for none; out-of-range counts are refused by name.
+TEST_F(EngineCoreTest, LogprobsDoNotDependOnReturningTheRow) {
   auto runner = make_runner(8, 32);
-  SchedulerConfig sc;
-  sc.max_num_seqs = 8;
-  sc.max_num_batched_tokens = 256;
-  sc.max_model_len = 1024;
-  EngineCore core(*runner, sc, int32_t(config_.eos_token_id));
+  EngineCore core(*runner, scheduler_config(8), int32_t(config_.eos_token_id));
   struct Seen {
     std::vector<float> logprob;
     std::vector<std::vector<ops::TokenLogprob>> top;
@@ -311,11 +315,7 @@ TEST_F(EngineCoreTest, GreedySampledAndLogitsRowsInOneStepEqualOfflineGeneration
     offline.push_back(g);
   }
   auto runner = make_runner(8, 32);
-  SchedulerConfig sc;
-  sc.max_num_seqs = 8;
-  sc.max_num_batched_tokens = 256;
-  sc.max_model_len = 1024;
-  EngineCore core(*runner, sc, int32_t(config_.eos_token_id));
+  EngineCore core(*runner, scheduler_config(8), int32_t(config_.eos_token_id));
   std::map<size_t, std::vector<std::vector<float>>> returned;
   std::vector<std::vector<int32_t>> served(reqs.size());
   for (size_t i = 0; i < reqs.size(); ++i)

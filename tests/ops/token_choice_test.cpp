@@ -78,6 +78,14 @@ int32_t slow_choice(const float* x, int64_t V, const TokenChoice& c) {
   return -1;
 }
 
+// The choices as the backends take them: i32 [R, kTokenChoiceWords].
+core::Tensor choices_tensor(const std::vector<TokenChoice>& choices) {
+  const int64_t R = int64_t(choices.size());
+  core::Tensor t = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenChoiceWords});
+  std::memcpy(t.data(), choices.data(), size_t(R) * sizeof(TokenChoice));
+  return t;
+}
+
 std::string describe(const TokenChoice& c) {
   return "temperature " + std::to_string(c.temperature) + " top_k " + std::to_string(c.top_k) + " top_p " +
          std::to_string(c.top_p) + " position " + std::to_string(c.position);
@@ -115,8 +123,7 @@ TEST(TokenChoice, CpuBackendChoosesEveryRowAsTheReference) {
   const int64_t R = 37, V = 1000;
   const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
   CpuBackend cpu(2);
-  core::Tensor choices = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenChoiceWords});
-  std::memcpy(choices.data(), tc.choices.data(), size_t(R) * sizeof(TokenChoice));
+  const core::Tensor choices = choices_tensor(tc.choices);
   core::Tensor ids = core::Tensor::empty_cpu(core::DType::kI32, {R});
   cpu.choose_tokens(tc.logits, choices, ids);
   for (int64_t r = 0; r < R; ++r)
@@ -228,8 +235,7 @@ TEST(TokenLogprobs, CpuBackendRecordsEveryAskedRowAsTheReference) {
   const int64_t R = 41, V = 3001;
   const testing::TokenChoiceCase tc = testing::token_choice_case(rng, R, V);
   CpuBackend cpu(2);
-  core::Tensor choices = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenChoiceWords});
-  std::memcpy(choices.data(), tc.choices.data(), size_t(R) * sizeof(TokenChoice));
+  const core::Tensor choices = choices_tensor(tc.choices);
   core::Tensor ids = core::Tensor::empty_cpu(core::DType::kI32, {R});
   for (int64_t r = 0; r < R; ++r) ids.as<int32_t>()[r] = int32_t(rng.uniform_int(0, V - 1));
   core::Tensor records = core::Tensor::empty_cpu(core::DType::kI32, {R, kTokenLogprobWords});
