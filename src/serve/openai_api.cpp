@@ -616,8 +616,10 @@ nlohmann::ordered_json ResponseBuilder::logprobs_json(const std::vector<TokenLog
     logprob.push_back(logprob_json(t.logprob));
     ojson alternatives = ojson::object();
     for (const ops::TokenLogprob& a : t.top) {
-      const std::string key = token_text(a.id);
-      if (!alternatives.contains(key)) alternatives[key] = logprob_json(a.logprob);  // the likelier of a name's ids
+      // The name as a client reads it (bytes that are not UTF-8 written as U+FFFD), so that two
+      // ids of one name are one key: the likelier's.
+      const std::string key = json::parse(dump_json(token_text(a.id))).get<std::string>();
+      if (!alternatives.contains(key)) alternatives[key] = logprob_json(a.logprob);
     }
     top.push_back(alternatives);
     offset.push_back(t.text_offset);

@@ -487,6 +487,21 @@ TEST(ResponseBuilder, ChatLogprobsCarryTheTokensTextAndBytes) {
   EXPECT_EQ(lp["tokens"], json::parse(R"(["Hello", " world"])"));
   EXPECT_EQ(lp["text_offset"], json::parse("[0, 5]"));
   EXPECT_EQ(lp["top_logprobs"], json::parse("[{}, {}]"));
+
+  // Two single-byte tokens that are not UTF-8 on their own read as one name, U+FFFD: one key, the
+  // likelier's value.
+  std::vector<int32_t> lone_bytes;
+  for (int32_t id = 0; id < tokenizer->vocab_size() && lone_bytes.size() < 2; ++id) {
+    const std::string_view b = tokenizer->token_bytes(id);
+    if (b.size() == 1 && static_cast<unsigned char>(b[0]) >= 0x80) lone_bytes.push_back(id);
+  }
+  ASSERT_EQ(lone_bytes.size(), 2u);
+  const ApiRequest c2 = parse_completion_request(json::parse(R"({"prompt": "Hi", "logprobs": 2})"), model);
+  ResponseBuilder named(c2, model, "cmpl-y", 1);
+  named.add_event(logprob_event(hello, 1, -0.5f, {{lone_bytes[0], -0.75f}, {lone_bytes[1], -1.5f}},
+                                engine::FinishReason::kLength));
+  EXPECT_EQ(json::parse(named.final_body())["choices"][0]["logprobs"]["top_logprobs"],
+            json::parse(R"([{"\ufffd": -0.75}])"));
 }
 
 TEST(ResponseBuilder, NonStreamBodyAndErrors) {
