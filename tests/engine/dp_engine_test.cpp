@@ -20,6 +20,8 @@ namespace {
 struct Result {
   std::vector<std::vector<int32_t>> tokens;
   std::vector<std::vector<std::vector<float>>> logits;
+  // Where asked: each token's log-probability, then the alternatives' (id, log-probability) pairs.
+  std::vector<std::vector<std::vector<float>>> logprobs;
   std::vector<std::string> errors;
 };
 
@@ -40,6 +42,9 @@ std::vector<RequestParams> workload() {
     // and the same logits give the same tokens as one rank).
     if (i == 1) p.sampling = SamplingParams{1.0f, 0.9f, 0, 11};
     if (i == 3) p.sampling = SamplingParams{0.7f, 1.0f, 30, 12};
+    // Log-probabilities, by each rank's backend from its rows.
+    if (i == 2) p.logprobs = 3;
+    if (i == 3) p.logprobs = 0;
     reqs.push_back(p);
   }
   return reqs;
@@ -62,6 +67,7 @@ Result run(ServingEngine& engine, const std::vector<RequestParams>& reqs,
   auto st = std::make_shared<State>();
   st->r.tokens.resize(reqs.size());
   st->r.logits.resize(reqs.size());
+  st->r.logprobs.resize(reqs.size());
   st->r.errors.resize(reqs.size());
   st->finished.assign(reqs.size(), false);
   st->ids.assign(reqs.size(), -1);
@@ -71,6 +77,9 @@ Result run(ServingEngine& engine, const std::vector<RequestParams>& reqs,
       if (e.token >= 0) {
         st->r.tokens[i].push_back(e.token);
         st->r.logits[i].emplace_back(e.logits, e.logits + e.vocab);
+        std::vector<float> lp = {e.logprob};
+        for (const ops::TokenLogprob& a : e.top_logprobs) lp.insert(lp.end(), {float(a.id), a.logprob});
+        st->r.logprobs[i].push_back(lp);
       }
       if (e.finished) {
         st->r.errors[i] = e.error;
@@ -149,7 +158,9 @@ TEST_F(DpEngine, AllToAllIsBitIdenticalToOneRank) {
       ASSERT_EQ(r.tokens[i], reference_->tokens[i]) << "dp " << dp << " request " << i;
       for (size_t t = 0; t < r.logits[i].size(); ++t)
         ASSERT_EQ(r.logits[i][t], reference_->logits[i][t]) << "dp " << dp << " request " << i << " token " << t;
+      EXPECT_EQ(r.logprobs[i], reference_->logprobs[i]) << "dp " << dp << " request " << i;
     }
+    EXPECT_EQ(r.logprobs[2].front().size(), 7u);  // the token's and 3 alternatives'
   }
 }
 
