@@ -66,7 +66,7 @@ constexpr int32_t kMaxTokenLogprobs = 20;
 // log-probabilities need (token_law::logprob_from), exactly (184 bytes: a tensor row of
 // kTokenLogprobWords i32 words).
 struct TokenLogprobRecord {
-  float max_logit = 0.0f;                // m: the largest logit that is not NaN (-inf if none)
+  float max_logit = 0.0f;                // m: the largest logit that is not NaN (-inf if none; +0, not -0)
   int32_t count = 0;                     // alternatives listed: min(logprobs, V)
   uint64_t z1 = 0;                       // the sum of W_i at temperature 1 (0 if m is -inf)
   float token_logit = 0.0f;              // the chosen token's logit

@@ -144,6 +144,7 @@ TokenLogprobRecord token_logprob_record(const float* logits, int64_t V, int32_t 
   r.token = token;
   r.token_logit = token >= 0 && token < V ? logits[token] : NAN;
   r.max_logit = row_max(logits, V);
+  r.max_logit = r.max_logit == 0.0f ? 0.0f : r.max_logit;  // +0 for a max of zeros (a parallel max may give either)
   if (r.max_logit != -INFINITY)
     for (int64_t begin = 0; begin < V; begin += kSumBlock)
       r.z1 += block_weights(logits, begin, std::min(kSumBlock, V - begin), r.max_logit, 1.0f, nullptr);

@@ -391,7 +391,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   }
   if (threadIdx.x != 0) return;
   TokenLogprobRecord& out = records[blockIdx.x];
-  out.max_logit = m;
+  out.max_logit = m == 0.0f ? 0.0f : m;  // +0 for a max of zeros, as the reference
   out.count = count;
   out.z1 = m == -INFINITY ? 0 : z1;
   out.token = ids[blockIdx.x];
