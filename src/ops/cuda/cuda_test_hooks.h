@@ -202,7 +202,7 @@ void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const 
 // ---- token choice (cuda_token_choice.cu) ----------------------------------------------
 
 // Test hooks: choose_tokens launches so far whose radix histograms took warp-aggregated
-// updates; -1 follows DSV4_CUDA_CHOOSE_AGGREGATE (default 0), 0 / 1 force it off / on.
+// updates; -1 follows DSV4_CUDA_CHOOSE_AGGREGATE (default 1), 0 / 1 force it off / on.
 int64_t cuda_choose_aggregate_launches();
 void cuda_choose_force_aggregate(int on);
 

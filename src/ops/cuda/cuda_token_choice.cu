@@ -140,11 +140,12 @@ struct SelectShared {
   unsigned int bin, bin_count;
 };
 
-// Adds a key to bin `bin` (its weight w too, by_mass). kAggregate (DSV4_CUDA_CHOOSE_AGGREGATE=1):
+// Adds a key to bin `bin` (its weight w too, by_mass). kAggregate (DSV4_CUDA_CHOOSE_AGGREGATE, on):
 // the lanes of a warp whose keys fall in one bin add to it once (a labeled partition of the
 // active lanes, their weights reduced by shuffles), where otherwise each key is a shared atomic:
 // the first digits put most keys of a row in a few bins (a logit's sign and exponent), and
-// atomics on one address serialize. Not measured yet which is faster; the same bins either way.
+// atomics on one address serialize. The default (measured: docs/design/token-choice.md); the
+// same bins either way.
 template <bool kAggregate>
 __device__ __forceinline__ void add_to_bin(SelectShared& sh, unsigned bin, bool by_mass, uint64_t w) {
   if constexpr (kAggregate) {
@@ -413,7 +414,10 @@ std::atomic<int> g_force_choose_aggregate{-1};
 std::atomic<int64_t> g_choose_aggregate_launches{0};
 
 bool choose_aggregate() {
-  static const bool from_env = env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "1");
+  // On by default: measured on an H100 (docs/BENCHMARKS.md, seventy-fourth session), a top_p row
+  // takes ~1/3 of the time (its weighed passes put 64-bit atomics on a few bins), top_k rows
+  // ~20% more (0.05 ms a 256-row step).
+  static const bool from_env = !env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "0");
   return forced_or(g_force_choose_aggregate, from_env);
 }
 
