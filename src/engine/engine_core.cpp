@@ -190,9 +190,8 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     }
     if (r.params.logprobs >= 0) {  // the record the backend made of the row (ops/token_choice.h)
       const ops::TokenLogprobRecord& lr = logprob_records_[choice_row];
-      e.logprob = ops::token_law::logprob_from(lr.token_logit, lr);
-      for (int32_t j = 0; j < lr.count; ++j)
-        e.top_logprobs.push_back({lr.ids[j], ops::token_law::logprob_from(lr.logits[j], lr)});
+      e.top_logprobs.resize(size_t(lr.count));
+      e.logprob = ops::token_law::logprobs_from(lr, e.top_logprobs.data());
     }
     if (reason != FinishReason::kNone) {
       // The last token travels with the finish event.

@@ -26,7 +26,7 @@
 // default). Backend::token_logprobs reduces a row to a TokenLogprobRecord: m, Z1 = the sum of
 // the W_i at temperature 1 (an integer, so a kernel's parallel sum is the host's), the chosen
 // token's logit, and the ids and logits of the n most likely tokens (the first n in the law's
-// order). The host turns a record into floats (logprob_from): log p_i = (logit_i - m) -
+// order). The host turns a record into floats (logprobs_from): log p_i = (logit_i - m) -
 // ln(Z1 / 2^40) in double, rounded to float; where m is +inf, -ln(Z1 / 2^40) (each +inf logit
 // weighs 1) for a +inf logit and -inf for the rest; NaN for a NaN logit and in a row without a
 // logit above -inf.
@@ -63,7 +63,7 @@ struct TokenLogprob {
 constexpr int32_t kMaxTokenLogprobs = 20;
 
 // What Backend::token_logprobs gives of a row whose choice asks (logprobs >= 0): everything its
-// log-probabilities need (token_law::logprob_from), exactly (184 bytes: a tensor row of
+// log-probabilities need (token_law::logprobs_from), exactly (184 bytes: a tensor row of
 // kTokenLogprobWords i32 words).
 struct TokenLogprobRecord {
   float max_logit = 0.0f;                // m: the largest logit that is not NaN (-inf if none; +0, not -0)
@@ -156,12 +156,17 @@ DSV4_HD uint64_t draw_target(uint64_t seed, int64_t position, uint64_t total) {
 #endif
 }
 
-// A logit's log-probability from its row's record (host: the logarithm in double).
-inline float logprob_from(float logit, const TokenLogprobRecord& r) {
-  if (r.max_logit == -INFINITY || logit != logit) return NAN;
+// A record's floats (host: the logarithm in double): fills top[0, r.count) with the most likely
+// tokens and theirs, and returns the chosen token's.
+inline float logprobs_from(const TokenLogprobRecord& r, TokenLogprob* top) {
   const double log_z = std::log(double(r.z1)) - double(kWeightBits) * 0.69314718055994530942;
-  if (r.max_logit == INFINITY) return logit == INFINITY ? float(-log_z) : -INFINITY;
-  return float((double(logit) - double(r.max_logit)) - log_z);
+  const auto logprob = [&](float logit) -> float {
+    if (r.max_logit == -INFINITY || logit != logit) return NAN;
+    if (r.max_logit == INFINITY) return logit == INFINITY ? float(-log_z) : -INFINITY;
+    return float((double(logit) - double(r.max_logit)) - log_z);
+  };
+  for (int32_t j = 0; j < r.count; ++j) top[j] = {r.ids[j], logprob(r.logits[j])};
+  return logprob(r.token_logit);
 }
 
 }  // namespace token_law

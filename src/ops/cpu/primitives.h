@@ -116,7 +116,7 @@ int32_t choose_token(const float* logits, int64_t n, const TokenChoice& choice);
 // most likely tokens (capped at kMaxTokenLogprobs and n): Backend::token_logprobs's contract,
 // a row at a time. Thread-safe.
 TokenLogprobRecord token_logprob_record(const float* logits, int64_t n, int32_t token, int32_t alternatives);
-// The same as floats (token_law::logprob_from): returns token's (NaN for an id outside [0, n))
+// The same as floats (token_law::logprobs_from): returns token's (NaN for an id outside [0, n))
 // and fills top[0, min(top_n, kMaxTokenLogprobs, n)) with the most likely tokens and theirs.
 float token_logprobs(const float* logits, int64_t n, int32_t token, TokenLogprob* top, int32_t top_n);
 

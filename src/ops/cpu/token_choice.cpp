@@ -162,9 +162,7 @@ TokenLogprobRecord token_logprob_record(const float* logits, int64_t V, int32_t 
 }
 
 float token_logprobs(const float* logits, int64_t V, int32_t token, TokenLogprob* top, int32_t top_n) {
-  const TokenLogprobRecord r = token_logprob_record(logits, V, token, top_n);
-  for (int32_t j = 0; j < r.count; ++j) top[j] = {r.ids[j], logprob_from(r.logits[j], r)};
-  return logprob_from(r.token_logit, r);
+  return logprobs_from(token_logprob_record(logits, V, token, top_n), top);
 }
 
 }  // namespace dsv4::ops::ref
