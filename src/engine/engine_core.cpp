@@ -19,6 +19,8 @@ EngineCore::EngineCore(ModelRunner& runner, const SchedulerConfig& config, int32
              config.max_num_batched_tokens, o.max_tokens_per_step);
   DSV4_CHECK(config.max_num_seqs <= o.max_seqs_per_step && config.max_num_seqs <= o.max_logit_rows,
              "max_num_seqs {} above the runner's limits", config.max_num_seqs);
+  DSV4_CHECK(scheduler_.config().max_logit_rows <= o.max_logit_rows, "max_logit_rows {} above the runner's {}",
+             scheduler_.config().max_logit_rows, o.max_logit_rows);
   DSV4_CHECK(pages_for_positions(config.max_model_len) <= o.max_blocks_per_seq,
              "max_model_len {} needs more pages per sequence than the runner's {}", config.max_model_len,
              o.max_blocks_per_seq);
@@ -38,6 +40,9 @@ int64_t EngineCore::submit(RequestParams params, TokenCallback on_token, std::st
   if (reason.empty() && r->params.max_tokens < 1) reason = "max_tokens must be at least 1";
   if (reason.empty() && (r->params.logprobs < -1 || r->params.logprobs > kMaxLogprobs))
     reason = fmt::format("logprobs must be -1 (none) or 0 to {}, got {}", kMaxLogprobs, r->params.logprobs);
+  if (reason.empty() && (r->params.prompt_logprobs < -1 || r->params.prompt_logprobs > kMaxLogprobs))
+    reason = fmt::format("prompt_logprobs must be -1 (none) or 0 to {}, got {}", kMaxLogprobs,
+                         r->params.prompt_logprobs);
   if (reason.empty()) scheduler_.validate(*r, &reason);
   if (!reason.empty()) {
     if (error) *error = reason;
@@ -122,20 +127,43 @@ ScheduledStep EngineCore::prepare() {
 bool EngineCore::graph_eligible(const ScheduledStep& step, int32_t padded_rows) const {
   // Decode-only steps whose padded size has a bucket.
   for (const auto& s : step.slices)
-    if (s.num_tokens != 1 || !s.want_logits) return false;
+    if (s.num_tokens != 1 || !s.want_logits || s.want_all_logits) return false;
   return runner_.decode_bucket(padded_rows) > 0;
 }
 
 void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bool allow_graph) {
   const auto start = Clock::now();
-  // Every row's token is chosen on the backend (greedy or sampled, ops/token_choice.h); only
-  // the rows that return their logits bring the whole row (V floats) to the host.
-  std::vector<ops::TokenChoice> choices;  // a logits row each
-  std::vector<int32_t> full_rows;         // logits rows wanted whole
+  // Every row's token is chosen on the backend (greedy or sampled, ops/token_choice.h), or
+  // given where the row scores a prompt token; only the rows that return their logits bring
+  // the whole row (V floats) to the host.
+  std::vector<ops::TokenChoice> choices;  // a logits row each, in the metadata's order
+  std::vector<int32_t> first_row(step.slices.size(), -1);   // slice -> its first logits row
+  std::vector<int32_t> full_rows;                           // logits rows wanted whole
   std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its index among the whole rows
   for (size_t k = 0; k < step.slices.size(); ++k) {
-    if (!step.slices[k].want_logits) continue;
+    const SequenceSlice& s = step.slices[k];
     const Request& r = *step.requests[k];
+    if (s.want_all_logits) {
+      first_row[k] = int32_t(choices.size());
+      // Rows before the slice's last (or all, where it does not end the tokens): each scores
+      // the token after it where that is a prompt token not yet scored; others are dropped.
+      const int32_t scored = s.want_logits ? s.num_tokens - 1 : s.num_tokens;
+      for (int32_t t = 0; t < scored; ++t) {
+        const int32_t p = s.start_pos + t;
+        ops::TokenChoice c;
+        if (!r.finished && p >= r.num_prompt_scored && p < r.num_prompt - 1) {
+          c.given_token = r.tokens[size_t(p) + 1];
+          c.logprobs = r.params.prompt_logprobs;
+        } else {
+          c.given_token = 0;  // (nothing to choose)
+        }
+        choices.push_back(c);
+      }
+      if (!s.want_logits) continue;
+    } else if (!s.want_logits) {
+      continue;
+    }
+    if (first_row[k] < 0) first_row[k] = int32_t(choices.size());
     if (!r.finished && r.params.return_logits) {
       full_index[k] = int32_t(full_rows.size());
       full_rows.push_back(int32_t(choices.size()));
@@ -158,14 +186,29 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
                                       0, &logprob_records_);
   }
   scheduler_.commit(step);
-  size_t row = 0;
   int64_t generated = 0;
   for (size_t k = 0; k < step.slices.size(); ++k) {
-    if (!step.slices[k].want_logits) continue;
+    const SequenceSlice& s = step.slices[k];
+    if (first_row[k] < 0) continue;
     Request& r = *step.requests[k];
-    const size_t choice_row = row++;
-    const int32_t token = tokens_[choice_row];
     if (r.finished) continue;
+    if (s.want_all_logits) {  // the prompt tokens this slice scored, in order
+      const int32_t scored = s.want_logits ? s.num_tokens - 1 : s.num_tokens;
+      for (int32_t t = 0; t < scored; ++t) {
+        const int32_t p = s.start_pos + t;
+        if (p < r.num_prompt_scored || p >= r.num_prompt - 1) continue;
+        const ops::TokenLogprobRecord& lr = logprob_records_[size_t(first_row[k] + t)];
+        PromptTokenLogprob pl;
+        pl.token = r.tokens[size_t(p) + 1];
+        pl.top.resize(size_t(lr.count));
+        pl.logprob = ops::token_law::logprobs_from(lr, pl.top.data());
+        r.prompt_logprobs.push_back(std::move(pl));
+        r.num_prompt_scored = p + 1;
+      }
+    }
+    if (!s.want_logits) continue;
+    const size_t choice_row = size_t(first_row[k]) + (s.want_all_logits ? size_t(s.num_tokens - 1) : 0);
+    const int32_t token = tokens_[choice_row];
     const float* logits = full_index[k] >= 0 ? full_logits + size_t(full_index[k]) * size_t(vocab_) : nullptr;
     r.tokens.push_back(token);
     ++generated;
@@ -192,6 +235,12 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
       const ops::TokenLogprobRecord& lr = logprob_records_[choice_row];
       e.top_logprobs.resize(size_t(lr.count));
       e.logprob = ops::token_law::logprobs_from(lr, e.top_logprobs.data());
+    }
+    if (r.params.prompt_logprobs >= 0 && r.num_generated() == 1) {
+      DSV4_CHECK(r.num_prompt_scored == std::max(r.num_prompt - 1, 0), "request {}: {} of {} prompt tokens scored",
+                 r.id, r.num_prompt_scored, r.num_prompt - 1);
+      e.prompt_logprobs = std::move(r.prompt_logprobs);
+      r.prompt_logprobs.clear();
     }
     if (reason != FinishReason::kNone) {
       // The last token travels with the finish event.

@@ -217,6 +217,9 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vecto
   const bool logprobs =
       std::any_of(choices.begin(), choices.end(), [](const ops::TokenChoice& c) { return c.logprobs >= 0; });
   DSV4_CHECK(!logprobs || logprob_records, "step_tokens: choices ask for log-probabilities and no records are taken");
+  for (const ops::TokenChoice& c : choices)
+    DSV4_CHECK(c.given_token < config_.vocab_size, "step_tokens: a given token {} outside the vocabulary of {}",
+               c.given_token, config_.vocab_size);
   launch_step(meta, false, allow_graph, min_graph_rows, &choices);  // the choices go up with the metadata
   tokens->resize(size_t(R));
   if (R > 0) {

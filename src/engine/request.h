@@ -31,6 +31,18 @@ struct RequestParams {
   // `logprobs` most likely tokens (ops/token_choice.h's law: the model's softmax, before
   // temperature, top_k and top_p); -1: none.
   int32_t logprobs = -1;
+  // 0 to kMaxLogprobs: the first token's event carries the same for every prompt token after
+  // the first, each scored against the rows before it (what evaluation harnesses send as
+  // `echo` with `logprobs`); -1: none. Each scored row is a logits row of its step.
+  int32_t prompt_logprobs = -1;
+};
+
+// A prompt token's log-probability given the tokens before it, and those of the most likely
+// tokens in its place (RequestParams::prompt_logprobs of them).
+struct PromptTokenLogprob {
+  int32_t token = -1;
+  float logprob = 0.0f;
+  std::vector<ops::TokenLogprob> top;
 };
 
 // One event per generated token; the last event of a request has finished set
@@ -51,6 +63,9 @@ struct TokenEvent {
   // tokens' in order (RequestParams::logprobs of them).
   float logprob = 0.0f;
   std::vector<ops::TokenLogprob> top_logprobs;
+  // With RequestParams::prompt_logprobs >= 0, on the first token's event only: prompt tokens
+  // 1 .. num_prompt - 1's, in order (the first token has none).
+  std::vector<PromptTokenLogprob> prompt_logprobs;
 };
 
 using TokenCallback = std::function<void(const TokenEvent&)>;
@@ -66,6 +81,10 @@ struct Request {
   int32_t slot = -1;            // state slot while admitted
   std::vector<int32_t> pages;   // pages of compressed rows while admitted
   int32_t num_preemptions = 0;
+  // RequestParams::prompt_logprobs: prompt tokens 1 .. num_prompt_scored's, kept until the
+  // first token's event takes them (a recomputation after preemption does not score again).
+  std::vector<PromptTokenLogprob> prompt_logprobs;
+  int32_t num_prompt_scored = 0;
   std::atomic<bool> cancelled{false};
   bool finished = false;
   Clock::time_point arrival, first_token, last_token;
@@ -73,6 +92,13 @@ struct Request {
   int32_t num_generated() const { return int32_t(tokens.size()) - num_prompt; }
   // Tokens still to run before the next token can be sampled.
   int32_t num_pending() const { return int32_t(tokens.size()) - num_computed; }
+  // The rows a slice of `n` tokens from num_computed must return for prompt log-probabilities:
+  // the row at position p scores prompt token p + 1, for p from num_prompt_scored to
+  // num_prompt - 2 (a slice that holds one returns all its rows).
+  bool slice_scores_prompt(int32_t n) const {
+    return params.prompt_logprobs >= 0 && num_prompt_scored < num_prompt - 1 && num_computed < num_prompt - 1 &&
+           num_computed + n > num_prompt_scored;
+  }
 };
 
 }  // namespace dsv4::engine

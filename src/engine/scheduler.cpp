@@ -23,6 +23,9 @@ Scheduler::Scheduler(const SchedulerConfig& config, IndexPool& slots, IndexPool&
     : config_(config), slots_(slots), pages_(pages) {
   DSV4_CHECK(config.max_num_seqs > 0 && config.max_num_batched_tokens > 0 && config.prefill_chunk > 0,
              "scheduler limits must be positive");
+  if (config_.max_logit_rows == 0) config_.max_logit_rows = config_.max_num_seqs;
+  DSV4_CHECK(config_.max_logit_rows >= config_.max_num_seqs, "max_logit_rows {} below max_num_seqs {}",
+             config_.max_logit_rows, config_.max_num_seqs);
 }
 
 bool Scheduler::validate(const Request& r, std::string* reason) const {
@@ -77,7 +80,22 @@ bool Scheduler::preempt_one(const Request* keep) {
 ScheduledStep Scheduler::schedule() {
   ScheduledStep step;
   int32_t budget = config_.max_num_batched_tokens;
-  auto add_slice = [&](const std::shared_ptr<Request>& r, int32_t n) {
+  // The logits rows a slice of n tokens of r would take (its last row where it ends r's
+  // tokens, every row where it scores r's prompt), and n cut to fit: a scoring slice takes what
+  // is left less a row for each sequence the step may still take (so it never crowds one out,
+  // and gets at least one row).
+  auto fit_logit_rows = [&](const Request& r, int32_t n, int32_t* rows) {
+    const int32_t left = config_.max_logit_rows - step.num_logit_rows;
+    if (r.slice_scores_prompt(n)) {
+      const int32_t later = config_.max_num_seqs - int32_t(step.slices.size()) - 1;
+      n = std::min(n, left - later);
+      *rows = n;
+      return n;
+    }
+    *rows = r.num_computed + n == int32_t(r.tokens.size()) ? 1 : 0;
+    return *rows <= left ? n : 0;
+  };
+  auto add_slice = [&](const std::shared_ptr<Request>& r, int32_t n, int32_t rows) {
     SequenceSlice s;
     s.state_slot = r->slot;
     s.start_pos = r->num_computed;
@@ -85,9 +103,11 @@ ScheduledStep Scheduler::schedule() {
     s.num_tokens = n;
     s.block_table = &r->pages;
     s.want_logits = r->num_computed + n == int32_t(r->tokens.size());
+    s.want_all_logits = r->slice_scores_prompt(n);
     step.slices.push_back(s);
     step.requests.push_back(r);
     step.num_tokens += n;
+    step.num_logit_rows += rows;
     (r->num_pending() == 1 ? step.num_decode_tokens : step.num_prefill_tokens) += n;
     budget -= n;
   };
@@ -103,14 +123,18 @@ ScheduledStep Scheduler::schedule() {
       const bool decode = r->num_pending() == 1;
       if (decode != (pass == 0) || in_step(r.get())) continue;
       if (budget == 0 || int32_t(step.slices.size()) >= config_.max_num_seqs) break;
-      const int32_t n = std::min({r->num_pending(), config_.prefill_chunk, budget});
+      int32_t rows = 0;
+      const int32_t n = fit_logit_rows(*r, std::min({r->num_pending(), config_.prefill_chunk, budget}), &rows);
+      if (n == 0) continue;  // (not reached: a row is kept for every sequence)
       bool ok = ensure_pages(*r, int64_t(r->num_computed) + n);
       while (!ok && preempt_one(r.get())) {
         // Preemption may have removed requests already placed in this step: drop them.
         for (size_t k = 0; k < step.requests.size();) {
           if (step.requests[k]->slot < 0) {
-            step.num_tokens -= step.slices[k].num_tokens;
-            budget += step.slices[k].num_tokens;
+            const SequenceSlice& dropped = step.slices[k];
+            step.num_tokens -= dropped.num_tokens;
+            budget += dropped.num_tokens;
+            step.num_logit_rows -= dropped.want_all_logits ? dropped.num_tokens : dropped.want_logits ? 1 : 0;
             step.requests.erase(step.requests.begin() + int64_t(k));
             step.slices.erase(step.slices.begin() + int64_t(k));
           } else {
@@ -121,7 +145,7 @@ ScheduledStep Scheduler::schedule() {
       }
       if (!ok) break;
       // running_ may have shrunk; find r's index again next iteration.
-      add_slice(r, n);
+      add_slice(r, n, rows);
       i = size_t(std::find(running_.begin(), running_.end(), r) - running_.begin());
     }
   }
@@ -130,12 +154,14 @@ ScheduledStep Scheduler::schedule() {
     std::shared_ptr<Request> r = waiting_.front();
     const int32_t prompt = int32_t(r->tokens.size());
     if (slots_.num_free() == 0 || pages_for_positions(prompt + 1) > pages_.num_free()) break;
-    const int32_t n = std::min({prompt, config_.prefill_chunk, budget});
+    int32_t rows = 0;
+    const int32_t n = fit_logit_rows(*r, std::min({prompt, config_.prefill_chunk, budget}), &rows);
+    if (n == 0) break;  // (not reached: a row is kept for every sequence)
     r->slot = slots_.allocate();
     DSV4_CHECK(ensure_pages(*r, int64_t(n)), "pages vanished during admission");
     waiting_.pop_front();
     running_.push_back(r);
-    add_slice(r, n);
+    add_slice(r, n, rows);
   }
   // Recount in case preemption dropped slices.
   step.num_prefill_tokens = step.num_decode_tokens = 0;

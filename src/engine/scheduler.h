@@ -23,6 +23,11 @@ struct SchedulerConfig {
   int32_t max_num_batched_tokens = 512;  // token rows in one step
   int32_t prefill_chunk = 512;           // tokens of one prompt per step
   int32_t max_model_len = 4096;          // positions per request
+  // Logits rows in one step: a row for each sequence that ends its tokens, and every row of a
+  // prompt being scored (RequestParams::prompt_logprobs), whose chunks take what is left after
+  // a row for every other sequence the step could hold. 0: max_num_seqs (prompts are then
+  // scored a row a step).
+  int32_t max_logit_rows = 0;
 };
 
 struct ScheduledStep {
@@ -31,6 +36,7 @@ struct ScheduledStep {
   int32_t num_tokens = 0;
   int32_t num_prefill_tokens = 0;
   int32_t num_decode_tokens = 0;
+  int32_t num_logit_rows = 0;
   bool empty() const { return slices.empty(); }
 };
 

@@ -336,8 +336,9 @@ class Backend {
   void argmax_rows(const core::Tensor& logits, const core::Tensor& ids);
   // Each logits row's token by the law of ops/token_choice.h: a greedy row's as argmax_rows
   // finds it, a sampled row's a draw keyed by its seed and position from its weights in
-  // integers, the same bits on every backend. Serving's step takes its tokens here, so only
-  // ids cross to the host. logits f32 [R, V] (1 <= V <= 2^23), choices i32
+  // integers, the same bits on every backend; a row whose choice gives its token
+  // (TokenChoice::given_token >= 0, a prompt token scored) that token. Serving's step takes its
+  // tokens here, so only ids cross to the host. logits f32 [R, V] (1 <= V <= 2^23), choices i32
   // [R, kTokenChoiceWords] (a TokenChoice a row), ids i32 [R].
   void choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids);
   // Each row's log-probability record (ops/token_choice.h: the row's max, its temperature-1

@@ -41,7 +41,7 @@
 
 namespace dsv4::ops {
 
-// One logits row's choice (32 bytes: a tensor row of kTokenChoiceWords i32 words).
+// One logits row's choice (40 bytes: a tensor row of kTokenChoiceWords i32 words).
 struct TokenChoice {
   float temperature = 0.0f;  // <= 0: greedy
   float top_p = 1.0f;        // (0, 1]; 1: no limit
@@ -49,9 +49,13 @@ struct TokenChoice {
   int32_t logprobs = -1;     // Backend::token_logprobs: 0 to kMaxTokenLogprobs alternatives; -1: none
   uint64_t seed = 0;
   int64_t position = 0;      // the draw's counter: the token's position in its sequence
+  // >= 0: the row's token is this one, as given, not chosen (a prompt token scored against the
+  // row before it: prompt log-probabilities); the fields above but `logprobs` are then unused.
+  int32_t given_token = -1;
+  int32_t unused = 0;
 };
-static_assert(sizeof(TokenChoice) == 32, "TokenChoice is a tensor row of 8 i32 words");
-constexpr int64_t kTokenChoiceWords = 8;
+static_assert(sizeof(TokenChoice) == 40, "TokenChoice is a tensor row of 10 i32 words");
+constexpr int64_t kTokenChoiceWords = 10;
 
 // A token and its log-probability (ref::token_logprobs).
 struct TokenLogprob {

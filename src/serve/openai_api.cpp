@@ -107,7 +107,7 @@ std::string number_text(double v) {
 
 // Fields this server cannot honour are refused rather than silently ignored,
 // unless they carry their neutral value.
-void reject_unsupported(const json& body) {
+void reject_unsupported(const json& body, ApiKind kind) {
   auto neutral_number = [&](const char* name, double neutral) {
     const json* v = find(body, name);
     if (!v) return;
@@ -130,8 +130,11 @@ void reject_unsupported(const json& body) {
   neutral_number("repetition_penalty", 1);
   neutral_number("min_p", 0);
   neutral_number("min_tokens", 0);
-  if (const json* v = find(body, "echo"); v && !(v->is_boolean() && !v->get<bool>()))
-    throw ApiError(400, fmt::format("echo is not supported by this server; leave it out or send false, got {}", show(*v)),
+  if (const json* v = find(body, "echo"); v && kind == ApiKind::kChat && !(v->is_boolean() && !v->get<bool>()))
+    throw ApiError(400,
+                   fmt::format("echo is a /v1/completions field (the prompt returned before the completion); chat "
+                               "completions do not take it, got {}",
+                               show(*v)),
                    "echo");
   if (const json* v = find(body, "use_beam_search"); v && !(v->is_boolean() && !v->get<bool>()))
     throw ApiError(400, "use_beam_search is not supported by this server", "use_beam_search");
@@ -307,7 +310,7 @@ void parse_common(const json& body, const ModelInfo& model, ApiRequest& r) {
   r.skip_special_tokens = get_bool(body, "skip_special_tokens", true);
   r.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", false);
   r.return_token_ids = get_bool(body, "return_token_ids", false);
-  reject_unsupported(body);
+  reject_unsupported(body, r.kind);
 }
 
 // Completions: "logprobs": N lists each token's log-probability and the N most likely tokens'
@@ -394,10 +397,18 @@ ApiRequest parse_completion_request(const nlohmann::json& body, const ModelInfo&
   r.kind = ApiKind::kCompletion;
   check_model(body, model);
   r.params.prompt = parse_prompt(body, model);
-  const auto max_tokens = get_int(body, "max_tokens", 1, INT32_MAX, "an integer >= 1");
+  r.echo = get_bool(body, "echo", false);
+  // With echo, max_tokens 0 scores the prompt alone (the engine runs one token, not returned).
+  const auto max_tokens = get_int(body, "max_tokens", r.echo ? 0 : 1, INT32_MAX,
+                                  r.echo ? "an integer >= 0 (0 with echo: the prompt alone)" : "an integer >= 1");
   parse_common(body, model, r);
   parse_logprobs(body, r.kind, r);
   fit_length(r, model, max_tokens, 16, "prompt", "max_tokens");
+  if (r.echo && r.params.max_tokens == 0) {
+    r.score_only = true;
+    r.params.max_tokens = 1;
+  }
+  if (r.echo) r.params.prompt_logprobs = r.params.logprobs;
   return r;
 }
 
@@ -505,22 +516,63 @@ ResponseBuilder::ResponseBuilder(const ApiRequest& request, const ModelInfo& mod
       include_usage_(request.stream && request.include_usage),
       return_token_ids_(request.return_token_ids),
       logprobs_(request.params.logprobs),
+      echo_(request.echo),
+      score_only_(request.score_only),
+      skip_special_(request.skip_special_tokens),
       tokenizer_(model.tokenizer),
       text_out_(model.tokenizer, request.stop, request.include_stop_str_in_output, request.skip_special_tokens) {}
+
+void ResponseBuilder::echo_prompt(const engine::TokenEvent& e, Delta& d) {
+  // The prompt's text as the tokenizer gives it back (special tokens as the request asks), each
+  // token's text offset in it, and its log-probabilities where the request asked: the first
+  // token has none (null), the others are the engine's scores (TokenEvent::prompt_logprobs).
+  TextOutput prompt_text(tokenizer_, {}, false, skip_special_);
+  const bool scored = logprobs_ >= 0 && e.prompt_logprobs.size() + 1 == prompt_.size();
+  if (logprobs_ >= 0 && !scored)
+    error_ = fmt::format("the engine returned {} prompt log-probabilities for a prompt of {} tokens",
+                         e.prompt_logprobs.size(), prompt_.size());
+  for (size_t i = 0; i < prompt_.size(); ++i) {
+    if (scored) {
+      TokenLogprobs t{prompt_[i], 0.0f, {}, prompt_text.chars(), i == 0};
+      if (i > 0) t.logprob = e.prompt_logprobs[i - 1].logprob, t.top = e.prompt_logprobs[i - 1].top;
+      d.logprobs.push_back(std::move(t));
+    }
+    d.text += prompt_text.push(prompt_[i]);
+  }
+  d.text += prompt_text.finish();
+  prompt_chars_ = prompt_text.chars();
+}
 
 ResponseBuilder::Delta ResponseBuilder::apply(const engine::TokenEvent& e) {
   Delta d;
   if (done_) return d;
+  if (echo_ && e.token >= 0 && !echoed_) {
+    echoed_ = true;
+    echo_prompt(e, d);
+    if (!error_.empty()) {
+      error_status_ = 500;
+      done_ = d.last = true;
+      needs_cancel_ = !e.finished;
+      return d;
+    }
+  }
+  if (score_only_ && e.token >= 0) {
+    // max_tokens 0: the engine's one token (it had to run the prompt) is not returned.
+    done_ = d.last = true;
+    finish_reason_ = "length";
+    needs_cancel_ = !e.finished;
+    return d;
+  }
   if (e.token >= 0) {
     ++completion_tokens_;
     d.ids.push_back(e.token);
-    if (logprobs_ >= 0) d.logprobs.push_back({e.token, e.logprob, e.top_logprobs, text_out_.chars()});
+    if (logprobs_ >= 0) d.logprobs.push_back({e.token, e.logprob, e.top_logprobs, prompt_chars_ + text_out_.chars()});
     // The token that stopped generation (EOS, stop_token_ids) is not part of the text.
     const bool stop_token =
         e.finished && e.reason == engine::FinishReason::kStop &&
         ((!ignore_eos_ && e.token == eos_) ||
          std::find(stop_token_ids_.begin(), stop_token_ids_.end(), e.token) != stop_token_ids_.end());
-    if (!stop_token || include_stop_) d.text = text_out_.push(e.token);
+    if (!stop_token || include_stop_) d.text += text_out_.push(e.token);
     if (text_out_.stopped()) {
       done_ = d.last = true;
       finish_reason_ = "stop";
@@ -613,6 +665,12 @@ nlohmann::ordered_json ResponseBuilder::logprobs_json(const std::vector<TokenLog
   ojson text = ojson::array(), logprob = ojson::array(), top = ojson::array(), offset = ojson::array();
   for (const TokenLogprobs& t : tokens) {
     text.push_back(token_text(t.token));
+    offset.push_back(t.text_offset);
+    if (t.unscored) {  // the prompt's first token (echo): nothing before it to score it by
+      logprob.push_back(nullptr);
+      top.push_back(nullptr);
+      continue;
+    }
     logprob.push_back(logprob_json(t.logprob));
     ojson alternatives = ojson::object();
     for (const ops::TokenLogprob& a : t.top) {
@@ -622,7 +680,6 @@ nlohmann::ordered_json ResponseBuilder::logprobs_json(const std::vector<TokenLog
       if (!alternatives.contains(key)) alternatives[key] = logprob_json(a.logprob);
     }
     top.push_back(alternatives);
-    offset.push_back(t.text_offset);
   }
   ojson r;
   r["tokens"] = text;

@@ -60,6 +60,10 @@ struct ApiRequest {
   bool skip_special_tokens = true;
   bool return_token_ids = false;        // vLLM's extension: token ids next to the text
   // params.logprobs: completions' "logprobs" (an integer), chat's "top_logprobs" with "logprobs": true.
+  // Completions' "echo": the prompt's text before the completion's, and with "logprobs" its
+  // tokens' (params.prompt_logprobs) before the completion's tokens'.
+  bool echo = false;
+  bool score_only = false;  // echo with max_tokens 0: the prompt alone (params.max_tokens is 1)
 };
 
 // The body as JSON; 400 naming the parse error when it is not a JSON object.
@@ -138,6 +142,7 @@ class ResponseBuilder {
     float logprob = 0.0f;
     std::vector<ops::TokenLogprob> top;
     int64_t text_offset = 0;
+    bool unscored = false;  // the echoed prompt's first token: null log-probabilities
   };
   struct Delta {
     std::string text;
@@ -146,6 +151,8 @@ class ResponseBuilder {
     bool last = false;
   };
   Delta apply(const engine::TokenEvent& event);
+  // Echo: the prompt's text and log-probabilities into `d`, ahead of the first token's.
+  void echo_prompt(const engine::TokenEvent& event, Delta& d);
   // The choice's "logprobs": null where the request did not ask, else the endpoint's form.
   nlohmann::ordered_json logprobs_json(const std::vector<TokenLogprobs>& tokens) const;
   std::string token_text(int32_t token) const;
@@ -158,6 +165,9 @@ class ResponseBuilder {
   int32_t eos_;
   bool ignore_eos_, include_stop_, include_usage_, return_token_ids_;
   int32_t logprobs_;                  // RequestParams::logprobs
+  bool echo_, score_only_, skip_special_;
+  bool echoed_ = false;
+  int64_t prompt_chars_ = 0;          // echo: the prompt text's characters (text offsets after it)
   const Tokenizer* tokenizer_;
   TextOutput text_out_;
   std::string text_;                  // non-streaming: all released text

@@ -259,6 +259,17 @@ TEST_F(CudaTinyModel, ServedTokensAreTheHostLawOfTheirRows) {
   EXPECT_GT(r->num_graphs(), 0u);
 }
 
+// Prompt log-probabilities on the GPU: each prompt scored in one step (every row a logits row,
+// its token given: TokenChoice::given_token), the law's on the rows of its one-shot prefill.
+TEST_F(CudaTinyModel, PromptLogprobsAreTheHostLawOfTheirRows) {
+  DSV4_REQUIRE_CUDA();
+  auto r = runner(*cuda_, *cuda_model_, true);
+  std::vector<std::vector<int32_t>> prompts;
+  for (const GenerateRequest& q : requests())  // (at most the fixture's 64 logits rows)
+    prompts.push_back({q.prompt.begin(), q.prompt.begin() + std::min<ptrdiff_t>(64, ptrdiff_t(q.prompt.size()))});
+  testing::expect_prompt_logprobs_follow_the_law(*r, int32_t(cuda_model_->config.eos_token_id), prompts);
+}
+
 // A prefill step longer than any decode bucket, after the buckets' graphs are recorded,
 // grows scratch buffers those graphs hold (the top-k's, the compressor's): the graphs keep
 // theirs (CudaBackend::scratch), so their later replays still equal eager steps bit for bit

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "engine/generator.h"
 #include "model/weights.h"
+#include "ops/cpu/primitives.h"
 #include "served_tokens_check.h"
 #include "test_util.h"
 
@@ -28,11 +29,12 @@ class EngineCoreTest : public ::testing::Test {
   }
   // The fixture's runners: tiny, 256 token rows a step, 4 pages a sequence. `reserve`: pages
   // from the free memory (RunnerOptions::cache_pages_from_free_memory) less it, at most `pages`.
-  std::unique_ptr<ModelRunner> make_runner(int64_t slots, int64_t pages, std::optional<uint64_t> reserve = {}) {
+  std::unique_ptr<ModelRunner> make_runner(int64_t slots, int64_t pages, std::optional<uint64_t> reserve = {},
+                                           int32_t logit_rows = 32) {
     RunnerOptions o;
     o.max_tokens_per_step = 256;
     o.max_seqs_per_step = 32;
-    o.max_logit_rows = 32;
+    o.max_logit_rows = logit_rows;
     o.max_blocks_per_seq = 4;
     o.cache.num_slots = slots;
     o.cache.num_pages = pages;
@@ -290,6 +292,126 @@ TEST_F(EngineCoreTest, LogprobsDoNotDependOnReturningTheRow) {
     EXPECT_NE(error.find("logprobs must be -1 (none) or 0 to 20, got " + std::to_string(bad)), std::string::npos)
         << error;
   }
+}
+
+// Prompt log-probabilities (RequestParams::prompt_logprobs) are the law's (ops::ref) on the rows
+// of the prompt's one-shot prefill, whatever chunks the scheduler cut it into: here at most 12
+// logits rows a step beside decoding requests, so scoring chunks are cut to what is left. They
+// arrive with the first token, one a prompt token after the first; scoring changes no token;
+// a preemption and recompute neither scores again nor changes them.
+TEST_F(EngineCoreTest, PromptLogprobsAreTheLawOnTheOneShotPrefillsRows) {
+  const int32_t lengths[] = {1, 2, 29, 230, 40, 200};
+  const int32_t asked[] = {3, 0, 5, 20, -1, -1};  // the last two only decode beside them
+  std::vector<RequestParams> reqs;
+  for (size_t i = 0; i < std::size(lengths); ++i) {
+    RequestParams p;
+    p.prompt = tokens(lengths[i], 700 + i);
+    p.max_tokens = 60;  // (the long ones grow into a second page: the tight run preempts)
+    p.ignore_eos = true;
+    p.sampling.temperature = i % 2 ? 0.8f : 0.0f;
+    p.sampling.seed = 77 + i;
+    p.prompt_logprobs = asked[i];
+    p.logprobs = i == 3 ? 2 : -1;
+    reqs.push_back(p);
+  }
+  SchedulerConfig sc;
+  sc.max_num_seqs = 4;
+  sc.max_num_batched_tokens = 64;
+  sc.prefill_chunk = 40;
+  sc.max_model_len = 1024;
+  sc.max_logit_rows = 12;
+  struct Served {
+    std::vector<std::vector<int32_t>> ids;
+    std::vector<std::vector<PromptTokenLogprob>> prompt;
+    std::vector<int> events_with_prompt;
+  };
+  const auto run = [&](EngineCore& core, const std::vector<RequestParams>& rs) {
+    Served out{std::vector<std::vector<int32_t>>(rs.size()), std::vector<std::vector<PromptTokenLogprob>>(rs.size()),
+               std::vector<int>(rs.size(), 0)};
+    for (size_t i = 0; i < rs.size(); ++i)
+      core.submit(rs[i], [&out, i](const TokenEvent& e) {
+        if (e.token >= 0) out.ids[i].push_back(e.token);
+        if (!e.prompt_logprobs.empty() || (e.token >= 0 && out.ids[i].size() == 1)) {
+          out.events_with_prompt[i] += !e.prompt_logprobs.empty();
+          if (out.ids[i].size() == 1) out.prompt[i] = e.prompt_logprobs;
+        }
+      });
+    for (int guard = 0; core.has_work() && guard < 100000; ++guard) core.step();
+    return out;
+  };
+  auto runner = make_runner(8, 40);
+  EngineCore core(*runner, sc, int32_t(config_.eos_token_id));
+  const Served got = run(core, reqs);
+
+  // The reference: each prompt prefilled in one step with every row's logits, scored by the law.
+  auto ref_runner = make_runner(8, 40, std::nullopt, 256);
+  const int64_t V = config_.vocab_size;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    SCOPED_TRACE("request " + std::to_string(i));
+    const std::vector<int32_t>& prompt = reqs[i].prompt;
+    if (asked[i] < 0) {
+      EXPECT_TRUE(got.prompt[i].empty());
+      EXPECT_EQ(got.events_with_prompt[i], 0);
+      continue;
+    }
+    ASSERT_EQ(got.prompt[i].size(), prompt.size() - 1);
+    EXPECT_EQ(got.events_with_prompt[i], prompt.size() > 1 ? 1 : 0);
+    std::vector<int32_t> pages = {int32_t(i)};  // (a fresh slot and page a prompt)
+    SequenceSlice s;
+    s.state_slot = int32_t(i);
+    s.tokens = prompt.data();
+    s.num_tokens = int32_t(prompt.size());
+    s.block_table = &pages;
+    s.want_all_logits = true;
+    std::vector<float> rows;
+    ref_runner->step(build_step_metadata({s}), &rows);
+    ASSERT_EQ(rows.size(), prompt.size() * size_t(V));
+    for (size_t p = 0; p + 1 < prompt.size(); ++p) {
+      const PromptTokenLogprob& pl = got.prompt[i][p];
+      std::vector<ops::TokenLogprob> top(static_cast<size_t>(asked[i]));
+      const float want = ops::ref::token_logprobs(rows.data() + p * size_t(V), V, prompt[p + 1], top.data(), asked[i]);
+      EXPECT_EQ(pl.token, prompt[p + 1]) << "position " << p;
+      EXPECT_EQ(pl.logprob, want) << "position " << p;
+      ASSERT_EQ(pl.top.size(), top.size()) << "position " << p;
+      for (size_t j = 0; j < top.size(); ++j) {
+        EXPECT_EQ(pl.top[j].id, top[j].id) << "position " << p << " alternative " << j;
+        EXPECT_EQ(pl.top[j].logprob, top[j].logprob) << "position " << p << " alternative " << j;
+      }
+    }
+  }
+  // Scoring changes no token.
+  std::vector<RequestParams> plain = reqs;
+  for (RequestParams& p : plain) p.prompt_logprobs = -1;
+  auto runner2 = make_runner(8, 40);
+  EngineCore plain_core(*runner2, sc, int32_t(config_.eos_token_id));
+  EXPECT_EQ(run(plain_core, plain).ids, got.ids);
+  // Too few pages: requests are preempted and recomputed, scores and tokens the same.
+  auto small = make_runner(8, 3);
+  EngineCore tight(*small, sc, int32_t(config_.eos_token_id));
+  const Served again = run(tight, reqs);
+  EXPECT_GT(tight.stats().preemptions, 0);
+  EXPECT_EQ(again.ids, got.ids);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(again.events_with_prompt[i], got.events_with_prompt[i]) << "request " << i;
+    ASSERT_EQ(again.prompt[i].size(), got.prompt[i].size()) << "request " << i;
+    for (size_t p = 0; p < got.prompt[i].size(); ++p) {
+      EXPECT_EQ(again.prompt[i][p].logprob, got.prompt[i][p].logprob) << "request " << i << " position " << p;
+      EXPECT_EQ(again.prompt[i][p].top.size(), got.prompt[i][p].top.size());
+    }
+  }
+  RequestParams bad;
+  bad.prompt = tokens(4, 701);
+  bad.prompt_logprobs = kMaxLogprobs + 1;
+  std::string error;
+  EXPECT_EQ(core.submit(bad, nullptr, &error), -1);
+  EXPECT_NE(error.find("prompt_logprobs must be -1 (none) or 0 to 20, got 21"), std::string::npos) << error;
+}
+
+// The check the CUDA model test makes of its prompt log-probabilities, here on the CPU.
+TEST_F(EngineCoreTest, PromptLogprobsScoredInOneStepAreTheLawOfTheirRows) {
+  auto runner = make_runner(8, 32);
+  testing::expect_prompt_logprobs_follow_the_law(*runner, int32_t(config_.eos_token_id),
+                                                 {tokens(2, 800), tokens(17, 801), tokens(32, 802)});
 }
 
 TEST_F(EngineCoreTest, GreedySampledAndLogitsRowsInOneStepEqualOfflineGeneration) {

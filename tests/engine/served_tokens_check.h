@@ -2,8 +2,9 @@
 // ModelRunner::step_tokens): each served token, greedy or sampled, must be what the host
 // reference of the law (engine::sample_token) chooses from the very logits row the engine chose
 // it from, which a request with return_logits receives with the token; and a token's
-// log-probabilities, where asked, the law's on that row (ops::ref::token_logprobs). Used on the
-// CPU backend (engine_core_test) and on CUDA (cuda_model_test).
+// log-probabilities, where asked, the law's on that row (ops::ref::token_logprobs); and the
+// prompt log-probabilities the law's on the prompt's own rows. Used on the CPU backend
+// (engine_core_test) and on CUDA (cuda_model_test).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "engine/engine_core.h"
+#include "engine/kv_pool.h"
 #include "engine/sampler.h"
 #include "ops/cpu/primitives.h"
 
@@ -94,10 +96,71 @@ inline int64_t expect_served_tokens_follow_the_law(engine::ModelRunner& runner, 
         EXPECT_EQ(s.top[j].id, top[j].id) << "request " << i << " token " << t << " alternative " << j;
         EXPECT_EQ(s.top[j].logprob, top[j].logprob) << "request " << i << " token " << t << " alternative " << j;
       }
-      if (n > 0) EXPECT_EQ(s.top[0].id, argmax_lowest(s.row.data(), V));  // the most likely is the argmax
+      if (n > 0) {
+        EXPECT_EQ(s.top[0].id, argmax_lowest(s.row.data(), V));  // the most likely is the argmax
+      }
     }
   }
   return drawn_off_the_argmax;
+}
+
+// Serves `prompts` on `runner` one at a time, each asking for prompt log-probabilities (0, 3 and
+// 20 alternatives in turn) and scored in one step (each prompt at most the runner's logits rows
+// and token rows), and checks them, bit for bit, against the law (ops::ref::token_logprobs) on
+// the rows of the same prompt's one-shot prefill step run on `runner` itself, whose rows are
+// the very arithmetic of the engine's step on any backend.
+inline void expect_prompt_logprobs_follow_the_law(engine::ModelRunner& runner, int32_t eos,
+                                                  const std::vector<std::vector<int32_t>>& prompts) {
+  using namespace engine;
+  const RunnerOptions& o = runner.options();
+  SchedulerConfig sc;
+  sc.max_num_seqs = 1;
+  sc.max_num_batched_tokens = o.max_tokens_per_step;
+  sc.prefill_chunk = o.max_tokens_per_step;
+  sc.max_logit_rows = o.max_logit_rows;
+  sc.max_model_len = o.max_blocks_per_seq * ops::kPageTokens;
+  EngineCore core(runner, sc, eos);
+  const int32_t asked[] = {0, 3, 20};
+  std::vector<std::vector<PromptTokenLogprob>> served(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_LE(int64_t(prompts[i].size()), std::min(o.max_logit_rows, o.max_tokens_per_step)) << "prompt " << i;
+    RequestParams p;
+    p.prompt = prompts[i];
+    p.max_tokens = 2;
+    p.prompt_logprobs = asked[i % 3];
+    core.submit(p, [&served, i](const TokenEvent& e) {
+      if (!e.prompt_logprobs.empty()) served[i] = e.prompt_logprobs;
+    });
+  }
+  for (int guard = 0; core.has_work() && guard < 10000; ++guard) core.step();
+  const int64_t V = runner.model().config().vocab_size;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int32_t>& prompt = prompts[i];
+    ASSERT_EQ(served[i].size(), prompt.size() - 1) << "prompt " << i;
+    std::vector<int32_t> pages;
+    for (int32_t b = 0; b < engine::pages_for_positions(int64_t(prompt.size())); ++b) pages.push_back(b);
+    SequenceSlice s;
+    s.state_slot = 0;  // (free again: the engine has finished every request)
+    s.tokens = prompt.data();
+    s.num_tokens = int32_t(prompt.size());
+    s.block_table = &pages;
+    s.want_all_logits = true;
+    std::vector<float> rows;
+    runner.step(build_step_metadata({s}), &rows);
+    const int32_t n = asked[i % 3];
+    for (size_t p = 0; p + 1 < prompt.size(); ++p) {
+      std::vector<ops::TokenLogprob> top(static_cast<size_t>(n));
+      const float want = ops::ref::token_logprobs(rows.data() + p * size_t(V), V, prompt[p + 1], top.data(), n);
+      const PromptTokenLogprob& got = served[i][p];
+      ASSERT_EQ(got.token, prompt[p + 1]) << "prompt " << i << " position " << p;
+      EXPECT_EQ(got.logprob, want) << "prompt " << i << " position " << p;
+      ASSERT_EQ(got.top.size(), top.size()) << "prompt " << i << " position " << p;
+      for (size_t j = 0; j < top.size(); ++j) {
+        EXPECT_EQ(got.top[j].id, top[j].id) << "prompt " << i << " position " << p << " alternative " << j;
+        EXPECT_EQ(got.top[j].logprob, top[j].logprob) << "prompt " << i << " position " << p << " alternative " << j;
+      }
+    }
+  }
 }
 
 }  // namespace dsv4::testing

@@ -785,18 +785,18 @@ TEST_F(CudaPointwise, ArgmaxRowsMatchesTheReferenceScan) {
 // choose_tokens against the CPU reference, token for token, on rows and choices that make
 // the law's rules decide (testing::token_choice_case: ties cut by top_k and top_p, NaNs,
 // infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the
-// 16-byte path, and an unaligned row; with the radix histograms' per-key atomics and with
-// their warp-aggregated updates (DSV4_CUDA_CHOOSE_AGGREGATE).
+// 16-byte path, and an unaligned row; in each form of the radix histograms' bin updates
+// (DSV4_CUDA_CHOOSE_AGGREGATE: an atomic a key, warp-aggregated, aggregated when weighed).
 // The tokens (choose_tokens) and, where a row's choice asks, its log-probability record
 // (token_logprobs, for the token chosen) against the CPU reference, bit for bit.
 TEST_F(CudaPointwise, ChooseTokensAndTheirLogprobsMatchTheReference) {
-  for (int aggregate : {0, 1}) {
-    SCOPED_TRACE(aggregate ? "warp-aggregated histograms" : "an atomic a key");
-    cuda_choose_force_aggregate(aggregate);
-    const int64_t before = cuda_choose_aggregate_launches();
-    check_choose_tokens(232 + aggregate);
-    EXPECT_EQ(cuda_choose_aggregate_launches() > before, aggregate == 1);
-    cuda_choose_force_aggregate(-1);
+  for (int form : {0, 1, 2}) {
+    SCOPED_TRACE(form == 0 ? "an atomic a key" : form == 1 ? "warp-aggregated bins" : "aggregated when weighed");
+    cuda_choose_force_bin_updates(form);
+    const int64_t before = cuda_choose_launches(form);
+    check_choose_tokens(232 + form);
+    EXPECT_GT(cuda_choose_launches(form), before);  // (the form asked for ran)
+    cuda_choose_force_bin_updates(-1);
   }
 }
 

@@ -197,6 +197,7 @@ inline TokenChoiceCase token_choice_case(Rng& rng, int64_t R, int64_t V) {
     t.position = rng.uniform_int(0, 1 << 20);
     const int32_t logprobs[] = {-1, -1, 0, 1, 5, ops::kMaxTokenLogprobs, ops::kMaxTokenLogprobs + 9};
     t.logprobs = logprobs[rng.uniform_int(0, 6)];
+    if (rng.uniform_int(0, 5) == 0) t.given_token = int32_t(rng.uniform_int(0, V - 1));  // a scored row
     c.choices.push_back(t);
   }
   return c;

@@ -44,6 +44,7 @@ std::vector<int32_t> slow_order(const float* x, int64_t V) {
 
 // The law as its header states it, in the plainest form.
 int32_t slow_choice(const float* x, int64_t V, const TokenChoice& c) {
+  if (c.given_token >= 0) return c.given_token;
   if (!(c.temperature > 0.0f) || !(1.0f / c.temperature < INFINITY)) return slow_argmax(x, V);
   float m = -INFINITY;
   for (int64_t i = 0; i < V; ++i)

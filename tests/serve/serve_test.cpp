@@ -144,7 +144,11 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
       {false, R"({"prompt": [1, 2], "logprobs": true})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
       {false, R"({"prompt": [1, 2], "top_logprobs": 2})", 400, "top_logprobs",
        R"(top_logprobs is a chat completions field; /v1/completions takes "logprobs": N)"},
-      {false, R"({"prompt": [1, 2], "echo": true})", 400, "echo", "echo is not supported"},
+      {false, R"({"prompt": [1, 2], "echo": "yes"})", 400, "echo", R"(echo must be true or false, got "yes")"},
+      {false, R"({"prompt": [1, 2], "echo": true, "max_tokens": -1})", 400, "max_tokens",
+       "max_tokens must be an integer >= 0 (0 with echo: the prompt alone), got -1"},
+      {true, R"({"messages": [{"role": "user", "content": "a"}], "echo": true})", 400, "echo",
+       "echo is a /v1/completions field"},
       {false, R"({"prompt": [1, 2], "max_tokens": 1023})", 400, "max_tokens",
        "maximum context length is 1024 tokens. However, you requested 1025 tokens (2 in the prompt, 1023 in the "
        "completion)"},
@@ -455,6 +459,67 @@ TEST(ResponseBuilder, CompletionLogprobsInOpenAiForm) {
   EXPECT_TRUE(json::parse(none.final_body())["choices"][0]["logprobs"].is_null());
 }
 
+// Completions' echo: the prompt's tokens ahead of the completion's in logprobs (the first with
+// null log-probabilities: nothing before it scores it; the others the engine's prompt scores),
+// in the first event's chunk when streamed; max_tokens 0 returns the prompt alone, with no
+// completion token, as evaluation harnesses score a text.
+TEST(ResponseBuilder, EchoPutsThePromptsLogprobsFirst) {
+  const ModelInfo model = model_info();
+  ApiRequest r = parse_completion_request(
+      json::parse(R"({"prompt": [4, 5, 6], "max_tokens": 1, "logprobs": 1, "echo": true})"), model);
+  EXPECT_TRUE(r.echo);
+  EXPECT_FALSE(r.score_only);
+  EXPECT_EQ(r.params.prompt_logprobs, 1);
+  engine::TokenEvent e = logprob_event(7, 1, -0.5f, {{7, -0.5f}}, engine::FinishReason::kLength);
+  e.prompt_logprobs = {{5, -1.25f, {{9, -0.75f}}}, {6, -INFINITY, {{5, -0.125f}}}};
+  const json want = json::parse(R"({"tokens": ["token_id:4", "token_id:5", "token_id:6", "token_id:7"],
+      "token_logprobs": [null, -1.25, -9999.0, -0.5],
+      "top_logprobs": [null, {"token_id:9": -0.75}, {"token_id:5": -0.125}, {"token_id:7": -0.5}],
+      "text_offset": [0, 0, 0, 0]})");
+  ResponseBuilder whole(r, model, "cmpl-x", 5);
+  whole.add_event(e);
+  ASSERT_EQ(whole.final_status(), 200) << whole.final_body();
+  const json body = json::parse(whole.final_body());
+  EXPECT_EQ(body["choices"][0]["logprobs"], want);
+  EXPECT_EQ(body["usage"]["completion_tokens"], 1);
+
+  r.stream = true;
+  ResponseBuilder streamed(r, model, "cmpl-y", 5);
+  std::string text = streamed.stream_start() + streamed.stream_event(e);
+  std::string problem;
+  const auto chunks = sse_payloads(text, &problem);
+  ASSERT_TRUE(problem.empty()) << problem;
+  ASSERT_EQ(chunks.size(), 2u);
+  EXPECT_EQ(json::parse(chunks[0])["choices"][0]["logprobs"], want);
+
+  // max_tokens 0: the prompt scored, no completion token; the engine runs one, not returned.
+  const ApiRequest score = parse_completion_request(
+      json::parse(R"({"prompt": [4, 5, 6], "max_tokens": 0, "logprobs": 0, "echo": true})"), model);
+  EXPECT_TRUE(score.score_only);
+  EXPECT_EQ(score.params.max_tokens, 1);
+  ResponseBuilder scored(score, model, "cmpl-z", 5);
+  engine::TokenEvent eos = logprob_event(model.eos_token_id, 1, -0.5f, {}, engine::FinishReason::kStop);
+  eos.prompt_logprobs = {{5, -1.25f, {}}, {6, -2.0f, {}}};
+  scored.add_event(eos);
+  const json only = json::parse(scored.final_body());
+  EXPECT_EQ(only["choices"][0]["logprobs"]["token_logprobs"], json::parse("[null, -1.25, -2.0]"));
+  EXPECT_EQ(only["choices"][0]["logprobs"]["top_logprobs"], json::parse("[null, {}, {}]"));
+  EXPECT_EQ(only["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(only["usage"]["completion_tokens"], 0);
+  EXPECT_FALSE(scored.needs_cancel());
+
+  // Echo without logprobs asks the engine for no scores; a prompt the engine did not score in
+  // full is an error, not a short list.
+  EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [4, 5], "echo": true})"), model).params.prompt_logprobs,
+            -1);
+  ResponseBuilder short_list(r, model, "cmpl-w", 5);
+  engine::TokenEvent missing = logprob_event(7, 1, -0.5f, {{7, -0.5f}}, engine::FinishReason::kLength);
+  missing.prompt_logprobs = {{5, -1.25f, {{9, -0.75f}}}};
+  short_list.add_event(missing);
+  EXPECT_EQ(short_list.final_status(), 500);
+  EXPECT_NE(short_list.final_body().find("1 prompt log-probabilities for a prompt of 3 tokens"), std::string::npos);
+}
+
 // Chat's logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}, the token's text
 // and its bytes from the tokenizer; completions' text_offset counts the characters before a token.
 TEST(ResponseBuilder, ChatLogprobsCarryTheTokensTextAndBytes) {
@@ -487,6 +552,21 @@ TEST(ResponseBuilder, ChatLogprobsCarryTheTokensTextAndBytes) {
   EXPECT_EQ(lp["tokens"], json::parse(R"(["Hello", " world"])"));
   EXPECT_EQ(lp["text_offset"], json::parse("[0, 5]"));
   EXPECT_EQ(lp["top_logprobs"], json::parse("[{}, {}]"));
+
+  // Echo: the prompt's text (its BOS skipped as a special token) before the completion's, the
+  // offsets counting it.
+  const ApiRequest echoed = parse_completion_request(json::parse(R"({"prompt": "Hi", "logprobs": 0, "echo": true})"),
+                                                     model);
+  ASSERT_EQ(echoed.params.prompt.size(), 2u);  // BOS, "Hi"
+  ResponseBuilder echo(echoed, model, "cmpl-e", 1);
+  engine::TokenEvent first = logprob_event(hello, 1, -0.5f, {});
+  first.prompt_logprobs = {{echoed.params.prompt[1], -3.0f, {}}};
+  echo.add_event(first);
+  echo.add_event(logprob_event(world, 2, -0.75f, {}, engine::FinishReason::kLength));
+  const json eb = json::parse(echo.final_body());
+  EXPECT_EQ(eb["choices"][0]["text"], "HiHello world");
+  EXPECT_EQ(eb["choices"][0]["logprobs"]["text_offset"], json::parse("[0, 0, 2, 7]"));
+  EXPECT_EQ(eb["choices"][0]["logprobs"]["token_logprobs"], json::parse("[null, -3.0, -0.5, -0.75]"));
 
   // Two single-byte tokens that are not UTF-8 on their own read as one name, U+FFFD: one key, the
   // likelier's value.
@@ -948,6 +1028,30 @@ TEST_F(Serve, TextCompletionChatAndStopStrings) {
     EXPECT_EQ(lp["text_offset"][i], offset);
     for (const char c : detok.push(out_ids[i])) offset += (static_cast<unsigned char>(c) & 0xC0) != 0x80;
   }
+
+  // Echo scores a prompt as an evaluation harness sends it (token ids, echo, max_tokens 0): the
+  // prompt is this request's prompt and its first 5 generated tokens, whose scores are the ones
+  // they were generated with (a prefill row equals the decode row at its position), and the
+  // text is the prompt's.
+  const std::vector<int32_t> prompt_ids = f["choices"][0]["prompt_token_ids"];
+  std::vector<int32_t> scored_ids = prompt_ids;
+  scored_ids.insert(scored_ids.end(), out_ids.begin(), out_ids.begin() + 5);
+  const json echo_body = {{"prompt", scored_ids}, {"max_tokens", 0}, {"logprobs", 3}, {"echo", true}};
+  const HttpResult echo = post(e.port, "/v1/completions", echo_body.dump());
+  ASSERT_EQ(echo.status, 200) << echo.body;
+  const json ej = json::parse(echo.body);
+  const json& elp = ej["choices"][0]["logprobs"];
+  ASSERT_EQ(elp["token_logprobs"].size(), scored_ids.size()) << elp.dump();
+  EXPECT_TRUE(elp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(elp["top_logprobs"][0].is_null());
+  for (size_t i = 0; i < 5; ++i) {
+    SCOPED_TRACE("generated token " + std::to_string(i));
+    EXPECT_EQ(elp["token_logprobs"][prompt_ids.size() + i], lp["token_logprobs"][i]);
+    EXPECT_EQ(elp["top_logprobs"][prompt_ids.size() + i], lp["top_logprobs"][i]);
+  }
+  EXPECT_EQ(ej["choices"][0]["text"], e.tokenizer->decode(scored_ids, true));
+  EXPECT_EQ(ej["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(ej["usage"]["prompt_tokens"], scored_ids.size());
 
   const HttpResult chat = post(e.port, "/v1/chat/completions",
                                R"({"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},

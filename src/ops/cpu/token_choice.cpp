@@ -70,6 +70,7 @@ uint64_t block_weights(const float* logits, int64_t begin, int64_t n, float m, f
 }  // namespace
 
 int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
+  if (c.given_token >= 0) return c.given_token;
   if (!samples(c.temperature)) return argmax_lowest(logits, V);
   const float m = row_max(logits, V);
   if (m == -INFINITY) return argmax_lowest(logits, V);  // NaNs and -infs only

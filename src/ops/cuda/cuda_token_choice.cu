@@ -19,6 +19,7 @@
 #include <cooperative_groups/reduce.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
@@ -140,15 +141,18 @@ struct SelectShared {
   unsigned int bin, bin_count;
 };
 
-// Adds a key to bin `bin` (its weight w too, by_mass). kAggregate (DSV4_CUDA_CHOOSE_AGGREGATE, on):
-// the lanes of a warp whose keys fall in one bin add to it once (a labeled partition of the
-// active lanes, their weights reduced by shuffles), where otherwise each key is a shared atomic:
-// the first digits put most keys of a row in a few bins (a logit's sign and exponent), and
-// atomics on one address serialize. The default (measured: docs/design/token-choice.md); the
-// same bins either way.
-template <bool kAggregate>
+// How a radix pass adds its keys to the shared bins (DSV4_CUDA_CHOOSE_AGGREGATE). Atomic: a
+// shared atomic a key. Aggregated: the lanes of a warp whose keys fall in one bin add to it once
+// (a labeled partition of the active lanes, their weights reduced by shuffles). The first digits
+// put most keys of a row in a few bins (a logit's sign and exponent), and atomics on one address
+// serialize: a weighed pass's 64-bit atomics cost top_p 3x, while a counting pass's 32-bit ones
+// are cheaper than the partition (top_k 20-25%). The default aggregates the weighed passes only,
+// measured the fastest for both (docs/design/token-choice.md). The same bins in every form.
+enum class BinUpdates : int { kAtomic = 0, kAggregated = 1, kAggregatedWeighed = 2 };
+
+template <BinUpdates kUpdates>
 __device__ __forceinline__ void add_to_bin(SelectShared& sh, unsigned bin, bool by_mass, uint64_t w) {
-  if constexpr (kAggregate) {
+  if (kUpdates == BinUpdates::kAggregated || (kUpdates == BinUpdates::kAggregatedWeighed && by_mass)) {
     namespace cg = cooperative_groups;
     const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), bin);
     if (by_mass) {
@@ -175,7 +179,7 @@ __device__ __forceinline__ void clear_bins(SelectShared& sh) {
 // share the digits fixed so far, and warp 0 finds the bin the target falls in, counting from
 // the top. first_bins_ready: the first pass's bins are already in `sh` (a count selection
 // from floor 0, binned beside the row's max).
-template <bool kAggregate>
+template <BinUpdates kUpdates>
 __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
                                      bool by_mass, uint64_t target, float top_p, uint64_t floor, bool first_bins_ready,
                                      SelectShared& sh) {
@@ -193,7 +197,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
         // whether kept or not.
         const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
         if (by_mass && w == 0) return;
-        add_to_bin<kAggregate>(sh, unsigned(key >> shift) & 255u, by_mass, w);
+        add_to_bin<kUpdates>(sh, unsigned(key >> shift) & 255u, by_mass, w);
       });
       __syncthreads();
     }
@@ -293,13 +297,17 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
   return chosen;
 }
 
-template <bool kAggregate>
+template <BinUpdates kUpdates>
 __global__ void __launch_bounds__(kChooseThreads)
     choose_tokens_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
                          const TokenChoice* __restrict__ choices, int32_t* __restrict__ ids) {
   wait_then_release_dependents();
   const float* row = logits + int64_t(blockIdx.x) * V;
   const TokenChoice c = choices[blockIdx.x];
+  if (c.given_token >= 0) {  // a scored row: its token is given (the whole CTA returns: no barrier waits)
+    if (threadIdx.x == 0) ids[blockIdx.x] = c.given_token;
+    return;
+  }
   __shared__ unsigned long long scratch[kChooseWarps];
   __shared__ float max_scratch[kChooseWarps];
   __shared__ SelectShared select;
@@ -313,7 +321,7 @@ __global__ void __launch_bounds__(kChooseThreads)
     float mine = -INFINITY;
     for_each_logit(row, V, vec4, [&](int32_t i, float v) {
       mine = v > mine ? v : mine;
-      if (limit_k) add_to_bin<kAggregate>(select, logit_key(v) >> 24, false, 0);
+      if (limit_k) add_to_bin<kUpdates>(select, logit_key(v) >> 24, false, 0);
     });
     m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
   }
@@ -323,9 +331,9 @@ __global__ void __launch_bounds__(kChooseThreads)
     const float inv = div_rn(1.0f, c.temperature);
     uint64_t floor = 0;
     if (limit_k)
-      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 1.0f, 0, true, select);
+      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 1.0f, 0, true, select);
     if (c.top_p < 1.0f)
-      floor = select_threshold<kAggregate>(row, V, vec4, m, inv, true, 0, c.top_p, floor, false, select);
+      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, true, 0, c.top_p, floor, false, select);
     id = draw_token(row, V, vec4, m, inv, floor, c.seed, c.position, scratch);
   }
   if (threadIdx.x == 0) ids[blockIdx.x] = id;
@@ -352,7 +360,7 @@ __device__ uint64_t block_sum(uint64_t v, unsigned long long* scratch) {
 // order gives the host's), the `count` most likely tokens by choose_tokens' top_k selection
 // (the keys at or above the threshold are exactly `count`: keys are unique), gathered and
 // sorted by one thread (count <= 20). 2 passes over the row, 3 + ~3 with alternatives.
-template <bool kAggregate>
+template <BinUpdates kUpdates>
 __global__ void __launch_bounds__(kChooseThreads)
     token_logprobs_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
                           const TokenChoice* __restrict__ choices, const int32_t* __restrict__ ids,
@@ -373,7 +381,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   float mine = -INFINITY;
   for_each_logit(row, V, vec4, [&](int32_t, float v) {
     mine = v > mine ? v : mine;
-    if (count > 0) add_to_bin<kAggregate>(select, logit_key(v) >> 24, false, 0);
+    if (count > 0) add_to_bin<kUpdates>(select, logit_key(v) >> 24, false, 0);
   });
   const float m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
   uint64_t z = 0;
@@ -381,7 +389,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   const uint64_t z1 = block_sum(z, scratch);
   if (count > 0) {
     const uint64_t floor =
-        select_threshold<kAggregate>(row, V, vec4, m, 1.0f, false, uint64_t(count), 1.0f, 0, true, select);
+        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, false, uint64_t(count), 1.0f, 0, true, select);
     for_each_logit(row, V, vec4, [&](int32_t i, float v) {
       const uint64_t key = order_key(v, i);
       if (key < floor) return;
@@ -410,15 +418,20 @@ __global__ void __launch_bounds__(kChooseThreads)
   }
 }
 
-std::atomic<int> g_force_choose_aggregate{-1};
-std::atomic<int64_t> g_choose_aggregate_launches{0};
+std::atomic<int> g_force_bin_updates{-1};
+std::atomic<int64_t> g_bin_updates_launches[3] = {0, 0, 0};
 
-bool choose_aggregate() {
-  // On by default: measured on an H100 (docs/BENCHMARKS.md, seventy-fourth session), a top_p row
-  // takes ~1/3 of the time (its weighed passes put 64-bit atomics on a few bins), top_k rows
-  // ~20% more (0.05 ms a 256-row step).
-  static const bool from_env = !env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "0");
-  return forced_or(g_force_choose_aggregate, from_env);
+BinUpdates bin_updates() {
+  // Measured on an H100 (docs/BENCHMARKS.md, seventy-fourth and seventy-fifth sessions), 64 rows:
+  // top_p 0.95 1.68 ms with an atomic a key, 0.53 aggregated, 0.49-0.53 weighed passes only;
+  // top_k 50 0.14 aggregated, 0.11 with the counting passes atomic.
+  static const BinUpdates from_env = env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "0")   ? BinUpdates::kAtomic
+                                     : env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "1") ? BinUpdates::kAggregated
+                                                                                 : BinUpdates::kAggregatedWeighed;
+  const int forced = g_force_bin_updates.load(std::memory_order_relaxed);
+  const BinUpdates u = forced >= 0 ? BinUpdates(forced) : from_env;
+  g_bin_updates_launches[int(u)].fetch_add(1, std::memory_order_relaxed);
+  return u;
 }
 
 bool rows_of_float4(const core::Tensor& logits) {
@@ -440,13 +453,16 @@ void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tenso
   const int64_t R = logits.size(0), V = logits.size(1);
   if (R == 0) return;
   const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
-  if (choose_aggregate()) {
-    choose_tokens_kernel<true><<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V,
-                                                                          rows_of_float4(logits), c, ids.as<int32_t>());
-    g_choose_aggregate_launches.fetch_add(1, std::memory_order_relaxed);
-  } else {
-    choose_tokens_kernel<false><<<unsigned(R), kChooseThreads, 0, stream_>>>(
+  const auto launch = [&](auto updates) {
+    choose_tokens_kernel<decltype(updates)::value><<<unsigned(R), kChooseThreads, 0, stream_>>>(
         logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>());
+  };
+  switch (bin_updates()) {
+    case BinUpdates::kAtomic: launch(std::integral_constant<BinUpdates, BinUpdates::kAtomic>{}); break;
+    case BinUpdates::kAggregated: launch(std::integral_constant<BinUpdates, BinUpdates::kAggregated>{}); break;
+    case BinUpdates::kAggregatedWeighed:
+      launch(std::integral_constant<BinUpdates, BinUpdates::kAggregatedWeighed>{});
+      break;
   }
   check_launch(stream_);
 }
@@ -459,19 +475,27 @@ void CudaBackend::do_token_logprobs(const core::Tensor& logits, const core::Tens
   auto* out = reinterpret_cast<TokenLogprobRecord*>(records.data());
   DSV4_CHECK(reinterpret_cast<uintptr_t>(out) % alignof(TokenLogprobRecord) == 0,
              "token_logprobs: records at an address not {}-byte aligned", alignof(TokenLogprobRecord));
-  if (choose_aggregate()) {
-    token_logprobs_kernel<true><<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V,
-                                                                           rows_of_float4(logits), c,
-                                                                           ids.as<int32_t>(), out);
-  } else {
-    token_logprobs_kernel<false><<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V,
-                                                                            rows_of_float4(logits), c,
-                                                                            ids.as<int32_t>(), out);
+  const auto launch = [&](auto updates) {
+    token_logprobs_kernel<decltype(updates)::value><<<unsigned(R), kChooseThreads, 0, stream_>>>(
+        logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>(), out);
+  };
+  switch (bin_updates()) {
+    case BinUpdates::kAtomic: launch(std::integral_constant<BinUpdates, BinUpdates::kAtomic>{}); break;
+    case BinUpdates::kAggregated: launch(std::integral_constant<BinUpdates, BinUpdates::kAggregated>{}); break;
+    case BinUpdates::kAggregatedWeighed:
+      launch(std::integral_constant<BinUpdates, BinUpdates::kAggregatedWeighed>{});
+      break;
   }
   check_launch(stream_);
 }
 
-int64_t cuda_choose_aggregate_launches() { return g_choose_aggregate_launches.load(std::memory_order_relaxed); }
-void cuda_choose_force_aggregate(int on) { g_force_choose_aggregate.store(on, std::memory_order_relaxed); }
+int64_t cuda_choose_launches(int bin_updates) {
+  DSV4_CHECK(bin_updates >= 0 && bin_updates <= 2, "cuda_choose_launches: bin updates form {} is not 0..2", bin_updates);
+  return g_bin_updates_launches[bin_updates].load(std::memory_order_relaxed);
+}
+void cuda_choose_force_bin_updates(int form) {
+  DSV4_CHECK(form >= -1 && form <= 2, "cuda_choose_force_bin_updates: form {} is not -1..2", form);
+  g_force_bin_updates.store(form, std::memory_order_relaxed);
+}
 
 }  // namespace dsv4::ops
