@@ -22,8 +22,8 @@ std::unique_ptr<ServingEngine> build_serving_engine(const EngineBuildOptions& o)
   RunnerOptions ro;
   ro.max_tokens_per_step = o.max_num_batched_tokens;
   ro.max_seqs_per_step = o.max_num_seqs;
-  // A row for each sequence, and up to a prompt chunk (at most 256 rows, 0.5 MB each at V-3's
-  // vocabulary) for prompts being scored (prompt log-probabilities).
+  // A row for each sequence, and up to a prompt chunk (at most 256 rows, 0.5 MB each at a
+  // 129,280-token vocabulary) for prompts being scored (prompt log-probabilities).
   ro.max_logit_rows = std::max(o.max_num_seqs, std::min(sc.prefill_chunk, 256));
   sc.max_logit_rows = ro.max_logit_rows;
   ro.max_blocks_per_seq = pages_for_positions(sc.max_model_len);

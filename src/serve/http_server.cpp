@@ -38,21 +38,22 @@ double seconds_since(Clock::time_point t) { return std::chrono::duration<double>
 
 // Token events of one request, from the engine thread to the connection's
 // thread. push() only appends and notifies, so the engine thread never waits.
+// A response's engine events, each with the choice it belongs to, in arrival order.
 class EventQueue {
  public:
-  void push(const engine::TokenEvent& e) {
+  using Item = std::pair<size_t, engine::TokenEvent>;
+  void push(size_t choice, const engine::TokenEvent& e) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      events_.push_back(e);
+      events_.emplace_back(choice, e);
     }
     cv_.notify_one();
   }
   // What has arrived, waiting up to `timeout` when nothing has.
-  std::vector<engine::TokenEvent> take(std::chrono::milliseconds timeout) {
+  std::vector<Item> take(std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lock(mutex_);
     if (events_.empty() && timeout.count() > 0) cv_.wait_for(lock, timeout, [&] { return !events_.empty(); });
-    std::vector<engine::TokenEvent> out(std::make_move_iterator(events_.begin()),
-                                        std::make_move_iterator(events_.end()));
+    std::vector<Item> out(std::make_move_iterator(events_.begin()), std::make_move_iterator(events_.end()));
     events_.clear();
     return out;
   }
@@ -60,7 +61,7 @@ class EventQueue {
  private:
   std::mutex mutex_;
   std::condition_variable cv_;
-  std::deque<engine::TokenEvent> events_;
+  std::deque<Item> events_;
 };
 
 std::string numeric_address(const sockaddr_storage& addr, socklen_t len, int* port) {
@@ -157,7 +158,7 @@ struct HttpServer::Impl {
     explicit Ticket(Impl& s) : s_(s) {
       std::lock_guard<std::mutex> lock(s_.mutex);
       id_ = ++s_.next_ticket;
-      s_.inflight[id_] = -1;
+      s_.inflight[id_] = {};
     }
     ~Ticket() {
       {
@@ -166,11 +167,11 @@ struct HttpServer::Impl {
       }
       s_.cv.notify_all();
     }
-    void set_engine_id(int64_t id) {
+    void add_engine_id(int64_t id) {
       bool cancel = false;
       {
         std::lock_guard<std::mutex> lock(s_.mutex);
-        s_.inflight[id_] = id;
+        s_.inflight[id_].push_back(id);
         cancel = s_.cancel_all;
       }
       if (cancel) s_.engine.cancel(id);
@@ -185,10 +186,10 @@ struct HttpServer::Impl {
   struct StreamState {
     std::shared_ptr<Ticket> ticket;
     std::shared_ptr<EventQueue> queue;
-    std::unique_ptr<ResponseBuilder> builder;
-    int64_t engine_id = -1;
+    std::unique_ptr<ResponseSet> set;
+    std::vector<int64_t> engine_ids;  // a choice each
+    std::vector<bool> cancel_sent;
     bool started = false;
-    bool cancel_sent = false;
     bool first_token_seen = false;
     bool recorded = false;  // counted in the finished-requests metric
     Clock::time_point arrival;
@@ -197,14 +198,17 @@ struct HttpServer::Impl {
 
   void routes();
   void generate(ApiKind kind, const httplib::Request& req, httplib::Response& res);
-  void serve_blocking(const httplib::Request& req, httplib::Response& res, ResponseBuilder& builder,
-                      EventQueue& queue, int64_t id, Clock::time_point arrival);
+  void serve_blocking(const httplib::Request& req, httplib::Response& res, ResponseSet& set, EventQueue& queue,
+                      const std::vector<int64_t>& ids, Clock::time_point arrival);
   bool pump(StreamState& st, httplib::DataSink& sink);
   // The stream ends before its last event (client gone, server stopping).
   void abandon(StreamState& st);
   void cancel(int64_t engine_id) { engine.cancel(engine_id); }
+  // Cancels the choices whose engine requests should stop (ResponseSet::needs_cancel), once each.
+  void cancel_ended(const ResponseSet& set, const std::vector<int64_t>& ids, std::vector<bool>& sent);
   void on_event_seen(const engine::TokenEvent& e, bool* first_token_seen, Clock::time_point arrival);
   void record_finish(const ResponseBuilder& b, Clock::time_point arrival, bool client_gone);
+  void record_finish(const ResponseSet& set, Clock::time_point arrival, bool client_gone);
   void cancel_everything();
   std::string metrics() const;
   void tick();
@@ -225,7 +229,7 @@ struct HttpServer::Impl {
   bool cancel_all = false;
   Clock::time_point shutdown_at;
   uint64_t next_ticket = 0;
-  std::unordered_map<uint64_t, int64_t> inflight;  // ticket -> engine request id (-1 before submit)
+  std::unordered_map<uint64_t, std::vector<int64_t>> inflight;  // ticket -> its engine requests (a choice each)
 
   std::atomic<bool> draining{false};
   std::atomic<bool> engine_failed{false};
@@ -310,6 +314,18 @@ void HttpServer::Impl::record_finish(const ResponseBuilder& b, Clock::time_point
   ++finished_by_reason[reason];
 }
 
+void HttpServer::Impl::record_finish(const ResponseSet& set, Clock::time_point arrival, bool client_gone) {
+  for (size_t i = 0; i < set.size(); ++i) record_finish(set.choice(i), arrival, client_gone);
+}
+
+void HttpServer::Impl::cancel_ended(const ResponseSet& set, const std::vector<int64_t>& ids, std::vector<bool>& sent) {
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (!sent[i] && set.needs_cancel(i)) {
+      cancel(ids[i]);
+      sent[i] = true;
+    }
+}
+
 void HttpServer::Impl::generate(ApiKind kind, const httplib::Request& req, httplib::Response& res) {
   const auto arrival = Clock::now();
   if (draining) return reply_error(res, 503, "the server is shutting down and takes no new requests");
@@ -324,26 +340,34 @@ void HttpServer::Impl::generate(ApiKind kind, const httplib::Request& req, httpl
   }
   auto ticket = std::make_shared<Ticket>(*this);
   auto queue = std::make_shared<EventQueue>();
-  std::string error;
-  const int64_t id =
-      engine.submit(api.params, [queue](const engine::TokenEvent& e) { queue->push(e); }, &error);
-  if (id < 0) {
-    if (starts_with(error, "the engine failed")) engine_failed = true;
-    const bool unavailable =
-        draining || starts_with(error, "the engine failed") || starts_with(error, "the server is shutting down");
-    return reply_error(res, unavailable ? 503 : 400, error.empty() ? "the engine refused the request" : error);
+  auto set = std::make_unique<ResponseSet>(api, model, make_response_id(kind), unix_now());
+  // An engine request a choice; if one is refused, the ones submitted before it are cancelled.
+  std::vector<int64_t> ids;
+  for (size_t i = 0; i < set->size(); ++i) {
+    std::string error;
+    const int64_t id =
+        engine.submit(set->params(i), [queue, i](const engine::TokenEvent& e) { queue->push(i, e); }, &error);
+    if (id < 0) {
+      for (int64_t done : ids) cancel(done);
+      if (starts_with(error, "the engine failed")) engine_failed = true;
+      const bool unavailable =
+          draining || starts_with(error, "the engine failed") || starts_with(error, "the server is shutting down");
+      if (set->size() > 1 && !error.empty()) error = fmt::format("choice {}: {}", i, error);
+      return reply_error(res, unavailable ? 503 : 400, error.empty() ? "the engine refused the request" : error);
+    }
+    ticket->add_engine_id(id);
+    ids.push_back(id);
   }
-  ticket->set_engine_id(id);
-  auto builder = std::make_unique<ResponseBuilder>(api, model, make_response_id(kind), unix_now());
   if (!api.stream) {
-    serve_blocking(req, res, *builder, *queue, id, arrival);
+    serve_blocking(req, res, *set, *queue, ids, arrival);
     return;
   }
   auto st = std::make_shared<StreamState>();
   st->ticket = std::move(ticket);
   st->queue = std::move(queue);
-  st->builder = std::move(builder);
-  st->engine_id = id;
+  st->set = std::move(set);
+  st->engine_ids = std::move(ids);
+  st->cancel_sent.assign(st->engine_ids.size(), false);
   st->arrival = arrival;
   st->watch = std::make_unique<ConnectionWatch>(req);
   res.set_header("Cache-Control", "no-cache");
@@ -352,51 +376,47 @@ void HttpServer::Impl::generate(ApiKind kind, const httplib::Request& req, httpl
       "text/event-stream", [this, st](size_t, httplib::DataSink& sink) { return pump(*st, sink); },
       [this, st](bool) {
         // Runs when the response is destroyed: a stream that did not reach its
-        // end (client gone, write failed, server stopping) frees its request.
-        if (!st->builder->done()) abandon(*st);
+        // end (client gone, write failed, server stopping) frees its requests.
+        if (!st->set->done()) abandon(*st);
       });
 }
 
-void HttpServer::Impl::serve_blocking(const httplib::Request& req, httplib::Response& res, ResponseBuilder& builder,
-                                      EventQueue& queue, int64_t id, Clock::time_point arrival) {
+void HttpServer::Impl::serve_blocking(const httplib::Request& req, httplib::Response& res, ResponseSet& set,
+                                      EventQueue& queue, const std::vector<int64_t>& ids, Clock::time_point arrival) {
   ConnectionWatch watch(req);
-  bool first_token_seen = false, cancel_sent = false;
-  while (!builder.done()) {
-    for (const engine::TokenEvent& e : queue.take(250ms)) {
+  bool first_token_seen = false;
+  std::vector<bool> cancel_sent(ids.size(), false);
+  while (!set.done()) {
+    for (const auto& [choice, e] : queue.take(250ms)) {
       on_event_seen(e, &first_token_seen, arrival);
-      builder.add_event(e);
-      if (builder.done()) break;
+      set.add_event(choice, e);
+      if (set.done()) break;
     }
-    if (builder.needs_cancel() && !cancel_sent) {
-      cancel(id);
-      cancel_sent = true;
-    }
-    if (!builder.done() && watch.client_gone()) {
-      cancel(id);
-      record_finish(builder, arrival, true);
+    cancel_ended(set, ids, cancel_sent);
+    if (!set.done() && watch.client_gone()) {
+      for (int64_t id : ids) cancel(id);
+      record_finish(set, arrival, true);
       return reply_error(res, 499, "the client closed the connection");
     }
   }
-  record_finish(builder, arrival, false);
-  res.status = builder.final_status();
-  res.set_content(builder.final_body(), "application/json");
+  cancel_ended(set, ids, cancel_sent);  // (the others, where one choice failed)
+  record_finish(set, arrival, false);
+  res.status = set.final_status();
+  res.set_content(set.final_body(), "application/json");
 }
 
 bool HttpServer::Impl::pump(StreamState& st, httplib::DataSink& sink) {
   std::string out;
   if (!st.started) {
     st.started = true;
-    out = st.builder->stream_start();
+    out = st.set->stream_start();
   }
-  for (const engine::TokenEvent& e : st.queue->take(out.empty() ? 200ms : 0ms)) {
+  for (const auto& [choice, e] : st.queue->take(out.empty() ? 200ms : 0ms)) {
     on_event_seen(e, &st.first_token_seen, st.arrival);
-    out += st.builder->stream_event(e);
-    if (st.builder->done()) break;
+    out += st.set->stream_event(choice, e);
+    if (st.set->done()) break;
   }
-  if (st.builder->needs_cancel() && !st.cancel_sent) {
-    cancel(st.engine_id);
-    st.cancel_sent = true;
-  }
+  cancel_ended(*st.set, st.engine_ids, st.cancel_sent);
   if (!out.empty()) {
     if (!sink.write(out.data(), out.size())) {  // the client went away
       abandon(st);
@@ -407,8 +427,8 @@ bool HttpServer::Impl::pump(StreamState& st, httplib::DataSink& sink) {
     abandon(st);
     return false;
   }
-  if (st.builder->done()) {
-    record_finish(*st.builder, st.arrival, false);
+  if (st.set->done()) {
+    record_finish(*st.set, st.arrival, false);
     st.recorded = true;
     sink.done();
   }
@@ -416,8 +436,8 @@ bool HttpServer::Impl::pump(StreamState& st, httplib::DataSink& sink) {
 }
 
 void HttpServer::Impl::abandon(StreamState& st) {
-  cancel(st.engine_id);
-  if (!st.recorded) record_finish(*st.builder, st.arrival, true);
+  for (int64_t id : st.engine_ids) cancel(id);
+  if (!st.recorded) record_finish(*st.set, st.arrival, true);
   st.recorded = true;
 }
 
@@ -426,8 +446,7 @@ void HttpServer::Impl::cancel_everything() {
   {
     std::lock_guard<std::mutex> lock(mutex);
     cancel_all = true;
-    for (const auto& [ticket, id] : inflight)
-      if (id >= 0) ids.push_back(id);
+    for (const auto& [ticket, engine_ids] : inflight) ids.insert(ids.end(), engine_ids.begin(), engine_ids.end());
   }
   for (int64_t id : ids) engine.cancel(id);
 }

@@ -117,14 +117,6 @@ void reject_unsupported(const json& body, ApiKind kind) {
                                       number_text(neutral)),
                      name);
   };
-  auto only_one = [&](const char* name) {
-    const json* v = find(body, name);
-    if (!v) return;
-    if (!integral(*v) || to_int64(*v) != 1)
-      bad(name, "1 (this server generates one choice per request)", *v);
-  };
-  only_one("n");
-  only_one("best_of");
   neutral_number("presence_penalty", 0);
   neutral_number("frequency_penalty", 0);
   neutral_number("repetition_penalty", 1);
@@ -188,34 +180,59 @@ std::vector<int32_t> encode_prompt_text(const std::string& text, const ModelInfo
   return ids;
 }
 
-std::vector<int32_t> parse_prompt(const json& body, const ModelInfo& model) {
-  const char* expected = "a string or an array of token ids";
-  auto it = body.find("prompt");
-  if (it == body.end() || it->is_null()) missing("prompt", expected);
-  const json* p = &*it;
-  std::string field = "prompt";
-  // A batch of one is accepted; longer batches are not (n = 1, one choice per request).
-  if (p->is_array() && p->size() == 1 && ((*p)[0].is_string() || (*p)[0].is_array())) {
-    p = &(*p)[0];
-    field = "prompt[0]";
-  } else if (p->is_array() && !p->empty() && ((*p)[0].is_string() || (*p)[0].is_array())) {
-    throw ApiError(400,
-                   fmt::format("prompt must be one prompt ({}); batches of {} prompts are not supported, send one "
-                               "request per prompt",
-                               expected, p->size()),
-                   "prompt");
-  }
+std::vector<int32_t> parse_one_prompt(const json& p, const std::string& field, const ModelInfo& model) {
   std::vector<int32_t> ids;
-  if (p->is_string()) {
-    if (p->get<std::string>().empty()) bad(field, "a non-empty string or array of token ids", *p);
-    ids = encode_prompt_text(p->get<std::string>(), model);
-  } else if (p->is_array()) {
-    if (p->empty()) bad(field, "a non-empty string or array of token ids", *p);
-    ids = token_ids(*p, field, model.vocab_size);
+  if (p.is_string()) {
+    if (p.get<std::string>().empty()) bad(field, "a non-empty string or array of token ids", p);
+    ids = encode_prompt_text(p.get<std::string>(), model);
+  } else if (p.is_array()) {
+    if (p.empty()) bad(field, "a non-empty string or array of token ids", p);
+    ids = token_ids(p, field, model.vocab_size);
   } else {
-    bad(field, expected, *p);
+    bad(field, "a string or an array of token ids", p);
   }
   return ids;
+}
+
+// One prompt (a string or token ids), or a batch of them (an array of strings or of token-id
+// arrays), each validated under its own name (prompt[i]).
+std::vector<std::vector<int32_t>> parse_prompts(const json& body, const ModelInfo& model) {
+  const char* expected = "a string, an array of token ids, or a batch of them (an array of strings or of arrays)";
+  auto it = body.find("prompt");
+  if (it == body.end() || it->is_null()) missing("prompt", expected);
+  const json& p = *it;
+  if (!p.is_array() || p.empty() || !(p[0].is_string() || p[0].is_array())) {
+    if (!p.is_string() && !p.is_array()) bad("prompt", expected, p);
+    return {parse_one_prompt(p, "prompt", model)};
+  }
+  std::vector<std::vector<int32_t>> batch;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const std::string field = fmt::format("prompt[{}]", i);
+    if (!p[i].is_string() && !p[i].is_array())
+      bad(field, "a string or an array of token ids (as the batch's first prompt)", p[i]);
+    batch.push_back(parse_one_prompt(p[i], field, model));
+  }
+  return batch;
+}
+
+// n choices for each prompt; best_of only as n (this server returns every choice it makes).
+int32_t parse_n(const json& body, size_t prompts) {
+  const auto n = get_int(body, "n", 1, kMaxChoices, fmt::format("an integer in [1, {}]", kMaxChoices));
+  const int32_t choices = int32_t(n.value_or(1));
+  if (const json* v = find(body, "best_of"); v && !v->is_null()) {
+    if (!integral(*v) || to_int64(*v) != choices)
+      throw ApiError(400,
+                     fmt::format("best_of ({}) other than n ({}) is not supported: this server returns every choice "
+                                 "it makes; leave best_of out",
+                                 show(*v), choices),
+                     "best_of");
+  }
+  if (int64_t(prompts) * choices > kMaxChoices)
+    throw ApiError(400,
+                   fmt::format("{} prompts x n {} = {} choices; this server answers at most {} in one request",
+                               prompts, choices, int64_t(prompts) * choices, kMaxChoices),
+                   prompts > 1 ? "prompt" : "n");
+  return choices;
 }
 
 std::vector<ChatMessage> parse_messages(const json& body) {
@@ -396,19 +413,27 @@ ApiRequest parse_completion_request(const nlohmann::json& body, const ModelInfo&
   ApiRequest r;
   r.kind = ApiKind::kCompletion;
   check_model(body, model);
-  r.params.prompt = parse_prompt(body, model);
+  const std::vector<std::vector<int32_t>> prompts = parse_prompts(body, model);
   r.echo = get_bool(body, "echo", false);
   // With echo, max_tokens 0 scores the prompt alone (the engine runs one token, not returned).
   const auto max_tokens = get_int(body, "max_tokens", r.echo ? 0 : 1, INT32_MAX,
                                   r.echo ? "an integer >= 0 (0 with echo: the prompt alone)" : "an integer >= 1");
   parse_common(body, model, r);
   parse_logprobs(body, r.kind, r);
-  fit_length(r, model, max_tokens, 16, "prompt", "max_tokens");
-  if (r.echo && r.params.max_tokens == 0) {
-    r.score_only = true;
-    r.params.max_tokens = 1;
+  r.n = parse_n(body, prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ApiRequest one = r;  // (its params: the sampling, stops and logprobs parsed above)
+    one.params.prompt = prompts[i];
+    const std::string field = prompts.size() > 1 ? fmt::format("prompt[{}]", i) : "prompt";
+    fit_length(one, model, max_tokens, 16, field.c_str(), "max_tokens");
+    if (r.echo && one.params.max_tokens == 0) {
+      r.score_only = true;
+      one.params.max_tokens = 1;
+    }
+    if (r.echo) one.params.prompt_logprobs = one.params.logprobs;
+    if (i == 0) r.params = one.params;
+    else r.more_prompts.push_back(one.params);
   }
-  if (r.echo) r.params.prompt_logprobs = r.params.logprobs;
   return r;
 }
 
@@ -426,6 +451,7 @@ ApiRequest parse_chat_request(const nlohmann::json& body, const ModelInfo& model
   }
   parse_common(body, model, r);
   parse_logprobs(body, r.kind, r);
+  r.n = parse_n(body, 1);
   if (!model.tokenizer)
     throw ApiError(400,
                    "chat completions need a tokenizer, and this server runs without one (start it with --tokenizer "
@@ -503,8 +529,28 @@ std::string make_response_id(ApiKind kind) {
   return fmt::format("{}-{:016x}{:016x}", kind == ApiKind::kChat ? "chatcmpl" : "cmpl", random_u64(), random_u64());
 }
 
+std::vector<ApiRequest> choice_requests(const ApiRequest& request) {
+  std::vector<engine::RequestParams> prompts = {request.params};
+  prompts.insert(prompts.end(), request.more_prompts.begin(), request.more_prompts.end());
+  std::vector<ApiRequest> out;
+  for (const engine::RequestParams& p : prompts)
+    for (int32_t j = 0; j < request.n; ++j) {
+      ApiRequest c = request;
+      c.more_prompts.clear();
+      c.n = 1;
+      c.params = p;
+      c.params.sampling.seed = p.sampling.seed + uint64_t(j);
+      c.index = int32_t(out.size());
+      c.in_set = true;
+      out.push_back(std::move(c));
+    }
+  return out;
+}
+
 ResponseBuilder::ResponseBuilder(const ApiRequest& request, const ModelInfo& model, std::string id, int64_t created)
     : kind_(request.kind),
+      index_(request.index),
+      in_set_(request.in_set),
       id_(std::move(id)),
       model_(model.name),
       created_(created),
@@ -693,7 +739,7 @@ std::string ResponseBuilder::stream_start() {
   if (kind_ != ApiKind::kChat) return {};
   ojson c = head(id_, "chat.completion.chunk", created_, model_);
   ojson choice;
-  choice["index"] = 0;
+  choice["index"] = index_;
   choice["delta"] = {{"role", "assistant"}, {"content", ""}};
   choice["logprobs"] = nullptr;
   choice["finish_reason"] = nullptr;
@@ -706,12 +752,12 @@ std::string ResponseBuilder::stream_event(const engine::TokenEvent& event) {
   if (done_) return {};
   const Delta d = apply(event);
   if (!error_.empty()) {
-    return "data: " + error_body(error_status_, error_) + "\n\n" + "data: [DONE]\n\n";
+    return "data: " + error_body(error_status_, error_) + "\n\n" + (in_set_ ? "" : "data: [DONE]\n\n");
   }
   const bool chat = kind_ == ApiKind::kChat;
   ojson c = head(id_, chat ? "chat.completion.chunk" : "text_completion", created_, model_);
   ojson choice;
-  choice["index"] = 0;
+  choice["index"] = index_;
   if (chat) {
     ojson delta = ojson::object();
     if (!d.text.empty() || !d.last) delta["content"] = d.text;
@@ -725,7 +771,7 @@ std::string ResponseBuilder::stream_event(const engine::TokenEvent& event) {
   c["choices"] = ojson::array({choice});
   if (include_usage_) c["usage"] = nullptr;
   std::string out = sse_ordered(c);
-  if (d.last) {
+  if (d.last && !in_set_) {
     if (include_usage_) {
       ojson u = head(id_, chat ? "chat.completion.chunk" : "text_completion", created_, model_);
       u["choices"] = ojson::array();
@@ -758,13 +804,15 @@ int ResponseBuilder::final_status() const {
   return done_ ? 200 : 500;
 }
 
-std::string ResponseBuilder::final_body() const {
+std::string ResponseBuilder::error_json() const {
   if (!error_.empty()) return error_body(error_status_, error_);
-  if (!done_) return error_body(500, "the request ended without a result");
+  return error_body(500, "the request ended without a result");
+}
+
+nlohmann::ordered_json ResponseBuilder::choice_json() const {
   const bool chat = kind_ == ApiKind::kChat;
-  ojson r = head(id_, chat ? "chat.completion" : "text_completion", created_, model_);
   ojson choice;
-  choice["index"] = 0;
+  choice["index"] = index_;
   if (chat) {
     ojson message;
     message["role"] = "assistant";
@@ -779,9 +827,119 @@ std::string ResponseBuilder::final_body() const {
     choice["token_ids"] = output_ids_;
     if (!chat) choice["prompt_token_ids"] = prompt_;
   }
-  r["choices"] = ojson::array({choice});
+  return choice;
+}
+
+std::string ResponseBuilder::final_body() const {
+  if (!error_.empty() || !done_) return error_json();
+  const bool chat = kind_ == ApiKind::kChat;
+  ojson r = head(id_, chat ? "chat.completion" : "text_completion", created_, model_);
+  r["choices"] = ojson::array({choice_json()});
   if (return_token_ids_ && chat) r["prompt_token_ids"] = prompt_;
   r["usage"] = usage_json(prompt_tokens(), completion_tokens_);
+  return dump_ordered(r);
+}
+
+// --- ResponseSet ---
+
+ResponseSet::ResponseSet(const ApiRequest& request, const ModelInfo& model, std::string id, int64_t created)
+    : kind_(request.kind),
+      id_(std::move(id)),
+      model_(model.name),
+      created_(created),
+      include_usage_(request.stream && request.include_usage),
+      return_token_ids_(request.return_token_ids),
+      n_(request.n),
+      requests_(choice_requests(request)) {
+  for (const ApiRequest& r : requests_) builders_.push_back(std::make_unique<ResponseBuilder>(r, model, id_, created));
+}
+
+int32_t ResponseSet::prompt_tokens() const {
+  int32_t total = 0;  // each prompt once, however many choices it has (OpenAI's count)
+  for (size_t i = 0; i < builders_.size(); i += size_t(n_)) total += builders_[i]->prompt_tokens();
+  return total;
+}
+
+int32_t ResponseSet::completion_tokens() const {
+  int32_t total = 0;
+  for (const auto& b : builders_) total += b->completion_tokens();
+  return total;
+}
+
+bool ResponseSet::done() const {
+  bool all = true;
+  for (const auto& b : builders_) {
+    if (b->failed()) return true;
+    all = all && b->done();
+  }
+  return all;
+}
+
+bool ResponseSet::needs_cancel(size_t choice) const {
+  const ResponseBuilder& b = *builders_[choice];
+  if (b.needs_cancel()) return true;
+  if (b.done()) return false;
+  for (const auto& other : builders_)
+    if (other->failed()) return true;
+  return false;
+}
+
+std::string ResponseSet::stream_start() {
+  std::string out;
+  for (const auto& b : builders_) out += b->stream_start();
+  return out;
+}
+
+std::string ResponseSet::stream_end() {
+  ended_ = true;
+  std::string out;
+  if (include_usage_) {
+    ojson u = head(id_, kind_ == ApiKind::kChat ? "chat.completion.chunk" : "text_completion", created_, model_);
+    u["choices"] = ojson::array();
+    u["usage"] = usage_json(prompt_tokens(), completion_tokens());
+    out += sse_ordered(u);
+  }
+  return out + "data: [DONE]\n\n";
+}
+
+std::string ResponseSet::stream_event(size_t choice, const engine::TokenEvent& event) {
+  if (ended_) return {};
+  std::string out = builders_[choice]->stream_event(event);
+  if (builders_[choice]->failed()) {  // its error event ends the stream
+    ended_ = true;
+    return out + "data: [DONE]\n\n";
+  }
+  if (done()) out += stream_end();
+  return out;
+}
+
+std::string ResponseSet::stream_abort(const std::string& message) {
+  if (ended_) return {};
+  ended_ = true;
+  for (auto& b : builders_) b->stream_abort(message);
+  return "data: " + error_body(503, message) + "\n\n" + "data: [DONE]\n\n";
+}
+
+void ResponseSet::add_event(size_t choice, const engine::TokenEvent& event) { builders_[choice]->add_event(event); }
+
+int ResponseSet::final_status() const {
+  for (const auto& b : builders_)
+    if (b->failed()) return b->final_status();
+  return done() ? 200 : 500;
+}
+
+std::string ResponseSet::final_body() const {
+  for (const auto& b : builders_)
+    if (b->failed()) return b->error_json();
+  for (const auto& b : builders_)
+    if (!b->done()) return b->error_json();
+  const bool chat = kind_ == ApiKind::kChat;
+  ojson r = head(id_, chat ? "chat.completion" : "text_completion", created_, model_);
+  ojson choices = ojson::array();
+  for (const auto& b : builders_) choices.push_back(b->choice_json());
+  r["choices"] = choices;
+  if (return_token_ids_ && chat) r["prompt_token_ids"] = requests_[0].params.prompt;
+  r["usage"] = usage_json(prompt_tokens(), completion_tokens());
   return dump_ordered(r);
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -64,7 +65,21 @@ struct ApiRequest {
   // tokens' (params.prompt_logprobs) before the completion's tokens'.
   bool echo = false;
   bool score_only = false;  // echo with max_tokens 0: the prompt alone (params.max_tokens is 1)
+  // Choices: `n` for each prompt; completions' prompt may be a batch, whose prompts after the
+  // first are `more_prompts` (params as params, each its own prompt and max_tokens). The
+  // choices are numbered prompt by prompt (choice_requests).
+  int32_t n = 1;
+  std::vector<engine::RequestParams> more_prompts;
+  int32_t index = 0;     // this choice's "index" in the response (choice_requests)
+  bool in_set = false;   // one choice of several: the usage chunk and [DONE] are the set's
 };
+
+// The most choices (prompts x n) one request may ask for.
+constexpr int32_t kMaxChoices = 64;
+
+// One ApiRequest a choice, in response order: prompt i's n choices at i * n .. i * n + n - 1,
+// the j-th sampled with seed + j (the same draws as a request of that seed alone for j = 0).
+std::vector<ApiRequest> choice_requests(const ApiRequest& request);
 
 // The body as JSON; 400 naming the parse error when it is not a JSON object.
 nlohmann::json parse_json_body(std::string_view body);
@@ -125,6 +140,10 @@ class ResponseBuilder {
   std::string final_body() const;
 
   bool done() const { return done_; }
+  bool failed() const { return !error_.empty(); }
+  // Non-streaming: the body's choice object, and the error body where the request failed.
+  nlohmann::ordered_json choice_json() const;
+  std::string error_json() const;
   // True once the output ended before the engine finished (a stop string), so
   // the engine request should be cancelled.
   bool needs_cancel() const { return needs_cancel_; }
@@ -158,6 +177,8 @@ class ResponseBuilder {
   std::string token_text(int32_t token) const;
 
   ApiKind kind_;
+  int32_t index_;
+  bool in_set_;
   std::string id_, model_;
   int64_t created_;
   std::vector<int32_t> prompt_;
@@ -179,6 +200,49 @@ class ResponseBuilder {
   std::string finish_reason_;
   std::string error_;
   int error_status_ = 0;
+};
+
+// A response of several choices (ApiRequest::n, a batch of prompts): a ResponseBuilder a
+// choice, each fed its own engine request's events, merged into one body or one stream whose
+// usage counts each prompt once and whose [DONE] follows the last choice's end. A choice that
+// fails fails the response (its error, the others cancelled). One choice reads as a
+// ResponseBuilder alone.
+class ResponseSet {
+ public:
+  ResponseSet(const ApiRequest& request, const ModelInfo& model, std::string id, int64_t created);
+
+  size_t size() const { return builders_.size(); }
+  // What to submit for choice i.
+  const engine::RequestParams& params(size_t i) const { return requests_[i].params; }
+
+  std::string stream_start();
+  std::string stream_event(size_t choice, const engine::TokenEvent& event);
+  std::string stream_abort(const std::string& message);
+
+  void add_event(size_t choice, const engine::TokenEvent& event);
+  int final_status() const;
+  std::string final_body() const;
+
+  // Every choice ended, or one failed.
+  bool done() const;
+  // Choice i's engine request should be cancelled: its output ended first (a stop string), or
+  // another choice failed.
+  bool needs_cancel(size_t choice) const;
+  const ResponseBuilder& choice(size_t i) const { return *builders_[i]; }
+
+ private:
+  int32_t prompt_tokens() const;
+  int32_t completion_tokens() const;
+  std::string stream_end();  // the usage chunk (include_usage) and [DONE]
+
+  ApiKind kind_;
+  std::string id_, model_;
+  int64_t created_;
+  bool include_usage_, return_token_ids_;
+  int32_t n_;
+  std::vector<ApiRequest> requests_;
+  std::vector<std::unique_ptr<ResponseBuilder>> builders_;
+  bool ended_ = false;  // streaming: [DONE] written
 };
 
 // /v1/models.

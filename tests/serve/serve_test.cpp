@@ -124,15 +124,27 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
       {false, R"({"prompt": [1, 2], "stream": true, "stream_options": {"include_usage": 1}})", 400,
        "stream_options.include_usage", "stream_options.include_usage must be true or false, got 1"},
       {false, R"({"prompt": [1, 2], "ignore_eos": 1})", 400, "ignore_eos", "ignore_eos must be true or false, got 1"},
-      {false, R"({"prompt": [1, 2], "n": 2})", 400, "n", "n must be 1"},
-      {false, R"({"prompt": [1, 2], "best_of": 3})", 400, "best_of", "best_of must be 1"},
+      {false, R"({"prompt": [1, 2], "n": 0})", 400, "n", "n must be an integer in [1, 64], got 0"},
+      {false, R"({"prompt": [1, 2], "n": 65})", 400, "n", "n must be an integer in [1, 64], got 65"},
+      {false, R"({"prompt": [1, 2], "best_of": 3})", 400, "best_of", "best_of (3) other than n (1) is not supported"},
+      {false, R"({"prompt": [1, 2], "n": 2, "best_of": 3})", 400, "best_of", "best_of (3) other than n (2)"},
+      {false, R"({"prompt": [[1], [2]], "n": 40})", 400, "prompt",
+       "2 prompts x n 40 = 80 choices; this server answers at most 64 in one request"},
+      {false, R"({"prompt": [[1, 2], []]})", 400, "prompt[1]",
+       "prompt[1] must be a non-empty string or array of token ids"},
+      {false, R"({"prompt": [[1], 5]})", 400, "prompt[1]", "prompt[1] must be a string or an array of token ids"},
+      {false, R"({"prompt": [[1, 2], [1, 129280]]})", 400, "prompt[1][1]",
+       "prompt[1][1] must be a token id in [0, 129280), got 129280"},
+      {false, R"({"prompt": [[1, 2], [3]], "max_tokens": 1023})", 400, "max_tokens",
+       "(2 in the prompt[0], 1023 in the completion)"},
       {false, R"({"prompt": [1, -5]})", 400, "prompt[1]", "prompt[1] must be a token id in [0, 129280), got -5"},
       {false, R"({"prompt": [1, 129280]})", 400, "prompt[1]", "prompt[1] must be a token id in [0, 129280), got 129280"},
       {false, R"({"prompt": [1, "a"]})", 400, "prompt[1]", R"(got "a")"},
-      {false, R"({"prompt": 5})", 400, "prompt", "prompt must be a string or an array of token ids, got 5"},
+      {false, R"({"prompt": 5})", 400, "prompt",
+       "prompt must be a string, an array of token ids, or a batch of them (an array of strings or of arrays), got 5"},
       {false, R"({"max_tokens": 5})", 400, "prompt", "prompt is required"},
       {false, R"({"prompt": []})", 400, "prompt", "prompt must be a non-empty string or array of token ids"},
-      {false, R"({"prompt": ["a", "b"]})", 400, "prompt", "batches of 2 prompts are not supported"},
+      {false, R"({"prompt": ["a", "b"]})", 400, "prompt", "prompt is text, but this server runs without a tokenizer"},
       {false, R"({"prompt": "hello"})", 400, "prompt", "this server runs without a tokenizer"},
       {false, R"({"prompt": [1, 2], "model": 7})", 400, "model", "model must be a string"},
       {false, R"({"prompt": [1, 2], "model": "gpt-4"})", 404, "model", "The model `gpt-4` does not exist"},
@@ -411,6 +423,99 @@ TEST(ResponseBuilder, ChatStartsWithTheAssistantRoleAndEndsWithAnEmptyDelta) {
   EXPECT_EQ(last["choices"][0]["finish_reason"], "stop");
   EXPECT_FALSE(last.contains("usage"));
   EXPECT_EQ(events[3], "[DONE]");
+}
+
+// Several choices: prompt i's n choices at i * n + j, the j-th drawn with seed + j; every
+// choice's prompt and max_tokens its own prompt's.
+TEST(ResponseSet, ChoicesArePromptMajorWithSeedsApart) {
+  const ModelInfo model = model_info();
+  const ApiRequest r = parse_completion_request(
+      json::parse(R"({"prompt": [[1, 2, 3], [4]], "n": 3, "seed": 10, "temperature": 0.7})"), model);
+  EXPECT_EQ(r.n, 3);
+  ASSERT_EQ(r.more_prompts.size(), 1u);
+  const std::vector<ApiRequest> choices = choice_requests(r);
+  ASSERT_EQ(choices.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(choices[i].index, int32_t(i));
+    EXPECT_EQ(choices[i].params.prompt, i < 3 ? std::vector<int32_t>({1, 2, 3}) : std::vector<int32_t>({4}));
+    EXPECT_EQ(choices[i].params.sampling.seed, 10 + i % 3);
+    EXPECT_EQ(choices[i].params.max_tokens, 16);
+    EXPECT_FLOAT_EQ(choices[i].params.sampling.temperature, 0.7f);
+  }
+}
+
+// The set's non-streamed body: every choice at its index, usage counting each prompt once; a
+// set of one streams exactly what one builder does; streamed choices carry their index and one
+// usage chunk and one [DONE] follow the last choice's end; a choice that fails ends the response
+// with its error and asks for the others to be cancelled.
+TEST(ResponseSet, MergesChoicesIntoOneResponse) {
+  const ModelInfo model = model_info();
+  const ApiRequest r = parse_completion_request(
+      json::parse(R"({"prompt": [1, 2, 3], "n": 2, "max_tokens": 2, "return_token_ids": true})"), model);
+  ResponseSet whole(r, model, "cmpl-x", 5);
+  ASSERT_EQ(whole.size(), 2u);
+  whole.add_event(1, token_event(20, 1));
+  whole.add_event(0, token_event(10, 1));
+  whole.add_event(1, token_event(21, 2, engine::FinishReason::kLength));
+  EXPECT_FALSE(whole.done());
+  whole.add_event(0, token_event(11, 2, engine::FinishReason::kStop));
+  ASSERT_TRUE(whole.done());
+  ASSERT_EQ(whole.final_status(), 200);
+  const json body = json::parse(whole.final_body());
+  ASSERT_EQ(body["choices"].size(), 2u);
+  EXPECT_EQ(body["choices"][0]["index"], 0);
+  EXPECT_EQ(body["choices"][0]["token_ids"], json::parse("[10, 11]"));
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(body["choices"][1]["index"], 1);
+  EXPECT_EQ(body["choices"][1]["token_ids"], json::parse("[20, 21]"));
+  EXPECT_EQ(body["usage"], json::parse(R"({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})"));
+
+  // One choice: the same stream as a builder alone.
+  const char* one = R"({"prompt": [1, 2, 3], "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}})";
+  ApiRequest single = parse_completion_request(json::parse(one), model);
+  ResponseBuilder alone(single, model, "cmpl-y", 5);
+  ResponseSet set_of_one(single, model, "cmpl-y", 5);
+  const auto events = {token_event(10, 1), token_event(11, 2, engine::FinishReason::kLength)};
+  std::string a = alone.stream_start(), b = set_of_one.stream_start();
+  for (const auto& e : events) a += alone.stream_event(e), b += set_of_one.stream_event(0, e);
+  EXPECT_EQ(a, b);
+
+  ApiRequest streamed = parse_completion_request(
+      json::parse(R"({"prompt": [[1, 2, 3], [4, 5]], "max_tokens": 1, "stream": true,
+                      "stream_options": {"include_usage": true}})"),
+      model);
+  ResponseSet st(streamed, model, "cmpl-z", 5);
+  std::string text = st.stream_start();
+  text += st.stream_event(1, token_event(7, 1, engine::FinishReason::kLength));
+  EXPECT_FALSE(st.done());
+  text += st.stream_event(0, token_event(8, 1, engine::FinishReason::kLength));
+  EXPECT_TRUE(st.done());
+  EXPECT_EQ(st.stream_event(0, token_event(9, 2)), "");
+  std::string problem;
+  const auto chunks = sse_payloads(text, &problem);
+  ASSERT_TRUE(problem.empty()) << problem;
+  ASSERT_EQ(chunks.size(), 4u);
+  EXPECT_EQ(json::parse(chunks[0])["choices"][0]["index"], 1);
+  EXPECT_EQ(json::parse(chunks[1])["choices"][0]["index"], 0);
+  EXPECT_EQ(json::parse(chunks[2])["usage"],
+            json::parse(R"({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})"));
+  EXPECT_EQ(chunks[3], "[DONE]");
+
+  ResponseSet failing(streamed, model, "cmpl-w", 5);
+  engine::TokenEvent error;
+  error.finished = true;
+  error.reason = engine::FinishReason::kError;
+  error.error = "a step failed";
+  const std::string ended = failing.stream_event(0, error);
+  EXPECT_TRUE(failing.done());
+  EXPECT_TRUE(failing.needs_cancel(1));
+  EXPECT_NE(ended.find("a step failed"), std::string::npos);
+  EXPECT_EQ(ended.substr(ended.size() - 14), "data: [DONE]\n\n");
+  ResponseSet failing_whole(r, model, "cmpl-v", 5);
+  failing_whole.add_event(1, error);
+  EXPECT_TRUE(failing_whole.done());
+  EXPECT_EQ(failing_whole.final_status(), 500);
+  EXPECT_NE(failing_whole.final_body().find("a step failed"), std::string::npos);
 }
 
 engine::TokenEvent logprob_event(int32_t token, int32_t n, float logprob, std::vector<ops::TokenLogprob> top,
@@ -1088,6 +1193,66 @@ TEST_F(Serve, TextCompletionChatAndStopStrings) {
   EXPECT_EQ(json::parse(events[4])["usage"]["completion_tokens"], 3);
   EXPECT_EQ(events[5], "[DONE]");
   EXPECT_TRUE(e.wait_idle(2s));
+}
+
+// n choices and batches of prompts over HTTP: each choice is the request of its prompt alone
+// with seed + j (the same tokens), streamed or not; a batch scored with echo and logprobs, as
+// lm-eval's loglikelihood requests send it, equals its prompts scored one at a time.
+TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
+  ServerEnv& e = env();
+  const json base = {{"prompt", {11, 12, 13, 14}}, {"max_tokens", 6}, {"ignore_eos", true},
+                     {"return_token_ids", true},    {"temperature", 0.9}, {"seed", 40}};
+  json three = base;
+  three["n"] = 3;
+  const HttpResult r = post(e.port, "/v1/completions", three.dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json j = json::parse(r.body);
+  ASSERT_EQ(j["choices"].size(), 3u);
+  EXPECT_EQ(j["usage"], json::parse(R"({"prompt_tokens": 4, "completion_tokens": 18, "total_tokens": 22})"));
+  for (int c = 0; c < 3; ++c) {
+    json alone = base;
+    alone["seed"] = 40 + c;
+    const json a = json::parse(post(e.port, "/v1/completions", alone.dump()).body);
+    EXPECT_EQ(j["choices"][c]["index"], c);
+    EXPECT_EQ(j["choices"][c]["token_ids"], a["choices"][0]["token_ids"]) << "choice " << c;
+  }
+  EXPECT_NE(j["choices"][0]["token_ids"], j["choices"][1]["token_ids"]);  // (6 draws at T 0.9 from 129280)
+
+  json streamed = three;
+  streamed["stream"] = true;
+  const HttpResult s = post(e.port, "/v1/completions", streamed.dump());
+  ASSERT_EQ(s.status, 200);
+  std::string problem;
+  const auto chunks = sse_payloads(s.body, &problem);
+  ASSERT_TRUE(problem.empty()) << problem;
+  std::vector<json> ids(3, json::array());
+  int done = 0;
+  for (const std::string& c : chunks) {
+    if (c == "[DONE]") {
+      ++done;
+      continue;
+    }
+    const json chunk = json::parse(c)["choices"][0];
+    for (const auto& id : chunk["token_ids"]) ids[chunk["index"].get<size_t>()].push_back(id);
+  }
+  EXPECT_EQ(done, 1);
+  EXPECT_EQ(chunks.back(), "[DONE]");
+  for (int c = 0; c < 3; ++c) EXPECT_EQ(ids[size_t(c)], j["choices"][c]["token_ids"]) << "choice " << c;
+
+  const std::vector<std::vector<int32_t>> prompts = {{5, 6, 7, 8, 9}, {21, 22}, {31, 32, 33}};
+  const json batch = {{"prompt", prompts}, {"max_tokens", 0}, {"echo", true}, {"logprobs", 1}, {"temperature", 0}};
+  const HttpResult scored = post(e.port, "/v1/completions", batch.dump());
+  ASSERT_EQ(scored.status, 200) << scored.body;
+  const json sj = json::parse(scored.body);
+  ASSERT_EQ(sj["choices"].size(), 3u);
+  EXPECT_EQ(sj["usage"], json::parse(R"({"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 10})"));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    json alone = batch;
+    alone["prompt"] = prompts[i];
+    const json a = json::parse(post(e.port, "/v1/completions", alone.dump()).body);
+    EXPECT_EQ(sj["choices"][i]["logprobs"], a["choices"][0]["logprobs"]) << "prompt " << i;
+    EXPECT_EQ(sj["choices"][i]["logprobs"]["token_logprobs"].size(), prompts[i].size());
+  }
 }
 
 TEST_F(Serve, ClientThatDisconnectsHasItsRequestCancelled) {
