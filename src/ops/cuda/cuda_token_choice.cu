@@ -434,6 +434,19 @@ BinUpdates bin_updates() {
   return u;
 }
 
+// Calls launch(std::integral_constant<BinUpdates, form>{}) with the form bin_updates() picks:
+// a kernel instance a form.
+template <class Launch>
+void with_bin_updates(const Launch& launch) {
+  switch (bin_updates()) {
+    case BinUpdates::kAtomic: launch(std::integral_constant<BinUpdates, BinUpdates::kAtomic>{}); break;
+    case BinUpdates::kAggregated: launch(std::integral_constant<BinUpdates, BinUpdates::kAggregated>{}); break;
+    case BinUpdates::kAggregatedWeighed:
+      launch(std::integral_constant<BinUpdates, BinUpdates::kAggregatedWeighed>{});
+      break;
+  }
+}
+
 bool rows_of_float4(const core::Tensor& logits) {
   return logits.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data()) % 16 == 0;
 }
@@ -457,13 +470,7 @@ void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tenso
     choose_tokens_kernel<decltype(updates)::value><<<unsigned(R), kChooseThreads, 0, stream_>>>(
         logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>());
   };
-  switch (bin_updates()) {
-    case BinUpdates::kAtomic: launch(std::integral_constant<BinUpdates, BinUpdates::kAtomic>{}); break;
-    case BinUpdates::kAggregated: launch(std::integral_constant<BinUpdates, BinUpdates::kAggregated>{}); break;
-    case BinUpdates::kAggregatedWeighed:
-      launch(std::integral_constant<BinUpdates, BinUpdates::kAggregatedWeighed>{});
-      break;
-  }
+  with_bin_updates(launch);
   check_launch(stream_);
 }
 
@@ -479,13 +486,7 @@ void CudaBackend::do_token_logprobs(const core::Tensor& logits, const core::Tens
     token_logprobs_kernel<decltype(updates)::value><<<unsigned(R), kChooseThreads, 0, stream_>>>(
         logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>(), out);
   };
-  switch (bin_updates()) {
-    case BinUpdates::kAtomic: launch(std::integral_constant<BinUpdates, BinUpdates::kAtomic>{}); break;
-    case BinUpdates::kAggregated: launch(std::integral_constant<BinUpdates, BinUpdates::kAggregated>{}); break;
-    case BinUpdates::kAggregatedWeighed:
-      launch(std::integral_constant<BinUpdates, BinUpdates::kAggregatedWeighed>{});
-      break;
-  }
+  with_bin_updates(launch);
   check_launch(stream_);
 }
 
