@@ -4,7 +4,9 @@
 // schedule must never hang (a collective mismatch would, until the timeout
 // turned it into an error), every request must get its final event, the tokens
 // of every request that ran to its end must equal the single-rank run (bit-
-// identical path), a cancelled request's tokens must be a prefix of them, the
+// identical path), as must the prompt log-probabilities of those that ask for them
+// (a scoring prompt's chunks take a step's spare logits rows), a cancelled
+// request's tokens must be a prefix of them, the
 // per-step collective ledgers must agree, and the caches must be empty after.
 #include <gtest/gtest.h>
 
@@ -22,6 +24,7 @@ namespace {
 
 struct Outcome {
   std::vector<int32_t> tokens;
+  std::vector<float> prompt_logprobs;  // with the first token, where asked
   FinishReason reason = FinishReason::kNone;
   std::string error;
   bool finished = false;
@@ -42,6 +45,7 @@ Schedule make_schedule(uint64_t seed, int n) {
     for (int t = 0; t < len; ++t) p.prompt.push_back(int32_t(g() % 129280));
     p.max_tokens = 1 + int(g() % 24);
     p.ignore_eos = true;
+    if (g() % 3 == 0) p.prompt_logprobs = int32_t(g() % 3);
     s.requests.push_back(p);
     s.delay_ms.push_back(int(g() % 4) == 0 ? int(g() % 30) : 0);
     s.cancel_ms.push_back(int(g() % 4) == 0 ? int(g() % 200) : -1);
@@ -82,6 +86,7 @@ std::vector<Outcome> run(ServingEngine& engine, const Schedule& s, bool with_can
       Outcome& o = st->out[i];
       EXPECT_FALSE(o.finished) << "request " << i << ": an event after its final one";
       if (e.token >= 0) o.tokens.push_back(e.token);
+      for (const PromptTokenLogprob& pl : e.prompt_logprobs) o.prompt_logprobs.push_back(pl.logprob);
       if (e.finished) {
         o.finished = true;
         o.reason = e.reason;
@@ -133,6 +138,11 @@ TEST(DpFuzz, RandomSchedulesNeverHangAndMatchOneRank) {
         ASSERT_LE(g.tokens.size(), r.tokens.size()) << "dp " << dp << " request " << i;
         EXPECT_TRUE(std::equal(g.tokens.begin(), g.tokens.end(), r.tokens.begin()))
             << "dp " << dp << " request " << i << " (seed " << seed + round << ")";
+        if (!g.tokens.empty()) {
+          EXPECT_EQ(g.prompt_logprobs, r.prompt_logprobs) << "dp " << dp << " request " << i;
+          EXPECT_EQ(r.prompt_logprobs.size(),
+                    s.requests[i].prompt_logprobs >= 0 ? s.requests[i].prompt.size() - 1 : 0u) << "request " << i;
+        }
         if (g.reason == FinishReason::kCancelled) ++cancelled;
         else EXPECT_EQ(g.tokens.size(), r.tokens.size()) << "dp " << dp << " request " << i;
       }
