@@ -140,9 +140,10 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   std::vector<int32_t> first_row(step.slices.size(), -1);   // slice -> its first logits row
   std::vector<int32_t> full_rows;                           // logits rows wanted whole
   std::vector<int32_t> full_index(step.slices.size(), -1);  // slice -> its index among the whole rows
+  std::vector<ops::LogitPenalty> penalties;  // the penalized rows' seen tokens
   for (size_t k = 0; k < step.slices.size(); ++k) {
     const SequenceSlice& s = step.slices[k];
-    const Request& r = *step.requests[k];
+    Request& r = *step.requests[k];
     if (s.want_all_logits) {
       first_row[k] = int32_t(choices.size());
       // Rows before the slice's last (or all, where it does not end the tokens): each scores
@@ -173,6 +174,7 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     if (!r.finished) {
       c = token_choice(r.params.sampling, int64_t(r.tokens.size()));
       c.logprobs = r.params.logprobs;  // their records come back, not their rows
+      if (r.params.sampling.penalized()) add_penalties(r, int32_t(choices.size()), &penalties);
     }
     choices.push_back(c);
   }
@@ -180,10 +182,10 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   if (allow_graph && graph_eligible(step, std::max(step.num_tokens, padding.rows))) {
     // The runner pads a graph step to its bucket itself.
     full_logits = runner_.step_tokens(build_step_metadata(step.slices), choices, &tokens_, full_rows, true,
-                                      padding.rows, &logprob_records_);
+                                      padding.rows, &logprob_records_, &penalties);
   } else {
     full_logits = runner_.step_tokens(build_step_metadata(step.slices, padding), choices, &tokens_, full_rows, false,
-                                      0, &logprob_records_);
+                                      0, &logprob_records_, &penalties);
   }
   scheduler_.commit(step);
   int64_t generated = 0;
@@ -264,6 +266,29 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   stats_.prompt_tokens += step.num_prefill_tokens;
   stats_.generated_tokens += generated;
   stats_.last_step_ms = ms;
+}
+
+void EngineCore::add_penalties(Request& r, int32_t row, std::vector<ops::LogitPenalty>* out) {
+  // The tokens since the last penalized step into the request's counts (a recompute after
+  // preemption changes no token, so the counts stay right).
+  for (; r.num_seen < int32_t(r.tokens.size()); ++r.num_seen) {
+    auto& [generated, in_prompt] = r.seen_tokens[r.tokens[size_t(r.num_seen)]];
+    if (r.num_seen < r.num_prompt) in_prompt = true;
+    else ++generated;
+  }
+  const SamplingParams& sp = r.params.sampling;
+  for (const auto& [token, seen] : r.seen_tokens) {
+    if (seen.first == 0 && sp.repetition_penalty == 1.0f) continue;  // (a prompt token nothing penalizes)
+    ops::LogitPenalty p;
+    p.row = row;
+    p.token = token;
+    p.output_count = seen.first;
+    p.in_prompt = seen.second ? 1 : 0;
+    p.presence = sp.presence_penalty;
+    p.frequency = sp.frequency_penalty;
+    p.repetition = sp.repetition_penalty;
+    out->push_back(p);
+  }
 }
 
 bool EngineCore::step() {

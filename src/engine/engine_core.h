@@ -60,6 +60,8 @@ class EngineCore {
 
  private:
   void finish(Request& r, FinishReason reason, const std::string& error = "");
+  // The penalties of r's logits row `row` (SamplingParams::penalized): an entry a token seen.
+  static void add_penalties(Request& r, int32_t row, std::vector<ops::LogitPenalty>* out);
   // Copies the scheduler's queue state into stats_ (engine thread only).
   void publish_queue_stats();
 

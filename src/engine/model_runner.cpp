@@ -211,7 +211,8 @@ void ModelRunner::step(const StepMetadata& meta, std::vector<float>* logits, std
 const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vector<ops::TokenChoice>& choices,
                                       std::vector<int32_t>* tokens, const std::vector<int32_t>& full_rows,
                                       bool allow_graph, int32_t min_graph_rows,
-                                      std::vector<ops::TokenLogprobRecord>* logprob_records) {
+                                      std::vector<ops::TokenLogprobRecord>* logprob_records,
+                                      const std::vector<ops::LogitPenalty>* penalties) {
   const int64_t R = int64_t(meta.logit_rows.size());
   DSV4_CHECK(int64_t(choices.size()) == R, "step_tokens: {} token choices for {} logits rows", choices.size(), R);
   const bool logprobs =
@@ -220,8 +221,23 @@ const float* ModelRunner::step_tokens(const StepMetadata& meta, const std::vecto
   for (const ops::TokenChoice& c : choices)
     DSV4_CHECK(c.given_token < config_.vocab_size, "step_tokens: a given token {} outside the vocabulary of {}",
                c.given_token, config_.vocab_size);
+  const int64_t E = penalties ? int64_t(penalties->size()) : 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const ops::LogitPenalty& p = (*penalties)[size_t(e)];
+    DSV4_CHECK(p.row >= 0 && p.row < R && p.token >= 0 && p.token < config_.vocab_size,
+               "step_tokens: a penalty for token {} of logits row {} ({} rows of {} tokens)", p.token, p.row, R,
+               config_.vocab_size);
+  }
   launch_step(meta, false, allow_graph, min_graph_rows, &choices);  // the choices go up with the metadata
   tokens->resize(size_t(R));
+  if (E > 0) {
+    if (logit_penalties_.numel() < E * ops::kLogitPenaltyWords)  // (grown by doubling; not in any graph)
+      logit_penalties_ = backend_.empty(core::DType::kI32,
+                                        {std::max<int64_t>(E, logit_penalties_.numel() / ops::kLogitPenaltyWords * 2),
+                                         ops::kLogitPenaltyWords});
+    backend_.upload(logit_penalties_, penalties->data(), size_t(E) * sizeof(ops::LogitPenalty));
+    backend_.penalize_logits(buffers_->logits.rows(0, R), logit_penalties_.rows(0, E));
+  }
   if (R > 0) {
     backend_.choose_tokens(buffers_->logits.rows(0, R), token_choices_.rows(0, R), token_ids_out_.rows(0, R));
     if (logprobs)

@@ -77,11 +77,14 @@ class ModelRunner {
   // which the next step overwrites: the returned pointer (null without full rows). Where a
   // choice asks for log-probabilities (TokenChoice::logprobs >= 0), its row's record
   // (Backend::token_logprobs) into (*logprob_records)[row], the other rows' records undefined.
+  // `penalties` (rows: indices into meta.logit_rows) are applied to the logits first
+  // (Backend::penalize_logits), so the tokens, records and whole rows are of the penalized rows.
   // Otherwise as step().
   const float* step_tokens(const StepMetadata& meta, const std::vector<ops::TokenChoice>& choices,
                            std::vector<int32_t>* tokens, const std::vector<int32_t>& full_rows,
                            bool allow_graph = true, int32_t min_graph_rows = 0,
-                           std::vector<ops::TokenLogprobRecord>* logprob_records = nullptr);
+                           std::vector<ops::TokenLogprobRecord>* logprob_records = nullptr,
+                           const std::vector<ops::LogitPenalty>* penalties = nullptr);
   // Runs, before the first request, the steps whose first run would otherwise come in the
   // middle of serving: with `prefill`, one eager step of the most tokens a step holds (one
   // sequence: it grows the step's scratch before any graph is recorded); then, with graphs,
@@ -157,6 +160,7 @@ class ModelRunner {
   core::Tensor token_choices_;  // i32 [max_logit_rows, kTokenChoiceWords]: step_tokens' choices (a region)
   core::Tensor token_ids_out_;  // i32 [max_logit_rows]: their tokens
   core::Tensor token_logprob_records_;  // i32 [max_logit_rows, kTokenLogprobWords]: their rows' records
+  core::Tensor logit_penalties_;        // i32 [capacity, kLogitPenaltyWords]: step_tokens' penalties (grown)
   std::shared_ptr<void> logits_host_;  // f32 [max_logit_rows, V]: whole_rows_buffer()
   std::map<int32_t, std::unique_ptr<ops::Graph>> graphs_;
   StageObserver observer_;

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "engine/sampler.h"
@@ -85,6 +87,10 @@ struct Request {
   // first token's event takes them (a recomputation after preemption does not score again).
   std::vector<PromptTokenLogprob> prompt_logprobs;
   int32_t num_prompt_scored = 0;
+  // SamplingParams::penalized: each token seen so far, once, with the times it was generated
+  // and whether the prompt holds it (filled on the first penalized step, then kept up).
+  std::unordered_map<int32_t, std::pair<int32_t, bool>> seen_tokens;
+  int32_t num_seen = 0;  // tokens of `tokens` counted into seen_tokens
   std::atomic<bool> cancelled{false};
   bool finished = false;
   Clock::time_point arrival, first_token, last_token;

@@ -18,6 +18,15 @@ struct SamplingParams {
   float top_p = 1.0f;
   int32_t top_k = 0;         // 0: no limit
   uint64_t seed = 0;
+  // Applied to the logits before the choice (ops::token_law::penalized): OpenAI's presence and
+  // frequency penalties over the generated tokens, the repetition penalty over the prompt's and
+  // the generated tokens. Neutral: 0, 0, 1.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  float repetition_penalty = 1.0f;
+  bool penalized() const {
+    return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f;
+  }
 };
 
 using ops::ref::argmax_lowest;  // greedy: the reference scan (ops/cpu/primitives.h)

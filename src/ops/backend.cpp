@@ -708,6 +708,13 @@ void Backend::token_logprobs(const Tensor& logits, const Tensor& choices, const 
   do_token_logprobs(logits, choices, ids, records);
 }
 
+void Backend::penalize_logits(const Tensor& logits, const Tensor& penalties) {
+  const auto d = device();
+  expect(logits, DType::kF32, {-1, -1}, d, "penalize_logits", "logits");
+  expect(penalties, DType::kI32, {-1, kLogitPenaltyWords}, d, "penalize_logits", "penalties");
+  if (penalties.size(0) > 0 && logits.size(0) > 0) do_penalize_logits(logits, penalties);
+}
+
 void Backend::copy(const Tensor& dst, const Tensor& src) {
   DSV4_CHECK(dst.nbytes() >= src.nbytes(), "copy: {} bytes into a tensor of {}", src.nbytes(), dst.nbytes());
   DSV4_CHECK(src.device() == device() && dst.device() == device(), "copy: tensors on the wrong device");

@@ -348,6 +348,11 @@ class Backend {
   // [R, kTokenChoiceWords], ids i32 [R] (the rows' tokens), records i32 [R, kTokenLogprobWords].
   void token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
                       const core::Tensor& records);
+  // Applies penalties to logits in place (before choose_tokens): for each entry,
+  // logits[row, token] = token_law::penalized(logits[row, token], entry). logits f32 [R, V],
+  // penalties i32 [E, kLogitPenaltyWords] (a LogitPenalty a row; at most one a (row, token);
+  // entries outside [0, R) x [0, V) are skipped).
+  void penalize_logits(const core::Tensor& logits, const core::Tensor& penalties);
   // dst[t, s, :] = src[index[t, s], s, :], or zeros where index[t, s] < 0 (the
   // expert-parallel combine puts returned expert outputs back in slot order).
   // src bf16 [R, k, D], index i32 [T, k], dst bf16 [T, k, D].
@@ -449,6 +454,7 @@ class Backend {
   virtual void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) = 0;
   virtual void do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) = 0;
   virtual void do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) = 0;
+  virtual void do_penalize_logits(const core::Tensor& logits, const core::Tensor& penalties) = 0;
   virtual void do_token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
                                  const core::Tensor& records) = 0;
   virtual void do_copy(const core::Tensor& dst, const core::Tensor& src) = 0;

@@ -407,6 +407,63 @@ TEST_F(EngineCoreTest, PromptLogprobsAreTheLawOnTheOneShotPrefillsRows) {
   EXPECT_NE(error.find("prompt_logprobs must be -1 (none) or 0 to 20, got 21"), std::string::npos) << error;
 }
 
+// Penalties: every row a penalized request chooses from (it returns them) is the raw row at
+// that position (an unpenalized request's, whose prompt is the prompt and the tokens generated
+// before it) penalized by the reference with the tokens seen: the prompt's (repetition) and the
+// generated ones' counts (frequency, presence); and each token is the law's on its penalized row.
+TEST_F(EngineCoreTest, PenalizedRowsAreTheRawRowsPenalizedByTheTokensSeen) {
+  auto runner = make_runner(8, 32);
+  EngineCore core(*runner, scheduler_config(8), int32_t(config_.eos_token_id));
+  const int64_t V = config_.vocab_size;
+  RequestParams p;
+  p.prompt = tokens(12, 900);
+  p.prompt[7] = p.prompt[2];  // a prompt token twice
+  p.max_tokens = 6;
+  p.ignore_eos = true;
+  p.return_logits = true;
+  p.sampling.temperature = 1.5f;
+  p.sampling.seed = 5;
+  p.sampling.presence_penalty = 0.5f;
+  p.sampling.frequency_penalty = 0.75f;
+  p.sampling.repetition_penalty = 1.3f;
+  std::vector<int32_t> got;
+  std::vector<std::vector<float>> rows;
+  core.submit(p, [&](const TokenEvent& e) {
+    if (e.token < 0) return;
+    got.push_back(e.token);
+    rows.emplace_back(e.logits, e.logits + e.vocab);
+  });
+  for (int guard = 0; core.has_work() && guard < 100; ++guard) core.step();
+  ASSERT_EQ(got.size(), 6u);
+  for (size_t t = 0; t < got.size(); ++t) {
+    SCOPED_TRACE("token " + std::to_string(t));
+    RequestParams raw;
+    raw.prompt = p.prompt;
+    raw.prompt.insert(raw.prompt.end(), got.begin(), got.begin() + int64_t(t));
+    raw.max_tokens = 1;
+    raw.return_logits = true;
+    std::vector<float> row;
+    core.submit(raw, [&](const TokenEvent& e) {
+      if (e.token >= 0) row.assign(e.logits, e.logits + e.vocab);
+    });
+    for (int guard = 0; core.has_work() && guard < 100; ++guard) core.step();
+    ASSERT_EQ(int64_t(row.size()), V);
+    std::map<int32_t, std::pair<int32_t, bool>> seen;
+    for (int32_t tok : p.prompt) seen[tok].second = true;
+    for (size_t k = 0; k < t; ++k) ++seen[got[k]].first;
+    std::vector<ops::LogitPenalty> entries;
+    for (const auto& [tok, c] : seen) {
+      ops::LogitPenalty e;
+      e.token = tok, e.output_count = c.first, e.in_prompt = c.second ? 1 : 0;
+      e.presence = 0.5f, e.frequency = 0.75f, e.repetition = 1.3f;
+      entries.push_back(e);
+    }
+    ops::ref::penalize_logits(row.data(), 1, V, entries.data(), int64_t(entries.size()));
+    EXPECT_EQ(rows[t], row);
+    EXPECT_EQ(got[t], sample_token(rows[t].data(), V, p.sampling, int64_t(p.prompt.size() + t)));
+  }
+}
+
 // The check the CUDA model test makes of its prompt log-probabilities, here on the CPU.
 TEST_F(EngineCoreTest, PromptLogprobsScoredInOneStepAreTheLawOfTheirRows) {
   auto runner = make_runner(8, 32);

@@ -782,6 +782,43 @@ TEST_F(CudaPointwise, ArgmaxRowsMatchesTheReferenceScan) {
   expect_bits_equal(host(got), want, "argmax_rows, unaligned row");
 }
 
+// penalize_logits against the CPU reference, bit for bit: random logits (zeros, negatives,
+// large), random penalties in the API's ranges, each (row, token) once, and entries outside the
+// rows and the vocabulary skipped.
+TEST_F(CudaPointwise, PenalizeLogitsMatchesTheReference) {
+  Rng rng(240);
+  for (const auto& [R, V] : std::vector<std::pair<int64_t, int64_t>>{{1, 7}, {5, 3001}, {64, 129280}}) {
+    Tensor logits = Tensor::empty_cpu(DType::kF32, {R, V});
+    for (int64_t i = 0; i < R * V; ++i)
+      logits.as<float>()[i] = i % 17 == 0 ? 0.0f : rng.normal(i % 5 == 0 ? 30.0f : 3.0f);
+    std::vector<LogitPenalty> entries;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t t = rng.uniform_int(0, 9); t < V; t += rng.uniform_int(1, 40)) {  // distinct tokens a row
+        LogitPenalty p;
+        p.row = int32_t(r), p.token = int32_t(t);
+        p.output_count = int32_t(rng.uniform_int(0, 3));
+        p.in_prompt = int32_t(rng.uniform_int(0, 1));
+        p.presence = float(rng.uniform_int(-8, 8)) / 4.0f + rng.normal(0.01f);
+        p.frequency = rng.normal(1.0f);
+        p.repetition = float(rng.uniform_int(1, 20)) / 10.0f + 0.013f;
+        entries.push_back(p);
+      }
+    LogitPenalty outside;
+    outside.row = int32_t(R), outside.output_count = 1, outside.repetition = 2.0f;
+    entries.push_back(outside);
+    outside.row = 0, outside.token = int32_t(V);
+    entries.push_back(outside);
+    Tensor t = Tensor::empty_cpu(DType::kI32, {int64_t(entries.size()), kLogitPenaltyWords});
+    std::memcpy(t.data(), entries.data(), entries.size() * sizeof(LogitPenalty));
+    Tensor want = copy_host(logits);
+    cpu().penalize_logits(want, t);
+    Tensor got = dev(logits);
+    cuda().penalize_logits(got, dev(t));
+    SCOPED_TRACE("R " + std::to_string(R) + " V " + std::to_string(V));
+    expect_bits_equal(host(got), want, "penalize_logits");
+  }
+}
+
 // choose_tokens against the CPU reference, token for token, on rows and choices that make
 // the law's rules decide (testing::token_choice_case: ties cut by top_k and top_p, NaNs,
 // infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the

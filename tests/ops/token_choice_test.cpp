@@ -260,6 +260,46 @@ TEST(TokenLogprobs, CpuBackendRecordsEveryAskedRowAsTheReference) {
   EXPECT_THROW(cpu.token_logprobs(tc.logits, choices, ids, ids), std::exception);  // records of the wrong shape
 }
 
+// The penalties on values where every step is exact (multiples of 1/8, penalties of few bits),
+// so the expectation holds whatever a compiler fuses: repetition divides a positive logit and
+// multiplies a negative one, for prompt and generated tokens alike; frequency a time a token
+// was generated and presence once, for generated tokens only; other tokens and rows untouched;
+// entries outside the rows or the vocabulary skipped. The CPU backend is the reference.
+TEST(LogitPenalties, AreVllmsOrderOnExactValues) {
+  const int64_t R = 3, V = 16;
+  core::Tensor logits = core::Tensor::empty_cpu(core::DType::kF32, {R, V});
+  for (int64_t i = 0; i < R * V; ++i) logits.as<float>()[i] = float(i % 13 - 6) * 0.5f;  // -3 .. 3
+  const std::vector<float> before(logits.as<float>(), logits.as<float>() + R * V);
+  std::vector<LogitPenalty> entries;
+  const auto add = [&](int32_t row, int32_t token, int32_t count, bool in_prompt, float presence, float frequency,
+                       float repetition) {
+    LogitPenalty p;
+    p.row = row, p.token = token, p.output_count = count, p.in_prompt = in_prompt ? 1 : 0;
+    p.presence = presence, p.frequency = frequency, p.repetition = repetition;
+    entries.push_back(p);
+  };
+  add(0, 1, 0, true, 0.5f, 0.25f, 2.0f);   // in the prompt only: repetition alone
+  add(0, 15, 3, false, 0.5f, 0.25f, 2.0f);  // generated 3 times: all three
+  add(1, 4, 2, true, -1.0f, 0.5f, 1.0f);   // no repetition; frequency and a negative presence
+  add(2, 9, 1, false, 0.0f, 0.0f, 0.5f);   // repetition below 1 raises a logit (here a negative one)
+  add(5, 0, 1, true, 1.0f, 1.0f, 2.0f);    // no such row: skipped
+  add(1, 16, 1, true, 1.0f, 1.0f, 2.0f);   // no such token: skipped
+  core::Tensor t = core::Tensor::empty_cpu(core::DType::kI32, {int64_t(entries.size()), kLogitPenaltyWords});
+  std::memcpy(t.data(), entries.data(), entries.size() * sizeof(LogitPenalty));
+  CpuBackend cpu(1);
+  cpu.penalize_logits(logits, t);
+  std::vector<float> want = before;
+  const auto rep = [](float l, float r) { return l > 0.0f ? l / r : l * r; };
+  want[1] = rep(before[1], 2.0f);
+  want[15] = rep(before[15], 2.0f) - 0.25f * 3 - 0.5f;
+  want[V + 4] = before[V + 4] - 0.5f * 2 + 1.0f;
+  want[2 * V + 9] = rep(before[2 * V + 9], 0.5f);
+  for (int64_t i = 0; i < R * V; ++i) EXPECT_EQ(logits.as<float>()[i], want[size_t(i)]) << "logit " << i;
+  EXPECT_NE(want[1], before[1]);
+  EXPECT_NE(want[2 * V + 9], before[2 * V + 9]);
+  EXPECT_THROW(cpu.penalize_logits(logits, logits), std::exception);  // penalties of the wrong dtype and shape
+}
+
 TEST(TokenLogprobs, EdgeRows) {
   const float ln3 = float(std::log(3.0));
   std::vector<TokenLogprob> top(4);

@@ -150,8 +150,12 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
       {false, R"({"prompt": [1, 2], "model": "gpt-4"})", 404, "model", "The model `gpt-4` does not exist"},
       {false, R"({"prompt": [1, 2], "stop_token_ids": [1, "x"]})", 400, "stop_token_ids[1]",
        "stop_token_ids[1] must be a token id in [0, 129280)"},
-      {false, R"({"prompt": [1, 2], "presence_penalty": 0.5})", 400, "presence_penalty",
-       "presence_penalty is not supported by this server"},
+      {false, R"({"prompt": [1, 2], "presence_penalty": 2.5})", 400, "presence_penalty",
+       "presence_penalty must be a number in [-2, 2], got 2.5"},
+      {false, R"({"prompt": [1, 2], "frequency_penalty": "x"})", 400, "frequency_penalty",
+       R"(frequency_penalty must be a number in [-2, 2], got "x")"},
+      {false, R"({"prompt": [1, 2], "repetition_penalty": 0})", 400, "repetition_penalty",
+       "repetition_penalty must be a number in (0, 2], got 0"},
       {false, R"({"prompt": [1, 2], "logprobs": 21})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
       {false, R"({"prompt": [1, 2], "logprobs": true})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
       {false, R"({"prompt": [1, 2], "top_logprobs": 2})", 400, "top_logprobs",
@@ -252,6 +256,16 @@ TEST(OpenAiApi, CompletionFieldsMapOntoTheEngineRequest) {
   EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "logprobs": 3})"), model).params.logprobs, 3);
   EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "logprobs": 0})"), model).params.logprobs, 0);
   EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "logprobs": false})"), model).params.logprobs, -1);
+  EXPECT_FALSE(r.params.sampling.penalized());
+  const engine::SamplingParams pen =
+      parse_completion_request(json::parse(R"({"prompt": [1], "presence_penalty": 0.5, "frequency_penalty": -1,
+                                              "repetition_penalty": 1.25})"),
+                               model)
+          .params.sampling;
+  EXPECT_TRUE(pen.penalized());
+  EXPECT_EQ(pen.presence_penalty, 0.5f);
+  EXPECT_EQ(pen.frequency_penalty, -1.0f);
+  EXPECT_EQ(pen.repetition_penalty, 1.25f);
 
   // The default max_tokens shrinks to what the context leaves; an explicit one must fit.
   std::vector<int32_t> long_prompt(1020, 7);
@@ -1217,6 +1231,13 @@ TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
     EXPECT_EQ(j["choices"][c]["token_ids"], a["choices"][0]["token_ids"]) << "choice " << c;
   }
   EXPECT_NE(j["choices"][0]["token_ids"], j["choices"][1]["token_ids"]);  // (6 draws at T 0.9 from 129280)
+  json penalized = base;  // (the rows' arithmetic: EngineCoreTest.PenalizedRowsAreTheRawRowsPenalizedByTheTokensSeen)
+  penalized["presence_penalty"] = 1.5;
+  penalized["frequency_penalty"] = 0.5;
+  penalized["repetition_penalty"] = 1.2;
+  const HttpResult pr = post(e.port, "/v1/completions", penalized.dump());
+  ASSERT_EQ(pr.status, 200) << pr.body;
+  EXPECT_EQ(json::parse(pr.body)["choices"][0]["token_ids"].size(), 6u);
 
   json streamed = three;
   streamed["stream"] = true;

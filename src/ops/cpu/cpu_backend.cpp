@@ -490,6 +490,11 @@ void CpuBackend::do_choose_tokens(const Tensor& logits, const Tensor& choices, c
   });
 }
 
+void CpuBackend::do_penalize_logits(const Tensor& logits, const Tensor& penalties) {
+  ref::penalize_logits(logits.as<float>(), logits.size(0), logits.size(1),
+                       reinterpret_cast<const LogitPenalty*>(penalties.data()), penalties.size(0));
+}
+
 void CpuBackend::do_token_logprobs(const Tensor& logits, const Tensor& choices, const Tensor& ids,
                                    const Tensor& records) {
   const int64_t R = logits.size(0), V = logits.size(1);

@@ -74,6 +74,7 @@ class CpuBackend final : public Backend {
   void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) override;
   void do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) override;
   void do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) override;
+  void do_penalize_logits(const core::Tensor& logits, const core::Tensor& penalties) override;
   void do_token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
                          const core::Tensor& records) override;
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;

@@ -69,6 +69,15 @@ uint64_t block_weights(const float* logits, int64_t begin, int64_t n, float m, f
 
 }  // namespace
 
+void penalize_logits(float* logits, int64_t R, int64_t V, const LogitPenalty* entries, int64_t E) {
+  for (int64_t e = 0; e < E; ++e) {
+    const LogitPenalty& p = entries[e];
+    if (p.row < 0 || p.row >= R || p.token < 0 || p.token >= V) continue;
+    float& l = logits[int64_t(p.row) * V + p.token];
+    l = token_law::penalized(l, p);
+  }
+}
+
 int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
   if (c.given_token >= 0) return c.given_token;
   if (!samples(c.temperature)) return argmax_lowest(logits, V);

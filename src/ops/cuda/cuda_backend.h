@@ -8,7 +8,7 @@
 //   cuda_attention.cu  compress, indexer_q, indexer_topk, sparse_attention, window_commit
 //   cuda_linear.cu     linear, linear_bf16, grouped_linear, expert_ffn, routed_experts, router
 //   cuda_copy.cu       copy, gather_slots, timers, random cache fill
-//   cuda_token_choice.cu  argmax_rows, choose_tokens
+//   cuda_token_choice.cu  argmax_rows, choose_tokens, token_logprobs, penalize_logits
 #pragma once
 
 #include <cublasLt.h>
@@ -133,6 +133,7 @@ class CudaBackend final : public Backend {
   void do_gather_slots(const core::Tensor& src, const core::Tensor& index, const core::Tensor& dst) override;
   void do_argmax_rows(const core::Tensor& logits, const core::Tensor& ids) override;
   void do_choose_tokens(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids) override;
+  void do_penalize_logits(const core::Tensor& logits, const core::Tensor& penalties) override;
   void do_token_logprobs(const core::Tensor& logits, const core::Tensor& choices, const core::Tensor& ids,
                          const core::Tensor& records) override;
   void do_copy(const core::Tensor& dst, const core::Tensor& src) override;

@@ -418,6 +418,19 @@ __global__ void __launch_bounds__(kChooseThreads)
   }
 }
 
+// One thread an entry (Backend::penalize_logits; entries name distinct (row, token)s, so no two
+// threads write one logit).
+__global__ void penalize_logits_kernel(float* __restrict__ logits, int64_t R, int64_t V,
+                                       const LogitPenalty* __restrict__ entries, int64_t E) {
+  wait_then_release_dependents();
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  const LogitPenalty p = entries[e];
+  if (p.row < 0 || p.row >= R || p.token < 0 || p.token >= V) return;
+  float* l = logits + int64_t(p.row) * V + p.token;
+  *l = token_law::penalized(*l, p);
+}
+
 std::atomic<int> g_force_bin_updates{-1};
 std::atomic<int64_t> g_bin_updates_launches[3] = {0, 0, 0};
 
@@ -471,6 +484,14 @@ void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tenso
         logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>());
   };
   with_bin_updates(launch);
+  check_launch(stream_);
+}
+
+void CudaBackend::do_penalize_logits(const core::Tensor& logits, const core::Tensor& penalties) {
+  const int64_t E = penalties.size(0);
+  constexpr int kThreads = 256;
+  penalize_logits_kernel<<<unsigned((E + kThreads - 1) / kThreads), kThreads, 0, stream_>>>(
+      logits.as<float>(), logits.size(0), logits.size(1), reinterpret_cast<const LogitPenalty*>(penalties.data()), E);
   check_launch(stream_);
 }
 
