@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -277,17 +278,35 @@ void EngineCore::add_penalties(Request& r, int32_t row, std::vector<ops::LogitPe
     else ++generated;
   }
   const SamplingParams& sp = r.params.sampling;
-  for (const auto& [token, seen] : r.seen_tokens) {
-    if (seen.first == 0 && sp.repetition_penalty == 1.0f) continue;  // (a prompt token nothing penalizes)
+  const auto bias_of = [&](int32_t token) {  // (logit_bias is sorted by token)
+    const auto it = std::lower_bound(sp.logit_bias.begin(), sp.logit_bias.end(), std::make_pair(token, -INFINITY));
+    return it != sp.logit_bias.end() && it->first == token ? it->second : 0.0f;
+  };
+  const auto entry = [&](int32_t token) {
     ops::LogitPenalty p;
     p.row = row;
     p.token = token;
-    p.output_count = seen.first;
-    p.in_prompt = seen.second ? 1 : 0;
     p.presence = sp.presence_penalty;
     p.frequency = sp.frequency_penalty;
     p.repetition = sp.repetition_penalty;
+    p.bias = bias_of(token);
+    return p;
+  };
+  // A seen token nothing penalizes: a prompt token without a repetition penalty.
+  const auto inert = [&](const std::pair<int32_t, bool>& seen) {
+    return seen.first == 0 && sp.repetition_penalty == 1.0f;
+  };
+  for (const auto& [token, seen] : r.seen_tokens) {
+    if (inert(seen)) continue;
+    ops::LogitPenalty p = entry(token);
+    p.output_count = seen.first;
+    p.in_prompt = seen.second ? 1 : 0;
     out->push_back(p);
+  }
+  // The biased tokens without an entry above (an entry a (row, token)).
+  for (const auto& [token, bias] : sp.logit_bias) {
+    const auto it = r.seen_tokens.find(token);
+    if (it == r.seen_tokens.end() || inert(it->second)) out->push_back(entry(token));
   }
 }
 

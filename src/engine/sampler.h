@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "ops/cpu/primitives.h"
 #include "ops/token_choice.h"
@@ -24,8 +26,11 @@ struct SamplingParams {
   float presence_penalty = 0.0f;
   float frequency_penalty = 0.0f;
   float repetition_penalty = 1.0f;
+  // OpenAI's logit_bias: (token, bias) pairs, tokens distinct, added to the logits first.
+  std::vector<std::pair<int32_t, float>> logit_bias;
   bool penalized() const {
-    return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f;
+    return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f ||
+           !logit_bias.empty();
   }
 };
 

@@ -81,11 +81,11 @@ struct TokenLogprobRecord {
 static_assert(sizeof(TokenLogprobRecord) == 184, "TokenLogprobRecord is a tensor row of 46 i32 words");
 constexpr int64_t kTokenLogprobWords = 46;
 
-// One (row, token) of Backend::penalize_logits: the token's counts in its row's sequence and
-// the row's penalties (32 bytes: a tensor row of kLogitPenaltyWords i32 words). The penalties
-// are OpenAI's presence and frequency penalties, over the tokens generated so far, and the
-// repetition penalty (CTRL's, as HF and vLLM apply it), over the prompt's and the generated
-// tokens; a row's other tokens keep their logits.
+// One (row, token) of Backend::penalize_logits: the token's bias and counts in its row's
+// sequence, and the row's penalties (32 bytes: a tensor row of kLogitPenaltyWords i32 words).
+// The bias is OpenAI's logit_bias; the penalties are OpenAI's presence and frequency penalties,
+// over the tokens generated so far, and the repetition penalty (CTRL's, as HF and vLLM apply
+// it), over the prompt's and the generated tokens; a row's other tokens keep their logits.
 struct LogitPenalty {
   int32_t row = 0;
   int32_t token = 0;
@@ -94,7 +94,7 @@ struct LogitPenalty {
   float presence = 0.0f;     // subtracted once where generated
   float frequency = 0.0f;    // subtracted a time it was generated
   float repetition = 1.0f;   // > 0; a positive logit divided by it, a negative multiplied, where seen
-  int32_t unused = 0;
+  float bias = 0.0f;         // added first
 };
 static_assert(sizeof(LogitPenalty) == 32, "LogitPenalty is a tensor row of 8 i32 words");
 constexpr int64_t kLogitPenaltyWords = 8;
@@ -178,10 +178,10 @@ DSV4_HD uint64_t draw_target(uint64_t seed, int64_t position, uint64_t total) {
 #endif
 }
 
-// A logit after its penalties, in vLLM's order (repetition, then frequency, then presence),
-// each step rounded on its own (never an fma), so every backend gives the same bits.
+// A logit after its bias and penalties, in vLLM's order (the bias, then repetition, frequency
+// and presence), each step rounded on its own (never an fma), so every backend gives the same bits.
 DSV4_HD float penalized(float logit, const LogitPenalty& p) {
-  float l = logit;
+  float l = p.bias != 0.0f ? add_rn(logit, p.bias) : logit;
   if (p.repetition != 1.0f && (p.in_prompt != 0 || p.output_count > 0))
     l = l > 0.0f ? div_rn(l, p.repetition) : mul_rn(l, p.repetition);
   if (p.output_count > 0) l = sub_rn(sub_rn(l, mul_rn(p.frequency, float(p.output_count))), p.presence);

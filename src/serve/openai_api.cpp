@@ -1,6 +1,7 @@
 #include "serve/openai_api.h"
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -127,8 +128,6 @@ void reject_unsupported(const json& body, ApiKind kind) {
                    "echo");
   if (const json* v = find(body, "use_beam_search"); v && !(v->is_boolean() && !v->get<bool>()))
     throw ApiError(400, "use_beam_search is not supported by this server", "use_beam_search");
-  if (const json* v = find(body, "logit_bias"); v && !(v->is_object() && v->empty()))
-    throw ApiError(400, "logit_bias is not supported by this server", "logit_bias");
   if (const json* v = find(body, "suffix"); v && !(v->is_string() && v->get<std::string>().empty()))
     throw ApiError(400, "suffix is not supported by this server", "suffix");
   if (const json* v = find(body, "tools"); v && !(v->is_array() && v->empty()))
@@ -286,6 +285,26 @@ void parse_common(const json& body, const ModelInfo& model, ApiRequest& r) {
   s.presence_penalty = float(get_number(body, "presence_penalty", 0.0, -2.0, 2.0, false, "a number in [-2, 2]"));
   s.frequency_penalty = float(get_number(body, "frequency_penalty", 0.0, -2.0, 2.0, false, "a number in [-2, 2]"));
   s.repetition_penalty = float(get_number(body, "repetition_penalty", 1.0, 0.0, 2.0, true, "a number in (0, 2]"));
+  // {"token id": bias in [-100, 100]}, added to the token's logit (OpenAI's form: ids as keys).
+  if (const json* v = find(body, "logit_bias")) {
+    if (!v->is_object()) bad("logit_bias", "an object mapping token ids to biases in [-100, 100]", *v);
+    for (const auto& [key, bias] : v->items()) {
+      const std::string field = fmt::format("logit_bias[\"{}\"]", key);
+      int64_t id = -1;
+      const auto [end, ec] = std::from_chars(key.data(), key.data() + key.size(), id);
+      if (ec != std::errc() || end != key.data() + key.size() || id < 0 || id >= model.vocab_size)
+        throw ApiError(400,
+                       fmt::format("logit_bias: the key \"{}\" is not a token id in [0, {})", key, model.vocab_size),
+                       "logit_bias");
+      if (!bias.is_number() || !std::isfinite(bias.get<double>()) || std::abs(bias.get<double>()) > 100.0)
+        bad(field, "a number in [-100, 100]", bias);
+      if (bias.get<double>() != 0.0) s.logit_bias.emplace_back(int32_t(id), float(bias.get<double>()));
+    }
+    std::sort(s.logit_bias.begin(), s.logit_bias.end());  // (distinct: JSON keys; "07" and "7" would not be)
+    for (size_t i = 1; i < s.logit_bias.size(); ++i)
+      if (s.logit_bias[i].first == s.logit_bias[i - 1].first)
+        throw ApiError(400, fmt::format("logit_bias names token {} twice", s.logit_bias[i].first), "logit_bias");
+  }
   if (const json* v = find(body, "seed")) {
     if (!integral(*v)) bad("seed", "an integer", *v);
     s.seed = v->is_number_unsigned() ? v->get<uint64_t>() : uint64_t(to_int64(*v));

@@ -40,8 +40,8 @@ std::vector<RequestParams> workload() {
     p.return_logits = true;
     // Two sampled requests (each rank chooses its rows' tokens on its backend: the same law
     // and the same logits give the same tokens as one rank).
-    if (i == 1) p.sampling = SamplingParams{1.0f, 0.9f, 0, 11};
-    if (i == 3) p.sampling = SamplingParams{0.7f, 1.0f, 30, 12};
+    if (i == 1) p.sampling.temperature = 1.0f, p.sampling.top_p = 0.9f, p.sampling.seed = 11;
+    if (i == 3) p.sampling.temperature = 0.7f, p.sampling.top_k = 30, p.sampling.seed = 12;
     // Log-probabilities, by each rank's backend from its rows.
     if (i == 2) p.logprobs = 3;
     if (i == 3) p.logprobs = 0;

@@ -407,10 +407,11 @@ TEST_F(EngineCoreTest, PromptLogprobsAreTheLawOnTheOneShotPrefillsRows) {
   EXPECT_NE(error.find("prompt_logprobs must be -1 (none) or 0 to 20, got 21"), std::string::npos) << error;
 }
 
-// Penalties: every row a penalized request chooses from (it returns them) is the raw row at
-// that position (an unpenalized request's, whose prompt is the prompt and the tokens generated
-// before it) penalized by the reference with the tokens seen: the prompt's (repetition) and the
-// generated ones' counts (frequency, presence); and each token is the law's on its penalized row.
+// Penalties and logit_bias: every row a penalized request chooses from (it returns them) is the
+// raw row at that position (an unpenalized request's, whose prompt is the prompt and the tokens
+// generated before it) biased and penalized by the reference with the tokens seen: the prompt's
+// (repetition) and the generated ones' counts (frequency, presence); and each token is the law's
+// on its penalized row.
 TEST_F(EngineCoreTest, PenalizedRowsAreTheRawRowsPenalizedByTheTokensSeen) {
   auto runner = make_runner(8, 32);
   EngineCore core(*runner, scheduler_config(8), int32_t(config_.eos_token_id));
@@ -426,6 +427,8 @@ TEST_F(EngineCoreTest, PenalizedRowsAreTheRawRowsPenalizedByTheTokensSeen) {
   p.sampling.presence_penalty = 0.5f;
   p.sampling.frequency_penalty = 0.75f;
   p.sampling.repetition_penalty = 1.3f;
+  p.sampling.logit_bias = {{p.prompt[0], 2.5f}, {int32_t(V - 1), -100.0f}, {77, 8.0f}};  // sorted by token below
+  std::sort(p.sampling.logit_bias.begin(), p.sampling.logit_bias.end());
   std::vector<int32_t> got;
   std::vector<std::vector<float>> rows;
   core.submit(p, [&](const TokenEvent& e) {
@@ -451,11 +454,14 @@ TEST_F(EngineCoreTest, PenalizedRowsAreTheRawRowsPenalizedByTheTokensSeen) {
     std::map<int32_t, std::pair<int32_t, bool>> seen;
     for (int32_t tok : p.prompt) seen[tok].second = true;
     for (size_t k = 0; k < t; ++k) ++seen[got[k]].first;
+    for (const auto& [tok, bias] : p.sampling.logit_bias) seen[tok];  // (an entry each, its counts 0 if unseen)
     std::vector<ops::LogitPenalty> entries;
     for (const auto& [tok, c] : seen) {
       ops::LogitPenalty e;
       e.token = tok, e.output_count = c.first, e.in_prompt = c.second ? 1 : 0;
       e.presence = 0.5f, e.frequency = 0.75f, e.repetition = 1.3f;
+      for (const auto& [biased, bias] : p.sampling.logit_bias)
+        if (biased == tok) e.bias = bias;
       entries.push_back(e);
     }
     ops::ref::penalize_logits(row.data(), 1, V, entries.data(), int64_t(entries.size()));

@@ -260,7 +260,7 @@ TEST(TokenLogprobs, CpuBackendRecordsEveryAskedRowAsTheReference) {
   EXPECT_THROW(cpu.token_logprobs(tc.logits, choices, ids, ids), std::exception);  // records of the wrong shape
 }
 
-// The penalties on values where every step is exact (multiples of 1/8, penalties of few bits),
+// The bias and penalties on values where every step is exact (multiples of 1/8, penalties of few bits),
 // so the expectation holds whatever a compiler fuses: repetition divides a positive logit and
 // multiplies a negative one, for prompt and generated tokens alike; frequency a time a token
 // was generated and presence once, for generated tokens only; other tokens and rows untouched;
@@ -284,6 +284,10 @@ TEST(LogitPenalties, AreVllmsOrderOnExactValues) {
   add(2, 9, 1, false, 0.0f, 0.0f, 0.5f);   // repetition below 1 raises a logit (here a negative one)
   add(5, 0, 1, true, 1.0f, 1.0f, 2.0f);    // no such row: skipped
   add(1, 16, 1, true, 1.0f, 1.0f, 2.0f);   // no such token: skipped
+  add(2, 3, 0, false, 0.0f, 0.0f, 1.0f);   // a bias alone
+  entries.back().bias = -100.0f;
+  add(2, 12, 1, true, 0.25f, 0.0f, 2.0f);  // a bias, then the penalties
+  entries.back().bias = 1.5f;
   core::Tensor t = core::Tensor::empty_cpu(core::DType::kI32, {int64_t(entries.size()), kLogitPenaltyWords});
   std::memcpy(t.data(), entries.data(), entries.size() * sizeof(LogitPenalty));
   CpuBackend cpu(1);
@@ -294,6 +298,8 @@ TEST(LogitPenalties, AreVllmsOrderOnExactValues) {
   want[15] = rep(before[15], 2.0f) - 0.25f * 3 - 0.5f;
   want[V + 4] = before[V + 4] - 0.5f * 2 + 1.0f;
   want[2 * V + 9] = rep(before[2 * V + 9], 0.5f);
+  want[2 * V + 3] = before[2 * V + 3] - 100.0f;
+  want[2 * V + 12] = rep(before[2 * V + 12] + 1.5f, 2.0f) - 0.0f - 0.25f;
   for (int64_t i = 0; i < R * V; ++i) EXPECT_EQ(logits.as<float>()[i], want[size_t(i)]) << "logit " << i;
   EXPECT_NE(want[1], before[1]);
   EXPECT_NE(want[2 * V + 9], before[2 * V + 9]);

@@ -156,6 +156,16 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
        R"(frequency_penalty must be a number in [-2, 2], got "x")"},
       {false, R"({"prompt": [1, 2], "repetition_penalty": 0})", 400, "repetition_penalty",
        "repetition_penalty must be a number in (0, 2], got 0"},
+      {false, R"({"prompt": [1, 2], "logit_bias": [5]})", 400, "logit_bias",
+       "logit_bias must be an object mapping token ids to biases in [-100, 100]"},
+      {false, R"({"prompt": [1, 2], "logit_bias": {"x7": 1}})", 400, "logit_bias",
+       R"(logit_bias: the key "x7" is not a token id in [0, 129280))"},
+      {false, R"({"prompt": [1, 2], "logit_bias": {"129280": 1}})", 400, "logit_bias",
+       R"(logit_bias: the key "129280" is not a token id)"},
+      {false, R"({"prompt": [1, 2], "logit_bias": {"7": 101}})", 400, R"(logit_bias["7"])",
+       R"(logit_bias["7"] must be a number in [-100, 100], got 101)"},
+      {false, R"({"prompt": [1, 2], "logit_bias": {"7": 1, "07": 2}})", 400, "logit_bias",
+       "logit_bias names token 7 twice"},
       {false, R"({"prompt": [1, 2], "logprobs": 21})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
       {false, R"({"prompt": [1, 2], "logprobs": true})", 400, "logprobs", "logprobs must be an integer in [0, 20]"},
       {false, R"({"prompt": [1, 2], "top_logprobs": 2})", 400, "top_logprobs",
@@ -266,6 +276,11 @@ TEST(OpenAiApi, CompletionFieldsMapOntoTheEngineRequest) {
   EXPECT_EQ(pen.presence_penalty, 0.5f);
   EXPECT_EQ(pen.frequency_penalty, -1.0f);
   EXPECT_EQ(pen.repetition_penalty, 1.25f);
+  const engine::SamplingParams biased =
+      parse_completion_request(json::parse(R"({"prompt": [1], "logit_bias": {"90": -100, "5": 2.5, "6": 0}})"), model)
+          .params.sampling;
+  EXPECT_TRUE(biased.penalized());
+  EXPECT_EQ(biased.logit_bias, (std::vector<std::pair<int32_t, float>>{{5, 2.5f}, {90, -100.0f}}));  // (0: none)
 
   // The default max_tokens shrinks to what the context leaves; an explicit one must fit.
   std::vector<int32_t> long_prompt(1020, 7);
@@ -1235,6 +1250,7 @@ TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
   penalized["presence_penalty"] = 1.5;
   penalized["frequency_penalty"] = 0.5;
   penalized["repetition_penalty"] = 1.2;
+  penalized["logit_bias"] = {{"11", -100}, {"500", 5}};
   const HttpResult pr = post(e.port, "/v1/completions", penalized.dump());
   ASSERT_EQ(pr.status, 200) << pr.body;
   EXPECT_EQ(json::parse(pr.body)["choices"][0]["token_ids"].size(), 6u);
