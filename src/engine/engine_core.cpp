@@ -195,11 +195,11 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     if (first_row[k] < 0) continue;
     Request& r = *step.requests[k];
     if (r.finished) continue;
-    if (s.want_all_logits) {  // the prompt tokens this slice scored, in order
+    if (s.want_all_logits) {  // the prompt tokens this slice scored (the rows whose choice asked), in order
       const int32_t scored = s.want_logits ? s.num_tokens - 1 : s.num_tokens;
       for (int32_t t = 0; t < scored; ++t) {
         const int32_t p = s.start_pos + t;
-        if (p < r.num_prompt_scored || p >= r.num_prompt - 1) continue;
+        if (choices[size_t(first_row[k] + t)].logprobs < 0) continue;
         const ops::TokenLogprobRecord& lr = logprob_records_[size_t(first_row[k] + t)];
         PromptTokenLogprob pl;
         pl.token = r.tokens[size_t(p) + 1];

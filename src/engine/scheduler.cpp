@@ -80,22 +80,20 @@ bool Scheduler::preempt_one(const Request* keep) {
 ScheduledStep Scheduler::schedule() {
   ScheduledStep step;
   int32_t budget = config_.max_num_batched_tokens;
-  // The logits rows a slice of n tokens of r would take (its last row where it ends r's
-  // tokens, every row where it scores r's prompt), and n cut to fit: a scoring slice takes what
-  // is left less a row for each sequence the step may still take (so it never crowds one out,
-  // and gets at least one row).
-  auto fit_logit_rows = [&](const Request& r, int32_t n, int32_t* rows) {
-    const int32_t left = config_.max_logit_rows - step.num_logit_rows;
-    if (r.slice_scores_prompt(n)) {
-      const int32_t later = config_.max_num_seqs - int32_t(step.slices.size()) - 1;
-      n = std::min(n, left - later);
-      *rows = n;
-      return n;
-    }
-    *rows = r.num_computed + n == int32_t(r.tokens.size()) ? 1 : 0;
-    return *rows <= left ? n : 0;
+  // The logits rows a slice takes: every row where it scores a prompt, else its last where it
+  // ends its request's tokens.
+  const auto logit_rows = [](const SequenceSlice& s) {
+    return s.want_all_logits ? s.num_tokens : s.want_logits ? 1 : 0;
   };
-  auto add_slice = [&](const std::shared_ptr<Request>& r, int32_t n, int32_t rows) {
+  // n tokens of r cut to the logits rows left: a scoring slice takes what is left less a row for
+  // each sequence the step may still take (so it never crowds one out, and gets at least one
+  // row); any other needs at most one row, which is always kept for it.
+  auto fit_logit_rows = [&](const Request& r, int32_t n) {
+    const int32_t left = config_.max_logit_rows - step.num_logit_rows;
+    if (r.slice_scores_prompt(n)) return std::min(n, left - (config_.max_num_seqs - int32_t(step.slices.size()) - 1));
+    return r.num_computed + n < int32_t(r.tokens.size()) || left >= 1 ? n : 0;
+  };
+  auto add_slice = [&](const std::shared_ptr<Request>& r, int32_t n) {
     SequenceSlice s;
     s.state_slot = r->slot;
     s.start_pos = r->num_computed;
@@ -107,7 +105,7 @@ ScheduledStep Scheduler::schedule() {
     step.slices.push_back(s);
     step.requests.push_back(r);
     step.num_tokens += n;
-    step.num_logit_rows += rows;
+    step.num_logit_rows += logit_rows(s);
     (r->num_pending() == 1 ? step.num_decode_tokens : step.num_prefill_tokens) += n;
     budget -= n;
   };
@@ -123,8 +121,7 @@ ScheduledStep Scheduler::schedule() {
       const bool decode = r->num_pending() == 1;
       if (decode != (pass == 0) || in_step(r.get())) continue;
       if (budget == 0 || int32_t(step.slices.size()) >= config_.max_num_seqs) break;
-      int32_t rows = 0;
-      const int32_t n = fit_logit_rows(*r, std::min({r->num_pending(), config_.prefill_chunk, budget}), &rows);
+      const int32_t n = fit_logit_rows(*r, std::min({r->num_pending(), config_.prefill_chunk, budget}));
       if (n == 0) continue;  // (not reached: a row is kept for every sequence)
       bool ok = ensure_pages(*r, int64_t(r->num_computed) + n);
       while (!ok && preempt_one(r.get())) {
@@ -134,7 +131,7 @@ ScheduledStep Scheduler::schedule() {
             const SequenceSlice& dropped = step.slices[k];
             step.num_tokens -= dropped.num_tokens;
             budget += dropped.num_tokens;
-            step.num_logit_rows -= dropped.want_all_logits ? dropped.num_tokens : dropped.want_logits ? 1 : 0;
+            step.num_logit_rows -= logit_rows(dropped);
             step.requests.erase(step.requests.begin() + int64_t(k));
             step.slices.erase(step.slices.begin() + int64_t(k));
           } else {
@@ -145,7 +142,7 @@ ScheduledStep Scheduler::schedule() {
       }
       if (!ok) break;
       // running_ may have shrunk; find r's index again next iteration.
-      add_slice(r, n, rows);
+      add_slice(r, n);
       i = size_t(std::find(running_.begin(), running_.end(), r) - running_.begin());
     }
   }
@@ -154,14 +151,13 @@ ScheduledStep Scheduler::schedule() {
     std::shared_ptr<Request> r = waiting_.front();
     const int32_t prompt = int32_t(r->tokens.size());
     if (slots_.num_free() == 0 || pages_for_positions(prompt + 1) > pages_.num_free()) break;
-    int32_t rows = 0;
-    const int32_t n = fit_logit_rows(*r, std::min({prompt, config_.prefill_chunk, budget}), &rows);
+    const int32_t n = fit_logit_rows(*r, std::min({prompt, config_.prefill_chunk, budget}));
     if (n == 0) break;  // (not reached: a row is kept for every sequence)
     r->slot = slots_.allocate();
     DSV4_CHECK(ensure_pages(*r, int64_t(n)), "pages vanished during admission");
     waiting_.pop_front();
     running_.push_back(r);
-    add_slice(r, n, rows);
+    add_slice(r, n);
   }
   // Recount in case preemption dropped slices.
   step.num_prefill_tokens = step.num_decode_tokens = 0;

@@ -176,7 +176,9 @@ std::vector<int32_t> encode_prompt_text(const std::string& text, const ModelInfo
   return ids;
 }
 
-std::vector<int32_t> parse_one_prompt(const json& p, const std::string& field, const ModelInfo& model) {
+// One prompt under the name `field`; `expected` says what it may be where it is neither a string nor an array.
+std::vector<int32_t> parse_one_prompt(const json& p, const std::string& field, const std::string& expected,
+                                      const ModelInfo& model) {
   std::vector<int32_t> ids;
   if (p.is_string()) {
     if (p.get<std::string>().empty()) bad(field, "a non-empty string or array of token ids", p);
@@ -185,7 +187,7 @@ std::vector<int32_t> parse_one_prompt(const json& p, const std::string& field, c
     if (p.empty()) bad(field, "a non-empty string or array of token ids", p);
     ids = token_ids(p, field, model.vocab_size);
   } else {
-    bad(field, "a string or an array of token ids", p);
+    bad(field, expected, p);
   }
   return ids;
 }
@@ -198,15 +200,12 @@ std::vector<std::vector<int32_t>> parse_prompts(const json& body, const ModelInf
   if (it == body.end() || it->is_null()) missing("prompt", expected);
   const json& p = *it;
   if (!p.is_array() || p.empty() || !(p[0].is_string() || p[0].is_array())) {
-    if (!p.is_string() && !p.is_array()) bad("prompt", expected, p);
-    return {parse_one_prompt(p, "prompt", model)};
+    return {parse_one_prompt(p, "prompt", expected, model)};
   }
   std::vector<std::vector<int32_t>> batch;
   for (size_t i = 0; i < p.size(); ++i) {
-    const std::string field = fmt::format("prompt[{}]", i);
-    if (!p[i].is_string() && !p[i].is_array())
-      bad(field, "a string or an array of token ids (as the batch's first prompt)", p[i]);
-    batch.push_back(parse_one_prompt(p[i], field, model));
+    batch.push_back(parse_one_prompt(p[i], fmt::format("prompt[{}]", i),
+                                     "a string or an array of token ids (as the batch's first prompt)", model));
   }
   return batch;
 }
