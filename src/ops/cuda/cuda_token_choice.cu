@@ -1,7 +1,8 @@
 // A step's tokens from its logits rows on the GPU, so that only ids cross to the host.
 // argmax_rows: memory-bound, R*V*4 bytes (256 rows of a 129,280-token vocabulary: 132 MB,
 // ~33 µs at the copy rate, against ~5-13 ms to copy them to the host); one CTA a row.
-// choose_tokens: the law of ops/token_choice.h, one CTA of 1024 threads a row. A greedy row is
+// choose_tokens: the law of ops/token_choice.h, one CTA of 512 threads a row (8 loads in flight
+// a thread: a CTA's pass over a row runs at the latency of its loads). A greedy row is
 // argmax_rows' scan. A sampled row reads its logits a few times (from L2 where it fits):
 //   the max; for top_k, a radix selection of the k-th order key (8-bit digits from the top,
 //   a 256-bin shared histogram a pass, the first binned beside the max; it stops where the bin
@@ -10,14 +11,11 @@
 //   shortest prefix by weight (the same passes with weights in the bins; the first pass's
 //   bins also give the kept weight top_p's need is taken of);
 //   then the draw: each thread sums a contiguous chunk of ids, a block scan of the sums, and
-//   the thread whose range holds the target walks its chunk (~128 ids). Every sum is of
+//   a warp walks the chunk that holds the target (~256 ids, 128 a round). Every sum is of
 //   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
 //   reference's bit for bit.
 // token_logprobs: a row's log-probability record (its max, Z1, the most likely tokens by the
 // same selection), for the rows whose choice asks.
-#include <cooperative_groups.h>
-#include <cooperative_groups/reduce.h>
-
 #include <atomic>
 #include <type_traits>
 
@@ -55,19 +53,34 @@ __device__ __forceinline__ void take_best_of_warp(ArgmaxCandidate& best) {
   }
 }
 
+// Loads a thread of row_argmax has in flight (its row is read once, at the latency of its loads:
+// with one at a time a 512-thread CTA moves ~8 KB a round trip).
+constexpr int kArgmaxLoadsAhead = 8;
+
 // The reference scan's result for `row`, in every thread of the block (kThreads of them).
 template <int kThreads>
 __device__ int32_t row_argmax(const float* __restrict__ row, int64_t V, bool vec4) {
   ArgmaxCandidate best{-INFINITY, INT32_MAX};
-  if (vec4) {  // each thread's columns in ascending order, 16 bytes a load
+  if (vec4) {  // 16 bytes a load, kArgmaxLoadsAhead of them in flight (a candidate's order does not matter)
     const float4* row4 = reinterpret_cast<const float4*>(row);
-    for (int64_t c = threadIdx.x; c < V / 4; c += kThreads) {
-      const float4 v = row4[c];
-      const int32_t i = int32_t(4 * c);
-      take_if_better(best, v.x, i);
-      take_if_better(best, v.y, i + 1);
-      take_if_better(best, v.z, i + 2);
-      take_if_better(best, v.w, i + 3);
+    const int64_t n4 = V / 4;
+    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += int64_t(kArgmaxLoadsAhead) * kThreads) {
+      float4 v[kArgmaxLoadsAhead];
+#pragma unroll
+      for (int u = 0; u < kArgmaxLoadsAhead; ++u) {
+        const int64_t c = c0 + int64_t(u) * kThreads;
+        if (c < n4) v[u] = row4[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kArgmaxLoadsAhead; ++u) {
+        const int64_t c = c0 + int64_t(u) * kThreads;
+        if (c >= n4) break;
+        const int32_t i = int32_t(4 * c);
+        take_if_better(best, v[u].x, i);
+        take_if_better(best, v[u].y, i + 1);
+        take_if_better(best, v[u].z, i + 2);
+        take_if_better(best, v[u].w, i + 3);
+      }
     }
   } else {
     for (int64_t c = threadIdx.x; c < V; c += kThreads) take_if_better(best, row[c], int32_t(c));
@@ -99,21 +112,39 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float
 
 // ---- the sampled rows --------------------------------------------------------------------------
 
-constexpr int kChooseThreads = 1024;
+constexpr int kChooseThreads = 512;
 constexpr int kChooseWarps = kChooseThreads / 32;
 
-// f(i, logit) for every column, coalesced (no order).
+// Loads a thread has in flight in a pass over a row: one CTA a row reads its 517 KB (from L2
+// after the first pass) at the latency of its loads, so a pass that waits on one 16-byte load
+// a thread at a time moves ~16 KB a round trip. kLoadsAhead of them are issued before the first
+// is used.
+constexpr int kLoadsAhead = 8;
+
+// f(i, logit) for every column, coalesced (no order: every use sums integers, takes a max or
+// adds to bins).
 template <typename F>
 __device__ __forceinline__ void for_each_logit(const float* __restrict__ row, int64_t V, bool vec4, F&& f) {
   if (vec4) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
-    for (int64_t c = threadIdx.x; c < V / 4; c += kChooseThreads) {
-      const float4 v = row4[c];
-      const int32_t i = int32_t(4 * c);
-      f(i, v.x);
-      f(i + 1, v.y);
-      f(i + 2, v.z);
-      f(i + 3, v.w);
+    const int64_t n4 = V / 4;
+    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += int64_t(kLoadsAhead) * kChooseThreads) {
+      float4 v[kLoadsAhead];
+#pragma unroll
+      for (int u = 0; u < kLoadsAhead; ++u) {
+        const int64_t c = c0 + int64_t(u) * kChooseThreads;
+        if (c < n4) v[u] = row4[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadsAhead; ++u) {
+        const int64_t c = c0 + int64_t(u) * kChooseThreads;
+        if (c >= n4) break;
+        const int32_t i = int32_t(4 * c);
+        f(i, v[u].x);
+        f(i + 1, v[u].y);
+        f(i + 2, v[u].z);
+        f(i + 3, v[u].w);
+      }
     }
   } else {
     for (int64_t i = threadIdx.x; i < V; i += kChooseThreads) f(int32_t(i), row[i]);
@@ -142,24 +173,36 @@ struct SelectShared {
 };
 
 // How a radix pass adds its keys to the shared bins (DSV4_CUDA_CHOOSE_AGGREGATE). Atomic: a
-// shared atomic a key. Aggregated: the lanes of a warp whose keys fall in one bin add to it once
-// (a labeled partition of the active lanes, their weights reduced by shuffles). The first digits
-// put most keys of a row in a few bins (a logit's sign and exponent), and atomics on one address
-// serialize: a weighed pass's 64-bit atomics cost top_p 3x, while a counting pass's 32-bit ones
-// are cheaper than the partition (top_k 20-25%). The default aggregates the weighed passes only,
-// measured the fastest for both (docs/design/token-choice.md). The same bins in every form.
+// shared atomic a key. Aggregated: the lanes of a warp whose keys fall in one bin (a match of
+// their bins) add to it once, their weights summed by the warp's reduction unit. The first
+// digits put most keys of a row in a few bins (a logit's sign and exponent), and atomics on one
+// address serialize: a weighed pass's 64-bit atomics cost top_p 3x, while a counting pass's
+// 32-bit ones are cheaper than the match (top_k 20-25%). The default aggregates the weighed
+// passes only, measured the fastest for both (docs/design/token-choice.md). The same bins in
+// every form.
 enum class BinUpdates : int { kAtomic = 0, kAggregated = 1, kAggregatedWeighed = 2 };
+
+// The sum of w over the lanes of `peers` (this lane among them), in each of them: w <= 2^40
+// (token_law::kWeightOne), so its two 20-bit halves summed over 32 lanes fit the 32 bits that
+// redux.sync adds (a 64-bit reduction over an arbitrary lane set is a chain of shuffles).
+__device__ __forceinline__ uint64_t peers_weight_sum(unsigned peers, uint64_t w) {
+  static_assert(token_law::kWeightBits <= 40, "a lane's weight in two halves of at most 20 bits each, with carry room");
+  const unsigned hi = __reduce_add_sync(peers, unsigned(w >> 20));
+  const unsigned lo = __reduce_add_sync(peers, unsigned(w & 0xfffffu));
+  return (uint64_t(hi) << 20) + lo;
+}
 
 template <BinUpdates kUpdates>
 __device__ __forceinline__ void add_to_bin(SelectShared& sh, unsigned bin, bool by_mass, uint64_t w) {
   if (kUpdates == BinUpdates::kAggregated || (kUpdates == BinUpdates::kAggregatedWeighed && by_mass)) {
-    namespace cg = cooperative_groups;
-    const cg::coalesced_group peers = cg::labeled_partition(cg::coalesced_threads(), bin);
+    // (the lanes here: those of the warp whose key the pass bins)
+    const unsigned peers = __match_any_sync(__activemask(), bin);
+    const bool leader = (threadIdx.x & 31u) == unsigned(__ffs(peers) - 1);
     if (by_mass) {
-      const unsigned long long total = cg::reduce(peers, (unsigned long long)w, cg::plus<unsigned long long>());
-      if (peers.thread_rank() == 0) atomicAdd(&sh.mass[bin], total);
+      const uint64_t total = peers_weight_sum(peers, w);
+      if (leader) atomicAdd(&sh.mass[bin], (unsigned long long)total);
     }
-    if (peers.thread_rank() == 0) atomicAdd(&sh.count[bin], unsigned(peers.size()));
+    if (leader) atomicAdd(&sh.count[bin], unsigned(__popc(peers)));
   } else {
     if (by_mass) atomicAdd(&sh.mass[bin], (unsigned long long)w);
     atomicAdd(&sh.count[bin], 1u);
@@ -240,7 +283,9 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
 }
 
 // The draw among the keys >= floor, in ascending id order: each thread sums its chunk of ids,
-// a block scan of the sums, and the one thread whose range holds the target walks its chunk.
+// a block scan of the sums finds the chunk that holds the target, and warp 0 walks that chunk
+// 128 ids a round (4 a lane, a warp scan of their weights), so the walk costs a load a lane a
+// round instead of one thread's ~128 loads one after another.
 __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
                               uint64_t floor, uint64_t seed, int64_t position, unsigned long long* scratch) {
   const int64_t chunk = ((V + kChooseThreads - 1) / kChooseThreads + 3) / 4 * 4;
@@ -250,6 +295,7 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
   };
   uint64_t mine = 0;
   if (vec4) {  // begin and end are multiples of 4
+#pragma unroll 4
     for (int64_t i = begin; i < end; i += 4) {
       const float4 v = *reinterpret_cast<const float4*>(row + i);
       mine += weight(int32_t(i), v.x) + weight(int32_t(i + 1), v.y) + weight(int32_t(i + 2), v.z) +
@@ -269,29 +315,70 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
   if (lane == 31) scratch[warp] = inclusive;
   __syncthreads();
   if (warp == 0) {
-    uint64_t w = scratch[lane];
+    uint64_t w = lane < kChooseWarps ? uint64_t(scratch[lane]) : 0;
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
       const uint64_t o = __shfl_up_sync(0xffffffffu, w, off);
       if (lane >= off) w += o;
     }
-    scratch[lane] = w;  // the warps' inclusive prefixes
+    if (lane < kChooseWarps) scratch[lane] = w;  // the warps' inclusive prefixes
   }
   __syncthreads();
   const uint64_t before = (warp > 0 ? uint64_t(scratch[warp - 1]) : 0) + inclusive - mine;
   const uint64_t total = scratch[kChooseWarps - 1];
-  __syncthreads();
   const uint64_t t = draw_target(seed, position, total);
   __shared__ int32_t chosen;
-  if (before <= t && t < before + mine) {  // one thread
-    uint64_t run = before;
-    int32_t id = int32_t(end - 1);
-    for (int64_t i = begin; i < end; ++i)
-      if (t < (run += weight(int32_t(i), row[i]))) {
-        id = int32_t(i);
+  __shared__ unsigned long long owner_before;
+  __shared__ int64_t owner_begin, owner_end;
+  // One thread's range holds t: the kept set holds the max, whose weight is 2^40, so total > t.
+  if (before <= t && t < before + mine) owner_before = before, owner_begin = begin, owner_end = end;
+  __syncthreads();
+  if (warp == 0) {
+    const int64_t ob = owner_begin, oe = owner_end;
+    uint64_t run = owner_before;
+    int32_t id = int32_t(oe - 1);
+    for (int64_t s = ob; s < oe; s += 128) {  // a round: ids s + 4 lane .. + 3
+      const int64_t i0 = s + 4 * lane;
+      float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (vec4 && i0 < oe) {  // (oe is a multiple of 4 too)
+        const float4 q = *reinterpret_cast<const float4*>(row + i0);
+        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (i0 + j < oe) v[j] = row[i0 + j];
+      }
+      uint64_t w[4], lane_sum = 0;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        w[j] = i0 + j < oe ? weight(int32_t(i0 + j), v[j]) : 0;
+        lane_sum += w[j];
+      }
+      uint64_t incl = lane_sum;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const uint64_t o = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += o;
+      }
+      const uint64_t round_total = __shfl_sync(0xffffffffu, incl, 31);
+      if (t < run + round_total) {  // (uniform) this round holds the target: the first lane past it walks its 4
+        const unsigned past = __ballot_sync(0xffffffffu, t < run + incl);
+        const int hit = __ffs(past) - 1;
+        if (lane == hit) {
+          uint64_t r = run + incl - lane_sum;
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            if (t < (r += w[j])) {
+              id = int32_t(i0 + j);
+              break;
+            }
+        }
+        id = __shfl_sync(0xffffffffu, id, hit);
         break;
       }
-    chosen = id;
+      run += round_total;
+    }
+    if (lane == 0) chosen = id;
   }
   __syncthreads();
   return chosen;
