@@ -112,14 +112,14 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float
 
 // ---- the sampled rows --------------------------------------------------------------------------
 
-constexpr int kChooseThreads = 512;
+constexpr int kChooseThreads = 1024;
 constexpr int kChooseWarps = kChooseThreads / 32;
 
 // Loads a thread has in flight in a pass over a row: one CTA a row reads its 517 KB (from L2
 // after the first pass) at the latency of its loads, so a pass that waits on one 16-byte load
 // a thread at a time moves ~16 KB a round trip. kLoadsAhead of them are issued before the first
 // is used.
-constexpr int kLoadsAhead = 8;
+constexpr int kLoadsAhead = 4;
 
 // f(i, logit) for every column, coalesced (no order: every use sums integers, takes a max or
 // adds to bins).
@@ -173,40 +173,64 @@ struct SelectShared {
 };
 
 // How a radix pass adds its keys to the shared bins (DSV4_CUDA_CHOOSE_AGGREGATE). Atomic: a
-// shared atomic a key. Aggregated: the lanes of a warp whose keys fall in one bin (a match of
-// their bins) add to it once, their weights summed by the warp's reduction unit. The first
-// digits put most keys of a row in a few bins (a logit's sign and exponent), and atomics on one
-// address serialize: a weighed pass's 64-bit atomics cost top_p 3x, while a counting pass's
-// 32-bit ones are cheaper than the match (top_k 20-25%). The default aggregates the weighed
-// passes only, measured the fastest for both (docs/design/token-choice.md). The same bins in
-// every form.
+// shared atomic a key. Aggregated: a thread sums its keys of the first kBinSlots bins it meets in
+// registers and adds each sum once, when the pass ends (BinAdder::flush); keys of other bins go
+// to the shared bins at once. The first digits put most keys of a row in a few bins (a logit's
+// sign and exponent), and atomics on one address serialize, so a weighed pass's 64-bit atomics
+// cost top_p 3x; the later digits spread the keys, and there the atomics are cheap. Measured:
+// see bin_updates(). The same bins in every form (sums of integers).
 enum class BinUpdates : int { kAtomic = 0, kAggregated = 1, kAggregatedWeighed = 2 };
 
-// The sum of w over the lanes of `peers` (this lane among them), in each of them: w <= 2^40
-// (token_law::kWeightOne), so its two 20-bit halves summed over 32 lanes fit the 32 bits that
-// redux.sync adds (a 64-bit reduction over an arbitrary lane set is a chain of shuffles).
-__device__ __forceinline__ uint64_t peers_weight_sum(unsigned peers, uint64_t w) {
-  static_assert(token_law::kWeightBits <= 40, "a lane's weight in two halves of at most 20 bits each, with carry room");
-  const unsigned hi = __reduce_add_sync(peers, unsigned(w >> 20));
-  const unsigned lo = __reduce_add_sync(peers, unsigned(w & 0xfffffu));
-  return (uint64_t(hi) << 20) + lo;
-}
+constexpr int kBinSlots = 4;
 
-template <BinUpdates kUpdates>
-__device__ __forceinline__ void add_to_bin(SelectShared& sh, unsigned bin, bool by_mass, uint64_t w) {
-  if (kUpdates == BinUpdates::kAggregated || (kUpdates == BinUpdates::kAggregatedWeighed && by_mass)) {
-    // (the lanes here: those of the warp whose key the pass bins)
-    const unsigned peers = __match_any_sync(__activemask(), bin);
-    const bool leader = (threadIdx.x & 31u) == unsigned(__ffs(peers) - 1);
-    if (by_mass) {
-      const uint64_t total = peers_weight_sum(peers, w);
-      if (leader) atomicAdd(&sh.mass[bin], (unsigned long long)total);
-    }
-    if (leader) atomicAdd(&sh.count[bin], unsigned(__popc(peers)));
-  } else {
-    if (by_mass) atomicAdd(&sh.mass[bin], (unsigned long long)w);
-    atomicAdd(&sh.count[bin], 1u);
+// One thread's updates of the bins `sh` in one pass: add() a key, flush() before the barrier
+// that ends the pass. kSum: the aggregated form (else an atomic a key); by_mass: the weights
+// are summed too.
+template <bool kSum>
+struct BinAdder {
+  SelectShared& sh;
+  const bool by_mass;
+  unsigned bin[kBinSlots];
+  unsigned long long mass[kBinSlots];
+  unsigned count[kBinSlots];
+
+  __device__ __forceinline__ BinAdder(SelectShared& shared, bool weighed) : sh(shared), by_mass(weighed) {
+#pragma unroll
+    for (int j = 0; j < kBinSlots; ++j) bin[j] = ~0u, mass[j] = 0, count[j] = 0;
   }
+  __device__ __forceinline__ void add_now(unsigned b, unsigned long long w) {
+    if (by_mass) atomicAdd(&sh.mass[b], w);
+    atomicAdd(&sh.count[b], 1u);
+  }
+  __device__ __forceinline__ void add(unsigned b, uint64_t w) {
+    if constexpr (kSum) {
+      bool held = false;
+#pragma unroll
+      for (int j = 0; j < kBinSlots; ++j)
+        if (!held && (bin[j] == b || bin[j] == ~0u)) {  // (slots fill in order: a free one ends the held ones)
+          bin[j] = b, mass[j] += w, count[j] += 1, held = true;
+        }
+      if (!held) add_now(b, w);
+    } else {
+      add_now(b, w);
+    }
+  }
+  __device__ __forceinline__ void flush() {
+    if constexpr (kSum) {
+#pragma unroll
+      for (int j = 0; j < kBinSlots; ++j)
+        if (count[j] > 0) {
+          if (by_mass) atomicAdd(&sh.mass[bin[j]], mass[j]);
+          atomicAdd(&sh.count[bin[j]], count[j]);
+        }
+    }
+  }
+};
+
+// Whether form kUpdates sums a thread's keys of a bin (the weighed passes, or every pass).
+template <BinUpdates kUpdates>
+__device__ __forceinline__ bool sums_bins(bool by_mass) {
+  return kUpdates == BinUpdates::kAggregated || (kUpdates == BinUpdates::kAggregatedWeighed && by_mass);
 }
 
 __device__ __forceinline__ void clear_bins(SelectShared& sh) {
@@ -233,15 +257,20 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
     if (shift != 56 || !first_bins_ready) {
       clear_bins(sh);
       __syncthreads();
-      for_each_logit(row, V, vec4, [&](int32_t i, float v) {
-        const uint64_t key = order_key(v, i);
-        if (key < floor || (key & fixed_mask) != prefix) return;
-        // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
-        // whether kept or not.
-        const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
-        if (by_mass && w == 0) return;
-        add_to_bin<kUpdates>(sh, unsigned(key >> shift) & 255u, by_mass, w);
-      });
+      const auto pass = [&](auto adder) {
+        for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+          const uint64_t key = order_key(v, i);
+          if (key < floor || (key & fixed_mask) != prefix) return;
+          // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
+          // whether kept or not.
+          const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
+          if (by_mass && w == 0) return;
+          adder.add(unsigned(key >> shift) & 255u, w);
+        });
+        adder.flush();
+      };
+      if (sums_bins<kUpdates>(by_mass)) pass(BinAdder<true>(sh, by_mass));
+      else pass(BinAdder<false>(sh, by_mass));
       __syncthreads();
     }
     if (warp == 0) {
@@ -406,10 +435,12 @@ __global__ void __launch_bounds__(kChooseThreads)
     if (limit_k) clear_bins(select);
     __syncthreads();
     float mine = -INFINITY;
-    for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+    BinAdder<kUpdates == BinUpdates::kAggregated> bins(select, false);
+    for_each_logit(row, V, vec4, [&](int32_t, float v) {
       mine = v > mine ? v : mine;
-      if (limit_k) add_to_bin<kUpdates>(select, logit_key(v) >> 24, false, 0);
+      if (limit_k) bins.add(logit_key(v) >> 24, 0);
     });
+    bins.flush();
     m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
   }
   if (m == -INFINITY) {  // greedy, or a row of NaNs and -infs
@@ -466,10 +497,12 @@ __global__ void __launch_bounds__(kChooseThreads)
   if (threadIdx.x == 0) top_found = 0;
   __syncthreads();
   float mine = -INFINITY;
+  BinAdder<kUpdates == BinUpdates::kAggregated> bins(select, false);
   for_each_logit(row, V, vec4, [&](int32_t, float v) {
     mine = v > mine ? v : mine;
-    if (count > 0) add_to_bin<kUpdates>(select, logit_key(v) >> 24, false, 0);
+    if (count > 0) bins.add(logit_key(v) >> 24, 0);
   });
+  bins.flush();
   const float m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
   uint64_t z = 0;
   if (m != -INFINITY) for_each_logit(row, V, vec4, [&](int32_t, float v) { z += fixed_weight(v, m, 1.0f); });
