@@ -62,8 +62,8 @@ constexpr EnvSwitch kSwitches[] = {
      "the most partials a thread of a tile's last CTA folds in 9-32-row tiles (0: split_fold_kernel)", true},
     // Token choice.
     {"DSV4_CUDA_CHOOSE_AGGREGATE", kCuda, kOnOff, "weighed passes only",
-     "how choose_tokens' and token_logprobs' radix histograms add a warp's keys: 0 a shared atomic a key, 1 a bin's "
-     "keys at once in every pass (the default does so only where the keys are weighed, top_p)"},
+     "how choose_tokens' and token_logprobs' radix histograms add their keys: 0 a shared atomic a key, 1 a thread's "
+     "keys of a bin summed in registers in every pass (the default does so only where the keys are weighed, top_p)"},
     // Router and routed experts.
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",
      "0: the router's logits folded by a launch, not by the select kernel"},

@@ -823,12 +823,12 @@ TEST_F(CudaPointwise, PenalizeLogitsMatchesTheReference) {
 // the law's rules decide (testing::token_choice_case: ties cut by top_k and top_p, NaNs,
 // infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the
 // 16-byte path, and an unaligned row; in each form of the radix histograms' bin updates
-// (DSV4_CUDA_CHOOSE_AGGREGATE: an atomic a key, warp-aggregated, aggregated when weighed).
+// (DSV4_CUDA_CHOOSE_AGGREGATE: an atomic a key, a thread's keys of a bin summed, summed when weighed).
 // The tokens (choose_tokens) and, where a row's choice asks, its log-probability record
 // (token_logprobs, for the token chosen) against the CPU reference, bit for bit.
 TEST_F(CudaPointwise, ChooseTokensAndTheirLogprobsMatchTheReference) {
   for (int form : {0, 1, 2}) {
-    SCOPED_TRACE(form == 0 ? "an atomic a key" : form == 1 ? "warp-aggregated bins" : "aggregated when weighed");
+    SCOPED_TRACE(form == 0 ? "an atomic a key" : form == 1 ? "a thread's keys of a bin summed" : "summed when weighed");
     cuda_choose_force_bin_updates(form);
     const int64_t before = cuda_choose_launches(form);
     check_choose_tokens(232 + form);

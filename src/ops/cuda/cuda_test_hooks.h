@@ -202,8 +202,8 @@ void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const 
 // ---- token choice (cuda_token_choice.cu) ----------------------------------------------
 
 // Test hooks: choose_tokens and token_logprobs launches so far whose radix histograms took
-// bin updates of form `bin_updates` (0 a shared atomic a key, 1 warp-aggregated in every pass,
-// 2 aggregated in the weighed passes only); the forced form: -1 follows
+// bin updates of form `bin_updates` (0 a shared atomic a key, 1 a thread's keys of a bin summed in
+// registers in every pass, 2 summed in the weighed passes only); the forced form: -1 follows
 // DSV4_CUDA_CHOOSE_AGGREGATE (0, 1, or unset: 2), 0..2 force one.
 int64_t cuda_choose_launches(int bin_updates);
 void cuda_choose_force_bin_updates(int form);

@@ -1,8 +1,8 @@
 // A step's tokens from its logits rows on the GPU, so that only ids cross to the host.
 // argmax_rows: memory-bound, R*V*4 bytes (256 rows of a 129,280-token vocabulary: 132 MB,
 // ~33 µs at the copy rate, against ~5-13 ms to copy them to the host); one CTA a row.
-// choose_tokens: the law of ops/token_choice.h, one CTA of 512 threads a row (8 loads in flight
-// a thread: a CTA's pass over a row runs at the latency of its loads). A greedy row is
+// choose_tokens: the law of ops/token_choice.h, one CTA of 1024 threads a row (4 loads in flight
+// a thread). A greedy row is
 // argmax_rows' scan. A sampled row reads its logits a few times (from L2 where it fits):
 //   the max; for top_k, a radix selection of the k-th order key (8-bit digits from the top,
 //   a 256-bin shared histogram a pass, the first binned beside the max; it stops where the bin
@@ -11,7 +11,7 @@
 //   shortest prefix by weight (the same passes with weights in the bins; the first pass's
 //   bins also give the kept weight top_p's need is taken of);
 //   then the draw: each thread sums a contiguous chunk of ids, a block scan of the sums, and
-//   a warp walks the chunk that holds the target (~256 ids, 128 a round). Every sum is of
+//   a warp walks the chunk that holds the target (~128 ids, 128 a round). Every sum is of
 //   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
 //   reference's bit for bit.
 // token_logprobs: a row's log-probability record (its max, Z1, the most likely tokens by the
@@ -115,10 +115,12 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float
 constexpr int kChooseThreads = 1024;
 constexpr int kChooseWarps = kChooseThreads / 32;
 
-// Loads a thread has in flight in a pass over a row: one CTA a row reads its 517 KB (from L2
-// after the first pass) at the latency of its loads, so a pass that waits on one 16-byte load
-// a thread at a time moves ~16 KB a round trip. kLoadsAhead of them are issued before the first
-// is used.
+// Loads a thread has in flight in a pass over a row (issued before the first is used): with one
+// at a time a CTA moves 16 KB a round trip. Measured on an H100 (docs/BENCHMARKS.md, seventy-sixth
+// session), one row: 4 with 1024 threads took temperature-1 rows 0.056-0.064 ms a call against
+// 0.065-0.072 with one; 8 with 512 threads (no spills, where 1024 x 4 spills 12 bytes) 0.068-0.076, and top_p 0.95 0.75 ms
+// against 0.48: the weighed passes are bound by their arithmetic's latency, which fewer warps hide
+// worse.
 constexpr int kLoadsAhead = 4;
 
 // f(i, logit) for every column, coalesced (no order: every use sums integers, takes a max or
@@ -555,9 +557,12 @@ std::atomic<int> g_force_bin_updates{-1};
 std::atomic<int64_t> g_bin_updates_launches[3] = {0, 0, 0};
 
 BinUpdates bin_updates() {
-  // Measured on an H100 (docs/BENCHMARKS.md, seventy-fourth and seventy-fifth sessions), 64 rows:
-  // top_p 0.95 1.68 ms with an atomic a key, 0.53 aggregated, 0.49-0.53 weighed passes only;
-  // top_k 50 0.14 aggregated, 0.11 with the counting passes atomic.
+  // Measured on an H100 (docs/BENCHMARKS.md, seventy-fourth to seventy-sixth sessions), 64 rows,
+  // a whole bench sampling call: with a warp's keys of a bin matched and added at once, top_p 0.95
+  // 1.68 ms with an atomic a key, 0.53 aggregated, 0.49-0.53 weighed passes only; top_k 50 0.14
+  // aggregated, 0.11 with the counting passes atomic. With a thread's keys summed in registers
+  // (4 slots; 2 slots: 0.92 ms) in the weighed passes: top_p 0.95 0.43-0.44 (1.13-1.14 at 256
+  // rows against 0.88), top_k 50 0.10.
   static const BinUpdates from_env = env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "0")   ? BinUpdates::kAtomic
                                      : env_is("DSV4_CUDA_CHOOSE_AGGREGATE", "1") ? BinUpdates::kAggregated
                                                                                  : BinUpdates::kAggregatedWeighed;
