@@ -53,38 +53,47 @@ __device__ __forceinline__ void take_best_of_warp(ArgmaxCandidate& best) {
   }
 }
 
-// Loads a thread of row_argmax has in flight (its row is read once, at the latency of its loads:
-// with one at a time a 512-thread CTA moves ~8 KB a round trip).
+// f(i, logit) for the columns of `row` that thread threadIdx.x of kThreads takes, coalesced, in no
+// order (every use takes a max, sums integers or adds to bins): 16 bytes a load where the row is
+// of float4s (vec4), with kAhead loads in flight before the first is used (a CTA's pass over a row
+// runs at its loads' latency: one 16-byte load a thread at a time moves 16 KB a round trip at 1024
+// threads), else a float a load.
+template <int kThreads, int kAhead, typename F>
+__device__ __forceinline__ void for_each_column(const float* __restrict__ row, int64_t V, bool vec4, F&& f) {
+  if (vec4) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int64_t n4 = V / 4;
+    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += int64_t(kAhead) * kThreads) {
+      float4 v[kAhead];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        const int64_t c = c0 + int64_t(u) * kThreads;
+        if (c < n4) v[u] = row4[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        const int64_t c = c0 + int64_t(u) * kThreads;
+        if (c >= n4) break;
+        const int32_t i = int32_t(4 * c);
+        f(i, v[u].x);
+        f(i + 1, v[u].y);
+        f(i + 2, v[u].z);
+        f(i + 3, v[u].w);
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) f(int32_t(i), row[i]);
+  }
+}
+
+// Loads a thread of row_argmax has in flight (its row is read once).
 constexpr int kArgmaxLoadsAhead = 8;
 
 // The reference scan's result for `row`, in every thread of the block (kThreads of them).
 template <int kThreads>
 __device__ int32_t row_argmax(const float* __restrict__ row, int64_t V, bool vec4) {
   ArgmaxCandidate best{-INFINITY, INT32_MAX};
-  if (vec4) {  // 16 bytes a load, kArgmaxLoadsAhead of them in flight (a candidate's order does not matter)
-    const float4* row4 = reinterpret_cast<const float4*>(row);
-    const int64_t n4 = V / 4;
-    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += int64_t(kArgmaxLoadsAhead) * kThreads) {
-      float4 v[kArgmaxLoadsAhead];
-#pragma unroll
-      for (int u = 0; u < kArgmaxLoadsAhead; ++u) {
-        const int64_t c = c0 + int64_t(u) * kThreads;
-        if (c < n4) v[u] = row4[c];
-      }
-#pragma unroll
-      for (int u = 0; u < kArgmaxLoadsAhead; ++u) {
-        const int64_t c = c0 + int64_t(u) * kThreads;
-        if (c >= n4) break;
-        const int32_t i = int32_t(4 * c);
-        take_if_better(best, v[u].x, i);
-        take_if_better(best, v[u].y, i + 1);
-        take_if_better(best, v[u].z, i + 2);
-        take_if_better(best, v[u].w, i + 3);
-      }
-    }
-  } else {
-    for (int64_t c = threadIdx.x; c < V; c += kThreads) take_if_better(best, row[c], int32_t(c));
-  }
+  for_each_column<kThreads, kArgmaxLoadsAhead>(row, V, vec4, [&](int32_t i, float v) { take_if_better(best, v, i); });
   take_best_of_warp(best);
   __shared__ ArgmaxCandidate warp_best[kThreads / 32];
   __shared__ int32_t result;
@@ -115,42 +124,17 @@ __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float
 constexpr int kChooseThreads = 1024;
 constexpr int kChooseWarps = kChooseThreads / 32;
 
-// Loads a thread has in flight in a pass over a row (issued before the first is used): with one
-// at a time a CTA moves 16 KB a round trip. Measured on an H100 (docs/BENCHMARKS.md, seventy-sixth
-// session), one row: 4 with 1024 threads took temperature-1 rows 0.056-0.064 ms a call against
-// 0.065-0.072 with one; 8 with 512 threads (no spills, where 1024 x 4 spills 12 bytes) 0.068-0.076, and top_p 0.95 0.75 ms
-// against 0.48: the weighed passes are bound by their arithmetic's latency, which fewer warps hide
-// worse.
+// Loads a thread has in flight in a pass over a row (for_each_column). Measured on an H100
+// (docs/BENCHMARKS.md, seventy-sixth session), one row: 4 with 1024 threads took temperature-1
+// rows 0.056-0.064 ms a call against 0.065-0.072 with one; 8 with 512 threads (no spills, where
+// 1024 x 4 spills a few bytes) 0.068-0.076, and top_p 0.95 0.75 ms against 0.48: the weighed
+// passes are bound by their arithmetic's latency, which fewer warps hide worse.
 constexpr int kLoadsAhead = 4;
 
-// f(i, logit) for every column, coalesced (no order: every use sums integers, takes a max or
-// adds to bins).
+// f(i, logit) for every column of a row (for_each_column, by choose_tokens' and token_logprobs' CTAs).
 template <typename F>
 __device__ __forceinline__ void for_each_logit(const float* __restrict__ row, int64_t V, bool vec4, F&& f) {
-  if (vec4) {
-    const float4* row4 = reinterpret_cast<const float4*>(row);
-    const int64_t n4 = V / 4;
-    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += int64_t(kLoadsAhead) * kChooseThreads) {
-      float4 v[kLoadsAhead];
-#pragma unroll
-      for (int u = 0; u < kLoadsAhead; ++u) {
-        const int64_t c = c0 + int64_t(u) * kChooseThreads;
-        if (c < n4) v[u] = row4[c];
-      }
-#pragma unroll
-      for (int u = 0; u < kLoadsAhead; ++u) {
-        const int64_t c = c0 + int64_t(u) * kChooseThreads;
-        if (c >= n4) break;
-        const int32_t i = int32_t(4 * c);
-        f(i, v[u].x);
-        f(i + 1, v[u].y);
-        f(i + 2, v[u].z);
-        f(i + 3, v[u].w);
-      }
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < V; i += kChooseThreads) f(int32_t(i), row[i]);
-  }
+  for_each_column<kChooseThreads, kLoadsAhead>(row, V, vec4, f);
 }
 
 // The block's largest non-NaN value (-inf if none), in every thread.
