@@ -44,7 +44,7 @@ Command add_generate(CLI::App& app) {
     uint64_t weight_seed = 0;
     std::vector<std::string> prompts;
     int32_t max_new_tokens = 16;
-    float temperature = 0.0f, top_p = 1.0f;
+    float temperature = 0.0f, top_p = 1.0f, min_p = 0.0f;
     int32_t top_k = 0;
     uint64_t seed = 0;
     int threads = 1;
@@ -81,6 +81,9 @@ Command add_generate(CLI::App& app) {
       ->check(CLI::Range(0.0f, 100.0f));
   app.add_option("--top-p", o->top_p, "Nucleus sampling mass")->default_val(1.0f)->check(CLI::Range(0.0f, 1.0f));
   app.add_option("--top-k", o->top_k, "Sample among the k most likely (0: all)")->default_val(0);
+  app.add_option("--min-p", o->min_p, "Drop the tokens less likely than min_p times the most likely one (0: none)")
+      ->default_val(0.0f)
+      ->check(CLI::Range(0.0f, 1.0f));
   app.add_option("--seed", o->seed, "Sampling seed (prompt i uses seed + i)")->default_val(0);
   app.add_option("--dump-logits", o->dump_logits,
                  "Write a float32 .npy [num_prompts, max_new_tokens, vocab]: entry [s, i] is the logits row new "
@@ -124,6 +127,7 @@ Command add_generate(CLI::App& app) {
       r.sampling.temperature = o->temperature;
       r.sampling.top_p = o->top_p;
       r.sampling.top_k = o->top_k;
+      r.sampling.min_p = o->min_p;
       r.sampling.seed = o->seed + i;
       longest = std::max<int64_t>(longest, int64_t(r.prompt.size()) + r.max_tokens);
       requests.push_back(std::move(r));

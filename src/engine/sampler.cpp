@@ -7,6 +7,7 @@ ops::TokenChoice token_choice(const SamplingParams& params, int64_t position) {
   c.temperature = params.temperature;
   c.top_p = params.top_p;
   c.top_k = params.top_k;
+  c.min_p = params.min_p;
   c.seed = params.seed;
   c.position = position;
   return c;

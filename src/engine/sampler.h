@@ -19,6 +19,7 @@ struct SamplingParams {
   float temperature = 0.0f;  // 0: greedy
   float top_p = 1.0f;
   int32_t top_k = 0;         // 0: no limit
+  float min_p = 0.0f;        // [0, 1]: no token less likely than min_p times the most likely is drawn; 0: no limit
   uint64_t seed = 0;
   // Applied to the logits before the choice (ops::token_law::penalized): OpenAI's presence and
   // frequency penalties over the generated tokens, the repetition penalty over the prompt's and

@@ -11,6 +11,9 @@
 //          A token whose weight is below 2^-40 of the largest (its logit ~27.7 temperatures
 //          below it) has W = 0 and is never drawn; NaN and -inf logits have W = 0. Where m is
 //          +inf, the +inf logits weigh 1 each and every other logit 0;
+//   min_p  (> 0) keeps the tokens whose W_i >= ceil(min_p * 2^40) (min_p of the largest's W, which
+//          is 2^40: vLLM's min_p on the probabilities at the temperature); from here on the others
+//          weigh 0, so top_p's total, the draw and every sum below take the kept W_i only;
 //   order  the larger logit first, the lower id among equal logits (+0 == -0, NaN last);
 //   top_k  (0 < k < V) keeps the k first in that order;
 //   top_p  (< 1) keeps the shortest prefix, in that order, of what top_k kept whose weight
@@ -52,7 +55,7 @@ struct TokenChoice {
   // >= 0: the row's token is this one, as given, not chosen (a prompt token scored against the
   // row before it: prompt log-probabilities); the fields above but `logprobs` are then unused.
   int32_t given_token = -1;
-  int32_t unused = 0;
+  float min_p = 0.0f;        // [0, 1]: keeps the tokens at least min_p as likely as the most likely; 0: no limit
 };
 static_assert(sizeof(TokenChoice) == 40, "TokenChoice is a tensor row of 10 i32 words");
 constexpr int64_t kTokenChoiceWords = 10;
@@ -159,6 +162,19 @@ DSV4_HD uint64_t fixed_point(float weight) { return uint64_t(int64_t(mul_rn(weig
 DSV4_HD uint64_t fixed_weight(float logit, float max_logit, float inv_temperature) {
   if (max_logit == INFINITY) return logit == INFINITY ? kWeightOne : 0;
   return fixed_point(token_weight(logit, max_logit, inv_temperature));
+}
+
+// min_p's least weight: ceil(min_p * 2^40) in double, at most 2^40 (0 where min_p <= 0 or NaN).
+DSV4_HD uint64_t min_p_least(float min_p) {
+  if (!(min_p > 0.0f)) return 0;
+  const double x = double(min_p) * double(kWeightOne);
+  return x >= double(kWeightOne) ? kWeightOne : uint64_t(ceil(x));
+}
+
+// W_i as min_p leaves it: 0 below `least` (min_p_least).
+DSV4_HD uint64_t kept_weight(float logit, float max_logit, float inv_temperature, uint64_t least) {
+  const uint64_t w = fixed_weight(logit, max_logit, inv_temperature);
+  return w >= least ? w : 0;
 }
 
 // top_p's need: max(1, ceil(top_p * total)), at most total.

@@ -118,7 +118,6 @@ void reject_unsupported(const json& body, ApiKind kind) {
                                       number_text(neutral)),
                      name);
   };
-  neutral_number("min_p", 0);
   neutral_number("min_tokens", 0);
   if (const json* v = find(body, "echo"); v && kind == ApiKind::kChat && !(v->is_boolean() && !v->get<bool>()))
     throw ApiError(400,
@@ -280,6 +279,8 @@ void parse_common(const json& body, const ModelInfo& model, ApiRequest& r) {
   s.temperature = float(get_number(body, "temperature", 1.0, 0.0, 2.0, false, "a number in [0, 2]"));
   s.top_p = float(get_number(body, "top_p", 1.0, 0.0, 1.0, true, "a number in (0, 1]"));
   if (auto k = get_int(body, "top_k", -1, INT32_MAX, "an integer >= -1 (-1 or 0: no limit)")) s.top_k = int32_t(std::max<int64_t>(*k, 0));
+  // vLLM's min_p: a token at least min_p times as likely as the most likely one (at the temperature) is kept.
+  s.min_p = float(get_number(body, "min_p", 0.0, 0.0, 1.0, false, "a number in [0, 1]"));
   // OpenAI's ranges; the repetition penalty's is vLLM's.
   s.presence_penalty = float(get_number(body, "presence_penalty", 0.0, -2.0, 2.0, false, "a number in [-2, 2]"));
   s.frequency_penalty = float(get_number(body, "frequency_penalty", 0.0, -2.0, 2.0, false, "a number in [-2, 2]"));

@@ -198,6 +198,8 @@ inline TokenChoiceCase token_choice_case(Rng& rng, int64_t R, int64_t V) {
     const int32_t logprobs[] = {-1, -1, 0, 1, 5, ops::kMaxTokenLogprobs, ops::kMaxTokenLogprobs + 9};
     t.logprobs = logprobs[rng.uniform_int(0, 6)];
     if (rng.uniform_int(0, 5) == 0) t.given_token = int32_t(rng.uniform_int(0, V - 1));  // a scored row
+    const float min_ps[] = {0.0f, 0.0f, 0.0f, 1e-9f, 0.05f, 0.3f, 1.0f};
+    t.min_p = min_ps[rng.uniform_int(0, 6)];
     c.choices.push_back(t);
   }
   return c;

@@ -55,6 +55,10 @@ int32_t slow_choice(const float* x, int64_t V, const TokenChoice& c) {
   for (int64_t i = 0; i < V; ++i)
     W[size_t(i)] = m == INFINITY ? (x[i] == INFINITY ? kWeightOne : 0)
                                  : uint64_t(token_weight(x[i], m, inv) * float(kWeightOne));
+  if (c.min_p > 0.0f) {  // min_p of the largest W (2^40): the lighter weigh 0 from here on
+    const uint64_t least = std::min<uint64_t>(kWeightOne, uint64_t(std::ceil(double(c.min_p) * 1099511627776.0)));
+    for (uint64_t& w : W) w = w >= least ? w : 0;
+  }
   const std::vector<int32_t> order = slow_order(x, V);
   size_t n = order.size();
   if (c.top_k > 0 && c.top_k < V) n = size_t(c.top_k);
@@ -89,7 +93,7 @@ core::Tensor choices_tensor(const std::vector<TokenChoice>& choices) {
 
 std::string describe(const TokenChoice& c) {
   return "temperature " + std::to_string(c.temperature) + " top_k " + std::to_string(c.top_k) + " top_p " +
-         std::to_string(c.top_p) + " position " + std::to_string(c.position);
+         std::to_string(c.top_p) + " min_p " + std::to_string(c.min_p) + " position " + std::to_string(c.position);
 }
 
 TEST(TokenChoice, HostEqualsTheLawWrittenSlowly) {
@@ -117,6 +121,41 @@ TEST(TokenChoice, TopKCutsATieByTheLowerIds) {
   for (c.position = 0; c.position < 2000; ++c.position) ++seen[size_t(ref::choose_token(row.data(), 6, c))];
   EXPECT_EQ(seen[1] + seen[4], 2000);
   EXPECT_NEAR(seen[1], 1000, 5 * std::sqrt(500.0));
+}
+
+// min_p keeps the tokens at least min_p times as likely as the most likely one (at the
+// temperature), and top_p then takes its need of what min_p kept: probabilities 1 : .5 : .25 :
+// .1 : 0 : .5 at temperature 1.
+TEST(TokenChoice, MinPKeepsTheTokensAtLeastThatLikely) {
+  const std::vector<float> row = {0.0f, std::log(0.5f), std::log(0.25f), std::log(0.1f), -INFINITY, std::log(0.5f)};
+  TokenChoice c;
+  c.temperature = 1.0f;
+  c.min_p = 0.3f;
+  std::vector<int> seen(row.size(), 0);
+  for (c.position = 0; c.position < 4000; ++c.position) ++seen[size_t(ref::choose_token(row.data(), 6, c))];
+  EXPECT_EQ(seen[0] + seen[1] + seen[5], 4000);  // 0.25 and 0.1 are below 0.3 of the most likely
+  EXPECT_NEAR(seen[0], 2000, 5 * std::sqrt(1000.0));
+  EXPECT_NEAR(seen[1], 1000, 5 * std::sqrt(750.0));
+  // top_p 0.5 of the kept weight (2: 1 + .5 + .5) is the most likely token alone; of the whole row's
+  // (2.35) it would take token 1 too.
+  c.top_p = 0.5f;
+  for (c.position = 0; c.position < 500; ++c.position) ASSERT_EQ(ref::choose_token(row.data(), 6, c), 0);
+  c.min_p = 0.0f;
+  int ones = 0;
+  for (c.position = 0; c.position < 500; ++c.position) ones += ref::choose_token(row.data(), 6, c) == 1;
+  EXPECT_GT(ones, 100);
+  // min_p 1 keeps the most likely token alone: the argmax where it is unique, whatever the temperature.
+  testing::Rng rng(0x70e);
+  const testing::TokenChoiceCase tc = testing::token_choice_case(rng, 20, 3001);
+  c = TokenChoice{};
+  c.min_p = 1.0f;
+  for (int64_t r = 0; r < 20; r += 10) {  // (rows of N(0, 3) logits: rows 0 and 10)
+    const float* x = tc.logits.as<float>() + r * 3001;
+    for (float t : {0.5f, 1.0f, 2.0f}) {
+      c.temperature = t;
+      for (c.position = 0; c.position < 50; ++c.position) ASSERT_EQ(ref::choose_token(x, 3001, c), slow_argmax(x, 3001));
+    }
+  }
 }
 
 TEST(TokenChoice, CpuBackendChoosesEveryRowAsTheReference) {

@@ -111,6 +111,10 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
       {false, R"({"prompt": [1, 2], "top_p": 1.5})", 400, "top_p", "top_p must be a number in (0, 1], got 1.5"},
       {false, R"({"prompt": [1, 2], "top_k": -2})", 400, "top_k", "top_k must be an integer >= -1"},
       {false, R"({"prompt": [1, 2], "top_k": 1.5})", 400, "top_k", "got 1.5"},
+      {false, R"({"prompt": [1, 2], "min_p": 1.5})", 400, "min_p", "min_p must be a number in [0, 1], got 1.5"},
+      {false, R"({"prompt": [1, 2], "min_p": -0.1})", 400, "min_p", "min_p must be a number in [0, 1], got -0.1"},
+      {false, R"({"prompt": [1, 2], "min_tokens": 3})", 400, "min_tokens",
+       "min_tokens is not supported by this server; leave it out or send 0"},
       {false, R"({"prompt": [1, 2], "max_tokens": 0})", 400, "max_tokens", "max_tokens must be an integer >= 1, got 0"},
       {false, R"({"prompt": [1, 2], "max_tokens": "5"})", 400, "max_tokens", R"(max_tokens must be an integer >= 1, got "5")"},
       {false, R"({"prompt": [1, 2], "seed": "x"})", 400, "seed", R"(seed must be an integer, got "x")"},
@@ -259,6 +263,9 @@ TEST(OpenAiApi, CompletionFieldsMapOntoTheEngineRequest) {
   EXPECT_EQ(r.params.sampling.temperature, 0.0f);
   EXPECT_FLOAT_EQ(r.params.sampling.top_p, 0.5f);
   EXPECT_EQ(r.params.sampling.top_k, 0);
+  EXPECT_EQ(r.params.sampling.min_p, 0.0f);  // (not sent: no limit)
+  EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "min_p": 0.05})"), model).params.sampling.min_p,
+            0.05f);
   EXPECT_EQ(r.params.sampling.seed, 42u);
   EXPECT_TRUE(r.stream && r.include_usage && r.params.ignore_eos);
   EXPECT_EQ(r.params.stop_token_ids, (std::vector<int32_t>{3}));
@@ -1225,8 +1232,9 @@ TEST_F(Serve, TextCompletionChatAndStopStrings) {
 }
 
 // n choices and batches of prompts over HTTP: each choice is the request of its prompt alone
-// with seed + j (the same tokens), streamed or not; a batch scored with echo and logprobs, as
-// lm-eval's loglikelihood requests send it, equals its prompts scored one at a time.
+// with seed + j (the same tokens), streamed or not; min_p 1 gives the greedy tokens; a batch
+// scored with echo and logprobs, as lm-eval's loglikelihood requests send it, equals its
+// prompts scored one at a time.
 TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
   ServerEnv& e = env();
   const json base = {{"prompt", {11, 12, 13, 14}}, {"max_tokens", 6}, {"ignore_eos", true},
@@ -1254,6 +1262,14 @@ TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
   const HttpResult pr = post(e.port, "/v1/completions", penalized.dump());
   ASSERT_EQ(pr.status, 200) << pr.body;
   EXPECT_EQ(json::parse(pr.body)["choices"][0]["token_ids"].size(), 6u);
+  // min_p 1 keeps the most likely token alone: a sampled request then gives the greedy tokens.
+  json only_likeliest = base, greedy = base;
+  only_likeliest["min_p"] = 1;
+  greedy["temperature"] = 0;
+  const HttpResult mr = post(e.port, "/v1/completions", only_likeliest.dump());
+  ASSERT_EQ(mr.status, 200) << mr.body;
+  EXPECT_EQ(json::parse(mr.body)["choices"][0]["token_ids"],
+            json::parse(post(e.port, "/v1/completions", greedy.dump()).body)["choices"][0]["token_ids"]);
 
   json streamed = three;
   streamed["stream"] = true;

@@ -44,12 +44,13 @@ void sort_head(std::vector<uint64_t>& keys, int64_t n) {
 constexpr int64_t kSumBlock = 512;  // the whole-vocabulary draw finds its block of ids, then its id
 
 // The sum of W_i over ids [begin, begin + n), n <= kSumBlock, each W_i also stored in w when w is
-// not null. m is the row's max (not NaN, not -inf).
-uint64_t block_weights(const float* logits, int64_t begin, int64_t n, float m, float inv, uint64_t* w) {
+// not null; W_i below `least` (min_p's) counts 0. m is the row's max (not NaN, not -inf).
+uint64_t block_weights(const float* logits, int64_t begin, int64_t n, float m, float inv, uint64_t least,
+                       uint64_t* w) {
   uint64_t s = 0;
   if (m == INFINITY) {
     for (int64_t i = 0; i < n; ++i) {
-      const uint64_t x = fixed_weight(logits[begin + i], m, inv);
+      const uint64_t x = kept_weight(logits[begin + i], m, inv, least);
       s += x;
       if (w) w[i] = x;
     }
@@ -59,11 +60,12 @@ uint64_t block_weights(const float* logits, int64_t begin, int64_t n, float m, f
   // conversion to integers (which does not: no packed float-to-int64 before AVX-512).
   float f[kSumBlock];
   for (int64_t i = 0; i < n; ++i) f[i] = token_weight(logits[begin + i], m, inv);
+  const auto kept = [least](uint64_t x) { return x >= least ? x : 0; };
   if (!w) {
-    for (int64_t i = 0; i < n; ++i) s += fixed_point(f[i]);
+    for (int64_t i = 0; i < n; ++i) s += kept(fixed_point(f[i]));
     return s;
   }
-  for (int64_t i = 0; i < n; ++i) s += (w[i] = fixed_point(f[i]));
+  for (int64_t i = 0; i < n; ++i) s += (w[i] = kept(fixed_point(f[i])));
   return s;
 }
 
@@ -84,6 +86,8 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
   const float m = row_max(logits, V);
   if (m == -INFINITY) return argmax_lowest(logits, V);  // NaNs and -infs only
   const float inv = div_rn(1.0f, c.temperature);
+  const uint64_t least = min_p_least(c.min_p);
+  const auto weight = [&](int32_t id) { return kept_weight(logits[id], m, inv, least); };
   const bool limit_k = c.top_k > 0 && c.top_k < V;
   const bool limit_p = c.top_p < 1.0f;
   // Per thread: rows may be chosen in parallel, and each call reuses the buffers.
@@ -96,7 +100,7 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
     block_sum.assign(size_t(blocks), 0);
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t begin = b * kSumBlock;
-      const uint64_t s = block_weights(logits, begin, std::min(kSumBlock, V - begin), m, inv, &w[size_t(begin)]);
+      const uint64_t s = block_weights(logits, begin, std::min(kSumBlock, V - begin), m, inv, least, &w[size_t(begin)]);
       block_sum[size_t(b)] = s;
       total += s;
     }
@@ -116,11 +120,11 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
     n = c.top_k;
     sort_head(keys, n);
     if (limit_p) {
-      for (int64_t i = 0; i < n; ++i) total += fixed_weight(logits[key_id(keys[size_t(i)])], m, inv);
+      for (int64_t i = 0; i < n; ++i) total += weight(key_id(keys[size_t(i)]));
       const uint64_t need = top_p_need(c.top_p, total);
       uint64_t mass = 0;
       int64_t cut = 0;
-      while (cut < n && mass < need) mass += fixed_weight(logits[key_id(keys[size_t(cut++)])], m, inv);
+      while (cut < n && mass < need) mass += weight(key_id(keys[size_t(cut++)]));
       n = cut;
     }
   } else {
@@ -140,11 +144,11 @@ int32_t choose_token(const float* logits, int64_t V, const TokenChoice& c) {
   for (int64_t i = 0; i < n; ++i) kept[size_t(i)] = key_id(keys[size_t(i)]);
   std::sort(kept.begin(), kept.end());
   uint64_t kept_total = 0;
-  for (int32_t id : kept) kept_total += fixed_weight(logits[id], m, inv);
+  for (int32_t id : kept) kept_total += weight(id);
   const uint64_t t = draw_target(c.seed, c.position, kept_total);
   uint64_t run = 0;
   for (int32_t id : kept)
-    if (t < (run += fixed_weight(logits[id], m, inv))) return id;
+    if (t < (run += weight(id))) return id;
   return kept.back();  // not reached: t < kept_total
 }
 
@@ -157,7 +161,7 @@ TokenLogprobRecord token_logprob_record(const float* logits, int64_t V, int32_t 
   r.max_logit = r.max_logit == 0.0f ? 0.0f : r.max_logit;  // +0 for a max of zeros (a parallel max may give either)
   if (r.max_logit != -INFINITY)
     for (int64_t begin = 0; begin < V; begin += kSumBlock)
-      r.z1 += block_weights(logits, begin, std::min(kSumBlock, V - begin), r.max_logit, 1.0f, nullptr);
+      r.z1 += block_weights(logits, begin, std::min(kSumBlock, V - begin), r.max_logit, 1.0f, 0, nullptr);
   if (r.count > 0) {
     thread_local std::vector<uint64_t> keys;
     keys.resize(size_t(V));

@@ -225,7 +225,8 @@ __device__ __forceinline__ void clear_bins(SelectShared& sh) {
 
 // The largest order key K >= floor such that the keys in [K, inf) that are >= floor number at
 // least `target` (by_mass false), or one such K where they weigh at least `target` and the
-// keys above K less (by_mass true: keys of weight 0 may fall either side), in every thread;
+// keys above K less (by_mass true, the weights as min_p's `least` leaves them: keys of weight 0
+// may fall either side), in every thread;
 // target >= 1 and at most what the keys >= floor hold. Where top_p < 1 (by_mass), the target
 // is top_p's need of the keys' total weight, which the first pass's bins sum (so the total
 // costs no pass of its own). Digits of 8 bits from the top: a pass histograms the keys that
@@ -234,8 +235,8 @@ __device__ __forceinline__ void clear_bins(SelectShared& sh) {
 // from floor 0, binned beside the row's max).
 template <BinUpdates kUpdates>
 __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
-                                     bool by_mass, uint64_t target, float top_p, uint64_t floor, bool first_bins_ready,
-                                     SelectShared& sh) {
+                                     uint64_t least, bool by_mass, uint64_t target, float top_p, uint64_t floor,
+                                     bool first_bins_ready, SelectShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   uint64_t prefix = 0, remaining = target;
   for (int shift = 56; shift >= 0; shift -= 8) {
@@ -249,7 +250,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
           if (key < floor || (key & fixed_mask) != prefix) return;
           // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
           // whether kept or not.
-          const uint64_t w = by_mass ? fixed_weight(v, m, inv) : 0;
+          const uint64_t w = by_mass ? kept_weight(v, m, inv, least) : 0;
           if (by_mass && w == 0) return;
           adder.add(unsigned(key >> shift) & 255u, w);
         });
@@ -302,11 +303,11 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
 // 128 ids a round (4 a lane, a warp scan of their weights), so the walk costs a load a lane a
 // round instead of one thread's ~128 loads one after another.
 __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
-                              uint64_t floor, uint64_t seed, int64_t position, unsigned long long* scratch) {
+                              uint64_t least, uint64_t floor, uint64_t seed, int64_t position, unsigned long long* scratch) {
   const int64_t chunk = ((V + kChooseThreads - 1) / kChooseThreads + 3) / 4 * 4;
   const int64_t begin = int64_t(threadIdx.x) * chunk, end = begin + chunk < V ? begin + chunk : V;
   const auto weight = [&](int32_t i, float v) -> uint64_t {
-    return order_key(v, i) >= floor ? fixed_weight(v, m, inv) : 0;
+    return order_key(v, i) >= floor ? kept_weight(v, m, inv, least) : 0;
   };
   uint64_t mine = 0;
   if (vec4) {  // begin and end are multiples of 4
@@ -433,12 +434,13 @@ __global__ void __launch_bounds__(kChooseThreads)
     id = row_argmax<kChooseThreads>(row, V, vec4);
   } else {
     const float inv = div_rn(1.0f, c.temperature);
+    const uint64_t least = min_p_least(c.min_p);  // (a weight below it counts 0 in top_p's sums and the draw)
     uint64_t floor = 0;
     if (limit_k)
-      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, false, uint64_t(c.top_k), 1.0f, 0, true, select);
+      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, least, false, uint64_t(c.top_k), 1.0f, 0, true, select);
     if (c.top_p < 1.0f)
-      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, true, 0, c.top_p, floor, false, select);
-    id = draw_token(row, V, vec4, m, inv, floor, c.seed, c.position, scratch);
+      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, least, true, 0, c.top_p, floor, false, select);
+    id = draw_token(row, V, vec4, m, inv, least, floor, c.seed, c.position, scratch);
   }
   if (threadIdx.x == 0) ids[blockIdx.x] = id;
 }
@@ -495,7 +497,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   const uint64_t z1 = block_sum(z, scratch);
   if (count > 0) {
     const uint64_t floor =
-        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, false, uint64_t(count), 1.0f, 0, true, select);
+        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, 0, false, uint64_t(count), 1.0f, 0, true, select);
     for_each_logit(row, V, vec4, [&](int32_t i, float v) {
       const uint64_t key = order_key(v, i);
       if (key < floor) return;
