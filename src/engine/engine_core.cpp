@@ -175,7 +175,9 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
     if (!r.finished) {
       c = token_choice(r.params.sampling, int64_t(r.tokens.size()));
       c.logprobs = r.params.logprobs;  // their records come back, not their rows
-      if (r.params.sampling.penalized()) add_penalties(r, int32_t(choices.size()), &penalties);
+      const bool hold_stops = r.num_generated() < r.params.min_tokens;
+      if (r.params.sampling.penalized() || hold_stops)
+        add_penalties(r, int32_t(choices.size()), hold_stops, &penalties);
     }
     choices.push_back(c);
   }
@@ -269,7 +271,31 @@ void EngineCore::execute(ScheduledStep& step, const MetadataPadding& padding, bo
   stats_.last_step_ms = ms;
 }
 
-void EngineCore::add_penalties(Request& r, int32_t row, std::vector<ops::LogitPenalty>* out) {
+void EngineCore::add_penalties(Request& r, int32_t row, bool hold_stops, std::vector<ops::LogitPenalty>* out) const {
+  const SamplingParams& sp = r.params.sampling;
+  const size_t first = out->size();
+  if (sp.penalized()) penalty_entries(r, row, out);
+  if (!hold_stops) return;
+  // min_tokens: the tokens that would end the request weigh nothing yet (-inf), in the row's
+  // own entry where it has one.
+  const auto hold = [&](int32_t token) {
+    if (token < 0) return;
+    for (size_t i = first; i < out->size(); ++i)
+      if ((*out)[i].token == token) {
+        (*out)[i].bias = -INFINITY;
+        return;
+      }
+    ops::LogitPenalty p;
+    p.row = row;
+    p.token = token;
+    p.bias = -INFINITY;
+    out->push_back(p);
+  };
+  if (!r.params.ignore_eos) hold(eos_);
+  for (int32_t token : r.params.stop_token_ids) hold(token);
+}
+
+void EngineCore::penalty_entries(Request& r, int32_t row, std::vector<ops::LogitPenalty>* out) {
   // The tokens since the last penalized step into the request's counts (a recompute after
   // preemption changes no token, so the counts stay right).
   for (; r.num_seen < int32_t(r.tokens.size()); ++r.num_seen) {

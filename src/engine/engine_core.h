@@ -60,8 +60,12 @@ class EngineCore {
 
  private:
   void finish(Request& r, FinishReason reason, const std::string& error = "");
-  // The penalties of r's logits row `row` (SamplingParams::penalized): an entry a token seen.
-  static void add_penalties(Request& r, int32_t row, std::vector<ops::LogitPenalty>* out);
+  // The penalties of r's logits row `row`: an entry a token seen where SamplingParams::penalized,
+  // and with `hold_stops` (fewer than RequestParams::min_tokens generated) EOS (unless ignore_eos)
+  // and the stop_token_ids at -inf; an entry a (row, token).
+  void add_penalties(Request& r, int32_t row, bool hold_stops, std::vector<ops::LogitPenalty>* out) const;
+  // SamplingParams::penalized's entries of r's row: a token seen (its counts), a token biased.
+  static void penalty_entries(Request& r, int32_t row, std::vector<ops::LogitPenalty>* out);
   // Copies the scheduler's queue state into stats_ (engine thread only).
   void publish_queue_stats();
 

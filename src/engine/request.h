@@ -28,6 +28,9 @@ struct RequestParams {
   SamplingParams sampling;
   std::vector<int32_t> stop_token_ids;  // besides EOS
   bool ignore_eos = false;
+  // vLLM's min_tokens: EOS (unless ignore_eos) and the stop_token_ids are not chosen before this
+  // many tokens (their logits -inf in those rows); the serve layer matches no stop string before it.
+  int32_t min_tokens = 0;
   bool return_logits = false;  // token events carry the logits row they were sampled from
   // 0 to kMaxLogprobs: token events carry the token's log-probability and those of the
   // `logprobs` most likely tokens (ops/token_choice.h's law: the model's softmax, before

@@ -101,24 +101,9 @@ double get_number(const json& body, const char* name, double fallback, double lo
   return x;
 }
 
-std::string number_text(double v) {
-  if (v == std::floor(v)) return fmt::format("{}", int64_t(v));
-  return fmt::format("{}", v);
-}
-
 // Fields this server cannot honour are refused rather than silently ignored,
 // unless they carry their neutral value.
 void reject_unsupported(const json& body, ApiKind kind) {
-  auto neutral_number = [&](const char* name, double neutral) {
-    const json* v = find(body, name);
-    if (!v) return;
-    if (!v->is_number()) bad(name, "a number", *v);
-    if (v->get<double>() != neutral)
-      throw ApiError(400, fmt::format("{} is not supported by this server; leave it out or send {}", name,
-                                      number_text(neutral)),
-                     name);
-  };
-  neutral_number("min_tokens", 0);
   if (const json* v = find(body, "echo"); v && kind == ApiKind::kChat && !(v->is_boolean() && !v->get<bool>()))
     throw ApiError(400,
                    fmt::format("echo is a /v1/completions field (the prompt returned before the completion); chat "
@@ -344,6 +329,7 @@ void parse_common(const json& body, const ModelInfo& model, ApiRequest& r) {
     }
   }
   r.params.ignore_eos = get_bool(body, "ignore_eos", false);
+  if (auto m = get_int(body, "min_tokens", 0, INT32_MAX, "an integer >= 0")) r.params.min_tokens = int32_t(*m);
   r.skip_special_tokens = get_bool(body, "skip_special_tokens", true);
   r.include_stop_str_in_output = get_bool(body, "include_stop_str_in_output", false);
   r.return_token_ids = get_bool(body, "return_token_ids", false);
@@ -396,6 +382,11 @@ void fit_length(ApiRequest& r, const ModelInfo& model, std::optional<int64_t> re
                                limit, prompt + max_tokens, prompt, prompt_field, max_tokens, prompt_field, max_field),
                    max_field);
   r.params.max_tokens = int32_t(max_tokens);
+  if (r.params.min_tokens > max_tokens)
+    throw ApiError(400,
+                   fmt::format("min_tokens ({}) must not exceed {} ({}{})", r.params.min_tokens, max_field, max_tokens,
+                               requested ? "" : ", its default here"),
+                   "min_tokens");
 }
 
 }  // namespace
@@ -491,13 +482,14 @@ ApiRequest parse_chat_request(const nlohmann::json& body, const ModelInfo& model
 // --- TextOutput ---
 
 TextOutput::TextOutput(const Tokenizer* tokenizer, std::vector<std::string> stop, bool include_stop,
-                       bool skip_special)
-    : stop_(std::move(stop)), include_stop_(include_stop) {
+                       bool skip_special, int32_t min_tokens)
+    : stop_(std::move(stop)), include_stop_(include_stop), min_tokens_(min_tokens) {
   if (tokenizer) detok_.emplace(*tokenizer, skip_special);
 }
 
 std::string TextOutput::push(int32_t token) {
   if (stopped_ || !detok_) return {};
+  ++tokens_;
   hold(detok_->push(token));
   return release(false);
 }
@@ -515,13 +507,15 @@ void TextOutput::hold(const std::string& text) {
 
 std::string TextOutput::release(bool final) {
   size_t best = std::string::npos, best_len = 0;
-  for (const std::string& s : stop_) {
-    const size_t pos = held_.find(s);
-    if (pos < best) {
-      best = pos;
-      best_len = s.size();
+  // (before min_tokens only the tail that may begin a stop string is held back)
+  if (tokens_ >= min_tokens_)
+    for (const std::string& s : stop_) {
+      const size_t pos = held_.find(s);
+      if (pos < best) {
+        best = pos;
+        best_len = s.size();
+      }
     }
-  }
   if (best != std::string::npos) {
     stopped_ = true;
     std::string out = held_.substr(0, best + (include_stop_ ? best_len : 0));
@@ -586,7 +580,8 @@ ResponseBuilder::ResponseBuilder(const ApiRequest& request, const ModelInfo& mod
       score_only_(request.score_only),
       skip_special_(request.skip_special_tokens),
       tokenizer_(model.tokenizer),
-      text_out_(model.tokenizer, request.stop, request.include_stop_str_in_output, request.skip_special_tokens) {}
+      text_out_(model.tokenizer, request.stop, request.include_stop_str_in_output, request.skip_special_tokens,
+                request.params.min_tokens) {}
 
 void ResponseBuilder::echo_prompt(const engine::TokenEvent& e, Delta& d) {
   // The prompt's text as the tokenizer gives it back (special tokens as the request asks), each

@@ -93,7 +93,10 @@ ApiRequest parse_chat_request(const nlohmann::json& body, const ModelInfo& model
 // text that could be the start of a stop string is held back until it can't.
 class TextOutput {
  public:
-  TextOutput(const Tokenizer* tokenizer, std::vector<std::string> stop, bool include_stop, bool skip_special);
+  // min_tokens: no stop string is matched before that many tokens (vLLM's min_tokens); one that
+  // begins in their text and ends after them still is.
+  TextOutput(const Tokenizer* tokenizer, std::vector<std::string> stop, bool include_stop, bool skip_special,
+             int32_t min_tokens = 0);
   // The text this token releases (often all of its text, may be empty).
   std::string push(int32_t token);
   // End of generation: releases what is held back.
@@ -110,6 +113,8 @@ class TextOutput {
   std::optional<StreamingDetokenizer> detok_;
   std::vector<std::string> stop_;
   bool include_stop_;
+  int32_t min_tokens_;
+  int32_t tokens_ = 0;  // pushed so far
   std::string held_;
   int64_t chars_ = 0;
   bool stopped_ = false;

@@ -470,6 +470,55 @@ TEST_F(EngineCoreTest, PenalizedRowsAreTheRawRowsPenalizedByTheTokensSeen) {
   }
 }
 
+// min_tokens: EOS and the stop token ids are held back (their logits -inf) until that many
+// tokens, then end the request as before. Greedy rows with EOS (then a stop id) biased to the top:
+// without min_tokens the first token ends the request.
+TEST_F(EngineCoreTest, MinTokensHoldsBackEosAndStopTokens) {
+  auto runner = make_runner(8, 32);
+  const int32_t eos = int32_t(config_.eos_token_id);
+  EngineCore core(*runner, scheduler_config(8), eos);
+  const int32_t stop_id = 77;
+  const auto run = [&](int32_t min_tokens, bool ignore_eos) {
+    RequestParams p;
+    p.prompt = tokens(9, 300);
+    p.max_tokens = 10;
+    p.min_tokens = min_tokens;
+    p.ignore_eos = ignore_eos;
+    p.stop_token_ids = {stop_id};
+    p.return_logits = true;
+    p.sampling.logit_bias = {{ignore_eos ? stop_id : eos, 100.0f}};
+    std::vector<int32_t> got;
+    std::vector<bool> held;  // the row's EOS / stop logits were -inf
+    FinishReason reason = FinishReason::kNone;
+    core.submit(p, [&](const TokenEvent& e) {
+      if (e.token >= 0) {
+        got.push_back(e.token);
+        held.push_back(e.logits[stop_id] == -INFINITY && (ignore_eos || e.logits[eos] == -INFINITY));
+      }
+      if (e.finished) reason = e.reason;
+    });
+    for (int guard = 0; core.has_work() && guard < 100; ++guard) core.step();
+    return std::make_tuple(got, held, reason);
+  };
+  for (bool ignore_eos : {false, true}) {
+    SCOPED_TRACE(ignore_eos ? "a stop token id" : "EOS");
+    const int32_t ender = ignore_eos ? stop_id : eos;
+    auto [got, held, reason] = run(0, ignore_eos);
+    EXPECT_EQ(got, std::vector<int32_t>{ender});
+    EXPECT_EQ(reason, FinishReason::kStop);
+    std::tie(got, held, reason) = run(4, ignore_eos);
+    ASSERT_EQ(got.size(), 5u);
+    EXPECT_EQ(reason, FinishReason::kStop);
+    EXPECT_EQ(got.back(), ender);
+    for (size_t t = 0; t < 5; ++t) {
+      EXPECT_EQ(bool(held[t]), t < 4) << "token " << t;
+      if (t < 4) {
+        EXPECT_TRUE(got[t] != eos && got[t] != stop_id) << "token " << t;
+      }
+    }
+  }
+}
+
 // The check the CUDA model test makes of its prompt log-probabilities, here on the CPU.
 TEST_F(EngineCoreTest, PromptLogprobsScoredInOneStepAreTheLawOfTheirRows) {
   auto runner = make_runner(8, 32);

@@ -113,8 +113,11 @@ TEST(OpenAiApi, EveryBadFieldIsNamedWithWhatIsExpected) {
       {false, R"({"prompt": [1, 2], "top_k": 1.5})", 400, "top_k", "got 1.5"},
       {false, R"({"prompt": [1, 2], "min_p": 1.5})", 400, "min_p", "min_p must be a number in [0, 1], got 1.5"},
       {false, R"({"prompt": [1, 2], "min_p": -0.1})", 400, "min_p", "min_p must be a number in [0, 1], got -0.1"},
-      {false, R"({"prompt": [1, 2], "min_tokens": 3})", 400, "min_tokens",
-       "min_tokens is not supported by this server; leave it out or send 0"},
+      {false, R"({"prompt": [1, 2], "min_tokens": -1})", 400, "min_tokens", "min_tokens must be an integer >= 0, got -1"},
+      {false, R"({"prompt": [1, 2], "min_tokens": 20})", 400, "min_tokens",
+       "min_tokens (20) must not exceed max_tokens (16, its default here)"},
+      {false, R"({"prompt": [1, 2], "max_tokens": 3, "min_tokens": 4})", 400, "min_tokens",
+       "min_tokens (4) must not exceed max_tokens (3)"},
       {false, R"({"prompt": [1, 2], "max_tokens": 0})", 400, "max_tokens", "max_tokens must be an integer >= 1, got 0"},
       {false, R"({"prompt": [1, 2], "max_tokens": "5"})", 400, "max_tokens", R"(max_tokens must be an integer >= 1, got "5")"},
       {false, R"({"prompt": [1, 2], "seed": "x"})", 400, "seed", R"(seed must be an integer, got "x")"},
@@ -264,6 +267,8 @@ TEST(OpenAiApi, CompletionFieldsMapOntoTheEngineRequest) {
   EXPECT_FLOAT_EQ(r.params.sampling.top_p, 0.5f);
   EXPECT_EQ(r.params.sampling.top_k, 0);
   EXPECT_EQ(r.params.sampling.min_p, 0.0f);  // (not sent: no limit)
+  EXPECT_EQ(r.params.min_tokens, 0);
+  EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "min_tokens": 5})"), model).params.min_tokens, 5);
   EXPECT_EQ(parse_completion_request(json::parse(R"({"prompt": [1], "min_p": 0.05})"), model).params.sampling.min_p,
             0.05f);
   EXPECT_EQ(r.params.sampling.seed, 42u);
@@ -369,6 +374,17 @@ TEST(TextOutput, StopStringsEndTheTextEvenAcrossTokens) {
     auto [got, stopped, used] = run({"here.!"}, false);  // a prefix held back to the end is released
     EXPECT_EQ(got, text);
     EXPECT_FALSE(stopped);
+  }
+  {
+    // min_tokens 3: "Hello" (the first token) is not matched; "the end", later, is.
+    TextOutput out(tokenizer.get(), {"Hello", "the end"}, false, true, 3);
+    std::string got;
+    for (int32_t id : ids) {
+      got += out.push(id);
+      if (out.stopped()) break;
+    }
+    EXPECT_TRUE(out.stopped());
+    EXPECT_EQ(got, "Hello world, this is ");
   }
 }
 
@@ -1232,7 +1248,8 @@ TEST_F(Serve, TextCompletionChatAndStopStrings) {
 }
 
 // n choices and batches of prompts over HTTP: each choice is the request of its prompt alone
-// with seed + j (the same tokens), streamed or not; min_p 1 gives the greedy tokens; a batch
+// with seed + j (the same tokens), streamed or not; min_p 1 gives the greedy tokens; min_tokens
+// holds back a stop token; a batch
 // scored with echo and logprobs, as lm-eval's loglikelihood requests send it, equals its
 // prompts scored one at a time.
 TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
@@ -1270,6 +1287,18 @@ TEST_F(Serve, ChoicesAndBatchesEqualTheirRequestsAlone) {
   ASSERT_EQ(mr.status, 200) << mr.body;
   EXPECT_EQ(json::parse(mr.body)["choices"][0]["token_ids"],
             json::parse(post(e.port, "/v1/completions", greedy.dump()).body)["choices"][0]["token_ids"]);
+  // min_tokens 3 holds back a stop token id biased to the top: it ends the request as the 4th token.
+  json held = base;
+  held["stop_token_ids"] = {700};
+  held["logit_bias"] = {{"700", 100}};
+  for (int min_tokens : {0, 3}) {
+    held["min_tokens"] = min_tokens;
+    const HttpResult hr = post(e.port, "/v1/completions", held.dump());
+    ASSERT_EQ(hr.status, 200) << hr.body;
+    const json hj = json::parse(hr.body);
+    EXPECT_EQ(hj["choices"][0]["finish_reason"], "stop") << "min_tokens " << min_tokens;
+    EXPECT_EQ(hj["usage"]["completion_tokens"], min_tokens + 1) << "min_tokens " << min_tokens;
+  }
 
   json streamed = three;
   streamed["stream"] = true;
