@@ -74,13 +74,14 @@ Command add_bench_sampling(CLI::App& app) {
       "  backend argmax     argmax_rows on the backend and the R ids to the host (the seventy-second session's\n"
       "                     greedy rows; choose_tokens' greedy rows take the same scan)\n"
       "and, per sampler (temperature 1 over the whole vocabulary; top_k 50; top_p 0.9 at temperature 0.7;\n"
-      "top_p 0.95 at temperature 1; top_k 40 with top_p 0.9), the time to sample the R rows on the host one\n"
-      "after another and on a pool of min(16, cores) threads (as the engine did in the seventy-second\n"
-      "session), and on the backend: choose_tokens with the choices uploaded and the ids downloaded (as\n"
-      "the engine does now). The backend's tokens must equal the host's, bit for bit. Last, \"logprobs top 5\":\n"
-      "each row's log-probability record with the 5 most likely tokens (ops/token_choice.h) on the host, one\n"
-      "thread and the pool, and on the backend (choose_tokens, then token_logprobs, ids and records down: what\n"
-      "the engine runs for requests that ask for logprobs); the records must be equal.");
+      "top_p 0.95 at temperature 1; top_k 40 with top_p 0.9; min_p 0.05 at temperature 1), the time to\n"
+      "sample the R rows on the host one after another and on a pool of min(16, cores) threads (as the\n"
+      "engine did in the seventy-second session), and on the backend: choose_tokens with the choices\n"
+      "uploaded and the ids downloaded (as the engine does now). The backend's tokens must equal the\n"
+      "host's, bit for bit. Last, \"logprobs top 5\": each row's log-probability record with the 5 most\n"
+      "likely tokens (ops/token_choice.h) on the host, one thread and the pool, and on the backend\n"
+      "(choose_tokens, then token_logprobs, ids and records down: what the engine runs for requests that\n"
+      "ask for logprobs); the records must be equal.");
   app.add_option("--backend", o->backend, "cuda, cpu or auto")->default_val("auto");
   app.add_option("--rows", o->rows, "Comma-separated logits rows a step")->default_val(o->rows);
   app.add_option("--vocab", o->vocab, "Columns a row (the vocabulary)")->default_val(o->vocab)->check(CLI::Range(1, 1 << 24));
@@ -97,7 +98,7 @@ Command add_bench_sampling(CLI::App& app) {
     const int64_t V = o->vocab;
     const int pool_threads = int(std::clamp(std::thread::hardware_concurrency(), 1u, 16u));
     core::ThreadPool pool(pool_threads);
-    engine::SamplingParams whole, top_k, top_p, chat, both;
+    engine::SamplingParams whole, top_k, top_p, chat, both, min_p;
     whole.temperature = 1.0f;
     top_k.temperature = 1.0f;
     top_k.top_k = 50;
@@ -108,11 +109,10 @@ Command add_bench_sampling(CLI::App& app) {
     both.temperature = 0.8f;
     both.top_k = 40;
     both.top_p = 0.9f;
-    const SamplerCase cases[] = {{"temperature 1", whole},
-                                 {"top_k 50", top_k},
-                                 {"top_p 0.9", top_p},
-                                 {"top_p 0.95 T 1", chat},
-                                 {"k 40 p 0.9", both}};
+    min_p.temperature = 1.0f;
+    min_p.min_p = 0.05f;
+    const SamplerCase cases[] = {{"temperature 1", whole}, {"top_k 50", top_k},     {"top_p 0.9", top_p},
+                                 {"top_p 0.95 T 1", chat}, {"k 40 p 0.9", both}, {"min_p 0.05 T 1", min_p}};
     const nlohmann::json device = device_json(be);
     std::printf("bench sampling: %s; vocabulary %lld, logits N(0, %.1f); host pool %d threads; median of %d\n",
                 device_text(device).c_str(), static_cast<long long>(V), o->logit_std, pool_threads, o->replays);

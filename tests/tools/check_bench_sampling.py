@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Runs `dsv4 bench sampling` on the CPU backend and checks its JSON: one entry per row
-count with the host-path times and the five samplers, each on one thread, on the pool and on
+count with the host-path times and the six samplers, each on one thread, on the pool and on
 the backend (the command itself fails if the backend's argmax, the pool's or the backend's
 tokens differ from the host's). A bad row count must fail naming --rows. usage: check_bench_sampling.py DSV4_BINARY TMP_DIR"""
 import json
@@ -34,7 +34,7 @@ def main():
             if not e[k] >= 0:
                 fail("rows %d: %s = %s" % (e["rows"], k, e[k]))
         if [s["sampler"] for s in e["samplers"]] != ["temperature 1", "top_k 50", "top_p 0.9", "top_p 0.95 T 1",
-                                                 "k 40 p 0.9"]:
+                                                 "k 40 p 0.9", "min_p 0.05 T 1"]:
             fail("rows %d: samplers %s" % (e["rows"], [s["sampler"] for s in e["samplers"]]))
         for s in e["samplers"]:
             if not (s["one_thread_ms"] > 0 and s["pool_ms"] > 0 and s["backend_ms"] > 0):
