@@ -36,9 +36,9 @@ int64_t unix_now() {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Token events of one request, from the engine thread to the connection's
-// thread. push() only appends and notifies, so the engine thread never waits.
-// A response's engine events, each with the choice it belongs to, in arrival order.
+// A response's engine events, each with the choice it belongs to, in arrival order, from the
+// engine thread to the connection's thread. push() only appends and notifies, so the engine
+// thread never waits.
 class EventQueue {
  public:
   using Item = std::pair<size_t, engine::TokenEvent>;

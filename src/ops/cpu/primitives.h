@@ -109,10 +109,10 @@ inline float softplus(float x) { return core::softplus_f32(x); }
 // larger value (the lowest id among equal maxima; NaNs never win, one in column 0 gives 0).
 // Backend::argmax_rows's contract; the sampler's greedy draw.
 int32_t argmax_lowest(const float* logits, int64_t n);
-// The token the law of ops/token_choice.h chooses from a row of n logits (n <= 2^23):
 // Backend::penalize_logits's contract: logits [R, V], entries in order (skipping those outside
 // the rows and columns).
 void penalize_logits(float* logits, int64_t R, int64_t V, const LogitPenalty* entries, int64_t E);
+// The token the law of ops/token_choice.h chooses from a row of n logits (n <= 2^23):
 // Backend::choose_tokens's contract, a row at a time. Thread-safe.
 int32_t choose_token(const float* logits, int64_t n, const TokenChoice& choice);
 // A row's log-probability record by the law of ops/token_choice.h, with the `alternatives`
