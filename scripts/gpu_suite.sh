@@ -191,7 +191,8 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
       done
       ;;
     trace)  # CUPTI kernel timeline of bench-1g graph replays (tools/graph_trace) per batch in TRACE_BATCHES:
-            # where a replay's time goes, kernel by kernel (scripts/graph_trace_summary.py)
+            # where a replay's time goes, kernel by kernel, and its critical chain by the captured graph's edges
+            # (DSV4_GRAPH_EDGES; scripts/graph_trace_summary.py)
       cupti_inc="" cupti_lib=""
       for root in ${CUPTI_ROOT:-} /usr/local/cuda/extras/CUPTI /usr/local/cuda \
         $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
@@ -205,12 +206,15 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
       step trace-build 120 g++ -std=c++17 -O2 -shared -fPIC -I"$cupti_inc" -DGRAPH_TRACE_KERNEL_RECORD="$record" \
         tools/graph_trace/graph_trace.cpp "$cupti_lib" -Wl,-rpath,"$(dirname "$cupti_lib")" -o $B/graph_trace.so
       for b in ${TRACE_BATCHES:-1 16 64 256}; do
+        rm -f "$out"/edges-b$b.*.tsv
         step trace-b$b 300 env LD_PRELOAD="$PWD/$B/graph_trace.so" DSV4_GRAPH_TRACE="$out/trace-b$b.tsv" \
-          $D bench decode --preset bench-1g --random-weights 1 --batch $b --context ${TRACE_CONTEXT:-4096} --warmup 10 \
+          DSV4_GRAPH_EDGES="$out/edges-b$b" $D bench decode --preset bench-1g --random-weights 1 --batch $b --context ${TRACE_CONTEXT:-4096} --warmup 10 \
           --replays 60 ${TRACE_ARGS:-}
         step trace-summary-b$b 60 python3 scripts/graph_trace_summary.py "$out/trace-b$b.tsv" --last 50 \
-          --nodes "$out/trace-nodes-b$b.tsv" --frontier "$out/trace-frontier-b$b.tsv"
-        { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
+          --nodes "$out/trace-nodes-b$b.tsv" --frontier "$out/trace-frontier-b$b.tsv" \
+          --edges "$out"/edges-b$b.*.tsv --chain "$out/trace-chain-b$b.tsv"
+        { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log";
+          sed -n '/^critical chain/,$p' "$out/trace-summary-b$b.log" | head -n 30; } | sed 's/^/    /' >>"$out/summary.txt"
         gzip -f "$out/trace-b$b.tsv"
       done
       ;;

@@ -2,7 +2,7 @@
 """Where a graph replay's time goes, from a graph_trace file (tools/graph_trace).
 
   scripts/graph_trace_summary.py TRACE.tsv [--last N] [--top K] [--nodes FILE] [--frontier FILE]
-                                 [--edges EDGES.tsv [--chain FILE]]
+                                 [--edges EDGES.tsv... [--chain FILE]]
 
 Takes the graph with the most replays, its last N replays (those with its usual node
 count), and for each kernel node:
@@ -24,7 +24,8 @@ Also: the median span, the time no kernel is resident (launch gaps); with --node
 nodes in the order they end, each with its start, its end and its advance: the chain that
 sets the replay's time, link by link, with the nodes that end under it at ~0. (Streams do not
 name lanes: a capture's lanes take several streams over a step.)
-With --edges (the graph's nodes and edges as DSV4_GRAPH_EDGES wrote them at its capture): the
+With --edges (the graph's nodes and edges as DSV4_GRAPH_EDGES wrote them at its capture; of several
+files, the one whose kernels are the traced graph's): the
 critical chain, exact where the advance is a proxy. From the node that ends last, each step back
 goes to the predecessor (by the graph's edges) that ends last; a link's time is its node's end less
 that predecessor's end (the launch after it, any wait, and the node's own run past it). On the
@@ -178,7 +179,8 @@ def main():
     ap.add_argument("--top", type=int, default=30, help="kernels listed (default 30)")
     ap.add_argument("--nodes", help="write the median replay's nodes in start order to this file")
     ap.add_argument("--frontier", help="write the nodes in the order they end, with their advances, to this file")
-    ap.add_argument("--edges", help="the graph's nodes and edges (DSV4_GRAPH_EDGES): print its critical chain")
+    ap.add_argument("--edges", nargs="+", help="the graph's nodes and edges (DSV4_GRAPH_EDGES; several files: the "
+                    "one of the traced graph is used): print its critical chain")
     ap.add_argument("--chain", help="with --edges: write the critical chain link by link to this file")
     a = ap.parse_args()
     if a.chain and not a.edges:
@@ -244,19 +246,34 @@ def main():
         write_nodes(a.frontier, per_node, "end", ["start", "end", "adv"])
 
 
-def print_chain(edges_path, chain_path, per_node, span):
-    nodes, preds = load_edges(edges_path)
+def edges_mismatch(edges_path, nodes, per_node):
+    """Why the edge file is not of the traced graph, or None where it is."""
     index = {n: n & 0xFFFFFFFF for n in per_node}  # the node's index in its graph
     for n, i in index.items():
         if i not in nodes or nodes[i][0] != "kernel":
-            sys.exit(f"{edges_path}: the trace's node {i} ({base_name(per_node[n]['name'])}) is not a kernel node "
-                     f"there: the edges are of another graph")
+            return (f"{edges_path}: the trace's node {i} ({base_name(per_node[n]['name'])}) is not a kernel node "
+                    f"there")
         if base_name(nodes[i][1]) != base_name(per_node[n]["name"]):
-            sys.exit(f"{edges_path}: node {i} is {base_name(nodes[i][1])} there and "
-                     f"{base_name(per_node[n]['name'])} in the trace: the edges are of another graph")
+            return f"{edges_path}: node {i} is {base_name(nodes[i][1])} there and {base_name(per_node[n]['name'])} in the trace"
     kernels = sum(1 for t, _ in nodes.values() if t == "kernel")
     if kernels != len(index):
-        sys.exit(f"{edges_path}: {kernels} kernel nodes there, {len(index)} in the trace: the edges are of another graph")
+        return f"{edges_path}: {kernels} kernel nodes there, {len(index)} in the trace"
+    return None
+
+
+def print_chain(edges_paths, chain_path, per_node, span):
+    # A process captures several graphs (one per batch bucket, the served step's): take the traced one's file.
+    why = []
+    for path in edges_paths:
+        nodes, preds = load_edges(path)
+        reason = edges_mismatch(path, nodes, per_node)
+        if reason is None:
+            break
+        why.append(reason)
+    else:
+        sys.exit("none of the edge files is of the traced graph:\n  " + "\n  ".join(why))
+    print(f"\nedges: {path}")
+    index = {n: n & 0xFFFFFFFF for n in per_node}
     by_index = {i: n for n, i in index.items()}
     end = {i: statistics.median(per_node[n]["end"]) for n, i in index.items()}
     chain = critical_chain(nodes, preds, end)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Checks scripts/graph_trace_summary.py --edges on a made-up graph whose critical chain is known:
-the chain, its links and edge kinds, a node that is not a kernel on a side path, and the refusal of
-edges from another graph.
+the chain, its links and edge kinds, a node that is not a kernel on a side path, the refusal of
+edges from another graph, and the choice of the traced graph's file among several.
 usage: check_graph_trace_summary.py SUMMARY_SCRIPT TMP_DIR"""
 import os
 import subprocess
@@ -55,7 +55,14 @@ def main():
                          capture_output=True, text=True, timeout=60)
     if run.returncode == 0 or "node 1 is (anonymous namespace)::E_kernel there" not in run.stderr:
         fail("edges of another graph accepted or not named: rc %d, %s" % (run.returncode, run.stderr))
-    for p in (base + ".trace.tsv", edges, chain):
+    # Of several files (a process's captures), the traced graph's is used, wherever it comes.
+    right = base + ".edges.1.tsv"
+    edges_file(right, "B")
+    run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--last", "2", "--edges", edges, right],
+                         capture_output=True, text=True, timeout=60)
+    if run.returncode != 0 or f"edges: {right}" not in run.stdout or "critical chain: 3 links" not in run.stdout:
+        fail("the traced graph's file not chosen among two: rc %d, %s%s" % (run.returncode, run.stdout, run.stderr))
+    for p in (base + ".trace.tsv", edges, right, chain):
         os.remove(p)
     print("PASS")
 
