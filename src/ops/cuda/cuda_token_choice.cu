@@ -219,6 +219,15 @@ __device__ __forceinline__ bool sums_bins(bool by_mass) {
   return kUpdates == BinUpdates::kAggregated || (kUpdates == BinUpdates::kAggregatedWeighed && by_mass);
 }
 
+// The first digit of a weighed selection (top_p): a key's top 4 bits (the sign and the exponent's
+// top 3: a row's keys in ~4 bins, |logit| above or below 2 by sign), so that a thread's keys of the
+// first pass, which weighs every key, fall in the 4 bins BinAdder sums in registers. With 8 bits
+// (sign and 7 exponent bits) ~8 bins held a row, and the keys of the 4 a thread's slots did not hold
+// (~14% at N(0, 3) logits) took shared atomics on a few addresses: 2 slots instead of 4 doubled top_p's time.
+// Not after top_k (a floor above 0): its few kept keys share one 4-bit bin, and the pass that
+// splits it is one more read of the row (k 40 p 0.9 was 8-12% slower at 16-256 rows on an H100).
+constexpr int kWeighedFirstDigitBits = 4;
+
 __device__ __forceinline__ void clear_bins(SelectShared& sh) {
   for (int b = threadIdx.x; b < 256; b += kChooseThreads) sh.count[b] = 0, sh.mass[b] = 0;
 }
@@ -229,19 +238,23 @@ __device__ __forceinline__ void clear_bins(SelectShared& sh) {
 // may fall either side), in every thread;
 // target >= 1 and at most what the keys >= floor hold. Where top_p < 1 (by_mass), the target
 // is top_p's need of the keys' total weight, which the first pass's bins sum (so the total
-// costs no pass of its own). Digits of 8 bits from the top: a pass histograms the keys that
-// share the digits fixed so far, and warp 0 finds the bin the target falls in, counting from
-// the top. first_bins_ready: the first pass's bins are already in `sh` (a count selection
-// from floor 0, binned beside the row's max).
+// costs no pass of its own). Digits from the top (8 bits; a weighed selection's first one
+// kWeighedFirstDigitBits where no floor applies): a pass histograms the keys that share the digits fixed so far, and
+// warp 0 finds the bin the target falls in, counting from the top. first_bins_ready: the first
+// pass's bins are already in `sh` (a count selection from floor 0, binned beside the row's max).
+// The kept set, keys >= the result, is the same whatever the digits: a pass stops where its bin
+// holds only kept keys, and the bits below are then zero.
 template <BinUpdates kUpdates>
 __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
                                      uint64_t least, bool by_mass, uint64_t target, float top_p, uint64_t floor,
                                      bool first_bins_ready, SelectShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   uint64_t prefix = 0, remaining = target;
-  for (int shift = 56; shift >= 0; shift -= 8) {
-    const uint64_t fixed_mask = shift == 56 ? 0 : ~0ull << (shift + 8);
-    if (shift != 56 || !first_bins_ready) {
+  int width = by_mass && floor == 0 ? kWeighedFirstDigitBits : 8, shift = 64 - width;
+  for (bool first = true;; first = false) {
+    const uint64_t fixed_mask = first ? 0 : ~0ull << (shift + width);
+    const unsigned digit_mask = (1u << width) - 1u;
+    if (!first || !first_bins_ready) {
       clear_bins(sh);
       __syncthreads();
       const auto pass = [&](auto adder) {
@@ -252,7 +265,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
           // whether kept or not.
           const uint64_t w = by_mass ? kept_weight(v, m, inv, least) : 0;
           if (by_mass && w == 0) return;
-          adder.add(unsigned(key >> shift) & 255u, w);
+          adder.add(unsigned(key >> shift) & digit_mask, w);
         });
         adder.flush();
       };
@@ -274,7 +287,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
         const uint64_t o = __shfl_down_sync(0xffffffffu, suffix, off);
         if (lane + off < 32) suffix += o;
       }
-      if (shift == 56 && by_mass && top_p < 1.0f) remaining = top_p_need(top_p, __shfl_sync(0xffffffffu, suffix, 0));
+      if (first && by_mass && top_p < 1.0f) remaining = top_p_need(top_p, __shfl_sync(0xffffffffu, suffix, 0));
       uint64_t above = suffix - lane_total;
       if (above < remaining && remaining <= suffix) {  // one lane: the target is in its bins
         for (int j = 7; j >= 0; --j) {
@@ -293,7 +306,9 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
     remaining = sh.remaining;
     const bool whole_bin = by_mass ? sh.bin_count == 1 : remaining == sh.bin_count;
     __syncthreads();  // sh is cleared next pass
-    if (whole_bin) break;  // every key of the bin is in: the digits below need not be fixed
+    if (whole_bin || shift == 0) break;  // whole_bin: every key of the bin is in, the digits below need not be fixed
+    width = shift < 8 ? shift : 8;
+    shift -= width;
   }
   return prefix > floor ? prefix : floor;
 }
