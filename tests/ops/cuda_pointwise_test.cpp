@@ -823,10 +823,14 @@ TEST_F(CudaPointwise, PenalizeLogitsMatchesTheReference) {
 // the law's rules decide (testing::token_choice_case: ties cut by top_k and top_p, NaNs,
 // infinities, near-flat and peaked rows, greedy rows among sampled ones), widths off the
 // 16-byte path, and an unaligned row; in each form of the radix histograms' bin updates
-// (DSV4_CUDA_CHOOSE_AGGREGATE: an atomic a key, a thread's keys of a bin summed, summed when weighed).
+// (DSV4_CUDA_CHOOSE_AGGREGATE: an atomic a key, a thread's keys of a bin summed, summed when weighed),
+// with the CTAs a row picked by the row count (a cluster of up to 8 where rows are few), and then
+// with 1, 2 and 8 CTAs a row forced (DSV4_CUDA_CHOOSE_CTAS).
 // The tokens (choose_tokens) and, where a row's choice asks, its log-probability record
 // (token_logprobs, for the token chosen) against the CPU reference, bit for bit.
 TEST_F(CudaPointwise, ChooseTokensAndTheirLogprobsMatchTheReference) {
+  const int64_t clustered = cuda_choose_row_ctas_launches(2) + cuda_choose_row_ctas_launches(4) +
+                            cuda_choose_row_ctas_launches(8);
   for (int form : {0, 1, 2}) {
     SCOPED_TRACE(form == 0 ? "an atomic a key" : form == 1 ? "a thread's keys of a bin summed" : "summed when weighed");
     cuda_choose_force_bin_updates(form);
@@ -834,6 +838,17 @@ TEST_F(CudaPointwise, ChooseTokensAndTheirLogprobsMatchTheReference) {
     check_choose_tokens(232 + form);
     EXPECT_GT(cuda_choose_launches(form), before);  // (the form asked for ran)
     cuda_choose_force_bin_updates(-1);
+  }
+  EXPECT_GT(cuda_choose_row_ctas_launches(2) + cuda_choose_row_ctas_launches(4) + cuda_choose_row_ctas_launches(8),
+            clustered)
+      << "no launch spread a row over several CTAs on its own";
+  for (int ctas : {1, 2, 8}) {
+    SCOPED_TRACE(std::to_string(ctas) + " CTAs a row");
+    cuda_choose_force_row_ctas(ctas);
+    const int64_t before = cuda_choose_row_ctas_launches(ctas);
+    check_choose_tokens(240 + ctas);
+    EXPECT_GT(cuda_choose_row_ctas_launches(ctas), before);
+    cuda_choose_force_row_ctas(-1);
   }
 }
 

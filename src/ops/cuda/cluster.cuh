@@ -45,6 +45,20 @@ __device__ __forceinline__ float2 ld_cluster_f32x2(uint32_t remote) {
   asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(remote) : "memory");
   return v;
 }
+__device__ __forceinline__ uint32_t ld_cluster_u32(uint32_t remote) {
+  uint32_t v;
+  asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(remote) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t ld_cluster_u64(uint32_t remote) {
+  uint64_t v;
+  asm volatile("ld.shared::cluster.u64 %0, [%1];\n" : "=l"(v) : "r"(remote) : "memory");
+  return v;
+}
+// The shared-window address of `p`, a pointer into this CTA's shared memory (for cluster_map).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
 // The float at this CTA's shared address `local` in the shared memory of cluster CTA `rank`.
 __device__ __forceinline__ float ld_cluster_f32(uint32_t local, uint32_t rank) {
   return ld_cluster_f32(cluster_map(local, rank));

@@ -17,8 +17,12 @@
 // token_logprobs: a row's log-probability record (its max, Z1, the most likely tokens by the
 // same selection), for the rows whose choice asks.
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
+#include "ops/cuda/cluster.cuh"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_check.h"
 #include "ops/cuda/cuda_test_hooks.h"
@@ -53,28 +57,29 @@ __device__ __forceinline__ void take_best_of_warp(ArgmaxCandidate& best) {
   }
 }
 
-// f(i, logit) for the columns of `row` that thread threadIdx.x of kThreads takes, coalesced, in no
-// order (every use takes a max, sums integers or adds to bins): 16 bytes a load where the row is
-// of float4s (vec4), with kAhead loads in flight before the first is used (a CTA's pass over a row
-// runs at its loads' latency: one 16-byte load a thread at a time moves 16 KB a round trip at 1024
-// threads), else a float a load.
-template <int kThreads, int kAhead, typename F>
-__device__ __forceinline__ void for_each_column(const float* __restrict__ row, int64_t V, bool vec4, F&& f) {
+// f(i, logit) for the columns of `row` that thread `first` of the `stride` threads reading it
+// takes, coalesced, in no order (every use takes a max, sums integers or adds to bins): 16 bytes a
+// load where the row is of float4s (vec4), with kAhead loads in flight before the first is used (a
+// CTA's pass over a row runs at its loads' latency: one 16-byte load a thread at a time moves 16 KB a
+// round trip at 1024 threads), else a float a load.
+template <int kAhead, typename F>
+__device__ __forceinline__ void for_each_column(const float* __restrict__ row, int64_t V, bool vec4, int first,
+                                                int stride, F&& f) {
   if (vec4) {
     const float4* row4 = reinterpret_cast<const float4*>(row);
-    const int64_t n4 = V / 4;
-    for (int64_t c0 = threadIdx.x; c0 < n4; c0 += int64_t(kAhead) * kThreads) {
+    const int n4 = int(V / 4);  // (V < 2^31: ids are i32)
+    for (int c0 = first; c0 < n4; c0 += kAhead * stride) {
       float4 v[kAhead];
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
-        const int64_t c = c0 + int64_t(u) * kThreads;
+        const int c = c0 + u * stride;
         if (c < n4) v[u] = row4[c];
       }
 #pragma unroll
       for (int u = 0; u < kAhead; ++u) {
-        const int64_t c = c0 + int64_t(u) * kThreads;
+        const int c = c0 + u * stride;
         if (c >= n4) break;
-        const int32_t i = int32_t(4 * c);
+        const int32_t i = 4 * c;
         f(i, v[u].x);
         f(i + 1, v[u].y);
         f(i + 2, v[u].z);
@@ -82,20 +87,57 @@ __device__ __forceinline__ void for_each_column(const float* __restrict__ row, i
       }
     }
   } else {
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) f(int32_t(i), row[i]);
+    for (int i = first; i < int(V); i += stride) f(i, row[i]);
   }
 }
+
+// CTAs a row of choose_tokens (RowCtas): at most a portable cluster's 8, by powers of two.
+constexpr int kMaxRowCtas = 8;
+
+// The CTAs that read one row: a cluster of `ctas` (this one its `rank`), or a CTA alone (ctas 1,
+// launched without clusters). Every reduction over the row (the max, the radix bins, the draw's
+// prefix) is then the CTAs' own reductions combined through distributed shared memory between
+// cluster barriers; they are sums of integers and maxima, so any split of the columns gives the
+// same result, and every CTA of the row takes the same decisions.
+struct RowCtas {
+  int rank = 0, ctas = 1;
+  // Every thread of the row's CTAs arrives and waits (shared memory written before it is read after it).
+  __device__ __forceinline__ void sync() const {
+    if (ctas > 1) cluster_sync_all();
+  }
+  // The sum over the row's CTAs of the u32 / u64 at shared address `at` (the same variable in each),
+  // the loads issued before the first is added.
+  __device__ __forceinline__ uint32_t sum_u32(uint32_t at) const {
+    uint32_t x[kMaxRowCtas], s = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxRowCtas; ++k) x[k] = k < ctas ? ld_cluster_u32(cluster_map(at, unsigned(k))) : 0u;
+#pragma unroll
+    for (int k = 0; k < kMaxRowCtas; ++k) s += x[k];
+    return s;
+  }
+  __device__ __forceinline__ uint64_t sum_u64(uint32_t at, int below_rank, uint64_t* below) const {
+    uint64_t x[kMaxRowCtas], s = 0, b = 0;
+#pragma unroll
+    for (int k = 0; k < kMaxRowCtas; ++k) x[k] = k < ctas ? ld_cluster_u64(cluster_map(at, unsigned(k))) : 0u;
+#pragma unroll
+    for (int k = 0; k < kMaxRowCtas; ++k) s += x[k], b += k < below_rank ? x[k] : 0u;
+    if (below != nullptr) *below = b;
+    return s;
+  }
+};
 
 // Loads a thread of row_argmax has in flight (its row is read once).
 constexpr int kArgmaxLoadsAhead = 8;
 
-// The reference scan's result for `row`, in every thread of the block (kThreads of them).
+// The reference scan's result for `row`, in every thread of the row's CTAs (kThreads a CTA).
 template <int kThreads>
-__device__ int32_t row_argmax(const float* __restrict__ row, int64_t V, bool vec4) {
+__device__ int32_t row_argmax(const float* __restrict__ row, int64_t V, bool vec4, RowCtas rc = {}) {
   ArgmaxCandidate best{-INFINITY, INT32_MAX};
-  for_each_column<kThreads, kArgmaxLoadsAhead>(row, V, vec4, [&](int32_t i, float v) { take_if_better(best, v, i); });
+  for_each_column<kArgmaxLoadsAhead>(row, V, vec4, rc.rank * kThreads + int(threadIdx.x), rc.ctas * kThreads,
+                                     [&](int32_t i, float v) { take_if_better(best, v, i); });
   take_best_of_warp(best);
   __shared__ ArgmaxCandidate warp_best[kThreads / 32];
+  __shared__ ArgmaxCandidate cta_best;
   __shared__ int32_t result;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_best[warp] = best;
@@ -103,9 +145,21 @@ __device__ int32_t row_argmax(const float* __restrict__ row, int64_t V, bool vec
   if (warp == 0) {
     best = lane < kThreads / 32 ? warp_best[lane] : ArgmaxCandidate{-INFINITY, INT32_MAX};
     take_best_of_warp(best);
-    // The reference scan starts at column 0: a NaN there is never left; a row of NaNs gives 0.
-    if (lane == 0) result = isnan(row[0]) || best.index == INT32_MAX ? 0 : best.index;
+    if (lane == 0) cta_best = best;
   }
+  if (rc.ctas > 1) {
+    rc.sync();  // every CTA's best in place
+    if (warp == 0) {
+      best = ArgmaxCandidate{-INFINITY, INT32_MAX};
+      if (lane < rc.ctas) {
+        const uint32_t at = cluster_map(shared_address(&cta_best), unsigned(lane));
+        best = ArgmaxCandidate{__uint_as_float(ld_cluster_u32(at)), int32_t(ld_cluster_u32(at + 4))};
+      }
+      take_best_of_warp(best);
+    }
+  }
+  // The reference scan starts at column 0: a NaN there is never left; a row of NaNs gives 0.
+  if (warp == 0 && lane == 0) result = isnan(row[0]) || best.index == INT32_MAX ? 0 : best.index;
   __syncthreads();
   return result;
 }
@@ -115,7 +169,7 @@ constexpr int kArgmaxThreads = 512;
 __global__ void __launch_bounds__(kArgmaxThreads) argmax_rows_kernel(const float* __restrict__ logits, int64_t V,
                                                                       bool vec4, int32_t* __restrict__ ids) {
   wait_then_release_dependents();
-  const int32_t id = row_argmax<kArgmaxThreads>(logits + int64_t(blockIdx.x) * V, V, vec4);
+  const int32_t id = row_argmax<kArgmaxThreads>(logits + int64_t(blockIdx.x) * V, V, vec4);  // (a CTA a row)
   if (threadIdx.x == 0) ids[blockIdx.x] = id;
 }
 
@@ -131,14 +185,15 @@ constexpr int kChooseWarps = kChooseThreads / 32;
 // passes are bound by their arithmetic's latency, which fewer warps hide worse.
 constexpr int kLoadsAhead = 4;
 
-// f(i, logit) for every column of a row (for_each_column, by choose_tokens' and token_logprobs' CTAs).
+// f(i, logit) for this CTA's columns of a row (for_each_column; by choose_tokens' and token_logprobs' CTAs).
 template <typename F>
-__device__ __forceinline__ void for_each_logit(const float* __restrict__ row, int64_t V, bool vec4, F&& f) {
-  for_each_column<kChooseThreads, kLoadsAhead>(row, V, vec4, f);
+__device__ __forceinline__ void for_each_logit(const float* __restrict__ row, int64_t V, bool vec4, RowCtas rc,
+                                               F&& f) {
+  for_each_column<kLoadsAhead>(row, V, vec4, rc.rank * kChooseThreads + int(threadIdx.x), rc.ctas * kChooseThreads, f);
 }
 
-// The block's largest non-NaN value (-inf if none), in every thread.
-__device__ float block_max(float v, float* scratch) {
+// The largest non-NaN value (-inf if none) of the row's CTAs' `v`, in every thread.
+__device__ float row_max(float v, float* scratch, RowCtas rc) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -148,12 +203,25 @@ __device__ float block_max(float v, float* scratch) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
   __syncthreads();
+  if (rc.ctas > 1) {
+    __shared__ float cta_max;
+    if (threadIdx.x == 0) cta_max = v;
+    rc.sync();
+    const uint32_t at = shared_address(&cta_max);
+    float x[kMaxRowCtas];
+#pragma unroll
+    for (int k = 0; k < kMaxRowCtas; ++k) x[k] = k < rc.ctas ? ld_cluster_f32(at, unsigned(k)) : -INFINITY;
+#pragma unroll
+    for (int k = 0; k < kMaxRowCtas; ++k) v = fmaxf(v, x[k]);
+  }
   return v;
 }
 
 struct SelectShared {
   unsigned int count[256];
   unsigned long long mass[256];
+  unsigned int row_count[256];  // with several CTAs a row: the row's bins (every CTA's summed)
+  unsigned long long row_mass[256];
   unsigned long long remaining;
   unsigned int bin, bin_count;
 };
@@ -243,11 +311,12 @@ __device__ __forceinline__ void clear_bins(SelectShared& sh) {
 // warp 0 finds the bin the target falls in, counting from the top. first_bins_ready: the first
 // pass's bins are already in `sh` (a count selection from floor 0, binned beside the row's max).
 // The kept set, keys >= the result, is the same whatever the digits: a pass stops where its bin
-// holds only kept keys, and the bits below are then zero.
+// holds only kept keys, and the bits below are then zero. With several CTAs a row, each bins its
+// columns and warp 0 of each sums the CTAs' bins (every CTA finds the same bin).
 template <BinUpdates kUpdates>
 __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
                                      uint64_t least, bool by_mass, uint64_t target, float top_p, uint64_t floor,
-                                     bool first_bins_ready, SelectShared& sh) {
+                                     bool first_bins_ready, RowCtas rc, SelectShared& sh) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   uint64_t prefix = 0, remaining = target;
   int width = by_mass && floor == 0 ? kWeighedFirstDigitBits : 8, shift = 64 - width;
@@ -258,7 +327,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
       clear_bins(sh);
       __syncthreads();
       const auto pass = [&](auto adder) {
-        for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+        for_each_logit(row, V, vec4, rc, [&](int32_t i, float v) {
           const uint64_t key = order_key(v, i);
           if (key < floor || (key & fixed_mask) != prefix) return;
           // A key of weight 0 is left out of a weighed selection: the draw never lands on it,
@@ -273,12 +342,22 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
       else pass(BinAdder<false>(sh, by_mass));
       __syncthreads();
     }
+    if (rc.ctas > 1) {  // the row's bins: the CTAs' bins summed, a thread a bin
+      rc.sync();        // every CTA's bins complete
+      for (int b = threadIdx.x; b < 256; b += kChooseThreads) {
+        sh.row_count[b] = rc.sum_u32(shared_address(&sh.count[b]));
+        if (by_mass) sh.row_mass[b] = rc.sum_u64(shared_address(&sh.mass[b]), 0, nullptr);
+      }
+      __syncthreads();
+    }
+    const unsigned int* bin_count = rc.ctas > 1 ? sh.row_count : sh.count;
+    const unsigned long long* bin_mass = rc.ctas > 1 ? sh.row_mass : sh.mass;
     if (warp == 0) {
       // Lane l holds bins 8l .. 8l+7; the bins above lane l's are the lanes above it.
       uint64_t value[8], lane_total = 0;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        value[j] = by_mass ? uint64_t(sh.mass[8 * lane + j]) : uint64_t(sh.count[8 * lane + j]);
+        value[j] = by_mass ? uint64_t(bin_mass[8 * lane + j]) : uint64_t(bin_count[8 * lane + j]);
         lane_total += value[j];
       }
       uint64_t suffix = lane_total;  // this lane's bins and every bin above them
@@ -293,7 +372,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
         for (int j = 7; j >= 0; --j) {
           if (above + value[j] >= remaining) {
             sh.bin = unsigned(8 * lane + j);
-            sh.bin_count = sh.count[8 * lane + j];
+            sh.bin_count = bin_count[8 * lane + j];
             sh.remaining = remaining - above;
             break;
           }
@@ -306,6 +385,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
     remaining = sh.remaining;
     const bool whole_bin = by_mass ? sh.bin_count == 1 : remaining == sh.bin_count;
     __syncthreads();  // sh is cleared next pass
+    rc.sync();        // (several CTAs a row) and no CTA reads another's bins any more
     if (whole_bin || shift == 0) break;  // whole_bin: every key of the bin is in, the digits below need not be fixed
     width = shift < 8 ? shift : 8;
     shift -= width;
@@ -314,13 +394,17 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
 }
 
 // The draw among the keys >= floor, in ascending id order: each thread sums its chunk of ids,
-// a block scan of the sums finds the chunk that holds the target, and warp 0 walks that chunk
-// 128 ids a round (4 a lane, a warp scan of their weights), so the walk costs a load a lane a
-// round instead of one thread's ~128 loads one after another.
+// a block scan of the sums (and, with several CTAs a row, the sums of the CTAs before) finds the
+// chunk that holds the target, and warp 0 of its CTA walks that chunk 128 ids a round (4 a lane, a
+// warp scan of their weights), so the walk costs a load a lane a round instead of one thread's ~128
+// loads one after another. The token in that CTA's threads, -1 in the row's other CTAs.
 __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec4, float m, float inv,
-                              uint64_t least, uint64_t floor, uint64_t seed, int64_t position, unsigned long long* scratch) {
-  const int64_t chunk = ((V + kChooseThreads - 1) / kChooseThreads + 3) / 4 * 4;
-  const int64_t begin = int64_t(threadIdx.x) * chunk, end = begin + chunk < V ? begin + chunk : V;
+                              uint64_t least, uint64_t floor, uint64_t seed, int64_t position, RowCtas rc,
+                              unsigned long long* scratch) {
+  const int64_t threads = int64_t(rc.ctas) * kChooseThreads;
+  const int64_t chunk = ((V + threads - 1) / threads + 3) / 4 * 4;
+  const int64_t begin = (int64_t(rc.rank) * kChooseThreads + threadIdx.x) * chunk;
+  const int64_t end = begin + chunk < V ? begin + chunk : V;
   const auto weight = [&](int32_t i, float v) -> uint64_t {
     return order_key(v, i) >= floor ? kept_weight(v, m, inv, least) : 0;
   };
@@ -335,6 +419,11 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
   } else {
     for (int64_t i = begin; i < end; ++i) mine += weight(int32_t(i), row[i]);
   }
+  __shared__ int32_t chosen;
+  __shared__ bool owner_here;
+  __shared__ unsigned long long owner_before, cta_total;
+  __shared__ int64_t owner_begin, owner_end;
+  if (threadIdx.x == 0) owner_here = false;
   // The exclusive prefix of the threads' sums: within the warp, then over the warps.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint64_t inclusive = mine;
@@ -355,15 +444,21 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
     if (lane < kChooseWarps) scratch[lane] = w;  // the warps' inclusive prefixes
   }
   __syncthreads();
-  const uint64_t before = (warp > 0 ? uint64_t(scratch[warp - 1]) : 0) + inclusive - mine;
-  const uint64_t total = scratch[kChooseWarps - 1];
+  uint64_t before = (warp > 0 ? uint64_t(scratch[warp - 1]) : 0) + inclusive - mine;
+  uint64_t total = scratch[kChooseWarps - 1];
+  if (rc.ctas > 1) {  // the CTAs before this one, and the row's total
+    if (threadIdx.x == 0) cta_total = total;
+    rc.sync();
+    uint64_t below = 0;
+    total = rc.sum_u64(shared_address(&cta_total), rc.rank, &below);
+    before += below;
+  }
   const uint64_t t = draw_target(seed, position, total);
-  __shared__ int32_t chosen;
-  __shared__ unsigned long long owner_before;
-  __shared__ int64_t owner_begin, owner_end;
   // One thread's range holds t: the kept set holds the max, whose weight is 2^40, so total > t.
-  if (before <= t && t < before + mine) owner_before = before, owner_begin = begin, owner_end = end;
+  if (before <= t && t < before + mine)
+    owner_before = before, owner_begin = begin, owner_end = end, owner_here = true;
   __syncthreads();
+  if (!owner_here) return -1;  // (the whole CTA)
   if (warp == 0) {
     const int64_t ob = owner_begin, oe = owner_end;
     uint64_t run = owner_before;
@@ -415,15 +510,18 @@ __device__ int32_t draw_token(const float* __restrict__ row, int64_t V, bool vec
   return chosen;
 }
 
+// `ctas` CTAs a row (a cluster of them where more than one; RowCtas).
 template <BinUpdates kUpdates>
 __global__ void __launch_bounds__(kChooseThreads)
     choose_tokens_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
-                         const TokenChoice* __restrict__ choices, int32_t* __restrict__ ids) {
+                         const TokenChoice* __restrict__ choices, int32_t* __restrict__ ids, int ctas) {
   wait_then_release_dependents();
-  const float* row = logits + int64_t(blockIdx.x) * V;
-  const TokenChoice c = choices[blockIdx.x];
-  if (c.given_token >= 0) {  // a scored row: its token is given (the whole CTA returns: no barrier waits)
-    if (threadIdx.x == 0) ids[blockIdx.x] = c.given_token;
+  const RowCtas rc{int(blockIdx.x % unsigned(ctas)), ctas};
+  const int64_t r = blockIdx.x / unsigned(ctas);
+  const float* row = logits + r * V;
+  const TokenChoice c = choices[r];
+  if (c.given_token >= 0) {  // a scored row: its token is given (the row's CTAs return: no barrier waits)
+    if (threadIdx.x == 0 && rc.rank == 0) ids[r] = c.given_token;
     return;
   }
   __shared__ unsigned long long scratch[kChooseWarps];
@@ -438,26 +536,29 @@ __global__ void __launch_bounds__(kChooseThreads)
     __syncthreads();
     float mine = -INFINITY;
     BinAdder<kUpdates == BinUpdates::kAggregated> bins(select, false);
-    for_each_logit(row, V, vec4, [&](int32_t, float v) {
+    for_each_logit(row, V, vec4, rc, [&](int32_t, float v) {
       mine = v > mine ? v : mine;
       if (limit_k) bins.add(logit_key(v) >> 24, 0);
     });
     bins.flush();
-    m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
+    m = row_max(mine, max_scratch, rc);  // (its barriers also complete the bins)
   }
   if (m == -INFINITY) {  // greedy, or a row of NaNs and -infs
-    id = row_argmax<kChooseThreads>(row, V, vec4);
+    id = row_argmax<kChooseThreads>(row, V, vec4, rc);
+    if (rc.rank != 0) id = -1;  // (rank 0 writes it)
   } else {
     const float inv = div_rn(1.0f, c.temperature);
     const uint64_t least = min_p_least(c.min_p);  // (a weight below it counts 0 in top_p's sums and the draw)
     uint64_t floor = 0;
     if (limit_k)
-      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, least, false, uint64_t(c.top_k), 1.0f, 0, true, select);
+      floor =
+          select_threshold<kUpdates>(row, V, vec4, m, inv, least, false, uint64_t(c.top_k), 1.0f, 0, true, rc, select);
     if (c.top_p < 1.0f)
-      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, least, true, 0, c.top_p, floor, false, select);
-    id = draw_token(row, V, vec4, m, inv, least, floor, c.seed, c.position, scratch);
+      floor = select_threshold<kUpdates>(row, V, vec4, m, inv, least, true, 0, c.top_p, floor, false, rc, select);
+    id = draw_token(row, V, vec4, m, inv, least, floor, c.seed, c.position, rc, scratch);
   }
-  if (threadIdx.x == 0) ids[blockIdx.x] = id;
+  rc.sync();  // no CTA of the row leaves while another may still read its shared memory
+  if (threadIdx.x == 0 && id >= 0) ids[r] = id;
 }
 
 // ---- log-probability records -------------------------------------------------------------------
@@ -501,19 +602,20 @@ __global__ void __launch_bounds__(kChooseThreads)
   __syncthreads();
   float mine = -INFINITY;
   BinAdder<kUpdates == BinUpdates::kAggregated> bins(select, false);
-  for_each_logit(row, V, vec4, [&](int32_t, float v) {
+  const RowCtas alone{};  // (a CTA a row)
+  for_each_logit(row, V, vec4, alone, [&](int32_t, float v) {
     mine = v > mine ? v : mine;
     if (count > 0) bins.add(logit_key(v) >> 24, 0);
   });
   bins.flush();
-  const float m = block_max(mine, max_scratch);  // (its barriers also complete the bins)
+  const float m = row_max(mine, max_scratch, alone);  // (its barriers also complete the bins)
   uint64_t z = 0;
-  if (m != -INFINITY) for_each_logit(row, V, vec4, [&](int32_t, float v) { z += fixed_weight(v, m, 1.0f); });
+  if (m != -INFINITY) for_each_logit(row, V, vec4, alone, [&](int32_t, float v) { z += fixed_weight(v, m, 1.0f); });
   const uint64_t z1 = block_sum(z, scratch);
   if (count > 0) {
     const uint64_t floor =
-        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, 0, false, uint64_t(count), 1.0f, 0, true, select);
-    for_each_logit(row, V, vec4, [&](int32_t i, float v) {
+        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, 0, false, uint64_t(count), 1.0f, 0, true, alone, select);
+    for_each_logit(row, V, vec4, alone, [&](int32_t i, float v) {
       const uint64_t key = order_key(v, i);
       if (key < floor) return;
       const unsigned slot = atomicAdd(&top_found, 1u);
@@ -586,6 +688,68 @@ void with_bin_updates(const Launch& launch) {
   }
 }
 
+std::atomic<int> g_force_row_ctas{-1};
+std::atomic<int64_t> g_row_ctas_launches[4] = {0, 0, 0, 0};  // by log2 of the CTAs a row
+
+int log2_of(int ctas) { return ctas >= 8 ? 3 : ctas >= 4 ? 2 : ctas >= 2 ? 1 : 0; }
+
+cudaLaunchConfig_t row_cluster_config(int64_t rows, int ctas, cudaStream_t stream, cudaLaunchAttribute& cluster) {
+  cluster = cudaLaunchAttribute{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(ctas);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(rows * ctas));
+  cfg.blockDim = dim3(kChooseThreads);
+  cfg.stream = stream;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// How many clusters of `ctas` choose_tokens CTAs (form kUpdates) the device can hold at once
+// (cudaOccupancyMaxActiveClusters; 0 where none fits, e.g. a MIG slice without 8 SMs in a GPC),
+// asked once per device and size.
+template <BinUpdates kUpdates>
+int resident_row_clusters(CudaBackend& be, int ctas) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, int> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(be.device_index(), ctas);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = row_cluster_config(1, ctas, nullptr, cluster);
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, choose_tokens_kernel<kUpdates>, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // (the query's error is not the stream's)
+    n = 0;
+  }
+  known[key] = n;
+  return n;
+}
+
+// The CTAs a row for R rows (DSV4_CUDA_CHOOSE_CTAS: the most; default 8): the most whose clusters
+// for every row are resident at once, so few rows spread each row's passes over more SMs and many
+// rows (one wave of CTAs already) keep a CTA a row.
+template <BinUpdates kUpdates>
+int row_ctas(CudaBackend& be, int64_t R) {
+  static const int most = [] {
+    const int64_t n = env_integer("DSV4_CUDA_CHOOSE_CTAS", kMaxRowCtas, 1, kMaxRowCtas);
+    DSV4_CHECK((n & (n - 1)) == 0, "DSV4_CUDA_CHOOSE_CTAS='{}': expected 1, 2, 4 or 8", n);
+    return int(n);
+  }();
+  const int forced = g_force_row_ctas.load(std::memory_order_relaxed);
+  if (forced >= 1) {
+    DSV4_CHECK(forced == 1 || resident_row_clusters<kUpdates>(be, forced) > 0,
+               "choose_tokens: clusters of {} CTAs do not fit this device", forced);
+    return forced;
+  }
+  for (int ctas = most; ctas > 1; ctas /= 2)
+    if (R <= resident_row_clusters<kUpdates>(be, ctas)) return ctas;
+  return 1;
+}
+
 bool rows_of_float4(const core::Tensor& logits) {
   return logits.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data()) % 16 == 0;
 }
@@ -605,9 +769,20 @@ void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tenso
   const int64_t R = logits.size(0), V = logits.size(1);
   if (R == 0) return;
   const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
+  const bool vec4 = rows_of_float4(logits);
   const auto launch = [&](auto updates) {
-    choose_tokens_kernel<decltype(updates)::value><<<unsigned(R), kChooseThreads, 0, stream_>>>(
-        logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>());
+    constexpr BinUpdates kForm = decltype(updates)::value;
+    const int ctas = row_ctas<kForm>(*this, R);
+    g_row_ctas_launches[log2_of(ctas)].fetch_add(1, std::memory_order_relaxed);
+    if (ctas == 1) {
+      choose_tokens_kernel<kForm>
+          <<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V, vec4, c, ids.as<int32_t>(), 1);
+      return;
+    }
+    cudaLaunchAttribute cluster;
+    const cudaLaunchConfig_t cfg = row_cluster_config(R, ctas, stream_, cluster);
+    DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, choose_tokens_kernel<kForm>, logits.as<float>(), V, vec4, c,
+                                       ids.as<int32_t>(), ctas));
   };
   with_bin_updates(launch);
   check_launch(stream_);
@@ -644,6 +819,16 @@ int64_t cuda_choose_launches(int bin_updates) {
 void cuda_choose_force_bin_updates(int form) {
   DSV4_CHECK(form >= -1 && form <= 2, "cuda_choose_force_bin_updates: form {} is not -1..2", form);
   g_force_bin_updates.store(form, std::memory_order_relaxed);
+}
+int64_t cuda_choose_row_ctas_launches(int ctas) {
+  DSV4_CHECK(ctas == 1 || ctas == 2 || ctas == 4 || ctas == 8, "cuda_choose_row_ctas_launches: {} is not 1, 2, 4 or 8",
+             ctas);
+  return g_row_ctas_launches[log2_of(ctas)].load(std::memory_order_relaxed);
+}
+void cuda_choose_force_row_ctas(int ctas) {
+  DSV4_CHECK(ctas == -1 || ctas == 1 || ctas == 2 || ctas == 4 || ctas == 8,
+             "cuda_choose_force_row_ctas: {} is not -1, 1, 2, 4 or 8", ctas);
+  g_force_row_ctas.store(ctas, std::memory_order_relaxed);
 }
 
 }  // namespace dsv4::ops
