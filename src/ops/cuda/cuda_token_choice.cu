@@ -1,15 +1,15 @@
 // A step's tokens from its logits rows on the GPU, so that only ids cross to the host.
 // argmax_rows: memory-bound, R*V*4 bytes (256 rows of a 129,280-token vocabulary: 132 MB,
 // ~33 µs at the copy rate, against ~5-13 ms to copy them to the host); one CTA a row.
-// choose_tokens: the law of ops/token_choice.h, one CTA of 1024 threads a row (4 loads in flight
-// a thread). A greedy row is
+// choose_tokens: the law of ops/token_choice.h, CTAs of 1024 threads (4 loads in flight a thread),
+// one a row or, where rows are few, a cluster of up to 8 a row (RowCtas). A greedy row is
 // argmax_rows' scan. A sampled row reads its logits a few times (from L2 where it fits):
 //   the max; for top_k, a radix selection of the k-th order key (8-bit digits from the top,
 //   a 256-bin shared histogram a pass, the first binned beside the max; it stops where the bin
 //   holds exactly what is still needed, so a row without ties takes ~2-3 more passes, not 8);
 //   for top_p, a selection of the
-//   shortest prefix by weight (the same passes with weights in the bins; the first pass's
-//   bins also give the kept weight top_p's need is taken of);
+//   shortest prefix by weight (the same passes with weights in the bins, the first digit 4 bits
+//   wide; the first pass's bins also give the kept weight top_p's need is taken of);
 //   then the draw: each thread sums a contiguous chunk of ids, a block scan of the sums, and
 //   a warp walks the chunk that holds the target (~128 ids, 128 a round). Every sum is of
 //   integers, so the order of the GPU's additions cannot change a token: it equals the CPU
