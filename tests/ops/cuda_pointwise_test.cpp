@@ -825,7 +825,7 @@ TEST_F(CudaPointwise, PenalizeLogitsMatchesTheReference) {
 // 16-byte path, and an unaligned row; in each form of the radix histograms' bin updates
 // (DSV4_CUDA_CHOOSE_AGGREGATE: an atomic a key, a thread's keys of a bin summed, summed when weighed),
 // with the CTAs a row picked by the row count (a cluster of up to 8 where rows are few), and then
-// with 1, 2 and 8 CTAs a row forced (DSV4_CUDA_CHOOSE_CTAS).
+// with 1, 2 and 8 CTAs a row forced (DSV4_CUDA_CHOOSE_CTAS; both kernels).
 // The tokens (choose_tokens) and, where a row's choice asks, its log-probability record
 // (token_logprobs, for the token chosen) against the CPU reference, bit for bit.
 TEST_F(CudaPointwise, ChooseTokensAndTheirLogprobsMatchTheReference) {

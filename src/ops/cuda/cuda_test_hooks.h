@@ -207,9 +207,9 @@ void cuda_f16_stage_probe(const uint8_t* a_codes, const uint16_t* a_bf16, const 
 // DSV4_CUDA_CHOOSE_AGGREGATE (0, 1, or unset: 2), 0..2 force one.
 int64_t cuda_choose_launches(int bin_updates);
 void cuda_choose_force_bin_updates(int form);
-// Test hooks: choose_tokens launches so far with `ctas` CTAs a row (1, 2, 4 or 8; a cluster a row
-// where more than one); the forced count: -1 follows DSV4_CUDA_CHOOSE_CTAS (default: up to 8, the
-// most whose clusters for every row are resident at once), 1..8 force one.
+// Test hooks: choose_tokens and token_logprobs launches so far with `ctas` CTAs a row (1, 2, 4 or
+// 8; a cluster a row where more than one); the forced count: -1 follows DSV4_CUDA_CHOOSE_CTAS
+// (default: up to 8, the most whose clusters for every row are resident at once), 1..8 force one.
 int64_t cuda_choose_row_ctas_launches(int ctas);
 void cuda_choose_force_row_ctas(int ctas);
 

@@ -577,58 +577,78 @@ __device__ uint64_t block_sum(uint64_t v, unsigned long long* scratch) {
   return v;
 }
 
-// A row's TokenLogprobRecord (ops/token_choice.h) where its choice asks, one CTA a row: the max
-// (with the first radix bins of the most likely tokens), Z1 (a block sum of integers, so any
-// order gives the host's), the `count` most likely tokens by choose_tokens' top_k selection
-// (the keys at or above the threshold are exactly `count`: keys are unique), gathered and
-// sorted by one thread (count <= 20). 2 passes over the row, 3 + ~3 with alternatives.
+// A row's TokenLogprobRecord (ops/token_choice.h) where its choice asks, `ctas` CTAs a row as
+// choose_tokens: the max (with the first radix bins of the most likely tokens), Z1 (a sum of
+// integers, so any order gives the host's), the `count` most likely tokens by choose_tokens'
+// top_k selection (the keys at or above the threshold are exactly `count`: keys are unique),
+// gathered (with several CTAs, rank 0 takes the others' after its own) and sorted by one thread
+// (count <= 20), which writes the record. 2 passes over the row, 3 + ~3 with alternatives.
 template <BinUpdates kUpdates>
 __global__ void __launch_bounds__(kChooseThreads)
     token_logprobs_kernel(const float* __restrict__ logits, int64_t V, bool vec4,
                           const TokenChoice* __restrict__ choices, const int32_t* __restrict__ ids,
-                          TokenLogprobRecord* __restrict__ records) {
+                          TokenLogprobRecord* __restrict__ records, int ctas) {
   wait_then_release_dependents();
-  const int32_t asked = choices[blockIdx.x].logprobs;
-  if (asked < 0) return;  // the whole CTA: no barrier is left waiting
-  const float* row = logits + int64_t(blockIdx.x) * V;
+  const RowCtas rc{int(blockIdx.x % unsigned(ctas)), ctas};
+  const int64_t r = blockIdx.x / unsigned(ctas);
+  const int32_t asked = choices[r].logprobs;
+  if (asked < 0) return;  // the row's CTAs: no barrier is left waiting
+  const float* row = logits + r * V;
   const int32_t count = int32_t(min(int64_t(min(asked, kMaxTokenLogprobs)), V));
   __shared__ unsigned long long scratch[kChooseWarps];
   __shared__ float max_scratch[kChooseWarps];
   __shared__ SelectShared select;
   __shared__ unsigned long long top_keys[kMaxTokenLogprobs];
   __shared__ unsigned top_found;
+  __shared__ unsigned long long cta_z1;
   if (count > 0) clear_bins(select);
   if (threadIdx.x == 0) top_found = 0;
   __syncthreads();
   float mine = -INFINITY;
   BinAdder<kUpdates == BinUpdates::kAggregated> bins(select, false);
-  const RowCtas alone{};  // (a CTA a row)
-  for_each_logit(row, V, vec4, alone, [&](int32_t, float v) {
+  for_each_logit(row, V, vec4, rc, [&](int32_t, float v) {
     mine = v > mine ? v : mine;
     if (count > 0) bins.add(logit_key(v) >> 24, 0);
   });
   bins.flush();
-  const float m = row_max(mine, max_scratch, alone);  // (its barriers also complete the bins)
+  const float m = row_max(mine, max_scratch, rc);  // (its barriers also complete the bins)
   uint64_t z = 0;
-  if (m != -INFINITY) for_each_logit(row, V, vec4, alone, [&](int32_t, float v) { z += fixed_weight(v, m, 1.0f); });
-  const uint64_t z1 = block_sum(z, scratch);
+  if (m != -INFINITY) for_each_logit(row, V, vec4, rc, [&](int32_t, float v) { z += fixed_weight(v, m, 1.0f); });
+  uint64_t z1 = block_sum(z, scratch);
+  if (rc.ctas > 1) {  // the row's Z1: every CTA's
+    if (threadIdx.x == 0) cta_z1 = z1;
+    rc.sync();
+    z1 = rc.sum_u64(shared_address(&cta_z1), 0, nullptr);
+  }
   if (count > 0) {
     const uint64_t floor =
-        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, 0, false, uint64_t(count), 1.0f, 0, true, alone, select);
-    for_each_logit(row, V, vec4, alone, [&](int32_t i, float v) {
+        select_threshold<kUpdates>(row, V, vec4, m, 1.0f, 0, false, uint64_t(count), 1.0f, 0, true, rc, select);
+    for_each_logit(row, V, vec4, rc, [&](int32_t i, float v) {
       const uint64_t key = order_key(v, i);
       if (key < floor) return;
       const unsigned slot = atomicAdd(&top_found, 1u);
       if (slot < unsigned(kMaxTokenLogprobs)) top_keys[slot] = key;
     });
     __syncthreads();
+    if (rc.ctas > 1) {  // rank 0 takes the other CTAs' keys after its own (count of them in all)
+      rc.sync();
+      if (rc.rank == 0 && threadIdx.x == 0) {
+        unsigned n = min(top_found, unsigned(kMaxTokenLogprobs));
+        for (int k = 1; k < rc.ctas; ++k) {
+          const unsigned theirs = ld_cluster_u32(cluster_map(shared_address(&top_found), unsigned(k)));
+          for (unsigned j = 0; j < theirs && n < unsigned(kMaxTokenLogprobs); ++j)
+            top_keys[n++] = ld_cluster_u64(cluster_map(shared_address(&top_keys[j]), unsigned(k)));
+        }
+      }
+    }
   }
-  if (threadIdx.x != 0) return;
-  TokenLogprobRecord& out = records[blockIdx.x];
+  rc.sync();  // no CTA of the row leaves while another may still read its shared memory
+  if (threadIdx.x != 0 || rc.rank != 0) return;
+  TokenLogprobRecord& out = records[r];
   out.max_logit = m == 0.0f ? 0.0f : m;  // +0 for a max of zeros, as the reference
   out.count = count;
   out.z1 = m == -INFINITY ? 0 : z1;
-  out.token = ids[blockIdx.x];
+  out.token = ids[r];
   out.token_logit = out.token >= 0 && out.token < V ? row[out.token] : NAN;
   for (int32_t j = 1; j < count; ++j) {  // descending keys: the law's order
     const unsigned long long key = top_keys[j];
@@ -708,20 +728,19 @@ cudaLaunchConfig_t row_cluster_config(int64_t rows, int ctas, cudaStream_t strea
   return cfg;
 }
 
-// How many clusters of `ctas` choose_tokens CTAs (form kUpdates) the device can hold at once
-// (cudaOccupancyMaxActiveClusters; 0 where none fits, e.g. a MIG slice without 8 SMs in a GPC),
-// asked once per device and size.
-template <BinUpdates kUpdates>
-int resident_row_clusters(CudaBackend& be, int ctas) {
+// How many clusters of `ctas` CTAs of `kernel` (choose_tokens' or token_logprobs') the device can
+// hold at once (cudaOccupancyMaxActiveClusters; 0 where none fits, e.g. a MIG slice without 8 SMs
+// in a GPC), asked once per device, kernel and size.
+int resident_row_clusters(CudaBackend& be, const void* kernel, int ctas) {
   static std::mutex mu;
-  static std::map<std::pair<int, int>, int> known;
+  static std::map<std::tuple<int, const void*, int>, int> known;
   const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_pair(be.device_index(), ctas);
+  const auto key = std::make_tuple(be.device_index(), kernel, ctas);
   if (const auto it = known.find(key); it != known.end()) return it->second;
   cudaLaunchAttribute cluster;
   const cudaLaunchConfig_t cfg = row_cluster_config(1, ctas, nullptr, cluster);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, choose_tokens_kernel<kUpdates>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // (the query's error is not the stream's)
     n = 0;
   }
@@ -729,25 +748,39 @@ int resident_row_clusters(CudaBackend& be, int ctas) {
   return n;
 }
 
-// The CTAs a row for R rows (DSV4_CUDA_CHOOSE_CTAS: the most; default 8): the most whose clusters
-// for every row are resident at once, so few rows spread each row's passes over more SMs and many
-// rows (one wave of CTAs already) keep a CTA a row.
-template <BinUpdates kUpdates>
-int row_ctas(CudaBackend& be, int64_t R) {
+// The CTAs a row of `kernel` for R rows (DSV4_CUDA_CHOOSE_CTAS: the most; default 8): the most whose
+// clusters for every row are resident at once, so few rows spread each row's passes over more SMs
+// and many rows (one wave of CTAs already) keep a CTA a row. Counted in g_row_ctas_launches.
+int row_ctas(CudaBackend& be, int64_t R, const void* kernel) {
   static const int most = [] {
     const int64_t n = env_integer("DSV4_CUDA_CHOOSE_CTAS", kMaxRowCtas, 1, kMaxRowCtas);
     DSV4_CHECK((n & (n - 1)) == 0, "DSV4_CUDA_CHOOSE_CTAS='{}': expected 1, 2, 4 or 8", n);
     return int(n);
   }();
   const int forced = g_force_row_ctas.load(std::memory_order_relaxed);
+  int ctas = 1;
   if (forced >= 1) {
-    DSV4_CHECK(forced == 1 || resident_row_clusters<kUpdates>(be, forced) > 0,
-               "choose_tokens: clusters of {} CTAs do not fit this device", forced);
-    return forced;
+    DSV4_CHECK(forced == 1 || resident_row_clusters(be, kernel, forced) > 0,
+               "token choice: clusters of {} CTAs do not fit this device", forced);
+    ctas = forced;
+  } else {
+    for (int c = most; c > 1 && ctas == 1; c /= 2)
+      if (R <= resident_row_clusters(be, kernel, c)) ctas = c;
   }
-  for (int ctas = most; ctas > 1; ctas /= 2)
-    if (R <= resident_row_clusters<kUpdates>(be, ctas)) return ctas;
-  return 1;
+  g_row_ctas_launches[log2_of(ctas)].fetch_add(1, std::memory_order_relaxed);
+  return ctas;
+}
+
+// A launch of `kernel` over R rows, `ctas` CTAs a row (a cluster of them where more than one).
+template <typename... Params, typename... Args>
+void launch_rows(void (*kernel)(Params...), int64_t R, int ctas, cudaStream_t stream, Args... args) {
+  if (ctas == 1) {
+    kernel<<<unsigned(R), kChooseThreads, 0, stream>>>(args..., 1);
+    return;
+  }
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = row_cluster_config(R, ctas, stream, cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args..., ctas));
 }
 
 bool rows_of_float4(const core::Tensor& logits) {
@@ -771,18 +804,9 @@ void CudaBackend::do_choose_tokens(const core::Tensor& logits, const core::Tenso
   const auto* c = reinterpret_cast<const TokenChoice*>(choices.data());
   const bool vec4 = rows_of_float4(logits);
   const auto launch = [&](auto updates) {
-    constexpr BinUpdates kForm = decltype(updates)::value;
-    const int ctas = row_ctas<kForm>(*this, R);
-    g_row_ctas_launches[log2_of(ctas)].fetch_add(1, std::memory_order_relaxed);
-    if (ctas == 1) {
-      choose_tokens_kernel<kForm>
-          <<<unsigned(R), kChooseThreads, 0, stream_>>>(logits.as<float>(), V, vec4, c, ids.as<int32_t>(), 1);
-      return;
-    }
-    cudaLaunchAttribute cluster;
-    const cudaLaunchConfig_t cfg = row_cluster_config(R, ctas, stream_, cluster);
-    DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, choose_tokens_kernel<kForm>, logits.as<float>(), V, vec4, c,
-                                       ids.as<int32_t>(), ctas));
+    const auto kernel = choose_tokens_kernel<decltype(updates)::value>;
+    launch_rows(kernel, R, row_ctas(*this, R, reinterpret_cast<const void*>(kernel)), stream_, logits.as<float>(), V,
+                vec4, c, ids.as<int32_t>());
   };
   with_bin_updates(launch);
   check_launch(stream_);
@@ -805,8 +829,9 @@ void CudaBackend::do_token_logprobs(const core::Tensor& logits, const core::Tens
   DSV4_CHECK(reinterpret_cast<uintptr_t>(out) % alignof(TokenLogprobRecord) == 0,
              "token_logprobs: records at an address not {}-byte aligned", alignof(TokenLogprobRecord));
   const auto launch = [&](auto updates) {
-    token_logprobs_kernel<decltype(updates)::value><<<unsigned(R), kChooseThreads, 0, stream_>>>(
-        logits.as<float>(), V, rows_of_float4(logits), c, ids.as<int32_t>(), out);
+    const auto kernel = token_logprobs_kernel<decltype(updates)::value>;
+    launch_rows(kernel, R, row_ctas(*this, R, reinterpret_cast<const void*>(kernel)), stream_, logits.as<float>(), V,
+                rows_of_float4(logits), c, ids.as<int32_t>(), out);
   };
   with_bin_updates(launch);
   check_launch(stream_);
