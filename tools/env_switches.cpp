@@ -65,7 +65,8 @@ constexpr EnvSwitch kSwitches[] = {
      "how choose_tokens' and token_logprobs' radix histograms add their keys: 0 a shared atomic a key, 1 a thread's "
      "keys of a bin summed in registers in every pass (the default does so only where the keys are weighed, top_p)"},
     {"DSV4_CUDA_CHOOSE_CTAS", kCuda, words("1|2|4|8"), "8",
-     "the most CTAs (a cluster) choose_tokens spreads a row over, where the rows' clusters are resident at once "
+     "the most CTAs (a cluster) choose_tokens and token_logprobs spread a row over, where the rows' clusters are "
+     "resident at once "
      "(1: a CTA a row)"},
     // Router and routed experts.
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",

@@ -752,11 +752,10 @@ int resident_row_clusters(CudaBackend& be, const void* kernel, int ctas) {
 // clusters for every row are resident at once, so few rows spread each row's passes over more SMs
 // and many rows (one wave of CTAs already) keep a CTA a row. Counted in g_row_ctas_launches.
 int row_ctas(CudaBackend& be, int64_t R, const void* kernel) {
-  static const int most = [] {
-    const int64_t n = env_integer("DSV4_CUDA_CHOOSE_CTAS", kMaxRowCtas, 1, kMaxRowCtas);
-    DSV4_CHECK((n & (n - 1)) == 0, "DSV4_CUDA_CHOOSE_CTAS='{}': expected 1, 2, 4 or 8", n);
-    return int(n);
-  }();
+  static const int most = env_is("DSV4_CUDA_CHOOSE_CTAS", "1")   ? 1
+                          : env_is("DSV4_CUDA_CHOOSE_CTAS", "2") ? 2
+                          : env_is("DSV4_CUDA_CHOOSE_CTAS", "4") ? 4
+                                                                 : kMaxRowCtas;  // (8, "dsv4 env" warns of others)
   const int forced = g_force_row_ctas.load(std::memory_order_relaxed);
   int ctas = 1;
   if (forced >= 1) {
