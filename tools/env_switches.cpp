@@ -66,8 +66,7 @@ constexpr EnvSwitch kSwitches[] = {
      "keys of a bin summed in registers in every pass (the default does so only where the keys are weighed, top_p)"},
     {"DSV4_CUDA_CHOOSE_CTAS", kCuda, words("1|2|4|8"), "8",
      "the most CTAs (a cluster) choose_tokens and token_logprobs spread a row over, where the rows' clusters are "
-     "resident at once "
-     "(1: a CTA a row)"},
+     "resident at once (1: a CTA a row)"},
     // Router and routed experts.
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",
      "0: the router's logits folded by a launch, not by the select kernel"},
