@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A/B decode benchmark on one machine: the working tree against variants of it,
+# A/B decode (or token-choice) benchmark on one machine: the working tree against variants of it,
 # each variant the tree with a patch applied (e.g. one change reverted) or the
 # tree's own binary under environment settings, benched alternately so that the
 # machine's drift falls on both sides alike.
@@ -22,6 +22,9 @@
 # Environment: ROUNDS (default 2), BATCHES (default 1,16,64,256), PRESET (default
 # bench-1g), CONTEXT (default 4096), CMAKE_ARGS (default -DDSV4_CUDA=ON), BENCH_ARGS
 # (more `bench decode` options, e.g. "--backend cpu --threads 8" for a CPU run).
+# BENCH=sampling runs `bench sampling --rows ROWS --replays REPLAYS BENCH_ARGS` instead (ROWS
+# default 1,16,64,256, REPLAYS 5): each run prints top_p 0.95's backend ms per row count, and the
+# summary compares every sampler's backend time (the choices up, the launch, the ids down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: scripts/ab_bench.sh OUT NAME=PATCH [NAME=PATCH...]}"
@@ -96,19 +99,33 @@ for i in "${!names[@]}"; do  # a misspelt switch would bench the default as a va
   [ -z "$warned" ] || { echo "ab_bench: variant ${names[$i]} (${envs[$i]}):" >&2; echo "$warned" >&2; exit 2; }
 done
 
-echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)"
+bench="${BENCH:-decode}"
+case "$bench" in
+  decode)
+    bench_cmd=(bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}"
+               --context "${CONTEXT:-4096}")
+    echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)" ;;
+  sampling)
+    bench_cmd=(bench sampling --rows "${ROWS:-1,16,64,256}" --replays "${REPLAYS:-5}")
+    echo "run            top_p 0.95 at T 1, backend ms at rows ${ROWS:-1,16,64,256}" ;;
+  *) echo "ab_bench: BENCH='$bench' is not decode or sampling" >&2; exit 2 ;;
+esac
 for ((r = 1; r <= rounds; ++r)); do
   for i in "${!names[@]}"; do
     json="$out/${names[$i]}-$r.json"
     read -r -a vars <<<"${envs[$i]}"
-    env ${vars[@]+"${vars[@]}"} "${bins[$i]}" bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}" \
-      --context "${CONTEXT:-4096}" "${bench_args[@]}" --json "$json" >"$out/${names[$i]}-$r.log" 2>&1 ||
+    env ${vars[@]+"${vars[@]}"} "${bins[$i]}" "${bench_cmd[@]}" ${bench_args[@]+"${bench_args[@]}"} --json "$json" \
+      >"$out/${names[$i]}-$r.log" 2>&1 ||
       { echo "ab_bench: bench of ${names[$i]} failed, see $out/${names[$i]}-$r.log" >&2; exit 1; }
     python3 - "$json" "${names[$i]}-$r" <<'EOF'
 import json, sys
 d = json.load(open(sys.argv[1]))
-ms = " ".join("%.3f" % (r["roofline_ms"] * r["ratio_to_roofline"]) for r in d["results"])
-print("%-14s %s (%.0f)" % (sys.argv[2], ms, d["copy_bandwidth_gb_s"]))
+if "copy_bandwidth_gb_s" in d:  # bench decode
+    ms = " ".join("%.3f" % (r["roofline_ms"] * r["ratio_to_roofline"]) for r in d["results"])
+    print("%-14s %s (%.0f)" % (sys.argv[2], ms, d["copy_bandwidth_gb_s"]))
+else:  # bench sampling
+    ms = " ".join("%.3f" % s["backend_ms"] for r in d["results"] for s in r["samplers"] if s["sampler"] == "top_p 0.95 T 1")
+    print("%-14s %s" % (sys.argv[2], ms))
 EOF
   done
 done

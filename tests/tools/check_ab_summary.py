@@ -2,7 +2,8 @@
 """Checks scripts/ab_summary.py on made-up runs whose answer is known: the mean step over the rounds, the change
 against base, "apart" only where every round of the variant lies beyond every round of base, the change per GB
 where the variant moved other bytes, each variant's device and switches, and the warning when runs were on
-different devices.
+different devices; and for runs of `bench sampling`, the mean backend ms per row count and sampler, its change and
+"apart", and the refusal of a folder that mixes both benches.
 usage: check_ab_summary.py SUMMARY_SCRIPT TMP_DIR"""
 import json
 import os
@@ -21,6 +22,15 @@ def write_run(folder, name, rnd, steps_ms, gb, device="NVIDIA H200", env=None):
     with open(os.path.join(folder, "%s-%d.json" % (name, rnd)), "w") as f:
         json.dump({"copy_bandwidth_gb_s": 4000.0, "results": results, "device": {"name": device},
                    "environment": env or {}}, f)
+
+
+def write_sampling_run(folder, name, rnd, top_p_ms, argmax_ms=0.02):
+    """One NAME-ROUND.json of bench sampling: 1 and 16 rows, a top_p sampler with these backend times."""
+    results = [{"rows": rows, "backend_argmax_ms": argmax_ms,
+                "samplers": [{"sampler": "top_p 0.95 T 1", "backend_ms": ms, "one_thread_ms": 1.0, "pool_ms": 1.0}],
+                "logprobs_top5": {"backend_ms": 0.1}} for rows, ms in zip((1, 16), top_p_ms)]
+    with open(os.path.join(folder, "%s-%d.json" % (name, rnd)), "w") as f:
+        json.dump({"backend": "cuda", "results": results, "device": {"name": "NVIDIA H100"}, "environment": {}}, f)
 
 
 def rows(text):
@@ -63,6 +73,33 @@ def main():
     out = subprocess.run(["python3", script, stem], capture_output=True, text=True, timeout=60)
     if "WARNING: the runs were on different devices (NVIDIA H100, NVIDIA H200)" not in out.stdout:
         fail("no warning for runs on two devices:\n" + out.stdout)
+    shutil.rmtree(stem)
+
+    # bench sampling: base 0.30 / 0.32 ms at one row, 0.40 / 0.44 at 16; fast 0.12 / 0.13 (apart, -59.7%) and
+    # 0.41 / 0.45 (inside base's spread: +2.4%, not apart).
+    os.makedirs(stem)
+    write_sampling_run(stem, "base", 1, (0.30, 0.40))
+    write_sampling_run(stem, "base", 2, (0.32, 0.44))
+    write_sampling_run(stem, "fast", 1, (0.12, 0.41))
+    write_sampling_run(stem, "fast", 2, (0.13, 0.45))
+    out = subprocess.run(["python3", script, stem], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        fail("sampling runs: exit %d: %s" % (out.returncode, out.stderr))
+    got = {}
+    for line in out.stdout.splitlines():
+        m = line.split()
+        if len(m) >= 4 and m[1].isdigit() and "top_p" in line:
+            got[(m[0], int(m[1]))] = line.split("T 1")[1].split()
+    want = {("base", 1): ["0.310"], ("base", 16): ["0.420"], ("fast", 1): ["0.125", "-59.7%", "yes"],
+            ("fast", 16): ["0.430", "+2.4%", "no"]}
+    if got != want:
+        fail("sampling rows %s, expected %s:\n%s" % (got, want, out.stdout))
+    if "argmax" not in out.stdout or "logprobs top 5" not in out.stdout:
+        fail("the argmax and log-probability rows are missing:\n" + out.stdout)
+    write_run(stem, "other", 1, (1.0, 3.0), (2.0, 10.0))  # a bench decode run beside them
+    out = subprocess.run(["python3", script, stem], capture_output=True, text=True, timeout=60)
+    if out.returncode == 0 or "both bench decode and bench sampling" not in out.stderr:
+        fail("a folder of both benches was summarized: rc %d, %s" % (out.returncode, out.stderr))
     shutil.rmtree(stem)
     print("PASS")
 
