@@ -41,6 +41,17 @@ export LIBRARY_PATH="${LIBRARY_PATH:+$LIBRARY_PATH:}$PWD/.carry/lib"
 read -r -a cmake_args <<<"${CMAKE_ARGS:--DDSV4_CUDA=ON}"
 read -r -a bench_args <<<"${BENCH_ARGS:-}"
 rounds="${ROUNDS:-2}"
+bench="${BENCH:-decode}"
+case "$bench" in  # (checked before the builds)
+  decode)
+    bench_cmd=(bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}"
+               --context "${CONTEXT:-4096}")
+    header="run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)" ;;
+  sampling)
+    bench_cmd=(bench sampling --rows "${ROWS:-1,16,64,256}" --replays "${REPLAYS:-5}")
+    header="run            top_p 0.95 at T 1, backend ms at rows ${ROWS:-1,16,64,256}" ;;
+  *) echo "ab_bench: BENCH='$bench' is not decode or sampling" >&2; exit 2 ;;
+esac
 
 build() {  # build SRC_DIR BUILD_DIR LOG
   cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" >"$3" 2>&1 &&
@@ -99,17 +110,7 @@ for i in "${!names[@]}"; do  # a misspelt switch would bench the default as a va
   [ -z "$warned" ] || { echo "ab_bench: variant ${names[$i]} (${envs[$i]}):" >&2; echo "$warned" >&2; exit 2; }
 done
 
-bench="${BENCH:-decode}"
-case "$bench" in
-  decode)
-    bench_cmd=(bench decode --preset "${PRESET:-bench-1g}" --random-weights 1 --batch "${BATCHES:-1,16,64,256}"
-               --context "${CONTEXT:-4096}")
-    echo "run            step ms at batch ${BATCHES:-1,16,64,256} (copy GB/s)" ;;
-  sampling)
-    bench_cmd=(bench sampling --rows "${ROWS:-1,16,64,256}" --replays "${REPLAYS:-5}")
-    echo "run            top_p 0.95 at T 1, backend ms at rows ${ROWS:-1,16,64,256}" ;;
-  *) echo "ab_bench: BENCH='$bench' is not decode or sampling" >&2; exit 2 ;;
-esac
+echo "$header"
 for ((r = 1; r <= rounds; ++r)); do
   for i in "${!names[@]}"; do
     json="$out/${names[$i]}-$r.json"
