@@ -106,7 +106,8 @@ struct RowCtas {
     if (ctas > 1) cluster_sync_all();
   }
   // The sum over the row's CTAs of the u32 / u64 at shared address `at` (the same variable in each),
-  // the loads issued before the first is added.
+  // the loads issued before the first is added; sum_u64 also leaves in *below (where given) the sum
+  // over the CTAs ranked below `below_rank`.
   __device__ __forceinline__ uint32_t sum_u32(uint32_t at) const {
     uint32_t x[kMaxRowCtas], s = 0;
 #pragma unroll
@@ -115,7 +116,7 @@ struct RowCtas {
     for (int k = 0; k < kMaxRowCtas; ++k) s += x[k];
     return s;
   }
-  __device__ __forceinline__ uint64_t sum_u64(uint32_t at, int below_rank, uint64_t* below) const {
+  __device__ __forceinline__ uint64_t sum_u64(uint32_t at, int below_rank = 0, uint64_t* below = nullptr) const {
     uint64_t x[kMaxRowCtas], s = 0, b = 0;
 #pragma unroll
     for (int k = 0; k < kMaxRowCtas; ++k) x[k] = k < ctas ? ld_cluster_u64(cluster_map(at, unsigned(k))) : 0u;
@@ -346,7 +347,7 @@ __device__ uint64_t select_threshold(const float* __restrict__ row, int64_t V, b
       rc.sync();        // every CTA's bins complete
       for (int b = threadIdx.x; b < 256; b += kChooseThreads) {
         sh.row_count[b] = rc.sum_u32(shared_address(&sh.count[b]));
-        if (by_mass) sh.row_mass[b] = rc.sum_u64(shared_address(&sh.mass[b]), 0, nullptr);
+        if (by_mass) sh.row_mass[b] = rc.sum_u64(shared_address(&sh.mass[b]));
       }
       __syncthreads();
     }
@@ -618,7 +619,7 @@ __global__ void __launch_bounds__(kChooseThreads)
   if (rc.ctas > 1) {  // the row's Z1: every CTA's
     if (threadIdx.x == 0) cta_z1 = z1;
     rc.sync();
-    z1 = rc.sum_u64(shared_address(&cta_z1), 0, nullptr);
+    z1 = rc.sum_u64(shared_address(&cta_z1));
   }
   if (count > 0) {
     const uint64_t floor =
