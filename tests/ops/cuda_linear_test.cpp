@@ -2425,6 +2425,74 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   }
 }
 
+// The router's GEMM and select as one launch (router_gemm_select_kernel; forced, it is off
+// by default until measured) against the two launches, at V4-Flash's router shape (256
+// experts, K = 4096: 32 slices) and a small one (2 slices), every scoring function and the
+// hash routing, pad rows among the rows: ids and weights bit for bit. The one launch is
+// taken exactly up to the forced bound, and each case runs it twice in a row (the second
+// finds the hand-over's counts zeroed by the first), then from a captured graph, replayed.
+TEST(CudaRouter, OneLaunchEqualsTwoLaunchesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  Rng rng(0x62);
+  const int64_t V = 1000;
+  struct Reset {
+    ~Reset() { ops::cuda_linear_force_router_one_launch_rows(-1); }
+  } reset;
+  struct Shape {
+    int64_t E, D, k;
+  };
+  for (const Shape sh : {Shape{256, 4096, 6}, Shape{64, 256, 8}}) {
+    const Tensor gate = to_device(cuda, rng.bf16({sh.E, sh.D}, 0.02f)), bias = to_device(cuda, rng.f32({sh.E}, 0.1f));
+    Tensor tid2eid_h = Tensor::empty_cpu(DType::kI64, {V, sh.k});
+    for (int64_t i = 0; i < V * sh.k; ++i) tid2eid_h.as<int64_t>()[i] = (i * 37) % sh.E;
+    const Tensor tid2eid = to_device(cuda, tid2eid_h);
+    for (const RouterCase& rc : kRouterCases) {
+      const ops::RouterConfig cfg = rc.config(sh.k);
+      for (int64_t T : {1, 2, 3, 5, 8, 9, 16, 17}) {
+        const Tensor x = to_device(cuda, rng.bf16({T, sh.D}));
+        const Batch batch(cuda, T, rng, V, 5);  // (rows 4, 9 and 14 are pads)
+        const std::string what = "E=" + std::to_string(sh.E) + " T=" + std::to_string(T) + " scoring " +
+                                 std::to_string(int(rc.scoring)) + (rc.hash ? " hash" : "");
+        auto route = [&](int bound, Tensor& w, Tensor& ids) {
+          ops::cuda_linear_force_router_one_launch_rows(bound);
+          cuda.router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(), batch.view(true, 0, T), cfg,
+                      w, ids);
+        };
+        Tensor two_w = device_poisoned(cuda, DType::kF32, {T, sh.k}), two_i = device_poisoned(cuda, DType::kI32, {T, sh.k});
+        int64_t before = ops::cuda_linear_router_one_launches();
+        route(0, two_w, two_i);
+        EXPECT_EQ(ops::cuda_linear_router_one_launches() - before, 0) << what << ": bound 0 keeps two launches";
+        const Tensor want_w = to_host(cuda, two_w), want_i = to_host(cuda, two_i);
+        for (int rep = 0; rep < 2; ++rep) {
+          Tensor w = device_poisoned(cuda, DType::kF32, {T, sh.k}), ids = device_poisoned(cuda, DType::kI32, {T, sh.k});
+          before = ops::cuda_linear_router_one_launches();
+          route(16, w, ids);
+          EXPECT_EQ(ops::cuda_linear_router_one_launches() - before, T <= 16 ? 1 : 0) << what;
+          const std::string how = what + ", one launch, call " + std::to_string(rep);
+          expect_bitwise(want_w, to_host(cuda, w), "router weights, " + how);
+          expect_bitwise(want_i, to_host(cuda, ids), "router ids, " + how);
+        }
+        if (T == 1 || T == 3 || T == 16) {  // (the hand-over's one- and many-finisher forms)
+          Tensor w = device_poisoned(cuda, DType::kF32, {T, sh.k}), ids = device_poisoned(cuda, DType::kI32, {T, sh.k});
+          route(16, w, ids);  // (eager first: the scratch at its size before the capture)
+          auto graph = cuda.capture([&] { route(16, w, ids); });
+          for (int rep = 0; rep < 3; ++rep) {
+            cudaMemsetAsync(w.data(), 0x7f, w.nbytes(), cuda.stream());
+            cudaMemsetAsync(ids.data(), 0x7f, ids.nbytes(), cuda.stream());
+            graph->replay();
+            cuda.synchronize();
+            const std::string how = what + ", one launch, replay " + std::to_string(rep);
+            expect_bitwise(want_w, to_host(cuda, w), "router weights, " + how);
+            expect_bitwise(want_i, to_host(cuda, ids), "router ids, " + how);
+          }
+        }
+      }
+    }
+  }
+}
+
 // The activation quantization and the SwiGLU + quantization a half warp a 128-block
 // (act_quant8_kernel, swiglu_quant8_kernel, 16-byte loads) give the warp-a-block
 // kernels' codes and scales: FP8 linears (element order), the shared expert FP8 and FP4

@@ -752,6 +752,17 @@ bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
 }
+// The rows up to which the router's GEMM and select run as one launch
+// (router_gemm_select_kernel, where the GEMM splits its slices over CTAs in 8- or 16-row
+// tiles): DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS, 0-16, default 0 (two launches) until an A/B on
+// a GPU measures it; a test hook may force a bound. The same bits either way.
+std::atomic<int64_t> g_router_one_launches{0};
+std::atomic<int> g_force_router_one_launch_rows{-1};
+int64_t router_one_launch_rows() {
+  static const int64_t from_env = env_integer("DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS", 0, 0, 16);
+  const int forced = g_force_router_one_launch_rows.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced : from_env;
+}
 
 int64_t last_cta_fold_max(int nt) {
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
@@ -1099,6 +1110,11 @@ void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::me
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_router_one_launches() { return g_router_one_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_router_one_launch_rows(int rows) {
+  DSV4_CHECK(rows >= -1 && rows <= 16, "cuda_linear_force_router_one_launch_rows({}): expected -1 .. 16", rows);
+  g_force_router_one_launch_rows.store(rows, std::memory_order_relaxed);
+}
 void cuda_linear_force_prep_threads(int threads) {
   DSV4_CHECK(threads == 0 || threads == 256 || threads == 512 || threads == 1024,
              "cuda_linear_force_prep_threads({}): expected 0, 256, 512 or 1024", threads);
@@ -1615,6 +1631,45 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
 }
 
 // ---- router (spec §6.1) ----------------------------------------------------------------
+// The router's GEMM and select as one launch (router_gemm_select_kernel) where run_gemm
+// would split the K slices over CTAs of 8- or 16-row tiles and leave or fold the partials:
+// the same slices in the same order, folded by the select's code, so the same bits as
+// the two launches. False (nothing launched) where it does not apply.
+template <int NT>
+void launch_router_gemm_select(CudaBackend& be, const lk::GemmParams& p, const lk::RouterSelectArgs& r, dim3 grid) {
+  constexpr int smem = lk::gemm_smem_bytes<WFmt::kBf16, NT>();
+  static std::atomic<uint64_t> done{0};
+  allow_smem(lk::router_gemm_select_kernel<NT>, smem, be.device_index(), done);
+  lk::router_gemm_select_kernel<NT><<<grid, lk::kThreads, smem, be.stream()>>>(p, r);
+  check_launch(be.stream());
+}
+
+bool router_gemm_select(CudaBackend& be, lk::GemmParams p, lk::RouterSelectArgs r) {
+  if (p.m > router_one_launch_rows()) return false;
+  const int64_t stages = p.k / 64, cols = p.n;
+  p.tiles_per_group = (p.n + lk::kTileN - 1) / lk::kTileN;
+  const int64_t n_tiles = p.tiles_per_group;
+  p.slices = gemm_slices(n_tiles, stages, 1, false);
+  const int nt = nt_for_rows(p.m);
+  if (p.groups != 1 || nt > 2 || wide_gemm_rows(be, WFmt::kBf16, p, n_tiles) > 0) return false;
+  // run_gemm's split rule (one row tile here), and the select's shared memory inside the GEMM's.
+  const int64_t select_bytes = (3 * int64_t(r.num_experts) + 2 * r.k) * int64_t(sizeof(float));
+  const int64_t smem = nt == 1 ? lk::gemm_smem_bytes<WFmt::kBf16, 1>() : lk::gemm_smem_bytes<WFmt::kBf16, 2>();
+  if (p.slices < 2 || n_tiles >= be.properties().multiProcessorCount ||
+      int64_t(p.slices) * p.m * cols * 4 > kMaxPartialBytes || select_bytes > smem)
+    return false;
+  p.split = p.slices;
+  bind_split(be, p, p.m, cols, n_tiles, /*last_cta_fold=*/false);
+  bool fresh = false;
+  r.sync = static_cast<int*>(scratch_on(be, "router.sync", 2 * sizeof(int), &fresh));
+  if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(r.sync, 0, 2 * sizeof(int), be.stream()));
+  const dim3 grid(unsigned(n_tiles), 1u, unsigned(p.split));
+  if (nt == 1) launch_router_gemm_select<1>(be, p, r, grid);
+  else launch_router_gemm_select<2>(be, p, r, grid);
+  g_router_one_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
 void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bias, const Tensor& tid2eid,
                             const BatchView& batch, const RouterConfig& config, const Tensor& weights,
                             const Tensor& ids) {
@@ -1622,6 +1677,17 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   if (T == 0) return;
   DSV4_CHECK((3 * E + 2 * k) * int64_t(sizeof(float)) <= 48 * 1024,
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
+  const bool hash = tid2eid.ndim() > 0;
+  const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
+  const lk::RouterSelectArgs select_args{.sync = nullptr, .num_experts = int(E), .k = int(k), .scoring = scoring,
+                                         .normalize = config.normalize ? 1 : 0, .route_scale = config.route_scale,
+                                         .bias = hash ? nullptr : bias.as<float>(),
+                                         .tid2eid = hash ? tid2eid.as<int64_t>() : nullptr,
+                                         .token_ids = batch.token_ids, .positions = batch.positions,
+                                         .weights = weights.as<float>(), .ids = ids.as<int32_t>()};
+  if (gate.size(1) > 0 && !simple_path() && bf16_fast_ok(x, gate) &&
+      router_gemm_select(*this, bf16_params(x, gate, nullptr, true), select_args))
+    return;
   float* logits = scratch_as<float>(*this, "router.logits", T * E);
   LeftPartials left;
   if (gate.size(1) == 0) DSV4_CUDA_CHECK(cudaMemsetAsync(logits, 0, size_t(T * E) * sizeof(float), stream()));
@@ -1629,8 +1695,6 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
     run_gemm(*this, WFmt::kBf16, bf16_params(x, gate, logits, true), &left);
   else bf16_gemm(*this, x, gate, logits, true);
   if (left.split > 0) g_router_folds.fetch_add(1, std::memory_order_relaxed);
-  const bool hash = tid2eid.ndim() > 0;
-  const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
   const unsigned threads = left.split > 0 ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
   const auto select = router_early() ? lk::router_select_kernel<true> : lk::router_select_kernel<false>;
   select<<<unsigned(T), threads, size_t(3 * E + 2 * k) * sizeof(float), stream()>>>(

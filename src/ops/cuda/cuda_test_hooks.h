@@ -101,6 +101,11 @@ void cuda_linear_force_router_fold(int on);
 // Test hook: -1 follows DSV4_CUDA_ROUTER_EARLY (default on), 0 / 1 force the select
 // kernel's late / early form.
 void cuda_linear_force_router_early(int on);
+// Test hooks: router calls so far whose GEMM and select ran as one launch
+// (router_gemm_select_kernel); -1 follows DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS (default 0: two
+// launches), 0 .. 16 force the row bound.
+int64_t cuda_linear_router_one_launches();
+void cuda_linear_force_router_one_launch_rows(int rows);
 // Test hook: moe_prep_kernel's block size (256, 512 or 1024; 0 follows DSV4_CUDA_PREP_THREADS).
 void cuda_linear_force_prep_threads(int threads);
 // Test hooks: act_quant8 / swiglu_quant8 launches so far; -1 follows DSV4_CUDA_QUANT8

@@ -11,6 +11,7 @@
 //                         quantized and the rows of pairs routed to no local expert zeroed
 //   zero_nonlocal_kernel  that zeroing alone (beyond 32 rows, and the simple path)
 //   router_select_kernel  score function, top-k or hash ids, weights (spec §6.1)
+//   router_gemm_select_kernel  the router's logits GEMM and router_select_kernel's select in one launch
 //   simple_*              one warp per output element, fp32 FMA: the DSV4_CUDA_KERNELS=simple path
 //
 // Accumulation order of the GEMM (the two-batch-overlap bit-identity rule): an
@@ -1732,20 +1733,23 @@ __device__ __forceinline__ float router_score(int scoring, float logit) {
 // the dependency wait, each thread loading the bias values it adds later; they were
 // dependent round trips after it, on the chain from the router GEMM to the experts. The
 // same bits. Shared memory: 3 E + 2 k floats.
-template <bool kEarly>
-__global__ void router_select_kernel(const float* __restrict__ logits, int split, int64_t rows, int num_experts,
-                                     int k, int scoring, int normalize, float route_scale,
-                                     const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
-                                     const int32_t* __restrict__ token_ids, const int32_t* __restrict__ positions,
-                                     float* __restrict__ weights, int32_t* __restrict__ ids) {
-  if constexpr (!kEarly) wait_then_release_dependents();
-  extern __shared__ float s_f[];
+// Row `row` by this block (router_select_kernel's, or a CTA of router_gemm_select_kernel,
+// whose GEMM has waited already: kWait false, the early loads then). s_f: the shared memory.
+// (The late form's wait is its caller's, before the row's index is formed.) kFoldLoads: the
+// fold's slice loads in flight a thread (the adds in slice order whatever it is).
+template <bool kEarly, bool kWait, int kFoldLoads = 8>
+__device__ __forceinline__ void router_select_row(const float* __restrict__ logits, int split, int64_t rows,
+                                                  int64_t row, int num_experts, int k, int scoring, int normalize,
+                                                  float route_scale, const float* __restrict__ bias,
+                                                  const int64_t* __restrict__ tid2eid,
+                                                  const int32_t* __restrict__ token_ids,
+                                                  const int32_t* __restrict__ positions, float* __restrict__ weights,
+                                                  int32_t* __restrict__ ids, float* s_f) {
   float* score = s_f;
   float* biased = s_f + num_experts;
   int* s_ids = reinterpret_cast<int*>(s_f + 2 * num_experts);  // [k] the chosen ids, slot order
   float* s_wt = s_f + 2 * num_experts + k;                      // [k] their scores
   float* bias_s = s_f + 2 * num_experts + 2 * k;                // [E] the bias, loaded early
-  const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;  // (warp 0's lane; other warps only fold)
   float* wt = weights + row * k;
   int32_t* it = ids + row * k;
@@ -1763,7 +1767,7 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
         for (int i = threadIdx.x; i < num_experts; i += blockDim.x) bias_s[i] = bias[i];
       }
     }
-    wait_then_release_dependents();
+    if constexpr (kWait) wait_then_release_dependents();
   }
   // The bias of expert i, read by the thread that loaded it in the early form.
   const auto bias_of = [&](int i) { return kEarly ? bias_s[i] : bias[i]; };
@@ -1780,13 +1784,13 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
     for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
       const float* q = logits + row * num_experts + i;
       float v = 0.0f;
-      for (int s0 = 0; s0 < split; s0 += 8) {  // eight slices' loads in flight
-        float part[8];
+      for (int s0 = 0; s0 < split; s0 += kFoldLoads) {  // kFoldLoads slices' loads in flight
+        float part[kFoldLoads];
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < kFoldLoads; ++j)
           if (s0 + j < split) part[j] = __ldcg(q + int64_t(s0 + j) * stride);
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < kFoldLoads; ++j)
           if (s0 + j < split) v += part[j];
       }
       score[i] = scoring == 2 ? v : router_score(scoring, v);
@@ -1869,6 +1873,90 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
     if (normalize) v = v / sum;
     wt[i] = v * route_scale;
     it[i] = s_ids[i];
+  }
+}
+
+template <bool kEarly>
+__global__ void router_select_kernel(const float* __restrict__ logits, int split, int64_t rows, int num_experts,
+                                     int k, int scoring, int normalize, float route_scale,
+                                     const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
+                                     const int32_t* __restrict__ token_ids, const int32_t* __restrict__ positions,
+                                     float* __restrict__ weights, int32_t* __restrict__ ids) {
+  if constexpr (!kEarly) wait_then_release_dependents();
+  extern __shared__ float s_f[];
+  router_select_row<kEarly, true>(logits, split, rows, blockIdx.x, num_experts, k, scoring, normalize, route_scale, bias,
+                            tid2eid, token_ids, positions, weights, ids, s_f);
+}
+
+// The router's logits GEMM and its select in one launch (DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS):
+// gemm_kernel's bf16 tile with its K slices split over CTAs and its partials left in
+// global memory, as router_select_kernel's fold reads them; then every CTA counts itself
+// (an acquire-release add, after a CTA barrier: its partial stores published), and the
+// last `m` to arrive take a row each, once the count is complete, and fold and select it
+// with router_select_kernel's code (kEarly's loads, no wait: the GEMM has waited), so the
+// same bits. What it saves: the boundary between the two launches on every layer's chain
+// (the select's launch waits for the GEMM grid's end, then its own ramp). The hand-over is
+// hc_mix_finish_kernel's: no CTA waits before it is counted, so the count completes
+// whatever order the CTAs start in and however few fit at once; the last finisher past
+// its wait zeroes the counts for the next launch on them (which reads them after its own
+// dependency wait). Shared memory: the GEMM's (the select's 3 E + 2 k floats fit it, the
+// host checks). A finisher's fold has every slice's load of an expert in flight at once
+// (kMaxSlices; router_select_kernel's block, twice the threads, has eight), the same adds.
+struct RouterSelectArgs {
+  int* sync;  // [arrivals, finishers past their wait], zero between launches
+  int num_experts, k, scoring, normalize;
+  float route_scale;
+  const float* bias;
+  const int64_t* tid2eid;
+  const int32_t* token_ids;
+  const int32_t* positions;
+  float* weights;
+  int32_t* ids;
+};
+
+template <int NT>
+__global__ void __launch_bounds__(kThreads) router_gemm_select_kernel(const GemmParams p, const RouterSelectArgs r) {
+  constexpr int BM = 8 * NT;
+  const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
+  const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
+  const int row_base = m_tile * BM;
+  // The bias (a weight: no kernel writes it) toward the L2 for the finishers, whichever CTAs
+  // they are (router_select_kernel's early form loads it before its dependency wait).
+  if (linear == 0 && blockIdx.z == 0 && r.bias != nullptr && int(threadIdx.x) * 32 < r.num_experts)
+    asm volatile("prefetch.L2 [%0];" ::"l"(r.bias + 32 * threadIdx.x));
+  gemm_tile<WFmt::kBf16, NT, false, true>(p, p.w0, p.s0, p.w1, p.s1, n_tile % p.tiles_per_group,
+                                          n_tile / p.tiles_per_group, row_base, min(BM, p.m - row_base), linear);
+  __shared__ int s_arrival;
+  __syncthreads();  // every partial store of the CTA issued (its release below publishes them); stages free
+  if (threadIdx.x == 0) s_arrival = atom_add_acq_rel_gpu(r.sync, 1);
+  __syncthreads();
+  // The last `finishers` arrivals take rows finisher, finisher + finishers, ... (a launch of
+  // fewer CTAs than rows: a small router, e.g. the tests' 2-slice one).
+  const int arrivals = int(gridDim.x * gridDim.y * gridDim.z), finishers = min(p.m, arrivals);
+  const int finisher = s_arrival - (arrivals - finishers);
+  if (finisher < 0) return;
+  if (threadIdx.x == 0) {
+    if (s_arrival != arrivals - 1) {  // (the last arrival's own add read the complete count)
+      unsigned polls = 0;
+      while (ld_acquire_gpu(r.sync) < arrivals) {
+        __nanosleep(32);
+        if (++polls == (1u << 27)) __trap();  // a broken count fails the launch instead of hanging
+      }
+    }
+    if (finishers == 1) {
+      r.sync[0] = 0;
+    } else if (atom_add_acq_rel_gpu(r.sync + 1, 1) == finishers - 1) {  // every finisher is past its wait
+      r.sync[0] = 0;
+      r.sync[1] = 0;
+    }
+  }
+  __syncthreads();  // (thread 0's acquire, then this barrier: every CTA's partials visible to all)
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  for (int row = finisher; row < p.m; row += finishers) {
+    router_select_row<true, false, kMaxSlices>(p.partial, p.split, p.m, row, r.num_experts, r.k, r.scoring, r.normalize,
+                                   r.route_scale, r.bias, r.tid2eid, r.token_ids, r.positions, r.weights, r.ids,
+                                   reinterpret_cast<float*>(smem_raw));
+    __syncthreads();  // (warp 0 selects alone: the next row's fold waits until it is done with shared memory)
   }
 }
 
