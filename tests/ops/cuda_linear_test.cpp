@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <initializer_list>
+#include <map>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -2686,20 +2687,36 @@ TEST(CudaGraphLanes, JoinWaitsForEveryLane) {
   };
   cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
   body();  // eager first: scratch buffers reach their sizes before capture
-  auto graph = cuda.capture(body);
-  EXPECT_GE(cuda.last_capture_joins(), 1);
-  for (int round = 0; round < 3; ++round) {
-    cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
-    poison();
-    body();
-    const Tensor eager = to_host(cuda, y);
-    for (int rep = 0; rep < 3; ++rep) {
+  struct Reset {
+    ~Reset() { ops::cuda_force_pdl_lanes(nullptr); }
+  } reset;
+  // Every DSV4_CUDA_PDL_LANES form (the environment's first): `chain` converts the fork's
+  // edge toward lane 1 (two GEMMs before the join, against lane 0's one) besides the joins.
+  std::map<std::string, int> programmatic;
+  for (const char* mode : {static_cast<const char*>(nullptr), "join", "chain", "fork", "all", "0"}) {
+    ops::cuda_force_pdl_lanes(mode);
+    const std::string name = mode ? mode : "environment's";
+    auto graph = cuda.capture(body);
+    programmatic[name] = cuda.last_capture_programmatic_edges();
+    EXPECT_GE(cuda.last_capture_joins(), 1);
+    for (int round = 0; round < 3; ++round) {
+      cuda.upload(x, rng.bf16({M, D}).data(), x.nbytes());
       poison();
-      graph->replay();
-      cuda.synchronize();
-      expect_bitwise(eager, to_host(cuda, y), "join output, round " + std::to_string(round) + " replay " +
-                                                   std::to_string(rep));
+      body();
+      const Tensor eager = to_host(cuda, y);
+      for (int rep = 0; rep < 3; ++rep) {
+        poison();
+        graph->replay();
+        cuda.synchronize();
+        expect_bitwise(eager, to_host(cuda, y), "join output, " + name + " lane edges, round " +
+                                                     std::to_string(round) + " replay " + std::to_string(rep));
+      }
     }
+  }
+  if (!pdl_disabled()) {
+    EXPECT_EQ(programmatic["chain"], programmatic["join"] + 1) << "chain: one fork edge more than join";
+    EXPECT_LE(programmatic["chain"], programmatic["all"]);
+    EXPECT_LT(programmatic["0"], programmatic["join"]);
   }
 }
 

@@ -12,8 +12,10 @@
 #include <vector>
 
 #include "ops/cuda/cuda_check.h"
+#include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/fp8_bf16_layout.h"
+#include "ops/cuda/graph_chain.h"
 #include "ops/kv_format.h"
 
 namespace dsv4::ops {
@@ -391,18 +393,26 @@ int count_joins(const GraphEdges& e) {
 // dependents only after its own wait, so a kernel launched through programmatic edges
 // finds every grandparent finished, and its own wait (griddepcontrol.wait: all
 // prerequisite grids) covers each parent (GPU test CudaGraphLanes.JoinWaitsForEveryLane).
+// `chain` (seventy-eighth session, not yet measured): the joins as `join`, and of each
+// fork's edges only the one toward the child heading the longest chain (graph_chain.h),
+// so that the critical chain's kernel launches under the fork's tail and the side lanes'
+// do not take SM slots early.
 // Returns the number of edges converted.
-enum class LaneEdges { kSingle, kFork, kJoin, kAll };
+enum class LaneEdges { kSingle, kFork, kJoin, kAll, kChain };
+std::atomic<int> g_force_lane_edges{-1};
 LaneEdges lane_edges_mode() {
-  static const LaneEdges mode = [] {
+  static const LaneEdges from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_PDL_LANES");
     if (v == nullptr || *v == '\0' || std::strcmp(v, "join") == 0) return LaneEdges::kJoin;
     if (std::strcmp(v, "0") == 0) return LaneEdges::kSingle;
     if (std::strcmp(v, "fork") == 0) return LaneEdges::kFork;
-    DSV4_CHECK(std::strcmp(v, "all") == 0, "DSV4_CUDA_PDL_LANES='{}': expected join (the default), fork, all or 0", v);
+    if (std::strcmp(v, "chain") == 0) return LaneEdges::kChain;
+    DSV4_CHECK(std::strcmp(v, "all") == 0,
+               "DSV4_CUDA_PDL_LANES='{}': expected join (the default), fork, chain, all or 0", v);
     return LaneEdges::kAll;
   }();
-  return mode;
+  const int forced = g_force_lane_edges.load(std::memory_order_relaxed);
+  return forced >= 0 ? LaneEdges(forced) : from_env;
 }
 
 int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
@@ -418,7 +428,19 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   };
   const LaneEdges mode = lane_edges_mode();
   const bool forks = mode == LaneEdges::kFork || mode == LaneEdges::kAll;
-  const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll;
+  const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll || mode == LaneEdges::kChain;
+  // kChain: each fork's edge toward its longest chain (by node index of first appearance).
+  std::vector<bool> chain_edge(n, false);
+  if (mode == LaneEdges::kChain) {
+    std::map<cudaGraphNode_t, int64_t> index;
+    auto at = [&](cudaGraphNode_t node) { return index.emplace(node, int64_t(index.size())).first->second; };
+    std::vector<int64_t> a(n), b(n);
+    for (size_t i = 0; i < n; ++i) {
+      a[i] = at(from[i]);
+      b[i] = at(to[i]);
+    }
+    chain_edge = fork_chain_edges(int64_t(index.size()), a, b);
+  }
   // A join is converted only where every way in is from one of our kernels.
   std::map<cudaGraphNode_t, int> ours_in;
   for (size_t i = 0; i < n; ++i)
@@ -427,7 +449,7 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   for (size_t i = 0; i < n; ++i) {
     if (data[i].type != cudaGraphDependencyTypeDefault || !is_ours(to[i]) || !is_ours(from[i])) continue;
     const int in = e.in_degree[to[i]];
-    if (e.out_degree[from[i]] != 1 && !forks) continue;
+    if (e.out_degree[from[i]] != 1 && !forks && !chain_edge[i]) continue;
     if (in != 1 && !(joins && ours_in[to[i]] == in)) continue;
     DSV4_CUDA_CHECK(cudaGraphRemoveDependencies(graph, &from[i], &to[i], &data[i], 1));
     cudaGraphEdgeData edge{};
@@ -494,6 +516,22 @@ void dump_graph_edges(cudaGraph_t graph) {
 }
 
 }  // namespace
+
+void cuda_force_pdl_lanes(const char* mode) {
+  if (mode == nullptr) {
+    g_force_lane_edges.store(-1, std::memory_order_relaxed);
+    return;
+  }
+  const std::string m(mode);
+  const LaneEdges e = m == "0"      ? LaneEdges::kSingle
+                      : m == "fork" ? LaneEdges::kFork
+                      : m == "join" ? LaneEdges::kJoin
+                      : m == "all"  ? LaneEdges::kAll
+                                    : LaneEdges::kChain;
+  DSV4_CHECK(m == "0" || m == "fork" || m == "join" || m == "all" || m == "chain",
+             "cuda_force_pdl_lanes('{}'): expected join, fork, chain, all or 0", m);
+  g_force_lane_edges.store(int(e), std::memory_order_relaxed);
+}
 
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));

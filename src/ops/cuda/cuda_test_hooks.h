@@ -12,6 +12,12 @@ namespace dsv4::ops {
 
 class CudaBackend;
 
+// ---- graph capture (cuda_backend.cu) ----------------------------------------------------
+
+// Which lane edges CudaBackend::capture makes programmatic, as DSV4_CUDA_PDL_LANES' words
+// ("join", "fork", "chain", "all", "0"); nullptr follows the environment.
+void cuda_force_pdl_lanes(const char* mode);
+
 // ---- linears, routed experts, router; casts (cuda_linear.cu) -------------------------
 
 // -1 follows DSV4_CUDA_KERNELS (the default), 0 forces the fast kernels, 1 the simple

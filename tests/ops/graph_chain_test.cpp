@@ -1,0 +1,139 @@
+// The fork edge that continues a captured graph's longest chain (ops/cuda/graph_chain.h),
+// on the CPU: a layer-shaped graph, ties, and random DAGs against a brute-force longest
+// path.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "ops/cuda/graph_chain.h"
+#include "test_seed.h"
+
+namespace dsv4::ops {
+namespace {
+
+struct Graph {
+  explicit Graph(int64_t n) : nodes(n) {}
+  int64_t nodes;
+  std::vector<int64_t> from, to;
+  void edge(int64_t a, int64_t b) {
+    from.push_back(a);
+    to.push_back(b);
+  }
+};
+
+// The chosen edges as (from, to) pairs.
+std::vector<std::pair<int64_t, int64_t>> chosen(const Graph& g) {
+  const std::vector<bool> chain = fork_chain_edges(g.nodes, g.from, g.to);
+  std::vector<std::pair<int64_t, int64_t>> r;
+  for (size_t i = 0; i < chain.size(); ++i)
+    if (chain[i]) r.emplace_back(g.from[i], g.to[i]);
+  return r;
+}
+
+using Pairs = std::vector<std::pair<int64_t, int64_t>>;
+
+TEST(GraphChain, ChainsWithoutForksChooseNothing) {
+  Graph g(4);
+  g.edge(0, 1);
+  g.edge(1, 2);
+  g.edge(2, 3);
+  EXPECT_EQ(chosen(g), Pairs{});
+  EXPECT_EQ(chosen(Graph(3)), Pairs{});  // no edges at all
+}
+
+// A layer's shape: the FFN mix (0) forks to the router (1, main lane: select 2, prep 3,
+// gate/up 4, SwiGLU 5, down 6) and to the shared expert's lane (7 Sinkhorn, 8 GEMM, 9
+// GEMM); both join at the next layer's mix (10), which forks to the q path (11 norm, 12
+// wq_b, 13 attention, 14 combine) and the kv lane (15 norm, 16 rope), joined at wo_a (17,
+// then wo_b 19); the combine also forks to window_commit (18, a sink).
+TEST(GraphChain, LayerShapedGraphChoosesTheMainLane) {
+  Graph g(20);
+  for (int64_t v : {0, 1, 2, 3, 4, 5}) g.edge(v, v + 1);
+  g.edge(6, 10);
+  g.edge(0, 7);
+  g.edge(7, 8);
+  g.edge(8, 9);
+  g.edge(9, 10);
+  g.edge(10, 11);
+  g.edge(11, 12);
+  g.edge(12, 13);
+  g.edge(13, 14);
+  g.edge(14, 17);
+  g.edge(10, 15);
+  g.edge(15, 16);
+  g.edge(16, 17);
+  g.edge(14, 18);
+  g.edge(17, 19);
+  EXPECT_EQ(chosen(g), (Pairs{{0, 1}, {10, 11}, {14, 17}}));
+}
+
+TEST(GraphChain, TiedChildrenChooseNothing) {
+  Graph g(6);
+  g.edge(0, 1);  // two branches of two nodes each into 5
+  g.edge(1, 2);
+  g.edge(2, 5);
+  g.edge(0, 3);
+  g.edge(3, 4);
+  g.edge(4, 5);
+  EXPECT_EQ(chosen(g), Pairs{});
+  g.edge(0, 5);  // a shorter third branch: still tied at the top
+  EXPECT_EQ(chosen(g), Pairs{});
+}
+
+TEST(GraphChain, RejectsCyclesAndOutOfRangeEdges) {
+  Graph g(3);
+  g.edge(0, 1);
+  g.edge(1, 2);
+  g.edge(2, 1);
+  EXPECT_THROW(chosen(g), dsv4::core::Error);
+  Graph h(2);
+  h.edge(0, 2);
+  EXPECT_THROW(chosen(h), dsv4::core::Error);
+}
+
+// Random DAGs (edges only from lower to higher nodes, listed in a shuffled order): every
+// chosen edge leaves a fork toward its one longest child, and every fork with a unique
+// longest child has its edge chosen, longest paths counted by a memoized recursion.
+TEST(GraphChain, RandomDagsMatchBruteForce) {
+  std::mt19937_64 rng(dsv4::testing::test_seed() ^ 0x6c);
+  for (int trial = 0; trial < 500; ++trial) {
+    Graph g(int64_t(rng() % 40) + 1);
+    for (int64_t a = 0; a < g.nodes; ++a)
+      for (int64_t b = a + 1; b < g.nodes; ++b)
+        if (rng() % 8 == 0) g.edge(a, b);
+    std::vector<size_t> perm(g.from.size());
+    for (size_t i = 0; i < perm.size(); ++i) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    Graph s(g.nodes);
+    for (size_t i : perm) s.edge(g.from[i], g.to[i]);
+    std::vector<int64_t> memo(size_t(s.nodes), 0);
+    std::function<int64_t(int64_t)> longest = [&](int64_t v) {
+      if (memo[size_t(v)] > 0) return memo[size_t(v)];
+      int64_t l = 1;
+      for (size_t i = 0; i < s.from.size(); ++i)
+        if (s.from[i] == v) l = std::max(l, 1 + longest(s.to[i]));
+      return memo[size_t(v)] = l;
+    };
+    const std::vector<bool> chain = fork_chain_edges(s.nodes, s.from, s.to);
+    ASSERT_EQ(chain.size(), s.from.size());
+    for (int64_t v = 0; v < s.nodes; ++v) {
+      std::vector<size_t> outs;
+      for (size_t i = 0; i < s.from.size(); ++i)
+        if (s.from[i] == v) outs.push_back(i);
+      int64_t best = 0, at_best = 0;
+      for (size_t i : outs) best = std::max(best, longest(s.to[i]));
+      for (size_t i : outs) at_best += longest(s.to[i]) == best;
+      for (size_t i : outs) {
+        const bool want = outs.size() >= 2 && at_best == 1 && longest(s.to[i]) == best;
+        ASSERT_EQ(bool(chain[i]), want) << "trial " << trial << " edge " << s.from[i] << " -> " << s.to[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace dsv4::ops
