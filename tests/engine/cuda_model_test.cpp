@@ -224,6 +224,41 @@ TEST_F(CudaTinyModel, GraphReplayEqualsEagerBitForBit) {
     for (size_t i = 0; i < eager[s].size(); ++i) ASSERT_EQ(eager[s][i], replayed[s][i]) << "sequence " << s << " token " << i;
 }
 
+// The seventy-eighth session's two step forms, off by default until measured, on the whole
+// model: the router's GEMM and select as one launch (forced up to 16 rows: every decode
+// step here) and the `chain` lane edges (each fork's edge toward its longest chain
+// programmatic). Eager with the one launch, and graphs with both, each equal the default
+// eager generation, tokens and logits bit for bit (graph replays reuse the router's
+// hand-over counts, so a count left unzeroed would break the second replay).
+TEST_F(CudaTinyModel, RouterOneLaunchAndChainEdgesEqualTheDefaultBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  struct Reset {
+    ~Reset() {
+      ops::cuda_linear_force_router_one_launch_rows(-1);
+      ops::cuda_force_pdl_lanes(nullptr);
+    }
+  } reset;
+  Logits base, one, both;
+  auto base_runner = runner(*cuda_, *cuda_model_, false);
+  const auto a = run(*base_runner, base);
+  ops::cuda_linear_force_router_one_launch_rows(16);
+  ops::cuda_force_pdl_lanes("chain");
+  const int64_t before = ops::cuda_linear_router_one_launches();
+  auto one_runner = runner(*cuda_, *cuda_model_, false);
+  const auto b = run(*one_runner, one);
+  EXPECT_GT(ops::cuda_linear_router_one_launches(), before) << "the one launch was not taken";
+  auto graph_runner = runner(*cuda_, *cuda_model_, true);
+  const auto c = run(*graph_runner, both);
+  EXPECT_GE(graph_runner->num_graphs(), 1u);
+  ASSERT_EQ(a, b);
+  ASSERT_EQ(a, c);
+  for (size_t s = 0; s < base.size(); ++s)
+    for (size_t i = 0; i < base[s].size(); ++i) {
+      ASSERT_EQ(base[s][i], one[s][i]) << "one launch, eager: sequence " << s << " token " << i;
+      ASSERT_EQ(base[s][i], both[s][i]) << "one launch and chain edges, graphs: sequence " << s << " token " << i;
+    }
+}
+
 // The start-up warm-up (ModelRunner::warm_up: a 512-token prefill in the padding slot and
 // pages 0-1, then the decode graphs of 4, 2 and 1 rows recorded at position 0) leaves no
 // trace: the generation after it equals eager CUDA's, tokens and logits bit for bit.
