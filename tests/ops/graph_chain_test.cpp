@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "ops/cuda/graph_chain.h"
@@ -26,8 +27,8 @@ struct Graph {
 };
 
 // The chosen edges as (from, to) pairs.
-std::vector<std::pair<int64_t, int64_t>> chosen(const Graph& g) {
-  const std::vector<bool> chain = fork_chain_edges(g.nodes, g.from, g.to);
+std::vector<std::pair<int64_t, int64_t>> chosen(const Graph& g, const std::vector<int64_t>& weights = {}) {
+  const std::vector<bool> chain = fork_chain_edges(g.nodes, g.from, g.to, weights);
   std::vector<std::pair<int64_t, int64_t>> r;
   for (size_t i = 0; i < chain.size(); ++i)
     if (chain[i]) r.emplace_back(g.from[i], g.to[i]);
@@ -84,6 +85,24 @@ TEST(GraphChain, TiedChildrenChooseNothing) {
   EXPECT_EQ(chosen(g), Pairs{});
 }
 
+// A SWA layer at batch 1 after wq_a + wkv (0): the q path (1 rms_norm_quant, 2 wq_b of 256
+// blocks, 3 q_norm_rope of 8) and the kv lane (4 rms_norm, 5 kv_rope_quant, 6 hc_sinkhorn,
+// one block each) reach the attention (7) in three kernels each: a tie in nodes, broken
+// by the blocks; equal blocks leave the tie.
+TEST(GraphChain, NodeTiesBreakByWeight) {
+  Graph g(9);
+  for (const auto& [a, b] : Pairs{{0, 1}, {1, 2}, {2, 3}, {3, 7}, {0, 4}, {4, 5}, {5, 6}, {6, 7}, {7, 8}}) g.edge(a, b);
+  EXPECT_EQ(chosen(g), Pairs{});
+  EXPECT_EQ(chosen(g, {192, 1, 256, 8, 1, 1, 1, 4, 256}), (Pairs{{0, 1}}));
+  EXPECT_EQ(chosen(g, {192, 1, 1, 8, 1, 1, 8, 4, 256}), Pairs{});
+  EXPECT_EQ(chosen(g, {192, 1, 1, 1, 1, 1, 8, 4, 256}), (Pairs{{0, 4}}));
+  // More nodes win over more blocks.
+  Graph h(6);
+  for (const auto& [a, b] : Pairs{{0, 1}, {1, 5}, {0, 2}, {2, 3}, {3, 5}, {5, 4}}) h.edge(a, b);
+  EXPECT_EQ(chosen(h, {1, 1000, 1, 1, 1, 1}), (Pairs{{0, 2}}));
+  EXPECT_THROW(chosen(h, {1, 2}), dsv4::core::Error);  // a weight a node
+}
+
 TEST(GraphChain, RejectsCyclesAndOutOfRangeEdges) {
   Graph g(3);
   g.edge(0, 1);
@@ -95,9 +114,10 @@ TEST(GraphChain, RejectsCyclesAndOutOfRangeEdges) {
   EXPECT_THROW(chosen(h), dsv4::core::Error);
 }
 
-// Random DAGs (edges only from lower to higher nodes, listed in a shuffled order): every
-// chosen edge leaves a fork toward its one longest child, and every fork with a unique
-// longest child has its edge chosen, longest paths counted by a memoized recursion.
+// Random DAGs (edges only from lower to higher nodes, listed in a shuffled order), with and
+// without weights: every chosen edge leaves a fork toward its one longest child, and every
+// fork with a unique longest child has its edge chosen, longest paths (nodes, then weight)
+// counted by a memoized recursion.
 TEST(GraphChain, RandomDagsMatchBruteForce) {
   std::mt19937_64 rng(dsv4::testing::test_seed() ^ 0x6c);
   for (int trial = 0; trial < 500; ++trial) {
@@ -110,21 +130,28 @@ TEST(GraphChain, RandomDagsMatchBruteForce) {
     std::shuffle(perm.begin(), perm.end(), rng);
     Graph s(g.nodes);
     for (size_t i : perm) s.edge(g.from[i], g.to[i]);
-    std::vector<int64_t> memo(size_t(s.nodes), 0);
-    std::function<int64_t(int64_t)> longest = [&](int64_t v) {
-      if (memo[size_t(v)] > 0) return memo[size_t(v)];
-      int64_t l = 1;
+    // Half the trials with weights (a few values, so that ties in both happen).
+    std::vector<int64_t> weights;
+    if (trial % 2) {
+      for (int64_t v = 0; v < s.nodes; ++v) weights.push_back(int64_t(rng() % 3));
+    }
+    using Length = std::pair<int64_t, int64_t>;
+    std::vector<Length> memo(size_t(s.nodes), Length{0, 0});
+    std::function<Length(int64_t)> longest = [&](int64_t v) {
+      if (memo[size_t(v)].first > 0) return memo[size_t(v)];
+      Length tail{0, 0};
       for (size_t i = 0; i < s.from.size(); ++i)
-        if (s.from[i] == v) l = std::max(l, 1 + longest(s.to[i]));
-      return memo[size_t(v)] = l;
+        if (s.from[i] == v) tail = std::max(tail, longest(s.to[i]));
+      return memo[size_t(v)] = Length{tail.first + 1, tail.second + (weights.empty() ? 0 : weights[size_t(v)])};
     };
-    const std::vector<bool> chain = fork_chain_edges(s.nodes, s.from, s.to);
+    const std::vector<bool> chain = fork_chain_edges(s.nodes, s.from, s.to, weights);
     ASSERT_EQ(chain.size(), s.from.size());
     for (int64_t v = 0; v < s.nodes; ++v) {
       std::vector<size_t> outs;
       for (size_t i = 0; i < s.from.size(); ++i)
         if (s.from[i] == v) outs.push_back(i);
-      int64_t best = 0, at_best = 0;
+      Length best{0, 0};
+      int64_t at_best = 0;
       for (size_t i : outs) best = std::max(best, longest(s.to[i]));
       for (size_t i : outs) at_best += longest(s.to[i]) == best;
       for (size_t i : outs) {

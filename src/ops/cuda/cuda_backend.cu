@@ -399,17 +399,20 @@ int count_joins(const GraphEdges& e) {
 // do not take SM slots early.
 // Returns the number of edges converted.
 enum class LaneEdges { kSingle, kFork, kJoin, kAll, kChain };
-std::atomic<int> g_force_lane_edges{-1};
+// One of DSV4_CUDA_PDL_LANES' words (empty: the default); `source` names it in the error.
+LaneEdges lane_edges_of(const std::string& v, const char* source) {
+  if (v.empty() || v == "join") return LaneEdges::kJoin;
+  if (v == "0") return LaneEdges::kSingle;
+  if (v == "fork") return LaneEdges::kFork;
+  if (v == "chain") return LaneEdges::kChain;
+  DSV4_CHECK(v == "all", "{}='{}': expected join (the default), fork, chain, all or 0", source, v);
+  return LaneEdges::kAll;
+}
+std::atomic<int> g_force_lane_edges{-1};  // (cuda_force_pdl_lanes)
 LaneEdges lane_edges_mode() {
   static const LaneEdges from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_PDL_LANES");
-    if (v == nullptr || *v == '\0' || std::strcmp(v, "join") == 0) return LaneEdges::kJoin;
-    if (std::strcmp(v, "0") == 0) return LaneEdges::kSingle;
-    if (std::strcmp(v, "fork") == 0) return LaneEdges::kFork;
-    if (std::strcmp(v, "chain") == 0) return LaneEdges::kChain;
-    DSV4_CHECK(std::strcmp(v, "all") == 0,
-               "DSV4_CUDA_PDL_LANES='{}': expected join (the default), fork, chain, all or 0", v);
-    return LaneEdges::kAll;
+    return lane_edges_of(v ? v : "", "DSV4_CUDA_PDL_LANES");
   }();
   const int forced = g_force_lane_edges.load(std::memory_order_relaxed);
   return forced >= 0 ? LaneEdges(forced) : from_env;
@@ -429,17 +432,30 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
   const LaneEdges mode = lane_edges_mode();
   const bool forks = mode == LaneEdges::kFork || mode == LaneEdges::kAll;
   const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll || mode == LaneEdges::kChain;
-  // kChain: each fork's edge toward its longest chain (by node index of first appearance).
+  // kChain: each fork's edge toward its longest chain, in nodes, then in the kernels' blocks.
   std::vector<bool> chain_edge(n, false);
   if (mode == LaneEdges::kChain) {
     std::map<cudaGraphNode_t, int64_t> index;
-    auto at = [&](cudaGraphNode_t node) { return index.emplace(node, int64_t(index.size())).first->second; };
+    std::vector<int64_t> blocks;
+    auto at = [&](cudaGraphNode_t node) {
+      const auto [it, added] = index.emplace(node, int64_t(index.size()));
+      if (added) {
+        cudaGraphNodeType type;
+        DSV4_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+        cudaKernelNodeParams params{};
+        if (type == cudaGraphNodeTypeKernel) DSV4_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &params));
+        blocks.push_back(type == cudaGraphNodeTypeKernel
+                             ? int64_t(params.gridDim.x) * params.gridDim.y * params.gridDim.z
+                             : 0);
+      }
+      return it->second;
+    };
     std::vector<int64_t> a(n), b(n);
     for (size_t i = 0; i < n; ++i) {
       a[i] = at(from[i]);
       b[i] = at(to[i]);
     }
-    chain_edge = fork_chain_edges(int64_t(index.size()), a, b);
+    chain_edge = fork_chain_edges(int64_t(index.size()), a, b, blocks);
   }
   // A join is converted only where every way in is from one of our kernels.
   std::map<cudaGraphNode_t, int> ours_in;
@@ -518,19 +534,7 @@ void dump_graph_edges(cudaGraph_t graph) {
 }  // namespace
 
 void cuda_force_pdl_lanes(const char* mode) {
-  if (mode == nullptr) {
-    g_force_lane_edges.store(-1, std::memory_order_relaxed);
-    return;
-  }
-  const std::string m(mode);
-  const LaneEdges e = m == "0"      ? LaneEdges::kSingle
-                      : m == "fork" ? LaneEdges::kFork
-                      : m == "join" ? LaneEdges::kJoin
-                      : m == "all"  ? LaneEdges::kAll
-                                    : LaneEdges::kChain;
-  DSV4_CHECK(m == "0" || m == "fork" || m == "join" || m == "all" || m == "chain",
-             "cuda_force_pdl_lanes('{}'): expected join, fork, chain, all or 0", m);
-  g_force_lane_edges.store(int(e), std::memory_order_relaxed);
+  g_force_lane_edges.store(mode ? int(lane_edges_of(mode, "cuda_force_pdl_lanes")) : -1, std::memory_order_relaxed);
 }
 
 std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {

@@ -1884,17 +1884,17 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
                                      float* __restrict__ weights, int32_t* __restrict__ ids) {
   if constexpr (!kEarly) wait_then_release_dependents();
   extern __shared__ float s_f[];
-  router_select_row<kEarly, true>(logits, split, rows, blockIdx.x, num_experts, k, scoring, normalize, route_scale, bias,
-                            tid2eid, token_ids, positions, weights, ids, s_f);
+  router_select_row<kEarly, true>(logits, split, rows, blockIdx.x, num_experts, k, scoring, normalize, route_scale,
+                                  bias, tid2eid, token_ids, positions, weights, ids, s_f);
 }
 
 // The router's logits GEMM and its select in one launch (DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS):
 // gemm_kernel's bf16 tile with its K slices split over CTAs and its partials left in
 // global memory, as router_select_kernel's fold reads them; then every CTA counts itself
 // (an acquire-release add, after a CTA barrier: its partial stores published), and the
-// last `m` to arrive take a row each, once the count is complete, and fold and select it
-// with router_select_kernel's code (kEarly's loads, no wait: the GEMM has waited), so the
-// same bits. What it saves: the boundary between the two launches on every layer's chain
+// last min(m, CTAs) to arrive take a row each (and every CTAs-th row after it), once the
+// count is complete, and fold and select it with router_select_kernel's code (kEarly's
+// loads, no wait: the GEMM has waited), so the same bits. What it saves: the boundary between the two launches on every layer's chain
 // (the select's launch waits for the GEMM grid's end, then its own ramp). The hand-over is
 // hc_mix_finish_kernel's: no CTA waits before it is counted, so the count completes
 // whatever order the CTAs start in and however few fit at once; the last finisher past
@@ -1953,9 +1953,9 @@ __global__ void __launch_bounds__(kThreads) router_gemm_select_kernel(const Gemm
   __syncthreads();  // (thread 0's acquire, then this barrier: every CTA's partials visible to all)
   extern __shared__ __align__(16) uint8_t smem_raw[];
   for (int row = finisher; row < p.m; row += finishers) {
-    router_select_row<true, false, kMaxSlices>(p.partial, p.split, p.m, row, r.num_experts, r.k, r.scoring, r.normalize,
-                                   r.route_scale, r.bias, r.tid2eid, r.token_ids, r.positions, r.weights, r.ids,
-                                   reinterpret_cast<float*>(smem_raw));
+    router_select_row<true, false, kMaxSlices>(p.partial, p.split, p.m, row, r.num_experts, r.k, r.scoring,
+                                               r.normalize, r.route_scale, r.bias, r.tid2eid, r.token_ids,
+                                               r.positions, r.weights, r.ids, reinterpret_cast<float*>(smem_raw));
     __syncthreads();  // (warp 0 selects alone: the next row's fold waits until it is done with shared memory)
   }
 }
