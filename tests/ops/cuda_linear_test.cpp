@@ -2461,7 +2461,8 @@ TEST(CudaRouter, OneLaunchEqualsTwoLaunchesBitForBit) {
           cuda.router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(), batch.view(true, 0, T), cfg,
                       w, ids);
         };
-        Tensor two_w = device_poisoned(cuda, DType::kF32, {T, sh.k}), two_i = device_poisoned(cuda, DType::kI32, {T, sh.k});
+        Tensor two_w = device_poisoned(cuda, DType::kF32, {T, sh.k});
+        Tensor two_i = device_poisoned(cuda, DType::kI32, {T, sh.k});
         int64_t before = ops::cuda_linear_router_one_launches();
         route(0, two_w, two_i);
         EXPECT_EQ(ops::cuda_linear_router_one_launches() - before, 0) << what << ": bound 0 keeps two launches";

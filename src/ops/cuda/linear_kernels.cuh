@@ -1894,14 +1894,15 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
 // (an acquire-release add, after a CTA barrier: its partial stores published), and the
 // last min(m, CTAs) to arrive take a row each (and every CTAs-th row after it), once the
 // count is complete, and fold and select it with router_select_kernel's code (kEarly's
-// loads, no wait: the GEMM has waited), so the same bits. What it saves: the boundary between the two launches on every layer's chain
-// (the select's launch waits for the GEMM grid's end, then its own ramp). The hand-over is
-// hc_mix_finish_kernel's: no CTA waits before it is counted, so the count completes
-// whatever order the CTAs start in and however few fit at once; the last finisher past
-// its wait zeroes the counts for the next launch on them (which reads them after its own
-// dependency wait). Shared memory: the GEMM's (the select's 3 E + 2 k floats fit it, the
-// host checks). A finisher's fold has every slice's load of an expert in flight at once
-// (kMaxSlices; router_select_kernel's block, twice the threads, has eight), the same adds.
+// loads, no wait: the GEMM has waited), so the same bits. What it saves: the boundary
+// between the two launches on every layer's chain (the select's launch waits for the
+// GEMM grid's end, then ramps). The hand-over is hc_mix_finish_kernel's: no CTA waits
+// before it is counted, so the count completes whatever order the CTAs start in and
+// however few fit at once; the last finisher past its wait zeroes the counts for the
+// next launch on them (which reads them after its own dependency wait). Shared memory:
+// the GEMM's (the select's 3 E + 2 k floats fit it, the host checks). A finisher's fold
+// has every slice's load of an expert in flight at once (kMaxSlices; router_select_kernel's
+// block, twice the threads, has eight), the same adds.
 struct RouterSelectArgs {
   int* sync;  // [arrivals, finishers past their wait], zero between launches
   int num_experts, k, scoring, normalize;
