@@ -232,6 +232,31 @@ void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, 
   check_launch(be.stream());
 }
 
+// gemm_l2next_kernel (FP8-as-bf16, 8- and 16-row tiles, slices split or one: wo_a up to 16
+// rows), in clusters where cluster_fold.
+template <int NT>
+void launch_l2next(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold, const lk::L2Next& next) {
+  constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp8Bf16, NT>();
+  if (cluster_fold) {  // (run_gemm's cluster fold: 16-row tiles only)
+    if constexpr (kClusterFoldTiles<WFmt::kFp8Bf16, NT>) {
+      static std::atomic<uint64_t> done{0};
+      const auto kernel = lk::gemm_l2next_kernel<WFmt::kFp8Bf16, NT, true>;
+      allow_smem(kernel, smem, be.device_index(), done);
+      cudaLaunchAttribute cluster;
+      const cudaLaunchConfig_t cfg = cluster_fold_config(grid, p.split, smem, be.stream(), cluster);
+      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, next));
+    } else {
+      DSV4_CHECK(false, "gemm: no cluster fold for {}-row tiles", 8 * NT);
+    }
+  } else {
+    static std::atomic<uint64_t> done{0};
+    const auto kernel = lk::gemm_l2next_kernel<WFmt::kFp8Bf16, NT, false>;
+    allow_smem(kernel, smem, be.device_index(), done);
+    kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, next);
+  }
+  check_launch(be.stream());
+}
+
 template <WFmt F>
 void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two, bool cluster_fold) {
   const bool c = cluster_fold;
@@ -752,6 +777,19 @@ bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
 }
+// `wo_a`'s CTAs asking `wo_b`'s weights into the L2 a piece with each of their own weight
+// stages, their own copies marked evict-first (gemm_l2next_kernel), at up to 16 rows:
+// DSV4_CUDA_WO_B_PREFETCH=1; default 0 until an A/B on a GPU measures it. Why it might
+// pay: `wo_a` is bound by its e4m3 decode, not its bytes (forty-seventh session: as slow
+// from the L2), so HBM has room beside it, and `wo_b` (33.5 MB, the L2 holds 50) runs at
+// its bytes right after. A hint: the same bits either way; a test hook may force it.
+std::atomic<int64_t> g_l2next_launches{0};
+std::atomic<int> g_force_wo_b_prefetch{-1};
+bool wo_b_prefetch_enabled() {
+  static const bool from_env = env_is("DSV4_CUDA_WO_B_PREFETCH", "1");
+  return forced_or(g_force_wo_b_prefetch, from_env);
+}
+
 // The rows up to which the router's GEMM and select run as one launch
 // (router_gemm_select_kernel, where the GEMM splits its slices over CTAs in 8- or 16-row
 // tiles): DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS, 0-16, default 0 (two launches) until an A/B on
@@ -806,7 +844,9 @@ struct LeftPartials {
 // writes y's FP8 codes and scales where it forms whole rows of tiles (the last CTAs'
 // fold of wo_a's FP8-as-bf16 tiles, split_fold_kernel's 4-column form); returns whether
 // it did (else the caller quantizes y).
-bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr) {
+// With `next` (bytes > 0; FP8-as-bf16 tiles of 8 or 16 rows, no walked second set), the
+// launch is gemm_l2next_kernel's: its CTAs ask next's bytes into the L2 as they stream.
+bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr, lk::L2Next next = {}) {
   if (leave != nullptr) *leave = LeftPartials{};
   DSV4_CHECK(p.yq == nullptr || (p.n % lk::kTileN == 0 && p.y1 == nullptr && p.out_rows == nullptr && !p.y_f32 &&
                                  leave == nullptr && p.ldq == int64_t(p.groups) * p.n),
@@ -859,11 +899,17 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   if (p.yq != nullptr) g_fold_quant_launches.fetch_add(1, std::memory_order_relaxed);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
-  switch (fmt) {
-    case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two, cluster_fold); break;
-    case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
-    case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
-    case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
+  if (next.bytes > 0 && fmt == WFmt::kFp8Bf16 && !two && (nt == 1 || nt == 2)) {
+    if (nt == 1) launch_l2next<1>(be, p, grid, cluster_fold, next);
+    else launch_l2next<2>(be, p, grid, cluster_fold, next);
+    g_l2next_launches.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    switch (fmt) {
+      case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two, cluster_fold); break;
+      case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
+      case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
+      case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
+    }
   }
   if (fold_launch && !cluster_fold && leave != nullptr) {
     *leave = LeftPartials{.partial = p.partial, .split = p.split, .rows = p.m};
@@ -1110,6 +1156,8 @@ void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::me
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_l2next_launches() { return g_l2next_launches.load(std::memory_order_relaxed); }
+void cuda_linear_force_wo_b_prefetch(int on) { g_force_wo_b_prefetch.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_router_one_launches() { return g_router_one_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_one_launch_rows(int rows) {
   DSV4_CHECK(rows >= -1 && rows <= 16, "cuda_linear_force_router_one_launch_rows({}): expected -1 .. 16", rows);
@@ -1352,7 +1400,12 @@ void CudaBackend::do_grouped_linear_linear(const Tensor& x, const QuantLinear& w
   p.yq = q.codes;
   p.ys = q.scales;
   p.ldq = wa.n;
-  if (!run_gemm(*this, WFmt::kFp8Bf16, p)) quantize_rows(*this, z.as<uint16_t>(), wa.n, M, wa.n, q.codes, q.scales, false);
+  // wo_b's weights asked into the L2 while wo_a streams (wo_b_prefetch_enabled), up to 16 rows.
+  lk::L2Next next{};
+  if (M <= 16 && wo_b_prefetch_enabled() && aligned(wb.weight.data(), 16))
+    next = lk::L2Next{.base = wb.weight.as<uint8_t>(), .bytes = int64_t(wb.weight.nbytes()) & ~int64_t(15)};
+  if (!run_gemm(*this, WFmt::kFp8Bf16, p, nullptr, next))
+    quantize_rows(*this, z.as<uint16_t>(), wa.n, M, wa.n, q.codes, q.scales, false);
   linears_on_quantized_rows(*this, q, M, wb, y, nullptr, nullptr);
 }
 
