@@ -1211,7 +1211,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 }
 
 // gemm_kernel with an L2Next (kTwoSets false): the same tiles and bits, its CTAs asking
-// `next` into the L2 beside their own weight stream (cuda_linear.cu: l2_next_launch).
+// `next` into the L2 beside their own weight stream (cuda_linear.cu: launch_l2next).
 template <WFmt F, int NT, bool kClusterFold>
 __global__ void __launch_bounds__(kThreads) gemm_l2next_kernel(const GemmParams p, const L2Next next) {
   constexpr int BM = 8 * NT;
