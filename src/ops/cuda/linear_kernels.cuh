@@ -63,6 +63,7 @@
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/fp8_bf16_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
+#include "ops/cuda/l2_next_plan.h"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv4::ops::linear_kernels {
@@ -586,16 +587,13 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int slice = p.split > 1 ? int(blockIdx.z) : 0;
   const int st_begin = slice * per_slice;
   const int iters = p.split > 1 ? per_slice : stages_total;
-  // kL2Next: this CTA's share [l2_begin, l2_end) of l2next, l2_piece bytes a stage.
-  int64_t l2_begin = 0, l2_end = 0, l2_piece = 0;
+  // kL2Next: this CTA's share of l2next, a piece a stage (l2_next_plan.h).
+  L2NextShare l2_share{};
   uint64_t evict_first = 0;
   if constexpr (kL2Next) {
     const int64_t ctas = int64_t(gridDim.x) * gridDim.y * gridDim.z;
     const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    const int64_t share = ((l2next.bytes + ctas - 1) / ctas + 15) & ~int64_t(15);
-    l2_begin = min(cta * share, l2next.bytes);
-    l2_end = min(l2_begin + share, l2next.bytes);
-    l2_piece = ((l2_end - l2_begin + iters - 1) / max(iters, 1) + 15) & ~int64_t(15);
+    l2_share = l2_next_share(l2next.bytes, ctas, cta, iters);
     evict_first = l2_evict_first_policy();
   }
 
@@ -680,8 +678,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       }
     }
     if constexpr (kL2Next) {
-      const int64_t from = l2_begin + int64_t(st - st_begin) * l2_piece;
-      if (tid == 0 && from < l2_end) prefetch_l2_bulk(l2next.base + from, uint32_t(min(l2_piece, l2_end - from)));
+      const int64_t j = st - st_begin, piece = l2_next_piece(l2_share, j);
+      if (tid == 0 && piece > 0) prefetch_l2_bulk(l2next.base + l2_share.begin + j * l2_share.piece, uint32_t(piece));
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
