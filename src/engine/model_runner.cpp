@@ -308,7 +308,8 @@ int64_t ModelRunner::launch_step(const StepMetadata& meta, bool keep_hidden, boo
       // buffer), then record the same program for the next ones.
       model::StageProgram program = model_->step_program(*buffers_, batch, bucket, caches_, *moe_);
       run_on_lanes(program, backend_);
-      graphs_[bucket] = backend_.capture([this, program] { run_on_lanes(program, backend_); });
+      const ops::Backend::CaptureInfo info{.rows = bucket};
+      graphs_[bucket] = backend_.capture([this, program] { run_on_lanes(program, backend_); }, info);
     } else {
       it->second->replay();
     }

@@ -206,7 +206,7 @@ std::shared_ptr<void> Backend::host_buffer(size_t bytes) {
                                [](void* p) { ::operator delete(p, std::align_val_t(64)); });
 }
 
-std::unique_ptr<Graph> Backend::capture(const std::function<void()>& body) {
+std::unique_ptr<Graph> Backend::capture(const std::function<void()>& body, const CaptureInfo&) {
   return std::make_unique<CallGraph>(body);
 }
 

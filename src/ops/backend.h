@@ -171,8 +171,14 @@ class Backend {
   virtual CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const = 0;
   // Records `body` (which issues ops only: no host reads of device data, no
   // allocation) for replay; recording does not execute it. Every buffer it
-  // touches must keep its address.
-  virtual std::unique_ptr<Graph> capture(const std::function<void()>& body);
+  // touches must keep its address. `info` describes what is recorded, for a backend
+  // that shapes its graphs by it (CUDA: which lane edges become programmatic); no
+  // choice it makes changes a result.
+  struct CaptureInfo {
+    int64_t rows = 0;  // the step's token rows (a decode bucket); 0: not said
+  };
+  std::unique_ptr<Graph> capture(const std::function<void()>& body) { return capture(body, CaptureInfo{}); }
+  virtual std::unique_ptr<Graph> capture(const std::function<void()>& body, const CaptureInfo& info);
 
   // ---- ops ---------------------------------------------------------------------
   // X[t, i, :] = table[token_ids[t]] for every stream i (spec §3). table bf16 [V, D], X bf16 [T, hc, D].

@@ -383,42 +383,50 @@ int count_joins(const GraphEdges& e) {
 // every waiting kernel counts as started, so whole chains of small kernels became
 // resident at once, waiting, and held the SMs' resources.
 // Where lanes fork or join (engine/stage_lanes.h): DSV4_CUDA_PDL_LANES (read once)
-// says which of those edges are converted too: `join` (the default) the edges into a
-// join whose every way in is from one of our kernels, `fork` the edges out of a fork,
-// `all` both, `0` neither (only an edge that is its upstream node's one way out and its
-// downstream node's one way in). Measured (bench-1g, H200, 3 rounds; docs/BENCHMARKS.md,
-// thirty-seventh session): join -0.5 / -0.1 / -0.1 / -0.1% a step at 1 / 16 / 64 / 256
-// rows; fork -0.2 / -0.3 / -0.1 / +0.2%; all -0.3 / -0.4 / -0.1 / +0.3%.
+// says which of those edges are converted too: `join` the edges into a join whose every
+// way in is from one of our kernels, `fork` the edges out of a fork, `all` both, `0`
+// neither (only an edge that is its upstream node's one way out and its downstream
+// node's one way in), `chain` the joins and of each fork's edges the one toward the child
+// heading the longest chain (graph_chain.h), so that the critical chain's kernel launches
+// under the fork's tail and the side lanes' do not take SM slots early. Unset: `chain` in
+// captures of up to DSV4_CUDA_PDL_CHAIN_ROWS rows (default 1; CaptureInfo::rows), `join`
+// in the others. Measured (bench-1g, H200, 3 rounds; docs/BENCHMARKS.md, thirty-seventh
+// session): join -0.5 / -0.1 / -0.1 / -0.1% a step at 1 / 16 / 64 / 256 rows; fork -0.2 /
+// -0.3 / -0.1 / +0.2%; all -0.3 / -0.4 / -0.1 / +0.3%. Against join on an H100
+// (seventy-eighth session, 2 rounds, two A/Bs): chain -1.5 and -2.0% at 1 row, +0.5% at 4,
+// +0.2% at 16, -0.1% at 64 and 256; all 0.0 / +0.3 / -0.1 / 0.0 / -0.1% at 1 / 4 / 16 /
+// 64 / 256.
 // The rule that keeps them correct is the single edge's: every kernel triggers its
 // dependents only after its own wait, so a kernel launched through programmatic edges
 // finds every grandparent finished, and its own wait (griddepcontrol.wait: all
 // prerequisite grids) covers each parent (GPU test CudaGraphLanes.JoinWaitsForEveryLane).
-// `chain` (seventy-eighth session, not yet measured): the joins as `join`, and of each
-// fork's edges only the one toward the child heading the longest chain (graph_chain.h),
-// so that the critical chain's kernel launches under the fork's tail and the side lanes'
-// do not take SM slots early.
-// Returns the number of edges converted.
-enum class LaneEdges { kSingle, kFork, kJoin, kAll, kChain };
-// One of DSV4_CUDA_PDL_LANES' words (empty: the default); `source` names it in the error.
+enum class LaneEdges { kSingle, kFork, kJoin, kAll, kChain, kByRows };
+// One of DSV4_CUDA_PDL_LANES' words (empty: by rows); `source` names it in the error.
 LaneEdges lane_edges_of(const std::string& v, const char* source) {
-  if (v.empty() || v == "join") return LaneEdges::kJoin;
+  if (v.empty()) return LaneEdges::kByRows;
+  if (v == "join") return LaneEdges::kJoin;
   if (v == "0") return LaneEdges::kSingle;
   if (v == "fork") return LaneEdges::kFork;
   if (v == "chain") return LaneEdges::kChain;
-  DSV4_CHECK(v == "all", "{}='{}': expected join (the default), fork, chain, all or 0", source, v);
+  DSV4_CHECK(v == "all", "{}='{}': expected join, fork, chain, all or 0 (unset: chain or join by rows)", source, v);
   return LaneEdges::kAll;
 }
 std::atomic<int> g_force_lane_edges{-1};  // (cuda_force_pdl_lanes)
-LaneEdges lane_edges_mode() {
+// The form for a capture of `rows` rows (0: not said, which takes `join` where unset).
+LaneEdges lane_edges_mode(int64_t rows) {
   static const LaneEdges from_env = [] {
     const char* v = std::getenv("DSV4_CUDA_PDL_LANES");
     return lane_edges_of(v ? v : "", "DSV4_CUDA_PDL_LANES");
   }();
+  static const int64_t chain_rows = env_integer("DSV4_CUDA_PDL_CHAIN_ROWS", 1, 0, int64_t(1) << 20);
   const int forced = g_force_lane_edges.load(std::memory_order_relaxed);
-  return forced >= 0 ? LaneEdges(forced) : from_env;
+  const LaneEdges mode = forced >= 0 ? LaneEdges(forced) : from_env;
+  if (mode != LaneEdges::kByRows) return mode;
+  return rows >= 1 && rows <= chain_rows ? LaneEdges::kChain : LaneEdges::kJoin;
 }
 
-int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
+// Returns the number of edges converted.
+int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e, int64_t rows) {
   const size_t n = e.from.size();
   auto& from = e.from;
   auto& to = e.to;
@@ -429,7 +437,7 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e) {
     if (it == ours.end()) it = ours.emplace(node, is_ops_kernel(node)).first;
     return it->second;
   };
-  const LaneEdges mode = lane_edges_mode();
+  const LaneEdges mode = lane_edges_mode(rows);
   const bool forks = mode == LaneEdges::kFork || mode == LaneEdges::kAll;
   const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll || mode == LaneEdges::kChain;
   // kChain: each fork's edge toward its longest chain, in nodes, then in the kernels' blocks.
@@ -537,7 +545,7 @@ void cuda_force_pdl_lanes(const char* mode) {
   g_force_lane_edges.store(mode ? int(lane_edges_of(mode, "cuda_force_pdl_lanes")) : -1, std::memory_order_relaxed);
 }
 
-std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
+std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body, const CaptureInfo& info) {
   DSV4_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   ++scratch_->captures;
   try {
@@ -554,7 +562,7 @@ std::unique_ptr<Graph> CudaBackend::capture(const std::function<void()>& body) {
   GraphEdges edges = graph_edges(graph);
   last_capture_joins_ = count_joins(edges);
   last_capture_programmatic_edges_ =
-      programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges) : 0;
+      programmatic_launch_enabled() ? make_kernel_edges_programmatic(graph, edges, info.rows) : 0;
   dump_graph_edges(graph);
   DSV4_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   cudaGraphDestroy(graph);

@@ -41,7 +41,8 @@ class CudaBackend final : public Backend {
   CacheCost cache_cost(const CacheGeometry& geometry, int64_t ratio) const override;
   // Captures body's work as one graph; kernel-to-kernel edges become programmatic
   // (dependent launch, see grid_dependency.cuh) unless DSV4_CUDA_PDL=0.
-  std::unique_ptr<Graph> capture(const std::function<void()>& body) override;
+  using Backend::capture;
+  std::unique_ptr<Graph> capture(const std::function<void()>& body, const CaptureInfo& info) override;
   // How many edges the last capture made programmatic (tests).
   int last_capture_programmatic_edges() const { return last_capture_programmatic_edges_; }
   // How many nodes of the last capture wait on two or more others (lanes joining; tests).

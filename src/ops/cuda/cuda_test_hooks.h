@@ -15,7 +15,8 @@ class CudaBackend;
 // ---- graph capture (cuda_backend.cu) ----------------------------------------------------
 
 // Which lane edges CudaBackend::capture makes programmatic, as DSV4_CUDA_PDL_LANES' words
-// ("join", "fork", "chain", "all", "0"); nullptr follows the environment.
+// ("join", "fork", "chain", "all", "0"; "" as unset: chain or join by the capture's rows);
+// nullptr follows the environment.
 void cuda_force_pdl_lanes(const char* mode);
 
 // ---- linears, routed experts, router; casts (cuda_linear.cu) -------------------------
