@@ -779,10 +779,12 @@ bool router_fold_enabled() {
 }
 // `wo_a`'s CTAs asking `wo_b`'s weights into the L2 a piece with each of their own weight
 // stages, their own copies marked evict-first (gemm_l2next_kernel), at up to 16 rows:
-// DSV4_CUDA_WO_B_PREFETCH=1; default 0 until an A/B on a GPU measures it. Why it might
-// pay: `wo_a` is bound by its e4m3 decode, not its bytes (forty-seventh session: as slow
-// from the L2), so HBM has room beside it, and `wo_b` (33.5 MB, the L2 holds 50) runs at
-// its bytes right after. A hint: the same bits either way; a test hook may force it.
+// DSV4_CUDA_WO_B_PREFETCH=1, default 0. Built on the premise that `wo_a` is bound by its
+// e4m3 decode, not its bytes (forty-seventh session, at 16 rows), so that HBM has room
+// beside it for `wo_b`'s 33.5 MB. Measured (H100, seventy-eighth session): +3.0% a step at
+// 1 row, +1.1% at 16; in the batch-1 trace `wo_a` 19.0 -> 25.5 µs and `wo_b` only 12.3 ->
+// 11.5: at 1 row `wo_a` is not decode-bound. Kept for A/Bs. A hint: the same bits either
+// way; a test hook may force it.
 std::atomic<int64_t> g_l2next_launches{0};
 std::atomic<int> g_force_wo_b_prefetch{-1};
 bool wo_b_prefetch_enabled() {
@@ -792,8 +794,11 @@ bool wo_b_prefetch_enabled() {
 
 // The rows up to which the router's GEMM and select run as one launch
 // (router_gemm_select_kernel, where the GEMM splits its slices over CTAs in 8- or 16-row
-// tiles): DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS, 0-16, default 0 (two launches) until an A/B on
-// a GPU measures it; a test hook may force a bound. The same bits either way.
+// tiles): DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS, 0-16, default 0 (two launches). Measured (H100,
+// seventy-eighth session): +0.7% a step at 1 row, +1.0% at 16; in the batch-1 trace the
+// launch runs 14.7 µs against the GEMM's 5.0 and the select's 4.9 after it (its
+// finisher's ~10 µs not explained). Kept for A/Bs; a test hook may force a bound. The same
+// bits either way.
 std::atomic<int64_t> g_router_one_launches{0};
 std::atomic<int> g_force_router_one_launch_rows{-1};
 int64_t router_one_launch_rows() {
