@@ -72,8 +72,6 @@ constexpr EnvSwitch kSwitches[] = {
      "the most CTAs (a cluster) choose_tokens and token_logprobs spread a row over, where the rows' clusters are "
      "resident at once (1: a CTA a row)"},
     // Router and routed experts.
-    {"DSV4_CUDA_WO_B_PREFETCH", kCuda, kOnOff, "0",
-     "1: wo_a's CTAs ask wo_b's weights into the L2 as they stream theirs, up to 16 rows (measured slower)"},
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",
      "0: the router's logits folded by a launch, not by the select kernel"},
     {"DSV4_CUDA_ROUTER_EARLY", kCuda, kOnOff, "1", "0: the select kernel reads its tables after its dependency wait"},

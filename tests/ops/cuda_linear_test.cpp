@@ -746,59 +746,6 @@ TEST_P(CudaLinear, GroupedLinearLinearEqualsItsPartsBitForBit) {
   }
 }
 
-// `wo_a` asking `wo_b`'s weights into the L2 as it streams (DSV4_CUDA_WO_B_PREFETCH, forced;
-// gemm_l2next_kernel, its own weight copies evict-first): a hint, so z and y are the bits
-// of the launch without it, at 1-16 rows (8-row tiles, 16-row tiles in clusters or not) and
-// beyond (where it is not taken), eagerly and from a captured graph replayed twice; and the
-// prefetching launch is taken exactly up to 16 rows. Shapes: a quarter of V4-Flash's
-// wo_a (8 groups of 1024 x 512) and a wo_b of 1024 x 8192, and one whose wo_b is 32 KB.
-TEST(CudaLinearL2Next, WoBPrefetchLeavesTheBitsAlone) {
-  DSV4_REQUIRE_CUDA();
-  Env env;
-  auto& cuda = env.cuda;
-  Rng rng(0x3c);
-  struct Reset {
-    ~Reset() { ops::cuda_linear_force_wo_b_prefetch(-1); }
-  } reset;
-  struct Case {
-    int64_t g, r, c, n;
-  };
-  for (const Case c : {Case{8, 1024, 512, 1024}, Case{2, 128, 256, 128}}) {
-    const QuantLinear da =
-        device_quant(cuda, host_quant(c.g * c.r, c.c, false, draw_seed(rng)), ops::TensorRole::kGroupedFp8Weight);
-    const QuantLinear db = device_quant(cuda, host_quant(c.n, c.g * c.r, false, draw_seed(rng)));
-    for (int64_t M : {1, 5, 8, 9, 16, 17}) {
-      const std::string what = "G=" + std::to_string(c.g) + " " + shape_str(M, c.r, c.c) + " then N=" +
-                               std::to_string(c.n);
-      const Tensor dx = to_device(cuda, rng.bf16({M, c.g * c.c}, 2.0f));
-      Tensor z[2], y[2];
-      for (int on = 0; on < 2; ++on) {
-        z[on] = device_poisoned(cuda, DType::kBF16, {M, c.g * c.r});
-        y[on] = device_poisoned(cuda, DType::kBF16, {M, c.n});
-        ops::cuda_linear_force_wo_b_prefetch(on);
-        const int64_t before = ops::cuda_linear_l2next_launches();
-        cuda.grouped_linear_linear(dx, da, c.g, z[on], db, y[on]);
-        EXPECT_EQ(ops::cuda_linear_l2next_launches() - before, on && M <= 16 ? 1 : 0) << what << " on=" << on;
-      }
-      expect_bitwise(to_host(cuda, z[0]), to_host(cuda, z[1]), "z with wo_b's prefetch, " + what);
-      expect_bitwise(to_host(cuda, y[0]), to_host(cuda, y[1]), "y with wo_b's prefetch, " + what);
-      if (M == 1 || M == 16) {
-        ops::cuda_linear_force_wo_b_prefetch(1);
-        Tensor zg = device_poisoned(cuda, DType::kBF16, {M, c.g * c.r});
-        Tensor yg = device_poisoned(cuda, DType::kBF16, {M, c.n});
-        auto graph = cuda.capture([&] { cuda.grouped_linear_linear(dx, da, c.g, zg, db, yg); });
-        for (int rep = 0; rep < 2; ++rep) {
-          cudaMemsetAsync(yg.data(), 0x7f, yg.nbytes(), cuda.stream());
-          graph->replay();
-          cuda.synchronize();
-          expect_bitwise(to_host(cuda, y[0]), to_host(cuda, yg), "y with wo_b's prefetch, replay " +
-                                                                      std::to_string(rep) + ", " + what);
-        }
-      }
-    }
-  }
-}
-
 // ---- expert_ffn ------------------------------------------------------------------------
 TEST_P(CudaLinear, ExpertFfnMatchesCpu) {
   Env env;

@@ -232,31 +232,6 @@ void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, 
   check_launch(be.stream());
 }
 
-// gemm_l2next_kernel (FP8-as-bf16, 8- and 16-row tiles, slices split or one: wo_a up to 16
-// rows), in clusters where cluster_fold.
-template <int NT>
-void launch_l2next(CudaBackend& be, const lk::GemmParams& p, dim3 grid, bool cluster_fold, const lk::L2Next& next) {
-  constexpr int smem = lk::gemm_smem_bytes<WFmt::kFp8Bf16, NT>();
-  if (cluster_fold) {  // (run_gemm's cluster fold: 16-row tiles only)
-    if constexpr (kClusterFoldTiles<WFmt::kFp8Bf16, NT>) {
-      static std::atomic<uint64_t> done{0};
-      const auto kernel = lk::gemm_l2next_kernel<WFmt::kFp8Bf16, NT, true>;
-      allow_smem(kernel, smem, be.device_index(), done);
-      cudaLaunchAttribute cluster;
-      const cudaLaunchConfig_t cfg = cluster_fold_config(grid, p.split, smem, be.stream(), cluster);
-      DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, next));
-    } else {
-      DSV4_CHECK(false, "gemm: no cluster fold for {}-row tiles", 8 * NT);
-    }
-  } else {
-    static std::atomic<uint64_t> done{0};
-    const auto kernel = lk::gemm_l2next_kernel<WFmt::kFp8Bf16, NT, false>;
-    allow_smem(kernel, smem, be.device_index(), done);
-    kernel<<<grid, lk::kThreads, smem, be.stream()>>>(p, next);
-  }
-  check_launch(be.stream());
-}
-
 template <WFmt F>
 void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two, bool cluster_fold) {
   const bool c = cluster_fold;
@@ -777,21 +752,6 @@ bool router_fold_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_FOLD", "0");
   return forced_or(g_force_router_fold, from_env);
 }
-// `wo_a`'s CTAs asking `wo_b`'s weights into the L2 a piece with each of their own weight
-// stages, their own copies marked evict-first (gemm_l2next_kernel), at up to 16 rows:
-// DSV4_CUDA_WO_B_PREFETCH=1, default 0. Built on the premise that `wo_a` is bound by its
-// e4m3 decode, not its bytes (forty-seventh session, at 16 rows), so that HBM has room
-// beside it for `wo_b`'s 33.5 MB. Measured (H100, seventy-eighth session): +3.0% a step at
-// 1 row, +1.1% at 16; in the batch-1 trace `wo_a` 19.0 -> 25.5 µs and `wo_b` only 12.3 ->
-// 11.5: at 1 row `wo_a` is not decode-bound. Kept for A/Bs. A hint: the same bits either
-// way; a test hook may force it.
-std::atomic<int64_t> g_l2next_launches{0};
-std::atomic<int> g_force_wo_b_prefetch{-1};
-bool wo_b_prefetch_enabled() {
-  static const bool from_env = env_is("DSV4_CUDA_WO_B_PREFETCH", "1");
-  return forced_or(g_force_wo_b_prefetch, from_env);
-}
-
 // The rows up to which the router's GEMM and select run as one launch
 // (router_gemm_select_kernel, where the GEMM splits its slices over CTAs in 8- or 16-row
 // tiles): DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS, 0-16, default 0 (two launches). Measured (H100,
@@ -849,9 +809,7 @@ struct LeftPartials {
 // writes y's FP8 codes and scales where it forms whole rows of tiles (the last CTAs'
 // fold of wo_a's FP8-as-bf16 tiles, split_fold_kernel's 4-column form); returns whether
 // it did (else the caller quantizes y).
-// With `next` (bytes > 0; FP8-as-bf16 tiles of 8 or 16 rows, no walked second set), the
-// launch is gemm_l2next_kernel's: its CTAs ask next's bytes into the L2 as they stream.
-bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr, lk::L2Next next = {}) {
+bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave = nullptr) {
   if (leave != nullptr) *leave = LeftPartials{};
   DSV4_CHECK(p.yq == nullptr || (p.n % lk::kTileN == 0 && p.y1 == nullptr && p.out_rows == nullptr && !p.y_f32 &&
                                  leave == nullptr && p.ldq == int64_t(p.groups) * p.n),
@@ -904,17 +862,11 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   if (p.yq != nullptr) g_fold_quant_launches.fetch_add(1, std::memory_order_relaxed);
   const dim3 grid(unsigned(n_tiles), unsigned(m_tiles), unsigned(p.split));
   const bool two = !split && p.slices > 1;
-  if (next.bytes > 0 && fmt == WFmt::kFp8Bf16 && !two && (nt == 1 || nt == 2)) {
-    if (nt == 1) launch_l2next<1>(be, p, grid, cluster_fold, next);
-    else launch_l2next<2>(be, p, grid, cluster_fold, next);
-    g_l2next_launches.fetch_add(1, std::memory_order_relaxed);
-  } else {
-    switch (fmt) {
-      case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two, cluster_fold); break;
-      case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
-      case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
-      case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
-    }
+  switch (fmt) {
+    case WFmt::kFp8: dispatch_plain<WFmt::kFp8>(be, p, grid, nt, two, cluster_fold); break;
+    case WFmt::kFp4: dispatch_plain<WFmt::kFp4>(be, p, grid, nt, two, cluster_fold); break;
+    case WFmt::kBf16: dispatch_plain<WFmt::kBf16>(be, p, grid, nt, two, cluster_fold); break;
+    case WFmt::kFp8Bf16: dispatch_plain<WFmt::kFp8Bf16>(be, p, grid, nt, two, cluster_fold); break;
   }
   if (fold_launch && !cluster_fold && leave != nullptr) {
     *leave = LeftPartials{.partial = p.partial, .split = p.split, .rows = p.m};
@@ -1161,8 +1113,6 @@ void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::me
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
-int64_t cuda_linear_l2next_launches() { return g_l2next_launches.load(std::memory_order_relaxed); }
-void cuda_linear_force_wo_b_prefetch(int on) { g_force_wo_b_prefetch.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_router_one_launches() { return g_router_one_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_one_launch_rows(int rows) {
   DSV4_CHECK(rows >= -1 && rows <= 16, "cuda_linear_force_router_one_launch_rows({}): expected -1 .. 16", rows);
@@ -1405,12 +1355,7 @@ void CudaBackend::do_grouped_linear_linear(const Tensor& x, const QuantLinear& w
   p.yq = q.codes;
   p.ys = q.scales;
   p.ldq = wa.n;
-  // wo_b's weights asked into the L2 while wo_a streams (wo_b_prefetch_enabled), up to 16 rows.
-  lk::L2Next next{};
-  if (M <= 16 && wo_b_prefetch_enabled() && aligned(wb.weight.data(), 16))
-    next = lk::L2Next{.base = wb.weight.as<uint8_t>(), .bytes = int64_t(wb.weight.nbytes()) & ~int64_t(15)};
-  if (!run_gemm(*this, WFmt::kFp8Bf16, p, nullptr, next))
-    quantize_rows(*this, z.as<uint16_t>(), wa.n, M, wa.n, q.codes, q.scales, false);
+  if (!run_gemm(*this, WFmt::kFp8Bf16, p)) quantize_rows(*this, z.as<uint16_t>(), wa.n, M, wa.n, q.codes, q.scales, false);
   linears_on_quantized_rows(*this, q, M, wb, y, nullptr, nullptr);
 }
 

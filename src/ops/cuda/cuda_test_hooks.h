@@ -108,11 +108,6 @@ void cuda_linear_force_router_fold(int on);
 // Test hook: -1 follows DSV4_CUDA_ROUTER_EARLY (default on), 0 / 1 force the select
 // kernel's late / early form.
 void cuda_linear_force_router_early(int on);
-// Test hooks: GEMM launches so far whose CTAs asked the next weights into the L2
-// (gemm_l2next_kernel: wo_a asking in wo_b's); -1 follows DSV4_CUDA_WO_B_PREFETCH (default
-// 0: off), 0 / 1 force it off / on (up to 16 rows).
-int64_t cuda_linear_l2next_launches();
-void cuda_linear_force_wo_b_prefetch(int on);
 // Test hooks: router calls so far whose GEMM and select ran as one launch
 // (router_gemm_select_kernel); -1 follows DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS (default 0: two
 // launches), 0 .. 16 force the row bound.

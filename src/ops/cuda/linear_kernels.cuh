@@ -63,7 +63,6 @@
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/fp8_bf16_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
-#include "ops/cuda/l2_next_plan.h"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv4::ops::linear_kernels {
@@ -267,37 +266,6 @@ __device__ __forceinline__ void cp_async16_l2_128(void* dst, const void* src, in
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
 }
-
-// The same with an L2 eviction-first policy (createpolicy's 64-bit handle): weight bytes
-// read once a step, so that they, not the bytes an L2Next prefetch asked in beside them,
-// leave the L2 first.
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ void cp_async16_l2_128_evict_first(void* dst, const void* src, int src_bytes,
-                                                              uint64_t policy) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2, %3;\n" ::"r"(d), "l"(src),
-               "r"(src_bytes), "l"(policy)
-               : "memory");
-}
-
-// A bulk prefetch of [p, p + bytes) into the L2 (a hint: nothing waits for it). p and bytes
-// multiples of 16.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-}
-
-// Bytes a GEMM's CTAs ask into the L2 while they stream their own weights
-// (DSV4_CUDA_WO_B_PREFETCH: `wo_a`'s CTAs asking in `wo_b`'s, which runs next): each CTA
-// takes an equal 16-byte-aligned share, a piece with each of its weight stages, so that
-// the asking keeps the CTA's own pace. bytes == 0: none.
-struct L2Next {
-  const uint8_t* base = nullptr;
-  int64_t bytes = 0;
-};
 
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -534,13 +502,11 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // scale-group test had kept a 16-bit flag that its stage loop re-tested, and 16 rows read
 // 0.4% slower at the fifty-seventh session's end than at its start (fifty-eighth session,
 // 3 rounds apart).
-// kL2Next (gemm_l2next_kernel): l2next's share of this CTA asked into the L2 a piece a
-// weight stage, and the CTA's own weight copies marked evict-first.
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          bool kExpertLaunch = false, bool kL2Next = false>
+          bool kExpertLaunch = false>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
-                                          int rows, int tile_id, L2Next l2next = {}) {
+                                          int rows, int tile_id) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
   // (marks of gemm_kernel's tiles; the expert kernels stamp their own)
@@ -587,15 +553,6 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
   const int slice = p.split > 1 ? int(blockIdx.z) : 0;
   const int st_begin = slice * per_slice;
   const int iters = p.split > 1 ? per_slice : stages_total;
-  // kL2Next: this CTA's share of l2next, a piece a stage (l2_next_plan.h).
-  L2NextShare l2_share{};
-  uint64_t evict_first = 0;
-  if constexpr (kL2Next) {
-    const int64_t ctas = int64_t(gridDim.x) * gridDim.y * gridDim.z;
-    const int64_t cta = (int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-    l2_share = l2_next_share(l2next.bytes, ctas, cta, iters);
-    evict_first = l2_evict_first_policy();
-  }
 
   // Per-thread source pointers of a stage's copies, at stage 0 (null: zero-fill),
   // computed once: the stage loop only adds st * bytes per stage.
@@ -658,12 +615,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       static_assert(F != WFmt::kFp8Bf16 || T::kWStride == T::kWBytes, "a stage buffer is the stage's run as stored");
       const uint8_t* src = w_src + int64_t(st) * (kTileN * T::kWBytes);
 #pragma unroll
-      for (int i = 0; i < kWChunks; ++i) {
-        if constexpr (kL2Next)
-          cp_async16_l2_128_evict_first(dw + 16 * tid + i * 16 * kThreads, src + i * w_step, 16, evict_first);
-        else
-          cp_async16_l2_128(dw + 16 * tid + i * 16 * kThreads, src + i * w_step, 16);
-      }
+      for (int i = 0; i < kWChunks; ++i) cp_async16_l2_128(dw + 16 * tid + i * 16 * kThreads, src + i * w_step, 16);
     } else {
       const uint8_t* src = w_src + int64_t(st) * w_stage;
 #pragma unroll
@@ -671,15 +623,8 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
         const int r = w_r0 + i * kRowStep;
         const bool ok = r < valid_n;
         const int off = kSmemA ? sw128_offset(r, w_part) : r * T::kWStride + w_part * 16;
-        if constexpr (kL2Next)
-          cp_async16_l2_128_evict_first(dw + off, ok ? src : w, ok ? 16 : 0, evict_first);
-        else
-          cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
+        cp_async16_l2_128(dw + off, ok ? src : w, ok ? 16 : 0);
       }
-    }
-    if constexpr (kL2Next) {
-      const int64_t j = st - st_begin, piece = l2_next_piece(l2_share, j);
-      if (tid == 0 && piece > 0) prefetch_l2_bulk(l2next.base + l2_share.begin + j * l2_share.piece, uint32_t(piece));
     }
     if constexpr (T::kRowScale) {  // FP4: the 4 group scales of each row for this 128-wide stage
       static_assert(kThreads == kTileN, "one thread per weight row copies its scales");
@@ -1206,20 +1151,6 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kGemmTile, p.w0);
   gemm_tile<F, NT, kTwoSets, true, false, kClusterFold>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base, rows,
                                                        linear);
-}
-
-// gemm_kernel with an L2Next (kTwoSets false): the same tiles and bits, its CTAs asking
-// `next` into the L2 beside their own weight stream (cuda_linear.cu: launch_l2next).
-template <WFmt F, int NT, bool kClusterFold>
-__global__ void __launch_bounds__(kThreads) gemm_l2next_kernel(const GemmParams p, const L2Next next) {
-  constexpr int BM = 8 * NT;
-  const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
-  const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
-  const int group = n_tile / p.tiles_per_group, tile_n = n_tile % p.tiles_per_group;
-  const int row_base = m_tile * BM;
-  const int rows = min(BM, p.m - row_base);
-  gemm_tile<F, NT, false, true, false, kClusterFold, false, true>(p, p.w0, p.s0, p.w1, p.s1, tile_n, group, row_base,
-                                                                 rows, linear, next);
 }
 
 // The slice fold of a split plain GEMM as its own launch: y[r, c] = ((0 + p_0) + p_1)
