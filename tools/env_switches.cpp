@@ -44,7 +44,7 @@ constexpr EnvSwitch kSwitches[] = {
      "chain up to DSV4_CUDA_PDL_CHAIN_ROWS rows, join beyond",
      "which lane edges of a captured step become programmatic (chain: the joins' and each fork's edge toward its "
      "longest chain)", true},
-    {"DSV4_CUDA_PDL_CHAIN_ROWS", kCuda, integers(0, int64_t(1) << 20), "1",
+    {"DSV4_CUDA_PDL_CHAIN_ROWS", kCuda, integers(0, int64_t(1) << 20), "2",
      "the rows up to which a captured step takes the chain lane edges where DSV4_CUDA_PDL_LANES is unset", true},
     {"DSV4_GRAPH_EDGES", kCuda, any("PREFIX"), "nothing written",
      "writes each captured graph's nodes and edges to PREFIX.N.tsv (for scripts/graph_trace_summary.py --edges)"},

@@ -2719,13 +2719,13 @@ TEST(CudaGraphLanes, JoinWaitsForEveryLane) {
     EXPECT_LE(programmatic["chain"], programmatic["all"]);
     EXPECT_LT(programmatic["0"], programmatic["join"]);
     // Unset (here forced to ""), the form goes by the capture's rows: chain up to
-    // DSV4_CUDA_PDL_CHAIN_ROWS (default 1), join beyond and where the rows are not said.
+    // DSV4_CUDA_PDL_CHAIN_ROWS (default 2), join beyond and where the rows are not said.
     const char* chain_rows = std::getenv("DSV4_CUDA_PDL_CHAIN_ROWS");
     if (chain_rows == nullptr || *chain_rows == '\0') {
       ops::cuda_force_pdl_lanes("");
-      for (const int64_t rows : {0, 1, 2}) {
+      for (const int64_t rows : {0, 1, 2, 3}) {
         auto graph = cuda.capture(body, ops::Backend::CaptureInfo{.rows = rows});
-        EXPECT_EQ(cuda.last_capture_programmatic_edges(), programmatic[rows == 1 ? "chain" : "join"])
+        EXPECT_EQ(cuda.last_capture_programmatic_edges(), programmatic[rows == 1 || rows == 2 ? "chain" : "join"])
             << "lane edges by rows, a capture of " << rows << " rows";
       }
     }

@@ -389,13 +389,14 @@ int count_joins(const GraphEdges& e) {
 // node's one way in), `chain` the joins and of each fork's edges the one toward the child
 // heading the longest chain (graph_chain.h), so that the critical chain's kernel launches
 // under the fork's tail and the side lanes' do not take SM slots early. Unset: `chain` in
-// captures of up to DSV4_CUDA_PDL_CHAIN_ROWS rows (default 1; CaptureInfo::rows), `join`
+// captures of up to DSV4_CUDA_PDL_CHAIN_ROWS rows (default 2; CaptureInfo::rows), `join`
 // in the others. Measured (bench-1g, H200, 3 rounds; docs/BENCHMARKS.md, thirty-seventh
 // session): join -0.5 / -0.1 / -0.1 / -0.1% a step at 1 / 16 / 64 / 256 rows; fork -0.2 /
 // -0.3 / -0.1 / +0.2%; all -0.3 / -0.4 / -0.1 / +0.3%. Against join on an H100
 // (seventy-eighth session, 2 rounds, two A/Bs): chain -1.5 and -2.0% at 1 row, +0.5% at 4,
 // +0.2% at 16, -0.1% at 64 and 256; all 0.0 / +0.3 / -0.1 / 0.0 / -0.1% at 1 / 4 / 16 /
-// 64 / 256.
+// 64 / 256. The rule by rows against join (seventy-ninth session, H100, 2 rounds): chain
+// +0.0 / -1.4 / -0.3 / +0.4% at 1 / 2 / 8 / 16 rows (join +1.5% at 1 row against the rule).
 // The rule that keeps them correct is the single edge's: every kernel triggers its
 // dependents only after its own wait, so a kernel launched through programmatic edges
 // finds every grandparent finished, and its own wait (griddepcontrol.wait: all
@@ -418,7 +419,7 @@ LaneEdges lane_edges_mode(int64_t rows) {
     const char* v = std::getenv("DSV4_CUDA_PDL_LANES");
     return lane_edges_of(v ? v : "", "DSV4_CUDA_PDL_LANES");
   }();
-  static const int64_t chain_rows = env_integer("DSV4_CUDA_PDL_CHAIN_ROWS", 1, 0, int64_t(1) << 20);
+  static const int64_t chain_rows = env_integer("DSV4_CUDA_PDL_CHAIN_ROWS", 2, 0, int64_t(1) << 20);
   const int forced = g_force_lane_edges.load(std::memory_order_relaxed);
   const LaneEdges mode = forced >= 0 ? LaneEdges(forced) : from_env;
   if (mode != LaneEdges::kByRows) return mode;
