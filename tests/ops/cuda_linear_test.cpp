@@ -2372,6 +2372,13 @@ TEST_P(CudaLinear, RouterMatchesCpu) {
   }
 }
 
+// A hash routing table on the device: token v's slot j routes to expert (v k + j) 37 mod E.
+Tensor strided_tid2eid(ops::Backend& cuda, int64_t V, int64_t E, int64_t k) {
+  Tensor h = Tensor::empty_cpu(DType::kI64, {V, k});
+  for (int64_t i = 0; i < V * k; ++i) h.as<int64_t>()[i] = (i * 37) % E;
+  return to_device(cuda, h);
+}
+
 // The router's select kernel folding the logits GEMM's K-slice partials itself (the
 // default where the GEMM would take split_fold_kernel) against the fold launch, at
 // V4-Flash's router shape (256 experts, K = 4096: 32 slices), every scoring function
@@ -2385,9 +2392,7 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   Rng rng(0x61);
   const int64_t E = 256, D = 4096, k = 6, V = 1000;
   const Tensor gate = to_device(cuda, rng.bf16({E, D}, 0.02f)), bias = to_device(cuda, rng.f32({E}, 0.1f));
-  Tensor tid2eid_h = Tensor::empty_cpu(DType::kI64, {V, k});
-  for (int64_t i = 0; i < V * k; ++i) tid2eid_h.as<int64_t>()[i] = (i * 37) % E;
-  const Tensor tid2eid = to_device(cuda, tid2eid_h);
+  const Tensor tid2eid = strided_tid2eid(cuda, V, E, k);
   struct Reset {
     ~Reset() {
       ops::cuda_linear_force_router_fold(-1);
@@ -2426,6 +2431,75 @@ TEST(CudaRouter, FoldInSelectEqualsFoldLaunchBitForBit) {
   }
 }
 
+// The router's top k by rank (router_topk_by_rank, DSV4_CUDA_ROUTER_RANK=1) against warp 0's k rounds:
+// ids and weights bit for bit, at V4-Flash's router (256 experts, K = 4096: the fold in the
+// select from 3 rows), V4-Pro's 384 experts (two experts a thread), 72 (a short last chunk),
+// 16 with top 8 (one short chunk) and 40 with top 32 (too many candidates: the rounds'
+// fallback), every scoring function, the hash routing and pad rows; and exact ties: gate rows
+// and bias values equal in pairs, so the biased scores tie and the lower expert must win.
+// The CPU reference's ids too (the same order: value descending, then index ascending).
+TEST(CudaRouter, RankEqualsRoundsBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  Rng rng(0x63);
+  const int64_t V = 1000;
+  struct Reset {
+    ~Reset() { ops::cuda_linear_force_router_rank(-1); }
+  } reset;
+  struct Shape {
+    int64_t E, D, k;
+    bool ties;
+  };
+  for (const Shape sh : {Shape{256, 4096, 6, false}, Shape{384, 256, 6, false}, Shape{72, 256, 6, false},
+                         Shape{16, 256, 8, false}, Shape{40, 256, 32, false}, Shape{256, 256, 6, true},
+                         Shape{72, 256, 7, true}}) {
+    Tensor gate_h = rng.bf16({sh.E, sh.D}, 0.02f), bias_h = rng.f32({sh.E}, 0.1f);
+    if (sh.ties)
+      for (int64_t e = 1; e < sh.E; e += 2) {  // expert e as expert e - 1: equal logits, scores and biased scores
+        std::memcpy(gate_h.as<uint16_t>() + e * sh.D, gate_h.as<uint16_t>() + (e - 1) * sh.D, size_t(sh.D) * 2);
+        bias_h.as<float>()[e] = bias_h.as<float>()[e - 1];
+      }
+    const Tensor gate = to_device(cuda, gate_h), bias = to_device(cuda, bias_h);
+    const Tensor tid2eid = strided_tid2eid(cuda, V, sh.E, sh.k);
+    for (const RouterCase& rc : kRouterCases) {
+      const ops::RouterConfig cfg = rc.config(sh.k);
+      for (int64_t T : {1, 3, 16, 64}) {
+        const Tensor x_h = rng.bf16({T, sh.D});
+        const Tensor x = to_device(cuda, x_h);
+        const Batch batch(cuda, T, rng, V, 5);  // (rows 4, 9, 14, ... are pads)
+        const std::string what = "E=" + std::to_string(sh.E) + " k=" + std::to_string(sh.k) + (sh.ties ? " ties" : "") +
+                                 " T=" + std::to_string(T) + " scoring " + std::to_string(int(rc.scoring)) +
+                                 (rc.hash ? " hash" : "");
+        Tensor out[2][2];
+        for (int rank = 0; rank < 2; ++rank) {
+          ops::cuda_linear_force_router_rank(rank);
+          out[rank][0] = device_poisoned(cuda, DType::kF32, {T, sh.k});
+          out[rank][1] = device_poisoned(cuda, DType::kI32, {T, sh.k});
+          cuda.router(x, gate, rc.hash ? Tensor() : bias, rc.hash ? tid2eid : Tensor(), batch.view(true, 0, T), cfg,
+                      out[rank][0], out[rank][1]);
+        }
+        const Tensor ids = to_host(cuda, out[1][1]);
+        expect_bitwise(to_host(cuda, out[0][0]), to_host(cuda, out[1][0]), "router weights, by rank, " + what);
+        expect_bitwise(to_host(cuda, out[0][1]), ids, "router ids, by rank, " + what);
+        if (!sh.ties || rc.hash) continue;
+        // The reference's ids (its logits are the Hopper model's: the same bits where D is a
+        // multiple of 64, as here), and a tie taken, lower expert first, in some row.
+        Tensor wr = Tensor::empty_cpu(DType::kF32, {T, sh.k}), ir = Tensor::empty_cpu(DType::kI32, {T, sh.k});
+        ref_backend(env).router(x_h, gate_h, bias_h, Tensor(), batch.view(false, 0, T), cfg, wr, ir);
+        expect_bitwise(ir, ids, "router ids against the CPU reference, " + what);
+        int64_t pairs = 0;
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i + 1 < sh.k; ++i) {
+            const int32_t a = ids.as<int32_t>()[t * sh.k + i], b = ids.as<int32_t>()[t * sh.k + i + 1];
+            pairs += a >= 0 && a % 2 == 0 && b == a + 1;
+          }
+        EXPECT_GT(pairs, 0) << what << ": no tied pair chosen together (the test's premise)";
+      }
+    }
+  }
+}
+
 // The router's GEMM and select as one launch (router_gemm_select_kernel; forced, it is off
 // by default until measured) against the two launches, at V4-Flash's router shape (256
 // experts, K = 4096: 32 slices) and a small one (2 slices), every scoring function and the
@@ -2446,9 +2520,7 @@ TEST(CudaRouter, OneLaunchEqualsTwoLaunchesBitForBit) {
   };
   for (const Shape sh : {Shape{256, 4096, 6}, Shape{64, 256, 8}}) {
     const Tensor gate = to_device(cuda, rng.bf16({sh.E, sh.D}, 0.02f)), bias = to_device(cuda, rng.f32({sh.E}, 0.1f));
-    Tensor tid2eid_h = Tensor::empty_cpu(DType::kI64, {V, sh.k});
-    for (int64_t i = 0; i < V * sh.k; ++i) tid2eid_h.as<int64_t>()[i] = (i * 37) % sh.E;
-    const Tensor tid2eid = to_device(cuda, tid2eid_h);
+    const Tensor tid2eid = strided_tid2eid(cuda, V, sh.E, sh.k);
     for (const RouterCase& rc : kRouterCases) {
       const ops::RouterConfig cfg = rc.config(sh.k);
       for (int64_t T : {1, 2, 3, 5, 8, 9, 16, 17}) {

@@ -26,6 +26,7 @@ enum class CtaProbeSite : uint8_t {
   kAttention,     // attention_wgmma_kernel
   kAttnCombine,   // attention_combine_kernel (after a split attention launch)
   kCompressEmit,  // compress_emit_kernel (the compressors' rows completed in the step)
+  kRouterSelect,  // router_select_kernel (the router's fold and select after its GEMM)
   kCount,
   kNone = 0xff,  // stamps nothing (for a site picked at compile time, e.g. by a template's format)
 };

@@ -51,13 +51,17 @@ const std::vector<SiteNames>& site_names() {
       {"hc_mix_partial", {"entry", "waited"}},
       {"hc_finish_row",
        {"entry", "m1", "m2", "handed_over", "staged", "sums", "x_done", "m7", "norm_sum", "norm_factor", "xn_done"}},
-      {"gemm_tile", {"entry", "waited", "stages_done", "partial_stored", "last_cta", "first_stage"}},
+      // (6-9: router_gemm_select_kernel's hand-over and its finishers' rows)
+      {"gemm_tile",
+       {"entry", "waited", "stages_done", "partial_stored", "last_cta", "first_stage", "counted", "handed_over",
+        "folded", "selected"}},
       {"expert_gemm", {"entry", "tile_known"}},
       {"expert_fused", {"entry", "item_taken", "tile_ready"}},
       {"attention", {"entry", "waited", "staged", "first_issued", "tiles_done", "out_staged"}},
       {"attn_combine", {"entry", "waited"}},
       {"compress_emit",
        {"entry", "waited", "loaded", "max", "exps", "sum", "pooled", "arrived", "gathered", "normed", "roped"}},
+      {"router_select", {"entry", "waited", "folded", "selected"}},
   };
   return names;
 }
@@ -96,7 +100,7 @@ bool cta_probe_kernels_marked() { return DSV4_CTA_PROBE_KERNELS_MARKED; }
 
 const char* cta_probe_site_name(int site) {
   const auto& names = site_names();
-  static_assert(int(CtaProbeSite::kCount) == 10, "a name for every site");
+  static_assert(int(CtaProbeSite::kCount) == 11, "a name for every site");
   return site >= 0 && site < int(names.size()) ? names[size_t(site)].site : "unknown";
 }
 

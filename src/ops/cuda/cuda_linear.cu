@@ -713,6 +713,16 @@ bool router_early() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_EARLY", "0");
   return forced_or(g_force_router_early, from_env);
 }
+// The router's top k by rank (router_topk_by_rank, with a block as wide as the experts
+// also where the GEMM folded the logits: every thread scores its own) under
+// DSV4_CUDA_ROUTER_RANK=1; unset or 0, warp 0's k rounds and, where the GEMM folded, the
+// one-warp block. Off until it has run on a GPU (built in the seventy-ninth session, when no
+// machine could be started after the probe); a test hook may force either. The same bits.
+std::atomic<int> g_force_router_rank{-1};
+bool router_rank() {
+  static const bool from_env = env_is("DSV4_CUDA_ROUTER_RANK", "1");
+  return forced_or(g_force_router_rank, from_env);
+}
 // moe_prep_kernel's block size: DSV4_CUDA_PREP_THREADS=256|512|1024, default 512: at
 // bench-1g's 16 rows -0.6% and -0.4% a step against 1024 (two A/Bs on an H200, 2026-12-03;
 // 1, 64 and 256 rows within 0.2%): smaller blocks find room beside the shared expert's
@@ -1113,6 +1123,7 @@ void cuda_linear_force_fold_quant(int on) { g_force_fold_quant.store(on, std::me
 int64_t cuda_linear_router_folds() { return g_router_folds.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_fold(int on) { g_force_router_fold.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_router_early(int on) { g_force_router_early.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_router_rank(int on) { g_force_router_rank.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_router_one_launches() { return g_router_one_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_router_one_launch_rows(int rows) {
   DSV4_CHECK(rows >= -1 && rows <= 16, "cuda_linear_force_router_one_launch_rows({}): expected -1 .. 16", rows);
@@ -1687,7 +1698,8 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
                                          .bias = hash ? nullptr : bias.as<float>(),
                                          .tid2eid = hash ? tid2eid.as<int64_t>() : nullptr,
                                          .token_ids = batch.token_ids, .positions = batch.positions,
-                                         .weights = weights.as<float>(), .ids = ids.as<int32_t>()};
+                                         .weights = weights.as<float>(), .ids = ids.as<int32_t>(),
+                                         .by_rank = router_rank() ? 1 : 0};
   if (gate.size(1) > 0 && !simple_path() && bf16_fast_ok(x, gate) &&
       router_gemm_select(*this, bf16_params(x, gate, nullptr, true), select_args))
     return;
@@ -1698,13 +1710,14 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
     run_gemm(*this, WFmt::kBf16, bf16_params(x, gate, logits, true), &left);
   else bf16_gemm(*this, x, gate, logits, true);
   if (left.split > 0) g_router_folds.fetch_add(1, std::memory_order_relaxed);
-  const unsigned threads = left.split > 0 ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
+  const unsigned threads =
+      left.split > 0 || router_rank() ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
   const auto select = router_early() ? lk::router_select_kernel<true> : lk::router_select_kernel<false>;
   select<<<unsigned(T), threads, size_t(3 * E + 2 * k) * sizeof(float), stream()>>>(
       left.split > 0 ? left.partial : logits, left.split, left.rows, int(E), int(k), scoring,
       config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
-      weights.as<float>(), ids.as<int32_t>());
+      weights.as<float>(), ids.as<int32_t>(), router_rank() ? 1 : 0);
   check_launch(stream());
 }
 

@@ -63,6 +63,7 @@
 #include "ops/cuda/fp4_device_layout.h"
 #include "ops/cuda/fp8_bf16_layout.h"
 #include "ops/cuda/grid_dependency.cuh"
+#include "ops/cuda/topk_rank.h"
 #include "ops/cuda/wgmma.cuh"
 
 namespace dsv4::ops::linear_kernels {
@@ -1728,6 +1729,18 @@ __device__ __forceinline__ float router_score(int scoring, float logit) {
                       : core::sigmoid_f32(logit);
 }
 
+// The top k of v[0, n) by the block (topk_rank.h's two passes; it needs no NaN in v, k <= 32
+// and topk_rank_slots(n, k) ints at cand): ids[rank] = index for ranks 0 .. k-1, in the CPU
+// reference's order. Instead of warp 0's k dependent rounds over all n values (2-5 µs of a
+// 256-expert row on the H100, CTA probe, seventy-ninth session). Ends with a barrier.
+__device__ __forceinline__ void router_topk_by_rank(const float* v, int n, int k, int* cand, int* ids) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) topk_rank_chunk_pass(v, n, k, i, cand);
+  __syncthreads();
+  for (int slot = threadIdx.x; slot < topk_rank_slots(n, k); slot += blockDim.x)
+    topk_rank_candidate_pass(v, n, k, slot, cand, ids);
+  __syncthreads();
+}
+
 // kEarly (DSV4_CUDA_ROUTER_EARLY, default on; off for A/B runs): the row's position and
 // token (step metadata: no kernel writes them), the bias and the hash ids (weights) before
 // the dependency wait, each thread loading the bias values it adds later; they were
@@ -1736,21 +1749,24 @@ __device__ __forceinline__ float router_score(int scoring, float logit) {
 // Row `row` by this block (router_select_kernel's, or a CTA of router_gemm_select_kernel,
 // whose GEMM has waited already: kWait false, the early loads then). s_f: the shared memory.
 // (The late form's wait is its caller's, before the row's index is formed.) kFoldLoads: the
-// fold's slice loads in flight a thread (the adds in slice order whatever it is).
-template <bool kEarly, bool kWait, int kFoldLoads = 8>
+// fold's slice loads in flight a thread (the adds in slice order whatever it is). kSite,
+// kFolded: the CTA probe's site and the mark numbers of `folded` and `selected` (kFolded + 1),
+// stamped with probe_tag (the kernel's scope's tag); kWait's `waited` is mark 1.
+template <bool kEarly, bool kWait, int kFoldLoads = 8, CtaProbeSite kSite = CtaProbeSite::kNone, int kFolded = 0>
 __device__ __forceinline__ void router_select_row(const float* __restrict__ logits, int split, int64_t rows,
                                                   int64_t row, int num_experts, int k, int scoring, int normalize,
                                                   float route_scale, const float* __restrict__ bias,
                                                   const int64_t* __restrict__ tid2eid,
                                                   const int32_t* __restrict__ token_ids,
                                                   const int32_t* __restrict__ positions, float* __restrict__ weights,
-                                                  int32_t* __restrict__ ids, float* s_f) {
+                                                  int32_t* __restrict__ ids, float* s_f, bool by_rank,
+                                                  const void* probe_tag) {
   float* score = s_f;
   float* biased = s_f + num_experts;
   int* s_ids = reinterpret_cast<int*>(s_f + 2 * num_experts);  // [k] the chosen ids, slot order
   float* s_wt = s_f + 2 * num_experts + k;                      // [k] their scores
   float* bias_s = s_f + 2 * num_experts + 2 * k;                // [E] the bias, loaded early
-  const int lane = threadIdx.x;  // (warp 0's lane; other warps only fold)
+  const int lane = threadIdx.x;  // (warp 0's lane; other warps only score and rank)
   float* wt = weights + row * k;
   int32_t* it = ids + row * k;
   const int32_t pos = positions[row];
@@ -1767,7 +1783,10 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
         for (int i = threadIdx.x; i < num_experts; i += blockDim.x) bias_s[i] = bias[i];
       }
     }
-    if constexpr (kWait) wait_then_release_dependents();
+    if constexpr (kWait) {
+      wait_then_release_dependents();
+      DSV4_CTA_PROBE(kSite, 1, probe_tag);  // waited
+    }
   }
   // The bias of expert i, read by the thread that loaded it in the early form.
   const auto bias_of = [&](int i) { return kEarly ? bias_s[i] : bias[i]; };
@@ -1778,12 +1797,13 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
     }
     return;
   }
-  bool scored = false;
-  if (split > 0) {
-    const int64_t stride = rows * num_experts;
-    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
+  // Every thread scores its experts (split > 0: folded from the slices first); warp 0 then
+  // applies the softmax (scoring 2) and the hash ids, or the block ranks the biased scores.
+  for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
+    float v = 0.0f;
+    if (split > 0) {
+      const int64_t stride = rows * num_experts;
       const float* q = logits + row * num_experts + i;
-      float v = 0.0f;
       for (int s0 = 0; s0 < split; s0 += kFoldLoads) {  // kFoldLoads slices' loads in flight
         float part[kFoldLoads];
 #pragma unroll
@@ -1793,21 +1813,27 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
         for (int j = 0; j < kFoldLoads; ++j)
           if (s0 + j < split) v += part[j];
       }
-      score[i] = scoring == 2 ? v : router_score(scoring, v);
-      if (scoring != 2 && !tid2eid) biased[i] = score[i] + bias_of(i);
+    } else {
+      v = logits[row * num_experts + i];
     }
-    scored = scoring != 2;
-    __syncthreads();
-    if (threadIdx.x >= 32) return;
-  } else {
-    const float* lg = logits + row * num_experts;
-    for (int i = lane; i < num_experts; i += 32) score[i] = lg[i];
+    score[i] = scoring == 2 ? v : router_score(scoring, v);
+    if (scoring != 2 && !tid2eid) biased[i] = score[i] + bias_of(i);
   }
-  __syncwarp();
-  if (scoring != 2) {
-    if (!scored)
-      for (int i = lane; i < num_experts; i += 32) score[i] = router_score(scoring, score[i]);
-  } else {
+  // The top k by rank (router_topk_by_rank; by_rank: DSV4_CUDA_ROUTER_RANK) where it
+  // applies: no NaN among the biased scores (a rank needs a total order), and the candidates
+  // fit the early bias's slots (read by now: the biased scores hold it). Else warp 0's k
+  // rounds below, as before.
+  bool ranked = false;
+  if (by_rank && scoring != 2 && !tid2eid && k <= 32 && topk_rank_slots(num_experts, k) <= num_experts) {
+    bool nan = false;
+    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) nan |= biased[i] != biased[i];
+    ranked = !__syncthreads_or(nan);  // (also the barrier after the scores)
+    if (ranked) router_topk_by_rank(biased, num_experts, k, reinterpret_cast<int*>(bias_s), s_ids);
+  }
+  __syncthreads();
+  DSV4_CTA_PROBE(kSite, kFolded, probe_tag);  // folded (scored; ranked too where it applies)
+  if (threadIdx.x >= 32) return;
+  if (scoring == 2) {
     float mx = -INFINITY;
     for (int i = lane; i < num_experts; i += 32) mx = fmaxf(mx, score[i]);
     mx = warp_max(mx);
@@ -1825,8 +1851,8 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
   __syncwarp();
   if (tid2eid) {
     if (!kEarly && lane == 0) hash_ids();  // (the early form has them)
-  } else {
-    if (!scored)
+  } else if (!ranked) {
+    if (scoring == 2)
       for (int i = lane; i < num_experts; i += 32) biased[i] = score[i] + bias_of(i);
     __syncwarp();
     for (int sel = 0; sel < k; ++sel) {
@@ -1856,6 +1882,7 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
     }
   }
   __syncwarp();
+  DSV4_CTA_PROBE(kSite, kFolded + 1, probe_tag);  // selected
   if (lane == 0) {  // the sum in slot order
     float sum = 0.0f;
     for (int i = 0; i < k; ++i) {
@@ -1881,11 +1908,16 @@ __global__ void router_select_kernel(const float* __restrict__ logits, int split
                                      int k, int scoring, int normalize, float route_scale,
                                      const float* __restrict__ bias, const int64_t* __restrict__ tid2eid,
                                      const int32_t* __restrict__ token_ids, const int32_t* __restrict__ positions,
-                                     float* __restrict__ weights, int32_t* __restrict__ ids) {
-  if constexpr (!kEarly) wait_then_release_dependents();
+                                     float* __restrict__ weights, int32_t* __restrict__ ids, int by_rank) {
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kRouterSelect, logits);
+  if constexpr (!kEarly) {
+    wait_then_release_dependents();
+    DSV4_CTA_PROBE(CtaProbeSite::kRouterSelect, 1, logits);  // waited
+  }
   extern __shared__ float s_f[];
-  router_select_row<kEarly, true>(logits, split, rows, blockIdx.x, num_experts, k, scoring, normalize, route_scale,
-                                  bias, tid2eid, token_ids, positions, weights, ids, s_f);
+  router_select_row<kEarly, true, 8, CtaProbeSite::kRouterSelect, 2>(
+      logits, split, rows, blockIdx.x, num_experts, k, scoring, normalize, route_scale, bias, tid2eid, token_ids,
+      positions, weights, ids, s_f, by_rank != 0, logits);
 }
 
 // The router's logits GEMM and its select in one launch (DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS):
@@ -1913,6 +1945,7 @@ struct RouterSelectArgs {
   const int32_t* positions;
   float* weights;
   int32_t* ids;
+  int by_rank;  // router_topk_by_rank where it applies (DSV4_CUDA_ROUTER_RANK)
 };
 
 template <int NT>
@@ -1923,6 +1956,8 @@ __global__ void __launch_bounds__(kThreads) router_gemm_select_kernel(const Gemm
   const int row_base = m_tile * BM;
   // The bias (a weight: no kernel writes it) toward the L2 for the finishers, whichever CTAs
   // they are (router_select_kernel's early form loads it before its dependency wait).
+  // (gemm_tile stamps its marks under kGemmTile: the scope its slots come from; the hand-over's are 6-9)
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kGemmTile, p.w0);
   if (linear == 0 && blockIdx.z == 0 && r.bias != nullptr && int(threadIdx.x) * 32 < r.num_experts)
     asm volatile("prefetch.L2 [%0];" ::"l"(r.bias + 32 * threadIdx.x));
   gemm_tile<WFmt::kBf16, NT, false, true>(p, p.w0, p.s0, p.w1, p.s1, n_tile % p.tiles_per_group,
@@ -1931,6 +1966,7 @@ __global__ void __launch_bounds__(kThreads) router_gemm_select_kernel(const Gemm
   __syncthreads();  // every partial store of the CTA issued (its release below publishes them); stages free
   if (threadIdx.x == 0) s_arrival = atom_add_acq_rel_gpu(r.sync, 1);
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kGemmTile, 6, p.w0);  // counted
   // The last `finishers` arrivals take rows finisher, finisher + finishers, ... (a launch of
   // fewer CTAs than rows: a small router, e.g. the tests' 2-slice one).
   const int arrivals = int(gridDim.x * gridDim.y * gridDim.z), finishers = min(p.m, arrivals);
@@ -1952,11 +1988,12 @@ __global__ void __launch_bounds__(kThreads) router_gemm_select_kernel(const Gemm
     }
   }
   __syncthreads();  // (thread 0's acquire, then this barrier: every CTA's partials visible to all)
+  DSV4_CTA_PROBE(CtaProbeSite::kGemmTile, 7, p.w0);  // handed_over
   extern __shared__ __align__(16) uint8_t smem_raw[];
   for (int row = finisher; row < p.m; row += finishers) {
-    router_select_row<true, false, kMaxSlices>(p.partial, p.split, p.m, row, r.num_experts, r.k, r.scoring,
-                                               r.normalize, r.route_scale, r.bias, r.tid2eid, r.token_ids,
-                                               r.positions, r.weights, r.ids, reinterpret_cast<float*>(smem_raw));
+    router_select_row<true, false, kMaxSlices, CtaProbeSite::kGemmTile, 8>(
+        p.partial, p.split, p.m, row, r.num_experts, r.k, r.scoring, r.normalize, r.route_scale, r.bias, r.tid2eid,
+        r.token_ids, r.positions, r.weights, r.ids, reinterpret_cast<float*>(smem_raw), r.by_rank != 0, p.w0);
     __syncthreads();  // (warp 0 selects alone: the next row's fold waits until it is done with shared memory)
   }
 }
