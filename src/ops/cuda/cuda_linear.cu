@@ -1693,13 +1693,14 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
+  const bool by_rank = router_rank();
   const lk::RouterSelectArgs select_args{.sync = nullptr, .num_experts = int(E), .k = int(k), .scoring = scoring,
                                          .normalize = config.normalize ? 1 : 0, .route_scale = config.route_scale,
                                          .bias = hash ? nullptr : bias.as<float>(),
                                          .tid2eid = hash ? tid2eid.as<int64_t>() : nullptr,
                                          .token_ids = batch.token_ids, .positions = batch.positions,
                                          .weights = weights.as<float>(), .ids = ids.as<int32_t>(),
-                                         .by_rank = router_rank() ? 1 : 0};
+                                         .by_rank = by_rank ? 1 : 0};
   if (gate.size(1) > 0 && !simple_path() && bf16_fast_ok(x, gate) &&
       router_gemm_select(*this, bf16_params(x, gate, nullptr, true), select_args))
     return;
@@ -1711,13 +1712,13 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
   else bf16_gemm(*this, x, gate, logits, true);
   if (left.split > 0) g_router_folds.fetch_add(1, std::memory_order_relaxed);
   const unsigned threads =
-      left.split > 0 || router_rank() ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
+      left.split > 0 || by_rank ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
   const auto select = router_early() ? lk::router_select_kernel<true> : lk::router_select_kernel<false>;
   select<<<unsigned(T), threads, size_t(3 * E + 2 * k) * sizeof(float), stream()>>>(
       left.split > 0 ? left.partial : logits, left.split, left.rows, int(E), int(k), scoring,
       config.normalize ? 1 : 0, config.route_scale,
       hash ? nullptr : bias.as<float>(), hash ? tid2eid.as<int64_t>() : nullptr, batch.token_ids, batch.positions,
-      weights.as<float>(), ids.as<int32_t>(), router_rank() ? 1 : 0);
+      weights.as<float>(), ids.as<int32_t>(), by_rank ? 1 : 0);
   check_launch(stream());
 }
 
