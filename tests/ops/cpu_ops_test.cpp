@@ -594,6 +594,37 @@ TEST_F(CpuOps, RouterSelectsByBiasButWeightsByScores) {
   }
 }
 
+// Non-finite biased scores: -inf ties go to the lower ids, each once (fewer finite scores
+// than k); NaN scores are never selected, and slots left without a candidate route nowhere
+// (id -1, weight 0), also in a row of NaN logits.
+TEST_F(CpuOps, RouterNeverRepeatsAnExpertAndSkipsNaNScores) {
+  const int64_t E = 8, D = 128, k = 4;
+  Tensor gate = Tensor::zeros_cpu(DType::kBF16, {E, D}), x = Tensor::zeros_cpu(DType::kBF16, {2, D});
+  for (int64_t e = 0; e < E; ++e) gate.as<uint16_t>()[e * D] = core::float_to_bf16(float(e) - 4.0f);
+  x.as<uint16_t>()[0] = core::float_to_bf16(1.0f);
+  x.as<uint16_t>()[D] = core::float_to_bf16(std::nanf(""));  // row 1: every logit NaN
+  Tensor bias = Tensor::zeros_cpu(DType::kF32, {E});
+  for (int64_t e = 0; e < E; ++e) bias.as<float>()[e] = -INFINITY;
+  bias.as<float>()[6] = 0.0f;  // experts 6 and 2 finite, 6 first
+  bias.as<float>()[2] = 0.0f;
+  bias.as<float>()[5] = std::nanf("");  // expert 5 NaN, never selected
+  testing::HostBatch hb({{0, 0, 2}}, 1);
+  RouterConfig rc;
+  rc.topk = k;
+  rc.scoring = ScoringFunc::kSigmoid;
+  Tensor w = Tensor::empty_cpu(DType::kF32, {2, k}), ids = Tensor::empty_cpu(DType::kI32, {2, k});
+  be->router(x, gate, bias, Tensor(), hb.view(), rc, w, ids);
+  EXPECT_EQ(std::vector<int32_t>(ids.as<int32_t>(), ids.as<int32_t>() + k), (std::vector<int32_t>{6, 2, 0, 1}));
+  const double s[4] = {1 / (1 + std::exp(-2.0)), 1 / (1 + std::exp(2.0)), 1 / (1 + std::exp(4.0)),
+                       1 / (1 + std::exp(3.0))};
+  const double sum = s[0] + s[1] + s[2] + s[3];
+  for (int64_t i = 0; i < k; ++i) EXPECT_NEAR(w.as<float>()[i], s[i] / sum, 1e-6) << "slot " << i;
+  for (int64_t i = 0; i < k; ++i) {
+    EXPECT_EQ(ids.as<int32_t>()[k + i], -1) << "NaN row, slot " << i;
+    EXPECT_EQ(w.as<float>()[k + i], 0.0f) << "NaN row, slot " << i;
+  }
+}
+
 TEST_F(CpuOps, ExpertAppliesTheSwigluClampAndWeightBeforeW2) {
   Rng rng(7);
   ExpertWeights ew{make_quant(128, 128, true, 31), make_quant(128, 128, true, 32), make_quant(128, 128, true, 33)};

@@ -2500,6 +2500,66 @@ TEST(CudaRouter, RankEqualsRoundsBitForBit) {
   }
 }
 
+// Non-finite biased scores against the CPU reference, by warp 0's rounds and by rank: a bias
+// of -inf for all but 3 of 256 experts (top 6: three -inf ties, lower ids first, none taken
+// twice), the same with NaN for some experts (never selected; rounds only), and a row of NaN
+// logits (every slot routes nowhere: id -1, weight 0). Ids bit for bit; weights as the
+// router's reference test.
+TEST(CudaRouter, NonFiniteScoresAsTheReference) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  auto& cuda = env.cuda;
+  Rng rng(0x64);
+  const int64_t E = 256, D = 256, k = 6, V = 1000, T = 9;
+  struct Reset {
+    ~Reset() { ops::cuda_linear_force_router_rank(-1); }
+  } reset;
+  const Tensor gate_h = rng.bf16({E, D}, 0.02f);
+  const Tensor gate = to_device(cuda, gate_h);
+  for (const bool nan_bias : {false, true}) {
+    Tensor bias_h = Tensor::empty_cpu(DType::kF32, {E});
+    for (int64_t e = 0; e < E; ++e) bias_h.as<float>()[e] = -INFINITY;
+    for (const int64_t e : {200, 17, 130}) bias_h.as<float>()[e] = 0.1f * float(e % 7);
+    if (nan_bias)
+      for (const int64_t e : {0, 3, 131}) bias_h.as<float>()[e] = std::nanf("");
+    const Tensor bias = to_device(cuda, bias_h);
+    Tensor x_h = rng.bf16({T, D});
+    for (int64_t d = 0; d < D; ++d) x_h.as<uint16_t>()[2 * D + d] = 0x7fc0;  // row 2: NaN
+    const Tensor x = to_device(cuda, x_h);
+    const Batch batch(cuda, T, rng, V, 5);  // (row 4 is a pad)
+    for (const RouterCase& rc : kRouterCases) {
+      if (rc.hash) continue;
+      const ops::RouterConfig cfg = rc.config(k);
+      Tensor wr = Tensor::empty_cpu(DType::kF32, {T, k}), ir = Tensor::empty_cpu(DType::kI32, {T, k});
+      ref_backend(env).router(x_h, gate_h, bias_h, Tensor(), batch.view(false, 0, T), cfg, wr, ir);
+      for (int rank = 0; rank < 2; ++rank) {
+        const std::string what = std::string(nan_bias ? "NaN and -inf bias" : "-inf bias") + ", scoring " +
+                                 std::to_string(int(rc.scoring)) + (rank ? ", by rank" : ", rounds");
+        ops::cuda_linear_force_router_rank(rank);
+        Tensor wg = device_poisoned(cuda, DType::kF32, {T, k}), ig = device_poisoned(cuda, DType::kI32, {T, k});
+        cuda.router(x, gate, bias, Tensor(), batch.view(true, 0, T), cfg, wg, ig);
+        const Tensor wh = to_host(cuda, wg), ih = to_host(cuda, ig);
+        expect_bitwise(ir, ih, "router ids, " + what);
+        for (int64_t j = 0; j < T * k; ++j) {
+          const double a = wr.as<float>()[j], b = wh.as<float>()[j];
+          EXPECT_TRUE(std::fabs(a - b) <= 1e-5 + 1e-4 * std::fabs(a)) << what << ", weight " << j << ": " << a
+                                                                    << " vs " << b;
+        }
+        for (int64_t i = 0; i < k; ++i) {
+          EXPECT_EQ(ih.as<int32_t>()[2 * k + i], -1) << what << ": the NaN row, slot " << i;
+          EXPECT_EQ(wh.as<float>()[2 * k + i], 0.0f) << what << ": the NaN row, slot " << i;
+        }
+        for (int64_t t = 0; t < T; ++t) {  // no expert twice in a row
+          std::vector<int32_t> row(ih.as<int32_t>() + t * k, ih.as<int32_t>() + (t + 1) * k);
+          std::sort(row.begin(), row.end());
+          for (int64_t i = 0; i + 1 < k; ++i)
+            EXPECT_TRUE(row[size_t(i)] < 0 || row[size_t(i)] != row[size_t(i + 1)]) << what << ", row " << t;
+        }
+      }
+    }
+  }
+}
+
 // The router's GEMM and select as one launch (router_gemm_select_kernel; forced, it is off
 // by default until measured) against the two launches, at V4-Flash's router shape (256
 // experts, K = 4096: 32 slices) and a small one (2 slices), every scoring function and the

@@ -72,18 +72,22 @@ void CpuBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& bi
           it[i] = int32_t(row[i]);
         }
       } else {
-        // The bias only selects (spec §6.1); ties go to the lower expert id.
+        // The bias only selects (spec §6.1); ties go to the lower expert id. A NaN biased
+        // score sorts after every number (a total order) and is never selected: its slot
+        // routes nowhere (id -1, weight 0), as the CUDA router's.
         for (int64_t i = 0; i < E; ++i) biased[size_t(i)] = scores[size_t(i)] + bias.as<float>()[i];
         std::iota(order.begin(), order.end(), 0);
         std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t c) {
-          return biased[size_t(a)] != biased[size_t(c)] ? biased[size_t(a)] > biased[size_t(c)] : a < c;
+          const float va = biased[size_t(a)], vc = biased[size_t(c)];
+          if (std::isnan(va) || std::isnan(vc)) return std::isnan(va) == std::isnan(vc) ? a < c : std::isnan(vc);
+          return va != vc ? va > vc : a < c;
         });
-        for (int64_t i = 0; i < k; ++i) it[i] = order[size_t(i)];
+        for (int64_t i = 0; i < k; ++i) it[i] = std::isnan(biased[size_t(order[size_t(i)])]) ? -1 : order[size_t(i)];
       }
       float sum = 0.0f;
-      for (int64_t i = 0; i < k; ++i) sum += (wt[i] = scores[size_t(it[i])]);
+      for (int64_t i = 0; i < k; ++i) sum += (wt[i] = it[i] >= 0 ? scores[size_t(it[i])] : 0.0f);
       for (int64_t i = 0; i < k; ++i) {
-        if (config.normalize) wt[i] /= sum;
+        if (config.normalize && it[i] >= 0) wt[i] /= sum;
         wt[i] *= config.route_scale;
       }
     }

@@ -1715,7 +1715,9 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 // GEMM. Scores as ref (sqrt(softplus) / sigmoid / softmax with the sum in expert
 // order), selection by top-k of scores + bias with ties to the lower id, or
 // tid2eid[token] (bias == nullptr), weights = scores[ids] / sum (normalize) * scale,
-// summed in slot order. Pad rows (position < 0): ids -1, weights 0.
+// summed in slot order. Pad rows (position < 0): ids -1, weights 0. A NaN biased score is
+// never selected; slots left without a candidate (fewer than k scores not NaN) get id -1 and
+// weight 0, as the reference's.
 // Roofline: reads 4E bytes per row, k argmax rounds over E/32 values per lane; ~1 µs.
 // The chosen ids and their scores stay in shared memory until the lanes' final stores
 // (lane 0 used to read them back from the output rows; measured no faster or slower).
@@ -1874,9 +1876,9 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
           bi = oi;
         }
       }
-      if (lane == 0) {
-        s_ids[sel] = bi;
-        biased[bi] = -INFINITY;  // taken
+      if (lane == 0) {  // (no candidate left: only NaN scores remain; the slot routes nowhere)
+        s_ids[sel] = bi < num_experts ? bi : -1;
+        if (bi < num_experts) biased[bi] = __int_as_float(0x7fffffff);  // taken: NaN, never picked again
       }
       __syncwarp();
     }
@@ -1897,7 +1899,7 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
   const float sum = biased[0];
   for (int i = lane; i < k; i += 32) {
     float v = s_wt[i];
-    if (normalize) v = v / sum;
+    if (normalize && s_ids[i] >= 0) v = v / sum;  // (a slot routed nowhere weighs 0, also where all are)
     wt[i] = v * route_scale;
     it[i] = s_ids[i];
   }
