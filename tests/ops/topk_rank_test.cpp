@@ -16,14 +16,20 @@ namespace dsv4::ops {
 namespace {
 
 std::vector<int> by_rank(const std::vector<float>& v, int k) {
-  const int n = int(v.size());
-  std::vector<int> cand(size_t(topk_rank_slots(n, k)), -7), ids(size_t(k), -7);
+  const int n = int(v.size()), slots = topk_rank_slots(n, k);
+  std::vector<int> cand(size_t(slots), -7), ids(size_t(k), -7);
   for (int i = 0; i < n; ++i) topk_rank_chunk_pass(v.data(), n, k, i, cand.data());
-  for (int s = 0; s < topk_rank_slots(n, k); ++s) {
-    if (topk_rank_slot_used(n, k, s)) {
-      EXPECT_NE(cand[size_t(s)], -7) << "slot " << s << " of n " << n << " k " << k;
+  for (int s = 0; s < slots; ++s) {
+    const int i = cand[size_t(s)];
+    EXPECT_NE(i, -7) << "slot " << s << " of n " << n << " k " << k << " left unwritten";
+    if (i < 0) continue;
+    int rank = 0;  // (a warp's 32 lanes, summed)
+    for (int lane = 0; lane < 32; ++lane)
+      rank += topk_rank_count_ahead(v.data(), slots, cand.data(), v[size_t(i)], i, lane, 32);
+    if (rank < k) {
+      EXPECT_EQ(ids[size_t(rank)], -7) << "rank " << rank << " taken twice, n " << n << " k " << k;
+      ids[size_t(rank)] = i;
     }
-    topk_rank_candidate_pass(v.data(), n, k, s, cand.data(), ids.data());
   }
   return ids;
 }
@@ -62,13 +68,22 @@ TEST(TopkRank, EqualsThePartialSortOrder) {
   EXPECT_GT(checked, 3000);
 }
 
-TEST(TopkRank, SlotsOfAShortLastChunk) {
+TEST(TopkRank, AShortLastChunkMarksTheSlotsItLeaves) {
   EXPECT_EQ(topk_rank_chunks(72), 3);
   EXPECT_EQ(topk_rank_slots(72, 6), 18);
-  EXPECT_TRUE(topk_rank_slot_used(72, 6, 17));    // chunk 2 holds 8 values: 6 candidates
-  EXPECT_TRUE(topk_rank_slot_used(72, 12, 31));   // chunk 2, slot 7 of 12
-  EXPECT_FALSE(topk_rank_slot_used(72, 12, 32));  // chunk 2, slot 8 of 12: 8 values fill 0-7
-  EXPECT_FALSE(topk_rank_slot_used(40, 32, 40));  // chunk 1 holds 8
+  const auto cands = [](int n, int k) {
+    std::vector<float> v(size_t(n), 1.0f);
+    std::vector<int> cand(size_t(topk_rank_slots(n, k)), -7);
+    for (int i = 0; i < n; ++i) topk_rank_chunk_pass(v.data(), n, k, i, cand.data());
+    return cand;
+  };
+  const std::vector<int> c72 = cands(72, 12);  // chunk 2 holds 8 values: slots 24-31 theirs, 32-35 marked
+  for (int s = 24; s < 32; ++s) EXPECT_EQ(c72[size_t(s)], 64 + s - 24) << "slot " << s;
+  for (int s = 32; s < 36; ++s) EXPECT_EQ(c72[size_t(s)], -1) << "slot " << s;
+  const std::vector<int> c40 = cands(40, 32);  // chunk 1 holds 8: slots 40-63 marked
+  for (int s = 40; s < 64; ++s) EXPECT_EQ(c40[size_t(s)], -1) << "slot " << s;
+  const std::vector<int> c72k6 = cands(72, 6);  // 8 values fill all 6 of chunk 2's slots
+  for (int s = 12; s < 18; ++s) EXPECT_EQ(c72k6[size_t(s)], 64 + s - 12) << "slot " << s;
 }
 
 }  // namespace
