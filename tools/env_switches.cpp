@@ -75,9 +75,9 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",
      "0: the router's logits folded by a launch, not by the select kernel"},
     {"DSV4_CUDA_ROUTER_EARLY", kCuda, kOnOff, "1", "0: the select kernel reads its tables after its dependency wait"},
-    {"DSV4_CUDA_ROUTER_RANK", kCuda, kOnOff, "0",
-     "1: the router's top k ranked by the select kernel's block, not chosen in k rounds on one warp (not yet run "
-     "on a GPU)"},
+    {"DSV4_CUDA_ROUTER_RANK", kCuda, kOnOff, "where the select does not fold (1-2 rows)",
+     "the router's top k ranked by the select kernel's block, not chosen in k rounds on one warp: 0 never, 1 "
+     "also where the select folds the GEMM's partials"},
     {"DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS", kCuda, integers(0, 16), "0",
      "the rows up to which the router's GEMM and select run as one launch (0: two launches; measured slower)", true},
     {"DSV4_CUDA_PREP_THREADS", kCuda, words("256|512|1024"), "512", "moe_prep_kernel's block size", true},

@@ -713,15 +713,18 @@ bool router_early() {
   static const bool from_env = !env_is("DSV4_CUDA_ROUTER_EARLY", "0");
   return forced_or(g_force_router_early, from_env);
 }
-// The router's top k by rank (router_topk_by_rank, with a block as wide as the experts
-// also where the GEMM folded the logits: every thread scores its own) under
-// DSV4_CUDA_ROUTER_RANK=1; unset or 0, warp 0's k rounds and, where the GEMM folded, the
-// one-warp block. Off until it has run on a GPU (built in the seventy-ninth session, when no
-// machine could be started after the probe); a test hook may force either. The same bits.
+// The router's top k by rank (router_topk_by_rank, the select kernel's block as wide as the
+// experts, every thread scoring its own) or warp 0's k rounds. DSV4_CUDA_ROUTER_RANK unset:
+// by rank where the select does not fold the GEMM's partials (1-2 rows at bench-1g), where
+// its block would otherwise be one warp: -2.9 / -1.3% a step at 1 / 2 rows on an H200, -1.9 /
+// -0.9% on an H100; where it folds (its block already scores), the rounds: by rank there read
+// +0.1% at 8 rows, 0.0% at 4, 16, 64 and 256 (H200, eightieth session). 1: by rank wherever
+// it applies; 0: the rounds (one warp where the select does not fold). A test hook may force 0
+// or 1. The same bits every way.
 std::atomic<int> g_force_router_rank{-1};
-bool router_rank() {
-  static const bool from_env = env_is("DSV4_CUDA_ROUTER_RANK", "1");
-  return forced_or(g_force_router_rank, from_env);
+int router_rank_mode() {
+  static const int from_env = env_mode("DSV4_CUDA_ROUTER_RANK");
+  return forced_mode(g_force_router_rank, from_env);
 }
 // moe_prep_kernel's block size: DSV4_CUDA_PREP_THREADS=256|512|1024, default 512: at
 // bench-1g's 16 rows -0.6% and -0.4% a step against 1024 (two A/Bs on an H200, 2026-12-03;
@@ -1693,14 +1696,14 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
              "router: {} experts and top-{} exceed the 48 KB of shared memory the select kernel holds them in", E, k);
   const bool hash = tid2eid.ndim() > 0;
   const int scoring = config.scoring == ScoringFunc::kSqrtSoftplus ? 0 : config.scoring == ScoringFunc::kSigmoid ? 1 : 2;
-  const bool by_rank = router_rank();
+  const int rank_mode = router_rank_mode();  // (the one launch folds: the rounds unless forced)
   const lk::RouterSelectArgs select_args{.sync = nullptr, .num_experts = int(E), .k = int(k), .scoring = scoring,
                                          .normalize = config.normalize ? 1 : 0, .route_scale = config.route_scale,
                                          .bias = hash ? nullptr : bias.as<float>(),
                                          .tid2eid = hash ? tid2eid.as<int64_t>() : nullptr,
                                          .token_ids = batch.token_ids, .positions = batch.positions,
                                          .weights = weights.as<float>(), .ids = ids.as<int32_t>(),
-                                         .by_rank = by_rank ? 1 : 0};
+                                         .by_rank = rank_mode == 1 ? 1 : 0};
   if (gate.size(1) > 0 && !simple_path() && bf16_fast_ok(x, gate) &&
       router_gemm_select(*this, bf16_params(x, gate, nullptr, true), select_args))
     return;
@@ -1711,6 +1714,7 @@ void CudaBackend::do_router(const Tensor& x, const Tensor& gate, const Tensor& b
     run_gemm(*this, WFmt::kBf16, bf16_params(x, gate, logits, true), &left);
   else bf16_gemm(*this, x, gate, logits, true);
   if (left.split > 0) g_router_folds.fetch_add(1, std::memory_order_relaxed);
+  const bool by_rank = rank_mode == 1 || (rank_mode < 0 && left.split == 0);
   const unsigned threads =
       left.split > 0 || by_rank ? unsigned(std::clamp<int64_t>((E + 31) / 32 * 32, 32, 256)) : 32u;
   const auto select = router_early() ? lk::router_select_kernel<true> : lk::router_select_kernel<false>;

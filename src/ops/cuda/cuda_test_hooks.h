@@ -108,8 +108,8 @@ void cuda_linear_force_router_fold(int on);
 // Test hook: -1 follows DSV4_CUDA_ROUTER_EARLY (default on), 0 / 1 force the select
 // kernel's late / early form.
 void cuda_linear_force_router_early(int on);
-// Test hook: -1 follows DSV4_CUDA_ROUTER_RANK (default off), 0 / 1 force the select's k rounds
-// on warp 0 / its top k by rank.
+// Test hook: -1 follows DSV4_CUDA_ROUTER_RANK (default: by rank where the select does not fold
+// the GEMM's partials), 0 / 1 force the select's k rounds on warp 0 / its top k by rank.
 void cuda_linear_force_router_rank(int on);
 // Test hooks: router calls so far whose GEMM and select ran as one launch
 // (router_gemm_select_kernel); -1 follows DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS (default 0: two
