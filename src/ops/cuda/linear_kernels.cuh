@@ -1718,7 +1718,8 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 // summed in slot order. Pad rows (position < 0): ids -1, weights 0. A NaN biased score is
 // never selected; slots left without a candidate (fewer than k scores not NaN) get id -1 and
 // weight 0, as the reference's.
-// Roofline: reads 4E bytes per row, k argmax rounds over E/32 values per lane; ~1 µs.
+// Roofline: reads 4E bytes per row; k argmax rounds over E/32 values per lane took 2-5 µs a
+// row on an H100 (CTA probe), so the block ranks instead where it applies (router_topk_by_rank).
 // The chosen ids and their scores stay in shared memory until the lanes' final stores
 // (lane 0 used to read them back from the output rows; measured no faster or slower).
 // A block a row. With split > 0 the logits are still the router GEMM's K-slice partials
