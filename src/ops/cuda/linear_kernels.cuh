@@ -1711,7 +1711,7 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 }
 
 // ---- router (spec §6.1) --------------------------------------------------------------
-// One warp per token row; shared memory 2 * E + 2 * k floats. logits [T, E] fp32 from the gate
+// A block a token row; shared memory 3 * E + 2 * k floats. logits [T, E] fp32 from the gate
 // GEMM. Scores as ref (sqrt(softplus) / sigmoid / softmax with the sum in expert
 // order), selection by top-k of scores + bias with ties to the lower id, or
 // tid2eid[token] (bias == nullptr), weights = scores[ids] / sum (normalize) * scale,
@@ -1726,7 +1726,8 @@ __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
 // ([split][rows][num_experts], the layout split_fold_kernel reads) and the block folds
 // them itself, ((0 + p_0) + p_1) + ..., split_fold_kernel's order, so the same bits
 // with one launch less on the chain; the whole block folds and scores (a thread an
-// expert), then warp 0 alone selects. Without split, one warp reads the logits.
+// expert), then warp 0 alone selects. Without split the block is one warp, or as wide as the
+// experts where it ranks (router_topk_by_rank: the scores over the block, then the rank).
 __device__ __forceinline__ float router_score(int scoring, float logit) {
   return scoring == 0 ? sqrtf(core::softplus_f32(logit))  // sqrt(softplus), not softplus(sqrt) (spec §12.12)
                       : core::sigmoid_f32(logit);
@@ -1810,6 +1811,7 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
   }
   // Every thread scores its experts (split > 0: folded from the slices first); warp 0 then
   // applies the softmax (scoring 2) and the hash ids, or the block ranks the biased scores.
+  bool nan = false;  // (a NaN among this thread's biased scores)
   for (int i = threadIdx.x; i < num_experts; i += blockDim.x) {
     float v = 0.0f;
     if (split > 0) {
@@ -1828,7 +1830,10 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
       v = logits[row * num_experts + i];
     }
     score[i] = scoring == 2 ? v : router_score(scoring, v);
-    if (scoring != 2 && !tid2eid) biased[i] = score[i] + bias_of(i);
+    if (scoring != 2 && !tid2eid) {
+      biased[i] = score[i] + bias_of(i);
+      nan |= biased[i] != biased[i];
+    }
   }
   // The top k by rank (router_topk_by_rank; by_rank: DSV4_CUDA_ROUTER_RANK) where it
   // applies: no NaN among the biased scores (a rank needs a total order), and the candidates
@@ -1836,8 +1841,6 @@ __device__ __forceinline__ void router_select_row(const float* __restrict__ logi
   // rounds below, as before.
   bool ranked = false;
   if (by_rank && scoring != 2 && !tid2eid && k <= 32 && topk_rank_slots(num_experts, k) <= num_experts) {
-    bool nan = false;
-    for (int i = threadIdx.x; i < num_experts; i += blockDim.x) nan |= biased[i] != biased[i];
     ranked = !__syncthreads_or(nan);  // (also the barrier after the scores)
     if (ranked) router_topk_by_rank(biased, num_experts, k, reinterpret_cast<int*>(bias_s), s_ids);
   }
@@ -1965,10 +1968,10 @@ __global__ void __launch_bounds__(kThreads) router_gemm_select_kernel(const Gemm
   const int linear = int(blockIdx.y * gridDim.x + blockIdx.x);
   const int m_tile = linear % int(gridDim.y), n_tile = linear / int(gridDim.y);
   const int row_base = m_tile * BM;
-  // The bias (a weight: no kernel writes it) toward the L2 for the finishers, whichever CTAs
-  // they are (router_select_kernel's early form loads it before its dependency wait).
   // (gemm_tile stamps its marks under kGemmTile: the scope its slots come from; the hand-over's are 6-9)
   DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kGemmTile, p.w0);
+  // The bias (a weight: no kernel writes it) toward the L2 for the finishers, whichever CTAs
+  // they are (router_select_kernel's early form loads it before its dependency wait).
   if (linear == 0 && blockIdx.z == 0 && r.bias != nullptr && int(threadIdx.x) * 32 < r.num_experts)
     asm volatile("prefetch.L2 [%0];" ::"l"(r.bias + 32 * threadIdx.x));
   gemm_tile<WFmt::kBf16, NT, false, true>(p, p.w0, p.s0, p.w1, p.s1, n_tile % p.tiles_per_group,
