@@ -74,6 +74,9 @@ constexpr EnvSwitch kSwitches[] = {
     // Router and routed experts.
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",
      "0: the router's logits folded by a launch, not by the select kernel"},
+    {"DSV4_CUDA_NORM_EARLY", kCuda, kOnOff, "1",
+     "0: rms_norm's and rms_norm_linear's norm kernels load their weights after the row's sum, not before their "
+     "dependency wait"},
     {"DSV4_CUDA_ROUTER_EARLY", kCuda, kOnOff, "1", "0: the select kernel reads its tables after its dependency wait"},
     {"DSV4_CUDA_ROUTER_RANK", kCuda, kOnOff, "where the select does not fold (1-2 rows)",
      "the router's top k ranked by the select kernel's block, not chosen in k rounds on one warp: 0 never, 1 "

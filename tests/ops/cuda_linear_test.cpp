@@ -471,6 +471,35 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
   }
 }
 
+// rms_norm_linear's norm kernel in its early form (the weights before the dependency wait,
+// x kept in registers; rows of up to 4096 values) against its late form: xn, the codes the
+// GEMM reads and so y, bit for bit. 7168: Pro's hidden size, the late form either way.
+TEST_P(CudaLinear, NormLinearEarlyNormEqualsLateBitForBit) {
+  Env env;
+  struct Restore {
+    ~Restore() { ops::cuda_force_norm_early(-1); }
+  } restore;
+  Rng rng(0x3a);
+  for (const int64_t k : {int64_t(1024), int64_t(4096), int64_t(7168), int64_t(256)}) {
+    const QuantLinear ha = host_quant(256, k, false, draw_seed(rng));
+    const QuantLinear da = device_quant(env.cuda, ha);
+    const Tensor dnorm = to_device(env.cuda, rng.bf16({k}));
+    for (const int64_t M : {1, 3, 16, 65}) {
+      const std::string what = std::string(path()) + " M=" + std::to_string(M) + " K=" + std::to_string(k);
+      const Tensor dx = to_device(env.cuda, rng.bf16({M, k}, 3.0f));
+      Tensor xn[2], y[2];
+      for (int early : {0, 1}) {
+        ops::cuda_force_norm_early(early);
+        xn[early] = device_poisoned(env.cuda, DType::kBF16, {M, k});
+        y[early] = device_poisoned(env.cuda, DType::kBF16, {M, 256});
+        env.cuda.rms_norm_linear(dx, dnorm, 1e-6f, xn[early], da, y[early]);
+      }
+      expect_bitwise(to_host(env.cuda, xn[1]), to_host(env.cuda, xn[0]), "rms_norm_linear xn early vs late " + what);
+      expect_bitwise(to_host(env.cuda, y[1]), to_host(env.cuda, y[0]), "rms_norm_linear y early vs late " + what);
+    }
+  }
+}
+
 // hc_post_pre_norm(_linear_pair) (fast path up to 16 rows, in instances for 8 and 16:
 // the mix kernel forms the stream from the hc_post's inputs) against hc_post /
 // moe_output_hc_post then hc_pre_norm(_linear_pair) on the GPU, bit for bit: every

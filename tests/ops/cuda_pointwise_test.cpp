@@ -233,6 +233,37 @@ TEST_F(CudaPointwise, RmsNormWithinOneUlpAndInPlaceEqualsOutOfPlace) {
     }
 }
 
+// The norm kernels' early form (the weights loaded before the dependency wait, x kept in
+// registers; rows of up to 4096 values, one or two chunks a thread) against the late form,
+// bit for bit, in place too. 4104: three chunks a thread, the late form either way; 100:
+// no 8-value chunks.
+TEST_F(CudaPointwise, RmsNormEarlyFormEqualsLateBitForBit) {
+  struct Restore {
+    ~Restore() { cuda_force_norm_early(-1); }
+  } restore;
+  Rng rng(231);
+  for (int64_t N : {4096, 2056, 2048, 1024, 512, 200, 4104, 100})
+    for (int64_t T : kRows) {
+      const std::string what = "N=" + std::to_string(N) + " T=" + std::to_string(T);
+      Tensor x = rng.bf16({T, N}, 3.0f), w = rng.bf16({N}, 0.2f);
+      for (int64_t i = 0; i < N; ++i) w.as<uint16_t>()[i] = core::float_to_bf16(1.0f + testing::bf(w, i));
+      const Tensor dw = dev(w);
+      Tensor out[2];
+      for (int early : {0, 1}) {
+        cuda_force_norm_early(early);
+        const int64_t launches = cuda_norm_early_launches();
+        out[early] = poisoned(DType::kBF16, {T, N});
+        cuda().rms_norm(dev(x), dw, 1e-6f, out[early]);
+        const bool takes_early = early == 1 && T > 0 && N % 8 == 0 && N <= 4096;
+        EXPECT_EQ(cuda_norm_early_launches() - launches, takes_early ? 1 : 0) << what << " early=" << early;
+        Tensor in_place = dev(x);
+        cuda().rms_norm(in_place, dw, 1e-6f, in_place);
+        expect_bits_equal(host(in_place), host(out[early]), ("rms_norm in place " + what).c_str());
+      }
+      expect_bits_equal(host(out[1]), host(out[0]), ("rms_norm early vs late " + what).c_str());
+    }
+}
+
 TEST_F(CudaPointwise, QNormRopeMatchesCpu) {
   Rng rng(205);
   struct Shape {

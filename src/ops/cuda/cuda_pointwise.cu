@@ -44,6 +44,8 @@ std::atomic<int> g_force_hc_quick{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
 std::atomic<int> g_force_hc_post_slots{-1};
 std::atomic<int64_t> g_hc_post_slots_launches{0};
+std::atomic<int> g_force_norm_early{-1};
+std::atomic<int64_t> g_norm_early_launches{0};
 
 // ---- shared helpers ------------------------------------------------------------
 
@@ -220,23 +222,101 @@ __device__ void rms_norm_row(const uint16_t* xr, const uint16_t* __restrict__ w,
   }
 }
 
-template <int VEC>
+// The early form of rms_norm_row<8> (kChunks = ceil(N / 8 / blockDim.x), 1 or 2: the
+// kernels' norms at N <= 4096): the norm weights of the thread's chunks c = tid + k *
+// blockDim.x are loaded by the caller before its dependency wait (no kernel writes a
+// weight), and x's chunks stay in registers from the sum to the output, where the late
+// form loads the weights after the block's sum and x a second time. Why: at batch 1 these
+// norms are one-CTA links of the layer's chain (kv's, q's before wq_b, the final norm)
+// that run while GEMMs stream beside them, where every dependent round trip to memory
+// takes a few µs (eighty-first session, batch-1 graph trace on an H100: `rms_norm` 9.5-10.7
+// µs on the kv lane of the HCA layers, `rms_norm_quant` ~7 µs after a plain edge in the
+// CSA layers). The same values in the same order: the same bits.
+template <int kChunks>
+struct NormRowWeights {
+  BfVec<8> w[kChunks];
+  __device__ __forceinline__ void load(const uint16_t* __restrict__ wr, int64_t N) {
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
+      if (c < N / 8) w[k] = load_bf<8>(wr + c * 8);
+    }
+  }
+};
+
+template <int kChunks>
+__device__ void rms_norm_row_early(const uint16_t* xr, const NormRowWeights<kChunks>& wr, int64_t N, float eps,
+                                   uint16_t* yr, float* red /* [32] */, uint8_t* q_row = nullptr,
+                                   float* s_row = nullptr) {
+  BfVec<8> xv[kChunks];
+  float ss = 0.0f;  // rms_norm_row's order: this thread's chunks ascending, their values in order
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
+    if (c < N / 8) {
+      xv[k] = load_bf<8>(xr + c * 8);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float a = bf2f(xv[k].v[i]);
+        ss = fmaf(a, a, ss);
+      }
+    }
+  }
+  const float total = block_sum(ss, red);  // (its barrier also orders every read of x before y's writes)
+  const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(N)), eps)));
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) {  // every thread kChunks passes (quant_chunk8's shuffles)
+    const int64_t c = threadIdx.x + int64_t(k) * blockDim.x;
+    const bool live = c < N / 8;
+    float f[8] = {};
+    if (live) {
+      BfVec<8> o;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        o.v[i] = f2bf(__fmul_rn(bf2f(wr.w[k].v[i]), __fmul_rn(bf2f(xv[k].v[i]), r)));
+        f[i] = bf2f(o.v[i]);
+      }
+      store_bf<8>(yr + c * 8, o);
+    }
+    if (q_row) quant_chunk8(f, live, c, q_row, s_row);  // (uniform branch)
+  }
+}
+
+// kEarlyChunks > 0 (VEC = 8): the early form above with that many chunks a thread.
+template <int VEC, int kEarlyChunks = 0>
 __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
                                 uint16_t* y) {
-  wait_then_release_dependents();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
-  rms_norm_row<VEC>(x + row * N, w, N, eps, y + row * N, red);
+  if constexpr (kEarlyChunks > 0) {
+    static_assert(VEC == 8, "rms_norm_kernel: the early form takes 8-value chunks");
+    NormRowWeights<kEarlyChunks> wr;
+    wr.load(w, N);
+    wait_then_release_dependents();
+    rms_norm_row_early<kEarlyChunks>(x + row * N, wr, N, eps, y + row * N, red);
+  } else {
+    wait_then_release_dependents();
+    rms_norm_row<VEC>(x + row * N, w, N, eps, y + row * N, red);
+  }
 }
 
 // rms_norm_linear's first launch: y = rms_norm(x) and its quantization q, s (rows of
 // N and N / 128) for the linear, the bits of rms_norm_kernel<8> and act_quant_kernel.
+template <int kEarlyChunks = 0>
 __global__ void rms_norm_quant_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
                                       uint16_t* y, uint8_t* __restrict__ q, float* __restrict__ s) {
-  wait_then_release_dependents();
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
-  rms_norm_row<8>(x + row * N, w, N, eps, y + row * N, red, q + row * N, s + row * (N / 128));
+  if constexpr (kEarlyChunks > 0) {
+    NormRowWeights<kEarlyChunks> wr;
+    wr.load(w, N);
+    wait_then_release_dependents();
+    rms_norm_row_early<kEarlyChunks>(x + row * N, wr, N, eps, y + row * N, red, q + row * N,
+                                     s + row * (N / 128));
+  } else {
+    wait_then_release_dependents();
+    rms_norm_row<8>(x + row * N, w, N, eps, y + row * N, red, q + row * N, s + row * (N / 128));
+  }
 }
 
 // ---- q_norm_rope ---------------------------------------------------------------
@@ -1591,16 +1671,38 @@ void CudaBackend::do_add_broadcast(const Tensor& e, const Tensor& h, const Tenso
   check_launch(stream_);
 }
 
+// The norms' early form (rms_norm_row_early: the weights before the dependency wait, x
+// kept in registers): its chunks a thread at 256 threads a row, 1 or 2 (N <= 4096), or 0
+// for the late form (larger rows, or DSV4_CUDA_NORM_EARLY=0 for A/B runs; a test hook may
+// force either). The same bits.
+namespace {
+constexpr int kNormThreads = 256;
+int norm_early_chunks(int64_t N) {
+  static const bool from_env = !env_is("DSV4_CUDA_NORM_EARLY", "0");
+  if (!forced_or(g_force_norm_early, from_env) || N % 8 != 0) return 0;
+  const int64_t chunks = (N / 8 + kNormThreads - 1) / kNormThreads;
+  if (chunks > 2) return 0;
+  g_norm_early_launches.fetch_add(1, std::memory_order_relaxed);
+  return int(chunks);
+}
+}  // namespace
+
 void CudaBackend::do_rms_norm(const Tensor& x, const Tensor& weight, float eps, const Tensor& y) {
   const int64_t T = x.size(0), N = x.size(1);
   if (T == 0 || N == 0) return;
   const bool v8 = N % 8 == 0 && aligned16(x.data()) && aligned16(y.data()) && aligned16(weight.data());
-  if (v8)
-    rms_norm_kernel<8><<<unsigned(T), 256, 0, stream_>>>(x.as<uint16_t>(), weight.as<uint16_t>(), N, eps,
-                                                         y.as<uint16_t>());
+  const int early = v8 ? norm_early_chunks(N) : 0;
+  const uint16_t* xp = x.as<uint16_t>();
+  const uint16_t* wp = weight.as<uint16_t>();
+  uint16_t* yp = y.as<uint16_t>();
+  if (early == 1)
+    rms_norm_kernel<8, 1><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp);
+  else if (early == 2)
+    rms_norm_kernel<8, 2><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp);
+  else if (v8)
+    rms_norm_kernel<8><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp);
   else
-    rms_norm_kernel<1><<<unsigned(T), 256, 0, stream_>>>(x.as<uint16_t>(), weight.as<uint16_t>(), N, eps,
-                                                         y.as<uint16_t>());
+    rms_norm_kernel<1><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp);
   check_launch(stream_);
 }
 
@@ -1617,8 +1719,16 @@ void CudaBackend::do_rms_norm_linear(const Tensor& x, const Tensor& norm_weight,
     return;
   }
   const QuantizedRows q = linear_activation_scratch(*this, T, N);
-  rms_norm_quant_kernel<<<unsigned(T), 256, 0, stream_>>>(x.as<uint16_t>(), norm_weight.as<uint16_t>(), N, eps,
-                                                          xn.as<uint16_t>(), q.codes, q.scales);
+  const int early = norm_early_chunks(N);
+  const uint16_t* xp = x.as<uint16_t>();
+  const uint16_t* wp = norm_weight.as<uint16_t>();
+  uint16_t* yp = xn.as<uint16_t>();
+  if (early == 1)
+    rms_norm_quant_kernel<1><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales);
+  else if (early == 2)
+    rms_norm_quant_kernel<2><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales);
+  else
+    rms_norm_quant_kernel<0><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales);
   check_launch(stream_);
   linears_on_quantized_rows(*this, q, T, wa, ya, wb, yb);
 }
@@ -2124,5 +2234,7 @@ void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memo
 void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
 void cuda_hc_force_post_slots(int on) { g_force_hc_post_slots.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_post_slots_launches() { return g_hc_post_slots_launches.load(std::memory_order_relaxed); }
+void cuda_force_norm_early(int on) { g_force_norm_early.store(on, std::memory_order_relaxed); }
+int64_t cuda_norm_early_launches() { return g_norm_early_launches.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::ops

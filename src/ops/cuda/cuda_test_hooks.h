@@ -136,6 +136,12 @@ int64_t cuda_e4m3_bf16_decode_mismatches(uint32_t* first);
 
 // ---- norms, RoPE, mHC (cuda_pointwise.cu) --------------------------------------------
 
+// Tests: -1 follows DSV4_CUDA_NORM_EARLY (default on), 0 / 1 force rms_norm's and
+// rms_norm_linear's norm kernels to their late / early form (the early one where a row is
+// at most 4096 values); how many launches took the early form.
+void cuda_force_norm_early(int on);
+int64_t cuda_norm_early_launches();
+
 // Tests: -1 the rule (hc_launch), 0 / 1 hc_mix_rows_kernel off / on for every launch
 // without an hc_post source; and how many launches took it. Its parts a row (1, 2, 4;
 // 0: DSV4_CUDA_HC_ROW_SPLIT's).
