@@ -74,9 +74,6 @@ constexpr EnvSwitch kSwitches[] = {
     // Router and routed experts.
     {"DSV4_CUDA_ROUTER_FOLD", kCuda, kOnOff, "1",
      "0: the router's logits folded by a launch, not by the select kernel"},
-    {"DSV4_CUDA_NORM_EARLY", kCuda, kOnOff, "1",
-     "0: rms_norm's and rms_norm_linear's norm kernels load their weights after the row's sum, not before their "
-     "dependency wait"},
     {"DSV4_CUDA_ROUTER_EARLY", kCuda, kOnOff, "1", "0: the select kernel reads its tables after its dependency wait"},
     {"DSV4_CUDA_ROUTER_RANK", kCuda, kOnOff, "where the select does not fold (1-2 rows)",
      "the router's top k ranked by the select kernel's block, not chosen in k rounds on one warp: 0 never, 1 "
@@ -108,6 +105,10 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_HC_SLOT_ROWS", kCuda, integers(0, 16), "16",
      "the rows up to which the mHC mix sums the MoE slots itself (else moe_reduce first)", true},
     {"DSV4_CUDA_HC_POST_SLOTS", kCuda, kOnOff, "1", "0: beyond 16 rows moe_reduce and hc_post as two launches"},
+    // Norms.
+    {"DSV4_CUDA_NORM_EARLY", kCuda, kOnOff, "1",
+     "0: rms_norm's and rms_norm_linear's norm kernels load their weights after the row's sum, not before their "
+     "dependency wait"},
     // Compressors, indexer, attention.
     {"DSV4_CUDA_COMPRESS_RATIO4_CTAS", kCuda, integers(1, 16), "4",
      "the most CTAs a ratio-4 compressor row's pooling spreads over", true},

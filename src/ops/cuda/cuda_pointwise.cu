@@ -1674,7 +1674,9 @@ void CudaBackend::do_add_broadcast(const Tensor& e, const Tensor& h, const Tenso
 // The norms' early form (rms_norm_row_early: the weights before the dependency wait, x
 // kept in registers): its chunks a thread at 256 threads a row, 1 or 2 (N <= 4096), or 0
 // for the late form (larger rows, or DSV4_CUDA_NORM_EARLY=0 for A/B runs; a test hook may
-// force either). The same bits.
+// force either). The same bits. Measured within 0.1% of the late form at 1-256 rows on an
+// H100 (eighty-first session): at one row the norms' links shortened and the kernels after
+// them on the chain took the time back. On by default as the same bits and not slower.
 namespace {
 constexpr int kNormThreads = 256;
 int norm_early_chunks(int64_t N) {
