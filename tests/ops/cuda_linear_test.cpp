@@ -1182,7 +1182,9 @@ TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
 // counter shows that the early form was captured.
 TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
   DSV4_REQUIRE_CUDA();
-  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0}, {ops::cuda_linear_force_expert_early_weights, -1}};
+  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
+                          {ops::cuda_linear_force_expert_early_weights, -1},
+                          {ops::cuda_linear_force_split_fused_experts, 0}};  // (the separate down launch)
   Env env;
   Rng rng(0x5e);
   const int64_t E = 128, D = 512, I = 1024, k = 6;
@@ -1218,6 +1220,82 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
       expect_bitwise(want, run(graph.get()),
                      what + ": weights before the wait (graph) vs at entry (eager), replay " + std::to_string(replay));
     }
+  }
+}
+
+// The split fused step (expert_ffn_split_fused_kernel: both GEMMs' K slices split over
+// clusters of one size, the SwiGLU by the last gate/up cluster of a list tile, the down
+// clusters waiting on its flag after their first weight stages) gives the separate
+// launches' bits: D = I = 2048 (S = 4) and bench-1g's D = 4096, I = 2048 (S = 2), 1 and 2
+// rows, weights by TMA and by cp.async; then a graph of it replayed three times on new
+// inputs (moe_prep zeroes the ticket, counts and flags each step) against eager separate
+// launches. The counter shows where the fused launch ran (at 1 row in every case).
+TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
+                          {ops::cuda_linear_force_expert_split, 1},
+                          {ops::cuda_linear_force_tma, -1},
+                          {ops::cuda_linear_force_split_fused_experts, -1}};
+  Env env;
+  Rng rng(0x61);
+  struct Case {
+    int64_t experts, d, inter;
+  };
+  const int64_t k = 6;
+  for (const Case c : {Case{16, 2048, 2048}, Case{8, 4096, 2048}}) {
+    const std::vector<ExpertWeights> dex = device_experts(env, rng, c.experts, c.d, c.inter, true);
+    for (const int tma : {1, 0}) {
+      ops::cuda_linear_force_tma(tma);
+      for (const int64_t R : {int64_t(1), int64_t(2)}) {
+        const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, k, c.experts, -1);
+        const std::string what = "D=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
+                                 " R=" + std::to_string(R) + (tma ? " TMA" : " cp.async");
+        auto run = [&](int on) {
+          return run_forced(ops::cuda_linear_force_split_fused_experts, ops::cuda_linear_split_fused_expert_launches,
+                            on, [&] { return run_routed(env, in, dex); });
+        };
+        const auto [separate, separate_launches] = run(0);
+        EXPECT_EQ(separate_launches, 0) << what;
+        const auto [fused, fused_launches] = run(1);
+        if (R == 1) {
+          EXPECT_EQ(fused_launches, 1) << what << ": the split fused step did not run";
+        }
+        expect_bitwise(separate, fused, what + ": split fused step vs separate launches");
+      }
+    }
+  }
+  // In a graph, replayed on new inputs.
+  ops::cuda_linear_force_tma(-1);
+  const int64_t E = 8, D = 4096, I = 2048, R = 1;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
+  Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
+         w = env.cuda.empty(DType::kF32, {R, k});
+  auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, 10.0f, out); };
+  auto run = [&](ops::Graph* graph) {
+    cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
+    if (graph != nullptr) graph->replay();
+    else body();
+    return to_host(env.cuda, out);
+  };
+  auto fill_inputs = [&] {
+    env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
+    env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
+    env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
+  };
+  fill_inputs();
+  ops::cuda_linear_force_split_fused_experts(1);
+  (void)run(nullptr);  // (eager first: the scratch buffers cannot grow during capture)
+  const auto [graph, captured] = run_forced(ops::cuda_linear_force_split_fused_experts,
+                                            ops::cuda_linear_split_fused_expert_launches, 1,
+                                            [&] { return env.cuda.capture(body); });
+  EXPECT_EQ(captured, 1) << "the split fused step was not captured";
+  ops::cuda_linear_force_split_fused_experts(0);
+  for (int replay = 0; replay < 3; ++replay) {
+    fill_inputs();
+    const Tensor want = run(nullptr);
+    expect_bitwise(want, run(graph.get()), "split fused step (graph) vs separate launches, replay " +
+                                               std::to_string(replay));
   }
 }
 

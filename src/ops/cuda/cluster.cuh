@@ -55,6 +55,9 @@ __device__ __forceinline__ uint64_t ld_cluster_u64(uint32_t remote) {
   asm volatile("ld.shared::cluster.u64 %0, [%1];\n" : "=l"(v) : "r"(remote) : "memory");
   return v;
 }
+__device__ __forceinline__ void st_cluster_u32(uint32_t remote, uint32_t v) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote), "r"(v) : "memory");
+}
 // The shared-window address of `p`, a pointer into this CTA's shared memory (for cluster_map).
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

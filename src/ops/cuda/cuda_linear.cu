@@ -256,6 +256,25 @@ void launch_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const l
   check_launch(be.stream());
 }
 
+// The split fused step (expert_ffn_split_fused_kernel): `items` clusters of f.gate_up.split
+// CTAs, the cluster-fold expert kernel's shared memory.
+template <bool kTma>
+auto split_fused_expert_kernel(CudaBackend& be) {
+  static std::atomic<uint64_t> done{0};
+  const auto kernel = lk::expert_ffn_split_fused_kernel<kTma>;
+  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
+  return kernel;
+}
+template <bool kTma>
+void launch_split_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
+                                const lk::ExpertTable& down, int64_t items) {
+  cudaLaunchAttribute cluster;
+  const dim3 grid(unsigned(items), 1u, unsigned(f.gate_up.split));
+  const cudaLaunchConfig_t cfg = cluster_fold_config(grid, f.gate_up.split, kExpertClusterSmem, be.stream(), cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, split_fused_expert_kernel<kTma>(be), f, gate_up, down));
+  check_launch(be.stream());
+}
+
 // CTAs of expert_ffn_fused_kernel the GPU holds at once (registers and shared memory),
 // asked once per device (as cluster_fold_fits does): every routed_experts call in the
 // fused step's row range needs it.
@@ -699,6 +718,15 @@ bool expert_cluster_fold(CudaBackend& be, bool tma, int64_t split) {
   return tma ? clusters_fit(be, expert_cluster_kernel<true>(be), kExpertClusterSmem, int(split), asked[1], fits[1])
              : clusters_fit(be, expert_cluster_kernel<false>(be), kExpertClusterSmem, int(split), asked[0], fits[0]);
 }
+// Whether clusters of `split` CTAs of the split fused step fit (as expert_cluster_fold asks
+// for the cluster launch).
+bool split_fused_clusters_fit(CudaBackend& be, bool tma, int64_t split) {
+  if (split < 2 || split > lk::kMaxClusterFold) return false;
+  static std::atomic<uint64_t> asked[2][lk::kMaxClusterFold + 1], fits[2][lk::kMaxClusterFold + 1];
+  return tma ? clusters_fit(be, split_fused_expert_kernel<true>(be), kExpertClusterSmem, int(split), asked[1], fits[1])
+             : clusters_fit(be, split_fused_expert_kernel<false>(be), kExpertClusterSmem, int(split), asked[0],
+                            fits[0]);
+}
 
 // The router's logits folded by router_select_kernel from the GEMM's K-slice partials
 // where the GEMM would otherwise be followed by split_fold_kernel (3-256 rows on
@@ -1025,6 +1053,17 @@ int fused_experts_mode() {  // -1 automatic, 0 never, 1 wherever it applies
   static const int from_env = env_mode("DSV4_CUDA_FUSED_EXPERTS");
   return forced_mode(g_force_fused_experts, from_env);
 }
+// The fused step where both GEMMs split their K slices over clusters of the same size
+// (expert_ffn_split_fused_kernel; 1 row at bench-1g): the SwiGLU launch and the boundary
+// before the down GEMM go, the down items' first weight stages stream while the gate/up
+// items run. DSV4_CUDA_SPLIT_FUSED_EXPERTS=0 keeps the separate launches (A/B runs); a test
+// hook may force either. The same bits.
+std::atomic<int64_t> g_split_fused_expert_launches{0};
+std::atomic<int> g_force_split_fused_experts{-1};
+bool split_fused_experts_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_SPLIT_FUSED_EXPERTS", "0");
+  return forced_or(g_force_split_fused_experts, from_env);
+}
 
 // An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
 // num_pairs rows in at most max_tiles list tiles: the slices split over CTAs where
@@ -1099,6 +1138,12 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
 void cuda_linear_force_path(int path) { g_force_path.store(path, std::memory_order_relaxed); }
 int64_t cuda_linear_fused_expert_launches() { return g_fused_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_fused_experts(int on) { g_force_fused_experts.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_split_fused_expert_launches() {
+  return g_split_fused_expert_launches.load(std::memory_order_relaxed);
+}
+void cuda_linear_force_split_fused_experts(int on) {
+  g_force_split_fused_experts.store(on, std::memory_order_relaxed);
+}
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_expert_split(int mode) { g_force_expert_split.store(mode, std::memory_order_relaxed); }
 void cuda_linear_force_expert_launches(int pieces) {
@@ -1594,8 +1639,19 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
             (fused_mode == 1 ||
              fused_experts_auto(R, int64_t(f.gate_up.tiles_per_group) * max_tiles, fused_expert_slots(*this)));
   }
-  const int64_t fused_sync_ints = fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
-  int* fused_sync = fused ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
+  // Where both GEMMs split their K slices over clusters of one size instead (1 row at
+  // bench-1g), the split fused step (split_fused_experts_enabled), with the cluster
+  // launches' TMA choice.
+  bool split_fused = false, split_tma = false;
+  if (!fused && gate_up_table && split_fused_experts_enabled()) {
+    const int64_t S = f.gate_up.split;
+    split_tma = expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
+                expert_bulk_copies(f.down, *down_table, num_local);
+    split_fused = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S) &&
+                  split_fused_clusters_fit(*this, split_tma, S);
+  }
+  const int64_t fused_sync_ints = fused || split_fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
+  int* fused_sync = fused_sync_ints > 0 ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
                              .pair_list = pair_list, .token_rows = token_rows, .tiles = tiles, .num_tiles = counts,
@@ -1611,6 +1667,39 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   lk::moe_prep_kernel<<<1 + extra_blocks, unsigned(prep_threads), size_t(16 * num_local), s>>>(prep);
   check_launch(s);
 
+  if (split_fused) {
+    f.gate_up.chunk_end = f.down.chunk_end = int(num_local);
+    // As run_expert_gemm sets them for the split cluster launches: whole scale groups a
+    // slice where enabled; the down items' first weight stages before their wait, which
+    // here is their list tile's ready flag (the kernel needs that wait: it reads h after it).
+    for (lk::GemmParams* g : {&f.gate_up, &f.down}) {
+      g->split_scale_groups = split_scale_groups_enabled() ? 1 : 0;
+      if (g->split_scale_groups && (g->k / 128 / g->split) % lk::kScaleStages == 0)
+        g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
+    }
+    f.gate_up.weights_before_wait = 0;
+    f.down.weights_before_wait = 1;
+    f.gate_up_tiles = f.gate_up.tiles_per_group;
+    f.down_tiles = f.down.tiles_per_group;
+    f.max_tiles = int(max_tiles);
+    f.sync = fused_sync;
+    f.inter = I;
+    f.rw = weights.as<float>();
+    f.rw_index = pair_list;
+    f.limit = limit;
+    f.hq = hq;
+    f.hs = hs;
+    f.split_pairs = 1;
+    const int64_t items = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;
+    DSV4_CHECK(items * f.gate_up.split < (int64_t(1) << 31), "routed_experts: {} split fused expert items too many",
+               items);
+    if (split_tma) launch_split_fused_experts<true>(*this, f, *gate_up_table, *down_table, items);
+    else launch_split_fused_experts<false>(*this, f, *gate_up_table, *down_table, items);
+    g_split_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
+    g_expert_cluster_fold_launches.fetch_add(2, std::memory_order_relaxed);
+    if (split_tma) g_tma_launches.fetch_add(2, std::memory_order_relaxed);
+    return;
+  }
   if (fused) {
     f.gate_up.chunk_end = f.down.chunk_end = int(num_local);
     f.gate_up_tiles = f.gate_up.tiles_per_group;

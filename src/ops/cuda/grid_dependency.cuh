@@ -14,6 +14,11 @@
 namespace dsv4::ops {
 
 __device__ __forceinline__ void wait_for_predecessor() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+// wait_for_predecessor() as a callable, for code that takes its wait as a parameter
+// (gemm_tile: a fused launch's items wait for a flag of the same grid instead).
+struct PredecessorWait {
+  __device__ __forceinline__ void operator()() const { wait_for_predecessor(); }
+};
 
 // Lets the kernels that depend on this one launch before it has finished (their
 // blocks still wait in wait_for_predecessor() for its end). A block that exits

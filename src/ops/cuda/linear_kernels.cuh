@@ -503,11 +503,14 @@ __device__ __forceinline__ void fold_row_major_slices(const GemmParams& p, int64
 // scale-group test had kept a 16-bit flag that its stage loop re-tested, and 16 rows read
 // 0.4% slower at the fifty-seventh session's end than at its start (fifty-eighth session,
 // 3 rounds apart).
+// Wait (the early-weights path's wait, after the first weight stages): the grid
+// dependency wait by default; the split fused expert step's down items wait for their
+// list tile's ready flag instead (ReadyFlagWait).
 template <WFmt F, int NT, bool kTwoSets, bool kEarlyWeights, bool kTmaW = false, bool kClusterFold = false,
-          bool kExpertLaunch = false>
+          bool kExpertLaunch = false, typename Wait = PredecessorWait>
 __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0, const uint8_t* s0,
                                           const uint8_t* w1, const uint8_t* s1, int tile_n, int group, int row_base,
-                                          int rows, int tile_id) {
+                                          int rows, int tile_id, const Wait& wait = Wait{}) {
   using T = FmtTraits<F>;
   static_assert(!kTmaW || (F == WFmt::kFp4 && !kEarlyWeights), "TMA weight stages: FP4 expert GEMMs only");
   // (marks of gemm_kernel's tiles; the expert kernels stamp their own)
@@ -666,7 +669,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       if (s < iters) load_weights(st_begin + s, s);
     if constexpr (T::kBlockScale)
       scale_row_copied = copy_scale_row_async(s_bs, scale_row, p.s_row_stride, tid, kThreads);
-    wait_for_predecessor();
+    wait();
   }
   if (tid < BM) s_rows[tid] = tid < rows ? (p.in_rows ? p.in_rows[row_base + tid] : row_base + tid) : -1;
   if constexpr (T::kBlockScale) {
@@ -1223,9 +1226,9 @@ __global__ void __launch_bounds__(kFoldThreads) split_fold_kernel(const float* _
 // Weight tile tile_n of list tile `tile` ({local expert, first compact row, rows, -})
 // of expert e's weights (e[0..3]: w0, s0, w1, s1).
 template <WFmt F, int NT, bool kTwoSets, bool kTma, bool kSixteenRowTiles, bool kClusterFold = false,
-          bool kExpertLaunch = false>
+          bool kExpertLaunch = false, typename Wait = PredecessorWait>
 __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* const* e, int tile_n, int4 tile,
-                                            int tile_id) {
+                                            int tile_id, const Wait& wait = Wait{}) {
   static_assert(!kSixteenRowTiles || (F == WFmt::kFp4 && NT == 1), "16-row tiles: FP4 experts, from 8-row tiles");
   static_assert(!kClusterFold || !kSixteenRowTiles, "the cluster fold: 8-row expert tiles");
   if constexpr (kSixteenRowTiles) {
@@ -1235,8 +1238,8 @@ __device__ __forceinline__ void expert_tile(const GemmParams& p, const uint8_t* 
       return;
     }
   }
-  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kExpertLaunch>(p, e[0], e[1], e[2], e[3], tile_n, 0,
-                                                                       tile.y, tile.z, tile_id);
+  gemm_tile<F, NT, kTwoSets, false, kTma, kClusterFold, kExpertLaunch, Wait>(p, e[0], e[1], e[2], e[3], tile_n, 0,
+                                                                             tile.y, tile.z, tile_id, wait);
 }
 
 // Expert GEMM: grid (tiles over n, max tiles of the list, split). blockIdx.y picks
@@ -1538,6 +1541,82 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   __syncthreads();  // (the acquire above, then this barrier: the tile's rows are visible to every thread)
   DSV4_CTA_PROBE(CtaProbeSite::kExpertFused, 2, gate_up.p[0][0]);  // tile_ready
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
+}
+
+// A down item's wait in the split fused step: thread 0 polls its list tile's ready flag
+// (acquire), then a CTA barrier makes the tile's h rows visible to every thread, as in
+// expert_ffn_fused_kernel. The trap turns a broken invariant into a launch failure (~9 s)
+// instead of a hang.
+struct ReadyFlagWait {
+  const int* flag;
+  __device__ __forceinline__ void operator()() const {
+    if (threadIdx.x == 0) {
+      unsigned polls = 0;
+      while (ld_acquire_gpu(flag) == 0) {
+        __nanosleep(64);
+        if (++polls == (1u << 27)) __trap();
+      }
+    }
+    __syncthreads();
+  }
+};
+
+// The fused step where both GEMMs split their K slices over the S CTAs of a cluster (1 row
+// at bench-1g: 6 list tiles x 32 weight tiles a GEMM, S = 2; docs/design/fused-expert-step.md,
+// "Split slices"). Grid (items, 1, S) in clusters of 1 x 1 x S, one work item a cluster:
+// cluster rank 0 takes the ticket after the dependency wait and writes it into every CTA of
+// its cluster, so the items are handed out in ticket order as in expert_ffn_fused_kernel.
+// A gate/up item is the cluster-fold tile of expert_gemm_kernel's cluster launch; rank 0
+// then counts it on its list tile, and the cluster of the last arrival runs the tile's
+// SwiGLU and quantization (its warps' items spread over the cluster's CTAs) and sets the
+// ready flag. A down item streams its first weight stages, then waits for that flag
+// (ReadyFlagWait, gemm_tile's early-weights wait) and folds as the cluster launch does.
+// The same tiles and the same SwiGLU items as the separate launches: the same bits.
+template <bool kTma>
+__global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(const FusedExpertArgs f,
+                                                                              const __grid_constant__ ExpertTable gate_up,
+                                                                              const __grid_constant__ ExpertTable down) {
+  __shared__ int s_item, s_last;
+  const uint32_t rank = cluster_cta_rank(), split = uint32_t(f.gate_up.split);
+  wait_for_predecessor();
+  if (rank == 0 && threadIdx.x == 0) {
+    const int ticket = atomicAdd(f.sync, 1);
+    for (uint32_t r = 0; r < split; ++r) st_cluster_u32(cluster_map(shared_address(&s_item), r), uint32_t(ticket));
+  }
+  cluster_sync_all();  // every CTA's s_item written
+  const int item = s_item, tiles = *f.gate_up.num_tiles;
+  int* const arrivals = f.sync + 1;
+  int* const ready = arrivals + f.max_tiles;
+  const int gate_up_items = f.gate_up_tiles * tiles;
+  if (item < gate_up_items) {
+    const int j = item / f.gate_up_tiles;
+    const int4 tile = f.gate_up.tiles[j];
+    expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true>(f.gate_up, gate_up.p[tile.x], item % f.gate_up_tiles,
+                                                                tile, item);
+    // (expert_tile's last cluster barrier: every CTA's output stores are behind it; rank 0's
+    // release below is cumulative through it)
+    if (rank == 0 && threadIdx.x == 0) {
+      const int last = atom_add_acq_rel_gpu(arrivals + j, 1) == f.gate_up_tiles - 1;
+      for (uint32_t r = 0; r < split; ++r) st_cluster_u32(cluster_map(shared_address(&s_last), r), uint32_t(last));
+    }
+    cluster_sync_all();  // every CTA's s_last written (and rank 0's acquire behind it)
+    if (!s_last) return;
+    const int64_t blocks = f.inter / 128, warp_items = int64_t(tile.z) * blocks;
+    const int64_t warps = int64_t(split) * (kThreads / 32);
+    for (int64_t w = int64_t(rank) * (kThreads / 32) + (threadIdx.x >> 5); w < warp_items; w += warps)
+      swiglu_quant_item<true>(static_cast<const uint16_t*>(f.gate_up.y), f.inter, tile.y + w / blocks, w % blocks,
+                              int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
+    __threadfence();     // this thread's h stores, before the cluster's flag
+    cluster_sync_all();  // every CTA's h rows stored
+    if (rank == 0 && threadIdx.x == 0) st_release_gpu(ready + j, 1);
+    return;
+  }
+  const int d = item - gate_up_items;
+  if (d >= f.down_tiles * tiles) return;  // (the cluster's CTAs share the item: they leave together)
+  const int j = d / f.down_tiles;
+  const int4 tile = f.down.tiles[j];
+  expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true, ReadyFlagWait>(
+      f.down, down.p[tile.x], d % f.down_tiles, tile, item, ReadyFlagWait{ready + j});
 }
 
 // ---- routed-expert bookkeeping ----------------------------------------------------------
