@@ -89,9 +89,9 @@ constexpr EnvSwitch kSwitches[] = {
      "FP4 expert tiles of 16 rows sharing each weight decode: 0 never, 1 always"},
     {"DSV4_CUDA_FUSED_EXPERTS", kCuda, kOnOff, "by shape (3-20 rows)",
      "the routed gate/up and down GEMMs as one launch: 0 never, 1 wherever the shapes allow"},
-    {"DSV4_CUDA_SPLIT_FUSED_EXPERTS", kCuda, kOnOff, "1",
-     "0: where both routed expert GEMMs split their K slices over clusters (1 row), they run as separate launches "
-     "with SwiGLU between, not as one"},
+    {"DSV4_CUDA_SPLIT_FUSED_EXPERTS", kCuda, kOnOff, "0",
+     "1: where both routed expert GEMMs split their K slices alike over clusters (1 row), they run as one launch, "
+     "not as separate launches with SwiGLU between (measured slower)"},
     {"DSV4_CUDA_EXPERT_SPLIT", kCuda, kOnOff, "by shape", "0: an expert GEMM never splits its K slices over CTAs"},
     {"DSV4_CUDA_EXPERT_CLUSTER_FOLD", kCuda, kOnOff, "1", "0: split FP4 expert launches fold by their last CTA"},
     {"DSV4_CUDA_SPLIT_SCALE_GROUPS", kCuda, kOnOff, "1", "0: split FP4 launches copy 4 scale bytes a stage"},

@@ -1226,10 +1226,11 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
 // The split fused step (expert_ffn_split_fused_kernel: both GEMMs' K slices split over
 // clusters of one size, the SwiGLU by the last gate/up cluster of a list tile, the down
 // clusters waiting on its flag after their first weight stages) gives the separate
-// launches' bits: D = I = 2048 (S = 4) and bench-1g's D = 4096, I = 2048 (S = 2), 1 and 2
-// rows, weights by TMA and by cp.async; then a graph of it replayed three times on new
-// inputs (moe_prep zeroes the ticket, counts and flags each step) against eager separate
-// launches. The counter shows where the fused launch ran (at 1 row in every case).
+// launches' bits: bench-1g's D = 4096, I = 2048 with 8 experts (both GEMMs S = 2 at 1 and 2
+// rows, so the fused launch runs), weights by TMA and by cp.async; D = I = 2048 splits the
+// gate/up GEMM in 2 and the down GEMM in 4, where the separate launches must run instead.
+// Then a graph of it replayed three times on new inputs (moe_prep zeroes the ticket, counts
+// and flags each step) against eager separate launches.
 TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
   DSV4_REQUIRE_CUDA();
   const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
@@ -1240,9 +1241,10 @@ TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
   Rng rng(0x61);
   struct Case {
     int64_t experts, d, inter;
+    int64_t fused_launches;  // a call's, forced on (the GEMMs split alike or not)
   };
   const int64_t k = 6;
-  for (const Case c : {Case{16, 2048, 2048}, Case{8, 4096, 2048}}) {
+  for (const Case c : {Case{8, 4096, 2048, 1}, Case{16, 2048, 2048, 0}}) {
     const std::vector<ExpertWeights> dex = device_experts(env, rng, c.experts, c.d, c.inter, true);
     for (const int tma : {1, 0}) {
       ops::cuda_linear_force_tma(tma);
@@ -1257,9 +1259,7 @@ TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
         const auto [separate, separate_launches] = run(0);
         EXPECT_EQ(separate_launches, 0) << what;
         const auto [fused, fused_launches] = run(1);
-        if (R == 1) {
-          EXPECT_EQ(fused_launches, 1) << what << ": the split fused step did not run";
-        }
+        EXPECT_EQ(fused_launches, c.fused_launches) << what << ": split fused launches";
         expect_bitwise(separate, fused, what + ": split fused step vs separate launches");
       }
     }

@@ -1054,14 +1054,18 @@ int fused_experts_mode() {  // -1 automatic, 0 never, 1 wherever it applies
   return forced_mode(g_force_fused_experts, from_env);
 }
 // The fused step where both GEMMs split their K slices over clusters of the same size
-// (expert_ffn_split_fused_kernel; 1 row at bench-1g): the SwiGLU launch and the boundary
-// before the down GEMM go, the down items' first weight stages stream while the gate/up
-// items run. DSV4_CUDA_SPLIT_FUSED_EXPERTS=0 keeps the separate launches (A/B runs); a test
-// hook may force either. The same bits.
+// (expert_ffn_split_fused_kernel; 1-2 rows where the shapes split alike, 1 row at
+// bench-1g): the SwiGLU launch and the boundary before the down GEMM go, the down items'
+// first weight stages stream while the gate/up items run. The same bits. Off: measured
+// +3.2% a step at one row on an H100 (eighty-first session, 3 rounds apart): in the batch-1
+// trace the launch runs ~48 µs a layer on the chain against the three launches' ~44, and
+// the shared expert's SwiGLU, on its own lane, starts ~18 µs later than beside the separate
+// launches (docs/design/fused-expert-step.md, "Split slices"). DSV4_CUDA_SPLIT_FUSED_EXPERTS=1
+// turns it on (A/B runs); a test hook may force either.
 std::atomic<int64_t> g_split_fused_expert_launches{0};
 std::atomic<int> g_force_split_fused_experts{-1};
 bool split_fused_experts_enabled() {
-  static const bool from_env = !env_is("DSV4_CUDA_SPLIT_FUSED_EXPERTS", "0");
+  static const bool from_env = env_is("DSV4_CUDA_SPLIT_FUSED_EXPERTS", "1");
   return forced_or(g_force_split_fused_experts, from_env);
 }
 

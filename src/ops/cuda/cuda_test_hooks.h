@@ -36,7 +36,7 @@ int64_t cuda_linear_fused_expert_launches();
 void cuda_linear_force_fused_experts(int on);
 // Tests: split fused expert launches so far (both GEMMs' K slices split over clusters of one
 // size, expert_ffn_split_fused_kernel); -1 follows DSV4_CUDA_SPLIT_FUSED_EXPERTS (default
-// on), 0 / 1 force it off / on where it applies.
+// off), 0 / 1 force it off / on where it applies.
 int64_t cuda_linear_split_fused_expert_launches();
 void cuda_linear_force_split_fused_experts(int on);
 // Test hooks: expert GEMM launches so far; each expert GEMM of one K slice a CTA as
