@@ -1671,55 +1671,40 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   lk::moe_prep_kernel<<<1 + extra_blocks, unsigned(prep_threads), size_t(16 * num_local), s>>>(prep);
   check_launch(s);
 
-  if (split_fused) {
+  if (fused || split_fused) {
     f.gate_up.chunk_end = f.down.chunk_end = int(num_local);
-    // As run_expert_gemm sets them for the split cluster launches: whole scale groups a
-    // slice where enabled; the down items' first weight stages before their wait, which
-    // here is their list tile's ready flag (the kernel needs that wait: it reads h after it).
-    for (lk::GemmParams* g : {&f.gate_up, &f.down}) {
-      g->split_scale_groups = split_scale_groups_enabled() ? 1 : 0;
-      if (g->split_scale_groups && (g->k / 128 / g->split) % lk::kScaleStages == 0)
-        g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
+    f.gate_up_tiles = f.gate_up.tiles_per_group;
+    f.down_tiles = f.down.tiles_per_group;
+    f.max_tiles = int(max_tiles);
+    f.sync = fused_sync;
+    f.inter = I;
+    f.rw = weights.as<float>();
+    f.rw_index = pair_list;
+    f.limit = limit;
+    f.hq = hq;
+    f.hs = hs;
+    f.split_pairs = 1;
+    const int64_t items = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;  // (a CTA or a cluster each)
+    DSV4_CHECK(items * f.gate_up.split < (int64_t(1) << 31), "routed_experts: {} fused expert items too many", items);
+    if (split_fused) {
+      // As run_expert_gemm sets them for the split cluster launches: whole scale groups a
+      // slice where enabled; the down items' first weight stages before their wait, which
+      // here is their list tile's ready flag (the kernel needs that wait: it reads h after it).
+      for (lk::GemmParams* g : {&f.gate_up, &f.down}) {
+        g->split_scale_groups = split_scale_groups_enabled() ? 1 : 0;
+        if (g->split_scale_groups && (g->k / 128 / g->split) % lk::kScaleStages == 0)
+          g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
+      }
+      f.gate_up.weights_before_wait = 0;
+      f.down.weights_before_wait = 1;
+      if (split_tma) launch_split_fused_experts<true>(*this, f, *gate_up_table, *down_table, items);
+      else launch_split_fused_experts<false>(*this, f, *gate_up_table, *down_table, items);
+      g_split_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
+      g_expert_cluster_fold_launches.fetch_add(2, std::memory_order_relaxed);
+      if (split_tma) g_tma_launches.fetch_add(2, std::memory_order_relaxed);
+      return;
     }
-    f.gate_up.weights_before_wait = 0;
-    f.down.weights_before_wait = 1;
-    f.gate_up_tiles = f.gate_up.tiles_per_group;
-    f.down_tiles = f.down.tiles_per_group;
-    f.max_tiles = int(max_tiles);
-    f.sync = fused_sync;
-    f.inter = I;
-    f.rw = weights.as<float>();
-    f.rw_index = pair_list;
-    f.limit = limit;
-    f.hq = hq;
-    f.hs = hs;
-    f.split_pairs = 1;
-    const int64_t items = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;
-    DSV4_CHECK(items * f.gate_up.split < (int64_t(1) << 31), "routed_experts: {} split fused expert items too many",
-               items);
-    if (split_tma) launch_split_fused_experts<true>(*this, f, *gate_up_table, *down_table, items);
-    else launch_split_fused_experts<false>(*this, f, *gate_up_table, *down_table, items);
-    g_split_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
-    g_expert_cluster_fold_launches.fetch_add(2, std::memory_order_relaxed);
-    if (split_tma) g_tma_launches.fetch_add(2, std::memory_order_relaxed);
-    return;
-  }
-  if (fused) {
-    f.gate_up.chunk_end = f.down.chunk_end = int(num_local);
-    f.gate_up_tiles = f.gate_up.tiles_per_group;
-    f.down_tiles = f.down.tiles_per_group;
-    f.max_tiles = int(max_tiles);
-    f.sync = fused_sync;
-    f.inter = I;
-    f.rw = weights.as<float>();
-    f.rw_index = pair_list;
-    f.limit = limit;
-    f.hq = hq;
-    f.hs = hs;
-    f.split_pairs = 1;
-    const int64_t ctas = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;
-    DSV4_CHECK(ctas < (int64_t(1) << 31), "routed_experts: {} fused expert CTAs too many", ctas);
-    launch_fused_experts(*this, f, *gate_up_table, *down_table, ctas);
+    launch_fused_experts(*this, f, *gate_up_table, *down_table, items);
     g_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
     g_tma_launches.fetch_add(2, std::memory_order_relaxed);
     return;

@@ -1485,6 +1485,23 @@ struct FusedExpertArgs {
   int split_pairs;
 };
 
+// A down item's wait in the fused steps: thread 0 polls its list tile's ready flag
+// (acquire), then a CTA barrier makes the tile's h rows visible to every thread. The
+// trap turns a broken invariant into a launch failure (~9 s) instead of a hang.
+struct ReadyFlagWait {
+  const int* flag;
+  __device__ __forceinline__ void operator()() const {
+    if (threadIdx.x == 0) {
+      unsigned polls = 0;
+      while (ld_acquire_gpu(flag) == 0) {
+        __nanosleep(64);
+        if (++polls == (1u << 27)) __trap();
+      }
+    }
+    __syncthreads();
+  }
+};
+
 // Grid: (gate_up_tiles + down_tiles) * max_tiles CTAs of kThreads, one work item each,
 // by ticket (atomicAdd after the dependency wait), so that every gate/up item is handed
 // out before the first down item whatever order the hardware starts the CTAs in. Item i
@@ -1527,39 +1544,15 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   if (d >= f.down_tiles * tiles) return;
   const int j = d / f.down_tiles;
   const int4 tile = f.down.tiles[j];
-  if (threadIdx.x == 0) {
-    // Every gate/up item is held by a running CTA, none of which waits: the flag comes.
-    // A bug that breaks that fails the launch here (~9 s; an illegal-instruction error)
-    // instead of hanging the process. (No printf: a call in the kernel made ptxas
-    // serialize the tiles' wgmmas, C7510.)
-    unsigned polls = 0;
-    while (ld_acquire_gpu(ready + j) == 0) {
-      __nanosleep(64);
-      if (++polls == (1u << 27)) __trap();
-    }
-  }
-  __syncthreads();  // (the acquire above, then this barrier: the tile's rows are visible to every thread)
+  // Every gate/up item is held by a running CTA, none of which waits: the flag comes. A bug
+  // that breaks that fails the launch in the wait (~9 s; an illegal-instruction error)
+  // instead of hanging the process. (No printf: a call in the kernel made ptxas serialize
+  // the tiles' wgmmas, C7510.)
+  ReadyFlagWait{ready + j}();
   DSV4_CTA_PROBE(CtaProbeSite::kExpertFused, 2, gate_up.p[0][0]);  // tile_ready
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
 }
 
-// A down item's wait in the split fused step: thread 0 polls its list tile's ready flag
-// (acquire), then a CTA barrier makes the tile's h rows visible to every thread, as in
-// expert_ffn_fused_kernel. The trap turns a broken invariant into a launch failure (~9 s)
-// instead of a hang.
-struct ReadyFlagWait {
-  const int* flag;
-  __device__ __forceinline__ void operator()() const {
-    if (threadIdx.x == 0) {
-      unsigned polls = 0;
-      while (ld_acquire_gpu(flag) == 0) {
-        __nanosleep(64);
-        if (++polls == (1u << 27)) __trap();
-      }
-    }
-    __syncthreads();
-  }
-};
 
 // The fused step where both GEMMs split their K slices over the S CTAs of a cluster (1 row
 // at bench-1g: 6 list tiles x 32 weight tiles a GEMM, S = 2; docs/design/fused-expert-step.md,
