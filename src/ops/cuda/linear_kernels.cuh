@@ -1553,7 +1553,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
 }
 
-
 // The fused step where both GEMMs split their K slices over the S CTAs of a cluster (1 row
 // at bench-1g: 6 list tiles x 32 weight tiles a GEMM, S = 2; docs/design/fused-expert-step.md,
 // "Split slices"). Grid (items, 1, S) in clusters of 1 x 1 x S, one work item a cluster:
@@ -1563,8 +1562,10 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
 // then counts it on its list tile, and the cluster of the last arrival runs the tile's
 // SwiGLU and quantization (its warps' items spread over the cluster's CTAs) and sets the
 // ready flag. A down item streams its first weight stages, then waits for that flag
-// (ReadyFlagWait, gemm_tile's early-weights wait) and folds as the cluster launch does.
-// The same tiles and the same SwiGLU items as the separate launches: the same bits.
+// (ReadyFlagWait, gemm_tile's early-weights wait, which runs only where the host sets
+// f.down.weights_before_wait, as it does) and folds as the cluster launch does. The same
+// tiles and the same SwiGLU items as the separate launches: the same bits. Off by default:
+// measured slower at one row (cuda_linear.cu, split_fused_experts_enabled).
 template <bool kTma>
 __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(const FusedExpertArgs f,
                                                                               const __grid_constant__ ExpertTable gate_up,
