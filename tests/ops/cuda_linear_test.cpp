@@ -1175,6 +1175,43 @@ TEST(CudaLinearFusedExperts, SplitClusterFoldEqualsLastCtaFoldBitForBit) {
   }
 }
 
+// routed_experts of R rows over `dex` (k experts a row) captured in a graph with a switch
+// forced on (force(1)), then replayed `replays` times on new inputs, each against an eager
+// run with the switch off, bit for bit. The eager run before the capture takes the switch
+// at `warm` (it sizes the scratch buffers, which cannot grow during capture). Returns the
+// launches `launches` counted during the capture.
+int64_t expect_routed_graph_equals_eager(Env& env, Rng& rng, const std::vector<ExpertWeights>& dex, int64_t R,
+                                         int64_t k, void (*force)(int), int64_t (*launches)(), int warm, int replays,
+                                         const std::string& what) {
+  const int64_t E = int64_t(dex.size()), D = dex.front().w1.k;
+  Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
+  Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
+         w = env.cuda.empty(DType::kF32, {R, k});
+  auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, 10.0f, out); };
+  auto run = [&](ops::Graph* graph) {
+    cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
+    if (graph != nullptr) graph->replay();
+    else body();
+    return to_host(env.cuda, out);
+  };
+  auto fill_inputs = [&] {
+    env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
+    env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
+    env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
+  };
+  fill_inputs();
+  force(warm);
+  (void)run(nullptr);
+  const auto [graph, captured] = run_forced(force, launches, 1, [&] { return env.cuda.capture(body); });
+  force(0);
+  for (int replay = 0; replay < replays; ++replay) {
+    fill_inputs();
+    const Tensor want = run(nullptr);
+    expect_bitwise(want, run(graph.get()), what + " (graph) vs switched off (eager), replay " + std::to_string(replay));
+  }
+  return captured;
+}
+
 // The down GEMM's tile list and first weight stages read before its dependency wait
 // (GemmParams::weights_before_wait) change no bit: 1, 2 and 40 rows (split and walked
 // slices, outside the fused launch's rows), in a graph (where the wait is a programmatic
@@ -1191,35 +1228,10 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
   const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
   for (const int64_t R : {int64_t(1), int64_t(2), int64_t(40)}) {
     const std::string what = "R=" + std::to_string(R);
-    Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
-    Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
-           w = env.cuda.empty(DType::kF32, {R, k});
-    auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, 10.0f, out); };
-    auto run = [&](ops::Graph* graph) {
-      cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
-      if (graph != nullptr) graph->replay();
-      else body();
-      return to_host(env.cuda, out);
-    };
-    auto fill_inputs = [&] {
-      env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
-      env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
-      env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
-    };
-    fill_inputs();
-    ops::cuda_linear_force_expert_early_weights(0);
-    (void)run(nullptr);  // (eager first: the scratch buffers cannot grow during capture)
-    const auto [graph, early_calls] = run_forced(ops::cuda_linear_force_expert_early_weights,
-                                                 ops::cuda_linear_expert_early_weight_launches, 1,
-                                                 [&] { return env.cuda.capture(body); });
-    EXPECT_EQ(early_calls, 1) << what << ": the down GEMM was not captured in its early form";
-    ops::cuda_linear_force_expert_early_weights(0);
-    for (int replay = 0; replay < 2; ++replay) {
-      fill_inputs();
-      const Tensor want = run(nullptr);
-      expect_bitwise(want, run(graph.get()),
-                     what + ": weights before the wait (graph) vs at entry (eager), replay " + std::to_string(replay));
-    }
+    const int64_t captured = expect_routed_graph_equals_eager(
+        env, rng, dex, R, k, ops::cuda_linear_force_expert_early_weights,
+        ops::cuda_linear_expert_early_weight_launches, /*warm=*/0, /*replays=*/2, what + ": weights before the wait");
+    EXPECT_EQ(captured, 1) << what << ": the down GEMM was not captured in its early form";
   }
 }
 
@@ -1264,39 +1276,14 @@ TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
       }
     }
   }
-  // In a graph, replayed on new inputs.
+  // In a graph, replayed on new inputs (the eager run before the capture takes the fused
+  // launch: its ticket, counts and flags are scratch that cannot grow during capture).
   ops::cuda_linear_force_tma(-1);
-  const int64_t E = 8, D = 4096, I = 2048, R = 1;
-  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
-  Tensor out = env.cuda.empty(DType::kBF16, {R, k, D});
-  Tensor x = env.cuda.empty(DType::kBF16, {R, D}), ids = env.cuda.empty(DType::kI32, {R, k}),
-         w = env.cuda.empty(DType::kF32, {R, k});
-  auto body = [&] { env.cuda.routed_experts(x, ids, w, dex, 0, E, 10.0f, out); };
-  auto run = [&](ops::Graph* graph) {
-    cudaMemsetAsync(out.data(), 0x7f, out.nbytes(), env.cuda.stream());
-    if (graph != nullptr) graph->replay();
-    else body();
-    return to_host(env.cuda, out);
-  };
-  auto fill_inputs = [&] {
-    env.cuda.upload(x, rng.bf16({R, D}, 2.0f).data(), x.nbytes());
-    env.cuda.upload(ids, random_ids(rng, R, k, E, -1).data(), ids.nbytes());
-    env.cuda.upload(w, random_weights(rng, R, k).data(), w.nbytes());
-  };
-  fill_inputs();
-  ops::cuda_linear_force_split_fused_experts(1);
-  (void)run(nullptr);  // (eager first: the scratch buffers cannot grow during capture)
-  const auto [graph, captured] = run_forced(ops::cuda_linear_force_split_fused_experts,
-                                            ops::cuda_linear_split_fused_expert_launches, 1,
-                                            [&] { return env.cuda.capture(body); });
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, 8, 4096, 2048, true);
+  const int64_t captured = expect_routed_graph_equals_eager(
+      env, rng, dex, 1, k, ops::cuda_linear_force_split_fused_experts, ops::cuda_linear_split_fused_expert_launches,
+      /*warm=*/1, /*replays=*/3, "split fused step");
   EXPECT_EQ(captured, 1) << "the split fused step was not captured";
-  ops::cuda_linear_force_split_fused_experts(0);
-  for (int replay = 0; replay < 3; ++replay) {
-    fill_inputs();
-    const Tensor want = run(nullptr);
-    expect_bitwise(want, run(graph.get()), "split fused step (graph) vs separate launches, replay " +
-                                               std::to_string(replay));
-  }
 }
 
 // Split FP4 expert GEMMs whose K slices are whole row-scale groups copy the scales a
