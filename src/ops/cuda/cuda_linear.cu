@@ -1645,7 +1645,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   }
   // Where both GEMMs split their K slices over clusters of one size instead (1 row at
   // bench-1g), the split fused step (split_fused_experts_enabled), with the cluster
-  // launches' TMA choice.
+  // launches' TMA choice; only where the rule above built the tables, so
+  // DSV4_CUDA_FUSED_EXPERTS=0 turns both fused forms off.
   bool split_fused = false, split_tma = false;
   if (!fused && gate_up_table && split_fused_experts_enabled()) {
     const int64_t S = f.gate_up.split;
