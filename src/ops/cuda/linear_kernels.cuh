@@ -1473,8 +1473,10 @@ struct FusedExpertArgs {
   int gate_up_tiles, down_tiles;  // weight tiles of each GEMM
   int max_tiles;                  // list tiles the grid was sized for
   // [1 + 2 * max_tiles] ints, zeroed by moe_prep each step: the work ticket, then each
-  // list tile's gate/up arrivals, then its ready flag.
+  // list tile's gate/up arrivals, then its ready flag (the accessors below).
   int* sync;
+  __device__ __forceinline__ int* arrivals(int tile) const { return sync + 1 + tile; }
+  __device__ __forceinline__ int* ready(int tile) const { return sync + 1 + max_tiles + tile; }
   // The SwiGLU and quantization of a list tile's rows (swiglu_quant_kernel's arguments).
   int64_t inter;
   const float* rw;
@@ -1521,15 +1523,13 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   __syncthreads();
   DSV4_CTA_PROBE(CtaProbeSite::kExpertFused, 1, gate_up.p[0][0]);  // item_taken
   const int item = s_item, tiles = *f.gate_up.num_tiles;
-  int* const arrivals = f.sync + 1;
-  int* const ready = arrivals + f.max_tiles;
   const int gate_up_items = f.gate_up_tiles * tiles;
   if (item < gate_up_items) {
     const int j = item / f.gate_up_tiles;
     const int4 tile = f.gate_up.tiles[j];
     expert_tile<WFmt::kFp4, 1, true, true, false>(f.gate_up, gate_up.p[tile.x], item % f.gate_up_tiles, tile, item);
     __syncthreads();  // every thread's output stores issued
-    if (threadIdx.x == 0) s_last = atom_add_acq_rel_gpu(arrivals + j, 1) == f.gate_up_tiles - 1;
+    if (threadIdx.x == 0) s_last = atom_add_acq_rel_gpu(f.arrivals(j), 1) == f.gate_up_tiles - 1;
     __syncthreads();  // (thread 0's acquire, then this barrier: the other CTAs' outputs visible to all)
     if (!s_last) return;
     const int64_t blocks = f.inter / 128, warp_items = int64_t(tile.z) * blocks;
@@ -1537,7 +1537,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
       swiglu_quant_item<true>(static_cast<const uint16_t*>(f.gate_up.y), f.inter, tile.y + w / blocks, w % blocks,
                               int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
     __syncthreads();
-    if (threadIdx.x == 0) st_release_gpu(ready + j, 1);
+    if (threadIdx.x == 0) st_release_gpu(f.ready(j), 1);
     return;
   }
   const int d = item - gate_up_items;
@@ -1548,7 +1548,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   // that breaks that fails the launch in the wait (~9 s; an illegal-instruction error)
   // instead of hanging the process. (No printf: a call in the kernel made ptxas serialize
   // the tiles' wgmmas, C7510.)
-  ReadyFlagWait{ready + j}();
+  ReadyFlagWait{f.ready(j)}();
   DSV4_CTA_PROBE(CtaProbeSite::kExpertFused, 2, gate_up.p[0][0]);  // tile_ready
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
 }
@@ -1579,8 +1579,6 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
   }
   cluster_sync_all();  // every CTA's s_item written
   const int item = s_item, tiles = *f.gate_up.num_tiles;
-  int* const arrivals = f.sync + 1;
-  int* const ready = arrivals + f.max_tiles;
   const int gate_up_items = f.gate_up_tiles * tiles;
   if (item < gate_up_items) {
     const int j = item / f.gate_up_tiles;
@@ -1590,7 +1588,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
     // (expert_tile's last cluster barrier: every CTA's output stores are behind it; rank 0's
     // release below is cumulative through it)
     if (rank == 0 && threadIdx.x == 0) {
-      const int last = atom_add_acq_rel_gpu(arrivals + j, 1) == f.gate_up_tiles - 1;
+      const int last = atom_add_acq_rel_gpu(f.arrivals(j), 1) == f.gate_up_tiles - 1;
       for (uint32_t r = 0; r < split; ++r) st_cluster_u32(cluster_map(shared_address(&s_last), r), uint32_t(last));
     }
     cluster_sync_all();  // every CTA's s_last written (and rank 0's acquire behind it)
@@ -1602,7 +1600,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
                               int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
     __threadfence();     // this thread's h stores, before the cluster's flag
     cluster_sync_all();  // every CTA's h rows stored
-    if (rank == 0 && threadIdx.x == 0) st_release_gpu(ready + j, 1);
+    if (rank == 0 && threadIdx.x == 0) st_release_gpu(f.ready(j), 1);
     return;
   }
   const int d = item - gate_up_items;
@@ -1610,7 +1608,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
   const int j = d / f.down_tiles;
   const int4 tile = f.down.tiles[j];
   expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true, ReadyFlagWait>(
-      f.down, down.p[tile.x], d % f.down_tiles, tile, item, ReadyFlagWait{ready + j});
+      f.down, down.p[tile.x], d % f.down_tiles, tile, item, ReadyFlagWait{f.ready(j)});
 }
 
 // ---- routed-expert bookkeeping ----------------------------------------------------------
