@@ -657,6 +657,143 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
   }
 }
 
+// The mHC mix and finish by one cluster (hc_mix_finish_cluster_kernel, forced on: 1-2 rows,
+// D a multiple of 2048 up to 4096) against the fused launch, bit for bit: every op and
+// hc_post source of HcFusedMixFinishEqualsTwoLaunchesBitForBit, with the Sinkhorn in the op
+// and left for later; at 3 rows and at D = 256 the fused launch runs on both sides. On a
+// GPU where the cluster of 16 does not fit, the count fails: the form must be measured there.
+TEST_F(CudaPointwise, HcClusterMixFinishEqualsFusedBitForBit) {
+  Rng rng(218);
+  struct Reset {
+    ~Reset() {
+      cuda_hc_force_fused(-1);
+      cuda_hc_force_cluster(-1);
+      cuda_hc_force_slot_rows(-1);
+    }
+  } reset;
+  cuda_hc_force_slot_rows(16);
+  for (HcCase c : {HcCase{4, 4096, 20}, HcCase{4, 2048, 20}, HcCase{2, 2048, 20}, HcCase{1, 2048, 20},
+                   HcCase{4, 256, 20}})
+    for (const bool later : {false, true})
+      for (int64_t T : {1, 2, 3}) {
+        HcConfig cfg = c.config();
+        cfg.sinkhorn_later = later;
+        const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+        const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+        const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
+        const Tensor df = dev(rng.bf16({T, c.D})), drouted = dev(rng.f32({T, c.D}, 2.0f)),
+                     dshared = dev(rng.bf16({T, c.D}));
+        const Tensor post0 = rng.f32({T, c.hc}, 0.5f, 1.0f), comb0 = rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f);
+        const int64_t k = 6;
+        Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
+        for (int64_t i = 0; i < T * k; ++i) ids.as<int32_t>()[i] = int32_t((i * 53 + 11) % 97) - 1;
+        ids.as<int32_t>()[T * k - 1] = ids.as<int32_t>()[0];  // a repeated id (equal ids add in slot order)
+        const Tensor dslots = dev(rng.bf16({T, k, c.D})), dids = dev(ids);
+        const bool applies = T <= 2 && c.D % 2048 == 0;
+        const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_head", "hc_post_pre_norm f", "hc_post_pre_norm moe",
+                             "hc_post_pre_norm slots"};
+        for (int op = 0; op < 6; ++op) {
+          const std::string what = std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" +
+                                   std::to_string(c.D) + " T=" + std::to_string(T) + (later ? " later" : "");
+          std::vector<Tensor> got[2];  // fused; cluster
+          for (int variant = 0; variant < 2; ++variant) {
+            cuda_hc_force_fused(1);
+            cuda_hc_force_cluster(variant);
+            const int64_t before = cuda_hc_cluster_launches();
+            Tensor post = dev(post0), comb = dev(comb0);
+            Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+                   Y = poisoned(DType::kBF16, {T, c.hc, c.D}), y = poisoned(DType::kBF16, {T, c.D});
+            if (op == 0) cuda().hc_pre(dX, dw, cfg, x, post, comb);
+            else if (op == 1) cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+            else if (op == 2) cuda().hc_head(dX, dwh, cfg, x);
+            else
+              cuda().hc_post_pre_norm(
+                  op == 3   ? HcPostInput::of_sublayer(df, dX, post, comb)
+                  : op == 4 ? HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb)
+                            : HcPostInput::of_moe_slots(dslots, dids, poisoned(DType::kF32, {T, c.D}), dshared, y, dX,
+                                                        post, comb),
+                  Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+            got[variant] = {host(x)};
+            if (op != 2) {
+              got[variant].push_back(host(post));
+              got[variant].push_back(host(comb));
+            }
+            if (op == 1 || op >= 3) got[variant].push_back(host(xn));
+            if (op >= 3) got[variant].push_back(host(Y));
+            if (op >= 4) got[variant].push_back(host(y));
+            EXPECT_EQ(cuda_hc_cluster_launches() - before, variant == 1 && applies ? 1 : 0)
+                << "cluster launches, " << what;
+          }
+          for (size_t i = 0; i < got[0].size(); ++i)
+            expect_bits_equal(got[1][i], got[0][i], (what + " output " + std::to_string(i) + ": cluster vs fused").c_str());
+        }
+      }
+}
+
+// The cluster form in a captured graph, launches back to back (the next one's CTAs may start
+// while the previous one ends) and with a Sinkhorn between, replayed on fresh inputs: the
+// eager run's bytes, and those of the fused launch.
+TEST_F(CudaPointwise, HcClusterMixFinishGraphReplayEqualsEager) {
+  Rng rng(219);
+  const HcCase c{4, 4096, 20};
+  HcConfig cfg = c.config();
+  cfg.sinkhorn_later = true;
+  struct Reset {
+    ~Reset() {
+      cuda_hc_force_fused(-1);
+      cuda_hc_force_cluster(-1);
+    }
+  } reset;
+  const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+  const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+  const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
+  const int64_t T = 2;
+  Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
+  Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+         post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
+         Y = poisoned(DType::kBF16, {T, c.hc, c.D}), x2 = poisoned(DType::kBF16, {T, c.D}),
+         xn2 = poisoned(DType::kBF16, {T, c.D}), y = poisoned(DType::kBF16, {1, c.D}),
+         x1 = poisoned(DType::kBF16, {1, c.D}), post1 = poisoned(DType::kF32, {1, c.hc}),
+         comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
+  auto body = [&] {
+    cuda().hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);  // 2 rows
+    cuda().hc_sinkhorn(comb, cfg);
+    cuda().hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
+    cuda().hc_head(Y.rows(0, 1), dwh, cfg, y);                    // right after the previous cluster launch
+    cuda().hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);       // and again
+  };
+  auto outputs = [&] { return std::vector<Tensor>{host(x), host(xn), host(post), host(comb), host(Y), host(x2),
+                                                  host(xn2), host(y), host(x1), host(post1), host(comb1)}; };
+  cuda_hc_force_fused(1);
+  cuda_hc_force_cluster(1);
+  const int64_t before = cuda_hc_cluster_launches();
+  body();  // eager (also grows the scratch buffers before the capture)
+  ASSERT_EQ(cuda_hc_cluster_launches() - before, 4) << "the body's hc launches should all take the cluster kernel";
+  cuda().synchronize();
+  std::unique_ptr<Graph> graph = cuda().capture(body);
+  if (!testing::pdl_disabled()) {
+    EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
+  }
+  for (int round = 0; round < 3; ++round) {
+    const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
+    cuda().upload(X, hX.data(), hX.nbytes());
+    cuda().upload(f, hf.data(), hf.nbytes());
+    cuda_hc_force_cluster(0);
+    body();
+    const std::vector<Tensor> fused = outputs();
+    cuda_hc_force_cluster(1);
+    cuda().upload(X, hX.data(), hX.nbytes());
+    cuda().upload(f, hf.data(), hf.nbytes());
+    for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda().fill_zero(t);
+    graph->replay();
+    const std::vector<Tensor> replayed = outputs();
+    for (size_t i = 0; i < fused.size(); ++i)
+      expect_bits_equal(
+          replayed[i], fused[i],
+          ("round " + std::to_string(round) + " output " + std::to_string(i) + ": cluster replay vs fused").c_str());
+  }
+}
+
 TEST_F(CudaPointwise, HcHeadMatchesCpu) {
   Rng rng(208);
   for (HcCase c : {HcCase{4, 4096, 0}, HcCase{4, 256, 0}})

@@ -58,6 +58,14 @@ __device__ __forceinline__ uint64_t ld_cluster_u64(uint32_t remote) {
 __device__ __forceinline__ void st_cluster_u32(uint32_t remote, uint32_t v) {
   asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote), "r"(v) : "memory");
 }
+__device__ __forceinline__ void st_cluster_f32(uint32_t remote, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(v) : "memory");
+}
+// The first half of the cluster barrier with no ordering (a CTA's start, before any
+// access to another CTA's shared memory; its wait comes before the first such access).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
 // The shared-window address of `p`, a pointer into this CTA's shared memory (for cluster_map).
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
@@ -24,6 +25,7 @@
 #include "ops/cuda/cuda_test_hooks.h"
 #include "ops/cuda/act_quant.cuh"
 #include "ops/cuda/block_sum.cuh"
+#include "ops/cuda/cluster.cuh"
 #include "ops/cuda/cta_probe.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
@@ -42,6 +44,8 @@ std::atomic<int> g_force_hc_fused{-1};
 std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int> g_force_hc_quick{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
+std::atomic<int> g_force_hc_cluster{-1};
+std::atomic<int64_t> g_hc_cluster_launches{0};
 std::atomic<int> g_force_hc_post_slots{-1};
 std::atomic<int64_t> g_hc_post_slots_launches{0};
 std::atomic<int> g_force_norm_early{-1};
@@ -1086,6 +1090,44 @@ struct HcFinishArgs {
   float* xs = nullptr;
 };
 
+// The mix's norm factor of a row from its sums: 1 / sqrt(raw[kMix] / n + norm_eps), n = HC * D.
+template <int HC, int kMix>
+__device__ __forceinline__ float hc_mix_norm_factor(const HcFinishArgs& a, const float* raw) {
+  return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(HC * a.D)), a.norm_eps)));
+}
+
+// pre_i of row t from its sums (the finish's threads i < HC).
+template <int HC, int kMix>
+__device__ __forceinline__ float hc_pre_value(const HcFinishArgs& a, const float* raw, int i) {
+  const float r = hc_mix_norm_factor<HC, kMix>(a, raw);
+  return __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[i], r), a.scale[0]), a.base[i])), a.hc_eps);
+}
+
+// post and comb of row t from its sums, by one warp (lane): the Sinkhorn's comb, or its
+// input where the Sinkhorn runs later (!a.sinkhorn).
+template <int HC>
+__device__ __forceinline__ void hc_post_comb_warp(const HcFinishArgs& a, int64_t t, const float* raw, int lane) {
+  constexpr int kMix = (2 + HC) * HC;
+  const float r = hc_mix_norm_factor<HC, kMix>(a, raw);
+  if (lane < HC)
+    a.post[t * HC + lane] = __fmul_rn(
+        2.0f, core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + lane], r), a.scale[1]), a.base[HC + lane])));
+  if constexpr (HC * HC <= 32) {
+    const int e = lane < HC * HC ? lane : 0;
+    const float c = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + e], r), a.scale[2]), a.base[2 * HC + e]);
+    const float v = a.sinkhorn ? sinkhorn_warp<HC>(c, a.sinkhorn_iters, a.hc_eps) : c;  // (uniform branch)
+    if (lane < HC * HC) a.comb[t * HC * HC + lane] = v;
+  } else if (lane == 0) {
+    float c[HC * HC];
+#pragma unroll
+    for (int i = 0; i < HC * HC; ++i)
+      c[i] = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + i], r), a.scale[2]), a.base[2 * HC + i]);
+    if (a.sinkhorn) sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
+#pragma unroll
+    for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
+  }
+}
+
 // One CTA per row. kHead: hc_head (pre weights only, no post/comb).
 // The row's partials (S x 32 floats, 128 bytes per slice, 64 KB apart) are first
 // copied to shared memory by every thread, 16 bytes each, all loads in flight at
@@ -1312,36 +1354,11 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   __syncthreads();
   DSV4_CTA_PROBE(probe_site, 5, a.base);  // sums
   // The mix's norm factor, formed by each thread that needs it (the same bits).
-  auto norm_factor = [&] { return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(raw[kMix], float(n)), a.norm_eps))); };
   if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
-    if constexpr (!kHead) {
-      const float r = norm_factor();
-      const int lane = tid - kHcXThreads;
-      if (lane < HC)
-        a.post[t * HC + lane] = __fmul_rn(
-            2.0f, core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[HC + lane], r), a.scale[1]), a.base[HC + lane])));
-      if constexpr (HC * HC <= 32) {
-        const int e = lane < HC * HC ? lane : 0;
-        const float c = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + e], r), a.scale[2]), a.base[2 * HC + e]);
-        const float v = a.sinkhorn ? sinkhorn_warp<HC>(c, a.sinkhorn_iters, a.hc_eps) : c;  // (uniform branch)
-        if (lane < HC * HC) a.comb[t * HC * HC + lane] = v;
-      } else if (lane == 0) {
-        float c[HC * HC];
-#pragma unroll
-        for (int i = 0; i < HC * HC; ++i)
-          c[i] = __fadd_rn(__fmul_rn(__fmul_rn(raw[2 * HC + i], r), a.scale[2]), a.base[2 * HC + i]);
-        if (a.sinkhorn) sinkhorn_ref<HC>(c, a.sinkhorn_iters, a.hc_eps);
-#pragma unroll
-        for (int i = 0; i < HC * HC; ++i) a.comb[t * HC * HC + i] = c[i];
-      }
-    }
+    if constexpr (!kHead) hc_post_comb_warp<HC>(a, t, raw, tid - kHcXThreads);
     return;
   }
-  if (tid < HC) {
-    const float r = norm_factor();
-    pre[tid] =
-        __fadd_rn(core::sigmoid_f32(__fadd_rn(__fmul_rn(__fmul_rn(raw[tid], r), a.scale[0]), a.base[tid])), a.hc_eps);
-  }
+  if (tid < HC) pre[tid] = hc_pre_value<HC, kMix>(a, raw, tid);
   x_warps_barrier();
   // Warps 0-7: x = sum_i pre_i X_i (bf16), and for the norm the sum of squares of x
   // in rms_norm_row's order (this thread's chunks ascending, their values in order).
@@ -1465,6 +1482,308 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
   const int row = s_arrival - (f.hand.arrivals - f.hand.finishers);
   if (row < 0) return;
   hc_finish_row<HC, kHead, 8>(f.fin, row, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1);
+}
+
+// ---- the mix and finish in one cluster (1-2 rows) -------------------------------
+// hc_mix_finish_kernel's work by one cluster of kHcClusterCtas CTAs, no global hand-over.
+// Why: at one row that launch is a chain of dependent global round trips: the slices'
+// partial stores and their counted arrival, then the finisher's staging of 128 slices'
+// partials and its loads of X, which the slices had just formed (the CTA probe, H200:
+// ~5-7 µs of a 10-15 µs launch after the hand-over, twice a layer). Here CTA r holds the
+// 128-wide column groups r and r + 16 of every stream (HC x D / 2048 slices: 8 at HC = 4,
+// D = 4096), so it has all HC streams of the 256 columns it finishes: it forms or loads X
+// there into shared memory once, runs its slices' mixes, and pushes the partials into
+// every CTA's shared memory; after a cluster barrier each CTA adds all partials in slice
+// order itself (the same sums as the finisher's), and finishes its columns from the X it
+// holds. The norm's sum of squares crosses CTAs the same way (a second barrier).
+// The bits are hc_finish_row's: CTA r's warp 0 runs the x and norm code of the lanes of
+// hc_finish_row's warp r / 2 whose chunks (tid, tid + 256) lie in its groups (half r % 2
+// of them), the other half idle but in the shuffles; each CTA then runs x_warps_sum's
+// shuffle tree and warp order on all 256 lanes' sums (every CTA the same total).
+// Cost: fn, a weight, is spread over 16 CTAs (96 KB of shared memory each), not 128.
+constexpr int kHcClusterCtas = 16;
+constexpr int kHcClusterGroups = 2;  // 128-wide column groups of a stream a CTA holds, at most (D <= 4096)
+
+template <int HC, bool kHead, int kRows>
+struct HcClusterSmem {
+  static constexpr int kMix = kHead ? HC : (2 + HC) * HC;
+  static constexpr int kSlices = HC * kHcClusterGroups;            // this CTA's slices, at most
+  static constexpr int kAllSlices = kHcClusterCtas * kSlices;      // the launch's, at most (128 at HC = 4)
+  static constexpr int kPad = kHcSlice + 4;                        // as HcMixTileSmem: conflict-free float4 rows
+  float fn_s[kSlices][kMix][kPad];
+  float x_s[kSlices][kRows][kPad];                                 // this CTA's columns of X (or Y), as floats
+  float part[kAllSlices][kRows][kMix + 1];                         // every slice's partials, pushed by its CTA
+  float ss[kRows][kHcXThreads];                                    // hc_finish_row's lanes' sums of squares, pushed
+  float raw[kRows][32];
+  float pre[kRows][HC];
+  float red[kRows][kHcXThreads / 32];
+  float post_s[kRows][HC], comb_s[kRows][HC * HC];                 // the hc_post source's (kPostHc)
+  int32_t slot_id[kRows][kHcMaxSlots];
+  int slot_order[kRows][kHcMaxSlots], slot_count[kRows];
+};
+
+template <int HC, bool kHead, int kPostHc, int kRows>
+__global__ void __launch_bounds__(kHcXThreads + 32, 1)
+    hc_mix_finish_cluster_kernel(const __grid_constant__ HcFusedArgs f) {
+  using S = HcClusterSmem<HC, kHead, kRows>;
+  constexpr int kMix = S::kMix;
+  static_assert(kMix + kRows <= 32 && HC <= 4, "a lane a mix, then one a row's sum of squares");
+  extern __shared__ __align__(16) uint8_t hc_cluster_raw[];
+  S& sm = *reinterpret_cast<S*>(hc_cluster_raw);
+  const HcFinishArgs& a = f.fin;
+  const int tid = int(threadIdx.x), nthreads = int(blockDim.x);
+  const int rank = int(cluster_cta_rank());
+  const int64_t D = a.D, n = f.n;
+  const int groups = int(D / kHcSlice);        // a stream's 128-wide groups (32 at D = 4096)
+  const int G = groups / kHcClusterCtas;       // this CTA's: rank, rank + 16 (the host checks 1 or 2)
+  const int my_slices = HC * G;
+  const int rows = int(f.rows);
+  // Local slice ls: stream ls / G, group rank + 16 (ls % G); its global slice index.
+  auto slice_of = [&](int ls) { return (ls / G) * groups + rank + kHcClusterCtas * (ls % G); };
+  cluster_arrive_relaxed();  // (waited for before the first push: every CTA of the cluster has started)
+  // fn (a weight) before the dependency wait, straight into shared memory.
+  {
+    constexpr int kPieces = kHcSlice / 4;
+    const int total = my_slices * kMix * kPieces;
+    for (int i = tid; i < total; i += nthreads) {
+      const int ls = i / (kMix * kPieces), m = (i / kPieces) % kMix, c = (i % kPieces) * 4;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(&sm.fn_s[ls][m][c])),
+                   "l"(f.fn + int64_t(m) * n + int64_t(slice_of(ls)) * kHcSlice + c));
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+  }
+  // The finish's lanes: warp 0's lane l stands for hc_finish_row's thread 32 (rank / 2) + l,
+  // whose chunks tid_o + 256 k lie in this CTA's groups where l / 16 == rank % 2.
+  const int lane = tid & 31;
+  const int tid_o = 32 * (rank / 2) + lane;
+  const bool fin_lane = tid < 32 && lane / 16 == rank % 2;
+  const int chunks = int(D / 8);
+  const bool norm = a.xn != nullptr;
+  BfRegs<8> wv[kHcChunksInRegisters];
+  if (norm && fin_lane) {
+#pragma unroll
+    for (int k = 0; k < kHcChunksInRegisters; ++k)
+      if (tid_o + kHcXThreads * k < chunks) wv[k].load(a.norm_w + int64_t(tid_o + kHcXThreads * k) * 8);
+  }
+  wait_for_predecessor();
+  // This CTA's columns of X into x_s: loaded, or formed from the hc_post source (stored as Y).
+  if constexpr (kPostHc == 0) {
+    const int pieces = rows * my_slices * (kHcSlice / 8);
+    for (int i = tid; i < pieces; i += nthreads) {
+      const int t = i / (my_slices * (kHcSlice / 8)), ls = (i / (kHcSlice / 8)) % my_slices,
+                c = (i % (kHcSlice / 8)) * 8;
+      const uint4 v = *reinterpret_cast<const uint4*>(f.X + t * n + int64_t(slice_of(ls)) * kHcSlice + c);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sm.x_s[ls][t][c + 2 * e] = bf2f(uint16_t(w[e] & 0xffffu));
+        sm.x_s[ls][t][c + 2 * e + 1] = bf2f(uint16_t(w[e] >> 16));
+      }
+    }
+  } else {
+    // Y[t, j, d] = bf16(post_j f + sum_i comb[i][j] R_i) (hc_post_value), f the sublayer's
+    // output or bf16(routed + shared) (stored to y once: this CTA owns column d); routed read
+    // or summed from the MoE slots in moe_slot_order's order (by ranks, as the mix tile).
+    const HcPostSource& src = f.src;
+    if (tid < rows * (HC + HC * HC)) {
+      const int t = tid / (HC + HC * HC), i = tid % (HC + HC * HC);
+      if (i < HC) sm.post_s[t][i] = src.post[t * HC + i];
+      else sm.comb_s[t][i - HC] = src.comb[t * HC * HC + i - HC];
+    }
+    if (src.slot_out) {
+      const int k = src.k;
+      const bool slot_thread = tid < rows * k;
+      const int slot_row = slot_thread ? tid / k : 0, slot = slot_thread ? tid % k : 0;
+      const int32_t id = slot_thread ? src.ids[tid] : -1;
+      if (slot_thread) sm.slot_id[slot_row][slot] = id;
+      __syncthreads();
+      if (slot_thread) {
+        int count;
+        const int place = moe_slot_place(sm.slot_id[slot_row], k, slot, &count);
+        if (id >= 0) sm.slot_order[slot_row][place] = slot;
+        if (slot == 0) sm.slot_count[slot_row] = count;
+      }
+    }
+    __syncthreads();
+    // Thread v: row t, group gi, 8 columns from c8, every stream.
+    const int per_row = G * (kHcSlice / 8);
+    if (tid < rows * per_row) {
+      const int t = tid / per_row, q = tid % per_row, gi = q / (kHcSlice / 8), c8 = (q % (kHcSlice / 8)) * 8;
+      const int64_t d = int64_t(rank + kHcClusterCtas * gi) * kHcSlice + c8;
+      uint16_t fb[8];
+      BfRegs<8> rv[HC];
+#pragma unroll
+      for (int i = 0; i < HC; ++i) rv[i].load(src.R + (int64_t(t) * HC + i) * D + d);
+      if (src.f) {
+        BfRegs<8> fr;
+        fr.load(src.f + t * D + d);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) fb[e] = fr.get(e);
+      } else {
+        float routed[8];
+        if (src.slot_out) {
+          moe_slot_sum<8>(src.slot_out + int64_t(t) * src.k * D + d, D, sm.slot_order[t], sm.slot_count[t], routed);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) routed[e] = src.routed[t * D + d + e];
+        }
+        BfRegs<8> sh, yo;
+        sh.load(src.shared + t * D + d);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          fb[e] = moe_output_value(routed[e], sh.get(e));
+          yo.set(e, fb[e]);
+        }
+        yo.store(src.y + t * D + d);
+      }
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        float cm[HC];
+#pragma unroll
+        for (int i = 0; i < HC; ++i) cm[i] = sm.comb_s[t][i * HC + j];
+        const float pj = sm.post_s[t][j];
+        BfRegs<8> o;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          uint16_t r[HC];
+#pragma unroll
+          for (int i = 0; i < HC; ++i) r[i] = rv[i].get(e);
+          const uint16_t v = hc_post_value<HC>(pj, fb[e], cm, r);
+          o.set(e, v);
+          sm.x_s[j * G + gi][t][c8 + e] = bf2f(v);
+        }
+        o.store(src.Y + (int64_t(t) * HC + j) * D + d);
+      }
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+  cluster_wait_acquire();  // (the arrival at the start: every CTA runs, its shared memory can be written)
+  // The slices' mixes (hc_mix_partial_tile's lanes and FMA order), pushed into every CTA's
+  // part[]: warp w runs local slices w, w + 8, ..; lane m < kMix mix m of each row, lane
+  // kMix + t row t's sum of squares.
+  if (tid < kHcXThreads && lane < kMix + rows) {
+    for (int ls = tid >> 5; ls < my_slices; ls += kHcXThreads / 32) {
+      const float* wrow = lane < kMix ? &sm.fn_s[ls][lane][0] : &sm.x_s[ls][lane - kMix][0];
+      float acc[kRows];
+#pragma unroll
+      for (int t = 0; t < kRows; ++t) acc[t] = 0.0f;
+      for (int k = 0; k < kHcSlice; k += 4) {
+        const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
+#pragma unroll
+        for (int t = 0; t < kRows; ++t) {
+          const float4 x4 = *reinterpret_cast<const float4*>(&sm.x_s[ls][t][k]);
+          acc[t] = fmaf(w4.x, x4.x, acc[t]);
+          acc[t] = fmaf(w4.y, x4.y, acc[t]);
+          acc[t] = fmaf(w4.z, x4.z, acc[t]);
+          acc[t] = fmaf(w4.w, x4.w, acc[t]);
+        }
+      }
+      const int s = slice_of(ls);
+#pragma unroll
+      for (int t = 0; t < kRows; ++t) {
+        if (t >= rows || (lane >= kMix && lane - kMix != t)) continue;  // (a sum-of-squares lane: its own row)
+        const uint32_t at = shared_address(&sm.part[s][t][lane < kMix ? lane : kMix]);
+#pragma unroll 4
+        for (int q = 0; q < kHcClusterCtas; ++q) st_cluster_f32(cluster_map(at, uint32_t(q)), acc[t]);
+      }
+    }
+  }
+  cluster_sync_all();  // every slice's partials in every CTA
+  if (tid == 0) allow_dependents_to_launch();
+  // The sums in slice order (hc_finish_row's), by every CTA.
+  const int slices = int(f.slices);
+  if (tid <= kMix) {
+    for (int t = 0; t < rows; ++t) {
+      float s = 0.0f;
+#pragma unroll 16
+      for (int sl = 0; sl < slices; ++sl) s = __fadd_rn(s, sm.part[sl][t][tid]);
+      sm.raw[t][tid] = s;
+    }
+  }
+  __syncthreads();
+  if (tid >= kHcXThreads) {  // warp 8 (!kHead) of CTA 0: post and comb
+    if constexpr (!kHead) {
+      if (rank == 0)
+        for (int t = 0; t < rows; ++t) hc_post_comb_warp<HC>(a, t, sm.raw[t], tid - kHcXThreads);
+    }
+  } else {
+    if (tid < rows * HC) sm.pre[tid / HC][tid % HC] = hc_pre_value<HC, kMix>(a, sm.raw[tid / HC], tid % HC);
+    x_warps_barrier();
+  }
+  // Warp 0: x = sum_i pre_i X_i of the finish's chunks, and the norm's sum of squares (the
+  // lane's chunks ascending, their values in order), as hc_finish_row's thread tid_o.
+  BfRegs<8> xo[kRows][kHcChunksInRegisters] = {};
+  if (tid < 32) {
+#pragma unroll
+    for (int t = 0; t < kRows; ++t) {
+      if (t >= rows) break;
+      float p[HC];
+#pragma unroll
+      for (int i = 0; i < HC; ++i) p[i] = sm.pre[t][i];
+      float ss = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kHcChunksInRegisters; ++k) {
+        const int c = tid_o + kHcXThreads * k;
+        if (!fin_lane || c >= chunks) continue;
+        const int off = (c % (kHcSlice / 8)) * 8;  // (group rank + 16 k: local slice i * G + k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          float s = 0.0f;
+#pragma unroll
+          for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], sm.x_s[i * G + k][t][off + e]));
+          xo[t][k].set(e, f2bf(s));
+          const float xv = bf2f(xo[t][k].get(e));
+          ss = fmaf(xv, xv, ss);
+        }
+        xo[t][k].store(a.x + int64_t(t) * D + int64_t(c) * 8);
+      }
+      if (norm && fin_lane) {
+        const uint32_t at = shared_address(&sm.ss[t][tid_o]);
+#pragma unroll 4
+        for (int q = 0; q < kHcClusterCtas; ++q) st_cluster_f32(cluster_map(at, uint32_t(q)), ss);
+      }
+    }
+  }
+  if (!norm) return;  // (the same for every CTA: no shared memory of another CTA is touched after this)
+  cluster_sync_all();  // every lane's sum of squares in every CTA
+  if (tid >= kHcXThreads) return;
+  // x_warps_sum over hc_finish_row's 256 lanes: warp w its warp's shuffle tree, then the warps in order.
+  for (int t = 0; t < rows; ++t) {
+    float v = sm.ss[t][tid];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) sm.red[t][tid >> 5] = v;
+  }
+  x_warps_barrier();
+  if (tid >= 32) return;
+  const bool quant = a.xq != nullptr;
+#pragma unroll
+  for (int t = 0; t < kRows; ++t) {
+    if (t >= rows) break;
+    float total = 0.0f;
+    for (int w = 0; w < kHcXThreads / 32; ++w) total += sm.red[t][w];
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(D)), a.rms_eps)));
+#pragma unroll
+    for (int k = 0; k < kHcChunksInRegisters; ++k) {
+      const int c = tid_o + kHcXThreads * k;
+      const bool live = fin_lane && c < chunks;
+      if (!live && !quant) continue;
+      BfRegs<8> o{};
+      if (live) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          o.set(e, f2bf(__fmul_rn(bf2f(wv[k].get(e)), __fmul_rn(bf2f(xo[t][k].get(e)), r))));
+        o.store(a.xn + int64_t(t) * D + int64_t(c) * 8);
+      }
+      if (quant) {  // (all lanes of the warp: quant_chunk8's shuffles stay in a half warp)
+        float fq[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) fq[e] = bf2f(o.get(e));
+        quant_chunk8(fq, live, c, a.xq + int64_t(t) * D, a.xs + int64_t(t) * (D / 128));
+      }
+    }
+  }
 }
 
 // ---- hc_post -------------------------------------------------------------------
@@ -1883,6 +2202,88 @@ bool hc_quick_hand_over() {
   return forced_or(g_force_hc_quick, from_env);
 }
 
+// The mix and finish by one cluster (hc_mix_finish_cluster_kernel) where it applies: up to
+// DSV4_CUDA_HC_CLUSTER_ROWS rows (default 1; 0: never; at most 2), hc <= 4, D a multiple of
+// 2048 up to 4096, 16-byte rows, and a cluster of kHcClusterCtas that fits the GPU (checked
+// once a device). A test hook may force it on (up to 2 rows) or off. Same bits either way.
+constexpr int64_t kHcClusterMaxRows = 2;
+bool hc_cluster(int64_t rows, int hc, int64_t D, bool aligned) {
+  static const int64_t max_rows = env_integer("DSV4_CUDA_HC_CLUSTER_ROWS", 1, 0, kHcClusterMaxRows);
+  const int forced = g_force_hc_cluster.load(std::memory_order_relaxed);
+  const int64_t limit = forced >= 0 ? (forced == 1 ? kHcClusterMaxRows : 0) : max_rows;
+  return rows >= 1 && rows <= limit && hc <= 4 && D % (kHcClusterCtas * kHcSlice) == 0 &&
+         D <= kHcClusterGroups * kHcClusterCtas * kHcSlice && aligned;
+}
+
+// A launch of one cluster of kHcClusterCtas CTAs, `smem` bytes of dynamic shared memory each.
+cudaLaunchConfig_t hc_cluster_config(unsigned threads, int smem, cudaStream_t stream, cudaLaunchAttribute& cluster) {
+  cluster = cudaLaunchAttribute{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(kHcClusterCtas);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(kHcClusterCtas));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = size_t(smem);
+  cfg.stream = stream;
+  cfg.attrs = &cluster;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Whether `kernel`'s cluster fits this device, its attributes set on the first call a device
+// (shared-memory limit, the non-portable cluster size of 16). Where it does not fit, the
+// caller takes the fused launch; that is said once.
+template <typename K>
+bool hc_cluster_fits(K kernel, unsigned threads, int smem, int device, std::atomic<uint64_t>& checked,
+                     std::atomic<uint64_t>& fits) {
+  const uint64_t bit = uint64_t(1) << (device & 63);
+  if (checked.load(std::memory_order_acquire) & bit) return fits.load(std::memory_order_acquire) & bit;
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = hc_cluster_config(threads, smem, nullptr, cluster);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    clusters = 0;
+  }
+  if (clusters > 0) fits.fetch_or(bit, std::memory_order_acq_rel);
+  else
+    std::fprintf(stderr,
+                 "dsv4: hc: a cluster of %d CTAs with %d KB of shared memory each does not fit GPU %d; "
+                 "the mHC mix runs as the fused launch\n",
+                 kHcClusterCtas, smem / 1024, device);
+  checked.fetch_or(bit, std::memory_order_acq_rel);
+  return clusters > 0;
+}
+
+// hc_mix_finish_cluster_kernel for these shapes, or false where its cluster does not fit.
+template <int HC, bool kHead, int kPostHc, int kRows>
+bool launch_hc_cluster(CudaBackend& be, const HcFusedArgs& f, unsigned threads) {
+  static std::atomic<uint64_t> checked{0}, fits{0};
+  const auto kernel = hc_mix_finish_cluster_kernel<HC, kHead, kPostHc, kRows>;
+  constexpr int smem = int(sizeof(HcClusterSmem<HC, kHead, kRows>));
+  if (!hc_cluster_fits(kernel, threads, smem, be.device_index(), checked, fits)) return false;
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t cfg = hc_cluster_config(threads, smem, be.stream(), cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, f));
+  check_launch(be.stream());
+  g_hc_cluster_launches.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+template <int HC, bool kHead, int kPostHc>
+bool launch_hc_cluster_rows(CudaBackend& be, const HcFusedArgs& f, unsigned threads) {
+  if constexpr (HC > 4) {
+    return false;
+  } else {
+    return f.rows == 1 ? launch_hc_cluster<HC, kHead, kPostHc, 1>(be, f, threads)
+                       : launch_hc_cluster<HC, kHead, kPostHc, 2>(be, f, threads);
+  }
+}
+
 // The fused kernel's counters [done, left], zeroed when allocated; every launch leaves
 // them zeroed.
 HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, bool x_from_mix) {
@@ -1939,6 +2340,17 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       DSV4_CHECK(v8 && D % 128 == 0, "hc_pre_norm_linear_pair: quantizing xn needs D % 128 == 0 and 16-byte rows");
       a.xq = norm->xq.codes + r0 * D;
       a.xs = norm->xq.scales + r0 * (D / 128);
+    }
+    const bool src_aligned = !src || (aligned16(src->R) && aligned16(src->Y) && (!src->f || aligned16(src->f)) &&
+                                      (!src->shared || aligned16(src->shared)) && (!src->y || aligned16(src->y)) &&
+                                      (!src->slot_out || aligned16(src->slot_out)));
+    if (hc_cluster(rows, HC, D, v8 && aligned16(w.fn.data()) && src_aligned)) {
+      HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a, HcHandOver{},
+                    int(slices)};
+      bool launched = false;
+      if (!src) launched = launch_hc_cluster_rows<HC, kHead, 0>(be, f, threads);
+      else if constexpr (!kHead) launched = launch_hc_cluster_rows<HC, false, HC>(be, f, threads);
+      if (launched) continue;
     }
     if (hc_fused(rows, v8, aligned16(w.fn.data()), slices)) {
       const int64_t grid = std::max(slices, rows);
@@ -2232,6 +2644,8 @@ int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_
 void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
 void cuda_hc_force_fused(int on) { g_force_hc_fused.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_fused_launches() { return g_hc_fused_launches.load(std::memory_order_relaxed); }
+void cuda_hc_force_cluster(int on) { g_force_hc_cluster.store(on, std::memory_order_relaxed); }
+int64_t cuda_hc_cluster_launches() { return g_hc_cluster_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
 void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
 void cuda_hc_force_post_slots(int on) { g_force_hc_post_slots.store(on, std::memory_order_relaxed); }

@@ -157,6 +157,10 @@ void cuda_hc_force_row_split(int parts);
 // many launches took it. The rows up to which the mix sums MoE slots (-1: the rule).
 void cuda_hc_force_fused(int on);
 int64_t cuda_hc_fused_launches();
+// -1 the rule (hc_cluster), 0 / 1 the mHC mix and finish by one cluster off / up to 2 rows
+// (where the shape and the GPU allow it); how many launches took it.
+void cuda_hc_force_cluster(int on);
+int64_t cuda_hc_cluster_launches();
 void cuda_hc_force_slot_rows(int rows);
 // -1 the environment's choice, 0 / 1 HcHandOver::quick off / on.
 void cuda_hc_force_quick_hand_over(int on);
