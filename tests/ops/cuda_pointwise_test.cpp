@@ -527,9 +527,11 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
       cuda_hc_force_fused(-1);
       cuda_hc_force_slot_rows(-1);
       cuda_hc_force_quick_hand_over(-1);
+      cuda_hc_force_cluster(-1);
     }
   } reset;
   cuda_hc_force_slot_rows(16);  // the mix sums the MoE slots at every row count here
+  cuda_hc_force_cluster(0);     // (HcClusterMixFinishEqualsFusedBitForBit holds the cluster form against this one)
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 256, 20}, HcCase{4, 256, 1}, HcCase{1, 128, 20}})
     for (const bool later : {false, true})
       for (int64_t T : {1, 3, 8, 9, 16, 17}) {
@@ -611,9 +613,11 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
       ~Reset() {
         cuda_hc_force_fused(-1);
         cuda_hc_force_quick_hand_over(-1);
+        cuda_hc_force_cluster(-1);
       }
     } reset;
     cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)
+    cuda_hc_force_cluster(0);
     Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
     Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
            post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),

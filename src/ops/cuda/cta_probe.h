@@ -27,6 +27,7 @@ enum class CtaProbeSite : uint8_t {
   kAttnCombine,   // attention_combine_kernel (after a split attention launch)
   kCompressEmit,  // compress_emit_kernel (the compressors' rows completed in the step)
   kRouterSelect,  // router_select_kernel (the router's fold and select after its GEMM)
+  kHcCluster,     // hc_mix_finish_cluster_kernel: the mix and finish by one cluster (1-2 rows)
   kCount,
   kNone = 0xff,  // stamps nothing (for a site picked at compile time, e.g. by a template's format)
 };

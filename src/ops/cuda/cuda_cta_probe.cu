@@ -62,6 +62,8 @@ const std::vector<SiteNames>& site_names() {
       {"compress_emit",
        {"entry", "waited", "loaded", "max", "exps", "sum", "pooled", "arrived", "gathered", "normed", "roped"}},
       {"router_select", {"entry", "waited", "folded", "selected"}},
+      {"hc_cluster",
+       {"entry", "waited", "x_formed", "fn_landed", "pushed", "partials_in", "sums", "x_done", "ss_in", "xn_done"}},
   };
   return names;
 }
@@ -100,7 +102,7 @@ bool cta_probe_kernels_marked() { return DSV4_CTA_PROBE_KERNELS_MARKED; }
 
 const char* cta_probe_site_name(int site) {
   const auto& names = site_names();
-  static_assert(int(CtaProbeSite::kCount) == 11, "a name for every site");
+  static_assert(int(CtaProbeSite::kCount) == 12, "a name for every site");
   return site >= 0 && site < int(names.size()) ? names[size_t(site)].site : "unknown";
 }
 

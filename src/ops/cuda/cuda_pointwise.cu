@@ -1531,6 +1531,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
   extern __shared__ __align__(16) uint8_t hc_cluster_raw[];
   S& sm = *reinterpret_cast<S*>(hc_cluster_raw);
   const HcFinishArgs& a = f.fin;
+  DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kHcCluster, a.base);
   const int tid = int(threadIdx.x), nthreads = int(blockDim.x);
   const int rank = int(cluster_cta_rank());
   const int64_t D = a.D, n = f.n;
@@ -1566,6 +1567,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
       if (tid_o + kHcXThreads * k < chunks) wv[k].load(a.norm_w + int64_t(tid_o + kHcXThreads * k) * 8);
   }
   wait_for_predecessor();
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 1, a.base);  // waited
   // This CTA's columns of X into x_s: loaded, or formed from the hc_post source (stored as Y).
   if constexpr (kPostHc == 0) {
     const int pieces = rows * my_slices * (kHcSlice / 8);
@@ -1656,8 +1658,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
       }
     }
   }
+  __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 2, a.base);  // x_formed
   asm volatile("cp.async.wait_all;\n" ::: "memory");
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 3, a.base);  // fn_landed
   cluster_wait_acquire();  // (the arrival at the start: every CTA runs, its shared memory can be written)
   // The slices' mixes (hc_mix_partial_tile's lanes and FMA order), pushed into every CTA's
   // part[]: warp w runs local slices w, w + 8, ..; lane m < kMix mix m of each row, lane
@@ -1689,7 +1694,9 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
       }
     }
   }
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 4, a.base);  // pushed (warp 0's slice)
   cluster_sync_all();  // every slice's partials in every CTA
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 5, a.base);  // partials_in
   if (tid == 0) allow_dependents_to_launch();
   // The sums in slice order (hc_finish_row's), by every CTA.
   const int slices = int(f.slices);
@@ -1702,6 +1709,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
     }
   }
   __syncthreads();
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 6, a.base);  // sums
   if (tid >= kHcXThreads) {  // warp 8 (!kHead) of CTA 0: post and comb
     if constexpr (!kHead) {
       if (rank == 0)
@@ -1745,8 +1753,10 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
       }
     }
   }
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 7, a.base);  // x_done
   if (!norm) return;  // (the same for every CTA: no shared memory of another CTA is touched after this)
   cluster_sync_all();  // every lane's sum of squares in every CTA
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 8, a.base);  // ss_in
   if (tid >= kHcXThreads) return;
   // x_warps_sum over hc_finish_row's 256 lanes: warp w its warp's shuffle tree, then the warps in order.
   for (int t = 0; t < rows; ++t) {
@@ -1784,6 +1794,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
       }
     }
   }
+  DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 9, a.base);  // xn_done
 }
 
 // ---- hc_post -------------------------------------------------------------------
