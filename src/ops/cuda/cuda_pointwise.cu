@@ -29,6 +29,7 @@
 #include "ops/cuda/cta_probe.cuh"
 #include "ops/cuda/e4m3_cast.cuh"
 #include "ops/cuda/grid_dependency.cuh"
+#include "ops/cuda/mbarrier.cuh"
 #include "ops/cuda/quantized_linear.h"
 
 namespace dsv4::ops {
@@ -1520,6 +1521,7 @@ struct HcClusterSmem {
   float post_s[kRows][HC], comb_s[kRows][HC * HC];                 // the hc_post source's (kPostHc)
   int32_t slot_id[kRows][kHcMaxSlots];
   int slot_order[kRows][kHcMaxSlots], slot_count[kRows];
+  uint64_t fn_landed;  // the mbarrier fn's bulk copies complete
 };
 
 template <int HC, bool kHead, int kPostHc, int kRows>
@@ -1542,16 +1544,23 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
   // Local slice ls: stream ls / G, group rank + 16 (ls % G); its global slice index.
   auto slice_of = [&](int ls) { return (ls / G) * groups + rank + kHcClusterCtas * (ls % G); };
   cluster_arrive_relaxed();  // (waited for before the first push: every CTA of the cluster has started)
-  // fn (a weight) before the dependency wait, straight into shared memory.
-  {
-    constexpr int kPieces = kHcSlice / 4;
-    const int total = my_slices * kMix * kPieces;
-    for (int i = tid; i < total; i += nthreads) {
-      const int ls = i / (kMix * kPieces), m = (i / kPieces) % kMix, c = (i % kPieces) * 4;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(&sm.fn_s[ls][m][c])),
-                   "l"(f.fn + int64_t(m) * n + int64_t(slice_of(ls)) * kHcSlice + c));
+  // fn (a weight) before the dependency wait, straight into shared memory by the TMA: a
+  // bulk copy a slice's fn row (512 bytes), issued by warp 0 and counted on one mbarrier,
+  // so that no thread waits to issue them. (By 16-byte cp.async from every thread, the
+  // 96 KB held each thread's path to the dependency wait ~2 µs: the probe at one row.)
+  const uint32_t fn_bar = shared_address(&sm.fn_landed);
+  if (tid < 32) {
+    if (tid == 0) {
+      mbar_init(fn_bar, 1);
+      mbar_init_fence();
+      mbar_expect_tx(fn_bar, uint32_t(my_slices * kMix * kHcSlice * 4));
     }
-    asm volatile("cp.async.commit_group;\n" ::);
+    __syncwarp();
+    for (int i = tid; i < my_slices * kMix; i += 32) {
+      const int ls = i / kMix, m = i % kMix;
+      tma_bulk_load(shared_address(&sm.fn_s[ls][m][0]), f.fn + int64_t(m) * n + int64_t(slice_of(ls)) * kHcSlice,
+                    uint32_t(kHcSlice * 4), fn_bar);
+    }
   }
   // The finish's lanes: warp 0's lane l stands for hc_finish_row's thread 32 (rank / 2) + l,
   // whose chunks tid_o + 256 k lie in this CTA's groups where l / 16 == rank % 2.
@@ -1660,8 +1669,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
   }
   __syncthreads();
   DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 2, a.base);  // x_formed
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-  __syncthreads();
+  mbar_wait(fn_bar, 0);
   DSV4_CTA_PROBE(CtaProbeSite::kHcCluster, 3, a.base);  // fn_landed
   cluster_wait_acquire();  // (the arrival at the start: every CTA runs, its shared memory can be written)
   // The slices' mixes (hc_mix_partial_tile's lanes and FMA order), pushed into every CTA's
