@@ -1497,7 +1497,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
 // every CTA's shared memory; after a cluster barrier each CTA adds all partials in slice
 // order itself (the same sums as the finisher's), and finishes its columns from the X it
 // holds. The norm's sum of squares crosses CTAs the same way (a second barrier).
-// The bits are hc_finish_row's: CTA r's warp 0 runs the x and norm code of the lanes of
+// The bits are hc_finish_row's: CTA r's warp t runs row t's x and norm code of the lanes of
 // hc_finish_row's warp r / 2 whose chunks (tid, tid + 256) lie in its groups (half r % 2
 // of them), the other half idle but in the shuffles; each CTA then runs x_warps_sum's
 // shuffle tree and warp order on all 256 lanes' sums (every CTA the same total).
@@ -1541,36 +1541,38 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
   const int G = groups / kHcClusterCtas;       // this CTA's: rank, rank + 16 (the host checks 1 or 2)
   const int my_slices = HC * G;
   const int rows = int(f.rows);
+  const int lane = tid & 31;
   // Local slice ls: stream ls / G, group rank + 16 (ls % G); its global slice index.
   auto slice_of = [&](int ls) { return (ls / G) * groups + rank + kHcClusterCtas * (ls % G); };
   cluster_arrive_relaxed();  // (waited for before the first push: every CTA of the cluster has started)
   // fn (a weight) before the dependency wait, straight into shared memory by the TMA: a
-  // bulk copy a slice's fn row (512 bytes), issued by warp 0 and counted on one mbarrier,
-  // so that no thread waits to issue them. (By 16-byte cp.async from every thread, the
-  // 96 KB held each thread's path to the dependency wait ~2 µs: the probe at one row.)
+  // bulk copy a slice's fn row (512 bytes), counted on one mbarrier and issued by the last
+  // warp, which has nothing else to do until the mixes (at 1-2 rows). Why: by 16-byte
+  // cp.async from every thread the 96 KB held each thread's path to the dependency wait
+  // ~2 µs, and issued by warp 0 (which forms Y) ~5 µs (the CTA probe at one row, H100).
   const uint32_t fn_bar = shared_address(&sm.fn_landed);
-  if (tid < 32) {
-    if (tid == 0) {
+  if (tid >> 5 == nthreads / 32 - 1) {
+    if (lane == 0) {
       mbar_init(fn_bar, 1);
       mbar_init_fence();
       mbar_expect_tx(fn_bar, uint32_t(my_slices * kMix * kHcSlice * 4));
     }
     __syncwarp();
-    for (int i = tid; i < my_slices * kMix; i += 32) {
+    for (int i = lane; i < my_slices * kMix; i += 32) {
       const int ls = i / kMix, m = i % kMix;
       tma_bulk_load(shared_address(&sm.fn_s[ls][m][0]), f.fn + int64_t(m) * n + int64_t(slice_of(ls)) * kHcSlice,
                     uint32_t(kHcSlice * 4), fn_bar);
     }
   }
-  // The finish's lanes: warp 0's lane l stands for hc_finish_row's thread 32 (rank / 2) + l,
-  // whose chunks tid_o + 256 k lie in this CTA's groups where l / 16 == rank % 2.
-  const int lane = tid & 31;
+  // The finish's lanes: lane l of warp t (row t) stands for hc_finish_row's thread 32 (rank / 2)
+  // + l, whose chunks tid_o + 256 k lie in this CTA's groups where l / 16 == rank % 2.
   const int tid_o = 32 * (rank / 2) + lane;
-  const bool fin_lane = tid < 32 && lane / 16 == rank % 2;
+  const int row_of_warp = tid >> 5;  // (the finish's warps: row_of_warp < rows)
+  const bool fin_lane = lane / 16 == rank % 2;
   const int chunks = int(D / 8);
   const bool norm = a.xn != nullptr;
   BfRegs<8> wv[kHcChunksInRegisters];
-  if (norm && fin_lane) {
+  if (norm && fin_lane && row_of_warp < rows) {
 #pragma unroll
     for (int k = 0; k < kHcChunksInRegisters; ++k)
       if (tid_o + kHcXThreads * k < chunks) wv[k].load(a.norm_w + int64_t(tid_o + kHcXThreads * k) * 8);
@@ -1727,13 +1729,12 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
     if (tid < rows * HC) sm.pre[tid / HC][tid % HC] = hc_pre_value<HC, kMix>(a, sm.raw[tid / HC], tid % HC);
     x_warps_barrier();
   }
-  // Warp 0: x = sum_i pre_i X_i of the finish's chunks, and the norm's sum of squares (the
-  // lane's chunks ascending, their values in order), as hc_finish_row's thread tid_o.
-  BfRegs<8> xo[kRows][kHcChunksInRegisters] = {};
-  if (tid < 32) {
-#pragma unroll
-    for (int t = 0; t < kRows; ++t) {
-      if (t >= rows) break;
+  // Warp t (row t): x = sum_i pre_i X_i of the finish's chunks, and the norm's sum of squares
+  // (the lane's chunks ascending, their values in order), as hc_finish_row's thread tid_o.
+  BfRegs<8> xo[kHcChunksInRegisters] = {};
+  if (row_of_warp < rows) {
+    {
+      const int t = row_of_warp;
       float p[HC];
 #pragma unroll
       for (int i = 0; i < HC; ++i) p[i] = sm.pre[t][i];
@@ -1748,11 +1749,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
           float s = 0.0f;
 #pragma unroll
           for (int i = 0; i < HC; ++i) s = __fadd_rn(s, __fmul_rn(p[i], sm.x_s[i * G + k][t][off + e]));
-          xo[t][k].set(e, f2bf(s));
-          const float xv = bf2f(xo[t][k].get(e));
+          xo[k].set(e, f2bf(s));
+          const float xv = bf2f(xo[k].get(e));
           ss = fmaf(xv, xv, ss);
         }
-        xo[t][k].store(a.x + int64_t(t) * D + int64_t(c) * 8);
+        xo[k].store(a.x + int64_t(t) * D + int64_t(c) * 8);
       }
       if (norm && fin_lane) {
         const uint32_t at = shared_address(&sm.ss[t][tid_o]);
@@ -1774,11 +1775,10 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
     if (lane == 0) sm.red[t][tid >> 5] = v;
   }
   x_warps_barrier();
-  if (tid >= 32) return;
+  if (row_of_warp >= rows) return;
   const bool quant = a.xq != nullptr;
-#pragma unroll
-  for (int t = 0; t < kRows; ++t) {
-    if (t >= rows) break;
+  {
+    const int t = row_of_warp;
     float total = 0.0f;
     for (int w = 0; w < kHcXThreads / 32; ++w) total += sm.red[t][w];
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(D)), a.rms_eps)));
@@ -1791,7 +1791,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
       if (live) {
 #pragma unroll
         for (int e = 0; e < 8; ++e)
-          o.set(e, f2bf(__fmul_rn(bf2f(wv[k].get(e)), __fmul_rn(bf2f(xo[t][k].get(e)), r))));
+          o.set(e, f2bf(__fmul_rn(bf2f(wv[k].get(e)), __fmul_rn(bf2f(xo[k].get(e)), r))));
         o.store(a.xn + int64_t(t) * D + int64_t(c) * 8);
       }
       if (quant) {  // (all lanes of the warp: quant_chunk8's shuffles stay in a half warp)
