@@ -1502,6 +1502,11 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
 // of them), the other half idle but in the shuffles; each CTA then runs x_warps_sum's
 // shuffle tree and warp order on all 256 lanes' sums (every CTA the same total).
 // Cost: fn, a weight, is spread over 16 CTAs (96 KB of shared memory each), not 128.
+// Measured (H100, bench-1g, 3 rounds apart; docs/design/cuda-attention.md, "The mix and finish
+// by one cluster"): +0.5% a step at one row with fn by cp.async, +3.3% by bulk copies from
+// warp 0, +2.8% from the last warp; the fn bytes into 16 SMs held the path either way
+// (the probe: the Y formation's loads ended ~6 µs after the wait behind them, ~2 µs in the
+// fused launch). Off by default (DSV4_CUDA_HC_CLUSTER_ROWS), kept with its tests for A/Bs.
 constexpr int kHcClusterCtas = 16;
 constexpr int kHcClusterGroups = 2;  // 128-wide column groups of a stream a CTA holds, at most (D <= 4096)
 
@@ -2222,12 +2227,12 @@ bool hc_quick_hand_over() {
 }
 
 // The mix and finish by one cluster (hc_mix_finish_cluster_kernel) where it applies: up to
-// DSV4_CUDA_HC_CLUSTER_ROWS rows (default 1; 0: never; at most 2), hc <= 4, D a multiple of
+// DSV4_CUDA_HC_CLUSTER_ROWS rows (default 0: never, measured slower; at most 2), hc <= 4, D a multiple of
 // 2048 up to 4096, 16-byte rows, and a cluster of kHcClusterCtas that fits the GPU (checked
 // once a device). A test hook may force it on (up to 2 rows) or off. Same bits either way.
 constexpr int64_t kHcClusterMaxRows = 2;
 bool hc_cluster(int64_t rows, int hc, int64_t D, bool aligned) {
-  static const int64_t max_rows = env_integer("DSV4_CUDA_HC_CLUSTER_ROWS", 1, 0, kHcClusterMaxRows);
+  static const int64_t max_rows = env_integer("DSV4_CUDA_HC_CLUSTER_ROWS", 0, 0, kHcClusterMaxRows);
   const int forced = g_force_hc_cluster.load(std::memory_order_relaxed);
   const int64_t limit = forced >= 0 ? (forced == 1 ? kHcClusterMaxRows : 0) : max_rows;
   return rows >= 1 && rows <= limit && hc <= 4 && D % (kHcClusterCtas * kHcSlice) == 0 &&
