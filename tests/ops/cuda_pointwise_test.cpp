@@ -514,6 +514,73 @@ TEST_F(CudaPointwise, HcSinkhornLaterEqualsSinkhornInPreBitForBit) {
     }
 }
 
+// The six mHC ops of the fused and cluster tests on one set of inputs (a shape, a row count,
+// the Sinkhorn in the op or later), drawn once: run(op) gives x, then post and comb, xn, Y
+// and y where the op writes them. post and comb start from the same values on every run:
+// hc_post reads them and the hc_pre overwrites them in place, as the model does.
+constexpr const char* kHcOpNames[] = {"hc_pre",           "hc_pre_norm",          "hc_head", "hc_post_pre_norm f",
+                                      "hc_post_pre_norm moe", "hc_post_pre_norm slots"};
+struct HcOpInputs {
+  CudaBackend& cuda;
+  HcCase c;
+  int64_t T;
+  HcConfig cfg;
+  HcWeights dw, dwh;
+  Tensor dX, dnw, df, drouted, dshared, post0, comb0, dslots, dids;
+
+  HcOpInputs(CudaBackend& be, Rng& rng, HcCase hc_case, int64_t rows, bool later)
+      : cuda(be), c(hc_case), T(rows), cfg(hc_case.config()) {
+    cfg.sinkhorn_later = later;
+    const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+    dw = HcWeights{dev(w.fn), dev(w.base), dev(w.scale)};
+    dwh = HcWeights{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+    dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f));
+    dnw = dev(rng.bf16({c.D}, 0.2f));
+    df = dev(rng.bf16({T, c.D}));
+    drouted = dev(rng.f32({T, c.D}, 2.0f));
+    dshared = dev(rng.bf16({T, c.D}));
+    post0 = rng.f32({T, c.hc}, 0.5f, 1.0f);
+    comb0 = rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f);
+    const int64_t k = 6;
+    Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
+    for (int64_t i = 0; i < T * k; ++i) ids.as<int32_t>()[i] = int32_t((i * 53 + 11) % 97) - 1;
+    ids.as<int32_t>()[T * k - 1] = ids.as<int32_t>()[0];  // a repeated id (equal ids add in slot order)
+    dslots = dev(rng.bf16({T, k, c.D}));
+    dids = dev(ids);
+  }
+  Tensor dev(const Tensor& h) const { return testing::to_device(cuda, h); }
+  std::string what(int op) const {
+    return std::string(kHcOpNames[op]) + " hc=" + std::to_string(c.hc) + " D=" + std::to_string(c.D) +
+           " T=" + std::to_string(T) + (cfg.sinkhorn_later ? " later" : "");
+  }
+  std::vector<Tensor> run(int op) const {
+    auto poisoned = [&](DType t, std::initializer_list<int64_t> shape) {
+      return testing::device_poisoned(cuda, t, shape);
+    };
+    Tensor post = dev(post0), comb = dev(comb0);
+    Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
+           Y = poisoned(DType::kBF16, {T, c.hc, c.D}), y = poisoned(DType::kBF16, {T, c.D});
+    if (op == 0) cuda.hc_pre(dX, dw, cfg, x, post, comb);
+    else if (op == 1) cuda.hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+    else if (op == 2) cuda.hc_head(dX, dwh, cfg, x);
+    else
+      cuda.hc_post_pre_norm(op == 3   ? HcPostInput::of_sublayer(df, dX, post, comb)
+                            : op == 4 ? HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb)
+                                      : HcPostInput::of_moe_slots(dslots, dids, poisoned(DType::kF32, {T, c.D}),
+                                                                  dshared, y, dX, post, comb),
+                            Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+    std::vector<Tensor> out = {testing::to_host(cuda, x)};
+    if (op != 2) {
+      out.push_back(testing::to_host(cuda, post));
+      out.push_back(testing::to_host(cuda, comb));
+    }
+    if (op == 1 || op >= 3) out.push_back(testing::to_host(cuda, xn));
+    if (op >= 3) out.push_back(testing::to_host(cuda, Y));
+    if (op >= 4) out.push_back(testing::to_host(cuda, y));
+    return out;
+  }
+};
+
 // The mHC mix and finish in one launch (hc_mix_finish_kernel, forced on up to 16
 // rows) against the two launches, bit for bit: hc_pre, hc_pre_norm, hc_head and
 // hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
@@ -535,51 +602,16 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 256, 20}, HcCase{4, 256, 1}, HcCase{1, 128, 20}})
     for (const bool later : {false, true})
       for (int64_t T : {1, 3, 8, 9, 16, 17}) {
-        HcConfig cfg = c.config();
-        cfg.sinkhorn_later = later;
-        const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
-        const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
-        const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
-        const Tensor df = dev(rng.bf16({T, c.D})), drouted = dev(rng.f32({T, c.D}, 2.0f)),
-                     dshared = dev(rng.bf16({T, c.D}));
-        const Tensor post0 = rng.f32({T, c.hc}, 0.5f, 1.0f), comb0 = rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f);
-        const int64_t k = 6;
-        Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
-        for (int64_t i = 0; i < T * k; ++i) ids.as<int32_t>()[i] = int32_t((i * 53 + 11) % 97) - 1;
-        const Tensor dslots = dev(rng.bf16({T, k, c.D})), dids = dev(ids);
-        const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_head", "hc_post_pre_norm f", "hc_post_pre_norm moe",
-                             "hc_post_pre_norm slots"};
+        const HcOpInputs in(cuda(), rng, c, T, later);
         for (int op = 0; op < 6; ++op) {
-          const std::string what = std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" +
-                                   std::to_string(c.D) + " T=" + std::to_string(T) + (later ? " later" : "");
+          const std::string what = in.what(op);
           std::vector<Tensor> got[3];  // two launches; fused, quick hand-over; fused, polled hand-over
           for (int variant = 0; variant < 3; ++variant) {
             const int fused = variant > 0 ? 1 : 0;
             cuda_hc_force_fused(fused);
             cuda_hc_force_quick_hand_over(variant == 1 ? 1 : 0);
             const int64_t before = cuda_hc_fused_launches();
-            // post and comb are read (hc_post) and overwritten in place, as the model does.
-            Tensor post = dev(post0), comb = dev(comb0);
-            Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
-                   Y = poisoned(DType::kBF16, {T, c.hc, c.D}), y = poisoned(DType::kBF16, {T, c.D});
-            if (op == 0) cuda().hc_pre(dX, dw, cfg, x, post, comb);
-            else if (op == 1) cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
-            else if (op == 2) cuda().hc_head(dX, dwh, cfg, x);
-            else
-              cuda().hc_post_pre_norm(
-                  op == 3   ? HcPostInput::of_sublayer(df, dX, post, comb)
-                  : op == 4 ? HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb)
-                            : HcPostInput::of_moe_slots(dslots, dids, poisoned(DType::kF32, {T, c.D}), dshared, y, dX,
-                                                        post, comb),
-                  Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
-            got[variant] = {host(x)};
-            if (op != 2) {
-              got[variant].push_back(host(post));
-              got[variant].push_back(host(comb));
-            }
-            if (op == 1 || op >= 3) got[variant].push_back(host(xn));
-            if (op >= 3) got[variant].push_back(host(Y));
-            if (op >= 4) got[variant].push_back(host(y));
+            got[variant] = in.run(op);
             const int64_t launches = cuda_hc_fused_launches() - before;
             EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
           }
@@ -680,56 +712,22 @@ TEST_F(CudaPointwise, HcClusterMixFinishEqualsFusedBitForBit) {
                    HcCase{4, 256, 20}})
     for (const bool later : {false, true})
       for (int64_t T : {1, 2, 3}) {
-        HcConfig cfg = c.config();
-        cfg.sinkhorn_later = later;
-        const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
-        const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
-        const Tensor dX = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), dnw = dev(rng.bf16({c.D}, 0.2f));
-        const Tensor df = dev(rng.bf16({T, c.D})), drouted = dev(rng.f32({T, c.D}, 2.0f)),
-                     dshared = dev(rng.bf16({T, c.D}));
-        const Tensor post0 = rng.f32({T, c.hc}, 0.5f, 1.0f), comb0 = rng.f32({T, c.hc, c.hc}, 0.3f, 0.25f);
-        const int64_t k = 6;
-        Tensor ids = Tensor::empty_cpu(DType::kI32, {T, k});
-        for (int64_t i = 0; i < T * k; ++i) ids.as<int32_t>()[i] = int32_t((i * 53 + 11) % 97) - 1;
-        ids.as<int32_t>()[T * k - 1] = ids.as<int32_t>()[0];  // a repeated id (equal ids add in slot order)
-        const Tensor dslots = dev(rng.bf16({T, k, c.D})), dids = dev(ids);
+        const HcOpInputs in(cuda(), rng, c, T, later);
         const bool applies = T <= 2 && c.D % 2048 == 0;
-        const char* ops[] = {"hc_pre", "hc_pre_norm", "hc_head", "hc_post_pre_norm f", "hc_post_pre_norm moe",
-                             "hc_post_pre_norm slots"};
         for (int op = 0; op < 6; ++op) {
-          const std::string what = std::string(ops[op]) + " hc=" + std::to_string(c.hc) + " D=" +
-                                   std::to_string(c.D) + " T=" + std::to_string(T) + (later ? " later" : "");
+          const std::string what = in.what(op);
           std::vector<Tensor> got[2];  // fused; cluster
           for (int variant = 0; variant < 2; ++variant) {
             cuda_hc_force_fused(1);
             cuda_hc_force_cluster(variant);
             const int64_t before = cuda_hc_cluster_launches();
-            Tensor post = dev(post0), comb = dev(comb0);
-            Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
-                   Y = poisoned(DType::kBF16, {T, c.hc, c.D}), y = poisoned(DType::kBF16, {T, c.D});
-            if (op == 0) cuda().hc_pre(dX, dw, cfg, x, post, comb);
-            else if (op == 1) cuda().hc_pre_norm(dX, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
-            else if (op == 2) cuda().hc_head(dX, dwh, cfg, x);
-            else
-              cuda().hc_post_pre_norm(
-                  op == 3   ? HcPostInput::of_sublayer(df, dX, post, comb)
-                  : op == 4 ? HcPostInput::of_moe_output(drouted, dshared, y, dX, post, comb)
-                            : HcPostInput::of_moe_slots(dslots, dids, poisoned(DType::kF32, {T, c.D}), dshared, y, dX,
-                                                        post, comb),
-                  Y, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
-            got[variant] = {host(x)};
-            if (op != 2) {
-              got[variant].push_back(host(post));
-              got[variant].push_back(host(comb));
-            }
-            if (op == 1 || op >= 3) got[variant].push_back(host(xn));
-            if (op >= 3) got[variant].push_back(host(Y));
-            if (op >= 4) got[variant].push_back(host(y));
+            got[variant] = in.run(op);
             EXPECT_EQ(cuda_hc_cluster_launches() - before, variant == 1 && applies ? 1 : 0)
                 << "cluster launches, " << what;
           }
           for (size_t i = 0; i < got[0].size(); ++i)
-            expect_bits_equal(got[1][i], got[0][i], (what + " output " + std::to_string(i) + ": cluster vs fused").c_str());
+            expect_bits_equal(got[1][i], got[0][i],
+                              (what + " output " + std::to_string(i) + ": cluster vs fused").c_str());
         }
       }
 }

@@ -66,6 +66,26 @@ __device__ __forceinline__ void st_cluster_f32(uint32_t remote, float v) {
 __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 }
+// A launch of `grid` in clusters of `cluster` CTAs, `threads` a CTA and `smem` bytes of
+// dynamic shared memory (host side); `attr` holds the cluster attribute the configuration
+// points to, so it must outlive the launch.
+inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, dim3 cluster, unsigned threads, size_t smem,
+                                                cudaStream_t stream, cudaLaunchAttribute& attr) {
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster.x;
+  attr.val.clusterDim.y = cluster.y;
+  attr.val.clusterDim.z = cluster.z;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // The shared-window address of `p`, a pointer into this CTA's shared memory (for cluster_map).
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -3295,18 +3295,9 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
                                          : attention_wgmma_kernel<true, false, true>;
       const size_t smem = wg_attn::Layout<true>::bytes(a.K);
       allow_smem(kernel, smem);
-      cudaLaunchAttribute cluster{};
-      cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim.x = 2;
-      cluster.val.clusterDim.y = 1;
-      cluster.val.clusterDim.z = 1;
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(unsigned(2 * T * sp.nsplit));
-      cfg.blockDim = dim3(wg_attn::kThreads);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = stream_;
-      cfg.attrs = &cluster;
-      cfg.numAttrs = 1;
+      cudaLaunchAttribute cluster;
+      const cudaLaunchConfig_t cfg =
+          cluster_launch_config(dim3(unsigned(2 * T * sp.nsplit)), dim3(2), wg_attn::kThreads, smem, stream_, cluster);
       DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, sp));
       check_launch(stream_);
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);

@@ -167,19 +167,7 @@ auto cluster_fold_kernel(CudaBackend& be) {
 // points to.
 cudaLaunchConfig_t cluster_fold_config(dim3 grid, int64_t split, int smem, cudaStream_t stream,
                                        cudaLaunchAttribute& cluster) {
-  cluster = cudaLaunchAttribute{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = unsigned(split);
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(lk::kThreads);
-  cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = stream;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  return cfg;
+  return cluster_launch_config(grid, dim3(1, 1, unsigned(split)), lk::kThreads, size_t(smem), stream, cluster);
 }
 
 template <WFmt F, int NT, bool kTwo>

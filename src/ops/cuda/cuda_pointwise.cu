@@ -2239,23 +2239,6 @@ bool hc_cluster(int64_t rows, int hc, int64_t D, bool aligned) {
          D <= kHcClusterGroups * kHcClusterCtas * kHcSlice && aligned;
 }
 
-// A launch of one cluster of kHcClusterCtas CTAs, `smem` bytes of dynamic shared memory each.
-cudaLaunchConfig_t hc_cluster_config(unsigned threads, int smem, cudaStream_t stream, cudaLaunchAttribute& cluster) {
-  cluster = cudaLaunchAttribute{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = unsigned(kHcClusterCtas);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(kHcClusterCtas));
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = size_t(smem);
-  cfg.stream = stream;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  return cfg;
-}
-
 // Whether `kernel`'s cluster fits this device, its attributes set on the first call a device
 // (shared-memory limit, the non-portable cluster size of 16). Where it does not fit, the
 // caller takes the fused launch; that is said once.
@@ -2267,7 +2250,8 @@ bool hc_cluster_fits(K kernel, unsigned threads, int smem, int device, std::atom
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   cudaLaunchAttribute cluster;
-  const cudaLaunchConfig_t cfg = hc_cluster_config(threads, smem, nullptr, cluster);
+  const cudaLaunchConfig_t cfg =
+      cluster_launch_config(dim3(kHcClusterCtas), dim3(kHcClusterCtas), threads, size_t(smem), nullptr, cluster);
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -2291,7 +2275,8 @@ bool launch_hc_cluster(CudaBackend& be, const HcFusedArgs& f, unsigned threads) 
   constexpr int smem = int(sizeof(HcClusterSmem<HC, kHead, kRows>));
   if (!hc_cluster_fits(kernel, threads, smem, be.device_index(), checked, fits)) return false;
   cudaLaunchAttribute cluster;
-  const cudaLaunchConfig_t cfg = hc_cluster_config(threads, smem, be.stream(), cluster);
+  const cudaLaunchConfig_t cfg =
+      cluster_launch_config(dim3(kHcClusterCtas), dim3(kHcClusterCtas), threads, size_t(smem), be.stream(), cluster);
   DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, f));
   check_launch(be.stream());
   g_hc_cluster_launches.fetch_add(1, std::memory_order_relaxed);

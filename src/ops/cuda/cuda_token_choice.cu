@@ -715,18 +715,7 @@ std::atomic<int64_t> g_row_ctas_launches[4] = {0, 0, 0, 0};  // by log2 of the C
 int log2_of(int ctas) { return ctas >= 8 ? 3 : ctas >= 4 ? 2 : ctas >= 2 ? 1 : 0; }
 
 cudaLaunchConfig_t row_cluster_config(int64_t rows, int ctas, cudaStream_t stream, cudaLaunchAttribute& cluster) {
-  cluster = cudaLaunchAttribute{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = unsigned(ctas);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(rows * ctas));
-  cfg.blockDim = dim3(kChooseThreads);
-  cfg.stream = stream;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = 1;
-  return cfg;
+  return cluster_launch_config(dim3(unsigned(rows * ctas)), dim3(unsigned(ctas)), kChooseThreads, 0, stream, cluster);
 }
 
 // How many clusters of `ctas` CTAs of `kernel` (choose_tokens' or token_logprobs') the device can
