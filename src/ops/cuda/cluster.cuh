@@ -1,6 +1,7 @@
 // Thread-block clusters (sm_90): the cluster barrier in one piece or in its two
-// halves, the CTA's rank, and loads from another CTA's shared memory (distributed
-// shared memory). Header-only device code with no kernels.
+// halves, the CTA's rank, loads from and stores to another CTA's shared memory
+// (distributed shared memory), and the host's launch configuration of a cluster grid.
+// Header-only, no kernels.
 #pragma once
 
 #include <cuda_runtime.h>
