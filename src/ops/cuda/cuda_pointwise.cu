@@ -628,6 +628,27 @@ struct HcMixTileSmem {
   float x_s[8 * kRows][kPad];
 };
 
+// One lane's dot products over a 128-wide slice for kRows rows: acc[r] = w . x[r], an FMA
+// chain from zero over k = 0 .. 127, four at a time in x, y, z, w order (the CPU's
+// dots_in_slices_of_128). The mix tile and the cluster kernel both run it, so their
+// partials have the same bits.
+template <int kRows, int kStride>
+__device__ __forceinline__ void hc_slice_dots(const float* w, const float (*x)[kStride], float (&acc)[kRows]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+  for (int k = 0; k < kHcSlice; k += 4) {
+    const float4 w4 = *reinterpret_cast<const float4*>(w + k);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float4 x4 = *reinterpret_cast<const float4*>(&x[r][k]);
+      acc[r] = fmaf(w4.x, x4.x, acc[r]);
+      acc[r] = fmaf(w4.y, x4.y, acc[r]);
+      acc[r] = fmaf(w4.z, x4.z, acc[r]);
+      acc[r] = fmaf(w4.w, x4.w, acc[r]);
+    }
+  }
+}
+
 // The tile (slice, rows r0 ..) by threads 0-255 (kFused: in hc_mix_finish_kernel).
 template <int kRows, int kPostHc, int kPostRows, bool kFused>
 __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__ X, const float* __restrict__ fn,
@@ -829,19 +850,7 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
   if (lane >= mix + kRows || r0 + rb >= rows) return;  // (warps past the last row: nothing to write)
   const float* wrow = lane < mix ? &fn_s[lane][0] : &x_s[rb + lane - mix][0];
   float acc[kRows];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
-  for (int k = 0; k < kHcSlice; k += 4) {
-    const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float4 x4 = *reinterpret_cast<const float4*>(&x_s[rb + r][k]);
-      acc[r] = fmaf(w4.x, x4.x, acc[r]);
-      acc[r] = fmaf(w4.y, x4.y, acc[r]);
-      acc[r] = fmaf(w4.z, x4.z, acc[r]);
-      acc[r] = fmaf(w4.w, x4.w, acc[r]);
-    }
-  }
+  hc_slice_dots<kRows, HcMixTileSmem<kRows>::kPad>(wrow, &x_s[rb], acc);
   float* out = partial + slice * kHcMaxRowsPerLaunch * 32;
   if (lane < mix) {
 #pragma unroll
@@ -1686,19 +1695,7 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1)
     for (int ls = tid >> 5; ls < my_slices; ls += kHcXThreads / 32) {
       const float* wrow = lane < kMix ? &sm.fn_s[ls][lane][0] : &sm.x_s[ls][lane - kMix][0];
       float acc[kRows];
-#pragma unroll
-      for (int t = 0; t < kRows; ++t) acc[t] = 0.0f;
-      for (int k = 0; k < kHcSlice; k += 4) {
-        const float4 w4 = *reinterpret_cast<const float4*>(wrow + k);
-#pragma unroll
-        for (int t = 0; t < kRows; ++t) {
-          const float4 x4 = *reinterpret_cast<const float4*>(&sm.x_s[ls][t][k]);
-          acc[t] = fmaf(w4.x, x4.x, acc[t]);
-          acc[t] = fmaf(w4.y, x4.y, acc[t]);
-          acc[t] = fmaf(w4.z, x4.z, acc[t]);
-          acc[t] = fmaf(w4.w, x4.w, acc[t]);
-        }
-      }
+      hc_slice_dots<kRows, S::kPad>(wrow, &sm.x_s[ls][0], acc);
       const int s = slice_of(ls);
 #pragma unroll
       for (int t = 0; t < kRows; ++t) {
