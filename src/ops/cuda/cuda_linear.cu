@@ -673,6 +673,13 @@ bool split_scale_groups_enabled() {
   static const bool from_env = !env_is("DSV4_CUDA_SPLIT_SCALE_GROUPS", "0");
   return forced_or(g_force_split_scale_groups, from_env);
 }
+// p.split_scale_groups = on, counted where the kernel then copies whole groups (a slice of
+// whole groups): the split launches and the split fused step both set it this way.
+void set_split_scale_groups(lk::GemmParams& p, bool on) {
+  p.split_scale_groups = on ? 1 : 0;
+  if (on && (p.k / 128 / p.split) % lk::kScaleStages == 0)
+    g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
+}
 
 // The routed experts' down GEMM (the separate launches) reads its tile list and its
 // first weight stages before its dependency wait, under SwiGLU's launch
@@ -1091,9 +1098,7 @@ void run_expert_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, int64_t num_lo
   // (The cluster fold needs no partials; the table's TMA check below decides its kernel.)
   const bool small_rows = small_row_shape(nt, row_groups);
   const bool cluster_fold_shape = split && fmt == WFmt::kFp4 && small_rows;
-  p.split_scale_groups = split && fmt == WFmt::kFp4 && small_rows && split_scale_groups_enabled() ? 1 : 0;
-  if (p.split_scale_groups && (p.k / 128 / p.split) % lk::kScaleStages == 0)
-    g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
+  set_split_scale_groups(p, split && fmt == WFmt::kFp4 && small_rows && split_scale_groups_enabled());
   if (!small_rows) p.weights_before_wait = 0;  // (no such instance: its launch waits at entry)
   if (p.weights_before_wait) g_expert_early_weight_launches.fetch_add(1, std::memory_order_relaxed);
   if (split) bind_split(be, p, num_pairs, p.n, n_tiles * max_tiles);
@@ -1679,11 +1684,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
       // As run_expert_gemm sets them for the split cluster launches: whole scale groups a
       // slice where enabled; the down items' first weight stages before their wait, which
       // here is their list tile's ready flag (the kernel needs that wait: it reads h after it).
-      for (lk::GemmParams* g : {&f.gate_up, &f.down}) {
-        g->split_scale_groups = split_scale_groups_enabled() ? 1 : 0;
-        if (g->split_scale_groups && (g->k / 128 / g->split) % lk::kScaleStages == 0)
-          g_split_scale_group_launches.fetch_add(1, std::memory_order_relaxed);
-      }
+      for (lk::GemmParams* g : {&f.gate_up, &f.down}) set_split_scale_groups(*g, split_scale_groups_enabled());
       f.gate_up.weights_before_wait = 0;
       f.down.weights_before_wait = 1;
       if (split_tma) launch_split_fused_experts<true>(*this, f, *gate_up_table, *down_table, items);
