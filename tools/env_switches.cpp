@@ -64,6 +64,10 @@ constexpr EnvSwitch kSwitches[] = {
      "0: split 16-row GEMM tiles folded by split_fold_kernel, not clusters"},
     {"DSV4_CUDA_LAST_CTA_FOLD", kCuda, integers(0, int64_t(1) << 20), "64",
      "the most partials a thread of a tile's last CTA folds in 9-32-row tiles (0: split_fold_kernel)", true},
+    {"DSV4_CUDA_LATE_WEIGHT_STAGES", kCuda, integers(0, 8), "0",
+     "plain GEMMs of up to DSV4_CUDA_LATE_WEIGHT_ROWS rows: how many of their first weight stages go out after the "
+     "dependency wait instead of before it (a diagnostic)", true},
+    {"DSV4_CUDA_LATE_WEIGHT_ROWS", kCuda, integers(0, 65536), "2", "the rows DSV4_CUDA_LATE_WEIGHT_STAGES applies to", true},
     // Token choice.
     {"DSV4_CUDA_CHOOSE_AGGREGATE", kCuda, kOnOff, "weighed passes only",
      "how choose_tokens' and token_logprobs' radix histograms add their keys: 0 a shared atomic a key, 1 a thread's "

@@ -220,8 +220,18 @@ void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, 
   check_launch(be.stream());
 }
 
+// GemmParams::late_weight_stages of the plain GEMMs up to DSV4_CUDA_LATE_WEIGHT_ROWS rows
+// (default 2): DSV4_CUDA_LATE_WEIGHT_STAGES (default 0), a diagnostic.
+int late_weight_stages(int64_t rows) {
+  static const int64_t stages = env_integer("DSV4_CUDA_LATE_WEIGHT_STAGES", 0, 0, 8);
+  static const int64_t max_rows = env_integer("DSV4_CUDA_LATE_WEIGHT_ROWS", 2, 0, 65536);
+  return rows <= max_rows ? int(stages) : 0;
+}
+
 template <WFmt F>
-void dispatch_plain(CudaBackend& be, const lk::GemmParams& p, dim3 grid, int nt, bool two, bool cluster_fold) {
+void dispatch_plain(CudaBackend& be, const lk::GemmParams& p_in, dim3 grid, int nt, bool two, bool cluster_fold) {
+  lk::GemmParams p = p_in;
+  p.late_weight_stages = late_weight_stages(p.m);
   const bool c = cluster_fold;
   switch (nt) {
     case 1: return two ? launch_plain<F, 1, true>(be, p, grid, c) : launch_plain<F, 1, false>(be, p, grid, c);
