@@ -68,6 +68,11 @@ constexpr EnvSwitch kSwitches[] = {
      "plain GEMMs of up to DSV4_CUDA_LATE_WEIGHT_ROWS rows: how many of their first weight stages go out after the "
      "dependency wait instead of before it (a diagnostic)", true},
     {"DSV4_CUDA_LATE_WEIGHT_ROWS", kCuda, integers(0, 65536), "2", "the rows DSV4_CUDA_LATE_WEIGHT_STAGES applies to", true},
+    {"DSV4_CUDA_ENTRY_RELEASE_ROWS", kCuda, integers(0, 65536), "0",
+     "at most this many rows, the plain GEMMs of at most DSV4_CUDA_ENTRY_RELEASE_MB and rms_norm_quant let their "
+     "dependents launch at entry, before their own wait (a diagnostic)", true},
+    {"DSV4_CUDA_ENTRY_RELEASE_MB", kCuda, integers(0, 1 << 20), "7",
+     "the weight megabytes up to which a plain GEMM releases at entry (DSV4_CUDA_ENTRY_RELEASE_ROWS)", true},
     // Token choice.
     {"DSV4_CUDA_CHOOSE_AGGREGATE", kCuda, kOnOff, "weighed passes only",
      "how choose_tokens' and token_logprobs' radix histograms add their keys: 0 a shared atomic a key, 1 a thread's "

@@ -64,6 +64,14 @@ inline int64_t env_integer(const char* name, int64_t fallback, int64_t min, int6
   return int64_t(r);
 }
 
+// DSV4_CUDA_ENTRY_RELEASE_ROWS (default 0), a diagnostic: at most this many rows, the small
+// plain GEMMs (GemmParams::release_at_entry) and rms_norm_quant let their dependents launch
+// at entry, before their own dependency wait.
+inline int64_t cuda_entry_release_rows() {
+  static const int64_t rows = env_integer("DSV4_CUDA_ENTRY_RELEASE_ROWS", 0, 0, 65536);
+  return rows;
+}
+
 // A switch a test hook may force: the hook's value when set (>= 0), else the
 // environment's (env_mode: "0" -> 0, "1" -> 1, otherwise -1, the automatic choice).
 inline int forced_mode(const std::atomic<int>& forced, int from_env) {

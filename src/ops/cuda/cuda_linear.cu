@@ -228,10 +228,19 @@ int late_weight_stages(int64_t rows) {
   return rows <= max_rows ? int(stages) : 0;
 }
 
+// GemmParams::release_at_entry: plain GEMMs of up to DSV4_CUDA_ENTRY_RELEASE_ROWS rows
+// (default 0: none) whose weights take at most DSV4_CUDA_ENTRY_RELEASE_MB megabytes
+// (default 7), a diagnostic; rms_norm_quant reads the same rows (cuda_pointwise.cu).
+bool release_at_entry(const lk::GemmParams& p) {
+  static const int64_t mb = env_integer("DSV4_CUDA_ENTRY_RELEASE_MB", 7, 0, 1 << 20);
+  return p.m <= cuda_entry_release_rows() && int64_t(p.n) * p.groups * p.w_row_bytes <= mb * 1000000;
+}
+
 template <WFmt F>
 void dispatch_plain(CudaBackend& be, const lk::GemmParams& p_in, dim3 grid, int nt, bool two, bool cluster_fold) {
   lk::GemmParams p = p_in;
   p.late_weight_stages = late_weight_stages(p.m);
+  p.release_at_entry = release_at_entry(p) ? 1 : 0;
   const bool c = cluster_fold;
   switch (nt) {
     case 1: return two ? launch_plain<F, 1, true>(be, p, grid, c) : launch_plain<F, 1, false>(be, p, grid, c);

@@ -309,9 +309,11 @@ __global__ void rms_norm_kernel(const uint16_t* x, const uint16_t* __restrict__ 
 // N and N / 128) for the linear, the bits of rms_norm_kernel<8> and act_quant_kernel.
 template <int kEarlyChunks = 0>
 __global__ void rms_norm_quant_kernel(const uint16_t* x, const uint16_t* __restrict__ w, int64_t N, float eps,
-                                      uint16_t* y, uint8_t* __restrict__ q, float* __restrict__ s) {
+                                      uint16_t* y, uint8_t* __restrict__ q, float* __restrict__ s,
+                                      int release_at_entry) {
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
+  if (release_at_entry) allow_dependents_to_launch();  // (cuda_entry_release_rows)
   if constexpr (kEarlyChunks > 0) {
     NormRowWeights<kEarlyChunks> wr;
     wr.load(w, N);
@@ -2065,12 +2067,13 @@ void CudaBackend::do_rms_norm_linear(const Tensor& x, const Tensor& norm_weight,
   const uint16_t* xp = x.as<uint16_t>();
   const uint16_t* wp = norm_weight.as<uint16_t>();
   uint16_t* yp = xn.as<uint16_t>();
+  const int entry = T <= cuda_entry_release_rows() ? 1 : 0;
   if (early == 1)
-    rms_norm_quant_kernel<1><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales);
+    rms_norm_quant_kernel<1><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales, entry);
   else if (early == 2)
-    rms_norm_quant_kernel<2><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales);
+    rms_norm_quant_kernel<2><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales, entry);
   else
-    rms_norm_quant_kernel<0><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales);
+    rms_norm_quant_kernel<0><<<unsigned(T), kNormThreads, 0, stream_>>>(xp, wp, N, eps, yp, q.codes, q.scales, entry);
   check_launch(stream_);
   linears_on_quantized_rows(*this, q, T, wa, ya, wb, yb);
 }

@@ -214,6 +214,11 @@ struct GemmParams {
   // kStages - 1: all). A diagnostic (DSV4_CUDA_LATE_WEIGHT_STAGES): fewer copies queued
   // ahead of the predecessor's last round trips against a later start of the stream.
   int late_weight_stages;
+  // Plain GEMMs: let the dependent kernel launch at entry, before this one's wait, not
+  // after its main loop (a diagnostic, DSV4_CUDA_ENTRY_RELEASE_ROWS): a kernel released
+  // this way that releases at entry too lets the one after it start its weight copies
+  // two launches ahead.
+  int release_at_entry;
   // Optional, where a split plain GEMM's fold forms whole rows of 128-column blocks (its
   // last CTAs or split_fold_kernel; run_gemm sets it only there): y's e4m3 codes
   // [m][ldq] in element order and UE8M0 scales [m][ldq / 128] as well, act_quant's bits
@@ -638,6 +643,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       mbar_init_fence();
     }
   };
+  if (kEarlyWeights && p.release_at_entry) allow_dependents_to_launch();
   // Stages [0, early_stages) go out before the wait (GemmParams::late_weight_stages).
   const int early_stages =
       !early_weights ? 0 : kEarlyWeights ? max(0, kStages - 1 - p.late_weight_stages) : kStages - 1;
