@@ -220,26 +220,17 @@ void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, 
   check_launch(be.stream());
 }
 
-// GemmParams::late_weight_stages of the plain GEMMs up to DSV4_CUDA_LATE_WEIGHT_ROWS rows
-// (default 2): DSV4_CUDA_LATE_WEIGHT_STAGES (default 0), a diagnostic.
-int late_weight_stages(int64_t rows) {
-  static const int64_t stages = env_integer("DSV4_CUDA_LATE_WEIGHT_STAGES", 0, 0, 8);
-  static const int64_t max_rows = env_integer("DSV4_CUDA_LATE_WEIGHT_ROWS", 2, 0, 65536);
-  return rows <= max_rows ? int(stages) : 0;
-}
-
-// GemmParams::release_at_entry: plain GEMMs of up to DSV4_CUDA_ENTRY_RELEASE_ROWS rows
-// (default 0: none) whose weights take at most DSV4_CUDA_ENTRY_RELEASE_MB megabytes
-// (default 7), a diagnostic; rms_norm_quant reads the same rows (cuda_pointwise.cu).
+// GemmParams::release_at_entry: plain GEMMs of up to cuda_entry_release_rows() rows whose
+// weights take at most DSV4_CUDA_ENTRY_RELEASE_MB megabytes (default 64: every layer GEMM
+// of bench-1g, not its 1 GB LM head, which was not measured).
 bool release_at_entry(const lk::GemmParams& p) {
-  static const int64_t mb = env_integer("DSV4_CUDA_ENTRY_RELEASE_MB", 7, 0, 1 << 20);
+  static const int64_t mb = env_integer("DSV4_CUDA_ENTRY_RELEASE_MB", 64, 0, 1 << 20);
   return p.m <= cuda_entry_release_rows() && int64_t(p.n) * p.groups * p.w_row_bytes <= mb * 1000000;
 }
 
 template <WFmt F>
 void dispatch_plain(CudaBackend& be, const lk::GemmParams& p_in, dim3 grid, int nt, bool two, bool cluster_fold) {
   lk::GemmParams p = p_in;
-  p.late_weight_stages = late_weight_stages(p.m);
   p.release_at_entry = release_at_entry(p) ? 1 : 0;
   const bool c = cluster_fold;
   switch (nt) {

@@ -313,7 +313,7 @@ __global__ void rms_norm_quant_kernel(const uint16_t* x, const uint16_t* __restr
                                       int release_at_entry) {
   __shared__ float red[32];
   const int64_t row = blockIdx.x;
-  if (release_at_entry) allow_dependents_to_launch();  // (cuda_entry_release_rows)
+  if (release_at_entry) allow_dependents_to_launch();  // (cuda_entry_release_rows())
   if constexpr (kEarlyChunks > 0) {
     NormRowWeights<kEarlyChunks> wr;
     wr.load(w, N);

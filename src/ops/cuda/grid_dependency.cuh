@@ -45,6 +45,11 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 // the others. Half rather than a quarter (forty-second session) adds the 34-66-block
 // grids, e.g. moe_reduce and the act_quant before wo_b at 16 rows: -0.0 / -0.3 / -0.1 /
 // +0.0% at 1 / 16 / 64 / 256 rows (2 rounds; 16 and 64 apart).
+// The exception, at 1-2 rows: the plain GEMMs and rms_norm_quant release at entry
+// (cuda_entry_release_rows(), cuda_check.h), so two of them in a row put the kernel after
+// them on the SMs early. It cannot hang: a dependent launches only once every block of the
+// grid before it has run the release or exited, so each grid ahead of a waiting one is
+// wholly resident, and none of them waits on a later grid.
 // Whether a grid of `blocks` blocks releases its dependents early on a GPU of `sms`
 // SM ids (the rule below; host code that depends on the release asks it too).
 __host__ __device__ constexpr bool grid_releases_early(uint64_t blocks, uint64_t sms) { return 2 * blocks <= sms; }

@@ -209,15 +209,8 @@ struct GemmParams {
   // FP4 launches that split their K slices over CTAs: a slice of whole row-scale groups
   // copies a group at a time, as a walked one does (gemm_tile), not 4 bytes a stage.
   int split_scale_groups;
-  // Plain GEMMs (gemm_tile's kEarlyWeights): how many of the first kStages - 1 weight
-  // stages go out after the dependency wait instead of before it (0: none; more than
-  // kStages - 1: all). A diagnostic (DSV4_CUDA_LATE_WEIGHT_STAGES): fewer copies queued
-  // ahead of the predecessor's last round trips against a later start of the stream.
-  int late_weight_stages;
-  // Plain GEMMs: let the dependent kernel launch at entry, before this one's wait, not
-  // after its main loop (a diagnostic, DSV4_CUDA_ENTRY_RELEASE_ROWS): a kernel released
-  // this way that releases at entry too lets the one after it start its weight copies
-  // two launches ahead.
+  // Plain GEMMs: the dependent kernel may launch at this one's entry, before its wait,
+  // instead of after its main loop (run_gemm's rule: cuda_entry_release_rows).
   int release_at_entry;
   // Optional, where a split plain GEMM's fold forms whole rows of 128-column blocks (its
   // last CTAs or split_fold_kernel; run_gemm sets it only there): y's e4m3 codes
@@ -644,14 +637,11 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     }
   };
   if (kEarlyWeights && p.release_at_entry) allow_dependents_to_launch();
-  // Stages [0, early_stages) go out before the wait (GemmParams::late_weight_stages).
-  const int early_stages =
-      !early_weights ? 0 : kEarlyWeights ? max(0, kStages - 1 - p.late_weight_stages) : kStages - 1;
   if (early_weights) {
     if constexpr (kTmaW) init_stage_barriers();  // (thread 0 inits, then issues the copies)
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s)
-      if (s < iters && s < early_stages) load_weights(st_begin + s, s);
+      if (s < iters) load_weights(st_begin + s, s);
     if constexpr (T::kBlockScale)
       scale_row_copied = copy_scale_row_async(s_bs, scale_row, p.s_row_stride, tid, kThreads);
     wait();
@@ -750,7 +740,7 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < iters) {
-      if (s >= early_stages) load_weights(st_begin + s, s);
+      if (!early_weights) load_weights(st_begin + s, s);
       load_acts(st_begin + s, s);
     }
     cp_async_commit();
