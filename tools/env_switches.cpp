@@ -64,7 +64,7 @@ constexpr EnvSwitch kSwitches[] = {
      "0: split 16-row GEMM tiles folded by split_fold_kernel, not clusters"},
     {"DSV4_CUDA_LAST_CTA_FOLD", kCuda, integers(0, int64_t(1) << 20), "64",
      "the most partials a thread of a tile's last CTA folds in 9-32-row tiles (0: split_fold_kernel)", true},
-    {"DSV4_CUDA_ENTRY_RELEASE_ROWS", kCuda, integers(0, 65536), "2",
+    {"DSV4_CUDA_ENTRY_RELEASE_ROWS", kCuda, integers(0, 65536), "4",
      "up to this many rows the plain GEMMs of at most DSV4_CUDA_ENTRY_RELEASE_MB and rms_norm_quant let their "
      "dependents launch at entry, before their own wait (0: never)", true},
     {"DSV4_CUDA_ENTRY_RELEASE_MB", kCuda, integers(0, 1 << 20), "64",

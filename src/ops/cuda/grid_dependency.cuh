@@ -45,7 +45,7 @@ __device__ __forceinline__ void allow_dependents_to_launch() {
 // the others. Half rather than a quarter (forty-second session) adds the 34-66-block
 // grids, e.g. moe_reduce and the act_quant before wo_b at 16 rows: -0.0 / -0.3 / -0.1 /
 // +0.0% at 1 / 16 / 64 / 256 rows (2 rounds; 16 and 64 apart).
-// The exception, at 1-2 rows: the plain GEMMs and rms_norm_quant release at entry
+// The exception, at 1-4 rows: the plain GEMMs and rms_norm_quant release at entry
 // (cuda_entry_release_rows(), cuda_check.h), so two of them in a row put the kernel after
 // them on the SMs early. It cannot hang: a dependent launches only once every block of the
 // grid before it has run the release or exited, so each grid ahead of a waiting one is
