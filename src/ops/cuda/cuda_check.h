@@ -67,14 +67,17 @@ inline int64_t env_integer(const char* name, int64_t fallback, int64_t min, int6
 // Up to this many rows (DSV4_CUDA_ENTRY_RELEASE_ROWS, default 4; 0: never) the plain GEMMs
 // of at most DSV4_CUDA_ENTRY_RELEASE_MB of weights (GemmParams::release_at_entry) and
 // rms_norm_quant let their dependents launch at entry, before their own dependency wait,
-// not after it (grid_dependency.cuh). A GEMM's dependent is then resident, with its first
-// weight copies in flight (wo_b's under wo_a, whose decode leaves HBM time to spare) or its
-// weights in registers, while the GEMM still streams. Measured on bench-1g (H100, 3 rounds
-// apart; docs/BENCHMARKS.md, eighty-third session): -0.5 / -0.4% a step at 1 / 2 rows, -0.4%
-// at 4 and +0.3% at 8 (hence 4), and with the 7 MB limit -0.5 / -0.3% at 1 / 2 rows with
-// every layer GEMM (64 MB; not the LM head), +0.4 / +0.2% with those of at most 7 MB only
-// (wq_b's copies then start under the mHC finisher's tail, which slowed by what wq_b gained),
-// 0.0 / -0.1% with the norm alone.
+// not after it (grid_dependency.cuh). A GEMM's dependent is then resident while the GEMM
+// still streams, with its own first weight copies or weight loads in flight. Why it pays
+// is not traced; the guess: wo_b's first stages go out under wo_a, whose decode leaves HBM
+// time to spare (wo_a reads ~1.8 TB/s at one row). Measured on bench-1g (H100,
+// 3 rounds apart; docs/BENCHMARKS.md, eighty-third session):
+// - every layer GEMM (64 MB, not the LM head) and the norm: -0.5% a step at 1 row, -0.3 to
+//   -0.4% at 2, -0.4% at 4, +0.3% at 8 (hence 4 rows);
+// - only the GEMMs of at most 7 MB and the norm: +0.4 / +0.2% at 1 / 2 rows (wq_b's copies
+//   then start under the mHC finisher's tail, which slowed by what wq_b gained);
+// - the norm alone 0.0 / -0.1%; the LM head as well (2000 MB) -0.1 / 0.0 / +0.1% at 1 / 4 /
+//   8 rows, within the noise.
 inline int64_t cuda_entry_release_rows() {
   static const int64_t rows = env_integer("DSV4_CUDA_ENTRY_RELEASE_ROWS", 4, 0, 65536);
   return rows;
