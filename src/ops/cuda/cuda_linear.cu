@@ -222,7 +222,7 @@ void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, 
 
 // GemmParams::release_at_entry: plain GEMMs of up to cuda_entry_release_rows() rows whose
 // weights take at most DSV4_CUDA_ENTRY_RELEASE_MB megabytes (default 64: every layer GEMM
-// of bench-1g, not its 1 GB LM head, which was not measured).
+// of bench-1g, not its 1 GB LM head, with which it measured within the noise).
 bool release_at_entry(const lk::GemmParams& p) {
   static const int64_t mb = env_integer("DSV4_CUDA_ENTRY_RELEASE_MB", 64, 0, 1 << 20);
   return p.m <= cuda_entry_release_rows() && int64_t(p.n) * p.groups * p.w_row_bytes <= mb * 1000000;

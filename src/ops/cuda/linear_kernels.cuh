@@ -210,7 +210,7 @@ struct GemmParams {
   // copies a group at a time, as a walked one does (gemm_tile), not 4 bytes a stage.
   int split_scale_groups;
   // Plain GEMMs: the dependent kernel may launch at this one's entry, before its wait,
-  // instead of after its main loop (run_gemm's rule: cuda_entry_release_rows).
+  // instead of after its main loop (the rule: release_at_entry() in cuda_linear.cu).
   int release_at_entry;
   // Optional, where a split plain GEMM's fold forms whole rows of 128-column blocks (its
   // last CTAs or split_fold_kernel; run_gemm sets it only there): y's e4m3 codes
