@@ -2379,7 +2379,9 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
                     hc_hand_over(be, grid, rows, src != nullptr), int(slices)};
       const int pad = hc_fused_pad_bytes(rows);
       auto launch = [&](auto kernel) {
-        if (pad > 0) {
+        static std::atomic<uint64_t> padded{0};  // (per kernel: the devices whose limit is raised)
+        const uint64_t bit = uint64_t(1) << (be.device_index() & 63);
+        if (pad > 0 && !(padded.load(std::memory_order_acquire) & bit)) {
           cudaFuncAttributes attr{};
           DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
           int optin = 0;
@@ -2389,6 +2391,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
                      "the {} bytes a block may take here",
                      pad / 1024, attr.sharedSizeBytes, optin);
           DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
+          padded.fetch_or(bit, std::memory_order_acq_rel);
         }
         kernel<<<unsigned(grid), threads, size_t(pad), be.stream()>>>(f);
       };
