@@ -581,6 +581,78 @@ struct HcOpInputs {
   }
 };
 
+// The chain of mHC ops the graph-replay tests capture (hc = 4, D = 4096, the Sinkhorn left
+// for later): hc_pre_norm of T rows, the Sinkhorn, hc_post_pre_norm of a sublayer output,
+// hc_head of the first head_rows rows right after it, then hc_pre of the first row. Its
+// inputs X and f, and every output (poisoned first).
+struct HcGraphChain {
+  CudaBackend& cuda;
+  HcCase c{4, 4096, 20};
+  HcConfig cfg;
+  HcWeights dw, dwh;
+  Tensor dnw, X, f, x, xn, post, comb, Y, x2, xn2, y, x1, post1, comb1;
+  int64_t T, head_rows;
+
+  HcGraphChain(CudaBackend& be, Rng& rng, int64_t rows, int64_t head)
+      : cuda(be), cfg(c.config()), T(rows), head_rows(head) {
+    cfg.sinkhorn_later = true;
+    const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
+    dw = HcWeights{dev(w.fn), dev(w.base), dev(w.scale)};
+    dwh = HcWeights{dev(wh.fn), dev(wh.base), dev(wh.scale)};
+    dnw = dev(rng.bf16({c.D}, 0.2f));
+    X = dev(rng.bf16({T, c.hc, c.D}, 3.0f));
+    f = dev(rng.bf16({T, c.D}));
+    x = poisoned(DType::kBF16, {T, c.D});
+    xn = poisoned(DType::kBF16, {T, c.D});
+    post = poisoned(DType::kF32, {T, c.hc});
+    comb = poisoned(DType::kF32, {T, c.hc, c.hc});
+    Y = poisoned(DType::kBF16, {T, c.hc, c.D});
+    x2 = poisoned(DType::kBF16, {T, c.D});
+    xn2 = poisoned(DType::kBF16, {T, c.D});
+    y = poisoned(DType::kBF16, {head_rows, c.D});
+    x1 = poisoned(DType::kBF16, {1, c.D});
+    post1 = poisoned(DType::kF32, {1, c.hc});
+    comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
+  }
+  Tensor dev(const Tensor& h) const { return testing::to_device(cuda, h); }
+  Tensor poisoned(DType t, std::initializer_list<int64_t> shape) const {
+    return testing::device_poisoned(cuda, t, shape);
+  }
+  void run() {
+    cuda.hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);
+    cuda.hc_sinkhorn(comb, cfg);
+    cuda.hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
+    cuda.hc_head(Y.rows(0, head_rows), dwh, cfg, y);  // right after the previous launch
+    cuda.hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);  // and again
+  }
+  std::vector<Tensor> outputs() const {
+    std::vector<Tensor> out;
+    for (const Tensor& t : {x, xn, post, comb, Y, x2, xn2, y, x1, post1, comb1})
+      out.push_back(testing::to_host(cuda, t));
+    return out;
+  }
+  // Three rounds on fresh X and f: `reference` run eagerly, then `graph` (a capture of run())
+  // replayed over outputs zeroed first; every output bit for bit. `what` names the pair.
+  template <typename Reference>
+  void expect_replays_equal(Rng& rng, Graph& graph, const Reference& reference, const std::string& what) {
+    for (int round = 0; round < 3; ++round) {
+      const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
+      cuda.upload(X, hX.data(), hX.nbytes());
+      cuda.upload(f, hf.data(), hf.nbytes());
+      reference();
+      const std::vector<Tensor> want = outputs();
+      cuda.upload(X, hX.data(), hX.nbytes());
+      cuda.upload(f, hf.data(), hf.nbytes());
+      for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda.fill_zero(t);
+      graph.replay();
+      const std::vector<Tensor> replayed = outputs();
+      for (size_t i = 0; i < want.size(); ++i)
+        expect_bits_equal(replayed[i], want[i],
+                          ("round " + std::to_string(round) + " output " + std::to_string(i) + ": " + what).c_str());
+    }
+  }
+};
+
 // The mHC mix and finish in one launch (hc_mix_finish_kernel, forced on up to 16
 // rows) against the two launches, bit for bit: hc_pre, hc_pre_norm, hc_head and
 // hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
@@ -634,13 +706,6 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
     SCOPED_TRACE(quick ? "quick hand-over" : "polled hand-over");
     cuda_hc_force_quick_hand_over(quick);
     Rng rng(217);
-    const HcCase c{4, 4096, 20};
-    HcConfig cfg = c.config();
-    cfg.sinkhorn_later = true;
-    const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
-    const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
-    const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
-    const int64_t T = 16, Th = 5;
     struct Reset {
       ~Reset() {
         cuda_hc_force_fused(-1);
@@ -650,23 +715,9 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
     } reset;
     cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)
     cuda_hc_force_cluster(0);
-    Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
-    Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
-           post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
-           Y = poisoned(DType::kBF16, {T, c.hc, c.D}), x2 = poisoned(DType::kBF16, {T, c.D}),
-           xn2 = poisoned(DType::kBF16, {T, c.D}), y = poisoned(DType::kBF16, {Th, c.D}),
-           x1 = poisoned(DType::kBF16, {1, c.D}), post1 = poisoned(DType::kF32, {1, c.hc}),
-           comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
+    HcGraphChain chain(cuda(), rng, 16, 5);  // hc_head of 5 rows
+    auto body = [&] { chain.run(); };
     const int64_t before = cuda_hc_fused_launches();
-    auto body = [&] {
-      cuda().hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);  // 16 rows
-      cuda().hc_sinkhorn(comb, cfg);
-      cuda().hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
-      cuda().hc_head(Y.rows(0, Th), dwh, cfg, y);                   // right after the previous fused launch
-      cuda().hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);      // and again
-    };
-    auto outputs = [&] { return std::vector<Tensor>{host(x), host(xn), host(post), host(comb), host(Y), host(x2),
-                                                    host(xn2), host(y), host(x1), host(post1), host(comb1)}; };
     body();  // eager (also grows the scratch buffers before the capture)
     ASSERT_EQ(cuda_hc_fused_launches() - before, 4) << "the body's hc launches should all take the fused kernel";
     cuda().synchronize();
@@ -674,22 +725,7 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
     if (!testing::pdl_disabled()) {
       EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
     }
-    for (int round = 0; round < 3; ++round) {
-      const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
-      cuda().upload(X, hX.data(), hX.nbytes());
-      cuda().upload(f, hf.data(), hf.nbytes());
-      body();
-      const std::vector<Tensor> eager = outputs();
-      cuda().upload(X, hX.data(), hX.nbytes());
-      cuda().upload(f, hf.data(), hf.nbytes());
-      for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda().fill_zero(t);
-      graph->replay();
-      const std::vector<Tensor> replayed = outputs();
-      for (size_t i = 0; i < eager.size(); ++i)
-        expect_bits_equal(
-            replayed[i], eager[i],
-            ("round " + std::to_string(round) + " output " + std::to_string(i) + ": replay vs eager").c_str());
-    }
+    chain.expect_replays_equal(rng, *graph, body, "replay vs eager");
   }
 }
 
@@ -737,35 +773,14 @@ TEST_F(CudaPointwise, HcClusterMixFinishEqualsFusedBitForBit) {
 // eager run's bytes, and those of the fused launch.
 TEST_F(CudaPointwise, HcClusterMixFinishGraphReplayEqualsEager) {
   Rng rng(219);
-  const HcCase c{4, 4096, 20};
-  HcConfig cfg = c.config();
-  cfg.sinkhorn_later = true;
   struct Reset {
     ~Reset() {
       cuda_hc_force_fused(-1);
       cuda_hc_force_cluster(-1);
     }
   } reset;
-  const HcWeights w = random_hc_weights(rng, c.hc, c.D, false), wh = random_hc_weights(rng, c.hc, c.D, true);
-  const HcWeights dw{dev(w.fn), dev(w.base), dev(w.scale)}, dwh{dev(wh.fn), dev(wh.base), dev(wh.scale)};
-  const Tensor dnw = dev(rng.bf16({c.D}, 0.2f));
-  const int64_t T = 2;
-  Tensor X = dev(rng.bf16({T, c.hc, c.D}, 3.0f)), f = dev(rng.bf16({T, c.D}));
-  Tensor x = poisoned(DType::kBF16, {T, c.D}), xn = poisoned(DType::kBF16, {T, c.D}),
-         post = poisoned(DType::kF32, {T, c.hc}), comb = poisoned(DType::kF32, {T, c.hc, c.hc}),
-         Y = poisoned(DType::kBF16, {T, c.hc, c.D}), x2 = poisoned(DType::kBF16, {T, c.D}),
-         xn2 = poisoned(DType::kBF16, {T, c.D}), y = poisoned(DType::kBF16, {1, c.D}),
-         x1 = poisoned(DType::kBF16, {1, c.D}), post1 = poisoned(DType::kF32, {1, c.hc}),
-         comb1 = poisoned(DType::kF32, {1, c.hc, c.hc});
-  auto body = [&] {
-    cuda().hc_pre_norm(X, dw, cfg, dnw, 1e-6f, x, xn, post, comb);  // 2 rows
-    cuda().hc_sinkhorn(comb, cfg);
-    cuda().hc_post_pre_norm(HcPostInput::of_sublayer(f, X, post, comb), Y, dw, cfg, dnw, 1e-6f, x2, xn2, post, comb);
-    cuda().hc_head(Y.rows(0, 1), dwh, cfg, y);                    // right after the previous cluster launch
-    cuda().hc_pre(Y.rows(0, 1), dw, cfg, x1, post1, comb1);       // and again
-  };
-  auto outputs = [&] { return std::vector<Tensor>{host(x), host(xn), host(post), host(comb), host(Y), host(x2),
-                                                  host(xn2), host(y), host(x1), host(post1), host(comb1)}; };
+  HcGraphChain chain(cuda(), rng, 2, 1);  // 2 rows; hc_head of 1
+  auto body = [&] { chain.run(); };
   cuda_hc_force_fused(1);
   cuda_hc_force_cluster(1);
   const int64_t before = cuda_hc_cluster_launches();
@@ -776,24 +791,13 @@ TEST_F(CudaPointwise, HcClusterMixFinishGraphReplayEqualsEager) {
   if (!testing::pdl_disabled()) {
     EXPECT_GT(cuda().last_capture_programmatic_edges(), 0);
   }
-  for (int round = 0; round < 3; ++round) {
-    const Tensor hX = rng.bf16({T, c.hc, c.D}, 3.0f), hf = rng.bf16({T, c.D});
-    cuda().upload(X, hX.data(), hX.nbytes());
-    cuda().upload(f, hf.data(), hf.nbytes());
+  // The reference: the fused launch, eagerly.
+  auto fused = [&] {
     cuda_hc_force_cluster(0);
-    body();
-    const std::vector<Tensor> fused = outputs();
+    chain.run();
     cuda_hc_force_cluster(1);
-    cuda().upload(X, hX.data(), hX.nbytes());
-    cuda().upload(f, hf.data(), hf.nbytes());
-    for (Tensor t : {x, xn, Y, x2, xn2, y, x1}) cuda().fill_zero(t);
-    graph->replay();
-    const std::vector<Tensor> replayed = outputs();
-    for (size_t i = 0; i < fused.size(); ++i)
-      expect_bits_equal(
-          replayed[i], fused[i],
-          ("round " + std::to_string(round) + " output " + std::to_string(i) + ": cluster replay vs fused").c_str());
-  }
+  };
+  chain.expect_replays_equal(rng, *graph, fused, "cluster replay vs fused");
 }
 
 TEST_F(CudaPointwise, HcHeadMatchesCpu) {
