@@ -2378,8 +2378,10 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
                     hc_hand_over(be, grid, rows, src != nullptr), int(slices)};
       const int pad = hc_fused_pad_bytes(rows);
-      auto launch = [&](auto kernel) {
-        static std::atomic<uint64_t> padded{0};  // (per kernel: the devices whose limit is raised)
+      // The devices whose limit is raised, one word per kernel below (the three share one
+      // function type, so a static inside the lambda would be shared by them).
+      static std::atomic<uint64_t> padded_by_kernel[3];
+      auto launch = [&](auto kernel, std::atomic<uint64_t>& padded) {
         const uint64_t bit = uint64_t(1) << (be.device_index() & 63);
         if (pad > 0 && !(padded.load(std::memory_order_acquire) & bit)) {
           cudaFuncAttributes attr{};
@@ -2396,10 +2398,10 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
         kernel<<<unsigned(grid), threads, size_t(pad), be.stream()>>>(f);
       };
       if (!src)
-        launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
+        launch(hc_mix_finish_kernel<HC, kHead, 0, 8>, padded_by_kernel[0]);
       else if constexpr (!kHead) {
-        if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8>);
-        else launch(hc_mix_finish_kernel<HC, false, HC, 16>);
+        if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8>, padded_by_kernel[1]);
+        else launch(hc_mix_finish_kernel<HC, false, HC, 16>, padded_by_kernel[2]);
       } else {
         core::fail("hc_head: no hc_post source is taken");
       }
