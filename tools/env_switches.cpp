@@ -112,9 +112,6 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_HC_CLUSTER_ROWS", kCuda, integers(0, 2), "0",
      "the rows up to which the mHC mix and finish run in one cluster of 16 CTAs, no global hand-over (0: never; "
      "D a multiple of 2048 up to 4096; measured slower)", true},
-    {"DSV4_CUDA_HC_FUSED_PAD_KB", kCuda, integers(0, 227), "0",
-     "KB of shared memory the fused mHC mix + finish launch reserves unused at 1-2 rows, so that no GEMM block lands "
-     "beside its finisher (a diagnostic, not yet measured)", true},
     {"DSV4_CUDA_HC_QUICK_HAND_OVER", kCuda, kOnOff, "1", "0: the fused mHC launch's last arrival polls as the others"},
     {"DSV4_CUDA_HC_SLOT_ROWS", kCuda, integers(0, 16), "16",
      "the rows up to which the mHC mix sums the MoE slots itself (else moe_reduce first)", true},

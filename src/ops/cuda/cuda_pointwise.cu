@@ -2197,18 +2197,6 @@ bool hc_fused(int64_t rows, bool v8, bool fn16, int64_t slices) {
          g_force_row_mix.load(std::memory_order_relaxed) != 1;
 }
 
-// Shared memory the fused mix + finish launch reserves and leaves unused at 1-2 rows:
-// DSV4_CUDA_HC_FUSED_PAD_KB (default 0), a diagnostic, not yet measured. The question (the
-// eighty-second session's CTA probe): is the finisher's chain after its hand-over slow
-// because the next GEMM's CTAs, launched then, land on its SM and start their weight copies
-// there? The launch takes 32 KB of static shared memory and a small FP8 or bf16 GEMM block
-// ~52 KB, so from a pad of ~144 KB no GEMM block fits beside it. The cost: a slice fits
-// beside none of the predecessor's blocks either, so the slices start later.
-int hc_fused_pad_bytes(int64_t rows) {
-  static const int64_t kb = env_integer("DSV4_CUDA_HC_FUSED_PAD_KB", 0, 0, 227);
-  return rows <= 2 ? int(kb * 1024) : 0;
-}
-
 // The mix sums the MoE slots itself (HcPostInput::of_moe_slots) up to DSV4_CUDA_HC_SLOT_ROWS
 // rows (default 16; a test hook may set it), else moe_reduce runs first. Measured (bench-1g,
 // H200, docs/BENCHMARKS.md), the slots summed here against moe_reduce's launch: -0.3% a
@@ -2377,31 +2365,12 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       const int64_t grid = std::max(slices, rows);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
                     hc_hand_over(be, grid, rows, src != nullptr), int(slices)};
-      const int pad = hc_fused_pad_bytes(rows);
-      // The devices whose limit is raised, one word per kernel below (the three share one
-      // function type, so a static inside the lambda would be shared by them).
-      static std::atomic<uint64_t> padded_by_kernel[3];
-      auto launch = [&](auto kernel, std::atomic<uint64_t>& padded) {
-        const uint64_t bit = uint64_t(1) << (be.device_index() & 63);
-        if (pad > 0 && !(padded.load(std::memory_order_acquire) & bit)) {
-          cudaFuncAttributes attr{};
-          DSV4_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-          int optin = 0;
-          DSV4_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, be.device_index()));
-          DSV4_CHECK(attr.sharedSizeBytes + size_t(pad) <= size_t(optin),
-                     "DSV4_CUDA_HC_FUSED_PAD_KB={}: the launch's {} bytes of static shared memory and the pad exceed "
-                     "the {} bytes a block may take here",
-                     pad / 1024, attr.sharedSizeBytes, optin);
-          DSV4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
-          padded.fetch_or(bit, std::memory_order_acq_rel);
-        }
-        kernel<<<unsigned(grid), threads, size_t(pad), be.stream()>>>(f);
-      };
+      auto launch = [&](auto kernel) { kernel<<<unsigned(grid), threads, 0, be.stream()>>>(f); };
       if (!src)
-        launch(hc_mix_finish_kernel<HC, kHead, 0, 8>, padded_by_kernel[0]);
+        launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
       else if constexpr (!kHead) {
-        if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8>, padded_by_kernel[1]);
-        else launch(hc_mix_finish_kernel<HC, false, HC, 16>, padded_by_kernel[2]);
+        if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8>);
+        else launch(hc_mix_finish_kernel<HC, false, HC, 16>);
       } else {
         core::fail("hc_head: no hc_post source is taken");
       }
