@@ -667,6 +667,7 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
       cuda_hc_force_slot_rows(-1);
       cuda_hc_force_quick_hand_over(-1);
       cuda_hc_force_cluster(-1);
+      cuda_hc_force_row_finishers(-1);
     }
   } reset;
   cuda_hc_force_slot_rows(16);  // the mix sums the MoE slots at every row count here
@@ -677,19 +678,24 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
         const HcOpInputs in(cuda(), rng, c, T, later);
         for (int op = 0; op < 6; ++op) {
           const std::string what = in.what(op);
-          std::vector<Tensor> got[3];  // two launches; fused, quick hand-over; fused, polled hand-over
-          for (int variant = 0; variant < 3; ++variant) {
+          // two launches; fused, quick hand-over; fused, polled hand-over; fused, two finishers a row
+          constexpr int kVariants = 4;
+          std::vector<Tensor> got[kVariants];
+          for (int variant = 0; variant < kVariants; ++variant) {
             const int fused = variant > 0 ? 1 : 0;
             cuda_hc_force_fused(fused);
-            cuda_hc_force_quick_hand_over(variant == 1 ? 1 : 0);
+            cuda_hc_force_quick_hand_over(variant == 2 ? 0 : 1);
+            cuda_hc_force_row_finishers(variant == 3 ? 2 : 1);
             const int64_t before = cuda_hc_fused_launches();
             got[variant] = in.run(op);
             const int64_t launches = cuda_hc_fused_launches() - before;
             EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
           }
-          for (int variant = 1; variant < 3; ++variant)
+          for (int variant = 1; variant < kVariants; ++variant)
             for (size_t i = 0; i < got[0].size(); ++i) {
-              const std::string form = variant == 1 ? ": fused (quick hand-over)" : ": fused";
+              const std::string form = variant == 1   ? ": fused (quick hand-over)"
+                                       : variant == 2 ? ": fused"
+                                                      : ": fused (two finishers a row)";
               expect_bits_equal(got[variant][i], got[0][i],
                                 (what + " output " + std::to_string(i) + form + " vs two launches").c_str());
             }
@@ -700,17 +706,25 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
 // The fused kernel in a captured graph: launches back to back (one launch's CTAs start
 // while the previous one ends; both use the same counters, after their wait) and with
 // other kernels between, replayed on fresh inputs, give the eager run's bytes; with the
-// quick hand-over (one finisher at 1 row, several at 5 and 16) and without.
+// quick hand-over (one finisher at 1 row, several at 5 and 16) and without, and with two
+// finishers a row.
 TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
-  for (const int quick : {1, 0}) {
-    SCOPED_TRACE(quick ? "quick hand-over" : "polled hand-over");
-    cuda_hc_force_quick_hand_over(quick);
+  struct Form {
+    int quick, finishers;
+    const char* name;
+  };
+  for (const Form form : {Form{1, 1, "quick hand-over"}, Form{0, 1, "polled hand-over"},
+                          Form{1, 2, "quick hand-over, two finishers a row"}}) {
+    SCOPED_TRACE(form.name);
+    cuda_hc_force_quick_hand_over(form.quick);
+    cuda_hc_force_row_finishers(form.finishers);
     Rng rng(217);
     struct Reset {
       ~Reset() {
         cuda_hc_force_fused(-1);
         cuda_hc_force_quick_hand_over(-1);
         cuda_hc_force_cluster(-1);
+        cuda_hc_force_row_finishers(-1);
       }
     } reset;
     cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)

@@ -44,6 +44,7 @@ std::atomic<int64_t> g_row_mix_launches{0};
 std::atomic<int> g_force_hc_fused{-1};
 std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int> g_force_hc_quick{-1};
+std::atomic<int> g_force_hc_row_finishers{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
 std::atomic<int> g_force_hc_cluster{-1};
 std::atomic<int64_t> g_hc_cluster_launches{0};
@@ -1232,16 +1233,21 @@ struct HcFinishSmem {
 struct HcHandOver {
   int* sync = nullptr;  // [done, left]; null: hc_finish_kernel (no hand-over)
   int arrivals = 0;     // the grid's CTAs
-  int finishers = 0;    // rows
+  int finishers = 0;    // rows x parts
+  int parts = 1;        // finishers a row (hc_row_finishers): each forms the row's whole x, stores its part
   bool x_from_mix = false;  // the mix forms X (an hc_post source): read it after the hand-over
   bool quick = true;
 };
 
 // Row t of hc_finish by this CTA's threads (kHcXThreads, + the Sinkhorn warp where !kHead).
 // arrived_last: this CTA's count completed `done` (hc_mix_finish_kernel).
+// part (of hand.parts): which 128-value blocks of x, xn and the codes this CTA stores. Every
+// part forms the whole x, since the norm's sum needs all of it: the same sums in the same
+// order as one finisher, so the same bits; what the parts divide is the norm's pass and the
+// stores. Only part 0's Sinkhorn warp writes post and comb.
 template <int HC, bool kHead, int VEC>
 __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, HcFinishSmem& sm,
-                                              const HcHandOver& hand, bool arrived_last = false) {
+                                              const HcHandOver& hand, bool arrived_last = false, int part = 0) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
   constexpr int kRegs = kHcChunksInRegisters;
   static_assert(kMix < 32 && HC <= 4, "the sums of one slice fit its 32 partials");
@@ -1260,6 +1266,10 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   const bool norm = a.xn != nullptr;
   // Chunk k of this thread in a pass starting at chunk `base`: base + tid + 256 k.
   auto chunk = [&](int base, int k) { return base + tid + kHcXThreads * k; };
+  // Whether this part stores chunk c: parts take whole runs of 16 chunks (a half warp's, one
+  // 128-value block at VEC = 8), so a block's codes and scale come from one CTA.
+  const int parts = hand.parts, runs = (chunks + 15) / 16;
+  auto owned = [&](int c) { return parts == 1 || (c / 16) * parts / runs == part; };
   BfRegs<VEC> wv[kRegs];  // the first pass's norm weights (weights: no kernel writes them)
   if (norm && x_thread) {
 #pragma unroll
@@ -1367,7 +1377,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   DSV4_CTA_PROBE(probe_site, 5, a.base);  // sums
   // The mix's norm factor, formed by each thread that needs it (the same bits).
   if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
-    if constexpr (!kHead) hc_post_comb_warp<HC>(a, t, raw, tid - kHcXThreads);
+    if constexpr (!kHead)
+      if (part == 0) hc_post_comb_warp<HC>(a, t, raw, tid - kHcXThreads);
     return;
   }
   if (tid < HC) pre[tid] = hc_pre_value<HC, kMix>(a, raw, tid);
@@ -1395,7 +1406,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
         const float xv = bf2f(xo[k].get(e));
         ss = fmaf(xv, xv, ss);
       }
-      xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
+      if (owned(c)) xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
     }
   }
   DSV4_CTA_PROBE(probe_site, 6, a.base);  // x_done
@@ -1411,7 +1422,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
 #pragma unroll
     for (int k = 0; k < kRegs; ++k) {
       const int c = chunk(base, k);
-      const bool live = c < chunks;  // one value for each half warp when quant (D % 128 == 0)
+      const bool live = c < chunks && owned(c);  // one value for each half warp when quant (D % 128 == 0)
       if (!live && !quant) continue;
       BfRegs<VEC> o{};
       if (live) {
@@ -1444,15 +1455,15 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
 }
 
 // hc_mix_partial_kernel's tiles and hc_finish_kernel's rows in one launch, up to
-// kHcPostMaxRows rows (one row tile): max(slices, rows) CTAs; CTA b < slices runs the mix
-// of slice b, then every CTA counts itself done (an acquire-release add that also gives
-// its order of arrival), and the last `rows` to arrive run a finish row each, once the
-// count is complete. The same tile and row code as the two launches: the same bits.
+// kHcPostMaxRows rows (one row tile): max(slices, rows x parts) CTAs; CTA b < slices runs
+// the mix of slice b, then every CTA counts itself done (an acquire-release add that also
+// gives its order of arrival), and the last `rows x parts` to arrive run a part of a finish
+// row each (hc_finish_row), once the count is complete. The same tile and row code as the two launches: the same bits.
 // Why: at 1-16 rows the pair is a latency chain, and the boundary between the launches
 // (the mix grid's end, then the finish grid's wait) is one of its links, twice a layer;
 // here the first finishers have their norm weights (and X, without an hc_post source)
 // loaded when the last slice ends. No CTA waits before it is counted, so the count
-// completes whatever order CTAs start in and however few fit at once (more than `rows`),
+// completes whatever order CTAs start in and however few fit at once (more than the finishers),
 // and the counters are used only after the wait for the predecessor, whose launch on
 // them has ended. Why the last arrivals and not CTAs of their own (the first form: slices
 // + rows CTAs by ticket, two an SM): at 96 registers, two CTAs of 288 threads an SM, the
@@ -1491,9 +1502,10 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(cons
   if (threadIdx.x == 0) s_arrival = atom_add_acq_rel_gpu(f.hand.sync, 1);
   __syncthreads();
   DSV4_CTA_PROBE(CtaProbeSite::kHcMixFinish, 2, f.fin.base);  // counted
-  const int row = s_arrival - (f.hand.arrivals - f.hand.finishers);
-  if (row < 0) return;
-  hc_finish_row<HC, kHead, 8>(f.fin, row, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1);
+  const int finisher = s_arrival - (f.hand.arrivals - f.hand.finishers);
+  if (finisher < 0) return;
+  hc_finish_row<HC, kHead, 8>(f.fin, finisher / f.hand.parts, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1,
+                              finisher % f.hand.parts);
 }
 
 // ---- the mix and finish in one cluster (1-2 rows) -------------------------------
@@ -2226,6 +2238,17 @@ bool hc_quick_hand_over() {
   return forced_or(g_force_hc_quick, from_env);
 }
 
+// Finishers a row in the fused launch (HcHandOver::parts): DSV4_CUDA_HC_ROW_FINISHERS=1|2
+// (default 1); a test hook may force it. Same bits either way. Why two might pay at 1-2 rows:
+// in the CTA probe (eighty-second session, H100) the one finisher took ~3.2 µs from the
+// norm's factor to its last code, for two chunks a thread; with two finishers each thread
+// has one. The cost: the second finisher is an earlier arrival, so it polls for the count.
+int hc_row_finishers() {
+  static const int from_env = int(env_integer("DSV4_CUDA_HC_ROW_FINISHERS", 1, 1, 2));
+  const int forced = g_force_hc_row_finishers.load(std::memory_order_relaxed);
+  return forced >= 1 ? forced : from_env;
+}
+
 // The mix and finish by one cluster (hc_mix_finish_cluster_kernel) where it applies: up to
 // DSV4_CUDA_HC_CLUSTER_ROWS rows (default 0: never, measured slower; at most 2), hc <= 4, D a multiple of
 // 2048 up to 4096, 16-byte rows, and a cluster of kHcClusterCtas that fits the GPU (checked
@@ -2295,14 +2318,16 @@ bool launch_hc_cluster_rows(CudaBackend& be, const HcFusedArgs& f, unsigned thre
 
 // The fused kernel's counters [done, left], zeroed when allocated; every launch leaves
 // them zeroed.
-HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, bool x_from_mix) {
+HcHandOver hc_hand_over(CudaBackend& be, int64_t grid, int64_t rows, int parts, bool x_from_mix) {
+  DSV4_CHECK(grid >= rows * parts, "hc: a fused launch of {} CTAs for {} rows x {} finishers", grid, rows, parts);
   bool fresh = false;
   int* sync = static_cast<int*>(be.scratch("hc_hand_over", 2 * sizeof(int), &fresh));
   if (fresh) DSV4_CUDA_CHECK(cudaMemsetAsync(sync, 0, 2 * sizeof(int), be.stream()));
   HcHandOver h;
   h.sync = sync;
   h.arrivals = int(grid);
-  h.finishers = int(rows);
+  h.finishers = int(rows) * parts;
+  h.parts = parts;
   h.x_from_mix = x_from_mix;
   h.quick = hc_quick_hand_over();
   return h;
@@ -2362,9 +2387,10 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       if (launched) continue;
     }
     if (hc_fused(rows, v8, aligned16(w.fn.data()), slices)) {
-      const int64_t grid = std::max(slices, rows);
+      const int parts = hc_row_finishers();
+      const int64_t grid = std::max(slices, rows * parts);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
-                    hc_hand_over(be, grid, rows, src != nullptr), int(slices)};
+                    hc_hand_over(be, grid, rows, parts, src != nullptr), int(slices)};
       auto launch = [&](auto kernel) { kernel<<<unsigned(grid), threads, 0, be.stream()>>>(f); };
       if (!src)
         launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
@@ -2657,6 +2683,7 @@ void cuda_hc_force_cluster(int on) { g_force_hc_cluster.store(on, std::memory_or
 int64_t cuda_hc_cluster_launches() { return g_hc_cluster_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
 void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
+void cuda_hc_force_row_finishers(int n) { g_force_hc_row_finishers.store(n, std::memory_order_relaxed); }
 void cuda_hc_force_post_slots(int on) { g_force_hc_post_slots.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_post_slots_launches() { return g_hc_post_slots_launches.load(std::memory_order_relaxed); }
 void cuda_force_norm_early(int on) { g_force_norm_early.store(on, std::memory_order_relaxed); }
