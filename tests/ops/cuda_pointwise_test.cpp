@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
@@ -674,22 +675,26 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
   cuda_hc_force_cluster(0);     // (HcClusterMixFinishEqualsFusedBitForBit holds the cluster form against this one)
   for (HcCase c : {HcCase{4, 4096, 20}, HcCase{2, 256, 20}, HcCase{4, 256, 1}, HcCase{1, 128, 20}})
     for (const bool later : {false, true})
-      for (int64_t T : {1, 3, 8, 9, 16, 17}) {
+      for (int64_t T : {1, 2, 3, 8, 9, 16, 17}) {
         const HcOpInputs in(cuda(), rng, c, T, later);
         for (int op = 0; op < 6; ++op) {
           const std::string what = in.what(op);
-          // two launches; fused, quick hand-over; fused, polled hand-over; fused, two finishers a row
+          // two launches; fused, quick hand-over, finishers by the rule (two at 2 rows); fused, polled
+          // hand-over, one finisher a row; fused, two finishers a row
           constexpr int kVariants = 4;
           std::vector<Tensor> got[kVariants];
           for (int variant = 0; variant < kVariants; ++variant) {
             const int fused = variant > 0 ? 1 : 0;
             cuda_hc_force_fused(fused);
             cuda_hc_force_quick_hand_over(variant == 2 ? 0 : 1);
-            cuda_hc_force_row_finishers(variant == 3 ? 2 : 1);
-            const int64_t before = cuda_hc_fused_launches();
+            cuda_hc_force_row_finishers(variant == 1 ? -1 : variant == 3 ? 2 : 1);
+            const int64_t before = cuda_hc_fused_launches(), two_before = cuda_hc_two_finisher_launches();
             got[variant] = in.run(op);
             const int64_t launches = cuda_hc_fused_launches() - before;
             EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
+            if (!std::getenv("DSV4_CUDA_HC_ROW_FINISHERS"))
+              EXPECT_EQ(cuda_hc_two_finisher_launches() - two_before, launches == 1 && (variant == 3 || T == 2) ? 1 : 0)
+                  << "two-finisher launches, " << what;
           }
           for (int variant = 1; variant < kVariants; ++variant)
             for (size_t i = 0; i < got[0].size(); ++i) {

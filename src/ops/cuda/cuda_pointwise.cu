@@ -46,6 +46,7 @@ std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int> g_force_hc_quick{-1};
 std::atomic<int> g_force_hc_row_finishers{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
+std::atomic<int64_t> g_hc_two_finisher_launches{0};
 std::atomic<int> g_force_hc_cluster{-1};
 std::atomic<int64_t> g_hc_cluster_launches{0};
 std::atomic<int> g_force_hc_post_slots{-1};
@@ -2238,15 +2239,19 @@ bool hc_quick_hand_over() {
   return forced_or(g_force_hc_quick, from_env);
 }
 
-// Finishers a row in the fused launch (HcHandOver::parts): DSV4_CUDA_HC_ROW_FINISHERS=1|2
-// (default 1); a test hook may force it. Same bits either way. Why two might pay at 1-2 rows:
-// in the CTA probe (eighty-second session, H100) the one finisher took ~3.2 µs from the
-// norm's factor to its last code, for two chunks a thread; with two finishers each thread
-// has one. The cost: the second finisher is an earlier arrival, so it polls for the count.
-int hc_row_finishers() {
-  static const int from_env = int(env_integer("DSV4_CUDA_HC_ROW_FINISHERS", 1, 1, 2));
+// Finishers a row in the fused launch (HcHandOver::parts): two at 2 rows, one elsewhere;
+// DSV4_CUDA_HC_ROW_FINISHERS=1|2 sets it at every row count (A/B runs), and a test hook may
+// force it. Same bits either way. Why two: in the CTA probe (eighty-second session, H100)
+// the one finisher took ~3.2 µs from the norm's factor to its last code, for two chunks a
+// thread; with two finishers each thread has one. The cost: the second finisher is an
+// earlier arrival, so it polls for the count. Measured (H100, bench-1g, 3 rounds; the
+// eighty-fourth session): -0.7% a step at 2 rows (apart), 0.0% at 1, -0.1% at 4.
+int hc_row_finishers(int64_t rows) {
+  static const int from_env = int(env_integer("DSV4_CUDA_HC_ROW_FINISHERS", 0, 0, 2));
   const int forced = g_force_hc_row_finishers.load(std::memory_order_relaxed);
-  return forced >= 1 ? forced : from_env;
+  if (forced >= 1) return forced;
+  if (from_env >= 1) return from_env;
+  return rows == 2 ? 2 : 1;
 }
 
 // The mix and finish by one cluster (hc_mix_finish_cluster_kernel) where it applies: up to
@@ -2387,7 +2392,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       if (launched) continue;
     }
     if (hc_fused(rows, v8, aligned16(w.fn.data()), slices)) {
-      const int parts = hc_row_finishers();
+      const int parts = hc_row_finishers(rows);
       const int64_t grid = std::max(slices, rows * parts);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
                     hc_hand_over(be, grid, rows, parts, src != nullptr), int(slices)};
@@ -2402,6 +2407,7 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       }
       check_launch(be.stream());
       g_hc_fused_launches.fetch_add(1, std::memory_order_relaxed);
+      if (parts == 2) g_hc_two_finisher_launches.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
     if (src) {
@@ -2679,6 +2685,7 @@ int64_t cuda_hc_row_mix_launches() { return g_row_mix_launches.load(std::memory_
 void cuda_hc_force_row_split(int parts) { g_force_row_split.store(parts, std::memory_order_relaxed); }
 void cuda_hc_force_fused(int on) { g_force_hc_fused.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_fused_launches() { return g_hc_fused_launches.load(std::memory_order_relaxed); }
+int64_t cuda_hc_two_finisher_launches() { return g_hc_two_finisher_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_cluster(int on) { g_force_hc_cluster.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_cluster_launches() { return g_hc_cluster_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }

@@ -164,8 +164,11 @@ int64_t cuda_hc_cluster_launches();
 void cuda_hc_force_slot_rows(int rows);
 // -1 the environment's choice, 0 / 1 HcHandOver::quick off / on.
 void cuda_hc_force_quick_hand_over(int on);
-// -1 the environment's choice, 1 / 2 finishers a row in the fused mHC launch (HcHandOver::parts).
+// -1 the environment's choice (or the rule by rows), 1 / 2 finishers a row in the fused mHC launch
+// (HcHandOver::parts).
 void cuda_hc_force_row_finishers(int n);
+// How many fused mHC launches took two finishers a row.
+int64_t cuda_hc_two_finisher_launches();
 // -1 the environment's choice, 0 / 1 hc_post_slots_kernel off / on; how many launches took it.
 void cuda_hc_force_post_slots(int on);
 int64_t cuda_hc_post_slots_launches();
