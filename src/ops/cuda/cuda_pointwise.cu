@@ -1459,17 +1459,17 @@ __global__ void __launch_bounds__(kHcXThreads + 32, 2) hc_finish_kernel(HcFinish
 // kHcPostMaxRows rows (one row tile): max(slices, rows x parts) CTAs; CTA b < slices runs
 // the mix of slice b, then every CTA counts itself done (an acquire-release add that also
 // gives its order of arrival), and the last `rows x parts` to arrive run a part of a finish
-// row each (hc_finish_row), once the count is complete. The same tile and row code as the two launches: the same bits.
-// Why: at 1-16 rows the pair is a latency chain, and the boundary between the launches
-// (the mix grid's end, then the finish grid's wait) is one of its links, twice a layer;
-// here the first finishers have their norm weights (and X, without an hc_post source)
-// loaded when the last slice ends. No CTA waits before it is counted, so the count
-// completes whatever order CTAs start in and however few fit at once (more than the finishers),
-// and the counters are used only after the wait for the predecessor, whose launch on
-// them has ended. Why the last arrivals and not CTAs of their own (the first form: slices
-// + rows CTAs by ticket, two an SM): at 96 registers, two CTAs of 288 threads an SM, the
-// 16-row tile took ~4 µs longer than alone at 122; here one CTA an SM, as many registers
-// as the tile takes.
+// row each (hc_finish_row), once the count is complete. The same tile and row code as the
+// two launches: the same bits. Why: at 1-16 rows the pair is a latency chain, and the
+// boundary between the launches (the mix grid's end, then the finish grid's wait) is one
+// of its links, twice a layer; here the first finishers have their norm weights (and X,
+// without an hc_post source) loaded when the last slice ends. No CTA waits before it is
+// counted, so the count completes whatever order CTAs start in and however few fit at once
+// (more than the finishers, which hold their SMs while they poll), and the counters are
+// used only after the wait for the predecessor, whose launch on them has ended. Why the
+// last arrivals and not CTAs of their own (the first form: slices + rows CTAs by ticket,
+// two an SM): at 96 registers, two CTAs of 288 threads an SM, the 16-row tile took ~4 µs
+// longer than alone at 122; here one CTA an SM, as many registers as the tile takes.
 struct HcFusedArgs {
   const uint16_t* X;
   const float* fn;
