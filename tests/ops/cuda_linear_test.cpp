@@ -467,6 +467,20 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
       same(comb, scomb, "hc_pre_norm_linear_pair comb");
       same(ya, sya, "hc_pre_norm_linear_pair ya");
       same(yb, syb, "hc_pre_norm_linear_pair yb");
+      // The same with the fused mHC launch's finish helpers (one finisher a row, 2048 < K <= 4096): the second
+      // chunk's xn and codes, which ya and yb read, by the helpers.
+      struct Restore {
+        ~Restore() { ops::cuda_hc_force_finish_helpers(-1); }
+      } restore;
+      ops::cuda_hc_force_finish_helpers(1);
+      env.cuda.hc_pre_norm_linear_pair(dX, dhw, cfg, dnorm, 1e-6f, hx, xn, post, comb, da, ya, db, yb);
+      ops::cuda_hc_force_finish_helpers(-1);
+      same(hx, shx, "hc_pre_norm_linear_pair x (finish helpers)");
+      same(xn, sxn, "hc_pre_norm_linear_pair xn (finish helpers)");
+      same(post, spost, "hc_pre_norm_linear_pair post (finish helpers)");
+      same(comb, scomb, "hc_pre_norm_linear_pair comb (finish helpers)");
+      same(ya, sya, "hc_pre_norm_linear_pair ya (finish helpers)");
+      same(yb, syb, "hc_pre_norm_linear_pair yb (finish helpers)");
     }
   }
 }
