@@ -1266,8 +1266,9 @@ struct HcHandOver {
 // xn and codes, from its x and the norm factor that warps 0-7 hand over in shared memory.
 // Warps 0-7 still form all of x and its sum in rms_norm_row's order, so the bits are the
 // same; what moves is half of the norm's pass and of the stores, as with two parts, but
-// within the CTA: no second finisher polls for the count.
-template <int HC, bool kHead, int VEC>
+// within the CTA: no second finisher polls for the count. kHelpers: the instantiation that
+// can have them (the others compile as before the helpers came).
+template <int HC, bool kHead, int VEC, bool kHelpers = false>
 __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, HcFinishSmem& sm,
                                               const HcHandOver& hand, bool arrived_last = false, int part = 0) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
@@ -1295,7 +1296,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   constexpr int kPass = kHcXThreads * kRegs;
   constexpr int kHelperBase = kHead ? kHcXThreads : kHcXThreads + 32;
   // (uniform over the CTA; the host launches helpers only where they apply, this keeps them idle elsewhere)
-  const bool helping = VEC == 8 && hand.helpers && parts == 1 && norm && chunks > kHcXThreads && chunks <= kPass;
+  const bool helping =
+      kHelpers && VEC == 8 && hand.helpers && parts == 1 && norm && chunks > kHcXThreads && chunks <= kPass;
   const int helper = tid - kHelperBase;  // >= 0: a helper thread; its chunk is kHcXThreads + helper
   BfRegs<VEC> wh;                        // a helper's norm weights
   if (helping && helper >= 0 && kHcXThreads + helper < chunks)
@@ -1407,8 +1409,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   DSV4_CTA_PROBE(probe_site, 5, a.base);  // sums
   // The mix's norm factor, formed by each thread that needs it (the same bits).
   if (!x_thread) {
-    if (helper >= 0) {  // the helpers: chunk kHcXThreads + helper, once warps 0-7 hand it over
-      if constexpr (VEC == 8) {
+    if (kHelpers && helper >= 0) {  // the helpers: chunk kHcXThreads + helper, once warps 0-7 hand it over
+      if constexpr (kHelpers && VEC == 8) {
         if (!helping) return;
         helpers_handover_wait();
         const int c = kHcXThreads + helper;
@@ -1545,8 +1547,9 @@ struct HcFusedArgs {
   int slices;
 };
 
-template <int HC, bool kHead, int kPostHc, int kPostRows>
-__global__ void __launch_bounds__(2 * kHcXThreads + 32, 1) hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
+template <int HC, bool kHead, int kPostHc, int kPostRows, bool kHelpers = false>
+__global__ void __launch_bounds__(kHcXThreads + 32 + (kHelpers ? kHcXThreads : 0), 1)
+    hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
   __shared__ __align__(16) union {
     HcMixTileSmem<4> mix;
     HcFinishSmem fin;
@@ -1568,8 +1571,9 @@ __global__ void __launch_bounds__(2 * kHcXThreads + 32, 1) hc_mix_finish_kernel(
   DSV4_CTA_PROBE(CtaProbeSite::kHcMixFinish, 2, f.fin.base);  // counted
   const int finisher = s_arrival - (f.hand.arrivals - f.hand.finishers);
   if (finisher < 0) return;
-  hc_finish_row<HC, kHead, 8>(f.fin, finisher / f.hand.parts, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1,
-                              finisher % f.hand.parts);
+  const bool arrived_last = s_arrival == f.hand.arrivals - 1;
+  hc_finish_row<HC, kHead, 8, kHelpers>(f.fin, finisher / f.hand.parts, sm.fin, f.hand, arrived_last,
+                                        finisher % f.hand.parts);
 }
 
 // ---- the mix and finish in one cluster (1-2 rows) -------------------------------
@@ -2471,15 +2475,23 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       const int parts = hc_row_finishers(rows);
       const int64_t grid = std::max(slices, rows * parts);
       HcHandOver hand = hc_hand_over(be, grid, rows, parts, src != nullptr);
-      hand.helpers = hc_finish_helpers(parts, D, a.xn != nullptr);
+      hand.helpers = !kHead && hc_finish_helpers(parts, D, a.xn != nullptr);
       const unsigned fused_threads = threads + (hand.helpers ? unsigned(kHcXThreads) : 0u);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a, hand, int(slices)};
       auto launch = [&](auto kernel) { kernel<<<unsigned(grid), fused_threads, 0, be.stream()>>>(f); };
-      if (!src)
-        launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
-      else if constexpr (!kHead) {
-        if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8>);
-        else launch(hc_mix_finish_kernel<HC, false, HC, 16>);
+      if (!src) {
+        if constexpr (!kHead)
+          if (hand.helpers) launch(hc_mix_finish_kernel<HC, false, 0, 8, true>);
+        if (!hand.helpers) launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
+      } else if constexpr (!kHead) {
+        if (hand.helpers) {
+          if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8, true>);
+          else launch(hc_mix_finish_kernel<HC, false, HC, 16, true>);
+        } else if (rows <= 8) {
+          launch(hc_mix_finish_kernel<HC, false, HC, 8>);
+        } else {
+          launch(hc_mix_finish_kernel<HC, false, HC, 16>);
+        }
       } else {
         core::fail("hc_head: no hc_post source is taken");
       }
