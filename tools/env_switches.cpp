@@ -115,7 +115,7 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_HC_QUICK_HAND_OVER", kCuda, kOnOff, "1", "0: the fused mHC launch's last arrival polls as the others"},
     {"DSV4_CUDA_HC_ROW_FINISHERS", kCuda, integers(0, 2), "0 (two at 2 rows, else one)",
      "CTAs that finish a row of the fused mHC launch, each storing its half of x, the norm and the codes "
-     "(1 or 2: at every row count)"},
+     "(1 or 2: at every row count)", true},
     {"DSV4_CUDA_HC_FINISH_HELPERS", kCuda, kOnOff, "0",
      "1: 256 more threads a CTA of the fused mHC launch take half a one-finisher row's norm and codes "
      "(2048 < D <= 4096; a diagnostic, not yet measured)"},

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
@@ -1295,9 +1296,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   auto owned = [&](int c) { return parts == 1 || (c / 16) * parts / runs == part; };
   constexpr int kPass = kHcXThreads * kRegs;
   constexpr int kHelperBase = kHead ? kHcXThreads : kHcXThreads + 32;
-  // (uniform over the CTA; the host launches helpers only where they apply, this keeps them idle elsewhere)
-  const bool helping =
-      kHelpers && VEC == 8 && hand.helpers && parts == 1 && norm && chunks > kHcXThreads && chunks <= kPass;
+  // (uniform over the CTA; the host sets helpers only where they apply: hc_finish_helpers)
+  const bool helping = kHelpers && VEC == 8 && hand.helpers;
   const int helper = tid - kHelperBase;  // >= 0: a helper thread; its chunk is kHcXThreads + helper
   BfRegs<VEC> wh;                        // a helper's norm weights
   if (helping && helper >= 0 && kHcXThreads + helper < chunks)
@@ -1411,7 +1411,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   if (!x_thread) {
     if (kHelpers && helper >= 0) {  // the helpers: chunk kHcXThreads + helper, once warps 0-7 hand it over
       if constexpr (kHelpers && VEC == 8) {
-        if (!helping) return;
+        if (!helping) return;  // (no x warp arrives)
         helpers_handover_wait();
         const int c = kHcXThreads + helper;
         const bool live = c < chunks;  // (one value for each half warp: chunks % 16 == 0 where quant)
@@ -2479,21 +2479,23 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
       const unsigned fused_threads = threads + (hand.helpers ? unsigned(kHcXThreads) : 0u);
       HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a, hand, int(slices)};
       auto launch = [&](auto kernel) { kernel<<<unsigned(grid), fused_threads, 0, be.stream()>>>(f); };
-      if (!src) {
-        if constexpr (!kHead)
-          if (hand.helpers) launch(hc_mix_finish_kernel<HC, false, 0, 8, true>);
-        if (!hand.helpers) launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
-      } else if constexpr (!kHead) {
-        if (hand.helpers) {
-          if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8, true>);
-          else launch(hc_mix_finish_kernel<HC, false, HC, 16, true>);
-        } else if (rows <= 8) {
-          launch(hc_mix_finish_kernel<HC, false, HC, 8>);
+      // kH: the helpers' instantiation (never hc_head's, which has no norm).
+      auto launch_form = [&](auto helpers) {
+        constexpr bool kH = decltype(helpers)::value;
+        if (!src)
+          launch(hc_mix_finish_kernel<HC, kHead, 0, 8, kH>);
+        else if constexpr (!kHead) {
+          if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8, kH>);
+          else launch(hc_mix_finish_kernel<HC, false, HC, 16, kH>);
         } else {
-          launch(hc_mix_finish_kernel<HC, false, HC, 16>);
+          core::fail("hc_head: no hc_post source is taken");
         }
+      };
+      if constexpr (!kHead) {
+        if (hand.helpers) launch_form(std::true_type{});
+        else launch_form(std::false_type{});
       } else {
-        core::fail("hc_head: no hc_post source is taken");
+        launch_form(std::false_type{});
       }
       check_launch(be.stream());
       g_hc_fused_launches.fetch_add(1, std::memory_order_relaxed);
