@@ -116,9 +116,6 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_HC_ROW_FINISHERS", kCuda, integers(0, 2), "0 (two at 2 rows, else one)",
      "CTAs that finish a row of the fused mHC launch, each storing its half of x, the norm and the codes "
      "(1 or 2: at every row count)", true},
-    {"DSV4_CUDA_HC_FINISH_HELPERS", kCuda, kOnOff, "0",
-     "1: 256 more threads a CTA of the fused mHC launch take half a one-finisher row's norm and codes "
-     "(2048 < D <= 4096; a diagnostic, not yet measured)"},
     {"DSV4_CUDA_HC_SLOT_ROWS", kCuda, integers(0, 16), "16",
      "the rows up to which the mHC mix sums the MoE slots itself (else moe_reduce first)", true},
     {"DSV4_CUDA_HC_POST_SLOTS", kCuda, kOnOff, "1", "0: beyond 16 rows moe_reduce and hc_post as two launches"},

@@ -458,24 +458,15 @@ TEST_P(CudaLinear, NormLinearOpsEqualTheirPartsBitForBit) {
              comb = poisoned(DType::kF32, {M, hc, hc});
       Tensor shx = poisoned(DType::kBF16, {M, c.k}), spost = poisoned(DType::kF32, {M, hc}),
              scomb = poisoned(DType::kF32, {M, hc, hc});
+      env.cuda.hc_pre_norm_linear_pair(dX, dhw, cfg, dnorm, 1e-6f, hx, xn, post, comb, da, ya, db, yb);
       env.cuda.hc_pre_norm(dX, dhw, cfg, dnorm, 1e-6f, shx, sxn, spost, scomb);
       env.cuda.linear_pair(sxn, da, sya, db, syb);
-      // As is, then with the fused mHC launch's finish helpers (one finisher a row, 2048 < K <= 4096: the second
-      // chunk's xn and codes, which ya and yb read, by the helpers).
-      struct Restore {
-        ~Restore() { ops::cuda_hc_force_finish_helpers(-1); }
-      } restore;
-      for (const int helpers : {-1, 1}) {
-        ops::cuda_hc_force_finish_helpers(helpers);
-        env.cuda.hc_pre_norm_linear_pair(dX, dhw, cfg, dnorm, 1e-6f, hx, xn, post, comb, da, ya, db, yb);
-        const std::string op = helpers == 1 ? "hc_pre_norm_linear_pair (finish helpers) " : "hc_pre_norm_linear_pair ";
-        same(hx, shx, op + "x");
-        same(xn, sxn, op + "xn");
-        same(post, spost, op + "post");
-        same(comb, scomb, op + "comb");
-        same(ya, sya, op + "ya");
-        same(yb, syb, op + "yb");
-      }
+      same(hx, shx, "hc_pre_norm_linear_pair x");
+      same(xn, sxn, "hc_pre_norm_linear_pair xn");
+      same(post, spost, "hc_pre_norm_linear_pair post");
+      same(comb, scomb, "hc_pre_norm_linear_pair comb");
+      same(ya, sya, "hc_pre_norm_linear_pair ya");
+      same(yb, syb, "hc_pre_norm_linear_pair yb");
     }
   }
 }

@@ -659,9 +659,7 @@ struct HcGraphChain {
 // hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
 // too, the slots summed by the mix at every row count), with the Sinkhorn in the op and
 // left for later, at 1 to 16 rows and at 17 (the two launches on both sides), with the
-// quick hand-over and without, with one finisher a row, two, and the rule (two at 2 rows),
-// and with the finish helpers; and how many launches took the fused kernel, two finishers
-// and the helpers.
+// quick hand-over and without; and how many launches took the fused kernel.
 TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
   Rng rng(216);
   struct Reset {
@@ -671,7 +669,6 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
       cuda_hc_force_quick_hand_over(-1);
       cuda_hc_force_cluster(-1);
       cuda_hc_force_row_finishers(-1);
-      cuda_hc_force_finish_helpers(-1);
     }
   } reset;
   cuda_hc_force_slot_rows(16);  // the mix sums the MoE slots at every row count here
@@ -683,17 +680,15 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
         for (int op = 0; op < 6; ++op) {
           const std::string what = in.what(op);
           // two launches; fused, quick hand-over, finishers by the rule (two at 2 rows); fused, polled
-          // hand-over, one finisher a row; fused, two finishers a row; fused, one finisher and its helpers
-          constexpr int kVariants = 5;
+          // hand-over, one finisher a row; fused, two finishers a row
+          constexpr int kVariants = 4;
           std::vector<Tensor> got[kVariants];
           for (int variant = 0; variant < kVariants; ++variant) {
             const int fused = variant > 0 ? 1 : 0;
             cuda_hc_force_fused(fused);
             cuda_hc_force_quick_hand_over(variant == 2 ? 0 : 1);
             cuda_hc_force_row_finishers(variant == 1 ? -1 : variant == 3 ? 2 : 1);
-            cuda_hc_force_finish_helpers(variant == 4 ? 1 : 0);
-            const int64_t before = cuda_hc_fused_launches(), two_before = cuda_hc_two_finisher_launches(),
-                          helpers_before = cuda_hc_helper_launches();
+            const int64_t before = cuda_hc_fused_launches(), two_before = cuda_hc_two_finisher_launches();
             got[variant] = in.run(op);
             const int64_t launches = cuda_hc_fused_launches() - before;
             EXPECT_EQ(launches, fused == 1 && T <= 16 ? 1 : 0) << "fused launches, " << what;
@@ -701,17 +696,12 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
             if (!std::getenv("DSV4_CUDA_HC_ROW_FINISHERS"))
               EXPECT_EQ(cuda_hc_two_finisher_launches() - two_before, launches == 1 && two_finishers ? 1 : 0)
                   << "two-finisher launches, " << what;
-            // (helpers: a norm, 256 < D / 8 <= 512)
-            const bool helpers = variant == 4 && (op == 1 || op >= 3) && c.D / 8 > 256 && c.D / 8 <= 512;
-            EXPECT_EQ(cuda_hc_helper_launches() - helpers_before, launches == 1 && helpers ? 1 : 0)
-                << "launches with finish helpers, " << what;
           }
           for (int variant = 1; variant < kVariants; ++variant)
             for (size_t i = 0; i < got[0].size(); ++i) {
               const std::string form = variant == 1   ? ": fused (quick hand-over)"
                                        : variant == 2 ? ": fused"
-                                       : variant == 3 ? ": fused (two finishers a row)"
-                                                      : ": fused (finish helpers)";
+                                                      : ": fused (two finishers a row)";
               expect_bits_equal(got[variant][i], got[0][i],
                                 (what + " output " + std::to_string(i) + form + " vs two launches").c_str());
             }
@@ -722,20 +712,18 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
 // The fused kernel in a captured graph: launches back to back (one launch's CTAs start
 // while the previous one ends; both use the same counters, after their wait) and with
 // other kernels between, replayed on fresh inputs, give the eager run's bytes; with the
-// quick hand-over (one finisher at 1 row, several at 5 and 16) and without, with two
-// finishers a row, and with the finish helpers.
+// quick hand-over (one finisher at 1 row, several at 5 and 16) and without, and with two
+// finishers a row.
 TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
   struct Form {
-    int quick, finishers, helpers;
+    int quick, finishers;
     const char* name;
   };
-  for (const Form form : {Form{1, 1, 0, "quick hand-over"}, Form{0, 1, 0, "polled hand-over"},
-                          Form{1, 2, 0, "quick hand-over, two finishers a row"},
-                          Form{1, 1, 1, "quick hand-over, finish helpers"}}) {
+  for (const Form form : {Form{1, 1, "quick hand-over"}, Form{0, 1, "polled hand-over"},
+                          Form{1, 2, "quick hand-over, two finishers a row"}}) {
     SCOPED_TRACE(form.name);
     cuda_hc_force_quick_hand_over(form.quick);
     cuda_hc_force_row_finishers(form.finishers);
-    cuda_hc_force_finish_helpers(form.helpers);
     Rng rng(217);
     struct Reset {
       ~Reset() {
@@ -743,7 +731,6 @@ TEST_F(CudaPointwise, HcFusedMixFinishGraphReplayEqualsEager) {
         cuda_hc_force_quick_hand_over(-1);
         cuda_hc_force_cluster(-1);
         cuda_hc_force_row_finishers(-1);
-        cuda_hc_force_finish_helpers(-1);
       }
     } reset;
     cuda_hc_force_fused(1);  // (the rule takes it up to 8 rows; here every launch, 16 rows included)

@@ -17,7 +17,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
@@ -46,8 +45,6 @@ std::atomic<int> g_force_hc_fused{-1};
 std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int> g_force_hc_quick{-1};
 std::atomic<int> g_force_hc_row_finishers{-1};
-std::atomic<int> g_force_hc_finish_helpers{-1};
-std::atomic<int64_t> g_hc_helper_launches{0};
 std::atomic<int64_t> g_hc_fused_launches{0};
 std::atomic<int64_t> g_hc_two_finisher_launches{0};
 std::atomic<int> g_force_hc_cluster{-1};
@@ -1202,15 +1199,6 @@ struct BfRegs {
 
 // A barrier of warps 0-7 only (named barrier 1), while warp 8 runs the Sinkhorn.
 __device__ __forceinline__ void x_warps_barrier() { asm volatile("bar.sync 1, %0;" ::"n"(kHcXThreads) : "memory"); }
-// The hand-over from warps 0-7 to the finish helpers (HcHandOver::helpers): the x warps
-// arrive (no wait) once their second chunk's x and the norm factor are in shared memory;
-// the helpers wait there. Named barrier 2, both groups' 512 threads.
-__device__ __forceinline__ void helpers_handover_arrive() {
-  asm volatile("bar.arrive 2, %0;" ::"n"(2 * kHcXThreads) : "memory");
-}
-__device__ __forceinline__ void helpers_handover_wait() {
-  asm volatile("bar.sync 2, %0;" ::"n"(2 * kHcXThreads) : "memory");
-}
 
 // block_sum over warps 0-7 only.
 __device__ __forceinline__ float x_warps_sum(float v, float* red /* [8] */) {
@@ -1225,14 +1213,11 @@ __device__ __forceinline__ float x_warps_sum(float v, float* red /* [8] */) {
 }
 
 struct HcFinishSmem {
-  float4 staged[kHcMaxStagedSlices * 8];  // (then, with helpers, the second chunks' x: uint4 a thread)
+  float4 staged[kHcMaxStagedSlices * 8];
   float raw[32];
   float pre[4];
   float red[kHcXThreads / 32];
-  float norm_factor;  // (for the helpers)
 };
-static_assert(sizeof(float4) * kHcMaxStagedSlices * 8 >= sizeof(uint4) * kHcXThreads,
-              "the helpers' x hand-over fits the staging");
 
 // hc_mix_finish_kernel's hand-over: every CTA counts itself into `done` once its slice
 // (if any) is stored; the last `finishers` to do so run a finish row each, once `done`
@@ -1251,7 +1236,6 @@ struct HcHandOver {
   int arrivals = 0;     // the grid's CTAs
   int finishers = 0;    // rows x parts
   int parts = 1;        // finishers a row (hc_row_finishers): each forms the row's whole x, stores its part
-  bool helpers = false;  // the launch has kHcXThreads more threads a CTA: a finisher's helpers (hc_finish_helpers)
   bool x_from_mix = false;  // the mix forms X (an hc_post source): read it after the hand-over
   bool quick = true;
 };
@@ -1262,14 +1246,7 @@ struct HcHandOver {
 // part forms the whole x, since the norm's sum needs all of it: the same sums in the same
 // order as one finisher, so the same bits; what the parts divide is the norm's pass and the
 // stores. Only part 0's Sinkhorn warp writes post and comb.
-// Helpers (hand.helpers: kHcXThreads more threads, after the Sinkhorn warp): where the row
-// is one pass of more than 256 chunks with a norm, helper h takes chunk 256 + h's x store,
-// xn and codes, from its x and the norm factor that warps 0-7 hand over in shared memory.
-// Warps 0-7 still form all of x and its sum in rms_norm_row's order, so the bits are the
-// same; what moves is half of the norm's pass and of the stores, as with two parts, but
-// within the CTA: no second finisher polls for the count. kHelpers: the instantiation that
-// can have them (the others compile as before the helpers came).
-template <int HC, bool kHead, int VEC, bool kHelpers = false>
+template <int HC, bool kHead, int VEC>
 __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, HcFinishSmem& sm,
                                               const HcHandOver& hand, bool arrived_last = false, int part = 0) {
   constexpr int kMix = kHead ? HC : (2 + HC) * HC;
@@ -1294,14 +1271,6 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   // 128-value block at VEC = 8), so a block's codes and scale come from one CTA.
   const int parts = hand.parts, runs = (chunks + 15) / 16;
   auto owned = [&](int c) { return parts == 1 || (c / 16) * parts / runs == part; };
-  constexpr int kPass = kHcXThreads * kRegs;
-  constexpr int kHelperBase = kHead ? kHcXThreads : kHcXThreads + 32;
-  // (uniform over the CTA; the host sets helpers only where they apply: hc_finish_helpers)
-  const bool helping = kHelpers && VEC == 8 && hand.helpers;
-  const int helper = tid - kHelperBase;  // >= 0: a helper thread; its chunk is kHcXThreads + helper
-  BfRegs<VEC> wh;                        // a helper's norm weights
-  if (helping && helper >= 0 && kHcXThreads + helper < chunks)
-    wh.load(a.norm_w + int64_t(kHcXThreads + helper) * VEC);
   BfRegs<VEC> wv[kRegs];  // the first pass's norm weights (weights: no kernel writes them)
   if (norm && x_thread) {
 #pragma unroll
@@ -1408,33 +1377,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   __syncthreads();
   DSV4_CTA_PROBE(probe_site, 5, a.base);  // sums
   // The mix's norm factor, formed by each thread that needs it (the same bits).
-  if (!x_thread) {
-    if (kHelpers && helper >= 0) {  // the helpers: chunk kHcXThreads + helper, once warps 0-7 hand it over
-      if constexpr (kHelpers && VEC == 8) {
-        if (!helping) return;  // (no x warp arrives)
-        helpers_handover_wait();
-        const int c = kHcXThreads + helper;
-        const bool live = c < chunks;  // (one value for each half warp: chunks % 16 == 0 where quant)
-        const float r = sm.norm_factor;
-        const uint4 u = reinterpret_cast<const uint4*>(staged)[helper];
-        BfRegs<8> v, o{};
-        v.w[0] = u.x, v.w[1] = u.y, v.w[2] = u.z, v.w[3] = u.w;
-        if (live) {
-          v.store(a.x + t * a.D + int64_t(c) * 8);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) o.set(e, f2bf(__fmul_rn(bf2f(wh.get(e)), __fmul_rn(bf2f(v.get(e)), r))));
-          o.store(a.xn + t * a.D + int64_t(c) * 8);
-        }
-        if (a.xq != nullptr) {  // all lanes of the warp (quant_chunk8's shuffles)
-          float f[8];
-#pragma unroll
-          for (int e = 0; e < 8; ++e) f[e] = bf2f(o.get(e));
-          quant_chunk8(f, live, c, a.xq + t * a.D, a.xs + t * (a.D / 128));
-        }
-      }
-      return;
-    }
-    // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
+  if (!x_thread) {  // warp 8 (!kHead only): post and the Sinkhorn comb, from here on alone
     if constexpr (!kHead)
       if (part == 0) hc_post_comb_warp<HC>(a, t, raw, tid - kHcXThreads);
     return;
@@ -1446,6 +1389,7 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   float p[HC];
 #pragma unroll
   for (int i = 0; i < HC; ++i) p[i] = pre[i];
+  constexpr int kPass = kHcXThreads * kRegs;
   BfRegs<VEC> xo[kRegs] = {};  // the last pass's x
   float ss = 0.0f;
   for (int base = 0; base < chunks; base += kPass) {
@@ -1463,12 +1407,8 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
         const float xv = bf2f(xo[k].get(e));
         ss = fmaf(xv, xv, ss);
       }
-      if (owned(c) && !(helping && k == 1)) xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
+      if (owned(c)) xo[k].store(a.x + t * a.D + int64_t(c) * VEC);
     }
-  }
-  if (helping) {  // the second chunk's x for its helper (the staging is free since the sums' barrier)
-    if constexpr (VEC == 8)
-      reinterpret_cast<uint4*>(staged)[tid] = make_uint4(xo[1].w[0], xo[1].w[1], xo[1].w[2], xo[1].w[3]);
   }
   DSV4_CTA_PROBE(probe_site, 6, a.base);  // x_done
   if (!norm) return;
@@ -1476,17 +1416,12 @@ __device__ __forceinline__ void hc_finish_row(const HcFinishArgs& a, int64_t t, 
   const float total = x_warps_sum(ss, red);
   DSV4_CTA_PROBE(probe_site, 8, a.base);  // norm_sum (every warp's x done)
   const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, float(a.D)), a.rms_eps)));
-  if (helping) {
-    if (tid == 0) sm.norm_factor = r;
-    helpers_handover_arrive();
-  }
   DSV4_CTA_PROBE(probe_site, 9, a.base);  // norm_factor
   const int last = (chunks - 1) / kPass * kPass;  // the pass whose x is in xo
   const bool quant = VEC == 8 && a.xq != nullptr;
   for (int base = 0; base < chunks; base += kPass) {
 #pragma unroll
     for (int k = 0; k < kRegs; ++k) {
-      if (helping && k == 1) continue;  // (the helpers'; uniform over the CTA)
       const int c = chunk(base, k);
       const bool live = c < chunks && owned(c);  // one value for each half warp when quant (D % 128 == 0)
       if (!live && !quant) continue;
@@ -1547,9 +1482,8 @@ struct HcFusedArgs {
   int slices;
 };
 
-template <int HC, bool kHead, int kPostHc, int kPostRows, bool kHelpers = false>
-__global__ void __launch_bounds__(kHcXThreads + 32 + (kHelpers ? kHcXThreads : 0), 1)
-    hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
+template <int HC, bool kHead, int kPostHc, int kPostRows>
+__global__ void __launch_bounds__(kHcXThreads + 32, 1) hc_mix_finish_kernel(const __grid_constant__ HcFusedArgs f) {
   __shared__ __align__(16) union {
     HcMixTileSmem<4> mix;
     HcFinishSmem fin;
@@ -1571,9 +1505,8 @@ __global__ void __launch_bounds__(kHcXThreads + 32 + (kHelpers ? kHcXThreads : 0
   DSV4_CTA_PROBE(CtaProbeSite::kHcMixFinish, 2, f.fin.base);  // counted
   const int finisher = s_arrival - (f.hand.arrivals - f.hand.finishers);
   if (finisher < 0) return;
-  const bool arrived_last = s_arrival == f.hand.arrivals - 1;
-  hc_finish_row<HC, kHead, 8, kHelpers>(f.fin, finisher / f.hand.parts, sm.fin, f.hand, arrived_last,
-                                        finisher % f.hand.parts);
+  hc_finish_row<HC, kHead, 8>(f.fin, finisher / f.hand.parts, sm.fin, f.hand, s_arrival == f.hand.arrivals - 1,
+                              finisher % f.hand.parts);
 }
 
 // ---- the mix and finish in one cluster (1-2 rows) -------------------------------
@@ -2321,19 +2254,6 @@ int hc_row_finishers(int64_t rows) {
   return rows == 2 ? 2 : 1;
 }
 
-// The finish helpers (HcHandOver::helpers) in the fused launch: DSV4_CUDA_HC_FINISH_HELPERS=1
-// (default 0; a diagnostic, not yet measured), where a row has one finisher and a norm, and
-// is one pass of more than 256 chunks (2048 < D <= 4096). A test hook may force it. Same
-// bits either way. Why: two finishers a row took half the norm's pass off each finisher and
-// gained at 2 rows (-0.7%), not at 1 row, where the second finisher's poll for the count is
-// new (0.0%); the helpers take the same half with no poll, for 256 more threads a CTA.
-bool hc_finish_helpers(int parts, int64_t D, bool norm) {
-  static const bool from_env = env_is("DSV4_CUDA_HC_FINISH_HELPERS", "1");
-  const int64_t chunks = D / 8;
-  return forced_or(g_force_hc_finish_helpers, from_env) && parts == 1 && norm && D % 8 == 0 &&
-         chunks > kHcXThreads && chunks <= kHcXThreads * kHcChunksInRegisters;
-}
-
 // The mix and finish by one cluster (hc_mix_finish_cluster_kernel) where it applies: up to
 // DSV4_CUDA_HC_CLUSTER_ROWS rows (default 0: never, measured slower; at most 2), hc <= 4, D a multiple of
 // 2048 up to 4096, 16-byte rows, and a cluster of kHcClusterCtas that fits the GPU (checked
@@ -2474,33 +2394,20 @@ void hc_launch(CudaBackend& be, const Tensor& X, const HcWeights& w, const HcCon
     if (hc_fused(rows, v8, aligned16(w.fn.data()), slices)) {
       const int parts = hc_row_finishers(rows);
       const int64_t grid = std::max(slices, rows * parts);
-      HcHandOver hand = hc_hand_over(be, grid, rows, parts, src != nullptr);
-      hand.helpers = !kHead && hc_finish_helpers(parts, D, a.xn != nullptr);
-      const unsigned fused_threads = threads + (hand.helpers ? unsigned(kHcXThreads) : 0u);
-      HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a, hand, int(slices)};
-      auto launch = [&](auto kernel) { kernel<<<unsigned(grid), fused_threads, 0, be.stream()>>>(f); };
-      // kH: the helpers' instantiation (never hc_head's, which has no norm).
-      auto launch_form = [&](auto helpers) {
-        constexpr bool kH = decltype(helpers)::value;
-        if (!src)
-          launch(hc_mix_finish_kernel<HC, kHead, 0, 8, kH>);
-        else if constexpr (!kHead) {
-          if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8, kH>);
-          else launch(hc_mix_finish_kernel<HC, false, HC, 16, kH>);
-        } else {
-          core::fail("hc_head: no hc_post source is taken");
-        }
-      };
-      if constexpr (!kHead) {
-        if (hand.helpers) launch_form(std::true_type{});
-        else launch_form(std::false_type{});
+      HcFusedArgs f{Xr, w.fn.as<float>(), rows, n, kMix, partial, src ? *src : HcPostSource{}, a,
+                    hc_hand_over(be, grid, rows, parts, src != nullptr), int(slices)};
+      auto launch = [&](auto kernel) { kernel<<<unsigned(grid), threads, 0, be.stream()>>>(f); };
+      if (!src)
+        launch(hc_mix_finish_kernel<HC, kHead, 0, 8>);
+      else if constexpr (!kHead) {
+        if (rows <= 8) launch(hc_mix_finish_kernel<HC, false, HC, 8>);
+        else launch(hc_mix_finish_kernel<HC, false, HC, 16>);
       } else {
-        launch_form(std::false_type{});
+        core::fail("hc_head: no hc_post source is taken");
       }
       check_launch(be.stream());
       g_hc_fused_launches.fetch_add(1, std::memory_order_relaxed);
       if (parts == 2) g_hc_two_finisher_launches.fetch_add(1, std::memory_order_relaxed);
-      if (hand.helpers) g_hc_helper_launches.fetch_add(1, std::memory_order_relaxed);
       continue;
     }
     if (src) {
@@ -2784,8 +2691,6 @@ int64_t cuda_hc_cluster_launches() { return g_hc_cluster_launches.load(std::memo
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
 void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
 void cuda_hc_force_row_finishers(int n) { g_force_hc_row_finishers.store(n, std::memory_order_relaxed); }
-void cuda_hc_force_finish_helpers(int on) { g_force_hc_finish_helpers.store(on, std::memory_order_relaxed); }
-int64_t cuda_hc_helper_launches() { return g_hc_helper_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_post_slots(int on) { g_force_hc_post_slots.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_post_slots_launches() { return g_hc_post_slots_launches.load(std::memory_order_relaxed); }
 void cuda_force_norm_early(int on) { g_force_norm_early.store(on, std::memory_order_relaxed); }

@@ -169,10 +169,6 @@ void cuda_hc_force_quick_hand_over(int on);
 void cuda_hc_force_row_finishers(int n);
 // How many fused mHC launches took two finishers a row.
 int64_t cuda_hc_two_finisher_launches();
-// -1 the environment's choice, 0 / 1 the fused mHC launch's finish helpers off / on (HcHandOver::helpers,
-// where they apply); how many launches took them.
-void cuda_hc_force_finish_helpers(int on);
-int64_t cuda_hc_helper_launches();
 // -1 the environment's choice, 0 / 1 hc_post_slots_kernel off / on; how many launches took it.
 void cuda_hc_force_post_slots(int on);
 int64_t cuda_hc_post_slots_launches();
