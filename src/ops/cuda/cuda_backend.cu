@@ -399,8 +399,8 @@ int count_joins(const GraphEdges& e) {
 // +0.0 / -1.4 / -0.3 / +0.4% at 1 / 2 / 8 / 16 rows (join +1.5% at 1 row against the rule).
 // Two diagnostics of the fork choice (eighty-fifth session): `blocks` compares the children's
 // chains by their kernels' blocks first (graph_chain.h, ChainLength), `both` converts the edge
-// that `chain` picks and the one that `blocks` picks (the q path's norm in a compressor
-// layer, whose fork edge `chain` leaves plain, beside the kv lane's).
+// that `chain` picks and the one that `blocks` picks (in a compressor layer at batch 1 the
+// q path's norm after wq_a + wkv, whose edge `chain` leaves plain, beside chain's choice).
 // The rule that keeps them correct is the single edge's: every kernel triggers its
 // dependents only after its own wait, so a kernel launched through programmatic edges
 // finds every grandparent finished, and its own wait (griddepcontrol.wait: all

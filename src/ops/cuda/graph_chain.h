@@ -28,20 +28,20 @@ namespace dsv4::ops {
 // How fork_chain_edges compares two paths: by their nodes, the weights breaking a tie (the
 // default), or by their weights, the nodes breaking a tie. (Weights first is a diagnostic:
 // in a compressor layer at batch 1 the edge from wq_a + wkv toward the q path's norm stays
-// plain by nodes, the kv lane's chain being the longer, while the q path, with wq_b's 256
+// plain by nodes, another child's chain being the longer, while the q path, with wq_b's 256
 // blocks, is the one on the step's critical chain; eighty-fifth session.)
 enum class ChainLength { kNodesFirst, kWeightsFirst };
 
 // Edges i = (from[i], to[i]) over nodes 0 .. num_nodes - 1, a DAG; weights: one a node
 // (the CUDA backend gives a kernel node its grid's blocks, any other node 0), or empty
 // (all 0). A path's length is (its nodes, the sum of its nodes' weights), compared in that
-// order by default: nodes first, weights to break a tie (`length` swaps them). (In a SWA layer at batch 1 the q path after
-// wq_a + wkv, rms_norm_quant -> wq_b -> q_norm_rope, and the kv lane's rms_norm ->
-// kv_rope_quant -> hc_sinkhorn both reach the attention in three kernels; the q path's
-// wq_b is 256 blocks, the kv lane's kernels one each.) Returns, per edge, whether it leaves
-// a node of two or more out-edges toward the child whose longest path to a node without
-// out-edges is strictly longer than every other child's; a fork whose longest children
-// tie has no such edge.
+// order by default: nodes first, weights to break a tie (`length` swaps them). (In a SWA
+// layer at batch 1 the q path after wq_a + wkv, rms_norm_quant -> wq_b -> q_norm_rope, and
+// the kv lane's rms_norm -> kv_rope_quant -> hc_sinkhorn both reach the attention in three
+// kernels; the q path's wq_b is 256 blocks, the kv lane's kernels one each.) Returns, per
+// edge, whether it leaves a node of two or more out-edges toward the child whose longest
+// path to a node without out-edges is strictly longer than every other child's; a fork
+// whose longest children tie has no such edge.
 inline std::vector<bool> fork_chain_edges(int64_t num_nodes, const std::vector<int64_t>& from,
                                           const std::vector<int64_t>& to, const std::vector<int64_t>& weights = {},
                                           ChainLength length = ChainLength::kNodesFirst) {
