@@ -2248,10 +2248,8 @@ bool hc_quick_hand_over() {
 // eighty-fourth session): -0.7% a step at 2 rows (apart), 0.0% at 1, -0.1% at 4.
 int hc_row_finishers(int64_t rows) {
   static const int from_env = int(env_integer("DSV4_CUDA_HC_ROW_FINISHERS", 0, 0, 2));
-  const int forced = g_force_hc_row_finishers.load(std::memory_order_relaxed);
-  if (forced >= 1) return forced;
-  if (from_env >= 1) return from_env;
-  return rows == 2 ? 2 : 1;
+  const int n = forced_mode(g_force_hc_row_finishers, from_env);  // (0: the rule)
+  return n >= 1 ? n : rows == 2 ? 2 : 1;
 }
 
 // The mix and finish by one cluster (hc_mix_finish_cluster_kernel) where it applies: up to
