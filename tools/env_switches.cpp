@@ -40,10 +40,10 @@ constexpr EnvSwitch kSwitches[] = {
      "fast ones)"},
     {"DSV4_CUDA_LANES", kCuda, words("1|2|3"), "3", "streams a step's stages spread over (stage lanes)", true},
     {"DSV4_CUDA_PDL", kCuda, kOnOff, "1", "0: plain graph edges between kernels, no programmatic dependent launch"},
-    {"DSV4_CUDA_PDL_LANES", kCuda, words("join|fork|chain|blocks|both|all|0"),
+    {"DSV4_CUDA_PDL_LANES", kCuda, words("join|fork|chain|all|0"),
      "chain up to DSV4_CUDA_PDL_CHAIN_ROWS rows, join beyond",
      "which lane edges of a captured step become programmatic (chain: the joins' and each fork's edge toward its "
-     "longest chain in nodes; blocks: in the kernels' blocks; both: either; blocks and both are diagnostics)", true},
+     "longest chain)", true},
     {"DSV4_CUDA_PDL_CHAIN_ROWS", kCuda, integers(0, int64_t(1) << 20), "2",
      "the rows up to which a captured step takes the chain lane edges where DSV4_CUDA_PDL_LANES is unset", true},
     {"DSV4_GRAPH_EDGES", kCuda, any("PREFIX"), "nothing written",

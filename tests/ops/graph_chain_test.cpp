@@ -27,9 +27,8 @@ struct Graph {
 };
 
 // The chosen edges as (from, to) pairs.
-std::vector<std::pair<int64_t, int64_t>> chosen(const Graph& g, const std::vector<int64_t>& weights = {},
-                                                ChainLength order = ChainLength::kNodesFirst) {
-  const std::vector<bool> chain = fork_chain_edges(g.nodes, g.from, g.to, weights, order);
+std::vector<std::pair<int64_t, int64_t>> chosen(const Graph& g, const std::vector<int64_t>& weights = {}) {
+  const std::vector<bool> chain = fork_chain_edges(g.nodes, g.from, g.to, weights);
   std::vector<std::pair<int64_t, int64_t>> r;
   for (size_t i = 0; i < chain.size(); ++i)
     if (chain[i]) r.emplace_back(g.from[i], g.to[i]);
@@ -104,25 +103,6 @@ TEST(GraphChain, NodeTiesBreakByWeight) {
   EXPECT_THROW(chosen(h, {1, 2}), dsv4::core::Error);  // a weight a node
 }
 
-// Weights first (DSV4_CUDA_PDL_LANES=blocks): more blocks win over more nodes, nodes break a
-// tie. A compressor layer at batch 1 after wq_a + wkv (0): the q path (1 rms_norm_quant, 2
-// wq_b of 256 blocks, 3 q_norm_rope of 8) against a kv lane of five one-block kernels (4-8),
-// both into the attention (9).
-TEST(GraphChain, WeightsFirstPrefersTheHeavierChild) {
-  Graph h(6);
-  for (const auto& [a, b] : Pairs{{0, 1}, {1, 5}, {0, 2}, {2, 3}, {3, 5}, {5, 4}}) h.edge(a, b);
-  EXPECT_EQ(chosen(h, {1, 1000, 1, 1, 1, 1}, ChainLength::kWeightsFirst), (Pairs{{0, 1}}));
-  EXPECT_EQ(chosen(h, {1, 2, 1, 1, 1, 1}, ChainLength::kWeightsFirst), (Pairs{{0, 2}}));  // 2 = 1 + 1: nodes
-  EXPECT_EQ(chosen(h, {}, ChainLength::kWeightsFirst), (Pairs{{0, 2}}));  // no weights: by nodes
-  Graph g(11);
-  for (const auto& [a, b] :
-       Pairs{{0, 1}, {1, 2}, {2, 3}, {3, 9}, {0, 4}, {4, 5}, {5, 6}, {6, 7}, {7, 8}, {8, 9}, {9, 10}})
-    g.edge(a, b);
-  const std::vector<int64_t> blocks{192, 1, 256, 8, 1, 1, 1, 1, 1, 4, 256};
-  EXPECT_EQ(chosen(g, blocks), (Pairs{{0, 4}}));
-  EXPECT_EQ(chosen(g, blocks, ChainLength::kWeightsFirst), (Pairs{{0, 1}}));
-}
-
 TEST(GraphChain, RejectsCyclesAndOutOfRangeEdges) {
   Graph g(3);
   g.edge(0, 1);
@@ -136,8 +116,8 @@ TEST(GraphChain, RejectsCyclesAndOutOfRangeEdges) {
 
 // Random DAGs (edges only from lower to higher nodes, listed in a shuffled order), with and
 // without weights: every chosen edge leaves a fork toward its one longest child, and every
-// fork with a unique longest child has its edge chosen, longest paths (nodes, then weight;
-// with weights also weight, then nodes) counted by a memoized recursion.
+// fork with a unique longest child has its edge chosen, longest paths (nodes, then weight)
+// counted by a memoized recursion.
 TEST(GraphChain, RandomDagsMatchBruteForce) {
   std::mt19937_64 rng(dsv4::testing::test_seed() ^ 0x6c);
   for (int trial = 0; trial < 500; ++trial) {
@@ -156,36 +136,27 @@ TEST(GraphChain, RandomDagsMatchBruteForce) {
       for (int64_t v = 0; v < s.nodes; ++v) weights.push_back(int64_t(rng() % 3));
     }
     using Length = std::pair<int64_t, int64_t>;
-    for (const ChainLength order : {ChainLength::kNodesFirst, ChainLength::kWeightsFirst}) {
-      if (order == ChainLength::kWeightsFirst && weights.empty()) continue;
-      const bool weights_first = order == ChainLength::kWeightsFirst;
-      std::vector<Length> memo(size_t(s.nodes), Length{0, 0});
-      std::vector<bool> known(size_t(s.nodes), false);
-      std::function<Length(int64_t)> longest = [&](int64_t v) {
-        if (known[size_t(v)]) return memo[size_t(v)];
-        Length tail{0, 0};
-        for (size_t i = 0; i < s.from.size(); ++i)
-          if (s.from[i] == v) tail = std::max(tail, longest(s.to[i]));
-        const int64_t w = weights.empty() ? 0 : weights[size_t(v)];
-        known[size_t(v)] = true;
-        return memo[size_t(v)] =
-                   weights_first ? Length{tail.first + w, tail.second + 1} : Length{tail.first + 1, tail.second + w};
-      };
-      const std::vector<bool> chain = fork_chain_edges(s.nodes, s.from, s.to, weights, order);
-      ASSERT_EQ(chain.size(), s.from.size());
-      for (int64_t v = 0; v < s.nodes; ++v) {
-        std::vector<size_t> outs;
-        for (size_t i = 0; i < s.from.size(); ++i)
-          if (s.from[i] == v) outs.push_back(i);
-        Length best{-1, 0};
-        int64_t at_best = 0;
-        for (size_t i : outs) best = std::max(best, longest(s.to[i]));
-        for (size_t i : outs) at_best += longest(s.to[i]) == best;
-        for (size_t i : outs) {
-          const bool want = outs.size() >= 2 && at_best == 1 && longest(s.to[i]) == best;
-          ASSERT_EQ(bool(chain[i]), want) << "trial " << trial << (weights_first ? " weights first" : "") << " edge "
-                                          << s.from[i] << " -> " << s.to[i];
-        }
+    std::vector<Length> memo(size_t(s.nodes), Length{0, 0});
+    std::function<Length(int64_t)> longest = [&](int64_t v) {
+      if (memo[size_t(v)].first > 0) return memo[size_t(v)];
+      Length tail{0, 0};
+      for (size_t i = 0; i < s.from.size(); ++i)
+        if (s.from[i] == v) tail = std::max(tail, longest(s.to[i]));
+      return memo[size_t(v)] = Length{tail.first + 1, tail.second + (weights.empty() ? 0 : weights[size_t(v)])};
+    };
+    const std::vector<bool> chain = fork_chain_edges(s.nodes, s.from, s.to, weights);
+    ASSERT_EQ(chain.size(), s.from.size());
+    for (int64_t v = 0; v < s.nodes; ++v) {
+      std::vector<size_t> outs;
+      for (size_t i = 0; i < s.from.size(); ++i)
+        if (s.from[i] == v) outs.push_back(i);
+      Length best{0, 0};
+      int64_t at_best = 0;
+      for (size_t i : outs) best = std::max(best, longest(s.to[i]));
+      for (size_t i : outs) at_best += longest(s.to[i]) == best;
+      for (size_t i : outs) {
+        const bool want = outs.size() >= 2 && at_best == 1 && longest(s.to[i]) == best;
+        ASSERT_EQ(bool(chain[i]), want) << "trial " << trial << " edge " << s.from[i] << " -> " << s.to[i];
       }
     }
   }

@@ -397,15 +397,11 @@ int count_joins(const GraphEdges& e) {
 // +0.2% at 16, -0.1% at 64 and 256; all 0.0 / +0.3 / -0.1 / 0.0 / -0.1% at 1 / 4 / 16 /
 // 64 / 256. The rule by rows against join (seventy-ninth session, H100, 2 rounds): chain
 // +0.0 / -1.4 / -0.3 / +0.4% at 1 / 2 / 8 / 16 rows (join +1.5% at 1 row against the rule).
-// Two diagnostics of the fork choice (eighty-fifth session): `blocks` compares the children's
-// chains by their kernels' blocks first (graph_chain.h, ChainLength), `both` converts the edge
-// that `chain` picks and the one that `blocks` picks (in a compressor layer at batch 1 the
-// q path's norm after wq_a + wkv, whose edge `chain` leaves plain, beside chain's choice).
 // The rule that keeps them correct is the single edge's: every kernel triggers its
 // dependents only after its own wait, so a kernel launched through programmatic edges
 // finds every grandparent finished, and its own wait (griddepcontrol.wait: all
 // prerequisite grids) covers each parent (GPU test CudaGraphLanes.JoinWaitsForEveryLane).
-enum class LaneEdges { kSingle, kFork, kJoin, kAll, kChain, kByRows, kChainBlocks, kChainBoth };
+enum class LaneEdges { kSingle, kFork, kJoin, kAll, kChain, kByRows };
 // One of DSV4_CUDA_PDL_LANES' words (empty: by rows); `source` names it in the error.
 LaneEdges lane_edges_of(const std::string& v, const char* source) {
   if (v.empty()) return LaneEdges::kByRows;
@@ -413,10 +409,7 @@ LaneEdges lane_edges_of(const std::string& v, const char* source) {
   if (v == "0") return LaneEdges::kSingle;
   if (v == "fork") return LaneEdges::kFork;
   if (v == "chain") return LaneEdges::kChain;
-  if (v == "blocks") return LaneEdges::kChainBlocks;
-  if (v == "both") return LaneEdges::kChainBoth;
-  DSV4_CHECK(v == "all", "{}='{}': expected join, fork, chain, blocks, both, all or 0 (unset: chain or join by rows)",
-             source, v);
+  DSV4_CHECK(v == "all", "{}='{}': expected join, fork, chain, all or 0 (unset: chain or join by rows)", source, v);
   return LaneEdges::kAll;
 }
 std::atomic<int> g_force_lane_edges{-1};  // (cuda_force_pdl_lanes)
@@ -447,12 +440,10 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e, int64_t row
   };
   const LaneEdges mode = lane_edges_mode(rows);
   const bool forks = mode == LaneEdges::kFork || mode == LaneEdges::kAll;
-  const bool chains = mode == LaneEdges::kChain || mode == LaneEdges::kChainBlocks || mode == LaneEdges::kChainBoth;
-  const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll || chains;
-  // kChain: each fork's edge toward its longest chain, in nodes, then in the kernels' blocks
-  // (kChainBlocks: blocks, then nodes; kChainBoth: either edge).
+  const bool joins = mode == LaneEdges::kJoin || mode == LaneEdges::kAll || mode == LaneEdges::kChain;
+  // kChain: each fork's edge toward its longest chain, in nodes, then in the kernels' blocks.
   std::vector<bool> chain_edge(n, false);
-  if (chains) {
+  if (mode == LaneEdges::kChain) {
     std::map<cudaGraphNode_t, int64_t> index;
     std::vector<int64_t> blocks;
     auto at = [&](cudaGraphNode_t node) {
@@ -473,12 +464,7 @@ int make_kernel_edges_programmatic(cudaGraph_t graph, GraphEdges& e, int64_t row
       a[i] = at(from[i]);
       b[i] = at(to[i]);
     }
-    if (mode != LaneEdges::kChainBlocks) chain_edge = fork_chain_edges(int64_t(index.size()), a, b, blocks);
-    if (mode != LaneEdges::kChain) {
-      const std::vector<bool> by_blocks =
-          fork_chain_edges(int64_t(index.size()), a, b, blocks, ChainLength::kWeightsFirst);
-      for (size_t i = 0; i < n; ++i) chain_edge[i] = chain_edge[i] || by_blocks[i];
-    }
+    chain_edge = fork_chain_edges(int64_t(index.size()), a, b, blocks);
   }
   // A join is converted only where every way in is from one of our kernels.
   std::map<cudaGraphNode_t, int> ours_in;

@@ -25,26 +25,18 @@
 
 namespace dsv4::ops {
 
-// How fork_chain_edges compares two paths: by their nodes, the weights breaking a tie (the
-// default), or by their weights, the nodes breaking a tie. (Weights first is a diagnostic:
-// in a compressor layer at batch 1 the edge from wq_a + wkv toward the q path's norm stays
-// plain by nodes, another child's chain being the longer, while the q path, with wq_b's 256
-// blocks, is the one on the step's critical chain; eighty-fifth session.)
-enum class ChainLength { kNodesFirst, kWeightsFirst };
-
 // Edges i = (from[i], to[i]) over nodes 0 .. num_nodes - 1, a DAG; weights: one a node
 // (the CUDA backend gives a kernel node its grid's blocks, any other node 0), or empty
 // (all 0). A path's length is (its nodes, the sum of its nodes' weights), compared in that
-// order by default: nodes first, weights to break a tie (`length` swaps them). (In a SWA
-// layer at batch 1 the q path after wq_a + wkv, rms_norm_quant -> wq_b -> q_norm_rope, and
-// the kv lane's rms_norm -> kv_rope_quant -> hc_sinkhorn both reach the attention in three
-// kernels; the q path's wq_b is 256 blocks, the kv lane's kernels one each.) Returns, per
-// edge, whether it leaves a node of two or more out-edges toward the child whose longest
-// path to a node without out-edges is strictly longer than every other child's; a fork
-// whose longest children tie has no such edge.
+// order: nodes first, weights to break a tie. (In a SWA layer at batch 1 the q path after
+// wq_a + wkv, rms_norm_quant -> wq_b -> q_norm_rope, and the kv lane's rms_norm ->
+// kv_rope_quant -> hc_sinkhorn both reach the attention in three kernels; the q path's
+// wq_b is 256 blocks, the kv lane's kernels one each.) Returns, per edge, whether it leaves
+// a node of two or more out-edges toward the child whose longest path to a node without
+// out-edges is strictly longer than every other child's; a fork whose longest children
+// tie has no such edge.
 inline std::vector<bool> fork_chain_edges(int64_t num_nodes, const std::vector<int64_t>& from,
-                                          const std::vector<int64_t>& to, const std::vector<int64_t>& weights = {},
-                                          ChainLength length = ChainLength::kNodesFirst) {
+                                          const std::vector<int64_t>& to, const std::vector<int64_t>& weights = {}) {
   DSV4_CHECK(from.size() == to.size(), "fork_chain_edges: {} edge sources for {} targets", from.size(), to.size());
   DSV4_CHECK(weights.empty() || int64_t(weights.size()) == num_nodes, "fork_chain_edges: {} weights for {} nodes",
              weights.size(), num_nodes);
@@ -66,15 +58,13 @@ inline std::vector<bool> fork_chain_edges(int64_t num_nodes, const std::vector<i
     for (const size_t i : out[order[head]])
       if (--in_degree[size_t(to[i])] == 0) order.push_back(size_t(to[i]));
   DSV4_CHECK(order.size() == n, "fork_chain_edges: the graph has a cycle ({} of {} nodes ordered)", order.size(), n);
-  using Length = std::pair<int64_t, int64_t>;  // (nodes, weight) or (weight, nodes), compared lexicographically
-  const bool weights_first = length == ChainLength::kWeightsFirst;
+  using Length = std::pair<int64_t, int64_t>;  // (nodes, weight), compared lexicographically
   std::vector<Length> longest(n);
   for (size_t j = n; j-- > 0;) {
     const size_t v = order[j];
     Length tail{0, 0};
     for (const size_t i : out[v]) tail = std::max(tail, longest[size_t(to[i])]);
-    const int64_t w = weights.empty() ? 0 : weights[v];
-    longest[v] = weights_first ? Length{tail.first + w, tail.second + 1} : Length{tail.first + 1, tail.second + w};
+    longest[v] = {tail.first + 1, tail.second + (weights.empty() ? 0 : weights[v])};
   }
   std::vector<bool> chain(m, false);
   for (size_t v = 0; v < n; ++v) {
