@@ -113,8 +113,6 @@ constexpr EnvSwitch kSwitches[] = {
      "the rows up to which the mHC mix and finish run in one cluster of 16 CTAs, no global hand-over (0: never; "
      "D a multiple of 2048 up to 4096; measured slower)", true},
     {"DSV4_CUDA_HC_QUICK_HAND_OVER", kCuda, kOnOff, "1", "0: the fused mHC launch's last arrival polls as the others"},
-    {"DSV4_CUDA_HC_SLOT_IDS_EARLY", kCuda, kOnOff, "1",
-     "0: the mHC mix loads the MoE slot ids and orders the slots after its dependency wait, not before"},
     {"DSV4_CUDA_HC_ROW_FINISHERS", kCuda, integers(0, 2), "0 (two at 2 rows, else one)",
      "CTAs that finish a row of the fused mHC launch, each storing its half of x, the norm and the codes "
      "(1 or 2: at every row count)", true},

@@ -78,9 +78,7 @@ class Timer {
 // experts' outputs by slot, bf16 [T, k, D], and their ids, i32 [T, k]), which the op
 // forms: into routed (its buffer), or where it reads it without storing it (CUDA, at
 // few rows), so that the reduction is not a launch of its own on the step's chain.
-// routed's contents after the op are then unspecified. ids must be complete before the launch
-// that writes slot_out starts its work (as the router's are before the experts'): a backend may
-// read them before it waits for slot_out's writer (CUDA: HcPostSource::ids_before_wait).
+// routed's contents after the op are then unspecified.
 struct HcPostInput {
   core::Tensor f;
   core::Tensor routed, shared, y;

@@ -659,13 +659,11 @@ struct HcGraphChain {
 // hc_post_pre_norm (a sublayer's output, the MoE's, or its slots; the stream Y and the MoE output y
 // too, the slots summed by the mix at every row count), with the Sinkhorn in the op and
 // left for later, at 1 to 16 rows and at 17 (the two launches on both sides), with the
-// quick hand-over and without, the slot ids read before the mix's wait and after it; and how
-// many launches took the fused kernel.
+// quick hand-over and without; and how many launches took the fused kernel.
 TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
   Rng rng(216);
   struct Reset {
     ~Reset() {
-      cuda_hc_force_slot_ids_early(-1);
       cuda_hc_force_fused(-1);
       cuda_hc_force_slot_rows(-1);
       cuda_hc_force_quick_hand_over(-1);
@@ -681,15 +679,13 @@ TEST_F(CudaPointwise, HcFusedMixFinishEqualsTwoLaunchesBitForBit) {
         const HcOpInputs in(cuda(), rng, c, T, later);
         for (int op = 0; op < 6; ++op) {
           const std::string what = in.what(op);
-          // two launches (slot ids after the wait); fused, quick hand-over, finishers by the rule
-          // (two at 2 rows), ids before the wait; fused, polled hand-over, one finisher a row, ids
-          // after; fused, two finishers a row, ids before
+          // two launches; fused, quick hand-over, finishers by the rule (two at 2 rows); fused, polled
+          // hand-over, one finisher a row; fused, two finishers a row
           constexpr int kVariants = 4;
           std::vector<Tensor> got[kVariants];
           for (int variant = 0; variant < kVariants; ++variant) {
             const int fused = variant > 0 ? 1 : 0;
             cuda_hc_force_fused(fused);
-            cuda_hc_force_slot_ids_early(variant % 2);
             cuda_hc_force_quick_hand_over(variant == 2 ? 0 : 1);
             cuda_hc_force_row_finishers(variant == 1 ? -1 : variant == 3 ? 2 : 1);
             const int64_t before = cuda_hc_fused_launches(), two_before = cuda_hc_two_finisher_launches();

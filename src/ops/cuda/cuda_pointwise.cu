@@ -17,7 +17,6 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
-#include <type_traits>
 
 #include "core/dtype.h"
 #include "core/scalar_math.h"
@@ -45,7 +44,6 @@ std::atomic<int64_t> g_row_mix_launches{0};
 std::atomic<int> g_force_hc_fused{-1};
 std::atomic<int> g_force_slot_rows{-1};
 std::atomic<int> g_force_hc_quick{-1};
-std::atomic<int> g_force_hc_slot_ids_early{-1};
 std::atomic<int> g_force_hc_row_finishers{-1};
 std::atomic<int64_t> g_hc_fused_launches{0};
 std::atomic<int64_t> g_hc_two_finisher_launches{0};
@@ -588,9 +586,6 @@ struct HcPostSource {
   const uint16_t* slot_out = nullptr;  // [T, k, D]
   const int32_t* ids = nullptr;        // [T, k]
   int k = 0;
-  // The mix tile reads ids and orders the slots before its dependency wait (hc_slot_ids_early()):
-  // ids come from the router, whose launch every launch up to slot_out's writer waited for.
-  int ids_before_wait = 0;
 };
 
 // Slots a row may have where the mix forms routed from them (the slot order in shared memory).
@@ -711,37 +706,6 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
     constexpr int kFnPer = (kMaxMix * kHcSlice + 255) / 256, kXPer = kHcRowTile * kHcSlice / 256;
     static_assert(kHcRowTile * kHcSlice % 256 == 0, "whole x tile per pass");
     float fv[kFnPer], xv[kXPer];
-    // The MoE slots' order (kPostHc, src.slot_out): thread (t, s) of the first rows * k (<= 256)
-    // loads its id and, after a barrier, places its slot after the row's valid slots with a smaller
-    // id, or the same id in an earlier slot: moe_slot_order's order in one step for every slot, where
-    // one thread a row had sorted by insertion (k dependent shared-memory compare-and-shift steps on
-    // the launch's path). Before the dependency wait where the host says the ids' writer is finished
-    // by then (HcPostSource::ids_before_wait), after it otherwise.
-    struct SlotOrder {
-      int id[kPostRows > 0 ? kPostRows : 1][kHcMaxSlots], order[kPostRows > 0 ? kPostRows : 1][kHcMaxSlots];
-      int count[kPostRows > 0 ? kPostRows : 1];
-    };
-    __shared__ std::conditional_t<(kPostHc > 0), SlotOrder, char> slots_sm;
-    const bool slot_sums = kPostHc > 0 && src.slot_out != nullptr;
-    const bool ids_early = slot_sums && src.ids_before_wait != 0;  // (the same for the whole CTA)
-    auto order_slots = [&] {
-      if constexpr (kPostHc > 0) {
-        static_assert(kPostRows * kHcMaxSlots <= 256, "a thread a slot");
-        const int tid = int(threadIdx.x), k = src.k;
-        const bool slot_thread = tid < rows * k;
-        const int slot_row = slot_thread ? tid / k : 0, slot = slot_thread ? tid % k : 0;
-        const int32_t id = slot_thread ? src.ids[tid] : -1;
-        if (slot_thread) slots_sm.id[slot_row][slot] = id;
-        asm volatile("bar.sync 1, 256;" ::: "memory");
-        if (slot_thread) {
-          int count;
-          const int place = moe_slot_place(slots_sm.id[slot_row], k, slot, &count);
-          if (id >= 0) slots_sm.order[slot_row][place] = slot;
-          if (slot == 0) slots_sm.count[slot_row] = count;
-        }
-        asm volatile("bar.sync 1, 256;" ::: "memory");
-      }
-    };
     if constexpr (kFused) {
       // fn by cp.async straight into shared memory (the host checks 16-byte rows): 14
       // registers a thread fewer, so that the fused kernel (the finish's code beside the
@@ -763,7 +727,6 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
         fv[u] = idx < mix * kHcSlice ? fn[int64_t(idx / kHcSlice) * n + k0 + idx % kHcSlice] : 0.0f;
       }
     }
-    if (ids_early) order_slots();
     hc_tile_wait<kFused>();
     DSV4_CTA_PROBE(kFused ? CtaProbeSite::kHcMixFinish : CtaProbeSite::kHcMixPartial, kFused ? 7 : 1, probe_tag);
     if constexpr (kPostHc > 0) {
@@ -773,17 +736,34 @@ __device__ __forceinline__ void hc_mix_partial_tile(const uint16_t* __restrict__
       static_assert(kU <= kXPer, "the source rows fit one tile");
       const int64_t D = src.D, d0 = k0 % D;
       const int j = int(k0 / D);
-      if (slot_sums) {
+      if (src.slot_out) {
         // routed = moe_reduce(slot_out, ids) for this slice's columns, moe_reduce_kernel's
         // arithmetic (each row's slots in ascending expert id, equal ids in slot order, ids
         // < 0 skipped; an fp32 sum from 0 in that order), into x_s (its rows < kPostRows,
         // read back below by the thread that then overwrites the same element).
-        if (!ids_early) order_slots();
+        // The order by ranks: thread (t, s) places its slot after the row's valid slots with a
+        // smaller id, or the same id in an earlier slot: moe_slot_order's order in one step
+        // for every slot (rows * k <= 256), where one thread a row had sorted by insertion
+        // (k dependent shared-memory compare-and-shift steps on the launch's path).
+        static_assert(kPostRows * kHcMaxSlots <= 256, "a thread a slot");
+        __shared__ int slot_id[kPostRows][kHcMaxSlots], slot_order[kPostRows][kHcMaxSlots], slot_count[kPostRows];
         const int tid = int(threadIdx.x), k = src.k;
+        const bool slot_thread = tid < rows * k;
+        const int slot_row = slot_thread ? tid / k : 0, slot = slot_thread ? tid % k : 0;
+        const int32_t id = slot_thread ? src.ids[tid] : -1;
+        if (slot_thread) slot_id[slot_row][slot] = id;
+        asm volatile("bar.sync 1, 256;" ::: "memory");
+        if (slot_thread) {
+          int count;
+          const int place = moe_slot_place(slot_id[slot_row], k, slot, &count);
+          if (id >= 0) slot_order[slot_row][place] = slot;
+          if (slot == 0) slot_count[slot_row] = count;
+        }
+        asm volatile("bar.sync 1, 256;" ::: "memory");
         for (int v = tid; v < rows * (kHcSlice / 8); v += 256) {  // 8 columns of a row a thread
           const int t = v / (kHcSlice / 8), c = (v % (kHcSlice / 8)) * 8;
           float acc[8];
-          moe_slot_sum<8>(src.slot_out + int64_t(t) * k * D + d0 + c, D, slots_sm.order[t], slots_sm.count[t], acc);
+          moe_slot_sum<8>(src.slot_out + int64_t(t) * k * D + d0 + c, D, slot_order[t], slot_count[t], acc);
 #pragma unroll
           for (int e = 0; e < 8; ++e) x_s[t][c + e] = acc[e];
         }
@@ -2259,20 +2239,6 @@ bool hc_quick_hand_over() {
   return forced_or(g_force_hc_quick, from_env);
 }
 
-// HcPostSource::ids_before_wait: DSV4_CUDA_HC_SLOT_IDS_EARLY=0 turns it off (A/B runs); a
-// test hook may force it. Same bits either way. Why it is safe: the ids are the router's,
-// and slot_out is written by the routed experts, whose launches read what the router chose
-// after their own dependency waits. Each launch from the router's select on lets its
-// dependents launch only after its own wait (grid_dependency.cuh; the entry release is the
-// plain GEMMs' and rms_norm_quant's, none of which is on that path), so when the mix's CTAs
-// run, the select has finished and its ids are visible. (HcPostInput::of_moe_slots says so
-// to callers.) Why: at one row the FFN side's mix waited for the ids' load and the order's
-// two barriers after its wait, a dependent round trip before the slots' loads.
-bool hc_slot_ids_early() {
-  static const bool from_env = !env_is("DSV4_CUDA_HC_SLOT_IDS_EARLY", "0");
-  return forced_or(g_force_hc_slot_ids_early, from_env);
-}
-
 // Finishers a row in the fused launch (HcHandOver::parts): two at 2 rows, one elsewhere;
 // DSV4_CUDA_HC_ROW_FINISHERS=1|2 sets it at every row count (A/B runs), and a test hook may
 // force it. Same bits either way. Why two: in the CTA probe (eighty-second session, H100)
@@ -2580,7 +2546,6 @@ void CudaBackend::do_hc_post_pre_norm(const HcPostInput& in, const Tensor& Y, co
     src.slot_out = in.slot_out.as<uint16_t>();
     src.ids = in.ids.as<int32_t>();
     src.k = int(in.slot_out.size(1));
-    src.ids_before_wait = hc_slot_ids_early() ? 1 : 0;
   }
   src.shared = moe ? in.shared.as<uint16_t>() : nullptr;
   src.y = moe ? in.y.as<uint16_t>() : nullptr;
@@ -2723,7 +2688,6 @@ void cuda_hc_force_cluster(int on) { g_force_hc_cluster.store(on, std::memory_or
 int64_t cuda_hc_cluster_launches() { return g_hc_cluster_launches.load(std::memory_order_relaxed); }
 void cuda_hc_force_slot_rows(int rows) { g_force_slot_rows.store(rows, std::memory_order_relaxed); }
 void cuda_hc_force_quick_hand_over(int on) { g_force_hc_quick.store(on, std::memory_order_relaxed); }
-void cuda_hc_force_slot_ids_early(int on) { g_force_hc_slot_ids_early.store(on, std::memory_order_relaxed); }
 void cuda_hc_force_row_finishers(int n) { g_force_hc_row_finishers.store(n, std::memory_order_relaxed); }
 void cuda_hc_force_post_slots(int on) { g_force_hc_post_slots.store(on, std::memory_order_relaxed); }
 int64_t cuda_hc_post_slots_launches() { return g_hc_post_slots_launches.load(std::memory_order_relaxed); }

@@ -164,9 +164,6 @@ int64_t cuda_hc_cluster_launches();
 void cuda_hc_force_slot_rows(int rows);
 // -1 the environment's choice, 0 / 1 HcHandOver::quick off / on.
 void cuda_hc_force_quick_hand_over(int on);
-// -1 the environment's choice, 0 / 1 the mix's MoE slot ids and order after / before its dependency
-// wait (HcPostSource::ids_before_wait).
-void cuda_hc_force_slot_ids_early(int on);
 // -1 the environment's choice (or the rule by rows), 1 / 2 finishers a row in the fused mHC launch
 // (HcHandOver::parts).
 void cuda_hc_force_row_finishers(int n);
