@@ -191,8 +191,9 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
       done
       ;;
     trace)  # CUPTI kernel timeline of bench-1g graph replays (tools/graph_trace) per batch in TRACE_BATCHES:
-            # where a replay's time goes, kernel by kernel, and its critical chain by the captured graph's edges
-            # (DSV4_GRAPH_EDGES; scripts/graph_trace_summary.py)
+            # where a replay's time goes, kernel by kernel, its critical chain by the captured graph's edges
+            # (DSV4_GRAPH_EDGES; scripts/graph_trace_summary.py) and each node's cap (trace-caps-bN.tsv: what the
+            # replay would gain were that node free)
       cupti_inc="" cupti_lib=""
       for root in ${CUPTI_ROOT:-} /usr/local/cuda/extras/CUPTI /usr/local/cuda \
         $(python3 -c 'import nvidia; print(" ".join(nvidia.__path__))' 2>/dev/null); do
@@ -212,9 +213,11 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
           --replays 60 ${TRACE_ARGS:-}
         step trace-summary-b$b 60 python3 scripts/graph_trace_summary.py "$out/trace-b$b.tsv" --last 50 \
           --nodes "$out/trace-nodes-b$b.tsv" --frontier "$out/trace-frontier-b$b.tsv" \
-          --edges "$out"/edges-b$b.*.tsv --chain "$out/trace-chain-b$b.tsv"
+          --edges "$out"/edges-b$b.*.tsv --chain "$out/trace-chain-b$b.tsv" --caps "$out/trace-caps-b$b.tsv"
         { grep -A1 '^batch' "$out/trace-b$b.log"; head -n 40 "$out/trace-summary-b$b.log";
-          sed -n '/^critical chain/,$p' "$out/trace-summary-b$b.log" | head -n 30; } | sed 's/^/    /' >>"$out/summary.txt"
+          awk '/^critical chain/ {p = 1} /^[|] node [|] kernel [|] self us/ {p = 0} p' "$out/trace-summary-b$b.log" |
+            head -n 30;
+          sed -n '/^| node | kernel | self us/,$p' "$out/trace-summary-b$b.log"; } | sed 's/^/    /' >>"$out/summary.txt"
         gzip -f "$out/trace-b$b.tsv"
       done
       ;;

@@ -2,7 +2,7 @@
 """Where a graph replay's time goes, from a graph_trace file (tools/graph_trace).
 
   scripts/graph_trace_summary.py TRACE.tsv [--last N] [--top K] [--nodes FILE] [--frontier FILE]
-                                 [--edges EDGES.tsv... [--chain FILE]]
+                                 [--edges EDGES.tsv... [--chain FILE] [--caps FILE]]
 
 Takes the graph with the most replays, its last N replays (those with its usual node
 count), and for each kernel node:
@@ -30,7 +30,11 @@ critical chain, exact where the advance is a proxy. From the node that ends last
 goes to the predecessor (by the graph's edges) that ends last; a link's time is its node's end less
 that predecessor's end (the launch after it, any wait, and the node's own run past it). On the
 replays' median times; summed by kernel, and with --chain FILE link by link, each with the kind of
-edge into it (programmatic: launched under its predecessor; plain: after it). Trace nodes are
+edge into it (programmatic: launched under its predecessor; plain: after it). With --caps FILE (and
+--edges), every kernel node's self time (its end less its last predecessor's end) and its cap: how
+much shorter the replay would be if that node took no time and every other kept its self time (the
+longest path through the graph without it). A first-order bound on what shortening one node can
+give: where another path is nearly as long, the cap is small however long the node's own time. Trace nodes are
 matched to the edge file's by their index in the graph (the trace's node id less the graph's high
 bits), checked by kernel name. Nodes that are not kernels (memset, memcpy, events) have no times
 in a trace: each counts as ending when its last predecessor ends.
@@ -182,9 +186,12 @@ def main():
     ap.add_argument("--edges", nargs="+", help="the graph's nodes and edges (DSV4_GRAPH_EDGES; several files: the "
                     "one of the traced graph is used): print its critical chain")
     ap.add_argument("--chain", help="with --edges: write the critical chain link by link to this file")
+    ap.add_argument("--caps", help="with --edges: write every kernel node's self time and cap (what the span "
+                    "loses if the node takes no time) to this file, largest cap first")
     a = ap.parse_args()
-    if a.chain and not a.edges:
-        sys.exit("--chain needs --edges (the graph's edges, from DSV4_GRAPH_EDGES)")
+    for flag, value in (("--chain", a.chain), ("--caps", a.caps)):
+        if value and not a.edges:
+            sys.exit(f"{flag} needs --edges (the graph's edges, from DSV4_GRAPH_EDGES)")
 
     rows = load(a.trace)
     replays = collections.defaultdict(list)
@@ -239,7 +246,7 @@ def main():
           f"{tot[3] / 1e3:.1f} |")
 
     if a.edges:
-        print_chain(a.edges, a.chain, per_node, span)
+        print_chain(a.edges, a.chain, a.caps, per_node, span)
     if a.nodes:
         write_nodes(a.nodes, per_node, "start", ["start", "dur", "adv", "share"])
     if a.frontier:
@@ -261,7 +268,48 @@ def edges_mismatch(edges_path, nodes, per_node):
     return None
 
 
-def print_chain(edges_paths, chain_path, per_node, span):
+def topological(nodes, preds):
+    """The graph's node indices, each after its predecessors."""
+    order, state = [], {}
+    for root in sorted(nodes):
+        stack = [(root, False)]
+        while stack:
+            n, done = stack.pop()
+            if done:
+                state[n] = 2
+                order.append(n)
+                continue
+            if state.get(n):
+                if state[n] == 1:
+                    sys.exit(f"the graph's edges have a cycle through node {n}")
+                continue
+            state[n] = 1
+            stack.append((n, True))
+            stack.extend((m, False) for m, _ in preds.get(n, []) if state.get(m) != 2)
+    return order
+
+
+def node_caps(nodes, preds, end):
+    """Kernel node -> (self ns, cap ns). Self: its end less its last predecessor's (a node without a time ends
+    with its last predecessor, taking none). Cap: the span less the longest path with that node's self time 0."""
+    order = topological(nodes, preds)
+    eff, self_ns = {}, {}
+    for n in order:
+        before = max((eff[m] for m, _ in preds.get(n, [])), default=0)
+        self_ns[n] = max(0, end[n] - before) if n in end else 0
+        eff[n] = before + self_ns[n]
+    span = max(eff.values(), default=0)
+
+    def longest(without):
+        t = {}
+        for n in order:
+            t[n] = max((t[m] for m, _ in preds.get(n, [])), default=0) + (0 if n == without else self_ns[n])
+        return max(t.values(), default=0)
+
+    return {n: (self_ns[n], span - longest(n)) for n in order if n in end}
+
+
+def print_chain(edges_paths, chain_path, caps_path, per_node, span):
     # A process captures several graphs (one per batch bucket, the served step's): take the traced one's file.
     why = []
     for path in edges_paths:
@@ -300,6 +348,19 @@ def print_chain(edges_paths, chain_path, per_node, span):
                 else:
                     start, name = "-", "(" + nodes[i][0] + ")"
                 f.write(f"{start}\t{e / 1e3:.2f}\t{link / 1e3:.2f}\t{kind or 'root'}\t{name}\n")
+    if caps_path:
+        caps = node_caps(nodes, preds, end)
+        on_chain = {c[0] for c in chain}
+        ranked = sorted(caps.items(), key=lambda kv: (-kv[1][1], kv[0]))
+        with open(caps_path, "w") as f:
+            f.write("node\tend_us\tself_us\tcap_us\ton_chain\tkernel\n")
+            for i, (own, cap) in ranked:
+                f.write(f"{i}\t{end[i] / 1e3:.2f}\t{own / 1e3:.2f}\t{cap / 1e3:.2f}\t{int(i in on_chain)}\t"
+                        f"{short_name(per_node[by_index[i]]['name'])}\n")
+        print("\n| node | kernel | self us | cap us (the span's gain were it free) |")
+        print("|--:|---|--:|--:|")
+        for i, (own, cap) in ranked[:10]:
+            print(f"| {i} | {base_name(per_node[by_index[i]]['name'])} | {own / 1e3:.1f} | {cap / 1e3:.1f} |")
 
 
 if __name__ == "__main__":

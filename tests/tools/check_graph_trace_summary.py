@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Checks scripts/graph_trace_summary.py --edges on a made-up graph whose critical chain is known:
-the chain, its links and edge kinds, a node that is not a kernel on a side path, the refusal of
-edges from another graph, and the choice of the traced graph's file among several.
+the chain, its links and edge kinds, a node that is not a kernel on a side path, every node's self
+time and cap (--caps: B's 20 us of its own are worth only 10 to the span, the side path through D
+being 10 shorter; D's are worth nothing), the refusal of edges from another graph, and the choice of
+the traced graph's file among several.
 usage: check_graph_trace_summary.py SUMMARY_SCRIPT TMP_DIR"""
 import os
 import subprocess
@@ -32,10 +34,10 @@ def main():
             f.write("node\t4\tmemset\t\n")
             f.write("edge\t0\t1\tprogrammatic\nedge\t0\t2\tplain\nedge\t1\t3\tplain\nedge\t2\t4\tplain\nedge\t4\t3\tplain\n")
 
-    edges, chain = base + ".edges.0.tsv", base + ".chain.tsv"
+    edges, chain, caps = base + ".edges.0.tsv", base + ".chain.tsv", base + ".caps.tsv"
     edges_file(edges, "B")
-    run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--last", "2", "--edges", edges, "--chain", chain],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--last", "2", "--edges", edges, "--chain", chain,
+                          "--caps", caps], capture_output=True, text=True, timeout=60)
     print(run.stdout)
     if run.returncode != 0:
         fail("exit %d: %s" % (run.returncode, run.stderr))
@@ -49,6 +51,19 @@ def main():
     want = [("A_kernel", "10.00", "root"), ("B_kernel", "20.00", "programmatic"), ("C_kernel", "10.00", "plain")]
     if got != want:
         fail("chain %s, expected %s" % (got, want))
+    # Self times A 10, B 20 (from A's end), D 10, C 10 (from B's end); caps: A, B, C 10 each (with B free, C
+    # waits for the memset after D at 20), D 0. Largest cap first, then by node.
+    with open(caps) as f:
+        lines = [l.rstrip("\n").split("\t") for l in f]
+    if lines[0] != ["node", "end_us", "self_us", "cap_us", "on_chain", "kernel"]:
+        fail("caps header %s" % lines[0])
+    got = [(l[0], l[2], l[3], l[4], l[5].split("::")[-1].split("<")[0]) for l in lines[1:]]
+    want = [("0", "10.00", "10.00", "1", "A_kernel"), ("1", "20.00", "10.00", "1", "B_kernel"),
+            ("3", "10.00", "10.00", "1", "C_kernel"), ("2", "10.00", "0.00", "0", "D_kernel")]
+    if got != want:
+        fail("caps %s, expected %s" % (got, want))
+    if "| 1 | (anonymous namespace)::B_kernel | 20.0 | 10.0 |" not in run.stdout:
+        fail("the caps table does not list B's 20 us of its own and 10 of cap")
     # Edges of another graph (a kernel named differently) are refused, with the node named.
     edges_file(edges, "E")
     run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--last", "2", "--edges", edges],
@@ -62,7 +77,12 @@ def main():
                          capture_output=True, text=True, timeout=60)
     if run.returncode != 0 or f"edges: {right}" not in run.stdout or "critical chain: 3 links" not in run.stdout:
         fail("the traced graph's file not chosen among two: rc %d, %s%s" % (run.returncode, run.stdout, run.stderr))
-    for p in (base + ".trace.tsv", edges, right, chain):
+    # --caps without --edges is refused.
+    run = subprocess.run([sys.executable, script, base + ".trace.tsv", "--caps", caps], capture_output=True, text=True,
+                         timeout=60)
+    if run.returncode == 0 or "--caps needs --edges" not in run.stderr:
+        fail("--caps without --edges accepted: rc %d, %s" % (run.returncode, run.stderr))
+    for p in (base + ".trace.tsv", edges, right, chain, caps):
         os.remove(p)
     print("PASS")
 
