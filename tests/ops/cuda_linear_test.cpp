@@ -1104,6 +1104,45 @@ TEST(CudaLinearFusedExperts, PrepBlockSizeChangesNoBit) {
   }
 }
 
+// moe_prep_kernel's tile list by one warp (up to 32 pairs) gives the block's counting sort's
+// bits: 1, 2, 5 rows of 6 slots, 8 of 4 (32 pairs: the warp's limit) and 6 of 6 (36: the
+// block), FP4 experts, with and without a hot expert (several pairs of one expert), on all
+// experts and on an EP slice whose other ids are not local (their outputs zeroed), pads
+// (id -1) among them. The counter shows which form ran.
+TEST(CudaLinearFusedExperts, PrepWarpListEqualsTheBlockBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  Env env;
+  Rng rng(0x5d);
+  const int64_t E = 64, D = 256, I = 512;
+  const std::vector<ExpertWeights> dex = device_experts(env, rng, E, D, I, true);
+  ForcedHooks hooks{{ops::cuda_linear_force_prep_warp, -1}};
+  struct Shape {
+    int64_t rows, k;
+  };
+  for (const Shape sh : {Shape{1, 6}, Shape{2, 6}, Shape{5, 6}, Shape{8, 4}, Shape{6, 6}}) {
+    for (const int64_t hot : {int64_t(-1), int64_t(7)}) {
+      for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, E}, std::pair<int64_t, int64_t>{5, 40}}) {
+        const RoutedInputs in = device_routed_inputs(env, rng, sh.rows, D, sh.k, E, hot);
+        auto run = [&](int warp) {
+          return run_forced(ops::cuda_linear_force_prep_warp, ops::cuda_linear_prep_warp_launches, warp, [&] {
+            Tensor out = device_poisoned(env.cuda, DType::kBF16, {sh.rows, sh.k, D});
+            env.cuda.routed_experts(in.x, in.ids, in.w, dex, begin, end, 10.0f, out);
+            return to_host(env.cuda, out);
+          });
+        };
+        const std::string what = std::to_string(sh.rows) + " rows of " + std::to_string(sh.k) +
+                                 (hot >= 0 ? " hot" : "") + " experts [" + std::to_string(begin) + "," +
+                                 std::to_string(end) + ")";
+        const auto [block, block_launches] = run(0);
+        const auto [warp, warp_launches] = run(1);
+        EXPECT_EQ(block_launches, 0) << what;
+        EXPECT_EQ(warp_launches, sh.rows * sh.k <= 32 ? 1 : 0) << what << ": the warp's list where the pairs fit";
+        expect_bitwise(block, warp, what + ": the warp's list vs the block's");
+      }
+    }
+  }
+}
+
 // At 1-3 rows the expert GEMMs split their K slices over CTAs, which keeps the fused
 // launch out; with the split off (DSV4_CUDA_EXPERT_SPLIT=0) every CTA walks its slices,
 // and both that and the fused launch on top of it give the split's bits. The fused

@@ -777,6 +777,15 @@ int moe_prep_threads() {
   const int forced = g_force_prep_threads.load(std::memory_order_relaxed);
   return forced > 0 ? forced : from_env;
 }
+// moe_prep_kernel's tile list by one warp where the pairs fit one (expert_prep_warp):
+// DSV4_CUDA_PREP_WARP=0 keeps the block's counting sort (A/B runs); a test hook may force
+// either. The same tiles, so the same bits.
+std::atomic<int> g_force_prep_warp{-1};
+std::atomic<int64_t> g_prep_warp_launches{0};
+bool moe_prep_warp_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_PREP_WARP", "0");
+  return forced_or(g_force_prep_warp, from_env);
+}
 // The rows up to which moe_prep_kernel's one launch also quantizes x and zeroes the
 // non-local pairs (beyond: three launches, the tile list alone in block 0):
 // DSV4_CUDA_PREP_ONE_LAUNCH_ROWS, default 64 (A/B runs). The same bits either way.
@@ -1184,6 +1193,8 @@ void cuda_linear_force_router_one_launch_rows(int rows) {
   DSV4_CHECK(rows >= -1 && rows <= 16, "cuda_linear_force_router_one_launch_rows({}): expected -1 .. 16", rows);
   g_force_router_one_launch_rows.store(rows, std::memory_order_relaxed);
 }
+void cuda_linear_force_prep_warp(int on) { g_force_prep_warp.store(on, std::memory_order_relaxed); }
+int64_t cuda_linear_prep_warp_launches() { return g_prep_warp_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_prep_threads(int threads) {
   DSV4_CHECK(threads == 0 || threads == 256 || threads == 512 || threads == 1024,
              "cuda_linear_force_prep_threads({}): expected 0, 256, 512 or 1024", threads);
@@ -1666,7 +1677,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
                              .num_rows = counts + 1, .x = x.as<uint16_t>(),
                              .rows = one_launch ? R : 0, .d = D, .q = xq, .scale = xs,
                              .split_pairs = fp4_13 ? 1 : 0, .out = o, .vec16 = vec16, .fused_sync = fused_sync,
-                             .fused_sync_ints = int(fused_sync_ints)};
+                             .fused_sync_ints = int(fused_sync_ints),
+                             .warp_list = P <= lk::kExpertPrepWarpPairs && moe_prep_warp_enabled() ? 1 : 0};
   const int64_t warp_items = (one_launch ? R * (D / 128) : 0) + P;  // (moe_prep_kernel's items: quantization, zeros)
   const int prep_threads = moe_prep_threads(), prep_warps = prep_threads / 32;
   const unsigned extra_blocks = one_launch || zero_in_prep
@@ -1674,6 +1686,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
                                     : 0;
   lk::moe_prep_kernel<<<1 + extra_blocks, unsigned(prep_threads), size_t(16 * num_local), s>>>(prep);
   check_launch(s);
+  if (prep.warp_list) g_prep_warp_launches.fetch_add(1, std::memory_order_relaxed);
 
   if (fused || split_fused) {
     f.gate_up.chunk_end = f.down.chunk_end = int(num_local);

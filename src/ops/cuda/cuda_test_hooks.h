@@ -121,6 +121,11 @@ void cuda_linear_force_router_rank(int on);
 // launches), 0 .. 16 force the row bound.
 int64_t cuda_linear_router_one_launches();
 void cuda_linear_force_router_one_launch_rows(int rows);
+// Test hooks: -1 follows DSV4_CUDA_PREP_WARP (default on), 0 / 1 force moe_prep_kernel's tile
+// list by its block's counting sort / by one warp where the pairs fit one; launches so far that
+// took the warp.
+void cuda_linear_force_prep_warp(int on);
+int64_t cuda_linear_prep_warp_launches();
 // Test hook: moe_prep_kernel's block size (256, 512 or 1024; 0 follows DSV4_CUDA_PREP_THREADS).
 void cuda_linear_force_prep_threads(int threads);
 // Test hooks: act_quant8 / swiglu_quant8 launches so far; -1 follows DSV4_CUDA_QUANT8

@@ -1689,6 +1689,60 @@ __device__ __forceinline__ void expert_prep_block(const int* __restrict__ ids, i
   }
 }
 
+// expert_prep_block's outputs by one warp, for at most 32 pairs (1-5 rows at k = 6): lane p
+// holds pair p's expert and finds its place by counting the lanes ahead of it through
+// shuffles, so no shared memory, no counters to zero and no block barrier. Why: at one row
+// block 0's counting sort (its counts zeroed over every local expert, five block barriers,
+// the ids read twice) took ~3.9 µs after its wait for 6 pairs, a link of the step's chain
+// between the router's select and the experts (graph trace, H100, eighty-seventh session).
+// The same tile list as the block's; inside an expert the pairs are in pair order (the
+// block's order there is its atomics', and no output depends on it: every row's result is
+// computed alone).
+constexpr int kExpertPrepWarpPairs = 32;
+__device__ __forceinline__ void expert_prep_warp(const int* __restrict__ ids, int num_pairs, int k, int expert_begin,
+                                                 int num_local, int bm, int max_tiles, int* __restrict__ pair_list,
+                                                 int* __restrict__ token_rows, int4* __restrict__ tiles,
+                                                 int* num_tiles, int* num_rows) {
+  const int lane = threadIdx.x & 31;
+  const int e = lane < num_pairs ? ids[lane] - expert_begin : -1;
+  const bool local = e >= 0 && e < num_local;
+  // ahead: the local pairs of a smaller expert, or of this expert at a smaller pair (this
+  // pair's place); same_ahead: those of this expert alone (0: the expert's first pair, its
+  // leader); count: this expert's pairs; rows: the local pairs.
+  int ahead = 0, same_ahead = 0, count = 0, rows = 0;
+#pragma unroll 4
+  for (int q = 0; q < 32; ++q) {
+    const int eq = __shfl_sync(0xffffffffu, e, q);
+    const bool lq = eq >= 0 && eq < num_local;
+    rows += lq;
+    count += lq && eq == e;
+    same_ahead += lq && eq == e && q < lane;
+    ahead += lq && (eq < e || (eq == e && q < lane));
+  }
+  // The tile list: each leader's tiles after those of the smaller experts.
+  const bool leader = local && same_ahead == 0;
+  const int my_tiles = leader ? (count + bm - 1) / bm : 0;
+  int tiles_ahead = 0, total_tiles = 0;
+#pragma unroll 4
+  for (int q = 0; q < 32; ++q) {
+    const int eq = __shfl_sync(0xffffffffu, e, q), tq = __shfl_sync(0xffffffffu, my_tiles, q);
+    total_tiles += tq;
+    tiles_ahead += eq < e ? tq : 0;
+  }
+  if (local) {
+    pair_list[ahead] = lane;
+    token_rows[ahead] = lane / k;
+  }
+  if (leader) {  // (its place is its expert's first compact row)
+    for (int j = 0; j < my_tiles && tiles_ahead + j < max_tiles; ++j)
+      tiles[tiles_ahead + j] = make_int4(e, ahead + j * bm, min(bm, count - j * bm), 0);
+  }
+  if (lane == 0) {
+    *num_tiles = min(total_tiles, max_tiles);
+    *num_rows = rows;
+  }
+}
+
 // out[p, :] = 0 for every pair whose id is outside [expert_begin, expert_end). One warp per pair.
 // Roofline: writes 2*d bytes per non-local pair (none on one GPU except pads).
 __device__ __forceinline__ void zero_nonlocal_pair(const int* __restrict__ ids, int64_t p, int expert_begin,
@@ -1736,12 +1790,19 @@ struct MoePrepArgs {
   int vec16;
   int* fused_sync;  // expert_ffn_fused_kernel's ticket, counters and flags to zero (or null)
   int fused_sync_ints;
+  int warp_list;  // the tile list by expert_prep_warp (num_pairs <= kExpertPrepWarpPairs)
 };
 
 __global__ void __launch_bounds__(1024) moe_prep_kernel(const MoePrepArgs a) {
   wait_then_release_dependents();
   if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i < a.fused_sync_ints; i += blockDim.x) a.fused_sync[i] = 0;
+    if (a.warp_list) {
+      if (threadIdx.x < 32)
+        expert_prep_warp(a.ids, a.num_pairs, a.k, a.expert_begin, a.num_local, a.bm, a.max_tiles, a.pair_list,
+                         a.token_rows, a.tiles, a.num_tiles, a.num_rows);
+      return;
+    }
     expert_prep_block(a.ids, a.num_pairs, a.k, a.expert_begin, a.num_local, a.bm, a.max_tiles, a.pair_list,
                       a.token_rows, a.tiles, a.num_tiles, a.num_rows);
     return;
