@@ -86,6 +86,8 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_ROUTER_ONE_LAUNCH_ROWS", kCuda, integers(0, 16), "0",
      "the rows up to which the router's GEMM and select run as one launch (0: two launches; measured slower)", true},
     {"DSV4_CUDA_PREP_THREADS", kCuda, words("256|512|1024"), "512", "moe_prep_kernel's block size", true},
+    {"DSV4_CUDA_PREP_WARP", kCuda, kOnOff, "1",
+     "0: moe_prep's tile list by its block's counting sort, also where the pairs fit one warp"},
     {"DSV4_CUDA_PREP_ONE_LAUNCH_ROWS", kCuda, integers(0, 65536), "64",
      "the rows up to which moe_prep also quantizes x and zeroes the non-local pairs in one launch", true},
     {"DSV4_CUDA_PREP_ZERO", kCuda, kOnOff, "1", "0: the non-local pairs zeroed by a launch of their own"},
