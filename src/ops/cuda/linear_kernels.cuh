@@ -1693,8 +1693,9 @@ __device__ __forceinline__ void expert_prep_block(const int* __restrict__ ids, i
 // holds pair p's expert and finds its place by counting the lanes ahead of it through
 // shuffles, so no shared memory, no counters to zero and no block barrier. Why: at one row
 // block 0's counting sort (its counts zeroed over every local expert, five block barriers,
-// the ids read twice) took ~3.9 µs after its wait for 6 pairs, a link of the step's chain
-// between the router's select and the experts (graph trace, H100, eighty-seventh session).
+// the ids read twice) kept the launch ~3.3 µs past its wait for 6 pairs, a link of the
+// step's chain between the router's select and the experts; with the warp ~2.5 (batch-1
+// graph traces, H100, eighty-seventh session; docs/design/cuda-linear.md).
 // The same tile list as the block's; inside an expert the pairs are in pair order (the
 // block's order there is its atomics', and no output depends on it: every row's result is
 // computed alone).
