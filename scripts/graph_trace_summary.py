@@ -34,7 +34,9 @@ edge into it (programmatic: launched under its predecessor; plain: after it). Wi
 --edges), every kernel node's self time (its end less its last predecessor's end) and its cap: how
 much shorter the replay would be if that node took no time and every other kept its self time (the
 longest path through the graph without it). A first-order bound on what shortening one node can
-give: where another path is nearly as long, the cap is small however long the node's own time.
+give: where another path is nearly as long, the cap is small however long the node's own time. It
+keeps the other nodes' self times as traced, so a node that waited for SMs the freed node held makes
+the cap too small (the shared expert's SwiGLU beside the fused expert launch at 16 rows).
 Trace nodes are matched to the edge file's by their index in the graph (the trace's node id less the
 graph's high bits), checked by kernel name. Nodes that are not kernels (memset, memcpy, events) have
 no times in a trace: each counts as ending when its last predecessor ends.

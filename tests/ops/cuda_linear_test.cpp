@@ -890,10 +890,12 @@ std::vector<ExpertWeights> device_experts(Env& env, Rng& rng, int64_t count, int
   for (auto& e : dex) e = device_expert(env.cuda, host_expert(d, inter, fp4, fp4, rng));
   return dex;
 }
-Tensor run_routed(Env& env, const RoutedInputs& in, const std::vector<ExpertWeights>& dex) {
+// Experts [begin, end) are the local ones (end -1: all of dex).
+Tensor run_routed(Env& env, const RoutedInputs& in, const std::vector<ExpertWeights>& dex, int64_t begin = 0,
+                  int64_t end = -1) {
   const int64_t R = in.x.size(0), d = in.x.size(1), k = in.ids.size(1);
   Tensor out = device_poisoned(env.cuda, DType::kBF16, {R, k, d});
-  env.cuda.routed_experts(in.x, in.ids, in.w, dex, 0, int64_t(dex.size()), 10.0f, out);
+  env.cuda.routed_experts(in.x, in.ids, in.w, dex, begin, end < 0 ? int64_t(dex.size()) : end, 10.0f, out);
   return to_host(env.cuda, out);
 }
 
@@ -1124,11 +1126,8 @@ TEST(CudaLinearFusedExperts, PrepWarpListEqualsTheBlockBitForBit) {
       for (const auto& [begin, end] : {std::pair<int64_t, int64_t>{0, E}, std::pair<int64_t, int64_t>{5, 40}}) {
         const RoutedInputs in = device_routed_inputs(env, rng, sh.rows, D, sh.k, E, hot);
         auto run = [&](int warp) {
-          return run_forced(ops::cuda_linear_force_prep_warp, ops::cuda_linear_prep_warp_launches, warp, [&] {
-            Tensor out = device_poisoned(env.cuda, DType::kBF16, {sh.rows, sh.k, D});
-            env.cuda.routed_experts(in.x, in.ids, in.w, dex, begin, end, 10.0f, out);
-            return to_host(env.cuda, out);
-          });
+          return run_forced(ops::cuda_linear_force_prep_warp, ops::cuda_linear_prep_warp_launches, warp,
+                            [&] { return run_routed(env, in, dex, begin, end); });
         };
         const std::string what = std::to_string(sh.rows) + " rows of " + std::to_string(sh.k) +
                                  (hot >= 0 ? " hot" : "") + " experts [" + std::to_string(begin) + "," +
