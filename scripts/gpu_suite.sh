@@ -10,9 +10,10 @@
 # in every later pass, so its durations and DRAM rates are L2-warm), NCU_KERNEL,
 # NCU_BATCHES, NCU_SKIP, NCU_COUNT, NCU_NAME_BASE (ncu-kernel: which launches of which kernel, matched against the
 # name without (function, the default) or with (demangled) its template arguments; default the 5th and 6th expert GEMM
-# launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit) and
-# MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test), TRACE_BATCHES (trace: batch sizes, default
-# "1 16 64 256"), TRACE_ARGS (trace: more `bench decode` options, e.g. "--position-spread 128"), TRACE_CONTEXT (trace: its
+# launches at batch 16 and 256; its NCU_CLOCK and NCU_CACHE default to none), MEMCHECK_S (time limit),
+# MEMCHECK_FILTER (gtest filter of the memcheck over cuda_ops_test; unset: every op test and every cuda_model_test
+# test), MEMCHECK_SHARDS (memcheck: gtest shards run side by side a test binary, default 1), TRACE_BATCHES (trace:
+# batch sizes, default "1 16 64 256"), TRACE_ARGS (trace: more `bench decode` options, e.g. "--position-spread 128"), TRACE_CONTEXT (trace: its
 # --context, default 4096; 4095 completes a row in every compressor at batch 1), CUPTI_ROOT (trace: where CUPTI's headers and library are, if not found), PROBE_BATCHES (cta-probe:
 # batch sizes, default "1 16 256"), PROBE_CONTEXT and PROBE_ARGS (cta-probe: as TRACE_CONTEXT and TRACE_ARGS), DSV4_COMMIT (the commit to report).
 # Every step writes its logs to a work folder and a PASS/FAIL/SKIP line to its
@@ -234,11 +235,31 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
         gzip -f "$out/probe-b$b.tsv"
       done
       ;;
-    memcheck)  # compute-sanitizer over the GPU op tests and one model run
-      step memcheck-ops ${MEMCHECK_S:-500} compute-sanitizer --tool memcheck --error-exitcode 1 $B/tests/ops/cuda_ops_test \
-        --gtest_filter="${MEMCHECK_FILTER:-*}"
-      step memcheck-model 300 compute-sanitizer --tool memcheck --error-exitcode 1 $D generate --backend cuda \
+    memcheck)  # compute-sanitizer over the GPU op tests (all of them: also the model tests) and one model run
+      mc=(compute-sanitizer --tool memcheck --error-exitcode 1)
+      shards=${MEMCHECK_SHARDS:-1}
+      [[ "$shards" =~ ^[1-9][0-9]*$ ]] || { note "FAIL memcheck: MEMCHECK_SHARDS='$shards' is not a count"; shards=1; }
+      # Shards (gtest's GTEST_TOTAL_SHARDS / GTEST_SHARD_INDEX) run side by side on the one GPU: the tests are small
+      # and the sanitizer's host side is the bound (every op and model test: 84 s in 6 shards of the ops and 3 of the
+      # model tests, H100, eighty-eighth session, against 269 and 55 s in one process each, eighty-fifth).
+      tests=("ops:$B/tests/ops/cuda_ops_test:${MEMCHECK_FILTER:-*}")
+      [ "${MEMCHECK_FILTER:-*}" = "*" ] && tests+=("model-tests:$B/tests/engine/cuda_model_test:*")
+      for t in "${tests[@]}"; do
+        IFS=: read -r name bin filter <<<"$t"
+        if [ "$shards" -eq 1 ]; then
+          step memcheck-$name ${MEMCHECK_S:-500} "${mc[@]}" "$bin" --gtest_filter="$filter"
+          continue
+        fi
+        for ((i = 0; i < shards; ++i)); do
+          step memcheck-$name-$i ${MEMCHECK_S:-500} env GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i \
+            "${mc[@]}" "$bin" --gtest_filter="$filter" &
+        done
+      done
+      step memcheck-model 300 "${mc[@]}" $D generate --backend cuda \
         --preset tiny --random-weights 1 --prompt-ids 0,17,42 --prompt-ids 5,6,7,8 --max-new-tokens 8 --temperature 0
+      wait
+      cat "$out"/memcheck-*.log "$out"/memcheck-*.err 2>/dev/null | grep -h "ERROR SUMMARY" | sort | uniq -c |
+        sed 's/^/    /' >>"$out/summary.txt"  # (one line a distinct summary, with its count of runs)
       ;;
     *) note "unknown step $s" ;;
   esac
