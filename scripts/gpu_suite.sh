@@ -235,7 +235,7 @@ print('multinode logits vs one GPU: shape', a.shape, b.shape, 'identical', a.sha
         gzip -f "$out/probe-b$b.tsv"
       done
       ;;
-    memcheck)  # compute-sanitizer over the GPU op tests (all of them: also the model tests) and one model run
+    memcheck)  # compute-sanitizer over the GPU op tests (with the default filter the model tests too) and one model run
       mc=(compute-sanitizer --tool memcheck --error-exitcode 1)
       shards=${MEMCHECK_SHARDS:-1}
       [[ "$shards" =~ ^[1-9][0-9]*$ ]] || { note "FAIL memcheck: MEMCHECK_SHARDS='$shards' is not a count"; shards=1; }
