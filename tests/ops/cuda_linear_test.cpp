@@ -1259,7 +1259,8 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
   DSV4_REQUIRE_CUDA();
   const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
                           {ops::cuda_linear_force_expert_early_weights, -1},
-                          {ops::cuda_linear_force_split_fused_experts, 0}};  // (the separate down launch)
+                          {ops::cuda_linear_force_split_fused_experts, 0},  // (the separate down launch)
+                          {ops::cuda_linear_force_ready_flag_experts, 0}};
   Env env;
   Rng rng(0x5e);
   const int64_t E = 128, D = 512, I = 1024, k = 6;
@@ -1273,25 +1274,25 @@ TEST(CudaLinearFusedExperts, DownWeightsBeforeWaitEqualWaitAtEntryBitForBit) {
   }
 }
 
-// The split fused step (expert_ffn_split_fused_kernel: both GEMMs' K slices split over
-// clusters of one size, the SwiGLU by the last gate/up cluster of a list tile, the down
-// clusters waiting on its flag after their first weight stages) gives the separate
-// launches' bits: bench-1g's D = 4096, I = 2048 with 8 experts (both GEMMs S = 2 at 1 and 2
-// rows, so the fused launch runs), weights by TMA and by cp.async; D = I = 2048 splits the
-// gate/up GEMM in 2 and the down GEMM in 4, where the separate launches must run instead.
-// Then a graph of it replayed three times on new inputs (moe_prep zeroes the ticket, counts
-// and flags each step) against eager separate launches.
-TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
-  DSV4_REQUIRE_CUDA();
+// A form of the routed experts for where both GEMMs split their K slices over clusters of
+// one size (`force` turns it on, `launches` counts it) gives the separate launches' bits:
+// bench-1g's D = 4096, I = 2048 with 8 experts (both GEMMs S = 2 at 1 and 2 rows, so the
+// form runs), weights by TMA and by cp.async; D = I = 2048 splits the gate/up GEMM in 2 and
+// the down GEMM in 4, where the separate launches must run instead. Then a graph of it
+// replayed three times on new inputs (moe_prep zeroes the ticket, counts and flags each
+// step) against eager separate launches.
+void expect_split_alike_form_equals_separate_launches(void (*force)(int), int64_t (*launches)(), uint64_t seed,
+                                                      const std::string& form) {
   const ForcedHooks hooks{{ops::cuda_linear_force_path, 0},
                           {ops::cuda_linear_force_expert_split, 1},
                           {ops::cuda_linear_force_tma, -1},
-                          {ops::cuda_linear_force_split_fused_experts, -1}};
+                          {ops::cuda_linear_force_split_fused_experts, 0},
+                          {ops::cuda_linear_force_ready_flag_experts, 0}};
   Env env;
-  Rng rng(0x61);
+  Rng rng(seed);
   struct Case {
     int64_t experts, d, inter;
-    int64_t fused_launches;  // a call's, forced on (the GEMMs split alike or not)
+    int64_t form_launches;  // a call's, forced on (the GEMMs split alike or not)
   };
   const int64_t k = 6;
   for (const Case c : {Case{8, 4096, 2048, 1}, Case{16, 2048, 2048, 0}}) {
@@ -1302,26 +1303,42 @@ TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
         const RoutedInputs in = device_routed_inputs(env, rng, R, c.d, k, c.experts, -1);
         const std::string what = "D=" + std::to_string(c.d) + " I=" + std::to_string(c.inter) +
                                  " R=" + std::to_string(R) + (tma ? " TMA" : " cp.async");
-        auto run = [&](int on) {
-          return run_forced(ops::cuda_linear_force_split_fused_experts, ops::cuda_linear_split_fused_expert_launches,
-                            on, [&] { return run_routed(env, in, dex); });
-        };
+        auto run = [&](int on) { return run_forced(force, launches, on, [&] { return run_routed(env, in, dex); }); };
         const auto [separate, separate_launches] = run(0);
         EXPECT_EQ(separate_launches, 0) << what;
-        const auto [fused, fused_launches] = run(1);
-        EXPECT_EQ(fused_launches, c.fused_launches) << what << ": split fused launches";
-        expect_bitwise(separate, fused, what + ": split fused step vs separate launches");
+        const auto [got, got_launches] = run(1);
+        EXPECT_EQ(got_launches, c.form_launches) << what << ": " << form << " launches";
+        expect_bitwise(separate, got, what + ": " + form + " vs separate launches");
       }
     }
   }
-  // In a graph, replayed on new inputs (the eager run before the capture takes the fused
-  // launch: its ticket, counts and flags are scratch that cannot grow during capture).
+  // In a graph, replayed on new inputs (the eager run before the capture takes the form:
+  // its ticket, counts and flags are scratch that cannot grow during capture).
   ops::cuda_linear_force_tma(-1);
   const std::vector<ExpertWeights> dex = device_experts(env, rng, 8, 4096, 2048, true);
-  const int64_t captured = expect_routed_graph_equals_eager(
-      env, rng, dex, 1, k, ops::cuda_linear_force_split_fused_experts, ops::cuda_linear_split_fused_expert_launches,
-      /*warm=*/1, /*replays=*/3, "split fused step");
-  EXPECT_EQ(captured, 1) << "the split fused step was not captured";
+  const int64_t captured =
+      expect_routed_graph_equals_eager(env, rng, dex, 1, k, force, launches, /*warm=*/1, /*replays=*/3, form);
+  EXPECT_EQ(captured, 1) << form << " was not captured";
+}
+
+// The split fused step (expert_ffn_split_fused_kernel: both GEMMs' K slices split over
+// clusters of one size, the SwiGLU by the last gate/up cluster of a list tile, the down
+// clusters waiting on its flag after their first weight stages, all in one launch).
+TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  expect_split_alike_form_equals_separate_launches(ops::cuda_linear_force_split_fused_experts,
+                                                   ops::cuda_linear_split_fused_expert_launches, 0x61,
+                                                   "split fused step");
+}
+
+// The ready-flag form (expert_gate_up_ready_kernel then expert_down_ready_kernel: the same
+// gate/up clusters and SwiGLU, the down clusters a second launch waiting on the flags; in
+// the graph, that launch is a programmatic dependent of the first).
+TEST(CudaLinearFusedExperts, ReadyFlagLaunchesEqualSeparateLaunchesBitForBit) {
+  DSV4_REQUIRE_CUDA();
+  expect_split_alike_form_equals_separate_launches(ops::cuda_linear_force_ready_flag_experts,
+                                                   ops::cuda_linear_ready_flag_expert_launches, 0x62,
+                                                   "ready-flag launches");
 }
 
 // Split FP4 expert GEMMs whose K slices are whole row-scale groups copy the scales a

@@ -273,6 +273,37 @@ void launch_split_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, c
   check_launch(be.stream());
 }
 
+// The ready-flag form (expert_gate_up_ready_kernel, then expert_down_ready_kernel): two
+// launches of clusters of f.gate_up.split CTAs, the cluster-fold expert kernel's shared
+// memory, grids (weight tiles, max list tiles, S).
+template <bool kTma>
+auto gate_up_ready_kernel(CudaBackend& be) {
+  static std::atomic<uint64_t> done{0};
+  const auto kernel = lk::expert_gate_up_ready_kernel<kTma>;
+  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
+  return kernel;
+}
+template <bool kTma>
+auto down_ready_kernel(CudaBackend& be) {
+  static std::atomic<uint64_t> done{0};
+  const auto kernel = lk::expert_down_ready_kernel<kTma>;
+  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
+  return kernel;
+}
+template <bool kTma>
+void launch_ready_flag_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
+                               const lk::ExpertTable& down) {
+  cudaLaunchAttribute cluster;
+  const dim3 gate_up_grid(unsigned(f.gate_up_tiles), unsigned(f.max_tiles), unsigned(f.gate_up.split));
+  const cudaLaunchConfig_t a = cluster_fold_config(gate_up_grid, f.gate_up.split, kExpertClusterSmem, be.stream(), cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&a, gate_up_ready_kernel<kTma>(be), f, gate_up));
+  check_launch(be.stream());
+  const dim3 down_grid(unsigned(f.down_tiles), unsigned(f.max_tiles), unsigned(f.down.split));
+  const cudaLaunchConfig_t b = cluster_fold_config(down_grid, f.down.split, kExpertClusterSmem, be.stream(), cluster);
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&b, down_ready_kernel<kTma>(be), f, down));
+  check_launch(be.stream());
+}
+
 // CTAs of expert_ffn_fused_kernel the GPU holds at once (registers and shared memory),
 // asked once per device (as cluster_fold_fits does): every routed_experts call in the
 // fused step's row range needs it.
@@ -732,6 +763,16 @@ bool split_fused_clusters_fit(CudaBackend& be, bool tma, int64_t split) {
              : clusters_fit(be, split_fused_expert_kernel<false>(be), kExpertClusterSmem, int(split), asked[0],
                             fits[0]);
 }
+// Whether clusters of `split` CTAs of both ready-flag launches fit.
+bool ready_flag_clusters_fit(CudaBackend& be, bool tma, int64_t split) {
+  if (split < 2 || split > lk::kMaxClusterFold) return false;
+  static std::atomic<uint64_t> asked[4][lk::kMaxClusterFold + 1], fits[4][lk::kMaxClusterFold + 1];
+  const int s = int(split);
+  return tma ? clusters_fit(be, gate_up_ready_kernel<true>(be), kExpertClusterSmem, s, asked[0], fits[0]) &&
+                   clusters_fit(be, down_ready_kernel<true>(be), kExpertClusterSmem, s, asked[1], fits[1])
+             : clusters_fit(be, gate_up_ready_kernel<false>(be), kExpertClusterSmem, s, asked[2], fits[2]) &&
+                   clusters_fit(be, down_ready_kernel<false>(be), kExpertClusterSmem, s, asked[3], fits[3]);
+}
 
 // The router's logits folded by router_select_kernel from the GEMM's K-slice partials
 // where the GEMM would otherwise be followed by split_fold_kernel (3-256 rows on
@@ -1083,6 +1124,20 @@ bool split_fused_experts_enabled() {
   return forced_or(g_force_split_fused_experts, from_env);
 }
 
+// The two expert GEMMs as cluster launches chained by per-list-tile ready flags, the
+// SwiGLU in the last gate/up cluster of each list tile (expert_gate_up_ready_kernel,
+// expert_down_ready_kernel; docs/design/fused-expert-step.md, "Ready flags across two
+// launches"): where the split fused step would apply (1 row at bench-1g), the SwiGLU launch
+// and the boundary before the down GEMM go, without the split fused step's down clusters
+// holding SM slots while the gate/up clusters run. The same bits.
+// DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force either.
+std::atomic<int64_t> g_ready_flag_expert_launches{0};
+std::atomic<int> g_force_ready_flag_experts{-1};
+bool ready_flag_experts_enabled() {
+  static const bool from_env = env_is("DSV4_CUDA_EXPERT_READY_FLAGS", "1");
+  return forced_or(g_force_ready_flag_experts, from_env);
+}
+
 // An expert GEMM's tiles and K slices (p.groups, tiles_per_group, slices, split) for
 // num_pairs rows in at most max_tiles list tiles: the slices split over CTAs where
 // expert_split_k (expert_plan.h) asks for it and the partials stay small; both give the
@@ -1160,6 +1215,10 @@ int64_t cuda_linear_split_fused_expert_launches() {
 void cuda_linear_force_split_fused_experts(int on) {
   g_force_split_fused_experts.store(on, std::memory_order_relaxed);
 }
+int64_t cuda_linear_ready_flag_expert_launches() {
+  return g_ready_flag_expert_launches.load(std::memory_order_relaxed);
+}
+void cuda_linear_force_ready_flag_experts(int on) { g_force_ready_flag_experts.store(on, std::memory_order_relaxed); }
 int64_t cuda_linear_expert_launches() { return g_expert_launches.load(std::memory_order_relaxed); }
 void cuda_linear_force_expert_split(int mode) { g_force_expert_split.store(mode, std::memory_order_relaxed); }
 void cuda_linear_force_expert_launches(int pieces) {
@@ -1669,7 +1728,17 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     split_fused = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S) &&
                   split_fused_clusters_fit(*this, split_tma, S);
   }
-  const int64_t fused_sync_ints = fused || split_fused ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
+  // Or, where the split fused step would apply, the two launches chained by ready flags
+  // (ready_flag_experts_enabled; the split fused step first where both are asked for).
+  bool ready_flags = false;
+  if (!fused && !split_fused && gate_up_table && ready_flag_experts_enabled()) {
+    const int64_t S = f.gate_up.split;
+    split_tma = expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
+                expert_bulk_copies(f.down, *down_table, num_local);
+    ready_flags = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S) &&
+                  ready_flag_clusters_fit(*this, split_tma, S);
+  }
+  const int64_t fused_sync_ints = fused || split_fused || ready_flags ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
   int* fused_sync = fused_sync_ints > 0 ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),
@@ -1688,7 +1757,7 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
   check_launch(s);
   if (prep.warp_list) g_prep_warp_launches.fetch_add(1, std::memory_order_relaxed);
 
-  if (fused || split_fused) {
+  if (fused || split_fused || ready_flags) {
     f.gate_up.chunk_end = f.down.chunk_end = int(num_local);
     f.gate_up_tiles = f.gate_up.tiles_per_group;
     f.down_tiles = f.down.tiles_per_group;
@@ -1703,18 +1772,24 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     f.split_pairs = 1;
     const int64_t items = int64_t(f.gate_up_tiles + f.down_tiles) * max_tiles;  // (a CTA or a cluster each)
     DSV4_CHECK(items * f.gate_up.split < (int64_t(1) << 31), "routed_experts: {} fused expert items too many", items);
-    if (split_fused) {
+    if (split_fused || ready_flags) {
       // As run_expert_gemm sets them for the split cluster launches: whole scale groups a
       // slice where enabled; the down items' first weight stages before their wait, which
       // here is their list tile's ready flag (the kernel needs that wait: it reads h after it).
       for (lk::GemmParams* g : {&f.gate_up, &f.down}) set_split_scale_groups(*g, split_scale_groups_enabled());
       f.gate_up.weights_before_wait = 0;
       f.down.weights_before_wait = 1;
+      g_expert_cluster_fold_launches.fetch_add(2, std::memory_order_relaxed);
+      if (split_tma) g_tma_launches.fetch_add(2, std::memory_order_relaxed);
+      if (ready_flags) {
+        if (split_tma) launch_ready_flag_experts<true>(*this, f, *gate_up_table, *down_table);
+        else launch_ready_flag_experts<false>(*this, f, *gate_up_table, *down_table);
+        g_ready_flag_expert_launches.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
       if (split_tma) launch_split_fused_experts<true>(*this, f, *gate_up_table, *down_table, items);
       else launch_split_fused_experts<false>(*this, f, *gate_up_table, *down_table, items);
       g_split_fused_expert_launches.fetch_add(1, std::memory_order_relaxed);
-      g_expert_cluster_fold_launches.fetch_add(2, std::memory_order_relaxed);
-      if (split_tma) g_tma_launches.fetch_add(2, std::memory_order_relaxed);
       return;
     }
     launch_fused_experts(*this, f, *gate_up_table, *down_table, items);

@@ -39,6 +39,11 @@ void cuda_linear_force_fused_experts(int on);
 // off), 0 / 1 force it off / on where it applies.
 int64_t cuda_linear_split_fused_expert_launches();
 void cuda_linear_force_split_fused_experts(int on);
+// Tests: routed-expert calls so far that ran as the two cluster launches chained by ready
+// flags (expert_gate_up_ready_kernel, expert_down_ready_kernel); -1 follows
+// DSV4_CUDA_EXPERT_READY_FLAGS (default off), 0 / 1 force it off / on where it applies.
+int64_t cuda_linear_ready_flag_expert_launches();
+void cuda_linear_force_ready_flag_experts(int on);
 // Test hooks: expert GEMM launches so far; each expert GEMM of one K slice a CTA as
 // `pieces` launches over its weight tiles (a diagnostic: what a launch boundary costs
 // in the step; same bits), -1 following DSV4_CUDA_EXPERT_LAUNCHES (default 1).

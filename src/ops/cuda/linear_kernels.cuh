@@ -1528,6 +1528,31 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_fused_kernel(const Fus
   expert_tile<WFmt::kFp4, 1, true, true, false>(f.down, down.p[tile.x], d % f.down_tiles, tile, item);
 }
 
+// The end of a gate/up cluster's item in the split fused step and in the ready-flag
+// gate/up launch, after expert_tile's last cluster barrier (every CTA's output stores are
+// behind it; rank 0's release below is cumulative through it): rank 0 counts the cluster
+// on list tile j (acquire-release) and tells its CTAs whether it was the last; the last
+// cluster runs the tile's SwiGLU and quantization, its warp items spread over the
+// cluster's CTAs (gate/up read through L2), and rank 0 then sets the tile's ready flag
+// (release). s_last: a shared int of each CTA.
+__device__ __forceinline__ void cluster_tile_ready(const FusedExpertArgs& f, int j, int4 tile, uint32_t rank,
+                                                   uint32_t split, int* s_last) {
+  if (rank == 0 && threadIdx.x == 0) {
+    const int last = atom_add_acq_rel_gpu(f.arrivals(j), 1) == f.gate_up_tiles - 1;
+    for (uint32_t r = 0; r < split; ++r) st_cluster_u32(cluster_map(shared_address(s_last), r), uint32_t(last));
+  }
+  cluster_sync_all();  // every CTA's s_last written (and rank 0's acquire behind it)
+  if (!*s_last) return;
+  const int64_t blocks = f.inter / 128, warp_items = int64_t(tile.z) * blocks;
+  const int64_t warps = int64_t(split) * (kThreads / 32);
+  for (int64_t w = int64_t(rank) * (kThreads / 32) + (threadIdx.x >> 5); w < warp_items; w += warps)
+    swiglu_quant_item<true>(static_cast<const uint16_t*>(f.gate_up.y), f.inter, tile.y + w / blocks, w % blocks,
+                            int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
+  __threadfence();     // this thread's h stores, before the cluster's flag
+  cluster_sync_all();  // every CTA's h rows stored
+  if (rank == 0 && threadIdx.x == 0) st_release_gpu(f.ready(j), 1);
+}
+
 // The fused step where both GEMMs split their K slices over the S CTAs of a cluster (1 row
 // at bench-1g: 6 list tiles x 32 weight tiles a GEMM, S = 2; docs/design/fused-expert-step.md,
 // "Split slices"). Grid (items, 1, S) in clusters of 1 x 1 x S, one work item a cluster:
@@ -1560,22 +1585,7 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
     const int4 tile = f.gate_up.tiles[j];
     expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true>(f.gate_up, gate_up.p[tile.x], item % f.gate_up_tiles,
                                                                 tile, item);
-    // (expert_tile's last cluster barrier: every CTA's output stores are behind it; rank 0's
-    // release below is cumulative through it)
-    if (rank == 0 && threadIdx.x == 0) {
-      const int last = atom_add_acq_rel_gpu(f.arrivals(j), 1) == f.gate_up_tiles - 1;
-      for (uint32_t r = 0; r < split; ++r) st_cluster_u32(cluster_map(shared_address(&s_last), r), uint32_t(last));
-    }
-    cluster_sync_all();  // every CTA's s_last written (and rank 0's acquire behind it)
-    if (!s_last) return;
-    const int64_t blocks = f.inter / 128, warp_items = int64_t(tile.z) * blocks;
-    const int64_t warps = int64_t(split) * (kThreads / 32);
-    for (int64_t w = int64_t(rank) * (kThreads / 32) + (threadIdx.x >> 5); w < warp_items; w += warps)
-      swiglu_quant_item<true>(static_cast<const uint16_t*>(f.gate_up.y), f.inter, tile.y + w / blocks, w % blocks,
-                              int(threadIdx.x & 31), f.rw, f.rw_index, f.limit, f.hq, f.hs, f.split_pairs);
-    __threadfence();     // this thread's h stores, before the cluster's flag
-    cluster_sync_all();  // every CTA's h rows stored
-    if (rank == 0 && threadIdx.x == 0) st_release_gpu(f.ready(j), 1);
+    cluster_tile_ready(f, j, tile, rank, split, &s_last);
     return;
   }
   const int d = item - gate_up_items;
@@ -1584,6 +1594,49 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
   const int4 tile = f.down.tiles[j];
   expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true, ReadyFlagWait>(
       f.down, down.p[tile.x], d % f.down_tiles, tile, item, ReadyFlagWait{f.ready(j)});
+}
+
+// The routed experts as two cluster launches chained by ready flags (1 row at bench-1g;
+// docs/design/fused-expert-step.md, "Ready flags across two launches"): the gate/up and
+// down cluster launches of expert_gemm_kernel (grid (weight tiles, max list tiles, S),
+// clusters of 1 x 1 x S) without the SwiGLU launch between them. Each gate/up cluster ends
+// in cluster_tile_ready: the last of a list tile's clusters runs its SwiGLU and sets its
+// flag. Each down cluster streams its first weight stages and then waits for its list
+// tile's flag (ReadyFlagWait) instead of for its predecessor's end, so it starts while
+// the other tiles' gate/up clusters run, and no SM slot is held before the gate/up grid
+// has placed every CTA: the down launch starts only once every gate/up CTA has triggered
+// (gemm_tile, after its stages), and none of those waits on a down CTA, so each flag
+// comes. The same tiles and SwiGLU items as the separate launches: the same bits.
+template <bool kTma>
+__global__ void __launch_bounds__(kThreads, 4) expert_gate_up_ready_kernel(const FusedExpertArgs f,
+                                                                            const __grid_constant__ ExpertTable gate_up) {
+  __shared__ int s_last;
+  wait_for_predecessor();
+  const int j = int(blockIdx.y);
+  if (j >= *f.gate_up.num_tiles) return;  // (a cluster's CTAs share blockIdx.y: they leave together)
+  const int4 tile = f.gate_up.tiles[j];
+  expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true>(f.gate_up, gate_up.p[tile.x], int(blockIdx.x), tile,
+                                                              int(blockIdx.y * gridDim.x + blockIdx.x));
+  cluster_tile_ready(f, j, tile, cluster_cta_rank(), uint32_t(f.gate_up.split), &s_last);
+}
+
+// The down half (above). Its tile list is moe_prep's, which ended before any gate/up CTA
+// passed its own wait, and so before this grid launched (read through L2, as the early
+// expert launches do). Every CTA ends in the dependency wait (the gate/up grid's end, by
+// then at most its CTAs' exits): this grid then ends after its predecessor, as a grid
+// that waits at entry does, which the programmatic edges' rule needs (cuda_backend.cu,
+// make_kernel_edges_programmatic).
+template <bool kTma>
+__global__ void __launch_bounds__(kThreads, 4) expert_down_ready_kernel(const FusedExpertArgs f,
+                                                                         const __grid_constant__ ExpertTable down) {
+  const int j = int(blockIdx.y);
+  if (j < __ldcg(f.down.num_tiles)) {
+    const int4 tile = __ldcg(f.down.tiles + j);
+    expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true, ReadyFlagWait>(
+        f.down, down.p[tile.x], int(blockIdx.x), tile, int(blockIdx.y * gridDim.x + blockIdx.x),
+        ReadyFlagWait{f.ready(j)});
+  }
+  wait_for_predecessor();
 }
 
 // ---- routed-expert bookkeeping ----------------------------------------------------------
