@@ -295,7 +295,8 @@ void launch_ready_flag_experts(CudaBackend& be, const lk::FusedExpertArgs& f, co
                                const lk::ExpertTable& down) {
   cudaLaunchAttribute cluster;
   const dim3 gate_up_grid(unsigned(f.gate_up_tiles), unsigned(f.max_tiles), unsigned(f.gate_up.split));
-  const cudaLaunchConfig_t a = cluster_fold_config(gate_up_grid, f.gate_up.split, kExpertClusterSmem, be.stream(), cluster);
+  const cudaLaunchConfig_t a =
+      cluster_fold_config(gate_up_grid, f.gate_up.split, kExpertClusterSmem, be.stream(), cluster);
   DSV4_CUDA_CHECK(cudaLaunchKernelEx(&a, gate_up_ready_kernel<kTma>(be), f, gate_up));
   check_launch(be.stream());
   const dim3 down_grid(unsigned(f.down_tiles), unsigned(f.max_tiles), unsigned(f.down.split));
@@ -1738,7 +1739,8 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
     ready_flags = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S) &&
                   ready_flag_clusters_fit(*this, split_tma, S);
   }
-  const int64_t fused_sync_ints = fused || split_fused || ready_flags ? 1 + 2 * max_tiles : 0;  // (FusedExpertArgs::sync)
+  // (FusedExpertArgs::sync)
+  const int64_t fused_sync_ints = fused || split_fused || ready_flags ? 1 + 2 * max_tiles : 0;
   int* fused_sync = fused_sync_ints > 0 ? scratch_as<int>(*this, "moe.fused_sync", fused_sync_ints) : nullptr;
   const lk::MoePrepArgs prep{.ids = id, .num_pairs = int(P), .k = int(k), .expert_begin = int(expert_begin),
                              .num_local = int(num_local), .bm = int(bm), .max_tiles = int(max_tiles),

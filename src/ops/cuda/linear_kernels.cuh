@@ -1608,8 +1608,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
 // (gemm_tile, after its stages), and none of those waits on a down CTA, so each flag
 // comes. The same tiles and SwiGLU items as the separate launches: the same bits.
 template <bool kTma>
-__global__ void __launch_bounds__(kThreads, 4) expert_gate_up_ready_kernel(const FusedExpertArgs f,
-                                                                            const __grid_constant__ ExpertTable gate_up) {
+__global__ void __launch_bounds__(kThreads, 4)
+    expert_gate_up_ready_kernel(const FusedExpertArgs f, const __grid_constant__ ExpertTable gate_up) {
   __shared__ int s_last;
   wait_for_predecessor();
   const int j = int(blockIdx.y);
@@ -1627,8 +1627,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_gate_up_ready_kernel(const
 // that waits at entry does, which the programmatic edges' rule needs (cuda_backend.cu,
 // make_kernel_edges_programmatic).
 template <bool kTma>
-__global__ void __launch_bounds__(kThreads, 4) expert_down_ready_kernel(const FusedExpertArgs f,
-                                                                         const __grid_constant__ ExpertTable down) {
+__global__ void __launch_bounds__(kThreads, 4)
+    expert_down_ready_kernel(const FusedExpertArgs f, const __grid_constant__ ExpertTable down) {
   const int j = int(blockIdx.y);
   if (j < __ldcg(f.down.num_tiles)) {
     const int4 tile = __ldcg(f.down.tiles + j);
