@@ -106,7 +106,8 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_EXPERT_CLUSTER_FOLD", kCuda, kOnOff, "1", "0: split FP4 expert launches fold by their last CTA"},
     {"DSV4_CUDA_SPLIT_SCALE_GROUPS", kCuda, kOnOff, "1", "0: split FP4 launches copy 4 scale bytes a stage"},
     {"DSV4_CUDA_EXPERT_EARLY_WEIGHTS", kCuda, kOnOff, "by shape",
-     "the down GEMM's first weight stages before its wait: 0 never, 1 wherever it runs 8-row tiles"},
+     "the down GEMM's first weight stages before its wait (or, with DSV4_CUDA_EXPERT_READY_FLAGS=1, its flag): "
+     "0 never, 1 wherever it runs 8-row tiles"},
     {"DSV4_CUDA_EXPERT_LAUNCHES", kCuda, integers(1, 8), "1",
      "a diagnostic: each expert GEMM walking its K slices runs as N launches (what a boundary costs)", true},
     // mHC.

@@ -1333,12 +1333,18 @@ TEST(CudaLinearFusedExperts, SplitFusedEqualsSeparateLaunchesBitForBit) {
 
 // The ready-flag form (expert_gate_up_ready_kernel then expert_down_ready_kernel: the same
 // gate/up clusters and SwiGLU, the down clusters a second launch waiting on the flags; in
-// the graph, that launch is a programmatic dependent of the first).
+// the graph, that launch is a programmatic dependent of the first), with the down launch's
+// first weight stages before its flag and after it. (The separate launches it is checked
+// against then read their down weights at the same switch: the same bits either way.)
 TEST(CudaLinearFusedExperts, ReadyFlagLaunchesEqualSeparateLaunchesBitForBit) {
   DSV4_REQUIRE_CUDA();
-  expect_split_alike_form_equals_separate_launches(ops::cuda_linear_force_ready_flag_experts,
-                                                   ops::cuda_linear_ready_flag_expert_launches, 0x62,
-                                                   "ready-flag launches");
+  const ForcedHooks hooks{{ops::cuda_linear_force_expert_early_weights, -1}};
+  for (const int early : {-1, 0}) {  // the down launch's first weight stages before its flag (default), after it
+    ops::cuda_linear_force_expert_early_weights(early);
+    expect_split_alike_form_equals_separate_launches(
+        ops::cuda_linear_force_ready_flag_experts, ops::cuda_linear_ready_flag_expert_launches, early == 0 ? 0x63 : 0x62,
+        early == 0 ? "ready-flag launches, down weights after the flag" : "ready-flag launches");
+  }
 }
 
 // Split FP4 expert GEMMs whose K slices are whole row-scale groups copy the scales a

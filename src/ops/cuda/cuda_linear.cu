@@ -1780,7 +1780,9 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
       // here is their list tile's ready flag (the kernel needs that wait: it reads h after it).
       for (lk::GemmParams* g : {&f.gate_up, &f.down}) set_split_scale_groups(*g, split_scale_groups_enabled());
       f.gate_up.weights_before_wait = 0;
-      f.down.weights_before_wait = 1;
+      // (the ready-flag down launch may take its weights after its flag instead: the early
+      // weights' switch, for A/B runs)
+      f.down.weights_before_wait = split_fused || expert_early_weights(*this, 0) ? 1 : 0;
       g_expert_cluster_fold_launches.fetch_add(2, std::memory_order_relaxed);
       if (split_tma) g_tma_launches.fetch_add(2, std::memory_order_relaxed);
       if (ready_flags) {

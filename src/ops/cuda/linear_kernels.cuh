@@ -1620,7 +1620,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   cluster_tile_ready(f, j, tile, cluster_cta_rank(), uint32_t(f.gate_up.split), &s_last);
 }
 
-// The down half (above). Its tile list is moe_prep's, which ended before any gate/up CTA
+// The down half (above); its first weight stages stream before its flag unless
+// DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 (f.down.weights_before_wait). Its tile list is moe_prep's, which ended before any gate/up CTA
 // passed its own wait, and so before this grid launched (read through L2, as the early
 // expert launches do). Every CTA ends in the dependency wait (the gate/up grid's end, by
 // then at most its CTAs' exits): this grid then ends after its predecessor, as a grid
@@ -1632,6 +1633,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int j = int(blockIdx.y);
   if (j < __ldcg(f.down.num_tiles)) {
     const int4 tile = __ldcg(f.down.tiles + j);
+    // (gemm_tile calls its wait only after early weight stages; without them, first the flag)
+    if (f.down.weights_before_wait == 0) ReadyFlagWait{f.ready(j)}();
     expert_tile<WFmt::kFp4, 1, false, kTma, false, true, true, ReadyFlagWait>(
         f.down, down.p[tile.x], int(blockIdx.x), tile, int(blockIdx.y * gridDim.x + blockIdx.x),
         ReadyFlagWait{f.ready(j)});
