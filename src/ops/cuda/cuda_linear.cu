@@ -1130,8 +1130,11 @@ bool split_fused_experts_enabled() {
 // expert_down_ready_kernel; docs/design/fused-expert-step.md, "Ready flags across two
 // launches"): where the split fused step would apply (1 row at bench-1g), the SwiGLU launch
 // and the boundary before the down GEMM go, without the split fused step's down clusters
-// holding SM slots while the gate/up clusters run. The same bits.
-// DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force either.
+// holding SM slots while the gate/up clusters run. The same bits. Off: measured +1.3% a
+// step at one row on an H100 (eighty-ninth session, 3 rounds apart): in the batch-1 trace
+// the SwiGLU link goes and the down link shrinks ~3 µs a layer, but the gate/up grid ends
+// ~8 µs a layer later. DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force
+// either.
 std::atomic<int64_t> g_ready_flag_expert_launches{0};
 std::atomic<int> g_force_ready_flag_experts{-1};
 bool ready_flag_experts_enabled() {

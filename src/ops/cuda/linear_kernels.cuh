@@ -1606,7 +1606,8 @@ __global__ void __launch_bounds__(kThreads, 4) expert_ffn_split_fused_kernel(con
 // the other tiles' gate/up clusters run, and no SM slot is held before the gate/up grid
 // has placed every CTA: the down launch starts only once every gate/up CTA has triggered
 // (gemm_tile, after its stages), and none of those waits on a down CTA, so each flag
-// comes. The same tiles and SwiGLU items as the separate launches: the same bits.
+// comes. The same tiles and SwiGLU items as the separate launches: the same bits. Off by
+// default: measured slower at one row (cuda_linear.cu, ready_flag_experts_enabled).
 template <bool kTma>
 __global__ void __launch_bounds__(kThreads, 4)
     expert_gate_up_ready_kernel(const FusedExpertArgs f, const __grid_constant__ ExpertTable gate_up) {
