@@ -204,13 +204,18 @@ void launch_expert(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk
 // The cluster-fold expert kernel (8-row FP4 tiles, split slices), its shared-memory
 // limit raised (once per device).
 constexpr int kExpertClusterSmem = lk::gemm_smem_bytes<WFmt::kFp4, 1, true>();
+// kKernel with that shared memory allowed (once per device and kernel): the cluster
+// launches of the routed experts' GEMMs all take it.
+template <auto kKernel>
+auto with_expert_cluster_smem(CudaBackend& be) {
+  static std::atomic<uint64_t> done{0};
+  allow_smem(kKernel, kExpertClusterSmem, be.device_index(), done);
+  return kKernel;
+}
 template <bool kTma>
 auto expert_cluster_kernel(CudaBackend& be) {
   static_assert(lk::gemm_smem_bytes<WFmt::kFp4, 1, kTma>() <= kExpertClusterSmem, "one size for both forms");
-  static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true, true>;
-  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
-  return kernel;
+  return with_expert_cluster_smem<lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true, true>>(be);
 }
 template <bool kTma>
 void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
@@ -258,10 +263,7 @@ void launch_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const l
 // CTAs, the cluster-fold expert kernel's shared memory.
 template <bool kTma>
 auto split_fused_expert_kernel(CudaBackend& be) {
-  static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_ffn_split_fused_kernel<kTma>;
-  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
-  return kernel;
+  return with_expert_cluster_smem<lk::expert_ffn_split_fused_kernel<kTma>>(be);
 }
 template <bool kTma>
 void launch_split_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
@@ -278,17 +280,11 @@ void launch_split_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, c
 // memory, grids (weight tiles, max list tiles, S).
 template <bool kTma>
 auto gate_up_ready_kernel(CudaBackend& be) {
-  static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_gate_up_ready_kernel<kTma>;
-  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
-  return kernel;
+  return with_expert_cluster_smem<lk::expert_gate_up_ready_kernel<kTma>>(be);
 }
 template <bool kTma>
 auto down_ready_kernel(CudaBackend& be) {
-  static std::atomic<uint64_t> done{0};
-  const auto kernel = lk::expert_down_ready_kernel<kTma>;
-  allow_smem(kernel, kExpertClusterSmem, be.device_index(), done);
-  return kernel;
+  return with_expert_cluster_smem<lk::expert_down_ready_kernel<kTma>>(be);
 }
 template <bool kTma>
 void launch_ready_flag_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
