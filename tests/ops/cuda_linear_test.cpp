@@ -1342,8 +1342,8 @@ TEST(CudaLinearFusedExperts, ReadyFlagLaunchesEqualSeparateLaunchesBitForBit) {
   for (const int early : {-1, 0}) {  // the down launch's first weight stages before its flag (default), after it
     ops::cuda_linear_force_expert_early_weights(early);
     expect_split_alike_form_equals_separate_launches(
-        ops::cuda_linear_force_ready_flag_experts, ops::cuda_linear_ready_flag_expert_launches, early == 0 ? 0x63 : 0x62,
-        early == 0 ? "ready-flag launches, down weights after the flag" : "ready-flag launches");
+        ops::cuda_linear_force_ready_flag_experts, ops::cuda_linear_ready_flag_expert_launches,
+        early == 0 ? 0x63 : 0x62, early == 0 ? "ready-flag launches, down weights after the flag" : "ready-flag launches");
   }
 }
 

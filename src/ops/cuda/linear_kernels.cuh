@@ -1622,12 +1622,12 @@ __global__ void __launch_bounds__(kThreads, 4)
 }
 
 // The down half (above); its first weight stages stream before its flag unless
-// DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 (f.down.weights_before_wait). Its tile list is moe_prep's, which ended before any gate/up CTA
-// passed its own wait, and so before this grid launched (read through L2, as the early
-// expert launches do). Every CTA ends in the dependency wait (the gate/up grid's end, by
-// then at most its CTAs' exits): this grid then ends after its predecessor, as a grid
-// that waits at entry does, which the programmatic edges' rule needs (cuda_backend.cu,
-// make_kernel_edges_programmatic).
+// DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0 (f.down.weights_before_wait). Its tile list is
+// moe_prep's, which ended before any gate/up CTA passed its own wait, and so before this
+// grid launched (read through L2, as the early expert launches do). Every CTA ends in the
+// dependency wait (the gate/up grid's end, by then at most its CTAs' exits): this grid
+// then ends after its predecessor, as a grid that waits at entry does, which the
+// programmatic edges' rule needs (cuda_backend.cu, make_kernel_edges_programmatic).
 template <bool kTma>
 __global__ void __launch_bounds__(kThreads, 4)
     expert_down_ready_kernel(const FusedExpertArgs f, const __grid_constant__ ExpertTable down) {
