@@ -213,9 +213,11 @@ auto with_expert_cluster_smem(CudaBackend& be) {
   return kKernel;
 }
 template <bool kTma>
+constexpr auto kExpertClusterKernel = lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true, true>;
+template <bool kTma>
 auto expert_cluster_kernel(CudaBackend& be) {
   static_assert(lk::gemm_smem_bytes<WFmt::kFp4, 1, kTma>() <= kExpertClusterSmem, "one size for both forms");
-  return with_expert_cluster_smem<lk::expert_gemm_kernel<WFmt::kFp4, 1, false, kTma, false, true, true>>(be);
+  return with_expert_cluster_smem<kExpertClusterKernel<kTma>>(be);
 }
 template <bool kTma>
 void launch_expert_cluster(CudaBackend& be, const lk::GemmParams& p, dim3 grid, const lk::ExpertTable& table) {
@@ -744,31 +746,32 @@ bool expert_early_weights(CudaBackend& be, unsigned swiglu_blocks) {
 // holds such clusters; DSV4_CUDA_EXPERT_CLUSTER_FOLD=0 keeps the last-CTA fold (same bits).
 std::atomic<int64_t> g_expert_cluster_fold_launches{0};
 std::atomic<int> g_force_expert_cluster_fold{-1};
+// Whether clusters of `split` CTAs of kKernel (the cluster expert kernels' shared memory)
+// fit on the device, asked once per device and split.
+template <auto kKernel>
+bool expert_clusters_fit(CudaBackend& be, int64_t split) {
+  if (split < 2 || split > lk::kMaxClusterFold) return false;
+  static std::atomic<uint64_t> asked[lk::kMaxClusterFold + 1], fits[lk::kMaxClusterFold + 1];
+  return clusters_fit(be, with_expert_cluster_smem<kKernel>(be), kExpertClusterSmem, int(split), asked, fits);
+}
 bool expert_cluster_fold(CudaBackend& be, bool tma, int64_t split) {
   static const bool from_env = !env_is("DSV4_CUDA_EXPERT_CLUSTER_FOLD", "0");
-  if (!forced_or(g_force_expert_cluster_fold, from_env) || split < 2 || split > lk::kMaxClusterFold) return false;
-  static std::atomic<uint64_t> asked[2][lk::kMaxClusterFold + 1], fits[2][lk::kMaxClusterFold + 1];
-  return tma ? clusters_fit(be, expert_cluster_kernel<true>(be), kExpertClusterSmem, int(split), asked[1], fits[1])
-             : clusters_fit(be, expert_cluster_kernel<false>(be), kExpertClusterSmem, int(split), asked[0], fits[0]);
+  if (!forced_or(g_force_expert_cluster_fold, from_env)) return false;
+  return tma ? expert_clusters_fit<kExpertClusterKernel<true>>(be, split)
+             : expert_clusters_fit<kExpertClusterKernel<false>>(be, split);
 }
 // Whether clusters of `split` CTAs of the split fused step fit (as expert_cluster_fold asks
 // for the cluster launch).
 bool split_fused_clusters_fit(CudaBackend& be, bool tma, int64_t split) {
-  if (split < 2 || split > lk::kMaxClusterFold) return false;
-  static std::atomic<uint64_t> asked[2][lk::kMaxClusterFold + 1], fits[2][lk::kMaxClusterFold + 1];
-  return tma ? clusters_fit(be, split_fused_expert_kernel<true>(be), kExpertClusterSmem, int(split), asked[1], fits[1])
-             : clusters_fit(be, split_fused_expert_kernel<false>(be), kExpertClusterSmem, int(split), asked[0],
-                            fits[0]);
+  return tma ? expert_clusters_fit<lk::expert_ffn_split_fused_kernel<true>>(be, split)
+             : expert_clusters_fit<lk::expert_ffn_split_fused_kernel<false>>(be, split);
 }
 // Whether clusters of `split` CTAs of both ready-flag launches fit.
 bool ready_flag_clusters_fit(CudaBackend& be, bool tma, int64_t split) {
-  if (split < 2 || split > lk::kMaxClusterFold) return false;
-  static std::atomic<uint64_t> asked[4][lk::kMaxClusterFold + 1], fits[4][lk::kMaxClusterFold + 1];
-  const int s = int(split);
-  return tma ? clusters_fit(be, gate_up_ready_kernel<true>(be), kExpertClusterSmem, s, asked[0], fits[0]) &&
-                   clusters_fit(be, down_ready_kernel<true>(be), kExpertClusterSmem, s, asked[1], fits[1])
-             : clusters_fit(be, gate_up_ready_kernel<false>(be), kExpertClusterSmem, s, asked[2], fits[2]) &&
-                   clusters_fit(be, down_ready_kernel<false>(be), kExpertClusterSmem, s, asked[3], fits[3]);
+  return tma ? expert_clusters_fit<lk::expert_gate_up_ready_kernel<true>>(be, split) &&
+                   expert_clusters_fit<lk::expert_down_ready_kernel<true>>(be, split)
+             : expert_clusters_fit<lk::expert_gate_up_ready_kernel<false>>(be, split) &&
+                   expert_clusters_fit<lk::expert_down_ready_kernel<false>>(be, split);
 }
 
 // The router's logits folded by router_select_kernel from the GEMM's K-slice partials
@@ -1717,25 +1720,18 @@ void CudaBackend::do_routed_experts(const Tensor& x, const Tensor& ids, const Te
              fused_experts_auto(R, int64_t(f.gate_up.tiles_per_group) * max_tiles, fused_expert_slots(*this)));
   }
   // Where both GEMMs split their K slices over clusters of one size instead (1 row at
-  // bench-1g), the split fused step (split_fused_experts_enabled), with the cluster
-  // launches' TMA choice; only where the rule above built the tables, so
-  // DSV4_CUDA_FUSED_EXPERTS=0 turns both fused forms off.
-  bool split_fused = false, split_tma = false;
-  if (!fused && gate_up_table && split_fused_experts_enabled()) {
+  // bench-1g), the split fused step (split_fused_experts_enabled) or else the two launches
+  // chained by ready flags (ready_flag_experts_enabled), with the cluster launches' TMA
+  // choice; only where the rule above built the tables, so DSV4_CUDA_FUSED_EXPERTS=0 turns
+  // every fused form off.
+  bool split_fused = false, ready_flags = false, split_tma = false;
+  if (!fused && gate_up_table && (split_fused_experts_enabled() || ready_flag_experts_enabled())) {
     const int64_t S = f.gate_up.split;
     split_tma = expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
                 expert_bulk_copies(f.down, *down_table, num_local);
-    split_fused = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S) &&
-                  split_fused_clusters_fit(*this, split_tma, S);
-  }
-  // Or, where the split fused step would apply, the two launches chained by ready flags
-  // (ready_flag_experts_enabled; the split fused step first where both are asked for).
-  bool ready_flags = false;
-  if (!fused && !split_fused && gate_up_table && ready_flag_experts_enabled()) {
-    const int64_t S = f.gate_up.split;
-    split_tma = expert_bulk_copies(f.gate_up, *gate_up_table, num_local) &&
-                expert_bulk_copies(f.down, *down_table, num_local);
-    ready_flags = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S) &&
+    const bool split_alike = S > 1 && f.down.split == S && expert_cluster_fold(*this, split_tma, S);
+    split_fused = split_alike && split_fused_experts_enabled() && split_fused_clusters_fit(*this, split_tma, S);
+    ready_flags = split_alike && !split_fused && ready_flag_experts_enabled() &&
                   ready_flag_clusters_fit(*this, split_tma, S);
   }
   // (FusedExpertArgs::sync)
