@@ -1132,7 +1132,9 @@ bool split_fused_experts_enabled() {
 // holding SM slots while the gate/up clusters run. The same bits. Off: measured +1.3% a
 // step at one row on an H100 (eighty-ninth session, 3 rounds apart): in the batch-1 trace
 // the SwiGLU link goes and the down link shrinks ~3 µs a layer, but the gate/up grid ends
-// ~8 µs a layer later. DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force
+// ~8 µs a layer later. With the down weights after the flag (DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0)
+// +2.1% (ninetieth session): the gate/up grid ends as late, so its tail costs that, not the
+// down weights' traffic. DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force
 // either.
 std::atomic<int64_t> g_ready_flag_expert_launches{0};
 std::atomic<int> g_force_ready_flag_experts{-1};
