@@ -1133,8 +1133,8 @@ bool split_fused_experts_enabled() {
 // step at one row on an H100 (eighty-ninth session, 3 rounds apart): in the batch-1 trace
 // the SwiGLU link goes and the down link shrinks ~3 µs a layer, but the gate/up grid ends
 // ~8 µs a layer later. With the down weights after the flag (DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0)
-// +2.1% (ninetieth session): the gate/up grid ends as late, so its tail costs that, not the
-// down weights' traffic. DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force
+// +2.1% (ninetieth session): the gate/up grid ends as late, so the cost is its tail (or the
+// down CTAs polling beside it), not the down weights' traffic. DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force
 // either.
 std::atomic<int64_t> g_ready_flag_expert_launches{0};
 std::atomic<int> g_force_ready_flag_experts{-1};
