@@ -101,7 +101,8 @@ constexpr EnvSwitch kSwitches[] = {
      "not as separate launches with SwiGLU between (measured slower)"},
     {"DSV4_CUDA_EXPERT_READY_FLAGS", kCuda, kOnOff, "0",
      "1: where both routed expert GEMMs split their K slices alike over clusters (1 row), the last gate/up cluster of "
-     "each list tile runs its SwiGLU and sets a flag the down clusters wait on, in place of the SwiGLU launch"},
+     "each list tile runs its SwiGLU and sets a flag the down clusters wait on, in place of the SwiGLU launch "
+     "(measured slower)"},
     {"DSV4_CUDA_EXPERT_SPLIT", kCuda, kOnOff, "by shape", "0: an expert GEMM never splits its K slices over CTAs"},
     {"DSV4_CUDA_EXPERT_CLUSTER_FOLD", kCuda, kOnOff, "1", "0: split FP4 expert launches fold by their last CTA"},
     {"DSV4_CUDA_SPLIT_SCALE_GROUPS", kCuda, kOnOff, "1", "0: split FP4 launches copy 4 scale bytes a stage"},

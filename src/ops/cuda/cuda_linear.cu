@@ -264,16 +264,13 @@ void launch_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const l
 // The split fused step (expert_ffn_split_fused_kernel): `items` clusters of f.gate_up.split
 // CTAs, the cluster-fold expert kernel's shared memory.
 template <bool kTma>
-auto split_fused_expert_kernel(CudaBackend& be) {
-  return with_expert_cluster_smem<lk::expert_ffn_split_fused_kernel<kTma>>(be);
-}
-template <bool kTma>
 void launch_split_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
                                 const lk::ExpertTable& down, int64_t items) {
   cudaLaunchAttribute cluster;
   const dim3 grid(unsigned(items), 1u, unsigned(f.gate_up.split));
   const cudaLaunchConfig_t cfg = cluster_fold_config(grid, f.gate_up.split, kExpertClusterSmem, be.stream(), cluster);
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, split_fused_expert_kernel<kTma>(be), f, gate_up, down));
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&cfg, with_expert_cluster_smem<lk::expert_ffn_split_fused_kernel<kTma>>(be), f,
+                                     gate_up, down));
   check_launch(be.stream());
 }
 
@@ -281,25 +278,18 @@ void launch_split_fused_experts(CudaBackend& be, const lk::FusedExpertArgs& f, c
 // launches of clusters of f.gate_up.split CTAs, the cluster-fold expert kernel's shared
 // memory, grids (weight tiles, max list tiles, S).
 template <bool kTma>
-auto gate_up_ready_kernel(CudaBackend& be) {
-  return with_expert_cluster_smem<lk::expert_gate_up_ready_kernel<kTma>>(be);
-}
-template <bool kTma>
-auto down_ready_kernel(CudaBackend& be) {
-  return with_expert_cluster_smem<lk::expert_down_ready_kernel<kTma>>(be);
-}
-template <bool kTma>
 void launch_ready_flag_experts(CudaBackend& be, const lk::FusedExpertArgs& f, const lk::ExpertTable& gate_up,
                                const lk::ExpertTable& down) {
   cudaLaunchAttribute cluster;
   const dim3 gate_up_grid(unsigned(f.gate_up_tiles), unsigned(f.max_tiles), unsigned(f.gate_up.split));
   const cudaLaunchConfig_t a =
       cluster_fold_config(gate_up_grid, f.gate_up.split, kExpertClusterSmem, be.stream(), cluster);
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&a, gate_up_ready_kernel<kTma>(be), f, gate_up));
+  DSV4_CUDA_CHECK(
+      cudaLaunchKernelEx(&a, with_expert_cluster_smem<lk::expert_gate_up_ready_kernel<kTma>>(be), f, gate_up));
   check_launch(be.stream());
   const dim3 down_grid(unsigned(f.down_tiles), unsigned(f.max_tiles), unsigned(f.down.split));
   const cudaLaunchConfig_t b = cluster_fold_config(down_grid, f.down.split, kExpertClusterSmem, be.stream(), cluster);
-  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&b, down_ready_kernel<kTma>(be), f, down));
+  DSV4_CUDA_CHECK(cudaLaunchKernelEx(&b, with_expert_cluster_smem<lk::expert_down_ready_kernel<kTma>>(be), f, down));
   check_launch(be.stream());
 }
 
@@ -1134,8 +1124,8 @@ bool split_fused_experts_enabled() {
 // the SwiGLU link goes and the down link shrinks ~3 µs a layer, but the gate/up grid ends
 // ~8 µs a layer later. With the down weights after the flag (DSV4_CUDA_EXPERT_EARLY_WEIGHTS=0)
 // +2.1% (ninetieth session): the gate/up grid ends as late, so the cost is its tail (or the
-// down CTAs polling beside it), not the down weights' traffic. DSV4_CUDA_EXPERT_READY_FLAGS=1 turns it on; a test hook may force
-// either.
+// down CTAs polling beside it), not the down weights' traffic. DSV4_CUDA_EXPERT_READY_FLAGS=1
+// turns it on; a test hook may force either.
 std::atomic<int64_t> g_ready_flag_expert_launches{0};
 std::atomic<int> g_force_ready_flag_experts{-1};
 bool ready_flag_experts_enabled() {
