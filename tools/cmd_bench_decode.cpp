@@ -45,6 +45,7 @@ struct BenchOptions {
   int64_t position_spread = 1;
   int warmup = 20;
   int replays = 200;
+  int eager_runs = 5;
   int threads = 1;
   int dp = 1;
   std::string moe = "allgather";
@@ -75,8 +76,9 @@ struct RankRun {
   std::vector<double> step_ms;                 // graph replays (or eager steps where not capturable)
   std::vector<double> served_ms;               // graphs: a greedy step as serving runs it, host wall (below)
   std::vector<double> served_sampled_ms;       // the same, every row sampled (temperature 1, top_p 0.95)
-  std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind
-  double comm_ms = 0;                          // eager: stages tagged communication
+  std::map<std::string, double> stage_ms;      // eager, event-timed, by stage kind: the median over the runs
+  double comm_ms = 0;                          // eager: stages tagged communication (the median over the runs)
+  std::vector<double> eager_step_ms;           // each eager run's stage times summed, in run order
   std::vector<std::set<int32_t>> touched;      // routed expert ids per layer (every row of this rank)
   std::map<int64_t, int64_t> expert_rows;      // rows an expert gets in a layer -> how many (layer, expert)
   uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (index_topk)
@@ -257,8 +259,8 @@ void run_cta_probe(engine::ModelRunner& runner, const engine::StepMetadata& meta
 
 // B sequences decoding their token at decode_position(p, s, spread) on `runner`, caches random.
 RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
-                     int64_t p, int64_t spread, int warmup, int replays, bool graphs, int rank, bool profile,
-                     const AfterTiming& after_timing) {
+                     int64_t p, int64_t spread, int warmup, int replays, int eager_runs, bool graphs, int rank,
+                     bool profile, const AfterTiming& after_timing) {
   RankRun out;
   out.graphs = graphs;
   const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank, spread);
@@ -290,34 +292,54 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
   }
   if (after_timing) after_timing(runner, meta);
 
-  // Eager, event-timed run: per-stage times and the routing of every layer.
+  // Eager, event-timed runs: per-stage times, the median over `eager_runs` runs, and from the
+  // first run the routing of every layer (the runs are the same step, so the same routing).
+  // Why a median: a stage's events also time whatever delays its launches, and one run is one
+  // sample (at 256 rows on an H100 a single run read the shared expert at 3.77 ms, 34f27d5,
+  // where a dozen other commits' runs read 0.78-1.03). --profile brackets the first run.
   out.touched.resize(static_cast<size_t>(c.num_hidden_layers));
   auto timer = backend.make_timer();
   const std::regex layer_prefix("^L([0-9]+)\\.");
   const int64_t k = c.num_experts_per_tok;
-  if (profile) backend.profiler_collect(true);
-  runner.step_eager_with_hook(meta, [&](const model::Stage& stage, bool after) {
-    if (!after) {
-      timer->start();
-      return;
+  std::map<std::string, std::vector<double>> stage_runs;
+  std::vector<double> comm_runs;
+  for (int run = 0; run < eager_runs; ++run) {
+    const bool first = run == 0;
+    std::map<std::string, double> stage_ms;
+    double comm_ms = 0;
+    if (profile && first) backend.profiler_collect(true);
+    runner.step_eager_with_hook(meta, [&](const model::Stage& stage, bool after) {
+      if (!after) {
+        timer->start();
+        return;
+      }
+      timer->stop();
+      const double ms = timer->elapsed_ms();
+      const std::string kind = std::regex_replace(stage.name, layer_prefix, "");
+      stage_ms[kind] += ms;
+      if (stage.kind == model::StageKind::kComm) comm_ms += ms;
+      std::smatch m;
+      if (first && kind == "router" && std::regex_search(stage.name, m, layer_prefix)) {
+        const int64_t l = std::stoll(m[1]);
+        std::vector<int32_t> ids(size_t(B * k));
+        backend.download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
+        out.touched[size_t(l)].insert(ids.begin(), ids.end());
+        std::map<int32_t, int64_t> rows;  // expert -> its rows (slots) in this layer
+        for (int32_t e : ids) ++rows[e];
+        for (const auto& [e, n] : rows) ++out.expert_rows[n];
+      }
+    });
+    if (profile && first) backend.profiler_collect(false);
+    double total = 0;
+    for (const auto& [kind, ms] : stage_ms) {
+      stage_runs[kind].push_back(ms);
+      total += ms;
     }
-    timer->stop();
-    const double ms = timer->elapsed_ms();
-    const std::string kind = std::regex_replace(stage.name, layer_prefix, "");
-    out.stage_ms[kind] += ms;
-    if (stage.kind == model::StageKind::kComm) out.comm_ms += ms;
-    std::smatch m;
-    if (kind == "router" && std::regex_search(stage.name, m, layer_prefix)) {
-      const int64_t l = std::stoll(m[1]);
-      std::vector<int32_t> ids(size_t(B * k));
-      backend.download(ids.data(), runner.buffers().router_ids.rows(0, B), ids.size() * 4);
-      out.touched[size_t(l)].insert(ids.begin(), ids.end());
-      std::map<int32_t, int64_t> rows;  // expert -> its rows (slots) in this layer
-      for (int32_t e : ids) ++rows[e];
-      for (const auto& [e, n] : rows) ++out.expert_rows[n];
-    }
-  });
-  if (profile) backend.profiler_collect(false);
+    out.eager_step_ms.push_back(total);
+    comm_runs.push_back(comm_ms);
+  }
+  for (auto& [kind, ms] : stage_runs) out.stage_ms[kind] = median(ms);
+  out.comm_ms = median(comm_runs);
 
   const int64_t row_bytes = ops::kv_row_bytes(c.head_dim, c.qk_rope_head_dim);
   const int64_t index_row = ops::index_row_bytes(c.index_head_dim);
@@ -347,7 +369,8 @@ Command add_bench_decode(CLI::App& app) {
   app.footer(
       "Decode-step benchmark: each batch size runs one decode step per sequence at position --context\n"
       "(caches filled with random valid content), replayed from its CUDA graph; reports the median step\n"
-      "time over --replays replays after --warmup, tokens/s, a per-stage breakdown (event-timed eager run),\n"
+      "time over --replays replays after --warmup, tokens/s, a per-stage breakdown (event-timed eager runs:\n"
+      "each stage's median over --eager-runs),\n"
       "the bytes the step must move (weights actually touched given the routing, KV read) and the ratio\n"
       "to the memory roofline (bytes / device-to-device copy bandwidth measured in the same run), and each\n"
       "stage's eager time against its own bytes' roofline, furthest first. --json adds the routing's load:\n"
@@ -369,6 +392,10 @@ Command add_bench_decode(CLI::App& app) {
   app.add_option("--warmup", o->warmup, "Graph replays before timing")->default_val(20);
   app.add_option("--replays", o->replays, "Timed graph replays (median reported)")->default_val(200)->check(
       CLI::Range(1, 100000));
+  app.add_option("--eager-runs", o->eager_runs,
+                 "Event-timed eager steps for the per-stage breakdown (each stage's median reported; the first "
+                 "also gives the routing)")
+      ->default_val(5)->check(CLI::Range(1, 1000));
   app.add_option("--threads", o->threads, "CPU backend threads")->default_val(1);
   app.add_option("--dp", o->dp, "Data-parallel ranks (CUDA: one GPU each, NCCL; CPU: in-process ranks); "
                  "--batch is then per rank")->default_val(1)->check(CLI::Range(1, 64));
@@ -380,7 +407,7 @@ Command add_bench_decode(CLI::App& app) {
       ->default_val(120)->check(CLI::Range(1.0, 3600.0));
   app.add_flag("!--no-cuda-graphs", o->use_graphs, "Time eager steps instead of graph replays");
   app.add_flag("--profile", o->profile,
-               "Bracket the event-timed eager step for a profiler started with collection off "
+               "Bracket the first event-timed eager step for a profiler started with collection off "
                "(ncu --profile-from-start off ...)");
   app.add_option("--pair-probe", o->pair_probe,
                  "Experiment (CUDA, --dp 1): after each batch size B, two independent copies of the B-row step "
@@ -495,8 +522,8 @@ Command add_bench_decode(CLI::App& app) {
               };
 #endif
             runs[size_t(r)] =
-                measure_rank(runner, *rank.backend, c, B, p, o->position_spread, o->warmup, o->replays, graphs, r,
-                             o->profile, after);
+                measure_rank(runner, *rank.backend, c, B, p, o->position_spread, o->warmup, o->replays,
+                             o->eager_runs, graphs, r, o->profile, after);
           } catch (const std::exception& e) {
             errors[size_t(r)] = e.what();
             for (auto& comm : dp.comms) comm->abort(fmt::format("rank {}: {}", r, e.what()));
@@ -527,7 +554,7 @@ Command add_bench_decode(CLI::App& app) {
         step_ms = std::max(step_ms, median(runs[size_t(r)].step_ms));
         comm_ms = std::max(comm_ms, runs[size_t(r)].comm_ms);
       }
-      double eager_ms = 0;
+      double eager_ms = 0;  // the stages' medians summed (the breakdown's total)
       for (const auto& [name, t] : runs[0].stage_ms) eager_ms += t;
       // Rank 0's bytes per stage against its eager stage times: which stages are
       // furthest from their own roofline (eager times include launch gaps).
@@ -586,6 +613,8 @@ Command add_bench_decode(CLI::App& app) {
       r["stage_roofline_ms_rank0"] = stage_roof_ms;
       r["stage_ratio_to_roofline_eager_rank0"] = stage_ratio;
       r["eager_step_ms_rank0"] = eager_ms;
+      r["eager_runs"] = runs[0].eager_step_ms.size();
+      r["eager_step_ms_runs_rank0"] = runs[0].eager_step_ms;  // each run's own sum, in run order
       if (served_ms > 0) r["served_step_ms_rank0"] = served_ms;
       if (served_sampled_ms > 0) r["served_sampled_step_ms_rank0"] = served_sampled_ms;
       // Load balance of the routing (rank 0): an expert GEMM's row tiles follow the busiest

@@ -2,7 +2,8 @@
 """Runs `dsv4 bench decode` on the CPU backend (tiny preset) and checks its JSON:
 the bytes attributed to stages add up to the step's total, and each stage's
 roofline and ratio follow from its bytes, the copy bandwidth and its eager time, and
-the rows-per-expert histogram counts every routed slot, the build, the device and the DSV4_* switches set are recorded;
+the rows-per-expert histogram counts every routed slot, the build, the device and the DSV4_* switches set are recorded,
+the stage breakdown comes from --eager-runs runs (5 by default), each run's total recorded;
 with --position-spread the KV bytes are those of each row at its own position.
 usage: check_bench_decode.py DSV4_BINARY TMP_DIR"""
 import json
@@ -57,6 +58,10 @@ def main():
             if abs(r["stage_ratio_to_roofline_eager_rank0"][name] - ratio) > 1e-6 * ratio:
                 fail("batch %d: %s ratio %g, expected %g" % (b, name, r["stage_ratio_to_roofline_eager_rank0"][name],
                                                              ratio))
+        runs = r.get("eager_step_ms_runs_rank0", [])
+        if r.get("eager_runs") != 5 or len(runs) != 5 or min(runs) <= 0:
+            fail("batch %d: expected 5 eager runs (the default), each with a positive total: %s runs, totals %s" %
+                 (b, r.get("eager_runs"), runs))
         # The routing's load: every (row, slot) of every layer counted once (tiny: 4 layers, top-2),
         # and the (layer, expert) pairs are the touched experts.
         hist = r["expert_rows_histogram_rank0"]
@@ -76,13 +81,15 @@ def main():
         path = os.path.join(tmp, "bench_decode_spread_%d.json" % os.getpid())
         args = [binary, "bench", "decode", "--backend", "cpu", "--preset", "tiny", "--random-weights", "1",
                 "--batch", str(batch), "--context", str(context), "--position-spread", str(spread), "--warmup", "1",
-                "--replays", "1", "--json", path]
+                "--replays", "1", "--eager-runs", "1", "--json", path]
         r = subprocess.run(args, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             fail("%s: exit %d: %s" % (" ".join(args[1:]), r.returncode, r.stderr[-2000:]))
         with open(path) as f:
             res = json.load(f)["results"][0]
         os.remove(path)
+        if res["eager_runs"] != 1 or len(res["eager_step_ms_runs_rank0"]) != 1:
+            fail("--eager-runs 1: %s runs, totals %s" % (res["eager_runs"], res["eager_step_ms_runs_rank0"]))
         if res["position_spread"] != spread:
             fail("position_spread %s in the JSON, expected %d" % (res["position_spread"], spread))
         return res["bytes_per_gpu"]["kv"]
@@ -96,6 +103,11 @@ def main():
     if bad.returncode == 0 or "--position-spread 11 exceeds --context 10" not in bad.stderr:
         fail("--position-spread above --context: exit %d, %s" % (bad.returncode, bad.stderr[-500:]))
     print("ok: --position-spread's KV bytes are the rows' own")
+    bad = subprocess.run([binary, "bench", "decode", "--backend", "cpu", "--preset", "tiny", "--eager-runs", "0"],
+                         capture_output=True, text=True, timeout=60)
+    if bad.returncode == 0 or "--eager-runs" not in bad.stderr:
+        fail("--eager-runs 0: exit %d, %s" % (bad.returncode, bad.stderr[-500:]))
+    print("ok: --eager-runs")
 
 
 if __name__ == "__main__":
