@@ -296,7 +296,9 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
   // first run the routing of every layer (the runs are the same step, so the same routing).
   // Why a median: a stage's events also time whatever delays its launches, and one run is one
   // sample (at 256 rows on an H100 a single run read the shared expert at 3.77 ms, 34f27d5,
-  // where a dozen other commits' runs read 0.78-1.03). --profile brackets the first run.
+  // where a dozen other commits' runs read 0.78-1.03; and the first run is the slowest at every
+  // batch, +0.4-1.0 ms at 9e508e3, with or without lazy module loading). --profile brackets the
+  // first run.
   out.touched.resize(static_cast<size_t>(c.num_hidden_layers));
   auto timer = backend.make_timer();
   const std::regex layer_prefix("^L([0-9]+)\\.");
