@@ -56,6 +56,8 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_WIDE_BF16_256", kCuda, kOnOff, "1", "0: bf16 GEMMs of one K slice (the LM head) keep 128-row tiles"},
     {"DSV4_CUDA_WIDE_WS", kCuda, words("0|1|2"), "2",
      "wide FP8 tiles: 0 the lockstep kernel, 1 warp-specialised with one tile a CTA, 2 with CTAs walking tiles"},
+    {"DSV4_CUDA_WIDE_WS_GRID", kCuda, words("even|sms"), "even",
+     "mode 2's grid: even, as few CTAs as its rounds of tiles need; sms, one an SM"},
     {"DSV4_CUDA_WIDE_WS_WO_A", kCuda, kOnOff, "1", "0: wo_a's wide tiles on the lockstep kernel"},
     {"DSV4_CUDA_WIDE_WS_BF16", kCuda, kOnOff, "1", "0: bf16's 256-row tiles on the lockstep kernel"},
     {"DSV4_CUDA_WIDE_MC", kCuda, kOnOff, "1", "0: bf16's 256-row tiles without clusters of two (TMA multicast)"},

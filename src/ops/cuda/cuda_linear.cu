@@ -32,6 +32,7 @@
 #include "ops/cuda/linear_kernels.cuh"
 #include "ops/cuda/mismatch_count.cuh"
 #include "ops/cuda/quantized_linear.h"
+#include "ops/cuda/wide_ws_grid.h"
 #include "ops/gemm_order.h"
 
 namespace dsv4::ops {
@@ -431,16 +432,22 @@ bool wide_ws_bf16() {
   return forced_or(g_force_wide_ws_bf16, from_env);
 }
 
+// Mode 2's grid (ops/cuda/wide_ws_grid.h): as few CTAs as its rounds of tiles need, at
+// most one an SM or the test hook's cap. In a CSA layer at 256 rows the indexer's chain
+// had waited ~48 µs for wq_b's last CTAs to leave the SMs (trace-chain-b256-h100-b91de82.tsv).
+// DSV4_CUDA_WIDE_WS_GRID=sms: one CTA an SM whatever the rounds (A/B runs).
+int64_t wide_ws_grid(int64_t tiles, int sms) {
+  static const bool even = !env_is("DSV4_CUDA_WIDE_WS_GRID", "sms");
+  const int cap = g_wide_ws_max_ctas.load(std::memory_order_relaxed);
+  return wide_ws_walk_ctas(tiles, cap > 0 ? cap : sms, even);
+}
+
 template <WFmt F, int R, bool kTwo>
 void launch_wide_ws(CudaBackend& be, const lk::GemmParams& p, int64_t tiles, int mode) {
   constexpr int smem = lk::gemm_wide_ws_smem_bytes<F, R, kTwo>(lk::wide_ws_stages<F, R, kTwo>());
   static std::atomic<uint64_t> done{0};
   allow_smem(lk::gemm_wide_ws_kernel<F, R, kTwo>, smem, be.device_index(), done);
-  int64_t ctas = tiles;
-  if (mode == 2) {
-    const int cap = g_wide_ws_max_ctas.load(std::memory_order_relaxed);
-    ctas = std::min<int64_t>(tiles, cap > 0 ? cap : be.properties().multiProcessorCount);
-  }
+  const int64_t ctas = mode == 2 ? wide_ws_grid(tiles, be.properties().multiProcessorCount) : tiles;
   lk::gemm_wide_ws_kernel<F, R, kTwo><<<unsigned(ctas), lk::kWsThreads, smem, be.stream()>>>(p);
   check_launch(be.stream());
   g_wide_launches.fetch_add(1, std::memory_order_relaxed);
