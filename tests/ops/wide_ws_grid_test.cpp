@@ -19,7 +19,7 @@ TEST(WideWsGrid, Bench1gShapes) {
   EXPECT_EQ(wide_ws_walk_ctas(512, kSms), 128);  // wq_b at 256 rows: 256 column tiles x 2 row tiles
   EXPECT_EQ(wide_ws_walk_ctas(640, kSms), 128);  // wq_b with the indexer's q (CSA layers)
   EXPECT_EQ(wide_ws_walk_ctas(256, kSms), 128);  // wq_b at 128 rows
-  EXPECT_EQ(wide_ws_walk_ctas(128, kSms), 128);  // wo_a, wo_b at 256 rows: one round
+  EXPECT_EQ(wide_ws_walk_ctas(128, kSms), 128);  // wo_a, wo_b, the shared expert at 256 rows: one round
   EXPECT_EQ(wide_ws_walk_ctas(133, kSms), 67);   // one tile past an SM each: two rounds either way
   EXPECT_EQ(wide_ws_walk_ctas(512, kSms, false), 132);
   EXPECT_EQ(wide_ws_walk_ctas(7, 3), 3);  // the tests' cap: 3, 2 and 2 tiles

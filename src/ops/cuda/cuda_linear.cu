@@ -396,7 +396,7 @@ int wide_gemm_rows(CudaBackend& be, WFmt fmt, const lk::GemmParams& p, int64_t n
 }
 
 // The FP8 wide tiles by the warp-specialised kernel (same bits), by default with CTAs
-// walking tiles, one an SM (mode 2: -0.5 / -0.6 / -0.7% a step at 128 / 192 / 256 rows;
+// walking tiles, at most one an SM (mode 2: -0.5 / -0.6 / -0.7% a step at 128 / 192 / 256 rows;
 // mode 1, one tile a CTA, -0.3 / -0.3 / -0.4%; BENCHMARKS.md, thirty-first session).
 // DSV4_CUDA_WIDE_WS=0 keeps them on gemm_wide_kernel, =1 takes mode 1 (A/B runs). It
 // takes a stage's block scale in the aligned 4-byte word that holds it.
@@ -434,7 +434,8 @@ bool wide_ws_bf16() {
 
 // Mode 2's grid (ops/cuda/wide_ws_grid.h): as few CTAs as its rounds of tiles need, at
 // most one an SM or the test hook's cap. In a CSA layer at 256 rows the indexer's chain
-// had waited ~48 µs for wq_b's last CTAs to leave the SMs (trace-chain-b256-h100-b91de82.tsv).
+// had waited ~48 µs for wq_b's last CTAs to leave the SMs (trace-chain-b256-h100-b91de82.tsv);
+// with 4 SMs left free the step measured -0.1% at 256 rows (H100, ninety-sixth session).
 // DSV4_CUDA_WIDE_WS_GRID=sms: one CTA an SM whatever the rounds (A/B runs).
 int64_t wide_ws_grid(int64_t tiles, int sms) {
   static const bool even = !env_is("DSV4_CUDA_WIDE_WS_GRID", "sms");
