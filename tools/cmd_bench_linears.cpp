@@ -28,6 +28,7 @@ struct LinearsOptions {
   std::string shapes = "1024x4096,32768x1024,4096x8192,2048x4096,4096x2048";
   std::string rows = "1,16,64,256";
   std::string format = "fp8";
+  int groups = 8;
   int chain = 32, warmup = 3, replays = 20, threads = 1;
   std::string weights_bytes = "256M";
   uint64_t seed = 1;
@@ -104,7 +105,8 @@ Command add_bench_linears(CLI::App& app) {
       "For each --shapes N x K and --rows M: one CUDA graph of --chain linears y = x W^T, one after the\n"
       "other on the stream (dependent launch between them, as in the decode step), each reading one of\n"
       "several distinct weights that together exceed the L2 (--weights-bytes), so every launch streams\n"
-      "its weight from memory. FP8 linears include the activation quantization, as the model runs them.\n"
+      "its weight from memory. FP8 linears include the activation quantization, as the model runs them;\n"
+      "fp8-grouped ones (wo_a's form) take bf16 activations as they are.\n"
       "Prints the median time a linear takes over --replays replays, its bytes (weight, scales,\n"
       "activations, output), their GB/s, and the microseconds it takes above those bytes at the copy\n"
       "bandwidth measured in the same run: the per-launch cost a decode step pays for each linear.\n"
@@ -113,9 +115,15 @@ Command add_bench_linears(CLI::App& app) {
   app.add_option("--shapes", o->shapes, "Comma-separated NxK weight shapes (rows x input width)")
       ->default_val(o->shapes);
   app.add_option("--rows", o->rows, "Comma-separated activation row counts M")->default_val(o->rows);
-  app.add_option("--format", o->format, "Weight format: fp8 (e4m3, 128x128 block scales) or bf16")
+  app.add_option("--format", o->format,
+                 "Weight format: fp8 (e4m3, 128x128 block scales), bf16, or fp8-grouped (wo_a's grouped form, spec "
+                 "5.6: the FP8 weight used dequantized with bf16 activations, not quantized; N x K is the whole "
+                 "weight [G*R, C], the input is [M, G*K])")
       ->default_val("fp8")
-      ->check(CLI::IsMember({"fp8", "bf16"}));
+      ->check(CLI::IsMember({"fp8", "bf16", "fp8-grouped"}));
+  app.add_option("--groups", o->groups, "fp8-grouped: the groups G (N must be a multiple of G)")
+      ->default_val(8)
+      ->check(CLI::Range(1, 1024));
   app.add_option("--chain", o->chain, "Linears in the captured graph")->default_val(32)->check(CLI::Range(1, 4096));
   app.add_option("--weights-bytes", o->weights_bytes, "Bytes of distinct weights the chain cycles through")
       ->default_val("256M");
@@ -126,8 +134,13 @@ Command add_bench_linears(CLI::App& app) {
   app.add_option("--json", o->json, "Write the results as JSON");
   return [o]() -> int {
     if (!o->json.empty()) expect_writable_file(o->json, "--json");
-    const bool fp8 = o->format == "fp8";
+    const bool grouped = o->format == "fp8-grouped";
+    const bool fp8 = o->format == "fp8" || grouped;
+    const int64_t groups = grouped ? o->groups : 1;
     const std::vector<Shape> shapes = parse_shapes(o->shapes, fp8);
+    for (const Shape& s : shapes)
+      if (s.n % groups != 0)
+        core::fail("--shapes: {}x{}: N = {} is not a multiple of --groups {}", s.n, s.k, s.n, groups);
     const std::vector<int32_t> rows = parse_list(o->rows, "--rows");
     const uint64_t pool_bytes = parse_size(o->weights_bytes, "--weights-bytes");
     if (pool_bytes == 0) core::fail("--weights-bytes: must be a size, not auto");
@@ -161,12 +174,13 @@ Command add_bench_linears(CLI::App& app) {
         }
       }
       for (int32_t m : rows) {
-        const core::Tensor x = random_tensor(be, core::DType::kBF16, {m, s.k}, o->seed, 1ull << 40 | stream++);
+        const core::Tensor x = random_tensor(be, core::DType::kBF16, {m, groups * s.k}, o->seed, 1ull << 40 | stream++);
         const core::Tensor y[2] = {be.empty(core::DType::kBF16, {m, s.n}), be.empty(core::DType::kBF16, {m, s.n})};
         auto body = [&] {
           for (int i = 0; i < o->chain; ++i) {
             const size_t w = size_t(i % distinct);
-            if (fp8) be.linear(x, wq[w], y[i % 2]);
+            if (grouped) be.grouped_linear(x, wq[w], groups, y[i % 2]);
+            else if (fp8) be.linear(x, wq[w], y[i % 2]);
             else be.linear_bf16(x, wb[w], y[i % 2]);
           }
         };
@@ -186,7 +200,7 @@ Command add_bench_linears(CLI::App& app) {
         r.shape = s;
         r.rows = m;
         r.weights = distinct;
-        r.bytes = w_bytes + s_bytes + int64_t(m) * s.k * 2 + int64_t(m) * s.n * 2;
+        r.bytes = w_bytes + s_bytes + int64_t(m) * groups * s.k * 2 + int64_t(m) * s.n * 2;
         r.us = median(ms) * 1e3 / o->chain;
         const double bytes_us = double(r.bytes) / copy_bw * 1e6;
         std::printf("%7lld %7lld %5lld %8lld %10.2f %9.2f %8.0f %14.2f\n", static_cast<long long>(s.n),
@@ -200,6 +214,7 @@ Command add_bench_linears(CLI::App& app) {
       nlohmann::json out;
       out["backend"] = be.device() == core::Device::kCuda ? "cuda" : "cpu";
       out["format"] = o->format;
+      if (grouped) out["groups"] = groups;
       out["chain"] = o->chain;
       out["replays"] = o->replays;
       out["device"] = device_json(be);
