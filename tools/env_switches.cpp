@@ -52,6 +52,8 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_QUANT8", kCuda, kOnOff, "1", "0: activations quantized a warp a 128-value block, not a half warp"},
     {"DSV4_CUDA_WIDE_GEMM", kCuda, kOnOff, "by shape (from 128 rows)",
      "FP8 and bf16 GEMMs in wide two-warpgroup tiles: 0 never, 1 at every row count"},
+    {"DSV4_CUDA_NT1_ROWS", kCuda, integers(1, 8), "8",
+     "the most rows a plain GEMM runs in 8-row tiles; more take 16-row tiles (the same bits)"},
     {"DSV4_CUDA_WIDE_WO_A", kCuda, kOnOff, "1", "0: wo_a (the grouped FP8-as-bf16 GEMM) keeps its small tiles"},
     {"DSV4_CUDA_WIDE_BF16_256", kCuda, kOnOff, "1", "0: bf16 GEMMs of one K slice (the LM head) keep 128-row tiles"},
     {"DSV4_CUDA_WIDE_WS", kCuda, words("0|1|2"), "2",

@@ -132,7 +132,18 @@ static_assert(lk::kTileN == kGemmTileRows && lk::kMaxSlices == kGemmMaxSlices, "
 // at 256 and +0.2% at 192: docs/BENCHMARKS.md, twenty-ninth session.)
 constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 
-int nt_for_rows(int64_t rows) { return rows <= 8 ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
+// The most rows a plain GEMM runs in 8-row tiles (gemm_tile NT = 1); more take 16-row
+// tiles. Where a split tile's last CTA folds, an 8-row tile's adds one output's slices at
+// a time (fold_row_major_slices: a dependent L2 load a partial, ~0.45 µs a row at S = 4
+// in `bench linears`), a 16-row tile's with all of a weight row's partials in flight
+// (fold_tile_slices), or in clusters. DSV4_CUDA_NT1_ROWS (1-8, default 8; A/B runs). The
+// same bits either way: S and the fold's order do not depend on the tile.
+int nt1_rows() {
+  static const int rows = int(env_integer("DSV4_CUDA_NT1_ROWS", 8, 1, 8));
+  return rows;
+}
+
+int nt_for_rows(int64_t rows) { return rows <= nt1_rows() ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
 
 bool is_quant(WFmt f) { return f == WFmt::kFp8 || f == WFmt::kFp4; }
 
