@@ -52,8 +52,8 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_QUANT8", kCuda, kOnOff, "1", "0: activations quantized a warp a 128-value block, not a half warp"},
     {"DSV4_CUDA_WIDE_GEMM", kCuda, kOnOff, "by shape (from 128 rows)",
      "FP8 and bf16 GEMMs in wide two-warpgroup tiles: 0 never, 1 at every row count"},
-    {"DSV4_CUDA_NT1_ROWS", kCuda, integers(1, 8), "8",
-     "the most rows a plain GEMM runs in 8-row tiles; more take 16-row tiles (the same bits)"},
+    {"DSV4_CUDA_NT1_ROWS", kCuda, integers(1, 8), "4",
+     "the most rows a plain GEMM runs in 8-row tiles; more take 16-row tiles (the same bits)", true},
     {"DSV4_CUDA_WIDE_WO_A", kCuda, kOnOff, "1", "0: wo_a (the grouped FP8-as-bf16 GEMM) keeps its small tiles"},
     {"DSV4_CUDA_WIDE_BF16_256", kCuda, kOnOff, "1", "0: bf16 GEMMs of one K slice (the LM head) keep 128-row tiles"},
     {"DSV4_CUDA_WIDE_WS", kCuda, words("0|1|2"), "2",
@@ -68,6 +68,9 @@ constexpr EnvSwitch kSwitches[] = {
      "0: split 16-row GEMM tiles folded by split_fold_kernel, not clusters"},
     {"DSV4_CUDA_LAST_CTA_FOLD", kCuda, integers(0, int64_t(1) << 20), "64",
      "the most partials a thread of a tile's last CTA folds in 9-32-row tiles (0: split_fold_kernel)", true},
+    {"DSV4_CUDA_LAST_CTA_FOLD_8ROW", kCuda, integers(0, int64_t(1) << 20), "64",
+     "the most partials (slices x rows) a tile's last CTA folds in 8-row tiles, one after another (0: "
+     "split_fold_kernel)", true},
     {"DSV4_CUDA_ENTRY_RELEASE_ROWS", kCuda, integers(0, 65536), "4",
      "up to this many rows the plain GEMMs of at most DSV4_CUDA_ENTRY_RELEASE_MB and rms_norm_quant let their "
      "dependents launch at entry, before their own wait (0: never)", true},

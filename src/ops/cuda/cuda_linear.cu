@@ -136,10 +136,13 @@ constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 // tiles. Where a split tile's last CTA folds, an 8-row tile's adds one output's slices at
 // a time (fold_row_major_slices: a dependent L2 load a partial, ~0.45 µs a row at S = 4
 // in `bench linears`), a 16-row tile's with all of a weight row's partials in flight
-// (fold_tile_slices), or in clusters. DSV4_CUDA_NT1_ROWS (1-8, default 8; A/B runs). The
-// same bits either way: S and the fold's order do not depend on the tile.
+// (fold_tile_slices), or in clusters. 4 (H100, ninety-seventh session, docs/BENCHMARKS.md):
+// against 8, -0.9 / -1.2% a step at 6 / 8 rows, 0.0 at 2 and 4; 16-row tiles from 2 rows
+// lost +4.7 / +1.6% at 2 / 4 (the S = 16 GEMMs' batched folds slower there).
+// DSV4_CUDA_NT1_ROWS (1-8; A/B runs). The same bits either way: S and the fold's order
+// do not depend on the tile.
 int nt1_rows() {
-  static const int rows = int(env_integer("DSV4_CUDA_NT1_ROWS", 8, 1, 8));
+  static const int rows = int(env_integer("DSV4_CUDA_NT1_ROWS", 4, 1, 8));
   return rows;
 }
 
@@ -647,7 +650,8 @@ bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, i
 // +0.8% / +4.9% a step at 16 and +1.2% / +7.4% at 32 against 64 (bench-1g, H200,
 // twenty-fifth session), with tile-major partials and 64 loads a slab. Tiles of
 // other row counts (one output's slices at a time) keep it too; DSV4_CUDA_LAST_CTA_FOLD
-// moves it for the 9-32-row tiles (A/B runs).
+// moves it for the 9-32-row tiles, DSV4_CUDA_LAST_CTA_FOLD_8ROW for the 8-row ones, whose
+// last CTA's loads go one after another (A/B runs).
 constexpr int64_t kLastCtaFoldMax = 64;
 std::atomic<int64_t> g_fold_launches{0};
 std::atomic<int> g_force_last_cta_fold{-1};
@@ -873,6 +877,10 @@ int64_t router_one_launch_rows() {
 }
 
 int64_t last_cta_fold_max(int nt) {
+  if (nt == 1) {
+    static const int64_t eight_rows = env_integer("DSV4_CUDA_LAST_CTA_FOLD_8ROW", kLastCtaFoldMax, 0, 1 << 20);
+    return eight_rows;
+  }
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
   static const int64_t from_env = env_integer("DSV4_CUDA_LAST_CTA_FOLD", kLastCtaFoldMax, 0, int64_t(1) << 20);
   const int forced = g_force_last_cta_fold.load(std::memory_order_relaxed);
