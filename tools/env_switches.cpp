@@ -54,6 +54,8 @@ constexpr EnvSwitch kSwitches[] = {
      "FP8 and bf16 GEMMs in wide two-warpgroup tiles: 0 never, 1 at every row count"},
     {"DSV4_CUDA_NT1_ROWS", kCuda, integers(1, 8), "4",
      "the most rows a plain GEMM runs in 8-row tiles; more take 16-row tiles (the same bits)", true},
+    {"DSV4_CUDA_NT1_ROWS_FEW_SLICES", kCuda, integers(0, 8), "0: as DSV4_CUDA_NT1_ROWS",
+     "the same for the plain GEMMs that split their K over at most 8 CTAs a tile", true},
     {"DSV4_CUDA_WIDE_WO_A", kCuda, kOnOff, "1", "0: wo_a (the grouped FP8-as-bf16 GEMM) keeps its small tiles"},
     {"DSV4_CUDA_WIDE_BF16_256", kCuda, kOnOff, "1", "0: bf16 GEMMs of one K slice (the LM head) keep 128-row tiles"},
     {"DSV4_CUDA_WIDE_WS", kCuda, words("0|1|2"), "2",

@@ -148,6 +148,17 @@ int nt1_rows() {
 
 int nt_for_rows(int64_t rows) { return rows <= nt1_rows() ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
 
+// The most rows a plain GEMM whose K slices split over CTAs, at most 8 of them, runs in
+// 8-row tiles (with more it takes 16-row tiles, as nt_for_rows beyond nt1_rows()). In
+// `bench linears` (ninety-seventh session) `wo_a` (S = 4) took 15.55 / 16.05 / 16.15 µs at
+// 2 / 3 / 4 rows in 8-row tiles, 14.36 / 14.43 / 14.53 in 16-row ones, while the S = 16
+// GEMMs lost there. DSV4_CUDA_NT1_ROWS_FEW_SLICES (1-8; unset or 0: nt1_rows(); A/B
+// runs). The same bits.
+int nt1_rows_few_slices() {
+  static const int rows = int(env_integer("DSV4_CUDA_NT1_ROWS_FEW_SLICES", 0, 0, 8));
+  return rows > 0 ? rows : nt1_rows();
+}
+
 bool is_quant(WFmt f) { return f == WFmt::kFp8 || f == WFmt::kFp4; }
 
 // Raises a kernel's dynamic shared-memory limit once per device (done on the
@@ -951,8 +962,11 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   // FP4 (wgmma) tiles stop at 32 rows: 64 would need 256 accumulator registers. FP8
   // beyond 128 rows: 32-row tiles measured 2% faster at batch 256 (one wgmma wait per
   // 2 chunks instead of per chunk), 64-row tiles 1% faster at batch 64 (e0338ef).
-  const int nt = fmt == WFmt::kFp4 || (fmt == WFmt::kFp8 && p.m > 128) ? std::min(nt_for_rows(p.m), 4)
-                                                                       : nt_for_rows(p.m);
+  int nt = fmt == WFmt::kFp4 || (fmt == WFmt::kFp8 && p.m > 128) ? std::min(nt_for_rows(p.m), 4)
+                                                                 : nt_for_rows(p.m);
+  if (nt == 1 && fmt != WFmt::kFp4 && p.m > nt1_rows_few_slices() && p.slices > 1 && p.slices <= 8 &&
+      n_tiles < be.properties().multiProcessorCount && int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes)
+    nt = 2;  // one row tile either way (p.m <= 8): the launch splits its slices in both
   const int64_t m_tiles = (p.m + 8 * nt - 1) / (8 * nt);
   DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
   // Split the slices over CTAs when the tiles alone do not fill one wave (decode,
