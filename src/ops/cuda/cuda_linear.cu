@@ -137,27 +137,17 @@ constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 // a time (fold_row_major_slices: a dependent L2 load a partial, ~0.45 µs a row at S = 4
 // in `bench linears`), a 16-row tile's with all of a weight row's partials in flight
 // (fold_tile_slices), or in clusters. 4 (H100, ninety-seventh session, docs/BENCHMARKS.md):
-// against 8, -0.9 / -1.2% a step at 6 / 8 rows, 0.0 at 2 and 4; 16-row tiles from 2 rows
-// lost +4.7 / +1.6% at 2 / 4 (the S = 16 GEMMs' batched folds slower there).
-// DSV4_CUDA_NT1_ROWS (1-8; A/B runs). The same bits either way: S and the fold's order
-// do not depend on the tile.
+// against 8, -0.9 / -1.2% a step at 6 / 8 rows (and 8 +0.8 / +1.1% on a second grant).
+// 16-row tiles from 2 rows lost +4.7 / +1.6% at 2 / 4 rows, and from 2 rows
+// only for the GEMMs of at most 8 slices (`wo_a` among them, 1.2 µs faster a launch in
+// `bench linears`) +1.0 / +2.1 / +1.0% at 2 / 3 / 4. DSV4_CUDA_NT1_ROWS (1-8; A/B runs).
+// The same bits either way: S and the fold's order do not depend on the tile.
 int nt1_rows() {
   static const int rows = int(env_integer("DSV4_CUDA_NT1_ROWS", 4, 1, 8));
   return rows;
 }
 
 int nt_for_rows(int64_t rows) { return rows <= nt1_rows() ? 1 : rows <= 16 ? 2 : rows <= 32 ? 4 : 8; }
-
-// The most rows a plain GEMM whose K slices split over CTAs, at most 8 of them, runs in
-// 8-row tiles (with more it takes 16-row tiles, as nt_for_rows beyond nt1_rows()). In
-// `bench linears` (ninety-seventh session) `wo_a` (S = 4) took 15.55 / 16.05 / 16.15 µs at
-// 2 / 3 / 4 rows in 8-row tiles, 14.36 / 14.43 / 14.53 in 16-row ones, while the S = 16
-// GEMMs lost there. DSV4_CUDA_NT1_ROWS_FEW_SLICES (1-8; unset or 0: nt1_rows(); A/B
-// runs). The same bits.
-int nt1_rows_few_slices() {
-  static const int rows = int(env_integer("DSV4_CUDA_NT1_ROWS_FEW_SLICES", 0, 0, 8));
-  return rows > 0 ? rows : nt1_rows();
-}
 
 bool is_quant(WFmt f) { return f == WFmt::kFp8 || f == WFmt::kFp4; }
 
@@ -659,11 +649,16 @@ bool expert_bulk_copies(const lk::GemmParams& p, const lk::ExpertTable& table, i
 // its tile's alone (S x rows x 512 bytes, 256 KB at S = 32 and 16 rows) and wins
 // only while that is small: last-CTA folds up to S x rows = 256 / 1024 measured
 // +0.8% / +4.9% a step at 16 and +1.2% / +7.4% at 32 against 64 (bench-1g, H200,
-// twenty-fifth session), with tile-major partials and 64 loads a slab. Tiles of
-// other row counts (one output's slices at a time) keep it too; DSV4_CUDA_LAST_CTA_FOLD
-// moves it for the 9-32-row tiles, DSV4_CUDA_LAST_CTA_FOLD_8ROW for the 8-row ones, whose
-// last CTA's loads go one after another (A/B runs).
+// twenty-fifth session), with tile-major partials and 64 loads a slab. The 64-row tiles
+// keep it too; DSV4_CUDA_LAST_CTA_FOLD moves it for the 16- and 32-row tiles (A/B runs).
+// The 8-row tiles' last CTA loads a thread's partials one after another
+// (fold_row_major_slices) and takes up to kLastCtaFoldMax8Rows: against 64, -0.3 / -0.9% a
+// step at 3 / 4 rows, within 0.1% at 1, 2, 6 and 8 (H100, ninety-seventh session,
+// docs/BENCHMARKS.md); 16 lost 0.2% at 3 rows. DSV4_CUDA_LAST_CTA_FOLD_8ROW moves it (A/B
+// runs). One row's fold stays with the last CTA: S <= 32.
 constexpr int64_t kLastCtaFoldMax = 64;
+constexpr int64_t kLastCtaFoldMax8Rows = 32;
+static_assert(kGemmMaxSlices <= kLastCtaFoldMax8Rows, "one row's slices stay with the last CTA");
 std::atomic<int64_t> g_fold_launches{0};
 std::atomic<int> g_force_last_cta_fold{-1};
 // GEMM launches whose fold also wrote the output's FP8 codes (GemmParams::yq), and
@@ -889,7 +884,7 @@ int64_t router_one_launch_rows() {
 
 int64_t last_cta_fold_max(int nt) {
   if (nt == 1) {
-    static const int64_t eight_rows = env_integer("DSV4_CUDA_LAST_CTA_FOLD_8ROW", kLastCtaFoldMax, 0, 1 << 20);
+    static const int64_t eight_rows = env_integer("DSV4_CUDA_LAST_CTA_FOLD_8ROW", kLastCtaFoldMax8Rows, 0, 1 << 20);
     return eight_rows;
   }
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
@@ -962,11 +957,8 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   // FP4 (wgmma) tiles stop at 32 rows: 64 would need 256 accumulator registers. FP8
   // beyond 128 rows: 32-row tiles measured 2% faster at batch 256 (one wgmma wait per
   // 2 chunks instead of per chunk), 64-row tiles 1% faster at batch 64 (e0338ef).
-  int nt = fmt == WFmt::kFp4 || (fmt == WFmt::kFp8 && p.m > 128) ? std::min(nt_for_rows(p.m), 4)
-                                                                 : nt_for_rows(p.m);
-  if (nt == 1 && fmt != WFmt::kFp4 && p.m > nt1_rows_few_slices() && p.slices > 1 && p.slices <= 8 &&
-      n_tiles < be.properties().multiProcessorCount && int64_t(p.slices) * p.m * cols * 4 <= kMaxPartialBytes)
-    nt = 2;  // one row tile either way (p.m <= 8): the launch splits its slices in both
+  const int nt = fmt == WFmt::kFp4 || (fmt == WFmt::kFp8 && p.m > 128) ? std::min(nt_for_rows(p.m), 4)
+                                                                       : nt_for_rows(p.m);
   const int64_t m_tiles = (p.m + 8 * nt - 1) / (8 * nt);
   DSV4_CHECK(m_tiles <= 65535 && n_tiles < (int64_t(1) << 31), "gemm: grid {}x{} too large", n_tiles, m_tiles);
   // Split the slices over CTAs when the tiles alone do not fill one wave (decode,

@@ -82,7 +82,7 @@ int64_t cuda_linear_wide_mc_launches();
 // Whether a cluster of two of the cluster kernel's CTAs fits on the backend's device.
 bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
-// thread of a tile's last CTA folds in tiles of 9-32 rows (the batched fold): -1
+// thread of a tile's last CTA folds in 16- and 32-row tiles (the batched fold): -1
 // follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
 // split to split_fold_kernel.
 int64_t cuda_linear_fold_launches();
