@@ -1817,20 +1817,22 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
   ops::cuda_linear_force_path(-1);
 }
 
-// A split GEMM of 9-32 rows folds its K slices in its tiles' last CTAs (tile-major
-// partials, a slab of slices a round trip) or in split_fold_kernel; the two give the
-// same bits, and the Hopper model's. Slices S = 16 (wq_a + wkv stacked, the second
-// weight's output), 32 (a 4-tile FP8 weight of K = 8192, wo_b's 64 stages; bf16 of a
-// partial tile, f32 out; a bf16 pair, the compressor's), 16 (FP4), and the shared
-// expert's two launches; rows 9-16 and 17-32 (16- and 32-row tiles), partial tiles
-// among them. The test also counts the fold launches each way.
+// A split GEMM of 2-32 rows folds its K slices in its tiles' last CTAs (8-row tiles:
+// row-major partials, one after another; 16- and 32-row tiles: tile-major partials, a
+// slab of slices a round trip) or in split_fold_kernel; the two give the same bits, and
+// the Hopper model's. Slices S = 16 (wq_a + wkv stacked, the second weight's output), 32
+// (a 4-tile FP8 weight of K = 8192, wo_b's 64 stages; bf16 of a partial tile, f32 out; a
+// bf16 pair, the compressor's), 16 (FP4), and the shared expert's two launches; rows 3
+// (8-row tiles), 5 (a 16-row tile since the ninety-seventh session), 9-16 and 17-32
+// (16- and 32-row tiles), partial tiles among them. The test also counts the fold
+// launches each way.
 TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
   DSV4_REQUIRE_CUDA();
   ops::cuda_linear_force_path(0);
   ops::cuda_linear_force_cluster_fold(0);  // (16-row tiles of S <= 8 fold in clusters by default)
   Env env;
   Rng rng(0x57);
-  const std::vector<int64_t> rows = {9, 16, 17, 32};
+  const std::vector<int64_t> rows = {3, 5, 9, 16, 17, 32};
   // `op` with every such fold launched (0), then with every one in the last CTAs; the
   // outputs of the first run, after comparing the two bit for bit.
   auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {

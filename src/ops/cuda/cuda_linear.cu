@@ -883,13 +883,13 @@ int64_t router_one_launch_rows() {
 }
 
 int64_t last_cta_fold_max(int nt) {
+  const int forced = g_force_last_cta_fold.load(std::memory_order_relaxed);
   if (nt == 1) {
     static const int64_t eight_rows = env_integer("DSV4_CUDA_LAST_CTA_FOLD_8ROW", kLastCtaFoldMax8Rows, 0, 1 << 20);
-    return eight_rows;
+    return forced >= 0 ? forced : eight_rows;
   }
   if (!lk::batched_fold_tiles(nt)) return kLastCtaFoldMax;
   static const int64_t from_env = env_integer("DSV4_CUDA_LAST_CTA_FOLD", kLastCtaFoldMax, 0, int64_t(1) << 20);
-  const int forced = g_force_last_cta_fold.load(std::memory_order_relaxed);
   return forced >= 0 ? forced : from_env;
 }
 

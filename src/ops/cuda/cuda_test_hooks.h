@@ -82,9 +82,9 @@ int64_t cuda_linear_wide_mc_launches();
 // Whether a cluster of two of the cluster kernel's CTAs fits on the backend's device.
 bool cuda_linear_wide_mc_fits_device(CudaBackend& be);
 // Test hooks: split_fold_kernel launches so far; the most partials (S x rows) a
-// thread of a tile's last CTA folds in 16- and 32-row tiles (the batched fold): -1
-// follows DSV4_CUDA_LAST_CTA_FOLD (default kLastCtaFoldMax), 0 sends every such
-// split to split_fold_kernel.
+// thread of a tile's last CTA folds in 8-, 16- and 32-row tiles: -1 follows
+// DSV4_CUDA_LAST_CTA_FOLD_8ROW and DSV4_CUDA_LAST_CTA_FOLD (defaults kLastCtaFoldMax8Rows,
+// kLastCtaFoldMax), 0 sends every such split to split_fold_kernel.
 int64_t cuda_linear_fold_launches();
 void cuda_linear_force_last_cta_fold(int max_partials);
 // Test hooks: GEMM launches so far whose fold also wrote the output's FP8 codes
