@@ -121,9 +121,10 @@ Command add_bench_linears(CLI::App& app) {
                  "weight [G*R, C], the input is [M, G*K])")
       ->default_val("fp8")
       ->check(CLI::IsMember({"fp8", "bf16", "fp8-grouped"}));
-  app.add_option("--groups", o->groups, "fp8-grouped: the groups G (N must be a multiple of G)")
-      ->default_val(8)
-      ->check(CLI::Range(1, 1024));
+  CLI::Option* groups_option =
+      app.add_option("--groups", o->groups, "fp8-grouped: the groups G (N must be a multiple of G)")
+          ->default_val(8)
+          ->check(CLI::Range(1, 1024));
   app.add_option("--chain", o->chain, "Linears in the captured graph")->default_val(32)->check(CLI::Range(1, 4096));
   app.add_option("--weights-bytes", o->weights_bytes, "Bytes of distinct weights the chain cycles through")
       ->default_val("256M");
@@ -132,9 +133,11 @@ Command add_bench_linears(CLI::App& app) {
   app.add_option("--threads", o->threads, "CPU backend threads")->default_val(1)->check(CLI::Range(1, 1024));
   app.add_option("--seed", o->seed, "Seed of the random weights and inputs")->default_val(1);
   app.add_option("--json", o->json, "Write the results as JSON");
-  return [o]() -> int {
+  return [o, groups_option]() -> int {
     if (!o->json.empty()) expect_writable_file(o->json, "--json");
     const bool grouped = o->format == "fp8-grouped";
+    if (!grouped && groups_option->count() > 0)
+      core::fail("--groups: only --format fp8-grouped takes groups (the format is {})", o->format);
     const bool fp8 = o->format == "fp8" || grouped;
     const int64_t groups = grouped ? o->groups : 1;
     const std::vector<Shape> shapes = parse_shapes(o->shapes, fp8);

@@ -3,8 +3,8 @@
 shape and row count, the bytes a linear moves (weight, block scales, activations,
 output), the distinct weights the chain cycles through, and that the time above the
 bytes follows from the time and the copy bandwidth; fp8-grouped (wo_a's form) reads
-an input G times as wide. Bad shapes must fail naming --shapes, N no multiple of
-the groups naming --groups. usage: check_bench_linears.py DSV4_BINARY TMP_DIR"""
+an input G times as wide. Bad shapes must fail naming --shapes; N no multiple of
+the groups, and groups for another format, naming --groups. usage: check_bench_linears.py DSV4_BINARY TMP_DIR"""
 import json
 import math
 import os
@@ -68,6 +68,7 @@ def main():
     check(binary, tmp, "fp8-grouped", [(256, 128)], [1, 2], 3, 40000, groups=2)
     expect_failure_naming(run(binary, ["--format", "fp8-grouped", "--groups", "3", "--shapes", "256x128"]),
                           "--groups", "N no multiple of the groups")
+    expect_failure_naming(run(binary, ["--groups", "2", "--shapes", "256x128"]), "--groups", "groups for a plain format")
     expect_failure_naming(run(binary, ["--shapes", "256x100"]), "--shapes", "an FP8 K that is no multiple of 128")
     expect_failure_naming(run(binary, ["--rows", "1,x"]), "--rows", "a bad row count")
     print("OK")
