@@ -127,9 +127,9 @@ unsigned swiglu_quantize(CudaBackend& be, const uint16_t* gu, int64_t rows, int6
 static_assert(lk::kTileN == kGemmTileRows && lk::kMaxSlices == kGemmMaxSlices, "ops/gemm_order.h's tile and slices");
 
 // Split launches write S fp32 partials per output; beyond this many bytes the
-// CTAs walk their slices in sequence instead. (64 MiB for the plain GEMMs, which lets
-// bench-1g's wq_a + wkv split its 32 slices at 256 rows (48 MiB), measured +1.0% a step
-// at 256 and +0.2% at 192: docs/BENCHMARKS.md, twenty-ninth session.)
+// CTAs walk their slices in sequence instead. (A 64 MiB cap for the plain GEMMs, which
+// would let bench-1g's wq_a + wkv split its 32 slices at 256 rows (48 MiB), measured +1.0%
+// a step at 256 and +0.2% at 192: docs/BENCHMARKS.md, twenty-ninth session.)
 constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 
 // The most rows a plain GEMM runs in 8-row tiles (gemm_tile NT = 1); more take 16-row
