@@ -1823,7 +1823,8 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
 // the Hopper model's. Slices S = 16 (wq_a + wkv stacked, the second weight's output), 32
 // (a 4-tile FP8 weight of K = 8192, wo_b's 64 stages; bf16 of a partial tile, f32 out; a
 // bf16 pair, the compressor's), 16 (FP4), and the shared expert's two launches; rows 3
-// (8-row tiles), 5 (a 16-row tile since the ninety-seventh session), 9-16 and 17-32
+// (8-row tiles), 5 and 8 (16-row tiles since the ninety-seventh session, folded in
+// half-width slabs since the ninety-eighth, and in full-width ones), 9-16 and 17-32
 // (16- and 32-row tiles), partial tiles among them. The test also counts the fold
 // launches each way.
 TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
@@ -1832,14 +1833,23 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
   ops::cuda_linear_force_cluster_fold(0);  // (16-row tiles of S <= 8 fold in clusters by default)
   Env env;
   Rng rng(0x57);
-  const std::vector<int64_t> rows = {3, 5, 9, 16, 17, 32};
-  // `op` with every such fold launched (0), then with every one in the last CTAs; the
-  // outputs of the first run, after comparing the two bit for bit.
+  // 5 and 8 rows: 16-row tiles of at most half their rows (half-width slabs, or not).
+  const std::vector<int64_t> rows = {3, 5, 8, 9, 16, 17, 32};
+  // `op` with every such fold launched (0), then with every one in the last CTAs, their
+  // half-width slabs on and off; the outputs of the first run, after comparing them bit for bit.
   auto compare = [&](const std::string& what, int64_t launches, const std::function<std::vector<Tensor>()>& op) {
+    ops::cuda_linear_force_fold_half_rows(1);
     const auto got = outputs_per_mode(env, ops::cuda_linear_force_last_cta_fold, ops::cuda_linear_fold_launches,
                                       {{0, launches}, {1 << 20, 0}}, what, op);
-    for (size_t i = 0; i < got[0].size(); ++i)
+    ops::cuda_linear_force_fold_half_rows(0);
+    const auto full = outputs_per_mode(env, ops::cuda_linear_force_last_cta_fold, ops::cuda_linear_fold_launches,
+                                       {{1 << 20, 0}}, what + " (full-width slabs)", op);
+    ops::cuda_linear_force_fold_half_rows(-1);
+    for (size_t i = 0; i < got[0].size(); ++i) {
       expect_bitwise(got[0][i], got[1][i], what + " last-CTA fold vs fold launch (output " + std::to_string(i) + ")");
+      expect_bitwise(got[0][i], full[0][i],
+                     what + " last-CTA fold, full-width slabs, vs fold launch (output " + std::to_string(i) + ")");
+    }
     return got[0];
   };
   {

@@ -683,6 +683,15 @@ bool cluster_fold_enabled() {
   return forced_or(g_force_cluster_fold, from_env);
 }
 
+// The batched last-CTA fold's half-width slabs for tiles of at most half their rows
+// (GemmParams::fold_half_rows); DSV4_CUDA_FOLD_HALF_ROWS=0 keeps full-width ones (A/B
+// runs), a test hook may force either. The same bits: each output adds its slices in order.
+std::atomic<int> g_force_fold_half_rows{-1};
+bool fold_half_rows_enabled() {
+  static const bool from_env = !env_is("DSV4_CUDA_FOLD_HALF_ROWS", "0");
+  return forced_or(g_force_fold_half_rows, from_env);
+}
+
 // Whether clusters of `split` CTAs of the 16-row cluster-fold kernel can be resident on
 // this device (cudaOccupancyMaxActiveClusters > 0), asked once per device, format and
 // cluster size: a partitioned GPU (MIG) need not fit 8 of them in one GPC. Where they
@@ -973,6 +982,7 @@ bool run_gemm(CudaBackend& be, WFmt fmt, lk::GemmParams p, LeftPartials* leave =
   DSV4_CHECK(!fold_launch || cluster_fold || p.out_rows == nullptr, "gemm: split_fold_kernel writes rows in order");
   if (split && !cluster_fold)
     bind_split(be, p, p.m, cols, n_tiles * m_tiles, !fold_launch, lk::batched_fold_tiles(nt) ? 8 * nt : 0);
+  p.fold_half_rows = fold_half_rows_enabled() ? 1 : 0;
   if (cluster_fold) g_cluster_fold_launches.fetch_add(1, std::memory_order_relaxed);
   const bool fold_v4 = cols % 4 == 0 && p.n_split % 4 == 0 && aligned(p.partial, 16);
   const bool fold_quantizes =
@@ -1307,6 +1317,7 @@ void cuda_linear_force_expert_cluster_fold(int on) {
   g_force_expert_cluster_fold.store(on, std::memory_order_relaxed);
 }
 void cuda_linear_force_cluster_fold(int on) { g_force_cluster_fold.store(on, std::memory_order_relaxed); }
+void cuda_linear_force_fold_half_rows(int on) { g_force_fold_half_rows.store(on, std::memory_order_relaxed); }
 void cuda_linear_force_last_cta_fold(int max_partials) {
   g_force_last_cta_fold.store(max_partials, std::memory_order_relaxed);
 }

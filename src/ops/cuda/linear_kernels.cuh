@@ -219,6 +219,9 @@ struct GemmParams {
   uint8_t* yq;
   float* ys;
   int64_t ldq;
+  // Plain GEMMs' batched last-CTA fold (fold_tile_slices): a tile of at most BM / 2 rows
+  // folds slabs of BM / 2 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS).
+  int fold_half_rows;
 };
 
 // ---- small helpers ------------------------------------------------------------------
@@ -403,40 +406,44 @@ __device__ __forceinline__ void for_each_acc(Fn&& fn) {
 }
 // The fold of a split tile by its last CTA, for one weight row: output c of the
 // row (c < rows <= BM) is ((0 + p_0) + p_1) + ... + p_{S-1}, the order of
-// split_fold_kernel and of the sequential mode. A slab of slices' loads, of all the
-// row's outputs (kFoldLoads in all), goes out before their adds (one L2 round trip
-// a slab): the loop it replaced, one output's loads at a time, took ~16 round trips
+// split_fold_kernel and of the sequential mode. A slab of slices' loads, of the first
+// RB outputs of the row (kFoldLoads in all), goes out before their adds (one L2 round
+// trip a slab): the loop it replaced, one output's loads at a time, took ~16 round trips
 // at 16 rows (16% of wo_a's stall samples at batch 16, ncu, twenty-third session).
+// With RB < BM (the caller: rows <= RB) a slab covers the first RB outputs and
+// kFoldLoads / RB slices, so a tile of few rows takes fewer round trips: at 2 rows a
+// 16-row tile's 32 slices took 8 slabs, 5-15 µs by the CTA probe (ninety-eighth session).
 // src: slice 0's value of output 0 in the tile-major layout (GemmParams::partial), slices
 // BM x kTileN and outputs kTileN floats apart, so every load of a slab is one
 // address plus a constant; store(c, v) writes output c.
 constexpr int kFoldLoads = 64;
 // Whether a plain GEMM's split tiles of 8 x nt rows take this batched fold.
 constexpr bool batched_fold_tiles(int nt) { return nt == 2 || nt == 4; }
-template <int BM, typename Store>
+template <int BM, int RB, typename Store>
 __device__ __forceinline__ void fold_tile_slices(const float* src, int split, int rows, Store&& store) {
-  constexpr int kSlab = BM >= kFoldLoads ? 1 : kFoldLoads / BM;
+  static_assert(RB <= BM, "a slab's outputs are the tile's first RB");
+  constexpr int kSlab = RB >= kFoldLoads ? 1 : kFoldLoads / RB;
   constexpr int kSliceStride = BM * kTileN;
-  float v[BM];
+  float v[RB];
 #pragma unroll
-  for (int c = 0; c < BM; ++c) v[c] = 0.0f;
+  for (int c = 0; c < RB; ++c) v[c] = 0.0f;
 #pragma unroll 1
   for (int s0 = 0; s0 < split; s0 += kSlab) {
     const float* slab = src + int64_t(s0) * kSliceStride;
-    float part[kSlab][BM];
+    float part[kSlab][RB];
 #pragma unroll
     for (int j = 0; j < kSlab; ++j)
 #pragma unroll
-      for (int c = 0; c < BM; ++c)
+      for (int c = 0; c < RB; ++c)
         part[j][c] = s0 + j < split && c < rows ? __ldcg(slab + j * kSliceStride + c * kTileN) : 0.0f;
 #pragma unroll
     for (int j = 0; j < kSlab; ++j)
 #pragma unroll
-      for (int c = 0; c < BM; ++c)
+      for (int c = 0; c < RB; ++c)
         if (s0 + j < split) v[c] += part[j][c];
   }
 #pragma unroll
-  for (int c = 0; c < BM; ++c) {
+  for (int c = 0; c < RB; ++c) {
     if (c >= rows) break;
     store(c, v[c]);
   }
@@ -1090,8 +1097,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     if constexpr (!kBatchedFold) {
       fold_row_major_slices<BM>(p, row_base, col0, rows, valid_n, tid, kThreads, fold_store);
     } else if (tid < valid_n) {
-      fold_tile_slices<BM>(p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid, p.split, rows,
-                           [&](int c, float v) { fold_store(c, tid, v); });
+      const float* src = p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid;
+      auto store_row = [&](int c, float v) { fold_store(c, tid, v); };
+      if (p.fold_half_rows && rows <= BM / 2) fold_tile_slices<BM, BM / 2>(src, p.split, rows, store_row);
+      else fold_tile_slices<BM, BM>(src, p.split, rows, store_row);
     }
     if (quant) {
       __syncthreads();  // the tile's rows are in s_y
