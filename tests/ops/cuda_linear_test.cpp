@@ -1824,7 +1824,7 @@ TEST(CudaLinearWide, WarpSpecializedBf16TilesEqualWideTilesBitForBit) {
 // (a 4-tile FP8 weight of K = 8192, wo_b's 64 stages; bf16 of a partial tile, f32 out; a
 // bf16 pair, the compressor's), 16 (FP4), and the shared expert's two launches; rows 3
 // (8-row tiles), 5 and 8 (16-row tiles since the ninety-seventh session, folded in
-// half-width slabs since the ninety-eighth, and in full-width ones), 9-16 and 17-32
+// full-width slabs and in half-width ones, DSV4_CUDA_FOLD_HALF_ROWS), 9-16 and 17-32
 // (16- and 32-row tiles), partial tiles among them. The test also counts the fold
 // launches each way.
 TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {

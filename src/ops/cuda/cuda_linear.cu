@@ -684,11 +684,12 @@ bool cluster_fold_enabled() {
 }
 
 // The batched last-CTA fold's half-width slabs for tiles of at most half their rows
-// (GemmParams::fold_half_rows); DSV4_CUDA_FOLD_HALF_ROWS=0 keeps full-width ones (A/B
+// (GemmParams::fold_half_rows): off until measured on a GPU (built in the ninety-eighth
+// session, whose device time ran out first); DSV4_CUDA_FOLD_HALF_ROWS=1 takes them (A/B
 // runs), a test hook may force either. The same bits: each output adds its slices in order.
 std::atomic<int> g_force_fold_half_rows{-1};
 bool fold_half_rows_enabled() {
-  static const bool from_env = !env_is("DSV4_CUDA_FOLD_HALF_ROWS", "0");
+  static const bool from_env = env_is("DSV4_CUDA_FOLD_HALF_ROWS", "1");
   return forced_or(g_force_fold_half_rows, from_env);
 }
 

@@ -220,7 +220,7 @@ struct GemmParams {
   float* ys;
   int64_t ldq;
   // Plain GEMMs' batched last-CTA fold (fold_tile_slices): a tile of at most BM / 2 rows
-  // folds slabs of BM / 2 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS).
+  // folds slabs of BM / 2 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS, off by default).
   int fold_half_rows;
 };
 
