@@ -72,7 +72,7 @@ constexpr EnvSwitch kSwitches[] = {
      "the most partials (slices x rows) a tile's last CTA folds in 8-row tiles, one after another (0: "
      "split_fold_kernel)", true},
     {"DSV4_CUDA_FOLD_HALF_ROWS", kCuda, kOnOff, "0",
-     "1: a 16- or 32-row tile holding at most half its rows folds its slices in half-width slabs, twice as deep "
+     "1: a 16-row tile holding at most 8 rows folds its slices in half-width slabs, twice as deep "
      "(the same bits; not yet measured)"},
     {"DSV4_CUDA_ENTRY_RELEASE_ROWS", kCuda, integers(0, 65536), "4",
      "up to this many rows the plain GEMMs of at most DSV4_CUDA_ENTRY_RELEASE_MB and rms_norm_quant let their "

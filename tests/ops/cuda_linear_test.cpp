@@ -1833,7 +1833,7 @@ TEST(CudaLinearFold, LastCtaFoldEqualsFoldLaunchBitForBit) {
   ops::cuda_linear_force_cluster_fold(0);  // (16-row tiles of S <= 8 fold in clusters by default)
   Env env;
   Rng rng(0x57);
-  // 5 and 8 rows: 16-row tiles of at most half their rows (half-width slabs, or not).
+  // 5 and 8 rows: 16-row tiles of at most 8 rows (half-width slabs, or not).
   const std::vector<int64_t> rows = {3, 5, 8, 9, 16, 17, 32};
   // `op` with every such fold launched (0), then with every one in the last CTAs, their
   // half-width slabs on and off; the outputs of the first run, after comparing them bit for bit.

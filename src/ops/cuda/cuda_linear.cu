@@ -135,7 +135,7 @@ constexpr int64_t kMaxPartialBytes = int64_t(32) << 20;
 // The most rows a plain GEMM runs in 8-row tiles (gemm_tile NT = 1); more take 16-row
 // tiles. Where a split tile's last CTA folds, an 8-row tile's adds one output's slices at
 // a time (fold_row_major_slices: a dependent L2 load a partial, ~0.45 µs a row at S = 4
-// in `bench linears`), a 16-row tile's with all of a weight row's partials in flight
+// in `bench linears`), a 16-row tile's 64 of a weight row's partials a round trip
 // (fold_tile_slices), or in clusters. 4 (H100, ninety-seventh session, docs/BENCHMARKS.md):
 // against 8, -0.9 / -1.2% a step at 6 / 8 rows (and 8 +0.8 / +1.1% on a second grant).
 // 16-row tiles from 2 rows lost +4.7 / +1.6% at 2 / 4 rows, and from 2 rows
@@ -683,7 +683,7 @@ bool cluster_fold_enabled() {
   return forced_or(g_force_cluster_fold, from_env);
 }
 
-// The batched last-CTA fold's half-width slabs for tiles of at most half their rows
+// The batched last-CTA fold's half-width slabs for 16-row tiles of at most 8 rows
 // (GemmParams::fold_half_rows): off until measured on a GPU (built in the ninety-eighth
 // session, whose device time ran out first); DSV4_CUDA_FOLD_HALF_ROWS=1 takes them (A/B
 // runs), a test hook may force either. The same bits: each output adds its slices in order.

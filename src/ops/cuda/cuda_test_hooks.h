@@ -95,7 +95,7 @@ void cuda_linear_force_fold_quant(int on);
 // -1 follows DSV4_CUDA_CLUSTER_FOLD (default on; 0 turns it off), 0 / 1 force it off / on.
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
-// Test hook: whether a 16- or 32-row tile of at most half its rows folds its slices in
+// Test hook: whether a 16-row tile of at most 8 rows folds its slices in
 // half-width, twice-deeper slabs; -1 follows DSV4_CUDA_FOLD_HALF_ROWS (default off), 0 / 1 force it.
 void cuda_linear_force_fold_half_rows(int on);
 // Test hooks: routed-expert GEMM launches so far folded by their clusters

@@ -219,8 +219,8 @@ struct GemmParams {
   uint8_t* yq;
   float* ys;
   int64_t ldq;
-  // Plain GEMMs' batched last-CTA fold (fold_tile_slices): a tile of at most BM / 2 rows
-  // folds slabs of BM / 2 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS, off by default).
+  // Plain GEMMs' batched last-CTA fold (fold_tile_slices): a 16-row tile of at most 8 rows
+  // folds slabs of 8 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS, off by default).
   int fold_half_rows;
 };
 
@@ -1099,7 +1099,10 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
     } else if (tid < valid_n) {
       const float* src = p.partial + int64_t(tile_id) * p.split * (BM * kTileN) + tid;
       auto store_row = [&](int c, float v) { fold_store(c, tid, v); };
-      if (p.fold_half_rows && rows <= BM / 2) fold_tile_slices<BM, BM / 2>(src, p.split, rows, store_row);
+      // Half-width slabs in 16-row tiles only: a 32-row tile holds at most 16 rows only as
+      // the last tile of more than 32 rows, where the bound S x rows <= 64 leaves no split to fold.
+      constexpr int kHalfRows = BM == 16 ? BM / 2 : BM;
+      if (p.fold_half_rows && rows <= kHalfRows) fold_tile_slices<BM, kHalfRows>(src, p.split, rows, store_row);
       else fold_tile_slices<BM, BM>(src, p.split, rows, store_row);
     }
     if (quant) {
