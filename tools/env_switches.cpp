@@ -71,9 +71,9 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_LAST_CTA_FOLD_8ROW", kCuda, integers(0, int64_t(1) << 20), "32",
      "the most partials (slices x rows) a tile's last CTA folds in 8-row tiles, one after another (0: "
      "split_fold_kernel)", true},
-    {"DSV4_CUDA_FOLD_HALF_ROWS", kCuda, kOnOff, "0",
-     "1: a 16-row tile holding at most 8 rows folds its slices in half-width slabs, twice as deep "
-     "(the same bits; not yet measured)"},
+    {"DSV4_CUDA_FOLD_HALF_ROWS", kCuda, kOnOff, "1",
+     "0: a 16-row tile holding at most 8 rows folds its slices in full-width slabs, not half-width ones twice "
+     "as deep (the same bits)"},
     {"DSV4_CUDA_ENTRY_RELEASE_ROWS", kCuda, integers(0, 65536), "4",
      "up to this many rows the plain GEMMs of at most DSV4_CUDA_ENTRY_RELEASE_MB and rms_norm_quant let their "
      "dependents launch at entry, before their own wait (0: never)", true},

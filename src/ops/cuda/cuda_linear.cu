@@ -684,12 +684,12 @@ bool cluster_fold_enabled() {
 }
 
 // The batched last-CTA fold's half-width slabs for 16-row tiles of at most 8 rows
-// (GemmParams::fold_half_rows): off until measured on a GPU (built in the ninety-eighth
-// session, whose device time ran out first); DSV4_CUDA_FOLD_HALF_ROWS=1 takes them (A/B
-// runs), a test hook may force either. The same bits: each output adds its slices in order.
+// (GemmParams::fold_half_rows): on, -0.3 / -0.5% a step at 5 / 8 rows on an H200 (docs/BENCHMARKS.md,
+// "Ninety-ninth session"); DSV4_CUDA_FOLD_HALF_ROWS=0 keeps the full-width slabs, a test hook may
+// force either. The same bits: each output adds its slices in order.
 std::atomic<int> g_force_fold_half_rows{-1};
 bool fold_half_rows_enabled() {
-  static const bool from_env = env_is("DSV4_CUDA_FOLD_HALF_ROWS", "1");
+  static const bool from_env = !env_is("DSV4_CUDA_FOLD_HALF_ROWS", "0");
   return forced_or(g_force_fold_half_rows, from_env);
 }
 

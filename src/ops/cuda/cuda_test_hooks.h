@@ -96,7 +96,7 @@ void cuda_linear_force_fold_quant(int on);
 int64_t cuda_linear_cluster_fold_launches();
 void cuda_linear_force_cluster_fold(int on);
 // Test hook: whether a 16-row tile of at most 8 rows folds its slices in
-// half-width, twice-deeper slabs; -1 follows DSV4_CUDA_FOLD_HALF_ROWS (default off), 0 / 1 force it.
+// half-width, twice-deeper slabs; -1 follows DSV4_CUDA_FOLD_HALF_ROWS (default on), 0 / 1 force it.
 void cuda_linear_force_fold_half_rows(int on);
 // Test hooks: routed-expert GEMM launches so far folded by their clusters
 // (expert_gemm_kernel's kClusterFold); -1 follows DSV4_CUDA_EXPERT_CLUSTER_FOLD (default on;

@@ -220,7 +220,7 @@ struct GemmParams {
   float* ys;
   int64_t ldq;
   // Plain GEMMs' batched last-CTA fold (fold_tile_slices): a 16-row tile of at most 8 rows
-  // folds slabs of 8 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS, off by default).
+  // folds slabs of 8 outputs and twice the slices (run_gemm: DSV4_CUDA_FOLD_HALF_ROWS, on by default).
   int fold_half_rows;
 };
 
