@@ -1101,9 +1101,15 @@ __device__ __forceinline__ void gemm_tile(const GemmParams& p, const uint8_t* w0
       auto store_row = [&](int c, float v) { fold_store(c, tid, v); };
       // Half-width slabs in 16-row tiles only: a 32-row tile holds at most 16 rows only as
       // the last tile of more than 32 rows, where the bound S x rows <= 64 leaves no split to fold.
-      constexpr int kHalfRows = BM == 16 ? BM / 2 : BM;
-      if (p.fold_half_rows && rows <= kHalfRows) fold_tile_slices<BM, kHalfRows>(src, p.split, rows, store_row);
-      else fold_tile_slices<BM, BM>(src, p.split, rows, store_row);
+      if constexpr (BM == 16) {
+        if (p.fold_half_rows && rows <= BM / 2) {
+          fold_tile_slices<BM, BM / 2>(src, p.split, rows, store_row);
+        } else {
+          fold_tile_slices<BM, BM>(src, p.split, rows, store_row);
+        }
+      } else {
+        fold_tile_slices<BM, BM>(src, p.split, rows, store_row);
+      }
     }
     if (quant) {
       __syncthreads();  // the tile's rows are in s_y
