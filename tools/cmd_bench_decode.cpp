@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/gpu_clocks.h"
 #include "engine/dp_ranks.h"
 #include "engine/kv_pool.h"
 #include "parallel/expert_parallel.h"
@@ -46,6 +47,7 @@ struct BenchOptions {
   int warmup = 20;
   int replays = 200;
   int eager_runs = 5;
+  int clock_period_ms = 5;  // 0: the clocks are not read
   int threads = 1;
   int dp = 1;
   std::string moe = "allgather";
@@ -83,6 +85,7 @@ struct RankRun {
   std::map<int64_t, int64_t> expert_rows;      // rows an expert gets in a layer -> how many (layer, expert)
   uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (index_topk)
   uint64_t kv_attention_bytes = 0;             // KV records attention reads (attn_core)
+  std::vector<core::ClockSample> clocks;       // rank 0: the GPU's clocks during the warm-up and timed replays
   bool graphs = false;
 };
 
@@ -257,15 +260,53 @@ void run_cta_probe(engine::ModelRunner& runner, const engine::StepMetadata& meta
 }
 #endif
 
+// The clocks during a batch's replays as JSON ("source": "nvml"), or why there are none.
+nlohmann::json clocks_json(const core::ClockSampler* sampler, const std::vector<core::ClockSample>& samples,
+                           const std::string& why_none) {
+  if (!sampler || !sampler->available())
+    return {{"source", "unavailable"}, {"why", sampler ? sampler->why() : why_none}};
+  const core::ClockSummary s = core::summarize_clock_samples(samples);
+  const auto range = [](const core::ClockSummary::Range& r) {
+    return nlohmann::json{{"min", r.min}, {"median", r.median}, {"max", r.max}};
+  };
+  nlohmann::json reasons = nlohmann::json::object();
+  for (const auto& [name, share] : s.reasons) reasons[name] = share;
+  return {{"source", "nvml"},          {"period_ms", sampler->period_ms()}, {"samples", s.samples},
+          {"failed_reads", sampler->failed_reads()}, {"sm_mhz", range(s.sm_mhz)}, {"mem_mhz", range(s.mem_mhz)},
+          {"power_w", range(s.power_w)}, {"temp_c", range(s.temp_c)},  {"event_reasons_share", reasons}};
+}
+
+// One line for the log: "SM 1755-1980 MHz (median 1980), memory 3201-3201 MHz, 512-690 W, 41-44 C;
+// clock-event reasons (share of 460 samples): sw_power_cap 35%".
+std::string clocks_text(const nlohmann::json& j) {
+  if (j["source"] != "nvml") return "no clock readings (" + j["why"].get<std::string>() + ")";
+  if (j["samples"].get<size_t>() == 0) return "no clock readings (every NVML read failed)";
+  const auto& sm = j["sm_mhz"];
+  std::string out = fmt::format("SM {:.0f}-{:.0f} MHz (median {:.0f}), memory {:.0f}-{:.0f} MHz, {:.0f}-{:.0f} W, "
+                                "{:.0f}-{:.0f} C", sm["min"].get<double>(), sm["max"].get<double>(),
+                                sm["median"].get<double>(), j["mem_mhz"]["min"].get<double>(),
+                                j["mem_mhz"]["max"].get<double>(), j["power_w"]["min"].get<double>(),
+                                j["power_w"]["max"].get<double>(), j["temp_c"]["min"].get<double>(),
+                                j["temp_c"]["max"].get<double>());
+  std::string reasons;
+  for (const auto& [name, share] : j["event_reasons_share"].items())
+    reasons += fmt::format("{}{} {:.0f}%", reasons.empty() ? "" : ", ", name, 100 * share.get<double>());
+  return out + fmt::format("; clock-event reasons (share of {} samples): {}", j["samples"].get<size_t>(),
+                           reasons.empty() ? "none" : reasons);
+}
+
 // B sequences decoding their token at decode_position(p, s, spread) on `runner`, caches random.
 RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const model::ModelConfig& c, int32_t B,
                      int64_t p, int64_t spread, int warmup, int replays, int eager_runs, bool graphs, int rank,
-                     bool profile, const AfterTiming& after_timing) {
+                     bool profile, const AfterTiming& after_timing, core::ClockSampler* clocks,
+                     int clock_period_ms) {
   RankRun out;
   out.graphs = graphs;
   const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank, spread);
+  if (clocks) clocks->start(clock_period_ms);
   out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
                        : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
+  if (clocks) out.clocks = clocks->stop();
   if (graphs) {
     // The same step as the serving engine runs it (ModelRunner::step_tokens: the metadata up,
     // the replay, the choices up, the backend's choose_tokens, the ids down), host wall clock:
@@ -377,7 +418,10 @@ Command add_bench_decode(CLI::App& app) {
       "to the memory roofline (bytes / device-to-device copy bandwidth measured in the same run), and each\n"
       "stage's eager time against its own bytes' roofline, furthest first. --json adds the routing's load:\n"
       "how many (layer, expert) pairs got each number of rows (expert_rows_histogram_rank0), and\n"
-      "records the build (dsv4 --version), the device and the DSV4_* switches set (dsv4 env).");
+      "records the build (dsv4 --version), the device and the DSV4_* switches set (dsv4 env). On a GPU each batch\n"
+      "size also reports the clocks during its warm-up and timed replays (NVML every --clock-period-ms, where the driver has it:\n"
+      "SM and memory MHz, board power, temperature, the share of samples under each clock-event reason such as\n"
+      "sw_power_cap), and the JSON keeps every replay's time in order.");
   app.add_option("--preset", o->preset, "Model preset with synthetic weights")->default_val("bench-1g");
   app.add_option("--model", o->model_dir, "Checkpoint directory instead of a preset");
   app.add_option("--random-weights", o->weight_seed, "Seed of the synthetic weights")->default_val(1);
@@ -398,6 +442,11 @@ Command add_bench_decode(CLI::App& app) {
                  "Event-timed eager steps for the per-stage breakdown (each stage's median reported; the first "
                  "also gives the routing)")
       ->default_val(5)->check(CLI::Range(1, 1000));
+  app.add_option("--clock-period-ms", o->clock_period_ms,
+                 "How often the GPU's clocks are read (NVML) during each batch size's replays; 0: not read. A "
+                 "256-row bench-1g step is ~11 ms, so 5 gives a few samples a step; a read is one host thread's "
+                 "driver call, not GPU work")
+      ->default_val(5)->check(CLI::Range(0, 1000));
   app.add_option("--threads", o->threads, "CPU backend threads")->default_val(1);
   app.add_option("--dp", o->dp, "Data-parallel ranks (CUDA: one GPU each, NCCL; CPU: in-process ranks); "
                  "--batch is then per rank")->default_val(1)->check(CLI::Range(1, 64));
@@ -478,6 +527,15 @@ Command add_bench_decode(CLI::App& app) {
     const model::ModelConfig& c = dp.config;
     const int W = o->dp;
     const double copy_bw = measure_copy_bandwidth(*dp.ranks[0]->backend);
+    // Rank 0's GPU clocks while its replays run (NVML, where the driver has it).
+    const std::string pci_bus_id = device_pci_bus_id(*dp.ranks[0]->backend);
+    std::unique_ptr<core::ClockSampler> clock_sampler;
+    if (!pci_bus_id.empty() && o->clock_period_ms > 0)
+      clock_sampler = std::make_unique<core::ClockSampler>(pci_bus_id);
+    const std::string no_clocks_why = o->clock_period_ms == 0 ? "--clock-period-ms 0"
+                                                              : "the " + backend_name + " backend has no GPU clocks";
+    if (clock_sampler && !clock_sampler->available())
+      std::fprintf(stderr, "bench decode: no clock readings: %s\n", clock_sampler->why().c_str());
     const nlohmann::json device = device_json(*dp.ranks[0]->backend);
     std::fprintf(stderr, "bench decode: %s\n", device_text(device).c_str());
     std::fprintf(stderr, "bench decode: copy bandwidth %.0f GB/s (read + write)\n", copy_bw / 1e9);
@@ -525,7 +583,8 @@ Command add_bench_decode(CLI::App& app) {
 #endif
             runs[size_t(r)] =
                 measure_rank(runner, *rank.backend, c, B, p, o->position_spread, o->warmup, o->replays,
-                             o->eager_runs, graphs, r, o->profile, after);
+                             o->eager_runs, graphs, r, o->profile, after, r == 0 ? clock_sampler.get() : nullptr,
+                             o->clock_period_ms);
           } catch (const std::exception& e) {
             errors[size_t(r)] = e.what();
             for (auto& comm : dp.comms) comm->abort(fmt::format("rank {}: {}", r, e.what()));
@@ -594,6 +653,8 @@ Command add_bench_decode(CLI::App& app) {
                     "greedy %.3f ms, %.3f above the replay; sampled (T 1, top_p 0.95) %.3f ms, %.3f above\n",
                     "", served_ms, served_ms - median(runs[0].step_ms), served_sampled_ms,
                     served_sampled_ms - median(runs[0].step_ms));
+      const nlohmann::json clocks = clocks_json(clock_sampler.get(), runs[0].clocks, no_clocks_why);
+      std::printf("%-6s clocks during the replays (rank 0): %s\n", "", clocks_text(clocks).c_str());
       std::fflush(stdout);
       nlohmann::json r;
       r["batch_per_rank"] = B;
@@ -604,6 +665,8 @@ Command add_bench_decode(CLI::App& app) {
       r["step_ms_min"] = *std::min_element(runs[0].step_ms.begin(), runs[0].step_ms.end());
       r["step_ms_max"] = *std::max_element(runs[0].step_ms.begin(), runs[0].step_ms.end());
       r["timed_steps"] = runs[0].step_ms.size();
+      r["step_ms_replays_rank0"] = runs[0].step_ms;  // in replay order (a slow stretch shows against the clocks)
+      r["clocks_during_replays_rank0"] = clocks;
       r["tokens_per_s"] = W * B / (step_ms * 1e-3);
       r["bytes_per_gpu"] = {{"weights_dense", dense}, {"experts", worst_experts}, {"experts_touched", worst_touched},
                             {"kv", worst_kv}, {"total", worst_total}};

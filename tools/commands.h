@@ -97,5 +97,7 @@ double median(std::vector<double> v);
 // second, median of 10 copies of 1 GB of random bytes; 64 MB on the CPU): the
 // roofline denominator of the benchmarks.
 double measure_copy_bandwidth(ops::Backend& be);
+// The PCI bus id of a CUDA backend's device ("0000:1b:00.0", as NVML takes it); empty for the CPU.
+std::string device_pci_bus_id(ops::Backend& be);
 
 }  // namespace dsv4::tools

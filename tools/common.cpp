@@ -201,6 +201,17 @@ nlohmann::json device_json(ops::Backend& be) {
   return {{"name", model}, {"host_cores", std::thread::hardware_concurrency()}};
 }
 
+std::string device_pci_bus_id(ops::Backend& be) {
+#if DSV4_HAVE_CUDA
+  if (be.device() == core::Device::kCuda) {
+    const cudaDeviceProp& p = static_cast<ops::CudaBackend&>(be).properties();
+    return fmt::format("{:04x}:{:02x}:{:02x}.0", p.pciDomainID, p.pciBusID, p.pciDeviceID);
+  }
+#endif
+  (void)be;
+  return "";
+}
+
 std::string device_text(const nlohmann::json& d) {
   if (d.contains("sms")) {
     std::string sm = d["compute_capability"].get<std::string>();  // "9.0" -> sm_90, "10.0" -> sm_100

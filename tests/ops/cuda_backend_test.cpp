@@ -1,10 +1,13 @@
 // The CUDA backend's own contracts (not an op's arithmetic): scratch buffers and the
-// graphs that hold their addresses.
+// graphs that hold their addresses; the clocks the benchmarks read beside them.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
+#include "core/gpu_clocks.h"
 #include "cuda_test_util.h"
 #include "ops/cuda/cuda_check.h"
 
@@ -48,6 +51,30 @@ TEST(CudaScratch, ABufferAGraphHoldsOutlivesItsGrowth) {
   // graph can hold it.
   cuda.scratch("graph_held", 2 * kLarge);
   EXPECT_EQ(cuda.scratch_bytes_kept_for_graphs(), kSmall);
+}
+
+// `bench decode` reads the GPU's clocks through NVML by the device's PCI bus id, as
+// cudaDeviceGetPCIBusId writes it: on a GPU machine the sampler finds the device and
+// its samples carry plausible clocks (Hopper: SM 100-3000 MHz, memory above 1000 MHz).
+TEST(GpuClocks, SamplerReadsTheDeviceByItsPciBusId) {
+  DSV4_REQUIRE_CUDA();
+  char bus_id[32] = {};
+  DSV4_CUDA_CHECK(cudaDeviceGetPCIBusId(bus_id, sizeof(bus_id), 0));
+  core::ClockSampler sampler(bus_id);
+  ASSERT_TRUE(sampler.available()) << "device " << bus_id << ": " << sampler.why();
+  sampler.start(5);
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const std::vector<core::ClockSample> samples = sampler.stop();
+  ASSERT_GE(samples.size(), 5u) << "100 ms at a 5 ms period; failed reads " << sampler.failed_reads();
+  for (size_t i = 0; i < samples.size(); ++i) {
+    EXPECT_GT(samples[i].sm_mhz, 100u) << "sample " << i;
+    EXPECT_LT(samples[i].sm_mhz, 3000u) << "sample " << i;
+    EXPECT_GT(samples[i].mem_mhz, 1000u) << "sample " << i;
+    if (i > 0) {
+      EXPECT_GE(samples[i].t_ms, samples[i - 1].t_ms) << "sample " << i;
+    }
+  }
+  EXPECT_TRUE(sampler.stop().size() == samples.size()) << "a second stop returns the same samples";
 }
 
 }  // namespace

@@ -4,6 +4,7 @@ the bytes attributed to stages add up to the step's total, and each stage's
 roofline and ratio follow from its bytes, the copy bandwidth and its eager time, and
 the rows-per-expert histogram counts every routed slot, the build, the device and the DSV4_* switches set are recorded,
 the stage breakdown comes from --eager-runs runs (5 by default), each run's total recorded;
+the replay times are kept in order, and the clocks beside them say why there are none on the CPU;
 with --position-spread the KV bytes are those of each row at its own position.
 usage: check_bench_decode.py DSV4_BINARY TMP_DIR"""
 import json
@@ -58,6 +59,15 @@ def main():
             if abs(r["stage_ratio_to_roofline_eager_rank0"][name] - ratio) > 1e-6 * ratio:
                 fail("batch %d: %s ratio %g, expected %g" % (b, name, r["stage_ratio_to_roofline_eager_rank0"][name],
                                                              ratio))
+        # The replays in order, and the clocks beside them: the CPU backend has none, and says so.
+        if len(r.get("step_ms_replays_rank0", [])) != r["timed_steps"] or \
+                sorted(r["step_ms_replays_rank0"])[0] != r["step_ms_min"]:
+            fail("batch %d: step_ms_replays_rank0 %s against timed_steps %s, min %s" %
+                 (b, r.get("step_ms_replays_rank0"), r["timed_steps"], r["step_ms_min"]))
+        clocks = r.get("clocks_during_replays_rank0", {})
+        if clocks.get("source") != "unavailable" or "cpu backend has no GPU clocks" not in clocks.get("why", "") or \
+                "clocks during the replays (rank 0): no clock readings (the cpu backend" not in run.stdout:
+            fail("batch %d: the CPU's clocks: JSON %s" % (b, clocks))
         runs = r.get("eager_step_ms_runs_rank0", [])
         if r.get("eager_runs") != 5 or len(runs) != 5 or min(runs) <= 0:
             fail("batch %d: expected 5 eager runs (the default), each with a positive total: %s runs, totals %s" %
