@@ -131,19 +131,16 @@ ClockSampler::ClockSampler(const std::string& pci_bus_id) {
 ClockSampler::~ClockSampler() { stop(); }
 
 bool ClockSampler::read(ClockSample& s) const {
+  static_assert(std::is_same_v<uint32_t, unsigned>, "NVML writes unsigned int");
   const Nvml& n = nvml();
-  unsigned sm = 0, mem = 0, power = 0, temp = 0;
-  unsigned long long reasons = 0;
-  if (n.clock_info(device_, kNvmlClockSm, &sm) != kNvmlSuccess) return false;
-  if (n.clock_info(device_, kNvmlClockMem, &mem) != kNvmlSuccess) return false;
+  if (n.clock_info(device_, kNvmlClockSm, &s.sm_mhz) != kNvmlSuccess) return false;
+  if (n.clock_info(device_, kNvmlClockMem, &s.mem_mhz) != kNvmlSuccess) return false;
   // Power, temperature and reasons are not supported on every board: a refused read leaves 0.
-  n.power_usage(device_, &power);
-  n.temperature(device_, kNvmlTemperatureGpu, &temp);
+  s.power_mw = s.temp_c = 0;
+  n.power_usage(device_, &s.power_mw);
+  n.temperature(device_, kNvmlTemperatureGpu, &s.temp_c);
+  unsigned long long reasons = 0;
   n.event_reasons(device_, &reasons);
-  s.sm_mhz = sm;
-  s.mem_mhz = mem;
-  s.power_mw = power;
-  s.temp_c = temp;
   s.reasons = reasons;
   return true;
 }
