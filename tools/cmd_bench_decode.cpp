@@ -85,7 +85,7 @@ struct RankRun {
   std::map<int64_t, int64_t> expert_rows;      // rows an expert gets in a layer -> how many (layer, expert)
   uint64_t kv_index_bytes = 0;                 // indexer rows the top-k scans (index_topk)
   uint64_t kv_attention_bytes = 0;             // KV records attention reads (attn_core)
-  std::vector<core::ClockSample> clocks;       // rank 0: the GPU's clocks during the warm-up and timed replays
+  std::vector<core::ClockSample> clocks;       // rank 0: the GPU's clocks during the timed replays
   bool graphs = false;
 };
 
@@ -303,9 +303,14 @@ RankRun measure_rank(engine::ModelRunner& runner, ops::Backend& backend, const m
   RankRun out;
   out.graphs = graphs;
   const engine::StepMetadata meta = prepare_decode_step(runner, backend, c, B, p, rank, spread);
+  // The warm-up (and the graph's capture) first, so that the clocks cover the timed steps only.
+  if (graphs)
+    runner.time_graph_replays(meta, warmup, 0);
+  else
+    runner.time_eager_steps(meta, std::min(warmup, 5), 0);
   if (clocks) clocks->start(clock_period_ms);
-  out.step_ms = graphs ? runner.time_graph_replays(meta, warmup, replays)
-                       : runner.time_eager_steps(meta, std::min(warmup, 5), std::min(replays, 50));
+  out.step_ms = graphs ? runner.time_graph_replays(meta, 0, replays)
+                       : runner.time_eager_steps(meta, 0, std::min(replays, 50));
   if (clocks) out.clocks = clocks->stop();
   if (graphs) {
     // The same step as the serving engine runs it (ModelRunner::step_tokens: the metadata up,
@@ -419,7 +424,7 @@ Command add_bench_decode(CLI::App& app) {
       "stage's eager time against its own bytes' roofline, furthest first. --json adds the routing's load:\n"
       "how many (layer, expert) pairs got each number of rows (expert_rows_histogram_rank0), and\n"
       "records the build (dsv4 --version), the device and the DSV4_* switches set (dsv4 env). On a GPU each batch\n"
-      "size also reports the clocks during its warm-up and timed replays (NVML every --clock-period-ms, where the driver has it:\n"
+      "size also reports the clocks during its timed replays (NVML every --clock-period-ms, where the driver has it:\n"
       "SM and memory MHz, board power, temperature, the share of samples under each clock-event reason such as\n"
       "sw_power_cap), and the JSON keeps every replay's time in order.");
   app.add_option("--preset", o->preset, "Model preset with synthetic weights")->default_val("bench-1g");
