@@ -166,6 +166,8 @@ constexpr EnvSwitch kSwitches[] = {
      true},
     {"DSV4_CUDA_ATTN_EARLY", kCuda, kOnOff, "1",
      "0: the attention's split launches, mma.sync kernel and combine read their metadata after their wait"},
+    {"DSV4_CUDA_ATTN_FOLD_REGS", kCuda, kOnOff, "0",
+     "1: the wgmma attention's one-CTA-a-row launches fold in registers (P.V an m64 tile at a time; the same bits)"},
     // Any backend.
     {"DSV4_GEMM_MIN_SLICE_STAGES", "ops", words("1|2|4|8"), "2",
      "the fewest 128-wide stages a GEMM's K slice keeps (CPU model and CUDA alike: changes the bits)", true},

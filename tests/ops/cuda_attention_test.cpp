@@ -475,6 +475,7 @@ class CudaAttention : public ::testing::TestWithParam<bool>, protected testing::
       cuda_attention_force_lead_fold(-1);
       cuda_attention_force_pair(-1);
       cuda_attention_force_early(-1);
+      cuda_attention_force_fold_regs(-1);
       cuda_indexer_score_pages(0);
     }
   }
@@ -1114,23 +1115,31 @@ TEST_P(CudaAttention, WgmmaKernelDecodesRareRecordsAsMmaKernel) {
     Tensor got_mma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     Tensor got_wgmma = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     Tensor got_pair = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    Tensor got_fold_regs = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     cuda_attention_split_keys(false);
     cuda_attention_use_wgmma(0);
     a.run_cuda(cuda(), got_mma);
     const int64_t before = cuda_attention_wgmma_launches(), pair_before = cuda_attention_wgmma_pair_launches();
+    const int64_t fold_regs_before = cuda_attention_wgmma_fold_regs_launches();
     cuda_attention_use_wgmma(1);
     cuda_attention_force_pair(0);
+    cuda_attention_force_fold_regs(0);
     a.run_cuda(cuda(), got_wgmma);
+    cuda_attention_force_fold_regs(1);  // the register fold: the same decode, NaN payloads through the same fold
+    a.run_cuda(cuda(), got_fold_regs);
+    cuda_attention_force_fold_regs(-1);
     cuda_attention_force_pair(1);  // the pair form decodes half a record a CTA, by the same two paths
     a.run_cuda(cuda(), got_pair);
     cuda_attention_force_pair(-1);
     cuda_attention_use_wgmma(-1);
     cuda_attention_split_keys(true);
-    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 2) << "the wgmma kernel did not run";
+    EXPECT_EQ(cuda_attention_wgmma_launches(), before + 3) << "the wgmma kernel did not run";
     EXPECT_EQ(cuda_attention_wgmma_pair_launches(), pair_before + 1) << "the pair form did not run";
+    EXPECT_EQ(cuda_attention_wgmma_fold_regs_launches(), fold_regs_before + 1) << "the register fold did not run";
     const Tensor hm = host(got_mma);
     const auto is_nan = [](uint16_t x) { return (x & 0x7f80u) == 0x7f80u && (x & 0x007fu) != 0; };
-    for (const auto& [got, what] : {std::pair{&got_wgmma, "wgmma"}, std::pair{&got_pair, "wgmma pair"}}) {
+    for (const auto& [got, what] : {std::pair{&got_wgmma, "wgmma"}, std::pair{&got_pair, "wgmma pair"},
+                                    std::pair{&got_fold_regs, "wgmma register fold"}}) {
       const Tensor hw = host(*got);
       int64_t differ = 0, both_nan = 0, equal = 0;
       for (int64_t i = 0; i < hm.numel(); ++i) {
@@ -1209,6 +1218,39 @@ TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
       cuda_attention_force_lead_fold(-1);
       cuda_attention_force_early(-1);
     }
+}
+
+// The wgmma kernel's register fold (one CTA a row: the fold state O in registers, each
+// warpgroup's P.V one m64 tile of its dims at a time) gives the bytes of the local-memory
+// fold, which the CPU's Hopper model also gives: decode rows of 1 to 10 segments (a short
+// last one among them), a prefill chunk, a pad row; every ratio.
+TEST_P(CudaAttention, WgmmaRegisterFoldEqualsLocalFoldBitForBit) {
+  if (simple()) GTEST_SKIP() << "a fast-path kernel";
+  Rng rng(319);  // (TearDown resets the hooks)
+  const AttnShape sh{64, 512, 128, 512};
+  for (int64_t ratio : {0, 4, 128}) {
+    AttnCase a = make_attention_case(cpu(), cuda(), sh, ratio,
+                                     {{0, 1400, 1}, {1, 700, 40}, {3, 3, 1}, {2, 77, 1}, {0, 1100, 1}}, 1, rng);
+    cuda_attention_use_wgmma(1);
+    cuda_attention_force_pair(0);
+    cuda_attention_split_keys(false);
+    Tensor got[2];
+    for (int fold_regs : {0, 1}) {
+      cuda_attention_force_fold_regs(fold_regs);
+      got[fold_regs] = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      const int64_t before = cuda_attention_wgmma_fold_regs_launches();
+      a.run_cuda(cuda(), got[fold_regs]);
+      EXPECT_EQ(cuda_attention_wgmma_fold_regs_launches(), before + fold_regs)
+          << tag("register-fold launches, forced " + std::to_string(fold_regs) + ", " + a.name);
+    }
+    cuda_attention_force_fold_regs(-1);
+    const Tensor hl = host(got[0]), hr = host(got[1]);
+    expect_bytes_equal(hr.data(), hl.data(), hl.nbytes(), tag("wgmma register fold vs local fold, " + a.name));
+    const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
+    Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
+    expect_bytes_equal(hr.data(), model.data(), model.nbytes(), tag("wgmma register fold vs the Hopper model, " + a.name));
+  }
 }
 
 // ---- a whole layer over several steps -----------------------------------------------------------------

@@ -148,6 +148,17 @@ bool attention_early() {
   return forced >= 0 ? forced == 1 : from_env;
 }
 
+// The wgmma kernel's register fold (its kFoldRegs) for one CTA a row:
+// DSV4_CUDA_ATTN_FOLD_REGS=1 (off by default until measured on a GPU); a test hook may
+// force it on (1) or off (0). The same bits.
+std::atomic<int> g_forced_fold_regs{-1};
+std::atomic<int64_t> g_wgmma_fold_regs_launches{0};
+bool attention_fold_regs() {
+  static const bool from_env = env_is("DSV4_CUDA_ATTN_FOLD_REGS", "1");
+  const int forced = g_forced_fold_regs.load(std::memory_order_relaxed);
+  return forced >= 0 ? forced == 1 : from_env;
+}
+
 // DSV4_CUDA_ATTN_SPLIT_ZERO_FOLD=1: the wgmma split's CTAs that leave a partial a
 // segment zero their fold state all the same, as before the fortieth session (A/B runs).
 bool split_zero_fold() {
@@ -195,6 +206,9 @@ void cuda_attention_force_split_ctas(int n) { g_forced_split_ctas.store(std::max
 // Test hook: -1 follows DSV4_CUDA_ATTN_LEAD_FOLD, 0 / 1 force the wgmma split's lead fold off / on.
 void cuda_attention_force_lead_fold(int mode) { g_forced_lead_fold.store(mode); }
 void cuda_attention_force_early(int mode) { g_forced_attn_early.store(mode); }
+// Test hook: -1 follows DSV4_CUDA_ATTN_FOLD_REGS, 0 / 1 force the register fold off / on; its launches so far.
+void cuda_attention_force_fold_regs(int mode) { g_forced_fold_regs.store(mode); }
+int64_t cuda_attention_wgmma_fold_regs_launches() { return g_wgmma_fold_regs_launches.load(); }
 void cuda_attention_use_wgmma(int mode) { g_wgmma_forced.store(mode); }
 // Test hook: -1 follows DSV4_CUDA_ATTN_PAIR, 0 / 1 force the wgmma kernel's pair form off / on;
 // its launches so far.
@@ -2310,11 +2324,21 @@ inline size_t bytes(int64_t K) { return Layout<false>::bytes(K); }
 // all four in quarter order as one CTA a row does; both run the whole softmax (the same
 // values); each multiplies, folds and outputs its own dims. So the bits are those of one
 // CTA a row, with half the decode, products and fold a CTA, and the fold O in registers.
-template <bool kSplit, bool kEarly, bool kPair = false>
+//
+// kFoldRegs (one CTA a row, DSV4_CUDA_ATTN_FOLD_REGS; docs/design/cuda-attention.md,
+// hundred-fourth session): the fold state O in registers (64 a thread) instead of local
+// memory. The 64 registers it needs come from o: a warpgroup's P.V runs one m64 tile of
+// its dims at a time (o 32 registers, not 64), each tile's chunks then its fold before
+// the next tile. A segment being one tile, o never outlives a tile, and each output
+// value's steps (o from zero, *alpha, the k16 products, the fold) are those of the other
+// instances: the same bits.
+template <bool kSplit, bool kEarly, bool kPair = false, bool kFoldRegs = false>
 __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(AttnArgs a, AttnSplit sp) {
   namespace W = wg_attn;
   namespace tc = tensor_core;
   using L = W::Layout<kPair>;
+  static_assert(!kFoldRegs || (!kSplit && !kPair), "the register fold is one CTA a row's");
+  static_assert(!kFoldRegs || W::kTilesPerSeg == 1, "the register fold takes a segment a tile (o lives one tile)");
   DSV4_CTA_PROBE_SCOPE(CtaProbeSite::kAttention, a.sink);
   if constexpr (!kEarly) {
     wait_for_predecessor();
@@ -2503,26 +2527,30 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // o[mb]: dims dim0 + kWgDh wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at
   // index 4q + e. The fold state O: one CTA a row, 64 values a thread in local memory
   // (512 threads leave 128 registers each); the pair, 32 in registers.
+  // kFoldRegs: o is a tile's accumulator for one m64 tile at a time (below), O 64 registers.
+  constexpr bool kOInRegs = kPair || kFoldRegs;
   float o[L::kMb][32];
-  volatile float O_fold[kPair ? 1 : 64];
+  volatile float O_fold[kOInRegs ? 1 : 64];
   constexpr int kFoldGroup = 16;  // O's values a segment-end fold loads at once (below)
-  float O_reg[kPair ? 32 : 1] = {};
+  float O_reg[kOInRegs ? L::kMb * 32 : 1] = {};
   const auto fold_get = [&](int i) -> float {
-    if constexpr (kPair) return O_reg[i];
+    if constexpr (kOInRegs) return O_reg[i];
     else return O_fold[i];
   };
   const auto fold_set = [&](int i, float v) {
-    if constexpr (kPair) O_reg[i] = v;
+    if constexpr (kOInRegs) O_reg[i] = v;
     else O_fold[i] = v;
   };
   // A CTA that leaves a partial a segment never folds: its O_fold is not zeroed (64
   // local-memory stores a thread, 128 KB a CTA) unless sp.zero_fold (A/B runs).
   const bool folds = !per_segment || sp.zero_fold;
+  if constexpr (!kFoldRegs) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i)
+    for (int i = 0; i < 32; ++i)
 #pragma unroll
-    for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
-  if constexpr (!kPair) {
+      for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
+  }
+  if constexpr (!kOInRegs) {
     if (folds) {
 #pragma unroll
       for (int i = 0; i < 32; ++i) O_fold[i] = O_fold[32 + i] = 0.0f;
@@ -2682,71 +2710,113 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
                      L_fold);
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the tile's chunks
+    if constexpr (kFoldRegs) {
+      // One m64 tile of the warpgroup's dims at a time: o[0] from zero, the tile's chunks
+      // (o *= alpha, two k16 steps each) and the fold into O, as the loop below does for
+      // both tiles at once. (The tile is the segment: the fold weights came with P.)
+      float(&acc)[32] = o[0];
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      if (c == tile_chunks) break;
-      // o *= alpha(head), then keys 32c .. 32c + 31 as two k16 steps onto o.
+      for (int mb = 0; mb < L::kMb; ++mb) {
 #pragma unroll
-      for (int q = 0; q < 8; ++q) {
-        const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
-        const float a0 = a01.x, a1 = a01.y;
+        for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
 #pragma unroll
-        for (int mb = 0; mb < L::kMb; ++mb) {
-          o[mb][4 * q] *= a0;
-          o[mb][4 * q + 1] *= a1;
-          o[mb][4 * q + 2] *= a0;
-          o[mb][4 * q + 3] *= a1;
+        for (int c = 0; c < 2; ++c) {
+          if (c == tile_chunks) break;
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
+            acc[4 * q] *= a01.x;
+            acc[4 * q + 1] *= a01.y;
+            acc[4 * q + 2] *= a01.x;
+            acc[4 * q + 3] *= a01.y;
+          }
+          uint32_t af[2][4];
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) {
+            const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
+            const int dim = L::kWgDh * wg + 64 * mb + 16 * ww + 8 * (m & 1);
+            ldmatrix_x4_trans(af[jj], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
+          }
+          tc::wgmma_fence();
+#pragma unroll
+          for (int jj = 0; jj < 2; ++jj) tc::wgmma_bf16_rs<8>(acc, af[jj], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
+          tc::wgmma_commit();
+          tc::wgmma_wait_all();
+        }
+#pragma unroll
+        for (int i = 0; i < 32; ++i) {
+          const int h = 8 * (i >> 2) + 2 * t + (i & 1);
+          const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
+          O_reg[32 * mb + i] = fold_value(O_reg[32 * mb + i], acc[i], w);
         }
       }
-      // A = V^T (dims x keys) for keys 16j .. 16j + 15, j = 2c + jj: matrix m of
-      // ldmatrix.x4.trans = keys 16j + 8 (m / 2) .., dims + 8 (m % 2). All four
-      // fragments are loaded before the fence (registers a wgmma reads stay untouched).
-      uint32_t af[2][L::kMb][4];
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-        for (int mb = 0; mb < L::kMb; ++mb) {
-          const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
-          const int dim = L::kWgDh * wg + 64 * mb + 16 * ww + 8 * (m & 1);  // (of this CTA's dims)
-          ldmatrix_x4_trans(af[jj][mb], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
-        }
-      tc::wgmma_fence();
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-        for (int mb = 0; mb < L::kMb; ++mb)
-          tc::wgmma_bf16_rs<8>(o[mb], af[jj][mb], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
-      tc::wgmma_commit();
-      tc::wgmma_wait_all();
-    }
-    // At a segment's end: o to the split's partials, or folded into O in segment
-    // order (the weights came with P); within a segment o runs on.
-    if (!seg_end) continue;
-    if (per_segment) {
-      store_partial_o(lead_partial + seg - lead, [&](int mb, int i) { return o[mb][i]; });
     } else {
-      // O's values kFoldGroup at a time: a group's local-memory loads (mostly from L2:
-      // 128 KB a CTA against the ~30 KB of L1 that 220 KB of shared memory leave) go out
-      // together; loaded one at a time, each load followed the previous value's store.
 #pragma unroll
-      for (int mb = 0; mb < L::kMb; ++mb)
+      for (int c = 0; c < 2; ++c) {
+        if (c == tile_chunks) break;
+        // o *= alpha(head), then keys 32c .. 32c + 31 as two k16 steps onto o.
 #pragma unroll
-        for (int i0 = 0; i0 < 32; i0 += kFoldGroup) {
-          float run[kFoldGroup];
+        for (int q = 0; q < 8; ++q) {
+          const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
+          const float a0 = a01.x, a1 = a01.y;
 #pragma unroll
-          for (int k = 0; k < kFoldGroup; ++k) run[k] = fold_get(32 * mb + i0 + k);
-#pragma unroll
-          for (int k = 0; k < kFoldGroup; ++k) {
-            const int i = i0 + k, h = 8 * (i >> 2) + 2 * t + (i & 1);
-            const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
-            fold_set(32 * mb + i, fold_value(run[k], o[mb][i], w));
+          for (int mb = 0; mb < L::kMb; ++mb) {
+            o[mb][4 * q] *= a0;
+            o[mb][4 * q + 1] *= a1;
+            o[mb][4 * q + 2] *= a0;
+            o[mb][4 * q + 3] *= a1;
           }
         }
+        // A = V^T (dims x keys) for keys 16j .. 16j + 15, j = 2c + jj: matrix m of
+        // ldmatrix.x4.trans = keys 16j + 8 (m / 2) .., dims + 8 (m % 2). All four
+        // fragments are loaded before the fence (registers a wgmma reads stay untouched).
+        uint32_t af[2][L::kMb][4];
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int mb = 0; mb < L::kMb; ++mb) {
+            const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
+            const int dim = L::kWgDh * wg + 64 * mb + 16 * ww + 8 * (m & 1);  // (of this CTA's dims)
+            ldmatrix_x4_trans(af[jj][mb], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
+          }
+        tc::wgmma_fence();
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+          for (int mb = 0; mb < L::kMb; ++mb)
+            tc::wgmma_bf16_rs<8>(o[mb], af[jj][mb], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
+        tc::wgmma_commit();
+        tc::wgmma_wait_all();
+      }
+      // At a segment's end: o to the split's partials, or folded into O in segment
+      // order (the weights came with P); within a segment o runs on.
+      if (!seg_end) continue;
+      if (per_segment) {
+        store_partial_o(lead_partial + seg - lead, [&](int mb, int i) { return o[mb][i]; });
+      } else {
+        // O's values kFoldGroup at a time: a group's local-memory loads (mostly from L2:
+        // 128 KB a CTA against the ~30 KB of L1 that 220 KB of shared memory leave) go out
+        // together; loaded one at a time, each load followed the previous value's store.
+#pragma unroll
+        for (int mb = 0; mb < L::kMb; ++mb)
+#pragma unroll
+          for (int i0 = 0; i0 < 32; i0 += kFoldGroup) {
+            float run[kFoldGroup];
+#pragma unroll
+            for (int k = 0; k < kFoldGroup; ++k) run[k] = fold_get(32 * mb + i0 + k);
+#pragma unroll
+            for (int k = 0; k < kFoldGroup; ++k) {
+              const int i = i0 + k, h = 8 * (i >> 2) + 2 * t + (i & 1);
+              const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
+              fold_set(32 * mb + i, fold_value(run[k], o[mb][i], w));
+            }
+          }
+      }
+#pragma unroll
+      for (int i = 0; i < 32; ++i)
+#pragma unroll
+        for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
     }
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-#pragma unroll
-      for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
   }
   cp_async_wait<0>();
   DSV4_CTA_PROBE(CtaProbeSite::kAttention, 4, a.sink);  // tiles_done: every tile multiplied and folded
@@ -3311,13 +3381,16 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       // is on the step's chain): one CTA a row, its registers spill more (ptxas: 144
       // bytes of spill stores against 104).
       const bool early = attention_early();
-      const auto kernel = sp.nsplit == 1 ? attention_wgmma_kernel<false, false>
+      const bool fold_regs = sp.nsplit == 1 && attention_fold_regs();
+      const auto kernel = fold_regs          ? attention_wgmma_kernel<false, false, false, true>
+                          : sp.nsplit == 1 ? attention_wgmma_kernel<false, false>
                           : early        ? attention_wgmma_kernel<true, true>
                                          : attention_wgmma_kernel<true, false>;
       allow_smem(kernel, wg_attn::bytes(a.K));
       kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
       check_launch(stream_);
       g_wgmma_launches.fetch_add(1, std::memory_order_relaxed);
+      if (fold_regs) g_wgmma_fold_regs_launches.fetch_add(1, std::memory_order_relaxed);
       combine_split(sp, early);
       return;
     }

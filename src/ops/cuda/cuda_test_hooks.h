@@ -203,6 +203,10 @@ void cuda_attention_force_split_ctas(int n);
 void cuda_attention_force_lead_fold(int mode);
 // -1 follows DSV4_CUDA_ATTN_EARLY, 0 / 1 force the kernels' late / early form.
 void cuda_attention_force_early(int mode);
+// -1 follows DSV4_CUDA_ATTN_FOLD_REGS, 0 / 1 force the wgmma kernel's register fold (one CTA a row:
+// the fold state in registers, P.V an m64 tile at a time) off / on; its launches so far.
+void cuda_attention_force_fold_regs(int mode);
+int64_t cuda_attention_wgmma_fold_regs_launches();
 // -1 follows DSV4_CUDA_ATTN_PAIR, 0 / 1 force the wgmma kernel's pair form (a row's dims over a cluster of
 // two CTAs) off / on; its launches so far.
 void cuda_attention_force_pair(int mode);
