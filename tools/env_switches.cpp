@@ -165,7 +165,8 @@ constexpr EnvSwitch kSwitches[] = {
      "the wgmma attention's pair form (a row over a cluster of two CTAs): never, by cost, always, or at N / A-B rows",
      true},
     {"DSV4_CUDA_ATTN_EARLY", kCuda, kOnOff, "1",
-     "0: the attention's split launches, mma.sync kernel and combine read their metadata after their wait"},
+     "0: the attention's split launches, register fold, mma.sync kernel and combine read their metadata after their "
+     "wait"},
     {"DSV4_CUDA_ATTN_FOLD_REGS", kCuda, kOnOff, "0",
      "1: the wgmma attention's one-CTA-a-row launches fold in registers (P.V an m64 tile at a time; the same bits)"},
     // Any backend.

@@ -1221,9 +1221,10 @@ TEST_P(CudaAttention, WgmmaPairEqualsOneCtaBitForBit) {
 }
 
 // The wgmma kernel's register fold (one CTA a row: the fold state O in registers, each
-// warpgroup's P.V one m64 tile of its dims at a time) gives the bytes of the local-memory
-// fold, which the CPU's Hopper model also gives: decode rows of 1 to 10 segments (a short
-// last one among them), a prefill chunk, a pad row; every ratio.
+// warpgroup's P.V one m64 tile of its dims at a time), in its early and late forms, gives
+// the bytes of the local-memory fold, which the CPU's Hopper model also gives: decode
+// rows of 1 to 10 segments (a short last one among them), a prefill chunk, a pad row;
+// every ratio.
 TEST_P(CudaAttention, WgmmaRegisterFoldEqualsLocalFoldBitForBit) {
   if (simple()) GTEST_SKIP() << "a fast-path kernel";
   Rng rng(319);  // (TearDown resets the hooks)
@@ -1234,22 +1235,28 @@ TEST_P(CudaAttention, WgmmaRegisterFoldEqualsLocalFoldBitForBit) {
     cuda_attention_use_wgmma(1);
     cuda_attention_force_pair(0);
     cuda_attention_split_keys(false);
-    Tensor got[2];
-    for (int fold_regs : {0, 1}) {
-      cuda_attention_force_fold_regs(fold_regs);
-      got[fold_regs] = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
-      const int64_t before = cuda_attention_wgmma_fold_regs_launches();
-      a.run_cuda(cuda(), got[fold_regs]);
-      EXPECT_EQ(cuda_attention_wgmma_fold_regs_launches(), before + fold_regs)
-          << tag("register-fold launches, forced " + std::to_string(fold_regs) + ", " + a.name);
-    }
-    cuda_attention_force_fold_regs(-1);
-    const Tensor hl = host(got[0]), hr = host(got[1]);
-    expect_bytes_equal(hr.data(), hl.data(), hl.nbytes(), tag("wgmma register fold vs local fold, " + a.name));
+    cuda_attention_force_fold_regs(0);
+    Tensor got_local = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+    a.run_cuda(cuda(), got_local);
+    const Tensor hl = host(got_local);
     const auto hopper = make_cpu_backend(8, QuantDotModel::kHopperWgmma);
     Tensor model = Tensor::empty_cpu(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
     hopper->sparse_attention(a.q, a.kv, a.c.cpu, a.b.view(), a.topk, a.sink, a.scale, a.rope, model);
-    expect_bytes_equal(hr.data(), model.data(), model.nbytes(), tag("wgmma register fold vs the Hopper model, " + a.name));
+    expect_bytes_equal(hl.data(), model.data(), model.nbytes(), tag("wgmma local fold vs the Hopper model, " + a.name));
+    cuda_attention_force_fold_regs(1);
+    for (int early : {1, 0}) {
+      cuda_attention_force_early(early);
+      Tensor got = poisoned(DType::kBF16, {a.b.rows(), sh.H, sh.Dh});
+      const int64_t before = cuda_attention_wgmma_fold_regs_launches();
+      a.run_cuda(cuda(), got);
+      EXPECT_EQ(cuda_attention_wgmma_fold_regs_launches(), before + 1) << tag("no register-fold launch, " + a.name);
+      const Tensor hg = host(got);
+      expect_bytes_equal(hg.data(), hl.data(), hl.nbytes(),
+                         tag(std::string("wgmma register fold (") + (early ? "early" : "late") + " form) vs local fold, " +
+                             a.name));
+    }
+    cuda_attention_force_early(-1);
+    cuda_attention_force_fold_regs(-1);
   }
 }
 

@@ -2316,7 +2316,7 @@ inline size_t bytes(int64_t K) { return Layout<false>::bytes(K); }
 // e4m3 table and the output's inverse RoPE table before the dependency wait, and after
 // it Q copied by cp.async, in flight under the top-k compaction and the key lookups
 // (its loads into registers had to return before those began). The same bits. The
-// launcher takes it for split launches (see there).
+// launcher takes it for split launches and the register fold (see there).
 //
 // kPair: a row's 512 dims over a cluster of two CTAs, 256 each (docs/design/cuda-attention.md,
 // fifty-fourth session). Each CTA decodes its half of the tile's keys, computes its two dims
@@ -3377,12 +3377,14 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
     }
     const AttnSplit sp = with_scratch(one_plan);
     if (sp.nsplit == 1 || (T > 1 && attention_wgmma_split_wanted())) {
-      // The early form for split launches only (up to 131 rows, where a row's prologue
-      // is on the step's chain): one CTA a row, its registers spill more (ptxas: 144
-      // bytes of spill stores against 104).
+      // The early form for split launches (up to 131 rows, where a row's prologue is on
+      // the step's chain) and the register fold; one CTA a row with O in local memory
+      // keeps the late one, its registers spill more early (ptxas: 144 bytes of spill
+      // stores against 104; the register fold: 12 either way).
       const bool early = attention_early();
       const bool fold_regs = sp.nsplit == 1 && attention_fold_regs();
-      const auto kernel = fold_regs          ? attention_wgmma_kernel<false, false, false, true>
+      const auto kernel = fold_regs && early ? attention_wgmma_kernel<false, true, false, true>
+                          : fold_regs          ? attention_wgmma_kernel<false, false, false, true>
                           : sp.nsplit == 1 ? attention_wgmma_kernel<false, false>
                           : early        ? attention_wgmma_kernel<true, true>
                                          : attention_wgmma_kernel<true, false>;
