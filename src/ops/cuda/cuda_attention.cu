@@ -3385,9 +3385,9 @@ void CudaBackend::do_sparse_attention(const Tensor& q, const Tensor& kv, const L
       const bool fold_regs = sp.nsplit == 1 && attention_fold_regs();
       const auto kernel = fold_regs && early ? attention_wgmma_kernel<false, true, false, true>
                           : fold_regs          ? attention_wgmma_kernel<false, false, false, true>
-                          : sp.nsplit == 1 ? attention_wgmma_kernel<false, false>
-                          : early        ? attention_wgmma_kernel<true, true>
-                                         : attention_wgmma_kernel<true, false>;
+                          : sp.nsplit == 1     ? attention_wgmma_kernel<false, false>
+                          : early              ? attention_wgmma_kernel<true, true>
+                                               : attention_wgmma_kernel<true, false>;
       allow_smem(kernel, wg_attn::bytes(a.K));
       kernel<<<unsigned(T * sp.nsplit), wg_attn::kThreads, wg_attn::bytes(a.K), stream_>>>(a, sp);
       check_launch(stream_);
