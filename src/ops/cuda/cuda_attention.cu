@@ -2527,7 +2527,7 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // o[mb]: dims dim0 + kWgDh wg + 64 mb + (16 ww + g + 8 (e / 2)), heads 8q + 2t + e % 2 at
   // index 4q + e. The fold state O: one CTA a row, 64 values a thread in local memory
   // (512 threads leave 128 registers each); the pair, 32 in registers.
-  // kFoldRegs: o is a tile's accumulator for one m64 tile at a time (below), O 64 registers.
+  // kFoldRegs: P.V one m64 tile at a time onto o[0] (o[1] unused), O 64 registers.
   constexpr bool kOInRegs = kPair || kFoldRegs;
   float o[L::kMb][32];
   volatile float O_fold[kOInRegs ? 1 : 64];
@@ -2544,12 +2544,10 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
   // A CTA that leaves a partial a segment never folds: its O_fold is not zeroed (64
   // local-memory stores a thread, 128 KB a CTA) unless sp.zero_fold (A/B runs).
   const bool folds = !per_segment || sp.zero_fold;
-  if constexpr (!kFoldRegs) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i)
+  for (int i = 0; i < 32; ++i)
 #pragma unroll
-      for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
-  }
+    for (int mb = 0; mb < L::kMb; ++mb) o[mb][i] = 0.0f;
   if constexpr (!kOInRegs) {
     if (folds) {
 #pragma unroll
@@ -2710,47 +2708,30 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
                      L_fold);
     tc::fence_proxy_async();
     __syncthreads();  // bf16(P) and alpha of the tile's chunks
-    if constexpr (kFoldRegs) {
-      // One m64 tile of the warpgroup's dims at a time: o[0] from zero, the tile's chunks
-      // (o *= alpha, two k16 steps each) and the fold into O, as the loop below does for
-      // both tiles at once. (The tile is the segment: the fold weights came with P.)
-      float(&acc)[32] = o[0];
+    // O's values kFoldGroup at a time: a group's local-memory loads (mostly from L2: 128 KB
+    // a CTA against the ~30 KB of L1 that 220 KB of shared memory leave) go out together;
+    // loaded one at a time, each load followed the previous value's store. (In registers,
+    // the grouping is moot.) o[j] holds O's m64 tile mb.
+    const auto fold_tile = [&](int mb, int j) {
 #pragma unroll
-      for (int mb = 0; mb < L::kMb; ++mb) {
+      for (int i0 = 0; i0 < 32; i0 += kFoldGroup) {
+        float run[kFoldGroup];
 #pragma unroll
-        for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+        for (int k = 0; k < kFoldGroup; ++k) run[k] = fold_get(32 * mb + i0 + k);
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if (c == tile_chunks) break;
-#pragma unroll
-          for (int q = 0; q < 8; ++q) {
-            const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
-            acc[4 * q] *= a01.x;
-            acc[4 * q + 1] *= a01.y;
-            acc[4 * q + 2] *= a01.x;
-            acc[4 * q + 3] *= a01.y;
-          }
-          uint32_t af[2][4];
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) {
-            const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
-            const int dim = L::kWgDh * wg + 64 * mb + 16 * ww + 8 * (m & 1);
-            ldmatrix_x4_trans(af[jj], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
-          }
-          tc::wgmma_fence();
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) tc::wgmma_bf16_rs<8>(acc, af[jj], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
-          tc::wgmma_commit();
-          tc::wgmma_wait_all();
-        }
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int h = 8 * (i >> 2) + 2 * t + (i & 1);
+        for (int k = 0; k < kFoldGroup; ++k) {
+          const int i = i0 + k, h = 8 * (i >> 2) + 2 * t + (i & 1);
           const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
-          O_reg[32 * mb + i] = fold_value(O_reg[32 * mb + i], acc[i], w);
+          fold_set(32 * mb + i, fold_value(run[k], o[j][i], w));
         }
       }
-    } else {
+    };
+    // P.V in passes of kPassMb m64 tiles of the warpgroup's dims, tile mb = kPassMb pass + j
+    // onto o[j]: both tiles in one pass, or (kFoldRegs) one a pass, each folded into O and
+    // o zeroed before the next (the tile is the segment: the fold weights came with P).
+    constexpr int kPassMb = kFoldRegs ? 1 : L::kMb;
+#pragma unroll
+    for (int pass = 0; pass < L::kMb / kPassMb; ++pass) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         if (c == tile_chunks) break;
@@ -2760,57 +2741,49 @@ __global__ void __launch_bounds__(wg_attn::kThreads, 1) attention_wgmma_kernel(A
           const float2 a01 = *reinterpret_cast<const float2*>(alpha_s + c * W::kHeads + 8 * q + 2 * t);
           const float a0 = a01.x, a1 = a01.y;
 #pragma unroll
-          for (int mb = 0; mb < L::kMb; ++mb) {
-            o[mb][4 * q] *= a0;
-            o[mb][4 * q + 1] *= a1;
-            o[mb][4 * q + 2] *= a0;
-            o[mb][4 * q + 3] *= a1;
+          for (int j = 0; j < kPassMb; ++j) {
+            o[j][4 * q] *= a0;
+            o[j][4 * q + 1] *= a1;
+            o[j][4 * q + 2] *= a0;
+            o[j][4 * q + 3] *= a1;
           }
         }
-        // A = V^T (dims x keys) for keys 16j .. 16j + 15, j = 2c + jj: matrix m of
-        // ldmatrix.x4.trans = keys 16j + 8 (m / 2) .., dims + 8 (m % 2). All four
+        // A = V^T (dims x keys) for keys 16i .. 16i + 15, i = 2c + jj: matrix m of
+        // ldmatrix.x4.trans = keys 16i + 8 (m / 2) .., dims + 8 (m % 2). All the pass's
         // fragments are loaded before the fence (registers a wgmma reads stay untouched).
-        uint32_t af[2][L::kMb][4];
+        uint32_t af[2][kPassMb][4];
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-          for (int mb = 0; mb < L::kMb; ++mb) {
+          for (int j = 0; j < kPassMb; ++j) {
             const int m = lane >> 3, key = 16 * (2 * c + jj) + 8 * (m >> 1) + (lane & 7);
-            const int dim = L::kWgDh * wg + 64 * mb + 16 * ww + 8 * (m & 1);  // (of this CTA's dims)
-            ldmatrix_x4_trans(af[jj][mb], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
+            const int dim = L::kWgDh * wg + 64 * (kPassMb * pass + j) + 16 * ww + 8 * (m & 1);  // (of this CTA's dims)
+            ldmatrix_x4_trans(af[jj][j], Ks + (dim >> 6) * W::kBuf + tc::sw128_offset(key, (dim & 63) >> 3));
           }
         tc::wgmma_fence();
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
-          for (int mb = 0; mb < L::kMb; ++mb)
-            tc::wgmma_bf16_rs<8>(o[mb], af[jj][mb], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
+          for (int j = 0; j < kPassMb; ++j)
+            tc::wgmma_bf16_rs<8>(o[j], af[jj][j], tc::wgmma_desc(p_base + 32 * (2 * c + jj)), 1);
         tc::wgmma_commit();
         tc::wgmma_wait_all();
       }
+      if constexpr (kFoldRegs) {
+        fold_tile(pass, 0);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) o[0][i] = 0.0f;
+      }
+    }
+    if constexpr (!kFoldRegs) {
       // At a segment's end: o to the split's partials, or folded into O in segment
-      // order (the weights came with P); within a segment o runs on.
+      // order; within a segment o runs on.
       if (!seg_end) continue;
       if (per_segment) {
         store_partial_o(lead_partial + seg - lead, [&](int mb, int i) { return o[mb][i]; });
       } else {
-        // O's values kFoldGroup at a time: a group's local-memory loads (mostly from L2:
-        // 128 KB a CTA against the ~30 KB of L1 that 220 KB of shared memory leave) go out
-        // together; loaded one at a time, each load followed the previous value's store.
 #pragma unroll
-        for (int mb = 0; mb < L::kMb; ++mb)
-#pragma unroll
-          for (int i0 = 0; i0 < 32; i0 += kFoldGroup) {
-            float run[kFoldGroup];
-#pragma unroll
-            for (int k = 0; k < kFoldGroup; ++k) run[k] = fold_get(32 * mb + i0 + k);
-#pragma unroll
-            for (int k = 0; k < kFoldGroup; ++k) {
-              const int i = i0 + k, h = 8 * (i >> 2) + 2 * t + (i & 1);
-              const FoldWeights w{fold_a[h], fold_b[h], 0.0f};
-              fold_set(32 * mb + i, fold_value(run[k], o[mb][i], w));
-            }
-          }
+        for (int mb = 0; mb < L::kMb; ++mb) fold_tile(mb, mb);
       }
 #pragma unroll
       for (int i = 0; i < 32; ++i)
