@@ -167,8 +167,9 @@ constexpr EnvSwitch kSwitches[] = {
     {"DSV4_CUDA_ATTN_EARLY", kCuda, kOnOff, "1",
      "0: the attention's split launches, register fold, mma.sync kernel and combine read their metadata after their "
      "wait"},
-    {"DSV4_CUDA_ATTN_FOLD_REGS", kCuda, kOnOff, "0",
-     "1: the wgmma attention's one-CTA-a-row launches fold in registers (P.V an m64 tile at a time; the same bits)"},
+    {"DSV4_CUDA_ATTN_FOLD_REGS", kCuda, kOnOff, "1",
+     "0: the wgmma attention's one-CTA-a-row launches keep the fold in local memory (both P.V tiles at once; the same "
+     "bits)"},
     // Any backend.
     {"DSV4_GEMM_MIN_SLICE_STAGES", "ops", words("1|2|4|8"), "2",
      "the fewest 128-wide stages a GEMM's K slice keeps (CPU model and CUDA alike: changes the bits)", true},

@@ -149,12 +149,14 @@ bool attention_early() {
 }
 
 // The wgmma kernel's register fold (its kFoldRegs) for one CTA a row:
-// DSV4_CUDA_ATTN_FOLD_REGS=1 (off by default until measured on a GPU); a test hook may
-// force it on (1) or off (0). The same bits.
+// on by default, DSV4_CUDA_ATTN_FOLD_REGS=0 keeps the fold in local memory (A/B runs; on an
+// H100 the register fold measured -1.3 to -1.4% a step at 256 rows, -0.5 to -0.6% at 128,
+// docs/BENCHMARKS.md, hundred-fifth session); a test hook may force it on (1) or off (0).
+// The same bits.
 std::atomic<int> g_forced_fold_regs{-1};
 std::atomic<int64_t> g_wgmma_fold_regs_launches{0};
 bool attention_fold_regs() {
-  static const bool from_env = env_is("DSV4_CUDA_ATTN_FOLD_REGS", "1");
+  static const bool from_env = !env_is("DSV4_CUDA_ATTN_FOLD_REGS", "0");
   const int forced = g_forced_fold_regs.load(std::memory_order_relaxed);
   return forced >= 0 ? forced == 1 : from_env;
 }
